@@ -1,0 +1,139 @@
+"""The metrics line: the one contract between the engine and moectl.
+
+The engine (rank 0) appends one JSON object per line to `<out-dir>/metrics.jsonl`:
+
+    {"type": "start",   ...}   once, before the first step (planned steps, world size, config)
+    {"type": "step",    ...}   once per optimizer step, flushed every step
+    {"type": "summary", ...}   once, after the last step
+
+This module imports neither torch nor pydantic, so the CLI process (which must never import
+torch) reads exactly what the engine writes. Both sides go through `StepMetrics` / `RunSummary`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional, Union
+
+METRICS_FILENAME = "metrics.jsonl"
+
+# Engine exit codes (SPEC §10 / issue 2). moectl keys its compile fallback on EXIT_COMPILE_FAILED.
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_BAD_OPTIONS = 2
+EXIT_COMPILE_FAILED = 3
+
+# The bf16 dense peak per device (FLOP/s), by a substring of torch.cuda.get_device_name().
+# Order matters: the first match wins (H200 before H100 so "H100" does not shadow anything odd).
+PEAK_BF16_FLOPS = (
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("H800", 989e12),
+    ("H20", 148e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10G", 125e12),
+    ("4090", 165e12),
+)
+
+
+def peak_flops_for(device_name: str) -> Optional[float]:
+    """bf16 dense peak of one device, or None when the device is not in the table (CPU, unknown)."""
+    for key, flops in PEAK_BF16_FLOPS:
+        if key in device_name:
+            return flops
+    return None
+
+
+@dataclass
+class StepMetrics:
+    """One optimizer step, as rank 0 saw it. tok_per_sec is global (all ranks)."""
+
+    step: int
+    loss: float
+    aux_loss: Optional[float] = None
+    lr: Optional[float] = None
+    dt_ms: Optional[float] = None
+    tok_per_sec: Optional[float] = None
+    mfu: Optional[float] = None  # percent of (peak bf16 FLOP/s x world size); None when peak unknown
+    peak_mem_mib: Optional[float] = None
+    drop_frac: Optional[float] = None  # fraction of token->expert assignments dropped by capacity
+    expert_load_max: Optional[float] = None  # max over experts of (tokens routed / mean tokens)
+    elapsed_s: Optional[float] = None  # training time so far, seconds (all steps, compile included)
+    type: str = field(default="step", repr=False)
+
+
+@dataclass
+class StartInfo:
+    """Written once before the first step: what the run plans to do (moectl uses it for progress)."""
+
+    steps: int
+    world_size: int
+    tokens_per_step: int
+    device: str
+    config: dict = field(default_factory=dict)
+    start_step: int = 0  # > 0 when resumed from a checkpoint
+    type: str = field(default="start", repr=False)
+
+
+@dataclass
+class RunSummary:
+    """Written once after the last step."""
+
+    steps: int
+    world_size: int
+    flops_per_token: Optional[float] = None
+    peak_flops: Optional[float] = None  # per device
+    device_name: Optional[str] = None
+    peak_mem_mib: Optional[float] = None
+    total_time_s: Optional[float] = None
+    final_loss: Optional[float] = None
+    val_loss: Optional[float] = None
+    type: str = field(default="summary", repr=False)
+
+
+Record = Union[StartInfo, StepMetrics, RunSummary]
+_BY_TYPE = {"start": StartInfo, "step": StepMetrics, "summary": RunSummary}
+
+
+def to_line(record: Record) -> str:
+    """Serialise one record as a single JSON line (no trailing newline). NaN/inf become null."""
+    data = {k: _finite(v) for k, v in asdict(record).items()}
+    return json.dumps(data, separators=(",", ":"), allow_nan=False)
+
+
+def parse_line(line: str) -> Record:
+    """Parse one metrics line. Raises ValueError for anything that is not a well-formed record.
+
+    Unknown keys are ignored (newer engines may add fields); a missing required key is an error.
+    """
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    kind = data.get("type", "step")
+    cls = _BY_TYPE.get(kind)
+    if cls is None:
+        raise ValueError(f"unknown record type {kind!r}")
+    known = {f.name for f in fields(cls)}
+    kwargs: dict[str, Any] = {k: v for k, v in data.items() if k in known}
+    try:
+        record = cls(**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"bad {kind} record: {exc}") from None
+    if isinstance(record, StepMetrics):
+        if not isinstance(record.step, int) or isinstance(record.step, bool):
+            raise ValueError("step is not an integer")
+        if not isinstance(record.loss, (int, float)) or isinstance(record.loss, bool):
+            raise ValueError("loss is not a number")
+    return record
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return None
+    return value

@@ -1,0 +1,30 @@
+"""Exit codes (SPEC §8) and the one exception type the CLI turns into a one-line error."""
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2  # usage or config error
+EXIT_GUARD = 3  # a guard refused
+EXIT_TRAINING = 4  # training failed
+EXIT_INTERRUPTED = 130
+
+
+class MoectlError(Exception):
+    """An error a person can act on. The CLI prints `error: <message>` (one line per entry in
+    `lines`, if given) on stderr and exits with `exit_code`; never a traceback."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE, lines: list[str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+        self.lines = lines or []
+
+
+class UsageError(MoectlError):
+    def __init__(self, message: str, lines: list[str] | None = None):
+        super().__init__(message, EXIT_USAGE, lines)
+
+
+class GuardRefused(MoectlError):
+    def __init__(self, message: str, lines: list[str] | None = None):
+        super().__init__(message, EXIT_GUARD, lines)

@@ -1,0 +1,124 @@
+"""The on-disk records (SPEC §6, §7a) as pydantic models, and atomic JSON writes.
+
+`run.json` and `sweep.json` are contracts: keys listed in SPEC §7a are stable; more may be added.
+Every write goes through `write_json_atomic` (temp file in the same directory, fsync, rename), so a
+reader never sees half a record even if moectl is killed mid-write.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, Field
+
+RunStatus = Literal["created", "running", "completed", "failed", "interrupted", "imported"]
+LegState = Literal["pending", "running", "completed", "failed", "interrupted"]
+
+RUN_RECORD = "run.json"
+SWEEP_RECORD = "sweep.json"
+
+
+class GuardResult(BaseModel):
+    name: str
+    ok: bool
+    message: str
+    overridable: bool = False
+    overridden: bool = False  # failed, but a person passed --override NAME
+    skipped: bool = False  # not applicable (e.g. GPU guard on a cpu run); ok is True then
+
+
+class GitInfo(BaseModel):
+    branch: Optional[str] = None  # None on a detached HEAD
+    commit: Optional[str] = None
+    dirty: bool = False
+
+
+class Summary(BaseModel):
+    """Tail-window summary of a run (SPEC §7). None where the run lacks the metric."""
+
+    window: int
+    steps: int
+    tok_per_sec: Optional[float] = None
+    dt_ms: Optional[float] = None
+    mfu: Optional[float] = None
+    peak_mem_mib: Optional[float] = None
+    total_time_min: Optional[float] = None
+    final_loss: Optional[float] = None
+    drop_frac: Optional[float] = None
+
+
+class RunRecord(BaseModel):
+    id: str
+    tag: Optional[str] = None
+    status: RunStatus = "created"
+    created_at: str
+    started_at: Optional[str] = None
+    finished_at: Optional[str] = None
+    exit_code: Optional[int] = None
+    argv: list[str] = Field(default_factory=list)  # the exact torchrun command
+    options: dict[str, Any] = Field(default_factory=dict)  # engine options (preset, cap, ...)
+    git: GitInfo = Field(default_factory=GitInfo)
+    guards: list[GuardResult] = Field(default_factory=list)
+    overrides: list[str] = Field(default_factory=list)
+    exp_dir: str
+    summary: Optional[Summary] = None
+    error: Optional[str] = None  # log tail of a failed run, or why it did not complete
+    # Beyond the §7a minimum:
+    host: Optional[str] = None
+    pid: Optional[int] = None  # the moectl process that owns a running run (stale detection)
+    gpus: list[str] = Field(default_factory=list)
+    driver: Optional[str] = None
+    torch_version: Optional[str] = None
+    sweep: Optional[str] = None  # sweep id when the run is a sweep leg
+    source: Optional[str] = None  # imported runs: the original log path
+    notes: Optional[str] = None
+
+
+class SweepLeg(BaseModel):
+    tag: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    state: LegState = "pending"
+    run_id: Optional[str] = None
+    fallback_of: Optional[str] = None  # tag of the leg this compile-fallback leg re-runs
+
+
+class SweepRecord(BaseModel):
+    id: str
+    name: str
+    spec: dict[str, Any]
+    legs: list[SweepLeg]
+    resumed_from: Optional[str] = None
+    created_at: str
+    finished_at: Optional[str] = None
+    exp_dir: str
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to `path` atomically: a reader sees the old file or the new one, never half."""
+    path = Path(path)
+    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    write_text_atomic(path, text)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def save_model(path: Path, model: BaseModel) -> None:
+    write_json_atomic(path, model.model_dump(mode="json"))

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine. Idempotent: each call sets up what is missing, then works.
+#
+#   bash scripts/dev.sh run     set up .venv, then run the main job (tiny preset, CPU, no download)
+#   bash scripts/dev.sh test    set up .venv with test extras, then run the whole test suite
+#
+# torch: if the system python already has torch (a GPU box), the venv reuses it
+# (--system-site-packages); otherwise pip installs torch==$MOECTL_TORCH (default 2.13.0, which
+# resolves to a local CPU wheel on our dev/CI machines and to the CUDA build from PyPI elsewhere).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+VENV=.venv
+STAMP=$VENV/.moectl-installed
+
+setup() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    if "$PY" -c "import torch" >/dev/null 2>&1; then
+      "$PY" -m venv --system-site-packages "$VENV"
+    else
+      "$PY" -m venv "$VENV"
+    fi
+  fi
+  if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+    echo "[setup] installing torch==${MOECTL_TORCH:-2.13.0} into $VENV" >&2
+    "$VENV/bin/python" -m pip install -q "torch==${MOECTL_TORCH:-2.13.0}"
+  fi
+  # Re-install the project only when its metadata changed (keeps repeat calls fast).
+  local want
+  want=$(cat pyproject.toml | sha256sum | cut -c1-16)
+  if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
+    echo "[setup] installing moectl and its dependencies into $VENV" >&2
+    "$VENV/bin/python" -m pip install -q -e ".[test]"
+    echo "$want" >"$STAMP"
+  fi
+}
+
+case "${1:-}" in
+  run)
+    shift
+    setup
+    exec "$VENV/bin/python" -m engine.train --preset tiny --device cpu "$@"
+    ;;
+  test)
+    shift
+    setup
+    exec "$VENV/bin/python" -m pytest "$@"
+    ;;
+  setup)
+    setup
+    ;;
+  *)
+    echo "usage: bash scripts/dev.sh run|test|setup [args...]" >&2
+    exit 2
+    ;;
+esac
