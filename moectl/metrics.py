@@ -1,0 +1,250 @@
+"""Tail-window summaries, deltas and noise estimates (SPEC §7).
+
+Reads the engine's metrics lines through `engine.schema` (torch-free) and nothing else of the
+engine. The rule every number here follows, so the seed study's figures reproduce exactly:
+
+    tail mean  = arithmetic mean of the last `window` steps (fewer if the run is shorter)
+    peak mem   = max over the whole run;  total time = training time;  final loss = last step's loss
+    noise      = standard error of each tail mean: sample std / sqrt(n) over the window
+
+Two tail means differ "beyond noise" when |a - b| > 2 * sqrt(se_a^2 + se_b^2), i.e. roughly a
+95% interval on the difference of two independent means. Step times within one run are
+autocorrelated, so this is a floor on the true noise, not a proof: it separates +2.7% from
++0.1% well enough, which is all a reader of a compare table needs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from engine.schema import RunSummary, StartInfo, StepMetrics, parse_line
+from moectl.records import Summary
+
+# The metrics of a compare table, in display order. MEAN_METRICS are tail means (they get a
+# stderr); the others are single values (peak, total, last) with no noise estimate.
+METRICS = ("tok_per_sec", "dt_ms", "mfu", "peak_mem_mib", "total_time_min", "final_loss", "drop_frac")
+MEAN_METRICS = ("tok_per_sec", "dt_ms", "mfu", "drop_frac")
+# Higher is better for these; lower for the rest (used only to colour/mark deltas).
+HIGHER_IS_BETTER = {"tok_per_sec", "mfu"}
+
+
+@dataclass
+class MetricsFile:
+    """What one metrics.jsonl holds. `steps` is sorted by step number, one entry per step."""
+
+    start: Optional[StartInfo] = None
+    steps: list[StepMetrics] = field(default_factory=list)
+    summary: Optional[RunSummary] = None
+    skipped: int = 0  # lines that could not be parsed (never fatal)
+
+
+def read_metrics(path: Path) -> MetricsFile:
+    """Read a metrics.jsonl. Malformed lines are skipped and counted; a missing file is empty.
+
+    A resumed run may write a step number twice (the steps after the last checkpoint run again):
+    the last occurrence wins, because it is the one the final model actually went through.
+    """
+    out = MetricsFile()
+    by_step: dict[int, StepMetrics] = {}
+    try:
+        fh = open(path, encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return out
+    with fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            try:
+                rec = parse_line(line)
+            except ValueError:
+                out.skipped += 1
+                continue
+            if isinstance(rec, StepMetrics):
+                by_step[rec.step] = rec
+            elif isinstance(rec, StartInfo):
+                out.start = rec
+            else:
+                out.summary = rec
+    out.steps = [by_step[k] for k in sorted(by_step)]
+    return out
+
+
+def _values(steps: Sequence[StepMetrics], name: str) -> list[float]:
+    return [v for v in (getattr(s, name) for s in steps) if v is not None]
+
+
+def _mean(xs: Sequence[float]) -> Optional[float]:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _stderr(xs: Sequence[float]) -> Optional[float]:
+    n = len(xs)
+    if n < 2:
+        return None
+    m = sum(xs) / n
+    var = sum((x - m) ** 2 for x in xs) / (n - 1)
+    return math.sqrt(var / n)
+
+
+def tail_summary(metrics: MetricsFile, window: int) -> Summary:
+    """The SPEC §7 summary of one run. `steps` = how many steps the tail window really covered."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    tail = metrics.steps[-window:]
+    peaks = _values(metrics.steps, "peak_mem_mib")
+    if metrics.summary is not None and metrics.summary.peak_mem_mib is not None:
+        peaks.append(metrics.summary.peak_mem_mib)
+    total_s = metrics.summary.total_time_s if metrics.summary is not None else None
+    if total_s is None and metrics.steps:
+        total_s = metrics.steps[-1].elapsed_s
+    return Summary(
+        window=window,
+        steps=len(tail),
+        tok_per_sec=_mean(_values(tail, "tok_per_sec")),
+        dt_ms=_mean(_values(tail, "dt_ms")),
+        mfu=_mean(_values(tail, "mfu")),
+        peak_mem_mib=max(peaks) if peaks else None,
+        total_time_min=total_s / 60.0 if total_s is not None else None,
+        final_loss=metrics.steps[-1].loss if metrics.steps else None,
+        drop_frac=_mean(_values(tail, "drop_frac")),
+    )
+
+
+def tail_stderr(metrics: MetricsFile, window: int) -> dict[str, Optional[float]]:
+    """Standard error of each tail mean; None for single-valued metrics or fewer than 2 values."""
+    tail = metrics.steps[-window:]
+    return {m: (_stderr(_values(tail, m)) if m in MEAN_METRICS else None) for m in METRICS}
+
+
+# ---------------------------------------------------------------------------------------------
+# compare
+
+
+@dataclass
+class RunMetrics:
+    """The input of `compare`: one run's identity, options and metrics.
+
+    `fallback` is used when `metrics` has no steps (e.g. a record whose metrics.jsonl is gone):
+    its values are shown, with no noise estimate.
+    """
+
+    id: str
+    tag: Optional[str]
+    metrics: MetricsFile
+    options: dict[str, Any] = field(default_factory=dict)
+    fallback: Optional[Summary] = None
+
+
+@dataclass
+class MetricValue:
+    value: Optional[float]
+    delta_pct: Optional[float] = None  # vs the baseline; 0.0 for the baseline itself
+    stderr: Optional[float] = None  # of the tail mean; None for non-mean metrics
+    beyond_noise: Optional[bool] = None  # None when either side has no noise estimate
+
+
+@dataclass
+class RunComparison:
+    id: str
+    tag: Optional[str]
+    steps: int  # steps in the run (not the window)
+    tail_steps: int  # steps the tail window covered
+    options: dict[str, Any]
+    metrics: dict[str, MetricValue]
+
+
+@dataclass
+class Comparison:
+    baseline: str  # run id
+    window: int
+    runs: list[RunComparison]
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """The `moectl compare --json` contract (SPEC §7a), plus `notes` and `beyond_noise`."""
+        return {
+            "baseline": self.baseline,
+            "window": self.window,
+            "runs": [
+                {
+                    "id": r.id,
+                    "tag": r.tag,
+                    "steps": r.steps,
+                    "tail_steps": r.tail_steps,
+                    "metrics": {
+                        name: {
+                            "value": mv.value,
+                            "delta_pct": mv.delta_pct,
+                            "stderr": mv.stderr,
+                            "beyond_noise": mv.beyond_noise,
+                        }
+                        for name, mv in r.metrics.items()
+                    },
+                }
+                for r in self.runs
+            ],
+            "notes": self.notes,
+        }
+
+
+def delta_pct(value: Optional[float], base: Optional[float]) -> Optional[float]:
+    if value is None or base is None or base == 0:
+        return None
+    return (value - base) / abs(base) * 100.0
+
+
+def beyond_noise(a: Optional[float], se_a: Optional[float], b: Optional[float], se_b: Optional[float]) -> Optional[bool]:
+    if a is None or b is None or se_a is None or se_b is None:
+        return None
+    return abs(a - b) > 2.0 * math.sqrt(se_a * se_a + se_b * se_b)
+
+
+def compare(runs: Sequence[RunMetrics], baseline_index: int = 0, window: int = 50) -> Comparison:
+    """Tail-window values of every run, % deltas and noise verdicts against one baseline run."""
+    if not runs:
+        raise ValueError("nothing to compare")
+    if not 0 <= baseline_index < len(runs):
+        raise ValueError(f"baseline index {baseline_index} out of range")
+    rows = []  # per run: (values, stderrs, steps the tail covered)
+    for r in runs:
+        if r.metrics.steps or r.fallback is None:
+            summ = tail_summary(r.metrics, window)
+            errs = tail_stderr(r.metrics, window)
+        else:
+            summ, errs = r.fallback, {m: None for m in METRICS}
+        rows.append(({m: getattr(summ, m) for m in METRICS}, errs, summ.steps))
+
+    base_vals, base_errs, _ = rows[baseline_index]
+    out: list[RunComparison] = []
+    for r, (vals, errs, tail_n) in zip(runs, rows):
+        mvs = {
+            m: MetricValue(
+                value=vals[m],
+                delta_pct=delta_pct(vals[m], base_vals[m]),
+                stderr=errs[m],
+                beyond_noise=beyond_noise(vals[m], errs[m], base_vals[m], base_errs[m]),
+            )
+            for m in METRICS
+        }
+        n_steps = len(r.metrics.steps) if r.metrics.steps else tail_n
+        out.append(RunComparison(r.id, r.tag, n_steps, tail_n, dict(r.options), mvs))
+    return Comparison(baseline=runs[baseline_index].id, window=window, runs=out, notes=_notes(out, window))
+
+
+def _notes(rows: list[RunComparison], window: int) -> list[str]:
+    """Differences that do not make runs incomparable but that a reader should know about."""
+    notes = []
+    presets = sorted({str(r.options.get("preset")) for r in rows if r.options.get("preset") is not None})
+    if len(presets) > 1:
+        notes.append(f"still comparable, note: presets differ ({', '.join(presets)})")
+    steps = sorted({r.steps for r in rows})
+    if len(steps) > 1:
+        notes.append(f"still comparable, note: step counts differ ({', '.join(map(str, steps))})")
+    short = [r.tag or r.id for r in rows if r.tail_steps < window]
+    if short:
+        notes.append(
+            f"still comparable, note: fewer than {window} steps in the tail window for {', '.join(short)}"
+        )
+    return notes
