@@ -1,0 +1,332 @@
+"""Spawn torchrun, tee its output to train.log, follow metrics.jsonl, stop it cleanly on Ctrl-C/SIGTERM.
+
+    result = launch(plan.argv, cwd=repo, env=plan.env, log_path=exp/"train.log",
+                    metrics_path=exp/"metrics.jsonl", progress=make_progress(stdout_is_tty(), quiet))
+    status = "interrupted" if result.interrupted else "completed" if result.exit_code == 0 else "failed"
+
+Why the process handling looks the way it does:
+- torchrun runs in its OWN session, so a Ctrl-C in the terminal reaches moectl only. moectl then
+  stops the run deliberately (SIGTERM to torchrun, which forwards it to its workers) instead of
+  every process in the foreground group receiving SIGINT at once and racing to exit.
+- torchrun starts each worker in a new session of its own, so killing torchrun's process group does
+  not reach the workers. We therefore keep a list of torchrun's descendants (psutil, refreshed while
+  it runs and right before every signal) and kill those too when the grace period runs out, and
+  after torchrun exits we make sure none of them is left behind.
+- Signal handlers only set a flag and wake the wait loop; all the acting happens in the loop, never
+  inside whatever code the signal happened to interrupt. They are installed for the duration of
+  `launch` and the previous ones restored on every path.
+- A reader thread drains the pipe line by line into the log (flushed, so `tail -f` works), so a
+  chatty run can never fill the pipe and block.
+
+Torch-free: this module runs in the moectl process.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Callable, Optional
+
+import psutil
+
+from moectl.progress import MetricsFollower, ProgressSink
+
+LOG_TAIL_LINES = 40
+POLL_S = 0.25  # metrics poll / wait-loop tick
+SNAPSHOT_S = 1.0  # how often the list of torchrun's descendants is refreshed
+
+
+@dataclass
+class LaunchResult:
+    exit_code: Optional[int]  # torchrun's exit code (None if it never started); -N when killed by signal N
+    interrupted: bool  # we stopped it because of SIGINT/SIGTERM
+    signal_name: Optional[str]  # "SIGINT" / "SIGTERM"
+    duration_s: float
+    log_tail: str  # last ~40 lines of the output, for failed runs' records
+    pid: Optional[int] = None  # torchrun's pid
+    killed: bool = False  # the grace period ran out (or a second signal came): we sent SIGKILL
+    metrics_records: int = 0  # well-formed lines read from metrics.jsonl
+    malformed_lines: int = 0  # lines of metrics.jsonl that did not parse (skipped)
+    error: Optional[str] = None  # why it never started (exit_code is None)
+
+
+class _StopRequest:
+    """What the signal handler leaves for the wait loop: how many signals, and the first one's name."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.signal_name: Optional[str] = None
+        self.wake = threading.Event()
+
+    def handler(self, signum: int, frame) -> None:  # runs between two bytecodes: only set state
+        self.count += 1
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+        self.wake.set()
+
+
+class _Family:
+    """torchrun and everything it started, remembered even after they are reparented to init."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.procs: dict[int, psutil.Process] = {}
+
+    def snapshot(self) -> None:
+        try:
+            root = psutil.Process(self.pid)
+            for child in root.children(recursive=True):
+                self.procs.setdefault(child.pid, child)
+        except psutil.Error:
+            pass  # torchrun already gone: keep what we knew
+        # Grandchildren of processes we know (a worker's own helpers) even once torchrun is gone.
+        for p in list(self.procs.values()):
+            try:
+                for child in p.children(recursive=True):
+                    self.procs.setdefault(child.pid, child)
+            except psutil.Error:
+                pass
+
+    def alive(self) -> list[psutil.Process]:
+        out = []
+        for p in self.procs.values():
+            try:
+                # is_running() compares create times, so a recycled pid is not mistaken for ours.
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    out.append(p)
+            except psutil.Error:
+                pass
+        return out
+
+    def kill_all(self, root_alive: bool) -> None:
+        self.snapshot()
+        if root_alive:
+            _signal_group(self.pid, signal.SIGKILL)
+        for p in self.alive():
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+
+    def stop_survivors(self, grace_s: float, already_killed: bool) -> bool:
+        """After torchrun exited: TERM then KILL whatever it left behind. True if anything was killed."""
+        self.snapshot()
+        left = self.alive()
+        if not left:
+            return False
+        if not already_killed:
+            for p in left:
+                try:
+                    p.terminate()
+                except psutil.Error:
+                    pass
+            _, left = psutil.wait_procs(left, timeout=grace_s)
+        for p in left:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(left, timeout=5.0)
+        return bool(left)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _has_exited(pid: int) -> bool:
+    """True once the child has exited, WITHOUT reaping it: while it is a zombie its pid (also its
+    process group id) cannot be reused, so signalling the group stays safe until we reap."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+class _Tee(threading.Thread):
+    """Copy the child's merged stdout/stderr into the log (and optionally the screen), line by line."""
+
+    def __init__(self, stream: IO[bytes], log_fh: IO[bytes], echo: Optional[Callable[[str], None]]):
+        super().__init__(name="moectl-tee", daemon=True)
+        self.stream, self.log_fh, self.echo = stream, log_fh, echo
+        self.tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+        self.lock = threading.Lock()  # the main thread closes the log under it
+
+    def run(self) -> None:
+        for raw in iter(self.stream.readline, b""):
+            text = raw.decode("utf-8", errors="replace")
+            with self.lock:
+                if self.log_fh.closed:
+                    break
+                self.log_fh.write(raw)
+                self.log_fh.flush()
+                self.tail.append(text.rstrip("\r\n"))
+            if self.echo is not None:
+                try:
+                    self.echo(text)
+                except Exception:  # a broken terminal must not stop the log
+                    self.echo = None
+
+
+def _install_handlers(stop: _StopRequest) -> dict[int, object]:
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # signal.signal only works in the main thread; the caller owns signals then
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.getsignal(sig)
+        signal.signal(sig, stop.handler)
+    return previous
+
+
+def _restore_handlers(previous: dict[int, object]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def _echo_to_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def launch(
+    argv: list[str],
+    *,
+    cwd: Path,
+    env: dict[str, str],
+    log_path: Path,
+    metrics_path: Path,
+    progress: Optional[ProgressSink] = None,
+    stop_grace_s: float = 10.0,
+    echo: bool = False,
+    on_spawn: Optional[Callable[[int], None]] = None,
+) -> LaunchResult:
+    """Run `argv` (the torchrun command) to the end, or until SIGINT/SIGTERM stops it.
+
+    `env` is laid over this process's environment. Output goes to `log_path` (appended, flushed per
+    line) and, with `echo`, to the progress sink's `echo` (or stdout). Records appearing in
+    `metrics_path` are fed to `progress`, which is closed before returning. `on_spawn(pid)` is
+    called once torchrun is running (e.g. to record its pid). Never raises for what the child does.
+    """
+    t0 = time.monotonic()
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    follower = MetricsFollower(Path(metrics_path))
+    stop = _StopRequest()
+    child_env = {**os.environ, **env}
+    child_env.setdefault("PYTHONUNBUFFERED", "1")  # line-by-line output from torchrun itself
+
+    def feed(final: bool = False) -> None:
+        for rec in follower.poll(final=final):
+            if progress is not None:
+                try:
+                    progress.record(rec)
+                except Exception:
+                    pass  # a display bug must not cost the run
+
+    previous = _install_handlers(stop)
+    log_fh = open(log_path, "ab")
+    proc: Optional[subprocess.Popen] = None
+    tee: Optional[_Tee] = None
+    family: Optional[_Family] = None
+    killed = False
+    exit_code: Optional[int] = None
+    error: Optional[str] = None
+    try:
+        if stop.count:  # a signal arrived before we even started: do not start
+            error = f"stopped by {stop.signal_name} before start"
+        else:
+            try:
+                proc = subprocess.Popen(
+                    argv, cwd=str(cwd), env=child_env, stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                )
+            except OSError as exc:
+                error = f"could not start {argv[0] if argv else '(empty argv)'}: {exc}"
+                log_fh.write(f"moectl: {error}\n".encode())
+        if proc is not None:
+            family = _Family(proc.pid)
+            if echo:
+                sink_echo = progress.echo if progress is not None else _echo_to_stdout
+            else:
+                sink_echo = None
+            tee = _Tee(proc.stdout, log_fh, sink_echo)
+            tee.start()
+            if on_spawn is not None:
+                on_spawn(proc.pid)
+
+            term_at: Optional[float] = None
+            last_snapshot = 0.0
+            while not _has_exited(proc.pid):
+                now = time.monotonic()
+                if stop.count and term_at is None:
+                    family.snapshot()
+                    _signal_one(proc.pid, signal.SIGTERM)  # torchrun forwards it to the workers
+                    term_at = now
+                if not killed and term_at is not None and (stop.count >= 2 or now - term_at >= stop_grace_s):
+                    family.kill_all(root_alive=True)
+                    killed = True
+                if now - last_snapshot >= SNAPSHOT_S:
+                    family.snapshot()
+                    last_snapshot = now
+                feed()
+                stop.wake.wait(POLL_S if term_at is None else min(POLL_S, 0.05))
+                stop.wake.clear()
+            # torchrun has exited but is not reaped yet; kill its group's stragglers while the pgid
+            # is still reserved, then the workers it may have left in their own sessions.
+            _signal_group(proc.pid, signal.SIGKILL if killed else signal.SIGTERM)
+            remaining = stop_grace_s if term_at is None else max(0.5, stop_grace_s - (time.monotonic() - term_at))
+            if family.stop_survivors(remaining, already_killed=killed) and stop.count:
+                killed = True
+            exit_code = proc.wait()
+            tee.join(timeout=5.0)  # an escaped process may still hold the pipe: do not hang on it
+            feed(final=True)
+    finally:
+        if proc is not None and proc.returncode is None:
+            # Only reached on a bug or an exception we did not expect: never leave torchrun behind.
+            if family is not None:
+                family.kill_all(root_alive=True)
+            proc.kill()
+            proc.wait()
+        _restore_handlers(previous)
+        if tee is not None:
+            with tee.lock:
+                log_fh.close()
+        else:
+            log_fh.close()
+        if proc is not None and proc.stdout is not None and (tee is None or not tee.is_alive()):
+            proc.stdout.close()
+        follower.close()
+        if progress is not None:
+            try:
+                progress.close()
+            except Exception:
+                pass
+
+    return LaunchResult(
+        exit_code=exit_code,
+        interrupted=stop.count > 0,
+        signal_name=stop.signal_name,
+        duration_s=time.monotonic() - t0,
+        log_tail="\n".join(tee.tail) if tee is not None else (error or ""),
+        pid=proc.pid if proc is not None else None,
+        killed=killed,
+        metrics_records=follower.records,
+        malformed_lines=follower.malformed,
+        error=error,
+    )
+
+
+def _signal_one(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,318 @@
+"""The launcher: real subprocesses, real torchrun (gloo, CPU), real signals.
+
+The engine is stood in for by `tests/fixtures/fake_engine.py` (no torch, same metrics contract), so
+these tests exercise process handling, not training. Signal tests run `launch` inside a child python
+so that the test process itself is never signalled.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from engine.schema import RunSummary, StartInfo, StepMetrics, parse_line, to_line
+from moectl.launch import LaunchResult, launch
+from moectl.progress import (
+    MetricsFollower,
+    NullProgress,
+    PlainProgress,
+    RichProgress,
+    eta_seconds,
+    make_progress,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+ENV = {"PYTHONPATH": str(REPO)}
+
+
+def fake_argv(out: Path, *extra: str, nproc: int | None = None) -> list[str]:
+    """The fake engine, bare (nproc=None) or under real torchrun."""
+    engine = ["-m", "tests.fixtures.fake_engine", "--out-dir", str(out), *extra]
+    if nproc is None:
+        return [PY, *engine]
+    return [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *engine]
+
+
+class Recorder:
+    """A ProgressSink that remembers what it was fed."""
+
+    def __init__(self):
+        self.records, self.echoed, self.closed = [], [], 0
+
+    def record(self, rec):
+        self.records.append(rec)
+
+    def echo(self, line):
+        self.echoed.append(line)
+
+    def close(self):
+        self.closed += 1
+
+
+def steps_in(path: Path) -> list[int]:
+    recs = [parse_line(l) for l in path.read_text().splitlines() if l.strip()]
+    return [r.step for r in recs if isinstance(r, StepMetrics)]
+
+
+def worker_pids(out: Path) -> list[int]:
+    return [json.loads(p.read_text())["pid"] for p in sorted((out / "pids").glob("rank*.json"))]
+
+
+def gone(pid: int, timeout: float = 5.0) -> bool:
+    """The process no longer runs (absent, or a zombie waiting for init to reap it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            p = psutil.Process(pid)
+            if p.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+# --- metrics follower and progress sinks (no subprocess) -------------------------------------------
+
+
+def test_follower_waits_for_file_and_complete_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    f = MetricsFollower(path)
+    assert f.poll() == []  # the engine has not created it yet
+    line = to_line(StepMetrics(step=0, loss=3.5, tok_per_sec=1000.0))
+    with open(path, "w") as fh:
+        fh.write(line[:17])  # half a line, as a reader may see it mid-write
+        fh.flush()
+        assert f.poll() == []
+        fh.write(line[17:] + "\n")
+        fh.flush()
+        got = f.poll()
+        assert [(r.step, r.loss) for r in got] == [(0, 3.5)]
+        fh.write("{not json\n" + to_line(StepMetrics(step=1, loss=3.0)) + "\n")
+        fh.flush()
+        assert [r.step for r in f.poll()] == [1]
+    assert f.malformed == 1 and f.records == 2
+    f.close()
+
+
+def test_follower_final_poll_counts_a_torn_last_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(to_line(StepMetrics(step=0, loss=1.0)) + "\n" + '{"step": 1, "lo')
+    f = MetricsFollower(path)
+    assert [r.step for r in f.poll()] == [0]
+    assert f.poll(final=True) == []
+    assert f.malformed == 1
+
+
+def test_eta_uses_pace_since_first_seen_step():
+    # 4 steps took 8 s after the first one we saw: 2 s/step, 5 steps left.
+    assert eta_seconds(done=5, total=10, first_done=1, first_t=100.0, now=108.0, dt_ms=999.0) == pytest.approx(10.0)
+    # one step seen: fall back to its dt
+    assert eta_seconds(done=1, total=4, first_done=1, first_t=0.0, now=0.0, dt_ms=500.0) == pytest.approx(1.5)
+    assert eta_seconds(done=4, total=4, first_done=1, first_t=0.0, now=9.0, dt_ms=None) == 0.0
+    assert eta_seconds(done=1, total=4, first_done=1, first_t=0.0, now=0.0, dt_ms=None) is None
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_plain_progress_cadence_and_format():
+    out, clock = io.StringIO(), Clock()
+    sink = PlainProgress(stream=out, every_steps=10, every_s=10.0, clock=clock)
+    sink.record(StartInfo(steps=25, world_size=2, tokens_per_step=4096, device="cpu"))
+    for step in range(25):
+        clock.t += 0.5
+        if step == 14:
+            clock.t += 11.0  # a slow step: the time cadence prints it although 10 steps have not passed
+        sink.record(StepMetrics(step=step, loss=4.0 - 0.1 * step, dt_ms=500.0, tok_per_sec=8192.0, mfu=1.25))
+    sink.record(RunSummary(steps=25, world_size=2, total_time_s=24.0))
+    sink.close()
+    sink.close()  # idempotent
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "progress: 25 steps, world size 2, cpu"
+    shown = [int(re.match(r"progress: step (\d+)/25 ", l).group(1)) for l in lines[1:-1]]
+    assert shown == [1, 11, 15, 25]
+    assert re.fullmatch(
+        r"progress: step 11/25 \(44\.0%\) \| loss 3\.0000 \| tok/sec 8,192 \| dt 500\.0ms \| mfu 1\.25% \| eta 7s",
+        lines[2],
+    ), lines[2]
+    assert lines[-2].endswith("eta 0s")
+    assert lines[-1] == "progress: finished 25 steps in 24s"
+
+
+def test_plain_progress_prints_last_step_on_close_when_run_stops_early():
+    out = io.StringIO()
+    sink = PlainProgress(stream=out, every_steps=10, clock=Clock())
+    sink.record(StartInfo(steps=100, world_size=1, tokens_per_step=1, device="cpu"))
+    for step in range(4):
+        sink.record(StepMetrics(step=step, loss=1.0))
+    sink.close()
+    assert [l.split(" | ")[0] for l in out.getvalue().splitlines()[1:]] == [
+        "progress: step 1/100 (1.0%)", "progress: step 4/100 (4.0%)"]
+
+
+def test_make_progress_picks_sink():
+    assert isinstance(make_progress(console_is_tty=False, quiet=False), PlainProgress)
+    assert isinstance(make_progress(console_is_tty=True, quiet=True), NullProgress)
+    sink = make_progress(console_is_tty=True, quiet=False)
+    try:
+        assert isinstance(sink, RichProgress)
+        sink.record(StartInfo(steps=3, world_size=1, tokens_per_step=1, device="cpu"))
+        sink.record(StepMetrics(step=0, loss=2.0, tok_per_sec=10.0))
+    finally:
+        sink.close()
+
+
+# --- launch with a bare python child (fast) ---------------------------------------------------------
+
+
+def test_launch_plain_child_tees_output_and_restores_handlers(tmp_path):
+    before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    rec = Recorder()
+    spawned = []
+    # 20k lines (~2.5 MB) through a 64 KiB pipe: a non-draining launcher would block forever.
+    r = launch(fake_argv(tmp_path, "--steps", "5", "--sleep-per-step", "0.01", "--spam-lines", "20000"),
+               cwd=REPO, env=ENV, log_path=tmp_path / "train.log", metrics_path=tmp_path / "metrics.jsonl",
+               progress=rec, echo=True, on_spawn=spawned.append)
+    assert (r.exit_code, r.interrupted, r.signal_name, r.killed) == (0, False, None, False)
+    assert spawned == [r.pid]
+    log = (tmp_path / "train.log").read_text().splitlines()
+    assert sum("filler line" in l for l in log) == 20000
+    assert len(rec.echoed) == len(log)
+    assert r.log_tail.splitlines()[-1] == "[rank 0] done" and len(r.log_tail.splitlines()) == 40
+    assert [x.step for x in rec.records if isinstance(x, StepMetrics)] == [0, 1, 2, 3, 4]
+    assert isinstance(rec.records[0], StartInfo) and isinstance(rec.records[-1], RunSummary)
+    assert (r.metrics_records, r.malformed_lines, rec.closed) == (7, 0, 1)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_launch_missing_executable_reports_and_closes(tmp_path):
+    rec = Recorder()
+    r = launch([str(tmp_path / "no-such-python"), "-V"], cwd=tmp_path, env={}, log_path=tmp_path / "train.log",
+               metrics_path=tmp_path / "metrics.jsonl", progress=rec)
+    assert r.exit_code is None and r.pid is None and not r.interrupted
+    assert "could not start" in r.error and "no-such-python" in (tmp_path / "train.log").read_text()
+    assert rec.closed == 1
+
+
+CHILD = textwrap.dedent("""
+    import json, sys
+    from dataclasses import asdict
+    from pathlib import Path
+    from moectl.launch import launch
+    from moectl.progress import PlainProgress
+    out, grace, argv = Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
+    r = launch(argv, cwd=Path.cwd(), env={}, log_path=out / "train.log", metrics_path=out / "metrics.jsonl",
+               progress=PlainProgress(stream=sys.stderr, every_steps=1), stop_grace_s=grace)
+    print(json.dumps(asdict(r)))
+""")
+
+
+def run_and_signal(out: Path, argv: list[str], sigs: list[int], grace: float, after_steps: int = 3):
+    """Start `launch` in a child python, wait until `after_steps` steps are in metrics, then send
+    `sigs` to that child. Returns (LaunchResult, seconds from the first signal to the child's exit)."""
+    out.mkdir(parents=True, exist_ok=True)
+    child = subprocess.Popen([PY, "-c", CHILD, str(out), str(grace), *argv], cwd=REPO,
+                             env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not ((out / "metrics.jsonl").exists() and len(steps_in(out / "metrics.jsonl")) >= after_steps):
+            assert child.poll() is None, child.communicate()
+            assert time.monotonic() < deadline, "the run never got going"
+            time.sleep(0.05)
+        t_sig = time.monotonic()
+        for s in sigs:
+            child.send_signal(s)
+            time.sleep(0.2)
+        stdout, stderr = child.communicate(timeout=grace + 30)
+        took = time.monotonic() - t_sig
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 0, stderr
+    return LaunchResult(**json.loads(stdout.splitlines()[-1])), took
+
+
+def test_second_signal_escalates_to_sigkill_at_once(tmp_path):
+    # A child that ignores SIGTERM and a long grace: only the second Ctrl-C can end it quickly.
+    argv = fake_argv(tmp_path, "--steps", "1000", "--sleep-per-step", "0.05", "--ignore-sigterm")
+    r, took = run_and_signal(tmp_path, argv, [signal.SIGINT, signal.SIGINT], grace=60.0)
+    assert r.interrupted and r.killed and r.signal_name == "SIGINT"
+    assert r.exit_code == -signal.SIGKILL
+    assert took < 10.0
+    assert gone(r.pid) and all(gone(p) for p in worker_pids(tmp_path))
+
+
+# --- launch under real torchrun (gloo, CPU) ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_to_completion(tmp_path):
+    rec = Recorder()
+    r = launch(fake_argv(tmp_path, "--steps", "6", "--sleep-per-step", "0.05", nproc=2), cwd=REPO, env=ENV,
+               log_path=tmp_path / "train.log", metrics_path=tmp_path / "metrics.jsonl", progress=rec)
+    assert (r.exit_code, r.interrupted, r.killed) == (0, False, False)
+    log = (tmp_path / "train.log").read_text()
+    assert "[rank 0] done" in log and "[rank 1] done" in log
+    assert "step 00005/00006" in log
+    steps = [x.step for x in rec.records if isinstance(x, StepMetrics)]
+    assert steps == list(range(6))
+    start = rec.records[0]
+    assert isinstance(start, StartInfo) and start.world_size == 2 and start.steps == 6
+    assert isinstance(rec.records[-1], RunSummary) and rec.records[-1].steps == 6
+    assert r.malformed_lines == 0 and rec.closed == 1
+    assert gone(r.pid) and all(gone(p) for p in worker_pids(tmp_path))
+
+
+@pytest.mark.slow
+def test_torchrun_failure_propagates_exit_code_and_tail(tmp_path):
+    r = launch(fake_argv(tmp_path, "--steps", "10", "--sleep-per-step", "0.02", "--fail-at-step", "3",
+                         "--exit-code", "4", nproc=1),
+               cwd=REPO, env=ENV, log_path=tmp_path / "train.log", metrics_path=tmp_path / "metrics.jsonl")
+    # torchrun reports a failed worker as its own exit code 1; the worker's code is in the log.
+    assert r.exit_code not in (0, None) and not r.interrupted
+    assert "RuntimeError: fake failure at step 3" in r.log_tail
+    assert steps_in(tmp_path / "metrics.jsonl") == [0, 1, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_torchrun_signal_stops_everything_and_keeps_metrics(tmp_path, sig):
+    argv = fake_argv(tmp_path, "--steps", "1000", "--sleep-per-step", "0.1", nproc=2)
+    r, took = run_and_signal(tmp_path, argv, [sig], grace=8.0)
+    assert r.interrupted and r.signal_name == signal.Signals(sig).name
+    assert not r.killed, "torchrun should have stopped its workers within the grace period"
+    assert took < 8.0
+    pids = worker_pids(tmp_path)
+    assert len(pids) == 2 and gone(r.pid) and all(gone(p) for p in pids)
+    steps = steps_in(tmp_path / "metrics.jsonl")  # every line parses: nothing torn
+    assert len(steps) >= 3 and steps == list(range(len(steps)))
+    assert r.malformed_lines == 0 and r.metrics_records == len(steps) + 1  # + the start record
+
+
+@pytest.mark.slow
+def test_torchrun_worker_ignoring_sigterm_is_killed_after_grace(tmp_path):
+    argv = fake_argv(tmp_path, "--steps", "1000", "--sleep-per-step", "0.1", "--ignore-sigterm", nproc=2)
+    r, took = run_and_signal(tmp_path, argv, [signal.SIGTERM], grace=1.5)
+    assert r.interrupted and r.killed and r.signal_name == "SIGTERM"
+    assert 1.5 <= took < 10.0
+    pids = worker_pids(tmp_path)
+    assert len(pids) == 2 and gone(r.pid) and all(gone(p) for p in pids)
