@@ -1,0 +1,65 @@
+"""Checkpoints as nanochat writes them: `model_{step:06d}.pt` beside `meta_{step:06d}.json`.
+
+The .pt holds what torch needs (model, optimizer, loader position, RNG states); the .json holds the
+full config and loop state in plain JSON, so a run is auditable and resumable without unpickling.
+`step` is the number of optimizer steps completed: resuming from model_000020.pt runs step 20 next.
+Both files are written to a temporary name and renamed, so a crash never leaves half a checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+_MODEL_RE = re.compile(r"^model_(\d{6,})\.pt$")
+
+
+def save(ckpt_dir: str | Path, step: int, payload: dict, meta: dict) -> Path:
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    model_path = ckpt_dir / f"model_{step:06d}.pt"
+    meta_path = ckpt_dir / f"meta_{step:06d}.json"
+    tmp = model_path.with_suffix(".pt.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, model_path)
+    tmp = meta_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"step": step, **meta}, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, meta_path)
+    return model_path
+
+
+def latest(ckpt_dir: str | Path) -> Optional[Path]:
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _MODEL_RE.match(p.name))]
+    return max(found)[1] if found else None
+
+
+def resolve(resume: str, ckpt_dir: Optional[str]) -> Path:
+    """--resume PATH|DIR|latest -> the model_*.pt to load. Raises ValueError with one line."""
+    if resume == "latest":
+        if not ckpt_dir:
+            raise ValueError("--resume latest needs --ckpt-dir")
+        path = latest(ckpt_dir)
+        if path is None:
+            raise ValueError(f"--resume latest: no model_*.pt in {ckpt_dir}")
+        return path
+    path = Path(resume).expanduser()
+    if path.is_dir():
+        found = latest(path)
+        if found is None:
+            raise ValueError(f"--resume {resume}: no model_*.pt in that directory")
+        return found
+    if not path.is_file():
+        raise ValueError(f"--resume {resume}: no such checkpoint")
+    return path
+
+
+def load(path: Path) -> dict:
+    # Our own files: optimizer state holds plain python objects, so weights_only is not enough.
+    return torch.load(path, map_location="cpu", weights_only=False)

@@ -1,0 +1,145 @@
+"""Token streams for the engine: a built-in byte corpus, user files, or synthetic tokens.
+
+    load_tokens("default")        the standard library's own .py sources, bytes as tokens (vocab 256)
+    load_tokens("/some/dir")      every file under a directory, sorted by path, bytes as tokens
+    load_tokens("tokens.bin")     a flat little-endian uint16 token file (read with torch.frombuffer)
+    "synthetic"                   random tokens, seeded per batch: SyntheticLoader
+
+The default corpus needs no download: every Python install ships its standard library. Files are
+read in sorted relative-path order and capped (DEFAULT_CAP_BYTES), so the corpus is deterministic
+for a given Python version. The last HOLDOUT_FRAC of every corpus is the validation split.
+
+Loaders hand each rank a disjoint part of the stream: micro-batch k of rank r is chunk
+k * world_size + r, each chunk B*T+1 contiguous tokens (inputs and shifted targets). The only state
+is k, identical on every rank, so a checkpoint stores it once and --resume continues exactly there.
+"""
+from __future__ import annotations
+
+import os
+import sysconfig
+from pathlib import Path
+
+import torch
+
+DEFAULT_CAP_BYTES = 4 * 1024 * 1024
+HOLDOUT_FRAC = 0.05
+BYTE_VOCAB = 256
+
+
+def stdlib_sources(cap_bytes: int = DEFAULT_CAP_BYTES) -> bytes:
+    """The stdlib's .py files (no site-packages: those differ per machine), sorted, capped."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "__pycache__"}
+    return _concat_files(root, lambda p: p.suffix == ".py", skip, cap_bytes)
+
+
+def _concat_files(root: Path, keep, skip: set, cap_bytes: int) -> bytes:
+    parts, size = [], 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip and not d.startswith("."))
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if not keep(path):
+                continue
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue  # unreadable file: skip, the corpus stays deterministic for readable ones
+            parts.append(data)
+            size += len(data)
+            if size >= cap_bytes:
+                return b"".join(parts)[:cap_bytes]
+    return b"".join(parts)
+
+
+def load_tokens(spec: str, cap_bytes: int = DEFAULT_CAP_BYTES) -> tuple[torch.Tensor, int]:
+    """-> (1-D int32 token tensor, vocab size implied by the data). Raises ValueError when unusable."""
+    if spec == "default":
+        data = stdlib_sources(cap_bytes)
+        return _bytes_to_tokens(data), BYTE_VOCAB
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        data = _concat_files(path, lambda p: True, {"__pycache__"}, 1 << 40)
+        if not data:
+            raise ValueError(f"--data {spec}: directory holds no readable files")
+        return _bytes_to_tokens(data), BYTE_VOCAB
+    if path.is_file() and path.suffix == ".bin":
+        raw = path.read_bytes()
+        if len(raw) % 2:
+            raise ValueError(f"--data {spec}: odd byte count, not a uint16 token file")
+        tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint16).to(torch.int32)
+        if tokens.numel() == 0:
+            raise ValueError(f"--data {spec}: empty token file")
+        return tokens, int(tokens.max()) + 1
+    if path.is_file():
+        return _bytes_to_tokens(path.read_bytes()), BYTE_VOCAB
+    raise ValueError(f"--data {spec}: no such file or directory (use 'default', 'synthetic', a directory or a .bin file)")
+
+
+def _bytes_to_tokens(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int32)
+
+
+def split(tokens: torch.Tensor, holdout_frac: float = HOLDOUT_FRAC) -> tuple[torch.Tensor, torch.Tensor]:
+    n_val = max(2, int(tokens.numel() * holdout_frac))
+    return tokens[:-n_val], tokens[-n_val:]
+
+
+class TokenLoader:
+    """Micro-batches (x_BT, y_BT) from a 1-D token tensor; disjoint across ranks, resumable."""
+
+    def __init__(self, tokens: torch.Tensor, B: int, T: int, rank: int = 0, world_size: int = 1, device="cpu"):
+        self.tokens, self.B, self.T = tokens, B, T
+        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+        self.n_chunks = (tokens.numel() - 1) // (B * T)
+        if self.n_chunks < world_size:
+            raise ValueError(
+                f"data too small: {tokens.numel()} tokens give {self.n_chunks} batches of "
+                f"{B}x{T}, fewer than the {world_size} rank(s)"
+            )
+        self.k = 0  # micro-batches drawn so far by each rank
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        chunk = (self.k * self.world_size + self.rank) % self.n_chunks
+        self.k += 1
+        start = chunk * self.B * self.T
+        buf = self.tokens[start : start + self.B * self.T + 1].to(torch.int64)
+        x_BT, y_BT = buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
+        pin = self.device.type == "cuda"
+        if pin:
+            x_BT, y_BT = x_BT.pin_memory(), y_BT.pin_memory()
+        return x_BT.to(self.device, non_blocking=pin), y_BT.to(self.device, non_blocking=pin)
+
+    @property
+    def epoch(self) -> int:
+        return (self.k * self.world_size) // self.n_chunks
+
+    def state_dict(self) -> dict:
+        return {"k": self.k}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.k = int(state["k"])
+
+
+class SyntheticLoader:
+    """Random tokens for throughput work; batch k of rank r is seeded by (seed, r, k): resumable."""
+
+    def __init__(self, vocab_size: int, B: int, T: int, seed: int = 0, rank: int = 0, world_size: int = 1, device="cpu"):
+        self.vocab_size, self.B, self.T = vocab_size, B, T
+        self.seed, self.rank, self.world_size, self.device = seed, rank, world_size, torch.device(device)
+        self.gen = torch.Generator()
+        self.k = 0
+        self.epoch = 0
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.gen.manual_seed((self.seed * 1_000_003 + self.k * self.world_size + self.rank) & 0x7FFF_FFFF_FFFF_FFFF)
+        self.k += 1
+        buf = torch.randint(0, self.vocab_size, (self.B * self.T + 1,), generator=self.gen)
+        x_BT, y_BT = buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
+        return x_BT.to(self.device, non_blocking=True), y_BT.to(self.device, non_blocking=True)
+
+    def state_dict(self) -> dict:
+        return {"k": self.k}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.k = int(state["k"])

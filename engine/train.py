@@ -1,0 +1,469 @@
+"""Train the MoE GPT: one process or many under torchrun (DDP, gloo on CPU, nccl on GPU).
+
+    python -m engine.train --preset tiny                      # CPU, seconds, built-in byte corpus
+    python -m engine.train --preset tiny --out-dir /tmp/run   # + metrics.jsonl (engine.schema lines)
+    torchrun --standalone --nproc-per-node 8 -m engine.train --preset d12-moe
+    torchrun --standalone --nproc-per-node 1 -m engine.train --preset d12-moe --cap 0 --steps 60
+
+Explicit options override the preset. Exit codes (engine.schema): 0 done, 2 bad options (one
+`error: ...` line on stderr), 3 torch.compile failed (rerun with --compile none), 1 anything else,
+128+signal when interrupted by SIGINT/SIGTERM (metrics already written stay valid).
+
+Rank 0 prints one nanochat-style line per step and, with --out-dir, appends engine.schema records
+to metrics.jsonl: a start record, one step record per optimizer step (flushed), a summary at the end.
+The loop reads device values back to the host once per optimizer step, after the step.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import signal
+import sys
+import time
+import traceback
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from engine import checkpoint, data, flops
+from engine.model import GPT, GPTConfig
+from engine.schema import (
+    EXIT_BAD_OPTIONS,
+    EXIT_COMPILE_FAILED,
+    EXIT_ERROR,
+    EXIT_OK,
+    METRICS_FILENAME,
+    RunSummary,
+    StartInfo,
+    StepMetrics,
+    to_line,
+)
+
+PRESETS = {
+    # CPU in seconds: loss on the byte corpus falls from ~5.5 to well under 3.5 within 40 steps.
+    "tiny": dict(
+        depth=2, aspect_ratio=32, head_dim=16, n_experts=4, top_k=2, expert_hidden_mult=2.0,
+        moe_freq=1, cap=1.0, seq_len=64, device_batch_size=16, steps=40, lr=1e-2,
+        data="default", compile="none",
+    ),
+    # The seed study's workload (see shared/seed/README.md): FLOPs/token match its runs.
+    "d12-moe": dict(
+        depth=12, aspect_ratio=64, head_dim=64, n_experts=8, top_k=2, expert_hidden_mult=2.0,
+        moe_freq=1, cap=1.0, balance_coeff=0.01, seq_len=1024, device_batch_size=16,
+        total_batch_size=524288, steps=280, lr=3e-3, data="synthetic", vocab_size=32768,
+        compile="static", dtype="bf16",
+    ),
+}
+
+# Used where neither the command line nor the preset sets a value.
+DEFAULTS = dict(
+    depth=4, aspect_ratio=64, head_dim=64, n_experts=8, top_k=2, expert_hidden_mult=2.0,
+    moe_freq=1, cap=1.0, dispatch="auto", compile="none", fp8=False, fp8_dense=False, dense=False,
+    balance_coeff=0.01, z_coeff=0.0, seq_len=256, device_batch_size=8, total_batch_size=None,
+    steps=100, lr=3e-3, warmdown_frac=0.2, grad_clip=1.0, seed=0, data="default", vocab_size=None,
+    device=None, dtype=None, out_dir=None, ckpt_dir=None, save_every=0, resume=None,
+    peak_flops=None, eval_every=0, eval_batches=8, log_every=1,
+)
+
+
+class BadOptions(Exception):
+    """Exit 2 with one line."""
+
+
+class CompileFailed(Exception):
+    """Exit 3: torch.compile could not build the model; the caller may retry with --compile none."""
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print usage + error; we want one line
+        raise BadOptions(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m engine.train", description=__doc__.split("\n")[0],
+                epilog="example: python -m engine.train --preset tiny --steps 20 --out-dir /tmp/run")
+    a = p.add_argument
+    a("--preset", choices=sorted(PRESETS), default="tiny", help="base settings (default tiny); explicit options override")
+    g = p.add_argument_group("model")
+    g.add_argument("--depth", type=int, help="layers; dim = depth * aspect ratio")
+    g.add_argument("--aspect-ratio", type=int, help="model dim per layer of depth")
+    g.add_argument("--head-dim", type=int, help="attention head size; n_head = dim // head_dim")
+    g.add_argument("--n-experts", type=int, help="experts per MoE layer")
+    g.add_argument("--top-k", type=int, help="experts per token")
+    g.add_argument("--expert-hidden-mult", type=float, help="expert hidden size = mult * dim")
+    g.add_argument("--moe-freq", type=int, help="layer i is MoE when i %% freq == freq-1 (1 = every layer)")
+    g.add_argument("--cap", type=float, help="capacity factor; 0 = dropless")
+    g.add_argument("--dispatch", choices=["auto", "padded", "grouped", "loop"], help="MoE dispatch (auto: padded for cap>0, grouped for cap 0)")
+    g.add_argument("--balance-coeff", type=float, help="Switch load-balancing loss coefficient")
+    g.add_argument("--z-coeff", type=float, help="router z-loss coefficient")
+    g.add_argument("--dense", action="store_true", default=None, help="iso-FLOP dense baseline: MLP hidden = top_k * expert hidden")
+    g.add_argument("--fp8", action="store_true", default=None, help="float8 expert GEMMs (engine.fp8)")
+    g.add_argument("--fp8-dense", action="store_true", default=None, help="float8 for the dense Linear layers too")
+    g.add_argument("--compile", choices=["static", "dynamic", "none"], help="torch.compile(dynamic=False/True) or eager")
+    t = p.add_argument_group("training")
+    t.add_argument("--seq-len", type=int, help="tokens per sequence")
+    t.add_argument("--device-batch-size", type=int, help="sequences per micro-batch per rank")
+    t.add_argument("--total-batch-size", type=int, help="tokens per optimizer step, all ranks (default: one micro-batch per rank)")
+    t.add_argument("--steps", type=int, help="optimizer steps")
+    t.add_argument("--lr", type=float, help="AdamW learning rate (peak)")
+    t.add_argument("--warmdown-frac", type=float, help="fraction of steps over which lr decays linearly to 0")
+    t.add_argument("--grad-clip", type=float, help="clip the global grad norm (0 = off)")
+    t.add_argument("--seed", type=int, help="seed for init and synthetic data")
+    t.add_argument("--data", help="'default' (stdlib sources as bytes), 'synthetic', a directory of text files, or a uint16 .bin")
+    t.add_argument("--vocab-size", type=int, help="vocabulary (synthetic data; default: implied by the data)")
+    t.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available")
+    t.add_argument("--dtype", choices=["bf16", "fp32"], help="autocast dtype (default bf16 on cuda, fp32 on cpu)")
+    o = p.add_argument_group("output")
+    o.add_argument("--out-dir", help="write metrics.jsonl here (default: print only)")
+    o.add_argument("--ckpt-dir", help="write model_{step:06d}.pt + meta_{step:06d}.json here")
+    o.add_argument("--save-every", type=int, help="checkpoint every N steps (0: only at the end); needs --ckpt-dir")
+    o.add_argument("--resume", help="checkpoint path, its directory, or 'latest' (in --ckpt-dir)")
+    o.add_argument("--peak-flops", type=float, help="peak FLOP/s per device for MFU, for devices not in the table")
+    o.add_argument("--eval-every", type=int, help="validation loss every N steps (0: only at the end, -1: never)")
+    o.add_argument("--eval-batches", type=int, help="micro-batches per rank in one validation pass")
+    o.add_argument("--log-every", type=int, help="print a step line every N steps (metrics.jsonl gets every step)")
+    return p
+
+
+def resolve_options(argv) -> argparse.Namespace:
+    """Parse argv, fill from preset then DEFAULTS, validate. Raises BadOptions (one line)."""
+    args = build_parser().parse_args(argv)
+    preset = PRESETS[args.preset]
+    for key, default in DEFAULTS.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, preset.get(key, default))
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise BadOptions("--device cuda: no CUDA device is available (use --device cpu)")
+    if args.dtype is None:
+        args.dtype = "bf16" if args.device == "cuda" else "fp32"
+    for name in ("steps", "seq_len", "device_batch_size", "eval_batches", "log_every"):
+        if getattr(args, name) < 1:
+            raise BadOptions(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.save_every < 0:
+        raise BadOptions("--save-every must be >= 0")
+    if args.save_every and not args.ckpt_dir:
+        raise BadOptions("--save-every needs --ckpt-dir")
+    if not 0.0 <= args.warmdown_frac <= 1.0:
+        raise BadOptions(f"--warmdown-frac must be in [0, 1], got {args.warmdown_frac}")
+    if args.lr <= 0:
+        raise BadOptions(f"--lr must be > 0, got {args.lr}")
+    if args.peak_flops is not None and args.peak_flops <= 0:
+        raise BadOptions("--peak-flops must be > 0")
+    try:
+        model_config(args, vocab_size=args.vocab_size or 256).validate()
+    except ValueError as exc:
+        raise BadOptions(str(exc)) from None
+    if args.fp8 or args.fp8_dense:
+        flag = "--fp8" if args.fp8 else "--fp8-dense"
+        try:
+            from engine.fp8 import fp8_supported
+        except ImportError as exc:
+            raise BadOptions(f"{flag}: float8 support (engine.fp8) is not available: {exc}") from None
+        ok, reason = fp8_supported(torch.device(args.device))
+        if not ok:
+            raise BadOptions(f"{flag} is not supported here: {reason}")
+    return args
+
+
+def model_config(args, vocab_size: int) -> GPTConfig:
+    return GPTConfig(
+        depth=args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim, seq_len=args.seq_len,
+        vocab_size=vocab_size, n_experts=args.n_experts, top_k=args.top_k,
+        expert_hidden_mult=args.expert_hidden_mult, moe_freq=args.moe_freq, cap=args.cap,
+        dispatch=args.dispatch, balance_coeff=args.balance_coeff, z_coeff=args.z_coeff,
+        dense=bool(args.dense), fp8=bool(args.fp8), fp8_dense=bool(args.fp8_dense),
+    )
+
+
+def _is_compile_error(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _on_signal(signum, frame):
+    raise Interrupted(signum)
+
+
+def main(argv=None) -> int:
+    rank0 = os.environ.get("RANK", "0") == "0"
+    try:
+        args = resolve_options(argv)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _on_signal)
+        return train(args)
+    except BadOptions as exc:
+        if rank0:
+            print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_OPTIONS
+    except CompileFailed as exc:
+        print(f"error: torch.compile failed: {exc}; rerun with --compile none", file=sys.stderr)
+        return EXIT_COMPILE_FAILED
+    except Interrupted as exc:
+        if rank0:
+            print(f"interrupted by {exc}", file=sys.stderr, flush=True)
+        return 128 + exc.signum
+    except Exception as exc:  # anything else: keep the traceback, end with one summary line
+        traceback.print_exc()
+        print(f"error: {type(exc).__name__}: {_first_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:400]
+
+
+def train(args) -> int:
+    # ---- distributed + device --------------------------------------------------------------
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if args.device == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        torch.set_float32_matmul_precision("high")
+    else:
+        device = torch.device("cpu")
+    tokens_per_micro = args.device_batch_size * args.seq_len * world
+    total_batch = args.total_batch_size or tokens_per_micro
+    if total_batch % tokens_per_micro:
+        raise BadOptions(
+            f"--total-batch-size {total_batch} is not a multiple of device batch x seq len x world "
+            f"({args.device_batch_size} x {args.seq_len} x {world} = {tokens_per_micro})"
+        )
+    accum = total_batch // tokens_per_micro
+
+    # ---- data (before the process group: a bad --data is exit 2 on every rank) ------------
+    B, T = args.device_batch_size, args.seq_len
+    try:
+        if args.data == "synthetic":
+            vocab = args.vocab_size or 32768
+            loader = data.SyntheticLoader(vocab, B, T, args.seed, rank, world, device)
+            make_val = lambda: data.SyntheticLoader(vocab, B, T, args.seed + 1, rank, world, device)  # noqa: E731
+        else:
+            tokens, data_vocab = data.load_tokens(args.data)
+            if args.vocab_size and args.vocab_size < data_vocab:
+                raise BadOptions(f"--vocab-size {args.vocab_size} is smaller than the data's ({data_vocab})")
+            vocab = args.vocab_size or data_vocab
+            train_tok, val_tok = data.split(tokens)
+            loader = data.TokenLoader(train_tok, B, T, rank, world, device)
+            make_val = lambda: data.TokenLoader(val_tok, B, T, rank, world, device)  # noqa: E731
+            try:
+                make_val()
+            except ValueError:
+                make_val = None  # held-out tail too small for one batch per rank: no validation
+    except ValueError as exc:
+        raise BadOptions(str(exc)) from None
+    resume_path = checkpoint.resolve(args.resume, args.ckpt_dir) if args.resume else None
+
+    if ddp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    master = rank == 0
+
+    # ---- model, optimizer ---------------------------------------------------------------
+    torch.manual_seed(args.seed)
+    cfg = model_config(args, vocab)
+    model = GPT(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = args.lr
+    start_step, elapsed_s = 0, 0.0
+    if resume_path is not None:
+        state = checkpoint.load(resume_path)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise BadOptions(f"--resume {resume_path}: checkpoint does not match this model: {_first_line(exc)}") from None
+        optimizer.load_state_dict(state["optimizer"])
+        loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        start_step, elapsed_s = int(state["step"]), float(state.get("elapsed_s", 0.0))
+    step_model = model if args.compile == "none" else torch.compile(model, dynamic=args.compile == "dynamic")
+    if ddp:  # DDP around the compiled module: DDP's own hooks do the all-reduce, no_sync works as usual
+        step_model = torch.nn.parallel.DistributedDataParallel(step_model, device_ids=[local_rank] if device.type == "cuda" else None)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+    flops_tok = flops.flops_per_token(cfg)
+    peak, device_name = flops.peak_flops(device.type, args.peak_flops)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    # ---- metrics sink -------------------------------------------------------------------
+    sink = None
+    if master and args.out_dir:
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        sink = open(Path(args.out_dir) / METRICS_FILENAME, "a" if resume_path else "w")
+
+    def emit(record):
+        if sink is not None:
+            sink.write(to_line(record) + "\n")
+            sink.flush()
+
+    config = {**cfg.to_dict(), **{k: v for k, v in vars(args).items()}, "grad_accum": accum,
+              "total_batch_size": total_batch, "n_params": n_params, "flops_per_token": flops_tok}
+    emit(StartInfo(steps=args.steps, world_size=world, tokens_per_step=total_batch, device=device_name,
+                   config=config, start_step=start_step))
+    if master:
+        print(f"model: {cfg.n_layer} layers, dim {cfg.dim}, {cfg.n_head} heads, "
+              f"{'dense (iso-FLOP)' if cfg.dense else f'{model.n_moe_layers} MoE layers x {cfg.n_experts} experts top-{cfg.top_k}'}, "
+              f"{n_params:,} params, {flops_tok:.4e} FLOPs/token")
+        print(f"batch: {total_batch:,} tokens/step = {B} x {T} x {world} rank(s) x {accum} accum | "
+              f"device {device_name} | dtype {args.dtype} | compile {args.compile}"
+              + (f" | resumed at step {start_step} from {resume_path}" if resume_path else ""), flush=True)
+
+    def evaluate() -> float | None:
+        if make_val is None:
+            return None
+        val = make_val()
+        model.eval()
+        total = torch.zeros((), device=device)
+        with torch.no_grad(), autocast:
+            for _ in range(args.eval_batches):
+                x_BT, y_BT = val.next_batch()
+                total += model(x_BT, y_BT)["loss"].float()
+        model.train()
+        if ddp:
+            dist.all_reduce(total)
+        return total.item() / (args.eval_batches * world)
+
+    def save(step: int, val_loss):
+        if not args.ckpt_dir:
+            return
+        if master:
+            payload = {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
+                "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
+                "step": step, "elapsed_s": elapsed_s,
+            }
+            meta = {"config": cfg.to_dict(), "options": vars(args), "loader": loader.state_dict(),
+                    "world_size": world, "elapsed_s": elapsed_s, "val_loss": val_loss}
+            checkpoint.save(args.ckpt_dir, step, payload, meta)
+        if ddp:
+            dist.barrier()
+
+    def lr_mult(step: int) -> float:
+        warmdown = round(args.warmdown_frac * args.steps)
+        if warmdown == 0 or step < args.steps - warmdown:
+            return 1.0
+        return (args.steps - step) / warmdown  # linear to 0 at the end (nanochat's final_lr_frac=0)
+
+    # ---- the loop -----------------------------------------------------------------------
+    assignments = model.assignments(B * T) * accum * world
+    last_loss, val_loss, peak_mem = None, None, None
+    for step in range(start_step, args.steps):
+        t0 = time.perf_counter()
+        lr = args.lr * lr_mult(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_acc = torch.zeros((), device=device)
+        aux_acc = torch.zeros((), device=device)
+        dropped_acc = torch.zeros((), device=device)
+        counts_LE = torch.zeros((model.n_moe_layers, cfg.n_experts), device=device)
+        try:
+            for micro in range(accum):
+                x_BT, y_BT = loader.next_batch()
+                # Gradients all-reduce only on the last micro-step.
+                sync_ctx = step_model.no_sync() if ddp and micro < accum - 1 else nullcontext()
+                with sync_ctx:
+                    with autocast:
+                        out = step_model(x_BT, y_BT)
+                    ((out["loss"] + out["aux_loss"]) / accum).backward()
+                loss_acc += out["loss"].detach().float()
+                aux_acc += out["aux_loss"].detach().float()
+                dropped_acc += out["dropped"].detach().float()
+                counts_LE += out["tokens_per_expert_LE"].detach().float()
+        except Interrupted:
+            raise
+        except Exception as exc:
+            if args.compile != "none" and _is_compile_error(exc):
+                raise CompileFailed(f"{type(exc).__name__}: {_first_line(exc)}") from exc
+            raise
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # The one host sync of the step: every logged scalar travels in one tensor.
+        stats = torch.cat([torch.stack([loss_acc / accum, aux_acc / accum, dropped_acc]), counts_LE.flatten()])
+        if ddp:
+            dist.all_reduce(stats)
+        vals = stats.tolist()
+        dt = time.perf_counter() - t0
+        elapsed_s += dt
+        loss, aux = vals[0] / world, vals[1] / world
+        drop_frac = expert_load_max = None
+        if model.n_moe_layers:
+            drop_frac = vals[2] / assignments
+            loads_LE = torch.tensor(vals[3:]).view(model.n_moe_layers, cfg.n_experts)
+            expert_load_max = (loads_LE.max(dim=1).values / loads_LE.mean(dim=1).clamp_min(1e-9)).max().item()
+        tok_per_sec = total_batch / dt
+        mfu = flops.mfu_pct(flops_tok, tok_per_sec, peak, world)
+        peak_mem = _peak_mem_mib(device)
+        last_loss = loss
+        emit(StepMetrics(step=step, loss=loss, aux_loss=aux, lr=lr, dt_ms=dt * 1000, tok_per_sec=tok_per_sec,
+                         mfu=mfu, peak_mem_mib=peak_mem, drop_frac=drop_frac, expert_load_max=expert_load_max,
+                         elapsed_s=elapsed_s))
+        if master and (step % args.log_every == 0 or step == args.steps - 1):
+            pct = 100 * (step + 1) / args.steps
+            line = (f"step {step:05d}/{args.steps:05d} ({pct:.2f}%) | loss: {loss:.6f} | aux: {aux:.4f} | "
+                    f"lr: {lr:.2e} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,.0f} | "
+                    f"mfu: {'-' if mfu is None else f'{mfu:.2f}'}")
+            if drop_frac is not None:
+                line += f" | drop: {drop_frac:.3f} | load_max: {expert_load_max:.2f}"
+            print(line + f" | total time: {elapsed_s / 60:.2f}m", flush=True)
+
+        done = step + 1
+        if args.eval_every > 0 and done % args.eval_every == 0 and done < args.steps:
+            val_loss = evaluate()
+            if master and val_loss is not None:
+                print(f"step {done:05d} | validation loss: {val_loss:.6f}", flush=True)
+        if args.save_every and done % args.save_every == 0 and done < args.steps:
+            save(done, val_loss)
+
+    if args.eval_every >= 0:
+        val_loss = evaluate()
+        if master and val_loss is not None:
+            print(f"validation loss: {val_loss:.6f}", flush=True)
+    save(max(args.steps, start_step), val_loss)
+    peak_mem = _peak_mem_mib(device)
+    emit(RunSummary(steps=args.steps, world_size=world, flops_per_token=flops_tok, peak_flops=peak,
+                    device_name=device_name, peak_mem_mib=peak_mem, total_time_s=elapsed_s,
+                    final_loss=last_loss, val_loss=val_loss))
+    if sink is not None:
+        sink.close()
+    if master:
+        print(f"Peak memory usage: {peak_mem:.2f}MiB")
+        print(f"Total training time: {elapsed_s / 60:.2f}m", flush=True)
+    return EXIT_OK
+
+
+def _peak_mem_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # CPU: the process's max resident set size (Linux reports KiB): weights, activations, allocator slack.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+if __name__ == "__main__":
+    sys.exit(main())
