@@ -1,22 +1,39 @@
 """Mixture-of-Experts layer: router -> dispatcher -> stacked experts -> combine.
 
-SKELETON (interface only, loop dispatch). The engine-moe work replaces the internals with the
-padded / grouped dispatchers; the public interface below is the contract model.py relies on.
-
     moe = MoELayer(MoEConfig(dim=..., n_experts=8, top_k=2, expert_hidden=2*dim, cap=1.0))
     out_BTD, aux = moe(x_BTD)
     aux.loss          scalar tensor: balance_coeff * switch_loss + z_coeff * z_loss (0 if both off)
     aux.tokens_per_expert_E   float tensor [E]: assignments routed to each expert (before drops)
     aux.dropped       float scalar tensor: assignments dropped by capacity (0 when dropless)
     aux.assignments   int: tokens * top_k (python int, known from shapes)
+
+Dispatchers (cfg.dispatch; "auto" = padded for cap > 0, grouped for cap == 0):
+  padded   capacity C = ceil(cap * N * top_k / E) rounded up to 8; tokens gathered into an [E, C, D]
+           buffer, two torch.bmm; assignments past C are dropped first come first served (token
+           order) and contribute nothing (the residual carries the token). Static shapes, no host
+           sync: compiles with torch.compile(fullgraph=True, dynamic=False).
+  grouped  dropless: assignments sorted by expert, torch._grouped_mm over int32 offsets. Where
+           _grouped_mm is missing or refuses the dtype/strides, a padded dispatch with C = N (no
+           expert can receive more than N assignments, so nothing drops) stands in: slower, correct.
+           With cap > 0 it is a ValueError (it is dropless by definition; use padded or loop).
+  loop     the obviously-correct reference: a Python loop over experts with host syncs. It honours
+           cap too (keeps the first C assignments per expert), so it is the reference for drops.
+
+How tokens move (padded and grouped): the N*K assignments are stable-sorted by expert, so each
+expert's assignments stay in token order. Dispatch and combine are then pure gathers through that
+permutation, and they are custom autograd Functions whose backward is again a gather (never a
+scatter-add, never an [N, E] one-hot): that is what keeps the MoE layer near the dense MLP's cost.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+DISPATCHES = ("auto", "padded", "grouped", "loop")
 
 
 @dataclass
@@ -31,6 +48,38 @@ class MoEConfig:
     z_coeff: float = 0.0
     fp8: bool = False
 
+    @property
+    def hidden(self) -> int:
+        return self.expert_hidden or 2 * self.dim
+
+    def resolved_dispatch(self) -> str:
+        if self.dispatch == "auto":
+            return "padded" if self.cap > 0 else "grouped"
+        return self.dispatch
+
+    def validate(self) -> None:
+        """ValueError with one line naming the bad option."""
+        if self.dim < 1 or self.hidden < 1:
+            raise ValueError(f"dim and expert_hidden must be >= 1, got {self.dim} and {self.hidden}")
+        if self.n_experts < 1:
+            raise ValueError(f"--n-experts must be >= 1, got {self.n_experts}")
+        if not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(f"--top-k must be between 1 and --n-experts ({self.n_experts}), got {self.top_k}")
+        if not (self.cap >= 0 and math.isfinite(self.cap)):
+            raise ValueError(f"--cap must be >= 0 (0 = dropless), got {self.cap}")
+        if self.dispatch not in DISPATCHES:
+            raise ValueError(f"--dispatch must be one of {', '.join(DISPATCHES)}, got {self.dispatch!r}")
+        if self.dispatch == "padded" and self.cap == 0:
+            raise ValueError("--dispatch padded needs --cap > 0 (use grouped or auto for dropless)")
+        if self.dispatch == "grouped" and self.cap > 0:
+            raise ValueError(f"--dispatch grouped is dropless; it takes --cap 0, got {self.cap} (use padded)")
+        if self.balance_coeff < 0 or self.z_coeff < 0:
+            raise ValueError("--balance-coeff and z_coeff must be >= 0")
+        if self.fp8:
+            from engine.fp8 import check_fp8_shape
+
+            check_fp8_shape("experts", dim=self.dim, expert_hidden=self.hidden)
+
 
 @dataclass
 class MoEAux:
@@ -40,14 +89,143 @@ class MoEAux:
     assignments: int
 
 
+def capacity(cap: float, n_tokens: int, top_k: int, n_experts: int) -> int:
+    """Slots per expert: ceil(cap * N * K / E), rounded up to a multiple of 8."""
+    c = math.ceil(cap * n_tokens * top_k / n_experts)
+    return max(8, -(-c // 8) * 8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Router
+
+
+def route(x_ND, router_weight_ED, top_k: int, balance_coeff: float, z_coeff: float):
+    """Softmax top-k over fp32 logits. -> (weights_NK fp32 renormalised, experts_NK, counts_E, loss)."""
+    N, E = x_ND.shape[0], router_weight_ED.shape[0]
+    logits_NE = F.linear(x_ND.float(), router_weight_ED.float())
+    probs_NE = logits_NE.softmax(dim=-1)
+    weights_NK, experts_NK = probs_NE.topk(top_k, dim=-1)
+    weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True)
+    # Per-expert counts by a scatter-add: static shape (bincount's is data dependent), no host sync.
+    experts_A = experts_NK.reshape(-1)
+    counts_E = torch.zeros(E, dtype=torch.int64, device=x_ND.device).index_add_(
+        0, experts_A, torch.ones_like(experts_A)
+    )
+    loss = logits_NE.new_zeros(())
+    if balance_coeff > 0:
+        # Switch loss E * sum_e f_e * P_e: f = fraction of assignments (no grad), P = mean prob.
+        frac_E = counts_E.float() / (N * top_k)
+        loss = loss + balance_coeff * E * (frac_E * probs_NE.mean(0)).sum()
+    if z_coeff > 0:
+        loss = loss + z_coeff * torch.logsumexp(logits_NE, dim=-1).square().mean()
+    return weights_NK, experts_NK, counts_E, loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Token movement: gathers both ways (custom Functions so backward is a gather, not a scatter-add)
+
+
+class _Dispatch(torch.autograd.Function):
+    """rows_SD = x_ND[src_token_S]; each token feeds K slots.
+
+    backward: grad_x[n] = sum_k grad_rows[slot_A[n*K+k]] (times keep_A, which masks dropped ones).
+    """
+
+    @staticmethod
+    def forward(ctx, x_ND, src_token_S, slot_A, keep_A, K: int):
+        ctx.save_for_backward(slot_A, keep_A)
+        ctx.N, ctx.K = x_ND.shape[0], K
+        return x_ND.index_select(0, src_token_S)
+
+    @staticmethod
+    def backward(ctx, grad_SD):
+        slot_A, keep_A = ctx.saved_tensors
+        g_AD = grad_SD.index_select(0, slot_A)
+        if keep_A.numel():
+            g_AD = g_AD * keep_A.unsqueeze(-1).to(g_AD.dtype)
+        return g_AD.view(ctx.N, ctx.K, -1).sum(1), None, None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """out_ND = sum_k gate_NK[n, k] * y_SD[slot_NK[n, k]].
+
+    backward: grad_y[s] = gate[a] * grad_out[a // K] for the assignment a filling slot s (zero for
+    an empty slot, which keeps padding out of the expert weight grads); grad_gate by a gather too.
+    """
+
+    @staticmethod
+    def forward(ctx, y_SD, gate_A, slot_A, src_assign_S, valid_S, K: int):
+        N = gate_A.shape[0] // K
+        g_NKD = y_SD.index_select(0, slot_A).view(N, K, -1)
+        ctx.save_for_backward(y_SD, gate_A, slot_A, src_assign_S, valid_S)
+        ctx.K = K
+        return torch.bmm(gate_A.view(N, 1, K), g_NKD).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad_ND):
+        y_SD, gate_A, slot_A, src_assign_S, valid_S = ctx.saved_tensors
+        K, N = ctx.K, grad_ND.shape[0]
+        grad_y = grad_gate = None
+        if ctx.needs_input_grad[0]:
+            gate_S = gate_A.index_select(0, src_assign_S)
+            if valid_S.numel():
+                gate_S = gate_S * valid_S.to(gate_S.dtype)
+            grad_y = grad_ND.index_select(0, src_assign_S // K) * gate_S.unsqueeze(-1)
+        if ctx.needs_input_grad[1]:
+            g_NKD = y_SD.index_select(0, slot_A).view(N, K, -1)
+            grad_gate = torch.bmm(g_NKD, grad_ND.unsqueeze(-1)).view(N * K)
+        return grad_y, grad_gate, None, None, None, None
+
+
+def _sort_by_expert(experts_A, counts_E):
+    """-> (order_A: sorted position -> assignment, rank_A: assignment -> sorted position, start_E)."""
+    A = experts_A.shape[0]
+    order_A = torch.sort(experts_A, stable=True).indices
+    rank_A = torch.empty_like(order_A).scatter_(0, order_A, torch.arange(A, device=experts_A.device))
+    start_E = torch.cumsum(counts_E, 0) - counts_E
+    return order_A, rank_A, start_E
+
+
+# ----------------------------------------------------------------------------------------------
+# Expert GEMMs (relu², like nanochat's MLP)
+
+
+def _experts_bmm(x_ECD, w_up_EDH, w_down_EHD, fp8: bool):
+    if fp8:
+        from engine.fp8 import fp8_bmm
+
+        return fp8_bmm(F.relu(fp8_bmm(x_ECD, w_up_EDH)).square(), w_down_EHD)
+    return torch.bmm(F.relu(torch.bmm(x_ECD, w_up_EDH)).square(), w_down_EHD)
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype, dim: int, hidden: int) -> tuple[bool, str]:
+    """Whether torch._grouped_mm takes these operands (else the dropless path uses padded bmm)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False, f"torch {torch.__version__} has no _grouped_mm"
+    ok_dtypes = (torch.bfloat16,) if device.type == "cuda" else (torch.float32, torch.bfloat16)
+    if dtype not in ok_dtypes:
+        return False, f"_grouped_mm on {device.type} takes {ok_dtypes}, not {dtype}"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
+        return False, "_grouped_mm needs compute capability >= 9.0"
+    item = torch.empty((), dtype=dtype).element_size()
+    if (dim * item) % 16 or (hidden * item) % 16:
+        return False, f"_grouped_mm needs 16-byte row strides; dim={dim}, hidden={hidden} in {dtype} are not"
+    return True, ""
+
+
+# ----------------------------------------------------------------------------------------------
+# The layer
+
+
 class MoELayer(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
+        cfg.validate()
         self.cfg = cfg
-        hidden = cfg.expert_hidden or 2 * cfg.dim
+        self.dispatch = cfg.resolved_dispatch()
         self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
-        self.w_up_EDH = nn.Parameter(torch.empty(cfg.n_experts, cfg.dim, hidden))
-        self.w_down_EHD = nn.Parameter(torch.empty(cfg.n_experts, hidden, cfg.dim))
+        self.w_up_EDH = nn.Parameter(torch.empty(cfg.n_experts, cfg.dim, cfg.hidden))
+        self.w_down_EHD = nn.Parameter(torch.empty(cfg.n_experts, cfg.hidden, cfg.dim))
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -57,21 +235,98 @@ class MoELayer(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor):
         B, T, D = x_BTD.shape
+        cfg = self.cfg
         x_ND = x_BTD.reshape(B * T, D)
-        logits_NE = self.router(x_ND).float()
-        probs_NE = logits_NE.softmax(dim=-1)
-        weights_NK, experts_NK = probs_NE.topk(self.cfg.top_k, dim=-1)
-        weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True)
-        out_ND = torch.zeros_like(x_ND)
-        for e in range(self.cfg.n_experts):
-            rows, slots = (experts_NK == e).nonzero(as_tuple=True)
-            h = F.relu(x_ND[rows] @ self.w_up_EDH[e]).square()
-            y = (h @ self.w_down_EHD[e]) * weights_NK[rows, slots, None].to(x_ND.dtype)
-            out_ND = out_ND.index_add(0, rows, y)
-        E = self.cfg.n_experts
-        counts_E = torch.bincount(experts_NK.flatten(), minlength=E).float()
-        frac_E = counts_E / counts_E.sum()
-        switch = E * (frac_E * probs_NE.mean(0)).sum()
-        loss = self.cfg.balance_coeff * switch
-        aux = MoEAux(loss, counts_E, torch.zeros((), device=x_BTD.device), B * T * self.cfg.top_k)
+        weights_NK, experts_NK, counts_E, loss = route(
+            x_ND, self.router.weight, cfg.top_k, cfg.balance_coeff, cfg.z_coeff
+        )
+        # Expert GEMMs run in the activation dtype (params may be fp32 masters; no-op if equal).
+        w_up = self.w_up_EDH.to(x_ND.dtype)
+        w_down = self.w_down_EHD.to(x_ND.dtype)
+        gate_A = weights_NK.reshape(-1).to(x_ND.dtype)
+        experts_A = experts_NK.reshape(-1)
+        if self.dispatch == "loop":
+            out_ND, dropped = self._loop(x_ND, experts_NK, weights_NK.to(x_ND.dtype), w_up, w_down)
+        elif self.dispatch == "padded":
+            C = capacity(cfg.cap, x_ND.shape[0], cfg.top_k, cfg.n_experts)
+            out_ND, dropped = self._padded(x_ND, experts_A, gate_A, counts_E, C, w_up, w_down)
+        else:
+            ok, _ = grouped_mm_supported(x_ND.device, x_ND.dtype, D, cfg.hidden)
+            if cfg.fp8:
+                out_ND = self._grouped_fp8(x_ND, experts_A, gate_A, counts_E, w_up, w_down)
+            elif ok:
+                out_ND = self._grouped(x_ND, experts_A, gate_A, counts_E, w_up, w_down)
+            else:  # dropless stand-in: C = N slots per expert can never overflow
+                out_ND, _ = self._padded(x_ND, experts_A, gate_A, counts_E, -(-x_ND.shape[0] // 8) * 8, w_up, w_down)
+            dropped = x_ND.new_zeros((), dtype=torch.float32)
+        aux = MoEAux(loss, counts_E.float(), dropped, B * T * cfg.top_k)
         return out_ND.view(B, T, D), aux
+
+    def _padded(self, x_ND, experts_A, gate_A, counts_E, C: int, w_up, w_down):
+        E, K, A = self.cfg.n_experts, self.cfg.top_k, experts_A.shape[0]
+        order_A, rank_A, start_E = _sort_by_expert(experts_A, counts_E)
+        # Assignment side: position within its expert (sorted rank minus the expert's start).
+        pos_A = rank_A - start_E.index_select(0, experts_A)
+        keep_A = pos_A < C
+        slot_A = torch.where(keep_A, experts_A * C + pos_A, 0)  # dropped -> any slot, gate 0
+        gate_A = gate_A * keep_A.to(gate_A.dtype)
+        # Slot side: slot (e, p) holds sorted assignment start_e + p when p < count_e. Empty slots
+        # gather some real token (finite values): their outputs are never read and their grads are
+        # exactly zero, so they change nothing, and we skip zero-filling a buffer every step.
+        p_C = torch.arange(C, device=x_ND.device)
+        valid_EC = p_C < counts_E.unsqueeze(1)
+        src_assign_S = order_A.index_select(0, (start_E.unsqueeze(1) + p_C).clamp(max=A - 1).view(-1))
+        buf_ECD = _Dispatch.apply(x_ND, src_assign_S // K, slot_A, keep_A, K).view(E, C, -1)
+        y_ECD = _experts_bmm(buf_ECD, w_up, w_down, self.cfg.fp8)
+        out_ND = _Combine.apply(y_ECD.view(E * C, -1), gate_A, slot_A, src_assign_S, valid_EC.view(-1), K)
+        dropped = (counts_E - C).clamp(min=0).sum().float()
+        return out_ND, dropped
+
+    def _grouped(self, x_ND, experts_A, gate_A, counts_E, w_up, w_down):
+        K = self.cfg.top_k
+        order_A, rank_A, _ = _sort_by_expert(experts_A, counts_E)
+        offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
+        none = experts_A.new_empty(0, dtype=torch.bool)  # no masks: every assignment is kept
+        x_AD = _Dispatch.apply(x_ND, order_A // K, rank_A, none, K)
+        h_AH = F.relu(torch._grouped_mm(x_AD, w_up, offs=offs_E)).square()
+        y_AD = torch._grouped_mm(h_AH, w_down, offs=offs_E)
+        return _Combine.apply(y_AD, gate_A, rank_A, order_A, none, K)
+
+    def _grouped_fp8(self, x_ND, experts_A, gate_A, counts_E, w_up, w_down):
+        # No batched scaled grouped GEMM on CPU (and CUDA's wants row-wise scales), so dropless fp8
+        # loops over experts with per-expert _scaled_mm; the group sizes cost one host sync.
+        from engine.fp8 import fp8_mm
+
+        K = self.cfg.top_k
+        order_A, rank_A, _ = _sort_by_expert(experts_A, counts_E)
+        none = experts_A.new_empty(0, dtype=torch.bool)
+        x_AD = _Dispatch.apply(x_ND, order_A // K, rank_A, none, K)
+        ys, start = [], 0
+        for e, n in enumerate(counts_E.tolist()):
+            if n:
+                h = F.relu(fp8_mm(x_AD[start : start + n], w_up[e].t())).square()
+                ys.append(fp8_mm(h, w_down[e].t()))
+            start += n
+        return _Combine.apply(torch.cat(ys), gate_A, rank_A, order_A, none, K)
+
+    def _loop(self, x_ND, experts_NK, weights_NK, w_up, w_down):
+        """Reference: per expert, its assignments in token order, the first C kept (cap > 0)."""
+        cfg = self.cfg
+        C = capacity(cfg.cap, x_ND.shape[0], cfg.top_k, cfg.n_experts) if cfg.cap > 0 else None
+        out_ND = torch.zeros_like(x_ND)
+        dropped = 0
+        for e in range(cfg.n_experts):
+            rows, slots = (experts_NK == e).nonzero(as_tuple=True)  # row-major = token order
+            if C is not None and len(rows) > C:
+                dropped += len(rows) - C
+                rows, slots = rows[:C], slots[:C]
+            if len(rows) == 0:
+                continue
+            if cfg.fp8:
+                from engine.fp8 import fp8_mm
+
+                y = fp8_mm(F.relu(fp8_mm(x_ND[rows], w_up[e].t())).square(), w_down[e].t())
+            else:
+                y = F.relu(x_ND[rows] @ w_up[e]).square() @ w_down[e]
+            out_ND = out_ND.index_add(0, rows, y * weights_NK[rows, slots, None])
+        return out_ND, torch.tensor(float(dropped), device=x_ND.device)
