@@ -1,0 +1,189 @@
+"""`moectl init`, `moectl status`, `moectl check`: parse -> call the library -> render.
+
+The library modules (config, probes, guards, plan) are imported inside the commands so that
+`moectl --help` stays fast; none of them imports torch.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from moectl.cli.common import app, handle_errors, print_json, stdout
+from moectl.cli.options import (
+    CapOpt, CompileOpt, ConfigOpt, DeviceOpt, DispatchOpt, ExpDirOpt, ExtraArgs, Fp8Opt, JsonOpt,
+    NprocOpt, OverrideOpt, PresetOpt, StepsOpt, TagOpt, WaitGpusOpt, request_kwargs,
+)
+from moectl.errors import EXIT_GUARD
+
+
+@app.command()
+@handle_errors
+def init(
+    directory: Annotated[Path, typer.Argument(help="Where to write .moectl.toml.")] = Path("."),
+) -> None:
+    """Write a commented [bold].moectl.toml[/bold] (every default, explained). Refuses to overwrite.
+
+    Example:  [bold]moectl init[/bold]   then edit project.branch and paths.artifact_root.
+    """
+    from moectl.config import write_template
+
+    path = write_template(directory)
+    stdout.print(f"wrote {path}", markup=False)
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def _render_status(s: dict) -> None:
+    out = lambda text: stdout.print(text, markup=False)  # noqa: E731  user data is never markup
+    if s["config"]:
+        out(f"config      {s['config']}")
+    else:
+        out(f"config      {s['config_error'] or 'none'}")
+    out(f"artifacts   {s['artifact_root']}")
+    if s["gpus"] is None:
+        out(f"GPUs        NVML unavailable: {s['nvml_error']}")
+    elif not s["gpus"]:
+        out("GPUs        none visible")
+    else:
+        out(f"GPUs        {len(s['gpus'])} (driver {s.get('driver') or '?'})")
+        for g in s["gpus"]:
+            if g.get("error"):
+                out(f"  [{g['index']}] {g['name']}  error: {g['error']}")
+                continue
+            procs = ", ".join(f"{p['pid']} {p['name']}".strip() for p in g["processes"]) or "no processes"
+            out(f"  [{g['index']}] {g['name']}  util {g['util_pct']:g}%  "
+                f"mem {g['mem_used_mib']:.0f}/{g['mem_total_mib']:.0f} MiB  {procs}")
+    procs = s["training_processes"]
+    out(f"training    {len(procs) or 'none'}")
+    for p in procs:
+        out(f"  pid {p['pid']}  {_age(p['age_s'])}  {p['run_dir'] or '-'}  {p['cmdline'][:120]}")
+    lock = s["lock"]
+    if lock is None:
+        out("lock        free")
+    else:
+        state = f"STALE ({lock['reason']})" if lock["stale"] else "held"
+        out(f"lock        {state}: pid {lock['pid']} on {lock['host']}, run {lock['run_id']}, since {lock['started_at']}")
+    g = s["git"]
+    if g["error"]:
+        out(f"git         {g['error']}")
+    else:
+        branch = g["branch"] or f"detached at {(g['head'] or '?')[:10]}"
+        want = g["expected_branch"]
+        verdict = "" if want is None else (" (expected)" if want in ("*", g["branch"]) else f" (EXPECTED {want})")
+        busy = f", {g['in_progress']} in progress" if g["in_progress"] else ""
+        out(f"git         {branch}{verdict}{busy}: {g['dirty']} modified, {g['staged']} staged, {g['untracked']} untracked")
+    v = s["venv"]
+    torch = {True: "torch ok", False: "NO torch", None: "torch unknown"}[v["has_torch"]]
+    where = "" if v["in_venv"] else " (not a venv)"
+    out(f"venv        {v['python']}{where}: {'exists' if v['exists'] else 'MISSING'}, {torch}")
+    runs = s["recent_runs"]
+    if runs is None:
+        out("recent runs: unavailable")
+    else:
+        out(f"recent runs {len(runs) or 'none'}")
+        for r in runs:
+            tps = (r.get("summary") or {}).get("tok_per_sec")
+            out(f"  {r['id']}  {r['status']}" + (f"  {tps:,.0f} tok/s" if tps else ""))
+
+
+@app.command()
+@handle_errors
+def status(json_out: JsonOpt = False, config: ConfigOpt = None) -> None:
+    """Show GPUs (NVML), training processes, the run lock, git state, the venv and recent runs.
+
+    Always exits 0: a missing config or NVML is part of the status, not an error.
+
+    Example:  [bold]moectl status --json[/bold]
+    """
+    from moectl.probes import collect_status
+
+    s = collect_status(config)
+    if json_out:
+        print_json(s)
+    else:
+        _render_status(s)
+
+
+def _render_check(plan, results, ok: bool) -> None:
+    from rich.table import Table
+
+    from moectl.plan import command_text
+
+    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    table.add_column("guard")
+    table.add_column("result")
+    table.add_column("message", overflow="fold")
+    for r in results:
+        if r.overridden:
+            verdict = "[yellow]overridden[/yellow]"
+        elif r.skipped:
+            verdict = "[dim]skipped[/dim]"
+        else:
+            verdict = "[green]ok[/green]" if r.ok else "[red]FAIL[/red]"
+        table.add_row(r.name, verdict, r.message.replace("[", "\\["))
+    stdout.print(table)
+    stdout.print(f"run {plan.run_id} -> {plan.exp_dir}", markup=False)
+    stdout.print(f"command: {command_text(plan)}", markup=False)
+    stdout.print("all guards pass" if ok else "refused: fix the FAIL lines above", markup=False)
+
+
+@app.command()
+@handle_errors
+def check(
+    cap: CapOpt = None,
+    tag: TagOpt = None,
+    compile: CompileOpt = None,
+    fp8: Fp8Opt = None,
+    dispatch: DispatchOpt = None,
+    steps: StepsOpt = None,
+    preset: PresetOpt = None,
+    device: DeviceOpt = None,
+    nproc: NprocOpt = None,
+    exp_dir: ExpDirOpt = None,
+    wait_gpus: WaitGpusOpt = None,
+    override: OverrideOpt = None,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+    extra: ExtraArgs = None,
+) -> None:
+    """Evaluate every guard for a run with these options; launch nothing, write nothing.
+
+    Exit 0 when every guard passes (an overridden one counts as passing), 3 otherwise.
+
+    Example:  [bold]moectl check --cap 1.0 --compile static --device cpu -- --seed 1[/bold]
+    """
+    from moectl.config import load_config
+    from moectl.guards import check_request, passed
+    from moectl.plan import command_text, make_request
+
+    request = make_request(**request_kwargs(
+        cap=cap, tag=tag, compile=compile, fp8=fp8, dispatch=dispatch, steps=steps, preset=preset,
+        device=device, nproc=nproc, exp_dir=exp_dir, wait_gpus=wait_gpus, override=override, extra=extra,
+    ))
+    cfg = load_config(config)
+    plan, _obs, results = check_request(cfg, request)
+    ok = passed(results)
+    if json_out:
+        print_json({
+            "ok": ok,
+            "guards": [
+                {"name": r.name, "ok": r.ok, "message": r.message, "overridable": r.overridable,
+                 "overridden": r.overridden, "skipped": r.skipped}
+                for r in results
+            ],
+            "run_id": plan.run_id,
+            "exp_dir": plan.exp_dir,
+            "command": command_text(plan),
+        })
+    else:
+        _render_check(plan, results, ok)
+    if not ok:
+        raise typer.Exit(EXIT_GUARD)

@@ -1,0 +1,41 @@
+"""The run options, defined once: `moectl check` uses them now, `moectl run` and `sweep` reuse them.
+
+    @app.command()
+    def check(cap: CapOpt = None, tag: TagOpt = None, ..., extra: ExtraArgs = None): ...
+        request = make_request(cap=cap, tag=tag, ...)      # moectl.plan.make_request validates
+
+Values are validated by `moectl.plan.RunRequest` (one line per bad option, exit 2), not by click,
+so every surface (CLI, sweep specs) reports bad values the same way.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+CapOpt = Annotated[Optional[float], typer.Option("--cap", help="Capacity factor (0 = dropless).", show_default=False)]
+TagOpt = Annotated[Optional[str], typer.Option("--tag", help="Run tag (default: derived from the options, e.g. tiny_cap1p0_static).", show_default=False)]
+CompileOpt = Annotated[Optional[str], typer.Option("--compile", help="static | dynamic | none.", show_default=False)]
+Fp8Opt = Annotated[Optional[bool], typer.Option("--fp8/--no-fp8", help="float8 expert GEMMs.", show_default=False)]
+DispatchOpt = Annotated[Optional[str], typer.Option("--dispatch", help="auto | padded | grouped | loop.", show_default=False)]
+StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps.", show_default=False)]
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Engine preset, e.g. tiny or d12-moe.", show_default=False)]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cuda | cpu (auto = cuda when NVML sees GPUs).", show_default=False)]
+NprocOpt = Annotated[Optional[int], typer.Option("--nproc", help="Processes per node (default: launch.nproc_per_node).", show_default=False)]
+ExpDirOpt = Annotated[Optional[str], typer.Option("--exp-dir", help="Explicit experiment directory: must be new and inside artifact_root.", show_default=False)]
+WaitGpusOpt = Annotated[Optional[str], typer.Option("--wait-gpus", help="Poll the GPU/training guards up to this long, e.g. 30m, 90s, 2h.", show_default=False)]
+OverrideOpt = Annotated[Optional[list[str]], typer.Option("--override", help="Skip a guard knowingly (gpus_idle, no_other_training); repeatable, recorded.", show_default=False)]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Path to .moectl.toml (default: nearest one above the cwd).", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output (stable keys).")]
+ExtraArgs = Annotated[Optional[list[str]], typer.Argument(help="Extra engine arguments, after `--`.", metavar="[-- ENGINE_ARGS]", show_default=False)]
+
+
+def request_kwargs(*, cap, tag, compile, fp8, dispatch, steps, preset, device, nproc, exp_dir,
+                   wait_gpus, override, extra, no_commit: bool = False, notes=None) -> dict:
+    """The CLI values as `moectl.plan.make_request(**kwargs)` keywords."""
+    return dict(
+        cap=cap, tag=tag, compile=compile, fp8=fp8, dispatch=dispatch, steps=steps, preset=preset,
+        device=device, nproc=nproc, exp_dir=exp_dir, wait_gpus=wait_gpus, overrides=list(override or []),
+        extra_args=list(extra or []), no_commit=no_commit, notes=notes,
+    )

@@ -1,0 +1,292 @@
+"""`.moectl.toml`: the pydantic model (SPEC §3), discovery, and one-line-per-field errors.
+
+    cfg = load_config()                 # walk up from cwd; UsageError if none / invalid
+    cfg = load_config(Path("x.toml"))   # --config PATH
+    cfg.project.name, cfg.artifact_root, cfg.python
+
+The repository root is the directory holding the config file. Paths are resolved once, here:
+`~` is expanded and relative paths are taken relative to the config file. The environment
+variable MOECTL_ARTIFACT_ROOT overrides `paths.artifact_root` (a relocatable state directory for
+tests and CI, so they never touch the real one).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from moectl.errors import UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+CONFIG_NAME = ".moectl.toml"
+ARTIFACT_ROOT_ENV = "MOECTL_ARTIFACT_ROOT"
+DEFAULT_ARTIFACT_ROOT = "~/.cache/moectl/tmp_exp"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ProjectSection(_Strict):
+    name: str = Field("moe", min_length=1)
+    branch: str = Field("main", min_length=1)  # "*" disables the branch check
+    venv: str = ".venv"  # "" = the interpreter running moectl
+
+
+class PathsSection(_Strict):
+    artifact_root: str = Field(DEFAULT_ARTIFACT_ROOT, min_length=1)
+    report_dir: str = Field("reports", min_length=1)
+    read_only: list[str] = Field(default_factory=list)
+    min_free_gib: float = Field(1.0, ge=0)  # the disk guard's threshold
+
+
+class GpuSection(_Strict):
+    max_util_pct: float = Field(5, ge=0, le=100)
+    max_mem_mib: float = Field(1024, ge=0)
+    require_no_processes: bool = True
+    devices: Union[Literal["all"], list[int]] = "all"
+
+    @field_validator("devices")
+    @classmethod
+    def _indices(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("an empty device list selects nothing; use \"all\" or indices")
+            if any(i < 0 for i in v) or len(set(v)) != len(v):
+                raise ValueError("device indices must be distinct and >= 0")
+        return v
+
+
+class LaunchSection(_Strict):
+    module: str = Field("engine.train", pattern=r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
+    nproc_per_node: Union[Literal["auto"], int] = "auto"
+    env: dict[str, str] = Field(default_factory=lambda: {"OMP_NUM_THREADS": "1"})
+    compile_fallback: bool = True
+
+    @field_validator("nproc_per_node")
+    @classmethod
+    def _positive(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be \"auto\" or an integer >= 1")
+        return v
+
+
+class MetricsSection(_Strict):
+    window: int = Field(50, ge=1)
+
+
+class ReportSection(_Strict):
+    summary: bool = True  # run/sweep refresh EXPERIMENTS.md
+
+
+class DefaultsSection(BaseModel):
+    """Engine options applied to every run. Free-form (any engine option may appear, passed as
+    `--key value`), but the options moectl itself understands are type-checked here."""
+
+    model_config = ConfigDict(extra="allow")
+
+    preset: Optional[str] = None
+    cap: Optional[float] = Field(None, ge=0)
+    steps: Optional[int] = Field(None, gt=0)
+    compile: Optional[Literal["static", "dynamic", "none"]] = None
+    fp8: Optional[bool] = None
+    dispatch: Optional[Literal["auto", "padded", "grouped", "loop"]] = None
+    device: Optional[Literal["auto", "cuda", "cpu"]] = None
+    dense: Optional[bool] = None
+    depth: Optional[int] = Field(None, gt=0)
+    n_experts: Optional[int] = Field(None, gt=0)
+    top_k: Optional[int] = Field(None, gt=0)
+    moe_freq: Optional[int] = Field(None, gt=0)
+    seq_len: Optional[int] = Field(None, gt=0)
+    device_batch_size: Optional[int] = Field(None, gt=0)
+    total_batch_size: Optional[int] = Field(None, gt=0)
+    balance_coeff: Optional[float] = Field(None, ge=0)
+    seed: Optional[int] = None
+    dtype: Optional[Literal["bf16", "fp32"]] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _underscores(cls, data):
+        # TOML may spell engine options as on the command line (n-experts); validate one spelling.
+        if isinstance(data, dict):
+            return {str(k).replace("-", "_"): v for k, v in data.items()}
+        return data
+
+    def options(self) -> dict[str, Any]:
+        """The options that are set (keys with underscores)."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class MoectlFile(_Strict):
+    project: ProjectSection = Field(default_factory=ProjectSection)
+    paths: PathsSection = Field(default_factory=PathsSection)
+    gpu: GpuSection = Field(default_factory=GpuSection)
+    launch: LaunchSection = Field(default_factory=LaunchSection)
+    metrics: MetricsSection = Field(default_factory=MetricsSection)
+    report: ReportSection = Field(default_factory=ReportSection)
+    defaults: DefaultsSection = Field(default_factory=DefaultsSection)
+
+
+@dataclass
+class Config:
+    """A validated config plus the paths it implies, resolved against the config file."""
+
+    file: MoectlFile
+    path: Optional[Path]  # the .moectl.toml it came from; None = built-in defaults (no file)
+    root: Path  # repository root = the config file's directory
+    artifact_root: Path
+    report_dir: Path
+    read_only: list[Path] = field(default_factory=list)
+    python: Path = field(default_factory=lambda: Path(sys.executable))
+
+    # Section shortcuts: cfg.project.name rather than cfg.file.project.name.
+    project = property(lambda self: self.file.project)
+    paths = property(lambda self: self.file.paths)
+    gpu = property(lambda self: self.file.gpu)
+    launch = property(lambda self: self.file.launch)
+    metrics = property(lambda self: self.file.metrics)
+    report = property(lambda self: self.file.report)
+    defaults = property(lambda self: self.file.defaults)
+
+
+def find_config(start: Optional[Path] = None) -> Optional[Path]:
+    """The nearest `.moectl.toml` in `start` (default cwd) or any parent, or None."""
+    here = Path(start or Path.cwd()).absolute()
+    for d in (here, *here.parents):
+        candidate = d / CONFIG_NAME
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _resolve(base: Path, p: str) -> Path:
+    """`~` expanded, relative to `base`, symlinks and `..` resolved (the path need not exist)."""
+    q = Path(os.path.expanduser(p))
+    return (q if q.is_absolute() else base / q).resolve()
+
+
+def from_file_model(file: MoectlFile, path: Optional[Path], root: Path) -> Config:
+    root = root.absolute()
+    env_root = os.environ.get(ARTIFACT_ROOT_ENV)
+    artifact_root = _resolve(Path.cwd(), env_root) if env_root else _resolve(root, file.paths.artifact_root)
+    if file.project.venv == "":
+        python = Path(sys.executable)
+    else:
+        # Not resolved: a venv's python is a symlink out of the venv, and "inside the venv" is
+        # exactly what the venv guard checks.
+        venv = Path(os.path.expanduser(file.project.venv))
+        python = Path(os.path.abspath(venv if venv.is_absolute() else root / venv)) / "bin" / "python"
+    return Config(
+        file=file,
+        path=path,
+        root=root,
+        artifact_root=artifact_root,
+        report_dir=_resolve(root, file.paths.report_dir),
+        read_only=[_resolve(root, p) for p in file.paths.read_only],
+        python=python,
+    )
+
+
+def _field_lines(name: str, exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"{name}: {loc}: {msg}")
+    return lines
+
+
+def parse_config_text(text: str, name: str = CONFIG_NAME) -> MoectlFile:
+    """Validate TOML text; UsageError with one line per bad field (or the TOML line number)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{name}: malformed TOML: {exc}") from None
+    try:
+        return MoectlFile.model_validate(data)
+    except ValidationError as exc:
+        lines = _field_lines(name, exc)
+        raise UsageError(f"invalid config {name} ({len(lines)} problem(s))", lines=lines) from None
+
+
+def load_config(path: Optional[Path] = None, cwd: Optional[Path] = None) -> Config:
+    """Load `path` (--config) or the nearest `.moectl.toml` above `cwd`."""
+    if path is None:
+        path = find_config(cwd)
+        if path is None:
+            where = Path(cwd or Path.cwd()).absolute()
+            raise UsageError(f"no {CONFIG_NAME} found in {where} or any parent; run `moectl init` to create one")
+    path = Path(os.path.expanduser(str(path))).absolute()
+    if not path.is_file():
+        raise UsageError(f"config file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from None
+    return from_file_model(parse_config_text(text, path.name), path, path.parent)
+
+
+def default_config(root: Optional[Path] = None) -> Config:
+    """The built-in defaults rooted at `root` (cwd): what `status` shows when no config exists."""
+    return from_file_model(MoectlFile(), None, Path(root or Path.cwd()))
+
+
+TEMPLATE = """\
+# moectl configuration (SPEC §3). Every value below is the default; edit what you need.
+# Unknown keys are errors, so a typo never silently does nothing.
+
+[project]
+name = "moe"                 # prefix of experiment directory names: <YYYYmmdd_HHMMSS>_<name>-<tag>
+branch = "main"              # run/sweep refuse on any other branch; "*" disables the check
+venv = ".venv"               # environment whose python runs torchrun; "" = the current interpreter
+
+[paths]
+artifact_root = "~/.cache/moectl/tmp_exp"   # the ONLY place runs write; created if missing
+                                            # (env MOECTL_ARTIFACT_ROOT overrides it)
+report_dir = "reports"                      # inside the repo; the only files moectl commits
+read_only = []                              # trees nothing may be written into
+min_free_gib = 1.0                          # the disk guard: free space needed under artifact_root
+
+[gpu]
+max_util_pct = 5             # a GPU busier than this is not idle
+max_mem_mib = 1024           # ... or with more memory in use than this
+require_no_processes = true  # ... or with any compute process on it
+devices = "all"              # or a list of indices, e.g. [0, 1] (sets CUDA_VISIBLE_DEVICES)
+
+[launch]
+module = "engine.train"      # run as: python -m torch.distributed.run ... -m <module>
+nproc_per_node = "auto"      # auto = number of selected GPUs (cuda) or 1 (cpu)
+env = { OMP_NUM_THREADS = "1" }
+compile_fallback = true      # a compile failure re-runs the leg with --compile none
+
+[metrics]
+window = 50                  # the tail window of every summary
+
+[report]
+summary = true               # run/sweep refresh EXPERIMENTS.md
+
+[defaults]                   # engine options for every run unless given on the command line
+# preset = "tiny"
+# cap = 1.0
+# compile = "static"
+"""
+
+
+def write_template(directory: Path) -> Path:
+    """`moectl init`: write the commented template; refuse (exit 2) if a config already exists."""
+    target = Path(directory) / CONFIG_NAME
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        raise UsageError(f"{target} already exists; not overwriting it") from None
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(TEMPLATE)
+    return target

@@ -1,0 +1,199 @@
+"""The eight guards of SPEC §5: pure functions (config, plan, observed) -> GuardResult.
+
+All are evaluated and all are reported, so a person sees every problem at once, each with a
+message that says what to do. Only `gpus_idle` and `no_other_training` can be overridden
+(`--override NAME`); an overridden guard stays ok=False with overridden=True and counts as a pass.
+`check_request()` at the bottom is the one impure helper: probe, plan, evaluate.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Optional
+
+from moectl.config import Config
+from moectl.plan import OVERRIDABLE, RunPlan, RunRequest, plan_run
+from moectl.probes import Observed
+from moectl.records import GuardResult
+
+
+def _ok(name: str, message: str, **kw) -> GuardResult:
+    return GuardResult(name=name, ok=True, message=message, overridable=name in OVERRIDABLE, **kw)
+
+
+def _fail(name: str, message: str) -> GuardResult:
+    return GuardResult(name=name, ok=False, message=message, overridable=name in OVERRIDABLE)
+
+
+def _inside(path: str, root: str) -> bool:
+    return Path(path).is_relative_to(root)
+
+
+def guard_config(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
+    if cfg.path is None:
+        return _fail("config", "no .moectl.toml: run `moectl init` and commit it")
+    return _ok("config", f"{cfg.path} is valid")
+
+
+def guard_git(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
+    g, want = obs.git, cfg.project.branch
+    if not g.is_repo or g.error:
+        return _fail("git", g.error or f"{cfg.root} is not a git repository")
+    if g.detached:
+        return _fail("git", f"HEAD is detached at {(g.head or '?')[:10]}; `git switch {want if want != '*' else '<branch>'}` first")
+    if g.in_progress:
+        return _fail("git", f"a {g.in_progress} is in progress; finish it or `git {g.in_progress} --abort`")
+    if want != "*" and g.branch != want:
+        return _fail("git", f"on branch {g.branch!r}, expected {want!r} (project.branch); `git switch {want}`")
+    counts = f"{g.modified} modified, {g.staged} staged, {g.untracked} untracked (left untouched)"
+    return _ok("git", f"on {g.branch} @ {(g.head or 'no commits')[:10]}; {counts}")
+
+
+def guard_venv(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
+    v = obs.venv
+    if v is None:
+        return _fail("venv", "the interpreter was not probed")
+    if not v.exists:
+        return _fail("venv", f"{v.python} not found; create the venv (`bash scripts/dev.sh setup`) or set project.venv")
+    if not v.in_venv:
+        return _fail("venv", f"{v.python} is not inside a virtual environment (no pyvenv.cfg next to its bin/); fix project.venv")
+    if v.has_torch is None:
+        return _fail("venv", v.error or f"could not ask {v.python} whether it has torch")
+    if not v.has_torch:
+        return _fail("venv", f"torch is not installed for {v.python}; `{v.python} -m pip install torch`")
+    return _ok("venv", f"{v.python} has torch")
+
+
+def guard_paths(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
+    """Resolved write paths inside artifact_root, none in a read-only tree (unless that tree holds
+    the artifact root and the path is inside the root), report_dir inside the repo. Never overridable."""
+    p = obs.paths
+    if p is None:
+        return _fail("paths", "planned paths were not observed")
+    root = p.artifact_root
+    problems = []
+    for given, real in p.writes.items():
+        if not _inside(real, root):
+            shown = given if given == real else f"{given} (resolves to {real})"
+            problems.append(f"{shown} is outside artifact_root {root}")
+            continue
+        for ro in p.read_only:
+            if _inside(real, ro) and not _inside(root, ro):
+                problems.append(f"{real} is inside read-only tree {ro}")
+    repo = str(cfg.root.resolve())
+    if not _inside(p.report_dir, repo):
+        problems.append(f"report_dir {p.report_dir} is outside the repository {repo}")
+    for ro in p.read_only:
+        if _inside(p.report_dir, ro):
+            problems.append(f"report_dir {p.report_dir} is inside read-only tree {ro}")
+    if problems:
+        return _fail("paths", "; ".join(dict.fromkeys(problems)) + " — choose an --exp-dir inside artifact_root or fix [paths]")
+    return _ok("paths", f"all {len(p.writes)} write paths inside {root}")
+
+
+def guard_fresh_dir(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
+    if obs.paths is None:
+        return _fail("fresh_dir", "planned paths were not observed")
+    if obs.paths.exp_dir_exists:
+        return _fail("fresh_dir", f"{plan.exp_dir} already exists; runs never reuse a directory: pick another --exp-dir or --tag")
+    return _ok("fresh_dir", f"{plan.exp_dir} is new")
+
+
+def _gpu_problems(cfg: Config, obs: Observed) -> list[str]:
+    g = cfg.gpu
+    gpus = obs.nvml.gpus or []
+    problems = []
+    if isinstance(g.devices, list):
+        missing = sorted(set(g.devices) - {x.index for x in gpus})
+        if missing:
+            problems.append(f"GPU(s) {missing} from gpu.devices not found")
+    for x in gpus:
+        if x.error:
+            problems.append(f"GPU {x.index}: NVML error: {x.error}")
+            continue
+        if x.util_pct is not None and x.util_pct > g.max_util_pct:
+            problems.append(f"GPU {x.index}: util {x.util_pct:g}% > {g.max_util_pct:g}%")
+        if x.mem_used_mib is not None and x.mem_used_mib > g.max_mem_mib:
+            problems.append(f"GPU {x.index}: {x.mem_used_mib:.0f} MiB used > {g.max_mem_mib:g} MiB")
+        if g.require_no_processes and x.processes:
+            procs = ", ".join(f"pid {p.pid} {p.name}".strip() for p in x.processes)
+            problems.append(f"GPU {x.index}: {len(x.processes)} compute process(es): {procs}")
+    return problems
+
+
+def guard_gpus_idle(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
+    if plan.device == "cpu":
+        return _ok("gpus_idle", "cpu run: GPU idleness not checked", skipped=True)
+    if obs.nvml.gpus is None:
+        return _fail("gpus_idle", f"NVML unavailable ({obs.nvml.error}): cannot verify the GPUs are idle; use --device cpu or fix the driver")
+    if not obs.nvml.gpus:
+        return _fail("gpus_idle", "no GPUs visible to NVML for a cuda run; use --device cpu")
+    problems = _gpu_problems(cfg, obs)
+    if problems:
+        return _fail("gpus_idle", "; ".join(problems) + " — wait (--wait-gpus 30m) or --override gpus_idle")
+    return _ok("gpus_idle", f"{len(obs.nvml.gpus)} GPU(s) idle")
+
+
+def guard_no_other_training(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
+    problems = [
+        f"pid {p.pid} ({p.age_s / 60:.1f} min old" + (f", run dir {p.run_dir})" if p.run_dir else ")")
+        for p in obs.processes
+    ]
+    lock = obs.lock
+    note = ""
+    if lock and not lock.get("stale"):
+        problems.append(f"moectl pid {lock.get('pid')} on {lock.get('host')} holds the run lock for {lock.get('run_id')}")
+    elif lock:
+        note = f"; stale lock of pid {lock.get('pid')} will be taken over"
+    if problems:
+        return _fail("no_other_training", "training already running: " + "; ".join(problems) + " — wait for it or --override no_other_training")
+    return _ok("no_other_training", "no other training process or run lock" + note)
+
+
+def guard_disk(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
+    d, need = obs.disk, cfg.paths.min_free_gib
+    if d is None or d.free_gib is None:
+        return _fail("disk", f"cannot measure free space under {cfg.artifact_root}: {d.error if d else 'not probed'}")
+    if d.free_gib < need:
+        return _fail("disk", f"{d.free_gib:.2f} GiB free under {d.path} < {need:g} GiB (paths.min_free_gib); free some space")
+    return _ok("disk", f"{d.free_gib:.1f} GiB free under {d.path}")
+
+
+GUARDS: list[Callable[[Config, RunPlan, Observed], GuardResult]] = [
+    guard_config,
+    guard_git,
+    guard_venv,
+    guard_paths,
+    guard_fresh_dir,
+    guard_gpus_idle,
+    guard_no_other_training,
+    guard_disk,
+]
+
+
+def evaluate(cfg: Config, plan: RunPlan, obs: Observed, overrides: list[str] = ()) -> list[GuardResult]:
+    """Every guard, in SPEC order; failed overridable guards named in `overrides` are marked."""
+    results = [g(cfg, plan, obs) for g in GUARDS]
+    for r in results:
+        if not r.ok and r.overridable and r.name in overrides:
+            r.overridden = True
+    return results
+
+
+def passed(results: list[GuardResult]) -> bool:
+    return all(r.ok or r.overridden for r in results)
+
+
+def refusals(results: list[GuardResult]) -> list[str]:
+    return [f"{r.name}: {r.message}" for r in results if not (r.ok or r.overridden)]
+
+
+def check_request(cfg: Config, request: RunRequest, now: Optional[datetime] = None):
+    """Probe, plan and evaluate (what `check`, `run` and each sweep leg do before launching).
+    Returns (plan, observed, results)."""
+    from moectl.probes import observe, read_nvml
+
+    nvml = read_nvml(cfg.gpu.devices)
+    plan = plan_run(cfg, request, now or datetime.now(), len(nvml.gpus) if nvml.gpus is not None else None)
+    obs = observe(cfg, plan, nvml=nvml)
+    return plan, obs, evaluate(cfg, plan, obs, request.overrides)

@@ -1,0 +1,194 @@
+"""One run at a time per artifact root: `<artifact_root>/.moectl.lock`.
+
+    with acquire(root, run_id, cmd="moectl run ..."):
+        ...                                  # released on every exit path
+    holder = read_holder(root)               # None, or who holds it (and whether it is stale)
+
+The lock file holds JSON {pid, host, run_id, started_at, cmd} (plus `started_ts` and a `token`).
+It is created atomically with its full content (written to a temp file, then hard-linked into
+place: `link` fails if the name exists, like O_CREAT|O_EXCL, but a reader never sees it empty).
+A lock whose owner died (same host, pid gone, or the pid now belongs to a process started after
+the lock was taken) is stale and is taken over, so a SIGKILLed moectl never blocks the next run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import psutil
+
+from moectl.errors import GuardRefused
+
+LOCK_NAME = ".moectl.lock"
+
+
+@dataclass
+class LockHolder:
+    pid: Optional[int]
+    host: Optional[str]
+    run_id: Optional[str]
+    started_at: Optional[str]
+    cmd: Optional[str]
+    stale: bool
+    path: str
+    reason: str = ""  # why it is (or is not) considered stale
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        who = f"pid {self.pid} on {self.host}"
+        what = f"run {self.run_id}" if self.run_id else "a run"
+        return f"{who} holds the run lock for {what} since {self.started_at}" + (
+            f" (stale: {self.reason})" if self.stale else ""
+        )
+
+
+def lock_path(root: Path) -> Path:
+    return Path(root) / LOCK_NAME
+
+
+def _pid_stale(pid: int, started_ts: Optional[float]) -> tuple[bool, str]:
+    """Is `pid` (recorded on this host) gone, or reused by a newer process?"""
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return True, f"pid {pid} has exited (zombie)"
+        created = proc.create_time()
+    except psutil.NoSuchProcess:
+        return True, f"pid {pid} is not running"
+    except psutil.AccessDenied:
+        return False, f"pid {pid} is alive (not ours to inspect)"
+    # A process created after the lock was taken cannot be its owner: the pid was reused.
+    if started_ts is not None and created > started_ts + 1.0:
+        return True, f"pid {pid} now belongs to a process started after the lock"
+    return False, f"pid {pid} is alive"
+
+
+def _holder_from_text(text: str, path: Path) -> LockHolder:
+    try:
+        d = json.loads(text)
+        if not isinstance(d, dict):
+            raise ValueError("not an object")
+    except ValueError:
+        # We never write a partial lock (see module docstring), so garbage is an abandoned file.
+        return LockHolder(None, None, None, None, None, True, str(path), "unreadable lock file")
+    pid, host = d.get("pid"), d.get("host")
+    if host == socket.gethostname() and isinstance(pid, int):
+        stale, reason = _pid_stale(pid, d.get("started_ts"))
+    else:
+        stale, reason = False, f"held from another host ({host}); cannot check its pid"
+    return LockHolder(pid, host, d.get("run_id"), d.get("started_at"), d.get("cmd"), stale, str(path), reason)
+
+
+def read_holder(root: Path) -> Optional[LockHolder]:
+    path = lock_path(root)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    return _holder_from_text(text, path)
+
+
+class Lock:
+    """A held run lock. `release()` removes the file only if it is still ours (token match)."""
+
+    def __init__(self, path: Path, info: dict):
+        self.path = path
+        self.info = info
+        self.released = False
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        try:
+            d = json.loads(self.path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, ValueError):
+            return
+        if isinstance(d, dict) and d.get("token") == self.info["token"]:
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> "Lock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _publish(path: Path, text: str) -> bool:
+    """Create `path` with `text` atomically; False if it already exists."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:
+        # A filesystem without hard links: fall back to O_EXCL (a reader may briefly see it empty).
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _take_over(path: Path, seen: LockHolder) -> None:
+    """Move a stale lock aside (rename is atomic: of two contenders, one gets the file). If what we
+    moved is not the stale lock we judged (someone replaced it meanwhile), put it back."""
+    aside = path.with_name(f"{path.name}.stale.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return  # someone else removed it; just retry the create
+    now = _holder_from_text(aside.read_text(encoding="utf-8"), path)
+    if (now.pid, now.started_at, now.run_id) != (seen.pid, seen.started_at, seen.run_id) or not now.stale:
+        try:
+            os.link(aside, path)  # restore the live lock we moved by mistake
+        except FileExistsError:
+            pass
+    aside.unlink(missing_ok=True)
+
+
+def acquire(root: Path, run_id: str, cmd: str = "") -> Lock:
+    """Take the run lock of `root` (created if missing), taking over a stale one.
+    A live holder → GuardRefused (exit 3) naming it."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    path = lock_path(root)
+    now = time.time()
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "run_id": run_id,
+        "started_at": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),
+        "cmd": cmd,
+        "started_ts": now,
+        "token": uuid.uuid4().hex,
+    }
+    text = json.dumps(info, indent=2) + "\n"
+    for _ in range(5):
+        if _publish(path, text):
+            return Lock(path, info)
+        holder = read_holder(root)
+        if holder is None:
+            continue  # released between our attempt and the read
+        if not holder.stale:
+            raise GuardRefused(f"another moectl run is active: {holder.describe()}")
+        _take_over(path, holder)
+    raise GuardRefused(f"could not take the run lock {path} (contended); try again")

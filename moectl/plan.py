@@ -1,0 +1,244 @@
+"""What a run will do, decided before anything happens (pure: no I/O, no clock, no probes).
+
+    request = RunRequest(cap=1.0, compile="static", device="cpu")
+    plan = plan_run(cfg, request, now=datetime.now(), gpus_available=None)
+    plan.argv            # [python, -m, torch.distributed.run, --standalone, --nproc-per-node, 1,
+                         #  -m, engine.train, --preset, tiny, --cap, 1.0, ..., --out-dir, <exp_dir>, ...]
+    command_text(plan)   # the same, as one copy-pasteable shell line
+
+Engine options: config `[defaults]` < explicit flags. The guards judge the plan; launch runs it.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from moectl.config import Config
+from moectl.errors import UsageError
+
+# Only these guards may be skipped knowingly (SPEC §5); the path guard never.
+OVERRIDABLE = ("gpus_idle", "no_other_training")
+GUARD_NAMES = ("config", "git", "venv", "paths", "fresh_dir", "gpus_idle", "no_other_training", "disk")
+
+RUN_FILES = ("run.json", "command.txt", "git.diff", "train.log", "metrics.jsonl")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """`30m`, `90s`, `2h`, `1.5h`, `45` (seconds) -> seconds. UsageError otherwise."""
+    m = _DURATION.match(str(text))
+    if not m:
+        raise UsageError(f"--wait-gpus: cannot read duration {text!r}; use e.g. 90s, 30m, 2h")
+    return float(m.group(1)) * _UNIT_S[m.group(2)]
+
+
+def sanitize_tag(tag: str) -> str:
+    """Keep a tag usable in a directory name: [A-Za-z0-9._-], runs of anything else -> '_'."""
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "_", tag).strip("_")
+    return clean.lstrip(".") or "run"
+
+
+def _fmt_num(x: float) -> str:
+    return repr(float(x)).replace(".", "p").replace("-", "m")
+
+
+class RunRequest(BaseModel):
+    """The options of `moectl run` / `check` (None = not given: config defaults apply)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tag: Optional[str] = None
+    cap: Optional[float] = Field(None, ge=0)
+    compile: Optional[Literal["static", "dynamic", "none"]] = None
+    fp8: Optional[bool] = None
+    dispatch: Optional[Literal["auto", "padded", "grouped", "loop"]] = None
+    steps: Optional[int] = Field(None, gt=0)
+    preset: Optional[str] = None
+    device: Optional[Literal["auto", "cuda", "cpu"]] = None
+    nproc: Optional[int] = Field(None, ge=1)
+    exp_dir: Optional[str] = None
+    no_commit: bool = False
+    wait_gpus: Optional[str] = None
+    overrides: list[str] = Field(default_factory=list)
+    extra_args: list[str] = Field(default_factory=list)
+    notes: Optional[str] = None
+
+    @field_validator("overrides")
+    @classmethod
+    def _overridable(cls, names: list[str]) -> list[str]:
+        for n in names:
+            if n not in GUARD_NAMES:
+                raise ValueError(f"unknown guard {n!r}; overridable guards: {', '.join(OVERRIDABLE)}")
+            if n not in OVERRIDABLE:
+                raise ValueError(f"guard {n!r} cannot be overridden; only {', '.join(OVERRIDABLE)}")
+        return list(dict.fromkeys(names))
+
+    @field_validator("wait_gpus")
+    @classmethod
+    def _duration(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            try:
+                parse_duration(v)
+            except UsageError as exc:
+                raise ValueError(exc.message.split(": ", 1)[1]) from None
+        return v
+
+    @property
+    def wait_gpus_s(self) -> Optional[float]:
+        return parse_duration(self.wait_gpus) if self.wait_gpus is not None else None
+
+
+def make_request(**kwargs: Any) -> RunRequest:
+    """RunRequest from CLI values; bad values -> UsageError, one line per option (`--cap: ...`)."""
+    try:
+        return RunRequest(**kwargs)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            opt = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "option"
+            opt = {"--overrides": "--override", "--extra-args": "engine args"}.get(opt, opt)
+            lines.append(f"{opt}: {err['msg'].removeprefix('Value error, ')}")
+        if len(lines) == 1:
+            raise UsageError(lines[0]) from None
+        raise UsageError("invalid options", lines) from None
+
+
+class RunPlan(BaseModel):
+    run_id: str
+    tag: str
+    created_at: str  # ISO time the id was made from
+    exp_dir: str
+    ckpt_dir: str
+    files: dict[str, str]  # run.json, command.txt, git.diff, train.log, metrics.jsonl -> path
+    options: dict[str, Any]  # engine options after merging defaults and flags
+    engine_argv: list[str]
+    python: str
+    nproc: int
+    device: Literal["cuda", "cpu"]
+    argv: list[str]  # the full command
+    env: dict[str, str]  # additions to the environment
+    selected_gpus: Optional[list[int]] = None  # None = all visible
+    overrides: list[str] = Field(default_factory=list)
+    wait_gpus_s: Optional[float] = None
+    no_commit: bool = False
+    notes: Optional[str] = None
+    window: int = 50
+
+
+def default_tag(options: dict[str, Any]) -> str:
+    """A tag that says what differs: tiny_cap1p0_static, d12-moe_cap0p0_none_fp8, ..."""
+    parts = [str(options.get("preset", "run"))]
+    if options.get("cap") is not None:
+        parts.append("cap" + _fmt_num(options["cap"]))
+    if options.get("compile"):
+        parts.append(str(options["compile"]))
+    if options.get("fp8"):
+        parts.append("fp8")
+    if options.get("dispatch") not in (None, "auto"):
+        parts.append(str(options["dispatch"]))
+    if options.get("dense"):
+        parts.append("dense")
+    return "_".join(parts)
+
+
+def _engine_flags(options: dict[str, Any]) -> list[str]:
+    argv: list[str] = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            if value:
+                argv.append(flag)  # engine flags are store_true; False = leave the default
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *(str(v) for v in value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Optional[int]) -> RunPlan:
+    """Decide ids, directories, options and the exact command. `gpus_available`: GPUs in the NVML
+    reading (None when NVML is unavailable); device `auto` means cuda only when there are some."""
+    options = cfg.defaults.options()
+    device_default = options.pop("device", None)
+    for key in ("preset", "cap", "compile", "fp8", "dispatch", "steps"):
+        value = getattr(request, key)
+        if value is not None:
+            options[key] = value
+
+    device = request.device or device_default or "auto"
+    if device == "auto":
+        device = "cuda" if gpus_available else "cpu"
+
+    devices = cfg.gpu.devices
+    selected = list(devices) if isinstance(devices, list) else None
+    if request.nproc is not None:
+        nproc = request.nproc
+    elif isinstance(cfg.launch.nproc_per_node, int):
+        nproc = cfg.launch.nproc_per_node
+    elif device == "cuda":
+        nproc = len(selected) if selected is not None else max(1, gpus_available or 0)
+    else:
+        nproc = 1
+
+    tag = sanitize_tag(request.tag) if request.tag else sanitize_tag(default_tag(options))
+    run_id = f"{now:%Y%m%d_%H%M%S}_{cfg.project.name}-{tag}"
+    if request.exp_dir:
+        # Kept as given (only made absolute, `..` and symlinks intact) so the path guard judges it.
+        given = Path(os.path.expanduser(request.exp_dir))
+        exp_dir = given if given.is_absolute() else Path.cwd() / given
+    else:
+        exp_dir = cfg.artifact_root / run_id
+    ckpt_dir = exp_dir / "ckpt_root"
+
+    engine_argv = _engine_flags(options) + ["--device", device, "--out-dir", str(exp_dir), "--ckpt-dir", str(ckpt_dir)]
+    engine_argv += list(request.extra_args)
+    python = str(cfg.python) if cfg.project.venv != "" else sys.executable
+    argv = [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            "-m", cfg.launch.module, *engine_argv]
+
+    env = dict(cfg.launch.env)
+    if selected is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in selected)
+
+    return RunPlan(
+        run_id=run_id,
+        tag=tag,
+        created_at=now.isoformat(timespec="seconds"),
+        exp_dir=str(exp_dir),
+        ckpt_dir=str(ckpt_dir),
+        files={name: str(exp_dir / name) for name in RUN_FILES},
+        options={**options, "device": device, "nproc": nproc},
+        engine_argv=engine_argv,
+        python=python,
+        nproc=nproc,
+        device=device,
+        argv=argv,
+        env=env,
+        selected_gpus=selected,
+        overrides=list(request.overrides),
+        wait_gpus_s=request.wait_gpus_s,
+        no_commit=request.no_commit,
+        notes=request.notes,
+        window=cfg.metrics.window,
+    )
+
+
+def command_text(plan: RunPlan) -> str:
+    """One copy-pasteable shell line: env additions, then the exact argv."""
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in plan.env.items())
+    cmd = " ".join(shlex.quote(a) for a in plan.argv)
+    return f"{env} {cmd}" if env else cmd
+
+
+def planned_write_paths(plan: RunPlan) -> list[str]:
+    """Every path the run writes into (the path guard checks each one)."""
+    return [plan.exp_dir, plan.ckpt_dir, *plan.files.values()]

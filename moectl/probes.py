@@ -1,0 +1,428 @@
+"""The only I/O that observes the world: git, GPUs (NVML), processes, the lock, the venv, disk, paths.
+
+Each probe returns plain data (pydantic models) and never raises for a state of the world:
+a missing NVML library, a driver that is not loaded, a failing device, a directory that is not a
+git repository are all *readings*, so `status` can show them and the guards can judge them.
+`observe()` gathers everything into one `Observed` value, which the pure guards consume.
+
+The one fake (tests, CI without GPUs): when the environment variable MOECTL_FAKE_NVML names a
+JSON file, the NVML reading comes from that file instead of the driver:
+
+    {"gpus": [{"index": 0, "name": "NVIDIA H100 80GB HBM3", "util_pct": 0, "mem_used_mib": 0,
+               "mem_total_mib": 81559, "processes": [{"pid": 123, "name": "python", "used_mib": 500}]}],
+     "driver": "580.1"}
+    {"error": "NVML Shared Library Not Found"}
+
+Nothing here imports torch: whether the venv has torch is asked of the venv's own interpreter.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+from pydantic import BaseModel, Field
+
+from moectl.config import Config
+from moectl.lock import LockHolder, read_holder
+
+if TYPE_CHECKING:
+    from moectl.plan import RunPlan
+
+FAKE_NVML_ENV = "MOECTL_FAKE_NVML"
+
+
+# ---------------------------------------------------------------------------------------------- git
+
+
+class GitState(BaseModel):
+    is_repo: bool
+    error: Optional[str] = None
+    branch: Optional[str] = None  # None when detached
+    detached: bool = False
+    head: Optional[str] = None  # None in a repo without commits
+    in_progress: Optional[str] = None  # merge | rebase | cherry-pick | revert | bisect
+    modified: int = 0  # tracked files changed in the worktree
+    staged: int = 0  # files with changes in the index
+    untracked: int = 0
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.modified or self.staged or self.untracked)
+
+
+def _git(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
+
+
+def probe_git(repo: Path) -> GitState:
+    """Branch, HEAD, operation in progress and change counts, from `git status --porcelain=v2`."""
+    try:
+        gd = _git(repo, "rev-parse", "--absolute-git-dir")
+    except FileNotFoundError:
+        return GitState(is_repo=False, error="git is not installed")
+    if gd.returncode != 0:
+        return GitState(is_repo=False, error=f"{repo} is not inside a git repository")
+    git_dir = Path(gd.stdout.strip())
+    st = _git(repo, "status", "--porcelain=v2", "--branch", "-z", "--untracked-files=all")
+    if st.returncode != 0:
+        return GitState(is_repo=True, error=st.stderr.strip() or "git status failed")
+    state = GitState(is_repo=True)
+    # -z: records are NUL-separated; a rename record ("2 ...") is followed by its original path.
+    records = iter(st.stdout.split("\0"))
+    for rec in records:
+        if rec.startswith("# branch.oid "):
+            oid = rec.split(" ", 2)[2]
+            state.head = None if oid == "(initial)" else oid
+        elif rec.startswith("# branch.head "):
+            head = rec.split(" ", 2)[2]
+            state.detached = head == "(detached)"
+            state.branch = None if state.detached else head
+        elif rec[:2] in ("1 ", "2 ", "u "):
+            xy = rec[2:4]
+            state.staged += xy[0] not in ".?"
+            state.modified += xy[1] not in ".?" or rec[0] == "u"
+            if rec[0] == "2":
+                next(records, None)
+        elif rec.startswith("? "):
+            state.untracked += 1
+    for marker, op in (
+        ("MERGE_HEAD", "merge"),
+        ("rebase-merge", "rebase"),
+        ("rebase-apply", "rebase"),
+        ("CHERRY_PICK_HEAD", "cherry-pick"),
+        ("REVERT_HEAD", "revert"),
+        ("BISECT_LOG", "bisect"),
+    ):
+        if (git_dir / marker).exists():
+            state.in_progress = op
+            break
+    return state
+
+
+# --------------------------------------------------------------------------------------------- NVML
+
+
+class GpuProcess(BaseModel):
+    pid: int
+    name: str = ""
+    used_mib: Optional[float] = None
+
+
+class GpuInfo(BaseModel):
+    index: int
+    name: str = ""
+    util_pct: Optional[float] = None
+    mem_used_mib: Optional[float] = None
+    mem_total_mib: Optional[float] = None
+    processes: list[GpuProcess] = Field(default_factory=list)
+    error: Optional[str] = None  # a per-device NVML failure
+
+
+class NvmlReading(BaseModel):
+    gpus: Optional[list[GpuInfo]] = None  # None when NVML itself is unavailable
+    error: Optional[str] = None
+    driver: Optional[str] = None
+
+
+def _select(gpus: list[GpuInfo], devices) -> list[GpuInfo]:
+    if devices == "all":
+        return gpus
+    return [g for g in gpus if g.index in set(devices)]
+
+
+def _nvml_from_fake(path: str) -> NvmlReading:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return NvmlReading.model_validate(data)
+    except (OSError, ValueError) as exc:
+        return NvmlReading(error=f"fake NVML reading {path} unreadable: {exc}")
+
+
+def _decode(s) -> str:
+    return s.decode() if isinstance(s, bytes) else str(s)
+
+
+def _nvml_from_driver() -> NvmlReading:
+    try:
+        import pynvml  # nvidia-ml-py
+    except ImportError:
+        return NvmlReading(error="pynvml (nvidia-ml-py) is not installed")
+    try:
+        pynvml.nvmlInit()
+    except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
+        return NvmlReading(error=str(exc) or type(exc).__name__)
+    try:
+        try:
+            driver = _decode(pynvml.nvmlSystemGetDriverVersion())
+        except Exception:
+            driver = None
+        gpus = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            g = GpuInfo(index=i)
+            try:
+                h = pynvml.nvmlDeviceGetHandleByIndex(i)
+                g.name = _decode(pynvml.nvmlDeviceGetName(h))
+                g.util_pct = float(pynvml.nvmlDeviceGetUtilizationRates(h).gpu)
+                mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+                g.mem_used_mib, g.mem_total_mib = mem.used / 2**20, mem.total / 2**20
+                for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h):
+                    used = getattr(p, "usedGpuMemory", None)
+                    g.processes.append(
+                        GpuProcess(pid=p.pid, name=_process_name(p.pid), used_mib=used / 2**20 if used else None)
+                    )
+            except Exception as exc:
+                g.error = str(exc) or type(exc).__name__
+            gpus.append(g)
+        return NvmlReading(gpus=gpus, driver=driver)
+    except Exception as exc:
+        return NvmlReading(error=str(exc) or type(exc).__name__)
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
+def _process_name(pid: int) -> str:
+    import psutil
+
+    try:
+        return psutil.Process(pid).name()
+    except Exception:
+        return ""
+
+
+def read_nvml(devices="all") -> NvmlReading:
+    """GPUs selected by `devices` ("all" or indices), from the driver or the MOECTL_FAKE_NVML file."""
+    fake = os.environ.get(FAKE_NVML_ENV)
+    reading = _nvml_from_fake(fake) if fake else _nvml_from_driver()
+    if reading.gpus is not None:
+        reading.gpus = _select(reading.gpus, devices)
+    return reading
+
+
+# ----------------------------------------------------------------------------------------- processes
+
+
+class TrainingProcess(BaseModel):
+    pid: int
+    age_s: float
+    cmdline: str
+    run_dir: Optional[str] = None
+
+
+def _is_training(argv: list[str], module: str) -> bool:
+    for i, a in enumerate(argv):
+        if a == "torch.distributed.run" or os.path.basename(a) == "torchrun":
+            return True
+        if a == "-m" and i + 1 < len(argv) and argv[i + 1] == module:
+            return True
+    return False
+
+
+def _out_dir(argv: list[str]) -> Optional[str]:
+    for i, a in enumerate(argv):
+        if a == "--out-dir" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--out-dir="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def find_training_processes(module: str = "engine.train") -> list[TrainingProcess]:
+    """torchrun / `-m <module>` processes on this host, excluding this process and its ancestors
+    (moectl itself may have been started from a shell whose argv mentions torchrun)."""
+    import psutil
+
+    me = psutil.Process()
+    skip = {me.pid} | {p.pid for p in me.parents()}
+    now = time.time()
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "create_time"]):
+        info = proc.info
+        argv = info.get("cmdline") or []
+        if info["pid"] in skip or not argv or not _is_training(argv, module):
+            continue
+        found.append(
+            TrainingProcess(
+                pid=info["pid"],
+                age_s=round(now - (info.get("create_time") or now), 1),
+                cmdline=" ".join(argv),
+                run_dir=_out_dir(argv),
+            )
+        )
+    return found
+
+
+# ----------------------------------------------------------------------------------------- venv, disk
+
+
+class VenvState(BaseModel):
+    python: str
+    exists: bool
+    in_venv: bool
+    has_torch: Optional[bool] = None  # None when it could not be asked
+    error: Optional[str] = None
+
+
+_HAS_TORCH = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('torch') else 1)"
+
+
+def probe_venv(cfg: Config) -> VenvState:
+    """Does the interpreter that will run torchrun exist, sit in the configured venv, have torch?
+    torch is looked up by that interpreter (find_spec, no import), never imported here."""
+    py = cfg.python
+    exists = py.is_file() and os.access(py, os.X_OK)
+    if cfg.project.venv == "":
+        in_venv = True  # "" means: the interpreter running moectl, by definition
+    else:
+        venv_dir = py.parent.parent
+        in_venv = (venv_dir / "pyvenv.cfg").is_file()
+    state = VenvState(python=str(py), exists=exists, in_venv=in_venv)
+    if not exists:
+        state.error = f"{py} does not exist or is not executable"
+        return state
+    try:
+        r = subprocess.run([str(py), "-c", _HAS_TORCH], capture_output=True, timeout=30)
+        state.has_torch = r.returncode == 0
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        state.error = f"could not run {py}: {exc}"
+    return state
+
+
+class DiskState(BaseModel):
+    path: str  # the nearest existing ancestor of artifact_root that was measured
+    free_gib: Optional[float] = None
+    error: Optional[str] = None
+
+
+def probe_disk(artifact_root: Path) -> DiskState:
+    p = Path(artifact_root)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return DiskState(path=str(p), free_gib=shutil.disk_usage(p).free / 2**30)
+    except OSError as exc:
+        return DiskState(path=str(p), error=str(exc))
+
+
+# --------------------------------------------------------------------------------------------- paths
+
+
+class PathsState(BaseModel):
+    """Every planned write path as given and as resolved (symlinks, `..`, `~`)."""
+
+    artifact_root: str
+    report_dir: str
+    read_only: list[str] = Field(default_factory=list)
+    writes: dict[str, str] = Field(default_factory=dict)  # planned path -> resolved path
+    exp_dir_exists: bool = False
+
+
+def _real(p) -> str:
+    return str(Path(os.path.expanduser(str(p))).resolve())
+
+
+def probe_paths(cfg: Config, plan: "RunPlan") -> PathsState:
+    from moectl.plan import planned_write_paths
+
+    return PathsState(
+        artifact_root=_real(cfg.artifact_root),
+        report_dir=_real(cfg.report_dir),
+        read_only=[_real(p) for p in cfg.read_only],
+        writes={str(p): _real(p) for p in planned_write_paths(plan)},
+        exp_dir_exists=os.path.lexists(os.path.expanduser(plan.exp_dir)),
+    )
+
+
+# ------------------------------------------------------------------------------------------ observed
+
+
+class Observed(BaseModel):
+    git: GitState
+    nvml: NvmlReading
+    processes: list[TrainingProcess] = Field(default_factory=list)
+    lock: Optional[dict] = None  # LockHolder as a dict (pid, host, run_id, started_at, cmd, stale, ...)
+    venv: Optional[VenvState] = None
+    disk: Optional[DiskState] = None
+    paths: Optional[PathsState] = None  # only when observing for a planned run
+    config_path: Optional[str] = None
+
+
+def lock_holder(cfg: Config) -> Optional[LockHolder]:
+    return read_holder(cfg.artifact_root)
+
+
+def observe(cfg: Config, plan: Optional["RunPlan"] = None, nvml: Optional[NvmlReading] = None) -> Observed:
+    """Everything the guards (and `status`) look at, in one value. Pass `nvml` to reuse a reading
+    already taken (the plan needs the GPU count before the paths can be observed)."""
+    holder = lock_holder(cfg)
+    return Observed(
+        git=probe_git(cfg.root),
+        nvml=nvml if nvml is not None else read_nvml(cfg.gpu.devices),
+        processes=find_training_processes(cfg.launch.module),
+        lock=holder.to_dict() if holder else None,
+        venv=probe_venv(cfg),
+        disk=probe_disk(cfg.artifact_root),
+        paths=probe_paths(cfg, plan) if plan is not None else None,
+        config_path=str(cfg.path) if cfg.path else None,
+    )
+
+
+# ------------------------------------------------------------------------------------------- status
+
+
+def _recent_runs(cfg: Config, n: int = 5) -> Optional[list[dict]]:
+    """The newest runs from the run store, or None when the store is not available."""
+    try:
+        from moectl.store import list_runs
+    except ImportError:
+        return None
+    try:
+        return [r.model_dump(mode="json") for r in list_runs(cfg.artifact_root)[:n]]
+    except Exception:  # a broken store must not break `status`
+        return None
+
+
+def collect_status(config_path: Optional[Path] = None, cwd: Optional[Path] = None) -> dict:
+    """Everything `moectl status` shows, as the SPEC §7a JSON (plus `config`, `config_error`,
+    `artifact_root`). Never raises for a missing or invalid config: it is part of the status."""
+    from moectl.config import default_config, load_config
+    from moectl.errors import UsageError
+
+    config_error = None
+    try:
+        cfg = load_config(config_path, cwd)
+    except UsageError as exc:
+        config_error = " ".join([exc.message, *exc.lines])
+        cfg = default_config(cwd)
+    obs = observe(cfg)
+    git = obs.git
+    return {
+        "config": str(cfg.path) if cfg.path else None,
+        "config_error": config_error,
+        "artifact_root": str(cfg.artifact_root),
+        "gpus": [g.model_dump() for g in obs.nvml.gpus] if obs.nvml.gpus is not None else None,
+        "nvml_error": obs.nvml.error,
+        "driver": obs.nvml.driver,
+        "training_processes": [p.model_dump() for p in obs.processes],
+        "lock": obs.lock,
+        "git": {
+            "branch": git.branch,
+            "expected_branch": cfg.project.branch if cfg.path else None,
+            "dirty": git.modified,
+            "staged": git.staged,
+            "untracked": git.untracked,
+            "head": git.head,
+            "detached": git.detached,
+            "in_progress": git.in_progress,
+            "error": git.error,
+        },
+        "venv": obs.venv.model_dump() if obs.venv else None,
+        "recent_runs": _recent_runs(cfg),
+    }
