@@ -1,0 +1,359 @@
+"""`moectl runs`, `show`, `compare`, `import`: reading the run store. Parse -> library -> render."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, List, Optional
+
+import typer
+from rich.table import Table
+
+from moectl.cli.common import app, handle_errors, print_json, stderr, stdout
+from moectl.errors import UsageError
+
+STATUSES = ("created", "running", "completed", "failed", "interrupted", "imported", "stale")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Path to .moectl.toml (default: nearest above cwd).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (stable keys, no colour).")]
+
+
+def _config(path: Optional[Path]):
+    """The config in force: --config, else the nearest .moectl.toml, else built-in defaults
+    (reading the store needs no config file; MOECTL_ARTIFACT_ROOT still applies)."""
+    from moectl.config import default_config, find_config, load_config
+
+    if path is not None:
+        return load_config(path)
+    found = find_config()
+    return load_config(found) if found else default_config()
+
+
+def _warn_corrupt(messages: list[str]) -> None:
+    if messages:
+        stderr.print(f"warning: skipped {len(messages)} unreadable run record(s)", markup=False)
+        for m in messages:
+            stderr.print(f"  {m}", markup=False)
+
+
+def _num(value: Optional[float], decimals: int = 2) -> str:
+    return "—" if value is None else f"{value:,.{decimals}f}"
+
+
+# --- runs ----------------------------------------------------------------------------------------
+
+
+@app.command("runs")
+@handle_errors
+def runs_cmd(
+    json_out: JsonOpt = False,
+    limit: Annotated[Optional[int], typer.Option("--limit", "-n", min=0, help="Show at most N runs (newest first).")] = None,
+    status: Annotated[Optional[str], typer.Option("--status", help=f"Only runs with this status ({'|'.join(STATUSES)}).")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """List the runs in the artifact root, newest first: id, status (stale = owner died), tag,
+    key options and tail-window metrics.
+
+    Example:  [bold]moectl runs --status completed --limit 10[/bold]
+    """
+    from moectl.store import run_json, scan_runs
+
+    if status is not None and status not in STATUSES:
+        raise UsageError(f"unknown status {status!r} (choose from {', '.join(STATUSES)})")
+    cfg = _config(config)
+    scan = scan_runs(cfg.artifact_root)
+    _warn_corrupt(scan.corrupt)
+    runs = [r for r in scan.runs if status is None or r.display_status == status]
+    if limit:
+        runs = runs[:limit]
+    if json_out:
+        print_json([run_json(r) for r in runs])
+        return
+    if not runs:
+        stdout.print(f"no runs under {cfg.artifact_root}", markup=False)
+        return
+    table = Table(title=f"runs in {cfg.artifact_root}", title_justify="left")
+    for col in ("id", "status", "tag", "preset", "cap", "compile", "fp8"):
+        table.add_column(col, no_wrap=col == "id")
+    for col in ("tok/sec", "MFU %", "peak MiB", "min"):
+        table.add_column(col, justify="right")
+    colours = {"completed": "green", "failed": "red", "interrupted": "yellow", "stale": "magenta", "running": "cyan"}
+    for r in runs:
+        o, s = r.options or {}, r.summary
+        st = r.display_status
+        table.add_row(
+            r.id,
+            f"[{colours[st]}]{st}[/]" if st in colours else st,
+            r.tag or "",
+            str(o.get("preset", "")),
+            "" if o.get("cap") is None else str(o["cap"]),
+            str(o.get("compile", "")),
+            "yes" if o.get("fp8") else "",
+            _num(s.tok_per_sec) if s else "—",
+            _num(s.mfu, 4) if s else "—",
+            _num(s.peak_mem_mib) if s else "—",
+            _num(s.total_time_min) if s else "—",
+        )
+    stdout.print(table)
+
+
+# --- show ----------------------------------------------------------------------------------------
+
+_SPARK = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], width: int = 48) -> str:
+    """A one-line picture of a series: bucket means scaled onto eight block heights."""
+    if not values:
+        return ""
+    n = min(width, len(values))
+    buckets = [values[i * len(values) // n:(i + 1) * len(values) // n] for i in range(n)]
+    means = [sum(b) / len(b) for b in buckets if b]
+    lo, hi = min(means), max(means)
+    span = (hi - lo) or 1.0
+    return "".join(_SPARK[min(7, int((m - lo) / span * 8))] for m in means)
+
+
+@app.command("show")
+@handle_errors
+def show_cmd(
+    run: Annotated[str, typer.Argument(help="Run id, tag, unique prefix of either, or a run directory.")],
+    json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Everything recorded for one run: record, summary, guards, overrides, files, error tail,
+    and a sparkline of loss and tok/sec.
+
+    Example:  [bold]moectl show bufreuse[/bold]
+    """
+    from engine.schema import METRICS_FILENAME
+    from moectl.metrics import read_metrics
+    from moectl.store import resolve_run, run_json
+
+    cfg = _config(config)
+    rec = resolve_run(cfg.artifact_root, run)
+    exp = Path(rec.exp_dir)
+    files = sorted(
+        ({"name": p.name, "bytes": p.stat().st_size if p.is_file() else None, "dir": p.is_dir()}
+         for p in exp.iterdir() if not p.name.startswith(".")),
+        key=lambda f: f["name"],
+    ) if exp.is_dir() else []
+    metrics = read_metrics(exp / METRICS_FILENAME)
+    if json_out:
+        print_json(run_json(rec) | {"files": files, "metrics_steps": len(metrics.steps),
+                                    "metrics_skipped": metrics.skipped})
+        return
+
+    out = stdout.print
+    out(f"[bold]{rec.id}[/bold]  status: {rec.display_status}" + (" (recorded: " + rec.status + ", owner gone)" if rec.stale else ""))
+    for key, value in (
+        ("tag", rec.tag), ("exp_dir", rec.exp_dir), ("created", rec.created_at), ("started", rec.started_at),
+        ("finished", rec.finished_at), ("exit code", rec.exit_code), ("host", rec.host), ("pid", rec.pid),
+        ("gpus", ", ".join(rec.gpus) or None), ("driver", rec.driver), ("torch", rec.torch_version),
+        ("sweep", rec.sweep), ("source", rec.source), ("notes", rec.notes),
+    ):
+        if value not in (None, ""):
+            out(f"  {key:10} {value}", markup=False)
+    if rec.git.commit:
+        out(f"  {'git':10} {rec.git.branch or 'detached'} @ {rec.git.commit[:12]}{' (dirty)' if rec.git.dirty else ''}", markup=False)
+    if rec.options:
+        out("  options    " + " ".join(f"{k}={v}" for k, v in sorted(rec.options.items())), markup=False)
+    if rec.argv:
+        out("  command    " + " ".join(rec.argv), markup=False)
+    s = rec.summary
+    if s is not None:
+        out(f"summary (last {s.steps} of window {s.window}): tok/sec {_num(s.tok_per_sec)} · dt {_num(s.dt_ms)} ms · "
+            f"MFU {_num(s.mfu, 4)}% · peak {_num(s.peak_mem_mib)} MiB · {_num(s.total_time_min)} min · "
+            f"final loss {_num(s.final_loss, 4)} · drop {_num(s.drop_frac, 4)}", markup=False)
+    if metrics.steps:
+        losses = [m.loss for m in metrics.steps]
+        tps = [m.tok_per_sec for m in metrics.steps if m.tok_per_sec is not None]
+        out(f"loss     {sparkline(losses)}  {losses[0]:.4f} → {losses[-1]:.4f} ({len(losses)} steps)", markup=False)
+        if tps:
+            out(f"tok/sec  {sparkline(tps)}  {tps[0]:,.0f} → {tps[-1]:,.0f}", markup=False)
+    if metrics.skipped:
+        out(f"metrics.jsonl: {metrics.skipped} malformed line(s) skipped", markup=False)
+    if rec.guards:
+        table = Table(title="guards", title_justify="left")
+        for col in ("guard", "ok", "message"):
+            table.add_column(col)
+        for g in rec.guards:
+            mark = "overridden" if g.overridden else ("skipped" if g.skipped else ("pass" if g.ok else "FAIL"))
+            table.add_row(g.name, mark, g.message)
+        stdout.print(table)
+    if rec.overrides:
+        out("overrides: " + ", ".join(rec.overrides), markup=False)
+    if files:
+        out("files: " + "  ".join(f["name"] + ("/" if f["dir"] else f" ({f['bytes']} B)") for f in files), markup=False)
+    if rec.error:
+        out("error tail:", markup=False)
+        out(rec.error.rstrip(), markup=False)
+
+
+# --- compare -------------------------------------------------------------------------------------
+
+
+def load_comparison(root: Path, refs: list[str], baseline: Optional[str], window: int):
+    """Resolve refs (one scan), read their metrics, compare. Returns (comparison, records)."""
+    from engine.schema import METRICS_FILENAME
+    from moectl.metrics import RunMetrics, compare, read_metrics
+    from moectl.store import list_runs, resolve_run
+
+    runs = list_runs(root)
+    records = [resolve_run(root, ref, runs) for ref in refs]
+    base_index = 0
+    if baseline is not None:
+        base = resolve_run(root, baseline, runs)
+        ids = [r.id for r in records]
+        if base.id in ids:
+            base_index = ids.index(base.id)
+        else:
+            records.insert(0, base)
+    seen: set[str] = set()
+    unique = [r for r in records if not (r.id in seen or seen.add(r.id))]
+    if len(unique) < len(records):
+        stderr.print("warning: a run was named twice; comparing it once", markup=False)
+        base_index = [r.id for r in unique].index(records[base_index].id)
+    inputs = [
+        RunMetrics(id=r.id, tag=r.tag, metrics=read_metrics(Path(r.exp_dir) / METRICS_FILENAME),
+                   options=r.options, fallback=r.summary)
+        for r in unique
+    ]
+    return compare(inputs, baseline_index=base_index, window=window), unique
+
+
+def _compare_table(comparison) -> Table:
+    from moectl.metrics import HIGHER_IS_BETTER, METRICS
+    from moectl.report import COLUMNS
+
+    table = Table(title=f"tail window {comparison.window} · baseline {comparison.baseline}", title_justify="left")
+    table.add_column("run")
+    table.add_column("steps", justify="right")
+    for m in METRICS:
+        table.add_column(COLUMNS[m][0], justify="right")
+    for r in comparison.runs:
+        is_base = r.id == comparison.baseline
+        cells = []
+        for m in METRICS:
+            mv, dec = r.metrics[m], COLUMNS[m][1]
+            text = _num(mv.value, dec)
+            if mv.stderr is not None:
+                text += f" ±{mv.stderr:,.{dec}f}"
+            if not is_base and mv.delta_pct is not None:
+                mark = "*" if mv.beyond_noise else ""
+                good = (mv.delta_pct > 0) == (m in HIGHER_IS_BETTER)
+                colour = ("green" if good else "red") if mv.beyond_noise else "dim"
+                text += f"\n[{colour}]{mv.delta_pct:+.2f}%{mark}[/]"
+            cells.append(text)
+        table.add_row((r.tag or r.id) + (" (base)" if is_base else ""), str(r.steps), *cells)
+    return table
+
+
+@app.command("compare")
+@handle_errors
+def compare_cmd(
+    runs: Annotated[List[str], typer.Argument(help="Two or more runs (id, tag, prefix or directory).")],
+    baseline: Annotated[Optional[str], typer.Option("--baseline", "-b", help="Baseline run (default: the first).")] = None,
+    window: Annotated[Optional[int], typer.Option("--window", "-w", min=1, help="Tail window in steps (default: config metrics.window).")] = None,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the markdown report table.")] = False,
+    json_out: JsonOpt = False,
+    write_report: Annotated[bool, typer.Option("--write-report", help="Write the markdown into report_dir and commit it.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Compare runs over their tail window: value, Δ% vs the baseline, ± standard error of each
+    mean, and * where a delta is beyond noise (|a−b| > 2·√(se_a²+se_b²)).
+
+    Example:  [bold]moectl compare static_cap1p0 bufreuse --markdown[/bold]
+    """
+    from moectl.report import compare_markdown
+
+    if len(runs) + (1 if baseline else 0) < 2:
+        raise UsageError("compare needs at least two runs (or one run and --baseline)")
+    cfg = _config(config)
+    window = window or cfg.metrics.window
+    comparison, records = load_comparison(cfg.artifact_root, runs, baseline, window)
+    text = compare_markdown(comparison)
+    written = None
+    if write_report:
+        written = _write_compare_report(cfg, comparison, records, text)
+    if json_out:
+        data = comparison.to_json()
+        if written is not None:
+            data["report"] = str(written)
+        print_json(data)
+        return
+    if markdown:
+        stdout.out(text, end="")
+    else:
+        stdout.print(_compare_table(comparison))
+        for note in comparison.notes:
+            stdout.print(note, markup=False)
+    if written is not None:
+        stderr.print(f"wrote and committed {written}", markup=False)
+
+
+def _write_compare_report(cfg, comparison, records, table_md: str) -> Path:
+    from moectl.records import write_text_atomic
+    from moectl.report import compare_commit_message, report_path
+
+    base = next(r for r in records if r.id == comparison.baseline)
+    others = [r.tag or r.id for r in records if r.id != base.id]
+    name = "compare_" + "_".join(others[:3]) + ("_etc" if len(others) > 3 else "") + f"_vs_{base.tag or base.id}"
+    path = report_path(cfg.report_dir, name[:80])
+    body = f"# Comparison vs {base.tag or base.id}\n\n" + table_md + "\n## Runs\n\n" + "".join(
+        f"- `{r.id}` ({r.status}): [`{r.exp_dir}`]({Path(r.exp_dir).as_uri()})\n" for r in records
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, body)
+    from moectl.gitops import commit_paths  # another module's job; imported only when committing
+
+    commit_paths(cfg.root, [path], compare_commit_message(comparison))
+    return path
+
+
+# --- import --------------------------------------------------------------------------------------
+
+
+@app.command("import")
+@handle_errors
+def import_cmd(
+    log: Annotated[Path, typer.Argument(help="The log file to import.")],
+    name: Annotated[str, typer.Option("--name", help="Tag of the imported run (also its directory suffix).")],
+    format: Annotated[str, typer.Option("--format", "-f", help="nanochat | jsonl | csv")] = "nanochat",
+    run: Annotated[Optional[str], typer.Option("--run", help="csv only: which run of a multi-run step table.")] = None,
+    json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Bring an existing run's log into the run store (status `imported`), so old runs compare
+    with new ones. Malformed step lines are skipped and counted.
+
+    Example:  [bold]moectl import base_train.log --format nanochat --name static_cap1p0[/bold]
+    """
+    from moectl.importers import load_log
+    from moectl.store import import_run, run_json
+
+    if not _NAME.match(name):
+        raise UsageError(f"bad --name {name!r}: use letters, digits, '.', '_' or '-'")
+    cfg = _config(config)
+    parsed = load_log(log, format, run=run)
+    extras: dict[str, Any] = {
+        "format": format, "peak_mem_mib": parsed.peak_mem_mib, "total_time_s": parsed.total_time_s,
+        "world_size": parsed.world_size, "planned_steps": parsed.planned_steps, "skipped": parsed.skipped,
+    }
+    rec = import_run(cfg.artifact_root, cfg.project.name, name, parsed.steps, extras,
+                     source=str(Path(log).expanduser().resolve()), window=cfg.metrics.window)
+    if json_out:
+        print_json(run_json(rec) | {"skipped": parsed.skipped})
+        return
+    s = rec.summary
+    stdout.print(rec.id, markup=False)
+    stdout.print(
+        f"imported {len(parsed.steps)} steps from {log} ({parsed.skipped} malformed line(s) skipped) into {rec.exp_dir}",
+        markup=False,
+    )
+    if s is not None:
+        stdout.print(
+            f"tail {s.steps}: tok/sec {_num(s.tok_per_sec)} · dt {_num(s.dt_ms)} ms · MFU {_num(s.mfu, 4)}% · "
+            f"peak {_num(s.peak_mem_mib)} MiB · {_num(s.total_time_min)} min · final loss {_num(s.final_loss, 4)}",
+            markup=False,
+        )

@@ -1,0 +1,209 @@
+"""Markdown reports (SPEC §9): one per run, compare tables, and their commit messages.
+
+Pure functions from records to text; writing and committing happen in the caller
+(`report_path` only picks a fresh file name). The tables use the seed study's precision:
+tok/sec, dt, memory and minutes to 2 decimals, MFU to 4.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Optional
+
+from moectl.metrics import METRICS, Comparison, MetricValue
+from moectl.records import RunRecord
+
+# metric -> (column title, decimals)
+COLUMNS: dict[str, tuple[str, int]] = {
+    "tok_per_sec": ("tok/sec", 2),
+    "dt_ms": ("dt (ms)", 2),
+    "mfu": ("MFU %", 4),
+    "peak_mem_mib": ("peak mem (MiB)", 2),
+    "total_time_min": ("total (min)", 2),
+    "final_loss": ("final loss", 4),
+    "drop_frac": ("drop frac", 4),
+}
+
+# Options worth naming in a label, in order: "static cap1.0 fp8 bufreuse".
+_LABEL_KEYS = ("compile", "cap", "fp8", "dense", "dispatch")
+
+
+def fmt(value: Optional[float], decimals: int) -> str:
+    return "—" if value is None else f"{value:.{decimals}f}"
+
+
+def fmt_delta(delta: Optional[float]) -> str:
+    return "" if delta is None else f"{delta:+.2f}%"
+
+
+def run_label(record: RunRecord) -> str:
+    """A short human name from the options that matter most, then the tag."""
+    opts = record.options or {}
+    parts = []
+    for key in _LABEL_KEYS:
+        v = opts.get(key)
+        if v is None or v is False:
+            continue
+        if key == "cap":
+            parts.append(f"cap{float(v):g}" if float(v) != int(float(v)) else f"cap{float(v):.1f}")
+        elif key in ("fp8", "dense"):
+            parts.append(key)
+        elif key == "dispatch" and v == "auto":
+            continue
+        else:
+            parts.append(str(v))
+    tag = record.tag or record.id
+    if tag not in parts:
+        parts.append(tag)
+    return " ".join(parts)
+
+
+def report_path(report_dir: Path, name: str, now: Optional[datetime] = None) -> Path:
+    """`<report_dir>/<YYYYmmdd_HHMM>_<name>.md`, with `-2`, `-3`... if that file already exists."""
+    now = now or datetime.now()
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._") or "report"
+    stem = f"{now.strftime('%Y%m%d_%H%M')}_{safe}"
+    path = Path(report_dir) / f"{stem}.md"
+    n = 1
+    while path.exists():
+        n += 1
+        path = Path(report_dir) / f"{stem}-{n}.md"
+    return path
+
+
+def commit_message(record: RunRecord, baseline: Optional[RunRecord] = None) -> str:
+    """`report: static cap1.0 bufreuse — 806400 tok/s (+2.70% vs static_cap1p0)`."""
+    label = run_label(record)
+    tps = record.summary.tok_per_sec if record.summary else None
+    if record.status in ("failed", "interrupted"):
+        code = f" (exit {record.exit_code})" if record.exit_code is not None else ""
+        head = f"report: {label} — {record.status}{code}"
+        return head + (f", {tps:.0f} tok/s so far" if tps is not None else "")
+    if tps is None:
+        return f"report: {label} — {record.status}, no throughput recorded"
+    msg = f"report: {label} — {tps:.0f} tok/s"
+    base_tps = baseline.summary.tok_per_sec if baseline is not None and baseline.summary else None
+    if baseline is not None and base_tps:
+        msg += f" ({(tps - base_tps) / abs(base_tps) * 100:+.2f}% vs {baseline.tag or baseline.id})"
+    return msg
+
+
+def compare_commit_message(comparison: Comparison) -> str:
+    """`report: compare bufreuse vs static_cap1p0 — 806400 tok/s (+2.70%)`; with several runs,
+    the fastest one is named."""
+    base = next(r for r in comparison.runs if r.id == comparison.baseline)
+    others = [r for r in comparison.runs if r.id != base.id]
+    names = ", ".join(r.tag or r.id for r in others[:3]) + (f" +{len(others) - 3} more" if len(others) > 3 else "")
+    msg = f"report: compare {names} vs {base.tag or base.id}"
+    with_tps = [r for r in others if r.metrics["tok_per_sec"].value is not None]
+    if with_tps:
+        best = max(with_tps, key=lambda r: r.metrics["tok_per_sec"].value)
+        mv = best.metrics["tok_per_sec"]
+        who = "" if len(others) == 1 else f"best {best.tag or best.id} "
+        msg += f" — {who}{mv.value:.0f} tok/s" + (f" ({mv.delta_pct:+.2f}%)" if mv.delta_pct is not None else "")
+    return msg
+
+
+def _table(header: list[str], rows: list[list[str]], right_from: int = 1) -> list[str]:
+    align = ["---" if i < right_from else "---:" for i in range(len(header))]
+    out = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def _cell(mv: MetricValue, decimals: int, is_baseline: bool) -> str:
+    text = fmt(mv.value, decimals)
+    if mv.value is None:
+        return text
+    if mv.stderr is not None:
+        text += f" ±{mv.stderr:.{decimals}f}"
+    if not is_baseline and mv.delta_pct is not None:
+        text += f" ({fmt_delta(mv.delta_pct)}{'*' if mv.beyond_noise else ''})"
+    return text
+
+
+def compare_markdown(comparison: Comparison) -> str:
+    """The tail table of a comparison: value ± stderr (Δ% vs baseline, * = beyond noise)."""
+    header = ["run", "steps"] + [COLUMNS[m][0] for m in METRICS]
+    rows = []
+    for r in comparison.runs:
+        is_base = r.id == comparison.baseline
+        name = (r.tag or r.id) + (" (baseline)" if is_base else "")
+        rows.append([name, str(r.steps)] + [_cell(r.metrics[m], COLUMNS[m][1], is_base) for m in METRICS])
+    base = next((r for r in comparison.runs if r.id == comparison.baseline), None)
+    lines = _table(header, rows)
+    lines += [
+        "",
+        f"Tail window: the last {comparison.window} steps of each run. Values are tail means "
+        "(tok/sec, dt, MFU, drop) or run totals (peak mem = max, total time, final loss = last step).",
+        "`±` is the standard error of the tail mean (sample std / √n); `(+x.xx%)` is the delta vs "
+        f"the baseline `{base.tag or base.id if base else comparison.baseline}`; `*` marks a delta "
+        "beyond noise: |a − b| > 2·√(se_a² + se_b²).",
+    ]
+    lines += [f"- {note}" for note in comparison.notes]
+    return "\n".join(lines) + "\n"
+
+
+def _options_table(options: dict[str, Any]) -> list[str]:
+    if not options:
+        return ["(none recorded)"]
+    return _table(["option", "value"], [[k, f"`{v}`"] for k, v in sorted(options.items())], right_from=2)
+
+
+def run_report(
+    record: RunRecord,
+    comparison_vs_baseline: Optional[Comparison] = None,
+    notes: Optional[str] = None,
+) -> str:
+    """The markdown report of one run."""
+    exp = Path(record.exp_dir)
+    lines = [f"# {run_label(record)} — {record.status}", ""]
+    lines += [
+        f"- run: `{record.id}`" + (f" (tag `{record.tag}`)" if record.tag else ""),
+        f"- status: **{record.status}**" + (f", exit code {record.exit_code}" if record.exit_code is not None else ""),
+        f"- created: {record.created_at}"
+        + (f" · started: {record.started_at}" if record.started_at else "")
+        + (f" · finished: {record.finished_at}" if record.finished_at else ""),
+    ]
+    if record.git.commit:
+        dirty = " (dirty: see git.diff)" if record.git.dirty else ""
+        lines.append(f"- git: `{record.git.branch or 'detached'}` @ `{record.git.commit[:12]}`{dirty}")
+    if record.host or record.gpus:
+        lines.append(f"- host: {record.host or '?'}" + (f" · GPUs: {', '.join(record.gpus)}" if record.gpus else ""))
+    if record.source:
+        lines.append(f"- imported from: `{record.source}`")
+    lines.append(f"- experiment directory: [`{exp}`]({exp.as_uri() if exp.is_absolute() else exp})")
+    files = [n for n in ("run.json", "command.txt", "git.diff", "train.log", "metrics.jsonl") if (exp / n).exists()]
+    if files:
+        lines.append("- files: " + " · ".join(f"[{n}]({(exp / n).as_uri()})" for n in files))
+    if notes or record.notes:
+        lines += ["", "## Notes", "", notes or record.notes or ""]
+    lines += ["", "## Options", ""] + _options_table(record.options)
+    if record.argv:
+        lines += ["", "```", " ".join(record.argv), "```"]
+
+    lines += ["", "## Tail summary", ""]
+    s = record.summary
+    if s is None:
+        lines.append("No metrics were recorded.")
+    else:
+        header = ["window", "steps"] + [COLUMNS[m][0] for m in METRICS]
+        row = [str(s.window), str(s.steps)] + [fmt(getattr(s, m), COLUMNS[m][1]) for m in METRICS]
+        lines += _table(header, [row], right_from=0)
+        if s.steps < s.window:
+            lines.append(f"\nThe run has only {s.steps} steps: the tail covers all of them.")
+
+    if comparison_vs_baseline is not None:
+        lines += ["", "## Against the baseline", "", compare_markdown(comparison_vs_baseline).rstrip()]
+
+    overridden = list(record.overrides) + [
+        g.name for g in record.guards if g.overridden and g.name not in record.overrides
+    ]
+    if overridden:
+        lines += ["", "## Overrides (guards skipped knowingly)", ""]
+        for name in overridden:
+            g = next((g for g in record.guards if g.name == name), None)
+            lines.append(f"- `{name}`" + (f": {g.message}" if g else ""))
+    if record.error and record.status != "completed":
+        lines += ["", "## Error", "", "```", record.error.rstrip(), "```"]
+    return "\n".join(lines) + "\n"

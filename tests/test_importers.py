@@ -1,0 +1,136 @@
+"""Log importers (moectl/importers.py) on our own fixtures, plus the seed study rewritten as a
+nanochat log in a temp dir (never copied into the repository)."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from moectl.errors import EXIT_USAGE, UsageError
+from moectl.importers import load_log, parse_csv, parse_nanochat
+from moectl.metrics import MetricsFile, tail_summary
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SEED = Path(__file__).resolve().parents[2] / "shared" / "seed" / "metrics"
+
+
+def test_nanochat_fixture():
+    p = load_log(FIXTURES / "nanochat_small.log", "nanochat")
+    assert p.format == "nanochat"
+    assert [s.step for s in p.steps] == list(range(8))
+    assert p.skipped == 1  # "loss: garbage"
+    assert p.planned_steps == 8
+    assert p.peak_mem_mib == 1234.5  # "1,234.50MiB"
+    assert p.total_time_s == pytest.approx(30.0)  # "0.50m"
+    s0, s2, s5 = p.steps[0], p.steps[2], p.steps[5]
+    assert (s0.loss, s0.aux_loss, s0.dt_ms, s0.tok_per_sec, s0.mfu) == (10.5, 24.0, 9000.0, 1000.0, 0.10)
+    # fields reordered, an unknown field, no bal: still read
+    assert (s2.loss, s2.tok_per_sec, s2.dt_ms, s2.aux_loss) == (8.0, 11000.0, 650.0, None)
+    # step 5 logged twice (resume): the second line wins
+    assert (s5.loss, s5.tok_per_sec) == (6.0, 13000.0)
+    assert p.steps[7].elapsed_s == pytest.approx(30.0)
+
+
+def test_nanochat_fixture_tail_means_by_hand():
+    p = load_log(FIXTURES / "nanochat_small.log", "nanochat")
+    s = tail_summary(MetricsFile(steps=p.steps), window=4)
+    # steps 4..7: tok/sec 12000,13000,14000,15000; dt 600,620,640,660; mfu 1.2..1.5
+    assert s.tok_per_sec == pytest.approx(13500.0)
+    assert s.dt_ms == pytest.approx(630.0)
+    assert s.mfu == pytest.approx(1.35)
+    assert s.final_loss == 5.5
+
+
+def test_nanochat_rank_prefix_and_missing_fields():
+    text = (
+        "[rank0]: step 00010/00020 (50.00%) | loss: 2.5 | tok/sec: 1,234,567\n"
+        "step 11 | dt: 1.5s | loss: 2.4\n"
+        "step 00012/00020 (60.00%) | dt: 10ms\n"  # no loss: malformed
+        "stepping stone\n"
+    )
+    p = parse_nanochat(text)
+    assert [s.step for s in p.steps] == [10, 11]
+    assert p.steps[0].tok_per_sec == 1234567.0
+    assert p.steps[1].dt_ms == pytest.approx(1500.0)
+    assert p.skipped == 1
+
+
+def test_jsonl_fixture():
+    p = load_log(FIXTURES / "metrics_small.jsonl", "jsonl")
+    assert len(p.steps) == 6 and p.skipped == 3
+    assert p.world_size == 2 and p.planned_steps == 6
+    assert p.peak_mem_mib == 160.0 and p.total_time_s == 90.0
+
+
+def test_csv_seed_style_columns():
+    p = load_log(FIXTURES / "steps_seed_style.csv", "csv")
+    assert [s.step for s in p.steps] == [0, 1, 2, 3, 4] and p.skipped == 1  # "oops" loss
+    assert (p.steps[3].tok_per_sec, p.steps[3].mfu, p.steps[3].aux_loss) == (820000.0, 9.9, 29.2)
+    s = tail_summary(MetricsFile(steps=p.steps), window=3)
+    # steps 2,3,4: (800000+820000+790000)/3, (650+640+660)/3, (9.0+9.9+9.6)/3
+    assert s.tok_per_sec == pytest.approx(2410000 / 3)
+    assert s.dt_ms == pytest.approx(650.0)
+    assert s.mfu == pytest.approx(9.5)
+
+
+def test_csv_engine_style_needs_run_choice_when_several():
+    with pytest.raises(UsageError, match="alpha, beta"):
+        load_log(FIXTURES / "steps_engine_style.csv", "csv")
+    a = load_log(FIXTURES / "steps_engine_style.csv", "csv", run="alpha")
+    assert [s.step for s in a.steps] == [0, 1, 2]
+    assert a.steps[1].peak_mem_mib == 210.0 and a.steps[1].mfu is None and a.steps[2].elapsed_s == 0.52
+    with pytest.raises(UsageError, match="no run 'gamma'"):
+        load_log(FIXTURES / "steps_engine_style.csv", "csv", run="gamma")
+
+
+def test_csv_without_step_column():
+    with pytest.raises(UsageError, match="no 'step' column"):
+        parse_csv("a,b\n1,2\n")
+
+
+@pytest.mark.parametrize(
+    "content, fmt, match",
+    [
+        (None, "nanochat", "not found"),
+        ("", "nanochat", "empty"),
+        ("   \n\n", "jsonl", "empty"),
+        ("hello\nworld\n", "nanochat", "no step lines"),
+        ("step 1 | dt: 3ms\n", "nanochat", r"no step lines .*1 malformed"),
+        ('{"type":"start","steps":1,"world_size":1,"tokens_per_step":1,"device":"cpu"}\n', "jsonl", "no step lines"),
+        ("step,loss\n", "csv", "no step lines"),
+        ("x", "yaml", "unknown format"),
+    ],
+)
+def test_bad_files_are_usage_errors(tmp_path, content, fmt, match):
+    path = tmp_path / "log.txt"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(UsageError, match=match) as info:
+        load_log(path, fmt)
+    assert info.value.exit_code == EXIT_USAGE
+
+
+@pytest.mark.skipif(not SEED.is_dir(), reason="seed study not beside the repository")
+def test_seed_as_nanochat_log_gives_the_published_tail50(tmp_path):
+    """Rewrite the seed's bufreuse CSV as nanochat stdout (with separators) in a temp dir."""
+    rows = list(csv.DictReader((SEED / "moe_fp8_experts_static_cap1p0_bufreuse.csv").open()))
+    n = len(rows)
+    lines = ["noise before the run"]
+    for r in rows:
+        step = int(r["step"])
+        lines.append(
+            f"step {step:05d}/{n:05d} ({100 * step / n:.2f}%) | loss: {r['loss']} | bal: {r['bal']} | lrm: 1.00 | "
+            f"dt: {r['dt_ms']}ms | tok/sec: {int(r['tok_sec']):,} | bf16_mfu: {r['bf16_mfu']} | epoch: 1 | "
+            f"total time: 1.00m | eta: 0.0m"
+        )
+    lines += ["Peak memory usage: 18987.83MiB", "Total training time: 2.97m"]
+    log = tmp_path / "base_train.log"
+    log.write_text("\n".join(lines) + "\n")
+    p = load_log(log, "nanochat")
+    assert len(p.steps) == 280 and p.skipped == 0
+    s = tail_summary(MetricsFile(steps=p.steps), window=50)
+    # seed/progress_summary.md: 806400.06 tok/s, 650.67 ms, 9.7588 MFU, 18987.83 MiB
+    assert (round(s.tok_per_sec, 2), round(s.dt_ms, 2), round(s.mfu, 4)) == (806400.06, 650.67, 9.7588)
+    assert p.peak_mem_mib == 18987.83
+    assert round(p.total_time_s / 60, 2) == 2.97

@@ -1,0 +1,184 @@
+"""Tail-window summaries, noise estimates and compare (moectl/metrics.py).
+
+Expected figures are derived by hand from the fixture rows (arithmetic in the comments) or are the
+seed study's published numbers; none is computed by the code under test.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from engine.schema import RunSummary, StepMetrics
+from moectl.importers import parse_csv
+from moectl.metrics import (
+    METRICS,
+    MetricsFile,
+    RunMetrics,
+    compare,
+    read_metrics,
+    tail_stderr,
+    tail_summary,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SEED = Path(__file__).resolve().parents[2] / "shared" / "seed" / "metrics"
+
+
+def test_read_metrics_skips_and_counts_malformed_lines_and_keeps_last_duplicate():
+    m = read_metrics(FIXTURES / "metrics_small.jsonl")
+    # 3 bad lines: not JSON, a non-integer step, a step record without `step`.
+    assert m.skipped == 3
+    assert [s.step for s in m.steps] == [0, 1, 2, 3, 4, 5]
+    # step 3 was written twice (a resumed run): the later line wins.
+    assert m.steps[3].tok_per_sec == 2100.0 and m.steps[3].loss == 4.2
+    assert m.start is not None and m.start.world_size == 2
+    assert m.summary is not None and m.summary.total_time_s == 90.0
+
+
+def test_read_metrics_missing_file_is_empty_not_an_error(tmp_path):
+    m = read_metrics(tmp_path / "nope.jsonl")
+    assert m.steps == [] and m.skipped == 0 and m.summary is None
+
+
+def test_tail_summary_hand_computed_from_fixture():
+    s = tail_summary(read_metrics(FIXTURES / "metrics_small.jsonl"), window=3)
+    # last 3 steps: 3 (2100 tok/s, 190 ms, drop .05), 4 (2000, 200, .10), 5 (1950, 210, .15)
+    assert s.window == 3 and s.steps == 3
+    assert s.tok_per_sec == pytest.approx(6050 / 3)
+    assert s.dt_ms == pytest.approx(200.0)
+    assert s.drop_frac == pytest.approx(0.10)
+    assert s.mfu is None  # CPU run: the engine writes null
+    # peak = max(step peaks 100,120,150,140,140,145 and the summary's 160); the overwritten
+    # first step-3 line (400) no longer counts.
+    assert s.peak_mem_mib == 160.0
+    assert s.total_time_min == pytest.approx(90.0 / 60)
+    assert s.final_loss == 3.9
+
+
+def test_tail_summary_shorter_run_than_window_and_elapsed_fallback():
+    steps = [StepMetrics(step=i, loss=1.0, tok_per_sec=float(v), elapsed_s=float(i + 1) * 30)
+             for i, v in enumerate([10, 20, 40])]
+    s = tail_summary(MetricsFile(steps=steps), window=50)
+    assert s.steps == 3 and s.window == 50
+    assert s.tok_per_sec == pytest.approx(70 / 3)
+    assert s.total_time_min == pytest.approx(90 / 60)  # last elapsed_s, no summary line
+    assert s.dt_ms is None and s.peak_mem_mib is None
+
+
+def test_tail_summary_empty_metrics():
+    s = tail_summary(MetricsFile(), window=50)
+    assert s.steps == 0 and all(getattr(s, m) is None for m in METRICS)
+
+
+def test_stderr_of_tail_mean_by_hand():
+    steps = [StepMetrics(step=i, loss=1.0, tok_per_sec=v) for i, v in enumerate([9.0, 1.0, 2.0, 3.0, 4.0])]
+    se = tail_stderr(MetricsFile(steps=steps), window=4)
+    # window = [1,2,3,4]: mean 2.5, squared deviations 2.25+0.25+0.25+2.25 = 5, var = 5/3,
+    # se = sqrt(5/3)/sqrt(4)
+    assert se["tok_per_sec"] == pytest.approx(math.sqrt(5 / 3) / 2)
+    assert se["peak_mem_mib"] is None and se["final_loss"] is None  # not means: no stderr
+    assert se["dt_ms"] is None  # no data
+
+
+def _run(id_, tps, dt=None, preset="tiny", n=None):
+    steps = [StepMetrics(step=i, loss=2.0, tok_per_sec=v, dt_ms=(dt[i] if dt else None))
+             for i, v in enumerate(tps)]
+    return RunMetrics(id=id_, tag=id_.upper(), metrics=MetricsFile(steps=steps), options={"preset": preset})
+
+
+def test_compare_deltas_and_noise_verdicts():
+    base = _run("a", [100.0, 102.0, 98.0, 100.0])  # mean 100, sd sqrt(8/3), se sqrt(8/3)/2 ~ 0.816
+    near = _run("b", [101.0, 103.0, 99.0, 101.0])  # mean 101, same spread: |1| < 2*sqrt(2)*0.816 = 2.31
+    far = _run("c", [110.0, 112.0, 108.0, 110.0])  # mean 110: 10 > 2.31
+    c = compare([base, near, far], baseline_index=0, window=4)
+    assert c.baseline == "a" and c.window == 4
+    tps = {r.id: r.metrics["tok_per_sec"] for r in c.runs}
+    assert tps["a"].delta_pct == 0.0
+    assert tps["b"].delta_pct == pytest.approx(1.0)
+    assert tps["c"].delta_pct == pytest.approx(10.0)
+    assert tps["b"].beyond_noise is False and tps["c"].beyond_noise is True
+    assert tps["b"].stderr == pytest.approx(math.sqrt(8 / 3) / 2)
+    # a metric nobody has: value, delta and stderr are all None
+    assert all(r.metrics["mfu"].value is None and r.metrics["mfu"].delta_pct is None for r in c.runs)
+    assert c.notes == []
+
+
+def test_compare_other_baseline_and_notes_for_different_presets_steps_window():
+    a = _run("a", [100.0] * 6, preset="tiny")
+    b = _run("b", [50.0, 50.0, 50.0], preset="d12-moe")
+    c = compare([a, b], baseline_index=1, window=5)
+    assert c.baseline == "b"
+    assert {r.id: r.metrics["tok_per_sec"].delta_pct for r in c.runs} == {"a": pytest.approx(100.0), "b": 0.0}
+    joined = " | ".join(c.notes)
+    assert "presets differ (d12-moe, tiny)" in joined
+    assert "step counts differ (3, 6)" in joined
+    assert "fewer than 5 steps" in joined and "B" in joined
+    assert all(n.startswith("still comparable") for n in c.notes)
+
+
+def test_compare_uses_recorded_summary_when_metrics_are_gone():
+    from moectl.records import Summary
+
+    a = _run("a", [100.0, 100.0])
+    gone = RunMetrics(id="g", tag="g", metrics=MetricsFile(), fallback=Summary(window=50, steps=50, tok_per_sec=150.0))
+    c = compare([a, gone], window=50)
+    g = c.runs[1].metrics["tok_per_sec"]
+    assert g.value == 150.0 and g.delta_pct == pytest.approx(50.0) and g.stderr is None and g.beyond_noise is None
+
+
+def test_compare_json_contract_keys():
+    c = compare([_run("a", [1.0, 2.0]), _run("b", [2.0, 3.0])], window=50).to_json()
+    assert {"baseline", "window", "runs"} <= set(c)
+    run = c["runs"][1]
+    assert {"id", "tag", "steps", "metrics"} <= set(run)
+    assert set(run["metrics"]) == {"tok_per_sec", "dt_ms", "mfu", "peak_mem_mib", "total_time_min", "final_loss", "drop_frac"}
+    assert {"value", "delta_pct", "stderr"} <= set(run["metrics"]["tok_per_sec"])
+
+
+def test_duplicate_summary_peak_only_in_summary():
+    m = MetricsFile(steps=[StepMetrics(step=0, loss=1.0)], summary=RunSummary(steps=1, world_size=1, peak_mem_mib=42.0))
+    assert tail_summary(m, 50).peak_mem_mib == 42.0
+
+
+# --- the seed study: its published tail-50 figures must come out exactly -------------------------
+
+needs_seed = pytest.mark.skipif(not SEED.is_dir(), reason="seed study not beside the repository")
+
+
+@needs_seed
+def test_seed_tail50_figures_reproduce_exactly():
+    def summary(name):
+        parsed = parse_csv((SEED / f"{name}.csv").read_text())
+        assert parsed.skipped == 0
+        return tail_summary(MetricsFile(steps=parsed.steps), window=50)
+
+    # Figures as published in seed/README.md and progress_summary.md.
+    cap1 = summary("moe_fp8_experts_static_cap1p0")
+    assert round(cap1.tok_per_sec, 2) == 785203.42
+    assert round(cap1.dt_ms, 2) == 670.31
+    assert round(cap1.mfu, 4) == 9.5014
+    buf = summary("moe_fp8_experts_static_cap1p0_bufreuse")
+    assert round(buf.tok_per_sec, 2) == 806400.06
+    assert round(buf.dt_ms, 2) == 650.67
+    assert round(buf.mfu, 4) == 9.7588
+    cap0 = summary("moe_fp8_experts_static_cap0p0")
+    assert (round(cap0.tok_per_sec, 2), round(cap0.dt_ms, 2), round(cap0.mfu, 4)) == (468782.94, 1120.38, 5.6722)
+    bf16 = summary("moe_bf16_experts_static_long")
+    assert (round(bf16.tok_per_sec, 2), round(bf16.dt_ms, 2), round(bf16.mfu, 4)) == (1080430.24, 487.11, 13.0732)
+
+
+@needs_seed
+def test_seed_bufreuse_delta_and_it_is_beyond_noise():
+    runs = []
+    for name in ("moe_fp8_experts_static_cap1p0", "moe_fp8_experts_static_cap1p0_bufreuse"):
+        parsed = parse_csv((SEED / f"{name}.csv").read_text())
+        runs.append(RunMetrics(id=name, tag=name, metrics=MetricsFile(steps=parsed.steps)))
+    c = compare(runs, window=50)
+    buf = c.runs[1].metrics
+    # progress_summary.md: tok/sec +2.70%, dt -2.93%, mfu +2.71%
+    assert round(buf["tok_per_sec"].delta_pct, 2) == 2.70
+    assert round(buf["dt_ms"].delta_pct, 2) == -2.93
+    assert round(buf["mfu"].delta_pct, 2) == 2.71
+    assert buf["tok_per_sec"].beyond_noise is True
