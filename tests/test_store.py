@@ -1,0 +1,199 @@
+"""The run store (moectl/store.py): directories, atomic records, listing, stale detection, lookup."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from moectl.errors import EXIT_USAGE, UsageError
+from moectl.metrics import read_metrics
+from moectl.records import RUN_RECORD, RunRecord, SweepLeg, SweepRecord, save_model
+from moectl.store import (
+    create_run_dir,
+    import_run,
+    is_stale,
+    list_runs,
+    load_run,
+    resolve_run,
+    run_id,
+    run_json,
+    save_run,
+    scan_runs,
+)
+from engine.schema import StepMetrics
+
+
+def make_run(root: Path, id_: str, tag: str | None, created: str, status="completed", **kw) -> RunRecord:
+    d = create_run_dir(root / id_)
+    rec = RunRecord(id=id_, tag=tag, status=status, created_at=created, exp_dir=str(d), **kw)
+    save_run(rec)
+    return rec
+
+
+def leftovers(root: Path) -> list[str]:
+    return [str(p) for p in root.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")]
+
+
+def test_run_id_format():
+    assert run_id("moe", "bufreuse", datetime(2026, 2, 24, 18, 24, 27)) == "20260224_182427_moe-bufreuse"
+
+
+def test_create_run_dir_is_fresh_and_never_reused(tmp_path):
+    d = create_run_dir(tmp_path / "a" / "b" / "run1")  # parents created
+    assert d.is_dir()
+    with pytest.raises(UsageError, match="already exists") as info:
+        create_run_dir(d)
+    assert info.value.exit_code == EXIT_USAGE
+
+
+def test_save_and_load_roundtrip_atomic_no_temp_files(tmp_path):
+    rec = make_run(tmp_path, "r1", "t", "2026-01-01T10:00:00+00:00", options={"cap": 1.0})
+    back = load_run(tmp_path / "r1")
+    assert back.id == "r1" and back.options == {"cap": 1.0} and not back.stale
+    assert json.loads((tmp_path / "r1" / RUN_RECORD).read_text())["id"] == "r1"
+    rec.status = "failed"
+    save_run(rec)
+    assert load_run(tmp_path / "r1").status == "failed"
+    assert leftovers(tmp_path) == []
+
+
+def test_corrupt_and_half_written_records_are_reported_and_skipped(tmp_path):
+    make_run(tmp_path, "good", "g", "2026-01-01T10:00:00+00:00")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / RUN_RECORD).write_text('{"id": "half", "status": "runn')  # cut mid-write
+    (tmp_path / "wrong").mkdir()
+    (tmp_path / "wrong" / RUN_RECORD).write_text('{"id": "wrong", "status": "bogus"}')
+    (tmp_path / "not-a-run").mkdir()  # no run.json: not listed, not an error
+    scan = scan_runs(tmp_path)
+    assert [r.id for r in scan.runs] == ["good"]
+    assert len(scan.corrupt) == 2 and any("half" in m for m in scan.corrupt)
+    assert [r.id for r in list_runs(tmp_path)] == ["good"]
+
+
+def test_list_runs_newest_first_including_sweep_legs(tmp_path):
+    make_run(tmp_path, "old", "a", "2026-01-01T10:00:00+00:00")
+    make_run(tmp_path, "new", "b", "2026-01-03T10:00:00+00:00")
+    sweep = create_run_dir(tmp_path / "sw")
+    save_model(sweep / "sweep.json", SweepRecord(id="sw", name="cap", spec={}, legs=[SweepLeg(tag="l1")],
+                                                   created_at="2026-01-02T00:00:00+00:00", exp_dir=str(sweep)))
+    make_run(sweep, "leg1", "l1", "2026-01-02T10:00:00+00:00", sweep="sw")
+    assert [r.id for r in list_runs(tmp_path)] == ["new", "leg1", "old"]
+    assert list_runs(tmp_path / "missing") == []
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # reaped: the pid is gone
+    return proc.pid
+
+
+def test_stale_when_owner_pid_is_dead_and_run_json_not_rewritten(tmp_path):
+    host = socket.gethostname()
+    now = datetime.now().astimezone().isoformat()
+    make_run(tmp_path, "dead", "d", now, status="running", pid=_dead_pid(), host=host, started_at=now)
+    before = (tmp_path / "dead" / RUN_RECORD).read_bytes()
+    [rec] = list_runs(tmp_path)
+    assert rec.stale and rec.display_status == "stale" and rec.status == "running"
+    data = run_json(rec)
+    assert data["status"] == "stale" and data["recorded_status"] == "running"
+    assert (tmp_path / "dead" / RUN_RECORD).read_bytes() == before
+    save_run(rec)  # saving what we read writes the record back, never the display status
+    assert json.loads((tmp_path / "dead" / RUN_RECORD).read_text())["status"] == "running"
+
+
+def test_stale_when_pid_was_reused(tmp_path):
+    # Our own pid is alive, but this process started long after the recorded run started.
+    long_ago = (datetime.now().astimezone() - timedelta(days=2)).isoformat()
+    rec = RunRecord(id="x", status="running", created_at=long_ago, started_at=long_ago, exp_dir=str(tmp_path),
+                    pid=os.getpid(), host=socket.gethostname())
+    assert is_stale(rec)
+
+
+def test_not_stale_when_owner_alive_or_unknowable(tmp_path):
+    now = datetime.now().astimezone().isoformat()
+    host = socket.gethostname()
+    alive = RunRecord(id="x", status="running", created_at=now, started_at=now, exp_dir=".", pid=os.getpid(), host=host)
+    assert not is_stale(alive)
+    elsewhere = alive.model_copy(update={"pid": _dead_pid(), "host": host + "-other"})
+    assert not is_stale(elsewhere)  # another machine's pid means nothing here
+    done = alive.model_copy(update={"pid": _dead_pid(), "status": "completed"})
+    assert not is_stale(done)
+    created = alive.model_copy(update={"pid": _dead_pid(), "status": "created"})
+    assert is_stale(created)
+
+
+@pytest.fixture
+def store(tmp_path):
+    root = tmp_path / "store"
+    make_run(root, "20260101_100000_moe-alpha", "alpha", "2026-01-01T10:00:00+00:00")
+    make_run(root, "20260102_100000_moe-alpha", "alpha", "2026-01-02T10:00:00+00:00")  # same tag, newer
+    make_run(root, "20260103_100000_moe-alphabet", "alphabet", "2026-01-03T10:00:00+00:00")
+    make_run(root, "20260104_100000_moe-beta", "beta", "2026-01-04T10:00:00+00:00")
+    make_run(root, "20260104_110000_moe-be", "be", "2026-01-04T11:00:00+00:00")
+    return root
+
+
+def test_resolve_exact_id(store):
+    assert resolve_run(store, "20260101_100000_moe-alpha").id == "20260101_100000_moe-alpha"
+
+
+def test_resolve_shared_tag_means_most_recent(store):
+    assert resolve_run(store, "alpha").id == "20260102_100000_moe-alpha"
+
+
+def test_resolve_exact_tag_beats_prefix(store):
+    # "be" is an exact tag, and also a prefix of "beta": the exact match wins
+    assert resolve_run(store, "be").id == "20260104_110000_moe-be"
+
+
+def test_resolve_unique_prefix_of_tag_and_of_id(store):
+    assert resolve_run(store, "bet").tag == "beta"
+    assert resolve_run(store, "alphab").tag == "alphabet"
+    assert resolve_run(store, "20260103").tag == "alphabet"
+
+
+def test_resolve_prefix_of_one_shared_tag_is_its_most_recent_run(tmp_path):
+    make_run(tmp_path, "r1", "bufreuse", "2026-01-01T10:00:00+00:00")
+    make_run(tmp_path, "r2", "bufreuse", "2026-01-02T10:00:00+00:00")
+    assert resolve_run(tmp_path, "bufr").id == "r2"
+
+
+def test_resolve_ambiguous_prefix_lists_candidates(store):
+    with pytest.raises(UsageError, match="ambiguous") as info:
+        resolve_run(store, "2026010")
+    assert info.value.exit_code == EXIT_USAGE
+    assert len(info.value.lines) == 5 and "20260104_100000_moe-beta" in info.value.lines
+    with pytest.raises(UsageError, match="ambiguous"):
+        resolve_run(store, "al")  # tags alpha (x2) and alphabet
+
+
+def test_resolve_path_and_not_found(store, tmp_path):
+    path = store / "20260104_100000_moe-beta"
+    assert resolve_run(tmp_path / "elsewhere", str(path)).tag == "beta"
+    with pytest.raises(UsageError, match="no run matches 'gamma'"):
+        resolve_run(store, "gamma")
+    with pytest.raises(UsageError, match="not a run directory"):
+        resolve_run(store, str(tmp_path / "nope" / "x"))
+
+
+def test_import_run_writes_engine_schema_and_fresh_dirs(tmp_path):
+    steps = [StepMetrics(step=i, loss=3.0 - i * 0.1, tok_per_sec=100.0 + i, dt_ms=10.0) for i in range(5)]
+    extras = {"format": "csv", "peak_mem_mib": 77.0, "total_time_s": 120.0, "skipped": 2}
+    rec = import_run(tmp_path, "moe", "old", steps, extras, source="/x/log.csv", window=3)
+    assert rec.status == "imported" and rec.tag == "old" and rec.id.endswith("_moe-old")
+    assert rec.summary.steps == 3 and rec.summary.tok_per_sec == pytest.approx(103.0)  # (102+103+104)/3
+    assert rec.summary.peak_mem_mib == 77.0 and rec.summary.total_time_min == pytest.approx(2.0)
+    m = read_metrics(Path(rec.exp_dir) / "metrics.jsonl")
+    assert m.skipped == 0 and [s.step for s in m.steps] == list(range(5)) and m.summary.total_time_s == 120.0
+    assert load_run(Path(rec.exp_dir)).source == "/x/log.csv"
+    again = import_run(tmp_path, "moe", "old", steps, extras)  # same second, same name: a new dir
+    assert again.id != rec.id and Path(again.exp_dir).is_dir()
+    assert leftovers(tmp_path) == []
+    with pytest.raises(UsageError):
+        import_run(tmp_path, "moe", "empty", [], {})
