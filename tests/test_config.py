@@ -1,0 +1,111 @@
+"""`.moectl.toml`: defaults, discovery, path resolution, one-line-per-field errors, the template."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from moectl.config import CONFIG_NAME, TEMPLATE, MoectlFile, find_config, load_config, parse_config_text, write_template
+from moectl.errors import EXIT_USAGE, UsageError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(d: Path, text: str) -> Path:
+    p = d / CONFIG_NAME
+    p.write_text(text)
+    return p
+
+
+def test_template_loads_back_to_the_defaults():
+    assert parse_config_text(TEMPLATE) == MoectlFile()
+
+
+def test_repository_config_is_valid_and_uses_the_venv(monkeypatch):
+    monkeypatch.delenv("MOECTL_ARTIFACT_ROOT")
+    cfg = load_config(REPO / CONFIG_NAME)
+    assert cfg.root == REPO
+    assert cfg.python == REPO / ".venv" / "bin" / "python"
+    assert cfg.artifact_root == Path("~/.cache/moectl/tmp_exp").expanduser().resolve()
+    assert cfg.defaults.options() == {"preset": "tiny"}
+
+
+def test_discovery_walks_up_and_resolves_relative_to_the_config(tmp_path, monkeypatch):
+    monkeypatch.delenv("MOECTL_ARTIFACT_ROOT")
+    write(tmp_path, '[paths]\nartifact_root = "runs/../exp"\nread_only = ["~/data"]\n[project]\nvenv = "env"\n')
+    deep = tmp_path / "a" / "b"
+    deep.mkdir(parents=True)
+    monkeypatch.chdir(deep)
+    assert find_config() == tmp_path / CONFIG_NAME
+    cfg = load_config()
+    assert cfg.root == tmp_path
+    assert cfg.artifact_root == (tmp_path / "exp").resolve()
+    assert cfg.report_dir == (tmp_path / "reports").resolve()
+    assert cfg.read_only == [Path.home().joinpath("data").resolve()]
+    assert cfg.python == tmp_path / "env" / "bin" / "python"
+
+
+def test_env_var_overrides_artifact_root(tmp_path, artifact_root):
+    cfg = load_config(write(tmp_path, '[paths]\nartifact_root = "/somewhere/else"\n'))
+    assert cfg.artifact_root == artifact_root.resolve()
+
+
+def test_empty_venv_means_the_current_interpreter(tmp_path):
+    cfg = load_config(write(tmp_path, '[project]\nvenv = ""\n'))
+    assert cfg.python == Path(sys.executable)
+
+
+def test_no_config_found_suggests_init(tmp_path):
+    with pytest.raises(UsageError) as e:
+        load_config(cwd=tmp_path)
+    assert "moectl init" in e.value.message and e.value.exit_code == EXIT_USAGE
+
+
+@pytest.mark.parametrize(
+    "text, line",
+    [
+        ("[gpu]\nmax_util_pct = \"high\"\n", ".moectl.toml: gpu.max_util_pct: Input should be a valid number"),
+        ("[paths]\nartifact_rot = \"x\"\n", ".moectl.toml: paths.artifact_rot: unknown key"),
+        ("[gpuz]\n", ".moectl.toml: gpuz: unknown key"),
+        ("[gpu]\ndevices = []\n", ".moectl.toml: gpu.devices"),
+        ("[launch]\nnproc_per_node = 0\n", ".moectl.toml: launch.nproc_per_node"),
+        ("[metrics]\nwindow = 0\n", ".moectl.toml: metrics.window: Input should be greater than or equal to 1"),
+        ("[defaults]\ncap = -1\n", ".moectl.toml: defaults.cap: Input should be greater than or equal to 0"),
+        ("[defaults]\ncompile = \"fast\"\n", ".moectl.toml: defaults.compile: Input should be 'static', 'dynamic' or 'none'"),
+        ("[defaults]\nn-experts = \"many\"\n", ".moectl.toml: defaults.n_experts: Input should be a valid integer"),
+    ],
+)
+def test_bad_fields_are_one_line_each(tmp_path, text, line):
+    with pytest.raises(UsageError) as e:
+        load_config(write(tmp_path, text))
+    assert len(e.value.lines) == 1
+    assert e.value.lines[0].startswith(line)
+
+
+def test_several_bad_fields_give_several_lines(tmp_path):
+    with pytest.raises(UsageError) as e:
+        load_config(write(tmp_path, "[gpu]\nmax_util_pct = \"x\"\nmax_mem_mib = \"y\"\nbogus = 1\n"))
+    assert [ln.split(": ")[1] for ln in e.value.lines] == ["gpu.max_util_pct", "gpu.max_mem_mib", "gpu.bogus"]
+
+
+def test_unknown_engine_defaults_pass_through(tmp_path):
+    cfg = load_config(write(tmp_path, "[defaults]\npreset = \"tiny\"\nsave-every = 10\nfp8 = true\n"))
+    assert cfg.defaults.options() == {"preset": "tiny", "fp8": True, "save_every": 10}
+
+
+def test_malformed_toml_names_the_line(tmp_path):
+    with pytest.raises(UsageError) as e:
+        load_config(write(tmp_path, "[project]\nname = \"moe\"\nbranch = = x\n"))
+    assert "malformed TOML" in e.value.message and "line 3" in e.value.message
+    assert e.value.lines == []
+
+
+def test_write_template_refuses_to_overwrite(tmp_path):
+    path = write_template(tmp_path)
+    assert path.read_text() == TEMPLATE
+    before = os.stat(path).st_mtime_ns
+    with pytest.raises(UsageError):
+        write_template(tmp_path)
+    assert os.stat(path).st_mtime_ns == before

@@ -1,0 +1,138 @@
+"""commit_paths commits exactly our files; the user's modified/staged/untracked state is untouched."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from moectl.errors import GuardRefused
+from moectl.gitops import commit_paths, git_diff, recent_commits
+from tests.conftest import git
+
+
+def user_mess(repo):
+    """Every kind of user state: modified, staged, staged-then-modified, untracked, a staged
+    file inside report_dir, a staged deletion."""
+    (repo / "reports").mkdir()
+    (repo / "tracked.txt").write_text("v1\n")
+    (repo / "gone.txt").write_text("bye\n")
+    git(repo, "add", "tracked.txt", "gone.txt")
+    git(repo, "commit", "-q", "-m", "more files")
+    (repo / "README.md").write_text("user edit, unstaged\n")
+    (repo / "tracked.txt").write_text("v2 staged\n")
+    git(repo, "add", "tracked.txt")
+    (repo / "tracked.txt").write_text("v3 staged then modified\n")
+    (repo / "staged_new.py").write_text("print('new')\n")
+    git(repo, "add", "staged_new.py")
+    (repo / "reports" / "user_note.md").write_text("the user's own report\n")
+    git(repo, "add", "reports/user_note.md")
+    git(repo, "rm", "-q", "gone.txt")
+    (repo / "scratch.txt").write_text("untracked\n")
+
+
+def snapshot(repo):
+    return (git(repo, "status", "--porcelain=v1", "-z", "--untracked-files=all"),
+            git(repo, "diff", "--cached", "--binary"), git(repo, "diff", "--binary"))
+
+
+def test_commits_only_our_files_and_leaves_user_state_byte_identical(git_repo):
+    user_mess(git_repo)
+    before = snapshot(git_repo)
+    head0 = git(git_repo, "rev-parse", "HEAD").strip()
+    ours = [git_repo / "reports" / "20250101_1200_run.md", git_repo / "EXPERIMENTS.md"]
+    ours[0].write_text("# report\n")
+    ours[1].write_text("# experiments\n")
+
+    sha = commit_paths(git_repo, ours, "report: tiny cap1.0 — 1234 tok/s", branch="main")
+
+    assert git(git_repo, "rev-parse", "HEAD").strip() == sha
+    assert git(git_repo, "rev-parse", "HEAD^").strip() == head0
+    changed = git(git_repo, "show", "--name-status", "--format=", sha).split("\n")
+    assert sorted(x for x in changed if x) == ["A\tEXPERIMENTS.md", "A\treports/20250101_1200_run.md"]
+    assert git(git_repo, "log", "-1", "--format=%s").strip() == "report: tiny cap1.0 — 1234 tok/s"
+    # The user's files: status, staged diff and unstaged diff exactly as before; ours are clean.
+    assert snapshot(git_repo) == before
+    assert git(git_repo, "status", "--porcelain", "--", "reports/20250101_1200_run.md", "EXPERIMENTS.md") == ""
+
+
+def test_second_commit_of_unchanged_files_is_none_and_changes_nothing(git_repo):
+    report = git_repo / "r.md"
+    report.write_text("x\n")
+    assert commit_paths(git_repo, [report], "first")
+    head = git(git_repo, "rev-parse", "HEAD")
+    assert commit_paths(git_repo, [report], "again") is None
+    assert git(git_repo, "rev-parse", "HEAD") == head
+
+
+def test_modified_and_deleted_own_files(git_repo):
+    report = git_repo / "reports" / "a.md"
+    report.parent.mkdir()
+    report.write_text("1\n")
+    commit_paths(git_repo, [report.parent], "add dir")  # a directory = the files under it
+    report.write_text("2\n")
+    sha = commit_paths(git_repo, [report], "update")
+    assert git(git_repo, "show", f"{sha}:reports/a.md") == "2\n"
+    report.unlink()
+    sha = commit_paths(git_repo, [report], "remove")
+    assert git(git_repo, "show", "--name-status", "--format=", sha).strip() == "D\treports/a.md"
+    assert git(git_repo, "status", "--porcelain") == ""
+
+
+def test_refuses_detached_head(git_repo):
+    git(git_repo, "checkout", "-q", "--detach")
+    (git_repo / "r.md").write_text("x\n")
+    with pytest.raises(GuardRefused, match="detached"):
+        commit_paths(git_repo, [git_repo / "r.md"], "msg")
+
+
+def test_refuses_wrong_branch(git_repo):
+    git(git_repo, "switch", "-q", "-c", "feature")
+    (git_repo / "r.md").write_text("x\n")
+    head = git(git_repo, "rev-parse", "HEAD")
+    with pytest.raises(GuardRefused, match="expected 'main'"):
+        commit_paths(git_repo, [git_repo / "r.md"], "msg", branch="main")
+    assert git(git_repo, "rev-parse", "HEAD") == head
+    assert commit_paths(git_repo, [git_repo / "r.md"], "msg", branch="*")
+
+
+def test_refuses_paths_outside_the_repo(git_repo, tmp_path):
+    outside = tmp_path / "outside.md"
+    outside.write_text("x\n")
+    (git_repo / "link").symlink_to(tmp_path)
+    for p in (outside, git_repo / ".." / "outside.md", git_repo / "link" / "outside.md", git_repo / ".git" / "config"):
+        with pytest.raises(GuardRefused, match="outside the repository"):
+            commit_paths(git_repo, [p], "msg")
+
+
+def test_first_commit_in_an_empty_repository(tmp_path):
+    repo = tmp_path / "empty"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "config", "user.name", "T")
+    git(repo, "config", "user.email", "t@example.com")
+    (repo / "user.txt").write_text("staged by the user\n")
+    git(repo, "add", "user.txt")
+    (repo / "r.md").write_text("x\n")
+    sha = commit_paths(repo, [repo / "r.md"], "first report")
+    assert git(repo, "ls-tree", "--name-only", sha).split() == ["r.md"]
+    assert git(repo, "status", "--porcelain") == "A  user.txt\n"
+
+
+def test_git_diff_includes_staged_and_unstaged(git_repo):
+    assert git_diff(git_repo) == ""
+    user_mess(git_repo)
+    d = git_diff(git_repo)
+    assert "user edit, unstaged" in d and "v3 staged then modified" in d and "print('new')" in d
+    assert "untracked" not in d  # untracked files are not part of a diff
+
+
+def test_recent_commits_filters_by_path(git_repo):
+    (git_repo / "reports").mkdir()
+    for i in range(3):
+        (git_repo / "reports" / f"{i}.md").write_text(f"{i}\n")
+        commit_paths(git_repo, [git_repo / "reports" / f"{i}.md"], f"report {i}")
+    (git_repo / "code.py").write_text("x\n")
+    commit_paths(git_repo, [git_repo / "code.py"], "code")
+    got = recent_commits(git_repo, ["reports", "EXPERIMENTS.md"], n=2)
+    assert [c.subject for c in got] == ["report 2", "report 1"]
+    assert all(len(c.hash) == 40 for c in got)

@@ -1,0 +1,104 @@
+"""The run lock: atomic, released only by its owner, stale owners (real dead pids) taken over."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from moectl.errors import EXIT_GUARD, GuardRefused
+from moectl.lock import LOCK_NAME, acquire, read_holder
+
+
+def dead_pid() -> int:
+    """The pid of a real process that has exited (and been reaped)."""
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def plant(root, **fields) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": "other", "started_at": "2025-01-01T00:00:00+00:00",
+            "cmd": "moectl run", "started_ts": time.time() - 5, **fields}
+    (root / LOCK_NAME).write_text(json.dumps(info))
+
+
+def test_acquire_writes_holder_and_release_removes_it(artifact_root):
+    assert read_holder(artifact_root) is None
+    with acquire(artifact_root, "run1", cmd="moectl run --tag x") as lock:
+        h = read_holder(artifact_root)
+        assert (h.pid, h.run_id, h.cmd, h.stale) == (os.getpid(), "run1", "moectl run --tag x", False)
+        assert lock.path == artifact_root / LOCK_NAME
+    assert read_holder(artifact_root) is None
+    assert os.listdir(artifact_root) == []  # no temp files left behind
+
+
+def test_second_acquire_is_refused_while_held(artifact_root):
+    with acquire(artifact_root, "run1"):
+        with pytest.raises(GuardRefused) as e:
+            acquire(artifact_root, "run2")
+        assert e.value.exit_code == EXIT_GUARD and "run1" in e.value.message
+    assert read_holder(artifact_root) is None
+
+
+def test_live_lock_of_another_process_blocks(artifact_root):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        time.sleep(0.2)
+        plant(artifact_root, pid=sleeper.pid, started_ts=time.time())
+        h = read_holder(artifact_root)
+        assert h.pid == sleeper.pid and not h.stale
+        with pytest.raises(GuardRefused):
+            acquire(artifact_root, "mine")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_dead_owner_is_stale_and_taken_over(artifact_root):
+    pid = dead_pid()
+    plant(artifact_root, pid=pid)
+    h = read_holder(artifact_root)
+    assert h.stale and h.pid == pid and "not running" in h.reason
+    with acquire(artifact_root, "mine") as lock:
+        assert read_holder(artifact_root).run_id == "mine"
+        assert lock.info["pid"] == os.getpid()
+    assert read_holder(artifact_root) is None
+
+
+def test_reused_pid_is_stale(artifact_root):
+    import psutil
+
+    born = psutil.Process().create_time()
+    # A lock taken after this process started may well be this process's: live.
+    plant(artifact_root, pid=os.getpid(), started_ts=born + 10)
+    assert read_holder(artifact_root).stale is False
+    # A lock taken before this process existed cannot be its: the pid was reused.
+    plant(artifact_root, pid=os.getpid(), started_ts=born - 100)
+    h = read_holder(artifact_root)
+    assert h.stale is True and "started after the lock" in h.reason
+
+
+def test_other_host_is_never_judged_stale(artifact_root):
+    plant(artifact_root, pid=dead_pid(), host="some-other-host")
+    assert read_holder(artifact_root).stale is False
+
+
+def test_release_leaves_a_lock_that_is_no_longer_ours(artifact_root):
+    lock = acquire(artifact_root, "mine")
+    plant(artifact_root, run_id="usurper")  # someone took it over (we looked dead to them)
+    lock.release()
+    assert read_holder(artifact_root).run_id == "usurper"
+
+
+def test_garbage_lock_file_is_stale(artifact_root):
+    artifact_root.mkdir()
+    (artifact_root / LOCK_NAME).write_text("{not json")
+    assert read_holder(artifact_root).stale
+    with acquire(artifact_root, "mine"):
+        assert read_holder(artifact_root).run_id == "mine"
