@@ -1,0 +1,241 @@
+"""The eight guards as pure functions: hand-built Observed values in, verdicts out (no mocks)."""
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from moectl.config import MoectlFile, from_file_model
+from moectl.guards import GUARDS, evaluate, passed, refusals
+from moectl.plan import RunRequest, plan_run
+from moectl.probes import DiskState, GitState, GpuInfo, GpuProcess, NvmlReading, Observed, PathsState, TrainingProcess, VenvState
+
+NOW = datetime(2025, 1, 2, 3, 4, 5)
+ROOT = Path("/repo")
+ART = "/art"
+
+
+def cfg(**sections):
+    file = MoectlFile.model_validate(sections)
+    c = from_file_model(file, ROOT / ".moectl.toml", ROOT)
+    c.artifact_root = Path(ART)  # pure tests: fixed paths, independent of the env override
+    return c
+
+
+def plan_for(c, **req):
+    gpus = req.pop("gpus_available", None)
+    return plan_run(c, RunRequest(**req), NOW, gpus)
+
+
+def good(plan, **changes) -> Observed:
+    """An observed world in which every guard passes; `changes` replace parts of it."""
+    base = dict(
+        git=GitState(is_repo=True, branch="main", head="a" * 40, modified=1, staged=2, untracked=3),
+        nvml=NvmlReading(gpus=[GpuInfo(index=0, name="H100", util_pct=0, mem_used_mib=0, mem_total_mib=81559)]),
+        processes=[],
+        lock=None,
+        venv=VenvState(python="/repo/.venv/bin/python", exists=True, in_venv=True, has_torch=True),
+        disk=DiskState(path=ART, free_gib=100.0),
+        paths=PathsState(artifact_root=ART, report_dir="/repo/reports",
+                         writes={p: p for p in [plan.exp_dir, plan.ckpt_dir, *plan.files.values()]}),
+    )
+    base.update(changes)
+    return Observed(**base)
+
+
+def verdict(results, name):
+    return next(r for r in results if r.name == name)
+
+
+def test_all_pass_in_a_good_world_in_spec_order():
+    c = cfg()
+    p = plan_for(c, device="cuda", gpus_available=1)
+    results = evaluate(c, p, good(p))
+    assert [r.name for r in results] == ["config", "git", "venv", "paths", "fresh_dir", "gpus_idle", "no_other_training", "disk"]
+    assert passed(results) and all(r.ok and not r.skipped for r in results)
+    assert "1 modified, 2 staged, 3 untracked" in verdict(results, "git").message
+    assert len(GUARDS) == 8
+
+
+# (guard, config sections, request, observed changes, expected fragment of the message)
+REFUSALS = [
+    ("config", {}, {}, "no-file", "moectl init"),
+    ("git", {}, {}, {"git": GitState(is_repo=False, error="/repo is not inside a git repository")}, "not inside a git"),
+    ("git", {}, {}, {"git": GitState(is_repo=True, branch="feature", head="b" * 40)}, "expected 'main'"),
+    ("git", {}, {}, {"git": GitState(is_repo=True, detached=True, head="c" * 40)}, "detached"),
+    ("git", {}, {}, {"git": GitState(is_repo=True, branch="main", head="d" * 40, in_progress="rebase")}, "rebase is in progress"),
+    ("venv", {}, {}, {"venv": VenvState(python="/x/bin/python", exists=False, in_venv=True)}, "not found"),
+    ("venv", {}, {}, {"venv": VenvState(python="/usr/bin/python3", exists=True, in_venv=False, has_torch=True)}, "not inside a virtual environment"),
+    ("venv", {}, {}, {"venv": VenvState(python="/x/bin/python", exists=True, in_venv=True, has_torch=False)}, "torch is not installed"),
+    ("fresh_dir", {}, {}, "exists", "already exists"),
+    ("gpus_idle", {}, {"device": "cuda"}, {"nvml": NvmlReading(error="NVML Shared Library Not Found")}, "NVML unavailable (NVML Shared Library Not Found)"),
+    ("gpus_idle", {}, {"device": "cuda"}, {"nvml": NvmlReading(gpus=[])}, "no GPUs visible"),
+    ("gpus_idle", {}, {"device": "cuda"}, {"nvml": NvmlReading(gpus=[GpuInfo(index=0, util_pct=87, mem_used_mib=0)])}, "GPU 0: util 87% > 5%"),
+    ("gpus_idle", {}, {"device": "cuda"}, {"nvml": NvmlReading(gpus=[GpuInfo(index=0, util_pct=0, mem_used_mib=40000)])}, "GPU 0: 40000 MiB used > 1024 MiB"),
+    ("gpus_idle", {}, {"device": "cuda"},
+     {"nvml": NvmlReading(gpus=[GpuInfo(index=0, util_pct=0, mem_used_mib=0, processes=[GpuProcess(pid=42, name="python", used_mib=10)])])},
+     "GPU 0: 1 compute process(es): pid 42 python"),
+    ("gpus_idle", {}, {"device": "cuda"}, {"nvml": NvmlReading(gpus=[GpuInfo(index=0, error="Unknown Error")])}, "GPU 0: NVML error: Unknown Error"),
+    ("gpus_idle", {"gpu": {"devices": [0, 3]}}, {"device": "cuda"}, {}, "GPU(s) [3] from gpu.devices not found"),
+    ("no_other_training", {}, {}, {"processes": [TrainingProcess(pid=77, age_s=120, cmdline="torchrun ...", run_dir="/art/x")]}, "pid 77 (2.0 min old, run dir /art/x)"),
+    ("no_other_training", {}, {}, {"lock": {"pid": 99, "host": "h", "run_id": "r1", "stale": False}}, "moectl pid 99 on h holds the run lock for r1"),
+    ("disk", {"paths": {"min_free_gib": 5}}, {}, {"disk": DiskState(path=ART, free_gib=0.5)}, "0.50 GiB free under /art < 5 GiB"),
+    ("disk", {}, {}, {"disk": DiskState(path=ART, error="permission denied")}, "permission denied"),
+]
+
+
+@pytest.mark.parametrize("name, sections, req, changes, fragment", REFUSALS)
+def test_each_guard_refuses_with_an_actionable_message(name, sections, req, changes, fragment):
+    c = cfg(**sections)
+    p = plan_for(c, **req)
+    if changes == "no-file":
+        c.path, changes = None, {}
+    elif changes == "exists":
+        changes = {"paths": good(p).paths.model_copy(update={"exp_dir_exists": True})}
+    results = evaluate(c, p, good(p, **changes))
+    r = verdict(results, name)
+    assert not r.ok and fragment in r.message, r.message
+    # Every other guard still ran and passed: all problems are reported, not just the first.
+    assert [x.name for x in results if not x.ok] == [name]
+    assert not passed(results) and refusals(results)[0].startswith(f"{name}: ")
+
+
+def test_branch_star_disables_the_branch_check():
+    c = cfg(project={"branch": "*"})
+    p = plan_for(c)
+    assert verdict(evaluate(c, p, good(p, git=GitState(is_repo=True, branch="anything", head="e" * 40))), "git").ok
+
+
+def test_cpu_run_skips_the_gpu_guard_and_says_so():
+    c = cfg()
+    p = plan_for(c, device="cpu")
+    r = verdict(evaluate(c, p, good(p, nvml=NvmlReading(error="NVML Shared Library Not Found"))), "gpus_idle")
+    assert r.ok and r.skipped and "cpu run" in r.message
+
+
+def test_gpu_limits_come_from_config_and_processes_can_be_allowed():
+    c = cfg(gpu={"max_util_pct": 50, "max_mem_mib": 50000, "require_no_processes": False})
+    p = plan_for(c, device="cuda", gpus_available=1)
+    busyish = NvmlReading(gpus=[GpuInfo(index=0, util_pct=40, mem_used_mib=40000, processes=[GpuProcess(pid=1)])])
+    assert verdict(evaluate(c, p, good(p, nvml=busyish)), "gpus_idle").ok
+
+
+def test_stale_lock_does_not_block():
+    c = cfg()
+    p = plan_for(c)
+    r = verdict(evaluate(c, p, good(p, lock={"pid": 5, "host": "h", "run_id": "old", "stale": True})), "no_other_training")
+    assert r.ok and "stale lock of pid 5 will be taken over" in r.message
+
+
+@pytest.mark.parametrize(
+    "writes, read_only, fragment",
+    [
+        ({"/art/x/../../etc/run.json": "/etc/run.json"}, [], "/art/x/../../etc/run.json (resolves to /etc/run.json) is outside artifact_root /art"),
+        ({"/art/link/run.json": "/elsewhere/run.json"}, [], "resolves to /elsewhere/run.json"),
+        ({"/art/keep/run.json": "/art/keep/run.json"}, ["/art/keep"], "inside read-only tree /art/keep"),
+    ],
+)
+def test_paths_guard_refuses_and_is_never_overridable(writes, read_only, fragment):
+    c = cfg()
+    p = plan_for(c, device="cpu")
+    paths = PathsState(artifact_root=ART, report_dir="/repo/reports", read_only=read_only, writes=writes)
+    results = evaluate(c, p, good(p, paths=paths), overrides=["paths"])
+    r = verdict(results, "paths")
+    assert not r.ok and fragment in r.message and not r.overridable and not r.overridden
+    assert not passed(results)
+
+
+def test_artifact_root_inside_a_read_only_tree_is_allowed():
+    c = cfg()
+    p = plan_for(c)
+    w = {x: x for x in [p.exp_dir, *p.files.values()]}
+    ok = PathsState(artifact_root=ART, report_dir="/repo/reports", read_only=["/"], writes=w)
+    assert verdict(evaluate(c, p, good(p, paths=ok.model_copy(update={"read_only": ["/art"]}))), "paths").ok
+    # ...but the report dir may not sit in a read-only tree, nor outside the repo.
+    bad = ok.model_copy(update={"read_only": ["/repo"]})
+    assert "report_dir /repo/reports is inside read-only tree /repo" in verdict(evaluate(c, p, good(p, paths=bad)), "paths").message
+    out = ok.model_copy(update={"report_dir": "/tmp/reports"})
+    assert "outside the repository" in verdict(evaluate(c, p, good(p, paths=out)), "paths").message
+
+
+def test_overrides_mark_only_overridable_failed_guards():
+    c = cfg()
+    p = plan_for(c, device="cuda", gpus_available=1)
+    obs = good(p, nvml=NvmlReading(gpus=[GpuInfo(index=0, util_pct=99)]),
+               processes=[TrainingProcess(pid=1, age_s=1, cmdline="torchrun")],
+               disk=DiskState(path=ART, free_gib=0.0))
+    results = evaluate(c, p, obs, overrides=["gpus_idle", "no_other_training"])
+    assert [(r.name, r.ok, r.overridden) for r in results if not r.ok] == [
+        ("gpus_idle", False, True), ("no_other_training", False, True), ("disk", False, False)]
+    assert not passed(results)  # disk still refuses
+    obs2 = obs.model_copy(update={"disk": DiskState(path=ART, free_gib=10.0)})
+    assert passed(evaluate(c, p, obs2, overrides=["gpus_idle", "no_other_training"]))
+    # An override of a guard that passes changes nothing.
+    assert not any(r.overridden for r in evaluate(c, p, good(p), overrides=["gpus_idle"]))
+
+
+# ------------------------------------------------------------------------------- planning (pure)
+
+import shlex  # noqa: E402
+import sys  # noqa: E402
+
+from moectl.errors import UsageError  # noqa: E402
+from moectl.plan import command_text, make_request, parse_duration, planned_write_paths  # noqa: E402
+
+
+def test_plan_merges_defaults_under_flags_and_builds_the_exact_command():
+    c = cfg(project={"venv": ".venv", "name": "moe"}, defaults={"preset": "d12-moe", "cap": 1.25, "compile": "static", "save-every": 50})
+    p = plan_run(c, make_request(cap=1.0, tag="buf reuse/v2!", extra_args=["--seed", "3"]), NOW, None)
+    assert p.run_id == "20250102_030405_moe-buf_reuse_v2" and p.tag == "buf_reuse_v2"
+    assert p.exp_dir == "/art/20250102_030405_moe-buf_reuse_v2" and p.ckpt_dir == p.exp_dir + "/ckpt_root"
+    assert p.device == "cpu" and p.nproc == 1  # no NVML reading -> cpu, one process
+    assert p.python == "/repo/.venv/bin/python"
+    assert p.argv == [
+        "/repo/.venv/bin/python", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+        "-m", "engine.train", "--preset", "d12-moe", "--cap", "1.0", "--compile", "static", "--save-every", "50",
+        "--device", "cpu", "--out-dir", p.exp_dir, "--ckpt-dir", p.ckpt_dir, "--seed", "3",
+    ]
+    assert shlex.split(command_text(p)) == ["OMP_NUM_THREADS=1", *p.argv]
+    assert set(planned_write_paths(p)) >= {p.exp_dir, p.ckpt_dir, p.exp_dir + "/run.json", p.exp_dir + "/metrics.jsonl",
+                                          p.exp_dir + "/train.log", p.exp_dir + "/command.txt", p.exp_dir + "/git.diff"}
+
+
+def test_plan_default_tag_auto_device_and_gpu_selection():
+    c = cfg(defaults={"preset": "tiny"})
+    p = plan_run(c, make_request(cap=1.0, compile="static", fp8=True), NOW, 8)
+    assert p.tag == "tiny_cap1p0_static_fp8" and p.device == "cuda" and p.nproc == 8
+    assert "CUDA_VISIBLE_DEVICES" not in p.env
+    c2 = cfg(gpu={"devices": [2, 5]}, project={"venv": ""})
+    p2 = plan_run(c2, make_request(device="cuda"), NOW, 8)
+    assert p2.nproc == 2 and p2.env["CUDA_VISIBLE_DEVICES"] == "2,5" and p2.python == sys.executable
+    assert plan_run(c2, make_request(device="cuda", nproc=1), NOW, 8).nproc == 1
+
+
+def test_explicit_exp_dir_is_kept_as_given_for_the_guard():
+    c = cfg()
+    p = plan_run(c, make_request(exp_dir="/art/x/../../etc/evil"), NOW, None)
+    assert p.exp_dir == "/art/x/../../etc/evil"
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("30m", 1800), ("2h", 7200), ("1.5h", 5400), ("45", 45)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    "kwargs, line",
+    [
+        ({"wait_gpus": "soon"}, "--wait-gpus: cannot read duration 'soon'"),
+        ({"overrides": ["paths"]}, "--override: guard 'paths' cannot be overridden"),
+        ({"overrides": ["gpu"]}, "--override: unknown guard 'gpu'"),
+        ({"cap": -1.0}, "--cap: Input should be greater than or equal to 0"),
+        ({"compile": "fast"}, "--compile: Input should be 'static', 'dynamic' or 'none'"),
+        ({"device": "tpu"}, "--device: Input should be 'auto', 'cuda' or 'cpu'"),
+        ({"steps": 0}, "--steps: Input should be greater than 0"),
+    ],
+)
+def test_bad_run_options_are_one_line_usage_errors(kwargs, line):
+    with pytest.raises(UsageError) as e:
+        make_request(**kwargs)
+    assert e.value.message.startswith(line) and e.value.exit_code == 2

@@ -1,0 +1,163 @@
+"""Probes against the real world: git repos, processes, interpreters, symlinks (NVML: the fake file)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from moectl.config import load_config
+from moectl.guards import evaluate
+from moectl.plan import make_request, plan_run
+from moectl.probes import find_training_processes, observe, probe_disk, probe_git, probe_venv, read_nvml
+from tests.conftest import git, gpu
+
+
+def test_git_counts_on_a_real_repo(git_repo):
+    s = probe_git(git_repo)
+    assert (s.is_repo, s.branch, s.detached, s.in_progress) == (True, "main", False, None)
+    assert s.head == git(git_repo, "rev-parse", "HEAD").strip()
+    assert (s.modified, s.staged, s.untracked, s.dirty) == (0, 0, 0, False)
+    (git_repo / "README.md").write_text("changed\n")  # modified
+    (git_repo / "a.txt").write_text("a\n")
+    git(git_repo, "add", "a.txt")  # staged
+    (git_repo / "a.txt").write_text("a2\n")  # ...and modified again
+    (git_repo / "sub").mkdir()
+    (git_repo / "sub" / "u1").write_text("u\n")
+    (git_repo / "sub" / "u2").write_text("u\n")  # untracked (each file counts)
+    git(git_repo, "mv", "README.md", "README2.md")  # a rename record (two paths with -z)
+    s = probe_git(git_repo)
+    assert (s.modified, s.staged, s.untracked) == (2, 2, 2)
+
+
+def test_git_detached_mid_merge_and_not_a_repo(git_repo, tmp_path):
+    git(git_repo, "checkout", "-q", "--detach")
+    s = probe_git(git_repo)
+    assert s.detached and s.branch is None
+    git(git_repo, "switch", "-q", "main")
+    # A real conflicting merge leaves MERGE_HEAD.
+    git(git_repo, "switch", "-q", "-c", "other")
+    (git_repo / "README.md").write_text("other\n")
+    git(git_repo, "commit", "-q", "-am", "other")
+    git(git_repo, "switch", "-q", "main")
+    (git_repo / "README.md").write_text("main\n")
+    git(git_repo, "commit", "-q", "-am", "main")
+    subprocess.run(["git", "-C", str(git_repo), "merge", "other"], capture_output=True)
+    s = probe_git(git_repo)
+    assert s.in_progress == "merge" and s.modified == 1
+    outside = tmp_path / "plain"
+    outside.mkdir()
+    s = probe_git(outside)
+    assert not s.is_repo and "not inside a git repository" in s.error
+
+
+def test_fake_nvml_readings_and_device_selection(fake_nvml):
+    fake_nvml(gpus=[gpu(0), gpu(1, util_pct=90, processes=[{"pid": 5, "name": "python", "used_mib": 100}])])
+    r = read_nvml("all")
+    assert [g.index for g in r.gpus] == [0, 1] and r.gpus[1].processes[0].pid == 5 and r.driver == "580.1"
+    assert [g.index for g in read_nvml([1]).gpus] == [1]
+    fake_nvml(error="Driver Not Loaded")
+    r = read_nvml()
+    assert r.gpus is None and r.error == "Driver Not Loaded"
+
+
+def test_unreadable_fake_is_a_reading_not_a_crash(tmp_path, monkeypatch):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope")
+    monkeypatch.setenv("MOECTL_FAKE_NVML", str(bad))
+    r = read_nvml()
+    assert r.gpus is None and "unreadable" in r.error
+
+
+def test_real_nvml_never_raises(monkeypatch):
+    # No fake: the real pynvml. On a GPU-less machine that is an error string; on a GPU box a list.
+    monkeypatch.delenv("MOECTL_FAKE_NVML")
+    r = read_nvml()
+    assert (r.gpus is None) != (r.error is None)
+
+
+@pytest.fixture
+def fake_training():
+    """A real background process whose argv names torch.distributed.run and an --out-dir."""
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)",
+                          "torch.distributed.run", "--out-dir", "/art/20250101_000000_moe-x"])
+    time.sleep(0.3)
+    yield p
+    p.kill()
+    p.wait()
+
+
+def test_training_process_is_found_with_run_dir(fake_training):
+    found = {t.pid: t for t in find_training_processes("engine.train")}
+    assert fake_training.pid in found
+    t = found[fake_training.pid]
+    assert t.run_dir == "/art/20250101_000000_moe-x" and "torch.distributed.run" in t.cmdline and 0 <= t.age_s < 30
+
+
+def test_module_invocation_is_training_and_ancestors_are_excluded():
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "-m", "my.train"])
+    try:
+        time.sleep(0.3)
+        assert p.pid in {t.pid for t in find_training_processes("my.train")}
+        assert p.pid not in {t.pid for t in find_training_processes("engine.train")}
+    finally:
+        p.kill()
+        p.wait()
+    import os
+
+    assert os.getpid() not in {t.pid for t in find_training_processes("engine.train")}
+
+
+def test_venv_probe_on_real_interpreters(tmp_path):
+    cfg_file = tmp_path / ".moectl.toml"
+    cfg_file.write_text('[project]\nvenv = ""\n')
+    v = probe_venv(load_config(cfg_file))
+    assert v.exists and v.in_venv and v.has_torch  # this interpreter (the project venv) has torch
+    # A real venv without torch (no pip: fast).
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")], check=True)
+    cfg_file.write_text('[project]\nvenv = "bare"\n')
+    v = probe_venv(load_config(cfg_file))
+    assert v.exists and v.in_venv and v.has_torch is False
+    cfg_file.write_text('[project]\nvenv = "missing"\n')
+    v = probe_venv(load_config(cfg_file))
+    assert not v.exists and "does not exist" in v.error
+
+
+def test_disk_measures_nearest_existing_ancestor(tmp_path):
+    d = probe_disk(tmp_path / "not" / "yet")
+    assert d.path == str(tmp_path) and d.free_gib > 0
+
+
+def paths_verdict(project, **req):
+    cfg = load_config()
+    plan = plan_run(cfg, make_request(device="cpu", **req), datetime.now(), None)
+    obs = observe(cfg, plan)
+    return next(r for r in evaluate(cfg, plan, obs) if r.name == "paths"), obs
+
+
+def test_symlink_escaping_the_root_is_refused(project, artifact_root, tmp_path):
+    artifact_root.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (artifact_root / "escape").symlink_to(elsewhere)
+    r, obs = paths_verdict(project, exp_dir=str(artifact_root / "escape" / "run1"))
+    assert not r.ok and f"resolves to {elsewhere.resolve()}/run1" in r.message
+    r, _ = paths_verdict(project, exp_dir=str(artifact_root / "fine"))
+    assert r.ok
+
+
+def test_dotdot_and_tilde_are_resolved(project, artifact_root, monkeypatch, tmp_path):
+    r, _ = paths_verdict(project, exp_dir=str(artifact_root) + "/a/../../outside")
+    assert not r.ok and "is outside artifact_root" in r.message
+    monkeypatch.setenv("HOME", str(tmp_path))
+    r, _ = paths_verdict(project, exp_dir="~/artifacts/run2")  # ~ = tmp_path -> inside the root
+    assert r.ok, r.message
+
+
+def test_read_only_tree_inside_the_root_is_refused(project, artifact_root):
+    (project / ".moectl.toml").write_text(f'[project]\nvenv = ""\n[paths]\nread_only = ["{artifact_root}/keep"]\n')
+    r, _ = paths_verdict(project, exp_dir=str(artifact_root / "keep" / "run"))
+    assert not r.ok and "inside read-only tree" in r.message
