@@ -198,6 +198,38 @@ def _experts_bmm(x_ECD, w_up_EDH, w_down_EHD, fp8: bool):
     return torch.bmm(F.relu(torch.bmm(x_ECD, w_up_EDH)).square(), w_down_EHD)
 
 
+# torch._grouped_mm runs on CPU in fp32, but its meta (fake tensor) kernel insists on bf16, so
+# torch.compile cannot trace an fp32 call. We wrap it in a custom op with our own shape function;
+# its backward calls the same op (x-grad: g @ w^T per group; w-grad: x^T @ g grouped over tokens),
+# which also hands _grouped_mm contiguous grads (its CPU backward breaks on stride-0 ones).
+@torch.library.custom_op("engine_moe::grouped_mm", mutates_args=())
+def _grouped_mm_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+@_grouped_mm_op.register_fake
+def _(a, b, offs):
+    if b.dim() == 3:  # [M, K] x [G, K, N] -> [M, N]
+        return a.new_empty(a.shape[0], b.shape[-1])
+    return a.new_empty(offs.shape[0], a.shape[0], b.shape[1])  # [K, M] x [M, N] grouped over M
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    a, b, offs = inputs
+    ctx.save_for_backward(a, b, offs)
+
+
+def _grouped_mm_backward(ctx, grad):
+    x_MK, w_GKN, offs = ctx.saved_tensors
+    grad = grad.contiguous()
+    gx = _grouped_mm_op(grad, w_GKN.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
+    gw = _grouped_mm_op(x_MK.t(), grad, offs) if ctx.needs_input_grad[1] else None
+    return gx, gw, None
+
+
+_grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype, dim: int, hidden: int) -> tuple[bool, str]:
     """Whether torch._grouped_mm takes these operands (else the dropless path uses padded bmm)."""
     if not hasattr(torch, "_grouped_mm"):
@@ -288,8 +320,8 @@ class MoELayer(nn.Module):
         offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
         none = experts_A.new_empty(0, dtype=torch.bool)  # no masks: every assignment is kept
         x_AD = _Dispatch.apply(x_ND, order_A // K, rank_A, none, K)
-        h_AH = F.relu(torch._grouped_mm(x_AD, w_up, offs=offs_E)).square()
-        y_AD = torch._grouped_mm(h_AH, w_down, offs=offs_E)
+        h_AH = F.relu(_grouped_mm_op(x_AD, w_up, offs_E)).square()
+        y_AD = _grouped_mm_op(h_AH, w_down, offs_E)
         return _Combine.apply(y_AD, gate_A, rank_A, order_A, none, K)
 
     def _grouped_fp8(self, x_ND, experts_A, gate_A, counts_E, w_up, w_down):
