@@ -6,16 +6,16 @@ from pathlib import Path
 from typing import Annotated, Any, List, Optional
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from moectl.cli.common import app, handle_errors, print_json, stderr, stdout
+from moectl.cli.options import ConfigOpt, JsonOpt
 from moectl.errors import UsageError
 
 STATUSES = ("created", "running", "completed", "failed", "interrupted", "imported", "stale")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Path to .moectl.toml (default: nearest above cwd).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (stable keys, no colour).")]
 
 
 def _config(path: Optional[Path]):
@@ -34,6 +34,15 @@ def _warn_corrupt(messages: list[str]) -> None:
         stderr.print(f"warning: skipped {len(messages)} unreadable run record(s)", markup=False)
         for m in messages:
             stderr.print(f"  {m}", markup=False)
+
+
+def _print_table(table: Table) -> None:
+    """Tables are never squeezed into 80 columns when piped or captured (rich's default then):
+    a file or a pager can take a wide line, a folded number is useless."""
+    if stdout.is_terminal:
+        stdout.print(table)
+    else:
+        Console(width=max(stdout.width, 200), highlight=False, soft_wrap=True).print(table)
 
 
 def _num(value: Optional[float], decimals: int = 2) -> str:
@@ -72,29 +81,34 @@ def runs_cmd(
     if not runs:
         stdout.print(f"no runs under {cfg.artifact_root}", markup=False)
         return
-    table = Table(title=f"runs in {cfg.artifact_root}", title_justify="left")
-    for col in ("id", "status", "tag", "preset", "cap", "compile", "fp8"):
-        table.add_column(col, no_wrap=col == "id")
-    for col in ("tok/sec", "MFU %", "peak MiB", "min"):
-        table.add_column(col, justify="right")
     colours = {"completed": "green", "failed": "red", "interrupted": "yellow", "stale": "magenta", "running": "cyan"}
-    for r in runs:
-        o, s = r.options or {}, r.summary
+
+    def status_cell(r) -> str:
         st = r.display_status
-        table.add_row(
-            r.id,
-            f"[{colours[st]}]{st}[/]" if st in colours else st,
-            r.tag or "",
-            str(o.get("preset", "")),
-            "" if o.get("cap") is None else str(o["cap"]),
-            str(o.get("compile", "")),
-            "yes" if o.get("fp8") else "",
-            _num(s.tok_per_sec) if s else "—",
-            _num(s.mfu, 4) if s else "—",
-            _num(s.peak_mem_mib) if s else "—",
-            _num(s.total_time_min) if s else "—",
-        )
-    stdout.print(table)
+        return f"[{colours[st]}]{st}[/]" if st in colours else st
+
+    def opt(key, show=str):
+        return lambda r: "" if (r.options or {}).get(key) in (None, False) else show(r.options[key])
+
+    def metric(key, decimals):
+        return lambda r: _num(getattr(r.summary, key), decimals) if r.summary else "—"
+
+    columns = [  # (header, right-aligned, cell); option columns with no value in any row are dropped
+        ("id", False, lambda r: r.id), ("status", False, status_cell), ("tag", False, lambda r: r.tag or ""),
+        ("preset", False, opt("preset")), ("cap", False, opt("cap")), ("compile", False, opt("compile")),
+        ("fp8", False, opt("fp8", lambda v: "yes")),
+        ("tok/sec", True, metric("tok_per_sec", 0)), ("MFU %", True, metric("mfu", 2)),
+        ("peak MiB", True, metric("peak_mem_mib", 0)), ("min", True, metric("total_time_min", 2)),
+    ]
+    cells = [[cell(r) for _, _, cell in columns] for r in runs]
+    keep = [i for i, (h, _, _) in enumerate(columns) if h in ("id", "status") or any(row[i] not in ("", "—") for row in cells)]
+    table = Table(title=f"runs in {cfg.artifact_root}", title_justify="left")
+    for i in keep:
+        header, right, _ = columns[i]
+        table.add_column(header, justify="right" if right else "left", no_wrap=header != "tag", overflow="fold")
+    for row in cells:
+        table.add_row(*(row[i] for i in keep))
+    _print_table(table)
 
 
 # --- show ----------------------------------------------------------------------------------------
@@ -180,7 +194,7 @@ def show_cmd(
         for g in rec.guards:
             mark = "overridden" if g.overridden else ("skipped" if g.skipped else ("pass" if g.ok else "FAIL"))
             table.add_row(g.name, mark, g.message)
-        stdout.print(table)
+        _print_table(table)
     if rec.overrides:
         out("overrides: " + ", ".join(rec.overrides), markup=False)
     if files:
@@ -222,28 +236,35 @@ def load_comparison(root: Path, refs: list[str], baseline: Optional[str], window
     return compare(inputs, baseline_index=base_index, window=window), unique
 
 
+# Terminal precision (the markdown and JSON keep the seed's full precision).
+_TERM_DECIMALS = {"tok_per_sec": 0, "dt_ms": 2, "mfu": 3, "peak_mem_mib": 0, "total_time_min": 2,
+                  "final_loss": 3, "drop_frac": 3}
+
+
 def _compare_table(comparison) -> Table:
+    """Runs as rows; each cell: value ±stderr, then Δ% (green/red when beyond noise, marked *).
+    Metrics no run has are left out so the table fits a terminal."""
     from moectl.metrics import HIGHER_IS_BETTER, METRICS
     from moectl.report import COLUMNS
 
+    shown = [m for m in METRICS if any(r.metrics[m].value is not None for r in comparison.runs)]
     table = Table(title=f"tail window {comparison.window} · baseline {comparison.baseline}", title_justify="left")
-    table.add_column("run")
+    table.add_column("run", overflow="fold")
     table.add_column("steps", justify="right")
-    for m in METRICS:
-        table.add_column(COLUMNS[m][0], justify="right")
+    for m in shown:
+        table.add_column(COLUMNS[m][0], justify="right", no_wrap=True)
     for r in comparison.runs:
         is_base = r.id == comparison.baseline
         cells = []
-        for m in METRICS:
-            mv, dec = r.metrics[m], COLUMNS[m][1]
+        for m in shown:
+            mv, dec = r.metrics[m], _TERM_DECIMALS[m]
             text = _num(mv.value, dec)
             if mv.stderr is not None:
-                text += f" ±{mv.stderr:,.{dec}f}"
+                text += f"\n±{mv.stderr:,.{dec}f}"
             if not is_base and mv.delta_pct is not None:
-                mark = "*" if mv.beyond_noise else ""
                 good = (mv.delta_pct > 0) == (m in HIGHER_IS_BETTER)
                 colour = ("green" if good else "red") if mv.beyond_noise else "dim"
-                text += f"\n[{colour}]{mv.delta_pct:+.2f}%{mark}[/]"
+                text += f"\n[{colour}]{mv.delta_pct:+.2f}%{'*' if mv.beyond_noise else ''}[/]"
             cells.append(text)
         table.add_row((r.tag or r.id) + (" (base)" if is_base else ""), str(r.steps), *cells)
     return table
@@ -285,7 +306,9 @@ def compare_cmd(
     if markdown:
         stdout.out(text, end="")
     else:
-        stdout.print(_compare_table(comparison))
+        _print_table(_compare_table(comparison))
+        stdout.print("± standard error of the tail mean · Δ% vs baseline · * beyond noise "
+                     "(|a−b| > 2·√(se_a²+se_b²))", markup=False)
         for note in comparison.notes:
             stdout.print(note, markup=False)
     if written is not None:
@@ -307,7 +330,7 @@ def _write_compare_report(cfg, comparison, records, table_md: str) -> Path:
     write_text_atomic(path, body)
     from moectl.gitops import commit_paths  # another module's job; imported only when committing
 
-    commit_paths(cfg.root, [path], compare_commit_message(comparison))
+    commit_paths(cfg.root, [path], compare_commit_message(comparison), branch=cfg.project.branch)
     return path
 
 

@@ -1,0 +1,209 @@
+"""`moectl runs / show / compare / import` through typer's CliRunner, in a real git repository with
+a real .moectl.toml (conftest `project`) and an isolated artifact root (MOECTL_ARTIFACT_ROOT)."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from moectl.cli import app
+from moectl.records import RUN_RECORD, RunRecord
+from moectl.store import create_run_dir, save_run
+
+FIXTURES = Path(__file__).parent / "fixtures"
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def imported(name: str, fixture: str, fmt: str, *extra: str) -> dict:
+    r = invoke("import", str(FIXTURES / fixture), "--format", fmt, "--name", name, "--json", *extra)
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+@pytest.mark.parametrize("command", ["runs", "show", "compare", "import"])
+def test_help_has_an_example(command):
+    r = invoke(command, "--help")
+    assert r.exit_code == 0 and "Example" in r.stdout and f"moectl {command}" in r.stdout
+
+
+def test_import_nanochat_uses_config_window(project, artifact_root):
+    # window 4 from .moectl.toml: steps 4..7 of the fixture
+    with open(project / ".moectl.toml", "a") as fh:
+        fh.write("\n[metrics]\nwindow = 4\n")
+    rec = imported("nano", "nanochat_small.log", "nanochat")
+    assert rec["status"] == "imported" and rec["tag"] == "nano" and rec["skipped"] == 1
+    s = rec["summary"]
+    assert s["window"] == 4 and s["steps"] == 4
+    # tok/sec (12000+13000+14000+15000)/4, dt (600+620+640+660)/4, MFU (1.2+1.3+1.4+1.5)/4
+    assert s["tok_per_sec"] == pytest.approx(13500.0)
+    assert s["dt_ms"] == pytest.approx(630.0)
+    assert s["mfu"] == pytest.approx(1.35)
+    assert s["peak_mem_mib"] == 1234.5 and s["total_time_min"] == pytest.approx(0.5) and s["final_loss"] == 5.5
+    run_dir = Path(rec["exp_dir"])
+    assert run_dir.parent == artifact_root.resolve() and (run_dir / "metrics.jsonl").is_file()
+    assert [p.name for p in artifact_root.iterdir()] == [run_dir.name]  # no temp dirs left behind
+
+
+def test_import_text_output_and_all_formats(project):
+    r = invoke("import", str(FIXTURES / "steps_seed_style.csv"), "-f", "csv", "--name", "seedlike")
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert lines[0].endswith("_moe-seedlike") and "1 malformed" in r.stdout
+    # all 5 steps (window 50): tok/sec (58000+700000+800000+820000+790000)/5
+    assert "633,600.00" in r.stdout
+    js = imported("js", "metrics_small.jsonl", "jsonl")
+    # all 6 steps, after the resumed step 3 replaced its first line: (1000+2000+1900+2100+2000+1950)/6
+    assert js["summary"]["tok_per_sec"] == pytest.approx(10950 / 6)
+    alpha = imported("alpha", "steps_engine_style.csv", "csv", "--run", "alpha")
+    assert alpha["summary"]["peak_mem_mib"] == 210.0 and alpha["summary"]["mfu"] is None
+
+
+@pytest.mark.parametrize(
+    "content, fmt",
+    [(None, "nanochat"), ("", "nanochat"), ("nothing here\n", "nanochat"), ("{bad\n", "jsonl"), ("a,b\n1,2\n", "csv")],
+)
+def test_import_bad_file_exit_2_one_line_nothing_written(project, artifact_root, tmp_path, content, fmt):
+    log = tmp_path / "bad.log"
+    if content is not None:
+        log.write_text(content)
+    r = invoke("import", str(log), "--format", fmt, "--name", "bad")
+    assert r.exit_code == 2
+    assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in r.output
+    assert not artifact_root.exists() or list(artifact_root.iterdir()) == []
+
+
+def test_import_rejects_bad_name_and_format(project):
+    assert invoke("import", str(FIXTURES / "nanochat_small.log"), "--name", "../evil").exit_code == 2
+    assert invoke("import", str(FIXTURES / "nanochat_small.log"), "--name", "x", "-f", "yaml").exit_code == 2
+
+
+def test_runs_json_table_filters(project, artifact_root):
+    a = imported("first", "metrics_small.jsonl", "jsonl")
+    b = imported("second", "nanochat_small.log", "nanochat")
+    r = invoke("runs", "--json")
+    assert r.exit_code == 0
+    data = json.loads(r.stdout)
+    assert [d["id"] for d in data] == [b["id"], a["id"]]  # newest first
+    for key in ("id", "tag", "status", "created_at", "started_at", "finished_at", "exit_code", "argv", "options",
+                "git", "guards", "overrides", "exp_dir", "summary", "error"):
+        assert key in data[0]
+    assert [d["id"] for d in json.loads(invoke("runs", "--json", "--limit", "1").stdout)] == [b["id"]]
+    assert json.loads(invoke("runs", "--json", "--status", "failed").stdout) == []
+    table = invoke("runs")
+    assert table.exit_code == 0 and a["id"] in table.stdout and "imported" in table.stdout
+    assert "10,938" in table.stdout  # nano tail tok/sec 87500/8 = 10937.5, shown without decimals
+    assert invoke("runs", "--status", "nope").exit_code == 2
+
+
+def test_runs_skips_corrupt_record_and_shows_stale(project, artifact_root):
+    good = imported("good", "metrics_small.jsonl", "jsonl")
+    broken = artifact_root / "20260101_000000_moe-broken"
+    broken.mkdir()
+    (broken / RUN_RECORD).write_text('{"id": "20260101_000000_moe-bro')  # half-written
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # a pid that is certainly gone
+    d = create_run_dir(artifact_root / "20260102_000000_moe-ghost")
+    now = datetime.now().astimezone().isoformat()
+    save_run(RunRecord(id=d.name, tag="ghost", status="running", created_at=now, started_at=now,
+                       exp_dir=str(d), pid=proc.pid, host=socket.gethostname()))
+    r = invoke("runs", "--json")
+    assert r.exit_code == 0
+    data = {x["tag"]: x for x in json.loads(r.stdout)}
+    assert set(data) == {"good", "ghost"} and data["good"]["id"] == good["id"]
+    assert data["ghost"]["status"] == "stale" and data["ghost"]["recorded_status"] == "running"
+    assert "skipped 1 unreadable run record" in r.stderr and "broken" in r.stderr
+    assert [x["tag"] for x in json.loads(invoke("runs", "--json", "--status", "stale").stdout)] == ["ghost"]
+    assert json.loads((d / RUN_RECORD).read_text())["status"] == "running"  # never rewritten on read
+    shown = invoke("show", "ghost")
+    assert shown.exit_code == 0 and "stale" in shown.stdout
+
+
+def test_show_json_and_text(project):
+    rec = imported("nano", "nanochat_small.log", "nanochat")
+    r = invoke("show", "nano", "--json")
+    assert r.exit_code == 0
+    data = json.loads(r.stdout)
+    assert data["id"] == rec["id"] and data["metrics_steps"] == 8
+    assert {f["name"] for f in data["files"]} == {"run.json", "metrics.jsonl"}
+    text = invoke("show", rec["id"][:12])  # a unique id prefix
+    assert text.exit_code == 0 and rec["id"] in text.stdout
+    assert "10.5000 → 5.5000" in text.stdout and any(c in text.stdout for c in "▁▂▃▄▅▆▇█")
+
+
+def test_unknown_and_ambiguous_refs_exit_2(project):
+    imported("alpha", "metrics_small.jsonl", "jsonl")
+    imported("alpine", "metrics_small.jsonl", "jsonl")
+    r = invoke("show", "gamma")
+    assert r.exit_code == 2
+    assert r.stderr.startswith("error: no run matches 'gamma' under ") and len(r.stderr.strip().splitlines()) == 1
+    amb = invoke("compare", "alp", "alpha")
+    assert amb.exit_code == 2 and "ambiguous" in amb.stderr
+    assert "moe-alpha (tag alpha)" in amb.stderr and "moe-alpine (tag alpine)" in amb.stderr
+
+
+def test_compare_json_contract_and_baseline(project):
+    base = imported("base", "nanochat_small.log", "nanochat")
+    other = imported("other", "metrics_small.jsonl", "jsonl")
+    r = invoke("compare", "base", "other", "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["baseline"] == base["id"] and data["window"] == 50
+    assert [x["id"] for x in data["runs"]] == [base["id"], other["id"]]
+    names = {"tok_per_sec", "dt_ms", "mfu", "peak_mem_mib", "total_time_min", "final_loss", "drop_frac"}
+    for run in data["runs"]:
+        assert {"id", "tag", "steps", "metrics"} <= set(run) and set(run["metrics"]) == names
+        assert all({"value", "delta_pct", "stderr"} <= set(v) for v in run["metrics"].values())
+    tps = data["runs"][1]["metrics"]["tok_per_sec"]
+    # 10950/6 vs 87500/8, both hand-derived from the fixture rows
+    assert tps["delta_pct"] == pytest.approx((10950 / 6 - 87500 / 8) / (87500 / 8) * 100)
+    assert data["runs"][1]["metrics"]["mfu"] == {"value": None, "delta_pct": None, "stderr": None, "beyond_noise": None}
+    # --baseline: the other run, by tag; --window 3
+    r2 = json.loads(invoke("compare", "base", "other", "--baseline", "other", "--window", "3", "--json").stdout)
+    assert r2["baseline"] == other["id"] and r2["window"] == 3
+    assert r2["runs"][1]["metrics"]["tok_per_sec"]["delta_pct"] == 0.0
+    # a baseline not among the runs is added in front
+    r3 = json.loads(invoke("compare", "other", "--baseline", "base", "--json").stdout)
+    assert [x["id"] for x in r3["runs"]] == [base["id"], other["id"]]
+
+
+def test_compare_markdown_and_table(project):
+    imported("base", "nanochat_small.log", "nanochat")
+    imported("other", "metrics_small.jsonl", "jsonl")
+    md = invoke("compare", "base", "other", "--markdown")
+    assert md.exit_code == 0
+    assert md.stdout.startswith("| run | steps | tok/sec |") and "base (baseline)" in md.stdout
+    assert "standard error" in md.stdout and "still comparable" in md.stdout
+    table = invoke("compare", "base", "other")
+    assert table.exit_code == 0 and "(base)" in table.stdout and "beyond noise" in table.stdout
+    assert invoke("compare", "base").exit_code == 2  # one run only
+
+
+def test_compare_write_report_commits_only_the_report(project):
+    from tests.conftest import git
+
+    imported("base", "nanochat_small.log", "nanochat")
+    imported("other", "metrics_small.jsonl", "jsonl")
+    (project / "user_staged.txt").write_text("mine\n")
+    git(project, "add", "user_staged.txt")
+    (project / "README.md").write_text("user edit\n")
+    r = invoke("compare", "base", "other", "--write-report", "--json")
+    assert r.exit_code == 0, r.output
+    report = Path(json.loads(r.stdout)["report"])
+    assert report.parent == (project / "reports").resolve() and report.name.endswith("_compare_other_vs_base.md")
+    assert "| run | steps |" in report.read_text()
+    subject = git(project, "log", "-1", "--format=%s").strip()
+    assert subject.startswith("report: compare other vs base — ")
+    assert git(project, "show", "--name-only", "--format=", "HEAD").split() == [report.relative_to(project.resolve()).as_posix()]
+    status = git(project, "status", "--porcelain")
+    assert "A  user_staged.txt" in status and " M README.md" in status

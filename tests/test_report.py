@@ -1,0 +1,91 @@
+"""Markdown reports and commit messages (moectl/report.py)."""
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+from engine.schema import StepMetrics
+from moectl.metrics import MetricsFile, RunMetrics, compare
+from moectl.records import GitInfo, GuardResult, RunRecord, Summary
+from moectl.report import commit_message, compare_commit_message, compare_markdown, report_path, run_report
+
+
+def record(tag="bufreuse", tps=806400.06, status="completed", **kw) -> RunRecord:
+    return RunRecord(
+        id=f"20260224_182427_moe-{tag}", tag=tag, status=status, created_at="2026-02-24T18:24:27+08:00",
+        exp_dir=f"/tmp/exp/20260224_182427_moe-{tag}",
+        options=kw.pop("options", {"preset": "d12-moe", "compile": "static", "cap": 1.0}),
+        summary=Summary(window=50, steps=50, tok_per_sec=tps, dt_ms=650.67, mfu=9.7588, peak_mem_mib=18987.83,
+                        total_time_min=2.97, final_loss=3.723798),
+        **kw,
+    )
+
+
+def test_report_path_format_and_unique(tmp_path):
+    now = datetime(2026, 2, 24, 18, 29, 5)
+    p = report_path(tmp_path, "capacity opt/bufreuse", now)
+    assert p == tmp_path / "20260224_1829_capacity_opt_bufreuse.md"
+    p.write_text("x")
+    p2 = report_path(tmp_path, "capacity opt/bufreuse", now)
+    assert p2.name == "20260224_1829_capacity_opt_bufreuse-2.md" and not p2.exists()
+
+
+def test_commit_message_matches_the_spec_example():
+    # SPEC §9: `report: static cap1.0 bufreuse — 806400 tok/s (+2.70% vs static_cap1p0)`;
+    # both throughputs are the seed study's published figures.
+    base = record(tag="static_cap1p0", tps=785203.42)
+    assert commit_message(record(), base) == "report: static cap1.0 bufreuse — 806400 tok/s (+2.70% vs static_cap1p0)"
+    assert commit_message(record()) == "report: static cap1.0 bufreuse — 806400 tok/s"
+
+
+def test_commit_message_failed_run():
+    rec = record(status="failed", exit_code=4, options={"compile": "none", "cap": 1.25, "fp8": True})
+    assert commit_message(rec) == "report: none cap1.25 fp8 bufreuse — failed (exit 4), 806400 tok/s so far"
+
+
+def test_run_report_sections():
+    rec = record(
+        status="failed", exit_code=4, error="Traceback ...\nRuntimeError: CUDA out of memory",
+        overrides=["gpus_idle"], argv=["python", "-m", "torch.distributed.run", "-m", "engine.train"],
+        guards=[GuardResult(name="gpus_idle", ok=False, message="GPU 3 at 40% util", overridable=True, overridden=True)],
+        git=GitInfo(branch="main", commit="0123456789abcdef", dirty=True),
+    )
+    md = run_report(rec, notes="Hypothesis: reusing padded buffers cuts allocator churn.")
+    assert md.startswith("# static cap1.0 bufreuse — failed\n")
+    assert "Hypothesis: reusing padded buffers" in md
+    assert "| cap | `1.0` |" in md and "| preset | `d12-moe` |" in md
+    assert "806400.06" in md and "650.67" in md and "9.7588" in md and "18987.83" in md
+    assert "## Overrides (guards skipped knowingly)" in md and "`gpus_idle`: GPU 3 at 40% util" in md
+    assert "## Error" in md and "CUDA out of memory" in md
+    assert "file:///tmp/exp/20260224_182427_moe-bufreuse" in md
+    assert "`main` @ `0123456789ab` (dirty" in md
+    assert "python -m torch.distributed.run -m engine.train" in md
+
+
+def test_run_report_with_baseline_comparison():
+    def run(id_, values):
+        return RunMetrics(id=id_, tag=id_, metrics=MetricsFile(
+            steps=[StepMetrics(step=i, loss=1.0, tok_per_sec=v) for i, v in enumerate(values)]))
+
+    c = compare([run("static_cap1p0", [100.0, 101.0, 99.0]), run("bufreuse", [110.0, 111.0, 109.0])], window=50)
+    md = run_report(record(), comparison_vs_baseline=c)
+    assert "## Against the baseline" in md and "(+10.00%*)" in md
+    assert "## Error" not in md and "## Overrides" not in md
+
+
+def test_compare_markdown_table_and_legend():
+    def run(id_, values, preset):
+        return RunMetrics(id=id_, tag=id_, options={"preset": preset}, metrics=MetricsFile(
+            steps=[StepMetrics(step=i, loss=2.0, tok_per_sec=v, dt_ms=10.0) for i, v in enumerate(values)]))
+
+    c = compare([run("a", [100.0, 100.0, 100.0, 100.0], "tiny"), run("b", [100.0, 102.0, 98.0, 101.0], "d12-moe")],
+                window=50)
+    md = compare_markdown(c)
+    lines = md.splitlines()
+    assert lines[0] == "| run | steps | tok/sec | dt (ms) | MFU % | peak mem (MiB) | total (min) | final loss | drop frac |"
+    assert lines[1].startswith("| --- | ---: |")
+    assert lines[2].startswith("| a (baseline) | 4 | 100.00 ±0.00 | 10.00 ±0.00 | — |")
+    # b: mean 100.25 (+0.25%), not beyond noise -> no star
+    assert "| b | 4 | 100.25 ±" in lines[3] and "(+0.25%)" in lines[3]
+    assert "standard error" in md and "beyond noise" in md and "presets differ" in md
+    assert compare_commit_message(c) == "report: compare b vs a — 100 tok/s (+0.25%)"
