@@ -48,13 +48,13 @@ def gpu(index: int = 0, util_pct: float = 0, mem_used_mib: float = 0, processes=
 
 
 @pytest.fixture(autouse=True)
-def fake_nvml(tmp_path: Path, monkeypatch):
+def fake_nvml(tmp_path_factory, monkeypatch):
     """Write the fake NVML reading (moectl.probes docstring) and point MOECTL_FAKE_NVML at it.
 
         fake_nvml(gpus=[gpu(0), gpu(1, util_pct=90)])   # GPUs
         fake_nvml(error="Driver Not Loaded")            # NVML failing
     Default (autouse): NVML library not found, i.e. a machine without GPUs."""
-    path = tmp_path / "fake_nvml.json"
+    path = tmp_path_factory.mktemp("nvml") / "fake_nvml.json"  # outside tmp_path: tests own that
 
     def write(gpus=None, error=None, driver="580.1") -> Path:
         data = {"error": error} if error is not None else {"gpus": gpus or [], "driver": driver}

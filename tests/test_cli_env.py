@@ -1,0 +1,235 @@
+"""`moectl init`, `status`, `check` through CliRunner: exit codes and parsed JSON on real repos,
+real processes and locks; GPU states from the fake NVML file."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import moectl.cli.env  # noqa: F401  registers init/status/check
+from moectl.cli.common import app
+from moectl.config import CONFIG_NAME, TEMPLATE
+from moectl.lock import acquire
+from tests.conftest import git, gpu
+from tests.test_lock import dead_pid, plant
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def check_json(*args: str):
+    r = invoke("check", "--json", *args)
+    data = json.loads(r.stdout)
+    return r.exit_code, data, {g["name"]: g for g in data["guards"]}
+
+
+# ------------------------------------------------------------------------------------------- init
+
+
+def test_init_writes_the_template_and_refuses_to_overwrite(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = invoke("init")
+    assert r.exit_code == 0 and (tmp_path / CONFIG_NAME).read_text() == TEMPLATE
+    assert sorted(os.listdir(tmp_path)) == [CONFIG_NAME]  # adds nothing else
+    r = invoke("init")
+    assert r.exit_code == 2 and "already exists" in r.stderr and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("command", ["init", "status", "check"])
+def test_help_has_an_example(command):
+    r = invoke(command, "--help")
+    assert r.exit_code == 0 and "Example:" in r.stdout and f"moectl {command}" in r.stdout
+
+
+# ----------------------------------------------------------------------------------------- status
+
+
+def test_status_json_contract_with_gpus(project, fake_nvml, artifact_root):
+    fake_nvml(gpus=[gpu(0), gpu(1, util_pct=97, mem_used_mib=70000, processes=[{"pid": 4242, "name": "python", "used_mib": 69000}])])
+    (project / "README.md").write_text("dirty\n")
+    (project / "new.txt").write_text("x\n")
+    git(project, "add", "new.txt")
+    (project / "untracked.txt").write_text("x\n")
+    r = invoke("status", "--json")
+    assert r.exit_code == 0
+    s = json.loads(r.stdout)
+    assert {"gpus", "nvml_error", "training_processes", "lock", "git", "venv", "recent_runs"} <= set(s)
+    assert [(g["index"], g["util_pct"], g["mem_used_mib"]) for g in s["gpus"]] == [(0, 0, 0), (1, 97, 70000)]
+    assert s["gpus"][1]["processes"] == [{"pid": 4242, "name": "python", "used_mib": 69000}]
+    assert s["nvml_error"] is None and s["lock"] is None
+    assert {k: s["git"][k] for k in ("branch", "expected_branch", "dirty", "staged", "untracked")} == {
+        "branch": "main", "expected_branch": "main", "dirty": 1, "staged": 1, "untracked": 1}
+    assert s["venv"]["python"] == sys.executable and s["venv"]["has_torch"] is True
+    assert s["artifact_root"] == str(artifact_root.resolve())
+
+
+def test_status_text_shows_nvml_error_lock_and_training(project, artifact_root, fake_training):
+    with acquire(artifact_root, "20250101_000000_moe-held"):
+        r = invoke("status")
+    assert r.exit_code == 0
+    assert "NVML unavailable: NVML Shared Library Not Found" in r.stdout
+    assert "held: pid" in r.stdout and "20250101_000000_moe-held" in r.stdout
+    assert f"pid {fake_training.pid}" in r.stdout and "/art/20250101_000000_moe-x" in r.stdout
+    assert "main (expected)" in r.stdout
+
+
+def test_status_without_config_is_still_a_status(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = invoke("status", "--json")
+    s = json.loads(r.stdout)
+    assert r.exit_code == 0 and s["config"] is None and "moectl init" in s["config_error"]
+    assert s["git"]["error"] and s["gpus"] is None
+    r = invoke("status")
+    assert r.exit_code == 0 and "moectl init" in r.stdout
+
+
+def test_status_with_an_invalid_config_reports_it(project):
+    (project / CONFIG_NAME).write_text("[gpu]\nmax_util_pct = \"x\"\n")
+    r = invoke("status", "--json")
+    s = json.loads(r.stdout)
+    assert r.exit_code == 0 and "gpu.max_util_pct: Input should be a valid number" in s["config_error"]
+
+
+def test_status_json_never_imports_torch():
+    env = {**os.environ, "MOECTL_FAKE_NVML": "/nonexistent.json"}
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "moectl", "status", "--json"],
+                       cwd=REPO, capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    json.loads(r.stdout)
+    modules = [ln.rsplit("|", 1)[1].strip() for ln in r.stderr.splitlines() if ln.startswith("import time:")]
+    assert "moectl.probes" in modules  # the import log is real, and covers the status path
+    assert not [m for m in modules if m == "torch" or m.startswith("torch.")]
+
+
+# ------------------------------------------------------------------------------------------ check
+
+
+def test_check_passes_on_cpu_and_writes_nothing(project, artifact_root):
+    before = git(project, "status", "--porcelain")
+    # Other tests on this machine may be running torchrun right now; that guard is asserted below.
+    code, data, g = check_json("--cap", "1.0", "--tag", "smoke", "--override", "no_other_training", "--", "--seed", "1")
+    assert code == 0 and data["ok"] is True
+    assert all(g[n]["ok"] for n in ("config", "git", "venv", "paths", "fresh_dir", "disk"))
+    assert g["gpus_idle"]["ok"] and "cpu run" in g["gpus_idle"]["message"]
+    assert g["paths"]["overridable"] is False and g["gpus_idle"]["overridable"] is True
+    assert data["run_id"].endswith("_moe-smoke") and data["command"].endswith("--seed 1")
+    assert not artifact_root.exists() and git(project, "status", "--porcelain") == before
+
+
+def test_check_table_output_and_guard_exit_code(project, fake_nvml):
+    fake_nvml(gpus=[gpu(0, util_pct=80)])
+    r = invoke("check", "--device", "cuda", "--override", "no_other_training")
+    assert r.exit_code == 3
+    for name in ("config", "git", "venv", "paths", "fresh_dir", "gpus_idle", "no_other_training", "disk"):
+        assert name in r.stdout
+    assert "FAIL" in r.stdout and "GPU 0: util 80% > 5%" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "reading, fragment",
+    [
+        ({"gpus": [gpu(0, util_pct=60)]}, "util 60%"),
+        ({"gpus": [gpu(0, mem_used_mib=5000)]}, "5000 MiB used"),
+        ({"gpus": [gpu(0, processes=[{"pid": 31337, "name": "python", "used_mib": 10}])]}, "pid 31337"),
+        ({"error": "Driver Not Loaded"}, "NVML unavailable (Driver Not Loaded)"),
+    ],
+)
+def test_gpu_states_refuse_a_cuda_run_until_overridden(project, fake_nvml, reading, fragment):
+    fake_nvml(**reading)
+    code, data, g = check_json("--device", "cuda", "--override", "no_other_training")
+    assert code == 3 and not g["gpus_idle"]["ok"] and fragment in g["gpus_idle"]["message"]
+    code, data, g = check_json("--device", "cuda", "--override", "no_other_training", "--override", "gpus_idle")
+    assert code == 0 and g["gpus_idle"]["overridden"] is True
+
+
+def test_idle_gpus_pass_and_auto_device_picks_cuda(project, fake_nvml):
+    fake_nvml(gpus=[gpu(0), gpu(1)])
+    code, data, g = check_json("--override", "no_other_training")
+    assert code == 0 and g["gpus_idle"]["ok"] and not g["gpus_idle"]["skipped"]
+    assert "--nproc-per-node 2" in data["command"] and "--device cuda" in data["command"]
+
+
+def test_dotdot_exp_dir_refused_and_paths_not_overridable(project, artifact_root):
+    code, _, g = check_json("--exp-dir", f"{artifact_root}/x/../../escaped", "--override", "no_other_training")
+    assert code == 3 and not g["paths"]["ok"] and "outside artifact_root" in g["paths"]["message"]
+    r = invoke("check", "--override", "paths")
+    assert r.exit_code == 2 and "cannot be overridden" in r.stderr
+
+
+def test_symlink_escape_and_existing_dir(project, artifact_root, tmp_path):
+    artifact_root.mkdir()
+    (artifact_root / "link").symlink_to(tmp_path)
+    code, _, g = check_json("--exp-dir", str(artifact_root / "link" / "run"), "--override", "no_other_training")
+    assert code == 3 and "resolves to" in g["paths"]["message"]
+    (artifact_root / "used").mkdir()
+    code, _, g = check_json("--exp-dir", str(artifact_root / "used"), "--override", "no_other_training")
+    assert code == 3 and not g["fresh_dir"]["ok"] and g["paths"]["ok"]
+
+
+def test_read_only_tree_refused(project, artifact_root):
+    (project / CONFIG_NAME).write_text(f'[project]\nvenv = ""\n[paths]\nread_only = ["{artifact_root}/frozen"]\n')
+    code, _, g = check_json("--exp-dir", str(artifact_root / "frozen" / "r"), "--override", "no_other_training")
+    assert code == 3 and "inside read-only tree" in g["paths"]["message"]
+
+
+def test_wrong_branch_and_detached_head(project):
+    git(project, "switch", "-q", "-c", "feature")
+    code, _, g = check_json("--override", "no_other_training")
+    assert code == 3 and "expected 'main'" in g["git"]["message"]
+    git(project, "checkout", "-q", "--detach")
+    code, _, g = check_json("--override", "no_other_training")
+    assert code == 3 and "detached" in g["git"]["message"]
+
+
+@pytest.fixture
+def fake_training():
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)",
+                          "torch.distributed.run", "--out-dir", "/art/20250101_000000_moe-x"])
+    time.sleep(0.3)
+    yield p
+    p.kill()
+    p.wait()
+
+
+def test_running_training_process_refuses(project, fake_training):
+    code, _, g = check_json()
+    assert code == 3 and f"pid {fake_training.pid}" in g["no_other_training"]["message"]
+
+
+def test_live_lock_refuses_and_stale_lock_does_not(project, artifact_root):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        time.sleep(0.2)
+        plant(artifact_root, pid=sleeper.pid, started_ts=time.time(), run_id="live-run")
+        _, _, g = check_json()
+        assert not g["no_other_training"]["ok"] and "holds the run lock for live-run" in g["no_other_training"]["message"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    plant(artifact_root, pid=dead_pid(), run_id="dead-run")
+    _, _, g = check_json()
+    assert "holds the run lock" not in g["no_other_training"]["message"]
+    r = invoke("status", "--json")
+    assert json.loads(r.stdout)["lock"]["stale"] is True
+
+
+def test_check_without_config_and_bad_options_exit_2(tmp_path, monkeypatch, project):
+    r = invoke("check", "--cap", "-1")
+    assert r.exit_code == 2 and "--cap: Input should be greater than or equal to 0" in r.stderr
+    r = invoke("check", "--wait-gpus", "later")
+    assert r.exit_code == 2 and "--wait-gpus" in r.stderr
+    monkeypatch.chdir(tmp_path)
+    r = invoke("check")
+    assert r.exit_code == 2 and "moectl init" in r.stderr and "Traceback" not in r.output
+    r = invoke("check", "--config", str(project / CONFIG_NAME), "--json", "--override", "no_other_training")
+    assert r.exit_code == 0
