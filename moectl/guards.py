@@ -197,3 +197,26 @@ def check_request(cfg: Config, request: RunRequest, now: Optional[datetime] = No
     plan = plan_run(cfg, request, now or datetime.now(), len(nvml.gpus) if nvml.gpus is not None else None)
     obs = observe(cfg, plan, nvml=nvml)
     return plan, obs, evaluate(cfg, plan, obs, request.overrides)
+
+
+WAITABLE = ("gpus_idle", "no_other_training")  # guards that can clear by themselves (SPEC §5)
+
+
+def wait_until_clear(cfg: Config, request: RunRequest, timeout_s: float, poll_s: float = 10.0,
+                     on_wait: Optional[Callable[[list[GuardResult], float], None]] = None):
+    """`--wait-gpus`: re-check until every guard passes, or only guards 6-7 fail and `timeout_s`
+    has passed. Any other failing guard returns at once (waiting cannot fix a wrong branch).
+    `on_wait(results, waited_s)` is called before each sleep (progress line). Returns the last
+    (plan, observed, results): the plan is re-made each time, so its id is the launch time."""
+    import time
+
+    start = time.monotonic()
+    while True:
+        plan, obs, results = check_request(cfg, request)
+        failing = {r.name for r in results if not (r.ok or r.overridden)}
+        waited = time.monotonic() - start
+        if not failing or failing - set(WAITABLE) or waited >= timeout_s:
+            return plan, obs, results
+        if on_wait:
+            on_wait(results, waited)
+        time.sleep(min(poll_s, max(0.0, timeout_s - waited)))

@@ -287,6 +287,11 @@ def probe_venv(cfg: Config) -> VenvState:
     if not exists:
         state.error = f"{py} does not exist or is not executable"
         return state
+    # Fast path (status must stay quick): torch sitting in the venv's own site-packages. Otherwise
+    # (e.g. a --system-site-packages venv) ask the interpreter itself; both only locate the package.
+    if state.in_venv and any(py.parent.parent.glob("lib/python3*/site-packages/torch/__init__.py")):
+        state.has_torch = True
+        return state
     try:
         r = subprocess.run([str(py), "-c", _HAS_TORCH], capture_output=True, timeout=30)
         state.has_torch = r.returncode == 0

@@ -161,3 +161,32 @@ def test_read_only_tree_inside_the_root_is_refused(project, artifact_root):
     (project / ".moectl.toml").write_text(f'[project]\nvenv = ""\n[paths]\nread_only = ["{artifact_root}/keep"]\n')
     r, _ = paths_verdict(project, exp_dir=str(artifact_root / "keep" / "run"))
     assert not r.ok and "inside read-only tree" in r.message
+
+
+def test_wait_until_clear_returns_when_the_gpu_goes_idle(project, fake_nvml):
+    import threading
+
+    from moectl.guards import passed, wait_until_clear
+
+    fake_nvml(gpus=[gpu(0, util_pct=99)])
+    # Another engineer's torchrun may run on this machine meanwhile: that guard is overridden here.
+    req = make_request(device="cuda", overrides=["no_other_training"])
+    timer = threading.Timer(1.0, lambda: fake_nvml(gpus=[gpu(0)]))
+    timer.start()
+    try:
+        cfg = load_config()
+        waits = []
+        t0 = time.monotonic()
+        plan, obs, results = wait_until_clear(cfg, req, timeout_s=30, poll_s=0.2, on_wait=lambda r, w: waits.append(w))
+        assert passed(results) and waits and time.monotonic() - t0 < 25
+        # Still busy at the deadline: returns the refusal after about timeout_s.
+        fake_nvml(gpus=[gpu(0, util_pct=99)])
+        plan, obs, results = wait_until_clear(cfg, req, timeout_s=0.5, poll_s=0.2)
+        assert [r.name for r in results if not (r.ok or r.overridden)] == ["gpus_idle"]
+        # A guard that cannot clear by itself returns at once, without waiting.
+        git(project, "switch", "-q", "-c", "elsewhere")
+        t0 = time.monotonic()
+        plan, obs, results = wait_until_clear(cfg, req, timeout_s=60, poll_s=0.2)
+        assert not passed(results) and "git" in [r.name for r in results if not r.ok] and time.monotonic() - t0 < 30
+    finally:
+        timer.cancel()

@@ -28,7 +28,7 @@ WaitGpusOpt = Annotated[Optional[str], typer.Option("--wait-gpus", help="Poll th
 OverrideOpt = Annotated[Optional[list[str]], typer.Option("--override", help="Skip a guard knowingly (gpus_idle, no_other_training); repeatable, recorded.", show_default=False)]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Path to .moectl.toml (default: nearest one above the cwd).", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output (stable keys).")]
-ExtraArgs = Annotated[Optional[list[str]], typer.Argument(help="Extra engine arguments, after `--`.", metavar="[-- ENGINE_ARGS]", show_default=False)]
+ExtraArgs = Annotated[Optional[list[str]], typer.Argument(help="Extra engine arguments, after `--`.", metavar="-- ENGINE_ARGS", show_default=False)]
 
 
 def request_kwargs(*, cap, tag, compile, fp8, dispatch, steps, preset, device, nproc, exp_dir,
