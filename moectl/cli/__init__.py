@@ -8,6 +8,7 @@ from moectl.cli.common import app
 
 # Importing a module registers its commands on `app` (order = order in `moectl --help`).
 from moectl.cli import env as _env  # noqa: E402,F401  init, status, check
+from moectl.cli import run as _run  # noqa: E402,F401  run
 from moectl.cli import runs as _runs  # noqa: E402,F401  runs, show, compare, import
 
 

@@ -1,0 +1,158 @@
+"""`moectl run`: guards -> fresh directory -> torchrun -> live progress -> record -> report -> commit."""
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from moectl.cli.common import app, error, handle_errors, print_json, stdout
+from moectl.cli.options import (
+    CapOpt, CompileOpt, ConfigOpt, DeviceOpt, DispatchOpt, ExpDirOpt, ExtraArgs, Fp8Opt, JsonOpt,
+    NprocOpt, OverrideOpt, PresetOpt, StepsOpt, TagOpt, WaitGpusOpt, request_kwargs,
+)
+from moectl.errors import EXIT_GUARD, EXIT_OK
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+@handle_errors
+def run(
+    cap: CapOpt = None,
+    tag: TagOpt = None,
+    compile: CompileOpt = None,
+    fp8: Fp8Opt = None,
+    dispatch: DispatchOpt = None,
+    steps: StepsOpt = None,
+    preset: PresetOpt = None,
+    device: DeviceOpt = None,
+    nproc: NprocOpt = None,
+    exp_dir: ExpDirOpt = None,
+    wait_gpus: WaitGpusOpt = None,
+    override: OverrideOpt = None,
+    no_commit: Annotated[bool, typer.Option("--no-commit", help="Write the report but do not commit it.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the guard table and the exact command; write nothing.")] = False,
+    baseline: Annotated[Optional[str], typer.Option("--baseline", help="A run to compare against in the report and commit message.", show_default=False)] = None,
+    notes: Annotated[Optional[str], typer.Option("--notes", help="Hypothesis / notes for the report.", show_default=False)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live progress.")] = False,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+    extra: ExtraArgs = None,
+) -> None:
+    """Run one guarded training run: every guard, a fresh timestamped directory, torchrun from the
+    project's venv, live progress, the run record, a report, and a commit of that report only.
+
+    Exit codes: 0 completed, 2 bad options/config, 3 a guard refused, 4 training failed, 130 interrupted.
+
+    Examples:
+      [bold]moectl run --cap 1.0 --tag bufreuse[/bold]
+      [bold]moectl run --preset tiny --device cpu --steps 20 --no-commit[/bold]
+      [bold]moectl run --cap 0 --dry-run -- --seed 3[/bold]          (engine args after --)
+    """
+    from moectl import store
+    from moectl.cli.env import _render_check
+    from moectl.config import load_config
+    from moectl.guards import check_request, passed
+    from moectl.plan import make_request
+    from moectl.progress import make_progress, stdout_is_tty
+    from moectl.runner import execute_run, fallback_request
+
+    request = make_request(**request_kwargs(
+        cap=cap, tag=tag, compile=compile, fp8=fp8, dispatch=dispatch, steps=steps, preset=preset,
+        device=device, nproc=nproc, exp_dir=exp_dir, wait_gpus=wait_gpus, override=override, extra=extra,
+        no_commit=no_commit, notes=notes,
+    ))
+    cfg = load_config(config)
+    base_record = store.resolve_run(cfg.artifact_root, baseline) if baseline else None
+
+    if dry_run:
+        plan, _obs, results = check_request(cfg, request)
+        ok = passed(results)
+        if json_out:
+            print_json(_check_json(plan, results, ok))
+        else:
+            _render_check(plan, results, ok)
+        raise typer.Exit(EXIT_OK if ok else EXIT_GUARD)
+
+    def on_wait(results, left_s):
+        if not json_out:
+            waiting = ", ".join(r.name for r in results if not (r.ok or r.overridden))
+            stdout.print(f"waiting for {waiting} ({left_s:.0f}s left)", markup=False)
+
+    def on_start(record):
+        if not json_out:
+            stdout.print(f"run {record.id} -> {record.exp_dir}", markup=False)
+
+    while True:
+        progress = make_progress(stdout_is_tty(), quiet=quiet or json_out)
+        try:
+            outcome = execute_run(cfg, request, progress=progress, baseline=base_record,
+                                  on_wait=on_wait, on_start=on_start)
+        finally:
+            progress.close()
+        if outcome.record is None:  # refused: nothing written
+            if json_out:
+                print_json(_check_json(outcome.plan, outcome.guards, False))
+            else:
+                _render_check(outcome.plan, outcome.guards, False)
+            error("a guard refused the run; nothing was written")
+            raise typer.Exit(EXIT_GUARD)
+        _render_outcome(outcome, json_out)
+        retry = fallback_request(cfg, request, outcome)
+        if retry is None:
+            raise typer.Exit(outcome.exit_code)
+        if not json_out:
+            stdout.print("torch.compile failed: re-running with --compile none (launch.compile_fallback)", markup=False)
+        request = retry
+
+
+def _check_json(plan, results, ok: bool) -> dict:
+    from moectl.plan import command_text
+
+    return {
+        "ok": ok,
+        "guards": [
+            {"name": r.name, "ok": r.ok, "message": r.message, "overridable": r.overridable,
+             "overridden": r.overridden, "skipped": r.skipped}
+            for r in results
+        ],
+        "run_id": plan.run_id,
+        "exp_dir": plan.exp_dir,
+        "command": " ".join(plan.argv),
+    }
+
+
+def _render_outcome(outcome, json_out: bool) -> None:
+    from moectl.store import run_json
+
+    record = outcome.record
+    if json_out:
+        data = run_json(record)
+        data["report"] = str(outcome.report) if outcome.report else None
+        data["commit"] = outcome.commit
+        data["commit_error"] = outcome.commit_error
+        print_json(data)
+        return
+    out = lambda text: stdout.print(text, markup=False)  # noqa: E731
+    s = record.summary
+    out(f"{record.status}: {record.id}" + (f" (exit {record.exit_code})" if record.exit_code else ""))
+    if s is not None:
+        parts = [f"tail{s.window} over {min(s.steps, s.window)} steps"]
+        if s.tok_per_sec is not None:
+            parts.append(f"{s.tok_per_sec:,.0f} tok/s")
+        if s.dt_ms is not None:
+            parts.append(f"{s.dt_ms:.2f} ms/step")
+        if s.mfu is not None:
+            parts.append(f"MFU {s.mfu:.2f}%")
+        if s.final_loss is not None:
+            parts.append(f"loss {s.final_loss:.4f}")
+        out("  " + " | ".join(parts))
+    if record.status == "failed" and record.error:
+        tail = record.error.strip().splitlines()[-5:]
+        out("  log tail:")
+        for line in tail:
+            out(f"    {line}")
+    if outcome.report:
+        out(f"  report: {outcome.report}")
+    if outcome.commit:
+        out(f"  committed {outcome.commit[:10]} (the report only)")
+    elif outcome.commit_error:
+        error(f"report not committed: {outcome.commit_error}")

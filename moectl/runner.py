@@ -1,0 +1,218 @@
+"""`moectl run` as a library: guards -> fresh directory -> records -> torchrun -> summary -> report -> commit.
+
+    outcome = execute_run(cfg, request, progress=make_progress(stdout_is_tty()))
+    outcome.exit_code   # 0 completed, 3 a guard refused, 4 training failed, 130 interrupted
+
+`moectl sweep` runs every leg through `execute_run` too (with `exp_dir` inside the sweep directory),
+so there is exactly one launch path. The run record is written atomically at every state change
+(created -> running -> completed | failed | interrupted); the run lock is held from just before the
+directory is created until the record is final, and released on every path.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from engine.schema import EXIT_COMPILE_FAILED
+from moectl import gitops, store
+from moectl.config import Config
+from moectl.errors import EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRAINING, GuardRefused, MoectlError
+from moectl.guards import check_request, passed
+from moectl.launch import launch
+from moectl.lock import acquire
+from moectl.metrics import RunMetrics, compare, read_metrics, tail_summary
+from moectl.plan import RunPlan, RunRequest, command_text
+from moectl.progress import NullProgress, ProgressSink
+from moectl.records import GitInfo, GuardResult, RunRecord
+from moectl.report import commit_message, report_path, run_report
+
+# Guards that can pass later without anyone changing the request: `--wait-gpus` polls these.
+WAITABLE = ("gpus_idle", "no_other_training")
+WAIT_POLL_S = 10.0
+
+
+@dataclass
+class RunOutcome:
+    exit_code: int
+    plan: RunPlan
+    guards: list[GuardResult]
+    record: Optional[RunRecord] = None  # None when a guard refused (nothing was written)
+    report: Optional[Path] = None
+    commit: Optional[str] = None
+    commit_error: Optional[str] = None  # the report was written but could not be committed
+    compile_failed: bool = False  # the engine exited with EXIT_COMPILE_FAILED
+    waited_s: float = 0.0
+    extra_paths: list[Path] = field(default_factory=list)
+
+
+def evaluate_with_wait(
+    cfg: Config,
+    request: RunRequest,
+    now: Optional[datetime] = None,
+    sleep: Callable[[float], None] = time.sleep,
+    on_wait: Optional[Callable[[list[GuardResult], float], None]] = None,
+):
+    """Plan and evaluate every guard; with `--wait-gpus`, poll while only the GPU/training guards
+    refuse, until they pass or the wait runs out. Returns (plan, observed, results, waited_s)."""
+    start = time.monotonic()
+    limit = request.wait_gpus_s or 0.0
+    while True:
+        plan, obs, results = check_request(cfg, request, now)
+        refused = [r.name for r in results if not (r.ok or r.overridden)]
+        waited = time.monotonic() - start
+        if not refused or any(n not in WAITABLE for n in refused) or waited >= limit:
+            return plan, obs, results, waited
+        if on_wait is not None:
+            on_wait(results, limit - waited)
+        sleep(min(WAIT_POLL_S, max(0.0, limit - waited)))
+
+
+def execute_run(
+    cfg: Config,
+    request: RunRequest,
+    *,
+    progress: Optional[ProgressSink] = None,
+    now: Optional[datetime] = None,
+    baseline: Optional[RunRecord] = None,
+    sweep_id: Optional[str] = None,
+    commit: bool = True,
+    extra_commit_paths: Callable[[RunRecord], Sequence[Path]] = lambda record: (),
+    echo: bool = False,
+    on_wait: Optional[Callable[[list[GuardResult], float], None]] = None,
+    on_start: Optional[Callable[[RunRecord], None]] = None,
+) -> RunOutcome:
+    """Run one guarded training run to its end. Never raises for a refusal or a failed run: the
+    outcome says what happened. Raises MoectlError only for problems outside the run itself."""
+    progress = progress or NullProgress()
+    plan, obs, results, waited = evaluate_with_wait(cfg, request, now, on_wait=on_wait)
+    outcome = RunOutcome(exit_code=EXIT_OK, plan=plan, guards=results, waited_s=waited)
+    if not passed(results):
+        outcome.exit_code = EXIT_GUARD
+        return outcome
+
+    lock = acquire(cfg.artifact_root, plan.run_id, command_text(plan))
+    try:
+        exp_dir = Path(plan.exp_dir)
+        try:
+            store.create_run_dir(exp_dir)
+        except MoectlError as exc:  # appeared since the fresh_dir guard looked: still a refusal
+            raise GuardRefused(exc.message) from None
+        record = RunRecord(
+            id=plan.run_id,
+            tag=plan.tag,
+            status="created",
+            created_at=store.now_iso(),
+            argv=plan.argv,
+            options=plan.options,
+            git=GitInfo(branch=obs.git.branch, commit=obs.git.head, dirty=obs.git.dirty),
+            guards=results,
+            overrides=[r.name for r in results if r.overridden],
+            exp_dir=str(exp_dir),
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            gpus=[g.name for g in (obs.nvml.gpus or [])] if plan.device == "cuda" else [],
+            driver=obs.nvml.driver if plan.device == "cuda" else None,
+            sweep=sweep_id,
+            notes=plan.notes,
+        )
+        outcome.record = record
+        _write_text(Path(plan.files["command.txt"]), command_text(plan) + "\n")
+        _write_text(Path(plan.files["git.diff"]), gitops.git_diff(cfg.root))
+        store.save_run(record)
+
+        record.status = "running"
+        record.started_at = store.now_iso()
+        store.save_run(record)
+        if on_start is not None:
+            on_start(record)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **plan.env}
+        try:
+            result = launch(
+                plan.argv, cwd=cfg.root, env=env, log_path=Path(plan.files["train.log"]),
+                metrics_path=Path(plan.files["metrics.jsonl"]), progress=progress, echo=echo,
+            )
+        except BaseException as exc:  # moectl itself broke mid-run: the record must not say running
+            record.status = "failed"
+            record.finished_at = store.now_iso()
+            record.error = f"moectl: {type(exc).__name__}: {exc}"
+            store.save_run(record)
+            raise
+
+        metrics = read_metrics(Path(plan.files["metrics.jsonl"]))
+        if metrics.steps:
+            record.summary = tail_summary(metrics, plan.window)
+        if metrics.start is not None:
+            record.torch_version = metrics.start.config.get("torch_version")
+            if plan.device == "cuda" and not record.gpus:
+                record.gpus = [metrics.start.device]
+        worker_code = result.worker_exit_code
+        record.exit_code = worker_code if worker_code is not None else result.exit_code
+        record.finished_at = store.now_iso()
+        if result.interrupted:
+            record.status = "interrupted"
+            record.error = f"interrupted by {result.signal_name}" + (f"\n{result.log_tail}" if result.log_tail else "")
+            outcome.exit_code = EXIT_INTERRUPTED
+        elif result.exit_code == 0:
+            record.status = "completed"
+        else:
+            record.status = "failed"
+            record.error = result.error or result.log_tail or f"torchrun exited with {result.exit_code}"
+            outcome.exit_code = EXIT_TRAINING
+            outcome.compile_failed = worker_code == EXIT_COMPILE_FAILED
+        if metrics.skipped:
+            note = f"{metrics.skipped} malformed metrics lines skipped"
+            record.notes = f"{record.notes}; {note}" if record.notes else note
+        store.save_run(record)
+    finally:
+        lock.release()
+
+    # Report and commit: the run is over and recorded; a problem here must not change its status.
+    comparison = None
+    if baseline is not None and baseline.summary is not None and record.summary is not None:
+        comparison = compare(
+            [_run_metrics(baseline), _run_metrics(record)], baseline_index=0, window=plan.window
+        )
+    report = report_path(cfg.report_dir, plan.tag)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    _write_text(report, run_report(record, comparison, notes=plan.notes))
+    outcome.report = report
+    outcome.extra_paths = list(extra_commit_paths(record))
+    if commit and not plan.no_commit:
+        try:
+            outcome.commit = gitops.commit_paths(
+                cfg.root, [report, *outcome.extra_paths], commit_message(record, baseline), branch=cfg.project.branch
+            )
+        except MoectlError as exc:
+            outcome.commit_error = exc.message
+    return outcome
+
+
+def _run_metrics(record: RunRecord) -> RunMetrics:
+    metrics = read_metrics(Path(record.exp_dir) / "metrics.jsonl")
+    return RunMetrics(id=record.id, tag=record.tag, metrics=metrics, options=record.options, fallback=record.summary)
+
+
+def _write_text(path: Path, text: str) -> None:
+    from moectl.records import write_text_atomic
+
+    write_text_atomic(path, text)
+
+
+def fallback_request(cfg: Config, request: RunRequest, outcome: RunOutcome) -> Optional[RunRequest]:
+    """The `--compile none` re-run of a run whose engine failed to compile (SPEC §3
+    `launch.compile_fallback`), as its own run tagged `<tag>_fallback_none`; None when not due."""
+    if not (cfg.launch.compile_fallback and outcome.compile_failed):
+        return None
+    if outcome.plan.options.get("compile", "none") == "none":
+        return None
+    return request.model_copy(update={
+        "compile": "none",
+        "tag": f"{outcome.plan.tag}_fallback_none",
+        "exp_dir": None,
+        "notes": f"compile fallback of {outcome.plan.run_id} (engine exit {EXIT_COMPILE_FAILED}: torch.compile failed)",
+    })
