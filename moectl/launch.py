@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -38,6 +39,9 @@ import psutil
 from moectl.progress import MetricsFollower, ProgressSink
 
 LOG_TAIL_LINES = 40
+# torchrun's elastic agent logs this once a worker fails, before ~35 lines of its own traceback and
+# report; the worker's error is in the lines before it, so the tail for the record ends here.
+_WORKER_FAILED = re.compile(rb"failed \(exitcode: (-?\d+)\) local_rank")
 POLL_S = 0.25  # metrics poll / wait-loop tick
 SNAPSHOT_S = 1.0  # how often the list of torchrun's descendants is refreshed
 
@@ -54,6 +58,9 @@ class LaunchResult:
     metrics_records: int = 0  # well-formed lines read from metrics.jsonl
     malformed_lines: int = 0  # lines of metrics.jsonl that did not parse (skipped)
     error: Optional[str] = None  # why it never started (exit_code is None)
+    # torchrun exits 1 whatever its worker returned; the worker's own code (e.g. the engine's
+    # EXIT_COMPILE_FAILED) is only in torchrun's report, so we read it from there.
+    worker_exit_code: Optional[int] = None
 
 
 class _StopRequest:
@@ -155,10 +162,14 @@ def _has_exited(pid: int) -> bool:
 class _Tee(threading.Thread):
     """Copy the child's merged stdout/stderr into the log (and optionally the screen), line by line."""
 
-    def __init__(self, stream: IO[bytes], log_fh: IO[bytes], echo: Optional[Callable[[str], None]]):
+    def __init__(self, stream: IO[bytes], log_fh: IO[bytes], echo: Optional[Callable[[str], None]],
+                 on_eof: Callable[[], None]):
         super().__init__(name="moectl-tee", daemon=True)
-        self.stream, self.log_fh, self.echo = stream, log_fh, echo
+        self.stream, self.log_fh, self.echo, self.on_eof = stream, log_fh, echo, on_eof
         self.tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+        self.eof_at: Optional[float] = None  # when the pipe closed
+        self.failure_tail: Optional[list[str]] = None  # the tail as it was when a worker failed
+        self.worker_exit_code: Optional[int] = None
         self.lock = threading.Lock()  # the main thread closes the log under it
 
     def run(self) -> None:
@@ -170,11 +181,19 @@ class _Tee(threading.Thread):
                 self.log_fh.write(raw)
                 self.log_fh.flush()
                 self.tail.append(text.rstrip("\r\n"))
+                if self.failure_tail is None:
+                    m = _WORKER_FAILED.search(raw)
+                    if m:
+                        self.worker_exit_code = int(m.group(1))
+                        self.failure_tail = list(self.tail)
             if self.echo is not None:
                 try:
                     self.echo(text)
                 except Exception:  # a broken terminal must not stop the log
                     self.echo = None
+        # EOF almost always means torchrun has exited: wake the wait loop now instead of at its next tick.
+        self.eof_at = time.monotonic()
+        self.on_eof()
 
 
 def _install_handlers(stop: _StopRequest) -> dict[int, object]:
@@ -258,7 +277,7 @@ def launch(
                 sink_echo = progress.echo if progress is not None else _echo_to_stdout
             else:
                 sink_echo = None
-            tee = _Tee(proc.stdout, log_fh, sink_echo)
+            tee = _Tee(proc.stdout, log_fh, sink_echo, on_eof=stop.wake.set)
             tee.start()
             if on_spawn is not None:
                 on_spawn(proc.pid)
@@ -278,7 +297,10 @@ def launch(
                     family.snapshot()
                     last_snapshot = now
                 feed()
-                stop.wake.wait(POLL_S if term_at is None else min(POLL_S, 0.05))
+                # Short ticks while stopping, or just after the pipe closed (exit is imminent; a child
+                # that closes its output and keeps running falls back to the normal tick).
+                busy = term_at is not None or (tee.eof_at is not None and now - tee.eof_at < 2.0)
+                stop.wake.wait(0.01 if busy else POLL_S)
                 stop.wake.clear()
             # torchrun has exited but is not reaped yet; kill its group's stragglers while the pgid
             # is still reserved, then the workers it may have left in their own sessions.
@@ -316,13 +338,20 @@ def launch(
         interrupted=stop.count > 0,
         signal_name=stop.signal_name,
         duration_s=time.monotonic() - t0,
-        log_tail="\n".join(tee.tail) if tee is not None else (error or ""),
+        log_tail=_tail_text(tee, error),
         pid=proc.pid if proc is not None else None,
         killed=killed,
         metrics_records=follower.records,
         malformed_lines=follower.malformed,
         error=error,
+        worker_exit_code=tee.worker_exit_code if tee is not None else None,
     )
+
+
+def _tail_text(tee: Optional[_Tee], error: Optional[str]) -> str:
+    if tee is None:
+        return error or ""
+    return "\n".join(tee.failure_tail if tee.failure_tail is not None else tee.tail)
 
 
 def _signal_one(pid: int, sig: int) -> None:
