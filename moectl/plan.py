@@ -71,6 +71,7 @@ class RunRequest(BaseModel):
     overrides: list[str] = Field(default_factory=list)
     extra_args: list[str] = Field(default_factory=list)
     notes: Optional[str] = None
+    parent_dir: Optional[str] = None  # sweep legs: the run directory goes inside this one
 
     @field_validator("overrides")
     @classmethod
@@ -195,6 +196,8 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
         # Kept as given (only made absolute, `..` and symlinks intact) so the path guard judges it.
         given = Path(os.path.expanduser(request.exp_dir))
         exp_dir = given if given.is_absolute() else Path.cwd() / given
+    elif request.parent_dir:
+        exp_dir = Path(request.parent_dir) / run_id
     else:
         exp_dir = cfg.artifact_root / run_id
     ckpt_dir = exp_dir / "ckpt_root"

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -22,7 +20,7 @@ from engine.schema import EXIT_COMPILE_FAILED
 from moectl import gitops, store
 from moectl.config import Config
 from moectl.errors import EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRAINING, GuardRefused, MoectlError
-from moectl.guards import check_request, passed
+from moectl.guards import check_request, passed, wait_until_clear
 from moectl.launch import launch
 from moectl.lock import acquire
 from moectl.metrics import RunMetrics, compare, read_metrics, tail_summary
@@ -30,11 +28,6 @@ from moectl.plan import RunPlan, RunRequest, command_text
 from moectl.progress import NullProgress, ProgressSink
 from moectl.records import GitInfo, GuardResult, RunRecord
 from moectl.report import commit_message, report_path, run_report
-
-# Guards that can pass later without anyone changing the request: `--wait-gpus` polls these.
-WAITABLE = ("gpus_idle", "no_other_training")
-WAIT_POLL_S = 10.0
-
 
 @dataclass
 class RunOutcome:
@@ -46,30 +39,7 @@ class RunOutcome:
     commit: Optional[str] = None
     commit_error: Optional[str] = None  # the report was written but could not be committed
     compile_failed: bool = False  # the engine exited with EXIT_COMPILE_FAILED
-    waited_s: float = 0.0
     extra_paths: list[Path] = field(default_factory=list)
-
-
-def evaluate_with_wait(
-    cfg: Config,
-    request: RunRequest,
-    now: Optional[datetime] = None,
-    sleep: Callable[[float], None] = time.sleep,
-    on_wait: Optional[Callable[[list[GuardResult], float], None]] = None,
-):
-    """Plan and evaluate every guard; with `--wait-gpus`, poll while only the GPU/training guards
-    refuse, until they pass or the wait runs out. Returns (plan, observed, results, waited_s)."""
-    start = time.monotonic()
-    limit = request.wait_gpus_s or 0.0
-    while True:
-        plan, obs, results = check_request(cfg, request, now)
-        refused = [r.name for r in results if not (r.ok or r.overridden)]
-        waited = time.monotonic() - start
-        if not refused or any(n not in WAITABLE for n in refused) or waited >= limit:
-            return plan, obs, results, waited
-        if on_wait is not None:
-            on_wait(results, limit - waited)
-        sleep(min(WAIT_POLL_S, max(0.0, limit - waited)))
 
 
 def execute_run(
@@ -77,7 +47,6 @@ def execute_run(
     request: RunRequest,
     *,
     progress: Optional[ProgressSink] = None,
-    now: Optional[datetime] = None,
     baseline: Optional[RunRecord] = None,
     sweep_id: Optional[str] = None,
     commit: bool = True,
@@ -89,8 +58,11 @@ def execute_run(
     """Run one guarded training run to its end. Never raises for a refusal or a failed run: the
     outcome says what happened. Raises MoectlError only for problems outside the run itself."""
     progress = progress or NullProgress()
-    plan, obs, results, waited = evaluate_with_wait(cfg, request, now, on_wait=on_wait)
-    outcome = RunOutcome(exit_code=EXIT_OK, plan=plan, guards=results, waited_s=waited)
+    if request.wait_gpus_s:
+        plan, obs, results = wait_until_clear(cfg, request, request.wait_gpus_s, on_wait=on_wait)
+    else:
+        plan, obs, results = check_request(cfg, request)
+    outcome = RunOutcome(exit_code=EXIT_OK, plan=plan, guards=results)
     if not passed(results):
         outcome.exit_code = EXIT_GUARD
         return outcome

@@ -72,10 +72,10 @@ def run(
             _render_check(plan, results, ok)
         raise typer.Exit(EXIT_OK if ok else EXIT_GUARD)
 
-    def on_wait(results, left_s):
+    def on_wait(results, waited_s):
         if not json_out:
             waiting = ", ".join(r.name for r in results if not (r.ok or r.overridden))
-            stdout.print(f"waiting for {waiting} ({left_s:.0f}s left)", markup=False)
+            stdout.print(f"waiting for {waiting} ({waited_s:.0f}s so far)", markup=False)
 
     def on_start(record):
         if not json_out:
