@@ -385,11 +385,11 @@ def observe(cfg: Config, plan: Optional["RunPlan"] = None, nvml: Optional[NvmlRe
 def _recent_runs(cfg: Config, n: int = 5) -> Optional[list[dict]]:
     """The newest runs from the run store, or None when the store is not available."""
     try:
-        from moectl.store import list_runs
+        from moectl.store import list_runs, run_json  # run_json shows a dead owner's run as `stale`
     except ImportError:
         return None
     try:
-        return [r.model_dump(mode="json") for r in list_runs(cfg.artifact_root)[:n]]
+        return [run_json(r) for r in list_runs(cfg.artifact_root)[:n]]
     except Exception:  # a broken store must not break `status`
         return None
 

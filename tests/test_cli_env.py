@@ -233,3 +233,18 @@ def test_check_without_config_and_bad_options_exit_2(tmp_path, monkeypatch, proj
     assert r.exit_code == 2 and "moectl init" in r.stderr and "Traceback" not in r.output
     r = invoke("check", "--config", str(project / CONFIG_NAME), "--json", "--override", "no_other_training")
     assert r.exit_code == 0
+
+
+def test_status_recent_runs_show_a_dead_owner_as_stale(project, artifact_root):
+    from moectl.records import RunRecord, save_model
+
+    run_dir = artifact_root / "20250101_000000_moe-orphan"
+    run_dir.mkdir(parents=True)
+    import socket
+
+    rec = RunRecord(id=run_dir.name, tag="orphan", status="running", created_at="2025-01-01T00:00:00+00:00",
+                    started_at="2025-01-01T00:00:00+00:00", exp_dir=str(run_dir), host=socket.gethostname(), pid=dead_pid())
+    save_model(run_dir / "run.json", rec)
+    s = json.loads(invoke("status", "--json").stdout)
+    assert [(r["id"], r["status"]) for r in s["recent_runs"]] == [(run_dir.name, "stale")]
+    assert f"{run_dir.name}  stale" in invoke("status").stdout
