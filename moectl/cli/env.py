@@ -82,7 +82,7 @@ def _render_status(s: dict) -> None:
         out(f"git         {branch}{verdict}{busy}: {g['dirty']} modified, {g['staged']} staged, {g['untracked']} untracked")
     v = s["venv"]
     torch = {True: "torch ok", False: "NO torch", None: "torch unknown"}[v["has_torch"]]
-    where = "" if v["in_venv"] else " (not a venv)"
+    where = "" if v["in_venv"] or not v["exists"] else " (not in a venv)"
     out(f"venv        {v['python']}{where}: {'exists' if v['exists'] else 'MISSING'}, {torch}")
     runs = s["recent_runs"]
     if runs is None:
