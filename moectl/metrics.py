@@ -14,12 +14,13 @@ autocorrelated, so this is a floor on the true noise, not a proof: it separates 
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from engine.schema import RunSummary, StartInfo, StepMetrics, parse_line
+from engine.schema import RunSummary, StartInfo, StepMetrics, parse_record
 from moectl.records import Summary
 
 # The metrics of a compare table, in display order. MEAN_METRICS are tail means (they get a
@@ -47,28 +48,44 @@ def read_metrics(path: Path) -> MetricsFile:
     the last occurrence wins, because it is the one the final model actually went through.
     """
     out = MetricsFile()
-    by_step: dict[int, StepMetrics] = {}
     try:
-        fh = open(path, encoding="utf-8", errors="replace")
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return out
-    with fh:
-        for line in fh:
-            if not line.strip():
-                continue
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    # Fast path: one json call for the whole file (per-line json.loads dominates `compare` over
+    # many runs). Any malformed line makes it fail; then decode line by line to skip and count.
+    try:
+        objects = json.loads("[" + ",".join(lines) + "]")
+        # Every line must have been exactly one object: a line holding "1,2" or a bracket split
+        # over two lines would shift the alignment; then take the careful path.
+        if len(objects) != len(lines) or not all(type(o) is dict for o in objects):
+            raise ValueError
+    except ValueError:
+        objects = []
+        for ln in lines:
             try:
-                rec = parse_line(line)
+                objects.append(json.loads(ln))
             except ValueError:
-                out.skipped += 1
-                continue
-            if isinstance(rec, StepMetrics):
-                by_step[rec.step] = rec
-            elif isinstance(rec, StartInfo):
-                out.start = rec
-            else:
-                out.summary = rec
+                objects.append(_MALFORMED)
+    by_step: dict[int, StepMetrics] = {}
+    for obj in objects:
+        try:
+            rec = parse_record(obj)
+        except ValueError:
+            out.skipped += 1
+            continue
+        if isinstance(rec, StepMetrics):
+            by_step[rec.step] = rec
+        elif isinstance(rec, StartInfo):
+            out.start = rec
+        else:
+            out.summary = rec
     out.steps = [by_step[k] for k in sorted(by_step)]
     return out
+
+
+_MALFORMED = object()  # parse_record rejects it: "not a JSON object"
 
 
 def _values(steps: Sequence[StepMetrics], name: str) -> list[float]:

@@ -182,3 +182,16 @@ def test_seed_bufreuse_delta_and_it_is_beyond_noise():
     assert round(buf["dt_ms"].delta_pct, 2) == -2.93
     assert round(buf["mfu"].delta_pct, 2) == 2.71
     assert buf["tok_per_sec"].beyond_noise is True
+
+
+def test_read_metrics_fast_and_careful_paths_agree(tmp_path):
+    good = (FIXTURES / "metrics_small.jsonl").read_text().splitlines()
+    clean = [ln for ln in good if ln.startswith('{"type"') and '"step":"x"' not in ln and ln != '{"type":"step","loss":4.0}']
+    p = tmp_path / "m.jsonl"
+    p.write_text("\n".join(clean) + "\n")
+    fast = read_metrics(p)  # one json call for the whole file
+    assert fast.skipped == 0 and len(fast.steps) == 6
+    # lines that are valid JSON but not one object each: "1,2", a bracket split over two lines
+    p.write_text("\n".join(clean[:3] + ["1,2", "[3", "4]"] + clean[3:]) + "\n")
+    careful = read_metrics(p)
+    assert careful.skipped == 3 and careful.steps == fast.steps and careful.summary == fast.summary
