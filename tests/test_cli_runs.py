@@ -3,6 +3,7 @@ a real .moectl.toml (conftest `project`) and an isolated artifact root (MOECTL_A
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -207,3 +208,17 @@ def test_compare_write_report_commits_only_the_report(project):
     assert git(project, "show", "--name-only", "--format=", "HEAD").split() == [report.relative_to(project.resolve()).as_posix()]
     status = git(project, "status", "--porcelain")
     assert "A  user_staged.txt" in status and " M README.md" in status
+
+
+def test_compare_and_runs_never_import_torch(project, artifact_root):
+    imported("a", "nanochat_small.log", "nanochat")
+    imported("b", "metrics_small.jsonl", "jsonl")
+    repo_root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo_root)}
+    for args in (["compare", "a", "b", "--json"], ["runs", "--json"], ["show", "a", "--json"]):
+        r = subprocess.run([sys.executable, "-X", "importtime", "-m", "moectl", *args],
+                           capture_output=True, text=True, env=env, cwd=project)
+        assert r.returncode == 0, r.stderr[-2000:]
+        imported_modules = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+        assert "moectl.cli.runs" in imported_modules
+        assert not {m for m in imported_modules if m == "torch" or m.startswith("torch.")}, args
