@@ -202,10 +202,11 @@ def _on_signal(signum, frame):
 
 def main(argv=None) -> int:
     rank0 = os.environ.get("RANK", "0") == "0"
+    previous = {}
     try:
         args = resolve_options(argv)
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, _on_signal)
+            previous[sig] = signal.signal(sig, _on_signal)
         return train(args)
     except BadOptions as exc:
         if rank0:
@@ -223,6 +224,8 @@ def main(argv=None) -> int:
         print(f"error: {type(exc).__name__}: {_first_line(exc)}", file=sys.stderr)
         return EXIT_ERROR
     finally:
+        for sig, handler in previous.items():  # main() may run in-process (tests): leave signals as found
+            signal.signal(sig, handler)
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -233,6 +236,15 @@ def _first_line(exc: BaseException) -> str:
 
 
 def train(args) -> int:
+    open_files: list = []
+    try:
+        return _train(args, open_files)
+    finally:  # metrics.jsonl is flushed per line; closing here covers every exit path
+        for f in open_files:
+            f.close()
+
+
+def _train(args, open_files: list) -> int:
     # ---- distributed + device --------------------------------------------------------------
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank = int(os.environ.get("RANK", 0))
@@ -272,9 +284,9 @@ def train(args) -> int:
                 make_val()
             except ValueError:
                 make_val = None  # held-out tail too small for one batch per rank: no validation
+        resume_path = checkpoint.resolve(args.resume, args.ckpt_dir) if args.resume else None
     except ValueError as exc:
         raise BadOptions(str(exc)) from None
-    resume_path = checkpoint.resolve(args.resume, args.ckpt_dir) if args.resume else None
 
     if ddp:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -314,13 +326,14 @@ def train(args) -> int:
     if master and args.out_dir:
         Path(args.out_dir).mkdir(parents=True, exist_ok=True)
         sink = open(Path(args.out_dir) / METRICS_FILENAME, "a" if resume_path else "w")
+        open_files.append(sink)
 
     def emit(record):
         if sink is not None:
             sink.write(to_line(record) + "\n")
             sink.flush()
 
-    config = {**cfg.to_dict(), **{k: v for k, v in vars(args).items()}, "grad_accum": accum,
+    config = {**vars(args), **cfg.to_dict(), "grad_accum": accum,
               "total_batch_size": total_batch, "n_params": n_params, "flops_per_token": flops_tok}
     emit(StartInfo(steps=args.steps, world_size=world, tokens_per_step=total_batch, device=device_name,
                    config=config, start_step=start_step))
@@ -450,8 +463,6 @@ def train(args) -> int:
     emit(RunSummary(steps=args.steps, world_size=world, flops_per_token=flops_tok, peak_flops=peak,
                     device_name=device_name, peak_mem_mib=peak_mem, total_time_s=elapsed_s,
                     final_loss=last_loss, val_loss=val_loss))
-    if sink is not None:
-        sink.close()
     if master:
         print(f"Peak memory usage: {peak_mem:.2f}MiB")
         print(f"Total training time: {elapsed_s / 60:.2f}m", flush=True)

@@ -1,0 +1,154 @@
+"""The training loop end to end on CPU: real torch, real subprocesses, real torchrun (gloo)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.schema import EXIT_BAD_OPTIONS, EXIT_COMPILE_FAILED, RunSummary, StartInfo, StepMetrics, parse_line
+from engine.train import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def env(**extra):
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    e.update(extra)
+    return e
+
+
+def read_metrics(out_dir: Path):
+    records = [parse_line(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    starts = [r for r in records if isinstance(r, StartInfo)]
+    steps = [r for r in records if isinstance(r, StepMetrics)]
+    summaries = [r for r in records if isinstance(r, RunSummary)]
+    return starts, steps, summaries
+
+
+def test_tiny_lowers_the_loss_and_writes_schema_lines(tmp_path, capsys):
+    assert main(["--preset", "tiny", "--out-dir", str(tmp_path)]) == 0
+    starts, steps, summaries = read_metrics(tmp_path)
+    assert len(starts) == 1 and len(summaries) == 1 and [s.step for s in steps] == list(range(40))
+    first = sum(s.loss for s in steps[:5]) / 5
+    last = sum(s.loss for s in steps[-5:]) / 5
+    assert first > 4.5 and last < 3.5 and first - last > 1.5, (first, last)
+    assert starts[0].world_size == 1 and starts[0].tokens_per_step == 16 * 64
+    assert all(s.mfu is None and s.tok_per_sec > 0 and 0 <= s.drop_frac <= 1 for s in steps)
+    assert all(s.expert_load_max >= 1.0 and s.peak_mem_mib > 0 for s in steps)
+    assert summaries[0].val_loss < first and summaries[0].flops_per_token == starts[0].config["flops_per_token"]
+    out = capsys.readouterr().out
+    assert "step 00039/00040 (100.00%) | loss: " in out
+    assert "Peak memory usage: " in out and "Total training time: " in out
+
+
+def test_peak_flops_gives_mfu(tmp_path):
+    assert main(["--preset", "tiny", "--steps", "2", "--peak-flops", "1e9", "--out-dir", str(tmp_path)]) == 0
+    starts, steps, summary = read_metrics(tmp_path)
+    fpt = starts[0].config["flops_per_token"]
+    for s in steps:
+        assert s.mfu == pytest.approx(100 * fpt * s.tok_per_sec / 1e9)
+    assert summary[0].peak_flops == 1e9
+
+
+def test_resume_continues_step_count_and_data_position(tmp_path):
+    common = ["--preset", "tiny", "--steps", "10", "--device-batch-size", "8", "--total-batch-size", "1024"]
+    full, resumed, ckpt = tmp_path / "full", tmp_path / "resumed", tmp_path / "ckpt"
+    assert main(common + ["--out-dir", str(full), "--ckpt-dir", str(ckpt), "--save-every", "4"]) == 0
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "meta_000004.json", "meta_000008.json", "meta_000010.json",
+        "model_000004.pt", "model_000008.pt", "model_000010.pt",
+    ]
+    meta = json.loads((ckpt / "meta_000004.json").read_text())
+    # 4 steps x 2 micro-batches (grad accumulation) drawn so far
+    assert meta["step"] == 4 and meta["loader"] == {"k": 8} and meta["config"]["dim"] == 64
+
+    assert main(common + ["--out-dir", str(resumed), "--resume", str(ckpt / "model_000004.pt")]) == 0
+    _, full_steps, _ = read_metrics(full)
+    starts, res_steps, _ = read_metrics(resumed)
+    assert starts[0].start_step == 4 and [s.step for s in res_steps] == list(range(4, 10))
+    for a, b in zip(full_steps[4:], res_steps):
+        assert b.loss == pytest.approx(a.loss, rel=1e-5, abs=1e-6), (a.step, a.loss, b.loss)
+        assert b.lr == a.lr
+
+
+def test_bad_options_exit_2_with_one_line():
+    cases = [["--cap", "-1"], ["--top-k", "0"], ["--top-k", "5", "--n-experts", "4"]]
+    procs = [subprocess.Popen([sys.executable, "-m", "engine.train", "--preset", "tiny", *args], cwd=ROOT, env=env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args in cases]
+    for args, proc in zip(cases, procs):
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == EXIT_BAD_OPTIONS, (args, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, err)
+        assert "Traceback" not in err and out == ""
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--preset", "nope"], "invalid choice"),
+    (["--total-batch-size", "1000"], "not a multiple"),
+    (["--device", "cuda"], "no CUDA device"),
+    (["--data", "/nonexistent/corpus"], "no such file"),
+    (["--save-every", "5"], "needs --ckpt-dir"),
+    (["--resume", "latest"], "needs --ckpt-dir"),
+])
+def test_more_bad_options_in_process(argv, needle, capsys):
+    assert main(["--preset", "tiny", "--steps", "1", *argv]) == EXIT_BAD_OPTIONS
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+
+
+def test_sigterm_stops_promptly_and_keeps_valid_metrics(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "engine.train", "--preset", "tiny", "--steps", "100000",
+                             "--out-dir", str(tmp_path)], cwd=ROOT, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 90
+    while time.time() < deadline and (not metrics.exists() or metrics.read_text().count('"type":"step"') < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.time()
+    _, err = proc.communicate(timeout=30)
+    assert time.time() - t0 < 10
+    assert proc.returncode == 128 + signal.SIGTERM and "interrupted by SIGTERM" in err
+    starts, steps, summaries = read_metrics(tmp_path)
+    assert len(starts) == 1 and len(steps) >= 3 and summaries == []
+
+
+@pytest.mark.slow
+def test_compile_static_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "engine.train", "--preset", "tiny", "--compile", "static",
+                           "--steps", "3", "--out-dir", str(tmp_path)], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    starts, steps, summaries = read_metrics(tmp_path)
+    assert starts[0].config["compile"] == "static" and len(steps) == 3 and len(summaries) == 1
+    assert steps[-1].loss < steps[0].loss
+
+
+@pytest.mark.slow
+def test_compile_failure_exits_3(tmp_path):
+    # A real inductor failure: its C++ compiler does not exist, so building the first kernel fails.
+    proc = subprocess.run([sys.executable, "-m", "engine.train", "--preset", "tiny", "--compile", "static",
+                           "--steps", "2", "--dense"], cwd=ROOT,
+                          env=env(CXX="/nonexistent/c++", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor")),
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == EXIT_COMPILE_FAILED, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: torch.compile failed") and "--compile none" in last
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "engine.train", "--preset", "tiny", "--steps", "6", "--out-dir", str(tmp_path)],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    starts, steps, summaries = read_metrics(tmp_path)
+    assert starts[0].world_size == 2 and summaries[0].world_size == 2
+    assert starts[0].tokens_per_step == 2 * 16 * 64  # one micro-batch per rank
+    assert [s.step for s in steps] == list(range(6))  # rank 0 alone writes
+    assert proc.stdout.count("step 00005/00006") == 1
