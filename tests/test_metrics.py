@@ -195,3 +195,11 @@ def test_read_metrics_fast_and_careful_paths_agree(tmp_path):
     p.write_text("\n".join(clean[:3] + ["1,2", "[3", "4]"] + clean[3:]) + "\n")
     careful = read_metrics(p)
     assert careful.skipped == 3 and careful.steps == fast.steps and careful.summary == fast.summary
+
+
+def test_read_metrics_ignores_keys_a_newer_engine_adds(tmp_path):
+    p = tmp_path / "m.jsonl"
+    p.write_text('{"type":"step","step":0,"loss":2.0,"tok_per_sec":5.0,"router_entropy":0.7}\n'
+                 '{"step":1,"loss":1.5,"tok_per_sec":7.0}\n')  # "type" defaults to step
+    m = read_metrics(p)
+    assert m.skipped == 0 and [(s.step, s.tok_per_sec) for s in m.steps] == [(0, 5.0), (1, 7.0)]
