@@ -1,0 +1,44 @@
+"""engine.bench: the MoE-vs-dense benchmark's --json contract (a smoke run on a small shape)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--tokens", "256", "--dim", "32", "--experts", "4", "--top-k", "2", "--warmup", "1", "--repeats", "3"]
+
+
+def bench(*args):
+    return subprocess.run([sys.executable, "-m", "engine.bench", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_bench_json_contract_small_shape():
+    proc = bench("--json", *SMALL)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)  # exactly one JSON object on stdout
+    assert res["device"] == "cpu" and res["tokens"] == 256 and res["dtype"] == "fp32"
+    assert res["dense_ms"] > 0
+    assert [(r["dispatch"], r["cap"]) for r in res["results"]] == [("padded", 1.0), ("grouped", 0.0), ("loop", 0.0)]
+    for r in res["results"]:
+        assert set(r) >= {"dispatch", "cap", "ms", "ratio_to_dense"}
+        assert r["ms"] > 0
+        assert abs(r["ratio_to_dense"] - r["ms"] / res["dense_ms"]) < 1e-3 * r["ratio_to_dense"] + 1e-3
+    assert res["results"][1]["drop_frac"] == 0.0  # grouped is dropless
+
+
+def test_bench_human_output_and_bad_option(capsys):
+    # In-process (the subprocess test above covers `python -m`): main() is the same entry point.
+    from engine.bench import main
+
+    assert main(SMALL) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[0] == "dense"
+    assert [ln.split()[0] for ln in lines[2:]] == ["padded", "grouped", "loop"]
+    assert all("x dense" in ln for ln in lines[2:])
+    with pytest.raises(SystemExit) as exc:
+        main(["--top-k", "9", *SMALL[:6]])  # top-k > experts
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "--top-k must be between" in err
