@@ -10,6 +10,7 @@ from moectl.cli.common import app
 from moectl.cli import env as _env  # noqa: E402,F401  init, status, check
 from moectl.cli import run as _run  # noqa: E402,F401  run
 from moectl.cli import runs as _runs  # noqa: E402,F401  runs, show, compare, import
+from moectl.cli import artifacts as _artifacts  # noqa: E402,F401  plot, export
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from moectl.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, MoectlError
 
@@ -34,7 +35,8 @@ def print_json(data: Any) -> None:
 
 
 def error(message: str, lines: list[str] | None = None) -> None:
-    stderr.print(f"[red]error:[/red] {message}", markup=True)
+    # The message is text, not markup: "[plot]" in a pip hint or a path must print as written.
+    stderr.print(f"[red]error:[/red] {escape(message)}", markup=True)
     for line in lines or []:
         stderr.print(f"  {line}", markup=False)
 

@@ -1,0 +1,92 @@
+"""`moectl plot` and `moectl export`: figures and CSVs from the run store. Parse -> library -> render."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+from moectl.cli.common import app, handle_errors, print_json, stderr, stdout
+from moectl.cli.options import ConfigOpt, JsonOpt
+from moectl.cli.runs import _config  # the store-reading config rule (file, or defaults + env root)
+
+RunsArg = Annotated[List[str], typer.Argument(help="Runs: id, tag, unique prefix of either, or a run directory.")]
+
+
+def _resolve_unique(root: Path, refs: list[str]):
+    """Resolve RUN arguments with one store scan; a run named twice is used once."""
+    from moectl.store import resolve_runs
+
+    records = resolve_runs(root, refs)
+    seen: set[str] = set()
+    unique = [r for r in records if not (r.id in seen or seen.add(r.id))]
+    if len(unique) < len(records):
+        stderr.print("warning: a run was named twice; using it once", markup=False)
+    return unique
+
+
+@app.command("plot")
+@handle_errors
+def plot_cmd(
+    runs: RunsArg,
+    metric: Annotated[str, typer.Option("--metric", "-m", help="loss | tok_per_sec | mfu | dt_ms | aux_loss | drop_frac | peak_mem_mib")] = "loss",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Figure file; the suffix picks the format (default: ./<metric>.png).", show_default=False)] = None,
+    title: Annotated[Optional[str], typer.Option("--title", help="Figure title (default: the metric's name).", show_default=False)] = None,
+    json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Per-step curves of one metric, one line per run, in one figure; prints its path.
+
+    Needs the `plot` extra (pip install 'moectl\\[plot]'). Warm-up steps of tok/sec, dt and MFU
+    that would squash the curves are drawn off scale, and the figure says so.
+
+    Example:  [bold]moectl plot static_cap1p0 bufreuse --metric tok_per_sec -o tok_per_sec.png[/bold]
+    """
+    from moectl.plot import check_metric, make_plot
+
+    check_metric(metric)  # before touching the store: a typo is the first thing to report
+    cfg = _config(config)
+    records = _resolve_unique(cfg.artifact_root, runs)
+    out = output if output is not None else Path(f"{metric}.png")
+    result = make_plot(records, metric, out, title)
+    for line in result.skipped:
+        stderr.print(f"warning: {line}", markup=False)
+    path = result.path.resolve()
+    if json_out:
+        print_json({"path": str(path), "metric": metric, "runs": result.plotted,
+                    "skipped": result.skipped, "off_scale": result.off_scale})
+        return
+    stdout.print(str(path), markup=False)
+
+
+@app.command("export")
+@handle_errors
+def export_cmd(
+    runs: RunsArg,
+    csv_dir: Annotated[Path, typer.Option("--csv", help="Directory for steps.csv and summary.csv (created if missing; both files replaced).")],
+    window: Annotated[Optional[int], typer.Option("--window", "-w", min=1, help="Tail window of summary.csv (default: config metrics.window).", show_default=False)] = None,
+    json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Write per-step and summary CSVs of runs into a directory.
+
+    DIR/steps.csv (run, step, every engine metric) and DIR/summary.csv (run, tag, status, steps, tail-window metrics, peak mem, total time,
+    window, error line). Empty cells where a run lacks a value; steps.csv imports back with
+    `moectl import DIR/steps.csv --format csv --run ID`.
+
+    Example:  [bold]moectl export static_cap1p0 bufreuse --csv exports/capacity[/bold]
+    """
+    from moectl.export import export_csv
+
+    cfg = _config(config)
+    records = _resolve_unique(cfg.artifact_root, runs)
+    result = export_csv(records, csv_dir, window or cfg.metrics.window)
+    for run_id in result.without_steps:
+        stderr.print(f"warning: {run_id}: no metrics steps; summary.csv has its recorded summary only", markup=False)
+    if json_out:
+        print_json({"steps_csv": str(result.steps_csv.resolve()), "summary_csv": str(result.summary_csv.resolve()),
+                    "runs": result.runs, "step_rows": result.step_rows, "without_steps": result.without_steps})
+        return
+    stdout.print(str(result.steps_csv.resolve()), markup=False)
+    stdout.print(str(result.summary_csv.resolve()), markup=False)
+    stderr.print(f"exported {result.step_rows} step rows of {result.runs} run(s)", markup=False)

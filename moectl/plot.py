@@ -1,0 +1,185 @@
+"""Per-step curves of several runs in one figure (`moectl plot`, and one figure per metric per sweep).
+
+    plot_runs(runs, "tok_per_sec", Path("reports/figures/capacity_tok_per_sec.png"))
+
+One line per run (label = tag, or id when the tag is missing or shared), step on x, the metric on
+y, title, axis labels, legend, grid: the seed study's figures. matplotlib is an optional extra
+(`pip install 'moectl[plot]'`), imported only here and only when a figure is drawn, through its
+object-oriented API and the Agg canvas: no pyplot, no global backend switch, no display needed.
+
+Step 0 (and often step 1) of a compiled run includes torch.compile and warm-up: its dt is ~10x the
+steady state, which would squash every curve of tok/sec, dt and MFU into a flat line. For those
+metrics the y range is fitted to the steps after the warm-up and the figure says which points
+fell off the scale. Loss keeps its full range: the first steps are the interesting part.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from engine.schema import METRICS_FILENAME
+from moectl.errors import UsageError
+from moectl.metrics import read_metrics
+from moectl.records import RunRecord
+
+# metric -> y-axis label. The first four are the ones a sweep draws.
+PLOT_METRICS = {
+    "loss": "loss",
+    "tok_per_sec": "tok/sec (global)",
+    "mfu": "MFU (%)",
+    "dt_ms": "step time (ms)",
+    "aux_loss": "balance loss",
+    "drop_frac": "dropped fraction",
+    "peak_mem_mib": "peak memory (MiB)",
+}
+SWEEP_METRICS = ("loss", "tok_per_sec", "mfu", "dt_ms")
+# Metrics whose first steps include compile / warm-up and get a y range fitted to the rest.
+WARMUP_METRICS = {"tok_per_sec", "dt_ms", "mfu"}
+WARMUP_STEPS = 2
+
+MISSING_MATPLOTLIB = "matplotlib is not installed: pip install 'moectl[plot]'"
+
+
+@dataclass
+class Series:
+    label: str
+    run_id: str
+    steps: list[int]
+    values: list[float]
+
+
+@dataclass
+class PlotResult:
+    path: Path
+    metric: str
+    plotted: list[str] = field(default_factory=list)  # run ids with a line in the figure
+    skipped: list[str] = field(default_factory=list)  # one warning per run left out
+    off_scale: int = 0  # warm-up points outside the fitted y range
+
+
+def check_metric(metric: str) -> str:
+    if metric not in PLOT_METRICS:
+        raise UsageError(f"unknown metric {metric!r} (choose from {', '.join(PLOT_METRICS)})")
+    return metric
+
+
+def _labels(runs: Sequence[RunRecord]) -> list[str]:
+    """Tag when it names one run of the figure, else the id (two legs tagged alike stay apart)."""
+    counts = Counter(r.tag for r in runs if r.tag)
+    return [r.tag if r.tag and counts[r.tag] == 1 else r.id for r in runs]
+
+
+def collect_series(runs: Sequence[RunRecord], metric: str) -> tuple[list[Series], list[str]]:
+    """Each run's (step, value) points of `metric` from its metrics.jsonl; runs without any value
+    come back as warning lines instead."""
+    series, skipped = [], []
+    for rec, label in zip(runs, _labels(runs)):
+        m = read_metrics(Path(rec.exp_dir) / METRICS_FILENAME)
+        points = [(s.step, getattr(s, metric)) for s in m.steps if getattr(s, metric) is not None]
+        if not points:
+            why = "no metrics.jsonl steps" if not m.steps else f"no {metric} values in {len(m.steps)} steps"
+            skipped.append(f"{rec.id}: {why}; left out of the {metric} plot")
+            continue
+        series.append(Series(label, rec.id, [p[0] for p in points], [float(p[1]) for p in points]))
+    return series, skipped
+
+
+def _fitted_ylim(series: list[Series]) -> Optional[tuple[float, float, int]]:
+    """(low, high, points off scale) fitted to the post-warm-up steps of every series, or None
+    when that would hide nothing or there is too little after warm-up to fit on."""
+    steady = [v for s in series for v in s.values[WARMUP_STEPS:]]
+    if len(steady) < 2:
+        return None
+    lo, hi = min(steady), max(steady)
+    pad = (hi - lo) * 0.08 or abs(hi) * 0.05 or 1.0
+    lo, hi = lo - pad, hi + pad
+    off = sum(1 for s in series for v in s.values[:WARMUP_STEPS] if not lo <= v <= hi)
+    return (lo, hi, off) if off else None
+
+
+def _import_matplotlib():
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UsageError(MISSING_MATPLOTLIB) from None
+    return Figure, FigureCanvasAgg
+
+
+def make_plot(runs: Sequence[RunRecord], metric: str, out: Path, title: Optional[str] = None) -> PlotResult:
+    """Draw `metric` of every run into `out` (format from its suffix; the file is replaced
+    atomically, its directory created). Raises UsageError for an unknown metric, a missing
+    matplotlib, an unsupported suffix, or when no run has a single value to draw."""
+    check_metric(metric)
+    if not runs:
+        raise UsageError("nothing to plot: no runs")
+    Figure, FigureCanvasAgg = _import_matplotlib()  # before any reading: say what to install first
+    out = Path(out).expanduser()
+    series, skipped = collect_series(runs, metric)
+    if not series:
+        raise UsageError(f"no run has {metric} values to plot", lines=skipped)
+
+    fig = Figure(figsize=(10, 5.5), dpi=100)
+    FigureCanvasAgg(fig)  # attaches the Agg canvas: savefig renders without any GUI backend
+    supported = fig.canvas.get_supported_filetypes()
+    fmt = out.suffix.lstrip(".").lower()
+    if fmt not in supported:
+        raise UsageError(f"cannot write {out.name!r}: use one of .{', .'.join(sorted(supported))}")
+
+    ax = fig.add_subplot(1, 1, 1)
+    for s in series:
+        # Markers only where a line would be hard to see (a handful of steps).
+        ax.plot(s.steps, s.values, label=s.label, linewidth=1.4, marker="o" if len(s.steps) <= 20 else None,
+                markersize=3)
+    result = PlotResult(path=out, metric=metric, plotted=[s.run_id for s in series], skipped=skipped)
+    if metric in WARMUP_METRICS and (fit := _fitted_ylim(series)) is not None:
+        lo, hi, result.off_scale = fit
+        ax.set_ylim(lo, hi)
+        ax.text(0.01, 0.01, f"{result.off_scale} point(s) of steps 0-{WARMUP_STEPS - 1} off scale "
+                "(compile / warm-up)", transform=ax.transAxes, fontsize=8, color="0.4", va="bottom")
+    ax.set_title(title or f"{PLOT_METRICS[metric]} per step")
+    ax.set_xlabel("step")
+    ax.set_ylabel(PLOT_METRICS[metric])
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+
+    # Temp file in the target directory, then rename: a reader (or a report linking the figure)
+    # never sees half a PNG, and a failed draw leaves the previous figure in place.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fig.savefig(fh, format=fmt)
+        os.replace(tmp, out)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return result
+
+
+def _stderr_warning(line: str) -> None:
+    sys.stderr.write(f"warning: {line}\n")
+
+
+def plot_runs(
+    runs: list[RunRecord],
+    metric: str,
+    out: Path,
+    title: str | None = None,
+    warn: Optional[Callable[[str], None]] = None,
+) -> Path:
+    """One figure, one line per run; returns the path written. Runs without values of `metric`
+    are left out with one warning each (`warn`, default: a `warning:` line on stderr)."""
+    result = make_plot(runs, metric, out, title)
+    for line in result.skipped:
+        (warn or _stderr_warning)(line)
+    return result.path

@@ -1,0 +1,161 @@
+"""`moectl plot` and `moectl.plot.plot_runs`: real PNGs read back with matplotlib and checked pixel by
+pixel, runs written to an isolated artifact root (MOECTL_ARTIFACT_ROOT), a real .moectl.toml (cwd)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+from typer.testing import CliRunner
+
+from engine.schema import METRICS_FILENAME, StepMetrics, to_line
+from moectl.cli import app
+from moectl.errors import UsageError
+from moectl.plot import MISSING_MATPLOTLIB, PLOT_METRICS, plot_runs
+from moectl.records import RunRecord
+from moectl.store import create_run_dir, load_run, run_id, save_run
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+# matplotlib's default colour cycle: the first two lines of a figure.
+C0, C1 = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def make_run(root: Path, tag: str, second: int, n: int = 30, speed: float = 1.0, mfu: bool = True) -> RunRecord:
+    """A completed run whose step 0 is a slow compile step, then a steady state around `speed`."""
+    d = create_run_dir(root / run_id("moe", tag, datetime(2026, 1, 1, 0, 0, second)))
+    steps = [
+        StepMetrics(step=i, loss=10.0 - 6.0 * i / n, dt_ms=9000.0 if i == 0 else 650.0 / speed + (i % 3),
+                    tok_per_sec=(60_000.0 if i == 0 else 800_000.0 * speed - 500.0 * (i % 4)),
+                    mfu=(0.7 if i == 0 else 9.7 * speed) if mfu else None, elapsed_s=float(i))
+        for i in range(n)
+    ]
+    (d / METRICS_FILENAME).write_text("".join(to_line(s) + "\n" for s in steps))
+    rec = RunRecord(id=d.name, tag=tag, status="completed", created_at=f"2026-01-01T00:00:{second:02d}+00:00",
+                    exp_dir=str(d))
+    save_run(rec)
+    return load_run(d)
+
+
+def pixels(path: Path) -> np.ndarray:
+    img = imread(path)  # float RGBA in [0, 1]
+    return np.round(img[..., :3] * 255).astype(int)
+
+
+def count_colour(rgb: np.ndarray, colour: tuple[int, int, int], tol: int = 12) -> int:
+    return int((np.abs(rgb - np.array(colour)).max(axis=-1) <= tol).sum())
+
+
+@pytest.mark.parametrize("command", ["plot", "export"])
+def test_help_has_an_example(command):
+    r = invoke(command, "--help")
+    assert r.exit_code == 0 and "Example" in r.stdout and f"moectl {command}" in r.stdout
+
+
+def test_plot_writes_a_real_png_with_one_line_per_run(project, artifact_root, tmp_path):
+    make_run(artifact_root, "static_cap1p0", 1)
+    make_run(artifact_root, "bufreuse", 2, speed=1.03)
+    out = tmp_path / "figs" / "tok.png"  # directory does not exist yet
+    r = invoke("plot", "static_cap1p0", "bufreuse", "--metric", "tok_per_sec", "-o", str(out), "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert Path(data["path"]) == out.resolve() and data["metric"] == "tok_per_sec"
+    assert [rid.rsplit("-", 1)[1] for rid in data["runs"]] == ["static_cap1p0", "bufreuse"]
+    assert data["skipped"] == [] and data["off_scale"] == 2  # step 0 of each run is the compile step
+
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    rgb = pixels(out)
+    assert rgb.shape[0] >= 400 and rgb.shape[1] >= 800  # a readable figure, not a thumbnail
+    assert len(np.unique(rgb.reshape(-1, 3), axis=0)) > 50  # text, grid, antialiased lines: not one colour
+    # Both lines are drawn: each run's colour covers a long stretch of the plot area (legend swatches
+    # alone are ~60 pixels). The steady-state values fill the fitted range, so neither is flattened.
+    assert count_colour(rgb, C0) > 400 and count_colour(rgb, C1) > 400
+    assert not list(out.parent.glob(".*tmp"))  # the atomic write left no temp file
+
+
+def test_plot_default_output_is_metric_png_in_cwd_and_text_output(project, artifact_root):
+    make_run(artifact_root, "a", 1)
+    r = invoke("plot", "a")  # --metric defaults to loss
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == str((project / "loss.png").resolve())
+    assert count_colour(pixels(project / "loss.png"), C0) > 400
+
+
+def test_run_without_the_metric_is_skipped_with_a_warning(project, artifact_root, tmp_path):
+    make_run(artifact_root, "gpu", 1)
+    cpu = make_run(artifact_root, "cpu", 2, mfu=False)  # a CPU run: no peak FLOPs, no MFU
+    r = invoke("plot", "gpu", "cpu", "-m", "mfu", "-o", str(tmp_path / "mfu.png"))
+    assert r.exit_code == 0, r.output
+    assert r.stderr.startswith("warning: ") and cpu.id in r.stderr and "no mfu values" in r.stderr
+    rgb = pixels(tmp_path / "mfu.png")
+    assert count_colour(rgb, C0) > 400 and count_colour(rgb, C1) == 0  # one line only
+
+    r = invoke("plot", "cpu", "-m", "mfu", "-o", str(tmp_path / "none.png"))
+    assert r.exit_code == 2 and r.stderr.startswith("error: no run has mfu values")
+    assert "Traceback" not in r.output and not (tmp_path / "none.png").exists()
+
+
+def test_bad_metric_and_unknown_run_exit_2_one_line(project, artifact_root, tmp_path):
+    make_run(artifact_root, "a", 1)
+    r = invoke("plot", "a", "--metric", "speed", "-o", str(tmp_path / "x.png"))
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "unknown metric 'speed'" in r.stderr and all(m in r.stderr for m in PLOT_METRICS)
+    r = invoke("plot", "nosuchrun", "-o", str(tmp_path / "x.png"))
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "no run matches 'nosuchrun'" in r.stderr
+    r = invoke("plot", "a", "-o", str(tmp_path / "x.nope"))
+    assert r.exit_code == 2 and "cannot write 'x.nope'" in r.stderr
+    assert "Traceback" not in r.output and not list(tmp_path.glob("x.*"))
+
+
+def test_plot_runs_library_api_for_sweeps(artifact_root, tmp_path):
+    runs = [make_run(artifact_root, "leg1", 1), make_run(artifact_root, "leg1", 2, speed=1.05), make_run(artifact_root, "leg2", 3, mfu=False)]
+    warnings: list[str] = []
+    out = plot_runs(runs, "mfu", tmp_path / "reports" / "figures" / "capacity_mfu.png", title="capacity: MFU",
+                    warn=warnings.append)
+    assert out == tmp_path / "reports" / "figures" / "capacity_mfu.png" and out.is_file()
+    assert len(warnings) == 1 and runs[2].id in warnings[0]
+    # two runs sharing a tag are labelled by id, so both lines are there
+    rgb = pixels(out)
+    assert count_colour(rgb, C0) > 400 and count_colour(rgb, C1) > 400
+    svg = plot_runs(runs[:2], "loss", tmp_path / "loss.svg")  # the suffix picks the format
+    text = svg.read_text()
+    assert text.lstrip().startswith("<?xml") and runs[0].id in text and runs[1].id in text
+    with pytest.raises(UsageError, match="unknown metric"):
+        plot_runs(runs, "tokens", tmp_path / "x.png")
+
+
+def test_missing_matplotlib_is_a_clear_message(project, artifact_root, tmp_path):
+    make_run(artifact_root, "a", 1)
+    # A real interpreter where importing matplotlib fails, as on an install without the extra.
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'matplotlib' or name.startswith('matplotlib.'):\n"
+        "            raise ImportError('No module named ' + repr(name))\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from moectl.cli import main\n"
+        f"sys.argv = ['moectl', 'plot', 'a', '-o', {str(tmp_path / 'a.png')!r}]\n"
+        "main()\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=project,
+                       env={**__import__("os").environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == f"error: {MISSING_MATPLOTLIB}" and not (tmp_path / "a.png").exists()
+
+
+def test_cli_modules_import_neither_torch_nor_matplotlib():
+    code = ("import sys, moectl.cli, moectl.plot, moectl.export\n"
+            "print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
