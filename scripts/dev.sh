@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine. Idempotent: each call sets up what is missing, then works.
 #
-#   bash scripts/dev.sh run     set up .venv, then run the main job (tiny preset, CPU, no download)
+#   bash scripts/dev.sh run     set up .venv, then the main job: a guarded `moectl run` of the tiny
+#                               preset on CPU (no download); extra args go to `moectl run`
 #   bash scripts/dev.sh test    set up .venv with test extras, then run the whole test suite
 #
 # torch: if the system python already has torch (a GPU box), the venv reuses it
@@ -40,7 +41,7 @@ case "${1:-}" in
   run)
     shift
     setup
-    exec "$VENV/bin/python" -m engine.train --preset tiny --device cpu "$@"
+    exec "$VENV/bin/moectl" run --preset tiny --device cpu "$@"
     ;;
   test)
     shift
