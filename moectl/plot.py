@@ -106,9 +106,10 @@ def _import_matplotlib():
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import StrMethodFormatter
     except ImportError:
         raise UsageError(MISSING_MATPLOTLIB) from None
-    return Figure, FigureCanvasAgg
+    return Figure, FigureCanvasAgg, StrMethodFormatter
 
 
 def make_plot(runs: Sequence[RunRecord], metric: str, out: Path, title: Optional[str] = None) -> PlotResult:
@@ -118,7 +119,7 @@ def make_plot(runs: Sequence[RunRecord], metric: str, out: Path, title: Optional
     check_metric(metric)
     if not runs:
         raise UsageError("nothing to plot: no runs")
-    Figure, FigureCanvasAgg = _import_matplotlib()  # before any reading: say what to install first
+    Figure, FigureCanvasAgg, StrMethodFormatter = _import_matplotlib()  # before any reading: say what to install first
     out = Path(out).expanduser()
     series, skipped = collect_series(runs, metric)
     if not series:
@@ -145,6 +146,8 @@ def make_plot(runs: Sequence[RunRecord], metric: str, out: Path, title: Optional
     ax.set_title(title or f"{PLOT_METRICS[metric]} per step")
     ax.set_xlabel("step")
     ax.set_ylabel(PLOT_METRICS[metric])
+    if max(abs(v) for s in series for v in s.values) >= 10_000:
+        ax.yaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))  # 800,000 rather than 800000
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()

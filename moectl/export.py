@@ -1,0 +1,115 @@
+"""Runs as two CSV tables (`moectl export RUN... --csv DIR`), the seed study's two exports:
+
+    DIR/steps.csv    run, step, loss, aux_loss, lr, dt_ms, tok_per_sec, mfu, peak_mem_mib,
+                     drop_frac, expert_load_max, elapsed_s         (one row per step per run)
+    DIR/summary.csv  run, tag, status, steps, tok_per_sec, dt_ms, mfu, peak_mem_mib,
+                     total_time_min, final_loss, drop_frac, window, error   (one row per run)
+
+`run` is the run id (unique, and what every RUN argument accepts). Missing values are empty cells;
+floats are written with Python's shortest round-trip repr, so `moectl import steps.csv --format csv
+--run ID` reads back exactly the numbers the engine wrote. The summary is the SPEC §7 tail-window
+summary recomputed from metrics.jsonl with the given window (the recorded one when the metrics
+are gone). Each file is replaced atomically (temp file + rename).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from engine.schema import METRICS_FILENAME, StepMetrics
+from moectl.errors import UsageError
+from moectl.metrics import read_metrics, tail_summary
+from moectl.records import RunRecord, Summary, write_text_atomic
+
+STEPS_CSV = "steps.csv"
+SUMMARY_CSV = "summary.csv"
+# Every field of the engine's step line, in its order: a new engine metric is exported for free.
+STEP_FIELDS = [f.name for f in fields(StepMetrics) if f.name != "type"]
+STEP_COLUMNS = ["run", *STEP_FIELDS]
+SUMMARY_METRICS = ["tok_per_sec", "dt_ms", "mfu", "peak_mem_mib", "total_time_min", "final_loss", "drop_frac"]
+SUMMARY_COLUMNS = ["run", "tag", "status", "steps", *SUMMARY_METRICS, "window", "error"]
+_ERROR_LINE = re.compile(r"(Error|Exception)\b|error:", re.IGNORECASE)
+_MAX_ERROR_CHARS = 300
+
+
+@dataclass
+class ExportResult:
+    steps_csv: Path
+    summary_csv: Path
+    runs: int
+    step_rows: int
+    without_steps: list[str]  # run ids that had no metrics steps (summary row only)
+
+
+def _cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)  # shortest string that reads back as the same float
+    return value
+
+
+def error_line(error: Optional[str]) -> str:
+    """A record's error (often a multi-line log tail) as one line: the last line that names an
+    error (`RuntimeError: ...`, `error: ...`), else the first line (`interrupted by SIGINT`)."""
+    lines = [ln.strip() for ln in (error or "").splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    named = [ln for ln in lines if _ERROR_LINE.search(ln)]
+    line = named[-1] if named else lines[0]
+    return line if len(line) <= _MAX_ERROR_CHARS else line[: _MAX_ERROR_CHARS - 1] + "…"
+
+
+def _status(rec: RunRecord) -> str:
+    return getattr(rec, "display_status", rec.status)  # StoredRun shows a dead owner as `stale`
+
+
+def _csv_text(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _cell(row.get(k)) for k in columns})
+    return buf.getvalue()
+
+
+def export_csv(runs: Sequence[RunRecord], out_dir: Path, window: int) -> ExportResult:
+    """Write DIR/steps.csv and DIR/summary.csv for `runs` (DIR created if missing)."""
+    if not runs:
+        raise UsageError("nothing to export: no runs")
+    if window < 1:
+        raise UsageError(f"window must be >= 1, got {window}")
+    out_dir = Path(out_dir).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--csv must be a directory, not a file: {out_dir}")
+
+    step_rows: list[dict[str, Any]] = []
+    summary_rows: list[dict[str, Any]] = []
+    without_steps: list[str] = []
+    for rec in runs:
+        metrics = read_metrics(Path(rec.exp_dir) / METRICS_FILENAME)
+        for s in metrics.steps:
+            step_rows.append({"run": rec.id, **{name: getattr(s, name) for name in STEP_FIELDS}})
+        summary: Optional[Summary]
+        if metrics.steps:
+            summary, n_steps = tail_summary(metrics, window), len(metrics.steps)
+        else:
+            without_steps.append(rec.id)
+            summary = rec.summary  # the record's own numbers, with the window they were made with
+            n_steps = summary.steps if summary is not None else 0
+        summary_rows.append({
+            "run": rec.id, "tag": rec.tag, "status": _status(rec), "steps": n_steps,
+            **{m: getattr(summary, m) if summary else None for m in SUMMARY_METRICS},
+            "window": summary.window if summary else window,
+            "error": error_line(rec.error),
+        })
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    steps_path, summary_path = out_dir / STEPS_CSV, out_dir / SUMMARY_CSV
+    write_text_atomic(steps_path, _csv_text(STEP_COLUMNS, step_rows))
+    write_text_atomic(summary_path, _csv_text(SUMMARY_COLUMNS, summary_rows))
+    return ExportResult(steps_path, summary_path, len(summary_rows), len(step_rows), without_steps)

@@ -1,0 +1,171 @@
+"""`moectl export RUN... --csv DIR`: the two CSVs, their contract, and a round trip through
+`moectl import --format csv` (real CLI via CliRunner, isolated artifact root, real .moectl.toml)."""
+from __future__ import annotations
+
+import csv
+import json
+from datetime import datetime
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from engine.schema import METRICS_FILENAME, RunSummary, StepMetrics, to_line
+from moectl.cli import app
+from moectl.records import RunRecord, Summary
+from moectl.store import create_run_dir, run_id, save_run
+
+runner = CliRunner()
+# The contract of the two files (issue 4 / the seed's exports), written out, not imported.
+STEPS_HEADER = ["run", "step", "loss", "aux_loss", "lr", "dt_ms", "tok_per_sec", "mfu", "peak_mem_mib",
+                "drop_frac", "expert_load_max", "elapsed_s"]
+SUMMARY_HEADER = ["run", "tag", "status", "steps", "tok_per_sec", "dt_ms", "mfu", "peak_mem_mib",
+                  "total_time_min", "final_loss", "drop_frac", "window", "error"]
+WINDOW = 5
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def steps_of(n: int, seed: int) -> list[StepMetrics]:
+    """Awkward floats on purpose (thirds, sevenths): a lossy CSV would not round-trip them."""
+    return [
+        StepMetrics(step=i, loss=10.0 - i / 3.0 - seed / 7.0, aux_loss=0.01 + i / 997.0, lr=3e-4 * (1 - i / n),
+                    dt_ms=650.0 + ((i * 37 + seed) % 11) / 3.0, tok_per_sec=800_000.0 + ((i * 53 + seed) % 17) * 101.7,
+                    mfu=9.7 + i / 70.0, peak_mem_mib=1000.0 + 7.0 * min(i, 4), drop_frac=0.02 + i / 1300.0,
+                    expert_load_max=1.3 + i / 90.0, elapsed_s=0.65 * (i + 1))
+        for i in range(n)
+    ]
+
+
+def make_run(root: Path, tag: str, second: int, steps: list[StepMetrics] | None, status: str = "completed",
+             error: str | None = None, summary: Summary | None = None) -> RunRecord:
+    d = create_run_dir(root / run_id("moe", tag, datetime(2026, 1, 1, 0, 0, second)))
+    if steps is not None:
+        lines = [to_line(s) for s in steps]
+        if status == "completed":  # the engine's summary line agrees with its steps: peak = max, total = last elapsed
+            lines.append(to_line(RunSummary(steps=len(steps), world_size=1, peak_mem_mib=max(s.peak_mem_mib for s in steps),
+                                            total_time_s=steps[-1].elapsed_s, final_loss=steps[-1].loss)))
+        (d / METRICS_FILENAME).write_text("\n".join(lines) + "\n")
+    rec = RunRecord(id=d.name, tag=tag, status=status, created_at=f"2026-01-01T00:00:{second:02d}+00:00",
+                    exp_dir=str(d), error=error, summary=summary)
+    save_run(rec)
+    return rec
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def with_window(project: Path, window: int) -> None:
+    with open(project / ".moectl.toml", "a") as fh:
+        fh.write(f"\n[metrics]\nwindow = {window}\n")
+
+
+def test_export_writes_both_tables(project, artifact_root, tmp_path):
+    with_window(project, WINDOW)
+    a_steps = steps_of(12, seed=1)
+    a = make_run(artifact_root, "static_cap1p0", 1, a_steps)
+    # A CPU run that failed: no MFU, no drops, a multi-line log tail as its error.
+    b_steps = [StepMetrics(step=i, loss=9.0 - i / 10.0, dt_ms=100.0 + i, tok_per_sec=5000.0 + i, elapsed_s=0.1 * (i + 1))
+               for i in range(3)]
+    b = make_run(artifact_root, "cpu", 2, b_steps, status="failed",
+                 error="[rank0]: Traceback (most recent call last):\n[rank0]:   File \"train.py\", line 3\n"
+                       "[rank0]: RuntimeError: CUDA error: out of memory\nexit code 1\n")
+    out = tmp_path / "new" / "nested"  # created
+    r = invoke("export", "static_cap1p0", "cpu", "--csv", str(out), "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data == {"steps_csv": str((out / "steps.csv").resolve()), "summary_csv": str((out / "summary.csv").resolve()),
+                    "runs": 2, "step_rows": 15, "without_steps": []}
+    assert sorted(p.name for p in out.iterdir()) == ["steps.csv", "summary.csv"]  # no temp files left
+
+    header, rows = read_csv(out / "steps.csv")
+    assert header == STEPS_HEADER and len(rows) == 15
+    assert [r["run"] for r in rows] == [a.id] * 12 + [b.id] * 3
+    assert [int(r["step"]) for r in rows] == list(range(12)) + list(range(3))
+    assert float(rows[4]["loss"]) == a_steps[4].loss and float(rows[4]["lr"]) == a_steps[4].lr  # exact floats
+    assert rows[13]["mfu"] == "" and rows[13]["drop_frac"] == "" and float(rows[13]["tok_per_sec"]) == 5001.0
+
+    header, rows = read_csv(out / "summary.csv")
+    assert header == SUMMARY_HEADER and [r["run"] for r in rows] == [a.id, b.id]
+    ra, rb = rows
+    tail = a_steps[-WINDOW:]  # the SPEC §7 rule, computed here by hand
+    assert ra["tag"] == "static_cap1p0" and ra["status"] == "completed" and ra["steps"] == "12" and ra["window"] == "5"
+    assert float(ra["tok_per_sec"]) == sum(s.tok_per_sec for s in tail) / WINDOW
+    assert float(ra["dt_ms"]) == sum(s.dt_ms for s in tail) / WINDOW
+    assert float(ra["mfu"]) == sum(s.mfu for s in tail) / WINDOW
+    assert float(ra["drop_frac"]) == sum(s.drop_frac for s in tail) / WINDOW
+    assert float(ra["peak_mem_mib"]) == 1028.0 and float(ra["final_loss"]) == a_steps[-1].loss
+    assert float(ra["total_time_min"]) == a_steps[-1].elapsed_s / 60.0 and ra["error"] == ""
+    assert rb["status"] == "failed" and rb["steps"] == "3" and rb["mfu"] == "" and rb["peak_mem_mib"] == ""
+    assert float(rb["tok_per_sec"]) == (5000.0 + 5001.0 + 5002.0) / 3  # a run shorter than the window
+    assert rb["error"] == "[rank0]: RuntimeError: CUDA error: out of memory"
+
+
+def test_export_round_trips_through_import(project, artifact_root, tmp_path):
+    with_window(project, WINDOW)
+    orig_steps = steps_of(9, seed=3)
+    orig = make_run(artifact_root, "bufreuse", 1, orig_steps)
+    make_run(artifact_root, "other", 2, steps_of(4, seed=5))
+    first = tmp_path / "first"
+    assert invoke("export", "bufreuse", "other", "--csv", str(first)).exit_code == 0
+
+    # Import one run of the multi-run steps.csv back into the store, then export both again.
+    r = invoke("import", str(first / "steps.csv"), "--format", "csv", "--run", orig.id, "--name", "roundtrip", "--json")
+    assert r.exit_code == 0, r.output
+    imported = json.loads(r.stdout)
+    assert imported["skipped"] == 0
+    second = tmp_path / "second"
+    assert invoke("export", orig.id, "roundtrip", "--csv", str(second)).exit_code == 0
+
+    _, rows = read_csv(second / "summary.csv")
+    metrics = ["steps", "tok_per_sec", "dt_ms", "mfu", "peak_mem_mib", "total_time_min", "final_loss", "drop_frac", "window"]
+    assert {k: rows[0][k] for k in metrics} == {k: rows[1][k] for k in metrics}  # the same tail summary
+    assert rows[1]["status"] == "imported" and float(rows[1]["tok_per_sec"]) == sum(
+        s.tok_per_sec for s in orig_steps[-WINDOW:]) / WINDOW
+    # The record import_run wrote says the same as the recomputed summary.
+    rec_summary = imported["summary"]
+    assert rec_summary["tok_per_sec"] == float(rows[0]["tok_per_sec"]) and rec_summary["mfu"] == float(rows[0]["mfu"])
+    # And every per-step value came back bit for bit.
+    _, step_rows = read_csv(second / "steps.csv")
+    by_run: dict[str, list[dict[str, str]]] = {}
+    for row in step_rows:
+        by_run.setdefault(row.pop("run"), []).append(row)
+    assert by_run[orig.id] == by_run[imported["id"]] and len(by_run[orig.id]) == 9
+
+
+def test_export_run_without_metrics_uses_its_record_and_replaces_files(project, artifact_root, tmp_path):
+    recorded = Summary(window=50, steps=40, tok_per_sec=123.5, dt_ms=7.25, final_loss=4.5)
+    make_run(artifact_root, "gone", 1, None, status="interrupted", error="interrupted by SIGINT\n[rank0]: KeyboardInterrupt",
+             summary=recorded)
+    make_run(artifact_root, "kept", 2, steps_of(3, seed=0))
+    out = tmp_path / "out"
+    assert invoke("export", "gone", "kept", "--csv", str(out)).exit_code == 0
+    r = invoke("export", "gone", "--csv", str(out))  # the same DIR again: both files replaced
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines() == [str((out / "steps.csv").resolve()), str((out / "summary.csv").resolve())]
+    assert "warning:" in r.stderr and "no metrics steps" in r.stderr
+    header, steps = read_csv(out / "steps.csv")
+    assert header == STEPS_HEADER and steps == []
+    _, rows = read_csv(out / "summary.csv")
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["status"] == "interrupted" and row["error"] == "interrupted by SIGINT"
+    assert row["window"] == "50" and row["steps"] == "40" and float(row["tok_per_sec"]) == 123.5 and row["mfu"] == ""
+
+
+def test_export_errors_exit_2_one_line(project, artifact_root, tmp_path):
+    make_run(artifact_root, "a", 1, steps_of(3, seed=0))
+    out = tmp_path / "out"
+    r = invoke("export", "a", "nosuchrun", "--csv", str(out))
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "no run matches 'nosuchrun'" in r.stderr
+    assert not out.exists()  # nothing written when any run is unknown
+    afile = tmp_path / "file.csv"
+    afile.write_text("x\n")
+    r = invoke("export", "a", "--csv", str(afile))
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "must be a directory" in r.stderr
+    assert invoke("export", "a").exit_code == 2  # --csv is required
+    assert "Traceback" not in r.output and afile.read_text() == "x\n"
