@@ -52,18 +52,20 @@ def read_metrics(path: Path) -> MetricsFile:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return out
-    lines = [ln for ln in text.splitlines() if ln.strip()]
     # Fast path: one json call for the whole file (per-line json.loads dominates `compare` over
-    # many runs). Any malformed line makes it fail; then decode line by line to skip and count.
+    # many runs). Every line must decode to exactly one object: a blank line, a malformed line,
+    # a line holding "1,2" or a bracket split over two lines breaks or shifts the array, and then
+    # the careful path decodes line by line to skip and count.
+    body = text.strip()
     try:
-        objects = json.loads("[" + ",".join(lines) + "]")
-        # Every line must have been exactly one object: a line holding "1,2" or a bracket split
-        # over two lines would shift the alignment; then take the careful path.
-        if len(objects) != len(lines) or not all(type(o) is dict for o in objects):
+        objects = json.loads("[" + body.replace("\n", ",") + "]") if body else []
+        if len(objects) != (body.count("\n") + 1 if body else 0) or not all(type(o) is dict for o in objects):
             raise ValueError
     except ValueError:
         objects = []
-        for ln in lines:
+        for ln in text.splitlines():
+            if not ln.strip():
+                continue
             try:
                 objects.append(json.loads(ln))
             except ValueError:
