@@ -5,11 +5,12 @@
     DIR/summary.csv  run, tag, status, steps, tok_per_sec, dt_ms, mfu, peak_mem_mib,
                      total_time_min, final_loss, drop_frac, window, error   (one row per run)
 
-`run` is the run id (unique, and what every RUN argument accepts). Missing values are empty cells;
-floats are written with Python's shortest round-trip repr, so `moectl import steps.csv --format csv
---run ID` reads back exactly the numbers the engine wrote. The summary is the SPEC §7 tail-window
-summary recomputed from metrics.jsonl with the given window (the recorded one when the metrics
-are gone). Each file is replaced atomically (temp file + rename).
+`run` is the run id (unique, and what every RUN argument accepts). Missing values are empty cells.
+Step values are written with Python's shortest round-trip repr, so `moectl import steps.csv
+--format csv --run ID` reads back exactly the numbers the engine wrote; summary means are rounded
+to 12 significant digits. The summary is the SPEC §7 tail-window summary recomputed from
+metrics.jsonl with the given window (the recorded one when the metrics are gone). Each file is
+replaced atomically (temp file + rename).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ STEP_FIELDS = [f.name for f in fields(StepMetrics) if f.name != "type"]
 STEP_COLUMNS = ["run", *STEP_FIELDS]
 SUMMARY_METRICS = ["tok_per_sec", "dt_ms", "mfu", "peak_mem_mib", "total_time_min", "final_loss", "drop_frac"]
 SUMMARY_COLUMNS = ["run", "tag", "status", "steps", *SUMMARY_METRICS, "window", "error"]
+_DERIVED = {"tok_per_sec", "dt_ms", "mfu", "drop_frac", "total_time_min"}
 _ERROR_LINE = re.compile(r"(Error|Exception)\b|error:", re.IGNORECASE)
 _MAX_ERROR_CHARS = 300
 
@@ -50,6 +52,14 @@ def _cell(value: Any) -> Any:
         return ""
     if isinstance(value, float):
         return repr(value)  # shortest string that reads back as the same float
+    return value
+
+
+def _tidy(name: str, value: Any) -> Any:
+    """Derived numbers (tail means, minutes) to 12 significant digits: 670.3136, not the mean's
+    670.3135999999997. Recorded values (final loss, peak memory, every step) stay exact."""
+    if name in _DERIVED and isinstance(value, float):
+        return float(f"{value:.12g}")
     return value
 
 
@@ -103,7 +113,7 @@ def export_csv(runs: Sequence[RunRecord], out_dir: Path, window: int) -> ExportR
             n_steps = summary.steps if summary is not None else 0
         summary_rows.append({
             "run": rec.id, "tag": rec.tag, "status": _status(rec), "steps": n_steps,
-            **{m: getattr(summary, m) if summary else None for m in SUMMARY_METRICS},
+            **{m: _tidy(m, getattr(summary, m)) if summary else None for m in SUMMARY_METRICS},
             "window": summary.window if summary else window,
             "error": error_line(rec.error),
         })
