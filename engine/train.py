@@ -173,6 +173,11 @@ def resolve_options(argv) -> argparse.Namespace:
         ok, reason = fp8_supported(torch.device(args.device))
         if not ok:
             raise BadOptions(f"{flag} is not supported here: {reason}")
+        try:  # shape rules of torch._scaled_mm: build the model on the meta device (free) to check them
+            with torch.device("meta"):
+                GPT(model_config(args, vocab_size=args.vocab_size or 256))
+        except ValueError as exc:
+            raise BadOptions(f"{flag}: {exc}") from None
     return args
 
 

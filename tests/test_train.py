@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from engine.schema import EXIT_BAD_OPTIONS, EXIT_COMPILE_FAILED, RunSummary, StartInfo, StepMetrics, parse_line
-from engine.train import main
+from engine.train import main, resolve_options
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,11 +94,20 @@ def test_bad_options_exit_2_with_one_line():
     (["--data", "/nonexistent/corpus"], "no such file"),
     (["--save-every", "5"], "needs --ckpt-dir"),
     (["--resume", "latest"], "needs --ckpt-dir"),
+    (["--fp8-dense", "--depth", "1", "--aspect-ratio", "40", "--head-dim", "8"], "multiple of 16"),
 ])
 def test_more_bad_options_in_process(argv, needle, capsys):
     assert main(["--preset", "tiny", "--steps", "1", *argv]) == EXIT_BAD_OPTIONS
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+
+
+def test_explicit_options_override_the_preset():
+    args = resolve_options(["--preset", "d12-moe", "--device", "cpu", "--cap", "0", "--steps", "60"])
+    assert (args.depth, args.aspect_ratio, args.head_dim, args.seq_len, args.device_batch_size) == (12, 64, 64, 1024, 16)
+    assert (args.n_experts, args.top_k, args.total_batch_size, args.vocab_size, args.data) == (8, 2, 524288, 32768, "synthetic")
+    assert (args.cap, args.steps, args.compile, args.dtype) == (0.0, 60, "static", "bf16")
+    assert resolve_options(["--device", "cpu"]).dtype == "fp32"  # tiny on cpu
 
 
 def test_sigterm_stops_promptly_and_keeps_valid_metrics(tmp_path):
