@@ -257,11 +257,13 @@ def launch(
     tee: Optional[_Tee] = None
     family: Optional[_Family] = None
     killed = False
+    interrupted = False  # we stopped it (a signal that arrives after torchrun exited on its own is ignored)
     exit_code: Optional[int] = None
     error: Optional[str] = None
     try:
         if stop.count:  # a signal arrived before we even started: do not start
             error = f"stopped by {stop.signal_name} before start"
+            interrupted = True
         else:
             try:
                 proc = subprocess.Popen(
@@ -290,6 +292,7 @@ def launch(
                     family.snapshot()
                     _signal_one(proc.pid, signal.SIGTERM)  # torchrun forwards it to the workers
                     term_at = now
+                    interrupted = True
                 if not killed and term_at is not None and (stop.count >= 2 or now - term_at >= stop_grace_s):
                     family.kill_all(root_alive=True)
                     killed = True
@@ -306,7 +309,7 @@ def launch(
             # is still reserved, then the workers it may have left in their own sessions.
             _signal_group(proc.pid, signal.SIGKILL if killed else signal.SIGTERM)
             remaining = stop_grace_s if term_at is None else max(0.5, stop_grace_s - (time.monotonic() - term_at))
-            if family.stop_survivors(remaining, already_killed=killed) and stop.count:
+            if family.stop_survivors(remaining, already_killed=killed) and interrupted:
                 killed = True
             exit_code = proc.wait()
             tee.join(timeout=5.0)  # an escaped process may still hold the pipe: do not hang on it
@@ -335,8 +338,8 @@ def launch(
 
     return LaunchResult(
         exit_code=exit_code,
-        interrupted=stop.count > 0,
-        signal_name=stop.signal_name,
+        interrupted=interrupted,
+        signal_name=stop.signal_name if interrupted else None,
         duration_s=time.monotonic() - t0,
         log_tail=_tail_text(tee, error),
         pid=proc.pid if proc is not None else None,

@@ -42,6 +42,8 @@ def main() -> int:
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--trivial", action="store_true",
+                   help="time `python -c pass` instead of torchrun: the launcher's fixed cost, with less noise")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("extra", nargs="*", help="more engine arguments (after --)")
     args = p.parse_args()
@@ -56,7 +58,10 @@ def main() -> int:
             for kind in order:
                 out = Path(tmp) / f"{kind}{i}"
                 out.mkdir()
-                argv = torchrun_argv(args.module, args.nproc, args.steps, out, args.extra)
+                if args.trivial:
+                    argv = [sys.executable, "-c", "pass"]
+                else:
+                    argv = torchrun_argv(args.module, args.nproc, args.steps, out, args.extra)
                 t0 = time.perf_counter()
                 if kind == "bare":
                     with open(out / "train.log", "wb") as log:
@@ -74,15 +79,15 @@ def main() -> int:
                     return 1
 
     bare, launched = statistics.median(bare_s), statistics.median(launched_s)
-    result = {"module": args.module, "nproc": args.nproc, "steps": args.steps, "runs": args.runs,
+    result = {"module": "python -c pass" if args.trivial else args.module, "nproc": args.nproc, "steps": args.steps, "runs": args.runs,
               "bare_median_s": round(bare, 3), "launch_median_s": round(launched, 3),
               "overhead_s": round(launched - bare, 3),
               "bare_s": [round(x, 3) for x in bare_s], "launch_s": [round(x, 3) for x in launched_s]}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{args.module} x{args.nproc}, {args.steps} steps, {args.runs} runs each (interleaved)")
-        print(f"  bare torchrun   median {bare:7.3f} s   {result['bare_s']}")
+        print(f"{result['module']} x{args.nproc}, {args.steps} steps, {args.runs} runs each (interleaved)")
+        print(f"  bare            median {bare:7.3f} s   {result['bare_s']}")
         print(f"  through launch  median {launched:7.3f} s   {result['launch_s']}")
         print(f"  overhead        {launched - bare:+.3f} s")
     return 0
