@@ -39,19 +39,34 @@ class MetricsFile:
     steps: list[StepMetrics] = field(default_factory=list)
     summary: Optional[RunSummary] = None
     skipped: int = 0  # lines that could not be parsed (never fatal)
+    # Set by a tail read (`read_metrics(path, tail=N)`): `steps` then holds only the last N steps
+    # and the run's step count comes from its summary line.
+    total_steps: Optional[int] = None
+
+    @property
+    def n_steps(self) -> int:
+        return self.total_steps if self.total_steps is not None else len(self.steps)
 
 
-def read_metrics(path: Path) -> MetricsFile:
+def read_metrics(path: Path, tail: Optional[int] = None) -> MetricsFile:
     """Read a metrics.jsonl. Malformed lines are skipped and counted; a missing file is empty.
 
     A resumed run may write a step number twice (the steps after the last checkpoint run again):
     the last occurrence wins, because it is the one the final model actually went through.
+
+    `tail=N` (what `compare` needs): for a finished run, i.e. one whose last line is a summary
+    with the peak memory, read only the last N steps, walking back from the end; other files are
+    read whole. The tail summary comes out the same; `skipped` then counts only the lines read.
     """
     out = MetricsFile()
     try:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return out
+    if tail is not None:
+        fast = _read_tail(text, tail)
+        if fast is not None:
+            return fast
     # Fast path: one json call for the whole file (per-line json.loads dominates `compare` over
     # many runs). Every line must decode to exactly one object: a blank line, a malformed line,
     # a line holding "1,2" or a bracket split over two lines breaks or shifts the array, and then
@@ -88,6 +103,44 @@ def read_metrics(path: Path) -> MetricsFile:
 
 
 _MALFORMED = object()  # parse_record rejects it: "not a JSON object"
+
+
+def _read_tail(text: str, window: int) -> Optional[MetricsFile]:
+    """The last `window` steps of a finished run, or None when the file does not allow it.
+
+    Walking backwards, the first time a step number is seen is its last occurrence in the file,
+    which is the one a full read keeps. A finished run's last segment ends at its final step, so
+    the `window` steps collected this way are exactly the `window` highest step numbers. Peak
+    memory and the step count come from the summary line (the engine's run-wide figures).
+    """
+    lines = text.splitlines()
+    i = len(lines) - 1
+    while i >= 0 and not lines[i].strip():
+        i -= 1
+    try:
+        summary = parse_record(json.loads(lines[i])) if i >= 0 else None
+    except ValueError:
+        return None
+    if not isinstance(summary, RunSummary) or summary.peak_mem_mib is None:
+        return None
+    out = MetricsFile(summary=summary, total_steps=summary.steps)
+    by_step: dict[int, StepMetrics] = {}
+    for ln in reversed(lines[:i]):
+        if len(by_step) >= window:
+            break
+        if not ln.strip():
+            continue
+        try:
+            rec = parse_record(json.loads(ln))
+        except ValueError:
+            out.skipped += 1
+            continue
+        if isinstance(rec, StepMetrics):
+            by_step.setdefault(rec.step, rec)
+        elif isinstance(rec, StartInfo):
+            out.start = rec
+    out.steps = [by_step[k] for k in sorted(by_step)]
+    return out
 
 
 def _values(steps: Sequence[StepMetrics], name: str) -> list[float]:
@@ -247,7 +300,7 @@ def compare(runs: Sequence[RunMetrics], baseline_index: int = 0, window: int = 5
             )
             for m in METRICS
         }
-        n_steps = len(r.metrics.steps) if r.metrics.steps else tail_n
+        n_steps = r.metrics.n_steps if r.metrics.steps else tail_n
         out.append(RunComparison(r.id, r.tag, n_steps, tail_n, dict(r.options), mvs))
     return Comparison(baseline=runs[baseline_index].id, window=window, runs=out, notes=_notes(out, window))
 

@@ -268,7 +268,10 @@ def import_run(
     summary_line = RunSummary(
         steps=len(steps),
         world_size=int(extras.get("world_size") or 0),  # 0 = unknown (logs rarely say)
-        peak_mem_mib=extras.get("peak_mem_mib"),
+        # The run-wide peak: the log's own figure, else the max over steps (readers of a
+        # finished run's tail take the peak from this line).
+        peak_mem_mib=extras.get("peak_mem_mib") if extras.get("peak_mem_mib") is not None
+        else max((s.peak_mem_mib for s in steps if s.peak_mem_mib is not None), default=None),
         total_time_s=extras.get("total_time_s"),
         final_loss=steps[-1].loss,
     )

@@ -203,3 +203,37 @@ def test_read_metrics_ignores_keys_a_newer_engine_adds(tmp_path):
                  '{"step":1,"loss":1.5,"tok_per_sec":7.0}\n')  # "type" defaults to step
     m = read_metrics(p)
     assert m.skipped == 0 and [(s.step, s.tok_per_sec) for s in m.steps] == [(0, 5.0), (1, 7.0)]
+
+
+def _write(path, steps, summary=None):
+    from engine.schema import to_line
+
+    lines = [to_line(s) for s in steps] + ([to_line(summary)] if summary else [])
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_tail_read_equals_full_read(tmp_path):
+    # A resumed run: steps 0..9, then a resume from step 5 that runs to 12, then the summary.
+    first = [StepMetrics(step=i, loss=9.0, tok_per_sec=100.0 + i, peak_mem_mib=50.0 + i) for i in range(10)]
+    second = [StepMetrics(step=i, loss=1.0, tok_per_sec=200.0 + i, peak_mem_mib=40.0) for i in range(5, 13)]
+    p = tmp_path / "m.jsonl"
+    _write(p, first + second, RunSummary(steps=13, world_size=1, peak_mem_mib=59.0, total_time_s=60.0))
+    full = read_metrics(p)
+    for window in (1, 4, 8, 10, 50):
+        tail = read_metrics(p, tail=window)
+        assert tail.total_steps == 13 and tail.n_steps == full.n_steps == 13
+        assert len(tail.steps) == min(window, 13)
+        assert tail_summary(tail, window) == tail_summary(full, window)
+        assert tail_stderr(tail, window) == tail_stderr(full, window)
+    # window 4: steps 9..12, all from the resumed segment: (209+210+211+212)/4
+    assert tail_summary(read_metrics(p, tail=4), 4).tok_per_sec == pytest.approx(210.5)
+
+
+def test_tail_read_falls_back_to_full_without_a_summary(tmp_path):
+    p = tmp_path / "m.jsonl"
+    steps = [StepMetrics(step=i, loss=1.0, peak_mem_mib=float(10 * i)) for i in range(6)]
+    _write(p, steps)  # still running: no summary line
+    m = read_metrics(p, tail=2)
+    assert m.total_steps is None and len(m.steps) == 6 and tail_summary(m, 2).peak_mem_mib == 50.0
+    _write(p, steps, RunSummary(steps=6, world_size=1))  # a summary without peak memory
+    assert len(read_metrics(p, tail=2).steps) == 6

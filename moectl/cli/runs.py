@@ -229,7 +229,7 @@ def load_comparison(root: Path, refs: list[str], baseline: Optional[str], window
         stderr.print("warning: a run was named twice; comparing it once", markup=False)
         base_index = [r.id for r in unique].index(records[base_index].id)
     inputs = [
-        RunMetrics(id=r.id, tag=r.tag, metrics=read_metrics(Path(r.exp_dir) / METRICS_FILENAME),
+        RunMetrics(id=r.id, tag=r.tag, metrics=read_metrics(Path(r.exp_dir) / METRICS_FILENAME, tail=window),
                    options=r.options, fallback=r.summary)
         for r in unique
     ]
