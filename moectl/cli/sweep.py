@@ -1,0 +1,153 @@
+"""`moectl sweep` (legs one by one, resumable) and `moectl summary` (EXPERIMENTS.md)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from moectl.cli.common import app, error, handle_errors, print_json, stdout
+from moectl.cli.options import ConfigOpt, JsonOpt, OverrideOpt, WaitGpusOpt
+from moectl.errors import EXIT_OK, UsageError
+
+
+@app.command(no_args_is_help=True)
+@handle_errors
+def sweep(
+    spec: Annotated[Optional[Path], typer.Argument(help="Sweep spec (TOML): name, [common], [[legs]] or [grid].", show_default=False)] = None,
+    resume: Annotated[Optional[str], typer.Option("--resume", help="Run the legs of this sweep (id, unique prefix, name or path) that did not complete, in a fresh -resume directory.", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the legs and their exact commands; write nothing.")] = False,
+    fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failed leg.")] = False,
+    baseline: Annotated[Optional[str], typer.Option("--baseline", help="Leg tag to compare against (default: the first completed leg).", show_default=False)] = None,
+    wait_gpus: WaitGpusOpt = None,
+    override: OverrideOpt = None,
+    no_commit: Annotated[bool, typer.Option("--no-commit", help="Write the reports but commit nothing.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live progress.")] = False,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    r"""Run a sweep: every leg through the same guards, launch, record, report and commit as
+    `moectl run`, one at a time, in one sweep directory with a sweep.json that stays true through
+    failures, Ctrl-C and crashes. After each leg: its report, the sweep report, a commit. At the
+    end: the comparison of all completed legs, the fastest leg, figures, a commit.
+
+    Exit codes: 0 all legs completed, 2 bad spec/options, 3 a guard refused, 4 some leg failed, 130 interrupted.
+
+    Spec example (capacity.toml):
+
+      name = "capacity"
+      \[common]
+      compile = "static"
+      \[\[legs]]
+      tag = "static_cap1p0"
+      cap = 1.0
+      # or: \[grid]  cap = [0.0, 1.0]  compile = ["static", "none"]   (tags like static_cap1p0)
+
+    Examples:
+      [bold]moectl sweep capacity.toml --dry-run[/bold]
+      [bold]moectl sweep capacity.toml --baseline static_cap0p0[/bold]
+      [bold]moectl sweep --resume 20260224_172715_moe-capacity[/bold]
+    """
+    from moectl.config import load_config
+    from moectl.plan import make_request
+    from moectl.progress import make_progress, stdout_is_tty
+    from moectl.sweep import SweepOptions, SweepUI, dry_run as plan_legs, load_spec, plan_resume, resume_sweep, run_sweep
+
+    if (spec is None) == (resume is None):
+        raise UsageError("give a sweep spec (SPEC.toml) or --resume SWEEP, not both" if spec else
+                         "give a sweep spec (SPEC.toml) or --resume SWEEP")
+    # Flag values go through the same validation as `moectl run`'s (one line per bad option).
+    make_request(wait_gpus=wait_gpus, overrides=list(override or []))
+    opts = SweepOptions(fail_fast=fail_fast, baseline=baseline, wait_gpus=wait_gpus,
+                        overrides=list(override or []), no_commit=no_commit)
+    parsed = load_spec(spec) if spec is not None else None  # validated whole before the config is even read
+    cfg = load_config(config)
+    out = (lambda text: None) if json_out else (lambda text: stdout.print(text, markup=False))  # noqa: E731
+
+    if dry_run:
+        if parsed is not None:
+            name, legs, resumed_from = parsed.name, parsed.legs, None
+        else:
+            old, legs, _ = plan_resume(cfg, resume)
+            name, resumed_from = old.name + "-resume", old.id
+        planned = plan_legs(cfg, [leg for leg in legs if leg.state == "pending"], name, opts)
+        if json_out:
+            print_json({"name": name, "resumed_from": resumed_from, "legs": planned})
+        else:
+            out(f"sweep {name}: {len(planned)} leg(s) to run" + (f" (resuming {resumed_from})" if resumed_from else ""))
+            for leg in legs:
+                if leg.state != "pending":
+                    out(f"  {leg.tag}: {leg.state} (run {leg.run_id}), not re-run")
+            for p in planned:
+                out(f"  {p['tag']}: {p['command']}")
+        raise typer.Exit(EXIT_OK)
+
+    def on_wait(results, waited_s):
+        waiting = ", ".join(r.name for r in results if not (r.ok or r.overridden))
+        out(f"waiting for {waiting} ({waited_s:.0f}s so far)")
+
+    ui = SweepUI(say=out, progress=lambda: make_progress(stdout_is_tty(), quiet=quiet or json_out), on_wait=on_wait)
+    outcome = run_sweep(cfg, parsed, opts, ui) if parsed is not None else resume_sweep(cfg, resume, opts, ui)
+
+    if json_out:
+        print_json(outcome.to_json())
+    else:
+        for line in outcome.refused:
+            error(f"refused: {line}")
+        for line in outcome.messages:
+            if line not in outcome.refused:
+                out(f"note: {line}")
+        if outcome.report:
+            out(f"sweep report: {outcome.report}")
+        if outcome.comparison is not None:
+            from moectl.sweep import recommendation
+
+            rec = recommendation(outcome.comparison)
+            if rec:
+                out(f"recommendation: {rec}")
+        if outcome.commits:
+            out(f"committed {len(outcome.commits)} commit(s), last {outcome.commits[-1][:10]} (reports only)")
+    raise typer.Exit(outcome.exit_code)
+
+
+@app.command()
+@handle_errors
+def summary(
+    no_commit: Annotated[bool, typer.Option("--no-commit", help="Write EXPERIMENTS.md but do not commit it.")] = False,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write here instead of <repo>/EXPERIMENTS.md (never committed).", show_default=False)] = None,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Regenerate EXPERIMENTS.md from the run store and git: runtime status, every sweep with its
+    table and conclusion, unfinished legs with the exact resume command, standalone runs, the
+    latest report commits, the constraints from .moectl.toml. Commits it (only it).
+
+    When nothing but the timestamp would change, the file is left as it is.
+
+    Examples:
+      [bold]moectl summary[/bold]
+      [bold]moectl summary --no-commit -o /tmp/handoff.md[/bold]
+    """
+    from moectl import gitops
+    from moectl.config import load_config
+    from moectl.errors import MoectlError
+    from moectl.summary import refresh_summary
+
+    cfg = load_config(config)
+    path, changed = refresh_summary(cfg, output)
+    sha, commit_error = None, None
+    if changed and output is None and not no_commit:
+        try:
+            sha = gitops.commit_paths(cfg.root, [path], "summary: regenerate EXPERIMENTS.md", branch=cfg.project.branch)
+        except MoectlError as exc:
+            commit_error = exc.message
+    if json_out:
+        print_json({"path": str(path), "changed": changed, "commit": sha, "commit_error": commit_error})
+    else:
+        stdout.print(f"{path}: " + ("regenerated" if changed else "already up to date (only the timestamp would change)"),
+                     markup=False)
+        if sha:
+            stdout.print(f"committed {sha[:10]} (EXPERIMENTS.md only)", markup=False)
+    if commit_error:
+        error(f"EXPERIMENTS.md not committed: {commit_error}")
+        raise typer.Exit(1)

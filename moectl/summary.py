@@ -1,0 +1,215 @@
+"""EXPERIMENTS.md: the living handoff summary (SPEC §2, issue 4), from the run store and git alone.
+
+    path = write_summary(cfg)          # <repo>/EXPERIMENTS.md; `moectl summary`, and run/sweep after each report
+    text = render_summary(cfg, now)    # the markdown, pure apart from the probes and the store
+
+The document answers what a person (or agent) picking the work up needs, in the order of the seed
+study's progress summary: what is running now, what every sweep measured and concluded, which legs
+are unfinished (with the exact resume command), standalone runs, the latest report commits, and
+the constraints in force. Everything but the `Generated at` line is a function of the store, git
+and the runtime state, so regenerating without new runs changes only that line - and then the file
+is left alone, so no commit churns on a timestamp.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+from moectl import gitops, store
+from moectl.config import Config
+from moectl.records import RunRecord, SweepRecord, write_text_atomic
+from moectl.report import COLUMNS, fmt
+from moectl.sweep import (
+    completed_comparison, leg_status, legs_table, list_sweeps, recommendation, settled, sweep_chain,
+)
+
+SUMMARY_NAME = "EXPERIMENTS.md"
+TIMESTAMP_PREFIX = "- Generated at: "
+STANDALONE_LIMIT = 10
+COMMIT_LIMIT = 10
+
+
+def summary_path(cfg: Config) -> Path:
+    return cfg.root / SUMMARY_NAME
+
+
+def _runtime(cfg: Config) -> tuple[str, list[str]]:
+    """(one-line status, the Runtime Status bullets). Process ages are left out on purpose: they
+    change every second and would make the document differ on every regeneration."""
+    from moectl.probes import find_training_processes, lock_holder, read_nvml
+
+    procs = find_training_processes(cfg.launch.module)
+    holder = lock_holder(cfg)
+    lines = []
+    if procs:
+        lines.append(f"- {len(procs)} training process(es) active:")
+        lines += [f"  - pid {p.pid}: `{p.cmdline[:160]}`" + (f" (run dir `{p.run_dir}`)" if p.run_dir else "")
+                  for p in procs]
+    else:
+        lines.append(f"- No active `torchrun` or `{cfg.launch.module}` process.")
+    if holder is not None:
+        lines.append(f"- Run lock: {holder.describe()}")
+    nvml = read_nvml(cfg.gpu.devices)
+    if nvml.gpus is None:
+        lines.append(f"- NVML unavailable: {nvml.error}")
+    elif not nvml.gpus:
+        lines.append("- NVML sees no GPUs.")
+    else:
+        busy = [g for g in nvml.gpus if g.error or g.processes or (g.util_pct or 0) > cfg.gpu.max_util_pct
+                or (g.mem_used_mib or 0) > cfg.gpu.max_mem_mib]
+        lines.append(f"- {len(nvml.gpus)} GPU(s), {len(nvml.gpus) - len(busy)} idle "
+                     f"(limits: util ≤ {cfg.gpu.max_util_pct:g}%, mem ≤ {cfg.gpu.max_mem_mib:g} MiB):")
+        for g in nvml.gpus:
+            if g.error:
+                lines.append(f"  - GPU{g.index}: NVML error: {g.error}")
+                continue
+            procs_txt = f", {len(g.processes)} compute process(es)" if g.processes else ""
+            lines.append(f"  - GPU{g.index} {g.name}: `{fmt(g.util_pct, 0)}% util`, "
+                         f"`{fmt(g.mem_used_mib, 0)} MiB / {fmt(g.mem_total_mib, 0)} MiB`{procs_txt}")
+    status = "training active" if procs or (holder is not None and not holder.stale) else "no active run"
+    return status, lines
+
+
+def _sweep_section(cfg: Config, chain: list[SweepRecord], runs: dict[str, RunRecord]) -> list[str]:
+    latest = chain[-1]
+    window = cfg.metrics.window
+    states = [leg_status(leg, runs) for leg in latest.legs]
+    n_done = states.count("completed")
+    lines = [f"### {latest.name} ({n_done}/{len(latest.legs)} legs completed)", ""]
+    for i, s in enumerate(chain):
+        role = "original" if i == 0 else "resumed"
+        lines.append(f"- {role} directory: `{s.exp_dir}`")
+    lines += ["", *legs_table(latest.legs, runs, window), ""]
+    comparison = completed_comparison(latest, runs, window)
+    rec = recommendation(comparison)
+    lines.append(f"Conclusion: {rec}" if rec else "Conclusion: no leg has completed yet.")
+    unfinished = [leg.tag for leg in latest.legs if not settled(leg.model_copy(update={"state": leg_status(leg, runs)}),
+                                                                   latest.legs)]
+    if unfinished:
+        lines += ["", f"Unfinished legs: {', '.join(f'`{t}`' for t in unfinished)} — resume with "
+                      f"`moectl sweep --resume {latest.id}`"]
+    return lines + [""]
+
+
+def _run_row(r: store.StoredRun) -> str:
+    s = r.summary
+    vals = [fmt(getattr(s, m) if s else None, COLUMNS[m][1])
+            for m in ("tok_per_sec", "dt_ms", "mfu", "peak_mem_mib", "total_time_min", "final_loss")]
+    return "| " + " | ".join([f"`{r.id}`", r.display_status, r.tag or "—", *vals]) + " |"
+
+
+def render_summary(cfg: Config, now: Optional[datetime] = None) -> str:
+    now = now or datetime.now().astimezone()
+    scan = store.scan_runs(cfg.artifact_root)
+    runs = {r.id: r for r in scan.runs}
+    sweeps = list_sweeps(cfg.artifact_root)
+    by_id = {s.id: s for s in sweeps}
+    resumed = {s.resumed_from for s in sweeps if s.resumed_from}
+    chains = [sweep_chain(s, by_id) for s in sweeps if s.id not in resumed]  # one per latest sweep
+    git_branch = gitops.current_branch(cfg.root)
+    status, runtime = _runtime(cfg)
+
+    lines = [f"# {cfg.project.name} — experiments progress summary", ""]
+    lines += [
+        f"{TIMESTAMP_PREFIX}{now.strftime('%Y-%m-%d %H:%M %z')}",
+        f"- Repo: `{cfg.root}`",
+        f"- Branch: `{git_branch or 'detached HEAD'}`"
+        + ("" if cfg.project.branch in ("*", git_branch) else f" (expected `{cfg.project.branch}`!)"),
+        f"- Status: {status}",
+        "",
+        "## Runtime Status",
+        "",
+        *runtime,
+        "",
+        "## Sweeps",
+        "",
+    ]
+    if not chains:
+        lines += ["No sweeps yet.", ""]
+    for chain in chains:
+        lines += _sweep_section(cfg, chain, runs)
+
+    unfinished = [c[-1] for c in chains
+                  if not all(settled(leg.model_copy(update={"state": leg_status(leg, runs)}), c[-1].legs)
+                             for leg in c[-1].legs)]
+    lines += ["## Unfinished Sweeps", ""]
+    if unfinished:
+        lines += ["Resume each in a fresh `-resume` directory (only the legs that did not complete run):", "", "```bash"]
+        lines += [f"moectl sweep --resume {s.id}" for s in unfinished]
+        lines += ["```", ""]
+    else:
+        lines += ["None.", ""]
+
+    standalone = [r for r in scan.runs if not r.sweep and not (Path(r.exp_dir).parent / "sweep.json").exists()]
+    lines += ["## Standalone Runs", ""]
+    if standalone:
+        w = cfg.metrics.window
+        lines += [f"| run | status | tag | tail{w} tok/sec | tail{w} dt (ms) | tail{w} MFU % | peak mem (MiB) "
+                  "| total (min) | final loss |",
+                  "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [_run_row(r) for r in standalone[:STANDALONE_LIMIT]]
+        if len(standalone) > STANDALONE_LIMIT:
+            lines.append(f"\n{len(standalone) - STANDALONE_LIMIT} older run(s) not shown: `moectl runs`.")
+        lines.append("")
+    else:
+        lines += ["None.", ""]
+    if scan.corrupt:
+        lines += [f"- unreadable record: {m}" for m in scan.corrupt] + [""]
+
+    lines += ["## Latest Report Commits", ""]
+    try:
+        rel = cfg.report_dir.relative_to(cfg.root.resolve()).as_posix()
+    except ValueError:
+        rel = None
+    commits = gitops.recent_commits(cfg.root, [rel], COMMIT_LIMIT) if rel else []
+    lines += [f"- `{c.hash[:7]}` {c.subject}" for c in commits] or ["None yet."]
+
+    ro = ", ".join(f"`{p}`" for p in cfg.read_only) or "none"
+    lines += [
+        "",
+        "## Next Steps",
+        "",
+        "```bash",
+        f"cd {cfg.root}",
+        f"git checkout {cfg.project.branch}" if cfg.project.branch != "*" else "git status --short --branch",
+        "moectl status            # GPUs idle? nothing else training?",
+        "moectl run --tag <tag>   # a fresh, timestamped experiment directory every time",
+        "```",
+        "",
+        "## Constraints Reminder",
+        "",
+        f"- Keep branch at `{cfg.project.branch}`." if cfg.project.branch != "*" else "- Branch check disabled (`*`).",
+        f"- Write checkpoints/artifacts only under `{cfg.artifact_root}` (fresh directory per run).",
+        f"- Read-only trees: {ro}.",
+        f"- Reports go to `{cfg.report_dir}`; moectl commits only the files it wrote.",
+        f"- Launch from the venv `{cfg.project.venv or '(current interpreter)'}`; GPUs idle "
+        f"(util ≤ {cfg.gpu.max_util_pct:g}%, mem ≤ {cfg.gpu.max_mem_mib:g} MiB) and no other training run.",
+        "- Preserve unrelated user files and dirty/untracked content.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _body(text: str) -> list[str]:
+    return [line for line in text.splitlines() if not line.startswith(TIMESTAMP_PREFIX)]
+
+
+def refresh_summary(cfg: Config, out: Optional[Path] = None) -> tuple[Path, bool]:
+    """Regenerate EXPERIMENTS.md (or `out`); returns (path, whether it was rewritten). When only
+    the timestamp would change the file is left as it is, so it never shows up as a change."""
+    path = Path(out) if out is not None else summary_path(cfg)
+    text = render_summary(cfg)
+    try:
+        old = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, UnicodeDecodeError):
+        old = None
+    if old is not None and _body(old) == _body(text):
+        return path, False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, text)
+    return path, True
+
+
+def write_summary(cfg: Config, out: Optional[Path] = None) -> Path:
+    """`refresh_summary` for the runner and sweeps: the path to commit with their reports."""
+    return refresh_summary(cfg, out)[0]

@@ -1,0 +1,739 @@
+"""`moectl sweep` as a library: a spec of legs -> one sweep directory -> every leg through `execute_run`.
+
+    spec = load_spec(Path("capacity.toml"))                # validated whole; UsageError names the key
+    outcome = run_sweep(cfg, spec, SweepOptions())         # or resume_sweep(cfg, "2026..._moe-capacity", ...)
+    outcome.exit_code   # 0 all legs completed, 3 refused, 4 some leg failed, 130 interrupted
+
+    <artifact_root>/<ts>_<project>-<name>/sweep.json        legs, their order, state and run id
+    <artifact_root>/<ts>_<project>-<name>/<ts>_<project>-<tag>/   one run directory per leg
+
+Legs run one at a time through the runner (same guards, lock, records, report, commit as
+`moectl run`: there is no second launch path). sweep.json is rewritten atomically at every change,
+so whatever stops the sweep - a failed leg, Ctrl-C, SIGTERM, SIGKILL, a reboot - it stays true:
+finished legs `completed`, the stopped one `interrupted` (or `running` after a SIGKILL: its run
+record is then stale and `leg_status` says so), the rest `pending`.
+
+A resume never writes into the old directory: it makes `<ts>_<project>-<name>-resume/` whose
+sweep.json lists every leg (completed ones carried over with their original run ids) and links
+back through `resumed_from`; only the legs that did not complete run again.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from moectl import gitops, store
+from moectl.config import Config
+from moectl.errors import (
+    EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRAINING, EXIT_USAGE, GuardRefused, MoectlError, UsageError,
+)
+from moectl.metrics import Comparison, RunMetrics, compare, read_metrics
+from moectl.plan import RunRequest, command_text, make_request, plan_run, sanitize_tag
+from moectl.progress import NullProgress, ProgressSink
+from moectl.records import SWEEP_RECORD, RunRecord, SweepLeg, SweepRecord, save_model
+from moectl.report import COLUMNS, fmt, report_path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+# --------------------------------------------------------------------------------------- the spec
+
+# Spec option -> accepted TOML types. Names are `moectl run`'s long options without dashes;
+# `args` is the extra engine arguments (what `moectl run` takes after `--`).
+OPTION_TYPES: dict[str, tuple[type, ...]] = {
+    "cap": (int, float), "compile": (str,), "fp8": (bool,), "dispatch": (str,), "steps": (int,),
+    "preset": (str,), "device": (str,), "nproc": (int,), "args": (list,),
+}
+TOP_KEYS = ("name", "notes", "common", "legs", "grid")
+# Derived grid tags name the varied options in this order: compile before cap gives static_cap1p0.
+TAG_ORDER = ("preset", "compile", "cap", "fp8", "dispatch", "steps", "device", "nproc")
+FALLBACK_SUFFIX = "_fallback_none"
+FIGURE_METRICS = ("loss", "tok_per_sec", "mfu", "dt_ms")
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    legs: list[SweepLeg]  # tag + merged options (common < leg), state pending
+    raw: dict[str, Any]  # the TOML as parsed: saved in sweep.json as `spec`
+    notes: Optional[str] = None
+
+
+def _type_name(types: tuple[type, ...]) -> str:
+    return {(int, float): "a number", (str,): "a string", (bool,): "true or false", (int,): "an integer",
+            (list,): "a list of strings"}[types]
+
+
+def _check_option(key: str, value: Any, where: str, problems: list[str]) -> None:
+    if key not in OPTION_TYPES:
+        problems.append(f"{where}.{key}: unknown option (known: {', '.join(OPTION_TYPES)})")
+        return
+    types = OPTION_TYPES[key]
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if ok and key == "args":
+        ok = all(isinstance(a, str) for a in value)
+    if not ok:
+        problems.append(f"{where}.{key}: must be {_type_name(types)}, got {type(value).__name__} {value!r}")
+
+
+def _fmt_value(key: str, value: Any) -> str:
+    if key == "cap":
+        return "cap" + repr(float(value)).replace(".", "p")
+    if key == "fp8":
+        return "fp8" if value else "nofp8"
+    if key in ("steps", "nproc"):
+        return f"{key}{value}"
+    return str(value)
+
+
+def grid_tag(combo: dict[str, Any]) -> str:
+    """`{"cap": 1.0, "compile": "static"}` -> `static_cap1p0`."""
+    keys = sorted(combo, key=lambda k: TAG_ORDER.index(k) if k in TAG_ORDER else len(TAG_ORDER))
+    return sanitize_tag("_".join(_fmt_value(k, combo[k]) for k in keys))
+
+
+def _request_kwargs(options: dict[str, Any]) -> dict[str, Any]:
+    kw = {k: v for k, v in options.items() if k != "args"}
+    kw["extra_args"] = list(options.get("args", []))
+    return kw
+
+
+def parse_spec(data: dict[str, Any], source: str = "spec") -> SweepSpec:
+    """Validate a parsed spec whole; UsageError listing every problem as `<key>: <why>`."""
+    problems: list[str] = []
+    for key in data:
+        if key not in TOP_KEYS:
+            problems.append(f"{key}: unknown key (known: {', '.join(TOP_KEYS)})")
+    name = data.get("name")
+    if not isinstance(name, str) or not name:
+        problems.append("name: required, a non-empty string")
+        name = "sweep"
+    elif sanitize_tag(name) != name:
+        problems.append(f"name: {name!r} is not usable in a directory name (use letters, digits, . _ -)")
+    notes = data.get("notes")
+    if notes is not None and not isinstance(notes, str):
+        problems.append("notes: must be a string")
+    common = data.get("common", {})
+    if not isinstance(common, dict):
+        problems.append("common: must be a table of options")
+        common = {}
+    for k, v in common.items():
+        _check_option(k, v, "common", problems)
+
+    legs: list[tuple[str, str, dict[str, Any]]] = []  # (where, tag, leg-specific options)
+    has_legs, has_grid = "legs" in data, "grid" in data
+    if has_legs == has_grid:
+        problems.append("legs/grid: give either [[legs]] or [grid]" + (", not both" if has_legs else ""))
+    elif has_legs:
+        raw_legs = data["legs"]
+        if not isinstance(raw_legs, list) or not raw_legs or not all(isinstance(x, dict) for x in raw_legs):
+            problems.append("legs: must be a non-empty list of [[legs]] tables")
+            raw_legs = []
+        for i, leg in enumerate(raw_legs):
+            where = f"legs[{i}]"
+            opts = {k: v for k, v in leg.items() if k != "tag"}
+            for k, v in opts.items():
+                _check_option(k, v, where, problems)
+            tag = leg.get("tag")
+            if tag is None:
+                tag = grid_tag({k: v for k, v in opts.items() if k in TAG_ORDER}) or f"leg{i}"
+            elif not isinstance(tag, str) or sanitize_tag(tag) != tag:
+                problems.append(f"{where}.tag: {tag!r} is not usable in a directory name (use letters, digits, . _ -)")
+                tag = f"leg{i}"
+            legs.append((where, tag, opts))
+    else:
+        grid = data["grid"]
+        if not isinstance(grid, dict) or not grid:
+            problems.append("grid: must be a table of option = [values]")
+            grid = {}
+        for k, values in grid.items():
+            if k == "args" or not isinstance(values, list) or not values:
+                problems.append(f"grid.{k}: must be a non-empty list of values" if k != "args"
+                                else "grid.args: engine args cannot be a grid axis; put them in [common]")
+                continue
+            for v in values:
+                _check_option(k, v, "grid", problems)
+        axes = {k: v for k, v in grid.items() if isinstance(v, list) and v and k in OPTION_TYPES and k != "args"}
+        for n, combo in enumerate(itertools.product(*axes.values())):
+            opts = dict(zip(axes, combo))
+            legs.append((f"grid[{n}]", grid_tag(opts), opts))
+
+    seen: dict[str, str] = {}
+    out: list[SweepLeg] = []
+    for where, tag, opts in legs:
+        if tag in seen:
+            problems.append(f"{where}.tag: duplicate tag {tag!r} (also {seen[tag]})")
+            continue
+        seen[tag] = where
+        merged = {**common, **opts}
+        try:  # the same validation as `moectl run`'s flags: one message per bad value
+            make_request(tag=tag, **_request_kwargs(merged))
+        except UsageError as exc:
+            for line in exc.lines or [exc.message]:
+                opt, _, msg = line.partition(": ")
+                key = opt.removeprefix("--").replace("-", "_")
+                key = {"extra_args": "args", "engine args": "args"}.get(key, key)
+                src = where if key in opts else "common"
+                problems.append(f"{src}.{key}: {msg}" if msg else f"{where}: {line}")
+        out.append(SweepLeg(tag=tag, options=merged))
+    if problems:
+        problems = list(dict.fromkeys(problems))
+        raise UsageError(f"invalid sweep spec {source} ({len(problems)} problem(s))", lines=problems)
+    return SweepSpec(name=name, legs=out, raw=data, notes=notes)
+
+
+def load_spec(path: Path) -> SweepSpec:
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"sweep spec not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read sweep spec {path}: {exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path.name}: malformed TOML: {exc}") from None
+    return parse_spec(data, path.name)
+
+
+# ------------------------------------------------------------------------------------- the store
+
+
+def load_sweep(sweep_dir: Path) -> SweepRecord:
+    sweep_dir = Path(sweep_dir)
+    path = sweep_dir / SWEEP_RECORD
+    try:
+        rec = SweepRecord.model_validate_json(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"no {SWEEP_RECORD} in {sweep_dir}") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"corrupt {path}: {str(exc).splitlines()[0]}") from None
+    rec.exp_dir = str(sweep_dir.resolve())  # the directory is the truth (it may have moved)
+    return rec
+
+
+def save_sweep(sweep: SweepRecord) -> None:
+    save_model(Path(sweep.exp_dir) / SWEEP_RECORD, sweep)
+
+
+def list_sweeps(root: Path) -> list[SweepRecord]:
+    """Every readable sweep under `root`, oldest first (unreadable ones are skipped)."""
+    out = []
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        if entry.is_dir() and not entry.name.startswith(".") and (Path(entry.path) / SWEEP_RECORD).is_file():
+            try:
+                out.append(load_sweep(Path(entry.path)))
+            except UsageError:
+                continue
+    return out
+
+
+def resolve_sweep(root: Path, ref: str) -> SweepRecord:
+    """A SWEEP argument: a sweep directory path, an id, a name (its most recent sweep), or a unique
+    prefix of an id."""
+    as_path = Path(ref).expanduser()
+    if (as_path / SWEEP_RECORD).is_file():
+        return load_sweep(as_path)
+    if os.sep in ref:
+        raise UsageError(f"not a sweep directory (no {SWEEP_RECORD}): {ref}")
+    sweeps = list_sweeps(root)
+    for s in sweeps:
+        if s.id == ref:
+            return s
+    named = [s for s in sweeps if s.name == ref]
+    if named:
+        return named[-1]
+    hits = [s for s in sweeps if s.id.startswith(ref)]
+    if not hits:
+        raise UsageError(f"no sweep matches {ref!r} under {root}")
+    if len(hits) > 1:
+        raise UsageError(f"ambiguous sweep reference {ref!r}: {len(hits)} sweeps match", lines=[s.id for s in hits])
+    return hits[0]
+
+
+def runs_by_id(root: Path) -> dict[str, store.StoredRun]:
+    return {r.id: r for r in store.list_runs(root)}
+
+
+def leg_status(leg: SweepLeg, runs: dict[str, RunRecord]) -> str:
+    """The state to show for a leg: sweep.json's, except that a `running` leg is checked against its
+    run record - `stale` when the record is missing or its owner died (SIGKILL, reboot), or the
+    record's final status when moectl died between finishing the run and updating sweep.json."""
+    if leg.state != "running":
+        return leg.state
+    rec = runs.get(leg.run_id) if leg.run_id else None
+    if rec is None or getattr(rec, "stale", False):
+        return "stale"
+    if rec.status in ("completed", "failed", "interrupted"):
+        return rec.status
+    return "running"
+
+
+def settled(leg: SweepLeg, legs: list[SweepLeg]) -> bool:
+    """Completed, or failed to compile with a completed `--compile none` fallback leg standing in."""
+    if leg.state == "completed":
+        return True
+    fb = next((x for x in legs if x.fallback_of == leg.tag), None)
+    return leg.state == "failed" and fb is not None and fb.state == "completed"
+
+
+def sweep_chain(sweep: SweepRecord, by_id: dict[str, SweepRecord]) -> list[SweepRecord]:
+    """The sweep and the ones it resumed, oldest first (a missing link ends the chain)."""
+    chain, seen = [sweep], {sweep.id}
+    while chain[0].resumed_from and chain[0].resumed_from in by_id and chain[0].resumed_from not in seen:
+        chain.insert(0, by_id[chain[0].resumed_from])
+        seen.add(chain[0].id)
+    return chain
+
+
+# --------------------------------------------------------------------------------- tables / report
+
+LEG_METRICS = ("tok_per_sec", "dt_ms", "mfu", "peak_mem_mib", "total_time_min", "final_loss")
+
+
+def legs_table(legs: list[SweepLeg], runs: dict[str, RunRecord], window: int) -> list[str]:
+    """Markdown rows of every leg: state, run id, and the tail-window metrics of its run record."""
+    head = ["leg", "state", "run"] + [f"tail{window} {COLUMNS[m][0]}" if m in ("tok_per_sec", "dt_ms", "mfu")
+                                      else COLUMNS[m][0] for m in LEG_METRICS]
+    lines = ["| " + " | ".join(head) + " |", "| --- | --- | --- |" + " ---: |" * len(LEG_METRICS)]
+    for leg in legs:
+        rec = runs.get(leg.run_id) if leg.run_id else None
+        s = rec.summary if rec is not None else None
+        vals = [fmt(getattr(s, m) if s else None, COLUMNS[m][1]) for m in LEG_METRICS]
+        name = leg.tag + (f" (fallback of {leg.fallback_of})" if leg.fallback_of else "")
+        lines.append("| " + " | ".join([name, leg_status(leg, runs), f"`{leg.run_id}`" if leg.run_id else "—", *vals]) + " |")
+    return lines
+
+
+def fastest(comparison: Comparison) -> Optional[tuple[str, float, Optional[float]]]:
+    """(tag, tail tok/sec, delta % vs baseline) of the fastest run in a comparison."""
+    rows = [r for r in comparison.runs if r.metrics["tok_per_sec"].value is not None]
+    if not rows:
+        return None
+    best = max(rows, key=lambda r: r.metrics["tok_per_sec"].value)
+    mv = best.metrics["tok_per_sec"]
+    return best.tag or best.id, mv.value, mv.delta_pct
+
+
+def recommendation(comparison: Optional[Comparison]) -> Optional[str]:
+    best = fastest(comparison) if comparison is not None else None
+    if best is None:
+        return None
+    tag, tps, delta = best
+    base = next(r for r in comparison.runs if r.id == comparison.baseline)
+    if len(comparison.runs) == 1:
+        return f"only `{tag}` completed ({tps:.2f} tok/s tail mean): nothing to choose between yet."
+    if base.tag == tag or base.id == tag:
+        return f"the baseline `{tag}` is the fastest leg ({tps:.2f} tok/s tail mean): keep it."
+    return (f"`{tag}` is the fastest leg — {tps:.2f} tok/s tail mean "
+            f"({delta:+.2f}% vs `{base.tag or base.id}`).")
+
+
+def completed_comparison(sweep: SweepRecord, runs: dict[str, RunRecord], window: int,
+                         baseline_tag: Optional[str] = None) -> Optional[Comparison]:
+    """The compare table of every completed leg (baseline: `baseline_tag` when it completed, else the
+    first completed leg)."""
+    done = [(leg, runs[leg.run_id]) for leg in sweep.legs
+            if leg_status(leg, runs) == "completed" and leg.run_id in runs]
+    if not done:
+        return None
+    items = [RunMetrics(id=rec.id, tag=leg.tag, metrics=read_metrics(Path(rec.exp_dir) / "metrics.jsonl"),
+                        options=rec.options, fallback=rec.summary) for leg, rec in done]
+    base = next((i for i, (leg, _) in enumerate(done) if leg.tag == baseline_tag), 0)
+    return compare(items, baseline_index=base, window=window)
+
+
+def sweep_report(sweep: SweepRecord, runs: dict[str, RunRecord], window: int, *, heading: str,
+                 comparison: Optional[Comparison], chain: list[str], figures: list[Path], notes: list[str],
+                 report_file: Path) -> str:
+    exp = Path(sweep.exp_dir)
+    n_done = sum(1 for leg in sweep.legs if leg_status(leg, runs) == "completed")
+    lines = [f"# Sweep {sweep.name} — {heading}", ""]
+    lines.append(f"- sweep: `{sweep.id}` ({n_done}/{len(sweep.legs)} legs completed)")
+    lines.append(f"- directory: [`{exp}`]({exp.as_uri()})")
+    if sweep.resumed_from:
+        lines.append(f"- resumed from: `{sweep.resumed_from}` (chain: {' → '.join(f'`{c}`' for c in chain)})")
+    common = sweep.spec.get("common") or {}
+    if common:
+        lines.append("- common options: " + ", ".join(f"`{k}={v}`" for k, v in common.items()))
+    if sweep.spec.get("notes"):
+        lines += ["", "## Notes", "", str(sweep.spec["notes"])]
+    lines += ["", "## Legs", ""] + legs_table(sweep.legs, runs, window)
+    for leg in sweep.legs:
+        if leg.fallback_of:
+            lines.append(f"\n- `{leg.tag}` re-runs `{leg.fallback_of}` with `--compile none`: torch.compile "
+                         "failed in the engine (exit 3) and `launch.compile_fallback` is on.")
+    lines += [f"\n- {n}" for n in notes]
+    if comparison is not None:
+        lines += ["", "## Comparison of completed legs", "", _compare_md(comparison).rstrip()]
+        rec = recommendation(comparison)
+        if rec:
+            lines += ["", f"**Recommendation:** {rec}"]
+    if figures:
+        lines += ["", "## Figures", ""]
+        for f in figures:
+            rel = os.path.relpath(f, report_file.parent)
+            lines.append(f"![{f.stem}]({rel})")
+    return "\n".join(lines) + "\n"
+
+
+def _compare_md(comparison: Comparison) -> str:
+    from moectl.report import compare_markdown
+
+    return compare_markdown(comparison)
+
+
+# --------------------------------------------------------------------------------------- running
+
+
+@dataclass
+class SweepOptions:
+    fail_fast: bool = False
+    baseline: Optional[str] = None  # a leg tag
+    wait_gpus: Optional[str] = None
+    overrides: list[str] = field(default_factory=list)
+    no_commit: bool = False
+
+
+@dataclass
+class SweepOutcome:
+    exit_code: int
+    sweep: Optional[SweepRecord]  # None when nothing was written (refused up front, nothing to run)
+    comparison: Optional[Comparison] = None
+    report: Optional[Path] = None
+    commits: list[str] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)  # commit errors, figure notes, refusals
+    refused: list[str] = field(default_factory=list)  # guard refusals (`name: message`)
+    nothing_to_run: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "exit_code": self.exit_code,
+            "sweep": self.sweep.model_dump(mode="json") if self.sweep else None,
+            "comparison": self.comparison.to_json() if self.comparison else None,
+            "recommendation": recommendation(self.comparison),
+            "report": str(self.report) if self.report else None,
+            "commits": self.commits,
+            "messages": self.messages,
+            "refused": self.refused,
+            "nothing_to_run": self.nothing_to_run,
+        }
+
+
+@dataclass
+class SweepUI:
+    """What the CLI wants to hear about: lines of text, a progress sink per leg, guard waits."""
+
+    say: Callable[[str], None] = lambda text: None
+    progress: Callable[[], ProgressSink] = NullProgress
+    on_wait: Optional[Callable[[list, float], None]] = None
+
+
+def leg_request(leg: SweepLeg, opts: SweepOptions, parent_dir: Optional[Path], notes: Optional[str] = None) -> RunRequest:
+    return make_request(tag=leg.tag, parent_dir=str(parent_dir) if parent_dir else None, wait_gpus=opts.wait_gpus,
+                        overrides=list(opts.overrides), no_commit=opts.no_commit, notes=notes,
+                        **_request_kwargs(leg.options))
+
+
+def _leg_notes(leg: SweepLeg, sweep: SweepRecord) -> str:
+    text = f"leg `{leg.tag}` of sweep `{sweep.id}`"
+    if leg.fallback_of:
+        text += f"; compile fallback of leg `{leg.fallback_of}` (engine exit 3: torch.compile failed)"
+    notes = sweep.spec.get("notes")
+    return f"{notes}\n\n{text}" if notes else text
+
+
+def dry_run(cfg: Config, legs: list[SweepLeg], name: str, opts: SweepOptions) -> list[dict[str, Any]]:
+    """Each leg's exact command (as `moectl run --dry-run` would plan it); writes nothing."""
+    from moectl.probes import read_nvml
+
+    nvml = read_nvml(cfg.gpu.devices)
+    now = datetime.now()
+    sweep_dir = cfg.artifact_root / store.run_id(cfg.project.name, name, now)
+    out = []
+    for leg in legs:
+        plan = plan_run(cfg, leg_request(leg, opts, sweep_dir), now, len(nvml.gpus) if nvml.gpus is not None else None)
+        out.append({"tag": leg.tag, "options": leg.options, "state": leg.state, "run_id": plan.run_id,
+                    "command": command_text(plan)})
+    return out
+
+
+def _create_sweep_dir(cfg: Config, name: str) -> Path:
+    base = store.run_id(cfg.project.name, name)
+    path, n = cfg.artifact_root / base, 1
+    while path.exists():  # two sweeps in one second: a new name, never a reused directory
+        n += 1
+        path = cfg.artifact_root / f"{base}-{n}"
+    return store.create_run_dir(path)
+
+
+class _Terminate:
+    """SIGTERM outside a leg behaves like Ctrl-C (during a leg the launcher owns both signals)."""
+
+    def __enter__(self):
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def run_sweep(cfg: Config, spec: SweepSpec, opts: SweepOptions, ui: Optional[SweepUI] = None) -> SweepOutcome:
+    """Run every leg of a new sweep."""
+    _check_baseline(opts, spec.legs)
+    sweep = SweepRecord(id="", name=spec.name, spec=spec.raw, legs=[leg.model_copy() for leg in spec.legs],
+                        created_at="", exp_dir="")
+    return _run(cfg, sweep, opts, ui or SweepUI(), carried={}, chain=[])
+
+
+def plan_resume(cfg: Config, ref: str) -> tuple[SweepRecord, list[SweepLeg], dict[str, RunRecord]]:
+    """The old sweep, the legs of its resume (completed ones carried, the rest pending), and the run
+    records of the carried legs. GuardRefused when the old sweep is still running."""
+    old = resolve_sweep(cfg.artifact_root, ref)
+    runs = runs_by_id(cfg.artifact_root)
+    view = [leg.model_copy(update={"state": leg_status(leg, runs)}) for leg in old.legs]
+    for leg in view:
+        if leg.state == "running":
+            rec = runs[leg.run_id]
+            raise GuardRefused(f"sweep {old.id} is still running: leg {leg.tag} (run {rec.id}, pid {rec.pid}); "
+                               "wait for it or stop it before resuming")
+    legs: list[SweepLeg] = []
+    carried: dict[str, RunRecord] = {}
+    for leg in view:
+        if settled(leg, view) and leg.run_id in runs:
+            carried[leg.run_id] = runs[leg.run_id]
+            legs.append(leg)
+        else:  # not completed (failed, interrupted, stale, pending, or its run directory is gone)
+            legs.append(leg.model_copy(update={"state": "pending", "run_id": None}))
+    return old, legs, carried
+
+
+def resume_sweep(cfg: Config, ref: str, opts: SweepOptions, ui: Optional[SweepUI] = None) -> SweepOutcome:
+    """Run the legs of sweep `ref` that did not complete, in a fresh `<name>-resume` directory."""
+    ui = ui or SweepUI()
+    old, legs, carried = plan_resume(cfg, ref)
+    _check_baseline(opts, legs)
+    if all(settled(leg, legs) for leg in legs):
+        ui.say(f"nothing left to run: every leg of {old.id} completed")
+        return SweepOutcome(exit_code=EXIT_OK, sweep=old, nothing_to_run=True)
+    by_id = {s.id: s for s in list_sweeps(cfg.artifact_root)}
+    chain = [s.id for s in sweep_chain(old, by_id)]
+    sweep = SweepRecord(id="", name=old.name, spec=old.spec, legs=legs, resumed_from=old.id, created_at="", exp_dir="")
+    return _run(cfg, sweep, opts, ui, carried=carried, chain=chain)
+
+
+def _check_baseline(opts: SweepOptions, legs: list[SweepLeg]) -> None:
+    if opts.baseline is not None and opts.baseline not in {leg.tag for leg in legs}:
+        raise UsageError(f"--baseline {opts.baseline!r} is not a leg of this sweep (legs: {', '.join(l.tag for l in legs)})")
+
+
+def _run(cfg: Config, sweep: SweepRecord, opts: SweepOptions, ui: SweepUI, *, carried: dict[str, RunRecord],
+         chain: list[str]) -> SweepOutcome:
+    from moectl.guards import WAITABLE, check_request
+    from moectl.runner import execute_run, fallback_request
+
+    todo = [leg for leg in sweep.legs if not settled(leg, sweep.legs)]
+    # Refuse before writing anything when the first leg could not start (SPEC §5); later legs are
+    # re-checked by the runner and a refusal there stops the sweep with sweep.json true.
+    _, _, results = check_request(cfg, leg_request(todo[0], opts, cfg.artifact_root / "_preflight"))
+    failing = [r for r in results if not (r.ok or r.overridden)]
+    if failing and (opts.wait_gpus is None or any(r.name not in WAITABLE for r in failing)):
+        lines = [f"{r.name}: {r.message}" for r in failing]
+        ui.say("a guard refused the sweep; nothing was written")
+        return SweepOutcome(exit_code=EXIT_GUARD, sweep=None, refused=lines, messages=lines)
+
+    sweep_dir = _create_sweep_dir(cfg, sweep.name + ("-resume" if sweep.resumed_from else ""))
+    sweep.id, sweep.exp_dir, sweep.created_at = sweep_dir.name, str(sweep_dir), store.now_iso()
+    save_sweep(sweep)
+    chain = [*chain, sweep.id]
+    runs: dict[str, RunRecord] = dict(carried)
+    out = SweepOutcome(exit_code=EXIT_OK, sweep=sweep)
+    out.report = report_path(cfg.report_dir, f"sweep_{sweep.name}" + ("_resume" if sweep.resumed_from else ""))
+    ui.say(f"sweep {sweep.id} -> {sweep_dir} ({len(todo)} of {len(sweep.legs)} legs to run)")
+    notes: list[str] = []
+    commit = not opts.no_commit
+
+    def baseline_record() -> Optional[RunRecord]:
+        done = [leg for leg in sweep.legs if leg.state == "completed" and leg.run_id in runs]
+        pick = next((leg for leg in done if leg.tag == opts.baseline), done[0] if done else None)
+        return runs[pick.run_id] if pick else None
+
+    def write_report(heading: str, figures: list[Path] = ()) -> list[Path]:
+        """The sweep report (+ EXPERIMENTS.md): the paths to commit with it."""
+        out.comparison = completed_comparison(sweep, runs, cfg.metrics.window, opts.baseline)
+        out.report.parent.mkdir(parents=True, exist_ok=True)
+        from moectl.records import write_text_atomic
+
+        write_text_atomic(out.report, sweep_report(sweep, runs, cfg.metrics.window, heading=heading,
+                                                   comparison=out.comparison, chain=chain, figures=list(figures),
+                                                   notes=notes, report_file=out.report))
+        paths = [out.report]
+        if cfg.report.summary:
+            try:
+                from moectl.summary import write_summary
+
+                paths.append(write_summary(cfg))
+            except MoectlError as exc:  # the summary is a convenience: never cost the sweep
+                out.messages.append(f"EXPERIMENTS.md not refreshed: {exc.message}")
+        return paths
+
+    def progress_heading() -> str:
+        n = sum(1 for leg in sweep.legs if leg.state == "completed")
+        return f"{n}/{len(sweep.legs)} legs completed"
+
+    exit_code = EXIT_OK
+    i = 0
+    with _Terminate():
+        try:
+            while i < len(sweep.legs):
+                leg = sweep.legs[i]
+                i += 1
+                if settled(leg, sweep.legs):
+                    continue
+                request = leg_request(leg, opts, sweep_dir, _leg_notes(leg, sweep))
+                ui.say(f"leg {i}/{len(sweep.legs)} {leg.tag}: starting")
+
+                def on_start(record: RunRecord, leg=leg) -> None:
+                    leg.state, leg.run_id = "running", record.id
+                    save_sweep(sweep)
+                    ui.say(f"leg {leg.tag}: run {record.id}")
+
+                def after_leg(record: RunRecord, leg=leg) -> list[Path]:
+                    leg.state = record.status if record.status in ("completed", "failed", "interrupted") else "failed"
+                    leg.run_id = record.id
+                    runs[record.id] = record
+                    save_sweep(sweep)
+                    return write_report(progress_heading())
+
+                progress = ui.progress()
+                try:
+                    outcome = execute_run(cfg, request, progress=progress, baseline=baseline_record(),
+                                          sweep_id=sweep.id, commit=commit, extra_commit_paths=after_leg,
+                                          on_wait=ui.on_wait, on_start=on_start)
+                except GuardRefused as exc:  # e.g. the lock was taken between the guards and the launch
+                    out.refused = [exc.message]
+                    exit_code = EXIT_GUARD
+                    break
+                finally:
+                    progress.close()
+                if outcome.record is None:
+                    out.refused = [f"{r.name}: {r.message}" for r in outcome.guards if not (r.ok or r.overridden)]
+                    ui.say(f"leg {leg.tag}: a guard refused it; stopping the sweep here")
+                    exit_code = EXIT_GUARD
+                    break
+                if outcome.commit:
+                    out.commits.append(outcome.commit)
+                if outcome.commit_error:
+                    out.messages.append(f"leg {leg.tag}: report not committed: {outcome.commit_error}")
+                ui.say(f"leg {leg.tag}: {leg.state}" + (f" (exit {outcome.record.exit_code})" if leg.state != "completed" else ""))
+                if outcome.exit_code == EXIT_INTERRUPTED:
+                    exit_code = EXIT_INTERRUPTED
+                    break
+                if leg.state == "failed":
+                    if fallback_request(cfg, request, outcome) is not None:
+                        tag = f"{leg.tag}{FALLBACK_SUFFIX}"
+                        if not any(x.tag == tag for x in sweep.legs):
+                            sweep.legs.insert(i, SweepLeg(tag=tag, options={**leg.options, "compile": "none"},
+                                                          fallback_of=leg.tag))
+                            save_sweep(sweep)
+                        ui.say(f"leg {leg.tag}: torch.compile failed; re-running as leg {tag} with --compile none")
+                    elif opts.fail_fast:
+                        exit_code = EXIT_TRAINING
+                        notes.append(f"--fail-fast: stopped after leg `{leg.tag}` failed")
+                        break
+        except KeyboardInterrupt:
+            exit_code = EXIT_INTERRUPTED
+            _settle_interrupted(sweep, runs)
+
+    if exit_code == EXIT_INTERRUPTED:
+        heading = "interrupted"
+    elif exit_code == EXIT_GUARD:
+        heading = "stopped: a guard refused a leg"
+        notes.extend(f"refused: {line}" for line in out.refused)
+    elif exit_code == EXIT_TRAINING:
+        heading = "stopped (--fail-fast)"
+    else:
+        heading = "completed" if all(leg.state == "completed" for leg in sweep.legs) else "finished with failures"
+        if not all(settled(leg, sweep.legs) for leg in sweep.legs):
+            exit_code = EXIT_TRAINING
+        sweep.finished_at = store.now_iso()
+        save_sweep(sweep)
+    figures = _figures(cfg, sweep, runs, out) if exit_code in (EXIT_OK, EXIT_TRAINING) and heading != "stopped (--fail-fast)" else []
+    paths = write_report(heading, figures)
+    if commit:
+        try:
+            sha = gitops.commit_paths(cfg.root, [*paths, *figures], _final_message(sweep, out.comparison, heading),
+                                      branch=cfg.project.branch)
+            if sha:
+                out.commits.append(sha)
+        except MoectlError as exc:
+            out.messages.append(f"sweep report not committed: {exc.message}")
+    out.exit_code = exit_code
+    return out
+
+
+def _settle_interrupted(sweep: SweepRecord, runs: dict[str, RunRecord]) -> None:
+    """After Ctrl-C outside the launcher: the running leg's state from its run record."""
+    for leg in sweep.legs:
+        if leg.state != "running" or not leg.run_id:
+            continue
+        try:
+            rec = store.load_run(Path(sweep.exp_dir) / leg.run_id)
+            runs[rec.id] = rec
+            leg.state = rec.status if rec.status in ("completed", "failed") else "interrupted"
+        except MoectlError:
+            leg.state = "interrupted"
+    save_sweep(sweep)
+
+
+def _figures(cfg: Config, sweep: SweepRecord, runs: dict[str, RunRecord], out: SweepOutcome) -> list[Path]:
+    """One figure per metric of every completed leg, next to the report (figures/<report>_<metric>.png)."""
+    done = [runs[leg.run_id] for leg in sweep.legs if leg.state == "completed" and leg.run_id in runs]
+    if not done:
+        return []
+    try:
+        from moectl.plot import plot_runs
+    except ImportError as exc:
+        out.messages.append(f"figures skipped: {exc}")
+        return []
+    paths = []
+    for metric in FIGURE_METRICS:
+        target = out.report.parent / "figures" / f"{out.report.stem}_{metric}.png"
+        try:
+            paths.append(plot_runs(done, metric, target, title=f"sweep {sweep.name}: {metric}",
+                                   warn=lambda line: out.messages.append(line)))
+        except UsageError as exc:  # matplotlib missing, or no values of this metric
+            out.messages.append(f"figure {metric} skipped: {exc.message}")
+    return paths
+
+
+def _final_message(sweep: SweepRecord, comparison: Optional[Comparison], heading: str) -> str:
+    n = sum(1 for leg in sweep.legs if leg.state == "completed")
+    msg = f"report: sweep {sweep.name} — {heading}, {n}/{len(sweep.legs)} legs"
+    best = fastest(comparison) if comparison is not None and len(comparison.runs) > 1 else None
+    if best is not None:
+        tag, tps, delta = best
+        base = next(r for r in comparison.runs if r.id == comparison.baseline)
+        msg += f"; fastest {tag} {tps:.0f} tok/s" + (f" ({delta:+.2f}% vs {base.tag})" if base.tag != tag and delta is not None else "")
+    return msg
