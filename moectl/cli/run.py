@@ -81,11 +81,24 @@ def run(
         if not json_out:
             stdout.print(f"run {record.id} -> {record.exp_dir}", markup=False)
 
+    def summary_paths(record):
+        # EXPERIMENTS.md is refreshed and committed with the report (`report.summary` turns it off).
+        if not cfg.report.summary:
+            return []
+        from moectl.errors import MoectlError
+        from moectl.summary import write_summary
+
+        try:
+            return [write_summary(cfg)]
+        except MoectlError as exc:
+            error(f"EXPERIMENTS.md not refreshed: {exc.message}")
+            return []
+
     while True:
         progress = make_progress(stdout_is_tty(), quiet=quiet or json_out)
         try:
             outcome = execute_run(cfg, request, progress=progress, baseline=base_record,
-                                  on_wait=on_wait, on_start=on_start)
+                                  on_wait=on_wait, on_start=on_start, extra_commit_paths=summary_paths)
         finally:
             progress.close()
         if outcome.record is None:  # refused: nothing written
