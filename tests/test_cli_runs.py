@@ -222,3 +222,15 @@ def test_compare_and_runs_never_import_torch(project, artifact_root):
         imported_modules = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
         assert "moectl.cli.runs" in imported_modules
         assert not {m for m in imported_modules if m == "torch" or m.startswith("torch.")}, args
+
+
+def test_compare_write_report_refuses_on_wrong_branch_and_writes_nothing(project):
+    from tests.conftest import git
+
+    imported("base", "nanochat_small.log", "nanochat")
+    imported("other", "metrics_small.jsonl", "jsonl")
+    git(project, "checkout", "-q", "-b", "elsewhere")
+    head = git(project, "rev-parse", "HEAD")
+    r = invoke("compare", "base", "other", "--write-report")
+    assert r.exit_code == 3 and "expected branch 'main'" in r.stderr
+    assert not (project / "reports").exists() and git(project, "rev-parse", "HEAD") == head

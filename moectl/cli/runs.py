@@ -56,7 +56,7 @@ def _num(value: Optional[float], decimals: int = 2) -> str:
 @handle_errors
 def runs_cmd(
     json_out: JsonOpt = False,
-    limit: Annotated[Optional[int], typer.Option("--limit", "-n", min=0, help="Show at most N runs (newest first).")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", "-n", min=0, help="Show at most N runs, newest first (0 = all).")] = None,
     status: Annotated[Optional[str], typer.Option("--status", help=f"Only runs with this status ({'|'.join(STATUSES)}).")] = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -319,6 +319,14 @@ def _write_compare_report(cfg, comparison, records, table_md: str) -> Path:
     from moectl.records import write_text_atomic
     from moectl.report import compare_commit_message, report_path
 
+    from moectl.gitops import commit_paths, current_branch  # another module's job: imported only here
+    from moectl.errors import GuardRefused
+
+    # Refuse before writing anything: a report we cannot commit would be left behind untracked.
+    branch = current_branch(cfg.root)
+    if branch is None or cfg.project.branch not in ("*", branch):
+        raise GuardRefused(f"refusing to write a report: on {branch or 'a detached HEAD'}, "
+                           f"expected branch {cfg.project.branch!r}")
     base = next(r for r in records if r.id == comparison.baseline)
     others = [r.tag or r.id for r in records if r.id != base.id]
     name = "compare_" + "_".join(others[:3]) + ("_etc" if len(others) > 3 else "") + f"_vs_{base.tag or base.id}"
@@ -328,8 +336,6 @@ def _write_compare_report(cfg, comparison, records, table_md: str) -> Path:
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, body)
-    from moectl.gitops import commit_paths  # another module's job; imported only when committing
-
     commit_paths(cfg.root, [path], compare_commit_message(comparison), branch=cfg.project.branch)
     return path
 
