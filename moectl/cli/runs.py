@@ -60,8 +60,10 @@ def runs_cmd(
     status: Annotated[Optional[str], typer.Option("--status", help=f"Only runs with this status ({'|'.join(STATUSES)}).")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """List the runs in the artifact root, newest first: id, status (stale = owner died), tag,
-    key options and tail-window metrics.
+    """List the runs in the artifact root, newest first, with their tail-window metrics.
+
+    Columns: id, status (stale = its moectl died without saying so), tag, key options, tail
+    tok/sec, MFU, peak memory, total minutes. --json prints the run records as in run.json.
 
     Example:  [bold]moectl runs --status completed --limit 10[/bold]
     """
@@ -135,8 +137,10 @@ def show_cmd(
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Everything recorded for one run: record, summary, guards, overrides, files, error tail,
-    and a sparkline of loss and tok/sec.
+    """Everything recorded for one run.
+
+    The record, tail summary, guards, overrides, files, the error tail of a failed run, and a
+    sparkline of loss and tok/sec.
 
     Example:  [bold]moectl show bufreuse[/bold]
     """
@@ -281,8 +285,11 @@ def compare_cmd(
     write_report: Annotated[bool, typer.Option("--write-report", help="Write the markdown into report_dir and commit it.")] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Compare runs over their tail window: value, Δ% vs the baseline, ± standard error of each
-    mean, and * where a delta is beyond noise (|a−b| > 2·√(se_a²+se_b²)).
+    """Compare runs over their tail window, with % deltas and a noise estimate.
+
+    Each cell: the value, ± the standard error of the tail mean, Δ% vs the baseline, and * where
+    the delta is beyond noise (|a−b| > 2·√(se_a²+se_b²)). Runs of different presets or lengths
+    are still compared, with a note.
 
     Example:  [bold]moectl compare static_cap1p0 bufreuse --markdown[/bold]
     """
@@ -353,8 +360,10 @@ def import_cmd(
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Bring an existing run's log into the run store (status `imported`), so old runs compare
-    with new ones. Malformed step lines are skipped and counted.
+    """Bring an existing training log into the run store, so old runs compare with new ones.
+
+    The run gets status `imported` and a metrics.jsonl in the engine's format. Malformed step
+    lines are skipped and counted.
 
     Example:  [bold]moectl import base_train.log --format nanochat --name static_cap1p0[/bold]
     """
