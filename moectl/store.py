@@ -277,15 +277,18 @@ def import_run(
     )
     summary: Summary = tail_summary(MetricsFile(steps=list(steps), summary=summary_line), window)
 
-    # Build the whole directory under a hidden temporary name, then rename it into place: a
-    # crash mid-import leaves no half run in listings (hidden names are never scanned).
+    # Claim a fresh directory atomically (two imports in the same second get `-2`, `-3`...: a new
+    # name, never a reused directory), write the metrics, and run.json last: listings only see
+    # directories holding a run.json, so a crash mid-import never shows a half run.
     base = run_id(project, name)
-    final = root / base
-    n = 1
-    while final.exists():  # two imports in the same second: a new name, never a reused dir
-        n += 1
-        final = root / f"{base}-{n}"
-    tmp = create_run_dir(root / f".{final.name}.importing.{os.getpid()}")
+    final, n = root / base, 1
+    while True:
+        try:
+            final = create_run_dir(final)
+            break
+        except UsageError:
+            n += 1
+            final = root / f"{base}-{n}"
     now = now_iso()
     record = RunRecord(
         id=final.name,
@@ -303,12 +306,11 @@ def import_run(
     )
     try:
         lines = [to_line(s) for s in steps] + [to_line(summary_line)]
-        write_text_atomic(tmp / METRICS_FILENAME, "\n".join(lines) + "\n")
-        save_model(tmp / RUN_RECORD, record)
-        os.rename(tmp, final)  # fails if `final` appeared meanwhile: never overwrite
+        write_text_atomic(final / METRICS_FILENAME, "\n".join(lines) + "\n")
+        save_run(record)
     except BaseException:
-        for child in tmp.iterdir():
+        for child in final.iterdir():
             child.unlink()
-        tmp.rmdir()
+        final.rmdir()
         raise
     return record

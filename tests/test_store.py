@@ -197,3 +197,10 @@ def test_import_run_writes_engine_schema_and_fresh_dirs(tmp_path):
     assert leftovers(tmp_path) == []
     with pytest.raises(UsageError):
         import_run(tmp_path, "moe", "empty", [], {})
+
+
+def test_import_run_failing_midway_leaves_nothing(tmp_path):
+    bad = [StepMetrics(step=0, loss=1.0, lr=object())]  # not JSON-serialisable: fails while writing
+    with pytest.raises(TypeError):
+        import_run(tmp_path, "moe", "bad", bad, {})
+    assert list(tmp_path.iterdir()) == []
