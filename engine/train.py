@@ -77,7 +77,7 @@ class CompileFailed(Exception):
     """Exit 3: torch.compile could not build the model; the caller may retry with --compile none."""
 
 
-class Interrupted(Exception):
+class Interrupted(BaseException):  # like KeyboardInterrupt: no library "except Exception" swallows it
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
@@ -411,9 +411,7 @@ def _train(args, open_files: list) -> int:
                 aux_acc += out["aux_loss"].detach().float()
                 dropped_acc += out["dropped"].detach().float()
                 counts_LE += out["tokens_per_expert_LE"].detach().float()
-        except Interrupted:
-            raise
-        except Exception as exc:
+        except Exception as exc:  # (Interrupted is a BaseException: it passes straight through)
             if args.compile != "none" and _is_compile_error(exc):
                 raise CompileFailed(f"{type(exc).__name__}: {_first_line(exc)}") from exc
             raise
