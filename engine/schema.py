@@ -23,6 +23,11 @@ EXIT_ERROR = 1
 EXIT_BAD_OPTIONS = 2
 EXIT_COMPILE_FAILED = 3
 
+# The names of engine.train's presets (its PRESETS dict; a test keeps the two in step). Here so
+# `moectl run --preset typo` is a usage error before anything is launched, without importing torch.
+PRESET_NAMES = ("d12-moe", "tiny")
+ENGINE_MODULE = "engine.train"  # the module these presets belong to (launch.module may name another)
+
 # The bf16 dense peak per device (FLOP/s), by a substring of torch.cuda.get_device_name().
 # Order matters: the first match wins (H200 before H100 so "H100" does not shadow anything odd).
 PEAK_BF16_FLOPS = (

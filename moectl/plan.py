@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from engine.schema import ENGINE_MODULE, PRESET_NAMES
 from moectl.config import Config
 from moectl.errors import UsageError
 
@@ -174,6 +175,12 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
         value = getattr(request, key)
         if value is not None:
             options[key] = value
+
+    preset = options.get("preset")
+    if cfg.launch.module == ENGINE_MODULE and preset is not None and preset not in PRESET_NAMES:
+        # The engine would reject it only after torchrun started and a run directory was made.
+        where = "--preset" if request.preset is not None else "defaults.preset"
+        raise UsageError(f"{where}: unknown preset {preset!r}; the engine has {', '.join(PRESET_NAMES)}")
 
     device = request.device or device_default or "auto"
     if device == "auto":
