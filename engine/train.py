@@ -339,7 +339,8 @@ def _train(args, open_files: list) -> int:
             sink.flush()
 
     config = {**vars(args), **cfg.to_dict(), "grad_accum": accum,
-              "total_batch_size": total_batch, "n_params": n_params, "flops_per_token": flops_tok}
+              "total_batch_size": total_batch, "n_params": n_params, "flops_per_token": flops_tok,
+              "torch_version": torch.__version__}  # moectl records it in run.json
     emit(StartInfo(steps=args.steps, world_size=world, tokens_per_step=total_batch, device=device_name,
                    config=config, start_step=start_step))
     if master:
