@@ -1,0 +1,462 @@
+"""`moectl run` end to end: real git repositories, real torchrun (gloo, CPU), real records on disk.
+
+Most runs use `tests.fixtures.fake_engine` as `launch.module` (same metrics contract as the engine,
+no torch in the worker, steps of a few ms); one test runs the real engine's `tiny` preset. Output
+and exit codes go through CliRunner; signals are in test_run_signals.py (real subprocesses).
+
+Other test sessions may run torchrun on this machine at the same time, and the `no_other_training`
+guard rightly sees their processes. Runs whose subject is not that guard therefore pass
+`--override no_other_training` (QUIET): on a quiet machine the guard passes and nothing is recorded
+as overridden; the run lock itself is still enforced by `moectl.lock.acquire`.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from engine.schema import EXIT_COMPILE_FAILED, RunSummary, StartInfo, StepMetrics, parse_line
+from moectl.cli import app
+from moectl.config import load_config
+from moectl.lock import LOCK_NAME
+from moectl.plan import GUARD_NAMES, RunRequest, plan_run
+from moectl.runner import RunOutcome, fallback_request
+from tests.conftest import git, gpu
+
+REPO = Path(__file__).resolve().parents[1]
+FAKE = "tests.fixtures.fake_engine"
+QUIET = ["--override", "no_other_training"]
+FAST = ["--", "--sleep-per-step", "0.01"]  # fake engine args (after `--`)
+runner = CliRunner()
+
+
+def write_config(repo: Path, module: str = FAKE, launch: str = "") -> None:
+    """A .moectl.toml whose engine runs from this checkout (the tmp repo has no engine/ of its own)."""
+    (repo / ".moectl.toml").write_text(
+        '[project]\nname = "moe"\nbranch = "main"\nvenv = ""\n\n'
+        f'[launch]\nmodule = "{module}"\nenv = {{ PYTHONPATH = "{REPO}", OMP_NUM_THREADS = "1" }}\n{launch}\n'
+        '[defaults]\npreset = "tiny"\n'
+    )
+
+
+def commit_config(repo: Path, monkeypatch) -> Path:
+    git(repo, "add", ".moectl.toml")
+    git(repo, "commit", "-q", "-m", "moectl config")
+    monkeypatch.chdir(repo)
+    return repo
+
+
+@pytest.fixture
+def proj(git_repo: Path, monkeypatch) -> Path:
+    """A real repo with a committed .moectl.toml running the fake engine; cwd inside it."""
+    write_config(git_repo)
+    return commit_config(git_repo, monkeypatch)
+
+
+def run(*args: str):
+    return runner.invoke(app, ["run", *args])
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.glob("*/run.json"))
+
+
+def record(run_dir: Path) -> dict:
+    return json.loads((run_dir / "run.json").read_text())
+
+
+def head(repo: Path) -> str:
+    return git(repo, "rev-parse", "HEAD").strip()
+
+
+def commit_files(repo: Path, rev: str = "HEAD") -> set[str]:
+    return set(git(repo, "show", "--name-only", "--format=", rev).split())
+
+
+def tree_state(repo: Path, ignore: tuple[str, ...] = ()) -> dict[str, str]:
+    """Everything about the working tree and index that moectl must leave alone. `ignore`: paths
+    moectl committed (their index entries are ours and now match HEAD)."""
+    index = [line for line in git(repo, "ls-files", "-s").splitlines() if line.split("\t", 1)[1] not in ignore]
+    return {
+        "status": git(repo, "status", "--porcelain=v1", "-uall"),
+        "cached": git(repo, "diff", "--cached", "--binary"),
+        "unstaged": git(repo, "diff", "--binary"),
+        "index": "\n".join(index),
+    }
+
+
+def ours(repo: Path, report: Path) -> set[str]:
+    """What moectl may commit: the report, and EXPERIMENTS.md once the summary hook refreshes it."""
+    allowed = {report.relative_to(repo).as_posix()}
+    if (repo / "EXPERIMENTS.md").exists():
+        allowed.add("EXPERIMENTS.md")
+    return allowed
+
+
+def the_report(repo: Path) -> Path:
+    reports = sorted((repo / "reports").glob("*.md"))
+    assert len(reports) == 1, reports
+    return reports[0]
+
+
+def tail_mean(values: list[float], window: int = 50) -> float:
+    tail = values[-window:]
+    return sum(tail) / len(tail)
+
+
+# ------------------------------------------------------------------------ 1. the real engine, end to end
+
+
+@pytest.mark.slow
+def test_real_tiny_run_end_to_end(git_repo, monkeypatch, artifact_root):
+    write_config(git_repo, module="engine.train")
+    commit_config(git_repo, monkeypatch)
+    launch_head = head(git_repo)
+
+    r = run("--device", "cpu", "--steps", "4", "--tag", "e2e", *QUIET)
+    assert r.exit_code == 0, r.output
+    [exp] = run_dirs(artifact_root)
+    assert exp.name.endswith("_moe-e2e")
+    rec = record(exp)
+    assert rec["status"] == "completed" and rec["exit_code"] == 0 and rec["error"] is None
+    assert rec["id"] == exp.name and rec["tag"] == "e2e" and Path(rec["exp_dir"]) == exp
+    assert rec["argv"][:7] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m"]
+    assert rec["argv"][7] == "engine.train" and rec["argv"][rec["argv"].index("--out-dir") + 1] == str(exp)
+    assert {k: rec["options"][k] for k in ("preset", "steps", "device", "nproc")} == {
+        "preset": "tiny", "steps": 4, "device": "cpu", "nproc": 1}
+    assert rec["git"] == {"branch": "main", "commit": launch_head, "dirty": False}
+    assert [g["name"] for g in rec["guards"]] == list(GUARD_NAMES)
+    assert all(g["ok"] or g["name"] == "no_other_training" for g in rec["guards"]), rec["guards"]
+    assert rec["host"] == socket.gethostname() and rec["started_at"] and rec["finished_at"]
+    assert rec["torch_version"]  # from the engine's start line
+
+    # The files of SPEC §6, each holding what it should.
+    cmd = (exp / "command.txt").read_text()
+    assert shlex.split(cmd)[2:] == rec["argv"]  # PYTHONPATH=... OMP_NUM_THREADS=1 <argv>
+    assert (exp / "git.diff").read_text() == ""  # a clean tree at launch
+    lines = [parse_line(x) for x in (exp / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if isinstance(x, StepMetrics)]
+    assert isinstance(lines[0], StartInfo) and isinstance(lines[-1], RunSummary) and len(steps) == 4
+    assert "step 00003/00004" in (exp / "train.log").read_text()
+    s = rec["summary"]
+    assert s["steps"] == 4 and s["window"] == 50
+    assert s["tok_per_sec"] == pytest.approx(tail_mean([x.tok_per_sec for x in steps]))
+    assert s["final_loss"] == pytest.approx(steps[-1].loss)
+    assert "progress: step 4/4" in r.stdout  # plain progress lines when not a TTY
+
+    # The report: written, committed alone, on top of the launch commit; the tree stays clean.
+    report = the_report(git_repo)
+    assert "completed" in report.read_text() and exp.name in report.read_text()
+    assert git(git_repo, "rev-parse", "HEAD~1").strip() == launch_head
+    assert commit_files(git_repo) == ours(git_repo, report)
+    assert git(git_repo, "log", "-1", "--format=%s").startswith("report: ")
+    assert git(git_repo, "status", "--porcelain", "-uall") == ""
+    assert not (artifact_root / LOCK_NAME).exists()
+
+
+# --------------------------------------------------------------------------- 2. commit only our files
+
+
+@pytest.mark.slow
+def test_commit_leaves_staged_modified_and_untracked_user_files_alone(proj, artifact_root):
+    (proj / "a.txt").write_text("a1\n")
+    (proj / "b.txt").write_text("b1\n")
+    git(proj, "add", "a.txt", "b.txt")
+    git(proj, "commit", "-q", "-m", "user files")
+    (proj / "a.txt").write_text("a2 unstaged\n")  # unstaged modification
+    (proj / "b.txt").write_text("b2 staged\n")
+    git(proj, "add", "b.txt")
+    (proj / "b.txt").write_text("b3 staged then modified again\n")  # staged, then modified again
+    (proj / "new.txt").write_text("new, staged\n")
+    git(proj, "add", "new.txt")  # staged new file
+    (proj / "reports").mkdir()
+    (proj / "reports" / "draft.md").write_text("my notes, untracked, inside report_dir\n")
+    (proj / "scratch.txt").write_text("untracked\n")
+    before, old_head = tree_state(proj), head(proj)
+    diff_at_launch = git(proj, "diff", "HEAD", "--no-color", "--binary")
+
+    r = run("--steps", "3", "--tag", "dirty", *QUIET, *FAST)
+    assert r.exit_code == 0, r.output
+
+    report = next(p for p in (proj / "reports").glob("*.md") if p.name != "draft.md")
+    # porcelain, the user's index entries, staged and unstaged diffs: all identical
+    assert tree_state(proj, ignore=tuple(ours(proj, report))) == before
+    assert report.relative_to(proj).as_posix() in git(proj, "ls-files")  # our entry: tracked now
+    assert git(proj, "rev-parse", "HEAD~1").strip() == old_head
+    assert commit_files(proj) == ours(proj, report)
+    # The user's work is not in the new commit's tree either.
+    assert git(proj, "show", "HEAD:a.txt") == "a1\n" and git(proj, "show", "HEAD:b.txt") == "b1\n"
+    assert "new.txt" not in git(proj, "ls-tree", "-r", "--name-only", "HEAD").split()
+    assert (proj / "reports" / "draft.md").read_text().startswith("my notes")
+
+    [exp] = run_dirs(artifact_root)
+    assert (exp / "git.diff").read_text() == diff_at_launch
+    assert "a2 unstaged" in diff_at_launch and "b3 staged then modified again" in diff_at_launch
+    assert record(exp)["git"]["dirty"] is True
+    assert "dirty: see git.diff" in report.read_text()
+
+
+# ------------------------------------------------------------------------------ 3. dry run and refusals
+
+
+def test_dry_run_prints_command_and_guards_and_writes_nothing(proj, artifact_root):
+    before, old_head = tree_state(proj), head(proj)
+    args = ["--steps", "3", "--exp-dir", str(artifact_root / "dry"), *QUIET, *FAST]  # same dir in both calls
+    r = run("--dry-run", *args)
+    assert r.exit_code == 0, r.output
+    for name in GUARD_NAMES:
+        assert name in r.stdout
+    data = json.loads(run("--dry-run", "--json", *args).stdout)
+    assert data["ok"] is True and [g["name"] for g in data["guards"]] == list(GUARD_NAMES)
+    argv = shlex.split(data["command"])
+    assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert argv[argv.index("-m", 3) + 1] == FAKE and argv[-2:] == ["--sleep-per-step", "0.01"]
+    assert argv[argv.index("--out-dir") + 1] == data["exp_dir"]
+    assert data["exp_dir"] == str(artifact_root / "dry")
+    # The text output prints the same command, as a shell line with the env additions.
+    assert f"OMP_NUM_THREADS=1 {shlex.join(argv)}" in " ".join(r.stdout.split())
+    assert not artifact_root.exists()  # not even the root is created
+    assert tree_state(proj) == before and head(proj) == old_head and not (proj / "reports").exists()
+
+
+@pytest.mark.slow
+def test_dry_run_command_is_exactly_what_runs_then_exp_dir_is_never_reused(proj, artifact_root):
+    exp = artifact_root / "explicit"
+    dry = json.loads(run("--dry-run", "--json", "--steps", "2", "--exp-dir", str(exp), *QUIET, *FAST).stdout)
+    r = run("--steps", "2", "--exp-dir", str(exp), *QUIET, *FAST)
+    assert r.exit_code == 0, r.output
+    assert record(exp)["argv"] == shlex.split(dry["command"])
+    reports, old_head = sorted((proj / "reports").glob("*.md")), head(proj)
+
+    r = run("--steps", "2", "--exp-dir", str(exp), *QUIET, *FAST)  # exists now: a refusal
+    assert r.exit_code == 3
+    assert "fresh_dir" in r.stdout and "already exists" in " ".join(r.stdout.split())
+    assert "a guard refused the run; nothing was written" in r.stderr
+    assert sorted((proj / "reports").glob("*.md")) == reports and head(proj) == old_head
+    assert run_dirs(artifact_root) == [exp]
+
+
+def test_wrong_branch_refuses_naming_the_guard(proj, artifact_root):
+    git(proj, "switch", "-q", "-c", "experiment")
+    before = tree_state(proj)
+    r = run("--steps", "2", *QUIET, *FAST)
+    assert r.exit_code == 3
+    row = next(line for line in r.stdout.splitlines() if line.startswith("git "))
+    assert "FAIL" in row and "expected 'main'" in " ".join(r.stdout.split())
+    assert "a guard refused the run" in r.stderr and "Traceback" not in r.output
+    assert not artifact_root.exists() and tree_state(proj) == before and not (proj / "reports").exists()
+    data = json.loads(run("--json", "--steps", "2", *QUIET, *FAST).stdout)  # refusals in --json too
+    assert data["ok"] is False
+    assert {g["name"] for g in data["guards"] if not (g["ok"] or g["overridden"])} == {"git"}
+
+
+# ------------------------------------------------------------------------------------ 4. failed training
+
+
+@pytest.mark.slow
+def test_failed_training_is_recorded_reported_and_exits_4(proj, artifact_root):
+    r = run("--json", "--steps", "6", "--tag", "boom", *QUIET,
+            "--", "--fail-at-step", "2", "--exit-code", "4", "--sleep-per-step", "0.01")
+    assert r.exit_code == 4, r.output
+    out = json.loads(r.stdout)
+    [exp] = run_dirs(artifact_root)
+    rec = record(exp)
+    assert out["id"] == rec["id"] and out["status"] == rec["status"] == "failed"
+    assert rec["exit_code"] == 4  # the worker's code, read from torchrun's report
+    assert "fake failure at step 2" in rec["error"]
+    assert rec["summary"]["steps"] == 2  # the steps before the failure are summarised
+    report = Path(out["report"])
+    text = report.read_text()
+    assert "— failed" in text and "## Error" in text and "fake failure at step 2" in text
+    assert out["commit"] == head(proj) and commit_files(proj) == ours(proj, report)
+    assert "failed (exit 4)" in git(proj, "log", "-1", "--format=%s")
+    assert not (artifact_root / LOCK_NAME).exists()
+
+
+# ------------------------------------------------------------------------------- 7. --exp-dir must be new, inside
+
+
+def _refused_paths(r, artifact_root: Path, before: set) -> None:
+    assert r.exit_code == 3, r.output
+    row = next(line for line in r.stdout.splitlines() if line.startswith("paths "))
+    assert "FAIL" in row and "outside artifact_root" in " ".join(r.stdout.split())
+    assert set(artifact_root.rglob("*")) == before  # nothing written
+
+
+def test_exp_dir_outside_artifact_root_refused(proj, artifact_root, tmp_path):
+    artifact_root.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (artifact_root / "link").symlink_to(outside, target_is_directory=True)
+    before = set(artifact_root.rglob("*"))
+    for exp in (tmp_path / "elsewhere", artifact_root / ".." / "escape", artifact_root / "link" / "run"):
+        r = run("--steps", "2", "--exp-dir", str(exp), "--override", "no_other_training", *FAST)
+        _refused_paths(r, artifact_root, before)
+        assert not exp.exists()
+    # Not even --override can skip the path guard.
+    r = run("--steps", "2", "--exp-dir", str(outside / "x"), "--override", "paths")
+    assert r.exit_code == 2 and "cannot be overridden" in r.stderr
+    assert list(outside.iterdir()) == [] and not (tmp_path / "elsewhere").exists()
+    assert not (proj / "reports").exists()
+
+
+def test_relative_exp_dir_resolves_against_cwd(proj, artifact_root, monkeypatch):
+    artifact_root.mkdir()
+    monkeypatch.chdir(artifact_root)
+    data = json.loads(run("--dry-run", "--json", "--exp-dir", "rel", "--config", str(proj / ".moectl.toml"), *QUIET).stdout)
+    assert data["ok"] is True and data["exp_dir"] == str(artifact_root / "rel")
+    monkeypatch.chdir(proj)
+    r = run("--steps", "2", "--exp-dir", "rel", *QUIET)  # relative to the repo now: outside
+    _refused_paths(r, artifact_root, set())
+
+
+# -------------------------------------------------------------------------- 8.-9. GPU guard: override, wait
+
+
+@pytest.mark.slow
+def test_override_gpus_idle_is_recorded_and_reported(proj, artifact_root, fake_nvml):
+    fake_nvml(gpus=[gpu(0, util_pct=93, mem_used_mib=60000, processes=[{"pid": 4242, "name": "python", "used_mib": 59000}])])
+    r = run("--device", "cuda", "--steps", "3", "--tag", "busy", "--override", "gpus_idle", *QUIET, *FAST)
+    assert r.exit_code == 0, r.output
+    [exp] = run_dirs(artifact_root)
+    rec = record(exp)
+    assert "gpus_idle" in rec["overrides"] and rec["status"] == "completed"
+    g = next(g for g in rec["guards"] if g["name"] == "gpus_idle")
+    assert g["ok"] is False and g["overridden"] is True and "util 93%" in g["message"]
+    assert rec["gpus"] == ["NVIDIA H100 80GB HBM3"] and rec["driver"] == "580.1"
+    assert rec["options"]["device"] == "cuda" and "--device" in rec["argv"]
+    text = the_report(proj).read_text()
+    assert "## Overrides (guards skipped knowingly)" in text and "- `gpus_idle`: GPU 0: util 93%" in text
+
+
+def test_busy_gpu_without_override_refuses(proj, artifact_root, fake_nvml):
+    fake_nvml(gpus=[gpu(0, util_pct=93)])
+    r = run("--device", "cuda", "--steps", "2", *QUIET, *FAST)
+    assert r.exit_code == 3 and "--override gpus_idle" in " ".join(r.stdout.split())
+    assert not artifact_root.exists()
+
+
+def test_wait_gpus_polls_then_refuses(proj, artifact_root, fake_nvml):
+    fake_nvml(gpus=[gpu(0, mem_used_mib=30000)])
+    t0 = time.monotonic()
+    r = run("--device", "cuda", "--wait-gpus", "2s", "--steps", "2", *QUIET, *FAST)
+    waited = time.monotonic() - t0
+    assert r.exit_code == 3, r.output
+    assert waited >= 2.0
+    assert "waiting for gpus_idle" in r.stdout and "30000 MiB used" in " ".join(r.stdout.split())
+    assert not artifact_root.exists()
+
+
+@pytest.mark.parametrize("value", ["xyz", "10 minutes", "-5s"])
+def test_bad_wait_gpus_is_a_usage_error(proj, artifact_root, value):
+    r = run("--wait-gpus", value, "--steps", "2")
+    assert r.exit_code == 2
+    assert r.stderr.count("error:") == 1 and "--wait-gpus" in r.stderr and "Traceback" not in r.output
+    assert not artifact_root.exists()
+
+
+# ---------------------------------------------------------------------------------- 10. compile fallback
+
+
+@pytest.mark.slow
+def test_compile_failure_falls_back_to_compile_none(proj, artifact_root):
+    r = run("--compile", "static", "--steps", "3", "--tag", "cf", *QUIET,
+            "--", "--compile-fails", "--sleep-per-step", "0.01")
+    assert r.exit_code == 0, r.output
+    assert "re-running with --compile none" in r.stdout
+    first, second = sorted(run_dirs(artifact_root), key=lambda d: record(d)["created_at"])
+    a, b = record(first), record(second)
+    assert (a["tag"], a["status"], a["exit_code"]) == ("cf", "failed", EXIT_COMPILE_FAILED)
+    assert "fake compile failure" in a["error"]
+    assert (b["tag"], b["status"], b["options"]["compile"]) == ("cf_fallback_none", "completed", "none")
+    assert b["argv"][b["argv"].index("--compile") + 1] == "none" and "--compile-fails" in b["argv"]
+    assert a["id"] in b["notes"] and b["summary"]["steps"] == 3
+    # Each run has its own report and commit, the fallback's on top.
+    assert len(list((proj / "reports").glob("*.md"))) == 2
+    subjects = git(proj, "log", "-2", "--format=%s").splitlines()
+    assert "cf_fallback_none" in subjects[0] and "tok/s" in subjects[0]
+    assert "static cf — failed (exit 3)" in subjects[1]
+
+
+def _outcome(cfg, request: RunRequest, compile_failed: bool) -> RunOutcome:
+    from datetime import datetime
+
+    plan = plan_run(cfg, request, datetime(2026, 1, 1), None)
+    return RunOutcome(exit_code=4, plan=plan, guards=[], compile_failed=compile_failed)
+
+
+def test_fallback_request_only_for_compile_failures_with_fallback_on(proj):
+    cfg = load_config()
+    req = RunRequest(compile="static", tag="t", exp_dir="/somewhere/explicit", extra_args=["--seed", "3"])
+    retry = fallback_request(cfg, req, _outcome(cfg, req, compile_failed=True))
+    assert retry is not None
+    assert (retry.compile, retry.tag, retry.exp_dir, retry.extra_args) == ("none", "t_fallback_none", None, ["--seed", "3"])
+    assert "20260101_000000_moe-t" in retry.notes
+    assert fallback_request(cfg, req, _outcome(cfg, req, compile_failed=False)) is None
+    none_req = RunRequest(compile="none", tag="t")
+    assert fallback_request(cfg, none_req, _outcome(cfg, none_req, compile_failed=True)) is None
+    cfg.file.launch.compile_fallback = False
+    assert fallback_request(cfg, req, _outcome(cfg, req, compile_failed=True)) is None
+
+
+@pytest.mark.slow
+def test_compile_fallback_off_fails_with_exit_4(git_repo, monkeypatch, artifact_root):
+    write_config(git_repo, launch="compile_fallback = false\n")
+    commit_config(git_repo, monkeypatch)
+    r = run("--compile", "static", "--steps", "2", *QUIET, "--", "--compile-fails")
+    assert r.exit_code == 4 and "re-running" not in r.stdout
+    assert [record(d)["status"] for d in run_dirs(artifact_root)] == ["failed"]
+
+
+# -------------------------------------------------------------------------------------- 11. bad input
+
+
+def test_unknown_preset_is_a_usage_error_before_anything_runs(git_repo, monkeypatch, artifact_root):
+    write_config(git_repo, module="engine.train")
+    commit_config(git_repo, monkeypatch)
+    r = run("--preset", "d99-huge", "--steps", "2", *QUIET)
+    assert r.exit_code == 2, r.output
+    assert r.stderr.strip().count("\n") == 0 and "--preset" in r.stderr and "tiny" in r.stderr
+    assert not artifact_root.exists() and not (git_repo / "reports").exists()
+
+
+def test_negative_cap_is_one_line_exit_2(proj, artifact_root):
+    r = run("--cap", "-1", "--steps", "2")
+    assert r.exit_code == 2
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith("error: --cap:")
+    assert not artifact_root.exists()
+
+
+def test_malformed_config_one_line_per_field(proj, artifact_root):
+    (proj / ".moectl.toml").write_text(
+        '[project]\nnme = "typo"\n\n[gpu]\nmax_util_pct = 500\n\n[launch]\nnproc_per_node = 0\n'
+    )
+    r = run("--steps", "2")
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    lines = r.stderr.strip().splitlines()
+    assert lines[0].startswith("error: invalid config .moectl.toml (3 problem(s))")
+    assert sorted(line.split(":")[1].strip() for line in lines[1:]) == [
+        "gpu.max_util_pct", "launch.nproc_per_node", "project.nme"]
+    (proj / ".moectl.toml").write_text("[project\nname = 1\n")
+    r = run("--steps", "2")
+    assert r.exit_code == 2 and "malformed TOML" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not artifact_root.exists()
+
+
+def test_run_help_has_examples():
+    r = runner.invoke(app, ["run", "--help"])
+    assert r.exit_code == 0 and "Examples:" in r.stdout and "moectl run --cap 1.0" in r.stdout
+
+
+def test_preset_names_match_the_engine():
+    from engine.schema import PRESET_NAMES
+    from engine.train import PRESETS  # imports torch: fine in a test, never in moectl
+
+    assert sorted(PRESET_NAMES) == sorted(PRESETS)
