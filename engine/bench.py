@@ -108,7 +108,10 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default fp32 on cpu, bf16 on cuda")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.device == "cuda" and not torch.cuda.is_available():
         p.exit(2, "error: --device cuda but CUDA is not available\n")
     try:
