@@ -182,8 +182,12 @@ def parse_spec(data: dict[str, Any], source: str = "spec") -> SweepSpec:
                 opt, _, msg = line.partition(": ")
                 key = opt.removeprefix("--").replace("-", "_")
                 key = {"extra_args": "args", "engine args": "args"}.get(key, key)
-                src = where if key in opts else "common"
-                problems.append(f"{src}.{key}: {msg}" if msg else f"{where}: {line}")
+                if not msg:
+                    problems.append(f"{where}: {line}")
+                elif where.startswith("grid[") and key in opts:  # name the axis and its bad value
+                    problems.append(f"grid.{key}: {opts[key]!r}: {msg}")
+                else:
+                    problems.append(f"{where if key in opts else 'common'}.{key}: {msg}")
         out.append(SweepLeg(tag=tag, options=merged))
     if problems:
         problems = list(dict.fromkeys(problems))

@@ -1,0 +1,340 @@
+"""`moectl sweep`: spec validation, dry run, and real sweeps on CPU through real torchrun.
+
+The fast stand-in engine (tests/fixtures/fake_engine.py) drives the failure, interrupt and
+compile-fallback cases; one sweep runs the real `engine.train` tiny preset. Every sweep passes
+`--wait-gpus`: when another test's torchrun is alive on this machine the `no_other_training`
+guard still judges it, and the sweep waits instead of being refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from moectl.cli import app
+from moectl.sweep import grid_tag, parse_spec
+from moectl.errors import UsageError
+from tests.conftest import git
+
+MOECTL_ROOT = Path(__file__).resolve().parents[1]
+WAIT = ["--wait-gpus", "5m"]
+
+
+def sweep_project(repo: Path, module: str = "tests.fixtures.fake_engine", window: int = 5) -> Path:
+    """A committed .moectl.toml whose torchrun runs `module` from this checkout."""
+    (repo / ".moectl.toml").write_text(
+        f'[project]\nname = "moe"\nbranch = "main"\nvenv = ""\n\n'
+        f'[launch]\nmodule = "{module}"\nenv = {{ PYTHONPATH = "{MOECTL_ROOT}", OMP_NUM_THREADS = "1" }}\n\n'
+        f'[metrics]\nwindow = {window}\n\n[defaults]\npreset = "tiny"\ndevice = "cpu"\n'
+    )
+    git(repo, "add", ".moectl.toml")
+    git(repo, "commit", "-q", "-m", "moectl config")
+    return repo
+
+
+def write_spec(repo: Path, text: str, name: str = "spec.toml") -> Path:
+    path = repo / name
+    path.write_text(text)
+    return path
+
+
+def cli(*args: str):
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+def sweep_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if (p / "sweep.json").exists()) if root.exists() else []
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def commit_files(repo: Path, rev: str) -> list[str]:
+    return git(repo, "show", "--name-only", "--format=", rev).split()
+
+
+def tree_hash(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------------------ spec validation
+
+
+@pytest.mark.parametrize("text, key", [
+    ('name = "s"\nbogus = 1\n[[legs]]\ntag = "a"\n', "bogus: unknown key"),
+    ('name = "s"\n[[legs]]\ntag = "a"\ncap = "big"\n', "legs[0].cap: must be a number"),
+    ('name = "s"\n[[legs]]\ntag = "a"\n[[legs]]\ntag = "b"\ncap = -1.0\n', "legs[1].cap:"),
+    ('name = "s"\n[[legs]]\ntag = "a"\n[[legs]]\ntag = "a"\n', "legs[1].tag: duplicate tag 'a'"),
+    ('name = "s"\n[[legs]]\ntag = "a"\n[grid]\ncap = [1.0]\n', "legs/grid: give either [[legs]] or [grid], not both"),
+    ('name = "s"\n[common]\ncap = 1.0\n', "legs/grid: give either"),
+    ('name = "s"\n[grid]\ncompile = ["static", "fast"]\n', "grid.compile:"),
+    ('name = "s"\n[[legs]]\ntag = "a"\nwarp = 9\n', "legs[0].warp: unknown option"),
+    ('name = "s"\n[common]\nfp8 = "yes"\n[[legs]]\ntag = "a"\n', "common.fp8: must be true or false"),
+    ('name = "bad name/x"\n[[legs]]\ntag = "a"\n', "name:"),
+    ('[[legs]]\ntag = "a"\n', "name: required"),
+])
+def test_bad_spec_exits_2_naming_the_key_and_writes_nothing(git_repo, artifact_root, monkeypatch, text, key):
+    sweep_project(git_repo)
+    monkeypatch.chdir(git_repo)
+    spec = write_spec(git_repo, text)
+    head = git(git_repo, "rev-parse", "HEAD")
+    r = cli("sweep", str(spec))
+    assert r.exit_code == 2, r.output
+    assert key in r.output
+    assert "Traceback" not in r.output
+    assert not artifact_root.exists()
+    assert git(git_repo, "rev-parse", "HEAD") == head
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(UsageError) as exc:
+        parse_spec({"name": "s", "extra": 1, "legs": [{"tag": "a", "cap": -2.0}, {"tag": "b", "steps": "x"}]})
+    text = "\n".join(exc.value.lines)
+    assert "extra: unknown key" in text and "legs[0].cap:" in text and "legs[1].steps:" in text
+
+
+def test_grid_expands_every_combination_with_derived_tags():
+    spec = parse_spec({"name": "cap", "common": {"steps": 5}, "grid": {"cap": [0.0, 1.0, 1.25], "compile": ["static", "none"]}})
+    assert [leg.tag for leg in spec.legs] == [
+        "static_cap0p0", "none_cap0p0", "static_cap1p0", "none_cap1p0", "static_cap1p25", "none_cap1p25"]
+    assert spec.legs[4].options == {"steps": 5, "cap": 1.25, "compile": "static"}
+    assert grid_tag({"fp8": True, "compile": "dynamic", "cap": 1.0}) == "dynamic_cap1p0_fp8"
+
+
+def test_legs_override_common_and_untagged_legs_get_derived_tags():
+    spec = parse_spec({"name": "s", "common": {"cap": 1.0, "compile": "static", "args": ["--seed", "1"]},
+                       "legs": [{"tag": "base"}, {"cap": 1.25}]})
+    assert [leg.tag for leg in spec.legs] == ["base", "cap1p25"]
+    assert spec.legs[1].options == {"cap": 1.25, "compile": "static", "args": ["--seed", "1"]}
+
+
+def test_dry_run_prints_every_leg_command_and_writes_nothing(git_repo, artifact_root, monkeypatch):
+    sweep_project(git_repo)
+    monkeypatch.chdir(git_repo)
+    spec = write_spec(git_repo, 'name = "cap"\n[common]\nsteps = 7\nargs = ["--seed", "3"]\n'
+                                '[grid]\ncap = [0.0, 1.0]\ncompile = ["static"]\n')
+    status = git(git_repo, "status", "--porcelain")
+    r = cli("sweep", str(spec), "--dry-run")
+    assert r.exit_code == 0, r.output
+    lines = [l for l in r.output.splitlines() if "torch.distributed.run" in l]
+    assert len(lines) == 2
+    assert "--cap 0.0" in lines[0] and "--cap 1.0" in lines[1]
+    assert all("--compile static" in l and "--steps 7" in l and l.endswith("--seed 3") for l in lines)
+    assert all(f"{artifact_root}/" in l and "_moe-cap/" in l for l in lines)  # legs inside the sweep dir
+    r = cli("sweep", str(spec), "--dry-run", "--json")
+    data = json.loads(r.output)
+    assert [leg["tag"] for leg in data["legs"]] == ["static_cap0p0", "static_cap1p0"]
+    assert not artifact_root.exists()
+    assert git(git_repo, "status", "--porcelain") == status
+    assert not (git_repo / "reports").exists()
+
+
+def test_first_leg_refused_writes_nothing(git_repo, artifact_root, monkeypatch):
+    sweep_project(git_repo)
+    git(git_repo, "checkout", "-q", "-b", "elsewhere")  # the git guard refuses: wrong branch
+    monkeypatch.chdir(git_repo)
+    spec = write_spec(git_repo, 'name = "s"\n[[legs]]\ntag = "a"\n')
+    r = cli("sweep", str(spec), "--json")
+    assert r.exit_code == 3
+    data = json.loads(r.stdout)
+    assert data["sweep"] is None and any(line.startswith("git:") for line in data["refused"])
+    assert sweep_dirs(artifact_root) == []
+
+
+def test_baseline_must_be_a_leg(git_repo, monkeypatch):
+    sweep_project(git_repo)
+    monkeypatch.chdir(git_repo)
+    spec = write_spec(git_repo, 'name = "s"\n[[legs]]\ntag = "a"\n')
+    r = cli("sweep", str(spec), "--baseline", "zzz")
+    assert r.exit_code == 2 and "--baseline 'zzz' is not a leg" in r.output
+
+
+# -------------------------------------------------------------------------------- real sweeps
+
+
+@pytest.mark.slow
+def test_three_leg_tiny_sweep_completes_with_reports_and_commits(git_repo, artifact_root, monkeypatch):
+    """The real engine (tiny preset, a few steps) through real torchrun, three legs."""
+    sweep_project(git_repo, module="engine.train", window=3)
+    monkeypatch.chdir(git_repo)
+    spec = write_spec(git_repo, 'name = "capacity"\n'
+                      '[common]\nsteps = 4\ncompile = "none"\n'
+                      'args = ["--data", "synthetic", "--vocab-size", "256", "--eval-every", "-1", '
+                      '"--seq-len", "32", "--device-batch-size", "4"]\n'
+                      '[[legs]]\ntag = "cap0p0"\ncap = 0.0\n'
+                      '[[legs]]\ntag = "cap1p0"\ncap = 1.0\n'
+                      '[[legs]]\ntag = "cap1p25"\ncap = 1.25\n')
+    # The user's own work in progress: a staged file, a modified tracked file, an untracked file.
+    (git_repo / "staged.txt").write_text("staged\n")
+    git(git_repo, "add", "staged.txt")
+    (git_repo / "README.md").write_text("edited, not staged\n")
+    (git_repo / "notes.txt").write_text("untracked\n")
+    status_before = git(git_repo, "status", "--porcelain")
+    head_before = git(git_repo, "rev-parse", "HEAD").strip()
+
+    r = cli("sweep", str(spec), "--json", *WAIT)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+
+    (sweep_dir,) = sweep_dirs(artifact_root)
+    sweep = load(sweep_dir / "sweep.json")
+    assert sweep == {**out["sweep"]}
+    assert sweep["name"] == "capacity" and sweep["resumed_from"] is None
+    assert [(leg["tag"], leg["state"]) for leg in sweep["legs"]] == [
+        ("cap0p0", "completed"), ("cap1p0", "completed"), ("cap1p25", "completed")]
+    for leg in sweep["legs"]:
+        run = load(sweep_dir / leg["run_id"] / "run.json")
+        assert run["status"] == "completed" and run["sweep"] == sweep["id"]
+        assert run["options"]["cap"] == leg["options"]["cap"]
+        assert run["summary"]["steps"] == 3 and run["summary"]["tok_per_sec"] > 0
+
+    # Final comparison of all three legs; the recommendation names the fastest by tail tok/sec.
+    comp = out["comparison"]
+    assert [row["tag"] for row in comp["runs"]] == ["cap0p0", "cap1p0", "cap1p25"]
+    best = max(comp["runs"], key=lambda row: row["metrics"]["tok_per_sec"]["value"])
+    assert f"`{best['tag']}`" in out["recommendation"]
+    report = Path(out["report"])
+    text = report.read_text()
+    assert all(tag in text for tag in ("cap0p0", "cap1p0", "cap1p25")) and "**Recommendation:**" in text
+    for metric in ("loss", "tok_per_sec", "dt_ms"):  # figures linked from the report (MFU is null on CPU)
+        fig = report.parent / "figures" / f"{report.stem}_{metric}.png"
+        assert fig.stat().st_size > 1000 and f"figures/{fig.name}" in text
+
+    # One commit per leg (its report + the sweep report + EXPERIMENTS.md), then the final one.
+    revs = git(git_repo, "rev-list", f"{head_before}..HEAD").split()[::-1]
+    assert len(revs) == 4 and revs[-1] == out["commits"][-1]
+    for rev, leg in zip(revs, sweep["legs"]):
+        files = commit_files(git_repo, rev)
+        assert report.relative_to(git_repo).as_posix() in files and "EXPERIMENTS.md" in files
+        assert any(f.endswith(f"_{leg['tag']}.md") for f in files)
+        assert all(f.startswith("reports/") or f == "EXPERIMENTS.md" for f in files)
+    assert all(f.startswith("reports/") or f == "EXPERIMENTS.md" for f in commit_files(git_repo, revs[-1]))
+    assert "report: sweep capacity — completed, 3/3 legs" in git(git_repo, "log", "-1", "--format=%s")
+    # The user's staged, modified and untracked files are exactly as they were.
+    assert git(git_repo, "status", "--porcelain") == status_before
+    assert "capacity" in (git_repo / "EXPERIMENTS.md").read_text()
+
+
+def _spawn_sweep(repo: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(MOECTL_ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "moectl", "sweep", *args], cwd=repo, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(cond, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_interrupt_during_leg_2_then_resume_runs_only_unfinished_legs(git_repo, artifact_root, monkeypatch):
+    sweep_project(git_repo)
+    monkeypatch.chdir(git_repo)
+    spec = write_spec(git_repo, 'name = "ablate"\n[common]\nsteps = 6\nargs = ["--sleep-per-step", "0.02"]\n'
+                      '[[legs]]\ntag = "one"\n'
+                      '[[legs]]\ntag = "two"\nsteps = 40\nargs = ["--sleep-per-step", "0.1"]\n'
+                      '[[legs]]\ntag = "three"\n')
+    proc = _spawn_sweep(git_repo, str(spec), "--no-commit", *WAIT)
+    try:
+        sweep_dir = _wait_for(lambda: next(iter(sweep_dirs(artifact_root)), None), 120, "the sweep directory")
+
+        def leg2_stepping():
+            legs = load(sweep_dir / "sweep.json")["legs"]
+            if legs[1]["state"] != "running":
+                return False
+            metrics = sweep_dir / legs[1]["run_id"] / "metrics.jsonl"
+            return metrics.exists() and metrics.read_text().count('"step"') >= 3
+
+        _wait_for(leg2_stepping, 240, "leg 2 to be training")
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, output
+
+    old = load(sweep_dir / "sweep.json")
+    assert [leg["state"] for leg in old["legs"]] == ["completed", "interrupted", "pending"]
+    assert old["legs"][2]["run_id"] is None
+    assert load(sweep_dir / old["legs"][1]["run_id"] / "run.json")["status"] == "interrupted"
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == sorted(
+        [old["legs"][0]["run_id"], old["legs"][1]["run_id"]])  # leg 3 never started
+    before = tree_hash(sweep_dir)
+
+    r = cli("sweep", "--resume", old["id"], "--no-commit", "--json", *WAIT)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    new_dir = Path(out["sweep"]["exp_dir"])
+    assert new_dir != sweep_dir and new_dir.name.endswith("_moe-ablate-resume") and new_dir.parent == artifact_root
+    new = load(new_dir / "sweep.json")
+    assert new["resumed_from"] == old["id"] and new["name"] == "ablate"
+    assert [leg["state"] for leg in new["legs"]] == ["completed"] * 3
+    assert new["legs"][0]["run_id"] == old["legs"][0]["run_id"]  # carried over, not re-run
+    ran = sorted(p.name for p in new_dir.iterdir() if p.is_dir())
+    assert ran == sorted([new["legs"][1]["run_id"], new["legs"][2]["run_id"]])  # exactly the unfinished legs
+    assert tree_hash(sweep_dir) == before  # the old directory is untouched
+    assert [row["id"] for row in out["comparison"]["runs"]] == [leg["run_id"] for leg in new["legs"]]
+
+    # Resuming the resume: nothing left, no new directory.
+    r = cli("sweep", "--resume", new["id"], "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["nothing_to_run"] is True
+    assert len(sweep_dirs(artifact_root)) == 2
+
+
+@pytest.mark.slow
+def test_failed_leg_does_not_stop_the_sweep_but_fail_fast_does(git_repo, artifact_root, monkeypatch):
+    sweep_project(git_repo)
+    monkeypatch.chdir(git_repo)
+    spec = write_spec(git_repo, 'name = "f"\n[common]\nsteps = 4\n'
+                      '[[legs]]\ntag = "ok1"\n'
+                      '[[legs]]\ntag = "bad"\nargs = ["--fail-at-step", "1", "--exit-code", "7"]\n'
+                      '[[legs]]\ntag = "ok2"\n')
+    r = cli("sweep", str(spec), "--no-commit", "--json", *WAIT)
+    assert r.exit_code == 4, r.output
+    legs = json.loads(r.stdout)["sweep"]["legs"]
+    assert [(leg["tag"], leg["state"]) for leg in legs] == [("ok1", "completed"), ("bad", "failed"), ("ok2", "completed")]
+    assert [row["tag"] for row in json.loads(r.stdout)["comparison"]["runs"]] == ["ok1", "ok2"]
+
+    r = cli("sweep", str(spec), "--no-commit", "--fail-fast", "--json", *WAIT)
+    assert r.exit_code == 4, r.output
+    legs = json.loads(r.stdout)["sweep"]["legs"]
+    assert [leg["state"] for leg in legs] == ["completed", "failed", "pending"]
+    assert len(sweep_dirs(artifact_root)) == 2
+
+
+@pytest.mark.slow
+def test_compile_failure_reruns_the_leg_as_its_own_fallback_leg(git_repo, artifact_root, monkeypatch):
+    sweep_project(git_repo)
+    monkeypatch.chdir(git_repo)
+    # --compile-fails: the stand-in engine exits 3 (EXIT_COMPILE_FAILED) unless --compile none.
+    spec = write_spec(git_repo, 'name = "c"\n[common]\nsteps = 4\nargs = ["--compile-fails"]\n'
+                      '[[legs]]\ntag = "eager"\ncompile = "none"\n'
+                      '[[legs]]\ntag = "static"\ncompile = "static"\n')
+    r = cli("sweep", str(spec), "--json", *WAIT)
+    assert r.exit_code == 0, r.output  # the failed leg is settled by its completed fallback
+    out = json.loads(r.stdout)
+    legs = out["sweep"]["legs"]
+    assert [(leg["tag"], leg["state"], leg["fallback_of"]) for leg in legs] == [
+        ("eager", "completed", None), ("static", "failed", None), ("static_fallback_none", "completed", "static")]
+    sweep_dir = Path(out["sweep"]["exp_dir"])
+    failed = load(sweep_dir / legs[1]["run_id"] / "run.json")
+    assert failed["exit_code"] == 3 and failed["options"]["compile"] == "static"
+    fallback = load(sweep_dir / legs[2]["run_id"] / "run.json")
+    assert fallback["status"] == "completed" and fallback["options"]["compile"] == "none"
+    text = Path(out["report"]).read_text()
+    assert "`static_fallback_none` re-runs `static` with `--compile none`" in text
