@@ -1,0 +1,189 @@
+"""`moectl summary`: EXPERIMENTS.md from a real run store (records and metrics on disk) and a real
+git repository. The store is written the way moectl writes it (records models, engine.schema
+metrics lines) so no torchrun is needed here; test_sweep covers sweeps producing such stores."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from engine.schema import RunSummary, StepMetrics, to_line
+from moectl import store
+from moectl.cli import app
+from moectl.config import load_config
+from moectl.records import RunRecord, SweepLeg, SweepRecord, save_model
+from moectl.summary import TIMESTAMP_PREFIX, render_summary
+from tests.conftest import git
+
+
+def cli(*args: str):
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def make_run(parent: Path, run_id: str, tag: str, status: str, tok_per_sec: float, sweep: str | None, pid=None) -> RunRecord:
+    """A run directory as the runner leaves it: run.json + metrics.jsonl (10 steps at a constant rate)."""
+    exp = parent / run_id
+    exp.mkdir(parents=True)
+    steps = [StepMetrics(step=i, loss=3.0 - 0.1 * i, dt_ms=4096 / tok_per_sec * 1000, tok_per_sec=tok_per_sec,
+                         elapsed_s=0.5 * (i + 1)) for i in range(10)]
+    lines = [to_line(s) for s in steps] + ([to_line(RunSummary(steps=10, world_size=1, total_time_s=6.0))]
+                                          if status == "completed" else [])
+    (exp / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    from moectl.metrics import read_metrics, tail_summary
+
+    rec = RunRecord(id=run_id, tag=tag, status=status, created_at=store.now_iso(), exp_dir=str(exp), sweep=sweep,
+                    options={"cap": 1.0}, pid=pid, host=None if pid is None else __import__("socket").gethostname(),
+                    summary=tail_summary(read_metrics(exp / "metrics.jsonl"), 5))
+    store.save_run(rec)
+    return rec
+
+
+def make_sweep(root: Path, sweep_id: str, name: str, legs: list[SweepLeg], resumed_from=None) -> Path:
+    d = root / sweep_id
+    d.mkdir(parents=True, exist_ok=True)
+    save_model(d / "sweep.json", SweepRecord(id=sweep_id, name=name, spec={"name": name}, legs=legs,
+                                             resumed_from=resumed_from, created_at=store.now_iso(), exp_dir=str(d)))
+    return d
+
+
+def populate(root: Path) -> dict[str, str]:
+    """A finished sweep, an interrupted sweep resumed once (its last leg left `running` by a SIGKILL),
+    and a standalone imported run."""
+    # "done": two legs completed; `fast` is the faster.
+    d = root / "20260101_100000_moe-done"
+    make_run(d, "20260101_100001_moe-slow", "slow", "completed", 1000.0, "20260101_100000_moe-done")
+    make_run(d, "20260101_100101_moe-fast", "fast", "completed", 1500.0, "20260101_100000_moe-done")
+    make_sweep(root, d.name, "done", [SweepLeg(tag="slow", state="completed", run_id="20260101_100001_moe-slow"),
+                                      SweepLeg(tag="fast", state="completed", run_id="20260101_100101_moe-fast")])
+    # "capacity": leg a completed, b interrupted, c pending; then a resume that completed b and was
+    # SIGKILLed during c (sweep.json says running, the run's owner is dead).
+    o = root / "20260102_100000_moe-capacity"
+    make_run(o, "20260102_100001_moe-a", "a", "completed", 2000.0, o.name)
+    make_run(o, "20260102_100101_moe-b", "b", "interrupted", 1900.0, o.name)
+    make_sweep(root, o.name, "capacity", [SweepLeg(tag="a", state="completed", run_id="20260102_100001_moe-a"),
+                                          SweepLeg(tag="b", state="interrupted", run_id="20260102_100101_moe-b"),
+                                          SweepLeg(tag="c")])
+    r = root / "20260102_110000_moe-capacity-resume"
+    make_run(r, "20260102_110001_moe-b", "b", "completed", 2100.0, r.name)
+    make_run(r, "20260102_110101_moe-c", "c", "running", 500.0, r.name, pid=dead_pid())
+    make_sweep(root, r.name, "capacity", [SweepLeg(tag="a", state="completed", run_id="20260102_100001_moe-a"),
+                                          SweepLeg(tag="b", state="completed", run_id="20260102_110001_moe-b"),
+                                          SweepLeg(tag="c", state="running", run_id="20260102_110101_moe-c")],
+               resumed_from=o.name)
+    imported = store.import_run(root, "moe", "old_baseline", [
+        StepMetrics(step=i, loss=3.0, dt_ms=10.0, tok_per_sec=777.0, elapsed_s=float(i)) for i in range(5)], window=5)
+    return {"original": o.name, "resume": r.name, "done": d.name, "imported": imported.id}
+
+
+def summary_project(git_repo: Path, monkeypatch) -> Path:
+    (git_repo / ".moectl.toml").write_text(
+        '[project]\nname = "moe"\nbranch = "main"\nvenv = ""\n\n[paths]\nread_only = ["/srv/datasets"]\n\n'
+        '[metrics]\nwindow = 5\n')
+    (git_repo / "reports").mkdir()
+    (git_repo / "reports" / "20260102_1200_capacity.md").write_text("# capacity\n")
+    git(git_repo, "add", ".moectl.toml", "reports")
+    git(git_repo, "commit", "-q", "-m", "report: capacity leg b — 2100 tok/s")
+    monkeypatch.chdir(git_repo)
+    return git_repo
+
+
+def test_summary_has_every_section(git_repo, artifact_root, monkeypatch):
+    summary_project(git_repo, monkeypatch)
+    ids = populate(artifact_root)
+    cfg = load_config()
+    text = render_summary(cfg)
+
+    assert text.count(TIMESTAMP_PREFIX) == 1
+    assert f"- Repo: `{git_repo}`" in text and "- Branch: `main`" in text
+    assert "## Runtime Status" in text and "NVML unavailable: NVML Shared Library Not Found" in text
+    # Sweeps: one section per chain (the resume, which lists every leg), with both directories.
+    sweeps = text.split("## Sweeps")[1].split("## Unfinished Sweeps")[0]
+    assert sweeps.count("### capacity") == 1 and sweeps.count("### done") == 1
+    cap = sweeps.split("### capacity")[1]
+    assert f"original directory: `{artifact_root / ids['original']}`" in cap
+    assert f"resumed directory: `{artifact_root / ids['resume']}`" in cap
+    assert "| a | completed | `20260102_100001_moe-a` | 2000.00 |" in cap  # carried from the original
+    assert "| b | completed | `20260102_110001_moe-b` | 2100.00 |" in cap
+    assert "| c | stale | `20260102_110101_moe-c` |" in cap  # SIGKILLed: shown as not completed
+    assert "Conclusion: `b` is the fastest leg — 2100.00 tok/s" in cap
+    assert f"resume with `moectl sweep --resume {ids['resume']}`" in cap
+    done = sweeps.split("### done")[1].split("###")[0]
+    assert "Conclusion: `fast` is the fastest leg — 1500.00 tok/s tail mean (+50.00% vs `slow`)" in done
+    assert "Unfinished" not in done
+    # Unfinished: the exact resume command of the latest sweep in the chain, and only that one.
+    unfinished = text.split("## Unfinished Sweeps")[1].split("## Standalone Runs")[0]
+    assert f"moectl sweep --resume {ids['resume']}\n" in unfinished
+    assert ids["original"] + "\n" not in unfinished and ids["done"] not in unfinished
+    standalone = text.split("## Standalone Runs")[1].split("## Latest Report Commits")[0]
+    assert f"`{ids['imported']}` | imported | old_baseline | 777.00" in standalone
+    assert "moe-a" not in standalone  # sweep legs are not standalone runs
+    head = git(git_repo, "rev-parse", "HEAD").strip()
+    assert f"- `{head[:7]}` report: capacity leg b — 2100 tok/s" in text
+    constraints = text.split("## Constraints Reminder")[1]
+    assert "Keep branch at `main`" in constraints and f"`{artifact_root}`" in constraints
+    assert "`/srv/datasets`" in constraints and f"`{git_repo / 'reports'}`" in constraints
+
+
+def test_summary_commits_only_experiments_md_and_is_stable(git_repo, artifact_root, monkeypatch):
+    summary_project(git_repo, monkeypatch)
+    populate(artifact_root)
+    (git_repo / "wip.txt").write_text("staged by the user\n")
+    git(git_repo, "add", "wip.txt")
+    (git_repo / "scratch.txt").write_text("untracked\n")
+    head = git(git_repo, "rev-parse", "HEAD").strip()
+
+    r = cli("summary", "--json")
+    assert r.exit_code == 0, r.output
+    import json
+
+    data = json.loads(r.stdout)
+    assert data["changed"] is True and data["commit"]
+    assert git(git_repo, "show", "--name-only", "--format=", "HEAD").split() == ["EXPERIMENTS.md"]
+    assert git(git_repo, "rev-parse", "HEAD~1").strip() == head
+    assert git(git_repo, "status", "--porcelain").splitlines() == ["A  wip.txt", "?? scratch.txt"]
+    first = (git_repo / "EXPERIMENTS.md").read_text()
+
+    # Again without new runs: nothing but the timestamp would change -> file and history untouched.
+    r = cli("summary")
+    assert r.exit_code == 0 and "already up to date" in r.output
+    assert (git_repo / "EXPERIMENTS.md").read_text() == first
+    assert git(git_repo, "rev-parse", "HEAD").strip() == data["commit"]
+
+    # Two fresh renderings differ only in the timestamp line.
+    out_a, out_b = git_repo.parent / "a.md", git_repo.parent / "b.md"
+    assert cli("summary", "-o", str(out_a)).exit_code == 0
+    assert cli("summary", "-o", str(out_b), "--no-commit").exit_code == 0
+    strip = lambda p: [l for l in p.read_text().splitlines() if not l.startswith(TIMESTAMP_PREFIX)]  # noqa: E731
+    assert strip(out_a) == strip(out_b) == strip(git_repo / "EXPERIMENTS.md")
+    assert git(git_repo, "rev-parse", "HEAD").strip() == data["commit"]  # -o never commits
+
+    # A new run changes the document: regenerated and committed again.
+    store.import_run(artifact_root, "moe", "newer", [
+        StepMetrics(step=0, loss=2.0, dt_ms=5.0, tok_per_sec=999.0, elapsed_s=1.0)], window=5)
+    r = cli("summary", "--json")
+    assert json.loads(r.stdout)["changed"] is True
+    assert "newer" in (git_repo / "EXPERIMENTS.md").read_text()
+    assert git(git_repo, "rev-parse", "HEAD~1").strip() == data["commit"]
+
+
+def test_summary_on_an_empty_store(git_repo, artifact_root, monkeypatch):
+    summary_project(git_repo, monkeypatch)
+    r = cli("summary", "--no-commit")
+    assert r.exit_code == 0, r.output
+    text = (git_repo / "EXPERIMENTS.md").read_text()
+    assert "No sweeps yet." in text and "## Unfinished Sweeps\n\nNone." in text
+    assert git(git_repo, "status", "--porcelain").strip() == "?? EXPERIMENTS.md"  # --no-commit
+
+
+def test_help_has_examples():
+    for cmd in ("sweep", "summary"):
+        r = cli(cmd, "--help")
+        assert r.exit_code == 0 and "Examples:" in r.output and f"moectl {cmd}" in r.output
