@@ -1,0 +1,162 @@
+"""`moectl run` under real signals: a real `python -m moectl run` subprocess driving real torchrun
+(gloo, CPU) and the fake engine, stopped with SIGINT / SIGTERM, or SIGKILLed to leave a stale run.
+
+What must hold (issue 3): Ctrl-C/SIGTERM stops torchrun and every worker, the record says
+`interrupted` with the steps so far summarised, exit 130, the run lock is released; a moectl that
+dies without a word leaves `running` on disk, shown as `stale`, and its lock blocks nobody.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from typer.testing import CliRunner
+
+from engine.schema import StepMetrics, parse_line
+from moectl.cli import app
+from moectl.lock import LOCK_NAME
+from tests.conftest import git
+from tests.test_run import QUIET, REPO, FAST, commit_files, ours, proj, record, run_dirs  # noqa: F401  (proj: fixture)
+
+runner = CliRunner()
+SLOW_RUN = ["--steps", "300", "--tag", "long", *QUIET, "--", "--sleep-per-step", "0.1"]
+
+
+def spawn(repo: Path, out: Path, *args: str) -> subprocess.Popen:
+    """`python -m moectl run ...` in `repo`, as a person would start it (env from this test:
+    MOECTL_ARTIFACT_ROOT and MOECTL_FAKE_NVML come from the conftest fixtures)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with open(out, "w") as fh:
+        return subprocess.Popen([sys.executable, "-m", "moectl", "run", *args], cwd=repo, env=env,
+                                stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def steps_so_far(root: Path) -> int:
+    n = 0
+    for path in root.glob("*/metrics.jsonl"):
+        for line in path.read_text().splitlines():
+            try:
+                n += isinstance(parse_line(line), StepMetrics)
+            except ValueError:
+                pass  # a torn last line while the engine writes
+    return n
+
+
+def wait_for_steps(proc: subprocess.Popen, root: Path, n: int, out: Path, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while steps_so_far(root) < n:
+        assert proc.poll() is None, f"moectl exited early ({proc.returncode}):\n{out.read_text()}"
+        assert time.monotonic() < deadline, f"no {n} steps within {timeout}s:\n{out.read_text()}"
+        time.sleep(0.1)
+
+
+def family(pid: int) -> list[psutil.Process]:
+    """moectl's descendants right now: torchrun and its worker(s)."""
+    return psutil.Process(pid).children(recursive=True)
+
+
+def alive(p: psutil.Process) -> bool:
+    try:  # is_running() compares create times: a recycled pid does not count as ours
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def worker_pid(exp: Path) -> int:
+    return json.loads((exp / "pids" / "rank0.json").read_text())["pid"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_stops_everything_records_interrupted_and_releases_lock(proj, artifact_root, tmp_path, sig):
+    out = tmp_path / "moectl.out"
+    proc = spawn(proj, out, *SLOW_RUN)
+    try:
+        wait_for_steps(proc, artifact_root, 3, out)
+        procs = family(proc.pid)
+        [exp] = run_dirs(artifact_root)
+        worker = psutil.Process(worker_pid(exp))
+        assert worker.pid in {p.pid for p in procs} and len(procs) >= 2  # torchrun + the worker
+        assert (artifact_root / LOCK_NAME).exists() and record(exp)["status"] == "running"
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = out.read_text()
+    assert rc == 130, text
+    assert not [p for p in procs if alive(p)], "torchrun or a worker survived"
+    assert not (artifact_root / LOCK_NAME).exists()
+
+    rec = record(exp)
+    name = signal.Signals(sig).name
+    assert rec["status"] == "interrupted" and rec["error"].startswith(f"interrupted by {name}")
+    done = steps_so_far(artifact_root)
+    assert 3 <= done < 300 and rec["summary"]["steps"] == done  # the metrics so far, summarised
+    assert rec["finished_at"] and f"interrupted: {rec['id']}" in text
+
+    report = next((proj / "reports").glob("*.md"))
+    assert "— interrupted" in report.read_text()
+    assert commit_files(proj) == ours(proj, report) and "interrupted" in git(proj, "log", "-1", "--format=%s")
+
+    # The next run starts at once (the lock was released, nothing is left running).
+    r = runner.invoke(app, ["run", "--steps", "2", "--tag", "next", *QUIET, *FAST])
+    assert r.exit_code == 0, r.output
+    assert sorted(record(d)["status"] for d in run_dirs(artifact_root)) == ["completed", "interrupted"]
+
+
+@pytest.mark.slow
+def test_sigkilled_moectl_leaves_a_stale_run_that_blocks_nothing(proj, artifact_root, tmp_path):
+    out = tmp_path / "moectl.out"
+    proc = spawn(proj, out, *SLOW_RUN)
+    procs: list[psutil.Process] = []
+    try:
+        wait_for_steps(proc, artifact_root, 2, out)
+        procs = family(proc.pid)
+        proc.kill()  # SIGKILL: moectl gets no chance to write anything
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        # torchrun runs in its own session, so it outlives a SIGKILLed moectl: stop what we started.
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=10)
+    [exp] = run_dirs(artifact_root)
+    assert record(exp)["status"] == "running"  # on disk: what moectl last wrote
+    holder = json.loads((artifact_root / LOCK_NAME).read_text())
+    assert holder["pid"] == proc.pid  # the dead moectl still "holds" the lock file
+
+    # Listings show the truth without rewriting the record.
+    r = runner.invoke(app, ["runs", "--json"])
+    assert r.exit_code == 0, r.output
+    [listed] = json.loads(r.stdout)
+    assert (listed["id"], listed["status"], listed["recorded_status"]) == (exp.name, "stale", "running")
+    status = json.loads(runner.invoke(app, ["status", "--json"]).stdout)
+    assert [(x["id"], x["status"]) for x in status["recent_runs"]] == [(exp.name, "stale")]
+    assert record(exp)["status"] == "running"
+
+    # The guard sees the lock as stale, not as a live run ...
+    check = json.loads(runner.invoke(app, ["check", "--json", "--steps", "2"]).stdout)
+    guard = next(g for g in check["guards"] if g["name"] == "no_other_training")
+    assert "holds the run lock" not in guard["message"]
+    if guard["ok"]:  # a quiet machine (other sessions' torchruns would be listed instead)
+        assert f"stale lock of pid {proc.pid} will be taken over" in guard["message"]
+    # ... and the next run takes the lock over, runs, and releases it.
+    r = runner.invoke(app, ["run", "--steps", "2", "--tag", "after", *QUIET, *FAST])
+    assert r.exit_code == 0, r.output
+    assert not (artifact_root / LOCK_NAME).exists()
+    after = next(d for d in run_dirs(artifact_root) if d != exp)
+    assert record(after)["status"] == "completed"
