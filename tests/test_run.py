@@ -158,6 +158,7 @@ def test_real_tiny_run_end_to_end(git_repo, monkeypatch, artifact_root):
     assert commit_files(git_repo) == ours(git_repo, report)
     assert git(git_repo, "log", "-1", "--format=%s").startswith("report: ")
     assert git(git_repo, "status", "--porcelain", "-uall") == ""
+    assert f"committed {head(git_repo)[:10]} ({report.name}" in r.stdout
     assert not (artifact_root / LOCK_NAME).exists()
 
 
@@ -276,6 +277,7 @@ def test_failed_training_is_recorded_reported_and_exits_4(proj, artifact_root):
     text = report.read_text()
     assert "— failed" in text and "## Error" in text and "fake failure at step 2" in text
     assert out["commit"] == head(proj) and commit_files(proj) == ours(proj, report)
+    assert out["previous_attempts"] == []
     assert "failed (exit 4)" in git(proj, "log", "-1", "--format=%s")
     assert not (artifact_root / LOCK_NAME).exists()
 
@@ -383,6 +385,19 @@ def test_compile_failure_falls_back_to_compile_none(proj, artifact_root):
     subjects = git(proj, "log", "-2", "--format=%s").splitlines()
     assert "cf_fallback_none" in subjects[0] and "tok/s" in subjects[0]
     assert "static cf — failed (exit 3)" in subjects[1]
+
+
+@pytest.mark.slow
+def test_compile_fallback_json_is_one_object(proj, artifact_root):
+    r = run("--json", "--compile", "dynamic", "--steps", "2", "--tag", "cj", *QUIET,
+            "--", "--compile-fails", "--sleep-per-step", "0.01")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)  # one document, not one per attempt
+    assert (data["tag"], data["status"], data["options"]["compile"]) == ("cj_fallback_none", "completed", "none")
+    [first] = data["previous_attempts"]
+    assert (first["tag"], first["status"], first["exit_code"]) == ("cj", "failed", EXIT_COMPILE_FAILED)
+    assert first["commit"] == git(proj, "rev-parse", "HEAD~1").strip() and data["commit"] == head(proj)
+    assert {d.name for d in run_dirs(artifact_root)} == {first["id"], data["id"]}
 
 
 def _outcome(cfg, request: RunRequest, compile_failed: bool) -> RunOutcome:

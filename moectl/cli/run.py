@@ -94,6 +94,9 @@ def run(
             error(f"EXPERIMENTS.md not refreshed: {exc.message}")
             return []
 
+    # --json prints ONE object: the last run's, with any earlier attempt (a compile failure that
+    # was re-run with --compile none) under `previous_attempts`.
+    previous: list[dict] = []
     while True:
         progress = make_progress(stdout_is_tty(), quiet=quiet or json_out)
         try:
@@ -103,13 +106,21 @@ def run(
             progress.close()
         if outcome.record is None:  # refused: nothing written
             if json_out:
-                print_json(_check_json(outcome.plan, outcome.guards, False))
+                print_json({**_check_json(outcome.plan, outcome.guards, False),
+                            **({"previous_attempts": previous} if previous else {})})
             else:
                 _render_check(outcome.plan, outcome.guards, False)
             error("a guard refused the run; nothing was written")
             raise typer.Exit(EXIT_GUARD)
-        _render_outcome(outcome, json_out)
         retry = fallback_request(cfg, request, outcome)
+        if json_out:
+            data = _outcome_json(outcome)
+            if retry is not None:
+                previous.append(data)
+            else:
+                print_json({**data, "previous_attempts": previous})
+        else:
+            _render_outcome(outcome)
         if retry is None:
             raise typer.Exit(outcome.exit_code)
         if not json_out:
@@ -133,17 +144,18 @@ def _check_json(plan, results, ok: bool) -> dict:
     }
 
 
-def _render_outcome(outcome, json_out: bool) -> None:
+def _outcome_json(outcome) -> dict:
     from moectl.store import run_json
 
+    data = run_json(outcome.record)
+    data["report"] = str(outcome.report) if outcome.report else None
+    data["commit"] = outcome.commit
+    data["commit_error"] = outcome.commit_error
+    return data
+
+
+def _render_outcome(outcome) -> None:
     record = outcome.record
-    if json_out:
-        data = run_json(record)
-        data["report"] = str(outcome.report) if outcome.report else None
-        data["commit"] = outcome.commit
-        data["commit_error"] = outcome.commit_error
-        print_json(data)
-        return
     out = lambda text: stdout.print(text, markup=False)  # noqa: E731
     s = record.summary
     out(f"{record.status}: {record.id}" + (f" (exit {record.exit_code})" if record.exit_code else ""))
@@ -166,6 +178,7 @@ def _render_outcome(outcome, json_out: bool) -> None:
     if outcome.report:
         out(f"  report: {outcome.report}")
     if outcome.commit:
-        out(f"  committed {outcome.commit[:10]} (the report only)")
+        names = ", ".join(p.name for p in [outcome.report, *outcome.extra_paths] if p is not None)
+        out(f"  committed {outcome.commit[:10]} ({names}; nothing else)")
     elif outcome.commit_error:
         error(f"report not committed: {outcome.commit_error}")
