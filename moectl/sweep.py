@@ -512,9 +512,16 @@ def run_sweep(cfg: Config, spec: SweepSpec, opts: SweepOptions, ui: Optional[Swe
 
 
 def plan_resume(cfg: Config, ref: str) -> tuple[SweepRecord, list[SweepLeg], dict[str, RunRecord]]:
-    """The old sweep, the legs of its resume (completed ones carried, the rest pending), and the run
-    records of the carried legs. GuardRefused when the old sweep is still running."""
+    """The sweep to resume (the newest resume of `ref`'s chain), the legs of the new resume
+    (completed ones carried, the rest pending), and the run records of the carried legs.
+    GuardRefused when that sweep is still running."""
     old = resolve_sweep(cfg.artifact_root, ref)
+    # Already resumed? Continue from the newest resume in its chain: it knows every completed leg.
+    later = {s.resumed_from: s for s in list_sweeps(cfg.artifact_root) if s.resumed_from}  # oldest first
+    seen = {old.id}
+    while old.id in later and later[old.id].id not in seen:
+        old = later[old.id]
+        seen.add(old.id)
     runs = runs_by_id(cfg.artifact_root)
     view = [leg.model_copy(update={"state": leg_status(leg, runs)}) for leg in old.legs]
     for leg in view:
@@ -541,6 +548,7 @@ def resume_sweep(cfg: Config, ref: str, opts: SweepOptions, ui: Optional[SweepUI
     if all(settled(leg, legs) for leg in legs):
         ui.say(f"nothing left to run: every leg of {old.id} completed")
         return SweepOutcome(exit_code=EXIT_OK, sweep=old, nothing_to_run=True)
+    ui.say(f"resuming {old.id}: " + ", ".join(f"{leg.tag} {leg.state}" for leg in legs))
     by_id = {s.id: s for s in list_sweeps(cfg.artifact_root)}
     chain = [s.id for s in sweep_chain(old, by_id)]
     sweep = SweepRecord(id="", name=old.name, spec=old.spec, legs=legs, resumed_from=old.id, created_at="", exp_dir="")

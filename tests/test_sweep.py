@@ -338,3 +338,61 @@ def test_compile_failure_reruns_the_leg_as_its_own_fallback_leg(git_repo, artifa
     assert fallback["status"] == "completed" and fallback["options"]["compile"] == "none"
     text = Path(out["report"]).read_text()
     assert "`static_fallback_none` re-runs `static` with `--compile none`" in text
+
+
+# ------------------------------------------------------------------------- resume planning (fast)
+
+
+def test_resume_plan_reruns_stale_and_unfinished_legs_only(git_repo, artifact_root, monkeypatch):
+    """A resume of a resume whose last leg was SIGKILLed (sweep.json says `running`, the run's owner
+    is dead): only that leg is planned, inside a fresh -resume directory; nothing is written."""
+    from tests.test_summary import populate
+
+    sweep_project(git_repo)
+    monkeypatch.chdir(git_repo)
+    ids = populate(artifact_root)
+    before = {d.name: tree_hash(d) for d in sweep_dirs(artifact_root)}
+    r = cli("sweep", "--resume", ids["resume"], "--dry-run", "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["resumed_from"] == ids["resume"] and [leg["tag"] for leg in data["legs"]] == ["c"]
+    assert "_moe-capacity-resume/" in data["legs"][0]["command"]
+    # The original, by a unique prefix: it was resumed already, so the newest resume is continued.
+    r = cli("sweep", "--resume", ids["original"][:20], "--dry-run")
+    assert r.exit_code == 0, r.output
+    assert f"(resuming {ids['resume']})" in r.output
+    assert "a: completed (run 20260102_100001_moe-a), not re-run" in r.output
+    assert "b: completed (run 20260102_110001_moe-b), not re-run" in r.output
+    assert r.output.count("torch.distributed.run") == 1
+    r = cli("sweep", "--resume", ids["done"], "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["nothing_to_run"] is True
+    assert {d.name: tree_hash(d) for d in sweep_dirs(artifact_root)} == before
+
+
+def test_resume_refuses_a_sweep_that_is_still_running(git_repo, artifact_root, monkeypatch):
+    from moectl import store
+    from moectl.records import RunRecord, SweepLeg, SweepRecord, save_model
+
+    sweep_project(git_repo)
+    monkeypatch.chdir(git_repo)
+    d = artifact_root / "20260103_100000_moe-live"
+    (d / "20260103_100001_moe-x").mkdir(parents=True)
+    store.save_run(RunRecord(id="20260103_100001_moe-x", tag="x", status="running", created_at=store.now_iso(),
+                             started_at=store.now_iso(), exp_dir=str(d / "20260103_100001_moe-x"), pid=os.getpid(),
+                             host=__import__("socket").gethostname()))
+    save_model(d / "sweep.json", SweepRecord(id=d.name, name="live", spec={}, created_at=store.now_iso(), exp_dir=str(d),
+                                             legs=[SweepLeg(tag="x", state="running", run_id="20260103_100001_moe-x"),
+                                                   SweepLeg(tag="y")]))
+    r = cli("sweep", "--resume", "live")  # by name: its most recent sweep
+    assert r.exit_code == 3 and "still running: leg x" in r.output
+    assert r.exit_code == 3 and len(sweep_dirs(artifact_root)) == 1
+
+
+def test_spec_and_resume_are_exclusive(git_repo, monkeypatch):
+    sweep_project(git_repo)
+    monkeypatch.chdir(git_repo)
+    spec = write_spec(git_repo, 'name = "s"\n[[legs]]\ntag = "a"\n')
+    r = cli("sweep", str(spec), "--resume", "x")
+    assert r.exit_code == 2 and "not both" in r.output
+    r = cli("sweep", "--resume", "nothing-like-it")
+    assert r.exit_code == 2 and "no sweep matches" in r.output
