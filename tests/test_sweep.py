@@ -28,10 +28,11 @@ MOECTL_ROOT = Path(__file__).resolve().parents[1]
 WAIT = ["--wait-gpus", "5m"]
 
 
-def sweep_project(repo: Path, module: str = "tests.fixtures.fake_engine", window: int = 5) -> Path:
+def sweep_project(repo: Path, module: str = "tests.fixtures.fake_engine", window: int = 5, summary: bool = True) -> Path:
     """A committed .moectl.toml whose torchrun runs `module` from this checkout."""
     (repo / ".moectl.toml").write_text(
         f'[project]\nname = "moe"\nbranch = "main"\nvenv = ""\n\n'
+        f'[report]\nsummary = {"true" if summary else "false"}\n\n'
         f'[launch]\nmodule = "{module}"\nenv = {{ PYTHONPATH = "{MOECTL_ROOT}", OMP_NUM_THREADS = "1" }}\n\n'
         f'[metrics]\nwindow = {window}\n\n[defaults]\npreset = "tiny"\ndevice = "cpu"\n'
     )
@@ -298,7 +299,7 @@ def test_interrupt_during_leg_2_then_resume_runs_only_unfinished_legs(git_repo, 
 
 @pytest.mark.slow
 def test_failed_leg_does_not_stop_the_sweep_but_fail_fast_does(git_repo, artifact_root, monkeypatch):
-    sweep_project(git_repo)
+    sweep_project(git_repo, summary=False)  # report.summary = false: EXPERIMENTS.md is left alone
     monkeypatch.chdir(git_repo)
     spec = write_spec(git_repo, 'name = "f"\n[common]\nsteps = 4\n'
                       '[[legs]]\ntag = "ok1"\n'
@@ -315,6 +316,7 @@ def test_failed_leg_does_not_stop_the_sweep_but_fail_fast_does(git_repo, artifac
     legs = json.loads(r.stdout)["sweep"]["legs"]
     assert [leg["state"] for leg in legs] == ["completed", "failed", "pending"]
     assert len(sweep_dirs(artifact_root)) == 2
+    assert not (git_repo / "EXPERIMENTS.md").exists() and list((git_repo / "reports").glob("*_sweep_f.md"))
 
 
 @pytest.mark.slow
