@@ -68,7 +68,7 @@ def _quantize(x: torch.Tensor, dtype, dims=None):
     amax = xf.abs().amax() if dims is None else xf.abs().amax(dim=dims, keepdim=True)
     # clamp_min: an all-zero tensor (zero-init w_down at step 0) would otherwise give inf scales.
     scale = fmax / amax.clamp_min(1e-12)
-    q = (xf * scale).clamp(-fmax, fmax).to(dtype)
+    q = (xf * scale).clamp(-fmax, fmax).to(dtype).contiguous()  # row-major, whatever x was
     return q, scale.reciprocal()
 
 
