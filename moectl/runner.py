@@ -93,25 +93,27 @@ def execute_run(
             notes=plan.notes,
         )
         outcome.record = record
-        _write_text(Path(plan.files["command.txt"]), command_text(plan) + "\n")
-        _write_text(Path(plan.files["git.diff"]), gitops.git_diff(cfg.root))
-        store.save_run(record)
-
-        record.status = "running"
-        record.started_at = store.now_iso()
-        store.save_run(record)
-        if on_start is not None:
-            on_start(record)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **plan.env}
         try:
+            _write_text(Path(plan.files["command.txt"]), command_text(plan) + "\n")
+            _write_text(Path(plan.files["git.diff"]), gitops.git_diff(cfg.root))
+            store.save_run(record)
+
+            record.status = "running"
+            record.started_at = store.now_iso()
+            store.save_run(record)
+            if on_start is not None:
+                on_start(record)
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", **plan.env}
             result = launch(
                 plan.argv, cwd=cfg.root, env=env, log_path=Path(plan.files["train.log"]),
                 metrics_path=Path(plan.files["metrics.jsonl"]), progress=progress, echo=echo,
             )
-        except BaseException as exc:  # moectl itself broke mid-run: the record must not say running
-            record.status = "failed"
+        except BaseException as exc:  # the record must not say created/running once we are gone
+            # launch() turns signals into a clean stop; a KeyboardInterrupt here came just before it.
+            stopped = isinstance(exc, KeyboardInterrupt)
+            record.status = "interrupted" if stopped else "failed"
             record.finished_at = store.now_iso()
-            record.error = f"moectl: {type(exc).__name__}: {exc}"
+            record.error = "interrupted before training started" if stopped else f"moectl: {type(exc).__name__}: {exc}"
             store.save_run(record)
             raise
 

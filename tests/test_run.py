@@ -475,3 +475,18 @@ def test_preset_names_match_the_engine():
     from engine.train import PRESETS  # imports torch: fine in a test, never in moectl
 
     assert sorted(PRESET_NAMES) == sorted(PRESETS)
+
+
+def test_ctrl_c_just_before_launch_leaves_an_interrupted_record_and_no_lock(proj, artifact_root):
+    from moectl.runner import execute_run
+
+    def ctrl_c(record):  # on_start runs right before torchrun is spawned
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        execute_run(load_config(), RunRequest(steps=2, overrides=["no_other_training"]), on_start=ctrl_c)
+    [exp] = run_dirs(artifact_root)
+    rec = record(exp)
+    assert (rec["status"], rec["error"]) == ("interrupted", "interrupted before training started")
+    assert rec["finished_at"] and not (exp / "train.log").exists()  # torchrun never started
+    assert not (artifact_root / LOCK_NAME).exists()

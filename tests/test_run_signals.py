@@ -160,3 +160,26 @@ def test_sigkilled_moectl_leaves_a_stale_run_that_blocks_nothing(proj, artifact_
     assert not (artifact_root / LOCK_NAME).exists()
     after = next(d for d in run_dirs(artifact_root) if d != exp)
     assert record(after)["status"] == "completed"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_while_waiting_for_gpus_exits_130_and_writes_nothing(proj, artifact_root, fake_nvml, tmp_path, sig):
+    from tests.conftest import gpu
+
+    fake_nvml(gpus=[gpu(0, util_pct=80)])
+    out = tmp_path / "moectl.out"
+    proc = spawn(proj, out, "--device", "cuda", "--wait-gpus", "10m", "--steps", "2", *QUIET)
+    try:
+        deadline = time.monotonic() + 60
+        while "waiting for gpus_idle" not in out.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, out.read_text()
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == 130, out.read_text()
+    assert "error: interrupted" in out.read_text() and "Traceback" not in out.read_text()
+    assert not artifact_root.exists() and not (proj / "reports").exists()

@@ -16,6 +16,7 @@ from moectl.errors import EXIT_GUARD, EXIT_OK
 @app.command(context_settings={"allow_interspersed_args": False})
 @handle_errors
 def run(
+    ctx: typer.Context,
     cap: CapOpt = None,
     tag: TagOpt = None,
     compile: CompileOpt = None,
@@ -55,6 +56,7 @@ def run(
     from moectl.progress import make_progress, stdout_is_tty
     from moectl.runner import execute_run, fallback_request
 
+    _sigterm_is_interrupt(ctx)
     request = make_request(**request_kwargs(
         cap=cap, tag=tag, compile=compile, fp8=fp8, dispatch=dispatch, steps=steps, preset=preset,
         device=device, nproc=nproc, exp_dir=exp_dir, wait_gpus=wait_gpus, override=override, extra=extra,
@@ -126,6 +128,24 @@ def run(
         if not json_out:
             stdout.print("torch.compile failed: re-running with --compile none (launch.compile_fallback)", markup=False)
         request = retry
+
+
+def _sigterm_is_interrupt(ctx: typer.Context) -> None:
+    """SIGTERM means what Ctrl-C means for the whole command - while waiting for GPUs, between the
+    guards and the launch - so a stopped `moectl run` exits 130 instead of dying silently. launch()
+    installs its own handlers for the training itself and restores this one afterwards."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    # In-process callers (CliRunner) get their handler back when the command returns.
+    ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
 
 
 def _check_json(plan, results, ok: bool) -> dict:
