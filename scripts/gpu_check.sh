@@ -8,6 +8,7 @@
 #   bench.json                     python3 -m engine.bench --device cuda --json (MoE layer vs dense)
 #   runs.log                       every run's stdout/stderr, one after another
 #   <run>/metrics.jsonl            engine.schema lines of each 1-GPU d12-moe run (3 runs)
+#   moectl.txt                     moectl status --json, check --json and a guarded 1-GPU run --json
 #   results.txt                    the summary table printed at the end
 #
 # The GPU box has torch but neither pydantic nor GitPython: the engine runs with plain python3.
@@ -56,10 +57,38 @@ run cap1_static 140 $PY "${D12[@]}" --cap 1.0 --compile static --out-dir "$OUT/c
 run cap0_static 140 $PY "${D12[@]}" --cap 0 --compile static --out-dir "$OUT/cap0_static"
 run dense_static 120 $PY "${D12[@]}" --dense --compile static --out-dir "$OUT/dense_static"
 
-# LATER SESSION: add the moectl checks here once the CLI lands (moectl needs pydantic/GitPython,
-# so install them or use the project's venv first):
-#   moectl status --json > "$OUT/status.json"
-#   moectl run --preset d12-moe --nproc 1 -- --steps 60 --total-batch-size 131072   (1-GPU guarded run)
+# moectl on the real card: the only real NVML reading we get. pydantic is missing on the box, so
+# carry it: run `bash scripts/device_wheels.sh` here first and name `.whl` in the call's carry.
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+REPO=$PWD
+SCRATCH=/tmp/gpu_moectl   # a throwaway git repo holding only a .moectl.toml, so nothing here is committed to
+rm -rf "$SCRATCH" && mkdir -p "$SCRATCH" && (
+  cd "$SCRATCH" && git init -q -b main && git config user.email gpu@check && git config user.name gpu-check
+  cat >.moectl.toml <<TOML
+[project]
+name = "gpucheck"
+branch = "main"
+venv = ""
+[paths]
+artifact_root = "/tmp/gpu_moectl_runs"
+[launch]
+env = { OMP_NUM_THREADS = "1", PYTHONPATH = "$REPO" }
+TOML
+  git add .moectl.toml && git commit -qm init
+)
+MOECTL=(env PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" $PY -m moectl)
+{
+  echo "== moectl status --json";  (cd "$SCRATCH" && timeout 60 "${MOECTL[@]}" status --json); echo "rc=$?"
+  echo "== moectl check --device cuda --json"; (cd "$SCRATCH" && timeout 60 "${MOECTL[@]}" check --device cuda --preset d12-moe --json); echo "rc=$?"
+  echo "== moectl run (1 GPU, d12-moe, 30 steps, eager)"
+  (cd "$SCRATCH" && timeout --kill-after=20 150 "${MOECTL[@]}" run --device cuda --nproc 1 --preset d12-moe \
+      --steps 30 --compile none --tag gpucheck --json -- --total-batch-size 131072); echo "rc=$?"
+} >"$OUT/moectl.txt" 2>&1
+SUMMARY+=("moectl $(grep -c '^rc=0' "$OUT/moectl.txt")/3 ok")
+tail -n 40 "$OUT/moectl.txt"
 
 # Summary: the tail of each run (steps after compile warm-up), read with the torch-free schema.
 $PY - "$OUT" "${SUMMARY[@]}" <<'EOF' | tee "$OUT/results.txt"
