@@ -75,6 +75,8 @@ class RunRecord(BaseModel):
     sweep: Optional[str] = None  # sweep id when the run is a sweep leg
     source: Optional[str] = None  # imported runs: the original log path
     notes: Optional[str] = None
+    # The engine's configuration as it resolved it (preset + flags), from the metrics start line.
+    engine: dict[str, Any] = Field(default_factory=dict)
 
 
 class SweepLeg(BaseModel):

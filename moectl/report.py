@@ -24,6 +24,14 @@ COLUMNS: dict[str, tuple[str, int]] = {
     "drop_frac": ("drop frac", 4),
 }
 
+# The resolved engine settings a report shows (in this order), when the engine reported them.
+ENGINE_KEYS = (
+    "preset", "n_layer", "dim", "n_head", "n_experts", "top_k", "expert_hidden", "moe_freq", "cap",
+    "dispatch", "dense", "fp8", "fp8_dense", "compile", "dtype", "seq_len", "device_batch_size",
+    "total_batch_size", "grad_accum", "steps", "lr", "data", "vocab_size", "n_params",
+    "flops_per_token", "torch_version",
+)
+
 # Options worth naming in a label, in order: "static cap1.0 fp8 bufreuse".
 _LABEL_KEYS = ("compile", "cap", "fp8", "dense", "dispatch")
 
@@ -181,6 +189,10 @@ def run_report(
     lines += ["", "## Options", ""] + _options_table(record.options)
     if record.argv:
         lines += ["", "```", " ".join(record.argv), "```"]
+    engine = {k: record.engine[k] for k in ENGINE_KEYS if record.engine.get(k) is not None}
+    if engine:
+        lines += ["", "## Engine configuration (as the engine resolved it)", ""]
+        lines += _table(["setting", "value"], [[k, f"`{v}`"] for k, v in engine.items()], right_from=2)
 
     lines += ["", "## Tail summary", ""]
     s = record.summary

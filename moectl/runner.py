@@ -29,6 +29,10 @@ from moectl.progress import NullProgress, ProgressSink
 from moectl.records import GitInfo, GuardResult, RunRecord
 from moectl.report import commit_message, report_path, run_report
 
+# Engine config keys that only say where this run wrote (already in the record as exp_dir).
+_RUN_SPECIFIC = ("out_dir", "ckpt_dir")
+
+
 @dataclass
 class RunOutcome:
     exit_code: int
@@ -121,6 +125,7 @@ def execute_run(
         if metrics.steps:
             record.summary = tail_summary(metrics, plan.window)
         if metrics.start is not None:
+            record.engine = {k: v for k, v in metrics.start.config.items() if k not in _RUN_SPECIFIC}
             record.torch_version = metrics.start.config.get("torch_version")
             if plan.device == "cuda" and not record.gpus:
                 record.gpus = [metrics.start.device]

@@ -136,6 +136,9 @@ def test_real_tiny_run_end_to_end(git_repo, monkeypatch, artifact_root):
     assert all(g["ok"] or g["name"] == "no_other_training" for g in rec["guards"]), rec["guards"]
     assert rec["host"] == socket.gethostname() and rec["started_at"] and rec["finished_at"]
     assert rec["torch_version"]  # from the engine's start line
+    # The engine's resolved configuration (the preset's settings, not only the flags we passed).
+    assert rec["engine"]["preset"] == "tiny" and rec["engine"]["steps"] == rec["options"]["steps"]
+    assert rec["engine"]["n_experts"] >= rec["engine"]["top_k"] >= 1 and "out_dir" not in rec["engine"]
 
     # The files of SPEC §6, each holding what it should.
     cmd = (exp / "command.txt").read_text()
@@ -154,6 +157,7 @@ def test_real_tiny_run_end_to_end(git_repo, monkeypatch, artifact_root):
     # The report: written, committed alone, on top of the launch commit; the tree stays clean.
     report = the_report(git_repo)
     assert "completed" in report.read_text() and exp.name in report.read_text()
+    assert "Engine configuration" in report.read_text() and "| n_experts |" in report.read_text()
     assert git(git_repo, "rev-parse", "HEAD~1").strip() == launch_head
     assert commit_files(git_repo) == ours(git_repo, report)
     assert git(git_repo, "log", "-1", "--format=%s").startswith("report: ")
