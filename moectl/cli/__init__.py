@@ -15,7 +15,25 @@ from moectl.cli import artifacts as _artifacts  # noqa: E402,F401  plot, export
 
 
 def main() -> None:
-    app()
+    """The console script. Click's own usage errors (an unknown option, `--cap abc`) become the
+    same one-line `error: ...` as ours, with exit code 2, instead of a multi-line panel."""
+    import sys
+
+    from moectl.cli.common import error
+
+    try:
+        code = app(standalone_mode=False)
+    except Exception as exc:
+        if not any(c.__name__ == "ClickException" for c in type(exc).__mro__):
+            raise
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `moectl`: the help text
+            exc.show()
+            sys.exit(exc.exit_code)
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        error(exc.format_message() + hint)
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 __all__ = ["app", "main"]

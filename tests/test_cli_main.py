@@ -1,0 +1,47 @@
+"""The console script's own error path: click's usage errors are one line, exit 2 (SPEC §4, §8)."""
+import subprocess
+import sys
+
+import pytest
+
+
+def moectl(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "moectl", *args], capture_output=True, text=True, cwd=cwd, timeout=60)
+
+
+@pytest.mark.parametrize("args", [
+    ("run", "--cap", "abc"),
+    ("run", "--no-such-option"),
+    ("compare",),
+    ("runs", "--limit", "many"),
+    ("no-such-command",),
+])
+def test_usage_errors_are_one_line_with_exit_2(args, tmp_path):
+    r = moectl(*args, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "--help" in lines[0] and "Traceback" not in r.stderr and "╭" not in r.stderr
+
+
+def test_bare_moectl_prints_the_command_list(tmp_path):
+    r = moectl(cwd=tmp_path)
+    text = r.stdout + r.stderr
+    for command in ("run", "status", "check", "compare", "sweep", "summary"):
+        assert command in text
+    assert "Traceback" not in text
+
+
+def test_every_command_has_help_with_an_example():
+    from typer.testing import CliRunner
+
+    from moectl.cli import app
+
+    names = [c.name or c.callback.__name__ for c in app.registered_commands]
+    assert {"init", "status", "check", "run", "runs", "show", "compare", "import", "sweep", "summary",
+            "plot", "export"} <= set(names)
+    runner = CliRunner()
+    for name in names:
+        r = runner.invoke(app, [name, "--help"])
+        assert r.exit_code == 0, (name, r.output)
+        assert "Example" in r.output, f"`moectl {name} --help` has no example"
