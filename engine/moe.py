@@ -299,6 +299,11 @@ class MoELayer(nn.Module):
         weights_NK, experts_NK, counts_E, loss = route(
             x_ND, self.router.weight, cfg.top_k, cfg.balance_coeff, cfg.z_coeff
         )
+        # Under autocast (bf16 training on GPU) the experts compute in the autocast dtype:
+        # _grouped_mm is not an autocast op and on CUDA takes bf16 only, so without this cast the
+        # fp32 residual stream would send dropless runs to the slow padded stand-in.
+        if torch.is_autocast_enabled(x_ND.device.type):
+            x_ND = x_ND.to(torch.get_autocast_dtype(x_ND.device.type))
         # Expert GEMMs run in the activation dtype (params may be fp32 masters; no-op if equal).
         w_up = self.w_up_EDH.to(x_ND.dtype)
         w_down = self.w_down_EHD.to(x_ND.dtype)
