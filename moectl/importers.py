@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from engine.schema import RunSummary, StartInfo, StepMetrics, parse_line
+from engine.schema import StepMetrics
 from moectl.errors import UsageError
 
 FORMATS = ("nanochat", "jsonl", "csv")
@@ -126,24 +126,16 @@ def parse_nanochat(text: str) -> ParsedLog:
 
 
 def parse_jsonl(text: str) -> ParsedLog:
-    out = ParsedLog(format="jsonl")
-    by_step: dict[int, StepMetrics] = {}
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            rec = parse_line(line)
-        except ValueError:
-            out.skipped += 1
-            continue
-        if isinstance(rec, StepMetrics):
-            by_step[rec.step] = rec
-        elif isinstance(rec, StartInfo):
-            out.planned_steps, out.world_size = rec.steps, rec.world_size
-        elif isinstance(rec, RunSummary):
-            out.peak_mem_mib, out.total_time_s = rec.peak_mem_mib, rec.total_time_s
-            out.world_size = rec.world_size
-    out.steps = [by_step[k] for k in sorted(by_step)]
+    """The engine's own metrics.jsonl, read exactly as `moectl` reads a native run's."""
+    from moectl.metrics import parse_metrics_text
+
+    mf = parse_metrics_text(text)
+    out = ParsedLog(format="jsonl", steps=mf.steps, skipped=mf.skipped)
+    if mf.start is not None:
+        out.planned_steps, out.world_size = mf.start.steps, mf.start.world_size
+    if mf.summary is not None:
+        out.peak_mem_mib, out.total_time_s = mf.summary.peak_mem_mib, mf.summary.total_time_s
+        out.world_size = mf.summary.world_size
     return out
 
 

@@ -58,15 +58,20 @@ def read_metrics(path: Path, tail: Optional[int] = None) -> MetricsFile:
     with the peak memory, read only the last N steps, walking back from the end; other files are
     read whole. The tail summary comes out the same; `skipped` then counts only the lines read.
     """
-    out = MetricsFile()
     try:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
-        return out
+        return MetricsFile()
     if tail is not None:
         fast = _read_tail(text, tail)
         if fast is not None:
             return fast
+    return parse_metrics_text(text)
+
+
+def parse_metrics_text(text: str) -> MetricsFile:
+    """The records of a whole metrics.jsonl text (see `read_metrics`)."""
+    out = MetricsFile()
     # Fast path: one json call for the whole file (per-line json.loads dominates `compare` over
     # many runs). Every line must decode to exactly one object: a blank line, a malformed line,
     # a line holding "1,2" or a bracket split over two lines breaks or shifts the array, and then

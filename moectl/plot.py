@@ -14,9 +14,7 @@ fell off the scale. Loss keeps its full range: the first steps are the interesti
 """
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +23,7 @@ from typing import Callable, Optional, Sequence
 from engine.schema import METRICS_FILENAME
 from moectl.errors import UsageError
 from moectl.metrics import read_metrics
-from moectl.records import RunRecord
+from moectl.records import RunRecord, atomic_file
 
 # metric -> y-axis label. The first four are the ones a sweep draws.
 PLOT_METRICS = {
@@ -155,17 +153,8 @@ def make_plot(runs: Sequence[RunRecord], metric: str, out: Path, title: Optional
     # Temp file in the target directory, then rename: a reader (or a report linking the figure)
     # never sees half a PNG, and a failed draw leaves the previous figure in place.
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format=fmt)
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_file(out, "wb") as fh:
+        fig.savefig(fh, format=fmt)
     return result
 
 

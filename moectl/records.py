@@ -6,6 +6,7 @@ reader never sees half a record even if moectl is killed mid-write.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -106,11 +107,19 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_file(path, "w") as fh:
+        fh.write(text)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "w"):
+    """Open a temp file beside `path` ("w" text or "wb" bytes); on success it is fsynced and
+    renamed over `path`, on any error removed: readers never see a half-written file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

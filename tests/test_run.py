@@ -220,7 +220,9 @@ def test_dry_run_prints_command_and_guards_and_writes_nothing(proj, artifact_roo
         assert name in r.stdout
     data = json.loads(run("--dry-run", "--json", *args).stdout)
     assert data["ok"] is True and [g["name"] for g in data["guards"]] == list(GUARD_NAMES)
-    argv = shlex.split(data["command"])
+    argv = data["argv"]
+    env_words = " ".join(f"{k}={shlex.quote(v)}" for k, v in data["env"].items())
+    assert data["env"]["OMP_NUM_THREADS"] == "1" and data["command"] == f"{env_words} {shlex.join(argv)}"
     assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert argv[argv.index("-m", 3) + 1] == FAKE and argv[-2:] == ["--sleep-per-step", "0.01"]
     assert argv[argv.index("--out-dir") + 1] == data["exp_dir"]
@@ -237,7 +239,8 @@ def test_dry_run_command_is_exactly_what_runs_then_exp_dir_is_never_reused(proj,
     dry = json.loads(run("--dry-run", "--json", "--steps", "2", "--exp-dir", str(exp), *QUIET, *FAST).stdout)
     r = run("--steps", "2", "--exp-dir", str(exp), *QUIET, *FAST)
     assert r.exit_code == 0, r.output
-    assert record(exp)["argv"] == shlex.split(dry["command"])
+    assert record(exp)["argv"] == dry["argv"]
+    assert (exp / "command.txt").read_text().strip() == dry["command"]
     reports, old_head = sorted((proj / "reports").glob("*.md")), head(proj)
 
     r = run("--steps", "2", "--exp-dir", str(exp), *QUIET, *FAST)  # exists now: a refusal

@@ -112,6 +112,25 @@ def status(json_out: JsonOpt = False, config: ConfigOpt = None) -> None:
         _render_status(s)
 
 
+def check_json(plan, results, ok: bool) -> dict:
+    """`moectl check --json` (SPEC §7a: `ok`, `guards`), also what `run --dry-run --json` prints."""
+    from moectl.plan import command_text
+
+    return {
+        "ok": ok,
+        "guards": [
+            {"name": r.name, "ok": r.ok, "message": r.message, "overridable": r.overridable,
+             "overridden": r.overridden, "skipped": r.skipped}
+            for r in results
+        ],
+        "run_id": plan.run_id,
+        "exp_dir": plan.exp_dir,
+        "command": command_text(plan),  # one shell line: env additions, then the argv
+        "argv": plan.argv,
+        "env": plan.env,
+    }
+
+
 def _render_check(plan, results, ok: bool) -> None:
     from rich.table import Table
 
@@ -162,7 +181,7 @@ def check(
     """
     from moectl.config import load_config
     from moectl.guards import check_request, passed
-    from moectl.plan import command_text, make_request
+    from moectl.plan import make_request
 
     request = make_request(**request_kwargs(
         cap=cap, tag=tag, compile=compile, fp8=fp8, dispatch=dispatch, steps=steps, preset=preset,
@@ -172,17 +191,7 @@ def check(
     plan, _obs, results = check_request(cfg, request)
     ok = passed(results)
     if json_out:
-        print_json({
-            "ok": ok,
-            "guards": [
-                {"name": r.name, "ok": r.ok, "message": r.message, "overridable": r.overridable,
-                 "overridden": r.overridden, "skipped": r.skipped}
-                for r in results
-            ],
-            "run_id": plan.run_id,
-            "exp_dir": plan.exp_dir,
-            "command": command_text(plan),
-        })
+        print_json(check_json(plan, results, ok))
     else:
         _render_check(plan, results, ok)
     if not ok:

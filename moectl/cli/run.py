@@ -49,7 +49,7 @@ def run(
       [bold]moectl run --cap 0 --dry-run -- --seed 3[/bold]          (engine args after --)
     """
     from moectl import store
-    from moectl.cli.env import _render_check
+    from moectl.cli.env import _render_check, check_json
     from moectl.config import load_config
     from moectl.guards import check_request, passed
     from moectl.plan import make_request
@@ -69,7 +69,7 @@ def run(
         plan, _obs, results = check_request(cfg, request)
         ok = passed(results)
         if json_out:
-            print_json(_check_json(plan, results, ok))
+            print_json(check_json(plan, results, ok))
         else:
             _render_check(plan, results, ok)
         raise typer.Exit(EXIT_OK if ok else EXIT_GUARD)
@@ -108,7 +108,7 @@ def run(
             progress.close()
         if outcome.record is None:  # refused: nothing written
             if json_out:
-                print_json({**_check_json(outcome.plan, outcome.guards, False),
+                print_json({**check_json(outcome.plan, outcome.guards, False),
                             **({"previous_attempts": previous} if previous else {})})
             else:
                 _render_check(outcome.plan, outcome.guards, False)
@@ -146,22 +146,6 @@ def _sigterm_is_interrupt(ctx: typer.Context) -> None:
     previous = signal.signal(signal.SIGTERM, interrupt)
     # In-process callers (CliRunner) get their handler back when the command returns.
     ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
-
-
-def _check_json(plan, results, ok: bool) -> dict:
-    from moectl.plan import command_text
-
-    return {
-        "ok": ok,
-        "guards": [
-            {"name": r.name, "ok": r.ok, "message": r.message, "overridable": r.overridable,
-             "overridden": r.overridden, "skipped": r.skipped}
-            for r in results
-        ],
-        "run_id": plan.run_id,
-        "exp_dir": plan.exp_dir,
-        "command": " ".join(plan.argv),
-    }
 
 
 def _outcome_json(outcome) -> dict:
