@@ -71,7 +71,14 @@ def execute_run(
         outcome.exit_code = EXIT_GUARD
         return outcome
 
-    lock = acquire(cfg.artifact_root, plan.run_id, command_text(plan))
+    try:
+        lock = acquire(cfg.artifact_root, plan.run_id, command_text(plan))
+    except GuardRefused:
+        # Another live moectl holds the lock. `--override no_other_training` is a person saying
+        # "run beside it anyway" (recorded): run unlocked rather than refuse what they overrode.
+        if not any(r.name == "no_other_training" and r.overridden for r in results):
+            raise
+        lock = None
     try:
         exp_dir = Path(plan.exp_dir)
         try:
@@ -148,7 +155,8 @@ def execute_run(
             record.notes = f"{record.notes}; {note}" if record.notes else note
         store.save_run(record)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
     # Report and commit: the run is over and recorded; a problem here must not change its status.
     comparison = None

@@ -7,7 +7,7 @@ and exit codes go through CliRunner; signals are in test_run_signals.py (real su
 Other test sessions may run torchrun on this machine at the same time, and the `no_other_training`
 guard rightly sees their processes. Runs whose subject is not that guard therefore pass
 `--override no_other_training` (QUIET): on a quiet machine the guard passes and nothing is recorded
-as overridden; the run lock itself is still enforced by `moectl.lock.acquire`.
+as overridden. Only test_live_lock_* hold the run lock from another process on purpose.
 """
 from __future__ import annotations
 
@@ -497,3 +497,36 @@ def test_ctrl_c_just_before_launch_leaves_an_interrupted_record_and_no_lock(proj
     assert (rec["status"], rec["error"]) == ("interrupted", "interrupted before training started")
     assert rec["finished_at"] and not (exp / "train.log").exists()  # torchrun never started
     assert not (artifact_root / LOCK_NAME).exists()
+
+
+@pytest.fixture
+def live_lock_holder(artifact_root):
+    """Another live 'moectl' holding this artifact root's run lock (a real process and lock file)."""
+    code = (
+        "import sys, time; from pathlib import Path; from moectl.lock import acquire\n"
+        "lock = acquire(Path(sys.argv[1]), 'other-run', 'moectl run --tag other')\n"
+        "print('locked', flush=True); time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(artifact_root)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert proc.stdout.readline().strip() == "locked"
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_live_lock_refuses_a_second_run(proj, artifact_root, live_lock_holder):
+    r = run("--steps", "2", *FAST)
+    assert r.exit_code == 3, r.output
+    row = next(line for line in r.stdout.splitlines() if line.startswith("no_other_training"))
+    assert "FAIL" in row and str(live_lock_holder.pid) in " ".join(r.stdout.split())
+    assert run_dirs(artifact_root) == []
+
+
+def test_live_lock_with_override_runs_beside_it_and_leaves_its_lock(proj, artifact_root, live_lock_holder):
+    lock_before = (artifact_root / LOCK_NAME).read_text()
+    r = run("--steps", "2", "--override", "no_other_training", *FAST)
+    assert r.exit_code == 0, r.output
+    (exp,) = run_dirs(artifact_root)
+    rec = record(exp)
+    assert rec["status"] == "completed" and "no_other_training" in rec["overrides"]
+    assert (artifact_root / LOCK_NAME).read_text() == lock_before  # the other run's lock, untouched
