@@ -234,3 +234,17 @@ def test_compare_write_report_refuses_on_wrong_branch_and_writes_nothing(project
     r = invoke("compare", "base", "other", "--write-report")
     assert r.exit_code == 3 and "expected branch 'main'" in r.stderr
     assert not (project / "reports").exists() and git(project, "rev-parse", "HEAD") == head
+
+
+def test_runs_table_shows_key_options_the_engine_resolved(project, artifact_root):
+    """A run given only `--preset` still shows its cap and compile: the engine's resolved config."""
+    exp = create_run_dir(artifact_root / "20260101_000000_moe-preset_only")
+    save_run(RunRecord(
+        id=exp.name, tag="preset_only", status="completed", created_at="2026-01-01T00:00:00+00:00",
+        exp_dir=str(exp), options={"preset": "d12-moe"},
+        engine={"preset": "d12-moe", "cap": 1.25, "compile": "dynamic", "fp8": False},
+    ))
+    r = CliRunner().invoke(app, ["runs"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    row = next(line for line in r.output.splitlines() if "preset_only" in line)
+    assert "1.25" in row and "dynamic" in row and "d12-moe" in row

@@ -90,7 +90,11 @@ def runs_cmd(
         return f"[{colours[st]}]{st}[/]" if st in colours else st
 
     def opt(key, show=str):
-        return lambda r: "" if (r.options or {}).get(key) in (None, False) else show(r.options[key])
+        # The flag as given, else what the engine resolved it to (a preset's cap, compile, ...).
+        def cell(r):
+            value = {**(r.engine or {}), **(r.options or {})}.get(key)
+            return "" if value in (None, False) else show(value)
+        return cell
 
     def metric(key, decimals):
         return lambda r: _num(getattr(r.summary, key), decimals) if r.summary else "—"
