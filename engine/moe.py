@@ -27,6 +27,7 @@ scatter-add, never an [N, E] one-hot): that is what keeps the MoE layer near the
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from dataclasses import dataclass
 
 import torch
@@ -90,8 +91,12 @@ class MoEAux:
 
 
 def capacity(cap: float, n_tokens: int, top_k: int, n_experts: int) -> int:
-    """Slots per expert: ceil(cap * N * K / E), rounded up to a multiple of 8."""
-    c = math.ceil(cap * n_tokens * top_k / n_experts)
+    """Slots per expert: ceil(cap * N * K / E), rounded up to a multiple of 8.
+
+    Integer arithmetic only (cap as an exact fraction): under `torch.compile(dynamic=True)` N is
+    a symbolic int, and float math on it makes a symbolic float dynamo cannot lift to a shape."""
+    num, den = Fraction(cap).limit_denominator(10_000).as_integer_ratio()
+    c = -(-(num * n_tokens * top_k) // (den * n_experts))
     return max(8, -(-c // 8) * 8)
 
 

@@ -191,11 +191,22 @@ def model_config(args, vocab_size: int) -> GPTConfig:
     )
 
 
+_COMPILER_MODULES = ("torch._dynamo", "torch._inductor", "torch.fx.experimental")
+
+
 def _is_compile_error(exc: BaseException) -> bool:
+    """An exception raised by torch.compile's machinery: its type lives there, or (for plain
+    AssertionErrors and the like raised while tracing) the innermost frame of its traceback does."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+        if type(exc).__module__.startswith(_COMPILER_MODULES):
+            return True
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+        if module.startswith(_COMPILER_MODULES):
             return True
         exc = exc.__cause__ or exc.__context__
     return False

@@ -170,6 +170,25 @@ def test_compile_fullgraph_static_matches_eager(dispatch, cap):
         torch.testing.assert_close(c_g[name], e_g[name], rtol=1e-4, atol=1e-4, msg=name)
 
 
+@pytest.mark.slow
+def test_compile_dynamic_padded_handles_two_token_counts():
+    """`--compile dynamic`: the capacity is computed from a symbolic token count (integer math
+    only), so one compiled padded layer serves two batch shapes and matches eager on each."""
+    from engine.moe import capacity
+
+    layer = make_layer("padded", 1.25)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True)
+    for tokens in (48, 80):
+        x = torch.randn(1, tokens, D)
+        c_out, c_aux, _ = fwd_bwd(compiled, x)
+        layer.zero_grad(set_to_none=True)
+        e_out, e_aux, _ = fwd_bwd(layer, x)
+        torch.testing.assert_close(c_out, e_out, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(c_aux.dropped, e_aux.dropped)
+    # The spec's formula, by hand: ceil(1.25 * 80 * 2 / 4) = 50 -> 56 slots; exact on boundaries.
+    assert capacity(1.25, 80, 2, 4) == 56 and capacity(0.1, 80, 2, 8) == 8 and capacity(1.0, 128, 2, 8) == 32
+
+
 @pytest.mark.parametrize(
     "kw,msg",
     [

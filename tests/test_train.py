@@ -160,3 +160,25 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert starts[0].tokens_per_step == 2 * 16 * 64  # one micro-batch per rank
     assert [s.step for s in steps] == list(range(6))  # rank 0 alone writes
     assert proc.stdout.count("step 00005/00006") == 1
+
+
+def test_compile_error_detection_by_type_or_innermost_frame():
+    """Dynamo/inductor raise their own types, but tracing also fails with plain AssertionErrors
+    from torch.fx.experimental: both must map to exit 3 (compile failed), a user bug must not."""
+    from engine.train import _is_compile_error
+
+    def raised_in(module: str) -> BaseException:
+        scope = {"__name__": module}
+        exec("def boom():\n    raise AssertionError('Source of s0 is None')\n", scope)
+        try:
+            scope["boom"]()
+        except AssertionError as exc:
+            return exc
+        raise RuntimeError("unreachable")
+
+    assert _is_compile_error(raised_in("torch.fx.experimental.symbolic_shapes"))
+    assert _is_compile_error(raised_in("torch._inductor.codegen"))
+    assert not _is_compile_error(raised_in("engine.model"))
+    wrapped = RuntimeError("step failed")
+    wrapped.__cause__ = raised_in("torch._dynamo.output_graph")
+    assert _is_compile_error(wrapped)
