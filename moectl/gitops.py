@@ -108,10 +108,32 @@ def commit_paths(repo: Path, paths: Sequence, message: str, branch: Optional[str
     return new
 
 
+UNTRACKED_MAX_BYTES = 256 * 1024  # bigger untracked files (data, logs) are named, not copied
+
+
 def git_diff(repo: Path) -> str:
-    """Uncommitted changes to tracked files at launch, staged and unstaged (against HEAD)."""
+    """Everything uncommitted at launch, as one patch that `git apply` replays on HEAD: tracked
+    changes (staged and unstaged, against HEAD), then untracked files that .gitignore does not
+    hide, as new files. Untracked files over UNTRACKED_MAX_BYTES are listed in a leading comment
+    instead (the run's code is small; a dataset is not a diff)."""
     base = ["HEAD"] if _git(repo, "rev-parse", "-q", "--verify", "HEAD", check=False) else ["--cached"]
-    text = _git(repo, "diff", *base, "--no-color", "--no-ext-diff", "--binary")
+    parts = [_git(repo, "diff", *base, "--no-color", "--no-ext-diff", "--binary")]
+    skipped = []
+    for rel in _git(repo, "ls-files", "--others", "--exclude-standard", "-z").split("\0"):
+        path = Path(repo) / rel
+        if not rel or not (path.is_file() or path.is_symlink()):
+            continue
+        if path.lstat().st_size > UNTRACKED_MAX_BYTES:
+            skipped.append(rel)
+            continue
+        # --no-index exits 1 when the files differ (always, against /dev/null): not an error.
+        r = subprocess.run(["git", "-C", str(repo), "diff", "--no-index", "--no-color", "--no-ext-diff", "--binary",
+                            "--", "/dev/null", rel], capture_output=True, text=True)
+        parts.append(r.stdout.strip())
+    text = "\n".join(p for p in parts if p)
+    if skipped:
+        head = f"# moectl: untracked files over {UNTRACKED_MAX_BYTES // 1024} KiB not included: " + ", ".join(skipped)
+        text = head + ("\n" + text if text else "")
     return text + "\n" if text else ""
 
 

@@ -123,7 +123,24 @@ def test_git_diff_includes_staged_and_unstaged(git_repo):
     user_mess(git_repo)
     d = git_diff(git_repo)
     assert "user edit, unstaged" in d and "v3 staged then modified" in d and "print('new')" in d
-    assert "untracked" not in d  # untracked files are not part of a diff
+    assert "new file mode" in d and "+untracked" in d  # scratch.txt, untracked, as a new file
+
+
+def test_git_diff_replays_the_working_tree_on_head(git_repo, tmp_path):
+    """git.diff is the run's code: applied to a clean checkout of HEAD it gives back the working
+    tree (tracked edits, staged ones, untracked files); big untracked files are only named."""
+    user_mess(git_repo)
+    (git_repo / "big.bin").write_bytes(b"x" * (256 * 1024 + 1))
+    d = git_diff(git_repo)
+    assert d.startswith("# moectl: untracked files over 256 KiB not included: big.bin\n")
+    clean = tmp_path / "clean"
+    git(git_repo, "worktree", "add", "-q", "--detach", str(clean), "HEAD")
+    patch = tmp_path / "git.diff"
+    patch.write_text(d)
+    git(clean, "apply", "--index", str(patch))
+    for rel in ("README.md", "tracked.txt", "staged_new.py", "reports/user_note.md", "scratch.txt"):
+        assert (clean / rel).read_bytes() == (git_repo / rel).read_bytes(), rel
+    assert not (clean / "gone.txt").exists() and not (clean / "big.bin").exists()
 
 
 def test_recent_commits_filters_by_path(git_repo):

@@ -202,7 +202,10 @@ def test_commit_leaves_staged_modified_and_untracked_user_files_alone(proj, arti
     assert (proj / "reports" / "draft.md").read_text().startswith("my notes")
 
     [exp] = run_dirs(artifact_root)
-    assert (exp / "git.diff").read_text() == diff_at_launch
+    # Tracked changes exactly as `git diff HEAD` saw them, then the untracked files as new files.
+    recorded = (exp / "git.diff").read_text()
+    assert recorded.startswith(diff_at_launch.rstrip("\n") + "\n")
+    assert "+my notes, untracked, inside report_dir" in recorded and "+untracked" in recorded
     assert "a2 unstaged" in diff_at_launch and "b3 staged then modified again" in diff_at_launch
     assert record(exp)["git"]["dirty"] is True
     assert "dirty: see git.diff" in report.read_text()
