@@ -242,41 +242,10 @@ def _wait_for(cond, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.mark.slow
-def test_sigterm_during_leg_2_leaves_sweep_json_true(git_repo, artifact_root, monkeypatch):
-    """SIGTERM (a scheduler, `kill`) is an interrupt like Ctrl-C: exit 130, no further legs."""
-    sweep_project(git_repo)
-    monkeypatch.chdir(git_repo)
-    spec = write_spec(git_repo, 'name = "term"\n[common]\nsteps = 4\nargs = ["--sleep-per-step", "0.02"]\n'
-                      '[[legs]]\ntag = "one"\n'
-                      '[[legs]]\ntag = "two"\nsteps = 60\nargs = ["--sleep-per-step", "0.1"]\n'
-                      '[[legs]]\ntag = "three"\n')
-    proc = _spawn_sweep(git_repo, str(spec), "--no-commit", *WAIT)
-    try:
-        sweep_dir = _wait_for(lambda: next(iter(sweep_dirs(artifact_root)), None), 120, "the sweep directory")
-
-        def leg2_stepping():
-            legs = load(sweep_dir / "sweep.json")["legs"]
-            metrics = sweep_dir / str(legs[1]["run_id"]) / "metrics.jsonl"
-            return legs[1]["state"] == "running" and metrics.exists() and metrics.read_text().count('"step"') >= 2
-
-        _wait_for(leg2_stepping, 240, "leg 2 to be training")
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, output
-    legs = load(sweep_dir / "sweep.json")["legs"]
-    assert [leg["state"] for leg in legs] == ["completed", "interrupted", "pending"]
-    assert load(sweep_dir / legs[1]["run_id"] / "run.json")["status"] == "interrupted"
-
-
-@pytest.mark.slow
-def test_interrupt_during_leg_2_then_resume_runs_only_unfinished_legs(git_repo, artifact_root, monkeypatch):
-    sweep_project(git_repo)
-    monkeypatch.chdir(git_repo)
-    spec = write_spec(git_repo, 'name = "ablate"\n[common]\nsteps = 6\nargs = ["--sleep-per-step", "0.02"]\n'
+def _interrupt_during_leg_2(git_repo, artifact_root, sig, name: str) -> tuple[int, str, Path]:
+    """Start a three-leg `moectl sweep` subprocess, send `sig` once leg 2 is training; returns
+    (exit code, output, sweep dir)."""
+    spec = write_spec(git_repo, f'name = "{name}"\n[common]\nsteps = 6\nargs = ["--sleep-per-step", "0.02"]\n'
                       '[[legs]]\ntag = "one"\n'
                       '[[legs]]\ntag = "two"\nsteps = 40\nargs = ["--sleep-per-step", "0.1"]\n'
                       '[[legs]]\ntag = "three"\n')
@@ -292,12 +261,32 @@ def test_interrupt_during_leg_2_then_resume_runs_only_unfinished_legs(git_repo, 
             return metrics.exists() and metrics.read_text().count('"step"') >= 3
 
         _wait_for(leg2_stepping, 240, "leg 2 to be training")
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         output, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, output
+    return proc.returncode, output, sweep_dir
+
+
+@pytest.mark.slow
+def test_sigterm_during_leg_2_leaves_sweep_json_true(git_repo, artifact_root, monkeypatch):
+    """SIGTERM (a scheduler, `kill`) is an interrupt like Ctrl-C: exit 130, no further legs."""
+    sweep_project(git_repo)
+    monkeypatch.chdir(git_repo)
+    code, output, sweep_dir = _interrupt_during_leg_2(git_repo, artifact_root, signal.SIGTERM, "term")
+    assert code == 130, output
+    legs = load(sweep_dir / "sweep.json")["legs"]
+    assert [leg["state"] for leg in legs] == ["completed", "interrupted", "pending"]
+    assert load(sweep_dir / legs[1]["run_id"] / "run.json")["status"] == "interrupted"
+
+
+@pytest.mark.slow
+def test_interrupt_during_leg_2_then_resume_runs_only_unfinished_legs(git_repo, artifact_root, monkeypatch):
+    sweep_project(git_repo)
+    monkeypatch.chdir(git_repo)
+    code, output, sweep_dir = _interrupt_during_leg_2(git_repo, artifact_root, signal.SIGINT, "ablate")
+    assert code == 130, output
 
     old = load(sweep_dir / "sweep.json")
     assert [leg["state"] for leg in old["legs"]] == ["completed", "interrupted", "pending"]
