@@ -44,7 +44,9 @@ def parse_duration(text: str) -> float:
 
 def sanitize_tag(tag: str) -> str:
     """Keep a tag usable in a directory name: [A-Za-z0-9._-], runs of anything else -> '_'."""
-    clean = re.sub(r"[^A-Za-z0-9._-]+", "_", tag).strip("_")
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "_", tag)
+    clean = re.sub(r"\.{2,}", "_", clean)  # no `..` in a name that becomes a path component
+    clean = re.sub(r"_{2,}", "_", clean).strip("_")
     return clean.lstrip(".") or "run"
 
 

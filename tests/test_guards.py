@@ -239,3 +239,17 @@ def test_bad_run_options_are_one_line_usage_errors(kwargs, line):
     with pytest.raises(UsageError) as e:
         make_request(**kwargs)
     assert e.value.message.startswith(line) and e.value.exit_code == 2
+
+
+@pytest.mark.parametrize("tag,expected", [
+    ("bufreuse", "bufreuse"),
+    ("static cap1.0", "static_cap1.0"),
+    ("odd tag/../x", "odd_tag_x"),
+    ("../../etc", "etc"),
+    ("...", "run"),
+    ("ünïcode!", "n_code"),
+])
+def test_tags_become_safe_directory_names(tag, expected):
+    from moectl.plan import sanitize_tag
+
+    assert sanitize_tag(tag) == expected
