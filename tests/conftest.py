@@ -77,3 +77,19 @@ def project(git_repo: Path, monkeypatch) -> Path:
     git(git_repo, "commit", "-q", "-m", "moectl config")
     monkeypatch.chdir(git_repo)
     return git_repo
+
+
+@pytest.fixture
+def fake_training():
+    """A real background process whose argv names torch.distributed.run and an --out-dir: what the
+    training-process scan and the no_other_training guard must see."""
+    import subprocess
+    import sys
+    import time
+
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)",
+                          "torch.distributed.run", "--out-dir", "/art/20250101_000000_moe-x"])
+    time.sleep(0.3)
+    yield p
+    p.kill()
+    p.wait()

@@ -191,16 +191,6 @@ def test_wrong_branch_and_detached_head(project):
     assert code == 3 and "detached" in g["git"]["message"]
 
 
-@pytest.fixture
-def fake_training():
-    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)",
-                          "torch.distributed.run", "--out-dir", "/art/20250101_000000_moe-x"])
-    time.sleep(0.3)
-    yield p
-    p.kill()
-    p.wait()
-
-
 def test_running_training_process_refuses(project, fake_training):
     code, _, g = check_json()
     assert code == 3 and f"pid {fake_training.pid}" in g["no_other_training"]["message"]

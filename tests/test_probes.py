@@ -79,17 +79,6 @@ def test_real_nvml_never_raises(monkeypatch):
     assert (r.gpus is None) != (r.error is None)
 
 
-@pytest.fixture
-def fake_training():
-    """A real background process whose argv names torch.distributed.run and an --out-dir."""
-    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)",
-                          "torch.distributed.run", "--out-dir", "/art/20250101_000000_moe-x"])
-    time.sleep(0.3)
-    yield p
-    p.kill()
-    p.wait()
-
-
 def test_training_process_is_found_with_run_dir(fake_training):
     found = {t.pid: t for t in find_training_processes("engine.train")}
     assert fake_training.pid in found
