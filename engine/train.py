@@ -9,13 +9,16 @@ Explicit options override the preset. Exit codes (engine.schema): 0 done, 2 bad 
 `error: ...` line on stderr), 3 torch.compile failed (rerun with --compile none), 1 anything else,
 128+signal when interrupted by SIGINT/SIGTERM (metrics already written stay valid).
 
-Rank 0 prints one nanochat-style line per step and, with --out-dir, appends engine.schema records
+Rank 0 prints one nanochat-style line per step and, with --out-dir, writes engine.schema records
 to metrics.jsonl: a start record, one step record per optimizer step (flushed), a summary at the end.
+A fresh run starts the file anew; --resume into an out-dir that has one keeps its lines for the
+steps before the checkpoint and appends, so every step appears once.
 The loop reads device values back to the host once per optimizer step, after the step.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import signal
@@ -341,7 +344,13 @@ def _train(args, open_files: list) -> int:
     sink = None
     if master and args.out_dir:
         Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-        sink = open(Path(args.out_dir) / METRICS_FILENAME, "a" if resume_path else "w")
+        metrics_path = Path(args.out_dir) / METRICS_FILENAME
+        if resume_path is not None:
+            dropped = _keep_steps_before(metrics_path, start_step)
+            if dropped:
+                print(f"resume: {METRICS_FILENAME} keeps steps < {start_step}; dropped {dropped} line(s) "
+                      "of the steps that run again and of the earlier summary", flush=True)
+        sink = open(metrics_path, "a" if resume_path else "w")
         open_files.append(sink)
 
     def emit(record):
@@ -482,6 +491,34 @@ def _train(args, open_files: list) -> int:
         print(f"Peak memory usage: {peak_mem:.2f}MiB")
         print(f"Total training time: {elapsed_s / 60:.2f}m", flush=True)
     return EXIT_OK
+
+
+def _keep_steps_before(path: Path, start_step: int) -> int:
+    """Resuming into an out-dir that already has metrics: keep what the earlier attempt wrote for
+    the steps before the checkpoint, drop its lines for the steps that are about to run again and
+    its summary, so the file holds every step once. Atomic; returns the number of lines dropped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return 0
+    lines = text.splitlines()
+    kept = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None  # not ours to judge (a torn last line): kept as it was
+        if isinstance(rec, dict):
+            kind = rec.get("type", "step")
+            if kind == "summary" or (kind == "step" and isinstance(rec.get("step"), int) and rec["step"] >= start_step):
+                continue
+        kept.append(line)
+    new_text = "".join(line + "\n" for line in kept)  # a torn last line gets its newline: appends start clean
+    if new_text != text:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(new_text, encoding="utf-8")
+        os.replace(tmp, path)
+    return len(lines) - len(kept)
 
 
 def _peak_mem_mib(device: torch.device) -> float:

@@ -36,7 +36,10 @@ def _git(repo: Path, *args: str, env: Optional[dict] = None, check: bool = True)
     r = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
                        env={**os.environ, **(env or {})})
     if check and r.returncode != 0:
-        raise GitError(f"git {args[0]} failed: {r.stderr.strip() or r.stdout.strip()}")
+        # One line (SPEC §8): git's last word is its conclusion ("fatal: ..."); the lines before
+        # it repeat the same failure in detail.
+        said = (r.stderr.strip() or r.stdout.strip()).splitlines()
+        raise GitError(f"git {args[0]} failed: {said[-1] if said else f'exit {r.returncode}'}")
     return r.stdout.strip() if r.returncode == 0 else ""
 
 

@@ -35,14 +35,21 @@ def guard_config(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
     return _ok("config", f"{cfg.path} is valid")
 
 
+# probe_git's in_progress -> (what to call it, the command that ends it without finishing it)
+_GIT_OPERATIONS = {"am": ("git am", "git am --abort"), "bisect": ("bisect", "git bisect reset")}
+
+
 def guard_git(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
     g, want = obs.git, cfg.project.branch
     if not g.is_repo or g.error:
         return _fail("git", g.error or f"{cfg.root} is not a git repository")
+    # Before the detached-HEAD check: a stopped rebase or bisect detaches HEAD, and "detached" would
+    # hide what the person has to finish.
+    if g.in_progress:
+        name, way_out = _GIT_OPERATIONS.get(g.in_progress, (g.in_progress, f"git {g.in_progress} --abort"))
+        return _fail("git", f"a {name} is in progress; finish it or `{way_out}`")
     if g.detached:
         return _fail("git", f"HEAD is detached at {(g.head or '?')[:10]}; `git switch {want if want != '*' else '<branch>'}` first")
-    if g.in_progress:
-        return _fail("git", f"a {g.in_progress} is in progress; finish it or `git {g.in_progress} --abort`")
     if want != "*" and g.branch != want:
         return _fail("git", f"on branch {g.branch!r}, expected {want!r} (project.branch); `git switch {want}`")
     counts = f"{g.modified} modified, {g.staged} staged, {g.untracked} untracked (left untouched)"

@@ -12,6 +12,7 @@ the lock was taken) is stale and is taken over, so a SIGKILLed moectl never bloc
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -149,20 +150,27 @@ def _publish(path: Path, text: str) -> bool:
 
 
 def _take_over(path: Path, seen: LockHolder) -> None:
-    """Move a stale lock aside (rename is atomic: of two contenders, one gets the file). If what we
-    moved is not the stale lock we judged (someone replaced it meanwhile), put it back."""
-    aside = path.with_name(f"{path.name}.stale.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    """Remove the stale lock `seen`, so that the next `_publish` can create ours.
+
+    Contenders serialise on an flock of the artifact root directory (the kernel drops it when its
+    holder dies, so it can never go stale itself) and re-judge the lock under it. Only then is
+    removing it safe: its owner is dead, no other contender is removing, and a new lock can only
+    appear where there is none. (Moving the lock aside with rename and putting it back when it
+    turned out live lets a third contender publish in between: two winners.)"""
+    fd = os.open(path.parent, os.O_RDONLY)
     try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return  # someone else removed it; just retry the create
-    now = _holder_from_text(aside.read_text(encoding="utf-8"), path)
-    if (now.pid, now.started_at, now.run_id) != (seen.pid, seen.started_at, seen.run_id) or not now.stale:
         try:
-            os.link(aside, path)  # restore the live lock we moved by mistake
-        except FileExistsError:
-            pass
-    aside.unlink(missing_ok=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass  # a filesystem without locks: the re-check below still narrows the window
+        try:
+            now = _holder_from_text(path.read_text(encoding="utf-8"), path)
+        except FileNotFoundError:
+            return  # released or taken over meanwhile; just retry the create
+        if now.stale and (now.pid, now.started_at, now.run_id) == (seen.pid, seen.started_at, seen.run_id):
+            path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def acquire(root: Path, run_id: str, cmd: str = "") -> Lock:

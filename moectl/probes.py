@@ -45,7 +45,7 @@ class GitState(BaseModel):
     branch: Optional[str] = None  # None when detached
     detached: bool = False
     head: Optional[str] = None  # None in a repo without commits
-    in_progress: Optional[str] = None  # merge | rebase | cherry-pick | revert | bisect
+    in_progress: Optional[str] = None  # merge | rebase | am | cherry-pick | revert | bisect
     modified: int = 0  # tracked files changed in the worktree
     staged: int = 0  # files with changes in the index
     untracked: int = 0
@@ -90,18 +90,32 @@ def probe_git(repo: Path) -> GitState:
                 next(records, None)
         elif rec.startswith("? "):
             state.untracked += 1
+    state.in_progress = _operation_in_progress(git_dir)
+    return state
+
+
+def _operation_in_progress(git_dir: Path) -> Optional[str]:
+    """The operation a repository is stopped in, from the state files git itself reads."""
     for marker, op in (
         ("MERGE_HEAD", "merge"),
         ("rebase-merge", "rebase"),
+        ("rebase-apply/applying", "am"),  # `git am` and `rebase --apply` share rebase-apply/
         ("rebase-apply", "rebase"),
         ("CHERRY_PICK_HEAD", "cherry-pick"),
         ("REVERT_HEAD", "revert"),
         ("BISECT_LOG", "bisect"),
     ):
         if (git_dir / marker).exists():
-            state.in_progress = op
-            break
-    return state
+            return op
+    # A multi-commit pick or revert between two commits: the conflict was committed (no *_HEAD
+    # file), the sequencer still holds the rest.
+    try:
+        todo = (git_dir / "sequencer" / "todo").read_text(encoding="utf-8", errors="replace").split()
+    except OSError:
+        return None
+    if todo:
+        return "revert" if todo[0] in ("revert", "r") else "cherry-pick"
+    return None
 
 
 # --------------------------------------------------------------------------------------------- NVML
