@@ -4,32 +4,60 @@
 
 The user's modified, staged and untracked files must stay exactly as they were, index included.
 A plain add-then-commit (or GitPython's `index.commit()`) commits the whole index and so sweeps in
-whatever the user had staged. Instead the commit is built with plumbing on a temporary index:
+whatever the user had staged. Instead the commit is built with plumbing on a temporary index, and
+the real index changes the way `git commit` changes it - through `index.lock`:
 
-    GIT_INDEX_FILE=tmp  git read-tree HEAD ; git update-index --add --remove -- <ours>
-                        git write-tree     ; git commit-tree <tree> -p HEAD -m <msg>
-    git update-ref HEAD <new> <old>        # compare-and-swap: fails if HEAD moved meanwhile
-    git update-index --add --remove -- <ours>   # real index: only our entries now match HEAD
+    create .git/index.lock     # O_CREAT|O_EXCL as git does; while an editor's git holds it, wait
+                               # (MOECTL_GIT_LOCK_WAIT, 10 s), then give up with nothing moved
+    old = refs/heads/B         # read under the lock: checkout and `git commit` need it too
+    GIT_INDEX_FILE=tmp  git read-tree old ; git update-index --add --remove -- <ours>
+                        git write-tree    ; git commit-tree <tree> -p old -m <msg>
+    GIT_INDEX_FILE=copy git update-index --add --remove -- <ours>   # copy of the real index
+    rename copy -> index.lock  # the new index waits in the lock, as git's does
+    git update-ref refs/heads/B <new> <old>   # compare-and-swap; if the branch moved (a commit
+                                              # that needed no index lock) re-read, rebuild, retry
+    rename index.lock -> index # only our entries changed, each as `git add` writes it
 
-so the real index changes only in the entries for our own paths.
+So either the branch moved and the index matches it, or nothing moved: the lock is removed, the
+files stay on disk, and GitBusy or GitError says why. The old way - move the branch, then run
+`git update-index` on the real index - failed while another process held the lock, leaving a
+commit the index did not know about, which the user's next `git commit` silently reverted.
+
+GitPython is not used: rewriting the user's index with its IndexFile keeps a stale cache-tree (the
+user's next commit reverts ours) or drops every extension; IndexFile.from_tree needs the very lock
+we hold; index v4 and clean filters (LFS, eol) are unsupported. scripts/measure_gitpython_commit.py
+measures it; README "Commits beside other git processes" has the figures.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-from moectl.errors import GuardRefused, MoectlError
+from moectl.errors import GuardRefused, MoectlError, UsageError
 
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
+ZERO_OID = "0" * 40
+
+LOCK_WAIT_ENV = "MOECTL_GIT_LOCK_WAIT"  # seconds to wait for another git process's index.lock
+DEFAULT_LOCK_WAIT_S = 10.0
+LOCK_POLL_S = 0.05
+CAS_TRIES = 5  # commits by others landing between our read of the branch and our update
 
 
 class GitError(MoectlError):
     def __init__(self, message: str):
         super().__init__(message, exit_code=1)
+
+
+class GitBusy(GuardRefused):
+    """Another git process held the index past the wait, or kept moving the branch: nothing was
+    committed (exit 3, like the guards: the repository is busy, try again)."""
 
 
 def _git(repo: Path, *args: str, env: Optional[dict] = None, check: bool = True) -> str:
@@ -75,40 +103,173 @@ def _relative(repo: Path, paths: Sequence) -> list[str]:
     return list(dict.fromkeys(rels))
 
 
-def commit_paths(repo: Path, paths: Sequence, message: str, branch: Optional[str] = None) -> Optional[str]:
-    """Commit exactly `paths` (files, or directories = the files under them; a deleted file is
-    committed as a deletion) on the current branch. Returns the new commit sha, or None when
-    none of them changed (no empty commits). Refuses on a detached HEAD or when `branch` is given
-    (and not "*") and differs from the current branch."""
-    repo = repo_root(repo)
+def check_branch(repo: Path, branch: Optional[str]) -> str:
+    """The current branch's name, or GuardRefused on a detached HEAD or the wrong branch."""
     cur = current_branch(repo)
     if cur is None:
         raise GuardRefused("refusing to commit: HEAD is detached; check out the project branch")
     if branch not in (None, "*") and cur != branch:
         raise GuardRefused(f"refusing to commit: on branch {cur!r}, expected {branch!r}")
+    return cur
+
+
+def lock_wait_s() -> float:
+    """How long to wait for another git process's index.lock: $MOECTL_GIT_LOCK_WAIT or 10 s."""
+    raw = os.environ.get(LOCK_WAIT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_LOCK_WAIT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise UsageError(f"{LOCK_WAIT_ENV}={raw!r}: expected a number of seconds >= 0")
+    return value
+
+
+class IndexLock:
+    """`<index>.lock`, taken and released the way git does: created exclusively (waiting up to
+    `wait_s` while another process holds it), then either renamed over the index (`commit`) or
+    removed. From creation to rename the lock path always exists, so no other git process can
+    write the index in between; readers see the old index or the new one, never a missing one."""
+
+    def __init__(self, index: Path, wait_s: float, on_wait: Optional[Callable[[Path], None]] = None):
+        self.index = Path(index)
+        self.path = self.index.with_name(self.index.name + ".lock")
+        self.wait_s = wait_s
+        self.on_wait = on_wait
+        self.held = False
+
+    def __enter__(self) -> "IndexLock":
+        deadline = time.monotonic() + self.wait_s
+        waiting = False
+        while True:
+            try:
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                self.held = True
+                return self
+            except FileExistsError:
+                if time.monotonic() >= deadline:
+                    raise GitBusy(
+                        f"another git process holds {self.path} (waited {self.wait_s:g} s, "
+                        f"{LOCK_WAIT_ENV}); nothing was committed (a lock left by a crashed git "
+                        "stays until removed by hand)") from None
+                if not waiting and self.on_wait is not None:
+                    self.on_wait(self.path)
+                waiting = True
+                time.sleep(LOCK_POLL_S)
+
+    def stage(self, new_index: Path) -> None:
+        """The new index content waits in the lock file (a rename: the lock path never vanishes)."""
+        os.replace(new_index, self.path)
+
+    def commit(self) -> None:
+        os.replace(self.path, self.index)
+        self.held = False
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            self.held = False
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:  # someone removed it by hand meanwhile
+                pass
+
+
+def _tree_of(repo: Path, old: Optional[str]) -> str:
+    return _git(repo, "rev-parse", f"{old}^{{tree}}") if old else EMPTY_TREE
+
+
+def _build_commit(repo: Path, tmp: Path, old: Optional[str], rels: list[str], message: str) -> Optional[str]:
+    """A commit of `old` plus our paths as they are on disk, built on a temporary index; None when
+    that changes nothing."""
+    env = {"GIT_INDEX_FILE": str(tmp / "commit-index")}
+    if old:
+        _git(repo, "read-tree", old, env=env)
+    else:
+        _git(repo, "read-tree", "--empty", env=env)
+    _git(repo, "update-index", "--add", "--remove", "--", *rels, env=env)
+    tree = _git(repo, "write-tree", env=env)
+    if tree == _tree_of(repo, old):
+        return None
+    parent = ["-p", old] if old else []
+    return _git(repo, "commit-tree", tree, *parent, "-m", message)
+
+
+def _refreshed_index(repo: Path, index: Path, tmp: Path, rels: list[str]) -> Path:
+    """A copy of the real index where only our paths' entries are updated - by git itself, so the
+    user's entries, the index version and extensions are written exactly as `git add` would. The
+    copy keeps the index's mtime: git's racy-entry check compares entry times with it."""
+    copy = tmp / "user-index"
+    if index.exists():
+        shutil.copy2(index, copy)
+    _git(repo, "update-index", "--add", "--remove", "--", *rels, env={"GIT_INDEX_FILE": str(copy)})
+    return copy
+
+
+def commit_paths(
+    repo: Path,
+    paths: Sequence,
+    message: str,
+    branch: Optional[str] = None,
+    *,
+    wait_s: Optional[float] = None,
+    on_wait: Optional[Callable[[Path], None]] = None,
+    cas_tries: int = CAS_TRIES,
+) -> Optional[str]:
+    """Commit exactly `paths` (files, or directories = the files under them; a deleted file is
+    committed as a deletion) on the current branch. Returns the new commit sha, or None when
+    none of them changed (no empty commits). Refuses on a detached HEAD or when `branch` is given
+    (and not "*") and differs from the current branch.
+
+    Waits up to `wait_s` (default `lock_wait_s()`) for another process's index.lock, calling
+    `on_wait(lock_path)` once when it starts waiting. Raises GitBusy - with nothing moved - when
+    the lock stays held, or when the branch moved under us `cas_tries` times in a row."""
+    repo = repo_root(repo)
+    check_branch(repo, branch)  # refuse before waiting for any lock
     rels = _relative(repo, paths)
     if not rels:
         return None
-    old = _git(repo, "rev-parse", "-q", "--verify", "HEAD^{commit}", check=False) or None
+    index = Path(_git(repo, "rev-parse", "--path-format=absolute", "--git-path", "index"))
     git_dir = Path(_git(repo, "rev-parse", "--absolute-git-dir"))
-    with tempfile.TemporaryDirectory(dir=git_dir, prefix="moectl-index-") as tmp:
-        env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
-        if old:
-            _git(repo, "read-tree", old, env=env)
-        else:
-            _git(repo, "read-tree", "--empty", env=env)
-        _git(repo, "update-index", "--add", "--remove", "--", *rels, env=env)
-        tree = _git(repo, "write-tree", env=env)
-    old_tree = _git(repo, "rev-parse", f"{old}^{{tree}}") if old else EMPTY_TREE
-    if tree == old_tree:
+    with IndexLock(index, lock_wait_s() if wait_s is None else wait_s, on_wait) as lock, \
+            tempfile.TemporaryDirectory(dir=git_dir, prefix="moectl-index-") as tmp_name:
+        tmp = Path(tmp_name)
+        # Under the lock HEAD cannot switch branches (checkout needs the lock): check again.
+        ref = f"refs/heads/{check_branch(repo, branch)}"
+        old = _git(repo, "rev-parse", "-q", "--verify", f"{ref}^{{commit}}", check=False) or None
+        new = _build_commit(repo, tmp, old, rels, message)
+        if new is None:
+            return None
+        lock.stage(_refreshed_index(repo, index, tmp, rels))
+        for _ in range(cas_tries):
+            r = subprocess.run(["git", "-C", str(repo), "update-ref", "-m",
+                                f"commit (moectl): {message.splitlines()[0]}", ref, new, old or ZERO_OID],
+                               capture_output=True, text=True)
+            if r.returncode == 0:
+                lock.commit()
+                return new
+            now = _git(repo, "rev-parse", "-q", "--verify", f"{ref}^{{commit}}", check=False) or None
+            if now == old:  # not a race: the ref could not be written at all
+                raise GitError(f"git update-ref failed: {r.stderr.strip()}; nothing was committed")
+            # Someone committed to the branch without our lock (their own index, plumbing): build
+            # again on top of theirs, so neither commit is lost.
+            old = now
+            new = _build_commit(repo, tmp, old, rels, message)
+            if new is None:  # their commit already holds exactly our files
+                return None
+        raise GitBusy(f"{ref} kept moving while moectl committed ({cas_tries} tries); nothing was committed")
+
+
+def committed_in(repo: Path, path: Path) -> Optional[str]:
+    """The last commit that changed `path`, when HEAD holds exactly the file on disk (as git would
+    store it, clean filters included); None when the file is new or differs."""
+    repo = repo_root(repo)
+    rel = _relative(repo, [path])[0]
+    at_head = _git(repo, "rev-parse", "-q", "--verify", f"HEAD:{rel}", check=False)
+    if not at_head or at_head != _git(repo, "hash-object", f"--path={rel}", "--", rel):
         return None
-    parent = ["-p", old] if old else []
-    new = _git(repo, "commit-tree", tree, *parent, "-m", message)
-    # Compare-and-swap: if someone committed meanwhile, fail rather than drop their commit.
-    _git(repo, "update-ref", "-m", f"commit (moectl): {message.splitlines()[0]}", "HEAD", new, old or "0" * 40)
-    # The real index: refresh only our own entries so `git status` shows them clean.
-    _git(repo, "update-index", "--add", "--remove", "--", *rels)
-    return new
+    return _git(repo, "log", "-1", "--format=%H", "--", rel, env={"GIT_LITERAL_PATHSPECS": "1"})
 
 
 UNTRACKED_MAX_BYTES = 256 * 1024  # bigger untracked files (data, logs) are named, not copied

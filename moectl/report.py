@@ -96,6 +96,11 @@ def commit_message(record: RunRecord, baseline: Optional[RunRecord] = None) -> s
     return msg
 
 
+def not_committed(reason: str, run_id: str) -> str:
+    """Why a run's report was not committed, and the command that commits it once that is fixed."""
+    return f"{reason}; the report is kept: commit it with `moectl commit {run_id}` once that is resolved"
+
+
 def compare_commit_message(comparison: Comparison) -> str:
     """`report: compare bufreuse vs static_cap1p0 — 806400 tok/s (+2.70%)`; with several runs,
     the fastest one is named."""

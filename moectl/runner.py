@@ -27,7 +27,7 @@ from moectl.metrics import RunMetrics, compare, read_metrics, tail_summary
 from moectl.plan import RunPlan, RunRequest, command_text
 from moectl.progress import NullProgress, ProgressSink
 from moectl.records import GitInfo, GuardResult, RunRecord
-from moectl.report import commit_message, report_path, run_report
+from moectl.report import commit_message, not_committed, report_path, run_report
 
 # Engine config keys that only say where this run wrote (already in the record as exp_dir).
 _RUN_SPECIFIC = ("out_dir", "ckpt_dir")
@@ -175,7 +175,7 @@ def execute_run(
                 cfg.root, [report, *outcome.extra_paths], commit_message(record, baseline), branch=cfg.project.branch
             )
         except MoectlError as exc:
-            outcome.commit_error = exc.message
+            outcome.commit_error = not_committed(exc.message, record.id)
     return outcome
 
 

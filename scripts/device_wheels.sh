@@ -2,7 +2,6 @@
 # Fetch the wheels moectl needs on the lent GPU box (Python 3.12, x86-64, no network there; it has
 # torch, typer, rich, psutil and nvidia-ml-py but not pydantic). Run HERE, in the repo root, before
 # a device call that carries `.whl`; scripts/gpu_check.sh installs them into /tmp/site.
-# (GitPython is a declared dependency but moectl commits through git plumbing, so it is not needed.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >>.git/info/exclude

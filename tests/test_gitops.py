@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
 from moectl.errors import GuardRefused
-from moectl.gitops import commit_paths, git_diff, recent_commits
+from moectl.gitops import commit_paths, committed_in, git_diff, recent_commits
 from tests.conftest import git
 
 
@@ -116,6 +117,82 @@ def test_first_commit_in_an_empty_repository(tmp_path):
     sha = commit_paths(repo, [repo / "r.md"], "first report")
     assert git(repo, "ls-tree", "--name-only", sha).split() == ["r.md"]
     assert git(repo, "status", "--porcelain") == "A  user.txt\n"
+
+
+def index_debug(repo, env=None):
+    """`git ls-files -s --debug`: every index entry with its stat data, for any index version."""
+    out = subprocess.run(["git", "-C", str(repo), "ls-files", "-s", "--debug"], capture_output=True, text=True,
+                         check=True, env={**os.environ, **(env or {})}).stdout
+    entries, path = {}, None
+    for line in out.splitlines():
+        if not line.startswith(" "):
+            path = line.split("\t", 1)[1]
+            entries[path] = []
+        entries[path].append(line)
+    return entries
+
+
+def test_index_v4_and_its_extensions_are_kept(git_repo):
+    """feature.manyFiles users: index v4 with the untracked cache. Our commit changes our entry
+    only and leaves the version and the extensions as git writes them."""
+    git(git_repo, "config", "core.untrackedCache", "true")
+    user_mess(git_repo)
+    git(git_repo, "update-index", "--index-version", "4")
+    git(git_repo, "status", "--porcelain")  # writes the untracked cache into the index
+    before, entries = snapshot(git_repo), index_debug(git_repo)
+    raw = (git_repo / ".git" / "index").read_bytes()
+    assert raw[4:8] == b"\0\0\0\x04" and b"UNTR" in raw
+    (git_repo / "reports" / "r.md").write_text("# r\n")
+
+    commit_paths(git_repo, [git_repo / "reports" / "r.md"], "report")
+
+    raw = (git_repo / ".git" / "index").read_bytes()
+    assert raw[4:8] == b"\0\0\0\x04" and b"UNTR" in raw
+    assert {k: v for k, v in index_debug(git_repo).items() if k != "reports/r.md"} == entries
+    assert snapshot(git_repo) == before
+
+
+def test_a_racily_clean_user_edit_stays_visible(git_repo):
+    """git tells a same-size edit made in the index's own instant ("racily clean") from an
+    unchanged file by comparing the entry's mtime with the index file's. Our index update must
+    keep that comparison, or the user's edit vanishes from `git status` for good."""
+    git(git_repo, "config", "core.trustctime", "false")  # so mtime + size alone decide, as racy git assumes
+    readme, index = git_repo / "README.md", git_repo / ".git" / "index"
+    st = readme.stat()
+    readme.write_text("HELLO\n")  # same size as the committed "hello\n"
+    os.utime(readme, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.utime(index, ns=(st.st_mtime_ns, st.st_mtime_ns))  # the index was written in that instant
+    assert git(git_repo, "diff-files", "--name-only") == "README.md\n"  # git sees the edit
+
+    (git_repo / "r.md").write_text("x\n")
+    commit_paths(git_repo, [git_repo / "r.md"], "report")
+
+    assert git(git_repo, "diff-files", "--name-only") == "README.md\n"
+    assert git(git_repo, "diff", "--stat") != ""
+
+
+def test_commit_in_a_linked_worktree_uses_its_own_index_and_branch(git_repo, tmp_path):
+    wt = tmp_path / "wt"
+    git(git_repo, "worktree", "add", "-q", "-b", "side", str(wt))
+    main_index = (git_repo / ".git" / "index").read_bytes()
+    (wt / "r.md").write_text("x\n")
+    sha = commit_paths(wt, [wt / "r.md"], "report on side", branch="side")
+    assert git(git_repo, "rev-parse", "side").strip() == sha
+    assert git(wt, "status", "--porcelain") == ""
+    assert (git_repo / ".git" / "index").read_bytes() == main_index
+    assert git(git_repo, "log", "-1", "--format=%s", "main").strip() == "initial"
+
+
+def test_committed_in_names_the_commit_holding_the_file_as_it_is(git_repo):
+    report = git_repo / "r.md"
+    report.write_text("x\n")
+    assert committed_in(git_repo, report) is None  # untracked
+    sha = commit_paths(git_repo, [report], "first")
+    (git_repo / "other.md").write_text("o\n")
+    commit_paths(git_repo, [git_repo / "other.md"], "later, elsewhere")
+    assert committed_in(git_repo, report) == sha
+    report.write_text("changed\n")
+    assert committed_in(git_repo, report) is None
 
 
 def test_git_diff_includes_staged_and_unstaged(git_repo):

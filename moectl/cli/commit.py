@@ -1,0 +1,52 @@
+"""`moectl commit RUN`: commit a run's report later, once whatever stopped its commit is fixed."""
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from moectl.cli.common import app, handle_errors, print_json, stderr, stdout
+from moectl.cli.options import ConfigOpt, JsonOpt
+
+
+@app.command("commit")
+@handle_errors
+def commit_cmd(
+    run: Annotated[str, typer.Argument(help="Run id, tag, unique prefix of either, or a run directory.")],
+    json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Commit a run's report whose own commit was stopped (and EXPERIMENTS.md); nothing else.
+
+    For when the wrong branch was checked out as a long run ended, or another git process held
+    .git/index.lock past the wait (MOECTL_GIT_LOCK_WAIT seconds, default 10): fix that, then run
+    this. Also commits a `run --no-commit` report. A report already committed is left alone.
+
+    Exit codes: 0 committed or already committed, 2 unknown run or no report,
+    3 refused: wrong branch, detached HEAD, or git still busy (nothing moved).
+
+    Examples:
+      [bold]moectl commit 20250224_182427_moe-bufreuse[/bold]
+      [bold]moectl commit bufreuse --json[/bold]
+    """
+    from moectl.commit import commit_run_report
+    from moectl.config import load_config
+    from moectl.store import resolve_run
+
+    cfg = load_config(config)
+    record = resolve_run(cfg.artifact_root, run)
+
+    def on_wait(lock) -> None:
+        stderr.print(f"waiting for {lock} (another git process holds it)", markup=False)
+
+    result = commit_run_report(cfg, record, on_wait=on_wait)
+    for line in result.warnings:
+        stderr.print(f"warning: {line}", markup=False)
+    if json_out:
+        print_json({"run": result.run_id, "report": str(result.report), "paths": [str(p) for p in result.paths],
+                    "commit": result.commit, "created": result.created})
+    elif result.created:
+        names = ", ".join(p.name for p in result.paths)
+        stdout.print(f"committed {result.commit[:10]} ({names}; nothing else)", markup=False)
+    else:
+        stdout.print(f"{result.report.name} is already committed in {result.commit[:10]}; nothing to do", markup=False)

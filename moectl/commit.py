@@ -1,0 +1,83 @@
+"""`moectl commit RUN`: commit a run's report (and EXPERIMENTS.md) after its own commit was stopped.
+
+    result = commit_run_report(cfg, store.resolve_run(cfg.artifact_root, "bufreuse"))
+    result.commit, result.created        # the commit holding the report; False: it already did
+
+A run commits its report when it ends, and a failed commit never costs the run: the wrong branch
+checked out at the end of a long run, or an editor's git holding .git/index.lock past the wait,
+leaves the report on disk and an error naming this command. Once that is fixed, this commits the
+report and a refreshed EXPERIMENTS.md - through the same `gitops.commit_paths`, so nothing else.
+Nothing is written before the branch check passes; a report already committed is a no-op.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from moectl import gitops
+from moectl.config import Config
+from moectl.errors import GuardRefused, MoectlError, UsageError
+from moectl.records import RunRecord
+from moectl.report import commit_message, not_committed
+
+
+@dataclass
+class ReportCommit:
+    run_id: str
+    report: Path
+    paths: list[Path]  # what was committed (or, when already committed, the report alone)
+    commit: str  # the commit that holds the report
+    created: bool  # False: it was already committed, nothing was done
+    warnings: list[str]
+
+
+def find_run_report(report_dir: Path, run_id: str) -> Optional[Path]:
+    """The run's report: a `<report_dir>/*.md` whose header names the run (`- run: \\`<id>\\``, as
+    `report.run_report` writes it; file names carry the time and tag, not the id). The newest
+    one if there are several."""
+    needle = f"- run: `{run_id}`"
+    hits = []
+    for path in Path(report_dir).glob("*.md"):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                header = [fh.readline() for _ in range(5)]
+        except (OSError, UnicodeDecodeError):
+            continue
+        if any(line.startswith(needle) for line in header):
+            hits.append(path)
+    return max(hits, key=lambda p: (p.stat().st_mtime_ns, p.name)) if hits else None
+
+
+def commit_run_report(
+    cfg: Config, record: RunRecord, *, on_wait: Optional[Callable[[Path], None]] = None
+) -> ReportCommit:
+    """Commit `record`'s report and EXPERIMENTS.md (when `report.summary` is on). Raises UsageError
+    (exit 2) when the run has no report, GuardRefused (exit 3) on the wrong branch, a detached
+    HEAD, or a repository busy past the lock wait."""
+    report = find_run_report(cfg.report_dir, record.id)
+    if report is None:
+        when = "" if record.status in ("completed", "failed", "interrupted") else f"; the run is {record.status}"
+        raise UsageError(f"run {record.id} has no report in {cfg.report_dir} (reports are written when a run ends{when})")
+    try:
+        gitops.check_branch(cfg.root, cfg.project.branch)
+    except GuardRefused as exc:
+        raise type(exc)(not_committed(exc.message, record.id)) from None
+    done = gitops.committed_in(cfg.root, report)
+    if done is not None:
+        return ReportCommit(record.id, report, [report], done, created=False, warnings=[])
+    paths, warnings = [report], []
+    if cfg.report.summary:
+        from moectl.summary import write_summary
+
+        try:
+            paths.append(write_summary(cfg))
+        except MoectlError as exc:  # the summary is a convenience: the report still goes in
+            warnings.append(f"EXPERIMENTS.md not refreshed: {exc.message}")
+    try:
+        sha = gitops.commit_paths(cfg.root, paths, commit_message(record), branch=cfg.project.branch, on_wait=on_wait)
+    except GuardRefused as exc:  # busy, or the branch switched meanwhile: nothing moved
+        raise type(exc)(not_committed(exc.message, record.id)) from None
+    if sha is None:  # the report equals HEAD's after all (committed by someone meanwhile)
+        return ReportCommit(record.id, report, [report], gitops.committed_in(cfg.root, report) or "", False, warnings)
+    return ReportCommit(record.id, report, paths, sha, created=True, warnings=warnings)

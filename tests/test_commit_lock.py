@@ -1,0 +1,357 @@
+"""Commits beside other git processes (issue 8 §2): real lock holders, real racing commits.
+
+An editor's background git holds `.git/index.lock` for a moment; another tool may commit to the
+branch with its own index while moectl commits. moectl must end either "committed, index
+consistent" or "nothing moved, report on disk, a message naming `moectl commit <run id>`" - never
+a commit the user's index does not know about. `moectl commit RUN` is the way back.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from moectl.cli import app
+from moectl.config import load_config
+from moectl.gitops import GitBusy, commit_paths
+from moectl.records import GitInfo, RunRecord, Summary, write_text_atomic
+from moectl.report import report_path, run_report
+from moectl.store import create_run_dir, run_id, save_run
+from tests.conftest import git
+from tests.test_gitops import snapshot, user_mess
+
+runner = CliRunner()
+EVENT_TIMEOUT_S = 30  # generous: 2 cores shared with other test sessions
+
+# A real process holding index.lock the way git does, until the test creates the release file.
+HOLDER = r"""
+import os, sys, time
+lock, release = sys.argv[1], sys.argv[2]
+fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+deadline = time.monotonic() + 120  # never outlive a broken test
+while not os.path.exists(release) and time.monotonic() < deadline:
+    time.sleep(0.01)
+os.close(fd)
+os.unlink(lock)
+"""
+
+
+class LockHolder:
+    def __init__(self, repo: Path, tmp: Path):
+        self.lock = repo / ".git" / "index.lock"
+        self.release_file = tmp / "release-index-lock"
+        self.proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(self.lock), str(self.release_file)])
+        deadline = time.monotonic() + EVENT_TIMEOUT_S
+        while not self.lock.exists():
+            assert self.proc.poll() is None, f"the lock holder exited early ({self.proc.returncode})"
+            assert time.monotonic() < deadline, "the lock holder never created index.lock"
+            time.sleep(0.01)
+
+    def release(self) -> None:
+        self.release_file.touch()
+        assert self.proc.wait(timeout=EVENT_TIMEOUT_S) == 0
+        assert not self.lock.exists()
+
+
+@pytest.fixture
+def hold_index_lock(git_repo, tmp_path):
+    holders = []
+
+    def start(repo: Path = git_repo) -> LockHolder:
+        holders.append(LockHolder(repo, tmp_path))
+        return holders[-1]
+
+    yield start
+    for h in holders:
+        h.release_file.touch()
+        try:
+            h.proc.wait(timeout=EVENT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            h.proc.kill()
+            h.proc.wait(timeout=EVENT_TIMEOUT_S)
+
+
+def index_entries(repo: Path) -> dict[tuple[str, int], bytes]:
+    """Every entry of .git/index (versions 2 and 3) as its raw on-disk bytes - stat data, mode,
+    blob id, flags - keyed by (path, stage): what "the user's index is untouched" means."""
+    data = (repo / ".git" / "index").read_bytes()
+    sig, version, count = struct.unpack(">4sLL", data[:12])
+    assert sig == b"DIRC" and version in (2, 3), (sig, version)
+    entries, off = {}, 12
+    for _ in range(count):
+        flags = struct.unpack(">H", data[off + 60:off + 62])[0]
+        name_at = off + 62 + (2 if version == 3 and flags & 0x4000 else 0)
+        end = data.index(b"\0", name_at)
+        size = (end - off + 8) & ~7  # entries are NUL-padded to a multiple of 8
+        entries[(data[name_at:end].decode(), (flags >> 12) & 3)] = data[off:off + size]
+        off += size
+    return entries
+
+
+def without(entries: dict, *paths: str) -> dict:
+    return {k: v for k, v in entries.items() if k[0] not in paths}
+
+
+def head(repo: Path) -> str:
+    return git(repo, "rev-parse", "HEAD").strip()
+
+
+# ------------------------------------------------------------------------ the library: commit_paths
+
+
+def test_lock_held_briefly_moectl_waits_then_commits_cleanly(git_repo, hold_index_lock):
+    user_mess(git_repo)
+    before_status, before_entries, head0 = snapshot(git_repo), index_entries(git_repo), head(git_repo)
+    report = git_repo / "reports" / "20250101_1200_run.md"
+    report.write_text("# report\n")
+    holder = hold_index_lock()
+    waiting, result = threading.Event(), {}
+
+    def commit():
+        try:
+            result["sha"] = commit_paths(git_repo, [report], "report: waited", branch="main", wait_s=120,
+                                         on_wait=lambda lock: waiting.set())
+        except BaseException as exc:  # reported by the main thread
+            result["error"] = exc
+
+    t = threading.Thread(target=commit)
+    t.start()
+    assert waiting.wait(EVENT_TIMEOUT_S), f"moectl never started waiting for index.lock: {result}"
+    assert t.is_alive() and head(git_repo) == head0  # held: nothing moved yet
+    holder.release()
+    t.join(EVENT_TIMEOUT_S)
+    assert not t.is_alive(), "moectl did not finish its commit after the lock was released"
+    assert "error" not in result, result.get("error")
+
+    assert head(git_repo) == result["sha"] and git(git_repo, "rev-parse", "HEAD^").strip() == head0
+    assert git(git_repo, "show", "--name-only", "--format=", "HEAD").split() == ["reports/20250101_1200_run.md"]
+    assert git(git_repo, "status", "--porcelain", "--", "reports/20250101_1200_run.md") == ""
+    # The user's staged, modified and untracked files: status and diffs, and every index entry
+    # but ours, byte for byte.
+    assert snapshot(git_repo) == before_status
+    assert without(index_entries(git_repo), "reports/20250101_1200_run.md") == before_entries
+    assert not (git_repo / ".git" / "index.lock").exists()
+
+
+def test_lock_held_past_the_wait_moves_nothing(git_repo, hold_index_lock):
+    user_mess(git_repo)
+    report = git_repo / "reports" / "r.md"
+    report.write_text("# report\n")
+    index_bytes, head0, status0 = (git_repo / ".git" / "index").read_bytes(), head(git_repo), snapshot(git_repo)
+    reflog0 = git(git_repo, "reflog")
+    holder = hold_index_lock()
+
+    with pytest.raises(GitBusy, match=r"another git process holds .*index\.lock.*nothing was committed"):
+        commit_paths(git_repo, [report], "report: never", branch="main", wait_s=0.3)
+
+    assert head(git_repo) == head0 and git(git_repo, "reflog") == reflog0
+    assert (git_repo / ".git" / "index").read_bytes() == index_bytes
+    assert holder.lock.exists()  # theirs, still held: we never touch another process's lock
+    holder.release()
+    assert snapshot(git_repo) == status0 and report.read_text() == "# report\n"
+
+
+def test_wait_comes_from_the_environment(git_repo, hold_index_lock, monkeypatch):
+    (git_repo / "r.md").write_text("x\n")
+    hold_index_lock()
+    monkeypatch.setenv("MOECTL_GIT_LOCK_WAIT", "0.2")
+    t0 = time.monotonic()
+    with pytest.raises(GitBusy, match=r"waited 0\.2 s"):
+        commit_paths(git_repo, [git_repo / "r.md"], "msg")
+    assert time.monotonic() - t0 < EVENT_TIMEOUT_S
+
+
+RACING_HOOK = """#!/bin/sh
+# Another process commits to the branch while moectl is mid-commit. moectl holds index.lock, so
+# this commit uses its own index (as a tool committing from a temporary index does). It runs once:
+# on the first index write git makes for moectl, i.e. after moectl read the branch.
+mkdir "{marker}" 2>/dev/null || exit 0
+test -e "{lock}" && : > "{marker}/moectl_held_the_lock"
+export GIT_INDEX_FILE="{marker}/user-index"
+git read-tree HEAD
+printf 'the user commit\\n' > "{repo}/user_commit.txt"
+git update-index --add user_commit.txt
+git commit -q -m "user: racing commit"
+"""
+
+
+def racing_user_commit(repo: Path, tmp: Path) -> Path:
+    marker = tmp / "user-committed"
+    hook = repo / ".git" / "hooks" / "post-index-change"
+    hook.write_text(RACING_HOOK.format(marker=marker, lock=repo / ".git" / "index.lock", repo=repo))
+    hook.chmod(0o755)
+    return marker
+
+
+def test_a_user_commit_racing_moectls_is_kept(git_repo, tmp_path):
+    user_mess(git_repo)
+    entries0, head0 = index_entries(git_repo), head(git_repo)
+    report = git_repo / "reports" / "r.md"
+    report.write_text("# report\n")
+    marker = racing_user_commit(git_repo, tmp_path)
+
+    sha = commit_paths(git_repo, [report], "report: raced", branch="main")
+
+    assert (marker / "moectl_held_the_lock").exists(), "the user's commit did not land mid-commit"
+    # No commit lost: ours sits on top of theirs, theirs on top of where we started.
+    assert head(git_repo) == sha
+    assert git(git_repo, "log", "--format=%s", "-3").splitlines() == ["report: raced", "user: racing commit", "more files"]
+    assert git(git_repo, "rev-parse", "HEAD~2").strip() == head0
+    assert git(git_repo, "show", "HEAD:user_commit.txt") == "the user commit\n"
+    assert git(git_repo, "show", "--name-only", "--format=", "HEAD").split() == ["reports/r.md"]
+    assert git(git_repo, "status", "--porcelain", "--", "reports/r.md") == ""
+    assert without(index_entries(git_repo), "reports/r.md") == entries0
+
+
+def test_a_race_lost_on_every_try_moves_nothing(git_repo, tmp_path):
+    """The same race with no second try: the branch keeps the user's commit, the index is exactly
+    as it was, no lock is left (this also shows the race above is real)."""
+    user_mess(git_repo)
+    report = git_repo / "reports" / "r.md"
+    report.write_text("# report\n")
+    index_bytes = (git_repo / ".git" / "index").read_bytes()
+    racing_user_commit(git_repo, tmp_path)
+
+    with pytest.raises(GitBusy, match="kept moving"):
+        commit_paths(git_repo, [report], "report: raced", branch="main", cas_tries=1)
+
+    assert git(git_repo, "log", "-1", "--format=%s").strip() == "user: racing commit"
+    assert (git_repo / ".git" / "index").read_bytes() == index_bytes
+    assert not (git_repo / ".git" / "index.lock").exists() and report.is_file()
+
+
+# --------------------------------------------------------------------------- moectl commit RUN
+
+
+def finished_run(project: Path, tag: str = "bufreuse", write_report: bool = True) -> tuple[RunRecord, Path]:
+    """A completed run in the store and its report in report_dir, as `moectl run --no-commit` leaves them."""
+    cfg = load_config(None)
+    rid = run_id("moe", tag)
+    exp = create_run_dir(cfg.artifact_root / rid)
+    rec = RunRecord(id=rid, tag=tag, status="completed", created_at="2025-01-01T12:00:00+00:00",
+                    finished_at="2025-01-01T12:05:00+00:00", exit_code=0, options={"cap": 1.0},
+                    git=GitInfo(branch="main", commit=head(project), dirty=False), exp_dir=str(exp),
+                    summary=Summary(window=50, steps=10, tok_per_sec=806400.06))
+    save_run(rec)
+    report = report_path(cfg.report_dir, tag)
+    if write_report:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(report, run_report(rec))
+    return rec, report
+
+
+def commit_cmd(*args: str):
+    return runner.invoke(app, ["commit", *args])
+
+
+def test_moectl_commit_commits_the_report_and_summary_then_is_idempotent(project):
+    user_mess(project)
+    status0, entries0, head0 = snapshot(project), index_entries(project), head(project)
+    rec, report = finished_run(project)
+    rel = report.relative_to(project).as_posix()
+
+    r = commit_cmd(rec.id, "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out == {"run": rec.id, "report": str(report), "paths": [str(report), str(project / "EXPERIMENTS.md")],
+                   "commit": head(project), "created": True}
+    assert git(project, "rev-parse", "HEAD^").strip() == head0
+    assert sorted(git(project, "show", "--name-only", "--format=", "HEAD").split()) == ["EXPERIMENTS.md", rel]
+    assert git(project, "log", "-1", "--format=%s").strip() == "report: cap1.0 bufreuse — 806400 tok/s"
+    assert snapshot(project) == status0
+    assert without(index_entries(project), rel, "EXPERIMENTS.md") == entries0
+
+    again = commit_cmd("bufreuse")  # a tag works as everywhere; nothing to do the second time
+    assert again.exit_code == 0, again.output
+    assert f"already committed in {out['commit'][:10]}" in again.stdout
+    assert head(project) == out["commit"]
+
+
+def test_moectl_commit_without_a_report_is_a_usage_error(project):
+    rec, report = finished_run(project, write_report=False)
+    r = commit_cmd(rec.id)
+    assert r.exit_code == 2
+    assert f"run {rec.id} has no report in" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = commit_cmd("no-such-run")
+    assert r.exit_code == 2 and "no run matches" in r.stderr
+
+
+def test_moectl_commit_on_the_wrong_branch_refuses_and_writes_nothing(project):
+    rec, report = finished_run(project)
+    git(project, "switch", "-q", "-c", "elsewhere")
+    head0 = head(project)
+    r = commit_cmd(rec.id)
+    assert r.exit_code == 3
+    assert "on branch 'elsewhere', expected 'main'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert head(project) == head0 and not (project / "EXPERIMENTS.md").exists()
+    git(project, "switch", "-q", "main")
+    assert commit_cmd(rec.id).exit_code == 0
+    assert report.relative_to(project).as_posix() in git(project, "show", "--name-only", "--format=", "HEAD")
+
+
+def test_moectl_commit_waits_for_a_lock_then_gives_up_naming_itself(project, hold_index_lock, monkeypatch):
+    rec, report = finished_run(project)
+    holder = hold_index_lock(project)
+    monkeypatch.setenv("MOECTL_GIT_LOCK_WAIT", "0.3")
+    head0 = head(project)
+    r = commit_cmd(rec.id)
+    assert r.exit_code == 3
+    assert "waiting for" in r.stderr and "index.lock" in r.stderr
+    assert f"moectl commit {rec.id}" in r.stderr and head(project) == head0
+    holder.release()
+    assert commit_cmd(rec.id).exit_code == 0 and head(project) != head0
+
+
+def test_bad_lock_wait_is_a_usage_error(project, monkeypatch):
+    rec, _ = finished_run(project)
+    monkeypatch.setenv("MOECTL_GIT_LOCK_WAIT", "soon")
+    r = commit_cmd(rec.id)
+    assert r.exit_code == 2 and "MOECTL_GIT_LOCK_WAIT='soon'" in r.stderr
+
+
+def test_commit_help_has_examples():
+    r = commit_cmd("--help")
+    assert r.exit_code == 0 and "Example" in r.stdout and "moectl commit" in r.stdout
+
+
+# ----------------------------------------------------------------- the issue's report, end to end
+
+
+@pytest.mark.slow
+def test_a_run_ending_under_a_held_lock_moves_nothing_and_moectl_commit_finishes_it(
+        git_repo, monkeypatch, artifact_root, hold_index_lock):
+    """The reproduction: `.git/index.lock` held when a run finishes. Before the fix moectl moved
+    the branch, failed to update the index, and said "not committed"."""
+    from tests.test_run import QUIET, FAST, commit_config, write_config
+
+    write_config(git_repo)
+    commit_config(git_repo, monkeypatch)
+    user_mess(git_repo)
+    index_bytes, status0, head0 = (git_repo / ".git" / "index").read_bytes(), snapshot(git_repo), head(git_repo)
+    holder = hold_index_lock()
+    monkeypatch.setenv("MOECTL_GIT_LOCK_WAIT", "0.5")
+
+    r = runner.invoke(app, ["run", "--steps", "3", "--tag", "locked", *QUIET, *FAST])
+    assert r.exit_code == 0, r.output  # the run itself completed
+    [exp] = [p.parent for p in artifact_root.glob("*/run.json")]
+    assert "report not committed: another git process holds" in r.stderr
+    assert f"moectl commit {exp.name}" in r.stderr
+    assert head(git_repo) == head0 and (git_repo / ".git" / "index").read_bytes() == index_bytes
+    [report] = [p for p in (git_repo / "reports").glob("*.md") if p.name != "user_note.md"]
+    assert f"`{exp.name}`" in report.read_text()
+
+    holder.release()
+    done = commit_cmd(exp.name)
+    assert done.exit_code == 0, done.output
+    rel = report.relative_to(git_repo).as_posix()
+    assert sorted(git(git_repo, "show", "--name-only", "--format=", "HEAD").split()) == ["EXPERIMENTS.md", rel]
+    assert git(git_repo, "status", "--porcelain", "--", rel, "EXPERIMENTS.md") == ""
+    assert snapshot(git_repo) == status0
