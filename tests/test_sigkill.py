@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 from engine.schema import METRICS_FILENAME, RunSummary, StartInfo, StepMetrics, parse_line, to_line
 from moectl import store
 from moectl.cli import app
-from moectl.lock import LOCK_NAME
+from moectl.lock import LOCK_NAME, read_holder
 from moectl.records import RUN_RECORD, SWEEP_RECORD, RunRecord, SweepLeg, SweepRecord, save_model
 from tests.test_run import QUIET, REPO, proj, record, run_dirs  # noqa: F401  (proj: fixture)
 
@@ -102,7 +102,7 @@ def kill_all(procs: list[psutil.Process]) -> None:
 
 def dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()  # reaped: the pid is gone
+    proc.wait(timeout=60)  # reaped: the pid is gone
     return proc.pid
 
 
@@ -292,15 +292,21 @@ def test_a_read_settles_a_stale_run_its_lock_and_its_sweep_leg(tmp_path):
     assert again == rec and {p: p.read_bytes() for p in before} == before  # once only
 
 
-def test_a_lock_that_names_another_run_or_a_live_owner_is_left_alone(tmp_path):
+@pytest.mark.parametrize("holder", ["dead owner, another run", "live owner, this run"])
+def test_a_lock_that_is_not_the_dead_owners_is_left_alone(tmp_path, holder):
     exp = make_stale_run(tmp_path, "20260101_000001_moe-a", 5)
-    lock = tmp_path / LOCK_NAME
-    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "run_id": "another",
-                                "started_at": store.now_iso(), "started_ts": time.time() - 5, "token": "t"}))
+    lock = lock_for(tmp_path, record(exp))
+    info = json.loads(lock.read_text())
+    if holder == "dead owner, another run":
+        info["run_id"] = "20260101_000000_moe-other"
+    else:  # a live moectl (this test, taking it now) whose lock happens to carry the run's id
+        info["pid"], info["started_ts"] = os.getpid(), time.time()
+    lock.write_text(json.dumps(info))
     held = lock.read_bytes()
+    assert read_holder(tmp_path).stale is (holder == "dead owner, another run")
     [rec] = store.list_runs(tmp_path)
     assert rec.status == "interrupted" and record(exp)["status"] == "interrupted"
-    assert lock.read_bytes() == held  # a live moectl's lock for another run
+    assert lock.read_bytes() == held
 
 
 def test_not_settled_while_a_process_of_its_training_lives(tmp_path):
