@@ -12,6 +12,15 @@ Why the process handling looks the way it does:
   not reach the workers. We therefore keep a list of torchrun's descendants (psutil, refreshed while
   it runs and right before every signal) and kill those too when the grace period runs out, and
   after torchrun exits we make sure none of them is left behind.
+- If moectl itself dies without a word (SIGKILL, the OOM killer), torchrun must not train on
+  unrecorded: on Linux it is started with a parent-death signal (`prctl(PR_SET_PDEATHSIG,
+  SIGTERM)` between fork and exec), so the kernel sends it SIGTERM the moment we die and it stops
+  its workers as on Ctrl-C; the engine asks the same of torchrun (engine/train.py), for a
+  torchrun that is itself SIGKILLed. The signal follows the *thread* that forked, not the
+  process: `launch` forks from the thread that then waits for torchrun to exit, so that thread
+  outlives it on every path. Elsewhere (no prctl) the training runs on until it next writes to
+  the closed pipe; the next moectl that reads the record settles it once no process of the run
+  is left (store.settle_stale).
 - Signal handlers only set a flag and wake the wait loop; all the acting happens in the loop, never
   inside whatever code the signal happened to interrupt. They are installed for the duration of
   `launch` and the previous ones restored on every path.
@@ -143,6 +152,30 @@ class _Family:
         return bool(left)
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_this_thread() -> Optional[Callable[[], None]]:
+    """A `preexec_fn` giving the child SIGTERM when the calling thread dies; None where the
+    kernel has no such thing (not Linux, no libc prctl): the run then just lacks this guard."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent, sigterm = os.getpid(), int(signal.SIGTERM)
+
+    def set_parent_death_signal() -> None:
+        # In the child between fork and exec: two syscalls, no imports, no locks.
+        if prctl(PR_SET_PDEATHSIG, sigterm, 0, 0, 0) == 0 and os.getppid() != parent:
+            os._exit(128 + sigterm)  # we died before prctl took effect: the signal would never come
+
+    return set_parent_death_signal
+
+
 def _signal_group(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
@@ -269,6 +302,7 @@ def launch(
                 proc = subprocess.Popen(
                     argv, cwd=str(cwd), env=child_env, stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                    preexec_fn=_die_with_this_thread(),
                 )
             except OSError as exc:
                 error = f"could not start {argv[0] if argv else '(empty argv)'}: {exc}"

@@ -8,7 +8,8 @@ The lock file holds JSON {pid, host, run_id, started_at, cmd} (plus `started_ts`
 It is created atomically with its full content (written to a temp file, then hard-linked into
 place: `link` fails if the name exists, like O_CREAT|O_EXCL, but a reader never sees it empty).
 A lock whose owner died (same host, pid gone, or the pid now belongs to a process started after
-the lock was taken) is stale and is taken over, so a SIGKILLed moectl never blocks the next run.
+the lock was taken) is stale and is taken over, so a SIGKILLed moectl never blocks the next run;
+a reader that settles the dead owner's run removes it the same way (`release_if_dead`).
 """
 from __future__ import annotations
 
@@ -171,6 +172,16 @@ def _take_over(path: Path, seen: LockHolder) -> None:
             path.unlink(missing_ok=True)
     finally:
         os.close(fd)  # releases the flock
+
+
+def release_if_dead(root: Path, pid: int, run_id: str) -> None:
+    """Remove the lock of `root` if it still names `run_id` held by `pid` and that holder is dead:
+    what a reader does once it has settled the run a killed moectl left behind. Done as a takeover
+    (move aside, check, put back if it changed), so a live lock that replaced the dead one meanwhile
+    is never removed. OSError when the artifact root is not writable."""
+    holder = read_holder(root)
+    if holder is not None and holder.stale and holder.pid == pid and holder.run_id == run_id:
+        _take_over(lock_path(root), holder)
 
 
 def acquire(root: Path, run_id: str, cmd: str = "") -> Lock:

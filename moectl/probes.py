@@ -420,6 +420,7 @@ def collect_status(config_path: Optional[Path] = None, cwd: Optional[Path] = Non
     except UsageError as exc:
         config_error = " ".join([exc.message, *exc.lines])
         cfg = default_config(cwd)
+    recent_runs = _recent_runs(cfg)  # first: reading settles a killed moectl's run and removes its lock
     obs = observe(cfg)
     git = obs.git
     return {
@@ -443,5 +444,5 @@ def collect_status(config_path: Optional[Path] = None, cwd: Optional[Path] = Non
             "error": git.error,
         },
         "venv": obs.venv.model_dump() if obs.venv else None,
-        "recent_runs": _recent_runs(cfg),
+        "recent_runs": recent_runs,
     }

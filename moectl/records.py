@@ -70,6 +70,9 @@ class RunRecord(BaseModel):
     # Beyond the §7a minimum:
     host: Optional[str] = None
     pid: Optional[int] = None  # the moectl process that owns a running run (stale detection)
+    # The tail window its summary is computed over ([metrics] window at launch), so a reader that
+    # settles the run after its moectl was killed summarises it as moectl would have.
+    window: Optional[int] = None
     gpus: list[str] = Field(default_factory=list)
     driver: Optional[str] = None
     torch_version: Optional[str] = None

@@ -23,14 +23,11 @@ from moectl.errors import EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRAINING, 
 from moectl.guards import check_request, passed, wait_until_clear
 from moectl.launch import launch
 from moectl.lock import acquire
-from moectl.metrics import RunMetrics, compare, read_metrics, tail_summary
+from moectl.metrics import RunMetrics, compare, read_metrics
 from moectl.plan import RunPlan, RunRequest, command_text
 from moectl.progress import NullProgress, ProgressSink
 from moectl.records import GitInfo, GuardResult, RunRecord
 from moectl.report import commit_message, not_committed, report_path, run_report
-
-# Engine config keys that only say where this run wrote (already in the record as exp_dir).
-_RUN_SPECIFIC = ("out_dir", "ckpt_dir")
 
 
 @dataclass
@@ -102,6 +99,7 @@ def execute_run(
             driver=obs.nvml.driver if plan.device == "cuda" else None,
             sweep=sweep_id,
             notes=plan.notes,
+            window=plan.window,
         )
         outcome.record = record
         try:
@@ -129,13 +127,9 @@ def execute_run(
             raise
 
         metrics = read_metrics(Path(plan.files["metrics.jsonl"]))
-        if metrics.steps:
-            record.summary = tail_summary(metrics, plan.window)
-        if metrics.start is not None:
-            record.engine = {k: v for k, v in metrics.start.config.items() if k not in _RUN_SPECIFIC}
-            record.torch_version = metrics.start.config.get("torch_version")
-            if plan.device == "cuda" and not record.gpus:
-                record.gpus = [metrics.start.device]
+        store.apply_metrics(record, metrics, plan.window)
+        if metrics.start is not None and plan.device == "cuda" and not record.gpus:
+            record.gpus = [metrics.start.device]
         worker_code = result.worker_exit_code
         record.exit_code = worker_code if worker_code is not None else result.exit_code
         record.finished_at = store.now_iso()
@@ -150,9 +144,6 @@ def execute_run(
             record.error = result.error or result.log_tail or f"torchrun exited with {result.exit_code}"
             outcome.exit_code = EXIT_TRAINING
             outcome.compile_failed = worker_code == EXIT_COMPILE_FAILED
-        if metrics.skipped:
-            note = f"{metrics.skipped} malformed metrics lines skipped"
-            record.notes = f"{record.notes}; {note}" if record.notes else note
         store.save_run(record)
     finally:
         if lock is not None:

@@ -6,11 +6,17 @@
 
 Directories are created with one `os.mkdir` (atomic: two launches can never share one) and never
 reused. Records are written atomically (`records.write_json_atomic`). Reading is forgiving: a
-corrupt run.json is reported and skipped, never a crash, and a run whose owner died without
-saying so (SIGKILL, reboot) is *shown* as `stale` — its run.json is never rewritten on read.
+corrupt run.json is reported and skipped, never a crash.
+
+A run whose moectl died without saying so (SIGKILL, the OOM killer, a reboot) is settled by the
+first moectl that reads it (`settle_stale`): once none of its training processes is left, its
+run.json becomes `interrupted (moectl was killed)` with its metrics summarised, its sweep leg
+`interrupted`, and the run lock it left is removed. Until then — training still stopping, or a
+store this process cannot write — it is *shown* as `stale` and left as it is.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 from dataclasses import dataclass, field
@@ -21,8 +27,12 @@ from typing import Any, Iterable, Optional, Sequence
 from pydantic import Field, ValidationError
 
 from engine.schema import METRICS_FILENAME, RunSummary, StepMetrics, to_line
+from moectl.config import MetricsSection
 from moectl.errors import UsageError
-from moectl.records import RUN_RECORD, SWEEP_RECORD, RunRecord, Summary, save_model, write_text_atomic
+from moectl.metrics import MetricsFile, read_metrics, tail_summary
+from moectl.records import (
+    RUN_RECORD, SWEEP_RECORD, RunRecord, Summary, SweepRecord, save_model, write_text_atomic,
+)
 
 ID_TIME_FORMAT = "%Y%m%d_%H%M%S"
 # A pid is "the same process" only if it started no later than this after the record was made.
@@ -99,9 +109,12 @@ def load_run(run_dir: Path) -> StoredRun:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "record"
         raise CorruptRecord(f"corrupt {path}: {where}: {first.get('msg', 'invalid')}") from None
+    recorded_exp_dir = rec.exp_dir
     # The directory is the truth about where the run lives (it may have been moved).
     rec.exp_dir = str(run_dir.resolve())
     rec.stale = is_stale(rec)
+    if rec.stale:
+        return settle_stale(run_dir, rec, recorded_exp_dir)
     return rec
 
 
@@ -151,6 +164,144 @@ def is_stale(record: RunRecord, host: Optional[str] = None) -> bool:
         return False  # access denied: it exists; assume it is ours
     recorded = _parse_time(record.started_at) or _parse_time(record.created_at)
     return recorded is not None and started > recorded + _PID_REUSE_SLACK_S
+
+
+# --- settling the runs of a killed moectl --------------------------------------------------------
+
+KILLED = "interrupted (moectl was killed)"
+_LOG_TAIL_LINES = 40  # as many as launch keeps for a run it saw to the end
+# Engine config keys that only say where a run wrote (already in the record as exp_dir).
+_RUN_SPECIFIC = ("out_dir", "ckpt_dir")
+
+
+def apply_metrics(record: RunRecord, metrics: MetricsFile, window: int) -> None:
+    """What a record takes from its metrics.jsonl once the training is over: the tail summary
+    (SPEC §7), the engine's resolved configuration and torch version, a note on malformed lines.
+    The one place for it, whether moectl saw the run to its end or a reader settles it later."""
+    if metrics.steps:
+        record.summary = tail_summary(metrics, window)
+    if metrics.start is not None:
+        record.engine = {k: v for k, v in metrics.start.config.items() if k not in _RUN_SPECIFIC}
+        record.torch_version = metrics.start.config.get("torch_version")
+    if metrics.skipped:
+        note = f"{metrics.skipped} malformed metrics lines skipped"
+        record.notes = f"{record.notes}; {note}" if record.notes else note
+
+
+def settle_stale(run_dir: Path, rec: StoredRun, recorded_exp_dir: Optional[str] = None) -> StoredRun:
+    """Finalise a stale run (its moectl is dead) as `interrupted (moectl was killed)`; return what
+    a reader should show. Called by `load_run`, so every command that reads the store does it.
+
+    - Not while a process of its training is alive (stopping after its parent-death signal, or on
+      a system without one): its metrics may still grow, so it stays `stale` until the next read.
+    - The content is a function of the files alone (summary from metrics.jsonl with the window
+      recorded at launch; `finished_at` = when the run last wrote, the newest mtime of
+      metrics.jsonl and train.log; `exit_code` null, since the moectl that collects torchrun's
+      status died first), so two readers settling it at once write the same bytes, atomically.
+    - Then the run lock, if it still names this dead owner, is removed, and a `running` leg in
+      the sweep.json beside the run becomes `interrupted` (what `sweep --resume` reruns).
+    - A store this process cannot write leaves everything as it was: shown `stale`, no error.
+    """
+    if _training_alive(rec, recorded_exp_dir):
+        return rec
+    metrics_path, log_path = run_dir / METRICS_FILENAME, run_dir / "train.log"
+    final = rec.model_copy(deep=True)
+    final.exp_dir = recorded_exp_dir or rec.exp_dir  # run.json keeps what it said; only the status settles
+    metrics = read_metrics(metrics_path)
+    apply_metrics(final, metrics, rec.window or MetricsSection().window)
+    final.status = "interrupted"
+    final.finished_at = _last_written(metrics_path, log_path) or rec.started_at or rec.created_at
+    finished = "; its training had finished (metrics.jsonl ends with its summary)" if metrics.summary else ""
+    tail = _log_tail(log_path)
+    final.error = KILLED + finished + (f"\n{tail}" if tail else "")
+    try:
+        if _recorded_status(run_dir) in ("created", "running"):  # not settled by another reader meanwhile
+            save_model(run_dir / RUN_RECORD, final)
+    except OSError:
+        return rec  # not ours to write (read-only mount, another user's store): keep showing it stale
+    from moectl.lock import release_if_dead  # here, as psutil: reading settled runs never pays for it
+
+    for root in (run_dir.parent, run_dir.parent.parent):  # a run's root, or a sweep leg's
+        try:
+            release_if_dead(root, rec.pid, rec.id)
+        except OSError:
+            pass  # the record is settled; a lock we cannot remove is still taken over by the next run
+    try:
+        _settle_sweep_leg(run_dir.parent / SWEEP_RECORD, rec.id)
+    except OSError:
+        pass  # leg_status shows the leg as its settled run anyway
+    final.exp_dir = rec.exp_dir
+    final.stale = False
+    return final
+
+
+def _training_alive(rec: RunRecord, recorded_exp_dir: Optional[str]) -> bool:
+    """Is a process of this run's training still alive: torchrun (argv as recorded) or anything
+    given `--out-dir` this run's directory (the workers)?"""
+    import psutil
+
+    out_dirs = {rec.exp_dir, recorded_exp_dir}
+    argv = list(rec.argv)
+    out_dirs |= {b for a, b in zip(argv, argv[1:]) if a == "--out-dir"}
+    out_dirs.discard(None)
+    me = os.getpid()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = proc.info.get("cmdline") or []
+        if proc.info["pid"] == me or not cmd:
+            continue
+        if cmd == argv or any(a == "--out-dir" and b in out_dirs for a, b in zip(cmd, cmd[1:])) \
+                or any(a.startswith("--out-dir=") and a.split("=", 1)[1] in out_dirs for a in cmd):
+            return True
+    return False
+
+
+def _recorded_status(run_dir: Path) -> Optional[str]:
+    try:
+        data = json.loads((run_dir / RUN_RECORD).read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+    return data.get("status") if isinstance(data, dict) else None
+
+
+def _last_written(*paths: Path) -> Optional[str]:
+    """The newest mtime of `paths` (those that exist), in the records' timestamp format."""
+    times = []
+    for path in paths:
+        try:
+            times.append(path.stat().st_mtime)
+        except OSError:
+            pass
+    if not times:
+        return None
+    return datetime.fromtimestamp(max(times)).astimezone().isoformat(timespec="milliseconds")
+
+
+def _log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    """The last `lines` lines of a log (read from its end: a log may be large)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 64 * 1024))
+            data = fh.read()
+    except OSError:
+        return ""
+    return "\n".join(data.decode("utf-8", errors="replace").splitlines()[-lines:])
+
+
+def _settle_sweep_leg(sweep_path: Path, run_id: str) -> None:
+    """The sweep.json beside a settled run: its leg still `running` with that run becomes
+    `interrupted` (the sweep's moectl is the run's, and it is dead)."""
+    try:
+        sweep = SweepRecord.model_validate_json(sweep_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return
+    except ValidationError:
+        return  # not ours to repair here: sweep listings report it
+    legs = [leg for leg in sweep.legs if leg.run_id == run_id and leg.state == "running"]
+    for leg in legs:
+        leg.state = "interrupted"
+    if legs:
+        save_model(sweep_path, sweep)
 
 
 # --- listing and lookup --------------------------------------------------------------------------
@@ -258,8 +409,6 @@ def import_run(
     and `format`. metrics.jsonl is written in the engine's own schema, so an imported run reads
     exactly like a native one. The directory only appears once everything in it is written.
     """
-    from moectl.metrics import MetricsFile, tail_summary
-
     if not steps:
         raise UsageError("nothing to import: no steps")
     extras = dict(extras or {})

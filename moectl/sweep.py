@@ -10,8 +10,9 @@
 Legs run one at a time through the runner (same guards, lock, records, report, commit as
 `moectl run`: there is no second launch path). sweep.json is rewritten atomically at every change,
 so whatever stops the sweep - a failed leg, Ctrl-C, SIGTERM, SIGKILL, a reboot - it stays true:
-finished legs `completed`, the stopped one `interrupted` (or `running` after a SIGKILL: its run
-record is then stale and `leg_status` says so), the rest `pending`.
+finished legs `completed`, the stopped one `interrupted` (after a SIGKILL, `running` until the next
+moectl that reads the store settles the leg and its run as `interrupted`: store.settle_stale;
+`leg_status` shows it `stale` meanwhile), the rest `pending`.
 
 A resume never writes into the old directory: it makes `<ts>_<project>-<name>-resume/` whose
 sweep.json lists every leg (completed ones carried over with their original run ids) and links

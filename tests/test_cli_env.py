@@ -225,7 +225,7 @@ def test_check_without_config_and_bad_options_exit_2(tmp_path, monkeypatch, proj
     assert r.exit_code == 0
 
 
-def test_status_recent_runs_show_a_dead_owner_as_stale(project, artifact_root):
+def test_status_recent_runs_settle_a_dead_owners_run(project, artifact_root):
     from moectl.records import RunRecord, save_model
 
     run_dir = artifact_root / "20250101_000000_moe-orphan"
@@ -235,6 +235,10 @@ def test_status_recent_runs_show_a_dead_owner_as_stale(project, artifact_root):
     rec = RunRecord(id=run_dir.name, tag="orphan", status="running", created_at="2025-01-01T00:00:00+00:00",
                     started_at="2025-01-01T00:00:00+00:00", exp_dir=str(run_dir), host=socket.gethostname(), pid=dead_pid())
     save_model(run_dir / "run.json", rec)
+    plant(artifact_root, pid=rec.pid, run_id=rec.id)  # the lock its killed moectl left
     s = json.loads(invoke("status", "--json").stdout)
-    assert [(r["id"], r["status"]) for r in s["recent_runs"]] == [(run_dir.name, "stale")]
-    assert f"{run_dir.name}  stale" in invoke("status").stdout
+    assert [(r["id"], r["status"], r["error"]) for r in s["recent_runs"]] == \
+        [(run_dir.name, "interrupted", "interrupted (moectl was killed)")]
+    assert s["lock"] is None  # removed by the same reading, before the lock was reported
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"  # settled by reading
+    assert f"{run_dir.name}  interrupted" in invoke("status").stdout

@@ -107,7 +107,7 @@ def test_runs_json_table_filters(project, artifact_root):
     assert invoke("runs", "--status", "nope").exit_code == 2
 
 
-def test_runs_skips_corrupt_record_and_shows_stale(project, artifact_root):
+def test_runs_skips_corrupt_record_and_settles_a_dead_owners_run(project, artifact_root):
     good = imported("good", "metrics_small.jsonl", "jsonl")
     broken = artifact_root / "20260101_000000_moe-broken"
     broken.mkdir()
@@ -122,12 +122,14 @@ def test_runs_skips_corrupt_record_and_shows_stale(project, artifact_root):
     assert r.exit_code == 0
     data = {x["tag"]: x for x in json.loads(r.stdout)}
     assert set(data) == {"good", "ghost"} and data["good"]["id"] == good["id"]
-    assert data["ghost"]["status"] == "stale" and data["ghost"]["recorded_status"] == "running"
+    # Its moectl is dead: the listing settled it (test_sigkill.py has the details).
+    assert data["ghost"]["status"] == "interrupted" and "recorded_status" not in data["ghost"]
     assert "skipped 1 unreadable run record" in r.stderr and "broken" in r.stderr
-    assert [x["tag"] for x in json.loads(invoke("runs", "--json", "--status", "stale").stdout)] == ["ghost"]
-    assert json.loads((d / RUN_RECORD).read_text())["status"] == "running"  # never rewritten on read
+    assert json.loads(invoke("runs", "--json", "--status", "stale").stdout) == []
+    assert [x["tag"] for x in json.loads(invoke("runs", "--json", "--status", "interrupted").stdout)] == ["ghost"]
+    assert json.loads((d / RUN_RECORD).read_text())["status"] == "interrupted"  # rewritten on read
     shown = invoke("show", "ghost")
-    assert shown.exit_code == 0 and "stale" in shown.stdout
+    assert shown.exit_code == 0 and "status: interrupted" in shown.stdout and "interrupted (moectl was killed)" in shown.stdout
 
 
 def test_show_json_and_text(project):

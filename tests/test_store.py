@@ -15,6 +15,7 @@ from moectl.errors import EXIT_USAGE, UsageError
 from moectl.metrics import read_metrics
 from moectl.records import RUN_RECORD, RunRecord, SweepLeg, SweepRecord, save_model
 from moectl.store import (
+    StoredRun,
     create_run_dir,
     import_run,
     is_stale,
@@ -93,16 +94,24 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def test_stale_when_owner_pid_is_dead_and_run_json_not_rewritten(tmp_path):
+def test_a_dead_owners_run_is_settled_on_read(tmp_path):
     host = socket.gethostname()
     now = datetime.now().astimezone().isoformat()
     make_run(tmp_path, "dead", "d", now, status="running", pid=_dead_pid(), host=host, started_at=now)
-    before = (tmp_path / "dead" / RUN_RECORD).read_bytes()
-    [rec] = list_runs(tmp_path)
-    assert rec.stale and rec.display_status == "stale" and rec.status == "running"
+    [rec] = list_runs(tmp_path)  # test_sigkill.py has the details: summary, lock, sweep leg, races
+    assert not rec.stale and rec.status == "interrupted" and rec.error == "interrupted (moectl was killed)"
+    assert json.loads((tmp_path / "dead" / RUN_RECORD).read_text())["status"] == "interrupted"
+
+
+def test_a_stale_run_shows_as_stale_and_saves_as_recorded(tmp_path):
+    # What a reader holds when it could not settle the run (training still stopping, read-only store).
+    now = datetime.now().astimezone().isoformat()
+    make_run(tmp_path, "dead", "d", now, status="running", started_at=now)
+    rec = StoredRun.model_validate_json((tmp_path / "dead" / RUN_RECORD).read_text())
+    rec.stale = True
+    assert rec.display_status == "stale" and rec.status == "running"
     data = run_json(rec)
     assert data["status"] == "stale" and data["recorded_status"] == "running"
-    assert (tmp_path / "dead" / RUN_RECORD).read_bytes() == before
     save_run(rec)  # saving what we read writes the record back, never the display status
     assert json.loads((tmp_path / "dead" / RUN_RECORD).read_text())["status"] == "running"
 

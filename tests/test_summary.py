@@ -112,7 +112,8 @@ def test_summary_has_every_section(git_repo, artifact_root, monkeypatch):
     assert f"resumed directory: `{artifact_root / ids['resume']}`" in cap
     assert "| a | completed | `20260102_100001_moe-a` | 2000.00 |" in cap  # carried from the original
     assert "| b | completed | `20260102_110001_moe-b` | 2100.00 |" in cap
-    assert "| c | stale | `20260102_110101_moe-c` |" in cap  # SIGKILLed: shown as not completed
+    # SIGKILLed: reading the store settled it (run and leg), shown as not completed.
+    assert "| c | interrupted | `20260102_110101_moe-c` |" in cap
     assert "Conclusion: `b` is the fastest leg — 2100.00 tok/s" in cap
     assert f"resume with `moectl sweep --resume {ids['resume']}`" in cap
     done = sweeps.split("### done")[1].split("###")[0]

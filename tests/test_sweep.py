@@ -366,7 +366,8 @@ def test_compile_failure_reruns_the_leg_as_its_own_fallback_leg(git_repo, artifa
 
 def test_resume_plan_reruns_stale_and_unfinished_legs_only(git_repo, artifact_root, monkeypatch):
     """A resume of a resume whose last leg was SIGKILLed (sweep.json says `running`, the run's owner
-    is dead): only that leg is planned, inside a fresh -resume directory; nothing is written."""
+    is dead): only that leg is planned, inside a fresh -resume directory; nothing is written but
+    the settling of the killed leg (its run and sweep.json leg become `interrupted`)."""
     from tests.test_summary import populate
 
     sweep_project(git_repo)
@@ -375,6 +376,14 @@ def test_resume_plan_reruns_stale_and_unfinished_legs_only(git_repo, artifact_ro
     before = {d.name: tree_hash(d) for d in sweep_dirs(artifact_root)}
     r = cli("sweep", "--resume", ids["resume"], "--dry-run", "--json")
     assert r.exit_code == 0, r.output
+    resume_dir = artifact_root / ids["resume"]
+    killed = load(resume_dir / "20260102_110101_moe-c" / "run.json")
+    assert killed["status"] == "interrupted" and killed["error"] == "interrupted (moectl was killed)"
+    assert [leg["state"] for leg in load(resume_dir / "sweep.json")["legs"]] == ["completed", "completed", "interrupted"]
+    settled = {"20260102_110101_moe-c/run.json", "sweep.json"}
+    assert {k: v for k, v in tree_hash(resume_dir).items() if k not in settled} == \
+        {k: v for k, v in before[ids["resume"]].items() if k not in settled}
+    before[ids["resume"]] = tree_hash(resume_dir)
     data = json.loads(r.stdout)
     assert data["resumed_from"] == ids["resume"] and [leg["tag"] for leg in data["legs"]] == ["c"]
     assert "_moe-capacity-resume/" in data["legs"][0]["command"]
