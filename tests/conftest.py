@@ -119,7 +119,7 @@ def needs_seed(test):
     @functools.wraps(test)
     def checked(*args, **kwargs):
         if not SEED.is_dir():
-            reason = f"seed study not beside the repository: {SEED} is missing"
+            reason = f"{test.__name__}: seed study not beside the repository ({SEED} is missing)"
             if os.environ.get("CI") == "true":
                 pytest.fail(f"{reason} (CI=true: the seed figures must be checked)")
             pytest.skip(reason)
