@@ -28,6 +28,7 @@ SLOW_TIMEOUT_S = 600  # pytest-timeout's limit for `slow` tests (the default is 
 
 
 def pytest_collection_modifyitems(items):
+    """`slow` tests (torchrun, torch.compile) get the longer limit, unless they name their own."""
     for item in items:
         if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
@@ -98,6 +99,9 @@ def start_process(argv: list[str], **popen_kw) -> subprocess.Popen:
 def stop_process(p: subprocess.Popen) -> None:
     p.kill()
     p.wait(timeout=30)
+
+
+# --------------------------------------------------------------------------------------- guards
 
 
 def no_other_training_on_a_quiet_machine():
