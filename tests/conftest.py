@@ -1,20 +1,142 @@
 """Shared fixtures: real git repos, the fake NVML reading (the suite's only fake), an isolated
 artifact root. Every test runs with MOECTL_ARTIFACT_ROOT in its own tmp dir and, unless it asks
 for something else via `fake_nvml`, with an NVML reading of "no library" - so the suite behaves
-the same on a laptop, on CI and on a GPU box."""
+the same on a laptop, on CI and on a GPU box.
+
+Also the suite's ways to wait: `wait_for` (an event, polled, with a deadline that fails naming the
+event), `readline_within` (a child's output line, bounded), `start_process` (a child whose argv a
+process scan already sees), and `needs_seed` (the seed study's figures: skipped locally when the
+seed is not beside the repository, a failure under CI=true)."""
 from __future__ import annotations
 
+import functools
 import json
+import os
+import queue
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
+from typing import Callable, Optional, TypeVar
 
+import psutil
 import pytest
+
+T = TypeVar("T")
+SLOW_TIMEOUT_S = 600  # pytest-timeout's limit for `slow` tests (the default is in pyproject.toml)
+
+
+def pytest_collection_modifyitems(items):
+    """`slow` tests (torchrun, torch.compile) get the longer limit, unless they name their own."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
 
 
 def git(repo: Path, *args: str) -> str:
     """Run git in `repo`; return stdout (raises on failure)."""
-    r = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True)
+    r = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True, timeout=60)
     return r.stdout
+
+
+# ---------------------------------------------------------------------------------------- waiting
+
+
+def wait_for(event: Callable[[], T], what: str, timeout: float = 60.0, *, proc: Optional[subprocess.Popen] = None,
+             output: Optional[Callable[[], str]] = None, poll_s: float = 0.05) -> T:
+    """Poll `event()` until it returns something truthy; return that. The deadline only bounds a
+    hang (generous: a loaded 2-core CI machine), it never orders anything. Fails saying that `what`
+    never happened, at the deadline or as soon as `proc` exits without it, with `output()` (the
+    child's log) when given."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = event()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            value = event()  # it may have happened between the first look and the exit
+            if value:
+                return value
+            why = f"pid {proc.pid} exited ({proc.returncode}) first"
+        elif time.monotonic() > deadline:
+            why = f"not within {timeout:g}s"
+        else:
+            time.sleep(poll_s)
+            continue
+        pytest.fail(f"{what} never happened: {why}" + (f"\n{output()[-4000:]}" if output else ""))
+
+
+def readline_within(stream, timeout: float, what: str) -> str:
+    """One line from a child's pipe, or fail naming `what`: a bare readline() blocks forever on a
+    child that hangs without writing. The reader thread ends when the child closes the pipe."""
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: lines.put(stream.readline()), daemon=True).start()
+    try:
+        line = lines.get(timeout=timeout)
+    except queue.Empty:
+        pytest.fail(f"{what} never happened: no line from the child within {timeout:g}s")
+    if not line:
+        pytest.fail(f"{what} never happened: the child closed its output")
+    return line
+
+
+def _cmdline(pid: int) -> Optional[list[str]]:
+    try:
+        return psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return None
+
+
+def start_process(argv: list[str], **popen_kw) -> subprocess.Popen:
+    """Popen `argv` and return once the process shows that argv (/proc/<pid>/cmdline): what a
+    process scan of the machine reads."""
+    p = subprocess.Popen(argv, **popen_kw)
+    wait_for(lambda: _cmdline(p.pid) == argv, f"pid {p.pid} showing its argv {argv}", proc=p)
+    return p
+
+
+def stop_process(p: subprocess.Popen) -> None:
+    p.kill()
+    p.wait(timeout=30)
+
+
+# --------------------------------------------------------------------------------------- guards
+
+
+def no_other_training_on_a_quiet_machine():
+    """The no_other_training verdict `moectl check` reaches in the cwd's project, from the real
+    config and lock file, on a machine where no training process runs. The process scan is the one
+    input a test cannot control (other sessions may run torchrun here), so it is set, not read."""
+    from moectl.config import load_config
+    from moectl.guards import check_request, guard_no_other_training
+    from moectl.plan import make_request
+
+    cfg = load_config()
+    plan, observed, _ = check_request(cfg, make_request())
+    return guard_no_other_training(cfg, plan, observed.model_copy(update={"processes": []}))
+
+
+# ------------------------------------------------------------------------------------ seed study
+
+SEED = Path(__file__).resolve().parents[2] / "shared" / "seed" / "metrics"
+
+
+def needs_seed(test):
+    """For tests that check the seed study's published figures (../shared/seed/metrics). Without
+    the seed they skip locally (-ra lists the reason), but under CI=true they fail: CI has the
+    seed beside the clone, so its absence there is a broken setup, not a reason to check less."""
+
+    @functools.wraps(test)
+    def checked(*args, **kwargs):
+        if not SEED.is_dir():
+            reason = f"{test.__name__}: seed study not beside the repository ({SEED} is missing)"
+            if os.environ.get("CI") == "true":
+                pytest.fail(f"{reason} (CI=true: the seed figures must be checked)")
+            pytest.skip(reason)
+        return test(*args, **kwargs)
+
+    return checked
 
 
 @pytest.fixture
@@ -83,13 +205,7 @@ def project(git_repo: Path, monkeypatch) -> Path:
 def fake_training():
     """A real background process whose argv names torch.distributed.run and an --out-dir: what the
     training-process scan and the no_other_training guard must see."""
-    import subprocess
-    import sys
-    import time
-
-    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)",
-                          "torch.distributed.run", "--out-dir", "/art/20250101_000000_moe-x"])
-    time.sleep(0.3)
+    p = start_process([sys.executable, "-c", "import time; time.sleep(300)",
+                       "torch.distributed.run", "--out-dir", "/art/20250101_000000_moe-x"])
     yield p
-    p.kill()
-    p.wait()
+    stop_process(p)

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,8 @@ import moectl.cli.env  # noqa: F401  registers init/status/check
 from moectl.cli.common import app
 from moectl.config import CONFIG_NAME, TEMPLATE
 from moectl.lock import acquire
-from tests.conftest import git, gpu
-from tests.test_lock import dead_pid, plant
+from tests.conftest import git, gpu, no_other_training_on_a_quiet_machine, stop_process
+from tests.test_lock import dead_pid, live_owner, plant, taken_by
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -114,12 +113,15 @@ def test_status_json_never_imports_torch():
 # ------------------------------------------------------------------------------------------ check
 
 
-def test_check_passes_on_cpu_and_writes_nothing(project, artifact_root):
+def test_check_passes_on_cpu_and_writes_nothing(project, artifact_root, fake_training):
     before = git(project, "status", "--porcelain")
-    # Other tests on this machine may be running torchrun right now; that guard is asserted below.
+    # Other sessions may run torchrun on this machine, so a training process of our own makes the
+    # no_other_training verdict certain: it fails naming that process, and the override passes it.
     code, data, g = check_json("--cap", "1.0", "--tag", "smoke", "--override", "no_other_training", "--", "--seed", "1")
     assert code == 0 and data["ok"] is True
     assert all(g[n]["ok"] for n in ("config", "git", "venv", "paths", "fresh_dir", "disk"))
+    assert (g["no_other_training"]["ok"], g["no_other_training"]["overridden"]) == (False, True)
+    assert f"pid {fake_training.pid}" in g["no_other_training"]["message"]
     assert g["gpus_idle"]["ok"] and "cpu run" in g["gpus_idle"]["message"]
     assert g["paths"]["overridable"] is False and g["gpus_idle"]["overridable"] is True
     assert data["run_id"].endswith("_moe-smoke") and data["command"].endswith("--seed 1")
@@ -197,20 +199,22 @@ def test_running_training_process_refuses(project, fake_training):
 
 
 def test_live_lock_refuses_and_stale_lock_does_not(project, artifact_root):
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    owner = live_owner()
     try:
-        time.sleep(0.2)
-        plant(artifact_root, pid=sleeper.pid, started_ts=time.time(), run_id="live-run")
+        plant(artifact_root, pid=owner.pid, started_ts=taken_by(owner), run_id="live-run")
         _, _, g = check_json()
         assert not g["no_other_training"]["ok"] and "holds the run lock for live-run" in g["no_other_training"]["message"]
+        assert no_other_training_on_a_quiet_machine().ok is False  # the lock alone refuses
     finally:
-        sleeper.kill()
-        sleeper.wait()
-    plant(artifact_root, pid=dead_pid(), run_id="dead-run")
+        stop_process(owner)
+    dead = dead_pid()
+    plant(artifact_root, pid=dead, run_id="dead-run")
+    lock = json.loads(invoke("status", "--json").stdout)["lock"]
+    assert (lock["pid"], lock["run_id"], lock["stale"], lock["reason"]) == (dead, "dead-run", True, f"pid {dead} is not running")
     _, _, g = check_json()
-    assert "holds the run lock" not in g["no_other_training"]["message"]
-    r = invoke("status", "--json")
-    assert json.loads(r.stdout)["lock"]["stale"] is True
+    assert "holds the run lock" not in g["no_other_training"]["message"]  # whatever else runs here
+    verdict = no_other_training_on_a_quiet_machine()
+    assert verdict.ok and verdict.message.endswith(f"stale lock of pid {dead} will be taken over")
 
 
 def test_check_without_config_and_bad_options_exit_2(tmp_path, monkeypatch, project):

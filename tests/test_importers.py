@@ -10,9 +10,9 @@ import pytest
 from moectl.errors import EXIT_USAGE, UsageError
 from moectl.importers import load_log, parse_csv, parse_nanochat
 from moectl.metrics import MetricsFile, tail_summary
+from tests.conftest import SEED, needs_seed
 
 FIXTURES = Path(__file__).parent / "fixtures"
-SEED = Path(__file__).resolve().parents[2] / "shared" / "seed" / "metrics"
 
 
 def test_nanochat_fixture():
@@ -111,7 +111,7 @@ def test_bad_files_are_usage_errors(tmp_path, content, fmt, match):
     assert info.value.exit_code == EXIT_USAGE
 
 
-@pytest.mark.skipif(not SEED.is_dir(), reason="seed study not beside the repository")
+@needs_seed
 def test_seed_as_nanochat_log_gives_the_published_tail50(tmp_path):
     """Rewrite the seed's bufreuse CSV as nanochat stdout (with separators) in a temp dir."""
     rows = list(csv.DictReader((SEED / "moe_fp8_experts_static_cap1p0_bufreuse.csv").open()))

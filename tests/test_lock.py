@@ -8,10 +8,12 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from moectl.errors import EXIT_GUARD, GuardRefused
 from moectl.lock import LOCK_NAME, acquire, read_holder
+from tests.conftest import stop_process
 
 
 def dead_pid() -> int:
@@ -46,18 +48,29 @@ def test_second_acquire_is_refused_while_held(artifact_root):
     assert read_holder(artifact_root) is None
 
 
+def live_owner() -> subprocess.Popen:
+    """Another live process, to plant as a lock's owner (stop it with tests.conftest.stop_process)."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+
+
+def taken_by(p: subprocess.Popen) -> float:
+    """A lock's started_ts as its owner `p` would write it: not before `p` started (in fact at the
+    very moment it started, the earliest a lock of its can be), so the pid cannot look reused."""
+    return psutil.Process(p.pid).create_time()
+
+
 def test_live_lock_of_another_process_blocks(artifact_root):
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    owner = live_owner()
     try:
-        time.sleep(0.2)
-        plant(artifact_root, pid=sleeper.pid, started_ts=time.time())
+        plant(artifact_root, pid=owner.pid, started_ts=taken_by(owner))
         h = read_holder(artifact_root)
-        assert h.pid == sleeper.pid and not h.stale
-        with pytest.raises(GuardRefused):
+        assert (h.pid, h.stale, h.reason) == (owner.pid, False, f"pid {owner.pid} is alive")
+        with pytest.raises(GuardRefused) as e:
             acquire(artifact_root, "mine")
+        assert "other" in e.value.message  # the holder's run id, so a person knows what to wait for
     finally:
-        sleeper.kill()
-        sleeper.wait()
+        stop_process(owner)
+    assert read_holder(artifact_root).run_id == "other"  # a refused acquire leaves the holder's lock
 
 
 def test_dead_owner_is_stale_and_taken_over(artifact_root):

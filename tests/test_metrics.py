@@ -21,9 +21,9 @@ from moectl.metrics import (
     tail_stderr,
     tail_summary,
 )
+from tests.conftest import SEED, needs_seed
 
 FIXTURES = Path(__file__).parent / "fixtures"
-SEED = Path(__file__).resolve().parents[2] / "shared" / "seed" / "metrics"
 
 
 def test_read_metrics_skips_and_counts_malformed_lines_and_keeps_last_duplicate():
@@ -143,9 +143,6 @@ def test_duplicate_summary_peak_only_in_summary():
 
 
 # --- the seed study: its published tail-50 figures must come out exactly -------------------------
-
-needs_seed = pytest.mark.skipif(not SEED.is_dir(), reason="seed study not beside the repository")
-
 
 @needs_seed
 def test_seed_tail50_figures_reproduce_exactly():

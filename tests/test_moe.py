@@ -3,10 +3,29 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.moe import MoEConfig, MoELayer
 
 D, H, E, K = 64, 128, 4, 2
+# Where torch has _grouped_mm, a grouped layer's forward + backward calls it 6 times: the two expert
+# GEMMs (up, down), then the input grad and the weight grad of each. The padded stand-in calls it 0.
+GMM = 6 if hasattr(torch, "_grouped_mm") else 0
+
+
+class GroupedMMCalls(TorchDispatchMode):
+    """Counts aten._grouped_mm calls made under it (forward and backward alike). The stand-in
+    computes the same numbers with bmm, so matching the loop reference cannot tell the two apart;
+    this count can, without a counter in the engine's hot path."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket is torch.ops.aten._grouped_mm:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 def make_layer(dispatch="loop", cap=0.0, dim=D, hidden=H, **kw):
@@ -28,19 +47,22 @@ def fwd_bwd(layer, x_BTD, seed=1):
 
 
 @pytest.mark.parametrize(
-    "dispatch,cap,dim,hidden",
+    "dispatch,cap,dim,hidden,gmm_calls",
     [
-        ("padded", 4.0, D, H),  # C = 2N/... large enough that nothing drops
-        ("auto", 4.0, D, H),
-        ("grouped", 0.0, D, H),  # torch._grouped_mm
-        ("auto", 0.0, D, H),
-        ("grouped", 0.0, 30, 36),  # 30 fp32 = 120-byte rows: _grouped_mm refuses -> padded fallback
+        ("padded", 4.0, D, H, 0),  # C = 2N/... large enough that nothing drops
+        ("auto", 4.0, D, H, 0),
+        ("grouped", 0.0, D, H, GMM),  # torch._grouped_mm
+        ("auto", 0.0, D, H, GMM),
+        ("grouped", 0.0, 30, 36, 0),  # 30 fp32 = 120-byte rows: _grouped_mm refuses -> padded fallback
     ],
 )
-def test_dispatch_matches_loop_outputs_and_all_grads(dispatch, cap, dim, hidden):
+def test_dispatch_matches_loop_outputs_and_all_grads(dispatch, cap, dim, hidden, gmm_calls):
     x = torch.randn(2, 37, dim)  # 74 tokens: not a multiple of 8 or 16 on purpose
     ref_out, ref_aux, ref_g = fwd_bwd(make_layer("loop", 0.0, dim, hidden), x)
-    out, aux, g = fwd_bwd(make_layer(dispatch, cap, dim, hidden), x)
+    layer = make_layer(dispatch, cap, dim, hidden)
+    with GroupedMMCalls() as gmm:
+        out, aux, g = fwd_bwd(layer, x)
+    assert gmm.count == gmm_calls  # the grouped kernel really ran (or, for the fallback, did not)
     assert float(aux.dropped) == 0.0
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(aux.loss, ref_aux.loss, rtol=1e-6, atol=1e-7)
@@ -50,17 +72,18 @@ def test_dispatch_matches_loop_outputs_and_all_grads(dispatch, cap, dim, hidden)
         torch.testing.assert_close(g[name], ref_g[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("dispatch,cap", [("grouped", 0.0), ("padded", 4.0)])
-def test_autocast_bf16_experts_compute_in_bf16_and_match_fp32(dispatch, cap):
+@pytest.mark.parametrize("dispatch,cap,gmm_calls", [("grouped", 0.0, GMM), ("padded", 4.0, 0)])
+def test_autocast_bf16_experts_compute_in_bf16_and_match_fp32(dispatch, cap, gmm_calls):
     """bf16 training runs the residual stream in fp32 under autocast: the experts must compute in
     the autocast dtype (on CUDA _grouped_mm takes bf16 only), close to the fp32 reference."""
     x = torch.randn(2, 32, D)
     ref_out, _, _ = fwd_bwd(make_layer("loop", 0.0), x)
     layer = make_layer(dispatch, cap)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16), GroupedMMCalls() as gmm:
         out, aux = layer(x.clone().requires_grad_())
         out.float().sum().backward()
     assert out.dtype == torch.bfloat16
+    assert gmm.count == gmm_calls  # bf16 through _grouped_mm, not the stand-in
     assert layer.w_up_EDH.grad is not None and layer.w_up_EDH.grad.dtype == torch.float32  # fp32 masters
     # bf16 has 8 mantissa bits: two chained GEMMs stay within a few percent of the fp32 output.
     torch.testing.assert_close(out.float(), ref_out, rtol=5e-2, atol=5e-2)
@@ -74,7 +97,7 @@ def test_aux_outputs_and_losses_computed_independently():
     assert aux.assignments == N * K and isinstance(aux.assignments, int)
     assert aux.dropped.dim() == 0 and aux.dropped.dtype == torch.float32
     # Independent recomputation: plain softmax/topk, counts by Python, the two losses by formula.
-    logits = x.reshape(N, D).double() @ layer.router.weight.double().T
+    logits = x.reshape(N, D).double() @ layer.router.weight.detach().double().T
     probs = logits.softmax(-1)
     top = probs.topk(K, dim=-1).indices
     counts = [int((top == e).sum()) for e in range(E)]

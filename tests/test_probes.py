@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from moectl.config import load_config
 from moectl.guards import evaluate
 from moectl.plan import make_request, plan_run
 from moectl.probes import find_training_processes, observe, probe_disk, probe_git, probe_venv, read_nvml
-from tests.conftest import git, gpu
+from tests.conftest import git, gpu, start_process, stop_process
 
 
 def test_git_counts_on_a_real_repo(git_repo):
@@ -45,7 +44,7 @@ def test_git_detached_mid_merge_and_not_a_repo(git_repo, tmp_path):
     git(git_repo, "switch", "-q", "main")
     (git_repo / "README.md").write_text("main\n")
     git(git_repo, "commit", "-q", "-am", "main")
-    subprocess.run(["git", "-C", str(git_repo), "merge", "other"], capture_output=True)
+    subprocess.run(["git", "-C", str(git_repo), "merge", "other"], capture_output=True, timeout=60)
     s = probe_git(git_repo)
     assert s.in_progress == "merge" and s.modified == 1
     outside = tmp_path / "plain"
@@ -87,14 +86,12 @@ def test_training_process_is_found_with_run_dir(fake_training):
 
 
 def test_module_invocation_is_training_and_ancestors_are_excluded():
-    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "-m", "my.train"])
+    p = start_process([sys.executable, "-c", "import time; time.sleep(300)", "-m", "my.train"])
     try:
-        time.sleep(0.3)
         assert p.pid in {t.pid for t in find_training_processes("my.train")}
         assert p.pid not in {t.pid for t in find_training_processes("engine.train")}
     finally:
-        p.kill()
-        p.wait()
+        stop_process(p)
     import os
 
     assert os.getpid() not in {t.pid for t in find_training_processes("engine.train")}
@@ -106,7 +103,7 @@ def test_venv_probe_on_real_interpreters(tmp_path):
     v = probe_venv(load_config(cfg_file))
     assert v.exists and v.in_venv and v.has_torch  # this interpreter (the project venv) has torch
     # A real venv without torch (no pip: fast).
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")], check=True, timeout=120)
     cfg_file.write_text('[project]\nvenv = "bare"\n')
     v = probe_venv(load_config(cfg_file))
     assert v.exists and v.in_venv and v.has_torch is False
@@ -153,29 +150,26 @@ def test_read_only_tree_inside_the_root_is_refused(project, artifact_root):
 
 
 def test_wait_until_clear_returns_when_the_gpu_goes_idle(project, fake_nvml):
-    import threading
-
     from moectl.guards import passed, wait_until_clear
 
     fake_nvml(gpus=[gpu(0, util_pct=99)])
     # Another engineer's torchrun may run on this machine meanwhile: that guard is overridden here.
     req = make_request(device="cuda", overrides=["no_other_training"])
-    timer = threading.Timer(1.0, lambda: fake_nvml(gpus=[gpu(0)]))
-    timer.start()
-    try:
-        cfg = load_config()
-        waits = []
-        t0 = time.monotonic()
-        plan, obs, results = wait_until_clear(cfg, req, timeout_s=30, poll_s=0.2, on_wait=lambda r, w: waits.append(w))
-        assert passed(results) and waits and time.monotonic() - t0 < 25
-        # Still busy at the deadline: returns the refusal after about timeout_s.
-        fake_nvml(gpus=[gpu(0, util_pct=99)])
-        plan, obs, results = wait_until_clear(cfg, req, timeout_s=0.5, poll_s=0.2)
-        assert [r.name for r in results if not (r.ok or r.overridden)] == ["gpus_idle"]
-        # A guard that cannot clear by itself returns at once, without waiting.
-        git(project, "switch", "-q", "-c", "elsewhere")
-        t0 = time.monotonic()
-        plan, obs, results = wait_until_clear(cfg, req, timeout_s=60, poll_s=0.2)
-        assert not passed(results) and "git" in [r.name for r in results if not r.ok] and time.monotonic() - t0 < 30
-    finally:
-        timer.cancel()
+    cfg = load_config()
+    waits = []
+
+    def gpu_frees_while_we_wait(results, waited_s):  # the event: moectl said it is waiting
+        waits.append([r.name for r in results if not (r.ok or r.overridden)])
+        fake_nvml(gpus=[gpu(0)])
+
+    plan, obs, results = wait_until_clear(cfg, req, timeout_s=600, poll_s=0.2, on_wait=gpu_frees_while_we_wait)
+    assert passed(results) and waits == [["gpus_idle"]]  # busy once, then re-checked and clear
+    # Still busy at the deadline: returns the refusal.
+    fake_nvml(gpus=[gpu(0, util_pct=99)])
+    plan, obs, results = wait_until_clear(cfg, req, timeout_s=0.5, poll_s=0.2)
+    assert [r.name for r in results if not (r.ok or r.overridden)] == ["gpus_idle"]
+    # A guard that cannot clear by itself returns at once: no waiting, although the GPU is busy too.
+    git(project, "switch", "-q", "-c", "elsewhere")
+    waits.clear()
+    plan, obs, results = wait_until_clear(cfg, req, timeout_s=600, poll_s=0.2, on_wait=lambda r, w: waits.append(w))
+    assert sorted(r.name for r in results if not (r.ok or r.overridden)) == ["git", "gpus_idle"] and waits == []

@@ -28,7 +28,7 @@ from moectl.config import load_config
 from moectl.lock import LOCK_NAME
 from moectl.plan import GUARD_NAMES, RunRequest, plan_run
 from moectl.runner import RunOutcome, fallback_request
-from tests.conftest import git, gpu
+from tests.conftest import git, gpu, readline_within, stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE = "tests.fixtures.fake_engine"
@@ -511,10 +511,9 @@ def live_lock_holder(artifact_root):
         "print('locked', flush=True); time.sleep(60)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(artifact_root)], stdout=subprocess.PIPE, text=True, cwd=REPO)
-    assert proc.stdout.readline().strip() == "locked"
+    assert readline_within(proc.stdout, 60, "the other moectl taking the lock").strip() == "locked"
     yield proc
-    proc.kill()
-    proc.wait()
+    stop_process(proc)
 
 
 def test_live_lock_refuses_a_second_run(proj, artifact_root, live_lock_holder):

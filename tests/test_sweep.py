@@ -1,9 +1,10 @@
 """`moectl sweep`: spec validation, dry run, and real sweeps on CPU through real torchrun.
 
 The fast stand-in engine (tests/fixtures/fake_engine.py) drives the failure, interrupt and
-compile-fallback cases; one sweep runs the real `engine.train` tiny preset. Every sweep passes
-`--wait-gpus`: when another test's torchrun is alive on this machine the `no_other_training`
-guard still judges it, and the sweep waits instead of being refused.
+compile-fallback cases; one sweep runs the real `engine.train` tiny preset. Other test sessions
+may run torchrun on this machine at the same time, and the `no_other_training` guard rightly sees
+their processes; sweeps whose subject is not that guard pass `--override no_other_training`
+(QUIET, as in test_run), so they neither wait for a quiet machine nor depend on one.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,10 +22,10 @@ from typer.testing import CliRunner
 from moectl.cli import app
 from moectl.sweep import grid_tag, parse_spec
 from moectl.errors import UsageError
-from tests.conftest import git
+from tests.conftest import git, stop_process, wait_for
 
 MOECTL_ROOT = Path(__file__).resolve().parents[1]
-WAIT = ["--wait-gpus", "5m"]
+QUIET = ["--override", "no_other_training"]
 
 
 def sweep_project(repo: Path, module: str = "tests.fixtures.fake_engine", window: int = 5, summary: bool = True) -> Path:
@@ -183,7 +183,7 @@ def test_three_leg_tiny_sweep_completes_with_reports_and_commits(git_repo, artif
     status_before = git(git_repo, "status", "--porcelain")
     head_before = git(git_repo, "rev-parse", "HEAD").strip()
 
-    r = cli("sweep", str(spec), "--json", *WAIT)
+    r = cli("sweep", str(spec), "--json", *QUIET)
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
 
@@ -226,32 +226,34 @@ def test_three_leg_tiny_sweep_completes_with_reports_and_commits(git_repo, artif
     assert "capacity" in (git_repo / "EXPERIMENTS.md").read_text()
 
 
-def _spawn_sweep(repo: Path, *args: str) -> subprocess.Popen:
+def _spawn_sweep(repo: Path, out: Path, *args: str) -> subprocess.Popen:
+    """`python -m moectl sweep ...`, its output to the file `out` (a pipe nobody reads while the
+    test waits could fill and stall it)."""
     env = {**os.environ, "PYTHONPATH": str(MOECTL_ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "moectl", "sweep", *args], cwd=repo, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with open(out, "w") as fh:
+        return subprocess.Popen([sys.executable, "-m", "moectl", "sweep", *args], cwd=repo, env=env,
+                                stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
-def _wait_for(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+def leg2_gate(git_repo: Path, name: str) -> Path:
+    return git_repo.parent / f"{name}-leg2.gate"
 
 
 def _interrupt_during_leg_2(git_repo, artifact_root, sig, name: str) -> tuple[int, str, Path]:
     """Start a three-leg `moectl sweep` subprocess, send `sig` once leg 2 is training; returns
-    (exit code, output, sweep dir)."""
+    (exit code, output, sweep dir). Leg 2 holds before its step 3 until `leg2_gate(git_repo, name)`
+    exists, so the signal lands inside it however slow the machine; a resume opens the gate first."""
+    gate = leg2_gate(git_repo, name)
     spec = write_spec(git_repo, f'name = "{name}"\n[common]\nsteps = 6\nargs = ["--sleep-per-step", "0.02"]\n'
                       '[[legs]]\ntag = "one"\n'
-                      '[[legs]]\ntag = "two"\nsteps = 40\nargs = ["--sleep-per-step", "0.1"]\n'
+                      '[[legs]]\ntag = "two"\nsteps = 8\n'
+                      f'args = ["--sleep-per-step", "0.02", "--hold-at-step", "3", "--hold-until", "{gate}"]\n'
                       '[[legs]]\ntag = "three"\n')
-    proc = _spawn_sweep(git_repo, str(spec), "--no-commit", *WAIT)
+    out = git_repo.parent / f"sweep-{name}.out"
+    proc = _spawn_sweep(git_repo, out, str(spec), "--no-commit", *QUIET)
     try:
-        sweep_dir = _wait_for(lambda: next(iter(sweep_dirs(artifact_root)), None), 120, "the sweep directory")
+        sweep_dir = wait_for(lambda: next(iter(sweep_dirs(artifact_root)), None), "the sweep directory appearing",
+                             120, proc=proc, output=out.read_text)
 
         def leg2_stepping():
             legs = load(sweep_dir / "sweep.json")["legs"]
@@ -260,13 +262,13 @@ def _interrupt_during_leg_2(git_repo, artifact_root, sig, name: str) -> tuple[in
             metrics = sweep_dir / legs[1]["run_id"] / "metrics.jsonl"
             return metrics.exists() and metrics.read_text().count('"step"') >= 3
 
-        _wait_for(leg2_stepping, 240, "leg 2 to be training")
+        wait_for(leg2_stepping, "leg 2 training (3 steps in its metrics)", 120, proc=proc, output=out.read_text)
         proc.send_signal(sig)
-        output, _ = proc.communicate(timeout=60)
+        proc.wait(timeout=120)  # a bound against a hang, not a latency check
     finally:
         if proc.poll() is None:
-            proc.kill()
-    return proc.returncode, output, sweep_dir
+            stop_process(proc)
+    return proc.returncode, out.read_text(), sweep_dir
 
 
 @pytest.mark.slow
@@ -296,7 +298,8 @@ def test_interrupt_during_leg_2_then_resume_runs_only_unfinished_legs(git_repo, 
         [old["legs"][0]["run_id"], old["legs"][1]["run_id"]])  # leg 3 never started
     before = tree_hash(sweep_dir)
 
-    r = cli("sweep", "--resume", old["id"], "--no-commit", "--json", *WAIT)
+    leg2_gate(git_repo, "ablate").touch()  # the re-run of leg 2 goes through
+    r = cli("sweep", "--resume", old["id"], "--no-commit", "--json", *QUIET)
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     new_dir = Path(out["sweep"]["exp_dir"])
@@ -324,13 +327,13 @@ def test_failed_leg_does_not_stop_the_sweep_but_fail_fast_does(git_repo, artifac
                       '[[legs]]\ntag = "ok1"\n'
                       '[[legs]]\ntag = "bad"\nargs = ["--fail-at-step", "1", "--exit-code", "7"]\n'
                       '[[legs]]\ntag = "ok2"\n')
-    r = cli("sweep", str(spec), "--no-commit", "--json", *WAIT)
+    r = cli("sweep", str(spec), "--no-commit", "--json", *QUIET)
     assert r.exit_code == 4, r.output
     legs = json.loads(r.stdout)["sweep"]["legs"]
     assert [(leg["tag"], leg["state"]) for leg in legs] == [("ok1", "completed"), ("bad", "failed"), ("ok2", "completed")]
     assert [row["tag"] for row in json.loads(r.stdout)["comparison"]["runs"]] == ["ok1", "ok2"]
 
-    r = cli("sweep", str(spec), "--no-commit", "--fail-fast", "--json", *WAIT)
+    r = cli("sweep", str(spec), "--no-commit", "--fail-fast", "--json", *QUIET)
     assert r.exit_code == 4, r.output
     legs = json.loads(r.stdout)["sweep"]["legs"]
     assert [leg["state"] for leg in legs] == ["completed", "failed", "pending"]
@@ -346,7 +349,7 @@ def test_compile_failure_reruns_the_leg_as_its_own_fallback_leg(git_repo, artifa
     spec = write_spec(git_repo, 'name = "c"\n[common]\nsteps = 4\nargs = ["--compile-fails"]\n'
                       '[[legs]]\ntag = "eager"\ncompile = "none"\n'
                       '[[legs]]\ntag = "static"\ncompile = "static"\n')
-    r = cli("sweep", str(spec), "--json", *WAIT)
+    r = cli("sweep", str(spec), "--json", *QUIET)
     assert r.exit_code == 0, r.output  # the failed leg is settled by its completed fallback
     out = json.loads(r.stdout)
     legs = out["sweep"]["legs"]
