@@ -222,7 +222,8 @@ def test_branch_switched_during_the_run_leaves_the_report_written_but_not_commit
     assert git(proj, "symbolic-ref", "--short", "HEAD").strip() == "other"
     assert report.relative_to(proj).as_posix() not in git(proj, "ls-files")
     [line] = [ln for ln in err.splitlines() if "not committed" in ln]
-    assert line == "error: report not committed: refusing to commit: on branch 'other', expected 'main'", err
+    assert line == ("error: report not committed: refusing to commit: on branch 'other', expected 'main'; "
+                    f"the report is kept: commit it with `moectl commit {exp.name}` once that is resolved"), err
     assert "Traceback" not in err and "committed " not in out
     assert not (artifact_root / LOCK_NAME).exists()
 
