@@ -130,7 +130,7 @@ def execute_run(
 
         metrics = read_metrics(Path(plan.files["metrics.jsonl"]))
         if metrics.steps:
-            record.summary = tail_summary(metrics, plan.window)
+            record.summary = tail_summary(metrics, plan.window, plan.warmup_steps)
         if metrics.start is not None:
             record.engine = {k: v for k, v in metrics.start.config.items() if k not in _RUN_SPECIFIC}
             record.torch_version = metrics.start.config.get("torch_version")
@@ -162,7 +162,8 @@ def execute_run(
     comparison = None
     if baseline is not None and baseline.summary is not None and record.summary is not None:
         comparison = compare(
-            [_run_metrics(baseline), _run_metrics(record)], baseline_index=0, window=plan.window
+            [_run_metrics(baseline), _run_metrics(record)], baseline_index=0, window=plan.window,
+            warmup_steps=plan.warmup_steps,
         )
     report = report_path(cfg.report_dir, plan.tag)
     report.parent.mkdir(parents=True, exist_ok=True)

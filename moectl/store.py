@@ -251,6 +251,7 @@ def import_run(
     extras: Optional[dict[str, Any]] = None,
     source: Optional[str] = None,
     window: int = 50,
+    warmup_steps: int = 0,
 ) -> RunRecord:
     """Write an existing run's metrics into a fresh run directory with status `imported`.
 
@@ -275,7 +276,7 @@ def import_run(
         total_time_s=extras.get("total_time_s"),
         final_loss=steps[-1].loss,
     )
-    summary: Summary = tail_summary(MetricsFile(steps=list(steps), summary=summary_line), window)
+    summary: Summary = tail_summary(MetricsFile(steps=list(steps), summary=summary_line), window, warmup_steps)
 
     # Claim a fresh directory atomically (two imports in the same second get `-2`, `-3`...: a new
     # name, never a reused directory), write the metrics, and run.json last: listings only see
