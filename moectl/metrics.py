@@ -396,6 +396,6 @@ def _notes(rows: list[RunComparison], window: int, warmup_steps: int = 0) -> lis
         )
     marked = [r.tag or r.id for r in rows if not r.clean and r.tail_steps]
     if marked:
-        notes.append(f"not comparable: {', '.join(marked)} ran no step past the warm-up; their tail means "
-                     f"({MARK}) include compile / warm-up, get no noise verdict and are never recommended")
+        notes.append(f"not comparable: {', '.join(marked)} ran no step past the warm-up, so the tail means marked "
+                     f"{MARK} include compile / warm-up; they get no noise verdict and are never recommended")
     return notes

@@ -267,3 +267,25 @@ def test_runs_table_shows_key_options_the_engine_resolved(project, artifact_root
     assert r.exit_code == 0, r.output
     row = next(line for line in r.output.splitlines() if "preset_only" in line)
     assert "1.25" in row and "dynamic" in row and "d12-moe" in row
+
+
+def test_runs_and_show_mark_a_warmup_only_run(project, artifact_root):
+    # The nanochat fixture has 8 steps: all within the default 10 warm-up steps.
+    rec = imported("nano", "nanochat_small.log", "nanochat")
+    assert rec["summary"]["clean"] is False and rec["summary"]["warmup_steps"] == 10
+    assert rec["summary"]["note"].startswith("warm-up only: all 8 steps are among the first 10")
+    # 9 s compile step included: (1000+10000+11000+11500+12000+13000+14000+15000)/8
+    assert rec["summary"]["tok_per_sec"] == pytest.approx(87500 / 8)
+
+    runs = invoke("runs")
+    assert runs.exit_code == 0, runs.output
+    row = next(ln for ln in runs.stdout.splitlines() if "nano" in ln)
+    assert "10,938†" in row and "1.09†" in row and "1,234" in row and "1,234†" not in row  # peak is not a tail mean
+    assert "† warm-up only: the run has no step past its first 10" in runs.stdout
+
+    show = invoke("show", "nano")
+    assert show.exit_code == 0, show.output
+    line = next(ln for ln in show.stdout.splitlines() if ln.startswith("summary ("))
+    assert line.startswith("summary (last 8 of window 50, all warm-up): tok/sec 10,937.50† · dt 1,688.75† ms")
+    assert line.endswith("drop —") and "—†" not in line  # no mark on a missing value (no drops in the log)
+    assert "note: warm-up only: all 8 steps" in show.stdout

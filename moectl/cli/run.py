@@ -167,7 +167,7 @@ def _render_outcome(outcome) -> None:
     out(f"{record.status}: {record.id}" + (f" (exit {record.exit_code})" if record.exit_code else ""))
     if s is not None:
         mark = "" if s.clean else MARK
-        after = f" after {s.warmup_steps} warm-up" if s.warmup_steps else ""
+        after = (" (warm-up only)" if not s.clean else f" after {s.warmup_steps} warm-up") if s.warmup_steps else ""
         parts = [f"tail{s.window} over {min(s.steps, s.window)} steps{after}"]
         if s.tok_per_sec is not None:
             parts.append(f"{s.tok_per_sec:,.0f} tok/s{mark}")

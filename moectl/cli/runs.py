@@ -193,11 +193,14 @@ def show_cmd(
     if s is not None:
         from moectl.metrics import MARK, mark_footnote
 
-        mark = "" if s.clean else MARK
-        after = f", after {s.warmup_steps} warm-up steps" if s.warmup_steps else ""
-        out(f"summary (last {s.steps} of window {s.window}{after}): tok/sec {_num(s.tok_per_sec)}{mark} · "
-            f"dt {_num(s.dt_ms)}{mark} ms · MFU {_num(s.mfu, 4)}{mark}% · peak {_num(s.peak_mem_mib)} MiB · "
-            f"{_num(s.total_time_min)} min · final loss {_num(s.final_loss, 4)} · drop {_num(s.drop_frac, 4)}{mark}",
+        def tail(value, decimals=2):  # a tail mean, marked when it is warm-up only
+            return _num(value, decimals) + (MARK if value is not None and not s.clean else "")
+
+        after = ((", all warm-up" if not s.clean else f", after {s.warmup_steps} warm-up steps")
+                 if s.warmup_steps else "")
+        out(f"summary (last {s.steps} of window {s.window}{after}): tok/sec {tail(s.tok_per_sec)} · "
+            f"dt {tail(s.dt_ms)} ms · MFU {tail(s.mfu, 4)}% · peak {_num(s.peak_mem_mib)} MiB · "
+            f"{_num(s.total_time_min)} min · final loss {_num(s.final_loss, 4)} · drop {tail(s.drop_frac, 4)}",
             markup=False)
         if s.note:
             out(f"  note: {s.note}", markup=False)
@@ -420,11 +423,13 @@ def import_cmd(
     if s is not None:
         from moectl.metrics import MARK, mark_footnote
 
-        mark = "" if s.clean else MARK
-        after = f" after {s.warmup_steps} warm-up" if s.warmup_steps else ""
+        def tail(value, decimals=2):  # a tail mean, marked when it is warm-up only
+            return _num(value, decimals) + (MARK if value is not None and not s.clean else "")
+
+        after = (" (warm-up only)" if not s.clean else f" after {s.warmup_steps} warm-up") if s.warmup_steps else ""
         stdout.print(
-            f"tail {s.steps}{after}: tok/sec {_num(s.tok_per_sec)}{mark} · dt {_num(s.dt_ms)}{mark} ms · "
-            f"MFU {_num(s.mfu, 4)}{mark}% · peak {_num(s.peak_mem_mib)} MiB · {_num(s.total_time_min)} min · "
+            f"tail {s.steps}{after}: tok/sec {tail(s.tok_per_sec)} · dt {tail(s.dt_ms)} ms · "
+            f"MFU {tail(s.mfu, 4)}% · peak {_num(s.peak_mem_mib)} MiB · {_num(s.total_time_min)} min · "
             f"final loss {_num(s.final_loss, 4)}",
             markup=False,
         )
