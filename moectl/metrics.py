@@ -388,7 +388,7 @@ def _notes(rows: list[RunComparison], window: int, warmup_steps: int = 0) -> lis
     steps = sorted({r.steps for r in rows})
     if len(steps) > 1:
         notes.append(f"still comparable, note: step counts differ ({', '.join(map(str, steps))})")
-    short = [r.tag or r.id for r in rows if r.clean and r.tail_steps < window]
+    short = [f"{r.tag or r.id} ({r.tail_steps})" for r in rows if r.clean and r.tail_steps < window]
     if short:
         after = f" after the {warmup_steps} warm-up steps" if warmup_steps else ""
         notes.append(

@@ -120,6 +120,9 @@ def test_no_beyond_noise_verdict_involves_a_marked_figure():
     assert by_tag["clean_fast"].metrics["tok_per_sec"].beyond_noise is True  # clean vs clean: judged
     assert not by_tag["clean_fast"].metrics["tok_per_sec"].marked
     assert any(n.startswith("not comparable: short_fast ran no step past the warm-up") for n in c.notes)
+    # 30 steps, 10 of them warm-up: 20 in the window, and the note counts them
+    assert ("still comparable, note: fewer than 50 steps in the tail window after the 10 warm-up steps "
+            "for base (20), clean_fast (20)") in c.notes
     # and when the baseline is the marked one, nobody gets a verdict against it
     c2 = compare([short_fast, clean_fast], window=50, warmup_steps=10)
     assert all(r.metrics["tok_per_sec"].beyond_noise is None for r in c2.runs)
