@@ -7,6 +7,7 @@ plain mean), never by the code under test.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,23 @@ def test_experiments_md_marks_the_warmup_leg_and_concludes_on_clean_figures(git_
     static_tps = mean(s.tok_per_sec for s in compiled_run(20, steady_ms=95.0) if s.step >= 10)
     assert f"Conclusion: `static` is the fastest clean leg — {static_tps:.2f} tok/s tail mean" in section
     assert "Left out (warm-up only, †): `short`." in section
+
+
+def test_status_marks_a_recent_warmup_only_run(project, artifact_root):
+    from typer.testing import CliRunner
+
+    from moectl.cli import app
+
+    fixtures = Path(__file__).parent / "fixtures"
+    cli = CliRunner()
+    r = cli.invoke(app, ["import", str(fixtures / "nanochat_small.log"), "--name", "nano"])  # 8 steps: all warm-up
+    assert r.exit_code == 0, r.output
+    with open(project / ".moectl.toml", "a") as fh:  # the same log with 2 warm-up steps: clean
+        fh.write("\n[metrics]\nwarmup_steps = 2\n")
+    r = cli.invoke(app, ["import", str(fixtures / "nanochat_small.log"), "--name", "clean"])
+    assert r.exit_code == 0, r.output
+    status = cli.invoke(app, ["status"])
+    assert status.exit_code == 0, status.output
+    lines = {m.group(1): ln for ln in status.stdout.splitlines() if (m := re.search(r"_moe-(\w+)\s", ln))}
+    assert lines["nano"].endswith("10,938 tok/s† (warm-up only)")  # 87500 / 8
+    assert lines["clean"].endswith("12,750 tok/s")  # steps 2..7: 76500 / 6
