@@ -133,8 +133,10 @@ def compare_commit_message(comparison: Comparison) -> str:
         mv = best.metrics["tok_per_sec"]
         who = "" if len(others) == 1 else f"best {best.tag or best.id} "
         msg += f" — {who}{mv.value:.0f} tok/s" + (f" ({mv.delta_pct:+.2f}%)" if mv.delta_pct is not None else "")
-        if mv.marked or not base.clean:
+        if mv.marked:
             msg += " [warm-up only]"
+        elif not base.clean and mv.delta_pct is not None:
+            msg += " [baseline warm-up only]"
     return msg
 
 

@@ -144,3 +144,5 @@ def test_commit_messages_flag_warmup_only_figures():
     assert compare_commit_message(c) == "report: compare w, b vs a — best b 120 tok/s (+20.00%)"
     only_warm = compare([a, fast_warm], window=50, warmup_steps=10)
     assert compare_commit_message(only_warm) == "report: compare w vs a — 900 tok/s (+800.00%) [warm-up only]"
+    warm_base = compare([fast_warm, b], window=50, warmup_steps=10)
+    assert compare_commit_message(warm_base) == "report: compare b vs w — 120 tok/s (-86.67%) [baseline warm-up only]"
