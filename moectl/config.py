@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moectl.errors import UsageError
+from moectl.metrics import DEFAULT_WARMUP_STEPS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -81,6 +82,8 @@ class LaunchSection(_Strict):
 
 class MetricsSection(_Strict):
     window: int = Field(50, ge=1)
+    # Steps 0 .. warmup_steps-1 (compile, warm-up) never enter a tail window (moectl.metrics).
+    warmup_steps: int = Field(DEFAULT_WARMUP_STEPS, ge=0)
 
 
 class ReportSection(_Strict):
@@ -268,7 +271,8 @@ env = { OMP_NUM_THREADS = "1" }
 compile_fallback = true      # a compile failure re-runs the leg with --compile none
 
 [metrics]
-window = 50                  # the tail window of every summary
+window = 50                  # the tail window of every summary: its last `window` steps ...
+warmup_steps = 10            # ... after steps 0-9 (compile / warm-up), which no summary counts
 
 [report]
 summary = true               # run/sweep refresh EXPERIMENTS.md

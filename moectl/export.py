@@ -3,14 +3,17 @@
     DIR/steps.csv    run, step, loss, aux_loss, lr, dt_ms, tok_per_sec, mfu, peak_mem_mib,
                      drop_frac, expert_load_max, elapsed_s         (one row per step per run)
     DIR/summary.csv  run, tag, status, steps, tok_per_sec, dt_ms, mfu, peak_mem_mib,
-                     total_time_min, final_loss, drop_frac, window, error   (one row per run)
+                     total_time_min, final_loss, drop_frac, window, warmup_steps, window_steps,
+                     clean, error                                         (one row per run)
 
 `run` is the run id (unique, and what every RUN argument accepts). Missing values are empty cells.
 Step values are written with Python's shortest round-trip repr, so `moectl import steps.csv
 --format csv --run ID` reads back exactly the numbers the engine wrote; summary means are rounded
 to 12 significant digits. The summary is the SPEC §7 tail-window summary recomputed from
-metrics.jsonl with the given window (the recorded one when the metrics are gone). Each file is
-replaced atomically (temp file + rename).
+metrics.jsonl with the given window and warm-up (the recorded one when the metrics are gone):
+`window_steps` is how many steps the window covered, `clean` is false when the run had no step past
+its warm-up (its tail means then include compile / warm-up). Each file is replaced atomically
+(temp file + rename).
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ SUMMARY_CSV = "summary.csv"
 STEP_FIELDS = [f.name for f in fields(StepMetrics) if f.name != "type"]
 STEP_COLUMNS = ["run", *STEP_FIELDS]
 SUMMARY_METRICS = ["tok_per_sec", "dt_ms", "mfu", "peak_mem_mib", "total_time_min", "final_loss", "drop_frac"]
-SUMMARY_COLUMNS = ["run", "tag", "status", "steps", *SUMMARY_METRICS, "window", "error"]
+SUMMARY_COLUMNS = ["run", "tag", "status", "steps", *SUMMARY_METRICS, "window", "warmup_steps", "window_steps",
+                   "clean", "error"]
 _DERIVED = {"tok_per_sec", "dt_ms", "mfu", "drop_frac", "total_time_min"}
 _ERROR_LINE = re.compile(r"(Error|Exception)\b|error:", re.IGNORECASE)
 _MAX_ERROR_CHARS = 300
@@ -87,7 +91,7 @@ def _csv_text(columns: list[str], rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def export_csv(runs: Sequence[RunRecord], out_dir: Path, window: int) -> ExportResult:
+def export_csv(runs: Sequence[RunRecord], out_dir: Path, window: int, warmup_steps: int = 0) -> ExportResult:
     """Write DIR/steps.csv and DIR/summary.csv for `runs` (DIR created if missing)."""
     if not runs:
         raise UsageError("nothing to export: no runs")
@@ -106,7 +110,7 @@ def export_csv(runs: Sequence[RunRecord], out_dir: Path, window: int) -> ExportR
             step_rows.append({"run": rec.id, **{name: getattr(s, name) for name in STEP_FIELDS}})
         summary: Optional[Summary]
         if metrics.steps:
-            summary, n_steps = tail_summary(metrics, window), len(metrics.steps)
+            summary, n_steps = tail_summary(metrics, window, warmup_steps), len(metrics.steps)
         else:
             without_steps.append(rec.id)
             summary = rec.summary  # the record's own numbers, with the window they were made with
@@ -115,6 +119,9 @@ def export_csv(runs: Sequence[RunRecord], out_dir: Path, window: int) -> ExportR
             "run": rec.id, "tag": rec.tag, "status": _status(rec), "steps": n_steps,
             **{m: _tidy(m, getattr(summary, m)) if summary else None for m in SUMMARY_METRICS},
             "window": summary.window if summary else window,
+            "warmup_steps": summary.warmup_steps if summary else warmup_steps,
+            "window_steps": summary.steps if summary else 0,
+            "clean": ("true" if summary.clean else "false") if summary else "",
             "error": error_line(rec.error),
         })
 

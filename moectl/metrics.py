@@ -3,9 +3,19 @@
 Reads the engine's metrics lines through `engine.schema` (torch-free) and nothing else of the
 engine. The rule every number here follows, so the seed study's figures reproduce exactly:
 
-    tail mean  = arithmetic mean of the last `window` steps (fewer if the run is shorter)
+    warm-up    = the steps numbered below `warmup_steps` (the engine numbers steps from 0, so
+                 warmup_steps=10 means steps 0-9): torch.compile and allocator warm-up live there
+    tail mean  = arithmetic mean of the last `window` steps past the warm-up (fewer if the run is
+                 shorter: the summary's `steps` says how many, its `note` says so)
     peak mem   = max over the whole run;  total time = training time;  final loss = last step's loss
     noise      = standard error of each tail mean: sample std / sqrt(n) over the window
+
+A run with no step past its warm-up has no clean window: its tail means are taken over the last
+`window` steps it has, compile included, and the summary says `clean: false`. Every table marks
+those figures (MARK), no "beyond noise" verdict involves them and no recommendation rests on them.
+Steps are chosen by number, not by line position, so a resumed run's repeated steps and an
+imported log's numbering follow the same rule (the seed study: 280 steps, window 50 = steps
+230-279, untouched by 10 warm-up steps).
 
 Two tail means differ "beyond noise" when |a - b| > 2 * sqrt(se_a^2 + se_b^2), i.e. roughly a
 95% interval on the difference of two independent means. Step times within one run are
@@ -29,6 +39,17 @@ METRICS = ("tok_per_sec", "dt_ms", "mfu", "peak_mem_mib", "total_time_min", "fin
 MEAN_METRICS = ("tok_per_sec", "dt_ms", "mfu", "drop_frac")
 # Higher is better for these; lower for the rest (used only to colour/mark deltas).
 HIGHER_IS_BETTER = {"tok_per_sec", "mfu"}
+# `[metrics] warmup_steps` unless a config says otherwise: nanochat leaves its first 10 steps out
+# of the timing too. The library functions default to 0 (leave nothing out); moectl passes the
+# configured value everywhere a summary is computed.
+DEFAULT_WARMUP_STEPS = 10
+# The mark of a tail mean taken over warm-up steps only, and the footnote that explains it.
+MARK = "†"
+
+
+def mark_footnote(warmup_steps: int) -> str:
+    return (f"{MARK} warm-up only: the run has no step past its first {warmup_steps} (compile / warm-up), so "
+            "this tail mean includes them; no noise verdict, never recommended. Run more steps.")
 
 
 @dataclass
@@ -165,11 +186,39 @@ def _stderr(xs: Sequence[float]) -> Optional[float]:
     return math.sqrt(var / n)
 
 
-def tail_summary(metrics: MetricsFile, window: int) -> Summary:
-    """The SPEC §7 summary of one run. `steps` = how many steps the tail window really covered."""
+def tail_window(metrics: MetricsFile, window: int, warmup_steps: int = 0) -> tuple[list[StepMetrics], bool]:
+    """(the steps a tail mean is taken over, whether they are clean, i.e. past the warm-up).
+
+    The last `window` steps numbered `warmup_steps` or more; when there is none, the last
+    `window` steps of the run as they are (not clean). A tail read (`read_metrics(tail=N)`) holds
+    the N highest step numbers, so it yields the same window as a full read.
+    """
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    tail = metrics.steps[-window:]
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    clean = [s for s in metrics.steps if s.step >= warmup_steps]
+    if clean:
+        return clean[-window:], True
+    return metrics.steps[-window:], False
+
+
+def _window_note(n_run: int, n_window: int, clean: bool, window: int, warmup_steps: int) -> Optional[str]:
+    if not n_run:
+        return "no steps recorded"
+    if not clean:
+        return (f"warm-up only: all {n_run} steps are among the first {warmup_steps} (warmup_steps), "
+                "so the tail means include compile / warm-up")
+    if n_window < window:
+        after = f" after {warmup_steps} warm-up steps" if warmup_steps else ""
+        return f"{n_window} clean steps (< window {window}){after}"
+    return None
+
+
+def tail_summary(metrics: MetricsFile, window: int, warmup_steps: int = 0) -> Summary:
+    """The SPEC §7 summary of one run. `steps` = how many steps the tail window really covered;
+    `clean` = whether they are past the warm-up (see `tail_window`)."""
+    tail, clean = tail_window(metrics, window, warmup_steps)
     peaks = _values(metrics.steps, "peak_mem_mib")
     if metrics.summary is not None and metrics.summary.peak_mem_mib is not None:
         peaks.append(metrics.summary.peak_mem_mib)
@@ -179,6 +228,9 @@ def tail_summary(metrics: MetricsFile, window: int) -> Summary:
     return Summary(
         window=window,
         steps=len(tail),
+        warmup_steps=warmup_steps,
+        clean=clean,
+        note=_window_note(metrics.n_steps if metrics.steps else 0, len(tail), clean, window, warmup_steps),
         tok_per_sec=_mean(_values(tail, "tok_per_sec")),
         dt_ms=_mean(_values(tail, "dt_ms")),
         mfu=_mean(_values(tail, "mfu")),
@@ -189,9 +241,9 @@ def tail_summary(metrics: MetricsFile, window: int) -> Summary:
     )
 
 
-def tail_stderr(metrics: MetricsFile, window: int) -> dict[str, Optional[float]]:
+def tail_stderr(metrics: MetricsFile, window: int, warmup_steps: int = 0) -> dict[str, Optional[float]]:
     """Standard error of each tail mean; None for single-valued metrics or fewer than 2 values."""
-    tail = metrics.steps[-window:]
+    tail, _ = tail_window(metrics, window, warmup_steps)
     return {m: (_stderr(_values(tail, m)) if m in MEAN_METRICS else None) for m in METRICS}
 
 
@@ -219,7 +271,8 @@ class MetricValue:
     value: Optional[float]
     delta_pct: Optional[float] = None  # vs the baseline; 0.0 for the baseline itself
     stderr: Optional[float] = None  # of the tail mean; None for non-mean metrics
-    beyond_noise: Optional[bool] = None  # None when either side has no noise estimate
+    beyond_noise: Optional[bool] = None  # None when either side has no noise estimate or is marked
+    marked: bool = False  # a tail mean over warm-up steps only (the run is not clean): show MARK
 
 
 @dataclass
@@ -230,6 +283,8 @@ class RunComparison:
     tail_steps: int  # steps the tail window covered
     options: dict[str, Any]
     metrics: dict[str, MetricValue]
+    clean: bool = True  # the tail window is past the warm-up (see `tail_window`)
+    note: Optional[str] = None  # the summary's note: warm-up only, or a short clean window
 
 
 @dataclass
@@ -238,24 +293,30 @@ class Comparison:
     window: int
     runs: list[RunComparison]
     notes: list[str] = field(default_factory=list)
+    warmup_steps: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        """The `moectl compare --json` contract (SPEC §7a), plus `notes` and `beyond_noise`."""
+        """The `moectl compare --json` contract (SPEC §7a), plus `notes`, `beyond_noise` and the
+        warm-up keys (`warmup_steps`; per run `clean`, `note`; per metric `marked`)."""
         return {
             "baseline": self.baseline,
             "window": self.window,
+            "warmup_steps": self.warmup_steps,
             "runs": [
                 {
                     "id": r.id,
                     "tag": r.tag,
                     "steps": r.steps,
                     "tail_steps": r.tail_steps,
+                    "clean": r.clean,
+                    "note": r.note,
                     "metrics": {
                         name: {
                             "value": mv.value,
                             "delta_pct": mv.delta_pct,
                             "stderr": mv.stderr,
                             "beyond_noise": mv.beyond_noise,
+                            "marked": mv.marked,
                         }
                         for name, mv in r.metrics.items()
                     },
@@ -278,40 +339,48 @@ def beyond_noise(a: Optional[float], se_a: Optional[float], b: Optional[float], 
     return abs(a - b) > 2.0 * math.sqrt(se_a * se_a + se_b * se_b)
 
 
-def compare(runs: Sequence[RunMetrics], baseline_index: int = 0, window: int = 50) -> Comparison:
-    """Tail-window values of every run, % deltas and noise verdicts against one baseline run."""
+def compare(runs: Sequence[RunMetrics], baseline_index: int = 0, window: int = 50,
+            warmup_steps: int = 0) -> Comparison:
+    """Tail-window values of every run, % deltas and noise verdicts against one baseline run.
+    A run without a clean window keeps its values and deltas, marked, and no noise verdict."""
     if not runs:
         raise ValueError("nothing to compare")
     if not 0 <= baseline_index < len(runs):
         raise ValueError(f"baseline index {baseline_index} out of range")
-    rows = []  # per run: (values, stderrs, steps the tail covered)
+    summaries, errors = [], []
     for r in runs:
         if r.metrics.steps or r.fallback is None:
-            summ = tail_summary(r.metrics, window)
-            errs = tail_stderr(r.metrics, window)
+            summaries.append(tail_summary(r.metrics, window, warmup_steps))
+            errors.append(tail_stderr(r.metrics, window, warmup_steps))
         else:
-            summ, errs = r.fallback, {m: None for m in METRICS}
-        rows.append(({m: getattr(summ, m) for m in METRICS}, errs, summ.steps))
+            summaries.append(r.fallback)
+            errors.append({m: None for m in METRICS})
 
-    base_vals, base_errs, _ = rows[baseline_index]
+    base, base_errs = summaries[baseline_index], errors[baseline_index]
     out: list[RunComparison] = []
-    for r, (vals, errs, tail_n) in zip(runs, rows):
-        mvs = {
-            m: MetricValue(
-                value=vals[m],
-                delta_pct=delta_pct(vals[m], base_vals[m]),
+    for r, summ, errs in zip(runs, summaries, errors):
+        both_clean = summ.clean and base.clean
+        mvs = {}
+        for m in METRICS:
+            value = getattr(summ, m)
+            verdict = beyond_noise(value, errs[m], getattr(base, m), base_errs[m])
+            mvs[m] = MetricValue(
+                value=value,
+                delta_pct=delta_pct(value, getattr(base, m)),
                 stderr=errs[m],
-                beyond_noise=beyond_noise(vals[m], errs[m], base_vals[m], base_errs[m]),
+                beyond_noise=verdict if both_clean else None,
+                marked=not summ.clean and m in MEAN_METRICS and value is not None,
             )
-            for m in METRICS
-        }
-        n_steps = r.metrics.n_steps if r.metrics.steps else tail_n
-        out.append(RunComparison(r.id, r.tag, n_steps, tail_n, dict(r.options), mvs))
-    return Comparison(baseline=runs[baseline_index].id, window=window, runs=out, notes=_notes(out, window))
+        n_steps = r.metrics.n_steps if r.metrics.steps else summ.steps
+        out.append(RunComparison(r.id, r.tag, n_steps, summ.steps, dict(r.options), mvs,
+                                 clean=summ.clean, note=summ.note))
+    return Comparison(baseline=runs[baseline_index].id, window=window, runs=out,
+                      notes=_notes(out, window, warmup_steps), warmup_steps=warmup_steps)
 
 
-def _notes(rows: list[RunComparison], window: int) -> list[str]:
-    """Differences that do not make runs incomparable but that a reader should know about."""
+def _notes(rows: list[RunComparison], window: int, warmup_steps: int = 0) -> list[str]:
+    """Differences that do not make runs incomparable but that a reader should know about, and
+    the runs whose figures are warm-up only (which are not comparable at all)."""
     notes = []
     presets = sorted({str(r.options.get("preset")) for r in rows if r.options.get("preset") is not None})
     if len(presets) > 1:
@@ -319,9 +388,14 @@ def _notes(rows: list[RunComparison], window: int) -> list[str]:
     steps = sorted({r.steps for r in rows})
     if len(steps) > 1:
         notes.append(f"still comparable, note: step counts differ ({', '.join(map(str, steps))})")
-    short = [r.tag or r.id for r in rows if r.tail_steps < window]
+    short = [f"{r.tag or r.id} ({r.tail_steps})" for r in rows if r.clean and r.tail_steps < window]
     if short:
+        after = f" after the {warmup_steps} warm-up steps" if warmup_steps else ""
         notes.append(
-            f"still comparable, note: fewer than {window} steps in the tail window for {', '.join(short)}"
+            f"still comparable, note: fewer than {window} steps in the tail window{after} for {', '.join(short)}"
         )
+    marked = [r.tag or r.id for r in rows if not r.clean and r.tail_steps]
+    if marked:
+        notes.append(f"not comparable: {', '.join(marked)} ran no step past the warm-up, so the tail means marked "
+                     f"{MARK} include compile / warm-up; they get no noise verdict and are never recommended")
     return notes

@@ -136,6 +136,7 @@ class RunPlan(BaseModel):
     no_commit: bool = False
     notes: Optional[str] = None
     window: int = 50
+    warmup_steps: int = 0  # steps 0 .. warmup_steps-1 stay out of the summary (config metrics)
 
 
 def default_tag(options: dict[str, Any]) -> str:
@@ -241,6 +242,7 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
         no_commit=request.no_commit,
         notes=request.notes,
         window=cfg.metrics.window,
+        warmup_steps=cfg.metrics.warmup_steps,
     )
 
 

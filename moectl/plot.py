@@ -8,9 +8,12 @@ y, title, axis labels, legend, grid: the seed study's figures. matplotlib is an 
 object-oriented API and the Agg canvas: no pyplot, no global backend switch, no display needed.
 
 Step 0 (and often step 1) of a compiled run includes torch.compile and warm-up: its dt is ~10x the
-steady state, which would squash every curve of tok/sec, dt and MFU into a flat line. For those
-metrics the y range is fitted to the steps after the warm-up and the figure says which points
-fell off the scale. Loss keeps its full range: the first steps are the interesting part.
+steady state, which would squash every curve of tok/sec, dt and MFU into a flat line. The warm-up
+steps are the summaries' (`[metrics] warmup_steps`: step numbers below it, see moectl.metrics):
+in the figures of tail-mean metrics they are shaded, since no summary counts them, and for
+tok/sec, dt and MFU the y range is fitted to the steps after them and the figure says which points
+fell off the scale. Loss keeps its full range: the first steps are the interesting part. Steps
+are whole numbers, and so are the ticks of the step axis.
 """
 from __future__ import annotations
 
@@ -18,11 +21,11 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from engine.schema import METRICS_FILENAME
 from moectl.errors import UsageError
-from moectl.metrics import read_metrics
+from moectl.metrics import DEFAULT_WARMUP_STEPS, MEAN_METRICS, read_metrics
 from moectl.records import RunRecord, atomic_file
 
 # metric -> y-axis label. The first four are the ones a sweep draws.
@@ -38,7 +41,6 @@ PLOT_METRICS = {
 SWEEP_METRICS = ("loss", "tok_per_sec", "mfu", "dt_ms")
 # Metrics whose first steps include compile / warm-up and get a y range fitted to the rest.
 WARMUP_METRICS = {"tok_per_sec", "dt_ms", "mfu"}
-WARMUP_STEPS = 2
 
 MISSING_MATPLOTLIB = "matplotlib is not installed: pip install 'moectl[plot]'"
 
@@ -58,6 +60,7 @@ class PlotResult:
     plotted: list[str] = field(default_factory=list)  # run ids with a line in the figure
     skipped: list[str] = field(default_factory=list)  # one warning per run left out
     off_scale: int = 0  # warm-up points outside the fitted y range
+    figure: Any = field(default=None, repr=False)  # the matplotlib Figure that was saved
 
 
 def check_metric(metric: str) -> str:
@@ -87,16 +90,16 @@ def collect_series(runs: Sequence[RunRecord], metric: str) -> tuple[list[Series]
     return series, skipped
 
 
-def _fitted_ylim(series: list[Series]) -> Optional[tuple[float, float, int]]:
+def _fitted_ylim(series: list[Series], warmup_steps: int) -> Optional[tuple[float, float, int]]:
     """(low, high, points off scale) fitted to the post-warm-up steps of every series, or None
     when that would hide nothing or there is too little after warm-up to fit on."""
-    steady = [v for s in series for v in s.values[WARMUP_STEPS:]]
+    steady = [v for s in series for step, v in zip(s.steps, s.values) if step >= warmup_steps]
     if len(steady) < 2:
         return None
     lo, hi = min(steady), max(steady)
     pad = (hi - lo) * 0.08 or abs(hi) * 0.05 or 1.0
     lo, hi = lo - pad, hi + pad
-    off = sum(1 for s in series for v in s.values[:WARMUP_STEPS] if not lo <= v <= hi)
+    off = sum(1 for s in series for step, v in zip(s.steps, s.values) if step < warmup_steps and not lo <= v <= hi)
     return (lo, hi, off) if off else None
 
 
@@ -104,20 +107,22 @@ def _import_matplotlib():
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-        from matplotlib.ticker import StrMethodFormatter
+        from matplotlib.ticker import MaxNLocator, StrMethodFormatter
     except ImportError:
         raise UsageError(MISSING_MATPLOTLIB) from None
-    return Figure, FigureCanvasAgg, StrMethodFormatter
+    return Figure, FigureCanvasAgg, MaxNLocator, StrMethodFormatter
 
 
-def make_plot(runs: Sequence[RunRecord], metric: str, out: Path, title: Optional[str] = None) -> PlotResult:
+def make_plot(runs: Sequence[RunRecord], metric: str, out: Path, title: Optional[str] = None,
+              warmup_steps: int = DEFAULT_WARMUP_STEPS) -> PlotResult:
     """Draw `metric` of every run into `out` (format from its suffix; the file is replaced
     atomically, its directory created). Raises UsageError for an unknown metric, a missing
     matplotlib, an unsupported suffix, or when no run has a single value to draw."""
     check_metric(metric)
     if not runs:
         raise UsageError("nothing to plot: no runs")
-    Figure, FigureCanvasAgg, StrMethodFormatter = _import_matplotlib()  # before any reading: say what to install first
+    # Before any reading: say what to install first.
+    Figure, FigureCanvasAgg, MaxNLocator, StrMethodFormatter = _import_matplotlib()
     out = Path(out).expanduser()
     series, skipped = collect_series(runs, metric)
     if not series:
@@ -135,14 +140,21 @@ def make_plot(runs: Sequence[RunRecord], metric: str, out: Path, title: Optional
         # Markers only where a line would be hard to see (a handful of steps).
         ax.plot(s.steps, s.values, label=s.label, linewidth=1.4, marker="o" if len(s.steps) <= 20 else None,
                 markersize=3)
-    result = PlotResult(path=out, metric=metric, plotted=[s.run_id for s in series], skipped=skipped)
-    if metric in WARMUP_METRICS and (fit := _fitted_ylim(series)) is not None:
+    result = PlotResult(path=out, metric=metric, plotted=[s.run_id for s in series], skipped=skipped, figure=fig)
+    first = min(s.steps[0] for s in series)
+    if metric in MEAN_METRICS and warmup_steps > first:
+        # Behind the lines (zorder 0): steps first .. warmup_steps-1, half a step either side.
+        last = min(warmup_steps - 1, max(s.steps[-1] for s in series))
+        ax.axvspan(first - 0.5, last + 0.5, color="0.5", alpha=0.12, linewidth=0, zorder=0,
+                   label=f"warm-up: steps {first}-{last}, not in summaries")
+    if metric in WARMUP_METRICS and (fit := _fitted_ylim(series, warmup_steps)) is not None:
         lo, hi, result.off_scale = fit
         ax.set_ylim(lo, hi)
-        ax.text(0.01, 0.01, f"{result.off_scale} point(s) of steps 0-{WARMUP_STEPS - 1} off scale "
+        ax.text(0.01, 0.01, f"{result.off_scale} point(s) of steps {first}-{warmup_steps - 1} off scale "
                 "(compile / warm-up)", transform=ax.transAxes, fontsize=8, color="0.4", va="bottom")
     ax.set_title(title or f"{PLOT_METRICS[metric]} per step")
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # step 2.5 does not exist
     ax.set_ylabel(PLOT_METRICS[metric])
     if max(abs(v) for s in series for v in s.values) >= 10_000:
         ax.yaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))  # 800,000 rather than 800000
@@ -168,10 +180,11 @@ def plot_runs(
     out: Path,
     title: str | None = None,
     warn: Optional[Callable[[str], None]] = None,
+    warmup_steps: int = DEFAULT_WARMUP_STEPS,
 ) -> Path:
     """One figure, one line per run; returns the path written. Runs without values of `metric`
     are left out with one warning each (`warn`, default: a `warning:` line on stderr)."""
-    result = make_plot(runs, metric, out, title)
+    result = make_plot(runs, metric, out, title, warmup_steps=warmup_steps)
     for line in result.skipped:
         (warn or _stderr_warning)(line)
     return result.path

@@ -49,6 +49,14 @@ class Summary(BaseModel):
     total_time_min: Optional[float] = None
     final_loss: Optional[float] = None
     drop_frac: Optional[float] = None
+    # Beyond the §7a minimum (issue 7). Steps numbered below `warmup_steps` never enter the window;
+    # `clean` is False when the run has no step past them, and its tail means then cover warm-up
+    # (marked wherever shown). `note` says that, or that the window holds fewer than `window`
+    # steps. A record written before these keys existed reads as clean with no warm-up left out,
+    # which is what its numbers were.
+    warmup_steps: int = 0
+    clean: bool = True
+    note: Optional[str] = None
 
 
 class RunRecord(BaseModel):
@@ -70,9 +78,11 @@ class RunRecord(BaseModel):
     # Beyond the §7a minimum:
     host: Optional[str] = None
     pid: Optional[int] = None  # the moectl process that owns a running run (stale detection)
-    # The tail window its summary is computed over ([metrics] window at launch), so a reader that
-    # settles the run after its moectl was killed summarises it as moectl would have.
+    # The tail window its summary is computed over and the warm-up steps kept out of it ([metrics]
+    # at launch), so a reader that settles the run after its moectl was killed summarises it as
+    # moectl would have.
     window: Optional[int] = None
+    warmup_steps: Optional[int] = None
     gpus: list[str] = Field(default_factory=list)
     driver: Optional[str] = None
     torch_version: Optional[str] = None

@@ -10,8 +10,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
-from moectl.metrics import METRICS, Comparison, MetricValue
-from moectl.records import RunRecord
+from moectl.metrics import MARK, MEAN_METRICS, METRICS, Comparison, MetricValue, mark_footnote
+from moectl.records import RunRecord, Summary
 
 # metric -> (column title, decimals)
 COLUMNS: dict[str, tuple[str, int]] = {
@@ -42,6 +42,24 @@ def fmt(value: Optional[float], decimals: int) -> str:
 
 def fmt_delta(delta: Optional[float]) -> str:
     return "" if delta is None else f"{delta:+.2f}%"
+
+
+def is_marked(summary: Optional[Summary], metric: str) -> bool:
+    """A tail mean of a run with no step past its warm-up (shown with MARK, never recommended)."""
+    return (summary is not None and not summary.clean and metric in MEAN_METRICS
+            and getattr(summary, metric) is not None)
+
+
+def summary_cell(summary: Optional[Summary], metric: str, decimals: int) -> str:
+    """One metric of a record's summary for a table: the value, MARK when it is warm-up only."""
+    text = fmt(getattr(summary, metric) if summary is not None else None, decimals)
+    return text + (MARK if is_marked(summary, metric) else "")
+
+
+def marked_footnote(summaries: list[Optional[Summary]]) -> list[str]:
+    """The footnote under a table holding marked figures (nothing when none is marked)."""
+    marked = [s for s in summaries if s is not None and any(is_marked(s, m) for m in MEAN_METRICS)]
+    return ["", mark_footnote(marked[0].warmup_steps)] if marked else []
 
 
 def run_label(record: RunRecord) -> str:
@@ -83,17 +101,21 @@ def commit_message(record: RunRecord, baseline: Optional[RunRecord] = None) -> s
     """`report: static cap1.0 bufreuse — 806400 tok/s (+2.70% vs static_cap1p0)`."""
     label = run_label(record)
     tps = record.summary.tok_per_sec if record.summary else None
+    # A warm-up-only figure says so in the subject too: a log of subjects is read without tables.
+    warmup_only = " [warm-up only]" if is_marked(record.summary, "tok_per_sec") else ""
     if record.status in ("failed", "interrupted"):
         code = f" (exit {record.exit_code})" if record.exit_code is not None else ""
         head = f"report: {label} — {record.status}{code}"
-        return head + (f", {tps:.0f} tok/s so far" if tps is not None else "")
+        return head + (f", {tps:.0f} tok/s so far{warmup_only}" if tps is not None else "")
     if tps is None:
         return f"report: {label} — {record.status}, no throughput recorded"
     msg = f"report: {label} — {tps:.0f} tok/s"
     base_tps = baseline.summary.tok_per_sec if baseline is not None and baseline.summary else None
     if baseline is not None and base_tps:
         msg += f" ({(tps - base_tps) / abs(base_tps) * 100:+.2f}% vs {baseline.tag or baseline.id})"
-    return msg
+        if not warmup_only and is_marked(baseline.summary, "tok_per_sec"):
+            warmup_only = " [baseline warm-up only]"
+    return msg + warmup_only
 
 
 def not_committed(reason: str, run_id: str) -> str:
@@ -103,17 +125,23 @@ def not_committed(reason: str, run_id: str) -> str:
 
 def compare_commit_message(comparison: Comparison) -> str:
     """`report: compare bufreuse vs static_cap1p0 — 806400 tok/s (+2.70%)`; with several runs,
-    the fastest one is named."""
+    the fastest one is named (the fastest clean one: a warm-up-only figure is named only when no
+    run has another, and then marked)."""
     base = next(r for r in comparison.runs if r.id == comparison.baseline)
     others = [r for r in comparison.runs if r.id != base.id]
     names = ", ".join(r.tag or r.id for r in others[:3]) + (f" +{len(others) - 3} more" if len(others) > 3 else "")
     msg = f"report: compare {names} vs {base.tag or base.id}"
     with_tps = [r for r in others if r.metrics["tok_per_sec"].value is not None]
+    clean = [r for r in with_tps if not r.metrics["tok_per_sec"].marked]
     if with_tps:
-        best = max(with_tps, key=lambda r: r.metrics["tok_per_sec"].value)
+        best = max(clean or with_tps, key=lambda r: r.metrics["tok_per_sec"].value)
         mv = best.metrics["tok_per_sec"]
         who = "" if len(others) == 1 else f"best {best.tag or best.id} "
         msg += f" — {who}{mv.value:.0f} tok/s" + (f" ({mv.delta_pct:+.2f}%)" if mv.delta_pct is not None else "")
+        if mv.marked:
+            msg += " [warm-up only]"
+        elif not base.clean and mv.delta_pct is not None:
+            msg += " [baseline warm-up only]"
     return msg
 
 
@@ -128,6 +156,8 @@ def _cell(mv: MetricValue, decimals: int, is_baseline: bool) -> str:
     text = fmt(mv.value, decimals)
     if mv.value is None:
         return text
+    if mv.marked:
+        text += MARK
     if mv.stderr is not None:
         text += f" ±{mv.stderr:.{decimals}f}"
     if not is_baseline and mv.delta_pct is not None:
@@ -145,14 +175,19 @@ def compare_markdown(comparison: Comparison) -> str:
         rows.append([name, str(r.steps)] + [_cell(r.metrics[m], COLUMNS[m][1], is_base) for m in METRICS])
     base = next((r for r in comparison.runs if r.id == comparison.baseline), None)
     lines = _table(header, rows)
+    warmup = comparison.warmup_steps
     lines += [
         "",
-        f"Tail window: the last {comparison.window} steps of each run. Values are tail means "
+        f"Tail window: the last {comparison.window} steps of each run"
+        + (f" past its first {warmup} (warm-up: compile, allocator; `[metrics] warmup_steps`)" if warmup else "")
+        + ". Values are tail means "
         "(tok/sec, dt, MFU, drop) or run totals (peak mem = max, total time, final loss = last step).",
         "`±` is the standard error of the tail mean (sample std / √n); `(+x.xx%)` is the delta vs "
         f"the baseline `{base.tag or base.id if base else comparison.baseline}`; `*` marks a delta "
         "beyond noise: |a − b| > 2·√(se_a² + se_b²).",
     ]
+    if any(mv.marked for r in comparison.runs for mv in r.metrics.values()):
+        lines.append(mark_footnote(warmup))
     lines += [f"- {note}" for note in comparison.notes]
     return "\n".join(lines) + "\n"
 
@@ -205,10 +240,17 @@ def run_report(
         lines.append("No metrics were recorded.")
     else:
         header = ["window", "steps"] + [COLUMNS[m][0] for m in METRICS]
-        row = [str(s.window), str(s.steps)] + [fmt(getattr(s, m), COLUMNS[m][1]) for m in METRICS]
+        row = [str(s.window), str(s.steps)] + [summary_cell(s, m, COLUMNS[m][1]) for m in METRICS]
         lines += _table(header, [row], right_from=0)
-        if s.steps < s.window:
-            lines.append(f"\nThe run has only {s.steps} steps: the tail covers all of them.")
+        if s.warmup_steps:
+            lines.append(f"\nSteps 0–{s.warmup_steps - 1} are warm-up (compile, allocator; `[metrics] "
+                         "warmup_steps`): no tail mean counts them.")
+        if not s.clean and s.steps:
+            lines.append(f"\n**{s.note[:1].upper()}{s.note[1:]}.**")
+            lines += marked_footnote([s])
+        elif s.steps < s.window:
+            lines.append(f"\nThe run has only {s.steps} steps past the warm-up: the tail covers all of them."
+                         if s.warmup_steps else f"\nThe run has only {s.steps} steps: the tail covers all of them.")
 
     if comparison_vs_baseline is not None:
         lines += ["", "## Against the baseline", "", compare_markdown(comparison_vs_baseline).rstrip()]

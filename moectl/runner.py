@@ -100,6 +100,7 @@ def execute_run(
             sweep=sweep_id,
             notes=plan.notes,
             window=plan.window,
+            warmup_steps=plan.warmup_steps,
         )
         outcome.record = record
         try:
@@ -127,7 +128,7 @@ def execute_run(
             raise
 
         metrics = read_metrics(Path(plan.files["metrics.jsonl"]))
-        store.apply_metrics(record, metrics, plan.window)
+        store.apply_metrics(record, metrics, plan.window, plan.warmup_steps)
         if metrics.start is not None and plan.device == "cuda" and not record.gpus:
             record.gpus = [metrics.start.device]
         worker_code = result.worker_exit_code
@@ -153,7 +154,8 @@ def execute_run(
     comparison = None
     if baseline is not None and baseline.summary is not None and record.summary is not None:
         comparison = compare(
-            [_run_metrics(baseline), _run_metrics(record)], baseline_index=0, window=plan.window
+            [_run_metrics(baseline), _run_metrics(record)], baseline_index=0, window=plan.window,
+            warmup_steps=plan.warmup_steps,
         )
     report = report_path(cfg.report_dir, plan.tag)
     report.parent.mkdir(parents=True, exist_ok=True)

@@ -174,12 +174,12 @@ _LOG_TAIL_LINES = 40  # as many as launch keeps for a run it saw to the end
 _RUN_SPECIFIC = ("out_dir", "ckpt_dir")
 
 
-def apply_metrics(record: RunRecord, metrics: MetricsFile, window: int) -> None:
+def apply_metrics(record: RunRecord, metrics: MetricsFile, window: int, warmup_steps: int) -> None:
     """What a record takes from its metrics.jsonl once the training is over: the tail summary
     (SPEC §7), the engine's resolved configuration and torch version, a note on malformed lines.
     The one place for it, whether moectl saw the run to its end or a reader settles it later."""
     if metrics.steps:
-        record.summary = tail_summary(metrics, window)
+        record.summary = tail_summary(metrics, window, warmup_steps)
     if metrics.start is not None:
         record.engine = {k: v for k, v in metrics.start.config.items() if k not in _RUN_SPECIFIC}
         record.torch_version = metrics.start.config.get("torch_version")
@@ -208,7 +208,9 @@ def settle_stale(run_dir: Path, rec: StoredRun, recorded_exp_dir: Optional[str] 
     final = rec.model_copy(deep=True)
     final.exp_dir = recorded_exp_dir or rec.exp_dir  # run.json keeps what it said; only the status settles
     metrics = read_metrics(metrics_path)
-    apply_metrics(final, metrics, rec.window or MetricsSection().window)
+    defaults = MetricsSection()  # records from before these fields: the defaults of that time's config
+    apply_metrics(final, metrics, rec.window or defaults.window,
+                  rec.warmup_steps if rec.warmup_steps is not None else defaults.warmup_steps)
     final.status = "interrupted"
     final.finished_at = _last_written(metrics_path, log_path) or rec.started_at or rec.created_at
     finished = "; its training had finished (metrics.jsonl ends with its summary)" if metrics.summary else ""
@@ -402,6 +404,7 @@ def import_run(
     extras: Optional[dict[str, Any]] = None,
     source: Optional[str] = None,
     window: int = 50,
+    warmup_steps: int = 0,
 ) -> RunRecord:
     """Write an existing run's metrics into a fresh run directory with status `imported`.
 
@@ -424,7 +427,7 @@ def import_run(
         total_time_s=extras.get("total_time_s"),
         final_loss=steps[-1].loss,
     )
-    summary: Summary = tail_summary(MetricsFile(steps=list(steps), summary=summary_line), window)
+    summary: Summary = tail_summary(MetricsFile(steps=list(steps), summary=summary_line), window, warmup_steps)
 
     # Claim a fresh directory atomically (two imports in the same second get `-2`, `-3`...: a new
     # name, never a reused directory), write the metrics, and run.json last: listings only see

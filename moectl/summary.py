@@ -19,7 +19,7 @@ from typing import Optional
 from moectl import gitops, store
 from moectl.config import Config
 from moectl.records import RunRecord, SweepRecord, write_text_atomic
-from moectl.report import COLUMNS, fmt
+from moectl.report import COLUMNS, fmt, marked_footnote, summary_cell
 from moectl.sweep import (
     completed_comparison, leg_status, legs_table, list_sweeps, recommendation, settled, sweep_chain,
 )
@@ -81,7 +81,7 @@ def _sweep_section(cfg: Config, chain: list[SweepRecord], runs: dict[str, RunRec
         role = "original" if i == 0 else "resumed"
         lines.append(f"- {role} directory: `{s.exp_dir}`")
     lines += ["", *legs_table(latest.legs, runs, window), ""]
-    comparison = completed_comparison(latest, runs, window)
+    comparison = completed_comparison(latest, runs, window, warmup_steps=cfg.metrics.warmup_steps)
     rec = recommendation(comparison)
     lines.append(f"Conclusion: {rec}" if rec else "Conclusion: no leg has completed yet.")
     unfinished = [leg.tag for leg in latest.legs if not settled(leg.model_copy(update={"state": leg_status(leg, runs)}),
@@ -93,8 +93,7 @@ def _sweep_section(cfg: Config, chain: list[SweepRecord], runs: dict[str, RunRec
 
 
 def _run_row(r: store.StoredRun) -> str:
-    s = r.summary
-    vals = [fmt(getattr(s, m) if s else None, COLUMNS[m][1])
+    vals = [summary_cell(r.summary, m, COLUMNS[m][1])
             for m in ("tok_per_sec", "dt_ms", "mfu", "peak_mem_mib", "total_time_min", "final_loss")]
     return "| " + " | ".join([f"`{r.id}`", r.display_status, r.tag or "—", *vals]) + " |"
 
@@ -149,6 +148,7 @@ def render_summary(cfg: Config, now: Optional[datetime] = None) -> str:
                   "| total (min) | final loss |",
                   "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         lines += [_run_row(r) for r in standalone[:STANDALONE_LIMIT]]
+        lines += marked_footnote([r.summary for r in standalone[:STANDALONE_LIMIT]])
         if len(standalone) > STANDALONE_LIMIT:
             lines.append(f"\n{len(standalone) - STANDALONE_LIMIT} older run(s) not shown: `moectl runs`.")
         lines.append("")

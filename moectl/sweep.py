@@ -35,11 +35,11 @@ from moectl.config import Config
 from moectl.errors import (
     EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRAINING, EXIT_USAGE, GuardRefused, MoectlError, UsageError,
 )
-from moectl.metrics import Comparison, RunMetrics, compare, read_metrics
+from moectl.metrics import MARK, Comparison, RunMetrics, compare, read_metrics
 from moectl.plan import RunRequest, command_text, make_request, plan_run, sanitize_tag
 from moectl.progress import NullProgress, ProgressSink
 from moectl.records import SWEEP_RECORD, RunRecord, SweepLeg, SweepRecord, save_model
-from moectl.report import COLUMNS, fmt, report_path
+from moectl.report import COLUMNS, marked_footnote, report_path, summary_cell
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -311,45 +311,68 @@ LEG_METRICS = ("tok_per_sec", "dt_ms", "mfu", "peak_mem_mib", "total_time_min", 
 
 
 def legs_table(legs: list[SweepLeg], runs: dict[str, RunRecord], window: int) -> list[str]:
-    """Markdown rows of every leg: state, run id, and the tail-window metrics of its run record."""
+    """Markdown rows of every leg: state, run id, and the tail-window metrics of its run record
+    (warm-up-only figures marked, with the footnote under the table)."""
     head = ["leg", "state", "run"] + [f"tail{window} {COLUMNS[m][0]}" if m in ("tok_per_sec", "dt_ms", "mfu")
                                       else COLUMNS[m][0] for m in LEG_METRICS]
     lines = ["| " + " | ".join(head) + " |", "| --- | --- | --- |" + " ---: |" * len(LEG_METRICS)]
+    summaries = []
     for leg in legs:
         rec = runs.get(leg.run_id) if leg.run_id else None
         s = rec.summary if rec is not None else None
-        vals = [fmt(getattr(s, m) if s else None, COLUMNS[m][1]) for m in LEG_METRICS]
+        summaries.append(s)
+        vals = [summary_cell(s, m, COLUMNS[m][1]) for m in LEG_METRICS]
         name = leg.tag + (f" (fallback of {leg.fallback_of})" if leg.fallback_of else "")
         lines.append("| " + " | ".join([name, leg_status(leg, runs), f"`{leg.run_id}`" if leg.run_id else "—", *vals]) + " |")
-    return lines
+    return lines + marked_footnote(summaries)
 
 
 def fastest(comparison: Comparison) -> Optional[tuple[str, float, Optional[float]]]:
-    """(tag, tail tok/sec, delta % vs baseline) of the fastest run in a comparison."""
-    rows = [r for r in comparison.runs if r.metrics["tok_per_sec"].value is not None]
+    """(tag, tail tok/sec, delta % vs baseline) of the fastest run in a comparison, among the runs
+    with a clean figure (a warm-up-only one is never the answer). The delta is None when the
+    baseline's own figure is warm-up only."""
+    rows = [r for r in comparison.runs
+            if r.metrics["tok_per_sec"].value is not None and not r.metrics["tok_per_sec"].marked]
     if not rows:
         return None
     best = max(rows, key=lambda r: r.metrics["tok_per_sec"].value)
     mv = best.metrics["tok_per_sec"]
-    return best.tag or best.id, mv.value, mv.delta_pct
+    base = next(r for r in comparison.runs if r.id == comparison.baseline)
+    return best.tag or best.id, mv.value, (mv.delta_pct if base.clean else None)
 
 
 def recommendation(comparison: Optional[Comparison]) -> Optional[str]:
-    best = fastest(comparison) if comparison is not None else None
-    if best is None:
+    """One sentence naming the fastest leg by its clean tail tok/sec; legs whose figures are
+    warm-up only are named as left out, and when no leg has a clean figure it says what to do."""
+    if comparison is None:
         return None
+    warm = [r.tag or r.id for r in comparison.runs if r.metrics["tok_per_sec"].marked]
+    best = fastest(comparison)
+    if best is None:
+        if not warm:
+            return None
+        return (f"none: no leg has a clean figure — every completed leg ran only warm-up steps (its first "
+                f"{comparison.warmup_steps}, compile included), so its tail means measure start-up, not "
+                f"training. Run more steps a leg (`steps` > {comparison.warmup_steps}, ideally "
+                f"{comparison.warmup_steps} + `window`) and sweep again.")
     tag, tps, delta = best
+    left_out = (f" Left out (warm-up only, {MARK}): {', '.join(f'`{t}`' for t in warm)}." if warm else "")
     base = next(r for r in comparison.runs if r.id == comparison.baseline)
+    n_clean = len(comparison.runs) - len(warm)
     if len(comparison.runs) == 1:
         return f"only `{tag}` completed ({tps:.2f} tok/s tail mean): nothing to choose between yet."
+    if n_clean == 1:
+        return f"only `{tag}` has a clean figure ({tps:.2f} tok/s tail mean): nothing to choose between yet.{left_out}"
+    clean = " clean" if warm else ""
     if base.tag == tag or base.id == tag:
-        return f"the baseline `{tag}` is the fastest leg ({tps:.2f} tok/s tail mean): keep it."
-    return (f"`{tag}` is the fastest leg — {tps:.2f} tok/s tail mean "
-            f"({delta:+.2f}% vs `{base.tag or base.id}`).")
+        return f"the baseline `{tag}` is the fastest{clean} leg ({tps:.2f} tok/s tail mean): keep it.{left_out}"
+    versus = (f"({delta:+.2f}% vs `{base.tag or base.id}`)" if delta is not None
+              else f"(no delta: the baseline `{base.tag or base.id}` has only a warm-up figure)")
+    return f"`{tag}` is the fastest{clean} leg — {tps:.2f} tok/s tail mean {versus}.{left_out}"
 
 
 def completed_comparison(sweep: SweepRecord, runs: dict[str, RunRecord], window: int,
-                         baseline_tag: Optional[str] = None) -> Optional[Comparison]:
+                         baseline_tag: Optional[str] = None, warmup_steps: int = 0) -> Optional[Comparison]:
     """The compare table of every completed leg (baseline: `baseline_tag` when it completed, else the
     first completed leg)."""
     done = [(leg, runs[leg.run_id]) for leg in sweep.legs
@@ -359,7 +382,7 @@ def completed_comparison(sweep: SweepRecord, runs: dict[str, RunRecord], window:
     items = [RunMetrics(id=rec.id, tag=leg.tag, metrics=read_metrics(Path(rec.exp_dir) / "metrics.jsonl"),
                         options=rec.options, fallback=rec.summary) for leg, rec in done]
     base = next((i for i, (leg, _) in enumerate(done) if leg.tag == baseline_tag), 0)
-    return compare(items, baseline_index=base, window=window)
+    return compare(items, baseline_index=base, window=window, warmup_steps=warmup_steps)
 
 
 def sweep_report(sweep: SweepRecord, runs: dict[str, RunRecord], window: int, *, heading: str,
@@ -594,7 +617,8 @@ def _run(cfg: Config, sweep: SweepRecord, opts: SweepOptions, ui: SweepUI, *, ca
 
     def write_report(heading: str, figures: list[Path] = ()) -> list[Path]:
         """The sweep report (+ EXPERIMENTS.md): the paths to commit with it."""
-        out.comparison = completed_comparison(sweep, runs, cfg.metrics.window, opts.baseline)
+        out.comparison = completed_comparison(sweep, runs, cfg.metrics.window, opts.baseline,
+                                              cfg.metrics.warmup_steps)
         out.report.parent.mkdir(parents=True, exist_ok=True)
         from moectl.records import write_text_atomic
 
@@ -735,7 +759,8 @@ def _figures(cfg: Config, sweep: SweepRecord, runs: dict[str, RunRecord], out: S
         target = out.report.parent / "figures" / f"{out.report.stem}_{metric}.png"
         try:
             paths.append(plot_runs(done, metric, target, title=f"sweep {sweep.name}: {metric}",
-                                   warn=lambda line: out.messages.append(line)))
+                                   warn=lambda line: out.messages.append(line),
+                                   warmup_steps=cfg.metrics.warmup_steps))
         except UsageError as exc:  # matplotlib missing, or no values of this metric
             out.messages.append(f"figure {metric} skipped: {exc.message}")
     return paths

@@ -55,6 +55,20 @@ def test_import_nanochat_uses_config_window(project, artifact_root):
     assert [p.name for p in artifact_root.iterdir()] == [run_dir.name]  # no temp dirs left behind
 
 
+def test_import_leaves_the_configured_warmup_steps_out(project, artifact_root):
+    # warmup_steps 2: steps 0 (the 9 s compile step) and 1 stay out; the window of 50 holds 2..7.
+    with open(project / ".moectl.toml", "a") as fh:
+        fh.write("\n[metrics]\nwarmup_steps = 2\n")
+    s = imported("nano", "nanochat_small.log", "nanochat")["summary"]
+    assert (s["window"], s["warmup_steps"], s["steps"], s["clean"]) == (50, 2, 6, True)
+    assert s["note"] == "6 clean steps (< window 50) after 2 warm-up steps"
+    # tok/sec (11000+11500+12000+13000+14000+15000)/6, dt (650+640+600+620+640+660)/6
+    assert s["tok_per_sec"] == pytest.approx(76500 / 6)
+    assert s["dt_ms"] == pytest.approx(3810 / 6)
+    # whole-run figures are unaffected: peak, total time, final loss
+    assert s["peak_mem_mib"] == 1234.5 and s["total_time_min"] == pytest.approx(0.5) and s["final_loss"] == 5.5
+
+
 def test_import_text_output_and_all_formats(project):
     r = invoke("import", str(FIXTURES / "steps_seed_style.csv"), "-f", "csv", "--name", "seedlike")
     assert r.exit_code == 0, r.output
@@ -170,7 +184,12 @@ def test_compare_json_contract_and_baseline(project):
     tps = data["runs"][1]["metrics"]["tok_per_sec"]
     # 10950/6 vs 87500/8, both hand-derived from the fixture rows
     assert tps["delta_pct"] == pytest.approx((10950 / 6 - 87500 / 8) / (87500 / 8) * 100)
-    assert data["runs"][1]["metrics"]["mfu"] == {"value": None, "delta_pct": None, "stderr": None, "beyond_noise": None}
+    assert data["runs"][1]["metrics"]["mfu"] == {"value": None, "delta_pct": None, "stderr": None, "beyond_noise": None,
+                                                 "marked": False}
+    # Both fixtures are shorter than the default 10 warm-up steps: their tail means are kept and
+    # shown, marked, and no noise verdict is given on them.
+    assert data["warmup_steps"] == 10 and [x["clean"] for x in data["runs"]] == [False, False]
+    assert tps["marked"] is True and tps["beyond_noise"] is None and "warm-up only" in data["runs"][1]["note"]
     # --baseline: the other run, by tag; --window 3
     r2 = json.loads(invoke("compare", "base", "other", "--baseline", "other", "--window", "3", "--json").stdout)
     assert r2["baseline"] == other["id"] and r2["window"] == 3
@@ -250,3 +269,25 @@ def test_runs_table_shows_key_options_the_engine_resolved(project, artifact_root
     assert r.exit_code == 0, r.output
     row = next(line for line in r.output.splitlines() if "preset_only" in line)
     assert "1.25" in row and "dynamic" in row and "d12-moe" in row
+
+
+def test_runs_and_show_mark_a_warmup_only_run(project, artifact_root):
+    # The nanochat fixture has 8 steps: all within the default 10 warm-up steps.
+    rec = imported("nano", "nanochat_small.log", "nanochat")
+    assert rec["summary"]["clean"] is False and rec["summary"]["warmup_steps"] == 10
+    assert rec["summary"]["note"].startswith("warm-up only: all 8 steps are among the first 10")
+    # 9 s compile step included: (1000+10000+11000+11500+12000+13000+14000+15000)/8
+    assert rec["summary"]["tok_per_sec"] == pytest.approx(87500 / 8)
+
+    runs = invoke("runs")
+    assert runs.exit_code == 0, runs.output
+    row = next(ln for ln in runs.stdout.splitlines() if "nano" in ln)
+    assert "10,938†" in row and "1.09†" in row and "1,234" in row and "1,234†" not in row  # peak is not a tail mean
+    assert "† warm-up only: the run has no step past its first 10" in runs.stdout
+
+    show = invoke("show", "nano")
+    assert show.exit_code == 0, show.output
+    line = next(ln for ln in show.stdout.splitlines() if ln.startswith("summary ("))
+    assert line.startswith("summary (last 8 of window 50, all warm-up): tok/sec 10,937.50† · dt 1,688.75† ms")
+    assert line.endswith("drop —") and "—†" not in line  # no mark on a missing value (no drops in the log)
+    assert "note: warm-up only: all 8 steps" in show.stdout

@@ -72,6 +72,9 @@ def test_no_config_found_suggests_init(tmp_path):
         ("[gpu]\ndevices = []\n", ".moectl.toml: gpu.devices"),
         ("[launch]\nnproc_per_node = 0\n", ".moectl.toml: launch.nproc_per_node"),
         ("[metrics]\nwindow = 0\n", ".moectl.toml: metrics.window: Input should be greater than or equal to 1"),
+        ("[metrics]\nwarmup_steps = -1\n", ".moectl.toml: metrics.warmup_steps: Input should be greater than or equal to 0"),
+        ("[metrics]\nwarmup_steps = 2.5\n", ".moectl.toml: metrics.warmup_steps: Input should be a valid integer"),
+        ("[metrics]\nwarmup_step = 5\n", ".moectl.toml: metrics.warmup_step: unknown key"),
         ("[defaults]\ncap = -1\n", ".moectl.toml: defaults.cap: Input should be greater than or equal to 0"),
         ("[defaults]\ncompile = \"fast\"\n", ".moectl.toml: defaults.compile: Input should be 'static', 'dynamic' or 'none'"),
         ("[defaults]\nn-experts = \"many\"\n", ".moectl.toml: defaults.n_experts: Input should be a valid integer"),
@@ -82,6 +85,25 @@ def test_bad_fields_are_one_line_each(tmp_path, text, line):
         load_config(write(tmp_path, text))
     assert len(e.value.lines) == 1
     assert e.value.lines[0].startswith(line)
+
+
+def test_warmup_steps_default_is_in_the_template_and_zero_is_allowed(tmp_path):
+    assert MoectlFile().metrics.warmup_steps == 10
+    assert "\nwarmup_steps = 10 " in TEMPLATE  # `moectl init` shows the knob, with its default
+    assert load_config(write(tmp_path, "[metrics]\nwarmup_steps = 0\n")).metrics.warmup_steps == 0
+
+
+def test_negative_warmup_steps_exits_2_with_one_line_naming_the_field(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from moectl.cli import app
+
+    write(tmp_path, "[metrics]\nwarmup_steps = -3\n")
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["runs"])
+    assert r.exit_code == EXIT_USAGE and "Traceback" not in r.output
+    field_lines = [ln for ln in r.stderr.splitlines() if "metrics.warmup_steps" in ln]
+    assert field_lines == ["  .moectl.toml: metrics.warmup_steps: Input should be greater than or equal to 0"]
 
 
 def test_several_bad_fields_give_several_lines(tmp_path):

@@ -20,8 +20,9 @@ runner = CliRunner()
 STEPS_HEADER = ["run", "step", "loss", "aux_loss", "lr", "dt_ms", "tok_per_sec", "mfu", "peak_mem_mib",
                 "drop_frac", "expert_load_max", "elapsed_s"]
 SUMMARY_HEADER = ["run", "tag", "status", "steps", "tok_per_sec", "dt_ms", "mfu", "peak_mem_mib",
-                  "total_time_min", "final_loss", "drop_frac", "window", "error"]
+                  "total_time_min", "final_loss", "drop_frac", "window", "warmup_steps", "window_steps", "clean", "error"]
 WINDOW = 5
+WARMUP = 10  # the config default: steps 0-9 never enter a window
 
 
 def invoke(*args: str):
@@ -93,22 +94,27 @@ def test_export_writes_both_tables(project, artifact_root, tmp_path):
     header, rows = read_csv(out / "summary.csv")
     assert header == SUMMARY_HEADER and [r["run"] for r in rows] == [a.id, b.id]
     ra, rb = rows
-    tail = a_steps[-WINDOW:]  # the SPEC §7 rule, computed here by hand
+    # The SPEC §7 rule by hand: of 12 steps, steps 0-9 are warm-up, so the window of 5 holds the
+    # two clean steps 10 and 11.
+    tail = a_steps[10:]
     assert ra["tag"] == "static_cap1p0" and ra["status"] == "completed" and ra["steps"] == "12" and ra["window"] == "5"
-    assert float(ra["tok_per_sec"]) == pytest.approx(sum(s.tok_per_sec for s in tail) / WINDOW, rel=1e-12)
-    assert float(ra["dt_ms"]) == pytest.approx(sum(s.dt_ms for s in tail) / WINDOW, rel=1e-12)
-    assert float(ra["mfu"]) == pytest.approx(sum(s.mfu for s in tail) / WINDOW, rel=1e-12)
-    assert float(ra["drop_frac"]) == pytest.approx(sum(s.drop_frac for s in tail) / WINDOW, rel=1e-12)
+    assert (ra["warmup_steps"], ra["window_steps"], ra["clean"]) == ("10", "2", "true")
+    assert float(ra["tok_per_sec"]) == pytest.approx((tail[0].tok_per_sec + tail[1].tok_per_sec) / 2, rel=1e-12)
+    assert float(ra["dt_ms"]) == pytest.approx((tail[0].dt_ms + tail[1].dt_ms) / 2, rel=1e-12)
+    assert float(ra["mfu"]) == pytest.approx((tail[0].mfu + tail[1].mfu) / 2, rel=1e-12)
+    assert float(ra["drop_frac"]) == pytest.approx((tail[0].drop_frac + tail[1].drop_frac) / 2, rel=1e-12)
     assert float(ra["peak_mem_mib"]) == 1028.0 and float(ra["final_loss"]) == a_steps[-1].loss
     assert float(ra["total_time_min"]) == pytest.approx(a_steps[-1].elapsed_s / 60.0, rel=1e-12) and ra["error"] == ""
     assert rb["status"] == "failed" and rb["steps"] == "3" and rb["mfu"] == "" and rb["peak_mem_mib"] == ""
-    assert float(rb["tok_per_sec"]) == 5001.0  # (5000 + 5001 + 5002) / 3  # a run shorter than the window
+    # 3 steps, all warm-up: the figures cover what exists, and say they are not clean.
+    assert float(rb["tok_per_sec"]) == 5001.0  # (5000 + 5001 + 5002) / 3
+    assert (rb["warmup_steps"], rb["window_steps"], rb["clean"]) == ("10", "3", "false")
     assert rb["error"] == "[rank0]: RuntimeError: CUDA error: out of memory"
 
 
 def test_export_round_trips_through_import(project, artifact_root, tmp_path):
     with_window(project, WINDOW)
-    orig_steps = steps_of(9, seed=3)
+    orig_steps = steps_of(WARMUP + 9, seed=3)
     orig = make_run(artifact_root, "bufreuse", 1, orig_steps)
     make_run(artifact_root, "other", 2, steps_of(4, seed=5))
     first = tmp_path / "first"
@@ -123,7 +129,8 @@ def test_export_round_trips_through_import(project, artifact_root, tmp_path):
     assert invoke("export", orig.id, "roundtrip", "--csv", str(second)).exit_code == 0
 
     _, rows = read_csv(second / "summary.csv")
-    metrics = ["steps", "tok_per_sec", "dt_ms", "mfu", "peak_mem_mib", "total_time_min", "final_loss", "drop_frac", "window"]
+    metrics = ["steps", "tok_per_sec", "dt_ms", "mfu", "peak_mem_mib", "total_time_min", "final_loss", "drop_frac", "window",
+               "warmup_steps", "window_steps", "clean"]
     assert {k: rows[0][k] for k in metrics} == {k: rows[1][k] for k in metrics}  # the same tail summary
     assert rows[1]["status"] == "imported" and float(rows[1]["tok_per_sec"]) == pytest.approx(
         sum(s.tok_per_sec for s in orig_steps[-WINDOW:]) / WINDOW, rel=1e-12)
@@ -136,7 +143,7 @@ def test_export_round_trips_through_import(project, artifact_root, tmp_path):
     by_run: dict[str, list[dict[str, str]]] = {}
     for row in step_rows:
         by_run.setdefault(row.pop("run"), []).append(row)
-    assert by_run[orig.id] == by_run[imported["id"]] and len(by_run[orig.id]) == 9
+    assert by_run[orig.id] == by_run[imported["id"]] and len(by_run[orig.id]) == WARMUP + 9
 
 
 def test_export_run_without_metrics_uses_its_record_and_replaces_files(project, artifact_root, tmp_path):
@@ -157,6 +164,8 @@ def test_export_run_without_metrics_uses_its_record_and_replaces_files(project, 
     row = rows[0]
     assert row["status"] == "interrupted" and row["error"] == "interrupted by SIGINT"
     assert row["window"] == "50" and row["steps"] == "40" and float(row["tok_per_sec"]) == 123.5 and row["mfu"] == ""
+    # A record from before warm-up existed: nothing was left out, and it reads as clean.
+    assert (row["warmup_steps"], row["window_steps"], row["clean"]) == ("0", "40", "true")
 
 
 def test_export_errors_exit_2_one_line(project, artifact_root, tmp_path):

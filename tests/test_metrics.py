@@ -234,3 +234,22 @@ def test_tail_read_falls_back_to_full_without_a_summary(tmp_path):
     assert m.total_steps is None and len(m.steps) == 6 and tail_summary(m, 2).peak_mem_mib == 50.0
     _write(p, steps, RunSummary(steps=6, world_size=1))  # a summary without peak memory
     assert len(read_metrics(p, tail=2).steps) == 6
+
+
+@needs_seed
+def test_seed_figures_are_untouched_by_the_default_warmup_steps():
+    # 280 steps, window 50 = steps 230..279: 10 warm-up steps (the config default) change nothing.
+    from moectl.metrics import DEFAULT_WARMUP_STEPS
+
+    assert DEFAULT_WARMUP_STEPS == 10
+    runs = []
+    for name in ("moe_fp8_experts_static_cap1p0", "moe_fp8_experts_static_cap1p0_bufreuse"):
+        parsed = parse_csv((SEED / f"{name}.csv").read_text())
+        runs.append(RunMetrics(id=name, tag=name, metrics=MetricsFile(steps=parsed.steps)))
+    cap1 = tail_summary(runs[0].metrics, window=50, warmup_steps=DEFAULT_WARMUP_STEPS)
+    buf = tail_summary(runs[1].metrics, window=50, warmup_steps=DEFAULT_WARMUP_STEPS)
+    assert (cap1.steps, cap1.clean, cap1.note) == (50, True, None)
+    assert round(cap1.tok_per_sec, 2) == 785203.42 and round(buf.tok_per_sec, 2) == 806400.06
+    assert round(buf.dt_ms, 2) == 650.67 and round(buf.mfu, 4) == 9.7588
+    c = compare(runs, window=50, warmup_steps=DEFAULT_WARMUP_STEPS).runs[1].metrics["tok_per_sec"]
+    assert round(c.delta_pct, 2) == 2.70 and c.beyond_noise is True and not c.marked

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from engine.schema import METRICS_FILENAME, StepMetrics, to_line
 from moectl.cli import app
 from moectl.errors import UsageError
-from moectl.plot import MISSING_MATPLOTLIB, PLOT_METRICS, plot_runs
+from moectl.plot import MISSING_MATPLOTLIB, PLOT_METRICS, make_plot, plot_runs
 from moectl.records import RunRecord
 from moectl.store import create_run_dir, load_run, run_id, save_run
 
@@ -159,3 +159,45 @@ def test_cli_modules_import_neither_torch_nor_matplotlib():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_step_axis_ticks_are_whole_numbers(artifact_root, tmp_path):
+    # Steps 0-3: matplotlib's default locator would put ticks at 0.5, 1.5, ... (no such steps).
+    runs = [make_run(artifact_root, "short", 1, n=3), make_run(artifact_root, "long", 2, n=4)]
+    for metric in ("loss", "tok_per_sec"):
+        result = make_plot(runs, metric, tmp_path / f"{metric}.png", warmup_steps=0)
+        ax = result.figure.axes[0]
+        lo, hi = ax.get_xlim()
+        shown = [t for t in ax.get_xticks() if lo <= t <= hi]
+        assert len(shown) >= 3, shown
+        assert all(float(t).is_integer() for t in ax.get_xticks()), ax.get_xticks()
+
+
+def test_warmup_region_follows_the_configured_warmup_steps(project, artifact_root, tmp_path):
+    make_run(artifact_root, "a", 1)  # 30 steps; step 0 is the compile step
+    make_run(artifact_root, "b", 2, speed=1.03)
+    with open(project / ".moectl.toml", "a") as fh:
+        fh.write("\n[metrics]\nwarmup_steps = 4\n")
+    out = tmp_path / "tok.png"
+    r = invoke("plot", "a", "b", "--metric", "tok_per_sec", "-o", str(out), "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["off_scale"] == 2  # only the compile steps leave the fitted range
+
+    # The same figure through the library, to read the figure object: the shaded span covers
+    # steps 0-3 (half a step either side), the legend and the off-scale note name them.
+    runs = [load_run(p) for p in sorted(artifact_root.iterdir())]
+    result = make_plot(runs, "tok_per_sec", out, warmup_steps=4)
+    ax = result.figure.axes[0]
+    [span] = [p for p in ax.patches if p.get_label().startswith("warm-up")]
+    xs = [x for x, _ in span.get_path().transformed(span.get_patch_transform()).vertices]
+    assert (min(xs), max(xs)) == (-0.5, 3.5)
+    assert "warm-up: steps 0-3, not in summaries" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any("steps 0-3 off scale" in t.get_text() for t in ax.texts)
+    # The steady state sets the y range (its lowest point 800,000 - 3*500, its highest 1.03 * 800,000);
+    # step 0 (60,000 tok/s) lies below it.
+    lo, hi = ax.get_ylim()
+    assert 60_000 < lo < 798_500 and hi > 824_000
+
+    # Loss is not a tail mean: no shading there.
+    loss_ax = make_plot(runs, "loss", tmp_path / "loss.png", warmup_steps=4).figure.axes[0]
+    assert not [p for p in loss_ax.patches if p.get_label().startswith("warm-up")]

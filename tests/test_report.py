@@ -15,8 +15,8 @@ def record(tag="bufreuse", tps=806400.06, status="completed", **kw) -> RunRecord
         id=f"20260224_182427_moe-{tag}", tag=tag, status=status, created_at="2026-02-24T18:24:27+08:00",
         exp_dir=f"/tmp/exp/20260224_182427_moe-{tag}",
         options=kw.pop("options", {"preset": "d12-moe", "compile": "static", "cap": 1.0}),
-        summary=Summary(window=50, steps=50, tok_per_sec=tps, dt_ms=650.67, mfu=9.7588, peak_mem_mib=18987.83,
-                        total_time_min=2.97, final_loss=3.723798),
+        summary=kw.pop("summary", Summary(window=50, steps=50, tok_per_sec=tps, dt_ms=650.67, mfu=9.7588,
+                                          peak_mem_mib=18987.83, total_time_min=2.97, final_loss=3.723798)),
         **kw,
     )
 
@@ -89,3 +89,60 @@ def test_compare_markdown_table_and_legend():
     assert "| b | 4 | 100.25 ±" in lines[3] and "(+0.25%)" in lines[3]
     assert "standard error" in md and "beyond noise" in md and "presets differ" in md
     assert compare_commit_message(c) == "report: compare b vs a — 100 tok/s (+0.25%)"
+
+
+# --- warm-up: marked figures and what rests on them ---------------------------------------------
+
+
+def _steps(values, dt=10.0):
+    return MetricsFile(steps=[StepMetrics(step=i, loss=2.0, tok_per_sec=v, dt_ms=dt) for i, v in enumerate(values)])
+
+
+def test_compare_markdown_marks_warmup_only_figures_and_awards_them_no_star():
+    base = RunMetrics(id="a", tag="a", metrics=_steps([100.0, 101.0, 99.0] * 10))  # 30 steps: 20 clean
+    short = RunMetrics(id="b", tag="b", metrics=_steps([500.0, 501.0, 499.0]))  # 3 steps: warm-up only
+    md = compare_markdown(compare([base, short], window=50, warmup_steps=10))
+    row_b = next(ln for ln in md.splitlines() if ln.startswith("| b |"))
+    # tok/sec: mean 500, a delta of ~+400% that would be far beyond noise, but no star on a marked figure
+    assert "| 500.00† ±" in row_b and "*" not in row_b and "10.00† ±0.00" in row_b
+    assert "| a (baseline) | 30 | 100.00 ±" in md and "†" not in md.splitlines()[2]
+    assert "the last 50 steps of each run past its first 10 (warm-up" in md
+    assert "† warm-up only: the run has no step past its first 10" in md
+    assert "not comparable: b ran no step past the warm-up" in md
+
+
+def test_run_report_says_what_the_window_left_out():
+    warm = record(summary=Summary(window=50, steps=4, warmup_steps=10, clean=False, tok_per_sec=1234.5, dt_ms=3.25,
+                                  final_loss=2.5, note="warm-up only: all 4 steps are among the first 10 (warmup_steps), "
+                                                       "so the tail means include compile / warm-up"))
+    md = run_report(warm)
+    table_row = next(ln for ln in md.splitlines() if ln.startswith("| 50 | 4 |"))
+    assert "| 1234.50† | 3.25† |" in table_row and "| 2.5000 |" in table_row  # final loss is not a tail mean
+    assert "Steps 0–9 are warm-up" in md and "**Warm-up only: all 4 steps are among the first 10" in md
+    assert "† warm-up only: the run has no step past its first 10" in md
+
+    short = record(summary=Summary(window=50, steps=10, warmup_steps=10, tok_per_sec=1000.0,
+                                   note="10 clean steps (< window 50) after 10 warm-up steps"))
+    md = run_report(short)
+    assert "†" not in md and "The run has only 10 steps past the warm-up: the tail covers all of them." in md
+
+
+def test_commit_messages_flag_warmup_only_figures():
+    warm_summary = Summary(window=50, steps=4, warmup_steps=10, clean=False, tok_per_sec=1234.0)
+    base = record(tag="static_cap1p0", tps=785203.42)
+    warm = record(summary=warm_summary)
+    assert commit_message(warm) == "report: static cap1.0 bufreuse — 1234 tok/s [warm-up only]"
+    assert commit_message(record(), record(tag="base", summary=warm_summary)).endswith(
+        "(+65248.47% vs base) [baseline warm-up only]")  # (806400.06 - 1234) / 1234
+    assert commit_message(record(), base) == "report: static cap1.0 bufreuse — 806400 tok/s (+2.70% vs static_cap1p0)"
+
+    # compare: the fastest clean run is named, not the faster warm-up-only one
+    a = RunMetrics(id="a", tag="a", metrics=_steps([100.0] * 30))
+    fast_warm = RunMetrics(id="w", tag="w", metrics=_steps([900.0] * 3))
+    b = RunMetrics(id="b", tag="b", metrics=_steps([120.0] * 30))
+    c = compare([a, fast_warm, b], window=50, warmup_steps=10)
+    assert compare_commit_message(c) == "report: compare w, b vs a — best b 120 tok/s (+20.00%)"
+    only_warm = compare([a, fast_warm], window=50, warmup_steps=10)
+    assert compare_commit_message(only_warm) == "report: compare w vs a — 900 tok/s (+800.00%) [warm-up only]"
+    warm_base = compare([fast_warm, b], window=50, warmup_steps=10)
+    assert compare_commit_message(warm_base) == "report: compare b vs w — 120 tok/s (-86.67%) [baseline warm-up only]"

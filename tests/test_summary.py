@@ -29,19 +29,20 @@ def dead_pid() -> int:
 
 
 def make_run(parent: Path, run_id: str, tag: str, status: str, tok_per_sec: float, sweep: str | None, pid=None) -> RunRecord:
-    """A run directory as the runner leaves it: run.json + metrics.jsonl (10 steps at a constant rate)."""
+    """A run directory as the runner leaves it: run.json + metrics.jsonl (20 steps at a constant rate:
+    10 past the default 10 warm-up steps, more than the window of 5)."""
     exp = parent / run_id
     exp.mkdir(parents=True)
     steps = [StepMetrics(step=i, loss=3.0 - 0.1 * i, dt_ms=4096 / tok_per_sec * 1000, tok_per_sec=tok_per_sec,
-                         elapsed_s=0.5 * (i + 1)) for i in range(10)]
-    lines = [to_line(s) for s in steps] + ([to_line(RunSummary(steps=10, world_size=1, total_time_s=6.0))]
+                         elapsed_s=0.5 * (i + 1)) for i in range(20)]
+    lines = [to_line(s) for s in steps] + ([to_line(RunSummary(steps=20, world_size=1, total_time_s=6.0))]
                                           if status == "completed" else [])
     (exp / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     from moectl.metrics import read_metrics, tail_summary
 
     rec = RunRecord(id=run_id, tag=tag, status=status, created_at=store.now_iso(), exp_dir=str(exp), sweep=sweep,
                     options={"cap": 1.0}, pid=pid, host=None if pid is None else __import__("socket").gethostname(),
-                    summary=tail_summary(read_metrics(exp / "metrics.jsonl"), 5))
+                    summary=tail_summary(read_metrics(exp / "metrics.jsonl"), 5, warmup_steps=10))
     store.save_run(rec)
     return rec
 
@@ -78,8 +79,10 @@ def populate(root: Path) -> dict[str, str]:
                                           SweepLeg(tag="b", state="completed", run_id="20260102_110001_moe-b"),
                                           SweepLeg(tag="c", state="running", run_id="20260102_110101_moe-c")],
                resumed_from=o.name)
+    # 5 steps, all within the 10 warm-up steps: its figures are warm-up only.
     imported = store.import_run(root, "moe", "old_baseline", [
-        StepMetrics(step=i, loss=3.0, dt_ms=10.0, tok_per_sec=777.0, elapsed_s=float(i)) for i in range(5)], window=5)
+        StepMetrics(step=i, loss=3.0, dt_ms=10.0, tok_per_sec=777.0, elapsed_s=float(i)) for i in range(5)], window=5,
+        warmup_steps=10)
     return {"original": o.name, "resume": r.name, "done": d.name, "imported": imported.id}
 
 
@@ -124,7 +127,8 @@ def test_summary_has_every_section(git_repo, artifact_root, monkeypatch):
     assert f"moectl sweep --resume {ids['resume']}\n" in unfinished
     assert ids["original"] + "\n" not in unfinished and ids["done"] not in unfinished
     standalone = text.split("## Standalone Runs")[1].split("## Latest Report Commits")[0]
-    assert f"`{ids['imported']}` | imported | old_baseline | 777.00" in standalone
+    assert f"`{ids['imported']}` | imported | old_baseline | 777.00† | 10.00† |" in standalone
+    assert "† warm-up only: the run has no step past its first 10 (compile / warm-up)" in standalone
     assert "moe-a" not in standalone  # sweep legs are not standalone runs
     head = git(git_repo, "rev-parse", "HEAD").strip()
     assert f"- `{head[:7]}` report: capacity leg b — 2100 tok/s" in text

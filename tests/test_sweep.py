@@ -28,13 +28,15 @@ MOECTL_ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--override", "no_other_training"]
 
 
-def sweep_project(repo: Path, module: str = "tests.fixtures.fake_engine", window: int = 5, summary: bool = True) -> Path:
-    """A committed .moectl.toml whose torchrun runs `module` from this checkout."""
+def sweep_project(repo: Path, module: str = "tests.fixtures.fake_engine", window: int = 5, summary: bool = True,
+                  warmup_steps: int = 0) -> Path:
+    """A committed .moectl.toml whose torchrun runs `module` from this checkout. The legs here run a
+    handful of steps, so no warm-up by default (tests/test_warmup.py covers the warm-up rule)."""
     (repo / ".moectl.toml").write_text(
         f'[project]\nname = "moe"\nbranch = "main"\nvenv = ""\n\n'
         f'[report]\nsummary = {"true" if summary else "false"}\n\n'
         f'[launch]\nmodule = "{module}"\nenv = {{ PYTHONPATH = "{MOECTL_ROOT}", OMP_NUM_THREADS = "1" }}\n\n'
-        f'[metrics]\nwindow = {window}\n\n[defaults]\npreset = "tiny"\ndevice = "cpu"\n'
+        f'[metrics]\nwindow = {window}\nwarmup_steps = {warmup_steps}\n\n[defaults]\npreset = "tiny"\ndevice = "cpu"\n'
     )
     git(repo, "add", ".moectl.toml")
     git(repo, "commit", "-q", "-m", "moectl config")

@@ -37,8 +37,9 @@ def plot_cmd(
 ) -> None:
     """Per-step curves of one metric, one line per run, in one figure; prints its path.
 
-    Needs the `plot` extra (pip install 'moectl\\[plot]'). Warm-up steps of tok/sec, dt and MFU
-    that would squash the curves are drawn off scale, and the figure says so.
+    Needs the `plot` extra (pip install 'moectl\\[plot]'). The warm-up steps (config
+    `metrics.warmup_steps`, which no summary counts) are shaded; where their tok/sec, dt or MFU would
+    squash the curves they are drawn off scale, and the figure says so.
 
     Example:  [bold]moectl plot static_cap1p0 bufreuse --metric tok_per_sec -o tok_per_sec.png[/bold]
     """
@@ -48,7 +49,7 @@ def plot_cmd(
     cfg = _config(config)
     records = _resolve_unique(cfg.artifact_root, runs)
     out = output if output is not None else Path(f"{metric}.png")
-    result = make_plot(records, metric, out, title)
+    result = make_plot(records, metric, out, title, warmup_steps=cfg.metrics.warmup_steps)
     for line in result.skipped:
         stderr.print(f"warning: {line}", markup=False)
     path = result.path.resolve()
@@ -71,7 +72,7 @@ def export_cmd(
     """Write per-step and summary CSVs of runs into a directory.
 
     DIR/steps.csv (run, step, every engine metric) and DIR/summary.csv (run, tag, status, steps, tail-window metrics, peak mem, total time,
-    window, error line). Empty cells where a run lacks a value; steps.csv imports back with
+    window, warm-up steps left out, steps in the window, clean = the window is past the warm-up, error line). Empty cells where a run lacks a value; steps.csv imports back with
     `moectl import DIR/steps.csv --format csv --run ID`.
 
     Example:  [bold]moectl export static_cap1p0 bufreuse --csv exports/capacity[/bold]
@@ -80,7 +81,7 @@ def export_cmd(
 
     cfg = _config(config)
     records = _resolve_unique(cfg.artifact_root, runs)
-    result = export_csv(records, csv_dir, window or cfg.metrics.window)
+    result = export_csv(records, csv_dir, window or cfg.metrics.window, cfg.metrics.warmup_steps)
     for run_id in result.without_steps:
         stderr.print(f"warning: {run_id}: no metrics steps; summary.csv has its recorded summary only", markup=False)
     if json_out:

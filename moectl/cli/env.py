@@ -91,7 +91,8 @@ def _render_status(s: dict) -> None:
         out(f"recent runs {len(runs) or 'none'}")
         for r in runs:
             tps = (r.get("summary") or {}).get("tok_per_sec")
-            out(f"  {r['id']}  {r['status']}" + (f"  {tps:,.0f} tok/s" if tps else ""))
+            warm = (r.get("summary") or {}).get("clean") is False  # no step past the warm-up
+            out(f"  {r['id']}  {r['status']}" + (f"  {tps:,.0f} tok/s" + ("† (warm-up only)" if warm else "") if tps else ""))
 
 
 @app.command()

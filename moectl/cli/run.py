@@ -159,21 +159,27 @@ def _outcome_json(outcome) -> dict:
 
 
 def _render_outcome(outcome) -> None:
+    from moectl.metrics import MARK, mark_footnote
+
     record = outcome.record
     out = lambda text: stdout.print(text, markup=False)  # noqa: E731
     s = record.summary
     out(f"{record.status}: {record.id}" + (f" (exit {record.exit_code})" if record.exit_code else ""))
     if s is not None:
-        parts = [f"tail{s.window} over {min(s.steps, s.window)} steps"]
+        mark = "" if s.clean else MARK
+        after = (" (warm-up only)" if not s.clean else f" after {s.warmup_steps} warm-up") if s.warmup_steps else ""
+        parts = [f"tail{s.window} over {min(s.steps, s.window)} steps{after}"]
         if s.tok_per_sec is not None:
-            parts.append(f"{s.tok_per_sec:,.0f} tok/s")
+            parts.append(f"{s.tok_per_sec:,.0f} tok/s{mark}")
         if s.dt_ms is not None:
-            parts.append(f"{s.dt_ms:.2f} ms/step")
+            parts.append(f"{s.dt_ms:.2f} ms/step{mark}")
         if s.mfu is not None:
-            parts.append(f"MFU {s.mfu:.2f}%")
+            parts.append(f"MFU {s.mfu:.2f}%{mark}")
         if s.final_loss is not None:
             parts.append(f"loss {s.final_loss:.4f}")
         out("  " + " | ".join(parts))
+        if not s.clean and s.steps:
+            out("  " + mark_footnote(s.warmup_steps))
     if record.status == "failed" and record.error:
         tail = record.error.strip().splitlines()[-5:]
         out("  log tail:")

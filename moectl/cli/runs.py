@@ -63,10 +63,13 @@ def runs_cmd(
     """List the runs in the artifact root, newest first, with their tail-window metrics.
 
     Columns: id, status (stale = its moectl died without saying so), tag, key options, tail
-    tok/sec, MFU, peak memory, total minutes. --json prints the run records as in run.json.
+    tok/sec, MFU, peak memory, total minutes; † marks a tail mean of a run that never got past
+    its warm-up steps. --json prints the run records as in run.json.
 
     Example:  [bold]moectl runs --status completed --limit 10[/bold]
     """
+    from moectl.metrics import MARK
+    from moectl.report import is_marked, marked_footnote
     from moectl.store import run_json, scan_runs
 
     if status is not None and status not in STATUSES:
@@ -97,7 +100,8 @@ def runs_cmd(
         return cell
 
     def metric(key, decimals):
-        return lambda r: _num(getattr(r.summary, key), decimals) if r.summary else "—"
+        return lambda r: (_num(getattr(r.summary, key), decimals) + (MARK if is_marked(r.summary, key) else "")
+                          if r.summary else "—")
 
     columns = [  # (header, right-aligned, cell); option columns with no value in any row are dropped
         ("id", False, lambda r: r.id), ("status", False, status_cell), ("tag", False, lambda r: r.tag or ""),
@@ -115,6 +119,9 @@ def runs_cmd(
     for row in cells:
         table.add_row(*(row[i] for i in keep))
     _print_table(table)
+    for line in marked_footnote([r.summary for r in runs]):
+        if line:
+            stdout.print(line, markup=False)
 
 
 # --- show ----------------------------------------------------------------------------------------
@@ -184,9 +191,21 @@ def show_cmd(
         out("  command    " + " ".join(rec.argv), markup=False)
     s = rec.summary
     if s is not None:
-        out(f"summary (last {s.steps} of window {s.window}): tok/sec {_num(s.tok_per_sec)} · dt {_num(s.dt_ms)} ms · "
-            f"MFU {_num(s.mfu, 4)}% · peak {_num(s.peak_mem_mib)} MiB · {_num(s.total_time_min)} min · "
-            f"final loss {_num(s.final_loss, 4)} · drop {_num(s.drop_frac, 4)}", markup=False)
+        from moectl.metrics import MARK, mark_footnote
+
+        def tail(value, decimals=2):  # a tail mean, marked when it is warm-up only
+            return _num(value, decimals) + (MARK if value is not None and not s.clean else "")
+
+        after = ((", all warm-up" if not s.clean else f", after {s.warmup_steps} warm-up steps")
+                 if s.warmup_steps else "")
+        out(f"summary (last {s.steps} of window {s.window}{after}): tok/sec {tail(s.tok_per_sec)} · "
+            f"dt {tail(s.dt_ms)} ms · MFU {tail(s.mfu, 4)}% · peak {_num(s.peak_mem_mib)} MiB · "
+            f"{_num(s.total_time_min)} min · final loss {_num(s.final_loss, 4)} · drop {tail(s.drop_frac, 4)}",
+            markup=False)
+        if s.note:
+            out(f"  note: {s.note}", markup=False)
+        if not s.clean and s.steps:
+            out(f"  {mark_footnote(s.warmup_steps)}", markup=False)
     if metrics.steps:
         losses = [m.loss for m in metrics.steps]
         tps = [m.tok_per_sec for m in metrics.steps if m.tok_per_sec is not None]
@@ -215,7 +234,7 @@ def show_cmd(
 # --- compare -------------------------------------------------------------------------------------
 
 
-def load_comparison(root: Path, refs: list[str], baseline: Optional[str], window: int):
+def load_comparison(root: Path, refs: list[str], baseline: Optional[str], window: int, warmup_steps: int = 0):
     """Resolve refs (one scan), read their metrics, compare. Returns (comparison, records)."""
     from engine.schema import METRICS_FILENAME
     from moectl.metrics import RunMetrics, compare, read_metrics
@@ -241,7 +260,7 @@ def load_comparison(root: Path, refs: list[str], baseline: Optional[str], window
                    options=r.options, fallback=r.summary)
         for r in unique
     ]
-    return compare(inputs, baseline_index=base_index, window=window), unique
+    return compare(inputs, baseline_index=base_index, window=window, warmup_steps=warmup_steps), unique
 
 
 # Terminal precision (the markdown and JSON keep the seed's full precision).
@@ -252,11 +271,13 @@ _TERM_DECIMALS = {"tok_per_sec": 0, "dt_ms": 2, "mfu": 3, "peak_mem_mib": 0, "to
 def _compare_table(comparison) -> Table:
     """Runs as rows; each cell: value ±stderr, then Δ% (green/red when beyond noise, marked *).
     Metrics no run has are left out so the table fits a terminal."""
-    from moectl.metrics import HIGHER_IS_BETTER, METRICS
+    from moectl.metrics import HIGHER_IS_BETTER, MARK, METRICS
     from moectl.report import COLUMNS
 
     shown = [m for m in METRICS if any(r.metrics[m].value is not None for r in comparison.runs)]
-    table = Table(title=f"tail window {comparison.window} · baseline {comparison.baseline}", title_justify="left")
+    warmup = f" after {comparison.warmup_steps} warm-up steps" if comparison.warmup_steps else ""
+    table = Table(title=f"tail window {comparison.window}{warmup} · baseline {comparison.baseline}",
+                  title_justify="left")
     table.add_column("run", overflow="fold")
     table.add_column("steps", justify="right")
     for m in shown:
@@ -266,7 +287,7 @@ def _compare_table(comparison) -> Table:
         cells = []
         for m in shown:
             mv, dec = r.metrics[m], _TERM_DECIMALS[m]
-            text = _num(mv.value, dec)
+            text = _num(mv.value, dec) + (MARK if mv.marked else "")
             if mv.stderr is not None:
                 text += f"\n±{mv.stderr:,.{dec}f}"
             if not is_base and mv.delta_pct is not None:
@@ -292,8 +313,9 @@ def compare_cmd(
     """Compare runs over their tail window, with % deltas and a noise estimate.
 
     Each cell: the value, ± the standard error of the tail mean, Δ% vs the baseline, and * where
-    the delta is beyond noise (|a−b| > 2·√(se_a²+se_b²)). Runs of different presets or lengths
-    are still compared, with a note.
+    the delta is beyond noise (|a−b| > 2·√(se_a²+se_b²)). The window leaves out each run's first
+    `[metrics] warmup_steps` steps; a run with no step past them is marked † and gets no noise
+    verdict. Runs of different presets or lengths are still compared, with a note.
 
     Example:  [bold]moectl compare static_cap1p0 bufreuse --markdown[/bold]
     """
@@ -303,7 +325,7 @@ def compare_cmd(
         raise UsageError("compare needs at least two runs (or one run and --baseline)")
     cfg = _config(config)
     window = window or cfg.metrics.window
-    comparison, records = load_comparison(cfg.artifact_root, runs, baseline, window)
+    comparison, records = load_comparison(cfg.artifact_root, runs, baseline, window, cfg.metrics.warmup_steps)
     text = compare_markdown(comparison)
     written = None
     if write_report:
@@ -320,6 +342,10 @@ def compare_cmd(
         _print_table(_compare_table(comparison))
         stdout.print("± standard error of the tail mean · Δ% vs baseline · * beyond noise "
                      "(|a−b| > 2·√(se_a²+se_b²))", markup=False)
+        if any(mv.marked for r in comparison.runs for mv in r.metrics.values()):
+            from moectl.metrics import mark_footnote
+
+            stdout.print(mark_footnote(comparison.warmup_steps), markup=False)
         for note in comparison.notes:
             stdout.print(note, markup=False)
     if written is not None:
@@ -383,7 +409,8 @@ def import_cmd(
         "world_size": parsed.world_size, "planned_steps": parsed.planned_steps, "skipped": parsed.skipped,
     }
     rec = import_run(cfg.artifact_root, cfg.project.name, name, parsed.steps, extras,
-                     source=str(Path(log).expanduser().resolve()), window=cfg.metrics.window)
+                     source=str(Path(log).expanduser().resolve()), window=cfg.metrics.window,
+                     warmup_steps=cfg.metrics.warmup_steps)
     if json_out:
         print_json(run_json(rec) | {"skipped": parsed.skipped})
         return
@@ -394,8 +421,17 @@ def import_cmd(
         markup=False,
     )
     if s is not None:
+        from moectl.metrics import MARK, mark_footnote
+
+        def tail(value, decimals=2):  # a tail mean, marked when it is warm-up only
+            return _num(value, decimals) + (MARK if value is not None and not s.clean else "")
+
+        after = (" (warm-up only)" if not s.clean else f" after {s.warmup_steps} warm-up") if s.warmup_steps else ""
         stdout.print(
-            f"tail {s.steps}: tok/sec {_num(s.tok_per_sec)} · dt {_num(s.dt_ms)} ms · MFU {_num(s.mfu, 4)}% · "
-            f"peak {_num(s.peak_mem_mib)} MiB · {_num(s.total_time_min)} min · final loss {_num(s.final_loss, 4)}",
+            f"tail {s.steps}{after}: tok/sec {tail(s.tok_per_sec)} · dt {tail(s.dt_ms)} ms · "
+            f"MFU {tail(s.mfu, 4)}% · peak {_num(s.peak_mem_mib)} MiB · {_num(s.total_time_min)} min · "
+            f"final loss {_num(s.final_loss, 4)}",
             markup=False,
         )
+        if not s.clean:
+            stdout.print(mark_footnote(s.warmup_steps), markup=False)

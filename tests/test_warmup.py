@@ -1,0 +1,226 @@
+"""Warm-up steps never enter a tail window, and nothing rests on a figure that is warm-up only
+(issue 7: a sweep's `static` legs carried their 15 s compile step into a 20-step window and the
+recommendation named the slowest leg the fastest).
+
+Expected figures are computed here from the fixtures' own numbers (a slice by step number and a
+plain mean), never by the code under test.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from engine.schema import RunSummary, StepMetrics, to_line
+from moectl import store
+from moectl.config import load_config
+from moectl.metrics import MetricsFile, RunMetrics, compare, read_metrics, tail_stderr, tail_summary
+from moectl.records import RunRecord, SweepLeg, SweepRecord, save_model
+from moectl.summary import render_summary
+from moectl.sweep import fastest, recommendation
+from tests.conftest import git
+
+COMPILE_MS = 15_000.0
+TOKENS = 4096
+
+
+def compiled_run(n: int = 20, steady_ms: float = 100.0, first_ms: float = COMPILE_MS) -> list[StepMetrics]:
+    """Step 0 carries a 15 s compile (`first_ms`); then a steady state with a little spread."""
+    steps = []
+    for i in range(n):
+        dt = first_ms if i == 0 else steady_ms + (i % 4)
+        steps.append(StepMetrics(step=i, loss=4.0 - i / 100, dt_ms=dt, tok_per_sec=TOKENS / dt * 1000,
+                                 elapsed_s=None))
+    return steps
+
+
+def mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs)
+
+
+def write_metrics(path: Path, steps: list[StepMetrics], finished: bool = True) -> Path:
+    lines = [to_line(s) for s in steps]
+    if finished:
+        lines.append(to_line(RunSummary(steps=len(steps), world_size=1, peak_mem_mib=100.0, total_time_s=20.0)))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------ the tail window
+
+
+def test_a_15s_compile_step_stays_out_of_the_summary(tmp_path):
+    steps = compiled_run(20)
+    clean = [s for s in steps if s.step >= 10]  # steps 10..19: the ten past the warm-up
+    path = write_metrics(tmp_path / "metrics.jsonl", steps)
+    full = read_metrics(path)
+    s = tail_summary(full, window=50, warmup_steps=10)
+    assert s.dt_ms == pytest.approx(mean(x.dt_ms for x in clean))
+    assert s.tok_per_sec == pytest.approx(mean(x.tok_per_sec for x in clean))
+    assert s.dt_ms < 105.0  # nowhere near the compile step
+    assert (s.window, s.warmup_steps, s.steps, s.clean) == (50, 10, 10, True)
+    assert s.note == "10 clean steps (< window 50) after 10 warm-up steps"
+    # whole-run figures keep the whole run: the peak and the training time include the compile
+    assert s.peak_mem_mib == 100.0 and s.total_time_min == pytest.approx(20.0 / 60) and s.final_loss == steps[-1].loss
+    # `compare` reads only a finished run's tail: the same window comes out
+    assert tail_summary(read_metrics(path, tail=50), 50, 10) == s
+    assert tail_stderr(read_metrics(path, tail=50), 50, 10) == tail_stderr(full, 50, 10)
+    # What the issue saw (nothing left out): the compile step dominates the mean.
+    old = tail_summary(full, window=50, warmup_steps=0)
+    assert old.dt_ms == pytest.approx(mean(x.dt_ms for x in steps)) and old.dt_ms > 800.0
+
+
+def test_the_window_is_chosen_by_step_number_not_by_line(tmp_path):
+    # A resumed run: steps 0..14, then a resume from step 8 that re-runs 8..19 (the later lines win).
+    first = [StepMetrics(step=i, loss=9.0, tok_per_sec=1.0) for i in range(15)]
+    second = [StepMetrics(step=i, loss=1.0, tok_per_sec=100.0 + i) for i in range(8, 20)]
+    path = write_metrics(tmp_path / "m.jsonl", first + second)
+    s = tail_summary(read_metrics(path), window=5, warmup_steps=10)
+    assert s.steps == 5 and s.tok_per_sec == pytest.approx(mean([115.0, 116.0, 117.0, 118.0, 119.0]))
+    # window 50: steps 10..19, all from the resumed segment
+    assert tail_summary(read_metrics(path), 50, 10).tok_per_sec == pytest.approx(mean(100.0 + i for i in range(10, 20)))
+
+
+def test_a_run_of_only_warmup_steps_is_marked_and_keeps_its_figures():
+    steps = compiled_run(6)
+    s = tail_summary(MetricsFile(steps=steps), window=50, warmup_steps=10)
+    assert s.clean is False and s.steps == 6
+    assert s.dt_ms == pytest.approx(mean(x.dt_ms for x in steps))  # what exists, compile included
+    assert s.note.startswith("warm-up only: all 6 steps are among the first 10")
+    empty = tail_summary(MetricsFile(), window=50, warmup_steps=10)
+    assert empty.clean is False and empty.steps == 0 and empty.note == "no steps recorded"
+
+
+def test_bad_warmup_steps_is_refused():
+    with pytest.raises(ValueError, match="warmup_steps must be >= 0"):
+        tail_summary(MetricsFile(steps=compiled_run(3)), 50, -1)
+
+
+# ------------------------------------------------------------------------- compare / recommend
+
+
+def run_of(tag: str, n: int, tok_per_sec: float, spread: float = 0.0) -> RunMetrics:
+    steps = [StepMetrics(step=i, loss=3.0, tok_per_sec=tok_per_sec + spread * (i % 3), dt_ms=TOKENS / tok_per_sec * 1000)
+             for i in range(n)]
+    return RunMetrics(id=f"id-{tag}", tag=tag, metrics=MetricsFile(steps=steps))
+
+
+def test_no_beyond_noise_verdict_involves_a_marked_figure():
+    base = run_of("base", 30, 1000.0, spread=1.0)
+    short_fast = run_of("short_fast", 5, 5000.0, spread=1.0)  # all warm-up; five times the speed
+    clean_fast = run_of("clean_fast", 30, 1100.0, spread=1.0)
+    c = compare([base, short_fast, clean_fast], window=50, warmup_steps=10)
+    by_tag = {r.tag: r for r in c.runs}
+    sf = by_tag["short_fast"].metrics["tok_per_sec"]
+    # the delta is still shown (marked): 5 warm-up steps 5000 + i%3 against base's clean steps 10..29
+    expected = (mean(5000.0 + i % 3 for i in range(5)) / mean(1000.0 + i % 3 for i in range(10, 30)) - 1) * 100
+    assert sf.marked is True and sf.beyond_noise is None and sf.delta_pct == pytest.approx(expected)
+    assert by_tag["short_fast"].clean is False
+    assert by_tag["clean_fast"].metrics["tok_per_sec"].beyond_noise is True  # clean vs clean: judged
+    assert not by_tag["clean_fast"].metrics["tok_per_sec"].marked
+    assert any(n.startswith("not comparable: short_fast ran no step past the warm-up") for n in c.notes)
+    # 30 steps, 10 of them warm-up: 20 in the window, and the note counts them
+    assert ("still comparable, note: fewer than 50 steps in the tail window after the 10 warm-up steps "
+            "for base (20), clean_fast (20)") in c.notes
+    # and when the baseline is the marked one, nobody gets a verdict against it
+    c2 = compare([short_fast, clean_fast], window=50, warmup_steps=10)
+    assert all(r.metrics["tok_per_sec"].beyond_noise is None for r in c2.runs)
+
+
+def test_recommendation_passes_over_a_marked_fast_leg():
+    c = compare([run_of("base", 30, 1000.0), run_of("short_fast", 5, 5000.0), run_of("clean_fast", 30, 1100.0)],
+                window=50, warmup_steps=10)
+    assert fastest(c) == ("clean_fast", 1100.0, pytest.approx(10.0))
+    rec = recommendation(c)
+    assert rec.startswith("`clean_fast` is the fastest clean leg — 1100.00 tok/s tail mean (+10.00% vs `base`).")
+    assert rec.endswith("Left out (warm-up only, †): `short_fast`.")
+
+
+def test_recommendation_when_the_baseline_is_marked_gives_no_delta():
+    c = compare([run_of("base", 4, 9000.0), run_of("a", 30, 1000.0), run_of("b", 30, 1200.0)],
+                window=50, warmup_steps=10)
+    assert fastest(c) == ("b", 1200.0, None)
+    rec = recommendation(c)
+    assert rec.startswith("`b` is the fastest clean leg — 1200.00 tok/s tail mean "
+                          "(no delta: the baseline `base` has only a warm-up figure).")
+
+
+def test_recommendation_with_one_clean_leg_chooses_nothing():
+    c = compare([run_of("a", 4, 9000.0), run_of("b", 30, 1200.0)], window=50, warmup_steps=10)
+    assert recommendation(c).startswith("only `b` has a clean figure (1200.00 tok/s tail mean): nothing to choose")
+
+
+def test_recommendation_when_no_leg_is_clean_says_what_to_do():
+    c = compare([run_of("a", 4, 1000.0), run_of("b", 6, 3000.0)], window=50, warmup_steps=10)
+    assert fastest(c) is None
+    rec = recommendation(c)
+    assert rec.startswith("none: no leg has a clean figure") and "`b`" not in rec and "`a`" not in rec
+    assert "Run more steps a leg (`steps` > 10" in rec
+
+
+# ------------------------------------------------------------------ a sweep in EXPERIMENTS.md
+
+
+def leg_run(parent: Path, run_id: str, tag: str, steps: list[StepMetrics], sweep: str) -> RunRecord:
+    """A completed leg as the runner leaves it, its record summary made under the same rule."""
+    exp = parent / run_id
+    exp.mkdir(parents=True)
+    write_metrics(exp / "metrics.jsonl", steps)
+    rec = RunRecord(id=run_id, tag=tag, status="completed", created_at=store.now_iso(), exp_dir=str(exp), sweep=sweep,
+                    summary=tail_summary(read_metrics(exp / "metrics.jsonl"), 50, warmup_steps=10))
+    store.save_run(rec)
+    return rec
+
+
+def test_experiments_md_marks_the_warmup_leg_and_concludes_on_clean_figures(git_repo, artifact_root, monkeypatch):
+    (git_repo / ".moectl.toml").write_text('[project]\nname = "moe"\nbranch = "main"\nvenv = ""\n')
+    git(git_repo, "add", ".moectl.toml")
+    git(git_repo, "commit", "-q", "-m", "config")
+    monkeypatch.chdir(git_repo)
+    sweep_id = "20260301_100000_moe-grid"
+    d = artifact_root / sweep_id
+    # The issue's sweep: `static` carries a 15 s compile on step 0; `none` has no compile. Over a
+    # clean window `static` is the faster (95 ms vs 100 ms a step); `short` never left warm-up
+    # and looks fastest of all on its 5 warm-up steps.
+    none = leg_run(d, "20260301_100001_moe-none", "none", compiled_run(20, steady_ms=100.0, first_ms=100.0), sweep_id)
+    static = leg_run(d, "20260301_100101_moe-static", "static", compiled_run(20, steady_ms=95.0), sweep_id)
+    short = leg_run(d, "20260301_100201_moe-short", "short",
+                    [StepMetrics(step=i, loss=3.0, dt_ms=10.0, tok_per_sec=409_600.0) for i in range(5)], sweep_id)
+    save_model(d / "sweep.json", SweepRecord(
+        id=sweep_id, name="grid", spec={"name": "grid"}, created_at=store.now_iso(), exp_dir=str(d),
+        legs=[SweepLeg(tag=r.tag, state="completed", run_id=r.id) for r in (none, static, short)]))
+
+    text = render_summary(load_config())
+    section = text.split("### grid")[1].split("## Unfinished Sweeps")[0]
+    static_dt = mean(s.dt_ms for s in compiled_run(20, steady_ms=95.0) if s.step >= 10)
+    assert f"| static | completed | `{static.id}` | " in section
+    static_row = next(ln for ln in section.splitlines() if ln.startswith("| static |"))
+    assert f"| {static_dt:.2f} |" in static_row and "†" not in static_row  # dt without the compile
+    short_row = next(ln for ln in section.splitlines() if ln.startswith("| short |"))
+    assert "| 409600.00† | 10.00† |" in short_row
+    assert "† warm-up only: the run has no step past its first 10" in section
+    static_tps = mean(s.tok_per_sec for s in compiled_run(20, steady_ms=95.0) if s.step >= 10)
+    assert f"Conclusion: `static` is the fastest clean leg — {static_tps:.2f} tok/s tail mean" in section
+    assert "Left out (warm-up only, †): `short`." in section
+
+
+def test_status_marks_a_recent_warmup_only_run(project, artifact_root):
+    from typer.testing import CliRunner
+
+    from moectl.cli import app
+
+    fixtures = Path(__file__).parent / "fixtures"
+    cli = CliRunner()
+    r = cli.invoke(app, ["import", str(fixtures / "nanochat_small.log"), "--name", "nano"])  # 8 steps: all warm-up
+    assert r.exit_code == 0, r.output
+    with open(project / ".moectl.toml", "a") as fh:  # the same log with 2 warm-up steps: clean
+        fh.write("\n[metrics]\nwarmup_steps = 2\n")
+    r = cli.invoke(app, ["import", str(fixtures / "nanochat_small.log"), "--name", "clean"])
+    assert r.exit_code == 0, r.output
+    status = cli.invoke(app, ["status"])
+    assert status.exit_code == 0, status.output
+    lines = {m.group(1): ln for ln in status.stdout.splitlines() if (m := re.search(r"_moe-(\w+)\s", ln))}
+    assert lines["nano"].endswith("10,938 tok/s† (warm-up only)")  # 87500 / 8
+    assert lines["clean"].endswith("12,750 tok/s")  # steps 2..7: 76500 / 6
