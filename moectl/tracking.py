@@ -173,6 +173,33 @@ def mirror_run(cfg: Config, record: RunRecord, report: Optional[Path] = None,
     names = [n for n in configured(cfg) if only is None or n in only]
     if not names:
         return []
+    with _mirror_lock(record):
+        return _mirror_locked(cfg, record, report, names)
+
+
+@contextlib.contextmanager
+def _mirror_lock(record: RunRecord) -> Iterator[None]:
+    """One mirror of a run at a time (a `moectl sync` beside the run's own mirror, two syncs): two
+    MLflow clients that both find no run would both create one. The second waits - the first is
+    bounded - then reads what the first recorded and finds the tracker's run by its tag."""
+    import fcntl
+
+    try:
+        fh = open(Path(record.exp_dir) / ".tracking.lock", "a")
+    except OSError:  # a read-only run directory: nothing can be recorded there anyway
+        yield
+        return
+    with fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            on_disk = store.load_run(Path(record.exp_dir)).tracking
+            record.tracking = {**record.tracking, **on_disk}
+        except UsageError:
+            pass
+        yield
+
+
+def _mirror_locked(cfg: Config, record: RunRecord, report: Optional[Path], names: list[str]) -> list[Mirrored]:
     results: list[Mirrored] = []
     try:
         data: Optional[Payload] = payload(record, report if report is not None else find_report(cfg, record))

@@ -476,3 +476,19 @@ def test_an_imported_run_syncs_to_a_local_mlflow_store_and_wandb_offline(git_rep
     c, again = the_mlflow_run(str(store_dir), run_id)
     assert histories(c, again) == hist
     assert sorted((tmp_path / "wandb-dir" / "wandb").glob("offline-run-*")) == [offline]
+
+
+def test_two_syncs_at_once_make_one_mlflow_run(git_repo, monkeypatch, artifact_root, mlflow_server):
+    tracked_project(git_repo, monkeypatch, f'mlflow_uri = "{mlflow_server}"\nmlflow_experiment = "raced"')
+    log = REPO / "tests" / "fixtures" / "metrics_small.jsonl"
+    r = moectl(git_repo, "import", str(log), "--format", "jsonl", "--name", "raced", "--json")
+    assert r.returncode == 0, r.stderr
+    run_id, run_dir = json.loads(r.stdout)["id"], Path(json.loads(r.stdout)["exp_dir"])
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-m", "moectl", "sync", *args], cwd=git_repo, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+             for args in ((), (run_id,))]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    c, mr = the_mlflow_run(mlflow_server, run_id, "raced")  # exactly one, with every point once
+    assert_steps_mirrored(histories(c, mr), steps_of(run_dir))
