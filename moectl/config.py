@@ -128,6 +128,44 @@ class DefaultsSection(BaseModel):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
+class TrackingSection(_Strict):
+    """Trackers every finished run is mirrored into (moectl/tracking.py). A tracker is on when its
+    first key is set: `mlflow_uri` for MLflow, `wandb_project` for Weights & Biases."""
+
+    mlflow_uri: Optional[str] = Field(None, min_length=1)  # a server URL, sqlite:///FILE, or a directory
+    mlflow_experiment: Optional[str] = Field(None, min_length=1)  # default: project.name
+    wandb_project: Optional[str] = Field(None, min_length=1, max_length=128)
+    wandb_entity: Optional[str] = Field(None, min_length=1)
+    wandb_mode: Literal["online", "offline"] = "online"  # offline: a run directory `wandb sync` uploads
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _uri(cls, v):
+        from urllib.parse import urlsplit
+
+        if v.split("://", 1)[0] in ("http", "https") and not urlsplit(v).hostname:
+            raise ValueError(f"{v!r} names no host (e.g. http://127.0.0.1:5000)")
+        return v
+
+    @field_validator("wandb_project", "wandb_entity")
+    @classmethod
+    def _wandb_name(cls, v):
+        bad = sorted(set(v) & set("/\\#?%:"))
+        if bad:
+            raise ValueError(f"must not contain {' '.join(bad)}")
+        return v
+
+    @model_validator(mode="after")
+    def _needs_first_key(self):
+        # A key that cannot take effect is an error, like an unknown key: never silently nothing.
+        if self.mlflow_experiment is not None and self.mlflow_uri is None:
+            raise ValueError("mlflow_experiment is set but mlflow_uri is not (MLflow is off)")
+        idle = [k for k in ("wandb_entity", "wandb_mode") if k in self.model_fields_set]
+        if idle and self.wandb_project is None:
+            raise ValueError(f"{idle[0]} is set but wandb_project is not (W&B is off)")
+        return self
+
+
 class MoectlFile(_Strict):
     project: ProjectSection = Field(default_factory=ProjectSection)
     paths: PathsSection = Field(default_factory=PathsSection)
@@ -136,6 +174,7 @@ class MoectlFile(_Strict):
     metrics: MetricsSection = Field(default_factory=MetricsSection)
     report: ReportSection = Field(default_factory=ReportSection)
     defaults: DefaultsSection = Field(default_factory=DefaultsSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
 
 
 @dataclass
@@ -281,6 +320,14 @@ summary = true               # run/sweep refresh EXPERIMENTS.md
 # preset = "tiny"
 # cap = 1.0
 # compile = "static"
+
+[tracking]                   # mirror every finished run into a tracker; `moectl sync` retries
+# mlflow_uri = "http://127.0.0.1:5000"   # or "sqlite:///~/.cache/moectl/mlflow.db", or a directory
+#                                        # (needs: pip install 'moectl[mlflow]')
+# mlflow_experiment = "moe"              # default: project.name
+# wandb_project = "moe"                  # (needs: pip install 'moectl[wandb]')
+# wandb_entity = "my-team"
+# wandb_mode = "online"                  # "offline": a run directory that `wandb sync` uploads later
 """
 
 

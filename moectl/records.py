@@ -59,6 +59,19 @@ class Summary(BaseModel):
     note: Optional[str] = None
 
 
+class TrackerMirror(BaseModel):
+    """What one tracker holds of a run (run.json `tracking.<mlflow|wandb>`, moectl/tracking.py):
+    `moectl sync` retries every run whose mirror failed or went to another destination."""
+
+    status: Literal["mirrored", "failed"]
+    target: str  # where: the MLflow URI and experiment, or the W&B entity/project and mode
+    run_id: Optional[str] = None  # the tracker's own id of this run
+    location: Optional[str] = None  # the run's page, or W&B's offline run directory
+    at: str  # when the attempt ended
+    took_s: float  # how long it took (bounded: a tracker that is down never holds a run up)
+    error: Optional[str] = None  # why it failed; the retry command is `moectl sync RUN`
+
+
 class RunRecord(BaseModel):
     id: str
     tag: Optional[str] = None
@@ -91,6 +104,8 @@ class RunRecord(BaseModel):
     notes: Optional[str] = None
     # The engine's configuration as it resolved it (preset + flags), from the metrics start line.
     engine: dict[str, Any] = Field(default_factory=dict)
+    # Trackers this run was mirrored into ([tracking]), by tracker name.
+    tracking: dict[str, TrackerMirror] = Field(default_factory=dict)
 
 
 class SweepLeg(BaseModel):

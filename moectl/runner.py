@@ -28,6 +28,7 @@ from moectl.plan import RunPlan, RunRequest, command_text
 from moectl.progress import NullProgress, ProgressSink
 from moectl.records import GitInfo, GuardResult, RunRecord
 from moectl.report import commit_message, not_committed, report_path, run_report
+from moectl.tracking import Mirrored, mirror_run
 
 
 @dataclass
@@ -41,6 +42,7 @@ class RunOutcome:
     commit_error: Optional[str] = None  # the report was written but could not be committed
     compile_failed: bool = False  # the engine exited with EXIT_COMPILE_FAILED
     extra_paths: list[Path] = field(default_factory=list)
+    tracking: list[Mirrored] = field(default_factory=list)  # one per tracker of [tracking]
 
 
 def execute_run(
@@ -169,6 +171,9 @@ def execute_run(
             )
         except MoectlError as exc:
             outcome.commit_error = not_committed(exc.message, record.id)
+    # Trackers get a copy ([tracking]); one that fails is reported and retried by `moectl sync`,
+    # never the run's outcome.
+    outcome.tracking = mirror_run(cfg, record, report=report)
     return outcome
 
 

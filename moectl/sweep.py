@@ -683,6 +683,9 @@ def _run(cfg: Config, sweep: SweepRecord, opts: SweepOptions, ui: SweepUI, *, ca
                     out.commits.append(outcome.commit)
                 if outcome.commit_error:
                     out.messages.append(f"leg {leg.tag}: report not committed: {outcome.commit_error}")
+                from moectl.tracking import warning_lines
+
+                out.messages.extend(f"leg {leg.tag}: {line}" for line in warning_lines(outcome.record.id, outcome.tracking))
                 ui.say(f"leg {leg.tag}: {leg.state}" + (f" (exit {outcome.record.exit_code})" if leg.state != "completed" else ""))
                 if outcome.exit_code == EXIT_INTERRUPTED:
                     exit_code = EXIT_INTERRUPTED

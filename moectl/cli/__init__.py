@@ -13,6 +13,7 @@ from moectl.cli import sweep as _sweep  # noqa: E402,F401  sweep, summary
 from moectl.cli import runs as _runs  # noqa: E402,F401  runs, show, compare, import
 from moectl.cli import artifacts as _artifacts  # noqa: E402,F401  plot, export
 from moectl.cli import commit as _commit  # noqa: E402,F401  commit
+from moectl.cli import tracking as _tracking  # noqa: E402,F401  sync
 
 
 def main() -> None:

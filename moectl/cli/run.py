@@ -123,6 +123,7 @@ def run(
                 print_json({**data, "previous_attempts": previous})
         else:
             _render_outcome(outcome)
+        _warn_not_mirrored(outcome)
         if retry is None:
             raise typer.Exit(outcome.exit_code)
         if not json_out:
@@ -192,3 +193,18 @@ def _render_outcome(outcome) -> None:
         out(f"  committed {outcome.commit[:10]} ({names}; nothing else)")
     elif outcome.commit_error:
         error(f"report not committed: {outcome.commit_error}")
+    if outcome.tracking:
+        from moectl.cli.tracking import describe
+
+        for result in outcome.tracking:
+            if result.state.status == "mirrored":
+                out(f"  {describe(result)}")
+
+
+def _warn_not_mirrored(outcome) -> None:
+    """A tracker that failed is a warning on stderr (the run's outcome and exit code stand)."""
+    from moectl.cli.common import stderr
+    from moectl.tracking import warning_lines
+
+    for line in warning_lines(outcome.record.id, outcome.tracking):
+        stderr.print(f"warning: {line}", markup=False)

@@ -185,6 +185,9 @@ def show_cmd(
             out(f"  {key:10} {value}", markup=False)
     if rec.git.commit:
         out(f"  {'git':10} {rec.git.branch or 'detached'} @ {rec.git.commit[:12]}{' (dirty)' if rec.git.dirty else ''}", markup=False)
+    for name, mirror in rec.tracking.items():  # trackers this run was mirrored into ([tracking])
+        text = f"{mirror.status}: {mirror.location or mirror.run_id or mirror.target}"
+        out(f"  {name:10} {text}" + (f" ({mirror.error}; `moectl sync` retries)" if mirror.error else ""), markup=False)
     if rec.options:
         out("  options    " + " ".join(f"{k}={v}" for k, v in sorted(rec.options.items())), markup=False)
     if rec.argv:

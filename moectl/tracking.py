@@ -1,0 +1,526 @@
+"""Runs mirrored into MLflow and Weights & Biases (`[tracking]` in .moectl.toml).
+
+    results = mirror_run(cfg, record, report=path)   # the runner, once a run has ended (any status)
+    todo = sync_plan(cfg, refs)                      # `moectl sync [RUN...]`: which runs, which trackers
+    results = mirror_run(cfg, record, only=trackers)
+
+moectl's store stays the source of truth; a tracker gets a copy, in three steps:
+1. `payload(record)`: params (run options, the engine's resolved config, preset), tags (moectl run
+   id, tag, sweep, git commit/branch/dirty, host, GPUs), every step's metrics from metrics.jsonl
+   with its step number, the tail-window summary, and the files (report, command.txt, git.diff).
+2. One small adapter per tracker sends it. It first finds the run again by its moectl run id
+   (MLflow: the tag `moectl_run_id`; W&B: the run id `wandb_run_id(id)`, derived from it) and sends
+   only what the tracker does not hold yet, so syncing twice never duplicates a run or a point.
+3. The outcome per tracker goes into run.json `tracking.<name>` (an atomic record write), so
+   `moectl sync` with no arguments retries exactly what failed.
+
+A tracker that is down or misconfigured never fails or holds up a run: `mirror_run` returns a
+result per tracker and never raises, the first failed request ends that tracker's attempt, and
+every request is bounded. The trap: MLflow's client retries a dead server for minutes
+by default (MLFLOW_HTTP_REQUEST_MAX_RETRIES=7 with exponential backoff, MLFLOW_HTTP_REQUEST_TIMEOUT
+120 s per request), so `_mlflow_env` sets both for the duration of the call. wandb gets
+`init_timeout`, `finish_timeout` and short retry settings. mlflow and wandb are imported only inside
+their adapter, only when configured: no other command pays for them.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+from engine.schema import METRICS_FILENAME
+from moectl import store
+from moectl.config import Config
+from moectl.errors import UsageError
+from moectl.records import RunRecord, Summary, TrackerMirror
+
+TRACKERS = ("mlflow", "wandb")
+FINISHED = ("completed", "failed", "interrupted", "imported")
+# Per-step metrics mirrored (engine/schema.py StepMetrics), and the tail-window summary's.
+STEP_KEYS = ("loss", "aux_loss", "lr", "dt_ms", "tok_per_sec", "mfu", "peak_mem_mib", "drop_frac",
+             "expert_load_max", "elapsed_s")
+SUMMARY_KEYS = tuple(k for k in Summary.model_fields if k not in ("window", "steps"))
+REQUEST_TIMEOUT_S = 10  # one request to a tracker
+BUDGET_S = 120.0  # one tracker's whole attempt; a healthy tracker takes a long run in far less
+_MLFLOW_STATUS = {"completed": "FINISHED", "imported": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
+_MLFLOW_PARAM_MAX = 6000  # MLflow's limit on a param value
+
+
+@dataclass
+class Mirrored:
+    """One tracker's outcome for one run: the state saved in run.json, plus what this attempt sent."""
+
+    tracker: str
+    state: TrackerMirror
+    added: dict[str, int] = field(default_factory=dict)  # params, metric_points, files
+    note: Optional[str] = None
+
+
+@dataclass
+class Payload:
+    """What a tracker receives of one run (built from run.json, metrics.jsonl and the run's files)."""
+
+    params: dict[str, Any]  # {"preset": ..., "options": {...}, "engine": {...}, "tail_window": N}
+    tags: dict[str, str]
+    series: dict[str, list[tuple[int, float, int]]]  # metric -> [(step, value, timestamp ms)]
+    files: dict[str, Path]  # name in the tracker -> file on disk
+    start_ms: int
+    end_ms: int
+
+
+class _Deadline:
+    def __init__(self, seconds: float):
+        self.seconds, self.end = seconds, time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+    def check(self, doing: str) -> None:
+        if self.left() <= 0:
+            raise TimeoutError(f"gave up after {self.seconds:.0f} s while {doing}")
+
+
+# ------------------------------------------------------------------------------ what is configured
+
+
+def configured(cfg: Config) -> list[str]:
+    t = cfg.file.tracking
+    return [name for name, on in (("mlflow", t.mlflow_uri), ("wandb", t.wandb_project)) if on]
+
+
+def mlflow_uri(cfg: Config) -> str:
+    """`mlflow_uri` with local paths made absolute the way every config path is: `~` expanded,
+    relative to the config file's directory (for a directory store and for `sqlite:///FILE`)."""
+    uri = cfg.file.tracking.mlflow_uri or ""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(_local_path(cfg, uri[len("sqlite:///"):]))
+    if "://" in uri or uri.startswith("file:"):
+        return uri
+    return str(_local_path(cfg, uri))
+
+
+def _local_path(cfg: Config, path: str) -> Path:
+    p = Path(os.path.expanduser(path))
+    return p if p.is_absolute() else cfg.root / p
+
+
+def target_of(cfg: Config, tracker: str) -> str:
+    """Where a tracker's copy goes, as run.json records it: a run mirrored to another target (the
+    config changed since) is due again."""
+    t = cfg.file.tracking
+    if tracker == "mlflow":
+        return f"{mlflow_uri(cfg)} experiment {t.mlflow_experiment or cfg.project.name}"
+    return f"{t.wandb_entity + '/' if t.wandb_entity else ''}{t.wandb_project} ({t.wandb_mode})"
+
+
+def wandb_run_id(moectl_run_id: str) -> str:
+    """The W&B run id of a moectl run: derived from its id, so every sync finds the same W&B run
+    (W&B ids must be short and free of most punctuation; the moectl id is the run's name)."""
+    return "moectl-" + hashlib.sha256(moectl_run_id.encode()).hexdigest()[:16]
+
+
+def finished(record: RunRecord) -> bool:
+    return record.status in FINISHED and not getattr(record, "stale", False)
+
+
+def due(cfg: Config, record: RunRecord) -> list[str]:
+    """The configured trackers that do not hold this run yet: never mirrored, failed, or mirrored
+    to another target."""
+    out = []
+    for name in configured(cfg):
+        state = record.tracking.get(name)
+        if state is None or state.status != "mirrored" or state.target != target_of(cfg, name):
+            out.append(name)
+    return out
+
+
+def sync_plan(cfg: Config, refs: Sequence[str]) -> list[tuple[store.StoredRun, list[str]]]:
+    """`moectl sync`: with RUN refs, those runs and every configured tracker (each adapter then sends
+    only what its tracker lacks); without, every finished run some tracker does not hold yet,
+    oldest first. UsageError when no tracker is configured or a named run has not finished."""
+    names = configured(cfg)
+    if not names:
+        raise UsageError("no tracker configured: set mlflow_uri or wandb_project in [tracking] of "
+                         f"{cfg.path or '.moectl.toml'}")
+    if refs:
+        records = store.resolve_runs(cfg.artifact_root, refs)
+        busy = [r for r in records if not finished(r)]
+        if busy:
+            raise UsageError("only finished runs can be mirrored",
+                             lines=[f"{r.id}: {r.display_status}" for r in busy])
+        return [(r, names) for r in records]
+    runs = [r for r in reversed(store.list_runs(cfg.artifact_root)) if finished(r)]
+    return [(r, todo) for r in runs if (todo := due(cfg, r))]
+
+
+# --------------------------------------------------------------------------------------- mirroring
+
+
+def mirror_run(cfg: Config, record: RunRecord, report: Optional[Path] = None,
+               only: Optional[Sequence[str]] = None) -> list[Mirrored]:
+    """Mirror one finished run into every configured tracker (or `only` these), save the outcome in
+    its run.json, and return it. Never raises: a tracker's failure is a result (and Ctrl-C during
+    the mirror only ends the mirror; the run's own outcome stands)."""
+    names = [n for n in configured(cfg) if only is None or n in only]
+    if not names:
+        return []
+    with _mirror_lock(record):
+        return _mirror_locked(cfg, record, report, names)
+
+
+@contextlib.contextmanager
+def _mirror_lock(record: RunRecord) -> Iterator[None]:
+    """One mirror of a run at a time (a `moectl sync` beside the run's own mirror, two syncs): two
+    MLflow clients that both find no run would both create one. The second waits - the first is
+    bounded - then reads what the first recorded and finds the tracker's run by its tag."""
+    import fcntl
+
+    try:
+        fh = open(Path(record.exp_dir) / ".tracking.lock", "a")
+    except OSError:  # a read-only run directory: nothing can be recorded there anyway
+        yield
+        return
+    with fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            on_disk = store.load_run(Path(record.exp_dir)).tracking
+            record.tracking = {**record.tracking, **on_disk}
+        except UsageError:
+            pass
+        yield
+
+
+def _mirror_locked(cfg: Config, record: RunRecord, report: Optional[Path], names: list[str]) -> list[Mirrored]:
+    results: list[Mirrored] = []
+    try:
+        data: Optional[Payload] = payload(record, report if report is not None else find_report(cfg, record))
+        problem = None
+    except KeyboardInterrupt:
+        data, problem = None, "interrupted"
+    except Exception as exc:  # an unreadable run directory: every tracker fails alike
+        data, problem = None, f"reading the run: {_one_line(exc)}"
+    for name in names:
+        if results and results[-1].state.error == "interrupted":
+            problem = "interrupted"
+        results.append(_attempt(name, cfg, record, data, problem))
+        record.tracking[name] = results[-1].state
+    try:
+        store.save_run(record)
+    except OSError as exc:  # the trackers hold the copy; `moectl sync` will find it again
+        for r in results:
+            r.note = f"run.json not updated: {exc}"
+    return results
+
+
+def _attempt(name: str, cfg: Config, record: RunRecord, data: Optional[Payload],
+             problem: Optional[str]) -> Mirrored:
+    t0 = time.monotonic()
+    added: dict[str, int] = {}
+    run_id = location = note = error = None
+    if problem is not None:
+        error = problem
+    else:
+        adapter: Callable = _ADAPTERS[name]
+        try:
+            # Trackers print links and banners on stdout; `moectl run --json` must stay one object.
+            with contextlib.redirect_stdout(io.StringIO()):
+                run_id, location, added, note = adapter(cfg, record, data, _Deadline(BUDGET_S))
+        except KeyboardInterrupt:
+            error = "interrupted"
+        except ImportError as exc:
+            missing = getattr(exc, "name", None) or ""
+            what = f"{name} is not installed" if missing.split(".")[0] == name else _one_line(exc)
+            error = f"{what} (pip install 'moectl[{name}]')"
+        except Exception as exc:  # the tracker's own errors: down, refused, misconfigured
+            error = _reason(exc, name)
+    state = TrackerMirror(
+        status="failed" if error else "mirrored", target=target_of(cfg, name), run_id=run_id,
+        location=location, at=store.now_iso(), took_s=round(time.monotonic() - t0, 3), error=error,
+    )
+    if error and run_id is None:  # a failed retry keeps what an earlier attempt knew
+        prior = record.tracking.get(name)
+        if prior is not None and prior.target == state.target:
+            state.run_id, state.location = prior.run_id, prior.location
+    return Mirrored(name, state, added, note)
+
+
+def warning_lines(run_id: str, results: Sequence[Mirrored]) -> list[str]:
+    """One line per tracker that failed: what was not mirrored, why, and the way to retry."""
+    return [f"run {run_id} not mirrored to {r.tracker} ({r.state.target}): {r.state.error}; "
+            f"`moectl sync` will retry it" for r in results if r.state.status == "failed"]
+
+
+# Network failures, as the clients bury them (MLflow wraps urllib3's error in its own message).
+_UNREACHABLE = (("Connection refused", "connection refused"), ("timed out", "timed out"),
+                ("Name or service not known", "unknown host"), ("name resolution", "unknown host"),
+                ("No route to host", "no route to host"), ("Network is unreachable", "network unreachable"))
+
+
+def _reason(exc: BaseException, tracker: str) -> str:
+    """Why a tracker failed, in one line: `mlflow server unreachable: connection refused` rather
+    than three lines of urllib3 retry machinery."""
+    text = str(exc).lower()
+    for needle, says in _UNREACHABLE:
+        if needle.lower() in text:
+            return f"{tracker} server unreachable: {says}"
+    return _one_line(exc)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else ""
+    line = f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+# ----------------------------------------------------------------------------------------- payload
+
+
+def payload(record: RunRecord, report: Optional[Path]) -> Payload:
+    from moectl.metrics import read_metrics
+
+    run_dir = Path(record.exp_dir)
+    start_ms = _ms(record.started_at) or _ms(record.created_at) or int(time.time() * 1000)
+    end_ms = _ms(record.finished_at) or start_ms
+    series: dict[str, list[tuple[int, float, int]]] = {}
+    metrics = read_metrics(run_dir / METRICS_FILENAME)
+    for s in metrics.steps:
+        ts = start_ms + int(s.elapsed_s * 1000) if s.elapsed_s is not None else start_ms
+        for key in STEP_KEYS:
+            value = getattr(s, key)
+            if value is not None:
+                series.setdefault(key, []).append((s.step, float(value), ts))
+    params: dict[str, Any] = {}
+    preset = record.options.get("preset") or record.engine.get("preset")
+    if preset is not None:
+        params["preset"] = preset
+    params["options"] = dict(record.options)
+    params["engine"] = dict(record.engine)
+    if record.summary is not None:
+        params["tail_window"] = record.summary.window
+        last = metrics.steps[-1].step if metrics.steps else record.summary.steps
+        for key in SUMMARY_KEYS:
+            value = getattr(record.summary, key)
+            if value is not None:
+                series[f"tail/{key}"] = [(last, float(value), end_ms)]
+    tags = {
+        "moectl_run_id": record.id, "moectl_status": record.status, "moectl_tag": record.tag,
+        "moectl_sweep": record.sweep, "moectl_source": record.source, "host": record.host,
+        "git_commit": record.git.commit, "git_branch": record.git.branch,
+        "git_dirty": str(record.git.dirty).lower() if record.git.commit else None,
+        "gpus": ", ".join(record.gpus) or None,
+    }
+    files = {"report.md": report, "command.txt": run_dir / "command.txt", "git.diff": run_dir / "git.diff"}
+    return Payload(
+        params=params, tags={k: str(v) for k, v in tags.items() if v not in (None, "")}, series=series,
+        files={name: Path(p) for name, p in files.items() if p is not None and Path(p).is_file()},
+        start_ms=start_ms, end_ms=end_ms,
+    )
+
+
+def find_report(cfg: Config, record: RunRecord) -> Optional[Path]:
+    """The run's report under report_dir (named after its tag, naming its run id), newest first;
+    None for a run without one (an imported run)."""
+    name = record.tag or record.id
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._") or "report"
+    try:
+        candidates = sorted(cfg.report_dir.glob(f"*_{safe}*.md"), reverse=True)
+    except OSError:
+        return None
+    for path in candidates:
+        try:
+            if f"`{record.id}`" in path.read_text(encoding="utf-8", errors="replace"):
+                return path
+        except OSError:
+            continue
+    return None
+
+
+def _ms(iso: Optional[str]) -> Optional[int]:
+    if not iso:
+        return None
+    try:
+        dt = datetime.fromisoformat(iso)
+    except ValueError:
+        return None
+    return int((dt if dt.tzinfo else dt.astimezone()).timestamp() * 1000)
+
+
+def _flat(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """`{"options": {"cap": 1.0}}` -> `{"options.cap": "1.0"}` (MLflow params are flat strings)."""
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{name}."))
+        elif value is not None and value != {}:
+            text = json.dumps(value) if isinstance(value, (list, dict, bool)) else str(value)
+            out[name] = text[:_MLFLOW_PARAM_MAX]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ MLflow
+
+
+@contextlib.contextmanager
+def _mlflow_env(uri: str) -> Iterator[None]:
+    """Bound every MLflow request (see the module docstring) for the duration of the mirror; a
+    directory store is what the config asked for, so opt in to MLflow's file store too."""
+    wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(REQUEST_TIMEOUT_S)}
+    if "://" not in uri or uri.startswith("file:"):
+        wanted["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    saved = {k: os.environ.get(k) for k in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _mlflow(cfg: Config, record: RunRecord, data: Payload, deadline: _Deadline):
+    uri = mlflow_uri(cfg)
+    experiment = cfg.file.tracking.mlflow_experiment or cfg.project.name
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    with _mlflow_env(uri):
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric, Param, RunTag
+
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp is not None else _create_experiment(client, experiment)
+        quote = '"' if "'" in record.id else "'"
+        found = client.search_runs([exp_id], filter_string=f"tags.moectl_run_id = {quote}{record.id}{quote}",
+                                   max_results=1, order_by=["attributes.start_time ASC"])
+        if found:
+            run = found[0]
+        else:  # the id tag goes on at creation: a run found later is always this one, however far it got
+            run = client.create_run(exp_id, start_time=data.start_ms, tags={"moectl_run_id": record.id},
+                                    run_name=record.id)
+        rid = run.info.run_id
+        deadline.check("looking up the run")
+
+        params = [Param(k, v) for k, v in _flat(data.params).items() if k not in run.data.params]
+        # MLflow's own tags too, so its UI shows the commit and the notes where it shows them.
+        ui_tags = {"mlflow.source.git.commit": record.git.commit, "mlflow.source.git.branch": record.git.branch,
+                   "mlflow.note.content": record.notes}
+        wanted = {**data.tags, **{k: v for k, v in ui_tags.items() if v}}
+        tags = [RunTag(k, v) for k, v in wanted.items() if run.data.tags.get(k) != v]
+        points = []
+        for key, series in data.series.items():
+            held = set()
+            if key in run.data.metrics:  # only then can the tracker hold points of it
+                held = {m.step for m in client.get_metric_history(rid, key)}
+                deadline.check(f"reading metric {key}")
+            points += [Metric(key, value, ts, step) for step, value, ts in series if step not in held]
+        # log_batch takes at most 100 params, 100 tags and 1000 metrics per request.
+        for i in range(0, max(len(params), len(tags)), 100):
+            client.log_batch(rid, params=params[i:i + 100], tags=tags[i:i + 100])
+            deadline.check("logging params")
+        for i in range(0, len(points), 1000):
+            client.log_batch(rid, metrics=points[i:i + 1000])
+            deadline.check("logging metrics")
+
+        held_files = {Path(a.path).name for a in client.list_artifacts(rid, "moectl")}
+        files = {n: p for n, p in data.files.items() if n not in held_files}
+        if files:
+            with tempfile.TemporaryDirectory(prefix="moectl-mirror-") as tmp:
+                for name, path in files.items():  # the tracker's names: report.md, not the dated file
+                    shutil.copyfile(path, Path(tmp) / name)
+                client.log_artifacts(rid, tmp, "moectl")
+        client.set_terminated(rid, status=_MLFLOW_STATUS.get(record.status, "FINISHED"), end_time=data.end_ms)
+    page = f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs/{rid}" if uri.startswith(("http://", "https://")) else None
+    return rid, page, {"params": len(params), "metric_points": len(points), "files": len(files)}, None
+
+
+def _create_experiment(client, name: str) -> str:
+    try:
+        return client.create_experiment(name)
+    except Exception:  # created by another process since we looked
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+# ---------------------------------------------------------------------------------------- W&B
+
+
+def _wandb(cfg: Config, record: RunRecord, data: Payload, deadline: _Deadline):
+    t = cfg.file.tracking
+    wid = wandb_run_id(record.id)
+    prior = record.tracking.get("wandb")
+    if (t.wandb_mode == "offline" and prior is not None and prior.status == "mirrored"
+            and prior.target == target_of(cfg, "wandb")):
+        # An offline run directory is an upload queue: a second one for the same run would queue
+        # every point twice. The run's record is final, so the first one already holds it all.
+        return prior.run_id, prior.location, {}, f"already written to {prior.location}; `wandb sync` uploads it"
+
+    import wandb
+
+    wanted = dict(  # quiet, no system sampling, no git/code capture (moectl sends its own), bounded
+        console="off", silent=True, x_disable_stats=True, x_disable_meta=True, x_disable_machine_info=True,
+        disable_git=True, disable_code=True, save_code=False, x_save_requirements=False,
+        init_timeout=float(min(30.0, max(deadline.left(), 1.0))), finish_timeout=30.0,
+        x_graphql_retry_max=1, x_graphql_timeout_seconds=float(REQUEST_TIMEOUT_S),
+        x_file_stream_retry_max=1, x_file_stream_timeout_seconds=float(REQUEST_TIMEOUT_S),
+        x_file_transfer_retry_max=1, x_file_transfer_timeout_seconds=60.0,
+    )
+    known = getattr(wandb.Settings, "model_fields", {})
+    settings = wandb.Settings(**{k: v for k, v in wanted.items() if k in known})
+    moectl_info = {k.removeprefix("moectl_"): v for k, v in data.tags.items()}
+    run = wandb.init(
+        project=t.wandb_project, entity=t.wandb_entity, id=wid, name=record.id, group=record.sweep,
+        job_type="moectl-run", notes=record.notes, mode=t.wandb_mode,
+        tags=[s[:64] for s in ("moectl", record.status, record.tag) if s],
+        config={**data.params, "moectl": moectl_info},
+        # Online, the run may exist already: resume it and send only the steps it lacks.
+        # (Offline there is nothing to resume from; wandb warns and ignores it.)
+        resume="allow" if t.wandb_mode == "online" else None,
+        dir=None if os.environ.get("WANDB_DIR") else record.exp_dir,
+        settings=settings,
+    )
+    try:
+        first_new = run.step if t.wandb_mode == "online" else 0
+        rows: dict[int, dict[str, float]] = {}
+        for key, series in data.series.items():
+            if key.startswith("tail/"):
+                continue
+            for step, value, _ts in series:
+                if step >= first_new:
+                    rows.setdefault(step, {})[key] = value
+        for step in sorted(rows):
+            run.log(rows[step], step=step)
+        deadline.check("logging metrics")
+        run.summary.update({k: v[0][1] for k, v in data.series.items() if k.startswith("tail/")})
+        run.summary.update({"moectl/status": record.status})
+        if data.files:
+            art = wandb.Artifact(f"moectl-files-{wid}", type="moectl-run")
+            for name, path in data.files.items():
+                art.add_file(str(path), name=name)
+            run.log_artifact(art)
+        location = str(Path(run.dir).parent) if t.wandb_mode == "offline" else run.url
+        exit_code = 0 if record.status in ("completed", "imported") else (record.exit_code or 1)
+    except BaseException:
+        run.finish(exit_code=1)
+        raise
+    run.finish(exit_code=exit_code)
+    added = {"params": len(_flat(data.params)), "metric_points": sum(len(r) for r in rows.values()),
+             "files": len(data.files)}
+    return wid, location, added, None
+
+
+_ADAPTERS: dict[str, Callable] = {"mlflow": _mlflow, "wandb": _wandb}

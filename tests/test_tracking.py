@@ -1,0 +1,494 @@
+"""Runs mirrored to MLflow and Weights & Biases (issue 8 §3): real trackers, real runs.
+
+MLflow: a real `mlflow server` (sqlite backend) on 127.0.0.1, started once for this module and read
+back through `MlflowClient`. W&B: offline mode, read back with wandb's own reader of its `.wandb`
+run files (`wandb.sdk.internal.datastore`). Runs are real `python -m moectl run` subprocesses
+driving the fake engine through torchrun, or `moectl import`ed logs.
+
+No traffic leaves 127.0.0.1: the trackers' telemetry and error reporting are off (TRACKER_ENV),
+W&B runs offline with its base URL on a closed local port as a safety net, proxies are bypassed,
+and every MLflow URI is the local server, a closed local port, or a local store.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from engine.schema import StepMetrics, parse_line
+from moectl.config import parse_config_text
+from moectl.errors import UsageError
+from moectl.tracking import STEP_KEYS, wandb_run_id
+from tests.conftest import git
+from tests.test_run import FAKE, QUIET, REPO
+
+TRACKER_ENV = {
+    "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "WANDB_ERROR_REPORTING": "false",
+    "WANDB_MODE": "offline", "WANDB_SILENT": "true", "NO_PROXY": "127.0.0.1,localhost",
+    "no_proxy": "127.0.0.1,localhost", "WANDB_BASE_URL": "http://127.0.0.1:9",
+}
+SERVER_START_S = 180.0  # `mlflow server` imports a lot; a loaded 2-core machine needs a while
+MIRROR_GAVE_UP_S = 15.0  # a dead MLflow server: import + one refused request (unbounded: minutes)
+
+
+def free_port() -> int:
+    """A port nothing listens on: bound to pick it, then closed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def tracker_env(tmp_path, monkeypatch):
+    for key, value in TRACKER_ENV.items():
+        monkeypatch.setenv(key, value)
+    for key in ("WANDB_API_KEY", "WANDB_DIR", "MLFLOW_TRACKING_URI", "HTTP_PROXY", "HTTPS_PROXY",
+                "http_proxy", "https_proxy"):
+        monkeypatch.delenv(key, raising=False)
+    for key in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):  # never the real home
+        monkeypatch.setenv(key, str(tmp_path / "wandb-home" / key.lower()))
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (sqlite backend, proxied artifacts) on a free local port."""
+    home = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    env = {**os.environ, **TRACKER_ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log_path = home / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{home}/mlflow.db", "--artifacts-destination", str(home / "artifacts")],
+            cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    local = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + SERVER_START_S
+    try:
+        while True:
+            try:
+                if local.open(url + "/health", timeout=2).read().strip() == b"OK":
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None, f"mlflow server exited ({proc.returncode}):\n{log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, \
+                f"mlflow server never answered /health within {SERVER_START_S:.0f}s:\n{log_path.read_text()[-3000:]}"
+            time.sleep(0.25)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def tracked_project(repo: Path, monkeypatch, tracking: str) -> Path:
+    """A committed .moectl.toml running the fake engine from this checkout, plus `[tracking]`."""
+    (repo / ".moectl.toml").write_text(
+        '[project]\nname = "moe"\nbranch = "main"\nvenv = ""\n\n'
+        f'[launch]\nmodule = "{FAKE}"\nenv = {{ PYTHONPATH = "{REPO}", OMP_NUM_THREADS = "1" }}\n\n'
+        '[defaults]\npreset = "tiny"\n\n'
+        f'[tracking]\n{tracking}\n'
+    )
+    git(repo, "add", ".moectl.toml")
+    git(repo, "commit", "-q", "-m", "moectl config")
+    monkeypatch.chdir(repo)
+    return repo
+
+
+def set_tracking(repo: Path, tracking: str) -> None:
+    """Point the (committed) config at other trackers; left uncommitted, as a person would."""
+    cfg = repo / ".moectl.toml"
+    text = cfg.read_text()
+    cfg.write_text(text[: text.index("[tracking]")] + f"[tracking]\n{tracking}\n")
+
+
+def moectl(repo: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m moectl ARGS` in `repo`, as a person would type it (env from the fixtures)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "moectl", *args], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def record_of(artifact_root: Path, run_id: str) -> dict:
+    return json.loads((artifact_root / run_id / "run.json").read_text())
+
+
+def steps_of(run_dir: Path) -> list[StepMetrics]:
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = parse_line(line)
+        if isinstance(rec, StepMetrics):
+            out.append(rec)
+    return out
+
+
+def the_mlflow_run(uri: str, run_id: str, experiment: str = "moe"):
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    found = c.search_runs([exp.experiment_id], filter_string=f"tags.moectl_run_id = '{run_id}'")
+    assert len(found) == 1, f"{len(found)} MLflow runs carry moectl_run_id {run_id}"
+    return c, found[0]
+
+
+def histories(c, mlflow_run) -> dict[str, list[tuple[int, float]]]:
+    return {key: sorted((m.step, m.value) for m in c.get_metric_history(mlflow_run.info.run_id, key))
+            for key in mlflow_run.data.metrics}
+
+
+def assert_steps_mirrored(hist: dict, steps: list[StepMetrics]) -> None:
+    for key in STEP_KEYS:
+        expected = [(s.step, float(getattr(s, key))) for s in steps if getattr(s, key) is not None]
+        if expected:
+            assert hist.get(key) == expected, key  # float64 all the way: exact
+    assert len(hist["loss"]) == len(steps) > 0
+
+
+def wandb_records(offline_dir: Path) -> list:
+    """Every record of an offline W&B run, read with wandb's own datastore reader."""
+    from wandb.proto import wandb_internal_pb2
+    from wandb.sdk.internal.datastore import DataStore
+
+    [path] = offline_dir.glob("run-*.wandb")
+    store = DataStore()
+    store.open_for_scan(str(path))
+    out = []
+    while (data := store.scan_data()) is not None:
+        rec = wandb_internal_pb2.Record()
+        rec.ParseFromString(data)
+        out.append(rec)
+    return out
+
+
+def _key(item) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+def wandb_view(offline_dir: Path) -> dict:
+    """The run, its config, its history rows by step, its final summary and its artifacts."""
+    view = {"run": None, "config": {}, "history": {}, "summary": {}, "artifacts": []}
+    for rec in wandb_records(offline_dir):
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            view["run"] = rec.run
+            view["config"].update({_key(i): json.loads(i.value_json) for i in rec.run.config.update})
+        elif kind == "history":
+            row = {_key(i): json.loads(i.value_json) for i in rec.history.item}
+            view["history"][row["_step"]] = row
+        elif kind == "summary":
+            view["summary"].update({_key(i): json.loads(i.value_json) for i in rec.summary.update})
+        elif kind == "artifact":
+            view["artifacts"].append(rec.artifact)
+    return view
+
+
+def offline_dirs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "wandb").glob("offline-run-*"))
+
+
+# ------------------------------------------------------------------------------------- the config
+
+
+@pytest.mark.parametrize("toml, line", [
+    ('wandb_mode = "sometimes"', "tracking.wandb_mode: Input should be 'online' or 'offline'"),
+    ("mlflow_url = 'http://127.0.0.1:5000'", "tracking.mlflow_url: unknown key"),
+    ("mlflow_uri = 'http://'", "tracking.mlflow_uri: Value error, 'http://' names no host"),
+    ("mlflow_uri = 5000", "tracking.mlflow_uri: Input should be a valid string"),
+    ("wandb_project = 'a/b'", "tracking.wandb_project: Value error, must not contain /"),
+    ("mlflow_experiment = 'moe'", "tracking: Value error, mlflow_experiment is set but mlflow_uri is not"),
+    ("wandb_entity = 'team'", "tracking: Value error, wandb_entity is set but wandb_project is not"),
+])
+def test_a_bad_tracking_key_is_one_line_naming_it(toml, line):
+    with pytest.raises(UsageError) as err:
+        parse_config_text(f"[tracking]\n{toml}\n")
+    assert len(err.value.lines) == 1 and err.value.lines[0].startswith(f".moectl.toml: {line}"), err.value.lines
+
+
+def test_sync_with_a_bad_tracking_table_exits_2_with_that_line(git_repo, monkeypatch):
+    tracked_project(git_repo, monkeypatch, 'wandb_mode = "sometimes"\nwandb_project = "moe"')
+    r = moectl(git_repo, "sync")
+    assert r.returncode == 2, r.stderr
+    assert "tracking.wandb_mode: Input should be 'online' or 'offline'" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_sync_without_a_tracker_says_how_to_configure_one(project):
+    r = moectl(project, "sync")
+    assert r.returncode == 2 and "no tracker configured: set mlflow_uri or wandb_project" in r.stderr
+
+
+def test_init_template_shows_every_tracking_key(tmp_path):
+    r = moectl(tmp_path, "init")
+    assert r.returncode == 0, r.stderr
+    text = (tmp_path / ".moectl.toml").read_text()
+    for key in ("mlflow_uri", "mlflow_experiment", "wandb_project", "wandb_entity", "wandb_mode"):
+        assert f"# {key} = " in text, key
+
+
+def test_wandb_run_id_is_derived_from_the_moectl_run_id():
+    a = wandb_run_id("20260101_000000_moe-a")
+    assert a == wandb_run_id("20260101_000000_moe-a") != wandb_run_id("20260101_000000_moe-b")
+    assert a.startswith("moectl-") and len(a) <= 64 and a.replace("-", "").isalnum()
+
+
+@pytest.mark.parametrize("args", [("status", "--json"), ("runs", "--json"), ("sync", "--help")])
+def test_commands_never_import_the_trackers(git_repo, monkeypatch, args):
+    tracked_project(git_repo, monkeypatch, 'mlflow_uri = "http://127.0.0.1:9"\nwandb_project = "moe"')
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "moectl", *args], cwd=git_repo, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    modules = [ln.rsplit("|", 1)[1].strip() for ln in r.stderr.splitlines() if ln.startswith("import time:")]
+    assert "moectl.cli" in modules  # the import log is real
+    heavy = [m for m in modules if m.split(".")[0] in ("mlflow", "wandb", "torch")]
+    assert not heavy, heavy[:5]
+
+
+# --------------------------------------------------------------------------- runs, as they end
+
+
+def test_a_run_is_mirrored_to_mlflow_and_wandb_when_it_ends(git_repo, monkeypatch, artifact_root, mlflow_server):
+    tracked_project(git_repo, monkeypatch,
+            f'mlflow_uri = "{mlflow_server}"\nmlflow_experiment = "ends"\n'
+            'wandb_project = "moe"\nwandb_mode = "offline"')
+    head = git(git_repo, "rev-parse", "HEAD").strip()
+    r = moectl(git_repo, "run", "--steps", "12", "--tag", "mirrored", *QUIET, "--json", "--", "--sleep-per-step", "0.01")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)  # tracker chatter never reaches stdout: still one JSON object
+    run_id, run_dir = out["id"], Path(out["exp_dir"])
+    steps = steps_of(run_dir)
+    assert out["status"] == "completed" and len(steps) == 12
+    assert out["tracking"]["mlflow"]["status"] == "mirrored", out["tracking"]
+    assert out["tracking"]["wandb"]["status"] == "mirrored", out["tracking"]
+    assert record_of(artifact_root, run_id)["tracking"] == out["tracking"]
+
+    # MLflow, read back from the server
+    c, mr = the_mlflow_run(mlflow_server, run_id, "ends")
+    assert mr.info.run_id == out["tracking"]["mlflow"]["run_id"] and mr.info.status == "FINISHED"
+    hist = histories(c, mr)
+    assert_steps_mirrored(hist, steps)
+    assert hist["tail/tok_per_sec"] == [(11, pytest.approx(out["summary"]["tok_per_sec"]))]
+    params, tags = mr.data.params, mr.data.tags
+    assert params["preset"] == "tiny" and params["options.preset"] == "tiny" and params["options.steps"] == "12"
+    assert params["engine.fake"] == "true"  # the engine's resolved config (the fake engine reports {"fake": true})
+    assert params["tail_window"] == str(out["summary"]["window"])
+    assert tags["moectl_run_id"] == run_id and tags["moectl_tag"] == "mirrored" and tags["moectl_status"] == "completed"
+    assert tags["git_commit"] == head and tags["git_branch"] == "main" and tags["git_dirty"] == "false"
+    assert tags["host"] == socket.gethostname()
+    files = {a.path for a in c.list_artifacts(mr.info.run_id, "moectl")}
+    assert files == {"moectl/report.md", "moectl/command.txt", "moectl/git.diff"}
+    report = Path(c.download_artifacts(mr.info.run_id, "moectl/report.md", str(git_repo.parent)))
+    assert report.read_text() == Path(out["report"]).read_text()
+
+    # W&B, read back from its offline run file
+    [offline] = offline_dirs(run_dir)
+    assert out["tracking"]["wandb"]["location"] == str(offline)
+    view = wandb_view(offline)
+    assert view["run"].run_id == wandb_run_id(run_id) and view["run"].display_name == run_id
+    assert view["run"].project == "moe" and "mirrored" in view["run"].tags
+    assert view["config"]["preset"] == "tiny" and view["config"]["options"]["steps"] == 12
+    assert view["config"]["moectl"]["run_id"] == run_id and view["config"]["moectl"]["git_commit"] == head
+    assert sorted(view["history"]) == [s.step for s in steps]
+    assert [view["history"][s.step]["loss"] for s in steps] == pytest.approx([s.loss for s in steps])
+    assert view["summary"]["tail/tok_per_sec"] == pytest.approx(out["summary"]["tok_per_sec"])
+    [art] = view["artifacts"]
+    assert {e.path for e in art.manifest.contents} == {"report.md", "command.txt", "git.diff"}
+
+    # Syncing it again finds both copies and adds nothing
+    r = moectl(git_repo, "sync", run_id, "--json")
+    assert r.returncode == 0, r.stderr
+    rows = {row["tracker"]: row for row in json.loads(r.stdout)}
+    assert rows["mlflow"]["added"] == {"params": 0, "metric_points": 0, "files": 0}
+    assert rows["mlflow"]["run_id"] == mr.info.run_id
+    assert rows["wandb"]["added"] == {} and "already written" in rows["wandb"]["note"]
+    c, again = the_mlflow_run(mlflow_server, run_id, "ends")
+    assert histories(c, again) == hist and again.data.params == params
+    assert offline_dirs(run_dir) == [offline]
+
+
+def test_failed_and_interrupted_runs_are_mirrored_with_their_status(git_repo, monkeypatch, artifact_root,
+                                                                    mlflow_server, tmp_path):
+    tracked_project(git_repo, monkeypatch, f'mlflow_uri = "{mlflow_server}"\nmlflow_experiment = "ends"')
+    r = moectl(git_repo, "run", "--steps", "20", "--tag", "broken", *QUIET, "--json", "--",
+               "--sleep-per-step", "0.01", "--fail-at-step", "4")
+    assert r.returncode == 4, r.stderr
+    failed = json.loads(r.stdout)
+    assert failed["status"] == "failed" and failed["tracking"]["mlflow"]["status"] == "mirrored"
+    c, mr = the_mlflow_run(mlflow_server, failed["id"], "ends")
+    assert mr.info.status == "FAILED" and mr.data.tags["moectl_status"] == "failed"
+    assert_steps_mirrored(histories(c, mr), steps_of(Path(failed["exp_dir"])))
+
+    out = tmp_path / "interrupted.out"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with open(out, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "moectl", "run", "--steps", "500", "--tag", "stopped", *QUIET,
+                                 "--json", "--", "--sleep-per-step", "0.05"], cwd=git_repo, env=env,
+                                stdout=fh, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(len(steps_of(p.parent)) >= 3 for p in artifact_root.glob("*stopped/metrics.jsonl")):
+            assert proc.poll() is None, f"moectl exited early ({proc.returncode}): {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "the run never reached 3 steps"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert proc.returncode == 130, err
+    stopped = json.loads(out.read_text())
+    assert stopped["status"] == "interrupted" and stopped["tracking"]["mlflow"]["status"] == "mirrored", err
+    c, mr = the_mlflow_run(mlflow_server, stopped["id"], "ends")
+    assert mr.info.status == "KILLED"
+    assert_steps_mirrored(histories(c, mr), steps_of(Path(stopped["exp_dir"])))
+
+
+def test_every_leg_of_a_sweep_is_mirrored_with_its_sweep(git_repo, monkeypatch, artifact_root, mlflow_server):
+    tracked_project(git_repo, monkeypatch, f'mlflow_uri = "{mlflow_server}"\nmlflow_experiment = "swept"')
+    spec = git_repo / "spec.toml"
+    spec.write_text('name = "pair"\n[common]\nsteps = 5\nargs = ["--sleep-per-step", "0.01"]\n'
+                    '[[legs]]\ntag = "left"\n[[legs]]\ntag = "right"\n')
+    r = moectl(git_repo, "sweep", str(spec), "--json", *QUIET)
+    assert r.returncode == 0, r.stderr
+    sweep = json.loads(r.stdout)["sweep"]
+    assert [leg["state"] for leg in sweep["legs"]] == ["completed", "completed"]
+    for leg in sweep["legs"]:
+        c, mr = the_mlflow_run(mlflow_server, leg["run_id"], "swept")
+        assert mr.data.tags["moectl_sweep"] == sweep["id"] and mr.data.tags["moectl_tag"] == leg["tag"]
+        assert_steps_mirrored(histories(c, mr), steps_of(Path(sweep["exp_dir"]) / leg["run_id"]))
+        assert record_of(Path(sweep["exp_dir"]), leg["run_id"])["tracking"]["mlflow"]["status"] == "mirrored"
+
+
+def test_a_tracker_that_is_down_never_fails_the_run_and_sync_retries_it(git_repo, monkeypatch, artifact_root,
+                                                                         mlflow_server):
+    dead = f"http://127.0.0.1:{free_port()}"
+    tracked_project(git_repo, monkeypatch, f'mlflow_uri = "{dead}"\nmlflow_experiment = "retried"')
+    r = moectl(git_repo, "run", "--steps", "8", "--tag", "offline_tracker", *QUIET, "--", "--sleep-per-step", "0.01")
+    assert r.returncode == 0, r.stderr
+    [run_dir] = [p.parent for p in artifact_root.glob("*/run.json")]
+    rec = record_of(artifact_root, run_dir.name)
+    assert rec["status"] == "completed"
+    state = rec["tracking"]["mlflow"]
+    assert state["status"] == "failed" and state["target"] == f"{dead} experiment retried"
+    assert state["took_s"] < MIRROR_GAVE_UP_S, state  # MLflow's own retries would take minutes
+    warning = [ln for ln in r.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warning) == 1 and f"run {rec['id']} not mirrored to mlflow ({dead}" in warning[0]
+    assert "`moectl sync` will retry it" in warning[0]
+    assert "completed:" in r.stdout
+
+    r = moectl(git_repo, "sync")  # still down: fails again, says so, exit 2
+    assert r.returncode == 2 and f"run {rec['id']} not mirrored to mlflow" in r.stderr
+    assert record_of(artifact_root, rec["id"])["tracking"]["mlflow"]["status"] == "failed"
+
+    set_tracking(git_repo, f'mlflow_uri = "{mlflow_server}"\nmlflow_experiment = "retried"')
+    r = moectl(git_repo, "sync", "--dry-run", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout) == [{"run": rec["id"], "trackers": ["mlflow"]}]
+    r = moectl(git_repo, "sync")
+    assert r.returncode == 0, r.stderr
+    assert f"{rec['id']}: mirrored to mlflow" in r.stdout
+    state = record_of(artifact_root, rec["id"])["tracking"]["mlflow"]
+    assert state["status"] == "mirrored" and state["target"] == f"{mlflow_server} experiment retried"
+    c, mr = the_mlflow_run(mlflow_server, rec["id"], "retried")
+    hist = histories(c, mr)
+    assert_steps_mirrored(hist, steps_of(run_dir))
+
+    r = moectl(git_repo, "sync")
+    assert r.returncode == 0 and "nothing to sync" in r.stdout
+    r = moectl(git_repo, "sync", "offline_tracker", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)[0]["added"] == {"params": 0, "metric_points": 0, "files": 0}
+    c, again = the_mlflow_run(mlflow_server, rec["id"], "retried")
+    assert histories(c, again) == hist
+
+
+def test_a_tracker_that_is_not_installed_names_its_extra_and_the_run_completes(git_repo, monkeypatch, artifact_root):
+    tracked_project(git_repo, monkeypatch, 'wandb_project = "moe"\nwandb_mode = "offline"')
+    # This interpreter without wandb: an import that fails exactly as on a machine without it.
+    code = ("import runpy, sys; sys.modules['wandb'] = None; "
+            "sys.argv = ['moectl', *sys.argv[1:]]; runpy.run_module('moectl', run_name='__main__')")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", code, "run", "--steps", "5", "--tag", "nowandb", *QUIET, "--",
+                        "--sleep-per-step", "0.01"], cwd=git_repo, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    [warning] = [ln for ln in r.stderr.splitlines() if ln.startswith("warning:")]
+    assert "wandb is not installed (pip install 'moectl[wandb]')" in warning and "moectl sync" in warning
+    [rec] = [json.loads(p.read_text()) for p in artifact_root.glob("*/run.json")]
+    assert rec["status"] == "completed" and rec["tracking"]["wandb"]["status"] == "failed"
+
+
+# ---------------------------------------------------------------------------- imported runs, sync
+
+
+def test_an_imported_run_syncs_to_a_local_mlflow_store_and_wandb_offline(git_repo, monkeypatch, artifact_root,
+                                                                           tmp_path):
+    store_dir = git_repo.parent / "mlstore"  # a directory store, given relative to the config file
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))  # W&B's own setting wins over the run dir
+    tracked_project(git_repo, monkeypatch, 'mlflow_uri = "../mlstore"\nwandb_project = "moe"\nwandb_mode = "offline"')
+    log = REPO / "tests" / "fixtures" / "metrics_small.jsonl"
+    r = moectl(git_repo, "import", str(log), "--format", "jsonl", "--name", "old", "--json")
+    assert r.returncode == 0, r.stderr
+    run_id, run_dir = json.loads(r.stdout)["id"], Path(json.loads(r.stdout)["exp_dir"])
+    steps = steps_of(run_dir)
+
+    r = moectl(git_repo, "sync", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = {row["tracker"]: row for row in json.loads(r.stdout)}
+    assert rows.keys() == {"mlflow", "wandb"} and all(row["run"] == run_id for row in rows.values())
+    assert rows["mlflow"]["added"]["metric_points"] > 0 and rows["mlflow"]["added"]["files"] == 0
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's directory store is opt-in
+    c, mr = the_mlflow_run(str(store_dir), run_id)
+    assert mr.info.status == "FINISHED" and mr.data.tags["moectl_status"] == "imported"
+    assert mr.data.tags["moectl_source"] == str(log)
+    hist = histories(c, mr)
+    assert_steps_mirrored(hist, steps)
+
+    [offline] = sorted((tmp_path / "wandb-dir" / "wandb").glob("offline-run-*"))
+    assert rows["wandb"]["location"] == str(offline) and not offline_dirs(run_dir)
+    view = wandb_view(offline)
+    assert view["run"].run_id == wandb_run_id(run_id)
+    assert sorted(view["history"]) == [s.step for s in steps]
+    assert [view["history"][s.step]["tok_per_sec"] for s in steps] == pytest.approx([s.tok_per_sec for s in steps])
+
+    r = moectl(git_repo, "sync")
+    assert r.returncode == 0 and "nothing to sync" in r.stdout
+    r = moectl(git_repo, "sync", "old")
+    assert r.returncode == 0, r.stderr
+    c, again = the_mlflow_run(str(store_dir), run_id)
+    assert histories(c, again) == hist
+    assert sorted((tmp_path / "wandb-dir" / "wandb").glob("offline-run-*")) == [offline]
+
+
+def test_two_syncs_at_once_make_one_mlflow_run(git_repo, monkeypatch, artifact_root, mlflow_server):
+    tracked_project(git_repo, monkeypatch, f'mlflow_uri = "{mlflow_server}"\nmlflow_experiment = "raced"')
+    log = REPO / "tests" / "fixtures" / "metrics_small.jsonl"
+    r = moectl(git_repo, "import", str(log), "--format", "jsonl", "--name", "raced", "--json")
+    assert r.returncode == 0, r.stderr
+    run_id, run_dir = json.loads(r.stdout)["id"], Path(json.loads(r.stdout)["exp_dir"])
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-m", "moectl", "sync", *args], cwd=git_repo, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+             for args in ((), (run_id,))]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    c, mr = the_mlflow_run(mlflow_server, run_id, "raced")  # exactly one, with every point once
+    assert_steps_mirrored(histories(c, mr), steps_of(run_dir))
