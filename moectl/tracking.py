@@ -48,7 +48,10 @@ FINISHED = ("completed", "failed", "interrupted", "imported")
 # Per-step metrics mirrored (engine/schema.py StepMetrics), and the tail-window summary's.
 STEP_KEYS = ("loss", "aux_loss", "lr", "dt_ms", "tok_per_sec", "mfu", "peak_mem_mib", "drop_frac",
              "expert_load_max", "elapsed_s")
-SUMMARY_KEYS = tuple(k for k in Summary.model_fields if k not in ("window", "steps"))
+# The tail figures go in as metrics; how the window was taken (its size, the warm-up left out,
+# whether any clean step existed, the note saying so) goes in as params.
+_WINDOW_FIELDS = ("window", "steps", "warmup_steps", "clean", "note")
+SUMMARY_KEYS = tuple(k for k in Summary.model_fields if k not in _WINDOW_FIELDS)
 REQUEST_TIMEOUT_S = 10  # one request to a tracker
 BUDGET_S = 120.0  # one tracker's whole attempt; a healthy tracker takes a long run in far less
 _MLFLOW_STATUS = {"completed": "FINISHED", "imported": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
@@ -307,6 +310,11 @@ def payload(record: RunRecord, report: Optional[Path]) -> Payload:
     params["engine"] = dict(record.engine)
     if record.summary is not None:
         params["tail_window"] = record.summary.window
+        params["tail_window_steps"] = record.summary.steps
+        params["warmup_steps"] = record.summary.warmup_steps
+        params["tail_clean"] = record.summary.clean
+        if record.summary.note:
+            params["tail_note"] = record.summary.note
         last = metrics.steps[-1].step if metrics.steps else record.summary.steps
         for key in SUMMARY_KEYS:
             value = getattr(record.summary, key)
