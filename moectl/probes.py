@@ -1,6 +1,6 @@
 """The only I/O that observes the world: git, GPUs (NVML), processes, the lock, the venv, disk, paths.
 
-Each probe returns plain data (pydantic models) and never raises for a state of the world:
+Each probe returns plain data (dataclasses) and never raises for a state of the world:
 a missing NVML library, a driver that is not loaded, a failing device, a directory that is not a
 git repository are all *readings*, so `status` can show them and the guards can judge them.
 `observe()` gathers everything into one `Observed` value, which the pure guards consume.
@@ -22,10 +22,10 @@ import os
 import shutil
 import subprocess
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from pydantic import BaseModel, Field
 
 from moectl.config import Config
 from moectl.lock import LockHolder, read_holder
@@ -39,7 +39,8 @@ FAKE_NVML_ENV = "MOECTL_FAKE_NVML"
 # ---------------------------------------------------------------------------------------------- git
 
 
-class GitState(BaseModel):
+@dataclass
+class GitState:
     is_repo: bool
     error: Optional[str] = None
     branch: Optional[str] = None  # None when detached
@@ -121,23 +122,26 @@ def _operation_in_progress(git_dir: Path) -> Optional[str]:
 # --------------------------------------------------------------------------------------------- NVML
 
 
-class GpuProcess(BaseModel):
+@dataclass
+class GpuProcess:
     pid: int
     name: str = ""
     used_mib: Optional[float] = None
 
 
-class GpuInfo(BaseModel):
+@dataclass
+class GpuInfo:
     index: int
     name: str = ""
     util_pct: Optional[float] = None
     mem_used_mib: Optional[float] = None
     mem_total_mib: Optional[float] = None
-    processes: list[GpuProcess] = Field(default_factory=list)
+    processes: list[GpuProcess] = field(default_factory=list)
     error: Optional[str] = None  # a per-device NVML failure
 
 
-class NvmlReading(BaseModel):
+@dataclass
+class NvmlReading:
     gpus: Optional[list[GpuInfo]] = None  # None when NVML itself is unavailable
     error: Optional[str] = None
     driver: Optional[str] = None
@@ -149,10 +153,30 @@ def _select(gpus: list[GpuInfo], devices) -> list[GpuInfo]:
     return [g for g in gpus if g.index in set(devices)]
 
 
+def _opt_float(value) -> Optional[float]:
+    return None if value is None else float(value)
+
+
+def _nvml_from_dict(data: dict) -> NvmlReading:
+    """The fake file's JSON as a reading; a missing or mistyped field raises ValueError."""
+    try:
+        gpus = None
+        if data.get("gpus") is not None:
+            gpus = [GpuInfo(index=int(g["index"]), name=str(g.get("name", "")),
+                            util_pct=_opt_float(g.get("util_pct")), mem_used_mib=_opt_float(g.get("mem_used_mib")),
+                            mem_total_mib=_opt_float(g.get("mem_total_mib")), error=g.get("error"),
+                            processes=[GpuProcess(pid=int(p["pid"]), name=str(p.get("name", "")),
+                                                  used_mib=_opt_float(p.get("used_mib")))
+                                       for p in g.get("processes") or []])
+                    for g in data["gpus"]]
+        return NvmlReading(gpus=gpus, error=data.get("error"), driver=data.get("driver"))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"bad field: {type(exc).__name__}: {exc}") from None
+
+
 def _nvml_from_fake(path: str) -> NvmlReading:
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        return NvmlReading.model_validate(data)
+        return _nvml_from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
     except (OSError, ValueError) as exc:
         return NvmlReading(error=f"fake NVML reading {path} unreadable: {exc}")
 
@@ -223,7 +247,8 @@ def read_nvml(devices="all") -> NvmlReading:
 # ----------------------------------------------------------------------------------------- processes
 
 
-class TrainingProcess(BaseModel):
+@dataclass
+class TrainingProcess:
     pid: int
     age_s: float
     cmdline: str
@@ -276,7 +301,8 @@ def find_training_processes(module: str = "engine.train") -> list[TrainingProces
 # ----------------------------------------------------------------------------------------- venv, disk
 
 
-class VenvState(BaseModel):
+@dataclass
+class VenvState:
     python: str
     exists: bool
     in_venv: bool
@@ -314,7 +340,8 @@ def probe_venv(cfg: Config) -> VenvState:
     return state
 
 
-class DiskState(BaseModel):
+@dataclass
+class DiskState:
     path: str  # the nearest existing ancestor of artifact_root that was measured
     free_gib: Optional[float] = None
     error: Optional[str] = None
@@ -333,13 +360,14 @@ def probe_disk(artifact_root: Path) -> DiskState:
 # --------------------------------------------------------------------------------------------- paths
 
 
-class PathsState(BaseModel):
+@dataclass
+class PathsState:
     """Every planned write path as given and as resolved (symlinks, `..`, `~`)."""
 
     artifact_root: str
     report_dir: str
-    read_only: list[str] = Field(default_factory=list)
-    writes: dict[str, str] = Field(default_factory=dict)  # planned path -> resolved path
+    read_only: list[str] = field(default_factory=list)
+    writes: dict[str, str] = field(default_factory=dict)  # planned path -> resolved path
     exp_dir_exists: bool = False
 
 
@@ -362,10 +390,11 @@ def probe_paths(cfg: Config, plan: "RunPlan") -> PathsState:
 # ------------------------------------------------------------------------------------------ observed
 
 
-class Observed(BaseModel):
+@dataclass
+class Observed:
     git: GitState
     nvml: NvmlReading
-    processes: list[TrainingProcess] = Field(default_factory=list)
+    processes: list[TrainingProcess] = field(default_factory=list)
     lock: Optional[dict] = None  # LockHolder as a dict (pid, host, run_id, started_at, cmd, stale, ...)
     venv: Optional[VenvState] = None
     disk: Optional[DiskState] = None
@@ -427,10 +456,10 @@ def collect_status(config_path: Optional[Path] = None, cwd: Optional[Path] = Non
         "config": str(cfg.path) if cfg.path else None,
         "config_error": config_error,
         "artifact_root": str(cfg.artifact_root),
-        "gpus": [g.model_dump() for g in obs.nvml.gpus] if obs.nvml.gpus is not None else None,
+        "gpus": [asdict(g) for g in obs.nvml.gpus] if obs.nvml.gpus is not None else None,
         "nvml_error": obs.nvml.error,
         "driver": obs.nvml.driver,
-        "training_processes": [p.model_dump() for p in obs.processes],
+        "training_processes": [asdict(p) for p in obs.processes],
         "lock": obs.lock,
         "git": {
             "branch": git.branch,
@@ -443,6 +472,6 @@ def collect_status(config_path: Optional[Path] = None, cwd: Optional[Path] = Non
             "in_progress": git.in_progress,
             "error": git.error,
         },
-        "venv": obs.venv.model_dump() if obs.venv else None,
+        "venv": asdict(obs.venv) if obs.venv else None,
         "recent_runs": recent_runs,
     }

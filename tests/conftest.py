@@ -108,13 +108,15 @@ def no_other_training_on_a_quiet_machine():
     """The no_other_training verdict `moectl check` reaches in the cwd's project, from the real
     config and lock file, on a machine where no training process runs. The process scan is the one
     input a test cannot control (other sessions may run torchrun here), so it is set, not read."""
+    from dataclasses import replace
+
     from moectl.config import load_config
     from moectl.guards import check_request, guard_no_other_training
     from moectl.plan import make_request
 
     cfg = load_config()
     plan, observed, _ = check_request(cfg, make_request())
-    return guard_no_other_training(cfg, plan, observed.model_copy(update={"processes": []}))
+    return guard_no_other_training(cfg, plan, replace(observed, processes=[]))
 
 
 # ------------------------------------------------------------------------------------ seed study

@@ -1,6 +1,7 @@
 """The eight guards as pure functions: hand-built Observed values in, verdicts out (no mocks)."""
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def test_each_guard_refuses_with_an_actionable_message(name, sections, req, chan
     if changes == "no-file":
         c.path, changes = None, {}
     elif changes == "exists":
-        changes = {"paths": good(p).paths.model_copy(update={"exp_dir_exists": True})}
+        changes = {"paths": replace(good(p).paths, exp_dir_exists=True)}
     results = evaluate(c, p, good(p, **changes))
     r = verdict(results, name)
     assert not r.ok and fragment in r.message, r.message
@@ -151,11 +152,11 @@ def test_artifact_root_inside_a_read_only_tree_is_allowed():
     p = plan_for(c)
     w = {x: x for x in [p.exp_dir, *p.files.values()]}
     ok = PathsState(artifact_root=ART, report_dir="/repo/reports", read_only=["/"], writes=w)
-    assert verdict(evaluate(c, p, good(p, paths=ok.model_copy(update={"read_only": ["/art"]}))), "paths").ok
+    assert verdict(evaluate(c, p, good(p, paths=replace(ok, read_only=["/art"]))), "paths").ok
     # ...but the report dir may not sit in a read-only tree, nor outside the repo.
-    bad = ok.model_copy(update={"read_only": ["/repo"]})
+    bad = replace(ok, read_only=["/repo"])
     assert "report_dir /repo/reports is inside read-only tree /repo" in verdict(evaluate(c, p, good(p, paths=bad)), "paths").message
-    out = ok.model_copy(update={"report_dir": "/tmp/reports"})
+    out = replace(ok, report_dir="/tmp/reports")
     assert "outside the repository" in verdict(evaluate(c, p, good(p, paths=out)), "paths").message
 
 
@@ -169,7 +170,7 @@ def test_overrides_mark_only_overridable_failed_guards():
     assert [(r.name, r.ok, r.overridden) for r in results if not r.ok] == [
         ("gpus_idle", False, True), ("no_other_training", False, True), ("disk", False, False)]
     assert not passed(results)  # disk still refuses
-    obs2 = obs.model_copy(update={"disk": DiskState(path=ART, free_gib=10.0)})
+    obs2 = replace(obs, disk=DiskState(path=ART, free_gib=10.0))
     assert passed(evaluate(c, p, obs2, overrides=["gpus_idle", "no_other_training"]))
     # An override of a guard that passes changes nothing.
     assert not any(r.overridden for r in evaluate(c, p, good(p), overrides=["gpus_idle"]))

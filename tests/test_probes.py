@@ -69,6 +69,12 @@ def test_unreadable_fake_is_a_reading_not_a_crash(tmp_path, monkeypatch):
     monkeypatch.setenv("MOECTL_FAKE_NVML", str(bad))
     r = read_nvml()
     assert r.gpus is None and "unreadable" in r.error
+    # Valid JSON with a GPU that lacks its index, or a mistyped number: unreadable too, not a crash.
+    for broken in ('{"gpus": [{"name": "H100"}]}', '{"gpus": [{"index": 0, "util_pct": "busy"}]}',
+                   '{"gpus": [{"index": 0, "processes": [{"name": "python"}]}]}'):
+        bad.write_text(broken)
+        r = read_nvml()
+        assert r.gpus is None and "unreadable" in r.error, broken
 
 
 def test_real_nvml_never_raises(monkeypatch):

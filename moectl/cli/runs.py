@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, List, Optional
+from typing import TYPE_CHECKING, Annotated, Any, List, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
+
+if TYPE_CHECKING:  # rich is imported where a table is drawn: `--json` never pays for it
+    from rich.table import Table
 
 from moectl.cli.common import app, handle_errors, print_json, stderr, stdout
 from moectl.cli.options import ConfigOpt, JsonOpt
@@ -36,12 +37,14 @@ def _warn_corrupt(messages: list[str]) -> None:
             stderr.print(f"  {m}", markup=False)
 
 
-def _print_table(table: Table) -> None:
+def _print_table(table: "Table") -> None:
     """Tables are never squeezed into 80 columns when piped or captured (rich's default then):
     a file or a pager can take a wide line, a folded number is useless."""
     if stdout.is_terminal:
         stdout.print(table)
     else:
+        from rich.console import Console
+
         Console(width=max(stdout.width, 200), highlight=False, soft_wrap=True).print(table)
 
 
@@ -112,6 +115,8 @@ def runs_cmd(
     ]
     cells = [[cell(r) for _, _, cell in columns] for r in runs]
     keep = [i for i, (h, _, _) in enumerate(columns) if h in ("id", "status") or any(row[i] not in ("", "—") for row in cells)]
+    from rich.table import Table
+
     table = Table(title=f"runs in {cfg.artifact_root}", title_justify="left")
     for i in keep:
         header, right, _ = columns[i]
@@ -218,6 +223,8 @@ def show_cmd(
     if metrics.skipped:
         out(f"metrics.jsonl: {metrics.skipped} malformed line(s) skipped", markup=False)
     if rec.guards:
+        from rich.table import Table
+
         table = Table(title="guards", title_justify="left")
         for col in ("guard", "ok", "message"):
             table.add_column(col)
@@ -271,11 +278,12 @@ _TERM_DECIMALS = {"tok_per_sec": 0, "dt_ms": 2, "mfu": 3, "peak_mem_mib": 0, "to
                   "final_loss": 3, "drop_frac": 3}
 
 
-def _compare_table(comparison) -> Table:
+def _compare_table(comparison) -> "Table":
     """Runs as rows; each cell: value ±stderr, then Δ% (green/red when beyond noise, marked *).
     Metrics no run has are left out so the table fits a terminal."""
     from moectl.metrics import HIGHER_IS_BETTER, MARK, METRICS
     from moectl.report import COLUMNS
+    from rich.table import Table
 
     shown = [m for m in METRICS if any(r.metrics[m].value is not None for r in comparison.runs)]
     warmup = f" after {comparison.warmup_steps} warm-up steps" if comparison.warmup_steps else ""
