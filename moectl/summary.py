@@ -98,6 +98,23 @@ def _run_row(r: store.StoredRun) -> str:
     return "| " + " | ".join([f"`{r.id}`", r.display_status, r.tag or "—", *vals]) + " |"
 
 
+def _shown(path, root: Optional[Path] = None) -> str:
+    """A path as the document shows it: relative to the repository when inside it, with `~` for
+    the home directory otherwise, so the file reads the same on every machine with that layout
+    (the shipped EXPERIMENTS.md of a fresh clone included)."""
+    p = Path(path)
+    if root is not None:
+        try:
+            return p.resolve().relative_to(root.resolve()).as_posix() or "."
+        except ValueError:
+            pass
+    home = Path.home()
+    try:
+        return "~/" + p.relative_to(home).as_posix() if p != home else "~"
+    except ValueError:
+        return str(p)
+
+
 def render_summary(cfg: Config, now: Optional[datetime] = None) -> str:
     now = now or datetime.now().astimezone()
     scan = store.scan_runs(cfg.artifact_root)
@@ -112,7 +129,7 @@ def render_summary(cfg: Config, now: Optional[datetime] = None) -> str:
     lines = [f"# {cfg.project.name} — experiments progress summary", ""]
     lines += [
         f"{TIMESTAMP_PREFIX}{now.strftime('%Y-%m-%d %H:%M %z')}",
-        f"- Repo: `{cfg.root}`",
+        f"- Repo: `{_shown(cfg.root)}`",
         f"- Branch: `{git_branch or 'detached HEAD'}`"
         + ("" if cfg.project.branch in ("*", git_branch) else f" (expected `{cfg.project.branch}`!)"),
         f"- Status: {status}",
@@ -165,13 +182,13 @@ def render_summary(cfg: Config, now: Optional[datetime] = None) -> str:
     commits = gitops.recent_commits(cfg.root, [rel], COMMIT_LIMIT) if rel else []
     lines += [f"- `{c.hash[:7]}` {c.subject}" for c in commits] or ["None yet."]
 
-    ro = ", ".join(f"`{p}`" for p in cfg.read_only) or "none"
+    ro = ", ".join(f"`{_shown(p)}`" for p in cfg.read_only) or "none"
     lines += [
         "",
         "## Next Steps",
         "",
         "```bash",
-        f"cd {cfg.root}",
+        f"cd {_shown(cfg.root)}",
         f"git checkout {cfg.project.branch}" if cfg.project.branch != "*" else "git status --short --branch",
         "moectl status            # GPUs idle? nothing else training?",
         "moectl run --tag <tag>   # a fresh, timestamped experiment directory every time",
@@ -180,9 +197,9 @@ def render_summary(cfg: Config, now: Optional[datetime] = None) -> str:
         "## Constraints Reminder",
         "",
         f"- Keep branch at `{cfg.project.branch}`." if cfg.project.branch != "*" else "- Branch check disabled (`*`).",
-        f"- Write checkpoints/artifacts only under `{cfg.artifact_root}` (fresh directory per run).",
+        f"- Write checkpoints/artifacts only under `{_shown(cfg.artifact_root)}` (fresh directory per run).",
         f"- Read-only trees: {ro}.",
-        f"- Reports go to `{cfg.report_dir}`; moectl commits only the files it wrote.",
+        f"- Reports go to `{_shown(cfg.report_dir, cfg.root)}/`; moectl commits only the files it wrote.",
         f"- Launch from the venv `{cfg.project.venv or '(current interpreter)'}`; GPUs idle "
         f"(util ≤ {cfg.gpu.max_util_pct:g}%, mem ≤ {cfg.gpu.max_mem_mib:g} MiB) and no other training run.",
         "- Preserve unrelated user files and dirty/untracked content.",

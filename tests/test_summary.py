@@ -98,6 +98,17 @@ def summary_project(git_repo: Path, monkeypatch) -> Path:
     return git_repo
 
 
+def test_paths_are_repo_relative_or_home_relative():
+    """The document reads the same on every machine with the same layout: the shipped
+    EXPERIMENTS.md of a fresh clone names `~/.cache/...`, not the generating machine's home."""
+    from moectl.summary import _shown
+
+    root = Path("/work/main")
+    assert _shown(root / "reports", root) == "reports" and _shown(root, root) == "."
+    assert _shown(Path.home() / ".cache" / "moectl" / "tmp_exp", root) == "~/.cache/moectl/tmp_exp"
+    assert _shown("/srv/datasets", root) == "/srv/datasets" and _shown(Path.home()) == "~"
+
+
 def test_summary_has_every_section(git_repo, artifact_root, monkeypatch):
     summary_project(git_repo, monkeypatch)
     ids = populate(artifact_root)
@@ -134,7 +145,8 @@ def test_summary_has_every_section(git_repo, artifact_root, monkeypatch):
     assert f"- `{head[:7]}` report: capacity leg b — 2100 tok/s" in text
     constraints = text.split("## Constraints Reminder")[1]
     assert "Keep branch at `main`" in constraints and f"`{artifact_root}`" in constraints
-    assert "`/srv/datasets`" in constraints and f"`{git_repo / 'reports'}`" in constraints
+    assert "`/srv/datasets`" in constraints and "Reports go to `reports/`" in constraints  # repo-relative
+    assert f"only under `{artifact_root}`" in constraints  # outside the home directory: as it is
 
 
 def test_summary_commits_only_experiments_md_and_is_stable(git_repo, artifact_root, monkeypatch):
@@ -192,3 +204,27 @@ def test_help_has_examples():
     for cmd in ("sweep", "summary"):
         r = cli(cmd, "--help")
         assert r.exit_code == 0 and "Examples:" in r.output and f"moectl {cmd}" in r.output
+
+
+def test_the_shipped_experiments_md_is_what_summary_writes(tmp_path, monkeypatch):
+    """A newcomer sees the handoff document before running anything: the repository ships
+    EXPERIMENTS.md, as `moectl summary` writes it (so it stays regenerable). Its title, its sections
+    and the constraints (a function of .moectl.toml alone) must be what the code writes today; the
+    rest depends on the store, the machine and the moment (after a first `moectl run`, the
+    committed file lists that run), so it is not compared."""
+    from moectl.config import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    shipped = repo / "EXPERIMENTS.md"
+    assert shipped.is_file(), "EXPERIMENTS.md is missing from the repository"
+    monkeypatch.setenv("HOME", str(tmp_path))  # the default artifact root, empty: a fresh machine
+    monkeypatch.delenv("MOECTL_ARTIFACT_ROOT")
+    regenerated = render_summary(load_config(repo / ".moectl.toml"))
+    text = shipped.read_text(encoding="utf-8")
+
+    def headings(t: str) -> list[str]:
+        return [ln for ln in t.splitlines() if ln.startswith(("# ", "## "))]
+
+    assert headings(text) == headings(regenerated)
+    assert text.split("## Constraints Reminder")[1] == regenerated.split("## Constraints Reminder")[1]
+    assert text.count(TIMESTAMP_PREFIX) == 1
