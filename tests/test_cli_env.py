@@ -161,6 +161,53 @@ def test_idle_gpus_pass_and_auto_device_picks_cuda(project, fake_nvml):
     assert "--nproc-per-node 2" in data["command"] and "--device cuda" in data["command"]
 
 
+def table_verdicts(text: str) -> dict[str, str]:
+    """`check`'s guard table read back: guard name -> its result column."""
+    names = {"config", "git", "venv", "paths", "fresh_dir", "gpus_idle", "no_other_training", "disk"}
+    return {w[0]: w[1] for w in (line.split() for line in text.splitlines()) if len(w) > 1 and w[0] in names}
+
+
+NOT_CHECKED = "gpus_idle skipped (cpu run: GPU idleness not checked)"
+
+
+@pytest.mark.parametrize("nvml, args, lines", [
+    # (the line on a quiet machine, the line when other training is running here and overridden)
+    ({"error": "NVML Shared Library Not Found"}, ["--device", "cpu"],
+     (f"guards: 7 passed, {NOT_CHECKED}", f"guards: 6 passed, {NOT_CHECKED}, no_other_training overridden")),
+    ({"gpus": [gpu(0), gpu(1)]}, ["--device", "cuda"],
+     ("guards: 8 passed", "guards: 7 passed, no_other_training overridden")),
+    ({"gpus": [gpu(0, util_pct=97)]}, ["--device", "cuda", "--override", "gpus_idle"],
+     ("guards: 7 passed, gpus_idle overridden", "guards: 6 passed, gpus_idle overridden, no_other_training overridden")),
+])
+def test_check_prints_the_table_then_the_one_line_verdict(project, fake_nvml, nvml, args, lines):
+    fake_nvml(**nvml)
+    r = invoke("check", *args, "--override", "no_other_training")
+    assert r.exit_code == 0, r.output
+    verdicts = table_verdicts(r.stdout)
+    assert len(verdicts) == 8 and verdicts["no_other_training"] in ("ok", "overridden")  # the full table
+    quiet, busy = lines
+    assert r.stdout.splitlines()[-1] == (quiet if verdicts["no_other_training"] == "ok" else busy)
+
+
+def test_check_line_names_an_overridden_training_guard(project, fake_training):
+    r = invoke("check", "--device", "cpu", "--override", "no_other_training")
+    assert r.exit_code == 0, r.output
+    assert table_verdicts(r.stdout)["no_other_training"] == "overridden"
+    assert r.stdout.splitlines()[-1] == f"guards: 6 passed, {NOT_CHECKED}, no_other_training overridden"
+
+
+def test_refused_check_names_the_failed_guards_under_the_table(project, fake_nvml):
+    fake_nvml(gpus=[gpu(0, util_pct=97)])
+    git(project, "switch", "-q", "-c", "feature")
+    r = invoke("check", "--device", "cuda", "--override", "no_other_training")
+    assert r.exit_code == 3
+    verdicts = table_verdicts(r.stdout)
+    assert verdicts["git"] == verdicts["gpus_idle"] == "FAIL"
+    *_, line, last = r.stdout.splitlines()
+    assert line.startswith("guards: ") and line.endswith("git FAILED, gpus_idle FAILED")
+    assert last == "refused: fix the FAIL lines above"
+
+
 def test_dotdot_exp_dir_refused_and_paths_not_overridable(project, artifact_root):
     code, _, g = check_json("--exp-dir", f"{artifact_root}/x/../../escaped", "--override", "no_other_training")
     assert code == 3 and not g["paths"]["ok"] and "outside artifact_root" in g["paths"]["message"]
