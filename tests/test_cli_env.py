@@ -44,6 +44,48 @@ def test_init_writes_the_template_and_refuses_to_overwrite(tmp_path, monkeypatch
     assert r.exit_code == 2 and "already exists" in r.stderr and "Traceback" not in r.output
 
 
+OLD_CONFIG = b'# my tuned config\r\n[project]\nname = "old"\n\xff not even utf-8\n'  # bytes must survive as they are
+
+
+def test_init_without_force_refuses_in_one_line_and_suggests_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / CONFIG_NAME).write_bytes(OLD_CONFIG)
+    r = invoke("init")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "--force" in r.stderr
+    assert (tmp_path / CONFIG_NAME).read_bytes() == OLD_CONFIG and os.listdir(tmp_path) == [CONFIG_NAME]
+
+
+def test_init_force_without_a_config_just_writes_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = invoke("init", "--force")
+    assert r.exit_code == 0 and r.stdout.strip() == f"wrote {CONFIG_NAME}"
+    assert os.listdir(tmp_path) == [CONFIG_NAME] and (tmp_path / CONFIG_NAME).read_text() == TEMPLATE
+
+
+def test_init_force_keeps_the_old_config_as_bak_and_never_overwrites_a_bak(tmp_path):
+    target = tmp_path / CONFIG_NAME
+    target.write_bytes(OLD_CONFIG)
+    target.chmod(0o600)
+    r = invoke("init", str(tmp_path), "--force")
+    assert r.exit_code == 0, r.output
+    bak = tmp_path / f"{CONFIG_NAME}.bak"
+    assert bak.read_bytes() == OLD_CONFIG and target.read_text() == TEMPLATE
+    assert r.stdout.strip() == f"wrote {target} (the old one is now {bak})"
+    assert oct(target.stat().st_mode & 0o777) == oct(0o600)  # the config keeps its permissions
+    # A second --force: the first backup stays as it was, the replaced template goes to .bak.1.
+    target.write_bytes(b"second\n")
+    r = invoke("init", str(tmp_path), "--force")
+    assert r.exit_code == 0, r.output
+    assert bak.read_bytes() == OLD_CONFIG and (tmp_path / f"{CONFIG_NAME}.bak.1").read_bytes() == b"second\n"
+    assert sorted(os.listdir(tmp_path)) == [CONFIG_NAME, f"{CONFIG_NAME}.bak", f"{CONFIG_NAME}.bak.1"]  # no temp file left
+    assert target.read_text() == TEMPLATE
+
+
+def test_init_help_shows_force_with_an_example():
+    r = invoke("init", "--help")
+    assert r.exit_code == 0 and "moectl init --force" in r.stdout and ".bak.1" in r.stdout
+
+
 @pytest.mark.parametrize("command", ["init", "status", "check"])
 def test_help_has_an_example(command):
     r = invoke(command, "--help")

@@ -22,15 +22,23 @@ from moectl.errors import EXIT_GUARD
 @handle_errors
 def init(
     directory: Annotated[Path, typer.Argument(help="Where to write .moectl.toml.")] = Path("."),
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace an existing .moectl.toml, keeping the old one as .moectl.toml.bak "
+                        "(.bak.1, .bak.2, ... when that exists: no backup is ever overwritten).")] = False,
 ) -> None:
-    """Write a commented [bold].moectl.toml[/bold] (every default, explained). Refuses to overwrite.
+    """Write a commented [bold].moectl.toml[/bold] (every default, explained). Refuses to
+    overwrite one (exit 2) unless --force, which keeps the old file as a .bak beside it.
 
     Example:  [bold]moectl init[/bold]   then edit project.branch and paths.artifact_root.
+    Example:  [bold]moectl init --force[/bold]   start over; the old config is in .moectl.toml.bak.
     """
-    from moectl.config import write_template
+    from moectl.config import overwrite_template, write_template
 
-    path = write_template(directory)
-    stdout.print(f"wrote {path}", markup=False)
+    if force:
+        path, backup = overwrite_template(directory)
+    else:
+        path, backup = write_template(directory), None
+    stdout.print(f"wrote {path}" + (f" (the old one is now {backup})" if backup else ""), markup=False)
 
 
 def _age(seconds: float) -> str:
