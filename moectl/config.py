@@ -337,7 +337,55 @@ def write_template(directory: Path) -> Path:
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
-        raise UsageError(f"{target} already exists; not overwriting it") from None
+        raise UsageError(f"{target} already exists; not overwriting it "
+                         f"(`moectl init --force` replaces it and keeps the old one as {CONFIG_NAME}.bak)") from None
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(TEMPLATE)
     return target
+
+
+def overwrite_template(directory: Path) -> tuple[Path, Optional[Path]]:
+    """`moectl init --force`: write the template over an existing config, first copying the old
+    one byte for byte to `.moectl.toml.bak` - or `.bak.1`, `.bak.2`, ... when that exists, so no
+    earlier backup is ever overwritten. The new file replaces the old one in one rename: a reader
+    sees the old config or the new one, never a missing or half-written file. Returns (config
+    written, backup or None when there was nothing to back up)."""
+    import stat
+
+    from moectl.records import atomic_file
+
+    target = Path(directory) / CONFIG_NAME
+    try:
+        old = target.read_bytes()
+        mode = stat.S_IMODE(target.stat().st_mode)
+    except FileNotFoundError:
+        return write_template(directory), None
+    except IsADirectoryError:
+        raise UsageError(f"{target} is a directory; not replacing it") from None
+    backup = _write_backup(target, old, mode)
+    with atomic_file(target, "w") as fh:
+        os.fchmod(fh.fileno(), mode)  # the config keeps the old file's permissions
+        fh.write(TEMPLATE)
+    return target, backup
+
+
+def _write_backup(target: Path, data: bytes, mode: int) -> Path:
+    """`data` in the first of `<target>.bak`, `<target>.bak.1`, ... that does not exist yet
+    (created exclusively: two `init --force` at once never share a backup)."""
+    n = 0
+    while True:
+        backup = target.with_name(f"{target.name}.bak" + (f".{n}" if n else ""))
+        try:
+            fd = os.open(backup, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            break
+        except FileExistsError:
+            n += 1
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        backup.unlink(missing_ok=True)  # ours, and incomplete: a partial backup would mislead
+        raise
+    return backup

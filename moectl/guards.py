@@ -195,6 +195,19 @@ def refusals(results: list[GuardResult]) -> list[str]:
     return [f"{r.name}: {r.message}" for r in results if not (r.ok or r.overridden)]
 
 
+def summary_line(results: list[GuardResult]) -> str:
+    """The guards in one line, what `run` prints when they let it start:
+    `guards: 7 passed, gpus_idle skipped (cpu run: GPU idleness not checked)`.
+
+    A skipped guard's message is why it was skipped; an overridden or failed one is only named
+    (its message is advice for a refusal; the full table, `check` and `show` have it)."""
+    parts = [f"{sum(r.ok and not r.skipped for r in results)} passed"]
+    parts += [f"{r.name} skipped ({r.message})" for r in results if r.ok and r.skipped]
+    parts += [f"{r.name} overridden" for r in results if r.overridden]
+    parts += [f"{r.name} FAILED" for r in results if not (r.ok or r.overridden)]
+    return "guards: " + ", ".join(parts)
+
+
 def check_request(cfg: Config, request: RunRequest, now: Optional[datetime] = None):
     """Probe, plan and evaluate (what `check`, `run` and each sweep leg do before launching).
     Returns (plan, observed, results)."""

@@ -44,6 +44,48 @@ def test_init_writes_the_template_and_refuses_to_overwrite(tmp_path, monkeypatch
     assert r.exit_code == 2 and "already exists" in r.stderr and "Traceback" not in r.output
 
 
+OLD_CONFIG = b'# my tuned config\r\n[project]\nname = "old"\n\xff not even utf-8\n'  # bytes must survive as they are
+
+
+def test_init_without_force_refuses_in_one_line_and_suggests_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / CONFIG_NAME).write_bytes(OLD_CONFIG)
+    r = invoke("init")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "--force" in r.stderr
+    assert (tmp_path / CONFIG_NAME).read_bytes() == OLD_CONFIG and os.listdir(tmp_path) == [CONFIG_NAME]
+
+
+def test_init_force_without_a_config_just_writes_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = invoke("init", "--force")
+    assert r.exit_code == 0 and r.stdout.strip() == f"wrote {CONFIG_NAME}"
+    assert os.listdir(tmp_path) == [CONFIG_NAME] and (tmp_path / CONFIG_NAME).read_text() == TEMPLATE
+
+
+def test_init_force_keeps_the_old_config_as_bak_and_never_overwrites_a_bak(tmp_path):
+    target = tmp_path / CONFIG_NAME
+    target.write_bytes(OLD_CONFIG)
+    target.chmod(0o600)
+    r = invoke("init", str(tmp_path), "--force")
+    assert r.exit_code == 0, r.output
+    bak = tmp_path / f"{CONFIG_NAME}.bak"
+    assert bak.read_bytes() == OLD_CONFIG and target.read_text() == TEMPLATE
+    assert r.stdout.strip() == f"wrote {target} (the old one is now {bak})"
+    assert oct(target.stat().st_mode & 0o777) == oct(0o600)  # the config keeps its permissions
+    # A second --force: the first backup stays as it was, the replaced template goes to .bak.1.
+    target.write_bytes(b"second\n")
+    r = invoke("init", str(tmp_path), "--force")
+    assert r.exit_code == 0, r.output
+    assert bak.read_bytes() == OLD_CONFIG and (tmp_path / f"{CONFIG_NAME}.bak.1").read_bytes() == b"second\n"
+    assert sorted(os.listdir(tmp_path)) == [CONFIG_NAME, f"{CONFIG_NAME}.bak", f"{CONFIG_NAME}.bak.1"]  # no temp file left
+    assert target.read_text() == TEMPLATE
+
+
+def test_init_help_shows_force_with_an_example():
+    r = invoke("init", "--help")
+    assert r.exit_code == 0 and "moectl init --force" in r.stdout and ".bak.1" in r.stdout
+
+
 @pytest.mark.parametrize("command", ["init", "status", "check"])
 def test_help_has_an_example(command):
     r = invoke(command, "--help")
@@ -159,6 +201,53 @@ def test_idle_gpus_pass_and_auto_device_picks_cuda(project, fake_nvml):
     code, data, g = check_json("--override", "no_other_training")
     assert code == 0 and g["gpus_idle"]["ok"] and not g["gpus_idle"]["skipped"]
     assert "--nproc-per-node 2" in data["command"] and "--device cuda" in data["command"]
+
+
+def table_verdicts(text: str) -> dict[str, str]:
+    """`check`'s guard table read back: guard name -> its result column."""
+    names = {"config", "git", "venv", "paths", "fresh_dir", "gpus_idle", "no_other_training", "disk"}
+    return {w[0]: w[1] for w in (line.split() for line in text.splitlines()) if len(w) > 1 and w[0] in names}
+
+
+NOT_CHECKED = "gpus_idle skipped (cpu run: GPU idleness not checked)"
+
+
+@pytest.mark.parametrize("nvml, args, lines", [
+    # (the line on a quiet machine, the line when other training is running here and overridden)
+    ({"error": "NVML Shared Library Not Found"}, ["--device", "cpu"],
+     (f"guards: 7 passed, {NOT_CHECKED}", f"guards: 6 passed, {NOT_CHECKED}, no_other_training overridden")),
+    ({"gpus": [gpu(0), gpu(1)]}, ["--device", "cuda"],
+     ("guards: 8 passed", "guards: 7 passed, no_other_training overridden")),
+    ({"gpus": [gpu(0, util_pct=97)]}, ["--device", "cuda", "--override", "gpus_idle"],
+     ("guards: 7 passed, gpus_idle overridden", "guards: 6 passed, gpus_idle overridden, no_other_training overridden")),
+])
+def test_check_prints_the_table_then_the_one_line_verdict(project, fake_nvml, nvml, args, lines):
+    fake_nvml(**nvml)
+    r = invoke("check", *args, "--override", "no_other_training")
+    assert r.exit_code == 0, r.output
+    verdicts = table_verdicts(r.stdout)
+    assert len(verdicts) == 8 and verdicts["no_other_training"] in ("ok", "overridden")  # the full table
+    quiet, busy = lines
+    assert r.stdout.splitlines()[-1] == (quiet if verdicts["no_other_training"] == "ok" else busy)
+
+
+def test_check_line_names_an_overridden_training_guard(project, fake_training):
+    r = invoke("check", "--device", "cpu", "--override", "no_other_training")
+    assert r.exit_code == 0, r.output
+    assert table_verdicts(r.stdout)["no_other_training"] == "overridden"
+    assert r.stdout.splitlines()[-1] == f"guards: 6 passed, {NOT_CHECKED}, no_other_training overridden"
+
+
+def test_refused_check_names_the_failed_guards_under_the_table(project, fake_nvml):
+    fake_nvml(gpus=[gpu(0, util_pct=97)])
+    git(project, "switch", "-q", "-c", "feature")
+    r = invoke("check", "--device", "cuda", "--override", "no_other_training")
+    assert r.exit_code == 3
+    verdicts = table_verdicts(r.stdout)
+    assert verdicts["git"] == verdicts["gpus_idle"] == "FAIL"
+    *_, line, last = r.stdout.splitlines()
+    assert line.startswith("guards: ") and line.endswith("git FAILED, gpus_idle FAILED")
+    assert last == "refused: fix the FAIL lines above"
 
 
 def test_dotdot_exp_dir_refused_and_paths_not_overridable(project, artifact_root):

@@ -211,6 +211,73 @@ def test_compare_markdown_and_table(project):
     assert invoke("compare", "base").exit_code == 2  # one run only
 
 
+def compare_table_rows(text: str) -> tuple[list[str], list[list[str]]]:
+    """The rendered compare table read back: (header, rows), each row its cells stripped; the
+    section lines between runs are dropped."""
+    header = next([c.strip() for c in line.split("┃")[1:-1]] for line in text.splitlines() if line.startswith("┃"))
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in text.splitlines() if line.startswith("│")]
+    return header, rows
+
+
+def number(text: str) -> float:
+    return float(text.replace(",", "").replace("±", "").rstrip("%*†"))
+
+
+@pytest.mark.parametrize("warmup_steps", [0, 10])
+def test_compare_table_puts_value_then_error_then_delta_in_every_column(project, warmup_steps):
+    """Every run is the same rows for every metric: value, ±, Δ% (none for the baseline). A metric
+    with no error (peak mem, total, final loss) leaves its ± cell empty; its Δ% stays in the Δ% row."""
+    with (project / ".moectl.toml").open("a") as fh:
+        fh.write(f"\n[metrics]\nwarmup_steps = {warmup_steps}\n")
+    imported("base", "nanochat_small.log", "nanochat")
+    imported("other", "metrics_small.jsonl", "jsonl")
+    data = json.loads(invoke("compare", "base", "other", "--json").stdout)
+    r = invoke("compare", "base", "other")
+    assert r.exit_code == 0, r.output
+    header, rows = compare_table_rows(r.stdout)
+    assert header[:3] == ["run", "steps", ""]
+    titles = {"tok/sec": "tok_per_sec", "dt (ms)": "dt_ms", "MFU %": "mfu", "peak mem (MiB)": "peak_mem_mib",
+              "total (min)": "total_time_min", "final loss": "final_loss", "drop frac": "drop_frac"}
+    metrics = [titles[h] for h in header[3:]]
+    # Both fixtures lack MFU in one run, so it is shown; the other six too.
+    assert set(metrics) == set(titles.values())
+    assert [row[2] for row in rows] == ["", "±", "", "±", "Δ%"]  # base: value, ±; other: value, ±, Δ%
+    assert [row[0] for row in rows] == ["base (base)", "", "other", "", ""]
+    base, other = data["runs"]
+    for run, (value_row, error_row, *delta_row) in ((base, rows[0:2]), (other, rows[2:5])):
+        assert value_row[1] == str(run["steps"]) and error_row[1] == ""
+        for i, name in enumerate(metrics, start=3):
+            mv = run["metrics"][name]
+            tol = 1 if name in ("tok_per_sec", "peak_mem_mib") else 0.01
+            if mv["value"] is None:
+                assert value_row[i] == "—"
+            else:
+                assert number(value_row[i]) == pytest.approx(mv["value"], abs=tol)
+                assert value_row[i].endswith("†") == mv["marked"]
+            if mv["stderr"] is None:
+                assert error_row[i] == ""
+            else:
+                assert error_row[i].startswith("±") and number(error_row[i]) == pytest.approx(mv["stderr"], abs=tol)
+            if run is base:
+                continue
+            cell = delta_row[0][i]
+            if mv["delta_pct"] is None:
+                assert cell == ""
+            else:
+                assert cell.rstrip("*").endswith("%") and number(cell) == pytest.approx(mv["delta_pct"], abs=0.005)
+                assert cell.endswith("*") == bool(mv["beyond_noise"])
+    # The figures the layout is about: peak mem has no error, yet its delta is in the Δ% row,
+    # beside tok/sec's; tok/sec's error is in the ± row.
+    peak, tps = 3 + metrics.index("peak_mem_mib"), 3 + metrics.index("tok_per_sec")
+    assert rows[3][peak] == "" and rows[4][peak].endswith("%") and rows[3][tps].startswith("±")
+    if warmup_steps == 0:  # clean windows: tok/sec -83% is beyond noise, hence the mark
+        assert rows[4][tps].endswith("%*")
+    else:  # warm-up only: marked values, no noise verdict, the footnote
+        assert rows[2][tps].endswith("†") and rows[4][tps].endswith("%") and "† warm-up only" in r.stdout
+    assert "± standard error of the tail mean · Δ% vs baseline · * beyond noise" in r.stdout
+    assert all(note in r.stdout for note in data["notes"])
+
+
 def test_compare_write_report_commits_only_the_report(project):
     from tests.conftest import git
 

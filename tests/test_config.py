@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from moectl.config import CONFIG_NAME, TEMPLATE, MoectlFile, find_config, load_config, parse_config_text, write_template
+from moectl.config import (
+    CONFIG_NAME, TEMPLATE, MoectlFile, find_config, load_config, overwrite_template, parse_config_text, write_template,
+)
 from moectl.errors import EXIT_USAGE, UsageError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,3 +133,16 @@ def test_write_template_refuses_to_overwrite(tmp_path):
     with pytest.raises(UsageError):
         write_template(tmp_path)
     assert os.stat(path).st_mtime_ns == before
+
+
+def test_overwrite_template_backs_up_first_and_refuses_a_directory(tmp_path):
+    assert overwrite_template(tmp_path) == (tmp_path / CONFIG_NAME, None)  # nothing to back up
+    (tmp_path / CONFIG_NAME).write_text("edited\n")
+    path, backup = overwrite_template(tmp_path)
+    assert backup == tmp_path / f"{CONFIG_NAME}.bak" and backup.read_text() == "edited\n"
+    assert path.read_text() == TEMPLATE
+    odd = tmp_path / "odd"
+    (odd / CONFIG_NAME).mkdir(parents=True)
+    with pytest.raises(UsageError, match="is a directory"):
+        overwrite_template(odd)
+    assert os.listdir(odd) == [CONFIG_NAME]  # no backup of a directory

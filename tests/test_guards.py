@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from moectl.config import MoectlFile, from_file_model
-from moectl.guards import GUARDS, evaluate, passed, refusals
+from moectl.guards import GUARDS, evaluate, passed, refusals, summary_line
 from moectl.plan import RunRequest, plan_run
 from moectl.probes import DiskState, GitState, GpuInfo, GpuProcess, NvmlReading, Observed, PathsState, TrainingProcess, VenvState
 
@@ -113,6 +113,29 @@ def test_cpu_run_skips_the_gpu_guard_and_says_so():
     p = plan_for(c, device="cpu")
     r = verdict(evaluate(c, p, good(p, nvml=NvmlReading(error="NVML Shared Library Not Found"))), "gpus_idle")
     assert r.ok and r.skipped and "cpu run" in r.message
+
+
+BUSY_GPU = NvmlReading(gpus=[GpuInfo(index=0, name="H100", util_pct=93, mem_used_mib=0, mem_total_mib=81559)])
+TRAINING = [TrainingProcess(pid=77, age_s=120, cmdline="torchrun ...")]
+
+
+@pytest.mark.parametrize("device, overrides, world, line", [
+    ("cuda", [], {}, "guards: 8 passed"),
+    ("cpu", [], {"nvml": NvmlReading(error="NVML Shared Library Not Found")},
+     "guards: 7 passed, gpus_idle skipped (cpu run: GPU idleness not checked)"),
+    ("cuda", ["gpus_idle"], {"nvml": BUSY_GPU}, "guards: 7 passed, gpus_idle overridden"),
+    ("cpu", ["no_other_training"], {"processes": TRAINING},
+     "guards: 6 passed, gpus_idle skipped (cpu run: GPU idleness not checked), no_other_training overridden"),
+    # --override of a guard that passes anyway overrides nothing, and the line does not claim it
+    ("cuda", ["gpus_idle", "no_other_training"], {"processes": TRAINING},
+     "guards: 7 passed, no_other_training overridden"),
+    ("cuda", [], {"nvml": BUSY_GPU, "git": GitState(is_repo=True, branch="feature", head="b" * 40)},
+     "guards: 6 passed, git FAILED, gpus_idle FAILED"),
+])
+def test_summary_line_names_what_was_skipped_why_and_what_was_overridden(device, overrides, world, line):
+    c = cfg()
+    p = plan_for(c, device=device, gpus_available=1, overrides=overrides)
+    assert summary_line(evaluate(c, p, good(p, **world), overrides)) == line
 
 
 def test_gpu_limits_come_from_config_and_processes_can_be_allowed():

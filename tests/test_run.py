@@ -348,6 +348,50 @@ def test_override_gpus_idle_is_recorded_and_reported(proj, artifact_root, fake_n
     assert "## Overrides (guards skipped knowingly)" in text and "- `gpus_idle`: GPU 0: util 93%" in text
 
 
+NOT_CHECKED = "gpus_idle skipped (cpu run: GPU idleness not checked)"
+
+
+def guard_table(text: str) -> dict[str, str]:
+    """The guard table's rows in a command's output: guard name -> result column."""
+    return {w[0]: w[1] for w in (line.split() for line in text.splitlines()) if len(w) > 1 and w[0] in GUARD_NAMES}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nvml, args, lines", [
+    # (the line on a quiet machine, the line when another session's training is running here)
+    ({"error": "NVML Shared Library Not Found"}, ["--device", "cpu"],
+     (f"guards: 7 passed, {NOT_CHECKED}", f"guards: 6 passed, {NOT_CHECKED}, no_other_training overridden")),
+    ({"gpus": [gpu(0)]}, ["--device", "cuda"], ("guards: 8 passed", "guards: 7 passed, no_other_training overridden")),
+    ({"gpus": [gpu(0, util_pct=93)]}, ["--device", "cuda", "--override", "gpus_idle"],
+     ("guards: 7 passed, gpus_idle overridden", "guards: 6 passed, gpus_idle overridden, no_other_training overridden")),
+])
+def test_a_run_that_starts_prints_its_guards_as_one_line(proj, artifact_root, fake_nvml, nvml, args, lines):
+    fake_nvml(**nvml)
+    r = run(*args, "--steps", "2", "--no-commit", *QUIET, *FAST)
+    assert r.exit_code == 0, r.output
+    [exp] = run_dirs(artifact_root)
+    overridden = {g["name"] for g in record(exp)["guards"] if g["overridden"]}
+    quiet, busy = lines
+    out = r.stdout.splitlines()
+    assert out[0] == (busy if "no_other_training" in overridden else quiet)
+    assert out[1] == f"run {exp.name} -> {exp}"
+    assert guard_table(r.stdout) == {} and "is valid" not in r.stdout  # no table, no guard messages
+
+
+def test_dry_run_and_refusal_print_the_full_table_and_the_line(proj, artifact_root, fake_nvml):
+    dry = run("--dry-run", "--device", "cpu", "--steps", "2", *QUIET, *FAST)
+    assert dry.exit_code == 0, dry.output
+    table = guard_table(dry.stdout)
+    assert list(table) == list(GUARD_NAMES) and table["gpus_idle"] == "skipped"
+    assert dry.stdout.splitlines()[-1].startswith("guards: ") and NOT_CHECKED in dry.stdout.splitlines()[-1]
+    fake_nvml(gpus=[gpu(0, util_pct=93)])
+    refused = run("--device", "cuda", "--steps", "2", *QUIET, *FAST)
+    assert refused.exit_code == 3 and list(guard_table(refused.stdout)) == list(GUARD_NAMES)
+    *_, line, last = refused.stdout.splitlines()
+    assert line.startswith("guards: ") and line.endswith("gpus_idle FAILED")
+    assert last == "refused: fix the FAIL lines above" and not artifact_root.exists()
+
+
 def test_busy_gpu_without_override_refuses(proj, artifact_root, fake_nvml):
     fake_nvml(gpus=[gpu(0, util_pct=93)])
     r = run("--device", "cuda", "--steps", "2", *QUIET, *FAST)

@@ -22,15 +22,23 @@ from moectl.errors import EXIT_GUARD
 @handle_errors
 def init(
     directory: Annotated[Path, typer.Argument(help="Where to write .moectl.toml.")] = Path("."),
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace an existing .moectl.toml, keeping the old one as .moectl.toml.bak "
+                        "(.bak.1, .bak.2, ... when that exists: no backup is ever overwritten).")] = False,
 ) -> None:
-    """Write a commented [bold].moectl.toml[/bold] (every default, explained). Refuses to overwrite.
+    """Write a commented [bold].moectl.toml[/bold] (every default, explained). Refuses to
+    overwrite one (exit 2) unless --force, which keeps the old file as a .bak beside it.
 
     Example:  [bold]moectl init[/bold]   then edit project.branch and paths.artifact_root.
+    Example:  [bold]moectl init --force[/bold]   start over; the old config is in .moectl.toml.bak.
     """
-    from moectl.config import write_template
+    from moectl.config import overwrite_template, write_template
 
-    path = write_template(directory)
-    stdout.print(f"wrote {path}", markup=False)
+    if force:
+        path, backup = overwrite_template(directory)
+    else:
+        path, backup = write_template(directory), None
+    stdout.print(f"wrote {path}" + (f" (the old one is now {backup})" if backup else ""), markup=False)
 
 
 def _age(seconds: float) -> str:
@@ -133,8 +141,11 @@ def check_json(plan, results, ok: bool) -> dict:
 
 
 def _render_check(plan, results, ok: bool) -> None:
+    """Every guard with its message, the command, then the one-line verdict: what `check`, `run
+    --dry-run` and a refused `run` print (a `run` that starts prints only the verdict line)."""
     from rich.table import Table
 
+    from moectl.guards import summary_line
     from moectl.plan import command_text
 
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
@@ -152,7 +163,9 @@ def _render_check(plan, results, ok: bool) -> None:
     stdout.print(table)
     stdout.print(f"run {plan.run_id} -> {plan.exp_dir}", markup=False)
     stdout.print(f"command: {command_text(plan)}", markup=False)
-    stdout.print("all guards pass" if ok else "refused: fix the FAIL lines above", markup=False)
+    stdout.print(summary_line(results), markup=False)
+    if not ok:
+        stdout.print("refused: fix the FAIL lines above", markup=False)
 
 
 @app.command()
@@ -176,7 +189,8 @@ def check(
 ) -> None:
     """Evaluate every guard for a run with these options; launch nothing, write nothing.
 
-    Exit 0 when every guard passes (an overridden one counts as passing), 3 otherwise.
+    Prints every guard with its message, the exact command, and a one-line verdict
+    (`guards: 7 passed, gpus_idle skipped (cpu run: ...)`). Exit 0 when every guard passes (an overridden one counts as passing), 3 otherwise.
 
     Example:  [bold]moectl check --cap 1.0 --compile static --device cpu -- --seed 1[/bold]
     """

@@ -41,6 +41,10 @@ def run(
     """Run one guarded training run: every guard, a fresh timestamped directory, torchrun from the
     project's venv, live progress, the run record, a report, and a commit of that report only.
 
+    A run that passes its guards prints them as one line
+    (`guards: 7 passed, gpus_idle skipped (cpu run: ...)`); a refusal and
+    --dry-run print the full table, as `moectl check` does.
+
     Exit codes: 0 completed, 2 bad options/config, 3 a guard refused, 4 training failed, 130 interrupted.
 
     Examples:
@@ -51,7 +55,7 @@ def run(
     from moectl import store
     from moectl.cli.env import _render_check, check_json
     from moectl.config import load_config
-    from moectl.guards import check_request, passed
+    from moectl.guards import check_request, passed, summary_line
     from moectl.plan import make_request
     from moectl.progress import make_progress, stdout_is_tty
     from moectl.runner import execute_run, fallback_request
@@ -80,7 +84,9 @@ def run(
             stdout.print(f"waiting for {waiting} ({waited_s:.0f}s so far)", markup=False)
 
     def on_start(record):
+        # Guards that let the run start are one line; the table is for refusals and `check`.
         if not json_out:
+            stdout.print(summary_line(record.guards), markup=False)
             stdout.print(f"run {record.id} -> {record.exp_dir}", markup=False)
 
     def summary_paths(record):

@@ -279,8 +279,11 @@ _TERM_DECIMALS = {"tok_per_sec": 0, "dt_ms": 2, "mfu": 3, "peak_mem_mib": 0, "to
 
 
 def _compare_table(comparison) -> "Table":
-    """Runs as rows; each cell: value ±stderr, then Δ% (green/red when beyond noise, marked *).
-    Metrics no run has are left out so the table fits a terminal."""
+    """Runs as groups of rows, in the same order for every run and every metric: the value
+    († when warm-up only), the `±` row (standard error of the tail mean), the `Δ%` row (vs the
+    baseline, green/red and * when beyond noise; the baseline has none). A metric with no error or
+    no delta leaves its cell in that row empty, so a figure never lands in another's row. Metrics
+    no run has are left out so the table fits a terminal."""
     from moectl.metrics import HIGHER_IS_BETTER, MARK, METRICS
     from moectl.report import COLUMNS
     from rich.table import Table
@@ -291,22 +294,32 @@ def _compare_table(comparison) -> "Table":
                   title_justify="left")
     table.add_column("run", overflow="fold")
     table.add_column("steps", justify="right")
+    table.add_column("")  # what the row holds: the value (blank), ± or Δ%
     for m in shown:
         table.add_column(COLUMNS[m][0], justify="right", no_wrap=True)
+
+    def value(m, mv):
+        return _num(mv.value, _TERM_DECIMALS[m]) + (MARK if mv.marked else "")
+
+    def error(m, mv):
+        return "" if mv.stderr is None else f"[dim]±{mv.stderr:,.{_TERM_DECIMALS[m]}f}[/]"
+
+    def delta(m, mv):
+        if mv.delta_pct is None:
+            return ""
+        good = (mv.delta_pct > 0) == (m in HIGHER_IS_BETTER)
+        colour = ("green" if good else "red") if mv.beyond_noise else "dim"
+        return f"[{colour}]{mv.delta_pct:+.2f}%{'*' if mv.beyond_noise else ''}[/]"
+
     for r in comparison.runs:
         is_base = r.id == comparison.baseline
-        cells = []
-        for m in shown:
-            mv, dec = r.metrics[m], _TERM_DECIMALS[m]
-            text = _num(mv.value, dec) + (MARK if mv.marked else "")
-            if mv.stderr is not None:
-                text += f"\n±{mv.stderr:,.{dec}f}"
-            if not is_base and mv.delta_pct is not None:
-                good = (mv.delta_pct > 0) == (m in HIGHER_IS_BETTER)
-                colour = ("green" if good else "red") if mv.beyond_noise else "dim"
-                text += f"\n[{colour}]{mv.delta_pct:+.2f}%{'*' if mv.beyond_noise else ''}[/]"
-            cells.append(text)
-        table.add_row((r.tag or r.id) + (" (base)" if is_base else ""), str(r.steps), *cells)
+        name = (r.tag or r.id) + (" (base)" if is_base else "")
+        rows = [(name, str(r.steps), "", value), ("", "", "±", error)]
+        if not is_base:
+            rows.append(("", "", "Δ%", delta))
+        for i, (first, steps, label, cell) in enumerate(rows):
+            table.add_row(first, steps, label, *(cell(m, r.metrics[m]) for m in shown),
+                          end_section=i == len(rows) - 1)
     return table
 
 
@@ -321,12 +334,16 @@ def compare_cmd(
     write_report: Annotated[bool, typer.Option("--write-report", help="Write the markdown into report_dir and commit it.")] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Compare runs over their tail window, with % deltas and a noise estimate.
+    r"""Compare runs over their tail window, with % deltas and a noise estimate.
 
-    Each cell: the value, ± the standard error of the tail mean, Δ% vs the baseline, and * where
-    the delta is beyond noise (|a−b| > 2·√(se_a²+se_b²)). The window leaves out each run's first
-    `[metrics] warmup_steps` steps; a run with no step past them is marked † and gets no noise
-    verdict. Runs of different presets or lengths are still compared, with a note.
+    Each run is three rows, in the same order for every metric: the value,
+    ± the standard error of the tail mean, then Δ% vs the baseline with *
+    where the delta is beyond noise (|a−b| > 2·√(se_a²+se_b²)). A metric
+    with no error (peak, total, final loss) leaves its ± cell empty; the
+    baseline has no Δ% row. The window leaves out each run's first
+    `\[metrics] warmup_steps` steps; a run with no step past them is marked †
+    and gets no noise verdict. Runs of different presets or lengths are still
+    compared, with a note.
 
     Example:  [bold]moectl compare static_cap1p0 bufreuse --markdown[/bold]
     """
