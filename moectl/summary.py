@@ -20,7 +20,7 @@ from moectl import gitops, store
 from moectl.config import Config
 from moectl.records import RunRecord, SweepRecord, write_text_atomic
 from moectl.report import COLUMNS, fmt, marked_footnote, summary_cell
-from moectl.sweep import (
+from moectl.sweep.run import (
     completed_comparison, leg_status, legs_table, list_sweeps, recommendation, settled, sweep_chain,
 )
 
