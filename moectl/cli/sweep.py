@@ -101,7 +101,7 @@ def sweep(
         if outcome.report:
             out(f"sweep report: {outcome.report}")
         if outcome.comparison is not None:
-            from moectl.sweep.run import recommendation
+            from moectl.sweep.report import recommendation
 
             rec = recommendation(outcome.comparison)
             if rec:

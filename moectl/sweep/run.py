@@ -12,7 +12,7 @@ Legs run one at a time through the runner (same guards, lock, records, report, c
 so whatever stops the sweep - a failed leg, Ctrl-C, SIGTERM, SIGKILL, a reboot - it stays true:
 finished legs `completed`, the stopped one `interrupted` (after a SIGKILL, `running` until the next
 moectl that reads the store settles the leg and its run as `interrupted`: store.settle_stale;
-`leg_status` shows it `stale` meanwhile), the rest `pending`.
+`moectl.sweep.store.leg_status` shows it `stale` meanwhile), the rest `pending`.
 
 A resume never writes into the old directory: it makes `<ts>_<project>-<name>-resume/` whose
 sweep.json lists every leg (completed ones carried over with their original run ids) and links
@@ -20,7 +20,6 @@ back through `resumed_from`; only the legs that did not complete run again.
 """
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -33,232 +32,24 @@ from moectl.config import Config
 from moectl.errors import (
     EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRAINING, GuardRefused, MoectlError, UsageError,
 )
-from moectl.metrics import MARK, Comparison, RunMetrics, compare, read_metrics
+from moectl.guards import WAITABLE, check_request
+from moectl.metrics import Comparison
 from moectl.plan import RunRequest, command_text, make_request, plan_run
+from moectl.probes import read_nvml
 from moectl.progress import NullProgress, ProgressSink
-from moectl.records import SWEEP_RECORD, RunRecord, SweepLeg, SweepRecord, save_model
-from moectl.report import COLUMNS, marked_footnote, report_path, summary_cell
+from moectl.records import RunRecord, SweepLeg, SweepRecord, write_text_atomic
+from moectl.report import report_path
+from moectl.runner import execute_run, fallback_request
+from moectl.summary import write_summary
+from moectl.sweep.report import completed_comparison, fastest, recommendation, sweep_report
 from moectl.sweep.spec import SweepSpec, request_kwargs
+from moectl.sweep.store import (
+    leg_status, list_sweeps, resolve_sweep, runs_by_id, save_sweep, settled, sweep_chain,
+)
+from moectl.tracking import warning_lines
 
 FALLBACK_SUFFIX = "_fallback_none"
 FIGURE_METRICS = ("loss", "tok_per_sec", "mfu", "dt_ms")
-
-
-# ------------------------------------------------------------------------------------- the store
-
-
-def load_sweep(sweep_dir: Path) -> SweepRecord:
-    sweep_dir = Path(sweep_dir)
-    path = sweep_dir / SWEEP_RECORD
-    try:
-        rec = SweepRecord.model_validate_json(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"no {SWEEP_RECORD} in {sweep_dir}") from None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"corrupt {path}: {str(exc).splitlines()[0]}") from None
-    rec.exp_dir = str(sweep_dir.resolve())  # the directory is the truth (it may have moved)
-    return rec
-
-
-def save_sweep(sweep: SweepRecord) -> None:
-    save_model(Path(sweep.exp_dir) / SWEEP_RECORD, sweep)
-
-
-def list_sweeps(root: Path) -> list[SweepRecord]:
-    """Every readable sweep under `root`, oldest first (unreadable ones are skipped)."""
-    out = []
-    try:
-        entries = sorted(os.scandir(root), key=lambda e: e.name)
-    except FileNotFoundError:
-        return []
-    for entry in entries:
-        if entry.is_dir() and not entry.name.startswith(".") and (Path(entry.path) / SWEEP_RECORD).is_file():
-            try:
-                out.append(load_sweep(Path(entry.path)))
-            except UsageError:
-                continue
-    return out
-
-
-def resolve_sweep(root: Path, ref: str) -> SweepRecord:
-    """A SWEEP argument: a sweep directory path, an id, a name (its most recent sweep), or a unique
-    prefix of an id."""
-    as_path = Path(ref).expanduser()
-    if (as_path / SWEEP_RECORD).is_file():
-        return load_sweep(as_path)
-    if os.sep in ref:
-        raise UsageError(f"not a sweep directory (no {SWEEP_RECORD}): {ref}")
-    sweeps = list_sweeps(root)
-    for s in sweeps:
-        if s.id == ref:
-            return s
-    named = [s for s in sweeps if s.name == ref]
-    if named:
-        return named[-1]
-    hits = [s for s in sweeps if s.id.startswith(ref)]
-    if not hits:
-        raise UsageError(f"no sweep matches {ref!r} under {root}")
-    if len(hits) > 1:
-        raise UsageError(f"ambiguous sweep reference {ref!r}: {len(hits)} sweeps match", lines=[s.id for s in hits])
-    return hits[0]
-
-
-def runs_by_id(root: Path) -> dict[str, store.StoredRun]:
-    return {r.id: r for r in store.list_runs(root)}
-
-
-def leg_status(leg: SweepLeg, runs: dict[str, RunRecord]) -> str:
-    """The state to show for a leg: sweep.json's, except that a `running` leg is checked against its
-    run record - `stale` when the record is missing or its owner died (SIGKILL, reboot), or the
-    record's final status when moectl died between finishing the run and updating sweep.json."""
-    if leg.state != "running":
-        return leg.state
-    rec = runs.get(leg.run_id) if leg.run_id else None
-    if rec is None or getattr(rec, "stale", False):
-        return "stale"
-    if rec.status in ("completed", "failed", "interrupted"):
-        return rec.status
-    return "running"
-
-
-def settled(leg: SweepLeg, legs: list[SweepLeg]) -> bool:
-    """Completed, or failed to compile with a completed `--compile none` fallback leg standing in."""
-    if leg.state == "completed":
-        return True
-    fb = next((x for x in legs if x.fallback_of == leg.tag), None)
-    return leg.state == "failed" and fb is not None and fb.state == "completed"
-
-
-def sweep_chain(sweep: SweepRecord, by_id: dict[str, SweepRecord]) -> list[SweepRecord]:
-    """The sweep and the ones it resumed, oldest first (a missing link ends the chain)."""
-    chain, seen = [sweep], {sweep.id}
-    while chain[0].resumed_from and chain[0].resumed_from in by_id and chain[0].resumed_from not in seen:
-        chain.insert(0, by_id[chain[0].resumed_from])
-        seen.add(chain[0].id)
-    return chain
-
-
-# --------------------------------------------------------------------------------- tables / report
-
-LEG_METRICS = ("tok_per_sec", "dt_ms", "mfu", "peak_mem_mib", "total_time_min", "final_loss")
-
-
-def legs_table(legs: list[SweepLeg], runs: dict[str, RunRecord], window: int) -> list[str]:
-    """Markdown rows of every leg: state, run id, and the tail-window metrics of its run record
-    (warm-up-only figures marked, with the footnote under the table)."""
-    head = ["leg", "state", "run"] + [f"tail{window} {COLUMNS[m][0]}" if m in ("tok_per_sec", "dt_ms", "mfu")
-                                      else COLUMNS[m][0] for m in LEG_METRICS]
-    lines = ["| " + " | ".join(head) + " |", "| --- | --- | --- |" + " ---: |" * len(LEG_METRICS)]
-    summaries = []
-    for leg in legs:
-        rec = runs.get(leg.run_id) if leg.run_id else None
-        s = rec.summary if rec is not None else None
-        summaries.append(s)
-        vals = [summary_cell(s, m, COLUMNS[m][1]) for m in LEG_METRICS]
-        name = leg.tag + (f" (fallback of {leg.fallback_of})" if leg.fallback_of else "")
-        lines.append("| " + " | ".join([name, leg_status(leg, runs), f"`{leg.run_id}`" if leg.run_id else "—", *vals]) + " |")
-    return lines + marked_footnote(summaries)
-
-
-def fastest(comparison: Comparison) -> Optional[tuple[str, float, Optional[float]]]:
-    """(tag, tail tok/sec, delta % vs baseline) of the fastest run in a comparison, among the runs
-    with a clean figure (a warm-up-only one is never the answer). The delta is None when the
-    baseline's own figure is warm-up only."""
-    rows = [r for r in comparison.runs
-            if r.metrics["tok_per_sec"].value is not None and not r.metrics["tok_per_sec"].marked]
-    if not rows:
-        return None
-    best = max(rows, key=lambda r: r.metrics["tok_per_sec"].value)
-    mv = best.metrics["tok_per_sec"]
-    base = next(r for r in comparison.runs if r.id == comparison.baseline)
-    return best.tag or best.id, mv.value, (mv.delta_pct if base.clean else None)
-
-
-def recommendation(comparison: Optional[Comparison]) -> Optional[str]:
-    """One sentence naming the fastest leg by its clean tail tok/sec; legs whose figures are
-    warm-up only are named as left out, and when no leg has a clean figure it says what to do."""
-    if comparison is None:
-        return None
-    warm = [r.tag or r.id for r in comparison.runs if r.metrics["tok_per_sec"].marked]
-    best = fastest(comparison)
-    if best is None:
-        if not warm:
-            return None
-        return (f"none: no leg has a clean figure — every completed leg ran only warm-up steps (its first "
-                f"{comparison.warmup_steps}, compile included), so its tail means measure start-up, not "
-                f"training. Run more steps a leg (`steps` > {comparison.warmup_steps}, ideally "
-                f"{comparison.warmup_steps} + `window`) and sweep again.")
-    tag, tps, delta = best
-    left_out = (f" Left out (warm-up only, {MARK}): {', '.join(f'`{t}`' for t in warm)}." if warm else "")
-    base = next(r for r in comparison.runs if r.id == comparison.baseline)
-    n_clean = len(comparison.runs) - len(warm)
-    if len(comparison.runs) == 1:
-        return f"only `{tag}` completed ({tps:.2f} tok/s tail mean): nothing to choose between yet."
-    if n_clean == 1:
-        return f"only `{tag}` has a clean figure ({tps:.2f} tok/s tail mean): nothing to choose between yet.{left_out}"
-    clean = " clean" if warm else ""
-    if base.tag == tag or base.id == tag:
-        return f"the baseline `{tag}` is the fastest{clean} leg ({tps:.2f} tok/s tail mean): keep it.{left_out}"
-    versus = (f"({delta:+.2f}% vs `{base.tag or base.id}`)" if delta is not None
-              else f"(no delta: the baseline `{base.tag or base.id}` has only a warm-up figure)")
-    return f"`{tag}` is the fastest{clean} leg — {tps:.2f} tok/s tail mean {versus}.{left_out}"
-
-
-def completed_comparison(sweep: SweepRecord, runs: dict[str, RunRecord], window: int,
-                         baseline_tag: Optional[str] = None, warmup_steps: int = 0) -> Optional[Comparison]:
-    """The compare table of every completed leg (baseline: `baseline_tag` when it completed, else the
-    first completed leg)."""
-    done = [(leg, runs[leg.run_id]) for leg in sweep.legs
-            if leg_status(leg, runs) == "completed" and leg.run_id in runs]
-    if not done:
-        return None
-    items = [RunMetrics(id=rec.id, tag=leg.tag, metrics=read_metrics(Path(rec.exp_dir) / "metrics.jsonl"),
-                        options=rec.options, fallback=rec.summary) for leg, rec in done]
-    base = next((i for i, (leg, _) in enumerate(done) if leg.tag == baseline_tag), 0)
-    return compare(items, baseline_index=base, window=window, warmup_steps=warmup_steps)
-
-
-def sweep_report(sweep: SweepRecord, runs: dict[str, RunRecord], window: int, *, heading: str,
-                 comparison: Optional[Comparison], chain: list[str], figures: list[Path], notes: list[str],
-                 report_file: Path) -> str:
-    exp = Path(sweep.exp_dir)
-    n_done = sum(1 for leg in sweep.legs if leg_status(leg, runs) == "completed")
-    lines = [f"# Sweep {sweep.name} — {heading}", ""]
-    lines.append(f"- sweep: `{sweep.id}` ({n_done}/{len(sweep.legs)} legs completed)")
-    lines.append(f"- directory: [`{exp}`]({exp.as_uri()})")
-    if sweep.resumed_from:
-        lines.append(f"- resumed from: `{sweep.resumed_from}` (chain: {' → '.join(f'`{c}`' for c in chain)})")
-    common = sweep.spec.get("common") or {}
-    if common:
-        lines.append("- common options: " + ", ".join(f"`{k}={v}`" for k, v in common.items()))
-    if sweep.spec.get("notes"):
-        lines += ["", "## Notes", "", str(sweep.spec["notes"])]
-    lines += ["", "## Legs", ""] + legs_table(sweep.legs, runs, window)
-    for leg in sweep.legs:
-        if leg.fallback_of:
-            lines.append(f"\n- `{leg.tag}` re-runs `{leg.fallback_of}` with `--compile none`: torch.compile "
-                         "failed in the engine (exit 3) and `launch.compile_fallback` is on.")
-    lines += [f"\n- {n}" for n in notes]
-    if comparison is not None:
-        lines += ["", "## Comparison of completed legs", "", _compare_md(comparison).rstrip()]
-        rec = recommendation(comparison)
-        if rec:
-            lines += ["", f"**Recommendation:** {rec}"]
-    if figures:
-        lines += ["", "## Figures", ""]
-        for f in figures:
-            rel = os.path.relpath(f, report_file.parent)
-            lines.append(f"![{f.stem}]({rel})")
-    return "\n".join(lines) + "\n"
-
-
-def _compare_md(comparison: Comparison) -> str:
-    from moectl.report import compare_markdown
-
-    return compare_markdown(comparison)
-
-
-# --------------------------------------------------------------------------------------- running
 
 
 @dataclass
@@ -320,8 +111,6 @@ def _leg_notes(leg: SweepLeg, sweep: SweepRecord) -> str:
 
 def dry_run(cfg: Config, legs: list[SweepLeg], name: str, opts: SweepOptions) -> list[dict[str, Any]]:
     """Each leg's exact command (as `moectl run --dry-run` would plan it); writes nothing."""
-    from moectl.probes import read_nvml
-
     nvml = read_nvml(cfg.gpu.devices)
     now = datetime.now()
     sweep_dir = cfg.artifact_root / store.run_id(cfg.project.name, name, now)
@@ -419,9 +208,6 @@ def _check_baseline(opts: SweepOptions, legs: list[SweepLeg]) -> None:
 
 def _run(cfg: Config, sweep: SweepRecord, opts: SweepOptions, ui: SweepUI, *, carried: dict[str, RunRecord],
          chain: list[str]) -> SweepOutcome:
-    from moectl.guards import WAITABLE, check_request
-    from moectl.runner import execute_run, fallback_request
-
     todo = [leg for leg in sweep.legs if not settled(leg, sweep.legs)]
     # Refuse before writing anything when the first leg could not start (SPEC §5); later legs are
     # re-checked by the runner and a refusal there stops the sweep with sweep.json true.
@@ -453,16 +239,12 @@ def _run(cfg: Config, sweep: SweepRecord, opts: SweepOptions, ui: SweepUI, *, ca
         out.comparison = completed_comparison(sweep, runs, cfg.metrics.window, opts.baseline,
                                               cfg.metrics.warmup_steps)
         out.report.parent.mkdir(parents=True, exist_ok=True)
-        from moectl.records import write_text_atomic
-
         write_text_atomic(out.report, sweep_report(sweep, runs, cfg.metrics.window, heading=heading,
                                                    comparison=out.comparison, chain=chain, figures=list(figures),
                                                    notes=notes, report_file=out.report))
         paths = [out.report]
         if cfg.report.summary:
             try:
-                from moectl.summary import write_summary
-
                 paths.append(write_summary(cfg))
             except MoectlError as exc:  # the summary is a convenience: never cost the sweep
                 out.messages.append(f"EXPERIMENTS.md not refreshed: {exc.message}")
@@ -516,8 +298,6 @@ def _run(cfg: Config, sweep: SweepRecord, opts: SweepOptions, ui: SweepUI, *, ca
                     out.commits.append(outcome.commit)
                 if outcome.commit_error:
                     out.messages.append(f"leg {leg.tag}: report not committed: {outcome.commit_error}")
-                from moectl.tracking import warning_lines
-
                 out.messages.extend(f"leg {leg.tag}: {line}" for line in warning_lines(outcome.record.id, outcome.tracking))
                 ui.say(f"leg {leg.tag}: {leg.state}" + (f" (exit {outcome.record.exit_code})" if leg.state != "completed" else ""))
                 if outcome.exit_code == EXIT_INTERRUPTED:
