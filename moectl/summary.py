@@ -20,9 +20,8 @@ from moectl import gitops, store
 from moectl.config import Config
 from moectl.records import RunRecord, SweepRecord, write_text_atomic
 from moectl.report import COLUMNS, fmt, marked_footnote, summary_cell
-from moectl.sweep import (
-    completed_comparison, leg_status, legs_table, list_sweeps, recommendation, settled, sweep_chain,
-)
+from moectl.sweep.report import completed_comparison, legs_table, recommendation
+from moectl.sweep.store import leg_status, list_sweeps, settled, sweep_chain
 
 SUMMARY_NAME = "EXPERIMENTS.md"
 TIMESTAMP_PREFIX = "- Generated at: "

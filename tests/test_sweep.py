@@ -20,7 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from moectl.cli import app
-from moectl.sweep import grid_tag, parse_spec
+from moectl.sweep.spec import grid_tag, parse_spec
 from moectl.errors import UsageError
 from tests.conftest import git, stop_process, wait_for
 

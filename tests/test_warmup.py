@@ -18,7 +18,7 @@ from moectl.config import load_config
 from moectl.metrics import MetricsFile, RunMetrics, compare, read_metrics, tail_stderr, tail_summary
 from moectl.records import RunRecord, SweepLeg, SweepRecord, save_model
 from moectl.summary import render_summary
-from moectl.sweep import fastest, recommendation
+from moectl.sweep.report import fastest, recommendation
 from tests.conftest import git
 
 COMPILE_MS = 15_000.0

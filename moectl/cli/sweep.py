@@ -51,7 +51,8 @@ def sweep(
     from moectl.config import load_config
     from moectl.plan import make_request
     from moectl.progress import make_progress, stdout_is_tty
-    from moectl.sweep import SweepOptions, SweepUI, dry_run as plan_legs, load_spec, plan_resume, resume_sweep, run_sweep
+    from moectl.sweep.run import SweepOptions, SweepUI, dry_run as plan_legs, plan_resume, resume_sweep, run_sweep
+    from moectl.sweep.spec import load_spec
 
     if (spec is None) == (resume is None):
         raise UsageError("give a sweep spec (SPEC.toml) or --resume SWEEP, not both" if spec else
@@ -100,7 +101,7 @@ def sweep(
         if outcome.report:
             out(f"sweep report: {outcome.report}")
         if outcome.comparison is not None:
-            from moectl.sweep import recommendation
+            from moectl.sweep.report import recommendation
 
             rec = recommendation(outcome.comparison)
             if rec:

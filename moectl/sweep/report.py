@@ -1,0 +1,129 @@
+"""What a sweep measured, as text: the legs table, the comparison of completed legs, the
+recommendation, and the sweep report's markdown (also read by EXPERIMENTS.md, `moectl.summary`).
+
+    comparison = completed_comparison(sweep, runs, cfg.metrics.window, "static_cap0p0")
+    recommendation(comparison)     # one sentence naming the fastest leg by its clean tail tok/sec
+
+Pure functions of the sweep record, the run records and their metrics.jsonl; nothing is written.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from moectl.metrics import MARK, Comparison, RunMetrics, compare, read_metrics
+from moectl.records import RunRecord, SweepLeg, SweepRecord
+from moectl.report import COLUMNS, compare_markdown, marked_footnote, summary_cell
+from moectl.sweep.store import leg_status
+
+LEG_METRICS = ("tok_per_sec", "dt_ms", "mfu", "peak_mem_mib", "total_time_min", "final_loss")
+
+
+def legs_table(legs: list[SweepLeg], runs: dict[str, RunRecord], window: int) -> list[str]:
+    """Markdown rows of every leg: state, run id, and the tail-window metrics of its run record
+    (warm-up-only figures marked, with the footnote under the table)."""
+    head = ["leg", "state", "run"] + [f"tail{window} {COLUMNS[m][0]}" if m in ("tok_per_sec", "dt_ms", "mfu")
+                                      else COLUMNS[m][0] for m in LEG_METRICS]
+    lines = ["| " + " | ".join(head) + " |", "| --- | --- | --- |" + " ---: |" * len(LEG_METRICS)]
+    summaries = []
+    for leg in legs:
+        rec = runs.get(leg.run_id) if leg.run_id else None
+        s = rec.summary if rec is not None else None
+        summaries.append(s)
+        vals = [summary_cell(s, m, COLUMNS[m][1]) for m in LEG_METRICS]
+        name = leg.tag + (f" (fallback of {leg.fallback_of})" if leg.fallback_of else "")
+        lines.append("| " + " | ".join([name, leg_status(leg, runs), f"`{leg.run_id}`" if leg.run_id else "—", *vals]) + " |")
+    return lines + marked_footnote(summaries)
+
+
+def fastest(comparison: Comparison) -> Optional[tuple[str, float, Optional[float]]]:
+    """(tag, tail tok/sec, delta % vs baseline) of the fastest run in a comparison, among the runs
+    with a clean figure (a warm-up-only one is never the answer). The delta is None when the
+    baseline's own figure is warm-up only."""
+    rows = [r for r in comparison.runs
+            if r.metrics["tok_per_sec"].value is not None and not r.metrics["tok_per_sec"].marked]
+    if not rows:
+        return None
+    best = max(rows, key=lambda r: r.metrics["tok_per_sec"].value)
+    mv = best.metrics["tok_per_sec"]
+    base = next(r for r in comparison.runs if r.id == comparison.baseline)
+    return best.tag or best.id, mv.value, (mv.delta_pct if base.clean else None)
+
+
+def recommendation(comparison: Optional[Comparison]) -> Optional[str]:
+    """One sentence naming the fastest leg by its clean tail tok/sec; legs whose figures are
+    warm-up only are named as left out, and when no leg has a clean figure it says what to do."""
+    if comparison is None:
+        return None
+    warm = [r.tag or r.id for r in comparison.runs if r.metrics["tok_per_sec"].marked]
+    best = fastest(comparison)
+    if best is None:
+        if not warm:
+            return None
+        return (f"none: no leg has a clean figure — every completed leg ran only warm-up steps (its first "
+                f"{comparison.warmup_steps}, compile included), so its tail means measure start-up, not "
+                f"training. Run more steps a leg (`steps` > {comparison.warmup_steps}, ideally "
+                f"{comparison.warmup_steps} + `window`) and sweep again.")
+    tag, tps, delta = best
+    left_out = (f" Left out (warm-up only, {MARK}): {', '.join(f'`{t}`' for t in warm)}." if warm else "")
+    base = next(r for r in comparison.runs if r.id == comparison.baseline)
+    n_clean = len(comparison.runs) - len(warm)
+    if len(comparison.runs) == 1:
+        return f"only `{tag}` completed ({tps:.2f} tok/s tail mean): nothing to choose between yet."
+    if n_clean == 1:
+        return f"only `{tag}` has a clean figure ({tps:.2f} tok/s tail mean): nothing to choose between yet.{left_out}"
+    clean = " clean" if warm else ""
+    if base.tag == tag or base.id == tag:
+        return f"the baseline `{tag}` is the fastest{clean} leg ({tps:.2f} tok/s tail mean): keep it.{left_out}"
+    versus = (f"({delta:+.2f}% vs `{base.tag or base.id}`)" if delta is not None
+              else f"(no delta: the baseline `{base.tag or base.id}` has only a warm-up figure)")
+    return f"`{tag}` is the fastest{clean} leg — {tps:.2f} tok/s tail mean {versus}.{left_out}"
+
+
+def completed_comparison(sweep: SweepRecord, runs: dict[str, RunRecord], window: int,
+                         baseline_tag: Optional[str] = None, warmup_steps: int = 0) -> Optional[Comparison]:
+    """The compare table of every completed leg (baseline: `baseline_tag` when it completed, else the
+    first completed leg)."""
+    done = [(leg, runs[leg.run_id]) for leg in sweep.legs
+            if leg_status(leg, runs) == "completed" and leg.run_id in runs]
+    if not done:
+        return None
+    items = [RunMetrics(id=rec.id, tag=leg.tag, metrics=read_metrics(Path(rec.exp_dir) / "metrics.jsonl"),
+                        options=rec.options, fallback=rec.summary) for leg, rec in done]
+    base = next((i for i, (leg, _) in enumerate(done) if leg.tag == baseline_tag), 0)
+    return compare(items, baseline_index=base, window=window, warmup_steps=warmup_steps)
+
+
+def sweep_report(sweep: SweepRecord, runs: dict[str, RunRecord], window: int, *, heading: str,
+                 comparison: Optional[Comparison], chain: list[str], figures: list[Path], notes: list[str],
+                 report_file: Path) -> str:
+    exp = Path(sweep.exp_dir)
+    n_done = sum(1 for leg in sweep.legs if leg_status(leg, runs) == "completed")
+    lines = [f"# Sweep {sweep.name} — {heading}", ""]
+    lines.append(f"- sweep: `{sweep.id}` ({n_done}/{len(sweep.legs)} legs completed)")
+    lines.append(f"- directory: [`{exp}`]({exp.as_uri()})")
+    if sweep.resumed_from:
+        lines.append(f"- resumed from: `{sweep.resumed_from}` (chain: {' → '.join(f'`{c}`' for c in chain)})")
+    common = sweep.spec.get("common") or {}
+    if common:
+        lines.append("- common options: " + ", ".join(f"`{k}={v}`" for k, v in common.items()))
+    if sweep.spec.get("notes"):
+        lines += ["", "## Notes", "", str(sweep.spec["notes"])]
+    lines += ["", "## Legs", ""] + legs_table(sweep.legs, runs, window)
+    for leg in sweep.legs:
+        if leg.fallback_of:
+            lines.append(f"\n- `{leg.tag}` re-runs `{leg.fallback_of}` with `--compile none`: torch.compile "
+                         "failed in the engine (exit 3) and `launch.compile_fallback` is on.")
+    lines += [f"\n- {n}" for n in notes]
+    if comparison is not None:
+        lines += ["", "## Comparison of completed legs", "", compare_markdown(comparison).rstrip()]
+        rec = recommendation(comparison)
+        if rec:
+            lines += ["", f"**Recommendation:** {rec}"]
+    if figures:
+        lines += ["", "## Figures", ""]
+        for f in figures:
+            rel = os.path.relpath(f, report_file.parent)
+            lines.append(f"![{f.stem}]({rel})")
+    return "\n".join(lines) + "\n"

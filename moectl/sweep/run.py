@@ -1,0 +1,393 @@
+"""`moectl sweep` as a library: a spec of legs -> one sweep directory -> every leg through `execute_run`.
+
+    spec = load_spec(Path("capacity.toml"))                # moectl.sweep.spec: validated whole
+    outcome = run_sweep(cfg, spec, SweepOptions())         # or resume_sweep(cfg, "2026..._moe-capacity", ...)
+    outcome.exit_code   # 0 all legs completed, 3 refused, 4 some leg failed, 130 interrupted
+
+    <artifact_root>/<ts>_<project>-<name>/sweep.json        legs, their order, state and run id
+    <artifact_root>/<ts>_<project>-<name>/<ts>_<project>-<tag>/   one run directory per leg
+
+Legs run one at a time through the runner (same guards, lock, records, report, commit as
+`moectl run`: there is no second launch path). sweep.json is rewritten atomically at every change,
+so whatever stops the sweep - a failed leg, Ctrl-C, SIGTERM, SIGKILL, a reboot - it stays true:
+finished legs `completed`, the stopped one `interrupted` (after a SIGKILL, `running` until the next
+moectl that reads the store settles the leg and its run as `interrupted`: store.settle_stale;
+`moectl.sweep.store.leg_status` shows it `stale` meanwhile), the rest `pending`.
+
+A resume never writes into the old directory: it makes `<ts>_<project>-<name>-resume/` whose
+sweep.json lists every leg (completed ones carried over with their original run ids) and links
+back through `resumed_from`; only the legs that did not complete run again.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from moectl import gitops, store
+from moectl.config import Config
+from moectl.errors import (
+    EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRAINING, GuardRefused, MoectlError, UsageError,
+)
+from moectl.guards import WAITABLE, check_request
+from moectl.metrics import Comparison
+from moectl.plan import RunRequest, command_text, make_request, plan_run
+from moectl.probes import read_nvml
+from moectl.progress import NullProgress, ProgressSink
+from moectl.records import RunRecord, SweepLeg, SweepRecord, write_text_atomic
+from moectl.report import report_path
+from moectl.runner import execute_run, fallback_request
+from moectl.summary import write_summary
+from moectl.sweep.report import completed_comparison, fastest, recommendation, sweep_report
+from moectl.sweep.spec import SweepSpec, request_kwargs
+from moectl.sweep.store import (
+    leg_status, list_sweeps, resolve_sweep, runs_by_id, save_sweep, settled, sweep_chain,
+)
+from moectl.tracking import warning_lines
+
+FALLBACK_SUFFIX = "_fallback_none"
+FIGURE_METRICS = ("loss", "tok_per_sec", "mfu", "dt_ms")
+
+
+@dataclass
+class SweepOptions:
+    fail_fast: bool = False
+    baseline: Optional[str] = None  # a leg tag
+    wait_gpus: Optional[str] = None
+    overrides: list[str] = field(default_factory=list)
+    no_commit: bool = False
+
+
+@dataclass
+class SweepOutcome:
+    exit_code: int
+    sweep: Optional[SweepRecord]  # None when nothing was written (refused up front, nothing to run)
+    comparison: Optional[Comparison] = None
+    report: Optional[Path] = None
+    commits: list[str] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)  # commit errors, figure notes, refusals
+    refused: list[str] = field(default_factory=list)  # guard refusals (`name: message`)
+    nothing_to_run: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "exit_code": self.exit_code,
+            "sweep": self.sweep.model_dump(mode="json") if self.sweep else None,
+            "comparison": self.comparison.to_json() if self.comparison else None,
+            "recommendation": recommendation(self.comparison),
+            "report": str(self.report) if self.report else None,
+            "commits": self.commits,
+            "messages": self.messages,
+            "refused": self.refused,
+            "nothing_to_run": self.nothing_to_run,
+        }
+
+
+@dataclass
+class SweepUI:
+    """What the CLI wants to hear about: lines of text, a progress sink per leg, guard waits."""
+
+    say: Callable[[str], None] = lambda text: None
+    progress: Callable[[], ProgressSink] = NullProgress
+    on_wait: Optional[Callable[[list, float], None]] = None
+
+
+def leg_request(leg: SweepLeg, opts: SweepOptions, parent_dir: Optional[Path], notes: Optional[str] = None) -> RunRequest:
+    return make_request(tag=leg.tag, parent_dir=str(parent_dir) if parent_dir else None, wait_gpus=opts.wait_gpus,
+                        overrides=list(opts.overrides), no_commit=opts.no_commit, notes=notes,
+                        **request_kwargs(leg.options))
+
+
+def _leg_notes(leg: SweepLeg, sweep: SweepRecord) -> str:
+    text = f"leg `{leg.tag}` of sweep `{sweep.id}`"
+    if leg.fallback_of:
+        text += f"; compile fallback of leg `{leg.fallback_of}` (engine exit 3: torch.compile failed)"
+    notes = sweep.spec.get("notes")
+    return f"{notes}\n\n{text}" if notes else text
+
+
+def dry_run(cfg: Config, legs: list[SweepLeg], name: str, opts: SweepOptions) -> list[dict[str, Any]]:
+    """Each leg's exact command (as `moectl run --dry-run` would plan it); writes nothing."""
+    nvml = read_nvml(cfg.gpu.devices)
+    now = datetime.now()
+    sweep_dir = cfg.artifact_root / store.run_id(cfg.project.name, name, now)
+    out = []
+    for leg in legs:
+        plan = plan_run(cfg, leg_request(leg, opts, sweep_dir), now, len(nvml.gpus) if nvml.gpus is not None else None)
+        out.append({"tag": leg.tag, "options": leg.options, "state": leg.state, "run_id": plan.run_id,
+                    "command": command_text(plan)})
+    return out
+
+
+def _create_sweep_dir(cfg: Config, name: str) -> Path:
+    base = store.run_id(cfg.project.name, name)
+    path, n = cfg.artifact_root / base, 1
+    while path.exists():  # two sweeps in one second: a new name, never a reused directory
+        n += 1
+        path = cfg.artifact_root / f"{base}-{n}"
+    return store.create_run_dir(path)
+
+
+class _Terminate:
+    """SIGTERM outside a leg behaves like Ctrl-C (during a leg the launcher owns both signals)."""
+
+    def __enter__(self):
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def run_sweep(cfg: Config, spec: SweepSpec, opts: SweepOptions, ui: Optional[SweepUI] = None) -> SweepOutcome:
+    """Run every leg of a new sweep."""
+    _check_baseline(opts, spec.legs)
+    sweep = SweepRecord(id="", name=spec.name, spec=spec.raw, legs=[leg.model_copy() for leg in spec.legs],
+                        created_at="", exp_dir="")
+    return _run(cfg, sweep, opts, ui or SweepUI(), carried={}, chain=[])
+
+
+def plan_resume(cfg: Config, ref: str) -> tuple[SweepRecord, list[SweepLeg], dict[str, RunRecord]]:
+    """The sweep to resume (the newest resume of `ref`'s chain), the legs of the new resume
+    (completed ones carried, the rest pending), and the run records of the carried legs.
+    GuardRefused when that sweep is still running."""
+    old = resolve_sweep(cfg.artifact_root, ref)
+    # Already resumed? Continue from the newest resume in its chain: it knows every completed leg.
+    later = {s.resumed_from: s for s in list_sweeps(cfg.artifact_root) if s.resumed_from}  # oldest first
+    seen = {old.id}
+    while old.id in later and later[old.id].id not in seen:
+        old = later[old.id]
+        seen.add(old.id)
+    runs = runs_by_id(cfg.artifact_root)
+    view = [leg.model_copy(update={"state": leg_status(leg, runs)}) for leg in old.legs]
+    for leg in view:
+        if leg.state == "running":
+            rec = runs[leg.run_id]
+            raise GuardRefused(f"sweep {old.id} is still running: leg {leg.tag} (run {rec.id}, pid {rec.pid}); "
+                               "wait for it or stop it before resuming")
+    legs: list[SweepLeg] = []
+    carried: dict[str, RunRecord] = {}
+    for leg in view:
+        if settled(leg, view) and leg.run_id in runs:
+            carried[leg.run_id] = runs[leg.run_id]
+            legs.append(leg)
+        else:  # not completed (failed, interrupted, stale, pending, or its run directory is gone)
+            legs.append(leg.model_copy(update={"state": "pending", "run_id": None}))
+    return old, legs, carried
+
+
+def resume_sweep(cfg: Config, ref: str, opts: SweepOptions, ui: Optional[SweepUI] = None) -> SweepOutcome:
+    """Run the legs of sweep `ref` that did not complete, in a fresh `<name>-resume` directory."""
+    ui = ui or SweepUI()
+    old, legs, carried = plan_resume(cfg, ref)
+    _check_baseline(opts, legs)
+    if all(settled(leg, legs) for leg in legs):
+        ui.say(f"nothing left to run: every leg of {old.id} completed")
+        return SweepOutcome(exit_code=EXIT_OK, sweep=old, nothing_to_run=True)
+    ui.say(f"resuming {old.id}: " + ", ".join(f"{leg.tag} {leg.state}" for leg in legs))
+    by_id = {s.id: s for s in list_sweeps(cfg.artifact_root)}
+    chain = [s.id for s in sweep_chain(old, by_id)]
+    sweep = SweepRecord(id="", name=old.name, spec=old.spec, legs=legs, resumed_from=old.id, created_at="", exp_dir="")
+    return _run(cfg, sweep, opts, ui, carried=carried, chain=chain)
+
+
+def _check_baseline(opts: SweepOptions, legs: list[SweepLeg]) -> None:
+    if opts.baseline is not None and opts.baseline not in {leg.tag for leg in legs}:
+        raise UsageError(f"--baseline {opts.baseline!r} is not a leg of this sweep (legs: {', '.join(l.tag for l in legs)})")
+
+
+def _run(cfg: Config, sweep: SweepRecord, opts: SweepOptions, ui: SweepUI, *, carried: dict[str, RunRecord],
+         chain: list[str]) -> SweepOutcome:
+    todo = [leg for leg in sweep.legs if not settled(leg, sweep.legs)]
+    # Refuse before writing anything when the first leg could not start (SPEC §5); later legs are
+    # re-checked by the runner and a refusal there stops the sweep with sweep.json true.
+    _, _, results = check_request(cfg, leg_request(todo[0], opts, cfg.artifact_root / "_preflight"))
+    failing = [r for r in results if not (r.ok or r.overridden)]
+    if failing and (opts.wait_gpus is None or any(r.name not in WAITABLE for r in failing)):
+        lines = [f"{r.name}: {r.message}" for r in failing]
+        ui.say("a guard refused the sweep; nothing was written")
+        return SweepOutcome(exit_code=EXIT_GUARD, sweep=None, refused=lines, messages=lines)
+
+    sweep_dir = _create_sweep_dir(cfg, sweep.name + ("-resume" if sweep.resumed_from else ""))
+    sweep.id, sweep.exp_dir, sweep.created_at = sweep_dir.name, str(sweep_dir), store.now_iso()
+    save_sweep(sweep)
+    chain = [*chain, sweep.id]
+    runs: dict[str, RunRecord] = dict(carried)
+    out = SweepOutcome(exit_code=EXIT_OK, sweep=sweep)
+    out.report = report_path(cfg.report_dir, f"sweep_{sweep.name}" + ("_resume" if sweep.resumed_from else ""))
+    ui.say(f"sweep {sweep.id} -> {sweep_dir} ({len(todo)} of {len(sweep.legs)} legs to run)")
+    notes: list[str] = []
+    commit = not opts.no_commit
+
+    def baseline_record() -> Optional[RunRecord]:
+        done = [leg for leg in sweep.legs if leg.state == "completed" and leg.run_id in runs]
+        pick = next((leg for leg in done if leg.tag == opts.baseline), done[0] if done else None)
+        return runs[pick.run_id] if pick else None
+
+    def write_report(heading: str, figures: list[Path] = ()) -> list[Path]:
+        """The sweep report (+ EXPERIMENTS.md): the paths to commit with it."""
+        out.comparison = completed_comparison(sweep, runs, cfg.metrics.window, opts.baseline,
+                                              cfg.metrics.warmup_steps)
+        out.report.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out.report, sweep_report(sweep, runs, cfg.metrics.window, heading=heading,
+                                                   comparison=out.comparison, chain=chain, figures=list(figures),
+                                                   notes=notes, report_file=out.report))
+        paths = [out.report]
+        if cfg.report.summary:
+            try:
+                paths.append(write_summary(cfg))
+            except MoectlError as exc:  # the summary is a convenience: never cost the sweep
+                out.messages.append(f"EXPERIMENTS.md not refreshed: {exc.message}")
+        return paths
+
+    def progress_heading() -> str:
+        n = sum(1 for leg in sweep.legs if leg.state == "completed")
+        return f"{n}/{len(sweep.legs)} legs completed"
+
+    exit_code = EXIT_OK
+    i = 0
+    with _Terminate():
+        try:
+            while i < len(sweep.legs):
+                leg = sweep.legs[i]
+                i += 1
+                if settled(leg, sweep.legs):
+                    continue
+                request = leg_request(leg, opts, sweep_dir, _leg_notes(leg, sweep))
+                ui.say(f"leg {i}/{len(sweep.legs)} {leg.tag}: starting")
+
+                def on_start(record: RunRecord, leg=leg) -> None:
+                    leg.state, leg.run_id = "running", record.id
+                    save_sweep(sweep)
+                    ui.say(f"leg {leg.tag}: run {record.id}")
+
+                def after_leg(record: RunRecord, leg=leg) -> list[Path]:
+                    leg.state = record.status if record.status in ("completed", "failed", "interrupted") else "failed"
+                    leg.run_id = record.id
+                    runs[record.id] = record
+                    save_sweep(sweep)
+                    return write_report(progress_heading())
+
+                progress = ui.progress()
+                try:
+                    outcome = execute_run(cfg, request, progress=progress, baseline=baseline_record(),
+                                          sweep_id=sweep.id, commit=commit, extra_commit_paths=after_leg,
+                                          on_wait=ui.on_wait, on_start=on_start)
+                except GuardRefused as exc:  # e.g. the lock was taken between the guards and the launch
+                    out.refused = [exc.message]
+                    exit_code = EXIT_GUARD
+                    break
+                finally:
+                    progress.close()
+                if outcome.record is None:
+                    out.refused = [f"{r.name}: {r.message}" for r in outcome.guards if not (r.ok or r.overridden)]
+                    ui.say(f"leg {leg.tag}: a guard refused it; stopping the sweep here")
+                    exit_code = EXIT_GUARD
+                    break
+                if outcome.commit:
+                    out.commits.append(outcome.commit)
+                if outcome.commit_error:
+                    out.messages.append(f"leg {leg.tag}: report not committed: {outcome.commit_error}")
+                out.messages.extend(f"leg {leg.tag}: {line}" for line in warning_lines(outcome.record.id, outcome.tracking))
+                ui.say(f"leg {leg.tag}: {leg.state}" + (f" (exit {outcome.record.exit_code})" if leg.state != "completed" else ""))
+                if outcome.exit_code == EXIT_INTERRUPTED:
+                    exit_code = EXIT_INTERRUPTED
+                    break
+                if leg.state == "failed":
+                    if fallback_request(cfg, request, outcome) is not None:
+                        tag = f"{leg.tag}{FALLBACK_SUFFIX}"
+                        if not any(x.tag == tag for x in sweep.legs):
+                            sweep.legs.insert(i, SweepLeg(tag=tag, options={**leg.options, "compile": "none"},
+                                                          fallback_of=leg.tag))
+                            save_sweep(sweep)
+                        ui.say(f"leg {leg.tag}: torch.compile failed; re-running as leg {tag} with --compile none")
+                    elif opts.fail_fast:
+                        exit_code = EXIT_TRAINING
+                        notes.append(f"--fail-fast: stopped after leg `{leg.tag}` failed")
+                        break
+        except KeyboardInterrupt:
+            exit_code = EXIT_INTERRUPTED
+            _settle_interrupted(sweep, runs)
+
+    if exit_code == EXIT_INTERRUPTED:
+        heading = "interrupted"
+    elif exit_code == EXIT_GUARD:
+        heading = "stopped: a guard refused a leg"
+        notes.extend(f"refused: {line}" for line in out.refused)
+    elif exit_code == EXIT_TRAINING:
+        heading = "stopped (--fail-fast)"
+    else:
+        heading = "completed" if all(leg.state == "completed" for leg in sweep.legs) else "finished with failures"
+        if not all(settled(leg, sweep.legs) for leg in sweep.legs):
+            exit_code = EXIT_TRAINING
+        sweep.finished_at = store.now_iso()
+        save_sweep(sweep)
+    figures = _figures(cfg, sweep, runs, out) if exit_code in (EXIT_OK, EXIT_TRAINING) and heading != "stopped (--fail-fast)" else []
+    paths = write_report(heading, figures)
+    if commit:
+        try:
+            sha = gitops.commit_paths(cfg.root, [*paths, *figures], _final_message(sweep, out.comparison, heading),
+                                      branch=cfg.project.branch)
+            if sha:
+                out.commits.append(sha)
+        except MoectlError as exc:
+            out.messages.append(f"sweep report not committed: {exc.message}")
+    out.exit_code = exit_code
+    return out
+
+
+def _settle_interrupted(sweep: SweepRecord, runs: dict[str, RunRecord]) -> None:
+    """After Ctrl-C outside the launcher: the running leg's state from its run record."""
+    for leg in sweep.legs:
+        if leg.state != "running" or not leg.run_id:
+            continue
+        try:
+            rec = store.load_run(Path(sweep.exp_dir) / leg.run_id)
+            runs[rec.id] = rec
+            leg.state = rec.status if rec.status in ("completed", "failed") else "interrupted"
+        except MoectlError:
+            leg.state = "interrupted"
+    save_sweep(sweep)
+
+
+def _figures(cfg: Config, sweep: SweepRecord, runs: dict[str, RunRecord], out: SweepOutcome) -> list[Path]:
+    """One figure per metric of every completed leg, next to the report (figures/<report>_<metric>.png)."""
+    done = [runs[leg.run_id] for leg in sweep.legs if leg.state == "completed" and leg.run_id in runs]
+    if not done:
+        return []
+    try:
+        from moectl.plot import plot_runs
+    except ImportError as exc:
+        out.messages.append(f"figures skipped: {exc}")
+        return []
+    paths = []
+    for metric in FIGURE_METRICS:
+        target = out.report.parent / "figures" / f"{out.report.stem}_{metric}.png"
+        try:
+            paths.append(plot_runs(done, metric, target, title=f"sweep {sweep.name}: {metric}",
+                                   warn=lambda line: out.messages.append(line),
+                                   warmup_steps=cfg.metrics.warmup_steps))
+        except UsageError as exc:  # matplotlib missing, or no values of this metric
+            out.messages.append(f"figure {metric} skipped: {exc.message}")
+    return paths
+
+
+def _final_message(sweep: SweepRecord, comparison: Optional[Comparison], heading: str) -> str:
+    n = sum(1 for leg in sweep.legs if leg.state == "completed")
+    msg = f"report: sweep {sweep.name} — {heading}, {n}/{len(sweep.legs)} legs"
+    best = fastest(comparison) if comparison is not None and len(comparison.runs) > 1 else None
+    if best is not None:
+        tag, tps, delta = best
+        base = next(r for r in comparison.runs if r.id == comparison.baseline)
+        msg += f"; fastest {tag} {tps:.0f} tok/s" + (f" ({delta:+.2f}% vs {base.tag})" if base.tag != tag and delta is not None else "")
+    return msg

@@ -1,0 +1,108 @@
+"""Sweeps on disk: sweep.json read and written atomically, found by id/name/prefix, resume chains
+followed, and each leg's state checked against its run record.
+
+    sweep = resolve_sweep(cfg.artifact_root, "capacity")   # its most recent sweep of that name
+    runs = runs_by_id(cfg.artifact_root)
+    [leg_status(leg, runs) for leg in sweep.legs]          # `running` checked: `stale` if its owner died
+
+Pure reads apart from `save_sweep`; nothing here runs a leg.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from moectl import store
+from moectl.errors import UsageError
+from moectl.records import SWEEP_RECORD, RunRecord, SweepLeg, SweepRecord, save_model
+
+
+def load_sweep(sweep_dir: Path) -> SweepRecord:
+    sweep_dir = Path(sweep_dir)
+    path = sweep_dir / SWEEP_RECORD
+    try:
+        rec = SweepRecord.model_validate_json(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"no {SWEEP_RECORD} in {sweep_dir}") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"corrupt {path}: {str(exc).splitlines()[0]}") from None
+    rec.exp_dir = str(sweep_dir.resolve())  # the directory is the truth (it may have moved)
+    return rec
+
+
+def save_sweep(sweep: SweepRecord) -> None:
+    save_model(Path(sweep.exp_dir) / SWEEP_RECORD, sweep)
+
+
+def list_sweeps(root: Path) -> list[SweepRecord]:
+    """Every readable sweep under `root`, oldest first (unreadable ones are skipped)."""
+    out = []
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        if entry.is_dir() and not entry.name.startswith(".") and (Path(entry.path) / SWEEP_RECORD).is_file():
+            try:
+                out.append(load_sweep(Path(entry.path)))
+            except UsageError:
+                continue
+    return out
+
+
+def resolve_sweep(root: Path, ref: str) -> SweepRecord:
+    """A SWEEP argument: a sweep directory path, an id, a name (its most recent sweep), or a unique
+    prefix of an id."""
+    as_path = Path(ref).expanduser()
+    if (as_path / SWEEP_RECORD).is_file():
+        return load_sweep(as_path)
+    if os.sep in ref:
+        raise UsageError(f"not a sweep directory (no {SWEEP_RECORD}): {ref}")
+    sweeps = list_sweeps(root)
+    for s in sweeps:
+        if s.id == ref:
+            return s
+    named = [s for s in sweeps if s.name == ref]
+    if named:
+        return named[-1]
+    hits = [s for s in sweeps if s.id.startswith(ref)]
+    if not hits:
+        raise UsageError(f"no sweep matches {ref!r} under {root}")
+    if len(hits) > 1:
+        raise UsageError(f"ambiguous sweep reference {ref!r}: {len(hits)} sweeps match", lines=[s.id for s in hits])
+    return hits[0]
+
+
+def runs_by_id(root: Path) -> dict[str, store.StoredRun]:
+    return {r.id: r for r in store.list_runs(root)}
+
+
+def leg_status(leg: SweepLeg, runs: dict[str, RunRecord]) -> str:
+    """The state to show for a leg: sweep.json's, except that a `running` leg is checked against its
+    run record - `stale` when the record is missing or its owner died (SIGKILL, reboot), or the
+    record's final status when moectl died between finishing the run and updating sweep.json."""
+    if leg.state != "running":
+        return leg.state
+    rec = runs.get(leg.run_id) if leg.run_id else None
+    if rec is None or getattr(rec, "stale", False):
+        return "stale"
+    if rec.status in ("completed", "failed", "interrupted"):
+        return rec.status
+    return "running"
+
+
+def settled(leg: SweepLeg, legs: list[SweepLeg]) -> bool:
+    """Completed, or failed to compile with a completed `--compile none` fallback leg standing in."""
+    if leg.state == "completed":
+        return True
+    fb = next((x for x in legs if x.fallback_of == leg.tag), None)
+    return leg.state == "failed" and fb is not None and fb.state == "completed"
+
+
+def sweep_chain(sweep: SweepRecord, by_id: dict[str, SweepRecord]) -> list[SweepRecord]:
+    """The sweep and the ones it resumed, oldest first (a missing link ends the chain)."""
+    chain, seen = [sweep], {sweep.id}
+    while chain[0].resumed_from and chain[0].resumed_from in by_id and chain[0].resumed_from not in seen:
+        chain.insert(0, by_id[chain[0].resumed_from])
+        seen.add(chain[0].id)
+    return chain
