@@ -6,7 +6,9 @@ script's message; it never skips them."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,27 +26,47 @@ pytestmark = [
 ]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# This test session's own cluster: its own state directory and ports, so two suites on one machine
+# (two checkouts, a CI clone beside a developer's run) never meet on 6817-6819 or in one .slurm/.
+_OWN: dict[str, str] = {}
+
+
 def _script(*args: str, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **_OWN})
 
 
 @pytest.fixture(scope="session")
 def slurm_env():
-    """The environment of a shell that ran `eval "$(local_slurm.sh start)"`. A cluster that was
-    already up before the session is left running; one this fixture started is stopped after it."""
-    was_up = _script("status", timeout=60).returncode == 0
-    # Generous: the first start on a fresh machine includes apt-get install.
-    started = _script("start", timeout=280)
-    assert started.returncode == 0, f"local_slurm.sh start failed:\n{started.stderr}"
-    env = dict(os.environ)
-    for line in started.stdout.splitlines():
-        assert line.startswith("export ") and "=" in line, f"start printed a line that is not an export: {line!r}"
-        name, value = line[len("export "):].split("=", 1)
-        env[name] = value
-    assert Path(env["SLURM_CONF"]).is_file()
-    yield env
-    if not was_up:
-        stopped = _script("stop", timeout=120)
+    """The environment of a shell that ran `eval "$(local_slurm.sh start)"`, for a cluster of this
+    session's own (a short temp dir: munge's socket path must stay under 100 bytes), stopped and
+    removed after it."""
+    ports: set[int] = set()
+    while len(ports) < 3:
+        ports.add(_free_port())
+    state = tempfile.mkdtemp(prefix="moectl-slurm-")
+    _OWN.update(MOECTL_SLURM_DIR=state, **{f"MOECTL_SLURM_{name}_PORT": str(port)
+                                           for name, port in zip(("CTLD", "N1", "N2"), sorted(ports))})
+    try:
+        # Generous: the first start on a fresh machine includes apt-get install.
+        started = _script("start", timeout=280)
+        assert started.returncode == 0, f"local_slurm.sh start failed:\n{started.stderr}"
+        env = {**os.environ, **_OWN}
+        for line in started.stdout.splitlines():
+            assert line.startswith("export ") and "=" in line, f"start printed a line that is not an export: {line!r}"
+            name, value = line[len("export "):].split("=", 1)
+            env[name] = value
+        assert Path(env["SLURM_CONF"]).is_file() and env["MOECTL_SLURM_DIR"] == state
+        yield env
+    finally:
+        stopped = _script("stop", "--purge", timeout=120)
+        _OWN.clear()
         assert stopped.returncode == 0, f"local_slurm.sh stop failed:\n{stopped.stderr}"
 
 
