@@ -45,3 +45,24 @@ def test_every_command_has_help_with_an_example():
         r = runner.invoke(app, [name, "--help"])
         assert r.exit_code == 0, (name, r.output)
         assert "Example" in r.output, f"`moectl {name} --help` has no example"
+
+
+def test_help_lists_each_command_with_its_whole_summary_on_one_line(tmp_path):
+    """The command list shows each docstring's first paragraph as one sentence: hard line breaks
+    in the docstring must not break it (they did, mid-sentence, under typer's rich mode)."""
+    import os
+    import re
+
+    from moectl.cli import app
+
+    r = subprocess.run([sys.executable, "-m", "moectl", "--help"], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=60, env={**os.environ, "COLUMNS": "400", "NO_COLOR": "1"})
+    assert r.returncode == 0, r.stderr
+    rows = {ln.strip("│ ").split(" ", 1)[0]: ln.strip("│ ").split(" ", 1)[1].strip()
+            for ln in r.stdout.splitlines() if ln.startswith("│ ") and "  " in ln}
+    for info in app.registered_commands:
+        name = info.name or info.callback.__name__.replace("_cmd", "").replace("_", "-")
+        first_paragraph = " ".join(info.callback.__doc__.strip().split("\n\n")[0].split())
+        # As rich renders it: style tags dropped, escaped brackets printed as brackets.
+        shown = re.sub(r"\[/?(?:bold|italic|dim|red|green|yellow|cyan)\]", "", first_paragraph).replace("\\[", "[")
+        assert rows.get(name) == shown, (name, rows.get(name))

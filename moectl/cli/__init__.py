@@ -16,6 +16,18 @@ from moectl.cli import commit as _commit  # noqa: E402,F401  commit
 from moectl.cli import tracking as _tracking  # noqa: E402,F401  sync
 
 
+def _one_line_summaries() -> None:
+    """`moectl --help` lists each command with the first paragraph of its docstring, and typer's
+    rich mode keeps that paragraph's hard line breaks, so a summary broke mid-sentence. Join it."""
+    for info in app.registered_commands:
+        doc = info.help or (info.callback.__doc__ if info.callback else None)
+        if info.short_help is None and doc:
+            info.short_help = " ".join(doc.strip().split("\n\n")[0].split())
+
+
+_one_line_summaries()
+
+
 def main() -> None:
     """The console script. Click's own usage errors (an unknown option, `--cap abc`) become the
     same one-line `error: ...` as ours, with exit code 2, instead of a multi-line panel."""
