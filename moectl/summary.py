@@ -6,9 +6,10 @@
 The document answers what a person (or agent) picking the work up needs, in the order of the seed
 study's progress summary: what is running now, what every sweep measured and concluded, which legs
 are unfinished (with the exact resume command), standalone runs, the latest report commits, and
-the constraints in force. Everything but the `Generated at` line is a function of the store, git
-and the runtime state, so regenerating without new runs changes only that line - and then the file
-is left alone, so no commit churns on a timestamp.
+the constraints in force. Everything but the snapshot of the moment (the `Generated at` line, the
+status line and the Runtime Status section) is a function of the store and git, so regenerating
+without new runs or commits changes only that snapshot - and then the file is left alone, so no
+commit churns on a timestamp or on a process starting elsewhere on a shared machine.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from moectl.sweep.store import leg_status, list_sweeps, settled, sweep_chain
 
 SUMMARY_NAME = "EXPERIMENTS.md"
 TIMESTAMP_PREFIX = "- Generated at: "
+STATUS_PREFIX = "- Status: "
 STANDALONE_LIMIT = 10
 COMMIT_LIMIT = 10
 
@@ -131,7 +133,7 @@ def render_summary(cfg: Config, now: Optional[datetime] = None) -> str:
         f"- Repo: `{_shown(cfg.root)}`",
         f"- Branch: `{git_branch or 'detached HEAD'}`"
         + ("" if cfg.project.branch in ("*", git_branch) else f" (expected `{cfg.project.branch}`!)"),
-        f"- Status: {status}",
+        f"{STATUS_PREFIX}{status}",
         "",
         "## Runtime Status",
         "",
@@ -207,12 +209,23 @@ def render_summary(cfg: Config, now: Optional[datetime] = None) -> str:
 
 
 def _body(text: str) -> list[str]:
-    return [line for line in text.splitlines() if not line.startswith(TIMESTAMP_PREFIX)]
+    """What decides whether the document changed: everything but the snapshot of the moment - the
+    timestamp, the one-line status and the Runtime Status section. Processes come and go on a
+    shared machine (other people's torchruns included); a file committed on each of those changes
+    would churn, and the snapshot is dated by its `Generated at` line anyway."""
+    lines, in_runtime = [], False
+    for line in text.splitlines():
+        if line.startswith("## "):
+            in_runtime = line == "## Runtime Status"
+        if not in_runtime and not line.startswith((TIMESTAMP_PREFIX, STATUS_PREFIX)):
+            lines.append(line)
+    return lines
 
 
 def refresh_summary(cfg: Config, out: Optional[Path] = None) -> tuple[Path, bool]:
     """Regenerate EXPERIMENTS.md (or `out`); returns (path, whether it was rewritten). When only
-    the timestamp would change the file is left as it is, so it never shows up as a change."""
+    the snapshot of the moment (timestamp, runtime status) would change, the file is left as it
+    is, so it never shows up as a change."""
     path = Path(out) if out is not None else summary_path(cfg)
     text = render_summary(cfg)
     try:

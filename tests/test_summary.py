@@ -15,7 +15,7 @@ from moectl.cli import app
 from moectl.config import load_config
 from moectl.records import RunRecord, SweepLeg, SweepRecord, save_model
 from moectl.summary import TIMESTAMP_PREFIX, render_summary
-from tests.conftest import git
+from tests.conftest import git, start_process, stop_process
 
 
 def cli(*args: str):
@@ -168,17 +168,32 @@ def test_summary_commits_only_experiments_md_and_is_stable(git_repo, artifact_ro
     assert git(git_repo, "status", "--porcelain").splitlines() == ["A  wip.txt", "?? scratch.txt"]
     first = (git_repo / "EXPERIMENTS.md").read_text()
 
-    # Again without new runs: nothing but the timestamp would change -> file and history untouched.
-    r = cli("summary")
-    assert r.exit_code == 0 and "already up to date" in r.output
-    assert (git_repo / "EXPERIMENTS.md").read_text() == first
-    assert git(git_repo, "rev-parse", "HEAD").strip() == data["commit"]
+    # Again without new runs: only the snapshot of the moment would change -> file and history
+    # untouched, even though a training process (a real one) has started on the machine meanwhile
+    # (on a shared machine other people's runs come and go; the file must not churn on them).
+    training = start_process([sys.executable, "-c", "import time; time.sleep(300)",
+                              "torch.distributed.run", "--out-dir", "/elsewhere/20250101_000000_other-x"])
+    try:
+        assert f"pid {training.pid}:" not in first
+        r = cli("summary")
+        assert r.exit_code == 0 and "already up to date" in r.output
+        assert (git_repo / "EXPERIMENTS.md").read_text() == first
+        assert git(git_repo, "rev-parse", "HEAD").strip() == data["commit"]
 
-    # Two fresh renderings differ only in the timestamp line.
-    out_a, out_b = git_repo.parent / "a.md", git_repo.parent / "b.md"
-    assert cli("summary", "-o", str(out_a)).exit_code == 0
+        # Two fresh renderings differ only in that snapshot: the timestamp, the status line and the
+        # Runtime Status section (which does list the process: the snapshot is real).
+        out_a, out_b = git_repo.parent / "a.md", git_repo.parent / "b.md"
+        assert cli("summary", "-o", str(out_a)).exit_code == 0
+        assert f"pid {training.pid}:" in out_a.read_text()
+    finally:
+        stop_process(training)
     assert cli("summary", "-o", str(out_b), "--no-commit").exit_code == 0
-    strip = lambda p: [l for l in p.read_text().splitlines() if not l.startswith(TIMESTAMP_PREFIX)]  # noqa: E731
+
+    def strip(path):
+        head, runtime = path.read_text().split("## Runtime Status", 1)
+        rest = "## " + runtime.split("\n## ", 1)[1]
+        return [ln for ln in (head + rest).splitlines() if not ln.startswith((TIMESTAMP_PREFIX, "- Status: "))]
+
     assert strip(out_a) == strip(out_b) == strip(git_repo / "EXPERIMENTS.md")
     assert git(git_repo, "rev-parse", "HEAD").strip() == data["commit"]  # -o never commits
 

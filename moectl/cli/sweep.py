@@ -123,7 +123,8 @@ def summary(
     table and conclusion, unfinished legs with the exact resume command, standalone runs, the
     latest report commits, the constraints from .moectl.toml. Commits it (only it).
 
-    When nothing but the timestamp would change, the file is left as it is.
+    When nothing but the snapshot of the moment (timestamp, runtime status) would change, the file
+    is left as it is.
 
     Examples:
       [bold]moectl summary[/bold]
@@ -145,7 +146,7 @@ def summary(
     if json_out:
         print_json({"path": str(path), "changed": changed, "commit": sha, "commit_error": commit_error})
     else:
-        stdout.print(f"{path}: " + ("regenerated" if changed else "already up to date (only the timestamp would change)"),
+        stdout.print(f"{path}: " + ("regenerated" if changed else "already up to date (only the timestamp and runtime snapshot would change)"),
                      markup=False)
         if sha:
             stdout.print(f"committed {sha[:10]} (EXPERIMENTS.md only)", markup=False)
