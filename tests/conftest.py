@@ -6,7 +6,8 @@ the same on a laptop, on CI and on a GPU box.
 Also the suite's ways to wait: `wait_for` (an event, polled, with a deadline that fails naming the
 event), `readline_within` (a child's output line, bounded), `start_process` (a child whose argv a
 process scan already sees), and `needs_seed` (the seed study's figures: skipped locally when the
-seed is not beside the repository, a failure under CI=true)."""
+seed is not beside the repository, a failure under CI=true). `slurm_env`, the local Slurm cluster,
+comes from tests/slurm_fixtures.py."""
 from __future__ import annotations
 
 import functools
@@ -22,6 +23,9 @@ from typing import Callable, Optional, TypeVar
 
 import psutil
 import pytest
+
+# The session's one local Slurm cluster, for every test file that asks for it (tests/slurm_fixtures.py).
+from tests.slurm_fixtures import slurm_env  # noqa: F401
 
 T = TypeVar("T")
 SLOW_TIMEOUT_S = 600  # pytest-timeout's limit for `slow` tests (the default is in pyproject.toml)
