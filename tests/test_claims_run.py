@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from typer.testing import CliRunner
 
 from moectl.cli import app
 from moectl.lock import LOCK_NAME
-from tests.conftest import git
+from tests.conftest import git, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["--override", "no_other_training"]
@@ -29,28 +28,10 @@ WINDOW = 5  # [metrics] window: well clear of any warm-up steps in 20-step runs
 DEADLINE_S = 180.0
 runner = CliRunner()
 
-# A trainer that waits for a go-file before it trains: the test acts while the run is in flight
-# (its guards passed, its record says running), with no race against the trainer's speed.
-GATED_ENGINE = '''\
-import os, sys, time
-from pathlib import Path
-
-from tests.fixtures.fake_engine import main
-
-Path(os.environ["CLAIMS_GATE"] + ".waiting").touch()
-deadline = time.monotonic() + 120
-while not Path(os.environ["CLAIMS_GATE"]).exists():
-    if time.monotonic() > deadline:
-        sys.exit("gated engine: the go-file never appeared")
-    time.sleep(0.01)
-sys.exit(main())
-'''
-
-
-def configure(repo: Path, monkeypatch, module: str = "tests.fixtures.fake_engine", pythonpath: str = str(REPO)) -> Path:
+def configure(repo: Path, monkeypatch) -> Path:
     (repo / ".moectl.toml").write_text(
         '[project]\nname = "moe"\nbranch = "main"\nvenv = ""\n\n'
-        f'[launch]\nmodule = "{module}"\nenv = {{ PYTHONPATH = "{pythonpath}", OMP_NUM_THREADS = "1" }}\n\n'
+        f'[launch]\nmodule = "tests.fixtures.fake_engine"\nenv = {{ PYTHONPATH = "{REPO}", OMP_NUM_THREADS = "1" }}\n\n'
         f'[metrics]\nwindow = {WINDOW}\n\n[defaults]\npreset = "tiny"\n'
     )
     git(repo, "add", ".moectl.toml")
@@ -174,32 +155,21 @@ def test_no_commit_writes_the_report_and_commits_nothing(proj, artifact_root):
 # --------------------------------------------------------------- the branch changes during the run
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not path.exists():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            raise AssertionError(f"moectl exited ({proc.returncode}) before {what}:\n{out}\n{err}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} never happened within {DEADLINE_S:.0f}s")
-        time.sleep(0.05)
-
-
 @pytest.mark.slow
 def test_branch_switched_during_the_run_leaves_the_report_written_but_not_committed(git_repo, monkeypatch,
                                                                                      artifact_root, tmp_path):
-    (tmp_path / "engine_dir").mkdir()
-    (tmp_path / "engine_dir" / "claims_gated_engine.py").write_text(GATED_ENGINE)
-    proj = configure(git_repo, monkeypatch, module="claims_gated_engine",
-                     pythonpath=f"{REPO}{os.pathsep}{tmp_path / 'engine_dir'}")
+    # The trainer holds before its first step until the go-file exists: the test acts while the run
+    # is in flight (its guards passed, its record says running), with no race against its speed.
+    proj = configure(git_repo, monkeypatch)
     gate = tmp_path / "go"
     launch_head = head(proj)
-    env = {**os.environ, "CLAIMS_GATE": str(gate), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "moectl", "run", "--steps", "3", "--tag", "moved", *QUIET,
-                             "--", "--sleep-per-step", "0.01"], cwd=proj, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--", "--sleep-per-step", "0.01", "--hold-at-step", "0", "--hold-until", str(gate)],
+                            cwd=proj, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(Path(f"{gate}.waiting"), proc, "the trainer starting (guards passed, record running)")
+        wait_for(Path(f"{gate}.waiting").exists, "the trainer starting (guards passed, record running)",
+                 DEADLINE_S, proc=proc)
         git(proj, "switch", "-q", "-c", "other")  # the user moves on while the run trains
         gate.touch()
         out, err = proc.communicate(timeout=DEADLINE_S)

@@ -14,69 +14,38 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from moectl.lock import LOCK_NAME
-from tests.conftest import git, gpu
+from tests.conftest import git, gpu, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE_S = 180.0
 
-GATED_ENGINE = '''\
-import os, sys, time
-from pathlib import Path
-
-from tests.fixtures.fake_engine import main
-
-gate = Path(os.environ["CLAIMS_GATE"])
-gate.with_name(gate.name + ".waiting").touch()
-deadline = time.monotonic() + 120
-while not gate.exists():
-    if time.monotonic() > deadline:
-        sys.exit("gated engine: the go-file never appeared")
-    time.sleep(0.01)
-sys.exit(main())
-'''
-
-
-def _wait_for(path: Path, proc: subprocess.Popen, what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not path.exists():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            raise AssertionError(f"the sweep exited ({proc.returncode}) before {what}:\n{out}\n{err}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} never happened within {DEADLINE_S:.0f}s")
-        time.sleep(0.05)
-
-
 @pytest.mark.slow
 def test_guard_refusing_between_legs_stops_the_sweep_with_exit_3_and_a_true_sweep_json(
         git_repo, artifact_root, fake_nvml, tmp_path):
-    engine_dir = tmp_path / "engine_dir"
-    engine_dir.mkdir()
-    (engine_dir / "claims_gated_engine.py").write_text(GATED_ENGINE)
+    gate = tmp_path / "go"  # the trainer holds before its first step until this file exists
     (git_repo / ".moectl.toml").write_text(
         '[project]\nname = "moe"\nbranch = "main"\nvenv = ""\n\n'
-        f'[launch]\nmodule = "claims_gated_engine"\n'
-        f'env = {{ PYTHONPATH = "{REPO}{os.pathsep}{engine_dir}", OMP_NUM_THREADS = "1" }}\n\n'
+        '[launch]\nmodule = "tests.fixtures.fake_engine"\n'
+        f'env = {{ PYTHONPATH = "{REPO}", OMP_NUM_THREADS = "1" }}\n\n'
         '[metrics]\nwindow = 5\n\n[defaults]\npreset = "tiny"\ndevice = "cuda"\n'
     )
     git(git_repo, "add", ".moectl.toml")
     git(git_repo, "commit", "-q", "-m", "moectl config")
     spec = git_repo / "three.toml"
-    spec.write_text('name = "three"\n[common]\nsteps = 3\nargs = ["--sleep-per-step", "0.01"]\n'
+    spec.write_text('name = "three"\n[common]\nsteps = 3\n'
+                    f'args = ["--sleep-per-step", "0.01", "--hold-at-step", "0", "--hold-until", "{gate}"]\n'
                     '[[legs]]\ntag = "leg_a"\n[[legs]]\ntag = "leg_b"\n[[legs]]\ntag = "leg_c"\n')
     fake_nvml(gpus=[gpu(0)])  # idle: the sweep and leg 1 may start
-    gate = tmp_path / "go"
-    env = {**os.environ, "CLAIMS_GATE": str(gate), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "moectl", "sweep", str(spec), "--override", "no_other_training"],
                             cwd=git_repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(gate.with_name("go.waiting"), proc, "leg 1's trainer starting")
+        wait_for(gate.with_name("go.waiting").exists, "leg 1's trainer starting", DEADLINE_S, proc=proc)
         fake_nvml(gpus=[gpu(0, util_pct=97, mem_used_mib=41000,
                             processes=[{"pid": 31337, "name": "someone_elses_job", "used_mib": 40000}])])
         gate.touch()
