@@ -1,18 +1,16 @@
 """`moectl commit RUN`: commit a run's report later, once whatever stopped its commit is fixed."""
 from __future__ import annotations
 
-from typing import Annotated
-
 import typer
 
 from moectl.cli.common import app, handle_errors, print_json, stderr, stdout
-from moectl.cli.options import ConfigOpt, JsonOpt
+from moectl.cli.options import ConfigOpt, JsonOpt, RunArg
 
 
 @app.command("commit")
 @handle_errors
 def commit_cmd(
-    run: Annotated[str, typer.Argument(help="Run id, tag, unique prefix of either, or a run directory.")],
+    run: RunArg,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:

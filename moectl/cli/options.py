@@ -39,3 +39,6 @@ def request_kwargs(*, cap, tag, compile, fp8, dispatch, steps, preset, device, n
         device=device, nproc=nproc, exp_dir=exp_dir, wait_gpus=wait_gpus, overrides=list(override or []),
         extra_args=list(extra or []), no_commit=no_commit, notes=notes,
     )
+
+# One run named on the command line (`show`, `commit`); moectl.store.resolve_run reads it.
+RunArg = Annotated[str, typer.Argument(help="Run id, tag, unique prefix of either, or a run directory.")]

@@ -11,7 +11,7 @@ if TYPE_CHECKING:  # rich is imported where a table is drawn: `--json` never pay
     from rich.table import Table
 
 from moectl.cli.common import app, handle_errors, print_json, stderr, stdout
-from moectl.cli.options import ConfigOpt, JsonOpt
+from moectl.cli.options import ConfigOpt, JsonOpt, RunArg
 from moectl.errors import UsageError
 
 STATUSES = ("created", "running", "completed", "failed", "interrupted", "imported", "stale")
@@ -149,7 +149,7 @@ def sparkline(values: list[float], width: int = 48) -> str:
 @app.command("show")
 @handle_errors
 def show_cmd(
-    run: Annotated[str, typer.Argument(help="Run id, tag, unique prefix of either, or a run directory.")],
+    run: RunArg,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
