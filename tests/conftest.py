@@ -105,6 +105,17 @@ def stop_process(p: subprocess.Popen) -> None:
     p.wait(timeout=30)
 
 
+def kill_all(procs: list[psutil.Process]) -> None:
+    """SIGKILL every process of a list taken earlier (gone ones are fine) and reap them: a test's
+    cleanup, so no trainer outlives it whatever went wrong."""
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
 # --------------------------------------------------------------------------------------- guards
 
 

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from engine.schema import StepMetrics, parse_line
 from moectl.cli import app
 from moectl.lock import LOCK_NAME
-from tests.conftest import git, no_other_training_on_a_quiet_machine, stop_process, wait_for
+from tests.conftest import git, kill_all, no_other_training_on_a_quiet_machine, stop_process, wait_for
 from tests.test_run import QUIET, REPO, FAST, commit_files, ours, proj, record, run_dirs  # noqa: F401  (proj: fixture)
 
 runner = CliRunner()
@@ -125,13 +125,8 @@ def test_sigkilled_moectl_blocks_nothing_and_its_run_is_settled(proj, artifact_r
     finally:
         if proc.poll() is None:
             stop_process(proc)
-        # torchrun runs in its own session, so it outlives a SIGKILLed moectl: stop what we started.
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=10)
+        # torchrun stops with its parent (tests/test_sigkill.py shows it); this only makes sure.
+        kill_all(procs)
     [exp] = run_dirs(artifact_root)
     assert record(exp)["status"] == "running"  # on disk: what moectl last wrote
     holder = json.loads((artifact_root / LOCK_NAME).read_text())

@@ -28,6 +28,7 @@ from moectl import store
 from moectl.cli import app
 from moectl.lock import LOCK_NAME, read_holder
 from moectl.records import RUN_RECORD, SWEEP_RECORD, RunRecord, SweepLeg, SweepRecord, save_model
+from tests.conftest import kill_all
 from tests.test_run import QUIET, REPO, proj, record, run_dirs  # noqa: F401  (proj: fixture)
 
 runner = CliRunner()
@@ -89,15 +90,6 @@ def assert_all_stop(procs: list[psutil.Process], after: str) -> None:
             pytest.fail(f"{len(survivors)} training process(es) still running {STOP_BOUND_S:.0f}s after {after}: "
                         + describe(survivors))
         time.sleep(0.05)
-
-
-def kill_all(procs: list[psutil.Process]) -> None:
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(procs, timeout=10)
 
 
 def dead_pid() -> int:
