@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from moectl.cli import app
 from moectl.lock import LOCK_NAME
 from tests.conftest import git, wait_for
+from tests.test_run import commit_config, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["--override", "no_other_training"]
@@ -28,16 +29,11 @@ WINDOW = 5  # [metrics] window: well clear of any warm-up steps in 20-step runs
 DEADLINE_S = 180.0
 runner = CliRunner()
 
+
 def configure(repo: Path, monkeypatch) -> Path:
-    (repo / ".moectl.toml").write_text(
-        '[project]\nname = "moe"\nbranch = "main"\nvenv = ""\n\n'
-        f'[launch]\nmodule = "tests.fixtures.fake_engine"\nenv = {{ PYTHONPATH = "{REPO}", OMP_NUM_THREADS = "1" }}\n\n'
-        f'[metrics]\nwindow = {WINDOW}\n\n[defaults]\npreset = "tiny"\n'
-    )
-    git(repo, "add", ".moectl.toml")
-    git(repo, "commit", "-q", "-m", "moectl config")
-    monkeypatch.chdir(repo)
-    return repo
+    """test_run's fake-engine project, with a small tail window."""
+    write_config(repo, launch=f"\n[metrics]\nwindow = {WINDOW}\n")
+    return commit_config(repo, monkeypatch)
 
 
 @pytest.fixture
