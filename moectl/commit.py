@@ -19,7 +19,7 @@ from moectl import gitops
 from moectl.config import Config
 from moectl.errors import GuardRefused, MoectlError, UsageError
 from moectl.records import RunRecord
-from moectl.report import commit_message, not_committed
+from moectl.report import commit_message, find_run_report, not_committed
 
 
 @dataclass
@@ -30,23 +30,6 @@ class ReportCommit:
     commit: str  # the commit that holds the report
     created: bool  # False: it was already committed, nothing was done
     warnings: list[str]
-
-
-def find_run_report(report_dir: Path, run_id: str) -> Optional[Path]:
-    """The run's report: a `<report_dir>/*.md` whose header names the run (`- run: \\`<id>\\``, as
-    `report.run_report` writes it; file names carry the time and tag, not the id). The newest
-    one if there are several."""
-    needle = f"- run: `{run_id}`"
-    hits = []
-    for path in Path(report_dir).glob("*.md"):
-        try:
-            with open(path, encoding="utf-8") as fh:
-                header = [fh.readline() for _ in range(5)]
-        except (OSError, UnicodeDecodeError):
-            continue
-        if any(line.startswith(needle) for line in header):
-            hits.append(path)
-    return max(hits, key=lambda p: (p.stat().st_mtime_ns, p.name)) if hits else None
 
 
 def commit_run_report(

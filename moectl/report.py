@@ -266,3 +266,20 @@ def run_report(
     if record.error and record.status != "completed":
         lines += ["", "## Error", "", "```", record.error.rstrip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+def find_run_report(report_dir: Path, run_id: str) -> Optional[Path]:
+    """The run's report: a `<report_dir>/*.md` whose header names the run (`- run: \\`<id>\\``, as
+    `run_report` writes it; file names carry the time and tag, not the id). The newest
+    one if there are several."""
+    needle = f"- run: `{run_id}`"
+    hits = []
+    for path in Path(report_dir).glob("*.md"):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                header = [fh.readline() for _ in range(5)]
+        except (OSError, UnicodeDecodeError):
+            continue
+        if any(line.startswith(needle) for line in header):
+            hits.append(path)
+    return max(hits, key=lambda p: (p.stat().st_mtime_ns, p.name)) if hits else None

@@ -131,7 +131,7 @@ def run_json(record: RunRecord) -> dict[str, Any]:
 # --- stale detection -----------------------------------------------------------------------------
 
 
-def _parse_time(text: Optional[str]) -> Optional[float]:
+def parse_time(text: Optional[str]) -> Optional[float]:
     if not text:
         return None
     try:
@@ -162,7 +162,7 @@ def is_stale(record: RunRecord, host: Optional[str] = None) -> bool:
         return True
     except psutil.Error:
         return False  # access denied: it exists; assume it is ours
-    recorded = _parse_time(record.started_at) or _parse_time(record.created_at)
+    recorded = parse_time(record.started_at) or parse_time(record.created_at)
     return recorded is not None and started > recorded + _PID_REUSE_SLACK_S
 
 
@@ -334,7 +334,7 @@ def _run_dirs(root: Path) -> Iterable[Path]:
 
 
 def _sort_key(rec: RunRecord) -> tuple[float, str]:
-    return (_parse_time(rec.created_at) or 0.0, rec.id)
+    return (parse_time(rec.created_at) or 0.0, rec.id)
 
 
 def scan_runs(root: Path) -> Scan:

@@ -33,7 +33,6 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -42,6 +41,7 @@ from moectl import store
 from moectl.config import Config
 from moectl.errors import UsageError
 from moectl.records import RunRecord, Summary, TrackerMirror
+from moectl.report import find_run_report
 
 TRACKERS = ("mlflow", "wandb")
 FINISHED = ("completed", "failed", "interrupted", "imported")
@@ -205,7 +205,7 @@ def _mirror_lock(record: RunRecord) -> Iterator[None]:
 def _mirror_locked(cfg: Config, record: RunRecord, report: Optional[Path], names: list[str]) -> list[Mirrored]:
     results: list[Mirrored] = []
     try:
-        data: Optional[Payload] = payload(record, report if report is not None else find_report(cfg, record))
+        data: Optional[Payload] = payload(record, report if report is not None else find_run_report(cfg.report_dir, record.id))
         problem = None
     except KeyboardInterrupt:
         data, problem = None, "interrupted"
@@ -335,32 +335,9 @@ def payload(record: RunRecord, report: Optional[Path]) -> Payload:
     )
 
 
-def find_report(cfg: Config, record: RunRecord) -> Optional[Path]:
-    """The run's report under report_dir (named after its tag, naming its run id), newest first;
-    None for a run without one (an imported run)."""
-    name = record.tag or record.id
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._") or "report"
-    try:
-        candidates = sorted(cfg.report_dir.glob(f"*_{safe}*.md"), reverse=True)
-    except OSError:
-        return None
-    for path in candidates:
-        try:
-            if f"`{record.id}`" in path.read_text(encoding="utf-8", errors="replace"):
-                return path
-        except OSError:
-            continue
-    return None
-
-
 def _ms(iso: Optional[str]) -> Optional[int]:
-    if not iso:
-        return None
-    try:
-        dt = datetime.fromisoformat(iso)
-    except ValueError:
-        return None
-    return int((dt if dt.tzinfo else dt.astimezone()).timestamp() * 1000)
+    seconds = store.parse_time(iso)
+    return None if seconds is None else int(seconds * 1000)
 
 
 def _flat(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
