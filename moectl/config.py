@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moectl.errors import UsageError
+from engine.schema import ENGINE_MODULE
 from moectl.metrics import DEFAULT_WARMUP_STEPS
 
 if sys.version_info >= (3, 11):
@@ -67,10 +68,28 @@ class GpuSection(_Strict):
 
 
 class LaunchSection(_Strict):
-    module: str = Field("engine.train", pattern=r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
+    """Which trainer runs and how (issue 10). Exactly one of `module` / `script`; with neither, the
+    engine (`module = "engine.train"`). A trainer with an `[launch.options]` table, a `script`, or
+    metrics parsed from stdout gets only the flags that table maps (moectl/trainer.py); a module
+    without any of those follows the engine's own contract (`--key value`, `--out-dir`)."""
+
+    module: Optional[str] = Field(ENGINE_MODULE, pattern=r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
+    script: Optional[str] = Field(None, min_length=1)  # relative to the repository root
+    launcher: Literal["torchrun", "python"] = "torchrun"
+    args: list[str] = Field(default_factory=list)  # always passed, before the mapped options
+    options: Optional[dict[str, str]] = None  # moectl option -> trainer flag ("{}" is the value)
     nproc_per_node: Union[Literal["auto"], int] = "auto"
     env: dict[str, str] = Field(default_factory=lambda: {"OMP_NUM_THREADS": "1"})
     compile_fallback: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _module_or_script(cls, data):
+        if isinstance(data, dict) and data.get("script") is not None:
+            if data.get("module") is not None:
+                raise ValueError("give exactly one of module and script, not both")
+            data = {**data, "module": None}
+        return data
 
     @field_validator("nproc_per_node")
     @classmethod
@@ -79,11 +98,53 @@ class LaunchSection(_Strict):
             raise ValueError("must be \"auto\" or an integer >= 1")
         return v
 
+    @field_validator("options")
+    @classmethod
+    def _templates(cls, v):
+        if v is None:
+            return v
+        out = {}
+        for key, template in v.items():
+            if not template.strip():
+                raise ValueError(f"{key}: an empty flag; map it to e.g. \"--{key}={{}}\"")
+            out[key.replace("-", "_")] = template
+        return out
+
+    @property
+    def target(self) -> str:
+        """What runs: the module name or the script path (process detection, messages)."""
+        return self.module if self.module is not None else str(self.script)
+
 
 class MetricsSection(_Strict):
     window: int = Field(50, ge=1)
     # Steps 0 .. warmup_steps-1 (compile, warm-up) never enter a tail window (moectl.metrics).
     warmup_steps: int = Field(DEFAULT_WARMUP_STEPS, ge=0)
+    # Where a run's per-step metrics come from (issue 10): the engine's metrics.jsonl, or the
+    # trainer's own output, parsed by moectl/stdout_metrics.py into the same metrics.jsonl.
+    source: Literal["jsonl", "stdout"] = "jsonl"
+    format: Optional[Literal["nanochat", "regex"]] = None
+    step: Optional[str] = None  # format = "regex": a step line matches this; group 1 is the step
+    tokens_per_step: Optional[str] = None  # matched once; tok/sec = tokens_per_step / dt
+    patterns: dict[str, str] = Field(default_factory=dict)  # schema field -> regex with one group
+
+    @model_validator(mode="after")
+    def _stdout_keys(self):
+        from moectl.stdout_metrics import check_patterns
+
+        if self.source == "jsonl":
+            idle = [k for k in ("format", "step", "tokens_per_step", "patterns") if k in self.model_fields_set]
+            if idle:
+                raise ValueError(f"{idle[0]} is set but source is \"jsonl\" (set source = \"stdout\")")
+            return self
+        if self.format is None:
+            raise ValueError('source = "stdout" needs format = "nanochat" or "regex"')
+        if self.format == "regex" and self.step is None:
+            raise ValueError('format = "regex" needs step = \'<regex whose group is the step number>\'')
+        if self.format == "nanochat" and self.step is not None:
+            raise ValueError('step is only for format = "regex" (nanochat\'s step line is built in)')
+        check_patterns(self.step, self.tokens_per_step, self.patterns)
+        return self
 
 
 class ReportSection(_Strict):

@@ -13,7 +13,7 @@ import typer
 from moectl.cli.common import app, handle_errors, print_json, stdout
 from moectl.cli.options import (
     CapOpt, CompileOpt, ConfigOpt, DeviceOpt, DispatchOpt, ExpDirOpt, ExtraArgs, Fp8Opt, JsonOpt,
-    NprocOpt, OverrideOpt, PresetOpt, StepsOpt, TagOpt, WaitGpusOpt, request_kwargs,
+    NprocOpt, OverrideOpt, PresetOpt, SeedOpt, StepsOpt, TagOpt, WaitGpusOpt, request_kwargs,
 )
 from moectl.errors import EXIT_GUARD
 
@@ -177,6 +177,7 @@ def check(
     fp8: Fp8Opt = None,
     dispatch: DispatchOpt = None,
     steps: StepsOpt = None,
+    seed: SeedOpt = None,
     preset: PresetOpt = None,
     device: DeviceOpt = None,
     nproc: NprocOpt = None,
@@ -200,7 +201,7 @@ def check(
 
     request = make_request(**request_kwargs(
         cap=cap, tag=tag, compile=compile, fp8=fp8, dispatch=dispatch, steps=steps, preset=preset,
-        device=device, nproc=nproc, exp_dir=exp_dir, wait_gpus=wait_gpus, override=override, extra=extra,
+        device=device, nproc=nproc, exp_dir=exp_dir, wait_gpus=wait_gpus, override=override, extra=extra, seed=seed,
     ))
     cfg = load_config(config)
     plan, _obs, results = check_request(cfg, request)

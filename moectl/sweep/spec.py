@@ -28,11 +28,11 @@ else:  # pragma: no cover
 # `args` is the extra engine arguments (what `moectl run` takes after `--`).
 OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "cap": (int, float), "compile": (str,), "fp8": (bool,), "dispatch": (str,), "steps": (int,),
-    "preset": (str,), "device": (str,), "nproc": (int,), "args": (list,),
+    "preset": (str,), "device": (str,), "nproc": (int,), "seed": (int,), "args": (list,),
 }
 TOP_KEYS = ("name", "notes", "common", "legs", "grid")
 # Derived grid tags name the varied options in this order: compile before cap gives static_cap1p0.
-TAG_ORDER = ("preset", "compile", "cap", "fp8", "dispatch", "steps", "device", "nproc")
+TAG_ORDER = ("preset", "compile", "cap", "fp8", "dispatch", "steps", "device", "nproc", "seed")
 
 
 @dataclass
@@ -65,7 +65,7 @@ def _fmt_value(key: str, value: Any) -> str:
         return "cap" + repr(float(value)).replace(".", "p")
     if key == "fp8":
         return "fp8" if value else "nofp8"
-    if key in ("steps", "nproc"):
+    if key in ("steps", "nproc", "seed"):
         return f"{key}{value}"
     return str(value)
 
