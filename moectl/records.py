@@ -106,6 +106,8 @@ class RunRecord(BaseModel):
     engine: dict[str, Any] = Field(default_factory=dict)
     # Trackers this run was mirrored into ([tracking]), by tracker name.
     tracking: dict[str, TrackerMirror] = Field(default_factory=dict)
+    # What a reader of the numbers should know: e.g. a metrics pattern that never matched (issue 10).
+    warnings: list[str] = Field(default_factory=list)
 
 
 class SweepLeg(BaseModel):

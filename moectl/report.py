@@ -252,6 +252,9 @@ def run_report(
             lines.append(f"\nThe run has only {s.steps} steps past the warm-up: the tail covers all of them."
                          if s.warmup_steps else f"\nThe run has only {s.steps} steps: the tail covers all of them.")
 
+    if record.warnings:
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in record.warnings]
+
     if comparison_vs_baseline is not None:
         lines += ["", "## Against the baseline", "", compare_markdown(comparison_vs_baseline).rstrip()]
 

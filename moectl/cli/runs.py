@@ -222,6 +222,8 @@ def show_cmd(
             out(f"tok/sec  {sparkline(tps)}  {tps[0]:,.0f} → {tps[-1]:,.0f}", markup=False)
     if metrics.skipped:
         out(f"metrics.jsonl: {metrics.skipped} malformed line(s) skipped", markup=False)
+    for warning in rec.warnings:
+        out(f"warning: {warning}", markup=False)
     if rec.guards:
         from rich.table import Table
 
@@ -413,28 +415,38 @@ def _write_compare_report(cfg, comparison, records, table_md: str) -> Path:
 def import_cmd(
     log: Annotated[Path, typer.Argument(help="The log file to import.")],
     name: Annotated[str, typer.Option("--name", help="Tag of the imported run (also its directory suffix).")],
-    format: Annotated[str, typer.Option("--format", "-f", help="nanochat | jsonl | csv")] = "nanochat",
+    format: Annotated[str, typer.Option("--format", "-f", help="nanochat | regex | jsonl | csv")] = "nanochat",
     run: Annotated[Optional[str], typer.Option("--run", help="csv only: which run of a multi-run step table.")] = None,
+    pattern: Annotated[Optional[List[str]], typer.Option("--pattern", help="regex only: FIELD=REGEX (FIELD: step, tokens_per_step or a metrics field such as loss, dt_ms, mfu); repeatable; overrides [metrics] of .moectl.toml.", show_default=False)] = None,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
     """Bring an existing training log into the run store, so old runs compare with new ones.
 
     The run gets status `imported` and a metrics.jsonl in the engine's format. Malformed step
-    lines are skipped and counted.
+    lines are skipped and counted. nanochat and regex logs go through the parser a live run of a
+    stdout-parsed trainer uses, so they import exactly as that run would have parsed; a pattern
+    that never matches is a warning (here, in the record and in `moectl show`).
 
-    Example:  [bold]moectl import base_train.log --format nanochat --name static_cap1p0[/bold]
+    Examples:
+      [bold]moectl import base_train.log --format nanochat --name static_cap1p0[/bold]
+      [bold]moectl import train.log --format regex --name gpt2 --pattern 'step=iter (\\d+):' --pattern 'loss=loss ([\\d.]+)'[/bold]
+      [bold]moectl import train.log --format regex --name gpt2[/bold]   (patterns from \\[metrics] of .moectl.toml)
     """
-    from moectl.importers import load_log
+    from moectl.importers import load_log, regex_format
     from moectl.store import import_run, run_json
 
     if not _NAME.match(name):
         raise UsageError(f"bad --name {name!r}: use letters, digits, '.', '_' or '-'")
+    if pattern and format != "regex":
+        raise UsageError(f"--pattern is for --format regex, not {format}")
     cfg = _config(config)
-    parsed = load_log(log, format, run=run)
+    parsed = load_log(log, format, run=run,
+                      stdout_format=regex_format(cfg.metrics, pattern or []) if format == "regex" else None)
     extras: dict[str, Any] = {
         "format": format, "peak_mem_mib": parsed.peak_mem_mib, "total_time_s": parsed.total_time_s,
         "world_size": parsed.world_size, "planned_steps": parsed.planned_steps, "skipped": parsed.skipped,
+        "warnings": parsed.warnings,
     }
     rec = import_run(cfg.artifact_root, cfg.project.name, name, parsed.steps, extras,
                      source=str(Path(log).expanduser().resolve()), window=cfg.metrics.window,
@@ -442,6 +454,8 @@ def import_cmd(
     if json_out:
         print_json(run_json(rec) | {"skipped": parsed.skipped})
         return
+    for warning in rec.warnings:
+        stderr.print(f"warning: {warning}", markup=False)
     s = rec.summary
     stdout.print(rec.id, markup=False)
     stdout.print(
