@@ -366,13 +366,19 @@ devices = "all"              # or a list of indices, e.g. [0, 1] (sets CUDA_VISI
 
 [launch]
 module = "engine.train"      # run as: python -m torch.distributed.run ... -m <module>
+# script = "train.py"        # ... or a script (relative to this file): exactly one of the two
+# launcher = "torchrun"      # "torchrun" | "python" (one plain process)
+# args = []                  # always passed to the trainer, before the mapped options
 nproc_per_node = "auto"      # auto = number of selected GPUs (cuda) or 1 (cpu)
 env = { OMP_NUM_THREADS = "1" }
 compile_fallback = true      # a compile failure re-runs the leg with --compile none
+# [launch.options]           # another trainer: moectl run option -> its flag ("{}" is the value)
+# steps = "--max_iters={}"   # (`moectl init --trainer nanochat|nanogpt` writes a starting point)
 
 [metrics]
 window = 50                  # the tail window of every summary: its last `window` steps ...
 warmup_steps = 10            # ... after steps 0-9 (compile / warm-up), which no summary counts
+# source = "jsonl"           # "jsonl": the engine's metrics.jsonl | "stdout": parse the trainer's output
 
 [report]
 summary = true               # run/sweep refresh EXPERIMENTS.md
@@ -392,8 +398,24 @@ summary = true               # run/sweep refresh EXPERIMENTS.md
 """
 
 
-def write_template(directory: Path) -> Path:
+TRAINERS = ("engine", "nanochat", "nanogpt")
+
+
+def template_for(trainer: str = "engine") -> str:
+    """TEMPLATE with the `[launch]`/`[metrics]` tables of a known trainer (moectl.trainer.TABLES)."""
+    if trainer not in TRAINERS:
+        raise UsageError(f"--trainer: unknown trainer {trainer!r} (known: {', '.join(TRAINERS)})")
+    if trainer == "engine":
+        return TEMPLATE
+    from moectl.trainer import TABLES
+
+    start, end = TEMPLATE.index("[launch]\n"), TEMPLATE.index("[report]\n")
+    return TEMPLATE[:start] + TABLES[trainer] + "\n" + TEMPLATE[end:]
+
+
+def write_template(directory: Path, trainer: str = "engine") -> Path:
     """`moectl init`: write the commented template; refuse (exit 2) if a config already exists."""
+    text = template_for(trainer)
     target = Path(directory) / CONFIG_NAME
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -401,11 +423,11 @@ def write_template(directory: Path) -> Path:
         raise UsageError(f"{target} already exists; not overwriting it "
                          f"(`moectl init --force` replaces it and keeps the old one as {CONFIG_NAME}.bak)") from None
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(TEMPLATE)
+        fh.write(text)
     return target
 
 
-def overwrite_template(directory: Path) -> tuple[Path, Optional[Path]]:
+def overwrite_template(directory: Path, trainer: str = "engine") -> tuple[Path, Optional[Path]]:
     """`moectl init --force`: write the template over an existing config, first copying the old
     one byte for byte to `.moectl.toml.bak` - or `.bak.1`, `.bak.2`, ... when that exists, so no
     earlier backup is ever overwritten. The new file replaces the old one in one rename: a reader
@@ -415,18 +437,19 @@ def overwrite_template(directory: Path) -> tuple[Path, Optional[Path]]:
 
     from moectl.records import atomic_file
 
+    text = template_for(trainer)
     target = Path(directory) / CONFIG_NAME
     try:
         old = target.read_bytes()
         mode = stat.S_IMODE(target.stat().st_mode)
     except FileNotFoundError:
-        return write_template(directory), None
+        return write_template(directory, trainer), None
     except IsADirectoryError:
         raise UsageError(f"{target} is a directory; not replacing it") from None
     backup = _write_backup(target, old, mode)
     with atomic_file(target, "w") as fh:
         os.fchmod(fh.fileno(), mode)  # the config keeps the old file's permissions
-        fh.write(TEMPLATE)
+        fh.write(text)
     return target, backup
 
 

@@ -92,3 +92,57 @@ def trainer_argv(launch, metrics, options: dict[str, Any], *, device: str, exp_d
         return [python, *target, *trainer_args], trainer_args
     return [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
             *target, *trainer_args], trainer_args
+
+
+# `moectl init --trainer NAME`: the [launch]/[metrics] tables of known trainers, a starting point
+# (check the flags against your fork: a mapped flag the trainer does not know fails at launch).
+TABLES = {
+    "nanochat": """\
+[launch]                     # nanochat (karpathy/nanochat): its base_train under torchrun
+module = "scripts.base_train"
+launcher = "torchrun"        # "python" runs it as one plain process (no torchrun)
+args = []                    # always passed first, e.g. ["--depth=12"]
+nproc_per_node = "auto"      # auto = number of selected GPUs (cuda) or 1 (cpu)
+env = { OMP_NUM_THREADS = "1" }
+compile_fallback = true
+
+[launch.options]             # moectl run option -> nanochat's flag ("{}" is the value); any other
+steps = "--num_iterations={}"    # option given to `moectl run` is refused until it is mapped here
+# seed = "--seed={}"             # if your fork takes one (needed by `moectl run --repeat N`)
+# cap = "--capacity_factor={}"   # a MoE fork's capacity factor
+# device = "--device_type={}"    # moectl's --device (cuda | cpu)
+
+[metrics]
+window = 50                  # the tail window of every summary: its last `window` steps ...
+warmup_steps = 10            # ... after steps 0-9 (compile / warm-up), which no summary counts
+source = "stdout"            # parse the trainer's output into metrics.jsonl
+format = "nanochat"          # `step 00012/00040 (30.00%) | loss: ... | dt: ...ms | tok/sec: ... | bf16_mfu: ...`
+""",
+    "nanogpt": """\
+[launch]                     # nanoGPT (karpathy/nanoGPT): train.py with a config file
+script = "train.py"          # relative to this file
+launcher = "torchrun"        # "python": `python train.py ...`, one process (e.g. on a laptop CPU)
+args = ["config/train_shakespeare_char.py"]   # always passed first
+nproc_per_node = "auto"      # auto = number of selected GPUs (cuda) or 1 (cpu)
+env = { OMP_NUM_THREADS = "1" }
+compile_fallback = true
+
+[launch.options]             # moectl run option -> nanoGPT's configurator flag ("{}" is the value)
+steps = "--max_iters={}"
+device = "--device={}"
+# seed = "--seed={}"         # nanoGPT seeds 1337 + rank and has no flag; add one to use --repeat N
+
+[metrics]
+window = 50                  # the tail window of every summary: its last `window` steps ...
+warmup_steps = 10            # ... after steps 0-9 (compile / warm-up), which no summary counts
+source = "stdout"            # parse the trainer's output into metrics.jsonl
+format = "regex"             # `iter N: loss X, time Yms, mfu Z%`
+step = 'iter (\\d+):'        # a step line matches this; its group is the step number
+tokens_per_step = 'tokens per iteration will be: ([\\d,]+)'   # then tok/sec = tokens / dt
+
+[metrics.patterns]           # metrics field -> a regex with one group
+loss = 'loss ([\\d.]+)'
+dt_ms = 'time ([\\d.]+)ms'
+mfu = 'mfu (-?[\\d.]+)%'
+""",
+}

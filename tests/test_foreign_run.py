@@ -91,6 +91,7 @@ def test_nanogpt_script_runs_under_either_launcher_and_is_measured_like_the_engi
     [exp] = run_dirs(artifact_root)
     rec = record(exp)
     assert rec["status"] == "completed" and rec["warnings"] == []
+    assert "progress: step 20/20 (100.0%)" in result.output  # live progress from the parsed lines
     argv = rec["argv"]
     assert ("torch.distributed.run" in argv) == (launcher == "torchrun")
     assert argv[argv.index("train.py"):] == ["train.py", "config/train_small.py", "--device=cpu", "--max_iters=20", "--seed=4"]

@@ -109,3 +109,37 @@ def test_cli_refuses_unmapped_option_before_anything_is_written(tmp_path, monkey
     assert result.exit_code == 2, result.output
     assert "--compile" in result.output and "[launch.options]" in result.output
     assert not artifact_root.exists() or not any(artifact_root.iterdir())
+
+
+# --------------------------------------------------------------------------- moectl init --trainer
+
+
+@pytest.mark.parametrize("trainer, style, target", [("nanogpt", "nanogpt", "train.py"),
+                                                    ("nanochat", "nanochat", "scripts.base_train")])
+def test_init_trainer_tables_parse_that_trainers_output(tmp_path, trainer, style, target):
+    import subprocess
+    import sys
+
+    from moectl.config import load_config
+    from moectl.stdout_metrics import StdoutFormat, parse_text
+
+    result = CliRunner().invoke(app, ["init", str(tmp_path), "--trainer", trainer])
+    assert result.exit_code == 0, result.output
+    cfg = load_config(tmp_path / ".moectl.toml")
+    assert cfg.launch.target == target and cfg.metrics.source == "stdout" and cfg.launch.options["steps"]
+    fixture = Path(__file__).parent / "fixtures" / "foreign_trainer.py"
+    out = subprocess.run([sys.executable, str(fixture), f"--style={style}", "--max_iters=6"], capture_output=True,
+                         text=True, check=True, timeout=60).stdout
+    parser, steps = parse_text(out, StdoutFormat.from_config(cfg.metrics))
+    assert [s.step for s in steps] == list(range(6)) and parser.warnings() == []
+    assert all(s.loss and s.dt_ms and s.tok_per_sec and s.mfu for s in steps)
+
+
+def test_init_engine_is_the_default_template_and_unknown_trainer_is_exit_2(tmp_path):
+    from moectl.config import TEMPLATE
+
+    assert CliRunner().invoke(app, ["init", str(tmp_path), "--trainer", "engine"]).exit_code == 0
+    assert (tmp_path / ".moectl.toml").read_text() == TEMPLATE
+    bad = CliRunner().invoke(app, ["init", str(tmp_path / "x"), "--trainer", "torchtitan"])
+    assert bad.exit_code == 2 and "unknown trainer 'torchtitan'" in bad.output
+    assert not (tmp_path / "x" / ".moectl.toml").exists()

@@ -25,19 +25,25 @@ def init(
     force: Annotated[bool, typer.Option(
         "--force", help="Replace an existing .moectl.toml, keeping the old one as .moectl.toml.bak "
                         "(.bak.1, .bak.2, ... when that exists: no backup is ever overwritten).")] = False,
+    trainer: Annotated[str, typer.Option(
+        "--trainer", help="engine | nanochat | nanogpt: the [launch]/[metrics] tables of that trainer, "
+                          "commented, as a starting point.")] = "engine",
 ) -> None:
     """Write a commented [bold].moectl.toml[/bold] (every default, explained). Refuses to
     overwrite one (exit 2) unless --force, which keeps the old file as a .bak beside it.
 
     Example:  [bold]moectl init[/bold]   then edit project.branch and paths.artifact_root.
+    Example:  [bold]moectl init --trainer nanogpt[/bold]   guard and measure nanoGPT's train.py (stdout parsed).
+    Example:  [bold]moectl init --trainer nanochat[/bold]   nanochat's scripts.base_train under torchrun.
     Example:  [bold]moectl init --force[/bold]   start over; the old config is in .moectl.toml.bak.
     """
-    from moectl.config import overwrite_template, write_template
+    from moectl.config import overwrite_template, template_for, write_template
 
+    template_for(trainer)  # an unknown trainer is a usage error before anything is touched
     if force:
-        path, backup = overwrite_template(directory)
+        path, backup = overwrite_template(directory, trainer)
     else:
-        path, backup = write_template(directory), None
+        path, backup = write_template(directory, trainer), None
     stdout.print(f"wrote {path}" + (f" (the old one is now {backup})" if backup else ""), markup=False)
 
 
