@@ -77,6 +77,8 @@ class RunRequest(BaseModel):
     extra_args: list[str] = Field(default_factory=list)
     notes: Optional[str] = None
     parent_dir: Optional[str] = None  # sweep legs: the run directory goes inside this one
+    group: Optional[str] = None  # a repeat group's id (moectl.repeats) ...
+    repeat: Optional[int] = Field(None, ge=1)  # ... and this run's place in it (1..N)
 
     @field_validator("overrides")
     @classmethod
@@ -139,6 +141,8 @@ class RunPlan(BaseModel):
     notes: Optional[str] = None
     window: int = 50
     warmup_steps: int = 0  # steps 0 .. warmup_steps-1 stay out of the summary (config metrics)
+    group: Optional[str] = None
+    repeat: Optional[int] = None
 
 
 def default_tag(options: dict[str, Any]) -> str:
@@ -189,7 +193,7 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
         nproc = 1
 
     tag = sanitize_tag(request.tag) if request.tag else sanitize_tag(default_tag(options))
-    run_id = f"{now:%Y%m%d_%H%M%S}_{cfg.project.name}-{tag}"
+    run_id = f"{now:%Y%m%d_%H%M%S}_{cfg.project.name}-{tag}" + (f"-r{request.repeat}" if request.repeat else "")
     if request.exp_dir:
         # Kept as given (only made absolute, `..` and symlinks intact) so the path guard judges it.
         given = Path(os.path.expanduser(request.exp_dir))
@@ -232,6 +236,8 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
         notes=request.notes,
         window=cfg.metrics.window,
         warmup_steps=cfg.metrics.warmup_steps,
+        group=request.group,
+        repeat=request.repeat,
     )
 
 

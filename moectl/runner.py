@@ -108,6 +108,8 @@ def execute_run(
             notes=plan.notes,
             window=plan.window,
             warmup_steps=plan.warmup_steps,
+            group=plan.group,
+            repeat=plan.repeat,
         )
         outcome.record = record
         try:
