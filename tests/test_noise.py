@@ -131,6 +131,9 @@ def test_run_repeat_makes_one_group_and_compare_show_plot_export_take_it_by_tag(
     assert group["summary"]["tok_per_sec"]["stderr"] == pytest.approx(tps["stderr"])
     exported = json.loads(runner.invoke(app, ["export", "base", "--csv", str(git_repo.parent / "csv"), "--json"]).stdout)
     assert exported["runs"] == 3
+    plotted = runner.invoke(app, ["plot", "base", "--metric", "dt_ms", "-o", str(git_repo.parent / "dt.png"), "--json"])
+    assert plotted.exit_code == 0, plotted.output
+    assert json.loads(plotted.stdout)["runs"] == [r["id"] for r in records]
 
 
 def test_repeat_of_a_trainer_without_a_seed_mapping_is_refused_before_anything_runs(git_repo, monkeypatch, artifact_root):

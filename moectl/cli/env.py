@@ -26,7 +26,7 @@ def init(
         "--force", help="Replace an existing .moectl.toml, keeping the old one as .moectl.toml.bak "
                         "(.bak.1, .bak.2, ... when that exists: no backup is ever overwritten).")] = False,
     trainer: Annotated[str, typer.Option(
-        "--trainer", help="engine | nanochat | nanogpt: the [launch]/[metrics] tables of that trainer, "
+        "--trainer", help="engine | nanochat | nanogpt: the \\[launch]/\\[metrics] tables of that trainer, "
                           "commented, as a starting point.")] = "engine",
 ) -> None:
     """Write a commented [bold].moectl.toml[/bold] (every default, explained). Refuses to

@@ -493,10 +493,9 @@ def import_cmd(
 ) -> None:
     """Bring an existing training log into the run store, so old runs compare with new ones.
 
-    The run gets status `imported` and a metrics.jsonl in the engine's format. Malformed step
-    lines are skipped and counted. nanochat and regex logs go through the parser a live run of a
-    stdout-parsed trainer uses, so they import exactly as that run would have parsed; a pattern
-    that never matches is a warning (here, in the record and in `moectl show`).
+    The run gets status `imported` and a metrics.jsonl in the engine's format. Malformed step lines are skipped and counted.
+
+    nanochat and regex logs go through the parser a live run of a stdout-parsed trainer uses, so they import exactly as that run would have parsed; a pattern that never matches is a warning (here, in the record and in `moectl show`).
 
     Examples:
       [bold]moectl import base_train.log --format nanochat --name static_cap1p0[/bold]
