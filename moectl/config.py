@@ -133,9 +133,11 @@ class MetricsSection(_Strict):
         from moectl.stdout_metrics import check_patterns
 
         if self.source == "jsonl":
-            idle = [k for k in ("format", "step", "tokens_per_step", "patterns") if k in self.model_fields_set]
-            if idle:
-                raise ValueError(f"{idle[0]} is set but source is \"jsonl\" (set source = \"stdout\")")
+            # step/tokens_per_step/patterns still serve `moectl import --format regex`; a format
+            # would only say how to parse a live run's output, which jsonl never does.
+            if self.format is not None:
+                raise ValueError('format is set but source is "jsonl" (set source = "stdout")')
+            check_patterns(self.step, self.tokens_per_step, self.patterns)
             return self
         if self.format is None:
             raise ValueError('source = "stdout" needs format = "nanochat" or "regex"')

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from moectl.config import Config
+from moectl.errors import UsageError
 from moectl.plan import RunRequest, plan_run
 from moectl.records import RUN_RECORD, RunRecord
 
@@ -36,6 +37,8 @@ def base_seed(cfg: Config, request: RunRequest) -> int:
 def repeat_requests(cfg: Config, request: RunRequest, n: int, now: Optional[datetime] = None) -> tuple[str, list[RunRequest]]:
     """(the group id, the N requests). The group id names the configuration and the time:
     `<YYYYmmdd_HHMMSS>_<project>-<tag>-x<N>`."""
+    if request.exp_dir is not None:
+        raise UsageError(f"--exp-dir names one directory; --repeat {n} makes {n} runs (leave --exp-dir out)")
     tag = plan_run(cfg, request, now or datetime.now(), gpus_available=None)  # only for the tag and id
     group = f"{tag.run_id}-x{n}"
     seed = base_seed(cfg, request)

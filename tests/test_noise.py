@@ -164,3 +164,10 @@ def test_sweep_with_repeats_per_leg_and_in_common(git_repo, monkeypatch, artifac
         assert len(steps_in(Path(rec["exp_dir"]))) == 12
     rows = out["comparison"]["runs"]
     assert [(x["tag"], x["n_repeats"], x["noise"]) for x in rows] == [("a", 2, "between-runs"), ("b", 3, "between-runs")]
+
+
+def test_repeat_with_one_explicit_directory_is_a_usage_error(git_repo, monkeypatch, artifact_root):
+    nanogpt_project(git_repo, monkeypatch)
+    r = runner.invoke(app, ["run", "--device", "cpu", "--repeat", "2", "--exp-dir", str(artifact_root / "x"), *QUIET])
+    assert r.exit_code == 2 and "--exp-dir names one directory" in r.output
+    assert run_dirs(artifact_root) == []

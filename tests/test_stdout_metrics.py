@@ -119,3 +119,17 @@ def test_import_regex_without_a_step_pattern_or_with_a_bad_one_is_exit_2(tmp_pat
     bad = CliRunner().invoke(app, ["import", str(log), "--format", "regex", "--name", "x",
                                    "--pattern", "step=iter (", "--pattern", "loss=loss ([\\d.]+)"])
     assert bad.exit_code == 2 and "not a regular expression" in bad.output
+
+
+def test_import_regex_takes_its_patterns_from_the_config(tmp_path, monkeypatch, artifact_root):
+    """An engine project ([metrics] source stays jsonl) keeps patterns for importing old nanoGPT logs."""
+    (tmp_path / ".moectl.toml").write_text(
+        "[metrics]\nstep = 'iter (\\d+):'\n[metrics.patterns]\nloss = 'loss ([\\d.]+)'\ndt_ms = 'time ([\\d.]+)ms'\n")
+    log = tmp_path / "train.log"
+    log.write_text(trainer_output("--max_iters=12"))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["import", str(log), "--format", "regex", "--name", "cfg", "--json"])
+    assert result.exit_code == 0, result.output
+    [imported] = list(artifact_root.glob("*/metrics.jsonl"))
+    steps = [r for r in map(parse_line, imported.read_text().splitlines()) if isinstance(r, StepMetrics)]
+    assert [s.step for s in steps] == list(range(12)) and all(s.dt_ms for s in steps)
