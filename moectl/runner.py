@@ -1,9 +1,5 @@
 """`moectl run` as a library: guards -> fresh directory -> records -> torchrun -> summary -> report -> commit.
 
-A trainer whose metrics come from its stdout ([metrics] source = "stdout") is launched the same way;
-its output lines go through moectl.stdout_metrics on their way to train.log, which writes the run's
-metrics.jsonl in the engine's schema, so everything after the launch reads it like the engine's.
-
     outcome = execute_run(cfg, request, progress=make_progress(stdout_is_tty()))
     outcome.exit_code   # 0 completed, 3 a guard refused, 4 training failed, 130 interrupted
 
@@ -11,6 +7,10 @@ metrics.jsonl in the engine's schema, so everything after the launch reads it li
 so there is exactly one launch path. The run record is written atomically at every state change
 (created -> running -> completed | failed | interrupted); the run lock is held from just before the
 directory is created until the record is final, and released on every path.
+
+A trainer whose metrics come from its stdout ([metrics] source = "stdout") is launched the same way;
+its output lines go through moectl.stdout_metrics on their way to train.log, which writes the run's
+metrics.jsonl in the engine's schema, so everything after the launch reads it like the engine's.
 """
 from __future__ import annotations
 
