@@ -8,7 +8,7 @@ import typer
 from moectl.cli.common import app, error, handle_errors, print_json, stdout
 from moectl.cli.options import (
     CapOpt, CompileOpt, ConfigOpt, DeviceOpt, DispatchOpt, ExpDirOpt, ExtraArgs, Fp8Opt, JsonOpt,
-    NprocOpt, OverrideOpt, PresetOpt, StepsOpt, TagOpt, WaitGpusOpt, request_kwargs,
+    NprocOpt, OverrideOpt, PresetOpt, SeedOpt, StepsOpt, TagOpt, WaitGpusOpt, request_kwargs,
 )
 from moectl.errors import EXIT_GUARD, EXIT_OK
 
@@ -23,6 +23,7 @@ def run(
     fp8: Fp8Opt = None,
     dispatch: DispatchOpt = None,
     steps: StepsOpt = None,
+    seed: SeedOpt = None,
     preset: PresetOpt = None,
     device: DeviceOpt = None,
     nproc: NprocOpt = None,
@@ -34,6 +35,7 @@ def run(
     baseline: Annotated[Optional[str], typer.Option("--baseline", help="A run to compare against in the report and commit message.", show_default=False)] = None,
     notes: Annotated[Optional[str], typer.Option("--notes", help="Hypothesis / notes for the report.", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live progress.")] = False,
+    repeat: Annotated[int, typer.Option("--repeat", min=1, help="Run the same configuration N times with seeds seed, seed+1, ... (through \\[launch.options] seed for another trainer), as one group that compare/show/plot/export take by its tag.")] = 1,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
     extra: ExtraArgs = None,
@@ -51,6 +53,7 @@ def run(
       [bold]moectl run --cap 1.0 --tag bufreuse[/bold]
       [bold]moectl run --preset tiny --device cpu --steps 20 --no-commit[/bold]
       [bold]moectl run --cap 0 --dry-run -- --seed 3[/bold]          (engine args after --)
+      [bold]moectl run --cap 1.0 --tag bufreuse --repeat 3[/bold]    (seeds 0, 1, 2: one group)
     """
     from moectl import store
     from moectl.cli.env import _render_check, check_json
@@ -58,18 +61,21 @@ def run(
     from moectl.guards import check_request, passed, summary_line
     from moectl.plan import make_request
     from moectl.progress import make_progress, stdout_is_tty
+    from moectl.repeats import repeat_requests
     from moectl.runner import execute_run, fallback_request
 
     _sigterm_is_interrupt(ctx)
     request = make_request(**request_kwargs(
         cap=cap, tag=tag, compile=compile, fp8=fp8, dispatch=dispatch, steps=steps, preset=preset,
-        device=device, nproc=nproc, exp_dir=exp_dir, wait_gpus=wait_gpus, override=override, extra=extra,
+        device=device, nproc=nproc, exp_dir=exp_dir, wait_gpus=wait_gpus, override=override, extra=extra, seed=seed,
         no_commit=no_commit, notes=notes,
     ))
     cfg = load_config(config)
     base_record = store.resolve_run(cfg.artifact_root, baseline) if baseline else None
 
     if dry_run:
+        if repeat > 1:  # the first repeat's command (its seed goes through the trainer's mapping)
+            request = repeat_requests(cfg, request, repeat)[1][0]
         plan, _obs, results = check_request(cfg, request)
         ok = passed(results)
         if json_out:
@@ -102,39 +108,58 @@ def run(
             error(f"EXPERIMENTS.md not refreshed: {exc.message}")
             return []
 
-    # --json prints ONE object: the last run's, with any earlier attempt (a compile failure that
-    # was re-run with --compile none) under `previous_attempts`.
-    previous: list[dict] = []
-    while True:
-        progress = make_progress(stdout_is_tty(), quiet=quiet or json_out)
-        try:
-            outcome = execute_run(cfg, request, progress=progress, baseline=base_record,
-                                  on_wait=on_wait, on_start=on_start, extra_commit_paths=summary_paths)
-        finally:
-            progress.close()
-        if outcome.record is None:  # refused: nothing written
-            if json_out:
-                print_json({**check_json(outcome.plan, outcome.guards, False),
-                            **({"previous_attempts": previous} if previous else {})})
-            else:
-                _render_check(outcome.plan, outcome.guards, False)
-            error("a guard refused the run; nothing was written")
-            raise typer.Exit(EXIT_GUARD)
-        retry = fallback_request(cfg, request, outcome)
-        if json_out:
+    def attempts(request) -> tuple[int, dict]:
+        """One run to its end, re-run with --compile none when its compile failed; (exit code, the
+        --json object: the last attempt's, any earlier one under `previous_attempts`)."""
+        previous: list[dict] = []
+        while True:
+            progress = make_progress(stdout_is_tty(), quiet=quiet or json_out)
+            try:
+                outcome = execute_run(cfg, request, progress=progress, baseline=base_record,
+                                      on_wait=on_wait, on_start=on_start, extra_commit_paths=summary_paths)
+            finally:
+                progress.close()
+            if outcome.record is None:  # refused: nothing written
+                if not json_out:
+                    _render_check(outcome.plan, outcome.guards, False)
+                error("a guard refused the run; nothing was written")
+                return EXIT_GUARD, {**check_json(outcome.plan, outcome.guards, False),
+                                    **({"previous_attempts": previous} if previous else {})}
+            retry = fallback_request(cfg, request, outcome)
             data = _outcome_json(outcome)
-            if retry is not None:
-                previous.append(data)
-            else:
-                print_json({**data, "previous_attempts": previous})
-        else:
-            _render_outcome(outcome)
-        _warn_not_mirrored(outcome)
-        if retry is None:
-            raise typer.Exit(outcome.exit_code)
+            if not json_out:
+                _render_outcome(outcome)
+            _warn_not_mirrored(outcome)
+            if retry is None:
+                return outcome.exit_code, {**data, "previous_attempts": previous}
+            previous.append(data)
+            if not json_out:
+                stdout.print("torch.compile failed: re-running with --compile none (launch.compile_fallback)", markup=False)
+            request = retry
+
+    if repeat == 1:
+        code, data = attempts(request)
+        if json_out:
+            print_json(data)
+        raise typer.Exit(code)
+    # --repeat N: the same configuration N times, seeds seed, seed+1, ..., one group; the first
+    # run that does not complete ends the group there (its exit code is the command's).
+    group, requests = repeat_requests(cfg, request, repeat)
+    runs: list[dict] = []
+    code = EXIT_OK
+    for i, one in enumerate(requests, start=1):
         if not json_out:
-            stdout.print("torch.compile failed: re-running with --compile none (launch.compile_fallback)", markup=False)
-        request = retry
+            stdout.print(f"repeat {i}/{repeat} of group {group} (seed {one.seed})", markup=False)
+        code, data = attempts(one)
+        runs.append(data)
+        if code != EXIT_OK:
+            break
+    if json_out:
+        print_json({"group": group, "repeats": repeat, "runs": runs})
+    elif code == EXIT_OK:
+        stdout.print(f"group {group}: {repeat} runs; compare, show, plot and export take the whole group by its "
+                     f"tag {requests[0].tag}", markup=False)
+    raise typer.Exit(code)
 
 
 def _sigterm_is_interrupt(ctx: typer.Context) -> None:
