@@ -304,7 +304,11 @@ def _field_lines(name: str, exc: ValidationError) -> list[str]:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        # A section's own check names the key it is about (`patterns.loss: ...`): one dotted path.
+        head, sep, rest = msg.partition(": ")
+        if sep and loc and " " not in head and head.replace(".", "").replace("_", "").isalnum():
+            loc, msg = f"{loc}.{head}", rest
         lines.append(f"{name}: {loc}: {msg}")
     return lines
 

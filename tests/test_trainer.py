@@ -143,3 +143,12 @@ def test_init_engine_is_the_default_template_and_unknown_trainer_is_exit_2(tmp_p
     bad = CliRunner().invoke(app, ["init", str(tmp_path / "x"), "--trainer", "torchtitan"])
     assert bad.exit_code == 2 and "unknown trainer 'torchtitan'" in bad.output
     assert not (tmp_path / "x" / ".moectl.toml").exists()
+
+
+def test_a_bad_pattern_is_one_line_naming_its_dotted_key():
+    """The section's own check names the key it is about: the line reads as one dotted path, with
+    no pydantic wording ("Value error, ") in it."""
+    with pytest.raises(UsageError) as exc:
+        parse_config_text('[metrics]\nsource = "stdout"\nformat = "regex"\nstep = "iter (\\\\d+)"\n'
+                          '[metrics.patterns]\nloss = "loss [0-9.]+"\n')
+    assert exc.value.lines == [".moectl.toml: metrics.patterns.loss: 'loss [0-9.]+' needs a (group) around the number it reads"]
