@@ -230,6 +230,8 @@ class StdoutParser:
     def _make(self, step: int, kwargs: dict[str, float]) -> StepMetrics:
         if "loss" not in kwargs:
             raise ValueError("no loss")
+        if kwargs.get("mfu", 0.0) < 0:
+            del kwargs["mfu"]  # nanoGPT prints -100.00% until it has an estimate: not a figure
         dt_ms = kwargs.get("dt_ms")
         if "tok_per_sec" not in kwargs and self.tokens_per_step and dt_ms:
             kwargs["tok_per_sec"] = self.tokens_per_step / (dt_ms / 1000.0)

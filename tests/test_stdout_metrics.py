@@ -35,7 +35,10 @@ def test_nanogpt_lines_become_schema_records_with_tok_per_sec_from_tokens_per_st
             for r in parser.feed(line)]
     assert isinstance(recs[0], StartInfo) and recs[0].steps == 3 and recs[0].tokens_per_step == 16384
     step = recs[1]
-    assert (step.step, step.loss, step.dt_ms, step.mfu) == (0, 2.5, 8.0, -100.0)
+    # nanoGPT prints mfu -100.00% until it has an estimate: no figure, not a -100% to average
+    assert (step.step, step.loss, step.dt_ms, step.mfu) == (0, 2.5, 8.0, None)
+    later = steps_of(parser, ["iter 1: loss 2.4000, time 8.00ms, mfu 12.50%\n"])
+    assert later[0].mfu == 12.5
     assert step.tok_per_sec == pytest.approx(16384 / 0.008)
     assert step.elapsed_s == pytest.approx(0.008)
 
