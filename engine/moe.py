@@ -7,6 +7,13 @@
     aux.dropped       float scalar tensor: assignments dropped by capacity (0 when dropless)
     aux.assignments   int: tokens * top_k (python int, known from shapes)
 
+Balancing (cfg.balance): `loss` adds the Switch loss (balance_coeff); `none` adds nothing; `bias` is
+DeepSeek-V3's aux-loss-free scheme: a per-expert bias buffer `expert_bias_E` is added to the router
+probabilities for the top-k CHOICE only (the gate weights stay the unbiased probabilities, so no
+gradient ever reaches the bias), and after each optimizer step `update_expert_bias` moves it by
++-balance_rate toward equal load (the loop passes counts summed over micro-batches and ranks, so
+every rank applies the same update and the biases never drift apart).
+
 Dispatchers (cfg.dispatch; "auto" = padded for cap > 0, grouped for cap == 0):
   padded   capacity C = ceil(cap * N * top_k / E) rounded up to 8; tokens gathered into an [E, C, D]
            buffer, two torch.bmm; assignments past C are dropped first come first served (token
@@ -35,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 DISPATCHES = ("auto", "padded", "grouped", "loop")
+BALANCES = ("loss", "bias", "none")
 
 
 @dataclass
@@ -45,9 +53,11 @@ class MoEConfig:
     expert_hidden: int = 0  # 0 -> 2 * dim
     cap: float = 1.0  # capacity factor; 0 = dropless
     dispatch: str = "auto"  # auto | padded | grouped | loop
-    balance_coeff: float = 0.01
+    balance_coeff: float = 0.01  # Switch loss coefficient (balance == "loss" only)
     z_coeff: float = 0.0
     fp8: bool = False
+    balance: str = "loss"  # loss | bias | none
+    balance_rate: float = 1e-3  # bias step per optimizer step (balance == "bias")
 
     @property
     def hidden(self) -> int:
@@ -76,6 +86,10 @@ class MoEConfig:
             raise ValueError(f"--dispatch grouped is dropless; it takes --cap 0, got {self.cap} (use padded)")
         if self.balance_coeff < 0 or self.z_coeff < 0:
             raise ValueError("--balance-coeff and z_coeff must be >= 0")
+        if self.balance not in BALANCES:
+            raise ValueError(f"--balance must be one of {', '.join(BALANCES)}, got {self.balance!r}")
+        if not (self.balance_rate > 0 and math.isfinite(self.balance_rate)):
+            raise ValueError(f"--balance-rate must be > 0, got {self.balance_rate}")
         if self.fp8:
             from engine.fp8 import check_fp8_shape
 
@@ -104,12 +118,18 @@ def capacity(cap: float, n_tokens: int, top_k: int, n_experts: int) -> int:
 # Router
 
 
-def route(x_ND, router_weight_ED, top_k: int, balance_coeff: float, z_coeff: float):
-    """Softmax top-k over fp32 logits. -> (weights_NK fp32 renormalised, experts_NK, counts_E, loss)."""
+def route(x_ND, router_weight_ED, top_k: int, balance_coeff: float, z_coeff: float, bias_E=None):
+    """Softmax top-k over fp32 logits. -> (weights_NK fp32 renormalised, experts_NK, counts_E, loss).
+
+    bias_E (aux-loss-free balancing) shifts which experts are chosen, never the weights they get."""
     N, E = x_ND.shape[0], router_weight_ED.shape[0]
     logits_NE = F.linear(x_ND.float(), router_weight_ED.float())
     probs_NE = logits_NE.softmax(dim=-1)
-    weights_NK, experts_NK = probs_NE.topk(top_k, dim=-1)
+    if bias_E is None:
+        weights_NK, experts_NK = probs_NE.topk(top_k, dim=-1)
+    else:
+        experts_NK = (probs_NE.detach() + bias_E).topk(top_k, dim=-1).indices
+        weights_NK = probs_NE.gather(1, experts_NK)
     weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True)
     # Per-expert counts by a scatter-add: static shape (bincount's is data dependent), no host sync.
     experts_A = experts_NK.reshape(-1)
@@ -290,6 +310,10 @@ class MoELayer(nn.Module):
         self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
         self.w_up_EDH = nn.Parameter(torch.empty(cfg.n_experts, cfg.dim, cfg.hidden))
         self.w_down_EHD = nn.Parameter(torch.empty(cfg.n_experts, cfg.hidden, cfg.dim))
+        if cfg.balance == "bias":  # a buffer: saved in checkpoints, never a parameter (no grad, no optimizer)
+            self.register_buffer("expert_bias_E", torch.zeros(cfg.n_experts))
+        else:
+            self.expert_bias_E = None
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -297,12 +321,24 @@ class MoELayer(nn.Module):
         nn.init.normal_(self.w_up_EDH, std=self.cfg.dim**-0.5)
         nn.init.zeros_(self.w_down_EHD)
 
+    @torch.no_grad()
+    def update_expert_bias(self, tokens_per_expert_E: torch.Tensor) -> None:
+        """DeepSeek-V3's update after an optimizer step: +rate for an under-loaded expert, -rate
+        for an over-loaded one (centred, so the biases do not drift as a whole). Pass the counts
+        of the whole step, all ranks: each rank then applies the same update."""
+        if self.expert_bias_E is None:
+            return
+        load_E = tokens_per_expert_E.to(self.expert_bias_E)
+        delta_E = self.cfg.balance_rate * torch.sign(load_E.mean() - load_E)
+        self.expert_bias_E.add_(delta_E - delta_E.mean())
+
     def forward(self, x_BTD: torch.Tensor):
         B, T, D = x_BTD.shape
         cfg = self.cfg
         x_ND = x_BTD.reshape(B * T, D)
         weights_NK, experts_NK, counts_E, loss = route(
-            x_ND, self.router.weight, cfg.top_k, cfg.balance_coeff, cfg.z_coeff
+            x_ND, self.router.weight, cfg.top_k, cfg.balance_coeff if cfg.balance == "loss" else 0.0,
+            cfg.z_coeff, self.expert_bias_E,
         )
         # Under autocast (bf16 training on GPU) the experts compute in the autocast dtype:
         # _grouped_mm is not an autocast op and on CUDA takes bf16 only, so without this cast the

@@ -66,7 +66,7 @@ PRESETS = {
 DEFAULTS = dict(
     depth=4, aspect_ratio=64, head_dim=64, n_experts=8, top_k=2, expert_hidden_mult=2.0,
     moe_freq=1, cap=1.0, dispatch="auto", compile="none", fp8=False, fp8_dense=False, dense=False,
-    balance_coeff=0.01, z_coeff=0.0, seq_len=256, device_batch_size=8, total_batch_size=None,
+    balance_coeff=0.01, z_coeff=0.0, balance="loss", balance_rate=1e-3, seq_len=256, device_batch_size=8, total_batch_size=None,
     steps=100, lr=3e-3, warmdown_frac=0.2, grad_clip=1.0, seed=0, data="default", vocab_size=None,
     device=None, dtype=None, out_dir=None, ckpt_dir=None, save_every=0, resume=None,
     peak_flops=None, eval_every=0, eval_batches=8, log_every=1,
@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dispatch", choices=["auto", "padded", "grouped", "loop"], help="MoE dispatch (auto: padded for cap>0, grouped for cap 0)")
     g.add_argument("--balance-coeff", type=float, help="Switch load-balancing loss coefficient")
     g.add_argument("--z-coeff", type=float, help="router z-loss coefficient")
+    g.add_argument("--balance", choices=["loss", "bias", "none"],
+                   help="load balancing: loss (Switch loss, --balance-coeff), bias (aux-loss-free, DeepSeek-V3), none")
+    g.add_argument("--balance-rate", type=float, help="--balance bias: bias step per optimizer step (default 1e-3)")
     g.add_argument("--dense", action="store_true", default=None, help="iso-FLOP dense baseline: MLP hidden = top_k * expert hidden")
     g.add_argument("--fp8", action="store_true", default=None, help="float8 expert GEMMs (engine.fp8)")
     g.add_argument("--fp8-dense", action="store_true", default=None, help="float8 for the dense Linear layers too")
@@ -191,6 +194,7 @@ def model_config(args, vocab_size: int) -> GPTConfig:
         vocab_size=vocab_size, n_experts=args.n_experts, top_k=args.top_k,
         expert_hidden_mult=args.expert_hidden_mult, moe_freq=args.moe_freq, cap=args.cap,
         dispatch=args.dispatch, balance_coeff=args.balance_coeff, z_coeff=args.z_coeff,
+        balance=args.balance, balance_rate=args.balance_rate,
         dense=bool(args.dense), fp8=bool(args.fp8), fp8_dense=bool(args.fp8_dense),
     )
 
@@ -478,6 +482,8 @@ def _train(args, open_files: list) -> int:
         stats = torch.cat([torch.stack([loss_acc / accum, aux_acc / accum, dropped_acc]), counts_LE.flatten()])
         if ddp:
             dist.all_reduce(stats)
+        if cfg.balance == "bias" and model.n_moe_layers:  # counts of the whole step, all ranks: biases agree
+            model.update_expert_bias(stats[3:].view(model.n_moe_layers, cfg.n_experts))
         vals = stats.tolist()
         dt = time.perf_counter() - t0
         elapsed_s += dt
