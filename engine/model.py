@@ -273,6 +273,16 @@ class GPT(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [b.mlp for b in self.blocks if b.is_moe]
 
+    def shard_experts(self, ep) -> None:
+        """Expert parallelism (engine.ep): every MoE layer keeps this rank's E/N experts."""
+        for layer in self.moe_layers():
+            layer.shard_experts(ep)
+
+    def expert_param_names(self) -> list[str]:
+        """Qualified names of the expert weights: what EP shards and DDP must leave alone."""
+        return [f"blocks.{i}.mlp.{name}" for i, b in enumerate(self.blocks) if b.is_moe
+                for name in b.mlp.expert_param_names()]
+
     def update_expert_bias(self, tokens_per_expert_LE: torch.Tensor) -> None:
         """After an optimizer step (--balance bias): one row of counts per MoE layer, whole step, all ranks."""
         for layer, counts_E in zip(self.moe_layers(), tokens_per_expert_LE):

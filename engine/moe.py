@@ -30,6 +30,15 @@ How tokens move (padded and grouped): the N*K assignments are stable-sorted by e
 expert's assignments stay in token order. Dispatch and combine are then pure gathers through that
 permutation, and they are custom autograd Functions whose backward is again a gather (never a
 scatter-add, never an [N, E] one-hot): that is what keeps the MoE layer near the dense MLP's cost.
+
+Expert parallelism (`shard_experts`, engine.ep): the router and the dispatch above stay on each
+rank, over its own tokens and all E experts; only the expert GEMMs move. padded: the [E, C, D]
+buffer is cut into N chunks of E/N experts, one all-to-all (equal splits, no host sync) brings each
+rank its experts' slots from every source ([E/N, N*C, D], one bmm), a second brings the outputs
+back. grouped: the expert-sorted rows go to their expert's rank with the counts exchanged first
+(one host sync per layer for the split sizes), are regrouped source-major -> expert-major for the
+grouped GEMM, and return the same way. Everything before and after is unchanged, so drops,
+gates and the custom backward are exactly those of the single-rank path.
 """
 from __future__ import annotations
 
@@ -40,6 +49,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from engine import ep as ep_comm
 
 DISPATCHES = ("auto", "padded", "grouped", "loop")
 BALANCES = ("loss", "bias", "none")
@@ -310,6 +321,7 @@ class MoELayer(nn.Module):
         self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
         self.w_up_EDH = nn.Parameter(torch.empty(cfg.n_experts, cfg.dim, cfg.hidden))
         self.w_down_EHD = nn.Parameter(torch.empty(cfg.n_experts, cfg.hidden, cfg.dim))
+        self.ep = None  # engine.ep.ExpertParallel once shard_experts() ran
         if cfg.balance == "bias":  # a buffer: saved in checkpoints, never a parameter (no grad, no optimizer)
             self.register_buffer("expert_bias_E", torch.zeros(cfg.n_experts))
         else:
@@ -320,6 +332,18 @@ class MoELayer(nn.Module):
         nn.init.normal_(self.router.weight, std=self.cfg.dim**-0.5)
         nn.init.normal_(self.w_up_EDH, std=self.cfg.dim**-0.5)
         nn.init.zeros_(self.w_down_EHD)
+
+    def shard_experts(self, ep) -> None:
+        """Keep only this rank's E/N experts (engine.ep). Called after init (and after loading a
+        full checkpoint), so every rank's shard is its slice of the very same full weights."""
+        if self.cfg.fp8 or self.dispatch == "loop":
+            raise ValueError("--ep > 1 takes the padded or grouped dispatch without --fp8")
+        self.ep = ep
+        self.w_up_EDH = nn.Parameter(ep.shard(self.w_up_EDH.detach()).clone())
+        self.w_down_EHD = nn.Parameter(ep.shard(self.w_down_EHD.detach()).clone())
+
+    def expert_param_names(self) -> list[str]:
+        return ["w_up_EDH", "w_down_EHD"]
 
     @torch.no_grad()
     def update_expert_bias(self, tokens_per_expert_E: torch.Tensor) -> None:
@@ -359,6 +383,8 @@ class MoELayer(nn.Module):
             ok, _ = grouped_mm_supported(x_ND.device, x_ND.dtype, D, cfg.hidden)
             if cfg.fp8:
                 out_ND = self._grouped_fp8(x_ND, experts_A, gate_A, counts_E, w_up, w_down)
+            elif ok and self.ep is not None:
+                out_ND = self._grouped_ep(x_ND, experts_A, gate_A, counts_E, w_up, w_down)
             elif ok:
                 out_ND = self._grouped(x_ND, experts_A, gate_A, counts_E, w_up, w_down)
             else:  # dropless stand-in: C = N slots per expert can never overflow
@@ -382,10 +408,22 @@ class MoELayer(nn.Module):
         valid_EC = p_C < counts_E.unsqueeze(1)
         src_assign_S = order_A.index_select(0, (start_E.unsqueeze(1) + p_C).clamp(max=A - 1).view(-1))
         buf_ECD = _Dispatch.apply(x_ND, src_assign_S // K, slot_A, keep_A, K).view(E, C, -1)
-        y_ECD = _experts_bmm(buf_ECD, w_up, w_down, self.cfg.fp8)
+        y_ECD = _experts_bmm(buf_ECD, w_up, w_down, self.cfg.fp8) if self.ep is None else self._slots_ep(buf_ECD, w_up, w_down)
         out_ND = _Combine.apply(y_ECD.view(E * C, -1), gate_A, slot_A, src_assign_S, valid_EC.view(-1), K)
         dropped = (counts_E - C).clamp(min=0).sum().float()
         return out_ND, dropped
+
+    def _slots_ep(self, buf_ECD, w_up, w_down):
+        """padded under EP: chunk j of the slots (experts of rank j) goes to rank j and comes back."""
+        E, C, D = buf_ECD.shape
+        n, group = self.ep.size, self.ep.group
+        El = E // n
+        splits = [El * C] * n
+        recv_RD = ep_comm.all_to_all(buf_ECD.view(E * C, D), splits, splits, group)  # [src, El, C] rows
+        x_EnCD = recv_RD.view(n, El, C, D).transpose(0, 1).reshape(El, n * C, D)
+        y_EnCD = _experts_bmm(x_EnCD, w_up, w_down, False)
+        send_RD = y_EnCD.view(El, n, C, D).transpose(0, 1).reshape(n * El * C, D)
+        return ep_comm.all_to_all(send_RD, splits, splits, group).view(E, C, D)
 
     def _grouped(self, x_ND, experts_A, gate_A, counts_E, w_up, w_down):
         K = self.cfg.top_k
@@ -398,6 +436,29 @@ class MoELayer(nn.Module):
         gmm = _grouped_mm_op if torch.compiler.is_compiling() else _grouped_mm_eager
         h_AH = F.relu(gmm(x_AD, w_up, offs_E)).square()
         y_AD = gmm(h_AH, w_down, offs_E)
+        return _Combine.apply(y_AD, gate_A, rank_A, order_A, none, K)
+
+    def _grouped_ep(self, x_ND, experts_A, gate_A, counts_E, w_up, w_down):
+        """grouped under EP: this rank's sorted rows to their experts' ranks and back."""
+        K, ep = self.cfg.top_k, self.ep
+        order_A, rank_A, _ = _sort_by_expert(experts_A, counts_E)
+        none = experts_A.new_empty(0, dtype=torch.bool)
+        x_AD = _Dispatch.apply(x_ND, order_A // K, rank_A, none, K)
+        recv_counts_SE = ep_comm.exchange_counts(counts_E, ep)
+        send_splits = counts_E.view(ep.size, -1).sum(1).tolist()  # the host sync of the split sizes
+        recv_splits = recv_counts_SE.sum(1).tolist()
+        total = sum(recv_splits)
+        x_RD = ep_comm.all_to_all(x_AD, recv_splits, send_splits, ep.group)
+        if total:
+            perm_R, inv_R = ep_comm.source_to_expert_major(recv_counts_SE, total)
+            x_RD = ep_comm.Permute.apply(x_RD, perm_R, inv_R)
+            offs_E = torch.cumsum(recv_counts_SE.sum(0), 0).to(torch.int32)
+            gmm = _grouped_mm_op if torch.compiler.is_compiling() else _grouped_mm_eager
+            y_RD = gmm(F.relu(gmm(x_RD, w_up, offs_E)).square(), w_down, offs_E)
+            y_RD = ep_comm.Permute.apply(y_RD, inv_R, perm_R)
+        else:  # no row for this rank's experts: nothing to compute, nothing to send back
+            y_RD = x_RD
+        y_AD = ep_comm.all_to_all(y_RD, send_splits, recv_splits, ep.group)
         return _Combine.apply(y_AD, gate_A, rank_A, order_A, none, K)
 
     def _grouped_fp8(self, x_ND, experts_A, gate_A, counts_E, w_up, w_down):

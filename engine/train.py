@@ -4,6 +4,7 @@
     python -m engine.train --preset tiny --out-dir /tmp/run   # + metrics.jsonl (engine.schema lines)
     torchrun --standalone --nproc-per-node 8 -m engine.train --preset d12-moe
     torchrun --standalone --nproc-per-node 1 -m engine.train --preset d12-moe --cap 0 --steps 60
+    torchrun --standalone --nproc-per-node 8 -m engine.train --preset d12-moe --ep 4   # experts over 4 ranks
 
 Explicit options override the preset. Exit codes (engine.schema): 0 done, 2 bad options (one
 `error: ...` line on stderr), 3 torch.compile failed (rerun with --compile none), 1 anything else,
@@ -33,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from engine import checkpoint, data, flops
+from engine.ep import ExpertParallel, check_ep
 from engine.model import GPT, GPTConfig
 from engine.schema import (
     EXIT_BAD_OPTIONS,
@@ -66,7 +68,7 @@ PRESETS = {
 DEFAULTS = dict(
     depth=4, aspect_ratio=64, head_dim=64, n_experts=8, top_k=2, expert_hidden_mult=2.0,
     moe_freq=1, cap=1.0, dispatch="auto", compile="none", fp8=False, fp8_dense=False, dense=False,
-    balance_coeff=0.01, z_coeff=0.0, balance="loss", balance_rate=1e-3, seq_len=256, device_batch_size=8, total_batch_size=None,
+    balance_coeff=0.01, z_coeff=0.0, balance="loss", balance_rate=1e-3, ep=1, seq_len=256, device_batch_size=8, total_batch_size=None,
     steps=100, lr=3e-3, warmdown_frac=0.2, grad_clip=1.0, seed=0, data="default", vocab_size=None,
     device=None, dtype=None, out_dir=None, ckpt_dir=None, save_every=0, resume=None,
     peak_flops=None, eval_every=0, eval_batches=8, log_every=1,
@@ -119,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("training")
     t.add_argument("--seq-len", type=int, help="tokens per sequence")
     t.add_argument("--device-batch-size", type=int, help="sequences per micro-batch per rank")
+    t.add_argument("--ep", type=int, help="expert parallelism: each group of N ranks splits the experts (E/N per rank); "
+                   "N divides the world size and --n-experts (default 1: every rank holds every expert)")
     t.add_argument("--total-batch-size", type=int, help="tokens per optimizer step, all ranks (default: one micro-batch per rank)")
     t.add_argument("--steps", type=int, help="optimizer steps")
     t.add_argument("--lr", type=float, help="AdamW learning rate (peak)")
@@ -171,6 +175,13 @@ def resolve_options(argv) -> argparse.Namespace:
         model_config(args, vocab_size=args.vocab_size or 256).validate()
     except ValueError as exc:
         raise BadOptions(str(exc)) from None
+    if args.ep != 1:
+        try:
+            check_ep(args.ep, args.n_experts)
+        except ValueError as exc:
+            raise BadOptions(str(exc)) from None
+        if args.dense or args.fp8 or args.dispatch == "loop":
+            raise BadOptions("--ep > 1 needs MoE layers with the padded or grouped dispatch (not --dense, --fp8, --dispatch loop)")
     if args.fp8 or args.fp8_dense:
         flag = "--fp8" if args.fp8 else "--fp8-dense"
         try:
@@ -320,6 +331,8 @@ def _train(args, open_files: list) -> int:
             f"({args.device_batch_size} x {args.seq_len} x {world} = {tokens_per_micro})"
         )
     accum = total_batch // tokens_per_micro
+    if world % args.ep:
+        raise BadOptions(f"--ep {args.ep} does not divide the world size {world} (torchrun --nproc-per-node x nodes)")
 
     # ---- data (before the process group: a bad --data is exit 2 on every rank) ------------
     B, T = args.device_batch_size, args.seq_len
@@ -349,20 +362,34 @@ def _train(args, open_files: list) -> int:
     master = rank == 0
 
     # ---- model, optimizer ---------------------------------------------------------------
+    # Under --ep every rank builds (and loads) the full model, then keeps its experts: each shard is
+    # a slice of the same weights a DDP run starts from, and checkpoints hold all experts (engine.ep).
     torch.manual_seed(args.seed)
     cfg = model_config(args, vocab)
     model = GPT(cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
-    for group in optimizer.param_groups:
-        group["initial_lr"] = args.lr
-    start_step, elapsed_s = 0, 0.0
-    if resume_path is not None:
-        state = checkpoint.load(resume_path)
+    n_params = sum(p.numel() for p in model.parameters())
+    expert_names = model.expert_param_names()
+    params_by_name = dict(model.named_parameters())
+    expert_numel = sum(params_by_name[n].numel() for n in expert_names)
+    state = checkpoint.load(resume_path) if resume_path is not None else None
+    if state is not None:
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as exc:
             raise BadOptions(f"--resume {resume_path}: checkpoint does not match this model: {_first_line(exc)}") from None
-        optimizer.load_state_dict(state["optimizer"])
+    ep = ExpertParallel.setup(args.ep) if args.ep > 1 else None
+    if ep is not None:
+        model.shard_experts(ep)
+    params_by_name = dict(model.named_parameters())
+    expert_params = [params_by_name[n] for n in expert_names]
+    expert_idx = [i for i, (n, _) in enumerate(model.named_parameters()) if n in set(expert_names)]
+    dense_params = [p for n, p in model.named_parameters() if n not in set(expert_names)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = args.lr
+    start_step, elapsed_s = 0, 0.0
+    if state is not None:
+        optimizer.load_state_dict(ep.shard_optimizer_state(state["optimizer"], expert_idx) if ep else state["optimizer"])
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"]["cpu"])
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
@@ -370,12 +397,16 @@ def _train(args, open_files: list) -> int:
         start_step, elapsed_s = int(state["step"]), float(state.get("elapsed_s", 0.0))
     step_model = model if args.compile == "none" else torch.compile(model, dynamic=args.compile == "dynamic")
     if ddp:  # DDP around the compiled module: DDP's own hooks do the all-reduce, no_sync works as usual
+        if ep is not None:  # expert grads are reduced by ep.reduce_grads, over ranks holding the same experts
+            ids = {id(p) for p in expert_params}
+            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                step_model, [n for n, p in step_model.named_parameters() if id(p) in ids])
         step_model = torch.nn.parallel.DistributedDataParallel(step_model, device_ids=[local_rank] if device.type == "cuda" else None)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
     flops_tok = flops.flops_per_token(cfg)
     peak, device_name = flops.peak_flops(device.type, args.peak_flops)
-    n_params = sum(p.numel() for p in model.parameters())
+    experts_per_rank = expert_numel // args.ep
 
     # ---- metrics sink -------------------------------------------------------------------
     sink = None
@@ -397,6 +428,7 @@ def _train(args, open_files: list) -> int:
 
     config = {**vars(args), **cfg.to_dict(), "grad_accum": accum,
               "total_batch_size": total_batch, "n_params": n_params, "flops_per_token": flops_tok,
+              "expert_params_per_rank": experts_per_rank, "expert_params_ddp": expert_numel,
               "torch_version": torch.__version__}  # moectl records it in run.json
     emit(StartInfo(steps=args.steps, world_size=world, tokens_per_step=total_batch, device=device_name,
                    config=config, start_step=start_step))
@@ -407,6 +439,9 @@ def _train(args, open_files: list) -> int:
         print(f"batch: {total_batch:,} tokens/step = {B} x {T} x {world} rank(s) x {accum} accum | "
               f"device {device_name} | dtype {args.dtype} | compile {args.compile}"
               + (f" | resumed at step {start_step} from {resume_path}" if resume_path else ""), flush=True)
+        if ep is not None:
+            print(f"experts: --ep {args.ep}, {cfg.n_experts // args.ep} of {cfg.n_experts} per rank per layer | "
+                  f"expert params per rank {experts_per_rank:,} = 1/{args.ep} of DDP's {expert_numel:,}", flush=True)
 
     def evaluate() -> float | None:
         if make_val is None:
@@ -426,9 +461,12 @@ def _train(args, open_files: list) -> int:
     def save(step: int, val_loss):
         if not args.ckpt_dir:
             return
+        model_state, optim_state = model.state_dict(), optimizer.state_dict()
+        if ep is not None:  # collective: every rank sends its experts, rank 0 writes them all
+            model_state, optim_state = ep.full_state(model_state, expert_names, optim_state, expert_idx)
         if master:
             payload = {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
+                "model": model_state, "optimizer": optim_state, "loader": loader.state_dict(),
                 "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
                 "step": step, "elapsed_s": elapsed_s,
             }
@@ -473,7 +511,11 @@ def _train(args, open_files: list) -> int:
             if args.compile != "none" and _is_compile_error(exc):
                 raise CompileFailed(f"{type(exc).__name__}: {_first_line(exc)}") from exc
             raise
-        if args.grad_clip > 0:
+        if ep is not None:
+            ep.reduce_grads(expert_params)
+        if args.grad_clip > 0 and ep is not None:
+            ep.clip_grad_norm(dense_params, expert_params, args.grad_clip)
+        elif args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -66,6 +66,7 @@ class RunRequest(BaseModel):
     dispatch: Optional[Literal["auto", "padded", "grouped", "loop"]] = None
     balance: Optional[Literal["loss", "bias", "none"]] = None
     balance_rate: Optional[float] = Field(None, gt=0)
+    ep: Optional[int] = Field(None, ge=1)
     steps: Optional[int] = Field(None, gt=0)
     preset: Optional[str] = None
     device: Optional[Literal["auto", "cuda", "cpu"]] = None
@@ -156,6 +157,8 @@ def default_tag(options: dict[str, Any]) -> str:
         parts.append("dense")
     if options.get("balance") not in (None, "loss"):
         parts.append("bal" + str(options["balance"]))
+    if options.get("ep") not in (None, 1):
+        parts.append(f"ep{options['ep']}")
     return "_".join(parts)
 
 
@@ -178,7 +181,7 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
     reading (None when NVML is unavailable); device `auto` means cuda only when there are some."""
     options = cfg.defaults.options()
     device_default = options.pop("device", None)
-    for key in ("preset", "cap", "compile", "fp8", "dispatch", "balance", "balance_rate", "steps"):
+    for key in ("preset", "cap", "compile", "fp8", "dispatch", "balance", "balance_rate", "ep", "steps"):
         value = getattr(request, key)
         if value is not None:
             options[key] = value

@@ -12,8 +12,8 @@ import typer
 
 from moectl.cli.common import app, handle_errors, print_json, stdout
 from moectl.cli.options import (
-    BalanceOpt, BalanceRateOpt, CapOpt, CompileOpt, ConfigOpt, DeviceOpt, DispatchOpt, ExpDirOpt, ExtraArgs, Fp8Opt, JsonOpt,
-    NprocOpt, OverrideOpt, PresetOpt, StepsOpt, TagOpt, WaitGpusOpt, request_kwargs,
+    BalanceOpt, BalanceRateOpt, CapOpt, CompileOpt, ConfigOpt, DeviceOpt, DispatchOpt, EpOpt, ExpDirOpt,
+    ExtraArgs, Fp8Opt, JsonOpt, NprocOpt, OverrideOpt, PresetOpt, StepsOpt, TagOpt, WaitGpusOpt, request_kwargs,
 )
 from moectl.errors import EXIT_GUARD
 
@@ -178,6 +178,7 @@ def check(
     dispatch: DispatchOpt = None,
     balance: BalanceOpt = None,
     balance_rate: BalanceRateOpt = None,
+    ep: EpOpt = None,
     steps: StepsOpt = None,
     preset: PresetOpt = None,
     device: DeviceOpt = None,
@@ -203,7 +204,7 @@ def check(
     request = make_request(**request_kwargs(
         cap=cap, tag=tag, compile=compile, fp8=fp8, dispatch=dispatch, steps=steps, preset=preset,
         device=device, nproc=nproc, exp_dir=exp_dir, wait_gpus=wait_gpus, override=override, extra=extra,
-        balance=balance, balance_rate=balance_rate,
+        balance=balance, balance_rate=balance_rate, ep=ep,
     ))
     cfg = load_config(config)
     plan, _obs, results = check_request(cfg, request)

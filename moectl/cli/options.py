@@ -21,6 +21,7 @@ Fp8Opt = Annotated[Optional[bool], typer.Option("--fp8/--no-fp8", help="float8 e
 DispatchOpt = Annotated[Optional[str], typer.Option("--dispatch", help="auto | padded | grouped | loop.", show_default=False)]
 BalanceOpt = Annotated[Optional[str], typer.Option("--balance", help="Load balancing: loss | bias (aux-loss-free, DeepSeek-V3) | none.", show_default=False)]
 BalanceRateOpt = Annotated[Optional[float], typer.Option("--balance-rate", help="--balance bias: bias step per optimizer step.", show_default=False)]
+EpOpt = Annotated[Optional[int], typer.Option("--ep", help="Expert parallelism: each group of N ranks splits the experts (N divides --nproc and the expert count).", show_default=False)]
 StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps.", show_default=False)]
 PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Engine preset, e.g. tiny or d12-moe.", show_default=False)]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cuda | cpu (auto = cuda when NVML sees GPUs).", show_default=False)]
@@ -35,13 +36,13 @@ ExtraArgs = Annotated[Optional[list[str]], typer.Argument(help="Extra engine arg
 
 def request_kwargs(*, cap, tag, compile, fp8, dispatch, steps, preset, device, nproc, exp_dir,
                    wait_gpus, override, extra, no_commit: bool = False, notes=None,
-                   balance=None, balance_rate=None) -> dict:
+                   balance=None, balance_rate=None, ep=None) -> dict:
     """The CLI values as `moectl.plan.make_request(**kwargs)` keywords."""
     return dict(
         cap=cap, tag=tag, compile=compile, fp8=fp8, dispatch=dispatch, steps=steps, preset=preset,
         device=device, nproc=nproc, exp_dir=exp_dir, wait_gpus=wait_gpus, overrides=list(override or []),
         extra_args=list(extra or []), no_commit=no_commit, notes=notes,
-        balance=balance, balance_rate=balance_rate,
+        balance=balance, balance_rate=balance_rate, ep=ep,
     )
 
 # One run named on the command line (`show`, `commit`); moectl.store.resolve_run reads it.

@@ -7,8 +7,8 @@ import typer
 
 from moectl.cli.common import app, error, handle_errors, print_json, stdout
 from moectl.cli.options import (
-    BalanceOpt, BalanceRateOpt, CapOpt, CompileOpt, ConfigOpt, DeviceOpt, DispatchOpt, ExpDirOpt, ExtraArgs, Fp8Opt, JsonOpt,
-    NprocOpt, OverrideOpt, PresetOpt, StepsOpt, TagOpt, WaitGpusOpt, request_kwargs,
+    BalanceOpt, BalanceRateOpt, CapOpt, CompileOpt, ConfigOpt, DeviceOpt, DispatchOpt, EpOpt, ExpDirOpt,
+    ExtraArgs, Fp8Opt, JsonOpt, NprocOpt, OverrideOpt, PresetOpt, StepsOpt, TagOpt, WaitGpusOpt, request_kwargs,
 )
 from moectl.errors import EXIT_GUARD, EXIT_OK
 
@@ -24,6 +24,7 @@ def run(
     dispatch: DispatchOpt = None,
     balance: BalanceOpt = None,
     balance_rate: BalanceRateOpt = None,
+    ep: EpOpt = None,
     steps: StepsOpt = None,
     preset: PresetOpt = None,
     device: DeviceOpt = None,
@@ -66,7 +67,7 @@ def run(
     request = make_request(**request_kwargs(
         cap=cap, tag=tag, compile=compile, fp8=fp8, dispatch=dispatch, steps=steps, preset=preset,
         device=device, nproc=nproc, exp_dir=exp_dir, wait_gpus=wait_gpus, override=override, extra=extra,
-        balance=balance, balance_rate=balance_rate,
+        balance=balance, balance_rate=balance_rate, ep=ep,
         no_commit=no_commit, notes=notes,
     ))
     cfg = load_config(config)

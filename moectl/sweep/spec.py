@@ -29,11 +29,11 @@ else:  # pragma: no cover
 OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "cap": (int, float), "compile": (str,), "fp8": (bool,), "dispatch": (str,), "steps": (int,),
     "preset": (str,), "device": (str,), "nproc": (int,), "args": (list,),
-    "balance": (str,), "balance_rate": (int, float),
+    "balance": (str,), "balance_rate": (int, float), "ep": (int,),
 }
 TOP_KEYS = ("name", "notes", "common", "legs", "grid")
 # Derived grid tags name the varied options in this order: compile before cap gives static_cap1p0.
-TAG_ORDER = ("preset", "compile", "cap", "fp8", "dispatch", "balance", "balance_rate", "steps", "device", "nproc")
+TAG_ORDER = ("preset", "compile", "cap", "fp8", "dispatch", "balance", "balance_rate", "ep", "steps", "device", "nproc")
 
 
 @dataclass
@@ -68,7 +68,7 @@ def _fmt_value(key: str, value: Any) -> str:
         return "fp8" if value else "nofp8"
     if key == "balance":
         return f"bal{value}"
-    if key in ("steps", "nproc"):
+    if key in ("steps", "nproc", "ep"):
         return f"{key}{value}"
     return str(value)
 
