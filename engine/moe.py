@@ -438,6 +438,9 @@ class MoELayer(nn.Module):
         y_AD = gmm(h_AH, w_down, offs_E)
         return _Combine.apply(y_AD, gate_A, rank_A, order_A, none, K)
 
+    # Eager even inside a compiled model: the rows a rank receives vary every step, and a compiled
+    # graph over them would recompile every step under --compile static (seen: 16 s steps on tiny).
+    @torch.compiler.disable
     def _grouped_ep(self, x_ND, experts_A, gate_A, counts_E, w_up, w_down):
         """grouped under EP: this rank's sorted rows to their experts' ranks and back."""
         K, ep = self.cfg.top_k, self.ep
@@ -453,8 +456,7 @@ class MoELayer(nn.Module):
             perm_R, inv_R = ep_comm.source_to_expert_major(recv_counts_SE, total)
             x_RD = ep_comm.Permute.apply(x_RD, perm_R, inv_R)
             offs_E = torch.cumsum(recv_counts_SE.sum(0), 0).to(torch.int32)
-            gmm = _grouped_mm_op if torch.compiler.is_compiling() else _grouped_mm_eager
-            y_RD = gmm(F.relu(gmm(x_RD, w_up, offs_E)).square(), w_down, offs_E)
+            y_RD = _grouped_mm_eager(F.relu(_grouped_mm_eager(x_RD, w_up, offs_E)).square(), w_down, offs_E)
             y_RD = ep_comm.Permute.apply(y_RD, inv_R, perm_R)
         else:  # no row for this rank's experts: nothing to compute, nothing to send back
             y_RD = x_RD

@@ -88,3 +88,16 @@ def test_bad_ep_is_one_line_exit_2(argv, needle, capsys):
     assert main(["--preset", "tiny", "--steps", "1", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+
+
+@pytest.mark.slow
+def test_ep_under_compile_static_matches_eager(tmp_path):
+    """The exchange is eager inside the compiled model (graph breaks at the collectives); grouped
+    EP runs eager as a whole. Compiled and eager EP must agree step by step."""
+    common = ["--steps", "4", "--cap", "0", "--ep", "2"]
+    torchrun(2, *common, "--out-dir", str(tmp_path / "eager"))
+    torchrun(2, *common, "--compile", "static", "--out-dir", str(tmp_path / "compiled"))
+    eager, compiled = losses(tmp_path / "eager")[0], losses(tmp_path / "compiled")[0]
+    assert len(compiled) == 4
+    for step, (a, b) in enumerate(zip(eager, compiled)):
+        assert abs(a - b) < 1e-4, (step, a, b)
