@@ -211,7 +211,7 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_SD, gate_A, slot_A, src_assign_S, valid_S, K: int):
         slot_KN, gate_KN1 = _per_k(slot_A, K), _per_k(gate_A, K).unsqueeze(-1)
-        out_ND = y_SD.index_select(0, slot_KN[0]) * gate_KN1[0]
+        out_ND = y_SD.index_select(0, slot_KN[0]).mul_(gate_KN1[0])  # in place: the gather's own buffer
         for k in range(1, K):
             out_ND.addcmul_(y_SD.index_select(0, slot_KN[k]), gate_KN1[k])
         ctx.save_for_backward(y_SD, gate_A, slot_A, src_assign_S, valid_S)
@@ -226,8 +226,8 @@ class _Combine(torch.autograd.Function):
         # assignment reads a wrong slot here, but its gate was multiplied by keep = 0 upstream.)
         rows_SD = grad_ND.index_select(0, src_assign_S // ctx.K)
         grad_y = grad_gate = None
-        if ctx.needs_input_grad[1]:
-            grad_gate = (y_SD * rows_SD).sum(-1).index_select(0, slot_A)
+        if ctx.needs_input_grad[1]:  # row-wise dot without an [S, D] product buffer
+            grad_gate = torch.linalg.vecdot(y_SD, rows_SD).index_select(0, slot_A)
         if ctx.needs_input_grad[0]:
             gate_S = gate_A.index_select(0, src_assign_S)
             if valid_S.numel():

@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from engine import checkpoint, data, flops
 from engine.ep import ExpertParallel, check_ep
+from engine.malloc import keep_freed_memory
 from engine.model import GPT, GPTConfig
 from engine.schema import (
     EXIT_BAD_OPTIONS,
@@ -323,6 +324,7 @@ def _train(args, open_files: list) -> int:
         torch.set_float32_matmul_precision("high")
     else:
         device = torch.device("cpu")
+        keep_freed_memory()  # no re-faulting of every step's activations (engine.malloc)
     tokens_per_micro = args.device_batch_size * args.seq_len * world
     total_batch = args.total_batch_size or tokens_per_micro
     if total_batch % tokens_per_micro:
