@@ -82,19 +82,23 @@ class ExpertParallel:
                 g.copy_(f.view_as(g))
         torch._foreach_div_(grads, self.world)
 
-    def clip_grad_norm(self, dense_params, expert_params, max_norm: float) -> float:
+    def clip_grad_norm(self, dense_params, expert_params, max_norm: float) -> torch.Tensor:
         """torch.nn.utils.clip_grad_norm_ over the whole model: the dense grads are the same on
         every rank, the expert grads are this EP group's shards, so their squares are summed over
         the EP group. Same clip coefficient (max_norm / (norm + 1e-6), at most 1) as torch's."""
         dense = [p.grad for p in dense_params if p.grad is not None]
         experts = [p.grad for p in expert_params if p.grad is not None]
-        expert_sq = torch.stack([g.float().square().sum() for g in experts]).sum() if experts else torch.zeros(())
+        device = (dense + experts)[0].device
+
+        def sum_sq(grads):
+            return torch.stack([g.float().square().sum() for g in grads]).sum() if grads else torch.zeros((), device=device)
+
+        expert_sq = sum_sq(experts)
         dist.all_reduce(expert_sq, group=self.group)
-        dense_sq = torch.stack([g.float().square().sum() for g in dense]).sum() if dense else torch.zeros(())
-        total = (dense_sq.to(expert_sq) + expert_sq).sqrt()
+        total = (sum_sq(dense) + expert_sq).sqrt()
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         torch._foreach_mul_(dense + experts, coef)
-        return float(total)
+        return total  # a tensor, like torch's: no host sync here
 
     # ---- checkpoints ----------------------------------------------------------------------
 

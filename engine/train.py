@@ -69,7 +69,8 @@ PRESETS = {
 DEFAULTS = dict(
     depth=4, aspect_ratio=64, head_dim=64, n_experts=8, top_k=2, expert_hidden_mult=2.0,
     moe_freq=1, cap=1.0, dispatch="auto", compile="none", fp8=False, fp8_dense=False, dense=False,
-    balance_coeff=0.01, z_coeff=0.0, balance="loss", balance_rate=1e-3, ep=1, seq_len=256, device_batch_size=8, total_batch_size=None,
+    balance_coeff=0.01, z_coeff=0.0, balance="loss", balance_rate=1e-3, ep=1, seq_len=256,
+    device_batch_size=8, total_batch_size=None,
     steps=100, lr=3e-3, warmdown_frac=0.2, grad_clip=1.0, seed=0, data="default", vocab_size=None,
     device=None, dtype=None, out_dir=None, ckpt_dir=None, save_every=0, resume=None,
     peak_flops=None, eval_every=0, eval_batches=8, log_every=1,
@@ -371,8 +372,8 @@ def _train(args, open_files: list) -> int:
     model = GPT(cfg).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     expert_names = model.expert_param_names()
-    params_by_name = dict(model.named_parameters())
-    expert_numel = sum(params_by_name[n].numel() for n in expert_names)
+    is_expert = set(expert_names).__contains__
+    expert_numel = sum(p.numel() for n, p in model.named_parameters() if is_expert(n))
     state = checkpoint.load(resume_path) if resume_path is not None else None
     if state is not None:
         try:
@@ -382,10 +383,10 @@ def _train(args, open_files: list) -> int:
     ep = ExpertParallel.setup(args.ep) if args.ep > 1 else None
     if ep is not None:
         model.shard_experts(ep)
-    params_by_name = dict(model.named_parameters())
-    expert_params = [params_by_name[n] for n in expert_names]
-    expert_idx = [i for i, (n, _) in enumerate(model.named_parameters()) if n in set(expert_names)]
-    dense_params = [p for n, p in model.named_parameters() if n not in set(expert_names)]
+    named = list(model.named_parameters())  # the optimizer's order: its state is keyed by index
+    expert_params = [p for n, p in named if is_expert(n)]
+    expert_idx = [i for i, (n, _) in enumerate(named) if is_expert(n)]
+    dense_params = [p for n, p in named if not is_expert(n)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
     for group in optimizer.param_groups:
         group["initial_lr"] = args.lr
