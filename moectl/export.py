@@ -3,8 +3,8 @@
     DIR/steps.csv    run, step, loss, aux_loss, lr, dt_ms, tok_per_sec, mfu, peak_mem_mib,
                      drop_frac, expert_load_max, elapsed_s         (one row per step per run)
     DIR/summary.csv  run, tag, status, steps, tok_per_sec, dt_ms, mfu, peak_mem_mib,
-                     total_time_min, final_loss, drop_frac, window, warmup_steps, window_steps,
-                     clean, error                                         (one row per run)
+                     total_time_min, final_loss, drop_frac, expert_load_max, window,
+                     warmup_steps, window_steps, clean, error             (one row per run)
 
 `run` is the run id (unique, and what every RUN argument accepts). Missing values are empty cells.
 Step values are written with Python's shortest round-trip repr, so `moectl import steps.csv
@@ -34,10 +34,11 @@ SUMMARY_CSV = "summary.csv"
 # Every field of the engine's step line, in its order: a new engine metric is exported for free.
 STEP_FIELDS = [f.name for f in fields(StepMetrics) if f.name != "type"]
 STEP_COLUMNS = ["run", *STEP_FIELDS]
-SUMMARY_METRICS = ["tok_per_sec", "dt_ms", "mfu", "peak_mem_mib", "total_time_min", "final_loss", "drop_frac"]
+SUMMARY_METRICS = ["tok_per_sec", "dt_ms", "mfu", "peak_mem_mib", "total_time_min", "final_loss", "drop_frac",
+                   "expert_load_max"]
 SUMMARY_COLUMNS = ["run", "tag", "status", "steps", *SUMMARY_METRICS, "window", "warmup_steps", "window_steps",
                    "clean", "error"]
-_DERIVED = {"tok_per_sec", "dt_ms", "mfu", "drop_frac", "total_time_min"}
+_DERIVED = {"tok_per_sec", "dt_ms", "mfu", "drop_frac", "expert_load_max", "total_time_min"}
 _ERROR_LINE = re.compile(r"(Error|Exception)\b|error:", re.IGNORECASE)
 _MAX_ERROR_CHARS = 300
 

@@ -40,8 +40,11 @@ from moectl.records import Summary
 
 # The metrics of a compare table, in display order. MEAN_METRICS are tail means (they get a
 # stderr); the others are single values (peak, total, last) with no noise estimate.
-METRICS = ("tok_per_sec", "dt_ms", "mfu", "peak_mem_mib", "total_time_min", "final_loss", "drop_frac")
-MEAN_METRICS = ("tok_per_sec", "dt_ms", "mfu", "drop_frac")
+METRICS = ("tok_per_sec", "dt_ms", "mfu", "peak_mem_mib", "total_time_min", "final_loss", "drop_frac",
+           "expert_load_max")
+# expert_load_max: the busiest expert's share of the routed tokens (1/E is perfect balance), the
+# figure `--balance` acts on.
+MEAN_METRICS = ("tok_per_sec", "dt_ms", "mfu", "drop_frac", "expert_load_max")
 # Higher is better for these; lower for the rest (used only to colour/mark deltas).
 HIGHER_IS_BETTER = {"tok_per_sec", "mfu"}
 # `[metrics] warmup_steps` unless a config says otherwise: nanochat leaves its first 10 steps out
@@ -243,6 +246,7 @@ def tail_summary(metrics: MetricsFile, window: int, warmup_steps: int = 0) -> Su
         total_time_min=total_s / 60.0 if total_s is not None else None,
         final_loss=metrics.steps[-1].loss if metrics.steps else None,
         drop_frac=_mean(_values(tail, "drop_frac")),
+        expert_load_max=_mean(_values(tail, "expert_load_max")),
     )
 
 

@@ -36,6 +36,7 @@ PLOT_METRICS = {
     "dt_ms": "step time (ms)",
     "aux_loss": "balance loss",
     "drop_frac": "dropped fraction",
+    "expert_load_max": "busiest expert's share of tokens",
     "peak_mem_mib": "peak memory (MiB)",
 }
 SWEEP_METRICS = ("loss", "tok_per_sec", "mfu", "dt_ms")

@@ -49,6 +49,7 @@ class Summary(BaseModel):
     total_time_min: Optional[float] = None
     final_loss: Optional[float] = None
     drop_frac: Optional[float] = None
+    expert_load_max: Optional[float] = None  # tail mean of the busiest expert's share of tokens
     # Beyond the §7a minimum (issue 7). Steps numbered below `warmup_steps` never enter the window;
     # `clean` is False when the run has no step past them, and its tail means then cover warm-up
     # (marked wherever shown). `note` says that, or that the window holds fewer than `window`

@@ -22,6 +22,7 @@ COLUMNS: dict[str, tuple[str, int]] = {
     "total_time_min": ("total (min)", 2),
     "final_loss": ("final loss", 4),
     "drop_frac": ("drop frac", 4),
+    "expert_load_max": ("max expert load", 4),
 }
 
 # The resolved engine settings a report shows (in this order), when the engine reported them.

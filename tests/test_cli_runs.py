@@ -177,7 +177,7 @@ def test_compare_json_contract_and_baseline(project):
     data = json.loads(r.stdout)
     assert data["baseline"] == base["id"] and data["window"] == 50
     assert [x["id"] for x in data["runs"]] == [base["id"], other["id"]]
-    names = {"tok_per_sec", "dt_ms", "mfu", "peak_mem_mib", "total_time_min", "final_loss", "drop_frac"}
+    names = {"tok_per_sec", "dt_ms", "mfu", "peak_mem_mib", "total_time_min", "final_loss", "drop_frac", "expert_load_max"}
     for run in data["runs"]:
         assert {"id", "tag", "steps", "metrics"} <= set(run) and set(run["metrics"]) == names
         assert all({"value", "delta_pct", "stderr"} <= set(v) for v in run["metrics"].values())
@@ -237,7 +237,8 @@ def test_compare_table_puts_value_then_error_then_delta_in_every_column(project,
     header, rows = compare_table_rows(r.stdout)
     assert header[:3] == ["run", "steps", ""]
     titles = {"tok/sec": "tok_per_sec", "dt (ms)": "dt_ms", "MFU %": "mfu", "peak mem (MiB)": "peak_mem_mib",
-              "total (min)": "total_time_min", "final loss": "final_loss", "drop frac": "drop_frac"}
+              "total (min)": "total_time_min", "final loss": "final_loss", "drop frac": "drop_frac",
+              "max expert load": "expert_load_max"}
     metrics = [titles[h] for h in header[3:]]
     # Both fixtures lack MFU in one run, so it is shown; the other six too.
     assert set(metrics) == set(titles.values())

@@ -20,7 +20,7 @@ runner = CliRunner()
 STEPS_HEADER = ["run", "step", "loss", "aux_loss", "lr", "dt_ms", "tok_per_sec", "mfu", "peak_mem_mib",
                 "drop_frac", "expert_load_max", "elapsed_s"]
 SUMMARY_HEADER = ["run", "tag", "status", "steps", "tok_per_sec", "dt_ms", "mfu", "peak_mem_mib",
-                  "total_time_min", "final_loss", "drop_frac", "window", "warmup_steps", "window_steps", "clean", "error"]
+                  "total_time_min", "final_loss", "drop_frac", "expert_load_max", "window", "warmup_steps", "window_steps", "clean", "error"]
 WINDOW = 5
 WARMUP = 10  # the config default: steps 0-9 never enter a window
 
@@ -103,6 +103,7 @@ def test_export_writes_both_tables(project, artifact_root, tmp_path):
     assert float(ra["dt_ms"]) == pytest.approx((tail[0].dt_ms + tail[1].dt_ms) / 2, rel=1e-12)
     assert float(ra["mfu"]) == pytest.approx((tail[0].mfu + tail[1].mfu) / 2, rel=1e-12)
     assert float(ra["drop_frac"]) == pytest.approx((tail[0].drop_frac + tail[1].drop_frac) / 2, rel=1e-12)
+    assert float(ra["expert_load_max"]) == pytest.approx((tail[0].expert_load_max + tail[1].expert_load_max) / 2, rel=1e-11)  # 12 digits
     assert float(ra["peak_mem_mib"]) == 1028.0 and float(ra["final_loss"]) == a_steps[-1].loss
     assert float(ra["total_time_min"]) == pytest.approx(a_steps[-1].elapsed_s / 60.0, rel=1e-12) and ra["error"] == ""
     assert rb["status"] == "failed" and rb["steps"] == "3" and rb["mfu"] == "" and rb["peak_mem_mib"] == ""
@@ -129,7 +130,8 @@ def test_export_round_trips_through_import(project, artifact_root, tmp_path):
     assert invoke("export", orig.id, "roundtrip", "--csv", str(second)).exit_code == 0
 
     _, rows = read_csv(second / "summary.csv")
-    metrics = ["steps", "tok_per_sec", "dt_ms", "mfu", "peak_mem_mib", "total_time_min", "final_loss", "drop_frac", "window",
+    metrics = ["steps", "tok_per_sec", "dt_ms", "mfu", "peak_mem_mib", "total_time_min", "final_loss", "drop_frac", "expert_load_max",
+               "window",
                "warmup_steps", "window_steps", "clean"]
     assert {k: rows[0][k] for k in metrics} == {k: rows[1][k] for k in metrics}  # the same tail summary
     assert rows[1]["status"] == "imported" and float(rows[1]["tok_per_sec"]) == pytest.approx(

@@ -133,7 +133,8 @@ def test_compare_json_contract_keys():
     assert {"baseline", "window", "runs"} <= set(c)
     run = c["runs"][1]
     assert {"id", "tag", "steps", "metrics"} <= set(run)
-    assert set(run["metrics"]) == {"tok_per_sec", "dt_ms", "mfu", "peak_mem_mib", "total_time_min", "final_loss", "drop_frac"}
+    assert set(run["metrics"]) == {"tok_per_sec", "dt_ms", "mfu", "peak_mem_mib", "total_time_min", "final_loss", "drop_frac",
+                                    "expert_load_max"}
     assert {"value", "delta_pct", "stderr"} <= set(run["metrics"]["tok_per_sec"])
 
 

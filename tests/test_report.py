@@ -82,7 +82,7 @@ def test_compare_markdown_table_and_legend():
                 window=50)
     md = compare_markdown(c)
     lines = md.splitlines()
-    assert lines[0] == "| run | steps | tok/sec | dt (ms) | MFU % | peak mem (MiB) | total (min) | final loss | drop frac |"
+    assert lines[0] == "| run | steps | tok/sec | dt (ms) | MFU % | peak mem (MiB) | total (min) | final loss | drop frac | max expert load |"
     assert lines[1].startswith("| --- | ---: |")
     assert lines[2].startswith("| a (baseline) | 4 | 100.00 ±0.00 | 10.00 ±0.00 | — |")
     # b: mean 100.25 (+0.25%), not beyond noise -> no star

@@ -30,7 +30,7 @@ def _resolve_unique(root: Path, refs: list[str]):
 @handle_errors
 def plot_cmd(
     runs: RunsArg,
-    metric: Annotated[str, typer.Option("--metric", "-m", help="loss | tok_per_sec | mfu | dt_ms | aux_loss | drop_frac | peak_mem_mib")] = "loss",
+    metric: Annotated[str, typer.Option("--metric", "-m", help="loss | tok_per_sec | mfu | dt_ms | aux_loss | drop_frac | expert_load_max | peak_mem_mib")] = "loss",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Figure file; the suffix picks the format (default: ./<metric>.png).", show_default=False)] = None,
     title: Annotated[Optional[str], typer.Option("--title", help="Figure title (default: the metric's name).", show_default=False)] = None,
     json_out: JsonOpt = False,

@@ -333,7 +333,7 @@ def entry_metrics(entry, window: int):
 
 # Terminal precision (the markdown and JSON keep the seed's full precision).
 _TERM_DECIMALS = {"tok_per_sec": 0, "dt_ms": 2, "mfu": 3, "peak_mem_mib": 0, "total_time_min": 2,
-                  "final_loss": 3, "drop_frac": 3}
+                  "final_loss": 3, "drop_frac": 3, "expert_load_max": 3}
 
 
 def noise_label(row) -> str:
