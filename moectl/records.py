@@ -15,8 +15,10 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, Field
 
-RunStatus = Literal["created", "running", "completed", "failed", "interrupted", "imported"]
-LegState = Literal["pending", "running", "completed", "failed", "interrupted"]
+RunStatus = Literal["created", "queued", "running", "completed", "failed", "interrupted", "refused", "imported"]
+LegState = Literal["pending", "queued", "running", "completed", "failed", "interrupted", "refused"]
+# A run in one of these may still change; the others are final.
+UNSETTLED = ("created", "queued", "running")
 
 RUN_RECORD = "run.json"
 SWEEP_RECORD = "sweep.json"
@@ -106,6 +108,14 @@ class RunRecord(BaseModel):
     engine: dict[str, Any] = Field(default_factory=dict)
     # Trackers this run was mirrored into ([tracking]), by tracker name.
     tracking: dict[str, TrackerMirror] = Field(default_factory=dict)
+    # Runs that execute as Slurm jobs (moectl/execution.py): the job, its nodes, how many times
+    # Slurm requeued it, and the report and commit the job itself wrote (nobody may be waiting).
+    backend: Literal["local", "slurm"] = "local"
+    job_id: Optional[str] = None
+    nodes: Optional[int] = None
+    restarts: int = 0
+    report: Optional[str] = None
+    commit: Optional[str] = None
 
 
 class SweepLeg(BaseModel):

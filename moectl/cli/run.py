@@ -8,7 +8,8 @@ import typer
 from moectl.cli.common import app, error, handle_errors, print_json, stdout
 from moectl.cli.options import (
     CapOpt, CompileOpt, ConfigOpt, DeviceOpt, DispatchOpt, ExpDirOpt, ExtraArgs, Fp8Opt, JsonOpt,
-    NprocOpt, OverrideOpt, PresetOpt, StepsOpt, TagOpt, WaitGpusOpt, request_kwargs,
+    DetachOpt, NodesOpt, NprocOpt, OverrideOpt, PresetOpt, RequeueOpt, SlurmOpt, StepsOpt, TagOpt, WaitGpusOpt,
+    request_kwargs,
 )
 from moectl.errors import EXIT_GUARD, EXIT_OK
 
@@ -34,6 +35,10 @@ def run(
     baseline: Annotated[Optional[str], typer.Option("--baseline", help="A run to compare against in the report and commit message.", show_default=False)] = None,
     notes: Annotated[Optional[str], typer.Option("--notes", help="Hypothesis / notes for the report.", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live progress.")] = False,
+    slurm: SlurmOpt = False,
+    nodes: NodesOpt = None,
+    detach: DetachOpt = False,
+    requeue: RequeueOpt = False,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
     extra: ExtraArgs = None,
@@ -51,6 +56,8 @@ def run(
       [bold]moectl run --cap 1.0 --tag bufreuse[/bold]
       [bold]moectl run --preset tiny --device cpu --steps 20 --no-commit[/bold]
       [bold]moectl run --cap 0 --dry-run -- --seed 3[/bold]          (engine args after --)
+      [bold]moectl run --slurm --nodes 2 --nproc 8 --tag big[/bold]   (a Slurm job; follows it to its end)
+      [bold]moectl run --slurm --detach --requeue -- --save-every 50[/bold]
     """
     from moectl import store
     from moectl.cli.env import _render_check, check_json
@@ -68,6 +75,14 @@ def run(
     ))
     cfg = load_config(config)
     base_record = store.resolve_run(cfg.artifact_root, baseline) if baseline else None
+    from moectl.cli.cluster import run_on_slurm, slurm_flags_need_slurm
+    from moectl.execution import choose_backend
+
+    if choose_backend(cfg, slurm) == "slurm":
+        run_on_slurm(cfg, request, nodes=nodes, detach=detach, requeue=requeue, dry_run=dry_run,
+                     quiet=quiet, json_out=json_out)
+        return
+    slurm_flags_need_slurm(nodes=nodes, detach=detach, requeue=requeue)
 
     if dry_run:
         plan, _obs, results = check_request(cfg, request)

@@ -106,3 +106,18 @@ def sweep_chain(sweep: SweepRecord, by_id: dict[str, SweepRecord]) -> list[Sweep
         chain.insert(0, by_id[chain[0].resumed_from])
         seen.add(chain[0].id)
     return chain
+
+
+def find_sweep_runs(root: Path, ref: str, runs: list[RunRecord]) -> "list[RunRecord] | None":
+    """`wait`/`cancel`'s SWEEP argument: the run of every leg of the sweep whose path, id or name is
+    exactly `ref` (None when no sweep is: the argument is then a RUN)."""
+    as_path = Path(ref).expanduser()
+    if (as_path / SWEEP_RECORD).is_file():
+        sweep = load_sweep(as_path)
+    else:
+        sweeps = [s for s in list_sweeps(root) if ref in (s.id, s.name)]
+        if not sweeps:
+            return None
+        sweep = next((s for s in sweeps if s.id == ref), sweeps[-1])
+    by_id = {r.id: r for r in runs}
+    return [by_id[leg.run_id] for leg in sweep.legs if leg.run_id in by_id]
