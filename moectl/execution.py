@@ -64,8 +64,8 @@ class JobOptions:
     summary: bool = True  # refresh EXPERIMENTS.md with the report ([report] summary)
 
 
-class JobSpec(BaseModel):
-    """Everything the job needs, frozen at submit time (`<run dir>/job.json`)."""
+class ConfigSnapshot(BaseModel):
+    """The resolved config as the submitter had it (a job must not re-read a config edited since)."""
 
     config: dict
     config_path: Optional[str]
@@ -74,12 +74,13 @@ class JobSpec(BaseModel):
     report_dir: str
     read_only: list[str]
     python: str
-    plan: RunPlan
-    nodes: int
-    rdzv_port: int
-    requeue: bool
-    commit: bool
-    summary: bool
+
+    @staticmethod
+    def fields_of(cfg: Config) -> dict:
+        return dict(config=cfg.file.model_dump(mode="json", exclude_unset=True),
+                    config_path=str(cfg.path) if cfg.path else None, root=str(cfg.root),
+                    artifact_root=str(cfg.artifact_root), report_dir=str(cfg.report_dir),
+                    read_only=[str(p) for p in cfg.read_only], python=str(cfg.python))
 
     def to_config(self) -> Config:
         return Config(file=MoectlFile.model_validate(self.config), path=Path(self.config_path) if self.config_path else None,
@@ -87,8 +88,19 @@ class JobSpec(BaseModel):
                       read_only=[Path(p) for p in self.read_only], python=Path(self.python))
 
     @classmethod
-    def load(cls, run_dir: Path) -> "JobSpec":
+    def load(cls, run_dir: Path):
         return cls.model_validate_json((Path(run_dir) / JOB_SPEC).read_text(encoding="utf-8"))
+
+
+class JobSpec(ConfigSnapshot):
+    """Everything a run's job needs, frozen at submit time (`<run dir>/job.json`)."""
+
+    plan: RunPlan
+    nodes: int
+    rdzv_port: int
+    requeue: bool
+    commit: bool
+    summary: bool
 
 
 @dataclass
@@ -111,9 +123,10 @@ def deferred_to_job(results: list[GuardResult]) -> list[GuardResult]:
 
 
 def submit_run(cfg: Config, request: RunRequest, options: JobOptions, *, sweep_id: Optional[str] = None,
-               now: Optional[datetime] = None) -> Submitted:
+               now: Optional[datetime] = None, on_queued: Optional[Callable[[RunRecord], None]] = None) -> Submitted:
     """Steps 1-4 of the module docstring. Raises UsageError when Slurm is missing or rejects the job
-    (the run is then recorded `failed` with Slurm's message)."""
+    (the run is then recorded `failed` with Slurm's message). `on_queued` runs once the record names
+    the job and before the job is released (a sweep records the leg's run there)."""
     from moectl.runner import new_record, write_run_files
 
     slurm.require()
@@ -139,9 +152,7 @@ def submit_run(cfg: Config, request: RunRequest, options: JobOptions, *, sweep_i
         code_dir = run_dir / CODE_DIR
         gitops.snapshot_code(cfg.root, obs.git.head or "HEAD", Path(plan.files["git.diff"]), code_dir)
         spec = JobSpec(
-            config=cfg.file.model_dump(mode="json", exclude_unset=True), config_path=str(cfg.path) if cfg.path else None,
-            root=str(cfg.root), artifact_root=str(cfg.artifact_root), report_dir=str(cfg.report_dir),
-            read_only=[str(p) for p in cfg.read_only], python=plan.python, plan=plan, nodes=nodes,
+            **ConfigSnapshot.fields_of(cfg), plan=plan, nodes=nodes,
             rdzv_port=cfg.cluster.rdzv_port, requeue=options.requeue,
             commit=options.commit and not plan.no_commit, summary=options.summary,
         )
@@ -153,6 +164,8 @@ def submit_run(cfg: Config, request: RunRequest, options: JobOptions, *, sweep_i
         store.save_run(record)
         record.job_id = slurm.submit(script, dependency=options.dependency)
         store.save_run(record)
+        if on_queued is not None:
+            on_queued(record)
         slurm.release(record.job_id)
     except BaseException as exc:
         # Nothing runs this run now (or the job was never let go): say so, never `queued` forever.
@@ -175,6 +188,15 @@ def submit_run(cfg: Config, request: RunRequest, options: JobOptions, *, sweep_i
 def read_record(run_dir: Path) -> RunRecord:
     """run.json as written (no stale settling: that asks Slurm; callers here ask it themselves)."""
     return RunRecord.model_validate_json((Path(run_dir) / "run.json").read_text(encoding="utf-8"))
+
+
+def save_run_and_leg(record: RunRecord) -> None:
+    """run.json, and the state of its leg in the sweep.json beside it (under the sweep's lock)."""
+    store.save_run(record)
+    if record.sweep:
+        from moectl.sweep.store import update_leg
+
+        update_leg(Path(record.exp_dir).parent, record.status, run_id=record.id)
 
 
 def job_live(record: RunRecord) -> Optional[bool]:
@@ -216,7 +238,7 @@ def settle_gone_job(record: RunRecord) -> RunRecord:
     current.error = job_gone_message(current)
     current.status = "failed" if current.status == "queued" else "interrupted"
     current.finished_at = store.now_iso()
-    store.save_run(current)
+    save_run_and_leg(current)
     return current
 
 
@@ -342,6 +364,6 @@ def _end_cancelled(record: RunRecord) -> RunRecord:
     current.status = "interrupted"
     current.finished_at = store.now_iso()
     current.error = f"cancelled (scancel {current.job_id})" + ("" if started else " before it started")
-    store.save_run(current)
+    save_run_and_leg(current)
     return current
 

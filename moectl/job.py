@@ -32,7 +32,7 @@ from typing import Optional
 from moectl import slurm, store
 from moectl.config import Config
 from moectl.errors import EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, MoectlError
-from moectl.execution import JOB_GUARDS, JobSpec, read_record
+from moectl.execution import JOB_GUARDS, JobSpec, read_record, save_run_and_leg
 from moectl.guards import guard_gpus_idle
 from moectl.launch import launch
 from moectl.plan import RunPlan
@@ -44,8 +44,12 @@ JOB_LOCK = ".job.lock"
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if len(args) == 2 and args[0] == "--sweep":
+        from moectl.sweep.cluster import finish_sweep_job
+
+        return finish_sweep_job(Path(args[1]))
     if len(args) != 1:
-        print("usage: python -m moectl.job RUN_DIR", file=sys.stderr)
+        print("usage: python -m moectl.job RUN_DIR | --sweep SWEEP_DIR", file=sys.stderr)
         return 2
     run_dir = Path(args[0])
     spec = JobSpec.load(run_dir)
@@ -64,14 +68,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         why = "; ".join(f"{r.name}: {r.message}" for r in results if not (r.ok or r.overridden))
         record.status, record.exit_code, record.finished_at = "refused", EXIT_GUARD, store.now_iso()
         record.error = f"refused inside Slurm job {job_id} on {socket.gethostname()}: {why}"
-        store.save_run(record)
+        save_run_and_leg(record)
         print(record.error, file=sys.stderr)
         return EXIT_GUARD
 
     record.status, record.started_at = "running", record.started_at or store.now_iso()
     record.host, record.pid, record.job_id, record.restarts = socket.gethostname(), os.getpid(), job_id, restart
     record.error = None
-    store.save_run(record)
+    save_run_and_leg(record)
 
     argv = list(plan.argv)
     if restart and _has_checkpoint(Path(plan.ckpt_dir)):
@@ -94,13 +98,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     if result.interrupted and _being_requeued(job_id, restart):
         record.status = "queued"
         record.error = f"requeued by Slurm after {result.signal_name} (restart {restart + 1} resumes from its last checkpoint)"
-        store.save_run(record)
+        save_run_and_leg(record)
         return EXIT_INTERRUPTED
 
     from moectl.runner import RunOutcome, finish_record, report_and_commit
 
     outcome = RunOutcome(exit_code=EXIT_OK, plan=plan, guards=record.guards, record=record)
     outcome.exit_code, outcome.compile_failed = finish_record(record, result, plan)
+    save_run_and_leg(record)  # the sweep's leg is settled before its report is committed
     report_and_commit(cfg, outcome, commit=spec.commit, extra_commit_paths=_summary_paths(cfg, spec))
     record.report = str(outcome.report) if outcome.report else None
     record.commit = outcome.commit

@@ -135,6 +135,8 @@ class SweepRecord(BaseModel):
     created_at: str
     finished_at: Optional[str] = None
     exp_dir: str
+    report_job: Optional[str] = None  # sweep --slurm: the Slurm job that writes the final report
+    report: Optional[str] = None  # ... and the report it wrote
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
