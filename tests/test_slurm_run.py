@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -232,3 +233,33 @@ def test_a_job_that_fails_to_start_ends_failed_with_exit_4(on_cluster, git_repo,
     rec = record(only_run(artifact_root))
     assert rec["status"] == "failed" and "before moectl started in it" in rec["error"]
     assert f"Slurm job {rec['job_id']} ended (FAILED" in rec["error"]
+
+
+def test_status_lists_the_job_runs_shows_it_queued_or_running_and_a_vanished_job_is_stale(on_cluster, git_repo,
+                                                                                          monkeypatch, artifact_root):
+    slurm_project(git_repo, monkeypatch)
+    r = moectl("run", "--slurm", "--detach", "--steps", "5000", "--no-commit", "--", "--sleep-per-step", "0.05")
+    assert r.exit_code == 0, r.output
+    run_dir = only_run(artifact_root)
+    rec = record(run_dir)
+    listed = json.loads(moectl("runs", "--json").output)
+    assert listed[0]["status"] in ("queued", "running") and listed[0]["job_id"] == rec["job_id"]
+    wait_for(lambda: record(run_dir)["status"] == "running", "the job's run.json saying running", timeout=JOB_TIMEOUT_S)
+    status = json.loads(moectl("status", "--json").output)
+    (job,) = [j for j in status["slurm_jobs"] if j["job_id"] == rec["job_id"]]
+    assert job["run_id"] == rec["id"] and job["state"] == "RUNNING" and job["nodes"] == 1
+
+    # The OOM killer takes moectl inside the job (the batch script itself): nothing is left to write the end.
+    os.kill(record(run_dir)["pid"], signal.SIGKILL)
+    wait_for(lambda: rec["job_id"] not in subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True,
+                                                         timeout=60).stdout, "the killed job leaving the queue",
+             timeout=JOB_TIMEOUT_S)
+    assert record(run_dir)["status"] == "running"
+    shown = json.loads(moectl("show", rec["id"], "--json").output)
+    assert shown["status"] == "stale" and shown["recorded_status"] == "running"
+    assert json.loads(moectl("runs", "--json").output)[0]["status"] == "stale"
+
+    waited = moectl("wait", rec["id"])
+    assert waited.exit_code == 130, waited.output
+    final = record(run_dir)
+    assert final["status"] == "interrupted" and f"Slurm job {rec['job_id']} ended" in final["error"]

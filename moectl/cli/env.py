@@ -92,6 +92,13 @@ def _render_status(s: dict) -> None:
     torch = {True: "torch ok", False: "NO torch", None: "torch unknown"}[v["has_torch"]]
     where = "" if v["in_venv"] or not v["exists"] else " (not in a venv)"
     out(f"venv        {v['python']}{where}: {'exists' if v['exists'] else 'MISSING'}, {torch}")
+    if s.get("slurm_error"):
+        out(f"slurm       {s['slurm_error']}")
+    elif s.get("slurm_jobs") is not None:
+        jobs = s["slurm_jobs"]
+        out(f"slurm       {len(jobs) or 'no'} moectl job(s) in the queue")
+        for j in jobs:
+            out(f"  job {j['job_id']}  {j['state']}  {j['nodes']} node(s)  {j['elapsed']}  {j['run_id']}  ({j['where']})")
     runs = s["recent_runs"]
     if runs is None:
         out("recent runs: unavailable")
