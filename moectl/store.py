@@ -196,7 +196,13 @@ _RUN_SPECIFIC = ("out_dir", "ckpt_dir")
 def apply_metrics(record: RunRecord, metrics: MetricsFile, window: int, warmup_steps: int) -> None:
     """What a record takes from its metrics.jsonl once the training is over: the tail summary
     (SPEC §7), the engine's resolved configuration and torch version, a note on malformed lines.
-    The one place for it, whether moectl saw the run to its end or a reader settles it later."""
+    The one place for it, whether moectl saw the run to its end or a reader settles it later.
+
+    A run resumed from a checkpoint (a requeued Slurm job, `--resume`) is summarised over its final
+    stretch only: the steps from the last start, past that process's own warm-up (the steps before
+    ran in another process, on another node perhaps; their timings say nothing of this one)."""
+    if metrics.start is not None and metrics.start.start_step:
+        warmup_steps += metrics.start.start_step
     if metrics.steps:
         record.summary = tail_summary(metrics, window, warmup_steps)
     if metrics.start is not None:

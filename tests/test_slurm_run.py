@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from engine.schema import StepMetrics, parse_line
 from moectl.cli import app
+from moectl.config import load_config
 from tests.conftest import git, gpu, wait_for
 from tests.slurm_fixtures import SLURM_TESTS
 from tests.test_run import FAKE, commit_config, commit_files, head, record, run_dirs, write_config
@@ -263,3 +264,38 @@ def test_status_lists_the_job_runs_shows_it_queued_or_running_and_a_vanished_job
     assert waited.exit_code == 130, waited.output
     final = record(run_dir)
     assert final["status"] == "interrupted" and f"Slurm job {rec['job_id']} ended" in final["error"]
+
+
+def test_a_requeued_job_resumes_from_its_last_checkpoint_in_the_same_run_directory(on_cluster, git_repo, monkeypatch,
+                                                                                   artifact_root):
+    slurm_project(git_repo, monkeypatch, module="engine.train")
+    r = moectl("run", "--slurm", "--detach", "--requeue", "--device", "cpu", "--steps", "100000", "--no-commit",
+               "--", "--save-every", "5", "--eval-batches", "1")
+    assert r.exit_code == 0, r.output
+    run_dir = only_run(artifact_root)
+    job_id = record(run_dir)["job_id"]
+    assert "#SBATCH --requeue" in (run_dir / "job.sh").read_text()
+    ckpts = run_dir / "ckpt_root"
+    wait_for(lambda: any(ckpts.glob("model_*.pt")) and len(steps_of(run_dir)) >= 8,
+             "a checkpoint and 8 steps before the requeue", timeout=JOB_TIMEOUT_S)
+
+    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60, capture_output=True)
+
+    wait_for(lambda: record(run_dir)["restarts"] == 1 and record(run_dir)["status"] == "running",
+             "the requeued job running again (restarts 1)", timeout=JOB_TIMEOUT_S)
+    assert record(run_dir)["job_id"] == job_id
+    resumed = wait_for(lambda: next((line for line in (run_dir / "train.log").read_text().splitlines()
+                                     if "resumed at step" in line), None),
+                       "the engine's 'resumed at step' line", timeout=JOB_TIMEOUT_S)
+    at = int(resumed.split("resumed at step ")[1].split()[0])
+    assert at >= 5 and at % 5 == 0
+    wait_for(lambda: len(steps_of(run_dir)) >= at + 3, "3 steps trained after the resume", timeout=JOB_TIMEOUT_S)
+
+    cancelled = moectl("cancel", record(run_dir)["id"])
+    assert cancelled.exit_code == 0, cancelled.output
+    rec = record(run_dir)
+    steps = [s.step for s in steps_of(run_dir)]
+    assert steps == list(range(len(steps))), "a step trained twice into metrics.jsonl, or one missing"
+    assert rec["status"] == "interrupted" and rec["restarts"] == 1 and rec["summary"]["steps"] == len(steps)
+    # The tail covers the final stretch: no step before the resume (nor its warm-up) is in it.
+    assert rec["summary"]["warmup_steps"] == at + load_config().metrics.warmup_steps
