@@ -299,3 +299,29 @@ def test_a_requeued_job_resumes_from_its_last_checkpoint_in_the_same_run_directo
     assert rec["status"] == "interrupted" and rec["restarts"] == 1 and rec["summary"]["steps"] == len(steps)
     # The tail covers the final stretch: no step before the resume (nor its warm-up) is in it.
     assert rec["summary"]["warmup_steps"] == at + load_config().metrics.warmup_steps
+
+
+def test_ctrl_c_while_following_detaches_and_says_how_to_cancel(on_cluster, git_repo, monkeypatch, artifact_root):
+    slurm_project(git_repo, monkeypatch)
+    follower = subprocess.Popen([sys.executable, "-m", "moectl", "run", "--slurm", "--steps", "5000", "--no-commit",
+                                 "--quiet", "--", "--sleep-per-step", "0.05"],
+                                cwd=git_repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        run_dir = wait_for(lambda: next(iter(run_dirs(artifact_root)), None), "the run directory", timeout=JOB_TIMEOUT_S,
+                           proc=follower)
+        wait_for(lambda: record(run_dir)["status"] == "running", "the job running", timeout=JOB_TIMEOUT_S, proc=follower)
+        follower.send_signal(signal.SIGINT)
+        out, err = follower.communicate(timeout=60)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait(timeout=30)
+    rec = record(run_dir)
+    assert follower.returncode == 130, err
+    assert f"Slurm job {rec['job_id']} keeps running" in err and f"moectl cancel {rec['id']}" in err
+    assert rec["status"] == "running"  # the job trains on: the follower only detached
+    squeue = subprocess.run(["squeue", "-h", "-j", rec["job_id"], "-o", "%T"], capture_output=True, text=True, timeout=60)
+    assert squeue.stdout.strip() == "RUNNING"
+    cancelled = moectl("cancel", rec["id"])
+    assert cancelled.exit_code == 0 and record(run_dir)["status"] == "interrupted", cancelled.output
