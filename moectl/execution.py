@@ -36,7 +36,9 @@ from pydantic import BaseModel
 
 from moectl import gitops, slurm, store
 from moectl.config import Config, MoectlFile
-from moectl.errors import EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRAINING, MoectlError, UsageError
+from moectl.errors import (
+    EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRAINING, GuardRefused, MoectlError, UsageError,
+)
 from moectl.guards import check_request, passed
 from moectl.plan import RunPlan, RunRequest
 from moectl.progress import MetricsFollower, NullProgress, ProgressSink
@@ -141,9 +143,7 @@ def submit_run(cfg: Config, request: RunRequest, options: JobOptions, *, sweep_i
     run_dir = Path(plan.exp_dir)
     try:
         store.create_run_dir(run_dir)
-    except MoectlError as exc:
-        from moectl.errors import GuardRefused
-
+    except MoectlError as exc:  # appeared since the fresh_dir guard looked: still a refusal
         raise GuardRefused(exc.message) from None
     record = new_record(plan, obs, results, sweep_id=sweep_id, status="queued")
     record.backend, record.nodes = "slurm", nodes
@@ -331,12 +331,10 @@ def _settle_once(record: RunRecord) -> Optional[RunRecord]:
 def cancel_runs(records: Sequence[RunRecord], timeout_s: float = 60.0) -> list[RunRecord]:
     """scancel the runs' jobs and wait for each to settle. A job cancelled while still pending never
     ran moectl, so its record is ended here: `interrupted`, cancelled before it started."""
-    from moectl.errors import UsageError as _Usage
-
     jobs = [r for r in records if r.backend == "slurm" and r.job_id and r.status in UNSETTLED]
     local = [r.id for r in records if r.backend != "slurm" and r.status in UNSETTLED]
     if local:
-        raise _Usage(f"not a Slurm run: {', '.join(local)} (stop a local run with Ctrl-C in its terminal)")
+        raise UsageError(f"not a Slurm run: {', '.join(local)} (stop a local run with Ctrl-C in its terminal)")
     slurm.cancel([r.job_id for r in jobs])
     out = []
     deadline = time.monotonic() + timeout_s

@@ -197,24 +197,6 @@ def test_nodes_zero_is_a_usage_error_and_submits_nothing(on_cluster, git_repo, m
     assert run_dirs(artifact_root) == []
 
 
-def test_nodes_without_slurm_is_a_usage_error(git_repo, monkeypatch, artifact_root):
-    slurm_project(git_repo, monkeypatch)
-    r = moectl("run", "--nodes", "2", *FAST)
-    assert r.exit_code == 2 and "--nodes needs --slurm" in r.output
-    assert run_dirs(artifact_root) == []
-
-
-def test_slurm_without_sbatch_on_path_is_one_line_and_exit_2(git_repo, monkeypatch, artifact_root, tmp_path):
-    slurm_project(git_repo, monkeypatch)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "git").symlink_to(shutil.which("git"))
-    monkeypatch.setenv("PATH", str(bin_dir))
-    r = moectl("run", "--slurm", *FAST)
-    assert r.exit_code == 2 and "no sbatch on PATH" in r.output and len(r.output.strip().splitlines()) == 1
-    assert run_dirs(artifact_root) == []
-
-
 def test_a_job_slurm_rejects_shows_slurms_message_and_the_run_is_failed_not_queued(on_cluster, git_repo,
                                                                                    monkeypatch, artifact_root):
     slurm_project(git_repo, monkeypatch, cluster='partition = "nosuchpartition"')

@@ -198,6 +198,7 @@ def check(
 
     Prints every guard with its message, the exact command, and a one-line verdict
     (`guards: 7 passed, gpus_idle skipped (cpu run: ...)`). Exit 0 when every guard passes (an overridden one counts as passing), 3 otherwise.
+    With `[cluster] backend = "slurm"`, gpus_idle and no_other_training read `skipped`: each job checks them on its node.
 
     Example:  [bold]moectl check --cap 1.0 --compile static --device cpu -- --seed 1[/bold]
     """
@@ -211,6 +212,10 @@ def check(
     ))
     cfg = load_config(config)
     plan, _obs, results = check_request(cfg, request)
+    if cfg.cluster.backend == "slurm":  # gpus_idle and the run lock are judged inside the job, on its node
+        from moectl.execution import deferred_to_job
+
+        results = deferred_to_job(results)
     ok = passed(results)
     if json_out:
         print_json(check_json(plan, results, ok))
