@@ -8,8 +8,11 @@ does the 6-leg tiny sweep take as parallel Slurm jobs vs serially on this machin
 overhead: `moectl run --slurm --no-commit --device cpu --preset tiny --steps N --quiet` (a fresh
 process: guards, directory, code snapshot, records, sbatch --hold + release, following the job to
 its end, which writes the summary and report) in a throw-away git repository whose `.moectl.toml`
-runs this checkout's engine, against `sbatch --wait` of a script running the exact command from
-that run's command.txt (fresh output directory each time), interleaved so load drifts hit both.
+runs this checkout's engine, against a script running the exact command from that run's
+command.txt (fresh output directory each time) submitted two ways: `sbatch --wait` (which polls the
+controller with growing sleeps, so its wall time is quantised to those), and `sbatch` followed by
+`squeue` every 0.1 s until the job has left the queue (the job's own latency). Interleaved, so
+load drifts hit all three alike.
 
 sweep: `moectl sweep sweeps/tiny_grid.toml --no-commit` (legs one by one here) against the same
 with `--slurm --max-parallel K` (legs as jobs, K at once, and the report job), in fresh repositories.
@@ -39,9 +42,9 @@ def overhead(runs: int, steps: int) -> dict:
         env = {**os.environ, "PYTHONPATH": str(REPO), "MOECTL_ARTIFACT_ROOT": str(art)}
         moectl = [sys.executable, "-m", "moectl", "run", "--slurm", "--no-commit", "--device", "cpu", "--preset", "tiny",
                   "--steps", str(steps), "--quiet"]
-        wrapped, bare, command = [], [], None
+        wrapped, bare, polled, command = [], [], [], None
         for i in range(runs):
-            for kind in (("moectl", "bare") if i % 2 == 0 else ("bare", "moectl")):
+            for kind in (("moectl", "bare", "polled") if i % 2 == 0 else ("polled", "bare", "moectl")):
                 if kind == "moectl":
                     t0 = time.perf_counter()
                     subprocess.run(moectl, cwd=repo, env=env, check=True, capture_output=True, timeout=600)
@@ -49,16 +52,26 @@ def overhead(runs: int, steps: int) -> dict:
                     newest = max(art.glob("*/command.txt"), key=lambda p: p.stat().st_mtime)
                     command = newest.read_text().strip()
                     continue
-                out = tmp / f"bare{i}"
-                script = tmp / f"bare{i}.sh"
+                out = tmp / f"{kind}{i}"
+                script = tmp / f"{kind}{i}.sh"
                 line = command.replace(str(newest.parent), str(out))
-                script.write_text(f"#!/bin/bash\n#SBATCH --output={tmp}/bare{i}.out\ncd {repo}\n{line} > {out}.log 2>&1\n")
+                script.write_text(f"#!/bin/bash\n#SBATCH --output={out}.out\ncd {repo}\n{line} > {out}.log 2>&1\n")
                 t0 = time.perf_counter()
-                subprocess.run(["sbatch", "--wait", "--quiet", str(script)], env=env, check=True, timeout=600)
-                bare.append(time.perf_counter() - t0)
-        return {"runs": runs, "steps": steps, "moectl_s": wrapped, "bare_s": bare,
-                "median_moectl_s": statistics.median(wrapped), "median_bare_s": statistics.median(bare),
-                "overhead_s": statistics.median(wrapped) - statistics.median(bare)}
+                if kind == "bare":
+                    subprocess.run(["sbatch", "--wait", "--quiet", str(script)], env=env, check=True, timeout=600)
+                    bare.append(time.perf_counter() - t0)
+                    continue
+                job = subprocess.run(["sbatch", "--parsable", str(script)], env=env, check=True, timeout=60,
+                                     capture_output=True, text=True).stdout.strip()
+                while subprocess.run(["squeue", "-h", "-j", job, "-o", "%i"], env=env, capture_output=True, text=True,
+                                     timeout=60).stdout.strip():
+                    time.sleep(0.1)
+                polled.append(time.perf_counter() - t0)
+        med = statistics.median
+        return {"runs": runs, "steps": steps, "moectl_s": wrapped, "sbatch_wait_s": bare, "sbatch_polled_s": polled,
+                "median_moectl_s": med(wrapped), "median_sbatch_wait_s": med(bare), "median_sbatch_polled_s": med(polled),
+                "overhead_vs_sbatch_wait_s": med(wrapped) - med(bare),
+                "overhead_vs_polled_s": med(wrapped) - med(polled)}
 
 
 def sweep(max_parallel: int) -> dict:
