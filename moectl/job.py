@@ -68,6 +68,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         why = "; ".join(f"{r.name}: {r.message}" for r in results if not (r.ok or r.overridden))
         record.status, record.exit_code, record.finished_at = "refused", EXIT_GUARD, store.now_iso()
         record.error = f"refused inside Slurm job {job_id} on {socket.gethostname()}: {why}"
+        if next(r for r in results if r.name == "no_other_training").ok:
+            (run_dir / JOB_LOCK).unlink(missing_ok=True)  # ours: taken by node_guards
         save_run_and_leg(record)
         print(record.error, file=sys.stderr)
         return EXIT_GUARD
@@ -77,23 +79,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     record.error = None
     save_run_and_leg(record)
 
-    argv = list(plan.argv)
-    if restart and _has_checkpoint(Path(plan.ckpt_dir)):
-        argv += ["--resume", "latest"]  # the engine trims metrics.jsonl to the checkpoint's step
-    if spec.nodes > 1:
-        head = slurm.head_address(os.environ["SLURM_JOB_NODELIST"])
-        argv = slurm.multinode_argv(argv, nnodes=spec.nodes, head=head, port=spec.rdzv_port, job_id=job_id)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **plan.env}
-    # The snapshot first, even where [launch] env sets PYTHONPATH: the job trains the guarded code.
-    code = str(run_dir / "code")
-    env["PYTHONPATH"] = code + (f":{env['PYTHONPATH']}" if env.get("PYTHONPATH") else "")
-    requeue_on_signal = _requeue_on_usr1(job_id) if spec.requeue else None
     try:
-        result = launch(argv, cwd=Path(code), env=env, log_path=Path(plan.files["train.log"]),
-                        metrics_path=Path(plan.files["metrics.jsonl"]), progress=NullProgress())
+        result = _train(spec, plan, run_dir, job_id, restart)
+    except BaseException as exc:  # the record must not say `running` once this job is gone
+        record.status, record.finished_at = "failed", store.now_iso()
+        record.error = f"moectl in Slurm job {job_id}: {type(exc).__name__}: {exc}"
+        save_run_and_leg(record)
+        raise
     finally:
-        if requeue_on_signal is not None:
-            signal.signal(signal.SIGUSR1, requeue_on_signal)
+        (run_dir / JOB_LOCK).unlink(missing_ok=True)
 
     if result.interrupted and _being_requeued(job_id, restart):
         record.status = "queued"
@@ -113,6 +107,29 @@ def main(argv: Optional[list[str]] = None) -> int:
         record.notes = f"{record.notes}; {outcome.commit_error}" if record.notes else outcome.commit_error
     store.save_run(record)
     return outcome.exit_code
+
+
+def _train(spec: JobSpec, plan: RunPlan, run_dir: Path, job_id: str, restart: int):
+    """torchrun on this node (one node) or on every node (srun), from the code snapshot."""
+    argv = list(plan.argv)
+    if restart and _has_checkpoint(Path(plan.ckpt_dir)):
+        argv += ["--resume", "latest"]  # the engine trims metrics.jsonl to the checkpoint's step
+    if spec.nodes > 1:
+        head = slurm.head_address(os.environ["SLURM_JOB_NODELIST"])
+        argv = slurm.multinode_argv(argv, nnodes=spec.nodes, head=head, port=spec.rdzv_port, job_id=job_id)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **plan.env}
+    # The snapshot first, even where [launch] env sets PYTHONPATH: the job trains the guarded code.
+    code = str(run_dir / "code")
+    env["PYTHONPATH"] = code + (f":{env['PYTHONPATH']}" if env.get("PYTHONPATH") else "")
+    requeue_on_signal = _requeue_on_usr1(job_id) if spec.requeue else None
+    try:
+        result = launch(argv, cwd=Path(code), env=env, log_path=Path(plan.files["train.log"]),
+                        metrics_path=Path(plan.files["metrics.jsonl"]), progress=NullProgress())
+    finally:
+        if requeue_on_signal is not None:
+            signal.signal(signal.SIGUSR1, requeue_on_signal)
+
+    return result
 
 
 def node_guards(cfg: Config, plan: RunPlan, run_dir: Path, job_id: str) -> list[GuardResult]:

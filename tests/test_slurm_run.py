@@ -273,13 +273,22 @@ def test_a_requeued_job_resumes_from_its_last_checkpoint_in_the_same_run_directo
     assert at >= 5 and at % 5 == 0
     wait_for(lambda: len(steps_of(run_dir)) >= at + 3, "3 steps trained after the resume", timeout=JOB_TIMEOUT_S)
 
+    # What Slurm sends a little before the time limit (--signal=B:USR1@...): the job requeues itself.
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True, timeout=60, capture_output=True)
+    wait_for(lambda: record(run_dir)["restarts"] == 2 and record(run_dir)["status"] == "running",
+             "the job requeued by its own USR1 handler running again (restarts 2)", timeout=JOB_TIMEOUT_S)
+    second = wait_for(lambda: [line for line in (run_dir / "train.log").read_text().splitlines()
+                               if "resumed at step" in line][1:], "the second resume", timeout=JOB_TIMEOUT_S)
+    at = int(second[0].split("resumed at step ")[1].split()[0])
+    wait_for(lambda: len(steps_of(run_dir)) >= at + 3, "3 steps trained after the second resume", timeout=JOB_TIMEOUT_S)
+
     cancelled = moectl("cancel", record(run_dir)["id"])
     assert cancelled.exit_code == 0, cancelled.output
     rec = record(run_dir)
     steps = [s.step for s in steps_of(run_dir)]
     assert steps == list(range(len(steps))), "a step trained twice into metrics.jsonl, or one missing"
-    assert rec["status"] == "interrupted" and rec["restarts"] == 1 and rec["summary"]["steps"] == len(steps)
-    # The tail covers the final stretch: no step before the resume (nor its warm-up) is in it.
+    assert rec["status"] == "interrupted" and rec["restarts"] == 2 and rec["summary"]["steps"] == len(steps)
+    # The tail covers the final stretch: no step before the last resume (nor its warm-up) is in it.
     assert rec["summary"]["warmup_steps"] == at + load_config().metrics.warmup_steps
 
 

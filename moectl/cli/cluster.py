@@ -57,9 +57,14 @@ def run_on_slurm(cfg, request, *, nodes, detach: bool, requeue: bool, dry_run: b
         raise typer.Exit(EXIT_OK)
 
     def on_state(current):
-        if not json_out and current.status != "queued":
-            out(f"{current.status}: Slurm job {current.job_id}" + (f" on {current.host}" if current.host else "")
+        # The end is rendered below; here only what happens on the way (started, requeued, restarted).
+        if json_out or current.status not in ("queued", "running"):
+            return
+        if current.status == "running":
+            out(f"running: Slurm job {current.job_id} on {current.host}"
                 + (f" (restart {current.restarts})" if current.restarts else ""))
+        elif current.error:  # back in the queue after a requeue
+            out(f"queued again: {current.error}")
 
     progress = make_progress(stdout_is_tty(), quiet=quiet or json_out)
     try:
