@@ -63,6 +63,7 @@ class JobOptions:
     requeue: bool = False
     commit: bool = True  # the job commits its report (run --no-commit: False)
     dependency: Optional[str] = None  # sbatch --dependency (sweeps: at most K legs in flight)
+    baseline: Optional[RunRecord] = None  # run --baseline: the job's report compares against it
     summary: bool = True  # refresh EXPERIMENTS.md with the report ([report] summary)
 
 
@@ -103,6 +104,7 @@ class JobSpec(ConfigSnapshot):
     requeue: bool
     commit: bool
     summary: bool
+    baseline: Optional[str] = None  # the run directory the report compares against (run --baseline)
 
 
 @dataclass
@@ -155,6 +157,7 @@ def submit_run(cfg: Config, request: RunRequest, options: JobOptions, *, sweep_i
             **ConfigSnapshot.fields_of(cfg), plan=plan, nodes=nodes,
             rdzv_port=cfg.cluster.rdzv_port, requeue=options.requeue,
             commit=options.commit and not plan.no_commit, summary=options.summary,
+            baseline=options.baseline.exp_dir if options.baseline is not None else None,
         )
         save_model(run_dir / JOB_SPEC, spec)
         script = run_dir / JOB_SCRIPT

@@ -100,7 +100,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     outcome = RunOutcome(exit_code=EXIT_OK, plan=plan, guards=record.guards, record=record)
     outcome.exit_code, outcome.compile_failed = finish_record(record, result, plan)
     save_run_and_leg(record)  # the sweep's leg is settled before its report is committed
-    report_and_commit(cfg, outcome, commit=spec.commit, extra_commit_paths=_summary_paths(cfg, spec))
+    baseline = read_record(Path(spec.baseline)) if spec.baseline else None
+    report_and_commit(cfg, outcome, baseline=baseline, commit=spec.commit, extra_commit_paths=_summary_paths(cfg, spec))
     record.report = str(outcome.report) if outcome.report else None
     record.commit = outcome.commit
     if outcome.commit_error:

@@ -110,3 +110,16 @@ def test_check_with_the_slurm_backend_leaves_the_node_guards_to_the_job(git_repo
     guards = {g["name"]: g for g in json.loads(r.output)["guards"]}
     assert guards["gpus_idle"]["skipped"] and guards["no_other_training"]["skipped"]
     assert "inside the Slurm job" in guards["gpus_idle"]["message"]
+
+
+def test_wait_on_a_finished_local_run_exits_with_its_outcome(git_repo, monkeypatch, artifact_root):
+    slurm_project(git_repo, monkeypatch)
+    ran = moectl("run", "--steps", "3", "--no-commit", "--override", "no_other_training", *FAST)
+    assert ran.exit_code == 0, ran.output
+    (run_dir,) = run_dirs(artifact_root)
+    waited = moectl("wait", run_dir.name, "--json")
+    assert waited.exit_code == 0 and json.loads(waited.output)[0]["status"] == "completed"
+    failing = moectl("run", "--steps", "5", "--no-commit", "--tag", "bad", "--override", "no_other_training",
+                     "--", "--fail-at-step", "2")
+    assert failing.exit_code == 4, failing.output
+    assert moectl("wait", "bad", run_dir.name).exit_code == 4

@@ -89,6 +89,11 @@ def test_run_slurm_follows_its_job_to_the_end_and_the_job_commits_only_its_repor
     assert {p: (proj / p).read_bytes() for p in before} == before
     assert set(git(proj, "diff", "--cached", "--name-only").split()) == {"staged.txt"}
 
+    # --baseline reaches the job's report and commit message, as it does a local run's.
+    second = moectl("run", "--slurm", "--steps", "5", "--tag", "second", "--baseline", "onslurm", *FAST)
+    assert second.exit_code == 0, second.output
+    assert "vs onslurm)" in git(proj, "log", "-1", "--format=%s")
+
 
 def test_the_job_trains_the_code_snapshot_taken_at_submit_not_the_edited_working_tree(on_cluster, git_repo,
                                                                                        monkeypatch, artifact_root,

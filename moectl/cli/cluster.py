@@ -18,7 +18,8 @@ def slurm_flags_need_slurm(*, nodes, detach: bool, requeue: bool) -> None:
         raise UsageError(f"{given[0]} needs --slurm (or [cluster] backend = \"slurm\")")
 
 
-def run_on_slurm(cfg, request, *, nodes, detach: bool, requeue: bool, dry_run: bool, quiet: bool, json_out: bool) -> None:
+def run_on_slurm(cfg, request, *, nodes, detach: bool, requeue: bool, dry_run: bool, quiet: bool, json_out: bool,
+                 baseline=None) -> None:
     """`moectl run --slurm`: submit, then follow the job (unless --detach) and end as a local run does."""
     from moectl.cli.env import _render_check, check_json
     from moectl.execution import EXIT_OF_STATUS, JobOptions, deferred_to_job, follow, submit_run
@@ -38,7 +39,8 @@ def run_on_slurm(cfg, request, *, nodes, detach: bool, requeue: bool, dry_run: b
             _render_check(plan, results, ok)
         raise typer.Exit(EXIT_OK if ok else EXIT_GUARD)
 
-    submitted = submit_run(cfg, request, JobOptions(nodes=nodes, requeue=requeue, summary=cfg.report.summary))
+    submitted = submit_run(cfg, request, JobOptions(nodes=nodes, requeue=requeue, summary=cfg.report.summary,
+                                                     baseline=baseline))
     if submitted.record is None:
         if json_out:
             print_json(check_json(submitted.plan, submitted.guards, False))

@@ -80,7 +80,7 @@ def run(
 
     if choose_backend(cfg, slurm) == "slurm":
         run_on_slurm(cfg, request, nodes=nodes, detach=detach, requeue=requeue, dry_run=dry_run,
-                     quiet=quiet, json_out=json_out)
+                     quiet=quiet, json_out=json_out, baseline=base_record)
         return
     slurm_flags_need_slurm(nodes=nodes, detach=detach, requeue=requeue)
 
