@@ -23,7 +23,7 @@ from engine.schema import StepMetrics, parse_line
 from moectl.cli import app
 from moectl.config import load_config
 from tests.conftest import git, gpu, wait_for
-from tests.slurm_fixtures import SLURM_TESTS
+from tests.slurm_fixtures import SLURM_TESTS, free_port
 from tests.test_run import FAKE, commit_config, commit_files, head, record, run_dirs, write_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,18 +178,29 @@ def test_cancel_ends_a_running_job_interrupted_with_its_metrics_summarised(on_cl
     assert rec["job_id"] not in squeue.stdout
 
 
-def test_two_nodes_run_one_torchrun_agent_each_meeting_at_the_first_node(on_cluster, git_repo, monkeypatch,
-                                                                        artifact_root):
-    slurm_project(git_repo, monkeypatch)
-    r = moectl("run", "--slurm", "--nodes", "2", "--steps", "4", "--no-commit", *FAST)
+def test_two_nodes_train_the_same_losses_as_one_node_with_two_processes(on_cluster, git_repo, monkeypatch,
+                                                                         artifact_root, tmp_path):
+    # A free rendezvous port: other suites on this machine may hold 29500.
+    slurm_project(git_repo, monkeypatch, module="engine.train", cluster=f"rdzv_port = {free_port()}")
+    engine_args = ["--seed", "5", "--eval-batches", "1"]
+    r = moectl("run", "--slurm", "--nodes", "2", "--nproc", "1", "--device", "cpu", "--steps", "6", "--no-commit",
+               "--", *engine_args)
     assert r.exit_code == 0, r.output
     run_dir = only_run(artifact_root)
     rec = record(run_dir)
     assert rec["status"] == "completed" and rec["nodes"] == 2
     start = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert start["world_size"] == 2  # two agents of one process each formed one world
-    ranks = sorted(p.name for p in (run_dir / "pids").iterdir())
-    assert ranks == ["rank0.json", "rank1.json"]
+
+    local = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            "-m", "engine.train", "--preset", "tiny", "--device", "cpu", "--steps", "6", *engine_args,
+                            "--out-dir", str(tmp_path / "one-node")], cwd=REPO, capture_output=True, text=True,
+                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert local.returncode == 0, local.stderr[-2000:]
+    two, one = steps_of(run_dir), steps_of(tmp_path / "one-node")
+    assert [s.step for s in two] == [s.step for s in one] == list(range(6))
+    for a, b in zip(two, one):
+        assert abs(a.loss - b.loss) <= 1e-5, f"step {a.step}: 2 nodes {a.loss} vs 1 node {b.loss}"
 
 
 # --- bad input: one line, the right exit code, no run left `queued` --------------------------------
