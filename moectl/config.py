@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moectl.errors import UsageError
+from engine.schema import ENGINE_MODULE
 from moectl.metrics import DEFAULT_WARMUP_STEPS
 
 if sys.version_info >= (3, 11):
@@ -67,10 +68,28 @@ class GpuSection(_Strict):
 
 
 class LaunchSection(_Strict):
-    module: str = Field("engine.train", pattern=r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
+    """Which trainer runs and how (issue 10). Exactly one of `module` / `script`; with neither, the
+    engine (`module = "engine.train"`). A trainer with an `[launch.options]` table, a `script`, or
+    metrics parsed from stdout gets only the flags that table maps (moectl/trainer.py); a module
+    without any of those follows the engine's own contract (`--key value`, `--out-dir`)."""
+
+    module: Optional[str] = Field(ENGINE_MODULE, pattern=r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
+    script: Optional[str] = Field(None, min_length=1)  # relative to the repository root
+    launcher: Literal["torchrun", "python"] = "torchrun"
+    args: list[str] = Field(default_factory=list)  # always passed, before the mapped options
+    options: Optional[dict[str, str]] = None  # moectl option -> trainer flag ("{}" is the value)
     nproc_per_node: Union[Literal["auto"], int] = "auto"
     env: dict[str, str] = Field(default_factory=lambda: {"OMP_NUM_THREADS": "1"})
     compile_fallback: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _module_or_script(cls, data):
+        if isinstance(data, dict) and data.get("script") is not None:
+            if data.get("module") is not None:
+                raise ValueError("give exactly one of module and script, not both")
+            data = {**data, "module": None}
+        return data
 
     @field_validator("nproc_per_node")
     @classmethod
@@ -79,11 +98,55 @@ class LaunchSection(_Strict):
             raise ValueError("must be \"auto\" or an integer >= 1")
         return v
 
+    @field_validator("options")
+    @classmethod
+    def _templates(cls, v):
+        if v is None:
+            return v
+        out = {}
+        for key, template in v.items():
+            if not template.strip():
+                raise ValueError(f"{key}: an empty flag; map it to e.g. \"--{key}={{}}\"")
+            out[key.replace("-", "_")] = template
+        return out
+
+    @property
+    def target(self) -> str:
+        """What runs: the module name or the script path (process detection, messages)."""
+        return self.module if self.module is not None else str(self.script)
+
 
 class MetricsSection(_Strict):
     window: int = Field(50, ge=1)
     # Steps 0 .. warmup_steps-1 (compile, warm-up) never enter a tail window (moectl.metrics).
     warmup_steps: int = Field(DEFAULT_WARMUP_STEPS, ge=0)
+    # Where a run's per-step metrics come from (issue 10): the engine's metrics.jsonl, or the
+    # trainer's own output, parsed by moectl/stdout_metrics.py into the same metrics.jsonl.
+    source: Literal["jsonl", "stdout"] = "jsonl"
+    format: Optional[Literal["nanochat", "regex"]] = None
+    step: Optional[str] = None  # format = "regex": a step line matches this; group 1 is the step
+    tokens_per_step: Optional[str] = None  # matched once; tok/sec = tokens_per_step / dt
+    patterns: dict[str, str] = Field(default_factory=dict)  # schema field -> regex with one group
+
+    @model_validator(mode="after")
+    def _stdout_keys(self):
+        from moectl.stdout_metrics import check_patterns
+
+        if self.source == "jsonl":
+            # step/tokens_per_step/patterns still serve `moectl import --format regex`; a format
+            # would only say how to parse a live run's output, which jsonl never does.
+            if self.format is not None:
+                raise ValueError('format is set but source is "jsonl" (set source = "stdout")')
+            check_patterns(self.step, self.tokens_per_step, self.patterns)
+            return self
+        if self.format is None:
+            raise ValueError('source = "stdout" needs format = "nanochat" or "regex"')
+        if self.format == "regex" and self.step is None:
+            raise ValueError('format = "regex" needs step = \'<regex whose group is the step number>\'')
+        if self.format == "nanochat" and self.step is not None:
+            raise ValueError('step is only for format = "regex" (nanochat\'s step line is built in)')
+        check_patterns(self.step, self.tokens_per_step, self.patterns)
+        return self
 
 
 class ReportSection(_Strict):
@@ -282,7 +345,11 @@ def _field_lines(name: str, exc: ValidationError) -> list[str]:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        # A section's own check names the key it is about (`patterns.loss: ...`): one dotted path.
+        head, sep, rest = msg.partition(": ")
+        if sep and loc and " " not in head and head.replace(".", "").replace("_", "").isalnum():
+            loc, msg = f"{loc}.{head}", rest
         lines.append(f"{name}: {loc}: {msg}")
     return lines
 
@@ -346,13 +413,19 @@ devices = "all"              # or a list of indices, e.g. [0, 1] (sets CUDA_VISI
 
 [launch]
 module = "engine.train"      # run as: python -m torch.distributed.run ... -m <module>
+# script = "train.py"        # ... or a script (relative to this file): exactly one of the two
+# launcher = "torchrun"      # "torchrun" | "python" (one plain process)
+# args = []                  # always passed to the trainer, before the mapped options
 nproc_per_node = "auto"      # auto = number of selected GPUs (cuda) or 1 (cpu)
 env = { OMP_NUM_THREADS = "1" }
 compile_fallback = true      # a compile failure re-runs the leg with --compile none
+# [launch.options]           # another trainer: moectl run option -> its flag ("{}" is the value)
+# steps = "--max_iters={}"   # (`moectl init --trainer nanochat|nanogpt` writes a starting point)
 
 [metrics]
 window = 50                  # the tail window of every summary: its last `window` steps ...
 warmup_steps = 10            # ... after steps 0-9 (compile / warm-up), which no summary counts
+# source = "jsonl"           # "jsonl": the engine's metrics.jsonl | "stdout": parse the trainer's output
 
 [report]
 summary = true               # run/sweep refresh EXPERIMENTS.md
@@ -384,8 +457,24 @@ rdzv_port = 29500            # the rendezvous port on the first node
 """
 
 
-def write_template(directory: Path) -> Path:
+TRAINERS = ("engine", "nanochat", "nanogpt")
+
+
+def template_for(trainer: str = "engine") -> str:
+    """TEMPLATE with the `[launch]`/`[metrics]` tables of a known trainer (moectl.trainer.TABLES)."""
+    if trainer not in TRAINERS:
+        raise UsageError(f"--trainer: unknown trainer {trainer!r} (known: {', '.join(TRAINERS)})")
+    if trainer == "engine":
+        return TEMPLATE
+    from moectl.trainer import TABLES
+
+    start, end = TEMPLATE.index("[launch]\n"), TEMPLATE.index("[report]\n")
+    return TEMPLATE[:start] + TABLES[trainer] + "\n" + TEMPLATE[end:]
+
+
+def write_template(directory: Path, trainer: str = "engine") -> Path:
     """`moectl init`: write the commented template; refuse (exit 2) if a config already exists."""
+    text = template_for(trainer)
     target = Path(directory) / CONFIG_NAME
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -393,11 +482,11 @@ def write_template(directory: Path) -> Path:
         raise UsageError(f"{target} already exists; not overwriting it "
                          f"(`moectl init --force` replaces it and keeps the old one as {CONFIG_NAME}.bak)") from None
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(TEMPLATE)
+        fh.write(text)
     return target
 
 
-def overwrite_template(directory: Path) -> tuple[Path, Optional[Path]]:
+def overwrite_template(directory: Path, trainer: str = "engine") -> tuple[Path, Optional[Path]]:
     """`moectl init --force`: write the template over an existing config, first copying the old
     one byte for byte to `.moectl.toml.bak` - or `.bak.1`, `.bak.2`, ... when that exists, so no
     earlier backup is ever overwritten. The new file replaces the old one in one rename: a reader
@@ -407,18 +496,19 @@ def overwrite_template(directory: Path) -> tuple[Path, Optional[Path]]:
 
     from moectl.records import atomic_file
 
+    text = template_for(trainer)
     target = Path(directory) / CONFIG_NAME
     try:
         old = target.read_bytes()
         mode = stat.S_IMODE(target.stat().st_mode)
     except FileNotFoundError:
-        return write_template(directory), None
+        return write_template(directory, trainer), None
     except IsADirectoryError:
         raise UsageError(f"{target} is a directory; not replacing it") from None
     backup = _write_backup(target, old, mode)
     with atomic_file(target, "w") as fh:
         os.fchmod(fh.fileno(), mode)  # the config keeps the old file's permissions
-        fh.write(TEMPLATE)
+        fh.write(text)
     return target, backup
 
 

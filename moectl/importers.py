@@ -1,12 +1,14 @@
 """Bring existing training logs into the engine's metrics schema (`moectl import`).
 
-Three formats, one result (`ParsedLog`: engine `StepMetrics` plus run-level extras):
+Four formats, one result (`ParsedLog`: engine `StepMetrics` plus run-level extras):
 
-- `nanochat`: nanochat `base_train` stdout, e.g.
+- `nanochat` and `regex`: a trainer's stdout, read by moectl/stdout_metrics.py, the parser a live
+  `moectl run` of a stdout-parsed trainer uses. nanochat's `base_train` lines, e.g.
   `step 00279/00280 (99.64%) | loss: 3.723798 | bal: 24.0192 | lrm: 1.00 | dt: 637.19ms |
   tok/sec: 822,814 | bf16_mfu: 9.96 | epoch: 1 | total time: 2.97m | eta: 0.0m`
   plus `Peak memory usage: 18987.83MiB` and `Total training time: 2.97m`. Fields may be missing,
-  extra or reordered; every other line is ignored.
+  extra or reordered; every other line is ignored. `regex`: `[metrics] step`/`patterns` of
+  .moectl.toml or `--pattern FIELD=REGEX`.
 - `jsonl`: the engine's own metrics.jsonl.
 - `csv`: a step table with a header: the seed study's columns (`run,step,loss,bal,dt_ms,tok_sec,
   bf16_mfu`) or the engine's field names (what `moectl export --csv` writes).
@@ -18,16 +20,15 @@ from __future__ import annotations
 
 import csv
 import io
-import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from engine.schema import StepMetrics
 from moectl.errors import UsageError
+from moectl.stdout_metrics import StdoutFormat, number as _number, parse_text
 
-FORMATS = ("nanochat", "jsonl", "csv")
+FORMATS = ("nanochat", "regex", "jsonl", "csv")
 
 
 @dataclass
@@ -39,87 +40,55 @@ class ParsedLog:
     world_size: Optional[int] = None
     skipped: int = 0
     format: str = ""
+    warnings: list[str] = field(default_factory=list)  # patterns that never matched
 
 
-# --- nanochat ------------------------------------------------------------------------------------
-
-# Optional torchrun prefix ("[rank0]: ", "[default0]:"), then "step N" or "step N/M".
-_STEP = re.compile(r"^\s*(?:\[[^\]]*\]:?\s*)?step\s+(\d+)(?:\s*/\s*(\d+))?\b(.*)$")
-_PEAK = re.compile(r"Peak memory usage:\s*([\d,]+(?:\.\d+)?)\s*MiB", re.IGNORECASE)
-_TOTAL = re.compile(r"Total training time:\s*([\d,]+(?:\.\d+)?)\s*(ms|s|m|min|h)\b", re.IGNORECASE)
-_UNIT_S = {"ms": 1e-3, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
-
-# nanochat key -> (StepMetrics field, scale). `bal` is the raw balance loss (what the engine
-# calls aux_loss); `total time` is cumulative training time, i.e. the engine's elapsed_s.
-_NANOCHAT_FIELDS = {
-    "loss": "loss",
-    "bal": "aux_loss",
-    "aux_loss": "aux_loss",
-    "lr": "lr",
-    "dt": "dt_ms",
-    "tok/sec": "tok_per_sec",
-    "bf16_mfu": "mfu",
-    "mfu": "mfu",
-    "drop": "drop_frac",
-    "drop_frac": "drop_frac",
-    "total time": "elapsed_s",
-}
+# --- nanochat, regex: the live parser (moectl.stdout_metrics) ------------------------------------
 
 
-def _number(text: str) -> float:
-    """'822,814' -> 822814.0; '637.19ms' -> 637.19 (unit stripped by caller). Finite only."""
-    value = float(text.replace(",", "").replace("_", ""))
-    if not math.isfinite(value):
-        raise ValueError(f"not finite: {text}")
-    return value
-
-
-def _duration_s(text: str) -> float:
-    m = re.fullmatch(r"([\d,]+(?:\.\d+)?)\s*(ms|s|m|min|h)?", text.strip())
-    if not m:
-        raise ValueError(f"bad duration {text!r}")
-    return _number(m.group(1)) * _UNIT_S[(m.group(2) or "s").lower()]
-
-
-def _nanochat_step(step: int, rest: str) -> StepMetrics:
-    kwargs: dict[str, float] = {}
-    for part in rest.split("|"):
-        key, sep, raw = part.partition(":")
-        key = key.strip().lower()
-        if not sep or key not in _NANOCHAT_FIELDS:
-            continue  # "(99.64%)", "lrm", "epoch", "eta", anything new: not ours
-        name = _NANOCHAT_FIELDS[key]
-        raw = raw.strip()
-        if name == "dt_ms":
-            kwargs[name] = _duration_s(raw if raw[-1:].isalpha() else raw + "ms") * 1000.0
-        elif name == "elapsed_s":
-            kwargs[name] = _duration_s(raw)
-        else:
-            kwargs[name] = _number(raw.rstrip("%"))
-    if "loss" not in kwargs:
-        raise ValueError("no loss")
-    return StepMetrics(step=step, **kwargs)
+def parse_stdout(text: str, fmt: StdoutFormat) -> ParsedLog:
+    """A trainer's output through the same parser a live `moectl run` uses, so an old log imports
+    exactly as a live run of it would have parsed (same steps, same rank/noise/traceback rules)."""
+    parser, steps = parse_text(text, fmt)
+    by_step = {s.step: s for s in steps}  # a repeated step number: the last occurrence wins
+    return ParsedLog(
+        steps=[by_step[k] for k in sorted(by_step)], peak_mem_mib=parser.peak_mem_mib,
+        total_time_s=parser.total_time_s, planned_steps=parser.planned_steps, skipped=parser.skipped,
+        format=fmt.kind, warnings=parser.warnings() if steps else [],
+    )
 
 
 def parse_nanochat(text: str) -> ParsedLog:
-    out = ParsedLog(format="nanochat")
-    by_step: dict[int, StepMetrics] = {}
-    for line in text.splitlines():
-        m = _STEP.match(line)
-        if m:
-            try:
-                by_step[int(m.group(1))] = _nanochat_step(int(m.group(1)), m.group(3))
-                if m.group(2):
-                    out.planned_steps = int(m.group(2))
-            except (ValueError, TypeError):
-                out.skipped += 1
-            continue
-        if (pm := _PEAK.search(line)) is not None:
-            out.peak_mem_mib = _number(pm.group(1))
-        elif (tm := _TOTAL.search(line)) is not None:
-            out.total_time_s = _number(tm.group(1)) * _UNIT_S[tm.group(2).lower()]
-    out.steps = [by_step[k] for k in sorted(by_step)]
-    return out
+    return parse_stdout(text, NANOCHAT)
+
+
+NANOCHAT = StdoutFormat.build("nanochat")
+
+
+def regex_format(metrics, patterns: list[str]) -> StdoutFormat:
+    """`--format regex`: `[metrics]` step/tokens_per_step/patterns of .moectl.toml, overridden by
+    `--pattern FIELD=REGEX` (FIELD: step, tokens_per_step or a metrics field). UsageError when bad."""
+    step = metrics.step if metrics is not None else None
+    tokens = metrics.tokens_per_step if metrics is not None else None
+    fields = dict(metrics.patterns) if metrics is not None else {}
+    for item in patterns:
+        name, sep, regex = item.partition("=")
+        name = name.strip()
+        if not sep or not name or not regex:
+            raise UsageError(f"--pattern {item!r}: use FIELD=REGEX, e.g. --pattern 'loss=loss ([\\d.]+)'")
+        if name == "step":
+            step = regex
+        elif name == "tokens_per_step":
+            tokens = regex
+        else:
+            fields[name] = regex
+    if step is None:
+        raise UsageError("--format regex needs a step pattern: --pattern 'step=iter (\\d+):' "
+                         "or [metrics] step in .moectl.toml")
+    try:
+        return StdoutFormat.build("regex", step, tokens, fields)
+    except ValueError as exc:
+        raise UsageError(f"--pattern: {exc}") from None
 
 
 # --- jsonl ---------------------------------------------------------------------------------------
@@ -188,7 +157,7 @@ def parse_csv(text: str, run: Optional[str] = None) -> ParsedLog:
 # --- entry point ---------------------------------------------------------------------------------
 
 
-def load_log(path: Path, fmt: str, run: Optional[str] = None) -> ParsedLog:
+def load_log(path: Path, fmt: str, run: Optional[str] = None, stdout_format: Optional[StdoutFormat] = None) -> ParsedLog:
     """Read and parse one log. Raises UsageError (exit 2) for anything not importable."""
     path = Path(path).expanduser()
     if fmt not in FORMATS:
@@ -203,6 +172,10 @@ def load_log(path: Path, fmt: str, run: Optional[str] = None) -> ParsedLog:
         raise UsageError(f"log file is empty: {path}")
     if fmt == "nanochat":
         parsed = parse_nanochat(text)
+    elif fmt == "regex":
+        if stdout_format is None:
+            raise UsageError("--format regex needs patterns (moectl.importers.regex_format)")
+        parsed = parse_stdout(text, stdout_format)
     elif fmt == "jsonl":
         parsed = parse_jsonl(text)
     else:

@@ -79,8 +79,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     record.error = None
     save_run_and_leg(record)
 
+    from moectl.runner import RunOutcome, finish_record, report_and_commit, stdout_parser
+
+    parser = stdout_parser(cfg, plan)  # a trainer whose metrics come from its output ([metrics] source)
     try:
-        result = _train(spec, plan, run_dir, job_id, restart)
+        result = _train(spec, plan, run_dir, job_id, restart, parser)
     except BaseException as exc:  # the record must not say `running` once this job is gone
         record.status, record.finished_at = "failed", store.now_iso()
         record.error = f"moectl in Slurm job {job_id}: {type(exc).__name__}: {exc}"
@@ -95,10 +98,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         save_run_and_leg(record)
         return EXIT_INTERRUPTED
 
-    from moectl.runner import RunOutcome, finish_record, report_and_commit
-
     outcome = RunOutcome(exit_code=EXIT_OK, plan=plan, guards=record.guards, record=record)
-    outcome.exit_code, outcome.compile_failed = finish_record(record, result, plan)
+    outcome.exit_code, outcome.compile_failed = finish_record(record, result, plan, parser)
     save_run_and_leg(record)  # the sweep's leg is settled before its report is committed
     baseline = read_record(Path(spec.baseline)) if spec.baseline else None
     report_and_commit(cfg, outcome, baseline=baseline, commit=spec.commit, extra_commit_paths=_summary_paths(cfg, spec))
@@ -110,7 +111,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     return outcome.exit_code
 
 
-def _train(spec: JobSpec, plan: RunPlan, run_dir: Path, job_id: str, restart: int):
+def _train(spec: JobSpec, plan: RunPlan, run_dir: Path, job_id: str, restart: int, parser):
     """torchrun on this node (one node) or on every node (srun), from the code snapshot."""
     argv = list(plan.argv)
     if restart and _has_checkpoint(Path(plan.ckpt_dir)):
@@ -124,8 +125,12 @@ def _train(spec: JobSpec, plan: RunPlan, run_dir: Path, job_id: str, restart: in
     env["PYTHONPATH"] = code + (f":{env['PYTHONPATH']}" if env.get("PYTHONPATH") else "")
     requeue_on_signal = _requeue_on_usr1(job_id) if spec.requeue else None
     try:
+        from moectl.stdout_metrics import LiveMetricsWriter
+
+        metrics_path = Path(plan.files["metrics.jsonl"])
         result = launch(argv, cwd=Path(code), env=env, log_path=Path(plan.files["train.log"]),
-                        metrics_path=Path(plan.files["metrics.jsonl"]), progress=NullProgress())
+                        metrics_path=metrics_path, progress=NullProgress(),
+                        output_metrics=LiveMetricsWriter(metrics_path, parser) if parser else None)
     finally:
         if requeue_on_signal is not None:
             signal.signal(signal.SIGUSR1, requeue_on_signal)

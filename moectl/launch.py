@@ -41,7 +41,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, Optional
+from typing import IO, Callable, Optional, Protocol
 
 import psutil
 
@@ -53,6 +53,14 @@ LOG_TAIL_LINES = 40
 _WORKER_FAILED = re.compile(rb"failed \(exitcode: (-?\d+)\) local_rank")
 POLL_S = 0.25  # metrics poll / wait-loop tick
 SNAPSHOT_S = 1.0  # how often the list of torchrun's descendants is refreshed
+
+
+class OutputMetrics(Protocol):
+    """What turns a trainer's output lines into metrics.jsonl (moectl.stdout_metrics.LiveMetricsWriter)."""
+
+    def __call__(self, line: str) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -196,9 +204,10 @@ class _Tee(threading.Thread):
     """Copy the child's merged stdout/stderr into the log (and optionally the screen), line by line."""
 
     def __init__(self, stream: IO[bytes], log_fh: IO[bytes], echo: Optional[Callable[[str], None]],
-                 on_eof: Callable[[], None]):
+                 on_eof: Callable[[], None], on_line: Optional[Callable[[str], None]] = None):
         super().__init__(name="moectl-tee", daemon=True)
         self.stream, self.log_fh, self.echo, self.on_eof = stream, log_fh, echo, on_eof
+        self.on_line = on_line
         self.tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
         self.eof_at: Optional[float] = None  # when the pipe closed
         self.failure_tail: Optional[list[str]] = None  # the tail as it was when a worker failed
@@ -219,6 +228,14 @@ class _Tee(threading.Thread):
                     if m:
                         self.worker_exit_code = int(m.group(1))
                         self.failure_tail = list(self.tail)
+            if self.on_line is not None:
+                try:
+                    self.on_line(text)
+                except Exception as exc:  # a parser bug must not stop the log (nor the run)
+                    self.on_line = None
+                    with self.lock:
+                        if not self.log_fh.closed:
+                            self.log_fh.write(f"moectl: stdout metrics parser stopped: {exc!r}\n".encode())
             if self.echo is not None:
                 try:
                     self.echo(text)
@@ -260,13 +277,17 @@ def launch(
     stop_grace_s: float = 10.0,
     echo: bool = False,
     on_spawn: Optional[Callable[[int], None]] = None,
+    output_metrics: Optional[OutputMetrics] = None,
 ) -> LaunchResult:
     """Run `argv` (the torchrun command) to the end, or until SIGINT/SIGTERM stops it.
 
     `env` is laid over this process's environment. Output goes to `log_path` (appended, flushed per
     line) and, with `echo`, to the progress sink's `echo` (or stdout). Records appearing in
     `metrics_path` are fed to `progress`, which is closed before returning. `on_spawn(pid)` is
-    called once torchrun is running (e.g. to record its pid). Never raises for what the child does.
+    called once torchrun is running (e.g. to record its pid). `output_metrics` (a trainer whose
+    metrics are parsed from its stdout) is called with every output line from the tee thread and
+    closed once the output has ended, before the final read of `metrics_path`, which it writes.
+    Never raises for what the child does.
     """
     t0 = time.monotonic()
     log_path = Path(log_path)
@@ -313,7 +334,7 @@ def launch(
                 sink_echo = progress.echo if progress is not None else _echo_to_stdout
             else:
                 sink_echo = None
-            tee = _Tee(proc.stdout, log_fh, sink_echo, on_eof=stop.wake.set)
+            tee = _Tee(proc.stdout, log_fh, sink_echo, on_eof=stop.wake.set, on_line=output_metrics)
             tee.start()
             if on_spawn is not None:
                 on_spawn(proc.pid)
@@ -347,6 +368,8 @@ def launch(
                 killed = True
             exit_code = proc.wait()
             tee.join(timeout=5.0)  # an escaped process may still hold the pipe: do not hang on it
+            if output_metrics is not None and not tee.is_alive():
+                output_metrics.close()  # its summary line, before the last read below
             feed(final=True)
     finally:
         if proc is not None and proc.returncode is None:

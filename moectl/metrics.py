@@ -8,7 +8,11 @@ engine. The rule every number here follows, so the seed study's figures reproduc
     tail mean  = arithmetic mean of the last `window` steps past the warm-up (fewer if the run is
                  shorter: the summary's `steps` says how many, its `note` says so)
     peak mem   = max over the whole run;  total time = training time;  final loss = last step's loss
-    noise      = standard error of each tail mean: sample std / sqrt(n) over the window
+    noise      = standard error of each tail mean (moectl/noise.py): for one run, within-run,
+                 sample std / sqrt(n_eff) over the window, n_eff corrected for autocorrelation;
+                 for a repeat group, between-runs, the std of the repeats' tail means / sqrt(n)
+    group      = the repeats of one configuration (`run --repeat N`, sweep `repeats`): each value
+                 is the mean over repeats of their tail means (peak mem: the max)
 
 A run with no step past its warm-up has no clean window: its tail means are taken over the last
 `window` steps it has, compile included, and the summary says `clean: false`. Every table marks
@@ -18,9 +22,9 @@ imported log's numbering follow the same rule (the seed study: 280 steps, window
 230-279, untouched by 10 warm-up steps).
 
 Two tail means differ "beyond noise" when |a - b| > 2 * sqrt(se_a^2 + se_b^2), i.e. roughly a
-95% interval on the difference of two independent means. Step times within one run are
-autocorrelated, so this is a floor on the true noise, not a proof: it separates +2.7% from
-+0.1% well enough, which is all a reader of a compare table needs.
+95% interval on the difference of two independent means. A within-run error says how well one
+run's window pinned that run down, not whether another run would land in the same place: only
+repeats (a group, between-runs error) answer that, and every compare entry says which it shows.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from engine.schema import RunSummary, StartInfo, StepMetrics, parse_record
+from moectl.noise import BETWEEN_RUNS, WITHIN_RUN, between_runs_stderr, within_run_stderr
 from moectl.records import Summary
 
 # The metrics of a compare table, in display order. MEAN_METRICS are tail means (they get a
@@ -242,9 +247,35 @@ def tail_summary(metrics: MetricsFile, window: int, warmup_steps: int = 0) -> Su
 
 
 def tail_stderr(metrics: MetricsFile, window: int, warmup_steps: int = 0) -> dict[str, Optional[float]]:
-    """Standard error of each tail mean; None for single-valued metrics or fewer than 2 values."""
+    """The i.i.d. standard error of each tail mean (sd / sqrt(n): the floor); None for
+    single-valued metrics or fewer than 2 values. `compare` shows `tail_noise`."""
     tail, _ = tail_window(metrics, window, warmup_steps)
     return {m: (_stderr(_values(tail, m)) if m in MEAN_METRICS else None) for m in METRICS}
+
+
+def tail_noise(metrics: MetricsFile, window: int, warmup_steps: int = 0) -> dict[str, Optional[float]]:
+    """The within-run standard error of each tail mean, corrected for autocorrelation
+    (moectl.noise.within_run_stderr, never below `tail_stderr`)."""
+    tail, _ = tail_window(metrics, window, warmup_steps)
+    return {m: (within_run_stderr(_values(tail, m)) if m in MEAN_METRICS else None) for m in METRICS}
+
+
+def group_summary(members: Sequence[MetricsFile], window: int, warmup_steps: int = 0) -> tuple[Summary, dict[str, Optional[float]]]:
+    """(the summary of a repeat group, the between-runs error of each tail mean). Each value is the
+    mean over repeats of their own summaries' value (peak memory: the max); the window is clean only
+    when every repeat's is; `steps` is the shortest repeat's tail."""
+    parts = [tail_summary(m, window, warmup_steps) for m in members]
+    values: dict[str, Optional[float]] = {}
+    errors: dict[str, Optional[float]] = {}
+    for m in METRICS:
+        xs = [v for v in (getattr(p, m) for p in parts) if v is not None]
+        values[m] = (max(xs) if m == "peak_mem_mib" else _mean(xs)) if xs else None
+        errors[m] = between_runs_stderr(xs) if m in MEAN_METRICS and len(xs) == len(parts) else None
+    clean = all(p.clean for p in parts)
+    note = next((p.note for p in parts if p.note), None)
+    summary = Summary(window=window, steps=min(p.steps for p in parts), warmup_steps=warmup_steps, clean=clean,
+                      note=note, **values)
+    return summary, errors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +295,14 @@ class RunMetrics:
     metrics: MetricsFile
     options: dict[str, Any] = field(default_factory=dict)
     fallback: Optional[Summary] = None
+    # A repeat group (2+ runs of one configuration): every repeat's metrics, and their run ids.
+    # `id` is then the group's id and `metrics` its latest repeat's.
+    members: list[MetricsFile] = field(default_factory=list)
+    member_ids: list[str] = field(default_factory=list)
+
+    @property
+    def is_group(self) -> bool:
+        return len(self.members) >= 2
 
 
 @dataclass
@@ -285,6 +324,9 @@ class RunComparison:
     metrics: dict[str, MetricValue]
     clean: bool = True  # the tail window is past the warm-up (see `tail_window`)
     note: Optional[str] = None  # the summary's note: warm-up only, or a short clean window
+    n_repeats: int = 1  # runs behind the figures: 1, or a repeat group's size
+    noise: str = WITHIN_RUN  # what `stderr` is: WITHIN_RUN (one run) or BETWEEN_RUNS (a group)
+    run_ids: list[str] = field(default_factory=list)  # a group's repeats
 
 
 @dataclass
@@ -310,6 +352,9 @@ class Comparison:
                     "tail_steps": r.tail_steps,
                     "clean": r.clean,
                     "note": r.note,
+                    "n_repeats": r.n_repeats,
+                    "noise": r.noise,
+                    "run_ids": r.run_ids,
                     "metrics": {
                         name: {
                             "value": mv.value,
@@ -349,9 +394,13 @@ def compare(runs: Sequence[RunMetrics], baseline_index: int = 0, window: int = 5
         raise ValueError(f"baseline index {baseline_index} out of range")
     summaries, errors = [], []
     for r in runs:
-        if r.metrics.steps or r.fallback is None:
+        if r.is_group:
+            summary, errs = group_summary(r.members, window, warmup_steps)
+            summaries.append(summary)
+            errors.append(errs)
+        elif r.metrics.steps or r.fallback is None:
             summaries.append(tail_summary(r.metrics, window, warmup_steps))
-            errors.append(tail_stderr(r.metrics, window, warmup_steps))
+            errors.append(tail_noise(r.metrics, window, warmup_steps))
         else:
             summaries.append(r.fallback)
             errors.append({m: None for m in METRICS})
@@ -373,7 +422,9 @@ def compare(runs: Sequence[RunMetrics], baseline_index: int = 0, window: int = 5
             )
         n_steps = r.metrics.n_steps if r.metrics.steps else summ.steps
         out.append(RunComparison(r.id, r.tag, n_steps, summ.steps, dict(r.options), mvs,
-                                 clean=summ.clean, note=summ.note))
+                                 clean=summ.clean, note=summ.note, n_repeats=len(r.members) if r.is_group else 1,
+                                 noise=BETWEEN_RUNS if r.is_group else WITHIN_RUN,
+                                 run_ids=list(r.member_ids) if r.is_group else []))
     return Comparison(baseline=runs[baseline_index].id, window=window, runs=out,
                       notes=_notes(out, window, warmup_steps), warmup_steps=warmup_steps)
 

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from engine.schema import ENGINE_MODULE, PRESET_NAMES
 from moectl.config import Config
 from moectl.errors import UsageError
+from moectl.trainer import follows_engine_contract, trainer_argv
 
 # Only these guards may be skipped knowingly (SPEC §5); the path guard never.
 OVERRIDABLE = ("gpus_idle", "no_other_training")
@@ -65,6 +66,7 @@ class RunRequest(BaseModel):
     fp8: Optional[bool] = None
     dispatch: Optional[Literal["auto", "padded", "grouped", "loop"]] = None
     steps: Optional[int] = Field(None, gt=0)
+    seed: Optional[int] = None
     preset: Optional[str] = None
     device: Optional[Literal["auto", "cuda", "cpu"]] = None
     nproc: Optional[int] = Field(None, ge=1)
@@ -75,6 +77,8 @@ class RunRequest(BaseModel):
     extra_args: list[str] = Field(default_factory=list)
     notes: Optional[str] = None
     parent_dir: Optional[str] = None  # sweep legs: the run directory goes inside this one
+    group: Optional[str] = None  # a repeat group's id (moectl.repeats) ...
+    repeat: Optional[int] = Field(None, ge=1)  # ... and this run's place in it (1..N)
 
     @field_validator("overrides")
     @classmethod
@@ -137,6 +141,8 @@ class RunPlan(BaseModel):
     notes: Optional[str] = None
     window: int = 50
     warmup_steps: int = 0  # steps 0 .. warmup_steps-1 stay out of the summary (config metrics)
+    group: Optional[str] = None
+    repeat: Optional[int] = None
 
 
 def default_tag(options: dict[str, Any]) -> str:
@@ -155,32 +161,18 @@ def default_tag(options: dict[str, Any]) -> str:
     return "_".join(parts)
 
 
-def _engine_flags(options: dict[str, Any]) -> list[str]:
-    argv: list[str] = []
-    for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            if value:
-                argv.append(flag)  # engine flags are store_true; False = leave the default
-        elif isinstance(value, (list, tuple)):
-            argv += [flag, *(str(v) for v in value)]
-        else:
-            argv += [flag, str(value)]
-    return argv
-
-
 def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Optional[int]) -> RunPlan:
     """Decide ids, directories, options and the exact command. `gpus_available`: GPUs in the NVML
     reading (None when NVML is unavailable); device `auto` means cuda only when there are some."""
     options = cfg.defaults.options()
     device_default = options.pop("device", None)
-    for key in ("preset", "cap", "compile", "fp8", "dispatch", "steps"):
+    for key in ("preset", "cap", "compile", "fp8", "dispatch", "steps", "seed"):
         value = getattr(request, key)
         if value is not None:
             options[key] = value
 
     preset = options.get("preset")
-    if cfg.launch.module == ENGINE_MODULE and preset is not None and preset not in PRESET_NAMES:
+    if cfg.launch.module == ENGINE_MODULE and follows_engine_contract(cfg.launch, cfg.metrics) and preset is not None and preset not in PRESET_NAMES:
         # The engine would reject it only after torchrun started and a run directory was made.
         where = "--preset" if request.preset is not None else "defaults.preset"
         raise UsageError(f"{where}: unknown preset {preset!r}; the engine has {', '.join(PRESET_NAMES)}")
@@ -201,7 +193,7 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
         nproc = 1
 
     tag = sanitize_tag(request.tag) if request.tag else sanitize_tag(default_tag(options))
-    run_id = f"{now:%Y%m%d_%H%M%S}_{cfg.project.name}-{tag}"
+    run_id = f"{now:%Y%m%d_%H%M%S}_{cfg.project.name}-{tag}" + (f"-r{request.repeat}" if request.repeat else "")
     if request.exp_dir:
         # Kept as given (only made absolute, `..` and symlinks intact) so the path guard judges it.
         given = Path(os.path.expanduser(request.exp_dir))
@@ -212,13 +204,14 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
         exp_dir = cfg.artifact_root / run_id
     ckpt_dir = exp_dir / "ckpt_root"
 
-    engine_argv = _engine_flags(options) + ["--device", device, "--out-dir", str(exp_dir), "--ckpt-dir", str(ckpt_dir)]
-    engine_argv += list(request.extra_args)
     python = str(cfg.python) if cfg.project.venv != "" else sys.executable
-    argv = [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-            "-m", cfg.launch.module, *engine_argv]
+    argv, engine_argv = trainer_argv(cfg.launch, cfg.metrics, options, device=device, exp_dir=str(exp_dir),
+                                     ckpt_dir=str(ckpt_dir), nproc=nproc, python=python,
+                                     extra=list(request.extra_args))
 
     env = dict(cfg.launch.env)
+    if not follows_engine_contract(cfg.launch, cfg.metrics):
+        env["MOECTL_RUN_DIR"] = str(exp_dir)  # where a foreign trainer may write its own files
     if selected is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in selected)
 
@@ -243,6 +236,8 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
         notes=request.notes,
         window=cfg.metrics.window,
         warmup_steps=cfg.metrics.warmup_steps,
+        group=request.group,
+        repeat=request.repeat,
     )
 
 

@@ -256,10 +256,14 @@ class TrainingProcess:
 
 
 def _is_training(argv: list[str], module: str) -> bool:
+    """`module` is launch.target: a module name, or a script path (`python train.py` counts too)."""
+    script = os.path.basename(module) if module.endswith(".py") else None
     for i, a in enumerate(argv):
         if a == "torch.distributed.run" or os.path.basename(a) == "torchrun":
             return True
         if a == "-m" and i + 1 < len(argv) and argv[i + 1] == module:
+            return True
+        if script is not None and i == 1 and os.path.basename(a) == script and "python" in os.path.basename(argv[0]):
             return True
     return False
 
@@ -413,7 +417,7 @@ def observe(cfg: Config, plan: Optional["RunPlan"] = None, nvml: Optional[NvmlRe
     return Observed(
         git=probe_git(cfg.root),
         nvml=nvml if nvml is not None else read_nvml(cfg.gpu.devices),
-        processes=find_training_processes(cfg.launch.module),
+        processes=find_training_processes(cfg.launch.target),
         lock=holder.to_dict() if holder else None,
         venv=probe_venv(cfg),
         disk=probe_disk(cfg.artifact_root),

@@ -102,12 +102,18 @@ class RunRecord(BaseModel):
     driver: Optional[str] = None
     torch_version: Optional[str] = None
     sweep: Optional[str] = None  # sweep id when the run is a sweep leg
+    # A repeat group (`run --repeat N`, sweep `repeats`): its id, shared by its runs, and this
+    # run's place in it (1..N). compare/show/plot/export take the group by its tag (moectl.repeats).
+    group: Optional[str] = None
+    repeat: Optional[int] = None
     source: Optional[str] = None  # imported runs: the original log path
     notes: Optional[str] = None
     # The engine's configuration as it resolved it (preset + flags), from the metrics start line.
     engine: dict[str, Any] = Field(default_factory=dict)
     # Trackers this run was mirrored into ([tracking]), by tracker name.
     tracking: dict[str, TrackerMirror] = Field(default_factory=dict)
+    # What a reader of the numbers should know: e.g. a metrics pattern that never matched (issue 10).
+    warnings: list[str] = Field(default_factory=list)
     # Runs that execute as Slurm jobs (moectl/execution.py): the job, its nodes, how many times
     # Slurm requeued it, and the report and commit the job itself wrote (nobody may be waiting).
     backend: Literal["local", "slurm"] = "local"
@@ -124,6 +130,8 @@ class SweepLeg(BaseModel):
     state: LegState = "pending"
     run_id: Optional[str] = None
     fallback_of: Optional[str] = None  # tag of the leg this compile-fallback leg re-runs
+    repeat: Optional[int] = None  # sweep `repeats = N`: this leg is repeat 1..N of its tag ...
+    group: Optional[str] = None  # ... in this group (set when the sweep first runs; a resume keeps it)
 
 
 class SweepRecord(BaseModel):

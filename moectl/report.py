@@ -171,7 +171,7 @@ def compare_markdown(comparison: Comparison) -> str:
     rows = []
     for r in comparison.runs:
         is_base = r.id == comparison.baseline
-        name = (r.tag or r.id) + (" (baseline)" if is_base else "")
+        name = (r.tag or r.id) + (f" (×{r.n_repeats} runs)" if r.n_repeats > 1 else "") + (" (baseline)" if is_base else "")
         rows.append([name, str(r.steps)] + [_cell(r.metrics[m], COLUMNS[m][1], is_base) for m in METRICS])
     base = next((r for r in comparison.runs if r.id == comparison.baseline), None)
     lines = _table(header, rows)
@@ -182,7 +182,10 @@ def compare_markdown(comparison: Comparison) -> str:
         + (f" past its first {warmup} (warm-up: compile, allocator; `[metrics] warmup_steps`)" if warmup else "")
         + ". Values are tail means "
         "(tok/sec, dt, MFU, drop) or run totals (peak mem = max, total time, final loss = last step).",
-        "`±` is the standard error of the tail mean (sample std / √n); `(+x.xx%)` is the delta vs "
+        "`±` is the standard error of the tail mean: for a single run within-run, sample std / √n_eff "
+        "with n_eff the window's effective sample size (autocorrelation-corrected, never above n); "
+        "for a repeat group (×N runs) between-runs, the std of the N tail means / √N, each value "
+        "their mean. `(+x.xx%)` is the delta vs "
         f"the baseline `{base.tag or base.id if base else comparison.baseline}`; `*` marks a delta "
         "beyond noise: |a − b| > 2·√(se_a² + se_b²).",
     ]
@@ -251,6 +254,9 @@ def run_report(
         elif s.steps < s.window:
             lines.append(f"\nThe run has only {s.steps} steps past the warm-up: the tail covers all of them."
                          if s.warmup_steps else f"\nThe run has only {s.steps} steps: the tail covers all of them.")
+
+    if record.warnings:
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in record.warnings]
 
     if comparison_vs_baseline is not None:
         lines += ["", "## Against the baseline", "", compare_markdown(comparison_vs_baseline).rstrip()]

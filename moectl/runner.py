@@ -7,6 +7,10 @@
 so there is exactly one launch path. The run record is written atomically at every state change
 (created -> running -> completed | failed | interrupted); the run lock is held from just before the
 directory is created until the record is final, and released on every path.
+
+A trainer whose metrics come from its stdout ([metrics] source = "stdout") is launched the same way;
+its output lines go through moectl.stdout_metrics on their way to train.log, which writes the run's
+metrics.jsonl in the engine's schema, so everything after the launch reads it like the engine's.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from moectl.metrics import RunMetrics, compare, read_metrics
 from moectl.plan import RunPlan, RunRequest, command_text
 from moectl.progress import NullProgress, ProgressSink
 from moectl.records import GitInfo, GuardResult, RunRecord
+from moectl.stdout_metrics import LiveMetricsWriter, StdoutFormat, StdoutParser
 from moectl.report import commit_message, not_committed, report_path, run_report
 from moectl.tracking import Mirrored, mirror_run
 
@@ -96,9 +101,11 @@ def execute_run(
             if on_start is not None:
                 on_start(record)
             env = {**os.environ, "PYTHONUNBUFFERED": "1", **plan.env}
+            parser = stdout_parser(cfg, plan)
             result = launch(
                 plan.argv, cwd=cfg.root, env=env, log_path=Path(plan.files["train.log"]),
                 metrics_path=Path(plan.files["metrics.jsonl"]), progress=progress, echo=echo,
+                output_metrics=LiveMetricsWriter(Path(plan.files["metrics.jsonl"]), parser) if parser else None,
             )
         except BaseException as exc:  # the record must not say created/running once we are gone
             # launch() turns signals into a clean stop; a KeyboardInterrupt here came just before it.
@@ -109,7 +116,7 @@ def execute_run(
             store.save_run(record)
             raise
 
-        outcome.exit_code, outcome.compile_failed = finish_record(record, result, plan)
+        outcome.exit_code, outcome.compile_failed = finish_record(record, result, plan, parser)
     finally:
         if lock is not None:
             lock.release()
@@ -140,6 +147,8 @@ def new_record(plan: RunPlan, obs, results: list[GuardResult], *, sweep_id: Opti
         notes=plan.notes,
         window=plan.window,
         warmup_steps=plan.warmup_steps,
+        group=plan.group,
+        repeat=plan.repeat,
     )
 
 
@@ -149,9 +158,11 @@ def write_run_files(cfg: Config, plan: RunPlan) -> None:
     _write_text(Path(plan.files["git.diff"]), gitops.git_diff(cfg.root))
 
 
-def finish_record(record: RunRecord, result: LaunchResult, plan: RunPlan) -> tuple[int, bool]:
+def finish_record(record: RunRecord, result: LaunchResult, plan: RunPlan,
+                  parser: Optional[StdoutParser] = None) -> tuple[int, bool]:
     """The record of a run whose torchrun has exited: summary, status, exit code, error; saved.
-    Returns (moectl's exit code, whether the engine failed to compile)."""
+    `parser`: the stdout parser of a trainer whose metrics come from its output. Returns (moectl's
+    exit code, whether the engine failed to compile)."""
     metrics = read_metrics(Path(plan.files["metrics.jsonl"]))
     store.apply_metrics(record, metrics, plan.window, plan.warmup_steps)
     if metrics.start is not None and plan.device == "cuda" and not record.gpus:
@@ -159,11 +170,18 @@ def finish_record(record: RunRecord, result: LaunchResult, plan: RunPlan) -> tup
     worker_code = result.worker_exit_code
     record.exit_code = worker_code if worker_code is not None else result.exit_code
     record.finished_at = store.now_iso()
+    if parser is not None:
+        record.warnings = parser.warnings()
     exit_code, compile_failed = EXIT_OK, False
     if result.interrupted:
         record.status = "interrupted"
         record.error = f"interrupted by {result.signal_name}" + (f"\n{result.log_tail}" if result.log_tail else "")
         exit_code = EXIT_INTERRUPTED
+    elif parser is not None and parser.steps_seen == 0:
+        # Exit 0 or not, a run that never printed a step measured nothing: it did not complete.
+        record.status = "failed"
+        record.error = parser.no_steps_reason() + (f"\n{result.log_tail}" if result.log_tail else "")
+        exit_code = EXIT_TRAINING
     elif result.exit_code == 0:
         record.status = "completed"
     else:
@@ -201,6 +219,15 @@ def report_and_commit(cfg: Config, outcome: RunOutcome, *, baseline: Optional[Ru
     # Trackers get a copy ([tracking]); one that fails is reported and retried by `moectl sync`,
     # never the run's outcome.
     outcome.tracking = mirror_run(cfg, record, report=report)
+
+
+def stdout_parser(cfg: Config, plan: RunPlan) -> Optional[StdoutParser]:
+    """The parser of a trainer whose metrics come from its output ([metrics] source = "stdout"), else None."""
+    if cfg.metrics.source != "stdout":
+        return None
+    steps = plan.options.get("steps")
+    return StdoutParser(StdoutFormat.from_config(cfg.metrics), planned_steps=steps if isinstance(steps, int) else None,
+                        world_size=plan.nproc, device=plan.device)
 
 
 def _run_metrics(record: RunRecord) -> RunMetrics:

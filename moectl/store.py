@@ -478,6 +478,7 @@ def import_run(
         source=source,
         host=socket.gethostname(),
         options={k: extras[k] for k in ("format", "planned_steps") if extras.get(k) is not None},
+        warnings=list(extras.get("warnings") or []),
         notes=(f"imported from {extras.get('format', 'a')} log"
                + (f"; {extras['skipped']} malformed lines skipped" if extras.get("skipped") else "")),
     )

@@ -40,7 +40,7 @@ def _runtime(cfg: Config) -> tuple[str, list[str]]:
     change every second and would make the document differ on every regeneration."""
     from moectl.probes import find_training_processes, lock_holder, read_nvml
 
-    procs = find_training_processes(cfg.launch.module)
+    procs = find_training_processes(cfg.launch.target)
     holder = lock_holder(cfg)
     lines = []
     if procs:
@@ -48,7 +48,7 @@ def _runtime(cfg: Config) -> tuple[str, list[str]]:
         lines += [f"  - pid {p.pid}: `{p.cmdline[:160]}`" + (f" (run dir `{p.run_dir}`)" if p.run_dir else "")
                   for p in procs]
     else:
-        lines.append(f"- No active `torchrun` or `{cfg.launch.module}` process.")
+        lines.append(f"- No active `torchrun` or `{cfg.launch.target}` process.")
     if holder is not None:
         lines.append(f"- Run lock: {holder.describe()}")
     nvml = read_nvml(cfg.gpu.devices)

@@ -242,7 +242,9 @@ def test_compare_table_puts_value_then_error_then_delta_in_every_column(project,
     # Both fixtures lack MFU in one run, so it is shown; the other six too.
     assert set(metrics) == set(titles.values())
     assert [row[2] for row in rows] == ["", "±", "", "±", "Δ%"]  # base: value, ±; other: value, ±, Δ%
-    assert [row[0] for row in rows] == ["base (base)", "", "other", "", ""]
+    # The ± row says which error it shows (issue 10): one run each, so within-run.
+    assert [row[0] for row in rows] == ["base (base)", "within-run", "other", "within-run", ""]
+    assert [(x["n_repeats"], x["noise"]) for x in data["runs"]] == [(1, "within-run"), (1, "within-run")]
     base, other = data["runs"]
     for run, (value_row, error_row, *delta_row) in ((base, rows[0:2]), (other, rows[2:5])):
         assert value_row[1] == str(run["steps"]) and error_row[1] == ""

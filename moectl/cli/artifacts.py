@@ -10,14 +10,15 @@ from moectl.cli.common import app, handle_errors, print_json, stderr, stdout
 from moectl.cli.options import ConfigOpt, JsonOpt
 from moectl.cli.runs import _config  # the store-reading config rule (file, or defaults + env root)
 
-RunsArg = Annotated[List[str], typer.Argument(help="Runs: id, tag, unique prefix of either, or a run directory.")]
+RunsArg = Annotated[List[str], typer.Argument(help="Runs: id, tag, unique prefix of either, or a run directory; a tag of a repeat group means all its runs.")]
 
 
 def _resolve_unique(root: Path, refs: list[str]):
-    """Resolve RUN arguments with one store scan; a run named twice is used once."""
-    from moectl.store import resolve_runs
+    """Resolve RUN arguments with one store scan; a run named twice is used once. A tag whose
+    latest run belongs to a repeat group means every completed run of the group (moectl.repeats)."""
+    from moectl.repeats import resolve_grouped
 
-    records = resolve_runs(root, refs)
+    records = [r for entry in resolve_grouped(root, refs) for r in entry]
     seen: set[str] = set()
     unique = [r for r in records if not (r.id in seen or seen.add(r.id))]
     if len(unique) < len(records):

@@ -13,7 +13,7 @@ import typer
 from moectl.cli.common import app, handle_errors, print_json, stdout
 from moectl.cli.options import (
     CapOpt, CompileOpt, ConfigOpt, DeviceOpt, DispatchOpt, ExpDirOpt, ExtraArgs, Fp8Opt, JsonOpt,
-    NprocOpt, OverrideOpt, PresetOpt, StepsOpt, TagOpt, WaitGpusOpt, request_kwargs,
+    NprocOpt, OverrideOpt, PresetOpt, SeedOpt, StepsOpt, TagOpt, WaitGpusOpt, request_kwargs,
 )
 from moectl.errors import EXIT_GUARD
 
@@ -25,19 +25,25 @@ def init(
     force: Annotated[bool, typer.Option(
         "--force", help="Replace an existing .moectl.toml, keeping the old one as .moectl.toml.bak "
                         "(.bak.1, .bak.2, ... when that exists: no backup is ever overwritten).")] = False,
+    trainer: Annotated[str, typer.Option(
+        "--trainer", help="engine | nanochat | nanogpt: the \\[launch]/\\[metrics] tables of that trainer, "
+                          "commented, as a starting point.")] = "engine",
 ) -> None:
     """Write a commented [bold].moectl.toml[/bold] (every default, explained). Refuses to
     overwrite one (exit 2) unless --force, which keeps the old file as a .bak beside it.
 
     Example:  [bold]moectl init[/bold]   then edit project.branch and paths.artifact_root.
+    Example:  [bold]moectl init --trainer nanogpt[/bold]   guard and measure nanoGPT's train.py (stdout parsed).
+    Example:  [bold]moectl init --trainer nanochat[/bold]   nanochat's scripts.base_train under torchrun.
     Example:  [bold]moectl init --force[/bold]   start over; the old config is in .moectl.toml.bak.
     """
-    from moectl.config import overwrite_template, write_template
+    from moectl.config import overwrite_template, template_for, write_template
 
+    template_for(trainer)  # an unknown trainer is a usage error before anything is touched
     if force:
-        path, backup = overwrite_template(directory)
+        path, backup = overwrite_template(directory, trainer)
     else:
-        path, backup = write_template(directory), None
+        path, backup = write_template(directory, trainer), None
     stdout.print(f"wrote {path}" + (f" (the old one is now {backup})" if backup else ""), markup=False)
 
 
@@ -184,6 +190,7 @@ def check(
     fp8: Fp8Opt = None,
     dispatch: DispatchOpt = None,
     steps: StepsOpt = None,
+    seed: SeedOpt = None,
     preset: PresetOpt = None,
     device: DeviceOpt = None,
     nproc: NprocOpt = None,
@@ -208,7 +215,7 @@ def check(
 
     request = make_request(**request_kwargs(
         cap=cap, tag=tag, compile=compile, fp8=fp8, dispatch=dispatch, steps=steps, preset=preset,
-        device=device, nproc=nproc, exp_dir=exp_dir, wait_gpus=wait_gpus, override=override, extra=extra,
+        device=device, nproc=nproc, exp_dir=exp_dir, wait_gpus=wait_gpus, override=override, extra=extra, seed=seed,
     ))
     cfg = load_config(config)
     plan, _obs, results = check_request(cfg, request)

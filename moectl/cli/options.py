@@ -20,6 +20,7 @@ CompileOpt = Annotated[Optional[str], typer.Option("--compile", help="static | d
 Fp8Opt = Annotated[Optional[bool], typer.Option("--fp8/--no-fp8", help="float8 expert GEMMs.", show_default=False)]
 DispatchOpt = Annotated[Optional[str], typer.Option("--dispatch", help="auto | padded | grouped | loop.", show_default=False)]
 StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps.", show_default=False)]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed (another trainer needs `seed` in \\[launch.options]); with --repeat N: seed, seed+1, ...", show_default=False)]
 PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Engine preset, e.g. tiny or d12-moe.", show_default=False)]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cuda | cpu (auto = cuda when NVML sees GPUs).", show_default=False)]
 NprocOpt = Annotated[Optional[int], typer.Option("--nproc", help="Processes per node (default: launch.nproc_per_node).", show_default=False)]
@@ -32,16 +33,16 @@ NodesOpt = Annotated[Optional[int], typer.Option("--nodes", help="Slurm: nodes, 
 DetachOpt = Annotated[bool, typer.Option("--detach", help="Slurm: return after submitting (prints the run id and job id).")]
 RequeueOpt = Annotated[bool, typer.Option("--requeue", help="Slurm: requeue a preempted or timed-out job; it resumes from its last checkpoint.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output (stable keys).")]
-ExtraArgs = Annotated[Optional[list[str]], typer.Argument(help="Extra engine arguments, after `--`.", metavar="-- ENGINE_ARGS", show_default=False)]
+ExtraArgs = Annotated[Optional[list[str]], typer.Argument(help="Extra engine (or trainer) arguments, after `--`, passed as given.", metavar="-- ENGINE_ARGS", show_default=False)]
 
 
 def request_kwargs(*, cap, tag, compile, fp8, dispatch, steps, preset, device, nproc, exp_dir,
-                   wait_gpus, override, extra, no_commit: bool = False, notes=None) -> dict:
+                   wait_gpus, override, extra, no_commit: bool = False, notes=None, seed=None) -> dict:
     """The CLI values as `moectl.plan.make_request(**kwargs)` keywords."""
     return dict(
         cap=cap, tag=tag, compile=compile, fp8=fp8, dispatch=dispatch, steps=steps, preset=preset,
         device=device, nproc=nproc, exp_dir=exp_dir, wait_gpus=wait_gpus, overrides=list(override or []),
-        extra_args=list(extra or []), no_commit=no_commit, notes=notes,
+        extra_args=list(extra or []), no_commit=no_commit, notes=notes, seed=seed,
     )
 
 # One run named on the command line (`show`, `commit`); moectl.store.resolve_run reads it.

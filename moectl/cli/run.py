@@ -8,10 +8,10 @@ import typer
 from moectl.cli.common import app, error, handle_errors, print_json, stdout
 from moectl.cli.options import (
     CapOpt, CompileOpt, ConfigOpt, DeviceOpt, DispatchOpt, ExpDirOpt, ExtraArgs, Fp8Opt, JsonOpt,
-    DetachOpt, NodesOpt, NprocOpt, OverrideOpt, PresetOpt, RequeueOpt, SlurmOpt, StepsOpt, TagOpt, WaitGpusOpt,
-    request_kwargs,
+    DetachOpt, NodesOpt, NprocOpt, OverrideOpt, PresetOpt, RequeueOpt, SeedOpt, SlurmOpt, StepsOpt, TagOpt,
+    WaitGpusOpt, request_kwargs,
 )
-from moectl.errors import EXIT_GUARD, EXIT_OK
+from moectl.errors import EXIT_GUARD, EXIT_OK, UsageError
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -24,6 +24,7 @@ def run(
     fp8: Fp8Opt = None,
     dispatch: DispatchOpt = None,
     steps: StepsOpt = None,
+    seed: SeedOpt = None,
     preset: PresetOpt = None,
     device: DeviceOpt = None,
     nproc: NprocOpt = None,
@@ -39,6 +40,7 @@ def run(
     nodes: NodesOpt = None,
     detach: DetachOpt = False,
     requeue: RequeueOpt = False,
+    repeat: Annotated[int, typer.Option("--repeat", min=1, help="Run the same configuration N times with seeds seed, seed+1, ... (through \\[launch.options] seed for another trainer), as one group that compare/show/plot/export take by its tag.")] = 1,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
     extra: ExtraArgs = None,
@@ -58,6 +60,7 @@ def run(
       [bold]moectl run --cap 0 --dry-run -- --seed 3[/bold]          (engine args after --)
       [bold]moectl run --slurm --nodes 2 --nproc 8 --tag big[/bold]   (a Slurm job; follows it to its end)
       [bold]moectl run --slurm --detach --requeue -- --save-every 50[/bold]
+      [bold]moectl run --cap 1.0 --tag bufreuse --repeat 3[/bold]    (seeds 0, 1, 2: one group)
     """
     from moectl import store
     from moectl.cli.env import _render_check, check_json
@@ -65,12 +68,13 @@ def run(
     from moectl.guards import check_request, passed, summary_line
     from moectl.plan import make_request
     from moectl.progress import make_progress, stdout_is_tty
+    from moectl.repeats import repeat_requests
     from moectl.runner import execute_run, fallback_request
 
     _sigterm_is_interrupt(ctx)
     request = make_request(**request_kwargs(
         cap=cap, tag=tag, compile=compile, fp8=fp8, dispatch=dispatch, steps=steps, preset=preset,
-        device=device, nproc=nproc, exp_dir=exp_dir, wait_gpus=wait_gpus, override=override, extra=extra,
+        device=device, nproc=nproc, exp_dir=exp_dir, wait_gpus=wait_gpus, override=override, extra=extra, seed=seed,
         no_commit=no_commit, notes=notes,
     ))
     cfg = load_config(config)
@@ -79,12 +83,16 @@ def run(
     from moectl.execution import choose_backend
 
     if choose_backend(cfg, slurm) == "slurm":
+        if repeat > 1:
+            raise UsageError("--repeat is not supported with --slurm yet; submit the seeds as a sweep with repeats")
         run_on_slurm(cfg, request, nodes=nodes, detach=detach, requeue=requeue, dry_run=dry_run,
                      quiet=quiet, json_out=json_out, baseline=base_record)
         return
     slurm_flags_need_slurm(nodes=nodes, detach=detach, requeue=requeue)
 
     if dry_run:
+        if repeat > 1:  # the first repeat's command (its seed goes through the trainer's mapping)
+            request = repeat_requests(cfg, request, repeat)[1][0]
         plan, _obs, results = check_request(cfg, request)
         ok = passed(results)
         if json_out:
@@ -117,39 +125,58 @@ def run(
             error(f"EXPERIMENTS.md not refreshed: {exc.message}")
             return []
 
-    # --json prints ONE object: the last run's, with any earlier attempt (a compile failure that
-    # was re-run with --compile none) under `previous_attempts`.
-    previous: list[dict] = []
-    while True:
-        progress = make_progress(stdout_is_tty(), quiet=quiet or json_out)
-        try:
-            outcome = execute_run(cfg, request, progress=progress, baseline=base_record,
-                                  on_wait=on_wait, on_start=on_start, extra_commit_paths=summary_paths)
-        finally:
-            progress.close()
-        if outcome.record is None:  # refused: nothing written
-            if json_out:
-                print_json({**check_json(outcome.plan, outcome.guards, False),
-                            **({"previous_attempts": previous} if previous else {})})
-            else:
-                _render_check(outcome.plan, outcome.guards, False)
-            error("a guard refused the run; nothing was written")
-            raise typer.Exit(EXIT_GUARD)
-        retry = fallback_request(cfg, request, outcome)
-        if json_out:
+    def attempts(request) -> tuple[int, dict]:
+        """One run to its end, re-run with --compile none when its compile failed; (exit code, the
+        --json object: the last attempt's, any earlier one under `previous_attempts`)."""
+        previous: list[dict] = []
+        while True:
+            progress = make_progress(stdout_is_tty(), quiet=quiet or json_out)
+            try:
+                outcome = execute_run(cfg, request, progress=progress, baseline=base_record,
+                                      on_wait=on_wait, on_start=on_start, extra_commit_paths=summary_paths)
+            finally:
+                progress.close()
+            if outcome.record is None:  # refused: nothing written
+                if not json_out:
+                    _render_check(outcome.plan, outcome.guards, False)
+                error("a guard refused the run; nothing was written")
+                return EXIT_GUARD, {**check_json(outcome.plan, outcome.guards, False),
+                                    **({"previous_attempts": previous} if previous else {})}
+            retry = fallback_request(cfg, request, outcome)
             data = _outcome_json(outcome)
-            if retry is not None:
-                previous.append(data)
-            else:
-                print_json({**data, "previous_attempts": previous})
-        else:
-            _render_outcome(outcome)
-        _warn_not_mirrored(outcome)
-        if retry is None:
-            raise typer.Exit(outcome.exit_code)
+            if not json_out:
+                _render_outcome(outcome)
+            _warn_not_mirrored(outcome)
+            if retry is None:
+                return outcome.exit_code, {**data, "previous_attempts": previous}
+            previous.append(data)
+            if not json_out:
+                stdout.print("torch.compile failed: re-running with --compile none (launch.compile_fallback)", markup=False)
+            request = retry
+
+    if repeat == 1:
+        code, data = attempts(request)
+        if json_out:
+            print_json(data)
+        raise typer.Exit(code)
+    # --repeat N: the same configuration N times, seeds seed, seed+1, ..., one group; the first
+    # run that does not complete ends the group there (its exit code is the command's).
+    group, requests = repeat_requests(cfg, request, repeat)
+    runs: list[dict] = []
+    code = EXIT_OK
+    for i, one in enumerate(requests, start=1):
         if not json_out:
-            stdout.print("torch.compile failed: re-running with --compile none (launch.compile_fallback)", markup=False)
-        request = retry
+            stdout.print(f"repeat {i}/{repeat} of group {group} (seed {one.seed})", markup=False)
+        code, data = attempts(one)
+        runs.append(data)
+        if code != EXIT_OK:
+            break
+    if json_out:
+        print_json({"group": group, "repeats": repeat, "runs": runs})
+    elif code == EXIT_OK:
+        stdout.print(f"group {group}: {repeat} runs; compare, show, plot and export take the whole group by its "
+                     f"tag {requests[0].tag}", markup=False)
+    raise typer.Exit(code)
 
 
 def _sigterm_is_interrupt(ctx: typer.Context) -> None:

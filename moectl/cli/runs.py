@@ -157,17 +157,24 @@ def show_cmd(
 ) -> None:
     """Everything recorded for one run.
 
-    The record, tail summary, guards, overrides, files, the error tail of a failed run, and a
-    sparkline of loss and tok/sec.
+    The record, tail summary, guards, overrides, files, the error tail of a failed run, warnings
+    (e.g. a metrics pattern that never matched), and a sparkline of loss and tok/sec. A tag whose
+    latest run belongs to a repeat group shows the group: each repeat's tail figures and their
+    mean ± the between-runs standard error; a run id shows that one run.
 
     Example:  [bold]moectl show bufreuse[/bold]
     """
     from engine.schema import METRICS_FILENAME
     from moectl.metrics import read_metrics
-    from moectl.store import resolve_run, run_json
+    from moectl.repeats import resolve_grouped
+    from moectl.store import run_json
 
     cfg = _config(config)
-    rec = resolve_run(cfg.artifact_root, run)
+    [entry] = resolve_grouped(cfg.artifact_root, [run])
+    if len(entry) > 1:
+        _show_group(cfg, entry, json_out)
+        return
+    rec = entry[0]
     exp = Path(rec.exp_dir)
     files = sorted(
         ({"name": p.name, "bytes": p.stat().st_size if p.is_file() else None, "dir": p.is_dir()}
@@ -228,6 +235,8 @@ def show_cmd(
             out(f"tok/sec  {sparkline(tps)}  {tps[0]:,.0f} → {tps[-1]:,.0f}", markup=False)
     if metrics.skipped:
         out(f"metrics.jsonl: {metrics.skipped} malformed line(s) skipped", markup=False)
+    for warning in rec.warnings:
+        out(f"warning: {warning}", markup=False)
     if rec.guards:
         from rich.table import Table
 
@@ -247,41 +256,97 @@ def show_cmd(
         out(rec.error.rstrip(), markup=False)
 
 
+def _show_group(cfg, entry, json_out: bool) -> None:
+    """`show` of a repeat group: every repeat's tail figures, then their mean ± between-runs error."""
+    from engine.schema import METRICS_FILENAME
+    from moectl.metrics import MEAN_METRICS, METRICS, group_summary, read_metrics
+    from moectl.noise import BETWEEN_RUNS
+    from moectl.store import run_json
+
+    window, warmup = cfg.metrics.window, cfg.metrics.warmup_steps
+    summary, errors = group_summary([read_metrics(Path(r.exp_dir) / METRICS_FILENAME) for r in entry], window, warmup)
+    group = entry[-1].group
+    if json_out:
+        print_json({"group": group, "tag": entry[-1].tag, "n_repeats": len(entry), "noise": BETWEEN_RUNS,
+                    "summary": {m: {"value": getattr(summary, m), "stderr": errors[m]} for m in METRICS},
+                    "runs": [run_json(r) for r in entry]})
+        return
+    out = lambda text: stdout.print(text, markup=False)  # noqa: E731
+    out(f"group {group}  tag: {entry[-1].tag}  {len(entry)} completed repeats")
+    for r in entry:
+        s = r.summary
+        seed = r.options.get("seed")
+        out(f"  {r.id}  seed {seed if seed is not None else '?'}  {r.status}  "
+            f"tok/sec {_num(s.tok_per_sec if s else None)} · dt {_num(s.dt_ms if s else None)} ms · "
+            f"MFU {_num(s.mfu if s else None, 4)}%" + (f"  warnings: {len(r.warnings)}" if r.warnings else ""))
+    parts = []
+    for m, label, decimals in (("tok_per_sec", "tok/sec", 2), ("dt_ms", "dt ms", 2), ("mfu", "MFU %", 4)):
+        if getattr(summary, m) is not None:
+            err = f" ±{errors[m]:.{decimals}f}" if m in MEAN_METRICS and errors[m] is not None else ""
+            parts.append(f"{label} {getattr(summary, m):,.{decimals}f}{err}")
+    out(f"mean of {len(entry)} tail means (± between-runs standard error): " + " · ".join(parts))
+    out("one repeat in detail: `moectl show RUN_ID`")
+
+
 # --- compare -------------------------------------------------------------------------------------
 
 
 def load_comparison(root: Path, refs: list[str], baseline: Optional[str], window: int, warmup_steps: int = 0):
-    """Resolve refs (one scan), read their metrics, compare. Returns (comparison, records)."""
-    from engine.schema import METRICS_FILENAME
-    from moectl.metrics import RunMetrics, compare, read_metrics
-    from moectl.store import list_runs, resolve_run
+    """Resolve refs (one scan), read their metrics, compare. A tag whose latest run belongs to a
+    repeat group is the group (moectl.repeats). Returns (comparison, every run record involved)."""
+    from moectl.metrics import compare
+    from moectl.repeats import resolve_grouped
+    from moectl.store import list_runs
 
     runs = list_runs(root)
-    records = [resolve_run(root, ref, runs) for ref in refs]
+    entries = resolve_grouped(root, refs, runs)
     base_index = 0
     if baseline is not None:
-        base = resolve_run(root, baseline, runs)
-        ids = [r.id for r in records]
-        if base.id in ids:
-            base_index = ids.index(base.id)
+        [base] = resolve_grouped(root, [baseline], runs)
+        keys = [_entry_id(e) for e in entries]
+        if _entry_id(base) in keys:
+            base_index = keys.index(_entry_id(base))
         else:
-            records.insert(0, base)
+            entries.insert(0, base)
     seen: set[str] = set()
-    unique = [r for r in records if not (r.id in seen or seen.add(r.id))]
-    if len(unique) < len(records):
+    unique = [e for e in entries if not (_entry_id(e) in seen or seen.add(_entry_id(e)))]
+    if len(unique) < len(entries):
         stderr.print("warning: a run was named twice; comparing it once", markup=False)
-        base_index = [r.id for r in unique].index(records[base_index].id)
-    inputs = [
-        RunMetrics(id=r.id, tag=r.tag, metrics=read_metrics(Path(r.exp_dir) / METRICS_FILENAME, tail=window),
-                   options=r.options, fallback=r.summary)
-        for r in unique
-    ]
-    return compare(inputs, baseline_index=base_index, window=window, warmup_steps=warmup_steps), unique
+        base_index = [_entry_id(e) for e in unique].index(_entry_id(entries[base_index]))
+    inputs = [entry_metrics(e, window) for e in unique]
+    records = [r for e in unique for r in e]
+    return compare(inputs, baseline_index=base_index, window=window, warmup_steps=warmup_steps), records
+
+
+def _entry_id(entry) -> str:
+    return entry[0].group if len(entry) > 1 else entry[0].id
+
+
+def entry_metrics(entry, window: int):
+    """One compare input: a run, or a repeat group (its id, every repeat's metrics)."""
+    from engine.schema import METRICS_FILENAME
+    from moectl.metrics import RunMetrics, read_metrics
+
+    files = [read_metrics(Path(r.exp_dir) / METRICS_FILENAME, tail=window) for r in entry]
+    last = entry[-1]
+    if len(entry) == 1:
+        return RunMetrics(id=last.id, tag=last.tag, metrics=files[0], options=last.options, fallback=last.summary)
+    return RunMetrics(id=last.group, tag=last.tag, metrics=files[-1], options=last.options, fallback=last.summary,
+                      members=files, member_ids=[r.id for r in entry])
 
 
 # Terminal precision (the markdown and JSON keep the seed's full precision).
 _TERM_DECIMALS = {"tok_per_sec": 0, "dt_ms": 2, "mfu": 3, "peak_mem_mib": 0, "total_time_min": 2,
                   "final_loss": 3, "drop_frac": 3}
+
+
+def noise_label(row) -> str:
+    """What a compare row's ± is: within one run, or between a group's repeats."""
+    return f"between {row.n_repeats} runs" if row.n_repeats > 1 else "within-run"
+
+
+NOISE_LEGEND = ("± within-run: one run's window, corrected for autocorrelation (effective sample size) · "
+                "± between N runs: a repeat group, the mean of its tail means ± sd/√N")
 
 
 def _compare_table(comparison) -> "Table":
@@ -320,7 +385,7 @@ def _compare_table(comparison) -> "Table":
     for r in comparison.runs:
         is_base = r.id == comparison.baseline
         name = (r.tag or r.id) + (" (base)" if is_base else "")
-        rows = [(name, str(r.steps), "", value), ("", "", "±", error)]
+        rows = [(name, str(r.steps), "", value), (noise_label(r), "", "±", error)]
         if not is_base:
             rows.append(("", "", "Δ%", delta))
         for i, (first, steps, label, cell) in enumerate(rows):
@@ -342,7 +407,11 @@ def compare_cmd(
 ) -> None:
     r"""Compare runs over their tail window, with % deltas and a noise estimate.
 
-    Each run is three rows, in the same order for every metric: the value,
+    A tag whose latest run belongs to a repeat group (`run --repeat N`, sweep
+    `repeats`) compares the whole group: the mean of its repeats' tail means
+    ± the between-runs standard error (n shown); a run id compares that run.
+    A single run's ± is within-run, corrected for autocorrelation (effective
+    sample size). Each run is three rows, in the same order for every metric: the value,
     ± the standard error of the tail mean, then Δ% vs the baseline with *
     where the delta is beyond noise (|a−b| > 2·√(se_a²+se_b²)). A metric
     with no error (peak, total, final loss) leaves its ± cell empty; the
@@ -351,7 +420,9 @@ def compare_cmd(
     and gets no noise verdict. Runs of different presets or lengths are still
     compared, with a note.
 
-    Example:  [bold]moectl compare static_cap1p0 bufreuse --markdown[/bold]
+    Examples:
+      [bold]moectl compare static_cap1p0 bufreuse --markdown[/bold]
+      [bold]moectl compare base bufreuse[/bold]   (after `moectl run --repeat 3` of each: between-runs noise)
     """
     from moectl.report import compare_markdown
 
@@ -376,6 +447,7 @@ def compare_cmd(
         _print_table(_compare_table(comparison))
         stdout.print("± standard error of the tail mean · Δ% vs baseline · * beyond noise "
                      "(|a−b| > 2·√(se_a²+se_b²))", markup=False)
+        stdout.print(NOISE_LEGEND, markup=False)
         if any(mv.marked for r in comparison.runs for mv in r.metrics.values()):
             from moectl.metrics import mark_footnote
 
@@ -398,8 +470,8 @@ def _write_compare_report(cfg, comparison, records, table_md: str) -> Path:
     if branch is None or cfg.project.branch not in ("*", branch):
         raise GuardRefused(f"refusing to write a report: on {branch or 'a detached HEAD'}, "
                            f"expected branch {cfg.project.branch!r}")
-    base = next(r for r in records if r.id == comparison.baseline)
-    others = [r.tag or r.id for r in records if r.id != base.id]
+    base = next(r for r in comparison.runs if r.id == comparison.baseline)
+    others = [r.tag or r.id for r in comparison.runs if r.id != base.id]
     name = "compare_" + "_".join(others[:3]) + ("_etc" if len(others) > 3 else "") + f"_vs_{base.tag or base.id}"
     path = report_path(cfg.report_dir, name[:80])
     body = f"# Comparison vs {base.tag or base.id}\n\n" + table_md + "\n## Runs\n\n" + "".join(
@@ -419,28 +491,37 @@ def _write_compare_report(cfg, comparison, records, table_md: str) -> Path:
 def import_cmd(
     log: Annotated[Path, typer.Argument(help="The log file to import.")],
     name: Annotated[str, typer.Option("--name", help="Tag of the imported run (also its directory suffix).")],
-    format: Annotated[str, typer.Option("--format", "-f", help="nanochat | jsonl | csv")] = "nanochat",
+    format: Annotated[str, typer.Option("--format", "-f", help="nanochat | regex | jsonl | csv")] = "nanochat",
     run: Annotated[Optional[str], typer.Option("--run", help="csv only: which run of a multi-run step table.")] = None,
+    pattern: Annotated[Optional[List[str]], typer.Option("--pattern", help="regex only: FIELD=REGEX (FIELD: step, tokens_per_step or a metrics field such as loss, dt_ms, mfu); repeatable; overrides [metrics] of .moectl.toml.", show_default=False)] = None,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
     """Bring an existing training log into the run store, so old runs compare with new ones.
 
-    The run gets status `imported` and a metrics.jsonl in the engine's format. Malformed step
-    lines are skipped and counted.
+    The run gets status `imported` and a metrics.jsonl in the engine's format. Malformed step lines are skipped and counted.
 
-    Example:  [bold]moectl import base_train.log --format nanochat --name static_cap1p0[/bold]
+    nanochat and regex logs go through the parser a live run of a stdout-parsed trainer uses, so they import exactly as that run would have parsed; a pattern that never matches is a warning (here, in the record and in `moectl show`).
+
+    Examples:
+      [bold]moectl import base_train.log --format nanochat --name static_cap1p0[/bold]
+      [bold]moectl import train.log --format regex --name gpt2 --pattern 'step=iter (\\d+):' --pattern 'loss=loss ([\\d.]+)'[/bold]
+      [bold]moectl import train.log --format regex --name gpt2[/bold]   (patterns from \\[metrics] of .moectl.toml)
     """
-    from moectl.importers import load_log
+    from moectl.importers import load_log, regex_format
     from moectl.store import import_run, run_json
 
     if not _NAME.match(name):
         raise UsageError(f"bad --name {name!r}: use letters, digits, '.', '_' or '-'")
+    if pattern and format != "regex":
+        raise UsageError(f"--pattern is for --format regex, not {format}")
     cfg = _config(config)
-    parsed = load_log(log, format, run=run)
+    parsed = load_log(log, format, run=run,
+                      stdout_format=regex_format(cfg.metrics, pattern or []) if format == "regex" else None)
     extras: dict[str, Any] = {
         "format": format, "peak_mem_mib": parsed.peak_mem_mib, "total_time_s": parsed.total_time_s,
         "world_size": parsed.world_size, "planned_steps": parsed.planned_steps, "skipped": parsed.skipped,
+        "warnings": parsed.warnings,
     }
     rec = import_run(cfg.artifact_root, cfg.project.name, name, parsed.steps, extras,
                      source=str(Path(log).expanduser().resolve()), window=cfg.metrics.window,
@@ -448,6 +529,8 @@ def import_cmd(
     if json_out:
         print_json(run_json(rec) | {"skipped": parsed.skipped})
         return
+    for warning in rec.warnings:
+        stderr.print(f"warning: {warning}", markup=False)
     s = rec.summary
     stdout.print(rec.id, markup=False)
     stdout.print(

@@ -45,6 +45,8 @@ def sweep(
       tag = "static_cap1p0"
       cap = 1.0
       # or: \[grid]  cap = [0.0, 1.0]  compile = ["static", "none"]   (tags like static_cap1p0)
+      # repeats = 3 (in \[common] or a leg): each leg 3 times, seeds seed, seed+1, seed+2,
+      # compared as one group (mean of tail means ± between-runs error)
 
     Examples:
       [bold]moectl sweep capacity.toml --dry-run[/bold]

@@ -33,6 +33,7 @@ def legs_table(legs: list[SweepLeg], runs: dict[str, RunRecord], window: int) ->
         summaries.append(s)
         vals = [summary_cell(s, m, COLUMNS[m][1]) for m in LEG_METRICS]
         name = leg.tag + (f" (fallback of {leg.fallback_of})" if leg.fallback_of else "")
+        name += f" (repeat {leg.repeat})" if leg.repeat else ""
         lines.append("| " + " | ".join([name, leg_status(leg, runs), f"`{leg.run_id}`" if leg.run_id else "—", *vals]) + " |")
     return lines + marked_footnote(summaries)
 
@@ -84,14 +85,22 @@ def recommendation(comparison: Optional[Comparison]) -> Optional[str]:
 def completed_comparison(sweep: SweepRecord, runs: dict[str, RunRecord], window: int,
                          baseline_tag: Optional[str] = None, warmup_steps: int = 0) -> Optional[Comparison]:
     """The compare table of every completed leg (baseline: `baseline_tag` when it completed, else the
-    first completed leg)."""
+    first completed leg). The completed repeats of a leg (`repeats = N`) are one group entry."""
     done = [(leg, runs[leg.run_id]) for leg in sweep.legs
             if leg_status(leg, runs) == "completed" and leg.run_id in runs]
     if not done:
         return None
-    items = [RunMetrics(id=rec.id, tag=leg.tag, metrics=read_metrics(Path(rec.exp_dir) / "metrics.jsonl"),
-                        options=rec.options, fallback=rec.summary) for leg, rec in done]
-    base = next((i for i, (leg, _) in enumerate(done) if leg.tag == baseline_tag), 0)
+    entries: dict[str, list[tuple[SweepLeg, RunRecord]]] = {}
+    for leg, rec in done:
+        entries.setdefault(leg.group or rec.id, []).append((leg, rec))
+    items = []
+    for key, members in entries.items():
+        files = [read_metrics(Path(rec.exp_dir) / "metrics.jsonl") for _, rec in members]
+        leg, rec = members[-1]
+        group = len(members) > 1
+        items.append(RunMetrics(id=key, tag=leg.tag, metrics=files[-1], options=rec.options, fallback=rec.summary,
+                                members=files if group else [], member_ids=[r.id for _, r in members] if group else []))
+    base = next((i for i, item in enumerate(items) if item.tag == baseline_tag), 0)
     return compare(items, baseline_index=base, window=window, warmup_steps=warmup_steps)
 
 

@@ -100,7 +100,7 @@ class SweepUI:
 def leg_request(leg: SweepLeg, opts: SweepOptions, parent_dir: Optional[Path], notes: Optional[str] = None) -> RunRequest:
     return make_request(tag=leg.tag, parent_dir=str(parent_dir) if parent_dir else None, wait_gpus=opts.wait_gpus,
                         overrides=list(opts.overrides), no_commit=opts.no_commit, notes=notes,
-                        **request_kwargs(leg.options))
+                        group=leg.group, repeat=leg.repeat, **request_kwargs(leg.options))
 
 
 def _leg_notes(leg: SweepLeg, sweep: SweepRecord) -> str:
@@ -226,6 +226,10 @@ def _run(cfg: Config, sweep: SweepRecord, opts: SweepOptions, ui: SweepUI, *, ca
 
     sweep_dir = _create_sweep_dir(cfg, sweep.name + ("-resume" if sweep.resumed_from else ""))
     sweep.id, sweep.exp_dir, sweep.created_at = sweep_dir.name, str(sweep_dir), store.now_iso()
+    for leg in sweep.legs:  # repeats of one tag: one group (a resume keeps the original's)
+        if leg.repeat is not None and leg.group is None:
+            n = sum(1 for x in sweep.legs if x.tag == leg.tag and x.repeat is not None)
+            leg.group = f"{sweep.id}-{leg.tag}-x{n}"
     save_sweep(sweep)
     chain = [*chain, sweep.id]
     runs: dict[str, RunRecord] = dict(carried)

@@ -5,6 +5,8 @@
 
 A spec has `name`, optional `notes` and `[common]` options, and either explicit `[[legs]]` or a
 `[grid]` whose product becomes the legs (tags derived from the varied options: `static_cap1p0`).
+`repeats = N` (in [common] or a leg) runs each such leg N times with seeds seed, seed+1, ...: N
+legs of one tag, compared as one group (moectl.repeats).
 Every leg's options go through the same validation as `moectl run`'s flags.
 """
 from __future__ import annotations
@@ -28,11 +30,12 @@ else:  # pragma: no cover
 # `args` is the extra engine arguments (what `moectl run` takes after `--`).
 OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "cap": (int, float), "compile": (str,), "fp8": (bool,), "dispatch": (str,), "steps": (int,),
-    "preset": (str,), "device": (str,), "nproc": (int,), "args": (list,),
+    "preset": (str,), "device": (str,), "nproc": (int,), "seed": (int,), "args": (list,),
+    "repeats": (int,),  # not a run option: the leg runs N times, seeds seed, seed+1, ... (one group)
 }
 TOP_KEYS = ("name", "notes", "common", "legs", "grid")
 # Derived grid tags name the varied options in this order: compile before cap gives static_cap1p0.
-TAG_ORDER = ("preset", "compile", "cap", "fp8", "dispatch", "steps", "device", "nproc")
+TAG_ORDER = ("preset", "compile", "cap", "fp8", "dispatch", "steps", "device", "nproc", "seed")
 
 
 @dataclass
@@ -65,7 +68,7 @@ def _fmt_value(key: str, value: Any) -> str:
         return "cap" + repr(float(value)).replace(".", "p")
     if key == "fp8":
         return "fp8" if value else "nofp8"
-    if key in ("steps", "nproc"):
+    if key in ("steps", "nproc", "seed"):
         return f"{key}{value}"
     return str(value)
 
@@ -77,9 +80,22 @@ def grid_tag(combo: dict[str, Any]) -> str:
 
 
 def request_kwargs(options: dict[str, Any]) -> dict[str, Any]:
-    kw = {k: v for k, v in options.items() if k != "args"}
+    kw = {k: v for k, v in options.items() if k not in ("args", "repeats")}
     kw["extra_args"] = list(options.get("args", []))
     return kw
+
+
+def _repeated(tag: str, merged: dict[str, Any], where: str, problems: list[str]) -> list[SweepLeg]:
+    """A leg with `repeats = N` (its own or [common]'s) is N legs of one tag, seeds seed, seed+1, ...
+    (seed: the leg's, else 0, the engine's default); the sweep gives them one group when it runs."""
+    n = merged.pop("repeats", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        problems.append(f"{where}.repeats: must be an integer >= 1, got {n!r}")
+        return []
+    if n == 1:
+        return [SweepLeg(tag=tag, options=merged)]
+    seed = merged.get("seed", 0)
+    return [SweepLeg(tag=tag, options={**merged, "seed": seed + k}, repeat=k + 1) for k in range(n)]
 
 
 def parse_spec(data: dict[str, Any], source: str = "spec") -> SweepSpec:
@@ -131,13 +147,15 @@ def parse_spec(data: dict[str, Any], source: str = "spec") -> SweepSpec:
             problems.append("grid: must be a table of option = [values]")
             grid = {}
         for k, values in grid.items():
-            if k == "args" or not isinstance(values, list) or not values:
-                problems.append(f"grid.{k}: must be a non-empty list of values" if k != "args"
-                                else "grid.args: engine args cannot be a grid axis; put them in [common]")
+            if k in ("args", "repeats") or not isinstance(values, list) or not values:
+                problems.append(f"grid.{k}: must be a non-empty list of values" if k not in ("args", "repeats")
+                                else f"grid.{k}: {'engine args' if k == 'args' else 'repeats'} cannot be a grid "
+                                     "axis; put them in [common]")
                 continue
             for v in values:
                 _check_option(k, v, "grid", problems)
-        axes = {k: v for k, v in grid.items() if isinstance(v, list) and v and k in OPTION_TYPES and k != "args"}
+        axes = {k: v for k, v in grid.items()
+                if isinstance(v, list) and v and k in OPTION_TYPES and k not in ("args", "repeats")}
         for n, combo in enumerate(itertools.product(*axes.values())):
             opts = dict(zip(axes, combo))
             legs.append((f"grid[{n}]", grid_tag(opts), opts))
@@ -163,7 +181,7 @@ def parse_spec(data: dict[str, Any], source: str = "spec") -> SweepSpec:
                     problems.append(f"grid.{key}: {opts[key]!r}: {msg}")
                 else:
                     problems.append(f"{where if key in opts else 'common'}.{key}: {msg}")
-        out.append(SweepLeg(tag=tag, options=merged))
+        out.extend(_repeated(tag, merged, where, problems))
     if problems:
         problems = list(dict.fromkeys(problems))
         raise UsageError(f"invalid sweep spec {source} ({len(problems)} problem(s))", lines=problems)

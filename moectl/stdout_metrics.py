@@ -1,0 +1,338 @@
+"""A trainer's printed progress -> the engine's metrics schema: one parser, live and for imports.
+
+    fmt = StdoutFormat.from_config(cfg.metrics)          # [metrics] source = "stdout"
+    parser = StdoutParser(fmt, planned_steps=40, world_size=1, device="cpu")
+    for line in lines_with_newlines:
+        records = parser.feed(line)    # a StartInfo before the first step, then StepMetrics
+    parser.finish()                    # the RunSummary (None when no step line was seen)
+    parser.warnings()                  # patterns that never matched a step line
+
+`moectl run` feeds every line the tee reads (LiveMetricsWriter appends the records to the run's
+metrics.jsonl, so progress, summaries, compare, plot and export read a foreign trainer exactly
+like the engine); `moectl import --format nanochat|regex` feeds a log file's lines through the
+same parser, so an old log imports exactly as a live run of it would have parsed.
+
+What is never a step, whatever the patterns say:
+- a partial line (no newline yet: the trainer died mid-print, or is still printing it);
+- a line from a rank other than 0 (torchrun's `[default1]:` / `[rank1]:` prefixes; a rank 0
+  prefix is stripped, so a `--tee`d log parses like a plain one);
+- torchrun's and torch.distributed's own log lines (`W1127 12:00:00.123 4242 torch/...`,
+  `WARNING:torch.distributed...`, the `*****` OMP banner);
+- a Python traceback, from `Traceback (most recent call last):` to its exception line.
+
+Numbers may carry thousands separators (`16,384`) and a `%` or unit the pattern leaves outside its
+group. Torch-free: this module runs in the moectl process.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import IO, Optional
+
+from engine.schema import RunSummary, StartInfo, StepMetrics, to_line
+
+# The schema fields a pattern may fill (everything a step line can carry but its number).
+PATTERN_FIELDS = tuple(f.name for f in fields(StepMetrics) if f.name not in ("step", "type"))
+
+# Prefixes torchrun (`--tee`, `log_line_prefix_template`) and torch's own errors put on a rank's line.
+_RANK_PREFIX = re.compile(r"^\[(?:default|rank)?(\d+)\]:?[ ]?")
+_NOISE = (
+    re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d(?:\.\d+)? +\d+ "),  # glog-style: torch.distributed C++/python
+    re.compile(r"^(?:DEBUG|INFO|WARNING|ERROR|CRITICAL):torch\."),  # python logging of torch.*
+    re.compile(r"^\*{5,}"),  # torchrun's OMP_NUM_THREADS banner
+)
+
+# nanochat's base_train step line: `step 00012/00040 (30.00%) | loss: 3.72 | dt: 637.19ms | ...`.
+_NANOCHAT_STEP = re.compile(r"^\s*step\s+(\d+)(?:\s*/\s*(\d+))?\b(.*)$")
+_PEAK = re.compile(r"Peak memory usage:\s*([\d,]+(?:\.\d+)?)\s*MiB", re.IGNORECASE)
+_TOTAL = re.compile(r"Total training time:\s*([\d,]+(?:\.\d+)?)\s*(ms|s|m|min|h)\b", re.IGNORECASE)
+_UNIT_S = {"ms": 1e-3, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+# nanochat key -> schema field. `bal` is the raw balance loss (the engine's aux_loss); `total time`
+# is cumulative training time (the engine's elapsed_s).
+_NANOCHAT_FIELDS = {
+    "loss": "loss", "bal": "aux_loss", "aux_loss": "aux_loss", "lr": "lr", "dt": "dt_ms",
+    "tok/sec": "tok_per_sec", "bf16_mfu": "mfu", "mfu": "mfu", "drop": "drop_frac",
+    "drop_frac": "drop_frac", "total time": "elapsed_s",
+}
+
+
+def number(text: str) -> float:
+    """'822,814' -> 822814.0. Finite only (ValueError otherwise)."""
+    value = float(text.strip().replace(",", "").replace("_", "").rstrip("%"))
+    if not math.isfinite(value):
+        raise ValueError(f"not finite: {text}")
+    return value
+
+
+def _duration_s(text: str) -> float:
+    m = re.fullmatch(r"([\d,]+(?:\.\d+)?)\s*(ms|s|m|min|h)?", text.strip())
+    if not m:
+        raise ValueError(f"bad duration {text!r}")
+    return number(m.group(1)) * _UNIT_S[(m.group(2) or "s").lower()]
+
+
+def _compile(name: str, regex: str, groups: int) -> re.Pattern:
+    try:
+        pattern = re.compile(regex)
+    except re.error as exc:
+        raise ValueError(f"{name}: not a regular expression ({exc}): {regex!r}") from None
+    if pattern.groups < groups:
+        raise ValueError(f"{name}: {regex!r} needs a (group) around the number it reads")
+    return pattern
+
+
+def check_patterns(step: Optional[str], tokens_per_step: Optional[str], patterns: dict[str, str]) -> None:
+    """ValueError naming the first bad key: an unknown field, a regex that does not compile or has no group."""
+    for name, regex in patterns.items():
+        if name not in PATTERN_FIELDS:
+            raise ValueError(f"patterns.{name}: not a field of the metrics schema ({', '.join(PATTERN_FIELDS)})")
+        _compile(f"patterns.{name}", regex, 1)
+    if step is not None:
+        _compile("step", step, 1)
+        if "loss" not in patterns:
+            raise ValueError("patterns.loss is required with format = \"regex\": every step of the schema has a loss")
+    if tokens_per_step is not None:
+        _compile("tokens_per_step", tokens_per_step, 1)
+
+
+@dataclass
+class StdoutFormat:
+    """How to read one trainer's output: nanochat's built-in step line, or regexes."""
+
+    kind: str  # "nanochat" | "regex"
+    step: Optional[re.Pattern] = None
+    tokens_per_step: Optional[re.Pattern] = None
+    patterns: dict[str, re.Pattern] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, kind: str, step: Optional[str] = None, tokens_per_step: Optional[str] = None,
+              patterns: Optional[dict[str, str]] = None) -> "StdoutFormat":
+        """Validated (ValueError naming the bad key)."""
+        patterns = dict(patterns or {})
+        if kind not in ("nanochat", "regex"):
+            raise ValueError(f"unknown stdout format {kind!r} (nanochat | regex)")
+        if kind == "regex" and step is None:
+            raise ValueError("format regex needs a step pattern")
+        check_patterns(step, tokens_per_step, patterns)
+        return cls(
+            kind=kind,
+            step=re.compile(step) if step is not None else None,
+            tokens_per_step=re.compile(tokens_per_step) if tokens_per_step is not None else None,
+            patterns={k: re.compile(v) for k, v in patterns.items()},
+        )
+
+    @classmethod
+    def from_config(cls, metrics) -> "StdoutFormat":
+        """From a validated `[metrics]` section with source = "stdout"."""
+        return cls.build(metrics.format, metrics.step, metrics.tokens_per_step, metrics.patterns)
+
+    def describe(self) -> str:
+        return "nanochat step lines" if self.kind == "nanochat" else f"step pattern {self.step.pattern!r}"
+
+
+class StdoutParser:
+    """Feeds lines, returns records. Keeps what the run summary and the warnings need."""
+
+    def __init__(self, fmt: StdoutFormat, planned_steps: Optional[int] = None, world_size: int = 1,
+                 device: str = "cpu"):
+        self.fmt = fmt
+        self.planned_steps = planned_steps
+        self.world_size = world_size
+        self.device = device
+        self.tokens_per_step: Optional[float] = None
+        self.steps_seen = 0  # step lines turned into records
+        self.skipped = 0  # lines that matched the step pattern but could not be read
+        self.partial = 0  # lines without their newline (never steps)
+        self.matched = {name: 0 for name in fmt.patterns}  # step lines each pattern matched
+        self.last: Optional[StepMetrics] = None
+        self.peak_mem_mib: Optional[float] = None
+        self.total_time_s: Optional[float] = None
+        self._started = False
+        self._elapsed_s = 0.0
+        self._in_traceback = False
+
+    # --- one line ---------------------------------------------------------------------------------
+
+    def feed(self, raw: str) -> list:
+        """The records this line yields: [] for anything that is not a step, else [step] (preceded
+        by the run's StartInfo the first time). `raw` keeps its newline; without one it is partial."""
+        if not raw.endswith("\n"):
+            if raw.strip():
+                self.partial += 1
+            return []
+        line = raw.rstrip("\r\n").rsplit("\r", 1)[-1]  # a `\r`-redrawn line: what the terminal shows last
+        m = _RANK_PREFIX.match(line)
+        if m:
+            if int(m.group(1)) != 0:
+                return []
+            line = line[m.end():]
+        if self._traceback(line) or any(p.match(line) for p in _NOISE):
+            return []
+        rec = self._step(line)
+        if rec is None:
+            self._run_line(line)
+            return []
+        out: list = []
+        if not self._started:
+            self._started = True
+            out.append(StartInfo(steps=self.planned_steps or 0, world_size=self.world_size,
+                                 tokens_per_step=int(self.tokens_per_step or 0), device=self.device))
+        self.steps_seen += 1
+        self.last = rec
+        out.append(rec)
+        return out
+
+    def _traceback(self, line: str) -> bool:
+        if line.startswith("Traceback (most recent call last)"):
+            self._in_traceback = True
+            return True
+        if self._in_traceback:
+            # Indented frames belong to it; the first unindented line is the exception and ends it.
+            if not line[:1].isspace() and line.strip():
+                self._in_traceback = False
+            return True
+        return False
+
+    def _step(self, line: str) -> Optional[StepMetrics]:
+        if self.fmt.kind == "nanochat":
+            m = _NANOCHAT_STEP.match(line)
+            if m is None:
+                return None
+            try:
+                kwargs = _nanochat_fields(m.group(3))
+                kwargs.update(self._pattern_fields(line))
+                if m.group(2):
+                    self.planned_steps = int(m.group(2))
+                return self._make(int(m.group(1)), kwargs)
+            except (ValueError, TypeError):
+                self.skipped += 1
+                return None
+        m = self.fmt.step.search(line)
+        if m is None:
+            return None
+        try:
+            return self._make(int(number(m.group(1))), self._pattern_fields(line))
+        except (ValueError, TypeError):
+            self.skipped += 1
+            return None
+
+    def _pattern_fields(self, line: str) -> dict[str, float]:
+        kwargs = {}
+        for name, pattern in self.fmt.patterns.items():
+            pm = pattern.search(line)
+            if pm is not None:
+                kwargs[name] = number(pm.group(1))
+                self.matched[name] += 1
+        return kwargs
+
+    def _make(self, step: int, kwargs: dict[str, float]) -> StepMetrics:
+        if "loss" not in kwargs:
+            raise ValueError("no loss")
+        if kwargs.get("mfu", 0.0) < 0:
+            del kwargs["mfu"]  # nanoGPT prints -100.00% until it has an estimate: not a figure
+        dt_ms = kwargs.get("dt_ms")
+        if "tok_per_sec" not in kwargs and self.tokens_per_step and dt_ms:
+            kwargs["tok_per_sec"] = self.tokens_per_step / (dt_ms / 1000.0)
+        if "elapsed_s" not in kwargs and dt_ms is not None:
+            # Training time so far as the sum of step times: the trainer did not print its own.
+            self._elapsed_s += dt_ms / 1000.0
+            kwargs["elapsed_s"] = self._elapsed_s
+        return StepMetrics(step=step, **kwargs)
+
+    def _run_line(self, line: str) -> None:
+        """Run-level facts printed outside the step lines."""
+        if self.fmt.tokens_per_step is not None and self.tokens_per_step is None:
+            tm = self.fmt.tokens_per_step.search(line)
+            if tm is not None:
+                try:
+                    self.tokens_per_step = number(tm.group(1))
+                except ValueError:
+                    pass
+                return
+        if (pm := _PEAK.search(line)) is not None:
+            self.peak_mem_mib = number(pm.group(1))
+        elif (tm := _TOTAL.search(line)) is not None:
+            self.total_time_s = number(tm.group(1)) * _UNIT_S[tm.group(2).lower()]
+
+    # --- the end ----------------------------------------------------------------------------------
+
+    def finish(self) -> Optional[RunSummary]:
+        """The run's summary record, or None when no step line was ever seen."""
+        if self.last is None:
+            return None
+        total = self.total_time_s if self.total_time_s is not None else self.last.elapsed_s
+        return RunSummary(steps=self.steps_seen, world_size=self.world_size, device_name=self.device,
+                          peak_mem_mib=self.peak_mem_mib, total_time_s=total, final_loss=self.last.loss)
+
+    def warnings(self) -> list[str]:
+        """One line per pattern that never matched (a typo'd regex reads as missing data, not a crash)."""
+        out = []
+        if self.steps_seen:
+            for name, count in self.matched.items():
+                if count == 0:
+                    out.append(f"metrics pattern {name} = {self.fmt.patterns[name].pattern!r} never matched "
+                               f"any of {self.steps_seen} step lines: {name} is missing from this run")
+        if self.fmt.tokens_per_step is not None and self.tokens_per_step is None:
+            out.append(f"metrics pattern tokens_per_step = {self.fmt.tokens_per_step.pattern!r} never matched: "
+                       "no tok/sec unless the step lines print it")
+        if self.skipped:
+            out.append(f"{self.skipped} step line(s) could not be read (no loss, or not a number) and were skipped")
+        return out
+
+    def no_steps_reason(self) -> str:
+        return f"no step line in the trainer's output matched ({self.fmt.describe()})"
+
+
+def _nanochat_fields(rest: str) -> dict[str, float]:
+    kwargs: dict[str, float] = {}
+    for part in rest.split("|"):
+        key, sep, raw = part.partition(":")
+        key = key.strip().lower()
+        if not sep or key not in _NANOCHAT_FIELDS:
+            continue  # "(99.64%)", "lrm", "epoch", "eta", anything new: not ours
+        name = _NANOCHAT_FIELDS[key]
+        raw = raw.strip()
+        if name == "dt_ms":
+            kwargs[name] = _duration_s(raw if raw[-1:].isalpha() else raw + "ms") * 1000.0
+        elif name == "elapsed_s":
+            kwargs[name] = _duration_s(raw)
+        else:
+            kwargs[name] = number(raw)
+    return kwargs
+
+
+def parse_text(text: str, fmt: StdoutFormat) -> tuple[StdoutParser, list[StepMetrics]]:
+    """A whole log through the live parser, split where the tee splits (at newlines only), so a
+    last line without its newline is partial exactly as it would be live."""
+    parser = StdoutParser(fmt)
+    *complete, last = text.split("\n")
+    steps = []
+    for line in [ln + "\n" for ln in complete] + [last]:
+        steps += [rec for rec in parser.feed(line) if isinstance(rec, StepMetrics)]
+    return parser, steps
+
+
+class LiveMetricsWriter:
+    """What `moectl run` hangs on the tee for a stdout-parsed trainer: each parsed record appended
+    (and flushed) to the run's metrics.jsonl, where the progress follower and every reader find it.
+
+    Called from the tee thread only, then `close()` from the launching thread once the tee is done."""
+
+    def __init__(self, path: Path, parser: StdoutParser):
+        self.parser = parser
+        self._fh: IO[str] = open(path, "a", encoding="utf-8")
+
+    def __call__(self, raw: str) -> None:
+        for rec in self.parser.feed(raw):
+            self._fh.write(to_line(rec) + "\n")
+            self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh.closed:
+            return
+        summary = self.parser.finish()
+        if summary is not None:
+            self._fh.write(to_line(summary) + "\n")
+        self._fh.close()

@@ -1,0 +1,148 @@
+"""Which trainer a run launches, and its exact command (SPEC §11, issue 10). Pure: no I/O.
+
+    argv = trainer_argv(cfg.launch, cfg.metrics, options, device="cpu", exp_dir=..., ckpt_dir=...,
+                        nproc=1, python="/repo/.venv/bin/python", extra=["--foo"])
+
+Two contracts, decided by `.moectl.toml` alone:
+- the engine's: a `launch.module` with no `[launch.options]` table whose metrics come from its own
+  metrics.jsonl (`engine.train`, or a stand-in honouring the same flags). Every option goes as
+  `--key value`, plus `--device`, `--out-dir`, `--ckpt-dir`.
+- a mapped trainer: a `launch.script`, or any trainer with an `[launch.options]` table or metrics
+  parsed from its stdout. It gets `launch.args`, then each option through its template
+  (`steps = "--max_iters={}"`); an option it has no template for is refused before anything is
+  launched (UsageError: exit 2, naming the option and the table to add it to), because a flag the
+  trainer does not know would either crash it after the run directory exists or - worse - be
+  silently ignored and recorded as if it had applied. `device`, `out_dir` and `ckpt_dir` are
+  moectl's own and go only where mapped. Extra arguments after `--` are passed through as given.
+
+The launcher wraps it: `torchrun` (`python -m torch.distributed.run --standalone --nproc-per-node N`)
+or `python` (one plain process, for trainers that cannot run under torchrun on CPU).
+"""
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+from moectl.errors import UsageError
+
+# Options moectl itself decides; a mapped trainer gets them only through its own template.
+MOECTL_OWN = ("device", "out_dir", "ckpt_dir")
+
+
+def follows_engine_contract(launch, metrics) -> bool:
+    return launch.script is None and launch.options is None and metrics.source == "jsonl"
+
+
+def option_flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def engine_flags(options: dict[str, Any]) -> list[str]:
+    argv: list[str] = []
+    for key, value in options.items():
+        flag = option_flag(key)
+        if isinstance(value, bool):
+            if value:
+                argv.append(flag)  # engine flags are store_true; False = leave the default
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *(str(v) for v in value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def mapped_flags(mapping: dict[str, str], options: dict[str, Any]) -> list[str]:
+    """Each option through its template; UsageError naming every unmapped option."""
+    missing = [k for k in options if k not in mapping]
+    if missing:
+        lines = [f"{option_flag(k)}: this trainer has no flag for it; add e.g. "
+                 f"`{k} = \"--{k}={{}}\"` under [launch.options] in .moectl.toml" for k in missing]
+        if len(lines) == 1:
+            raise UsageError(lines[0])
+        raise UsageError("options this trainer has no flag for ([launch.options])", lines)
+    argv: list[str] = []
+    for key, value in options.items():
+        template = mapping[key]
+        if "{}" not in template:
+            if value is True:
+                argv += shlex.split(template)  # a bare flag: on when true, left out when false
+            elif value not in (False, None):
+                raise UsageError(f"[launch.options] {key} = {template!r} has no {{}} for the value {value!r}")
+            continue
+        argv += shlex.split(template.replace("{}", shlex.quote(str(value))))
+    return argv
+
+
+def trainer_argv(launch, metrics, options: dict[str, Any], *, device: str, exp_dir: str, ckpt_dir: str,
+                 nproc: int, python: str, extra: list[str]) -> tuple[list[str], list[str]]:
+    """(the full command, the trainer's own arguments)."""
+    if follows_engine_contract(launch, metrics):
+        trainer_args = engine_flags(options) + ["--device", device, "--out-dir", exp_dir, "--ckpt-dir", ckpt_dir]
+    else:
+        mapping = launch.options or {}
+        own = {"device": device, "out_dir": exp_dir, "ckpt_dir": ckpt_dir}
+        trainer_args = list(launch.args) + mapped_flags(mapping, options)
+        trainer_args += mapped_flags(mapping, {k: v for k, v in own.items() if k in mapping})
+    trainer_args += list(extra)
+    target = ["-m", launch.module] if launch.module is not None else [launch.script]
+    if launch.launcher == "python":
+        if nproc != 1:
+            raise UsageError(f"--nproc {nproc}: launcher = \"python\" runs one process; "
+                             "set launcher = \"torchrun\" in [launch] for more")
+        return [python, *target, *trainer_args], trainer_args
+    return [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            *target, *trainer_args], trainer_args
+
+
+# `moectl init --trainer NAME`: the [launch]/[metrics] tables of known trainers, a starting point
+# (check the flags against your fork: a mapped flag the trainer does not know fails at launch).
+TABLES = {
+    "nanochat": """\
+[launch]                     # nanochat (karpathy/nanochat): its base_train under torchrun
+module = "scripts.base_train"
+launcher = "torchrun"        # "python" runs it as one plain process (no torchrun)
+args = []                    # always passed first, e.g. ["--depth=12"]
+nproc_per_node = "auto"      # auto = number of selected GPUs (cuda) or 1 (cpu)
+env = { OMP_NUM_THREADS = "1" }
+compile_fallback = true
+
+[launch.options]             # moectl run option -> nanochat's flag ("{}" is the value); any other
+steps = "--num_iterations={}"    # option given to `moectl run` is refused until it is mapped here
+# seed = "--seed={}"             # if your fork takes one (needed by `moectl run --repeat N`)
+# cap = "--capacity_factor={}"   # a MoE fork's capacity factor
+# device = "--device_type={}"    # moectl's --device (cuda | cpu)
+
+[metrics]
+window = 50                  # the tail window of every summary: its last `window` steps ...
+warmup_steps = 10            # ... after steps 0-9 (compile / warm-up), which no summary counts
+source = "stdout"            # parse the trainer's output into metrics.jsonl
+format = "nanochat"          # `step 00012/00040 (30.00%) | loss: ... | dt: ...ms | tok/sec: ... | bf16_mfu: ...`
+""",
+    "nanogpt": """\
+[launch]                     # nanoGPT (karpathy/nanoGPT): train.py with a config file
+script = "train.py"          # relative to this file
+launcher = "torchrun"        # "python": `python train.py ...`, one process (e.g. on a laptop CPU)
+args = ["config/train_shakespeare_char.py"]   # always passed first
+nproc_per_node = "auto"      # auto = number of selected GPUs (cuda) or 1 (cpu)
+env = { OMP_NUM_THREADS = "1" }
+compile_fallback = true
+
+[launch.options]             # moectl run option -> nanoGPT's configurator flag ("{}" is the value)
+steps = "--max_iters={}"
+device = "--device={}"
+# seed = "--seed={}"         # nanoGPT seeds 1337 + rank and has no flag; add one to use --repeat N
+
+[metrics]
+window = 50                  # the tail window of every summary: its last `window` steps ...
+warmup_steps = 10            # ... after steps 0-9 (compile / warm-up), which no summary counts
+source = "stdout"            # parse the trainer's output into metrics.jsonl
+format = "regex"             # `iter N: loss X, time Yms, mfu Z%`
+step = 'iter (\\d+):'        # a step line matches this; its group is the step number
+tokens_per_step = 'tokens per iteration will be: ([\\d,]+)'   # then tok/sec = tokens / dt
+
+[metrics.patterns]           # metrics field -> a regex with one group
+loss = 'loss ([\\d.]+)'
+dt_ms = 'time ([\\d.]+)ms'
+mfu = 'mfu (-?[\\d.]+)%'
+""",
+}

@@ -1,0 +1,176 @@
+"""A researcher's own trainer through a real `moectl run` (issue 10): tests/fixtures/foreign_trainer.py
+printing like nanoGPT (a script, under both launchers) and like nanochat (a module, 2 ranks under
+torchrun), its stdout parsed live into metrics.jsonl; no step line, a pattern that never matches,
+and Ctrl-C mid-run. Real git repositories, real torchrun, real signals.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from engine.schema import RunSummary, StartInfo, StepMetrics, parse_line
+from moectl.cli import app
+from tests.conftest import git, stop_process, wait_for
+from tests.test_run import QUIET, REPO, commit_config, commit_files, record, run_dirs
+from tests.test_run_signals import spawn
+
+FIXTURE = REPO / "tests" / "fixtures" / "foreign_trainer.py"
+runner = CliRunner()
+
+NANOGPT_TOML = '''[project]
+name = "gpt"
+branch = "main"
+venv = ""
+
+[launch]
+script = "train.py"
+launcher = "{launcher}"
+args = ["config/train_small.py", "--device=cpu"]
+env = {{ OMP_NUM_THREADS = "1" }}
+
+[launch.options]
+steps = "--max_iters={{}}"
+seed = "--seed={{}}"
+
+[metrics]
+source = "stdout"
+format = "regex"
+step = 'iter (\\d+):'
+tokens_per_step = 'tokens per iteration will be: ([\\d,]+)'
+
+[metrics.patterns]
+loss = 'loss ([\\d.]+)'
+dt_ms = 'time ([\\d.]+)ms'
+mfu = '{mfu}'
+'''
+
+NANOCHAT_TOML = f'''[project]
+name = "chat"
+branch = "main"
+venv = ""
+
+[launch]
+module = "tests.fixtures.foreign_trainer"
+launcher = "torchrun"
+args = ["--style=nanochat"]
+env = {{ PYTHONPATH = "{REPO}", OMP_NUM_THREADS = "1" }}
+
+[launch.options]
+steps = "--num_iterations={{}}"
+seed = "--seed={{}}"
+
+[metrics]
+source = "stdout"
+format = "nanochat"
+'''
+
+
+def nanogpt_project(repo: Path, monkeypatch, launcher: str = "python", mfu: str = r"mfu (-?[\d.]+)%") -> Path:
+    """The repo holds the trainer itself (train.py), committed, as a researcher's would."""
+    shutil.copy(FIXTURE, repo / "train.py")
+    (repo / ".moectl.toml").write_text(NANOGPT_TOML.format(launcher=launcher, mfu=mfu))
+    git(repo, "add", "train.py")
+    return commit_config(repo, monkeypatch)
+
+
+def steps_in(run_dir: Path) -> list[StepMetrics]:
+    return [r for r in map(parse_line, (run_dir / "metrics.jsonl").read_text().splitlines()) if isinstance(r, StepMetrics)]
+
+
+@pytest.mark.parametrize("launcher", ["python", "torchrun"])
+def test_nanogpt_script_runs_under_either_launcher_and_is_measured_like_the_engine(git_repo, monkeypatch, artifact_root, launcher):
+    proj = nanogpt_project(git_repo, monkeypatch, launcher)
+    result = runner.invoke(app, ["run", "--device", "cpu", "--steps", "20", "--seed", "4", "--tag", "gpt", *QUIET])
+    assert result.exit_code == 0, result.output
+    [exp] = run_dirs(artifact_root)
+    rec = record(exp)
+    assert rec["status"] == "completed" and rec["warnings"] == []
+    assert "progress: step 20/20 (100.0%)" in result.output  # live progress from the parsed lines
+    argv = rec["argv"]
+    assert ("torch.distributed.run" in argv) == (launcher == "torchrun")
+    assert argv[argv.index("train.py"):] == ["train.py", "config/train_small.py", "--device=cpu", "--max_iters=20", "--seed=4"]
+    lines = [parse_line(line) for line in (exp / "metrics.jsonl").read_text().splitlines()]
+    assert isinstance(lines[0], StartInfo) and lines[0].steps == 20 and isinstance(lines[-1], RunSummary)
+    steps = steps_in(exp)
+    assert [s.step for s in steps] == list(range(20))
+    # tok/sec from `tokens per iteration` / dt, and the summary over steps 10-19 (10 warm-up steps).
+    assert steps[-1].tok_per_sec == pytest.approx(16384 / (steps[-1].dt_ms / 1000))
+    tail = steps[10:]
+    assert rec["summary"]["steps"] == 10
+    assert rec["summary"]["tok_per_sec"] == pytest.approx(sum(s.tok_per_sec for s in tail) / 10)
+    assert rec["summary"]["final_loss"] == steps[-1].loss
+    report = next((proj / "reports").glob("*.md"))
+    assert report.relative_to(proj).as_posix() in commit_files(proj)
+
+
+def test_nanochat_module_under_torchrun_two_ranks_parses_rank0_steps_only(git_repo, monkeypatch, artifact_root):
+    (git_repo / ".moectl.toml").write_text(NANOCHAT_TOML)
+    commit_config(git_repo, monkeypatch)
+    result = runner.invoke(app, ["run", "--device", "cpu", "--nproc", "2", "--steps", "16", "--tag", "chat", *QUIET,
+                                 "--", "--noise=1"])
+    assert result.exit_code == 0, result.output
+    [exp] = run_dirs(artifact_root)
+    log = (exp / "train.log").read_text()
+    # The decoys were printed (rank 1's prefixed line, the warning, the traceback, the partial line) ...
+    assert "[rank1]: step 00099" in log and "Traceback" in log and log.rstrip().endswith("dt: 1.00ms")
+    # ... and none of them became a step.
+    steps = steps_in(exp)
+    assert [s.step for s in steps] == list(range(16))
+    rec = record(exp)
+    assert rec["status"] == "completed" and rec["summary"]["peak_mem_mib"] == pytest.approx(1234.5)
+    assert rec["summary"]["mfu"] == pytest.approx(sum(s.mfu for s in steps[10:]) / 6)
+
+
+def test_a_trainer_that_prints_no_step_line_fails_with_that_reason(git_repo, monkeypatch, artifact_root):
+    nanogpt_project(git_repo, monkeypatch)
+    result = runner.invoke(app, ["run", "--device", "cpu", "--steps", "5", "--no-commit", *QUIET, "--", "--print_steps=0"])
+    assert result.exit_code == 4, result.output
+    rec = record(run_dirs(artifact_root)[0])
+    assert rec["status"] == "failed" and rec["exit_code"] == 0
+    assert rec["error"].startswith("no step line in the trainer's output matched (step pattern 'iter (\\\\d+):')")
+
+
+def test_a_pattern_that_never_matches_is_a_warning_in_record_report_and_show(git_repo, monkeypatch, artifact_root):
+    proj = nanogpt_project(git_repo, monkeypatch, mfu=r"MFU=([\d.]+)")
+    result = runner.invoke(app, ["run", "--device", "cpu", "--steps", "12", "--tag", "typo", *QUIET])
+    assert result.exit_code == 0, result.output
+    rec = record(run_dirs(artifact_root)[0])
+    [warning] = rec["warnings"]
+    assert warning.startswith("metrics pattern mfu = 'MFU=([\\\\d.]+)' never matched any of 12 step lines")
+    assert rec["summary"]["mfu"] is None and rec["summary"]["tok_per_sec"] is not None
+    assert warning in next((proj / "reports").glob("*.md")).read_text()
+    shown = runner.invoke(app, ["show", "typo"])
+    assert f"warning: {warning}" in shown.output
+
+
+@pytest.mark.slow
+def test_sigint_mid_run_of_a_foreign_trainer(git_repo, monkeypatch, artifact_root, tmp_path):
+    nanogpt_project(git_repo, monkeypatch, launcher="torchrun")
+    gate = tmp_path / "gate"
+    out = tmp_path / "moectl.out"
+    proc = spawn(git_repo, out, "--device", "cpu", "--steps", "200", "--tag", "stopped", *QUIET,
+                 "--", "--hold_at=15", f"--hold_file={gate}")
+    try:
+        wait_for(lambda: Path(str(gate) + ".waiting").exists(), "the trainer holding before step 15", 120,
+                 proc=proc, output=out.read_text)
+        [exp] = run_dirs(artifact_root)
+        wait_for(lambda: len(steps_in(exp)) == 15, "steps 0-14 parsed into metrics.jsonl", 60, proc=proc,
+                 output=out.read_text)
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=120)  # bounds a hang; orders nothing
+    finally:
+        if proc.poll() is None:
+            stop_process(proc)
+    assert rc == 130, out.read_text()
+    rec = record(exp)
+    assert rec["status"] == "interrupted" and rec["error"].startswith("interrupted by SIGINT")
+    steps = steps_in(exp)
+    assert [s.step for s in steps] == list(range(15))
+    assert rec["summary"]["steps"] == 5  # steps 10-14: the metrics so far, summarised
+    assert rec["summary"]["dt_ms"] == pytest.approx(sum(s.dt_ms for s in steps[10:]) / 5)

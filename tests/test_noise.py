@@ -1,0 +1,173 @@
+"""Run-to-run noise (issue 10): the within-run error corrected for autocorrelation, repeat groups
+with a between-runs error, and the commands that take a group by its tag."""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from moectl.cli import app
+from moectl.importers import parse_csv
+from moectl.metrics import MetricsFile, RunMetrics, compare, tail_noise, tail_stderr
+from moectl.noise import autocorrelation_time, naive_stderr, within_run_stderr
+from moectl.stdout_metrics import StdoutFormat, parse_text
+from tests.conftest import SEED, needs_seed
+from tests.test_foreign_run import nanogpt_project, steps_in
+from tests.test_run import QUIET, record, run_dirs
+
+FIXTURE = Path(__file__).parent / "fixtures" / "foreign_trainer.py"
+NANOGPT = StdoutFormat.build("regex", step=r"iter (\d+):", tokens_per_step=r"tokens per iteration will be: ([\d,]+)",
+                             patterns={"loss": r"loss ([\d.]+)", "dt_ms": r"time ([\d.]+)ms"})
+runner = CliRunner()
+
+
+def fixture_metrics(*args: str) -> MetricsFile:
+    out = subprocess.run([sys.executable, str(FIXTURE), "--max_iters=60", "--sleep=0", *args], capture_output=True,
+                         text=True, check=True, timeout=60).stdout
+    return MetricsFile(steps=parse_text(out, NANOGPT)[1])
+
+
+def test_autocorrelation_time_by_hand():
+    # [1, 2, 3, 4]: d = -1.5 -.5 .5 1.5, c0 = 1.25; rho1 = (.75 - .25 + .75) / 4 / 1.25 = .25,
+    # rho2 = (-.75 - .75) / 5 = -.3, rho3 = -2.25 / 5 = -.45. Pairs: 1 + .25 > 0, then -.75 stops it.
+    assert autocorrelation_time([1.0, 2.0, 3.0, 4.0]) == pytest.approx(-1 + 2 * 1.25)
+    assert within_run_stderr([1.0, 2.0, 3.0, 4.0]) == pytest.approx(naive_stderr([1.0, 2.0, 3.0, 4.0]) * math.sqrt(1.5))
+
+
+def test_negatively_correlated_or_short_series_keep_the_iid_floor():
+    alternating = [1.0, 3.0] * 20
+    assert autocorrelation_time(alternating) == 1.0
+    assert within_run_stderr(alternating) == naive_stderr(alternating)
+    assert autocorrelation_time([5.0, 1.0, 4.0]) == 1.0  # too short to estimate
+    assert within_run_stderr([2.0] * 10) == 0.0
+
+
+def test_strongly_autocorrelated_step_times_get_a_larger_error_than_the_naive_one():
+    """The fixture trainer's AR(1) step times (phi = 0.9): the corrected error of the tail mean
+    is several times the i.i.d. one, and compare shows the corrected one, saying so."""
+    metrics = fixture_metrics("--ar=0.9", "--seed=0")
+    naive = tail_stderr(metrics, window=50, warmup_steps=10)["dt_ms"]
+    corrected = tail_noise(metrics, window=50, warmup_steps=10)["dt_ms"]
+    assert corrected > 2.5 * naive
+    row = compare([RunMetrics(id="ar", tag="ar", metrics=metrics)], window=50, warmup_steps=10).runs[0]
+    assert row.metrics["dt_ms"].stderr == corrected and (row.noise, row.n_repeats) == ("within-run", 1)
+
+
+def test_groups_compare_on_the_mean_of_tail_means_with_the_between_runs_error():
+    def group(name, seeds, dt):
+        members = [fixture_metrics(f"--seed={s}", f"--dt_ms={dt}") for s in seeds]
+        return RunMetrics(id=name, tag=name, metrics=members[-1], members=members, member_ids=[f"{name}{s}" for s in seeds])
+
+    a, b = group("a", [0, 1, 2], 10.0), group("b", [3, 4, 5], 10.1)
+    c = compare([a, b], window=50, warmup_steps=10)
+    for entry, row in zip((a, b), c.runs):
+        tails = [statistics.fmean(s.dt_ms for s in m.steps[10:]) for m in entry.members]
+        assert row.metrics["dt_ms"].value == pytest.approx(statistics.fmean(tails))
+        assert row.metrics["dt_ms"].stderr == pytest.approx(statistics.stdev(tails) / math.sqrt(3))
+        assert (row.n_repeats, row.noise, row.run_ids) == (3, "between-runs", entry.member_ids)
+    data = c.to_json()["runs"][1]
+    assert (data["n_repeats"], data["noise"]) == (3, "between-runs")
+    # The verdict uses the between-runs errors.
+    va, vb = (r.metrics["dt_ms"] for r in c.runs)
+    assert vb.beyond_noise == (abs(vb.value - va.value) > 2 * math.hypot(va.stderr, vb.stderr))
+
+
+@needs_seed
+def test_seed_bufreuse_still_plus_2p70_and_beyond_the_corrected_noise():
+    runs = []
+    for name in ("moe_fp8_experts_static_cap1p0", "moe_fp8_experts_static_cap1p0_bufreuse"):
+        parsed = parse_csv((SEED / f"{name}.csv").read_text())
+        runs.append(RunMetrics(id=name, tag=name, metrics=MetricsFile(steps=parsed.steps)))
+    c = compare(runs, window=50, warmup_steps=10)
+    base, buf = (r.metrics["tok_per_sec"] for r in c.runs)
+    assert (round(base.value, 2), round(buf.value, 2), round(buf.delta_pct, 2)) == (785203.42, 806400.06, 2.70)
+    assert buf.beyond_noise is True and c.runs[1].noise == "within-run"
+    naive = tail_stderr(runs[1].metrics, 50, 10)["tok_per_sec"]
+    assert buf.stderr > naive  # the seed's step times are autocorrelated: the i.i.d. error was a floor
+
+
+# ----------------------------------------------------------------------- real repeats, real sweep
+
+
+def repeat_group(tag: str, seed: int, dt: float) -> dict:
+    r = runner.invoke(app, ["run", "--device", "cpu", "--steps", "14", "--tag", tag, "--seed", str(seed), "--repeat", "3",
+                            "--json", *QUIET, "--", f"--dt_ms={dt}", "--sleep=0"])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def test_run_repeat_makes_one_group_and_compare_show_plot_export_take_it_by_tag(git_repo, monkeypatch, artifact_root):
+    nanogpt_project(git_repo, monkeypatch)
+    base, other = repeat_group("base", 7, 10.0), repeat_group("fast", 0, 9.0)
+    assert base["repeats"] == 3 and len(base["runs"]) == 3
+    records = [record(Path(r["exp_dir"])) for r in base["runs"]]
+    assert [r["options"]["seed"] for r in records] == [7, 8, 9]  # through [launch.options] seed
+    assert all(f"--seed={s}" in r["argv"] for r, s in zip(records, (7, 8, 9)))
+    assert {r["group"] for r in records} == {base["group"]} and [r["repeat"] for r in records] == [1, 2, 3]
+
+    data = json.loads(runner.invoke(app, ["compare", "base", "fast", "--json"]).stdout)
+    assert [(x["id"], x["n_repeats"], x["noise"]) for x in data["runs"]] == [
+        (base["group"], 3, "between-runs"), (other["group"], 3, "between-runs")]
+    tails = [r["summary"]["tok_per_sec"] for r in records]
+    tps = data["runs"][0]["metrics"]["tok_per_sec"]
+    assert tps["value"] == pytest.approx(statistics.fmean(tails))
+    assert tps["stderr"] == pytest.approx(statistics.stdev(tails) / math.sqrt(3))
+    assert data["runs"][0]["run_ids"] == [r["id"] for r in records]
+    # A run id still means that one run.
+    single = json.loads(runner.invoke(app, ["compare", records[0]["id"], "fast", "--json"]).stdout)["runs"][0]
+    assert (single["id"], single["n_repeats"], single["noise"]) == (records[0]["id"], 1, "within-run")
+    table = runner.invoke(app, ["compare", "base", "fast"]).stdout
+    assert "between 3 runs" in table
+
+    shown = runner.invoke(app, ["show", "base", "--json"])
+    group = json.loads(shown.stdout)
+    assert group["n_repeats"] == 3 and [r["id"] for r in group["runs"]] == [r["id"] for r in records]
+    assert group["summary"]["tok_per_sec"]["stderr"] == pytest.approx(tps["stderr"])
+    exported = json.loads(runner.invoke(app, ["export", "base", "--csv", str(git_repo.parent / "csv"), "--json"]).stdout)
+    assert exported["runs"] == 3
+    plotted = runner.invoke(app, ["plot", "base", "--metric", "dt_ms", "-o", str(git_repo.parent / "dt.png"), "--json"])
+    assert plotted.exit_code == 0, plotted.output
+    assert json.loads(plotted.stdout)["runs"] == [r["id"] for r in records]
+
+
+def test_repeat_of_a_trainer_without_a_seed_mapping_is_refused_before_anything_runs(git_repo, monkeypatch, artifact_root):
+    nanogpt_project(git_repo, monkeypatch)
+    cfg = git_repo / ".moectl.toml"
+    cfg.write_text(cfg.read_text().replace('seed = "--seed={}"\n', ""))
+    r = runner.invoke(app, ["run", "--device", "cpu", "--steps", "5", "--repeat", "2", "--no-commit", *QUIET])
+    assert r.exit_code == 2 and "--seed" in r.output and "[launch.options]" in r.output
+    assert run_dirs(artifact_root) == []
+
+
+def test_sweep_with_repeats_per_leg_and_in_common(git_repo, monkeypatch, artifact_root):
+    nanogpt_project(git_repo, monkeypatch)
+    spec = git_repo.parent / "noise.toml"
+    spec.write_text('name = "noise"\n[common]\nsteps = 12\ndevice = "cpu"\nrepeats = 2\nargs = ["--sleep=0"]\n'
+                    '[[legs]]\ntag = "a"\n[[legs]]\ntag = "b"\nrepeats = 3\nseed = 10\nargs = ["--sleep=0", "--dt_ms=8"]\n')
+    r = runner.invoke(app, ["sweep", str(spec), "--json", "--no-commit", *QUIET])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    legs = out["sweep"]["legs"]
+    assert [(leg["tag"], leg["repeat"], leg["options"]["seed"]) for leg in legs] == [
+        ("a", 1, 0), ("a", 2, 1), ("b", 1, 10), ("b", 2, 11), ("b", 3, 12)]
+    assert len({leg["group"] for leg in legs if leg["tag"] == "a"}) == 1 and legs[0]["group"] != legs[2]["group"]
+    assert all(leg["state"] == "completed" for leg in legs)
+    for leg in legs:  # the seed reached the trainer, and each repeat has its own fresh directory
+        rec = record(Path(out["sweep"]["exp_dir"]) / leg["run_id"])
+        assert f"--seed={leg['options']['seed']}" in rec["argv"] and rec["group"] == leg["group"]
+        assert len(steps_in(Path(rec["exp_dir"]))) == 12
+    rows = out["comparison"]["runs"]
+    assert [(x["tag"], x["n_repeats"], x["noise"]) for x in rows] == [("a", 2, "between-runs"), ("b", 3, "between-runs")]
+
+
+def test_repeat_with_one_explicit_directory_is_a_usage_error(git_repo, monkeypatch, artifact_root):
+    nanogpt_project(git_repo, monkeypatch)
+    r = runner.invoke(app, ["run", "--device", "cpu", "--repeat", "2", "--exp-dir", str(artifact_root / "x"), *QUIET])
+    assert r.exit_code == 2 and "--exp-dir names one directory" in r.output
+    assert run_dirs(artifact_root) == []

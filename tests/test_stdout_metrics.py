@@ -1,0 +1,138 @@
+"""The stdout parser (moectl/stdout_metrics.py): what is a step and what is not, live and imported."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from engine.schema import RunSummary, StartInfo, StepMetrics, parse_line
+from moectl.cli import app
+from moectl.stdout_metrics import LiveMetricsWriter, StdoutFormat, StdoutParser, parse_text
+
+FIXTURE = Path(__file__).parent / "fixtures" / "foreign_trainer.py"
+NANOGPT = StdoutFormat.build(
+    "regex", step=r"iter (\d+):", tokens_per_step=r"tokens per iteration will be: ([\d,]+)",
+    patterns={"loss": r"loss ([\d.]+)", "dt_ms": r"time ([\d.]+)ms", "mfu": r"mfu (-?[\d.]+)%"},
+)
+NANOCHAT = StdoutFormat.build("nanochat")
+
+
+def trainer_output(*args: str) -> str:
+    return subprocess.run([sys.executable, str(FIXTURE), *args], capture_output=True, text=True, check=True,
+                          timeout=60).stdout
+
+
+def steps_of(parser: StdoutParser, lines: list[str]) -> list[StepMetrics]:
+    return [r for line in lines for r in parser.feed(line) if isinstance(r, StepMetrics)]
+
+
+def test_nanogpt_lines_become_schema_records_with_tok_per_sec_from_tokens_per_step():
+    parser = StdoutParser(NANOGPT, planned_steps=3, world_size=1, device="cpu")
+    recs = [r for line in ["tokens per iteration will be: 16,384\n", "iter 0: loss 2.5000, time 8.00ms, mfu -100.00%\n"]
+            for r in parser.feed(line)]
+    assert isinstance(recs[0], StartInfo) and recs[0].steps == 3 and recs[0].tokens_per_step == 16384
+    step = recs[1]
+    # nanoGPT prints mfu -100.00% until it has an estimate: no figure, not a -100% to average
+    assert (step.step, step.loss, step.dt_ms, step.mfu) == (0, 2.5, 8.0, None)
+    later = steps_of(parser, ["iter 1: loss 2.4000, time 8.00ms, mfu 12.50%\n"])
+    assert later[0].mfu == 12.5
+    assert step.tok_per_sec == pytest.approx(16384 / 0.008)
+    assert step.elapsed_s == pytest.approx(0.008)
+
+
+@pytest.mark.parametrize("line", [
+    "[rank1]: iter 5: loss 1.0, time 1.00ms, mfu 1.00%\n",  # another rank
+    "[default1]:iter 5: loss 1.0, time 1.00ms, mfu 1.00%\n",  # torchrun --tee prefix, rank 1
+    "W1127 12:00:00.123000 4242 torch/distributed/run.py:766] iter 5: loss 1.0, time 1.00ms\n",
+    "WARNING:torch.distributed.run:iter 5: loss 1.0, time 1.00ms\n",
+    "iter 5: loss 1.0, time 1.00ms, mfu 1.00%",  # no newline: partial
+])
+def test_lines_that_are_not_steps(line):
+    assert steps_of(StdoutParser(NANOGPT), [line]) == []
+
+
+def test_rank0_prefix_is_stripped_and_tracebacks_are_skipped_to_their_exception_line():
+    parser = StdoutParser(NANOGPT)
+    lines = ["[default0]:iter 1: loss 1.5, time 2.00ms, mfu 1.00%\n",
+             "Traceback (most recent call last):\n", '  File "t.py", line 3\n',
+             "    iter 7: loss 0.1, time 1.00ms\n", "ValueError: iter 8: loss 0.1\n",
+             "iter 2: loss 1.25, time 2.00ms, mfu 1.00%\n"]
+    assert [s.step for s in steps_of(parser, lines)] == [1, 2]
+
+
+def test_nanochat_format_reads_the_fixture_and_its_run_facts():
+    parser, steps = parse_text(trainer_output("--style=nanochat", "--max_iters=12", "--seed=3", "--noise=1"), NANOCHAT)
+    assert [s.step for s in steps] == list(range(12))  # not the traceback's, the warning's or the partial 99
+    assert parser.planned_steps == 12 and parser.peak_mem_mib == pytest.approx(1237.5)
+    assert all(s.tok_per_sec and s.dt_ms and s.mfu is not None for s in steps)
+    assert parser.partial == 1 and parser.warnings() == []
+
+
+def test_a_pattern_that_never_matches_is_a_warning_not_a_crash():
+    fmt = StdoutFormat.build("regex", step=r"iter (\d+):", patterns={"loss": r"loss ([\d.]+)", "mfu": r"MFU=([\d.]+)"})
+    parser, steps = parse_text(trainer_output("--max_iters=5"), fmt)
+    assert len(steps) == 5 and all(s.mfu is None for s in steps)
+    [warning] = parser.warnings()
+    assert "mfu" in warning and "never matched" in warning
+
+
+def test_live_writer_writes_the_engine_schema_then_a_summary(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    writer = LiveMetricsWriter(path, StdoutParser(NANOGPT, planned_steps=4, world_size=1, device="cpu"))
+    for line in trainer_output("--max_iters=4").splitlines(keepends=True):
+        writer(line)
+    writer.close()
+    recs = [parse_line(line) for line in path.read_text().splitlines()]
+    assert isinstance(recs[0], StartInfo) and isinstance(recs[-1], RunSummary)
+    assert [r.step for r in recs if isinstance(r, StepMetrics)] == [0, 1, 2, 3]
+    assert recs[-1].steps == 4 and recs[-1].final_loss == recs[-2].loss
+
+
+def test_import_regex_parses_exactly_as_the_live_parser(tmp_path, monkeypatch, artifact_root):
+    """The same log, once through the live writer, once through `moectl import --format regex`."""
+    log = tmp_path / "train.log"
+    log.write_text(trainer_output("--max_iters=15", "--seed=2", "--noise=1"))
+    live = tmp_path / "live.jsonl"
+    writer = LiveMetricsWriter(live, StdoutParser(NANOGPT))
+    with open(log, newline="") as fh:  # line by line, as the tee reads the pipe
+        for line in iter(fh.readline, ""):
+            writer(line)
+    writer.close()
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, [
+        "import", str(log), "--format", "regex", "--name", "old", "--pattern", r"step=iter (\d+):",
+        "--pattern", r"loss=loss ([\d.]+)", "--pattern", r"dt_ms=time ([\d.]+)ms", "--pattern", r"mfu=mfu (-?[\d.]+)%",
+        "--pattern", r"tokens_per_step=tokens per iteration will be: ([\d,]+)",
+    ])
+    assert result.exit_code == 0, result.output
+    [imported] = list(artifact_root.glob("*/metrics.jsonl"))
+    steps = lambda p: [r for r in map(parse_line, p.read_text().splitlines()) if isinstance(r, StepMetrics)]  # noqa: E731
+    assert steps(imported) == steps(live) and len(steps(live)) == 15
+
+
+def test_import_regex_without_a_step_pattern_or_with_a_bad_one_is_exit_2(tmp_path, monkeypatch):
+    log = tmp_path / "train.log"
+    log.write_text(trainer_output("--max_iters=3"))
+    monkeypatch.chdir(tmp_path)
+    no_step = CliRunner().invoke(app, ["import", str(log), "--format", "regex", "--name", "x"])
+    assert no_step.exit_code == 2 and "step pattern" in no_step.output
+    bad = CliRunner().invoke(app, ["import", str(log), "--format", "regex", "--name", "x",
+                                   "--pattern", "step=iter (", "--pattern", "loss=loss ([\\d.]+)"])
+    assert bad.exit_code == 2 and "not a regular expression" in bad.output
+
+
+def test_import_regex_takes_its_patterns_from_the_config(tmp_path, monkeypatch, artifact_root):
+    """An engine project ([metrics] source stays jsonl) keeps patterns for importing old nanoGPT logs."""
+    (tmp_path / ".moectl.toml").write_text(
+        "[metrics]\nstep = 'iter (\\d+):'\n[metrics.patterns]\nloss = 'loss ([\\d.]+)'\ndt_ms = 'time ([\\d.]+)ms'\n")
+    log = tmp_path / "train.log"
+    log.write_text(trainer_output("--max_iters=12"))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["import", str(log), "--format", "regex", "--name", "cfg", "--json"])
+    assert result.exit_code == 0, result.output
+    [imported] = list(artifact_root.glob("*/metrics.jsonl"))
+    steps = [r for r in map(parse_line, imported.read_text().splitlines()) if isinstance(r, StepMetrics)]
+    assert [s.step for s in steps] == list(range(12)) and all(s.dt_ms for s in steps)

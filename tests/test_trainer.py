@@ -1,0 +1,154 @@
+"""Any trainer (issue 10): the `[launch]` command a foreign trainer gets, and refusals before launch.
+
+Pure planning here (plan_run is pure); real runs of the fixture trainers are in test_foreign_run.py.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from moectl.cli import app
+from moectl.config import parse_config_text, from_file_model
+from moectl.errors import UsageError
+from moectl.plan import RunRequest, plan_run
+
+NOW = datetime(2026, 11, 27, 1, 2, 3)
+NANOGPT = '''
+[project]
+venv = ""
+[launch]
+script = "train.py"
+launcher = "{launcher}"
+args = ["config/train_small.py", "--device=cpu"]
+[launch.options]
+steps = "--max_iters={{}}"
+cap = "--moe_capacity_factor={{}}"
+seed = "--seed={{}}"
+fp8 = "--fp8"
+[metrics]
+source = "stdout"
+format = "regex"
+step = 'iter (\\d+):'
+[metrics.patterns]
+loss = 'loss ([\\d.]+)'
+'''
+
+
+def cfg_of(text: str, root: Path = Path("/repo")):
+    return from_file_model(parse_config_text(text), None, root)
+
+
+def plan(text: str, **request):
+    return plan_run(cfg_of(text), RunRequest(device="cpu", **request), NOW, gpus_available=None)
+
+
+def test_script_under_torchrun_gets_args_then_mapped_options_then_extra():
+    p = plan(NANOGPT.format(launcher="torchrun"), steps=40, cap=1.25, seed=3, fp8=True, extra_args=["--x=1"])
+    i = p.argv.index("torch.distributed.run")
+    assert p.argv[i + 1:i + 6] == ["--standalone", "--nproc-per-node", "1", "train.py", "config/train_small.py"]
+    assert p.argv[i + 6:] == ["--device=cpu", "--moe_capacity_factor=1.25", "--fp8", "--max_iters=40", "--seed=3", "--x=1"]
+    # moectl's own engine flags never reach a foreign trainer.
+    assert not any(a.startswith(("--out-dir", "--ckpt-dir", "--preset")) for a in p.argv)
+    assert p.env["MOECTL_RUN_DIR"] == p.exp_dir
+
+
+def test_python_launcher_is_one_plain_process():
+    p = plan(NANOGPT.format(launcher="python"), steps=5, fp8=False)
+    assert p.argv[1:] == ["train.py", "config/train_small.py", "--device=cpu", "--max_iters=5"]  # fp8 false: left out
+    with pytest.raises(UsageError, match="launcher = \"python\" runs one process"):
+        plan(NANOGPT.format(launcher="python"), nproc=2)
+
+
+def test_unmapped_option_is_refused_naming_option_and_table():
+    with pytest.raises(UsageError) as exc:
+        plan(NANOGPT.format(launcher="torchrun"), compile="static")
+    assert "--compile" in exc.value.message and "[launch.options]" in exc.value.message
+
+
+def test_defaults_go_through_the_mapping_too():
+    text = NANOGPT.format(launcher="torchrun") + '[defaults]\npreset = "tiny"\n'
+    with pytest.raises(UsageError, match="--preset"):
+        plan(text)
+
+
+def test_module_trainer_without_table_keeps_the_engine_contract():
+    p = plan('[project]\nvenv = ""\n[launch]\nmodule = "tests.fixtures.fake_engine"\n', steps=7)
+    assert p.argv[p.argv.index("-m", 2):][:2] == ["-m", "tests.fixtures.fake_engine"]
+    assert ["--steps", "7"] == p.argv[p.argv.index("--steps"):p.argv.index("--steps") + 2]
+    assert "--out-dir" in p.argv and "MOECTL_RUN_DIR" not in p.env
+
+
+def test_module_and_script_together_is_a_config_error():
+    with pytest.raises(UsageError) as exc:
+        parse_config_text('[launch]\nmodule = "a.b"\nscript = "train.py"\n')
+    assert any("exactly one of module and script" in line for line in exc.value.lines)
+
+
+@pytest.mark.parametrize("metrics, why", [
+    ('source = "stdout"', "needs format"),
+    ('source = "stdout"\nformat = "regex"\n[metrics.patterns]\nloss = "x (\\\\d+)"', "needs step"),
+    ('source = "stdout"\nformat = "regex"\nstep = "iter"\n[metrics.patterns]\nloss = "l (\\\\d+)"', "needs a (group)"),
+    ('source = "stdout"\nformat = "regex"\nstep = "iter (\\\\d+"\n[metrics.patterns]\nloss = "l (\\\\d+)"', "not a regular expression"),
+    ('source = "stdout"\nformat = "regex"\nstep = "iter (\\\\d+)"\n[metrics.patterns]\nlos = "l (\\\\d+)"', "not a field"),
+    ('source = "stdout"\nformat = "regex"\nstep = "iter (\\\\d+)"', "patterns.loss is required"),
+    ('format = "nanochat"', 'source is "jsonl"'),
+])
+def test_bad_metrics_tables_are_config_errors(metrics, why):
+    with pytest.raises(UsageError) as exc:
+        parse_config_text("[metrics]\n" + metrics + "\n")
+    assert any(why in line for line in exc.value.lines), exc.value.lines
+
+
+def test_cli_refuses_unmapped_option_before_anything_is_written(tmp_path, monkeypatch, artifact_root):
+    (tmp_path / ".moectl.toml").write_text(NANOGPT.format(launcher="python"))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["run", "--device", "cpu", "--cap", "1.0", "--compile", "static", "--no-commit"])
+    assert result.exit_code == 2, result.output
+    assert "--compile" in result.output and "[launch.options]" in result.output
+    assert not artifact_root.exists() or not any(artifact_root.iterdir())
+
+
+# --------------------------------------------------------------------------- moectl init --trainer
+
+
+@pytest.mark.parametrize("trainer, style, target", [("nanogpt", "nanogpt", "train.py"),
+                                                    ("nanochat", "nanochat", "scripts.base_train")])
+def test_init_trainer_tables_parse_that_trainers_output(tmp_path, trainer, style, target):
+    import subprocess
+    import sys
+
+    from moectl.config import load_config
+    from moectl.stdout_metrics import StdoutFormat, parse_text
+
+    result = CliRunner().invoke(app, ["init", str(tmp_path), "--trainer", trainer])
+    assert result.exit_code == 0, result.output
+    cfg = load_config(tmp_path / ".moectl.toml")
+    assert cfg.launch.target == target and cfg.metrics.source == "stdout" and cfg.launch.options["steps"]
+    fixture = Path(__file__).parent / "fixtures" / "foreign_trainer.py"
+    out = subprocess.run([sys.executable, str(fixture), f"--style={style}", "--max_iters=6"], capture_output=True,
+                         text=True, check=True, timeout=60).stdout
+    parser, steps = parse_text(out, StdoutFormat.from_config(cfg.metrics))
+    assert [s.step for s in steps] == list(range(6)) and parser.warnings() == []
+    assert all(s.loss and s.dt_ms and s.tok_per_sec and s.mfu for s in steps)
+
+
+def test_init_engine_is_the_default_template_and_unknown_trainer_is_exit_2(tmp_path):
+    from moectl.config import TEMPLATE
+
+    assert CliRunner().invoke(app, ["init", str(tmp_path), "--trainer", "engine"]).exit_code == 0
+    assert (tmp_path / ".moectl.toml").read_text() == TEMPLATE
+    bad = CliRunner().invoke(app, ["init", str(tmp_path / "x"), "--trainer", "torchtitan"])
+    assert bad.exit_code == 2 and "unknown trainer 'torchtitan'" in bad.output
+    assert not (tmp_path / "x" / ".moectl.toml").exists()
+
+
+def test_a_bad_pattern_is_one_line_naming_its_dotted_key():
+    """The section's own check names the key it is about: the line reads as one dotted path, with
+    no pydantic wording ("Value error, ") in it."""
+    with pytest.raises(UsageError) as exc:
+        parse_config_text('[metrics]\nsource = "stdout"\nformat = "regex"\nstep = "iter (\\\\d+)"\n'
+                          '[metrics.patterns]\nloss = "loss [0-9.]+"\n')
+    assert exc.value.lines == [".moectl.toml: metrics.patterns.loss: 'loss [0-9.]+' needs a (group) around the number it reads"]
