@@ -7,6 +7,8 @@ The dense MLP has hidden = top_k * expert_hidden, so at cap 1.0 with balanced ro
 same GEMM FLOPs and the ratio measures what routing, dispatch and combine cost. All variants are
 timed round-robin in one process (one repeat of each in turn), so a noisy neighbour on a shared
 machine slows every variant alike instead of one; the figure is the median over repeats.
+On CPU the process keeps freed memory (engine.malloc, as engine.train does); --plain-malloc
+measures with glibc's defaults instead.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.malloc import keep_freed_memory
 from engine.moe import MoEConfig, MoELayer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -113,7 +116,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--plain-malloc", action="store_true", help="CPU: glibc's default malloc settings (see engine.malloc)")
     a = p.parse_args(argv)
+    kept = a.device == "cpu" and not a.plain_malloc and keep_freed_memory()
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -122,12 +127,13 @@ def main(argv=None) -> int:
         res = run_bench(a.device, a.tokens, a.dim, a.experts, a.top_k, a.hidden, a.dtype, a.warmup, a.repeats)
     except ValueError as exc:
         p.exit(2, f"error: {exc}\n")
+    res["malloc"] = "keep_freed" if kept else "default"
     if a.json:
         print(json.dumps(res))
         return 0
     print(f"{res['device']} {res['dtype']} threads={res['threads']}: {res['tokens']} tokens, D={res['dim']}, "
           f"E={res['experts']}, top-{res['top_k']}, expert hidden {res['expert_hidden']} "
-          f"(median of {res['repeats']}, fwd+bwd)")
+          f"(median of {res['repeats']}, fwd+bwd, malloc {res['malloc']})")
     print(f"  {'dense':<18}{res['dense_ms']:9.2f} ms  (min {res['dense_min_ms']:.2f} ms)")
     for r in res["results"]:
         label = f"{r['dispatch']} cap {r['cap']:g}"

@@ -40,6 +40,8 @@ class GPTConfig:
     dispatch: str = "auto"
     balance_coeff: float = 0.01
     z_coeff: float = 0.0
+    balance: str = "loss"  # loss (Switch loss) | bias (aux-loss-free, DeepSeek-V3) | none
+    balance_rate: float = 1e-3
     dense: bool = False  # iso-FLOP dense baseline: every MoE MLP -> dense MLP of top_k * expert_hidden
     fp8: bool = False  # float8 expert GEMMs (engine.fp8 via MoEConfig.fp8)
     fp8_dense: bool = False  # float8 for the dense Linear layers (attention, dense MLPs)
@@ -103,6 +105,10 @@ class GPTConfig:
             raise ValueError(f"--expert-hidden-mult gives expert hidden {self.expert_hidden}; must be >= 1")
         if self.dispatch not in ("auto", "padded", "grouped", "loop"):
             raise ValueError(f"--dispatch must be auto|padded|grouped|loop, got {self.dispatch!r}")
+        if self.balance not in ("loss", "bias", "none"):
+            raise ValueError(f"--balance must be loss|bias|none, got {self.balance!r}")
+        if not self.balance_rate > 0:
+            raise ValueError(f"--balance-rate must be > 0, got {self.balance_rate}")
         if self.seq_len < 1 or self.vocab_size < 2:
             raise ValueError("--seq-len must be >= 1 and --vocab-size >= 2")
 
@@ -182,6 +188,8 @@ class Block(nn.Module):
                     balance_coeff=cfg.balance_coeff,
                     z_coeff=cfg.z_coeff,
                     fp8=cfg.fp8,
+                    balance=cfg.balance,
+                    balance_rate=cfg.balance_rate,
                 )
             )
         elif cfg.dense and cfg.was_moe_layer(layer):
@@ -261,6 +269,24 @@ class GPT(nn.Module):
         else:
             tokens_per_expert_LE = x_BTD.new_zeros((0, self.cfg.n_experts), dtype=torch.float32)
         return {"loss": loss, "aux_loss": aux_loss, "tokens_per_expert_LE": tokens_per_expert_LE, "dropped": dropped}
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.mlp for b in self.blocks if b.is_moe]
+
+    def shard_experts(self, ep) -> None:
+        """Expert parallelism (engine.ep): every MoE layer keeps this rank's E/N experts."""
+        for layer in self.moe_layers():
+            layer.shard_experts(ep)
+
+    def expert_param_names(self) -> list[str]:
+        """Qualified names of the expert weights: what EP shards and DDP must leave alone."""
+        return [f"blocks.{i}.mlp.{name}" for i, b in enumerate(self.blocks) if b.is_moe
+                for name in b.mlp.expert_param_names()]
+
+    def update_expert_bias(self, tokens_per_expert_LE: torch.Tensor) -> None:
+        """After an optimizer step (--balance bias): one row of counts per MoE layer, whole step, all ranks."""
+        for layer, counts_E in zip(self.moe_layers(), tokens_per_expert_LE):
+            layer.update_expert_bias(counts_E)
 
     def assignments(self, n_tokens: int) -> int:
         """Token->expert assignments in one forward over n_tokens tokens (all MoE layers)."""

@@ -7,6 +7,13 @@
     aux.dropped       float scalar tensor: assignments dropped by capacity (0 when dropless)
     aux.assignments   int: tokens * top_k (python int, known from shapes)
 
+Balancing (cfg.balance): `loss` adds the Switch loss (balance_coeff); `none` adds nothing; `bias` is
+DeepSeek-V3's aux-loss-free scheme: a per-expert bias buffer `expert_bias_E` is added to the router
+probabilities for the top-k CHOICE only (the gate weights stay the unbiased probabilities, so no
+gradient ever reaches the bias), and after each optimizer step `update_expert_bias` moves it by
++-balance_rate toward equal load (the loop passes counts summed over micro-batches and ranks, so
+every rank applies the same update and the biases never drift apart).
+
 Dispatchers (cfg.dispatch; "auto" = padded for cap > 0, grouped for cap == 0):
   padded   capacity C = ceil(cap * N * top_k / E) rounded up to 8; tokens gathered into an [E, C, D]
            buffer, two torch.bmm; assignments past C are dropped first come first served (token
@@ -23,6 +30,15 @@ How tokens move (padded and grouped): the N*K assignments are stable-sorted by e
 expert's assignments stay in token order. Dispatch and combine are then pure gathers through that
 permutation, and they are custom autograd Functions whose backward is again a gather (never a
 scatter-add, never an [N, E] one-hot): that is what keeps the MoE layer near the dense MLP's cost.
+
+Expert parallelism (`shard_experts`, engine.ep): the router and the dispatch above stay on each
+rank, over its own tokens and all E experts; only the expert GEMMs move. padded: the [E, C, D]
+buffer is cut into N chunks of E/N experts, one all-to-all (equal splits, no host sync) brings each
+rank its experts' slots from every source ([E/N, N*C, D], one bmm), a second brings the outputs
+back. grouped: the expert-sorted rows go to their expert's rank with the counts exchanged first
+(one host sync per layer for the split sizes), are regrouped source-major -> expert-major for the
+grouped GEMM, and return the same way. Everything before and after is unchanged, so drops,
+gates and the custom backward are exactly those of the single-rank path.
 """
 from __future__ import annotations
 
@@ -34,7 +50,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine import ep as ep_comm
+
 DISPATCHES = ("auto", "padded", "grouped", "loop")
+BALANCES = ("loss", "bias", "none")
 
 
 @dataclass
@@ -45,9 +64,11 @@ class MoEConfig:
     expert_hidden: int = 0  # 0 -> 2 * dim
     cap: float = 1.0  # capacity factor; 0 = dropless
     dispatch: str = "auto"  # auto | padded | grouped | loop
-    balance_coeff: float = 0.01
+    balance_coeff: float = 0.01  # Switch loss coefficient (balance == "loss" only)
     z_coeff: float = 0.0
     fp8: bool = False
+    balance: str = "loss"  # loss | bias | none
+    balance_rate: float = 1e-3  # bias step per optimizer step (balance == "bias")
 
     @property
     def hidden(self) -> int:
@@ -76,6 +97,10 @@ class MoEConfig:
             raise ValueError(f"--dispatch grouped is dropless; it takes --cap 0, got {self.cap} (use padded)")
         if self.balance_coeff < 0 or self.z_coeff < 0:
             raise ValueError("--balance-coeff and z_coeff must be >= 0")
+        if self.balance not in BALANCES:
+            raise ValueError(f"--balance must be one of {', '.join(BALANCES)}, got {self.balance!r}")
+        if not (self.balance_rate > 0 and math.isfinite(self.balance_rate)):
+            raise ValueError(f"--balance-rate must be > 0, got {self.balance_rate}")
         if self.fp8:
             from engine.fp8 import check_fp8_shape
 
@@ -104,12 +129,18 @@ def capacity(cap: float, n_tokens: int, top_k: int, n_experts: int) -> int:
 # Router
 
 
-def route(x_ND, router_weight_ED, top_k: int, balance_coeff: float, z_coeff: float):
-    """Softmax top-k over fp32 logits. -> (weights_NK fp32 renormalised, experts_NK, counts_E, loss)."""
+def route(x_ND, router_weight_ED, top_k: int, balance_coeff: float, z_coeff: float, bias_E=None):
+    """Softmax top-k over fp32 logits. -> (weights_NK fp32 renormalised, experts_NK, counts_E, loss).
+
+    bias_E (aux-loss-free balancing) shifts which experts are chosen, never the weights they get."""
     N, E = x_ND.shape[0], router_weight_ED.shape[0]
     logits_NE = F.linear(x_ND.float(), router_weight_ED.float())
     probs_NE = logits_NE.softmax(dim=-1)
-    weights_NK, experts_NK = probs_NE.topk(top_k, dim=-1)
+    if bias_E is None:
+        weights_NK, experts_NK = probs_NE.topk(top_k, dim=-1)
+    else:
+        experts_NK = (probs_NE.detach() + bias_E).topk(top_k, dim=-1).indices
+        weights_NK = probs_NE.gather(1, experts_NK)
     weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True)
     # Per-expert counts by a scatter-add: static shape (bincount's is data dependent), no host sync.
     experts_A = experts_NK.reshape(-1)
@@ -180,7 +211,7 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_SD, gate_A, slot_A, src_assign_S, valid_S, K: int):
         slot_KN, gate_KN1 = _per_k(slot_A, K), _per_k(gate_A, K).unsqueeze(-1)
-        out_ND = y_SD.index_select(0, slot_KN[0]) * gate_KN1[0]
+        out_ND = y_SD.index_select(0, slot_KN[0]).mul_(gate_KN1[0])  # in place: the gather's own buffer
         for k in range(1, K):
             out_ND.addcmul_(y_SD.index_select(0, slot_KN[k]), gate_KN1[k])
         ctx.save_for_backward(y_SD, gate_A, slot_A, src_assign_S, valid_S)
@@ -195,8 +226,8 @@ class _Combine(torch.autograd.Function):
         # assignment reads a wrong slot here, but its gate was multiplied by keep = 0 upstream.)
         rows_SD = grad_ND.index_select(0, src_assign_S // ctx.K)
         grad_y = grad_gate = None
-        if ctx.needs_input_grad[1]:
-            grad_gate = (y_SD * rows_SD).sum(-1).index_select(0, slot_A)
+        if ctx.needs_input_grad[1]:  # row-wise dot without an [S, D] product buffer
+            grad_gate = torch.linalg.vecdot(y_SD, rows_SD).index_select(0, slot_A)
         if ctx.needs_input_grad[0]:
             gate_S = gate_A.index_select(0, src_assign_S)
             if valid_S.numel():
@@ -290,6 +321,11 @@ class MoELayer(nn.Module):
         self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
         self.w_up_EDH = nn.Parameter(torch.empty(cfg.n_experts, cfg.dim, cfg.hidden))
         self.w_down_EHD = nn.Parameter(torch.empty(cfg.n_experts, cfg.hidden, cfg.dim))
+        self.ep = None  # engine.ep.ExpertParallel once shard_experts() ran
+        if cfg.balance == "bias":  # a buffer: saved in checkpoints, never a parameter (no grad, no optimizer)
+            self.register_buffer("expert_bias_E", torch.zeros(cfg.n_experts))
+        else:
+            self.expert_bias_E = None
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -297,12 +333,36 @@ class MoELayer(nn.Module):
         nn.init.normal_(self.w_up_EDH, std=self.cfg.dim**-0.5)
         nn.init.zeros_(self.w_down_EHD)
 
+    def shard_experts(self, ep) -> None:
+        """Keep only this rank's E/N experts (engine.ep). Called after init (and after loading a
+        full checkpoint), so every rank's shard is its slice of the very same full weights."""
+        if self.cfg.fp8 or self.dispatch == "loop":
+            raise ValueError("--ep > 1 takes the padded or grouped dispatch without --fp8")
+        self.ep = ep
+        self.w_up_EDH = nn.Parameter(ep.shard(self.w_up_EDH.detach()).clone())
+        self.w_down_EHD = nn.Parameter(ep.shard(self.w_down_EHD.detach()).clone())
+
+    def expert_param_names(self) -> list[str]:
+        return ["w_up_EDH", "w_down_EHD"]
+
+    @torch.no_grad()
+    def update_expert_bias(self, tokens_per_expert_E: torch.Tensor) -> None:
+        """DeepSeek-V3's update after an optimizer step: +rate for an under-loaded expert, -rate
+        for an over-loaded one (centred, so the biases do not drift as a whole). Pass the counts
+        of the whole step, all ranks: each rank then applies the same update."""
+        if self.expert_bias_E is None:
+            return
+        load_E = tokens_per_expert_E.to(self.expert_bias_E)
+        delta_E = self.cfg.balance_rate * torch.sign(load_E.mean() - load_E)
+        self.expert_bias_E.add_(delta_E - delta_E.mean())
+
     def forward(self, x_BTD: torch.Tensor):
         B, T, D = x_BTD.shape
         cfg = self.cfg
         x_ND = x_BTD.reshape(B * T, D)
         weights_NK, experts_NK, counts_E, loss = route(
-            x_ND, self.router.weight, cfg.top_k, cfg.balance_coeff, cfg.z_coeff
+            x_ND, self.router.weight, cfg.top_k, cfg.balance_coeff if cfg.balance == "loss" else 0.0,
+            cfg.z_coeff, self.expert_bias_E,
         )
         # Under autocast (bf16 training on GPU) the experts compute in the autocast dtype:
         # _grouped_mm is not an autocast op and on CUDA takes bf16 only, so without this cast the
@@ -323,6 +383,8 @@ class MoELayer(nn.Module):
             ok, _ = grouped_mm_supported(x_ND.device, x_ND.dtype, D, cfg.hidden)
             if cfg.fp8:
                 out_ND = self._grouped_fp8(x_ND, experts_A, gate_A, counts_E, w_up, w_down)
+            elif ok and self.ep is not None:
+                out_ND = self._grouped_ep(x_ND, experts_A, gate_A, counts_E, w_up, w_down)
             elif ok:
                 out_ND = self._grouped(x_ND, experts_A, gate_A, counts_E, w_up, w_down)
             else:  # dropless stand-in: C = N slots per expert can never overflow
@@ -346,10 +408,22 @@ class MoELayer(nn.Module):
         valid_EC = p_C < counts_E.unsqueeze(1)
         src_assign_S = order_A.index_select(0, (start_E.unsqueeze(1) + p_C).clamp(max=A - 1).view(-1))
         buf_ECD = _Dispatch.apply(x_ND, src_assign_S // K, slot_A, keep_A, K).view(E, C, -1)
-        y_ECD = _experts_bmm(buf_ECD, w_up, w_down, self.cfg.fp8)
+        y_ECD = _experts_bmm(buf_ECD, w_up, w_down, self.cfg.fp8) if self.ep is None else self._slots_ep(buf_ECD, w_up, w_down)
         out_ND = _Combine.apply(y_ECD.view(E * C, -1), gate_A, slot_A, src_assign_S, valid_EC.view(-1), K)
         dropped = (counts_E - C).clamp(min=0).sum().float()
         return out_ND, dropped
+
+    def _slots_ep(self, buf_ECD, w_up, w_down):
+        """padded under EP: chunk j of the slots (experts of rank j) goes to rank j and comes back."""
+        E, C, D = buf_ECD.shape
+        n, group = self.ep.size, self.ep.group
+        El = E // n
+        splits = [El * C] * n
+        recv_RD = ep_comm.all_to_all(buf_ECD.view(E * C, D), splits, splits, group)  # [src, El, C] rows
+        x_EnCD = recv_RD.view(n, El, C, D).transpose(0, 1).reshape(El, n * C, D)
+        y_EnCD = _experts_bmm(x_EnCD, w_up, w_down, False)
+        send_RD = y_EnCD.view(El, n, C, D).transpose(0, 1).reshape(n * El * C, D)
+        return ep_comm.all_to_all(send_RD, splits, splits, group).view(E, C, D)
 
     def _grouped(self, x_ND, experts_A, gate_A, counts_E, w_up, w_down):
         K = self.cfg.top_k
@@ -362,6 +436,31 @@ class MoELayer(nn.Module):
         gmm = _grouped_mm_op if torch.compiler.is_compiling() else _grouped_mm_eager
         h_AH = F.relu(gmm(x_AD, w_up, offs_E)).square()
         y_AD = gmm(h_AH, w_down, offs_E)
+        return _Combine.apply(y_AD, gate_A, rank_A, order_A, none, K)
+
+    # Eager even inside a compiled model: the rows a rank receives vary every step, and a compiled
+    # graph over them would recompile every step under --compile static (seen: 16 s steps on tiny).
+    @torch.compiler.disable
+    def _grouped_ep(self, x_ND, experts_A, gate_A, counts_E, w_up, w_down):
+        """grouped under EP: this rank's sorted rows to their experts' ranks and back."""
+        K, ep = self.cfg.top_k, self.ep
+        order_A, rank_A, _ = _sort_by_expert(experts_A, counts_E)
+        none = experts_A.new_empty(0, dtype=torch.bool)
+        x_AD = _Dispatch.apply(x_ND, order_A // K, rank_A, none, K)
+        recv_counts_SE = ep_comm.exchange_counts(counts_E, ep)
+        send_splits = counts_E.view(ep.size, -1).sum(1).tolist()  # the host sync of the split sizes
+        recv_splits = recv_counts_SE.sum(1).tolist()
+        total = sum(recv_splits)
+        x_RD = ep_comm.all_to_all(x_AD, recv_splits, send_splits, ep.group)
+        if total:
+            perm_R, inv_R = ep_comm.source_to_expert_major(recv_counts_SE, total)
+            x_RD = ep_comm.Permute.apply(x_RD, perm_R, inv_R)
+            offs_E = torch.cumsum(recv_counts_SE.sum(0), 0).to(torch.int32)
+            y_RD = _grouped_mm_eager(F.relu(_grouped_mm_eager(x_RD, w_up, offs_E)).square(), w_down, offs_E)
+            y_RD = ep_comm.Permute.apply(y_RD, inv_R, perm_R)
+        else:  # no row for this rank's experts: nothing to compute, nothing to send back
+            y_RD = x_RD
+        y_AD = ep_comm.all_to_all(y_RD, send_splits, recv_splits, ep.group)
         return _Combine.apply(y_AD, gate_A, rank_A, order_A, none, K)
 
     def _grouped_fp8(self, x_ND, experts_A, gate_A, counts_E, w_up, w_down):

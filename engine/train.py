@@ -4,6 +4,7 @@
     python -m engine.train --preset tiny --out-dir /tmp/run   # + metrics.jsonl (engine.schema lines)
     torchrun --standalone --nproc-per-node 8 -m engine.train --preset d12-moe
     torchrun --standalone --nproc-per-node 1 -m engine.train --preset d12-moe --cap 0 --steps 60
+    torchrun --standalone --nproc-per-node 8 -m engine.train --preset d12-moe --ep 4   # experts over 4 ranks
 
 Explicit options override the preset. Exit codes (engine.schema): 0 done, 2 bad options (one
 `error: ...` line on stderr), 3 torch.compile failed (rerun with --compile none), 1 anything else,
@@ -33,6 +34,8 @@ import torch
 import torch.distributed as dist
 
 from engine import checkpoint, data, flops
+from engine.ep import ExpertParallel, check_ep
+from engine.malloc import keep_freed_memory
 from engine.model import GPT, GPTConfig
 from engine.schema import (
     EXIT_BAD_OPTIONS,
@@ -66,7 +69,8 @@ PRESETS = {
 DEFAULTS = dict(
     depth=4, aspect_ratio=64, head_dim=64, n_experts=8, top_k=2, expert_hidden_mult=2.0,
     moe_freq=1, cap=1.0, dispatch="auto", compile="none", fp8=False, fp8_dense=False, dense=False,
-    balance_coeff=0.01, z_coeff=0.0, seq_len=256, device_batch_size=8, total_batch_size=None,
+    balance_coeff=0.01, z_coeff=0.0, balance="loss", balance_rate=1e-3, ep=1, seq_len=256,
+    device_batch_size=8, total_batch_size=None,
     steps=100, lr=3e-3, warmdown_frac=0.2, grad_clip=1.0, seed=0, data="default", vocab_size=None,
     device=None, dtype=None, out_dir=None, ckpt_dir=None, save_every=0, resume=None,
     peak_flops=None, eval_every=0, eval_batches=8, log_every=1,
@@ -109,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dispatch", choices=["auto", "padded", "grouped", "loop"], help="MoE dispatch (auto: padded for cap>0, grouped for cap 0)")
     g.add_argument("--balance-coeff", type=float, help="Switch load-balancing loss coefficient")
     g.add_argument("--z-coeff", type=float, help="router z-loss coefficient")
+    g.add_argument("--balance", choices=["loss", "bias", "none"],
+                   help="load balancing: loss (Switch loss, --balance-coeff), bias (aux-loss-free, DeepSeek-V3), none")
+    g.add_argument("--balance-rate", type=float, help="--balance bias: bias step per optimizer step (default 1e-3)")
     g.add_argument("--dense", action="store_true", default=None, help="iso-FLOP dense baseline: MLP hidden = top_k * expert hidden")
     g.add_argument("--fp8", action="store_true", default=None, help="float8 expert GEMMs (engine.fp8)")
     g.add_argument("--fp8-dense", action="store_true", default=None, help="float8 for the dense Linear layers too")
@@ -116,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("training")
     t.add_argument("--seq-len", type=int, help="tokens per sequence")
     t.add_argument("--device-batch-size", type=int, help="sequences per micro-batch per rank")
+    t.add_argument("--ep", type=int, help="expert parallelism: each group of N ranks splits the experts (E/N per rank); "
+                   "N divides the world size and --n-experts (default 1: every rank holds every expert)")
     t.add_argument("--total-batch-size", type=int, help="tokens per optimizer step, all ranks (default: one micro-batch per rank)")
     t.add_argument("--steps", type=int, help="optimizer steps")
     t.add_argument("--lr", type=float, help="AdamW learning rate (peak)")
@@ -168,6 +177,13 @@ def resolve_options(argv) -> argparse.Namespace:
         model_config(args, vocab_size=args.vocab_size or 256).validate()
     except ValueError as exc:
         raise BadOptions(str(exc)) from None
+    if args.ep != 1:
+        try:
+            check_ep(args.ep, args.n_experts)
+        except ValueError as exc:
+            raise BadOptions(str(exc)) from None
+        if args.dense or args.fp8 or args.dispatch == "loop":
+            raise BadOptions("--ep > 1 needs MoE layers with the padded or grouped dispatch (not --dense, --fp8, --dispatch loop)")
     if args.fp8 or args.fp8_dense:
         flag = "--fp8" if args.fp8 else "--fp8-dense"
         try:
@@ -191,6 +207,7 @@ def model_config(args, vocab_size: int) -> GPTConfig:
         vocab_size=vocab_size, n_experts=args.n_experts, top_k=args.top_k,
         expert_hidden_mult=args.expert_hidden_mult, moe_freq=args.moe_freq, cap=args.cap,
         dispatch=args.dispatch, balance_coeff=args.balance_coeff, z_coeff=args.z_coeff,
+        balance=args.balance, balance_rate=args.balance_rate,
         dense=bool(args.dense), fp8=bool(args.fp8), fp8_dense=bool(args.fp8_dense),
     )
 
@@ -308,6 +325,7 @@ def _train(args, open_files: list) -> int:
         torch.set_float32_matmul_precision("high")
     else:
         device = torch.device("cpu")
+        keep_freed_memory()  # no re-faulting of every step's activations (engine.malloc)
     tokens_per_micro = args.device_batch_size * args.seq_len * world
     total_batch = args.total_batch_size or tokens_per_micro
     if total_batch % tokens_per_micro:
@@ -316,6 +334,8 @@ def _train(args, open_files: list) -> int:
             f"({args.device_batch_size} x {args.seq_len} x {world} = {tokens_per_micro})"
         )
     accum = total_batch // tokens_per_micro
+    if world % args.ep:
+        raise BadOptions(f"--ep {args.ep} does not divide the world size {world} (torchrun --nproc-per-node x nodes)")
 
     # ---- data (before the process group: a bad --data is exit 2 on every rank) ------------
     B, T = args.device_batch_size, args.seq_len
@@ -345,20 +365,34 @@ def _train(args, open_files: list) -> int:
     master = rank == 0
 
     # ---- model, optimizer ---------------------------------------------------------------
+    # Under --ep every rank builds (and loads) the full model, then keeps its experts: each shard is
+    # a slice of the same weights a DDP run starts from, and checkpoints hold all experts (engine.ep).
     torch.manual_seed(args.seed)
     cfg = model_config(args, vocab)
     model = GPT(cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
-    for group in optimizer.param_groups:
-        group["initial_lr"] = args.lr
-    start_step, elapsed_s = 0, 0.0
-    if resume_path is not None:
-        state = checkpoint.load(resume_path)
+    n_params = sum(p.numel() for p in model.parameters())
+    expert_names = model.expert_param_names()
+    is_expert = set(expert_names).__contains__
+    expert_numel = sum(p.numel() for n, p in model.named_parameters() if is_expert(n))
+    state = checkpoint.load(resume_path) if resume_path is not None else None
+    if state is not None:
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as exc:
             raise BadOptions(f"--resume {resume_path}: checkpoint does not match this model: {_first_line(exc)}") from None
-        optimizer.load_state_dict(state["optimizer"])
+    ep = ExpertParallel.setup(args.ep) if args.ep > 1 else None
+    if ep is not None:
+        model.shard_experts(ep)
+    named = list(model.named_parameters())  # the optimizer's order: its state is keyed by index
+    expert_params = [p for n, p in named if is_expert(n)]
+    expert_idx = [i for i, (n, _) in enumerate(named) if is_expert(n)]
+    dense_params = [p for n, p in named if not is_expert(n)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = args.lr
+    start_step, elapsed_s = 0, 0.0
+    if state is not None:
+        optimizer.load_state_dict(ep.shard_optimizer_state(state["optimizer"], expert_idx) if ep else state["optimizer"])
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"]["cpu"])
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
@@ -366,12 +400,16 @@ def _train(args, open_files: list) -> int:
         start_step, elapsed_s = int(state["step"]), float(state.get("elapsed_s", 0.0))
     step_model = model if args.compile == "none" else torch.compile(model, dynamic=args.compile == "dynamic")
     if ddp:  # DDP around the compiled module: DDP's own hooks do the all-reduce, no_sync works as usual
+        if ep is not None:  # expert grads are reduced by ep.reduce_grads, over ranks holding the same experts
+            ids = {id(p) for p in expert_params}
+            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                step_model, [n for n, p in step_model.named_parameters() if id(p) in ids])
         step_model = torch.nn.parallel.DistributedDataParallel(step_model, device_ids=[local_rank] if device.type == "cuda" else None)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
     flops_tok = flops.flops_per_token(cfg)
     peak, device_name = flops.peak_flops(device.type, args.peak_flops)
-    n_params = sum(p.numel() for p in model.parameters())
+    experts_per_rank = expert_numel // args.ep
 
     # ---- metrics sink -------------------------------------------------------------------
     sink = None
@@ -393,6 +431,7 @@ def _train(args, open_files: list) -> int:
 
     config = {**vars(args), **cfg.to_dict(), "grad_accum": accum,
               "total_batch_size": total_batch, "n_params": n_params, "flops_per_token": flops_tok,
+              "expert_params_per_rank": experts_per_rank, "expert_params_ddp": expert_numel,
               "torch_version": torch.__version__}  # moectl records it in run.json
     emit(StartInfo(steps=args.steps, world_size=world, tokens_per_step=total_batch, device=device_name,
                    config=config, start_step=start_step))
@@ -403,6 +442,9 @@ def _train(args, open_files: list) -> int:
         print(f"batch: {total_batch:,} tokens/step = {B} x {T} x {world} rank(s) x {accum} accum | "
               f"device {device_name} | dtype {args.dtype} | compile {args.compile}"
               + (f" | resumed at step {start_step} from {resume_path}" if resume_path else ""), flush=True)
+        if ep is not None:
+            print(f"experts: --ep {args.ep}, {cfg.n_experts // args.ep} of {cfg.n_experts} per rank per layer | "
+                  f"expert params per rank {experts_per_rank:,} = 1/{args.ep} of DDP's {expert_numel:,}", flush=True)
 
     def evaluate() -> float | None:
         if make_val is None:
@@ -422,9 +464,12 @@ def _train(args, open_files: list) -> int:
     def save(step: int, val_loss):
         if not args.ckpt_dir:
             return
+        model_state, optim_state = model.state_dict(), optimizer.state_dict()
+        if ep is not None:  # collective: every rank sends its experts, rank 0 writes them all
+            model_state, optim_state = ep.full_state(model_state, expert_names, optim_state, expert_idx)
         if master:
             payload = {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
+                "model": model_state, "optimizer": optim_state, "loader": loader.state_dict(),
                 "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
                 "step": step, "elapsed_s": elapsed_s,
             }
@@ -469,7 +514,11 @@ def _train(args, open_files: list) -> int:
             if args.compile != "none" and _is_compile_error(exc):
                 raise CompileFailed(f"{type(exc).__name__}: {_first_line(exc)}") from exc
             raise
-        if args.grad_clip > 0:
+        if ep is not None:
+            ep.reduce_grads(expert_params)
+        if args.grad_clip > 0 and ep is not None:
+            ep.clip_grad_norm(dense_params, expert_params, args.grad_clip)
+        elif args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -478,6 +527,8 @@ def _train(args, open_files: list) -> int:
         stats = torch.cat([torch.stack([loss_acc / accum, aux_acc / accum, dropped_acc]), counts_LE.flatten()])
         if ddp:
             dist.all_reduce(stats)
+        if cfg.balance == "bias" and model.n_moe_layers:  # counts of the whole step, all ranks: biases agree
+            model.update_expert_bias(stats[3:].view(model.n_moe_layers, cfg.n_experts))
         vals = stats.tolist()
         dt = time.perf_counter() - t0
         elapsed_s += dt

@@ -65,6 +65,9 @@ class RunRequest(BaseModel):
     compile: Optional[Literal["static", "dynamic", "none"]] = None
     fp8: Optional[bool] = None
     dispatch: Optional[Literal["auto", "padded", "grouped", "loop"]] = None
+    balance: Optional[Literal["loss", "bias", "none"]] = None
+    balance_rate: Optional[float] = Field(None, gt=0)
+    ep: Optional[int] = Field(None, ge=1)
     steps: Optional[int] = Field(None, gt=0)
     seed: Optional[int] = None
     preset: Optional[str] = None
@@ -158,6 +161,10 @@ def default_tag(options: dict[str, Any]) -> str:
         parts.append(str(options["dispatch"]))
     if options.get("dense"):
         parts.append("dense")
+    if options.get("balance") not in (None, "loss"):
+        parts.append("bal" + str(options["balance"]))
+    if options.get("ep") not in (None, 1):
+        parts.append(f"ep{options['ep']}")
     return "_".join(parts)
 
 
@@ -166,7 +173,7 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
     reading (None when NVML is unavailable); device `auto` means cuda only when there are some."""
     options = cfg.defaults.options()
     device_default = options.pop("device", None)
-    for key in ("preset", "cap", "compile", "fp8", "dispatch", "steps", "seed"):
+    for key in ("preset", "cap", "compile", "fp8", "dispatch", "balance", "balance_rate", "ep", "steps", "seed"):
         value = getattr(request, key)
         if value is not None:
             options[key] = value

@@ -27,13 +27,13 @@ COLUMNS: dict[str, tuple[str, int]] = {
 # The resolved engine settings a report shows (in this order), when the engine reported them.
 ENGINE_KEYS = (
     "preset", "n_layer", "dim", "n_head", "n_experts", "top_k", "expert_hidden", "moe_freq", "cap",
-    "dispatch", "dense", "fp8", "fp8_dense", "compile", "dtype", "seq_len", "device_batch_size",
+    "dispatch", "balance", "balance_rate", "ep", "expert_params_per_rank", "dense", "fp8", "fp8_dense", "compile", "dtype", "seq_len", "device_batch_size",
     "total_batch_size", "grad_accum", "steps", "lr", "data", "vocab_size", "n_params",
     "flops_per_token", "torch_version",
 )
 
 # Options worth naming in a label, in order: "static cap1.0 fp8 bufreuse".
-_LABEL_KEYS = ("compile", "cap", "fp8", "dense", "dispatch")
+_LABEL_KEYS = ("compile", "cap", "fp8", "dense", "dispatch", "balance", "ep")
 
 
 def fmt(value: Optional[float], decimals: int) -> str:
@@ -76,6 +76,12 @@ def run_label(record: RunRecord) -> str:
             parts.append(key)
         elif key == "dispatch" and v == "auto":
             continue
+        elif key == "balance":
+            if v != "loss":  # the default: not worth a word
+                parts.append(f"bal{v}")
+        elif key == "ep":
+            if int(v) > 1:
+                parts.append(f"ep{v}")
         else:
             parts.append(str(v))
     tag = record.tag or record.id

@@ -12,8 +12,9 @@ import typer
 
 from moectl.cli.common import app, handle_errors, print_json, stdout
 from moectl.cli.options import (
-    CapOpt, CompileOpt, ConfigOpt, DeviceOpt, DispatchOpt, ExpDirOpt, ExtraArgs, Fp8Opt, JsonOpt,
-    NprocOpt, OverrideOpt, PresetOpt, SeedOpt, StepsOpt, TagOpt, WaitGpusOpt, request_kwargs,
+    BalanceOpt, BalanceRateOpt, CapOpt, CompileOpt, ConfigOpt, DeviceOpt, DispatchOpt, EpOpt, ExpDirOpt,
+    ExtraArgs, Fp8Opt, JsonOpt, NprocOpt, OverrideOpt, PresetOpt, SeedOpt, StepsOpt, TagOpt, WaitGpusOpt,
+    request_kwargs,
 )
 from moectl.errors import EXIT_GUARD
 
@@ -189,6 +190,9 @@ def check(
     compile: CompileOpt = None,
     fp8: Fp8Opt = None,
     dispatch: DispatchOpt = None,
+    balance: BalanceOpt = None,
+    balance_rate: BalanceRateOpt = None,
+    ep: EpOpt = None,
     steps: StepsOpt = None,
     seed: SeedOpt = None,
     preset: PresetOpt = None,
@@ -216,6 +220,7 @@ def check(
     request = make_request(**request_kwargs(
         cap=cap, tag=tag, compile=compile, fp8=fp8, dispatch=dispatch, steps=steps, preset=preset,
         device=device, nproc=nproc, exp_dir=exp_dir, wait_gpus=wait_gpus, override=override, extra=extra, seed=seed,
+        balance=balance, balance_rate=balance_rate, ep=ep,
     ))
     cfg = load_config(config)
     plan, _obs, results = check_request(cfg, request)

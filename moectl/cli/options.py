@@ -19,6 +19,9 @@ TagOpt = Annotated[Optional[str], typer.Option("--tag", help="Run tag (default: 
 CompileOpt = Annotated[Optional[str], typer.Option("--compile", help="static | dynamic | none.", show_default=False)]
 Fp8Opt = Annotated[Optional[bool], typer.Option("--fp8/--no-fp8", help="float8 expert GEMMs.", show_default=False)]
 DispatchOpt = Annotated[Optional[str], typer.Option("--dispatch", help="auto | padded | grouped | loop.", show_default=False)]
+BalanceOpt = Annotated[Optional[str], typer.Option("--balance", help="Load balancing: loss | bias (aux-loss-free, DeepSeek-V3) | none.", show_default=False)]
+BalanceRateOpt = Annotated[Optional[float], typer.Option("--balance-rate", help="--balance bias: bias step per optimizer step.", show_default=False)]
+EpOpt = Annotated[Optional[int], typer.Option("--ep", help="Expert parallelism: each group of N ranks splits the experts (N divides --nproc and the expert count).", show_default=False)]
 StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps.", show_default=False)]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed (another trainer needs `seed` in \\[launch.options]); with --repeat N: seed, seed+1, ...", show_default=False)]
 PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Engine preset, e.g. tiny or d12-moe.", show_default=False)]
@@ -37,12 +40,14 @@ ExtraArgs = Annotated[Optional[list[str]], typer.Argument(help="Extra engine (or
 
 
 def request_kwargs(*, cap, tag, compile, fp8, dispatch, steps, preset, device, nproc, exp_dir,
-                   wait_gpus, override, extra, no_commit: bool = False, notes=None, seed=None) -> dict:
+                   wait_gpus, override, extra, no_commit: bool = False, notes=None, seed=None,
+                   balance=None, balance_rate=None, ep=None) -> dict:
     """The CLI values as `moectl.plan.make_request(**kwargs)` keywords."""
     return dict(
         cap=cap, tag=tag, compile=compile, fp8=fp8, dispatch=dispatch, steps=steps, preset=preset,
         device=device, nproc=nproc, exp_dir=exp_dir, wait_gpus=wait_gpus, overrides=list(override or []),
         extra_args=list(extra or []), no_commit=no_commit, notes=notes, seed=seed,
+        balance=balance, balance_rate=balance_rate, ep=ep,
     )
 
 # One run named on the command line (`show`, `commit`); moectl.store.resolve_run reads it.

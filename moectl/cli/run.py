@@ -7,9 +7,9 @@ import typer
 
 from moectl.cli.common import app, error, handle_errors, print_json, stdout
 from moectl.cli.options import (
-    CapOpt, CompileOpt, ConfigOpt, DeviceOpt, DispatchOpt, ExpDirOpt, ExtraArgs, Fp8Opt, JsonOpt,
-    DetachOpt, NodesOpt, NprocOpt, OverrideOpt, PresetOpt, RequeueOpt, SeedOpt, SlurmOpt, StepsOpt, TagOpt,
-    WaitGpusOpt, request_kwargs,
+    BalanceOpt, BalanceRateOpt, CapOpt, CompileOpt, ConfigOpt, DetachOpt, DeviceOpt, DispatchOpt, EpOpt, ExpDirOpt,
+    ExtraArgs, Fp8Opt, JsonOpt, NodesOpt, NprocOpt, OverrideOpt, PresetOpt, RequeueOpt, SeedOpt, SlurmOpt, StepsOpt,
+    TagOpt, WaitGpusOpt, request_kwargs,
 )
 from moectl.errors import EXIT_GUARD, EXIT_OK, UsageError
 
@@ -23,6 +23,9 @@ def run(
     compile: CompileOpt = None,
     fp8: Fp8Opt = None,
     dispatch: DispatchOpt = None,
+    balance: BalanceOpt = None,
+    balance_rate: BalanceRateOpt = None,
+    ep: EpOpt = None,
     steps: StepsOpt = None,
     seed: SeedOpt = None,
     preset: PresetOpt = None,
@@ -75,6 +78,7 @@ def run(
     request = make_request(**request_kwargs(
         cap=cap, tag=tag, compile=compile, fp8=fp8, dispatch=dispatch, steps=steps, preset=preset,
         device=device, nproc=nproc, exp_dir=exp_dir, wait_gpus=wait_gpus, override=override, extra=extra, seed=seed,
+        balance=balance, balance_rate=balance_rate, ep=ep,
         no_commit=no_commit, notes=notes,
     ))
     cfg = load_config(config)

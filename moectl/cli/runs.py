@@ -112,6 +112,8 @@ def runs_cmd(
         ("job", False, lambda r: r.job_id or ""),
         ("preset", False, opt("preset")), ("cap", False, opt("cap")), ("compile", False, opt("compile")),
         ("fp8", False, opt("fp8", lambda v: "yes")),
+        ("balance", False, opt("balance", lambda v: "" if v == "loss" else v)),
+        ("ep", False, opt("ep", lambda v: "" if v == 1 else str(v))),
         ("tok/sec", True, metric("tok_per_sec", 0)), ("MFU %", True, metric("mfu", 2)),
         ("peak MiB", True, metric("peak_mem_mib", 0)), ("min", True, metric("total_time_min", 2)),
     ]

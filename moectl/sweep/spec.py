@@ -31,11 +31,13 @@ else:  # pragma: no cover
 OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "cap": (int, float), "compile": (str,), "fp8": (bool,), "dispatch": (str,), "steps": (int,),
     "preset": (str,), "device": (str,), "nproc": (int,), "seed": (int,), "args": (list,),
+    "balance": (str,), "balance_rate": (int, float), "ep": (int,),
     "repeats": (int,),  # not a run option: the leg runs N times, seeds seed, seed+1, ... (one group)
 }
 TOP_KEYS = ("name", "notes", "common", "legs", "grid")
 # Derived grid tags name the varied options in this order: compile before cap gives static_cap1p0.
-TAG_ORDER = ("preset", "compile", "cap", "fp8", "dispatch", "steps", "device", "nproc", "seed")
+TAG_ORDER = ("preset", "compile", "cap", "fp8", "dispatch", "balance", "balance_rate", "ep", "steps", "device", "nproc",
+             "seed")
 
 
 @dataclass
@@ -68,7 +70,9 @@ def _fmt_value(key: str, value: Any) -> str:
         return "cap" + repr(float(value)).replace(".", "p")
     if key == "fp8":
         return "fp8" if value else "nofp8"
-    if key in ("steps", "nproc", "seed"):
+    if key == "balance":
+        return f"bal{value}"
+    if key in ("steps", "nproc", "ep", "seed"):
         return f"{key}{value}"
     return str(value)
 

@@ -1,0 +1,75 @@
+"""Engine options that `moectl run` passes through (--balance, --balance-rate, --ep): the plan's command,
+the derived tag, bad values, and where runs / reports show them. No torch in these tests."""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+import pytest
+from typer.testing import CliRunner
+
+from moectl.cli import app
+from moectl.errors import UsageError
+from moectl.plan import make_request, plan_run
+from moectl.records import RunRecord
+from moectl.report import run_label
+from moectl.store import create_run_dir, save_run
+from tests.test_guards import cfg
+
+NOW = datetime(2025, 1, 2, 3, 4, 5)
+
+
+def engine_flags(argv: list[str]) -> list[str]:
+    return argv[argv.index("engine.train") + 1:]
+
+
+def test_balance_options_reach_the_engine_command_and_the_tag():
+    plan = plan_run(cfg(defaults={"preset": "tiny"}), make_request(balance="bias", balance_rate=0.01), NOW, None)
+    flags = engine_flags(plan.argv)
+    assert flags[flags.index("--balance") + 1] == "bias" and flags[flags.index("--balance-rate") + 1] == "0.01"
+    assert plan.tag == "tiny_balbias" and plan.options["balance"] == "bias"
+    # The default (loss) is not worth a word in the tag.
+    assert plan_run(cfg(defaults={"preset": "tiny"}), make_request(balance="loss"), NOW, None).tag == "tiny"
+
+
+def test_ep_reaches_the_engine_command_and_the_tag():
+    plan = plan_run(cfg(defaults={"preset": "tiny"}), make_request(ep=2, nproc=4), NOW, None)
+    flags = engine_flags(plan.argv)
+    assert flags[flags.index("--ep") + 1] == "2" and plan.tag == "tiny_ep2" and plan.nproc == 4
+    assert plan_run(cfg(defaults={"preset": "tiny"}), make_request(ep=1), NOW, None).tag == "tiny"
+
+
+@pytest.mark.parametrize("kwargs, line", [
+    ({"balance": "aux"}, "--balance: Input should be 'loss', 'bias' or 'none'"),
+    ({"balance_rate": 0}, "--balance-rate: Input should be greater than 0"),
+    ({"ep": 0}, "--ep: Input should be greater than or equal to 1"),
+])
+def test_bad_engine_options_are_one_line_usage_errors(kwargs, line):
+    with pytest.raises(UsageError) as e:
+        make_request(**kwargs)
+    assert e.value.message.startswith(line) and e.value.exit_code == 2
+
+
+def test_run_dry_run_passes_balance_and_ep_through(project, artifact_root):
+    r = CliRunner().invoke(app, ["run", "--dry-run", "--json", "--device", "cpu", "--balance", "none",
+                                 "--balance-rate", "0.002", "--ep", "2", "--nproc", "2", "--override", "no_other_training"])
+    data = json.loads(r.stdout)
+    flags = engine_flags(data["argv"])
+    assert flags[flags.index("--balance") + 1] == "none" and flags[flags.index("--balance-rate") + 1] == "0.002"
+    assert flags[flags.index("--ep") + 1] == "2"
+
+
+def test_runs_table_and_report_label_show_the_balance_and_ep(project, artifact_root):
+    exp = create_run_dir(artifact_root / "20260101_000000_moe-biased")
+    record = RunRecord(id=exp.name, tag="biased", status="completed", created_at="2026-01-01T00:00:00+00:00",
+                       exp_dir=str(exp), options={"preset": "tiny"},
+                       engine={"preset": "tiny", "cap": 1.0, "balance": "bias", "balance_rate": 0.001, "ep": 4})
+    save_run(record)
+    r = CliRunner().invoke(app, ["runs"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    header = next(line for line in r.output.splitlines() if "status" in line)
+    row = next(line for line in r.output.splitlines() if "biased" in line)
+    assert "balance" in header and "bias" in row.replace("biased", "")
+    assert " ep " in f" {header} " and " 4 " in row
+    label = run_label(record.model_copy(update={"options": {"balance": "bias", "ep": 4}}))
+    assert "balbias" in label and "ep4" in label
