@@ -229,6 +229,45 @@ class TrackingSection(_Strict):
         return self
 
 
+# Slurm's --time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
+_SLURM_TIME = r"^(\d+-\d{1,2}(:\d{1,2}){0,2}|\d+(:\d{1,2}){0,2})$"
+
+
+class ClusterSection(_Strict):
+    """Where runs execute (moectl/execution.py): this machine, or Slurm jobs (moectl/slurm.py)."""
+
+    backend: Literal["local", "slurm"] = "local"
+    partition: Optional[str] = Field(None, min_length=1, pattern=r"^[^\s,]+$")
+    account: Optional[str] = Field(None, min_length=1, pattern=r"^\S+$")
+    time: Optional[str] = None  # sbatch --time, e.g. "02:00:00"
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: Optional[int] = Field(None, ge=0)
+    cpus_per_task: Optional[int] = Field(None, ge=1)
+    max_parallel: Optional[int] = Field(None, ge=1)  # sweep legs in flight at once; None = all
+    rdzv_port: int = Field(29500, ge=1024, le=65535)  # torchrun's c10d rendezvous on the first node
+    extra_sbatch: list[str] = Field(default_factory=list)  # raw #SBATCH options, e.g. "--qos=high"
+
+    @field_validator("time")
+    @classmethod
+    def _slurm_time(cls, v):
+        import re
+
+        if v is not None and not re.match(_SLURM_TIME, v):
+            raise ValueError(f"{v!r} is not a Slurm time limit (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM:SS)")
+        return v
+
+    @field_validator("extra_sbatch")
+    @classmethod
+    def _options(cls, v):
+        out = []
+        for opt in v:
+            opt = opt.strip().removeprefix("#SBATCH").strip()
+            if not opt.startswith("-") or "\n" in opt or "\r" in opt:
+                raise ValueError(f"{opt!r} is not one sbatch option (e.g. \"--qos=high\")")
+            out.append(opt)
+        return out
+
+
 class MoectlFile(_Strict):
     project: ProjectSection = Field(default_factory=ProjectSection)
     paths: PathsSection = Field(default_factory=PathsSection)
@@ -238,6 +277,7 @@ class MoectlFile(_Strict):
     report: ReportSection = Field(default_factory=ReportSection)
     defaults: DefaultsSection = Field(default_factory=DefaultsSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
 
 
 @dataclass
@@ -260,6 +300,7 @@ class Config:
     metrics = property(lambda self: self.file.metrics)
     report = property(lambda self: self.file.report)
     defaults = property(lambda self: self.file.defaults)
+    cluster = property(lambda self: self.file.cluster)
 
 
 def find_config(start: Optional[Path] = None) -> Optional[Path]:
@@ -401,6 +442,18 @@ summary = true               # run/sweep refresh EXPERIMENTS.md
 # wandb_project = "moe"                  # (needs: pip install 'moectl[wandb]')
 # wandb_entity = "my-team"
 # wandb_mode = "online"                  # "offline": a run directory that `wandb sync` uploads later
+
+[cluster]                    # where runs execute; `moectl run --slurm` picks slurm for one run
+backend = "local"            # "local": this machine; "slurm": each run is a Slurm job (sbatch)
+nodes = 1                    # --nodes: torchrun on every node, c10d rendezvous at the first one
+rdzv_port = 29500            # the rendezvous port on the first node
+# partition = "gpu"
+# account = "my-team"
+# time = "02:00:00"          # sbatch --time
+# gpus_per_node = 8
+# cpus_per_task = 16
+# max_parallel = 4           # sweep legs in flight at once (default: all)
+# extra_sbatch = ["--qos=high"]   # raw #SBATCH options
 """
 
 

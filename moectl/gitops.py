@@ -314,3 +314,28 @@ def recent_commits(repo: Path, path_prefixes: Sequence[str], n: int = 10) -> lis
         return []
     out = _git(repo, "log", f"-n{int(n)}", "--format=%H%x1f%s%x1f%cI", "--", *[str(p) for p in path_prefixes])
     return [CommitInfo(*line.split("\x1f", 2)) for line in out.splitlines() if line]
+
+
+def snapshot_code(repo: Path, commit: str, diff_path: Path, dest: Path) -> None:
+    """The code a queued job will run, frozen now: `git archive <commit>` unpacked into `dest`, then
+    the run's own git.diff (staged, unstaged and untracked changes) applied on top. The job starts
+    from `dest` hours later, whatever the working tree, branch or HEAD have become by then.
+
+    `git apply` runs with the repository discovery stopped at `dest`'s parent: `dest` is a plain
+    directory (perhaps inside some other repository), and the patch is meant for it alone."""
+    dest = Path(dest)
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", commit], capture_output=True)
+    if archive.returncode != 0:
+        raise GitError(f"git archive {commit[:10]} failed: {archive.stderr.decode(errors='replace').strip()}")
+    untar = subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, capture_output=True)
+    if untar.returncode != 0:
+        raise MoectlError(f"unpacking the code snapshot into {dest} failed: {untar.stderr.decode(errors='replace').strip()}")
+    if Path(diff_path).stat().st_size:
+        env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(dest.parent)}
+        applied = subprocess.run(["git", "apply", "--whitespace=nowarn", str(diff_path)], cwd=dest,
+                                 capture_output=True, text=True, env=env)
+        if applied.returncode != 0:
+            said = applied.stderr.strip().splitlines()
+            raise GitError(f"the uncommitted changes do not apply to {commit[:10]} for the code snapshot: "
+                           f"{said[-1] if said else applied.returncode}")

@@ -478,4 +478,20 @@ def collect_status(config_path: Optional[Path] = None, cwd: Optional[Path] = Non
         },
         "venv": asdict(obs.venv) if obs.venv else None,
         "recent_runs": recent_runs,
+        **slurm_queue(cfg),
     }
+
+
+def slurm_queue(cfg: Config) -> dict:
+    """moectl's jobs in the Slurm queue (`slurm_jobs`: job id, run id, state, nodes, elapsed), or
+    why they cannot be listed (`slurm_error`); both null on a machine without Slurm and a local backend."""
+    from moectl import slurm
+    from moectl.errors import MoectlError
+
+    why = slurm.available()
+    if why is not None:
+        return {"slurm_jobs": None, "slurm_error": why if cfg.cluster.backend == "slurm" else None}
+    try:
+        return {"slurm_jobs": [job.to_dict() for job in slurm.queue()], "slurm_error": None}
+    except MoectlError as exc:
+        return {"slurm_jobs": None, "slurm_error": exc.message}

@@ -15,8 +15,10 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, Field
 
-RunStatus = Literal["created", "running", "completed", "failed", "interrupted", "imported"]
-LegState = Literal["pending", "running", "completed", "failed", "interrupted"]
+RunStatus = Literal["created", "queued", "running", "completed", "failed", "interrupted", "refused", "imported"]
+LegState = Literal["pending", "queued", "running", "completed", "failed", "interrupted", "refused"]
+# A run in one of these may still change; the others are final.
+UNSETTLED = ("created", "queued", "running")
 
 RUN_RECORD = "run.json"
 SWEEP_RECORD = "sweep.json"
@@ -113,6 +115,14 @@ class RunRecord(BaseModel):
     tracking: dict[str, TrackerMirror] = Field(default_factory=dict)
     # What a reader of the numbers should know: e.g. a metrics pattern that never matched (issue 10).
     warnings: list[str] = Field(default_factory=list)
+    # Runs that execute as Slurm jobs (moectl/execution.py): the job, its nodes, how many times
+    # Slurm requeued it, and the report and commit the job itself wrote (nobody may be waiting).
+    backend: Literal["local", "slurm"] = "local"
+    job_id: Optional[str] = None
+    nodes: Optional[int] = None
+    restarts: int = 0
+    report: Optional[str] = None
+    commit: Optional[str] = None
 
 
 class SweepLeg(BaseModel):
@@ -134,6 +144,8 @@ class SweepRecord(BaseModel):
     created_at: str
     finished_at: Optional[str] = None
     exp_dir: str
+    report_job: Optional[str] = None  # sweep --slurm: the Slurm job that writes the final report
+    report: Optional[str] = None  # ... and the report it wrote
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -25,7 +25,7 @@ from moectl import gitops, store
 from moectl.config import Config
 from moectl.errors import EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRAINING, GuardRefused, MoectlError
 from moectl.guards import check_request, passed, wait_until_clear
-from moectl.launch import launch
+from moectl.launch import LaunchResult, launch
 from moectl.lock import acquire
 from moectl.metrics import RunMetrics, compare, read_metrics
 from moectl.plan import RunPlan, RunRequest, command_text
@@ -89,32 +89,10 @@ def execute_run(
             store.create_run_dir(exp_dir)
         except MoectlError as exc:  # appeared since the fresh_dir guard looked: still a refusal
             raise GuardRefused(exc.message) from None
-        record = RunRecord(
-            id=plan.run_id,
-            tag=plan.tag,
-            status="created",
-            created_at=store.now_iso(),
-            argv=plan.argv,
-            options=plan.options,
-            git=GitInfo(branch=obs.git.branch, commit=obs.git.head, dirty=obs.git.dirty),
-            guards=results,
-            overrides=[r.name for r in results if r.overridden],
-            exp_dir=str(exp_dir),
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            gpus=[g.name for g in (obs.nvml.gpus or [])] if plan.device == "cuda" else [],
-            driver=obs.nvml.driver if plan.device == "cuda" else None,
-            sweep=sweep_id,
-            notes=plan.notes,
-            window=plan.window,
-            warmup_steps=plan.warmup_steps,
-            group=plan.group,
-            repeat=plan.repeat,
-        )
+        record = new_record(plan, obs, results, sweep_id=sweep_id)
         outcome.record = record
         try:
-            _write_text(Path(plan.files["command.txt"]), command_text(plan) + "\n")
-            _write_text(Path(plan.files["git.diff"]), gitops.git_diff(cfg.root))
+            write_run_files(cfg, plan)
             store.save_run(record)
 
             record.status = "running"
@@ -138,37 +116,88 @@ def execute_run(
             store.save_run(record)
             raise
 
-        metrics = read_metrics(Path(plan.files["metrics.jsonl"]))
-        store.apply_metrics(record, metrics, plan.window, plan.warmup_steps)
-        if metrics.start is not None and plan.device == "cuda" and not record.gpus:
-            record.gpus = [metrics.start.device]
-        worker_code = result.worker_exit_code
-        record.exit_code = worker_code if worker_code is not None else result.exit_code
-        record.finished_at = store.now_iso()
-        if parser is not None:
-            record.warnings = parser.warnings()
-        if result.interrupted:
-            record.status = "interrupted"
-            record.error = f"interrupted by {result.signal_name}" + (f"\n{result.log_tail}" if result.log_tail else "")
-            outcome.exit_code = EXIT_INTERRUPTED
-        elif parser is not None and parser.steps_seen == 0:
-            # Exit 0 or not, a run that never printed a step measured nothing: it did not complete.
-            record.status = "failed"
-            record.error = parser.no_steps_reason() + (f"\n{result.log_tail}" if result.log_tail else "")
-            outcome.exit_code = EXIT_TRAINING
-        elif result.exit_code == 0:
-            record.status = "completed"
-        else:
-            record.status = "failed"
-            record.error = result.error or result.log_tail or f"torchrun exited with {result.exit_code}"
-            outcome.exit_code = EXIT_TRAINING
-            outcome.compile_failed = worker_code == EXIT_COMPILE_FAILED
-        store.save_run(record)
+        outcome.exit_code, outcome.compile_failed = finish_record(record, result, plan, parser)
     finally:
         if lock is not None:
             lock.release()
 
-    # Report and commit: the run is over and recorded; a problem here must not change its status.
+    report_and_commit(cfg, outcome, baseline=baseline, commit=commit, extra_commit_paths=extra_commit_paths)
+    return outcome
+
+
+def new_record(plan: RunPlan, obs, results: list[GuardResult], *, sweep_id: Optional[str] = None,
+               status: str = "created") -> RunRecord:
+    """The record of a run about to start (local) or be submitted (Slurm)."""
+    return RunRecord(
+        id=plan.run_id,
+        tag=plan.tag,
+        status=status,
+        created_at=store.now_iso(),
+        argv=plan.argv,
+        options=plan.options,
+        git=GitInfo(branch=obs.git.branch, commit=obs.git.head, dirty=obs.git.dirty),
+        guards=results,
+        overrides=[r.name for r in results if r.overridden],
+        exp_dir=plan.exp_dir,
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        gpus=[g.name for g in (obs.nvml.gpus or [])] if plan.device == "cuda" else [],
+        driver=obs.nvml.driver if plan.device == "cuda" else None,
+        sweep=sweep_id,
+        notes=plan.notes,
+        window=plan.window,
+        warmup_steps=plan.warmup_steps,
+        group=plan.group,
+        repeat=plan.repeat,
+    )
+
+
+def write_run_files(cfg: Config, plan: RunPlan) -> None:
+    """command.txt and git.diff: what ran, from which uncommitted changes."""
+    _write_text(Path(plan.files["command.txt"]), command_text(plan) + "\n")
+    _write_text(Path(plan.files["git.diff"]), gitops.git_diff(cfg.root))
+
+
+def finish_record(record: RunRecord, result: LaunchResult, plan: RunPlan,
+                  parser: Optional[StdoutParser] = None) -> tuple[int, bool]:
+    """The record of a run whose torchrun has exited: summary, status, exit code, error; saved.
+    `parser`: the stdout parser of a trainer whose metrics come from its output. Returns (moectl's
+    exit code, whether the engine failed to compile)."""
+    metrics = read_metrics(Path(plan.files["metrics.jsonl"]))
+    store.apply_metrics(record, metrics, plan.window, plan.warmup_steps)
+    if metrics.start is not None and plan.device == "cuda" and not record.gpus:
+        record.gpus = [metrics.start.device]
+    worker_code = result.worker_exit_code
+    record.exit_code = worker_code if worker_code is not None else result.exit_code
+    record.finished_at = store.now_iso()
+    if parser is not None:
+        record.warnings = parser.warnings()
+    exit_code, compile_failed = EXIT_OK, False
+    if result.interrupted:
+        record.status = "interrupted"
+        record.error = f"interrupted by {result.signal_name}" + (f"\n{result.log_tail}" if result.log_tail else "")
+        exit_code = EXIT_INTERRUPTED
+    elif parser is not None and parser.steps_seen == 0:
+        # Exit 0 or not, a run that never printed a step measured nothing: it did not complete.
+        record.status = "failed"
+        record.error = parser.no_steps_reason() + (f"\n{result.log_tail}" if result.log_tail else "")
+        exit_code = EXIT_TRAINING
+    elif result.exit_code == 0:
+        record.status = "completed"
+    else:
+        record.status = "failed"
+        record.error = result.error or result.log_tail or f"torchrun exited with {result.exit_code}"
+        exit_code = EXIT_TRAINING
+        compile_failed = worker_code == EXIT_COMPILE_FAILED
+    store.save_run(record)
+    return exit_code, compile_failed
+
+
+def report_and_commit(cfg: Config, outcome: RunOutcome, *, baseline: Optional[RunRecord] = None, commit: bool = True,
+                      extra_commit_paths: Callable[[RunRecord], Sequence[Path]] = lambda record: ()) -> None:
+    """The report of a recorded run, its commit (only the files moectl wrote) and the trackers'
+    copies, into `outcome`. The run is over and recorded: nothing here changes its status."""
+    record, plan = outcome.record, outcome.plan
     comparison = None
     if baseline is not None and baseline.summary is not None and record.summary is not None:
         comparison = compare(
@@ -190,7 +219,6 @@ def execute_run(
     # Trackers get a copy ([tracking]); one that fails is reported and retried by `moectl sync`,
     # never the run's outcome.
     outcome.tracking = mirror_run(cfg, record, report=report)
-    return outcome
 
 
 def stdout_parser(cfg: Config, plan: RunPlan) -> Optional[StdoutParser]:

@@ -31,7 +31,7 @@ from moectl.config import MetricsSection
 from moectl.errors import UsageError
 from moectl.metrics import MetricsFile, read_metrics, tail_summary
 from moectl.records import (
-    RUN_RECORD, SWEEP_RECORD, RunRecord, Summary, SweepRecord, save_model, write_text_atomic,
+    RUN_RECORD, SWEEP_RECORD, UNSETTLED, RunRecord, Summary, SweepRecord, save_model, write_text_atomic,
 )
 
 ID_TIME_FORMAT = "%Y%m%d_%H%M%S"
@@ -113,7 +113,9 @@ def load_run(run_dir: Path) -> StoredRun:
     # The directory is the truth about where the run lives (it may have been moved).
     rec.exp_dir = str(run_dir.resolve())
     rec.stale = is_stale(rec)
-    if rec.stale:
+    if rec.stale and rec.backend == "slurm" and _recorded_status(run_dir) not in UNSETTLED:
+        return load_run(run_dir)  # its job wrote the end just before it left the queue
+    if rec.stale and rec.backend != "slurm":  # a Slurm run stays `stale` until wait/follow end it
         return settle_stale(run_dir, rec, recorded_exp_dir)
     return rec
 
@@ -147,7 +149,9 @@ def is_stale(record: RunRecord, host: Optional[str] = None) -> bool:
     """A `created`/`running` run whose owner is gone: its pid is dead (or a zombie), or the pid now
     belongs to a process that started after the run did (pid reuse). Runs owned by another host,
     or with no recorded pid, cannot be judged from here and are taken at their word."""
-    if record.status not in ("created", "running") or record.pid is None:
+    if record.backend == "slurm" and record.job_id is not None:
+        return record.status in UNSETTLED and _slurm_job_gone(record.job_id)
+    if record.status not in UNSETTLED or record.pid is None:
         return False
     if record.host and record.host != (host or socket.gethostname()):
         return False
@@ -166,6 +170,21 @@ def is_stale(record: RunRecord, host: Optional[str] = None) -> bool:
     return recorded is not None and started > recorded + _PID_REUSE_SLACK_S
 
 
+def _slurm_job_gone(job_id: str) -> bool:
+    """Slurm, not a pid, says whether a Slurm run lives: gone = Slurm has no live job by that id.
+    Where Slurm cannot be asked (no controller, not a Slurm host) the record is taken at its word."""
+    from moectl import slurm
+    from moectl.errors import MoectlError
+
+    if slurm.available() is not None:
+        return False
+    try:
+        info = slurm.job_info(job_id)
+    except MoectlError:
+        return False
+    return info is None or not info.live
+
+
 # --- settling the runs of a killed moectl --------------------------------------------------------
 
 KILLED = "interrupted (moectl was killed)"
@@ -177,7 +196,13 @@ _RUN_SPECIFIC = ("out_dir", "ckpt_dir")
 def apply_metrics(record: RunRecord, metrics: MetricsFile, window: int, warmup_steps: int) -> None:
     """What a record takes from its metrics.jsonl once the training is over: the tail summary
     (SPEC §7), the engine's resolved configuration and torch version, a note on malformed lines.
-    The one place for it, whether moectl saw the run to its end or a reader settles it later."""
+    The one place for it, whether moectl saw the run to its end or a reader settles it later.
+
+    A run resumed from a checkpoint (a requeued Slurm job, `--resume`) is summarised over its final
+    stretch only: the steps from the last start, past that process's own warm-up (the steps before
+    ran in another process, on another node perhaps; their timings say nothing of this one)."""
+    if metrics.start is not None and metrics.start.start_step:
+        warmup_steps += metrics.start.start_step
     if metrics.steps:
         record.summary = tail_summary(metrics, window, warmup_steps)
     if metrics.start is not None:
@@ -214,10 +239,10 @@ def settle_stale(run_dir: Path, rec: StoredRun, recorded_exp_dir: Optional[str] 
     final.status = "interrupted"
     final.finished_at = _last_written(metrics_path, log_path) or rec.started_at or rec.created_at
     finished = "; its training had finished (metrics.jsonl ends with its summary)" if metrics.summary else ""
-    tail = _log_tail(log_path)
+    tail = log_tail(log_path)
     final.error = KILLED + finished + (f"\n{tail}" if tail else "")
     try:
-        if _recorded_status(run_dir) in ("created", "running"):  # not settled by another reader meanwhile
+        if _recorded_status(run_dir) in UNSETTLED:  # not settled by another reader meanwhile
             save_model(run_dir / RUN_RECORD, final)
     except OSError:
         return rec  # not ours to write (read-only mount, another user's store): keep showing it stale
@@ -278,7 +303,7 @@ def _last_written(*paths: Path) -> Optional[str]:
     return datetime.fromtimestamp(max(times)).astimezone().isoformat(timespec="milliseconds")
 
 
-def _log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+def log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
     """The last `lines` lines of a log (read from its end: a log may be large)."""
     try:
         with open(path, "rb") as fh:

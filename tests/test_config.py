@@ -146,3 +146,26 @@ def test_overwrite_template_backs_up_first_and_refuses_a_directory(tmp_path):
     with pytest.raises(UsageError, match="is a directory"):
         overwrite_template(odd)
     assert os.listdir(odd) == [CONFIG_NAME]  # no backup of a directory
+
+
+def test_cluster_table_defaults_to_local_and_validates_each_key():
+    assert MoectlFile().cluster.backend == "local" and MoectlFile().cluster.nodes == 1
+    ok = parse_config_text('[cluster]\nbackend = "slurm"\npartition = "gpu"\naccount = "team"\ntime = "1-02:00:00"\n'
+                           'nodes = 2\ngpus_per_node = 8\ncpus_per_task = 16\nmax_parallel = 3\nrdzv_port = 29400\n'
+                           'extra_sbatch = ["#SBATCH --qos=high", "--exclusive"]\n').cluster
+    assert (ok.backend, ok.partition, ok.time, ok.nodes, ok.max_parallel, ok.rdzv_port) == \
+        ("slurm", "gpu", "1-02:00:00", 2, 3, 29400)
+    assert ok.extra_sbatch == ["--qos=high", "--exclusive"]
+    bad = {
+        'backend = "pbs"': "cluster.backend",
+        "nodes = 0": "cluster.nodes",
+        'time = "2h"': "cluster.time",
+        "max_parallel = 0": "cluster.max_parallel",
+        "rdzv_port = 80": "cluster.rdzv_port",
+        'extra_sbatch = ["qos=high"]': "cluster.extra_sbatch",
+        "queue = 1": "cluster.queue: unknown key",
+    }
+    for line, named in bad.items():
+        with pytest.raises(UsageError) as err:
+            parse_config_text(f"[cluster]\n{line}\n")
+        assert len(err.value.lines) == 1 and named in err.value.lines[0], (line, err.value.lines)

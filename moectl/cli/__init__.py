@@ -14,6 +14,7 @@ from moectl.cli import runs as _runs  # noqa: E402,F401  runs, show, compare, im
 from moectl.cli import artifacts as _artifacts  # noqa: E402,F401  plot, export
 from moectl.cli import commit as _commit  # noqa: E402,F401  commit
 from moectl.cli import tracking as _tracking  # noqa: E402,F401  sync
+from moectl.cli import cluster as _cluster  # noqa: E402,F401  wait, cancel
 
 
 def _one_line_summaries() -> None:

@@ -99,6 +99,13 @@ def _render_status(s: dict) -> None:
     torch = {True: "torch ok", False: "NO torch", None: "torch unknown"}[v["has_torch"]]
     where = "" if v["in_venv"] or not v["exists"] else " (not in a venv)"
     out(f"venv        {v['python']}{where}: {'exists' if v['exists'] else 'MISSING'}, {torch}")
+    if s.get("slurm_error"):
+        out(f"slurm       {s['slurm_error']}")
+    elif s.get("slurm_jobs") is not None:
+        jobs = s["slurm_jobs"]
+        out(f"slurm       {len(jobs) or 'no'} moectl job(s) in the queue")
+        for j in jobs:
+            out(f"  job {j['job_id']}  {j['state']}  {j['nodes']} node(s)  {j['elapsed']}  {j['run_id']}  ({j['where']})")
     runs = s["recent_runs"]
     if runs is None:
         out("recent runs: unavailable")
@@ -202,6 +209,7 @@ def check(
 
     Prints every guard with its message, the exact command, and a one-line verdict
     (`guards: 7 passed, gpus_idle skipped (cpu run: ...)`). Exit 0 when every guard passes (an overridden one counts as passing), 3 otherwise.
+    With `[cluster] backend = "slurm"`, gpus_idle and no_other_training read `skipped`: each job checks them on its node.
 
     Example:  [bold]moectl check --cap 1.0 --compile static --device cpu -- --seed 1[/bold]
     """
@@ -216,6 +224,10 @@ def check(
     ))
     cfg = load_config(config)
     plan, _obs, results = check_request(cfg, request)
+    if cfg.cluster.backend == "slurm":  # gpus_idle and the run lock are judged inside the job, on its node
+        from moectl.execution import deferred_to_job
+
+        results = deferred_to_job(results)
     ok = passed(results)
     if json_out:
         print_json(check_json(plan, results, ok))

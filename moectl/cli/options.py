@@ -31,6 +31,10 @@ ExpDirOpt = Annotated[Optional[str], typer.Option("--exp-dir", help="Explicit ex
 WaitGpusOpt = Annotated[Optional[str], typer.Option("--wait-gpus", help="Poll the GPU/training guards up to this long, e.g. 30m, 90s, 2h.", show_default=False)]
 OverrideOpt = Annotated[Optional[list[str]], typer.Option("--override", help="Skip a guard knowingly (gpus_idle, no_other_training); repeatable, recorded.", show_default=False)]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Path to .moectl.toml (default: nearest one above the cwd).", show_default=False)]
+SlurmOpt = Annotated[bool, typer.Option("--slurm", help="Run as a Slurm job ([cluster] backend = \"slurm\" does the same).")]
+NodesOpt = Annotated[Optional[int], typer.Option("--nodes", help="Slurm: nodes, torchrun on each (default: [cluster] nodes).", show_default=False)]
+DetachOpt = Annotated[bool, typer.Option("--detach", help="Slurm: return after submitting (prints the run id and job id).")]
+RequeueOpt = Annotated[bool, typer.Option("--requeue", help="Slurm: requeue a preempted or timed-out job; it resumes from its last checkpoint.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output (stable keys).")]
 ExtraArgs = Annotated[Optional[list[str]], typer.Argument(help="Extra engine (or trainer) arguments, after `--`, passed as given.", metavar="-- ENGINE_ARGS", show_default=False)]
 

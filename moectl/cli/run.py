@@ -7,11 +7,11 @@ import typer
 
 from moectl.cli.common import app, error, handle_errors, print_json, stdout
 from moectl.cli.options import (
-    BalanceOpt, BalanceRateOpt, CapOpt, CompileOpt, ConfigOpt, DeviceOpt, DispatchOpt, EpOpt, ExpDirOpt,
-    ExtraArgs, Fp8Opt, JsonOpt, NprocOpt, OverrideOpt, PresetOpt, SeedOpt, StepsOpt, TagOpt, WaitGpusOpt,
-    request_kwargs,
+    BalanceOpt, BalanceRateOpt, CapOpt, CompileOpt, ConfigOpt, DetachOpt, DeviceOpt, DispatchOpt, EpOpt, ExpDirOpt,
+    ExtraArgs, Fp8Opt, JsonOpt, NodesOpt, NprocOpt, OverrideOpt, PresetOpt, RequeueOpt, SeedOpt, SlurmOpt, StepsOpt,
+    TagOpt, WaitGpusOpt, request_kwargs,
 )
-from moectl.errors import EXIT_GUARD, EXIT_OK
+from moectl.errors import EXIT_GUARD, EXIT_OK, UsageError
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -39,6 +39,10 @@ def run(
     baseline: Annotated[Optional[str], typer.Option("--baseline", help="A run to compare against in the report and commit message.", show_default=False)] = None,
     notes: Annotated[Optional[str], typer.Option("--notes", help="Hypothesis / notes for the report.", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live progress.")] = False,
+    slurm: SlurmOpt = False,
+    nodes: NodesOpt = None,
+    detach: DetachOpt = False,
+    requeue: RequeueOpt = False,
     repeat: Annotated[int, typer.Option("--repeat", min=1, help="Run the same configuration N times with seeds seed, seed+1, ... (through \\[launch.options] seed for another trainer), as one group that compare/show/plot/export take by its tag.")] = 1,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
@@ -57,6 +61,8 @@ def run(
       [bold]moectl run --cap 1.0 --tag bufreuse[/bold]
       [bold]moectl run --preset tiny --device cpu --steps 20 --no-commit[/bold]
       [bold]moectl run --cap 0 --dry-run -- --seed 3[/bold]          (engine args after --)
+      [bold]moectl run --slurm --nodes 2 --nproc 8 --tag big[/bold]   (a Slurm job; follows it to its end)
+      [bold]moectl run --slurm --detach --requeue -- --save-every 50[/bold]
       [bold]moectl run --cap 1.0 --tag bufreuse --repeat 3[/bold]    (seeds 0, 1, 2: one group)
     """
     from moectl import store
@@ -77,6 +83,16 @@ def run(
     ))
     cfg = load_config(config)
     base_record = store.resolve_run(cfg.artifact_root, baseline) if baseline else None
+    from moectl.cli.cluster import run_on_slurm, slurm_flags_need_slurm
+    from moectl.execution import choose_backend
+
+    if choose_backend(cfg, slurm) == "slurm":
+        if repeat > 1:
+            raise UsageError("--repeat is not supported with --slurm yet; submit the seeds as a sweep with repeats")
+        run_on_slurm(cfg, request, nodes=nodes, detach=detach, requeue=requeue, dry_run=dry_run,
+                     quiet=quiet, json_out=json_out, baseline=base_record)
+        return
+    slurm_flags_need_slurm(nodes=nodes, detach=detach, requeue=requeue)
 
     if dry_run:
         if repeat > 1:  # the first repeat's command (its seed goes through the trainer's mapping)

@@ -14,7 +14,7 @@ from moectl.cli.common import app, handle_errors, print_json, stderr, stdout
 from moectl.cli.options import ConfigOpt, JsonOpt, RunArg
 from moectl.errors import UsageError
 
-STATUSES = ("created", "running", "completed", "failed", "interrupted", "imported", "stale")
+STATUSES = ("created", "queued", "running", "completed", "failed", "interrupted", "refused", "imported", "stale")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -89,7 +89,8 @@ def runs_cmd(
     if not runs:
         stdout.print(f"no runs under {cfg.artifact_root}", markup=False)
         return
-    colours = {"completed": "green", "failed": "red", "interrupted": "yellow", "stale": "magenta", "running": "cyan"}
+    colours = {"completed": "green", "failed": "red", "interrupted": "yellow", "stale": "magenta", "running": "cyan",
+               "queued": "blue", "refused": "red"}
 
     def status_cell(r) -> str:
         st = r.display_status
@@ -108,6 +109,7 @@ def runs_cmd(
 
     columns = [  # (header, right-aligned, cell); option columns with no value in any row are dropped
         ("id", False, lambda r: r.id), ("status", False, status_cell), ("tag", False, lambda r: r.tag or ""),
+        ("job", False, lambda r: r.job_id or ""),
         ("preset", False, opt("preset")), ("cap", False, opt("cap")), ("compile", False, opt("compile")),
         ("fp8", False, opt("fp8", lambda v: "yes")),
         ("balance", False, opt("balance", lambda v: "" if v == "loss" else v)),
@@ -188,12 +190,16 @@ def show_cmd(
         return
 
     out = stdout.print
-    out(f"[bold]{rec.id}[/bold]  status: {rec.display_status}" + (" (recorded: " + rec.status + ", owner gone)" if rec.stale else ""))
+    gone = "its Slurm job is gone" if rec.backend == "slurm" else "owner gone"
+    out(f"[bold]{rec.id}[/bold]  status: {rec.display_status}" + (f" (recorded: {rec.status}, {gone})" if rec.stale else ""))
     for key, value in (
         ("tag", rec.tag), ("exp_dir", rec.exp_dir), ("created", rec.created_at), ("started", rec.started_at),
         ("finished", rec.finished_at), ("exit code", rec.exit_code), ("host", rec.host), ("pid", rec.pid),
         ("gpus", ", ".join(rec.gpus) or None), ("driver", rec.driver), ("torch", rec.torch_version),
         ("sweep", rec.sweep), ("source", rec.source), ("notes", rec.notes),
+        ("slurm job", f"{rec.job_id} ({rec.nodes} node(s)" + (f", {rec.restarts} restart(s))" if rec.restarts else ")")
+         if rec.job_id else None),
+        ("report", rec.report), ("commit", rec.commit),
     ):
         if value not in (None, ""):
             out(f"  {key:10} {value}", markup=False)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from moectl.cli.common import app, error, handle_errors, print_json, stdout
-from moectl.cli.options import ConfigOpt, JsonOpt, OverrideOpt, WaitGpusOpt
+from moectl.cli.options import ConfigOpt, DetachOpt, JsonOpt, OverrideOpt, SlurmOpt, WaitGpusOpt
 from moectl.errors import EXIT_OK, UsageError
 
 
@@ -23,6 +23,9 @@ def sweep(
     override: OverrideOpt = None,
     no_commit: Annotated[bool, typer.Option("--no-commit", help="Write the reports but commit nothing.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live progress.")] = False,
+    slurm: SlurmOpt = False,
+    max_parallel: Annotated[Optional[int], typer.Option("--max-parallel", help="Slurm: legs in flight at once (default: [cluster] max_parallel, else all).", show_default=False)] = None,
+    detach: DetachOpt = False,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -49,6 +52,11 @@ def sweep(
       [bold]moectl sweep capacity.toml --dry-run[/bold]
       [bold]moectl sweep capacity.toml --baseline static_cap0p0[/bold]
       [bold]moectl sweep --resume 20260224_172715_moe-capacity[/bold]
+      [bold]moectl sweep capacity.toml --slurm --max-parallel 4[/bold]   (legs side by side as Slurm jobs)
+
+    With --slurm every leg is a Slurm job (at most --max-parallel at once) and one more job writes the
+    final comparison, figures and report once the last leg settles; moectl follows them to the end
+    unless --detach (then `moectl wait SWEEP`). --resume with --slurm resubmits only the unfinished legs.
     """
     from moectl.config import load_config
     from moectl.plan import make_request
@@ -90,7 +98,22 @@ def sweep(
         out(f"waiting for {waiting} ({waited_s:.0f}s so far)")
 
     ui = SweepUI(say=out, progress=lambda: make_progress(stdout_is_tty(), quiet=quiet or json_out), on_wait=on_wait)
-    outcome = run_sweep(cfg, parsed, opts, ui) if parsed is not None else resume_sweep(cfg, resume, opts, ui)
+    from moectl.execution import choose_backend
+
+    submit = None
+    if choose_backend(cfg, slurm) == "slurm":
+        from moectl.sweep.cluster import submit_sweep
+
+        if max_parallel is not None and max_parallel < 1:
+            raise UsageError(f"--max-parallel: must be at least 1 (got {max_parallel})")
+        submit = lambda cfg, sweep, opts, ui, carried, chain: submit_sweep(  # noqa: E731
+            cfg, sweep, opts, max_parallel=max_parallel, ui=ui, carried=carried, chain=chain)
+    elif max_parallel is not None or detach:
+        raise UsageError(f"{'--max-parallel' if max_parallel is not None else '--detach'} needs --slurm "
+                         "(or [cluster] backend = \"slurm\")")
+    outcome = run_sweep(cfg, parsed, opts, ui, submit) if parsed is not None else resume_sweep(cfg, resume, opts, ui, submit)
+    if submit is not None and outcome.sweep is not None and not outcome.nothing_to_run:
+        _follow_slurm_sweep(outcome, detach=detach, json_out=json_out, out=out)
 
     if json_out:
         print_json(outcome.to_json())
@@ -111,6 +134,35 @@ def sweep(
         if outcome.commits:
             out(f"committed {len(outcome.commits)} commit(s), last {outcome.commits[-1][:10]} (reports only)")
     raise typer.Exit(outcome.exit_code)
+
+
+def _follow_slurm_sweep(outcome, *, detach: bool, json_out: bool, out) -> None:
+    """`sweep --slurm` after submitting: return (--detach) or wait for the legs and the report job."""
+    from moectl.errors import EXIT_INTERRUPTED
+    from moectl.sweep.cluster import follow_sweep
+
+    sweep = outcome.sweep
+    if detach:
+        if json_out:
+            print_json(outcome.to_json())
+        else:
+            out(f"detached: `moectl wait {sweep.id}` follows it, `moectl cancel {sweep.id}` stops its legs")
+        raise typer.Exit(EXIT_OK)
+    try:
+        final, code = follow_sweep(Path(sweep.exp_dir))
+    except KeyboardInterrupt:
+        error(f"detached: the legs keep running; `moectl cancel {sweep.id}` stops them, `moectl wait {sweep.id}` follows them")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    outcome.sweep, outcome.exit_code = final, code
+    outcome.report = Path(final.report) if final.report else None
+    if json_out:
+        print_json(outcome.to_json())
+    else:
+        for leg in final.legs:
+            out(f"  {leg.tag}: {leg.state} (run {leg.run_id})")
+        if final.report:
+            out(f"sweep report: {final.report}")
+    raise typer.Exit(code)
 
 
 @app.command()

@@ -71,6 +71,7 @@ class SweepOutcome:
     messages: list[str] = field(default_factory=list)  # commit errors, figure notes, refusals
     refused: list[str] = field(default_factory=list)  # guard refusals (`name: message`)
     nothing_to_run: bool = False
+    jobs: list[str] = field(default_factory=list)  # Slurm job ids (sweep --slurm): the legs', then the report's
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -83,6 +84,7 @@ class SweepOutcome:
             "messages": self.messages,
             "refused": self.refused,
             "nothing_to_run": self.nothing_to_run,
+            "jobs": self.jobs,
         }
 
 
@@ -149,12 +151,13 @@ class _Terminate:
             signal.signal(signal.SIGTERM, self.previous)
 
 
-def run_sweep(cfg: Config, spec: SweepSpec, opts: SweepOptions, ui: Optional[SweepUI] = None) -> SweepOutcome:
-    """Run every leg of a new sweep."""
+def run_sweep(cfg: Config, spec: SweepSpec, opts: SweepOptions, ui: Optional[SweepUI] = None,
+              submit: Optional[Callable[..., SweepOutcome]] = None) -> SweepOutcome:
+    """Run every leg of a new sweep (`submit`: as in resume_sweep)."""
     _check_baseline(opts, spec.legs)
     sweep = SweepRecord(id="", name=spec.name, spec=spec.raw, legs=[leg.model_copy() for leg in spec.legs],
                         created_at="", exp_dir="")
-    return _run(cfg, sweep, opts, ui or SweepUI(), carried={}, chain=[])
+    return (submit or _run)(cfg, sweep, opts, ui or SweepUI(), carried={}, chain=[])
 
 
 def plan_resume(cfg: Config, ref: str) -> tuple[SweepRecord, list[SweepLeg], dict[str, RunRecord]]:
@@ -171,9 +174,10 @@ def plan_resume(cfg: Config, ref: str) -> tuple[SweepRecord, list[SweepLeg], dic
     runs = runs_by_id(cfg.artifact_root)
     view = [leg.model_copy(update={"state": leg_status(leg, runs)}) for leg in old.legs]
     for leg in view:
-        if leg.state == "running":
+        if leg.state in ("queued", "running"):
             rec = runs[leg.run_id]
-            raise GuardRefused(f"sweep {old.id} is still running: leg {leg.tag} (run {rec.id}, pid {rec.pid}); "
+            who = f"Slurm job {rec.job_id}" if rec.job_id else f"pid {rec.pid}"
+            raise GuardRefused(f"sweep {old.id} is still running: leg {leg.tag} (run {rec.id}, {who}); "
                                "wait for it or stop it before resuming")
     legs: list[SweepLeg] = []
     carried: dict[str, RunRecord] = {}
@@ -186,8 +190,10 @@ def plan_resume(cfg: Config, ref: str) -> tuple[SweepRecord, list[SweepLeg], dic
     return old, legs, carried
 
 
-def resume_sweep(cfg: Config, ref: str, opts: SweepOptions, ui: Optional[SweepUI] = None) -> SweepOutcome:
-    """Run the legs of sweep `ref` that did not complete, in a fresh `<name>-resume` directory."""
+def resume_sweep(cfg: Config, ref: str, opts: SweepOptions, ui: Optional[SweepUI] = None,
+                 submit: Optional[Callable[..., SweepOutcome]] = None) -> SweepOutcome:
+    """Run the legs of sweep `ref` that did not complete, in a fresh `<name>-resume` directory
+    (`submit`: sweep.cluster's submitter instead of running them here, one by one)."""
     ui = ui or SweepUI()
     old, legs, carried = plan_resume(cfg, ref)
     _check_baseline(opts, legs)
@@ -198,7 +204,7 @@ def resume_sweep(cfg: Config, ref: str, opts: SweepOptions, ui: Optional[SweepUI
     by_id = {s.id: s for s in list_sweeps(cfg.artifact_root)}
     chain = [s.id for s in sweep_chain(old, by_id)]
     sweep = SweepRecord(id="", name=old.name, spec=old.spec, legs=legs, resumed_from=old.id, created_at="", exp_dir="")
-    return _run(cfg, sweep, opts, ui, carried=carried, chain=chain)
+    return (submit or _run)(cfg, sweep, opts, ui, carried=carried, chain=chain)
 
 
 def _check_baseline(opts: SweepOptions, legs: list[SweepLeg]) -> None:
@@ -239,20 +245,7 @@ def _run(cfg: Config, sweep: SweepRecord, opts: SweepOptions, ui: SweepUI, *, ca
         return runs[pick.run_id] if pick else None
 
     def write_report(heading: str, figures: list[Path] = ()) -> list[Path]:
-        """The sweep report (+ EXPERIMENTS.md): the paths to commit with it."""
-        out.comparison = completed_comparison(sweep, runs, cfg.metrics.window, opts.baseline,
-                                              cfg.metrics.warmup_steps)
-        out.report.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out.report, sweep_report(sweep, runs, cfg.metrics.window, heading=heading,
-                                                   comparison=out.comparison, chain=chain, figures=list(figures),
-                                                   notes=notes, report_file=out.report))
-        paths = [out.report]
-        if cfg.report.summary:
-            try:
-                paths.append(write_summary(cfg))
-            except MoectlError as exc:  # the summary is a convenience: never cost the sweep
-                out.messages.append(f"EXPERIMENTS.md not refreshed: {exc.message}")
-        return paths
+        return write_sweep_report(cfg, sweep, runs, opts, out, heading, chain=chain, notes=notes, figures=figures)
 
     def progress_heading() -> str:
         n = sum(1 for leg in sweep.legs if leg.state == "completed")
@@ -323,6 +316,30 @@ def _run(cfg: Config, sweep: SweepRecord, opts: SweepOptions, ui: SweepUI, *, ca
             exit_code = EXIT_INTERRUPTED
             _settle_interrupted(sweep, runs)
 
+    return finish_sweep(cfg, sweep, runs, opts, out, exit_code, chain=chain, notes=notes)
+
+
+def write_sweep_report(cfg: Config, sweep: SweepRecord, runs: dict[str, RunRecord], opts: SweepOptions,
+                       out: SweepOutcome, heading: str, *, chain: list[str], notes: list[str],
+                       figures: list[Path] = ()) -> list[Path]:
+    """The sweep report (+ EXPERIMENTS.md): the paths to commit with it."""
+    out.comparison = completed_comparison(sweep, runs, cfg.metrics.window, opts.baseline, cfg.metrics.warmup_steps)
+    out.report.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out.report, sweep_report(sweep, runs, cfg.metrics.window, heading=heading,
+                                               comparison=out.comparison, chain=chain, figures=list(figures),
+                                               notes=notes, report_file=out.report))
+    paths = [out.report]
+    if cfg.report.summary:
+        try:
+            paths.append(write_summary(cfg))
+        except MoectlError as exc:  # the summary is a convenience: never cost the sweep
+            out.messages.append(f"EXPERIMENTS.md not refreshed: {exc.message}")
+    return paths
+
+
+def finish_sweep(cfg: Config, sweep: SweepRecord, runs: dict[str, RunRecord], opts: SweepOptions, out: SweepOutcome,
+                 exit_code: int, *, chain: list[str], notes: list[str]) -> SweepOutcome:
+    """Once no leg will run any more: the final heading, figures, report and its commit."""
     if exit_code == EXIT_INTERRUPTED:
         heading = "interrupted"
     elif exit_code == EXIT_GUARD:
@@ -337,8 +354,8 @@ def _run(cfg: Config, sweep: SweepRecord, opts: SweepOptions, ui: SweepUI, *, ca
         sweep.finished_at = store.now_iso()
         save_sweep(sweep)
     figures = _figures(cfg, sweep, runs, out) if exit_code in (EXIT_OK, EXIT_TRAINING) and heading != "stopped (--fail-fast)" else []
-    paths = write_report(heading, figures)
-    if commit:
+    paths = write_sweep_report(cfg, sweep, runs, opts, out, heading, chain=chain, notes=notes, figures=figures)
+    if not opts.no_commit:
         try:
             sha = gitops.commit_paths(cfg.root, [*paths, *figures], _final_message(sweep, out.comparison, heading),
                                       branch=cfg.project.branch)

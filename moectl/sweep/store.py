@@ -9,8 +9,11 @@ Pure reads apart from `save_sweep`; nothing here runs a leg.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 from pathlib import Path
+from typing import Iterator, Optional
 
 from moectl import store
 from moectl.errors import UsageError
@@ -32,6 +35,33 @@ def load_sweep(sweep_dir: Path) -> SweepRecord:
 
 def save_sweep(sweep: SweepRecord) -> None:
     save_model(Path(sweep.exp_dir) / SWEEP_RECORD, sweep)
+
+
+SWEEP_LOCK = ".sweep.lock"
+
+
+@contextlib.contextmanager
+def locked_sweep(sweep_dir: Path) -> Iterator[SweepRecord]:
+    """Read-modify-write of sweep.json by one process at a time: the submitter and every leg's
+    job update it, and two legs finishing together must not lose either update. flock on a file
+    beside it (held across the read and the atomic rewrite); the record is saved on leaving."""
+    with open(Path(sweep_dir) / SWEEP_LOCK, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            sweep = load_sweep(sweep_dir)
+            yield sweep
+            save_sweep(sweep)
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def update_leg(sweep_dir: Path, state: str, *, run_id: str, tag: Optional[str] = None) -> None:
+    """Set the state of the leg run `run_id` (or, before it has a run, the leg `tag`), under the lock."""
+    with locked_sweep(sweep_dir) as sweep:
+        for leg in sweep.legs:
+            if leg.run_id == run_id or (tag is not None and leg.tag == tag and leg.run_id is None):
+                leg.state, leg.run_id = state, run_id
+                break
 
 
 def list_sweeps(root: Path) -> list[SweepRecord]:
@@ -81,14 +111,14 @@ def leg_status(leg: SweepLeg, runs: dict[str, RunRecord]) -> str:
     """The state to show for a leg: sweep.json's, except that a `running` leg is checked against its
     run record - `stale` when the record is missing or its owner died (SIGKILL, reboot), or the
     record's final status when moectl died between finishing the run and updating sweep.json."""
-    if leg.state != "running":
+    if leg.state not in ("queued", "running"):
         return leg.state
     rec = runs.get(leg.run_id) if leg.run_id else None
     if rec is None or getattr(rec, "stale", False):
         return "stale"
-    if rec.status in ("completed", "failed", "interrupted"):
+    if rec.status in ("completed", "failed", "interrupted", "refused"):
         return rec.status
-    return "running"
+    return rec.status if rec.status in ("queued", "running") else leg.state
 
 
 def settled(leg: SweepLeg, legs: list[SweepLeg]) -> bool:
@@ -106,3 +136,18 @@ def sweep_chain(sweep: SweepRecord, by_id: dict[str, SweepRecord]) -> list[Sweep
         chain.insert(0, by_id[chain[0].resumed_from])
         seen.add(chain[0].id)
     return chain
+
+
+def find_sweep_runs(root: Path, ref: str, runs: list[RunRecord]) -> "list[RunRecord] | None":
+    """`wait`/`cancel`'s SWEEP argument: the run of every leg of the sweep whose path, id or name is
+    exactly `ref` (None when no sweep is: the argument is then a RUN)."""
+    as_path = Path(ref).expanduser()
+    if (as_path / SWEEP_RECORD).is_file():
+        sweep = load_sweep(as_path)
+    else:
+        sweeps = [s for s in list_sweeps(root) if ref in (s.id, s.name)]
+        if not sweeps:
+            return None
+        sweep = next((s for s in sweeps if s.id == ref), sweeps[-1])
+    by_id = {r.id: r for r in runs}
+    return [by_id[leg.run_id] for leg in sweep.legs if leg.run_id in by_id]

@@ -1,0 +1,182 @@
+"""Runs that execute as Slurm jobs: `run --slurm` (its Slurm half), `wait`, `cancel`.
+Logic lives in moectl/execution.py; this renders it."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from moectl.cli.common import app, error, handle_errors, print_json, stdout
+from moectl.cli.options import ConfigOpt, JsonOpt
+from moectl.errors import EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, UsageError
+
+
+def slurm_flags_need_slurm(*, nodes, detach: bool, requeue: bool) -> None:
+    given = [name for name, on in (("--nodes", nodes is not None), ("--detach", detach), ("--requeue", requeue)) if on]
+    if given:
+        raise UsageError(f"{given[0]} needs --slurm (or [cluster] backend = \"slurm\")")
+
+
+def run_on_slurm(cfg, request, *, nodes, detach: bool, requeue: bool, dry_run: bool, quiet: bool, json_out: bool,
+                 baseline=None) -> None:
+    """`moectl run --slurm`: submit, then follow the job (unless --detach) and end as a local run does."""
+    from moectl.cli.env import _render_check, check_json
+    from moectl.execution import EXIT_OF_STATUS, JobOptions, deferred_to_job, follow, submit_run
+    from moectl.guards import check_request, passed
+    from moectl.progress import make_progress, stdout_is_tty
+
+    if nodes is not None and nodes < 1:
+        raise UsageError(f"--nodes: must be at least 1 (got {nodes})")
+    out = lambda text: stdout.print(text, markup=False)  # noqa: E731
+    if dry_run:
+        plan, _obs, results = check_request(cfg, request)
+        results = deferred_to_job(results)
+        ok = passed(results)
+        if json_out:
+            print_json(check_json(plan, results, ok))
+        else:
+            _render_check(plan, results, ok)
+        raise typer.Exit(EXIT_OK if ok else EXIT_GUARD)
+
+    submitted = submit_run(cfg, request, JobOptions(nodes=nodes, requeue=requeue, summary=cfg.report.summary,
+                                                     baseline=baseline))
+    if submitted.record is None:
+        if json_out:
+            print_json(check_json(submitted.plan, submitted.guards, False))
+        else:
+            _render_check(submitted.plan, submitted.guards, False)
+        error("a guard refused the run; nothing was submitted")
+        raise typer.Exit(EXIT_GUARD)
+    record = submitted.record
+    if not json_out:
+        out(f"submitted {record.id} as Slurm job {record.job_id} ({record.nodes} node(s)) -> {record.exp_dir}")
+    if detach:
+        if json_out:
+            print_json({"id": record.id, "job_id": record.job_id, "exp_dir": record.exp_dir, "status": record.status})
+        else:
+            out(f"detached: `moectl wait {record.id}` follows it, `moectl cancel {record.id}` stops it")
+        raise typer.Exit(EXIT_OK)
+
+    def on_state(current):
+        # The end is rendered below; here only what happens on the way (started, requeued, restarted).
+        if json_out or current.status not in ("queued", "running"):
+            return
+        if current.status == "running":
+            out(f"running: Slurm job {current.job_id} on {current.host}"
+                + (f" (restart {current.restarts})" if current.restarts else ""))
+        elif current.error:  # back in the queue after a requeue
+            out(f"queued again: {current.error}")
+
+    progress = make_progress(stdout_is_tty(), quiet=quiet or json_out)
+    try:
+        final = follow(record, progress, on_state=on_state)
+    except KeyboardInterrupt:
+        progress.close()
+        error(f"detached: Slurm job {record.job_id} keeps running; `moectl cancel {record.id}` "
+              f"(or scancel {record.job_id}) stops it, `moectl wait {record.id}` follows it again")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    progress.close()
+    code = EXIT_OF_STATUS.get(final.status, 4)
+    if json_out:
+        from moectl.store import run_json
+
+        print_json(run_json(final))
+    else:
+        _render_final(final)
+    raise typer.Exit(code)
+
+
+def _render_final(record) -> None:
+    from moectl.cli.run import _render_outcome
+    from moectl.runner import RunOutcome
+
+    if record.status == "refused":
+        error(record.error or "refused inside the job")
+        return
+    outcome = RunOutcome(exit_code=0, plan=None, guards=record.guards, record=record,  # type: ignore[arg-type]
+                         report=Path(record.report) if record.report else None, commit=record.commit)
+    _render_outcome(outcome)
+    if record.status == "interrupted" and record.error:
+        stdout.print(f"  {record.error.splitlines()[0]}", markup=False)
+
+
+def _resolve_targets(cfg, refs: list[str]):
+    """RUN or SWEEP arguments -> run records (a sweep: every leg that has a run)."""
+    from moectl import store
+    from moectl.sweep.store import find_sweep_runs
+
+    runs = store.list_runs(cfg.artifact_root)
+    out = []
+    for ref in refs:
+        legs = find_sweep_runs(cfg.artifact_root, ref, runs)
+        out += legs if legs is not None else [store.resolve_run(cfg.artifact_root, ref, runs)]
+    return out
+
+
+@app.command()
+@handle_errors
+def wait(
+    targets: Annotated[list[str], typer.Argument(help="Runs (id, tag, prefix, path) or sweeps (name or id).", metavar="RUN|SWEEP...")],
+    timeout: Annotated[Optional[str], typer.Option("--timeout", help="Give up after this long, e.g. 90s, 30m, 2h (exit 130; the jobs keep running).", show_default=False)] = None,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Block until the runs, or every leg of the sweeps, settle; exit as a run would.
+
+    Exit codes: 0 all completed, 4 one failed, 3 one was refused inside its job, 130 one was
+    interrupted (or --timeout passed first). A Slurm run whose job is gone without a word ends
+    `failed` (never started) or `interrupted`.
+
+    Examples:
+      [bold]moectl wait big[/bold]
+      [bold]moectl wait capacity --timeout 2h[/bold]     (every leg of sweep `capacity`)
+    """
+    from moectl.config import load_config
+    from moectl.execution import exit_code_of, wait_for
+    from moectl.plan import parse_duration
+    from moectl.store import run_json
+
+    cfg = load_config(config)
+    timeout_s = parse_duration(timeout) if timeout is not None else None
+    records = _resolve_targets(cfg, targets)
+    try:
+        final = wait_for(records, timeout_s)
+    except TimeoutError as exc:
+        error(f"--timeout {timeout} passed; still going: {exc}")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if json_out:
+        print_json([run_json(r) for r in final])
+    else:
+        for r in final:
+            stdout.print(f"{r.status}: {r.id}" + (f" (Slurm job {r.job_id})" if r.job_id else ""), markup=False)
+    raise typer.Exit(exit_code_of(final))
+
+
+@app.command()
+@handle_errors
+def cancel(
+    targets: Annotated[list[str], typer.Argument(help="Runs or sweeps whose Slurm jobs to cancel.", metavar="RUN|SWEEP...")],
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """scancel the Slurm jobs of runs (or of every unfinished leg of sweeps); each record ends `interrupted`.
+
+    Examples:
+      [bold]moectl cancel big[/bold]
+      [bold]moectl cancel capacity[/bold]
+    """
+    from moectl.config import load_config
+    from moectl.execution import cancel_runs
+    from moectl.store import run_json
+
+    cfg = load_config(config)
+    records = _resolve_targets(cfg, targets)
+    final = cancel_runs(records)
+    if json_out:
+        print_json([run_json(r) for r in final])
+    elif not final:
+        stdout.print("nothing to cancel: no queued or running Slurm job among them", markup=False)
+    else:
+        for r in final:
+            stdout.print(f"{r.status}: {r.id} (Slurm job {r.job_id} cancelled)", markup=False)

@@ -1,0 +1,370 @@
+"""Where a run executes: a local process (runner.execute_run) or a Slurm job. One seam for `run`,
+`sweep`, `wait` and `cancel`; guards, records, report and commit are the same code either way.
+
+    backend = choose_backend(cfg, slurm_flag)        # "local" | "slurm" ([cluster] backend, --slurm)
+    outcome = submit_run(cfg, request, JobOptions(nodes=2))   # Slurm: guards here, the rest in the job
+    final = follow(outcome.record, progress)         # what `run --slurm` does unless --detach
+    code = wait_for([...records], timeout_s)         # `moectl wait`
+    cancel_runs([...records])                        # `moectl cancel`
+
+A Slurm run, step by step:
+1. Guards on the submitting machine: config, git, venv, paths, fresh_dir, disk. gpus_idle and the
+   run lock are the node's business (moectl/job.py checks them inside the job, on the GPUs Slurm
+   allocated); here they read `skipped`. A refusal submits nothing and writes nothing.
+2. The fresh run directory, command.txt, git.diff, and the code snapshot `code/` (HEAD + git.diff,
+   gitops.snapshot_code): the job runs that, not the working tree of hours later.
+3. job.json (the config, plan and job options the job needs) and job.sh (the sbatch script).
+4. run.json `queued`, then sbatch --hold, run.json gets the job id, then scontrol release (see
+   moectl/slurm.py for why in that order). A job Slurm rejects leaves the run `failed` with
+   Slurm's message - never `queued` forever.
+5. The job (moectl/job.py) writes `running`, trains, writes the end, the report and its commit.
+   Here we only read: run.json and metrics.jsonl for progress, Slurm for whether the job lives.
+
+A run is settled when its record is final AND Slurm no longer has its job live: a job on its way
+to a requeue is SIGTERMed like a cancelled one, and only after its record says so does it go back
+to `queued` (moectl/job.py); its job stays in the queue throughout, so nobody takes it for the end.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from pydantic import BaseModel
+
+from moectl import gitops, slurm, store
+from moectl.config import Config, MoectlFile
+from moectl.errors import (
+    EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRAINING, GuardRefused, MoectlError, UsageError,
+)
+from moectl.guards import check_request, passed
+from moectl.plan import RunPlan, RunRequest
+from moectl.progress import MetricsFollower, NullProgress, ProgressSink
+from moectl.records import UNSETTLED, GuardResult, RunRecord, save_model, write_text_atomic
+
+JOB_SPEC = "job.json"
+JOB_SCRIPT = "job.sh"
+CODE_DIR = "code"
+# Guards that only mean something on the node that trains: checked inside the job (moectl/job.py).
+JOB_GUARDS = ("gpus_idle", "no_other_training")
+POLL_S = 1.0
+EXIT_OF_STATUS = {"completed": EXIT_OK, "failed": EXIT_TRAINING, "refused": EXIT_GUARD, "interrupted": EXIT_INTERRUPTED}
+
+
+def choose_backend(cfg: Config, slurm_flag: bool) -> str:
+    return "slurm" if slurm_flag or cfg.cluster.backend == "slurm" else "local"
+
+
+@dataclass
+class JobOptions:
+    nodes: Optional[int] = None  # None: [cluster] nodes
+    requeue: bool = False
+    commit: bool = True  # the job commits its report (run --no-commit: False)
+    dependency: Optional[str] = None  # sbatch --dependency (sweeps: at most K legs in flight)
+    baseline: Optional[RunRecord] = None  # run --baseline: the job's report compares against it
+    summary: bool = True  # refresh EXPERIMENTS.md with the report ([report] summary)
+
+
+class ConfigSnapshot(BaseModel):
+    """The resolved config as the submitter had it (a job must not re-read a config edited since)."""
+
+    config: dict
+    config_path: Optional[str]
+    root: str
+    artifact_root: str
+    report_dir: str
+    read_only: list[str]
+    python: str
+
+    @staticmethod
+    def fields_of(cfg: Config) -> dict:
+        return dict(config=cfg.file.model_dump(mode="json", exclude_unset=True),
+                    config_path=str(cfg.path) if cfg.path else None, root=str(cfg.root),
+                    artifact_root=str(cfg.artifact_root), report_dir=str(cfg.report_dir),
+                    read_only=[str(p) for p in cfg.read_only], python=str(cfg.python))
+
+    def to_config(self) -> Config:
+        return Config(file=MoectlFile.model_validate(self.config), path=Path(self.config_path) if self.config_path else None,
+                      root=Path(self.root), artifact_root=Path(self.artifact_root), report_dir=Path(self.report_dir),
+                      read_only=[Path(p) for p in self.read_only], python=Path(self.python))
+
+    @classmethod
+    def load(cls, run_dir: Path):
+        return cls.model_validate_json((Path(run_dir) / JOB_SPEC).read_text(encoding="utf-8"))
+
+
+class JobSpec(ConfigSnapshot):
+    """Everything a run's job needs, frozen at submit time (`<run dir>/job.json`)."""
+
+    plan: RunPlan
+    nodes: int
+    rdzv_port: int
+    requeue: bool
+    commit: bool
+    summary: bool
+    baseline: Optional[str] = None  # the run directory the report compares against (run --baseline)
+
+
+@dataclass
+class Submitted:
+    exit_code: int  # EXIT_OK once submitted; EXIT_GUARD when a submit-side guard refused
+    plan: RunPlan
+    guards: list[GuardResult]
+    record: Optional[RunRecord] = None  # None when refused (nothing written)
+
+
+def deferred_to_job(results: list[GuardResult]) -> list[GuardResult]:
+    """The submit-side verdicts: the guards that belong to the node become `skipped` (pure)."""
+    out = []
+    for r in results:
+        if r.name in JOB_GUARDS:
+            r = GuardResult(name=r.name, ok=True, skipped=True, overridable=r.overridable,
+                            message="checked inside the Slurm job, on the node it runs on")
+        out.append(r)
+    return out
+
+
+def submit_run(cfg: Config, request: RunRequest, options: JobOptions, *, sweep_id: Optional[str] = None,
+               now: Optional[datetime] = None, on_queued: Optional[Callable[[RunRecord], None]] = None) -> Submitted:
+    """Steps 1-4 of the module docstring. Raises UsageError when Slurm is missing or rejects the job
+    (the run is then recorded `failed` with Slurm's message). `on_queued` runs once the record names
+    the job and before the job is released (a sweep records the leg's run there)."""
+    from moectl.runner import new_record, write_run_files
+
+    slurm.require()
+    nodes = options.nodes if options.nodes is not None else cfg.cluster.nodes
+    if nodes < 1:
+        raise UsageError(f"--nodes: must be at least 1 (got {nodes})")
+    plan, obs, results = check_request(cfg, request, now)
+    results = deferred_to_job(results)
+    if not passed(results):
+        return Submitted(exit_code=EXIT_GUARD, plan=plan, guards=results)
+
+    run_dir = Path(plan.exp_dir)
+    try:
+        store.create_run_dir(run_dir)
+    except MoectlError as exc:  # appeared since the fresh_dir guard looked: still a refusal
+        raise GuardRefused(exc.message) from None
+    record = new_record(plan, obs, results, sweep_id=sweep_id, status="queued")
+    record.backend, record.nodes = "slurm", nodes
+    try:
+        write_run_files(cfg, plan)
+        code_dir = run_dir / CODE_DIR
+        gitops.snapshot_code(cfg.root, obs.git.head or "HEAD", Path(plan.files["git.diff"]), code_dir)
+        spec = JobSpec(
+            **ConfigSnapshot.fields_of(cfg), plan=plan, nodes=nodes,
+            rdzv_port=cfg.cluster.rdzv_port, requeue=options.requeue,
+            commit=options.commit and not plan.no_commit, summary=options.summary,
+            baseline=options.baseline.exp_dir if options.baseline is not None else None,
+        )
+        save_model(run_dir / JOB_SPEC, spec)
+        script = run_dir / JOB_SCRIPT
+        write_text_atomic(script, slurm.batch_script(run_id=plan.run_id, run_dir=run_dir, code_dir=code_dir,
+                                                    python=plan.python, cluster=cfg.cluster, nodes=nodes,
+                                                    requeue=options.requeue))
+        store.save_run(record)
+        record.job_id = slurm.submit(script, dependency=options.dependency)
+        store.save_run(record)
+        if on_queued is not None:
+            on_queued(record)
+        slurm.release(record.job_id)
+    except BaseException as exc:
+        # Nothing runs this run now (or the job was never let go): say so, never `queued` forever.
+        if record.job_id is not None:
+            try:
+                slurm.cancel([record.job_id])
+            except MoectlError:
+                pass
+        record.status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        record.finished_at = store.now_iso()
+        record.error = exc.message if isinstance(exc, MoectlError) else f"moectl: {type(exc).__name__}: {exc}"
+        store.save_run(record)
+        raise
+    return Submitted(exit_code=EXIT_OK, plan=plan, guards=results, record=record)
+
+
+# --- observing a submitted run -------------------------------------------------------------------
+
+
+def read_record(run_dir: Path) -> RunRecord:
+    """run.json as written (no stale settling: that asks Slurm; callers here ask it themselves)."""
+    return RunRecord.model_validate_json((Path(run_dir) / "run.json").read_text(encoding="utf-8"))
+
+
+def save_run_and_leg(record: RunRecord) -> None:
+    """run.json, and the state of its leg in the sweep.json beside it (under the sweep's lock)."""
+    store.save_run(record)
+    if record.sweep:
+        from moectl.sweep.store import update_leg
+
+        update_leg(Path(record.exp_dir).parent, record.status, run_id=record.id)
+
+
+def job_live(record: RunRecord) -> Optional[bool]:
+    """Is the run's Slurm job still pending or running? None when Slurm cannot be asked."""
+    if record.job_id is None:
+        return False
+    try:
+        info = slurm.job_info(record.job_id)
+    except MoectlError:
+        return None
+    return info is not None and info.live
+
+
+def settled(record: RunRecord) -> bool:
+    """Final record and no live job (a requeued job's record goes back to `queued`, and its job
+    stays live, so an `interrupted` written on the way to a requeue is not taken as the end)."""
+    return record.status not in UNSETTLED and job_live(record) is False
+
+
+def job_gone_message(record: RunRecord) -> str:
+    info = None
+    try:
+        info = slurm.job_info(record.job_id) if record.job_id else None
+    except MoectlError:
+        pass
+    how = f" ({info.state}, exit {info.exit_code})" if info is not None else ""
+    out = Path(record.exp_dir) / f"slurm-{record.job_id}.out"
+    tail = store.log_tail(out, 10)
+    where = "before moectl started in it" if record.status == "queued" else "without moectl recording its end"
+    return f"Slurm job {record.job_id} ended{how} {where}" + (f"\n{tail}" if tail else "")
+
+
+def settle_gone_job(record: RunRecord) -> RunRecord:
+    """A run whose job is gone while its record says queued/running: `failed` if it never started
+    (a job that failed to start), `interrupted` if it did (killed past KillWait). Written once."""
+    current = read_record(Path(record.exp_dir))
+    if current.status not in UNSETTLED:
+        return current
+    current.error = job_gone_message(current)
+    current.status = "failed" if current.status == "queued" else "interrupted"
+    current.finished_at = store.now_iso()
+    save_run_and_leg(current)
+    return current
+
+
+def follow(record: RunRecord, progress: Optional[ProgressSink] = None,
+           timeout_s: Optional[float] = None, on_state: Optional[Callable[[RunRecord], None]] = None) -> RunRecord:
+    """Feed the run's metrics to `progress` until it settles; return its final record. Raises
+    TimeoutError when `timeout_s` passes first (the job keeps running). `on_state` sees each new status."""
+    progress = progress or NullProgress()
+    run_dir = Path(record.exp_dir)
+    follower = MetricsFollower(run_dir / "metrics.jsonl")
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    last_status = None
+    gone_since: Optional[float] = None
+    try:
+        while True:
+            for rec in follower.poll():
+                progress.record(rec)
+            current = read_record(run_dir)
+            if current.status != last_status:
+                last_status = current.status
+                if on_state is not None:
+                    on_state(current)
+            live = job_live(current)
+            if current.status not in UNSETTLED and live is False:
+                for rec in follower.poll(final=True):
+                    progress.record(rec)
+                return current
+            if current.status in UNSETTLED and live is False:
+                # The job wrote nothing final and is gone; give a record written just as the
+                # job ended one more look before calling it.
+                gone_since = gone_since or time.monotonic()
+                if time.monotonic() - gone_since > 3 * POLL_S:
+                    return settle_gone_job(current)
+            else:
+                gone_since = None
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(current.id)
+            time.sleep(POLL_S)
+    finally:
+        follower.close()
+
+
+def exit_code_of(records: Sequence[RunRecord]) -> int:
+    """`wait`'s exit code: the worst of the runs (interrupted > refused > failed > completed)."""
+    codes = [EXIT_OF_STATUS.get(r.status, EXIT_TRAINING) for r in records]
+    for code in (EXIT_INTERRUPTED, EXIT_GUARD, EXIT_TRAINING):
+        if code in codes:
+            return code
+    return EXIT_OK
+
+
+def wait_for(records: Sequence[RunRecord], timeout_s: Optional[float] = None) -> list[RunRecord]:
+    """Block until every run settles (local runs: their moectl writes the end; Slurm runs: as
+    `follow`). Raises TimeoutError naming the runs still going."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    pending = {r.id: r for r in records}
+    done: dict[str, RunRecord] = {}
+    while True:
+        for run_id, rec in list(pending.items()):
+            current = _settle_once(rec)
+            if current is not None:
+                done[run_id] = current
+                del pending[run_id]
+        if not pending:
+            return [done[r.id] for r in records]
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(", ".join(sorted(pending)))
+        time.sleep(POLL_S)
+
+
+def _settle_once(record: RunRecord) -> Optional[RunRecord]:
+    """The final record when the run has settled, else None (one look)."""
+    run_dir = Path(record.exp_dir)
+    if record.backend != "slurm":
+        current = store.load_run(run_dir)  # settles a local run whose moectl died
+        return None if current.status in UNSETTLED and not current.stale else current
+    current = read_record(run_dir)
+    live = job_live(current)
+    if live is None:
+        return None
+    if current.status not in UNSETTLED and not live:
+        return current
+    if current.status in UNSETTLED and not live:
+        time.sleep(POLL_S)  # a record written as the job ended: one more look
+        again = read_record(run_dir)
+        return again if again.status not in UNSETTLED else settle_gone_job(again)
+    return None
+
+
+def cancel_runs(records: Sequence[RunRecord], timeout_s: float = 60.0) -> list[RunRecord]:
+    """scancel the runs' jobs and wait for each to settle. A job cancelled while still pending never
+    ran moectl, so its record is ended here: `interrupted`, cancelled before it started."""
+    jobs = [r for r in records if r.backend == "slurm" and r.job_id and r.status in UNSETTLED]
+    local = [r.id for r in records if r.backend != "slurm" and r.status in UNSETTLED]
+    if local:
+        raise UsageError(f"not a Slurm run: {', '.join(local)} (stop a local run with Ctrl-C in its terminal)")
+    slurm.cancel([r.job_id for r in jobs])
+    out = []
+    deadline = time.monotonic() + timeout_s
+    for rec in jobs:
+        while True:
+            current = read_record(Path(rec.exp_dir))
+            live = job_live(current)
+            if live is False:
+                if current.status in UNSETTLED:
+                    current = _end_cancelled(current)
+                out.append(current)
+                break
+            if time.monotonic() > deadline:
+                raise MoectlError(f"Slurm job {rec.job_id} of {rec.id} still runs {timeout_s:.0f} s after scancel")
+            time.sleep(POLL_S)
+    return out
+
+
+def _end_cancelled(record: RunRecord) -> RunRecord:
+    time.sleep(POLL_S)  # the job's own `interrupted` may be on its way
+    current = read_record(Path(record.exp_dir))
+    if current.status not in UNSETTLED:
+        return current
+    started = current.status == "running"
+    current.status = "interrupted"
+    current.finished_at = store.now_iso()
+    current.error = f"cancelled (scancel {current.job_id})" + ("" if started else " before it started")
+    save_run_and_leg(current)
+    return current
+

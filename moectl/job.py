@@ -1,0 +1,231 @@
+"""Inside a Slurm job: `python -m moectl.job RUN_DIR`, started by the run's job.sh from its code
+snapshot. The submitting moectl did the machine-independent guards and wrote `queued`; here:
+
+1. the node's guards: gpus_idle on the GPUs Slurm allocated (an earlier job's zombie holding
+   memory is the common case) and the run lock (below). A refusal records `refused` + why, exit 3;
+2. run.json `running` (restarts = SLURM_RESTART_COUNT; a restart resumes from the last checkpoint);
+3. torchrun through moectl.launch (one node: `--standalone`; several: srun starts one agent per
+   node, c10d rendezvous at the first node's NodeAddr, the job id as rendezvous id);
+4. the record's end, the report and its commit (runner.finish_record, runner.report_and_commit:
+   the same code as a local run). Exit code: 0 / 3 / 4 / 130, as `moectl run`.
+
+The run lock on a shared filesystem: a pid means nothing on another node, so the lock is
+`<run dir>/.job.lock` naming the Slurm job. It keeps a second job off this run directory (a job
+submitted twice, a stray `sbatch job.sh`); the same job after a requeue, or a lock whose job Slurm
+no longer runs, takes it over. Which GPUs are free is Slurm's allocation plus gpus_idle.
+
+Requeue: `scontrol requeue` (or preemption) SIGTERMs the job like scancel does. Both end torchrun
+cleanly; then Slurm's own count of restarts tells them apart: if it grew, the job is going back to
+the queue and run.json says `queued` again, not `interrupted`. With `run --requeue`, the
+`--signal=B:USR1@...` Slurm sends before the time limit makes this process requeue its own job.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Optional
+
+from moectl import slurm, store
+from moectl.config import Config
+from moectl.errors import EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, MoectlError
+from moectl.execution import JOB_GUARDS, JobSpec, read_record, save_run_and_leg
+from moectl.guards import guard_gpus_idle
+from moectl.launch import launch
+from moectl.plan import RunPlan
+from moectl.progress import NullProgress
+from moectl.records import GuardResult, RunRecord
+
+JOB_LOCK = ".job.lock"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) == 2 and args[0] == "--sweep":
+        from moectl.sweep.cluster import finish_sweep_job
+
+        return finish_sweep_job(Path(args[1]))
+    if len(args) != 1:
+        print("usage: python -m moectl.job RUN_DIR | --sweep SWEEP_DIR", file=sys.stderr)
+        return 2
+    run_dir = Path(args[0])
+    spec = JobSpec.load(run_dir)
+    cfg, plan = spec.to_config(), spec.plan
+    record = read_record(run_dir)
+    job_id = os.environ.get("SLURM_JOB_ID", "")
+    restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    if record.status not in ("queued", "running", "interrupted"):
+        print(f"moectl.job: run {record.id} is already {record.status}; nothing to do", file=sys.stderr)
+        return EXIT_OK
+
+    results = node_guards(cfg, plan, run_dir, job_id)
+    record.guards = [r for r in record.guards if r.name not in JOB_GUARDS] + results
+    record.overrides = sorted(set(record.overrides) | {r.name for r in results if r.overridden})
+    if not all(r.ok or r.overridden for r in results):
+        why = "; ".join(f"{r.name}: {r.message}" for r in results if not (r.ok or r.overridden))
+        record.status, record.exit_code, record.finished_at = "refused", EXIT_GUARD, store.now_iso()
+        record.error = f"refused inside Slurm job {job_id} on {socket.gethostname()}: {why}"
+        if next(r for r in results if r.name == "no_other_training").ok:
+            (run_dir / JOB_LOCK).unlink(missing_ok=True)  # ours: taken by node_guards
+        save_run_and_leg(record)
+        print(record.error, file=sys.stderr)
+        return EXIT_GUARD
+
+    record.status, record.started_at = "running", record.started_at or store.now_iso()
+    record.host, record.pid, record.job_id, record.restarts = socket.gethostname(), os.getpid(), job_id, restart
+    record.error = None
+    save_run_and_leg(record)
+
+    from moectl.runner import RunOutcome, finish_record, report_and_commit, stdout_parser
+
+    parser = stdout_parser(cfg, plan)  # a trainer whose metrics come from its output ([metrics] source)
+    try:
+        result = _train(spec, plan, run_dir, job_id, restart, parser)
+    except BaseException as exc:  # the record must not say `running` once this job is gone
+        record.status, record.finished_at = "failed", store.now_iso()
+        record.error = f"moectl in Slurm job {job_id}: {type(exc).__name__}: {exc}"
+        save_run_and_leg(record)
+        raise
+    finally:
+        (run_dir / JOB_LOCK).unlink(missing_ok=True)
+
+    if result.interrupted and _being_requeued(job_id, restart):
+        record.status = "queued"
+        record.error = f"requeued by Slurm after {result.signal_name} (restart {restart + 1} resumes from its last checkpoint)"
+        save_run_and_leg(record)
+        return EXIT_INTERRUPTED
+
+    outcome = RunOutcome(exit_code=EXIT_OK, plan=plan, guards=record.guards, record=record)
+    outcome.exit_code, outcome.compile_failed = finish_record(record, result, plan, parser)
+    save_run_and_leg(record)  # the sweep's leg is settled before its report is committed
+    baseline = read_record(Path(spec.baseline)) if spec.baseline else None
+    report_and_commit(cfg, outcome, baseline=baseline, commit=spec.commit, extra_commit_paths=_summary_paths(cfg, spec))
+    record.report = str(outcome.report) if outcome.report else None
+    record.commit = outcome.commit
+    if outcome.commit_error:
+        record.notes = f"{record.notes}; {outcome.commit_error}" if record.notes else outcome.commit_error
+    store.save_run(record)
+    return outcome.exit_code
+
+
+def _train(spec: JobSpec, plan: RunPlan, run_dir: Path, job_id: str, restart: int, parser):
+    """torchrun on this node (one node) or on every node (srun), from the code snapshot."""
+    argv = list(plan.argv)
+    if restart and _has_checkpoint(Path(plan.ckpt_dir)):
+        argv += ["--resume", "latest"]  # the engine trims metrics.jsonl to the checkpoint's step
+    if spec.nodes > 1:
+        head = slurm.head_address(os.environ["SLURM_JOB_NODELIST"])
+        argv = slurm.multinode_argv(argv, nnodes=spec.nodes, head=head, port=spec.rdzv_port, job_id=job_id)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **plan.env}
+    # The snapshot first, even where [launch] env sets PYTHONPATH: the job trains the guarded code.
+    code = str(run_dir / "code")
+    env["PYTHONPATH"] = code + (f":{env['PYTHONPATH']}" if env.get("PYTHONPATH") else "")
+    requeue_on_signal = _requeue_on_usr1(job_id) if spec.requeue else None
+    try:
+        from moectl.stdout_metrics import LiveMetricsWriter
+
+        metrics_path = Path(plan.files["metrics.jsonl"])
+        result = launch(argv, cwd=Path(code), env=env, log_path=Path(plan.files["train.log"]),
+                        metrics_path=metrics_path, progress=NullProgress(),
+                        output_metrics=LiveMetricsWriter(metrics_path, parser) if parser else None)
+    finally:
+        if requeue_on_signal is not None:
+            signal.signal(signal.SIGUSR1, requeue_on_signal)
+
+    return result
+
+
+def node_guards(cfg: Config, plan: RunPlan, run_dir: Path, job_id: str) -> list[GuardResult]:
+    """gpus_idle on the GPUs Slurm allocated, and the run-directory lock (see the docstring)."""
+    from moectl.probes import GitState, Observed, read_nvml
+
+    overrides = set(plan.overrides)
+    gpu_cfg = cfg
+    allocated = slurm.allocated_gpus()
+    if allocated is not None:
+        file = cfg.file.model_copy(deep=True)
+        file.gpu.devices = allocated
+        gpu_cfg = Config(file=file, path=cfg.path, root=cfg.root, artifact_root=cfg.artifact_root,
+                         report_dir=cfg.report_dir, read_only=cfg.read_only, python=cfg.python)
+    nvml = read_nvml(gpu_cfg.gpu.devices) if plan.device == "cuda" else None
+    obs = Observed(git=GitState(is_repo=True), nvml=nvml)
+    gpus = guard_gpus_idle(gpu_cfg, plan, obs)
+    lock = _take_run_lock(run_dir, job_id)
+    results = [gpus, lock]
+    for r in results:
+        r.overridable = True
+        if not r.ok and r.name in overrides:
+            r.overridden = True
+    return results
+
+
+def _take_run_lock(run_dir: Path, job_id: str) -> GuardResult:
+    path = run_dir / JOB_LOCK
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            holder = path.read_text(encoding="utf-8").strip() if path.exists() else ""
+            if holder and holder != job_id:
+                try:
+                    info = slurm.job_info(holder)
+                except MoectlError:
+                    info = None
+                if info is not None and info.live:
+                    return GuardResult(name="no_other_training", ok=False,
+                                       message=f"Slurm job {holder} already trains this run directory")
+            path.unlink(missing_ok=True)  # ours after a requeue, or its job is gone: take it over
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(job_id + "\n")
+        return GuardResult(name="no_other_training", ok=True, message=f"run lock held by Slurm job {job_id}")
+
+
+def _has_checkpoint(ckpt_dir: Path) -> bool:
+    return ckpt_dir.is_dir() and any(ckpt_dir.glob("model_*.pt"))
+
+
+def _being_requeued(job_id: str, restart: int) -> bool:
+    """After a SIGTERM: did Slurm count one more restart than this run of the job? (scancel does not.)"""
+    try:
+        info = slurm.job_info(job_id)
+    except MoectlError:
+        return False
+    return info is not None and info.restarts > restart
+
+
+def _requeue_on_usr1(job_id: str):
+    """Before the time limit Slurm sends USR1 (--signal=B:USR1@...): requeue this job, which
+    SIGTERMs it (torchrun stops cleanly) and queues it again. The handler only wakes a thread."""
+    wake = threading.Event()
+
+    def requeue_when_woken() -> None:
+        wake.wait()
+        try:
+            slurm.requeue(job_id)
+        except MoectlError as exc:
+            print(f"moectl.job: {exc.message}", file=sys.stderr)
+
+    threading.Thread(target=requeue_when_woken, daemon=True).start()
+    return signal.signal(signal.SIGUSR1, lambda signum, frame: wake.set())
+
+
+def _summary_paths(cfg: Config, spec: JobSpec):
+    def paths(record: RunRecord):
+        if not (spec.summary and cfg.report.summary):
+            return []
+        from moectl.summary import write_summary
+
+        try:
+            return [write_summary(cfg)]
+        except MoectlError as exc:
+            print(f"moectl.job: EXPERIMENTS.md not refreshed: {exc.message}", file=sys.stderr)
+            return []
+    return paths
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""Slurm's own commands, wrapped: sbatch, scontrol, squeue, scancel (moectl never schedules itself).
+
+    job_id = submit(script_path, env)          # sbatch --parsable --hold: the job waits for release()
+    release(job_id)                            # after run.json names the job (see below)
+    info = job_info(job_id)                    # scontrol show job -o; None once Slurm forgot it
+    jobs = queue()                             # moectl's jobs in squeue (status)
+    cancel([job_id])                           # scancel: Slurm sends SIGTERM, the job records `interrupted`
+
+Why the job is submitted held: run.json has one writer at a time. The submitter writes `queued` +
+job id; the job writes `running` and the end. Were the job released at submission, a job that
+starts at once could write `running` before the submitter wrote the job id, and the submitter would
+then overwrite it with `queued`. `--hold` + `scontrol release` after the write orders the two.
+
+Why `scontrol show job` and not `sacct`: clusters without accounting (our local one) have no sacct;
+`scontrol` knows every job for MinJobAge after it ends, and after that the job's absence plus its
+run record (written by the job itself) says everything moectl needs.
+
+The batch script (`batch_script`) runs `python -m moectl.job RUN_DIR` from the run's code snapshot;
+moectl/job.py is what happens inside the job. For several nodes it starts torchrun on each with
+`srun`, meeting at the first node's NodeAddr (`head_address`): the node *name* need not resolve.
+Torch-free, like all of moectl.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+from moectl.config import ClusterSection
+from moectl.errors import MoectlError, UsageError
+
+JOB_NAME_PREFIX = "moectl:"  # every job moectl submits is named moectl:<run id> (status lists them)
+# Slurm states in which the job may still run (or is ending: its batch script may still write).
+LIVE_STATES = frozenset({
+    "PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
+    "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD",
+})
+COMMAND_TIMEOUT_S = 60  # a controller that answers nothing for a minute is an error, not a hang
+REQUEUE_SIGNAL = "USR1"  # sent to the batch script a little before the time limit (--requeue)
+REQUEUE_SIGNAL_BEFORE_S = 120
+
+
+@dataclass
+class JobInfo:
+    job_id: str
+    state: str  # PENDING, RUNNING, COMPLETED, CANCELLED, FAILED, TIMEOUT, ...
+    exit_code: Optional[str] = None  # "0:0" (code:signal)
+    reason: Optional[str] = None
+    nodes: Optional[str] = None  # NodeList
+    num_nodes: Optional[int] = None
+    run_time: Optional[str] = None
+    restarts: int = 0
+    name: Optional[str] = None
+
+    @property
+    def live(self) -> bool:
+        return self.state in LIVE_STATES
+
+
+@dataclass
+class QueuedJob:
+    job_id: str
+    name: str
+    state: str
+    nodes: int
+    elapsed: str
+    where: str  # node list, or the reason it is pending
+
+    @property
+    def run_id(self) -> str:
+        return self.name.removeprefix(JOB_NAME_PREFIX)
+
+    def to_dict(self) -> dict:
+        return {"job_id": self.job_id, "run_id": self.run_id, "state": self.state, "nodes": self.nodes,
+                "elapsed": self.elapsed, "where": self.where}
+
+
+def available() -> Optional[str]:
+    """Why Slurm cannot be used from here, or None when it can."""
+    missing = [c for c in ("sbatch", "scontrol", "squeue", "scancel") if shutil.which(c) is None]
+    if missing:
+        return f"no {missing[0]} on PATH (is this a Slurm login node? locally: eval \"$(bash scripts/local_slurm.sh start)\")"
+    return None
+
+
+def require() -> None:
+    why = available()
+    if why:
+        raise UsageError(f"--slurm: {why}")
+
+
+def _run(argv: Sequence[str], env: Optional[Mapping[str, str]] = None) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(list(argv), capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S,
+                              env=dict(env) if env is not None else None)
+    except FileNotFoundError:
+        raise UsageError(f"--slurm: no {argv[0]} on PATH") from None
+    except subprocess.TimeoutExpired:
+        raise MoectlError(f"{argv[0]} gave no answer within {COMMAND_TIMEOUT_S} s (is slurmctld up?)") from None
+
+
+def _message(proc: subprocess.CompletedProcess) -> str:
+    """Slurm's own error, one line: the last non-empty line of its stderr (sbatch prints `sbatch: error: ...`)."""
+    lines = [line.strip() for line in (proc.stderr or proc.stdout or "").splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit {proc.returncode}"
+
+
+# --- submitting ----------------------------------------------------------------------------------
+
+
+def batch_script(*, run_id: str, run_dir: Path, code_dir: Path, python: str, cluster: ClusterSection,
+                 nodes: int, requeue: bool) -> str:
+    """The sbatch script of one run (pure). Every option is an #SBATCH line, so the script in the
+    run directory says exactly what was asked of Slurm."""
+    opts = [f"--job-name={JOB_NAME_PREFIX}{run_id}", f"--nodes={nodes}", "--ntasks-per-node=1",
+            f"--output={run_dir / 'slurm-%j.out'}", f"--chdir={code_dir}"]
+    if cluster.partition:
+        opts.append(f"--partition={cluster.partition}")
+    if cluster.account:
+        opts.append(f"--account={cluster.account}")
+    if cluster.time:
+        opts.append(f"--time={cluster.time}")
+    if cluster.gpus_per_node is not None:
+        opts.append(f"--gpus-per-node={cluster.gpus_per_node}")
+    if cluster.cpus_per_task is not None:
+        opts.append(f"--cpus-per-task={cluster.cpus_per_task}")
+    if requeue:
+        # B: the signal goes to the batch script (moectl.job) only; it requeues the job itself.
+        opts += ["--requeue", f"--signal=B:{REQUEUE_SIGNAL}@{REQUEUE_SIGNAL_BEFORE_S}"]
+    else:
+        opts.append("--no-requeue")
+    opts += cluster.extra_sbatch
+    return "\n".join([
+        "#!/bin/bash",
+        *(f"#SBATCH {opt}" for opt in opts),
+        "# The run's code snapshot (taken at submit time) comes first on the path: the job runs it,",
+        "# not whatever the working tree holds by the time the job starts.",
+        f"export PYTHONPATH={shlex.quote(str(code_dir))}${{PYTHONPATH:+:$PYTHONPATH}}",
+        f"exec {shlex.quote(python)} -m moectl.job {shlex.quote(str(run_dir))}",
+        "",
+    ])
+
+
+def submit(script: Path, env: Optional[Mapping[str, str]] = None, dependency: Optional[str] = None,
+           hold: bool = True) -> str:
+    """sbatch the script; returns the job id. A job Slurm rejects (unknown partition, bad option,
+    more nodes than exist) raises UsageError with Slurm's own message."""
+    argv = ["sbatch", "--parsable"] + (["--hold"] if hold else [])
+    if dependency:
+        argv.append(f"--dependency={dependency}")
+    proc = _run([*argv, str(script)], env)
+    if proc.returncode != 0:
+        raise UsageError(f"Slurm rejected the job: {_message(proc)}")
+    job_id = proc.stdout.strip().split(";", 1)[0]  # "<id>" or "<id>;<cluster>"
+    if not job_id.isdigit():
+        raise MoectlError(f"sbatch printed no job id: {proc.stdout.strip()!r}")
+    return job_id
+
+
+def release(job_id: str) -> None:
+    proc = _run(["scontrol", "release", job_id])
+    if proc.returncode != 0:
+        raise MoectlError(f"scontrol release {job_id}: {_message(proc)}")
+
+
+def cancel(job_ids: Sequence[str], signal: Optional[str] = None) -> None:
+    """scancel: Slurm sends the job's processes SIGTERM (then SIGKILL after KillWait)."""
+    if not job_ids:
+        return
+    proc = _run(["scancel", *([f"--signal={signal}"] if signal else []), *job_ids])
+    if proc.returncode != 0 and "Invalid job id" not in (proc.stderr or ""):
+        raise MoectlError(f"scancel {' '.join(job_ids)}: {_message(proc)}")
+
+
+def requeue(job_id: str) -> None:
+    proc = _run(["scontrol", "requeue", job_id])
+    if proc.returncode != 0:
+        raise MoectlError(f"scontrol requeue {job_id}: {_message(proc)}")
+
+
+# --- observing -----------------------------------------------------------------------------------
+
+
+def parse_show_job(text: str) -> Optional[JobInfo]:
+    """One line of `scontrol show job -o` -> JobInfo (pure)."""
+    fields: dict[str, str] = {}
+    for token in text.split():
+        key, sep, value = token.partition("=")
+        if sep and key not in fields:
+            fields[key] = value
+    if "JobId" not in fields:
+        return None
+    num = fields.get("NumNodes", "").split("-")[0]
+    return JobInfo(
+        job_id=fields["JobId"], state=fields.get("JobState", "UNKNOWN"), exit_code=fields.get("ExitCode"),
+        reason=fields.get("Reason"), nodes=fields.get("NodeList"), num_nodes=int(num) if num.isdigit() else None,
+        run_time=fields.get("RunTime"), restarts=int(fields.get("Restarts", "0") or 0), name=fields.get("JobName"),
+    )
+
+
+def job_info(job_id: str) -> Optional[JobInfo]:
+    """What Slurm knows of a job, or None when it knows nothing (ended longer than MinJobAge ago,
+    or never existed). Raises MoectlError when Slurm cannot be asked (no controller)."""
+    proc = _run(["scontrol", "show", "job", "-o", job_id])
+    if proc.returncode != 0:
+        if "Invalid job id" in (proc.stderr or ""):
+            return None
+        raise MoectlError(f"scontrol show job {job_id}: {_message(proc)}")
+    return parse_show_job(proc.stdout.strip().splitlines()[0] if proc.stdout.strip() else "")
+
+
+def parse_squeue(text: str) -> list[QueuedJob]:
+    """`squeue -h -o '%i|%j|%T|%D|%M|%R'` lines -> moectl's jobs (pure; other jobs skipped)."""
+    jobs = []
+    for line in text.splitlines():
+        parts = line.split("|")
+        if len(parts) != 6 or not parts[1].startswith(JOB_NAME_PREFIX):
+            continue
+        job_id, name, state, nodes, elapsed, where = parts
+        jobs.append(QueuedJob(job_id=job_id, name=name, state=state, nodes=int(nodes) if nodes.isdigit() else 0,
+                              elapsed=elapsed, where=where))
+    return jobs
+
+
+def queue() -> list[QueuedJob]:
+    proc = _run(["squeue", "-h", "-o", "%i|%j|%T|%D|%M|%R"])
+    if proc.returncode != 0:
+        raise MoectlError(f"squeue: {_message(proc)}")
+    return parse_squeue(proc.stdout)
+
+
+# --- inside the job ------------------------------------------------------------------------------
+
+
+def head_address(nodelist: str) -> str:
+    """The first node's NodeAddr: where torchrun's c10d rendezvous listens."""
+    proc = _run(["scontrol", "show", "hostnames", nodelist])
+    if proc.returncode != 0 or not proc.stdout.strip():
+        raise MoectlError(f"scontrol show hostnames {nodelist}: {_message(proc)}")
+    first = proc.stdout.split()[0]
+    proc = _run(["scontrol", "show", "node", "-o", first])
+    for token in proc.stdout.split():
+        if token.startswith("NodeAddr="):
+            return token.split("=", 1)[1]
+    return first
+
+
+def multinode_argv(argv: Sequence[str], *, nnodes: int, head: str, port: int, job_id: str) -> list[str]:
+    """A `--standalone` torchrun argv made into one agent per node under srun, meeting through
+    c10d at the first node (pure). `--standalone` would make each node a world of its own."""
+    out = list(argv)
+    if "--standalone" not in out:
+        raise ValueError("expected a torchrun argv with --standalone")
+    at = out.index("--standalone")
+    out[at:at + 1] = ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{head}:{port}",
+                      "--rdzv-id", job_id]
+    # --kill-on-bad-exit: one agent failing ends the others rather than leaving them at a barrier.
+    return ["srun", "--ntasks-per-node=1", f"--nodes={nnodes}", "--kill-on-bad-exit=1", *out]
+
+
+def allocated_gpus(environ: Mapping[str, str] = os.environ) -> Optional[list[int]]:
+    """The GPU indices Slurm gave this job (SLURM_JOB_GPUS / SLURM_STEP_GPUS), None when it says none."""
+    for name in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):
+        value = environ.get(name, "").strip()
+        if value:
+            try:
+                return [int(x) for x in value.split(",")]
+            except ValueError:
+                return None
+    return None

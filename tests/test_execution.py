@@ -1,0 +1,132 @@
+"""The Slurm path's pure parts and its refusals that need no cluster (issue 9): the sbatch script,
+the multi-node torchrun argv, parsing scontrol/squeue output, the guard split, the code snapshot.
+The cluster itself is exercised in tests/test_slurm_run.py and tests/test_slurm_sweep.py."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from moectl import gitops, slurm
+from moectl.config import ClusterSection
+from moectl.execution import deferred_to_job
+from moectl.records import GuardResult
+from tests.conftest import git, gpu
+from tests.test_run import run_dirs
+from tests.test_slurm_run import FAST, moectl, slurm_project
+
+SHOW_JOB = ("JobId=42 JobName=moectl:20260101_000000_moe-x UserId=root(0) JobState=RUNNING Reason=None "
+            "Requeue=1 Restarts=2 BatchFlag=1 ExitCode=0:0 RunTime=00:01:05 NodeList=n[1-2] NumNodes=2 NumCPUs=2")
+
+
+def test_batch_script_asks_slurm_for_exactly_the_cluster_table():
+    cluster = ClusterSection(partition="gpu", account="team", time="01:00:00", gpus_per_node=8, cpus_per_task=16,
+                             extra_sbatch=["--qos=high"])
+    text = slurm.batch_script(run_id="r1", run_dir=Path("/art/r1"), code_dir=Path("/art/r1/code"), python="/v/bin/python",
+                              cluster=cluster, nodes=2, requeue=True)
+    sbatch = [line.removeprefix("#SBATCH ") for line in text.splitlines() if line.startswith("#SBATCH")]
+    assert sbatch == ["--job-name=moectl:r1", "--nodes=2", "--ntasks-per-node=1", "--output=/art/r1/slurm-%j.out",
+                      "--chdir=/art/r1/code", "--partition=gpu", "--account=team", "--time=01:00:00",
+                      "--gpus-per-node=8", "--cpus-per-task=16", "--requeue", "--signal=B:USR1@120", "--qos=high"]
+    assert text.splitlines()[-1] == "exec /v/bin/python -m moectl.job /art/r1"
+    plain = slurm.batch_script(run_id="r1", run_dir=Path("/art/r1"), code_dir=Path("/art/r1/code"), python="py",
+                               cluster=ClusterSection(), nodes=1, requeue=False)
+    assert "#SBATCH --no-requeue" in plain and "--partition" not in plain
+
+
+def test_multinode_argv_replaces_standalone_with_a_c10d_rendezvous_at_the_first_node():
+    argv = ["py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "8", "-m", "engine.train", "--steps", "3"]
+    out = slurm.multinode_argv(argv, nnodes=2, head="10.0.0.7", port=29500, job_id="42")
+    assert out[:4] == ["srun", "--ntasks-per-node=1", "--nodes=2", "--kill-on-bad-exit=1"]
+    assert out[4:] == ["py", "-m", "torch.distributed.run", "--nnodes", "2", "--rdzv-backend", "c10d",
+                       "--rdzv-endpoint", "10.0.0.7:29500", "--rdzv-id", "42", "--nproc-per-node", "8",
+                       "-m", "engine.train", "--steps", "3"]
+
+
+def test_scontrol_and_squeue_output_parse_into_what_moectl_needs():
+    info = slurm.parse_show_job(SHOW_JOB)
+    assert (info.job_id, info.state, info.restarts, info.num_nodes, info.nodes, info.live) == \
+        ("42", "RUNNING", 2, 2, "n[1-2]", True)
+    assert not slurm.parse_show_job(SHOW_JOB.replace("RUNNING", "COMPLETED")).live
+    assert slurm.parse_show_job("") is None
+    jobs = slurm.parse_squeue("7|moectl:20260101_000000_moe-a|PENDING|1|0:00|(Dependency)\n8|other|RUNNING|1|1:00|n1\n")
+    assert [j.to_dict() for j in jobs] == [{"job_id": "7", "run_id": "20260101_000000_moe-a", "state": "PENDING",
+                                            "nodes": 1, "elapsed": "0:00", "where": "(Dependency)"}]
+
+
+def test_allocated_gpus_come_from_slurms_environment():
+    assert slurm.allocated_gpus({"SLURM_JOB_GPUS": "2,3"}) == [2, 3]
+    assert slurm.allocated_gpus({"SLURM_STEP_GPUS": "1", "SLURM_JOB_GPUS": "0,1"}) == [1]
+    assert slurm.allocated_gpus({}) is None
+
+
+def test_the_node_guards_are_deferred_to_the_job_and_the_others_stand():
+    results = [GuardResult(name="git", ok=False, message="wrong branch"),
+               GuardResult(name="gpus_idle", ok=False, message="GPU 0 busy", overridable=True),
+               GuardResult(name="no_other_training", ok=False, message="pid 1", overridable=True)]
+    out = deferred_to_job(results)
+    assert [(r.name, r.ok, r.skipped) for r in out] == [("git", False, False), ("gpus_idle", True, True),
+                                                        ("no_other_training", True, True)]
+
+
+def test_the_code_snapshot_is_head_plus_every_uncommitted_change(git_repo, tmp_path):
+    (git_repo / "README.md").write_text("changed, unstaged\n")
+    (git_repo / "staged.py").write_text("x = 1\n")
+    git(git_repo, "add", "staged.py")
+    (git_repo / "new.py").write_text("y = 2\n")
+    diff = tmp_path / "git.diff"
+    diff.write_text(gitops.git_diff(git_repo))
+    gitops.snapshot_code(git_repo, git(git_repo, "rev-parse", "HEAD").strip(), diff, tmp_path / "code")
+    got = {p.name: p.read_text() for p in (tmp_path / "code").iterdir()}
+    assert got == {"README.md": "changed, unstaged\n", "staged.py": "x = 1\n", "new.py": "y = 2\n"}
+    assert git(git_repo, "status", "--porcelain").splitlines() == [" M README.md", "A  staged.py", "?? new.py"]
+
+
+def test_nodes_without_slurm_is_a_usage_error(git_repo, monkeypatch, artifact_root):
+    slurm_project(git_repo, monkeypatch)
+    r = moectl("run", "--nodes", "2", *FAST)
+    assert r.exit_code == 2 and "--nodes needs --slurm" in r.output
+    assert run_dirs(artifact_root) == []
+
+
+def test_slurm_without_sbatch_on_path_is_one_line_and_exit_2(git_repo, monkeypatch, artifact_root, tmp_path):
+    slurm_project(git_repo, monkeypatch)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "git").symlink_to(shutil.which("git"))
+    monkeypatch.setenv("PATH", str(bin_dir))
+    r = moectl("run", "--slurm", *FAST)
+    assert r.exit_code == 2 and "no sbatch on PATH" in r.output and len(r.output.strip().splitlines()) == 1
+    assert run_dirs(artifact_root) == []
+
+
+
+def test_check_with_the_slurm_backend_leaves_the_node_guards_to_the_job(git_repo, monkeypatch, fake_nvml, fake_training):
+    # No GPU idle here and another training running: the submitting machine's business is neither.
+    slurm_project(git_repo, monkeypatch, cluster='backend = "slurm"')
+    fake_nvml(gpus=[gpu(0, util_pct=99)])
+    r = moectl("check", "--device", "cuda", "--json")
+    assert r.exit_code == 0, r.output
+    guards = {g["name"]: g for g in json.loads(r.output)["guards"]}
+    assert guards["gpus_idle"]["skipped"] and guards["no_other_training"]["skipped"]
+    assert "inside the Slurm job" in guards["gpus_idle"]["message"]
+
+
+def test_wait_on_a_finished_local_run_exits_with_its_outcome(git_repo, monkeypatch, artifact_root):
+    slurm_project(git_repo, monkeypatch)
+    ran = moectl("run", "--steps", "3", "--no-commit", "--override", "no_other_training", *FAST)
+    assert ran.exit_code == 0, ran.output
+    (run_dir,) = run_dirs(artifact_root)
+    waited = moectl("wait", run_dir.name, "--json")
+    assert waited.exit_code == 0 and json.loads(waited.output)[0]["status"] == "completed"
+    failing = moectl("run", "--steps", "5", "--no-commit", "--tag", "bad", "--override", "no_other_training",
+                     "--", "--fail-at-step", "2")
+    assert failing.exit_code == 4, failing.output
+    assert moectl("wait", "bad", run_dir.name).exit_code == 4
+
+
+def test_repeat_with_slurm_is_a_usage_error_that_submits_nothing(git_repo, monkeypatch, artifact_root):
+    slurm_project(git_repo, monkeypatch)
+    r = moectl("run", "--slurm", "--repeat", "2", *FAST)
+    assert r.exit_code == 2 and "--repeat" in r.output and len(r.output.strip().splitlines()) == 1
+    assert run_dirs(artifact_root) == []

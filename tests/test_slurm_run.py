@@ -1,0 +1,334 @@
+"""`moectl run --slurm`, `wait`, `cancel` on the local 2-node Slurm cluster (issue 9): real sbatch,
+scontrol, squeue, scancel; real torchrun inside the jobs. Most jobs run tests.fixtures.fake_engine
+(steps of milliseconds); the snapshot test runs the real engine's tiny preset.
+
+The CLI runs in-process (CliRunner) with this session's SLURM_CONF in the environment, so every
+Slurm command moectl runs, and every job it submits (sbatch exports the environment), talks to the
+session's own cluster and sees this test's artifact root and fake NVML reading."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from engine.schema import StepMetrics, parse_line
+from moectl.cli import app
+from moectl.config import load_config
+from tests.conftest import git, gpu, wait_for
+from tests.slurm_fixtures import SLURM_TESTS, free_port
+from tests.test_run import FAKE, commit_config, commit_files, head, record, run_dirs, write_config
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = [*SLURM_TESTS, pytest.mark.slow]
+runner = CliRunner()
+FAST = ["--", "--sleep-per-step", "0.01"]
+JOB_TIMEOUT_S = 240  # a job's whole life on a loaded 2-core machine, queueing included
+
+
+@pytest.fixture
+def on_cluster(slurm_env, monkeypatch):
+    monkeypatch.setenv("SLURM_CONF", slurm_env["SLURM_CONF"])
+    monkeypatch.setenv("PATH", slurm_env["PATH"])
+    return slurm_env
+
+
+def slurm_project(repo: Path, monkeypatch, cluster: str = "", module: str = FAKE, launch: str = "") -> Path:
+    write_config(repo, module=module, launch=launch)
+    if cluster:
+        with open(repo / ".moectl.toml", "a") as fh:
+            fh.write(f"\n[cluster]\n{cluster}\n")
+    return commit_config(repo, monkeypatch)
+
+
+def moectl(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def only_run(root: Path) -> Path:
+    dirs = run_dirs(root)
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def steps_of(run_dir: Path) -> list[StepMetrics]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(parse_line, lines) if isinstance(r, StepMetrics)]
+
+
+def test_run_slurm_follows_its_job_to_the_end_and_the_job_commits_only_its_report(on_cluster, git_repo, monkeypatch,
+                                                                                   artifact_root):
+    proj = slurm_project(git_repo, monkeypatch)
+    (proj / "README.md").write_text("edited, not staged\n")
+    (proj / "staged.txt").write_text("staged\n")
+    git(proj, "add", "staged.txt")
+    (proj / "untracked.txt").write_text("mine\n")
+    before = {p: (proj / p).read_bytes() for p in ("README.md", "staged.txt", "untracked.txt")}
+
+    r = moectl("run", "--slurm", "--steps", "5", "--tag", "onslurm", *FAST)
+
+    assert r.exit_code == 0, r.output
+    run_dir = only_run(artifact_root)
+    rec = record(run_dir)
+    assert rec["status"] == "completed" and rec["backend"] == "slurm" and rec["nodes"] == 1
+    assert rec["job_id"].isdigit() and f"Slurm job {rec['job_id']}" in r.output
+    assert rec["summary"]["steps"] == 5 and rec["exit_code"] == 0
+    guards = {g["name"]: g for g in rec["guards"]}
+    assert guards["no_other_training"]["ok"] and "Slurm job" in guards["no_other_training"]["message"]
+    assert guards["gpus_idle"]["skipped"]  # a cpu run, judged inside the job
+    # The job wrote the report and committed it (nobody need wait at a terminal for that).
+    assert rec["commit"] == head(proj) and Path(rec["report"]).is_file()
+    assert commit_files(proj) == {f"reports/{Path(rec['report']).name}", "EXPERIMENTS.md"}
+    assert {p: (proj / p).read_bytes() for p in before} == before
+    assert set(git(proj, "diff", "--cached", "--name-only").split()) == {"staged.txt"}
+
+    # --baseline reaches the job's report and commit message, as it does a local run's.
+    second = moectl("run", "--slurm", "--steps", "5", "--tag", "second", "--baseline", "onslurm", *FAST)
+    assert second.exit_code == 0, second.output
+    assert "vs onslurm)" in git(proj, "log", "-1", "--format=%s")
+
+
+def test_the_job_trains_the_code_snapshot_taken_at_submit_not_the_edited_working_tree(on_cluster, git_repo,
+                                                                                       monkeypatch, artifact_root,
+                                                                                       tmp_path):
+    shutil.copytree(REPO / "engine", git_repo / "engine", ignore=shutil.ignore_patterns("__pycache__"))
+    git(git_repo, "add", "engine")
+    # The job may start no sooner than 5 s after submission: time to break the tree first.
+    (git_repo / ".moectl.toml").write_text(
+        '[project]\nname = "moe"\nbranch = "main"\nvenv = ""\n[launch]\nmodule = "engine.train"\n'
+        '[defaults]\npreset = "tiny"\n[cluster]\nextra_sbatch = ["--begin=now+5"]\n')
+    proj = commit_config(git_repo, monkeypatch)
+    engine_args = ["--seed", "7", "--eval-batches", "1"]
+
+    r = moectl("run", "--slurm", "--detach", "--device", "cpu", "--steps", "6", "--no-commit", "--", *engine_args)
+    assert r.exit_code == 0, r.output
+    run_dir = only_run(artifact_root)
+    rec = record(run_dir)
+    assert rec["status"] == "queued" and rec["job_id"] in r.output and rec["id"] in r.output
+    model = proj / "engine" / "model.py"
+    model.write_text(model.read_text() + "\nraise RuntimeError('the working tree is broken')\n")
+    broken_at = time.time()
+    broken = subprocess.run([sys.executable, "-c", "import engine.model"], cwd=proj, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": str(proj)})
+    assert broken.returncode != 0 and "the working tree is broken" in broken.stderr
+
+    waited = moectl("wait", rec["id"], "--timeout", f"{JOB_TIMEOUT_S}s")
+    assert waited.exit_code == 0, waited.output
+    rec = record(run_dir)
+    assert rec["status"] == "completed", rec.get("error")
+    from moectl.store import parse_time
+
+    assert parse_time(rec["started_at"]) > broken_at, "the job started before the tree was broken: proves nothing"
+    # The original code's losses: the engine of this checkout, same options, run directly.
+    ref = tmp_path / "reference"
+    direct = subprocess.run([sys.executable, "-m", "engine.train", "--preset", "tiny", "--device", "cpu", "--steps", "6",
+                             *engine_args, "--out-dir", str(ref)], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert direct.returncode == 0, direct.stderr[-2000:]
+    job_losses = [s.loss for s in steps_of(run_dir)]
+    assert len(job_losses) == 6
+    assert job_losses == pytest.approx([s.loss for s in steps_of(ref)], abs=1e-6)
+
+
+def test_a_busy_gpu_on_the_node_refuses_inside_the_job_with_exit_3_and_a_refused_record(on_cluster, git_repo,
+                                                                                        monkeypatch, artifact_root,
+                                                                                        fake_nvml):
+    proj = slurm_project(git_repo, monkeypatch)
+    # The zombie of an earlier job holding memory on the node's GPU (the job reads the same fake NVML).
+    fake_nvml(gpus=[gpu(0, mem_used_mib=30000, processes=[{"pid": 4242, "name": "python", "used_mib": 30000}])])
+
+    r = moectl("run", "--slurm", "--device", "cuda", "--steps", "5", *FAST)
+
+    assert r.exit_code == 3, r.output
+    rec = record(only_run(artifact_root))
+    assert rec["status"] == "refused" and rec["exit_code"] == 3
+    assert f"inside Slurm job {rec['job_id']}" in rec["error"] and "GPU 0" in rec["error"]
+    assert "GPU 0" in r.output
+    assert not (Path(rec["exp_dir"]) / "metrics.jsonl").exists()  # torchrun never started
+    gpus_idle = next(g for g in rec["guards"] if g["name"] == "gpus_idle")
+    assert not gpus_idle["ok"] and not gpus_idle["skipped"]
+    assert git(proj, "log", "-1", "--format=%s").strip() == "moectl config"  # no report of a refusal
+
+
+def test_cancel_ends_a_running_job_interrupted_with_its_metrics_summarised(on_cluster, git_repo, monkeypatch,
+                                                                          artifact_root):
+    slurm_project(git_repo, monkeypatch)
+    r = moectl("run", "--slurm", "--detach", "--steps", "5000", "--no-commit", "--", "--sleep-per-step", "0.05")
+    assert r.exit_code == 0, r.output
+    run_dir = only_run(artifact_root)
+    wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and len(steps_of(run_dir)) >= 3,
+             "the job's first 3 steps in metrics.jsonl", timeout=JOB_TIMEOUT_S)
+
+    cancelled = moectl("cancel", record(run_dir)["id"])
+
+    assert cancelled.exit_code == 0, cancelled.output
+    rec = record(run_dir)
+    assert rec["status"] == "interrupted" and "SIGTERM" in rec["error"]
+    assert rec["summary"]["steps"] >= 3 and rec["summary"]["steps"] < 5000
+    waited = moectl("wait", rec["id"], "--json")
+    assert waited.exit_code == 130 and json.loads(waited.output)[0]["status"] == "interrupted"
+    squeue = subprocess.run(["squeue", "-h", "-j", rec["job_id"]], capture_output=True, text=True, timeout=60)
+    assert rec["job_id"] not in squeue.stdout
+
+
+def test_two_nodes_train_the_same_losses_as_one_node_with_two_processes(on_cluster, git_repo, monkeypatch,
+                                                                         artifact_root, tmp_path):
+    # A free rendezvous port: other suites on this machine may hold 29500.
+    slurm_project(git_repo, monkeypatch, module="engine.train", cluster=f"rdzv_port = {free_port()}")
+    engine_args = ["--seed", "5", "--eval-batches", "1"]
+    r = moectl("run", "--slurm", "--nodes", "2", "--nproc", "1", "--device", "cpu", "--steps", "6", "--no-commit",
+               "--", *engine_args)
+    assert r.exit_code == 0, r.output
+    run_dir = only_run(artifact_root)
+    rec = record(run_dir)
+    assert rec["status"] == "completed" and rec["nodes"] == 2
+    start = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["world_size"] == 2  # two agents of one process each formed one world
+
+    local = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            "-m", "engine.train", "--preset", "tiny", "--device", "cpu", "--steps", "6", *engine_args,
+                            "--out-dir", str(tmp_path / "one-node")], cwd=REPO, capture_output=True, text=True,
+                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert local.returncode == 0, local.stderr[-2000:]
+    two, one = steps_of(run_dir), steps_of(tmp_path / "one-node")
+    assert [s.step for s in two] == [s.step for s in one] == list(range(6))
+    for a, b in zip(two, one):
+        assert abs(a.loss - b.loss) <= 1e-5, f"step {a.step}: 2 nodes {a.loss} vs 1 node {b.loss}"
+
+
+# --- bad input: one line, the right exit code, no run left `queued` --------------------------------
+
+
+def test_nodes_zero_is_a_usage_error_and_submits_nothing(on_cluster, git_repo, monkeypatch, artifact_root):
+    slurm_project(git_repo, monkeypatch)
+    r = moectl("run", "--slurm", "--nodes", "0", *FAST)
+    assert r.exit_code == 2 and "--nodes" in r.output and len(r.output.strip().splitlines()) == 1
+    assert run_dirs(artifact_root) == []
+
+
+def test_a_job_slurm_rejects_shows_slurms_message_and_the_run_is_failed_not_queued(on_cluster, git_repo,
+                                                                                   monkeypatch, artifact_root):
+    slurm_project(git_repo, monkeypatch, cluster='partition = "nosuchpartition"')
+    r = moectl("run", "--slurm", *FAST)
+    assert r.exit_code == 2, r.output
+    assert "Slurm rejected the job" in r.output and "partition" in r.output.lower()
+    assert len(r.output.strip().splitlines()) == 1
+    rec = record(only_run(artifact_root))
+    assert rec["status"] == "failed" and "Slurm rejected the job" in rec["error"] and rec["job_id"] is None
+
+
+def test_a_job_that_fails_to_start_ends_failed_with_exit_4(on_cluster, git_repo, monkeypatch, artifact_root):
+    # slurmstepd cannot open the job's output file: the batch script never runs, moectl never starts.
+    slurm_project(git_repo, monkeypatch, cluster='extra_sbatch = ["--output=/nonexistent/moectl/out.txt"]')
+    r = moectl("run", "--slurm", *FAST)
+    assert r.exit_code == 4, r.output
+    rec = record(only_run(artifact_root))
+    assert rec["status"] == "failed" and "before moectl started in it" in rec["error"]
+    assert f"Slurm job {rec['job_id']} ended (FAILED" in rec["error"]
+
+
+def test_status_lists_the_job_runs_shows_it_queued_or_running_and_a_vanished_job_is_stale(on_cluster, git_repo,
+                                                                                          monkeypatch, artifact_root):
+    slurm_project(git_repo, monkeypatch)
+    r = moectl("run", "--slurm", "--detach", "--steps", "5000", "--no-commit", "--", "--sleep-per-step", "0.05")
+    assert r.exit_code == 0, r.output
+    run_dir = only_run(artifact_root)
+    rec = record(run_dir)
+    listed = json.loads(moectl("runs", "--json").output)
+    assert listed[0]["status"] in ("queued", "running") and listed[0]["job_id"] == rec["job_id"]
+    wait_for(lambda: record(run_dir)["status"] == "running", "the job's run.json saying running", timeout=JOB_TIMEOUT_S)
+    status = json.loads(moectl("status", "--json").output)
+    (job,) = [j for j in status["slurm_jobs"] if j["job_id"] == rec["job_id"]]
+    assert job["run_id"] == rec["id"] and job["state"] == "RUNNING" and job["nodes"] == 1
+
+    # The OOM killer takes moectl inside the job (the batch script itself): nothing is left to write the end.
+    os.kill(record(run_dir)["pid"], signal.SIGKILL)
+    wait_for(lambda: rec["job_id"] not in subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True,
+                                                         timeout=60).stdout, "the killed job leaving the queue",
+             timeout=JOB_TIMEOUT_S)
+    assert record(run_dir)["status"] == "running"
+    shown = json.loads(moectl("show", rec["id"], "--json").output)
+    assert shown["status"] == "stale" and shown["recorded_status"] == "running"
+    assert json.loads(moectl("runs", "--json").output)[0]["status"] == "stale"
+
+    waited = moectl("wait", rec["id"])
+    assert waited.exit_code == 130, waited.output
+    final = record(run_dir)
+    assert final["status"] == "interrupted" and f"Slurm job {rec['job_id']} ended" in final["error"]
+
+
+def test_a_requeued_job_resumes_from_its_last_checkpoint_in_the_same_run_directory(on_cluster, git_repo, monkeypatch,
+                                                                                   artifact_root):
+    slurm_project(git_repo, monkeypatch, module="engine.train")
+    r = moectl("run", "--slurm", "--detach", "--requeue", "--device", "cpu", "--steps", "100000", "--no-commit",
+               "--", "--save-every", "5", "--eval-batches", "1")
+    assert r.exit_code == 0, r.output
+    run_dir = only_run(artifact_root)
+    job_id = record(run_dir)["job_id"]
+    assert "#SBATCH --requeue" in (run_dir / "job.sh").read_text()
+    ckpts = run_dir / "ckpt_root"
+    wait_for(lambda: any(ckpts.glob("model_*.pt")) and len(steps_of(run_dir)) >= 8,
+             "a checkpoint and 8 steps before the requeue", timeout=JOB_TIMEOUT_S)
+
+    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60, capture_output=True)
+
+    wait_for(lambda: record(run_dir)["restarts"] == 1 and record(run_dir)["status"] == "running",
+             "the requeued job running again (restarts 1)", timeout=JOB_TIMEOUT_S)
+    assert record(run_dir)["job_id"] == job_id
+    resumed = wait_for(lambda: next((line for line in (run_dir / "train.log").read_text().splitlines()
+                                     if "resumed at step" in line), None),
+                       "the engine's 'resumed at step' line", timeout=JOB_TIMEOUT_S)
+    at = int(resumed.split("resumed at step ")[1].split()[0])
+    assert at >= 5 and at % 5 == 0
+    wait_for(lambda: len(steps_of(run_dir)) >= at + 3, "3 steps trained after the resume", timeout=JOB_TIMEOUT_S)
+
+    # What Slurm sends a little before the time limit (--signal=B:USR1@...): the job requeues itself.
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True, timeout=60, capture_output=True)
+    wait_for(lambda: record(run_dir)["restarts"] == 2 and record(run_dir)["status"] == "running",
+             "the job requeued by its own USR1 handler running again (restarts 2)", timeout=JOB_TIMEOUT_S)
+    second = wait_for(lambda: [line for line in (run_dir / "train.log").read_text().splitlines()
+                               if "resumed at step" in line][1:], "the second resume", timeout=JOB_TIMEOUT_S)
+    at = int(second[0].split("resumed at step ")[1].split()[0])
+    wait_for(lambda: len(steps_of(run_dir)) >= at + 3, "3 steps trained after the second resume", timeout=JOB_TIMEOUT_S)
+
+    cancelled = moectl("cancel", record(run_dir)["id"])
+    assert cancelled.exit_code == 0, cancelled.output
+    rec = record(run_dir)
+    steps = [s.step for s in steps_of(run_dir)]
+    assert steps == list(range(len(steps))), "a step trained twice into metrics.jsonl, or one missing"
+    assert rec["status"] == "interrupted" and rec["restarts"] == 2 and rec["summary"]["steps"] == len(steps)
+    # The tail covers the final stretch: no step before the last resume (nor its warm-up) is in it.
+    assert rec["summary"]["warmup_steps"] == at + load_config().metrics.warmup_steps
+
+
+def test_ctrl_c_while_following_detaches_and_says_how_to_cancel(on_cluster, git_repo, monkeypatch, artifact_root):
+    slurm_project(git_repo, monkeypatch)
+    follower = subprocess.Popen([sys.executable, "-m", "moectl", "run", "--slurm", "--steps", "5000", "--no-commit",
+                                 "--quiet", "--", "--sleep-per-step", "0.05"],
+                                cwd=git_repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        run_dir = wait_for(lambda: next(iter(run_dirs(artifact_root)), None), "the run directory", timeout=JOB_TIMEOUT_S,
+                           proc=follower)
+        wait_for(lambda: record(run_dir)["status"] == "running", "the job running", timeout=JOB_TIMEOUT_S, proc=follower)
+        follower.send_signal(signal.SIGINT)
+        out, err = follower.communicate(timeout=60)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait(timeout=30)
+    rec = record(run_dir)
+    assert follower.returncode == 130, err
+    assert f"Slurm job {rec['job_id']} keeps running" in err and f"moectl cancel {rec['id']}" in err
+    assert rec["status"] == "running"  # the job trains on: the follower only detached
+    squeue = subprocess.run(["squeue", "-h", "-j", rec["job_id"], "-o", "%T"], capture_output=True, text=True, timeout=60)
+    assert squeue.stdout.strip() == "RUNNING"
+    cancelled = moectl("cancel", rec["id"])
+    assert cancelled.exit_code == 0 and record(run_dir)["status"] == "interrupted", cancelled.output

@@ -1,0 +1,120 @@
+"""`moectl sweep --slurm` on the local 2-node Slurm cluster (issue 9): legs as jobs side by side,
+sweep.json and the report commits true when legs finish together, --max-parallel, --resume.
+
+Each leg runs tests.fixtures.fake_engine held at a step by its own gate file (`--hold-at-step N
+--hold-until GATE`; it touches GATE.waiting once there): the test knows when every leg is inside
+its run, and opening the gates releases them together, however slow the machine."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from moectl.cli import app
+from moectl.store import parse_time
+from tests.conftest import git, wait_for
+from tests.slurm_fixtures import SLURM_TESTS
+from tests.test_run import record
+from tests.test_slurm_run import JOB_TIMEOUT_S, on_cluster, slurm_project  # noqa: F401  (fixture)
+
+pytestmark = [*SLURM_TESTS, pytest.mark.slow]
+runner = CliRunner()
+
+
+def moectl(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def gated_spec(path: Path, gates: dict[str, Path], steps: int = 4) -> Path:
+    legs = "".join(f'[[legs]]\ntag = "{tag}"\nargs = ["--hold-at-step", "2", "--hold-until", "{gate}"]\n'
+                   for tag, gate in gates.items())
+    path.write_text(f'name = "trio"\n[common]\nsteps = {steps}\n{legs}')
+    return path
+
+
+def the_sweep(artifact_root: Path, suffix: str = "trio") -> Path:
+    (found,) = [p.parent for p in artifact_root.glob(f"*_moe-{suffix}/sweep.json")]
+    return found
+
+
+def sweep_json(sweep_dir: Path) -> dict:
+    return json.loads((sweep_dir / "sweep.json").read_text())
+
+
+def test_three_legs_finishing_together_keep_every_update_and_every_report_commit(on_cluster, git_repo, monkeypatch,
+                                                                                 artifact_root, tmp_path):
+    proj = slurm_project(git_repo, monkeypatch)
+    (proj / "README.md").write_text("edited, not staged\n")
+    (proj / "staged.txt").write_text("staged\n")
+    git(proj, "add", "staged.txt")
+    (proj / "untracked.txt").write_text("mine\n")
+    before = {p: (proj / p).read_bytes() for p in ("README.md", "staged.txt", "untracked.txt")}
+    base = git(proj, "rev-parse", "HEAD").strip()
+    gates = {tag: tmp_path / f"gate-{tag}" for tag in ("a", "b", "c")}
+
+    r = moectl("sweep", str(gated_spec(tmp_path / "trio.toml", gates)), "--slurm", "--detach")
+
+    assert r.exit_code == 0, r.output
+    sweep_dir = the_sweep(artifact_root)
+    for tag, gate in gates.items():
+        wait_for(lambda gate=gate: Path(f"{gate}.waiting").exists(), f"leg {tag} held at step 2", timeout=JOB_TIMEOUT_S)
+    assert {leg["state"] for leg in sweep_json(sweep_dir)["legs"]} == {"running"}
+    for gate in gates.values():  # released within microseconds of each other
+        gate.touch()
+
+    waited = moectl("wait", sweep_json(sweep_dir)["id"], "--timeout", f"{JOB_TIMEOUT_S}s")
+    assert waited.exit_code == 0, waited.output
+    legs = sweep_json(sweep_dir)["legs"]
+    assert [(leg["tag"], leg["state"]) for leg in legs] == [("a", "completed"), ("b", "completed"), ("c", "completed")]
+    runs = [record(sweep_dir / leg["run_id"]) for leg in legs]
+    finished = [parse_time(run["finished_at"]) for run in runs]
+    assert max(finished) - min(finished) < 5, f"the legs did not finish together: {finished}"
+    # Every leg's report commit landed (none lost to another's compare-and-swap), then the sweep's.
+    wait_for(lambda: sweep_json(sweep_dir).get("report"), "the report job's sweep report", timeout=JOB_TIMEOUT_S)
+    wait_for(lambda: "report: sweep trio" in git(proj, "log", "-1", "--format=%s"), "the sweep report commit",
+             timeout=JOB_TIMEOUT_S)
+    subjects = git(proj, "log", "--format=%s", f"{base}..HEAD").splitlines()
+    assert sorted(s.split(" — ")[0] for s in subjects[1:]) == ["report: a", "report: b", "report: c"], subjects
+    assert {run["commit"] for run in runs} <= set(git(proj, "log", "--format=%H", f"{base}..HEAD").split())
+    assert {p: (proj / p).read_bytes() for p in before} == before
+    assert set(git(proj, "diff", "--cached", "--name-only").split()) == {"staged.txt"}
+    assert set(git(proj, "ls-files", "--others", "--exclude-standard").split()) >= {"untracked.txt"}
+
+
+def test_max_parallel_holds_the_third_leg_and_resume_resubmits_only_the_unfinished_one(on_cluster, git_repo,
+                                                                                       monkeypatch, artifact_root,
+                                                                                       tmp_path):
+    slurm_project(git_repo, monkeypatch)
+    gates = {tag: tmp_path / f"gate-{tag}" for tag in ("a", "b", "c")}
+    gates["a"].touch()
+    gates["b"].touch()  # a and b run through; c holds until cancelled
+    r = moectl("sweep", str(gated_spec(tmp_path / "trio.toml", gates)), "--slurm", "--max-parallel", "2",
+               "--detach", "--no-commit")
+    assert r.exit_code == 0, r.output
+    sweep_dir = the_sweep(artifact_root)
+    wait_for(lambda: Path(f"{gates['c']}.waiting").exists(), "leg c held at step 2", timeout=JOB_TIMEOUT_S)
+    runs = {leg["tag"]: record(sweep_dir / leg["run_id"]) for leg in sweep_json(sweep_dir)["legs"]}
+    # Leg c waited for leg a's job (afterany): never three legs in flight.
+    assert parse_time(runs["c"]["started_at"]) >= parse_time(runs["a"]["finished_at"]), runs
+
+    cancelled = moectl("cancel", runs["c"]["id"])
+    assert cancelled.exit_code == 0, cancelled.output
+    waited = moectl("wait", "trio", "--timeout", f"{JOB_TIMEOUT_S}s")
+    assert waited.exit_code == 130, waited.output  # one leg interrupted
+    wait_for(lambda: sweep_json(sweep_dir).get("report"), "the report job's sweep report", timeout=JOB_TIMEOUT_S)
+    assert [leg["state"] for leg in sweep_json(sweep_dir)["legs"]] == ["completed", "completed", "interrupted"]
+
+    gates["c"].touch()
+    resumed = moectl("sweep", "--resume", sweep_json(sweep_dir)["id"], "--slurm", "--no-commit")
+
+    assert resumed.exit_code == 0, resumed.output
+    assert "1 of 3 legs to submit" in resumed.output
+    new = the_sweep(artifact_root, "trio-resume")
+    data = sweep_json(new)
+    assert data["resumed_from"] == sweep_json(sweep_dir)["id"]
+    assert [(leg["tag"], leg["state"]) for leg in data["legs"]] == [("a", "completed"), ("b", "completed"),
+                                                                     ("c", "completed")]
+    assert data["legs"][0]["run_id"] == runs["a"]["id"] and data["legs"][2]["run_id"] != runs["c"]["id"]
+    assert (new / data["legs"][2]["run_id"] / "run.json").is_file()
