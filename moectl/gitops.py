@@ -272,6 +272,12 @@ def committed_in(repo: Path, path: Path) -> Optional[str]:
     return _git(repo, "log", "-1", "--format=%H", "--", rel, env={"GIT_LITERAL_PATHSPECS": "1"})
 
 
+def files_of_commit(repo: Path, commit: str) -> list[str]:
+    """The repository-relative paths a commit changed (what `committed ...` lines name)."""
+    out = _git(repo_root(repo), "show", "--name-only", "--format=", "--no-renames", commit, check=False)
+    return [line for line in out.splitlines() if line]
+
+
 UNTRACKED_MAX_BYTES = 256 * 1024  # bigger untracked files (data, logs) are named, not copied
 
 

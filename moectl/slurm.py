@@ -68,7 +68,7 @@ class QueuedJob:
     state: str
     nodes: int
     elapsed: str
-    where: str  # node list, or the reason it is pending
+    where: str  # node list, `pending: <reason>`, or "" (pending, Slurm gave no reason yet)
 
     @property
     def run_id(self) -> str:
@@ -221,6 +221,9 @@ def parse_squeue(text: str) -> list[QueuedJob]:
         if len(parts) != 6 or not parts[1].startswith(JOB_NAME_PREFIX):
             continue
         job_id, name, state, nodes, elapsed, where = parts
+        # %R: the node list of a running job, `(Reason)` of a pending one; `(None)` = no reason yet.
+        if where.startswith("(") and where.endswith(")"):
+            where = "" if where == "(None)" else f"pending: {where[1:-1]}"
         jobs.append(QueuedJob(job_id=job_id, name=name, state=state, nodes=int(nodes) if nodes.isdigit() else 0,
                               elapsed=elapsed, where=where))
     return jobs

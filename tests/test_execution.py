@@ -49,9 +49,14 @@ def test_scontrol_and_squeue_output_parse_into_what_moectl_needs():
         ("42", "RUNNING", 2, 2, "n[1-2]", True)
     assert not slurm.parse_show_job(SHOW_JOB.replace("RUNNING", "COMPLETED")).live
     assert slurm.parse_show_job("") is None
-    jobs = slurm.parse_squeue("7|moectl:20260101_000000_moe-a|PENDING|1|0:00|(Dependency)\n8|other|RUNNING|1|1:00|n1\n")
+    jobs = slurm.parse_squeue("7|moectl:20260101_000000_moe-a|PENDING|1|0:00|(Dependency)\n8|other|RUNNING|1|1:00|n1\n"
+                              "9|moectl:20260101_000001_moe-b|PENDING|1|0:00|(None)\n10|moectl:20260101_000002_moe-c|RUNNING|2|0:05|n[1-2]\n")
     assert [j.to_dict() for j in jobs] == [{"job_id": "7", "run_id": "20260101_000000_moe-a", "state": "PENDING",
-                                            "nodes": 1, "elapsed": "0:00", "where": "(Dependency)"}]
+                                            "nodes": 1, "elapsed": "0:00", "where": "pending: Dependency"},
+                                           {"job_id": "9", "run_id": "20260101_000001_moe-b", "state": "PENDING",
+                                            "nodes": 1, "elapsed": "0:00", "where": ""},
+                                           {"job_id": "10", "run_id": "20260101_000002_moe-c", "state": "RUNNING",
+                                            "nodes": 2, "elapsed": "0:05", "where": "n[1-2]"}]
 
 
 def test_allocated_gpus_come_from_slurms_environment():

@@ -86,6 +86,8 @@ def test_run_slurm_follows_its_job_to_the_end_and_the_job_commits_only_its_repor
     # The job wrote the report and committed it (nobody need wait at a terminal for that).
     assert rec["commit"] == head(proj) and Path(rec["report"]).is_file()
     assert commit_files(proj) == {f"reports/{Path(rec['report']).name}", "EXPERIMENTS.md"}
+    # ... and the follower names what that commit holds, as a local run does
+    assert f"committed {rec['commit'][:10]} ({Path(rec['report']).name}, EXPERIMENTS.md; nothing else)" in r.output
     assert {p: (proj / p).read_bytes() for p in before} == before
     assert set(git(proj, "diff", "--cached", "--name-only").split()) == {"staged.txt"}
 

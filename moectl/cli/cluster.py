@@ -94,8 +94,13 @@ def _render_final(record) -> None:
     if record.status == "refused":
         error(record.error or "refused inside the job")
         return
+    report = Path(record.report) if record.report else None
     outcome = RunOutcome(exit_code=0, plan=None, guards=record.guards, record=record,  # type: ignore[arg-type]
-                         report=Path(record.report) if record.report else None, commit=record.commit)
+                         report=report, commit=record.commit)
+    if report is not None and record.commit:  # the job committed it: name what the commit holds
+        from moectl.gitops import files_of_commit
+
+        outcome.extra_paths = [Path(f) for f in files_of_commit(report.parent, record.commit) if Path(f).name != report.name]
     _render_outcome(outcome)
     if record.status == "interrupted" and record.error:
         stdout.print(f"  {record.error.splitlines()[0]}", markup=False)

@@ -105,7 +105,8 @@ def _render_status(s: dict) -> None:
         jobs = s["slurm_jobs"]
         out(f"slurm       {len(jobs) or 'no'} moectl job(s) in the queue")
         for j in jobs:
-            out(f"  job {j['job_id']}  {j['state']}  {j['nodes']} node(s)  {j['elapsed']}  {j['run_id']}  ({j['where']})")
+            where = f"  ({j['where']})" if j["where"] else ""
+            out(f"  job {j['job_id']}  {j['state']}  {j['nodes']} node(s)  {j['elapsed']}  {j['run_id']}{where}")
     runs = s["recent_runs"]
     if runs is None:
         out("recent runs: unavailable")
