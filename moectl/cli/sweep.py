@@ -29,10 +29,12 @@ def sweep(
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    r"""Run a sweep: every leg through the same guards, launch, record, report and commit as
-    `moectl run`, one at a time, in one sweep directory with a sweep.json that stays true through
-    failures, Ctrl-C and crashes. After each leg: its report, the sweep report, a commit. At the
-    end: the comparison of all completed legs, the fastest leg, figures, a commit.
+    r"""Run a sweep: every leg through the same guards, record, report and commit as `moectl run`
+    (one after another here, or side by side as Slurm jobs with --slurm).
+
+    One sweep directory holds the legs, with a sweep.json that stays true through failures, Ctrl-C
+    and crashes. After each leg: its report, the sweep report, a commit. At the end: the comparison
+    of all completed legs, the fastest leg, figures, a commit.
 
     Exit codes: 0 all legs completed, 2 bad spec/options, 3 a guard refused, 4 some leg failed, 130 interrupted.
 
