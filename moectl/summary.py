@@ -31,6 +31,12 @@ STANDALONE_LIMIT = 10
 COMMIT_LIMIT = 10
 
 
+
+def resume_command(sweep) -> str:
+    """The exact command that resumes a sweep: on Slurm again when it ran there (its final report
+    was a job), so the unfinished legs go back to the cluster, not to this machine."""
+    return f"moectl sweep --resume {sweep.id}" + (" --slurm" if sweep.report_job else "")
+
 def summary_path(cfg: Config) -> Path:
     return cfg.root / SUMMARY_NAME
 
@@ -89,7 +95,7 @@ def _sweep_section(cfg: Config, chain: list[SweepRecord], runs: dict[str, RunRec
                                                                    latest.legs)]
     if unfinished:
         lines += ["", f"Unfinished legs: {', '.join(f'`{t}`' for t in unfinished)} — resume with "
-                      f"`moectl sweep --resume {latest.id}`"]
+                      f"`{resume_command(latest)}`"]
     return lines + [""]
 
 
@@ -153,7 +159,7 @@ def render_summary(cfg: Config, now: Optional[datetime] = None) -> str:
     lines += ["## Unfinished Sweeps", ""]
     if unfinished:
         lines += ["Resume each in a fresh `-resume` directory (only the legs that did not complete run):", "", "```bash"]
-        lines += [f"moectl sweep --resume {s.id}" for s in unfinished]
+        lines += [resume_command(s) for s in unfinished]
         lines += ["```", ""]
     else:
         lines += ["None.", ""]

@@ -47,11 +47,12 @@ def make_run(parent: Path, run_id: str, tag: str, status: str, tok_per_sec: floa
     return rec
 
 
-def make_sweep(root: Path, sweep_id: str, name: str, legs: list[SweepLeg], resumed_from=None) -> Path:
+def make_sweep(root: Path, sweep_id: str, name: str, legs: list[SweepLeg], resumed_from=None, report_job=None) -> Path:
     d = root / sweep_id
     d.mkdir(parents=True, exist_ok=True)
     save_model(d / "sweep.json", SweepRecord(id=sweep_id, name=name, spec={"name": name}, legs=legs,
-                                             resumed_from=resumed_from, created_at=store.now_iso(), exp_dir=str(d)))
+                                             resumed_from=resumed_from, created_at=store.now_iso(), exp_dir=str(d),
+                                             report_job=report_job))
     return d
 
 
@@ -83,7 +84,12 @@ def populate(root: Path) -> dict[str, str]:
     imported = store.import_run(root, "moe", "old_baseline", [
         StepMetrics(step=i, loss=3.0, dt_ms=10.0, tok_per_sec=777.0, elapsed_s=float(i)) for i in range(5)], window=5,
         warmup_steps=10)
-    return {"original": o.name, "resume": r.name, "done": d.name, "imported": imported.id}
+    # "wide": a sweep that ran on Slurm (its final report was job 77), one leg never started.
+    w = root / "20260103_100000_moe-wide"
+    make_run(w, "20260103_100001_moe-x", "x", "completed", 3000.0, w.name)
+    make_sweep(root, w.name, "wide", [SweepLeg(tag="x", state="completed", run_id="20260103_100001_moe-x"),
+                                      SweepLeg(tag="y")], report_job="77")
+    return {"original": o.name, "resume": r.name, "done": d.name, "imported": imported.id, "wide": w.name}
 
 
 def summary_project(git_repo: Path, monkeypatch) -> Path:
@@ -136,6 +142,7 @@ def test_summary_has_every_section(git_repo, artifact_root, monkeypatch):
     # Unfinished: the exact resume command of the latest sweep in the chain, and only that one.
     unfinished = text.split("## Unfinished Sweeps")[1].split("## Standalone Runs")[0]
     assert f"moectl sweep --resume {ids['resume']}\n" in unfinished
+    assert f"moectl sweep --resume {ids['wide']} --slurm\n" in unfinished  # it ran on Slurm: it resumes there
     assert ids["original"] + "\n" not in unfinished and ids["done"] not in unfinished
     standalone = text.split("## Standalone Runs")[1].split("## Latest Report Commits")[0]
     assert f"`{ids['imported']}` | imported | old_baseline | 777.00† | 10.00† |" in standalone
