@@ -31,7 +31,6 @@ STANDALONE_LIMIT = 10
 COMMIT_LIMIT = 10
 
 
-
 def resume_command(sweep) -> str:
     """The exact command that resumes a sweep: on Slurm again when it ran there (its final report
     was a job), so the unfinished legs go back to the cluster, not to this machine."""
