@@ -130,8 +130,10 @@ def test_wait_on_a_finished_local_run_exits_with_its_outcome(git_repo, monkeypat
     assert moectl("wait", "bad", run_dir.name).exit_code == 4
 
 
-def test_repeat_with_slurm_is_a_usage_error_that_submits_nothing(git_repo, monkeypatch, artifact_root):
+def test_repeat_with_slurm_dry_run_shows_the_first_repeats_job_and_submits_nothing(git_repo, monkeypatch, artifact_root):
     slurm_project(git_repo, monkeypatch)
-    r = moectl("run", "--slurm", "--repeat", "2", *FAST)
-    assert r.exit_code == 2 and "--repeat" in r.output and len(r.output.strip().splitlines()) == 1
+    r = moectl("run", "--slurm", "--repeat", "2", "--seed", "4", "--dry-run", "--json", *FAST)
+    assert r.exit_code == 0, r.output
+    argv = json.loads(r.output)["argv"]
+    assert argv[argv.index("--seed") + 1] == "4"
     assert run_dirs(artifact_root) == []

@@ -266,6 +266,29 @@ def test_status_lists_the_job_runs_shows_it_queued_or_running_and_a_vanished_job
     assert final["status"] == "interrupted" and f"Slurm job {rec['job_id']} ended" in final["error"]
 
 
+def test_repeat_on_slurm_submits_the_group_side_by_side_and_follows_every_job(on_cluster, git_repo, monkeypatch,
+                                                                               artifact_root):
+    proj = slurm_project(git_repo, monkeypatch)
+    r = moectl("run", "--slurm", "--repeat", "2", "--seed", "3", "--steps", "5", "--tag", "grp", *FAST)
+    assert r.exit_code == 0, r.output
+    runs = sorted((record(d) for d in run_dirs(artifact_root)), key=lambda rec: rec["repeat"])
+    assert [(x["status"], x["options"]["seed"], x["backend"]) for x in runs] == [("completed", 3, "slurm"),
+                                                                              ("completed", 4, "slurm")]
+    assert runs[0]["group"] == runs[1]["group"] and runs[0]["job_id"] != runs[1]["job_id"]
+    assert all(f"Slurm job {x['job_id']}" in r.output for x in runs) and f"repeat group {runs[0]['group']}" in r.output
+    # each job committed its own report: both landed, nothing lost between two jobs' commits
+    assert len({x["report"] for x in runs}) == 2
+    for x in runs:
+        assert f"reports/{Path(x['report']).name}" in commit_files(proj, x["commit"])
+        assert git(proj, "merge-base", "--is-ancestor", x["commit"], "HEAD") == ""  # on the branch, not lost
+    # The group is one entry for compare, and one target for wait (its id or its tag).
+    entry = json.loads(moectl("compare", "grp", runs[0]["id"], "--json").output)["runs"][0]
+    assert entry["n_repeats"] == 2 and entry["noise"] == "between-runs"
+    waited = moectl("wait", runs[0]["group"], "--json")
+    assert waited.exit_code == 0 and sorted(x["id"] for x in json.loads(waited.output)) == sorted(x["id"] for x in runs)
+    assert len(json.loads(moectl("wait", "grp", "--json").output)) == 2
+
+
 def test_a_requeued_job_resumes_from_its_last_checkpoint_in_the_same_run_directory(on_cluster, git_repo, monkeypatch,
                                                                                    artifact_root):
     slurm_project(git_repo, monkeypatch, module="engine.train")

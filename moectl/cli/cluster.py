@@ -87,6 +87,60 @@ def run_on_slurm(cfg, request, *, nodes, detach: bool, requeue: bool, dry_run: b
     raise typer.Exit(code)
 
 
+def run_group_on_slurm(cfg, group: str, requests, *, nodes, detach: bool, requeue: bool, json_out: bool,
+                       baseline=None) -> None:
+    """`moectl run --slurm --repeat N`: the N runs of a repeat group as N jobs side by side (Slurm
+    schedules them as it can), then - unless --detach - wait for all of them and end as a local
+    group does: the first failure's exit code, or 0."""
+    from moectl.cli.env import _render_check, check_json
+    from moectl.execution import EXIT_OF_STATUS, JobOptions, submit_run, wait_for
+    from moectl.store import run_json
+
+    if nodes is not None and nodes < 1:
+        raise UsageError(f"--nodes: must be at least 1 (got {nodes})")
+    out = lambda text: stdout.print(text, markup=False)  # noqa: E731
+    records = []
+    for request in requests:
+        submitted = submit_run(cfg, request, JobOptions(nodes=nodes, requeue=requeue, summary=cfg.report.summary,
+                                                         baseline=baseline))
+        if submitted.record is None:  # the submitting machine's guards: the rest would be refused too
+            if not json_out:
+                _render_check(submitted.plan, submitted.guards, False)
+            error(f"a guard refused repeat {len(records) + 1} of group {group}; nothing more was submitted"
+                  + (f" ({len(records)} already queued: `moectl cancel {group}` stops them)" if records else ""))
+            if json_out:
+                print_json({**check_json(submitted.plan, submitted.guards, False), "group": group,
+                            "runs": [run_json(r) for r in records]})
+            raise typer.Exit(EXIT_GUARD)
+        records.append(submitted.record)
+        if not json_out:
+            r = submitted.record
+            out(f"submitted {r.id} (seed {request.seed}) as Slurm job {r.job_id} ({r.nodes} node(s)) -> {r.exp_dir}")
+    if detach:
+        if json_out:
+            print_json({"group": group, "runs": [{"id": r.id, "job_id": r.job_id, "exp_dir": r.exp_dir,
+                                                  "status": r.status} for r in records]})
+        else:
+            out(f"detached: repeat group {group}; `moectl wait {group}` follows its runs, `moectl cancel {group}` stops them")
+        raise typer.Exit(EXIT_OK)
+    try:
+        finals = wait_for(records)
+    except KeyboardInterrupt:
+        error(f"detached: the jobs of group {group} keep running; `moectl cancel {group}` stops them, "
+              f"`moectl wait {group}` follows them again")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    codes = [EXIT_OF_STATUS.get(r.status, 4) for r in finals]
+    if json_out:
+        print_json({"group": group, "repeats": len(finals), "runs": [run_json(r) for r in finals]})
+    else:
+        for final in finals:
+            _render_final(final)
+        done = sum(1 for r in finals if r.status == "completed")
+        out(f"repeat group {group}: {done}/{len(finals)} completed; `moectl compare` on its tag shows them as one "
+            "entry with the between-run error")
+    raise typer.Exit(next((c for c in codes if c != EXIT_OK), EXIT_OK))
+
+
 def _render_final(record) -> None:
     from moectl.cli.run import _render_outcome
     from moectl.runner import RunOutcome
@@ -107,22 +161,32 @@ def _render_final(record) -> None:
 
 
 def _resolve_targets(cfg, refs: list[str]):
-    """RUN or SWEEP arguments -> run records (a sweep: every leg that has a run)."""
+    """RUN, GROUP or SWEEP arguments -> run records: a sweep, every leg that has a run; a repeat
+    group (its id, or a tag whose latest run is in one), every run of the group whatever its state."""
     from moectl import store
+    from moectl.repeats import means_group
     from moectl.sweep.store import find_sweep_runs
 
     runs = store.list_runs(cfg.artifact_root)
-    out = []
+    out: list = []
     for ref in refs:
         legs = find_sweep_runs(cfg.artifact_root, ref, runs)
-        out += legs if legs is not None else [store.resolve_run(cfg.artifact_root, ref, runs)]
-    return out
+        if legs is not None:
+            out += legs
+            continue
+        group = [r for r in runs if r.group == ref]
+        if not group:
+            rec = store.resolve_run(cfg.artifact_root, ref, runs)
+            group = [r for r in runs if r.group == rec.group] if means_group(ref, rec) else [rec]
+        out += sorted(group, key=lambda r: (r.repeat or 0, r.id))
+    seen: set[str] = set()
+    return [r for r in out if not (r.id in seen or seen.add(r.id))]
 
 
 @app.command()
 @handle_errors
 def wait(
-    targets: Annotated[list[str], typer.Argument(help="Runs (id, tag, prefix, path) or sweeps (name or id).", metavar="RUN|SWEEP...")],
+    targets: Annotated[list[str], typer.Argument(help="Runs (id, tag, prefix, path), repeat groups (id, or a tag whose latest run is in one) or sweeps (name or id).", metavar="RUN|SWEEP...")],
     timeout: Annotated[Optional[str], typer.Option("--timeout", help="Give up after this long, e.g. 90s, 30m, 2h (exit 130; the jobs keep running).", show_default=False)] = None,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
@@ -161,7 +225,7 @@ def wait(
 @app.command()
 @handle_errors
 def cancel(
-    targets: Annotated[list[str], typer.Argument(help="Runs or sweeps whose Slurm jobs to cancel.", metavar="RUN|SWEEP...")],
+    targets: Annotated[list[str], typer.Argument(help="Runs, repeat groups or sweeps whose Slurm jobs to cancel.", metavar="RUN|SWEEP...")],
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:

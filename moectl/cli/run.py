@@ -87,8 +87,14 @@ def run(
     from moectl.execution import choose_backend
 
     if choose_backend(cfg, slurm) == "slurm":
-        if repeat > 1:
-            raise UsageError("--repeat is not supported with --slurm yet; submit the seeds as a sweep with repeats")
+        if repeat > 1 and not dry_run:
+            from moectl.cli.cluster import run_group_on_slurm
+
+            group, requests = repeat_requests(cfg, request, repeat)
+            run_group_on_slurm(cfg, group, requests, nodes=nodes, detach=detach, requeue=requeue,
+                               json_out=json_out, baseline=base_record)
+        if repeat > 1:  # --dry-run: the first repeat's command
+            request = repeat_requests(cfg, request, repeat)[1][0]
         run_on_slurm(cfg, request, nodes=nodes, detach=detach, requeue=requeue, dry_run=dry_run,
                      quiet=quiet, json_out=json_out, baseline=base_record)
         return
