@@ -48,6 +48,7 @@ def commit_run_report(
         raise type(exc)(not_committed(exc.message, record.id)) from None
     done = gitops.committed_in(cfg.root, report)
     if done is not None:
+        _record_commit(record, done)
         return ReportCommit(record.id, report, [report], done, created=False, warnings=[])
     paths, warnings = [report], []
     if cfg.report.summary:
@@ -62,5 +63,18 @@ def commit_run_report(
     except GuardRefused as exc:  # busy, or the branch switched meanwhile: nothing moved
         raise type(exc)(not_committed(exc.message, record.id)) from None
     if sha is None:  # the report equals HEAD's after all (committed by someone meanwhile)
-        return ReportCommit(record.id, report, [report], gitops.committed_in(cfg.root, report) or "", False, warnings)
+        sha = gitops.committed_in(cfg.root, report) or ""
+        _record_commit(record, sha)
+        return ReportCommit(record.id, report, [report], sha, False, warnings)
+    _record_commit(record, sha)
     return ReportCommit(record.id, report, paths, sha, created=True, warnings=warnings)
+
+
+def _record_commit(record: RunRecord, sha: str) -> None:
+    """A run whose record names its report commit (a Slurm job writes `commit` itself, and
+    `commit_error` when it was stopped) says the truth once the report is in."""
+    if sha and (record.commit_error is not None or (record.commit is None and record.backend == "slurm")):
+        from moectl import store
+
+        record.commit, record.commit_error = sha, None
+        store.save_run(record)

@@ -105,8 +105,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     report_and_commit(cfg, outcome, baseline=baseline, commit=spec.commit, extra_commit_paths=_summary_paths(cfg, spec))
     record.report = str(outcome.report) if outcome.report else None
     record.commit = outcome.commit
-    if outcome.commit_error:
-        record.notes = f"{record.notes}; {outcome.commit_error}" if record.notes else outcome.commit_error
+    record.commit_error = outcome.commit_error  # the follower shows it, `moectl commit RUN` retries
     store.save_run(record)
     return outcome.exit_code
 

@@ -123,6 +123,7 @@ class RunRecord(BaseModel):
     restarts: int = 0
     report: Optional[str] = None
     commit: Optional[str] = None
+    commit_error: Optional[str] = None  # why the job's report commit was stopped (`moectl commit RUN` retries)
 
 
 class SweepLeg(BaseModel):

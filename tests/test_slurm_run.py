@@ -97,6 +97,35 @@ def test_run_slurm_follows_its_job_to_the_end_and_the_job_commits_only_its_repor
     assert "vs onslurm)" in git(proj, "log", "-1", "--format=%s")
 
 
+def test_a_jobs_stopped_commit_is_recorded_shown_and_moectl_commit_lands_it_later(on_cluster, git_repo, monkeypatch,
+                                                                                  artifact_root, tmp_path):
+    """The person switched branches while the job trained: the job must not commit onto that
+    branch. The record says why (commit_error), the follower shows it, and `moectl commit RUN`
+    back on the expected branch commits the report and sets the record straight."""
+    proj = slurm_project(git_repo, monkeypatch)
+    gate = tmp_path / "go"
+    r = moectl("run", "--slurm", "--detach", "--steps", "6", "--tag", "stopped", "--",
+               "--sleep-per-step", "0.01", "--hold-at-step", "3", "--hold-until", str(gate))
+    assert r.exit_code == 0, r.output
+    run_dir = only_run(artifact_root)
+    wait_for(lambda: Path(f"{gate}.waiting").exists(), "the job's trainer holding at step 3", timeout=JOB_TIMEOUT_S)
+    git(proj, "checkout", "-q", "-b", "elsewhere")
+    gate.touch()
+    followed = moectl("wait", "stopped", "--json")
+    assert followed.exit_code == 0, followed.output  # the training completed; only the commit was stopped
+    rec = record(run_dir)
+    assert rec["status"] == "completed" and rec["commit"] is None
+    assert rec["commit_error"] and "moectl commit" in rec["commit_error"] and rec["notes"] is None
+    assert git(proj, "log", "--all", "--format=%s").count("report:") == 0
+
+    git(proj, "checkout", "-q", "main")
+    landed = moectl("commit", "stopped")
+    assert landed.exit_code == 0, landed.output
+    rec = record(run_dir)
+    assert rec["commit"] == head(proj) and rec["commit_error"] is None
+    assert f"reports/{Path(rec['report']).name}" in commit_files(proj)
+
+
 def test_the_job_trains_the_code_snapshot_taken_at_submit_not_the_edited_working_tree(on_cluster, git_repo,
                                                                                        monkeypatch, artifact_root,
                                                                                        tmp_path):

@@ -150,7 +150,7 @@ def _render_final(record) -> None:
         return
     report = Path(record.report) if record.report else None
     outcome = RunOutcome(exit_code=0, plan=None, guards=record.guards, record=record,  # type: ignore[arg-type]
-                         report=report, commit=record.commit)
+                         report=report, commit=record.commit, commit_error=record.commit_error)
     if report is not None and record.commit:  # the job committed it: name what the commit holds
         from moectl.gitops import files_of_commit
 
