@@ -494,4 +494,6 @@ def slurm_queue(cfg: Config) -> dict:
     try:
         return {"slurm_jobs": [job.to_dict() for job in slurm.queue()], "slurm_error": None}
     except MoectlError as exc:
-        return {"slurm_jobs": None, "slurm_error": exc.message}
+        # Slurm's tools installed but no cluster configured (a workstation, a CI box) is no problem
+        # for a local backend: nothing to show. With backend = "slurm" it is the problem.
+        return {"slurm_jobs": None, "slurm_error": exc.message if cfg.cluster.backend == "slurm" else None}

@@ -84,6 +84,10 @@ def available() -> Optional[str]:
     missing = [c for c in ("sbatch", "scontrol", "squeue", "scancel") if shutil.which(c) is None]
     if missing:
         return f"no {missing[0]} on PATH (is this a Slurm login node? locally: eval \"$(bash scripts/local_slurm.sh start)\")"
+    conf = os.environ.get("SLURM_CONF")
+    if conf and not os.path.isfile(conf):
+        # Slurm's tools would retry reading it for 60 s before saying so.
+        return f"SLURM_CONF={conf} does not exist (a stopped local cluster? `bash scripts/local_slurm.sh start`)"
     return None
 
 

@@ -97,6 +97,25 @@ def test_run_slurm_follows_its_job_to_the_end_and_the_job_commits_only_its_repor
     assert "vs onslurm)" in git(proj, "log", "-1", "--format=%s")
 
 
+def test_status_with_slurm_tools_but_no_cluster_is_quiet_for_a_local_backend_and_says_why_for_slurm(
+        slurm_env, git_repo, monkeypatch, artifact_root, tmp_path):
+    """Slurm's client installed, no cluster: a workstation, a CI box, a stopped local cluster whose
+    SLURM_CONF is still exported (the real squeue would retry reading it for 60 s)."""
+    monkeypatch.setenv("PATH", slurm_env["PATH"])
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "no-such-slurm.conf"))
+    slurm_project(git_repo, monkeypatch)
+    local = json.loads(moectl("status", "--json").output)
+    assert (local["slurm_jobs"], local["slurm_error"]) == (None, None)
+    assert not any(line.startswith("slurm") for line in moectl("status").output.splitlines())
+    slurm_project(git_repo, monkeypatch, cluster='backend = "slurm"')
+    started = time.monotonic()
+    on_slurm = json.loads(moectl("status", "--json").output)
+    assert on_slurm["slurm_jobs"] is None and "no-such-slurm.conf does not exist" in on_slurm["slurm_error"]
+    assert time.monotonic() - started < 30  # not Slurm's 60 s of retries
+    refused = moectl("run", "--slurm", "--steps", "2")
+    assert refused.exit_code == 2 and "does not exist" in refused.output and run_dirs(artifact_root) == []
+
+
 def test_a_jobs_stopped_commit_is_recorded_shown_and_moectl_commit_lands_it_later(on_cluster, git_repo, monkeypatch,
                                                                                   artifact_root, tmp_path):
     """The person switched branches while the job trained: the job must not commit onto that
