@@ -35,11 +35,11 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def parse_duration(text: str) -> float:
-    """`30m`, `90s`, `2h`, `1.5h`, `45` (seconds) -> seconds. UsageError otherwise."""
+def parse_duration(text: str, option: str = "--wait-gpus") -> float:
+    """`30m`, `90s`, `2h`, `1.5h`, `45` (seconds) -> seconds. UsageError naming `option` otherwise."""
     m = _DURATION.match(str(text))
     if not m:
-        raise UsageError(f"--wait-gpus: cannot read duration {text!r}; use e.g. 90s, 30m, 2h")
+        raise UsageError(f"{option}: cannot read duration {text!r}; use e.g. 90s, 30m, 2h")
     return float(m.group(1)) * _UNIT_S[m.group(2)]
 
 

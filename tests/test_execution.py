@@ -128,6 +128,11 @@ def test_wait_on_a_finished_local_run_exits_with_its_outcome(git_repo, monkeypat
                      "--", "--fail-at-step", "2")
     assert failing.exit_code == 4, failing.output
     assert moectl("wait", "bad", run_dir.name).exit_code == 4
+    # bad arguments: one line naming what is wrong, exit 2
+    bad_timeout = moectl("wait", run_dir.name, "--timeout", "soon")
+    assert bad_timeout.exit_code == 2 and "--timeout: cannot read duration 'soon'" in bad_timeout.output
+    unknown = moectl("wait", "no-such-run")
+    assert unknown.exit_code == 2 and "no run matches 'no-such-run'" in unknown.output
 
 
 def test_repeat_with_slurm_dry_run_shows_the_first_repeats_job_and_submits_nothing(git_repo, monkeypatch, artifact_root):

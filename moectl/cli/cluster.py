@@ -207,7 +207,7 @@ def wait(
     from moectl.store import run_json
 
     cfg = load_config(config)
-    timeout_s = parse_duration(timeout) if timeout is not None else None
+    timeout_s = parse_duration(timeout, "--timeout") if timeout is not None else None
     records = _resolve_targets(cfg, targets)
     try:
         final = wait_for(records, timeout_s)
