@@ -26,6 +26,9 @@ EXIT_COMPILE_FAILED = 3
 # The names of engine.train's presets (its PRESETS dict; a test keeps the two in step). Here so
 # `moectl run --preset typo` is a usage error before anything is launched, without importing torch.
 PRESET_NAMES = ("d12-moe", "tiny")
+DEFAULT_PRESET = "tiny"  # what engine.train runs with no --preset
+# Their expert counts, so `moectl run --ep N` that cannot split them is refused before launch.
+PRESET_EXPERTS = {"d12-moe": 8, "tiny": 4}
 ENGINE_MODULE = "engine.train"  # the module these presets belong to (launch.module may name another)
 
 # The bf16 dense peak per device (FLOP/s), by a substring of torch.cuda.get_device_name().

@@ -20,7 +20,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from engine.schema import ENGINE_MODULE, PRESET_NAMES
+from engine.schema import DEFAULT_PRESET, ENGINE_MODULE, PRESET_EXPERTS, PRESET_NAMES
 from moectl.config import Config
 from moectl.errors import UsageError
 from moectl.trainer import follows_engine_contract, trainer_argv
@@ -183,6 +183,14 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
         # The engine would reject it only after torchrun started and a run directory was made.
         where = "--preset" if request.preset is not None else "defaults.preset"
         raise UsageError(f"{where}: unknown preset {preset!r}; the engine has {', '.join(PRESET_NAMES)}")
+    ep = options.get("ep")
+    if cfg.launch.module == ENGINE_MODULE and follows_engine_contract(cfg.launch, cfg.metrics) and ep and ep > 1:
+        # The engine would refuse it too, but only after torchrun started in a new run directory.
+        n_experts = options.get("n_experts") or PRESET_EXPERTS[preset or DEFAULT_PRESET]
+        if n_experts % ep:
+            source = "n_experts" if options.get("n_experts") else f"preset {preset or DEFAULT_PRESET}"
+            raise UsageError(f"--ep {ep}: does not divide the {n_experts} experts ({source}); "
+                             "each rank holds n_experts / ep of them")
 
     device = request.device or device_default or "auto"
     if device == "auto":

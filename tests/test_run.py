@@ -525,10 +525,29 @@ def test_run_help_has_examples():
 
 
 def test_preset_names_match_the_engine():
-    from engine.schema import PRESET_NAMES
-    from engine.train import PRESETS  # imports torch: fine in a test, never in moectl
+    from engine.schema import DEFAULT_PRESET, PRESET_EXPERTS, PRESET_NAMES
+    from engine.train import PRESETS, build_parser  # imports torch: fine in a test, never in moectl
 
     assert sorted(PRESET_NAMES) == sorted(PRESETS)
+    assert PRESET_EXPERTS == {name: p["n_experts"] for name, p in PRESETS.items()}
+    assert build_parser().parse_args([]).preset == DEFAULT_PRESET
+
+
+@pytest.mark.parametrize("defaults, args, message", [
+    ("", ["--ep", "3"], "--ep 3: does not divide the 4 experts (preset tiny)"),
+    ("", ["--ep", "3", "--preset", "d12-moe"], "--ep 3: does not divide the 8 experts (preset d12-moe)"),
+    ("n_experts = 6\n", ["--ep", "4"], "--ep 4: does not divide the 6 experts (n_experts)"),
+])
+def test_an_ep_that_cannot_split_the_experts_is_refused_before_anything_is_written(git_repo, monkeypatch, artifact_root,
+                                                                                   defaults, args, message):
+    write_config(git_repo, module="engine.train")
+    with (git_repo / ".moectl.toml").open("a") as fh:
+        fh.write(defaults)  # appended to [defaults]
+    commit_config(git_repo, monkeypatch)
+    r = run("--device", "cpu", *QUIET, *args)
+    assert r.exit_code == 2 and message in r.output, r.output
+    assert run_dirs(artifact_root) == []
+    assert run("--device", "cpu", "--dry-run", *QUIET, "--ep", "2").exit_code == 0  # 2 divides 4, 8 and 6
 
 
 def test_ctrl_c_just_before_launch_leaves_an_interrupted_record_and_no_lock(proj, artifact_root):
