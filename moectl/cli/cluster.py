@@ -21,23 +21,15 @@ def slurm_flags_need_slurm(*, nodes, detach: bool, requeue: bool) -> None:
 def run_on_slurm(cfg, request, *, nodes, detach: bool, requeue: bool, dry_run: bool, quiet: bool, json_out: bool,
                  baseline=None) -> None:
     """`moectl run --slurm`: submit, then follow the job (unless --detach) and end as a local run does."""
-    from moectl.cli.env import _render_check, check_json
-    from moectl.execution import EXIT_OF_STATUS, JobOptions, deferred_to_job, follow, submit_run
-    from moectl.guards import check_request, passed
+    from moectl.cli.env import _render_check, check_json, show_check
+    from moectl.execution import EXIT_OF_STATUS, JobOptions, follow, submit_run
     from moectl.progress import make_progress, stdout_is_tty
 
     if nodes is not None and nodes < 1:
         raise UsageError(f"--nodes: must be at least 1 (got {nodes})")
     out = lambda text: stdout.print(text, markup=False)  # noqa: E731
     if dry_run:
-        plan, _obs, results = check_request(cfg, request)
-        results = deferred_to_job(results)
-        ok = passed(results)
-        if json_out:
-            print_json(check_json(plan, results, ok))
-        else:
-            _render_check(plan, results, ok)
-        raise typer.Exit(EXIT_OK if ok else EXIT_GUARD)
+        raise typer.Exit(EXIT_OK if show_check(cfg, request, json_out=json_out, slurm=True) else EXIT_GUARD)
 
     submitted = submit_run(cfg, request, JobOptions(nodes=nodes, requeue=requeue, summary=cfg.report.summary,
                                                      baseline=baseline))

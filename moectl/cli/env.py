@@ -155,6 +155,24 @@ def check_json(plan, results, ok: bool) -> dict:
     }
 
 
+def show_check(cfg, request, *, json_out: bool, slurm: bool = False) -> bool:
+    """Every guard for `request`, printed as `check` prints them (the table or --json); whether they
+    pass. `slurm`: the node's guards (gpus_idle, the run lock) are the job's to judge, on its node."""
+    from moectl.guards import check_request, passed
+
+    plan, _obs, results = check_request(cfg, request)
+    if slurm:
+        from moectl.execution import deferred_to_job
+
+        results = deferred_to_job(results)
+    ok = passed(results)
+    if json_out:
+        print_json(check_json(plan, results, ok))
+    else:
+        _render_check(plan, results, ok)
+    return ok
+
+
 def _render_check(plan, results, ok: bool) -> None:
     """Every guard with its message, the command, then the one-line verdict: what `check`, `run
     --dry-run` and a refused `run` print (a `run` that starts prints only the verdict line)."""
@@ -215,7 +233,6 @@ def check(
     Example:  [bold]moectl check --cap 1.0 --compile static --device cpu -- --seed 1[/bold]
     """
     from moectl.config import load_config
-    from moectl.guards import check_request, passed
     from moectl.plan import make_request
 
     request = make_request(**request_kwargs(
@@ -224,15 +241,5 @@ def check(
         balance=balance, balance_rate=balance_rate, ep=ep,
     ))
     cfg = load_config(config)
-    plan, _obs, results = check_request(cfg, request)
-    if cfg.cluster.backend == "slurm":  # gpus_idle and the run lock are judged inside the job, on its node
-        from moectl.execution import deferred_to_job
-
-        results = deferred_to_job(results)
-    ok = passed(results)
-    if json_out:
-        print_json(check_json(plan, results, ok))
-    else:
-        _render_check(plan, results, ok)
-    if not ok:
+    if not show_check(cfg, request, json_out=json_out, slurm=cfg.cluster.backend == "slurm"):
         raise typer.Exit(EXIT_GUARD)

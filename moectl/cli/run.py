@@ -66,9 +66,9 @@ def run(
       [bold]moectl run --cap 1.0 --tag bufreuse --repeat 3[/bold]    (seeds 0, 1, 2: one group)
     """
     from moectl import store
-    from moectl.cli.env import _render_check, check_json
+    from moectl.cli.env import _render_check, check_json, show_check
     from moectl.config import load_config
-    from moectl.guards import check_request, passed, summary_line
+    from moectl.guards import summary_line
     from moectl.plan import make_request
     from moectl.progress import make_progress, stdout_is_tty
     from moectl.repeats import repeat_requests
@@ -103,13 +103,7 @@ def run(
     if dry_run:
         if repeat > 1:  # the first repeat's command (its seed goes through the trainer's mapping)
             request = repeat_requests(cfg, request, repeat)[1][0]
-        plan, _obs, results = check_request(cfg, request)
-        ok = passed(results)
-        if json_out:
-            print_json(check_json(plan, results, ok))
-        else:
-            _render_check(plan, results, ok)
-        raise typer.Exit(EXIT_OK if ok else EXIT_GUARD)
+        raise typer.Exit(EXIT_OK if show_check(cfg, request, json_out=json_out) else EXIT_GUARD)
 
     def on_wait(results, waited_s):
         if not json_out:
