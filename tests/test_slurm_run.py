@@ -63,14 +63,20 @@ def steps_of(run_dir: Path) -> list[StepMetrics]:
     return [r for r in map(parse_line, lines) if isinstance(r, StepMetrics)]
 
 
-def test_run_slurm_follows_its_job_to_the_end_and_the_job_commits_only_its_report(on_cluster, git_repo, monkeypatch,
-                                                                                   artifact_root):
-    proj = slurm_project(git_repo, monkeypatch)
+def user_work_in_progress(proj: Path) -> dict[str, bytes]:
+    """A modified tracked file, a staged file and an untracked one, as a person leaves them while a
+    job runs; their bytes, to compare after moectl committed."""
     (proj / "README.md").write_text("edited, not staged\n")
     (proj / "staged.txt").write_text("staged\n")
     git(proj, "add", "staged.txt")
     (proj / "untracked.txt").write_text("mine\n")
-    before = {p: (proj / p).read_bytes() for p in ("README.md", "staged.txt", "untracked.txt")}
+    return {p: (proj / p).read_bytes() for p in ("README.md", "staged.txt", "untracked.txt")}
+
+
+def test_run_slurm_follows_its_job_to_the_end_and_the_job_commits_only_its_report(on_cluster, git_repo, monkeypatch,
+                                                                                   artifact_root):
+    proj = slurm_project(git_repo, monkeypatch)
+    before = user_work_in_progress(proj)
 
     r = moectl("run", "--slurm", "--steps", "5", "--tag", "onslurm", *FAST)
 

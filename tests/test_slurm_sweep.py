@@ -17,7 +17,7 @@ from moectl.store import parse_time
 from tests.conftest import git, wait_for
 from tests.slurm_fixtures import SLURM_TESTS
 from tests.test_run import record
-from tests.test_slurm_run import JOB_TIMEOUT_S, on_cluster, slurm_project  # noqa: F401  (fixture)
+from tests.test_slurm_run import JOB_TIMEOUT_S, on_cluster, slurm_project, user_work_in_progress  # noqa: F401  (fixture)
 
 pytestmark = [*SLURM_TESTS, pytest.mark.slow]
 runner = CliRunner()
@@ -46,11 +46,7 @@ def sweep_json(sweep_dir: Path) -> dict:
 def test_three_legs_finishing_together_keep_every_update_and_every_report_commit(on_cluster, git_repo, monkeypatch,
                                                                                  artifact_root, tmp_path):
     proj = slurm_project(git_repo, monkeypatch)
-    (proj / "README.md").write_text("edited, not staged\n")
-    (proj / "staged.txt").write_text("staged\n")
-    git(proj, "add", "staged.txt")
-    (proj / "untracked.txt").write_text("mine\n")
-    before = {p: (proj / p).read_bytes() for p in ("README.md", "staged.txt", "untracked.txt")}
+    before = user_work_in_progress(proj)
     base = git(proj, "rev-parse", "HEAD").strip()
     gates = {tag: tmp_path / f"gate-{tag}" for tag in ("a", "b", "c")}
 

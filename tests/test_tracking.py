@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from engine.schema import StepMetrics, parse_line
 from moectl.config import parse_config_text
 from moectl.errors import UsageError
 from moectl.tracking import STEP_KEYS, wandb_run_id
-from tests.conftest import git
+from tests.conftest import git, wait_for
 from tests.test_run import FAKE, QUIET, REPO
 
 TRACKER_ENV = {
@@ -72,18 +71,16 @@ def mlflow_server(tmp_path_factory):
         )
     url = f"http://127.0.0.1:{port}"
     local = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    deadline = time.monotonic() + SERVER_START_S
+
+    def healthy() -> bool:
+        try:
+            return local.open(url + "/health", timeout=2).read().strip() == b"OK"
+        except OSError:
+            return False
+
     try:
-        while True:
-            try:
-                if local.open(url + "/health", timeout=2).read().strip() == b"OK":
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None, f"mlflow server exited ({proc.returncode}):\n{log_path.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, \
-                f"mlflow server never answered /health within {SERVER_START_S:.0f}s:\n{log_path.read_text()[-3000:]}"
-            time.sleep(0.25)
+        wait_for(healthy, "the mlflow server answering /health", timeout=SERVER_START_S, proc=proc,
+                 output=lambda: log_path.read_text(), poll_s=0.25)
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker
@@ -343,11 +340,8 @@ def test_failed_and_interrupted_runs_are_mirrored_with_their_status(git_repo, mo
                                  "--json", "--", "--sleep-per-step", "0.05"], cwd=git_repo, env=env,
                                 stdout=fh, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while not any(len(steps_of(p.parent)) >= 3 for p in artifact_root.glob("*stopped/metrics.jsonl")):
-            assert proc.poll() is None, f"moectl exited early ({proc.returncode}): {proc.stderr.read()}"
-            assert time.monotonic() < deadline, "the run never reached 3 steps"
-            time.sleep(0.1)
+        wait_for(lambda: any(len(steps_of(p.parent)) >= 3 for p in artifact_root.glob("*stopped/metrics.jsonl")),
+                 "the run reaching 3 steps", timeout=120, proc=proc, output=lambda: proc.stderr.read())
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
