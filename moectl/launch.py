@@ -311,7 +311,7 @@ def launch(
     tee: Optional[_Tee] = None
     family: Optional[_Family] = None
     killed = False
-    interrupted = False  # we stopped it (a signal that arrives after torchrun exited on its own is ignored)
+    interrupted = False  # a stop signal ended it (one that arrives after a clean exit 0 is ignored)
     exit_code: Optional[int] = None
     error: Optional[str] = None
     try:
@@ -367,6 +367,10 @@ def launch(
             if family.stop_survivors(remaining, already_killed=killed) and interrupted:
                 killed = True
             exit_code = proc.wait()
+            if stop.count and not interrupted and exit_code != 0:
+                # The same signal reached torchrun first (Slurm's scancel and time limit signal every
+                # process of the job at once): it was stopped, it did not fail.
+                interrupted = True
             tee.join(timeout=5.0)  # an escaped process may still hold the pipe: do not hang on it
             if output_metrics is not None and not tee.is_alive():
                 output_metrics.close()  # its summary line, before the last read below
