@@ -1,8 +1,14 @@
-"""`.moectl.toml`: the pydantic model (SPEC §3), discovery, and one-line-per-field errors.
+"""`.moectl.toml`: discovery, the resolved `Config`, and reading it with or without pydantic (SPEC §3).
 
     cfg = load_config()                 # walk up from cwd; UsageError if none / invalid
     cfg = load_config(Path("x.toml"))   # --config PATH
+    cfg = read_config()                 # the same, for commands that only read (status, runs)
     cfg.project.name, cfg.artifact_root, cfg.python
+
+The schema itself (pydantic models, one-line-per-field errors) is moectl/config_schema.py, imported
+only when a file is validated. `load_config` always validates; `read_config` reads back the
+validated values of a file it has validated before (moectl/validated.py) and so never imports
+pydantic for an unchanged config: `moectl status` in a loop pays for validation once.
 
 The repository root is the directory holding the config file. Paths are resolved once, here:
 `~` is expanded and relative paths are taken relative to the config file. The environment
@@ -11,280 +17,93 @@ tests and CI, so they never touch the real one).
 """
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from moectl.errors import UsageError
-from engine.schema import ENGINE_MODULE
-from moectl.metrics import DEFAULT_WARMUP_STEPS
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
+if TYPE_CHECKING:
+    from moectl.config_schema import MoectlFile
 
 CONFIG_NAME = ".moectl.toml"
 ARTIFACT_ROOT_ENV = "MOECTL_ARTIFACT_ROOT"
 DEFAULT_ARTIFACT_ROOT = "~/.cache/moectl/tmp_exp"
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ProjectSection(_Strict):
-    name: str = Field("moe", min_length=1)
-    branch: str = Field("main", min_length=1)  # "*" disables the branch check
-    venv: str = ".venv"  # "" = the interpreter running moectl
+# The schema's names, importable from here as before (`from moectl.config import MoectlFile`): loaded
+# from moectl/config_schema.py on first use, so importing this module never imports pydantic.
+_SCHEMA_NAMES = {
+    "MoectlFile", "ProjectSection", "PathsSection", "GpuSection", "LaunchSection", "MetricsSection",
+    "ReportSection", "DefaultsSection", "TrackingSection", "ClusterSection", "parse_config_text",
+}
 
 
-class PathsSection(_Strict):
-    artifact_root: str = Field(DEFAULT_ARTIFACT_ROOT, min_length=1)
-    report_dir: str = Field("reports", min_length=1)
-    read_only: list[str] = Field(default_factory=list)
-    min_free_gib: float = Field(1.0, ge=0)  # the disk guard's threshold
+def __getattr__(name: str) -> Any:
+    if name in _SCHEMA_NAMES:
+        from moectl import config_schema
+
+        return getattr(config_schema, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class GpuSection(_Strict):
-    max_util_pct: float = Field(5, ge=0, le=100)
-    max_mem_mib: float = Field(1024, ge=0)
-    require_no_processes: bool = True
-    devices: Union[Literal["all"], list[int]] = "all"
-
-    @field_validator("devices")
-    @classmethod
-    def _indices(cls, v):
-        if isinstance(v, list):
-            if not v:
-                raise ValueError("an empty device list selects nothing; use \"all\" or indices")
-            if any(i < 0 for i in v) or len(set(v)) != len(v):
-                raise ValueError("device indices must be distinct and >= 0")
-        return v
+def launch_target(module: Optional[str], script: Optional[str]) -> str:
+    """What runs: the module name or the script path (process detection, messages)."""
+    return module if module is not None else str(script)
 
 
-class LaunchSection(_Strict):
-    """Which trainer runs and how (issue 10). Exactly one of `module` / `script`; with neither, the
-    engine (`module = "engine.train"`). A trainer with an `[launch.options]` table, a `script`, or
-    metrics parsed from stdout gets only the flags that table maps (moectl/trainer.py); a module
-    without any of those follows the engine's own contract (`--key value`, `--out-dir`)."""
+class SectionView:
+    """One validated section read back from the memo: its values as read-only attributes, in the
+    model's field order. Stands in for the pydantic section wherever a config is only read."""
 
-    module: Optional[str] = Field(ENGINE_MODULE, pattern=r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
-    script: Optional[str] = Field(None, min_length=1)  # relative to the repository root
-    launcher: Literal["torchrun", "python"] = "torchrun"
-    args: list[str] = Field(default_factory=list)  # always passed, before the mapped options
-    options: Optional[dict[str, str]] = None  # moectl option -> trainer flag ("{}" is the value)
-    nproc_per_node: Union[Literal["auto"], int] = "auto"
-    env: dict[str, str] = Field(default_factory=lambda: {"OMP_NUM_THREADS": "1"})
-    compile_fallback: bool = True
+    def __init__(self, values: dict[str, Any]) -> None:
+        object.__setattr__(self, "_values", values)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _module_or_script(cls, data):
-        if isinstance(data, dict) and data.get("script") is not None:
-            if data.get("module") is not None:
-                raise ValueError("give exactly one of module and script, not both")
-            data = {**data, "module": None}
-        return data
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}") from None
 
-    @field_validator("nproc_per_node")
-    @classmethod
-    def _positive(cls, v):
-        if isinstance(v, int) and v < 1:
-            raise ValueError("must be \"auto\" or an integer >= 1")
-        return v
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is read-only (a config read back without validation)")
 
-    @field_validator("options")
-    @classmethod
-    def _templates(cls, v):
-        if v is None:
-            return v
-        out = {}
-        for key, template in v.items():
-            if not template.strip():
-                raise ValueError(f"{key}: an empty flag; map it to e.g. \"--{key}={{}}\"")
-            out[key.replace("-", "_")] = template
-        return out
+    def model_dump(self, **_: Any) -> dict[str, Any]:
+        return copy.deepcopy(self._values)
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._values!r})"
+
+
+class LaunchView(SectionView):
     @property
     def target(self) -> str:
-        """What runs: the module name or the script path (process detection, messages)."""
-        return self.module if self.module is not None else str(self.script)
+        return launch_target(self.module, self.script)
 
 
-class MetricsSection(_Strict):
-    window: int = Field(50, ge=1)
-    # Steps 0 .. warmup_steps-1 (compile, warm-up) never enter a tail window (moectl.metrics).
-    warmup_steps: int = Field(DEFAULT_WARMUP_STEPS, ge=0)
-    # Where a run's per-step metrics come from (issue 10): the engine's metrics.jsonl, or the
-    # trainer's own output, parsed by moectl/stdout_metrics.py into the same metrics.jsonl.
-    source: Literal["jsonl", "stdout"] = "jsonl"
-    format: Optional[Literal["nanochat", "regex"]] = None
-    step: Optional[str] = None  # format = "regex": a step line matches this; group 1 is the step
-    tokens_per_step: Optional[str] = None  # matched once; tok/sec = tokens_per_step / dt
-    patterns: dict[str, str] = Field(default_factory=dict)  # schema field -> regex with one group
-
-    @model_validator(mode="after")
-    def _stdout_keys(self):
-        from moectl.stdout_metrics import check_patterns
-
-        if self.source == "jsonl":
-            # step/tokens_per_step/patterns still serve `moectl import --format regex`; a format
-            # would only say how to parse a live run's output, which jsonl never does.
-            if self.format is not None:
-                raise ValueError('format is set but source is "jsonl" (set source = "stdout")')
-            check_patterns(self.step, self.tokens_per_step, self.patterns)
-            return self
-        if self.format is None:
-            raise ValueError('source = "stdout" needs format = "nanochat" or "regex"')
-        if self.format == "regex" and self.step is None:
-            raise ValueError('format = "regex" needs step = \'<regex whose group is the step number>\'')
-        if self.format == "nanochat" and self.step is not None:
-            raise ValueError('step is only for format = "regex" (nanochat\'s step line is built in)')
-        check_patterns(self.step, self.tokens_per_step, self.patterns)
-        return self
-
-
-class ReportSection(_Strict):
-    summary: bool = True  # run/sweep refresh EXPERIMENTS.md
-
-
-class DefaultsSection(BaseModel):
-    """Engine options applied to every run. Free-form (any engine option may appear, passed as
-    `--key value`), but the options moectl itself understands are type-checked here."""
-
-    model_config = ConfigDict(extra="allow")
-
-    preset: Optional[str] = None
-    cap: Optional[float] = Field(None, ge=0)
-    steps: Optional[int] = Field(None, gt=0)
-    compile: Optional[Literal["static", "dynamic", "none"]] = None
-    fp8: Optional[bool] = None
-    dispatch: Optional[Literal["auto", "padded", "grouped", "loop"]] = None
-    device: Optional[Literal["auto", "cuda", "cpu"]] = None
-    dense: Optional[bool] = None
-    depth: Optional[int] = Field(None, gt=0)
-    n_experts: Optional[int] = Field(None, gt=0)
-    top_k: Optional[int] = Field(None, gt=0)
-    moe_freq: Optional[int] = Field(None, gt=0)
-    seq_len: Optional[int] = Field(None, gt=0)
-    device_batch_size: Optional[int] = Field(None, gt=0)
-    total_batch_size: Optional[int] = Field(None, gt=0)
-    balance_coeff: Optional[float] = Field(None, ge=0)
-    seed: Optional[int] = None
-    dtype: Optional[Literal["bf16", "fp32"]] = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _underscores(cls, data):
-        # TOML may spell engine options as on the command line (n-experts); validate one spelling.
-        if isinstance(data, dict):
-            return {str(k).replace("-", "_"): v for k, v in data.items()}
-        return data
-
+class DefaultsView(SectionView):
     def options(self) -> dict[str, Any]:
-        """The options that are set (keys with underscores)."""
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
-class TrackingSection(_Strict):
-    """Trackers every finished run is mirrored into (moectl/tracking.py). A tracker is on when its
-    first key is set: `mlflow_uri` for MLflow, `wandb_project` for Weights & Biases."""
+class FileView(SectionView):
+    """A whole validated `.moectl.toml` (MoectlFile.model_dump) as nested read-only sections."""
 
-    mlflow_uri: Optional[str] = Field(None, min_length=1)  # a server URL, sqlite:///FILE, or a directory
-    mlflow_experiment: Optional[str] = Field(None, min_length=1)  # default: project.name
-    wandb_project: Optional[str] = Field(None, min_length=1, max_length=128)
-    wandb_entity: Optional[str] = Field(None, min_length=1)
-    wandb_mode: Literal["online", "offline"] = "online"  # offline: a run directory `wandb sync` uploads
+    def __init__(self, dump: dict[str, Any]) -> None:
+        views = {"launch": LaunchView, "defaults": DefaultsView}
+        super().__init__({name: views.get(name, SectionView)(values) for name, values in dump.items()})
 
-    @field_validator("mlflow_uri")
-    @classmethod
-    def _uri(cls, v):
-        from urllib.parse import urlsplit
-
-        if v.split("://", 1)[0] in ("http", "https") and not urlsplit(v).hostname:
-            raise ValueError(f"{v!r} names no host (e.g. http://127.0.0.1:5000)")
-        return v
-
-    @field_validator("wandb_project", "wandb_entity")
-    @classmethod
-    def _wandb_name(cls, v):
-        bad = sorted(set(v) & set("/\\#?%:"))
-        if bad:
-            raise ValueError(f"must not contain {' '.join(bad)}")
-        return v
-
-    @model_validator(mode="after")
-    def _needs_first_key(self):
-        # A key that cannot take effect is an error, like an unknown key: never silently nothing.
-        if self.mlflow_experiment is not None and self.mlflow_uri is None:
-            raise ValueError("mlflow_experiment is set but mlflow_uri is not (MLflow is off)")
-        idle = [k for k in ("wandb_entity", "wandb_mode") if k in self.model_fields_set]
-        if idle and self.wandb_project is None:
-            raise ValueError(f"{idle[0]} is set but wandb_project is not (W&B is off)")
-        return self
-
-
-# Slurm's --time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
-_SLURM_TIME = r"^(\d+-\d{1,2}(:\d{1,2}){0,2}|\d+(:\d{1,2}){0,2})$"
-
-
-class ClusterSection(_Strict):
-    """Where runs execute (moectl/execution.py): this machine, or Slurm jobs (moectl/slurm.py)."""
-
-    backend: Literal["local", "slurm"] = "local"
-    partition: Optional[str] = Field(None, min_length=1, pattern=r"^[^\s,]+$")
-    account: Optional[str] = Field(None, min_length=1, pattern=r"^\S+$")
-    time: Optional[str] = None  # sbatch --time, e.g. "02:00:00"
-    nodes: int = Field(1, ge=1)
-    gpus_per_node: Optional[int] = Field(None, ge=0)
-    cpus_per_task: Optional[int] = Field(None, ge=1)
-    max_parallel: Optional[int] = Field(None, ge=1)  # sweep legs in flight at once; None = all
-    rdzv_port: int = Field(29500, ge=1024, le=65535)  # torchrun's c10d rendezvous on the first node
-    extra_sbatch: list[str] = Field(default_factory=list)  # raw #SBATCH options, e.g. "--qos=high"
-
-    @field_validator("time")
-    @classmethod
-    def _slurm_time(cls, v):
-        import re
-
-        if v is not None and not re.match(_SLURM_TIME, v):
-            raise ValueError(f"{v!r} is not a Slurm time limit (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM:SS)")
-        return v
-
-    @field_validator("extra_sbatch")
-    @classmethod
-    def _options(cls, v):
-        out = []
-        for opt in v:
-            opt = opt.strip().removeprefix("#SBATCH").strip()
-            if not opt.startswith("-") or "\n" in opt or "\r" in opt:
-                raise ValueError(f"{opt!r} is not one sbatch option (e.g. \"--qos=high\")")
-            out.append(opt)
-        return out
-
-
-class MoectlFile(_Strict):
-    project: ProjectSection = Field(default_factory=ProjectSection)
-    paths: PathsSection = Field(default_factory=PathsSection)
-    gpu: GpuSection = Field(default_factory=GpuSection)
-    launch: LaunchSection = Field(default_factory=LaunchSection)
-    metrics: MetricsSection = Field(default_factory=MetricsSection)
-    report: ReportSection = Field(default_factory=ReportSection)
-    defaults: DefaultsSection = Field(default_factory=DefaultsSection)
-    tracking: TrackingSection = Field(default_factory=TrackingSection)
-    cluster: ClusterSection = Field(default_factory=ClusterSection)
+    def model_dump(self, **_: Any) -> dict[str, Any]:
+        return {name: section.model_dump() for name, section in self._values.items()}
 
 
 @dataclass
 class Config:
     """A validated config plus the paths it implies, resolved against the config file."""
 
-    file: MoectlFile
+    file: Union[MoectlFile, FileView]  # FileView: read back by read_config, read-only
     path: Optional[Path]  # the .moectl.toml it came from; None = built-in defaults (no file)
     root: Path  # repository root = the config file's directory
     artifact_root: Path
@@ -319,7 +138,7 @@ def _resolve(base: Path, p: str) -> Path:
     return (q if q.is_absolute() else base / q).resolve()
 
 
-def from_file_model(file: MoectlFile, path: Optional[Path], root: Path) -> Config:
+def from_file_model(file: Union[MoectlFile, FileView], path: Optional[Path], root: Path) -> Config:
     root = root.absolute()
     env_root = os.environ.get(ARTIFACT_ROOT_ENV)
     artifact_root = _resolve(Path.cwd(), env_root) if env_root else _resolve(root, file.paths.artifact_root)
@@ -341,34 +160,9 @@ def from_file_model(file: MoectlFile, path: Optional[Path], root: Path) -> Confi
     )
 
 
-def _field_lines(name: str, exc: ValidationError) -> list[str]:
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-        # A section's own check names the key it is about (`patterns.loss: ...`): one dotted path.
-        head, sep, rest = msg.partition(": ")
-        if sep and loc and " " not in head and head.replace(".", "").replace("_", "").isalnum():
-            loc, msg = f"{loc}.{head}", rest
-        lines.append(f"{name}: {loc}: {msg}")
-    return lines
 
-
-def parse_config_text(text: str, name: str = CONFIG_NAME) -> MoectlFile:
-    """Validate TOML text; UsageError with one line per bad field (or the TOML line number)."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"{name}: malformed TOML: {exc}") from None
-    try:
-        return MoectlFile.model_validate(data)
-    except ValidationError as exc:
-        lines = _field_lines(name, exc)
-        raise UsageError(f"invalid config {name} ({len(lines)} problem(s))", lines=lines) from None
-
-
-def load_config(path: Optional[Path] = None, cwd: Optional[Path] = None) -> Config:
-    """Load `path` (--config) or the nearest `.moectl.toml` above `cwd`."""
+def _locate(path: Optional[Path], cwd: Optional[Path]) -> tuple[Path, str]:
+    """`path` (--config) or the nearest `.moectl.toml` above `cwd`, and its text."""
     if path is None:
         path = find_config(cwd)
         if path is None:
@@ -378,15 +172,56 @@ def load_config(path: Optional[Path] = None, cwd: Optional[Path] = None) -> Conf
     if not path.is_file():
         raise UsageError(f"config file not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8")
+        return path, path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read {path}: {exc}") from None
+
+
+def load_config(path: Optional[Path] = None, cwd: Optional[Path] = None) -> Config:
+    """Load and validate `path` (--config) or the nearest `.moectl.toml` above `cwd`."""
+    from moectl.config_schema import parse_config_text
+
+    path, text = _locate(path, cwd)
     return from_file_model(parse_config_text(text, path.name), path, path.parent)
 
 
 def default_config(root: Optional[Path] = None) -> Config:
     """The built-in defaults rooted at `root` (cwd): what `status` shows when no config exists."""
+    from moectl.config_schema import MoectlFile
+
     return from_file_model(MoectlFile(), None, Path(root or Path.cwd()))
+
+
+def _read(text: str, scope: str, name: str) -> Union[MoectlFile, FileView]:
+    """The validated sections of `text`: read back from the memo when this text was validated
+    before, else validated now (pydantic; an invalid file raises and is not remembered)."""
+    from moectl.validated import Memo
+
+    memo = Memo(scope)
+    dump = memo.get(text)
+    if dump is not None:
+        return FileView(dump)
+    from moectl.config_schema import parse_config_text
+
+    model = parse_config_text(text, name)
+    memo.put(text, model.model_dump(mode="json"))
+    memo.save()
+    return model
+
+
+def read_config(path: Optional[Path] = None, cwd: Optional[Path] = None) -> Config:
+    """`load_config` for commands that only read (status, runs): the same values and the same
+    errors, but an unchanged file validated before is not validated again (its sections come
+    back as read-only views), so these commands never import pydantic for it."""
+    from moectl.validated import digest
+
+    path, text = _locate(path, cwd)
+    return from_file_model(_read(text, f"config-{digest(str(path))}", path.name), path, path.parent)
+
+
+def read_default_config(root: Optional[Path] = None) -> Config:
+    """`default_config` for commands that only read: the built-in defaults, remembered like a file."""
+    return from_file_model(_read("", "config-defaults", CONFIG_NAME), None, Path(root or Path.cwd()))
 
 
 TEMPLATE = """\

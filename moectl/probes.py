@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -185,7 +186,28 @@ def _decode(s) -> str:
     return s.decode() if isinstance(s, bytes) else str(s)
 
 
+# pynvml's own words for a machine without the driver's library (NVMLError_LibraryNotFound).
+NVML_LIBRARY_NOT_FOUND = "NVML Shared Library Not Found"
+
+
+def _nvml_library_present() -> bool:
+    """Can the NVML library be loaded? Asked before importing pynvml (~10 ms of start-up, a quarter
+    of `status`'s own work) so that a machine without GPUs, a Slurm login node or a laptop, does
+    not pay for it. Linux loads the same soname pynvml does; elsewhere pynvml itself decides."""
+    if not sys.platform.startswith("linux"):
+        return True
+    import ctypes
+
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return False
+    return True
+
+
 def _nvml_from_driver() -> NvmlReading:
+    if not _nvml_library_present():
+        return NvmlReading(error=NVML_LIBRARY_NOT_FOUND)
     try:
         import pynvml  # nvidia-ml-py
     except ImportError:
@@ -430,13 +452,12 @@ def observe(cfg: Config, plan: Optional["RunPlan"] = None, nvml: Optional[NvmlRe
 
 
 def _recent_runs(cfg: Config, n: int = 5) -> Optional[list[dict]]:
-    """The newest runs from the run store, or None when the store is not available."""
+    """The newest runs from the run store (as `runs --json` prints them), or None when the store
+    cannot be read."""
+    from moectl.runindex import scan_run_json  # pydantic-free for records validated before
+
     try:
-        from moectl.store import list_runs, run_json  # run_json shows a dead owner's run as `stale`
-    except ImportError:
-        return None
-    try:
-        return [run_json(r) for r in list_runs(cfg.artifact_root)[:n]]
+        return scan_run_json(cfg.artifact_root)[0][:n]
     except Exception:  # a broken store must not break `status`
         return None
 
@@ -444,15 +465,15 @@ def _recent_runs(cfg: Config, n: int = 5) -> Optional[list[dict]]:
 def collect_status(config_path: Optional[Path] = None, cwd: Optional[Path] = None) -> dict:
     """Everything `moectl status` shows, as the SPEC §7a JSON (plus `config`, `config_error`,
     `artifact_root`). Never raises for a missing or invalid config: it is part of the status."""
-    from moectl.config import default_config, load_config
+    from moectl.config import read_config, read_default_config
     from moectl.errors import UsageError
 
     config_error = None
     try:
-        cfg = load_config(config_path, cwd)
+        cfg = read_config(config_path, cwd)  # a config validated before is read back without pydantic
     except UsageError as exc:
         config_error = " ".join([exc.message, *exc.lines])
-        cfg = default_config(cwd)
+        cfg = read_default_config(cwd)
     recent_runs = _recent_runs(cfg)  # first: reading settles a killed moectl's run and removes its lock
     obs = observe(cfg)
     git = obs.git

@@ -6,22 +6,17 @@ reader never sees half a record even if moectl is killed mid-write.
 """
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, Field
 
+from moectl.atomic import atomic_file, write_json_atomic, write_text_atomic  # noqa: F401  (re-exported)
+
 RunStatus = Literal["created", "queued", "running", "completed", "failed", "interrupted", "refused", "imported"]
 LegState = Literal["pending", "queued", "running", "completed", "failed", "interrupted", "refused"]
-# A run in one of these may still change; the others are final.
-UNSETTLED = ("created", "queued", "running")
-
-RUN_RECORD = "run.json"
-SWEEP_RECORD = "sweep.json"
+# The store's layout and the unsettled states, defined with the models-free read path.
+from moectl.runindex import RUN_RECORD, SWEEP_RECORD, UNSETTLED  # noqa: E402,F401  (re-exported)
 
 
 class GuardResult(BaseModel):
@@ -147,38 +142,6 @@ class SweepRecord(BaseModel):
     exp_dir: str
     report_job: Optional[str] = None  # sweep --slurm: the Slurm job that writes the final report
     report: Optional[str] = None  # ... and the report it wrote
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to `path` atomically: a reader sees the old file or the new one, never half."""
-    path = Path(path)
-    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
-    write_text_atomic(path, text)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    with atomic_file(path, "w") as fh:
-        fh.write(text)
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path, mode: str = "w"):
-    """Open a temp file beside `path` ("w" text or "wb" bytes); on success it is fsynced and
-    renamed over `path`, on any error removed: readers never see a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def save_model(path: Path, model: BaseModel) -> None:

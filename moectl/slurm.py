@@ -28,10 +28,12 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
-from moectl.config import ClusterSection
 from moectl.errors import MoectlError, UsageError
+
+if TYPE_CHECKING:
+    from moectl.config_schema import ClusterSection
 
 JOB_NAME_PREFIX = "moectl:"  # every job moectl submits is named moectl:<run id> (status lists them)
 # Slurm states in which the job may still run (or is ending: its batch script may still write).

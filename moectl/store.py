@@ -22,7 +22,7 @@ import socket
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from pydantic import Field, ValidationError
 
@@ -33,11 +33,9 @@ from moectl.metrics import MetricsFile, read_metrics, tail_summary
 from moectl.records import (
     RUN_RECORD, SWEEP_RECORD, UNSETTLED, RunRecord, Summary, SweepRecord, save_model, write_text_atomic,
 )
+from moectl.runindex import owner_gone, parse_time, run_dirs  # noqa: F401  (parse_time: re-exported)
 
 ID_TIME_FORMAT = "%Y%m%d_%H%M%S"
-# A pid is "the same process" only if it started no later than this after the record was made.
-# Records carry second-precision times, so allow for rounding plus clock jitter.
-_PID_REUSE_SLACK_S = 2.0
 
 
 def now_iso() -> str:
@@ -133,56 +131,11 @@ def run_json(record: RunRecord) -> dict[str, Any]:
 # --- stale detection -----------------------------------------------------------------------------
 
 
-def parse_time(text: Optional[str]) -> Optional[float]:
-    if not text:
-        return None
-    try:
-        dt = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    if dt.tzinfo is None:
-        dt = dt.astimezone()  # naive: local time
-    return dt.timestamp()
-
-
 def is_stale(record: RunRecord, host: Optional[str] = None) -> bool:
-    """A `created`/`running` run whose owner is gone: its pid is dead (or a zombie), or the pid now
-    belongs to a process that started after the run did (pid reuse). Runs owned by another host,
-    or with no recorded pid, cannot be judged from here and are taken at their word."""
-    if record.backend == "slurm" and record.job_id is not None:
-        return record.status in UNSETTLED and _slurm_job_gone(record.job_id)
-    if record.status not in UNSETTLED or record.pid is None:
-        return False
-    if record.host and record.host != (host or socket.gethostname()):
-        return False
-    import psutil  # only here: list_runs on completed runs never pays for it
-
-    try:
-        proc = psutil.Process(record.pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return True
-        started = proc.create_time()
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return True
-    except psutil.Error:
-        return False  # access denied: it exists; assume it is ours
-    recorded = parse_time(record.started_at) or parse_time(record.created_at)
-    return recorded is not None and started > recorded + _PID_REUSE_SLACK_S
-
-
-def _slurm_job_gone(job_id: str) -> bool:
-    """Slurm, not a pid, says whether a Slurm run lives: gone = Slurm has no live job by that id.
-    Where Slurm cannot be asked (no controller, not a Slurm host) the record is taken at its word."""
-    from moectl import slurm
-    from moectl.errors import MoectlError
-
-    if slurm.available() is not None:
-        return False
-    try:
-        info = slurm.job_info(job_id)
-    except MoectlError:
-        return False
-    return info is None or not info.live
+    """A `created`/`running` run whose owner is gone (runindex.owner_gone: a dead or reused pid,
+    or a Slurm job no longer in the queue)."""
+    return owner_gone(record.status, record.pid, record.host, record.started_at, record.created_at,
+                      record.backend, record.job_id, this_host=host)
 
 
 # --- settling the runs of a killed moectl --------------------------------------------------------
@@ -340,31 +293,13 @@ class Scan:
     corrupt: list[str] = field(default_factory=list)  # one message per unreadable run.json
 
 
-def _run_dirs(root: Path) -> Iterable[Path]:
-    """Top-level run directories, and the leg directories of sweep directories (one level down)."""
-    try:
-        children = sorted(os.scandir(root), key=lambda e: e.name)
-    except FileNotFoundError:
-        return
-    for entry in children:
-        if not entry.is_dir() or entry.name.startswith("."):
-            continue
-        path = Path(entry.path)
-        if (path / RUN_RECORD).exists():
-            yield path
-        elif (path / SWEEP_RECORD).exists():
-            for leg in sorted(path.iterdir()):
-                if leg.is_dir() and (leg / RUN_RECORD).exists():
-                    yield leg
-
-
 def _sort_key(rec: RunRecord) -> tuple[float, str]:
     return (parse_time(rec.created_at) or 0.0, rec.id)
 
 
 def scan_runs(root: Path) -> Scan:
     out = Scan()
-    for run_dir in _run_dirs(Path(root)):
+    for run_dir in run_dirs(Path(root)):
         try:
             out.runs.append(load_run(run_dir))
         except CorruptRecord as exc:

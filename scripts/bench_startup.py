@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_startup.py                 # 15 rounds, markdown table
     .venv/bin/python scripts/bench_startup.py --rounds 25 --json
+    .venv/bin/python scripts/bench_startup.py --runs 100          # a store of 100 runs
 
 Installs gpustat into a throw-away venv (once, under --cache-dir; nothing touches the project's
 .venv), then times whole commands as a person's shell would run them: `gpustat --json` and the
@@ -11,9 +12,11 @@ minute hits all of them alike. Reported: per-command median and min wall time, a
 medians to gpustat's (the target is <= 1.0).
 
 moectl runs from this checkout's .venv, in a scratch git repository with a committed .moectl.toml
-and an artifact root holding one imported run, so `status`/`runs` do their real work (git probes,
-process scan, lock, store) and are not measuring an error path. NVML: whatever this machine has
-(no GPU here means both tools take their "no NVML" path).
+and an artifact root holding imported runs (--runs, default 1), so `status`/`runs` do their real
+work (git probes, process scan, lock, store) and are not measuring an error path. An untimed first
+pass fills the bytecode caches and moectl's memo of validated files (a person's first command
+does the same); the rounds then time what every later command costs. NVML: whatever this machine
+has (no GPU here means both tools take their "no NVML" path).
 """
 from __future__ import annotations
 
@@ -42,8 +45,8 @@ def ensure_gpustat(cache_dir: Path) -> Path:
     return exe
 
 
-def scratch_project(tmp: Path) -> tuple[Path, dict]:
-    """A git repo with a .moectl.toml, and an artifact root with one imported run in it."""
+def scratch_project(tmp: Path, n_runs: int = 1, bytecode: bool = True) -> tuple[Path, dict]:
+    """A git repo with a .moectl.toml, and an artifact root with `n_runs` imported runs in it."""
     repo = tmp / "repo"
     repo.mkdir()
     git = ["git", "-C", str(repo)]
@@ -51,12 +54,24 @@ def scratch_project(tmp: Path) -> tuple[Path, dict]:
     (repo / ".moectl.toml").write_text('[project]\nname = "moe"\nbranch = "main"\nvenv = ""\n')
     subprocess.run([*git, "add", ".moectl.toml"], check=True)
     subprocess.run([*git, "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-q", "-m", "cfg"], check=True)
-    env = {**os.environ, "MOECTL_ARTIFACT_ROOT": str(tmp / "artifacts"), "NO_COLOR": "1"}
-    log = tmp / "m.jsonl"
-    log.write_text("".join(json.dumps({"type": "step", "step": i, "loss": 3.0, "dt_ms": 100.0,
-                                       "tok_per_sec": 1000.0 + i, "mfu": 1.0}) + "\n" for i in range(60)))
-    subprocess.run([str(VENV_PY), "-m", "moectl", "import", str(log), "--format", "jsonl", "--name", "bench"],
-                   cwd=repo, env=env, check=True, capture_output=True)
+    # Its own cache too: the untimed first pass validates the config and the records once, as a
+    # person's first `moectl status` would, and the timed rounds read them back (moectl/validated.py).
+    env = {**os.environ, "MOECTL_ARTIFACT_ROOT": str(tmp / "artifacts"), "MOECTL_CACHE_DIR": str(tmp / "cache"),
+           "NO_COLOR": "1"}
+    # Bytecode caches as every normal install has them: pip compiled gpustat's (and typer's, ...)
+    # when it installed them; moectl's own modules, in this editable checkout, get theirs on the
+    # untimed first pass. A shell with PYTHONDONTWRITEBYTECODE=1 (this sandbox sets it) would
+    # otherwise recompile moectl from source on every start and time the compiler (--no-bytecode).
+    if bytecode:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+    else:
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+    code = ("import sys; from pathlib import Path; from engine.schema import StepMetrics; "
+            "from moectl.store import import_run\n"
+            "for i in range(int(sys.argv[2])):\n"
+            "    steps = [StepMetrics(step=s, loss=3.0, dt_ms=100.0, tok_per_sec=1000.0 + s + i, mfu=1.0) for s in range(60)]\n"
+            "    import_run(Path(sys.argv[1]), 'moe', f'bench{i}', steps, source='bench')\n")
+    subprocess.run([str(VENV_PY), "-c", code, env["MOECTL_ARTIFACT_ROOT"], str(n_runs)], cwd=REPO, env=env, check=True)
     return repo, env
 
 
@@ -72,6 +87,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "moectl-bench-startup")
+    p.add_argument("--runs", type=int, default=1, help="imported runs in the store (default 1)")
+    p.add_argument("--no-bytecode", action="store_true",
+                   help="time moectl as a PYTHONDONTWRITEBYTECODE=1 shell runs it: its modules compiled every start")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args()
     if not VENV_PY.exists():
@@ -82,7 +100,7 @@ def main() -> int:
     gpustat = ensure_gpustat(args.cache_dir)
     tmp = Path(tempfile.mkdtemp(prefix="bench_startup_"))
     try:
-        repo, env = scratch_project(tmp)
+        repo, env = scratch_project(tmp, args.runs, bytecode=not args.no_bytecode)
         moectl = [str(VENV_PY), "-m", "moectl"]
         commands = {
             "gpustat --json": [str(gpustat), "--json"],
@@ -106,9 +124,11 @@ def main() -> int:
     rows = [{"command": n, "median_s": round(statistics.median(t), 3), "min_s": round(min(t), 3),
              "ratio_to_gpustat": round(statistics.median(t) / base, 2)} for n, t in times.items()]
     if args.json:
-        print(json.dumps({"rounds": args.rounds, "load_avg": os.getloadavg(), "results": rows}))
+        print(json.dumps({"rounds": args.rounds, "runs": args.runs, "bytecode": not args.no_bytecode,
+                          "load_avg": os.getloadavg(), "results": rows}))
         return 0
-    print(f"{args.rounds} rounds, interleaved; load average {os.getloadavg()[0]:.2f}\n")
+    print(f"{args.rounds} rounds, interleaved; {args.runs} run(s) in the store; "
+          f"bytecode {'cached' if not args.no_bytecode else 'off'}; load average {os.getloadavg()[0]:.2f}\n")
     print("| command | median | min | median / gpustat |\n|---|---|---|---|")
     for row in rows:
         print(f"| `{row['command']}` | {row['median_s']:.3f} s | {row['min_s']:.3f} s | {row['ratio_to_gpustat']:.2f} |")

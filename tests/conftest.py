@@ -1,7 +1,7 @@
 """Shared fixtures: real git repos, the fake NVML reading (the suite's only fake), an isolated
-artifact root. Every test runs with MOECTL_ARTIFACT_ROOT in its own tmp dir and, unless it asks
-for something else via `fake_nvml`, with an NVML reading of "no library" - so the suite behaves
-the same on a laptop, on CI and on a GPU box.
+artifact root and cache. Every test runs with MOECTL_ARTIFACT_ROOT and MOECTL_CACHE_DIR in its own
+tmp dir and, unless it asks for something else via `fake_nvml`, with an NVML reading of "no
+library" - so the suite behaves the same on a laptop, on CI and on a GPU box.
 
 Also the suite's ways to wait: `wait_for` (an event, polled, with a deadline that fails naming the
 event), `readline_within` (a child's output line, bounded), `start_process` (a child whose argv a
@@ -169,6 +169,15 @@ def git_repo(tmp_path: Path) -> Path:
     git(repo, "add", "README.md")
     git(repo, "commit", "-q", "-m", "initial")
     return repo
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path: Path, monkeypatch) -> Path:
+    """An isolated moectl cache (MOECTL_CACHE_DIR: the memo of validated configs and records,
+    moectl/validated.py): nothing is left in ~/.cache, and no test reads another's memo."""
+    path = tmp_path / "moectl-cache"
+    monkeypatch.setenv("MOECTL_CACHE_DIR", str(path))
+    return path
 
 
 @pytest.fixture(autouse=True)

@@ -2,16 +2,57 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
+import re
 import sys
 from typing import Any, Callable
 
 import typer
+from typer.core import TyperGroup
 
 from moectl.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, MoectlError
 
+# Rich markup in help texts ([bold]...[/bold], [red]...[/], and \\[ for a literal bracket).
+_MARKUP = re.compile(r"(?<!\\)\[/?[a-z][a-z ]*\]|(?<!\\)\[/\]")
+
+
+def plain_text(text: str) -> str:
+    """A help text with its rich markup taken out, as a terminal without rich would show it."""
+    return _MARKUP.sub("", text).replace("\\[", "[")
+
+
+class TopLevelGroup(TyperGroup):
+    """The `moectl` group. Its own help (`moectl --help`, a bare `moectl`) is plain text in click's
+    layout: it is what people type first and often, and typer's rich help imports ~65 ms of rich
+    (markdown, tracebacks, syntax) before printing a line, which doubled its start-up next to
+    gpustat (docs/benchmarks.md). Each command's `--help` keeps typer's rich option panels."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        self.format_usage(ctx, formatter)
+        if self.help:
+            formatter.write_paragraph()
+            with formatter.indentation():
+                for i, paragraph in enumerate(plain_text(inspect.cleandoc(self.help)).split("\n\n")):
+                    if i:
+                        formatter.write_paragraph()
+                    formatter.write_text(paragraph)
+        options = [rec for rec in (p.get_help_record(ctx) for p in self.get_params(ctx)) if rec]
+        if options:
+            with formatter.section("Options"):
+                formatter.write_dl(options)
+        commands = [(name, plain_text(cmd.get_short_help_str(limit=200)))
+                    for name in self.list_commands(ctx)
+                    if (cmd := self.get_command(ctx, name)) is not None and not cmd.hidden]
+        with formatter.section("Commands"):
+            formatter.write_dl(commands)
+
+
 app = typer.Typer(
     name="moectl",
+    cls=TopLevelGroup,
+    # Plain help fills the terminal, as typer's rich help did (click's own default stops at 80).
+    context_settings={"max_content_width": 10_000},
     rich_markup_mode="rich",
     no_args_is_help=True,
     add_completion=False,

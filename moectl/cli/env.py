@@ -57,7 +57,9 @@ def _age(seconds: float) -> str:
 
 
 def _render_status(s: dict) -> None:
-    out = lambda text: stdout.print(text, markup=False)  # noqa: E731  user data is never markup
+    # Plain lines through print(), not rich: nothing here is styled, and a rich Console costs
+    # ~30 ms of start-up in the command people run in a loop (docs/benchmarks.md).
+    out = print
     if s["config"]:
         out(f"config      {s['config']}")
     else:

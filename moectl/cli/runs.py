@@ -19,15 +19,17 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 
-def _config(path: Optional[Path]):
+def _config(path: Optional[Path], read_only: bool = False):
     """The config in force: --config, else the nearest .moectl.toml, else built-in defaults
-    (reading the store needs no config file; MOECTL_ARTIFACT_ROOT still applies)."""
-    from moectl.config import default_config, find_config, load_config
+    (reading the store needs no config file; MOECTL_ARTIFACT_ROOT still applies). `read_only`:
+    a command that only reads the config (`runs`) takes it through the pydantic-free read path."""
+    from moectl import config as c
 
+    load, default = (c.read_config, c.read_default_config) if read_only else (c.load_config, c.default_config)
     if path is not None:
-        return load_config(path)
-    found = find_config()
-    return load_config(found) if found else default_config()
+        return load(path)
+    found = c.find_config()
+    return load(found) if found else default()
 
 
 def _warn_corrupt(messages: list[str]) -> None:
@@ -71,21 +73,26 @@ def runs_cmd(
 
     Example:  [bold]moectl runs --status completed --limit 10[/bold]
     """
-    from moectl.metrics import MARK
-    from moectl.report import is_marked, marked_footnote
-    from moectl.store import run_json, scan_runs
-
     if status is not None and status not in STATUSES:
         raise UsageError(f"unknown status {status!r} (choose from {', '.join(STATUSES)})")
-    cfg = _config(config)
+    cfg = _config(config, read_only=True)
+    if json_out:  # the records as they are, through the pydantic-free read path (typed in loops)
+        from moectl.runindex import scan_run_json
+
+        records, corrupt = scan_run_json(cfg.artifact_root)
+        _warn_corrupt(corrupt)
+        records = [r for r in records if status is None or r["status"] == status]
+        print_json(records[:limit] if limit else records)
+        return
+    from moectl.metrics import MARK
+    from moectl.report import is_marked, marked_footnote
+    from moectl.store import scan_runs
+
     scan = scan_runs(cfg.artifact_root)
     _warn_corrupt(scan.corrupt)
     runs = [r for r in scan.runs if status is None or r.display_status == status]
     if limit:
         runs = runs[:limit]
-    if json_out:
-        print_json([run_json(r) for r in runs])
-        return
     if not runs:
         stdout.print(f"no runs under {cfg.artifact_root}", markup=False)
         return

@@ -1,0 +1,46 @@
+"""Atomic file writes: a reader sees the old file or the new one, never half of either.
+
+Every record (run.json, sweep.json), report and figure moectl writes goes through here: a temp
+file in the same directory, fsynced, renamed over the target. Standard library only, so the
+read path (`status`, `runs`) can write its cache without importing the record models.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to `path` atomically: a reader sees the old file or the new one, never half."""
+    path = Path(path)
+    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    write_text_atomic(path, text)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_file(path, "w") as fh:
+        fh.write(text)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "w"):
+    """Open a temp file beside `path` ("w" text or "wb" bytes); on success it is fsynced and
+    renamed over `path`, on any error removed: readers never see a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise

@@ -1,0 +1,295 @@
+"""`.moectl.toml`'s schema (SPEC §3): the pydantic models and their one-line-per-field errors.
+
+Only what validates a config file lives here, so that reading a config that was validated before
+(moectl/config.py's `read_config`, used by `status` and `runs`) never imports pydantic.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from engine.schema import ENGINE_MODULE
+from moectl.config import CONFIG_NAME, DEFAULT_ARTIFACT_ROOT, launch_target
+from moectl.errors import UsageError
+from moectl.metrics import DEFAULT_WARMUP_STEPS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ProjectSection(_Strict):
+    name: str = Field("moe", min_length=1)
+    branch: str = Field("main", min_length=1)  # "*" disables the branch check
+    venv: str = ".venv"  # "" = the interpreter running moectl
+
+
+class PathsSection(_Strict):
+    artifact_root: str = Field(DEFAULT_ARTIFACT_ROOT, min_length=1)
+    report_dir: str = Field("reports", min_length=1)
+    read_only: list[str] = Field(default_factory=list)
+    min_free_gib: float = Field(1.0, ge=0)  # the disk guard's threshold
+
+
+class GpuSection(_Strict):
+    max_util_pct: float = Field(5, ge=0, le=100)
+    max_mem_mib: float = Field(1024, ge=0)
+    require_no_processes: bool = True
+    devices: Union[Literal["all"], list[int]] = "all"
+
+    @field_validator("devices")
+    @classmethod
+    def _indices(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("an empty device list selects nothing; use \"all\" or indices")
+            if any(i < 0 for i in v) or len(set(v)) != len(v):
+                raise ValueError("device indices must be distinct and >= 0")
+        return v
+
+
+class LaunchSection(_Strict):
+    """Which trainer runs and how (issue 10). Exactly one of `module` / `script`; with neither, the
+    engine (`module = "engine.train"`). A trainer with an `[launch.options]` table, a `script`, or
+    metrics parsed from stdout gets only the flags that table maps (moectl/trainer.py); a module
+    without any of those follows the engine's own contract (`--key value`, `--out-dir`)."""
+
+    module: Optional[str] = Field(ENGINE_MODULE, pattern=r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
+    script: Optional[str] = Field(None, min_length=1)  # relative to the repository root
+    launcher: Literal["torchrun", "python"] = "torchrun"
+    args: list[str] = Field(default_factory=list)  # always passed, before the mapped options
+    options: Optional[dict[str, str]] = None  # moectl option -> trainer flag ("{}" is the value)
+    nproc_per_node: Union[Literal["auto"], int] = "auto"
+    env: dict[str, str] = Field(default_factory=lambda: {"OMP_NUM_THREADS": "1"})
+    compile_fallback: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _module_or_script(cls, data):
+        if isinstance(data, dict) and data.get("script") is not None:
+            if data.get("module") is not None:
+                raise ValueError("give exactly one of module and script, not both")
+            data = {**data, "module": None}
+        return data
+
+    @field_validator("nproc_per_node")
+    @classmethod
+    def _positive(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be \"auto\" or an integer >= 1")
+        return v
+
+    @field_validator("options")
+    @classmethod
+    def _templates(cls, v):
+        if v is None:
+            return v
+        out = {}
+        for key, template in v.items():
+            if not template.strip():
+                raise ValueError(f"{key}: an empty flag; map it to e.g. \"--{key}={{}}\"")
+            out[key.replace("-", "_")] = template
+        return out
+
+    @property
+    def target(self) -> str:
+        """What runs: the module name or the script path (process detection, messages)."""
+        return launch_target(self.module, self.script)
+
+
+class MetricsSection(_Strict):
+    window: int = Field(50, ge=1)
+    # Steps 0 .. warmup_steps-1 (compile, warm-up) never enter a tail window (moectl.metrics).
+    warmup_steps: int = Field(DEFAULT_WARMUP_STEPS, ge=0)
+    # Where a run's per-step metrics come from (issue 10): the engine's metrics.jsonl, or the
+    # trainer's own output, parsed by moectl/stdout_metrics.py into the same metrics.jsonl.
+    source: Literal["jsonl", "stdout"] = "jsonl"
+    format: Optional[Literal["nanochat", "regex"]] = None
+    step: Optional[str] = None  # format = "regex": a step line matches this; group 1 is the step
+    tokens_per_step: Optional[str] = None  # matched once; tok/sec = tokens_per_step / dt
+    patterns: dict[str, str] = Field(default_factory=dict)  # schema field -> regex with one group
+
+    @model_validator(mode="after")
+    def _stdout_keys(self):
+        from moectl.stdout_metrics import check_patterns
+
+        if self.source == "jsonl":
+            # step/tokens_per_step/patterns still serve `moectl import --format regex`; a format
+            # would only say how to parse a live run's output, which jsonl never does.
+            if self.format is not None:
+                raise ValueError('format is set but source is "jsonl" (set source = "stdout")')
+            check_patterns(self.step, self.tokens_per_step, self.patterns)
+            return self
+        if self.format is None:
+            raise ValueError('source = "stdout" needs format = "nanochat" or "regex"')
+        if self.format == "regex" and self.step is None:
+            raise ValueError('format = "regex" needs step = \'<regex whose group is the step number>\'')
+        if self.format == "nanochat" and self.step is not None:
+            raise ValueError('step is only for format = "regex" (nanochat\'s step line is built in)')
+        check_patterns(self.step, self.tokens_per_step, self.patterns)
+        return self
+
+
+class ReportSection(_Strict):
+    summary: bool = True  # run/sweep refresh EXPERIMENTS.md
+
+
+class DefaultsSection(BaseModel):
+    """Engine options applied to every run. Free-form (any engine option may appear, passed as
+    `--key value`), but the options moectl itself understands are type-checked here."""
+
+    model_config = ConfigDict(extra="allow")
+
+    preset: Optional[str] = None
+    cap: Optional[float] = Field(None, ge=0)
+    steps: Optional[int] = Field(None, gt=0)
+    compile: Optional[Literal["static", "dynamic", "none"]] = None
+    fp8: Optional[bool] = None
+    dispatch: Optional[Literal["auto", "padded", "grouped", "loop"]] = None
+    device: Optional[Literal["auto", "cuda", "cpu"]] = None
+    dense: Optional[bool] = None
+    depth: Optional[int] = Field(None, gt=0)
+    n_experts: Optional[int] = Field(None, gt=0)
+    top_k: Optional[int] = Field(None, gt=0)
+    moe_freq: Optional[int] = Field(None, gt=0)
+    seq_len: Optional[int] = Field(None, gt=0)
+    device_batch_size: Optional[int] = Field(None, gt=0)
+    total_batch_size: Optional[int] = Field(None, gt=0)
+    balance_coeff: Optional[float] = Field(None, ge=0)
+    seed: Optional[int] = None
+    dtype: Optional[Literal["bf16", "fp32"]] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _underscores(cls, data):
+        # TOML may spell engine options as on the command line (n-experts); validate one spelling.
+        if isinstance(data, dict):
+            return {str(k).replace("-", "_"): v for k, v in data.items()}
+        return data
+
+    def options(self) -> dict[str, Any]:
+        """The options that are set (keys with underscores)."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class TrackingSection(_Strict):
+    """Trackers every finished run is mirrored into (moectl/tracking.py). A tracker is on when its
+    first key is set: `mlflow_uri` for MLflow, `wandb_project` for Weights & Biases."""
+
+    mlflow_uri: Optional[str] = Field(None, min_length=1)  # a server URL, sqlite:///FILE, or a directory
+    mlflow_experiment: Optional[str] = Field(None, min_length=1)  # default: project.name
+    wandb_project: Optional[str] = Field(None, min_length=1, max_length=128)
+    wandb_entity: Optional[str] = Field(None, min_length=1)
+    wandb_mode: Literal["online", "offline"] = "online"  # offline: a run directory `wandb sync` uploads
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _uri(cls, v):
+        from urllib.parse import urlsplit
+
+        if v.split("://", 1)[0] in ("http", "https") and not urlsplit(v).hostname:
+            raise ValueError(f"{v!r} names no host (e.g. http://127.0.0.1:5000)")
+        return v
+
+    @field_validator("wandb_project", "wandb_entity")
+    @classmethod
+    def _wandb_name(cls, v):
+        bad = sorted(set(v) & set("/\\#?%:"))
+        if bad:
+            raise ValueError(f"must not contain {' '.join(bad)}")
+        return v
+
+    @model_validator(mode="after")
+    def _needs_first_key(self):
+        # A key that cannot take effect is an error, like an unknown key: never silently nothing.
+        if self.mlflow_experiment is not None and self.mlflow_uri is None:
+            raise ValueError("mlflow_experiment is set but mlflow_uri is not (MLflow is off)")
+        idle = [k for k in ("wandb_entity", "wandb_mode") if k in self.model_fields_set]
+        if idle and self.wandb_project is None:
+            raise ValueError(f"{idle[0]} is set but wandb_project is not (W&B is off)")
+        return self
+
+
+# Slurm's --time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
+_SLURM_TIME = r"^(\d+-\d{1,2}(:\d{1,2}){0,2}|\d+(:\d{1,2}){0,2})$"
+
+
+class ClusterSection(_Strict):
+    """Where runs execute (moectl/execution.py): this machine, or Slurm jobs (moectl/slurm.py)."""
+
+    backend: Literal["local", "slurm"] = "local"
+    partition: Optional[str] = Field(None, min_length=1, pattern=r"^[^\s,]+$")
+    account: Optional[str] = Field(None, min_length=1, pattern=r"^\S+$")
+    time: Optional[str] = None  # sbatch --time, e.g. "02:00:00"
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: Optional[int] = Field(None, ge=0)
+    cpus_per_task: Optional[int] = Field(None, ge=1)
+    max_parallel: Optional[int] = Field(None, ge=1)  # sweep legs in flight at once; None = all
+    rdzv_port: int = Field(29500, ge=1024, le=65535)  # torchrun's c10d rendezvous on the first node
+    extra_sbatch: list[str] = Field(default_factory=list)  # raw #SBATCH options, e.g. "--qos=high"
+
+    @field_validator("time")
+    @classmethod
+    def _slurm_time(cls, v):
+        import re
+
+        if v is not None and not re.match(_SLURM_TIME, v):
+            raise ValueError(f"{v!r} is not a Slurm time limit (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM:SS)")
+        return v
+
+    @field_validator("extra_sbatch")
+    @classmethod
+    def _options(cls, v):
+        out = []
+        for opt in v:
+            opt = opt.strip().removeprefix("#SBATCH").strip()
+            if not opt.startswith("-") or "\n" in opt or "\r" in opt:
+                raise ValueError(f"{opt!r} is not one sbatch option (e.g. \"--qos=high\")")
+            out.append(opt)
+        return out
+
+
+class MoectlFile(_Strict):
+    project: ProjectSection = Field(default_factory=ProjectSection)
+    paths: PathsSection = Field(default_factory=PathsSection)
+    gpu: GpuSection = Field(default_factory=GpuSection)
+    launch: LaunchSection = Field(default_factory=LaunchSection)
+    metrics: MetricsSection = Field(default_factory=MetricsSection)
+    report: ReportSection = Field(default_factory=ReportSection)
+    defaults: DefaultsSection = Field(default_factory=DefaultsSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
+
+
+def _field_lines(name: str, exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        # A section's own check names the key it is about (`patterns.loss: ...`): one dotted path.
+        head, sep, rest = msg.partition(": ")
+        if sep and loc and " " not in head and head.replace(".", "").replace("_", "").isalnum():
+            loc, msg = f"{loc}.{head}", rest
+        lines.append(f"{name}: {loc}: {msg}")
+    return lines
+
+
+def parse_config_text(text: str, name: str = CONFIG_NAME) -> MoectlFile:
+    """Validate TOML text; UsageError with one line per bad field (or the TOML line number)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{name}: malformed TOML: {exc}") from None
+    try:
+        return MoectlFile.model_validate(data)
+    except ValidationError as exc:
+        lines = _field_lines(name, exc)
+        raise UsageError(f"invalid config {name} ({len(lines)} problem(s))", lines=lines) from None
+

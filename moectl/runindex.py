@@ -1,0 +1,154 @@
+"""The run store's read path without the record models: where runs live, whether their owner is
+alive, and every record as `runs --json` prints it (SPEC §6, §7a).
+
+moectl/store.py holds the pydantic records and everything that writes them; this module is what
+`status` and `runs --json` need, in the standard library only. `scan_run_json` reads each run.json,
+takes its validated form from the memo of this artifact root (moectl/validated.py) when the bytes
+were validated before, and hands every run that needs more than reading to store.py:
+
+- bytes never validated: validated now (pydantic), then remembered;
+- a record that does not validate: store.py's error message, the run skipped as `corrupt`;
+- a run whose owner is gone (stale): store.py settles it (or shows it `stale`) as it always did.
+
+So the output is exactly `[run_json(r) for r in store.scan_runs(root).runs]` — a test holds the two
+equal — and a store whose records were all seen before is listed without importing pydantic.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+RUN_RECORD = "run.json"
+SWEEP_RECORD = "sweep.json"
+# A run in one of these may still change; the others are final.
+UNSETTLED = ("created", "queued", "running")
+# A pid is "the same process" only if it started no later than this after the record was made.
+# Records carry second-precision times, so allow for rounding plus clock jitter.
+PID_REUSE_SLACK_S = 2.0
+
+
+def run_dirs(root: Path) -> Iterable[Path]:
+    """Top-level run directories, and the leg directories of sweep directories (one level down)."""
+    try:
+        children = sorted(os.scandir(root), key=lambda e: e.name)
+    except FileNotFoundError:
+        return
+    for entry in children:
+        if not entry.is_dir() or entry.name.startswith("."):
+            continue
+        path = Path(entry.path)
+        if (path / RUN_RECORD).exists():
+            yield path
+        elif (path / SWEEP_RECORD).exists():
+            for leg in sorted(path.iterdir()):
+                if leg.is_dir() and (leg / RUN_RECORD).exists():
+                    yield leg
+
+
+def parse_time(text: Optional[str]) -> Optional[float]:
+    if not text:
+        return None
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if dt.tzinfo is None:
+        dt = dt.astimezone()  # naive: local time
+    return dt.timestamp()
+
+
+def owner_gone(status: str, pid: Optional[int], host: Optional[str], started_at: Optional[str],
+               created_at: Optional[str], backend: str = "local", job_id: Optional[str] = None,
+               this_host: Optional[str] = None) -> bool:
+    """Is this `created`/`queued`/`running` run's owner gone? Its pid is dead (or a zombie), or the
+    pid now belongs to a process that started after the run did (pid reuse). Runs owned by another
+    host, or with no recorded pid, cannot be judged from here and are taken at their word. A Slurm
+    run's owner is its job: gone once Slurm has no live job by that id."""
+    if backend == "slurm" and job_id is not None:
+        return status in UNSETTLED and _slurm_job_gone(job_id)
+    if status not in UNSETTLED or pid is None:
+        return False
+    if host and host != (this_host or socket.gethostname()):
+        return False
+    import psutil  # only here: listing settled runs never pays for it
+
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return True
+        started = proc.create_time()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return True
+    except psutil.Error:
+        return False  # access denied: it exists; assume it is ours
+    recorded = parse_time(started_at) or parse_time(created_at)
+    return recorded is not None and started > recorded + PID_REUSE_SLACK_S
+
+
+def _slurm_job_gone(job_id: str) -> bool:
+    """Where Slurm cannot be asked (no controller, not a Slurm host) the record is taken at its word."""
+    from moectl import slurm
+    from moectl.errors import MoectlError
+
+    if slurm.available() is not None:
+        return False
+    try:
+        info = slurm.job_info(job_id)
+    except MoectlError:
+        return False
+    return info is None or not info.live
+
+
+def _validated(text: bytes) -> Optional[dict[str, Any]]:
+    """run.json's bytes as the record model reads and dumps them, or None when they do not validate."""
+    from pydantic import ValidationError
+
+    from moectl.store import StoredRun
+
+    try:
+        return StoredRun.model_validate_json(text).model_dump(mode="json")
+    except ValidationError:
+        return None
+
+
+def scan_run_json(root: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every readable run under `root` as `runs --json` prints it (run.json; `status` shown as
+    `stale` for a dead owner, the recorded one then in `recorded_status`), newest first, and one
+    message per unreadable record. The same as store.scan_runs + store.run_json, by construction."""
+    from moectl.validated import Memo, digest
+
+    root = Path(root)
+    memo = Memo(f"runs-{digest(str(root.absolute()))}")
+    runs: list[dict[str, Any]] = []
+    corrupt: list[str] = []
+    for run_dir in run_dirs(root):
+        data = None
+        try:
+            text = (run_dir / RUN_RECORD).read_bytes()
+        except OSError:
+            text = None  # store.load_run words the error
+        if text is not None:
+            data = memo.get(text)
+            if data is None:
+                data = _validated(text)
+                if data is not None:
+                    memo.put(text, data)
+        if data is not None:
+            data = dict(data, exp_dir=str(run_dir.resolve()))  # the directory is the truth (moved runs)
+            if not owner_gone(data["status"], data["pid"], data["host"], data["started_at"], data["created_at"],
+                              data["backend"], data["job_id"]):
+                runs.append(data)
+                continue
+        # Not readable, not valid, or its owner is gone: the store reads it (and settles it).
+        from moectl.store import CorruptRecord, load_run, run_json
+
+        try:
+            runs.append(run_json(load_run(run_dir)))
+        except CorruptRecord as exc:
+            corrupt.append(exc.message)
+    memo.save()
+    runs.sort(key=lambda r: (parse_time(r["created_at"]) or 0.0, r["id"]), reverse=True)
+    return runs, corrupt
