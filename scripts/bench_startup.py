@@ -45,7 +45,7 @@ def ensure_gpustat(cache_dir: Path) -> Path:
     return exe
 
 
-def scratch_project(tmp: Path, n_runs: int = 1, bytecode: bool = True) -> tuple[Path, dict]:
+def scratch_project(tmp: Path, n_runs: int = 1) -> tuple[Path, dict]:
     """A git repo with a .moectl.toml, and an artifact root with `n_runs` imported runs in it."""
     repo = tmp / "repo"
     repo.mkdir()
@@ -61,11 +61,8 @@ def scratch_project(tmp: Path, n_runs: int = 1, bytecode: bool = True) -> tuple[
     # Bytecode caches as every normal install has them: pip compiled gpustat's (and typer's, ...)
     # when it installed them; moectl's own modules, in this editable checkout, get theirs on the
     # untimed first pass. A shell with PYTHONDONTWRITEBYTECODE=1 (this sandbox sets it) would
-    # otherwise recompile moectl from source on every start and time the compiler (--no-bytecode).
-    if bytecode:
-        env.pop("PYTHONDONTWRITEBYTECODE", None)
-    else:
-        env["PYTHONDONTWRITEBYTECODE"] = "1"
+    # otherwise recompile moectl from source on every start and time the compiler.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     code = ("import sys; from pathlib import Path; from engine.schema import StepMetrics; "
             "from moectl.store import import_run\n"
             "for i in range(int(sys.argv[2])):\n"
@@ -88,8 +85,6 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "moectl-bench-startup")
     p.add_argument("--runs", type=int, default=1, help="imported runs in the store (default 1)")
-    p.add_argument("--no-bytecode", action="store_true",
-                   help="time moectl as a PYTHONDONTWRITEBYTECODE=1 shell runs it: its modules compiled every start")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args()
     if not VENV_PY.exists():
@@ -100,7 +95,7 @@ def main() -> int:
     gpustat = ensure_gpustat(args.cache_dir)
     tmp = Path(tempfile.mkdtemp(prefix="bench_startup_"))
     try:
-        repo, env = scratch_project(tmp, args.runs, bytecode=not args.no_bytecode)
+        repo, env = scratch_project(tmp, args.runs)
         moectl = [str(VENV_PY), "-m", "moectl"]
         commands = {
             "gpustat --json": [str(gpustat), "--json"],
@@ -124,11 +119,10 @@ def main() -> int:
     rows = [{"command": n, "median_s": round(statistics.median(t), 3), "min_s": round(min(t), 3),
              "ratio_to_gpustat": round(statistics.median(t) / base, 2)} for n, t in times.items()]
     if args.json:
-        print(json.dumps({"rounds": args.rounds, "runs": args.runs, "bytecode": not args.no_bytecode,
-                          "load_avg": os.getloadavg(), "results": rows}))
+        print(json.dumps({"rounds": args.rounds, "runs": args.runs, "load_avg": os.getloadavg(), "results": rows}))
         return 0
     print(f"{args.rounds} rounds, interleaved; {args.runs} run(s) in the store; "
-          f"bytecode {'cached' if not args.no_bytecode else 'off'}; load average {os.getloadavg()[0]:.2f}\n")
+          f"load average {os.getloadavg()[0]:.2f}\n")
     print("| command | median | min | median / gpustat |\n|---|---|---|---|")
     for row in rows:
         print(f"| `{row['command']}` | {row['median_s']:.3f} s | {row['min_s']:.3f} s | {row['ratio_to_gpustat']:.2f} |")
