@@ -1,11 +1,12 @@
 """Markdown reports (SPEC §9): one per run, compare tables, and their commit messages.
 
-Pure functions from records to text; writing and committing happen in the caller
-(`report_path` only picks a fresh file name). The tables use the seed study's precision:
-tok/sec, dt, memory and minutes to 2 decimals, MFU to 4.
+Pure functions from records to text; committing happens in the caller. `write_report` writes a
+new report under a fresh name, claimed atomically (`report_path` only picks one). The tables use
+the seed study's precision: tok/sec, dt, memory and minutes to 2 decimals, MFU to 4.
 """
 from __future__ import annotations
 
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
@@ -91,17 +92,59 @@ def run_label(record: RunRecord) -> str:
     return " ".join(parts)
 
 
-def report_path(report_dir: Path, name: str, now: Optional[datetime] = None) -> Path:
-    """`<report_dir>/<YYYYmmdd_HHMM>_<name>.md`, with `-2`, `-3`... if that file already exists."""
+def _report_stem(name: str, now: Optional[datetime]) -> str:
     now = now or datetime.now()
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._") or "report"
-    stem = f"{now.strftime('%Y%m%d_%H%M')}_{safe}"
+    return f"{now.strftime('%Y%m%d_%H%M')}_{safe}"
+
+
+def report_path(report_dir: Path, name: str, now: Optional[datetime] = None) -> Path:
+    """`<report_dir>/<YYYYmmdd_HHMM>_<name>.md`, with `-2`, `-3`... if that file already exists.
+    Only picks a name: two writers may pick the same one; `write_report` claims it atomically."""
+    stem = _report_stem(name, now)
     path = Path(report_dir) / f"{stem}.md"
     n = 1
     while path.exists():
         n += 1
         path = Path(report_dir) / f"{stem}-{n}.md"
     return path
+
+
+def write_report(report_dir: Path, name: str, text: str, now: Optional[datetime] = None) -> Path:
+    """Write `text` as a new report `<report_dir>/<YYYYmmdd_HHMM>_<name>.md` (`-2`, `-3`... when
+    taken) and return its path. The name is claimed atomically: the text goes to a temp file
+    beside it, which is then hard-linked to the name, and a link never replaces an existing file.
+    So two moectl processes finishing in the same minute with the same name (a repeat group's
+    Slurm jobs side by side) each get their own report, and a reader never sees half of one."""
+    import tempfile
+
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    stem = _report_stem(name, now)
+    fd, tmp = tempfile.mkstemp(dir=report_dir, prefix=f".{stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        for n in range(1, 10_000):
+            path = report_dir / (f"{stem}.md" if n == 1 else f"{stem}-{n}.md")
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                continue
+            except OSError:  # a filesystem without hard links: claim the name, then fill it
+                try:
+                    claimed = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                except FileExistsError:
+                    continue
+                with os.fdopen(claimed, "w", encoding="utf-8") as fh:
+                    fh.write(text)
+            os.chmod(path, 0o644)  # mkstemp's 0600 would keep a committed report from the user's group
+            return path
+        raise FileExistsError(f"no free report name for {stem} in {report_dir}")
+    finally:
+        os.unlink(tmp)
 
 
 def commit_message(record: RunRecord, baseline: Optional[RunRecord] = None) -> str:

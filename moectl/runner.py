@@ -32,7 +32,7 @@ from moectl.plan import RunPlan, RunRequest, command_text
 from moectl.progress import NullProgress, ProgressSink
 from moectl.records import GitInfo, GuardResult, RunRecord
 from moectl.stdout_metrics import LiveMetricsWriter, StdoutFormat, StdoutParser
-from moectl.report import commit_message, not_committed, report_path, run_report
+from moectl.report import commit_message, not_committed, run_report, write_report
 from moectl.tracking import Mirrored, mirror_run
 
 
@@ -204,9 +204,9 @@ def report_and_commit(cfg: Config, outcome: RunOutcome, *, baseline: Optional[Ru
             [_run_metrics(baseline), _run_metrics(record)], baseline_index=0, window=plan.window,
             warmup_steps=plan.warmup_steps,
         )
-    report = report_path(cfg.report_dir, plan.tag)
-    report.parent.mkdir(parents=True, exist_ok=True)
-    _write_text(report, run_report(record, comparison, notes=plan.notes))
+    # A repeat's report is named after its repeat too: the group's runs end together.
+    name = plan.tag + (f"-r{plan.repeat}" if plan.repeat else "")
+    report = write_report(cfg.report_dir, name, run_report(record, comparison, notes=plan.notes))
     outcome.report = report
     outcome.extra_paths = list(extra_commit_paths(record))
     if commit and not plan.no_commit:

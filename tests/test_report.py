@@ -1,13 +1,17 @@
 """Markdown reports and commit messages (moectl/report.py)."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 
 from engine.schema import StepMetrics
 from moectl.metrics import MetricsFile, RunMetrics, compare
 from moectl.records import GitInfo, GuardResult, RunRecord, Summary
-from moectl.report import commit_message, compare_commit_message, compare_markdown, report_path, run_report
+from moectl.report import (
+    commit_message, compare_commit_message, compare_markdown, report_path, run_report, write_report,
+)
 
 
 def record(tag="bufreuse", tps=806400.06, status="completed", **kw) -> RunRecord:
@@ -28,6 +32,35 @@ def test_report_path_format_and_unique(tmp_path):
     p.write_text("x")
     p2 = report_path(tmp_path, "capacity opt/bufreuse", now)
     assert p2.name == "20260224_1829_capacity_opt_bufreuse-2.md" and not p2.exists()
+
+
+def test_write_report_claims_a_fresh_name_and_leaves_no_temp_file(tmp_path):
+    now = datetime(2026, 2, 24, 18, 29, 5)
+    first = write_report(tmp_path / "reports", "grp", "one\n", now)  # the directory is created
+    second = write_report(tmp_path / "reports", "grp", "two\n", now)
+    assert first.name == "20260224_1829_grp.md" and second.name == "20260224_1829_grp-2.md"
+    assert first.read_text() == "one\n" and second.read_text() == "two\n"
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == sorted([first.name, second.name])
+    assert first.stat().st_mode & 0o777 == 0o644
+
+
+def test_same_name_reports_written_at_once_by_many_processes_all_survive(tmp_path):
+    # A repeat group's Slurm jobs end in the same minute with the same tag: a name picked by
+    # "does it exist?" and then written was taken twice and one report was lost (CI simulation).
+    code = ("import sys; from datetime import datetime; from pathlib import Path; from moectl.report import write_report\n"
+            "sys.stdin.readline()\n"  # all start writing at the same moment
+            "write_report(Path(sys.argv[1]), 'grp', sys.argv[2], datetime(2026, 1, 1, 12, 0))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), f"report {i}\n"], stdin=subprocess.PIPE,
+                              cwd=Path(__file__).resolve().parents[1]) for i in range(8)]
+    for p in procs:
+        p.stdin.write(b"go\n")
+    for p in procs:
+        p.stdin.close()
+    assert [p.wait(timeout=60) for p in procs] == [0] * 8
+    texts = sorted(f.read_text() for f in tmp_path.iterdir())
+    assert texts == sorted(f"report {i}\n" for i in range(8))
+    assert sorted(f.name for f in tmp_path.iterdir()) == sorted(
+        ["20260101_1200_grp.md"] + [f"20260101_1200_grp-{n}.md" for n in range(2, 9)])
 
 
 def test_commit_message_matches_the_spec_example():

@@ -468,8 +468,7 @@ def compare_cmd(
 
 
 def _write_compare_report(cfg, comparison, records, table_md: str) -> Path:
-    from moectl.records import write_text_atomic
-    from moectl.report import compare_commit_message, report_path
+    from moectl.report import compare_commit_message, write_report
 
     from moectl.gitops import commit_paths, current_branch  # another module's job: imported only here
     from moectl.errors import GuardRefused
@@ -482,12 +481,10 @@ def _write_compare_report(cfg, comparison, records, table_md: str) -> Path:
     base = next(r for r in comparison.runs if r.id == comparison.baseline)
     others = [r.tag or r.id for r in comparison.runs if r.id != base.id]
     name = "compare_" + "_".join(others[:3]) + ("_etc" if len(others) > 3 else "") + f"_vs_{base.tag or base.id}"
-    path = report_path(cfg.report_dir, name[:80])
     body = f"# Comparison vs {base.tag or base.id}\n\n" + table_md + "\n## Runs\n\n" + "".join(
         f"- `{r.id}` ({r.status}): [`{r.exp_dir}`]({Path(r.exp_dir).as_uri()})\n" for r in records
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, body)
+    path = write_report(cfg.report_dir, name[:80], body)
     commit_paths(cfg.root, [path], compare_commit_message(comparison), branch=cfg.project.branch)
     return path
 
