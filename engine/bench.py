@@ -19,9 +19,9 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from engine.malloc import keep_freed_memory
+from engine.activation import relu_squared
 from engine.moe import MoEConfig, MoELayer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -36,7 +36,7 @@ class DenseMLP(nn.Module):
         self.c_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        return self.c_proj(relu_squared(self.c_fc(x)))
 
 
 def _sync(device: torch.device):

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.activation import relu_squared
 from engine.moe import MoEConfig, MoELayer
 
 
@@ -168,7 +169,7 @@ class MLP(nn.Module):
         self.c_proj = make_linear(cfg, hidden, cfg.dim)
 
     def forward(self, x_BTD):
-        return self.c_proj(F.relu(self.c_fc(x_BTD)).square())
+        return self.c_proj(relu_squared(self.c_fc(x_BTD)))
 
 
 class Block(nn.Module):

@@ -51,6 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine import ep as ep_comm
+from engine.activation import relu_squared
 
 DISPATCHES = ("auto", "padded", "grouped", "loop")
 BALANCES = ("loss", "bias", "none")
@@ -246,15 +247,15 @@ def _sort_by_expert(experts_A, counts_E):
 
 
 # ----------------------------------------------------------------------------------------------
-# Expert GEMMs (relu², like nanochat's MLP)
+# Expert GEMMs (relu², like nanochat's MLP; engine/activation.py)
 
 
 def _experts_bmm(x_ECD, w_up_EDH, w_down_EHD, fp8: bool):
     if fp8:
         from engine.fp8 import fp8_bmm
 
-        return fp8_bmm(F.relu(fp8_bmm(x_ECD, w_up_EDH)).square(), w_down_EHD)
-    return torch.bmm(F.relu(torch.bmm(x_ECD, w_up_EDH)).square(), w_down_EHD)
+        return fp8_bmm(relu_squared(fp8_bmm(x_ECD, w_up_EDH)), w_down_EHD)
+    return torch.bmm(relu_squared(torch.bmm(x_ECD, w_up_EDH)), w_down_EHD)
 
 
 # torch._grouped_mm runs on CPU in fp32, but its meta (fake tensor) kernel insists on bf16, so
@@ -434,7 +435,7 @@ class MoELayer(nn.Module):
         # Eager calls _grouped_mm directly (the custom op's Python dispatch costs ~1 ms a call);
         # our grads into it are contiguous (relu² / _Combine backward), so its own backward is fine.
         gmm = _grouped_mm_op if torch.compiler.is_compiling() else _grouped_mm_eager
-        h_AH = F.relu(gmm(x_AD, w_up, offs_E)).square()
+        h_AH = relu_squared(gmm(x_AD, w_up, offs_E))
         y_AD = gmm(h_AH, w_down, offs_E)
         return _Combine.apply(y_AD, gate_A, rank_A, order_A, none, K)
 
@@ -456,7 +457,7 @@ class MoELayer(nn.Module):
             perm_R, inv_R = ep_comm.source_to_expert_major(recv_counts_SE, total)
             x_RD = ep_comm.Permute.apply(x_RD, perm_R, inv_R)
             offs_E = torch.cumsum(recv_counts_SE.sum(0), 0).to(torch.int32)
-            y_RD = _grouped_mm_eager(F.relu(_grouped_mm_eager(x_RD, w_up, offs_E)).square(), w_down, offs_E)
+            y_RD = _grouped_mm_eager(relu_squared(_grouped_mm_eager(x_RD, w_up, offs_E)), w_down, offs_E)
             y_RD = ep_comm.Permute.apply(y_RD, inv_R, perm_R)
         else:  # no row for this rank's experts: nothing to compute, nothing to send back
             y_RD = x_RD
@@ -475,7 +476,7 @@ class MoELayer(nn.Module):
         ys, start = [], 0
         for e, n in enumerate(counts_E.tolist()):
             if n:
-                h = F.relu(fp8_mm(x_AD[start : start + n], w_up[e].t())).square()
+                h = relu_squared(fp8_mm(x_AD[start : start + n], w_up[e].t()))
                 ys.append(fp8_mm(h, w_down[e].t()))
             start += n
         return _Combine.apply(torch.cat(ys), gate_A, rank_A, order_A, none, K)
@@ -496,8 +497,8 @@ class MoELayer(nn.Module):
             if cfg.fp8:
                 from engine.fp8 import fp8_mm
 
-                y = fp8_mm(F.relu(fp8_mm(x_ND[rows], w_up[e].t())).square(), w_down[e].t())
+                y = fp8_mm(relu_squared(fp8_mm(x_ND[rows], w_up[e].t())), w_down[e].t())
             else:
-                y = F.relu(x_ND[rows] @ w_up[e]).square() @ w_down[e]
+                y = relu_squared(x_ND[rows] @ w_up[e]) @ w_down[e]
             out_ND = out_ND.index_add(0, rows, y * weights_NK[rows, slots, None])
         return out_ND, torch.tensor(float(dropped), device=x_ND.device)
