@@ -1,8 +1,9 @@
-"""The on-disk records (SPEC §6, §7a) as pydantic models, and atomic JSON writes.
+"""The on-disk records (SPEC §6, §7a) as pydantic models.
 
 `run.json` and `sweep.json` are contracts: keys listed in SPEC §7a are stable; more may be added.
-Every write goes through `write_json_atomic` (temp file in the same directory, fsync, rename), so a
-reader never sees half a record even if moectl is killed mid-write.
+Every write goes through `write_json_atomic` (moectl/atomic.py, re-exported here: temp file in the
+same directory, fsync, rename), so a reader never sees half a record even if moectl is killed
+mid-write. Reading them back without these models (`status`, `runs --json`): moectl/runindex.py.
 """
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, Field
 
 from moectl.atomic import atomic_file, write_json_atomic, write_text_atomic  # noqa: F401  (re-exported)
+# The store's layout and the unsettled states, defined with the models-free read path.
+from moectl.runindex import RUN_RECORD, SWEEP_RECORD, UNSETTLED  # noqa: F401  (re-exported)
 
 RunStatus = Literal["created", "queued", "running", "completed", "failed", "interrupted", "refused", "imported"]
 LegState = Literal["pending", "queued", "running", "completed", "failed", "interrupted", "refused"]
-# The store's layout and the unsettled states, defined with the models-free read path.
-from moectl.runindex import RUN_RECORD, SWEEP_RECORD, UNSETTLED  # noqa: E402,F401  (re-exported)
 
 
 class GuardResult(BaseModel):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import os
 import signal
 import subprocess
@@ -291,6 +292,8 @@ def test_interrupt_during_leg_2_then_resume_runs_only_unfinished_legs(git_repo, 
     monkeypatch.chdir(git_repo)
     code, output, sweep_dir = _interrupt_during_leg_2(git_repo, artifact_root, signal.SIGINT, "ablate")
     assert code == 130, output
+    # Each leg that starts says so with its guards in one line, as `moectl run` does.
+    assert len(re.findall(r"leg \S+: run \S+ \(guards: \d+ passed, gpus_idle skipped \(", output)) == 2, output
 
     old = load(sweep_dir / "sweep.json")
     assert [leg["state"] for leg in old["legs"]] == ["completed", "interrupted", "pending"]

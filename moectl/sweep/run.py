@@ -32,7 +32,7 @@ from moectl.config import Config
 from moectl.errors import (
     EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRAINING, GuardRefused, MoectlError, UsageError,
 )
-from moectl.guards import WAITABLE, check_request
+from moectl.guards import WAITABLE, check_request, summary_line
 from moectl.metrics import Comparison
 from moectl.plan import RunRequest, command_text, make_request, plan_run
 from moectl.probes import read_nvml
@@ -266,7 +266,7 @@ def _run(cfg: Config, sweep: SweepRecord, opts: SweepOptions, ui: SweepUI, *, ca
                 def on_start(record: RunRecord, leg=leg) -> None:
                     leg.state, leg.run_id = "running", record.id
                     save_sweep(sweep)
-                    ui.say(f"leg {leg.tag}: run {record.id}")
+                    ui.say(f"leg {leg.tag}: run {record.id} ({summary_line(record.guards)})")
 
                 def after_leg(record: RunRecord, leg=leg) -> list[Path]:
                     leg.state = record.status if record.status in ("completed", "failed", "interrupted") else "failed"
