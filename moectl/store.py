@@ -101,6 +101,8 @@ def load_run(run_dir: Path) -> StoredRun:
         raise CorruptRecord(f"no {RUN_RECORD} in {run_dir}") from None
     except OSError as exc:
         raise CorruptRecord(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:  # bytes no JSON writer produced: skipped like any corrupt record
+        raise CorruptRecord(f"corrupt {path}: not UTF-8 text (byte {exc.start})") from None
     try:
         rec = StoredRun.model_validate_json(text)
     except ValidationError as exc:

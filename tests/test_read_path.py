@@ -226,9 +226,10 @@ def _store(root: Path) -> None:
     old.mkdir()
     (old / RUN_RECORD).write_text(json.dumps({"id": "20250101_000000_moe-old", "status": "completed",
                                               "created_at": "2025-01-01T00:00:00", "exp_dir": "/was/elsewhere"}))
-    for name, text in (("half", '{"id": "half", "status": "runn'), ("bogus", '{"id": "b", "status": "bogus"}')):
+    for name, text in (("half", b'{"id": "half", "status": "runn'), ("bogus", b'{"id": "b", "status": "bogus"}'),
+                       ("binary", b'{"id": "r\xff\xfe", "status": "completed"}')):
         (root / name).mkdir()
-        (root / name / RUN_RECORD).write_text(text)
+        (root / name / RUN_RECORD).write_bytes(text)
 
 
 def test_records_read_back_equal_the_store(tmp_path):
@@ -238,7 +239,7 @@ def test_records_read_back_equal_the_store(tmp_path):
     expected = [run_json(r) for r in store.runs]
     warm, warm_corrupt = scan_run_json(tmp_path)  # from the memo
     assert cold == expected and warm == expected
-    assert cold_corrupt == warm_corrupt == store.corrupt and len(store.corrupt) == 2
+    assert cold_corrupt == warm_corrupt == store.corrupt and len(store.corrupt) == 3
     by_id = {r["id"]: r for r in warm}
     assert by_id["20260104_000000_moe-dead"]["status"] == "interrupted"  # settled by the first reader
     assert by_id["20260103_000000_moe-live"]["status"] == "running"

@@ -70,10 +70,13 @@ def test_corrupt_and_half_written_records_are_reported_and_skipped(tmp_path):
     (tmp_path / "half" / RUN_RECORD).write_text('{"id": "half", "status": "runn')  # cut mid-write
     (tmp_path / "wrong").mkdir()
     (tmp_path / "wrong" / RUN_RECORD).write_text('{"id": "wrong", "status": "bogus"}')
+    (tmp_path / "binary").mkdir()
+    (tmp_path / "binary" / RUN_RECORD).write_bytes(b'{"id": "r\xff\xfe", "status": "completed"}')  # not UTF-8
     (tmp_path / "not-a-run").mkdir()  # no run.json: not listed, not an error
     scan = scan_runs(tmp_path)
     assert [r.id for r in scan.runs] == ["good"]
-    assert len(scan.corrupt) == 2 and any("half" in m for m in scan.corrupt)
+    assert len(scan.corrupt) == 3 and any("half" in m for m in scan.corrupt)
+    assert any("binary" in m and "not UTF-8" in m for m in scan.corrupt)
     assert [r.id for r in list_runs(tmp_path)] == ["good"]
 
 
