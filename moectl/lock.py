@@ -83,8 +83,11 @@ def _holder_from_text(text: str, path: Path) -> LockHolder:
         # We never write a partial lock (see module docstring), so garbage is an abandoned file.
         return LockHolder(None, None, None, None, None, True, str(path), "unreadable lock file")
     pid, host = d.get("pid"), d.get("host")
-    if host == socket.gethostname() and isinstance(pid, int):
-        stale, reason = _pid_stale(pid, d.get("started_ts"))
+    started_ts = d.get("started_ts")
+    if not isinstance(started_ts, (int, float)) or isinstance(started_ts, bool):
+        started_ts = None  # a hand-edited or foreign file: judge by the pid alone
+    if host == socket.gethostname() and isinstance(pid, int) and not isinstance(pid, bool):
+        stale, reason = _pid_stale(pid, started_ts)
     else:
         stale, reason = False, f"held from another host ({host}); cannot check its pid"
     return LockHolder(pid, host, d.get("run_id"), d.get("started_at"), d.get("cmd"), stale, str(path), reason)
@@ -93,7 +96,7 @@ def _holder_from_text(text: str, path: Path) -> LockHolder:
 def read_holder(root: Path) -> Optional[LockHolder]:
     path = lock_path(root)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8", errors="replace")  # garbage bytes: an unreadable lock
     except FileNotFoundError:
         return None
     return _holder_from_text(text, path)
@@ -112,8 +115,8 @@ class Lock:
             return
         self.released = True
         try:
-            d = json.loads(self.path.read_text(encoding="utf-8"))
-        except (FileNotFoundError, ValueError):
+            d = json.loads(self.path.read_bytes())
+        except (FileNotFoundError, ValueError):  # ValueError covers bytes that are not UTF-8
             return
         if isinstance(d, dict) and d.get("token") == self.info["token"]:
             try:
@@ -165,7 +168,7 @@ def _take_over(path: Path, seen: LockHolder) -> None:
         except OSError:
             pass  # a filesystem without locks: the re-check below still narrows the window
         try:
-            now = _holder_from_text(path.read_text(encoding="utf-8"), path)
+            now = _holder_from_text(path.read_bytes().decode("utf-8", errors="replace"), path)
         except FileNotFoundError:
             return  # released or taken over meanwhile; just retry the create
         if now.stale and (now.pid, now.started_at, now.run_id) == (seen.pid, seen.started_at, seen.run_id):

@@ -87,7 +87,10 @@ def _render_status(s: dict) -> None:
         out("lock        free")
     else:
         state = f"STALE ({lock['reason']})" if lock["stale"] else "held"
-        out(f"lock        {state}: pid {lock['pid']} on {lock['host']}, run {lock['run_id']}, since {lock['started_at']}")
+        if lock["pid"] is None and lock["run_id"] is None:  # a file nobody can be named from
+            out(f"lock        {state}: {lock['path']}")
+        else:
+            out(f"lock        {state}: pid {lock['pid']} on {lock['host']}, run {lock['run_id']}, since {lock['started_at']}")
     g = s["git"]
     if g["error"]:
         out(f"git         {g['error']}")
