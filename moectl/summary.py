@@ -22,7 +22,7 @@ from moectl.config import Config
 from moectl.records import RunRecord, SweepRecord, write_text_atomic
 from moectl.report import COLUMNS, fmt, marked_footnote, summary_cell
 from moectl.sweep.report import completed_comparison, legs_table, recommendation
-from moectl.sweep.store import leg_status, list_sweeps, settled, sweep_chain
+from moectl.sweep.store import leg_status, scan_sweeps, settled, sweep_chain
 
 SUMMARY_NAME = "EXPERIMENTS.md"
 TIMESTAMP_PREFIX = "- Generated at: "
@@ -125,7 +125,7 @@ def render_summary(cfg: Config, now: Optional[datetime] = None) -> str:
     now = now or datetime.now().astimezone()
     scan = store.scan_runs(cfg.artifact_root)
     runs = {r.id: r for r in scan.runs}
-    sweeps = list_sweeps(cfg.artifact_root)
+    sweeps, corrupt_sweeps = scan_sweeps(cfg.artifact_root)
     by_id = {s.id: s for s in sweeps}
     resumed = {s.resumed_from for s in sweeps if s.resumed_from}
     chains = [sweep_chain(s, by_id) for s in sweeps if s.id not in resumed]  # one per latest sweep
@@ -177,8 +177,8 @@ def render_summary(cfg: Config, now: Optional[datetime] = None) -> str:
         lines.append("")
     else:
         lines += ["None.", ""]
-    if scan.corrupt:
-        lines += [f"- unreadable record: {m}" for m in scan.corrupt] + [""]
+    if scan.corrupt or corrupt_sweeps:
+        lines += [f"- unreadable record: {m}" for m in [*scan.corrupt, *corrupt_sweeps]] + [""]
 
     lines += ["## Latest Report Commits", ""]
     try:

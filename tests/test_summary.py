@@ -222,6 +222,17 @@ def test_summary_on_an_empty_store(git_repo, artifact_root, monkeypatch):
     assert git(git_repo, "status", "--porcelain").strip() == "?? EXPERIMENTS.md"  # --no-commit
 
 
+def test_summary_names_unreadable_run_and_sweep_records(git_repo, artifact_root, monkeypatch):
+    summary_project(git_repo, monkeypatch)
+    for name, record, data in (("bad-run", "run.json", b'{"id": "x", "status'), ("bad-sweep", "sweep.json", b"\xff\xfe")):
+        (artifact_root / name).mkdir(parents=True)
+        (artifact_root / name / record).write_bytes(data)
+    r = cli("summary", "--no-commit")
+    assert r.exit_code == 0, r.output
+    unreadable = [ln for ln in (git_repo / "EXPERIMENTS.md").read_text().splitlines() if ln.startswith("- unreadable record:")]
+    assert len(unreadable) == 2 and "bad-run/run.json" in unreadable[0] and "bad-sweep/sweep.json" in unreadable[1]
+
+
 def test_help_has_examples():
     for cmd in ("sweep", "summary"):
         r = cli(cmd, "--help")

@@ -64,20 +64,26 @@ def update_leg(sweep_dir: Path, state: str, *, run_id: str, tag: Optional[str] =
                 break
 
 
-def list_sweeps(root: Path) -> list[SweepRecord]:
-    """Every readable sweep under `root`, oldest first (unreadable ones are skipped)."""
-    out = []
+def scan_sweeps(root: Path) -> tuple[list[SweepRecord], list[str]]:
+    """Every readable sweep under `root`, oldest first, and one message per unreadable sweep.json."""
+    out: list[SweepRecord] = []
+    corrupt: list[str] = []
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
     except FileNotFoundError:
-        return []
+        return [], []
     for entry in entries:
         if entry.is_dir() and not entry.name.startswith(".") and (Path(entry.path) / SWEEP_RECORD).is_file():
             try:
                 out.append(load_sweep(Path(entry.path)))
-            except UsageError:
-                continue
-    return out
+            except UsageError as exc:
+                corrupt.append(exc.message)
+    return out, corrupt
+
+
+def list_sweeps(root: Path) -> list[SweepRecord]:
+    """Every readable sweep under `root`, oldest first (unreadable ones are skipped)."""
+    return scan_sweeps(root)[0]
 
 
 def resolve_sweep(root: Path, ref: str) -> SweepRecord:
