@@ -172,7 +172,7 @@ def _locate(path: Optional[Path], cwd: Optional[Path]) -> tuple[Path, str]:
     if not path.is_file():
         raise UsageError(f"config file not found: {path}")
     try:
-        return path, path.read_text(encoding="utf-8")
+        return path, path.read_text(encoding="utf-8-sig")  # -sig: a BOM some editors write is not TOML
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read {path}: {exc}") from None
 

@@ -165,7 +165,7 @@ def load_log(path: Path, fmt: str, run: Optional[str] = None, stdout_format: Opt
     if not path.is_file():
         raise UsageError(f"log file not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = path.read_text(encoding="utf-8-sig", errors="replace")  # -sig: Excel writes CSVs with a BOM
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
     if not text.strip():

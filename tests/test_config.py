@@ -25,6 +25,15 @@ def test_template_loads_back_to_the_defaults():
     assert parse_config_text(TEMPLATE) == MoectlFile()
 
 
+def test_a_byte_order_mark_before_the_toml_is_ignored(tmp_path):
+    from moectl.config import read_config
+
+    path = tmp_path / CONFIG_NAME
+    path.write_bytes(b"\xef\xbb\xbf[project]\nname = \"bom\"\n")  # as some Windows editors save it
+    assert load_config(path).project.name == "bom"
+    assert read_config(path).project.name == "bom" and read_config(path).project.name == "bom"
+
+
 def test_repository_config_is_valid_and_uses_the_venv(monkeypatch):
     monkeypatch.delenv("MOECTL_ARTIFACT_ROOT")
     cfg = load_config(REPO / CONFIG_NAME)

@@ -74,6 +74,13 @@ def test_csv_seed_style_columns():
     assert s.mfu == pytest.approx(9.5)
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    # Excel's "CSV UTF-8" starts the file with a BOM; the header's first name is still `step`.
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + (FIXTURES / "steps_seed_style.csv").read_bytes())
+    assert [s.step for s in load_log(path, "csv").steps] == [s.step for s in load_log(FIXTURES / "steps_seed_style.csv", "csv").steps]
+
+
 def test_csv_engine_style_needs_run_choice_when_several():
     with pytest.raises(UsageError, match="alpha, beta"):
         load_log(FIXTURES / "steps_engine_style.csv", "csv")

@@ -21,7 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 from moectl.cli import app
-from moectl.sweep.spec import grid_tag, parse_spec
+from moectl.sweep.spec import grid_tag, load_spec, parse_spec
 from moectl.errors import UsageError
 from tests.conftest import git, stop_process, wait_for
 
@@ -113,6 +113,12 @@ def test_grid_expands_every_combination_with_derived_tags():
         "static_cap0p0", "none_cap0p0", "static_cap1p0", "none_cap1p0", "static_cap1p25", "none_cap1p25"]
     assert spec.legs[4].options == {"steps": 5, "cap": 1.25, "compile": "static"}
     assert grid_tag({"fp8": True, "compile": "dynamic", "cap": 1.0}) == "dynamic_cap1p0_fp8"
+
+
+def test_a_spec_file_with_a_byte_order_mark_loads(tmp_path):
+    path = tmp_path / "spec.toml"
+    path.write_bytes(b'\xef\xbb\xbfname = "cap"\n[grid]\ncap = [0.0, 1.0]\n')
+    assert [leg.tag for leg in load_spec(path).legs] == ["cap0p0", "cap1p0"]
 
 
 def test_legs_override_common_and_untagged_legs_get_derived_tags():

@@ -195,7 +195,7 @@ def parse_spec(data: dict[str, Any], source: str = "spec") -> SweepSpec:
 def load_spec(path: Path) -> SweepSpec:
     path = Path(path).expanduser()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a BOM some editors write is not TOML
     except FileNotFoundError:
         raise UsageError(f"sweep spec not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:
