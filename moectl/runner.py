@@ -244,13 +244,25 @@ def _write_text(path: Path, text: str) -> None:
 def fallback_request(cfg: Config, request: RunRequest, outcome: RunOutcome) -> Optional[RunRequest]:
     """The `--compile none` re-run of a run whose engine failed to compile (SPEC §3
     `launch.compile_fallback`), as its own run tagged `<tag>_fallback_none`; None when not due."""
-    if not (cfg.launch.compile_fallback and outcome.compile_failed):
-        return None
-    if outcome.plan.options.get("compile", "none") == "none":
+    return _compile_fallback(cfg, request, compile_failed=outcome.compile_failed, tag=outcome.plan.tag,
+                             run_id=outcome.plan.run_id, compile=outcome.plan.options.get("compile", "none"))
+
+
+def record_fallback_request(cfg: Config, request: RunRequest, record: RunRecord) -> Optional[RunRequest]:
+    """`fallback_request` for a run known by its finished record: a Slurm job's, followed from the
+    submitting machine (its engine's exit code is the record's: finish_record keeps the worker's)."""
+    failed = record.status == "failed" and record.exit_code == EXIT_COMPILE_FAILED
+    return _compile_fallback(cfg, request, compile_failed=failed, tag=record.tag or request.tag or record.id,
+                             run_id=record.id, compile=record.options.get("compile", "none"))
+
+
+def _compile_fallback(cfg: Config, request: RunRequest, *, compile_failed: bool, tag: str, run_id: str,
+                      compile: str) -> Optional[RunRequest]:
+    if not (cfg.launch.compile_fallback and compile_failed) or compile == "none":
         return None
     return request.model_copy(update={
         "compile": "none",
-        "tag": f"{outcome.plan.tag}_fallback_none",
+        "tag": f"{tag}_fallback_none",
         "exp_dir": None,
-        "notes": f"compile fallback of {outcome.plan.run_id} (engine exit {EXIT_COMPILE_FAILED}: torch.compile failed)",
+        "notes": f"compile fallback of {run_id} (engine exit {EXIT_COMPILE_FAILED}: torch.compile failed)",
     })

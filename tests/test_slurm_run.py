@@ -320,6 +320,24 @@ def test_status_lists_the_job_runs_shows_it_queued_or_running_and_a_vanished_job
     assert final["status"] == "interrupted" and f"Slurm job {rec['job_id']} ended" in final["error"]
 
 
+def test_a_compile_failure_in_the_job_is_re_run_with_compile_none_as_its_own_job(on_cluster, git_repo, monkeypatch,
+                                                                                    artifact_root):
+    # launch.compile_fallback holds for Slurm runs too: the follower submits the --compile none re-run.
+    proj = slurm_project(git_repo, monkeypatch)
+    r = moectl("run", "--slurm", "--json", "--compile", "static", "--steps", "3", "--tag", "cf",
+               "--", "--compile-fails", "--sleep-per-step", "0.01")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)  # one document: the re-run, the failed attempt inside it
+    assert (data["tag"], data["status"], data["options"]["compile"], data["backend"]) == (
+        "cf_fallback_none", "completed", "none", "slurm")
+    [first] = data["previous_attempts"]
+    assert (first["tag"], first["status"], first["exit_code"]) == ("cf", "failed", 3)
+    assert first["job_id"] != data["job_id"] and first["id"] in data["notes"]
+    assert {d.name for d in run_dirs(artifact_root)} == {first["id"], data["id"]}
+    assert len(list((proj / "reports").glob("*.md"))) == 2  # each job wrote and committed its own report
+    assert "cf_fallback_none" in git(proj, "log", "-1", "--format=%s")
+
+
 def test_repeat_on_slurm_submits_the_group_side_by_side_and_follows_every_job(on_cluster, git_repo, monkeypatch,
                                                                                artifact_root):
     proj = slurm_project(git_repo, monkeypatch)

@@ -24,31 +24,14 @@ def run_on_slurm(cfg, request, *, nodes, detach: bool, requeue: bool, dry_run: b
     from moectl.cli.env import _render_check, check_json, show_check
     from moectl.execution import EXIT_OF_STATUS, JobOptions, follow, submit_run
     from moectl.progress import make_progress, stdout_is_tty
+    from moectl.runner import record_fallback_request
+    from moectl.store import run_json
 
     if nodes is not None and nodes < 1:
         raise UsageError(f"--nodes: must be at least 1 (got {nodes})")
     out = lambda text: stdout.print(text, markup=False)  # noqa: E731
     if dry_run:
         raise typer.Exit(EXIT_OK if show_check(cfg, request, json_out=json_out, slurm=True) else EXIT_GUARD)
-
-    submitted = submit_run(cfg, request, JobOptions(nodes=nodes, requeue=requeue, summary=cfg.report.summary,
-                                                     baseline=baseline))
-    if submitted.record is None:
-        if json_out:
-            print_json(check_json(submitted.plan, submitted.guards, False))
-        else:
-            _render_check(submitted.plan, submitted.guards, False)
-        error("a guard refused the run; nothing was submitted")
-        raise typer.Exit(EXIT_GUARD)
-    record = submitted.record
-    if not json_out:
-        out(f"submitted {record.id} as Slurm job {record.job_id} ({record.nodes} node(s)) -> {record.exp_dir}")
-    if detach:
-        if json_out:
-            print_json({"id": record.id, "job_id": record.job_id, "exp_dir": record.exp_dir, "status": record.status})
-        else:
-            out(f"detached: `moectl wait {record.id}` follows it, `moectl cancel {record.id}` stops it")
-        raise typer.Exit(EXIT_OK)
 
     def on_state(current):
         # The end is rendered below; here only what happens on the way (started, requeued, restarted).
@@ -60,20 +43,50 @@ def run_on_slurm(cfg, request, *, nodes, detach: bool, requeue: bool, dry_run: b
         elif current.error:  # back in the queue after a requeue
             out(f"queued again: {current.error}")
 
-    progress = make_progress(stdout_is_tty(), quiet=quiet or json_out)
-    try:
-        final = follow(record, progress, on_state=on_state)
-    except KeyboardInterrupt:
+    previous: list[dict] = []  # a compile failure's run, when its --compile none re-run follows
+    while True:
+        submitted = submit_run(cfg, request, JobOptions(nodes=nodes, requeue=requeue, summary=cfg.report.summary,
+                                                         baseline=baseline))
+        if submitted.record is None:
+            if json_out:
+                print_json({**check_json(submitted.plan, submitted.guards, False),
+                            **({"previous_attempts": previous} if previous else {})})
+            else:
+                _render_check(submitted.plan, submitted.guards, False)
+            error("a guard refused the run; nothing was submitted")
+            raise typer.Exit(EXIT_GUARD)
+        record = submitted.record
+        if not json_out:
+            out(f"submitted {record.id} as Slurm job {record.job_id} ({record.nodes} node(s)) -> {record.exp_dir}")
+        if detach:
+            if json_out:
+                print_json({"id": record.id, "job_id": record.job_id, "exp_dir": record.exp_dir, "status": record.status})
+            else:
+                out(f"detached: `moectl wait {record.id}` follows it, `moectl cancel {record.id}` stops it")
+            raise typer.Exit(EXIT_OK)
+
+        progress = make_progress(stdout_is_tty(), quiet=quiet or json_out)
+        try:
+            final = follow(record, progress, on_state=on_state)
+        except KeyboardInterrupt:
+            progress.close()
+            error(f"detached: Slurm job {record.job_id} keeps running; `moectl cancel {record.id}` "
+                  f"(or scancel {record.job_id}) stops it, `moectl wait {record.id}` follows it again")
+            raise typer.Exit(EXIT_INTERRUPTED)
         progress.close()
-        error(f"detached: Slurm job {record.job_id} keeps running; `moectl cancel {record.id}` "
-              f"(or scancel {record.job_id}) stops it, `moectl wait {record.id}` follows it again")
-        raise typer.Exit(EXIT_INTERRUPTED)
-    progress.close()
+        # launch.compile_fallback, as a local run does: the engine failed to compile in the job, so
+        # the same run goes again with --compile none, as its own run (and its own job).
+        retry = record_fallback_request(cfg, request, final)
+        if retry is None:
+            break
+        previous.append(run_json(final))
+        if not json_out:
+            _render_final(final)
+            out("torch.compile failed in the job: submitting a re-run with --compile none (launch.compile_fallback)")
+        request = retry
     code = EXIT_OF_STATUS.get(final.status, 4)
     if json_out:
-        from moectl.store import run_json
-
-        print_json(run_json(final))
+        print_json({**run_json(final), "previous_attempts": previous})
     else:
         _render_final(final)
     raise typer.Exit(code)
