@@ -9,7 +9,8 @@ M_TRIM_THRESHOLD, so every step faults in (and the kernel zero-fills) its large 
 one more pass over each of them, outside any GEMM. Counted with getrusage's minor faults on
 `python -m engine.bench`'s shape (4096 tokens, D 256, E 8, top-2), one forward+backward:
 22 MiB for the dense MLP, 30 MiB padded, 36 MiB grouped (the MoE layer has more [N*K, D]-sized
-buffers); after keep_freed_memory, ~0 for all three. The usual alternative is LD_PRELOAD of
+buffers; measured before relu²'s backward became one buffer, engine/activation.py); after
+keep_freed_memory, ~0 for all three. The usual alternative is LD_PRELOAD of
 jemalloc or tcmalloc (PyTorch's CPU performance guide); this needs no extra library.
 Cost: the process's resident size stays at its peak (it is the peak that a run must fit anyway).
 """
