@@ -31,7 +31,10 @@ def atomic_file(path: Path, mode: str = "w"):
     """Open a temp file beside `path` ("w" text or "wb" bytes); on success it is fsynced and
     renamed over `path`, on any error removed: readers never see a half-written file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:  # name the file asked for, not the temp name nobody chose
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
             yield fh

@@ -64,6 +64,15 @@ def test_save_and_load_roundtrip_atomic_no_temp_files(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def test_an_atomic_write_that_cannot_start_names_the_file_asked_for(tmp_path):
+    from moectl.atomic import write_text_atomic
+
+    target = tmp_path / "missing-dir" / "report.md"
+    with pytest.raises(OSError) as info:
+        write_text_atomic(target, "x")
+    assert info.value.filename == str(target) and ".tmp" not in str(info.value)
+
+
 def test_corrupt_and_half_written_records_are_reported_and_skipped(tmp_path):
     make_run(tmp_path, "good", "g", "2026-01-01T10:00:00+00:00")
     (tmp_path / "half").mkdir()
