@@ -119,6 +119,9 @@ def test_run_repeat_makes_one_group_and_compare_show_plot_export_take_it_by_tag(
     assert tps["value"] == pytest.approx(statistics.fmean(tails))
     assert tps["stderr"] == pytest.approx(statistics.stdev(tails) / math.sqrt(3))
     assert data["runs"][0]["run_ids"] == [r["id"] for r in records]
+    # `run --repeat` itself ends with the group's mean and between-runs error (the same figures).
+    assert base["summary"]["tok_per_sec"]["value"] == pytest.approx(tps["value"])
+    assert base["summary"]["tok_per_sec"]["stderr"] == pytest.approx(tps["stderr"])
     # A run id still means that one run.
     single = json.loads(runner.invoke(app, ["compare", records[0]["id"], "fast", "--json"]).stdout)["runs"][0]
     assert (single["id"], single["n_repeats"], single["noise"]) == (records[0]["id"], 1, "within-run")
@@ -134,6 +137,15 @@ def test_run_repeat_makes_one_group_and_compare_show_plot_export_take_it_by_tag(
     plotted = runner.invoke(app, ["plot", "base", "--metric", "dt_ms", "-o", str(git_repo.parent / "dt.png"), "--json"])
     assert plotted.exit_code == 0, plotted.output
     assert json.loads(plotted.stdout)["runs"] == [r["id"] for r in records]
+
+
+def test_run_repeat_prints_the_groups_mean_and_between_runs_error(git_repo, monkeypatch, artifact_root):
+    nanogpt_project(git_repo, monkeypatch)
+    r = runner.invoke(app, ["run", "--device", "cpu", "--steps", "14", "--tag", "txt", "--repeat", "2", *QUIET,
+                            "--", "--dt_ms=10.0", "--sleep=0"])
+    assert r.exit_code == 0, r.output
+    [line] = [ln for ln in r.stdout.splitlines() if "mean of 2 tail means" in ln]
+    assert line.startswith("group ") and "(± between-runs standard error): tok/sec " in line and " ±" in line
 
 
 def test_repeat_of_a_trainer_without_a_seed_mapping_is_refused_before_anything_runs(git_repo, monkeypatch, artifact_root):

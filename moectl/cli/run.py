@@ -1,6 +1,7 @@
 """`moectl run`: guards -> fresh directory -> torchrun -> live progress -> record -> report -> commit."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -11,7 +12,7 @@ from moectl.cli.options import (
     ExtraArgs, Fp8Opt, JsonOpt, NodesOpt, NprocOpt, OverrideOpt, PresetOpt, RequeueOpt, SeedOpt, SlurmOpt, StepsOpt,
     TagOpt, WaitGpusOpt, request_kwargs,
 )
-from moectl.errors import EXIT_GUARD, EXIT_OK, UsageError
+from moectl.errors import EXIT_GUARD, EXIT_OK
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -175,9 +176,17 @@ def run(
         runs.append(data)
         if code != EXIT_OK:
             break
+    # The point of repeats: the group's mean and its between-runs error, right away.
+    from moectl.cli.runs import group_mean_line, group_summary_json, group_summary_of
+
+    done = [store.load_run(Path(d["exp_dir"])) for d in runs if d.get("status") == "completed"]
+    summary = group_summary_of(cfg, done) if len(done) == repeat else None
     if json_out:
-        print_json({"group": group, "repeats": repeat, "runs": runs})
+        print_json({"group": group, "repeats": repeat, "runs": runs,
+                    **({"summary": group_summary_json(*summary)} if summary else {})})
     elif code == EXIT_OK:
+        if summary:
+            stdout.print(f"group {group}: " + group_mean_line(*summary, repeat), markup=False)
         stdout.print(f"group {group}: {repeat} runs; compare, show, plot and export take the whole group by its "
                      f"tag {requests[0].tag}", markup=False)
     raise typer.Exit(code)

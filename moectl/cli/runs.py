@@ -267,18 +267,14 @@ def show_cmd(
 
 def _show_group(cfg, entry, json_out: bool) -> None:
     """`show` of a repeat group: every repeat's tail figures, then their mean ± between-runs error."""
-    from engine.schema import METRICS_FILENAME
-    from moectl.metrics import MEAN_METRICS, METRICS, group_summary, read_metrics
     from moectl.noise import BETWEEN_RUNS
     from moectl.store import run_json
 
-    window, warmup = cfg.metrics.window, cfg.metrics.warmup_steps
-    summary, errors = group_summary([read_metrics(Path(r.exp_dir) / METRICS_FILENAME) for r in entry], window, warmup)
+    summary, errors = group_summary_of(cfg, entry)
     group = entry[-1].group
     if json_out:
         print_json({"group": group, "tag": entry[-1].tag, "n_repeats": len(entry), "noise": BETWEEN_RUNS,
-                    "summary": {m: {"value": getattr(summary, m), "stderr": errors[m]} for m in METRICS},
-                    "runs": [run_json(r) for r in entry]})
+                    "summary": group_summary_json(summary, errors), "runs": [run_json(r) for r in entry]})
         return
     out = lambda text: stdout.print(text, markup=False)  # noqa: E731
     out(f"group {group}  tag: {entry[-1].tag}  {len(entry)} completed repeats")
@@ -288,13 +284,35 @@ def _show_group(cfg, entry, json_out: bool) -> None:
         out(f"  {r.id}  seed {seed if seed is not None else '?'}  {r.status}  "
             f"tok/sec {_num(s.tok_per_sec if s else None)} · dt {_num(s.dt_ms if s else None)} ms · "
             f"MFU {_num(s.mfu if s else None, 4)}%" + (f"  warnings: {len(r.warnings)}" if r.warnings else ""))
+    out(group_mean_line(summary, errors, len(entry)))
+    out("one repeat in detail: `moectl show RUN_ID`")
+
+
+def group_summary_of(cfg, records) -> tuple:
+    """A repeat group's (summary, between-runs errors) from its runs' metrics files."""
+    from engine.schema import METRICS_FILENAME
+    from moectl.metrics import group_summary, read_metrics
+
+    return group_summary([read_metrics(Path(r.exp_dir) / METRICS_FILENAME) for r in records],
+                         cfg.metrics.window, cfg.metrics.warmup_steps)
+
+
+def group_summary_json(summary, errors) -> dict:
+    from moectl.metrics import METRICS
+
+    return {m: {"value": getattr(summary, m), "stderr": errors[m]} for m in METRICS}
+
+
+def group_mean_line(summary, errors, n: int) -> str:
+    """`mean of 3 tail means (± between-runs standard error): tok/sec 28,855.00 ±210.00 · ...`"""
+    from moectl.metrics import MEAN_METRICS
+
     parts = []
     for m, label, decimals in (("tok_per_sec", "tok/sec", 2), ("dt_ms", "dt ms", 2), ("mfu", "MFU %", 4)):
         if getattr(summary, m) is not None:
             err = f" ±{errors[m]:.{decimals}f}" if m in MEAN_METRICS and errors[m] is not None else ""
             parts.append(f"{label} {getattr(summary, m):,.{decimals}f}{err}")
-    out(f"mean of {len(entry)} tail means (± between-runs standard error): " + " · ".join(parts))
-    out("one repeat in detail: `moectl show RUN_ID`")
+    return f"mean of {n} tail means (± between-runs standard error): " + (" · ".join(parts) or "no figures")
 
 
 # --- compare -------------------------------------------------------------------------------------
