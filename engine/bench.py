@@ -57,6 +57,21 @@ def _step(layer, x, g):
         out.backward(g)
 
 
+def time_round_robin(variants: dict, warmup: int, repeats: int, sync=lambda: None) -> dict[str, list[float]]:
+    """ms per call of each variant (a no-argument callable), timed one call of each in turn so that
+    a noisy neighbour slows every variant alike; the first `warmup` rounds are not kept."""
+    times: dict = {k: [] for k in variants}
+    for i in range(warmup + repeats):
+        for key, fn in variants.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if i >= warmup:
+                times[key].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 def run_bench(device="cpu", tokens=4096, dim=256, experts=8, top_k=2, hidden=0, dtype=None,
               warmup=3, repeats=10, variants=(("padded", 1.0), ("grouped", 0.0), ("loop", 0.0)),
               seed=0) -> dict:
@@ -72,15 +87,8 @@ def run_bench(device="cpu", tokens=4096, dim=256, experts=8, top_k=2, hidden=0, 
         moe = MoELayer(cfg)
         nn.init.normal_(moe.w_down_EHD, std=hidden**-0.5)  # non-zero, like a trained layer
         layers[(dispatch, cap)] = moe.to(device, DTYPES[dtype])
-    times = {k: [] for k in layers}
-    for i in range(warmup + repeats):
-        for key, layer in layers.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            _step(layer, x, g)
-            _sync(device)
-            if i >= warmup:
-                times[key].append((time.perf_counter() - t0) * 1e3)
+    times = time_round_robin({k: (lambda layer=layer: _step(layer, x, g)) for k, layer in layers.items()},
+                             warmup, repeats, sync=lambda: _sync(device))
     dense_ms = statistics.median(times["dense"])
     dense_min = min(times["dense"])  # noise only ever adds time: min is the quiet-machine estimate
     results = []

@@ -1,0 +1,105 @@
+"""Parts of the MoE layer's step timed alone, each against what it replaces or competes with.
+
+    .venv/bin/python scripts/bench_parts.py relu2                # relu²: autograd's vs engine.activation's
+    .venv/bin/python scripts/bench_parts.py gemms --threads 1    # expert GEMMs: dense mm vs bmm vs _grouped_mm
+
+relu2: forward+backward of relu² on [8192, 512] fp32 (the bench's expert activations), autograd's
+`F.relu(h).square()` against `relu_squared`; values and grads are checked equal first, so the
+faster one is the same computation.
+gemms: the two expert GEMMs alone, forward+backward, at engine.bench's default shape (8 experts x
+1024 rows, D=256, expert hidden 512) as padded's `bmm` and grouped's `torch._grouped_mm`, against
+the iso-FLOP dense pair (4096 rows, hidden 1024): what separates their GEMM time from dense's.
+Variants run round-robin in one process (engine.bench.time_round_robin); medians after warm-up,
+ratios to the first variant.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engine.activation import relu_squared  # noqa: E402
+from engine.bench import time_round_robin  # noqa: E402
+from engine.malloc import keep_freed_memory  # noqa: E402
+
+
+def relu2_variants(rows: int = 8192, cols: int = 512) -> dict:
+    h = torch.randn(rows, cols, requires_grad=True)
+    g = torch.randn(rows, cols)
+    fns = {"autograd relu().square()": lambda x: F.relu(x).square(), "relu_squared": relu_squared}
+    results = []
+    for fn in fns.values():
+        out = fn(h)
+        out.backward(g)
+        results.append((out.detach(), h.grad))
+        h.grad = None
+    (ref_out, ref_grad), (out, grad) = results
+    assert torch.equal(out, ref_out) and torch.equal(grad, ref_grad), "relu_squared differs from autograd's"
+
+    def step(fn):
+        h.grad = None
+        fn(h).backward(g)
+
+    return {name: (lambda fn=fn: step(fn)) for name, fn in fns.items()}
+
+
+def gemm_variants() -> dict:
+    E, C, D, H = 8, 1024, 256, 512
+    A = E * C
+    x_AD = torch.randn(A, D, requires_grad=True)
+    w_up_EDH = torch.randn(E, D, H, requires_grad=True)
+    w_down_EHD = torch.randn(E, H, D, requires_grad=True)
+    offs_E = torch.arange(1, E + 1, dtype=torch.int32) * C
+    g_AD = torch.randn(A, D)
+    x_ND = torch.randn(A // 2, D, requires_grad=True)
+    w1_DH = torch.randn(D, 2 * H, requires_grad=True)
+    w2_HD = torch.randn(2 * H, D, requires_grad=True)
+    g_ND = torch.randn(A // 2, D)
+
+    def fresh(fn):
+        def run():
+            for t in (x_AD, w_up_EDH, w_down_EHD, x_ND, w1_DH, w2_HD):
+                t.grad = None
+            fn()
+        return run
+
+    def bmm():
+        x_ECD = x_AD.view(E, C, D)
+        torch.bmm(torch.bmm(x_ECD, w_up_EDH), w_down_EHD).view(A, D).backward(g_AD)
+
+    def grouped():
+        h_AH = torch._grouped_mm(x_AD, w_up_EDH, offs=offs_E)
+        torch._grouped_mm(h_AH, w_down_EHD, offs=offs_E).backward(g_AD)
+
+    return {"dense mm": fresh(lambda: (x_ND @ w1_DH @ w2_HD).backward(g_ND)),
+            "bmm (padded)": fresh(bmm), "_grouped_mm (grouped)": fresh(grouped)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("part", choices=["relu2", "gemms"])
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--repeats", type=int, default=0, help="timed rounds (default: relu2 50, gemms 25)")
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    keep_freed_memory()
+    torch.manual_seed(0)
+    variants = relu2_variants() if a.part == "relu2" else gemm_variants()
+    repeats = a.repeats or (50 if a.part == "relu2" else 25)
+    times = time_round_robin(variants, warmup=5, repeats=repeats)
+    base = statistics.median(next(iter(times.values())))
+    print(f"{a.part}: fp32, threads={torch.get_num_threads()}, {repeats} rounds")
+    for name, t in times.items():
+        print(f"  {name:26s} median {statistics.median(t):7.2f} ms  min {min(t):7.2f} ms  "
+              f"ratio {statistics.median(t) / base:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
