@@ -47,3 +47,36 @@ def atomic_file(path: Path, mode: str = "w"):
         except FileNotFoundError:
             pass
         raise
+
+
+def create_new_file(path: Path, text: str, mode: int = 0o644) -> bool:
+    """Create `path` holding `text`, atomically and only if it does not exist: False when it does.
+    The text goes to a temp file beside it (fsynced), which is then hard-linked to the name; a link
+    never replaces a file, so of two processes creating one name exactly one wins, and a reader
+    never sees half of it. (The run lock and new reports are created this way.)"""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+            os.fchmod(fh.fileno(), mode)  # mkstemp's 0600 would hide a committed report from the group
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:
+            # A filesystem without hard links: claim the name with O_EXCL, then fill it (a reader
+            # may briefly see it empty).
+            try:
+                claimed = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            except FileExistsError:
+                return False
+            with os.fdopen(claimed, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            return True
+    finally:
+        os.unlink(tmp)
+

@@ -26,6 +26,7 @@ from typing import Optional
 
 import psutil
 
+from moectl.atomic import create_new_file
 from moectl.errors import GuardRefused
 
 LOCK_NAME = ".moectl.lock"
@@ -74,9 +75,9 @@ def _pid_stale(pid: int, started_ts: Optional[float]) -> tuple[bool, str]:
     return False, f"pid {pid} is alive"
 
 
-def _holder_from_text(text: str, path: Path) -> LockHolder:
+def _holder_from_bytes(data: bytes, path: Path) -> LockHolder:
     try:
-        d = json.loads(text)
+        d = json.loads(data)  # bytes that are not UTF-8 raise ValueError too: an unreadable lock
         if not isinstance(d, dict):
             raise ValueError("not an object")
     except ValueError:
@@ -96,10 +97,10 @@ def _holder_from_text(text: str, path: Path) -> LockHolder:
 def read_holder(root: Path) -> Optional[LockHolder]:
     path = lock_path(root)
     try:
-        text = path.read_bytes().decode("utf-8", errors="replace")  # garbage bytes: an unreadable lock
+        data = path.read_bytes()
     except FileNotFoundError:
         return None
-    return _holder_from_text(text, path)
+    return _holder_from_bytes(data, path)
 
 
 class Lock:
@@ -131,30 +132,8 @@ class Lock:
         self.release()
 
 
-def _publish(path: Path, text: str) -> bool:
-    """Create `path` with `text` atomically; False if it already exists."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    try:
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
-    except OSError:
-        # A filesystem without hard links: fall back to O_EXCL (a reader may briefly see it empty).
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        return True
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _take_over(path: Path, seen: LockHolder) -> None:
-    """Remove the stale lock `seen`, so that the next `_publish` can create ours.
+    """Remove the stale lock `seen`, so that the next `create_new_file` can create ours.
 
     Contenders serialise on an flock of the artifact root directory (the kernel drops it when its
     holder dies, so it can never go stale itself) and re-judge the lock under it. Only then is
@@ -168,7 +147,7 @@ def _take_over(path: Path, seen: LockHolder) -> None:
         except OSError:
             pass  # a filesystem without locks: the re-check below still narrows the window
         try:
-            now = _holder_from_text(path.read_bytes().decode("utf-8", errors="replace"), path)
+            now = _holder_from_bytes(path.read_bytes(), path)
         except FileNotFoundError:
             return  # released or taken over meanwhile; just retry the create
         if now.stale and (now.pid, now.started_at, now.run_id) == (seen.pid, seen.started_at, seen.run_id):
@@ -205,7 +184,7 @@ def acquire(root: Path, run_id: str, cmd: str = "") -> Lock:
     }
     text = json.dumps(info, indent=2) + "\n"
     for _ in range(5):
-        if _publish(path, text):
+        if create_new_file(path, text):
             return Lock(path, info)
         holder = read_holder(root)
         if holder is None:

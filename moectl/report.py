@@ -6,7 +6,6 @@ the seed study's precision: tok/sec, dt, memory and minutes to 2 decimals, MFU t
 """
 from __future__ import annotations
 
-import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
@@ -112,39 +111,19 @@ def report_path(report_dir: Path, name: str, now: Optional[datetime] = None) -> 
 
 def write_report(report_dir: Path, name: str, text: str, now: Optional[datetime] = None) -> Path:
     """Write `text` as a new report `<report_dir>/<YYYYmmdd_HHMM>_<name>.md` (`-2`, `-3`... when
-    taken) and return its path. The name is claimed atomically: the text goes to a temp file
-    beside it, which is then hard-linked to the name, and a link never replaces an existing file.
-    So two moectl processes finishing in the same minute with the same name (a repeat group's
-    Slurm jobs side by side) each get their own report, and a reader never sees half of one."""
-    import tempfile
+    taken) and return its path. Each name is claimed with atomic.create_new_file, which never
+    replaces a file: two moectl processes finishing in the same minute with the same name (a
+    repeat group's Slurm jobs side by side) each get their own report."""
+    from moectl.atomic import create_new_file
 
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     stem = _report_stem(name, now)
-    fd, tmp = tempfile.mkstemp(dir=report_dir, prefix=f".{stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        for n in range(1, 10_000):
-            path = report_dir / (f"{stem}.md" if n == 1 else f"{stem}-{n}.md")
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                continue
-            except OSError:  # a filesystem without hard links: claim the name, then fill it
-                try:
-                    claimed = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                except FileExistsError:
-                    continue
-                with os.fdopen(claimed, "w", encoding="utf-8") as fh:
-                    fh.write(text)
-            os.chmod(path, 0o644)  # mkstemp's 0600 would keep a committed report from the user's group
+    for n in range(1, 10_000):
+        path = report_dir / (f"{stem}.md" if n == 1 else f"{stem}-{n}.md")
+        if not path.exists() and create_new_file(path, text):
             return path
-        raise FileExistsError(f"no free report name for {stem} in {report_dir}")
-    finally:
-        os.unlink(tmp)
+    raise FileExistsError(f"no free report name for {stem} in {report_dir}")
 
 
 def commit_message(record: RunRecord, baseline: Optional[RunRecord] = None) -> str:

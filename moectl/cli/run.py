@@ -1,7 +1,6 @@
 """`moectl run`: guards -> fresh directory -> torchrun -> live progress -> record -> report -> commit."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -179,7 +178,7 @@ def run(
     # The point of repeats: the group's mean and its between-runs error, right away.
     from moectl.cli.runs import group_mean_line, group_summary_json, group_summary_of
 
-    done = [store.load_run(Path(d["exp_dir"])) for d in runs if d.get("status") == "completed"]
+    done = [d["exp_dir"] for d in runs if d.get("status") == "completed"]
     summary = group_summary_of(cfg, done) if len(done) == repeat else None
     if json_out:
         print_json({"group": group, "repeats": repeat, "runs": runs,

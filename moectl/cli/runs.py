@@ -270,7 +270,7 @@ def _show_group(cfg, entry, json_out: bool) -> None:
     from moectl.noise import BETWEEN_RUNS
     from moectl.store import run_json
 
-    summary, errors = group_summary_of(cfg, entry)
+    summary, errors = group_summary_of(cfg, [r.exp_dir for r in entry])
     group = entry[-1].group
     if json_out:
         print_json({"group": group, "tag": entry[-1].tag, "n_repeats": len(entry), "noise": BETWEEN_RUNS,
@@ -288,12 +288,12 @@ def _show_group(cfg, entry, json_out: bool) -> None:
     out("one repeat in detail: `moectl show RUN_ID`")
 
 
-def group_summary_of(cfg, records) -> tuple:
+def group_summary_of(cfg, exp_dirs) -> tuple:
     """A repeat group's (summary, between-runs errors) from its runs' metrics files."""
     from engine.schema import METRICS_FILENAME
     from moectl.metrics import group_summary, read_metrics
 
-    return group_summary([read_metrics(Path(r.exp_dir) / METRICS_FILENAME) for r in records],
+    return group_summary([read_metrics(Path(d) / METRICS_FILENAME) for d in exp_dirs],
                          cfg.metrics.window, cfg.metrics.warmup_steps)
 
 
