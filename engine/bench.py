@@ -21,14 +21,15 @@ import torch
 import torch.nn as nn
 
 from engine.malloc import keep_freed_memory
-from engine.activation import relu_squared
+from engine.blocked_mlp import dense_relu2_mlp
 from engine.moe import MoEConfig, MoELayer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class DenseMLP(nn.Module):
-    """The iso-FLOP baseline: relu² MLP, hidden = top_k * expert_hidden (as model.MLP)."""
+    """The iso-FLOP baseline: relu² MLP, hidden = top_k * expert_hidden, computed as model.MLP
+    computes it (on CPU in row blocks, as the experts are: engine.blocked_mlp)."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -36,7 +37,7 @@ class DenseMLP(nn.Module):
         self.c_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x):
-        return self.c_proj(relu_squared(self.c_fc(x)))
+        return dense_relu2_mlp(x, self.c_fc.weight, self.c_proj.weight)
 
 
 def _sync(device: torch.device):

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.activation import relu_squared
+from engine.blocked_mlp import dense_relu2_mlp
 from engine.moe import MoEConfig, MoELayer
 
 
@@ -169,6 +170,8 @@ class MLP(nn.Module):
         self.c_proj = make_linear(cfg, hidden, cfg.dim)
 
     def forward(self, x_BTD):
+        if type(self.c_fc) is nn.Linear:  # float8 layers stay layers; plain ones may go blocked on CPU
+            return dense_relu2_mlp(x_BTD, self.c_fc.weight, self.c_proj.weight)
         return self.c_proj(relu_squared(self.c_fc(x_BTD)))
 
 

@@ -19,9 +19,10 @@ Dispatchers (cfg.dispatch; "auto" = padded for cap > 0, grouped for cap == 0):
            buffer, two torch.bmm; assignments past C are dropped first come first served (token
            order) and contribute nothing (the residual carries the token). Static shapes, no host
            sync: compiles with torch.compile(fullgraph=True, dynamic=False).
-  grouped  dropless: assignments sorted by expert, torch._grouped_mm over int32 offsets. Where
-           _grouped_mm is missing or refuses the dtype/strides, a padded dispatch with C = N (no
-           expert can receive more than N assignments, so nothing drops) stands in: slower, correct.
+  grouped  dropless: assignments sorted by expert, torch._grouped_mm over int32 offsets (on CPU in
+           eager mode, engine.blocked_mlp's per-expert GEMMs instead). Where _grouped_mm is needed
+           but missing or refuses the dtype/strides, a padded dispatch with C = N (no expert can
+           receive more than N assignments, so nothing drops) stands in: slower, correct.
            With cap > 0 it is a ValueError (it is dropless by definition; use padded or loop).
   loop     the obviously-correct reference: a Python loop over experts with host syncs. It honours
            cap too (keeps the first C assignments per expert), so it is the reference for drops.
@@ -52,6 +53,7 @@ import torch.nn.functional as F
 
 from engine import ep as ep_comm
 from engine.activation import relu_squared
+from engine.blocked_mlp import blocked_ok, blocked_relu2_mlp
 
 DISPATCHES = ("auto", "padded", "grouped", "loop")
 BALANCES = ("loss", "bias", "none")
@@ -247,7 +249,9 @@ def _sort_by_expert(experts_A, counts_E):
 
 
 # ----------------------------------------------------------------------------------------------
-# Expert GEMMs (relu², like nanochat's MLP; engine/activation.py)
+# Expert GEMMs (relu², like nanochat's MLP; engine/activation.py). On CPU in eager mode the experts
+# go through engine.blocked_mlp: one expert's GEMMs and relu² back to back while its activations
+# are in cache, as the dense MLP does with blocks of rows.
 
 
 def _experts_bmm(x_ECD, w_up_EDH, w_down_EHD, fp8: bool):
@@ -255,6 +259,9 @@ def _experts_bmm(x_ECD, w_up_EDH, w_down_EHD, fp8: bool):
         from engine.fp8 import fp8_bmm
 
         return fp8_bmm(relu_squared(fp8_bmm(x_ECD, w_up_EDH)), w_down_EHD)
+    if blocked_ok(x_ECD):
+        E, C, D = x_ECD.shape
+        return blocked_relu2_mlp(x_ECD.reshape(E * C, D), w_up_EDH, w_down_EHD, [C] * E).view(E, C, D)
     return torch.bmm(relu_squared(torch.bmm(x_ECD, w_up_EDH)), w_down_EHD)
 
 
@@ -381,7 +388,8 @@ class MoELayer(nn.Module):
             C = capacity(cfg.cap, x_ND.shape[0], cfg.top_k, cfg.n_experts)
             out_ND, dropped = self._padded(x_ND, experts_A, gate_A, counts_E, C, w_up, w_down)
         else:
-            ok, _ = grouped_mm_supported(x_ND.device, x_ND.dtype, D, cfg.hidden)
+            # On CPU in eager mode the blocked expert MLP needs no _grouped_mm (nor its alignment).
+            ok = blocked_ok(x_ND) or grouped_mm_supported(x_ND.device, x_ND.dtype, D, cfg.hidden)[0]
             if cfg.fp8:
                 out_ND = self._grouped_fp8(x_ND, experts_A, gate_A, counts_E, w_up, w_down)
             elif ok and self.ep is not None:
@@ -429,14 +437,16 @@ class MoELayer(nn.Module):
     def _grouped(self, x_ND, experts_A, gate_A, counts_E, w_up, w_down):
         K = self.cfg.top_k
         order_A, rank_A, _ = _sort_by_expert(experts_A, counts_E)
-        offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
         none = experts_A.new_empty(0, dtype=torch.bool)  # no masks: every assignment is kept
         x_AD = _Dispatch.apply(x_ND, order_A // K, rank_A, none, K)
-        # Eager calls _grouped_mm directly (the custom op's Python dispatch costs ~1 ms a call);
-        # our grads into it are contiguous (relu² / _Combine backward), so its own backward is fine.
-        gmm = _grouped_mm_op if torch.compiler.is_compiling() else _grouped_mm_eager
-        h_AH = relu_squared(gmm(x_AD, w_up, offs_E))
-        y_AD = gmm(h_AH, w_down, offs_E)
+        if blocked_ok(x_AD):  # CPU: the counts are host memory already, .tolist() syncs nothing
+            y_AD = blocked_relu2_mlp(x_AD, w_up, w_down, counts_E.tolist())
+        else:
+            # Eager calls _grouped_mm directly (the custom op's Python dispatch costs ~1 ms a call);
+            # our grads into it are contiguous (relu² / _Combine backward), so its own backward is fine.
+            gmm = _grouped_mm_op if torch.compiler.is_compiling() else _grouped_mm_eager
+            offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
+            y_AD = gmm(relu_squared(gmm(x_AD, w_up, offs_E)), w_down, offs_E)
         return _Combine.apply(y_AD, gate_A, rank_A, order_A, none, K)
 
     # Eager even inside a compiled model: the rows a rank receives vary every step, and a compiled
@@ -456,8 +466,12 @@ class MoELayer(nn.Module):
         if total:
             perm_R, inv_R = ep_comm.source_to_expert_major(recv_counts_SE, total)
             x_RD = ep_comm.Permute.apply(x_RD, perm_R, inv_R)
-            offs_E = torch.cumsum(recv_counts_SE.sum(0), 0).to(torch.int32)
-            y_RD = _grouped_mm_eager(relu_squared(_grouped_mm_eager(x_RD, w_up, offs_E)), w_down, offs_E)
+            rows_E = recv_counts_SE.sum(0)
+            if blocked_ok(x_RD):
+                y_RD = blocked_relu2_mlp(x_RD, w_up, w_down, rows_E.tolist())
+            else:
+                offs_E = torch.cumsum(rows_E, 0).to(torch.int32)
+                y_RD = _grouped_mm_eager(relu_squared(_grouped_mm_eager(x_RD, w_up, offs_E)), w_down, offs_E)
             y_RD = ep_comm.Permute.apply(y_RD, inv_R, perm_R)
         else:  # no row for this rank's experts: nothing to compute, nothing to send back
             y_RD = x_RD

@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_parts.py relu2                # relu²: autograd's vs engine.activation's
     .venv/bin/python scripts/bench_parts.py gemms --threads 1    # expert GEMMs: dense mm vs bmm vs _grouped_mm
+    .venv/bin/python scripts/bench_parts.py blocked              # each layer with and without engine.blocked_mlp
 
 relu2: forward+backward of relu² on [8192, 512] fp32 (the bench's expert activations), autograd's
 `F.relu(h).square()` against `relu_squared`; values and grads are checked equal first, so the
@@ -9,6 +10,9 @@ faster one is the same computation.
 gemms: the two expert GEMMs alone, forward+backward, at engine.bench's default shape (8 experts x
 1024 rows, D=256, expert hidden 512) as padded's `bmm` and grouped's `torch._grouped_mm`, against
 the iso-FLOP dense pair (4096 rows, hidden 1024): what separates their GEMM time from dense's.
+blocked: the dense MLP and the padded and grouped MoE layers of engine.bench, each timed with its
+relu² MLP(s) through engine.blocked_mlp and without; --block-mib sets the block size. Input and
+weight grads are checked equal up to summation order first.
 Variants run round-robin in one process (engine.bench.time_round_robin); medians after warm-up,
 ratios to the first variant.
 """
@@ -23,8 +27,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import engine.blocked_mlp  # noqa: E402  (its ENABLED and BLOCK_BYTES are set here)
 from engine.activation import relu_squared  # noqa: E402
-from engine.bench import time_round_robin  # noqa: E402
+from engine.bench import DenseMLP, _step, time_round_robin  # noqa: E402
+from engine.moe import MoEConfig, MoELayer  # noqa: E402
 from engine.malloc import keep_freed_memory  # noqa: E402
 
 
@@ -80,9 +86,37 @@ def gemm_variants() -> dict:
             "bmm (padded)": fresh(bmm), "_grouped_mm (grouped)": fresh(grouped)}
 
 
+def blocked_variants(block_mib: float) -> dict:
+    engine.blocked_mlp.BLOCK_BYTES = int(block_mib * 2**20)
+    x = torch.randn(1, 4096, 256, requires_grad=True)
+    g = torch.randn_like(x)
+    layers = {"dense": DenseMLP(256, 1024)}
+    for dispatch, cap in (("padded", 1.0), ("grouped", 0.0)):
+        layers[dispatch] = MoELayer(MoEConfig(dim=256, n_experts=8, top_k=2, expert_hidden=512, cap=cap, dispatch=dispatch))
+        torch.nn.init.normal_(layers[dispatch].w_down_EHD, std=512**-0.5)  # non-zero, like a trained layer
+
+    def step(layer, blocked: bool):
+        engine.blocked_mlp.ENABLED = blocked
+        try:
+            _step(layer, x, g)
+        finally:
+            engine.blocked_mlp.ENABLED = True
+
+    for name, layer in layers.items():
+        results = []
+        for blocked in (False, True):
+            step(layer, blocked)
+            results.append([x.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
+        for ref, got in zip(*results):  # equal up to fp32 summation order (blocks add weight grads in parts)
+            assert (ref - got).abs().max() <= 1e-5 * ref.abs().max(), f"{name}: blocked grads differ"
+    return {f"{name}{' blocked' if blocked else ''}": (lambda layer=layer, blocked=blocked: step(layer, blocked))
+            for name, layer in layers.items() for blocked in (False, True)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=["relu2", "gemms"])
+    p.add_argument("part", choices=["relu2", "gemms", "blocked"])
+    p.add_argument("--block-mib", type=float, default=4.0, help="blocked: engine.blocked_mlp.BLOCK_BYTES in MiB")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--repeats", type=int, default=0, help="timed rounds (default: relu2 50, gemms 25)")
     a = p.parse_args()
@@ -90,8 +124,9 @@ def main() -> int:
         torch.set_num_threads(a.threads)
     keep_freed_memory()
     torch.manual_seed(0)
-    variants = relu2_variants() if a.part == "relu2" else gemm_variants()
-    repeats = a.repeats or (50 if a.part == "relu2" else 25)
+    variants = {"relu2": relu2_variants, "gemms": gemm_variants,
+                "blocked": lambda: blocked_variants(a.block_mib)}[a.part]()
+    repeats = a.repeats or {"relu2": 50, "gemms": 25, "blocked": 15}[a.part]
     times = time_round_robin(variants, warmup=5, repeats=repeats)
     base = statistics.median(next(iter(times.values())))
     print(f"{a.part}: fp32, threads={torch.get_num_threads()}, {repeats} rounds")

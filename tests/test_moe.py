@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import engine.blocked_mlp
 from engine.moe import MoEConfig, MoELayer
 
 D, H, E, K = 64, 128, 4, 2
@@ -28,6 +29,26 @@ class GroupedMMCalls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def took_blocked_path(out) -> bool:
+    """Whether engine.blocked_mlp computed the experts of this output (its node in the graph)."""
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if type(fn).__name__ == "_BlockedReluSquaredMLPBackward":
+            return True
+        todo.extend(next_fn for next_fn, _ in fn.next_functions)
+    return False
+
+
+@pytest.fixture
+def blocked_mode(monkeypatch):
+    """on: CPU eager experts through engine.blocked_mlp (the default); off: bmm / _grouped_mm, as on CUDA."""
+    return lambda mode: monkeypatch.setattr(engine.blocked_mlp, "ENABLED", mode == "on")
+
+
 def make_layer(dispatch="loop", cap=0.0, dim=D, hidden=H, **kw):
     torch.manual_seed(0)
     kw.setdefault("z_coeff", 1e-3)
@@ -43,26 +64,34 @@ def fwd_bwd(layer, x_BTD, seed=1):
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
     ((out * g).sum() + aux.loss).backward()
     grads = {"x": x.grad, "router": layer.router.weight.grad, "w_up": layer.w_up_EDH.grad, "w_down": layer.w_down_EHD.grad}
+    aux.blocked = took_blocked_path(out)
     return out.detach(), aux, grads
 
 
 @pytest.mark.parametrize(
-    "dispatch,cap,dim,hidden,gmm_calls",
+    "dispatch,cap,dim,hidden,mode,gmm_calls,blocked",
     [
-        ("padded", 4.0, D, H, 0),  # C = 2N/... large enough that nothing drops
-        ("auto", 4.0, D, H, 0),
-        ("grouped", 0.0, D, H, GMM),  # torch._grouped_mm
-        ("auto", 0.0, D, H, GMM),
-        ("grouped", 0.0, 30, 36, 0),  # 30 fp32 = 120-byte rows: _grouped_mm refuses -> padded fallback
+        # mode off: the experts as on CUDA (bmm, torch._grouped_mm); on (CPU's default): engine.blocked_mlp
+        ("padded", 4.0, D, H, "off", 0, False),  # C = 2N/... large enough that nothing drops
+        ("padded", 4.0, D, H, "on", 0, True),
+        ("auto", 4.0, D, H, "off", 0, False),
+        ("grouped", 0.0, D, H, "off", GMM, False),  # torch._grouped_mm
+        ("auto", 0.0, D, H, "off", GMM, False),
+        ("grouped", 0.0, 30, 36, "off", 0, False),  # 30 fp32 = 120-byte rows: _grouped_mm refuses -> padded fallback
+        ("grouped", 0.0, D, H, "on", 0, True),
+        ("auto", 0.0, D, H, "on", 0, True),
+        ("grouped", 0.0, 30, 36, "on", 0, True),  # blocks need no _grouped_mm, nor its row alignment
     ],
 )
-def test_dispatch_matches_loop_outputs_and_all_grads(dispatch, cap, dim, hidden, gmm_calls):
+def test_dispatch_matches_loop_outputs_and_all_grads(dispatch, cap, dim, hidden, mode, gmm_calls, blocked, blocked_mode):
     x = torch.randn(2, 37, dim)  # 74 tokens: not a multiple of 8 or 16 on purpose
     ref_out, ref_aux, ref_g = fwd_bwd(make_layer("loop", 0.0, dim, hidden), x)
     layer = make_layer(dispatch, cap, dim, hidden)
+    blocked_mode(mode)
     with GroupedMMCalls() as gmm:
         out, aux, g = fwd_bwd(layer, x)
     assert gmm.count == gmm_calls  # the grouped kernel really ran (or, for the fallback, did not)
+    assert aux.blocked == blocked
     assert float(aux.dropped) == 0.0
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(aux.loss, ref_aux.loss, rtol=1e-6, atol=1e-7)
@@ -72,18 +101,21 @@ def test_dispatch_matches_loop_outputs_and_all_grads(dispatch, cap, dim, hidden,
         torch.testing.assert_close(g[name], ref_g[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("dispatch,cap,gmm_calls", [("grouped", 0.0, GMM), ("padded", 4.0, 0)])
-def test_autocast_bf16_experts_compute_in_bf16_and_match_fp32(dispatch, cap, gmm_calls):
+@pytest.mark.parametrize("dispatch,cap,mode,gmm_calls", [
+    ("grouped", 0.0, "off", GMM), ("padded", 4.0, "off", 0), ("grouped", 0.0, "on", 0), ("padded", 4.0, "on", 0)])
+def test_autocast_bf16_experts_compute_in_bf16_and_match_fp32(dispatch, cap, mode, gmm_calls, blocked_mode):
     """bf16 training runs the residual stream in fp32 under autocast: the experts must compute in
     the autocast dtype (on CUDA _grouped_mm takes bf16 only), close to the fp32 reference."""
     x = torch.randn(2, 32, D)
     ref_out, _, _ = fwd_bwd(make_layer("loop", 0.0), x)
     layer = make_layer(dispatch, cap)
+    blocked_mode(mode)
     with torch.autocast("cpu", dtype=torch.bfloat16), GroupedMMCalls() as gmm:
         out, aux = layer(x.clone().requires_grad_())
         out.float().sum().backward()
     assert out.dtype == torch.bfloat16
     assert gmm.count == gmm_calls  # bf16 through _grouped_mm, not the stand-in
+    assert took_blocked_path(out) == (mode != "off")
     assert layer.w_up_EDH.grad is not None and layer.w_up_EDH.grad.dtype == torch.float32  # fp32 masters
     # bf16 has 8 mantissa bits: two chained GEMMs stay within a few percent of the fp32 output.
     torch.testing.assert_close(out.float(), ref_out, rtol=5e-2, atol=5e-2)
@@ -154,10 +186,12 @@ def test_padded_and_loop_agree_when_dropping():
         torch.testing.assert_close(g[name], ref_g[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("mode", ["off", "on"])
 @pytest.mark.parametrize("dispatch,cap", [("padded", 4.0), ("grouped", 0.0)])
-def test_grad_accumulation_equals_concatenated_batch(dispatch, cap):
+def test_grad_accumulation_equals_concatenated_batch(dispatch, cap, mode, blocked_mode):
     """Two micro-batches, both graphs alive before either backward (what buffer reuse would break),
     accumulate exactly the grads of the concatenated batch (sum losses; aux off: it is not additive)."""
+    blocked_mode(mode)
     x1, x2 = torch.randn(2, 16, D), torch.randn(2, 16, D)
     g1, g2 = torch.randn(2, 16, D), torch.randn(2, 16, D)
     acc = make_layer(dispatch, cap, balance_coeff=0.0, z_coeff=0.0)
