@@ -28,13 +28,15 @@ runner = CliRunner()
 SLOW_RUN = ["--steps", "300", "--tag", "long", *QUIET, "--", "--sleep-per-step", "0.1"]
 
 
-def spawn(repo: Path, out: Path, *args: str) -> subprocess.Popen:
+def spawn(repo: Path, out: Path, *args: str, sigint_ignored: bool = False) -> subprocess.Popen:
     """`python -m moectl run ...` in `repo`, as a person would start it (env from this test:
-    MOECTL_ARTIFACT_ROOT and MOECTL_FAKE_NVML come from the conftest fixtures)."""
+    MOECTL_ARTIFACT_ROOT and MOECTL_FAKE_NVML come from the conftest fixtures). sigint_ignored:
+    as a shell script's `moectl run ... &` starts it (SIGINT ignored, inherited through exec)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
     with open(out, "w") as fh:
         return subprocess.Popen([sys.executable, "-m", "moectl", "run", *args], cwd=repo, env=env,
-                                stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=ignore)
 
 
 def steps_so_far(root: Path) -> int:
@@ -156,13 +158,16 @@ def test_sigkilled_moectl_blocks_nothing_and_its_run_is_settled(proj, artifact_r
     assert record(exp)["status"] == "interrupted" and listed[after.name]["status"] == "completed"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_while_waiting_for_gpus_exits_130_and_writes_nothing(proj, artifact_root, fake_nvml, tmp_path, sig):
+@pytest.mark.parametrize("sig,sigint_ignored", [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGINT, True)],
+                         ids=["SIGINT", "SIGTERM", "SIGINT-after-background-start"])
+def test_signal_while_waiting_for_gpus_exits_130_and_writes_nothing(proj, artifact_root, fake_nvml, tmp_path, sig,
+                                                                   sigint_ignored):
     from tests.conftest import gpu
 
     fake_nvml(gpus=[gpu(0, util_pct=80)])
     out = tmp_path / "moectl.out"
-    proc = spawn(proj, out, "--device", "cuda", "--wait-gpus", "10m", "--steps", "2", *QUIET)
+    proc = spawn(proj, out, "--device", "cuda", "--wait-gpus", "10m", "--steps", "2", *QUIET,
+                 sigint_ignored=sigint_ignored)
     try:
         wait_for(lambda: "waiting for gpus_idle" in out.read_text(), "moectl saying it waits for gpus_idle", 120,
                  proc=proc, output=out.read_text)

@@ -32,9 +32,17 @@ _one_line_summaries()
 def main() -> None:
     """The console script. Click's own usage errors (an unknown option, `--cap abc`) become the
     same one-line `error: ...` as ours, with exit code 2, instead of a multi-line panel."""
+    import signal
     import sys
 
     from moectl.cli.common import error
+
+    # A script's `moectl run ... &` starts moectl with SIGINT ignored (POSIX, for a non-interactive
+    # shell's background jobs), and Python then never raises KeyboardInterrupt: `kill -INT` would do
+    # nothing at all. moectl stops cleanly on SIGINT (exit 130, the run recorded `interrupted`), so
+    # it takes SIGINT back.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     try:
         code = app(standalone_mode=False)
