@@ -65,6 +65,9 @@ class JobOptions:
     dependency: Optional[str] = None  # sbatch --dependency (sweeps: at most K legs in flight)
     baseline: Optional[RunRecord] = None  # run --baseline: the job's report compares against it
     summary: bool = True  # refresh EXPERIMENTS.md with the report ([report] summary)
+    # launch.compile_fallback inside the job (moectl.job): for runs nobody follows (sweep legs,
+    # --detach); a followed `run --slurm` re-submits the --compile none run from the follower.
+    fallback_in_job: bool = False
 
 
 class ConfigSnapshot(BaseModel):
@@ -105,6 +108,8 @@ class JobSpec(ConfigSnapshot):
     commit: bool
     summary: bool
     baseline: Optional[str] = None  # the run directory the report compares against (run --baseline)
+    request: Optional[RunRequest] = None  # what was asked: a compile fallback in the job re-plans from it
+    fallback_in_job: bool = False  # JobOptions.fallback_in_job
 
 
 @dataclass
@@ -158,6 +163,7 @@ def submit_run(cfg: Config, request: RunRequest, options: JobOptions, *, sweep_i
             rdzv_port=cfg.cluster.rdzv_port, requeue=options.requeue,
             commit=options.commit and not plan.no_commit, summary=options.summary,
             baseline=options.baseline.exp_dir if options.baseline is not None else None,
+            request=request, fallback_in_job=options.fallback_in_job,
         )
         save_model(run_dir / JOB_SPEC, spec)
         script = run_dir / JOB_SCRIPT
@@ -295,21 +301,39 @@ def exit_code_of(records: Sequence[RunRecord]) -> int:
 
 def wait_for(records: Sequence[RunRecord], timeout_s: Optional[float] = None) -> list[RunRecord]:
     """Block until every run settles (local runs: their moectl writes the end; Slurm runs: as
-    `follow`). Raises TimeoutError naming the runs still going."""
+    `follow`). A failed run whose job went on to its `--compile none` re-run (a sweep leg, a
+    detached run: moectl.job) ends as that re-run. Raises TimeoutError naming the runs still going."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     pending = {r.id: r for r in records}
     done: dict[str, RunRecord] = {}
     while True:
         for run_id, rec in list(pending.items()):
             current = _settle_once(rec)
-            if current is not None:
-                done[run_id] = current
-                del pending[run_id]
+            if current is None:
+                continue
+            stand_in = compile_fallback_of(current)
+            if stand_in is not None:  # its job re-ran it with --compile none: that run's end is its end
+                pending[run_id] = stand_in
+                continue
+            done[run_id] = current
+            del pending[run_id]
         if not pending:
-            return [done[r.id] for r in records]
+            final = [done[r.id] for r in records]
+            seen: set[str] = set()  # a failed leg and its fallback leg, both asked for: the fallback once
+            return [r for r in final if not (r.id in seen or seen.add(r.id))]
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(", ".join(sorted(pending)))
         time.sleep(POLL_S)
+
+
+def compile_fallback_of(record: RunRecord) -> Optional[RunRecord]:
+    """The `--compile none` re-run a Slurm job made of this failed run (moectl.job), if any."""
+    if record.status != "failed" or not record.fallback_run:
+        return None
+    try:
+        return read_record(Path(record.exp_dir).parent / record.fallback_run)
+    except (OSError, ValueError, MoectlError):
+        return None
 
 
 def _settle_once(record: RunRecord) -> Optional[RunRecord]:

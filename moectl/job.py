@@ -8,6 +8,11 @@ snapshot. The submitting moectl did the machine-independent guards and wrote `qu
    node, c10d rendezvous at the first node's NodeAddr, the job id as rendezvous id);
 4. the record's end, the report and its commit (runner.finish_record, runner.report_and_commit:
    the same code as a local run). Exit code: 0 / 3 / 4 / 130, as `moectl run`.
+5. launch.compile_fallback for a run nobody follows (a sweep leg, `run --slurm --detach`): when
+   the engine failed to compile, the same job makes the `--compile none` re-run as a run of its
+   own beside this one (its own directory, job.json, record, report and commit; a sweep's new leg
+   `<tag>_fallback_none`, as a local sweep records it) and runs it as it ran this one. A followed
+   `run --slurm` re-submits that run from the follower instead (moectl.cli.cluster).
 
 The run lock on a shared filesystem: a pid means nothing on another node, so the lock is
 `<run dir>/.job.lock` naming the Slurm job. It keeps a second job off this run directory (a job
@@ -58,6 +63,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     job_id = os.environ.get("SLURM_JOB_ID", "")
     restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
     if record.status not in ("queued", "running", "interrupted"):
+        fallback_dir = run_dir.parent / record.fallback_run if record.fallback_run else None
+        if fallback_dir is not None and fallback_dir.is_dir() and read_record(fallback_dir).status in ("queued", "running", "interrupted"):
+            # requeued while its compile fallback ran: that run goes on (from its last checkpoint)
+            return main([str(fallback_dir)])
         print(f"moectl.job: run {record.id} is already {record.status}; nothing to do", file=sys.stderr)
         return EXIT_OK
 
@@ -107,7 +116,59 @@ def main(argv: Optional[list[str]] = None) -> int:
     record.commit = outcome.commit
     record.commit_error = outcome.commit_error  # the follower shows it, `moectl commit RUN` retries
     store.save_run(record)
+    if outcome.compile_failed and spec.fallback_in_job:
+        fallback_dir = make_fallback_run(cfg, spec, record)
+        if fallback_dir is not None:
+            print(f"moectl.job: torch.compile failed; re-running as {fallback_dir.name} with --compile none "
+                  "(launch.compile_fallback)")
+            return main([str(fallback_dir)])
     return outcome.exit_code
+
+
+def make_fallback_run(cfg: Config, spec: JobSpec, failed: RunRecord) -> Optional[Path]:
+    """The `--compile none` re-run of a run whose engine failed to compile, set up beside it as a
+    queued run of this job (step 5 of the docstring); None when launch.compile_fallback says no."""
+    import shutil
+    from datetime import datetime
+
+    from moectl.execution import JOB_SPEC, JOB_SCRIPT
+    from moectl.plan import plan_run
+    from moectl.records import save_model, write_text_atomic
+    from moectl.runner import record_fallback_request, write_run_files
+
+    retry = record_fallback_request(cfg, spec.request, failed) if spec.request is not None else None
+    if retry is None:
+        return None
+    run_dir = Path(failed.exp_dir)
+    # As resolved for the failed run (not re-resolved here: `auto` has no NVML reading to go by).
+    retry = retry.model_copy(update={"device": spec.plan.device, "nproc": spec.plan.nproc,
+                                     "exp_dir": None, "parent_dir": str(run_dir.parent)})
+    plan = plan_run(cfg, retry, datetime.now(), None)
+    fallback_dir = Path(plan.exp_dir)
+    store.create_run_dir(fallback_dir)
+    write_run_files(cfg, plan)
+    shutil.copytree(run_dir / "code", fallback_dir / "code", symlinks=True)  # the very code that failed
+    fallback_spec = spec.model_copy(update={"plan": plan, "request": retry, "fallback_in_job": False})
+    save_model(fallback_dir / JOB_SPEC, fallback_spec)
+    # This job runs it; the script is there so that `sbatch job.sh` could run it again alone.
+    write_text_atomic(fallback_dir / JOB_SCRIPT, slurm.batch_script(
+        run_id=plan.run_id, run_dir=fallback_dir, code_dir=fallback_dir / "code", python=plan.python,
+        cluster=cfg.cluster, nodes=spec.nodes, requeue=spec.requeue))
+    record = RunRecord(
+        id=plan.run_id, tag=plan.tag, status="queued", created_at=store.now_iso(), argv=plan.argv,
+        options=plan.options, git=failed.git, guards=failed.guards, overrides=failed.overrides,
+        exp_dir=plan.exp_dir, host=failed.host, pid=os.getpid(), window=plan.window,
+        warmup_steps=plan.warmup_steps, sweep=failed.sweep, notes=plan.notes, group=plan.group,
+        repeat=plan.repeat, backend="slurm", job_id=failed.job_id, nodes=failed.nodes,
+    )
+    if failed.sweep:
+        from moectl.sweep.store import add_fallback_leg
+
+        add_fallback_leg(run_dir.parent, of_run=failed.id, run_id=plan.run_id)
+    store.save_run(record)
+    failed.fallback_run = plan.run_id
+    store.save_run(failed)
+    return fallback_dir
 
 
 def _train(spec: JobSpec, plan: RunPlan, run_dir: Path, job_id: str, restart: int, parser):

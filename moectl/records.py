@@ -120,6 +120,9 @@ class RunRecord(BaseModel):
     report: Optional[str] = None
     commit: Optional[str] = None
     commit_error: Optional[str] = None  # why the job's report commit was stopped (`moectl commit RUN` retries)
+    # The `--compile none` re-run a Slurm job made of this run (launch.compile_fallback), by id; it
+    # sits beside this run's directory. Set where nobody follows the job (sweep legs, --detach).
+    fallback_run: Optional[str] = None
 
 
 class SweepLeg(BaseModel):

@@ -263,6 +263,8 @@ def _compile_fallback(cfg: Config, request: RunRequest, *, compile_failed: bool,
     return request.model_copy(update={
         "compile": "none",
         "tag": f"{tag}_fallback_none",
+        # a repeat's fallback joins a group of the fallbacks: they measure another configuration
+        "group": f"{request.group}_fallback_none" if request.group else None,
         "exp_dir": None,
         "notes": f"compile fallback of {run_id} (engine exit {EXIT_COMPILE_FAILED}: torch.compile failed)",
     })

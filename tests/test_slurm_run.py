@@ -338,6 +338,27 @@ def test_a_compile_failure_in_the_job_is_re_run_with_compile_none_as_its_own_job
     assert "cf_fallback_none" in git(proj, "log", "-1", "--format=%s")
 
 
+def test_a_detached_run_that_fails_to_compile_is_re_run_by_its_own_job_and_wait_ends_with_the_re_run(
+        on_cluster, git_repo, monkeypatch, artifact_root):
+    # Nobody follows a --detach run: its job makes the --compile none re-run itself (moectl.job).
+    proj = slurm_project(git_repo, monkeypatch)
+    r = moectl("run", "--slurm", "--detach", "--json", "--compile", "static", "--steps", "3", "--tag", "cfd",
+               "--", "--compile-fails", "--sleep-per-step", "0.01")
+    assert r.exit_code == 0, r.output
+    first = json.loads(r.stdout)
+    waited = moectl("wait", first["id"], "--json", "--timeout", f"{JOB_TIMEOUT_S}s")
+    assert waited.exit_code == 0, waited.output
+    [final] = json.loads(waited.output)
+    failed = record(Path(first["exp_dir"]))
+    assert (failed["status"], failed["exit_code"], failed["fallback_run"]) == ("failed", 3, final["id"])
+    assert (final["tag"], final["status"], final["options"]["compile"]) == ("cfd_fallback_none", "completed", "none")
+    assert final["job_id"] == failed["job_id"] and failed["id"] in final["notes"] and final["sweep"] is None
+    assert {d.name for d in run_dirs(artifact_root)} == {failed["id"], final["id"]}
+    # each run has its report committed by the job, the re-run's last
+    assert len(list((proj / "reports").glob("*.md"))) == 2
+    assert "cfd_fallback_none" in git(proj, "log", "-1", "--format=%s")
+
+
 def test_repeat_on_slurm_submits_the_group_side_by_side_and_follows_every_job(on_cluster, git_repo, monkeypatch,
                                                                                artifact_root):
     proj = slurm_project(git_repo, monkeypatch)

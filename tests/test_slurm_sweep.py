@@ -114,3 +114,44 @@ def test_max_parallel_holds_the_third_leg_and_resume_resubmits_only_the_unfinish
                                                                      ("c", "completed")]
     assert data["legs"][0]["run_id"] == runs["a"]["id"] and data["legs"][2]["run_id"] != runs["c"]["id"]
     assert (new / data["legs"][2]["run_id"] / "run.json").is_file()
+
+
+def test_a_leg_that_fails_to_compile_is_re_run_by_its_own_job_as_a_fallback_leg(on_cluster, git_repo, monkeypatch,
+                                                                                artifact_root, tmp_path):
+    # launch.compile_fallback, as a local sweep: nobody follows a Slurm sweep's legs, so the leg's
+    # own job re-runs it with --compile none, recorded as its own leg, before the report job reads it.
+    proj = slurm_project(git_repo, monkeypatch)
+    base = git(proj, "rev-parse", "HEAD").strip()
+    spec = tmp_path / "cf.toml"
+    # --compile-fails: the stand-in engine exits 3 (EXIT_COMPILE_FAILED) unless --compile none.
+    spec.write_text('name = "cf"\n[common]\nsteps = 3\nargs = ["--compile-fails", "--sleep-per-step", "0.01"]\n'
+                    '[[legs]]\ntag = "eager"\ncompile = "none"\n[[legs]]\ntag = "static"\ncompile = "static"\n')
+    r = moectl("sweep", str(spec), "--slurm", "--detach")
+    assert r.exit_code == 0, r.output
+    sweep_dir = the_sweep(artifact_root, "cf")
+
+    waited = moectl("wait", "cf", "--json", "--timeout", f"{JOB_TIMEOUT_S}s")
+    assert waited.exit_code == 0, waited.output  # the failed leg ends as its completed fallback
+    assert [(x["tag"], x["status"]) for x in json.loads(waited.output)] == [
+        ("eager", "completed"), ("static_fallback_none", "completed")]
+    legs = sweep_json(sweep_dir)["legs"]
+    assert [(leg["tag"], leg["state"], leg["fallback_of"]) for leg in legs] == [
+        ("eager", "completed", None), ("static", "failed", None), ("static_fallback_none", "completed", "static")]
+    failed, fallback = (record(sweep_dir / leg["run_id"]) for leg in legs[1:])
+    assert (failed["exit_code"], failed["fallback_run"]) == (3, fallback["id"])
+    assert fallback["job_id"] == failed["job_id"] and failed["id"] in fallback["notes"]
+    assert fallback["options"]["compile"] == "none" and fallback["summary"]["steps"] == 3
+    assert fallback["argv"][fallback["argv"].index("--compile") + 1] == "none" and "--compile-fails" in fallback["argv"]
+    assert (sweep_dir / fallback["id"] / "job.json").is_file() and (sweep_dir / fallback["id"] / "code").is_dir()
+    shown = moectl("show", failed["id"])
+    assert f"fallback   {fallback['id']} (the --compile none re-run)" in shown.output
+
+    wait_for(lambda: sweep_json(sweep_dir).get("report"), "the report job's sweep report", timeout=JOB_TIMEOUT_S)
+    text = Path(sweep_json(sweep_dir)["report"]).read_text()
+    assert "`static_fallback_none` re-runs `static` with `--compile none`" in text
+    wait_for(lambda: "report: sweep cf" in git(proj, "log", "-1", "--format=%s"), "the sweep report commit",
+             timeout=JOB_TIMEOUT_S)
+    subjects = git(proj, "log", "--format=%s", f"{base}..HEAD").splitlines()
+    assert subjects[0].startswith("report: sweep cf — completed (1 through its --compile none fallback)"), subjects
+    assert sorted(s.split(" — ")[0] for s in subjects[1:]) == [
+        "report: none eager", "report: none static_fallback_none", "report: static"], subjects

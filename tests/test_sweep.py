@@ -373,6 +373,28 @@ def test_compile_failure_reruns_the_leg_as_its_own_fallback_leg(git_repo, artifa
     assert fallback["status"] == "completed" and fallback["options"]["compile"] == "none"
     text = Path(out["report"]).read_text()
     assert "`static_fallback_none` re-runs `static` with `--compile none`" in text
+    assert "completed (1 through its --compile none fallback)" in git(git_repo, "log", "-1", "--format=%s")
+
+
+@pytest.mark.slow
+def test_each_repeat_that_fails_to_compile_gets_its_own_fallback_in_a_group_of_the_fallbacks(git_repo, artifact_root,
+                                                                                            monkeypatch):
+    sweep_project(git_repo)
+    monkeypatch.chdir(git_repo)
+    spec = write_spec(git_repo, 'name = "cr"\n[common]\nsteps = 3\nrepeats = 2\nargs = ["--compile-fails"]\n'
+                      '[[legs]]\ntag = "static"\ncompile = "static"\n')
+    r = cli("sweep", str(spec), "--json", *QUIET)
+    assert r.exit_code == 0, r.output
+    legs = json.loads(r.stdout)["sweep"]["legs"]
+    assert [(leg["tag"], leg["repeat"], leg["state"]) for leg in legs] == [
+        ("static", 1, "failed"), ("static_fallback_none", 1, "completed"),
+        ("static", 2, "failed"), ("static_fallback_none", 2, "completed")]
+    group = legs[0]["group"]
+    assert legs[2]["group"] == group and {legs[1]["group"], legs[3]["group"]} == {f"{group}_fallback_none"}
+    sweep_dir = Path(json.loads(r.stdout)["sweep"]["exp_dir"])
+    fallbacks = [load(sweep_dir / leg["run_id"] / "run.json") for leg in legs[1::2]]
+    assert [(x["group"], x["repeat"], x["options"]["compile"]) for x in fallbacks] == [
+        (f"{group}_fallback_none", 1, "none"), (f"{group}_fallback_none", 2, "none")]
 
 
 # ------------------------------------------------------------------------- resume planning (fast)

@@ -46,7 +46,7 @@ def run_on_slurm(cfg, request, *, nodes, detach: bool, requeue: bool, dry_run: b
     previous: list[dict] = []  # a compile failure's run, when its --compile none re-run follows
     while True:
         submitted = submit_run(cfg, request, JobOptions(nodes=nodes, requeue=requeue, summary=cfg.report.summary,
-                                                         baseline=baseline))
+                                                         baseline=baseline, fallback_in_job=detach))
         if submitted.record is None:
             if json_out:
                 print_json({**check_json(submitted.plan, submitted.guards, False),
@@ -200,7 +200,8 @@ def wait(
 
     Exit codes: 0 all completed, 4 one failed, 3 one was refused inside its job, 130 one was
     interrupted (or --timeout passed first). A Slurm run whose job is gone without a word ends
-    `failed` (never started) or `interrupted`.
+    `failed` (never started) or `interrupted`. A run whose engine failed to compile and whose job
+    re-ran it with --compile none (launch.compile_fallback: sweep legs, --detach) ends as that re-run.
 
     Examples:
       [bold]moectl wait big[/bold]

@@ -207,6 +207,7 @@ def show_cmd(
         ("slurm job", f"{rec.job_id} ({rec.nodes} node(s)" + (f", {rec.restarts} restart(s))" if rec.restarts else ")")
          if rec.job_id else None),
         ("report", rec.report), ("commit", rec.commit),
+        ("fallback", f"{rec.fallback_run} (the --compile none re-run)" if rec.fallback_run else None),
     ):
         if value not in (None, ""):
             out(f"  {key:10} {value}", markup=False)

@@ -70,7 +70,8 @@ def submit_sweep(cfg: Config, sweep: SweepRecord, opts: SweepOptions, *, max_par
         for leg in todo:
             dependency = f"afterany:{jobs[len(jobs) - k]}" if k and len(jobs) >= k else None
             request = leg_request(leg, opts, sweep_dir, _leg_notes(leg, sweep))
-            out = submit_run(cfg, request, JobOptions(dependency=dependency, commit=not opts.no_commit, summary=False),
+            out = submit_run(cfg, request, JobOptions(dependency=dependency, commit=not opts.no_commit, summary=False,
+                                                         fallback_in_job=True),
                              sweep_id=sweep.id,
                              on_queued=lambda record, tag=leg.tag: update_leg(sweep_dir, "queued", run_id=record.id, tag=tag))
             if out.record is None:  # the first leg passed these guards; a later one may not (fresh_dir)

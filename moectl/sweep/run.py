@@ -44,11 +44,10 @@ from moectl.summary import write_summary
 from moectl.sweep.report import completed_comparison, fastest, recommendation, sweep_report
 from moectl.sweep.spec import SweepSpec, request_kwargs
 from moectl.sweep.store import (
-    leg_status, list_sweeps, resolve_sweep, runs_by_id, save_sweep, settled, sweep_chain,
+    fallback_leg, fallback_of, leg_status, list_sweeps, resolve_sweep, runs_by_id, save_sweep, settled, sweep_chain,
 )
 from moectl.tracking import warning_lines
 
-FALLBACK_SUFFIX = "_fallback_none"
 FIGURE_METRICS = ("loss", "tok_per_sec", "mfu", "dt_ms")
 
 
@@ -302,12 +301,12 @@ def _run(cfg: Config, sweep: SweepRecord, opts: SweepOptions, ui: SweepUI, *, ca
                     break
                 if leg.state == "failed":
                     if fallback_request(cfg, request, outcome) is not None:
-                        tag = f"{leg.tag}{FALLBACK_SUFFIX}"
-                        if not any(x.tag == tag for x in sweep.legs):
-                            sweep.legs.insert(i, SweepLeg(tag=tag, options={**leg.options, "compile": "none"},
-                                                          fallback_of=leg.tag))
+                        fb = fallback_of(leg, sweep.legs)
+                        if fb is None:
+                            fb = fallback_leg(leg)
+                            sweep.legs.insert(i, fb)
                             save_sweep(sweep)
-                        ui.say(f"leg {leg.tag}: torch.compile failed; re-running as leg {tag} with --compile none")
+                        ui.say(f"leg {leg.tag}: torch.compile failed; re-running as leg {fb.tag} with --compile none")
                     elif opts.fail_fast:
                         exit_code = EXIT_TRAINING
                         notes.append(f"--fail-fast: stopped after leg `{leg.tag}` failed")
@@ -348,8 +347,12 @@ def finish_sweep(cfg: Config, sweep: SweepRecord, runs: dict[str, RunRecord], op
     elif exit_code == EXIT_TRAINING:
         heading = "stopped (--fail-fast)"
     else:
-        heading = "completed" if all(leg.state == "completed" for leg in sweep.legs) else "finished with failures"
-        if not all(settled(leg, sweep.legs) for leg in sweep.legs):
+        if all(settled(leg, sweep.legs) for leg in sweep.legs):
+            # a leg that failed to compile and whose --compile none fallback completed stands settled
+            stood_in = sum(1 for leg in sweep.legs if leg.state != "completed")
+            heading = "completed" + (f" ({stood_in} through its --compile none fallback)" if stood_in else "")
+        else:
+            heading = "finished with failures"
             exit_code = EXIT_TRAINING
         sweep.finished_at = store.now_iso()
         save_sweep(sweep)

@@ -64,6 +64,31 @@ def update_leg(sweep_dir: Path, state: str, *, run_id: str, tag: Optional[str] =
                 break
 
 
+FALLBACK_SUFFIX = "_fallback_none"
+
+
+def fallback_leg(leg: SweepLeg) -> SweepLeg:
+    """The `--compile none` leg that stands in for `leg` when its engine failed to compile
+    (launch.compile_fallback). A repeat's fallback is that repeat's, in a group of its own: the
+    fallbacks measure a different configuration than the group they came from."""
+    return SweepLeg(tag=f"{leg.tag}{FALLBACK_SUFFIX}", options={**leg.options, "compile": "none"},
+                    fallback_of=leg.tag, repeat=leg.repeat,
+                    group=f"{leg.group}{FALLBACK_SUFFIX}" if leg.group else None)
+
+
+def fallback_of(leg: SweepLeg, legs: list[SweepLeg]) -> Optional[SweepLeg]:
+    return next((x for x in legs if x.fallback_of == leg.tag and x.repeat == leg.repeat), None)
+
+
+def add_fallback_leg(sweep_dir: Path, *, of_run: str, run_id: str) -> None:
+    """Record the compile-fallback leg a Slurm job made of the leg run `of_run` (moectl.job),
+    right after it and queued, as a local sweep records its own (under the lock)."""
+    with locked_sweep(sweep_dir) as sweep:
+        i, leg = next((i, x) for i, x in enumerate(sweep.legs) if x.run_id == of_run)
+        if fallback_of(leg, sweep.legs) is None:
+            sweep.legs.insert(i + 1, fallback_leg(leg).model_copy(update={"state": "queued", "run_id": run_id}))
+
+
 def scan_sweeps(root: Path) -> tuple[list[SweepRecord], list[str]]:
     """Every readable sweep under `root`, oldest first, and one message per unreadable sweep.json."""
     out: list[SweepRecord] = []
@@ -131,7 +156,7 @@ def settled(leg: SweepLeg, legs: list[SweepLeg]) -> bool:
     """Completed, or failed to compile with a completed `--compile none` fallback leg standing in."""
     if leg.state == "completed":
         return True
-    fb = next((x for x in legs if x.fallback_of == leg.tag), None)
+    fb = fallback_of(leg, legs)
     return leg.state == "failed" and fb is not None and fb.state == "completed"
 
 
