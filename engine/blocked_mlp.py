@@ -40,27 +40,26 @@ def blocked_ok(x: torch.Tensor) -> bool:
     return ENABLED and x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-def row_blocks(rows_per_group: list[int], hidden: int, itemsize: int) -> list[tuple[int, int, int]]:
-    """(start, stop, group) for consecutive groups of rows, each group cut into blocks of at most
+def row_blocks(rows_per_group: list[int], hidden: int, itemsize: int) -> list[tuple[int, int]]:
+    """(rows, group) for consecutive blocks of rows, each group cut into blocks of at most
     BLOCK_BYTES of activations; empty groups get no block."""
     step = max(1, BLOCK_BYTES // (hidden * itemsize))
-    blocks, start = [], 0
-    for g, n in enumerate(rows_per_group):
-        for b in range(start, start + n, step):
-            blocks.append((b, min(b + step, start + n), g))
-        start += n
-    return blocks
+    return [(min(step, n - b), g) for g, n in enumerate(rows_per_group) for b in range(0, n, step)]
 
 
 class _BlockedReluSquaredMLP(torch.autograd.Function):
+    # blocks: consecutive (rows, group) pairs covering x_ND. Views come from one split / unbind
+    # each (not a slice per block): the loop is Python, and at ~10 blocks a layer its overhead shows.
     @staticmethod
     def forward(ctx, x_ND, w_up_GDH, w_down_GHD, blocks):
         N, D = x_ND.shape
+        sizes = [rows for rows, _ in blocks]
         r_NH = x_ND.new_empty(N, w_up_GDH.shape[2])  # relu(h): the one activation kept for backward
         y_ND = x_ND.new_empty(N, D)
-        for start, stop, g in blocks:
-            r = torch.mm(x_ND[start:stop], w_up_GDH[g], out=r_NH[start:stop]).relu_()
-            torch.mm(r * r, w_down_GHD[g], out=y_ND[start:stop])
+        w_up, w_down = w_up_GDH.unbind(0), w_down_GHD.unbind(0)
+        for x, r, y, (_, g) in zip(x_ND.split(sizes), r_NH.split(sizes), y_ND.split(sizes), blocks):
+            torch.mm(x, w_up[g], out=r).relu_()
+            torch.mm(r * r, w_down[g], out=y)
         ctx.save_for_backward(x_ND, w_up_GDH, w_down_GHD, r_NH)
         ctx.blocks = blocks
         return y_ND
@@ -69,7 +68,8 @@ class _BlockedReluSquaredMLP(torch.autograd.Function):
     def backward(ctx, grad_ND):
         x_ND, w_up_GDH, w_down_GHD, r_NH = ctx.saved_tensors
         need_x, need_up, need_down = ctx.needs_input_grad[:3]
-        grad_ND = grad_ND.contiguous()
+        blocks = ctx.blocks
+        sizes = [rows for rows, _ in blocks]
         # empty_like keeps the weights' strides (a transposed nn.Linear weight stays transposed),
         # so the grads come back in the parameters' own layout. The first block of a group writes
         # its grad with beta=0 (the buffer's old contents are ignored, NaN included, as addmm
@@ -77,19 +77,23 @@ class _BlockedReluSquaredMLP(torch.autograd.Function):
         gx_ND = torch.empty_like(x_ND) if need_x else None
         g_up = torch.empty_like(w_up_GDH) if need_up else None
         g_down = torch.empty_like(w_down_GHD) if need_down else None
+        gxs = gx_ND.split(sizes) if need_x else [None] * len(blocks)
+        g_ups = g_up.unbind(0) if need_up else None
+        g_downs = g_down.unbind(0) if need_down else None
+        w_up_t, w_down_t = w_up_GDH.transpose(1, 2).unbind(0), w_down_GHD.transpose(1, 2).unbind(0)
         written = set()
-        for start, stop, g in ctx.blocks:
-            r, gy = r_NH[start:stop], grad_ND[start:stop]
+        for x, r, gy, gx, (_, g) in zip(x_ND.split(sizes), r_NH.split(sizes), grad_ND.contiguous().split(sizes),
+                                        gxs, blocks):
             beta = 1 if g in written else 0
             written.add(g)
             if need_down:  # dW_down = relu(h)²ᵀ · dy
-                torch.addmm(g_down[g], (r * r).t(), gy, beta=beta, out=g_down[g])
+                torch.addmm(g_downs[g], (r * r).t(), gy, beta=beta, out=g_downs[g])
             if need_up or need_x:
-                half_dh = torch.mm(gy, w_down_GHD[g].t()).mul_(r)  # dh / 2 = (dy · W_downᵀ) · relu(h)
+                half_dh = torch.mm(gy, w_down_t[g]).mul_(r)  # dh / 2 = (dy · W_downᵀ) · relu(h)
                 if need_up:  # dW_up = xᵀ · dh
-                    torch.addmm(g_up[g], x_ND[start:stop].t(), half_dh, beta=beta, alpha=2, out=g_up[g])
+                    torch.addmm(g_ups[g], x.t(), half_dh, beta=beta, alpha=2, out=g_ups[g])
                 if need_x:  # dx = dh · W_upᵀ
-                    torch.addmm(gx_ND[start:stop], half_dh, w_up_GDH[g].t(), beta=0, alpha=2, out=gx_ND[start:stop])
+                    torch.addmm(gx, half_dh, w_up_t[g], beta=0, alpha=2, out=gx)
         for g in range(w_up_GDH.shape[0]):
             if g not in written:  # a group with no rows: its weights had no effect
                 for grad in (g_up, g_down):
