@@ -64,7 +64,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
     if record.status not in ("queued", "running", "interrupted"):
         fallback_dir = run_dir.parent / record.fallback_run if record.fallback_run else None
-        if fallback_dir is not None and fallback_dir.is_dir() and read_record(fallback_dir).status in ("queued", "running", "interrupted"):
+        if (fallback_dir is not None and (fallback_dir / "run.json").is_file()
+                and read_record(fallback_dir).status in ("queued", "running", "interrupted")):
             # requeued while its compile fallback ran: that run goes on (from its last checkpoint)
             return main([str(fallback_dir)])
         print(f"moectl.job: run {record.id} is already {record.status}; nothing to do", file=sys.stderr)
@@ -144,28 +145,39 @@ def make_fallback_run(cfg: Config, spec: JobSpec, failed: RunRecord) -> Optional
     retry = retry.model_copy(update={"device": spec.plan.device, "nproc": spec.plan.nproc,
                                      "exp_dir": None, "parent_dir": str(run_dir.parent)})
     plan = plan_run(cfg, retry, datetime.now(), None)
-    fallback_dir = Path(plan.exp_dir)
-    store.create_run_dir(fallback_dir)
-    write_run_files(cfg, plan)
-    shutil.copytree(run_dir / "code", fallback_dir / "code", symlinks=True)  # the very code that failed
-    fallback_spec = spec.model_copy(update={"plan": plan, "request": retry, "fallback_in_job": False})
-    save_model(fallback_dir / JOB_SPEC, fallback_spec)
-    # This job runs it; the script is there so that `sbatch job.sh` could run it again alone.
-    write_text_atomic(fallback_dir / JOB_SCRIPT, slurm.batch_script(
-        run_id=plan.run_id, run_dir=fallback_dir, code_dir=fallback_dir / "code", python=plan.python,
-        cluster=cfg.cluster, nodes=spec.nodes, requeue=spec.requeue))
-    record = RunRecord(
-        id=plan.run_id, tag=plan.tag, status="queued", created_at=store.now_iso(), argv=plan.argv,
-        options=plan.options, git=failed.git, guards=failed.guards, overrides=failed.overrides,
-        exp_dir=plan.exp_dir, host=failed.host, pid=os.getpid(), window=plan.window,
-        warmup_steps=plan.warmup_steps, sweep=failed.sweep, notes=plan.notes, group=plan.group,
-        repeat=plan.repeat, backend="slurm", job_id=failed.job_id, nodes=failed.nodes,
-    )
     if failed.sweep:
-        from moectl.sweep.store import add_fallback_leg
+        from moectl.sweep.store import add_fallback_leg, locked_sweep
 
-        add_fallback_leg(run_dir.parent, of_run=failed.id, run_id=plan.run_id)
-    store.save_run(record)
+        if not add_fallback_leg(run_dir.parent, of_run=failed.id, run_id=plan.run_id):
+            return None
+    fallback_dir = Path(plan.exp_dir)
+    created = False
+    try:
+        store.create_run_dir(fallback_dir)
+        created = True
+        write_run_files(cfg, plan)
+        shutil.copytree(run_dir / "code", fallback_dir / "code", symlinks=True)  # the very code that failed
+        fallback_spec = spec.model_copy(update={"plan": plan, "request": retry, "fallback_in_job": False})
+        save_model(fallback_dir / JOB_SPEC, fallback_spec)
+        # This job runs it; the script is there so that `sbatch job.sh` could run it again alone.
+        write_text_atomic(fallback_dir / JOB_SCRIPT, slurm.batch_script(
+            run_id=plan.run_id, run_dir=fallback_dir, code_dir=fallback_dir / "code", python=plan.python,
+            cluster=cfg.cluster, nodes=spec.nodes, requeue=spec.requeue))
+        store.save_run(RunRecord(
+            id=plan.run_id, tag=plan.tag, status="queued", created_at=store.now_iso(), argv=plan.argv,
+            options=plan.options, git=failed.git, guards=failed.guards, overrides=failed.overrides,
+            exp_dir=plan.exp_dir, host=failed.host, pid=os.getpid(), window=plan.window,
+            warmup_steps=plan.warmup_steps, sweep=failed.sweep, notes=plan.notes, group=plan.group,
+            repeat=plan.repeat, backend="slurm", job_id=failed.job_id, nodes=failed.nodes,
+        ))
+    except BaseException:
+        # Half set up: no run, no leg (the sweep's report must not look for a run that never was).
+        if failed.sweep:
+            with locked_sweep(run_dir.parent) as sweep:
+                sweep.legs = [leg for leg in sweep.legs if leg.run_id != plan.run_id]
+        if created:
+            shutil.rmtree(fallback_dir, ignore_errors=True)  # ours, made just now, half written
+        raise
     failed.fallback_run = plan.run_id
     store.save_run(failed)
     return fallback_dir

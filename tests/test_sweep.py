@@ -462,3 +462,23 @@ def test_spec_and_resume_are_exclusive(git_repo, monkeypatch):
     assert r.exit_code == 2 and "not both" in r.output
     r = cli("sweep", "--resume", "nothing-like-it")
     assert r.exit_code == 2 and "no sweep matches" in r.output
+
+
+def test_a_jobs_fallback_leg_goes_right_after_its_leg_once_per_repeat_and_never_twice(tmp_path):
+    """sweep.store.add_fallback_leg (moectl.job's side of launch.compile_fallback): the leg goes
+    right after the failed one, one per repeat, and not where the sweep has it already (a resumed
+    sweep carries its own fallback leg and runs it: the job must then make none)."""
+    from moectl.records import SweepLeg, SweepRecord
+    from moectl.sweep.store import add_fallback_leg, load_sweep, save_sweep, settled
+
+    legs = [SweepLeg(tag="s", repeat=r, group="g", run_id=f"run-s{r}", state="failed") for r in (1, 2)]
+    save_sweep(SweepRecord(id="sw", name="sw", spec={}, legs=legs, created_at="2026-11-27T00:00:00", exp_dir=str(tmp_path)))
+    assert add_fallback_leg(tmp_path, of_run="run-s2", run_id="run-f2") is True
+    assert add_fallback_leg(tmp_path, of_run="run-s1", run_id="run-f1") is True
+    assert add_fallback_leg(tmp_path, of_run="run-s1", run_id="run-again") is False
+    got = load_sweep(tmp_path).legs
+    assert [(x.tag, x.repeat, x.run_id, x.state, x.fallback_of, x.group) for x in got] == [
+        ("s", 1, "run-s1", "failed", None, "g"), ("s_fallback_none", 1, "run-f1", "queued", "s", "g_fallback_none"),
+        ("s", 2, "run-s2", "failed", None, "g"), ("s_fallback_none", 2, "run-f2", "queued", "s", "g_fallback_none")]
+    got[1].state = "completed"  # repeat 1's fallback completed, repeat 2's not yet
+    assert settled(got[0], got) and not settled(got[2], got)

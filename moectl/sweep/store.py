@@ -80,13 +80,16 @@ def fallback_of(leg: SweepLeg, legs: list[SweepLeg]) -> Optional[SweepLeg]:
     return next((x for x in legs if x.fallback_of == leg.tag and x.repeat == leg.repeat), None)
 
 
-def add_fallback_leg(sweep_dir: Path, *, of_run: str, run_id: str) -> None:
-    """Record the compile-fallback leg a Slurm job made of the leg run `of_run` (moectl.job),
-    right after it and queued, as a local sweep records its own (under the lock)."""
+def add_fallback_leg(sweep_dir: Path, *, of_run: str, run_id: str) -> bool:
+    """Record the compile-fallback leg a Slurm job makes of the leg run `of_run` (moectl.job),
+    right after it and queued, as a local sweep records its own (under the lock). False when the
+    sweep has that leg already (a resumed sweep carries it and runs it itself): make none."""
     with locked_sweep(sweep_dir) as sweep:
         i, leg = next((i, x) for i, x in enumerate(sweep.legs) if x.run_id == of_run)
-        if fallback_of(leg, sweep.legs) is None:
-            sweep.legs.insert(i + 1, fallback_leg(leg).model_copy(update={"state": "queued", "run_id": run_id}))
+        if fallback_of(leg, sweep.legs) is not None:
+            return False
+        sweep.legs.insert(i + 1, fallback_leg(leg).model_copy(update={"state": "queued", "run_id": run_id}))
+        return True
 
 
 def scan_sweeps(root: Path) -> tuple[list[SweepRecord], list[str]]:
