@@ -65,8 +65,8 @@ class JobOptions:
     dependency: Optional[str] = None  # sbatch --dependency (sweeps: at most K legs in flight)
     baseline: Optional[RunRecord] = None  # run --baseline: the job's report compares against it
     summary: bool = True  # refresh EXPERIMENTS.md with the report ([report] summary)
-    # launch.compile_fallback inside the job (moectl.job): for runs nobody follows (sweep legs,
-    # --detach); a followed `run --slurm` re-submits the --compile none run from the follower.
+    # launch.compile_fallback inside the job (moectl.job): sweep legs, --detach, repeat groups; a
+    # followed single `run --slurm` re-submits the --compile none run from its follower instead.
     fallback_in_job: bool = False
 
 
@@ -302,7 +302,7 @@ def exit_code_of(records: Sequence[RunRecord]) -> int:
 def wait_for(records: Sequence[RunRecord], timeout_s: Optional[float] = None) -> list[RunRecord]:
     """Block until every run settles (local runs: their moectl writes the end; Slurm runs: as
     `follow`). A failed run whose job went on to its `--compile none` re-run (a sweep leg, a
-    detached run: moectl.job) ends as that re-run. Raises TimeoutError naming the runs still going."""
+    detached or repeat run: moectl.job) ends as that re-run. Raises TimeoutError naming the runs still going."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     pending = {r.id: r for r in records}
     done: dict[str, RunRecord] = {}

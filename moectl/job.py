@@ -8,7 +8,7 @@ snapshot. The submitting moectl did the machine-independent guards and wrote `qu
    node, c10d rendezvous at the first node's NodeAddr, the job id as rendezvous id);
 4. the record's end, the report and its commit (runner.finish_record, runner.report_and_commit:
    the same code as a local run). Exit code: 0 / 3 / 4 / 130, as `moectl run`.
-5. launch.compile_fallback for a run nobody follows (a sweep leg, `run --slurm --detach`): when
+5. launch.compile_fallback for a sweep leg, a `run --slurm --detach` or a `--repeat` run: when
    the engine failed to compile, the same job makes the `--compile none` re-run as a run of its
    own beside this one (its own directory, job.json, record, report and commit; a sweep's new leg
    `<tag>_fallback_none`, as a local sweep records it) and runs it as it ran this one. A followed

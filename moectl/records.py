@@ -121,7 +121,7 @@ class RunRecord(BaseModel):
     commit: Optional[str] = None
     commit_error: Optional[str] = None  # why the job's report commit was stopped (`moectl commit RUN` retries)
     # The `--compile none` re-run a Slurm job made of this run (launch.compile_fallback), by id; it
-    # sits beside this run's directory. Set where nobody follows the job (sweep legs, --detach).
+    # sits beside this run's directory. Set for sweep legs, --detach runs and repeat groups.
     fallback_run: Optional[str] = None
 
 

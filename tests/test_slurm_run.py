@@ -382,6 +382,23 @@ def test_repeat_on_slurm_submits_the_group_side_by_side_and_follows_every_job(on
     assert len(json.loads(moectl("wait", "grp", "--json").output)) == 2
 
 
+def test_a_repeat_group_whose_compile_fails_ends_with_each_jobs_re_run_in_a_group_of_their_own(
+        on_cluster, git_repo, monkeypatch, artifact_root):
+    slurm_project(git_repo, monkeypatch)
+    r = moectl("run", "--slurm", "--repeat", "2", "--json", "--compile", "static", "--steps", "3", "--tag", "cfr",
+               "--", "--compile-fails", "--sleep-per-step", "0.01")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    group = data["group"]
+    assert [(x["tag"], x["status"], x["repeat"], x["group"], x["options"]["compile"]) for x in data["runs"]] == [
+        ("cfr_fallback_none", "completed", 1, f"{group}_fallback_none", "none"),
+        ("cfr_fallback_none", "completed", 2, f"{group}_fallback_none", "none")]
+    failed = sorted((record(d) for d in run_dirs(artifact_root) if record(d)["tag"] == "cfr"), key=lambda x: x["repeat"])
+    assert [(x["status"], x["exit_code"], x["group"]) for x in failed] == [("failed", 3, group), ("failed", 3, group)]
+    assert [x["fallback_run"] for x in failed] == [x["id"] for x in data["runs"]]
+    assert [x["options"]["seed"] for x in data["runs"]] == [x["options"]["seed"] for x in failed]
+
+
 def test_a_requeued_job_resumes_from_its_last_checkpoint_in_the_same_run_directory(on_cluster, git_repo, monkeypatch,
                                                                                    artifact_root):
     slurm_project(git_repo, monkeypatch, module="engine.train")

@@ -106,8 +106,10 @@ def run_group_on_slurm(cfg, group: str, requests, *, nodes, detach: bool, requeu
     out = lambda text: stdout.print(text, markup=False)  # noqa: E731
     records = []
     for request in requests:
+        # launch.compile_fallback inside each job: N jobs, N possible re-runs, and wait_for follows
+        # each failed run on to its re-run, whether this command or a later `moectl wait` waits.
         submitted = submit_run(cfg, request, JobOptions(nodes=nodes, requeue=requeue, summary=cfg.report.summary,
-                                                         baseline=baseline))
+                                                         baseline=baseline, fallback_in_job=True))
         if submitted.record is None:  # the submitting machine's guards: the rest would be refused too
             if not json_out:
                 _render_check(submitted.plan, submitted.guards, False)
@@ -143,6 +145,10 @@ def run_group_on_slurm(cfg, group: str, requests, *, nodes, detach: bool, requeu
         done = sum(1 for r in finals if r.status == "completed")
         out(f"repeat group {group}: {done}/{len(finals)} completed; `moectl compare` on its tag shows them as one "
             "entry with the between-run error")
+        fallbacks = sorted({r.group for r in finals if r.group and r.group != group})
+        if fallbacks:  # torch.compile failed in the jobs: their --compile none re-runs are a group of their own
+            out(f"torch.compile failed in the jobs; their --compile none re-runs are group {', '.join(fallbacks)} "
+                f"(tag {next(r.tag for r in finals if r.group in fallbacks)})")
     raise typer.Exit(next((c for c in codes if c != EXIT_OK), EXIT_OK))
 
 
@@ -201,7 +207,8 @@ def wait(
     Exit codes: 0 all completed, 4 one failed, 3 one was refused inside its job, 130 one was
     interrupted (or --timeout passed first). A Slurm run whose job is gone without a word ends
     `failed` (never started) or `interrupted`. A run whose engine failed to compile and whose job
-    re-ran it with --compile none (launch.compile_fallback: sweep legs, --detach) ends as that re-run.
+    re-ran it with --compile none (launch.compile_fallback: sweep legs, --detach, --repeat) ends as
+    that re-run.
 
     Examples:
       [bold]moectl wait big[/bold]
