@@ -19,7 +19,7 @@ rides on the GEMMs' alpha instead of a pass of its own.
 Where (`blocked_ok`): CPU eager only. Under torch.compile, inductor fuses relu² into one kernel
 itself and a Python loop of GEMMs would only break the graph; on CUDA the experts use one batched or
 grouped GEMM (a loop of small ones would be launch-bound). Measured on the 2-core dev VM
-(docs/benchmarks.md, issue 11): 2-4% off the dense MLP, 3-5% off the padded and grouped layers.
+(docs/benchmarks.md, issue 11): about 2% off the dense MLP, 3-4% off the padded and grouped layers.
 """
 from __future__ import annotations
 
