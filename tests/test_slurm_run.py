@@ -356,6 +356,8 @@ def test_a_detached_run_that_fails_to_compile_is_re_run_by_its_own_job_and_wait_
     assert {d.name for d in run_dirs(artifact_root)} == {failed["id"], final["id"]}
     # each run has its report committed by the job, the re-run's last
     assert len(list((proj / "reports").glob("*.md"))) == 2
+    said = moectl("wait", first["id"])  # settled now: the text names the re-run and whose it is
+    assert said.exit_code == 0 and f"completed: {final['id']}" in said.output and f"compile fallback of {failed['id']}" in said.output
     assert "cfd_fallback_none" in git(proj, "log", "-1", "--format=%s")
 
 

@@ -230,8 +230,11 @@ def wait(
     if json_out:
         print_json([run_json(r) for r in final])
     else:
+        asked = {r.id for r in records}
         for r in final:
-            stdout.print(f"{r.status}: {r.id}" + (f" (Slurm job {r.job_id})" if r.job_id else ""), markup=False)
+            stood_in = r.id not in asked and r.notes  # a failed run's --compile none re-run: say whose
+            stdout.print(f"{r.status}: {r.id}" + (f" (Slurm job {r.job_id})" if r.job_id else "")
+                         + (f" — {r.notes}" if stood_in else ""), markup=False)
     raise typer.Exit(exit_code_of(final))
 
 
