@@ -23,6 +23,8 @@ grouped GEMM (a loop of small ones would be launch-bound). Measured on the 2-cor
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -32,7 +34,9 @@ from engine.activation import relu_squared
 # 2-core dev VM (scripts/bench_parts.py blocked --block-mib) the dense MLP gains most at 4-8 MiB
 # (1024-2048 rows of 1024 fp32) and nothing at 1 MiB or as one whole block.
 BLOCK_BYTES = 4 << 20
-ENABLED = True  # scripts/bench_parts.py blocked and the tests switch it to time and check both paths
+# scripts/bench_parts.py blocked and the tests switch it to time and check both paths; the
+# environment turns it off for a whole process (ENGINE_BLOCKED_MLP=0: the CUDA code path on CPU).
+ENABLED = os.environ.get("ENGINE_BLOCKED_MLP", "1") != "0"
 
 
 def blocked_ok(x: torch.Tensor) -> bool:

@@ -118,3 +118,15 @@ def test_dense_mlp_blocked_matches_linear_layers_and_keeps_autocast_on_linear(ti
     with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 weights, bf16 compute: F.linear's casts
         out = dense_relu2_mlp(x.float(), fc.weight.float(), proj.weight.float())
     assert out.dtype == torch.bfloat16
+
+
+def test_the_environment_turns_it_off_for_a_whole_process():
+    """ENGINE_BLOCKED_MLP=0 (tests/test_ep.py runs torchrun so): the CUDA code path on CPU."""
+    import os
+    import subprocess
+    import sys
+
+    probe = "import torch, engine.blocked_mlp as b; print(b.blocked_ok(torch.zeros(1)))"
+    said = {v: subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                              env={**os.environ, "ENGINE_BLOCKED_MLP": v}).stdout.strip() for v in ("0", "1")}
+    assert said == {"0": "False", "1": "True"}

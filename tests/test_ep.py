@@ -14,10 +14,11 @@ from tests.test_train import ROOT, env, read_metrics
 TINY_EXPERT_PARAMS = 2 * 4 * 2 * 64 * 128  # tiny: 2 MoE layers x 4 experts x (up + down) x dim 64 x hidden 128
 
 
-def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, *args: str, blocked: str = "1") -> subprocess.CompletedProcess:
+    """blocked="0": the experts' bmm / _grouped_mm, as on CUDA, instead of CPU's engine.blocked_mlp."""
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
                            "-m", "engine.train", "--preset", "tiny", "--log-every", "100", *args],
-                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=env(ENGINE_BLOCKED_MLP=blocked), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (args, proc.stderr[-3000:])
     return proc
 
@@ -28,11 +29,12 @@ def losses(out_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cap", ["1.0", "0"])  # padded (drops tokens at cap 1.0) and grouped (dropless)
-def test_ep2_over_two_ranks_gives_the_losses_of_ddp(tmp_path, cap):
+@pytest.mark.parametrize("cap,blocked", [("1.0", "1"), ("0", "1"), ("1.0", "0"), ("0", "0")],
+                         ids=["padded", "grouped", "padded-bmm", "grouped-gmm"])  # padded drops tokens at cap 1.0
+def test_ep2_over_two_ranks_gives_the_losses_of_ddp(tmp_path, cap, blocked):
     ddp, ep = tmp_path / "ddp", tmp_path / "ep"
-    torchrun(2, "--steps", "20", "--cap", cap, "--out-dir", str(ddp))
-    proc = torchrun(2, "--steps", "20", "--cap", cap, "--ep", "2", "--out-dir", str(ep))
+    torchrun(2, "--steps", "20", "--cap", cap, "--out-dir", str(ddp), blocked=blocked)
+    proc = torchrun(2, "--steps", "20", "--cap", cap, "--ep", "2", "--out-dir", str(ep), blocked=blocked)
     ddp_loss, ddp_drop = losses(ddp)
     ep_loss, ep_drop = losses(ep)
     assert len(ep_loss) == 20 and ddp_loss[-1] < ddp_loss[0] - 1.5

@@ -139,8 +139,9 @@ def test_aux_outputs_and_losses_computed_independently():
     assert float(aux.loss.detach()) == pytest.approx(float(0.01 * switch + 1e-3 * z), rel=1e-5)
 
 
-@pytest.mark.parametrize("dispatch", ["padded", "loop"])
-def test_skewed_router_drops_exactly_the_overflow(dispatch):
+@pytest.mark.parametrize("dispatch,mode", [("padded", "off"), ("padded", "on"), ("loop", "on")])
+def test_skewed_router_drops_exactly_the_overflow(dispatch, mode, blocked_mode):
+    blocked_mode(mode)  # padded: bmm (as on CUDA) and engine.blocked_mlp (CPU's default)
     B, T = 2, 37
     N = B * T
     layer = make_layer(dispatch, 1.0, balance_coeff=0.0, z_coeff=0.0)
@@ -174,12 +175,15 @@ def test_skewed_router_drops_exactly_the_overflow(dispatch):
     assert xg.grad.reshape(N, D)[:C].abs().sum() > 0
 
 
-def test_padded_and_loop_agree_when_dropping():
+@pytest.mark.parametrize("mode", ["off", "on"])
+def test_padded_and_loop_agree_when_dropping(mode, blocked_mode):
     x = torch.randn(1, 96, D)
     loop = make_layer("loop", 0.5)
     padded = make_layer("padded", 0.5)
     ref_out, ref_aux, ref_g = fwd_bwd(loop, x)
+    blocked_mode(mode)
     out, aux, g = fwd_bwd(padded, x)
+    assert aux.blocked == (mode == "on")
     assert float(aux.dropped) == float(ref_aux.dropped) > 0
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     for name in ref_g:
