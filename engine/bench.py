@@ -73,6 +73,18 @@ def time_round_robin(variants: dict, warmup: int, repeats: int, sync=lambda: Non
     return times
 
 
+def bench_layers(dim, experts, top_k, hidden, variants, device="cpu", dtype=torch.float32) -> dict:
+    """{"dense": the iso-FLOP dense MLP, (dispatch, cap): a MoE layer per variant} (also the part
+    benchmarks' layers: scripts/bench_parts.py)."""
+    layers = {"dense": DenseMLP(dim, top_k * hidden).to(device, dtype)}
+    for dispatch, cap in variants:
+        cfg = MoEConfig(dim=dim, n_experts=experts, top_k=top_k, expert_hidden=hidden, cap=cap, dispatch=dispatch)
+        moe = MoELayer(cfg)
+        nn.init.normal_(moe.w_down_EHD, std=hidden**-0.5)  # non-zero, like a trained layer
+        layers[(dispatch, cap)] = moe.to(device, dtype)
+    return layers
+
+
 def run_bench(device="cpu", tokens=4096, dim=256, experts=8, top_k=2, hidden=0, dtype=None,
               warmup=3, repeats=10, variants=(("padded", 1.0), ("grouped", 0.0), ("loop", 0.0)),
               seed=0) -> dict:
@@ -82,12 +94,7 @@ def run_bench(device="cpu", tokens=4096, dim=256, experts=8, top_k=2, hidden=0, 
     torch.manual_seed(seed)
     x = torch.randn(1, tokens, dim, device=device, dtype=DTYPES[dtype], requires_grad=True)
     g = torch.randn_like(x)
-    layers = {"dense": DenseMLP(dim, top_k * hidden).to(device, DTYPES[dtype])}
-    for dispatch, cap in variants:
-        cfg = MoEConfig(dim=dim, n_experts=experts, top_k=top_k, expert_hidden=hidden, cap=cap, dispatch=dispatch)
-        moe = MoELayer(cfg)
-        nn.init.normal_(moe.w_down_EHD, std=hidden**-0.5)  # non-zero, like a trained layer
-        layers[(dispatch, cap)] = moe.to(device, DTYPES[dtype])
+    layers = bench_layers(dim, experts, top_k, hidden, variants, device, DTYPES[dtype])
     times = time_round_robin({k: (lambda layer=layer: _step(layer, x, g)) for k, layer in layers.items()},
                              warmup, repeats, sync=lambda: _sync(device))
     dense_ms = statistics.median(times["dense"])

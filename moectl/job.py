@@ -37,7 +37,7 @@ from typing import Optional
 from moectl import slurm, store
 from moectl.config import Config
 from moectl.errors import EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, MoectlError
-from moectl.execution import JOB_GUARDS, JobSpec, read_record, save_run_and_leg
+from moectl.execution import JOB_GUARDS, JobSpec, compile_fallback_of, read_record, save_run_and_leg
 from moectl.guards import guard_gpus_idle
 from moectl.launch import launch
 from moectl.plan import RunPlan
@@ -45,6 +45,7 @@ from moectl.progress import NullProgress
 from moectl.records import GuardResult, RunRecord
 
 JOB_LOCK = ".job.lock"
+RESUMABLE = ("queued", "running", "interrupted")  # states this job (re)starts a run from
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -62,12 +63,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     record = read_record(run_dir)
     job_id = os.environ.get("SLURM_JOB_ID", "")
     restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
-    if record.status not in ("queued", "running", "interrupted"):
-        fallback_dir = run_dir.parent / record.fallback_run if record.fallback_run else None
-        if (fallback_dir is not None and (fallback_dir / "run.json").is_file()
-                and read_record(fallback_dir).status in ("queued", "running", "interrupted")):
+    if record.status not in RESUMABLE:
+        fallback = compile_fallback_of(record)
+        if fallback is not None and fallback.status in RESUMABLE:
             # requeued while its compile fallback ran: that run goes on (from its last checkpoint)
-            return main([str(fallback_dir)])
+            return main([fallback.exp_dir])
         print(f"moectl.job: run {record.id} is already {record.status}; nothing to do", file=sys.stderr)
         return EXIT_OK
 

@@ -29,8 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine.blocked_mlp  # noqa: E402  (its ENABLED and BLOCK_BYTES are set here)
 from engine.activation import relu_squared  # noqa: E402
-from engine.bench import DenseMLP, _step, time_round_robin  # noqa: E402
-from engine.moe import MoEConfig, MoELayer  # noqa: E402
+from engine.bench import _step, bench_layers, time_round_robin  # noqa: E402
 from engine.malloc import keep_freed_memory  # noqa: E402
 
 
@@ -90,10 +89,8 @@ def blocked_variants(block_mib: float) -> dict:
     engine.blocked_mlp.BLOCK_BYTES = int(block_mib * 2**20)
     x = torch.randn(1, 4096, 256, requires_grad=True)
     g = torch.randn_like(x)
-    layers = {"dense": DenseMLP(256, 1024)}
-    for dispatch, cap in (("padded", 1.0), ("grouped", 0.0)):
-        layers[dispatch] = MoELayer(MoEConfig(dim=256, n_experts=8, top_k=2, expert_hidden=512, cap=cap, dispatch=dispatch))
-        torch.nn.init.normal_(layers[dispatch].w_down_EHD, std=512**-0.5)  # non-zero, like a trained layer
+    layers = {k if k == "dense" else k[0]: layer  # engine.bench's default shape
+              for k, layer in bench_layers(256, 8, 2, 512, (("padded", 1.0), ("grouped", 0.0))).items()}
 
     def step(layer, blocked: bool):
         engine.blocked_mlp.ENABLED = blocked
