@@ -24,6 +24,7 @@ from typing import Callable, Optional, TypeVar
 import psutil
 import pytest
 
+from engine.schema import StepMetrics, parse_line
 # The session's one local Slurm cluster, for every test file that asks for it (tests/slurm_fixtures.py).
 from tests.slurm_fixtures import slurm_env  # noqa: F401
 
@@ -42,6 +43,21 @@ def git(repo: Path, *args: str) -> str:
     """Run git in `repo`; return stdout (raises on failure)."""
     r = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True, timeout=60)
     return r.stdout
+
+
+# ------------------------------------------------------------------------------- live metrics
+
+
+def steps_written(metrics_path: Path) -> list[StepMetrics]:
+    """The step records of a metrics.jsonl that may be being written right now: only lines that
+    end in a newline count, since a reader can catch the writer mid-line (seen in CI: a requeued
+    job's line cut at `"peak`). Every complete line must parse; a missing file has no steps."""
+    try:
+        text = metrics_path.read_text()
+    except FileNotFoundError:
+        return []
+    complete = text[: text.rfind("\n") + 1]
+    return [r for r in map(parse_line, complete.splitlines()) if isinstance(r, StepMetrics)]
 
 
 # ---------------------------------------------------------------------------------------- waiting

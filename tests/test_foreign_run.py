@@ -5,10 +5,8 @@ and Ctrl-C mid-run. Real git repositories, real torchrun, real signals.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ from typer.testing import CliRunner
 
 from engine.schema import RunSummary, StartInfo, StepMetrics, parse_line
 from moectl.cli import app
-from tests.conftest import git, stop_process, wait_for
+from tests.conftest import git, steps_written, stop_process, wait_for
 from tests.test_run import QUIET, REPO, commit_config, commit_files, record, run_dirs
 from tests.test_run_signals import spawn
 
@@ -160,7 +158,7 @@ def test_sigint_mid_run_of_a_foreign_trainer(git_repo, monkeypatch, artifact_roo
         wait_for(lambda: Path(str(gate) + ".waiting").exists(), "the trainer holding before step 15", 120,
                  proc=proc, output=out.read_text)
         [exp] = run_dirs(artifact_root)
-        wait_for(lambda: len(steps_in(exp)) == 15, "steps 0-14 parsed into metrics.jsonl", 60, proc=proc,
+        wait_for(lambda: len(steps_written(exp / "metrics.jsonl")) == 15, "steps 0-14 parsed into metrics.jsonl", 60, proc=proc,
                  output=out.read_text)
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(timeout=120)  # bounds a hang; orders nothing

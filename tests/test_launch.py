@@ -31,7 +31,7 @@ from moectl.progress import (
     eta_seconds,
     make_progress,
 )
-from tests.conftest import stop_process, wait_for
+from tests.conftest import steps_written, stop_process, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -82,12 +82,6 @@ def exited(pid: int) -> bool:
 def assert_gone(*pids: int) -> None:
     for pid in pids:
         wait_for(lambda: exited(pid), f"pid {pid} exiting (it survived the stop)", 30)
-
-
-def steps_so_far(path: Path) -> int:
-    """Steps in a metrics file the engine may be writing right now (a torn last line not counted)."""
-    text = path.read_text() if path.exists() else ""
-    return sum(isinstance(parse_line(l), StepMetrics) for l in text[: text.rfind("\n") + 1].splitlines() if l.strip())
 
 
 # --- metrics follower and progress sinks (no subprocess) -------------------------------------------
@@ -249,7 +243,7 @@ def run_and_signal(out: Path, argv: list[str], sigs: list[int], grace: float, ra
                                  stdout=subprocess.PIPE, stderr=err_fh, text=True)
     try:
         def running():
-            return len(worker_pids(out)) == ranks and steps_so_far(out / "metrics.jsonl") >= after_steps
+            return len(worker_pids(out)) == ranks and len(steps_written(out / "metrics.jsonl")) >= after_steps
 
         wait_for(running, f"{ranks} rank(s) up and {after_steps} steps in metrics", 120, proc=child,
                  output=stderr.read_text)

@@ -18,10 +18,9 @@ import psutil
 import pytest
 from typer.testing import CliRunner
 
-from engine.schema import StepMetrics, parse_line
 from moectl.cli import app
 from moectl.lock import LOCK_NAME
-from tests.conftest import git, kill_all, no_other_training_on_a_quiet_machine, stop_process, wait_for
+from tests.conftest import git, kill_all, steps_written, no_other_training_on_a_quiet_machine, stop_process, wait_for
 from tests.test_run import QUIET, REPO, FAST, commit_files, ours, proj, record, run_dirs  # noqa: F401  (proj: fixture)
 
 runner = CliRunner()
@@ -40,14 +39,7 @@ def spawn(repo: Path, out: Path, *args: str, sigint_ignored: bool = False) -> su
 
 
 def steps_so_far(root: Path) -> int:
-    n = 0
-    for path in root.glob("*/metrics.jsonl"):
-        for line in path.read_text().splitlines():
-            try:
-                n += isinstance(parse_line(line), StepMetrics)
-            except ValueError:
-                pass  # a torn last line while the engine writes
-    return n
+    return sum(len(steps_written(path)) for path in root.glob("*/metrics.jsonl"))
 
 
 def wait_for_steps(proc: subprocess.Popen, root: Path, n: int, out: Path, timeout: float = 120.0) -> None:

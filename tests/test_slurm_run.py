@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from typer.testing import CliRunner
 from engine.schema import StepMetrics, parse_line
 from moectl.cli import app
 from moectl.config import load_config
-from tests.conftest import git, gpu, wait_for
+from tests.conftest import git, gpu, steps_written, wait_for
 from tests.slurm_fixtures import SLURM_TESTS, free_port
 from tests.test_run import FAKE, commit_config, commit_files, head, record, run_dirs, write_config
 
@@ -61,6 +62,13 @@ def only_run(root: Path) -> Path:
 def steps_of(run_dir: Path) -> list[StepMetrics]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(parse_line, lines) if isinstance(r, StepMetrics)]
+
+
+def resumes_logged(run_dir: Path) -> list[int]:
+    """The steps the engine said it resumed at, from the complete lines of a train.log still being
+    written (a line cut after "resumed at step 1" must not read as step 1 of 15)."""
+    text = (run_dir / "train.log").read_text()
+    return [int(m) for m in re.findall(r"resumed at step (\d+) from ", text[: text.rfind("\n") + 1])]
 
 
 def user_work_in_progress(proj: Path) -> dict[str, bytes]:
@@ -219,7 +227,7 @@ def test_cancel_ends_a_running_job_interrupted_with_its_metrics_summarised(on_cl
     r = moectl("run", "--slurm", "--detach", "--steps", "5000", "--no-commit", "--", "--sleep-per-step", "0.05")
     assert r.exit_code == 0, r.output
     run_dir = only_run(artifact_root)
-    wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and len(steps_of(run_dir)) >= 3,
+    wait_for(lambda: len(steps_written(run_dir / "metrics.jsonl")) >= 3,
              "the job's first 3 steps in metrics.jsonl", timeout=JOB_TIMEOUT_S)
 
     cancelled = moectl("cancel", record(run_dir)["id"])
@@ -411,7 +419,7 @@ def test_a_requeued_job_resumes_from_its_last_checkpoint_in_the_same_run_directo
     job_id = record(run_dir)["job_id"]
     assert "#SBATCH --requeue" in (run_dir / "job.sh").read_text()
     ckpts = run_dir / "ckpt_root"
-    wait_for(lambda: any(ckpts.glob("model_*.pt")) and len(steps_of(run_dir)) >= 8,
+    wait_for(lambda: any(ckpts.glob("model_*.pt")) and len(steps_written(run_dir / "metrics.jsonl")) >= 8,
              "a checkpoint and 8 steps before the requeue", timeout=JOB_TIMEOUT_S)
 
     subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60, capture_output=True)
@@ -419,21 +427,16 @@ def test_a_requeued_job_resumes_from_its_last_checkpoint_in_the_same_run_directo
     wait_for(lambda: record(run_dir)["restarts"] == 1 and record(run_dir)["status"] == "running",
              "the requeued job running again (restarts 1)", timeout=JOB_TIMEOUT_S)
     assert record(run_dir)["job_id"] == job_id
-    resumed = wait_for(lambda: next((line for line in (run_dir / "train.log").read_text().splitlines()
-                                     if "resumed at step" in line), None),
-                       "the engine's 'resumed at step' line", timeout=JOB_TIMEOUT_S)
-    at = int(resumed.split("resumed at step ")[1].split()[0])
+    [at] = wait_for(lambda: resumes_logged(run_dir), "the engine's 'resumed at step' line", timeout=JOB_TIMEOUT_S)
     assert at >= 5 and at % 5 == 0
-    wait_for(lambda: len(steps_of(run_dir)) >= at + 3, "3 steps trained after the resume", timeout=JOB_TIMEOUT_S)
+    wait_for(lambda: len(steps_written(run_dir / "metrics.jsonl")) >= at + 3, "3 steps trained after the resume", timeout=JOB_TIMEOUT_S)
 
     # What Slurm sends a little before the time limit (--signal=B:USR1@...): the job requeues itself.
     subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True, timeout=60, capture_output=True)
     wait_for(lambda: record(run_dir)["restarts"] == 2 and record(run_dir)["status"] == "running",
              "the job requeued by its own USR1 handler running again (restarts 2)", timeout=JOB_TIMEOUT_S)
-    second = wait_for(lambda: [line for line in (run_dir / "train.log").read_text().splitlines()
-                               if "resumed at step" in line][1:], "the second resume", timeout=JOB_TIMEOUT_S)
-    at = int(second[0].split("resumed at step ")[1].split()[0])
-    wait_for(lambda: len(steps_of(run_dir)) >= at + 3, "3 steps trained after the second resume", timeout=JOB_TIMEOUT_S)
+    at = wait_for(lambda: resumes_logged(run_dir)[1:], "the second resume", timeout=JOB_TIMEOUT_S)[0]
+    wait_for(lambda: len(steps_written(run_dir / "metrics.jsonl")) >= at + 3, "3 steps trained after the second resume", timeout=JOB_TIMEOUT_S)
 
     cancelled = moectl("cancel", record(run_dir)["id"])
     assert cancelled.exit_code == 0, cancelled.output

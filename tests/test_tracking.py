@@ -26,7 +26,7 @@ from engine.schema import StepMetrics, parse_line
 from moectl.config import parse_config_text
 from moectl.errors import UsageError
 from moectl.tracking import STEP_KEYS, wandb_run_id
-from tests.conftest import git, wait_for
+from tests.conftest import git, steps_written, wait_for
 from tests.test_run import FAKE, QUIET, REPO
 
 TRACKER_ENV = {
@@ -340,7 +340,7 @@ def test_failed_and_interrupted_runs_are_mirrored_with_their_status(git_repo, mo
                                  "--json", "--", "--sleep-per-step", "0.05"], cwd=git_repo, env=env,
                                 stdout=fh, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     try:
-        wait_for(lambda: any(len(steps_of(p.parent)) >= 3 for p in artifact_root.glob("*stopped/metrics.jsonl")),
+        wait_for(lambda: any(len(steps_written(p)) >= 3 for p in artifact_root.glob("*stopped/metrics.jsonl")),
                  "the run reaching 3 steps", timeout=120, proc=proc, output=lambda: proc.stderr.read())
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
