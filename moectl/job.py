@@ -133,9 +133,9 @@ def make_fallback_run(cfg: Config, spec: JobSpec, failed: RunRecord) -> Optional
     from datetime import datetime
 
     from moectl.execution import JOB_SPEC, JOB_SCRIPT
-    from moectl.plan import plan_run
+    from moectl.plan import command_text, plan_run
     from moectl.records import save_model, write_text_atomic
-    from moectl.runner import record_fallback_request, write_run_files
+    from moectl.runner import fallback_record, record_fallback_request
 
     retry = record_fallback_request(cfg, spec.request, failed) if spec.request is not None else None
     if retry is None:
@@ -155,21 +155,19 @@ def make_fallback_run(cfg: Config, spec: JobSpec, failed: RunRecord) -> Optional
     try:
         store.create_run_dir(fallback_dir)
         created = True
-        write_run_files(cfg, plan)
-        shutil.copytree(run_dir / "code", fallback_dir / "code", symlinks=True)  # the very code that failed
+        write_text_atomic(Path(plan.files["command.txt"]), command_text(plan) + "\n")
+        # The very code that failed, and the diff that went with it: the repository may have moved
+        # on since the submission (runner.write_run_files would diff it as it is now).
+        shutil.copytree(run_dir / "code", fallback_dir / "code", symlinks=True)
+        if (run_dir / "git.diff").is_file():
+            shutil.copyfile(run_dir / "git.diff", plan.files["git.diff"])
         fallback_spec = spec.model_copy(update={"plan": plan, "request": retry, "fallback_in_job": False})
         save_model(fallback_dir / JOB_SPEC, fallback_spec)
         # This job runs it; the script is there so that `sbatch job.sh` could run it again alone.
         write_text_atomic(fallback_dir / JOB_SCRIPT, slurm.batch_script(
             run_id=plan.run_id, run_dir=fallback_dir, code_dir=fallback_dir / "code", python=plan.python,
             cluster=cfg.cluster, nodes=spec.nodes, requeue=spec.requeue))
-        store.save_run(RunRecord(
-            id=plan.run_id, tag=plan.tag, status="queued", created_at=store.now_iso(), argv=plan.argv,
-            options=plan.options, git=failed.git, guards=failed.guards, overrides=failed.overrides,
-            exp_dir=plan.exp_dir, host=failed.host, pid=os.getpid(), window=plan.window,
-            warmup_steps=plan.warmup_steps, sweep=failed.sweep, notes=plan.notes, group=plan.group,
-            repeat=plan.repeat, backend="slurm", job_id=failed.job_id, nodes=failed.nodes,
-        ))
+        store.save_run(fallback_record(plan, failed))
     except BaseException:
         # Half set up: no run, no leg (the sweep's report must not look for a run that never was).
         if failed.sweep:

@@ -152,6 +152,37 @@ def new_record(plan: RunPlan, obs, results: list[GuardResult], *, sweep_id: Opti
     )
 
 
+def fallback_record(plan: RunPlan, failed: RunRecord) -> RunRecord:
+    """The queued record of `failed`'s `--compile none` re-run made inside its Slurm job
+    (moectl.job): it trains the same code snapshot on the same allocation, so what `new_record`
+    would take from the observations (git, guards, host, GPUs) is `failed`'s."""
+    return RunRecord(
+        id=plan.run_id,
+        tag=plan.tag,
+        status="queued",
+        created_at=store.now_iso(),
+        argv=plan.argv,
+        options=plan.options,
+        git=failed.git.model_copy(),
+        guards=[g.model_copy() for g in failed.guards],
+        overrides=list(failed.overrides),
+        exp_dir=plan.exp_dir,
+        host=failed.host,
+        pid=os.getpid(),
+        gpus=list(failed.gpus),
+        driver=failed.driver,
+        sweep=failed.sweep,
+        notes=plan.notes,
+        window=plan.window,
+        warmup_steps=plan.warmup_steps,
+        group=plan.group,
+        repeat=plan.repeat,
+        backend=failed.backend,
+        job_id=failed.job_id,
+        nodes=failed.nodes,
+    )
+
+
 def write_run_files(cfg: Config, plan: RunPlan) -> None:
     """command.txt and git.diff: what ran, from which uncommitted changes."""
     _write_text(Path(plan.files["command.txt"]), command_text(plan) + "\n")

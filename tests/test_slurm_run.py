@@ -354,6 +354,7 @@ def test_a_detached_run_that_fails_to_compile_is_re_run_by_its_own_job_and_wait_
                "--", "--compile-fails", "--sleep-per-step", "0.01")
     assert r.exit_code == 0, r.output
     first = json.loads(r.stdout)
+    (proj / "README.md").write_text("edited after the submission\n")  # the job must not diff this in
     waited = moectl("wait", first["id"], "--json", "--timeout", f"{JOB_TIMEOUT_S}s")
     assert waited.exit_code == 0, waited.output
     [final] = json.loads(waited.output)
@@ -362,6 +363,12 @@ def test_a_detached_run_that_fails_to_compile_is_re_run_by_its_own_job_and_wait_
     assert (final["tag"], final["status"], final["options"]["compile"]) == ("cfd_fallback_none", "completed", "none")
     assert final["job_id"] == failed["job_id"] and failed["id"] in final["notes"] and final["sweep"] is None
     assert {d.name for d in run_dirs(artifact_root)} == {failed["id"], final["id"]}
+    # the re-run trains the failed run's code snapshot: its git.diff is the one made at submission
+    failed_dir, final_dir = Path(failed["exp_dir"]), Path(final["exp_dir"])
+    assert (final_dir / "git.diff").read_bytes() == (failed_dir / "git.diff").read_bytes()
+    assert b"edited after the submission" not in (final_dir / "git.diff").read_bytes()
+    assert (final["git"], final["guards"]) == (failed["git"], failed["guards"])
+    assert "--compile none" in (final_dir / "command.txt").read_text()
     # each run has its report committed by the job, the re-run's last
     assert len(list((proj / "reports").glob("*.md"))) == 2
     said = moectl("wait", first["id"])  # settled now: the text names the re-run and whose it is
