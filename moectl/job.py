@@ -102,7 +102,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     finally:
         (run_dir / JOB_LOCK).unlink(missing_ok=True)
 
-    if result.interrupted and _being_requeued(job_id, restart):
+    job = _job_after_signal(job_id) if result.interrupted else None
+    if job is not None and job.restarts > restart:  # scancel does not count a restart; a requeue does
         record.status = "queued"
         record.error = f"requeued by Slurm after {result.signal_name} (restart {restart + 1} resumes from its last checkpoint)"
         save_run_and_leg(record)
@@ -110,6 +111,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     outcome = RunOutcome(exit_code=EXIT_OK, plan=plan, guards=record.guards, record=record)
     outcome.exit_code, outcome.compile_failed = finish_record(record, result, plan, parser)
+    if job is not None and job.reason == "TimeLimit" and record.status == "interrupted":
+        # Say why, not only which signal: it is the answer to "where did my run go" the next morning.
+        record.error = (f"stopped by Slurm at the job's time limit ({job.time_limit or cfg.cluster.time}) with "
+                        f"{result.signal_name}; `run --requeue` resumes such a run from its last checkpoint"
+                        + (f"\n{result.log_tail}" if result.log_tail else ""))
+        save_run_and_leg(record)
     save_run_and_leg(record)  # the sweep's leg is settled before its report is committed
     baseline = read_record(Path(spec.baseline)) if spec.baseline else None
     report_and_commit(cfg, outcome, baseline=baseline, commit=spec.commit, extra_commit_paths=_summary_paths(cfg, spec))
@@ -258,13 +265,13 @@ def _has_checkpoint(ckpt_dir: Path) -> bool:
     return ckpt_dir.is_dir() and any(ckpt_dir.glob("model_*.pt"))
 
 
-def _being_requeued(job_id: str, restart: int) -> bool:
-    """After a SIGTERM: did Slurm count one more restart than this run of the job? (scancel does not.)"""
+def _job_after_signal(job_id: str) -> Optional[slurm.JobInfo]:
+    """After a SIGTERM, what Slurm says of this job: one more restart than this run of it means a
+    requeue; reason TimeLimit, the time limit (its state is COMPLETING until this job exits)."""
     try:
-        info = slurm.job_info(job_id)
+        return slurm.job_info(job_id)
     except MoectlError:
-        return False
-    return info is not None and info.restarts > restart
+        return None
 
 
 def _requeue_on_usr1(job_id: str):

@@ -57,6 +57,7 @@ class JobInfo:
     run_time: Optional[str] = None
     restarts: int = 0
     name: Optional[str] = None
+    time_limit: Optional[str] = None  # TimeLimit, as Slurm prints it ("00:01:00", "UNLIMITED")
 
     @property
     def live(self) -> bool:
@@ -205,6 +206,7 @@ def parse_show_job(text: str) -> Optional[JobInfo]:
         job_id=fields["JobId"], state=fields.get("JobState", "UNKNOWN"), exit_code=fields.get("ExitCode"),
         reason=fields.get("Reason"), nodes=fields.get("NodeList"), num_nodes=int(num) if num.isdigit() else None,
         run_time=fields.get("RunTime"), restarts=int(fields.get("Restarts", "0") or 0), name=fields.get("JobName"),
+        time_limit=fields.get("TimeLimit"),
     )
 
 

@@ -16,7 +16,8 @@ from tests.test_run import run_dirs
 from tests.test_slurm_run import FAST, moectl, slurm_project
 
 SHOW_JOB = ("JobId=42 JobName=moectl:20260101_000000_moe-x UserId=root(0) JobState=RUNNING Reason=None "
-            "Requeue=1 Restarts=2 BatchFlag=1 ExitCode=0:0 RunTime=00:01:05 NodeList=n[1-2] NumNodes=2 NumCPUs=2")
+            "Requeue=1 Restarts=2 BatchFlag=1 ExitCode=0:0 RunTime=00:01:05 TimeLimit=01:00:00 TimeMin=N/A "
+            "NodeList=n[1-2] NumNodes=2 NumCPUs=2")
 
 
 def test_batch_script_asks_slurm_for_exactly_the_cluster_table():
@@ -45,8 +46,8 @@ def test_multinode_argv_replaces_standalone_with_a_c10d_rendezvous_at_the_first_
 
 def test_scontrol_and_squeue_output_parse_into_what_moectl_needs():
     info = slurm.parse_show_job(SHOW_JOB)
-    assert (info.job_id, info.state, info.restarts, info.num_nodes, info.nodes, info.live) == \
-        ("42", "RUNNING", 2, 2, "n[1-2]", True)
+    assert (info.job_id, info.state, info.restarts, info.num_nodes, info.nodes, info.live, info.time_limit) == \
+        ("42", "RUNNING", 2, 2, "n[1-2]", True, "01:00:00")
     assert not slurm.parse_show_job(SHOW_JOB.replace("RUNNING", "COMPLETED")).live
     assert slurm.parse_show_job("") is None
     jobs = slurm.parse_squeue("7|moectl:20260101_000000_moe-a|PENDING|1|0:00|(Dependency)\n8|other|RUNNING|1|1:00|n1\n"

@@ -298,6 +298,25 @@ def test_a_job_that_fails_to_start_ends_failed_with_exit_4(on_cluster, git_repo,
     assert f"Slurm job {rec['job_id']} ended (FAILED" in rec["error"]
 
 
+def test_a_run_stopped_at_its_slurm_time_limit_is_recorded_as_such_with_what_it_trained(on_cluster, git_repo,
+                                                                                        monkeypatch, artifact_root):
+    # The commonest end of a cluster job. Slurm's shortest limit is a minute and its controller looks
+    # at limits every 30 s, so this waits 60-90 s: the one test here that cannot be made quicker.
+    slurm_project(git_repo, monkeypatch, cluster='time = "1"')
+    r = moectl("run", "--slurm", "--detach", "--steps", "100000", "--no-commit", "--", "--sleep-per-step", "0.05")
+    assert r.exit_code == 0, r.output
+    run_dir = only_run(artifact_root)
+    assert "#SBATCH --time=1" in (run_dir / "job.sh").read_text()
+    waited = moectl("wait", record(run_dir)["id"], "--timeout", f"{60 + 30 + JOB_TIMEOUT_S}s")
+    assert waited.exit_code == 130, waited.output
+    final = record(run_dir)
+    assert final["status"] == "interrupted", final
+    assert final["error"].splitlines()[0] == ("stopped by Slurm at the job's time limit (00:01:00) with SIGTERM; "
+                                              "`run --requeue` resumes such a run from its last checkpoint")
+    assert final["summary"]["steps"] == 50 and len(steps_of(run_dir)) > 50  # what it trained is summarised
+    assert "time limit" in moectl("show", final["id"]).output
+
+
 def test_status_lists_the_job_runs_shows_it_queued_or_running_and_a_vanished_job_is_stale(on_cluster, git_repo,
                                                                                           monkeypatch, artifact_root):
     slurm_project(git_repo, monkeypatch)
