@@ -19,6 +19,7 @@ from typing import Optional
 
 from moectl import gitops, store
 from moectl.config import Config
+from moectl.errors import GuardRefused
 from moectl.records import RunRecord, SweepRecord, write_text_atomic
 from moectl.report import COLUMNS, fmt, marked_footnote, summary_cell
 from moectl.sweep.report import completed_comparison, legs_table, recommendation
@@ -230,8 +231,13 @@ def _body(text: str) -> list[str]:
 def refresh_summary(cfg: Config, out: Optional[Path] = None) -> tuple[Path, bool]:
     """Regenerate EXPERIMENTS.md (or `out`); returns (path, whether it was rewritten). When only
     the snapshot of the moment (timestamp, runtime status) would change, the file is left as it
-    is, so it never shows up as a change."""
+    is, so it never shows up as a change. Raises GuardRefused, writing nothing, when the
+    repository's EXPERIMENTS.md holds uncommitted work of someone else's (`users_changes`)."""
     path = Path(out) if out is not None else summary_path(cfg)
+    if out is None:
+        why = users_changes(cfg.root, path)
+        if why is not None:
+            raise GuardRefused(f"{path.name} {why}: left exactly as it is (commit or discard that, then `moectl summary`)")
     text = render_summary(cfg)
     try:
         old = path.read_text(encoding="utf-8")
@@ -241,7 +247,64 @@ def refresh_summary(cfg: Config, out: Optional[Path] = None) -> tuple[Path, bool
         return path, False
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, text)
+    if out is None:
+        _remember_written(cfg.root, path)
     return path, True
+
+
+# EXPERIMENTS.md is a file moectl rewrites and commits, in the user's own repository. An edit of
+# theirs, staged or not, must survive that (SPEC §9), so before rewriting it moectl compares the
+# file and its index entry with HEAD's and with the versions moectl itself wrote (their blob ids,
+# kept in the git dir: a `--no-commit` run's refresh is not the user's work). Anything else is theirs.
+WRITTEN_LOG = "moectl-summary-written"
+WRITTEN_KEEP = 20
+
+
+def users_changes(repo: Path, path: Path) -> Optional[str]:
+    """How `path` holds uncommitted work that moectl did not write ("has changes staged in the
+    index", "has uncommitted changes", "is staged for deletion", ...), or None when it is as HEAD
+    has it or as moectl last wrote it. None outside a git repository (nothing to lose to a commit)."""
+    try:
+        repo = gitops.repo_root(repo)
+    except gitops.GitError:
+        return None
+    rel = path.resolve().relative_to(repo).as_posix() if path.resolve().is_relative_to(repo) else None
+    if rel is None:
+        return None
+    head = gitops._git(repo, "rev-parse", "-q", "--verify", f"HEAD:{rel}", check=False) or None
+    staged = gitops._git(repo, "ls-files", "--stage", "--", rel, check=False).split()
+    index = staged[1] if len(staged) >= 2 else None
+    work = gitops._git(repo, "hash-object", f"--path={rel}", "--", rel) if path.is_file() else None
+    ours = _written(repo)
+    if index != head and index not in ours:
+        return "is staged for deletion" if index is None else "has changes staged in the index"
+    if work is not None and work != index and work != head and work not in ours:
+        return "has uncommitted changes" if (head or index) else "is an untracked file of yours"
+    return None
+
+
+def _written_log(repo: Path) -> Path:
+    return Path(gitops._git(repo, "rev-parse", "--path-format=absolute", "--git-path", WRITTEN_LOG))
+
+
+def _written(repo: Path) -> set[str]:
+    try:
+        return set(_written_log(repo).read_text().split())
+    except (OSError, gitops.GitError):
+        return set()
+
+
+def _remember_written(repo: Path, path: Path) -> None:
+    """Note the blob of what moectl just wrote. Best effort: without the note, the file reads as
+    the user's until it is committed, which refuses a refresh but never loses anything."""
+    try:
+        repo = gitops.repo_root(repo)
+        blob = gitops._git(repo, "hash-object", f"--path={path.resolve().relative_to(repo).as_posix()}", "--", str(path))
+        log = _written_log(repo)
+        kept = [b for b in (log.read_text().split() if log.is_file() else []) if b != blob][-(WRITTEN_KEEP - 1):]
+        write_text_atomic(log, "\n".join([*kept, blob]) + "\n")
+    except (OSError, ValueError, gitops.GitError):
+        pass
 
 
 def write_summary(cfg: Config, out: Optional[Path] = None) -> Path:

@@ -211,6 +211,29 @@ def test_commit_leaves_staged_modified_and_untracked_user_files_alone(proj, arti
     assert "dirty: see git.diff" in report.read_text()
 
 
+@pytest.mark.slow
+def test_the_users_edit_of_experiments_md_survives_a_run_whose_report_is_committed(proj, artifact_root):
+    # EXPERIMENTS.md is the one tracked file moectl rewrites: a note of the user's in it, staged and
+    # then edited again, is theirs (SPEC §9) - the run commits its report and leaves that file alone.
+    assert run("--steps", "3", "--tag", "first", *QUIET, *FAST).exit_code == 0
+    doc = proj / "EXPERIMENTS.md"
+    assert "EXPERIMENTS.md" in git(proj, "ls-files")
+    with open(doc, "a") as fh:
+        fh.write("\nNOTE staged\n")
+    git(proj, "add", "EXPERIMENTS.md")
+    with open(doc, "a") as fh:
+        fh.write("NOTE not staged\n")
+    before, old_head = tree_state(proj), head(proj)
+
+    r = run("--steps", "3", "--tag", "second", *QUIET, *FAST)
+    assert r.exit_code == 0, r.output
+    assert "EXPERIMENTS.md not refreshed: EXPERIMENTS.md has changes staged in the index" in r.output
+    report = next(p for p in (proj / "reports").glob("*.md") if "second" in p.name)
+    assert commit_files(proj) == {report.relative_to(proj).as_posix()}
+    assert git(proj, "rev-parse", "HEAD~1").strip() == old_head
+    assert tree_state(proj, ignore=(report.relative_to(proj).as_posix(),)) == before
+
+
 # ------------------------------------------------------------------------------ 3. dry run and refusals
 
 

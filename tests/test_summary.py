@@ -213,6 +213,46 @@ def test_summary_commits_only_experiments_md_and_is_stable(git_repo, artifact_ro
     assert git(git_repo, "rev-parse", "HEAD~1").strip() == data["commit"]
 
 
+def test_the_users_own_edits_to_experiments_md_are_never_overwritten_or_unstaged(git_repo, artifact_root, monkeypatch):
+    summary_project(git_repo, monkeypatch)
+    populate(artifact_root)
+    assert cli("summary").exit_code == 0  # EXPERIMENTS.md as moectl writes it, committed
+    doc = git_repo / "EXPERIMENTS.md"
+
+    # moectl's own uncommitted refresh (what `--no-commit` leaves) is not the user's work: a later
+    # summary rewrites it and commits it.
+    store.import_run(artifact_root, "moe", "second", [
+        StepMetrics(step=0, loss=2.0, dt_ms=5.0, tok_per_sec=999.0, elapsed_s=1.0)], window=5)
+    assert cli("summary", "--no-commit").exit_code == 0
+    assert git(git_repo, "status", "--porcelain") == " M EXPERIMENTS.md\n"
+    store.import_run(artifact_root, "moe", "third", [
+        StepMetrics(step=0, loss=2.0, dt_ms=5.0, tok_per_sec=999.0, elapsed_s=1.0)], window=5)
+    r = cli("summary", "--json")
+    assert r.exit_code == 0 and "third" in doc.read_text() and git(git_repo, "status", "--porcelain") == ""
+
+    # A note of the user's, staged, then another one not staged: both stay exactly as they were.
+    with open(doc, "a") as fh:
+        fh.write("\nNOTE staged\n")
+    git(git_repo, "add", "EXPERIMENTS.md")
+    with open(doc, "a") as fh:
+        fh.write("NOTE not staged\n")
+    before = (doc.read_bytes(), git(git_repo, "diff", "--cached"), git(git_repo, "rev-parse", "HEAD"))
+    store.import_run(artifact_root, "moe", "fourth", [
+        StepMetrics(step=0, loss=2.0, dt_ms=5.0, tok_per_sec=999.0, elapsed_s=1.0)], window=5)
+    r = CliRunner().invoke(app, ["summary"])
+    assert r.exit_code == 3, r.output
+    assert "EXPERIMENTS.md has changes staged in the index: left exactly as it is" in r.output
+    assert (doc.read_bytes(), git(git_repo, "diff", "--cached"), git(git_repo, "rev-parse", "HEAD")) == before
+
+    # Unstaged only: the same.
+    git(git_repo, "reset", "-q", "--", "EXPERIMENTS.md")
+    before = (doc.read_bytes(), git(git_repo, "status", "--porcelain"))
+    r = CliRunner().invoke(app, ["summary"])
+    assert r.exit_code == 3 and "EXPERIMENTS.md has uncommitted changes" in r.output
+    assert (doc.read_bytes(), git(git_repo, "status", "--porcelain")) == before
+    assert b"NOTE staged\nNOTE not staged\n" in doc.read_bytes()
+
+
 def test_summary_on_an_empty_store(git_repo, artifact_root, monkeypatch):
     summary_project(git_repo, monkeypatch)
     r = cli("summary", "--no-commit")
