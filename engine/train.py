@@ -97,7 +97,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m engine.train", description=__doc__.split("\n")[0],
+    # allow_abbrev=False: `--out /x` must not quietly mean --out-dir (moectl checks the flags it
+    # passes and the ones after `--` by their full names; a record should name what ran).
+    p = _Parser(prog="python -m engine.train", description=__doc__.split("\n")[0], allow_abbrev=False,
                 epilog="example: python -m engine.train --preset tiny --steps 20 --out-dir /tmp/run")
     a = p.add_argument
     a("--preset", choices=sorted(PRESETS), default="tiny", help="base settings (default tiny); explicit options override")

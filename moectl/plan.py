@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from engine.schema import DEFAULT_PRESET, ENGINE_MODULE, PRESET_EXPERTS, PRESET_NAMES
 from moectl.config import Config
 from moectl.errors import UsageError
-from moectl.trainer import follows_engine_contract, trainer_argv
+from moectl.trainer import fold_engine_args, follows_engine_contract, trainer_argv
 
 # Only these guards may be skipped knowingly (SPEC §5); the path guard never.
 OVERRIDABLE = ("gpus_idle", "no_other_training")
@@ -173,10 +173,13 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
     reading (None when NVML is unavailable); device `auto` means cuda only when there are some."""
     options = cfg.defaults.options()
     device_default = options.pop("device", None)
-    for key in ("preset", "cap", "compile", "fp8", "dispatch", "balance", "balance_rate", "ep", "steps", "seed"):
-        value = getattr(request, key)
-        if value is not None:
-            options[key] = value
+    explicit = [key for key in ("preset", "cap", "compile", "fp8", "dispatch", "balance", "balance_rate", "ep",
+                                "steps", "seed") if getattr(request, key) is not None]
+    for key in explicit:
+        options[key] = getattr(request, key)
+    extra = list(request.extra_args)
+    if follows_engine_contract(cfg.launch, cfg.metrics):
+        extra, options = fold_engine_args(extra, options, set(explicit))
 
     preset = options.get("preset")
     if cfg.launch.module == ENGINE_MODULE and follows_engine_contract(cfg.launch, cfg.metrics) and preset is not None and preset not in PRESET_NAMES:
@@ -222,7 +225,7 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
     python = str(cfg.python) if cfg.project.venv != "" else sys.executable
     argv, engine_argv = trainer_argv(cfg.launch, cfg.metrics, options, device=device, exp_dir=str(exp_dir),
                                      ckpt_dir=str(ckpt_dir), nproc=nproc, python=python,
-                                     extra=list(request.extra_args))
+                                     extra=extra)
 
     env = dict(cfg.launch.env)
     if not follows_engine_contract(cfg.launch, cfg.metrics):

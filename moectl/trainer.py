@@ -51,6 +51,55 @@ def engine_flags(options: dict[str, Any]) -> list[str]:
     return argv
 
 
+# Why an engine flag after `--` may not set what moectl sets itself: the guards judged moectl's own
+# values (the path guard the run directory, gpus_idle the device), so a later flag that wins in
+# the engine's argparse would run something the guards never saw.
+_OWN_WHY = {
+    "out_dir": "the run directory is moectl's (a fresh one inside artifact_root, checked by the path guard; "
+               "`moectl run --exp-dir` names it)",
+    "ckpt_dir": "checkpoints go to <run directory>/ckpt_root, inside artifact_root (the path guard)",
+    "device": "the device is moectl's, checked by the guards (`moectl run --device`)",
+}
+
+
+def fold_engine_args(extra: list[str], options: dict[str, Any], explicit: set[str]) -> tuple[list[str], dict[str, Any]]:
+    """Engine flags after `--` that set an option moectl already passes (from [defaults], say
+    `-- --lr 0.02` beside `lr = 0.01`) become that option, so the command carries it once and the
+    record's options say what ran; the rest pass through as given. UsageError for a flag of
+    moectl's own (`MOECTL_OWN`), for one also given as a `moectl run` option (`explicit`), and for
+    a value that is not of the option's type. Pure: returns (the extra arguments left, the options)."""
+    options, left, i = dict(options), [], 0
+    while i < len(extra):
+        token = extra[i]
+        name, eq, value = token.partition("=")
+        key = name[2:].replace("-", "_") if name.startswith("--") else None
+        if key in MOECTL_OWN:
+            raise UsageError(f"-- {name}: not a trainer argument moectl can pass on: {_OWN_WHY[key]}")
+        if key is None or key not in options or isinstance(options[key], (list, tuple)):
+            left.append(token)
+            i += 1
+            continue
+        if key in explicit:
+            raise UsageError(f"-- {name}: also given as `moectl run {name}`; give it once")
+        current = options[key]
+        if isinstance(current, bool):
+            if eq:
+                raise UsageError(f"-- {token}: {name} is an on/off flag of the engine; it takes no value")
+            options[key], i = True, i + 1
+            continue
+        if not eq:
+            if i + 1 >= len(extra):
+                raise UsageError(f"-- {name}: needs a value")
+            value, i = extra[i + 1], i + 1
+        i += 1
+        kind = type(current) if isinstance(current, (int, float)) else str
+        try:
+            options[key] = kind(value)
+        except ValueError:
+            raise UsageError(f"-- {name} {value}: not {'an integer' if kind is int else 'a number'}") from None
+    return left, options
+
+
 def mapped_flags(mapping: dict[str, str], options: dict[str, Any]) -> list[str]:
     """Each option through its template; UsageError naming every unmapped option."""
     missing = [k for k in options if k not in mapping]

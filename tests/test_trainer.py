@@ -111,6 +111,55 @@ def test_cli_refuses_unmapped_option_before_anything_is_written(tmp_path, monkey
     assert not artifact_root.exists() or not any(artifact_root.iterdir())
 
 
+ENGINE = '[project]\nvenv = ""\n[launch]\nmodule = "engine.train"\n[defaults]\npreset = "tiny"\nlr = 0.01\nfp8 = false\n'
+
+
+def test_engine_flags_after_dashdash_that_repeat_a_default_become_that_option_once():
+    p = plan(ENGINE, steps=7, extra_args=["--lr", "0.02", "--fp8", "--save-every=5", "--seq-len=64"])
+    assert (p.options["lr"], p.options["fp8"], p.options["steps"]) == (0.02, True, 7)
+    engine = p.argv[p.argv.index("engine.train") + 1:]
+    assert engine.count("--lr") == 1 and engine[engine.index("--lr") + 1] == "0.02" and engine.count("--fp8") == 1
+    assert engine[-2:] == ["--save-every=5", "--seq-len=64"]  # not moectl's: passed through as given
+    p = plan(ENGINE, extra_args=["--lr=3e-4"])
+    assert p.options["lr"] == 3e-4 and "--lr=3e-4" not in p.argv
+
+
+@pytest.mark.parametrize("extra, why", [
+    (["--out-dir", "/elsewhere"], "-- --out-dir: not a trainer argument moectl can pass on: the run directory is moectl's"),
+    (["--ckpt-dir=/elsewhere/ck"], "-- --ckpt-dir: not a trainer argument moectl can pass on: checkpoints go to"),
+    (["--device", "cuda"], "-- --device: not a trainer argument moectl can pass on: the device is moectl's"),
+    (["--steps", "9"], "-- --steps: also given as `moectl run --steps`; give it once"),
+    (["--lr", "fast"], "-- --lr fast: not a number"),
+    (["--lr"], "-- --lr: needs a value"),
+    (["--fp8=yes"], "-- --fp8=yes: --fp8 is an on/off flag of the engine; it takes no value"),
+])
+def test_engine_flags_after_dashdash_that_would_undo_what_moectl_checked_are_refused(extra, why):
+    # argparse takes the last of a repeated flag: `-- --ckpt-dir /elsewhere` would win over the
+    # run directory the path guard checked, `-- --device cuda` over the device gpus_idle judged.
+    with pytest.raises(UsageError) as exc:
+        plan(ENGINE, steps=7, extra_args=extra)
+    assert exc.value.message.startswith(why), exc.value.message
+
+
+def test_cli_refuses_a_checkpoint_dir_outside_the_run_before_anything_is_written(tmp_path, monkeypatch, artifact_root):
+    (tmp_path / ".moectl.toml").write_text(ENGINE)
+    monkeypatch.chdir(tmp_path)
+    outside = tmp_path / "outside"
+    result = CliRunner().invoke(app, ["run", "--device", "cpu", "--steps", "3", "--no-commit", "--",
+                                      "--ckpt-dir", str(outside), "--save-every", "1"])
+    assert result.exit_code == 2, result.output
+    assert "-- --ckpt-dir: not a trainer argument" in result.output
+    assert not outside.exists() and (not artifact_root.exists() or not any(artifact_root.iterdir()))
+
+
+def test_the_engine_takes_no_abbreviated_flags():
+    # `--ckpt /x` must not quietly mean --ckpt-dir: moectl judges the flags by their full names.
+    from engine.train import BadOptions, build_parser
+
+    with pytest.raises(BadOptions, match="unrecognized arguments: --ckpt"):
+        build_parser().parse_args(["--ckpt", "/x"])
+
+
 # --------------------------------------------------------------------------- moectl init --trainer
 
 
