@@ -7,6 +7,8 @@ message that says what to do. Only `gpus_idle` and `no_other_training` can be ov
 """
 from __future__ import annotations
 
+import os
+
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Optional
@@ -87,6 +89,11 @@ def guard_paths(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
         for ro in p.read_only:
             if _inside(real, ro) and not _inside(root, ro):
                 problems.append(f"{real} is inside read-only tree {ro}")
+    if plan.explicit_exp_dir and p.exp_dir and _inside(p.exp_dir, root) and os.path.dirname(p.exp_dir) != root:
+        # The run store is artifact_root's children: a run deeper down (in another run's directory,
+        # say) would be missing from runs/show/compare, and the root itself is no run directory.
+        where = "is artifact_root itself" if p.exp_dir == root else "is not directly in artifact_root"
+        problems.append(f"--exp-dir {plan.exp_dir} {where} {root} (the run store lists its children)")
     repo = str(cfg.root.resolve())
     if not _inside(p.report_dir, repo):
         problems.append(f"report_dir {p.report_dir} is outside the repository {repo}")

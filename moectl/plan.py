@@ -128,6 +128,7 @@ class RunPlan(BaseModel):
     tag: str
     created_at: str  # ISO time the id was made from
     exp_dir: str
+    explicit_exp_dir: bool = False  # named by --exp-dir (the path guard wants it directly in artifact_root)
     ckpt_dir: str
     files: dict[str, str]  # run.json, command.txt, git.diff, train.log, metrics.jsonl -> path
     options: dict[str, Any]  # engine options after merging defaults and flags
@@ -216,6 +217,7 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
         # Kept as given (only made absolute, `..` and symlinks intact) so the path guard judges it.
         given = Path(os.path.expanduser(request.exp_dir))
         exp_dir = given if given.is_absolute() else Path.cwd() / given
+        run_id = exp_dir.name  # runs/show/compare know a run by its directory's name
     elif request.parent_dir:
         exp_dir = Path(request.parent_dir) / run_id
     else:
@@ -238,6 +240,7 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
         tag=tag,
         created_at=now.isoformat(timespec="seconds"),
         exp_dir=str(exp_dir),
+        explicit_exp_dir=bool(request.exp_dir),
         ckpt_dir=str(ckpt_dir),
         files={name: str(exp_dir / name) for name in RUN_FILES},
         options={**options, "device": device, "nproc": nproc},

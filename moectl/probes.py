@@ -395,6 +395,7 @@ class PathsState:
     read_only: list[str] = field(default_factory=list)
     writes: dict[str, str] = field(default_factory=dict)  # planned path -> resolved path
     exp_dir_exists: bool = False
+    exp_dir: str = ""  # resolved
 
 
 def _real(p) -> str:
@@ -410,6 +411,7 @@ def probe_paths(cfg: Config, plan: "RunPlan") -> PathsState:
         read_only=[_real(p) for p in cfg.read_only],
         writes={str(p): _real(p) for p in planned_write_paths(plan)},
         exp_dir_exists=os.path.lexists(os.path.expanduser(plan.exp_dir)),
+        exp_dir=_real(plan.exp_dir),
     )
 
 

@@ -267,6 +267,7 @@ def test_dry_run_command_is_exactly_what_runs_then_exp_dir_is_never_reused(proj,
     assert r.exit_code == 0, r.output
     assert record(exp)["argv"] == dry["argv"]
     assert (exp / "command.txt").read_text().strip() == dry["command"]
+    assert record(exp)["id"] == "explicit" and json.loads(runner.invoke(app, ["show", "explicit", "--json"]).stdout)["exp_dir"] == str(exp)
     reports, old_head = sorted((proj / "reports").glob("*.md")), head(proj)
 
     r = run("--steps", "2", "--exp-dir", str(exp), *QUIET, *FAST)  # exists now: a refusal
@@ -340,6 +341,21 @@ def test_exp_dir_outside_artifact_root_refused(proj, artifact_root, tmp_path):
     assert r.exit_code == 2 and "cannot be overridden" in r.stderr
     assert list(outside.iterdir()) == [] and not (tmp_path / "elsewhere").exists()
     assert not (proj / "reports").exists()
+
+
+def test_exp_dir_must_be_directly_in_artifact_root_where_the_run_store_looks(proj, artifact_root):
+    # Inside the root but deeper (in another run's directory, say), a run would be missing from
+    # runs/show/compare; the root itself is no run directory. The path guard says so, writing nothing.
+    (artifact_root / "20260101_000000_moe-old" / "ckpt_root").mkdir(parents=True)
+    before = set(artifact_root.rglob("*"))
+    for exp, why in ((artifact_root / "20260101_000000_moe-old" / "ckpt_root" / "nested", "is not directly in artifact_root"),
+                     (artifact_root / "sub" / "deep", "is not directly in artifact_root"),
+                     (artifact_root, "is artifact_root itself")):
+        r = run("--steps", "2", "--exp-dir", str(exp), "--override", "no_other_training", *FAST)
+        assert r.exit_code == 3, r.output
+        row = next(line for line in r.stdout.splitlines() if line.startswith("paths "))
+        assert "FAIL" in row and why in " ".join(r.stdout.split()), r.stdout
+        assert set(artifact_root.rglob("*")) == before
 
 
 def test_relative_exp_dir_resolves_against_cwd(proj, artifact_root, monkeypatch):
@@ -490,7 +506,7 @@ def test_fallback_request_only_for_compile_failures_with_fallback_on(proj):
     retry = fallback_request(cfg, req, _outcome(cfg, req, compile_failed=True))
     assert retry is not None
     assert (retry.compile, retry.tag, retry.exp_dir, retry.extra_args) == ("none", "t_fallback_none", None, ["--seed", "3"])
-    assert "20260101_000000_moe-t" in retry.notes
+    assert "compile fallback of explicit " in retry.notes  # the failed run's id: its --exp-dir's name
     assert fallback_request(cfg, req, _outcome(cfg, req, compile_failed=False)) is None
     none_req = RunRequest(compile="none", tag="t")
     assert fallback_request(cfg, none_req, _outcome(cfg, none_req, compile_failed=True)) is None

@@ -27,7 +27,7 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed (another tr
 PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Engine preset, e.g. tiny or d12-moe.", show_default=False)]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cuda | cpu (auto = cuda when NVML sees GPUs).", show_default=False)]
 NprocOpt = Annotated[Optional[int], typer.Option("--nproc", help="Processes per node (default: launch.nproc_per_node).", show_default=False)]
-ExpDirOpt = Annotated[Optional[str], typer.Option("--exp-dir", help="Explicit experiment directory: must be new and inside artifact_root.", show_default=False)]
+ExpDirOpt = Annotated[Optional[str], typer.Option("--exp-dir", help="Explicit experiment directory: must be new and directly in artifact_root; its name is the run id.", show_default=False)]
 WaitGpusOpt = Annotated[Optional[str], typer.Option("--wait-gpus", help="Poll the GPU/training guards up to this long, e.g. 30m, 90s, 2h.", show_default=False)]
 OverrideOpt = Annotated[Optional[list[str]], typer.Option("--override", help="Skip a guard knowingly (gpus_idle, no_other_training); repeatable, recorded.", show_default=False)]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Path to .moectl.toml (default: nearest one above the cwd).", show_default=False)]
