@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -26,16 +26,33 @@ def write_text_atomic(path: Path, text: str) -> None:
         fh.write(text)
 
 
+def new_file_mode() -> int:
+    """The permissions `open(path, "w")` would give a new file: 0o666 less the umask. mkstemp's own
+    0600 would hide records, reports and EXPERIMENTS.md from the rest of a group on a shared node."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:  # Linux: read without changing it
+            mask = next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)  # elsewhere: the only way to read it is to set it (and put it back)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_file(path: Path, mode: str = "w"):
     """Open a temp file beside `path` ("w" text or "wb" bytes); on success it is fsynced and
-    renamed over `path`, on any error removed: readers never see a half-written file."""
+    renamed over `path`, on any error removed: readers never see a half-written file. The file
+    keeps the permissions of the one it replaces, or gets those of a plain new file."""
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:  # name the file asked for, not the temp name nobody chose
         raise OSError(exc.errno, exc.strerror, str(path)) from None
     try:
+        try:
+            os.fchmod(fd, os.stat(path).st_mode & 0o7777)
+        except FileNotFoundError:
+            os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
             yield fh
             fh.flush()
@@ -49,12 +66,13 @@ def atomic_file(path: Path, mode: str = "w"):
         raise
 
 
-def create_new_file(path: Path, text: str, mode: int = 0o644) -> bool:
+def create_new_file(path: Path, text: str, mode: Optional[int] = None) -> bool:
     """Create `path` holding `text`, atomically and only if it does not exist: False when it does.
     The text goes to a temp file beside it (fsynced), which is then hard-linked to the name; a link
     never replaces a file, so of two processes creating one name exactly one wins, and a reader
     never sees half of it. (The run lock and new reports are created this way.)"""
     path = Path(path)
+    mode = new_file_mode() if mode is None else mode
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:

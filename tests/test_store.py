@@ -73,6 +73,23 @@ def test_an_atomic_write_that_cannot_start_names_the_file_asked_for(tmp_path):
     assert info.value.filename == str(target) and ".tmp" not in str(info.value)
 
 
+def test_atomic_writes_get_a_plain_files_permissions_or_keep_the_replaced_files(tmp_path):
+    # mkstemp makes 0600 files: records and reports on a shared node would be the writer's alone.
+    import subprocess
+    import sys
+
+    code = ("import os, sys; from pathlib import Path; from moectl.atomic import write_text_atomic, create_new_file\n"
+            "d = Path(sys.argv[1]); os.umask(int(sys.argv[2], 8))\n"
+            "write_text_atomic(d / 'new.json', '{}'); create_new_file(d / 'report.md', 'r')\n"
+            "(d / 'kept.md').write_text('old'); os.chmod(d / 'kept.md', 0o640); write_text_atomic(d / 'kept.md', 'new')\n"
+            "print(*(oct(os.stat(d / n).st_mode & 0o777) for n in ('new.json', 'report.md', 'kept.md')))")
+    for umask, new in (("022", "0o644"), ("002", "0o664"), ("077", "0o600")):
+        d = tmp_path / umask
+        d.mkdir()
+        out = subprocess.run([sys.executable, "-c", code, str(d), umask], capture_output=True, text=True, check=True)
+        assert out.stdout.split() == [new, new, "0o640"], (umask, out.stdout)
+
+
 def test_corrupt_and_half_written_records_are_reported_and_skipped(tmp_path):
     make_run(tmp_path, "good", "g", "2026-01-01T10:00:00+00:00")
     (tmp_path / "half").mkdir()
