@@ -339,6 +339,14 @@ def test_runs_table_shows_key_options_the_engine_resolved(project, artifact_root
     assert r.exit_code == 0, r.output
     row = next(line for line in r.output.splitlines() if "preset_only" in line)
     assert "1.25" in row and "dynamic" in row and "d12-moe" in row
+    # cap 0 (dropless) is a value, not an empty cell (0.0 == False in Python)
+    exp = create_run_dir(artifact_root / "20260101_000001_moe-dropless")
+    save_run(RunRecord(id=exp.name, tag="dropless", status="completed", created_at="2026-01-01T00:00:01+00:00",
+                       exp_dir=str(exp), options={"preset": "tiny", "cap": 0.0}))
+    r = CliRunner().invoke(app, ["runs"], env={"COLUMNS": "200"})
+    header = next(line for line in r.output.splitlines() if " cap " in f" {line} ")
+    row = next(line for line in r.output.splitlines() if "dropless" in line)
+    assert row[header.index(" cap ") + 1:].split()[0] == "0.0", (header, row)
 
 
 def test_runs_and_show_mark_a_warmup_only_run(project, artifact_root):

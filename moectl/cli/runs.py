@@ -107,7 +107,8 @@ def runs_cmd(
         # The flag as given, else what the engine resolved it to (a preset's cap, compile, ...).
         def cell(r):
             value = {**(r.engine or {}), **(r.options or {})}.get(key)
-            return "" if value in (None, False) else show(value)
+            # `is`, not `in`: 0.0 == False, and cap 0 (dropless) is the ablation people look for
+            return "" if value is None or value is False else show(value)
         return cell
 
     def metric(key, decimals):
