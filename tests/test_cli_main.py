@@ -47,6 +47,27 @@ def test_every_command_has_help_with_an_example():
         assert "Example" in r.output, f"`moectl {name} --help` has no example"
 
 
+def test_a_config_table_named_in_help_is_shown_not_eaten_as_rich_markup():
+    # Help is rendered as rich markup: an unescaped `[cluster]` vanishes ("( backend = ...").
+    import re
+
+    import typer.main
+    from typer.testing import CliRunner
+
+    from moectl.cli import app
+
+    group = typer.main.get_command(app)
+    runner = CliRunner()
+    for name, command in group.commands.items():
+        texts = [p.help or "" for p in command.params] + [command.help or ""]
+        tables = {m for t in texts for m in re.findall(r"\[(cluster|launch|defaults|metrics|report|gpu|paths|project)[].]", t)}
+        if not tables:
+            continue
+        shown = runner.invoke(app, [name, "--help"], env={"COLUMNS": "400"}).output
+        for table in tables:
+            assert f"[{table}]" in shown or f"[{table}." in shown, f"`moectl {name} --help` lost [{table}]"
+
+
 def test_help_lists_each_command_with_its_whole_summary_on_one_line(tmp_path):
     """The command list shows each docstring's first paragraph as one sentence: hard line breaks
     in the docstring must not break it (they did, mid-sentence, under typer's rich mode), and the

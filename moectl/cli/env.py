@@ -233,7 +233,7 @@ def check(
 
     Prints every guard with its message, the exact command, and a one-line verdict
     (`guards: 7 passed, gpus_idle skipped (cpu run: ...)`). Exit 0 when every guard passes (an overridden one counts as passing), 3 otherwise.
-    With `[cluster] backend = "slurm"`, gpus_idle and no_other_training read `skipped`: each job checks them on its node.
+    With `\\[cluster] backend = "slurm"`, gpus_idle and no_other_training read `skipped`: each job checks them on its node.
 
     Example:  [bold]moectl check --cap 1.0 --compile static --device cpu -- --seed 1[/bold]
     """

@@ -519,7 +519,7 @@ def import_cmd(
     name: Annotated[str, typer.Option("--name", help="Tag of the imported run (also its directory suffix).")],
     format: Annotated[str, typer.Option("--format", "-f", help="nanochat | regex | jsonl | csv")] = "nanochat",
     run: Annotated[Optional[str], typer.Option("--run", help="csv only: which run of a multi-run step table.")] = None,
-    pattern: Annotated[Optional[List[str]], typer.Option("--pattern", help="regex only: FIELD=REGEX (FIELD: step, tokens_per_step or a metrics field such as loss, dt_ms, mfu); repeatable; overrides [metrics] of .moectl.toml.", show_default=False)] = None,
+    pattern: Annotated[Optional[List[str]], typer.Option("--pattern", help="regex only: FIELD=REGEX (FIELD: step, tokens_per_step or a metrics field such as loss, dt_ms, mfu); repeatable; overrides \\[metrics] of .moectl.toml.", show_default=False)] = None,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:

@@ -24,7 +24,7 @@ def sweep(
     no_commit: Annotated[bool, typer.Option("--no-commit", help="Write the reports but commit nothing.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live progress.")] = False,
     slurm: SlurmOpt = False,
-    max_parallel: Annotated[Optional[int], typer.Option("--max-parallel", help="Slurm: legs in flight at once (default: [cluster] max_parallel, else all).", show_default=False)] = None,
+    max_parallel: Annotated[Optional[int], typer.Option("--max-parallel", help="Slurm: legs in flight at once (default: \\[cluster] max_parallel, else all).", show_default=False)] = None,
     detach: DetachOpt = False,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
