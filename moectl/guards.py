@@ -80,7 +80,7 @@ def guard_paths(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
     if p is None:
         return _fail("paths", "planned paths were not observed")
     root = p.artifact_root
-    problems = []
+    problems = [f"{name}: {why}" for name, why in p.unwritable.items()]
     for given, real in p.writes.items():
         if not _inside(real, root):
             shown = given if given == real else f"{given} (resolves to {real})"

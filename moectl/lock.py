@@ -98,7 +98,7 @@ def read_holder(root: Path) -> Optional[LockHolder]:
     path = lock_path(root)
     try:
         data = path.read_bytes()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no lock; an artifact_root that is a file: no lock either
         return None
     return _holder_from_bytes(data, path)
 

@@ -396,6 +396,9 @@ class PathsState:
     writes: dict[str, str] = field(default_factory=dict)  # planned path -> resolved path
     exp_dir_exists: bool = False
     exp_dir: str = ""  # resolved
+    # Why a directory moectl will create files in cannot take them (not a directory, no write
+    # permission, a read-only or immutable filesystem entry), found before training, not after.
+    unwritable: dict[str, str] = field(default_factory=dict)  # "artifact_root" / "report_dir" -> why
 
 
 def _real(p) -> str:
@@ -412,7 +415,23 @@ def probe_paths(cfg: Config, plan: "RunPlan") -> PathsState:
         writes={str(p): _real(p) for p in planned_write_paths(plan)},
         exp_dir_exists=os.path.lexists(os.path.expanduser(plan.exp_dir)),
         exp_dir=_real(plan.exp_dir),
+        unwritable={name: why for name, path in (("artifact_root", cfg.artifact_root), ("report_dir", cfg.report_dir))
+                    if (why := why_unwritable(Path(_real(path)))) is not None},
     )
+
+
+def why_unwritable(directory: Path) -> Optional[str]:
+    """Why files cannot be created in `directory` (made first when missing), or None. Asks the
+    kernel (access(2): permissions, a read-only mount, an immutable directory) about the directory,
+    or about the nearest existing one above it, which the missing ones would be made in."""
+    p = directory
+    while not os.path.lexists(p) and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        return f"{p} is not a directory" if p == directory else f"{p} (on its path) is not a directory"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"{p} is not writable" + ("" if p == directory else " (it would be made there)")
+    return None
 
 
 # ------------------------------------------------------------------------------------------ observed

@@ -36,6 +36,10 @@ def run_dirs(root: Path) -> Iterable[Path]:
         children = sorted(os.scandir(root), key=lambda e: e.name)
     except FileNotFoundError:
         return
+    except NotADirectoryError:
+        from moectl.errors import UsageError
+
+        raise UsageError(f"artifact_root {root} is not a directory (MOECTL_ARTIFACT_ROOT or [paths] artifact_root)") from None
     for entry in children:
         if not entry.is_dir() or entry.name.startswith("."):
             continue

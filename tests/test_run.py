@@ -358,6 +358,33 @@ def test_exp_dir_must_be_directly_in_artifact_root_where_the_run_store_looks(pro
         assert set(artifact_root.rglob("*")) == before
 
 
+def test_an_artifact_root_or_report_dir_that_cannot_take_files_is_refused_before_training(proj, artifact_root,
+                                                                                          monkeypatch):
+    # Found by the paths guard, not after training (the report) or as an errno from the lock file.
+    afile = proj.parent / "afile"
+    afile.write_text("not a directory\n")
+    monkeypatch.setenv("MOECTL_ARTIFACT_ROOT", str(afile))
+    status = runner.invoke(app, ["status"])
+    assert status.exit_code == 0, status.output  # status always answers
+    def paths_guard() -> str:
+        checked = runner.invoke(app, ["check", "--json", "--override", "no_other_training"])
+        assert checked.exit_code == 3, checked.output
+        [paths] = [g for g in json.loads(checked.stdout)["guards"] if g["name"] == "paths"]
+        assert paths["ok"] is False
+        return paths["message"]
+
+    assert f"artifact_root: {afile} is not a directory" in paths_guard()
+    r = run("--steps", "2", "--override", "no_other_training", *FAST)
+    assert r.exit_code == 3 and afile.read_text() == "not a directory\n", r.output
+    monkeypatch.setenv("MOECTL_ARTIFACT_ROOT", str(artifact_root))
+    (proj / "reports").write_text("a file where report_dir should be\n")
+    assert f"report_dir: {proj / 'reports'} is not a directory" in paths_guard()
+    before = tree_state(proj)
+    r = run("--steps", "2", "--override", "no_other_training", *FAST)
+    assert r.exit_code == 3, r.output
+    assert not artifact_root.exists() and tree_state(proj) == before
+
+
 def test_relative_exp_dir_resolves_against_cwd(proj, artifact_root, monkeypatch):
     artifact_root.mkdir()
     monkeypatch.chdir(artifact_root)
