@@ -71,9 +71,9 @@ def commit_run_report(
 
 
 def _record_commit(record: RunRecord, sha: str) -> None:
-    """A run whose record names its report commit (a Slurm job writes `commit` itself, and
-    `commit_error` when it was stopped) says the truth once the report is in."""
-    if sha and (record.commit_error is not None or (record.commit is None and record.backend == "slurm")):
+    """The record names its report's commit (runner.report_and_commit writes `commit`, and
+    `commit_error` when it was stopped): it says the truth once the report is in."""
+    if sha and (record.commit != sha or record.commit_error is not None):
         from moectl import store
 
         record.commit, record.commit_error = sha, None

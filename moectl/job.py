@@ -119,11 +119,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         save_run_and_leg(record)
     save_run_and_leg(record)  # the sweep's leg is settled before its report is committed
     baseline = read_record(Path(spec.baseline)) if spec.baseline else None
+    # The record gets its report, commit and commit_error: the follower shows them, `moectl commit RUN` retries.
     report_and_commit(cfg, outcome, baseline=baseline, commit=spec.commit, extra_commit_paths=_summary_paths(cfg, spec))
-    record.report = str(outcome.report) if outcome.report else None
-    record.commit = outcome.commit
-    record.commit_error = outcome.commit_error  # the follower shows it, `moectl commit RUN` retries
-    store.save_run(record)
     if outcome.compile_failed and spec.fallback_in_job:
         fallback_dir = make_fallback_run(cfg, spec, record)
         if fallback_dir is not None:

@@ -247,6 +247,10 @@ def report_and_commit(cfg: Config, outcome: RunOutcome, *, baseline: Optional[Ru
             )
         except MoectlError as exc:
             outcome.commit_error = not_committed(exc.message, record.id)
+    # The record says where its report is and which commit holds it (`moectl commit RUN` fills a
+    # commit in later; commit_error says why there is none yet).
+    record.report, record.commit, record.commit_error = str(report), outcome.commit, outcome.commit_error
+    store.save_run(record)
     # Trackers get a copy ([tracking]); one that fails is reported and retried by `moectl sync`,
     # never the run's outcome.
     outcome.tracking = mirror_run(cfg, record, report=report)

@@ -268,6 +268,7 @@ def test_moectl_commit_commits_the_report_and_summary_then_is_idempotent(project
     assert git(project, "log", "-1", "--format=%s").strip() == "report: cap1.0 bufreuse — 806400 tok/s"
     assert snapshot(project) == status0
     assert without(index_entries(project), rel, "EXPERIMENTS.md") == entries0
+    assert json.loads((Path(rec.exp_dir) / "run.json").read_text())["commit"] == out["commit"]
 
     again = commit_cmd("bufreuse")  # a tag works as everywhere; nothing to do the second time
     assert again.exit_code == 0, again.output

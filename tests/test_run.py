@@ -311,6 +311,7 @@ def test_failed_training_is_recorded_reported_and_exits_4(proj, artifact_root):
     text = report.read_text()
     assert "— failed" in text and "## Error" in text and "fake failure at step 2" in text
     assert out["commit"] == head(proj) and commit_files(proj) == ours(proj, report)
+    assert (rec["report"], rec["commit"], rec["commit_error"]) == (out["report"], out["commit"], None)  # on disk too
     assert out["previous_attempts"] == []
     assert "failed (exit 4)" in git(proj, "log", "-1", "--format=%s")
     assert not (artifact_root / LOCK_NAME).exists()
