@@ -43,6 +43,9 @@ def parse_duration(text: str, option: str = "--wait-gpus") -> float:
     return float(m.group(1)) * _UNIT_S[m.group(2)]
 
 
+NAME_MAX = 255  # bytes in one path component on Linux filesystems
+
+
 def sanitize_tag(tag: str) -> str:
     """Keep a tag usable in a directory name: [A-Za-z0-9._-], runs of anything else -> '_'."""
     clean = re.sub(r"[^A-Za-z0-9._-]+", "_", tag)
@@ -211,8 +214,15 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
     else:
         nproc = 1
 
-    tag = sanitize_tag(request.tag) if request.tag else sanitize_tag(default_tag(options))
+    if request.tag and sanitize_tag(request.tag) != request.tag:
+        # Said, not silently rewritten: `show`/`compare` must find the run by the tag that was given.
+        raise UsageError(f"--tag {request.tag!r}: not usable in a directory name (use letters, digits, . _ -), "
+                         f"e.g. --tag {sanitize_tag(request.tag)}")
+    tag = request.tag or sanitize_tag(default_tag(options))
     run_id = f"{now:%Y%m%d_%H%M%S}_{cfg.project.name}-{tag}" + (f"-r{request.repeat}" if request.repeat else "")
+    if len(run_id.encode()) > NAME_MAX:
+        raise UsageError(f"--tag: the run directory name would be {len(run_id.encode())} bytes, over the "
+                         f"filesystem's {NAME_MAX}; use a shorter tag")
     if request.exp_dir:
         # Kept as given (only made absolute, `..` and symlinks intact) so the path guard judges it.
         given = Path(os.path.expanduser(request.exp_dir))

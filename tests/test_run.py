@@ -278,6 +278,21 @@ def test_dry_run_command_is_exactly_what_runs_then_exp_dir_is_never_reused(proj,
     assert run_dirs(artifact_root) == [exp]
 
 
+@pytest.mark.parametrize("tag, said", [
+    ("ñandú", "--tag 'ñandú': not usable in a directory name (use letters, digits, . _ -), e.g. --tag and"),
+    ("my run", "--tag 'my run': not usable in a directory name (use letters, digits, . _ -), e.g. --tag my_run"),
+    ("../../x", "--tag '../../x': not usable in a directory name"),
+    ("x" * 300, "--tag: the run directory name would be 320 bytes, over the filesystem's 255"),  # 16 + "moe-" + 300
+])
+def test_a_tag_that_cannot_name_a_directory_is_refused_not_rewritten(proj, artifact_root, tag, said):
+    # A silently rewritten tag ("ñandú" -> "and") is one `show ñandú` never finds.
+    before, old_head = tree_state(proj), head(proj)
+    r = run("--steps", "2", "--tag", tag, *QUIET, *FAST)
+    assert r.exit_code == 2, r.output
+    assert said in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not artifact_root.exists() and tree_state(proj) == before and head(proj) == old_head
+
+
 def test_wrong_branch_refuses_naming_the_guard(proj, artifact_root):
     git(proj, "switch", "-q", "-c", "experiment")
     before = tree_state(proj)

@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 CapOpt = Annotated[Optional[float], typer.Option("--cap", help="Capacity factor (0 = dropless).", show_default=False)]
-TagOpt = Annotated[Optional[str], typer.Option("--tag", help="Run tag (default: derived from the options, e.g. tiny_cap1p0_static).", show_default=False)]
+TagOpt = Annotated[Optional[str], typer.Option("--tag", help="Run tag: letters, digits, . _ - (default: derived from the options, e.g. tiny_cap1p0_static).", show_default=False)]
 CompileOpt = Annotated[Optional[str], typer.Option("--compile", help="static | dynamic | none.", show_default=False)]
 Fp8Opt = Annotated[Optional[bool], typer.Option("--fp8/--no-fp8", help="float8 expert GEMMs.", show_default=False)]
 DispatchOpt = Annotated[Optional[str], typer.Option("--dispatch", help="auto | padded | grouped | loop.", show_default=False)]
