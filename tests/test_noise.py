@@ -146,6 +146,13 @@ def test_run_repeat_prints_the_groups_mean_and_between_runs_error(git_repo, monk
     assert r.exit_code == 0, r.output
     [line] = [ln for ln in r.stdout.splitlines() if "mean of 2 tail means" in ln]
     assert line.startswith("group ") and "(± between-runs standard error): tok/sec " in line and " ±" in line
+    # A group that did not complete has no mean (of some of its runs it would mislead), and says so
+    # in --json with summary: null rather than leaving the key out.
+    r = runner.invoke(app, ["run", "--device", "cpu", "--steps", "14", "--tag", "bad", "--repeat", "2", "--json", *QUIET,
+                            "--", "--exit_code=4", "--sleep=0"])
+    assert r.exit_code == 4, r.output
+    data = json.loads(r.stdout)
+    assert data["summary"] is None and [x["status"] for x in data["runs"]] == ["failed"]
 
 
 def test_repeat_of_a_trainer_without_a_seed_mapping_is_refused_before_anything_runs(git_repo, monkeypatch, artifact_root):

@@ -413,6 +413,10 @@ def test_repeat_on_slurm_submits_the_group_side_by_side_and_follows_every_job(on
     # The group is one entry for compare, and one target for wait (its id or its tag).
     entry = json.loads(moectl("compare", "grp", runs[0]["id"], "--json").output)["runs"][0]
     assert entry["n_repeats"] == 2 and entry["noise"] == "between-runs"
+    # ... and the command ended with that entry's mean and between-runs error, as a local --repeat does
+    tps = entry["metrics"]["tok_per_sec"]
+    assert (f"group {runs[0]['group']}: mean of 2 tail means (± between-runs standard error): "
+            f"tok/sec {tps['value']:,.2f} ±{tps['stderr']:.2f}") in r.output
     waited = moectl("wait", runs[0]["group"], "--json")
     assert waited.exit_code == 0 and sorted(x["id"] for x in json.loads(waited.output)) == sorted(x["id"] for x in runs)
     assert len(json.loads(moectl("wait", "grp", "--json").output)) == 2
@@ -433,6 +437,7 @@ def test_a_repeat_group_whose_compile_fails_ends_with_each_jobs_re_run_in_a_grou
     assert [(x["status"], x["exit_code"], x["group"]) for x in failed] == [("failed", 3, group), ("failed", 3, group)]
     assert [x["fallback_run"] for x in failed] == [x["id"] for x in data["runs"]]
     assert [x["options"]["seed"] for x in data["runs"]] == [x["options"]["seed"] for x in failed]
+    assert data["summary"] is None  # the re-runs measure another configuration: no mean of the group
 
 
 def test_a_requeued_job_resumes_from_its_last_checkpoint_in_the_same_run_directory(on_cluster, git_repo, monkeypatch,

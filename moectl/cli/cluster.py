@@ -137,14 +137,22 @@ def run_group_on_slurm(cfg, group: str, requests, *, nodes, detach: bool, requeu
               f"`moectl wait {group}` follows them again")
         raise typer.Exit(EXIT_INTERRUPTED)
     codes = [EXIT_OF_STATUS.get(r.status, 4) for r in finals]
+    # The point of repeats, as a local `run --repeat` ends: the group's mean and between-runs error,
+    # when every repeat of this group completed (a --compile none re-run measures another configuration).
+    from moectl.cli.runs import group_mean_line, group_summary_json, group_summary_of
+
+    done = [r.exp_dir for r in finals if r.status == "completed" and r.group == group]
+    summary = group_summary_of(cfg, done) if len(done) == len(finals) else None
     if json_out:
-        print_json({"group": group, "repeats": len(finals), "runs": [run_json(r) for r in finals]})
+        print_json({"group": group, "repeats": len(finals), "runs": [run_json(r) for r in finals],
+                    "summary": group_summary_json(*summary) if summary else None})
     else:
         for final in finals:
             _render_final(final)
-        done = sum(1 for r in finals if r.status == "completed")
-        out(f"repeat group {group}: {done}/{len(finals)} completed; `moectl compare` on its tag shows them as one "
-            "entry with the between-run error")
+        out(f"repeat group {group}: {sum(1 for r in finals if r.status == 'completed')}/{len(finals)} completed; "
+            "`moectl compare` on its tag shows them as one entry with the between-run error")
+        if summary:
+            out(f"group {group}: " + group_mean_line(*summary, len(finals)))
         fallbacks = sorted({r.group for r in finals if r.group and r.group != group})
         if fallbacks:  # torch.compile failed in the jobs: their --compile none re-runs are a group of their own
             out(f"torch.compile failed in the jobs; their --compile none re-runs are group {', '.join(fallbacks)} "

@@ -180,9 +180,9 @@ def run(
 
     done = [d["exp_dir"] for d in runs if d.get("status") == "completed"]
     summary = group_summary_of(cfg, done) if len(done) == repeat else None
-    if json_out:
+    if json_out:  # summary: null unless every repeat completed (a mean over some of them would mislead)
         print_json({"group": group, "repeats": repeat, "runs": runs,
-                    **({"summary": group_summary_json(*summary)} if summary else {})})
+                    "summary": group_summary_json(*summary) if summary else None})
     elif code == EXIT_OK:
         if summary:
             stdout.print(f"group {group}: " + group_mean_line(*summary, repeat), markup=False)
