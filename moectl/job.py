@@ -87,6 +87,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     record.status, record.started_at = "running", record.started_at or store.now_iso()
     record.host, record.pid, record.job_id, record.restarts = socket.gethostname(), os.getpid(), job_id, restart
     record.error = None
+    _record_command(record, plan, job_argv(spec, plan, job_id))
     save_run_and_leg(record)
 
     from moectl.runner import RunOutcome, finish_record, report_and_commit, stdout_parser
@@ -185,14 +186,31 @@ def make_fallback_run(cfg: Config, spec: JobSpec, failed: RunRecord) -> Optional
     return fallback_dir
 
 
+def job_argv(spec: JobSpec, plan: RunPlan, job_id: str) -> list[str]:
+    """The command this job runs: the plan's torchrun on one node; on several, srun starting one
+    torchrun per node with a c10d rendezvous at the first node (known only inside the allocation)."""
+    if spec.nodes <= 1:
+        return list(plan.argv)
+    head = slurm.head_address(os.environ["SLURM_JOB_NODELIST"])
+    return slurm.multinode_argv(list(plan.argv), nnodes=spec.nodes, head=head, port=spec.rdzv_port, job_id=job_id)
+
+
+def _record_command(record: RunRecord, plan: RunPlan, argv: list[str]) -> None:
+    """run.json's argv and command.txt say what ran: for several nodes, the srun command, not the
+    one-node torchrun planned at submission."""
+    from moectl.plan import command_text
+    from moectl.records import write_text_atomic
+
+    if argv != record.argv:
+        record.argv = argv
+        write_text_atomic(Path(plan.files["command.txt"]), command_text(plan.model_copy(update={"argv": argv})) + "\n")
+
+
 def _train(spec: JobSpec, plan: RunPlan, run_dir: Path, job_id: str, restart: int, parser):
     """torchrun on this node (one node) or on every node (srun), from the code snapshot."""
-    argv = list(plan.argv)
+    argv = job_argv(spec, plan, job_id)
     if restart and _has_checkpoint(Path(plan.ckpt_dir)):
         argv += ["--resume", "latest"]  # the engine trims metrics.jsonl to the checkpoint's step
-    if spec.nodes > 1:
-        head = slurm.head_address(os.environ["SLURM_JOB_NODELIST"])
-        argv = slurm.multinode_argv(argv, nnodes=spec.nodes, head=head, port=spec.rdzv_port, job_id=job_id)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **plan.env}
     # The snapshot first, even where [launch] env sets PYTHONPATH: the job trains the guarded code.
     code = str(run_dir / "code")

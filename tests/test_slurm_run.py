@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -255,6 +256,11 @@ def test_two_nodes_train_the_same_losses_as_one_node_with_two_processes(on_clust
     assert rec["status"] == "completed" and rec["nodes"] == 2
     start = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert start["world_size"] == 2  # two agents of one process each formed one world
+    # The record and command.txt hold the command that ran: srun, an agent per node, c10d at the first
+    argv = rec["argv"]
+    assert argv[:4] == ["srun", "--ntasks-per-node=1", "--nodes=2", "--kill-on-bad-exit=1"] and "--standalone" not in argv
+    assert argv[argv.index("--nnodes") + 1] == "2" and argv[argv.index("--rdzv-id") + 1] == rec["job_id"]
+    assert shlex.join(argv) in (run_dir / "command.txt").read_text()
 
     local = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                             "-m", "engine.train", "--preset", "tiny", "--device", "cpu", "--steps", "6", *engine_args,
