@@ -170,6 +170,20 @@ def test_check_passes_on_cpu_and_writes_nothing(project, artifact_root, fake_tra
     assert not artifact_root.exists() and git(project, "status", "--porcelain") == before
 
 
+def test_check_takes_every_run_option_so_run_can_become_check_on_the_same_line(project, artifact_root, fake_training):
+    before = git(project, "status", "--porcelain")
+    code, data, g = check_json("--tag", "same", "--no-commit", "--notes", "why", "--quiet", "--dry-run", "--repeat", "2",
+                               "--seed", "5", "--override", "no_other_training", "--", "--lr", "0.02")
+    assert code == 0 and data["ok"] is True, data
+    assert data["argv"][data["argv"].index("--seed") + 1] == "5"  # the first repeat's command, as run --dry-run shows
+    # What the run itself would refuse, check refuses: a baseline that names no run, Slurm flags without Slurm.
+    r = invoke("check", "--baseline", "no-such-run", "--override", "no_other_training")
+    assert r.exit_code == 2 and "no run matches 'no-such-run'" in r.stderr
+    r = invoke("check", "--detach", "--override", "no_other_training")
+    assert r.exit_code == 2 and "--detach needs --slurm" in r.stderr
+    assert not artifact_root.exists() and git(project, "status", "--porcelain") == before
+
+
 def test_check_table_output_and_guard_exit_code(project, fake_nvml):
     fake_nvml(gpus=[gpu(0, util_pct=80)])
     r = invoke("check", "--device", "cuda", "--override", "no_other_training")

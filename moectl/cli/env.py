@@ -6,15 +6,15 @@ The library modules (config, probes, guards, plan) are imported inside the comma
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from moectl.cli.common import app, handle_errors, print_json, stdout
 from moectl.cli.options import (
-    BalanceOpt, BalanceRateOpt, CapOpt, CompileOpt, ConfigOpt, DeviceOpt, DispatchOpt, EpOpt, ExpDirOpt,
-    ExtraArgs, Fp8Opt, JsonOpt, NprocOpt, OverrideOpt, PresetOpt, SeedOpt, StepsOpt, TagOpt, WaitGpusOpt,
-    request_kwargs,
+    BalanceOpt, BalanceRateOpt, BaselineOpt, CapOpt, CompileOpt, ConfigOpt, DetachOpt, DeviceOpt, DispatchOpt,
+    DryRunOpt, EpOpt, ExpDirOpt, ExtraArgs, Fp8Opt, JsonOpt, NoCommitOpt, NodesOpt, NotesOpt, NprocOpt, OverrideOpt,
+    PresetOpt, QuietOpt, RepeatOpt, RequeueOpt, SeedOpt, SlurmOpt, StepsOpt, TagOpt, WaitGpusOpt, request_kwargs,
 )
 from moectl.errors import EXIT_GUARD
 
@@ -225,6 +225,16 @@ def check(
     exp_dir: ExpDirOpt = None,
     wait_gpus: WaitGpusOpt = None,
     override: OverrideOpt = None,
+    no_commit: NoCommitOpt = False,
+    dry_run: DryRunOpt = False,
+    baseline: BaselineOpt = None,
+    notes: NotesOpt = None,
+    quiet: QuietOpt = False,
+    slurm: SlurmOpt = False,
+    nodes: NodesOpt = None,
+    detach: DetachOpt = False,
+    requeue: RequeueOpt = False,
+    repeat: RepeatOpt = 1,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
     extra: ExtraArgs = None,
@@ -232,19 +242,37 @@ def check(
     """Evaluate every guard for a run with these options; launch nothing, write nothing.
 
     Prints every guard with its message, the exact command, and a one-line verdict
-    (`guards: 7 passed, gpus_idle skipped (cpu run: ...)`). Exit 0 when every guard passes (an overridden one counts as passing), 3 otherwise.
-    With `\\[cluster] backend = "slurm"`, gpus_idle and no_other_training read `skipped`: each job checks them on its node.
+    (`guards: 7 passed, gpus_idle skipped (cpu run: ...)`). Exit 0 when every guard passes (an overridden one counts as passing), 3 otherwise;
+    2 for bad options or config (nothing to judge yet), as `moectl run` would say.
+    Takes every `moectl run` option, so `run` can become `check` on the same line: it judges what
+    `moectl run --dry-run` judges (the first repeat of --repeat N; a --baseline that names no run is
+    an error). --wait-gpus is not waited on: check looks once, now.
+    With --slurm or `\\[cluster] backend = "slurm"`, gpus_idle and no_other_training read `skipped`: each job checks them on its node.
 
     Example:  [bold]moectl check --cap 1.0 --compile static --device cpu -- --seed 1[/bold]
     """
+    from moectl import store
+    from moectl.cli.cluster import slurm_flags_need_slurm
     from moectl.config import load_config
+    from moectl.errors import UsageError
+    from moectl.execution import choose_backend
     from moectl.plan import make_request
+    from moectl.repeats import repeat_requests
 
     request = make_request(**request_kwargs(
         cap=cap, tag=tag, compile=compile, fp8=fp8, dispatch=dispatch, steps=steps, preset=preset,
         device=device, nproc=nproc, exp_dir=exp_dir, wait_gpus=wait_gpus, override=override, extra=extra, seed=seed,
-        balance=balance, balance_rate=balance_rate, ep=ep,
+        balance=balance, balance_rate=balance_rate, ep=ep, no_commit=no_commit, notes=notes,
     ))
     cfg = load_config(config)
-    if not show_check(cfg, request, json_out=json_out, slurm=cfg.cluster.backend == "slurm"):
+    if baseline:
+        store.resolve_run(cfg.artifact_root, baseline)  # the run would refuse a baseline it cannot find
+    on_slurm = choose_backend(cfg, slurm) == "slurm"
+    if not on_slurm:
+        slurm_flags_need_slurm(nodes=nodes, detach=detach, requeue=requeue)
+    elif nodes is not None and nodes < 1:
+        raise UsageError(f"--nodes: must be at least 1 (got {nodes})")
+    if repeat > 1:  # the first repeat's command (its seed goes through the trainer's mapping)
+        request = repeat_requests(cfg, request, repeat)[1][0]
+    if not show_check(cfg, request, json_out=json_out, slurm=on_slurm):
         raise typer.Exit(EXIT_GUARD)

@@ -1,15 +1,14 @@
 """`moectl run`: guards -> fresh directory -> torchrun -> live progress -> record -> report -> commit."""
 from __future__ import annotations
 
-from typing import Annotated, Optional
 
 import typer
 
 from moectl.cli.common import app, error, handle_errors, print_json, stdout
 from moectl.cli.options import (
-    BalanceOpt, BalanceRateOpt, CapOpt, CompileOpt, ConfigOpt, DetachOpt, DeviceOpt, DispatchOpt, EpOpt, ExpDirOpt,
-    ExtraArgs, Fp8Opt, JsonOpt, NodesOpt, NprocOpt, OverrideOpt, PresetOpt, RequeueOpt, SeedOpt, SlurmOpt, StepsOpt,
-    TagOpt, WaitGpusOpt, request_kwargs,
+    BalanceOpt, BalanceRateOpt, BaselineOpt, CapOpt, CompileOpt, ConfigOpt, DetachOpt, DeviceOpt, DispatchOpt,
+    DryRunOpt, EpOpt, ExpDirOpt, ExtraArgs, Fp8Opt, JsonOpt, NoCommitOpt, NodesOpt, NotesOpt, NprocOpt, OverrideOpt,
+    PresetOpt, QuietOpt, RepeatOpt, RequeueOpt, SeedOpt, SlurmOpt, StepsOpt, TagOpt, WaitGpusOpt, request_kwargs,
 )
 from moectl.errors import EXIT_GUARD, EXIT_OK
 
@@ -34,16 +33,16 @@ def run(
     exp_dir: ExpDirOpt = None,
     wait_gpus: WaitGpusOpt = None,
     override: OverrideOpt = None,
-    no_commit: Annotated[bool, typer.Option("--no-commit", help="Write the report but do not commit it.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the guard table and the exact command; write nothing.")] = False,
-    baseline: Annotated[Optional[str], typer.Option("--baseline", help="A run to compare against in the report and commit message.", show_default=False)] = None,
-    notes: Annotated[Optional[str], typer.Option("--notes", help="Hypothesis / notes for the report.", show_default=False)] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live progress.")] = False,
+    no_commit: NoCommitOpt = False,
+    dry_run: DryRunOpt = False,
+    baseline: BaselineOpt = None,
+    notes: NotesOpt = None,
+    quiet: QuietOpt = False,
     slurm: SlurmOpt = False,
     nodes: NodesOpt = None,
     detach: DetachOpt = False,
     requeue: RequeueOpt = False,
-    repeat: Annotated[int, typer.Option("--repeat", min=1, help="Run the same configuration N times with seeds seed, seed+1, ... (through \\[launch.options] seed for another trainer), as one group that compare/show/plot/export take by its tag.")] = 1,
+    repeat: RepeatOpt = 1,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
     extra: ExtraArgs = None,
