@@ -60,15 +60,30 @@ class GitBusy(GuardRefused):
     committed (exit 3, like the guards: the repository is busy, try again)."""
 
 
-def _git(repo: Path, *args: str, env: Optional[dict] = None, check: bool = True) -> str:
-    r = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
-                       env={**os.environ, **(env or {})})
+def _run(repo: Path, args: Sequence, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """git's raw bytes: file contents and names are whatever the repository holds, UTF-8 or not."""
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, env={**os.environ, **(env or {})})
+
+
+def _said(r: subprocess.CompletedProcess) -> str:
+    """git's last word on a failure, as one readable line (SPEC §8): its conclusion ("fatal: ..."),
+    the lines before it repeat the same failure in detail."""
+    said = (r.stderr.strip() or r.stdout.strip()).decode("utf-8", "replace").splitlines()
+    return said[-1] if said else f"exit {r.returncode}"
+
+
+def _git_bytes(repo: Path, *args: str, env: Optional[dict] = None, check: bool = True) -> bytes:
+    r = _run(repo, args, env)
     if check and r.returncode != 0:
-        # One line (SPEC §8): git's last word is its conclusion ("fatal: ..."); the lines before
-        # it repeat the same failure in detail.
-        said = (r.stderr.strip() or r.stdout.strip()).splitlines()
-        raise GitError(f"git {args[0]} failed: {said[-1] if said else f'exit {r.returncode}'}")
-    return r.stdout.strip() if r.returncode == 0 else ""
+        raise GitError(f"git {args[0]} failed: {_said(r)}")
+    return r.stdout if r.returncode == 0 else b""
+
+
+def _git(repo: Path, *args: str, env: Optional[dict] = None, check: bool = True) -> str:
+    """git's output as text without its trailing newline. Decoded with os.fsdecode, which is
+    lossless: a file name that is not UTF-8 keeps its bytes as surrogates, and subprocess encodes
+    it back to the same bytes when it goes to git again (`text=True` would raise on it instead)."""
+    return os.fsdecode(_git_bytes(repo, *args, env=env, check=check)).strip("\n")
 
 
 def repo_root(path: Path) -> Path:
@@ -243,15 +258,14 @@ def commit_paths(
             return None
         lock.stage(_refreshed_index(repo, index, tmp, rels))
         for _ in range(cas_tries):
-            r = subprocess.run(["git", "-C", str(repo), "update-ref", "-m",
-                                f"commit (moectl): {message.splitlines()[0]}", ref, new, old or ZERO_OID],
-                               capture_output=True, text=True)
+            r = _run(repo, ["update-ref", "-m", f"commit (moectl): {message.splitlines()[0]}", ref, new,
+                            old or ZERO_OID])
             if r.returncode == 0:
                 lock.commit()
                 return new
             now = _git(repo, "rev-parse", "-q", "--verify", f"{ref}^{{commit}}", check=False) or None
             if now == old:  # not a race: the ref could not be written at all
-                raise GitError(f"git update-ref failed: {r.stderr.strip()}; nothing was committed")
+                raise GitError(f"git update-ref failed: {_said(r)}; nothing was committed")
             # Someone committed to the branch without our lock (their own index, plumbing): build
             # again on top of theirs, so neither commit is lost.
             old = now
@@ -273,38 +287,57 @@ def committed_in(repo: Path, path: Path) -> Optional[str]:
 
 
 def files_of_commit(repo: Path, commit: str) -> list[str]:
-    """The repository-relative paths a commit changed (what `committed ...` lines name)."""
-    out = _git(repo_root(repo), "show", "--name-only", "--format=", "--no-renames", commit, check=False)
-    return [line for line in out.splitlines() if line]
+    """The repository-relative paths a commit changed (what `committed ...` lines name); `-z`, so
+    a name is not C-quoted, and decoded losslessly (`_git`)."""
+    out = _git_bytes(repo_root(repo), "show", "--name-only", "-z", "--format=", "--no-renames", commit, check=False)
+    return [os.fsdecode(name) for name in out.strip(b"\n").split(b"\0") if name]
 
 
 UNTRACKED_MAX_BYTES = 256 * 1024  # bigger untracked files (data, logs) are named, not copied
 
+# What keeps a diff a patch `git apply` reads, whatever the user's diff config says: no colour, no
+# external diff tool or textconv driver, binary files in full, the a/ b/ prefixes (diff.noprefix).
+PATCH_OPTIONS = ("--no-color", "--no-ext-diff", "--no-textconv", "--binary", "--src-prefix=a/", "--dst-prefix=b/")
 
-def git_diff(repo: Path) -> str:
+
+def git_diff(repo: Path) -> bytes:
     """Everything uncommitted at launch, as one patch that `git apply` replays on HEAD: tracked
     changes (staged and unstaged, against HEAD), then untracked files that .gitignore does not
     hide, as new files. Untracked files over UNTRACKED_MAX_BYTES are listed in a leading comment
-    instead (the run's code is small; a dataset is not a diff)."""
+    instead (the run's code is small; a dataset is not a diff), as are untracked files git could
+    not read (`git apply` skips anything before the first `diff --git`).
+
+    Bytes, exactly as git wrote them: file contents need not be UTF-8 (a latin-1 source file), nor
+    names (git writes odd ones C-quoted in the patch, as `git apply` reads them). Nothing is
+    stripped: a binary patch ends in a blank line `git apply` needs, and a last line of blanks is
+    part of the file."""
     base = ["HEAD"] if _git(repo, "rev-parse", "-q", "--verify", "HEAD", check=False) else ["--cached"]
-    parts = [_git(repo, "diff", *base, "--no-color", "--no-ext-diff", "--binary")]
-    skipped = []
-    for rel in _git(repo, "ls-files", "--others", "--exclude-standard", "-z").split("\0"):
-        path = Path(repo) / rel
+    parts = [_git_bytes(repo, "diff", *base, *PATCH_OPTIONS)]
+    too_big, unreadable = [], []
+    for rel in _git_bytes(repo, "ls-files", "--others", "--exclude-standard", "-z").split(b"\0"):
+        path = Path(repo) / os.fsdecode(rel)
         if not rel or not (path.is_file() or path.is_symlink()):
             continue
         if path.lstat().st_size > UNTRACKED_MAX_BYTES:
-            skipped.append(rel)
+            too_big.append(rel)
             continue
         # --no-index exits 1 when the files differ (always, against /dev/null): not an error.
-        r = subprocess.run(["git", "-C", str(repo), "diff", "--no-index", "--no-color", "--no-ext-diff", "--binary",
-                            "--", "/dev/null", rel], capture_output=True, text=True)
-        parts.append(r.stdout.strip())
-    text = "\n".join(p for p in parts if p)
-    if skipped:
-        head = f"# moectl: untracked files over {UNTRACKED_MAX_BYTES // 1024} KiB not included: " + ", ".join(skipped)
-        text = head + ("\n" + text if text else "")
-    return text + "\n" if text else ""
+        r = _run(repo, ["diff", "--no-index", *PATCH_OPTIONS, "--", "/dev/null", rel])
+        if r.returncode not in (0, 1):  # unreadable (permissions): named, like a big file
+            unreadable.append(rel)
+            continue
+        parts.append(r.stdout)
+    notes = b""
+    if too_big:
+        notes += b"# moectl: untracked files over %d KiB not included: %s\n" % (UNTRACKED_MAX_BYTES // 1024, _names(too_big))
+    if unreadable:
+        notes += b"# moectl: untracked files git could not read, not included: %s\n" % _names(unreadable)
+    return notes + b"".join(parts)
+
+
+def _names(rels: list[bytes]) -> bytes:
+    """File names for a one-line comment: a newline in a name would end the comment early."""
+    return b", ".join(r.replace(b"\\", b"\\\\").replace(b"\n", b"\\n") for r in rels)
 
 
 @dataclass
@@ -318,7 +351,9 @@ def recent_commits(repo: Path, path_prefixes: Sequence[str], n: int = 10) -> lis
     """The last `n` commits touching any of `path_prefixes` (report files), newest first."""
     if not _git(repo, "rev-parse", "-q", "--verify", "HEAD", check=False):
         return []
-    out = _git(repo, "log", f"-n{int(n)}", "--format=%H%x1f%s%x1f%cI", "--", *[str(p) for p in path_prefixes])
+    # Subjects are display text (a commit message need not be UTF-8): undecodable bytes become U+FFFD.
+    out = _git_bytes(repo, "log", f"-n{int(n)}", "--format=%H%x1f%s%x1f%cI", "--",
+                     *[str(p) for p in path_prefixes]).decode("utf-8", "replace")
     return [CommitInfo(*line.split("\x1f", 2)) for line in out.splitlines() if line]
 
 
@@ -340,8 +375,7 @@ def snapshot_code(repo: Path, commit: str, diff_path: Path, dest: Path) -> None:
     if Path(diff_path).stat().st_size:
         env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(dest.parent)}
         applied = subprocess.run(["git", "apply", "--whitespace=nowarn", str(diff_path)], cwd=dest,
-                                 capture_output=True, text=True, env=env)
+                                 capture_output=True, env=env)
         if applied.returncode != 0:
-            said = applied.stderr.strip().splitlines()
             raise GitError(f"the uncommitted changes do not apply to {commit[:10]} for the code snapshot: "
-                           f"{said[-1] if said else applied.returncode}")
+                           f"{_said(applied)}")

@@ -84,6 +84,8 @@ def execute_run(
             raise
         lock = None
     try:
+        # Taken before the directory exists: a repository git cannot diff leaves no run behind.
+        diff = gitops.git_diff(cfg.root)
         exp_dir = Path(plan.exp_dir)
         try:
             store.create_run_dir(exp_dir)
@@ -92,7 +94,7 @@ def execute_run(
         record = new_record(plan, obs, results, sweep_id=sweep_id)
         outcome.record = record
         try:
-            write_run_files(cfg, plan)
+            write_run_files(plan, diff)
             store.save_run(record)
 
             record.status = "running"
@@ -183,10 +185,14 @@ def fallback_record(plan: RunPlan, failed: RunRecord) -> RunRecord:
     )
 
 
-def write_run_files(cfg: Config, plan: RunPlan) -> None:
-    """command.txt and git.diff: what ran, from which uncommitted changes."""
+def write_run_files(plan: RunPlan, diff: bytes) -> None:
+    """command.txt and git.diff: what ran, from which uncommitted changes (`gitops.git_diff`'s
+    bytes as git wrote them: the user's files need not be UTF-8)."""
+    from moectl.atomic import atomic_file
+
     _write_text(Path(plan.files["command.txt"]), command_text(plan) + "\n")
-    _write_text(Path(plan.files["git.diff"]), gitops.git_diff(cfg.root))
+    with atomic_file(Path(plan.files["git.diff"]), "wb") as fh:
+        fh.write(diff)
 
 
 def finish_record(record: RunRecord, result: LaunchResult, plan: RunPlan,
