@@ -11,7 +11,7 @@ the real index changes the way `git commit` changes it - through `index.lock`:
                                # (MOECTL_GIT_LOCK_WAIT, 10 s), then give up with nothing moved
     old = refs/heads/B         # read under the lock: checkout and `git commit` need it too
     GIT_INDEX_FILE=tmp  git read-tree old ; git update-index --add --remove -- <ours>
-                        git write-tree    ; git commit-tree <tree> -p old -m <msg>
+                        git write-tree    ; git commit-tree <tree> -p old [-S] -m <msg>
     GIT_INDEX_FILE=copy git update-index --add --remove -- <ours>   # copy of the real index
     rename copy -> index.lock  # the new index waits in the lock, as git's does
     git update-ref refs/heads/B <new> <old>   # compare-and-swap; if the branch moved (a commit
@@ -19,7 +19,14 @@ the real index changes the way `git commit` changes it - through `index.lock`:
     rename index.lock -> index # only our entries changed, each as `git add` writes it
 
 So either the branch moved and the index matches it, or nothing moved: the lock is removed, the
-files stay on disk, and GitBusy or GitError says why. The old way - move the branch, then run
+files stay on disk, and GitBusy, SigningFailed or GitError says why.
+
+`git commit` signs when commit.gpgSign is true; commit-tree ignores that setting, so `-S` is passed
+when it is on (`signing`), and a signature git cannot make fails the commit like `git commit`
+would - never an unsigned commit in a repository that asked for signed ones. The repository's
+commit hooks (pre-commit, commit-msg, post-commit) do not run: they are written for the user's
+own commits and check or rewrite what the user staged, which a report commit leaves alone and
+leaves out - a hook would judge (or, auto-formatting, change) the user's work in progress. The old way - move the branch, then run
 `git update-index` on the real index - failed while another process held the lock, leaving a
 commit the index did not know about, which the user's next `git commit` silently reverted.
 
@@ -39,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from moectl.errors import GuardRefused, MoectlError, UsageError
+from moectl.errors import EXIT_USAGE, GuardRefused, MoectlError, UsageError
 
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
 ZERO_OID = "0" * 40
@@ -53,6 +60,14 @@ CAS_TRIES = 5  # commits by others landing between our read of the branch and ou
 class GitError(MoectlError):
     def __init__(self, message: str):
         super().__init__(message, exit_code=1)
+
+
+class SigningFailed(MoectlError):
+    """`commit.gpgSign` is on and git could not sign (no such key, no agent, gpg missing): nothing was
+    committed (exit 2: the git configuration is the user's to fix, as `git commit` would fail too)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, exit_code=EXIT_USAGE)
 
 
 class GitBusy(GuardRefused):
@@ -195,9 +210,31 @@ def _tree_of(repo: Path, old: Optional[str]) -> str:
     return _git(repo, "rev-parse", f"{old}^{{tree}}") if old else EMPTY_TREE
 
 
-def _build_commit(repo: Path, tmp: Path, old: Optional[str], rels: list[str], message: str) -> Optional[str]:
+def signing(repo: Path) -> list[str]:
+    """`["-S"]` when the repository's `commit.gpgSign` is true, else `[]`. `git commit` signs then;
+    `git commit-tree` ignores the setting (on purpose since git 2.2: scripts call it), so moectl
+    asks for the signature itself. `-S` without a key id signs exactly as `git commit` does: git
+    reads user.signingKey, gpg.format and gpg.program."""
+    r = _run(repo, ["config", "--type=bool", "--get", "commit.gpgSign"])
+    if r.returncode == 1:  # not set
+        return []
+    if r.returncode != 0:  # not a boolean: `git commit` refuses it too
+        raise SigningFailed(f"git config commit.gpgSign: {_said(r)}; nothing was committed")
+    return ["-S"] if r.stdout.strip() == b"true" else []
+
+
+def _signing_failure(r: subprocess.CompletedProcess) -> str:
+    """Why git could not sign, in one line: its lines without the `error:`/`fatal:` prefixes, once
+    each ("cannot run gpg2: No such file or directory; gpg failed to sign the data")."""
+    lines = r.stderr.decode("utf-8", "replace").splitlines()
+    said = [line.split(": ", 1)[1] if line.startswith(("error: ", "fatal: ")) else line for line in lines]
+    return "; ".join(dict.fromkeys(line.strip() for line in said if line.strip())) or f"exit {r.returncode}"
+
+
+def _build_commit(repo: Path, tmp: Path, old: Optional[str], rels: list[str], message: str,
+                  sign: Sequence[str] = ()) -> Optional[str]:
     """A commit of `old` plus our paths as they are on disk, built on a temporary index; None when
-    that changes nothing."""
+    that changes nothing. `sign`: `signing(repo)`."""
     env = {"GIT_INDEX_FILE": str(tmp / "commit-index")}
     if old:
         _git(repo, "read-tree", old, env=env)
@@ -208,7 +245,14 @@ def _build_commit(repo: Path, tmp: Path, old: Optional[str], rels: list[str], me
     if tree == _tree_of(repo, old):
         return None
     parent = ["-p", old] if old else []
-    return _git(repo, "commit-tree", tree, *parent, "-m", message)
+    r = _run(repo, ["commit-tree", tree, *parent, *sign, "-m", message])
+    if r.returncode != 0 and sign:
+        raise SigningFailed(f"commit.gpgSign is on and git could not sign the commit: {_signing_failure(r)} "
+                            "(`git commit` fails the same way here; fix the key or agent, or turn commit.gpgSign "
+                            "off); nothing was committed")
+    if r.returncode != 0:
+        raise GitError(f"git commit-tree failed: {_said(r)}")
+    return os.fsdecode(r.stdout).strip()
 
 
 def _refreshed_index(repo: Path, index: Path, tmp: Path, rels: list[str]) -> Path:
@@ -239,12 +283,16 @@ def commit_paths(
 
     Waits up to `wait_s` (default `lock_wait_s()`) for another process's index.lock, calling
     `on_wait(lock_path)` once when it starts waiting. Raises GitBusy - with nothing moved - when
-    the lock stays held, or when the branch moved under us `cas_tries` times in a row."""
+    the lock stays held, or when the branch moved under us `cas_tries` times in a row.
+
+    Signed when `commit.gpgSign` says so, as `git commit` would be; SigningFailed (nothing moved)
+    when git cannot sign. The repository's commit hooks do not run (module docstring)."""
     repo = repo_root(repo)
     check_branch(repo, branch)  # refuse before waiting for any lock
     rels = _relative(repo, paths)
     if not rels:
         return None
+    sign = signing(repo)  # a bad commit.gpgSign refuses before any lock
     index = Path(_git(repo, "rev-parse", "--path-format=absolute", "--git-path", "index"))
     git_dir = Path(_git(repo, "rev-parse", "--absolute-git-dir"))
     with IndexLock(index, lock_wait_s() if wait_s is None else wait_s, on_wait) as lock, \
@@ -253,7 +301,7 @@ def commit_paths(
         # Under the lock HEAD cannot switch branches (checkout needs the lock): check again.
         ref = f"refs/heads/{check_branch(repo, branch)}"
         old = _git(repo, "rev-parse", "-q", "--verify", f"{ref}^{{commit}}", check=False) or None
-        new = _build_commit(repo, tmp, old, rels, message)
+        new = _build_commit(repo, tmp, old, rels, message, sign)
         if new is None:
             return None
         lock.stage(_refreshed_index(repo, index, tmp, rels))
@@ -269,7 +317,7 @@ def commit_paths(
             # Someone committed to the branch without our lock (their own index, plumbing): build
             # again on top of theirs, so neither commit is lost.
             old = now
-            new = _build_commit(repo, tmp, old, rels, message)
+            new = _build_commit(repo, tmp, old, rels, message, sign)
             if new is None:  # their commit already holds exactly our files
                 return None
         raise GitBusy(f"{ref} kept moving while moectl committed ({cas_tries} tries); nothing was committed")

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from moectl.errors import GuardRefused
-from moectl.gitops import commit_paths, committed_in, files_of_commit, git_diff, recent_commits
+from moectl.gitops import SigningFailed, commit_paths, committed_in, files_of_commit, git_diff, recent_commits
 from tests.conftest import git
 
 
@@ -302,3 +302,56 @@ def test_files_of_commit_names_a_non_utf8_path_losslessly(git_repo):
     odd.write_bytes(b"x\n")
     sha = commit_paths(git_repo, [odd], "odd name")
     assert [os.fsencode(p) for p in files_of_commit(git_repo, sha)] == [BAD_NAME]
+
+
+# ------------------------------------------------------------------------ commit.gpgSign
+
+def test_commit_is_signed_when_the_repository_asks_for_signed_commits(git_repo, gpg_key):
+    """`git commit` signs when commit.gpgSign is true (commit-tree alone would not): so does moectl,
+    with the configured user.signingKey."""
+    git(git_repo, "config", "commit.gpgsign", "true")
+    git(git_repo, "config", "user.signingkey", gpg_key)
+    report = git_repo / "r.md"
+    report.write_text("x\n")
+    sha = commit_paths(git_repo, [report], "report: signed")
+    assert git(git_repo, "log", "-1", "--format=%G?%n%GF", sha).split() == ["G", gpg_key]
+    git(git_repo, "verify-commit", sha)
+    git(git_repo, "config", "commit.gpgsign", "false")  # and unsigned when it is off
+    report.write_text("y\n")
+    assert git(git_repo, "log", "-1", "--format=%G?", commit_paths(git_repo, [report], "unsigned")).strip() == "N"
+
+
+def test_a_signature_git_cannot_make_commits_nothing_and_says_why(git_repo, gnupg_home):
+    """commit.gpgSign on, and a key no keyring holds (or no gpg at all): `git commit` fails, and
+    so does moectl's commit - one line naming the setting, nothing moved, the report on disk and
+    untracked, never an unsigned commit."""
+    user_mess(git_repo)
+    git(git_repo, "config", "commit.gpgsign", "true")
+    git(git_repo, "config", "user.signingkey", "0xBADC0FFEE0DDF00D")
+    report = git_repo / "reports" / "r.md"
+    report.write_text("# report\n")
+    before, head0 = snapshot(git_repo), git(git_repo, "rev-parse", "HEAD")
+    index0 = (git_repo / ".git" / "index").read_bytes()
+
+    with pytest.raises(SigningFailed) as exc:
+        commit_paths(git_repo, [report], "report: unsigned?", branch="main")
+
+    msg = exc.value.message
+    assert exc.value.exit_code == 2 and "\n" not in msg
+    assert "commit.gpgSign is on and git could not sign the commit: " in msg and "gpg failed to sign" in msg
+    assert msg.endswith("nothing was committed")
+    assert git(git_repo, "rev-parse", "HEAD") == head0
+    assert (git_repo / ".git" / "index").read_bytes() == index0 and not (git_repo / ".git" / "index.lock").exists()
+    assert snapshot(git_repo) == before and report.read_text() == "# report\n"
+    assert git(git_repo, "status", "--porcelain", "--", "reports/r.md") == "?? reports/r.md\n"
+    plain = subprocess.run(["git", "-C", str(git_repo), "commit", "--allow-empty", "-m", "x"], capture_output=True)
+    assert plain.returncode != 0  # `git commit` refuses alike
+
+
+def test_a_commit_gpgsign_that_is_not_a_boolean_refuses_before_committing(git_repo):
+    git(git_repo, "config", "commit.gpgsign", "sometimes")
+    head0 = git(git_repo, "rev-parse", "HEAD")
+    (git_repo / "r.md").write_text("x\n")
+    with pytest.raises(SigningFailed, match=r"^git config commit.gpgSign: fatal: bad boolean config value"):
+        commit_paths(git_repo, [git_repo / "r.md"], "report")
+    assert git(git_repo, "rev-parse", "HEAD") == head0 and not (git_repo / ".git" / "index.lock").exists()
