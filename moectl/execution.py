@@ -147,7 +147,6 @@ def submit_run(cfg: Config, request: RunRequest, options: JobOptions, *, sweep_i
     if not passed(results):
         return Submitted(exit_code=EXIT_GUARD, plan=plan, guards=results)
 
-    diff = gitops.git_diff(cfg.root)  # before anything is written, as runner.execute_run does
     run_dir = Path(plan.exp_dir)
     try:
         store.create_run_dir(run_dir)
@@ -156,7 +155,7 @@ def submit_run(cfg: Config, request: RunRequest, options: JobOptions, *, sweep_i
     record = new_record(plan, obs, results, sweep_id=sweep_id, status="queued")
     record.backend, record.nodes = "slurm", nodes
     try:
-        write_run_files(plan, diff)
+        write_run_files(cfg, plan)
         code_dir = run_dir / CODE_DIR
         gitops.snapshot_code(cfg.root, obs.git.head or "HEAD", Path(plan.files["git.diff"]), code_dir)
         spec = JobSpec(

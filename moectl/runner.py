@@ -84,8 +84,6 @@ def execute_run(
             raise
         lock = None
     try:
-        # Taken before the directory exists: a repository git cannot diff leaves no run behind.
-        diff = gitops.git_diff(cfg.root)
         exp_dir = Path(plan.exp_dir)
         try:
             store.create_run_dir(exp_dir)
@@ -94,7 +92,7 @@ def execute_run(
         record = new_record(plan, obs, results, sweep_id=sweep_id)
         outcome.record = record
         try:
-            write_run_files(plan, diff)
+            write_run_files(cfg, plan)
             store.save_run(record)
 
             record.status = "running"
@@ -185,12 +183,13 @@ def fallback_record(plan: RunPlan, failed: RunRecord) -> RunRecord:
     )
 
 
-def write_run_files(plan: RunPlan, diff: bytes) -> None:
+def write_run_files(cfg: Config, plan: RunPlan) -> None:
     """command.txt and git.diff: what ran, from which uncommitted changes (`gitops.git_diff`'s
     bytes as git wrote them: the user's files need not be UTF-8)."""
     from moectl.atomic import atomic_file
 
     _write_text(Path(plan.files["command.txt"]), command_text(plan) + "\n")
+    diff = gitops.git_diff(cfg.root)
     with atomic_file(Path(plan.files["git.diff"]), "wb") as fh:
         fh.write(diff)
 
