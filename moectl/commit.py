@@ -37,7 +37,8 @@ def commit_run_report(
 ) -> ReportCommit:
     """Commit `record`'s report and EXPERIMENTS.md (when `report.summary` is on). Raises UsageError
     (exit 2) when the run has no report, GuardRefused (exit 3) on the wrong branch, a detached
-    HEAD, or a repository busy past the lock wait."""
+    HEAD, or a repository busy past the lock wait, gitops.SigningFailed (exit 2) when
+    commit.gpgSign is on and git cannot sign."""
     report = find_run_report(cfg.report_dir, record.id)
     if report is None:
         when = "" if record.status in ("completed", "failed", "interrupted") else f"; the run is {record.status}"
@@ -60,7 +61,8 @@ def commit_run_report(
             warnings.append(f"EXPERIMENTS.md not refreshed: {exc.message}")
     try:
         sha = gitops.commit_paths(cfg.root, paths, commit_message(record), branch=cfg.project.branch, on_wait=on_wait)
-    except GuardRefused as exc:  # busy, or the branch switched meanwhile: nothing moved
+    except (GuardRefused, gitops.SigningFailed) as exc:  # busy, the branch switched meanwhile, or git
+        # could not sign: nothing moved
         raise type(exc)(not_committed(exc.message, record.id)) from None
     if sha is None:  # the report equals HEAD's after all (committed by someone meanwhile)
         sha = gitops.committed_in(cfg.root, report) or ""

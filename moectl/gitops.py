@@ -11,7 +11,7 @@ the real index changes the way `git commit` changes it - through `index.lock`:
                                # (MOECTL_GIT_LOCK_WAIT, 10 s), then give up with nothing moved
     old = refs/heads/B         # read under the lock: checkout and `git commit` need it too
     GIT_INDEX_FILE=tmp  git read-tree old ; git update-index --add --remove -- <ours>
-                        git write-tree    ; git commit-tree <tree> -p old -m <msg>
+                        git write-tree    ; git commit-tree <tree> -p old [-S] -m <msg>
     GIT_INDEX_FILE=copy git update-index --add --remove -- <ours>   # copy of the real index
     rename copy -> index.lock  # the new index waits in the lock, as git's does
     git update-ref refs/heads/B <new> <old>   # compare-and-swap; if the branch moved (a commit
@@ -19,7 +19,14 @@ the real index changes the way `git commit` changes it - through `index.lock`:
     rename index.lock -> index # only our entries changed, each as `git add` writes it
 
 So either the branch moved and the index matches it, or nothing moved: the lock is removed, the
-files stay on disk, and GitBusy or GitError says why. The old way - move the branch, then run
+files stay on disk, and GitBusy, SigningFailed or GitError says why.
+
+`git commit` signs when commit.gpgSign is true; commit-tree ignores that setting, so `-S` is passed
+when it is on (`signing`), and a signature git cannot make fails the commit like `git commit`
+would - never an unsigned commit in a repository that asked for signed ones. The repository's
+commit hooks (pre-commit, commit-msg, post-commit) do not run: they are written for the user's
+own commits and check or rewrite what the user staged, which a report commit leaves alone and
+leaves out - a hook would judge (or, auto-formatting, change) the user's work in progress. The old way - move the branch, then run
 `git update-index` on the real index - failed while another process held the lock, leaving a
 commit the index did not know about, which the user's next `git commit` silently reverted.
 
@@ -39,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from moectl.errors import GuardRefused, MoectlError, UsageError
+from moectl.errors import EXIT_USAGE, GuardRefused, MoectlError, UsageError
 
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
 ZERO_OID = "0" * 40
@@ -55,20 +62,43 @@ class GitError(MoectlError):
         super().__init__(message, exit_code=1)
 
 
+class SigningFailed(MoectlError):
+    """`commit.gpgSign` is on and git could not sign (no such key, no agent, gpg missing): nothing was
+    committed (exit 2: the git configuration is the user's to fix, as `git commit` would fail too)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, exit_code=EXIT_USAGE)
+
+
 class GitBusy(GuardRefused):
     """Another git process held the index past the wait, or kept moving the branch: nothing was
     committed (exit 3, like the guards: the repository is busy, try again)."""
 
 
-def _git(repo: Path, *args: str, env: Optional[dict] = None, check: bool = True) -> str:
-    r = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
-                       env={**os.environ, **(env or {})})
+def _run(repo: Path, args: Sequence, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """git's raw bytes: file contents and names are whatever the repository holds, UTF-8 or not."""
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, env={**os.environ, **(env or {})})
+
+
+def _said(r: subprocess.CompletedProcess) -> str:
+    """git's last word on a failure, as one readable line (SPEC §8): its conclusion ("fatal: ..."),
+    the lines before it repeat the same failure in detail."""
+    said = (r.stderr.strip() or r.stdout.strip()).decode("utf-8", "replace").splitlines()
+    return said[-1] if said else f"exit {r.returncode}"
+
+
+def _git_bytes(repo: Path, *args: str, env: Optional[dict] = None, check: bool = True) -> bytes:
+    r = _run(repo, args, env)
     if check and r.returncode != 0:
-        # One line (SPEC §8): git's last word is its conclusion ("fatal: ..."); the lines before
-        # it repeat the same failure in detail.
-        said = (r.stderr.strip() or r.stdout.strip()).splitlines()
-        raise GitError(f"git {args[0]} failed: {said[-1] if said else f'exit {r.returncode}'}")
-    return r.stdout.strip() if r.returncode == 0 else ""
+        raise GitError(f"git {args[0]} failed: {_said(r)}")
+    return r.stdout if r.returncode == 0 else b""
+
+
+def _git(repo: Path, *args: str, env: Optional[dict] = None, check: bool = True) -> str:
+    """git's output as text without its trailing newline. Decoded with os.fsdecode, which is
+    lossless: a file name that is not UTF-8 keeps its bytes as surrogates, and subprocess encodes
+    it back to the same bytes when it goes to git again (`text=True` would raise on it instead)."""
+    return os.fsdecode(_git_bytes(repo, *args, env=env, check=check)).strip("\n")
 
 
 def repo_root(path: Path) -> Path:
@@ -180,9 +210,31 @@ def _tree_of(repo: Path, old: Optional[str]) -> str:
     return _git(repo, "rev-parse", f"{old}^{{tree}}") if old else EMPTY_TREE
 
 
-def _build_commit(repo: Path, tmp: Path, old: Optional[str], rels: list[str], message: str) -> Optional[str]:
+def signing(repo: Path) -> list[str]:
+    """`["-S"]` when the repository's `commit.gpgSign` is true, else `[]`. `git commit` signs then;
+    `git commit-tree` ignores the setting (on purpose since git 2.2: scripts call it), so moectl
+    asks for the signature itself. `-S` without a key id signs exactly as `git commit` does: git
+    reads user.signingKey, gpg.format and gpg.program."""
+    r = _run(repo, ["config", "--type=bool", "--get", "commit.gpgSign"])
+    if r.returncode == 1:  # not set
+        return []
+    if r.returncode != 0:  # not a boolean: `git commit` refuses it too
+        raise SigningFailed(f"git config commit.gpgSign: {_said(r)}; nothing was committed")
+    return ["-S"] if r.stdout.strip() == b"true" else []
+
+
+def _signing_failure(r: subprocess.CompletedProcess) -> str:
+    """Why git could not sign, in one line: its lines without the `error:`/`fatal:` prefixes, once
+    each ("cannot run gpg2: No such file or directory; gpg failed to sign the data")."""
+    lines = r.stderr.decode("utf-8", "replace").splitlines()
+    said = [line.split(": ", 1)[1] if line.startswith(("error: ", "fatal: ")) else line for line in lines]
+    return "; ".join(dict.fromkeys(line.strip() for line in said if line.strip())) or f"exit {r.returncode}"
+
+
+def _build_commit(repo: Path, tmp: Path, old: Optional[str], rels: list[str], message: str,
+                  sign: Sequence[str] = ()) -> Optional[str]:
     """A commit of `old` plus our paths as they are on disk, built on a temporary index; None when
-    that changes nothing."""
+    that changes nothing. `sign`: `signing(repo)`."""
     env = {"GIT_INDEX_FILE": str(tmp / "commit-index")}
     if old:
         _git(repo, "read-tree", old, env=env)
@@ -193,7 +245,14 @@ def _build_commit(repo: Path, tmp: Path, old: Optional[str], rels: list[str], me
     if tree == _tree_of(repo, old):
         return None
     parent = ["-p", old] if old else []
-    return _git(repo, "commit-tree", tree, *parent, "-m", message)
+    r = _run(repo, ["commit-tree", tree, *parent, *sign, "-m", message])
+    if r.returncode != 0 and sign:
+        raise SigningFailed(f"commit.gpgSign is on and git could not sign the commit: {_signing_failure(r)} "
+                            "(`git commit` fails the same way here; fix the key or agent, or turn commit.gpgSign "
+                            "off); nothing was committed")
+    if r.returncode != 0:
+        raise GitError(f"git commit-tree failed: {_said(r)}")
+    return os.fsdecode(r.stdout).strip()
 
 
 def _refreshed_index(repo: Path, index: Path, tmp: Path, rels: list[str]) -> Path:
@@ -224,12 +283,16 @@ def commit_paths(
 
     Waits up to `wait_s` (default `lock_wait_s()`) for another process's index.lock, calling
     `on_wait(lock_path)` once when it starts waiting. Raises GitBusy - with nothing moved - when
-    the lock stays held, or when the branch moved under us `cas_tries` times in a row."""
+    the lock stays held, or when the branch moved under us `cas_tries` times in a row.
+
+    Signed when `commit.gpgSign` says so, as `git commit` would be; SigningFailed (nothing moved)
+    when git cannot sign. The repository's commit hooks do not run (module docstring)."""
     repo = repo_root(repo)
     check_branch(repo, branch)  # refuse before waiting for any lock
     rels = _relative(repo, paths)
     if not rels:
         return None
+    sign = signing(repo)  # a bad commit.gpgSign refuses before any lock
     index = Path(_git(repo, "rev-parse", "--path-format=absolute", "--git-path", "index"))
     git_dir = Path(_git(repo, "rev-parse", "--absolute-git-dir"))
     with IndexLock(index, lock_wait_s() if wait_s is None else wait_s, on_wait) as lock, \
@@ -238,24 +301,23 @@ def commit_paths(
         # Under the lock HEAD cannot switch branches (checkout needs the lock): check again.
         ref = f"refs/heads/{check_branch(repo, branch)}"
         old = _git(repo, "rev-parse", "-q", "--verify", f"{ref}^{{commit}}", check=False) or None
-        new = _build_commit(repo, tmp, old, rels, message)
+        new = _build_commit(repo, tmp, old, rels, message, sign)
         if new is None:
             return None
         lock.stage(_refreshed_index(repo, index, tmp, rels))
         for _ in range(cas_tries):
-            r = subprocess.run(["git", "-C", str(repo), "update-ref", "-m",
-                                f"commit (moectl): {message.splitlines()[0]}", ref, new, old or ZERO_OID],
-                               capture_output=True, text=True)
+            r = _run(repo, ["update-ref", "-m", f"commit (moectl): {message.splitlines()[0]}", ref, new,
+                            old or ZERO_OID])
             if r.returncode == 0:
                 lock.commit()
                 return new
             now = _git(repo, "rev-parse", "-q", "--verify", f"{ref}^{{commit}}", check=False) or None
             if now == old:  # not a race: the ref could not be written at all
-                raise GitError(f"git update-ref failed: {r.stderr.strip()}; nothing was committed")
+                raise GitError(f"git update-ref failed: {_said(r)}; nothing was committed")
             # Someone committed to the branch without our lock (their own index, plumbing): build
             # again on top of theirs, so neither commit is lost.
             old = now
-            new = _build_commit(repo, tmp, old, rels, message)
+            new = _build_commit(repo, tmp, old, rels, message, sign)
             if new is None:  # their commit already holds exactly our files
                 return None
         raise GitBusy(f"{ref} kept moving while moectl committed ({cas_tries} tries); nothing was committed")
@@ -273,38 +335,57 @@ def committed_in(repo: Path, path: Path) -> Optional[str]:
 
 
 def files_of_commit(repo: Path, commit: str) -> list[str]:
-    """The repository-relative paths a commit changed (what `committed ...` lines name)."""
-    out = _git(repo_root(repo), "show", "--name-only", "--format=", "--no-renames", commit, check=False)
-    return [line for line in out.splitlines() if line]
+    """The repository-relative paths a commit changed (what `committed ...` lines name); `-z`, so
+    a name is not C-quoted, and decoded losslessly (`_git`)."""
+    out = _git_bytes(repo_root(repo), "show", "--name-only", "-z", "--format=", "--no-renames", commit, check=False)
+    return [os.fsdecode(name) for name in out.strip(b"\n").split(b"\0") if name]
 
 
 UNTRACKED_MAX_BYTES = 256 * 1024  # bigger untracked files (data, logs) are named, not copied
 
+# What keeps a diff a patch `git apply` reads, whatever the user's diff config says: no colour, no
+# external diff tool or textconv driver, binary files in full, the a/ b/ prefixes (diff.noprefix).
+PATCH_OPTIONS = ("--no-color", "--no-ext-diff", "--no-textconv", "--binary", "--src-prefix=a/", "--dst-prefix=b/")
 
-def git_diff(repo: Path) -> str:
+
+def git_diff(repo: Path) -> bytes:
     """Everything uncommitted at launch, as one patch that `git apply` replays on HEAD: tracked
     changes (staged and unstaged, against HEAD), then untracked files that .gitignore does not
     hide, as new files. Untracked files over UNTRACKED_MAX_BYTES are listed in a leading comment
-    instead (the run's code is small; a dataset is not a diff)."""
+    instead (the run's code is small; a dataset is not a diff), as are untracked files git could
+    not read (`git apply` skips anything before the first `diff --git`).
+
+    Bytes, exactly as git wrote them: file contents need not be UTF-8 (a latin-1 source file), nor
+    names (git writes odd ones C-quoted in the patch, as `git apply` reads them). Nothing is
+    stripped: a binary patch ends in a blank line `git apply` needs, and a last line of blanks is
+    part of the file."""
     base = ["HEAD"] if _git(repo, "rev-parse", "-q", "--verify", "HEAD", check=False) else ["--cached"]
-    parts = [_git(repo, "diff", *base, "--no-color", "--no-ext-diff", "--binary")]
-    skipped = []
-    for rel in _git(repo, "ls-files", "--others", "--exclude-standard", "-z").split("\0"):
-        path = Path(repo) / rel
+    parts = [_git_bytes(repo, "diff", *base, *PATCH_OPTIONS)]
+    too_big, unreadable = [], []
+    for rel in _git_bytes(repo, "ls-files", "--others", "--exclude-standard", "-z").split(b"\0"):
+        path = Path(repo) / os.fsdecode(rel)
         if not rel or not (path.is_file() or path.is_symlink()):
             continue
         if path.lstat().st_size > UNTRACKED_MAX_BYTES:
-            skipped.append(rel)
+            too_big.append(rel)
             continue
         # --no-index exits 1 when the files differ (always, against /dev/null): not an error.
-        r = subprocess.run(["git", "-C", str(repo), "diff", "--no-index", "--no-color", "--no-ext-diff", "--binary",
-                            "--", "/dev/null", rel], capture_output=True, text=True)
-        parts.append(r.stdout.strip())
-    text = "\n".join(p for p in parts if p)
-    if skipped:
-        head = f"# moectl: untracked files over {UNTRACKED_MAX_BYTES // 1024} KiB not included: " + ", ".join(skipped)
-        text = head + ("\n" + text if text else "")
-    return text + "\n" if text else ""
+        r = _run(repo, ["diff", "--no-index", *PATCH_OPTIONS, "--", "/dev/null", rel])
+        if r.returncode not in (0, 1):  # unreadable (permissions): named, like a big file
+            unreadable.append(rel)
+            continue
+        parts.append(r.stdout)
+    notes = b""
+    if too_big:
+        notes += b"# moectl: untracked files over %d KiB not included: %s\n" % (UNTRACKED_MAX_BYTES // 1024, _names(too_big))
+    if unreadable:
+        notes += b"# moectl: untracked files git could not read, not included: %s\n" % _names(unreadable)
+    return notes + b"".join(parts)
+
+
+def _names(rels: list[bytes]) -> bytes:
+    """File names for a one-line comment: a newline in a name would end the comment early."""
+    return b", ".join(r.replace(b"\\", b"\\\\").replace(b"\n", b"\\n") for r in rels)
 
 
 @dataclass
@@ -318,7 +399,9 @@ def recent_commits(repo: Path, path_prefixes: Sequence[str], n: int = 10) -> lis
     """The last `n` commits touching any of `path_prefixes` (report files), newest first."""
     if not _git(repo, "rev-parse", "-q", "--verify", "HEAD", check=False):
         return []
-    out = _git(repo, "log", f"-n{int(n)}", "--format=%H%x1f%s%x1f%cI", "--", *[str(p) for p in path_prefixes])
+    # Subjects are display text (a commit message need not be UTF-8): undecodable bytes become U+FFFD.
+    out = _git_bytes(repo, "log", f"-n{int(n)}", "--format=%H%x1f%s%x1f%cI", "--",
+                     *[str(p) for p in path_prefixes]).decode("utf-8", "replace")
     return [CommitInfo(*line.split("\x1f", 2)) for line in out.splitlines() if line]
 
 
@@ -340,8 +423,7 @@ def snapshot_code(repo: Path, commit: str, diff_path: Path, dest: Path) -> None:
     if Path(diff_path).stat().st_size:
         env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(dest.parent)}
         applied = subprocess.run(["git", "apply", "--whitespace=nowarn", str(diff_path)], cwd=dest,
-                                 capture_output=True, text=True, env=env)
+                                 capture_output=True, env=env)
         if applied.returncode != 0:
-            said = applied.stderr.strip().splitlines()
             raise GitError(f"the uncommitted changes do not apply to {commit[:10]} for the code snapshot: "
-                           f"{said[-1] if said else applied.returncode}")
+                           f"{_said(applied)}")

@@ -58,7 +58,11 @@ class GitState:
 
 
 def _git(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
+    """git's output as text, decoded losslessly: a file name that is not UTF-8 (`git status` lists
+    it) keeps its bytes as surrogates (os.fsdecode) instead of failing the whole reading;
+    git's messages are for people, so undecodable bytes there become U+FFFD."""
+    r = subprocess.run(["git", "-C", str(repo), *args], capture_output=True)
+    return subprocess.CompletedProcess(r.args, r.returncode, os.fsdecode(r.stdout), r.stderr.decode("utf-8", "replace"))
 
 
 def probe_git(repo: Path) -> GitState:

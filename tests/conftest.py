@@ -14,8 +14,10 @@ import functools
 import json
 import os
 import queue
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -251,3 +253,30 @@ def fake_training():
                        "torch.distributed.run", "--out-dir", "/art/20250101_000000_moe-x"])
     yield p
     stop_process(p)
+
+
+@pytest.fixture
+def gnupg_home(monkeypatch) -> Path:
+    """An empty GNUPGHOME of its own (no key of the machine's user can sign), under /tmp: the path
+    of gpg-agent's socket inside it must fit in 108 bytes. Its agent, if one started, is stopped."""
+    home = Path(tempfile.mkdtemp(prefix="gpg-", dir="/tmp"))
+    home.chmod(0o700)
+    monkeypatch.setenv("GNUPGHOME", str(home))
+    yield home
+    if shutil.which("gpgconf"):
+        subprocess.run(["gpgconf", "--kill", "gpg-agent"], capture_output=True, timeout=30,
+                       env={**os.environ, "GNUPGHOME": str(home)})
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def gpg_key(gnupg_home) -> str:
+    """The fingerprint of a fresh passphrase-less signing key in `gnupg_home` (skipped without gpg)."""
+    if shutil.which("gpg") is None:
+        pytest.skip("gpg is not installed")
+    subprocess.run(["gpg", "--batch", "--pinentry-mode", "loopback", "--passphrase", "", "--quick-gen-key",
+                    "Test User <test@example.com>", "ed25519", "sign", "never"], check=True, capture_output=True,
+                   timeout=120)
+    listing = subprocess.run(["gpg", "--batch", "--with-colons", "--list-secret-keys"], check=True,
+                             capture_output=True, text=True, timeout=60).stdout
+    return next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:"))

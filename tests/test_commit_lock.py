@@ -356,3 +356,38 @@ def test_a_run_ending_under_a_held_lock_moves_nothing_and_moectl_commit_finishes
     assert sorted(git(git_repo, "show", "--name-only", "--format=", "HEAD").split()) == ["EXPERIMENTS.md", rel]
     assert git(git_repo, "status", "--porcelain", "--", rel, "EXPERIMENTS.md") == ""
     assert snapshot(git_repo) == status0
+
+
+@pytest.mark.slow
+def test_a_run_whose_commit_cannot_be_signed_keeps_its_report_and_moectl_commit_finishes_it(
+        git_repo, monkeypatch, artifact_root, gnupg_home):
+    """commit.gpgSign on and no usable key: the run completes, its report stays on disk untracked
+    (never committed unsigned), one line says why and names `moectl commit`, which refuses the same
+    way (exit 2) until signing works or is turned off."""
+    from tests.test_run import QUIET, FAST, commit_config, write_config
+
+    write_config(git_repo)
+    commit_config(git_repo, monkeypatch)
+    git(git_repo, "config", "commit.gpgsign", "true")
+    git(git_repo, "config", "user.signingkey", "0xBADC0FFEE0DDF00D")
+    head0 = head(git_repo)
+
+    r = runner.invoke(app, ["run", "--steps", "3", "--tag", "unsigned", *QUIET, *FAST])
+    assert r.exit_code == 0, r.output  # the run itself completed
+    [exp] = [p.parent for p in artifact_root.glob("*/run.json")]
+    [line] = [x for x in r.stderr.splitlines() if "report not committed" in x]
+    assert "commit.gpgSign is on and git could not sign the commit" in line and f"moectl commit {exp.name}" in line
+    [report] = (git_repo / "reports").glob("*.md")
+    rel = report.relative_to(git_repo).as_posix()
+    assert head(git_repo) == head0
+    assert git(git_repo, "status", "--porcelain", "-uall", "--", "reports").splitlines() == [f"?? {rel}"]
+
+    again = commit_cmd(exp.name)
+    assert again.exit_code == 2 and len(again.stderr.strip().splitlines()) == 1
+    assert "could not sign" in again.stderr and f"moectl commit {exp.name}" in again.stderr
+    assert head(git_repo) == head0
+
+    git(git_repo, "config", "commit.gpgsign", "false")
+    done = commit_cmd(exp.name)
+    assert done.exit_code == 0, done.output
+    assert rel in git(git_repo, "show", "--name-only", "--format=", "HEAD").split()

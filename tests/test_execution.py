@@ -81,7 +81,7 @@ def test_the_code_snapshot_is_head_plus_every_uncommitted_change(git_repo, tmp_p
     git(git_repo, "add", "staged.py")
     (git_repo / "new.py").write_text("y = 2\n")
     diff = tmp_path / "git.diff"
-    diff.write_text(gitops.git_diff(git_repo))
+    diff.write_bytes(gitops.git_diff(git_repo))
     gitops.snapshot_code(git_repo, git(git_repo, "rev-parse", "HEAD").strip(), diff, tmp_path / "code")
     got = {p.name: p.read_text() for p in (tmp_path / "code").iterdir()}
     assert got == {"README.md": "changed, unstaged\n", "staged.py": "x = 1\n", "new.py": "y = 2\n"}

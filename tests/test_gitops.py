@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from moectl.errors import GuardRefused
-from moectl.gitops import commit_paths, committed_in, git_diff, recent_commits
+from moectl.gitops import SigningFailed, commit_paths, committed_in, files_of_commit, git_diff, recent_commits
 from tests.conftest import git
 
 
@@ -196,11 +196,11 @@ def test_committed_in_names_the_commit_holding_the_file_as_it_is(git_repo):
 
 
 def test_git_diff_includes_staged_and_unstaged(git_repo):
-    assert git_diff(git_repo) == ""
+    assert git_diff(git_repo) == b""
     user_mess(git_repo)
     d = git_diff(git_repo)
-    assert "user edit, unstaged" in d and "v3 staged then modified" in d and "print('new')" in d
-    assert "new file mode" in d and "+untracked" in d  # scratch.txt, untracked, as a new file
+    assert b"user edit, unstaged" in d and b"v3 staged then modified" in d and b"print('new')" in d
+    assert b"new file mode" in d and b"+untracked" in d  # scratch.txt, untracked, as a new file
 
 
 def test_git_diff_replays_the_working_tree_on_head(git_repo, tmp_path):
@@ -209,11 +209,11 @@ def test_git_diff_replays_the_working_tree_on_head(git_repo, tmp_path):
     user_mess(git_repo)
     (git_repo / "big.bin").write_bytes(b"x" * (256 * 1024 + 1))
     d = git_diff(git_repo)
-    assert d.startswith("# moectl: untracked files over 256 KiB not included: big.bin\n")
+    assert d.startswith(b"# moectl: untracked files over 256 KiB not included: big.bin\n")
     clean = tmp_path / "clean"
     git(git_repo, "worktree", "add", "-q", "--detach", str(clean), "HEAD")
     patch = tmp_path / "git.diff"
-    patch.write_text(d)
+    patch.write_bytes(d)
     git(clean, "apply", "--index", str(patch))
     for rel in ("README.md", "tracked.txt", "staged_new.py", "reports/user_note.md", "scratch.txt"):
         assert (clean / rel).read_bytes() == (git_repo / rel).read_bytes(), rel
@@ -230,3 +230,128 @@ def test_recent_commits_filters_by_path(git_repo):
     got = recent_commits(git_repo, ["reports", "EXPERIMENTS.md"], n=2)
     assert [c.subject for c in got] == ["report 2", "report 1"]
     assert all(len(c.hash) == 40 for c in got)
+
+
+# ------------------------------------------------------------------ bytes: content and file names
+
+BAD_NAME = b"bad\xffname.txt"  # not UTF-8: a name git stores as these bytes
+
+
+def gitb(repo, *args) -> bytes:
+    """Run git in `repo`; its stdout as bytes (what it says about non-UTF-8 names and content)."""
+    return subprocess.run([b"git", b"-C", os.fsencode(repo), *(os.fsencode(a) for a in args)],
+                          capture_output=True, check=True, timeout=60).stdout
+
+
+def replayed(repo, tmp_path, patch: bytes, commit: str = "HEAD"):
+    """A fresh checkout of `commit` (a linked worktree) with `patch` applied by plain `git apply`,
+    the way README says git.diff replays."""
+    clean = tmp_path / "clean"
+    git(repo, "worktree", "add", "-q", "--detach", str(clean), commit)
+    (tmp_path / "git.diff").write_bytes(patch)
+    git(clean, "apply", str(tmp_path / "git.diff"))
+    return clean
+
+
+def latin1_mess(repo):
+    """A tracked file modified with latin-1 bytes, an untracked latin-1 file, and an untracked file
+    whose name is not UTF-8."""
+    (repo / "notes.txt").write_bytes(b"plain\n")
+    git(repo, "add", "notes.txt")
+    git(repo, "commit", "-q", "-m", "notes")
+    (repo / "notes.txt").write_bytes(b"plain\ncaf\xe9 cr\xe8me\n")
+    (repo / "latin1.txt").write_bytes(b"caf\xe9\n")
+    (repo / os.fsdecode(BAD_NAME)).write_bytes(b"odd name, caf\xe9\n")
+
+
+def test_git_diff_keeps_latin1_content_and_non_utf8_names_as_bytes(git_repo, tmp_path):
+    latin1_mess(git_repo)
+    d = git_diff(git_repo)
+    assert isinstance(d, bytes)
+    assert b"+caf\xe9 cr\xe8me\n" in d and b"+caf\xe9\n" in d and b"+odd name, caf\xe9\n" in d
+    # Tracked changes first, exactly as git wrote them.
+    assert d.startswith(gitb(git_repo, "diff", "HEAD", "--no-color", "--binary"))
+    clean = replayed(git_repo, tmp_path, d)
+    for rel in (b"notes.txt", b"latin1.txt", BAD_NAME):
+        assert (clean / os.fsdecode(rel)).read_bytes() == (git_repo / os.fsdecode(rel)).read_bytes(), rel
+
+
+def test_git_diff_replays_byte_for_byte_binary_and_trailing_whitespace(git_repo, tmp_path):
+    """git.diff applied by plain `git apply` on the recorded commit gives back every file exactly:
+    a modified binary file (its patch ends in a blank line), a text file whose last line is only
+    whitespace, untracked text files after them."""
+    (git_repo / "zdata.bin").write_bytes(bytes(range(256)) * 4)
+    (git_repo / "ws.txt").write_bytes(b"x\n")
+    git(git_repo, "add", "zdata.bin", "ws.txt")
+    git(git_repo, "commit", "-q", "-m", "data")
+    recorded = git(git_repo, "rev-parse", "HEAD").strip()
+    (git_repo / "zdata.bin").write_bytes(bytes(range(255, -1, -1)) * 4 + b"\0tail")
+    (git_repo / "ws.txt").write_bytes(b"x\ny\n  \t\n")
+    (git_repo / "untracked.txt").write_bytes(b"new file\n")
+    (git_repo / "zz_ws.txt").write_bytes(b"last line is blanks\n   \n")
+
+    d = git_diff(git_repo)
+    assert d.endswith(b"+   \n")  # the untracked file's last line, kept as it is
+    clean = replayed(git_repo, tmp_path, d, recorded)
+    for rel in ("zdata.bin", "ws.txt", "untracked.txt", "zz_ws.txt"):
+        assert (clean / rel).read_bytes() == (git_repo / rel).read_bytes(), rel
+
+
+def test_files_of_commit_names_a_non_utf8_path_losslessly(git_repo):
+    odd = git_repo / os.fsdecode(BAD_NAME)
+    odd.write_bytes(b"x\n")
+    sha = commit_paths(git_repo, [odd], "odd name")
+    assert [os.fsencode(p) for p in files_of_commit(git_repo, sha)] == [BAD_NAME]
+
+
+# ------------------------------------------------------------------------ commit.gpgSign
+
+def test_commit_is_signed_when_the_repository_asks_for_signed_commits(git_repo, gpg_key):
+    """`git commit` signs when commit.gpgSign is true (commit-tree alone would not): so does moectl,
+    with the configured user.signingKey."""
+    git(git_repo, "config", "commit.gpgsign", "true")
+    git(git_repo, "config", "user.signingkey", gpg_key)
+    report = git_repo / "r.md"
+    report.write_text("x\n")
+    sha = commit_paths(git_repo, [report], "report: signed")
+    assert git(git_repo, "log", "-1", "--format=%G?%n%GF", sha).split() == ["G", gpg_key]
+    git(git_repo, "verify-commit", sha)
+    git(git_repo, "config", "commit.gpgsign", "false")  # and unsigned when it is off
+    report.write_text("y\n")
+    assert git(git_repo, "log", "-1", "--format=%G?", commit_paths(git_repo, [report], "unsigned")).strip() == "N"
+
+
+def test_a_signature_git_cannot_make_commits_nothing_and_says_why(git_repo, gnupg_home):
+    """commit.gpgSign on, and a key no keyring holds (or no gpg at all): `git commit` fails, and
+    so does moectl's commit - one line naming the setting, nothing moved, the report on disk and
+    untracked, never an unsigned commit."""
+    user_mess(git_repo)
+    git(git_repo, "config", "commit.gpgsign", "true")
+    git(git_repo, "config", "user.signingkey", "0xBADC0FFEE0DDF00D")
+    report = git_repo / "reports" / "r.md"
+    report.write_text("# report\n")
+    before, head0 = snapshot(git_repo), git(git_repo, "rev-parse", "HEAD")
+    index0 = (git_repo / ".git" / "index").read_bytes()
+
+    with pytest.raises(SigningFailed) as exc:
+        commit_paths(git_repo, [report], "report: unsigned?", branch="main")
+
+    msg = exc.value.message
+    assert exc.value.exit_code == 2 and "\n" not in msg
+    assert "commit.gpgSign is on and git could not sign the commit: " in msg and "gpg failed to sign" in msg
+    assert msg.endswith("nothing was committed")
+    assert git(git_repo, "rev-parse", "HEAD") == head0
+    assert (git_repo / ".git" / "index").read_bytes() == index0 and not (git_repo / ".git" / "index.lock").exists()
+    assert snapshot(git_repo) == before and report.read_text() == "# report\n"
+    assert git(git_repo, "status", "--porcelain", "--", "reports/r.md") == "?? reports/r.md\n"
+    plain = subprocess.run(["git", "-C", str(git_repo), "commit", "--allow-empty", "-m", "x"], capture_output=True)
+    assert plain.returncode != 0  # `git commit` refuses alike
+
+
+def test_a_commit_gpgsign_that_is_not_a_boolean_refuses_before_committing(git_repo):
+    git(git_repo, "config", "commit.gpgsign", "sometimes")
+    head0 = git(git_repo, "rev-parse", "HEAD")
+    (git_repo / "r.md").write_text("x\n")
+    with pytest.raises(SigningFailed, match=r"^git config commit.gpgSign: fatal: bad boolean config value"):
+        commit_paths(git_repo, [git_repo / "r.md"], "report")
+    assert git(git_repo, "rev-parse", "HEAD") == head0 and not (git_repo / ".git" / "index.lock").exists()

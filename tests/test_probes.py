@@ -1,6 +1,7 @@
 """Probes against the real world: git repos, processes, interpreters, symlinks (NVML: the fake file)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from datetime import datetime
@@ -179,3 +180,13 @@ def test_wait_until_clear_returns_when_the_gpu_goes_idle(project, fake_nvml):
     waits.clear()
     plan, obs, results = wait_until_clear(cfg, req, timeout_s=600, poll_s=0.2, on_wait=lambda r, w: waits.append(w))
     assert sorted(r.name for r in results if not (r.ok or r.overridden)) == ["git", "gpus_idle"] and waits == []
+
+
+def test_git_counts_beside_non_utf8_names_and_content(git_repo):
+    (git_repo / "README.md").write_bytes(b"caf\xe9\n")  # modified with latin-1 bytes
+    (git_repo / "latin1.txt").write_bytes(b"caf\xe9\n")
+    (git_repo / os.fsdecode(b"bad\xffname")).write_bytes(b"x\n")
+    (git_repo / os.fsdecode(b"staged\xe9")).write_bytes(b"x\n")
+    subprocess.run([b"git", b"-C", os.fsencode(git_repo), b"add", b"staged\xe9"], check=True, timeout=60)
+    s = probe_git(git_repo)
+    assert s.error is None and (s.branch, s.modified, s.staged, s.untracked) == ("main", 1, 1, 2)

@@ -12,6 +12,7 @@ as overridden. Only test_live_lock_* hold the run lock from another process on p
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import socket
 import subprocess
@@ -232,6 +233,43 @@ def test_the_users_edit_of_experiments_md_survives_a_run_whose_report_is_committ
     assert commit_files(proj) == {report.relative_to(proj).as_posix()}
     assert git(proj, "rev-parse", "HEAD~1").strip() == old_head
     assert tree_state(proj, ignore=(report.relative_to(proj).as_posix(),)) == before
+
+
+@pytest.mark.slow
+def test_non_utf8_content_and_file_names_do_not_stop_status_check_or_run(proj, artifact_root):
+    """A tracked file modified with latin-1 bytes, an untracked latin-1 file and an untracked file
+    whose name is not UTF-8: status, check and run all work, git.diff holds git's own bytes, and
+    the commit holds moectl's files alone."""
+    def gitb(*args: str) -> bytes:
+        return subprocess.run(["git", "-C", str(proj), *args], capture_output=True, check=True, timeout=60).stdout
+
+    (proj / "model.py").write_bytes(b"# caf\xe9\n")
+    git(proj, "add", "model.py")
+    git(proj, "commit", "-q", "-m", "a latin-1 source file")
+    (proj / "model.py").write_bytes(b"# caf\xe9 cr\xe8me\n")  # tracked, modified
+    (proj / "latin1.txt").write_bytes(b"caf\xe9\n")  # untracked
+    (proj / os.fsdecode(b"bad\xffname")).write_bytes(b"odd name\n")  # untracked, name not UTF-8
+    status0, old_head = gitb("status", "--porcelain=v1", "-z", "--untracked-files=all"), head(proj)
+    diff_at_launch = gitb("diff", "HEAD", "--no-color", "--binary")
+
+    st = runner.invoke(app, ["status", "--json"])
+    assert st.exit_code == 0, st.output
+    assert {k: json.loads(st.stdout)["git"][k] for k in ("dirty", "staged", "untracked")} == \
+        {"dirty": True, "staged": 0, "untracked": 2}
+    ch = runner.invoke(app, ["check", "--device", "cpu", *QUIET])
+    assert ch.exit_code == 0, ch.output
+
+    r = run("--device", "cpu", "--steps", "3", "--tag", "latin1", *QUIET, *FAST)
+    assert r.exit_code == 0, r.output
+    [exp] = run_dirs(artifact_root)
+    assert record(exp)["status"] == "completed" and record(exp)["exit_code"] == 0
+    recorded = (exp / "git.diff").read_bytes()
+    assert recorded.startswith(diff_at_launch)
+    assert b"+caf\xe9\n" in recorded and b'"b/bad\\377name"' in recorded and b"+odd name\n" in recorded
+    report = the_report(proj)
+    assert git(proj, "rev-parse", "HEAD~1").strip() == old_head
+    assert commit_files(proj) == ours(proj, report)
+    assert gitb("status", "--porcelain=v1", "-z", "--untracked-files=all") == status0
 
 
 # ------------------------------------------------------------------------------ 3. dry run and refusals
