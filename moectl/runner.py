@@ -194,15 +194,15 @@ def finish_record(record: RunRecord, result: LaunchResult, plan: RunPlan,
     """The record of a run whose torchrun has exited: summary, status, exit code, error; saved.
     `parser`: the stdout parser of a trainer whose metrics come from its output. Returns (moectl's
     exit code, whether the engine failed to compile)."""
+    if parser is not None:
+        record.warnings = parser.warnings()
     metrics = read_metrics(Path(plan.files["metrics.jsonl"]))
-    store.apply_metrics(record, metrics, plan.window, plan.warmup_steps)
+    store.apply_metrics(record, metrics, plan.window, plan.warmup_steps)  # adds a NaN-loss warning
     if metrics.start is not None and plan.device == "cuda" and not record.gpus:
         record.gpus = [metrics.start.device]
     worker_code = result.worker_exit_code
     record.exit_code = worker_code if worker_code is not None else result.exit_code
     record.finished_at = store.now_iso()
-    if parser is not None:
-        record.warnings = parser.warnings()
     exit_code, compile_failed = EXIT_OK, False
     if result.interrupted:
         record.status = "interrupted"
