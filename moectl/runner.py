@@ -252,13 +252,15 @@ def report_and_commit(cfg: Config, outcome: RunOutcome, *, baseline: Optional[Ru
     outcome.tracking = mirror_run(cfg, record, report=report)
 
 
-def stdout_parser(cfg: Config, plan: RunPlan) -> Optional[StdoutParser]:
-    """The parser of a trainer whose metrics come from its output ([metrics] source = "stdout"), else None."""
+def stdout_parser(cfg: Config, plan: RunPlan, nodes: int = 1) -> Optional[StdoutParser]:
+    """The parser of a trainer whose metrics come from its output ([metrics] source = "stdout"), else None.
+    `nodes`: how many nodes run `plan.nproc` processes each (a Slurm job's --nodes; the plan is per
+    node), so the world size it records is every process of the run, as the engine's own is."""
     if cfg.metrics.source != "stdout":
         return None
     steps = plan.options.get("steps")
     return StdoutParser(StdoutFormat.from_config(cfg.metrics), planned_steps=steps if isinstance(steps, int) else None,
-                        world_size=plan.nproc, device=plan.device)
+                        world_size=plan.nproc * nodes, device=plan.device)
 
 
 def _run_metrics(record: RunRecord) -> RunMetrics:

@@ -5,6 +5,7 @@ import math
 import re
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,26 @@ def test_sparse_step_lines_count_the_unprinted_steps_in_the_training_time():
     [warning] = parser.warnings()
     assert warning.startswith("27 steps were never printed (the trainer printed 4 step lines)") and "estimate" in warning
 
+
+# --- the world size of a run on several nodes -------------------------------------------------
+
+def test_a_stdout_parsed_run_on_several_nodes_records_every_process_in_its_world_size(tmp_path):
+    """A Slurm job's plan is per node (nproc processes on each of --nodes): the metrics it writes
+    for a foreign trainer must say nproc x nodes, as the engine's own start line does."""
+    from moectl.config import MoectlFile, from_file_model
+    from moectl.plan import RunRequest, plan_run
+    from moectl.runner import stdout_parser
+
+    cfg = from_file_model(MoectlFile.model_validate({
+        "project": {"venv": ""}, "launch": {"module": "tests.fixtures.foreign_trainer", "args": ["--style=nanochat"]},
+        "metrics": {"source": "stdout", "format": "nanochat"}}), tmp_path / ".moectl.toml", tmp_path)
+    cfg.artifact_root = tmp_path / "art"
+    plan = plan_run(cfg, RunRequest(device="cpu", nproc=2), datetime(2025, 1, 2), None)
+    path = tmp_path / "metrics.jsonl"
+    writer = LiveMetricsWriter(path, stdout_parser(cfg, plan, nodes=3))
+    for line in trainer_output("--style=nanochat", "--max_iters=3").splitlines(keepends=True):
+        writer(line)
+    writer.close()
+    recs = [parse_line(line) for line in path.read_text().splitlines()]
+    assert plan.nproc == 2 and recs[0].world_size == 6 and recs[-1].world_size == 6
+    assert stdout_parser(cfg, plan).world_size == 2  # a local run: one node
