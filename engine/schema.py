@@ -8,10 +8,18 @@ The engine (rank 0) appends one JSON object per line to `<out-dir>/metrics.jsonl
 
 This module imports neither torch nor pydantic, so the CLI process (which must never import
 torch) reads exactly what the engine writes. Both sides go through `StepMetrics` / `RunSummary`.
+
+A non-finite loss (NaN or +-inf: the run diverged) is a measurement, not a malformed line: the step
+ran, and its time, throughput and memory are real. JSON has no NaN, so on the wire a step's loss
+is then `"loss": null`, and `parse_record` reads that back as `math.nan` (test it with
+`loss_is_finite`). The key must be present: a step line without a loss is still malformed. Files
+written before this rule read the same way, since the engine only ever wrote a null loss for a
+non-finite one. Every other null field means "not measured" (None), as always.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional, Union
 
@@ -60,7 +68,7 @@ class StepMetrics:
     """One optimizer step, as rank 0 saw it. tok_per_sec is global (all ranks)."""
 
     step: int
-    loss: float
+    loss: float  # math.nan when the loss was not finite (null on the wire; see the module docstring)
     aux_loss: Optional[float] = None
     lr: Optional[float] = None
     dt_ms: Optional[float] = None
@@ -110,7 +118,8 @@ _KNOWN = {kind: frozenset(f.name for f in fields(cls)) for kind, cls in _BY_TYPE
 
 
 def to_line(record: Record) -> str:
-    """Serialise one record as a single JSON line (no trailing newline). NaN/inf become null."""
+    """Serialise one record as a single JSON line (no trailing newline). NaN/inf become null
+    (a step's null loss reads back as NaN: see the module docstring)."""
     data = {k: _finite(v) for k, v in asdict(record).items()}
     return json.dumps(data, separators=(",", ":"), allow_nan=False)
 
@@ -149,9 +158,16 @@ def parse_record(data: Any) -> Record:
     if isinstance(record, StepMetrics):
         if not isinstance(record.step, int) or isinstance(record.step, bool):
             raise ValueError("step is not an integer")
-        if not isinstance(record.loss, (int, float)) or isinstance(record.loss, bool):
+        if record.loss is None:  # the loss key is there, null: the step's loss was not finite
+            record.loss = math.nan
+        elif not isinstance(record.loss, (int, float)) or isinstance(record.loss, bool):
             raise ValueError("loss is not a number")
     return record
+
+
+def loss_is_finite(step: StepMetrics) -> bool:
+    """False for a step whose loss was NaN or +-inf (read back from null, see the module docstring)."""
+    return math.isfinite(step.loss)
 
 
 def _finite(value: Any) -> Any:

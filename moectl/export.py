@@ -6,7 +6,8 @@
                      total_time_min, final_loss, drop_frac, expert_load_max, window,
                      warmup_steps, window_steps, clean, error             (one row per run)
 
-`run` is the run id (unique, and what every RUN argument accepts). Missing values are empty cells.
+`run` is the run id (unique, and what every RUN argument accepts). Missing values are empty cells;
+a loss that was not finite (a diverged run's steps, and then its final loss) is `nan`.
 Step values are written with Python's shortest round-trip repr, so `moectl import steps.csv
 --format csv --run ID` reads back exactly the numbers the engine wrote; summary means are rounded
 to 12 significant digits. The summary is the SPEC §7 tail-window summary recomputed from
@@ -68,6 +69,15 @@ def _tidy(name: str, value: Any) -> Any:
     return value
 
 
+def _summary_value(summary: Optional[Summary], metric: str) -> Any:
+    """A summary figure as the CSV holds it: a diverged run's final loss is nan, not an empty cell."""
+    if summary is None:
+        return None
+    if metric == "final_loss" and summary.final_loss_not_finite:
+        return float("nan")
+    return _tidy(metric, getattr(summary, metric))
+
+
 def error_line(error: Optional[str]) -> str:
     """A record's error (often a multi-line log tail) as one line: the last line that names an
     error (`RuntimeError: ...`, `error: ...`), else the first line (`interrupted by SIGINT`)."""
@@ -118,7 +128,7 @@ def export_csv(runs: Sequence[RunRecord], out_dir: Path, window: int, warmup_ste
             n_steps = summary.steps if summary is not None else 0
         summary_rows.append({
             "run": rec.id, "tag": rec.tag, "status": _status(rec), "steps": n_steps,
-            **{m: _tidy(m, getattr(summary, m)) if summary else None for m in SUMMARY_METRICS},
+            **{m: _summary_value(summary, m) for m in SUMMARY_METRICS},
             "window": summary.window if summary else window,
             "warmup_steps": summary.warmup_steps if summary else warmup_steps,
             "window_steps": summary.steps if summary else 0,

@@ -26,7 +26,7 @@ from typing import Optional
 
 from engine.schema import StepMetrics
 from moectl.errors import UsageError
-from moectl.stdout_metrics import StdoutFormat, number as _number, parse_text
+from moectl.stdout_metrics import StdoutFormat, loss_number, number as _number, parse_text
 
 FORMATS = ("nanochat", "regex", "jsonl", "csv")
 
@@ -143,7 +143,8 @@ def parse_csv(text: str, run: Optional[str] = None) -> ParsedLog:
                     continue  # ragged row
                 name = _CSV_ALIASES.get(key.strip(), key.strip())
                 if name in _STEP_FIELDS and raw.strip() != "":
-                    kwargs[name] = _number(raw.strip())
+                    # a diverged step's loss is `nan` (as `moectl export` writes it): a step, not a bad row
+                    kwargs[name] = (loss_number if name == "loss" else _number)(raw.strip())
             step = int(str(row.get("step", "")).strip())
             if "loss" not in kwargs:
                 raise ValueError("no loss")

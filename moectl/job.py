@@ -92,7 +92,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from moectl.runner import RunOutcome, finish_record, report_and_commit, stdout_parser
 
-    parser = stdout_parser(cfg, plan)  # a trainer whose metrics come from its output ([metrics] source)
+    parser = stdout_parser(cfg, plan, spec.nodes)  # a trainer whose metrics come from its output ([metrics] source)
     try:
         result = _train(spec, plan, run_dir, job_id, restart, parser)
     except BaseException as exc:  # the record must not say `running` once this job is gone

@@ -8,6 +8,11 @@ engine. The rule every number here follows, so the seed study's figures reproduc
     tail mean  = arithmetic mean of the last `window` steps past the warm-up (fewer if the run is
                  shorter: the summary's `steps` says how many, its `note` says so)
     peak mem   = max over the whole run;  total time = training time;  final loss = last step's loss
+    loss       = a step whose loss was not finite (NaN / inf: the run diverged) is a real step, timed
+                 and counted like any other (engine.schema reads its null loss as NaN). No figure
+                 quietly skips it: when the last step's loss is not finite the final loss is null
+                 and `Summary.loss_not_finite` / `loss_not_finite_from` say why (a repeat group's
+                 too, if any repeat diverged); `loss_warning` is the line the run record carries
     noise      = standard error of each tail mean (moectl/noise.py): for one run, within-run,
                  sample std / sqrt(n_eff) over the window, n_eff corrected for autocorrelation;
                  for a repeat group, between-runs, the std of the repeats' tail means / sqrt(n)
@@ -34,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from engine.schema import RunSummary, StartInfo, StepMetrics, parse_record
+from engine.schema import RunSummary, StartInfo, StepMetrics, loss_is_finite, parse_record
 from moectl.noise import BETWEEN_RUNS, WITHIN_RUN, between_runs_stderr, within_run_stderr
 from moectl.records import Summary
 
@@ -225,8 +230,11 @@ def _window_note(n_run: int, n_window: int, clean: bool, window: int, warmup_ste
 
 def tail_summary(metrics: MetricsFile, window: int, warmup_steps: int = 0) -> Summary:
     """The SPEC §7 summary of one run. `steps` = how many steps the tail window really covered;
-    `clean` = whether they are past the warm-up (see `tail_window`)."""
+    `clean` = whether they are past the warm-up (see `tail_window`). The non-finite loss counts are
+    over the steps `metrics` holds: the whole run for a full read, the tail for a tail read."""
     tail, clean = tail_window(metrics, window, warmup_steps)
+    not_finite = [s.step for s in metrics.steps if not loss_is_finite(s)]
+    last = metrics.steps[-1] if metrics.steps else None
     peaks = _values(metrics.steps, "peak_mem_mib")
     if metrics.summary is not None and metrics.summary.peak_mem_mib is not None:
         peaks.append(metrics.summary.peak_mem_mib)
@@ -244,10 +252,33 @@ def tail_summary(metrics: MetricsFile, window: int, warmup_steps: int = 0) -> Su
         mfu=_mean(_values(tail, "mfu")),
         peak_mem_mib=max(peaks) if peaks else None,
         total_time_min=total_s / 60.0 if total_s is not None else None,
-        final_loss=metrics.steps[-1].loss if metrics.steps else None,
+        final_loss=last.loss if last is not None and loss_is_finite(last) else None,
         drop_frac=_mean(_values(tail, "drop_frac")),
         expert_load_max=_mean(_values(tail, "expert_load_max")),
+        loss_not_finite=len(not_finite),
+        loss_not_finite_from=not_finite[0] if not_finite else None,
     )
+
+
+def loss_warning(metrics: MetricsFile) -> Optional[str]:
+    """The run record's warning about steps whose loss was not finite, or None when every loss was.
+
+    `loss not finite from step 2 (diverged): 23 of 25 steps ...` when every step from the first such
+    one to the end has no finite loss; otherwise how many, the first, and whether the last is one."""
+    bad = [s.step for s in metrics.steps if not loss_is_finite(s)]
+    if not bad:
+        return None
+    n = len(metrics.steps)
+    last_bad = not loss_is_finite(metrics.steps[-1])
+    trailing = sum(1 for s in metrics.steps if s.step >= bad[0])
+    if last_bad and trailing == len(bad):
+        return (f"{LOSS_WARNING} from step {bad[0]} (diverged): {len(bad)} of {n} steps have a NaN/inf loss, "
+                "so the final loss is NaN; their step time, tok/sec and memory are still measured")
+    end = "the last step's too, so the final loss is NaN (diverged)" if last_bad else "the final loss is finite"
+    return f"{LOSS_WARNING} at {len(bad)} of {n} steps (first at step {bad[0]}); {end}"
+
+
+LOSS_WARNING = "loss not finite"  # how loss_warning's line starts (a record holds at most one)
 
 
 def tail_stderr(metrics: MetricsFile, window: int, warmup_steps: int = 0) -> dict[str, Optional[float]]:
@@ -275,10 +306,14 @@ def group_summary(members: Sequence[MetricsFile], window: int, warmup_steps: int
         xs = [v for v in (getattr(p, m) for p in parts) if v is not None]
         values[m] = (max(xs) if m == "peak_mem_mib" else _mean(xs)) if xs else None
         errors[m] = between_runs_stderr(xs) if m in MEAN_METRICS and len(xs) == len(parts) else None
+    if any(p.final_loss_not_finite for p in parts):
+        values["final_loss"] = None  # NaN, not the mean of the repeats that did not diverge
     clean = all(p.clean for p in parts)
     note = next((p.note for p in parts if p.note), None)
+    firsts = [p.loss_not_finite_from for p in parts if p.loss_not_finite_from is not None]
     summary = Summary(window=window, steps=min(p.steps for p in parts), warmup_steps=warmup_steps, clean=clean,
-                      note=note, **values)
+                      note=note, loss_not_finite=sum(p.loss_not_finite for p in parts),
+                      loss_not_finite_from=min(firsts) if firsts else None, **values)
     return summary, errors
 
 
@@ -316,6 +351,7 @@ class MetricValue:
     stderr: Optional[float] = None  # of the tail mean; None for non-mean metrics
     beyond_noise: Optional[bool] = None  # None when either side has no noise estimate or is marked
     marked: bool = False  # a tail mean over warm-up steps only (the run is not clean): show MARK
+    not_finite: bool = False  # value is None because the figure was NaN (a diverged run's final loss)
 
 
 @dataclass
@@ -342,8 +378,9 @@ class Comparison:
     warmup_steps: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        """The `moectl compare --json` contract (SPEC §7a), plus `notes`, `beyond_noise` and the
-        warm-up keys (`warmup_steps`; per run `clean`, `note`; per metric `marked`)."""
+        """The `moectl compare --json` contract (SPEC §7a), plus `notes`, `beyond_noise`, the
+        warm-up keys (`warmup_steps`; per run `clean`, `note`; per metric `marked`) and per metric
+        `not_finite` (its null value was NaN: a diverged run's final loss)."""
         return {
             "baseline": self.baseline,
             "window": self.window,
@@ -366,6 +403,7 @@ class Comparison:
                             "stderr": mv.stderr,
                             "beyond_noise": mv.beyond_noise,
                             "marked": mv.marked,
+                            "not_finite": mv.not_finite,
                         }
                         for name, mv in r.metrics.items()
                     },
@@ -423,6 +461,7 @@ def compare(runs: Sequence[RunMetrics], baseline_index: int = 0, window: int = 5
                 stderr=errs[m],
                 beyond_noise=verdict if both_clean else None,
                 marked=not summ.clean and m in MEAN_METRICS and value is not None,
+                not_finite=m == "final_loss" and summ.final_loss_not_finite,
             )
         n_steps = r.metrics.n_steps if r.metrics.steps else summ.steps
         out.append(RunComparison(r.id, r.tag, n_steps, summ.steps, dict(r.options), mvs,
@@ -449,6 +488,10 @@ def _notes(rows: list[RunComparison], window: int, warmup_steps: int = 0) -> lis
         notes.append(
             f"still comparable, note: fewer than {window} steps in the tail window{after} for {', '.join(short)}"
         )
+    diverged = [r.tag or r.id for r in rows if r.metrics["final_loss"].not_finite]
+    if diverged:
+        notes.append(f"diverged: {', '.join(diverged)} ended with a NaN/inf loss (final loss NaN); the "
+                     "throughput figures are still measured, but nothing was learned past the divergence")
     marked = [r.tag or r.id for r in rows if not r.clean and r.tail_steps]
     if marked:
         notes.append(f"not comparable: {', '.join(marked)} ran no step past the warm-up, so the tail means marked "

@@ -17,6 +17,7 @@ are whole numbers, and so are the ticks of the step axis.
 """
 from __future__ import annotations
 
+import math
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -59,7 +60,7 @@ class PlotResult:
     path: Path
     metric: str
     plotted: list[str] = field(default_factory=list)  # run ids with a line in the figure
-    skipped: list[str] = field(default_factory=list)  # one warning per run left out
+    skipped: list[str] = field(default_factory=list)  # one warning per run left out (or with NaN/inf gaps)
     off_scale: int = 0  # warm-up points outside the fitted y range
     figure: Any = field(default=None, repr=False)  # the matplotlib Figure that was saved
 
@@ -77,18 +78,25 @@ def _labels(runs: Sequence[RunRecord]) -> list[str]:
 
 
 def collect_series(runs: Sequence[RunRecord], metric: str) -> tuple[list[Series], list[str]]:
-    """Each run's (step, value) points of `metric` from its metrics.jsonl; runs without any value
-    come back as warning lines instead."""
-    series, skipped = [], []
+    """Each run's (step, value) points of `metric` from its metrics.jsonl, and warning lines: one
+    per run without any value (left out), one per run whose values were partly NaN/inf (a diverged
+    loss: those steps are a gap in its line, said rather than drawn off the axes)."""
+    series, warnings = [], []
     for rec, label in zip(runs, _labels(runs)):
         m = read_metrics(Path(rec.exp_dir) / METRICS_FILENAME)
-        points = [(s.step, getattr(s, metric)) for s in m.steps if getattr(s, metric) is not None]
+        values = [(s.step, float(getattr(s, metric))) for s in m.steps if getattr(s, metric) is not None]
+        points = [(step, v) for step, v in values if math.isfinite(v)]
+        if len(points) < len(values):
+            first = next(step for step, v in values if not math.isfinite(v))
+            warnings.append(f"{rec.id}: {metric} not finite at {len(values) - len(points)} of {len(values)} steps "
+                            f"(from step {first}); not drawn")
         if not points:
-            why = "no metrics.jsonl steps" if not m.steps else f"no {metric} values in {len(m.steps)} steps"
-            skipped.append(f"{rec.id}: {why}; left out of the {metric} plot")
+            why = ("no metrics.jsonl steps" if not m.steps else
+                   f"no {'finite ' if values else ''}{metric} values in {len(m.steps)} steps")
+            warnings.append(f"{rec.id}: {why}; left out of the {metric} plot")
             continue
-        series.append(Series(label, rec.id, [p[0] for p in points], [float(p[1]) for p in points]))
-    return series, skipped
+        series.append(Series(label, rec.id, [p[0] for p in points], [p[1] for p in points]))
+    return series, warnings
 
 
 def _fitted_ylim(series: list[Series], warmup_steps: int) -> Optional[tuple[float, float, int]]:

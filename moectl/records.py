@@ -56,6 +56,16 @@ class Summary(BaseModel):
     warmup_steps: int = 0
     clean: bool = True
     note: Optional[str] = None
+    # Steps whose loss was not finite (NaN / inf: a diverged run; moectl.metrics): how many, and the
+    # first. They are real steps, counted in `steps` and the tail means like any other; when the last
+    # one is among them `final_loss` is null (JSON has no NaN) and `final_loss_not_finite` is true.
+    loss_not_finite: int = 0
+    loss_not_finite_from: Optional[int] = None
+
+    @property
+    def final_loss_not_finite(self) -> bool:
+        """The final loss is NaN (null here): the run ended diverged, not without a loss."""
+        return self.final_loss is None and self.loss_not_finite > 0
 
 
 class TrackerMirror(BaseModel):

@@ -41,6 +41,9 @@ def fmt(value: Optional[float], decimals: int) -> str:
     return "—" if value is None else f"{value:.{decimals}f}"
 
 
+NOT_FINITE = "NaN"  # how a table shows a figure that was not finite (a diverged run's final loss)
+
+
 def fmt_delta(delta: Optional[float]) -> str:
     return "" if delta is None else f"{delta:+.2f}%"
 
@@ -52,7 +55,10 @@ def is_marked(summary: Optional[Summary], metric: str) -> bool:
 
 
 def summary_cell(summary: Optional[Summary], metric: str, decimals: int) -> str:
-    """One metric of a record's summary for a table: the value, MARK when it is warm-up only."""
+    """One metric of a record's summary for a table: the value, MARK when it is warm-up only,
+    NaN for the final loss of a run that diverged (its null is not a missing figure)."""
+    if metric == "final_loss" and summary is not None and summary.final_loss_not_finite:
+        return NOT_FINITE
     text = fmt(getattr(summary, metric) if summary is not None else None, decimals)
     return text + (MARK if is_marked(summary, metric) else "")
 
@@ -182,6 +188,8 @@ def _table(header: list[str], rows: list[list[str]], right_from: int = 1) -> lis
 
 
 def _cell(mv: MetricValue, decimals: int, is_baseline: bool) -> str:
+    if mv.not_finite:
+        return NOT_FINITE
     text = fmt(mv.value, decimals)
     if mv.value is None:
         return text

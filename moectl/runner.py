@@ -199,15 +199,15 @@ def finish_record(record: RunRecord, result: LaunchResult, plan: RunPlan,
     """The record of a run whose torchrun has exited: summary, status, exit code, error; saved.
     `parser`: the stdout parser of a trainer whose metrics come from its output. Returns (moectl's
     exit code, whether the engine failed to compile)."""
+    if parser is not None:
+        record.warnings = parser.warnings()
     metrics = read_metrics(Path(plan.files["metrics.jsonl"]))
-    store.apply_metrics(record, metrics, plan.window, plan.warmup_steps)
+    store.apply_metrics(record, metrics, plan.window, plan.warmup_steps)  # adds a NaN-loss warning
     if metrics.start is not None and plan.device == "cuda" and not record.gpus:
         record.gpus = [metrics.start.device]
     worker_code = result.worker_exit_code
     record.exit_code = worker_code if worker_code is not None else result.exit_code
     record.finished_at = store.now_iso()
-    if parser is not None:
-        record.warnings = parser.warnings()
     exit_code, compile_failed = EXIT_OK, False
     if result.interrupted:
         record.status = "interrupted"
@@ -261,13 +261,15 @@ def report_and_commit(cfg: Config, outcome: RunOutcome, *, baseline: Optional[Ru
     outcome.tracking = mirror_run(cfg, record, report=report)
 
 
-def stdout_parser(cfg: Config, plan: RunPlan) -> Optional[StdoutParser]:
-    """The parser of a trainer whose metrics come from its output ([metrics] source = "stdout"), else None."""
+def stdout_parser(cfg: Config, plan: RunPlan, nodes: int = 1) -> Optional[StdoutParser]:
+    """The parser of a trainer whose metrics come from its output ([metrics] source = "stdout"), else None.
+    `nodes`: how many nodes run `plan.nproc` processes each (a Slurm job's --nodes; the plan is per
+    node), so the world size it records is every process of the run, as the engine's own is."""
     if cfg.metrics.source != "stdout":
         return None
     steps = plan.options.get("steps")
     return StdoutParser(StdoutFormat.from_config(cfg.metrics), planned_steps=steps if isinstance(steps, int) else None,
-                        world_size=plan.nproc, device=plan.device)
+                        world_size=plan.nproc * nodes, device=plan.device)
 
 
 def _run_metrics(record: RunRecord) -> RunMetrics:

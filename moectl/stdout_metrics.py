@@ -22,6 +22,20 @@ What is never a step, whatever the patterns say:
 
 Numbers may carry thousands separators (`16,384`) and a `%` or unit the pattern leaves outside its
 group. Torch-free: this module runs in the moectl process.
+
+A loss printed as `nan` / `inf` (the run diverged) is a step with a non-finite loss, as in the
+engine's own metrics (engine.schema: null on the wire, NaN when read), never a skipped line. Most
+loss patterns only take digits (`loss ([\\d.]+)`): when one does not match a step line holding such
+a word, each `nan`/`inf` is read as a number of the same length (`0.0`) and the pattern tried once
+more; if its group lands on that word, the word is the loss. Any other field must be a finite number.
+
+Training time, when the trainer does not print its own (nanochat's `total time`, `Total training
+time`), is the sum of the printed step times. A trainer that prints every Nth step (nanoGPT's
+`log_interval`) is timed as dt x the steps since the previous printed line: each printed dt stands
+for the unprinted steps before it. That is an estimate, and a warning says so, with how many steps
+were never printed (the tail means are over the printed steps only). Summing the printed dt alone
+would count a tenth of the time of a run printed every 10th step; the wall clock between lines would
+count evals and checkpoint saves, and an imported log has no wall clock.
 """
 from __future__ import annotations
 
@@ -64,6 +78,37 @@ def number(text: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"not finite: {text}")
     return value
+
+
+def loss_number(text: str) -> float:
+    """A loss: a number as `number` reads it, or `nan` / `inf` / `-inf` / `Infinity` (any case),
+    which a diverged run prints: math.nan or +-math.inf then (engine.schema writes either as null)."""
+    word = text.strip()
+    if _NON_FINITE.fullmatch(word):
+        return float(word)
+    return number(word)
+
+
+# `nan`, `inf`, `-inf`, `infinity`, any case, as a word of its own (not `nanochat`, `inference`).
+_NON_FINITE = re.compile(r"(?<![\w.])[+-]?(?:nan|inf(?:inity)?)(?![\w.])", re.IGNORECASE)
+
+
+def _masked_loss(pattern: re.Pattern, line: str) -> Optional[float]:
+    """The loss of a line printing it as nan/inf to a pattern whose group takes digits only (see
+    the module docstring): None when the pattern's group does not land on such a word."""
+    words = list(_NON_FINITE.finditer(line))
+    if not words:
+        return None
+    masked = line
+    for w in words:  # `0.0`, `0.00` (-inf), ...: the same length, so a span of the masked line is the line's
+        masked = masked[:w.start()] + "0." + "0" * (w.end() - w.start() - 2) + masked[w.end():]
+    m = pattern.search(masked)
+    if m is None:
+        return None
+    for w in words:
+        if m.start(1) < w.end() and w.start() < m.end(1):
+            return float(w.group())
+    return None
 
 
 def _duration_s(text: str) -> float:
@@ -143,6 +188,8 @@ class StdoutParser:
         self.device = device
         self.tokens_per_step: Optional[float] = None
         self.steps_seen = 0  # step lines turned into records
+        self.unprinted = 0  # steps between two printed step lines (a trainer printing every Nth step)
+        self.time_estimated = False  # training time includes dt x unprinted steps (see the module docstring)
         self.skipped = 0  # lines that matched the step pattern but could not be read
         self.partial = 0  # lines without their newline (never steps)
         self.matched = {name: 0 for name in fmt.patterns}  # step lines each pattern matched
@@ -223,7 +270,10 @@ class StdoutParser:
         for name, pattern in self.fmt.patterns.items():
             pm = pattern.search(line)
             if pm is not None:
-                kwargs[name] = number(pm.group(1))
+                kwargs[name] = (loss_number if name == "loss" else number)(pm.group(1))
+                self.matched[name] += 1
+            elif name == "loss" and (loss := _masked_loss(pattern, line)) is not None:
+                kwargs[name] = loss  # `loss nan` to a `loss ([\d.]+)` pattern
                 self.matched[name] += 1
         return kwargs
 
@@ -235,9 +285,15 @@ class StdoutParser:
         dt_ms = kwargs.get("dt_ms")
         if "tok_per_sec" not in kwargs and self.tokens_per_step and dt_ms:
             kwargs["tok_per_sec"] = self.tokens_per_step / (dt_ms / 1000.0)
+        # Steps the trainer ran but did not print since its previous step line (none before the
+        # first line, or when the numbering restarts: a resumed run, a second phase).
+        gap = step - self.last.step - 1 if self.last is not None and step > self.last.step else 0
+        self.unprinted += gap
         if "elapsed_s" not in kwargs and dt_ms is not None:
-            # Training time so far as the sum of step times: the trainer did not print its own.
-            self._elapsed_s += dt_ms / 1000.0
+            # Training time so far as the sum of step times, the trainer not printing its own; this
+            # line's dt stands for the unprinted steps before it too (see the module docstring).
+            self._elapsed_s += dt_ms / 1000.0 * (1 + gap)
+            self.time_estimated = self.time_estimated or gap > 0
             kwargs["elapsed_s"] = self._elapsed_s
         return StepMetrics(step=step, **kwargs)
 
@@ -279,6 +335,11 @@ class StdoutParser:
                        "no tok/sec unless the step lines print it")
         if self.skipped:
             out.append(f"{self.skipped} step line(s) could not be read (no loss, or not a number) and were skipped")
+        if self.unprinted:
+            out.append(f"{self.unprinted} steps were never printed (the trainer printed {self.steps_seen} step lines): "
+                       "the tail means are over the printed steps only"
+                       + ("; training time counts each printed dt for the unprinted steps before it "
+                          "(dt x steps since the previous line: an estimate)" if self.time_estimated else ""))
         return out
 
     def no_steps_reason(self) -> str:
@@ -299,7 +360,7 @@ def _nanochat_fields(rest: str) -> dict[str, float]:
         elif name == "elapsed_s":
             kwargs[name] = _duration_s(raw)
         else:
-            kwargs[name] = number(raw)
+            kwargs[name] = (loss_number if name == "loss" else number)(raw)
     return kwargs
 
 

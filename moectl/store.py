@@ -29,7 +29,7 @@ from pydantic import Field, ValidationError
 from engine.schema import METRICS_FILENAME, RunSummary, StepMetrics, to_line
 from moectl.config import MetricsSection
 from moectl.errors import UsageError
-from moectl.metrics import MetricsFile, read_metrics, tail_summary
+from moectl.metrics import LOSS_WARNING, MetricsFile, loss_warning, read_metrics, tail_summary
 from moectl.records import (
     RUN_RECORD, SWEEP_RECORD, UNSETTLED, RunRecord, Summary, SweepRecord, save_model, write_text_atomic,
 )
@@ -150,8 +150,8 @@ _RUN_SPECIFIC = ("out_dir", "ckpt_dir")
 
 def apply_metrics(record: RunRecord, metrics: MetricsFile, window: int, warmup_steps: int) -> None:
     """What a record takes from its metrics.jsonl once the training is over: the tail summary
-    (SPEC §7), the engine's resolved configuration and torch version, a note on malformed lines.
-    The one place for it, whether moectl saw the run to its end or a reader settles it later.
+    (SPEC §7), the engine's resolved configuration and torch version, a note on malformed lines,
+    the warning of a loss that went NaN/inf (`metrics.loss_warning`). The one place for it, whether moectl saw the run to its end or a reader settles it later.
 
     A run resumed from a checkpoint (a requeued Slurm job, `--resume`) is summarised over its final
     stretch only: the steps from the last start, past that process's own warm-up (the steps before
@@ -166,6 +166,10 @@ def apply_metrics(record: RunRecord, metrics: MetricsFile, window: int, warmup_s
     if metrics.skipped:
         note = f"{metrics.skipped} malformed metrics lines skipped"
         record.notes = f"{record.notes}; {note}" if record.notes else note
+    # A diverged run is a warning (shown by `show`, `runs` and the report), never a silent figure.
+    # Its status stays what the trainer's exit made it: the steps ran and were measured.
+    warning = loss_warning(metrics)
+    record.warnings = [w for w in record.warnings if not w.startswith(LOSS_WARNING)] + ([warning] if warning else [])
 
 
 def settle_stale(run_dir: Path, rec: StoredRun, recorded_exp_dir: Optional[str] = None) -> StoredRun:

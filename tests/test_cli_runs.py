@@ -185,7 +185,7 @@ def test_compare_json_contract_and_baseline(project):
     # 10950/6 vs 87500/8, both hand-derived from the fixture rows
     assert tps["delta_pct"] == pytest.approx((10950 / 6 - 87500 / 8) / (87500 / 8) * 100)
     assert data["runs"][1]["metrics"]["mfu"] == {"value": None, "delta_pct": None, "stderr": None, "beyond_noise": None,
-                                                 "marked": False}
+                                                 "marked": False, "not_finite": False}
     # Both fixtures are shorter than the default 10 warm-up steps: their tail means are kept and
     # shown, marked, and no noise verdict is given on them.
     assert data["warmup_steps"] == 10 and [x["clean"] for x in data["runs"]] == [False, False]

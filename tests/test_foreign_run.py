@@ -147,6 +147,25 @@ def test_a_pattern_that_never_matches_is_a_warning_in_record_report_and_show(git
     assert f"warning: {warning}" in shown.output
 
 
+def test_a_foreign_trainer_printing_loss_nan_completes_diverged_with_every_step_counted(git_repo, monkeypatch,
+                                                                                      artifact_root):
+    """nanoGPT prints `loss nan` once it diverges; the project's pattern is `loss ([\\d.]+)`."""
+    proj = nanogpt_project(git_repo, monkeypatch)
+    result = runner.invoke(app, ["run", "--device", "cpu", "--steps", "15", "--tag", "nan", *QUIET, "--", "--nan_from=12"])
+    assert result.exit_code == 0, result.output
+    assert "progress: finished 15 steps" in result.output
+    rec = record(run_dirs(artifact_root)[0])
+    assert rec["status"] == "completed"
+    steps = steps_in(run_dirs(artifact_root)[0])
+    assert [s.step for s in steps] == list(range(15)) and [s.step for s in steps if s.loss != s.loss] == [12, 13, 14]
+    s = rec["summary"]
+    assert s["steps"] == 5 and s["final_loss"] is None and s["loss_not_finite_from"] == 12
+    assert s["dt_ms"] == pytest.approx(sum(x.dt_ms for x in steps[10:]) / 5)  # the NaN-loss steps are timed too
+    [warning] = rec["warnings"]  # the diverged loss, not "step lines could not be read"
+    assert warning.startswith("loss not finite from step 12 (diverged): 3 of 15 steps")
+    assert warning in next((proj / "reports").glob("*.md")).read_text()
+
+
 @pytest.mark.slow
 def test_sigint_mid_run_of_a_foreign_trainer(git_repo, monkeypatch, artifact_root, tmp_path):
     nanogpt_project(git_repo, monkeypatch, launcher="torchrun")

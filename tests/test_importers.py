@@ -91,6 +91,14 @@ def test_csv_engine_style_needs_run_choice_when_several():
         load_log(FIXTURES / "steps_engine_style.csv", "csv", run="gamma")
 
 
+def test_a_csv_row_whose_loss_is_nan_is_a_diverged_step_not_a_bad_row():
+    """`moectl export` writes a diverged step's loss as `nan`: importing that table keeps the step."""
+    parsed = parse_csv("run,step,loss,dt_ms\nr,0,2.5,10.0\nr,1,nan,11.0\nr,2,-inf,12.0\nr,3,2.5,nan\n")
+    assert [s.step for s in parsed.steps] == [0, 1, 2] and parsed.skipped == 1  # a NaN dt is still no figure
+    assert parsed.steps[1].loss != parsed.steps[1].loss and parsed.steps[1].dt_ms == 11.0
+    assert parsed.steps[2].loss == float("-inf")
+
+
 def test_csv_without_step_column():
     with pytest.raises(UsageError, match="no 'step' column"):
         parse_csv("a,b\n1,2\n")

@@ -254,3 +254,73 @@ def test_seed_figures_are_untouched_by_the_default_warmup_steps():
     assert round(buf.dt_ms, 2) == 650.67 and round(buf.mfu, 4) == 9.7588
     c = compare(runs, window=50, warmup_steps=DEFAULT_WARMUP_STEPS).runs[1].metrics["tok_per_sec"]
     assert round(c.delta_pct, 2) == 2.70 and c.beyond_noise is True and not c.marked
+
+
+# --- a loss that is not finite (NaN / inf: a diverged run) ----------------------------------------
+
+def _strict_json(text: str):
+    """json.loads that refuses NaN / Infinity: what a strict consumer of our JSON does."""
+    import json
+
+    def refuse(name):
+        raise ValueError(f"{name} in JSON output")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_non_finite_loss_round_trips_as_a_step_not_a_malformed_line(tmp_path):
+    from engine.schema import loss_is_finite, parse_line, to_line
+
+    nan, inf = StepMetrics(step=1, loss=float("nan"), tok_per_sec=10.0), StepMetrics(step=2, loss=float("-inf"))
+    assert '"loss":null' in to_line(nan) and '"loss":null' in to_line(inf)  # JSON has no NaN
+    back = parse_line(to_line(nan))
+    assert math.isnan(back.loss) and back.tok_per_sec == 10.0 and not loss_is_finite(back)
+    assert loss_is_finite(parse_line(to_line(StepMetrics(step=0, loss=2.5))))
+    p = tmp_path / "m.jsonl"
+    # a file of the engine before this rule: the same null loss; a step with no loss key stays malformed
+    p.write_text(to_line(StepMetrics(step=0, loss=2.5)) + "\n" + to_line(nan) + "\n" + to_line(inf) + "\n"
+                 '{"type":"step","step":3,"loss":null,"dt_ms":5.0}\n{"type":"step","step":4}\n')
+    m = read_metrics(p)
+    assert m.skipped == 1 and [s.step for s in m.steps] == [0, 1, 2, 3]
+    assert [loss_is_finite(s) for s in m.steps] == [True, False, False, False] and m.steps[3].dt_ms == 5.0
+
+
+def _diverged(n=12, from_step=5, back_at=None):
+    """Steps 0..n-1, tok/sec 100+i; loss 3.0 before `from_step`, NaN from it (finite again from `back_at`)."""
+    def loss(i):
+        return float("nan") if from_step <= i and (back_at is None or i < back_at) else 3.0
+    return MetricsFile(steps=[StepMetrics(step=i, loss=loss(i), tok_per_sec=100.0 + i) for i in range(n)])
+
+
+def test_a_diverged_run_has_no_final_loss_but_every_step_counted():
+    from moectl.metrics import loss_warning
+
+    m = _diverged(n=12, from_step=5)
+    s = tail_summary(m, window=4)
+    assert s.steps == 4 and s.tok_per_sec == pytest.approx((108 + 109 + 110 + 111) / 4)  # steps 8..11, all NaN-loss
+    assert s.final_loss is None and s.final_loss_not_finite  # NaN, not the last finite 3.0
+    assert (s.loss_not_finite, s.loss_not_finite_from) == (7, 5)  # steps 5..11
+    assert loss_warning(m).startswith("loss not finite from step 5 (diverged): 7 of 12 steps")
+    # a run whose loss came back: the final loss is the last step's, and the warning says so
+    back = _diverged(n=12, from_step=5, back_at=7)
+    s = tail_summary(back, window=4)
+    assert s.final_loss == 3.0 and not s.final_loss_not_finite and (s.loss_not_finite, s.loss_not_finite_from) == (2, 5)
+    assert loss_warning(back) == "loss not finite at 2 of 12 steps (first at step 5); the final loss is finite"
+    assert loss_warning(_diverged(n=12, from_step=99)) is None
+
+
+def test_compare_and_groups_never_average_a_nan_away():
+    from moectl.metrics import group_summary
+
+    fine = _run("a", [100.0, 100.0, 100.0])  # loss 2.0 throughout
+    bad = RunMetrics(id="d", tag="D", metrics=_diverged(n=3, from_step=1))
+    c = compare([fine, bad], window=50)
+    loss = c.runs[1].metrics["final_loss"]
+    assert loss.value is None and loss.not_finite and loss.delta_pct is None
+    assert not c.runs[0].metrics["final_loss"].not_finite
+    assert any(n.startswith("diverged: D ended with a NaN/inf loss") for n in c.notes)
+    as_json = _strict_json(__import__("json").dumps(c.to_json()))
+    assert as_json["runs"][1]["metrics"]["final_loss"]["not_finite"] is True
+    # a repeat group with one diverged repeat: NaN, not the mean of the others' final losses
+    summary, _ = group_summary([fine.metrics, bad.metrics], window=50)
+    assert summary.final_loss is None and summary.final_loss_not_finite and summary.loss_not_finite_from == 1
+    assert summary.tok_per_sec == pytest.approx((100.0 + (100 + 101 + 102) / 3) / 2)

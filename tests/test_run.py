@@ -167,6 +167,54 @@ def test_real_tiny_run_end_to_end(git_repo, monkeypatch, artifact_root):
     assert not (artifact_root / LOCK_NAME).exists()
 
 
+def test_a_diverged_engine_run_counts_every_step_and_says_it_diverged(git_repo, monkeypatch, artifact_root, tmp_path):
+    """lr 1e30 without clipping: the real engine's loss goes NaN within a few steps and it exits 0.
+    The run stays `completed` (every step ran and was measured) but nothing reads like a healthy run:
+    all 14 steps count, the final loss is NaN (null), and the record, `show`, `runs`, the report,
+    `compare`, `export` and `plot` all say the loss was not finite from the step the engine wrote."""
+    write_config(git_repo, module="engine.train")
+    commit_config(git_repo, monkeypatch)
+    r = run("--device", "cpu", "--steps", "14", "--tag", "nan", *QUIET, "--", "--lr", "1e30", "--grad-clip", "0")
+    assert r.exit_code == 0, r.output
+    [exp] = run_dirs(artifact_root)
+    raw = [json.loads(x) for x in (exp / "metrics.jsonl").read_text().splitlines()]
+    raw_steps = [x for x in raw if x.get("type") == "step"]
+    first_null = next(x["step"] for x in raw_steps if x["loss"] is None)  # where the engine wrote a null loss
+    n_null = sum(1 for x in raw_steps if x["loss"] is None)
+    assert len(raw_steps) == 14 and raw_steps[-1]["loss"] is None  # it diverged and stayed diverged
+    rec = record(exp)
+    assert rec["status"] == "completed" and rec["exit_code"] == 0 and rec["notes"] is None  # no line was malformed
+    s = rec["summary"]
+    assert s["steps"] == 4 and s["final_loss"] is None  # steps 10-13 past the warm-up: all NaN-loss, all counted
+    assert (s["loss_not_finite"], s["loss_not_finite_from"]) == (n_null, first_null)
+    assert s["tok_per_sec"] == pytest.approx(tail_mean([x["tok_per_sec"] for x in raw_steps[10:]]))
+    [warning] = rec["warnings"]
+    assert warning.startswith(f"loss not finite from step {first_null} (diverged): {n_null} of 14 steps")
+    assert "progress: finished 14 steps" in r.stdout and f"warning: {warning}" in r.stdout and "loss NaN" in r.stdout
+    assert warning in the_report(git_repo).read_text()
+
+    shown = runner.invoke(app, ["show", "nan"])
+    assert shown.exit_code == 0, shown.output
+    assert f"warning: {warning}" in shown.output and f"final loss NaN (not finite from step {first_null})" in shown.output
+    listed = runner.invoke(app, ["runs"])
+    assert listed.exit_code == 0 and f"! {rec['id']}: {warning}" in listed.output, listed.output
+    compared = runner.invoke(app, ["compare", "nan", "--baseline", "nan", "--json"])
+    assert compared.exit_code == 0, compared.output
+    data = json.loads(compared.stdout, parse_constant=lambda name: pytest.fail(f"{name} in compare --json"))
+    assert data["runs"][0]["metrics"]["final_loss"] == {**data["runs"][0]["metrics"]["final_loss"],
+                                                        "value": None, "not_finite": True}
+    assert any(note.startswith("diverged: nan") for note in data["notes"])
+    exported = runner.invoke(app, ["export", "nan", "--csv", str(tmp_path / "csv")])
+    assert exported.exit_code == 0, exported.output
+    steps_csv = (tmp_path / "csv" / "steps.csv").read_text().splitlines()
+    assert len(steps_csv) == 1 + 14 and sum(1 for line in steps_csv if ",nan," in line) == n_null
+    assert ",nan," in (tmp_path / "csv" / "summary.csv").read_text().splitlines()[1]
+    pytest.importorskip("matplotlib")
+    plotted = runner.invoke(app, ["plot", "nan", "-m", "loss", "-o", str(tmp_path / "loss.png")])
+    assert plotted.exit_code == 0, plotted.output
+    assert f"loss not finite at {n_null} of 14 steps (from step {first_null}); not drawn" in plotted.output
+
+
 # --------------------------------------------------------------------------- 2. commit only our files
 
 

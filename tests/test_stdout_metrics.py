@@ -1,8 +1,11 @@
 """The stdout parser (moectl/stdout_metrics.py): what is a step and what is not, live and imported."""
 from __future__ import annotations
 
+import math
+import re
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -136,3 +139,83 @@ def test_import_regex_takes_its_patterns_from_the_config(tmp_path, monkeypatch, 
     [imported] = list(artifact_root.glob("*/metrics.jsonl"))
     steps = [r for r in map(parse_line, imported.read_text().splitlines()) if isinstance(r, StepMetrics)]
     assert [s.step for s in steps] == list(range(12)) and all(s.dt_ms for s in steps)
+
+
+# --- a loss printed as nan / inf (a diverged run) ---------------------------------------------------
+
+def test_nanochat_loss_nan_is_a_step_with_a_nan_loss_not_a_skipped_line():
+    parser, steps = parse_text(trainer_output("--style=nanochat", "--max_iters=8", "--nan_from=5"), NANOCHAT)
+    assert [s.step for s in steps] == list(range(8))
+    assert [s.step for s in steps if math.isnan(s.loss)] == [5, 6, 7]
+    assert all(s.dt_ms and s.tok_per_sec for s in steps)  # the diverged steps were still timed
+    assert parser.skipped == 0 and parser.warnings() == []
+    assert math.isnan(parser.finish().final_loss)
+
+
+@pytest.mark.parametrize("loss_pattern", [r"loss ([\d.]+)", r"loss (-?[\d.]+)", r"loss (\S+),"])
+def test_a_digits_only_loss_pattern_still_reads_nan_as_the_loss(loss_pattern):
+    """nanoGPT prints `loss nan`; most patterns only take digits. The step is not lost either way."""
+    fmt = StdoutFormat.build("regex", step=r"iter (\d+):", patterns={"loss": loss_pattern, "dt_ms": r"time ([\d.]+)ms"})
+    parser, steps = parse_text(trainer_output("--max_iters=12", "--nan_from=4"), fmt)
+    assert [s.step for s in steps] == list(range(12)) and parser.skipped == 0
+    assert [s.step for s in steps if math.isnan(s.loss)] == list(range(4, 12))
+    assert parser.matched["loss"] == 12 and parser.warnings() == []
+    # a word that only starts like one is no loss: nothing is invented
+    assert steps_of(StdoutParser(fmt), ["iter 3: loss inference, time 1.00ms\n"]) == []
+
+
+def test_live_writer_keeps_a_diverged_step_through_the_file(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    writer = LiveMetricsWriter(path, StdoutParser(NANOGPT, planned_steps=6))
+    for line in trainer_output("--max_iters=6", "--nan_from=3").splitlines(keepends=True):
+        writer(line)
+    writer.close()
+    from moectl.metrics import read_metrics
+
+    m = read_metrics(path)
+    assert m.skipped == 0 and [s.step for s in m.steps] == list(range(6))
+    assert [s.step for s in m.steps if math.isnan(s.loss)] == [3, 4, 5] and m.summary.final_loss is None
+
+
+# --- a trainer printing every Nth step ----------------------------------------------------------
+
+def test_sparse_step_lines_count_the_unprinted_steps_in_the_training_time():
+    """nanoGPT's log_interval: steps 0, 10, 20, 30 printed of 31. The training time is each printed
+    dt times the steps since the previous line (the first line: its own step), which the test
+    works out from the printed lines; the fixture's own total of every step time bounds it."""
+    out = trainer_output("--max_iters=31", "--log_interval=10", "--seed=5")
+    fmt = StdoutFormat.build("regex", step=r"iter (\d+):", patterns={"loss": r"loss ([\d.]+)", "dt_ms": r"time ([\d.]+)ms"})
+    parser, steps = parse_text(out, fmt)
+    assert [s.step for s in steps] == [0, 10, 20, 30]
+    printed = [(int(m.group(1)), float(m.group(2))) for m in re.finditer(r"iter (\d+): .*time ([\d.]+)ms", out)]
+    spans = [1] + [b[0] - a[0] for a, b in zip(printed, printed[1:])]
+    expected_s = sum(dt * n for (_, dt), n in zip(printed, spans)) / 1000
+    assert steps[-1].elapsed_s == pytest.approx(expected_s) and parser.finish().total_time_s == pytest.approx(expected_s)
+    truth_s = float(re.search(r"all step times: ([\d.]+) ms", out).group(1)) / 1000
+    assert truth_s * 0.8 < expected_s < truth_s * 1.2  # not the sum of 4 printed dts: ~4/31 of it
+    [warning] = parser.warnings()
+    assert warning.startswith("27 steps were never printed (the trainer printed 4 step lines)") and "estimate" in warning
+
+
+# --- the world size of a run on several nodes -------------------------------------------------
+
+def test_a_stdout_parsed_run_on_several_nodes_records_every_process_in_its_world_size(tmp_path):
+    """A Slurm job's plan is per node (nproc processes on each of --nodes): the metrics it writes
+    for a foreign trainer must say nproc x nodes, as the engine's own start line does."""
+    from moectl.config import MoectlFile, from_file_model
+    from moectl.plan import RunRequest, plan_run
+    from moectl.runner import stdout_parser
+
+    cfg = from_file_model(MoectlFile.model_validate({
+        "project": {"venv": ""}, "launch": {"module": "tests.fixtures.foreign_trainer", "args": ["--style=nanochat"]},
+        "metrics": {"source": "stdout", "format": "nanochat"}}), tmp_path / ".moectl.toml", tmp_path)
+    cfg.artifact_root = tmp_path / "art"
+    plan = plan_run(cfg, RunRequest(device="cpu", nproc=2), datetime(2025, 1, 2), None)
+    path = tmp_path / "metrics.jsonl"
+    writer = LiveMetricsWriter(path, stdout_parser(cfg, plan, nodes=3))
+    for line in trainer_output("--style=nanochat", "--max_iters=3").splitlines(keepends=True):
+        writer(line)
+    writer.close()
+    recs = [parse_line(line) for line in path.read_text().splitlines()]
+    assert plan.nproc == 2 and recs[0].world_size == 6 and recs[-1].world_size == 6
+    assert stdout_parser(cfg, plan).world_size == 2  # a local run: one node

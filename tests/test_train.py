@@ -1,5 +1,6 @@
 """The training loop end to end on CPU: real torch, real subprocesses, real torchrun (gloo)."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -43,6 +44,21 @@ def test_tiny_lowers_the_loss_and_writes_schema_lines(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "step 00039/00040 (100.00%) | loss: " in out
     assert "Peak memory usage: " in out and "Total training time: " in out
+
+
+def test_a_diverging_run_keeps_every_step_and_its_non_finite_loss_reads_back_as_nan(tmp_path, capsys):
+    """lr 1e30 without clipping: the loss goes NaN within a few steps. Every step is still a
+    well-formed line (its loss null on the wire, NaN once parsed), timed like any other."""
+    assert main(["--preset", "tiny", "--steps", "6", "--lr", "1e30", "--grad-clip", "0", "--out-dir", str(tmp_path)]) == 0
+    raw = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    raw_steps = [r for r in raw if r.get("type") == "step"]
+    null_at = [r["step"] for r in raw_steps if r["loss"] is None]
+    assert len(raw_steps) == 6 and null_at, raw_steps  # the run did diverge, and wrote every step
+    starts, steps, summaries = read_metrics(tmp_path)  # every line parses
+    assert [s.step for s in steps] == list(range(6))
+    assert [s.step for s in steps if math.isnan(s.loss)] == null_at
+    assert all(s.tok_per_sec > 0 and s.dt_ms > 0 for s in steps)
+    assert "loss: nan" in capsys.readouterr().out  # what the log says too
 
 
 def test_peak_flops_gives_mfu(tmp_path):

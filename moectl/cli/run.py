@@ -237,9 +237,13 @@ def _render_outcome(outcome) -> None:
             parts.append(f"MFU {s.mfu:.2f}%{mark}")
         if s.final_loss is not None:
             parts.append(f"loss {s.final_loss:.4f}")
+        elif s.final_loss_not_finite:
+            parts.append("loss NaN")
         out("  " + " | ".join(parts))
         if not s.clean and s.steps:
             out("  " + mark_footnote(s.warmup_steps))
+    for warning in record.warnings:
+        out(f"  warning: {warning}")
     if record.status == "failed" and record.error:
         tail = record.error.strip().splitlines()[-5:]
         out("  log tail:")

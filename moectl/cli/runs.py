@@ -1,6 +1,7 @@
 """`moectl runs`, `show`, `compare`, `import`: reading the run store. Parse -> library -> render."""
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, List, Optional
@@ -69,7 +70,8 @@ def runs_cmd(
 
     Columns: id, status (stale = its moectl died without saying so), tag, key options, tail
     tok/sec, MFU, peak memory, total minutes; † marks a tail mean of a run that never got past
-    its warm-up steps. --json prints the run records as in run.json.
+    its warm-up steps; ! marks a run whose record carries a warning (e.g. its loss went NaN),
+    listed under the table. --json prints the run records as in run.json.
 
     Example:  [bold]moectl runs --status completed --limit 10[/bold]
     """
@@ -101,7 +103,8 @@ def runs_cmd(
 
     def status_cell(r) -> str:
         st = r.display_status
-        return f"[{colours[st]}]{st}[/]" if st in colours else st
+        # `!`: the record carries a warning (a loss that went NaN, a pattern that never matched), listed below
+        return (f"[{colours[st]}]{st}[/]" if st in colours else st) + (" [yellow]![/]" if r.warnings else "")
 
     def opt(key, show=str):
         # The flag as given, else what the engine resolved it to (a preset's cap, compile, ...).
@@ -139,23 +142,30 @@ def runs_cmd(
     for line in marked_footnote([r.summary for r in runs]):
         if line:
             stdout.print(line, markup=False)
+    for r in runs:
+        if r.warnings:
+            more = f" (+{len(r.warnings) - 1} more: `moectl show {r.id}`)" if len(r.warnings) > 1 else ""
+            stdout.print(f"! {r.id}: {r.warnings[0]}{more}", markup=False)
 
 
 # --- show ----------------------------------------------------------------------------------------
 
 _SPARK = "▁▂▃▄▅▆▇█"
+_NOT_FINITE = "×"
 
 
 def sparkline(values: list[float], width: int = 48) -> str:
-    """A one-line picture of a series: bucket means scaled onto eight block heights."""
+    """A one-line picture of a series: bucket means scaled onto eight block heights; a bucket
+    holding a NaN/inf value (a diverged loss) is `×`, and the scale is the finite buckets'."""
     if not values:
         return ""
     n = min(width, len(values))
     buckets = [values[i * len(values) // n:(i + 1) * len(values) // n] for i in range(n)]
     means = [sum(b) / len(b) for b in buckets if b]
-    lo, hi = min(means), max(means)
+    finite = [m for m in means if math.isfinite(m)]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 0.0)
     span = (hi - lo) or 1.0
-    return "".join(_SPARK[min(7, int((m - lo) / span * 8))] for m in means)
+    return "".join(_SPARK[min(7, int((m - lo) / span * 8))] if math.isfinite(m) else _NOT_FINITE for m in means)
 
 
 @app.command("show")
@@ -232,7 +242,7 @@ def show_cmd(
                  if s.warmup_steps else "")
         out(f"summary (last {s.steps} of window {s.window}{after}): tok/sec {tail(s.tok_per_sec)} · "
             f"dt {tail(s.dt_ms)} ms · MFU {tail(s.mfu, 4)}% · peak {_num(s.peak_mem_mib)} MiB · "
-            f"{_num(s.total_time_min)} min · final loss {_num(s.final_loss, 4)} · drop {tail(s.drop_frac, 4)}",
+            f"{_num(s.total_time_min)} min · final loss {_final_loss(s)} · drop {tail(s.drop_frac, 4)}",
             markup=False)
         if s.note:
             out(f"  note: {s.note}", markup=False)
@@ -265,6 +275,13 @@ def show_cmd(
     if rec.error:
         out("error tail:", markup=False)
         out(rec.error.rstrip(), markup=False)
+
+
+def _final_loss(s) -> str:
+    """A summary's final loss for a line of text: NaN, with the step it went from, when it diverged."""
+    if s.final_loss_not_finite:
+        return f"NaN (not finite from step {s.loss_not_finite_from})"
+    return _num(s.final_loss, 4)
 
 
 def _show_group(cfg, entry, json_out: bool) -> None:
@@ -385,10 +402,11 @@ def _compare_table(comparison) -> "Table":
     no delta leaves its cell in that row empty, so a figure never lands in another's row. Metrics
     no run has are left out so the table fits a terminal."""
     from moectl.metrics import HIGHER_IS_BETTER, MARK, METRICS
-    from moectl.report import COLUMNS
+    from moectl.report import COLUMNS, NOT_FINITE
     from rich.table import Table
 
-    shown = [m for m in METRICS if any(r.metrics[m].value is not None for r in comparison.runs)]
+    shown = [m for m in METRICS if any(r.metrics[m].value is not None or r.metrics[m].not_finite
+                                       for r in comparison.runs)]
     warmup = f" after {comparison.warmup_steps} warm-up steps" if comparison.warmup_steps else ""
     table = Table(title=f"tail window {comparison.window}{warmup} · baseline {comparison.baseline}",
                   title_justify="left")
@@ -399,6 +417,8 @@ def _compare_table(comparison) -> "Table":
         table.add_column(COLUMNS[m][0], justify="right", no_wrap=True)
 
     def value(m, mv):
+        if mv.not_finite:
+            return f"[red]{NOT_FINITE}[/]"
         return _num(mv.value, _TERM_DECIMALS[m]) + (MARK if mv.marked else "")
 
     def error(m, mv):
