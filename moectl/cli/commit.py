@@ -1,7 +1,6 @@
 """`moectl commit RUN`: commit a run's report later, once whatever stopped its commit is fixed."""
 from __future__ import annotations
 
-
 from moectl.cli.common import app, handle_errors, print_json, stderr, stdout
 from moectl.cli.options import ConfigOpt, JsonOpt, RunArg
 
