@@ -138,6 +138,21 @@ def test_recommendation_passes_over_a_marked_fast_leg():
     assert rec.endswith("Left out (warm-up only, †): `short_fast`.")
 
 
+def test_recommendation_passes_over_a_fast_leg_that_diverged():
+    diverged = run_of("lr_high", 30, 2000.0)
+    for s in diverged.metrics.steps[12:]:
+        s.loss = float("nan")  # NaN from step 12 on: fast, and wrong
+    c = compare([run_of("base", 30, 1000.0), diverged, run_of("ok", 30, 1100.0)], window=50, warmup_steps=10)
+    assert fastest(c) == ("ok", 1100.0, pytest.approx(10.0))
+    rec = recommendation(c)
+    assert rec.startswith("`ok` is the fastest leg — 1100.00 tok/s tail mean (+10.00% vs `base`).")
+    assert rec.endswith("Left out (diverged: final loss NaN/inf): `lr_high`.")
+    alone = compare([run_of("base", 30, 1000.0), diverged], window=50, warmup_steps=10, baseline_index=1)
+    assert recommendation(alone).startswith("only `base` has a clean figure")
+    only_diverged = compare([diverged], window=50, warmup_steps=10)
+    assert recommendation(only_diverged).startswith("none: every leg with a clean figure diverged (`lr_high`")
+
+
 def test_recommendation_when_the_baseline_is_marked_gives_no_delta():
     c = compare([run_of("base", 4, 9000.0), run_of("a", 30, 1000.0), run_of("b", 30, 1200.0)],
                 window=50, warmup_steps=10)

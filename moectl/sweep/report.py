@@ -38,12 +38,19 @@ def legs_table(legs: list[SweepLeg], runs: dict[str, RunRecord], window: int) ->
     return lines + marked_footnote(summaries)
 
 
+def _diverged(run) -> bool:
+    """A leg whose loss ended NaN/inf: its speed is real, its training is not."""
+    final = run.metrics.get("final_loss")
+    return bool(final is not None and final.not_finite)
+
+
 def fastest(comparison: Comparison) -> Optional[tuple[str, float, Optional[float]]]:
     """(tag, tail tok/sec, delta % vs baseline) of the fastest run in a comparison, among the runs
     with a clean figure (a warm-up-only one is never the answer). The delta is None when the
     baseline's own figure is warm-up only."""
     rows = [r for r in comparison.runs
-            if r.metrics["tok_per_sec"].value is not None and not r.metrics["tok_per_sec"].marked]
+            if r.metrics["tok_per_sec"].value is not None and not r.metrics["tok_per_sec"].marked
+            and not _diverged(r)]  # fast and wrong is not the answer either
     if not rows:
         return None
     best = max(rows, key=lambda r: r.metrics["tok_per_sec"].value)
@@ -58,8 +65,12 @@ def recommendation(comparison: Optional[Comparison]) -> Optional[str]:
     if comparison is None:
         return None
     warm = [r.tag or r.id for r in comparison.runs if r.metrics["tok_per_sec"].marked]
+    diverged = [r.tag or r.id for r in comparison.runs if _diverged(r) and not r.metrics["tok_per_sec"].marked]
     best = fastest(comparison)
     if best is None:
+        if diverged:
+            return (f"none: every leg with a clean figure diverged ({', '.join(f'`{t}`' for t in diverged)}: final "
+                    "loss NaN/inf); lower the learning rate or look at the first non-finite step in their records.")
         if not warm:
             return None
         return (f"none: no leg has a clean figure — every completed leg ran only warm-up steps (its first "
@@ -68,8 +79,10 @@ def recommendation(comparison: Optional[Comparison]) -> Optional[str]:
                 f"{comparison.warmup_steps} + `window`) and sweep again.")
     tag, tps, delta = best
     left_out = (f" Left out (warm-up only, {MARK}): {', '.join(f'`{t}`' for t in warm)}." if warm else "")
+    left_out += (f" Left out (diverged: final loss NaN/inf): {', '.join(f'`{t}`' for t in diverged)}."
+                 if diverged else "")
     base = next(r for r in comparison.runs if r.id == comparison.baseline)
-    n_clean = len(comparison.runs) - len(warm)
+    n_clean = len(comparison.runs) - len(warm) - len(diverged)
     if len(comparison.runs) == 1:
         return f"only `{tag}` completed ({tps:.2f} tok/s tail mean): nothing to choose between yet."
     if n_clean == 1:
