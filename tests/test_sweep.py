@@ -482,3 +482,21 @@ def test_a_jobs_fallback_leg_goes_right_after_its_leg_once_per_repeat_and_never_
         ("s", 2, "run-s2", "failed", None, "g"), ("s_fallback_none", 2, "run-f2", "queued", "s", "g_fallback_none")]
     got[1].state = "completed"  # repeat 1's fallback completed, repeat 2's not yet
     assert settled(got[0], got) and not settled(got[2], got)
+
+
+def test_two_sweeps_of_one_name_in_one_minute_never_share_a_report_file(git_repo, monkeypatch):
+    # The report name is claimed when the sweep starts (not only picked): two sweeps `s2` started
+    # in the same minute each write and commit their own file, neither overwrites the other's.
+    from moectl.config import load_config
+    from moectl.records import SweepRecord
+    from moectl.sweep.report import claim_sweep_report
+
+    sweep_project(git_repo)
+    monkeypatch.chdir(git_repo)
+    cfg = load_config()
+    first, second = (SweepRecord(id=f"20260101_00000{i}_moe-s2", name="s2", spec={"name": "s2"}, legs=[],
+                                 created_at="2026-01-01T00:00:00+00:00", exp_dir="/x") for i in (1, 2))
+    a, b = claim_sweep_report(cfg, first), claim_sweep_report(cfg, second)
+    assert a != b and a.parent == b.parent == cfg.report_dir
+    assert first.id in a.read_text() and second.id in b.read_text()
+    assert b.name == a.name.replace(".md", "-2.md") or a.name[:13] != b.name[:13]  # -2, or the minute turned

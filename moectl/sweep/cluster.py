@@ -30,7 +30,7 @@ from moectl.execution import (
 )
 from moectl.guards import check_request, passed
 from moectl.records import UNSETTLED, RunRecord, SweepRecord, write_text_atomic
-from moectl.report import report_path
+from moectl.sweep.report import claim_sweep_report
 from moectl.sweep.run import SweepOptions, SweepOutcome, SweepUI, _create_sweep_dir, _leg_notes, finish_sweep, leg_request
 from moectl.sweep.store import load_sweep, locked_sweep, save_sweep, settled, update_leg
 
@@ -160,7 +160,7 @@ def finish_sweep_job(sweep_dir: Path) -> int:
     sweep = load_sweep(sweep_dir)
     opts = SweepOptions(baseline=spec.baseline, no_commit=spec.no_commit)
     out = SweepOutcome(exit_code=EXIT_OK, sweep=sweep)
-    out.report = report_path(cfg.report_dir, f"sweep_{sweep.name}" + ("_resume" if sweep.resumed_from else ""))
+    out.report = claim_sweep_report(cfg, sweep)
     leg_runs = [runs[leg.run_id] for leg in sweep.legs if leg.run_id in runs]
     code = exit_code_of(leg_runs)
     finish_sweep(cfg, sweep, runs, opts, out, EXIT_INTERRUPTED if code == EXIT_INTERRUPTED else EXIT_OK,

@@ -14,7 +14,7 @@ from typing import Optional
 
 from moectl.metrics import MARK, Comparison, RunMetrics, compare, read_metrics
 from moectl.records import RunRecord, SweepLeg, SweepRecord
-from moectl.report import COLUMNS, compare_markdown, marked_footnote, summary_cell
+from moectl.report import COLUMNS, compare_markdown, marked_footnote, summary_cell, write_report
 from moectl.sweep.store import leg_status
 
 LEG_METRICS = ("tok_per_sec", "dt_ms", "mfu", "peak_mem_mib", "total_time_min", "final_loss")
@@ -36,6 +36,15 @@ def legs_table(legs: list[SweepLeg], runs: dict[str, RunRecord], window: int) ->
         name += f" (repeat {leg.repeat})" if leg.repeat else ""
         lines.append("| " + " | ".join([name, leg_status(leg, runs), f"`{leg.run_id}`" if leg.run_id else "—", *vals]) + " |")
     return lines + marked_footnote(summaries)
+
+
+def claim_sweep_report(cfg, sweep: SweepRecord) -> Path:
+    """A report name of this sweep's own (`<YYYYmmdd_HHMM>_sweep_<name>.md`, `-2`... when taken),
+    claimed now with a placeholder, so that two sweeps of one name started in the same minute never
+    write (and commit) one file; the sweep rewrites it after each leg and at its end."""
+    name = f"sweep_{sweep.name}" + ("_resume" if sweep.resumed_from else "")
+    return write_report(cfg.report_dir, name, f"# Sweep `{sweep.name}` — running\n\nSweep {sweep.id} started "
+                        f"{sweep.created_at}; this report is written after each leg and when the sweep ends.\n")
 
 
 def _diverged(run) -> bool:

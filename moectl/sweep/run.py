@@ -38,10 +38,9 @@ from moectl.plan import RunRequest, command_text, make_request, plan_run
 from moectl.probes import read_nvml
 from moectl.progress import NullProgress, ProgressSink
 from moectl.records import RunRecord, SweepLeg, SweepRecord, write_text_atomic
-from moectl.report import report_path
 from moectl.runner import execute_run, fallback_request
 from moectl.summary import write_summary
-from moectl.sweep.report import completed_comparison, fastest, recommendation, sweep_report
+from moectl.sweep.report import claim_sweep_report, completed_comparison, fastest, recommendation, sweep_report
 from moectl.sweep.spec import SweepSpec, request_kwargs
 from moectl.sweep.store import (
     fallback_leg, fallback_of, leg_status, list_sweeps, resolve_sweep, runs_by_id, save_sweep, settled, sweep_chain,
@@ -233,7 +232,7 @@ def _run(cfg: Config, sweep: SweepRecord, opts: SweepOptions, ui: SweepUI, *, ca
     chain = [*chain, sweep.id]
     runs: dict[str, RunRecord] = dict(carried)
     out = SweepOutcome(exit_code=EXIT_OK, sweep=sweep)
-    out.report = report_path(cfg.report_dir, f"sweep_{sweep.name}" + ("_resume" if sweep.resumed_from else ""))
+    out.report = claim_sweep_report(cfg, sweep)
     ui.say(f"sweep {sweep.id} -> {sweep_dir} ({len(todo)} of {len(sweep.legs)} legs to run)")
     notes: list[str] = []
     commit = not opts.no_commit
