@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 from moectl.config import Config
 from moectl.plan import OVERRIDABLE, RunPlan, RunRequest, plan_run
-from moectl.probes import Observed
+from moectl.probes import FAKE_NVML_ENV, Observed
 from moectl.records import GuardResult
 
 
@@ -143,9 +143,11 @@ def guard_gpus_idle(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
     if not obs.nvml.gpus:
         return _fail("gpus_idle", "no GPUs visible to NVML for a cuda run; use --device cpu")
     problems = _gpu_problems(cfg, obs)
+    # A leftover MOECTL_FAKE_NVML in a shell would make this guard judge a file, not the GPUs: say so.
+    fake = f" (a fake reading: {FAKE_NVML_ENV}={obs.nvml.fake})" if obs.nvml.fake else ""
     if problems:
-        return _fail("gpus_idle", "; ".join(problems) + " — wait (--wait-gpus 30m) or --override gpus_idle")
-    return _ok("gpus_idle", f"{len(obs.nvml.gpus)} GPU(s) idle")
+        return _fail("gpus_idle", "; ".join(problems) + fake + " — wait (--wait-gpus 30m) or --override gpus_idle")
+    return _ok("gpus_idle", f"{len(obs.nvml.gpus)} GPU(s) idle{fake}")
 
 
 def guard_no_other_training(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:

@@ -150,6 +150,7 @@ class NvmlReading:
     gpus: Optional[list[GpuInfo]] = None  # None when NVML itself is unavailable
     error: Optional[str] = None
     driver: Optional[str] = None
+    fake: Optional[str] = None  # the MOECTL_FAKE_NVML file this reading came from (tests, CI): said wherever it is shown
 
 
 def _select(gpus: list[GpuInfo], devices) -> list[GpuInfo]:
@@ -181,7 +182,9 @@ def _nvml_from_dict(data: dict) -> NvmlReading:
 
 def _nvml_from_fake(path: str) -> NvmlReading:
     try:
-        return _nvml_from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        reading = _nvml_from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        reading.fake = path
+        return reading
     except (OSError, ValueError) as exc:
         return NvmlReading(error=f"fake NVML reading {path} unreadable: {exc}")
 
@@ -509,6 +512,7 @@ def collect_status(config_path: Optional[Path] = None, cwd: Optional[Path] = Non
         "gpus": [asdict(g) for g in obs.nvml.gpus] if obs.nvml.gpus is not None else None,
         "nvml_error": obs.nvml.error,
         "driver": obs.nvml.driver,
+        "nvml_fake": obs.nvml.fake,  # the MOECTL_FAKE_NVML file the GPU figures came from, else null
         "training_processes": [asdict(p) for p in obs.processes],
         "lock": obs.lock,
         "git": {

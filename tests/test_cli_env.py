@@ -108,6 +108,12 @@ def test_status_json_contract_with_gpus(project, fake_nvml, artifact_root):
     assert [(g["index"], g["util_pct"], g["mem_used_mib"]) for g in s["gpus"]] == [(0, 0, 0), (1, 97, 70000)]
     assert s["gpus"][1]["processes"] == [{"pid": 4242, "name": "python", "used_mib": 69000}]
     assert s["nvml_error"] is None and s["lock"] is None
+    # The reading is a file's, not the driver's: said in status, and by the guard that judges it
+    # (a MOECTL_FAKE_NVML left in a shell must not pass for idle GPUs unnoticed).
+    assert s["nvml_fake"] == os.environ["MOECTL_FAKE_NVML"]
+    assert f"a FAKE reading from MOECTL_FAKE_NVML={s['nvml_fake']}" in " ".join(invoke("status").stdout.split())
+    code, _, g = check_json("--device", "cuda", "--override", "no_other_training")
+    assert f"(a fake reading: MOECTL_FAKE_NVML={s['nvml_fake']})" in g["gpus_idle"]["message"]
     assert {k: s["git"][k] for k in ("branch", "expected_branch", "dirty", "staged", "untracked")} == {
         "branch": "main", "expected_branch": "main", "dirty": 1, "staged": 1, "untracked": 1}
     assert s["venv"]["python"] == sys.executable and s["venv"]["has_torch"] is True

@@ -70,7 +70,8 @@ def _render_status(s: dict) -> None:
     elif not s["gpus"]:
         out("GPUs        none visible")
     else:
-        out(f"GPUs        {len(s['gpus'])} (driver {s.get('driver') or '?'})")
+        fake = f"; a FAKE reading from MOECTL_FAKE_NVML={s['nvml_fake']}" if s.get("nvml_fake") else ""
+        out(f"GPUs        {len(s['gpus'])} (driver {s.get('driver') or '?'}{fake})")
         for g in s["gpus"]:
             if g.get("error"):
                 out(f"  [{g['index']}] {g['name']}  error: {g['error']}")
