@@ -13,7 +13,8 @@ pydantic for an unchanged config: `moectl status` in a loop pays for validation 
 The repository root is the directory holding the config file. Paths are resolved once, here:
 `~` is expanded and relative paths are taken relative to the config file. The environment
 variable MOECTL_ARTIFACT_ROOT overrides `paths.artifact_root` (a relocatable state directory for
-tests and CI, so they never touch the real one).
+tests and CI, so they never touch the real one); a relative one is taken relative to the config
+file too, so every subdirectory of the repository sees one run store and one run lock.
 """
 from __future__ import annotations
 
@@ -141,7 +142,7 @@ def _resolve(base: Path, p: str) -> Path:
 def from_file_model(file: Union[MoectlFile, FileView], path: Optional[Path], root: Path) -> Config:
     root = root.absolute()
     env_root = os.environ.get(ARTIFACT_ROOT_ENV)
-    artifact_root = _resolve(Path.cwd(), env_root) if env_root else _resolve(root, file.paths.artifact_root)
+    artifact_root = _resolve(root, env_root if env_root else file.paths.artifact_root)
     if file.project.venv == "":
         python = Path(sys.executable)
     else:

@@ -178,3 +178,14 @@ def test_cluster_table_defaults_to_local_and_validates_each_key():
         with pytest.raises(UsageError) as err:
             parse_config_text(f"[cluster]\n{line}\n")
         assert len(err.value.lines) == 1 and named in err.value.lines[0], (line, err.value.lines)
+
+
+def test_a_relative_artifact_root_from_the_environment_is_the_same_store_from_every_subdirectory(tmp_path, monkeypatch):
+    config = write(tmp_path, '[paths]\nartifact_root = "/somewhere/else"\n')
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    monkeypatch.setenv("MOECTL_ARTIFACT_ROOT", "relart")
+    roots = set()
+    for cwd in (tmp_path, tmp_path / "sub", tmp_path / "sub" / "deeper"):
+        monkeypatch.chdir(cwd)
+        roots.add(load_config(config).artifact_root)
+    assert roots == {(tmp_path / "relart").resolve()}  # one run store, one run lock
