@@ -316,6 +316,15 @@ def test_bad_lock_wait_is_a_usage_error(project, monkeypatch):
     monkeypatch.setenv("MOECTL_GIT_LOCK_WAIT", "soon")
     r = commit_cmd(rec.id)
     assert r.exit_code == 2 and "MOECTL_GIT_LOCK_WAIT='soon'" in r.stderr
+    # run and sweep say it before anything trains (it would only matter at their commits)
+    spec = project / "s.toml"
+    spec.write_text('name = "s"\n[[legs]]\ntag = "a"\n')
+    root = Path(os.environ["MOECTL_ARTIFACT_ROOT"])
+    before = set(root.iterdir())
+    for args in (["run", "--device", "cpu", "--steps", "2"], ["sweep", str(spec)]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and "MOECTL_GIT_LOCK_WAIT='soon'" in r.stderr, (args, r.output)
+    assert set(root.iterdir()) == before  # nothing started
 
 
 def test_commit_help_has_examples():

@@ -81,6 +81,10 @@ def run(
         no_commit=no_commit, notes=notes,
     ))
     cfg = load_config(config)
+    if not no_commit:
+        from moectl.gitops import lock_wait_s
+
+        lock_wait_s()  # a bad MOECTL_GIT_LOCK_WAIT is said now, not once training is over
     base_record = store.resolve_run(cfg.artifact_root, baseline) if baseline else None
     from moectl.cli.cluster import run_on_slurm, slurm_flags_need_slurm
     from moectl.execution import choose_backend

@@ -75,6 +75,10 @@ def sweep(
                         overrides=list(override or []), no_commit=no_commit)
     parsed = load_spec(spec) if spec is not None else None  # validated whole before the config is even read
     cfg = load_config(config)
+    if not no_commit:
+        from moectl.gitops import lock_wait_s
+
+        lock_wait_s()  # a bad MOECTL_GIT_LOCK_WAIT is said now, not after the last leg
     out = (lambda text: None) if json_out else (lambda text: stdout.print(text, markup=False))  # noqa: E731
 
     if dry_run:
