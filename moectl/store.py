@@ -344,6 +344,9 @@ def resolve_run(root: Path, ref: str, runs: Optional[Sequence[StoredRun]] = None
     by_tag = [r for r in runs if r.tag and r.tag.startswith(ref) and r.id not in id_hits]
     candidates = by_id + by_tag
     if not candidates:
+        named = Path(root) / ref
+        if ref not in (".", "..") and (named / RUN_RECORD).is_file():  # its record is there but unreadable
+            load_run(named)  # raises, saying what is wrong with it
         raise UsageError(f"no run matches {ref!r} under {root}")
     if len(candidates) == 1:
         return candidates[0]

@@ -104,6 +104,11 @@ def test_corrupt_and_half_written_records_are_reported_and_skipped(tmp_path):
     assert len(scan.corrupt) == 3 and any("half" in m for m in scan.corrupt)
     assert any("binary" in m and "not UTF-8" in m for m in scan.corrupt)
     assert [r.id for r in list_runs(tmp_path)] == ["good"]
+    # Named by its exact directory name, a run whose record cannot be read says why, not "no run matches"
+    with pytest.raises(UsageError, match=r"corrupt .*half/run\.json"):
+        resolve_run(tmp_path, "half")
+    with pytest.raises(UsageError, match="no run matches 'not-a-run'"):
+        resolve_run(tmp_path, "not-a-run")
 
 
 def test_list_runs_newest_first_including_sweep_legs(tmp_path):
