@@ -1,6 +1,7 @@
 """The console script's own error path: click's usage errors are one line, exit 2 (SPEC §4, §8)."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +23,22 @@ def test_usage_errors_are_one_line_with_exit_2(args, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert "--help" in lines[0] and "Traceback" not in r.stderr and "╭" not in r.stderr
+
+
+@pytest.mark.parametrize("args", [("status",), ("runs",), ("check", "--device", "cpu")])
+def test_a_reader_that_left_ends_the_command_quietly_and_never_as_success(args):
+    # `moectl status | head -1`: the pipe closes under moectl. One quiet exit 1 for every command -
+    # no "error: [Errno 32] Broken pipe", and never 0 (a `check | head && launch` would launch).
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before moectl writes a byte: every write is EPIPE
+    try:
+        r = subprocess.run([sys.executable, "-m", "moectl", *args], stdout=write_end, stderr=subprocess.PIPE,
+                           text=True, cwd=Path(__file__).resolve().parents[1], timeout=60)  # this repo: a project
+    finally:
+        os.close(write_end)
+    assert r.returncode == 1 and r.stderr == "", (args, r.returncode, r.stderr)
 
 
 def test_bare_moectl_prints_the_command_list(tmp_path):

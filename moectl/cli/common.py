@@ -113,6 +113,10 @@ def handle_errors(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             error("interrupted")
             raise typer.Exit(EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            # The reader left (`moectl status | head -1`): click ends every command alike, quietly,
+            # exit 1 - not 0, which a `check | head && launch` would take for a pass.
+            raise
         except (OSError, ValueError) as exc:  # bad paths, unreadable files: the user's to fix
             error(str(exc))
             raise typer.Exit(EXIT_USAGE)
