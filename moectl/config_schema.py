@@ -14,6 +14,7 @@ from engine.schema import ENGINE_MODULE
 from moectl.config import CONFIG_NAME, DEFAULT_ARTIFACT_ROOT, launch_target
 from moectl.errors import UsageError
 from moectl.metrics import DEFAULT_WARMUP_STEPS
+from moectl.plan import sanitize_tag
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -22,13 +23,25 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: TOML already gives real types, so a value of the wrong type is an error, never
+    # coerced (`require_no_processes = "off"` would otherwise be False: a guard weakened by a
+    # string). A float field still takes an int (`max_util_pct = 5`); nothing else converts.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ProjectSection(_Strict):
     name: str = Field("moe", min_length=1)
     branch: str = Field("main", min_length=1)  # "*" disables the branch check
     venv: str = ".venv"  # "" = the interpreter running moectl
+
+    @field_validator("name")
+    @classmethod
+    def _one_path_component(cls, v):
+        # The name is part of every run id and so of a directory name (moectl/plan.py): the rule
+        # of run tags and sweep names, or `team/moe` would nest runs where `runs` never looks.
+        if sanitize_tag(v) != v:
+            raise ValueError(f"{v!r} is not usable in a directory name (use letters, digits, . _ -)")
+        return v
 
 
 class PathsSection(_Strict):
@@ -44,14 +57,18 @@ class GpuSection(_Strict):
     require_no_processes: bool = True
     devices: Union[Literal["all"], list[int]] = "all"
 
-    @field_validator("devices")
+    @field_validator("devices", mode="plain")
     @classmethod
     def _indices(cls, v):
-        if isinstance(v, list):
-            if not v:
-                raise ValueError("an empty device list selects nothing; use \"all\" or indices")
-            if any(i < 0 for i in v) or len(set(v)) != len(v):
-                raise ValueError("device indices must be distinct and >= 0")
+        # plain: one message for the field (a Union would report each of its members apart).
+        if v == "all":
+            return v
+        if not isinstance(v, list) or not all(type(i) is int for i in v):
+            raise ValueError(f"must be \"all\" or a list of integer indices, not {v!r}")
+        if not v:
+            raise ValueError("an empty device list selects nothing; use \"all\" or indices")
+        if any(i < 0 for i in v) or len(set(v)) != len(v):
+            raise ValueError("device indices must be distinct and >= 0")
         return v
 
 
@@ -79,11 +96,12 @@ class LaunchSection(_Strict):
             data = {**data, "module": None}
         return data
 
-    @field_validator("nproc_per_node")
+    @field_validator("nproc_per_node", mode="plain")
     @classmethod
     def _positive(cls, v):
-        if isinstance(v, int) and v < 1:
-            raise ValueError("must be \"auto\" or an integer >= 1")
+        # plain: one message for the field (a Union would report each of its members apart).
+        if v != "auto" and (type(v) is not int or v < 1):
+            raise ValueError(f"must be \"auto\" or an integer >= 1, not {v!r}")
         return v
 
     @field_validator("options")
@@ -145,7 +163,7 @@ class DefaultsSection(BaseModel):
     """Engine options applied to every run. Free-form (any engine option may appear, passed as
     `--key value`), but the options moectl itself understands are type-checked here."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     preset: Optional[str] = None
     cap: Optional[float] = Field(None, ge=0)
@@ -155,6 +173,9 @@ class DefaultsSection(BaseModel):
     dispatch: Optional[Literal["auto", "padded", "grouped", "loop"]] = None
     device: Optional[Literal["auto", "cuda", "cpu"]] = None
     dense: Optional[bool] = None
+    balance: Optional[Literal["loss", "bias", "none"]] = None
+    balance_rate: Optional[float] = Field(None, gt=0)
+    ep: Optional[int] = Field(None, ge=1)
     depth: Optional[int] = Field(None, gt=0)
     n_experts: Optional[int] = Field(None, gt=0)
     top_k: Optional[int] = Field(None, gt=0)
@@ -292,4 +313,3 @@ def parse_config_text(text: str, name: str = CONFIG_NAME) -> MoectlFile:
     except ValidationError as exc:
         lines = _field_lines(name, exc)
         raise UsageError(f"invalid config {name} ({len(lines)} problem(s))", lines=lines) from None
-

@@ -178,3 +178,85 @@ def test_cluster_table_defaults_to_local_and_validates_each_key():
         with pytest.raises(UsageError) as err:
             parse_config_text(f"[cluster]\n{line}\n")
         assert len(err.value.lines) == 1 and named in err.value.lines[0], (line, err.value.lines)
+
+
+# ------------------------------------------------------------------ strict types (audit finding 1)
+
+@pytest.mark.parametrize("text, field", [
+    ("[launch]\nnproc_per_node = true\n", "launch.nproc_per_node"),
+    ("[launch]\nnproc_per_node = \"4\"\n", "launch.nproc_per_node"),
+    ("[launch]\nnproc_per_node = \"four\"\n", "launch.nproc_per_node"),  # was one line per Union member
+    ("[launch]\ncompile_fallback = \"yes\"\n", "launch.compile_fallback"),
+    ("[gpu]\nmax_util_pct = true\n", "gpu.max_util_pct"),
+    ("[gpu]\nrequire_no_processes = \"off\"\n", "gpu.require_no_processes"),
+    ("[gpu]\nmax_mem_mib = \"1024\"\n", "gpu.max_mem_mib"),
+    ("[gpu]\ndevices = [1.0]\n", "gpu.devices"),
+    ("[gpu]\ndevices = [\"0\"]\n", "gpu.devices"),
+    ("[gpu]\ndevices = [true]\n", "gpu.devices"),
+    ("[gpu]\ndevices = \"some\"\n", "gpu.devices"),
+    ("[metrics]\nwindow = \"50\"\n", "metrics.window"),
+    ("[metrics]\nwindow = 50.0\n", "metrics.window"),
+    ("[defaults]\nsteps = \"20\"\n", "defaults.steps"),
+    ("[defaults]\nsteps = true\n", "defaults.steps"),
+    ("[defaults]\nfp8 = \"yes\"\n", "defaults.fp8"),
+    ("[defaults]\ncap = true\n", "defaults.cap"),
+    ("[report]\nsummary = \"false\"\n", "report.summary"),
+    ("[cluster]\nnodes = \"2\"\n", "cluster.nodes"),
+    ("[project]\nname = 7\n", "project.name"),
+    ("[paths]\nmin_free_gib = \"1\"\n", "paths.min_free_gib"),
+])
+def test_a_wrong_type_is_an_error_never_coerced(tmp_path, text, field):
+    with pytest.raises(UsageError) as e:
+        load_config(write(tmp_path, text))
+    assert e.value.exit_code == EXIT_USAGE
+    assert len(e.value.lines) == 1 and e.value.lines[0].startswith(f".moectl.toml: {field}: "), e.value.lines
+
+
+def test_a_number_field_takes_an_integer_and_the_right_types_still_load(tmp_path):
+    cfg = load_config(write(tmp_path, "[gpu]\nmax_util_pct = 7\nmax_mem_mib = 512\nrequire_no_processes = false\n"
+                                      "devices = [1, 0]\n[launch]\nnproc_per_node = 2\n[defaults]\ncap = 1\n"
+                                      "steps = 20\nfp8 = true\n[paths]\nmin_free_gib = 2\n"))
+    assert (cfg.gpu.max_util_pct, cfg.gpu.max_mem_mib, cfg.gpu.require_no_processes, cfg.gpu.devices) == \
+        (7.0, 512.0, False, [1, 0])
+    assert cfg.launch.nproc_per_node == 2 and cfg.paths.min_free_gib == 2.0
+    assert cfg.defaults.options() == {"cap": 1.0, "steps": 20, "fp8": True}
+
+
+def test_a_wrong_type_through_the_cli_exits_2_and_writes_nothing(project, artifact_root):
+    from typer.testing import CliRunner
+
+    from moectl.cli import app
+
+    (project / CONFIG_NAME).write_text('[project]\nname = "moe"\nbranch = "main"\nvenv = ""\n'
+                                       '[gpu]\nrequire_no_processes = "off"\n')
+    r = CliRunner().invoke(app, ["run", "--steps", "2", "--device", "cpu"])
+    assert r.exit_code == EXIT_USAGE and "Traceback" not in r.output
+    assert "  .moectl.toml: gpu.require_no_processes: Input should be a valid boolean" in r.stderr.splitlines()
+    assert not artifact_root.exists()
+
+
+# ------------------------------------------------------------ project.name is a path part (finding 3)
+
+@pytest.mark.parametrize("name", ["team/moe", "x/../../../../tmp/evil", "..", "a b", ".hidden", "moe_"])
+def test_project_name_must_be_usable_in_a_directory_name(tmp_path, name):
+    with pytest.raises(UsageError) as e:
+        load_config(write(tmp_path, f'[project]\nname = "{name}"\n'))
+    assert e.value.lines == [f".moectl.toml: project.name: {name!r} is not usable in a directory name "
+                             "(use letters, digits, . _ -)"]
+
+
+def test_project_names_that_are_one_path_part_still_load(tmp_path):
+    for name in ("moe", "moe-v2.1", "MoE_2"):
+        assert load_config(write(tmp_path, f'[project]\nname = "{name}"\n')).project.name == name
+
+
+@pytest.mark.parametrize("name", ["team/moe", "x/../../../../tmp/evil"])
+def test_a_project_name_with_a_slash_exits_2_and_writes_nothing(project, artifact_root, name):
+    from typer.testing import CliRunner
+
+    from moectl.cli import app
+
+    (project / CONFIG_NAME).write_text(f'[project]\nname = "{name}"\nbranch = "main"\nvenv = ""\n')
+    r = CliRunner().invoke(app, ["run", "--steps", "2", "--device", "cpu", "--no-commit"])
+    assert r.exit_code == EXIT_USAGE and "project.name" in r.stderr, r.output
+    assert not artifact_root.exists()
