@@ -39,6 +39,25 @@ DEFAULT_PRESET = "tiny"  # what engine.train runs with no --preset
 PRESET_EXPERTS = {"d12-moe": 8, "tiny": 4}
 ENGINE_MODULE = "engine.train"  # the module these presets belong to (launch.module may name another)
 
+# engine.train's options (its build_parser; a test keeps the two in step) and the TOML type of
+# each value: bool = a store_true flag. Here so `[defaults]` of `.moectl.toml` is checked against
+# them before anything is launched (moectl/config_schema.py), without importing torch.
+ENGINE_OPTIONS: dict[str, type] = {
+    "preset": str,
+    # model
+    "depth": int, "aspect_ratio": int, "head_dim": int, "n_experts": int, "top_k": int,
+    "expert_hidden_mult": float, "moe_freq": int, "cap": float, "dispatch": str, "balance_coeff": float,
+    "z_coeff": float, "balance": str, "balance_rate": float, "dense": bool, "fp8": bool, "fp8_dense": bool,
+    "compile": str,
+    # training
+    "seq_len": int, "device_batch_size": int, "ep": int, "total_batch_size": int, "steps": int, "lr": float,
+    "warmdown_frac": float, "grad_clip": float, "seed": int, "data": str, "vocab_size": int, "device": str,
+    "dtype": str,
+    # output
+    "out_dir": str, "ckpt_dir": str, "save_every": int, "resume": str, "peak_flops": float, "eval_every": int,
+    "eval_batches": int, "log_every": int,
+}
+
 # The bf16 dense peak per device (FLOP/s), by a substring of torch.cuda.get_device_name().
 # Order matters: the first match wins (H200 before H100 so "H100" does not shadow anything odd).
 PEAK_BF16_FLOPS = (

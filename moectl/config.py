@@ -227,10 +227,12 @@ def read_default_config(root: Optional[Path] = None) -> Config:
 
 TEMPLATE = """\
 # moectl configuration (SPEC §3). Every value below is the default; edit what you need.
-# Unknown keys are errors, so a typo never silently does nothing.
+# Unknown keys are errors, so a typo never silently does nothing; so is a value of the wrong type
+# (true for a number, "4" for an integer, "off" for true/false): nothing is converted.
 
 [project]
 name = "moe"                 # prefix of experiment directory names: <YYYYmmdd_HHMMSS>_<name>-<tag>
+                             # (letters, digits, . _ - only: it is part of a directory name)
 branch = "main"              # run/sweep refuse on any other branch; "*" disables the check
 venv = ".venv"               # environment whose python runs torchrun; "" = the current interpreter
 
@@ -257,6 +259,8 @@ env = { OMP_NUM_THREADS = "1" }
 compile_fallback = true      # a compile failure re-runs the leg with --compile none
 # [launch.options]           # another trainer: moectl run option -> its flag ("{}" is the value)
 # steps = "--max_iters={}"   # (`moectl init --trainer nanochat|nanogpt` writes a starting point)
+#                            # keys: preset cap compile fp8 dispatch balance balance_rate ep steps
+#                            # seed device out_dir ckpt_dir, or a key of [defaults]
 
 [metrics]
 window = 50                  # the tail window of every summary: its last `window` steps ...
@@ -266,7 +270,9 @@ warmup_steps = 10            # ... after steps 0-9 (compile / warm-up), which no
 [report]
 summary = true               # run/sweep refresh EXPERIMENTS.md
 
-[defaults]                   # engine options for every run unless given on the command line
+[defaults]                   # engine options for every run unless given on the command line:
+                             # engine.train's own (`python -m engine.train --help`; n-experts or
+                             # n_experts), one value each; another trainer: keys it maps in [launch.options]
 # preset = "tiny"
 # cap = 1.0
 # compile = "static"

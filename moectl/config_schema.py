@@ -6,14 +6,17 @@ Only what validates a config file lives here, so that reading a config that was 
 from __future__ import annotations
 
 import sys
+from types import SimpleNamespace
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from engine.schema import ENGINE_MODULE
+from engine.schema import ENGINE_MODULE, ENGINE_OPTIONS
 from moectl.config import CONFIG_NAME, DEFAULT_ARTIFACT_ROOT, launch_target
 from moectl.errors import UsageError
 from moectl.metrics import DEFAULT_WARMUP_STEPS
+from moectl.plan import sanitize_tag
+from moectl.trainer import MAPPABLE, follows_engine_contract
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -22,13 +25,25 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: TOML already gives real types, so a value of the wrong type is an error, never
+    # coerced (`require_no_processes = "off"` would otherwise be False: a guard weakened by a
+    # string). A float field still takes an int (`max_util_pct = 5`); nothing else converts.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ProjectSection(_Strict):
     name: str = Field("moe", min_length=1)
     branch: str = Field("main", min_length=1)  # "*" disables the branch check
     venv: str = ".venv"  # "" = the interpreter running moectl
+
+    @field_validator("name")
+    @classmethod
+    def _one_path_component(cls, v):
+        # The name is part of every run id and so of a directory name (moectl/plan.py): the rule
+        # of run tags and sweep names, or `team/moe` would nest runs where `runs` never looks.
+        if sanitize_tag(v) != v:
+            raise ValueError(f"{v!r} is not usable in a directory name (use letters, digits, . _ -)")
+        return v
 
 
 class PathsSection(_Strict):
@@ -44,14 +59,18 @@ class GpuSection(_Strict):
     require_no_processes: bool = True
     devices: Union[Literal["all"], list[int]] = "all"
 
-    @field_validator("devices")
+    @field_validator("devices", mode="plain")
     @classmethod
     def _indices(cls, v):
-        if isinstance(v, list):
-            if not v:
-                raise ValueError("an empty device list selects nothing; use \"all\" or indices")
-            if any(i < 0 for i in v) or len(set(v)) != len(v):
-                raise ValueError("device indices must be distinct and >= 0")
+        # plain: one message for the field (a Union would report each of its members apart).
+        if v == "all":
+            return v
+        if not isinstance(v, list) or not all(type(i) is int for i in v):
+            raise ValueError(f"must be \"all\" or a list of integer indices, not {v!r}")
+        if not v:
+            raise ValueError("an empty device list selects nothing; use \"all\" or indices")
+        if any(i < 0 for i in v) or len(set(v)) != len(v):
+            raise ValueError("device indices must be distinct and >= 0")
         return v
 
 
@@ -79,11 +98,12 @@ class LaunchSection(_Strict):
             data = {**data, "module": None}
         return data
 
-    @field_validator("nproc_per_node")
+    @field_validator("nproc_per_node", mode="plain")
     @classmethod
     def _positive(cls, v):
-        if isinstance(v, int) and v < 1:
-            raise ValueError("must be \"auto\" or an integer >= 1")
+        # plain: one message for the field (a Union would report each of its members apart).
+        if v != "auto" and (type(v) is not int or v < 1):
+            raise ValueError(f"must be \"auto\" or an integer >= 1, not {v!r}")
         return v
 
     @field_validator("options")
@@ -142,10 +162,12 @@ class ReportSection(_Strict):
 
 
 class DefaultsSection(BaseModel):
-    """Engine options applied to every run. Free-form (any engine option may appear, passed as
-    `--key value`), but the options moectl itself understands are type-checked here."""
+    """Options applied to every run. The options moectl itself understands are type-checked here;
+    any other key is checked by `defaults_problems` (below), which knows the trainer: for the
+    engine, one of its options (engine.schema.ENGINE_OPTIONS) of the right type; for any trainer,
+    one value (a string, number or boolean) that becomes one flag."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     preset: Optional[str] = None
     cap: Optional[float] = Field(None, ge=0)
@@ -155,6 +177,9 @@ class DefaultsSection(BaseModel):
     dispatch: Optional[Literal["auto", "padded", "grouped", "loop"]] = None
     device: Optional[Literal["auto", "cuda", "cpu"]] = None
     dense: Optional[bool] = None
+    balance: Optional[Literal["loss", "bias", "none"]] = None
+    balance_rate: Optional[float] = Field(None, gt=0)
+    ep: Optional[int] = Field(None, ge=1)
     depth: Optional[int] = Field(None, gt=0)
     n_experts: Optional[int] = Field(None, gt=0)
     top_k: Optional[int] = Field(None, gt=0)
@@ -281,15 +306,92 @@ def _field_lines(name: str, exc: ValidationError) -> list[str]:
     return lines
 
 
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+# Engine options moectl sets for every run itself: a default for them would be overridden unseen.
+_SET_BY_MOECTL = ("out_dir", "ckpt_dir")
+
+
+def _is(value: Any, kind: type) -> bool:
+    """`value` is a TOML value of `kind`, by the schema's strict rule (a float may be an int)."""
+    if kind is float:
+        return type(value) in (int, float)
+    return type(value) is kind
+
+
+def _table(data: Any, key: str) -> dict:
+    value = data.get(key, {}) if isinstance(data, dict) else {}
+    return value if isinstance(value, dict) else {}
+
+
+def _trains_the_engine(data: dict) -> bool:
+    """The raw file's trainer is engine.train under its own contract (moectl/trainer.py)."""
+    launch, metrics = _table(data, "launch"), _table(data, "metrics")
+    script = launch.get("script")
+    module = None if script is not None else launch.get("module", ENGINE_MODULE)
+    contract = SimpleNamespace(script=script, options=launch.get("options"))
+    return module == ENGINE_MODULE and follows_engine_contract(contract, SimpleNamespace(
+        source=metrics.get("source", "jsonl")))
+
+
+def defaults_problems(data: dict) -> dict[str, str]:
+    """`[defaults]` keys the models leave open, checked against the trainer (the launch table of
+    the same file): {dotted key: why}. Each becomes `--key value` or a mapped flag, so it must be
+    one value; for engine.train it must also be one of its options, of that option's type - else
+    the engine would refuse it only after the run directory exists. Another trainer's keys are
+    its own (each must be mapped in [launch.options]; moectl/trainer.py refuses one that is not)."""
+    engine = _trains_the_engine(data)
+    problems = {}
+    for raw_key, value in _table(data, "defaults").items():
+        key = str(raw_key).replace("-", "_")
+        if key in DefaultsSection.model_fields:
+            continue  # typed: pydantic has judged it
+        if key in _SET_BY_MOECTL:
+            why = "set by moectl for every run (the run directory); not a default"
+        elif engine and key not in ENGINE_OPTIONS:
+            why = f"unknown engine option (known: {', '.join(k for k in ENGINE_OPTIONS if k not in _SET_BY_MOECTL)})"
+        elif not any(_is(value, kind) for kind in (bool, int, float, str)):
+            why = f"must be one string, number or true/false (one flag's value), not {type(value).__name__} {value!r}"
+        elif engine and not _is(value, ENGINE_OPTIONS[key]):
+            why = f"must be {_TYPE_WORDS[ENGINE_OPTIONS[key]]} (engine option --{key.replace('_', '-')}), not {value!r}"
+        else:
+            continue
+        problems[f"defaults.{key}"] = why
+    return problems
+
+
+def launch_option_problems(data: dict) -> dict[str, str]:
+    """`[launch.options]` keys that no option moectl hands a trainer could ever use: a typo
+    (`stesp`) would otherwise map nothing while `--steps` is refused as unmapped."""
+    options = _table(_table(data, "launch"), "options")
+    known = {*MAPPABLE, *(str(k).replace("-", "_") for k in _table(data, "defaults"))}
+    problems = {}
+    for raw_key in options:
+        key = str(raw_key).replace("-", "_")
+        if key not in known:
+            problems[f"launch.options.{key}"] = (f"unknown option (known: {', '.join(MAPPABLE)}, "
+                                                 "or a key of [defaults])")
+    return problems
+
+
 def parse_config_text(text: str, name: str = CONFIG_NAME) -> MoectlFile:
-    """Validate TOML text; UsageError with one line per bad field (or the TOML line number)."""
+    """Validate TOML text; UsageError with one line per bad field (or the TOML line number).
+    The models judge each section alone; the keys whose meaning depends on another section
+    (`[defaults]` on the trainer, `[launch.options]` on `[defaults]`) are judged after, and a
+    field the models already reported is not reported twice."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{name}: malformed TOML: {exc}") from None
+    model, lines = None, []
     try:
-        return MoectlFile.model_validate(data)
+        model = MoectlFile.model_validate(data)
     except ValidationError as exc:
         lines = _field_lines(name, exc)
-        raise UsageError(f"invalid config {name} ({len(lines)} problem(s))", lines=lines) from None
+    reported = {line.split(": ")[1] for line in lines}
+    for key, why in {**launch_option_problems(data), **defaults_problems(data)}.items():
+        if key not in reported:
+            lines.append(f"{name}: {key}: {why}")
+    if lines:
+        raise UsageError(f"invalid config {name} ({len(lines)} problem(s))", lines=lines)
+    return model
 

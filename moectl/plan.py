@@ -21,9 +21,9 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from engine.schema import DEFAULT_PRESET, ENGINE_MODULE, PRESET_EXPERTS, PRESET_NAMES
-from moectl.config import Config
+from moectl.config import CONFIG_NAME, Config
 from moectl.errors import UsageError
-from moectl.trainer import fold_engine_args, follows_engine_contract, trainer_argv
+from moectl.trainer import RUN_OPTIONS, fold_engine_args, follows_engine_contract, trainer_argv
 
 # Only these guards may be skipped knowingly (SPEC §5); the path guard never.
 OVERRIDABLE = ("gpus_idle", "no_other_training")
@@ -177,8 +177,7 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
     reading (None when NVML is unavailable); device `auto` means cuda only when there are some."""
     options = cfg.defaults.options()
     device_default = options.pop("device", None)
-    explicit = [key for key in ("preset", "cap", "compile", "fp8", "dispatch", "balance", "balance_rate", "ep",
-                                "steps", "seed") if getattr(request, key) is not None]
+    explicit = [key for key in RUN_OPTIONS if getattr(request, key) is not None]
     for key in explicit:
         options[key] = getattr(request, key)
     extra = list(request.extra_args)
@@ -237,7 +236,7 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
     python = str(cfg.python) if cfg.project.venv != "" else sys.executable
     argv, engine_argv = trainer_argv(cfg.launch, cfg.metrics, options, device=device, exp_dir=str(exp_dir),
                                      ckpt_dir=str(ckpt_dir), nproc=nproc, python=python,
-                                     extra=extra)
+                                     extra=extra, config=cfg.path.name if cfg.path else CONFIG_NAME)
 
     env = dict(cfg.launch.env)
     if not follows_engine_contract(cfg.launch, cfg.metrics):

@@ -25,8 +25,12 @@ from typing import Any
 
 from moectl.errors import UsageError
 
+# The engine options `moectl run` has flags for (config `[defaults]` < these flags; moectl/plan.py).
+RUN_OPTIONS = ("preset", "cap", "compile", "fp8", "dispatch", "balance", "balance_rate", "ep", "steps", "seed")
 # Options moectl itself decides; a mapped trainer gets them only through its own template.
 MOECTL_OWN = ("device", "out_dir", "ckpt_dir")
+# What `[launch.options]` may map: every option moectl can hand a trainer (a `[defaults]` key too).
+MAPPABLE = RUN_OPTIONS + MOECTL_OWN
 
 
 def follows_engine_contract(launch, metrics) -> bool:
@@ -100,12 +104,13 @@ def fold_engine_args(extra: list[str], options: dict[str, Any], explicit: set[st
     return left, options
 
 
-def mapped_flags(mapping: dict[str, str], options: dict[str, Any]) -> list[str]:
-    """Each option through its template; UsageError naming every unmapped option."""
+def mapped_flags(mapping: dict[str, str], options: dict[str, Any], config: str = ".moectl.toml") -> list[str]:
+    """Each option through its template; UsageError naming every unmapped option (and `config`,
+    the file whose [launch.options] would map it)."""
     missing = [k for k in options if k not in mapping]
     if missing:
         lines = [f"{option_flag(k)}: this trainer has no flag for it; add e.g. "
-                 f"`{k} = \"--{k}={{}}\"` under [launch.options] in .moectl.toml" for k in missing]
+                 f"`{k} = \"--{k}={{}}\"` under [launch.options] in {config}" for k in missing]
         if len(lines) == 1:
             raise UsageError(lines[0])
         raise UsageError("options this trainer has no flag for ([launch.options])", lines)
@@ -123,15 +128,15 @@ def mapped_flags(mapping: dict[str, str], options: dict[str, Any]) -> list[str]:
 
 
 def trainer_argv(launch, metrics, options: dict[str, Any], *, device: str, exp_dir: str, ckpt_dir: str,
-                 nproc: int, python: str, extra: list[str]) -> tuple[list[str], list[str]]:
-    """(the full command, the trainer's own arguments)."""
+                 nproc: int, python: str, extra: list[str], config: str = ".moectl.toml") -> tuple[list[str], list[str]]:
+    """(the full command, the trainer's own arguments). `config`: the config file, for messages."""
     if follows_engine_contract(launch, metrics):
         trainer_args = engine_flags(options) + ["--device", device, "--out-dir", exp_dir, "--ckpt-dir", ckpt_dir]
     else:
         mapping = launch.options or {}
         own = {"device": device, "out_dir": exp_dir, "ckpt_dir": ckpt_dir}
-        trainer_args = list(launch.args) + mapped_flags(mapping, options)
-        trainer_args += mapped_flags(mapping, {k: v for k, v in own.items() if k in mapping})
+        trainer_args = list(launch.args) + mapped_flags(mapping, options, config)
+        trainer_args += mapped_flags(mapping, {k: v for k, v in own.items() if k in mapping}, config)
     trainer_args += list(extra)
     target = ["-m", launch.module] if launch.module is not None else [launch.script]
     if launch.launcher == "python":

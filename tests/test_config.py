@@ -189,3 +189,211 @@ def test_a_relative_artifact_root_from_the_environment_is_the_same_store_from_ev
         monkeypatch.chdir(cwd)
         roots.add(load_config(config).artifact_root)
     assert roots == {(tmp_path / "relart").resolve()}  # one run store, one run lock
+
+
+# ------------------------------------------------------------------ strict types (audit finding 1)
+
+@pytest.mark.parametrize("text, field", [
+    ("[launch]\nnproc_per_node = true\n", "launch.nproc_per_node"),
+    ("[launch]\nnproc_per_node = \"4\"\n", "launch.nproc_per_node"),
+    ("[launch]\nnproc_per_node = \"four\"\n", "launch.nproc_per_node"),  # was one line per Union member
+    ("[launch]\ncompile_fallback = \"yes\"\n", "launch.compile_fallback"),
+    ("[gpu]\nmax_util_pct = true\n", "gpu.max_util_pct"),
+    ("[gpu]\nrequire_no_processes = \"off\"\n", "gpu.require_no_processes"),
+    ("[gpu]\nmax_mem_mib = \"1024\"\n", "gpu.max_mem_mib"),
+    ("[gpu]\ndevices = [1.0]\n", "gpu.devices"),
+    ("[gpu]\ndevices = [\"0\"]\n", "gpu.devices"),
+    ("[gpu]\ndevices = [true]\n", "gpu.devices"),
+    ("[gpu]\ndevices = \"some\"\n", "gpu.devices"),
+    ("[metrics]\nwindow = \"50\"\n", "metrics.window"),
+    ("[metrics]\nwindow = 50.0\n", "metrics.window"),
+    ("[defaults]\nsteps = \"20\"\n", "defaults.steps"),
+    ("[defaults]\nsteps = true\n", "defaults.steps"),
+    ("[defaults]\nfp8 = \"yes\"\n", "defaults.fp8"),
+    ("[defaults]\ncap = true\n", "defaults.cap"),
+    ("[report]\nsummary = \"false\"\n", "report.summary"),
+    ("[cluster]\nnodes = \"2\"\n", "cluster.nodes"),
+    ("[project]\nname = 7\n", "project.name"),
+    ("[paths]\nmin_free_gib = \"1\"\n", "paths.min_free_gib"),
+])
+def test_a_wrong_type_is_an_error_never_coerced(tmp_path, text, field):
+    with pytest.raises(UsageError) as e:
+        load_config(write(tmp_path, text))
+    assert e.value.exit_code == EXIT_USAGE
+    assert len(e.value.lines) == 1 and e.value.lines[0].startswith(f".moectl.toml: {field}: "), e.value.lines
+
+
+def test_a_number_field_takes_an_integer_and_the_right_types_still_load(tmp_path):
+    cfg = load_config(write(tmp_path, "[gpu]\nmax_util_pct = 7\nmax_mem_mib = 512\nrequire_no_processes = false\n"
+                                      "devices = [1, 0]\n[launch]\nnproc_per_node = 2\n[defaults]\ncap = 1\n"
+                                      "steps = 20\nfp8 = true\n[paths]\nmin_free_gib = 2\n"))
+    assert (cfg.gpu.max_util_pct, cfg.gpu.max_mem_mib, cfg.gpu.require_no_processes, cfg.gpu.devices) == \
+        (7.0, 512.0, False, [1, 0])
+    assert cfg.launch.nproc_per_node == 2 and cfg.paths.min_free_gib == 2.0
+    assert cfg.defaults.options() == {"cap": 1.0, "steps": 20, "fp8": True}
+
+
+def test_a_wrong_type_through_the_cli_exits_2_and_writes_nothing(project, artifact_root):
+    from typer.testing import CliRunner
+
+    from moectl.cli import app
+
+    (project / CONFIG_NAME).write_text('[project]\nname = "moe"\nbranch = "main"\nvenv = ""\n'
+                                       '[gpu]\nrequire_no_processes = "off"\n')
+    r = CliRunner().invoke(app, ["run", "--steps", "2", "--device", "cpu"])
+    assert r.exit_code == EXIT_USAGE and "Traceback" not in r.output
+    assert "  .moectl.toml: gpu.require_no_processes: Input should be a valid boolean" in r.stderr.splitlines()
+    assert not artifact_root.exists()
+
+
+# --------------------------------------------------------- [defaults] keys and values (finding 2)
+
+@pytest.mark.parametrize("text, field, says", [
+    ("bogus_key = 3\n", "defaults.bogus_key", "unknown engine option (known: preset, depth,"),
+    ("[defaults.foo]\nx = 1\n", "defaults.foo", "unknown engine option"),
+    ("lr = [1, 2]\n", "defaults.lr", "must be one string, number or true/false"),
+    ("lr = 1979-05-27\n", "defaults.lr", "must be one string, number or true/false"),
+    ("lr = \"0.1\"\n", "defaults.lr", "must be a number (engine option --lr)"),
+    ("save-every = 2.5\n", "defaults.save_every", "must be an integer (engine option --save-every)"),
+    ("fp8-dense = \"yes\"\n", "defaults.fp8_dense", "must be true or false"),
+    ("out-dir = \"/tmp/x\"\n", "defaults.out_dir", "set by moectl for every run"),
+])
+def test_engine_defaults_are_engine_options_with_one_value_each(tmp_path, text, field, says):
+    with pytest.raises(UsageError) as e:
+        load_config(write(tmp_path, "[defaults]\n" + text))
+    assert len(e.value.lines) == 1 and e.value.lines[0].startswith(f".moectl.toml: {field}: {says}"), e.value.lines
+
+
+def test_engine_defaults_accept_every_engine_option_in_either_spelling(tmp_path):
+    cfg = load_config(write(tmp_path, "[defaults]\nlr = 1\nwarmdown-frac = 0.1\ndata = \"synthetic\"\n"
+                                      "fp8_dense = true\nz-coeff = 0.001\n"))
+    assert cfg.defaults.options() == {"lr": 1, "warmdown_frac": 0.1, "data": "synthetic", "fp8_dense": True,
+                                      "z_coeff": 0.001}
+
+
+def test_every_bad_defaults_key_is_its_own_line_beside_the_other_sections(tmp_path):
+    with pytest.raises(UsageError) as e:
+        load_config(write(tmp_path, "[gpu]\nmax_util_pct = \"x\"\n[defaults]\nbogus = 1\nlr = [1]\nsteps = \"2\"\n"))
+    assert [ln.split(": ")[1] for ln in e.value.lines] == ["gpu.max_util_pct", "defaults.steps", "defaults.bogus",
+                                                           "defaults.lr"]
+
+
+def test_another_trainers_defaults_are_its_own_keys_but_still_one_value_each(tmp_path):
+    mapped = '[launch]\nmodule = "scripts.base_train"\n[launch.options]\nsteps = "--num_iterations={}"\n' \
+             'depth = "--depth={}"\n'
+    cfg = load_config(write(tmp_path, mapped + "[defaults]\ndepth = 12\n"))
+    assert cfg.defaults.options() == {"depth": 12}
+    for trainer in ('[launch]\nscript = "train.py"\n', '[launch]\nmodule = "my.trainer"\n'):
+        cfg = load_config(write(tmp_path, trainer + "[defaults]\nmy_flag = \"on\"\n"))
+        assert cfg.defaults.options() == {"my_flag": "on"}
+        with pytest.raises(UsageError) as e:
+            load_config(write(tmp_path, trainer + "[defaults]\nmy_flag = [1, 2]\n"))
+        assert len(e.value.lines) == 1 and "defaults.my_flag: must be one string, number or true/false" in e.value.lines[0]
+
+
+def test_a_bad_engine_default_exits_2_before_the_run_directory_exists(project, artifact_root):
+    from typer.testing import CliRunner
+
+    from moectl.cli import app
+
+    (project / CONFIG_NAME).write_text('[project]\nname = "moe"\nbranch = "main"\nvenv = ""\n'
+                                       '[defaults]\npreset = "tiny"\nbogus_key = 3\n')
+    for command in (["check"], ["run", "--steps", "2", "--device", "cpu", "--no-commit"]):
+        r = CliRunner().invoke(app, command)
+        assert r.exit_code == EXIT_USAGE and "Traceback" not in r.output, (command, r.output)
+        assert any(ln.startswith("  .moectl.toml: defaults.bogus_key: unknown engine option")
+                   for ln in r.stderr.splitlines()), r.stderr
+    assert not artifact_root.exists()
+
+
+def test_engine_options_match_the_engines_parser():
+    import argparse
+
+    from engine.schema import ENGINE_OPTIONS
+    from engine.train import build_parser  # imports torch: fine in a test, never in moectl
+    from moectl.config_schema import DefaultsSection
+
+    parsed = {}
+    for action in build_parser()._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.nargs in (None, 0)  # at most one value: [defaults] lists are refused for it
+            parsed[action.dest] = bool if isinstance(action, argparse._StoreTrueAction) else (action.type or str)
+    assert parsed == ENGINE_OPTIONS
+    assert set(DefaultsSection.model_fields) <= set(ENGINE_OPTIONS)  # the typed ones are engine options too
+
+
+# ------------------------------------------------------------ project.name is a path part (finding 3)
+
+@pytest.mark.parametrize("name", ["team/moe", "x/../../../../tmp/evil", "..", "a b", ".hidden", "moe_"])
+def test_project_name_must_be_usable_in_a_directory_name(tmp_path, name):
+    with pytest.raises(UsageError) as e:
+        load_config(write(tmp_path, f'[project]\nname = "{name}"\n'))
+    assert e.value.lines == [f".moectl.toml: project.name: {name!r} is not usable in a directory name "
+                             "(use letters, digits, . _ -)"]
+
+
+def test_project_names_that_are_one_path_part_still_load(tmp_path):
+    for name in ("moe", "moe-v2.1", "MoE_2"):
+        assert load_config(write(tmp_path, f'[project]\nname = "{name}"\n')).project.name == name
+
+
+@pytest.mark.parametrize("name", ["team/moe", "x/../../../../tmp/evil"])
+def test_a_project_name_with_a_slash_exits_2_and_writes_nothing(project, artifact_root, name):
+    from typer.testing import CliRunner
+
+    from moectl.cli import app
+
+    (project / CONFIG_NAME).write_text(f'[project]\nname = "{name}"\nbranch = "main"\nvenv = ""\n')
+    r = CliRunner().invoke(app, ["run", "--steps", "2", "--device", "cpu", "--no-commit"])
+    assert r.exit_code == EXIT_USAGE and "project.name" in r.stderr, r.output
+    assert not artifact_root.exists()
+
+
+# -------------------------------------------------------------------- [launch.options] (finding 4)
+
+def test_launch_options_keys_are_options_moectl_can_hand_a_trainer(tmp_path):
+    from moectl.trainer import MAPPABLE
+
+    head = '[launch]\nmodule = "scripts.base_train"\n[launch.options]\nsteps = "--num_iterations={}"\n'
+    with pytest.raises(UsageError) as e:
+        load_config(write(tmp_path, head + 'stesp = "--max_iters={}"\n'))
+    assert e.value.lines == [f".moectl.toml: launch.options.stesp: unknown option (known: {', '.join(MAPPABLE)}, "
+                             "or a key of [defaults])"]
+    # Every option moectl hands a trainer may be mapped, and so may a [defaults] key (either spelling).
+    every = "".join(f'{k} = "--{k}={{}}"\n' for k in MAPPABLE)
+    cfg = load_config(write(tmp_path, '[launch]\nscript = "t.py"\n[launch.options]\n' + every +
+                            'n-layers = "--n_layer={}"\n[defaults]\nn_layers = 4\n'))
+    assert set(cfg.launch.options) == {*MAPPABLE, "n_layers"}
+    assert all(f" {k}" in TEMPLATE.split("[launch.options]")[1].split("[metrics]")[0] for k in MAPPABLE)
+
+
+def test_an_unmapped_option_names_the_config_file_given(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from moectl.cli import app
+
+    (tmp_path / "o.toml").write_text('[project]\nvenv = ""\n[launch]\nscript = "t.py"\n'
+                                     '[launch.options]\nsteps = "--max_iters={}"\n')
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["check", "--config", "o.toml", "--cap", "1.0"])
+    assert r.exit_code == EXIT_USAGE, r.output
+    assert "under [launch.options] in o.toml" in r.stderr and ".moectl.toml" not in r.stderr, r.stderr
+
+
+# ------------------------------------------------------------------------- the memo (validated.py)
+
+def test_the_memo_fingerprint_covers_every_module_that_validates_a_config():
+    """A memo entry is trusted while the code fingerprint is unchanged; the fingerprint reads only
+    moectl/*.py and engine/schema.py, so validating must import nothing else of ours."""
+    import subprocess
+
+    code = ("import sys; import moectl.config_schema, moectl.config as c; c.parse_config_text('');"
+            "print('\\n'.join(m.__file__ for n, m in list(sys.modules.items()) "
+            "if n.split('.')[0] in ('moectl', 'engine') and getattr(m, '__file__', None)))")
+    files = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout.split()
+    from moectl.validated import _ENGINE_SCHEMA, _MOECTL_DIR
+
+    for f in files:
+        p = Path(f).resolve()
+        assert p.parent == _MOECTL_DIR or p in (_ENGINE_SCHEMA.resolve(), (REPO / "engine" / "__init__.py").resolve()), p

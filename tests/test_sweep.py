@@ -107,6 +107,24 @@ def test_every_problem_is_reported_at_once():
     assert "extra: unknown key" in text and "legs[0].cap:" in text and "legs[1].steps:" in text
 
 
+@pytest.mark.parametrize("data, lines", [
+    ({"name": "s", "common": {"step": 5}, "legs": [{"cpa": 0.0}]},
+     ["common.step: unknown option", "legs[0].cpa: unknown option"]),
+    ({"name": "s", "common": {"cap": "x"}, "legs": [{"steps": 2.5}, {"cap": "y"}]},
+     ["common.cap: must be a number", "legs[0].steps: must be an integer", "legs[1].cap: must be a number"]),
+    ({"name": "s", "grid": {"cap": ["x", 1.0], "stepz": [1]}},
+     ["grid.cap: must be a number", "grid.stepz: unknown option"]),
+    ({"name": "s", "common": {"repeats": "2"}, "grid": {"cap": [1.0, 2.0]}}, ["common.repeats: must be an integer"]),
+])
+def test_a_bad_option_is_one_line_not_one_per_check(data, lines):
+    """A key the spec's own check refuses does not go on to `moectl run`'s validation (which would
+    name it a second time, or crash deriving a tag from it): one line per bad field."""
+    with pytest.raises(UsageError) as exc:
+        parse_spec(data)
+    assert len(exc.value.lines) == len(lines), exc.value.lines
+    assert all(got.startswith(want) for got, want in zip(exc.value.lines, lines)), exc.value.lines
+
+
 def test_grid_expands_every_combination_with_derived_tags():
     spec = parse_spec({"name": "cap", "common": {"steps": 5}, "grid": {"cap": [0.0, 1.0, 1.25], "compile": ["static", "none"]}})
     assert [leg.tag for leg in spec.legs] == [

@@ -53,16 +53,19 @@ def _type_name(types: tuple[type, ...]) -> str:
             (list,): "a list of strings"}[types]
 
 
-def _check_option(key: str, value: Any, where: str, problems: list[str]) -> None:
+def _check_option(key: str, value: Any, where: str, problems: list[str]) -> bool:
+    """True when `key = value` is a known option of the right type; else one problem line, and
+    the caller leaves the option out of what goes on to `make_request` (which would name it again)."""
     if key not in OPTION_TYPES:
         problems.append(f"{where}.{key}: unknown option (known: {', '.join(OPTION_TYPES)})")
-        return
+        return False
     types = OPTION_TYPES[key]
     ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
     if ok and key == "args":
         ok = all(isinstance(a, str) for a in value)
     if not ok:
         problems.append(f"{where}.{key}: must be {_type_name(types)}, got {type(value).__name__} {value!r}")
+    return ok
 
 
 def _fmt_value(key: str, value: Any) -> str:
@@ -121,8 +124,7 @@ def parse_spec(data: dict[str, Any], source: str = "spec") -> SweepSpec:
     if not isinstance(common, dict):
         problems.append("common: must be a table of options")
         common = {}
-    for k, v in common.items():
-        _check_option(k, v, "common", problems)
+    common = {k: v for k, v in common.items() if _check_option(k, v, "common", problems)}
 
     legs: list[tuple[str, str, dict[str, Any]]] = []  # (where, tag, leg-specific options)
     has_legs, has_grid = "legs" in data, "grid" in data
@@ -135,11 +137,12 @@ def parse_spec(data: dict[str, Any], source: str = "spec") -> SweepSpec:
             raw_legs = []
         for i, leg in enumerate(raw_legs):
             where = f"legs[{i}]"
-            opts = {k: v for k, v in leg.items() if k != "tag"}
-            for k, v in opts.items():
-                _check_option(k, v, where, problems)
+            given = {k: v for k, v in leg.items() if k != "tag"}
+            opts = {k: v for k, v in given.items() if _check_option(k, v, where, problems)}
             tag = leg.get("tag")
-            if tag is None:
+            if tag is None and len(opts) < len(given):
+                tag = f"leg{i}"  # a tag from the options that passed could clash with another leg's
+            elif tag is None:
                 tag = grid_tag({k: v for k, v in opts.items() if k in TAG_ORDER}) or f"leg{i}"
             elif not isinstance(tag, str) or sanitize_tag(tag) != tag:
                 problems.append(f"{where}.tag: {tag!r} is not usable in a directory name (use letters, digits, . _ -)")
@@ -150,16 +153,16 @@ def parse_spec(data: dict[str, Any], source: str = "spec") -> SweepSpec:
         if not isinstance(grid, dict) or not grid:
             problems.append("grid: must be a table of option = [values]")
             grid = {}
+        axes = {}  # option -> its values that passed: a bad one is reported once, not expanded
         for k, values in grid.items():
             if k in ("args", "repeats") or not isinstance(values, list) or not values:
                 problems.append(f"grid.{k}: must be a non-empty list of values" if k not in ("args", "repeats")
                                 else f"grid.{k}: {'engine args' if k == 'args' else 'repeats'} cannot be a grid "
                                      "axis; put them in [common]")
                 continue
-            for v in values:
-                _check_option(k, v, "grid", problems)
-        axes = {k: v for k, v in grid.items()
-                if isinstance(v, list) and v and k in OPTION_TYPES and k not in ("args", "repeats")}
+            good = [v for v in values if _check_option(k, v, "grid", problems)]
+            if good:
+                axes[k] = good
         for n, combo in enumerate(itertools.product(*axes.values())):
             opts = dict(zip(axes, combo))
             legs.append((f"grid[{n}]", grid_tag(opts), opts))
