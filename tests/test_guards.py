@@ -210,7 +210,9 @@ from moectl.plan import command_text, make_request, parse_duration, planned_writ
 
 def test_plan_merges_defaults_under_flags_and_builds_the_exact_command():
     c = cfg(project={"venv": ".venv", "name": "moe"}, defaults={"preset": "d12-moe", "cap": 1.25, "compile": "static", "save-every": 50})
-    p = plan_run(c, make_request(cap=1.0, tag="buf reuse/v2!", extra_args=["--seed", "3"]), NOW, None)
+    with pytest.raises(UsageError, match=r"--tag 'buf reuse/v2!': not usable in a directory name .* e\.g\. --tag buf_reuse_v2"):
+        plan_run(c, make_request(cap=1.0, tag="buf reuse/v2!"), NOW, None)  # said, never silently rewritten
+    p = plan_run(c, make_request(cap=1.0, tag="buf_reuse_v2", extra_args=["--seed", "3"]), NOW, None)
     assert p.run_id == "20250102_030405_moe-buf_reuse_v2" and p.tag == "buf_reuse_v2"
     assert p.exp_dir == "/art/20250102_030405_moe-buf_reuse_v2" and p.ckpt_dir == p.exp_dir + "/ckpt_root"
     assert p.device == "cpu" and p.nproc == 1  # no NVML reading -> cpu, one process
