@@ -479,7 +479,10 @@ def _notes(rows: list[RunComparison], window: int, warmup_steps: int = 0) -> lis
     presets = sorted({str(r.options.get("preset")) for r in rows if r.options.get("preset") is not None})
     if len(presets) > 1:
         notes.append(f"still comparable, note: presets differ ({', '.join(presets)})")
-    steps = sorted({r.steps for r in rows})
+    empty = [r.tag or r.id for r in rows if not r.steps]
+    if empty:  # a run that failed (or was stopped) before its first step has no figures at all
+        notes.append(f"not comparable: {', '.join(empty)} has no steps (nothing was measured)")
+    steps = sorted({r.steps for r in rows if r.steps})
     if len(steps) > 1:
         notes.append(f"still comparable, note: step counts differ ({', '.join(map(str, steps))})")
     short = [f"{r.tag or r.id} ({r.tail_steps})" for r in rows if r.clean and r.tail_steps < window]
