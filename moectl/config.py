@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from moectl.config_schema import MoectlFile
 
 CONFIG_NAME = ".moectl.toml"
+SUMMARY_NAME = "EXPERIMENTS.md"  # the handoff document at the repository root (moectl/summary.py)
 ARTIFACT_ROOT_ENV = "MOECTL_ARTIFACT_ROOT"
 DEFAULT_ARTIFACT_ROOT = "~/.cache/moectl/tmp_exp"
 

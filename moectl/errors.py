@@ -28,3 +28,13 @@ class UsageError(MoectlError):
 class GuardRefused(MoectlError):
     def __init__(self, message: str, lines: list[str] | None = None):
         super().__init__(message, EXIT_GUARD, lines)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C / SIGTERM with something to say: what was left undone and how to finish it. Still a
+    KeyboardInterrupt, so every `except KeyboardInterrupt` (a sweep settling its legs) acts alike;
+    the CLI prints the message instead of a bare `interrupted`, exit 130."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message

@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Optional
 
-from moectl.config import Config
+from moectl.config import SUMMARY_NAME, Config
 from moectl.plan import OVERRIDABLE, RunPlan, RunRequest, plan_run
 from moectl.probes import FAKE_NVML_ENV, Observed
 from moectl.records import GuardResult
@@ -100,6 +100,9 @@ def guard_paths(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
     for ro in p.read_only:
         if _inside(p.report_dir, ro):
             problems.append(f"report_dir {p.report_dir} is inside read-only tree {ro}")
+        if cfg.report.summary and _inside(str((cfg.root / SUMMARY_NAME).resolve()), ro):
+            problems.append(f"{SUMMARY_NAME} (refreshed with every report) is inside read-only tree {ro}; "
+                            "set [report] summary = false to leave it alone")
     if problems:
         return _fail("paths", "; ".join(dict.fromkeys(problems)) + " — choose an --exp-dir inside artifact_root or fix [paths]")
     return _ok("paths", f"all {len(p.writes)} write paths inside {root}")

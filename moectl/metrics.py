@@ -366,7 +366,7 @@ class RunComparison:
     note: Optional[str] = None  # the summary's note: warm-up only, or a short clean window
     n_repeats: int = 1  # runs behind the figures: 1, or a repeat group's size
     noise: str = WITHIN_RUN  # what `stderr` is: WITHIN_RUN (one run) or BETWEEN_RUNS (a group)
-    run_ids: list[str] = field(default_factory=list)  # a group's repeats
+    run_ids: list[str] = field(default_factory=list)  # the runs behind the entry: a group's repeats, or the one run
 
 
 @dataclass
@@ -467,7 +467,7 @@ def compare(runs: Sequence[RunMetrics], baseline_index: int = 0, window: int = 5
         out.append(RunComparison(r.id, r.tag, n_steps, summ.steps, dict(r.options), mvs,
                                  clean=summ.clean, note=summ.note, n_repeats=len(r.members) if r.is_group else 1,
                                  noise=BETWEEN_RUNS if r.is_group else WITHIN_RUN,
-                                 run_ids=list(r.member_ids) if r.is_group else []))
+                                 run_ids=list(r.member_ids) if r.is_group else [r.id]))
     return Comparison(baseline=runs[baseline_index].id, window=window, runs=out,
                       notes=_notes(out, window, warmup_steps), warmup_steps=warmup_steps)
 
@@ -479,7 +479,10 @@ def _notes(rows: list[RunComparison], window: int, warmup_steps: int = 0) -> lis
     presets = sorted({str(r.options.get("preset")) for r in rows if r.options.get("preset") is not None})
     if len(presets) > 1:
         notes.append(f"still comparable, note: presets differ ({', '.join(presets)})")
-    steps = sorted({r.steps for r in rows})
+    empty = [r.tag or r.id for r in rows if not r.steps]
+    if empty:  # a run that failed (or was stopped) before its first step has no figures at all
+        notes.append(f"not comparable: {', '.join(empty)} has no steps (nothing was measured)")
+    steps = sorted({r.steps for r in rows if r.steps})
     if len(steps) > 1:
         notes.append(f"still comparable, note: step counts differ ({', '.join(map(str, steps))})")
     short = [f"{r.tag or r.id} ({r.tail_steps})" for r in rows if r.clean and r.tail_steps < window]

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 from engine.schema import EXIT_COMPILE_FAILED
 from moectl import gitops, store
 from moectl.config import Config
-from moectl.errors import EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRAINING, GuardRefused, MoectlError
+from moectl.errors import EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRAINING, GuardRefused, Interrupted, MoectlError
 from moectl.guards import check_request, passed, wait_until_clear
 from moectl.launch import LaunchResult, launch
 from moectl.lock import acquire
@@ -62,6 +62,7 @@ def execute_run(
     echo: bool = False,
     on_wait: Optional[Callable[[list[GuardResult], float], None]] = None,
     on_start: Optional[Callable[[RunRecord], None]] = None,
+    on_commit_wait: Optional[Callable[[Path], None]] = None,
 ) -> RunOutcome:
     """Run one guarded training run to its end. Never raises for a refusal or a failed run: the
     outcome says what happened. Raises MoectlError only for problems outside the run itself."""
@@ -121,7 +122,8 @@ def execute_run(
         if lock is not None:
             lock.release()
 
-    report_and_commit(cfg, outcome, baseline=baseline, commit=commit, extra_commit_paths=extra_commit_paths)
+    report_and_commit(cfg, outcome, baseline=baseline, commit=commit, extra_commit_paths=extra_commit_paths,
+                      on_commit_wait=on_commit_wait)
     return outcome
 
 
@@ -230,9 +232,11 @@ def finish_record(record: RunRecord, result: LaunchResult, plan: RunPlan,
 
 
 def report_and_commit(cfg: Config, outcome: RunOutcome, *, baseline: Optional[RunRecord] = None, commit: bool = True,
-                      extra_commit_paths: Callable[[RunRecord], Sequence[Path]] = lambda record: ()) -> None:
+                      extra_commit_paths: Callable[[RunRecord], Sequence[Path]] = lambda record: (),
+                      on_commit_wait: Optional[Callable[[Path], None]] = None) -> None:
     """The report of a recorded run, its commit (only the files moectl wrote) and the trackers'
-    copies, into `outcome`. The run is over and recorded: nothing here changes its status."""
+    copies, into `outcome`. The run is over and recorded: nothing here changes its status.
+    `on_commit_wait(lock)`: called once if the commit starts waiting for another git's index.lock."""
     record, plan = outcome.record, outcome.plan
     comparison = None
     if baseline is not None and baseline.summary is not None and record.summary is not None:
@@ -248,10 +252,18 @@ def report_and_commit(cfg: Config, outcome: RunOutcome, *, baseline: Optional[Ru
     if commit and not plan.no_commit:
         try:
             outcome.commit = gitops.commit_paths(
-                cfg.root, [report, *outcome.extra_paths], commit_message(record, baseline), branch=cfg.project.branch
+                cfg.root, [report, *outcome.extra_paths], commit_message(record, baseline), branch=cfg.project.branch,
+                on_wait=on_commit_wait,
             )
         except MoectlError as exc:
             outcome.commit_error = not_committed(exc.message, record.id)
+        except KeyboardInterrupt:
+            # Stopped while the commit waited for another git process: the run is over and recorded,
+            # its report on disk; say how to commit it rather than only "interrupted".
+            outcome.commit_error = not_committed("interrupted before the report was committed", record.id)
+            record.report, record.commit_error = str(report), outcome.commit_error
+            store.save_run(record)
+            raise Interrupted(f"interrupted; {outcome.commit_error}") from None
     # The record says where its report is and which commit holds it (`moectl commit RUN` fills a
     # commit in later; commit_error says why there is none yet).
     record.report, record.commit, record.commit_error = str(report), outcome.commit, outcome.commit_error

@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import Optional
 
 from moectl import gitops, store
-from moectl.config import Config
+from moectl.config import SUMMARY_NAME, Config
 from moectl.errors import GuardRefused
 from moectl.records import RunRecord, SweepRecord, write_text_atomic
 from moectl.report import COLUMNS, fmt, marked_footnote, summary_cell
 from moectl.sweep.report import completed_comparison, legs_table, recommendation
 from moectl.sweep.store import leg_status, scan_sweeps, settled, sweep_chain
 
-SUMMARY_NAME = "EXPERIMENTS.md"
 TIMESTAMP_PREFIX = "- Generated at: "
 STATUS_PREFIX = "- Status: "
 STANDALONE_LIMIT = 10

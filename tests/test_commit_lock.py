@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -400,3 +401,42 @@ def test_a_run_whose_commit_cannot_be_signed_keeps_its_report_and_moectl_commit_
     done = commit_cmd(exp.name)
     assert done.exit_code == 0, done.output
     assert rel in git(git_repo, "show", "--name-only", "--format=", "HEAD").split()
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_report_commit_waits_for_git_says_how_to_commit_it(git_repo, hold_index_lock, monkeypatch,
+                                                                            artifact_root, tmp_path):
+    # A real `moectl run` whose training is over and whose commit waits for another git's index.lock:
+    # Ctrl-C there ends it (130) naming `moectl commit RUN`, the record says why, and that command
+    # commits the report once the lock is gone.
+    from tests.test_run import FAKE, QUIET, commit_config, write_config
+
+    write_config(git_repo, module=FAKE)
+    commit_config(git_repo, monkeypatch)
+    holder = hold_index_lock()
+    out = tmp_path / "out.txt"
+    env = {**os.environ, "MOECTL_GIT_LOCK_WAIT": "120", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with open(out, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "moectl", "run", "--steps", "3", "--tag", "held", *QUIET,
+                                 "--", "--sleep-per-step", "0.01"], cwd=git_repo, env=env, stdout=fh,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        from tests.conftest import wait_for
+
+        wait_for(lambda: "waiting for" in out.read_text() and "index.lock" in out.read_text(),
+                 "moectl waiting for index.lock to commit", 120, proc=proc, output=out.read_text)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130, out.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    [run_dir] = [p for p in artifact_root.iterdir() if p.is_dir()]
+    rec = json.loads((run_dir / "run.json").read_text())
+    said = out.read_text()
+    assert f"the report is kept: commit it with `moectl commit {rec['id']}`" in said, said
+    assert rec["status"] == "completed" and rec["commit"] is None and "interrupted" in rec["commit_error"]
+    assert Path(rec["report"]).is_file()
+    holder.release()
+    r = runner.invoke(app, ["commit", rec["id"]])
+    assert r.exit_code == 0, r.output
+    assert f"reports/{Path(rec['report']).name}" in git(git_repo, "show", "--name-only", "--format=", "HEAD")

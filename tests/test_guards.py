@@ -183,6 +183,18 @@ def test_artifact_root_inside_a_read_only_tree_is_allowed():
     assert "outside the repository" in verdict(evaluate(c, p, good(p, paths=out)), "paths").message
 
 
+def test_experiments_md_in_a_read_only_tree_is_refused_while_the_summary_is_refreshed():
+    # read_only = ["EXPERIMENTS.md"] means nothing may write it; the run would rewrite and commit it.
+    c = cfg()
+    p = plan_for(c)
+    w = {x: x for x in [p.exp_dir, *p.files.values()]}
+    paths = PathsState(artifact_root=ART, report_dir="/repo/reports", read_only=["/repo/EXPERIMENTS.md"], writes=w)
+    r = verdict(evaluate(c, p, good(p, paths=paths)), "paths")
+    assert not r.ok and "EXPERIMENTS.md (refreshed with every report) is inside read-only tree /repo/EXPERIMENTS.md" in r.message
+    quiet = cfg(report={"summary": False})  # the summary left alone: nothing to refuse
+    assert verdict(evaluate(quiet, p, good(p, paths=paths)), "paths").ok
+
+
 def test_overrides_mark_only_overridable_failed_guards():
     c = cfg()
     p = plan_for(c, device="cuda", gpus_available=1)

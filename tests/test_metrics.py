@@ -126,6 +126,16 @@ def test_compare_uses_recorded_summary_when_metrics_are_gone():
     c = compare([a, gone], window=50)
     g = c.runs[1].metrics["tok_per_sec"]
     assert g.value == 150.0 and g.delta_pct == pytest.approx(50.0) and g.stderr is None and g.beyond_noise is None
+    assert not any("no steps" in n for n in c.notes)  # its recorded summary is a measurement
+
+
+def test_a_run_without_a_single_step_is_not_comparable_and_says_so():
+    a = _run("a", [100.0] * 6)
+    failed = RunMetrics(id="f", tag="F", metrics=MetricsFile())  # failed before its first step
+    c = compare([a, failed], window=5)
+    assert "not comparable: F has no steps (nothing was measured)" in c.notes
+    assert not any("step counts differ" in n for n in c.notes)
+    assert c.runs[1].metrics["tok_per_sec"].value is None
 
 
 def test_compare_json_contract_keys():

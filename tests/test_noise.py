@@ -124,7 +124,8 @@ def test_run_repeat_makes_one_group_and_compare_show_plot_export_take_it_by_tag(
     assert base["summary"]["tok_per_sec"]["stderr"] == pytest.approx(tps["stderr"])
     # A run id still means that one run.
     single = json.loads(runner.invoke(app, ["compare", records[0]["id"], "fast", "--json"]).stdout)["runs"][0]
-    assert (single["id"], single["n_repeats"], single["noise"]) == (records[0]["id"], 1, "within-run")
+    assert (single["id"], single["n_repeats"], single["noise"], single["run_ids"]) == (
+        records[0]["id"], 1, "within-run", [records[0]["id"]])
     table = runner.invoke(app, ["compare", "base", "fast"]).stdout
     assert "between 3 runs" in table
 

@@ -110,8 +110,8 @@ def handle_errors(fn: Callable) -> Callable:
         except MoectlError as exc:
             error(exc.message, exc.lines)
             raise typer.Exit(exc.exit_code)
-        except KeyboardInterrupt:
-            error("interrupted")
+        except KeyboardInterrupt as exc:
+            error(getattr(exc, "message", None) or "interrupted")  # moectl.errors.Interrupted has more to say
             raise typer.Exit(EXIT_INTERRUPTED)
         except BrokenPipeError:
             # The reader left (`moectl status | head -1`): click ends every command alike, quietly,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from moectl.cli.common import app, error, handle_errors, print_json, stdout
+from moectl.cli.common import app, error, handle_errors, print_json, stderr, stdout
 from moectl.cli.options import (
     BalanceOpt, BalanceRateOpt, BaselineOpt, CapOpt, CompileOpt, ConfigOpt, DetachOpt, DeviceOpt, DispatchOpt,
     DryRunOpt, EpOpt, ExpDirOpt, ExtraArgs, Fp8Opt, JsonOpt, NoCommitOpt, NodesOpt, NotesOpt, NprocOpt, OverrideOpt,
@@ -48,7 +48,8 @@ def run(
     extra: ExtraArgs = None,
 ) -> None:
     """Run one guarded training run: every guard, a fresh timestamped directory, torchrun from the
-    project's venv, live progress, the run record, a report, and a commit of that report only.
+    project's venv, live progress, the run record, a report, and a commit of that report (and of
+    EXPERIMENTS.md, refreshed with it unless [report] summary = false) - nothing of yours.
 
     A run that passes its guards prints them as one line
     (`guards: 7 passed, gpus_idle skipped (cpu run: ...)`); a refusal and
@@ -119,6 +120,10 @@ def run(
             stdout.print(summary_line(record.guards), markup=False)
             stdout.print(f"run {record.id} -> {record.exp_dir}", markup=False)
 
+    def on_commit_wait(lock) -> None:
+        # The run is over; a silent pause here would look like a hang.
+        stderr.print(f"waiting for {lock} (another git process holds it) to commit the report", markup=False)
+
     def summary_paths(record):
         # EXPERIMENTS.md is refreshed and committed with the report (`report.summary` turns it off).
         if not cfg.report.summary:
@@ -140,7 +145,8 @@ def run(
             progress = make_progress(stdout_is_tty(), quiet=quiet or json_out)
             try:
                 outcome = execute_run(cfg, request, progress=progress, baseline=base_record,
-                                      on_wait=on_wait, on_start=on_start, extra_commit_paths=summary_paths)
+                                      on_wait=on_wait, on_start=on_start, extra_commit_paths=summary_paths,
+                                      on_commit_wait=on_commit_wait)
             finally:
                 progress.close()
             if outcome.record is None:  # refused: nothing written

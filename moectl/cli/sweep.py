@@ -139,6 +139,13 @@ def sweep(
                 out(f"recommendation: {rec}")
         if outcome.commits:
             out(f"committed {len(outcome.commits)} commit(s), last {outcome.commits[-1][:10]} (reports only)")
+        unfinished = [leg for leg in outcome.sweep.legs if leg.state != "completed"] if outcome.sweep else []
+        if unfinished and outcome.exit_code != EXIT_OK:
+            from moectl.summary import resume_command
+
+            # The next command, where the person is looking (EXPERIMENTS.md has it too).
+            out(f"{len(unfinished)} leg(s) did not complete; resume them in a fresh directory: "
+                f"{resume_command(outcome.sweep)}")
     raise typer.Exit(outcome.exit_code)
 
 
