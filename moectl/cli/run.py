@@ -49,7 +49,7 @@ def run(
 ) -> None:
     """Run one guarded training run: every guard, a fresh timestamped directory, torchrun from the
     project's venv, live progress, the run record, a report, and a commit of that report (and of
-    EXPERIMENTS.md, refreshed with it unless [report] summary = false) - nothing of yours.
+    EXPERIMENTS.md, refreshed with it unless \\[report] summary = false) - nothing of yours.
 
     A run that passes its guards prints them as one line
     (`guards: 7 passed, gpus_idle skipped (cpu run: ...)`); a refusal and
