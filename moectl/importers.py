@@ -49,7 +49,7 @@ class ParsedLog:
 def parse_stdout(text: str, fmt: StdoutFormat) -> ParsedLog:
     """A trainer's output through the same parser a live `moectl run` uses, so an old log imports
     exactly as a live run of it would have parsed (same steps, same rank/noise/traceback rules)."""
-    parser, steps = parse_text(text, fmt)
+    parser, steps = parse_text(text, fmt, finished=True)
     by_step = {s.step: s for s in steps}  # a repeated step number: the last occurrence wins
     return ParsedLog(
         steps=[by_step[k] for k in sorted(by_step)], peak_mem_mib=parser.peak_mem_mib,
@@ -125,7 +125,8 @@ def parse_csv(text: str, run: Optional[str] = None) -> ParsedLog:
     header = [h.strip() for h in (reader.fieldnames or [])]
     if "step" not in header:
         raise UsageError(f"csv has no 'step' column (header: {','.join(header) or 'none'})")
-    rows = list(reader)
+    # Keys as the header names them, spaces around them dropped (`run, step, loss` is a header too).
+    rows = [{(k.strip() if isinstance(k, str) else k): v for k, v in r.items()} for r in reader]
     if "run" in header:
         names = sorted({(r.get("run") or "").strip() for r in rows} - {""})
         if run is not None:

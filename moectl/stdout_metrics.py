@@ -199,6 +199,7 @@ class StdoutParser:
         self._started = False
         self._elapsed_s = 0.0
         self._in_traceback = False
+        self.notes: list[str] = []  # what a reader of the numbers should know, said by whoever fed the lines
 
     # --- one line ---------------------------------------------------------------------------------
 
@@ -324,7 +325,7 @@ class StdoutParser:
 
     def warnings(self) -> list[str]:
         """One line per pattern that never matched (a typo'd regex reads as missing data, not a crash)."""
-        out = []
+        out = list(self.notes)
         if self.steps_seen:
             for name, count in self.matched.items():
                 if count == 0:
@@ -364,14 +365,22 @@ def _nanochat_fields(rest: str) -> dict[str, float]:
     return kwargs
 
 
-def parse_text(text: str, fmt: StdoutFormat) -> tuple[StdoutParser, list[StepMetrics]]:
+def parse_text(text: str, fmt: StdoutFormat, *, finished: bool = False) -> tuple[StdoutParser, list[StepMetrics]]:
     """A whole log through the live parser, split where the tee splits (at newlines only), so a
-    last line without its newline is partial exactly as it would be live."""
+    last line without its newline is partial exactly as it would be live: a line cut mid-write
+    (a killed trainer) looks the same as a file saved without its last newline, and only the first
+    is common in training logs. `finished` (`moectl import`): such a line that would read as a step
+    is said in the warnings, so the step is not lost without a word."""
     parser = StdoutParser(fmt)
     *complete, last = text.split("\n")
     steps = []
     for line in [ln + "\n" for ln in complete] + [last]:
         steps += [rec for rec in parser.feed(line) if isinstance(rec, StepMetrics)]
+    if finished and last.strip():
+        cut = [rec for rec in StdoutParser(fmt).feed(last + "\n") if isinstance(rec, StepMetrics)]
+        if cut:
+            parser.notes.append(f"the log's last line has no newline, so its step {cut[-1].step} was not read (a line "
+                                "cut mid-write looks the same); if it is whole, end the file with a newline and import again")
     return parser, steps
 
 

@@ -99,6 +99,33 @@ def test_a_csv_row_whose_loss_is_nan_is_a_diverged_step_not_a_bad_row():
     assert parsed.steps[2].loss == float("-inf")
 
 
+def test_a_csv_header_with_spaces_after_its_commas_is_read():
+    parsed = parse_csv("run, step, loss, dt_ms\na, 0, 1.0, 10\na, 1, 0.9, 11\n")
+    assert [(s.step, s.loss, s.dt_ms) for s in parsed.steps] == [(0, 1.0, 10.0), (1, 0.9, 11.0)] and parsed.skipped == 0
+
+
+@pytest.mark.parametrize("fmt", ["nanochat", "regex"])
+def test_a_log_without_its_last_newline_says_its_last_step_was_not_read(tmp_path, fmt):
+    # As live: a line without its newline may have been cut mid-write (a killed trainer), so it is no
+    # step - but the import says so and how to keep it, instead of dropping it without a word.
+    from moectl.importers import regex_format
+
+    if fmt == "nanochat":
+        lines = [f"step {i:05d}/00005 (0.00%) | loss: {2.0 - i / 10:.6f} | dt: 10.00ms | tok/sec: 1,000" for i in range(5)]
+        stdout_format = None
+    else:
+        lines = [f"iter {i}: loss {2.0 - i / 10:.4f}" for i in range(5)]
+        stdout_format = regex_format(None, ["step=iter (\\d+):", "loss=loss ([\\d.]+)"])
+    log = tmp_path / "train.log"
+    log.write_text("\n".join(lines))  # no newline after the last line
+    p = load_log(log, fmt, stdout_format=stdout_format)
+    assert [s.step for s in p.steps] == [0, 1, 2, 3]
+    assert any(w.startswith("the log's last line has no newline, so its step 4 was not read") for w in p.warnings)
+    log.write_text("\n".join(lines) + "\n")  # what the warning says to do
+    p = load_log(log, fmt, stdout_format=stdout_format)
+    assert [s.step for s in p.steps] == [0, 1, 2, 3, 4] and not any("newline" in w for w in p.warnings)
+
+
 def test_csv_without_step_column():
     with pytest.raises(UsageError, match="no 'step' column"):
         parse_csv("a,b\n1,2\n")
