@@ -50,7 +50,9 @@ CODE_DIR = "code"
 # Guards that only mean something on the node that trains: checked inside the job (moectl/job.py).
 JOB_GUARDS = ("gpus_idle", "no_other_training")
 POLL_S = 1.0
-EXIT_OF_STATUS = {"completed": EXIT_OK, "failed": EXIT_TRAINING, "refused": EXIT_GUARD, "interrupted": EXIT_INTERRUPTED}
+# An imported run is settled and measured: `wait` on it (or on a group holding it) is 0, not "training failed".
+EXIT_OF_STATUS = {"completed": EXIT_OK, "imported": EXIT_OK, "failed": EXIT_TRAINING, "refused": EXIT_GUARD,
+                  "interrupted": EXIT_INTERRUPTED}
 
 
 def choose_backend(cfg: Config, slurm_flag: bool) -> str:

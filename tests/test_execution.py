@@ -129,6 +129,12 @@ def test_wait_on_a_finished_local_run_exits_with_its_outcome(git_repo, monkeypat
                      "--", "--fail-at-step", "2")
     assert failing.exit_code == 4, failing.output
     assert moectl("wait", "bad", run_dir.name).exit_code == 4
+    # an imported run is settled and measured: waiting on it (and a finished run) is 0, not "training failed"
+    log = git_repo.parent / "old.log"
+    log.write_text("".join(f"step {i:05d}/00003 (0.00%) | loss: 2.0 | dt: 10.00ms | tok/sec: 1,000\n" for i in range(3)))
+    assert moectl("import", str(log), "--name", "old").exit_code == 0
+    waited = moectl("wait", "old", run_dir.name, "--json")
+    assert waited.exit_code == 0 and [x["status"] for x in json.loads(waited.output)] == ["imported", "completed"]
     # bad arguments: one line naming what is wrong, exit 2
     bad_timeout = moectl("wait", run_dir.name, "--timeout", "soon")
     assert bad_timeout.exit_code == 2 and "--timeout: cannot read duration 'soon'" in bad_timeout.output
