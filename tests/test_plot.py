@@ -88,6 +88,27 @@ def test_plot_default_output_is_metric_png_in_cwd_and_text_output(project, artif
     assert r.exit_code == 0, r.output
     assert r.stdout.strip() == str((project / "loss.png").resolve())
     assert count_colour(pixels(project / "loss.png"), C0) > 400
+    # Again, with a loss.png there (someone's own, say): a new name, never that file replaced.
+    mine = (project / "loss.png").read_bytes()
+    r = invoke("plot", "a")
+    assert r.exit_code == 0 and r.stdout.strip() == str((project / "loss-2.png").resolve())
+    assert (project / "loss.png").read_bytes() == mine
+    # -o names the file: that one is replaced, as asked
+    assert invoke("plot", "a", "-o", str(project / "loss.png"), "--metric", "tok_per_sec").exit_code == 0
+    assert (project / "loss.png").read_bytes() != mine
+
+
+def test_plot_and_export_never_write_into_a_read_only_tree(project, artifact_root, tmp_path):
+    make_run(artifact_root, "a", 1)
+    ro = tmp_path / "frozen"
+    ro.mkdir()
+    with open(project / ".moectl.toml", "a") as fh:
+        fh.write(f'\n[paths]\nread_only = ["{ro}"]\n')
+    for args, what in ((["plot", "a", "-o", str(ro / "x.png")], "the figure"), (["export", "a", "--csv", str(ro / "csv")], "--csv")):
+        r = invoke(*args)
+        assert r.exit_code == 3, r.output
+        assert f"{what} {ro}" in r.stderr and "inside read-only tree" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert list(ro.iterdir()) == []
 
 
 def test_run_without_the_metric_is_skipped_with_a_warning(project, artifact_root, tmp_path):

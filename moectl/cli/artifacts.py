@@ -26,12 +26,32 @@ def _resolve_unique(root: Path, refs: list[str]):
     return unique
 
 
+def _refuse_read_only(cfg, path: Path, what: str) -> None:
+    """`[paths] read_only` holds for every file moectl writes, figures and CSVs too (SPEC §3)."""
+    from moectl.errors import GuardRefused
+
+    real = path.expanduser().resolve()
+    for tree in cfg.read_only:
+        if real.is_relative_to(Path(tree).resolve()):
+            raise GuardRefused(f"{what} {path} is inside read-only tree {tree} ([paths] read_only); write it elsewhere")
+
+
+def _default_figure(metric: str) -> Path:
+    """`./<metric>.png`, or `<metric>-2.png`, ... when that file exists: a figure nobody named
+    never replaces a file (someone's own loss.png, tracked or not)."""
+    path, n = Path(f"{metric}.png"), 1
+    while path.exists() or path.is_symlink():
+        n += 1
+        path = Path(f"{metric}-{n}.png")
+    return path
+
+
 @app.command("plot")
 @handle_errors
 def plot_cmd(
     runs: RunsArg,
     metric: Annotated[str, typer.Option("--metric", "-m", help="loss | tok_per_sec | mfu | dt_ms | aux_loss | drop_frac | expert_load_max | peak_mem_mib")] = "loss",
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Figure file; the suffix picks the format (default: ./<metric>.png).", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Figure file, replaced if it exists; the suffix picks the format (default: ./<metric>.png, or <metric>-2.png, ... rather than replace a file).", show_default=False)] = None,
     title: Annotated[Optional[str], typer.Option("--title", help="Figure title (default: the metric's name).", show_default=False)] = None,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
@@ -49,7 +69,8 @@ def plot_cmd(
     check_metric(metric)  # before touching the store: a typo is the first thing to report
     cfg = _config(config)
     records = _resolve_unique(cfg.artifact_root, runs)
-    out = output if output is not None else Path(f"{metric}.png")
+    out = output if output is not None else _default_figure(metric)
+    _refuse_read_only(cfg, out, "the figure")
     result = make_plot(records, metric, out, title, warmup_steps=cfg.metrics.warmup_steps)
     for line in result.skipped:
         stderr.print(f"warning: {line}", markup=False)
@@ -82,6 +103,7 @@ def export_cmd(
 
     cfg = _config(config)
     records = _resolve_unique(cfg.artifact_root, runs)
+    _refuse_read_only(cfg, csv_dir, "--csv")
     result = export_csv(records, csv_dir, window or cfg.metrics.window, cfg.metrics.warmup_steps)
     for run_id in result.without_steps:
         stderr.print(f"warning: {run_id}: no metrics steps; summary.csv has its recorded summary only", markup=False)
