@@ -124,9 +124,19 @@ class Config:
     cluster = property(lambda self: self.file.cluster)
 
 
+def current_dir() -> Path:
+    """The working directory; a one-line UsageError when it was deleted or moved under the shell
+    (os.getcwd() then fails with a bare `[Errno 2]` that names nothing)."""
+    try:
+        return Path.cwd()
+    except FileNotFoundError:
+        raise UsageError("the current directory no longer exists (deleted or moved): cd into the repository, "
+                         "or pass --config") from None
+
+
 def find_config(start: Optional[Path] = None) -> Optional[Path]:
     """The nearest `.moectl.toml` in `start` (default cwd) or any parent, or None."""
-    here = Path(start or Path.cwd()).absolute()
+    here = Path(start or current_dir()).absolute()
     for d in (here, *here.parents):
         candidate = d / CONFIG_NAME
         if candidate.is_file():
@@ -168,7 +178,7 @@ def _locate(path: Optional[Path], cwd: Optional[Path]) -> tuple[Path, str]:
     if path is None:
         path = find_config(cwd)
         if path is None:
-            where = Path(cwd or Path.cwd()).absolute()
+            where = Path(cwd or current_dir()).absolute()
             raise UsageError(f"no {CONFIG_NAME} found in {where} or any parent; run `moectl init` to create one")
     path = Path(os.path.expanduser(str(path))).absolute()
     if not path.is_file():
@@ -191,7 +201,7 @@ def default_config(root: Optional[Path] = None) -> Config:
     """The built-in defaults rooted at `root` (cwd): what `status` shows when no config exists."""
     from moectl.config_schema import MoectlFile
 
-    return from_file_model(MoectlFile(), None, Path(root or Path.cwd()))
+    return from_file_model(MoectlFile(), None, Path(root or current_dir()))
 
 
 def _read(text: str, scope: str, name: str) -> Union[MoectlFile, FileView]:
@@ -223,7 +233,7 @@ def read_config(path: Optional[Path] = None, cwd: Optional[Path] = None) -> Conf
 
 def read_default_config(root: Optional[Path] = None) -> Config:
     """`default_config` for commands that only read: the built-in defaults, remembered like a file."""
-    return from_file_model(_read("", "config-defaults", CONFIG_NAME), None, Path(root or Path.cwd()))
+    return from_file_model(_read("", "config-defaults", CONFIG_NAME), None, Path(root or current_dir()))
 
 
 TEMPLATE = """\
@@ -317,15 +327,17 @@ def template_for(trainer: str = "engine") -> str:
 
 def write_template(directory: Path, trainer: str = "engine") -> Path:
     """`moectl init`: write the commented template; refuse (exit 2) if a config already exists."""
+    from moectl.atomic import create_new_file
+
     text = template_for(trainer)
+    if not Path(directory).is_absolute():
+        current_dir()  # a deleted working directory: one line naming it, not `[Errno 2] ... '.moectl.toml'`
     target = Path(directory) / CONFIG_NAME
-    try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
+    # Written beside it and linked into place: a full disk leaves no empty config that would then
+    # make the next `init` refuse, and of two `init`s exactly one writes it.
+    if os.path.lexists(target) or not create_new_file(target, text):
         raise UsageError(f"{target} already exists; not overwriting it "
-                         f"(`moectl init --force` replaces it and keeps the old one as {CONFIG_NAME}.bak)") from None
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
+                         f"(`moectl init --force` replaces it and keeps the old one as {CONFIG_NAME}.bak)")
     return target
 
 
@@ -340,6 +352,8 @@ def overwrite_template(directory: Path, trainer: str = "engine") -> tuple[Path, 
     from moectl.records import atomic_file
 
     text = template_for(trainer)
+    if not Path(directory).is_absolute():
+        current_dir()  # a deleted working directory: one line naming it, not `[Errno 2] ... '.moectl.toml'`
     target = Path(directory) / CONFIG_NAME
     try:
         old = target.read_bytes()

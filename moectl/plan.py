@@ -21,7 +21,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from engine.schema import DEFAULT_PRESET, ENGINE_MODULE, PRESET_EXPERTS, PRESET_NAMES
-from moectl.config import CONFIG_NAME, Config
+from moectl.config import CONFIG_NAME, Config, current_dir
 from moectl.errors import UsageError
 from moectl.trainer import RUN_OPTIONS, fold_engine_args, follows_engine_contract, trainer_argv
 
@@ -225,7 +225,7 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
     if request.exp_dir:
         # Kept as given (only made absolute, `..` and symlinks intact) so the path guard judges it.
         given = Path(os.path.expanduser(request.exp_dir))
-        exp_dir = given if given.is_absolute() else Path.cwd() / given
+        exp_dir = given if given.is_absolute() else current_dir() / given
         run_id = exp_dir.name  # runs/show/compare know a run by its directory's name
     elif request.parent_dir:
         exp_dir = Path(request.parent_dir) / run_id

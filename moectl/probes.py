@@ -501,7 +501,10 @@ def collect_status(config_path: Optional[Path] = None, cwd: Optional[Path] = Non
         cfg = read_config(config_path, cwd)  # a config validated before is read back without pydantic
     except UsageError as exc:
         config_error = " ".join([exc.message, *exc.lines])
-        cfg = read_default_config(cwd)
+        try:
+            cfg = read_default_config(cwd)
+        except UsageError:  # no working directory at all (deleted under the shell): the rest still answers
+            cfg = read_default_config(Path.home())
     recent_runs = _recent_runs(cfg)  # first: reading settles a killed moectl's run and removes its lock
     obs = observe(cfg)
     git = obs.git

@@ -1,4 +1,5 @@
 """The console script's own error path: click's usage errors are one line, exit 2 (SPEC §4, §8)."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,23 @@ def test_a_reader_that_left_ends_the_command_quietly_and_never_as_success(args):
     finally:
         os.close(write_end)
     assert r.returncode == 1 and r.stderr == "", (args, r.returncode, r.stderr)
+
+
+def test_a_working_directory_deleted_under_the_shell_is_named_and_status_still_answers(tmp_path):
+    def in_gone(*args):  # the shell's cwd removed before moectl starts, as `rm -rf` from elsewhere does
+        gone = tmp_path / f"gone-{args[0]}"
+        gone.mkdir()
+        script = f'cd "{gone}" && rmdir "{gone}" && exec "$0" -m moectl "$@"'
+        return subprocess.run(["sh", "-c", script, sys.executable, *args], capture_output=True, text=True, timeout=60)
+
+    status = in_gone("status", "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["config_error"].startswith("the current directory no longer exists")
+    for args in (("runs",), ("init",), ("check",)):
+        r = in_gone(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert r.stderr.strip() == ("error: the current directory no longer exists (deleted or moved): "
+                                    "cd into the repository, or pass --config"), (args, r.stderr)
 
 
 def test_bare_moectl_prints_the_command_list(tmp_path):
