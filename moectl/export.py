@@ -28,7 +28,8 @@ from typing import Any, Optional, Sequence
 from engine.schema import METRICS_FILENAME, StepMetrics
 from moectl.errors import UsageError
 from moectl.metrics import read_metrics, tail_summary
-from moectl.records import RunRecord, Summary, write_text_atomic
+from moectl.atomic import atomic_file
+from moectl.records import RunRecord, Summary
 
 STEPS_CSV = "steps.csv"
 SUMMARY_CSV = "summary.csv"
@@ -138,6 +139,9 @@ def export_csv(runs: Sequence[RunRecord], out_dir: Path, window: int, warmup_ste
 
     out_dir.mkdir(parents=True, exist_ok=True)
     steps_path, summary_path = out_dir / STEPS_CSV, out_dir / SUMMARY_CSV
-    write_text_atomic(steps_path, _csv_text(STEP_COLUMNS, step_rows))
-    write_text_atomic(summary_path, _csv_text(SUMMARY_COLUMNS, summary_rows))
+    # Both files are written (and fsynced) before either replaces its old one: a full disk or an
+    # odd target leaves the old pair, never a steps.csv of these runs beside a summary.csv of others.
+    with atomic_file(steps_path) as steps_fh, atomic_file(summary_path) as summary_fh:
+        steps_fh.write(_csv_text(STEP_COLUMNS, step_rows))
+        summary_fh.write(_csv_text(SUMMARY_COLUMNS, summary_rows))
     return ExportResult(steps_path, summary_path, len(summary_rows), len(step_rows), without_steps)

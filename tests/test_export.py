@@ -182,3 +182,15 @@ def test_export_errors_exit_2_one_line(project, artifact_root, tmp_path):
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "must be a directory" in r.stderr
     assert invoke("export", "a").exit_code == 2  # --csv is required
     assert "Traceback" not in r.output and afile.read_text() == "x\n"
+    # A summary.csv that cannot be replaced (a directory in its place): the old steps.csv stays too,
+    # never a steps.csv of these runs beside a summary of others; the error names the file, not a temp.
+    pair = tmp_path / "pair"
+    assert invoke("export", "a", "--csv", str(pair)).exit_code == 0
+    old_steps = (pair / "steps.csv").read_text()
+    (pair / "summary.csv").unlink()
+    (pair / "summary.csv").mkdir()
+    make_run(artifact_root, "b", 2, steps_of(5, seed=1))
+    r = invoke("export", "b", "--csv", str(pair))
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and str(pair / "summary.csv") in r.stderr
+    assert ".tmp" not in r.stderr and (pair / "steps.csv").read_text() == old_steps
+    assert sorted(p.name for p in pair.iterdir()) == ["steps.csv", "summary.csv"]  # no temp file left
