@@ -101,6 +101,11 @@ def test_import_bad_file_exit_2_one_line_nothing_written(project, artifact_root,
 def test_import_rejects_bad_name_and_format(project):
     assert invoke("import", str(FIXTURES / "nanochat_small.log"), "--name", "../evil").exit_code == 2
     assert invoke("import", str(FIXTURES / "nanochat_small.log"), "--name", "x", "-f", "yaml").exit_code == 2
+    # an option that only one format reads is refused for another, not silently ignored
+    r = invoke("import", str(FIXTURES / "nanochat_small.log"), "--name", "x", "--run", "foo")
+    assert r.exit_code == 2 and "--run is for --format csv" in r.stderr
+    r = invoke("import", str(FIXTURES / "nanochat_small.log"), "--name", "-x")
+    assert r.exit_code == 2 and "(not first)" in r.stderr
 
 
 def test_runs_json_table_filters(project, artifact_root):

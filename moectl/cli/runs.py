@@ -558,9 +558,11 @@ def import_cmd(
     from moectl.store import import_run, run_json
 
     if not _NAME.match(name):
-        raise UsageError(f"bad --name {name!r}: use letters, digits, '.', '_' or '-'")
+        raise UsageError(f"bad --name {name!r}: use letters, digits, '.', '_' or '-' (not first)")
     if pattern and format != "regex":
         raise UsageError(f"--pattern is for --format regex, not {format}")
+    if run is not None and format != "csv":
+        raise UsageError(f"--run is for --format csv (a multi-run step table), not {format}")
     cfg = _config(config)
     parsed = load_log(log, format, run=run,
                       stdout_format=regex_format(cfg.metrics, pattern or []) if format == "regex" else None)
