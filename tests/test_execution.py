@@ -140,6 +140,11 @@ def test_wait_on_a_finished_local_run_exits_with_its_outcome(git_repo, monkeypat
     assert bad_timeout.exit_code == 2 and "--timeout: cannot read duration 'soon'" in bad_timeout.output
     unknown = moectl("wait", "no-such-run")
     assert unknown.exit_code == 2 and "no run matches 'no-such-run'" in unknown.output
+    # Reading the store needs no config file (as show and export): from outside the repository too
+    monkeypatch.chdir(git_repo.parent)
+    waited = moectl("wait", run_dir.name, "--json")
+    assert waited.exit_code == 0 and json.loads(waited.output)[0]["status"] == "completed", waited.output
+    assert moectl("cancel", run_dir.name, "--json").output.strip() == "[]"  # a finished local run: nothing to cancel
 
 
 def test_repeat_with_slurm_dry_run_shows_the_first_repeats_job_and_submits_nothing(git_repo, monkeypatch, artifact_root):

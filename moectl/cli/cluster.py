@@ -222,12 +222,12 @@ def wait(
       [bold]moectl wait big[/bold]
       [bold]moectl wait capacity --timeout 2h[/bold]     (every leg of sweep `capacity`)
     """
-    from moectl.config import load_config
+    from moectl.cli.runs import _config  # reading the store needs no config file, as for show/export
     from moectl.execution import exit_code_of, wait_for
     from moectl.plan import parse_duration
     from moectl.store import run_json
 
-    cfg = load_config(config)
+    cfg = _config(config)
     timeout_s = parse_duration(timeout, "--timeout") if timeout is not None else None
     records = _resolve_targets(cfg, targets)
     try:
@@ -259,11 +259,11 @@ def cancel(
       [bold]moectl cancel big[/bold]
       [bold]moectl cancel capacity[/bold]
     """
-    from moectl.config import load_config
+    from moectl.cli.runs import _config  # the records and Slurm are all it needs, as wait
     from moectl.execution import cancel_runs
     from moectl.store import run_json
 
-    cfg = load_config(config)
+    cfg = _config(config)
     records = _resolve_targets(cfg, targets)
     final = cancel_runs(records)
     if json_out:
