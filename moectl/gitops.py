@@ -26,9 +26,11 @@ when it is on (`signing`), and a signature git cannot make fails the commit like
 would - never an unsigned commit in a repository that asked for signed ones. The repository's
 commit hooks (pre-commit, commit-msg, post-commit) do not run: they are written for the user's
 own commits and check or rewrite what the user staged, which a report commit leaves alone and
-leaves out - a hook would judge (or, auto-formatting, change) the user's work in progress. The old way - move the branch, then run
-`git update-index` on the real index - failed while another process held the lock, leaving a
-commit the index did not know about, which the user's next `git commit` silently reverted.
+leaves out - a hook would judge (or, auto-formatting, change) the user's work in progress.
+
+The old way - move the branch, then run `git update-index` on the real index - failed while
+another process held the lock, leaving a commit the index did not know about, which the user's
+next `git commit` silently reverted.
 
 GitPython is not used: rewriting the user's index with its IndexFile keeps a stale cache-tree (the
 user's next commit reverts ours) or drops every extension; IndexFile.from_tree needs the very lock
