@@ -359,7 +359,13 @@ def overwrite_template(directory: Path, trainer: str = "engine") -> tuple[Path, 
         old = target.read_bytes()
         mode = stat.S_IMODE(target.stat().st_mode)
     except FileNotFoundError:
-        return write_template(directory, trainer), None
+        if not target.is_symlink():
+            return write_template(directory, trainer), None
+        # A symlink to nothing: there is no old config to keep, and --force replaces the link itself
+        # (writing through it could put the file anywhere the link happens to point).
+        with atomic_file(target, "w") as fh:
+            fh.write(text)
+        return target, None
     except IsADirectoryError:
         raise UsageError(f"{target} is a directory; not replacing it") from None
     backup = _write_backup(target, old, mode)

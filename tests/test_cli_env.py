@@ -62,6 +62,17 @@ def test_init_force_without_a_config_just_writes_it(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == [CONFIG_NAME] and (tmp_path / CONFIG_NAME).read_text() == TEMPLATE
 
 
+def test_init_force_over_a_symlink_to_nothing_replaces_the_link(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / CONFIG_NAME).symlink_to(tmp_path / "nowhere" / "shared.toml")
+    r = invoke("init")
+    assert r.exit_code == 2 and "already exists" in r.stderr  # a link is something: not replaced unasked
+    r = invoke("init", "--force")
+    assert r.exit_code == 0, r.output
+    assert not (tmp_path / CONFIG_NAME).is_symlink() and (tmp_path / CONFIG_NAME).read_text() == TEMPLATE
+    assert not (tmp_path / "nowhere").exists()  # nothing written where the link pointed
+
+
 def test_init_force_keeps_the_old_config_as_bak_and_never_overwrites_a_bak(tmp_path):
     target = tmp_path / CONFIG_NAME
     target.write_bytes(OLD_CONFIG)
