@@ -180,23 +180,24 @@ class DefaultsSection(BaseModel):
     balance: Optional[Literal["loss", "bias", "none"]] = None
     balance_rate: Optional[float] = Field(None, gt=0)
     ep: Optional[int] = Field(None, ge=1)
-    depth: Optional[int] = Field(None, gt=0)
-    n_experts: Optional[int] = Field(None, gt=0)
-    top_k: Optional[int] = Field(None, gt=0)
-    moe_freq: Optional[int] = Field(None, gt=0)
-    seq_len: Optional[int] = Field(None, gt=0)
-    device_batch_size: Optional[int] = Field(None, gt=0)
-    total_batch_size: Optional[int] = Field(None, gt=0)
-    balance_coeff: Optional[float] = Field(None, ge=0)
     seed: Optional[int] = None
-    dtype: Optional[Literal["bf16", "fp32"]] = None
+    # The engine's own options (depth, n_experts, dtype, ...) are not fields: for engine.train
+    # `defaults_problems` checks them (ENGINE_OPTIONS and ENGINE_LIMITS), while for another
+    # trainer the same names are that trainer's flags, with its values (nanoGPT's dtype = "bfloat16").
 
     @model_validator(mode="before")
     @classmethod
     def _underscores(cls, data):
-        # TOML may spell engine options as on the command line (n-experts); validate one spelling.
+        # TOML may spell engine options as on the command line (n-experts); validate one spelling,
+        # and say so when both are there (one would silently win).
         if isinstance(data, dict):
-            return {str(k).replace("-", "_"): v for k, v in data.items()}
+            out: dict = {}
+            for k, v in data.items():
+                key = str(k).replace("-", "_")
+                if key in out:
+                    raise ValueError(f"{key} is given twice ({key} and {key.replace('_', '-')}); keep one")
+                out[key] = v
+            return out
         return data
 
     def options(self) -> dict[str, Any]:
@@ -309,6 +310,14 @@ def _field_lines(name: str, exc: ValidationError) -> list[str]:
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 # Engine options moectl sets for every run itself: a default for them would be overridden unseen.
 _SET_BY_MOECTL = ("out_dir", "ckpt_dir")
+# Values engine.train refuses at launch (after the run directory exists), checked before it.
+ENGINE_LIMITS: dict[str, tuple[str, Any]] = {
+    **{k: ("greater than 0", lambda v: v > 0) for k in (
+        "depth", "aspect_ratio", "head_dim", "n_experts", "top_k", "moe_freq", "seq_len", "device_batch_size",
+        "total_batch_size", "steps", "vocab_size")},
+    **{k: ("0 or more", lambda v: v >= 0) for k in ("balance_coeff", "z_coeff", "cap", "grad_clip", "warmdown_frac")},
+    "dtype": ("one of bf16, fp32", lambda v: v in ("bf16", "fp32")),
+}
 
 
 def _is(value: Any, kind: type) -> bool:
@@ -353,6 +362,8 @@ def defaults_problems(data: dict) -> dict[str, str]:
             why = f"must be one string, number or true/false (one flag's value), not {type(value).__name__} {value!r}"
         elif engine and not _is(value, ENGINE_OPTIONS[key]):
             why = f"must be {_TYPE_WORDS[ENGINE_OPTIONS[key]]} (engine option --{key.replace('_', '-')}), not {value!r}"
+        elif engine and key in ENGINE_LIMITS and not ENGINE_LIMITS[key][1](value):
+            why = f"must be {ENGINE_LIMITS[key][0]} (engine option --{key.replace('_', '-')}), not {value!r}"
         else:
             continue
         problems[f"defaults.{key}"] = why

@@ -88,7 +88,10 @@ def test_no_config_found_suggests_init(tmp_path):
         ("[metrics]\nwarmup_step = 5\n", ".moectl.toml: metrics.warmup_step: unknown key"),
         ("[defaults]\ncap = -1\n", ".moectl.toml: defaults.cap: Input should be greater than or equal to 0"),
         ("[defaults]\ncompile = \"fast\"\n", ".moectl.toml: defaults.compile: Input should be 'static', 'dynamic' or 'none'"),
-        ("[defaults]\nn-experts = \"many\"\n", ".moectl.toml: defaults.n_experts: Input should be a valid integer"),
+        ("[defaults]\nn-experts = \"many\"\n", ".moectl.toml: defaults.n_experts: must be an integer (engine option --n-experts)"),
+        ("[defaults]\nn-experts = 0\n", ".moectl.toml: defaults.n_experts: must be greater than 0 (engine option --n-experts)"),
+        ("[defaults]\ndtype = \"bfloat16\"\n", ".moectl.toml: defaults.dtype: must be one of bf16, fp32 (engine option --dtype)"),
+        ("[defaults]\nn_experts = 8\nn-experts = 4\n", ".moectl.toml: defaults: n_experts is given twice (n_experts and n-experts); keep one"),
     ],
 )
 def test_bad_fields_are_one_line_each(tmp_path, text, line):

@@ -74,6 +74,17 @@ def test_defaults_go_through_the_mapping_too():
         plan(text)
 
 
+def test_another_trainers_defaults_take_its_own_values_for_names_the_engine_also_has():
+    # nanoGPT's dtype is "bfloat16" and its depth is not ours to judge: the engine's limits bind
+    # engine.train only. moectl's own run options (cap, steps, ...) keep their meaning everywhere.
+    text = NANOGPT.format(launcher="torchrun").replace('seed = "--seed={}"', 'seed = "--seed={}"\ndtype = "--dtype={}"\ndepth = "--n_layer={}"') + '[defaults]\ndtype = "bfloat16"\ndepth = 0\n'
+    p = plan(text, steps=5)
+    assert "--dtype=bfloat16" in p.argv and "--n_layer=0" in p.argv
+    with pytest.raises(UsageError) as exc:
+        cfg_of(text + "cap = -1.0\n")
+    assert any("defaults.cap" in line for line in exc.value.lines), exc.value.lines
+
+
 def test_module_trainer_without_table_keeps_the_engine_contract():
     p = plan('[project]\nvenv = ""\n[launch]\nmodule = "tests.fixtures.fake_engine"\n', steps=7)
     assert p.argv[p.argv.index("-m", 2):][:2] == ["-m", "tests.fixtures.fake_engine"]
