@@ -172,6 +172,23 @@ def default_tag(options: dict[str, Any]) -> str:
     return "_".join(parts)
 
 
+def _check_folded(folded: dict[str, Any]) -> None:
+    """Values that came from after `--` into the options get the checks they would have had as
+    `moectl run` options or [defaults] keys (the engine would refuse them only after the run
+    directory exists): `-- --cap=-1` is as wrong as `--cap -1`."""
+    from moectl.config_schema import ENGINE_LIMITS
+
+    own = {k: v for k, v in folded.items() if k in RUN_OPTIONS}
+    if own:
+        try:
+            make_request(**own)
+        except UsageError as exc:
+            raise UsageError(f"-- {exc.message}", exc.lines) from None
+    for key, value in folded.items():
+        if key not in own and key in ENGINE_LIMITS and not ENGINE_LIMITS[key][1](value):
+            raise UsageError(f"-- --{key.replace('_', '-')}: must be {ENGINE_LIMITS[key][0]}, not {value!r}")
+
+
 def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Optional[int]) -> RunPlan:
     """Decide ids, directories, options and the exact command. `gpus_available`: GPUs in the NVML
     reading (None when NVML is unavailable); device `auto` means cuda only when there are some."""
@@ -180,14 +197,17 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
     explicit = [key for key in RUN_OPTIONS if getattr(request, key) is not None]
     for key in explicit:
         options[key] = getattr(request, key)
-    extra = list(request.extra_args)
+    extra, from_extra = list(request.extra_args), {}
     if follows_engine_contract(cfg.launch, cfg.metrics):
+        before = dict(options)
         extra, options = fold_engine_args(extra, options, set(explicit))
+        from_extra = {k: v for k, v in options.items() if k not in before or before[k] != v}
+        _check_folded(from_extra)
 
     preset = options.get("preset")
     if cfg.launch.module == ENGINE_MODULE and follows_engine_contract(cfg.launch, cfg.metrics) and preset is not None and preset not in PRESET_NAMES:
         # The engine would reject it only after torchrun started and a run directory was made.
-        where = "--preset" if request.preset is not None else "defaults.preset"
+        where = "--preset" if request.preset is not None else "-- --preset" if "preset" in from_extra else "defaults.preset"
         raise UsageError(f"{where}: unknown preset {preset!r}; the engine has {', '.join(PRESET_NAMES)}")
     ep = options.get("ep")
     if cfg.launch.module == ENGINE_MODULE and follows_engine_contract(cfg.launch, cfg.metrics) and ep and ep > 1:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import shlex
 from typing import Any
 
+from engine.schema import ENGINE_OPTIONS
 from moectl.errors import UsageError
 
 # The engine options `moectl run` has flags for (config `[defaults]` < these flags; moectl/plan.py).
@@ -84,7 +85,8 @@ def fold_engine_args(extra: list[str], options: dict[str, Any], explicit: set[st
             i += 1
             continue
         if key in explicit:
-            raise UsageError(f"-- {name}: also given as `moectl run {name}`; give it once")
+            raise UsageError(f"-- {name}: moectl already sets {name} for this run (a `moectl run {name}` option, "
+                             "--repeat's seeds or a sweep leg's option); give it there, once")
         current = options[key]
         if isinstance(current, bool):
             if eq:
@@ -96,7 +98,9 @@ def fold_engine_args(extra: list[str], options: dict[str, Any], explicit: set[st
                 raise UsageError(f"-- {name}: needs a value")
             value, i = extra[i + 1], i + 1
         i += 1
-        kind = type(current) if isinstance(current, (int, float)) else str
+        # The option's own type where the engine names it (`grad_clip = 1` in [defaults] is a float
+        # option written as an integer), else the type of the value it replaces.
+        kind = ENGINE_OPTIONS.get(key) or (type(current) if isinstance(current, (int, float)) else str)
         try:
             options[key] = kind(value)
         except ValueError:

@@ -122,24 +122,31 @@ def test_cli_refuses_unmapped_option_before_anything_is_written(tmp_path, monkey
     assert not artifact_root.exists() or not any(artifact_root.iterdir())
 
 
-ENGINE = '[project]\nvenv = ""\n[launch]\nmodule = "engine.train"\n[defaults]\npreset = "tiny"\nlr = 0.01\nfp8 = false\n'
+ENGINE = ('[project]\nvenv = ""\n[launch]\nmodule = "engine.train"\n[defaults]\npreset = "tiny"\nlr = 0.01\nfp8 = false\n'
+          'cap = 1.0\ncompile = "none"\nseq_len = 64\ngrad_clip = 1\n')
 
 
 def test_engine_flags_after_dashdash_that_repeat_a_default_become_that_option_once():
-    p = plan(ENGINE, steps=7, extra_args=["--lr", "0.02", "--fp8", "--save-every=5", "--seq-len=64"])
+    p = plan(ENGINE, steps=7, extra_args=["--lr", "0.02", "--fp8", "--save-every=5", "--eval-batches=2"])
     assert (p.options["lr"], p.options["fp8"], p.options["steps"]) == (0.02, True, 7)
     engine = p.argv[p.argv.index("engine.train") + 1:]
     assert engine.count("--lr") == 1 and engine[engine.index("--lr") + 1] == "0.02" and engine.count("--fp8") == 1
-    assert engine[-2:] == ["--save-every=5", "--seq-len=64"]  # not moectl's: passed through as given
+    assert engine[-2:] == ["--save-every=5", "--eval-batches=2"]  # not in the options: passed through as given
     p = plan(ENGINE, extra_args=["--lr=3e-4"])
     assert p.options["lr"] == 3e-4 and "--lr=3e-4" not in p.argv
+    # grad_clip = 1 is the float option --grad-clip written as an integer: 0.5 replaces it
+    assert plan(ENGINE, extra_args=["--grad-clip", "0.5"]).options["grad_clip"] == 0.5
 
 
 @pytest.mark.parametrize("extra, why", [
     (["--out-dir", "/elsewhere"], "-- --out-dir: not a trainer argument moectl can pass on: the run directory is moectl's"),
     (["--ckpt-dir=/elsewhere/ck"], "-- --ckpt-dir: not a trainer argument moectl can pass on: checkpoints go to"),
     (["--device", "cuda"], "-- --device: not a trainer argument moectl can pass on: the device is moectl's"),
-    (["--steps", "9"], "-- --steps: also given as `moectl run --steps`; give it once"),
+    (["--steps", "9"], "-- --steps: moectl already sets --steps for this run (a `moectl run --steps` option"),
+    (["--cap=-1"], "-- --cap: Input should be greater than or equal to 0"),
+    (["--compile", "bogus"], "-- --compile: Input should be 'static', 'dynamic' or 'none'"),
+    (["--preset", "huge"], "-- --preset: unknown preset 'huge'"),
+    (["--seq-len", "0"], "-- --seq-len: must be greater than 0, not 0"),
     (["--lr", "fast"], "-- --lr fast: not a number"),
     (["--lr"], "-- --lr: needs a value"),
     (["--fp8=yes"], "-- --fp8=yes: --fp8 is an on/off flag of the engine; it takes no value"),
