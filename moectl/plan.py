@@ -51,7 +51,7 @@ def sanitize_tag(tag: str) -> str:
     clean = re.sub(r"[^A-Za-z0-9._-]+", "_", tag)
     clean = re.sub(r"\.{2,}", "_", clean)  # no `..` in a name that becomes a path component
     clean = re.sub(r"_{2,}", "_", clean).strip("_")
-    return clean.lstrip(".") or "run"
+    return clean.lstrip(".-") or "run"  # nor a leading `-`: `moectl show -x` would read it as an option
 
 
 def _fmt_num(x: float) -> str:
@@ -247,6 +247,12 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
         given = Path(os.path.expanduser(request.exp_dir))
         exp_dir = given if given.is_absolute() else current_dir() / given
         run_id = exp_dir.name  # runs/show/compare know a run by its directory's name
+        if run_id and run_id not in (".", "..") and sanitize_tag(run_id) != run_id:
+            # its name is the run id: the rule of tags (a `.x` is hidden from the store, `a b` needs quoting)
+            raise UsageError(f"--exp-dir {request.exp_dir}: its name {run_id!r} becomes the run id; use letters, "
+                             f"digits, . _ - (not first), e.g. {sanitize_tag(run_id)}")
+        if len(run_id.encode()) > NAME_MAX:
+            raise UsageError(f"--exp-dir: its name is {len(run_id.encode())} bytes, over the filesystem's {NAME_MAX}")
     elif request.parent_dir:
         exp_dir = Path(request.parent_dir) / run_id
     else:

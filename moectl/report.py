@@ -139,7 +139,13 @@ def commit_message(record: RunRecord, baseline: Optional[RunRecord] = None) -> s
     # A warm-up-only figure says so in the subject too: a log of subjects is read without tables.
     warmup_only = " [warm-up only]" if is_marked(record.summary, "tok_per_sec") else ""
     if record.status in ("failed", "interrupted"):
-        code = f" (exit {record.exit_code})" if record.exit_code is not None else ""
+        # An interrupted run's exit code is torchrun's answer to the signal (1), not a failure to
+        # report: the signal says what happened ("interrupted by SIGINT" in the record's error).
+        why = (record.error or "").splitlines()[0] if record.error else ""
+        if record.status == "interrupted":
+            code = f" ({why.removeprefix('interrupted by ')})" if why.startswith("interrupted by ") else ""
+        else:
+            code = f" (exit {record.exit_code})" if record.exit_code is not None else ""
         head = f"report: {label} — {record.status}{code}"
         return head + (f", {tps:.0f} tok/s so far{warmup_only}" if tps is not None else "")
     if tps is None:

@@ -13,6 +13,7 @@ commit churns on a timestamp or on a process starting elsewhere on a shared mach
 """
 from __future__ import annotations
 
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Optional
@@ -279,6 +280,8 @@ def users_changes(repo: Path, path: Path) -> Optional[str]:
         return "is staged for deletion" if index is None else "has changes staged in the index"
     if work is not None and work != index and work != head and work not in ours:
         return "has uncommitted changes" if (head or index) else "is an untracked file of yours"
+    if work is None and index is not None and not os.path.lexists(path):
+        return "is deleted in the working tree (not staged)"  # `rm EXPERIMENTS.md`: theirs too
     return None
 
 

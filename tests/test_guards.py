@@ -286,6 +286,7 @@ def test_bad_run_options_are_one_line_usage_errors(kwargs, line):
     ("../../etc", "etc"),
     ("...", "run"),
     ("ünïcode!", "n_code"),
+    ("-x", "x"),  # `moectl show -x` would be an option
 ])
 def test_tags_become_safe_directory_names(tag, expected):
     from moectl.plan import sanitize_tag

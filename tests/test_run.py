@@ -487,6 +487,17 @@ def test_an_artifact_root_or_report_dir_that_cannot_take_files_is_refused_before
     assert not artifact_root.exists() and tree_state(proj) == before
 
 
+@pytest.mark.parametrize("name, said", [
+    (".hidden", "its name '.hidden' becomes the run id; use letters, digits, . _ - (not first), e.g. hidden"),
+    ("my exp", "its name 'my exp' becomes the run id; use letters, digits, . _ - (not first), e.g. my_exp"),
+    ("x" * 300, "its name is 300 bytes, over the filesystem's 255"),
+])
+def test_an_exp_dir_whose_name_cannot_be_a_run_id_is_refused_before_anything_is_written(proj, artifact_root, name, said):
+    r = run("--steps", "2", "--exp-dir", str(artifact_root / name), "--override", "no_other_training", *FAST)
+    assert r.exit_code == 2 and said in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert not artifact_root.exists()
+
+
 def test_relative_exp_dir_resolves_against_cwd(proj, artifact_root, monkeypatch):
     artifact_root.mkdir()
     monkeypatch.chdir(artifact_root)

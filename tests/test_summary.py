@@ -252,6 +252,13 @@ def test_the_users_own_edits_to_experiments_md_are_never_overwritten_or_unstaged
     assert (doc.read_bytes(), git(git_repo, "status", "--porcelain")) == before
     assert b"NOTE staged\nNOTE not staged\n" in doc.read_bytes()
 
+    # Deleted, not staged (`rm EXPERIMENTS.md`): theirs too - not written back behind their back.
+    git(git_repo, "checkout", "--", "EXPERIMENTS.md")
+    doc.unlink()
+    r = CliRunner().invoke(app, ["summary"])
+    assert r.exit_code == 3 and "EXPERIMENTS.md is deleted in the working tree (not staged)" in r.output
+    assert not doc.exists() and git(git_repo, "status", "--porcelain") == " D EXPERIMENTS.md\n"
+
 
 def test_summary_on_an_empty_store(git_repo, artifact_root, monkeypatch):
     summary_project(git_repo, monkeypatch)
