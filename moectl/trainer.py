@@ -108,6 +108,25 @@ def fold_engine_args(extra: list[str], options: dict[str, Any], explicit: set[st
     return left, options
 
 
+def refuse_mapped_repeats(extra: list[str], mapping: dict[str, str], passed: dict[str, Any], config: str) -> None:
+    """A mapped trainer's flag after `--` that moectl already passes through [launch.options]
+    (`-- --device=cuda` beside `device = "--device={}"`): the trainer would take the later one,
+    running what the guards never judged (the device) or what the record does not say (the
+    steps). UsageError naming the option to give instead; other arguments pass as given."""
+    flags = {}
+    for key in passed:
+        words = shlex.split(mapping[key]) if key in mapping else []
+        if words and words[0].startswith("-"):
+            flags[words[0].split("=", 1)[0].replace("{}", "")] = key
+    for token in extra:
+        key = flags.get(token.split("=", 1)[0])
+        if key is not None:
+            how = (_OWN_WHY[key] if key in MOECTL_OWN
+                   else f"moectl passes it already as {option_flag(key)} ([launch.options] {key} in {config}); "
+                        f"give that instead, so the record says what ran")
+            raise UsageError(f"-- {token.split('=', 1)[0]}: not a trainer argument moectl can pass on: {how}")
+
+
 def mapped_flags(mapping: dict[str, str], options: dict[str, Any], config: str = ".moectl.toml") -> list[str]:
     """Each option through its template; UsageError naming every unmapped option (and `config`,
     the file whose [launch.options] would map it)."""
@@ -139,6 +158,8 @@ def trainer_argv(launch, metrics, options: dict[str, Any], *, device: str, exp_d
     else:
         mapping = launch.options or {}
         own = {"device": device, "out_dir": exp_dir, "ckpt_dir": ckpt_dir}
+        passed = {**{k: v for k, v in own.items() if k in mapping}, **options}
+        refuse_mapped_repeats(extra, mapping, passed, config)
         trainer_args = list(launch.args) + mapped_flags(mapping, options, config)
         trainer_args += mapped_flags(mapping, {k: v for k, v in own.items() if k in mapping}, config)
     trainer_args += list(extra)
@@ -161,7 +182,8 @@ module = "scripts.base_train"
 launcher = "torchrun"        # "python" runs it as one plain process (no torchrun)
 args = []                    # always passed first, e.g. ["--depth=12"]
 nproc_per_node = "auto"      # auto = number of selected GPUs (cuda) or 1 (cpu)
-env = { OMP_NUM_THREADS = "1" }
+env = { OMP_NUM_THREADS = "1" }   # nanochat writes checkpoints under $NANOCHAT_BASE_DIR (default
+                             # ~/.cache/nanochat): set it here to a directory inside artifact_root
 compile_fallback = true
 
 [launch.options]             # moectl run option -> nanochat's flag ("{}" is the value); any other
@@ -188,6 +210,7 @@ compile_fallback = true
 [launch.options]             # moectl run option -> nanoGPT's configurator flag ("{}" is the value)
 steps = "--max_iters={}"
 device = "--device={}"
+out_dir = "--out_dir={}"     # its checkpoints go into the run directory, inside artifact_root
 # seed = "--seed={}"         # nanoGPT seeds 1337 + rank and has no flag; add one to use --repeat N
 
 [metrics]

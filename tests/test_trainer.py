@@ -55,6 +55,21 @@ def test_script_under_torchrun_gets_args_then_mapped_options_then_extra():
     assert p.env["MOECTL_RUN_DIR"] == p.exp_dir
 
 
+@pytest.mark.parametrize("extra, why", [
+    (["--device=cuda"], "-- --device: not a trainer argument moectl can pass on: the device is moectl's"),
+    (["--max_iters=5"], "-- --max_iters: not a trainer argument moectl can pass on: moectl passes it already as "
+                        "--steps ([launch.options] steps in .moectl.toml)"),
+])
+def test_another_trainers_flag_after_dashdash_that_moectl_already_maps_is_refused(extra, why):
+    # nanoGPT's configurator takes the last --device=: `-- --device=cuda` would run on a GPU the
+    # cpu run's guards never looked at, and `-- --max_iters=5` would make the record's steps wrong.
+    text = NANOGPT.format(launcher="torchrun").replace('fp8 = "--fp8"', 'fp8 = "--fp8"\ndevice = "--device={}"')
+    with pytest.raises(UsageError) as exc:
+        plan(text, steps=40, extra_args=extra)
+    assert exc.value.message.startswith(why), exc.value.message
+    assert plan(text, extra_args=["--max_iters=5"]).argv[-1] == "--max_iters=5"  # steps not passed: the flag is theirs
+
+
 def test_python_launcher_is_one_plain_process():
     p = plan(NANOGPT.format(launcher="python"), steps=5, fp8=False)
     assert p.argv[1:] == ["train.py", "config/train_small.py", "--device=cpu", "--max_iters=5"]  # fp8 false: left out
