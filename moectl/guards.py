@@ -63,7 +63,9 @@ def guard_venv(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
     if v is None:
         return _fail("venv", "the interpreter was not probed")
     if not v.exists:
-        return _fail("venv", f"{v.python} not found; create the venv (`bash scripts/dev.sh setup`) or set project.venv")
+        venv = Path(v.python).parent.parent
+        return _fail("venv", f"{v.python} not found; create the venv (`python3 -m venv {venv}`, then install torch "
+                             "into it) or set project.venv")
     if not v.in_venv:
         return _fail("venv", f"{v.python} is not inside a virtual environment (no pyvenv.cfg next to its bin/); fix project.venv")
     if v.has_torch is None:
