@@ -155,3 +155,32 @@ def test_a_leg_that_fails_to_compile_is_re_run_by_its_own_job_as_a_fallback_leg(
     assert subjects[0].startswith("report: sweep cf — completed (1 through its --compile none fallback)"), subjects
     assert sorted(s.split(" — ")[0] for s in subjects[1:]) == [
         "report: none eager", "report: none static_fallback_none", "report: static"], subjects
+
+
+def test_a_leg_whose_job_dies_before_moectl_starts_in_it_is_settled_by_the_report_job(on_cluster, git_repo,
+                                                                                       monkeypatch, artifact_root,
+                                                                                       tmp_path):
+    # scancel of a leg still waiting for its turn: nothing of moectl ever ran in it. The final report
+    # job settles that leg (`failed`) while it holds the sweep lock - which once waited for itself
+    # forever, leaving the report job running and the leg `queued` (and `moectl cancel` behind it).
+    import subprocess
+
+    slurm_project(git_repo, monkeypatch)
+    gate = tmp_path / "gate-x"
+    spec = tmp_path / "duo.toml"
+    spec.write_text(f'name = "duo"\n[common]\nsteps = 3\n[[legs]]\ntag = "x"\nargs = ["--hold-at-step", "1", '
+                    f'"--hold-until", "{gate}"]\n[[legs]]\ntag = "y"\n')
+    r = moectl("sweep", str(spec), "--slurm", "--detach", "--max-parallel", "1")
+    assert r.exit_code == 0, r.output
+    sweep_dir = the_sweep(artifact_root, "duo")
+    wait_for(lambda: Path(f"{gate}.waiting").exists(), "leg x held at step 1", timeout=JOB_TIMEOUT_S)
+    y = record(sweep_dir / sweep_json(sweep_dir)["legs"][1]["run_id"])
+    assert y["status"] == "queued"
+    subprocess.run(["scancel", y["job_id"]], check=True, timeout=60)  # y never starts
+    gate.touch()
+
+    waited = moectl("wait", "duo", "--timeout", f"{JOB_TIMEOUT_S}s")
+    assert waited.exit_code == 4, waited.output  # y failed (its job ended before moectl started in it)
+    wait_for(lambda: sweep_json(sweep_dir).get("report"), "the report job's sweep report", timeout=JOB_TIMEOUT_S)
+    assert [(leg["tag"], leg["state"]) for leg in sweep_json(sweep_dir)["legs"]] == [("x", "completed"), ("y", "failed")]
+    assert "before moectl started in it" in record(sweep_dir / y["id"])["error"]

@@ -520,3 +520,43 @@ def test_two_sweeps_of_one_name_in_one_minute_never_share_a_report_file(git_repo
     assert a != b and a.parent == b.parent == cfg.report_dir
     assert first.id in a.read_text() and second.id in b.read_text()
     assert b.name == a.name.replace(".md", "-2.md") or a.name[:13] != b.name[:13]  # -2, or the minute turned
+
+
+def test_the_sweep_lock_is_reentrant_within_a_thread_and_bounded_across_processes(tmp_path):
+    # The final report job holds the lock while it settles a leg whose job died, and settling saves
+    # the leg under the lock again: that once waited for itself forever (and `moectl cancel SWEEP`
+    # behind it). Now the inner taker gets the holder's record; another process waits, boundedly.
+    import threading
+
+    from moectl.errors import GuardRefused
+    from moectl.records import SweepLeg, SweepRecord, save_model
+    from moectl.sweep.store import load_sweep, locked_sweep, update_leg
+
+    d = tmp_path / "20260101_000000_moe-s"
+    d.mkdir()
+    save_model(d / "sweep.json", SweepRecord(id=d.name, name="s", spec={"name": "s"}, exp_dir=str(d),
+                                             created_at="2026-01-01T00:00:00+00:00",
+                                             legs=[SweepLeg(tag="a", state="queued", run_id="r1")]))
+    done = threading.Event()
+
+    def settle():
+        with locked_sweep(d) as sweep:
+            update_leg(d, "failed", run_id="r1")  # what settle_gone_job -> save_run_and_leg does
+            assert sweep.legs[0].state == "failed"  # the same record: the inner change is the outer's
+        done.set()
+
+    t = threading.Thread(target=settle, daemon=True)
+    t.start()
+    assert done.wait(30), "locked_sweep waited for itself"
+    assert load_sweep(d).legs[0].state == "failed"  # saved when the outer holder left
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; fh = open(sys.argv[1], 'a'); fcntl.flock(fh, fcntl.LOCK_EX); "
+        "print('held', flush=True); time.sleep(60)"), str(d / ".sweep.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(GuardRefused, match="stayed locked by another moectl for 0.3 s"):
+            with locked_sweep(d, wait_s=0.3):
+                pass
+    finally:
+        stop_process(holder)

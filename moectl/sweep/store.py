@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Iterator, Optional
 
 from moectl import store
-from moectl.errors import UsageError
+from moectl.errors import GuardRefused, UsageError
 from moectl.records import SWEEP_RECORD, RunRecord, SweepLeg, SweepRecord, save_model
 
 
@@ -38,18 +40,44 @@ def save_sweep(sweep: SweepRecord) -> None:
 
 
 SWEEP_LOCK = ".sweep.lock"
+LOCK_WAIT_S = 120.0  # another writer holds it for a read and a rewrite: seconds would be a lot
+_held = threading.local()  # sweep dir -> the record this thread holds locked (see locked_sweep)
 
 
 @contextlib.contextmanager
-def locked_sweep(sweep_dir: Path) -> Iterator[SweepRecord]:
+def locked_sweep(sweep_dir: Path, wait_s: float = LOCK_WAIT_S) -> Iterator[SweepRecord]:
     """Read-modify-write of sweep.json by one process at a time: the submitter and every leg's
     job update it, and two legs finishing together must not lose either update. flock on a file
-    beside it (held across the read and the atomic rewrite); the record is saved on leaving."""
+    beside it (held across the read and the atomic rewrite); the record is saved on leaving.
+
+    Re-entrant within a thread: code that holds the lock and settles a leg through a helper that
+    takes it too (the final report job settling a leg whose job died) gets the same record back,
+    saved when the outer holder leaves - a second flock on a new descriptor would wait for itself
+    forever. Another holder is waited for up to `wait_s`, then GuardRefused (never a silent hang)."""
+    key = str(Path(sweep_dir).resolve())
+    held = _held.__dict__.setdefault("sweeps", {})
+    if key in held:
+        yield held[key]
+        return
     with open(Path(sweep_dir) / SWEEP_LOCK, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    # busy, like a git index held past its wait (GitBusy): exit 3, try again
+                    raise GuardRefused(f"{Path(sweep_dir) / SWEEP_RECORD} stayed locked by another moectl for "
+                                       f"{wait_s:g} s ({Path(sweep_dir) / SWEEP_LOCK}); nothing was changed") from None
+                time.sleep(0.05)
         try:
             sweep = load_sweep(sweep_dir)
-            yield sweep
+            held[key] = sweep
+            try:
+                yield sweep
+            finally:
+                del held[key]
             save_sweep(sweep)
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
