@@ -37,7 +37,7 @@ from pydantic import BaseModel
 from moectl import gitops, slurm, store
 from moectl.config import Config, MoectlFile
 from moectl.errors import (
-    EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRAINING, GuardRefused, MoectlError, UsageError,
+    EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRAINING, EXIT_USAGE, GuardRefused, MoectlError, UsageError,
 )
 from moectl.guards import check_request, passed
 from moectl.plan import RunPlan, RunRequest
@@ -240,6 +240,40 @@ def job_gone_message(record: RunRecord) -> str:
     return f"Slurm job {record.job_id} ended{how} {where}" + (f"\n{tail}" if tail else "")
 
 
+NEVER_STARTS_PREFIX = "Slurm will never start job"
+
+
+def settle_unstartable(record: RunRecord) -> Optional[RunRecord]:
+    """A queued run whose job Slurm accepted but will never start as asked (slurm.never_starts:
+    more nodes than the partition has, memory no node has): its job cancelled and the record
+    `failed` saying why - instead of a follower, `wait` and `runs` waiting on it forever. None
+    while the job may still start."""
+    if record.status != "queued" or not record.job_id:
+        return None
+    try:
+        why = slurm.never_starts(slurm.job_info(record.job_id))
+        if why is None:
+            return None
+        slurm.cancel([record.job_id])
+    except MoectlError:
+        return None
+    current = read_record(Path(record.exp_dir))
+    if current.status != "queued":
+        return current
+    current.status, current.finished_at = "failed", store.now_iso()
+    current.error = (f"{NEVER_STARTS_PREFIX} {record.job_id} as asked: {why}; it was cancelled - ask for what "
+                     "the cluster has ([cluster] in .moectl.toml, --nodes)")
+    save_run_and_leg(current)
+    return current
+
+
+def exit_code_of_record(record: RunRecord) -> int:
+    """SPEC §8 for one settled run: what it asked of Slurm never could start is a usage error (2)."""
+    if record.status == "failed" and (record.error or "").startswith(NEVER_STARTS_PREFIX):
+        return EXIT_USAGE
+    return EXIT_OF_STATUS.get(record.status, EXIT_TRAINING)
+
+
 def settle_gone_job(record: RunRecord) -> RunRecord:
     """A run whose job is gone while its record says queued/running: `failed` if it never started
     (a job that failed to start), `interrupted` if it did (killed past KillWait). Written once."""
@@ -272,6 +306,9 @@ def follow(record: RunRecord, progress: Optional[ProgressSink] = None,
                 last_status = current.status
                 if on_state is not None:
                     on_state(current)
+            unstartable = settle_unstartable(current)
+            if unstartable is not None:
+                return unstartable
             live = job_live(current)
             if current.status not in UNSETTLED and live is False:
                 for rec in follower.poll(final=True):
@@ -294,8 +331,8 @@ def follow(record: RunRecord, progress: Optional[ProgressSink] = None,
 
 def exit_code_of(records: Sequence[RunRecord]) -> int:
     """`wait`'s exit code: the worst of the runs (interrupted > refused > failed > completed)."""
-    codes = [EXIT_OF_STATUS.get(r.status, EXIT_TRAINING) for r in records]
-    for code in (EXIT_INTERRUPTED, EXIT_GUARD, EXIT_TRAINING):
+    codes = [exit_code_of_record(r) for r in records]
+    for code in (EXIT_INTERRUPTED, EXIT_GUARD, EXIT_USAGE, EXIT_TRAINING):
         if code in codes:
             return code
     return EXIT_OK
@@ -345,6 +382,9 @@ def _settle_once(record: RunRecord) -> Optional[RunRecord]:
         current = store.load_run(run_dir)  # settles a local run whose moectl died
         return None if current.status in UNSETTLED and not current.stale else current
     current = read_record(run_dir)
+    unstartable = settle_unstartable(current)
+    if unstartable is not None:
+        return unstartable
     live = job_live(current)
     if live is None:
         return None

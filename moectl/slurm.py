@@ -111,9 +111,33 @@ def _run(argv: Sequence[str], env: Optional[Mapping[str, str]] = None) -> subpro
 
 
 def _message(proc: subprocess.CompletedProcess) -> str:
-    """Slurm's own error, one line: the last non-empty line of its stderr (sbatch prints `sbatch: error: ...`)."""
+    """Slurm's own error, one line: the last non-empty line of its stderr (sbatch prints `sbatch: error: ...`),
+    leaving out the `Try "sbatch --help" ...` that follows the line naming a bad option."""
     lines = [line.strip() for line in (proc.stderr or proc.stdout or "").splitlines() if line.strip()]
+    lines = [line for line in lines if not (line.startswith("Try ") and "--help" in line)] or lines
     return lines[-1] if lines else f"exit {proc.returncode}"
+
+
+# Pending reasons (squeue %R, scontrol Reason=) of a job Slurm accepted but will never start as
+# asked: waiting on them is waiting forever. (Resources, Priority, Dependency... only mean "later".)
+NEVER_STARTS = {
+    "PartitionNodeLimit": "more nodes than the partition allows",
+    "PartitionTimeLimit": "a longer time limit than the partition allows",
+    "PartitionConfig": "more than the partition's nodes have (CPUs, GPUs, memory)",
+    "BadConstraints": "resources or features no node has (memory, GPUs, --constraint)",
+    "InvalidAccount": "an account Slurm does not know",
+    "InvalidQOS": "a QOS Slurm does not know",
+    "AccountNotAllowed": "an account the partition does not allow",
+    "QOSMaxNodePerJobLimit": "more nodes than its QOS allows",
+    "QOSMaxWallDurationPerJobLimit": "a longer time limit than its QOS allows",
+}
+
+
+def never_starts(info: Optional["JobInfo"]) -> Optional[str]:
+    """Why a pending job will never start (`PartitionNodeLimit: more nodes than ...`), else None."""
+    if info is None or info.state != "PENDING" or info.reason not in NEVER_STARTS:
+        return None
+    return f"{info.reason} ({NEVER_STARTS[info.reason]})"
 
 
 # --- submitting ----------------------------------------------------------------------------------

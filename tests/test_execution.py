@@ -44,6 +44,15 @@ def test_multinode_argv_replaces_standalone_with_a_c10d_rendezvous_at_the_first_
                        "-m", "engine.train", "--steps", "3"]
 
 
+def test_only_the_pending_reasons_that_mean_never_make_a_job_unstartable():
+    pending = slurm.parse_show_job(SHOW_JOB.replace("JobState=RUNNING Reason=None", "JobState=PENDING Reason=PartitionNodeLimit"))
+    assert slurm.never_starts(pending) == "PartitionNodeLimit (more nodes than the partition allows)"
+    for later in ("Resources", "Priority", "Dependency", "JobHeldUser", "None"):
+        assert slurm.never_starts(slurm.parse_show_job(SHOW_JOB.replace(
+            "JobState=RUNNING Reason=None", f"JobState=PENDING Reason={later}"))) is None, later
+    assert slurm.never_starts(slurm.parse_show_job(SHOW_JOB.replace("Reason=None", "Reason=BadConstraints"))) is None  # running
+
+
 def test_scontrol_and_squeue_output_parse_into_what_moectl_needs():
     info = slurm.parse_show_job(SHOW_JOB)
     assert (info.job_id, info.state, info.restarts, info.num_nodes, info.nodes, info.live, info.time_limit) == \

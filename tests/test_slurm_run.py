@@ -294,6 +294,28 @@ def test_a_job_slurm_rejects_shows_slurms_message_and_the_run_is_failed_not_queu
     assert rec["status"] == "failed" and "Slurm rejected the job" in rec["error"] and rec["job_id"] is None
 
 
+def test_a_bad_sbatch_option_shows_the_line_that_names_it(on_cluster, git_repo, monkeypatch, artifact_root):
+    slurm_project(git_repo, monkeypatch, cluster='extra_sbatch = ["--bogus-flag"]')
+    r = moectl("run", "--slurm", *FAST)
+    assert r.exit_code == 2 and "--bogus-flag" in r.output and 'Try "sbatch --help"' not in r.output, r.output
+
+
+def test_a_job_slurm_accepts_but_will_never_start_is_cancelled_and_failed_not_waited_on(on_cluster, git_repo,
+                                                                                       monkeypatch, artifact_root):
+    # Three nodes on the two-node cluster: sbatch takes it and it pends for ever (PartitionNodeLimit).
+    # The follower says so, cancels it and exits 2 (what was asked cannot be had), no run left queued.
+    slurm_project(git_repo, monkeypatch)
+    r = moectl("run", "--slurm", "--nodes", "3", *FAST)
+    assert r.exit_code == 2, r.output
+    rec = record(only_run(artifact_root))
+    assert rec["status"] == "failed", rec
+    assert rec["error"].startswith(f"Slurm will never start job {rec['job_id']} as asked: PartitionNodeLimit "
+                                   "(more nodes than the partition allows); it was cancelled"), rec["error"]
+    gone = subprocess.run(["squeue", "-h", "-j", rec["job_id"], "-o", "%T"], capture_output=True, text=True, timeout=60)
+    assert gone.stdout.strip() in ("", "CANCELLED", "COMPLETING"), gone.stdout
+    assert moectl("wait", rec["id"]).exit_code == 2
+
+
 def test_a_job_that_fails_to_start_ends_failed_with_exit_4(on_cluster, git_repo, monkeypatch, artifact_root):
     # slurmstepd cannot open the job's output file: the batch script never runs, moectl never starts.
     slurm_project(git_repo, monkeypatch, cluster='extra_sbatch = ["--output=/nonexistent/moectl/out.txt"]')

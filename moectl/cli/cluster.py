@@ -22,7 +22,7 @@ def run_on_slurm(cfg, request, *, nodes, detach: bool, requeue: bool, dry_run: b
                  baseline=None) -> None:
     """`moectl run --slurm`: submit, then follow the job (unless --detach) and end as a local run does."""
     from moectl.cli.env import _render_check, check_json, show_check
-    from moectl.execution import EXIT_OF_STATUS, JobOptions, follow, submit_run
+    from moectl.execution import JobOptions, exit_code_of_record, follow, submit_run
     from moectl.progress import make_progress, stdout_is_tty
     from moectl.runner import record_fallback_request
     from moectl.store import run_json
@@ -84,7 +84,7 @@ def run_on_slurm(cfg, request, *, nodes, detach: bool, requeue: bool, dry_run: b
             _render_final(final)
             out("torch.compile failed in the job: submitting a re-run with --compile none (launch.compile_fallback)")
         request = retry
-    code = EXIT_OF_STATUS.get(final.status, 4)
+    code = exit_code_of_record(final)
     if json_out:
         print_json({**run_json(final), "previous_attempts": previous})
     else:
@@ -98,7 +98,7 @@ def run_group_on_slurm(cfg, group: str, requests, *, nodes, detach: bool, requeu
     schedules them as it can), then - unless --detach - wait for all of them and end as a local
     group does: the first failure's exit code, or 0."""
     from moectl.cli.env import _render_check, check_json
-    from moectl.execution import EXIT_OF_STATUS, JobOptions, submit_run, wait_for
+    from moectl.execution import JobOptions, exit_code_of_record, submit_run, wait_for
     from moectl.store import run_json
 
     if nodes is not None and nodes < 1:
@@ -136,7 +136,7 @@ def run_group_on_slurm(cfg, group: str, requests, *, nodes, detach: bool, requeu
         error(f"detached: the jobs of group {group} keep running; `moectl cancel {group}` stops them, "
               f"`moectl wait {group}` follows them again")
         raise typer.Exit(EXIT_INTERRUPTED)
-    codes = [EXIT_OF_STATUS.get(r.status, 4) for r in finals]
+    codes = [exit_code_of_record(r) for r in finals]
     # The point of repeats, as a local `run --repeat` ends: the group's mean and between-runs error,
     # when every repeat of this group completed (a --compile none re-run measures another configuration).
     from moectl.cli.runs import group_mean_line, group_summary_json, group_summary_of
