@@ -436,6 +436,8 @@ def test_ctrl_c_while_the_report_commit_waits_for_git_says_how_to_commit_it(git_
     assert f"the report is kept: commit it with `moectl commit {rec['id']}`" in said, said
     assert rec["status"] == "completed" and rec["commit"] is None and "interrupted" in rec["commit_error"]
     assert Path(rec["report"]).is_file()
+    shown = runner.invoke(app, ["show", rec["id"]]).stdout
+    assert f"commit     none: interrupted before the report was committed; the report is kept" in shown, shown
     holder.release()
     r = runner.invoke(app, ["commit", rec["id"]])
     assert r.exit_code == 0, r.output

@@ -243,6 +243,8 @@ def wait(
             stood_in = r.id not in asked and r.notes  # a failed run's --compile none re-run: say whose
             stdout.print(f"{r.status}: {r.id}" + (f" (Slurm job {r.job_id})" if r.job_id else "")
                          + (f" — {r.notes}" if stood_in else ""), markup=False)
+            if r.commit_error:  # the job could not commit its report (a branch switched meanwhile, ...)
+                error(f"report not committed: {r.commit_error}")
     raise typer.Exit(exit_code_of(final))
 
 

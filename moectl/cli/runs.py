@@ -217,7 +217,7 @@ def show_cmd(
         ("sweep", rec.sweep), ("source", rec.source), ("notes", rec.notes),
         ("slurm job", f"{rec.job_id} ({rec.nodes} node(s)" + (f", {rec.restarts} restart(s))" if rec.restarts else ")")
          if rec.job_id else None),
-        ("report", rec.report), ("commit", rec.commit),
+        ("report", rec.report), ("commit", rec.commit or (f"none: {rec.commit_error}" if rec.commit_error else None)),
         ("fallback", f"{rec.fallback_run} (the --compile none re-run)" if rec.fallback_run else None),
     ):
         if value not in (None, ""):
