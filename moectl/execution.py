@@ -283,6 +283,8 @@ def settle_gone_job(record: RunRecord) -> RunRecord:
     current.error = job_gone_message(current)
     current.status = "failed" if current.status == "queued" else "interrupted"
     current.finished_at = store.now_iso()
+    if current.status == "interrupted":
+        _summarise_what_ran(current)
     save_run_and_leg(current)
     return current
 
@@ -431,6 +433,19 @@ def _end_cancelled(record: RunRecord) -> RunRecord:
     current.status = "interrupted"
     current.finished_at = store.now_iso()
     current.error = f"cancelled (scancel {current.job_id})" + ("" if started else " before it started")
+    if started:
+        _summarise_what_ran(current)
     save_run_and_leg(current)
     return current
+
+
+def _summarise_what_ran(record: RunRecord) -> None:
+    """A run whose job's moectl was killed before it wrote the end (a trainer slow to stop outlasts
+    Slurm's KillWait, the OOM killer): what it trained is still summarised, as SPEC §6 wants of an
+    interrupted run."""
+    from moectl.metrics import read_metrics
+
+    metrics = read_metrics(Path(record.exp_dir) / "metrics.jsonl")
+    if metrics.steps and record.summary is None:
+        store.apply_metrics(record, metrics, record.window or 50, record.warmup_steps or 0)
 

@@ -360,6 +360,7 @@ def test_status_lists_the_job_runs_shows_it_queued_or_running_and_a_vanished_job
     assert job["run_id"] == rec["id"] and job["state"] == "RUNNING" and job["nodes"] == 1
 
     # The OOM killer takes moectl inside the job (the batch script itself): nothing is left to write the end.
+    wait_for(lambda: len(steps_written(run_dir / "metrics.jsonl")) >= 3, "3 steps trained", timeout=JOB_TIMEOUT_S)
     os.kill(record(run_dir)["pid"], signal.SIGKILL)
     wait_for(lambda: rec["job_id"] not in subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True,
                                                          timeout=60).stdout, "the killed job leaving the queue",
@@ -373,6 +374,7 @@ def test_status_lists_the_job_runs_shows_it_queued_or_running_and_a_vanished_job
     assert waited.exit_code == 130, waited.output
     final = record(run_dir)
     assert final["status"] == "interrupted" and f"Slurm job {rec['job_id']} ended" in final["error"]
+    assert final["summary"]["steps"] >= 3  # what it trained before the kill is summarised (SPEC §6)
 
 
 def test_a_compile_failure_in_the_job_is_re_run_with_compile_none_as_its_own_job(on_cluster, git_repo, monkeypatch,
