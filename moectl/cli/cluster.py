@@ -18,10 +18,10 @@ def slurm_flags_need_slurm(*, nodes, detach: bool, requeue: bool) -> None:
         raise UsageError(f"{given[0]} needs --slurm (or [cluster] backend = \"slurm\")")
 
 
-def run_on_slurm(cfg, request, *, nodes, detach: bool, requeue: bool, dry_run: bool, quiet: bool, json_out: bool,
+def run_on_slurm(cfg, request, *, nodes, detach: bool, requeue: bool, quiet: bool, json_out: bool,
                  baseline=None) -> None:
     """`moectl run --slurm`: submit, then follow the job (unless --detach) and end as a local run does."""
-    from moectl.cli.env import _render_check, check_json, show_check
+    from moectl.cli.env import _render_check, check_json
     from moectl.execution import JobOptions, exit_code_of_record, follow, submit_run
     from moectl.progress import make_progress, stdout_is_tty
     from moectl.runner import record_fallback_request
@@ -30,8 +30,6 @@ def run_on_slurm(cfg, request, *, nodes, detach: bool, requeue: bool, dry_run: b
     if nodes is not None and nodes < 1:
         raise UsageError(f"--nodes: must be at least 1 (got {nodes})")
     out = lambda text: stdout.print(text, markup=False)  # noqa: E731
-    if dry_run:
-        raise typer.Exit(EXIT_OK if show_check(cfg, request, json_out=json_out, slurm=True) else EXIT_GUARD)
 
     def on_state(current):
         # The end is rendered below; here only what happens on the way (started, requeued, restarted).

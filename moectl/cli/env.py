@@ -253,12 +253,8 @@ def check(
     Example:  [bold]moectl check --cap 1.0 --compile static --device cpu -- --seed 1[/bold]
     """
     from moectl import store
-    from moectl.cli.cluster import slurm_flags_need_slurm
     from moectl.config import load_config
-    from moectl.errors import UsageError
-    from moectl.execution import choose_backend
     from moectl.plan import make_request
-    from moectl.repeats import repeat_requests
 
     request = make_request(**request_kwargs(
         cap=cap, tag=tag, compile=compile, fp8=fp8, dispatch=dispatch, steps=steps, preset=preset,
@@ -268,12 +264,26 @@ def check(
     cfg = load_config(config)
     if baseline:
         store.resolve_run(cfg.artifact_root, baseline)  # the run would refuse a baseline it cannot find
+    if not check_as_run(cfg, request, slurm=slurm, nodes=nodes, detach=detach, requeue=requeue, repeat=repeat,
+                        json_out=json_out):
+        raise typer.Exit(EXIT_GUARD)
+
+
+def check_as_run(cfg, request, *, slurm: bool, nodes, detach: bool, requeue: bool, repeat: int, json_out: bool) -> bool:
+    """What `moectl check` and `moectl run --dry-run` judge, printed as `check` prints it; whether
+    every guard passes. The run's backend decides which guards are the job's (Slurm); its Slurm-only
+    flags without Slurm, or --nodes below 1, are usage errors; --repeat N shows its first repeat
+    (whose seed goes through the trainer's mapping)."""
+    from moectl.cli.cluster import slurm_flags_need_slurm
+    from moectl.errors import UsageError
+    from moectl.execution import choose_backend
+    from moectl.repeats import repeat_requests
+
     on_slurm = choose_backend(cfg, slurm) == "slurm"
     if not on_slurm:
         slurm_flags_need_slurm(nodes=nodes, detach=detach, requeue=requeue)
     elif nodes is not None and nodes < 1:
         raise UsageError(f"--nodes: must be at least 1 (got {nodes})")
-    if repeat > 1:  # the first repeat's command (its seed goes through the trainer's mapping)
+    if repeat > 1:
         request = repeat_requests(cfg, request, repeat)[1][0]
-    if not show_check(cfg, request, json_out=json_out, slurm=on_slurm):
-        raise typer.Exit(EXIT_GUARD)
+    return show_check(cfg, request, json_out=json_out, slurm=on_slurm)

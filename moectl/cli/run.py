@@ -1,7 +1,6 @@
 """`moectl run`: guards -> fresh directory -> torchrun -> live progress -> record -> report -> commit."""
 from __future__ import annotations
 
-
 import typer
 
 from moectl.cli.common import app, error, handle_errors, print_json, stderr, stdout
@@ -66,7 +65,7 @@ def run(
       [bold]moectl run --cap 1.0 --tag bufreuse --repeat 3[/bold]    (seeds 0, 1, 2: one group)
     """
     from moectl import store
-    from moectl.cli.env import _render_check, check_json, show_check
+    from moectl.cli.env import _render_check, check_as_run, check_json
     from moectl.config import load_config
     from moectl.guards import summary_line
     from moectl.plan import make_request
@@ -87,27 +86,24 @@ def run(
 
         lock_wait_s()  # a bad MOECTL_GIT_LOCK_WAIT is said now, not once training is over
     base_record = store.resolve_run(cfg.artifact_root, baseline) if baseline else None
+    if dry_run:  # exactly what `moectl check` with these options prints
+        ok = check_as_run(cfg, request, slurm=slurm, nodes=nodes, detach=detach, requeue=requeue, repeat=repeat,
+                          json_out=json_out)
+        raise typer.Exit(EXIT_OK if ok else EXIT_GUARD)
     from moectl.cli.cluster import run_on_slurm, slurm_flags_need_slurm
     from moectl.execution import choose_backend
 
     if choose_backend(cfg, slurm) == "slurm":
-        if repeat > 1 and not dry_run:
+        if repeat > 1:
             from moectl.cli.cluster import run_group_on_slurm
 
             group, requests = repeat_requests(cfg, request, repeat)
             run_group_on_slurm(cfg, group, requests, nodes=nodes, detach=detach, requeue=requeue,
                                json_out=json_out, baseline=base_record)
-        if repeat > 1:  # --dry-run: the first repeat's command
-            request = repeat_requests(cfg, request, repeat)[1][0]
-        run_on_slurm(cfg, request, nodes=nodes, detach=detach, requeue=requeue, dry_run=dry_run,
-                     quiet=quiet, json_out=json_out, baseline=base_record)
+        run_on_slurm(cfg, request, nodes=nodes, detach=detach, requeue=requeue, quiet=quiet, json_out=json_out,
+                     baseline=base_record)
         return
     slurm_flags_need_slurm(nodes=nodes, detach=detach, requeue=requeue)
-
-    if dry_run:
-        if repeat > 1:  # the first repeat's command (its seed goes through the trainer's mapping)
-            request = repeat_requests(cfg, request, repeat)[1][0]
-        raise typer.Exit(EXIT_OK if show_check(cfg, request, json_out=json_out) else EXIT_GUARD)
 
     def on_wait(results, waited_s):
         if not json_out:
