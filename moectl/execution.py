@@ -212,13 +212,18 @@ def save_run_and_leg(record: RunRecord) -> None:
 
 def job_live(record: RunRecord) -> Optional[bool]:
     """Is the run's Slurm job still pending or running? None when Slurm cannot be asked."""
+    return _ask_slurm(record)[0]
+
+
+def _ask_slurm(record: RunRecord) -> tuple[Optional[bool], Optional[slurm.JobInfo]]:
+    """(job_live, what Slurm said of the job): one scontrol call for a poll that needs both."""
     if record.job_id is None:
-        return False
+        return False, None
     try:
         info = slurm.job_info(record.job_id)
     except MoectlError:
-        return None
-    return info is not None and info.live
+        return None, None
+    return info is not None and info.live, info
 
 
 def settled(record: RunRecord) -> bool:
@@ -243,17 +248,15 @@ def job_gone_message(record: RunRecord) -> str:
 NEVER_STARTS_PREFIX = "Slurm will never start job"
 
 
-def settle_unstartable(record: RunRecord) -> Optional[RunRecord]:
-    """A queued run whose job Slurm accepted but will never start as asked (slurm.never_starts:
-    more nodes than the partition has, memory no node has): its job cancelled and the record
-    `failed` saying why - instead of a follower, `wait` and `runs` waiting on it forever. None
-    while the job may still start."""
-    if record.status != "queued" or not record.job_id:
+def settle_unstartable(record: RunRecord, info: Optional[slurm.JobInfo]) -> Optional[RunRecord]:
+    """A queued run whose job Slurm accepted but will never start as asked (`info`, what Slurm said
+    of it: slurm.never_starts - more nodes than the partition has, memory no node has): its job
+    cancelled and the record `failed` saying why - instead of a follower and `wait` waiting on it
+    forever. None while the job may still start."""
+    why = slurm.never_starts(info) if record.status == "queued" else None
+    if why is None:
         return None
     try:
-        why = slurm.never_starts(slurm.job_info(record.job_id))
-        if why is None:
-            return None
         slurm.cancel([record.job_id])
     except MoectlError:
         return None
@@ -308,10 +311,10 @@ def follow(record: RunRecord, progress: Optional[ProgressSink] = None,
                 last_status = current.status
                 if on_state is not None:
                     on_state(current)
-            unstartable = settle_unstartable(current)
+            live, info = _ask_slurm(current)
+            unstartable = settle_unstartable(current, info)
             if unstartable is not None:
                 return unstartable
-            live = job_live(current)
             if current.status not in UNSETTLED and live is False:
                 for rec in follower.poll(final=True):
                     progress.record(rec)
@@ -384,10 +387,10 @@ def _settle_once(record: RunRecord) -> Optional[RunRecord]:
         current = store.load_run(run_dir)  # settles a local run whose moectl died
         return None if current.status in UNSETTLED and not current.stale else current
     current = read_record(run_dir)
-    unstartable = settle_unstartable(current)
+    live, info = _ask_slurm(current)
+    unstartable = settle_unstartable(current, info)
     if unstartable is not None:
         return unstartable
-    live = job_live(current)
     if live is None:
         return None
     if current.status not in UNSETTLED and not live:
