@@ -117,7 +117,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         record.error = (f"stopped by Slurm at the job's time limit ({job.time_limit or cfg.cluster.time}) with "
                         f"{result.signal_name}; `run --requeue` resumes such a run from its last checkpoint"
                         + (f"\n{result.log_tail}" if result.log_tail else ""))
-        save_run_and_leg(record)
     save_run_and_leg(record)  # the sweep's leg is settled before its report is committed
     baseline = read_record(Path(spec.baseline)) if spec.baseline else None
     # The record gets its report, commit and commit_error: the follower shows them, `moectl commit RUN` retries.

@@ -249,6 +249,7 @@ def report_and_commit(cfg: Config, outcome: RunOutcome, *, baseline: Optional[Ru
     report = write_report(cfg.report_dir, name, run_report(record, comparison, notes=plan.notes))
     outcome.report = report
     outcome.extra_paths = list(extra_commit_paths(record))
+    interrupted = False
     if commit and not plan.no_commit:
         try:
             outcome.commit = gitops.commit_paths(
@@ -261,13 +262,13 @@ def report_and_commit(cfg: Config, outcome: RunOutcome, *, baseline: Optional[Ru
             # Stopped while the commit waited for another git process: the run is over and recorded,
             # its report on disk; say how to commit it rather than only "interrupted".
             outcome.commit_error = not_committed("interrupted before the report was committed", record.id)
-            record.report, record.commit_error = str(report), outcome.commit_error
-            store.save_run(record)
-            raise Interrupted(f"interrupted; {outcome.commit_error}") from None
+            interrupted = True
     # The record says where its report is and which commit holds it (`moectl commit RUN` fills a
     # commit in later; commit_error says why there is none yet).
     record.report, record.commit, record.commit_error = str(report), outcome.commit, outcome.commit_error
     store.save_run(record)
+    if interrupted:
+        raise Interrupted(f"interrupted; {outcome.commit_error}")
     # Trackers get a copy ([tracking]); one that fails is reported and retried by `moectl sync`,
     # never the run's outcome.
     outcome.tracking = mirror_run(cfg, record, report=report)
