@@ -7,6 +7,7 @@ read path (`status`, `runs`) can write its cache without importing the record mo
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import tempfile
@@ -26,9 +27,11 @@ def write_text_atomic(path: Path, text: str) -> None:
         fh.write(text)
 
 
+@functools.lru_cache(maxsize=None)
 def new_file_mode() -> int:
     """The permissions `open(path, "w")` would give a new file: 0o666 less the umask. mkstemp's own
-    0600 would hide records, reports and EXPERIMENTS.md from the rest of a group on a shared node."""
+    0600 would hide records, reports and EXPERIMENTS.md from the rest of a group on a shared node.
+    Read once per process (moectl never changes its umask), not at every record write."""
     try:
         with open("/proc/self/status", encoding="ascii") as fh:  # Linux: read without changing it
             mask = next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))

@@ -172,7 +172,6 @@ def from_file_model(file: Union[MoectlFile, FileView], path: Optional[Path], roo
     )
 
 
-
 def _locate(path: Optional[Path], cwd: Optional[Path]) -> tuple[Path, str]:
     """`path` (--config) or the nearest `.moectl.toml` above `cwd`, and its text."""
     if path is None:
@@ -325,14 +324,20 @@ def template_for(trainer: str = "engine") -> str:
     return TEMPLATE[:start] + TABLES[trainer] + "\n" + TEMPLATE[end:]
 
 
+def _config_in(directory: Path) -> Path:
+    """`<directory>/.moectl.toml`; a relative `directory` in a deleted working directory is one line
+    naming that, not `[Errno 2] ... '.moectl.toml'`."""
+    if not Path(directory).is_absolute():
+        current_dir()
+    return Path(directory) / CONFIG_NAME
+
+
 def write_template(directory: Path, trainer: str = "engine") -> Path:
     """`moectl init`: write the commented template; refuse (exit 2) if a config already exists."""
     from moectl.atomic import create_new_file
 
     text = template_for(trainer)
-    if not Path(directory).is_absolute():
-        current_dir()  # a deleted working directory: one line naming it, not `[Errno 2] ... '.moectl.toml'`
-    target = Path(directory) / CONFIG_NAME
+    target = _config_in(directory)
     # Written beside it and linked into place: a full disk leaves no empty config that would then
     # make the next `init` refuse, and of two `init`s exactly one writes it.
     if os.path.lexists(target) or not create_new_file(target, text):
@@ -352,9 +357,7 @@ def overwrite_template(directory: Path, trainer: str = "engine") -> tuple[Path, 
     from moectl.records import atomic_file
 
     text = template_for(trainer)
-    if not Path(directory).is_absolute():
-        current_dir()  # a deleted working directory: one line naming it, not `[Errno 2] ... '.moectl.toml'`
-    target = Path(directory) / CONFIG_NAME
+    target = _config_in(directory)
     try:
         old = target.read_bytes()
         mode = stat.S_IMODE(target.stat().st_mode)

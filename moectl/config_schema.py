@@ -310,12 +310,13 @@ def _field_lines(name: str, exc: ValidationError) -> list[str]:
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 # Engine options moectl sets for every run itself: a default for them would be overridden unseen.
 _SET_BY_MOECTL = ("out_dir", "ckpt_dir")
-# Values engine.train refuses at launch (after the run directory exists), checked before it.
+# Values engine.train refuses at launch (after the run directory exists), checked before it. The
+# options `moectl run` has flags for (cap, steps, ...) are DefaultsSection fields, checked there.
 ENGINE_LIMITS: dict[str, tuple[str, Any]] = {
     **{k: ("greater than 0", lambda v: v > 0) for k in (
         "depth", "aspect_ratio", "head_dim", "n_experts", "top_k", "moe_freq", "seq_len", "device_batch_size",
-        "total_batch_size", "steps", "vocab_size")},
-    **{k: ("0 or more", lambda v: v >= 0) for k in ("balance_coeff", "z_coeff", "cap", "grad_clip", "warmdown_frac")},
+        "total_batch_size", "vocab_size")},
+    **{k: ("0 or more", lambda v: v >= 0) for k in ("balance_coeff", "z_coeff", "grad_clip", "warmdown_frac")},
     "dtype": ("one of bf16, fp32", lambda v: v in ("bf16", "fp32")),
 }
 

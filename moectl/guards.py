@@ -8,7 +8,6 @@ message that says what to do. Only `gpus_idle` and `no_other_training` can be ov
 from __future__ import annotations
 
 import os
-
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Optional

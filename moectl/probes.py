@@ -431,7 +431,7 @@ def why_unwritable(directory: Path) -> Optional[str]:
     """Why files cannot be created in `directory` (made first when missing), or None. Asks the
     kernel (access(2): permissions, a read-only mount, an immutable directory) about the directory,
     or about the nearest existing one above it, which the missing ones would be made in."""
-    p = directory
+    p = directory  # lexists: a dangling symlink in the way is named, not walked past
     while not os.path.lexists(p) and p != p.parent:
         p = p.parent
     if not p.is_dir():

@@ -151,7 +151,8 @@ _RUN_SPECIFIC = ("out_dir", "ckpt_dir")
 def apply_metrics(record: RunRecord, metrics: MetricsFile, window: int, warmup_steps: int) -> None:
     """What a record takes from its metrics.jsonl once the training is over: the tail summary
     (SPEC §7), the engine's resolved configuration and torch version, a note on malformed lines,
-    the warning of a loss that went NaN/inf (`metrics.loss_warning`). The one place for it, whether moectl saw the run to its end or a reader settles it later.
+    the warning of a loss that went NaN/inf (`metrics.loss_warning`). The one place for it, whether
+    moectl saw the run to its end or a reader settles it later.
 
     A run resumed from a checkpoint (a requeued Slurm job, `--resume`) is summarised over its final
     stretch only: the steps from the last start, past that process's own warm-up (the steps before
