@@ -221,13 +221,14 @@ def summary_line(results: list[GuardResult]) -> str:
     return "guards: " + ", ".join(parts)
 
 
-def check_request(cfg: Config, request: RunRequest, now: Optional[datetime] = None):
+def check_request(cfg: Config, request: RunRequest, now: Optional[datetime] = None, nodes: int = 1):
     """Probe, plan and evaluate (what `check`, `run` and each sweep leg do before launching).
-    Returns (plan, observed, results)."""
+    `nodes`: the nodes a Slurm run spans. Returns (plan, observed, results)."""
     from moectl.probes import observe, read_nvml
 
     nvml = read_nvml(cfg.gpu.devices)
-    plan = plan_run(cfg, request, now or datetime.now(), len(nvml.gpus) if nvml.gpus is not None else None)
+    plan = plan_run(cfg, request, now or datetime.now(), len(nvml.gpus) if nvml.gpus is not None else None,
+                    nodes=nodes)
     obs = observe(cfg, plan, nvml=nvml)
     return plan, obs, evaluate(cfg, plan, obs, request.overrides)
 

@@ -20,7 +20,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from engine.schema import DEFAULT_PRESET, ENGINE_MODULE, PRESET_EXPERTS, PRESET_NAMES
+from engine.schema import DEFAULT_PRESET, ENGINE_MODULE, ENGINE_OPTIONS, PRESET_EXPERTS, PRESET_NAMES
 from moectl.config import CONFIG_NAME, Config, current_dir
 from moectl.errors import UsageError
 from moectl.trainer import RUN_OPTIONS, fold_engine_args, follows_engine_contract, trainer_argv
@@ -189,28 +189,32 @@ def _check_folded(folded: dict[str, Any]) -> None:
             raise UsageError(f"-- --{key.replace('_', '-')}: must be {ENGINE_LIMITS[key][0]}, not {value!r}")
 
 
-def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Optional[int]) -> RunPlan:
+def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Optional[int],
+             nodes: Optional[int] = 1) -> RunPlan:
     """Decide ids, directories, options and the exact command. `gpus_available`: GPUs in the NVML
-    reading (None when NVML is unavailable); device `auto` means cuda only when there are some."""
+    reading (None when NVML is unavailable); device `auto` means cuda only when there are some.
+    `nodes`: how many nodes the run spans (its world size is nproc x nodes; None: not known here,
+    so `--ep` is not checked against it)."""
     options = cfg.defaults.options()
     device_default = options.pop("device", None)
     explicit = [key for key in RUN_OPTIONS if getattr(request, key) is not None]
     for key in explicit:
         options[key] = getattr(request, key)
     extra, from_extra = list(request.extra_args), {}
+    is_engine = cfg.launch.module == ENGINE_MODULE and follows_engine_contract(cfg.launch, cfg.metrics)
     if follows_engine_contract(cfg.launch, cfg.metrics):
         before = dict(options)
-        extra, options = fold_engine_args(extra, options, set(explicit))
+        extra, options = fold_engine_args(extra, options, set(explicit), ENGINE_OPTIONS if is_engine else None)
         from_extra = {k: v for k, v in options.items() if k not in before or before[k] != v}
         _check_folded(from_extra)
 
     preset = options.get("preset")
-    if cfg.launch.module == ENGINE_MODULE and follows_engine_contract(cfg.launch, cfg.metrics) and preset is not None and preset not in PRESET_NAMES:
+    if is_engine and preset is not None and preset not in PRESET_NAMES:
         # The engine would reject it only after torchrun started and a run directory was made.
         where = "--preset" if request.preset is not None else "-- --preset" if "preset" in from_extra else "defaults.preset"
         raise UsageError(f"{where}: unknown preset {preset!r}; the engine has {', '.join(PRESET_NAMES)}")
     ep = options.get("ep")
-    if cfg.launch.module == ENGINE_MODULE and follows_engine_contract(cfg.launch, cfg.metrics) and ep and ep > 1:
+    if is_engine and ep and ep > 1:
         # The engine would refuse it too, but only after torchrun started in a new run directory.
         n_experts = options.get("n_experts") or PRESET_EXPERTS[preset or DEFAULT_PRESET]
         if n_experts % ep:
@@ -232,6 +236,11 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
         nproc = len(selected) if selected is not None else max(1, gpus_available or 0)
     else:
         nproc = 1
+    if is_engine and ep and ep > 1 and nodes is not None and (nproc * nodes) % ep:
+        # The engine would refuse it too, but only after torchrun started in a new run directory.
+        ranks = f"--nproc {nproc}" + (f" x {nodes} nodes" if nodes > 1 else "")
+        raise UsageError(f"--ep {ep}: does not divide the world size {nproc * nodes} ({ranks}); "
+                         "each group of ep ranks splits the experts, so give --nproc a multiple of it")
 
     if request.tag and sanitize_tag(request.tag) != request.tag:
         # Said, not silently rewritten: `show`/`compare` must find the run by the tag that was given.

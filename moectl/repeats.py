@@ -39,7 +39,7 @@ def repeat_requests(cfg: Config, request: RunRequest, n: int, now: Optional[date
     `<YYYYmmdd_HHMMSS>_<project>-<tag>-x<N>`."""
     if request.exp_dir is not None:
         raise UsageError(f"--exp-dir names one directory; --repeat {n} makes {n} runs (leave --exp-dir out)")
-    tag = plan_run(cfg, request, now or datetime.now(), gpus_available=None)  # only for the tag and id
+    tag = plan_run(cfg, request, now or datetime.now(), gpus_available=None, nodes=None)  # only the tag and id
     group = f"{tag.run_id}-x{n}"
     seed = base_seed(cfg, request)
     return group, [

@@ -67,27 +67,35 @@ _OWN_WHY = {
 }
 
 
-def fold_engine_args(extra: list[str], options: dict[str, Any], explicit: set[str]) -> tuple[list[str], dict[str, Any]]:
+def fold_engine_args(extra: list[str], options: dict[str, Any], explicit: set[str],
+                     known: dict[str, type] | None = None) -> tuple[list[str], dict[str, Any]]:
     """Engine flags after `--` that set an option moectl already passes (from [defaults], say
     `-- --lr 0.02` beside `lr = 0.01`) become that option, so the command carries it once and the
-    record's options say what ran; the rest pass through as given. UsageError for a flag of
+    record's options say what ran. With `known` (the engine's own options, when the trainer is
+    the engine) every flag it names becomes an option too (`-- --ep 2` is checked, tagged and
+    recorded as `--ep 2` would be) and anything else is refused; without it the rest pass through
+    as given (another trainer's flags are its own business). UsageError for a flag of
     moectl's own (`MOECTL_OWN`), for one also given as a `moectl run` option (`explicit`), and for
     a value that is not of the option's type. Pure: returns (the extra arguments left, the options)."""
     options, left, i = dict(options), [], 0
+    known = known or {}
     while i < len(extra):
         token = extra[i]
         name, eq, value = token.partition("=")
         key = name[2:].replace("-", "_") if name.startswith("--") else None
         if key in MOECTL_OWN:
             raise UsageError(f"-- {name}: not a trainer argument moectl can pass on: {_OWN_WHY[key]}")
-        if key is None or key not in options or isinstance(options[key], (list, tuple)):
+        if known and (key is None or (key not in options and key not in known)):
+            # the engine's argparse would refuse it, but only once the run directory exists
+            raise UsageError(f"-- {token}: not an option of the engine (`python -m engine.train --help` lists them)")
+        if key is None or (key not in options and key not in known) or isinstance(options.get(key), (list, tuple)):
             left.append(token)
             i += 1
             continue
         if key in explicit:
             raise UsageError(f"-- {name}: moectl already sets {name} for this run (a `moectl run {name}` option, "
                              "--repeat's seeds or a sweep leg's option); give it there, once")
-        current = options[key]
+        current = options[key] if key in options else (False if known[key] is bool else None)
         if isinstance(current, bool):
             if eq:
                 raise UsageError(f"-- {token}: {name} is an on/off flag of the engine; it takes no value")
@@ -100,7 +108,7 @@ def fold_engine_args(extra: list[str], options: dict[str, Any], explicit: set[st
         i += 1
         # The option's own type where the engine names it (`grad_clip = 1` in [defaults] is a float
         # option written as an integer), else the type of the value it replaces.
-        kind = ENGINE_OPTIONS.get(key) or (type(current) if isinstance(current, (int, float)) else str)
+        kind = known.get(key) or ENGINE_OPTIONS.get(key) or (type(current) if isinstance(current, (int, float)) else str)
         try:
             options[key] = kind(value)
         except ValueError:

@@ -232,8 +232,8 @@ def test_plan_merges_defaults_under_flags_and_builds_the_exact_command():
     assert p.argv == [
         "/repo/.venv/bin/python", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
         "-m", "engine.train", "--preset", "d12-moe", "--cap", "1.0", "--compile", "static", "--save-every", "50",
-        "--device", "cpu", "--out-dir", p.exp_dir, "--ckpt-dir", p.ckpt_dir, "--seed", "3",
-    ]
+        "--seed", "3", "--device", "cpu", "--out-dir", p.exp_dir, "--ckpt-dir", p.ckpt_dir,
+    ]  # `-- --seed 3` is an engine option: recorded with the others
     assert shlex.split(command_text(p)) == ["OMP_NUM_THREADS=1", *p.argv]
     assert set(planned_write_paths(p)) >= {p.exp_dir, p.ckpt_dir, p.exp_dir + "/run.json", p.exp_dir + "/metrics.jsonl",
                                           p.exp_dir + "/train.log", p.exp_dir + "/command.txt", p.exp_dir + "/git.diff"}

@@ -726,7 +726,10 @@ def test_an_ep_that_cannot_split_the_experts_is_refused_before_anything_is_writt
     r = run("--device", "cpu", *QUIET, *args)
     assert r.exit_code == 2 and message in r.output, r.output
     assert run_dirs(artifact_root) == []
-    assert run("--device", "cpu", "--dry-run", *QUIET, "--ep", "2").exit_code == 0  # 2 divides 4, 8 and 6
+    assert run("--device", "cpu", "--dry-run", *QUIET, "--ep", "2", "--nproc", "2").exit_code == 0  # 2 divides 4, 8 and 6
+    r = run("--device", "cpu", *QUIET, "--ep", "2")  # one process cannot be split two ways
+    assert r.exit_code == 2 and "--ep 2: does not divide the world size 1 (--nproc 1)" in r.output, r.output
+    assert run_dirs(artifact_root) == []
 
 
 def test_ctrl_c_just_before_launch_leaves_an_interrupted_record_and_no_lock(proj, artifact_root):

@@ -179,6 +179,18 @@ def test_first_leg_refused_writes_nothing(git_repo, artifact_root, monkeypatch):
     assert sweep_dirs(artifact_root) == []
 
 
+def test_a_later_leg_that_cannot_run_stops_the_sweep_before_the_first_leg_trains(git_repo, artifact_root, monkeypatch):
+    # The engine's own rule (ep divides the world size and the experts), judged for every leg up front:
+    # otherwise leg a would train and commit, and the sweep stop at leg b.
+    sweep_project(git_repo, module="engine.train")
+    monkeypatch.chdir(git_repo)
+    spec = write_spec(git_repo, 'name = "s"\n[common]\nsteps = 2\n[[legs]]\ntag = "a"\n[[legs]]\ntag = "b"\nep = 2\n')
+    status = git(git_repo, "status", "--porcelain")
+    r = cli("sweep", str(spec), *QUIET)
+    assert r.exit_code == 2 and "leg b: --ep 2: does not divide the world size 1 (--nproc 1)" in r.output, r.output
+    assert not artifact_root.exists() and git(git_repo, "status", "--porcelain") == status
+
+
 def test_baseline_must_be_a_leg(git_repo, monkeypatch):
     sweep_project(git_repo)
     monkeypatch.chdir(git_repo)

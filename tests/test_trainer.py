@@ -146,7 +146,10 @@ def test_engine_flags_after_dashdash_that_repeat_a_default_become_that_option_on
     assert (p.options["lr"], p.options["fp8"], p.options["steps"]) == (0.02, True, 7)
     engine = p.argv[p.argv.index("engine.train") + 1:]
     assert engine.count("--lr") == 1 and engine[engine.index("--lr") + 1] == "0.02" and engine.count("--fp8") == 1
-    assert engine[-2:] == ["--save-every=5", "--eval-batches=2"]  # not in the options: passed through as given
+    # Engine options that [defaults] does not set become options too: recorded, checked, once in the command.
+    assert (p.options["save_every"], p.options["eval_batches"]) == (5, 2)
+    assert engine.count("--save-every") == 1 and engine[engine.index("--save-every") + 1] == "5"
+    assert not any(a.startswith(("--save-every=", "--eval-batches=")) for a in engine)
     p = plan(ENGINE, extra_args=["--lr=3e-4"])
     assert p.options["lr"] == 3e-4 and "--lr=3e-4" not in p.argv
     # grad_clip = 1 is the float option --grad-clip written as an integer: 0.5 replaces it
@@ -165,6 +168,12 @@ def test_engine_flags_after_dashdash_that_repeat_a_default_become_that_option_on
     (["--lr", "fast"], "-- --lr fast: not a number"),
     (["--lr"], "-- --lr: needs a value"),
     (["--fp8=yes"], "-- --fp8=yes: --fp8 is an on/off flag of the engine; it takes no value"),
+    (["--ep", "3"], "--ep 3: does not divide the 4 experts (preset tiny)"),  # not in [defaults]: checked all the same
+    (["--ep", "2"], "--ep 2: does not divide the world size 1 (--nproc 1)"),
+    (["--ep", "0"], "-- --ep: Input should be greater than or equal to 1"),
+    (["--head-dim=0"], "-- --head-dim: must be greater than 0, not 0"),
+    (["--bogus", "1"], "-- --bogus: not an option of the engine"),
+    (["stray"], "-- stray: not an option of the engine"),
 ])
 def test_engine_flags_after_dashdash_that_would_undo_what_moectl_checked_are_refused(extra, why):
     # argparse takes the last of a repeated flag: `-- --ckpt-dir /elsewhere` would win over the
@@ -172,6 +181,27 @@ def test_engine_flags_after_dashdash_that_would_undo_what_moectl_checked_are_ref
     with pytest.raises(UsageError) as exc:
         plan(ENGINE, steps=7, extra_args=extra)
     assert exc.value.message.startswith(why), exc.value.message
+
+
+def test_engine_options_after_dashdash_are_tagged_and_checked_like_run_options():
+    p = plan(ENGINE, nproc=2, extra_args=["--ep", "2", "--dense"])
+    assert (p.options["ep"], p.options["dense"], p.tag) == (2, True, "tiny_cap1p0_none_dense_ep2")
+    assert p.argv[p.argv.index("engine.train") + 1:].count("--ep") == 1
+    # Another trainer's module keeps its own flags: they pass through unjudged.
+    other = ENGINE.replace('module = "engine.train"', 'module = "mylab.train"')
+    p = plan(other, extra_args=["--ep", "3", "--bogus"])
+    assert "ep" not in p.options and p.argv[-3:] == ["--ep", "3", "--bogus"]
+
+
+def test_ep_must_divide_the_world_size_of_every_node():
+    cfg = cfg_of(ENGINE)
+    request = RunRequest(device="cpu", ep=2, nproc=1)
+    with pytest.raises(UsageError, match=r"--ep 2: does not divide the world size 1 \(--nproc 1\)"):
+        plan_run(cfg, request, NOW, gpus_available=None)
+    assert plan_run(cfg, request, NOW, gpus_available=None, nodes=2).options["ep"] == 2  # 1 process x 2 nodes
+    with pytest.raises(UsageError, match=r"--ep 4: does not divide the world size 6 \(--nproc 3 x 2 nodes\)"):
+        plan_run(cfg, RunRequest(device="cpu", ep=4, nproc=3), NOW, gpus_available=None, nodes=2)
+    assert plan_run(cfg, request, NOW, gpus_available=None, nodes=None).tag.endswith("ep2")  # nodes unknown: not judged
 
 
 def test_cli_refuses_a_checkpoint_dir_outside_the_run_before_anything_is_written(tmp_path, monkeypatch, artifact_root):

@@ -161,12 +161,13 @@ def check_json(plan, results, ok: bool) -> dict:
     }
 
 
-def show_check(cfg, request, *, json_out: bool, slurm: bool = False) -> bool:
+def show_check(cfg, request, *, json_out: bool, slurm: bool = False, nodes: int = 1) -> bool:
     """Every guard for `request`, printed as `check` prints them (the table or --json); whether they
-    pass. `slurm`: the node's guards (gpus_idle, the run lock) are the job's to judge, on its node."""
+    pass. `slurm`: the node's guards (gpus_idle, the run lock) are the job's to judge, on its node;
+    `nodes`: the nodes it spans."""
     from moectl.guards import check_request, passed
 
-    plan, _obs, results = check_request(cfg, request)
+    plan, _obs, results = check_request(cfg, request, nodes=nodes)
     if slurm:
         from moectl.execution import deferred_to_job
 
@@ -286,4 +287,5 @@ def check_as_run(cfg, request, *, slurm: bool, nodes, detach: bool, requeue: boo
         raise UsageError(f"--nodes: must be at least 1 (got {nodes})")
     if repeat > 1:
         request = repeat_requests(cfg, request, repeat)[1][0]
-    return show_check(cfg, request, json_out=json_out, slurm=on_slurm)
+    spans = (nodes if nodes is not None else cfg.cluster.nodes) if on_slurm else 1
+    return show_check(cfg, request, json_out=json_out, slurm=on_slurm, nodes=spans)

@@ -42,7 +42,7 @@ NotesOpt = Annotated[Optional[str], typer.Option("--notes", help="Hypothesis / n
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No live progress.")]
 RepeatOpt = Annotated[int, typer.Option("--repeat", min=1, help="Run the same configuration N times with seeds seed, seed+1, ... (through \\[launch.options] seed for another trainer), as one group that compare/show/plot/export take by its tag.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output (stable keys).")]
-ExtraArgs = Annotated[Optional[list[str]], typer.Argument(help="Extra engine (or trainer) arguments, after `--`, passed as given; one that sets an option moectl sets replaces it, or is refused (--out-dir, --ckpt-dir, --device).", metavar="-- ENGINE_ARGS", show_default=False)]
+ExtraArgs = Annotated[Optional[list[str]], typer.Argument(help="Engine (or trainer) arguments, after `--`. The engine's become options of the run (checked, recorded, replacing a \\[defaults] value); --out-dir, --ckpt-dir, --device are refused. Another trainer's pass as given.", metavar="-- ENGINE_ARGS", show_default=False)]
 
 
 def request_kwargs(*, cap, tag, compile, fp8, dispatch, steps, preset, device, nproc, exp_dir,

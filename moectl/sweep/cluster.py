@@ -31,7 +31,9 @@ from moectl.execution import (
 from moectl.guards import check_request, passed
 from moectl.records import UNSETTLED, RunRecord, SweepRecord, write_text_atomic
 from moectl.sweep.report import claim_sweep_report
-from moectl.sweep.run import SweepOptions, SweepOutcome, SweepUI, _create_sweep_dir, _leg_notes, finish_sweep, leg_request
+from moectl.sweep.run import (
+    SweepOptions, SweepOutcome, SweepUI, _create_sweep_dir, _leg_notes, finish_sweep, leg_request, refuse_unplannable_legs,
+)
 from moectl.sweep.store import load_sweep, locked_sweep, save_sweep, settled, update_leg
 
 SWEEP_JOB_SPEC = "sweep_job.json"
@@ -51,6 +53,7 @@ def submit_sweep(cfg: Config, sweep: SweepRecord, opts: SweepOptions, *, max_par
                  ui: SweepUI, carried: dict[str, RunRecord], chain: list[str]) -> SweepOutcome:
     slurm.require()
     todo = [leg for leg in sweep.legs if not settled(leg, sweep.legs)]
+    refuse_unplannable_legs(cfg, todo, opts)
     _, _, results = check_request(cfg, leg_request(todo[0], opts, cfg.artifact_root / "_preflight"))
     results = deferred_to_job(results)
     if not passed(results):

@@ -109,6 +109,20 @@ def _leg_notes(leg: SweepLeg, sweep: SweepRecord) -> str:
     return f"{notes}\n\n{text}" if notes else text
 
 
+def refuse_unplannable_legs(cfg: Config, legs: list[SweepLeg], opts: SweepOptions) -> None:
+    """Plan every leg still to run, as its run will be planned: a leg whose options cannot run
+    (`ep = 3` beside 4 experts) is a UsageError naming the leg before anything is written, not a
+    stop after the legs before it have trained."""
+    nvml = read_nvml(cfg.gpu.devices)
+    now = datetime.now()
+    for leg in legs:
+        try:
+            plan_run(cfg, leg_request(leg, opts, cfg.artifact_root / "_preflight"), now,
+                     len(nvml.gpus) if nvml.gpus is not None else None)
+        except UsageError as exc:
+            raise UsageError(f"leg {leg.tag}: {exc.message}", exc.lines) from None
+
+
 def dry_run(cfg: Config, legs: list[SweepLeg], name: str, opts: SweepOptions) -> list[dict[str, Any]]:
     """Each leg's exact command (as `moectl run --dry-run` would plan it); writes nothing."""
     nvml = read_nvml(cfg.gpu.devices)
@@ -213,6 +227,7 @@ def _check_baseline(opts: SweepOptions, legs: list[SweepLeg]) -> None:
 def _run(cfg: Config, sweep: SweepRecord, opts: SweepOptions, ui: SweepUI, *, carried: dict[str, RunRecord],
          chain: list[str]) -> SweepOutcome:
     todo = [leg for leg in sweep.legs if not settled(leg, sweep.legs)]
+    refuse_unplannable_legs(cfg, todo, opts)
     # Refuse before writing anything when the first leg could not start (SPEC §5); later legs are
     # re-checked by the runner and a refusal there stops the sweep with sweep.json true.
     _, _, results = check_request(cfg, leg_request(todo[0], opts, cfg.artifact_root / "_preflight"))
