@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
-from moectl.errors import UsageError
+from moectl.errors import ConfigError, UsageError
 
 if TYPE_CHECKING:
     from moectl.config_schema import MoectlFile
@@ -192,8 +192,13 @@ def load_config(path: Optional[Path] = None, cwd: Optional[Path] = None) -> Conf
     """Load and validate `path` (--config) or the nearest `.moectl.toml` above `cwd`."""
     from moectl.config_schema import parse_config_text
 
-    path, text = _locate(path, cwd)
-    return from_file_model(parse_config_text(text, path.name), path, path.parent)
+    try:
+        path, text = _locate(path, cwd)
+        return from_file_model(parse_config_text(text, path.name), path, path.parent)
+    except ConfigError:
+        raise
+    except UsageError as exc:
+        raise ConfigError(exc.message, exc.lines) from None
 
 
 def default_config(root: Optional[Path] = None) -> Config:

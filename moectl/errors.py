@@ -25,6 +25,10 @@ class UsageError(MoectlError):
         super().__init__(message, EXIT_USAGE, lines)
 
 
+class ConfigError(UsageError):
+    """The configuration cannot be found, read or validated (SPEC §5's first guard, exit 2)."""
+
+
 class GuardRefused(MoectlError):
     def __init__(self, message: str, lines: list[str] | None = None):
         super().__init__(message, EXIT_GUARD, lines)

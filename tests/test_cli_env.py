@@ -349,6 +349,25 @@ def test_check_without_config_and_bad_options_exit_2(tmp_path, monkeypatch, proj
     assert r.exit_code == 0
 
 
+def test_check_json_still_answers_when_there_is_nothing_to_judge(tmp_path, monkeypatch, project):
+    # A script reading `check --json` learns why from stdout too: the config guard failing, or the bad option.
+    (project / CONFIG_NAME).write_text((project / CONFIG_NAME).read_text() + "bogus = 1\n")
+    for args in (["check", "--json"], ["run", "--dry-run", "--json"]):
+        r = invoke(*args)
+        data = json.loads(r.stdout)
+        assert r.exit_code == 2 and data["ok"] is False and data["exit_code"] == 2, r.output
+        [guard] = data["guards"]
+        assert (guard["name"], guard["ok"], guard["overridable"]) == ("config", False, False)
+        assert "defaults.bogus: unknown engine option" in guard["message"] and "defaults.bogus" in r.stderr
+    monkeypatch.chdir(tmp_path)  # no config at all
+    data = json.loads(invoke("check", "--json").stdout)
+    assert data["guards"][0]["name"] == "config" and "moectl init" in data["error"]
+    r = invoke("check", "--json", "--cap", "-1", "--config", str(project / CONFIG_NAME))
+    data = json.loads(r.stdout)
+    assert r.exit_code == 2 and (data["ok"], data["guards"]) == (False, [])  # a bad option: no guard judged
+    assert data["error"] == "--cap: Input should be greater than or equal to 0"
+
+
 def test_status_recent_runs_settle_a_dead_owners_run(project, artifact_root):
     from moectl.records import RunRecord, save_model
 

@@ -161,6 +161,18 @@ def check_json(plan, results, ok: bool) -> dict:
     }
 
 
+def check_error_json(exc) -> dict:
+    """`check --json` / `run --dry-run --json` when there is nothing to judge (exit 2): still the
+    contract's `ok` and `guards`, so a script reading stdout learns why. A config that cannot be
+    found or validated is the first guard failing (SPEC §5); bad options judge no guard."""
+    from moectl.errors import ConfigError
+
+    message = "; ".join([exc.message, *exc.lines])
+    guards = [{"name": "config", "ok": False, "message": message, "overridable": False, "overridden": False,
+               "skipped": False}] if isinstance(exc, ConfigError) else []
+    return {"ok": False, "guards": guards, "error": message, "exit_code": exc.exit_code}
+
+
 def show_check(cfg, request, *, json_out: bool, slurm: bool = False, nodes: int = 1) -> bool:
     """Every guard for `request`, printed as `check` prints them (the table or --json); whether they
     pass. `slurm`: the node's guards (gpus_idle, the run lock) are the job's to judge, on its node;
@@ -245,7 +257,8 @@ def check(
 
     Prints every guard with its message, the exact command, and a one-line verdict
     (`guards: 7 passed, gpus_idle skipped (cpu run: ...)`). Exit 0 when every guard passes (an overridden one counts as passing), 3 otherwise;
-    2 for bad options or config (nothing to judge yet), as `moectl run` would say.
+    2 for bad options or config (nothing to judge yet), as `moectl run` would say; --json then prints
+    `ok` false with the failing `config` guard (none for a bad option) and the `error`.
     Takes every `moectl run` option, so `run` can become `check` on the same line: it judges what
     `moectl run --dry-run` judges (the first repeat of --repeat N; a --baseline that names no run is
     an error). --wait-gpus is not waited on: check looks once, now.
@@ -255,18 +268,25 @@ def check(
     """
     from moectl import store
     from moectl.config import load_config
+    from moectl.errors import UsageError
     from moectl.plan import make_request
 
-    request = make_request(**request_kwargs(
-        cap=cap, tag=tag, compile=compile, fp8=fp8, dispatch=dispatch, steps=steps, preset=preset,
-        device=device, nproc=nproc, exp_dir=exp_dir, wait_gpus=wait_gpus, override=override, extra=extra, seed=seed,
-        balance=balance, balance_rate=balance_rate, ep=ep, no_commit=no_commit, notes=notes,
-    ))
-    cfg = load_config(config)
-    if baseline:
-        store.resolve_run(cfg.artifact_root, baseline)  # the run would refuse a baseline it cannot find
-    if not check_as_run(cfg, request, slurm=slurm, nodes=nodes, detach=detach, requeue=requeue, repeat=repeat,
-                        json_out=json_out):
+    try:
+        request = make_request(**request_kwargs(
+            cap=cap, tag=tag, compile=compile, fp8=fp8, dispatch=dispatch, steps=steps, preset=preset,
+            device=device, nproc=nproc, exp_dir=exp_dir, wait_gpus=wait_gpus, override=override, extra=extra, seed=seed,
+            balance=balance, balance_rate=balance_rate, ep=ep, no_commit=no_commit, notes=notes,
+        ))
+        cfg = load_config(config)
+        if baseline:
+            store.resolve_run(cfg.artifact_root, baseline)  # the run would refuse a baseline it cannot find
+        ok = check_as_run(cfg, request, slurm=slurm, nodes=nodes, detach=detach, requeue=requeue, repeat=repeat,
+                          json_out=json_out)
+    except UsageError as exc:
+        if json_out:
+            print_json(check_error_json(exc))
+        raise
+    if not ok:
         raise typer.Exit(EXIT_GUARD)
 
 

@@ -9,7 +9,7 @@ from moectl.cli.options import (
     DryRunOpt, EpOpt, ExpDirOpt, ExtraArgs, Fp8Opt, JsonOpt, NoCommitOpt, NodesOpt, NotesOpt, NprocOpt, OverrideOpt,
     PresetOpt, QuietOpt, RepeatOpt, RequeueOpt, SeedOpt, SlurmOpt, StepsOpt, TagOpt, WaitGpusOpt, request_kwargs,
 )
-from moectl.errors import EXIT_GUARD, EXIT_OK
+from moectl.errors import EXIT_GUARD, EXIT_OK, UsageError
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -65,7 +65,7 @@ def run(
       [bold]moectl run --cap 1.0 --tag bufreuse --repeat 3[/bold]    (seeds 0, 1, 2: one group)
     """
     from moectl import store
-    from moectl.cli.env import _render_check, check_as_run, check_json
+    from moectl.cli.env import _render_check, check_as_run, check_error_json, check_json
     from moectl.config import load_config
     from moectl.guards import summary_line
     from moectl.plan import make_request
@@ -74,22 +74,27 @@ def run(
     from moectl.runner import execute_run, fallback_request
 
     _sigterm_is_interrupt(ctx)
-    request = make_request(**request_kwargs(
-        cap=cap, tag=tag, compile=compile, fp8=fp8, dispatch=dispatch, steps=steps, preset=preset,
-        device=device, nproc=nproc, exp_dir=exp_dir, wait_gpus=wait_gpus, override=override, extra=extra, seed=seed,
-        balance=balance, balance_rate=balance_rate, ep=ep,
-        no_commit=no_commit, notes=notes,
-    ))
-    cfg = load_config(config)
-    if not no_commit:
-        from moectl.gitops import lock_wait_s
+    try:
+        request = make_request(**request_kwargs(
+            cap=cap, tag=tag, compile=compile, fp8=fp8, dispatch=dispatch, steps=steps, preset=preset,
+            device=device, nproc=nproc, exp_dir=exp_dir, wait_gpus=wait_gpus, override=override, extra=extra, seed=seed,
+            balance=balance, balance_rate=balance_rate, ep=ep,
+            no_commit=no_commit, notes=notes,
+        ))
+        cfg = load_config(config)
+        if not no_commit:
+            from moectl.gitops import lock_wait_s
 
-        lock_wait_s()  # a bad MOECTL_GIT_LOCK_WAIT is said now, not once training is over
-    base_record = store.resolve_run(cfg.artifact_root, baseline) if baseline else None
-    if dry_run:  # exactly what `moectl check` with these options prints
-        ok = check_as_run(cfg, request, slurm=slurm, nodes=nodes, detach=detach, requeue=requeue, repeat=repeat,
-                          json_out=json_out)
-        raise typer.Exit(EXIT_OK if ok else EXIT_GUARD)
+            lock_wait_s()  # a bad MOECTL_GIT_LOCK_WAIT is said now, not once training is over
+        base_record = store.resolve_run(cfg.artifact_root, baseline) if baseline else None
+        if dry_run:  # exactly what `moectl check` with these options prints
+            ok = check_as_run(cfg, request, slurm=slurm, nodes=nodes, detach=detach, requeue=requeue, repeat=repeat,
+                              json_out=json_out)
+            raise typer.Exit(EXIT_OK if ok else EXIT_GUARD)
+    except UsageError as exc:
+        if dry_run and json_out:
+            print_json(check_error_json(exc))
+        raise
     from moectl.cli.cluster import run_on_slurm, slurm_flags_need_slurm
     from moectl.execution import choose_backend
 
