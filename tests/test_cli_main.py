@@ -26,6 +26,22 @@ def test_usage_errors_are_one_line_with_exit_2(args, tmp_path):
     assert "--help" in lines[0] and "Traceback" not in r.stderr and "╭" not in r.stderr
 
 
+@pytest.mark.parametrize("args", [
+    ("export", "some-run", "--csv", ""),
+    ("plot", "some-run", "-o", " "),
+    ("import", "", "--name", "x"),
+    ("init", ""),
+    ("sweep", ""),
+    ("summary", "-o", ""),
+    ("status", "--config", ""),
+])
+def test_an_empty_path_is_refused_not_taken_for_the_current_directory(args, tmp_path):
+    # Path("") is ".": `export --csv ""` wrote both CSVs into the working directory.
+    r = moectl(*args, cwd=tmp_path)
+    assert r.returncode == 2 and "an empty path" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("args", [("status",), ("runs",), ("check", "--device", "cpu")])
 def test_a_reader_that_left_ends_the_command_quietly_and_never_as_success(args):
     # `moectl status | head -1`: the pipe closes under moectl. One quiet exit 1 for every command -
@@ -95,12 +111,19 @@ def test_a_config_table_named_in_help_is_shown_not_eaten_as_rich_markup():
     runner = CliRunner()
     for name, command in group.commands.items():
         texts = [p.help or "" for p in command.params] + [command.help or ""]
-        tables = {m for t in texts for m in re.findall(r"\[(cluster|launch|defaults|metrics|report|gpu|paths|project)[].]", t)}
+        # every `[table]` / `[[legs]]` / `[launch.options]` written in a help text (rich's own tags aside)
+        tables = {m for t in texts for m in re.findall(r"\[\[?([a-z_]+)[].]", t)} - {"bold", "dim", "red", "green", "yellow"}
         if not tables:
             continue
         shown = runner.invoke(app, [name, "--help"], env={"COLUMNS": "400"}).output
         for table in tables:
             assert f"[{table}]" in shown or f"[{table}." in shown, f"`moectl {name} --help` lost [{table}]"
+        # Each option's help is one line at this width: shown whole, its brackets included.
+        lines = [" ".join(line.split()) for line in shown.splitlines()]
+        for param in command.params:
+            if param.help and "[" in param.help:
+                want = " ".join(re.sub(r"(?<!\\)\[/?(bold|dim)\]", "", param.help).replace("\\[", "[").split())
+                assert any(want in line for line in lines), f"`moectl {name} --help` mangles {param.name}'s help: {want!r}"
 
 
 def test_help_lists_each_command_with_its_whole_summary_on_one_line(tmp_path):

@@ -7,7 +7,7 @@ from typing import Annotated, List, Optional
 import typer
 
 from moectl.cli.common import app, handle_errors, print_json, stderr, stdout
-from moectl.cli.options import ConfigOpt, JsonOpt
+from moectl.cli.options import ConfigOpt, JsonOpt, PATH
 from moectl.cli.runs import _config  # the store-reading config rule (file, or defaults + env root)
 
 RunsArg = Annotated[List[str], typer.Argument(help="Runs: id, tag, unique prefix of either, or a run directory; a tag of a repeat group means all its runs.")]
@@ -51,7 +51,7 @@ def _default_figure(metric: str) -> Path:
 def plot_cmd(
     runs: RunsArg,
     metric: Annotated[str, typer.Option("--metric", "-m", help="loss | tok_per_sec | mfu | dt_ms | aux_loss | drop_frac | expert_load_max | peak_mem_mib")] = "loss",
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Figure file, replaced if it exists; the suffix picks the format (default: ./<metric>.png, or <metric>-2.png, ... rather than replace a file).", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", parser=PATH, help="Figure file, replaced if it exists; the suffix picks the format (default: ./<metric>.png, or <metric>-2.png, ... rather than replace a file).", show_default=False)] = None,
     title: Annotated[Optional[str], typer.Option("--title", help="Figure title (default: the metric's name).", show_default=False)] = None,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
@@ -86,7 +86,7 @@ def plot_cmd(
 @handle_errors
 def export_cmd(
     runs: RunsArg,
-    csv_dir: Annotated[Path, typer.Option("--csv", help="Directory for steps.csv and summary.csv (created if missing; both files replaced).")],
+    csv_dir: Annotated[Path, typer.Option("--csv", parser=PATH, help="Directory for steps.csv and summary.csv (created if missing; both files replaced).")],
     window: Annotated[Optional[int], typer.Option("--window", "-w", min=1, help="Tail window of summary.csv (default: config metrics.window).", show_default=False)] = None,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,

@@ -12,6 +12,7 @@ import typer
 
 from moectl.cli.common import app, handle_errors, print_json, stdout
 from moectl.cli.options import (
+    PATH,
     BalanceOpt, BalanceRateOpt, BaselineOpt, CapOpt, CompileOpt, ConfigOpt, DetachOpt, DeviceOpt, DispatchOpt,
     DryRunOpt, EpOpt, ExpDirOpt, ExtraArgs, Fp8Opt, JsonOpt, NoCommitOpt, NodesOpt, NotesOpt, NprocOpt, OverrideOpt,
     PresetOpt, QuietOpt, RepeatOpt, RequeueOpt, SeedOpt, SlurmOpt, StepsOpt, TagOpt, WaitGpusOpt, request_kwargs,
@@ -22,7 +23,7 @@ from moectl.errors import EXIT_GUARD
 @app.command()
 @handle_errors
 def init(
-    directory: Annotated[Path, typer.Argument(help="Where to write .moectl.toml.")] = Path("."),
+    directory: Annotated[Path, typer.Argument(parser=PATH, help="Where to write .moectl.toml.")] = Path("."),
     force: Annotated[bool, typer.Option(
         "--force", help="Replace an existing .moectl.toml, keeping the old one as .moectl.toml.bak "
                         "(.bak.1, .bak.2, ... when that exists: no backup is ever overwritten).")] = False,

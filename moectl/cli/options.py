@@ -14,6 +14,20 @@ from typing import Annotated, Optional
 
 import typer
 
+def path(value: str) -> Path:
+    """Every path argument's parser (typer names its type after this function: `<path>`): an
+    empty path is refused (exit 2), where `Path("")` would quietly mean the current directory
+    (`export --csv ""` writing into the cwd)."""
+    if isinstance(value, Path):
+        return value
+    if not str(value).strip():
+        raise typer.BadParameter("an empty path; give a file or directory name")
+    return Path(value)
+
+
+PATH = path  # as the other modules import it: `parser=PATH`
+
+
 CapOpt = Annotated[Optional[float], typer.Option("--cap", help="Capacity factor (0 = dropless).", show_default=False)]
 TagOpt = Annotated[Optional[str], typer.Option("--tag", help="Run tag: letters, digits, . _ - (default: derived from the options, e.g. tiny_cap1p0_static).", show_default=False)]
 CompileOpt = Annotated[Optional[str], typer.Option("--compile", help="static | dynamic | none.", show_default=False)]
@@ -30,7 +44,7 @@ NprocOpt = Annotated[Optional[int], typer.Option("--nproc", help="Processes per 
 ExpDirOpt = Annotated[Optional[str], typer.Option("--exp-dir", help="Explicit experiment directory: must be new and directly in artifact_root; its name is the run id.", show_default=False)]
 WaitGpusOpt = Annotated[Optional[str], typer.Option("--wait-gpus", help="Poll the GPU/training guards up to this long, e.g. 30m, 90s, 2h.", show_default=False)]
 OverrideOpt = Annotated[Optional[list[str]], typer.Option("--override", help="Skip a guard knowingly (gpus_idle, no_other_training); repeatable, recorded.", show_default=False)]
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Path to .moectl.toml (default: nearest one above the cwd).", show_default=False)]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", parser=PATH, help="Path to .moectl.toml (default: nearest one above the cwd).", show_default=False)]
 SlurmOpt = Annotated[bool, typer.Option("--slurm", help="Run as a Slurm job (\\[cluster] backend = \"slurm\" does the same).")]
 NodesOpt = Annotated[Optional[int], typer.Option("--nodes", help="Slurm: nodes, torchrun on each (default: \\[cluster] nodes).", show_default=False)]
 DetachOpt = Annotated[bool, typer.Option("--detach", help="Slurm: return after submitting (prints the run id and job id).")]

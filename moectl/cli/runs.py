@@ -12,7 +12,7 @@ if TYPE_CHECKING:  # rich is imported where a table is drawn: `--json` never pay
     from rich.table import Table
 
 from moectl.cli.common import app, handle_errors, print_json, stderr, stdout
-from moectl.cli.options import ConfigOpt, JsonOpt, RunArg
+from moectl.cli.options import ConfigOpt, JsonOpt, RunArg, PATH
 from moectl.errors import UsageError
 
 STATUSES = ("created", "queued", "running", "completed", "failed", "interrupted", "refused", "imported", "stale")
@@ -535,7 +535,7 @@ def _write_compare_report(cfg, comparison, records, table_md: str) -> Path:
 @app.command("import")
 @handle_errors
 def import_cmd(
-    log: Annotated[Path, typer.Argument(help="The log file to import.")],
+    log: Annotated[Path, typer.Argument(parser=PATH, help="The log file to import.")],
     name: Annotated[str, typer.Option("--name", help="Tag of the imported run (also its directory suffix).")],
     format: Annotated[str, typer.Option("--format", "-f", help="nanochat | regex | jsonl | csv")] = "nanochat",
     run: Annotated[Optional[str], typer.Option("--run", help="csv only: which run of a multi-run step table.")] = None,

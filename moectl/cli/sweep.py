@@ -7,14 +7,14 @@ from typing import Annotated, Optional
 import typer
 
 from moectl.cli.common import app, error, handle_errors, print_json, stdout
-from moectl.cli.options import ConfigOpt, DetachOpt, JsonOpt, OverrideOpt, SlurmOpt, WaitGpusOpt
+from moectl.cli.options import ConfigOpt, DetachOpt, JsonOpt, OverrideOpt, SlurmOpt, WaitGpusOpt, PATH
 from moectl.errors import EXIT_OK, UsageError
 
 
 @app.command(no_args_is_help=True)
 @handle_errors
 def sweep(
-    spec: Annotated[Optional[Path], typer.Argument(help="Sweep spec (TOML): name, [common], [[legs]] or [grid].", show_default=False)] = None,
+    spec: Annotated[Optional[Path], typer.Argument(parser=PATH, help="Sweep spec (TOML): name, \\[common], \\[\\[legs]] or \\[grid].", show_default=False)] = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="Run the legs of this sweep (id, unique prefix, name or path) that did not complete, in a fresh -resume directory.", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the legs and their exact commands; write nothing.")] = False,
     fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failed leg.")] = False,
@@ -182,7 +182,7 @@ def _follow_slurm_sweep(outcome, *, detach: bool, json_out: bool, out) -> None:
 @handle_errors
 def summary(
     no_commit: Annotated[bool, typer.Option("--no-commit", help="Write EXPERIMENTS.md but do not commit it.")] = False,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write here instead of <repo>/EXPERIMENTS.md (never committed).", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", parser=PATH, help="Write here instead of <repo>/EXPERIMENTS.md (never committed).", show_default=False)] = None,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
