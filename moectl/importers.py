@@ -135,6 +135,14 @@ def parse_csv(text: str, run: Optional[str] = None) -> ParsedLog:
             rows = [r for r in rows if (r.get("run") or "").strip() == run]
         elif len(names) > 1:
             raise UsageError(f"csv holds {len(names)} runs, pick one with --run: {', '.join(names)}")
+    if rows and not text.endswith(("\n", "\r")) and None in rows[-1].values():
+        # The last row has no newline and fewer cells than the header: cut mid-write (a copy taken
+        # while the trainer wrote it). Its last cell may be a truncated number (822814 -> 82281),
+        # so it is not read. A whole last row without a newline (some exporters) is read as is.
+        cut = rows.pop()
+        out.warnings.append(f"the csv's last line has no newline and only {sum(v is not None for v in cut.values())} of "
+                            f"{len(header)} columns, so its step {str(cut.get('step') or '?').strip()} was not read "
+                            "(cut mid-write); if it is whole, complete the row and import again")
     by_step: dict[int, StepMetrics] = {}
     for row in rows:
         try:

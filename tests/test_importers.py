@@ -126,6 +126,18 @@ def test_a_log_without_its_last_newline_says_its_last_step_was_not_read(tmp_path
     assert [s.step for s in p.steps] == [0, 1, 2, 3, 4] and not any("newline" in w for w in p.warnings)
 
 
+def test_a_csv_cut_mid_row_drops_that_row_with_a_warning_but_a_whole_last_row_is_read():
+    # A copy taken while the trainer wrote it: `...,637.19,822814,9.96` cut to `...,637.19,82281`
+    # would import a tok/sec ten times too small without a word.
+    text = "run,step,loss,dt_ms,tok_sec,bf16_mfu\na,0,2.0,650.0,800000,9.9\na,1,1.9,637.19,822814,9.96\n"
+    cut = parse_csv(text[:-9])
+    assert [s.step for s in cut.steps] == [0] and cut.skipped == 0
+    assert cut.warnings == ["the csv's last line has no newline and only 5 of 6 columns, so its step 1 was not read "
+                            "(cut mid-write); if it is whole, complete the row and import again"]
+    whole = parse_csv(text[:-1])  # an exporter that ends without a newline: every cell there, read as is
+    assert [(s.step, s.tok_per_sec) for s in whole.steps] == [(0, 800000.0), (1, 822814.0)] and whole.warnings == []
+
+
 def test_csv_without_step_column():
     with pytest.raises(UsageError, match="no 'step' column"):
         parse_csv("a,b\n1,2\n")
