@@ -51,6 +51,14 @@ def commit_run_report(
     if done is not None:
         _record_commit(record, done)
         return ReportCommit(record.id, report, [report], done, created=False, warnings=[])
+    earlier = gitops.committed_in(cfg.root, report, as_on_disk=False)
+    if earlier is not None:
+        # Committed before, and changed since: moectl never rewrites a committed report, so the
+        # change is the user's (an edit in progress, staged or not) and stays theirs, uncommitted.
+        _record_commit(record, earlier)
+        return ReportCommit(record.id, report, [report], earlier, created=False, warnings=[
+            f"{report.name} was committed in {earlier[:10]}; the changes to it since are not moectl's, "
+            "so they are left as they are, uncommitted"])
     paths, warnings = [report], []
     if cfg.report.summary:
         from moectl.summary import write_summary

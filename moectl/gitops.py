@@ -325,13 +325,14 @@ def commit_paths(
         raise GitBusy(f"{ref} kept moving while moectl committed ({cas_tries} tries); nothing was committed")
 
 
-def committed_in(repo: Path, path: Path) -> Optional[str]:
+def committed_in(repo: Path, path: Path, as_on_disk: bool = True) -> Optional[str]:
     """The last commit that changed `path`, when HEAD holds exactly the file on disk (as git would
-    store it, clean filters included); None when the file is new or differs."""
+    store it, clean filters included); None when the file is new or differs. `as_on_disk=False`:
+    whenever HEAD holds `path` at all, whatever the file on disk now says."""
     repo = repo_root(repo)
     rel = _relative(repo, [path])[0]
     at_head = _git(repo, "rev-parse", "-q", "--verify", f"HEAD:{rel}", check=False)
-    if not at_head or at_head != _git(repo, "hash-object", f"--path={rel}", "--", rel):
+    if not at_head or (as_on_disk and at_head != _git(repo, "hash-object", f"--path={rel}", "--", rel)):
         return None
     return _git(repo, "log", "-1", "--format=%H", "--", rel, env={"GIT_LITERAL_PATHSPECS": "1"})
 

@@ -277,6 +277,24 @@ def test_moectl_commit_commits_the_report_and_summary_then_is_idempotent(project
     assert head(project) == out["commit"]
 
 
+@pytest.mark.parametrize("staged", [False, True])
+def test_moectl_commit_after_the_user_edited_a_committed_report_commits_nothing(project, staged):
+    # The user's half-written note in the report (staged or not) is theirs: SPEC §9.
+    rec, report = finished_run(project)
+    first = json.loads(commit_cmd(rec.id, "--json").stdout)["commit"]
+    with report.open("a") as fh:
+        fh.write("\nmy note, half-writ")
+    if staged:
+        git(project, "add", "--", str(report))
+    status0, entries0, edited = snapshot(project), index_entries(project), report.read_bytes()
+    r = commit_cmd(rec.id, "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert (out["commit"], out["created"]) == (first, False) and head(project) == first
+    assert "the changes to it since are not moectl's" in r.stderr
+    assert snapshot(project) == status0 and index_entries(project) == entries0 and report.read_bytes() == edited
+
+
 def test_moectl_commit_without_a_report_is_a_usage_error(project):
     rec, report = finished_run(project, write_report=False)
     r = commit_cmd(rec.id)
