@@ -213,6 +213,24 @@ def test_summary_commits_only_experiments_md_and_is_stable(git_repo, artifact_ro
     assert git(git_repo, "rev-parse", "HEAD~1").strip() == data["commit"]
 
 
+def test_summary_commits_a_file_that_is_up_to_date_on_disk_but_not_in_head(git_repo, artifact_root, monkeypatch):
+    # What a `--no-commit` run leaves: EXPERIMENTS.md refreshed on disk, HEAD's copy behind it.
+    import json
+
+    summary_project(git_repo, monkeypatch)
+    populate(artifact_root)
+    assert cli("summary", "--no-commit").exit_code == 0
+    head = git(git_repo, "rev-parse", "HEAD").strip()
+    on_disk = (git_repo / "EXPERIMENTS.md").read_text()
+    r = cli("summary", "--json")
+    data = json.loads(r.stdout)
+    assert r.exit_code == 0 and data["changed"] is False and data["commit"], r.output
+    assert git(git_repo, "rev-parse", "HEAD~1").strip() == head
+    assert git(git_repo, "show", "HEAD:EXPERIMENTS.md") == on_disk and git(git_repo, "status", "--porcelain") == ""
+    again = json.loads(cli("summary", "--json").stdout)  # now HEAD has it: nothing to do
+    assert (again["changed"], again["commit"]) == (False, None)
+
+
 def test_the_users_own_edits_to_experiments_md_are_never_overwritten_or_unstaged(git_repo, artifact_root, monkeypatch):
     summary_project(git_repo, monkeypatch)
     populate(artifact_root)

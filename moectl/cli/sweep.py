@@ -191,7 +191,7 @@ def summary(
     latest report commits, the constraints from .moectl.toml. Commits it (only it).
 
     When nothing but the snapshot of the moment (timestamp, runtime status) would change, the file
-    is left as it is.
+    is left as it is (and committed, if HEAD's copy is older).
 
     Examples:
       [bold]moectl summary[/bold]
@@ -205,7 +205,10 @@ def summary(
     cfg = load_config(config)
     path, changed = refresh_summary(cfg, output)
     sha, commit_error = None, None
-    if changed and output is None and not no_commit:
+    # Up to date on disk is not committed: a `--no-commit` run refreshed the file and left HEAD's
+    # copy behind (still saying `running`). The file on disk is moectl's here (refresh_summary
+    # refuses one with anyone else's changes), so it is what goes in.
+    if output is None and not no_commit and (changed or gitops.committed_in(cfg.root, path) is None):
         try:
             sha = gitops.commit_paths(cfg.root, [path], "summary: regenerate EXPERIMENTS.md", branch=cfg.project.branch)
         except MoectlError as exc:
