@@ -175,7 +175,9 @@ def load_log(path: Path, fmt: str, run: Optional[str] = None, stdout_format: Opt
     if not path.is_file():
         raise UsageError(f"log file not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8-sig", errors="replace")  # -sig: Excel writes CSVs with a BOM
+        # -sig: Excel writes CSVs with a BOM. Bytes decoded, not read_text: its newline translation
+        # would make every `\r` of a redrawn progress bar a newline of its own (stdout_metrics.split_lines).
+        text = path.read_bytes().decode("utf-8-sig", errors="replace")
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
     if not text.strip():

@@ -25,7 +25,9 @@ Why the process handling looks the way it does:
   inside whatever code the signal happened to interrupt. They are installed for the duration of
   `launch` and the previous ones restored on every path.
 - A reader thread drains the pipe line by line into the log (flushed, so `tail -f` works), so a
-  chatty run can never fill the pipe and block.
+  chatty run can never fill the pipe and block. A line ends at a newline or at the `\r` with which
+  a progress bar redraws itself (moectl.stdout_metrics.split_lines), so each bar is read as it
+  comes; the log gets the bytes exactly as written.
 
 Torch-free: this module runs in the moectl process.
 """
@@ -213,37 +215,62 @@ class _Tee(threading.Thread):
         self.failure_tail: Optional[list[str]] = None  # the tail as it was when a worker failed
         self.worker_exit_code: Optional[int] = None
         self.lock = threading.Lock()  # the main thread closes the log under it
+        self._redraw = False  # the last line ended in a bare `\r`: the next one replaces it on screen
 
     def run(self) -> None:
-        for raw in iter(self.stream.readline, b""):
-            text = raw.decode("utf-8", errors="replace")
-            with self.lock:
-                if self.log_fh.closed:
-                    break
-                self.log_fh.write(raw)
-                self.log_fh.flush()
-                self.tail.append(text.rstrip("\r\n"))
-                if self.failure_tail is None:
-                    m = _WORKER_FAILED.search(raw)
-                    if m:
-                        self.worker_exit_code = int(m.group(1))
-                        self.failure_tail = list(self.tail)
-            if self.on_line is not None:
-                try:
-                    self.on_line(text)
-                except Exception as exc:  # a parser bug must not stop the log (nor the run)
-                    self.on_line = None
-                    with self.lock:
-                        if not self.log_fh.closed:
-                            self.log_fh.write(f"moectl: stdout metrics parser stopped: {exc!r}\n".encode())
-            if self.echo is not None:
-                try:
-                    self.echo(text)
-                except Exception:  # a broken terminal must not stop the log
-                    self.echo = None
+        # Whatever the pipe has, as it comes (read1), cut into lines where a terminal starts over:
+        # at newlines and at the `\r` of a progress bar that redraws itself each step (which a
+        # readline would hold back until the bar's final newline).
+        from moectl.stdout_metrics import split_lines
+
+        pieces: list[bytes] = []  # the line being read, in the pieces it came in
+        open_ = True
+        while open_:
+            chunk = self.stream.read1(65536)
+            if chunk and b"\n" not in chunk and b"\r" not in chunk and not (pieces and pieces[-1].endswith(b"\r")):
+                pieces.append(chunk)  # mid-line (a long one): nothing to split, and nothing re-scanned
+                continue
+            lines, pending = split_lines(b"".join(pieces) + chunk, ended=not chunk)
+            if not chunk and pending:
+                lines.append(pending)  # the last line has no newline: cut mid-print
+            pieces = [pending] if chunk and pending else []
+            log_open = all(self._line(raw) for raw in lines)
+            open_ = bool(chunk) and log_open
         # EOF almost always means torchrun has exited: wake the wait loop now instead of at its next tick.
         self.eof_at = time.monotonic()
         self.on_eof()
+
+    def _line(self, raw: bytes) -> bool:
+        """One line to the log, the tail, the parser and the screen; False once the log is closed."""
+        text = raw.decode("utf-8", errors="replace")
+        with self.lock:
+            if self.log_fh.closed:
+                return False
+            self.log_fh.write(raw)
+            self.log_fh.flush()
+            if self._redraw and self.tail:
+                self.tail.pop()  # the bar this line redraws: the tail keeps what the screen shows
+            self._redraw = raw.endswith(b"\r")
+            self.tail.append(text.rstrip("\r\n"))
+            if self.failure_tail is None:
+                m = _WORKER_FAILED.search(raw)
+                if m:
+                    self.worker_exit_code = int(m.group(1))
+                    self.failure_tail = list(self.tail)
+        if self.on_line is not None:
+            try:
+                self.on_line(text)
+            except Exception as exc:  # a parser bug must not stop the log (nor the run)
+                self.on_line = None
+                with self.lock:
+                    if not self.log_fh.closed:
+                        self.log_fh.write(f"moectl: stdout metrics parser stopped: {exc!r}\n".encode())
+        if self.echo is not None:
+            try:
+                self.echo(text)
+            except Exception:  # a broken terminal must not stop the log
+                self.echo = None
+        return True
 
 
 def _install_handlers(stop: _StopRequest) -> dict[int, object]:

@@ -12,8 +12,13 @@ metrics.jsonl, so progress, summaries, compare, plot and export read a foreign t
 like the engine); `moectl import --format nanochat|regex` feeds a log file's lines through the
 same parser, so an old log imports exactly as a live run of it would have parsed.
 
+Lines are split where a terminal would start over: at a newline, and at a carriage return that
+redraws the line (`\r`, as tqdm and Lightning progress bars print one bar per step and a newline
+only at the end). Each redrawn bar is a line of its own, read as it arrives, and a bar redrawn
+without a new step number (a refresh) is the same step, not another.
+
 What is never a step, whatever the patterns say:
-- a partial line (no newline yet: the trainer died mid-print, or is still printing it);
+- a partial line (no newline or redraw yet: the trainer died mid-print, or is still printing it);
 - a line from a rank other than 0 (torchrun's `[default1]:` / `[rank1]:` prefixes; a rank 0
   prefix is stripped, so a `--tee`d log parses like a plain one);
 - torchrun's and torch.distributed's own log lines (`W1127 12:00:00.123 4242 torch/...`,
@@ -46,6 +51,35 @@ from pathlib import Path
 from typing import IO, Optional
 
 from engine.schema import RunSummary, StartInfo, StepMetrics, to_line
+
+# One line of output: up to a newline (`\n`, `\r\n`) or a carriage return that redraws the line. A
+# `\r` as the last character may be the first half of `\r\n`: it ends a line only once the next
+# character is there (or the output has ended).
+_LINE_BYTES = re.compile(rb"[^\r\n]*(?:\r\n|\r(?=[^\n])|\n)")
+_LINE_TEXT = re.compile(r"[^\r\n]*(?:\r\n|\r(?=[^\n])|\n)")
+
+
+def split_lines(buffer, *, ended: bool = False):
+    """(the complete lines of `buffer` (bytes or str), each with its `\n` / `\r\n` / `\r`; the rest).
+    `ended`: nothing follows, so a last `\r` ends its line (the rest is then a line cut mid-print)."""
+    pattern = _LINE_BYTES if isinstance(buffer, bytes) else _LINE_TEXT
+    lines, end = [], 0
+    for m in pattern.finditer(buffer):
+        if m.start() != end:
+            break
+        lines.append(m.group())
+        end = m.end()
+    rest = buffer[end:]
+    if ended and rest.endswith(b"\r" if isinstance(rest, bytes) else "\r"):
+        lines.append(rest)
+        rest = rest[:0]
+    return lines, rest
+
+
+def line_ended(raw: str) -> bool:
+    """Whether a line of `split_lines` is whole (a newline or a redraw ends it)."""
+    return raw.endswith(("\n", "\r"))
+
 
 # The schema fields a pattern may fill (everything a step line can carry but its number).
 PATTERN_FIELDS = tuple(f.name for f in fields(StepMetrics) if f.name not in ("step", "type"))
@@ -200,17 +234,19 @@ class StdoutParser:
         self._elapsed_s = 0.0
         self._in_traceback = False
         self.notes: list[str] = []  # what a reader of the numbers should know, said by whoever fed the lines
+        self._redrawn = False  # the last step line ended in `\r`: a bar that the next line redraws
 
     # --- one line ---------------------------------------------------------------------------------
 
     def feed(self, raw: str) -> list:
         """The records this line yields: [] for anything that is not a step, else [step] (preceded
-        by the run's StartInfo the first time). `raw` keeps its newline; without one it is partial."""
-        if not raw.endswith("\n"):
+        by the run's StartInfo the first time). `raw` is one line of `split_lines`, its `\n` or `\r`
+        kept; without one it is partial."""
+        if not line_ended(raw):
             if raw.strip():
                 self.partial += 1
             return []
-        line = raw.rstrip("\r\n").rsplit("\r", 1)[-1]  # a `\r`-redrawn line: what the terminal shows last
+        line = raw.rstrip("\r\n").rsplit("\r", 1)[-1]  # (a caller's own line with `\r`s: what a terminal shows last)
         m = _RANK_PREFIX.match(line)
         if m:
             if int(m.group(1)) != 0:
@@ -222,6 +258,10 @@ class StdoutParser:
         if rec is None:
             self._run_line(line)
             return []
+        if self.last is not None and rec.step == self.last.step and self._redrawn:
+            self._redrawn = raw.endswith("\r")
+            return []  # a progress bar refreshed without a new step: the step it showed already
+        self._redrawn = raw.endswith("\r")
         out: list = []
         if not self._started:
             self._started = True
@@ -366,15 +406,15 @@ def _nanochat_fields(rest: str) -> dict[str, float]:
 
 
 def parse_text(text: str, fmt: StdoutFormat, *, finished: bool = False) -> tuple[StdoutParser, list[StepMetrics]]:
-    """A whole log through the live parser, split where the tee splits (at newlines only), so a
+    """A whole log through the live parser, split where the tee splits (`split_lines`), so a
     last line without its newline is partial exactly as it would be live: a line cut mid-write
     (a killed trainer) looks the same as a file saved without its last newline, and only the first
     is common in training logs. `finished` (`moectl import`): such a line that would read as a step
     is said in the warnings, so the step is not lost without a word."""
     parser = StdoutParser(fmt)
-    *complete, last = text.split("\n")
+    complete, last = split_lines(text, ended=True)
     steps = []
-    for line in [ln + "\n" for ln in complete] + [last]:
+    for line in complete + [last]:
         steps += [rec for rec in parser.feed(line) if isinstance(rec, StepMetrics)]
     if finished and last.strip():
         cut = [rec for rec in StdoutParser(fmt).feed(last + "\n") if isinstance(rec, StepMetrics)]

@@ -166,6 +166,61 @@ def test_a_foreign_trainer_printing_loss_nan_completes_diverged_with_every_step_
     assert warning in next((proj / "reports").glob("*.md")).read_text()
 
 
+TQDM_TOML = f'''[project]
+name = "bar"
+branch = "main"
+venv = ""
+
+[launch]
+module = "tests.fixtures.foreign_trainer"
+launcher = "python"
+args = ["--style=tqdm"]
+env = {{ PYTHONPATH = "{REPO}" }}
+
+[launch.options]
+steps = "--max_iters={{}}"
+
+[metrics]
+source = "stdout"
+format = "regex"
+step = '\\| (\\d+)/\\d+ \\['
+
+[metrics.patterns]
+loss = 'loss=([\\d.]+)'
+dt_ms = 'dt=([\\d.]+)ms'
+'''
+
+
+def test_a_progress_bar_redrawn_with_carriage_returns_is_read_bar_by_bar_as_it_is_drawn(git_repo, monkeypatch,
+                                                                                       artifact_root, tmp_path):
+    # tqdm / Lightning: one line, redrawn per step with `\r`, its newline only at the very end. Read
+    # per newline, the run had one step (the last bar) and no live progress.
+    (git_repo / ".moectl.toml").write_text(TQDM_TOML)
+    commit_config(git_repo, monkeypatch)
+    gate, out = tmp_path / "gate", tmp_path / "moectl.out"
+    proc = spawn(git_repo, out, "--device", "cpu", "--steps", "20", "--tag", "bar", *QUIET,
+                 "--", "--hold_at=12", f"--hold_file={gate}")
+    try:
+        wait_for(lambda: Path(str(gate) + ".waiting").exists(), "the trainer holding before step 12", 60,
+                 proc=proc, output=out.read_text)
+        [exp] = run_dirs(artifact_root)
+        # Bars 0-10 are whole (each ended by the next one's `\r`); bar 11 waits for the one after it.
+        wait_for(lambda: len(steps_written(exp / "metrics.jsonl")) >= 11, "bars parsed while the bar is still drawn", 60,
+                 proc=proc, output=out.read_text)
+        assert b"\n" not in (exp / "train.log").read_bytes().split(b"| 0/20", 1)[1]  # no newline was printed yet
+        gate.touch()
+        assert proc.wait(timeout=60) == 0, out.read_text()
+    finally:
+        if proc.poll() is None:
+            stop_process(proc)
+    steps = steps_in(exp)
+    assert [s.step for s in steps] == list(range(20))  # each once: the refreshes of steps 0, 5, ... are no new steps
+    rec = record(exp)
+    assert rec["status"] == "completed" and rec["summary"]["steps"] == 10 and rec["warnings"] == []
+    assert rec["summary"]["dt_ms"] == pytest.approx(sum(s.dt_ms for s in steps[10:]) / 10)
+    assert (exp / "train.log").read_bytes().count(b"\r") == 20 + 4  # the log holds the bytes as printed
+
+
 @pytest.mark.slow
 def test_sigint_mid_run_of_a_foreign_trainer(git_repo, monkeypatch, artifact_root, tmp_path):
     nanogpt_project(git_repo, monkeypatch, launcher="torchrun")

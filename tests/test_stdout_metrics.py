@@ -66,6 +66,31 @@ def test_rank0_prefix_is_stripped_and_tracebacks_are_skipped_to_their_exception_
     assert [s.step for s in steps_of(parser, lines)] == [1, 2]
 
 
+def test_lines_end_at_newlines_and_at_the_carriage_return_of_a_redrawn_bar():
+    from moectl.stdout_metrics import split_lines
+
+    assert split_lines(b"a\nb\r\nc\rd\r") == ([b"a\n", b"b\r\n", b"c\r"], b"d\r")  # `d\r` may be `d\r\n`: wait
+    assert split_lines(b"d\r" + b"\n") == ([b"d\r\n"], b"")
+    assert split_lines("d\r", ended=True) == (["d\r"], "")  # nothing follows: the `\r` ended it
+    assert split_lines("half a li") == ([], "half a li")
+
+
+def test_a_tqdm_bar_is_a_step_per_redraw_and_a_refresh_is_no_new_step(tmp_path):
+    fmt = StdoutFormat.build("regex", step=r"\| (\d+)/\d+ \[", patterns={"loss": r"loss=([\d.]+)", "dt_ms": r"dt=([\d.]+)ms"})
+    text = subprocess.run([sys.executable, str(FIXTURE), "--style=tqdm", "--max_iters=12"], capture_output=True,
+                          check=True, timeout=60).stdout.decode()  # bytes: text mode would turn each `\r` into `\n`
+    assert text.split("Total batch size 16,384\n", 1)[1].count("\n") == 1
+    parser, steps = parse_text(text, fmt, finished=True)
+    assert [s.step for s in steps] == list(range(12)) and parser.warnings() == []
+    from moectl.importers import load_log  # `moectl import` reads the log's bytes as the tee did
+
+    log = tmp_path / "bar.log"
+    log.write_bytes(text.encode())
+    assert [s.step for s in load_log(log, "regex", stdout_format=fmt).steps] == list(range(12))
+    # As printed lines with a newline each, the same steps repeated are read as before: each one.
+    assert [s.step for s in parse_text("| 3/9 [loss=1.0]\n| 3/9 [loss=0.9]\n", fmt)[1]] == [3, 3]
+
+
 def test_nanochat_format_reads_the_fixture_and_its_run_facts():
     parser, steps = parse_text(trainer_output("--style=nanochat", "--max_iters=12", "--seed=3", "--noise=1"), NANOCHAT)
     assert [s.step for s in steps] == list(range(12))  # not the traceback's, the warning's or the partial 99
