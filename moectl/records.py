@@ -156,6 +156,7 @@ class SweepRecord(BaseModel):
     exp_dir: str
     report_job: Optional[str] = None  # sweep --slurm: the Slurm job that writes the final report
     report: Optional[str] = None  # ... and the report it wrote
+    config: Optional[str] = None  # the .moectl.toml it ran with (absolute): its resume needs the same
 
 
 def save_model(path: Path, model: BaseModel) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from moectl import gitops, store
-from moectl.config import SUMMARY_NAME, Config
+from moectl.config import CONFIG_NAME, SUMMARY_NAME, Config
 from moectl.errors import GuardRefused
 from moectl.records import RunRecord, SweepRecord, write_text_atomic
 from moectl.report import COLUMNS, fmt, marked_footnote, summary_cell
@@ -32,10 +32,18 @@ STANDALONE_LIMIT = 10
 COMMIT_LIMIT = 10
 
 
-def resume_command(sweep) -> str:
+def resume_command(sweep, root: Optional[Path] = None) -> str:
     """The exact command that resumes a sweep: on Slurm again when it ran there (its final report
-    was a job), so the unfinished legs go back to the cluster, not to this machine."""
-    return f"moectl sweep --resume {sweep.id}" + (" --slurm" if sweep.report_job else "")
+    was a job), so the unfinished legs go back to the cluster, not to this machine; with the
+    `--config` it ran with, unless that is the repository's own .moectl.toml (found anyway).
+    `root`: the repository, for a config path relative to it (EXPERIMENTS.md); else absolute."""
+    import shlex
+
+    command = f"moectl sweep --resume {sweep.id}" + (" --slurm" if sweep.report_job else "")
+    config = Path(sweep.config) if sweep.config else None
+    if config is not None and not (config.name == CONFIG_NAME and (config.parent / ".git").exists()):
+        command += f" --config {shlex.quote(_shown(config, root) if root is not None else str(config))}"
+    return command
 
 def summary_path(cfg: Config) -> Path:
     return cfg.root / SUMMARY_NAME
@@ -95,7 +103,7 @@ def _sweep_section(cfg: Config, chain: list[SweepRecord], runs: dict[str, RunRec
                                                                    latest.legs)]
     if unfinished:
         lines += ["", f"Unfinished legs: {', '.join(f'`{t}`' for t in unfinished)} — resume with "
-                      f"`{resume_command(latest)}`"]
+                      f"`{resume_command(latest, cfg.root)}`"]
     return lines + [""]
 
 
@@ -159,7 +167,7 @@ def render_summary(cfg: Config, now: Optional[datetime] = None) -> str:
     lines += ["## Unfinished Sweeps", ""]
     if unfinished:
         lines += ["Resume each in a fresh `-resume` directory (only the legs that did not complete run):", "", "```bash"]
-        lines += [resume_command(s) for s in unfinished]
+        lines += [resume_command(s, cfg.root) for s in unfinished]
         lines += ["```", ""]
     else:
         lines += ["None.", ""]

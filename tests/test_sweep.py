@@ -230,6 +230,7 @@ def test_three_leg_tiny_sweep_completes_with_reports_and_commits(git_repo, artif
     sweep = load(sweep_dir / "sweep.json")
     assert sweep == {**out["sweep"]}
     assert sweep["name"] == "capacity" and sweep["resumed_from"] is None
+    assert sweep["config"] == str((git_repo / ".moectl.toml").resolve())  # what a resume must use again
     assert [(leg["tag"], leg["state"]) for leg in sweep["legs"]] == [
         ("cap0p0", "completed"), ("cap1p0", "completed"), ("cap1p25", "completed")]
     for leg in sweep["legs"]:
@@ -465,6 +466,31 @@ def test_resume_plan_reruns_stale_and_unfinished_legs_only(git_repo, artifact_ro
     r = cli("sweep", "--resume", ids["done"], "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["nothing_to_run"] is True
     assert {d.name: tree_hash(d) for d in sweep_dirs(artifact_root)} == before
+
+
+def test_a_sweep_run_with_another_config_resumes_only_with_that_config(git_repo, artifact_root, monkeypatch):
+    # Another config is another trainer or report_dir: a pasted `--resume` without it would run the
+    # rest of the legs differently, and the comparison would mix the two without a word.
+    from moectl.records import SweepLeg, SweepRecord, save_model
+    from moectl.summary import resume_command
+
+    sweep_project(git_repo)
+    other = git_repo / "exp_v1.toml"
+    other.write_text((git_repo / ".moectl.toml").read_text())
+    monkeypatch.chdir(git_repo)
+    d = artifact_root / "20260102_100000_moe-v1"
+    d.mkdir(parents=True)
+    save_model(d / "sweep.json", SweepRecord(id=d.name, name="v1", spec={}, legs=[SweepLeg(tag="a")],
+                                             created_at="2026-01-02T10:00:00+00:00", exp_dir=str(d), config=str(other)))
+    r = cli("sweep", "--resume", d.name, "--dry-run")
+    assert r.exit_code == 2 and f"sweep {d.name} ran with {other}" in r.output, r.output
+    assert f"moectl sweep --resume {d.name} --config {other}" in r.output
+    assert cli("sweep", "--resume", d.name, "--dry-run", "--config", str(other)).exit_code == 0
+    sweep = SweepRecord.model_validate(load(d / "sweep.json"))
+    assert resume_command(sweep, git_repo) == f"moectl sweep --resume {d.name} --config exp_v1.toml"  # EXPERIMENTS.md
+    # The repository's own .moectl.toml is found anyway: not named.
+    own = sweep.model_copy(update={"config": str(git_repo / ".moectl.toml")})
+    assert resume_command(own) == f"moectl sweep --resume {d.name}"
 
 
 def test_resume_refuses_a_sweep_that_is_still_running(git_repo, artifact_root, monkeypatch):

@@ -39,7 +39,7 @@ from moectl.probes import read_nvml
 from moectl.progress import NullProgress, ProgressSink
 from moectl.records import RunRecord, SweepLeg, SweepRecord, write_text_atomic
 from moectl.runner import execute_run, fallback_request
-from moectl.summary import write_summary
+from moectl.summary import resume_command, write_summary
 from moectl.sweep.report import claim_sweep_report, completed_comparison, fastest, recommendation, sweep_report
 from moectl.sweep.spec import SweepSpec, request_kwargs
 from moectl.sweep.store import (
@@ -168,7 +168,7 @@ def run_sweep(cfg: Config, spec: SweepSpec, opts: SweepOptions, ui: Optional[Swe
     """Run every leg of a new sweep (`submit`: as in resume_sweep)."""
     _check_baseline(opts, spec.legs)
     sweep = SweepRecord(id="", name=spec.name, spec=spec.raw, legs=[leg.model_copy() for leg in spec.legs],
-                        created_at="", exp_dir="")
+                        created_at="", exp_dir="", config=str(cfg.path.resolve()) if cfg.path else None)
     return (submit or _run)(cfg, sweep, opts, ui or SweepUI(), carried={}, chain=[])
 
 
@@ -177,6 +177,10 @@ def plan_resume(cfg: Config, ref: str) -> tuple[SweepRecord, list[SweepLeg], dic
     (completed ones carried, the rest pending), and the run records of the carried legs.
     GuardRefused when that sweep is still running."""
     old = resolve_sweep(cfg.artifact_root, ref)
+    if old.config and cfg.path and Path(old.config) != cfg.path.resolve() and Path(old.config).is_file():
+        # Another config is another trainer, report_dir, defaults: its legs would not compare.
+        raise UsageError(f"sweep {old.id} ran with {old.config}, not {cfg.path.resolve()}; resume it with that one: "
+                         f"{resume_command(old)}")
     # Already resumed? Continue from the newest resume in its chain: it knows every completed leg.
     later = {s.resumed_from: s for s in list_sweeps(cfg.artifact_root) if s.resumed_from}  # oldest first
     seen = {old.id}
@@ -215,7 +219,8 @@ def resume_sweep(cfg: Config, ref: str, opts: SweepOptions, ui: Optional[SweepUI
     ui.say(f"resuming {old.id}: " + ", ".join(f"{leg.tag} {leg.state}" for leg in legs))
     by_id = {s.id: s for s in list_sweeps(cfg.artifact_root)}
     chain = [s.id for s in sweep_chain(old, by_id)]
-    sweep = SweepRecord(id="", name=old.name, spec=old.spec, legs=legs, resumed_from=old.id, created_at="", exp_dir="")
+    sweep = SweepRecord(id="", name=old.name, spec=old.spec, legs=legs, resumed_from=old.id, created_at="", exp_dir="",
+                        config=old.config or (str(cfg.path.resolve()) if cfg.path else None))
     return (submit or _run)(cfg, sweep, opts, ui, carried=carried, chain=chain)
 
 
