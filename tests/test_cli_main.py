@@ -17,6 +17,7 @@ def moectl(*args, cwd=None):
     ("compare",),
     ("runs", "--limit", "many"),
     ("no-such-command",),
+    ("run", "--repeat", "99999999999", "--dry-run"),  # each repeat is a run: a huge N is a typo, not 40 GB of plans
 ])
 def test_usage_errors_are_one_line_with_exit_2(args, tmp_path):
     r = moectl(*args, cwd=tmp_path)

@@ -86,6 +86,11 @@ def tree_hash(path: Path) -> dict[str, str]:
     ('name = "s"\n[common]\nfp8 = "yes"\n[[legs]]\ntag = "a"\n', "common.fp8: must be true or false"),
     ('name = "bad name/x"\n[[legs]]\ntag = "a"\n', "name:"),
     ('[[legs]]\ntag = "a"\n', "name: required"),
+    # what would not fit in memory (or in anyone's afternoon) is refused before it is expanded
+    ('name = "s"\n[[legs]]\ntag = "a"\nrepeats = 99999999999\n', "legs[0].repeats: must be an integer from 1 to 1000"),
+    ('name = "s"\n[grid]\ncap = [' + ", ".join(str(i / 10) for i in range(100)) + ']\nseed = [' +
+     ", ".join(map(str, range(100))) + ']\n', "grid: 100 x 100 = 10000 legs, over 1000"),
+    ('name = "s"\n[common]\nrepeats = 600\n[[legs]]\ntag = "a"\n[[legs]]\ntag = "b"\n', "legs: 1200 legs with their repeats"),
 ])
 def test_bad_spec_exits_2_naming_the_key_and_writes_nothing(git_repo, artifact_root, monkeypatch, text, key):
     sweep_project(git_repo)

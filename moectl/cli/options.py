@@ -14,6 +14,9 @@ from typing import Annotated, Optional
 
 import typer
 
+MAX_REPEATS = 1000  # more is a typo (--repeat 100000): each repeat is a whole run, report and commit
+
+
 def path(value: str) -> Path:
     """Every path argument's parser (typer names its type after this function: `<path>`): an
     empty path is refused (exit 2), where `Path("")` would quietly mean the current directory
@@ -54,7 +57,7 @@ DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the guard tabl
 BaselineOpt = Annotated[Optional[str], typer.Option("--baseline", help="A run to compare against in the report and commit message.", show_default=False)]
 NotesOpt = Annotated[Optional[str], typer.Option("--notes", help="Hypothesis / notes for the report.", show_default=False)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No live progress.")]
-RepeatOpt = Annotated[int, typer.Option("--repeat", min=1, help="Run the same configuration N times with seeds seed, seed+1, ... (through \\[launch.options] seed for another trainer), as one group that compare/show/plot/export take by its tag.")]
+RepeatOpt = Annotated[int, typer.Option("--repeat", min=1, max=MAX_REPEATS, help="Run the same configuration N times with seeds seed, seed+1, ... (through \\[launch.options] seed for another trainer), as one group that compare/show/plot/export take by its tag.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output (stable keys).")]
 ExtraArgs = Annotated[Optional[list[str]], typer.Argument(help="Engine (or trainer) arguments, after `--`. The engine's become options of the run (checked, recorded, replacing a \\[defaults] value); --out-dir, --ckpt-dir, --device are refused. Another trainer's pass as given.", metavar="-- ENGINE_ARGS", show_default=False)]
 

@@ -12,6 +12,7 @@ Every leg's options go through the same validation as `moectl run`'s flags.
 from __future__ import annotations
 
 import itertools
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,12 +93,17 @@ def request_kwargs(options: dict[str, Any]) -> dict[str, Any]:
     return kw
 
 
+# A sweep is run by a person and read as one table: a spec that expands to more legs than this is
+# a typo (a grid axis with a range pasted in, `repeats = 100000`), refused before it is expanded in memory.
+MAX_LEGS = 1000
+
+
 def _repeated(tag: str, merged: dict[str, Any], where: str, problems: list[str]) -> list[SweepLeg]:
     """A leg with `repeats = N` (its own or [common]'s) is N legs of one tag, seeds seed, seed+1, ...
     (seed: the leg's, else 0, the engine's default); the sweep gives them one group when it runs."""
     n = merged.pop("repeats", 1)
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        problems.append(f"{where}.repeats: must be an integer >= 1, got {n!r}")
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_LEGS:
+        problems.append(f"{where}.repeats: must be an integer from 1 to {MAX_LEGS}, got {n!r}")
         return []
     if n == 1:
         return [SweepLeg(tag=tag, options=merged)]
@@ -163,7 +169,11 @@ def parse_spec(data: dict[str, Any], source: str = "spec") -> SweepSpec:
             good = [v for v in values if _check_option(k, v, "grid", problems)]
             if good:
                 axes[k] = good
-        for n, combo in enumerate(itertools.product(*axes.values())):
+        size = math.prod(len(v) for v in axes.values())
+        if size > MAX_LEGS:
+            problems.append(f"grid: {' x '.join(str(len(v)) for v in axes.values())} = {size} legs, over {MAX_LEGS}")
+            axes = {}
+        for n, combo in enumerate(itertools.product(*axes.values()) if axes else ()):
             opts = dict(zip(axes, combo))
             legs.append((f"grid[{n}]", grid_tag(opts), opts))
 
@@ -189,6 +199,8 @@ def parse_spec(data: dict[str, Any], source: str = "spec") -> SweepSpec:
                 else:
                     problems.append(f"{where if key in opts else 'common'}.{key}: {msg}")
         out.extend(_repeated(tag, merged, where, problems))
+    if len(out) > MAX_LEGS and not problems:
+        problems.append(f"legs: {len(out)} legs with their repeats, over {MAX_LEGS}")
     if problems:
         problems = list(dict.fromkeys(problems))
         raise UsageError(f"invalid sweep spec {source} ({len(problems)} problem(s))", lines=problems)
