@@ -215,13 +215,28 @@ class TrackingSection(_Strict):
     wandb_entity: Optional[str] = Field(None, min_length=1)
     wandb_mode: Literal["online", "offline"] = "online"  # offline: a run directory `wandb sync` uploads
 
+    @field_validator("mlflow_uri", "mlflow_experiment", "wandb_project", "wandb_entity")
+    @classmethod
+    def _not_blank(cls, v):
+        if v is not None and (not v.strip() or v != v.strip()):
+            raise ValueError(f"{v!r}: blank, or with spaces around it (a directory named '   ' is no store)")
+        return v
+
     @field_validator("mlflow_uri")
     @classmethod
     def _uri(cls, v):
         from urllib.parse import urlsplit
 
-        if v.split("://", 1)[0] in ("http", "https") and not urlsplit(v).hostname:
+        scheme = v.split("://", 1)[0].lower() if "://" in v else None
+        if scheme in ("http", "https") and not urlsplit(v).hostname:
             raise ValueError(f"{v!r} names no host (e.g. http://127.0.0.1:5000)")
+        # What MLflow's tracking client stores into; anything else would fail at every mirror, and
+        # `moectl sync` could never retry it into success.
+        known = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks", "databricks-uc")
+        base = scheme.split("+", 1)[0] if scheme else None
+        if base is not None and base not in known:
+            raise ValueError(f"{v!r}: MLflow cannot track to {scheme}:// (use http(s)://, sqlite:///FILE, "
+                             "a database URL, file:// or a directory)")
         return v
 
     @field_validator("wandb_project", "wandb_entity")

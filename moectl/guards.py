@@ -99,6 +99,8 @@ def guard_paths(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
     if not _inside(p.report_dir, repo):
         problems.append(f"report_dir {p.report_dir} is outside the repository {repo}")
     for ro in p.read_only:
+        if p.tracker_store and _inside(p.tracker_store, ro) and not (_inside(root, ro) and _inside(p.tracker_store, root)):
+            problems.append(f"[tracking] mlflow_uri writes {p.tracker_store}, inside read-only tree {ro}")
         if _inside(p.report_dir, ro):
             problems.append(f"report_dir {p.report_dir} is inside read-only tree {ro}")
         if cfg.report.summary and _inside(str((cfg.root / SUMMARY_NAME).resolve()), ro):

@@ -406,6 +406,7 @@ class PathsState:
     # Why a directory moectl will create files in cannot take them (not a directory, no write
     # permission, a read-only or immutable filesystem entry), found before training, not after.
     unwritable: dict[str, str] = field(default_factory=dict)  # "artifact_root" / "report_dir" -> why
+    tracker_store: Optional[str] = None  # resolved: where a local MLflow store writes ([tracking] mlflow_uri)
 
 
 def _real(p) -> str:
@@ -414,8 +415,11 @@ def _real(p) -> str:
 
 def probe_paths(cfg: Config, plan: "RunPlan") -> PathsState:
     from moectl.plan import planned_write_paths
+    from moectl.tracking import mlflow_local_store
 
+    store = mlflow_local_store(cfg)
     return PathsState(
+        tracker_store=_real(store) if store is not None else None,
         artifact_root=_real(cfg.artifact_root),
         report_dir=_real(cfg.report_dir),
         read_only=[_real(p) for p in cfg.read_only],

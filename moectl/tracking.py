@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -109,6 +111,21 @@ def mlflow_uri(cfg: Config) -> str:
     if "://" in uri or uri.startswith("file:"):
         return uri
     return str(_local_path(cfg, uri))
+
+
+def mlflow_local_store(cfg: Config) -> Optional[Path]:
+    """The directory MLflow writes on this machine for `mlflow_uri`: a directory store itself, a
+    sqlite database's directory (with its artifacts beside it); None for a server or no MLflow."""
+    if not cfg.file.tracking.mlflow_uri:
+        return None
+    uri = mlflow_uri(cfg)
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).parent
+    if uri.startswith("file:"):
+        from urllib.parse import unquote, urlparse
+
+        return Path(unquote(urlparse(uri).path))
+    return None if "://" in uri else Path(uri)
 
 
 def _local_path(cfg: Config, path: str) -> Path:
@@ -360,14 +377,25 @@ def _flat(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
 def _mlflow_env(uri: str) -> Iterator[None]:
     """Bound every MLflow request (see the module docstring) for the duration of the mirror; a
     directory store is what the config asked for, so opt in to MLflow's file store too."""
-    wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(REQUEST_TIMEOUT_S)}
+    wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(REQUEST_TIMEOUT_S),
+              "MLFLOW_LOGGING_LEVEL": "WARNING"}  # read when mlflow is first imported
     if "://" not in uri or uri.startswith("file:"):
         wanted["MLFLOW_ALLOW_FILE_STORE"] = "true"
     saved = {k: os.environ.get(k) for k in wanted}
     os.environ.update(wanted)
+    # MLflow and alembic log at INFO on a new sqlite store ("Creating initial MLflow database
+    # tables..."), into the middle of the run's output: moectl says what happened in one line.
+    levels: dict[str, int] = {}
     try:
+        importlib.import_module("mlflow")  # configures its loggers on import: set theirs after that
+
+        for name in ("mlflow", "alembic"):
+            levels[name] = logging.getLogger(name).level
+            logging.getLogger(name).setLevel(logging.WARNING)
         yield
     finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -386,7 +414,7 @@ def _mlflow(cfg: Config, record: RunRecord, data: Payload, deadline: _Deadline):
 
         client = MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp is not None else _create_experiment(client, experiment)
+        exp_id = exp.experiment_id if exp is not None else _create_experiment(client, experiment, _artifact_location(uri))
         quote = '"' if "'" in record.id else "'"
         found = client.search_runs([exp_id], filter_string=f"tags.moectl_run_id = {quote}{record.id}{quote}",
                                    max_results=1, order_by=["attributes.start_time ASC"])
@@ -431,9 +459,19 @@ def _mlflow(cfg: Config, record: RunRecord, data: Payload, deadline: _Deadline):
     return rid, page, {"params": len(params), "metric_points": len(points), "files": len(files)}, None
 
 
-def _create_experiment(client, name: str) -> str:
+def _artifact_location(uri: str) -> Optional[str]:
+    """Where a new experiment keeps its files. A `sqlite:///` store's default is `./mlruns` of the
+    process's working directory - the user's repository, which it would dirty (and every later
+    run's git.diff would carry the files): beside the database instead. A directory store keeps
+    them inside itself and a server decides for itself (None: MLflow's default)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlflow-artifacts").as_uri()
+    return None
+
+
+def _create_experiment(client, name: str, artifact_location: Optional[str] = None) -> str:
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=artifact_location)
     except Exception:  # created by another process since we looked
         exp = client.get_experiment_by_name(name)
         if exp is None:

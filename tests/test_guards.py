@@ -183,6 +183,20 @@ def test_artifact_root_inside_a_read_only_tree_is_allowed():
     assert "outside the repository" in verdict(evaluate(c, p, good(p, paths=out)), "paths").message
 
 
+def test_a_local_mlflow_store_in_a_read_only_tree_is_refused():
+    c = cfg()
+    p = plan_for(c)
+    w = {x: x for x in [p.exp_dir, *p.files.values()]}
+    ok = PathsState(artifact_root=ART, report_dir="/repo/reports", read_only=["/srv/shared"], writes=w,
+                    tracker_store="/home/me/.cache/moectl")
+    assert verdict(evaluate(c, p, good(p, paths=ok)), "paths").ok
+    bad = replace(ok, tracker_store="/srv/shared/mlruns")
+    r = verdict(evaluate(c, p, good(p, paths=bad)), "paths")
+    assert not r.ok and "[tracking] mlflow_uri writes /srv/shared/mlruns, inside read-only tree /srv/shared" in r.message
+    # inside the artifact root that the read-only tree holds: allowed, as the runs themselves
+    assert verdict(evaluate(c, p, good(p, paths=replace(bad, read_only=["/art"], tracker_store=ART + "/mlruns"))), "paths").ok
+
+
 def test_experiments_md_in_a_read_only_tree_is_refused_while_the_summary_is_refreshed():
     # read_only = ["EXPERIMENTS.md"] means nothing may write it; the run would rewrite and commit it.
     c = cfg()

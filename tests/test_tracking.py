@@ -212,6 +212,9 @@ def offline_dirs(run_dir: Path) -> list[Path]:
     ("wandb_project = 'a/b'", "tracking.wandb_project: must not contain /"),
     ("mlflow_experiment = 'moe'", "tracking: mlflow_experiment is set but mlflow_uri is not"),
     ("wandb_entity = 'team'", "tracking: wandb_entity is set but wandb_project is not"),
+    ("mlflow_uri = '   '", "tracking.mlflow_uri: '   ': blank"),
+    ("wandb_project = ' moe'", "tracking.wandb_project: ' moe': blank, or with spaces around it"),
+    ("mlflow_uri = 'ftp://host/x'", "tracking.mlflow_uri: 'ftp://host/x': MLflow cannot track to ftp://"),
 ])
 def test_a_bad_tracking_key_is_one_line_naming_it(toml, line):
     with pytest.raises(UsageError) as err:
@@ -470,6 +473,34 @@ def test_an_imported_run_syncs_to_a_local_mlflow_store_and_wandb_offline(git_rep
     c, again = the_mlflow_run(str(store_dir), run_id)
     assert histories(c, again) == hist
     assert sorted((tmp_path / "wandb-dir" / "wandb").glob("offline-run-*")) == [offline]
+
+
+def test_a_sqlite_store_keeps_its_files_beside_the_database_not_in_the_repository(git_repo, monkeypatch, artifact_root):
+    # MLflow's default for a sqlite store is ./mlruns of the working directory: the repository,
+    # which it would dirty, and every later run's git.diff would carry the files.
+    tracked_project(git_repo, monkeypatch, 'mlflow_uri = "sqlite:///../mlfl/mlflow.db"')
+    r = moectl(git_repo, "run", "--steps", "3", "--tag", "lite", *QUIET, "--json", "--", "--sleep-per-step", "0.01")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["tracking"]["mlflow"]["status"] == "mirrored", out["tracking"]
+    assert git(git_repo, "status", "--porcelain", "--untracked-files=all") == "" and not (git_repo / "mlruns").exists()
+    files = sorted(p.name for p in (git_repo.parent / "mlfl" / "mlflow-artifacts").rglob("*") if p.is_file())
+    assert files == ["command.txt", "git.diff", "report.md"]
+    assert "INFO" not in r.stderr  # MLflow's and alembic's own set-up chatter stays out of the run's output
+
+
+def test_a_local_store_inside_a_read_only_tree_is_refused_by_run_and_sync(git_repo, monkeypatch, artifact_root):
+    ro = git_repo.parent / "shared"
+    tracked_project(git_repo, monkeypatch, f'mlflow_uri = "{ro}/mlruns"')
+    with (git_repo / ".moectl.toml").open("a") as fh:
+        fh.write(f'\n[paths]\nread_only = ["{ro}"]\n')
+    r = moectl(git_repo, "check", "--json", *QUIET)
+    paths = next(g for g in json.loads(r.stdout)["guards"] if g["name"] == "paths")
+    assert r.returncode == 3 and "[tracking] mlflow_uri writes" in paths["message"], r.stdout
+    log = REPO / "tests" / "fixtures" / "metrics_small.jsonl"
+    assert moectl(git_repo, "import", str(log), "--format", "jsonl", "--name", "old").returncode == 0
+    r = moectl(git_repo, "sync")
+    assert r.returncode == 3 and "is inside read-only tree" in r.stderr and not ro.exists(), r.stderr
 
 
 def test_two_syncs_at_once_make_one_mlflow_run(git_repo, monkeypatch, artifact_root, mlflow_server):

@@ -36,7 +36,7 @@ def sync_cmd(
       [bold]moectl sync --dry-run --json[/bold]
     """
     from moectl.config import load_config
-    from moectl.tracking import mirror_run, sync_plan, warning_lines
+    from moectl.tracking import mirror_run, mlflow_local_store, sync_plan, warning_lines
 
     cfg = load_config(config)
     plan = sync_plan(cfg, runs or [])
@@ -50,6 +50,11 @@ def sync_cmd(
                 stdout.print("nothing to sync: every finished run is mirrored", markup=False)
         raise typer.Exit(EXIT_OK)
 
+    store = mlflow_local_store(cfg)
+    if store is not None and any("mlflow" in names for _, names in plan):
+        from moectl.cli.artifacts import _refuse_read_only
+
+        _refuse_read_only(cfg, store, "[tracking] mlflow_uri")  # as every file moectl writes (exit 3)
     rows, failed = [], 0
     for rec, names in plan:
         results = mirror_run(cfg, rec, only=names)
