@@ -248,9 +248,19 @@ def report_and_commit(cfg: Config, outcome: RunOutcome, *, baseline: Optional[Ru
     name = plan.tag + (f"-r{plan.repeat}" if plan.repeat else "")
     report = write_report(cfg.report_dir, name, run_report(record, comparison, notes=plan.notes))
     outcome.report = report
-    outcome.extra_paths = list(extra_commit_paths(record))
+    try:
+        gitops.check_branch(cfg.root, cfg.project.branch)
+        off_branch = None
+    except MoectlError as exc:
+        off_branch = exc
+    # Off the project branch (a `git switch` while it trained), the tracked files moectl refreshes
+    # (EXPERIMENTS.md, a sweep's report) are left alone: rewritten there, they would be a change
+    # in someone else's branch that blocks switching back.
+    outcome.extra_paths = list(extra_commit_paths(record)) if off_branch is None else []
     interrupted = False
-    if commit and not plan.no_commit:
+    if commit and not plan.no_commit and off_branch is not None:
+        outcome.commit_error = not_committed(off_branch.message, record.id)
+    elif commit and not plan.no_commit:
         try:
             outcome.commit = gitops.commit_paths(
                 cfg.root, [report, *outcome.extra_paths], commit_message(record, baseline), branch=cfg.project.branch,

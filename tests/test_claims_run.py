@@ -157,6 +157,8 @@ def test_branch_switched_during_the_run_leaves_the_report_written_but_not_commit
     # The trainer holds before its first step until the go-file exists: the test acts while the run
     # is in flight (its guards passed, its record says running), with no race against its speed.
     proj = configure(git_repo, monkeypatch)
+    runner.invoke(app, ["summary"])  # EXPERIMENTS.md tracked on main, as after any earlier run
+    assert "EXPERIMENTS.md" in git(proj, "ls-files")
     gate = tmp_path / "go"
     launch_head = head(proj)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -192,6 +194,11 @@ def test_branch_switched_during_the_run_leaves_the_report_written_but_not_commit
                     f"the report is kept: commit it with `moectl commit {exp.name}` once that is resolved"), err
     assert "Traceback" not in err and "committed " not in out
     assert not (artifact_root / LOCK_NAME).exists()
+    # Nothing tracked was rewritten on the other branch (EXPERIMENTS.md): the way back is open.
+    assert git(proj, "status", "--porcelain", "--untracked-files=no") == ""
+    git(proj, "switch", "-q", "main")
+    r = runner.invoke(app, ["commit", exp.name])
+    assert r.exit_code == 0 and report.relative_to(proj).as_posix() in git(proj, "show", "--name-only", "--format=", "HEAD")
 
 
 # ------------------------------------------------------------------------------- exit 1: internal
