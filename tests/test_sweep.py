@@ -565,6 +565,23 @@ def test_two_sweeps_of_one_name_in_one_minute_never_share_a_report_file(git_repo
     assert b.name == a.name.replace(".md", "-2.md") or a.name[:13] != b.name[:13]  # -2, or the minute turned
 
 
+def test_a_signal_while_the_final_report_is_written_is_noted_and_the_report_finished_first():
+    # Every leg is settled by then: aborted there, the sweep would have no final report, and
+    # `--resume` nothing to rerun that could write it. A second signal still aborts.
+    from moectl.sweep.run import _Finishing
+
+    said = []
+    before = signal.getsignal(signal.SIGTERM)
+    with _Finishing(said.append) as finishing:
+        os.kill(os.getpid(), signal.SIGTERM)
+        finished = True  # still here: the signal did not stop the block
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert finished and finishing.signalled == "SIGTERM"
+    assert said == ["SIGTERM: finishing the sweep's final report and commit first (again to abort)"]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_the_sweep_lock_is_reentrant_within_a_thread_and_bounded_across_processes(tmp_path):
     # The final report job holds the lock while it settles a leg whose job died, and settling saves
     # the leg under the lock again: that once waited for itself forever (and `moectl cancel SWEEP`

@@ -163,6 +163,32 @@ class _Terminate:
             signal.signal(signal.SIGTERM, self.previous)
 
 
+class _Finishing:
+    """Ctrl-C / SIGTERM while the final report is written (seconds: figures, report, one commit):
+    the first is noted and the report finished, so the sweep never ends without its final report
+    and commit (its legs are all settled: `--resume` would have nothing to rerun, and nothing would
+    write it). A second one aborts (KeyboardInterrupt)."""
+
+    def __init__(self, say: Callable[[str], None]):
+        self.say, self.signalled, self.previous = say, None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum, frame):
+        if self.signalled is not None:
+            raise KeyboardInterrupt
+        self.signalled = signal.Signals(signum).name
+        self.say(f"{self.signalled}: finishing the sweep's final report and commit first (again to abort)")
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 def run_sweep(cfg: Config, spec: SweepSpec, opts: SweepOptions, ui: Optional[SweepUI] = None,
               submit: Optional[Callable[..., SweepOutcome]] = None) -> SweepOutcome:
     """Run every leg of a new sweep (`submit`: as in resume_sweep)."""
@@ -334,7 +360,11 @@ def _run(cfg: Config, sweep: SweepRecord, opts: SweepOptions, ui: SweepUI, *, ca
             exit_code = EXIT_INTERRUPTED
             _settle_interrupted(sweep, runs)
 
-    return finish_sweep(cfg, sweep, runs, opts, out, exit_code, chain=chain, notes=notes)
+    with _Finishing(ui.say) as finishing:
+        finish_sweep(cfg, sweep, runs, opts, out, exit_code, chain=chain, notes=notes)
+    if finishing.signalled and out.exit_code == EXIT_OK:
+        out.messages.append(f"{finishing.signalled} arrived while the final report was written; it was finished first")
+    return out
 
 
 def write_sweep_report(cfg: Config, sweep: SweepRecord, runs: dict[str, RunRecord], opts: SweepOptions,
