@@ -78,12 +78,16 @@ def execute_run(
 
     try:
         lock = acquire(cfg.artifact_root, plan.run_id, command_text(plan))
-    except GuardRefused:
-        # Another live moectl holds the lock. `--override no_other_training` is a person saying
-        # "run beside it anyway" (recorded): run unlocked rather than refuse what they overrode.
-        if not any(r.name == "no_other_training" and r.overridden for r in results):
+    except GuardRefused as exc:
+        # Another live moectl holds the lock - taken since the guard looked, when two start at once.
+        # `--override no_other_training` is a person saying "run beside it anyway": run unlocked
+        # rather than refuse what they overrode, and record the override as used.
+        if "no_other_training" not in plan.overrides:
             raise
         lock = None
+        results = [r.model_copy(update={"ok": False, "overridden": True, "message": exc.message})
+                   if r.name == "no_other_training" else r for r in results]
+        outcome.guards = results
     try:
         exp_dir = Path(plan.exp_dir)
         try:

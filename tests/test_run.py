@@ -747,8 +747,7 @@ def test_ctrl_c_just_before_launch_leaves_an_interrupted_record_and_no_lock(proj
     assert not (artifact_root / LOCK_NAME).exists()
 
 
-@pytest.fixture
-def live_lock_holder(artifact_root):
+def hold_the_lock(artifact_root) -> subprocess.Popen:
     """Another live 'moectl' holding this artifact root's run lock (a real process and lock file)."""
     code = (
         "import sys, time; from pathlib import Path; from moectl.lock import acquire\n"
@@ -757,8 +756,40 @@ def live_lock_holder(artifact_root):
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(artifact_root)], stdout=subprocess.PIPE, text=True, cwd=REPO)
     assert readline_within(proc.stdout, 60, "the other moectl taking the lock").strip() == "locked"
+    return proc
+
+
+@pytest.fixture
+def live_lock_holder(artifact_root):
+    proc = hold_the_lock(artifact_root)
     yield proc
     stop_process(proc)
+
+
+def test_two_overridden_runs_starting_together_both_run(proj, artifact_root, monkeypatch):
+    # The guard saw no lock, then the other run took it before this one could: the person's
+    # --override no_other_training still means "run beside it", not exit 3.
+    import moectl.runner as runner_module
+
+    real, holders = runner_module.check_request, []
+
+    def guards_then_the_other_run_locks(*args, **kwargs):
+        judged = real(*args, **kwargs)
+        holders.append(hold_the_lock(artifact_root))
+        return judged
+
+    monkeypatch.setattr(runner_module, "check_request", guards_then_the_other_run_locks)
+    try:
+        r = run("--steps", "2", "--override", "no_other_training", *FAST)
+        assert r.exit_code == 0, r.output
+        rec = record(run_dirs(artifact_root)[0])
+        assert rec["status"] == "completed" and rec["overrides"] == ["no_other_training"]
+        guard = next(g for g in rec["guards"] if g["name"] == "no_other_training")
+        assert guard["overridden"] and f"pid {holders[0].pid}" in guard["message"]
+        assert "other-run" in (artifact_root / LOCK_NAME).read_text()  # the other run's lock, untouched
+    finally:
+        for proc in holders:
+            stop_process(proc)
 
 
 def test_live_lock_refuses_a_second_run(proj, artifact_root, live_lock_holder):
