@@ -91,10 +91,31 @@ class _StopRequest:
         self.wake = threading.Event()
 
     def handler(self, signum: int, frame) -> None:  # runs between two bytecodes: only set state
+        if signum == signal.SIGHUP:
+            hung_up()
         self.count += 1
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
         self.wake.set()
+
+
+def hung_up() -> None:
+    """The terminal is gone (SIGHUP): what moectl still prints while it stops the run and records
+    it goes to /dev/null instead of failing on a dead tty (EIO) half-way through the record."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            if os.isatty(fd):
+                os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def stop_signals() -> tuple[int, ...]:
+    """The signals that stop a run as Ctrl-C does: SIGINT, SIGTERM, and SIGHUP (the terminal was
+    closed) unless it is ignored - `nohup moectl run ...` asked for the run to outlive the terminal."""
+    hup = (signal.SIGHUP,) if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN else ()
+    return (signal.SIGINT, signal.SIGTERM, *hup)
 
 
 class _Family:
@@ -277,7 +298,7 @@ def _install_handlers(stop: _StopRequest) -> dict[int, object]:
     if threading.current_thread() is not threading.main_thread():
         return {}  # signal.signal only works in the main thread; the caller owns signals then
     previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in stop_signals():
         previous[sig] = signal.getsignal(sig)
         signal.signal(sig, stop.handler)
     return previous

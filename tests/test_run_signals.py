@@ -27,12 +27,14 @@ runner = CliRunner()
 SLOW_RUN = ["--steps", "300", "--tag", "long", *QUIET, "--", "--sleep-per-step", "0.1"]
 
 
-def spawn(repo: Path, out: Path, *args: str, sigint_ignored: bool = False) -> subprocess.Popen:
+def spawn(repo: Path, out: Path, *args: str, sigint_ignored: bool = False, nohup: bool = False) -> subprocess.Popen:
     """`python -m moectl run ...` in `repo`, as a person would start it (env from this test:
     MOECTL_ARTIFACT_ROOT and MOECTL_FAKE_NVML come from the conftest fixtures). sigint_ignored:
-    as a shell script's `moectl run ... &` starts it (SIGINT ignored, inherited through exec)."""
+    as a shell script's `moectl run ... &` starts it (SIGINT ignored, inherited through exec);
+    nohup: as `nohup moectl run ...` does (SIGHUP ignored)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
+    ignored = [sig for sig, on in ((signal.SIGINT, sigint_ignored), (signal.SIGHUP, nohup)) if on]
+    ignore = (lambda: [signal.signal(sig, signal.SIG_IGN) for sig in ignored]) if ignored else None
     with open(out, "w") as fh:
         return subprocess.Popen([sys.executable, "-m", "moectl", "run", *args], cwd=repo, env=env,
                                 stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=ignore)
@@ -64,8 +66,9 @@ def worker_pid(exp: Path) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"])
 def test_signal_stops_everything_records_interrupted_and_releases_lock(proj, artifact_root, tmp_path, sig):
+    # SIGHUP: the terminal was closed - the same stop, record and report as Ctrl-C, not a dead moectl.
     out = tmp_path / "moectl.out"
     proc = spawn(proj, out, *SLOW_RUN)
     try:
@@ -104,6 +107,25 @@ def test_signal_stops_everything_records_interrupted_and_releases_lock(proj, art
     r = runner.invoke(app, ["run", "--steps", "2", "--tag", "next", *QUIET, *FAST])
     assert r.exit_code == 0, r.output
     assert sorted(record(d)["status"] for d in run_dirs(artifact_root)) == ["completed", "interrupted"]
+
+
+@pytest.mark.slow
+def test_under_nohup_a_hangup_does_not_stop_the_run(proj, artifact_root, tmp_path):
+    out = tmp_path / "moectl.out"
+    proc = spawn(proj, out, *SLOW_RUN, nohup=True)
+    try:
+        wait_for_steps(proc, artifact_root, 3, out)
+        proc.send_signal(signal.SIGHUP)
+        at_hangup = steps_so_far(artifact_root)
+        wait_for_steps(proc, artifact_root, at_hangup + 3, out)  # still training
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 130
+    finally:
+        if proc.poll() is None:
+            stop_process(proc)
+    [exp] = run_dirs(artifact_root)
+    assert record(exp)["error"].startswith("interrupted by SIGTERM")
 
 
 @pytest.mark.slow

@@ -202,21 +202,26 @@ def run(
 
 
 def _sigterm_is_interrupt(ctx: typer.Context) -> None:
-    """SIGTERM means what Ctrl-C means for the whole command - while waiting for GPUs, between the
+    """SIGTERM (and SIGHUP) means what Ctrl-C means for the whole command - while waiting for GPUs, between the
     guards and the launch - so a stopped `moectl run` exits 130 instead of dying silently. launch()
     installs its own handlers for the training itself and restores this one afterwards."""
     import signal
     import threading
 
+    from moectl.launch import hung_up, stop_signals
+
     if threading.current_thread() is not threading.main_thread():
         return
 
     def interrupt(signum, frame):
+        if signum == signal.SIGHUP:
+            hung_up()
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    # In-process callers (CliRunner) get their handler back when the command returns.
-    ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
+    # SIGHUP (the terminal closed) too, unless ignored (`nohup`): launch() says so in the record.
+    previous = {sig: signal.signal(sig, interrupt) for sig in stop_signals() if sig != signal.SIGINT}
+    # In-process callers (CliRunner) get their handlers back when the command returns.
+    ctx.call_on_close(lambda: [signal.signal(sig, handler) for sig, handler in previous.items()])
 
 
 def _outcome_json(outcome) -> dict:

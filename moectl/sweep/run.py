@@ -146,21 +146,28 @@ def _create_sweep_dir(cfg: Config, name: str) -> Path:
 
 
 class _Terminate:
-    """SIGTERM outside a leg behaves like Ctrl-C (during a leg the launcher owns both signals)."""
+    """SIGTERM (and SIGHUP, unless ignored) outside a leg behaves like Ctrl-C (during a leg the
+    launcher owns the signals)."""
 
     def __enter__(self):
-        self.previous = None
+        from moectl.launch import stop_signals
+
+        self.previous = {}
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._raise)
+            self.previous = {sig: signal.signal(sig, self._raise) for sig in stop_signals() if sig != signal.SIGINT}
         return self
 
     @staticmethod
     def _raise(signum, frame):
+        if signum == signal.SIGHUP:
+            from moectl.launch import hung_up
+
+            hung_up()
         raise KeyboardInterrupt
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 class _Finishing:
