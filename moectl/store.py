@@ -24,7 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from engine.schema import METRICS_FILENAME, RunSummary, StepMetrics, to_line
 from moectl.config import MetricsSection
@@ -70,6 +70,15 @@ class StoredRun(RunRecord):
     """
 
     stale: bool = Field(default=False, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _status_written(cls, data):
+        # moectl writes every field; a record without its status was cut or edited, and the
+        # constructor's default (`created`) would read it as a run killed before it started.
+        if isinstance(data, dict) and "status" not in data:
+            raise ValueError("status: Field required")
+        return data
 
     @property
     def display_status(self) -> str:

@@ -131,6 +131,13 @@ def test_runs_skips_corrupt_record_and_settles_a_dead_owners_run(project, artifa
     broken = artifact_root / "20260101_000000_moe-broken"
     broken.mkdir()
     (broken / RUN_RECORD).write_text('{"id": "20260101_000000_moe-bro')  # half-written
+    # A record someone edited its status out of: unreadable too, never a made-up `interrupted`.
+    statusless = create_run_dir(artifact_root / "20260101_000001_moe-nostatus")
+    save_run(RunRecord(id=statusless.name, tag="nostatus", status="completed", created_at="2026-01-01T00:00:01+00:00",
+                       exp_dir=str(statusless)))
+    text = json.loads((statusless / RUN_RECORD).read_text())
+    del text["status"]
+    (statusless / RUN_RECORD).write_text(json.dumps(text))
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()  # a pid that is certainly gone
     d = create_run_dir(artifact_root / "20260102_000000_moe-ghost")
@@ -143,7 +150,8 @@ def test_runs_skips_corrupt_record_and_settles_a_dead_owners_run(project, artifa
     assert set(data) == {"good", "ghost"} and data["good"]["id"] == good["id"]
     # Its moectl is dead: the listing settled it (test_sigkill.py has the details).
     assert data["ghost"]["status"] == "interrupted" and "recorded_status" not in data["ghost"]
-    assert "skipped 1 unreadable run record" in r.stderr and "broken" in r.stderr
+    assert "skipped 2 unreadable run record" in r.stderr and "broken" in r.stderr
+    assert "nostatus/run.json: record: Value error, status: Field required" in r.stderr
     assert json.loads(invoke("runs", "--json", "--status", "stale").stdout) == []
     assert [x["tag"] for x in json.loads(invoke("runs", "--json", "--status", "interrupted").stdout)] == ["ghost"]
     assert json.loads((d / RUN_RECORD).read_text())["status"] == "interrupted"  # rewritten on read
