@@ -108,6 +108,20 @@ def repo_root(path: Path) -> Path:
     return Path(out).resolve()
 
 
+def tracked_area(repo: Path, directory: Path) -> bool:
+    """Whether files created in `directory` would show up in `git status` of `repo`: it is inside
+    the work tree and .gitignore does not hide it (checked for a file in it: it need not exist)."""
+    try:
+        root = repo_root(repo)
+        rel = Path(directory).resolve().relative_to(root)
+    except (MoectlError, ValueError):
+        return False
+    if rel.parts[:1] == (".git",):
+        return False
+    probe = (rel / "moectl-probe").as_posix()
+    return not _git(root, "check-ignore", "--no-index", "--", probe, check=False)
+
+
 def current_branch(repo: Path) -> Optional[str]:
     """The checked-out branch, or None on a detached HEAD."""
     out = _git(repo, "symbolic-ref", "-q", "--short", "HEAD", check=False)

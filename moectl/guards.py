@@ -96,6 +96,11 @@ def guard_paths(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
         where = "is artifact_root itself" if p.exp_dir == root else "is not directly in artifact_root"
         problems.append(f"--exp-dir {plan.exp_dir} {where} {root} (the run store lists its children)")
     repo = str(cfg.root.resolve())
+    if p.root_in_work_tree:
+        # Every run's files would be untracked changes: the next run recorded `dirty`, its git.diff
+        # carrying the last run's logs and checkpoints metadata, and `git add -A` sweeping them in.
+        problems.append(f"artifact_root {root} is inside the repository and not git-ignored: add it to .gitignore "
+                        "or move it out")
     if not _inside(p.report_dir, repo):
         problems.append(f"report_dir {p.report_dir} is outside the repository {repo}")
     for ro in p.read_only:

@@ -407,6 +407,7 @@ class PathsState:
     # permission, a read-only or immutable filesystem entry), found before training, not after.
     unwritable: dict[str, str] = field(default_factory=dict)  # "artifact_root" / "report_dir" -> why
     tracker_store: Optional[str] = None  # resolved: where a local MLflow store writes ([tracking] mlflow_uri)
+    root_in_work_tree: bool = False  # artifact_root inside the repository and not git-ignored
 
 
 def _real(p) -> str:
@@ -417,9 +418,16 @@ def probe_paths(cfg: Config, plan: "RunPlan") -> PathsState:
     from moectl.plan import planned_write_paths
     from moectl.tracking import mlflow_local_store
 
+    from moectl import gitops
+
     store = mlflow_local_store(cfg)
+    try:
+        in_tree = gitops.tracked_area(cfg.root, Path(_real(cfg.artifact_root)))
+    except OSError:
+        in_tree = False
     return PathsState(
         tracker_store=_real(store) if store is not None else None,
+        root_in_work_tree=in_tree,
         artifact_root=_real(cfg.artifact_root),
         report_dir=_real(cfg.report_dir),
         read_only=[_real(p) for p in cfg.read_only],

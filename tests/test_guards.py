@@ -183,6 +183,25 @@ def test_artifact_root_inside_a_read_only_tree_is_allowed():
     assert "outside the repository" in verdict(evaluate(c, p, good(p, paths=out)), "paths").message
 
 
+def test_an_artifact_root_that_git_status_would_show_is_refused():
+    c = cfg()
+    p = plan_for(c)
+    w = {x: x for x in [p.exp_dir, *p.files.values()]}
+    ok = PathsState(artifact_root=ART, report_dir="/repo/reports", writes=w)
+    assert verdict(evaluate(c, p, good(p, paths=ok)), "paths").ok
+    r = verdict(evaluate(c, p, good(p, paths=replace(ok, root_in_work_tree=True))), "paths")
+    assert not r.ok and f"artifact_root {ART} is inside the repository and not git-ignored" in r.message
+
+
+def test_tracked_area_is_git_status_s_view(git_repo):
+    from moectl.gitops import tracked_area
+
+    assert tracked_area(git_repo, git_repo / "runs")  # not there yet: still what git status would show
+    (git_repo / ".gitignore").write_text("runs/\n")
+    assert not tracked_area(git_repo, git_repo / "runs") and tracked_area(git_repo, git_repo / "other")
+    assert not tracked_area(git_repo, git_repo.parent / "elsewhere") and not tracked_area(git_repo, git_repo / ".git" / "x")
+
+
 def test_a_local_mlflow_store_in_a_read_only_tree_is_refused():
     c = cfg()
     p = plan_for(c)
