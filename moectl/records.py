@@ -157,6 +157,7 @@ class SweepRecord(BaseModel):
     report_job: Optional[str] = None  # sweep --slurm: the Slurm job that writes the final report
     report: Optional[str] = None  # ... and the report it wrote
     config: Optional[str] = None  # the .moectl.toml it ran with (absolute): its resume needs the same
+    baseline: Optional[str] = None  # the leg tag of --baseline (None: the first completed leg)
 
 
 def save_model(path: Path, model: BaseModel) -> None:

@@ -96,7 +96,7 @@ def _sweep_section(cfg: Config, chain: list[SweepRecord], runs: dict[str, RunRec
         role = "original" if i == 0 else "resumed"
         lines.append(f"- {role} directory: `{s.exp_dir}`")
     lines += ["", *legs_table(latest.legs, runs, window), ""]
-    comparison = completed_comparison(latest, runs, window, warmup_steps=cfg.metrics.warmup_steps)
+    comparison = completed_comparison(latest, runs, window, latest.baseline, warmup_steps=cfg.metrics.warmup_steps)
     rec = recommendation(comparison)
     lines.append(f"Conclusion: {rec}" if rec else "Conclusion: no leg has completed yet.")
     unfinished = [leg.tag for leg in latest.legs if not settled(leg.model_copy(update={"state": leg_status(leg, runs)}),

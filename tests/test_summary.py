@@ -3,6 +3,8 @@ git repository. The store is written the way moectl writes it (records models, e
 metrics lines) so no torchrun is needed here; test_sweep covers sweeps producing such stores."""
 from __future__ import annotations
 
+import json
+
 import subprocess
 import sys
 from pathlib import Path
@@ -139,6 +141,11 @@ def test_summary_has_every_section(git_repo, artifact_root, monkeypatch):
     done = sweeps.split("### done")[1].split("###")[0]
     assert "Conclusion: `fast` is the fastest leg — 1500.00 tok/s tail mean (+50.00% vs `slow`)" in done
     assert "Unfinished" not in done
+    # A sweep run with --baseline keeps it (sweep.json): the handoff concludes as its report did.
+    sweep_json = artifact_root / ids["done"] / "sweep.json"
+    sweep_json.write_text(json.dumps({**json.loads(sweep_json.read_text()), "baseline": "fast"}))
+    done = render_summary(cfg).split("### done")[1].split("###")[0]
+    assert "Conclusion: the baseline `fast` is the fastest leg" in done
     # Unfinished: the exact resume command of the latest sweep in the chain, and only that one.
     unfinished = text.split("## Unfinished Sweeps")[1].split("## Standalone Runs")[0]
     assert f"moectl sweep --resume {ids['resume']}\n" in unfinished

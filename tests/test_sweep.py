@@ -202,6 +202,8 @@ def test_baseline_must_be_a_leg(git_repo, monkeypatch):
     spec = write_spec(git_repo, 'name = "s"\n[[legs]]\ntag = "a"\n')
     r = cli("sweep", str(spec), "--baseline", "zzz")
     assert r.exit_code == 2 and "--baseline 'zzz' is not a leg" in r.output
+    r = cli("sweep", str(spec), "--baseline", "zzz", "--dry-run")  # the preview refuses it as the sweep would
+    assert r.exit_code == 2 and "--baseline 'zzz' is not a leg" in r.output
 
 
 # -------------------------------------------------------------------------------- real sweeps

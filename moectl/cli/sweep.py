@@ -63,7 +63,9 @@ def sweep(
     from moectl.config import load_config
     from moectl.plan import make_request
     from moectl.progress import make_progress, stdout_is_tty
-    from moectl.sweep.run import SweepOptions, SweepUI, dry_run as plan_legs, plan_resume, resume_sweep, run_sweep
+    from moectl.sweep.run import (
+        SweepOptions, SweepUI, _check_baseline, dry_run as plan_legs, plan_resume, resume_sweep, run_sweep,
+    )
     from moectl.sweep.spec import load_spec
 
     if (spec is None) == (resume is None):
@@ -87,6 +89,7 @@ def sweep(
         else:
             old, legs, _ = plan_resume(cfg, resume)
             name, resumed_from = old.name + "-resume", old.id
+        _check_baseline(opts, legs)  # what the sweep itself would refuse, the dry run refuses
         planned = plan_legs(cfg, [leg for leg in legs if leg.state == "pending"], name, opts)
         if json_out:
             print_json({"name": name, "resumed_from": resumed_from, "legs": planned})

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -201,7 +201,8 @@ def run_sweep(cfg: Config, spec: SweepSpec, opts: SweepOptions, ui: Optional[Swe
     """Run every leg of a new sweep (`submit`: as in resume_sweep)."""
     _check_baseline(opts, spec.legs)
     sweep = SweepRecord(id="", name=spec.name, spec=spec.raw, legs=[leg.model_copy() for leg in spec.legs],
-                        created_at="", exp_dir="", config=str(cfg.path.resolve()) if cfg.path else None)
+                        created_at="", exp_dir="", config=str(cfg.path.resolve()) if cfg.path else None,
+                        baseline=opts.baseline)
     return (submit or _run)(cfg, sweep, opts, ui or SweepUI(), carried={}, chain=[])
 
 
@@ -245,6 +246,8 @@ def resume_sweep(cfg: Config, ref: str, opts: SweepOptions, ui: Optional[SweepUI
     (`submit`: sweep.cluster's submitter instead of running them here, one by one)."""
     ui = ui or SweepUI()
     old, legs, carried = plan_resume(cfg, ref)
+    if opts.baseline is None and old.baseline is not None:
+        opts = replace(opts, baseline=old.baseline)  # the sweep's own --baseline, unless given anew
     _check_baseline(opts, legs)
     if all(settled(leg, legs) for leg in legs):
         ui.say(f"nothing left to run: every leg of {old.id} completed")
@@ -253,7 +256,7 @@ def resume_sweep(cfg: Config, ref: str, opts: SweepOptions, ui: Optional[SweepUI
     by_id = {s.id: s for s in list_sweeps(cfg.artifact_root)}
     chain = [s.id for s in sweep_chain(old, by_id)]
     sweep = SweepRecord(id="", name=old.name, spec=old.spec, legs=legs, resumed_from=old.id, created_at="", exp_dir="",
-                        config=old.config or (str(cfg.path.resolve()) if cfg.path else None))
+                        config=old.config or (str(cfg.path.resolve()) if cfg.path else None), baseline=opts.baseline)
     return (submit or _run)(cfg, sweep, opts, ui, carried=carried, chain=chain)
 
 
