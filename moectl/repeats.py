@@ -10,9 +10,9 @@ option, so a foreign trainer receives it through its `[launch.options] seed` map
 without that mapping is refused before the first repeat (exit 2): repeats that all ran the same
 seed would measure nothing.
 
-Which runs a RUN argument means (SPEC §4, issue 10): a tag (or a prefix of one) whose most recent
-run belongs to a group means the group's completed runs; a run id, its prefix or its directory
-means that one run.
+Which runs a RUN argument means (SPEC §4, issue 10): a group's id, or a tag (or a prefix of one)
+whose most recent run belongs to a group, means the group's completed runs; a run id, its prefix
+or its directory means that one run.
 """
 from __future__ import annotations
 
@@ -49,13 +49,14 @@ def repeat_requests(cfg: Config, request: RunRequest, n: int, now: Optional[date
 
 
 def group_members(runs: Sequence[RunRecord], record: RunRecord) -> list[RunRecord]:
-    """The completed runs of `record`'s group in repeat order, or [record] when it has no group
-    (or fewer than 2 of its repeats completed: no between-runs figure exists yet)."""
+    """The completed runs of `record`'s group in repeat order (one completed run alone when only
+    one did: an interrupted last repeat does not stand for a group that has a measured one), or
+    [record] when it has no group or none of its repeats completed."""
     if record.group is None:
         return [record]
     done = sorted((r for r in runs if r.group == record.group and r.status == "completed"),
                   key=lambda r: (r.repeat or 0, r.id))
-    return done if len(done) >= 2 else [record]
+    return done or [record]
 
 
 def means_group(ref: str, record: RunRecord) -> bool:
@@ -75,6 +76,11 @@ def resolve_grouped(root: Path, refs: Sequence[str], runs: Optional[Sequence[Run
     runs = list_runs(root) if runs is None else runs
     out = []
     for ref in refs:
+        # A group's own id (`run --repeat` prints it, `compare --json` names it as the baseline).
+        members = sorted((r for r in runs if r.group == ref), key=lambda r: (r.repeat or 0, r.id))
+        if members:
+            out.append(group_members(runs, members[-1]))
+            continue
         rec = resolve_run(root, ref, runs)
         out.append(group_members(runs, rec) if means_group(ref, rec) else [rec])
     return out

@@ -78,6 +78,25 @@ def test_groups_compare_on_the_mean_of_tail_means_with_the_between_runs_error():
     assert vb.beyond_noise == (abs(vb.value - va.value) > 2 * math.hypot(va.stderr, vb.stderr))
 
 
+def test_a_group_is_named_by_its_id_or_tag_and_means_its_completed_runs(tmp_path):
+    # An interrupted last repeat does not stand for a group that has a measured one; the group id
+    # that `run --repeat` prints is a RUN too.
+    from moectl.records import RunRecord
+    from moectl.repeats import resolve_grouped
+    from moectl.store import create_run_dir, save_run
+
+    group = "20260101_000000_moe-g-x3"
+    for k, status in ((1, "completed"), (2, "interrupted")):
+        d = create_run_dir(tmp_path / f"20260101_00000{k}_moe-g-r{k}")
+        save_run(RunRecord(id=d.name, tag="g", status=status, created_at=f"2026-01-01T00:00:0{k}+00:00",
+                           exp_dir=str(d), group=group, repeat=k))
+    for ref in ("g", group):
+        [[only]] = resolve_grouped(tmp_path, [ref])
+        assert only.id.endswith("-r1") and only.status == "completed"
+    [[one]] = resolve_grouped(tmp_path, ["20260101_000002_moe-g-r2"])  # a run id: that run, as it is
+    assert one.status == "interrupted"
+
+
 @needs_seed
 def test_seed_bufreuse_still_plus_2p70_and_beyond_the_corrected_noise():
     runs = []
