@@ -396,6 +396,8 @@ def _nanochat_fields(rest: str) -> dict[str, float]:
             continue  # "(99.64%)", "lrm", "epoch", "eta", anything new: not ours
         name = _NANOCHAT_FIELDS[key]
         raw = raw.strip()
+        if name != "loss" and raw in ("-", "—", "n/a", "N/A"):
+            continue  # not known for this step (the engine's `mfu: -` on CPU): the field is missing
         if name == "dt_ms":
             kwargs[name] = _duration_s(raw if raw[-1:].isalpha() else raw + "ms") * 1000.0
         elif name == "elapsed_s":

@@ -56,6 +56,15 @@ def test_nanochat_rank_prefix_and_missing_fields():
     assert p.skipped == 1
 
 
+def test_the_engines_own_cpu_log_imports_as_nanochat():
+    # The engine prints nanochat's line format, with `mfu: -` where no peak is known (CPU).
+    line = ("step 00011/00020 (60.00%) | loss: 4.123456 | aux: 1.0000 | lr: 1.00e-03 | dt: 31.20ms | "
+            "tok/sec: 32,821 | mfu: - | drop: 0.011 | load_max: 0.31 | total time: 0.01m\n")
+    [step] = parse_nanochat(line).steps
+    assert (step.step, step.loss, step.mfu, step.tok_per_sec) == (11, 4.123456, None, 32821.0)
+    assert parse_nanochat(line.replace("loss: 4.123456", "loss: -")).skipped == 1  # a loss is never optional
+
+
 def test_jsonl_fixture():
     p = load_log(FIXTURES / "metrics_small.jsonl", "jsonl")
     assert len(p.steps) == 6 and p.skipped == 3
