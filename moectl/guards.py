@@ -71,6 +71,8 @@ def guard_venv(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
         return _fail("venv", v.error or f"could not ask {v.python} whether it has torch")
     if not v.has_torch:
         return _fail("venv", f"torch is not installed for {v.python}; `{v.python} -m pip install torch`")
+    if v.trainer_missing:
+        return _fail("venv", f"{v.trainer_missing}; fix [launch] in {cfg.path.name if cfg.path else '.moectl.toml'}")
     return _ok("venv", f"{v.python} has torch")
 
 

@@ -341,6 +341,7 @@ class VenvState:
     in_venv: bool
     has_torch: Optional[bool] = None  # None when it could not be asked
     error: Optional[str] = None
+    trainer_missing: Optional[str] = None  # why [launch] script / module cannot be found (runs only)
 
 
 _HAS_TORCH = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('torch') else 1)"
@@ -371,6 +372,40 @@ def probe_venv(cfg: Config) -> VenvState:
     except (OSError, subprocess.TimeoutExpired) as exc:
         state.error = f"could not run {py}: {exc}"
     return state
+
+
+_FIND_MODULE = ("import importlib.util, sys; sys.path.insert(0, '')\n"
+                "try:\n    found = importlib.util.find_spec(sys.argv[1]) is not None\n"
+                "except Exception:\n    found = False\nsys.exit(0 if found else 1)")
+
+
+def probe_trainer(cfg: Config, python: Path) -> Optional[str]:
+    """Why the configured trainer cannot be launched, or None: a `script` that is no file, a
+    `module` that `python -m` would not find from the repository root (its launch directory, with
+    [launch] env's PYTHONPATH). A typo there passed every guard, made a run directory, failed, and
+    committed a `failed` report. The module is looked for as files first (no subprocess for the
+    usual case: a package in the repository), then asked of the interpreter itself."""
+    launch = cfg.launch
+    if launch.script is not None:
+        path = Path(os.path.expanduser(launch.script))
+        path = path if path.is_absolute() else cfg.root / path
+        return None if path.is_file() else f"[launch] script {launch.script}: no such file ({path})"
+    module = launch.module
+    if not module:
+        return None
+    rel = Path(*module.split("."))
+    extra = [Path(p) for p in launch.env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    for base in [cfg.root, *extra]:
+        base = base if base.is_absolute() else cfg.root / base
+        if (base / rel).with_suffix(".py").is_file() or (base / rel / "__init__.py").is_file():
+            return None
+    env = {**os.environ, **launch.env}
+    try:
+        r = subprocess.run([str(python), "-c", _FIND_MODULE, module], cwd=cfg.root, env=env,
+                           capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None  # cannot ask: the venv guard says why, if anything is wrong with the interpreter
+    return None if r.returncode == 0 else f"[launch] module {module}: {python} -m {module} would not find it"
 
 
 @dataclass
@@ -468,6 +503,13 @@ class Observed:
     config_path: Optional[str] = None
 
 
+def _venv_and_trainer(cfg: Config, plan: Optional["RunPlan"]) -> VenvState:
+    state = probe_venv(cfg)
+    if plan is not None and state.exists:  # a run: the trainer it will launch must be there
+        state.trainer_missing = probe_trainer(cfg, Path(plan.python))
+    return state
+
+
 def lock_holder(cfg: Config) -> Optional[LockHolder]:
     return read_holder(cfg.artifact_root)
 
@@ -481,7 +523,7 @@ def observe(cfg: Config, plan: Optional["RunPlan"] = None, nvml: Optional[NvmlRe
         nvml=nvml if nvml is not None else read_nvml(cfg.gpu.devices),
         processes=find_training_processes(cfg.launch.target),
         lock=holder.to_dict() if holder else None,
-        venv=probe_venv(cfg),
+        venv=_venv_and_trainer(cfg, plan),
         disk=probe_disk(cfg.artifact_root),
         paths=probe_paths(cfg, plan) if plan is not None else None,
         config_path=str(cfg.path) if cfg.path else None,

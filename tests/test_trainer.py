@@ -204,6 +204,30 @@ def test_ep_must_divide_the_world_size_of_every_node():
     assert plan_run(cfg, request, NOW, gpus_available=None, nodes=None).tag.endswith("ep2")  # nodes unknown: not judged
 
 
+@pytest.mark.parametrize("launch, missing", [
+    ('script = "trian.py"', "[launch] script trian.py: no such file"),
+    ('module = "scripts.nope"', "[launch] module scripts.nope: "),
+])
+def test_a_trainer_that_is_not_there_is_refused_by_the_venv_guard(tmp_path, monkeypatch, artifact_root, launch, missing):
+    # A typo in [launch] passed every guard, made a run directory, failed, and committed a `failed` report.
+    import subprocess
+
+    repo = tmp_path / "repo"  # beside the artifact root (tmp_path/artifacts), not around it
+    subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True)
+    (repo / "train.py").write_text("print('iter 0: loss 1.0')\n")
+    (repo / ".moectl.toml").write_text(f'[project]\nvenv = ""\nbranch = "*"\n[launch]\n{launch}\nlauncher = "python"\n'
+                                           '[metrics]\nsource = "stdout"\nformat = "regex"\nstep = "iter (\\\\d+):"\n'
+                                           '[metrics.patterns]\nloss = "loss ([\\\\d.]+)"\n')
+    monkeypatch.chdir(repo)
+    result = CliRunner().invoke(app, ["check", "--json", "--device", "cpu", "--override", "no_other_training"])
+    venv = next(g for g in __import__("json").loads(result.stdout)["guards"] if g["name"] == "venv")
+    assert result.exit_code == 3 and not venv["ok"] and venv["message"].startswith(missing), result.output
+    fixed = (repo / ".moectl.toml").read_text().replace("trian.py", "train.py").replace("scripts.nope", "train")
+    (repo / ".moectl.toml").write_text(fixed)
+    result = CliRunner().invoke(app, ["check", "--json", "--device", "cpu", "--override", "no_other_training"])
+    assert result.exit_code == 0, result.output
+
+
 def test_cli_refuses_a_checkpoint_dir_outside_the_run_before_anything_is_written(tmp_path, monkeypatch, artifact_root):
     (tmp_path / ".moectl.toml").write_text(ENGINE)
     monkeypatch.chdir(tmp_path)
