@@ -314,6 +314,42 @@ def _echo_to_stdout(text: str) -> None:
     sys.stdout.flush()
 
 
+# What torchrun does for its workers, for a trainer started as one plain `python script ...`
+# (launcher = "python"): run it, and on SIGTERM/SIGINT stop its whole process group - the trainer
+# and whatever it started - escalating to SIGKILL after the grace period. Without it, a moectl
+# killed without a word (its parent-death signal reaching only its direct child) stopped the
+# trainer but left the trainer's own children running on unrecorded. Stdlib only; it runs on
+# moectl's interpreter, in the session launch() gives the child, and leaves with the trainer's
+# exit status (a trainer killed by a signal: the same signal).
+SUPERVISOR = """\
+import os, signal, subprocess, sys, time
+grace = float(sys.argv[1])
+child = subprocess.Popen(sys.argv[2:])
+deadline = None
+def stop(signum, frame):
+    global deadline
+    if deadline is None:
+        deadline = time.monotonic() + grace
+        os.killpg(0, signum)
+for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(sig, stop)
+while child.poll() is None:
+    time.sleep(0.05)
+    if deadline is not None and time.monotonic() > deadline:
+        os.killpg(0, signal.SIGKILL)
+code = child.returncode
+if code < 0:
+    signal.signal(-code, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
+sys.exit(code)
+"""
+
+
+def supervised(argv: list[str], grace_s: float = 10.0) -> list[str]:
+    """`argv` run under SUPERVISOR (see there): for the `python` launcher."""
+    return [sys.executable, "-c", SUPERVISOR, str(grace_s), *argv]
+
+
 def launch(
     argv: list[str],
     *,

@@ -25,7 +25,7 @@ from moectl import gitops, store
 from moectl.config import Config
 from moectl.errors import EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRAINING, GuardRefused, Interrupted, MoectlError
 from moectl.guards import check_request, passed, wait_until_clear
-from moectl.launch import LaunchResult, launch
+from moectl.launch import LaunchResult, launch, supervised
 from moectl.lock import acquire
 from moectl.metrics import RunMetrics, compare, read_metrics
 from moectl.plan import RunPlan, RunRequest, command_text
@@ -107,8 +107,9 @@ def execute_run(
                 on_start(record)
             env = {**os.environ, "PYTHONUNBUFFERED": "1", **plan.env}
             parser = stdout_parser(cfg, plan)
+            argv = supervised(plan.argv) if cfg.launch.launcher == "python" else plan.argv
             result = launch(
-                plan.argv, cwd=cfg.root, env=env, log_path=Path(plan.files["train.log"]),
+                argv, cwd=cfg.root, env=env, log_path=Path(plan.files["train.log"]),
                 metrics_path=Path(plan.files["metrics.jsonl"]), progress=progress, echo=echo,
                 output_metrics=LiveMetricsWriter(Path(plan.files["metrics.jsonl"]), parser) if parser else None,
             )

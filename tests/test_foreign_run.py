@@ -221,6 +221,51 @@ def test_a_progress_bar_redrawn_with_carriage_returns_is_read_bar_by_bar_as_it_i
     assert (exp / "train.log").read_bytes().count(b"\r") == 20 + 4  # the log holds the bytes as printed
 
 
+SPAWNER = """\
+import subprocess, sys, time
+from pathlib import Path
+helper = subprocess.Popen(["sleep", "300"])  # the trainer's own helper process (a data loader, say)
+Path(sys.argv[-1]).write_text(str(helper.pid))  # after the template's args and flags
+step = 0
+while True:
+    print(f"iter {step}: loss {1.0 / (step + 1):.4f}, time 10.00ms", flush=True)
+    step += 1
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_moectl_takes_a_python_launched_trainers_own_children_with_it(git_repo, monkeypatch, artifact_root,
+                                                                               tmp_path):
+    # The parent-death signal reaches moectl's own child only: with `launcher = "python"` that was
+    # the trainer, and its children ran on unrecorded. Under torchrun, torchrun stops its workers' groups.
+    import psutil
+
+    nanogpt_project(git_repo, monkeypatch, launcher="python")
+    (git_repo / "train.py").write_text(SPAWNER)
+    git(git_repo, "commit", "-qam", "a trainer with a helper process")
+    helper_pid, out = tmp_path / "helper.pid", tmp_path / "moectl.out"
+    proc = spawn(git_repo, out, "--device", "cpu", "--tag", "k9", *QUIET, "--", str(helper_pid))
+    helper = None
+    try:
+        wait_for(helper_pid.exists, "the trainer's helper process", 60, proc=proc, output=out.read_text)
+        wait_for(lambda: helper_pid.read_text().strip(), "its pid written", 10, proc=proc, output=out.read_text)
+        helper = psutil.Process(int(helper_pid.read_text()))
+        [exp] = run_dirs(artifact_root)
+        wait_for(lambda: len(steps_written(exp / "metrics.jsonl")) >= 3, "steps parsed", 60, proc=proc,
+                 output=out.read_text)
+        proc.kill()  # SIGKILL: moectl says nothing more
+        proc.wait(timeout=30)
+        helper.wait(timeout=60)  # gone with the trainer (psutil.TimeoutExpired if it lives on)
+    finally:
+        if proc.poll() is None:
+            stop_process(proc)
+        if helper is not None and helper.is_running():
+            helper.kill()
+    r = runner.invoke(app, ["runs", "--json"])
+    assert [x["status"] for x in __import__("json").loads(r.stdout)] == ["interrupted"]
+
+
 @pytest.mark.slow
 def test_sigint_mid_run_of_a_foreign_trainer(git_repo, monkeypatch, artifact_root, tmp_path):
     nanogpt_project(git_repo, monkeypatch, launcher="torchrun")
