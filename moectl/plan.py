@@ -96,6 +96,13 @@ class RunRequest(BaseModel):
                 raise ValueError(f"guard {n!r} cannot be overridden; only {', '.join(OVERRIDABLE)}")
         return list(dict.fromkeys(names))
 
+    @field_validator("exp_dir")
+    @classmethod
+    def _exp_dir(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not v.strip():
+            raise ValueError("an empty path; give a new directory inside artifact_root, or leave it out")
+        return v
+
     @field_validator("wait_gpus")
     @classmethod
     def _duration(cls, v: Optional[str]) -> Optional[str]:

@@ -337,6 +337,8 @@ def resolve_run(root: Path, ref: str, runs: Optional[Sequence[StoredRun]] = None
     ambiguous prefix lists its candidates. Pass `runs` (newest first) to resolve many refs with
     one scan of the store.
     """
+    if not ref.strip():
+        raise UsageError("an empty RUN: give a run id, a tag, a unique prefix of either, or a run directory")
     as_path = Path(ref).expanduser()
     if (as_path / RUN_RECORD).is_file():
         return load_run(as_path)

@@ -230,7 +230,7 @@ step = 'iter (\\d+):'        # a step line matches this; its group is the step n
 tokens_per_step = 'tokens per iteration will be: ([\\d,]+)'   # then tok/sec = tokens / dt
 
 [metrics.patterns]           # metrics field -> a regex with one group
-loss = 'loss ([\\d.]+)'
+loss = 'loss (-?[\\d.]+)'      # a signed number: some objectives go below zero
 dt_ms = 'time ([\\d.]+)ms'
 mfu = 'mfu (-?[\\d.]+)%'
 """,

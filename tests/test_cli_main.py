@@ -35,11 +35,16 @@ def test_usage_errors_are_one_line_with_exit_2(args, tmp_path):
     ("sweep", ""),
     ("summary", "-o", ""),
     ("status", "--config", ""),
+    ("show", ""),  # not "every run" by prefix, nor the default run directory
+    ("compare", "", "x"),
+    ("sweep", "--resume", ""),
+    ("run", "--exp-dir", "", "--dry-run"),  # was quietly the default directory
 ])
 def test_an_empty_path_is_refused_not_taken_for_the_current_directory(args, tmp_path):
     # Path("") is ".": `export --csv ""` wrote both CSVs into the working directory.
     r = moectl(*args, cwd=tmp_path)
-    assert r.returncode == 2 and "an empty path" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    said = "an empty RUN" if args[0] in ("show", "compare") else "an empty SWEEP" if "--resume" in args else "an empty path"
+    assert r.returncode == 2 and said in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert list(tmp_path.iterdir()) == []
 
 

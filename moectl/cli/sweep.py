@@ -71,6 +71,8 @@ def sweep(
     if (spec is None) == (resume is None):
         raise UsageError("give a sweep spec (SPEC.toml) or --resume SWEEP, not both" if spec else
                          "give a sweep spec (SPEC.toml) or --resume SWEEP")
+    if resume is not None and not resume.strip():
+        raise UsageError("an empty SWEEP for --resume: give a sweep id, name, unique prefix, or its directory")
     # Flag values go through the same validation as `moectl run`'s (one line per bad option).
     make_request(wait_gpus=wait_gpus, overrides=list(override or []))
     opts = SweepOptions(fail_fast=fail_fast, baseline=baseline, wait_gpus=wait_gpus,

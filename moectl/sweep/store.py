@@ -145,6 +145,8 @@ def list_sweeps(root: Path) -> list[SweepRecord]:
 def resolve_sweep(root: Path, ref: str) -> SweepRecord:
     """A SWEEP argument: a sweep directory path, an id, a name (its most recent sweep), or a unique
     prefix of an id."""
+    if not ref.strip():
+        raise UsageError("an empty SWEEP: give a sweep id, name, unique prefix, or its directory")
     as_path = Path(ref).expanduser()
     if (as_path / SWEEP_RECORD).is_file():
         return load_sweep(as_path)
