@@ -127,12 +127,16 @@ def refuse_mapped_repeats(extra: list[str], mapping: dict[str, str], passed: dic
         if words and words[0].startswith("-"):
             flags[words[0].split("=", 1)[0].replace("{}", "")] = key
     for token in extra:
-        key = flags.get(token.split("=", 1)[0])
+        flag = token.split("=", 1)[0]
+        key = flags.get(flag)
+        if key is None and flag.startswith("--") and len(flag) > 2:
+            # argparse takes a unique prefix of a long flag (`--num_iter` for `--num_iterations`)
+            key = next((k for f, k in flags.items() if f.startswith("--") and f.startswith(flag)), None)
         if key is not None:
             how = (_OWN_WHY[key] if key in MOECTL_OWN
                    else f"moectl passes it already as {option_flag(key)} ([launch.options] {key} in {config}); "
                         f"give that instead, so the record says what ran")
-            raise UsageError(f"-- {token.split('=', 1)[0]}: not a trainer argument moectl can pass on: {how}")
+            raise UsageError(f"-- {flag}: not a trainer argument moectl can pass on: {how}")
 
 
 def mapped_flags(mapping: dict[str, str], options: dict[str, Any], config: str = ".moectl.toml") -> list[str]:

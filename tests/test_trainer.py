@@ -59,6 +59,8 @@ def test_script_under_torchrun_gets_args_then_mapped_options_then_extra():
     (["--device=cuda"], "-- --device: not a trainer argument moectl can pass on: the device is moectl's"),
     (["--max_iters=5"], "-- --max_iters: not a trainer argument moectl can pass on: moectl passes it already as "
                         "--steps ([launch.options] steps in .moectl.toml)"),
+    # argparse reads a unique prefix as the flag: the record would say 40 steps, the trainer run 5
+    (["--max_it", "5"], "-- --max_it: not a trainer argument moectl can pass on: moectl passes it already as --steps"),
 ])
 def test_another_trainers_flag_after_dashdash_that_moectl_already_maps_is_refused(extra, why):
     # nanoGPT's configurator takes the last --device=: `-- --device=cuda` would run on a GPU the
