@@ -48,6 +48,12 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_directory(args, tmp_
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_trainers_escape_sequences_do_not_reach_the_terminal_through_a_log_tail():
+    from moectl.cli.common import printable
+
+    assert printable("\x1b[31mCUDA error\x1b[0m at \x1b]0;pwned\x07step 3\x08\r\tdone") == "CUDA error at step 3\tdone"
+
+
 @pytest.mark.parametrize("args", [("status",), ("runs",), ("check", "--device", "cpu")])
 def test_a_reader_that_left_ends_the_command_quietly_and_never_as_success(args):
     # `moectl status | head -1`: the pipe closes under moectl. One quiet exit 1 for every command -

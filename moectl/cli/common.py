@@ -89,6 +89,16 @@ def print_json(data: Any) -> None:
     sys.stdout.flush()
 
 
+_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def printable(text: str) -> str:
+    """A trainer's own output (a log tail) as a terminal should get it from moectl: its colour and
+    cursor escapes and other control bytes taken out, so a tail cannot repaint or garble the screen."""
+    return _CONTROL.sub("", _ANSI.sub("", text))
+
+
 def error(message: str, lines: list[str] | None = None) -> None:
     from rich.markup import escape
 

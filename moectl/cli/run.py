@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from moectl.cli.common import app, error, handle_errors, print_json, stderr, stdout
+from moectl.cli.common import app, error, handle_errors, print_json, printable, stderr, stdout
 from moectl.cli.options import (
     BalanceOpt, BalanceRateOpt, BaselineOpt, CapOpt, CompileOpt, ConfigOpt, DetachOpt, DeviceOpt, DispatchOpt,
     DryRunOpt, EpOpt, ExpDirOpt, ExtraArgs, Fp8Opt, JsonOpt, NoCommitOpt, NodesOpt, NotesOpt, NprocOpt, OverrideOpt,
@@ -240,7 +240,11 @@ def _render_outcome(outcome) -> None:
     record = outcome.record
     out = lambda text: stdout.print(text, markup=False)  # noqa: E731
     s = record.summary
-    out(f"{record.status}: {record.id}" + (f" (exit {record.exit_code})" if record.exit_code else ""))
+    if record.status == "interrupted" and (record.error or "").startswith("interrupted by "):
+        how = " (" + record.error.splitlines()[0].removeprefix("interrupted ") + ")"  # (by SIGINT): not torchrun's code
+    else:
+        how = f" (exit {record.exit_code})" if record.exit_code else ""
+    out(f"{record.status}: {record.id}{how}")
     if s is not None:
         mark = "" if s.clean else MARK
         after = (" (warm-up only)" if not s.clean else f" after {s.warmup_steps} warm-up") if s.warmup_steps else ""
@@ -264,7 +268,7 @@ def _render_outcome(outcome) -> None:
         tail = record.error.strip().splitlines()[-5:]
         out("  log tail:")
         for line in tail:
-            out(f"    {line}")
+            out(f"    {printable(line)}")
     if outcome.report:
         out(f"  report: {outcome.report}")
     if outcome.commit:

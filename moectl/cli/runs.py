@@ -11,7 +11,7 @@ import typer
 if TYPE_CHECKING:  # rich is imported where a table is drawn: `--json` never pays for it
     from rich.table import Table
 
-from moectl.cli.common import app, handle_errors, print_json, stderr, stdout
+from moectl.cli.common import app, handle_errors, print_json, printable, stderr, stdout
 from moectl.cli.options import ConfigOpt, JsonOpt, RunArg, PATH
 from moectl.errors import UsageError
 
@@ -274,7 +274,7 @@ def show_cmd(
         out("files: " + "  ".join(f["name"] + ("/" if f["dir"] else f" ({f['bytes']} B)") for f in files), markup=False)
     if rec.error:
         out("error tail:", markup=False)
-        out(rec.error.rstrip(), markup=False)
+        out(printable(rec.error.rstrip()), markup=False)
 
 
 def _final_loss(s) -> str:
