@@ -325,10 +325,20 @@ def find_training_processes(module: str = "engine.train") -> list[TrainingProces
                 pid=info["pid"],
                 age_s=round(now - (info.get("create_time") or now), 1),
                 cmdline=" ".join(argv),
-                run_dir=_out_dir(argv),
+                run_dir=_out_dir(argv) or _run_dir_of(proc),
             )
         )
     return found
+
+
+def _run_dir_of(proc) -> Optional[str]:
+    """A foreign trainer takes no --out-dir: moectl hands it the run directory as $MOECTL_RUN_DIR."""
+    import psutil
+
+    try:
+        return proc.environ().get("MOECTL_RUN_DIR") or None
+    except (psutil.Error, OSError):
+        return None  # another user's process, or gone
 
 
 # ----------------------------------------------------------------------------------------- venv, disk

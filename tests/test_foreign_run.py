@@ -208,6 +208,9 @@ def test_a_progress_bar_redrawn_with_carriage_returns_is_read_bar_by_bar_as_it_i
         wait_for(lambda: len(steps_written(exp / "metrics.jsonl")) >= 11, "bars parsed while the bar is still drawn", 60,
                  proc=proc, output=out.read_text)
         assert b"\n" not in (exp / "train.log").read_bytes().split(b"| 0/20", 1)[1]  # no newline was printed yet
+        # `status` names the trainer's run directory too (it takes no --out-dir: $MOECTL_RUN_DIR)
+        listed = __import__("json").loads(runner.invoke(app, ["status", "--json"]).stdout)["training_processes"]
+        assert str(exp) in [p["run_dir"] for p in listed], listed
         gate.touch()
         assert proc.wait(timeout=60) == 0, out.read_text()
     finally:
