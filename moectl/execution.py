@@ -157,7 +157,7 @@ def submit_run(cfg: Config, request: RunRequest, options: JobOptions, *, sweep_i
     record = new_record(plan, obs, results, sweep_id=sweep_id, status="queued")
     record.backend, record.nodes = "slurm", nodes
     try:
-        write_run_files(cfg, plan)
+        write_run_files(cfg, plan, cwd=run_dir / CODE_DIR)  # the job runs from the code snapshot
         code_dir = run_dir / CODE_DIR
         gitops.snapshot_code(cfg.root, obs.git.head or "HEAD", Path(plan.files["git.diff"]), code_dir)
         spec = JobSpec(

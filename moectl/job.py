@@ -137,7 +137,7 @@ def make_fallback_run(cfg: Config, spec: JobSpec, failed: RunRecord) -> Optional
     from datetime import datetime
 
     from moectl.execution import JOB_SPEC, JOB_SCRIPT
-    from moectl.plan import command_text, plan_run
+    from moectl.plan import command_file_text, plan_run
     from moectl.records import save_model, write_text_atomic
     from moectl.runner import fallback_record, record_fallback_request
 
@@ -159,7 +159,7 @@ def make_fallback_run(cfg: Config, spec: JobSpec, failed: RunRecord) -> Optional
     try:
         store.create_run_dir(fallback_dir)
         created = True
-        write_text_atomic(Path(plan.files["command.txt"]), command_text(plan) + "\n")
+        write_text_atomic(Path(plan.files["command.txt"]), command_file_text(plan, fallback_dir / "code"))
         # The very code that failed, and the diff that went with it: the repository may have moved
         # on since the submission (runner.write_run_files would diff it as it is now).
         shutil.copytree(run_dir / "code", fallback_dir / "code", symlinks=True)
@@ -197,12 +197,13 @@ def job_argv(spec: JobSpec, plan: RunPlan, job_id: str) -> list[str]:
 def _record_command(record: RunRecord, plan: RunPlan, argv: list[str]) -> None:
     """run.json's argv and command.txt say what ran: for several nodes, the srun command, not the
     one-node torchrun planned at submission."""
-    from moectl.plan import command_text
+    from moectl.plan import command_file_text
     from moectl.records import write_text_atomic
 
     if argv != record.argv:
         record.argv = argv
-        write_text_atomic(Path(plan.files["command.txt"]), command_text(plan.model_copy(update={"argv": argv})) + "\n")
+        write_text_atomic(Path(plan.files["command.txt"]),
+                          command_file_text(plan.model_copy(update={"argv": argv}), Path(plan.exp_dir) / "code"))
 
 
 def _train(spec: JobSpec, plan: RunPlan, run_dir: Path, job_id: str, restart: int, parser):

@@ -320,6 +320,13 @@ def command_text(plan: RunPlan) -> str:
     return f"{env} {cmd}" if env else cmd
 
 
+def command_file_text(plan: RunPlan, cwd) -> str:
+    """command.txt: the command from the directory it ran in (the repository root, or a Slurm
+    job's code snapshot), so it works pasted from anywhere: a module or a relative script path is
+    found from there."""
+    return f"cd {shlex.quote(str(cwd))} && {command_text(plan)}\n"
+
+
 def planned_write_paths(plan: RunPlan) -> list[str]:
     """Every path the run writes into (the path guard checks each one)."""
     return [plan.exp_dir, plan.ckpt_dir, *plan.files.values()]

@@ -190,12 +190,13 @@ def fallback_record(plan: RunPlan, failed: RunRecord) -> RunRecord:
     )
 
 
-def write_run_files(cfg: Config, plan: RunPlan) -> None:
-    """command.txt and git.diff: what ran, from which uncommitted changes (`gitops.git_diff`'s
-    bytes as git wrote them: the user's files need not be UTF-8)."""
+def write_run_files(cfg: Config, plan: RunPlan, cwd: Optional[Path] = None) -> None:
+    """command.txt and git.diff: what ran (from `cwd`, default the repository root), from which
+    uncommitted changes (`gitops.git_diff`'s bytes as git wrote them: the user's files need not be UTF-8)."""
     from moectl.atomic import atomic_file
+    from moectl.plan import command_file_text
 
-    _write_text(Path(plan.files["command.txt"]), command_text(plan) + "\n")
+    _write_text(Path(plan.files["command.txt"]), command_file_text(plan, cwd or cfg.root))
     diff = gitops.git_diff(cfg.root)
     with atomic_file(Path(plan.files["git.diff"]), "wb") as fh:
         fh.write(diff)

@@ -143,7 +143,8 @@ def test_real_tiny_run_end_to_end(git_repo, monkeypatch, artifact_root):
 
     # The files of SPEC §6, each holding what it should.
     cmd = (exp / "command.txt").read_text()
-    assert shlex.split(cmd)[2:] == rec["argv"]  # PYTHONPATH=... OMP_NUM_THREADS=1 <argv>
+    assert shlex.split(cmd)[:3] == ["cd", str(git_repo), "&&"]  # pasted from anywhere: the module is found from there
+    assert shlex.split(cmd)[5:] == rec["argv"]  # cd ... && PYTHONPATH=... OMP_NUM_THREADS=1 <argv>
     assert (exp / "git.diff").read_text() == ""  # a clean tree at launch
     lines = [parse_line(x) for x in (exp / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if isinstance(x, StepMetrics)]
@@ -352,7 +353,7 @@ def test_dry_run_command_is_exactly_what_runs_then_exp_dir_is_never_reused(proj,
     r = run("--steps", "2", "--exp-dir", str(exp), *QUIET, *FAST)
     assert r.exit_code == 0, r.output
     assert record(exp)["argv"] == dry["argv"]
-    assert (exp / "command.txt").read_text().strip() == dry["command"]
+    assert (exp / "command.txt").read_text().strip() == f"cd {shlex.quote(str(proj))} && {dry['command']}"
     assert record(exp)["id"] == "explicit" and json.loads(runner.invoke(app, ["show", "explicit", "--json"]).stdout)["exp_dir"] == str(exp)
     reports, old_head = sorted((proj / "reports").glob("*.md")), head(proj)
 
