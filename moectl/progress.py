@@ -141,7 +141,9 @@ class _Tracker:
         m = self.last
         if m is None:
             return "waiting for the first step"
-        if self.total:
+        if self.total and self.done > self.total:
+            head = f"step {self.done} (past the planned {self.total})"  # a trainer that ignores --steps
+        elif self.total:
             head = f"step {self.done}/{self.total} ({100.0 * self.done / self.total:.1f}%)"
         else:
             head = f"step {self.done}"
@@ -152,7 +154,7 @@ class _Tracker:
             parts.append(f"dt {m.dt_ms:.1f}ms")
         if m.mfu is not None:
             parts.append(f"mfu {m.mfu:.2f}%")
-        if self.total:
+        if self.total and self.done <= self.total:
             parts.append(f"eta {format_duration(self.eta())}")
         return " | ".join(parts)
 
@@ -189,7 +191,7 @@ class PlainProgress:
                 self._printed_step is None
                 or self.t.done - self._printed_step >= self.every_steps
                 or self.clock() - self._printed_at >= self.every_s
-                or (self.t.total is not None and self.t.done >= self.t.total)
+                or (self.t.total is not None and self.t.done == self.t.total)  # the last planned step
             )
             if due:
                 self._print_step()

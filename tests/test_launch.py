@@ -168,6 +168,19 @@ def test_plain_progress_prints_last_step_on_close_when_run_stops_early():
         "progress: step 1/100 (1.0%)", "progress: step 4/100 (4.0%)"]
 
 
+def test_a_trainer_running_past_its_planned_steps_is_said_so_at_the_usual_cadence():
+    # A trainer that ignores --steps: not a line per step with "2720.0%" and a meaningless ETA.
+    out = io.StringIO()
+    sink = PlainProgress(stream=out, every_steps=10, every_s=1e9, clock=Clock())
+    sink.record(StartInfo(steps=5, world_size=1, tokens_per_step=1, device="cpu"))
+    for step in range(30):
+        sink.record(StepMetrics(step=step, loss=1.0))
+    heads = [l.split(" | ")[0] for l in out.getvalue().splitlines()[1:]]
+    assert heads == ["progress: step 1/5 (20.0%)", "progress: step 5/5 (100.0%)",
+                     "progress: step 15 (past the planned 5)", "progress: step 25 (past the planned 5)"]
+    assert "eta" not in out.getvalue().splitlines()[-1]
+
+
 def test_make_progress_picks_sink():
     assert isinstance(make_progress(console_is_tty=False, quiet=False), PlainProgress)
     assert isinstance(make_progress(console_is_tty=True, quiet=True), NullProgress)
