@@ -114,7 +114,10 @@ def guard_paths(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
             problems.append(f"{SUMMARY_NAME} (refreshed with every report) is inside read-only tree {ro}; "
                             "set [report] summary = false to leave it alone")
     if problems:
-        return _fail("paths", "; ".join(dict.fromkeys(problems)) + " — choose an --exp-dir inside artifact_root or fix [paths]")
+        # The advice that fits: a run directory elsewhere is fixed by --exp-dir; the rest by the config.
+        where = any("outside artifact_root" in x or x.startswith("--exp-dir") for x in problems)
+        hint = " — choose an --exp-dir inside artifact_root or fix [paths]" if where else " — fix [paths] in the config"
+        return _fail("paths", "; ".join(dict.fromkeys(problems)) + hint)
     return _ok("paths", f"all {len(p.writes)} write paths inside {root}")
 
 

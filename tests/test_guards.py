@@ -191,6 +191,7 @@ def test_an_artifact_root_that_git_status_would_show_is_refused():
     assert verdict(evaluate(c, p, good(p, paths=ok)), "paths").ok
     r = verdict(evaluate(c, p, good(p, paths=replace(ok, root_in_work_tree=True))), "paths")
     assert not r.ok and f"artifact_root {ART} is inside the repository and not git-ignored" in r.message
+    assert "--exp-dir" not in r.message  # advice that fits: no run directory is misplaced here
 
 
 def test_tracked_area_is_git_status_s_view(git_repo):
