@@ -319,6 +319,30 @@ def _interrupt_during_leg_2(git_repo, artifact_root, sig, name: str) -> tuple[in
 
 
 @pytest.mark.slow
+def test_a_sweep_killed_during_its_first_leg_leaves_no_placeholder_report(git_repo, artifact_root, monkeypatch):
+    # The report name used to be claimed at the start with a `running` placeholder: after a SIGKILL
+    # it stayed untracked in report_dir, and neither a resume nor `summary` ever took it.
+    sweep_project(git_repo)
+    monkeypatch.chdir(git_repo)
+    gate = git_repo.parent / "first.gate"
+    spec = write_spec(git_repo, 'name = "k"\n[common]\nsteps = 6\n'
+                      f'args = ["--sleep-per-step", "0.02", "--hold-at-step", "2", "--hold-until", "{gate}"]\n'
+                      '[[legs]]\ntag = "one"\n[[legs]]\ntag = "two"\n')
+    out = git_repo.parent / "sweep-k.out"
+    proc = _spawn_sweep(git_repo, out, str(spec), *QUIET)
+    try:
+        wait_for(Path(f"{gate}.waiting").exists, "leg 1 training", 120, proc=proc, output=out.read_text)
+        proc.kill()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            stop_process(proc)
+        gate.touch()  # the orphaned trainer (if any) may finish; its parent-death signal stops it anyway
+    assert not (git_repo / "reports").exists() or list((git_repo / "reports").iterdir()) == []
+    assert git(git_repo, "status", "--porcelain", "--untracked-files=all").splitlines() == ["?? spec.toml"]
+
+
+@pytest.mark.slow
 def test_sigterm_during_leg_2_leaves_sweep_json_true(git_repo, artifact_root, monkeypatch):
     """SIGTERM (a scheduler, `kill`) is an interrupt like Ctrl-C: exit 130, no further legs."""
     sweep_project(git_repo)

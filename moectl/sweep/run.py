@@ -287,8 +287,7 @@ def _run(cfg: Config, sweep: SweepRecord, opts: SweepOptions, ui: SweepUI, *, ca
     save_sweep(sweep)
     chain = [*chain, sweep.id]
     runs: dict[str, RunRecord] = dict(carried)
-    out = SweepOutcome(exit_code=EXIT_OK, sweep=sweep)
-    out.report = claim_sweep_report(cfg, sweep)
+    out = SweepOutcome(exit_code=EXIT_OK, sweep=sweep)  # its report is claimed when first written
     ui.say(f"sweep {sweep.id} -> {sweep_dir} ({len(todo)} of {len(sweep.legs)} legs to run)")
     notes: list[str] = []
     commit = not opts.no_commit
@@ -382,6 +381,7 @@ def write_sweep_report(cfg: Config, sweep: SweepRecord, runs: dict[str, RunRecor
                        figures: list[Path] = ()) -> list[Path]:
     """The sweep report (+ EXPERIMENTS.md): the paths to commit with it."""
     out.comparison = completed_comparison(sweep, runs, cfg.metrics.window, opts.baseline, cfg.metrics.warmup_steps)
+    _claim_report(cfg, sweep, out)
     out.report.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out.report, sweep_report(sweep, runs, cfg.metrics.window, heading=heading,
                                                comparison=out.comparison, chain=chain, figures=list(figures),
@@ -393,6 +393,15 @@ def write_sweep_report(cfg: Config, sweep: SweepRecord, runs: dict[str, RunRecor
         except MoectlError as exc:  # the summary is a convenience: never cost the sweep
             out.messages.append(f"EXPERIMENTS.md not refreshed: {exc.message}")
     return paths
+
+
+def _claim_report(cfg: Config, sweep: SweepRecord, out: SweepOutcome) -> Path:
+    """The sweep's report file, claimed when first needed, not when the sweep starts: a sweep
+    killed during its first leg leaves no `running` placeholder behind, untracked in report_dir
+    with nobody to commit it."""
+    if out.report is None:
+        out.report = claim_sweep_report(cfg, sweep)
+    return out.report
 
 
 def finish_sweep(cfg: Config, sweep: SweepRecord, runs: dict[str, RunRecord], opts: SweepOptions, out: SweepOutcome,
@@ -455,7 +464,8 @@ def _figures(cfg: Config, sweep: SweepRecord, runs: dict[str, RunRecord], out: S
         return []
     paths = []
     for metric in FIGURE_METRICS:
-        target = out.report.parent / "figures" / f"{out.report.stem}_{metric}.png"
+        report = _claim_report(cfg, sweep, out)
+        target = report.parent / "figures" / f"{report.stem}_{metric}.png"
         try:
             paths.append(plot_runs(done, metric, target, title=f"sweep {sweep.name}: {metric}",
                                    warn=lambda line: out.messages.append(line),
