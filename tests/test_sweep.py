@@ -524,6 +524,19 @@ def test_a_sweep_run_with_another_config_resumes_only_with_that_config(git_repo,
     assert resume_command(own) == f"moectl sweep --resume {d.name}"
 
 
+def test_a_sweep_with_an_unreadable_sweep_json_is_named_with_why(git_repo, artifact_root, monkeypatch):
+    sweep_project(git_repo)
+    monkeypatch.chdir(git_repo)
+    d = artifact_root / "20260102_100000_moe-cut"
+    d.mkdir(parents=True)
+    (d / "sweep.json").write_text('{"id": "20260102_100000_moe-cut", "name": "cut", "legs": [')  # cut mid-write
+    r = cli("sweep", "--resume", d.name, "--dry-run")
+    assert r.exit_code == 2 and f"corrupt {d / 'sweep.json'}:" in r.output and "no sweep matches" not in r.output
+    (d / "sweep.json").write_text('{"id": "x", "name": "cut", "spec": {}, "legs": [], "created_at": "t"}')
+    r = cli("sweep", "--resume", str(d), "--dry-run")
+    assert r.exit_code == 2 and "exp_dir: Field required" in r.output, r.output  # pydantic's first problem, named
+
+
 def test_resume_refuses_a_sweep_that_is_still_running(git_repo, artifact_root, monkeypatch):
     from moectl import store
     from moectl.records import RunRecord, SweepLeg, SweepRecord, save_model

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
+from pydantic import ValidationError
+
 from moectl import store
 from moectl.errors import GuardRefused, UsageError
 from moectl.records import SWEEP_RECORD, RunRecord, SweepLeg, SweepRecord, save_model
@@ -29,6 +31,10 @@ def load_sweep(sweep_dir: Path) -> SweepRecord:
         rec = SweepRecord.model_validate_json(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UsageError(f"no {SWEEP_RECORD} in {sweep_dir}") from None
+    except ValidationError as exc:  # pydantic's first problem, as a run.json's is said
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "record"
+        raise UsageError(f"corrupt {path}: {where}: {first.get('msg', 'invalid')}") from None
     except (OSError, ValueError) as exc:
         raise UsageError(f"corrupt {path}: {str(exc).splitlines()[0]}") from None
     rec.exp_dir = str(sweep_dir.resolve())  # the directory is the truth (it may have moved)
@@ -156,6 +162,8 @@ def resolve_sweep(root: Path, ref: str) -> SweepRecord:
     for s in sweeps:
         if s.id == ref:
             return s
+    if ref and (root / ref / SWEEP_RECORD).is_file():
+        return load_sweep(root / ref)  # the sweep is there but unreadable: say why, not "no sweep matches"
     named = [s for s in sweeps if s.name == ref]
     if named:
         return named[-1]
