@@ -125,6 +125,8 @@ def parse_csv(text: str, run: Optional[str] = None) -> ParsedLog:
     header = [h.strip() for h in (reader.fieldnames or [])]
     if "step" not in header:
         raise UsageError(f"csv has no 'step' column (header: {','.join(header) or 'none'})")
+    if "loss" not in header:  # every step needs one: say the column, not "N malformed lines"
+        raise UsageError(f"csv has no 'loss' column (header: {','.join(header)})")
     # Keys as the header names them, spaces around them dropped (`run, step, loss` is a header too).
     rows = [{(k.strip() if isinstance(k, str) else k): v for k, v in r.items()} for r in reader]
     if "run" in header:

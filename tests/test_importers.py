@@ -147,6 +147,11 @@ def test_a_csv_cut_mid_row_drops_that_row_with_a_warning_but_a_whole_last_row_is
     assert [(s.step, s.tok_per_sec) for s in whole.steps] == [(0, 800000.0), (1, 822814.0)] and whole.warnings == []
 
 
+def test_csv_without_a_loss_column_names_it():
+    with pytest.raises(UsageError, match=r"csv has no 'loss' column \(header: step,dt_ms\)"):
+        parse_csv("step,dt_ms\n0,1.0\n1,2.0\n")
+
+
 def test_csv_without_step_column():
     with pytest.raises(UsageError, match="no 'step' column"):
         parse_csv("a,b\n1,2\n")
