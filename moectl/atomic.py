@@ -15,6 +15,19 @@ from pathlib import Path
 from typing import Any, Optional
 
 
+def ensure_dir(directory: Path) -> None:
+    """mkdir -p, with a one-line reason when a file stands where a directory must be (not
+    `[Errno 20] Not a directory`); other errors (permissions, a full disk) pass as they are."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        from moectl.errors import UsageError
+
+        blocker = next((p for p in [directory, *directory.parents] if p.exists() and not p.is_dir()), directory)
+        raise UsageError(f"cannot make directory {directory}: {blocker} is a file, not a directory") from None
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to `path` atomically: a reader sees the old file or the new one, never half."""
     path = Path(path)

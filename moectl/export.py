@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence
 from engine.schema import METRICS_FILENAME, StepMetrics
 from moectl.errors import UsageError
 from moectl.metrics import read_metrics, tail_summary
-from moectl.atomic import atomic_file
+from moectl.atomic import atomic_file, ensure_dir
 from moectl.records import RunRecord, Summary
 
 STEPS_CSV = "steps.csv"
@@ -137,7 +137,7 @@ def export_csv(runs: Sequence[RunRecord], out_dir: Path, window: int, warmup_ste
             "error": error_line(rec.error),
         })
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out_dir)
     steps_path, summary_path = out_dir / STEPS_CSV, out_dir / SUMMARY_CSV
     # Both files are written (and fsynced) before either replaces its old one: a full disk or an
     # odd target leaves the old pair, never a steps.csv of these runs beside a summary.csv of others.

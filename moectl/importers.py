@@ -174,6 +174,8 @@ def load_log(path: Path, fmt: str, run: Optional[str] = None, stdout_format: Opt
     path = Path(path).expanduser()
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory; give the log file in it")
     if not path.is_file():
         raise UsageError(f"log file not found: {path}")
     try:

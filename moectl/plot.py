@@ -27,7 +27,8 @@ from typing import Any, Callable, Optional, Sequence
 from engine.schema import METRICS_FILENAME
 from moectl.errors import UsageError
 from moectl.metrics import DEFAULT_WARMUP_STEPS, MEAN_METRICS, read_metrics
-from moectl.records import RunRecord, atomic_file
+from moectl.atomic import atomic_file, ensure_dir
+from moectl.records import RunRecord
 
 # metric -> y-axis label. The first four are the ones a sweep draws.
 PLOT_METRICS = {
@@ -173,7 +174,7 @@ def make_plot(runs: Sequence[RunRecord], metric: str, out: Path, title: Optional
 
     # Temp file in the target directory, then rename: a reader (or a report linking the figure)
     # never sees half a PNG, and a failed draw leaves the previous figure in place.
-    out.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out.parent)
     with atomic_file(out, "wb") as fh:
         fig.savefig(fh, format=fmt)
     return result

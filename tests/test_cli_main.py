@@ -48,6 +48,19 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_directory(args, tmp_
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_file_where_a_directory_must_be_is_named_not_an_errno(tmp_path):
+    from moectl.atomic import ensure_dir
+    from moectl.errors import UsageError
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UsageError, match=f"cannot make directory {tmp_path}/afile/sub/d: {tmp_path}/afile is a file"):
+        ensure_dir(tmp_path / "afile" / "sub" / "d")
+    ensure_dir(tmp_path / "new" / "dir")
+    assert (tmp_path / "new" / "dir").is_dir()
+    r = moectl("import", str(tmp_path), "--format", "csv", "--name", "x", cwd=tmp_path)
+    assert r.returncode == 2 and f"{tmp_path} is a directory; give the log file in it" in r.stderr
+
+
 def test_a_trainers_escape_sequences_do_not_reach_the_terminal_through_a_log_tail():
     from moectl.cli.common import printable
 
