@@ -340,6 +340,7 @@ def payload(record: RunRecord, report: Optional[Path]) -> Payload:
     tags = {
         "moectl_run_id": record.id, "moectl_status": record.status, "moectl_tag": record.tag,
         "moectl_sweep": record.sweep, "moectl_source": record.source, "host": record.host,
+        "moectl_group": record.group, "moectl_repeat": record.repeat,
         "git_commit": record.git.commit, "git_branch": record.git.branch,
         "git_dirty": str(record.git.dirty).lower() if record.git.commit else None,
         "gpus": ", ".join(record.gpus) or None,
@@ -506,7 +507,7 @@ def _wandb(cfg: Config, record: RunRecord, data: Payload, deadline: _Deadline):
     settings = wandb.Settings(**{k: v for k, v in wanted.items() if k in known})
     moectl_info = {k.removeprefix("moectl_"): v for k, v in data.tags.items()}
     run = wandb.init(
-        project=t.wandb_project, entity=t.wandb_entity, id=wid, name=record.id, group=record.sweep,
+        project=t.wandb_project, entity=t.wandb_entity, id=wid, name=record.id, group=record.sweep or record.group,
         job_type="moectl-run", notes=record.notes, mode=t.wandb_mode,
         tags=[s[:64] for s in ("moectl", record.status, record.tag) if s],
         config={**data.params, "moectl": moectl_info},

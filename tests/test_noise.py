@@ -173,6 +173,16 @@ def test_run_repeat_prints_the_groups_mean_and_between_runs_error(git_repo, monk
     assert r.exit_code == 4, r.output
     data = json.loads(r.stdout)
     assert data["summary"] is None and [x["status"] for x in data["runs"]] == ["failed"]
+    r = runner.invoke(app, ["run", "--device", "cpu", "--steps", "14", "--tag", "bad2", "--repeat", "3", *QUIET,
+                            "--", "--exit_code=4", "--sleep=0"])
+    assert r.exit_code == 4 and "stopped after repeat 1 of 3 (failed); repeats 2-3 were not run" in r.stderr, r.output
+    # Trackers can group the repeats: each carries its group and place in it.
+    from moectl.store import list_runs
+    from moectl.tracking import payload
+
+    one = next(x for x in list_runs(artifact_root) if x.tag == "txt")
+    tags = payload(one, None).tags
+    assert (tags["moectl_group"], tags["moectl_repeat"]) == (one.group, str(one.repeat))
 
 
 def test_repeat_of_a_trainer_without_a_seed_mapping_is_refused_before_anything_runs(git_repo, monkeypatch, artifact_root):

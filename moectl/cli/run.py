@@ -198,6 +198,9 @@ def run(
             stdout.print(f"group {group}: " + group_mean_line(*summary, repeat), markup=False)
         stdout.print(f"group {group}: {repeat} runs; compare, show, plot and export take the whole group by its "
                      f"tag {requests[0].tag}", markup=False)
+    elif len(runs) < repeat:
+        stderr.print(f"group {group}: stopped after repeat {len(runs)} of {repeat} ({runs[-1].get('status')}); "
+                     f"repeats {len(runs) + 1}-{repeat} were not run", markup=False)
     raise typer.Exit(code)
 
 
