@@ -41,8 +41,15 @@ def commit_run_report(
     commit.gpgSign is on and git cannot sign."""
     report = find_run_report(cfg.report_dir, record.id)
     if report is None:
-        when = "" if record.status in ("completed", "failed", "interrupted") else f"; the run is {record.status}"
-        raise UsageError(f"run {record.id} has no report in {cfg.report_dir} (reports are written when a run ends{when})")
+        if record.report:  # written once, gone since
+            raise UsageError(f"run {record.id}'s report {record.report} is gone (deleted or moved); nothing to commit")
+        if (record.error or "").startswith("interrupted (moectl was killed)"):
+            why = "moectl was killed during it, so no report was written"
+        elif record.status in ("completed", "failed", "interrupted"):
+            why = "reports are written when a run ends"
+        else:
+            why = f"reports are written when a run ends; the run is {record.status}"
+        raise UsageError(f"run {record.id} has no report in {cfg.report_dir} ({why})")
     try:
         gitops.check_branch(cfg.root, cfg.project.branch)
     except GuardRefused as exc:

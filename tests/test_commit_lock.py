@@ -302,6 +302,12 @@ def test_moectl_commit_without_a_report_is_a_usage_error(project):
     assert f"run {rec.id} has no report in" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = commit_cmd("no-such-run")
     assert r.exit_code == 2 and "no run matches" in r.stderr
+    # Its report was written, then deleted: said so, not "written when a run ends".
+    gone, report_of_gone = finished_run(project, tag="gone")
+    save_run(gone.model_copy(update={"report": str(report_of_gone)}))
+    report_of_gone.unlink()
+    r = commit_cmd(gone.id)
+    assert r.exit_code == 2 and f"report {report_of_gone} is gone (deleted or moved)" in r.stderr, r.stderr
 
 
 def test_moectl_commit_on_the_wrong_branch_refuses_and_writes_nothing(project):
