@@ -168,8 +168,8 @@ def apply_metrics(record: RunRecord, metrics: MetricsFile, window: int, warmup_s
     ran in another process, on another node perhaps; their timings say nothing of this one)."""
     if metrics.start is not None and metrics.start.start_step:
         warmup_steps += metrics.start.start_step
-    if metrics.steps:
-        record.summary = tail_summary(metrics, window, warmup_steps)
+    # Also for a run without a step: its summary says so (steps 0, nulls), a contract key like any other.
+    record.summary = tail_summary(metrics, window, warmup_steps)
     if metrics.start is not None:
         record.engine = {k: v for k, v in metrics.start.config.items() if k not in _RUN_SPECIFIC}
         record.torch_version = metrics.start.config.get("torch_version")
@@ -408,7 +408,9 @@ def import_run(
         total_time_s=extras.get("total_time_s"),
         final_loss=steps[-1].loss,
     )
-    summary: Summary = tail_summary(MetricsFile(steps=list(steps), summary=summary_line), window, warmup_steps)
+    imported = MetricsFile(steps=list(steps), summary=summary_line)
+    summary: Summary = tail_summary(imported, window, warmup_steps)
+    diverged = loss_warning(imported)  # as a live run's record says it (`runs` marks it, `show` prints it)
 
     # Claim a fresh directory atomically (two imports in the same second get `-2`, `-3`...: a new
     # name, never a reused directory), write the metrics, and run.json last: listings only see
@@ -434,7 +436,7 @@ def import_run(
         source=source,
         host=socket.gethostname(),
         options={k: extras[k] for k in ("format", "planned_steps") if extras.get(k) is not None},
-        warnings=list(extras.get("warnings") or []),
+        warnings=list(extras.get("warnings") or []) + ([diverged] if diverged else []),
         notes=(f"imported from {extras.get('format', 'a')} log"
                + (f"; {extras['skipped']} malformed lines skipped" if extras.get("skipped") else "")),
     )

@@ -242,6 +242,27 @@ def test_import_run_writes_engine_schema_and_fresh_dirs(tmp_path):
         import_run(tmp_path, "moe", "empty", [], {})
 
 
+def test_an_imported_diverged_run_carries_the_warning_a_live_one_does(tmp_path):
+    nan = float("nan")
+    steps = [StepMetrics(step=i, loss=nan if i >= 3 else 2.0, dt_ms=10.0) for i in range(5)]
+    rec = import_run(tmp_path, "moe", "blew", steps, {"format": "csv"}, window=5)
+    [warning] = rec.warnings
+    assert warning.startswith("loss not finite from step 3 (diverged): 2 of 5 steps")
+    assert load_run(Path(rec.exp_dir)).warnings == [warning]  # on disk: `runs` marks it, `show` prints it
+
+
+def test_a_run_without_a_step_still_has_its_summary_object(tmp_path):
+    # SPEC §7a: run.json's summary is an object with its keys; a consumer reading
+    # r["summary"]["tok_per_sec"] of a run that failed before its first step gets null, not a crash.
+    from moectl.metrics import MetricsFile
+    from moectl.store import apply_metrics
+
+    rec = RunRecord(id="x", created_at="2026-01-01T00:00:00+00:00", status="failed", exp_dir=str(tmp_path))
+    apply_metrics(rec, MetricsFile(), window=50, warmup_steps=10)
+    assert rec.summary is not None and (rec.summary.window, rec.summary.steps) == (50, 0)
+    assert rec.summary.tok_per_sec is None and rec.summary.final_loss is None
+
+
 def test_import_run_failing_midway_leaves_nothing(tmp_path):
     bad = [StepMetrics(step=0, loss=1.0, lr=object())]  # not JSON-serialisable: fails while writing
     with pytest.raises(TypeError):
