@@ -20,7 +20,7 @@ from typing import Optional
 
 from moectl import gitops, store
 from moectl.config import CONFIG_NAME, SUMMARY_NAME, Config
-from moectl.errors import GuardRefused
+from moectl.errors import GuardRefused, UsageError
 from moectl.records import RunRecord, SweepRecord, write_text_atomic
 from moectl.report import COLUMNS, fmt, marked_footnote, summary_cell
 from moectl.sweep.report import completed_comparison, legs_table, recommendation
@@ -241,16 +241,24 @@ def refresh_summary(cfg: Config, out: Optional[Path] = None) -> tuple[Path, bool
     the snapshot of the moment (timestamp, runtime status) would change, the file is left as it
     is, so it never shows up as a change. Raises GuardRefused, writing nothing, when the
     repository's EXPERIMENTS.md holds uncommitted work of someone else's (`users_changes`)."""
-    path = Path(out) if out is not None else summary_path(cfg)
+    path = Path(out).expanduser() if out is not None else summary_path(cfg)
     if out is None:
         why = users_changes(cfg.root, path)
         if why is not None:
             raise GuardRefused(f"{path.name} {why}: left exactly as it is (commit or discard that, then `moectl summary`)")
+    elif path.resolve() == summary_path(cfg).resolve():
+        raise UsageError(f"-o {out} is the repository's own {SUMMARY_NAME}: run `moectl summary` without -o "
+                         "(it leaves anyone else's edits there alone)")
+    elif path.is_dir():
+        raise UsageError(f"-o {out} is a directory; give a file name")
     text = render_summary(cfg)
     try:
         old = path.read_text(encoding="utf-8")
     except (FileNotFoundError, UnicodeDecodeError):
         old = None
+    if out is not None and path.exists() and not _a_summary(old):
+        # -o replaces its own earlier output only: not a README, notes, or anything else of anyone's.
+        raise UsageError(f"-o {out} exists and is not a summary moectl wrote; not replacing it (choose a new file)")
     if old is not None and _body(old) == _body(text):
         return path, False
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -258,6 +266,13 @@ def refresh_summary(cfg: Config, out: Optional[Path] = None) -> tuple[Path, bool
     if out is None:
         _remember_written(cfg.root, path)
     return path, True
+
+
+def _a_summary(text: Optional[str]) -> bool:
+    """Whether `text` is a document `render_summary` wrote (its title line and its timestamp line)."""
+    lines = (text or "").splitlines()
+    return bool(lines) and lines[0].endswith(" — experiments progress summary") and any(
+        line.startswith(TIMESTAMP_PREFIX) for line in lines[:12])
 
 
 # EXPERIMENTS.md is a file moectl rewrites and commits, in the user's own repository. An edit of

@@ -285,6 +285,24 @@ def test_the_users_own_edits_to_experiments_md_are_never_overwritten_or_unstaged
     assert not doc.exists() and git(git_repo, "status", "--porcelain") == " D EXPERIMENTS.md\n"
 
 
+def test_summary_o_replaces_only_its_own_earlier_output(git_repo, artifact_root, monkeypatch, tmp_path):
+    # -o README.md used to replace the user's README, and -o EXPERIMENTS.md their uncommitted edits.
+    summary_project(git_repo, monkeypatch)
+    (git_repo / "README.md").write_text("my readme, edited\n")
+    (git_repo / "EXPERIMENTS.md").write_text("my handoff note\n")
+    before = {p: p.read_bytes() for p in (git_repo / "README.md", git_repo / "EXPERIMENTS.md")}
+    r = cli("summary", "--no-commit", "-o", "README.md")
+    assert r.exit_code == 2 and "exists and is not a summary moectl wrote; not replacing it" in r.output
+    r = cli("summary", "--no-commit", "-o", "EXPERIMENTS.md")
+    assert r.exit_code == 2 and "is the repository's own EXPERIMENTS.md" in r.output
+    assert {p: p.read_bytes() for p in before} == before
+    out = tmp_path / "handoff.md"
+    assert cli("summary", "-o", str(out)).exit_code == 0 and out.read_text().startswith("# moe — experiments progress summary")
+    assert cli("summary", "-o", str(out)).exit_code == 0  # its own earlier output: replaced (or left, if the same)
+    r = cli("summary", "-o", str(tmp_path))
+    assert r.exit_code == 2 and "is a directory" in r.output
+
+
 def test_summary_on_an_empty_store(git_repo, artifact_root, monkeypatch):
     summary_project(git_repo, monkeypatch)
     r = cli("summary", "--no-commit")

@@ -187,7 +187,7 @@ def _follow_slurm_sweep(outcome, *, detach: bool, json_out: bool, out) -> None:
 @handle_errors
 def summary(
     no_commit: Annotated[bool, typer.Option("--no-commit", help="Write EXPERIMENTS.md but do not commit it.")] = False,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", parser=PATH, help="Write here instead of <repo>/EXPERIMENTS.md (never committed).", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", parser=PATH, help="Write here instead of <repo>/EXPERIMENTS.md (never committed): a new file, or one an earlier -o wrote.", show_default=False)] = None,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -208,6 +208,10 @@ def summary(
     from moectl.summary import refresh_summary
 
     cfg = load_config(config)
+    if output is not None:
+        from moectl.cli.artifacts import _refuse_read_only
+
+        _refuse_read_only(cfg, output, "-o")  # as every file moectl writes (exit 3)
     path, changed = refresh_summary(cfg, output)
     sha, commit_error = None, None
     # Up to date on disk is not committed: a `--no-commit` run refreshed the file and left HEAD's
