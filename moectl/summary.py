@@ -110,7 +110,10 @@ def _sweep_section(cfg: Config, chain: list[SweepRecord], runs: dict[str, RunRec
 def _run_row(r: store.StoredRun) -> str:
     vals = [summary_cell(r.summary, m, COLUMNS[m][1])
             for m in ("tok_per_sec", "dt_ms", "mfu", "peak_mem_mib", "total_time_min", "final_loss")]
-    return "| " + " | ".join([f"`{r.id}`", r.display_status, r.tag or "—", *vals]) + " |"
+    # Each run's own tail (its record's window, the steps it had): runs of other windows sit in one table.
+    tail = f"{r.summary.steps}/{r.summary.window}" if r.summary is not None else "—"
+    status = r.display_status + (" !" if r.warnings else "")  # a warning (a diverged loss...): `moectl show`
+    return "| " + " | ".join([f"`{r.id}`", status, r.tag or "—", tail, *vals]) + " |"
 
 
 def _shown(path, root: Optional[Path] = None) -> str:
@@ -175,10 +178,9 @@ def render_summary(cfg: Config, now: Optional[datetime] = None) -> str:
     standalone = [r for r in scan.runs if not r.sweep and not (Path(r.exp_dir).parent / "sweep.json").exists()]
     lines += ["## Standalone Runs", ""]
     if standalone:
-        w = cfg.metrics.window
-        lines += [f"| run | status | tag | tail{w} tok/sec | tail{w} dt (ms) | tail{w} MFU % | peak mem (MiB) "
+        lines += ["| run | status | tag | tail steps/window | tail tok/sec | tail dt (ms) | tail MFU % | peak mem (MiB) "
                   "| total (min) | final loss |",
-                  "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         lines += [_run_row(r) for r in standalone[:STANDALONE_LIMIT]]
         lines += marked_footnote([r.summary for r in standalone[:STANDALONE_LIMIT]])
         if len(standalone) > STANDALONE_LIMIT:

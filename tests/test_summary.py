@@ -152,7 +152,7 @@ def test_summary_has_every_section(git_repo, artifact_root, monkeypatch):
     assert f"moectl sweep --resume {ids['wide']} --slurm\n" in unfinished  # it ran on Slurm: it resumes there
     assert ids["original"] + "\n" not in unfinished and ids["done"] not in unfinished
     standalone = text.split("## Standalone Runs")[1].split("## Latest Report Commits")[0]
-    assert f"`{ids['imported']}` | imported | old_baseline | 777.00† | 10.00† |" in standalone
+    assert f"`{ids['imported']}` | imported | old_baseline | 5/5 | 777.00† | 10.00† |" in standalone
     assert "† warm-up only: the run has no step past its first 10 (compile / warm-up)" in standalone
     assert "moe-a" not in standalone  # sweep legs are not standalone runs
     head = git(git_repo, "rev-parse", "HEAD").strip()
