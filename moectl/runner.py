@@ -119,6 +119,7 @@ def execute_run(
             record.status = "interrupted" if stopped else "failed"
             record.finished_at = store.now_iso()
             record.error = "interrupted before training started" if stopped else f"moectl: {type(exc).__name__}: {exc}"
+            record.exit_code = EXIT_INTERRUPTED if stopped else None
             store.save_run(record)
             raise
 
@@ -220,7 +221,8 @@ def finish_record(record: RunRecord, result: LaunchResult, plan: RunPlan,
     if result.interrupted:
         record.status = "interrupted"
         record.error = f"interrupted by {result.signal_name}" + (f"\n{result.log_tail}" if result.log_tail else "")
-        exit_code = EXIT_INTERRUPTED
+        # moectl's own code (SPEC §8), not what torchrun happened to exit with once stopped (1, -15, -9)
+        record.exit_code = exit_code = EXIT_INTERRUPTED
     elif parser is not None and parser.steps_seen == 0:
         # Exit 0 or not, a run that never printed a step measured nothing: it did not complete.
         record.status = "failed"

@@ -91,6 +91,7 @@ def test_signal_stops_everything_records_interrupted_and_releases_lock(proj, art
     rec = record(exp)
     name = signal.Signals(sig).name
     assert rec["status"] == "interrupted" and rec["error"].startswith(f"interrupted by {name}")
+    assert rec["exit_code"] == 130  # moectl's (SPEC §8), as it exited: not torchrun's 1 / -15 once stopped
     done = steps_so_far(artifact_root)
     # The metrics so far, summarised: past the default 10 warm-up steps the window is the clean
     # steps (at most 50); a run stopped inside its warm-up is summarised over what exists, marked.
