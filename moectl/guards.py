@@ -141,6 +141,9 @@ def _gpu_problems(cfg: Config, obs: Observed) -> list[str]:
         if x.error:
             problems.append(f"GPU {x.index}: NVML error: {x.error}")
             continue
+        if x.mem_used_mib is None:  # idle cannot be shown, so it is not assumed
+            problems.append(f"GPU {x.index}: its memory use is unknown")
+        # (No utilization - NVML reports none for a MIG instance - leaves memory and processes to judge.)
         if x.util_pct is not None and x.util_pct > g.max_util_pct:
             problems.append(f"GPU {x.index}: util {x.util_pct:g}% > {g.max_util_pct:g}%")
         if x.mem_used_mib is not None and x.mem_used_mib > g.max_mem_mib:

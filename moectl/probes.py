@@ -234,7 +234,10 @@ def _nvml_from_driver() -> NvmlReading:
             try:
                 h = pynvml.nvmlDeviceGetHandleByIndex(i)
                 g.name = _decode(pynvml.nvmlDeviceGetName(h))
-                g.util_pct = float(pynvml.nvmlDeviceGetUtilizationRates(h).gpu)
+                try:
+                    g.util_pct = float(pynvml.nvmlDeviceGetUtilizationRates(h).gpu)
+                except pynvml.NVMLError_NotSupported:
+                    g.util_pct = None  # a MIG instance: memory and processes still tell
                 mem = pynvml.nvmlDeviceGetMemoryInfo(h)
                 g.mem_used_mib, g.mem_total_mib = mem.used / 2**20, mem.total / 2**20
                 for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h):

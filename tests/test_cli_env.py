@@ -217,6 +217,7 @@ def test_check_table_output_and_guard_exit_code(project, fake_nvml):
         ({"gpus": [gpu(0, mem_used_mib=5000)]}, "5000 MiB used"),
         ({"gpus": [gpu(0, processes=[{"pid": 31337, "name": "python", "used_mib": 10}])]}, "pid 31337"),
         ({"error": "Driver Not Loaded"}, "NVML unavailable (Driver Not Loaded)"),
+        ({"gpus": [{"index": 0}]}, "GPU 0: its memory use is unknown"),  # idle cannot be shown: not assumed
     ],
 )
 def test_gpu_states_refuse_a_cuda_run_until_overridden(project, fake_nvml, reading, fragment):
@@ -225,6 +226,16 @@ def test_gpu_states_refuse_a_cuda_run_until_overridden(project, fake_nvml, readi
     assert code == 3 and not g["gpus_idle"]["ok"] and fragment in g["gpus_idle"]["message"]
     code, data, g = check_json("--device", "cuda", "--override", "no_other_training", "--override", "gpus_idle")
     assert code == 0 and g["gpus_idle"]["overridden"] is True
+
+
+def test_a_reading_without_some_fields_is_shown_with_question_marks_not_a_crash(project, fake_nvml):
+    fake_nvml(gpus=[{"index": 0}])
+    r = invoke("status")
+    assert r.exit_code == 0 and "[0] ?  util ?%  mem ?/? MiB  no processes" in r.stdout, r.output
+    # A MIG instance reports no utilization: its memory and processes still judge it.
+    fake_nvml(gpus=[gpu(0, util_pct=None)])
+    code, data, g = check_json("--device", "cuda", "--override", "no_other_training")
+    assert code == 0 and g["gpus_idle"]["ok"], g["gpus_idle"]
 
 
 def test_idle_gpus_pass_and_auto_device_picks_cuda(project, fake_nvml):

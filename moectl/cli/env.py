@@ -67,7 +67,8 @@ def _render_status(s: dict) -> None:
         out(f"config      {s['config_error'] or 'none'}")
     out(f"artifacts   {s['artifact_root']}")
     if s["gpus"] is None:
-        out(f"GPUs        NVML unavailable: {s['nvml_error']}")
+        fake = f" (a FAKE reading from MOECTL_FAKE_NVML={s['nvml_fake']})" if s.get("nvml_fake") else ""
+        out(f"GPUs        NVML unavailable: {s['nvml_error']}{fake}")
     elif not s["gpus"]:
         out("GPUs        none visible")
     else:
@@ -77,9 +78,13 @@ def _render_status(s: dict) -> None:
             if g.get("error"):
                 out(f"  [{g['index']}] {g['name']}  error: {g['error']}")
                 continue
-            procs = ", ".join(f"{p['pid']} {p['name']}".strip() for p in g["processes"]) or "no processes"
-            out(f"  [{g['index']}] {g['name']}  util {g['util_pct']:g}%  "
-                f"mem {g['mem_used_mib']:.0f}/{g['mem_total_mib']:.0f} MiB  {procs}")
+            procs = ", ".join(f"{p['pid']} {p['name']}".strip() for p in g.get("processes") or []) or "no processes"
+
+            def num(v, f):  # a field NVML (or a fake file) did not give: `?`, never a crash
+                return "?" if v is None else format(v, f)
+
+            out(f"  [{g['index']}] {g.get('name') or '?'}  util {num(g.get('util_pct'), 'g')}%  "
+                f"mem {num(g.get('mem_used_mib'), '.0f')}/{num(g.get('mem_total_mib'), '.0f')} MiB  {procs}")
     procs = s["training_processes"]
     out(f"training    {len(procs) or 'none'}")
     for p in procs:

@@ -51,10 +51,10 @@ def sweep(
       # compared as one group (mean of tail means ± between-runs error)
 
     Examples:
-      [bold]moectl sweep capacity.toml --dry-run[/bold]
-      [bold]moectl sweep capacity.toml --baseline static_cap0p0[/bold]
+      [bold]moectl sweep sweeps/capacity.toml --dry-run[/bold]
+      [bold]moectl sweep sweeps/capacity.toml --baseline static_cap0p0[/bold]
       [bold]moectl sweep --resume 20260224_172715_moe-capacity[/bold]
-      [bold]moectl sweep capacity.toml --slurm --max-parallel 4[/bold]   (legs side by side as Slurm jobs)
+      [bold]moectl sweep sweeps/capacity.toml --slurm --max-parallel 4[/bold]   (legs side by side as Slurm jobs)
 
     With --slurm every leg is a Slurm job (at most --max-parallel at once) and one more job writes the
     final comparison, figures and report once the last leg settles; moectl follows them to the end
