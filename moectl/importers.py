@@ -153,6 +153,8 @@ def parse_csv(text: str, run: Optional[str] = None) -> ParsedLog:
                 if key is None or raw is None:
                     continue  # ragged row
                 name = _CSV_ALIASES.get(key.strip(), key.strip())
+                if name != "loss" and raw.strip().lower() in ("nan", "-nan", "inf", "-inf", "-"):
+                    continue  # a figure the step lacks: that cell is missing, the step (and its loss) is not
                 if name in _STEP_FIELDS and raw.strip() != "":
                     # a diverged step's loss is `nan` (as `moectl export` writes it): a step, not a bad row
                     kwargs[name] = (loss_number if name == "loss" else _number)(raw.strip())

@@ -147,6 +147,12 @@ def test_a_csv_cut_mid_row_drops_that_row_with_a_warning_but_a_whole_last_row_is
     assert [(s.step, s.tok_per_sec) for s in whole.steps] == [(0, 800000.0), (1, 822814.0)] and whole.warnings == []
 
 
+def test_a_csv_cell_that_is_nan_outside_the_loss_is_a_missing_figure_not_a_lost_step():
+    parsed = parse_csv("step,loss,tok_sec,bf16_mfu\n0,2.0,nan,1.0\n1,1.9,800,-\n")
+    assert [(s.step, s.loss, s.tok_per_sec, s.mfu) for s in parsed.steps] == [(0, 2.0, None, 1.0), (1, 1.9, 800.0, None)]
+    assert parsed.skipped == 0
+
+
 def test_csv_without_a_loss_column_names_it():
     with pytest.raises(UsageError, match=r"csv has no 'loss' column \(header: step,dt_ms\)"):
         parse_csv("step,dt_ms\n0,1.0\n1,2.0\n")
