@@ -103,7 +103,8 @@ def test_csv_engine_style_needs_run_choice_when_several():
 def test_a_csv_row_whose_loss_is_nan_is_a_diverged_step_not_a_bad_row():
     """`moectl export` writes a diverged step's loss as `nan`: importing that table keeps the step."""
     parsed = parse_csv("run,step,loss,dt_ms\nr,0,2.5,10.0\nr,1,nan,11.0\nr,2,-inf,12.0\nr,3,2.5,nan\n")
-    assert [s.step for s in parsed.steps] == [0, 1, 2] and parsed.skipped == 1  # a NaN dt is still no figure
+    assert [s.step for s in parsed.steps] == [0, 1, 2, 3] and parsed.skipped == 0
+    assert (parsed.steps[3].loss, parsed.steps[3].dt_ms) == (2.5, None)  # a NaN dt is no figure; the step stays
     assert parsed.steps[1].loss != parsed.steps[1].loss and parsed.steps[1].dt_ms == 11.0
     assert parsed.steps[2].loss == float("-inf")
 
