@@ -171,7 +171,7 @@ class _Terminate:
 
 
 class _Finishing:
-    """Ctrl-C / SIGTERM while the final report is written (seconds: figures, report, one commit):
+    """Ctrl-C / SIGTERM / SIGHUP while the final report is written (seconds: figures, report, one commit):
     the first is noted and the report finished, so the sweep never ends without its final report
     and commit (its legs are all settled: `--resume` would have nothing to rerun, and nothing would
     write it). A second one aborts (KeyboardInterrupt)."""
@@ -180,12 +180,18 @@ class _Finishing:
         self.say, self.signalled, self.previous = say, None, {}
 
     def __enter__(self):
+        from moectl.launch import stop_signals
+
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in stop_signals():
                 self.previous[sig] = signal.signal(sig, self._note)
         return self
 
     def _note(self, signum, frame):
+        if signum == signal.SIGHUP:
+            from moectl.launch import hung_up
+
+            hung_up()
         if self.signalled is not None:
             raise KeyboardInterrupt
         self.signalled = signal.Signals(signum).name
