@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import resource
 import signal
@@ -29,6 +30,7 @@ import time
 import traceback
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -171,13 +173,25 @@ def resolve_options(argv) -> argparse.Namespace:
         raise BadOptions("--save-every needs --ckpt-dir")
     if not 0.0 <= args.warmdown_frac <= 1.0:
         raise BadOptions(f"--warmdown-frac must be in [0, 1], got {args.warmdown_frac}")
+    for name, value in vars(args).items():  # nan/inf pass every `< 0` check below, and poison a run
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BadOptions(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     if args.lr <= 0:
         raise BadOptions(f"--lr must be > 0, got {args.lr}")
     if args.peak_flops is not None and args.peak_flops <= 0:
         raise BadOptions("--peak-flops must be > 0")
+    if args.total_batch_size is not None and args.total_batch_size <= 0:
+        # -1024 is a multiple of 1024: zero micro-steps a step, an optimizer stepping on nothing
+        raise BadOptions(f"--total-batch-size must be > 0, got {args.total_batch_size}")
+    if args.grad_clip < 0:
+        raise BadOptions(f"--grad-clip must be >= 0 (0 = off), got {args.grad_clip}")
+    for flag, where in (("--out-dir", args.out_dir), ("--ckpt-dir", args.ckpt_dir)):
+        blocker = _file_in_the_way(where)
+        if blocker is not None:  # found now, not by the checkpoint save at the end of the run
+            raise BadOptions(f"{flag} {where}: {blocker} is a file, not a directory")
     try:
         model_config(args, vocab_size=args.vocab_size or 256).validate()
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:
         raise BadOptions(str(exc)) from None
     if args.ep != 1:
         try:
@@ -195,12 +209,23 @@ def resolve_options(argv) -> argparse.Namespace:
         ok, reason = fp8_supported(torch.device(args.device))
         if not ok:
             raise BadOptions(f"{flag} is not supported here: {reason}")
-        try:  # shape rules of torch._scaled_mm: build the model on the meta device (free) to check them
-            with torch.device("meta"):
-                GPT(model_config(args, vocab_size=args.vocab_size or 256))
-        except ValueError as exc:
-            raise BadOptions(f"{flag}: {exc}") from None
+    try:  # the layers' own rules (dispatch vs cap, torch._scaled_mm's shapes): built on meta, free
+        with torch.device("meta"):
+            GPT(model_config(args, vocab_size=args.vocab_size or 256))
+    except (ValueError, OverflowError) as exc:
+        fp8 = "--fp8" if args.fp8 else "--fp8-dense"
+        raise BadOptions(f"{fp8}: {exc}" if str(exc).startswith("fp8 ") else str(exc)) from None  # (engine.fp8's)
     return args
+
+
+def _file_in_the_way(directory) -> Optional[str]:
+    """The file standing where `directory` (or one of its parents) must be a directory, if any."""
+    if not directory:
+        return None
+    for p in [Path(directory), *Path(directory).parents]:
+        if p.exists():
+            return None if p.is_dir() else str(p)
+    return None
 
 
 def model_config(args, vocab_size: int) -> GPTConfig:
@@ -376,7 +401,10 @@ def _train(args, open_files: list) -> int:
     expert_names = model.expert_param_names()
     is_expert = set(expert_names).__contains__
     expert_numel = sum(p.numel() for n, p in model.named_parameters() if is_expert(n))
-    state = checkpoint.load(resume_path) if resume_path is not None else None
+    try:
+        state = checkpoint.load(resume_path) if resume_path is not None else None
+    except Exception as exc:  # cut short, copied half-way, not ours: a one-line refusal, not a traceback
+        raise BadOptions(f"--resume {resume_path}: cannot read this checkpoint: {_first_line(exc)}") from None
     if state is not None:
         try:
             model.load_state_dict(state["model"])

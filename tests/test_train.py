@@ -110,11 +110,37 @@ def test_bad_options_exit_2_with_one_line():
     (["--save-every", "5"], "needs --ckpt-dir"),
     (["--resume", "latest"], "needs --ckpt-dir"),
     (["--fp8-dense", "--depth", "1", "--aspect-ratio", "40", "--head-dim", "8"], "multiple of 16"),
+    # -1024 is a multiple of 1024: it "trained" zero micro-steps a step, loss -0.0, exit 0
+    (["--total-batch-size", "-1024"], "--total-batch-size must be > 0, got -1024"),
+    # the MoE layer's own rules, refused before a model is built (were a traceback and exit 1)
+    (["--dispatch", "padded", "--cap", "0"], "--dispatch padded needs --cap > 0"),
+    (["--dispatch", "grouped", "--cap", "1"], "--dispatch grouped is dropless"),
+    (["--balance-coeff", "-1"], "--balance-coeff and z_coeff must be >= 0"),
+    # nan / inf pass every `< 0` check: refused by name (were a traceback, or a quietly empty metrics.jsonl)
+    (["--cap", "nan"], "--cap must be a finite number, got nan"),
+    (["--expert-hidden-mult", "inf"], "--expert-hidden-mult must be a finite number, got inf"),
+    (["--lr", "inf"], "--lr must be a finite number"),
+    (["--grad-clip", "nan"], "--grad-clip must be a finite number"),
+    (["--grad-clip", "-1"], "--grad-clip must be >= 0 (0 = off)"),
 ])
 def test_more_bad_options_in_process(argv, needle, capsys):
     assert main(["--preset", "tiny", "--steps", "1", *argv]) == EXIT_BAD_OPTIONS
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+
+
+def test_a_checkpoint_dir_that_is_a_file_or_a_corrupt_checkpoint_is_refused_before_training(tmp_path, capsys):
+    # A --ckpt-dir that is a file was found by the final save, after every step had trained.
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    out = tmp_path / "out"
+    assert main(["--preset", "tiny", "--steps", "1", "--ckpt-dir", str(afile), "--out-dir", str(out)]) == EXIT_BAD_OPTIONS
+    assert f"--ckpt-dir {afile}: {afile} is a file, not a directory" in capsys.readouterr().err and not out.exists()
+    bad = tmp_path / "model_000004.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["--preset", "tiny", "--steps", "1", "--resume", str(bad)]) == EXIT_BAD_OPTIONS
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --resume {bad}: cannot read this checkpoint:"), err
 
 
 def test_explicit_options_override_the_preset():
