@@ -134,6 +134,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--plain-malloc", action="store_true", help="CPU: glibc's default malloc settings (see engine.malloc)")
     a = p.parse_args(argv)
+    # Shapes and counts, by name: a 0 or negative one was an IndexError or "no median for empty data".
+    for flag, value, least in (("--tokens", a.tokens, 1), ("--dim", a.dim, 1), ("--hidden", a.hidden, 0),
+                               ("--repeats", a.repeats, 1), ("--warmup", a.warmup, 0), ("--threads", a.threads, 0)):
+        if value < least:
+            p.exit(2, f"error: {flag} must be >= {least}, got {value}\n")
     kept = a.device == "cpu" and not a.plain_malloc and keep_freed_memory()
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -57,6 +57,12 @@ def test_bench_human_output_and_bad_option(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0 and "--top-k must be between" in err
+    for argv, said in ((["--tokens", "0"], "--tokens must be >= 1, got 0"), (["--repeats", "0"], "--repeats must be >= 1"),
+                       (["--threads", "-1"], "--threads must be >= 0")):  # were an IndexError / "no median"
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.strip() == f"error: {said}" or said in err, err
 
 
 FAULTS_PER_STEP = """
