@@ -218,6 +218,23 @@ def resolve_options(argv) -> argparse.Namespace:
     return args
 
 
+def _warn_if_resumed_differently(resume_path: Path, step: int, args, world: int) -> None:
+    """A resume under another --steps changes the lr schedule from here on, and under another world
+    size the data order (each rank reads its own share of the chunks): allowed, and said."""
+    meta_path = Path(resume_path).with_name(f"meta_{step:06d}.json")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return  # no meta beside it (a copied .pt): nothing to compare with
+    planned = (meta.get("options") or {}).get("steps")
+    if planned is not None and planned != args.steps:
+        print(f"warning: resuming a run planned for {planned} steps with --steps {args.steps}: "
+              "the lr schedule from here on differs from the original's", file=sys.stderr, flush=True)
+    if meta.get("world_size") not in (None, world):
+        print(f"warning: resuming a run of world size {meta['world_size']} with {world} processes: the batch "
+              "per rank and the order of the data differ from the original's", file=sys.stderr, flush=True)
+
+
 def _file_in_the_way(directory) -> Optional[str]:
     """The file standing where `directory` (or one of its parents) must be a directory, if any."""
     if not directory:
@@ -428,6 +445,11 @@ def _train(args, open_files: list) -> int:
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
         start_step, elapsed_s = int(state["step"]), float(state.get("elapsed_s", 0.0))
+        if start_step >= args.steps:
+            raise BadOptions(f"--resume {resume_path}: the checkpoint is at step {start_step}; --steps {args.steps} "
+                             "leaves nothing to train")
+        if master:
+            _warn_if_resumed_differently(resume_path, start_step, args, world)
     step_model = model if args.compile == "none" else torch.compile(model, dynamic=args.compile == "dynamic")
     if ddp:  # DDP around the compiled module: DDP's own hooks do the all-reduce, no_sync works as usual
         if ep is not None:  # expert grads are reduced by ep.reduce_grads, over ranks holding the same experts

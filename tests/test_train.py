@@ -90,6 +90,19 @@ def test_resume_continues_step_count_and_data_position(tmp_path):
         assert b.lr == a.lr
 
 
+def test_a_resume_that_leaves_nothing_to_train_is_refused_and_another_plan_is_said(tmp_path, capsys):
+    common = ["--preset", "tiny", "--device-batch-size", "8", "--total-batch-size", "1024"]
+    ckpt = tmp_path / "ckpt"
+    assert main(common + ["--steps", "6", "--ckpt-dir", str(ckpt), "--save-every", "4"]) == 0
+    capsys.readouterr()
+    # Was exit 0 with no step trained and a summary of nothing.
+    assert main(common + ["--steps", "3", "--resume", str(ckpt / "model_000004.pt")]) == EXIT_BAD_OPTIONS
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --resume {ckpt / 'model_000004.pt'}: the checkpoint is at step 4; --steps 3 leaves nothing to train"]
+    assert main(common + ["--steps", "5", "--resume", str(ckpt / "model_000004.pt")]) == 0
+    assert "warning: resuming a run planned for 6 steps with --steps 5" in capsys.readouterr().err
+
+
 def test_bad_options_exit_2_with_one_line():
     cases = [["--cap", "-1"], ["--top-k", "0"], ["--top-k", "5", "--n-experts", "4"]]
     procs = [subprocess.Popen([sys.executable, "-m", "engine.train", "--preset", "tiny", *args], cwd=ROOT, env=env(),
