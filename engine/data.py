@@ -65,12 +65,13 @@ def load_tokens(spec: str, cap_bytes: int = DEFAULT_CAP_BYTES) -> tuple[torch.Te
         return _bytes_to_tokens(data), BYTE_VOCAB
     if path.is_file() and path.suffix == ".bin":
         raw = path.read_bytes()
+        if not raw:  # (torch.frombuffer has its own words for an empty buffer)
+            raise ValueError(f"--data {spec}: empty token file")
         if len(raw) % 2:
             raise ValueError(f"--data {spec}: odd byte count, not a uint16 token file")
         tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint16).to(torch.int32)
-        if tokens.numel() == 0:
-            raise ValueError(f"--data {spec}: empty token file")
-        return tokens, int(tokens.max()) + 1
+        # A one-token vocabulary has nothing to predict (and a model needs two outputs at least).
+        return tokens, max(2, int(tokens.max()) + 1)
     if path.is_file():
         return _bytes_to_tokens(path.read_bytes()), BYTE_VOCAB
     raise ValueError(f"--data {spec}: no such file or directory (use 'default', 'synthetic', a directory or a .bin file)")
@@ -94,7 +95,7 @@ class TokenLoader:
         self.n_chunks = (tokens.numel() - 1) // (B * T)
         if self.n_chunks < world_size:
             raise ValueError(
-                f"data too small: {tokens.numel()} tokens give {self.n_chunks} batches of "
+                f"data too small: {tokens.numel()} tokens give {max(self.n_chunks, 0)} batches of "
                 f"{B}x{T}, fewer than the {world_size} rank(s)"
             )
         self.k = 0  # micro-batches drawn so far by each rank

@@ -76,3 +76,16 @@ def test_synthetic_is_seeded_per_rank_and_position():
     resumed = data.SyntheticLoader(1000, 2, 16, seed=3, rank=0, world_size=2)
     resumed.load_state_dict(state)
     assert all(torch.equal(u, v) for u, v in zip(resumed.next_batch(), nxt))
+
+
+def test_an_empty_or_single_valued_token_file_is_said_plainly(tmp_path):
+    from engine.data import load_tokens
+
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="empty token file"):  # not torch.frombuffer's own words
+        load_tokens(str(empty))
+    zeros = tmp_path / "zeros.bin"
+    zeros.write_bytes(bytes(64))
+    tokens, vocab = load_tokens(str(zeros))
+    assert tokens.numel() == 32 and vocab == 2  # a model needs two outputs; was a "--vocab-size >= 2" traceback
