@@ -303,6 +303,18 @@ def test_summary_o_replaces_only_its_own_earlier_output(git_repo, artifact_root,
     assert r.exit_code == 2 and "is a directory" in r.output
 
 
+def test_a_completed_leg_whose_run_directory_is_gone_shows_as_missing_and_unfinished(git_repo, artifact_root,
+                                                                                      monkeypatch):
+    # A resume runs such a leg again: the handoff must not call it completed.
+    import shutil
+
+    summary_project(git_repo, monkeypatch)
+    ids = populate(artifact_root)
+    shutil.rmtree(artifact_root / ids["done"] / "20260101_100101_moe-fast")
+    done = render_summary(load_config()).split("### done")[1].split("###")[0]
+    assert "| fast | missing |" in done and f"Unfinished legs: `fast` — resume with `moectl sweep --resume {ids['done']}`" in done
+
+
 def test_summary_on_an_empty_store(git_repo, artifact_root, monkeypatch):
     summary_project(git_repo, monkeypatch)
     r = cli("summary", "--no-commit")

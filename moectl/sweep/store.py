@@ -182,7 +182,10 @@ def runs_by_id(root: Path) -> dict[str, store.StoredRun]:
 def leg_status(leg: SweepLeg, runs: dict[str, RunRecord]) -> str:
     """The state to show for a leg: sweep.json's, except that a `running` leg is checked against its
     run record - `stale` when the record is missing or its owner died (SIGKILL, reboot), or the
-    record's final status when moectl died between finishing the run and updating sweep.json."""
+    record's final status when moectl died between finishing the run and updating sweep.json - and
+    a `completed` one whose run directory is gone is `missing`. `runs`: every run of the store."""
+    if leg.state == "completed" and leg.run_id and leg.run_id not in runs:
+        return "missing"  # its run directory is gone: a resume runs it again, so say so
     if leg.state not in ("queued", "running"):
         return leg.state
     rec = runs.get(leg.run_id) if leg.run_id else None
