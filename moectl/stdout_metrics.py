@@ -64,8 +64,11 @@ def split_lines(buffer, *, ended: bool = False):
     `ended`: nothing follows, so a last `\r` ends its line (the rest is then a line cut mid-print)."""
     pattern = _LINE_BYTES if isinstance(buffer, bytes) else _LINE_TEXT
     lines, end = [], 0
-    for m in pattern.finditer(buffer):
-        if m.start() != end:
+    while end < len(buffer):
+        # Anchored at `end`: a failed match scans the unterminated rest once. (finditer would retry
+        # from every position of it, each scan to the end: quadratic in a long line.)
+        m = pattern.match(buffer, end)
+        if m is None:
             break
         lines.append(m.group())
         end = m.end()

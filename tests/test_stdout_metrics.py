@@ -75,6 +75,18 @@ def test_lines_end_at_newlines_and_at_the_carriage_return_of_a_redrawn_bar():
     assert split_lines("half a li") == ([], "half a li")
 
 
+@pytest.mark.timeout(60)
+def test_a_long_unterminated_line_is_split_in_one_pass():
+    # A line without its newline yet (a 3 MB debug line arriving, a crash mid-print) was scanned again
+    # from every position: 24 s for 64 KiB, hours for a few MB, and the tee holding the GIL meanwhile.
+    from moectl.stdout_metrics import split_lines
+
+    lines, rest = split_lines(b"iter 0: loss 1.0\n" + b"x" * 3_000_000)
+    assert lines == [b"iter 0: loss 1.0\n"] and len(rest) == 3_000_000
+    lines, rest = split_lines("a\r" * 200_000 + "z" * 1_000_000)
+    assert len(lines) == 200_000 and len(rest) == 1_000_000
+
+
 def test_a_tqdm_bar_is_a_step_per_redraw_and_a_refresh_is_no_new_step(tmp_path):
     fmt = StdoutFormat.build("regex", step=r"\| (\d+)/\d+ \[", patterns={"loss": r"loss=([\d.]+)", "dt_ms": r"dt=([\d.]+)ms"})
     text = subprocess.run([sys.executable, str(FIXTURE), "--style=tqdm", "--max_iters=12"], capture_output=True,
