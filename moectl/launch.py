@@ -315,31 +315,51 @@ def _echo_to_stdout(text: str) -> None:
 
 
 # What torchrun does for its workers, for a trainer started as one plain `python script ...`
-# (launcher = "python"): run it, and on SIGTERM/SIGINT stop its whole process group - the trainer
-# and whatever it started - escalating to SIGKILL after the grace period. Without it, a moectl
-# killed without a word (its parent-death signal reaching only its direct child) stopped the
-# trainer but left the trainer's own children running on unrecorded. Stdlib only; it runs on
-# moectl's interpreter, in the session launch() gives the child, and leaves with the trainer's
-# exit status (a trainer killed by a signal: the same signal).
+# (launcher = "python"): run it in a process group of its own, and on SIGTERM/SIGINT/SIGHUP stop
+# that whole group - the trainer and whatever it started - escalating to SIGKILL after the grace.
+# Without it, a moectl killed without a word (its parent-death signal reaching only its direct
+# child) stopped the trainer but left the trainer's own children running on unrecorded. Stdlib
+# only; it runs on moectl's interpreter, in the session launch() gives the child, and leaves with
+# the trainer's exit status (a trainer killed by a signal: the same signal, SIGKILL included).
 SUPERVISOR = """\
 import os, signal, subprocess, sys, time
 grace = float(sys.argv[1])
-child = subprocess.Popen(sys.argv[2:])
+def own_group():
+    os.setpgrp()  # the trainer and its helpers: a group of their own, which this process is not in
+    try:  # and it stops if this process dies (SIGKILLed itself)
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    except Exception:
+        pass
+child = subprocess.Popen(sys.argv[2:], preexec_fn=own_group)
 deadline = None
+def signal_group(sig):
+    try:
+        os.killpg(child.pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
 def stop(signum, frame):
     global deadline
     if deadline is None:
         deadline = time.monotonic() + grace
-        os.killpg(0, signum)
+        signal_group(signum)
 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
     signal.signal(sig, stop)
-while child.poll() is None:
+# Until the trainer exits; once told to stop, also until the rest of its group is gone (a helper
+# that ignores SIGTERM is SIGKILLed when the grace runs out).
+while child.poll() is None or (deadline is not None and signal_group(0)):
     time.sleep(0.05)
     if deadline is not None and time.monotonic() > deadline:
-        os.killpg(0, signal.SIGKILL)
+        signal_group(signal.SIGKILL)
 code = child.returncode
 if code < 0:
-    signal.signal(-code, signal.SIG_DFL)
+    try:
+        signal.signal(-code, signal.SIG_DFL)
+    except (OSError, ValueError):
+        pass  # SIGKILL / SIGSTOP keep their default: what os.kill below wants anyway
     os.kill(os.getpid(), -code)
 sys.exit(code)
 """

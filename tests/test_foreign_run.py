@@ -227,7 +227,9 @@ def test_a_progress_bar_redrawn_with_carriage_returns_is_read_bar_by_bar_as_it_i
 SPAWNER = """\
 import subprocess, sys, time
 from pathlib import Path
-helper = subprocess.Popen(["sleep", "300"])  # the trainer's own helper process (a data loader, say)
+# the trainer's own helper process (a data loader, say), one that ignores SIGTERM: killed after the grace
+helper = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                           "time.sleep(300)"])
 Path(sys.argv[-1]).write_text(str(helper.pid))  # after the template's args and flags
 step = 0
 while True:
@@ -267,6 +269,20 @@ def test_a_killed_moectl_takes_a_python_launched_trainers_own_children_with_it(g
             helper.kill()
     r = runner.invoke(app, ["runs", "--json"])
     assert [x["status"] for x in __import__("json").loads(r.stdout)] == ["interrupted"]
+
+
+def test_a_python_launched_trainer_killed_by_sigkill_is_recorded_so_without_a_supervisor_traceback(
+        git_repo, monkeypatch, artifact_root):
+    # The OOM killer's SIGKILL: the supervisor re-raised it with signal.signal(SIGKILL, ...), which
+    # Python refuses (OSError): the run read as exit 1 with the supervisor's traceback in its log.
+    nanogpt_project(git_repo, monkeypatch, launcher="python")
+    (git_repo / "train.py").write_text("import os, signal\nprint('iter 0: loss 1.0, time 1.00ms', flush=True)\n"
+                                       "os.kill(os.getpid(), signal.SIGKILL)\n")
+    git(git_repo, "commit", "-qam", "a trainer the OOM killer takes")
+    r = runner.invoke(app, ["run", "--device", "cpu", "--tag", "oom", *QUIET])
+    assert r.exit_code == 4, r.output
+    rec = record(run_dirs(artifact_root)[0])
+    assert (rec["status"], rec["exit_code"]) == ("failed", -9) and "Traceback" not in (rec["error"] or "")
 
 
 @pytest.mark.slow
