@@ -89,6 +89,13 @@ class LaunchSection(_Strict):
     env: dict[str, str] = Field(default_factory=lambda: {"OMP_NUM_THREADS": "1"})
     compile_fallback: bool = True
 
+    @field_validator("module")
+    @classmethod
+    def _not_a_file_name(cls, v):
+        if v is not None and v.endswith(".py"):  # `train.py` names a file: `python -m train.py` fails
+            raise ValueError(f"{v!r} is a file name, not a module: use script = {v!r} (or module = {v[:-3]!r})")
+        return v
+
     @model_validator(mode="before")
     @classmethod
     def _module_or_script(cls, data):

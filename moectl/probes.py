@@ -387,9 +387,13 @@ def probe_venv(cfg: Config) -> VenvState:
     return state
 
 
-_FIND_MODULE = ("import importlib.util, sys; sys.path.insert(0, '')\n"
-                "try:\n    found = importlib.util.find_spec(sys.argv[1]) is not None\n"
-                "except Exception:\n    found = False\nsys.exit(0 if found else 1)")
+# Where the interpreter, from the repository root, finds a module's top-level package - without
+# importing anything of the user's (find_spec of a dotted `a.b` would run `a/__init__.py`; a
+# top-level name is only looked up, editable installs' finders included): is it there, and which
+# directories hold its submodules.
+_FIND_TOP = ("import importlib.util, json, sys\n"
+             "try:\n    spec = importlib.util.find_spec(sys.argv[1])\nexcept Exception:\n    spec = None\n"
+             "print(json.dumps(None if spec is None else list(spec.submodule_search_locations or [])))")
 
 
 def probe_trainer(cfg: Config, python: Path) -> Optional[str]:
@@ -407,18 +411,38 @@ def probe_trainer(cfg: Config, python: Path) -> Optional[str]:
     if not module:
         return None
     rel = Path(*module.split("."))
-    extra = [Path(p) for p in launch.env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    for base in [cfg.root, *extra]:
-        base = base if base.is_absolute() else cfg.root / base
-        if (base / rel).with_suffix(".py").is_file() or (base / rel / "__init__.py").is_file():
-            return None
+
+    def found_in_package(locations, rest) -> bool:
+        sub = Path(*rest)
+        return any((Path(d) / sub).with_suffix(".py").is_file() or (Path(d) / sub / "__init__.py").is_file()
+                   or (Path(d) / sub.parent).is_dir() and any((Path(d) / sub.parent).glob(f"{sub.name}.*.so"))
+                   for d in locations)
+
+    def found_in(bases) -> bool:
+        for base in bases:
+            base = Path(base) if Path(base).is_absolute() else cfg.root / base
+            if (base / rel).with_suffix(".py").is_file() or (base / rel / "__init__.py").is_file():
+                return True
+            parent = base / rel.parent
+            if parent.is_dir() and any(parent.glob(f"{rel.name}.*.so")):  # a compiled module
+                return True
+        return False
+
+    extra = [p for p in launch.env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if found_in([cfg.root, *extra]):
+        return None
+    top, *rest = module.split(".")
     env = {**os.environ, **launch.env}
     try:
-        r = subprocess.run([str(python), "-c", _FIND_MODULE, module], cwd=cfg.root, env=env,
-                           capture_output=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None  # cannot ask: the venv guard says why, if anything is wrong with the interpreter
-    return None if r.returncode == 0 else f"[launch] module {module}: {python} -m {module} would not find it"
+        r = subprocess.run([str(python), "-c", _FIND_TOP, top], cwd=cfg.root, env=env, capture_output=True, timeout=30)
+        if r.returncode != 0:
+            return None  # cannot ask: the venv guard says why, if anything is wrong with the interpreter
+        locations = json.loads(r.stdout)
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None
+    if locations is not None and (not rest or found_in_package(locations, rest)):
+        return None
+    return f"[launch] module {module}: {python} -m {module} would not find it"
 
 
 @dataclass

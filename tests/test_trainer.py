@@ -230,6 +230,35 @@ def test_a_trainer_that_is_not_there_is_refused_by_the_venv_guard(tmp_path, monk
     assert result.exit_code == 0, result.output
 
 
+def test_looking_for_the_trainer_runs_none_of_its_code(tmp_path, monkeypatch, artifact_root):
+    # find_spec("pkg.sub") imports pkg (its __init__ ran, writing files); `module = "train.py"` ran train.py.
+    import subprocess
+
+    repo, outside = tmp_path / "repo", tmp_path / "outside"
+    subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True)
+    (outside / "pkg").mkdir(parents=True)  # on the PYTHONPATH of a .pth, not of [launch] env: asked, not globbed
+    (outside / "pkg" / "__init__.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('x')\n")
+    site = next(Path(p) for p in __import__("sys").path if p.endswith("site-packages"))
+    pth = site / "moectl-test-outside.pth"
+    pth.write_text(str(outside) + "\n")
+    try:
+        (repo / ".moectl.toml").write_text('[project]\nvenv = ""\nbranch = "*"\n[launch]\nmodule = "pkg.sub"\n'
+                                           '[defaults]\npreset = "tiny"\n')
+        monkeypatch.chdir(repo)
+        result = CliRunner().invoke(app, ["check", "--json", "--device", "cpu", "--override", "no_other_training"])
+        venv = next(g for g in __import__("json").loads(result.stdout)["guards"] if g["name"] == "venv")
+        assert result.exit_code == 3 and venv["message"].startswith("[launch] module pkg.sub:"), result.output
+        assert not (tmp_path / "ran").exists()  # pkg/__init__.py was not run
+        (outside / "pkg" / "sub.py").write_text("")
+        result = CliRunner().invoke(app, ["check", "--json", "--device", "cpu", "--override", "no_other_training"])
+        assert result.exit_code == 0 and not (tmp_path / "ran").exists(), result.output
+    finally:
+        pth.unlink()
+    (repo / ".moectl.toml").write_text('[project]\nvenv = ""\n[launch]\nmodule = "train.py"\n')
+    result = CliRunner().invoke(app, ["check", "--device", "cpu"])
+    assert result.exit_code == 2 and "'train.py' is a file name, not a module: use script = 'train.py'" in result.output
+
+
 def test_cli_refuses_a_checkpoint_dir_outside_the_run_before_anything_is_written(tmp_path, monkeypatch, artifact_root):
     (tmp_path / ".moectl.toml").write_text(ENGINE)
     monkeypatch.chdir(tmp_path)
