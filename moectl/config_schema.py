@@ -5,6 +5,8 @@ Only what validates a config file lives here, so that reading a config that was 
 """
 from __future__ import annotations
 
+import math
+
 import sys
 from types import SimpleNamespace
 from typing import Any, Literal, Optional, Union
@@ -387,6 +389,8 @@ def defaults_problems(data: dict) -> dict[str, str]:
             why = f"must be {_TYPE_WORDS[ENGINE_OPTIONS[key]]} (engine option --{key.replace('_', '-')}), not {value!r}"
         elif engine and key in ENGINE_LIMITS and not ENGINE_LIMITS[key][1](value):
             why = f"must be {ENGINE_LIMITS[key][0]} (engine option --{key.replace('_', '-')}), not {value!r}"
+        elif engine and isinstance(value, float) and not math.isfinite(value):  # TOML has nan and inf
+            why = f"must be a finite number (engine option --{key.replace('_', '-')}), not {value!r}"
         else:
             continue
         problems[f"defaults.{key}"] = why

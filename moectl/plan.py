@@ -10,6 +10,7 @@ Engine options: config `[defaults]` < explicit flags. The guards judge the plan;
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -192,8 +193,16 @@ def _check_folded(folded: dict[str, Any]) -> None:
         except UsageError as exc:
             raise UsageError(f"-- {exc.message}", exc.lines) from None
     for key, value in folded.items():
+        flag = f"-- --{key.replace('_', '-')}"
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"{flag}: must be a finite number, not {value!r}")
         if key not in own and key in ENGINE_LIMITS and not ENGINE_LIMITS[key][1](value):
-            raise UsageError(f"-- --{key.replace('_', '-')}: must be {ENGINE_LIMITS[key][0]}, not {value!r}")
+            raise UsageError(f"{flag}: must be {ENGINE_LIMITS[key][0]}, not {value!r}")
+        if key == "resume" and value == "latest":
+            raise UsageError(f"{flag} latest: this run's checkpoint directory is new and empty; give the checkpoint "
+                             "file (or directory) of the run to continue")
+        if key == "resume" and not Path(os.path.expanduser(str(value))).exists():
+            raise UsageError(f"{flag} {value}: no such checkpoint")
 
 
 def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Optional[int],

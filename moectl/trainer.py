@@ -79,6 +79,7 @@ def fold_engine_args(extra: list[str], options: dict[str, Any], explicit: set[st
     a value that is not of the option's type. Pure: returns (the extra arguments left, the options)."""
     options, left, i = dict(options), [], 0
     known = known or {}
+    folded: set[str] = set()
     while i < len(extra):
         token = extra[i]
         name, eq, value = token.partition("=")
@@ -95,6 +96,9 @@ def fold_engine_args(extra: list[str], options: dict[str, Any], explicit: set[st
         if key in explicit:
             raise UsageError(f"-- {name}: moectl already sets {name} for this run (a `moectl run {name}` option, "
                              "--repeat's seeds or a sweep leg's option); give it there, once")
+        if key in folded:  # the engine's argparse would take the last one without a word
+            raise UsageError(f"-- {name}: given twice after --; give it once")
+        folded.add(key)
         current = options[key] if key in options else (False if known[key] is bool else None)
         if isinstance(current, bool):
             if eq:
@@ -102,8 +106,8 @@ def fold_engine_args(extra: list[str], options: dict[str, Any], explicit: set[st
             options[key], i = True, i + 1
             continue
         if not eq:
-            if i + 1 >= len(extra):
-                raise UsageError(f"-- {name}: needs a value")
+            if i + 1 >= len(extra) or extra[i + 1].startswith("--"):
+                raise UsageError(f"-- {name}: needs a value" + (f", not the flag {extra[i + 1]}" if i + 1 < len(extra) else ""))
             value, i = extra[i + 1], i + 1
         i += 1
         # The option's own type where the engine names it (`grad_clip = 1` in [defaults] is a float

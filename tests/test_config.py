@@ -260,6 +260,7 @@ def test_a_wrong_type_through_the_cli_exits_2_and_writes_nothing(project, artifa
     ("save-every = 2.5\n", "defaults.save_every", "must be an integer (engine option --save-every)"),
     ("fp8-dense = \"yes\"\n", "defaults.fp8_dense", "must be true or false"),
     ("out-dir = \"/tmp/x\"\n", "defaults.out_dir", "set by moectl for every run"),
+    ("lr = nan\n", "defaults.lr", "must be a finite number (engine option --lr)"),  # TOML has nan and inf
 ])
 def test_engine_defaults_are_engine_options_with_one_value_each(tmp_path, text, field, says):
     with pytest.raises(UsageError) as e:

@@ -175,6 +175,12 @@ def test_engine_flags_after_dashdash_that_repeat_a_default_become_that_option_on
     (["--ep", "0"], "-- --ep: Input should be greater than or equal to 1"),
     (["--head-dim=0"], "-- --head-dim: must be greater than 0, not 0"),
     (["--bogus", "1"], "-- --bogus: not an option of the engine"),
+    # what the engine would refuse only once the run directory exists
+    (["--lr", "nan"], "-- --lr: must be a finite number, not nan"),
+    (["--data", "--lr", "0.1"], "-- --data: needs a value, not the flag --lr"),
+    (["--resume", "latest"], "-- --resume latest: this run's checkpoint directory is new and empty"),
+    (["--resume", "/nonexistent/model_000004.pt"], "-- --resume /nonexistent/model_000004.pt: no such checkpoint"),
+    (["--lr", "0.01", "--lr", "0.02"], "-- --lr: given twice after --; give it once"),
     (["stray"], "-- stray: not an option of the engine"),
 ])
 def test_engine_flags_after_dashdash_that_would_undo_what_moectl_checked_are_refused(extra, why):
