@@ -344,8 +344,13 @@ def main(argv=None) -> int:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:400]
+    """The line that says what went wrong: torch's load_state_dict opens with a header that ends in
+    a colon ("Error(s) in loading state_dict for GPT:"), the reason is on the next line."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    line = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return line[:400]
 
 
 def train(args) -> int:

@@ -149,6 +149,13 @@ def test_a_checkpoint_dir_that_is_a_file_or_a_corrupt_checkpoint_is_refused_befo
     out = tmp_path / "out"
     assert main(["--preset", "tiny", "--steps", "1", "--ckpt-dir", str(afile), "--out-dir", str(out)]) == EXIT_BAD_OPTIONS
     assert f"--ckpt-dir {afile}: {afile} is a file, not a directory" in capsys.readouterr().err and not out.exists()
+    ckpt = tmp_path / "ckpt"
+    assert main(["--preset", "tiny", "--steps", "1", "--ckpt-dir", str(ckpt), "--out-dir", str(tmp_path / "o1")]) == 0
+    capsys.readouterr()
+    assert main(["--preset", "tiny", "--steps", "2", "--n-experts", "8", "--resume", "latest", "--ckpt-dir", str(ckpt),
+                 "--out-dir", str(tmp_path / "o2")]) == EXIT_BAD_OPTIONS
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "checkpoint does not match this model: Error(s) in loading state_dict for GPT: size mismatch for" in line
     bad = tmp_path / "model_000004.pt"
     bad.write_bytes(b"not a checkpoint")
     assert main(["--preset", "tiny", "--steps", "1", "--resume", str(bad)]) == EXIT_BAD_OPTIONS
