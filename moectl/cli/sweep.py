@@ -225,8 +225,9 @@ def summary(
     if json_out:
         print_json({"path": str(path), "changed": changed, "commit": sha, "commit_error": commit_error})
     else:
-        stdout.print(f"{path}: " + ("regenerated" if changed else "already up to date (only the timestamp and runtime snapshot would change)"),
-                     markup=False)
+        said = ("regenerated" if changed else "up to date on disk, older in HEAD" if sha
+                else "already up to date (only the timestamp and runtime snapshot would change)")
+        stdout.print(f"{path}: {said}", markup=False)
         if sha:
             stdout.print(f"committed {sha[:10]} (EXPERIMENTS.md only)", markup=False)
     if commit_error:
