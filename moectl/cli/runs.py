@@ -356,8 +356,6 @@ def load_comparison(root: Path, refs: list[str], baseline: Optional[str], window
             entries.insert(0, base)
     seen: set[str] = set()
     unique = [e for e in entries if not (_entry_id(e) in seen or seen.add(_entry_id(e)))]
-    if len(unique) < 2:  # `compare A A` is `compare A`: nothing to compare it with
-        raise UsageError("compare needs at least two different runs (these all name the same one)")
     if len(unique) < len(entries):
         stderr.print("warning: a run was named twice; comparing it once", markup=False)
         base_index = [_entry_id(e) for e in unique].index(_entry_id(entries[base_index]))
