@@ -77,6 +77,20 @@ def nanogpt_project(repo: Path, monkeypatch, launcher: str = "python", mfu: str 
     return commit_config(repo, monkeypatch)
 
 
+def spawn_held(repo: Path, tmp_path: Path, hold_at: int, *args: str):
+    """`moectl run ARGS` of the fixture trainer, held before step `hold_at` until the returned gate
+    file exists: returns (process, its output file, the gate) once the trainer is waiting there."""
+    gate, out = tmp_path / "gate", tmp_path / "moectl.out"
+    proc = spawn(repo, out, "--device", "cpu", *args, *QUIET, "--", f"--hold_at={hold_at}", f"--hold_file={gate}")
+    try:
+        wait_for(lambda: Path(str(gate) + ".waiting").exists(), f"the trainer holding before step {hold_at}", 120,
+                 proc=proc, output=out.read_text)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc, out, gate
+
+
 def steps_in(run_dir: Path) -> list[StepMetrics]:
     return [r for r in map(parse_line, (run_dir / "metrics.jsonl").read_text().splitlines()) if isinstance(r, StepMetrics)]
 
@@ -197,12 +211,8 @@ def test_a_progress_bar_redrawn_with_carriage_returns_is_read_bar_by_bar_as_it_i
     # per newline, the run had one step (the last bar) and no live progress.
     (git_repo / ".moectl.toml").write_text(TQDM_TOML)
     commit_config(git_repo, monkeypatch)
-    gate, out = tmp_path / "gate", tmp_path / "moectl.out"
-    proc = spawn(git_repo, out, "--device", "cpu", "--steps", "20", "--tag", "bar", *QUIET,
-                 "--", "--hold_at=12", f"--hold_file={gate}")
+    proc, out, gate = spawn_held(git_repo, tmp_path, 12, "--steps", "20", "--tag", "bar")
     try:
-        wait_for(lambda: Path(str(gate) + ".waiting").exists(), "the trainer holding before step 12", 60,
-                 proc=proc, output=out.read_text)
         [exp] = run_dirs(artifact_root)
         # Bars 0-10 are whole (each ended by the next one's `\r`); bar 11 waits for the one after it.
         wait_for(lambda: len(steps_written(exp / "metrics.jsonl")) >= 11, "bars parsed while the bar is still drawn", 60,
@@ -288,13 +298,8 @@ def test_a_python_launched_trainer_killed_by_sigkill_is_recorded_so_without_a_su
 @pytest.mark.slow
 def test_sigint_mid_run_of_a_foreign_trainer(git_repo, monkeypatch, artifact_root, tmp_path):
     nanogpt_project(git_repo, monkeypatch, launcher="torchrun")
-    gate = tmp_path / "gate"
-    out = tmp_path / "moectl.out"
-    proc = spawn(git_repo, out, "--device", "cpu", "--steps", "200", "--tag", "stopped", *QUIET,
-                 "--", "--hold_at=15", f"--hold_file={gate}")
+    proc, out, gate = spawn_held(git_repo, tmp_path, 15, "--steps", "200", "--tag", "stopped")
     try:
-        wait_for(lambda: Path(str(gate) + ".waiting").exists(), "the trainer holding before step 15", 120,
-                 proc=proc, output=out.read_text)
         [exp] = run_dirs(artifact_root)
         wait_for(lambda: len(steps_written(exp / "metrics.jsonl")) == 15, "steps 0-14 parsed into metrics.jsonl", 60, proc=proc,
                  output=out.read_text)
