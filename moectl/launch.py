@@ -91,17 +91,19 @@ class _StopRequest:
         self.wake = threading.Event()
 
     def handler(self, signum: int, frame) -> None:  # runs between two bytecodes: only set state
-        if signum == signal.SIGHUP:
-            hung_up()
+        hung_up(signum)
         self.count += 1
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
         self.wake.set()
 
 
-def hung_up() -> None:
-    """The terminal is gone (SIGHUP): what moectl still prints while it stops the run and records
-    it goes to /dev/null instead of failing on a dead tty (EIO) half-way through the record."""
+def hung_up(signum: int) -> None:
+    """For a stop signal's handler: when it is SIGHUP (the terminal is gone), what moectl still
+    prints while it stops the run and records it goes to /dev/null instead of failing on a dead
+    tty (EIO) half-way through the record. Other signals: nothing."""
+    if signum != signal.SIGHUP:
+        return
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         for fd in (1, 2):

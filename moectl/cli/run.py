@@ -217,8 +217,7 @@ def _sigterm_is_interrupt(ctx: typer.Context) -> None:
         return
 
     def interrupt(signum, frame):
-        if signum == signal.SIGHUP:
-            hung_up()
+        hung_up(signum)
         raise KeyboardInterrupt
 
     # SIGHUP (the terminal closed) too, unless ignored (`nohup`): launch() says so in the record.

@@ -33,6 +33,7 @@ from moectl.errors import (
     EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRAINING, GuardRefused, MoectlError, UsageError,
 )
 from moectl.guards import WAITABLE, check_request, summary_line
+from moectl.launch import hung_up, stop_signals
 from moectl.metrics import Comparison
 from moectl.plan import RunRequest, command_text, make_request, plan_run
 from moectl.probes import read_nvml
@@ -150,8 +151,6 @@ class _Terminate:
     launcher owns the signals)."""
 
     def __enter__(self):
-        from moectl.launch import stop_signals
-
         self.previous = {}
         if threading.current_thread() is threading.main_thread():
             self.previous = {sig: signal.signal(sig, self._raise) for sig in stop_signals() if sig != signal.SIGINT}
@@ -159,10 +158,7 @@ class _Terminate:
 
     @staticmethod
     def _raise(signum, frame):
-        if signum == signal.SIGHUP:
-            from moectl.launch import hung_up
-
-            hung_up()
+        hung_up(signum)
         raise KeyboardInterrupt
 
     def __exit__(self, *exc):
@@ -180,18 +176,13 @@ class _Finishing:
         self.say, self.signalled, self.previous = say, None, {}
 
     def __enter__(self):
-        from moectl.launch import stop_signals
-
         if threading.current_thread() is threading.main_thread():
             for sig in stop_signals():
                 self.previous[sig] = signal.signal(sig, self._note)
         return self
 
     def _note(self, signum, frame):
-        if signum == signal.SIGHUP:
-            from moectl.launch import hung_up
-
-            hung_up()
+        hung_up(signum)
         if self.signalled is not None:
             raise KeyboardInterrupt
         self.signalled = signal.Signals(signum).name
