@@ -6,7 +6,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from moectl.cli.common import app, handle_errors, print_json, stderr, stdout
+from moectl.cli.common import app, handle_errors, print_json, refuse_read_only, stderr, stdout
 from moectl.cli.options import ConfigOpt, JsonOpt, PATH
 from moectl.cli.runs import _config  # the store-reading config rule (file, or defaults + env root)
 
@@ -24,16 +24,6 @@ def _resolve_unique(root: Path, refs: list[str]):
     if len(unique) < len(records):
         stderr.print("warning: a run was named twice; using it once", markup=False)
     return unique
-
-
-def _refuse_read_only(cfg, path: Path, what: str) -> None:
-    """`[paths] read_only` holds for every file moectl writes, figures and CSVs too (SPEC §3)."""
-    from moectl.errors import GuardRefused
-
-    real = path.expanduser().resolve()
-    for tree in cfg.read_only:
-        if real.is_relative_to(Path(tree).resolve()):
-            raise GuardRefused(f"{what} {path} is inside read-only tree {tree} ([paths] read_only); write it elsewhere")
 
 
 def _default_figure(metric: str) -> Path:
@@ -70,7 +60,7 @@ def plot_cmd(
     cfg = _config(config)
     records = _resolve_unique(cfg.artifact_root, runs)
     out = output if output is not None else _default_figure(metric)
-    _refuse_read_only(cfg, out, "the figure")
+    refuse_read_only(cfg, out, "the figure")
     result = make_plot(records, metric, out, title, warmup_steps=cfg.metrics.warmup_steps)
     for line in result.skipped:
         stderr.print(f"warning: {line}", markup=False)
@@ -103,7 +93,7 @@ def export_cmd(
 
     cfg = _config(config)
     records = _resolve_unique(cfg.artifact_root, runs)
-    _refuse_read_only(cfg, csv_dir, "--csv")
+    refuse_read_only(cfg, csv_dir, "--csv")
     result = export_csv(records, csv_dir, window or cfg.metrics.window, cfg.metrics.warmup_steps)
     for run_id in result.without_steps:
         stderr.print(f"warning: {run_id}: no metrics steps; summary.csv has its recorded summary only", markup=False)

@@ -6,12 +6,13 @@ import inspect
 import json
 import re
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import typer
 from typer.core import TyperGroup
 
-from moectl.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, MoectlError
+from moectl.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, GuardRefused, MoectlError
 
 # Rich markup in help texts ([bold]...[/bold], [red]...[/], and \\[ for a literal bracket).
 _MARKUP = re.compile(r"(?<!\\)\[/?[a-z][a-z ]*\]|(?<!\\)\[/\]")
@@ -91,6 +92,14 @@ def print_json(data: Any) -> None:
 
 _ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def refuse_read_only(cfg: Any, path: Path, what: str) -> None:
+    """`[paths] read_only` holds for every file moectl writes, figures and CSVs too (SPEC §3)."""
+    real = path.expanduser().resolve()
+    for tree in cfg.read_only:
+        if real.is_relative_to(Path(tree).resolve()):
+            raise GuardRefused(f"{what} {path} is inside read-only tree {tree} ([paths] read_only); write it elsewhere")
 
 
 def printable(text: str) -> str:

@@ -209,9 +209,9 @@ def summary(
 
     cfg = load_config(config)
     if output is not None:
-        from moectl.cli.artifacts import _refuse_read_only
+        from moectl.cli.common import refuse_read_only
 
-        _refuse_read_only(cfg, output, "-o")  # as every file moectl writes (exit 3)
+        refuse_read_only(cfg, output, "-o")  # as every file moectl writes (exit 3)
     path, changed = refresh_summary(cfg, output)
     sha, commit_error = None, None
     # Up to date on disk is not committed: a `--no-commit` run refreshed the file and left HEAD's

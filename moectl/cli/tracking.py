@@ -52,9 +52,9 @@ def sync_cmd(
 
     store = mlflow_local_store(cfg)
     if store is not None and any("mlflow" in names for _, names in plan):
-        from moectl.cli.artifacts import _refuse_read_only
+        from moectl.cli.common import refuse_read_only
 
-        _refuse_read_only(cfg, store, "[tracking] mlflow_uri")  # as every file moectl writes (exit 3)
+        refuse_read_only(cfg, store, "[tracking] mlflow_uri")  # as every file moectl writes (exit 3)
     rows, failed = [], 0
     for rec, names in plan:
         results = mirror_run(cfg, rec, only=names)
