@@ -229,7 +229,8 @@ def _window_note(n_run: int, n_window: int, clean: bool, window: int, warmup_ste
 
 
 def tail_summary(metrics: MetricsFile, window: int, warmup_steps: int = 0) -> Summary:
-    """The SPEC §7 summary of one run. `steps` = how many steps the tail window really covered;
+    """The SPEC §7 summary of one run. `steps` = how many steps the tail window really covered,
+    `run_steps` = how many the run recorded;
     `clean` = whether they are past the warm-up (see `tail_window`). The non-finite loss counts are
     over the steps `metrics` holds: the whole run for a full read, the tail for a tail read."""
     tail, clean = tail_window(metrics, window, warmup_steps)
@@ -244,6 +245,7 @@ def tail_summary(metrics: MetricsFile, window: int, warmup_steps: int = 0) -> Su
     return Summary(
         window=window,
         steps=len(tail),
+        run_steps=metrics.n_steps if metrics.steps else 0,
         warmup_steps=warmup_steps,
         clean=clean,
         note=_window_note(metrics.n_steps if metrics.steps else 0, len(tail), clean, window, warmup_steps),
@@ -298,7 +300,7 @@ def tail_noise(metrics: MetricsFile, window: int, warmup_steps: int = 0) -> dict
 def group_summary(members: Sequence[MetricsFile], window: int, warmup_steps: int = 0) -> tuple[Summary, dict[str, Optional[float]]]:
     """(the summary of a repeat group, the between-runs error of each tail mean). Each value is the
     mean over repeats of their own summaries' value (peak memory: the max); the window is clean only
-    when every repeat's is; `steps` is the shortest repeat's tail."""
+    when every repeat's is; `steps` is the shortest repeat's tail, `run_steps` the shortest repeat."""
     parts = [tail_summary(m, window, warmup_steps) for m in members]
     values: dict[str, Optional[float]] = {}
     errors: dict[str, Optional[float]] = {}
@@ -311,7 +313,8 @@ def group_summary(members: Sequence[MetricsFile], window: int, warmup_steps: int
     clean = all(p.clean for p in parts)
     note = next((p.note for p in parts if p.note), None)
     firsts = [p.loss_not_finite_from for p in parts if p.loss_not_finite_from is not None]
-    summary = Summary(window=window, steps=min(p.steps for p in parts), warmup_steps=warmup_steps, clean=clean,
+    summary = Summary(window=window, steps=min(p.steps for p in parts), run_steps=min(p.run_steps or 0 for p in parts),
+                      warmup_steps=warmup_steps, clean=clean,
                       note=note, loss_not_finite=sum(p.loss_not_finite for p in parts),
                       loss_not_finite_from=min(firsts) if firsts else None, **values)
     return summary, errors

@@ -39,7 +39,7 @@ class Summary(BaseModel):
     """Tail-window summary of a run (SPEC §7). None where the run lacks the metric."""
 
     window: int
-    steps: int
+    steps: int  # the steps the tail means cover: at most `window`, none from the warm-up when the run has more
     tok_per_sec: Optional[float] = None
     dt_ms: Optional[float] = None
     mfu: Optional[float] = None
@@ -53,6 +53,7 @@ class Summary(BaseModel):
     # (marked wherever shown). `note` says that, or that the window holds fewer than `window`
     # steps. A record written before these keys existed reads as clean with no warm-up left out,
     # which is what its numbers were.
+    run_steps: Optional[int] = None  # every step the run recorded (null in records written before this key)
     warmup_steps: int = 0
     clean: bool = True
     note: Optional[str] = None

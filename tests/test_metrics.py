@@ -45,7 +45,7 @@ def test_read_metrics_missing_file_is_empty_not_an_error(tmp_path):
 def test_tail_summary_hand_computed_from_fixture():
     s = tail_summary(read_metrics(FIXTURES / "metrics_small.jsonl"), window=3)
     # last 3 steps: 3 (2100 tok/s, 190 ms, drop .05), 4 (2000, 200, .10), 5 (1950, 210, .15)
-    assert s.window == 3 and s.steps == 3
+    assert s.window == 3 and s.steps == 3 and s.run_steps == 6  # steps 0..5, the window the last 3
     assert s.tok_per_sec == pytest.approx(6050 / 3)
     assert s.dt_ms == pytest.approx(200.0)
     assert s.drop_frac == pytest.approx(0.10)
@@ -65,6 +65,16 @@ def test_tail_summary_shorter_run_than_window_and_elapsed_fallback():
     assert s.tok_per_sec == pytest.approx(70 / 3)
     assert s.total_time_min == pytest.approx(90 / 60)  # last elapsed_s, no summary line
     assert s.dt_ms is None and s.peak_mem_mib is None
+
+
+def test_summary_steps_are_the_windows_and_run_steps_the_runs():
+    # 20 steps, window 50, warm-up 10: the means cover steps 10..19; the run made 20. A JSON reader
+    # of run.json gets both, as `compare --json` gives `tail_steps` and `steps`.
+    steps = [StepMetrics(step=i, loss=1.0, tok_per_sec=float(i)) for i in range(20)]
+    s = tail_summary(MetricsFile(steps=steps), window=50, warmup_steps=10)
+    assert (s.steps, s.run_steps, s.window) == (10, 20, 50)
+    assert s.tok_per_sec == pytest.approx(sum(range(10, 20)) / 10)
+    assert tail_summary(MetricsFile(), window=50).run_steps == 0
 
 
 def test_tail_summary_empty_metrics():
