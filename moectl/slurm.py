@@ -297,6 +297,18 @@ def multinode_argv(argv: Sequence[str], *, nnodes: int, head: str, port: int, jo
     return ["srun", "--ntasks-per-node=1", f"--nodes={nnodes}", "--kill-on-bad-exit=1", *out]
 
 
+# What `check --slurm` / `run --slurm --dry-run` show where the job fills in values only it knows.
+FIRST_NODE, JOB_ID = "FIRST_NODE", "JOB_ID"
+
+
+def job_argv_preview(argv: Sequence[str], *, nnodes: int, port: int) -> list[str]:
+    """The command a job of `nnodes` nodes will run, as `multinode_argv` makes it inside the
+    allocation, with its first node's address and its job id as FIRST_NODE and JOB_ID (pure)."""
+    if nnodes <= 1:
+        return list(argv)
+    return multinode_argv(argv, nnodes=nnodes, head=FIRST_NODE, port=port, job_id=JOB_ID)
+
+
 def allocated_gpus(environ: Mapping[str, str] = os.environ) -> Optional[list[int]]:
     """The GPU indices Slurm gave this job (SLURM_JOB_GPUS / SLURM_STEP_GPUS), None when it says none."""
     for name in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):

@@ -201,6 +201,27 @@ def test_check_takes_every_run_option_so_run_can_become_check_on_the_same_line(p
     assert not artifact_root.exists() and git(project, "status", "--porcelain") == before
 
 
+def test_a_slurm_dry_run_shows_the_command_its_job_will_run(project, artifact_root):
+    # Two nodes: one torchrun per node under srun, meeting at the first node, from the job's code
+    # snapshot; not the one-node --standalone command a local run would start. Nothing is submitted.
+    code, data, _ = check_json("--slurm", "--nodes", "2", "--nproc", "2", "--device", "cpu", "--tag", "big")
+    argv = data["argv"]
+    assert argv[:4] == ["srun", "--ntasks-per-node=1", "--nodes=2", "--kill-on-bad-exit=1"], argv
+    assert "--standalone" not in argv and argv[argv.index("--nnodes") + 1] == "2"
+    assert argv[argv.index("--rdzv-endpoint") + 1] == "FIRST_NODE:29500" and argv[argv.index("--rdzv-id") + 1] == "JOB_ID"
+    assert data["command"].endswith(" ".join(argv[-4:])) and "srun --ntasks-per-node=1" in data["command"]
+    assert data["command_where"].startswith(f"in the Slurm job, from its code snapshot {data['exp_dir']}/code")
+    r = invoke("run", "--slurm", "--nodes", "2", "--nproc", "2", "--device", "cpu", "--tag", "big", "--dry-run")
+    line = next(l for l in r.stdout.splitlines() if l.startswith("command"))
+    assert line.startswith("command (in the Slurm job, from its code snapshot ") and " srun --ntasks-per-node=1 " in line
+    # One node: the planned torchrun itself, still run from the snapshot; a local check says neither.
+    _, one, _ = check_json("--slurm", "--device", "cpu")
+    assert "--standalone" in one["argv"] and one["argv"][0] != "srun" and "code snapshot" in one["command_where"]
+    _, local, _ = check_json("--device", "cpu")
+    assert "command_where" not in local and "--standalone" in local["argv"]
+    assert not artifact_root.exists()
+
+
 def test_check_table_output_and_guard_exit_code(project, fake_nvml):
     fake_nvml(gpus=[gpu(0, util_pct=80)])
     r = invoke("check", "--device", "cuda", "--override", "no_other_training")

@@ -21,7 +21,7 @@ def slurm_flags_need_slurm(*, nodes, detach: bool, requeue: bool) -> None:
 def run_on_slurm(cfg, request, *, nodes, detach: bool, requeue: bool, quiet: bool, json_out: bool,
                  baseline=None) -> None:
     """`moectl run --slurm`: submit, then follow the job (unless --detach) and end as a local run does."""
-    from moectl.cli.env import _render_check, check_json
+    from moectl.cli.env import _render_check, check_json, job_view
     from moectl.execution import JobOptions, exit_code_of_record, follow, submit_run
     from moectl.progress import make_progress, stdout_is_tty
     from moectl.runner import record_fallback_request
@@ -46,11 +46,12 @@ def run_on_slurm(cfg, request, *, nodes, detach: bool, requeue: bool, quiet: boo
         submitted = submit_run(cfg, request, JobOptions(nodes=nodes, requeue=requeue, summary=cfg.report.summary,
                                                          baseline=baseline, fallback_in_job=detach))
         if submitted.record is None:
+            shown, where = job_view(cfg, submitted.plan, nodes if nodes is not None else cfg.cluster.nodes)
             if json_out:
-                print_json({**check_json(submitted.plan, submitted.guards, False),
+                print_json({**check_json(shown, submitted.guards, False), "command_where": where,
                             **({"previous_attempts": previous} if previous else {})})
             else:
-                _render_check(submitted.plan, submitted.guards, False)
+                _render_check(shown, submitted.guards, False, where=where)
             error("a guard refused the run; nothing was submitted")
             raise typer.Exit(EXIT_GUARD)
         record = submitted.record
@@ -95,7 +96,7 @@ def run_group_on_slurm(cfg, group: str, requests, *, nodes, detach: bool, requeu
     """`moectl run --slurm --repeat N`: the N runs of a repeat group as N jobs side by side (Slurm
     schedules them as it can), then - unless --detach - wait for all of them and end as a local
     group does: the first failure's exit code, or 0."""
-    from moectl.cli.env import _render_check, check_json
+    from moectl.cli.env import _render_check, check_json, job_view
     from moectl.execution import JobOptions, exit_code_of_record, submit_run, wait_for
     from moectl.store import run_json
 
@@ -109,12 +110,13 @@ def run_group_on_slurm(cfg, group: str, requests, *, nodes, detach: bool, requeu
         submitted = submit_run(cfg, request, JobOptions(nodes=nodes, requeue=requeue, summary=cfg.report.summary,
                                                          baseline=baseline, fallback_in_job=True))
         if submitted.record is None:  # the submitting machine's guards: the rest would be refused too
+            shown, where = job_view(cfg, submitted.plan, nodes if nodes is not None else cfg.cluster.nodes)
             if not json_out:
-                _render_check(submitted.plan, submitted.guards, False)
+                _render_check(shown, submitted.guards, False, where=where)
             error(f"a guard refused repeat {len(records) + 1} of group {group}; nothing more was submitted"
                   + (f" ({len(records)} already queued: `moectl cancel {group}` stops them)" if records else ""))
             if json_out:
-                print_json({**check_json(submitted.plan, submitted.guards, False), "group": group,
+                print_json({**check_json(shown, submitted.guards, False), "command_where": where, "group": group,
                             "runs": [run_json(r) for r in records]})
             raise typer.Exit(EXIT_GUARD)
         records.append(submitted.record)

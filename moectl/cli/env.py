@@ -186,19 +186,35 @@ def show_check(cfg, request, *, json_out: bool, slurm: bool = False, nodes: int 
     from moectl.guards import check_request, passed
 
     plan, _obs, results = check_request(cfg, request, nodes=nodes)
+    where = None
     if slurm:
         from moectl.execution import deferred_to_job
 
         results = deferred_to_job(results)
+        plan, where = job_view(cfg, plan, nodes)
     ok = passed(results)
     if json_out:
-        print_json(check_json(plan, results, ok))
+        print_json({**check_json(plan, results, ok), **({"command_where": where} if where else {})})
     else:
-        _render_check(plan, results, ok)
+        _render_check(plan, results, ok, where=where)
     return ok
 
 
-def _render_check(plan, results, ok: bool) -> None:
+def job_view(cfg, plan, nodes: int):
+    """(the plan as its Slurm job will run it, where it runs): several nodes run one torchrun each
+    under srun, meeting at the first node; every job runs from its code snapshot (moectl/job.py)."""
+    from pathlib import Path
+
+    from moectl.slurm import FIRST_NODE, JOB_ID, job_argv_preview
+
+    argv = job_argv_preview(plan.argv, nnodes=nodes, port=cfg.cluster.rdzv_port)
+    where = f"in the Slurm job, from its code snapshot {Path(plan.exp_dir) / 'code'}"
+    if nodes > 1:
+        where += f"; {FIRST_NODE} and {JOB_ID} are the job's, known once it starts"
+    return plan.model_copy(update={"argv": argv}), where
+
+
+def _render_check(plan, results, ok: bool, where: str | None = None) -> None:
     """Every guard with its message, the command, then the one-line verdict: what `check`, `run
     --dry-run` and a refused `run` print (a `run` that starts prints only the verdict line)."""
     from rich.table import Table
@@ -220,7 +236,7 @@ def _render_check(plan, results, ok: bool) -> None:
         table.add_row(r.name, verdict, r.message.replace("[", "\\["))
     stdout.print(table)
     stdout.print(f"run {plan.run_id} -> {plan.exp_dir}", markup=False)
-    stdout.print(f"command: {command_text(plan)}", markup=False)
+    stdout.print(f"command ({where}): {command_text(plan)}" if where else f"command: {command_text(plan)}", markup=False)
     stdout.print(summary_line(results), markup=False)
     if not ok:
         stdout.print("refused: fix the FAIL lines above", markup=False)
