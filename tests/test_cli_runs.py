@@ -340,6 +340,22 @@ def test_compare_write_report_refuses_on_wrong_branch_and_writes_nothing(project
     assert not (project / "reports").exists() and git(project, "rev-parse", "HEAD") == head
 
 
+def test_runs_and_compare_keep_the_spec_columns_when_no_run_has_the_figure(project, artifact_root):
+    # CPU runs have no MFU: SPEC §4's tables still have the column, each cell —.
+    imported("cpu_a", "metrics_small.jsonl", "jsonl")
+    imported("cpu_b", "metrics_small.jsonl", "jsonl")
+    data = json.loads(invoke("compare", "cpu_a", "cpu_b", "--json").stdout)
+    assert all(run["metrics"]["mfu"]["value"] is None for run in data["runs"])
+    r = CliRunner().invoke(app, ["compare", "cpu_a", "cpu_b"], env={"COLUMNS": "250"})
+    header, rows = compare_table_rows(r.stdout)
+    assert header[3:10] == ["tok/sec", "dt (ms)", "MFU %", "peak mem (MiB)", "total (min)", "final loss", "drop frac"]
+    assert rows[0][3 + 2] == "—" and rows[2][3 + 2] == "—"
+    r = CliRunner().invoke(app, ["runs"], env={"COLUMNS": "250"})
+    header = next(line for line in r.output.splitlines() if "MFU %" in line)
+    assert all(col in header for col in ("id", "status", "tag", "tok/sec", "MFU %", "peak MiB", "min"))
+    assert " job " not in header and " ep " not in header  # option columns nobody set are still left out
+
+
 def test_runs_table_shows_key_options_the_engine_resolved(project, artifact_root):
     """A run given only `--preset` still shows its cap and compile: the engine's resolved config."""
     exp = create_run_dir(artifact_root / "20260101_000000_moe-preset_only")

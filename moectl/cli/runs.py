@@ -118,7 +118,7 @@ def runs_cmd(
         return lambda r: (_num(getattr(r.summary, key), decimals) + (MARK if is_marked(r.summary, key) else "")
                           if r.summary else "—")
 
-    columns = [  # (header, right-aligned, cell); option columns with no value in any row are dropped
+    columns = [  # (header, right-aligned, cell); job and option columns with no value in any row are dropped
         ("id", False, lambda r: r.id), ("status", False, status_cell), ("tag", False, lambda r: r.tag or ""),
         ("job", False, lambda r: r.job_id or ""),
         ("preset", False, opt("preset")), ("cap", False, opt("cap")), ("compile", False, opt("compile")),
@@ -129,7 +129,8 @@ def runs_cmd(
         ("peak MiB", True, metric("peak_mem_mib", 0)), ("min", True, metric("total_time_min", 2)),
     ]
     cells = [[cell(r) for _, _, cell in columns] for r in runs]
-    keep = [i for i, (h, _, _) in enumerate(columns) if h in ("id", "status") or any(row[i] not in ("", "—") for row in cells)]
+    always = ("id", "status", "tag", "tok/sec", "MFU %", "peak MiB", "min")  # SPEC §4's columns, — when empty
+    keep = [i for i, (h, _, _) in enumerate(columns) if h in always or any(row[i] not in ("", "—") for row in cells)]
     from rich.table import Table
 
     table = Table(title=f"runs in {cfg.artifact_root}", title_justify="left")
@@ -399,14 +400,14 @@ def _compare_table(comparison) -> "Table":
     """Runs as groups of rows, in the same order for every run and every metric: the value
     († when warm-up only), the `±` row (standard error of the tail mean), the `Δ%` row (vs the
     baseline, green/red and * when beyond noise; the baseline has none). A metric with no error or
-    no delta leaves its cell in that row empty, so a figure never lands in another's row. Metrics
-    no run has are left out so the table fits a terminal."""
+    no delta leaves its cell in that row empty, so a figure never lands in another's row."""
     from moectl.metrics import HIGHER_IS_BETTER, MARK, METRICS
     from moectl.report import COLUMNS, NOT_FINITE
     from rich.table import Table
 
-    shown = [m for m in METRICS if any(r.metrics[m].value is not None or r.metrics[m].not_finite
-                                       for r in comparison.runs)]
+    # SPEC §4's seven columns always (MFU too on a CPU run, where it is —); what moectl adds beyond
+    # them (expert_load_max) only when some run has it, so the table fits a terminal.
+    shown = [m for m in METRICS if m != "expert_load_max" or any(r.metrics[m].value is not None for r in comparison.runs)]
     warmup = f" after {comparison.warmup_steps} warm-up steps" if comparison.warmup_steps else ""
     table = Table(title=f"tail window {comparison.window}{warmup} · baseline {comparison.baseline}",
                   title_justify="left")
