@@ -4,6 +4,7 @@
 #   bash scripts/dev.sh run     set up .venv, then the main job: a guarded `moectl run` of the tiny
 #                               preset on CPU (no download); extra args go to `moectl run`
 #   bash scripts/dev.sh test    set up .venv with test extras, then run the whole test suite
+#   bash scripts/dev.sh setup   set up .venv with test extras only (a development checkout)
 #
 # torch: if the system python already has torch (a GPU box), the venv reuses it
 # (--system-site-packages); otherwise pip installs torch==$MOECTL_TORCH (default 2.13.0, which
@@ -15,7 +16,10 @@ PY=${PYTHON:-python3}
 VENV=.venv
 STAMP=$VENV/.moectl-installed
 
+# setup [EXTRAS]: EXTRAS "test" also installs the test extras (pytest, the MLflow server, wandb);
+# without, moectl and its runtime dependencies only (what `run` needs: a faster first call).
 setup() {
+  local extras=${1:-}
   if [ ! -x "$VENV/bin/python" ]; then
     if "$PY" -c "import torch" >/dev/null 2>&1; then
       "$PY" -m venv --system-site-packages "$VENV"
@@ -27,14 +31,18 @@ setup() {
     echo "[setup] installing torch==${MOECTL_TORCH:-2.13.0} into $VENV" >&2
     "$VENV/bin/python" -m pip install -q "torch==${MOECTL_TORCH:-2.13.0}"
   fi
-  # Re-install the project only when its metadata changed (keeps repeat calls fast).
-  local want
-  want=$(cat pyproject.toml | sha256sum | cut -c1-16)
-  if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
-    echo "[setup] installing moectl and its dependencies into $VENV" >&2
-    "$VENV/bin/python" -m pip install -q -e ".[test]"
-    echo "$want" >"$STAMP"
+  # Re-install the project only when its metadata or the extras asked for changed (keeps repeat
+  # calls fast). The stamp is the pyproject hash and the extras installed: a venv set up for the
+  # tests also serves `run`.
+  local hash have
+  hash=$(sha256sum <pyproject.toml | cut -c1-16)
+  have=$(cat "$STAMP" 2>/dev/null || true)
+  if [ "$have" = "$hash ${extras:-base}" ] || { [ -z "$extras" ] && [ "$have" = "$hash test" ]; }; then
+    return 0
   fi
+  echo "[setup] installing moectl and its dependencies${extras:+ (with the $extras extras)} into $VENV" >&2
+  "$VENV/bin/python" -m pip install -q -e ".${extras:+[$extras]}"
+  echo "$hash ${extras:-base}" >"$STAMP"
 }
 
 case "${1:-}" in
@@ -45,11 +53,11 @@ case "${1:-}" in
     ;;
   test)
     shift
-    setup
+    setup test
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
   setup)
-    setup
+    setup test
     ;;
   *)
     echo "usage: bash scripts/dev.sh run|test|setup [args...]" >&2

@@ -13,7 +13,7 @@ from moectl.errors import EXIT_OK, EXIT_USAGE
 @app.command("sync")
 @handle_errors
 def sync_cmd(
-    runs: Annotated[Optional[List[str]], typer.Argument(help="Runs to mirror (id, tag, prefix or path); none = every run not yet mirrored.", metavar="RUN", show_default=False)] = None,
+    runs: Annotated[Optional[List[str]], typer.Argument(help="Runs to mirror (id, tag, prefix or path); none = every run not yet mirrored.", metavar="[RUN]...", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be mirrored; contact no tracker.")] = False,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
