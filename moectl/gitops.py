@@ -77,6 +77,11 @@ class GitBusy(GuardRefused):
     committed (exit 3, like the guards: the repository is busy, try again)."""
 
 
+class RefRejected(GuardRefused):
+    """git would not move the branch (a reference-transaction hook said no, the ref is not
+    writable): nothing was committed (exit 3: the repository refused, as a guard would)."""
+
+
 def _run(repo: Path, args: Sequence, env: Optional[dict] = None) -> subprocess.CompletedProcess:
     """git's raw bytes: file contents and names are whatever the repository holds, UTF-8 or not."""
     return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, env={**os.environ, **(env or {})})
@@ -329,7 +334,7 @@ def commit_paths(
                 return new
             now = _git(repo, "rev-parse", "-q", "--verify", f"{ref}^{{commit}}", check=False) or None
             if now == old:  # not a race: the ref could not be written at all
-                raise GitError(f"git update-ref failed: {_said(r)}; nothing was committed")
+                raise RefRejected(f"git update-ref failed: {_said(r)}; nothing was committed")
             # Someone committed to the branch without our lock (their own index, plumbing): build
             # again on top of theirs, so neither commit is lost.
             old = now

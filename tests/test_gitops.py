@@ -96,6 +96,19 @@ def test_refuses_wrong_branch(git_repo):
     assert commit_paths(git_repo, [git_repo / "r.md"], "msg", branch="*")
 
 
+def test_a_branch_update_git_refuses_is_a_refusal_with_nothing_moved(git_repo):
+    # A reference-transaction hook saying no: the repository refused (exit 3), not a moectl bug (1).
+    (git_repo / "r.md").write_text("x\n")
+    hook = git_repo / ".git" / "hooks" / "reference-transaction"
+    hook.write_text('#!/bin/sh\n[ "$1" = prepared ] && exit 1\nexit 0\n')
+    hook.chmod(0o755)
+    head, status = git(git_repo, "rev-parse", "HEAD"), git(git_repo, "status", "--porcelain")
+    with pytest.raises(GuardRefused, match="update-ref failed.*nothing was committed") as refused:
+        commit_paths(git_repo, [git_repo / "r.md"], "msg")
+    assert refused.value.exit_code == 3
+    assert git(git_repo, "rev-parse", "HEAD") == head and git(git_repo, "status", "--porcelain") == status
+
+
 def test_refuses_paths_outside_the_repo(git_repo, tmp_path):
     outside = tmp_path / "outside.md"
     outside.write_text("x\n")

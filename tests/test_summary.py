@@ -238,6 +238,50 @@ def test_summary_commits_a_file_that_is_up_to_date_on_disk_but_not_in_head(git_r
     assert (again["changed"], again["commit"]) == (False, None)
 
 
+def test_summary_that_cannot_commit_writes_nothing_and_says_why_with_the_guard_exit_code(git_repo, artifact_root,
+                                                                                        monkeypatch):
+    summary_project(git_repo, monkeypatch)
+    populate(artifact_root)
+    before = git(git_repo, "status", "--porcelain")
+    # Wrong branch, then a detached HEAD: refused before the file is written (exit 3), as `commit` does.
+    git(git_repo, "switch", "-q", "-c", "feature")
+    r = CliRunner().invoke(app, ["summary"])
+    assert r.exit_code == 3 and "expected 'main'" in r.stderr and "--no-commit" in r.stderr, r.output
+    assert not (git_repo / "EXPERIMENTS.md").exists() and git(git_repo, "status", "--porcelain") == before
+    git(git_repo, "switch", "-q", "--detach")
+    r = CliRunner().invoke(app, ["summary", "--json"])
+    assert r.exit_code == 3 and "detached" in r.stderr and not (git_repo / "EXPERIMENTS.md").exists()
+    assert CliRunner().invoke(app, ["summary", "--no-commit"]).exit_code == 0  # writing only: anywhere
+    (git_repo / "EXPERIMENTS.md").unlink()
+    git(git_repo, "switch", "-q", "main")
+    # git itself refusing the commit (a reference-transaction hook): exit 3 and the file as it was.
+    committed = cli("summary")
+    assert committed.exit_code == 0 and git(git_repo, "status", "--porcelain") == before
+    shipped = (git_repo / "EXPERIMENTS.md").read_text()
+    make_run(artifact_root, "20260105_000000_moe-later", "later", "completed", 3000.0, None)  # something new to say
+    hook = git_repo / ".git" / "hooks" / "reference-transaction"
+    hook.write_text('#!/bin/sh\n[ "$1" = prepared ] && exit 1\nexit 0\n')
+    hook.chmod(0o755)
+    r = CliRunner().invoke(app, ["summary"])
+    assert r.exit_code == 3 and "EXPERIMENTS.md not committed" in r.stderr and "left as it was" in r.stderr, r.output
+    assert (git_repo / "EXPERIMENTS.md").read_text() == shipped and git(git_repo, "status", "--porcelain") == before
+    hook.unlink()
+    assert cli("summary").exit_code == 0 and "later" in (git_repo / "EXPERIMENTS.md").read_text()
+
+
+def test_summary_leaves_a_read_only_experiments_md_alone(git_repo, artifact_root, monkeypatch):
+    summary_project(git_repo, monkeypatch)
+    with (git_repo / ".moectl.toml").open("a") as fh:
+        fh.write('\n[report]\nsummary = true\n')
+    text = (git_repo / ".moectl.toml").read_text().replace('read_only = ["/srv/datasets"]', 'read_only = ["EXPERIMENTS.md"]')
+    (git_repo / ".moectl.toml").write_text(text)
+    git(git_repo, "commit", "-q", "-am", "read-only summary")
+    for args in (["summary"], ["summary", "--no-commit"]):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 3 and "read-only tree" in r.stderr, r.output
+        assert not (git_repo / "EXPERIMENTS.md").exists()
+
+
 def test_the_users_own_edits_to_experiments_md_are_never_overwritten_or_unstaged(git_repo, artifact_root, monkeypatch):
     summary_project(git_repo, monkeypatch)
     populate(artifact_root)

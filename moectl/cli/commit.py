@@ -19,7 +19,8 @@ def commit_cmd(
     this. Also commits a `run --no-commit` report. A report already committed is left alone.
 
     Exit codes: 0 committed or already committed, 2 unknown run or no report,
-    3 refused: wrong branch, detached HEAD, or git still busy (nothing moved).
+    3 refused: wrong branch, detached HEAD, git still busy, or git refusing the branch update
+    (a reference-transaction hook); nothing moved.
 
     Examples:
       [bold]moectl commit 20250224_182427_moe-bufreuse[/bold]

@@ -198,38 +198,61 @@ def summary(
     When nothing but the snapshot of the moment (timestamp, runtime status) would change, the file
     is left as it is (and committed, if HEAD's copy is older).
 
+    Exit codes: 0 done; 2 bad config or -o, or git could not sign; 3 refused, nothing written:
+    someone's own changes to EXPERIMENTS.md, a read-only tree, the wrong branch or a detached
+    HEAD (`--no-commit` writes it anyway), or git busy or refusing the commit (the file goes back
+    to what it was).
+
     Examples:
       [bold]moectl summary[/bold]
       [bold]moectl summary --no-commit -o /tmp/handoff.md[/bold]
     """
     from moectl import gitops
-    from moectl.config import load_config
-    from moectl.errors import MoectlError
-    from moectl.summary import refresh_summary
+    from moectl.atomic import write_text_atomic
+    from moectl.cli.common import refuse_read_only
+    from moectl.config import SUMMARY_NAME, load_config
+    from moectl.errors import GuardRefused, MoectlError
+    from moectl.summary import refresh_summary, summary_path
 
     cfg = load_config(config)
-    if output is not None:
-        from moectl.cli.common import refuse_read_only
-
-        refuse_read_only(cfg, output, "-o")  # as every file moectl writes (exit 3)
+    commit = output is None and not no_commit
+    # As every file moectl writes (exit 3), and before anything is: the file, then where it goes.
+    refuse_read_only(cfg, output if output is not None else summary_path(cfg), "-o" if output is not None else SUMMARY_NAME)
+    if commit:
+        try:
+            gitops.check_branch(cfg.root, cfg.project.branch)
+        except GuardRefused as exc:
+            raise GuardRefused(f"{exc.message}; {SUMMARY_NAME} left as it is (`--no-commit` writes it without committing)") from None
+    target = output if output is not None else summary_path(cfg)
+    try:
+        before = target.expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        before = None
     path, changed = refresh_summary(cfg, output)
-    sha, commit_error = None, None
+    sha, failure = None, None
     # Up to date on disk is not committed: a `--no-commit` run refreshed the file and left HEAD's
     # copy behind (still saying `running`). The file on disk is moectl's here (refresh_summary
     # refuses one with anyone else's changes), so it is what goes in.
-    if output is None and not no_commit and (changed or gitops.committed_in(cfg.root, path) is None):
+    if commit and (changed or gitops.committed_in(cfg.root, path) is None):
         try:
             sha = gitops.commit_paths(cfg.root, [path], "summary: regenerate EXPERIMENTS.md", branch=cfg.project.branch)
         except MoectlError as exc:
-            commit_error = exc.message
+            failure = exc
+            if changed:  # nothing half-done: the file goes back to what it was
+                if before is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    write_text_atomic(path, before)
+                changed = False
     if json_out:
-        print_json({"path": str(path), "changed": changed, "commit": sha, "commit_error": commit_error})
-    else:
+        print_json({"path": str(path), "changed": changed, "commit": sha,
+                    "commit_error": failure.message if failure else None})
+    elif failure is None:
         said = ("regenerated" if changed else "up to date on disk, older in HEAD" if sha
                 else "already up to date (only the timestamp and runtime snapshot would change)")
         stdout.print(f"{path}: {said}", markup=False)
         if sha:
             stdout.print(f"committed {sha[:10]} (EXPERIMENTS.md only)", markup=False)
-    if commit_error:
-        error(f"EXPERIMENTS.md not committed: {commit_error}")
-        raise typer.Exit(1)
+    if failure is not None:
+        error(f"{SUMMARY_NAME} not committed: {failure.message}; the file is left as it was")
+        raise typer.Exit(failure.exit_code)
