@@ -68,12 +68,17 @@ def commit_run_report(
             "so they are left as they are, uncommitted"])
     paths, warnings = [report], []
     if cfg.report.summary:
-        from moectl.summary import write_summary
+        from moectl.summary import summary_path, write_summary
 
-        try:
-            paths.append(write_summary(cfg))
-        except MoectlError as exc:  # the summary is a convenience: the report still goes in
-            warnings.append(f"EXPERIMENTS.md not refreshed: {exc.message}")
+        real = summary_path(cfg).resolve()
+        tree = next((ro for ro in cfg.read_only if real.is_relative_to(Path(ro).resolve())), None)
+        if tree is not None:  # `[paths] read_only` holds here too (a run would have been refused)
+            warnings.append(f"EXPERIMENTS.md not refreshed: it is inside read-only tree {tree} ([paths] read_only)")
+        else:
+            try:
+                paths.append(write_summary(cfg))
+            except MoectlError as exc:  # the summary is a convenience: the report still goes in
+                warnings.append(f"EXPERIMENTS.md not refreshed: {exc.message}")
     try:
         sha = gitops.commit_paths(cfg.root, paths, commit_message(record), branch=cfg.project.branch, on_wait=on_wait)
     except (GuardRefused, gitops.SigningFailed) as exc:  # busy, the branch switched meanwhile, or git

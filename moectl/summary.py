@@ -258,13 +258,18 @@ def refresh_summary(cfg: Config, out: Optional[Path] = None) -> tuple[Path, bool
         old = path.read_text(encoding="utf-8")
     except (FileNotFoundError, UnicodeDecodeError):
         old = None
+    except OSError as exc:  # a directory in the way, no permission
+        raise GuardRefused(f"cannot write {path}: {exc.strerror or exc}") from None
     if out is not None and path.exists() and not _a_summary(old):
         # -o replaces its own earlier output only: not a README, notes, or anything else of anyone's.
         raise UsageError(f"-o {out} exists and is not a summary moectl wrote; not replacing it (choose a new file)")
     if old is not None and _body(old) == _body(text):
         return path, False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, text)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, text)
+    except OSError as exc:  # immutable, a read-only mount, a directory in the way: said, not a traceback
+        raise GuardRefused(f"cannot write {path}: {exc.strerror or exc}") from None
     if out is None:
         _remember_written(cfg.root, path)
     return path, True

@@ -295,6 +295,27 @@ def test_moectl_commit_after_the_user_edited_a_committed_report_commits_nothing(
     assert snapshot(project) == status0 and index_entries(project) == entries0 and report.read_bytes() == edited
 
 
+@pytest.mark.parametrize("blocked", ["read_only", "unwritable"])
+def test_moectl_commit_commits_the_report_when_experiments_md_cannot_be_written(project, blocked):
+    # EXPERIMENTS.md in a `[paths] read_only` tree, or not writable (here a directory in its way):
+    # the report still goes in, alone, with the reason as a warning (no errno traceback, no exit 2).
+    if blocked == "read_only":
+        cfg_file = project / ".moectl.toml"
+        cfg_file.write_text(cfg_file.read_text() + '\n[paths]\nread_only = ["EXPERIMENTS.md"]\n')
+        git(project, "commit", "-q", "-am", "read-only summary")
+    else:
+        (project / "EXPERIMENTS.md").mkdir()
+        (project / "EXPERIMENTS.md" / "keep").write_text("x\n")
+    rec, report = finished_run(project)
+    r = commit_cmd(rec.id, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["paths"] == [str(report)]
+    assert git(project, "show", "--name-only", "--format=", "HEAD").split() == [report.relative_to(project).as_posix()]
+    reason = "read-only tree" if blocked == "read_only" else "cannot write"
+    assert f"warning: EXPERIMENTS.md not refreshed: " in r.stderr and reason in r.stderr, r.stderr
+    assert (project / "EXPERIMENTS.md").is_dir() == (blocked == "unwritable")
+
+
 def test_moectl_commit_without_a_report_is_a_usage_error(project):
     rec, report = finished_run(project, write_report=False)
     r = commit_cmd(rec.id)
