@@ -97,9 +97,16 @@ def run_label(record: RunRecord) -> str:
     return " ".join(parts)
 
 
+# The name part of a report file, in bytes: with the time before it, a `-NNNN` after it, a sweep
+# figure's `_expert_load_max.png` and the atomic writer's `.<name>.XXXXXXXX.tmp`, every file
+# name stays under the filesystem's 255 (a tag may be up to ~235: the run directory's limit).
+REPORT_NAME_MAX = 180
+
+
 def _report_stem(name: str, now: Optional[datetime]) -> str:
     now = now or datetime.now()
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._") or "report"
+    safe = safe.encode()[:REPORT_NAME_MAX].decode(errors="ignore")  # the report says the whole name
     return f"{now.strftime('%Y%m%d_%H%M')}_{safe}"
 
 

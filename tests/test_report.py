@@ -34,6 +34,23 @@ def test_report_path_format_and_unique(tmp_path):
     assert p2.name == "20260224_1829_capacity_opt_bufreuse-2.md" and not p2.exists()
 
 
+def test_the_longest_tag_a_run_takes_still_gets_its_report_and_figures(tmp_path):
+    # A run directory name may be 255 bytes (tag ~235); the report's name, its temp file and a sweep
+    # figure's name add to it, so the report names a shortened tag (its text has the whole one).
+    from moectl.atomic import write_text_atomic
+
+    now = datetime(2026, 2, 24, 18, 29, 5)
+    for tag in ("c" * 235, "é" * 117):  # 234 bytes of two-byte characters: cut on a character
+        first = write_report(tmp_path / tag[:3], tag, f"- run: `{tag}`\n", now)
+        second = write_report(tmp_path / tag[:3], tag, "two\n", now)
+        assert first.name.startswith("20260224_1829_" + tag[:50]) and second.name == first.stem + "-2.md"
+        assert len(second.name.encode()) <= 255 - len(".XXXXXXXX.tmp.")
+        figure = first.parent / "figures" / f"{second.stem}_expert_load_max.png"
+        figure.parent.mkdir(exist_ok=True)
+        write_text_atomic(figure, "png")  # its temp name fits too
+        assert figure.read_text() == "png"
+
+
 def test_write_report_claims_a_fresh_name_and_leaves_no_temp_file(tmp_path):
     now = datetime(2026, 2, 24, 18, 29, 5)
     first = write_report(tmp_path / "reports", "grp", "one\n", now)  # the directory is created
