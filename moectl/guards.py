@@ -105,6 +105,8 @@ def guard_paths(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
                         "or move it out")
     if not _inside(p.report_dir, repo):
         problems.append(f"report_dir {p.report_dir} is outside the repository {repo}")
+    elif p.git_dir and _inside(p.report_dir, p.git_dir):
+        problems.append(f"report_dir {p.report_dir} is inside the git directory {p.git_dir} (git tracks no file there)")
     for ro in p.read_only:
         if p.tracker_store and _inside(p.tracker_store, ro) and not (_inside(root, ro) and _inside(p.tracker_store, root)):
             problems.append(f"[tracking] mlflow_uri writes {p.tracker_store}, inside read-only tree {ro}")

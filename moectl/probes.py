@@ -480,6 +480,7 @@ class PathsState:
     unwritable: dict[str, str] = field(default_factory=dict)  # "artifact_root" / "report_dir" -> why
     tracker_store: Optional[str] = None  # resolved: where a local MLflow store writes ([tracking] mlflow_uri)
     root_in_work_tree: bool = False  # artifact_root inside the repository and not git-ignored
+    git_dir: Optional[str] = None  # resolved: the repository's .git (git keeps nothing of ours there)
 
 
 def _real(p) -> str:
@@ -500,6 +501,7 @@ def probe_paths(cfg: Config, plan: "RunPlan") -> PathsState:
     return PathsState(
         tracker_store=_real(store) if store is not None else None,
         root_in_work_tree=in_tree,
+        git_dir=_git_dir(cfg.root),
         artifact_root=_real(cfg.artifact_root),
         report_dir=_real(cfg.report_dir),
         read_only=[_real(p) for p in cfg.read_only],
@@ -509,6 +511,21 @@ def probe_paths(cfg: Config, plan: "RunPlan") -> PathsState:
         unwritable={name: why for name, path in (("artifact_root", cfg.artifact_root), ("report_dir", cfg.report_dir))
                     if (why := why_unwritable(Path(_real(path)))) is not None},
     )
+
+
+def _git_dir(root: Path) -> Optional[str]:
+    """`<root>/.git` resolved, or where a linked worktree's `.git` file points; None when neither
+    (read from the file system: no git process on the path guard's way)."""
+    dot_git = Path(root) / ".git"
+    if dot_git.is_file():
+        try:
+            first = dot_git.read_text(encoding="utf-8", errors="replace").splitlines()[0]
+        except (OSError, IndexError):
+            return None
+        if first.startswith("gitdir:"):
+            return _real(Path(root) / first[len("gitdir:"):].strip())
+        return None
+    return _real(dot_git) if dot_git.is_dir() else None
 
 
 def why_unwritable(directory: Path) -> Optional[str]:

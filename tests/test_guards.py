@@ -194,6 +194,29 @@ def test_an_artifact_root_that_git_status_would_show_is_refused():
     assert "--exp-dir" not in r.message  # advice that fits: no run directory is misplaced here
 
 
+def test_a_report_dir_inside_the_git_directory_is_refused():
+    # report_dir = ".git": inside the repository, yet git commits nothing there; found after training.
+    c = cfg()
+    p = plan_for(c)
+    w = {x: x for x in [p.exp_dir, *p.files.values()]}
+    ok = PathsState(artifact_root=ART, report_dir="/repo/reports", writes=w, git_dir="/repo/.git")
+    assert verdict(evaluate(c, p, good(p, paths=ok)), "paths").ok
+    for inside in ("/repo/.git", "/repo/.git/reports"):
+        r = verdict(evaluate(c, p, good(p, paths=replace(ok, report_dir=inside))), "paths")
+        assert not r.ok and f"report_dir {inside} is inside the git directory /repo/.git" in r.message
+
+
+def test_the_paths_probe_finds_the_git_directory_of_a_repository_and_of_a_worktree(git_repo, tmp_path):
+    from moectl.probes import _git_dir
+    from tests.conftest import git
+
+    assert _git_dir(git_repo) == str((git_repo / ".git").resolve())
+    linked = tmp_path / "linked"
+    git(git_repo, "worktree", "add", "-q", str(linked), "-b", "side")
+    assert _git_dir(linked) == str((git_repo / ".git" / "worktrees" / "linked").resolve())
+    assert _git_dir(tmp_path / "nowhere") is None
+
+
 def test_tracked_area_is_git_status_s_view(git_repo):
     from moectl.gitops import tracked_area
 
