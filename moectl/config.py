@@ -139,8 +139,8 @@ def find_config(start: Optional[Path] = None) -> Optional[Path]:
     here = Path(start or current_dir()).absolute()
     for d in (here, *here.parents):
         candidate = d / CONFIG_NAME
-        if candidate.is_file():
-            return candidate
+        if candidate.is_file() or os.path.lexists(candidate):
+            return candidate  # a directory or dangling link named .moectl.toml is said, not walked past
     return None
 
 
@@ -180,12 +180,17 @@ def _locate(path: Optional[Path], cwd: Optional[Path]) -> tuple[Path, str]:
             where = Path(cwd or current_dir()).absolute()
             raise UsageError(f"no {CONFIG_NAME} found in {where} or any parent; run `moectl init` to create one")
     path = Path(os.path.expanduser(str(path))).absolute()
+    if path.is_dir():
+        raise UsageError(f"config {path} is a directory, not a file")
     if not path.is_file():
-        raise UsageError(f"config file not found: {path}")
+        why = "a link to nothing" if os.path.islink(path) else "not a file" if os.path.lexists(path) else None
+        raise UsageError(f"config {path} is {why}" if why else f"config file not found: {path}")
     try:
         return path, path.read_text(encoding="utf-8-sig")  # -sig: a BOM some editors write is not TOML
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read {path}: {exc}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"cannot read {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def load_config(path: Optional[Path] = None, cwd: Optional[Path] = None) -> Config:

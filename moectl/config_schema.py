@@ -9,7 +9,7 @@ import math
 
 import sys
 from types import SimpleNamespace
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -30,7 +30,9 @@ class _Strict(BaseModel):
     # strict: TOML already gives real types, so a value of the wrong type is an error, never
     # coerced (`require_no_processes = "off"` would otherwise be False: a guard weakened by a
     # string). A float field still takes an int (`max_util_pct = 5`); nothing else converts.
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # TOML has nan and inf: no threshold means anything as either (`min_free_gib = inf` refuses
+    # every run, nan compares false with everything).
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class ProjectSection(_Strict):
@@ -51,7 +53,7 @@ class ProjectSection(_Strict):
 class PathsSection(_Strict):
     artifact_root: str = Field(DEFAULT_ARTIFACT_ROOT, min_length=1)
     report_dir: str = Field("reports", min_length=1)
-    read_only: list[str] = Field(default_factory=list)
+    read_only: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)  # "" would be the whole repository
     min_free_gib: float = Field(1.0, ge=0)  # the disk guard's threshold
 
 

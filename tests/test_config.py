@@ -74,6 +74,21 @@ def test_no_config_found_suggests_init(tmp_path):
     assert "moectl init" in e.value.message and e.value.exit_code == EXIT_USAGE
 
 
+def test_a_directory_named_like_the_config_is_said_not_walked_past(tmp_path):
+    # A parent's config must not be used silently because the project's own is not a file.
+    (tmp_path / CONFIG_NAME).write_text('[project]\nname = "parent"\n')
+    (tmp_path / "sub" / CONFIG_NAME).mkdir(parents=True)
+    with pytest.raises(UsageError) as e:
+        load_config(cwd=tmp_path / "sub")
+    assert e.value.message == f"config {tmp_path / 'sub' / CONFIG_NAME} is a directory, not a file"
+    with pytest.raises(UsageError, match=r"is a directory, not a file"):
+        load_config(tmp_path / "sub")  # --config DIR
+    (tmp_path / "sub" / CONFIG_NAME).rmdir()
+    (tmp_path / "sub" / CONFIG_NAME).symlink_to(tmp_path / "gone.toml")
+    with pytest.raises(UsageError, match=r"is a link to nothing"):
+        load_config(cwd=tmp_path / "sub")
+
+
 @pytest.mark.parametrize(
     "text, line",
     [
@@ -86,6 +101,10 @@ def test_no_config_found_suggests_init(tmp_path):
         ("[metrics]\nwarmup_steps = -1\n", ".moectl.toml: metrics.warmup_steps: Input should be greater than or equal to 0"),
         ("[metrics]\nwarmup_steps = 2.5\n", ".moectl.toml: metrics.warmup_steps: Input should be a valid integer"),
         ("[metrics]\nwarmup_step = 5\n", ".moectl.toml: metrics.warmup_step: unknown key"),
+        ("[paths]\nmin_free_gib = nan\n", ".moectl.toml: paths.min_free_gib: Input should be a finite number"),
+        ("[paths]\nmin_free_gib = inf\n", ".moectl.toml: paths.min_free_gib: Input should be a finite number"),
+        ("[gpu]\nmax_mem_mib = -inf\n", ".moectl.toml: gpu.max_mem_mib: Input should be a finite number"),
+        ("[paths]\nread_only = [\"/data\", \"\"]\n", ".moectl.toml: paths.read_only.1: String should have at least 1 character"),
         ("[defaults]\ncap = -1\n", ".moectl.toml: defaults.cap: Input should be greater than or equal to 0"),
         ("[defaults]\ncompile = \"fast\"\n", ".moectl.toml: defaults.compile: Input should be 'static', 'dynamic' or 'none'"),
         ("[defaults]\nn-experts = \"many\"\n", ".moectl.toml: defaults.n_experts: must be an integer (engine option --n-experts)"),
