@@ -256,8 +256,11 @@ def report_and_commit(cfg: Config, outcome: RunOutcome, *, baseline: Optional[Ru
     name = plan.tag + (f"-r{plan.repeat}" if plan.repeat else "")
     report = write_report(cfg.report_dir, name, run_report(record, comparison, notes=plan.notes))
     outcome.report = report
+    # The branch the run was guarded on holds its report: with `branch = "*"` (any branch may
+    # run) that is the one it started on, not one checked out while it trained.
+    branch = record.git.branch if cfg.project.branch == "*" and record.git.branch else cfg.project.branch
     try:
-        gitops.check_branch(cfg.root, cfg.project.branch)
+        gitops.check_branch(cfg.root, branch)
         off_branch = None
     except MoectlError as exc:
         off_branch = exc
@@ -271,7 +274,7 @@ def report_and_commit(cfg: Config, outcome: RunOutcome, *, baseline: Optional[Ru
     elif commit and not plan.no_commit:
         try:
             outcome.commit = gitops.commit_paths(
-                cfg.root, [report, *outcome.extra_paths], commit_message(record, baseline), branch=cfg.project.branch,
+                cfg.root, [report, *outcome.extra_paths], commit_message(record, baseline), branch=branch,
                 on_wait=on_commit_wait,
             )
         except MoectlError as exc:

@@ -152,11 +152,19 @@ def test_no_commit_writes_the_report_and_commits_nothing(proj, artifact_root):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("project_branch", ["main", "*"])
 def test_branch_switched_during_the_run_leaves_the_report_written_but_not_committed(git_repo, monkeypatch,
-                                                                                     artifact_root, tmp_path):
+                                                                                     artifact_root, tmp_path,
+                                                                                     project_branch):
     # The trainer holds before its first step until the go-file exists: the test acts while the run
     # is in flight (its guards passed, its record says running), with no race against its speed.
+    # `branch = "*"` lets a run start on any branch; its report still belongs to the one it ran on.
     proj = configure(git_repo, monkeypatch)
+    if project_branch == "*":
+        cfg_file = proj / ".moectl.toml"
+        cfg_file.write_text(cfg_file.read_text().replace('branch = "main"', 'branch = "*"'))
+        assert 'branch = "*"' in cfg_file.read_text()
+        git(proj, "commit", "-q", "-am", "any branch")
     runner.invoke(app, ["summary"])  # EXPERIMENTS.md tracked on main, as after any earlier run
     assert "EXPERIMENTS.md" in git(proj, "ls-files")
     gate = tmp_path / "go"
@@ -199,6 +207,7 @@ def test_branch_switched_during_the_run_leaves_the_report_written_but_not_commit
     git(proj, "switch", "-q", "main")
     r = runner.invoke(app, ["commit", exp.name])
     assert r.exit_code == 0 and report.relative_to(proj).as_posix() in git(proj, "show", "--name-only", "--format=", "HEAD")
+    assert git(proj, "rev-parse", "other").strip() == launch_head  # nothing landed on the other branch
 
 
 # ------------------------------------------------------------------------------- exit 1: internal
