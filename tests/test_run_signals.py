@@ -194,3 +194,43 @@ def test_signal_while_waiting_for_gpus_exits_130_and_writes_nothing(proj, artifa
     assert rc == 130, out.read_text()
     assert "error: interrupted" in out.read_text() and "Traceback" not in out.read_text()
     assert not artifact_root.exists() and not (proj / "reports").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_stopped_moectl_wait_exits_130_and_the_run_goes_on(proj, artifact_root, tmp_path, sig):
+    # `moectl wait` killed by a CI timeout (SIGTERM) or a closed terminal: 130 as Ctrl-C, not 143/129;
+    # what it waited on is not its to stop.
+    gate = tmp_path / "go"
+    out, waiter_out = tmp_path / "run.out", tmp_path / "wait.out"
+    proc = spawn(proj, out, "--steps", "2", "--tag", "held", "--no-commit", *QUIET,
+                 "--", "--hold-at-step", "0", "--hold-until", str(gate))
+    waiter = None
+    try:
+        wait_for(Path(f"{gate}.waiting").exists, "the trainer holding at step 0", 120, proc=proc, output=out.read_text)
+        with open(waiter_out, "w") as fh:
+            waiter = subprocess.Popen([sys.executable, "-m", "moectl", "wait", "held"], cwd=proj, stdout=fh,
+                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      env={**os.environ, "PYTHONPATH": str(REPO)})
+        # Its handler is in place (the kernel's SigCgt mask says so): no race with its start-up.
+        wait_for(lambda: catches(waiter.pid, sig) or waiter.poll() is not None, "moectl wait handling the signal", 120,
+                 output=waiter_out.read_text)
+        waiter.send_signal(sig)
+        rc = waiter.wait(timeout=120)
+        assert rc == 130 and "Traceback" not in waiter_out.read_text(), waiter_out.read_text()
+        assert proc.poll() is None  # the run it waited on trains on
+        gate.touch()
+        assert proc.wait(timeout=120) == 0, out.read_text()
+    finally:
+        for p in (waiter, proc):
+            if p is not None and p.poll() is None:
+                stop_process(p)
+
+
+def catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` has a handler installed for `sig` (/proc/PID/status SigCgt)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next(int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(mask >> (int(sig) - 1) & 1)

@@ -659,3 +659,68 @@ def test_the_sweep_lock_is_reentrant_within_a_thread_and_bounded_across_processe
                 pass
     finally:
         stop_process(holder)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_slurm_sweep_stopped_while_it_submits_exits_130_as_after_ctrl_c(git_repo, artifact_root, tmp_path, sig):
+    # `sweep --slurm` had no SIGTERM/SIGHUP handler while submitting: killed there (143), it left a
+    # held job nobody could cancel. Here sbatch stands still (a stand-in on PATH, as in
+    # tests/test_execution.py) so the signal lands mid-submission every time.
+    import shutil
+
+    sweep_project(git_repo)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "git").symlink_to(shutil.which("git"))
+    mark = tmp_path / "sbatch-called"
+    (bin_dir / "sbatch").write_text(f"#!/bin/sh\ntouch {mark}\nexec sleep 600\n")
+    for name in ("scontrol", "squeue", "scancel"):
+        (bin_dir / name).write_text("#!/bin/sh\nexit 0\n")
+    for f in bin_dir.iterdir():
+        if not f.is_symlink():
+            f.chmod(0o755)
+    spec = write_spec(git_repo, 'name = "sub"\n[common]\nsteps = 2\n[[legs]]\ntag = "a"\n[[legs]]\ntag = "b"\n')
+    out = git_repo.parent / "sub.out"
+    env = {**os.environ, "PYTHONPATH": str(MOECTL_ROOT), "PATH": f"{bin_dir}:/usr/bin:/bin"}
+    with open(out, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "moectl", "sweep", str(spec), "--slurm", "--no-commit", *QUIET],
+                                cwd=git_repo, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        wait_for(mark.exists, "the sweep calling sbatch", 120, proc=proc, output=out.read_text)
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=120)  # a bound against a hang, not a latency check
+    finally:
+        if proc.poll() is None:
+            stop_process(proc)
+    assert rc == 130 and "Traceback" not in out.read_text(), out.read_text()
+    [sweep_dir] = sweep_dirs(artifact_root)
+    states = [leg["state"] for leg in load(sweep_dir / "sweep.json")["legs"]]
+    assert "running" not in states, states
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_sweep_stopped_while_its_leg_waits_for_gpus_exits_130_with_every_leg_settled(git_repo, artifact_root,
+                                                                                     fake_nvml, sig):
+    # Between legs and before a leg's training (waiting for GPUs, its guards) no launch() handler is
+    # in place: SIGTERM / SIGHUP still mean Ctrl-C, so the sweep ends 130 with sweep.json true, not 143.
+    from tests.conftest import gpu
+
+    sweep_project(git_repo)
+    fake_nvml(gpus=[gpu(0, util_pct=80)])
+    spec = write_spec(git_repo, 'name = "gw"\n[common]\nsteps = 2\ndevice = "cuda"\n'
+                      '[[legs]]\ntag = "a"\n[[legs]]\ntag = "b"\n')
+    out = git_repo.parent / "gw.out"
+    proc = _spawn_sweep(git_repo, out, str(spec), "--wait-gpus", "10m", "--no-commit", *QUIET)
+    try:
+        wait_for(lambda: "waiting for gpus_idle" in out.read_text(), "the first leg waiting for gpus_idle", 120,
+                 proc=proc, output=out.read_text)
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=120)  # a bound against a hang, not a latency check
+    finally:
+        if proc.poll() is None:
+            stop_process(proc)
+    assert rc == 130 and "Traceback" not in out.read_text(), out.read_text()
+    [sweep_dir] = sweep_dirs(artifact_root)
+    states = [leg["state"] for leg in load(sweep_dir / "sweep.json")["legs"]]
+    assert "running" not in states and states[1] == "pending", states
+    assert "moectl sweep --resume" in out.read_text()

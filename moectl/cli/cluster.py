@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from moectl.cli.common import app, error, handle_errors, print_json, stdout
+from moectl.cli.common import app, error, handle_errors, print_json, stdout, stops_like_ctrl_c
 from moectl.cli.options import ConfigOpt, JsonOpt
 from moectl.errors import EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, UsageError
 
@@ -205,6 +205,7 @@ def _resolve_targets(cfg, refs: list[str]):
 @app.command()
 @handle_errors
 def wait(
+    ctx: typer.Context,
     targets: Annotated[list[str], typer.Argument(help="Runs (id, tag, prefix, path), repeat groups (id, or a tag whose latest run is in one) or sweeps (name or id).", metavar="RUN|SWEEP...")],
     timeout: Annotated[Optional[str], typer.Option("--timeout", help="Give up after this long, e.g. 90s, 30m, 2h (exit 130; the jobs keep running).", show_default=False)] = None,
     config: ConfigOpt = None,
@@ -227,6 +228,7 @@ def wait(
     from moectl.plan import parse_duration
     from moectl.store import run_json
 
+    stops_like_ctrl_c(ctx)  # a CI timeout's SIGTERM: exit 130 as Ctrl-C, not 143
     cfg = _config(config)
     timeout_s = parse_duration(timeout, "--timeout") if timeout is not None else None
     records = _resolve_targets(cfg, targets)

@@ -102,6 +102,30 @@ def refuse_read_only(cfg: Any, path: Path, what: str) -> None:
             raise GuardRefused(f"{what} {path} is inside read-only tree {tree} ([paths] read_only); write it elsewhere")
 
 
+def stops_like_ctrl_c(ctx: typer.Context) -> None:
+    """SIGTERM (and SIGHUP) means what Ctrl-C means for the whole command - `run` waiting for GPUs or
+    between the guards and the launch, `sweep` between legs or submitting them, `wait` following
+    jobs - so a stopped command exits 130 and cleans up as after Ctrl-C, instead of dying silently
+    (143) with a job held or a record half-settled. launch() installs its own handlers for the
+    training itself and restores this one afterwards."""
+    import signal
+    import threading
+
+    from moectl.launch import hung_up, stop_signals
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum, frame):
+        hung_up(signum)
+        raise KeyboardInterrupt
+
+    # SIGHUP (the terminal closed) too, unless ignored (`nohup`): launch() says so in the record.
+    previous = {sig: signal.signal(sig, interrupt) for sig in stop_signals() if sig != signal.SIGINT}
+    # In-process callers (CliRunner) get their handlers back when the command returns.
+    ctx.call_on_close(lambda: [signal.signal(sig, handler) for sig, handler in previous.items()])
+
+
 def printable(text: str) -> str:
     """A trainer's own output (a log tail) as a terminal should get it from moectl: its colour and
     cursor escapes and other control bytes taken out, so a tail cannot repaint or garble the screen."""

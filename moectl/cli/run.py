@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from moectl.cli.common import app, error, handle_errors, print_json, printable, stderr, stdout
+from moectl.cli.common import app, error, handle_errors, print_json, printable, stderr, stdout, stops_like_ctrl_c
 from moectl.cli.options import (
     BalanceOpt, BalanceRateOpt, BaselineOpt, CapOpt, CompileOpt, ConfigOpt, DetachOpt, DeviceOpt, DispatchOpt,
     DryRunOpt, EpOpt, ExpDirOpt, ExtraArgs, Fp8Opt, JsonOpt, NoCommitOpt, NodesOpt, NotesOpt, NprocOpt, OverrideOpt,
@@ -73,7 +73,7 @@ def run(
     from moectl.repeats import repeat_requests
     from moectl.runner import execute_run, fallback_request
 
-    _sigterm_is_interrupt(ctx)
+    stops_like_ctrl_c(ctx)
     try:
         request = make_request(**request_kwargs(
             cap=cap, tag=tag, compile=compile, fp8=fp8, dispatch=dispatch, steps=steps, preset=preset,
@@ -202,28 +202,6 @@ def run(
         stderr.print(f"group {group}: stopped after repeat {len(runs)} of {repeat} ({runs[-1].get('status')}); "
                      f"repeats {len(runs) + 1}-{repeat} were not run", markup=False)
     raise typer.Exit(code)
-
-
-def _sigterm_is_interrupt(ctx: typer.Context) -> None:
-    """SIGTERM (and SIGHUP) means what Ctrl-C means for the whole command - while waiting for GPUs, between the
-    guards and the launch - so a stopped `moectl run` exits 130 instead of dying silently. launch()
-    installs its own handlers for the training itself and restores this one afterwards."""
-    import signal
-    import threading
-
-    from moectl.launch import hung_up, stop_signals
-
-    if threading.current_thread() is not threading.main_thread():
-        return
-
-    def interrupt(signum, frame):
-        hung_up(signum)
-        raise KeyboardInterrupt
-
-    # SIGHUP (the terminal closed) too, unless ignored (`nohup`): launch() says so in the record.
-    previous = {sig: signal.signal(sig, interrupt) for sig in stop_signals() if sig != signal.SIGINT}
-    # In-process callers (CliRunner) get their handlers back when the command returns.
-    ctx.call_on_close(lambda: [signal.signal(sig, handler) for sig, handler in previous.items()])
 
 
 def _outcome_json(outcome) -> dict:

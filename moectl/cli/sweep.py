@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from moectl.cli.common import app, error, handle_errors, print_json, stdout
+from moectl.cli.common import app, error, handle_errors, print_json, stdout, stops_like_ctrl_c
 from moectl.cli.options import ConfigOpt, DetachOpt, JsonOpt, OverrideOpt, SlurmOpt, WaitGpusOpt, PATH
 from moectl.errors import EXIT_OK, UsageError
 
@@ -14,6 +14,7 @@ from moectl.errors import EXIT_OK, UsageError
 @app.command(no_args_is_help=True)
 @handle_errors
 def sweep(
+    ctx: typer.Context,
     spec: Annotated[Optional[Path], typer.Argument(parser=PATH, help="Sweep spec (TOML): name, \\[common], \\[\\[legs]] or \\[grid].", show_default=False)] = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="Run the legs of this sweep (id, unique prefix, name or path) that did not complete, in a fresh -resume directory.", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the legs and their exact commands; write nothing.")] = False,
@@ -68,6 +69,7 @@ def sweep(
     )
     from moectl.sweep.spec import load_spec
 
+    stops_like_ctrl_c(ctx)  # SIGTERM/SIGHUP between legs or while submitting them: as Ctrl-C (exit 130)
     if (spec is None) == (resume is None):
         raise UsageError("give a sweep spec (SPEC.toml) or --resume SWEEP, not both" if spec else
                          "give a sweep spec (SPEC.toml) or --resume SWEEP")
