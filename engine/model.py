@@ -16,108 +16,14 @@ one host sync per optimizer step, after the step.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.activation import relu_squared
 from engine.blocked_mlp import dense_relu2_mlp
+from engine.config import GPTConfig  # noqa: F401  (torch-free: moectl checks options with it)
 from engine.moe import MoEConfig, MoELayer
-
-
-@dataclass
-class GPTConfig:
-    depth: int = 12
-    aspect_ratio: int = 64
-    head_dim: int = 64
-    seq_len: int = 1024
-    vocab_size: int = 32768
-    n_experts: int = 8
-    top_k: int = 2
-    expert_hidden_mult: float = 2.0  # expert hidden = mult * dim
-    moe_freq: int = 1
-    cap: float = 1.0  # capacity factor; 0 = dropless
-    dispatch: str = "auto"
-    balance_coeff: float = 0.01
-    z_coeff: float = 0.0
-    balance: str = "loss"  # loss (Switch loss) | bias (aux-loss-free, DeepSeek-V3) | none
-    balance_rate: float = 1e-3
-    dense: bool = False  # iso-FLOP dense baseline: every MoE MLP -> dense MLP of top_k * expert_hidden
-    fp8: bool = False  # float8 expert GEMMs (engine.fp8 via MoEConfig.fp8)
-    fp8_dense: bool = False  # float8 for the dense Linear layers (attention, dense MLPs)
-    softcap: float = 15.0
-
-    # Derived sizes: one knob (depth) moves width and heads together.
-    @property
-    def n_layer(self) -> int:
-        return self.depth
-
-    @property
-    def dim(self) -> int:
-        return self.depth * self.aspect_ratio
-
-    @property
-    def n_head(self) -> int:
-        return self.dim // self.head_dim
-
-    @property
-    def expert_hidden(self) -> int:
-        return int(self.expert_hidden_mult * self.dim)
-
-    @property
-    def dense_hidden(self) -> int:
-        """Hidden size of a dense MLP: 4x dim (nanochat) for ordinary dense layers."""
-        return 4 * self.dim
-
-    @property
-    def padded_vocab(self) -> int:
-        # A multiple of 64 keeps the lm_head GEMM on fast tensor-core shapes; extra rows are never targets.
-        return (self.vocab_size + 63) // 64 * 64
-
-    def is_moe_layer(self, i: int) -> bool:
-        return not self.dense and i % self.moe_freq == self.moe_freq - 1
-
-    def was_moe_layer(self, i: int) -> bool:
-        """Whether layer i is MoE in the MoE twin of this config (where --dense puts its iso-FLOP MLP)."""
-        return i % self.moe_freq == self.moe_freq - 1
-
-    def validate(self) -> None:
-        """Raise ValueError with one readable line for the first bad setting."""
-        if self.depth < 1:
-            raise ValueError(f"--depth must be >= 1, got {self.depth}")
-        if self.aspect_ratio < 1 or self.head_dim < 1:
-            raise ValueError("--aspect-ratio and --head-dim must be >= 1")
-        if self.dim % self.head_dim != 0:
-            raise ValueError(f"dim {self.dim} (depth x aspect ratio) is not a multiple of --head-dim {self.head_dim}")
-        if self.head_dim % 2 != 0:
-            raise ValueError(f"--head-dim must be even for rotary embeddings, got {self.head_dim}")
-        if self.n_experts < 1:
-            raise ValueError(f"--n-experts must be >= 1, got {self.n_experts}")
-        if self.top_k < 1:
-            raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
-        if self.top_k > self.n_experts:
-            raise ValueError(f"--top-k {self.top_k} is larger than --n-experts {self.n_experts}")
-        if self.cap < 0:
-            raise ValueError(f"--cap must be >= 0 (0 = dropless), got {self.cap}")
-        if self.moe_freq < 1:
-            raise ValueError(f"--moe-freq must be >= 1, got {self.moe_freq}")
-        if self.expert_hidden < 1:
-            raise ValueError(f"--expert-hidden-mult gives expert hidden {self.expert_hidden}; must be >= 1")
-        if self.dispatch not in ("auto", "padded", "grouped", "loop"):
-            raise ValueError(f"--dispatch must be auto|padded|grouped|loop, got {self.dispatch!r}")
-        if self.balance not in ("loss", "bias", "none"):
-            raise ValueError(f"--balance must be loss|bias|none, got {self.balance!r}")
-        if not self.balance_rate > 0:
-            raise ValueError(f"--balance-rate must be > 0, got {self.balance_rate}")
-        if self.seq_len < 1 or self.vocab_size < 2:
-            raise ValueError("--seq-len must be >= 1 and --vocab-size >= 2")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d.update(dim=self.dim, n_head=self.n_head, n_layer=self.n_layer, expert_hidden=self.expert_hidden)
-        return d
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:

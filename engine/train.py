@@ -38,7 +38,8 @@ import torch.distributed as dist
 from engine import checkpoint, data, flops
 from engine.ep import ExpertParallel, check_ep
 from engine.malloc import keep_freed_memory
-from engine.model import GPT, GPTConfig
+from engine.config import DEFAULTS, PRESETS, GPTConfig
+from engine.model import GPT
 from engine.schema import (
     EXIT_BAD_OPTIONS,
     EXIT_COMPILE_FAILED,
@@ -50,34 +51,6 @@ from engine.schema import (
     StepMetrics,
     to_line,
 )
-
-PRESETS = {
-    # CPU in seconds: loss on the byte corpus falls from ~5.5 to well under 3.5 within 40 steps.
-    "tiny": dict(
-        depth=2, aspect_ratio=32, head_dim=16, n_experts=4, top_k=2, expert_hidden_mult=2.0,
-        moe_freq=1, cap=1.0, seq_len=64, device_batch_size=16, steps=40, lr=1e-2,
-        data="default", compile="none",
-    ),
-    # The seed study's workload (see shared/seed/README.md): FLOPs/token match its runs.
-    "d12-moe": dict(
-        depth=12, aspect_ratio=64, head_dim=64, n_experts=8, top_k=2, expert_hidden_mult=2.0,
-        moe_freq=1, cap=1.0, balance_coeff=0.01, seq_len=1024, device_batch_size=16,
-        total_batch_size=524288, steps=280, lr=3e-3, data="synthetic", vocab_size=32768,
-        compile="static", dtype="bf16",
-    ),
-}
-
-# Used where neither the command line nor the preset sets a value.
-DEFAULTS = dict(
-    depth=4, aspect_ratio=64, head_dim=64, n_experts=8, top_k=2, expert_hidden_mult=2.0,
-    moe_freq=1, cap=1.0, dispatch="auto", compile="none", fp8=False, fp8_dense=False, dense=False,
-    balance_coeff=0.01, z_coeff=0.0, balance="loss", balance_rate=1e-3, ep=1, seq_len=256,
-    device_batch_size=8, total_batch_size=None,
-    steps=100, lr=3e-3, warmdown_frac=0.2, grad_clip=1.0, seed=0, data="default", vocab_size=None,
-    device=None, dtype=None, out_dir=None, ckpt_dir=None, save_every=0, resume=None,
-    peak_flops=None, eval_every=0, eval_batches=8, log_every=1,
-)
-
 
 class BadOptions(Exception):
     """Exit 2 with one line."""

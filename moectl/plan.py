@@ -237,6 +237,16 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
             source = "n_experts" if options.get("n_experts") else f"preset {preset or DEFAULT_PRESET}"
             raise UsageError(f"--ep {ep}: does not divide the {n_experts} experts ({source}); "
                              "each rank holds n_experts / ep of them")
+    if is_engine:
+        # The model the engine would build from these options, checked by the engine's own rules
+        # (torch-free) before a run directory exists: `-- --top-k 9` beside 4 experts, a --head-dim
+        # that does not divide the width.
+        from engine.config import check_model_options
+
+        try:
+            check_model_options(options)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise UsageError(f"engine options: {exc}") from None
 
     device = request.device or device_default or "auto"
     if device == "auto":

@@ -50,6 +50,54 @@ def test_bad_engine_options_are_one_line_usage_errors(kwargs, line):
     assert e.value.message.startswith(line) and e.value.exit_code == 2
 
 
+@pytest.mark.parametrize("extra, defaults, says", [
+    (["--top-k", "9"], {"preset": "tiny"}, "--top-k 9 is larger than --n-experts 4"),
+    (["--n-experts", "1"], {"preset": "d12-moe"}, "--top-k 2 is larger than --n-experts 1"),  # the preset's top-k
+    (["--head-dim", "24"], {"preset": "tiny"}, "dim 64 (depth x aspect ratio) is not a multiple of --head-dim 24"),
+    (["--aspect-ratio", "18", "--head-dim", "9"], {"preset": "tiny"}, "--head-dim must be even for rotary embeddings, got 9"),
+    ([], {"preset": "tiny", "expert_hidden_mult": 0.001}, "--expert-hidden-mult gives expert hidden 0; must be >= 1"),
+])
+def test_a_model_the_engine_would_refuse_is_a_usage_error_before_launch(extra, defaults, says):
+    # What engine.train would refuse (exit 2) only after torchrun started in a new run directory.
+    with pytest.raises(UsageError) as e:
+        plan_run(cfg(defaults=defaults), make_request(extra_args=extra), NOW, None)
+    assert e.value.message == f"engine options: {says}" and e.value.exit_code == 2
+    # ... while the same options with a model that works plan as before
+    assert plan_run(cfg(defaults={"preset": "tiny"}), make_request(extra_args=["--top-k", "4"]), NOW, None).options["top_k"] == 4
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["--preset", "d12-moe"], ["--top-k", "9"], ["--preset", "d12-moe", "--n-experts", "1"], ["--head-dim", "24"],
+    ["--depth", "3", "--aspect-ratio", "10", "--head-dim", "10"], ["--expert-hidden-mult", "0.001"],
+    ["--moe-freq", "0"], ["--cap", "-1"], ["--balance-rate", "0"], ["--seq-len", "0"], ["--top-k", "0"],
+])
+def test_moectls_model_check_agrees_with_the_engines(argv):
+    # engine.config.check_model_options (torch-free, run by moectl) and engine.train's own option
+    # resolution (torch) refuse the same models with the same line.
+    from engine.config import check_model_options
+    from engine.schema import ENGINE_OPTIONS
+    from engine.train import BadOptions, resolve_options  # imports torch: fine in a test, never in moectl
+
+    try:
+        resolve_options([*argv, "--device", "cpu"])
+        engine_says = None
+    except BadOptions as exc:
+        engine_says = str(exc)
+    options = {}
+    for flag, value in zip(argv[::2], argv[1::2]):
+        key = flag[2:].replace("-", "_")
+        options[key] = ENGINE_OPTIONS[key](value)
+    try:
+        check_model_options(options)
+        ours = None
+    except ValueError as exc:
+        ours = str(exc)
+    if ours is not None:  # the engine refuses it too; for the model's own rules, with the same line
+        assert engine_says is not None and (ours == engine_says or argv[0] == "--seq-len"), (ours, engine_says)
+    else:  # the engine may refuse more (steps, paths), but no model moectl let through
+        assert engine_says is None or not any(w in engine_says for w in ("top-k", "dim", "experts", "moe-freq")), engine_says
+
+
 def test_run_dry_run_passes_balance_and_ep_through(project, artifact_root):
     r = CliRunner().invoke(app, ["run", "--dry-run", "--json", "--device", "cpu", "--balance", "none",
                                  "--balance-rate", "0.002", "--ep", "2", "--nproc", "2", "--override", "no_other_training"])
