@@ -234,3 +234,53 @@ def catches(pid: int, sig: int) -> bool:
         return False
     mask = next(int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigCgt:"))
     return bool(mask >> (int(sig) - 1) & 1)
+
+
+def fake_slurm_bin(tmp_path: Path, block_at: int) -> tuple[Path, Path, Path]:
+    """A PATH directory standing in for Slurm: sbatch hands out job ids 101, 102, ... and blocks on
+    call `block_at` (so a signal lands mid-submission every time); scontrol knows no job; scancel
+    logs what it was asked to cancel. Returns (bin dir, the mark sbatch leaves when it blocks, the log)."""
+    import shutil
+
+    bin_dir, mark, log = tmp_path / "bin", tmp_path / "sbatch-blocked", tmp_path / "scancel.log"
+    bin_dir.mkdir()
+    (bin_dir / "git").symlink_to(shutil.which("git"))
+    count = tmp_path / "sbatch-calls"
+    (bin_dir / "sbatch").write_text(
+        f'#!/bin/sh\necho x >> {count}\nn=$(wc -l < {count})\n'
+        f'if [ "$n" -ge {block_at} ]; then touch {mark}; exec sleep 600; fi\necho $((100 + n))\n')
+    (bin_dir / "scontrol").write_text(
+        '#!/bin/sh\nif [ "$1 $2" = "show job" ]; then echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1; fi\n'
+        'exit 0\n')
+    (bin_dir / "scancel").write_text(f'#!/bin/sh\necho "$@" >> {log}\nexit 0\n')
+    (bin_dir / "squeue").write_text("#!/bin/sh\nexit 0\n")
+    for f in bin_dir.iterdir():
+        if not f.is_symlink():
+            f.chmod(0o755)
+    return bin_dir, mark, log
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_repeat_group_stopped_while_it_submits_leaves_nothing_queued(proj, artifact_root, tmp_path, sig):
+    # `run --slurm --repeat 3` stopped after its first job was queued: that job is cancelled and its
+    # record ended, not left queued with nobody following it.
+    bin_dir, mark, log = fake_slurm_bin(tmp_path, block_at=2)
+    out = tmp_path / "moectl.out"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{bin_dir}:/usr/bin:/bin"}
+    with open(out, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "moectl", "run", "--slurm", "--repeat", "3", "--steps", "2",
+                                 "--tag", "grp", *QUIET], cwd=proj, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    try:
+        wait_for(mark.exists, "the second sbatch call", 120, proc=proc, output=out.read_text)
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=120)  # a bound against a hang, not a latency check
+    finally:
+        if proc.poll() is None:
+            stop_process(proc)
+    text = out.read_text()
+    assert rc == 130 and "Traceback" not in text, text
+    assert "interrupted while submitting repeat group" in text and "1 queued run(s) were cancelled" in text, text
+    assert log.read_text().split() == ["101"]
+    statuses = {d.name: record(d)["status"] for d in run_dirs(artifact_root) if (d / "run.json").exists()}
+    assert "queued" not in statuses.values() and "interrupted" in statuses.values(), statuses

@@ -96,33 +96,30 @@ def run_group_on_slurm(cfg, group: str, requests, *, nodes, detach: bool, requeu
     """`moectl run --slurm --repeat N`: the N runs of a repeat group as N jobs side by side (Slurm
     schedules them as it can), then - unless --detach - wait for all of them and end as a local
     group does: the first failure's exit code, or 0."""
-    from moectl.cli.env import _render_check, check_json, job_view
-    from moectl.execution import JobOptions, exit_code_of_record, submit_run, wait_for
+    from moectl.execution import exit_code_of_record, wait_for
     from moectl.store import run_json
 
     if nodes is not None and nodes < 1:
         raise UsageError(f"--nodes: must be at least 1 (got {nodes})")
     out = lambda text: stdout.print(text, markup=False)  # noqa: E731
     records = []
-    for request in requests:
-        # launch.compile_fallback inside each job: N jobs, N possible re-runs, and wait_for follows
-        # each failed run on to its re-run, whether this command or a later `moectl wait` waits.
-        submitted = submit_run(cfg, request, JobOptions(nodes=nodes, requeue=requeue, summary=cfg.report.summary,
-                                                         baseline=baseline, fallback_in_job=True))
-        if submitted.record is None:  # the submitting machine's guards: the rest would be refused too
-            shown, where = job_view(cfg, submitted.plan, nodes if nodes is not None else cfg.cluster.nodes)
-            if not json_out:
-                _render_check(shown, submitted.guards, False, where=where)
-            error(f"a guard refused repeat {len(records) + 1} of group {group}; nothing more was submitted"
-                  + (f" ({len(records)} already queued: `moectl cancel {group}` stops them)" if records else ""))
-            if json_out:
-                print_json({**check_json(shown, submitted.guards, False), "command_where": where, "group": group,
-                            "runs": [run_json(r) for r in records]})
-            raise typer.Exit(EXIT_GUARD)
-        records.append(submitted.record)
-        if not json_out:
-            r = submitted.record
-            out(f"submitted {r.id} (seed {request.seed}) as Slurm job {r.job_id} ({r.nodes} node(s)) -> {r.exp_dir}")
+    try:
+        _submit_group(cfg, group, requests, records, nodes=nodes, requeue=requeue, json_out=json_out,
+                      baseline=baseline)
+    except KeyboardInterrupt:
+        # Stopped before the group was whole: no part of it is left queued (as a sweep stopped while
+        # submitting). Following the jobs is another matter: Ctrl-C there only detaches (below).
+        if not records:
+            raise
+        from moectl.errors import Interrupted, MoectlError
+        from moectl.execution import cancel_runs
+
+        try:
+            cancel_runs(records)
+            said = f"its {len(records)} queued run(s) were cancelled"
+        except MoectlError as exc:
+            said = f"cancelling its queued runs failed ({exc.message}): `moectl cancel {group}` stops them"
+        raise Interrupted(f"interrupted while submitting repeat group {group}; {said}") from None
     if detach:
         if json_out:
             print_json({"group": group, "runs": [{"id": r.id, "job_id": r.job_id, "exp_dir": r.exp_dir,
@@ -158,6 +155,34 @@ def run_group_on_slurm(cfg, group: str, requests, *, nodes, detach: bool, requeu
             out(f"torch.compile failed in the jobs; their --compile none re-runs are group {', '.join(fallbacks)} "
                 f"(tag {next(r.tag for r in finals if r.group in fallbacks)})")
     raise typer.Exit(next((c for c in codes if c != EXIT_OK), EXIT_OK))
+
+
+def _submit_group(cfg, group: str, requests, records: list, *, nodes, requeue: bool, json_out: bool, baseline) -> None:
+    """Submit a repeat group's jobs one by one, each record appended to `records` once queued."""
+    from moectl.cli.env import _render_check, check_json, job_view
+    from moectl.execution import JobOptions, submit_run
+    from moectl.store import run_json
+
+    out = lambda text: stdout.print(text, markup=False)  # noqa: E731
+    for request in requests:
+        # launch.compile_fallback inside each job: N jobs, N possible re-runs, and wait_for follows
+        # each failed run on to its re-run, whether this command or a later `moectl wait` waits.
+        submitted = submit_run(cfg, request, JobOptions(nodes=nodes, requeue=requeue, summary=cfg.report.summary,
+                                                         baseline=baseline, fallback_in_job=True))
+        if submitted.record is None:  # the submitting machine's guards: the rest would be refused too
+            shown, where = job_view(cfg, submitted.plan, nodes if nodes is not None else cfg.cluster.nodes)
+            if not json_out:
+                _render_check(shown, submitted.guards, False, where=where)
+            error(f"a guard refused repeat {len(records) + 1} of group {group}; nothing more was submitted"
+                  + (f" ({len(records)} already queued: `moectl cancel {group}` stops them)" if records else ""))
+            if json_out:
+                print_json({**check_json(shown, submitted.guards, False), "command_where": where, "group": group,
+                            "runs": [run_json(r) for r in records]})
+            raise typer.Exit(EXIT_GUARD)
+        records.append(submitted.record)
+        if not json_out:
+            r = submitted.record
+            out(f"submitted {r.id} (seed {request.seed}) as Slurm job {r.job_id} ({r.nodes} node(s)) -> {r.exp_dir}")
 
 
 def _render_final(record) -> None:
