@@ -113,8 +113,8 @@ class LaunchSection(_Strict):
     @classmethod
     def _positive(cls, v):
         # plain: one message for the field (a Union would report each of its members apart).
-        if v != "auto" and (type(v) is not int or v < 1):
-            raise ValueError(f"must be \"auto\" or an integer >= 1, not {v!r}")
+        if v != "auto" and (type(v) is not int or not 1 <= v <= 1024):  # moectl.plan.MAX_NPROC
+            raise ValueError(f"must be \"auto\" or an integer from 1 to 1024, not {v!r}")
         return v
 
     @field_validator("options")

@@ -187,7 +187,11 @@ def submit_run(cfg: Config, request: RunRequest, options: JobOptions, *, sweep_i
                 pass
         record.status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         record.finished_at = store.now_iso()
-        record.error = exc.message if isinstance(exc, MoectlError) else f"moectl: {type(exc).__name__}: {exc}"
+        if isinstance(exc, KeyboardInterrupt):
+            record.error = ("interrupted while it was submitted; its job was cancelled before it started" if record.job_id
+                            else "interrupted before it was submitted")
+        else:
+            record.error = exc.message if isinstance(exc, MoectlError) else f"moectl: {type(exc).__name__}: {exc}"
         store.save_run(record)
         raise
     return Submitted(exit_code=EXIT_OK, plan=plan, guards=results, record=record)

@@ -172,10 +172,16 @@ def guard_gpus_idle(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
 
 
 def guard_no_other_training(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
-    problems = [
-        f"pid {p.pid} ({p.age_s / 60:.1f} min old" + (f", run dir {p.run_dir})" if p.run_dir else ")")
-        for p in obs.processes
-    ]
+    # One entry per run: torchrun, its agent and every worker share a run dir, and a list of each
+    # would bury the one thing to know (which run) under pids.
+    by_run: dict = {}
+    for p in obs.processes:
+        by_run.setdefault(p.run_dir or f"pid {p.pid}", []).append(p)
+    problems = []
+    for procs in by_run.values():
+        pids, oldest, run_dir = [p.pid for p in procs], max(p.age_s for p in procs), procs[0].run_dir
+        who = f"pid {pids[0]}" if len(pids) == 1 else "pids " + ", ".join(map(str, pids))
+        problems.append(f"{who} ({oldest / 60:.1f} min old" + (f", run dir {run_dir})" if run_dir else ")"))
     lock = obs.lock
     note = ""
     if lock and not lock.get("stale"):

@@ -59,6 +59,10 @@ def _fmt_num(x: float) -> str:
     return repr(float(x)).replace(".", "p").replace("-", "m")
 
 
+# Processes per node. More than any node has GPUs or cores for; a typo of more would fork that many.
+MAX_NPROC = 1024
+
+
 class RunRequest(BaseModel):
     """The options of `moectl run` / `check` (None = not given: config defaults apply)."""
 
@@ -76,7 +80,7 @@ class RunRequest(BaseModel):
     seed: Optional[int] = None
     preset: Optional[str] = None
     device: Optional[Literal["auto", "cuda", "cpu"]] = None
-    nproc: Optional[int] = Field(None, ge=1)
+    nproc: Optional[int] = Field(None, ge=1, le=MAX_NPROC)
     exp_dir: Optional[str] = None
     no_commit: bool = False
     wait_gpus: Optional[str] = None

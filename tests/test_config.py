@@ -101,6 +101,7 @@ def test_a_directory_named_like_the_config_is_said_not_walked_past(tmp_path):
         ("[metrics]\nwarmup_steps = -1\n", ".moectl.toml: metrics.warmup_steps: Input should be greater than or equal to 0"),
         ("[metrics]\nwarmup_steps = 2.5\n", ".moectl.toml: metrics.warmup_steps: Input should be a valid integer"),
         ("[metrics]\nwarmup_step = 5\n", ".moectl.toml: metrics.warmup_step: unknown key"),
+        ("[launch]\nnproc_per_node = 5000\n", ".moectl.toml: launch.nproc_per_node: must be \"auto\" or an integer from 1 to 1024, not 5000"),
         ("[paths]\nmin_free_gib = nan\n", ".moectl.toml: paths.min_free_gib: Input should be a finite number"),
         ("[paths]\nmin_free_gib = inf\n", ".moectl.toml: paths.min_free_gib: Input should be a finite number"),
         ("[gpu]\nmax_mem_mib = -inf\n", ".moectl.toml: gpu.max_mem_mib: Input should be a finite number"),

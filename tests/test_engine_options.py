@@ -43,6 +43,7 @@ def test_ep_reaches_the_engine_command_and_the_tag():
     ({"balance": "aux"}, "--balance: Input should be 'loss', 'bias' or 'none'"),
     ({"balance_rate": 0}, "--balance-rate: Input should be greater than 0"),
     ({"ep": 0}, "--ep: Input should be greater than or equal to 1"),
+    ({"nproc": 100_000}, "--nproc: Input should be less than or equal to 1024"),  # a typo would fork that many
 ])
 def test_bad_engine_options_are_one_line_usage_errors(kwargs, line):
     with pytest.raises(UsageError) as e:

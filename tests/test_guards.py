@@ -80,6 +80,11 @@ REFUSALS = [
     ("gpus_idle", {}, {"device": "cuda"}, {"nvml": NvmlReading(gpus=[GpuInfo(index=0, error="Unknown Error")])}, "GPU 0: NVML error: Unknown Error"),
     ("gpus_idle", {"gpu": {"devices": [0, 3]}}, {"device": "cuda"}, {}, "GPU(s) [3] from gpu.devices not found"),
     ("no_other_training", {}, {}, {"processes": [TrainingProcess(pid=77, age_s=120, cmdline="torchrun ...", run_dir="/art/x")]}, "pid 77 (2.0 min old, run dir /art/x)"),
+    ("no_other_training", {}, {}, {"processes": [  # one run's torchrun and workers: one entry
+        TrainingProcess(pid=77, age_s=120, cmdline="torchrun ...", run_dir="/art/x"),
+        TrainingProcess(pid=78, age_s=110, cmdline="python -m engine.train", run_dir="/art/x"),
+        TrainingProcess(pid=90, age_s=30, cmdline="torchrun ...")]},
+     "training already running: pids 77, 78 (2.0 min old, run dir /art/x); pid 90 (0.5 min old) — wait"),
     ("no_other_training", {}, {}, {"lock": {"pid": 99, "host": "h", "run_id": "r1", "stale": False}}, "moectl pid 99 on h holds the run lock for r1"),
     ("disk", {"paths": {"min_free_gib": 5}}, {}, {"disk": DiskState(path=ART, free_gib=0.5)}, "0.50 GiB free under /art < 5 GiB"),
     ("disk", {}, {}, {"disk": DiskState(path=ART, error="permission denied")}, "permission denied"),

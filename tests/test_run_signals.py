@@ -282,5 +282,8 @@ def test_a_repeat_group_stopped_while_it_submits_leaves_nothing_queued(proj, art
     assert rc == 130 and "Traceback" not in text, text
     assert "interrupted while submitting repeat group" in text and "1 queued run(s) were cancelled" in text, text
     assert log.read_text().split() == ["101"]
-    statuses = {d.name: record(d)["status"] for d in run_dirs(artifact_root) if (d / "run.json").exists()}
-    assert "queued" not in statuses.values() and "interrupted" in statuses.values(), statuses
+    records = [record(d) for d in run_dirs(artifact_root) if (d / "run.json").exists()]
+    assert sorted((r["status"], r["error"].splitlines()[0]) for r in records) == [
+        ("interrupted", "cancelled (scancel 101) before it started"),  # queued, then cancelled
+        ("interrupted", "interrupted before it was submitted"),  # the one sbatch was busy with
+    ], records
