@@ -184,3 +184,17 @@ def test_a_leg_whose_job_dies_before_moectl_starts_in_it_is_settled_by_the_repor
     wait_for(lambda: sweep_json(sweep_dir).get("report"), "the report job's sweep report", timeout=JOB_TIMEOUT_S)
     assert [(leg["tag"], leg["state"]) for leg in sweep_json(sweep_dir)["legs"]] == [("x", "completed"), ("y", "failed")]
     assert "before moectl started in it" in record(sweep_dir / y["id"])["error"]
+
+
+def test_a_followed_slurm_sweep_that_did_not_complete_ends_with_its_resume_command(on_cluster, git_repo, monkeypatch,
+                                                                                   artifact_root, tmp_path):
+    # As a local sweep ends: the next command where the person is looking, back to the cluster.
+    slurm_project(git_repo, monkeypatch)
+    spec = tmp_path / "half.toml"
+    spec.write_text('name = "half"\n[common]\nsteps = 3\n[[legs]]\ntag = "ok"\n'
+                    '[[legs]]\ntag = "bad"\nargs = ["--fail-at-step", "1"]\n')
+    r = moectl("sweep", str(spec), "--slurm", "--no-commit")
+    assert r.exit_code == 4, r.output
+    sweep_id = sweep_json(the_sweep(artifact_root, "half"))["id"]
+    assert f"1 leg(s) did not complete; resume them in a fresh directory: moectl sweep --resume {sweep_id} --slurm" \
+        in r.output, r.output

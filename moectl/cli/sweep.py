@@ -182,6 +182,11 @@ def _follow_slurm_sweep(outcome, *, detach: bool, json_out: bool, out) -> None:
             out(f"  {leg.tag}: {leg.state} (run {leg.run_id})")
         if final.report:
             out(f"sweep report: {final.report}")
+        unfinished = [leg for leg in final.legs if leg.state != "completed"]
+        if unfinished and code != EXIT_OK:  # the next command, as a local sweep ends
+            from moectl.summary import resume_command
+
+            out(f"{len(unfinished)} leg(s) did not complete; resume them in a fresh directory: {resume_command(final)}")
     raise typer.Exit(code)
 
 
