@@ -341,6 +341,7 @@ class RunMetrics:
     # `id` is then the group's id and `metrics` its latest repeat's.
     members: list[MetricsFile] = field(default_factory=list)
     member_ids: list[str] = field(default_factory=list)
+    unfinished: bool = False  # still training (or queued): its figures are its steps so far
 
     @property
     def is_group(self) -> bool:
@@ -370,6 +371,7 @@ class RunComparison:
     n_repeats: int = 1  # runs behind the figures: 1, or a repeat group's size
     noise: str = WITHIN_RUN  # what `stderr` is: WITHIN_RUN (one run) or BETWEEN_RUNS (a group)
     run_ids: list[str] = field(default_factory=list)  # the runs behind the entry: a group's repeats, or the one run
+    unfinished: bool = False  # still training (or queued): the figures are its steps so far
 
 
 @dataclass
@@ -381,7 +383,7 @@ class Comparison:
     warmup_steps: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        """The `moectl compare --json` contract (SPEC §7a), plus `notes`, `beyond_noise`, the
+        """The `moectl compare --json` contract (SPEC §7a), plus `notes`, `unfinished`, `beyond_noise`, the
         warm-up keys (`warmup_steps`; per run `clean`, `note`; per metric `marked`) and per metric
         `not_finite` (its null value was NaN: a diverged run's final loss)."""
         return {
@@ -399,6 +401,7 @@ class Comparison:
                     "n_repeats": r.n_repeats,
                     "noise": r.noise,
                     "run_ids": r.run_ids,
+                    "unfinished": r.unfinished,
                     "metrics": {
                         name: {
                             "value": mv.value,
@@ -470,7 +473,7 @@ def compare(runs: Sequence[RunMetrics], baseline_index: int = 0, window: int = 5
         out.append(RunComparison(r.id, r.tag, n_steps, summ.steps, dict(r.options), mvs,
                                  clean=summ.clean, note=summ.note, n_repeats=len(r.members) if r.is_group else 1,
                                  noise=BETWEEN_RUNS if r.is_group else WITHIN_RUN,
-                                 run_ids=list(r.member_ids) if r.is_group else [r.id]))
+                                 run_ids=list(r.member_ids) if r.is_group else [r.id], unfinished=r.unfinished))
     return Comparison(baseline=runs[baseline_index].id, window=window, runs=out,
                       notes=_notes(out, window, warmup_steps), warmup_steps=warmup_steps)
 
@@ -494,6 +497,9 @@ def _notes(rows: list[RunComparison], window: int, warmup_steps: int = 0) -> lis
         notes.append(
             f"still comparable, note: fewer than {window} steps in the tail window{after} for {', '.join(short)}"
         )
+    unfinished = [r.tag or r.id for r in rows if r.unfinished]
+    if unfinished:
+        notes.append(f"not final: {', '.join(unfinished)} still training; its figures are its steps so far")
     diverged = [r.tag or r.id for r in rows if r.metrics["final_loss"].not_finite]
     if diverged:
         notes.append(f"diverged: {', '.join(diverged)} ended with a NaN/inf loss (final loss NaN); the "

@@ -356,6 +356,25 @@ def test_runs_and_compare_keep_the_spec_columns_when_no_run_has_the_figure(proje
     assert " job " not in header and " ep " not in header  # option columns nobody set are still left out
 
 
+def test_compare_says_when_a_run_is_still_training(project, artifact_root):
+    # Its tail so far is compared (what a person checking on it wants), and said to be unfinished.
+    import os
+    import shutil
+    import socket
+
+    imported("done", "metrics_small.jsonl", "jsonl")
+    live = create_run_dir(artifact_root / "20260101_000000_moe-live")
+    shutil.copy(FIXTURES / "metrics_small.jsonl", live / "metrics.jsonl")
+    now = datetime.now().astimezone().isoformat()  # after this process started: its pid owns the run
+    save_run(RunRecord(id=live.name, tag="live", status="running", created_at=now, started_at=now,
+                       exp_dir=str(live), pid=os.getpid(), host=socket.gethostname()))
+    data = json.loads(invoke("compare", "done", "live", "--json").stdout)
+    assert [r["unfinished"] for r in data["runs"]] == [False, True]
+    assert "not final: live still training; its figures are its steps so far" in data["notes"]
+    r = CliRunner().invoke(app, ["compare", "done", "live"], env={"COLUMNS": "250"})
+    assert r.exit_code == 0 and "not final: live still training" in r.stdout, r.output
+
+
 def test_runs_table_shows_key_options_the_engine_resolved(project, artifact_root):
     """A run given only `--preset` still shows its cap and compile: the engine's resolved config."""
     exp = create_run_dir(artifact_root / "20260101_000000_moe-preset_only")

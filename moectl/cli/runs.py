@@ -376,10 +376,12 @@ def entry_metrics(entry, window: int):
 
     files = [read_metrics(Path(r.exp_dir) / METRICS_FILENAME, tail=window) for r in entry]
     last = entry[-1]
+    unfinished = any(getattr(r, "display_status", r.status) in ("created", "queued", "running") for r in entry)
     if len(entry) == 1:
-        return RunMetrics(id=last.id, tag=last.tag, metrics=files[0], options=last.options, fallback=last.summary)
+        return RunMetrics(id=last.id, tag=last.tag, metrics=files[0], options=last.options, fallback=last.summary,
+                          unfinished=unfinished)
     return RunMetrics(id=last.group, tag=last.tag, metrics=files[-1], options=last.options, fallback=last.summary,
-                      members=files, member_ids=[r.id for r in entry])
+                      members=files, member_ids=[r.id for r in entry], unfinished=unfinished)
 
 
 # Terminal precision (the markdown and JSON keep the seed's full precision).
