@@ -69,7 +69,14 @@ def run_on_slurm(cfg, request, *, nodes, detach: bool, requeue: bool, quiet: boo
             final = follow(record, progress, on_state=on_state)
         except KeyboardInterrupt:
             progress.close()
-            error(f"detached: Slurm job {record.job_id} keeps running; `moectl cancel {record.id}` "
+            from moectl.execution import read_record
+
+            try:
+                queued = read_record(Path(record.exp_dir)).status == "queued"
+            except Exception:  # noqa: BLE001 - only the wording depends on it
+                queued = False
+            goes_on = "stays in the queue" if queued else "keeps running"
+            error(f"detached: Slurm job {record.job_id} {goes_on}; `moectl cancel {record.id}` "
                   f"(or scancel {record.job_id}) stops it, `moectl wait {record.id}` follows it again")
             raise typer.Exit(EXIT_INTERRUPTED)
         progress.close()
