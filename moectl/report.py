@@ -271,6 +271,9 @@ def run_report(
         lines.append(f"- git: `{record.git.branch or 'detached'}` @ `{record.git.commit[:12]}`{dirty}")
     if record.host or record.gpus:
         lines.append(f"- host: {record.host or '?'}" + (f" · GPUs: {', '.join(record.gpus)}" if record.gpus else ""))
+    if record.backend == "slurm" and record.job_id:
+        restarts = f" · requeued {record.restarts} time(s)" if record.restarts else ""
+        lines.append(f"- Slurm job {record.job_id} on {record.nodes or 1} node(s){restarts}")
     if record.source:
         lines.append(f"- imported from: `{record.source}`")
     lines.append(f"- experiment directory: [`{exp}`]({exp.as_uri() if exp.is_absolute() else exp})")

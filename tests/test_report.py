@@ -51,6 +51,12 @@ def test_the_longest_tag_a_run_takes_still_gets_its_report_and_figures(tmp_path)
         assert figure.read_text() == "png"
 
 
+def test_a_slurm_runs_report_names_its_job_and_nodes():
+    text = run_report(record(backend="slurm", job_id="4242", nodes=2, restarts=1))
+    assert "- Slurm job 4242 on 2 node(s) · requeued 1 time(s)" in text
+    assert "Slurm job" not in run_report(record())
+
+
 def test_write_report_claims_a_fresh_name_and_leaves_no_temp_file(tmp_path):
     now = datetime(2026, 2, 24, 18, 29, 5)
     first = write_report(tmp_path / "reports", "grp", "one\n", now)  # the directory is created
