@@ -284,6 +284,20 @@ def head_address(nodelist: str) -> str:
     return first
 
 
+# Each job meets at a port of its own: two multi-node jobs whose first node is the same machine
+# (a `--repeat` group, sweep legs) must not meet at one TCPStore, where the second would join the
+# first's world and fail when it ends. [cluster] rdzv_port is the base of a span of this many ports.
+RDZV_PORT_SPAN = 1000
+
+
+def rendezvous_port(base: int, job_id: str) -> int:
+    """The c10d rendezvous port of one job: `base + job id mod RDZV_PORT_SPAN` (pure, deterministic:
+    every node of the job computes the same port; jobs whose ids differ by less than the span never
+    share one)."""
+    digits = job_id.split("_", 1)[0]  # an array task's "<job>_<task>" counts by its job id
+    return base + (int(digits) % RDZV_PORT_SPAN if digits.isdigit() else 0)
+
+
 def multinode_argv(argv: Sequence[str], *, nnodes: int, head: str, port: int, job_id: str) -> list[str]:
     """A `--standalone` torchrun argv made into one agent per node under srun, meeting through
     c10d at the first node (pure). `--standalone` would make each node a world of its own."""

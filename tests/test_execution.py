@@ -44,6 +44,19 @@ def test_multinode_argv_replaces_standalone_with_a_c10d_rendezvous_at_the_first_
                        "-m", "engine.train", "--steps", "3"]
 
 
+def test_each_job_meets_at_a_rendezvous_port_of_its_own_from_the_base_and_its_job_id():
+    # Two multi-node jobs whose first node is one machine (a --repeat group, sweep legs) must not
+    # share a c10d store: the second would join the first's and fail when the first ends.
+    assert slurm.rendezvous_port(29500, "4") == 29504 and slurm.rendezvous_port(29500, "5") == 29505
+    assert slurm.rendezvous_port(29500, "1999") == 30499 and slurm.rendezvous_port(29500, "2000") == 29500
+    ports = {slurm.rendezvous_port(29500, str(job)) for job in range(123456, 123456 + slurm.RDZV_PORT_SPAN)}
+    assert len(ports) == slurm.RDZV_PORT_SPAN and min(ports) == 29500 and max(ports) == 29500 + 999
+    # the largest base the config allows keeps the whole span within the ports there are
+    top = ClusterSection(rdzv_port=65535 - 999).rdzv_port
+    assert slurm.rendezvous_port(top, "999") == 65535
+    assert slurm.rendezvous_port(29500, "77_3") == 29577  # an array task: its job id
+
+
 def test_only_the_pending_reasons_that_mean_never_make_a_job_unstartable():
     pending = slurm.parse_show_job(SHOW_JOB.replace("JobState=RUNNING Reason=None", "JobState=PENDING Reason=PartitionNodeLimit"))
     assert slurm.never_starts(pending) == "PartitionNodeLimit (more nodes than the partition allows)"
