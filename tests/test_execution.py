@@ -35,6 +35,25 @@ def test_batch_script_asks_slurm_for_exactly_the_cluster_table():
     assert "#SBATCH --no-requeue" in plain and "--partition" not in plain
 
 
+def test_the_requeue_signal_comes_at_most_a_quarter_of_the_time_limit_before_it():
+    # A 2-minute margin on a limit of 2 minutes or less came as the job started: it requeued itself
+    # for ever without training a step.
+    def signal_of(**cluster):
+        text = slurm.batch_script(run_id="r1", run_dir=Path("/art/r1"), code_dir=Path("/art/r1/code"), python="py",
+                                  cluster=ClusterSection(**cluster), nodes=1, requeue=True)
+        return next(line.removeprefix("#SBATCH ") for line in text.splitlines() if "--signal=" in line)
+
+    assert signal_of(time="1") == "--signal=B:USR1@15"
+    assert signal_of(time="2") == signal_of(time="01:30") == "--signal=B:USR1@30"  # Slurm keeps whole minutes
+    assert signal_of(time="00:04:00") == "--signal=B:USR1@60"
+    assert signal_of(time="02:00:00") == signal_of(time="1-00") == signal_of() == "--signal=B:USR1@120"
+    assert signal_of(time="02:00:00", extra_sbatch=["--time=1"]) == "--signal=B:USR1@15"  # its line comes later
+    assert signal_of(extra_sbatch=["-t 2"]) == "--signal=B:USR1@30"
+    assert signal_of(time="0") == "--signal=B:USR1@120"  # no limit: the margin as ever
+    assert [slurm.parse_time_limit_s(t) for t in ("5", "5:30", "1:00:00", "2-3", "2-3:04", "2-3:04:05", "UNLIMITED")] == [
+        300, 360, 3600, 183600, 183840, 183900, None]
+
+
 def test_multinode_argv_replaces_standalone_with_a_c10d_rendezvous_at_the_first_node():
     argv = ["py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "8", "-m", "engine.train", "--steps", "3"]
     out = slurm.multinode_argv(argv, nnodes=2, head="10.0.0.7", port=29500, job_id="42")
