@@ -195,3 +195,21 @@ def test_repeat_with_slurm_dry_run_shows_the_first_repeats_job_and_submits_nothi
     argv = json.loads(r.output)["argv"]
     assert argv[argv.index("--seed") + 1] == "4"
     assert run_dirs(artifact_root) == []
+
+
+def test_a_sweep_dry_run_refuses_the_max_parallel_and_detach_the_sweep_itself_refuses(git_repo, monkeypatch,
+                                                                                      artifact_root, tmp_path):
+    slurm_project(git_repo, monkeypatch)
+    spec = tmp_path / "duo.toml"
+    spec.write_text('name = "duo"\n[[legs]]\ntag = "x"\n[[legs]]\ntag = "y"\n')
+    refused = {("--slurm", "--max-parallel", "0"): "--max-parallel: must be at least 1 (got 0)",
+               ("--slurm", "--max-parallel", "-1"): "--max-parallel: must be at least 1 (got -1)",
+               ("--max-parallel", "2"): "--max-parallel needs --slurm",
+               ("--detach",): "--detach needs --slurm"}
+    for args, said in refused.items():
+        for dry in ((), ("--dry-run",)):
+            r = moectl("sweep", str(spec), *args, *dry)
+            assert r.exit_code == 2 and said in r.output, (args, dry, r.output)
+    assert not artifact_root.exists()
+    r = moectl("sweep", str(spec), "--slurm", "--max-parallel", "5", "--dry-run")
+    assert r.exit_code == 0 and "sweep duo: 2 leg(s) to run" in r.output, r.output

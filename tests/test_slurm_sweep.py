@@ -50,9 +50,11 @@ def test_three_legs_finishing_together_keep_every_update_and_every_report_commit
     base = git(proj, "rev-parse", "HEAD").strip()
     gates = {tag: tmp_path / f"gate-{tag}" for tag in ("a", "b", "c")}
 
-    r = moectl("sweep", str(gated_spec(tmp_path / "trio.toml", gates)), "--slurm", "--detach")
+    # --max-parallel above the legs: all three at once, and said so (not "at most 5")
+    r = moectl("sweep", str(gated_spec(tmp_path / "trio.toml", gates)), "--slurm", "--detach", "--max-parallel", "5")
 
     assert r.exit_code == 0, r.output
+    assert "(3 of 3 legs to submit, at most 3 at once)" in r.output, r.output
     sweep_dir = the_sweep(artifact_root)
     for tag, gate in gates.items():
         wait_for(lambda gate=gate: Path(f"{gate}.waiting").exists(), f"leg {tag} held at step 2", timeout=JOB_TIMEOUT_S)

@@ -66,7 +66,7 @@ def submit_sweep(cfg: Config, sweep: SweepRecord, opts: SweepOptions, *, max_par
     save_sweep(sweep)
     k = max_parallel if max_parallel is not None else cfg.cluster.max_parallel
     ui.say(f"sweep {sweep.id} -> {sweep_dir} ({len(todo)} of {len(sweep.legs)} legs to submit"
-           + (f", at most {k} at once)" if k else ", all at once)"))
+           + (f", at most {min(k, len(todo))} at once)" if k else ", all at once)"))
     jobs: list[str] = []
     submitted: list[RunRecord] = []
     try:
