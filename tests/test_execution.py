@@ -9,7 +9,7 @@ from pathlib import Path
 
 from moectl import gitops, slurm
 from moectl.config import ClusterSection
-from moectl.execution import deferred_to_job
+from moectl.execution import deferred_to_job, gone_job_end
 from moectl.records import GuardResult
 from tests.conftest import git, gpu
 from tests.test_run import run_dirs
@@ -99,6 +99,20 @@ def test_scontrol_and_squeue_output_parse_into_what_moectl_needs():
                                             "nodes": 1, "elapsed": "0:00", "where": ""},
                                            {"job_id": "10", "run_id": "20260101_000002_moe-c", "state": "RUNNING",
                                             "nodes": 2, "elapsed": "0:05", "where": "n[1-2]"}]
+
+
+def test_a_job_gone_before_moectl_started_in_it_failed_to_start_unless_slurm_says_it_was_cancelled():
+    # scancel of a pending job (or `moectl cancel SWEEP`, whose report job settles the pending legs
+    # first) is a cancelled run: `interrupted`, as README says of every cancelled run, not `failed`.
+    cancelled = slurm.parse_show_job(SHOW_JOB.replace("JobState=RUNNING", "JobState=CANCELLED"))
+    broken = slurm.parse_show_job(SHOW_JOB.replace("JobState=RUNNING", "JobState=FAILED").replace("ExitCode=0:0", "ExitCode=1:0"))
+    assert gone_job_end("queued", "42", cancelled) == (
+        "interrupted", "Slurm job 42 was cancelled (CANCELLED, exit 0:0) before moectl started in it")
+    assert gone_job_end("queued", "42", broken) == ("failed", "Slurm job 42 ended (FAILED, exit 1:0) before moectl started in it")
+    assert gone_job_end("queued", "42", None) == ("failed", "Slurm job 42 ended before moectl started in it")
+    assert gone_job_end("running", "42", cancelled) == (
+        "interrupted", "Slurm job 42 ended (CANCELLED, exit 0:0) without moectl recording its end")
+    assert gone_job_end("running", "42", None)[0] == "interrupted"
 
 
 def test_allocated_gpus_come_from_slurms_environment():

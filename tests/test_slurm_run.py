@@ -347,6 +347,25 @@ def test_a_job_slurm_accepts_but_will_never_start_is_cancelled_and_failed_not_wa
     assert moectl("wait", rec["id"]).exit_code == 2
 
 
+def test_a_pending_job_cancelled_outside_moectl_ends_interrupted_not_failed(on_cluster, git_repo, monkeypatch,
+                                                                           artifact_root):
+    # `scancel JOBID` of a job still waiting (here: for its begin time): a cancelled run, exit 130.
+    slurm_project(git_repo, monkeypatch, cluster='extra_sbatch = ["--begin=now+1hour"]')
+    r = moectl("run", "--slurm", "--detach", *FAST)
+    assert r.exit_code == 0, r.output
+    rec = record(only_run(artifact_root))
+    assert rec["status"] == "queued"
+    subprocess.run(["scancel", rec["job_id"]], check=True, timeout=60)
+
+    waited = moectl("wait", rec["id"], "--timeout", f"{JOB_TIMEOUT_S}s")
+
+    assert waited.exit_code == 130, waited.output
+    final = record(only_run(artifact_root))
+    assert final["status"] == "interrupted", final
+    assert final["error"].startswith(f"Slurm job {rec['job_id']} was cancelled (CANCELLED, exit 0:0) before moectl "
+                                     "started in it"), final["error"]
+
+
 def test_a_job_that_fails_to_start_ends_failed_with_exit_4(on_cluster, git_repo, monkeypatch, artifact_root):
     # slurmstepd cannot open the job's output file: the batch script never runs, moectl never starts.
     slurm_project(git_repo, monkeypatch, cluster='extra_sbatch = ["--output=/nonexistent/moectl/out.txt"]')

@@ -163,8 +163,9 @@ def test_a_leg_whose_job_dies_before_moectl_starts_in_it_is_settled_by_the_repor
                                                                                        monkeypatch, artifact_root,
                                                                                        tmp_path):
     # scancel of a leg still waiting for its turn: nothing of moectl ever ran in it. The final report
-    # job settles that leg (`failed`) while it holds the sweep lock - which once waited for itself
-    # forever, leaving the report job running and the leg `queued` (and `moectl cancel` behind it).
+    # job settles that leg (`interrupted`: cancelled before it started) while it holds the sweep lock
+    # - which once waited for itself forever, leaving the report job running and the leg `queued`
+    # (and `moectl cancel` behind it).
     import subprocess
 
     slurm_project(git_repo, monkeypatch)
@@ -182,7 +183,37 @@ def test_a_leg_whose_job_dies_before_moectl_starts_in_it_is_settled_by_the_repor
     gate.touch()
 
     waited = moectl("wait", "duo", "--timeout", f"{JOB_TIMEOUT_S}s")
-    assert waited.exit_code == 4, waited.output  # y failed (its job ended before moectl started in it)
+    assert waited.exit_code == 130, waited.output  # y interrupted (cancelled before moectl started in it)
     wait_for(lambda: sweep_json(sweep_dir).get("report"), "the report job's sweep report", timeout=JOB_TIMEOUT_S)
-    assert [(leg["tag"], leg["state"]) for leg in sweep_json(sweep_dir)["legs"]] == [("x", "completed"), ("y", "failed")]
+    assert [(leg["tag"], leg["state"]) for leg in sweep_json(sweep_dir)["legs"]] == [("x", "completed"),
+                                                                                     ("y", "interrupted")]
+    assert f"Slurm job {y['job_id']} was cancelled (CANCELLED" in record(sweep_dir / y["id"])["error"]
     assert "before moectl started in it" in record(sweep_dir / y["id"])["error"]
+
+
+def test_cancel_of_a_sweep_ends_its_running_and_its_pending_legs_interrupted(on_cluster, git_repo, monkeypatch,
+                                                                            artifact_root, tmp_path):
+    # `moectl cancel SWEEP` with leg x running and leg y waiting for its turn: y's job is cancelled
+    # pending, the report job (afterany) starts and settles it before cancel_runs gets to it - as
+    # `interrupted`, cancelled before it started, never `failed`.
+    slurm_project(git_repo, monkeypatch)
+    gate = tmp_path / "gate-x"
+    spec = tmp_path / "duo.toml"
+    spec.write_text(f'name = "duo"\n[common]\nsteps = 3\n[[legs]]\ntag = "x"\nargs = ["--hold-at-step", "1", '
+                    f'"--hold-until", "{gate}"]\n[[legs]]\ntag = "y"\n')
+    r = moectl("sweep", str(spec), "--slurm", "--detach", "--max-parallel", "1", "--no-commit")
+    assert r.exit_code == 0, r.output
+    sweep_dir = the_sweep(artifact_root, "duo")
+    wait_for(lambda: Path(f"{gate}.waiting").exists(), "leg x held at step 1", timeout=JOB_TIMEOUT_S)
+
+    cancelled = moectl("cancel", "duo", "--json")
+
+    assert cancelled.exit_code == 0, cancelled.output
+    assert [x["status"] for x in json.loads(cancelled.output)] == ["interrupted", "interrupted"], cancelled.output
+    waited = moectl("wait", "duo", "--timeout", f"{JOB_TIMEOUT_S}s")
+    assert waited.exit_code == 130, waited.output
+    wait_for(lambda: sweep_json(sweep_dir).get("report"), "the report job's sweep report", timeout=JOB_TIMEOUT_S)
+    legs = sweep_json(sweep_dir)["legs"]
+    assert [(leg["tag"], leg["state"]) for leg in legs] == [("x", "interrupted"), ("y", "interrupted")]
+    y = record(sweep_dir / legs[1]["run_id"])
+    assert y["status"] == "interrupted" and "before" in y["error"] and "started" in y["error"], y["error"]

@@ -214,9 +214,9 @@ def wait(
 
     Exit codes: 0 all completed, 4 one failed, 3 one was refused inside its job, 130 one was
     interrupted (or --timeout passed first). A Slurm run whose job is gone without a word ends
-    `failed` (never started) or `interrupted`. A run whose engine failed to compile and whose job
-    re-ran it with --compile none (launch.compile_fallback: sweep legs, --detach, --repeat) ends as
-    that re-run.
+    `failed` (never started) or `interrupted` (it did, or it was cancelled before it started). A
+    run whose engine failed to compile and whose job re-ran it with --compile none
+    (launch.compile_fallback: sweep legs, --detach, --repeat) ends as that re-run.
 
     Examples:
       [bold]moectl wait big[/bold]
