@@ -69,10 +69,10 @@ def test_three_legs_finishing_together_keep_every_update_and_every_report_commit
     runs = [record(sweep_dir / leg["run_id"]) for leg in legs]
     finished = [parse_time(run["finished_at"]) for run in runs]
     assert max(finished) - min(finished) < 5, f"the legs did not finish together: {finished}"
-    # Every leg's report commit landed (none lost to another's compare-and-swap), then the sweep's.
-    wait_for(lambda: sweep_json(sweep_dir).get("report"), "the report job's sweep report", timeout=JOB_TIMEOUT_S)
-    wait_for(lambda: "report: sweep trio" in git(proj, "log", "-1", "--format=%s"), "the sweep report commit",
-             timeout=JOB_TIMEOUT_S)
+    # Every leg's report commit landed (none lost to another's compare-and-swap), then the sweep's:
+    # `wait` on a sweep returns once its report job has written and committed the sweep report.
+    assert sweep_json(sweep_dir)["report"], "wait returned before the report job wrote the sweep report"
+    assert "report: sweep trio" in git(proj, "log", "-1", "--format=%s")
     subjects = git(proj, "log", "--format=%s", f"{base}..HEAD").splitlines()
     assert sorted(s.split(" — ")[0] for s in subjects[1:]) == ["report: a", "report: b", "report: c"], subjects
     assert {run["commit"] for run in runs} <= set(git(proj, "log", "--format=%H", f"{base}..HEAD").split())
