@@ -308,7 +308,8 @@ summary = true               # run/sweep refresh EXPERIMENTS.md
 [cluster]                    # where runs execute; `moectl run --slurm` picks slurm for one run
 backend = "local"            # "local": this machine; "slurm": each run is a Slurm job (sbatch)
 nodes = 1                    # --nodes: torchrun on every node, c10d rendezvous at the first one
-rdzv_port = 29500            # the rendezvous port on the first node
+rdzv_port = 29500            # c10d rendezvous on the first node, each job at a port of its own:
+                             # rdzv_port + (job id mod 1000), so rdzv_port is at most 64536
 # partition = "gpu"
 # account = "my-team"
 # time = "02:00:00"          # sbatch --time

@@ -284,7 +284,9 @@ class ClusterSection(_Strict):
     gpus_per_node: Optional[int] = Field(None, ge=0)
     cpus_per_task: Optional[int] = Field(None, ge=1)
     max_parallel: Optional[int] = Field(None, ge=1)  # sweep legs in flight at once; None = all
-    rdzv_port: int = Field(29500, ge=1024, le=65535)  # torchrun's c10d rendezvous on the first node
+    # torchrun's c10d rendezvous on the first node: a job meets at rdzv_port + (job id mod 1000)
+    # (slurm.rendezvous_port), so the whole span must be ports.
+    rdzv_port: int = Field(29500, ge=1024, le=65535 - 999)
     extra_sbatch: list[str] = Field(default_factory=list)  # raw #SBATCH options, e.g. "--qos=high"
 
     @field_validator("time")

@@ -236,17 +236,25 @@ def settled(record: RunRecord) -> bool:
     return record.status not in UNSETTLED and job_live(record) is False
 
 
-def job_gone_message(record: RunRecord) -> str:
-    info = None
-    try:
-        info = slurm.job_info(record.job_id) if record.job_id else None
-    except MoectlError:
-        pass
+def gone_job_end(status: str, job_id: Optional[str], info: Optional[slurm.JobInfo]) -> tuple[str, str]:
+    """(the state, the error) of a run whose job is gone while its record says `status` (pure;
+    `info`, what Slurm still says of the job). A job that ended before moectl started in it failed
+    to start, unless Slurm says it was CANCELLED: an scancel of the pending job, or `moectl cancel`
+    of a sweep whose report job settled the leg first - cancelled before it started, `interrupted`
+    as every cancelled run. A job that did start was killed before moectl wrote the end: `interrupted`."""
     how = f" ({info.state}, exit {info.exit_code})" if info is not None else ""
-    out = Path(record.exp_dir) / f"slurm-{record.job_id}.out"
-    tail = store.log_tail(out, 10)
-    where = "before moectl started in it" if record.status == "queued" else "without moectl recording its end"
-    return f"Slurm job {record.job_id} ended{how} {where}" + (f"\n{tail}" if tail else "")
+    if status != "queued":
+        return "interrupted", f"Slurm job {job_id} ended{how} without moectl recording its end"
+    if info is not None and info.state == "CANCELLED":
+        return "interrupted", f"Slurm job {job_id} was cancelled{how} before moectl started in it"
+    return "failed", f"Slurm job {job_id} ended{how} before moectl started in it"
+
+
+def _job_info_or_none(job_id: Optional[str]) -> Optional[slurm.JobInfo]:
+    try:
+        return slurm.job_info(job_id) if job_id else None
+    except MoectlError:
+        return None
 
 
 NEVER_STARTS_PREFIX = "Slurm will never start job"
@@ -283,12 +291,14 @@ def exit_code_of_record(record: RunRecord) -> int:
 
 def settle_gone_job(record: RunRecord) -> RunRecord:
     """A run whose job is gone while its record says queued/running: `failed` if it never started
-    (a job that failed to start), `interrupted` if it did (killed past KillWait). Written once."""
+    (a job that failed to start), `interrupted` if it was cancelled before it started or if it did
+    start (killed past KillWait) - `gone_job_end`. Written once."""
     current = read_record(Path(record.exp_dir))
     if current.status not in UNSETTLED:
         return current
-    current.error = job_gone_message(current)
-    current.status = "failed" if current.status == "queued" else "interrupted"
+    status, error = gone_job_end(current.status, current.job_id, _job_info_or_none(current.job_id))
+    tail = store.log_tail(Path(current.exp_dir) / f"slurm-{current.job_id}.out", 10)
+    current.status, current.error = status, error + (f"\n{tail}" if tail else "")
     current.finished_at = store.now_iso()
     if current.status == "interrupted":
         _summarise_what_ran(current)

@@ -191,7 +191,8 @@ def job_argv(spec: JobSpec, plan: RunPlan, job_id: str) -> list[str]:
     if spec.nodes <= 1:
         return list(plan.argv)
     head = slurm.head_address(os.environ["SLURM_JOB_NODELIST"])
-    return slurm.multinode_argv(list(plan.argv), nnodes=spec.nodes, head=head, port=spec.rdzv_port, job_id=job_id)
+    port = slurm.rendezvous_port(spec.rdzv_port, job_id)  # its own: another job may share the first node
+    return slurm.multinode_argv(list(plan.argv), nnodes=spec.nodes, head=head, port=port, job_id=job_id)
 
 
 def _record_command(record: RunRecord, plan: RunPlan, argv: list[str]) -> None:

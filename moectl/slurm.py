@@ -43,7 +43,8 @@ LIVE_STATES = frozenset({
 })
 COMMAND_TIMEOUT_S = 60  # a controller that answers nothing for a minute is an error, not a hang
 REQUEUE_SIGNAL = "USR1"  # sent to the batch script a little before the time limit (--requeue)
-REQUEUE_SIGNAL_BEFORE_S = 120
+REQUEUE_SIGNAL_BEFORE_S = 120  # ... this long before it, or a quarter of a shorter limit (requeue_margin_s)
+REQUEUE_SIGNAL_MIN_S = 10
 
 
 @dataclass
@@ -161,7 +162,8 @@ def batch_script(*, run_id: str, run_dir: Path, code_dir: Path, python: str, clu
         opts.append(f"--cpus-per-task={cluster.cpus_per_task}")
     if requeue:
         # B: the signal goes to the batch script (moectl.job) only; it requeues the job itself.
-        opts += ["--requeue", f"--signal=B:{REQUEUE_SIGNAL}@{REQUEUE_SIGNAL_BEFORE_S}"]
+        margin = requeue_margin_s(job_time_limit_s(cluster))
+        opts += ["--requeue", f"--signal=B:{REQUEUE_SIGNAL}@{margin}"]
     else:
         opts.append("--no-requeue")
     opts += cluster.extra_sbatch
@@ -174,6 +176,48 @@ def batch_script(*, run_id: str, run_dir: Path, code_dir: Path, python: str, clu
         f"exec {shlex.quote(python)} -m moectl.job {shlex.quote(str(run_dir))}",
         "",
     ])
+
+
+def parse_time_limit_s(text: str) -> Optional[int]:
+    """A Slurm time limit (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in seconds, rounded up to
+    the whole minutes Slurm keeps (pure). None for no limit ("0", UNLIMITED) or what is not a limit."""
+    import re
+
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if m is None:
+        return None
+    days, a, b, c = m.groups()
+    if days is not None:
+        hours, minutes, seconds = int(a), int(b or 0), int(c or 0)
+    elif c is not None:
+        hours, minutes, seconds = int(a), int(b), int(c)
+    else:
+        hours, minutes, seconds = 0, int(a), int(b or 0)
+    total = ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+    return -(-total // 60) * 60 if total else None
+
+
+def job_time_limit_s(cluster: ClusterSection) -> Optional[int]:
+    """The time limit moectl asks of Slurm for a job, in seconds: [cluster] time, or a --time / -t in
+    extra_sbatch (its #SBATCH line comes later, so it wins). None when neither sets one (the
+    partition's default then applies, which moectl does not know)."""
+    import re
+
+    limit = cluster.time
+    for opt in cluster.extra_sbatch:
+        m = re.fullmatch(r"(?:--time[= ]|-t ?)\s*(\S+)", opt)
+        if m:
+            limit = m.group(1)
+    return parse_time_limit_s(limit) if limit else None
+
+
+def requeue_margin_s(limit_s: Optional[int]) -> int:
+    """How long before the time limit a `--requeue` job is sent USR1 (pure): REQUEUE_SIGNAL_BEFORE_S,
+    or a quarter of a shorter limit. A margin as long as the limit would signal the job as soon as
+    it starts, and it would requeue itself for ever without training a step."""
+    if limit_s is None:
+        return REQUEUE_SIGNAL_BEFORE_S
+    return max(REQUEUE_SIGNAL_MIN_S, min(REQUEUE_SIGNAL_BEFORE_S, limit_s // 4))
 
 
 def submit(script: Path, env: Optional[Mapping[str, str]] = None, dependency: Optional[str] = None,
@@ -282,6 +326,20 @@ def head_address(nodelist: str) -> str:
         if token.startswith("NodeAddr="):
             return token.split("=", 1)[1]
     return first
+
+
+# Each job meets at a port of its own: two multi-node jobs whose first node is the same machine
+# (a `--repeat` group, sweep legs) must not meet at one TCPStore, where the second would join the
+# first's world and fail when it ends. [cluster] rdzv_port is the base of a span of this many ports.
+RDZV_PORT_SPAN = 1000
+
+
+def rendezvous_port(base: int, job_id: str) -> int:
+    """The c10d rendezvous port of one job: `base + job id mod RDZV_PORT_SPAN` (pure, deterministic:
+    every node of the job computes the same port; jobs whose ids differ by less than the span never
+    share one)."""
+    digits = job_id.split("_", 1)[0]  # an array task's "<job>_<task>" counts by its job id
+    return base + (int(digits) % RDZV_PORT_SPAN if digits.isdigit() else 0)
 
 
 def multinode_argv(argv: Sequence[str], *, nnodes: int, head: str, port: int, job_id: str) -> list[str]:

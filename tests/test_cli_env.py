@@ -211,6 +211,7 @@ def test_a_slurm_dry_run_shows_the_command_its_job_will_run(project, artifact_ro
     assert argv[argv.index("--rdzv-endpoint") + 1] == "FIRST_NODE:29500" and argv[argv.index("--rdzv-id") + 1] == "JOB_ID"
     assert data["command"].endswith(" ".join(argv[-4:])) and "srun --ntasks-per-node=1" in data["command"]
     assert data["command_where"].startswith(f"in the Slurm job, from its code snapshot {data['exp_dir']}/code")
+    assert data["command_where"].endswith("it meets at port 29500 + (JOB_ID mod 1000)"), data["command_where"]
     r = invoke("run", "--slurm", "--nodes", "2", "--nproc", "2", "--device", "cpu", "--tag", "big", "--dry-run")
     line = next(l for l in r.stdout.splitlines() if l.startswith("command"))
     assert line.startswith("command (in the Slurm job, from its code snapshot ") and " srun --ntasks-per-node=1 " in line

@@ -194,6 +194,7 @@ def test_cluster_table_defaults_to_local_and_validates_each_key():
         'time = "2h"': "cluster.time",
         "max_parallel = 0": "cluster.max_parallel",
         "rdzv_port = 80": "cluster.rdzv_port",
+        "rdzv_port = 64537": "cluster.rdzv_port",  # a job meets at rdzv_port + (job id mod 1000) <= 65535
         'extra_sbatch = ["qos=high"]': "cluster.extra_sbatch",
         "queue = 1": "cluster.queue: unknown key",
     }

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from moectl import gitops, slurm
 from moectl.config import ClusterSection
-from moectl.execution import deferred_to_job
+from moectl.execution import deferred_to_job, gone_job_end
 from moectl.records import GuardResult
 from tests.conftest import git, gpu
 from tests.test_run import run_dirs
@@ -35,6 +35,25 @@ def test_batch_script_asks_slurm_for_exactly_the_cluster_table():
     assert "#SBATCH --no-requeue" in plain and "--partition" not in plain
 
 
+def test_the_requeue_signal_comes_at_most_a_quarter_of_the_time_limit_before_it():
+    # A 2-minute margin on a limit of 2 minutes or less came as the job started: it requeued itself
+    # for ever without training a step.
+    def signal_of(**cluster):
+        text = slurm.batch_script(run_id="r1", run_dir=Path("/art/r1"), code_dir=Path("/art/r1/code"), python="py",
+                                  cluster=ClusterSection(**cluster), nodes=1, requeue=True)
+        return next(line.removeprefix("#SBATCH ") for line in text.splitlines() if "--signal=" in line)
+
+    assert signal_of(time="1") == "--signal=B:USR1@15"
+    assert signal_of(time="2") == signal_of(time="01:30") == "--signal=B:USR1@30"  # Slurm keeps whole minutes
+    assert signal_of(time="00:04:00") == "--signal=B:USR1@60"
+    assert signal_of(time="02:00:00") == signal_of(time="1-00") == signal_of() == "--signal=B:USR1@120"
+    assert signal_of(time="02:00:00", extra_sbatch=["--time=1"]) == "--signal=B:USR1@15"  # its line comes later
+    assert signal_of(extra_sbatch=["-t 2"]) == "--signal=B:USR1@30"
+    assert signal_of(time="0") == "--signal=B:USR1@120"  # no limit: the margin as ever
+    assert [slurm.parse_time_limit_s(t) for t in ("5", "5:30", "1:00:00", "2-3", "2-3:04", "2-3:04:05", "UNLIMITED")] == [
+        300, 360, 3600, 183600, 183840, 183900, None]
+
+
 def test_multinode_argv_replaces_standalone_with_a_c10d_rendezvous_at_the_first_node():
     argv = ["py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "8", "-m", "engine.train", "--steps", "3"]
     out = slurm.multinode_argv(argv, nnodes=2, head="10.0.0.7", port=29500, job_id="42")
@@ -42,6 +61,19 @@ def test_multinode_argv_replaces_standalone_with_a_c10d_rendezvous_at_the_first_
     assert out[4:] == ["py", "-m", "torch.distributed.run", "--nnodes", "2", "--rdzv-backend", "c10d",
                        "--rdzv-endpoint", "10.0.0.7:29500", "--rdzv-id", "42", "--nproc-per-node", "8",
                        "-m", "engine.train", "--steps", "3"]
+
+
+def test_each_job_meets_at_a_rendezvous_port_of_its_own_from_the_base_and_its_job_id():
+    # Two multi-node jobs whose first node is one machine (a --repeat group, sweep legs) must not
+    # share a c10d store: the second would join the first's and fail when the first ends.
+    assert slurm.rendezvous_port(29500, "4") == 29504 and slurm.rendezvous_port(29500, "5") == 29505
+    assert slurm.rendezvous_port(29500, "1999") == 30499 and slurm.rendezvous_port(29500, "2000") == 29500
+    ports = {slurm.rendezvous_port(29500, str(job)) for job in range(123456, 123456 + slurm.RDZV_PORT_SPAN)}
+    assert len(ports) == slurm.RDZV_PORT_SPAN and min(ports) == 29500 and max(ports) == 29500 + 999
+    # the largest base the config allows keeps the whole span within the ports there are
+    top = ClusterSection(rdzv_port=65535 - 999).rdzv_port
+    assert slurm.rendezvous_port(top, "999") == 65535
+    assert slurm.rendezvous_port(29500, "77_3") == 29577  # an array task: its job id
 
 
 def test_only_the_pending_reasons_that_mean_never_make_a_job_unstartable():
@@ -67,6 +99,20 @@ def test_scontrol_and_squeue_output_parse_into_what_moectl_needs():
                                             "nodes": 1, "elapsed": "0:00", "where": ""},
                                            {"job_id": "10", "run_id": "20260101_000002_moe-c", "state": "RUNNING",
                                             "nodes": 2, "elapsed": "0:05", "where": "n[1-2]"}]
+
+
+def test_a_job_gone_before_moectl_started_in_it_failed_to_start_unless_slurm_says_it_was_cancelled():
+    # scancel of a pending job (or `moectl cancel SWEEP`, whose report job settles the pending legs
+    # first) is a cancelled run: `interrupted`, as README says of every cancelled run, not `failed`.
+    cancelled = slurm.parse_show_job(SHOW_JOB.replace("JobState=RUNNING", "JobState=CANCELLED"))
+    broken = slurm.parse_show_job(SHOW_JOB.replace("JobState=RUNNING", "JobState=FAILED").replace("ExitCode=0:0", "ExitCode=1:0"))
+    assert gone_job_end("queued", "42", cancelled) == (
+        "interrupted", "Slurm job 42 was cancelled (CANCELLED, exit 0:0) before moectl started in it")
+    assert gone_job_end("queued", "42", broken) == ("failed", "Slurm job 42 ended (FAILED, exit 1:0) before moectl started in it")
+    assert gone_job_end("queued", "42", None) == ("failed", "Slurm job 42 ended before moectl started in it")
+    assert gone_job_end("running", "42", cancelled) == (
+        "interrupted", "Slurm job 42 ended (CANCELLED, exit 0:0) without moectl recording its end")
+    assert gone_job_end("running", "42", None)[0] == "interrupted"
 
 
 def test_allocated_gpus_come_from_slurms_environment():
@@ -163,3 +209,21 @@ def test_repeat_with_slurm_dry_run_shows_the_first_repeats_job_and_submits_nothi
     argv = json.loads(r.output)["argv"]
     assert argv[argv.index("--seed") + 1] == "4"
     assert run_dirs(artifact_root) == []
+
+
+def test_a_sweep_dry_run_refuses_the_max_parallel_and_detach_the_sweep_itself_refuses(git_repo, monkeypatch,
+                                                                                      artifact_root, tmp_path):
+    slurm_project(git_repo, monkeypatch)
+    spec = tmp_path / "duo.toml"
+    spec.write_text('name = "duo"\n[[legs]]\ntag = "x"\n[[legs]]\ntag = "y"\n')
+    refused = {("--slurm", "--max-parallel", "0"): "--max-parallel: must be at least 1 (got 0)",
+               ("--slurm", "--max-parallel", "-1"): "--max-parallel: must be at least 1 (got -1)",
+               ("--max-parallel", "2"): "--max-parallel needs --slurm",
+               ("--detach",): "--detach needs --slurm"}
+    for args, said in refused.items():
+        for dry in ((), ("--dry-run",)):
+            r = moectl("sweep", str(spec), *args, *dry)
+            assert r.exit_code == 2 and said in r.output, (args, dry, r.output)
+    assert not artifact_root.exists()
+    r = moectl("sweep", str(spec), "--slurm", "--max-parallel", "5", "--dry-run")
+    assert r.exit_code == 0 and "sweep duo: 2 leg(s) to run" in r.output, r.output

@@ -246,7 +246,8 @@ def test_cancel_ends_a_running_job_interrupted_with_its_metrics_summarised(on_cl
 def test_two_nodes_train_the_same_losses_as_one_node_with_two_processes(on_cluster, git_repo, monkeypatch,
                                                                          artifact_root, tmp_path):
     # A free rendezvous port: other suites on this machine may hold 29500.
-    slurm_project(git_repo, monkeypatch, module="engine.train", cluster=f"rdzv_port = {free_port()}")
+    base = free_port()
+    slurm_project(git_repo, monkeypatch, module="engine.train", cluster=f"rdzv_port = {base}")
     engine_args = ["--seed", "5", "--eval-batches", "1"]
     r = moectl("run", "--slurm", "--nodes", "2", "--nproc", "1", "--device", "cpu", "--steps", "6", "--no-commit",
                "--", *engine_args)
@@ -260,6 +261,7 @@ def test_two_nodes_train_the_same_losses_as_one_node_with_two_processes(on_clust
     argv = rec["argv"]
     assert argv[:4] == ["srun", "--ntasks-per-node=1", "--nodes=2", "--kill-on-bad-exit=1"] and "--standalone" not in argv
     assert argv[argv.index("--nnodes") + 1] == "2" and argv[argv.index("--rdzv-id") + 1] == rec["job_id"]
+    assert argv[argv.index("--rdzv-endpoint") + 1].endswith(f":{base + int(rec['job_id']) % 1000}")  # its own port
     assert shlex.join(argv) in (run_dir / "command.txt").read_text()
 
     local = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -271,6 +273,35 @@ def test_two_nodes_train_the_same_losses_as_one_node_with_two_processes(on_clust
     assert [s.step for s in two] == [s.step for s in one] == list(range(6))
     for a, b in zip(two, one):
         assert abs(a.loss - b.loss) <= 1e-5, f"step {a.step}: 2 nodes {a.loss} vs 1 node {b.loss}"
+
+
+def test_two_multi_node_jobs_on_one_first_node_each_meet_at_a_port_of_their_own(on_cluster, git_repo, monkeypatch,
+                                                                                 artifact_root, tmp_path):
+    # `--repeat 2 --nodes 2` on the 2-node cluster: both jobs start their c10d rendezvous on the same
+    # first node. At one port the second job's agents joined the first's store, and failed when the
+    # first ended; each at its own port, ending the first leaves the second training to its end.
+    slurm_project(git_repo, monkeypatch, cluster=f"rdzv_port = {free_port()}")
+    gate = tmp_path / "gate"
+    r = moectl("run", "--slurm", "--nodes", "2", "--nproc", "1", "--repeat", "2", "--detach", "--steps", "4",
+               "--no-commit", "--tag", "pair", "--", "--hold-at-step", "2", "--hold-until", str(gate))
+    assert r.exit_code == 0, r.output
+    dirs = sorted(run_dirs(artifact_root), key=lambda d: record(d)["repeat"])
+    for d in dirs:  # both jobs in their rendezvous and training at once, held at step 2
+        wait_for(lambda d=d: record(d)["status"] == "running" and len(steps_written(d / "metrics.jsonl")) >= 2,
+                 f"{d.name} running, held at step 2", timeout=JOB_TIMEOUT_S)
+    first, second = (record(d) for d in dirs)
+    assert first["nodes"] == second["nodes"] == 2
+    endpoints = [rec["argv"][rec["argv"].index("--rdzv-endpoint") + 1] for rec in (first, second)]
+    assert endpoints[0].split(":")[0] == endpoints[1].split(":")[0] and endpoints[0] != endpoints[1], endpoints
+
+    cancelled = moectl("cancel", first["id"])  # the first job ends: its c10d store with it
+    assert cancelled.exit_code == 0, cancelled.output
+    time.sleep(5)  # were the second job's agents in the first's store, they would be failing now
+    gate.touch()
+    waited = moectl("wait", second["id"], "--json", "--timeout", f"{JOB_TIMEOUT_S}s")
+    assert waited.exit_code == 0, (waited.output, (dirs[1] / f"slurm-{second['job_id']}.out").read_text()[-3000:])
+    assert json.loads(waited.output)[0]["status"] == "completed"
+    assert [s.step for s in steps_written(dirs[1] / "metrics.jsonl")] == [0, 1, 2, 3]
 
 
 # --- bad input: one line, the right exit code, no run left `queued` --------------------------------
@@ -314,6 +345,25 @@ def test_a_job_slurm_accepts_but_will_never_start_is_cancelled_and_failed_not_wa
     gone = subprocess.run(["squeue", "-h", "-j", rec["job_id"], "-o", "%T"], capture_output=True, text=True, timeout=60)
     assert gone.stdout.strip() in ("", "CANCELLED", "COMPLETING"), gone.stdout
     assert moectl("wait", rec["id"]).exit_code == 2
+
+
+def test_a_pending_job_cancelled_outside_moectl_ends_interrupted_not_failed(on_cluster, git_repo, monkeypatch,
+                                                                           artifact_root):
+    # `scancel JOBID` of a job still waiting (here: for its begin time): a cancelled run, exit 130.
+    slurm_project(git_repo, monkeypatch, cluster='extra_sbatch = ["--begin=now+1hour"]')
+    r = moectl("run", "--slurm", "--detach", *FAST)
+    assert r.exit_code == 0, r.output
+    rec = record(only_run(artifact_root))
+    assert rec["status"] == "queued"
+    subprocess.run(["scancel", rec["job_id"]], check=True, timeout=60)
+
+    waited = moectl("wait", rec["id"], "--timeout", f"{JOB_TIMEOUT_S}s")
+
+    assert waited.exit_code == 130, waited.output
+    final = record(only_run(artifact_root))
+    assert final["status"] == "interrupted", final
+    assert final["error"].startswith(f"Slurm job {rec['job_id']} was cancelled (CANCELLED, exit 0:0) before moectl "
+                                     "started in it"), final["error"]
 
 
 def test_a_job_that_fails_to_start_ends_failed_with_exit_4(on_cluster, git_repo, monkeypatch, artifact_root):

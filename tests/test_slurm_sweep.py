@@ -50,9 +50,11 @@ def test_three_legs_finishing_together_keep_every_update_and_every_report_commit
     base = git(proj, "rev-parse", "HEAD").strip()
     gates = {tag: tmp_path / f"gate-{tag}" for tag in ("a", "b", "c")}
 
-    r = moectl("sweep", str(gated_spec(tmp_path / "trio.toml", gates)), "--slurm", "--detach")
+    # --max-parallel above the legs: all three at once, and said so (not "at most 5")
+    r = moectl("sweep", str(gated_spec(tmp_path / "trio.toml", gates)), "--slurm", "--detach", "--max-parallel", "5")
 
     assert r.exit_code == 0, r.output
+    assert "(3 of 3 legs to submit, at most 3 at once)" in r.output, r.output
     sweep_dir = the_sweep(artifact_root)
     for tag, gate in gates.items():
         wait_for(lambda gate=gate: Path(f"{gate}.waiting").exists(), f"leg {tag} held at step 2", timeout=JOB_TIMEOUT_S)
@@ -67,10 +69,10 @@ def test_three_legs_finishing_together_keep_every_update_and_every_report_commit
     runs = [record(sweep_dir / leg["run_id"]) for leg in legs]
     finished = [parse_time(run["finished_at"]) for run in runs]
     assert max(finished) - min(finished) < 5, f"the legs did not finish together: {finished}"
-    # Every leg's report commit landed (none lost to another's compare-and-swap), then the sweep's.
-    wait_for(lambda: sweep_json(sweep_dir).get("report"), "the report job's sweep report", timeout=JOB_TIMEOUT_S)
-    wait_for(lambda: "report: sweep trio" in git(proj, "log", "-1", "--format=%s"), "the sweep report commit",
-             timeout=JOB_TIMEOUT_S)
+    # Every leg's report commit landed (none lost to another's compare-and-swap), then the sweep's:
+    # `wait` on a sweep returns once its report job has written and committed the sweep report.
+    assert sweep_json(sweep_dir)["report"], "wait returned before the report job wrote the sweep report"
+    assert "report: sweep trio" in git(proj, "log", "-1", "--format=%s")
     subjects = git(proj, "log", "--format=%s", f"{base}..HEAD").splitlines()
     assert sorted(s.split(" — ")[0] for s in subjects[1:]) == ["report: a", "report: b", "report: c"], subjects
     assert {run["commit"] for run in runs} <= set(git(proj, "log", "--format=%H", f"{base}..HEAD").split())
@@ -161,8 +163,9 @@ def test_a_leg_whose_job_dies_before_moectl_starts_in_it_is_settled_by_the_repor
                                                                                        monkeypatch, artifact_root,
                                                                                        tmp_path):
     # scancel of a leg still waiting for its turn: nothing of moectl ever ran in it. The final report
-    # job settles that leg (`failed`) while it holds the sweep lock - which once waited for itself
-    # forever, leaving the report job running and the leg `queued` (and `moectl cancel` behind it).
+    # job settles that leg (`interrupted`: cancelled before it started) while it holds the sweep lock
+    # - which once waited for itself forever, leaving the report job running and the leg `queued`
+    # (and `moectl cancel` behind it).
     import subprocess
 
     slurm_project(git_repo, monkeypatch)
@@ -180,9 +183,11 @@ def test_a_leg_whose_job_dies_before_moectl_starts_in_it_is_settled_by_the_repor
     gate.touch()
 
     waited = moectl("wait", "duo", "--timeout", f"{JOB_TIMEOUT_S}s")
-    assert waited.exit_code == 4, waited.output  # y failed (its job ended before moectl started in it)
+    assert waited.exit_code == 130, waited.output  # y interrupted (cancelled before moectl started in it)
     wait_for(lambda: sweep_json(sweep_dir).get("report"), "the report job's sweep report", timeout=JOB_TIMEOUT_S)
-    assert [(leg["tag"], leg["state"]) for leg in sweep_json(sweep_dir)["legs"]] == [("x", "completed"), ("y", "failed")]
+    assert [(leg["tag"], leg["state"]) for leg in sweep_json(sweep_dir)["legs"]] == [("x", "completed"),
+                                                                                     ("y", "interrupted")]
+    assert f"Slurm job {y['job_id']} was cancelled (CANCELLED" in record(sweep_dir / y["id"])["error"]
     assert "before moectl started in it" in record(sweep_dir / y["id"])["error"]
 
 
@@ -198,3 +203,31 @@ def test_a_followed_slurm_sweep_that_did_not_complete_ends_with_its_resume_comma
     sweep_id = sweep_json(the_sweep(artifact_root, "half"))["id"]
     assert f"1 leg(s) did not complete; resume them in a fresh directory: moectl sweep --resume {sweep_id} --slurm" \
         in r.output, r.output
+
+
+def test_cancel_of_a_sweep_ends_its_running_and_its_pending_legs_interrupted(on_cluster, git_repo, monkeypatch,
+                                                                            artifact_root, tmp_path):
+    # `moectl cancel SWEEP` with leg x running and leg y waiting for its turn: y's job is cancelled
+    # pending, the report job (afterany) starts and settles it before cancel_runs gets to it - as
+    # `interrupted`, cancelled before it started, never `failed`.
+    slurm_project(git_repo, monkeypatch)
+    gate = tmp_path / "gate-x"
+    spec = tmp_path / "duo.toml"
+    spec.write_text(f'name = "duo"\n[common]\nsteps = 3\n[[legs]]\ntag = "x"\nargs = ["--hold-at-step", "1", '
+                    f'"--hold-until", "{gate}"]\n[[legs]]\ntag = "y"\n')
+    r = moectl("sweep", str(spec), "--slurm", "--detach", "--max-parallel", "1", "--no-commit")
+    assert r.exit_code == 0, r.output
+    sweep_dir = the_sweep(artifact_root, "duo")
+    wait_for(lambda: Path(f"{gate}.waiting").exists(), "leg x held at step 1", timeout=JOB_TIMEOUT_S)
+
+    cancelled = moectl("cancel", "duo", "--json")
+
+    assert cancelled.exit_code == 0, cancelled.output
+    assert [x["status"] for x in json.loads(cancelled.output)] == ["interrupted", "interrupted"], cancelled.output
+    waited = moectl("wait", "duo", "--timeout", f"{JOB_TIMEOUT_S}s")
+    assert waited.exit_code == 130, waited.output
+    wait_for(lambda: sweep_json(sweep_dir).get("report"), "the report job's sweep report", timeout=JOB_TIMEOUT_S)
+    legs = sweep_json(sweep_dir)["legs"]
+    assert [(leg["tag"], leg["state"]) for leg in legs] == [("x", "interrupted"), ("y", "interrupted")]
+    y = record(sweep_dir / legs[1]["run_id"])
+    assert y["status"] == "interrupted" and "before" in y["error"] and "started" in y["error"], y["error"]

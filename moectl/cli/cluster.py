@@ -211,12 +211,13 @@ def _render_final(record) -> None:
         stdout.print(f"  {record.error.splitlines()[0]}", markup=False)
 
 
-def _resolve_targets(cfg, refs: list[str]):
-    """RUN, GROUP or SWEEP arguments -> run records: a sweep, every leg that has a run; a repeat
-    group (its id, or a tag whose latest run is in one), every run of the group whatever its state."""
+def _resolve_targets(cfg, refs: list[str], sweeps: Optional[list] = None):
+    """RUN, GROUP or SWEEP arguments -> run records: a sweep, every leg that has a run (and the
+    sweep itself appended to `sweeps`, when given); a repeat group (its id, or a tag whose latest
+    run is in one), every run of the group whatever its state."""
     from moectl import store
     from moectl.repeats import means_group
-    from moectl.sweep.store import find_sweep_runs
+    from moectl.sweep.store import find_sweep, find_sweep_runs
 
     runs = store.list_runs(cfg.artifact_root)
     out: list = []
@@ -224,6 +225,8 @@ def _resolve_targets(cfg, refs: list[str]):
         legs = find_sweep_runs(cfg.artifact_root, ref, runs)
         if legs is not None:
             out += legs
+            if sweeps is not None:
+                sweeps.append(find_sweep(cfg.artifact_root, ref))
             continue
         group = [r for r in runs if r.group == ref]
         if not group:
@@ -243,29 +246,37 @@ def wait(
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Block until the runs, or every leg of the sweeps, settle; exit as a run would.
+    """Block until the runs, or every leg of the sweeps, settle (and a Slurm sweep's final-report job
+    has written and committed its report); exit as a run would.
 
     Exit codes: 0 all completed, 4 one failed, 3 one was refused inside its job, 130 one was
     interrupted (or --timeout passed first). A Slurm run whose job is gone without a word ends
-    `failed` (never started) or `interrupted`. A run whose engine failed to compile and whose job
-    re-ran it with --compile none (launch.compile_fallback: sweep legs, --detach, --repeat) ends as
-    that re-run.
+    `failed` (never started) or `interrupted` (it did, or it was cancelled before it started). A
+    run whose engine failed to compile and whose job re-ran it with --compile none
+    (launch.compile_fallback: sweep legs, --detach, --repeat) ends as that re-run.
 
     Examples:
       [bold]moectl wait big[/bold]
       [bold]moectl wait capacity --timeout 2h[/bold]     (every leg of sweep `capacity`)
     """
+    import time
+
     from moectl.cli.runs import _config  # reading the store needs no config file, as for show/export
     from moectl.execution import exit_code_of, wait_for
     from moectl.plan import parse_duration
     from moectl.store import run_json
+    from moectl.sweep.cluster import wait_for_report_job
 
     stops_like_ctrl_c(ctx)  # a CI timeout's SIGTERM: exit 130 as Ctrl-C, not 143
     cfg = _config(config)
     timeout_s = parse_duration(timeout, "--timeout") if timeout is not None else None
-    records = _resolve_targets(cfg, targets)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    sweeps: list = []
+    records = _resolve_targets(cfg, targets, sweeps)
     try:
         final = wait_for(records, timeout_s)
+        for sweep in sweeps:  # its legs settled; the report job writes and commits the sweep report
+            wait_for_report_job(Path(sweep.exp_dir), deadline)
     except TimeoutError as exc:
         error(f"--timeout {timeout} passed; still going: {exc}")
         raise typer.Exit(EXIT_INTERRUPTED)

@@ -205,12 +205,13 @@ def job_view(cfg, plan, nodes: int):
     under srun, meeting at the first node; every job runs from its code snapshot (moectl/job.py)."""
     from pathlib import Path
 
-    from moectl.slurm import FIRST_NODE, JOB_ID, job_argv_preview
+    from moectl.slurm import FIRST_NODE, JOB_ID, RDZV_PORT_SPAN, job_argv_preview
 
     argv = job_argv_preview(plan.argv, nnodes=nodes, port=cfg.cluster.rdzv_port)
     where = f"in the Slurm job, from its code snapshot {Path(plan.exp_dir) / 'code'}"
     if nodes > 1:
-        where += f"; {FIRST_NODE} and {JOB_ID} are the job's, known once it starts"
+        where += (f"; {FIRST_NODE} and {JOB_ID} are the job's, known once it starts; it meets at port "
+                  f"{cfg.cluster.rdzv_port} + ({JOB_ID} mod {RDZV_PORT_SPAN})")
     return plan.model_copy(update={"argv": argv}), where
 
 

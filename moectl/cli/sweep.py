@@ -86,6 +86,16 @@ def sweep(
 
         lock_wait_s()  # a bad MOECTL_GIT_LOCK_WAIT is said now, not after the last leg
     out = (lambda text: None) if json_out else (lambda text: stdout.print(text, markup=False))  # noqa: E731
+    from moectl.execution import choose_backend
+
+    # The flags the sweep would refuse, the dry run refuses too.
+    on_slurm = choose_backend(cfg, slurm) == "slurm"
+    if on_slurm:
+        if max_parallel is not None and max_parallel < 1:
+            raise UsageError(f"--max-parallel: must be at least 1 (got {max_parallel})")
+    elif max_parallel is not None or detach:
+        raise UsageError(f"{'--max-parallel' if max_parallel is not None else '--detach'} needs --slurm "
+                         "(or [cluster] backend = \"slurm\")")
 
     if dry_run:
         if parsed is not None:
@@ -111,19 +121,12 @@ def sweep(
         out(f"waiting for {waiting} ({waited_s:.0f}s so far)")
 
     ui = SweepUI(say=out, progress=lambda: make_progress(stdout_is_tty(), quiet=quiet or json_out), on_wait=on_wait)
-    from moectl.execution import choose_backend
-
     submit = None
-    if choose_backend(cfg, slurm) == "slurm":
+    if on_slurm:
         from moectl.sweep.cluster import submit_sweep
 
-        if max_parallel is not None and max_parallel < 1:
-            raise UsageError(f"--max-parallel: must be at least 1 (got {max_parallel})")
         submit = lambda cfg, sweep, opts, ui, carried, chain: submit_sweep(  # noqa: E731
             cfg, sweep, opts, max_parallel=max_parallel, ui=ui, carried=carried, chain=chain)
-    elif max_parallel is not None or detach:
-        raise UsageError(f"{'--max-parallel' if max_parallel is not None else '--detach'} needs --slurm "
-                         "(or [cluster] backend = \"slurm\")")
     outcome = run_sweep(cfg, parsed, opts, ui, submit) if parsed is not None else resume_sweep(cfg, resume, opts, ui, submit)
     if submit is not None and outcome.sweep is not None and not outcome.nothing_to_run:
         _follow_slurm_sweep(outcome, detach=detach, json_out=json_out, out=out)

@@ -66,7 +66,7 @@ def submit_sweep(cfg: Config, sweep: SweepRecord, opts: SweepOptions, *, max_par
     save_sweep(sweep)
     k = max_parallel if max_parallel is not None else cfg.cluster.max_parallel
     ui.say(f"sweep {sweep.id} -> {sweep_dir} ({len(todo)} of {len(sweep.legs)} legs to submit"
-           + (f", at most {k} at once)" if k else ", all at once)"))
+           + (f", at most {min(k, len(todo))} at once)" if k else ", all at once)"))
     jobs: list[str] = []
     submitted: list[RunRecord] = []
     try:
@@ -123,21 +123,36 @@ def follow_sweep(sweep_dir: Path, timeout_s: Optional[float] = None) -> tuple[Sw
     """Wait for every leg to settle and the report job to end; (the sweep as it ends, exit code)."""
     import time
 
-    from moectl.execution import POLL_S, wait_for
+    from moectl.execution import wait_for
 
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     sweep = load_sweep(sweep_dir)
     legs = [read_record(Path(sweep_dir) / leg.run_id) for leg in sweep.legs
             if leg.run_id and (Path(sweep_dir) / leg.run_id).is_dir()]
     final = wait_for(legs, timeout_s)
-    while sweep.report_job:
-        info = slurm.job_info(sweep.report_job)
-        if info is None or not info.live:
-            break
-        if deadline is not None and time.monotonic() > deadline:
-            raise TimeoutError(f"report job {sweep.report_job}")
-        time.sleep(POLL_S)
+    wait_for_report_job(sweep_dir, deadline)
     return load_sweep(sweep_dir), exit_code_of(final)
+
+
+def wait_for_report_job(sweep_dir: Path, deadline: Optional[float] = None) -> None:
+    """Block until the sweep's final-report job (if it has one) has ended: once every leg settled it
+    still writes and commits the sweep report. Raises TimeoutError (naming the job) when the
+    `time.monotonic()` deadline passes first; a Slurm that cannot be asked is asked again."""
+    import time
+
+    from moectl.execution import POLL_S
+
+    job = load_sweep(sweep_dir).report_job
+    while job:
+        try:
+            info = slurm.job_info(job)
+            if info is None or not info.live:
+                return
+        except MoectlError:
+            pass  # Slurm gave no answer this time: ask again
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"the final-report job {job} of sweep {Path(sweep_dir).name}")
+        time.sleep(POLL_S)
 
 
 def finish_sweep_job(sweep_dir: Path) -> int:

@@ -213,16 +213,22 @@ def sweep_chain(sweep: SweepRecord, by_id: dict[str, SweepRecord]) -> list[Sweep
     return chain
 
 
-def find_sweep_runs(root: Path, ref: str, runs: list[RunRecord]) -> "list[RunRecord] | None":
-    """`wait`/`cancel`'s SWEEP argument: the run of every leg of the sweep whose path, id or name is
-    exactly `ref` (None when no sweep is: the argument is then a RUN)."""
+def find_sweep(root: Path, ref: str) -> "SweepRecord | None":
+    """`wait`/`cancel`'s SWEEP argument: the sweep whose path, id or name is exactly `ref` (None when
+    no sweep is: the argument is then a RUN)."""
     as_path = Path(ref).expanduser()
     if (as_path / SWEEP_RECORD).is_file():
-        sweep = load_sweep(as_path)
-    else:
-        sweeps = [s for s in list_sweeps(root) if ref in (s.id, s.name)]
-        if not sweeps:
-            return None
-        sweep = next((s for s in sweeps if s.id == ref), sweeps[-1])
+        return load_sweep(as_path)
+    sweeps = [s for s in list_sweeps(root) if ref in (s.id, s.name)]
+    if not sweeps:
+        return None
+    return next((s for s in sweeps if s.id == ref), sweeps[-1])
+
+
+def find_sweep_runs(root: Path, ref: str, runs: list[RunRecord]) -> "list[RunRecord] | None":
+    """The run of every leg of the sweep `ref` names (find_sweep), None when it names no sweep."""
+    sweep = find_sweep(root, ref)
+    if sweep is None:
+        return None
     by_id = {r.id: r for r in runs}
     return [by_id[leg.run_id] for leg in sweep.legs if leg.run_id in by_id]
