@@ -138,6 +138,25 @@ def test_recommendation_passes_over_a_marked_fast_leg():
     assert rec.endswith("Left out (warm-up only, †): `short_fast`.")
 
 
+def test_recommendation_within_noise_names_no_winner():
+    # +1% between two legs whose steps swing ±10%: the order is chance, and the sentence says so
+    # (as the table does, with no *), instead of "the fastest leg".
+    def noisy(tag, level):
+        run = run_of(tag, 60, level)
+        for i, s in enumerate(run.metrics.steps):
+            s.tok_per_sec = level * (0.9, 1.1, 1.0, 0.95, 1.05)[i % 5]
+        return run
+
+    c = compare([noisy("base", 1000.0), noisy("a", 1010.0)], window=50, warmup_steps=10)
+    assert fastest(c)[0] == "a" and c.runs[1].metrics["tok_per_sec"].beyond_noise is False
+    rec = recommendation(c)
+    assert rec.startswith("`a` has the highest tail mean — 1010.00 tok/s (+1.00% vs `base`) — but the difference "
+                          "is within noise (no * in the table)"), rec
+    clear = compare([run_of("base", 30, 1000.0, spread=1.0), run_of("a", 30, 1100.0, spread=1.0)], window=50,
+                    warmup_steps=10)
+    assert recommendation(clear).startswith("`a` is the fastest leg")  # beyond noise: named
+
+
 def test_recommendation_passes_over_a_fast_leg_that_diverged():
     diverged = run_of("lr_high", 30, 2000.0)
     for s in diverged.metrics.steps[12:]:

@@ -68,6 +68,13 @@ def fastest(comparison: Comparison) -> Optional[tuple[str, float, Optional[float
     return best.tag or best.id, mv.value, (mv.delta_pct if base.clean else None)
 
 
+def within_noise(comparison: Comparison, tag: str) -> bool:
+    """Whether the run `tag`'s tok/sec is, by compare's own test, not beyond noise of the baseline's
+    (False also when there is no verdict: no noise estimate, or the baseline itself)."""
+    row = next((r for r in comparison.runs if (r.tag or r.id) == tag), None)
+    return row is not None and row.id != comparison.baseline and row.metrics["tok_per_sec"].beyond_noise is False
+
+
 def recommendation(comparison: Optional[Comparison]) -> Optional[str]:
     """One sentence naming the fastest leg by its clean tail tok/sec; legs whose figures are
     warm-up only are named as left out, and when no leg has a clean figure it says what to do."""
@@ -101,6 +108,11 @@ def recommendation(comparison: Optional[Comparison]) -> Optional[str]:
         return f"the baseline `{tag}` is the fastest{clean} leg ({tps:.2f} tok/s tail mean): keep it.{left_out}"
     versus = (f"({delta:+.2f}% vs `{base.tag or base.id}`)" if delta is not None
               else f"(no delta: the baseline `{base.tag or base.id}` has only a warm-up figure)")
+    if within_noise(comparison, tag):
+        # The order of two figures inside each other's noise is chance: say so, not "choose this one".
+        return (f"`{tag}` has the highest{clean} tail mean — {tps:.2f} tok/s {versus} — but the difference is "
+                f"within noise (no * in the table): no leg is shown faster yet; more steps a leg or "
+                f"`repeats = 3` would tell.{left_out}")
     return f"`{tag}` is the fastest{clean} leg — {tps:.2f} tok/s tail mean {versus}.{left_out}"
 
 

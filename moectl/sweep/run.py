@@ -41,7 +41,7 @@ from moectl.progress import NullProgress, ProgressSink
 from moectl.records import RunRecord, SweepLeg, SweepRecord, write_text_atomic
 from moectl.runner import execute_run, fallback_request
 from moectl.summary import resume_command, write_summary
-from moectl.sweep.report import claim_sweep_report, completed_comparison, fastest, recommendation, sweep_report
+from moectl.sweep.report import claim_sweep_report, completed_comparison, fastest, recommendation, sweep_report, within_noise
 from moectl.sweep.spec import SweepSpec, request_kwargs
 from moectl.sweep.store import (
     fallback_leg, fallback_of, leg_status, list_sweeps, resolve_sweep, runs_by_id, save_sweep, settled, sweep_chain,
@@ -480,4 +480,6 @@ def _final_message(sweep: SweepRecord, comparison: Optional[Comparison], heading
         tag, tps, delta = best
         base = next(r for r in comparison.runs if r.id == comparison.baseline)
         msg += f"; fastest {tag} {tps:.0f} tok/s" + (f" ({delta:+.2f}% vs {base.tag})" if base.tag != tag and delta is not None else "")
+        if within_noise(comparison, tag):
+            msg += ", within noise"
     return msg
