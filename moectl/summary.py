@@ -29,6 +29,10 @@ from moectl.sweep.store import leg_status, scan_sweeps, settled, sweep_chain
 TIMESTAMP_PREFIX = "- Generated at: "
 STATUS_PREFIX = "- Status: "
 STANDALONE_LIMIT = 10
+# Sweeps shown with their tables and conclusions (the newest); older ones get a line each, up to
+# OLDER_SWEEP_LIMIT: a handoff after a hundred sweeps is still a page, not a thousand lines.
+SWEEP_LIMIT = 5
+OLDER_SWEEP_LIMIT = 20
 COMMIT_LIMIT = 10
 
 
@@ -161,8 +165,19 @@ def render_summary(cfg: Config, now: Optional[datetime] = None) -> str:
     ]
     if not chains:
         lines += ["No sweeps yet.", ""]
-    for chain in chains:
+    chains.sort(key=lambda c: (c[-1].created_at or "", c[-1].id), reverse=True)  # the newest first
+    for chain in chains[:SWEEP_LIMIT]:
         lines += _sweep_section(cfg, chain, runs)
+    older = chains[SWEEP_LIMIT:]
+    if older:
+        lines += [f"Older sweeps ({len(older)}), newest first:", ""]
+        for chain in older[:OLDER_SWEEP_LIMIT]:
+            latest = chain[-1]
+            n_done = sum(1 for leg in latest.legs if leg_status(leg, runs) == "completed")
+            lines.append(f"- {latest.name}: {n_done}/{len(latest.legs)} legs completed — `{latest.exp_dir}`")
+        if len(older) > OLDER_SWEEP_LIMIT:
+            lines.append(f"- … and {len(older) - OLDER_SWEEP_LIMIT} older ones under `{_shown(cfg.artifact_root)}`")
+        lines.append("")
 
     unfinished = [c[-1] for c in chains
                   if not all(settled(leg.model_copy(update={"state": leg_status(leg, runs)}), c[-1].legs)

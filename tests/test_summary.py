@@ -163,6 +163,29 @@ def test_summary_has_every_section(git_repo, artifact_root, monkeypatch):
     assert f"only under `{artifact_root}`" in constraints  # outside the home directory: as it is
 
 
+def test_a_long_history_of_sweeps_keeps_the_handoff_a_page(git_repo, artifact_root, monkeypatch):
+    # The newest SWEEP_LIMIT sweeps in full, newest first; the older ones a line each; what to
+    # resume still listed in full, near the top, not after a thousand lines of old tables.
+    from moectl.summary import SWEEP_LIMIT
+
+    summary_project(git_repo, monkeypatch)
+    n = SWEEP_LIMIT + 3
+    for i in range(n):
+        d = artifact_root / f"20260201_00000{i}_moe-s{i}"
+        make_run(d, f"20260201_00001{i}_moe-a", "a", "completed", 1000.0 + i, d.name)
+        make_sweep(artifact_root, d.name, f"s{i}", [SweepLeg(tag="a", state="completed", run_id=f"20260201_00001{i}_moe-a"),
+                                                     SweepLeg(tag="b")])
+    text = render_summary(load_config())
+    sweeps = text.split("## Sweeps")[1].split("## Unfinished Sweeps")[0]
+    full = [line.split()[1] for line in sweeps.splitlines() if line.startswith("### ")]
+    assert full == [f"s{i}" for i in range(n - 1, n - 1 - SWEEP_LIMIT, -1)]
+    older = sweeps.split(f"Older sweeps ({n - SWEEP_LIMIT}), newest first:")[1]
+    assert [line.split(":")[0] for line in older.strip().splitlines()] == ["- s2", "- s1", "- s0"]
+    assert f"- s0: 1/2 legs completed — `{artifact_root / '20260201_000000_moe-s0'}`" in older
+    unfinished = text.split("## Unfinished Sweeps")[1].split("## Standalone Runs")[0]
+    assert all(f"moectl sweep --resume 20260201_00000{i}_moe-s{i}\n" in unfinished for i in range(n))
+
+
 def test_summary_commits_only_experiments_md_and_is_stable(git_repo, artifact_root, monkeypatch):
     summary_project(git_repo, monkeypatch)
     populate(artifact_root)
