@@ -323,16 +323,25 @@ rdzv_port = 29500            # c10d rendezvous on the first node, each job at a 
 TRAINERS = ("engine", "nanochat", "nanogpt")
 
 
-def template_for(trainer: str = "engine") -> str:
-    """TEMPLATE with the `[launch]`/`[metrics]` tables of a known trainer (moectl.trainer.TABLES)."""
+_BRANCH_LINE = 'branch = "main"              # run/sweep refuse on any other branch; "*" disables the check\n'
+
+
+def template_for(trainer: str = "engine", branch: Optional[str] = None) -> str:
+    """TEMPLATE with the `[launch]`/`[metrics]` tables of a known trainer (moectl.trainer.TABLES);
+    `branch`: the repository's own branch where it is not the default `main` (what `init` found)."""
     if trainer not in TRAINERS:
         raise UsageError(f"--trainer: unknown trainer {trainer!r} (known: {', '.join(TRAINERS)})")
+    text = TEMPLATE
+    if branch and branch != "main":
+        text = text.replace(_BRANCH_LINE, f'branch = "{branch}"{" " * max(1, 18 - len(branch))}'
+                            f'# the branch this repository was on at `moectl init` (default "main");\n'
+                            f'                             # run/sweep refuse on any other branch; "*" disables the check\n')
     if trainer == "engine":
-        return TEMPLATE
+        return text
     from moectl.trainer import TABLES
 
-    start, end = TEMPLATE.index("[launch]\n"), TEMPLATE.index("[report]\n")
-    return TEMPLATE[:start] + TABLES[trainer] + "\n" + TEMPLATE[end:]
+    start, end = text.index("[launch]\n"), text.index("[report]\n")
+    return text[:start] + TABLES[trainer] + "\n" + text[end:]
 
 
 def _config_in(directory: Path) -> Path:
@@ -343,11 +352,11 @@ def _config_in(directory: Path) -> Path:
     return Path(directory) / CONFIG_NAME
 
 
-def write_template(directory: Path, trainer: str = "engine") -> Path:
+def write_template(directory: Path, trainer: str = "engine", branch: Optional[str] = None) -> Path:
     """`moectl init`: write the commented template; refuse (exit 2) if a config already exists."""
     from moectl.atomic import create_new_file
 
-    text = template_for(trainer)
+    text = template_for(trainer, branch)
     target = _config_in(directory)
     # Written beside it and linked into place: a full disk leaves no empty config that would then
     # make the next `init` refuse, and of two `init`s exactly one writes it.
@@ -357,7 +366,7 @@ def write_template(directory: Path, trainer: str = "engine") -> Path:
     return target
 
 
-def overwrite_template(directory: Path, trainer: str = "engine") -> tuple[Path, Optional[Path]]:
+def overwrite_template(directory: Path, trainer: str = "engine", branch: Optional[str] = None) -> tuple[Path, Optional[Path]]:
     """`moectl init --force`: write the template over an existing config, first copying the old
     one byte for byte to `.moectl.toml.bak` - or `.bak.1`, `.bak.2`, ... when that exists, so no
     earlier backup is ever overwritten. The new file replaces the old one in one rename: a reader
@@ -367,14 +376,14 @@ def overwrite_template(directory: Path, trainer: str = "engine") -> tuple[Path, 
 
     from moectl.records import atomic_file
 
-    text = template_for(trainer)
+    text = template_for(trainer, branch)
     target = _config_in(directory)
     try:
         old = target.read_bytes()
         mode = stat.S_IMODE(target.stat().st_mode)
     except FileNotFoundError:
         if not target.is_symlink():
-            return write_template(directory, trainer), None
+            return write_template(directory, trainer, branch), None
         # A symlink to nothing: there is no old config to keep, and --force replaces the link itself
         # (writing through it could put the file anywhere the link happens to point).
         with atomic_file(target, "w") as fh:

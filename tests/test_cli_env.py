@@ -44,6 +44,28 @@ def test_init_writes_the_template_and_refuses_to_overwrite(tmp_path, monkeypatch
     assert r.exit_code == 2 and "already exists" in r.stderr and "Traceback" not in r.output
 
 
+def test_init_in_a_repository_takes_its_branch_and_says_what_comes_next(tmp_path, monkeypatch):
+    # A repository on `master`: the default `main` would refuse the first run (exit 3).
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "trunk")
+    monkeypatch.chdir(repo)
+    r = invoke("init")
+    assert r.exit_code == 0, r.output
+    from moectl.config import load_config
+
+    assert load_config(repo / CONFIG_NAME).project.branch == "trunk"
+    text = (repo / CONFIG_NAME).read_text()
+    assert text.replace('branch = "trunk"             # the branch this repository was on at `moectl init` '
+                        '(default "main");\n                             #', 'branch = "main"              #') == TEMPLATE
+    lines = r.stdout.splitlines()
+    assert lines[0] == "wrote .moectl.toml" and lines[1] == "next:"
+    assert any('project.branch is "trunk"' in line for line in lines)
+    assert any("git add .moectl.toml && git commit" in line for line in lines)
+    assert any('project.venv ".venv" is not here' in line for line in lines)
+    assert sorted(os.listdir(repo)) == [".git", CONFIG_NAME]  # still nothing else
+
+
 OLD_CONFIG = b'# my tuned config\r\n[project]\nname = "old"\n\xff not even utf-8\n'  # bytes must survive as they are
 
 
@@ -58,7 +80,7 @@ def test_init_without_force_refuses_in_one_line_and_suggests_it(tmp_path, monkey
 def test_init_force_without_a_config_just_writes_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = invoke("init", "--force")
-    assert r.exit_code == 0 and r.stdout.strip() == f"wrote {CONFIG_NAME}"
+    assert r.exit_code == 0 and r.stdout.splitlines()[0] == f"wrote {CONFIG_NAME}"
     assert os.listdir(tmp_path) == [CONFIG_NAME] and (tmp_path / CONFIG_NAME).read_text() == TEMPLATE
 
 
@@ -81,7 +103,7 @@ def test_init_force_keeps_the_old_config_as_bak_and_never_overwrites_a_bak(tmp_p
     assert r.exit_code == 0, r.output
     bak = tmp_path / f"{CONFIG_NAME}.bak"
     assert bak.read_bytes() == OLD_CONFIG and target.read_text() == TEMPLATE
-    assert r.stdout.strip() == f"wrote {target} (the old one is now {bak})"
+    assert r.stdout.splitlines()[0] == f"wrote {target} (the old one is now {bak})"
     assert oct(target.stat().st_mode & 0o777) == oct(0o600)  # the config keeps its permissions
     # A second --force: the first backup stays as it was, the replaced template goes to .bak.1.
     target.write_bytes(b"second\n")

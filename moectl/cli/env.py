@@ -39,14 +39,47 @@ def init(
     Example:  [bold]moectl init --trainer nanochat[/bold]   nanochat's scripts.base_train under torchrun.
     Example:  [bold]moectl init --force[/bold]   start over; the old config is in .moectl.toml.bak.
     """
-    from moectl.config import overwrite_template, template_for, write_template
+    import sys
+
+    from moectl.config import CONFIG_NAME, overwrite_template, template_for, write_template
 
     template_for(trainer)  # an unknown trainer is a usage error before anything is touched
+    repo, branch = _repository_of(directory)
     if force:
-        path, backup = overwrite_template(directory, trainer)
+        path, backup = overwrite_template(directory, trainer, branch)
     else:
-        path, backup = write_template(directory, trainer), None
-    stdout.print(f"wrote {path}" + (f" (the old one is now {backup})" if backup else ""), markup=False)
+        path, backup = write_template(directory, trainer, branch), None
+    out = lambda text: stdout.print(text, markup=False)  # noqa: E731
+    out(f"wrote {path}" + (f" (the old one is now {backup})" if backup else ""))
+    # What stands between this file and a first run, found now rather than by a refused `run`.
+    steps = []
+    if repo is None:
+        steps.append("this directory is not in a git repository: moectl runs and commits reports in one "
+                     "(`git init`, then a first commit)")
+    elif branch and branch != "main":
+        steps.append(f'project.branch is "{branch}", this repository\'s branch: runs on any other are refused')
+    if not (path.parent / ".venv").exists():
+        steps.append('project.venv ".venv" is not here: point it at the venv that has torch, or set venv = "" '
+                     f"for this python ({sys.executable})")
+    if repo is not None:
+        steps.append(f"commit it (`git add {CONFIG_NAME} && git commit -m 'moectl config'`): until then every run "
+                     "is recorded dirty, with the config in its git.diff")
+    steps.append("`moectl check` shows every guard's verdict before a first `moectl run`")
+    out("next:")
+    for step in steps:
+        out(f"  - {step}")
+
+
+def _repository_of(directory: Path):
+    """(the git repository holding `directory`, its current branch) - (None, None) outside one."""
+    from moectl import gitops
+    from moectl.errors import MoectlError
+
+    try:
+        repo = gitops.repo_root(Path(directory).absolute())
+        return repo, gitops.current_branch(repo)
+    except (MoectlError, OSError):
+        return None, None
 
 
 def _age(seconds: float) -> str:
