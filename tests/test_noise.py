@@ -159,7 +159,7 @@ def test_run_repeat_makes_one_group_and_compare_show_plot_export_take_it_by_tag(
     assert json.loads(plotted.stdout)["runs"] == [r["id"] for r in records]
 
 
-def test_run_repeat_prints_the_groups_mean_and_between_runs_error(git_repo, monkeypatch, artifact_root):
+def test_run_repeat_prints_the_groups_mean_and_between_runs_error(git_repo, monkeypatch, artifact_root, fake_nvml):
     nanogpt_project(git_repo, monkeypatch)
     r = runner.invoke(app, ["run", "--device", "cpu", "--steps", "14", "--tag", "txt", "--repeat", "2", *QUIET,
                             "--", "--dt_ms=10.0", "--sleep=0"])
@@ -175,7 +175,15 @@ def test_run_repeat_prints_the_groups_mean_and_between_runs_error(git_repo, monk
     assert data["summary"] is None and [x["status"] for x in data["runs"]] == ["failed"]
     r = runner.invoke(app, ["run", "--device", "cpu", "--steps", "14", "--tag", "bad2", "--repeat", "3", *QUIET,
                             "--", "--exit_code=4", "--sleep=0"])
-    assert r.exit_code == 4 and "stopped after repeat 1 of 3 (failed); repeats 2-3 were not run" in r.stderr, r.output
+    assert r.exit_code == 4 and "stopped at repeat 1 of 3 (failed); repeats 2-3 were not run" in r.stderr, r.output
+    # Refused before its first repeat wrote anything (a busy GPU): the guards said no, not `None`.
+    from tests.conftest import gpu
+
+    fake_nvml(gpus=[gpu(0, util_pct=90)])
+    r = runner.invoke(app, ["run", "--device", "cuda", "--steps", "14", "--tag", "busy", "--repeat", "3", *QUIET,
+                            "--", "--exit_code=4", "--sleep=0"])
+    assert r.exit_code == 3 and "stopped at repeat 1 of 3 (refused by its guards, nothing written)" in r.stderr, r.output
+    assert "None" not in r.stderr
     # Trackers can group the repeats: each carries its group and place in it.
     from moectl.store import list_runs
     from moectl.tracking import payload

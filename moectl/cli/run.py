@@ -199,7 +199,10 @@ def run(
         stdout.print(f"group {group}: {repeat} runs; compare, show, plot and export take the whole group by its "
                      f"tag {requests[0].tag}", markup=False)
     elif len(runs) < repeat:
-        stderr.print(f"group {group}: stopped after repeat {len(runs)} of {repeat} ({runs[-1].get('status')}); "
+        last = runs[-1]
+        # A run record says its status; a refusal before anything was written is the guards' verdict.
+        how = last.get("status") or ("refused by its guards, nothing written" if last.get("ok") is False else f"exit {code}")
+        stderr.print(f"group {group}: stopped at repeat {len(runs)} of {repeat} ({how}); "
                      f"repeats {len(runs) + 1}-{repeat} were not run", markup=False)
     raise typer.Exit(code)
 
