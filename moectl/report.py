@@ -283,8 +283,9 @@ def run_report(
     if notes or record.notes:
         lines += ["", "## Notes", "", notes or record.notes or ""]
     lines += ["", "## Options", ""] + _options_table(record.options)
-    if record.argv:
-        lines += ["", "```", " ".join(record.argv), "```"]
+    command = recorded_command(record)
+    if command:
+        lines += ["", "```", command, "```"]
     engine = {k: record.engine[k] for k in ENGINE_KEYS if record.engine.get(k) is not None}
     if engine:
         lines += ["", "## Engine configuration (as the engine resolved it)", ""]
@@ -325,6 +326,18 @@ def run_report(
     if record.error and record.status != "completed":
         lines += ["", "## Error", "", "```", record.error.rstrip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+def recorded_command(record: RunRecord) -> str:
+    """The command as it ran, to paste: the run's command.txt (`cd <repo> && <env> <argv>`: without
+    the env a pasted command may take other threads or another PYTHONPATH), else its argv quoted."""
+    import shlex
+
+    try:
+        text = (Path(record.exp_dir) / "command.txt").read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    return text or " ".join(shlex.quote(a) for a in record.argv)
 
 
 def find_run_report(report_dir: Path, run_id: str) -> Optional[Path]:

@@ -51,6 +51,14 @@ def test_the_longest_tag_a_run_takes_still_gets_its_report_and_figures(tmp_path)
         assert figure.read_text() == "png"
 
 
+def test_the_reports_command_is_the_one_to_paste_env_included(tmp_path):
+    rec = record(argv=["python", "-m", "engine.train", "--tag", "a b"])
+    rec.exp_dir = str(tmp_path)
+    assert "```\npython -m engine.train --tag 'a b'\n```" in run_report(rec)  # no command.txt: argv, quoted
+    (tmp_path / "command.txt").write_text("cd /repo && OMP_NUM_THREADS=1 python -m engine.train\n")
+    assert "```\ncd /repo && OMP_NUM_THREADS=1 python -m engine.train\n```" in run_report(rec)
+
+
 def test_a_slurm_runs_report_names_its_job_and_nodes():
     text = run_report(record(backend="slurm", job_id="4242", nodes=2, restarts=1))
     assert "- Slurm job 4242 on 2 node(s) · requeued 1 time(s)" in text

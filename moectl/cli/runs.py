@@ -230,8 +230,11 @@ def show_cmd(
         out(f"  {name:10} {text}" + (f" ({mirror.error}; `moectl sync` retries)" if mirror.error else ""), markup=False)
     if rec.options:
         out("  options    " + " ".join(f"{k}={v}" for k, v in sorted(rec.options.items())), markup=False)
-    if rec.argv:
-        out("  command    " + " ".join(rec.argv), markup=False)
+    from moectl.report import recorded_command
+
+    command = recorded_command(rec)
+    if command:
+        out("  command    " + command, markup=False)
     s = rec.summary
     if s is not None:
         from moectl.metrics import MARK, mark_footnote
