@@ -159,6 +159,7 @@ class SweepRecord(BaseModel):
     report: Optional[str] = None  # ... and the report it wrote
     config: Optional[str] = None  # the .moectl.toml it ran with (absolute): its resume needs the same
     baseline: Optional[str] = None  # the leg tag of --baseline (None: the first completed leg)
+    overrides: list[str] = Field(default_factory=list)  # its --override guards: its resume command repeats them
 
 
 def save_model(path: Path, model: BaseModel) -> None:

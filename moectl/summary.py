@@ -39,11 +39,13 @@ COMMIT_LIMIT = 10
 def resume_command(sweep, root: Optional[Path] = None) -> str:
     """The exact command that resumes a sweep: on Slurm again when it ran there (its final report
     was a job), so the unfinished legs go back to the cluster, not to this machine; with the
+    guards it overrode (a shared box's other training is likely still there); with the
     `--config` it ran with, unless that is the repository's own .moectl.toml (found anyway).
     `root`: the repository, for a config path relative to it (EXPERIMENTS.md); else absolute."""
     import shlex
 
     command = f"moectl sweep --resume {sweep.id}" + (" --slurm" if sweep.report_job else "")
+    command += "".join(f" --override {name}" for name in getattr(sweep, "overrides", None) or [])
     config = Path(sweep.config) if sweep.config else None
     if config is not None and not (config.name == CONFIG_NAME and (config.parent / ".git").exists()):
         command += f" --config {shlex.quote(_shown(config, root) if root is not None else str(config))}"

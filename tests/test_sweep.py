@@ -367,7 +367,10 @@ def test_interrupt_during_leg_2_then_resume_runs_only_unfinished_legs(git_repo, 
     assert [leg["state"] for leg in old["legs"]] == ["completed", "interrupted", "pending"]
     assert old["legs"][2]["run_id"] is None
     # ... and it ends saying the next command, where the person is looking
-    assert f"2 leg(s) did not complete; resume them in a fresh directory: moectl sweep --resume {old['id']}" in output
+    # (with the guard it overrode: the other training it passed over is likely still there)
+    assert (f"2 leg(s) did not complete; resume them in a fresh directory: moectl sweep --resume {old['id']} "
+            "--override no_other_training\n") in output
+    assert old["overrides"] == ["no_other_training"]
     assert load(sweep_dir / old["legs"][1]["run_id"] / "run.json")["status"] == "interrupted"
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == sorted(
         [old["legs"][0]["run_id"], old["legs"][1]["run_id"]])  # leg 3 never started
