@@ -29,6 +29,28 @@ def _one_line_summaries() -> None:
 _one_line_summaries()
 
 
+def _reflowed_help() -> None:
+    """Each command's `--help`: typer's rich mode keeps a paragraph's hard line breaks, so prose
+    written at 100 columns broke mid-sentence on an 80-column terminal ("Ctrl-C / and crashes").
+    Prose paragraphs are joined into one line each, for the terminal to wrap; indented blocks (spec
+    and command examples) and lists keep their lines."""
+    import inspect
+
+    for info in app.registered_commands:
+        doc = info.help or (info.callback.__doc__ if info.callback else None)
+        if not doc:
+            continue
+        paragraphs = inspect.cleandoc(doc).split("\n\n")
+        for i, para in enumerate(paragraphs):
+            lines = para.split("\n")
+            if not any(line[:1].isspace() or line.startswith(("- ", "* ", "Example")) for line in lines):
+                paragraphs[i] = " ".join(line.strip() for line in lines)
+        info.help = "\n\n".join(paragraphs)
+
+
+_reflowed_help()
+
+
 def main() -> None:
     """The console script. Click's own usage errors (an unknown option, `--cap abc`) become the
     same one-line `error: ...` as ours, with exit code 2, instead of a multi-line panel."""

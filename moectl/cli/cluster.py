@@ -302,6 +302,9 @@ def cancel(
 ) -> None:
     """scancel the Slurm jobs of runs (or of every unfinished leg of sweeps); each record ends `interrupted`.
 
+    Exit codes: 0 cancelled, or nothing left to cancel (finished runs are left as they are); 2 an
+    unknown run, a local run (stop it with Ctrl-C where it runs), or Slurm not reachable.
+
     Examples:
       [bold]moectl cancel big[/bold]
       [bold]moectl cancel capacity[/bold]
