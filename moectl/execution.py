@@ -154,7 +154,7 @@ def submit_run(cfg: Config, request: RunRequest, options: JobOptions, *, sweep_i
         store.create_run_dir(run_dir)
     except MoectlError as exc:  # appeared since the fresh_dir guard looked: still a refusal
         raise GuardRefused(exc.message) from None
-    record = new_record(plan, obs, results, sweep_id=sweep_id, status="queued")
+    record = new_record(plan, obs, results, sweep_id=sweep_id, status="queued", repo=cfg.root)
     record.backend, record.nodes = "slurm", nodes
     try:
         write_run_files(cfg, plan, cwd=run_dir / CODE_DIR)  # the job runs from the code snapshot

@@ -100,6 +100,9 @@ class RunRecord(BaseModel):
     error: Optional[str] = None  # log tail of a failed run, or why it did not complete
     # Beyond the §7a minimum:
     host: Optional[str] = None
+    # The repository it ran from (resolved): EXPERIMENTS.md of one project leaves out another's runs
+    # when both share an artifact root (the default one in ~/.cache does). None in older records.
+    repo: Optional[str] = None
     pid: Optional[int] = None  # the moectl process that owns a running run (stale detection)
     # The tail window its summary is computed over and the warm-up steps kept out of it ([metrics]
     # at launch), so a reader that settles the run after its moectl was killed summarises it as
@@ -160,6 +163,7 @@ class SweepRecord(BaseModel):
     config: Optional[str] = None  # the .moectl.toml it ran with (absolute): its resume needs the same
     baseline: Optional[str] = None  # the leg tag of --baseline (None: the first completed leg)
     overrides: list[str] = Field(default_factory=list)  # its --override guards: its resume command repeats them
+    repo: Optional[str] = None  # the repository it ran from, as RunRecord.repo
 
 
 def save_model(path: Path, model: BaseModel) -> None:

@@ -94,7 +94,7 @@ def execute_run(
             store.create_run_dir(exp_dir)
         except MoectlError as exc:  # appeared since the fresh_dir guard looked: still a refusal
             raise GuardRefused(exc.message) from None
-        record = new_record(plan, obs, results, sweep_id=sweep_id)
+        record = new_record(plan, obs, results, sweep_id=sweep_id, repo=cfg.root)
         outcome.record = record
         try:
             write_run_files(cfg, plan)
@@ -134,7 +134,7 @@ def execute_run(
 
 
 def new_record(plan: RunPlan, obs, results: list[GuardResult], *, sweep_id: Optional[str] = None,
-               status: str = "created") -> RunRecord:
+               status: str = "created", repo: Optional[Path] = None) -> RunRecord:
     """The record of a run about to start (local) or be submitted (Slurm)."""
     return RunRecord(
         id=plan.run_id,
@@ -148,6 +148,7 @@ def new_record(plan: RunPlan, obs, results: list[GuardResult], *, sweep_id: Opti
         overrides=[r.name for r in results if r.overridden],
         exp_dir=plan.exp_dir,
         host=socket.gethostname(),
+        repo=str(Path(repo).resolve()) if repo is not None else None,
         pid=os.getpid(),
         gpus=[g.name for g in (obs.nvml.gpus or [])] if plan.device == "cuda" else [],
         driver=obs.nvml.driver if plan.device == "cuda" else None,
@@ -176,6 +177,7 @@ def fallback_record(plan: RunPlan, failed: RunRecord) -> RunRecord:
         overrides=list(failed.overrides),
         exp_dir=plan.exp_dir,
         host=failed.host,
+        repo=failed.repo,
         pid=os.getpid(),
         gpus=list(failed.gpus),
         driver=failed.driver,

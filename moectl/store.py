@@ -384,6 +384,7 @@ def import_run(
     steps: Sequence[StepMetrics],
     extras: Optional[dict[str, Any]] = None,
     source: Optional[str] = None,
+    repo: Optional[str] = None,
     window: int = 50,
     warmup_steps: int = 0,
 ) -> RunRecord:
@@ -435,6 +436,7 @@ def import_run(
         summary=summary,
         source=source,
         host=socket.gethostname(),
+        repo=repo,
         options={k: extras[k] for k in ("format", "planned_steps") if extras.get(k) is not None},
         warnings=list(extras.get("warnings") or []) + ([diverged] if diverged else []),
         notes=(f"imported from {extras.get('format', 'a')} log"

@@ -142,8 +142,13 @@ def _shown(path, root: Optional[Path] = None) -> str:
 def render_summary(cfg: Config, now: Optional[datetime] = None) -> str:
     now = now or datetime.now().astimezone()
     scan = store.scan_runs(cfg.artifact_root)
+    # This repository's handoff: another project's runs and sweeps in a shared artifact root (the
+    # default ~/.cache one) are left out; records older than `repo` are kept, as before.
+    here = str(cfg.root.resolve())
+    scan.runs = [r for r in scan.runs if r.repo in (None, here)]
     runs = {r.id: r for r in scan.runs}
     sweeps, corrupt_sweeps = scan_sweeps(cfg.artifact_root)
+    sweeps = [s for s in sweeps if getattr(s, "repo", None) in (None, here)]
     by_id = {s.id: s for s in sweeps}
     resumed = {s.resumed_from for s in sweeps if s.resumed_from}
     chains = [sweep_chain(s, by_id) for s in sweeps if s.id not in resumed]  # one per latest sweep

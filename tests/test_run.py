@@ -136,6 +136,7 @@ def test_real_tiny_run_end_to_end(git_repo, monkeypatch, artifact_root):
     assert [g["name"] for g in rec["guards"]] == list(GUARD_NAMES)
     assert all(g["ok"] or g["name"] == "no_other_training" for g in rec["guards"]), rec["guards"]
     assert rec["host"] == socket.gethostname() and rec["started_at"] and rec["finished_at"]
+    assert rec["repo"] == str(git_repo.resolve())  # EXPERIMENTS.md of another project sharing the store leaves it out
     assert rec["torch_version"]  # from the engine's start line
     # The engine's resolved configuration (the preset's settings, not only the flags we passed).
     assert rec["engine"]["preset"] == "tiny" and rec["engine"]["steps"] == rec["options"]["steps"]

@@ -163,6 +163,25 @@ def test_summary_has_every_section(git_repo, artifact_root, monkeypatch):
     assert f"only under `{artifact_root}`" in constraints  # outside the home directory: as it is
 
 
+def test_another_repositorys_runs_in_a_shared_artifact_root_stay_out_of_this_handoff(git_repo, artifact_root,
+                                                                                   monkeypatch):
+    summary_project(git_repo, monkeypatch)
+    here = str(git_repo.resolve())
+    mine = store.import_run(artifact_root, "moe", "mine", [StepMetrics(step=0, loss=1.0)], repo=here)
+    theirs = store.import_run(artifact_root, "moe", "theirs", [StepMetrics(step=0, loss=1.0)], repo="/elsewhere/repo")
+    old = store.import_run(artifact_root, "moe", "old", [StepMetrics(step=0, loss=1.0)])  # before `repo` existed
+    d = artifact_root / "20260301_000000_moe-other"
+    make_run(d, "20260301_000001_moe-a", "a", "completed", 1000.0, d.name)
+    make_sweep(artifact_root, d.name, "othersweep", [SweepLeg(tag="a", state="completed", run_id="20260301_000001_moe-a")])
+    sweep_json = d / "sweep.json"
+    sweep_json.write_text(json.dumps({**json.loads(sweep_json.read_text()), "repo": "/elsewhere/repo"}))
+    text = render_summary(load_config())
+    assert mine.id in text and old.id in text and theirs.id not in text
+    assert "othersweep" not in text
+    # the run store itself is shared: `runs` lists them all
+    assert {mine.id, theirs.id, old.id} <= {r["id"] for r in json.loads(cli("runs", "--json").stdout)}
+
+
 def test_a_long_history_of_sweeps_keeps_the_handoff_a_page(git_repo, artifact_root, monkeypatch):
     # The newest SWEEP_LIMIT sweeps in full, newest first; the older ones a line each; what to
     # resume still listed in full, near the top, not after a thousand lines of old tables.

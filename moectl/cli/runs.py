@@ -579,6 +579,7 @@ def import_cmd(
     }
     rec = import_run(cfg.artifact_root, cfg.project.name, name, parsed.steps, extras,
                      source=str(Path(log).expanduser().resolve()), window=cfg.metrics.window,
+                     repo=str(cfg.root.resolve()) if cfg.path is not None else None,
                      warmup_steps=cfg.metrics.warmup_steps)
     if json_out:
         print_json(run_json(rec) | {"skipped": parsed.skipped})

@@ -199,7 +199,7 @@ def run_sweep(cfg: Config, spec: SweepSpec, opts: SweepOptions, ui: Optional[Swe
     _check_baseline(opts, spec.legs)
     sweep = SweepRecord(id="", name=spec.name, spec=spec.raw, legs=[leg.model_copy() for leg in spec.legs],
                         created_at="", exp_dir="", config=str(cfg.path.resolve()) if cfg.path else None,
-                        baseline=opts.baseline, overrides=list(opts.overrides))
+                        baseline=opts.baseline, overrides=list(opts.overrides), repo=str(cfg.root.resolve()))
     return (submit or _run)(cfg, sweep, opts, ui or SweepUI(), carried={}, chain=[])
 
 
@@ -254,7 +254,7 @@ def resume_sweep(cfg: Config, ref: str, opts: SweepOptions, ui: Optional[SweepUI
     chain = [s.id for s in sweep_chain(old, by_id)]
     sweep = SweepRecord(id="", name=old.name, spec=old.spec, legs=legs, resumed_from=old.id, created_at="", exp_dir="",
                         config=old.config or (str(cfg.path.resolve()) if cfg.path else None), baseline=opts.baseline,
-                        overrides=list(opts.overrides))
+                        overrides=list(opts.overrides), repo=str(cfg.root.resolve()))
     return (submit or _run)(cfg, sweep, opts, ui, carried=carried, chain=chain)
 
 
