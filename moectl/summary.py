@@ -60,15 +60,26 @@ def _runtime(cfg: Config) -> tuple[str, list[str]]:
     change every second and would make the document differ on every regeneration."""
     from moectl.probes import find_training_processes, lock_holder, read_nvml
 
-    procs = find_training_processes(cfg.launch.target)
+    everyone = find_training_processes(cfg.launch.target)
+    # A committed handoff names this project's training (runs under its artifact root) one line a
+    # run; another user's processes on a shared node are counted, not listed (`moectl status` does).
+    root = cfg.artifact_root.resolve()
+    procs = [p for p in everyone if p.run_dir and Path(p.run_dir).resolve().is_relative_to(root)]
+    others = len(everyone) - len(procs)
     holder = lock_holder(cfg)
     lines = []
     if procs:
-        lines.append(f"- {len(procs)} training process(es) active:")
-        lines += [f"  - pid {p.pid}: `{p.cmdline[:160]}`" + (f" (run dir `{p.run_dir}`)" if p.run_dir else "")
-                  for p in procs]
+        by_run: dict[str, list] = {}
+        for p in procs:
+            by_run.setdefault(p.run_dir, []).append(p.pid)
+        lines.append(f"- {len(by_run)} run(s) training:")
+        lines += [f"  - `{run_dir}` (pid {', '.join(map(str, pids))})" for run_dir, pids in by_run.items()]
     else:
-        lines.append(f"- No active `torchrun` or `{cfg.launch.target}` process.")
+        lines.append(f"- No run of this project is training (no `torchrun` or `{cfg.launch.target}` under "
+                     f"`{_shown(cfg.artifact_root)}`).")
+    if others:
+        lines.append(f"- {others} other training process(es) on this machine, not this project's runs "
+                     "(`moectl status` lists them).")
     if holder is not None:
         lines.append(f"- Run lock: {holder.describe()}")
     nvml = read_nvml(cfg.gpu.devices)

@@ -227,10 +227,14 @@ def test_summary_commits_only_experiments_md_and_is_stable(git_repo, artifact_ro
     # Again without new runs: only the snapshot of the moment would change -> file and history
     # untouched, even though a training process (a real one) has started on the machine meanwhile
     # (on a shared machine other people's runs come and go; the file must not churn on them).
+    run_dir = artifact_root / "20250101_000000_moe-x"
     training = start_process([sys.executable, "-c", "import time; time.sleep(300)",
-                              "torch.distributed.run", "--out-dir", "/elsewhere/20250101_000000_other-x"])
+                              "torch.distributed.run", "--out-dir", str(run_dir)])
+    # ... and someone else's, outside this project's artifact root: counted, not listed
+    theirs = start_process([sys.executable, "-c", "import time; time.sleep(300)",
+                            "torch.distributed.run", "--out-dir", "/elsewhere/20250101_000000_other-x"])
     try:
-        assert f"pid {training.pid}:" not in first
+        assert f"pid {training.pid}" not in first
         r = cli("summary")
         assert r.exit_code == 0 and "already up to date" in r.output
         assert (git_repo / "EXPERIMENTS.md").read_text() == first
@@ -240,9 +244,13 @@ def test_summary_commits_only_experiments_md_and_is_stable(git_repo, artifact_ro
         # Runtime Status section (which does list the process: the snapshot is real).
         out_a, out_b = git_repo.parent / "a.md", git_repo.parent / "b.md"
         assert cli("summary", "-o", str(out_a)).exit_code == 0
-        assert f"pid {training.pid}:" in out_a.read_text()
+        text = out_a.read_text()
+        assert f"- `{run_dir}` (pid {training.pid})" in text and "- Status: training active" in text
+        assert f"pid {theirs.pid}" not in text and "/elsewhere" not in text
+        assert "other training process(es) on this machine, not this project's runs" in text
     finally:
         stop_process(training)
+        stop_process(theirs)
     assert cli("summary", "-o", str(out_b), "--no-commit").exit_code == 0
 
     def strip(path):
