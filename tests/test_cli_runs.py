@@ -356,6 +356,15 @@ def test_runs_and_compare_keep_the_spec_columns_when_no_run_has_the_figure(proje
     assert " job " not in header and " ep " not in header  # option columns nobody set are still left out
 
 
+def test_show_of_a_shared_tag_says_it_is_the_newest_of_several(project, artifact_root):
+    first = imported("twice", "metrics_small.jsonl", "jsonl")
+    second = imported("twice", "metrics_small.jsonl", "jsonl")
+    r = invoke("show", "twice")
+    assert r.exit_code == 0 and r.stdout.startswith(second["id"]), r.output
+    assert "(the newest of 2 runs tagged twice: `moectl runs` lists them, an id shows another)" in r.stdout
+    assert "the newest of" not in invoke("show", first["id"]).stdout  # an id means that run, nothing to say
+
+
 def test_compare_says_when_a_run_is_still_training(project, artifact_root):
     # Its tail so far is compared (what a person checking on it wants), and said to be unfinished.
     import os

@@ -188,14 +188,17 @@ def show_cmd(
     from engine.schema import METRICS_FILENAME
     from moectl.metrics import read_metrics
     from moectl.repeats import resolve_grouped
-    from moectl.store import run_json
+    from moectl.store import list_runs, run_json
 
     cfg = _config(config)
-    [entry] = resolve_grouped(cfg.artifact_root, [run])
+    runs = list_runs(cfg.artifact_root)
+    [entry] = resolve_grouped(cfg.artifact_root, [run], runs)
     if len(entry) > 1:
         _show_group(cfg, entry, json_out)
         return
     rec = entry[0]
+    # A tag shared by several runs means the newest (SPEC §4): say so, or an older one is invisible.
+    sharing = sum(1 for r in runs if r.tag == rec.tag and r.id != rec.id) if run not in (rec.id, rec.exp_dir) else 0
     exp = Path(rec.exp_dir)
     files = sorted(
         ({"name": p.name, "bytes": p.stat().st_size if p.is_file() else None, "dir": p.is_dir()}
@@ -211,6 +214,9 @@ def show_cmd(
     out = stdout.print
     gone = "its Slurm job is gone" if rec.backend == "slurm" else "owner gone"
     out(f"[bold]{rec.id}[/bold]  status: {rec.display_status}" + (f" (recorded: {rec.status}, {gone})" if rec.stale else ""))
+    if sharing:
+        out(f"  (the newest of {sharing + 1} runs tagged {rec.tag}: `moectl runs` lists them, an id shows another)",
+            markup=False)
     for key, value in (
         ("tag", rec.tag), ("exp_dir", rec.exp_dir), ("created", rec.created_at), ("started", rec.started_at),
         ("finished", rec.finished_at), ("exit code", rec.exit_code), ("host", rec.host), ("pid", rec.pid),
