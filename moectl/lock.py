@@ -54,8 +54,8 @@ class LockHolder:
         )
 
 
-def lock_path(root: Path) -> Path:
-    return Path(root) / LOCK_NAME
+def lock_path(root: Path, name: str = LOCK_NAME) -> Path:
+    return Path(root) / name
 
 
 def _pid_stale(pid: int, started_ts: Optional[float]) -> tuple[bool, str]:
@@ -94,8 +94,8 @@ def _holder_from_bytes(data: bytes, path: Path) -> LockHolder:
     return LockHolder(pid, host, d.get("run_id"), d.get("started_at"), d.get("cmd"), stale, str(path), reason)
 
 
-def read_holder(root: Path) -> Optional[LockHolder]:
-    path = lock_path(root)
+def read_holder(root: Path, name: str = LOCK_NAME) -> Optional[LockHolder]:
+    path = lock_path(root, name)
     try:
         data = path.read_bytes()
     except (FileNotFoundError, NotADirectoryError):  # no lock; an artifact_root that is a file: no lock either
@@ -166,12 +166,13 @@ def release_if_dead(root: Path, pid: int, run_id: str) -> None:
         _take_over(lock_path(root), holder)
 
 
-def acquire(root: Path, run_id: str, cmd: str = "") -> Lock:
+def acquire(root: Path, run_id: str, cmd: str = "", name: str = LOCK_NAME) -> Lock:
     """Take the run lock of `root` (created if missing), taking over a stale one.
-    A live holder → GuardRefused (exit 3) naming it."""
+    A live holder → GuardRefused (exit 3) naming it. `name`: another lock of the same kind
+    in `root` (a sweep being resumed holds `.moectl-resume.lock` in its directory)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    path = lock_path(root)
+    path = lock_path(root, name)
     now = time.time()
     info = {
         "pid": os.getpid(),
@@ -186,7 +187,7 @@ def acquire(root: Path, run_id: str, cmd: str = "") -> Lock:
     for _ in range(5):
         if create_new_file(path, text):
             return Lock(path, info)
-        holder = read_holder(root)
+        holder = read_holder(root, name)
         if holder is None:
             continue  # released between our attempt and the read
         if not holder.stale:

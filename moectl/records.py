@@ -164,6 +164,9 @@ class SweepRecord(BaseModel):
     baseline: Optional[str] = None  # the leg tag of --baseline (None: the first completed leg)
     overrides: list[str] = Field(default_factory=list)  # its --override guards: its resume command repeats them
     repo: Optional[str] = None  # the repository it ran from, as RunRecord.repo
+    # The moectl process running it (local sweeps) and where: a resume while it still runs is refused.
+    pid: Optional[int] = None
+    host: Optional[str] = None
 
 
 def save_model(path: Path, model: BaseModel) -> None:

@@ -727,3 +727,38 @@ def test_a_sweep_stopped_while_its_leg_waits_for_gpus_exits_130_with_every_leg_s
     states = [leg["state"] for leg in load(sweep_dir / "sweep.json")["legs"]]
     assert "running" not in states and states[1] == "pending", states
     assert "moectl sweep --resume" in out.read_text()
+
+
+def test_a_sweep_still_running_or_being_resumed_is_not_resumed_twice(git_repo, artifact_root, monkeypatch):
+    # Two agents resuming one sweep at once each ran every unfinished leg and committed two final
+    # reports. A sweep whose moectl is alive (between legs no leg is `running`) and a sweep whose
+    # resume holds its claim are refused (exit 3), nothing written.
+    import socket
+    import time
+
+    from moectl import store
+    from moectl.lock import acquire
+    from moectl.records import SweepLeg, SweepRecord, save_model
+    from moectl.sweep.run import RESUME_LOCK
+    from tests.conftest import start_process
+
+    sweep_project(git_repo)
+    monkeypatch.chdir(git_repo)
+    owner = start_process([sys.executable, "-c", "import time; time.sleep(300)"])
+    try:
+        time.sleep(0.1)
+        d = artifact_root / "20260401_000000_moe-busy"
+        d.mkdir(parents=True)
+        rec = SweepRecord(id=d.name, name="busy", spec={"name": "busy"}, legs=[SweepLeg(tag="a"), SweepLeg(tag="b")],
+                          created_at=store.now_iso(), exp_dir=str(d), pid=owner.pid, host=socket.gethostname())
+        save_model(d / "sweep.json", rec)
+        r = CliRunner().invoke(app, ["sweep", "--resume", "busy", "--no-commit", *QUIET])
+        assert r.exit_code == 3 and f"sweep {d.name} is still running (moectl pid {owner.pid})" in r.output, r.output
+    finally:
+        stop_process(owner)
+    # Its moectl is gone now; another resume holds the claim: refused too, naming it.
+    with acquire(d, f"resume of {d.name}", name=RESUME_LOCK):
+        r = CliRunner().invoke(app, ["sweep", "--resume", "busy", "--no-commit", *QUIET])
+        assert r.exit_code == 3 and f"sweep {d.name} is being resumed already by pid {os.getpid()}" in r.output, r.output
+    assert sweep_dirs(artifact_root) == [d]  # no -resume directory was made
+    assert not (d / RESUME_LOCK).exists()

@@ -18,7 +18,9 @@ on the branch ref retries after re-reading HEAD), so none is lost.
 """
 from __future__ import annotations
 
+import os
 import shlex
+import socket
 from pathlib import Path
 from typing import Optional
 
@@ -63,6 +65,7 @@ def submit_sweep(cfg: Config, sweep: SweepRecord, opts: SweepOptions, *, max_par
 
     sweep_dir = _create_sweep_dir(cfg, sweep.name + ("-resume" if sweep.resumed_from else ""))
     sweep.id, sweep.exp_dir, sweep.created_at = sweep_dir.name, str(sweep_dir), store.now_iso()
+    sweep.pid, sweep.host = os.getpid(), socket.gethostname()  # a resume while this process runs it is refused
     save_sweep(sweep)
     k = max_parallel if max_parallel is not None else cfg.cluster.max_parallel
     ui.say(f"sweep {sweep.id} -> {sweep_dir} ({len(todo)} of {len(sweep.legs)} legs to submit"

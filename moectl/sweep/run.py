@@ -20,7 +20,9 @@ back through `resumed_from`; only the legs that did not complete run again.
 """
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import threading
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -218,6 +220,14 @@ def plan_resume(cfg: Config, ref: str) -> tuple[SweepRecord, list[SweepLeg], dic
     while old.id in later and later[old.id].id not in seen:
         old = later[old.id]
         seen.add(old.id)
+    # (This process itself ran it, when a library caller resumes its own sweep: that one is over.)
+    if old.pid is not None and old.pid != os.getpid() and old.finished_at is None and old.host == socket.gethostname():
+        from moectl.lock import _pid_stale
+
+        gone, _ = _pid_stale(old.pid, store.parse_time(old.created_at) if old.created_at else None)
+        if not gone:  # between two legs no leg is running, but the sweep is
+            raise GuardRefused(f"sweep {old.id} is still running (moectl pid {old.pid}); wait for it or stop it "
+                               "(Ctrl-C) before resuming")
     runs = runs_by_id(cfg.artifact_root)
     view = [leg.model_copy(update={"state": leg_status(leg, runs)}) for leg in old.legs]
     for leg in view:
@@ -243,6 +253,30 @@ def resume_sweep(cfg: Config, ref: str, opts: SweepOptions, ui: Optional[SweepUI
     (`submit`: sweep.cluster's submitter instead of running them here, one by one)."""
     ui = ui or SweepUI()
     old, legs, carried = plan_resume(cfg, ref)
+    # One resume of a sweep at a time: two at once would each run every unfinished leg and commit
+    # two final reports. The claim lives in the resumed sweep's directory until this resume ends.
+    from moectl.lock import acquire, read_holder
+
+    try:
+        claim = acquire(Path(old.exp_dir), f"resume of {old.id}", name=RESUME_LOCK)
+    except GuardRefused:
+        holder = read_holder(Path(old.exp_dir), RESUME_LOCK)
+        who = f"pid {holder.pid} on {holder.host}" if holder else "another moectl"
+        raise GuardRefused(f"sweep {old.id} is being resumed already by {who}; wait for that resume "
+                           f"(`moectl wait {old.name}`) or stop it") from None
+    with claim:
+        again, legs, carried = plan_resume(cfg, ref)  # as it is now that the claim is ours
+        if again.id != old.id:  # another resume ran from start to end between our look and our claim
+            raise GuardRefused(f"sweep {old.id} was resumed meanwhile as {again.id}; run the command again to "
+                               "continue from there")
+        return _resume_claimed(cfg, again, legs, carried, opts, ui, submit)
+
+
+RESUME_LOCK = ".moectl-resume.lock"
+
+
+def _resume_claimed(cfg: Config, old: SweepRecord, legs: list[SweepLeg], carried: dict[str, RunRecord],
+                    opts: SweepOptions, ui: SweepUI, submit) -> SweepOutcome:
     if opts.baseline is None and old.baseline is not None:
         opts = replace(opts, baseline=old.baseline)  # the sweep's own --baseline, unless given anew
     _check_baseline(opts, legs)
@@ -278,6 +312,7 @@ def _run(cfg: Config, sweep: SweepRecord, opts: SweepOptions, ui: SweepUI, *, ca
 
     sweep_dir = _create_sweep_dir(cfg, sweep.name + ("-resume" if sweep.resumed_from else ""))
     sweep.id, sweep.exp_dir, sweep.created_at = sweep_dir.name, str(sweep_dir), store.now_iso()
+    sweep.pid, sweep.host = os.getpid(), socket.gethostname()  # a resume while this process runs it is refused
     for leg in sweep.legs:  # repeats of one tag: one group (a resume keeps the original's)
         if leg.repeat is not None and leg.group is None:
             n = sum(1 for x in sweep.legs if x.tag == leg.tag and x.repeat is not None)
