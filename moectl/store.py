@@ -345,9 +345,14 @@ def resolve_run(root: Path, ref: str, runs: Optional[Sequence[StoredRun]] = None
     if os.sep in ref:
         raise UsageError(f"not a run directory (no {RUN_RECORD}): {ref}")
     runs = list_runs(root) if runs is None else runs
-    for rec in runs:
-        if rec.id == ref:
-            return rec
+    same_id = [rec for rec in runs if rec.id == ref]
+    if len(same_id) > 1:
+        # Two sweeps' legs started in the same second with one tag: one name, two runs. Which one is
+        # meant is not ours to guess: their directories tell them apart.
+        raise UsageError(f"ambiguous run reference {ref!r}: {len(same_id)} runs have this id; give its directory",
+                         lines=[rec.exp_dir for rec in same_id])
+    if same_id:
+        return same_id[0]
     for rec in runs:  # newest first: the most recent run with this tag
         if rec.tag == ref:
             return rec

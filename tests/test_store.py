@@ -216,6 +216,18 @@ def test_resolve_ambiguous_prefix_lists_candidates(store):
         resolve_run(store, "al")  # tags alpha (x2) and alphabet
 
 
+def test_an_id_two_runs_share_is_ambiguous_and_their_directories_are_listed(tmp_path):
+    # Two sweeps' legs with one tag started in the same second: one name, two runs in two sweep
+    # directories. `show ID` must not pick one silently; the directory names the one meant.
+    a = RunRecord(id="20260105_000000_moe-x", tag="x", status="completed", created_at="2026-01-05T00:00:01+00:00",
+                  exp_dir=str(tmp_path / "sweep-b" / "20260105_000000_moe-x"))
+    b = a.model_copy(update={"exp_dir": str(tmp_path / "sweep-a" / "20260105_000000_moe-x")})
+    with pytest.raises(UsageError, match="2 runs have this id; give its directory") as info:
+        resolve_run(tmp_path, a.id, [a, b])
+    assert info.value.exit_code == EXIT_USAGE and info.value.lines == [a.exp_dir, b.exp_dir]
+    assert resolve_run(tmp_path, a.id, [a]) is a
+
+
 def test_resolve_path_and_not_found(store, tmp_path):
     path = store / "20260104_100000_moe-beta"
     assert resolve_run(tmp_path / "elsewhere", str(path)).tag == "beta"
