@@ -19,7 +19,9 @@ the real index changes the way `git commit` changes it - through `index.lock`:
     rename index.lock -> index # only our entries changed, each as `git add` writes it
 
 So either the branch moved and the index matches it, or nothing moved: the lock is removed, the
-files stay on disk, and GitBusy, SigningFailed or GitError says why.
+files stay on disk, and GitBusy, SigningFailed or GitError says why. A moectl killed between two of
+those steps leaves the lock and a note of how far it got (OWNER_NAME); the next one finishes or
+undoes that commit (`_recover`).
 
 `git commit` signs when commit.gpgSign is true; commit-tree ignores that setting, so `-S` is passed
 when it is on (`signing`), and a signature git cannot make fails the commit like `git commit`
@@ -39,8 +41,12 @@ measures it; README "Commits beside other git processes" has the figures.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -178,45 +184,94 @@ def lock_wait_s() -> float:
     return value
 
 
+# While moectl holds index.lock, this file beside it says whose it is (pid, host, the lock file's
+# inode) and how far the commit got: `staged` once the new index waits in the lock, with the
+# branch, its old and its new commit. A moectl killed there (SIGKILL, power) leaves both behind;
+# the next moectl that wants the lock finishes or undoes that commit (`_recover`) instead of
+# waiting on a lock nobody will release - git's own crashed lock waits for a person, and a person
+# removing this one by hand after the branch moved would make their next commit revert ours.
+OWNER_NAME = "moectl-index.lock.owner"
+RECOVERY_FLOCK = "moectl-index.flock"  # serialises taking the lock with recovering a dead one
+TMP_PREFIX = "moectl-index-"  # + "<pid>-": the temporary index directory of one commit
+
+
+@contextlib.contextmanager
+def _serialised(git_dir: Path):
+    """An flock on `<git dir>/moectl-index.flock` (dropped by the kernel if its holder dies):
+    between moectl processes, recovering a dead commit and taking the lock never interleave."""
+    fd = os.open(git_dir / RECOVERY_FLOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass  # a filesystem without locks: the inode and pid checks still hold
+        yield
+    finally:
+        os.close(fd)
+
+
 class IndexLock:
     """`<index>.lock`, taken and released the way git does: created exclusively (waiting up to
     `wait_s` while another process holds it), then either renamed over the index (`commit`) or
     removed. From creation to rename the lock path always exists, so no other git process can
-    write the index in between; readers see the old index or the new one, never a missing one."""
+    write the index in between; readers see the old index or the new one, never a missing one.
+    Beside it, OWNER_NAME says it is moectl's, so a lock left by a killed moectl is recovered."""
 
-    def __init__(self, index: Path, wait_s: float, on_wait: Optional[Callable[[Path], None]] = None):
+    def __init__(self, index: Path, wait_s: float, on_wait: Optional[Callable[[Path], None]] = None,
+                 git_dir: Optional[Path] = None):
         self.index = Path(index)
         self.path = self.index.with_name(self.index.name + ".lock")
+        self.git_dir = Path(git_dir) if git_dir is not None else self.index.parent
+        self.owner = self.git_dir / OWNER_NAME
         self.wait_s = wait_s
         self.on_wait = on_wait
         self.held = False
+        self.started_ts = time.time()
 
     def __enter__(self) -> "IndexLock":
         deadline = time.monotonic() + self.wait_s
         waiting = False
         while True:
-            try:
-                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-                self.held = True
-                return self
-            except FileExistsError:
-                if time.monotonic() >= deadline:
-                    raise GitBusy(
-                        f"another git process holds {self.path} (waited {self.wait_s:g} s, "
-                        f"{LOCK_WAIT_ENV}); nothing was committed (a lock left by a crashed git "
-                        "stays until removed by hand)") from None
-                if not waiting and self.on_wait is not None:
-                    self.on_wait(self.path)
-                waiting = True
-                time.sleep(LOCK_POLL_S)
+            with _serialised(self.git_dir):
+                try:
+                    os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                    self.held = True
+                    self._note(phase="locked")
+                    return self
+                except FileExistsError:
+                    if _recover(self.index, self.git_dir):
+                        continue  # a killed moectl's lock, finished or undone: try again now
+            if time.monotonic() >= deadline:
+                raise GitBusy(
+                    f"another git process holds {self.path} (waited {self.wait_s:g} s, "
+                    f"{LOCK_WAIT_ENV}); nothing was committed (a lock left by a crashed git "
+                    "stays until removed by hand; one a killed moectl left is recovered)") from None
+            if not waiting and self.on_wait is not None:
+                self.on_wait(self.path)
+            waiting = True
+            time.sleep(LOCK_POLL_S)
+
+    def _note(self, **how) -> None:
+        """Write OWNER_NAME (atomically): who holds the lock, which file it is, how far it got."""
+        data = {"pid": os.getpid(), "host": socket.gethostname(), "started_ts": self.started_ts,
+                "ino": os.stat(self.path).st_ino, **how}
+        tmp = self.owner.with_name(f"{OWNER_NAME}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self.owner)
 
     def stage(self, new_index: Path) -> None:
         """The new index content waits in the lock file (a rename: the lock path never vanishes)."""
         os.replace(new_index, self.path)
+        self._note(phase="staged")
+
+    def before_ref_update(self, ref: str, old: Optional[str], new: str) -> None:
+        """Say which branch update comes next: whether it happened decides a recovery."""
+        self._note(phase="staged", ref=ref, old=old, new=new)
 
     def commit(self) -> None:
         os.replace(self.path, self.index)
         self.held = False
+        self.owner.unlink(missing_ok=True)
 
     def __exit__(self, *exc) -> None:
         if self.held:
@@ -225,6 +280,44 @@ class IndexLock:
                 os.unlink(self.path)
             except FileNotFoundError:  # someone removed it by hand meanwhile
                 pass
+            self.owner.unlink(missing_ok=True)
+
+
+def _recover(index: Path, git_dir: Path) -> bool:
+    """Under `_serialised`: when index.lock is the one a now-dead moectl left (OWNER_NAME names a
+    dead pid on this host and the lock's inode), finish its commit if the branch already points at
+    the commit it built (the staged index is exactly what that commit's `git commit` would leave),
+    else remove the lock (nothing moved). Also removes that moectl's temporary index directories.
+    True when the lock was cleared; False when it is someone else's (a live moectl, the user's git)."""
+    from moectl.lock import _pid_stale  # psutil: only when a lock is in the way
+
+    owner, lock = git_dir / OWNER_NAME, index.with_name(index.name + ".lock")
+    try:
+        data = json.loads(owner.read_text())
+        pid, ino = int(data["pid"]), int(data["ino"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return False
+    if data.get("host") != socket.gethostname() or not _pid_stale(pid, data.get("started_ts"))[0]:
+        return False
+    for leftover in git_dir.glob(f"{TMP_PREFIX}{pid}-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        if os.stat(lock).st_ino != ino:
+            owner.unlink(missing_ok=True)  # its lock is gone; this one is someone else's
+            return False
+    except FileNotFoundError:
+        owner.unlink(missing_ok=True)
+        return True
+    landed = False
+    if data.get("phase") == "staged" and data.get("ref") and data.get("new"):
+        r = _run(git_dir, ["rev-parse", "-q", "--verify", f"{data['ref']}^{{commit}}"], env={"GIT_DIR": str(git_dir)})
+        landed = os.fsdecode(r.stdout).strip() == data["new"]
+    if landed:
+        os.replace(lock, index)  # the branch moved: the index it staged goes in, as its commit() would
+    else:
+        os.unlink(lock)  # the branch did not move: as if that commit had never started
+    owner.unlink(missing_ok=True)
+    return True
 
 
 def _tree_of(repo: Path, old: Optional[str]) -> str:
@@ -316,8 +409,8 @@ def commit_paths(
     sign = signing(repo)  # a bad commit.gpgSign refuses before any lock
     index = Path(_git(repo, "rev-parse", "--path-format=absolute", "--git-path", "index"))
     git_dir = Path(_git(repo, "rev-parse", "--absolute-git-dir"))
-    with IndexLock(index, lock_wait_s() if wait_s is None else wait_s, on_wait) as lock, \
-            tempfile.TemporaryDirectory(dir=git_dir, prefix="moectl-index-") as tmp_name:
+    with IndexLock(index, lock_wait_s() if wait_s is None else wait_s, on_wait, git_dir) as lock, \
+            tempfile.TemporaryDirectory(dir=git_dir, prefix=f"{TMP_PREFIX}{os.getpid()}-") as tmp_name:
         tmp = Path(tmp_name)
         # Under the lock HEAD cannot switch branches (checkout needs the lock): check again.
         ref = f"refs/heads/{check_branch(repo, branch)}"
@@ -327,6 +420,7 @@ def commit_paths(
             return None
         lock.stage(_refreshed_index(repo, index, tmp, rels))
         for _ in range(cas_tries):
+            lock.before_ref_update(ref, old, new)
             r = _run(repo, ["update-ref", "-m", f"commit (moectl): {message.splitlines()[0]}", ref, new,
                             old or ZERO_OID])
             if r.returncode == 0:

@@ -487,3 +487,84 @@ def test_ctrl_c_while_the_report_commit_waits_for_git_says_how_to_commit_it(git_
     r = runner.invoke(app, ["commit", rec["id"]])
     assert r.exit_code == 0, r.output
     assert f"reports/{Path(rec['report']).name}" in git(git_repo, "show", "--name-only", "--format=", "HEAD")
+
+
+# ------------------------------------------------------- a moectl killed in the middle of a commit
+
+
+def _killed_mid_commit(repo: Path, tmp_path: Path, when: str) -> None:
+    """`commit_paths(r1.md)` in a process SIGKILLed `before` or `after` its `git update-ref` (a git
+    stand-in first on PATH holds there): the lock, the staged index and the owner note left as a
+    power cut would leave them."""
+    import shutil
+
+    real_git, bin_dir, mark = shutil.which("git"), tmp_path / "bin", tmp_path / "held"
+    bin_dir.mkdir()
+    hold = f'touch {mark}; exec sleep 600'
+    (bin_dir / "git").write_text(
+        "#!/bin/sh\ncase \" $* \" in *\" update-ref \"*)\n"
+        + (f"  {hold}\n" if when == "before" else f"  {real_git} \"$@\"; {hold}\n")
+        + f"esac\nexec {real_git} \"$@\"\n")
+    (bin_dir / "git").chmod(0o755)
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); from pathlib import Path; "
+            f"from moectl.gitops import commit_paths; repo = Path({str(repo)!r}); "
+            f"commit_paths(repo, [repo / 'r1.md'], 'report: r1', branch='main', wait_s=0)")
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + EVENT_TIMEOUT_S
+        while not mark.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the commit never reached update-ref"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # moectl and its git, at once
+        proc.wait()
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_the_next_commit_finishes_or_undoes_the_commit_of_a_killed_moectl(git_repo, tmp_path, when):
+    # Killed holding index.lock: git's own crashed lock waits for a person, and a person removing
+    # this one by hand after the branch moved would make their next commit revert the report.
+    user_mess(git_repo)
+    (git_repo / "r1.md").write_text("report one\n")
+    before, entries, head0 = snapshot(git_repo), index_entries(git_repo), head(git_repo)
+    _killed_mid_commit(git_repo, tmp_path, when)
+    assert (git_repo / ".git" / "index.lock").exists() and (git_repo / ".git" / "moectl-index.lock.owner").exists()
+    landed = head(git_repo) != head0
+    assert landed == (when == "after")
+
+    (git_repo / "r2.md").write_text("report two\n")
+    sha = commit_paths(git_repo, [git_repo / "r2.md"], "report: r2", branch="main", wait_s=0)  # no wait, no GitBusy
+    assert sha == head(git_repo) and git(git_repo, "rev-parse", "HEAD~2" if landed else "HEAD~1").strip() == head0
+    committed = git(git_repo, "ls-tree", "--name-only", "HEAD").split()
+    assert "r2.md" in committed and ("r1.md" in committed) == landed
+    # The user's index and files exactly as before, only our files' entries changed; nothing left over.
+    assert without(index_entries(git_repo), "r1.md", "r2.md") == entries
+    status = git(git_repo, "status", "--porcelain=v1", "--untracked-files=all")
+    assert ("?? r1.md" in status) == (not landed) and " r1.md" not in status.replace("?? r1.md", "")
+    assert "r2.md" not in status
+    leftovers = [p.name for p in (git_repo / ".git").iterdir() if p.name.startswith(("index.lock", "moectl-index-"))
+                 or p.name == "moectl-index.lock.owner"]
+    assert leftovers == [], leftovers
+    if landed:  # the killed commit is the parent of ours, whole
+        assert git(git_repo, "show", "--name-only", "--format=%s", "HEAD~1").split() == ["report:", "r1", "r1.md"]
+    # and the user's own work: as it was, but for our two reports
+    assert [x for x in snapshot(git_repo)[0].split("\0") if "r1.md" not in x and "r2.md" not in x] == \
+        [x for x in before[0].split("\0") if "r1.md" not in x]
+    assert snapshot(git_repo)[1:] == before[1:]
+
+
+def test_a_lock_that_is_not_the_dead_moectls_own_is_left_alone(git_repo, tmp_path):
+    # The killed moectl's note says which lock file was its own (its inode): a lock the user's git
+    # took since is not touched - moectl waits for it as for any git, then gives up.
+    (git_repo / "r1.md").write_text("report one\n")
+    _killed_mid_commit(git_repo, tmp_path, "before")
+    lock = git_repo / ".git" / "index.lock"
+    os.link(lock, tmp_path / "old-lock")  # (kept, so its inode number cannot be handed out again)
+    lock.unlink()  # removed by hand ...
+    lock.write_bytes(b"someone else's\n")  # ... and taken by another git (a new file)
+    note = json.loads((git_repo / ".git" / "moectl-index.lock.owner").read_text())
+    assert os.stat(lock).st_ino != note["ino"]
+    with pytest.raises(GitBusy):
+        commit_paths(git_repo, [git_repo / "r1.md"], "report: r1", branch="main", wait_s=0.2)
+    assert lock.read_bytes() == b"someone else's\n"
