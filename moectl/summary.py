@@ -298,13 +298,15 @@ def refresh_summary(cfg: Config, out: Optional[Path] = None) -> tuple[Path, bool
         raise UsageError(f"-o {out} exists and is not a summary moectl wrote; not replacing it (choose a new file)")
     if old is not None and _body(old) == _body(text):
         return path, False
+    if out is None:
+        # Noted before it is written: a moectl killed in between leaves a note of a file that never
+        # was (harmless), never moectl's own file read as the user's edit (refresh refused for good).
+        _remember_written(cfg.root, path, text)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, text)
     except OSError as exc:  # immutable, a read-only mount, a directory in the way: said, not a traceback
         raise GuardRefused(f"cannot write {path}: {exc.strerror or exc}") from None
-    if out is None:
-        _remember_written(cfg.root, path)
     return path, True
 
 
@@ -359,16 +361,22 @@ def _written(repo: Path) -> set[str]:
         return set()
 
 
-def _remember_written(repo: Path, path: Path) -> None:
-    """Note the blob of what moectl just wrote. Best effort: without the note, the file reads as
-    the user's until it is committed, which refuses a refresh but never loses anything."""
+def _remember_written(repo: Path, path: Path, text: str) -> None:
+    """Note the blob of `text`, which moectl is about to write to `path` (as git would store it
+    there: `--path` applies the file's clean filters). Best effort: without the note, the file reads
+    as the user's until it is committed, which refuses a refresh but never loses anything."""
+    import subprocess
+
     try:
         repo = gitops.repo_root(repo)
-        blob = gitops._git(repo, "hash-object", f"--path={path.resolve().relative_to(repo).as_posix()}", "--", str(path))
+        rel = path.resolve().relative_to(repo).as_posix()
+        r = subprocess.run(["git", "-C", str(repo), "hash-object", f"--path={rel}", "--stdin"],
+                           input=text.encode("utf-8"), capture_output=True, check=True)
+        blob = r.stdout.decode().strip()
         log = _written_log(repo)
         kept = [b for b in (log.read_text().split() if log.is_file() else []) if b != blob][-(WRITTEN_KEEP - 1):]
         write_text_atomic(log, "\n".join([*kept, blob]) + "\n")
-    except (OSError, ValueError, gitops.GitError):
+    except (OSError, ValueError, gitops.GitError, subprocess.CalledProcessError):
         pass
 
 

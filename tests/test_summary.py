@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from engine.schema import RunSummary, StepMetrics, to_line
@@ -330,6 +331,31 @@ def test_summary_leaves_a_read_only_experiments_md_alone(git_repo, artifact_root
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 3 and "read-only tree" in r.stderr, r.output
         assert not (git_repo / "EXPERIMENTS.md").exists()
+
+
+def test_a_moectl_killed_right_after_writing_experiments_md_does_not_make_it_the_users(git_repo, artifact_root,
+                                                                                       monkeypatch):
+    # Killed between writing the file and noting that moectl wrote it, the file read as someone's
+    # own edit for good: every later refresh refused. The note now comes first.
+    import moectl.summary as summary_mod
+    from moectl.summary import users_changes
+
+    summary_project(git_repo, monkeypatch)
+    populate(artifact_root)
+    real_write = summary_mod.write_text_atomic
+
+    def write_then_die(path, text):
+        real_write(path, text)
+        if Path(path).name == "EXPERIMENTS.md":
+            raise KeyboardInterrupt  # the process ends right after this write, before anything else
+
+    monkeypatch.setattr(summary_mod, "write_text_atomic", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        summary_mod.refresh_summary(load_config())
+    monkeypatch.setattr(summary_mod, "write_text_atomic", real_write)
+    assert (git_repo / "EXPERIMENTS.md").exists()
+    assert users_changes(git_repo, git_repo / "EXPERIMENTS.md") is None  # moectl's, not the user's
+    assert cli("summary").exit_code == 0 and git(git_repo, "status", "--porcelain") == ""
 
 
 def test_the_users_own_edits_to_experiments_md_are_never_overwritten_or_unstaged(git_repo, artifact_root, monkeypatch):
