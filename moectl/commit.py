@@ -19,7 +19,7 @@ from moectl import gitops
 from moectl.config import Config
 from moectl.errors import GuardRefused, MoectlError, UsageError
 from moectl.records import RunRecord
-from moectl.report import commit_message, find_run_report, not_committed
+from moectl.report import commit_message, find_run_report, not_committed, run_report, write_report
 
 
 @dataclass
@@ -35,21 +35,31 @@ class ReportCommit:
 def commit_run_report(
     cfg: Config, record: RunRecord, *, on_wait: Optional[Callable[[Path], None]] = None
 ) -> ReportCommit:
-    """Commit `record`'s report and EXPERIMENTS.md (when `report.summary` is on). Raises UsageError
-    (exit 2) when the run has no report, GuardRefused (exit 3) on the wrong branch, a detached
+    """Commit `record`'s report and EXPERIMENTS.md (when `report.summary` is on); a run that ended
+    without its report (its moectl killed first) gets it written from its record. Raises UsageError
+    (exit 2) when the run has none and cannot (imported, still running, its report deleted), GuardRefused (exit 3) on the wrong branch, a detached
     HEAD, or a repository busy past the lock wait, gitops.SigningFailed (exit 2) when
     commit.gpgSign is on and git cannot sign."""
     report = find_run_report(cfg.report_dir, record.id)
+    written_now = False
     if report is None:
         if record.report:  # written once, gone since
             raise UsageError(f"run {record.id}'s report {record.report} is gone (deleted or moved); nothing to commit")
-        if (record.error or "").startswith("interrupted (moectl was killed)"):
-            why = "moectl was killed during it, so no report was written"
-        elif record.status in ("completed", "failed", "interrupted"):
-            why = "reports are written when a run ends"
-        else:
-            why = f"reports are written when a run ends; the run is {record.status}"
-        raise UsageError(f"run {record.id} has no report in {cfg.report_dir} ({why})")
+        if record.status not in ("completed", "failed", "interrupted"):
+            why = ("an imported run gets none" if record.status == "imported"
+                   else f"reports are written when a run ends; the run is {record.status}")
+            raise UsageError(f"run {record.id} has no report in {cfg.report_dir} ({why})")
+        # The run ended but its moectl never wrote the report (killed after training, or while
+        # writing it): the report is the record's, so write it now (without a baseline comparison,
+        # which was never recorded) and commit it as the run would have.
+        try:
+            gitops.check_branch(cfg.root, cfg.project.branch)  # the wrong branch writes nothing either
+        except GuardRefused as exc:
+            raise type(exc)(not_committed(exc.message, record.id)) from None
+        name = (record.tag or record.id) + (f"-r{record.repeat}" if record.repeat else "")
+        report = write_report(cfg.report_dir, name, run_report(record))
+        record.report = str(report)
+        written_now = True
     try:
         gitops.check_branch(cfg.root, cfg.project.branch)
     except GuardRefused as exc:
@@ -67,6 +77,9 @@ def commit_run_report(
             f"{report.name} was committed in {earlier[:10]}; the changes to it since are not moectl's, "
             "so they are left as they are, uncommitted"])
     paths, warnings = [report], []
+    if written_now:
+        warnings.append(f"{record.id} ended without its report (its moectl was stopped first): {report.name} "
+                        "was written now, from its record")
     if cfg.report.summary:
         from moectl.summary import summary_path, write_summary
 

@@ -316,11 +316,27 @@ def test_moectl_commit_commits_the_report_when_experiments_md_cannot_be_written(
     assert (project / "EXPERIMENTS.md").is_dir() == (blocked == "unwritable")
 
 
-def test_moectl_commit_without_a_report_is_a_usage_error(project):
+def test_moectl_commit_of_a_run_that_ended_without_its_report_writes_it_from_the_record(project):
+    # Its moectl was killed after the training ended, before the report: the record holds what the
+    # report says, so `moectl commit RUN` writes it and commits it (was: "has no report", exit 2).
+    user_mess(project)
+    status0 = snapshot(project)
     rec, report = finished_run(project, write_report=False)
-    r = commit_cmd(rec.id)
-    assert r.exit_code == 2
-    assert f"run {rec.id} has no report in" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = commit_cmd(rec.id, "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    written = Path(out["report"])
+    assert written.parent == report.parent and written.name.endswith("_bufreuse.md") and out["created"] is True
+    assert written.read_text() == run_report(rec)
+    assert f"{written.name} was written now, from its record" in r.stderr
+    assert sorted(git(project, "show", "--name-only", "--format=", "HEAD").split()) == sorted(
+        ["EXPERIMENTS.md", written.relative_to(project).as_posix()])
+    assert snapshot(project) == status0 and json.loads((Path(rec.exp_dir) / "run.json").read_text())["report"] == str(written)
+    # still running, or imported: nothing to write, exit 2
+    running, _ = finished_run(project, tag="live", write_report=False)
+    save_run(running.model_copy(update={"status": "running", "pid": None}))
+    r = commit_cmd(running.id)
+    assert r.exit_code == 2 and "reports are written when a run ends; the run is running" in r.stderr, r.stderr
     r = commit_cmd("no-such-run")
     assert r.exit_code == 2 and "no run matches" in r.stderr
     # Its report was written, then deleted: said so, not "written when a run ends".
