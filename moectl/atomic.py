@@ -10,6 +10,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -54,6 +55,43 @@ def new_file_mode() -> int:
     return 0o666 & ~mask
 
 
+def _temp_prefix(path: Path) -> str:
+    """`.<name>.moectl-<pid>.` (mkstemp adds 8 characters and `.tmp`): the pid lets
+    `remove_dead_temp_files` tell a temp file a killed moectl left from one being written."""
+    return f".{path.name}.moectl-{os.getpid()}."
+
+
+_TEMP = re.compile(r"^\..+\.moectl-(\d+)\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def remove_dead_temp_files(directory: Path) -> list[Path]:
+    """Remove the temp files in `directory` that a moectl killed mid-write left behind (its pid is
+    gone): a SIGKILL skips the cleanup below, and in the repository (reports/, the EXPERIMENTS.md
+    beside it) they would show in `git status` and go in with a `git add -A`. Returns what went."""
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP.match(entry.name)
+        if m is None or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # its writer is alive (or another user's): not ours to judge
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        try:
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except OSError:
+            pass
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_file(path: Path, mode: str = "w"):
     """Open a temp file beside `path` ("w" text or "wb" bytes); on success it is fsynced and
@@ -61,7 +99,7 @@ def atomic_file(path: Path, mode: str = "w"):
     keeps the permissions of the one it replaces, or gets those of a plain new file."""
     path = Path(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
     except OSError as exc:  # name the file asked for, not the temp name nobody chose
         raise OSError(exc.errno, exc.strerror, str(path)) from None
     try:
@@ -92,7 +130,7 @@ def create_new_file(path: Path, text: str, mode: Optional[int] = None) -> bool:
     never sees half of it. (The run lock and new reports are created this way.)"""
     path = Path(path)
     mode = new_file_mode() if mode is None else mode
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)

@@ -127,10 +127,12 @@ def write_report(report_dir: Path, name: str, text: str, now: Optional[datetime]
     taken) and return its path. Each name is claimed with atomic.create_new_file, which never
     replaces a file: two moectl processes finishing in the same minute with the same name (a
     repeat group's Slurm jobs side by side) each get their own report."""
-    from moectl.atomic import create_new_file
+    from moectl.atomic import create_new_file, remove_dead_temp_files
 
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in (report_dir, report_dir / "figures"):  # a killed moectl's, shown by `git status`
+        remove_dead_temp_files(leftover)
     stem = _report_stem(name, now)
     for n in range(1, 10_000):
         path = report_dir / (f"{stem}.md" if n == 1 else f"{stem}-{n}.md")

@@ -21,6 +21,7 @@ from typing import Optional
 from moectl import gitops, store
 from moectl.config import CONFIG_NAME, SUMMARY_NAME, Config
 from moectl.errors import GuardRefused, UsageError
+from moectl.atomic import remove_dead_temp_files
 from moectl.records import RunRecord, SweepRecord, write_text_atomic
 from moectl.report import COLUMNS, fmt, marked_footnote, summary_cell
 from moectl.sweep.report import completed_comparison, legs_table, recommendation
@@ -304,6 +305,7 @@ def refresh_summary(cfg: Config, out: Optional[Path] = None) -> tuple[Path, bool
         _remember_written(cfg.root, path, text)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_temp_files(path.parent)  # a killed moectl's half-written copy, beside the file
         write_text_atomic(path, text)
     except OSError as exc:  # immutable, a read-only mount, a directory in the way: said, not a traceback
         raise GuardRefused(f"cannot write {path}: {exc.strerror or exc}") from None

@@ -73,6 +73,31 @@ def test_an_atomic_write_that_cannot_start_names_the_file_asked_for(tmp_path):
     assert info.value.filename == str(target) and ".tmp" not in str(info.value)
 
 
+def test_temp_files_a_killed_moectl_left_are_removed_and_a_live_writers_kept(tmp_path):
+    # SIGKILL skips atomic_file's cleanup: `.x.md.moectl-<pid>.abcd1234.tmp` stayed in reports/ (and
+    # beside EXPERIMENTS.md), in `git status`, for a `git add -A` to sweep in. Their pid says whose.
+    from moectl.atomic import atomic_file, remove_dead_temp_files
+    from moectl.report import write_report
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    left = reports / f".20260101_0000_a.md.moectl-{dead.pid}.k2j4h6g8.tmp"
+    left.write_text("half a report")
+    alive = reports / f".20260101_0000_b.md.moectl-{os.getpid()}.a1b2c3d4.tmp"
+    alive.write_text("being written")
+    theirs = reports / ".notes.md.swp"
+    theirs.write_text("an editor's")
+    write_report(reports, "c", "- run: `c`\n")
+    assert not left.exists() and alive.exists() and theirs.exists()
+    assert remove_dead_temp_files(reports) == []  # nothing more of a dead writer's
+    with atomic_file(tmp_path / "x.json") as fh:  # the name it writes under says whose it is
+        [tmp] = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+        assert tmp.name.startswith(f".x.json.moectl-{os.getpid()}.")
+        fh.write("{}")
+
+
 def test_atomic_writes_get_a_plain_files_permissions_or_keep_the_replaced_files(tmp_path):
     # mkstemp makes 0600 files: records and reports on a shared node would be the writer's alone.
     import subprocess
