@@ -98,7 +98,7 @@ def run_label(record: RunRecord) -> str:
 
 
 # The name part of a report file, in bytes: with the time before it, a `-NNNN` after it, a sweep
-# figure's `_expert_load_max.png` and the atomic writer's `.<name>.XXXXXXXX.tmp`, every file
+# figure's `_expert_load_max.png` and the atomic writer's `.<name>.moectl-<pid>.XXXXXXXX.tmp`, every file
 # name stays under the filesystem's 255 (a tag may be up to ~235: the run directory's limit).
 REPORT_NAME_MAX = 180
 
