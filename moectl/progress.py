@@ -278,6 +278,14 @@ def make_progress(console_is_tty: bool, quiet: bool = False) -> Union[RichProgre
     return PlainProgress()
 
 
+def progress_for(json_out: bool, quiet: bool = False) -> Union[RichProgress, PlainProgress, NullProgress]:
+    """The sink for a command's output mode: with --json, stdout holds the one JSON document, so the
+    progress lines go to stderr as plain lines (a caller tails them there; --quiet turns them off)."""
+    if json_out and not quiet:
+        return PlainProgress(stream=sys.stderr)
+    return make_progress(stdout_is_tty(), quiet=quiet)
+
+
 def stdout_is_tty() -> bool:
     try:
         return os.isatty(sys.stdout.fileno())

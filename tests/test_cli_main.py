@@ -27,6 +27,24 @@ def test_usage_errors_are_one_line_with_exit_2(args, tmp_path):
     assert "--help" in lines[0] and "Traceback" not in r.stderr and "╭" not in r.stderr
 
 
+@pytest.mark.parametrize("args, code, keys", [
+    (("show", "nope", "--json"), 2, {"ok", "error", "exit_code"}),  # moectl's own error
+    (("compare", "a", "b", "--json"), 2, {"ok", "error", "exit_code"}),
+    (("runs", "--json", "--limit", "many"), 2, {"ok", "error", "exit_code"}),  # click's, before any command code
+    (("check", "--json", "--cap", "abc"), 2, {"ok", "guards", "error", "exit_code"}),  # check's contract keys
+    (("run", "--cap", "abc", "--json", "--dry-run"), 2, {"ok", "guards", "error", "exit_code"}),
+    (("wait", "nope", "--json"), 2, {"ok", "error", "exit_code"}),
+])
+def test_with_json_an_error_still_prints_one_json_document(args, code, keys, tmp_path):
+    # A caller parsing stdout gets a document on every exit; the human line stays on stderr.
+    r = moectl(*args, cwd=tmp_path)
+    assert r.returncode == code, r.stderr
+    data = json.loads(r.stdout)
+    assert set(data) == keys and data["ok"] is False and data["exit_code"] == code
+    assert data["error"] and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    assert moectl("show", "nope", cwd=tmp_path).stdout == ""  # without --json: nothing on stdout
+
+
 @pytest.mark.parametrize("args", [
     ("export", "some-run", "--csv", ""),
     ("plot", "some-run", "-o", " "),

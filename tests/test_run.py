@@ -418,6 +418,10 @@ def test_failed_training_is_recorded_reported_and_exits_4(proj, artifact_root):
     assert out["previous_attempts"] == []
     assert "failed (exit 4)" in git(proj, "log", "-1", "--format=%s")
     assert not (artifact_root / LOCK_NAME).exists()
+    # With --json the record is stdout's; what a person (or a log tail) reads goes to stderr:
+    # the guards line, the run directory, progress, and the outcome.
+    assert f"run {rec['id']} -> {exp}" in r.stderr and "progress: step 1/6" in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"failed: {rec['id']} (exit 4)", r.stderr
 
 
 # ------------------------------------------------------------------------------- 7. --exp-dir must be new, inside

@@ -77,6 +77,14 @@ def main() -> None:
         ctx = getattr(exc, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         error(exc.format_message() + hint)
+        args = sys.argv[1:]
+        if "--json" in (args[:args.index("--")] if "--" in args else args):  # one JSON document on stdout
+            from moectl.cli.common import error_json, print_json
+
+            data = error_json(exc.format_message(), exc.exit_code)
+            if args[:1] == ["check"] or (args[:1] == ["run"] and "--dry-run" in args):
+                data = {"ok": False, "guards": [], **data}  # their contract's keys: nothing judged
+            print_json(data)
         sys.exit(exc.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
 

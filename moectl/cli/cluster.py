@@ -23,7 +23,7 @@ def run_on_slurm(cfg, request, *, nodes, detach: bool, requeue: bool, quiet: boo
     """`moectl run --slurm`: submit, then follow the job (unless --detach) and end as a local run does."""
     from moectl.cli.env import _render_check, check_json, job_view
     from moectl.execution import JobOptions, exit_code_of_record, follow, submit_run
-    from moectl.progress import make_progress, stdout_is_tty
+    from moectl.progress import progress_for
     from moectl.runner import record_fallback_request
     from moectl.store import run_json
 
@@ -64,7 +64,7 @@ def run_on_slurm(cfg, request, *, nodes, detach: bool, requeue: bool, quiet: boo
                 out(f"detached: `moectl wait {record.id}` follows it, `moectl cancel {record.id}` stops it")
             raise typer.Exit(EXIT_OK)
 
-        progress = make_progress(stdout_is_tty(), quiet=quiet or json_out)
+        progress = progress_for(json_out, quiet)
         try:
             final = follow(record, progress, on_state=on_state)
         except KeyboardInterrupt:
@@ -279,6 +279,10 @@ def wait(
             wait_for_report_job(Path(sweep.exp_dir), deadline)
     except TimeoutError as exc:
         error(f"--timeout {timeout} passed; still going: {exc}")
+        if json_out:  # where each one stands now: a polling caller learns the states, not only 130
+            from moectl.execution import read_record
+
+            print_json([run_json(read_record(Path(r.exp_dir))) for r in records])
         raise typer.Exit(EXIT_INTERRUPTED)
     if json_out:
         print_json([run_json(r) for r in final])

@@ -84,10 +84,21 @@ stdout = _LazyConsole(highlight=False, soft_wrap=True)
 stderr = _LazyConsole(stderr=True, highlight=False, soft_wrap=True)
 
 
+_json_printed = False  # whether this command has printed its JSON document (see handle_errors)
+
+
 def print_json(data: Any) -> None:
     """--json output: plain JSON on stdout, no colour, stable keys."""
+    global _json_printed
+    _json_printed = True
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+def error_json(message: str, exit_code: int) -> dict:
+    """What `--json` prints when a command ends in an error before its own document: a caller
+    parsing stdout gets one JSON document either way (the message is on stderr too)."""
+    return {"ok": False, "error": message, "exit_code": exit_code}
 
 
 _ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
@@ -146,15 +157,26 @@ def handle_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        global _json_printed
+        _json_printed = False
+
+        def as_json_too(message: str, code: int) -> None:
+            # --json: stdout is one JSON document on every exit, an error's too.
+            if kwargs.get("json_out") and not _json_printed:
+                print_json(error_json(message, code))
+
         try:
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
         except MoectlError as exc:
             error(exc.message, exc.lines)
+            as_json_too("; ".join([exc.message, *exc.lines]), exc.exit_code)
             raise typer.Exit(exc.exit_code)
         except KeyboardInterrupt as exc:
-            error(getattr(exc, "message", None) or "interrupted")  # moectl.errors.Interrupted has more to say
+            message = getattr(exc, "message", None) or "interrupted"  # moectl.errors.Interrupted has more to say
+            error(message)
+            as_json_too(message, EXIT_INTERRUPTED)
             raise typer.Exit(EXIT_INTERRUPTED)
         except BrokenPipeError:
             # The reader left (`moectl status | head -1`): click ends every command alike, quietly,
@@ -162,9 +184,11 @@ def handle_errors(fn: Callable) -> Callable:
             raise
         except (OSError, ValueError) as exc:  # bad paths, unreadable files: the user's to fix
             error(str(exc))
+            as_json_too(str(exc), EXIT_USAGE)
             raise typer.Exit(EXIT_USAGE)
         except Exception as exc:  # a bug in moectl: still one line, exit 1
             error(f"internal error: {type(exc).__name__}: {exc}")
+            as_json_too(f"internal error: {type(exc).__name__}: {exc}", EXIT_INTERNAL)
             raise typer.Exit(EXIT_INTERNAL)
 
     return wrapper

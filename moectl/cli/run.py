@@ -69,7 +69,7 @@ def run(
     from moectl.config import load_config
     from moectl.guards import summary_line
     from moectl.plan import make_request
-    from moectl.progress import make_progress, stdout_is_tty
+    from moectl.progress import progress_for
     from moectl.repeats import repeat_requests
     from moectl.runner import execute_run, fallback_request
 
@@ -94,7 +94,7 @@ def run(
     except UsageError as exc:
         if dry_run and json_out:
             print_json(check_error_json(exc))
-        raise
+        raise  # (a plain --json run: handle_errors prints the error document)
     from moectl.cli.cluster import run_on_slurm, slurm_flags_need_slurm
     from moectl.execution import choose_backend
 
@@ -110,16 +110,17 @@ def run(
         return
     slurm_flags_need_slurm(nodes=nodes, detach=detach, requeue=requeue)
 
+    # What a person reads goes to stdout; with --json stdout is the JSON document's, so to stderr.
+    say = (lambda text: (stderr if json_out else stdout).print(text, markup=False))  # noqa: E731
+
     def on_wait(results, waited_s):
-        if not json_out:
-            waiting = ", ".join(r.name for r in results if not (r.ok or r.overridden))
-            stdout.print(f"waiting for {waiting} ({waited_s:.0f}s so far)", markup=False)
+        waiting = ", ".join(r.name for r in results if not (r.ok or r.overridden))
+        say(f"waiting for {waiting} ({waited_s:.0f}s so far)")
 
     def on_start(record):
         # Guards that let the run start are one line; the table is for refusals and `check`.
-        if not json_out:
-            stdout.print(summary_line(record.guards), markup=False)
-            stdout.print(f"run {record.id} -> {record.exp_dir}", markup=False)
+        say(summary_line(record.guards))
+        say(f"run {record.id} -> {record.exp_dir}")
 
     def on_commit_wait(lock) -> None:
         # The run is over; a silent pause here would look like a hang.
@@ -143,7 +144,7 @@ def run(
         --json object: the last attempt's, any earlier one under `previous_attempts`)."""
         previous: list[dict] = []
         while True:
-            progress = make_progress(stdout_is_tty(), quiet=quiet or json_out)
+            progress = progress_for(json_out, quiet)
             try:
                 outcome = execute_run(cfg, request, progress=progress, baseline=base_record,
                                       on_wait=on_wait, on_start=on_start, extra_commit_paths=summary_paths,
@@ -160,12 +161,15 @@ def run(
             data = _outcome_json(outcome)
             if not json_out:
                 _render_outcome(outcome)
+            else:  # the outcome in one line where a person (or a log) looks, the record on stdout
+                say(_status_line(outcome.record))
+                if outcome.commit_error:
+                    error(f"report not committed: {outcome.commit_error}")
             _warn_not_mirrored(outcome)
             if retry is None:
                 return outcome.exit_code, {**data, "previous_attempts": previous}
             previous.append(data)
-            if not json_out:
-                stdout.print("torch.compile failed: re-running with --compile none (launch.compile_fallback)", markup=False)
+            say("torch.compile failed: re-running with --compile none (launch.compile_fallback)")
             request = retry
 
     if repeat == 1:
@@ -179,8 +183,7 @@ def run(
     runs: list[dict] = []
     code = EXIT_OK
     for i, one in enumerate(requests, start=1):
-        if not json_out:
-            stdout.print(f"repeat {i}/{repeat} of group {group} (seed {one.seed})", markup=False)
+        say(f"repeat {i}/{repeat} of group {group} (seed {one.seed})")
         code, data = attempts(one)
         runs.append(data)
         if code != EXIT_OK:
@@ -198,7 +201,7 @@ def run(
             stdout.print(f"group {group}: " + group_mean_line(*summary, repeat), markup=False)
         stdout.print(f"group {group}: {repeat} runs; compare, show, plot and export take the whole group by its "
                      f"tag {requests[0].tag}", markup=False)
-    elif len(runs) < repeat:
+    if code != EXIT_OK and len(runs) < repeat:
         last = runs[-1]
         # A run record says its status; a refusal before anything was written is the guards' verdict.
         how = last.get("status") or ("refused by its guards, nothing written" if last.get("ok") is False else f"exit {code}")
@@ -217,17 +220,22 @@ def _outcome_json(outcome) -> dict:
     return data
 
 
+def _status_line(record) -> str:
+    """`completed: ID`, `failed: ID (exit 4)`, `interrupted: ID (by SIGINT)`."""
+    if record.status == "interrupted" and (record.error or "").startswith("interrupted by "):
+        how = " (" + record.error.splitlines()[0].removeprefix("interrupted ") + ")"  # (by SIGINT): not torchrun's code
+    else:
+        how = f" (exit {record.exit_code})" if record.exit_code else ""
+    return f"{record.status}: {record.id}{how}"
+
+
 def _render_outcome(outcome) -> None:
     from moectl.metrics import MARK, mark_footnote
 
     record = outcome.record
     out = lambda text: stdout.print(text, markup=False)  # noqa: E731
     s = record.summary
-    if record.status == "interrupted" and (record.error or "").startswith("interrupted by "):
-        how = " (" + record.error.splitlines()[0].removeprefix("interrupted ") + ")"  # (by SIGINT): not torchrun's code
-    else:
-        how = f" (exit {record.exit_code})" if record.exit_code else ""
-    out(f"{record.status}: {record.id}{how}")
+    out(_status_line(record))
     if s is not None:
         mark = "" if s.clean else MARK
         after = (" (warm-up only)" if not s.clean else f" after {s.warmup_steps} warm-up") if s.warmup_steps else ""

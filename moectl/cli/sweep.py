@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from moectl.cli.common import app, error, handle_errors, print_json, stdout, stops_like_ctrl_c
+from moectl.cli.common import app, error, handle_errors, print_json, stderr, stdout, stops_like_ctrl_c
 from moectl.cli.options import ConfigOpt, DetachOpt, JsonOpt, OverrideOpt, SlurmOpt, WaitGpusOpt, PATH
 from moectl.errors import EXIT_OK, UsageError
 
@@ -63,7 +63,7 @@ def sweep(
     """
     from moectl.config import load_config
     from moectl.plan import make_request
-    from moectl.progress import make_progress, stdout_is_tty
+    from moectl.progress import progress_for
     from moectl.sweep.run import (
         SweepOptions, SweepUI, _check_baseline, dry_run as plan_legs, plan_resume, resume_sweep, run_sweep,
     )
@@ -85,7 +85,8 @@ def sweep(
         from moectl.gitops import lock_wait_s
 
         lock_wait_s()  # a bad MOECTL_GIT_LOCK_WAIT is said now, not after the last leg
-    out = (lambda text: None) if json_out else (lambda text: stdout.print(text, markup=False))  # noqa: E731
+    # What a person reads: on stdout, or with --json (stdout is the JSON document's) on stderr.
+    out = lambda text: (stderr if json_out else stdout).print(text, markup=False)  # noqa: E731
     from moectl.execution import choose_backend
 
     # The flags the sweep would refuse, the dry run refuses too.
@@ -120,7 +121,7 @@ def sweep(
         waiting = ", ".join(r.name for r in results if not (r.ok or r.overridden))
         out(f"waiting for {waiting} ({waited_s:.0f}s so far)")
 
-    ui = SweepUI(say=out, progress=lambda: make_progress(stdout_is_tty(), quiet=quiet or json_out), on_wait=on_wait)
+    ui = SweepUI(say=out, progress=lambda: progress_for(json_out, quiet), on_wait=on_wait)
     submit = None
     if on_slurm:
         from moectl.sweep.cluster import submit_sweep
@@ -133,29 +134,28 @@ def sweep(
 
     if json_out:
         print_json(outcome.to_json())
-    else:
-        for line in outcome.refused:
-            error(f"refused: {line}")
-        for line in outcome.messages:
-            if line not in outcome.refused:
-                out(f"note: {line}")
-        if outcome.report:
-            out(f"sweep report: {outcome.report}")
-        if outcome.comparison is not None:
-            from moectl.sweep.report import recommendation
+    for line in outcome.refused:
+        error(f"refused: {line}")
+    for line in outcome.messages:
+        if line not in outcome.refused:
+            out(f"note: {line}")
+    if outcome.report:
+        out(f"sweep report: {outcome.report}")
+    if outcome.comparison is not None:
+        from moectl.sweep.report import recommendation
 
-            rec = recommendation(outcome.comparison)
-            if rec:
-                out(f"recommendation: {rec}")
-        if outcome.commits:
-            out(f"committed {len(outcome.commits)} commit(s), last {outcome.commits[-1][:10]} (reports only)")
-        unfinished = [leg for leg in outcome.sweep.legs if leg.state != "completed"] if outcome.sweep else []
-        if unfinished and outcome.exit_code != EXIT_OK:
-            from moectl.summary import resume_command
+        rec = recommendation(outcome.comparison)
+        if rec:
+            out(f"recommendation: {rec}")
+    if outcome.commits:
+        out(f"committed {len(outcome.commits)} commit(s), last {outcome.commits[-1][:10]} (reports only)")
+    unfinished = [leg for leg in outcome.sweep.legs if leg.state != "completed"] if outcome.sweep else []
+    if unfinished and outcome.exit_code != EXIT_OK:
+        from moectl.summary import resume_command
 
-            # The next command, where the person is looking (EXPERIMENTS.md has it too).
-            out(f"{len(unfinished)} leg(s) did not complete; resume them in a fresh directory: "
-                f"{resume_command(outcome.sweep)}")
+        # The next command, where the person is looking (EXPERIMENTS.md has it too).
+        out(f"{len(unfinished)} leg(s) did not complete; resume them in a fresh directory: "
+            f"{resume_command(outcome.sweep)}")
     raise typer.Exit(outcome.exit_code)
 
 
