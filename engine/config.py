@@ -6,6 +6,7 @@ and the CLI process never imports torch.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any, Mapping
 
 PRESETS = {
@@ -127,6 +128,29 @@ class GPTConfig:
         d = asdict(self)
         d.update(dim=self.dim, n_head=self.n_head, n_layer=self.n_layer, expert_hidden=self.expert_hidden)
         return d
+
+
+BYTE_VOCAB = 256  # engine.data: text as bytes (the default corpus, a directory, any non-.bin file)
+
+
+def check_data_options(options: Mapping[str, Any], cwd: Path) -> None:
+    """ValueError (one line) for a `--data` engine.data would refuse before training - a path that
+    is not there, seen from `cwd` where the engine runs - or a `--vocab-size` below a byte corpus's
+    256. Reads no data (a .bin's own vocabulary is the engine's to check)."""
+    preset = PRESETS[options.get("preset") or "tiny"]
+    spec = options.get("data") or preset.get("data", DEFAULTS["data"])
+    if spec in ("default", "synthetic"):
+        path = None
+    else:
+        path = Path(str(spec)).expanduser()
+        path = path if path.is_absolute() else Path(cwd) / path
+        if not path.exists():
+            raise ValueError(f"--data {spec}: no such file or directory (use 'default', 'synthetic', a directory "
+                             "or a .bin file)")
+    vocab = options.get("vocab_size")
+    byte_data = spec == "default" or (path is not None and not (path.is_file() and path.suffix == ".bin"))
+    if vocab and byte_data and vocab < BYTE_VOCAB:
+        raise ValueError(f"--vocab-size {vocab} is smaller than the data's ({BYTE_VOCAB})")
 
 
 def check_model_options(options: Mapping[str, Any]) -> None:

@@ -245,10 +245,11 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
         # The model the engine would build from these options, checked by the engine's own rules
         # (torch-free) before a run directory exists: `-- --top-k 9` beside 4 experts, a --head-dim
         # that does not divide the width.
-        from engine.config import check_model_options
+        from engine.config import check_data_options, check_model_options
 
         try:
             check_model_options(options)
+            check_data_options(options, cfg.root)  # the engine runs from the repository root
         except (ValueError, TypeError, OverflowError) as exc:
             raise UsageError(f"engine options: {exc}") from None
 

@@ -56,6 +56,10 @@ def test_bad_engine_options_are_one_line_usage_errors(kwargs, line):
     (["--n-experts", "1"], {"preset": "d12-moe"}, "--top-k 2 is larger than --n-experts 1"),  # the preset's top-k
     (["--head-dim", "24"], {"preset": "tiny"}, "dim 64 (depth x aspect ratio) is not a multiple of --head-dim 24"),
     (["--aspect-ratio", "18", "--head-dim", "9"], {"preset": "tiny"}, "--head-dim must be even for rotary embeddings, got 9"),
+    # what engine.data refuses before training, said the engine's way
+    (["--data", "/nonexistent/train.bin"], {"preset": "tiny"},
+     "--data /nonexistent/train.bin: no such file or directory (use 'default', 'synthetic', a directory or a .bin file)"),
+    (["--vocab-size", "3"], {"preset": "tiny"}, "--vocab-size 3 is smaller than the data's (256)"),
     ([], {"preset": "tiny", "expert_hidden_mult": 0.001}, "--expert-hidden-mult gives expert hidden 0; must be >= 1"),
 ])
 def test_a_model_the_engine_would_refuse_is_a_usage_error_before_launch(extra, defaults, says):
@@ -65,6 +69,9 @@ def test_a_model_the_engine_would_refuse_is_a_usage_error_before_launch(extra, d
     assert e.value.message == f"engine options: {says}" and e.value.exit_code == 2
     # ... while the same options with a model that works plan as before
     assert plan_run(cfg(defaults={"preset": "tiny"}), make_request(extra_args=["--top-k", "4"]), NOW, None).options["top_k"] == 4
+    # synthetic data has the vocabulary it is given
+    assert plan_run(cfg(defaults={"preset": "tiny"}), make_request(extra_args=["--data", "synthetic", "--vocab-size", "3"]),
+                    NOW, None).options["vocab_size"] == 3
 
 
 @pytest.mark.parametrize("argv", [
