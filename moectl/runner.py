@@ -145,7 +145,9 @@ def new_record(plan: RunPlan, obs, results: list[GuardResult], *, sweep_id: Opti
         options=plan.options,
         git=GitInfo(branch=obs.git.branch, commit=obs.git.head, dirty=obs.git.dirty),
         guards=results,
-        overrides=[r.name for r in results if r.overridden],
+        # Every --override given (SPEC §5: recorded), whether or not its guard had to be passed over;
+        # the guards themselves say which were (`overridden`).
+        overrides=list(dict.fromkeys([*plan.overrides, *(r.name for r in results if r.overridden)])),
         exp_dir=plan.exp_dir,
         host=socket.gethostname(),
         repo=str(Path(repo).resolve()) if repo is not None else None,

@@ -137,6 +137,8 @@ def test_real_tiny_run_end_to_end(git_repo, monkeypatch, artifact_root):
     assert all(g["ok"] or g["name"] == "no_other_training" for g in rec["guards"]), rec["guards"]
     assert rec["host"] == socket.gethostname() and rec["started_at"] and rec["finished_at"]
     assert rec["repo"] == str(git_repo.resolve())  # EXPERIMENTS.md of another project sharing the store leaves it out
+    # the --override given is recorded whether or not its guard failed (SPEC §5); the guard says which
+    assert rec["overrides"] == ["no_other_training"]
     assert rec["torch_version"]  # from the engine's start line
     # The engine's resolved configuration (the preset's settings, not only the flags we passed).
     assert rec["engine"]["preset"] == "tiny" and rec["engine"]["steps"] == rec["options"]["steps"]
