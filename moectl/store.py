@@ -364,6 +364,12 @@ def resolve_run(root: Path, ref: str, runs: Optional[Sequence[StoredRun]] = None
         named = Path(root) / ref
         if ref not in (".", "..") and (named / RUN_RECORD).is_file():  # its record is there but unreadable
             load_run(named)  # raises, saying what is wrong with it
+        # A run whose record cannot be read is not "no run": name the unreadable ones it could be.
+        unreadable = [run_dir for run_dir in run_dirs(Path(root))
+                      if ref in run_dir.name and run_dir.name not in {r.id for r in runs}]
+        if unreadable:
+            raise UsageError(f"no readable run matches {ref!r} under {root}; unreadable record(s) there that may "
+                             "be it (`moectl show <directory>` says what is wrong)", lines=[str(d) for d in unreadable[:20]])
         raise UsageError(f"no run matches {ref!r} under {root}")
     if len(candidates) == 1:
         return candidates[0]

@@ -241,6 +241,20 @@ def test_resolve_ambiguous_prefix_lists_candidates(store):
         resolve_run(store, "al")  # tags alpha (x2) and alphabet
 
 
+def test_a_ref_to_a_run_whose_record_is_unreadable_names_it(store):
+    # `runs` warns of an unreadable record; `show corrupt` said "no run matches", pointing away from it.
+    bad = store / "20260105_000000_moe-corrupt"
+    bad.mkdir()
+    (bad / RUN_RECORD).write_text('{"id": "20260105_000000_moe-corrupt", "stat')
+    with pytest.raises(UsageError, match="no readable run matches 'corrupt'") as info:
+        resolve_run(store, "corrupt")
+    assert info.value.lines == [str(bad)]
+    with pytest.raises(UsageError, match="corrupt"):
+        resolve_run(store, str(bad))  # its directory says what is wrong with it
+    with pytest.raises(UsageError, match="^no run matches 'gamma'"):
+        resolve_run(store, "gamma")
+
+
 def test_an_id_two_runs_share_is_ambiguous_and_their_directories_are_listed(tmp_path):
     # Two sweeps' legs with one tag started in the same second: one name, two runs in two sweep
     # directories. `show ID` must not pick one silently; the directory names the one meant.
