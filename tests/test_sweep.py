@@ -762,3 +762,21 @@ def test_a_sweep_still_running_or_being_resumed_is_not_resumed_twice(git_repo, a
         assert r.exit_code == 3 and f"sweep {d.name} is being resumed already by pid {os.getpid()}" in r.output, r.output
     assert sweep_dirs(artifact_root) == [d]  # no -resume directory was made
     assert not (d / RESUME_LOCK).exists()
+
+
+def test_a_sweep_is_named_by_a_prefix_of_its_name_and_an_ambiguous_one_lists_them(tmp_path):
+    from moectl import store
+    from moectl.records import SweepRecord, save_model
+    from moectl.sweep.store import resolve_sweep
+
+    for sid, name in (("20260501_000000_moe-sw1", "sw1"), ("20260501_000001_moe-sw2", "sw2"),
+                      ("20260501_000002_moe-capacity", "capacity"), ("20260501_000003_moe-capacity", "capacity")):
+        (tmp_path / sid).mkdir()
+        save_model(tmp_path / sid / "sweep.json", SweepRecord(id=sid, name=name, spec={}, legs=[],
+                                                             created_at=store.now_iso(), exp_dir=str(tmp_path / sid)))
+    assert resolve_sweep(tmp_path, "cap").id == "20260501_000003_moe-capacity"  # one name: its newest sweep
+    with pytest.raises(UsageError, match="ambiguous sweep reference 'sw': 2 sweeps match") as info:
+        resolve_sweep(tmp_path, "sw")
+    assert info.value.lines == ["20260501_000000_moe-sw1 (name sw1)", "20260501_000001_moe-sw2 (name sw2)"]
+    with pytest.raises(UsageError, match="no sweep matches 'zz'"):
+        resolve_sweep(tmp_path, "zz")

@@ -150,7 +150,7 @@ def list_sweeps(root: Path) -> list[SweepRecord]:
 
 def resolve_sweep(root: Path, ref: str) -> SweepRecord:
     """A SWEEP argument: a sweep directory path, an id, a name (its most recent sweep), or a unique
-    prefix of an id."""
+    prefix of an id or of a name (as a RUN takes a prefix of a tag)."""
     if not ref.strip():
         raise UsageError("an empty SWEEP: give a sweep id, name, unique prefix, or its directory")
     as_path = Path(ref).expanduser()
@@ -168,10 +168,15 @@ def resolve_sweep(root: Path, ref: str) -> SweepRecord:
     if named:
         return named[-1]
     hits = [s for s in sweeps if s.id.startswith(ref)]
+    by_name = [s for s in sweeps if s.name.startswith(ref) and s not in hits]
+    if not hits and len({s.name for s in by_name}) == 1:
+        return by_name[-1]  # a prefix of one name: that name's most recent sweep
+    hits += by_name
     if not hits:
         raise UsageError(f"no sweep matches {ref!r} under {root}")
     if len(hits) > 1:
-        raise UsageError(f"ambiguous sweep reference {ref!r}: {len(hits)} sweeps match", lines=[s.id for s in hits])
+        raise UsageError(f"ambiguous sweep reference {ref!r}: {len(hits)} sweeps match",
+                         lines=[f"{s.id} (name {s.name})" for s in hits])
     return hits[0]
 
 
