@@ -236,7 +236,9 @@ def _render_outcome(outcome) -> None:
     out = lambda text: stdout.print(text, markup=False)  # noqa: E731
     s = record.summary
     out(_status_line(record))
-    if s is not None:
+    if s is not None and not s.steps and not s.run_steps:
+        out("  no step was measured")  # (not "tail50 over 0 steps (warm-up only)")
+    elif s is not None:
         mark = "" if s.clean else MARK
         after = (" (warm-up only)" if not s.clean else f" after {s.warmup_steps} warm-up") if s.warmup_steps else ""
         parts = [f"tail{s.window} over {min(s.steps, s.window)} steps{after}"]
