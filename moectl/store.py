@@ -403,7 +403,8 @@ def import_run(
 
     `extras` may carry `peak_mem_mib`, `total_time_s`, `world_size`, `planned_steps`, `skipped`
     and `format`. metrics.jsonl is written in the engine's own schema, so an imported run reads
-    exactly like a native one. The directory only appears once everything in it is written.
+    exactly like a native one. Its run.json is written last: listings show only directories
+    holding one, so an import killed midway never shows as a half run (its directory stays, unlisted).
     """
     if not steps:
         raise UsageError("nothing to import: no steps")
