@@ -66,13 +66,13 @@ def commit_run_report(
         raise type(exc)(not_committed(exc.message, record.id)) from None
     done = gitops.committed_in(cfg.root, report)
     if done is not None:
-        _record_commit(record, done)
+        _record_commit(record, done, report)
         return ReportCommit(record.id, report, [report], done, created=False, warnings=[])
     earlier = gitops.committed_in(cfg.root, report, as_on_disk=False)
     if earlier is not None:
         # Committed before, and changed since: moectl never rewrites a committed report, so the
         # change is the user's (an edit in progress, staged or not) and stays theirs, uncommitted.
-        _record_commit(record, earlier)
+        _record_commit(record, earlier, report)
         return ReportCommit(record.id, report, [report], earlier, created=False, warnings=[
             f"{report.name} was committed in {earlier[:10]}; the changes to it since are not moectl's, "
             "so they are left as they are, uncommitted"])
@@ -99,17 +99,19 @@ def commit_run_report(
         raise type(exc)(not_committed(exc.message, record.id)) from None
     if sha is None:  # the report equals HEAD's after all (committed by someone meanwhile)
         sha = gitops.committed_in(cfg.root, report) or ""
-        _record_commit(record, sha)
+        _record_commit(record, sha, report)
         return ReportCommit(record.id, report, [report], sha, False, warnings)
-    _record_commit(record, sha)
+    _record_commit(record, sha, report)
     return ReportCommit(record.id, report, paths, sha, created=True, warnings=warnings)
 
 
-def _record_commit(record: RunRecord, sha: str) -> None:
-    """The record names its report's commit (runner.report_and_commit writes `commit`, and
-    `commit_error` when it was stopped): it says the truth once the report is in."""
-    if sha and (record.commit != sha or record.commit_error is not None):
+def _record_commit(record: RunRecord, sha: str, report: Optional[Path] = None) -> None:
+    """The record names its report and the report's commit (runner.report_and_commit writes them,
+    and `commit_error` when it was stopped; a moectl killed first wrote neither): it says the truth
+    once the report is in."""
+    report_text = str(report) if report is not None else record.report
+    if sha and (record.commit != sha or record.commit_error is not None or record.report != report_text):
         from moectl import store
 
-        record.commit, record.commit_error = sha, None
+        record.commit, record.commit_error, record.report = sha, None, report_text
         store.save_run(record)

@@ -270,6 +270,8 @@ def test_moectl_commit_commits_the_report_and_summary_then_is_idempotent(project
     assert snapshot(project) == status0
     assert without(index_entries(project), rel, "EXPERIMENTS.md") == entries0
     assert json.loads((Path(rec.exp_dir) / "run.json").read_text())["commit"] == out["commit"]
+    # the record names its report too (a moectl killed before its last save wrote neither)
+    assert json.loads((Path(rec.exp_dir) / "run.json").read_text())["report"] == str(report)
 
     again = commit_cmd("bufreuse")  # a tag works as everywhere; nothing to do the second time
     assert again.exit_code == 0, again.output
