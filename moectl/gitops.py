@@ -198,16 +198,37 @@ TMP_PREFIX = "moectl-index-"  # + "<pid>-": the temporary index directory of one
 @contextlib.contextmanager
 def _serialised(git_dir: Path):
     """An flock on `<git dir>/moectl-index.flock` (dropped by the kernel if its holder dies):
-    between moectl processes, recovering a dead commit and taking the lock never interleave."""
-    fd = os.open(git_dir / RECOVERY_FLOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    between moectl processes, recovering a dead commit, taking the lock and dropping the note
+    never interleave. Opened read-only (flock needs no write access: in a repository shared by
+    several users one of them created it); without it the identity checks still hold."""
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:
-            pass  # a filesystem without locks: the inode and pid checks still hold
+        fd = os.open(git_dir / RECOVERY_FLOCK, os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError:
+        fd = None
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:
+                pass  # a filesystem without locks
         yield
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
+
+
+def _identity(path: Path) -> dict:
+    """Which file `path` is: device, inode and change time. An inode number alone is reused at once
+    by the next file created (ext4); a new file has a new ctime, and so does one renamed here."""
+    st = os.stat(path)
+    return {"dev": st.st_dev, "ino": st.st_ino, "ctime_ns": st.st_ctime_ns}
+
+
+def _ref_is(git_dir: Path, ref: Optional[str], sha: Optional[str]) -> bool:
+    if not ref or not sha:
+        return False
+    r = _run(git_dir, ["rev-parse", "-q", "--verify", f"{ref}^{{commit}}"], env={"GIT_DIR": str(git_dir)})
+    return os.fsdecode(r.stdout).strip() == sha
 
 
 class IndexLock:
@@ -227,6 +248,8 @@ class IndexLock:
         self.on_wait = on_wait
         self.held = False
         self.started_ts = time.time()
+        self.token = os.urandom(8).hex()  # which note is ours, when dropping it
+        self.noted: dict = {}
 
     def __enter__(self) -> "IndexLock":
         deadline = time.monotonic() + self.wait_s
@@ -235,12 +258,18 @@ class IndexLock:
             with _serialised(self.git_dir):
                 try:
                     os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-                    self.held = True
-                    self._note(phase="locked")
-                    return self
                 except FileExistsError:
                     if _recover(self.index, self.git_dir):
                         continue  # a killed moectl's lock, finished or undone: try again now
+                else:
+                    self.held = True
+                    try:
+                        self._note(phase="locked")
+                    except BaseException:  # no note, no lock: a lock nobody can recover would block all
+                        self.held = False
+                        os.unlink(self.path)
+                        raise
+                    return self
             if time.monotonic() >= deadline:
                 raise GitBusy(
                     f"another git process holds {self.path} (waited {self.wait_s:g} s, "
@@ -254,10 +283,15 @@ class IndexLock:
     def _note(self, **how) -> None:
         """Write OWNER_NAME (atomically): who holds the lock, which file it is, how far it got."""
         data = {"pid": os.getpid(), "host": socket.gethostname(), "started_ts": self.started_ts,
-                "ino": os.stat(self.path).st_ino, **how}
+                "token": self.token, **_identity(self.path), **how}
         tmp = self.owner.with_name(f"{OWNER_NAME}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, self.owner)
+        try:
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, self.owner)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self.noted = data
 
     def stage(self, new_index: Path) -> None:
         """The new index content waits in the lock file (a rename: the lock path never vanishes)."""
@@ -271,30 +305,47 @@ class IndexLock:
     def commit(self) -> None:
         os.replace(self.path, self.index)
         self.held = False
-        self.owner.unlink(missing_ok=True)
+        self._drop_note()
+
+    def _drop_note(self) -> None:
+        """Remove OWNER_NAME if it is still ours: another moectl may have taken the lock (and written
+        its own note) the moment ours was released."""
+        with _serialised(self.git_dir):
+            try:
+                if json.loads(self.owner.read_text()).get("token") == self.token:
+                    self.owner.unlink()
+            except (OSError, ValueError):
+                pass
 
     def __exit__(self, *exc) -> None:
         if self.held:
             self.held = False
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:  # someone removed it by hand meanwhile
-                pass
-            self.owner.unlink(missing_ok=True)
+            # Stopped (Ctrl-C, SIGTERM, an error) after the branch moved but before the index went
+            # in: put it in, as commit() would have - removing it would leave a commit the index
+            # does not know about, which the user's next commit reverts.
+            if _ref_is(self.git_dir, self.noted.get("ref"), self.noted.get("new")):
+                os.replace(self.path, self.index)
+            else:
+                try:
+                    os.unlink(self.path)
+                except FileNotFoundError:  # someone removed it by hand meanwhile
+                    pass
+            self._drop_note()
 
 
 def _recover(index: Path, git_dir: Path) -> bool:
     """Under `_serialised`: when index.lock is the one a now-dead moectl left (OWNER_NAME names a
-    dead pid on this host and the lock's inode), finish its commit if the branch already points at
-    the commit it built (the staged index is exactly what that commit's `git commit` would leave),
-    else remove the lock (nothing moved). Also removes that moectl's temporary index directories.
-    True when the lock was cleared; False when it is someone else's (a live moectl, the user's git)."""
+    dead pid on this host and the lock file itself: device, inode and change time), finish its
+    commit if the branch already points at the commit it built (the staged index is exactly what
+    that commit's `git commit` would leave), else remove the lock (nothing moved). Also removes
+    that moectl's temporary index directories. True when the lock was cleared; False when it is
+    someone else's (a live moectl, the user's git, a lock taken since the note was written)."""
     from moectl.lock import _pid_stale  # psutil: only when a lock is in the way
 
     owner, lock = git_dir / OWNER_NAME, index.with_name(index.name + ".lock")
     try:
         data = json.loads(owner.read_text())
-        pid, ino = int(data["pid"]), int(data["ino"])
+        pid, noted = int(data["pid"]), {k: int(data[k]) for k in ("dev", "ino", "ctime_ns")}
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         return False
     if data.get("host") != socket.gethostname() or not _pid_stale(pid, data.get("started_ts"))[0]:
@@ -302,17 +353,13 @@ def _recover(index: Path, git_dir: Path) -> bool:
     for leftover in git_dir.glob(f"{TMP_PREFIX}{pid}-*"):
         shutil.rmtree(leftover, ignore_errors=True)
     try:
-        if os.stat(lock).st_ino != ino:
+        if _identity(lock) != noted:
             owner.unlink(missing_ok=True)  # its lock is gone; this one is someone else's
             return False
     except FileNotFoundError:
         owner.unlink(missing_ok=True)
         return True
-    landed = False
-    if data.get("phase") == "staged" and data.get("ref") and data.get("new"):
-        r = _run(git_dir, ["rev-parse", "-q", "--verify", f"{data['ref']}^{{commit}}"], env={"GIT_DIR": str(git_dir)})
-        landed = os.fsdecode(r.stdout).strip() == data["new"]
-    if landed:
+    if data.get("phase") == "staged" and _ref_is(git_dir, data.get("ref"), data.get("new")):
         os.replace(lock, index)  # the branch moved: the index it staged goes in, as its commit() would
     else:
         os.unlink(lock)  # the branch did not move: as if that commit had never started

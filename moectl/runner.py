@@ -285,15 +285,19 @@ def report_and_commit(cfg: Config, outcome: RunOutcome, *, baseline: Optional[Ru
             outcome.commit_error = not_committed(exc.message, record.id)
         except KeyboardInterrupt:
             # Stopped while the commit waited for another git process: the run is over and recorded,
-            # its report on disk; say how to commit it rather than only "interrupted".
-            outcome.commit_error = not_committed("interrupted before the report was committed", record.id)
+            # its report on disk; say how to commit it rather than only "interrupted". (Stopped as
+            # the branch moved, the commit is whole - gitops puts its index in - and is said as such.)
+            outcome.commit = gitops.committed_in(cfg.root, report)
+            if outcome.commit is None:
+                outcome.commit_error = not_committed("interrupted before the report was committed", record.id)
             interrupted = True
     # The record says where its report is and which commit holds it (`moectl commit RUN` fills a
     # commit in later; commit_error says why there is none yet).
     record.report, record.commit, record.commit_error = str(report), outcome.commit, outcome.commit_error
     store.save_run(record)
     if interrupted:
-        raise Interrupted(f"interrupted; {outcome.commit_error}")
+        raise Interrupted(f"interrupted; {outcome.commit_error}" if outcome.commit_error
+                          else f"interrupted; the report was committed already ({outcome.commit[:10]})")
     # Trackers get a copy ([tracking]); one that fails is reported and retried by `moectl sync`,
     # never the run's outcome.
     outcome.tracking = mirror_run(cfg, record, report=report)

@@ -572,6 +572,33 @@ def test_the_next_commit_finishes_or_undoes_the_commit_of_a_killed_moectl(git_re
     assert snapshot(git_repo)[1:] == before[1:]
 
 
+def test_stopped_after_the_branch_moved_the_index_still_goes_in(git_repo, monkeypatch):
+    # Ctrl-C / SIGTERM (KeyboardInterrupt) landing as `git update-ref` returns: the branch holds the
+    # report, so the staged index must go in too - dropping the lock left a commit the index did not
+    # know about, and the user's next `git commit -a` reverted the report.
+    import moectl.gitops as gitops
+
+    user_mess(git_repo)
+    before, head0 = snapshot(git_repo), head(git_repo)
+    (git_repo / "r1.md").write_text("report one\n")
+    real_run = gitops._run
+
+    def interrupted_after_update_ref(repo, args, env=None):
+        r = real_run(repo, args, env)
+        if args[:1] == ["update-ref"] and r.returncode == 0:
+            raise KeyboardInterrupt
+        return r
+
+    monkeypatch.setattr(gitops, "_run", interrupted_after_update_ref)
+    with pytest.raises(KeyboardInterrupt):
+        commit_paths(git_repo, [git_repo / "r1.md"], "report: r1", branch="main", wait_s=0)
+    monkeypatch.setattr(gitops, "_run", real_run)
+    assert git(git_repo, "rev-parse", "HEAD~1").strip() == head0  # the commit landed ...
+    assert "r1.md" not in git(git_repo, "status", "--porcelain=v1", "--untracked-files=all")  # ... and the index knows it
+    assert snapshot(git_repo)[1:] == before[1:]
+    assert not (git_repo / ".git" / "index.lock").exists() and not (git_repo / ".git" / "moectl-index.lock.owner").exists()
+
+
 def test_a_lock_that_is_not_the_dead_moectls_own_is_left_alone(git_repo, tmp_path):
     # The killed moectl's note says which lock file was its own (its inode): a lock the user's git
     # took since is not touched - moectl waits for it as for any git, then gives up.
@@ -581,8 +608,15 @@ def test_a_lock_that_is_not_the_dead_moectls_own_is_left_alone(git_repo, tmp_pat
     os.link(lock, tmp_path / "old-lock")  # (kept, so its inode number cannot be handed out again)
     lock.unlink()  # removed by hand ...
     lock.write_bytes(b"someone else's\n")  # ... and taken by another git (a new file)
-    note = json.loads((git_repo / ".git" / "moectl-index.lock.owner").read_text())
+    note_file = git_repo / ".git" / "moectl-index.lock.owner"
+    note = json.loads(note_file.read_text())
     assert os.stat(lock).st_ino != note["ino"]
+    with pytest.raises(GitBusy):
+        commit_paths(git_repo, [git_repo / "r1.md"], "report: r1", branch="main", wait_s=0.2)
+    assert lock.read_bytes() == b"someone else's\n"
+    # ... also when the file system hands the new lock the dead one's inode number (ext4 does, at
+    # once): the change time tells the files apart. (The note made to say the reused number.)
+    note_file.write_text(json.dumps({**note, "ino": os.stat(lock).st_ino, "dev": os.stat(lock).st_dev}))
     with pytest.raises(GitBusy):
         commit_paths(git_repo, [git_repo / "r1.md"], "report: r1", branch="main", wait_s=0.2)
     assert lock.read_bytes() == b"someone else's\n"
