@@ -64,11 +64,19 @@ def _temp_prefix(path: Path) -> str:
 _TEMP = re.compile(r"^\..+\.moectl-(\d+)\.[A-Za-z0-9_]{8}\.tmp$")
 
 
+DEAD_TEMP_AGE_S = 600.0  # a write takes seconds; one untouched this long was abandoned
+
+
 def remove_dead_temp_files(directory: Path) -> list[Path]:
-    """Remove the temp files in `directory` that a moectl killed mid-write left behind (its pid is
-    gone): a SIGKILL skips the cleanup below, and in the repository (reports/, the EXPERIMENTS.md
-    beside it) they would show in `git status` and go in with a `git add -A`. Returns what went."""
+    """Remove the temp files in `directory` that a moectl killed mid-write left behind: a SIGKILL
+    skips the cleanup below, and in the repository (reports/, the EXPERIMENTS.md beside it) they
+    would show in `git status` and go in with a `git add -A`. Only files older than
+    DEAD_TEMP_AGE_S whose pid is gone here: a shared reports/ is written by Slurm jobs on other
+    nodes too, whose pids mean nothing on this one. Returns what went."""
+    import time
+
     removed = []
+    now = time.time()
     try:
         entries = list(os.scandir(directory))
     except OSError:
@@ -76,6 +84,11 @@ def remove_dead_temp_files(directory: Path) -> list[Path]:
     for entry in entries:
         m = _TEMP.match(entry.name)
         if m is None or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            if now - entry.stat(follow_symlinks=False).st_mtime < DEAD_TEMP_AGE_S:
+                continue  # being written, here or on another node
+        except OSError:
             continue
         try:
             os.kill(int(m.group(1)), 0)
@@ -153,5 +166,8 @@ def create_new_file(path: Path, text: str, mode: Optional[int] = None) -> bool:
                 fh.write(text)
             return True
     finally:
-        os.unlink(tmp)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:  # removed by someone else's cleanup: the link above holds the text
+            pass
 

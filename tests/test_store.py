@@ -83,14 +83,20 @@ def test_temp_files_a_killed_moectl_left_are_removed_and_a_live_writers_kept(tmp
     dead.wait()
     reports = tmp_path / "reports"
     reports.mkdir()
+    hour_ago = datetime.now().timestamp() - 3600
     left = reports / f".20260101_0000_a.md.moectl-{dead.pid}.k2j4h6g8.tmp"
     left.write_text("half a report")
+    os.utime(left, (hour_ago, hour_ago))
     alive = reports / f".20260101_0000_b.md.moectl-{os.getpid()}.a1b2c3d4.tmp"
     alive.write_text("being written")
+    os.utime(alive, (hour_ago, hour_ago))
+    # a fresh one of a pid unknown here: a Slurm job on another node writing the shared reports/
+    elsewhere = reports / f".20260101_0000_d.md.moectl-{dead.pid}.zzzz1234.tmp"
+    elsewhere.write_text("being written on a compute node")
     theirs = reports / ".notes.md.swp"
     theirs.write_text("an editor's")
     write_report(reports, "c", "- run: `c`\n")
-    assert not left.exists() and alive.exists() and theirs.exists()
+    assert not left.exists() and alive.exists() and elsewhere.exists() and theirs.exists()
     assert remove_dead_temp_files(reports) == []  # nothing more of a dead writer's
     with atomic_file(tmp_path / "x.json") as fh:  # the name it writes under says whose it is
         [tmp] = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
