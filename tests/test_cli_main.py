@@ -189,3 +189,31 @@ def test_help_lists_each_command_with_its_whole_summary_on_one_line(tmp_path):
         # Markup taken out: style tags dropped, escaped brackets printed as brackets.
         shown = re.sub(r"\[/?(?:bold|italic|dim|red|green|yellow|cyan)\]", "", first_paragraph).replace("\\[", "[")
         assert rows.get(name) == shown, (name, rows.get(name))
+
+
+def test_a_command_ending_on_its_own_nonzero_exit_still_prints_its_json_error(capsys):
+    # Ctrl-C while following a Slurm job under --json: the command says "detached: ..." and exits
+    # 130 itself - stdout was empty; it gets the error document like every other exit.
+    import typer
+
+    from moectl.cli.common import error, handle_errors, print_json
+
+    @handle_errors
+    def detaches(json_out: bool = False):
+        error("detached: the job keeps running")
+        raise typer.Exit(130)
+
+    @handle_errors
+    def reports_then_fails(json_out: bool = False):
+        print_json({"id": "x", "status": "failed"})
+        raise typer.Exit(4)
+
+    with pytest.raises(typer.Exit):
+        detaches(json_out=True)
+    assert json.loads(capsys.readouterr().out) == {"ok": False, "error": "detached: the job keeps running", "exit_code": 130}
+    with pytest.raises(typer.Exit):
+        reports_then_fails(json_out=True)
+    assert json.loads(capsys.readouterr().out) == {"id": "x", "status": "failed"}  # its own document, once
+    with pytest.raises(typer.Exit):
+        detaches(json_out=False)
+    assert capsys.readouterr().out == ""

@@ -143,9 +143,14 @@ def printable(text: str) -> str:
     return _CONTROL.sub("", _ANSI.sub("", text))
 
 
+_last_error: str | None = None  # the last error line said: an exit with no JSON document yet carries it
+
+
 def error(message: str, lines: list[str] | None = None) -> None:
+    global _last_error
     from rich.markup import escape
 
+    _last_error = message
     # The message is text, not markup: "[plot]" in a pip hint or a path must print as written.
     stderr.print(f"[red]error:[/red] {escape(message)}", markup=True)
     for line in lines or []:
@@ -157,8 +162,8 @@ def handle_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        global _json_printed
-        _json_printed = False
+        global _json_printed, _last_error
+        _json_printed, _last_error = False, None
 
         def as_json_too(message: str, code: int) -> None:
             # --json: stdout is one JSON document on every exit, an error's too.
@@ -167,7 +172,9 @@ def handle_errors(fn: Callable) -> Callable:
 
         try:
             return fn(*args, **kwargs)
-        except typer.Exit:
+        except typer.Exit as exc:
+            if exc.exit_code:  # ended on a non-zero code it chose (a detach on Ctrl-C, say): said in JSON too
+                as_json_too(_last_error or f"exit {exc.exit_code}", exc.exit_code)
             raise
         except MoectlError as exc:
             error(exc.message, exc.lines)
