@@ -144,7 +144,7 @@ def submit_run(cfg: Config, request: RunRequest, options: JobOptions, *, sweep_i
     nodes = options.nodes if options.nodes is not None else cfg.cluster.nodes
     if nodes < 1:
         raise UsageError(f"--nodes: must be at least 1 (got {nodes})")
-    plan, obs, results = check_request(cfg, request, now, nodes=nodes)
+    plan, obs, results = check_request(cfg, request, now, nodes=nodes, data_here=False)
     results = deferred_to_job(results)
     if not passed(results):
         return Submitted(exit_code=EXIT_GUARD, plan=plan, guards=results)

@@ -244,14 +244,16 @@ def summary_line(results: list[GuardResult]) -> str:
     return "guards: " + ", ".join(parts)
 
 
-def check_request(cfg: Config, request: RunRequest, now: Optional[datetime] = None, nodes: int = 1):
+def check_request(cfg: Config, request: RunRequest, now: Optional[datetime] = None, nodes: int = 1,
+                  data_here: bool = True):
     """Probe, plan and evaluate (what `check`, `run` and each sweep leg do before launching).
-    `nodes`: the nodes a Slurm run spans. Returns (plan, observed, results)."""
+    `nodes`: the nodes a Slurm run spans; `data_here`: False for a Slurm job, whose --data is on
+    its nodes. Returns (plan, observed, results)."""
     from moectl.probes import observe, read_nvml
 
     nvml = read_nvml(cfg.gpu.devices)
     plan = plan_run(cfg, request, now or datetime.now(), len(nvml.gpus) if nvml.gpus is not None else None,
-                    nodes=nodes)
+                    nodes=nodes, data_here=data_here)
     obs = observe(cfg, plan, nvml=nvml)
     return plan, obs, evaluate(cfg, plan, obs, request.overrides)
 

@@ -148,7 +148,7 @@ def make_fallback_run(cfg: Config, spec: JobSpec, failed: RunRecord) -> Optional
     # As resolved for the failed run (not re-resolved here: `auto` has no NVML reading to go by).
     retry = retry.model_copy(update={"device": spec.plan.device, "nproc": spec.plan.nproc,
                                      "exp_dir": None, "parent_dir": str(run_dir.parent)})
-    plan = plan_run(cfg, retry, datetime.now(), None, nodes=spec.nodes)
+    plan = plan_run(cfg, retry, datetime.now(), None, nodes=spec.nodes, data_here=False)
     if failed.sweep:
         from moectl.sweep.store import add_fallback_leg, locked_sweep
 

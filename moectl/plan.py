@@ -210,7 +210,7 @@ def _check_folded(folded: dict[str, Any]) -> None:
 
 
 def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Optional[int],
-             nodes: Optional[int] = 1) -> RunPlan:
+             nodes: Optional[int] = 1, data_here: bool = True) -> RunPlan:
     """Decide ids, directories, options and the exact command. `gpus_available`: GPUs in the NVML
     reading (None when NVML is unavailable); device `auto` means cuda only when there are some.
     `nodes`: how many nodes the run spans (its world size is nproc x nodes; None: not known here,
@@ -249,7 +249,8 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
 
         try:
             check_model_options(options)
-            check_data_options(options, cfg.root)  # the engine runs from the repository root
+            if data_here:  # a Slurm job reads its --data on its node, from its code snapshot: the job's to judge
+                check_data_options(options, cfg.root)  # the engine runs from the repository root
         except (ValueError, TypeError, OverflowError) as exc:
             raise UsageError(f"engine options: {exc}") from None
 

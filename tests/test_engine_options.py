@@ -69,6 +69,9 @@ def test_a_model_the_engine_would_refuse_is_a_usage_error_before_launch(extra, d
     assert e.value.message == f"engine options: {says}" and e.value.exit_code == 2
     # ... while the same options with a model that works plan as before
     assert plan_run(cfg(defaults={"preset": "tiny"}), make_request(extra_args=["--top-k", "4"]), NOW, None).options["top_k"] == 4
+    # a Slurm job reads its --data on its node (a node-local /scratch): not judged from here
+    assert plan_run(cfg(defaults={"preset": "tiny"}), make_request(extra_args=["--data", "/scratch/node/t.bin"]), NOW,
+                    None, data_here=False).options["data"] == "/scratch/node/t.bin"
     # synthetic data has the vocabulary it is given
     assert plan_run(cfg(defaults={"preset": "tiny"}), make_request(extra_args=["--data", "synthetic", "--vocab-size", "3"]),
                     NOW, None).options["vocab_size"] == 3

@@ -218,7 +218,7 @@ def show_check(cfg, request, *, json_out: bool, slurm: bool = False, nodes: int 
     `nodes`: the nodes it spans."""
     from moectl.guards import check_request, passed
 
-    plan, _obs, results = check_request(cfg, request, nodes=nodes)
+    plan, _obs, results = check_request(cfg, request, nodes=nodes, data_here=not slurm)
     where = None
     if slurm:
         from moectl.execution import deferred_to_job

@@ -55,8 +55,8 @@ def submit_sweep(cfg: Config, sweep: SweepRecord, opts: SweepOptions, *, max_par
                  ui: SweepUI, carried: dict[str, RunRecord], chain: list[str]) -> SweepOutcome:
     slurm.require()
     todo = [leg for leg in sweep.legs if not settled(leg, sweep.legs)]
-    refuse_unplannable_legs(cfg, todo, opts)
-    _, _, results = check_request(cfg, leg_request(todo[0], opts, cfg.artifact_root / "_preflight"))
+    refuse_unplannable_legs(cfg, todo, opts, data_here=False)
+    _, _, results = check_request(cfg, leg_request(todo[0], opts, cfg.artifact_root / "_preflight"), data_here=False)
     results = deferred_to_job(results)
     if not passed(results):
         lines = [f"{r.name}: {r.message}" for r in results if not (r.ok or r.overridden)]

@@ -112,7 +112,7 @@ def _leg_notes(leg: SweepLeg, sweep: SweepRecord) -> str:
     return f"{notes}\n\n{text}" if notes else text
 
 
-def refuse_unplannable_legs(cfg: Config, legs: list[SweepLeg], opts: SweepOptions) -> None:
+def refuse_unplannable_legs(cfg: Config, legs: list[SweepLeg], opts: SweepOptions, data_here: bool = True) -> None:
     """Plan every leg still to run, as its run will be planned: a leg whose options cannot run
     (`ep = 3` beside 4 experts) is a UsageError naming the leg before anything is written, not a
     stop after the legs before it have trained."""
@@ -121,7 +121,7 @@ def refuse_unplannable_legs(cfg: Config, legs: list[SweepLeg], opts: SweepOption
     for leg in legs:
         try:
             plan_run(cfg, leg_request(leg, opts, cfg.artifact_root / "_preflight"), now,
-                     len(nvml.gpus) if nvml.gpus is not None else None)
+                     len(nvml.gpus) if nvml.gpus is not None else None, data_here=data_here)
         except UsageError as exc:
             raise UsageError(f"leg {leg.tag}: {exc.message}", exc.lines) from None
 
