@@ -19,6 +19,7 @@ file too, so every subdirectory of the repository sees one run store and one run
 from __future__ import annotations
 
 import copy
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -333,7 +334,8 @@ def template_for(trainer: str = "engine", branch: Optional[str] = None) -> str:
         raise UsageError(f"--trainer: unknown trainer {trainer!r} (known: {', '.join(TRAINERS)})")
     text = TEMPLATE
     if branch and branch != "main":
-        text = text.replace(_BRANCH_LINE, f'branch = "{branch}"{" " * max(1, 18 - len(branch))}'
+        quoted = json.dumps(branch)  # a TOML basic string: a `"` or `\\` in a branch name is escaped
+        text = text.replace(_BRANCH_LINE, f'branch = {quoted}{" " * max(1, 20 - len(quoted))}'
                             f'# the branch this repository was on at `moectl init` (default "main");\n'
                             f'                             # run/sweep refuse on any other branch; "*" disables the check\n')
     if trainer == "engine":

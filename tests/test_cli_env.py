@@ -64,6 +64,12 @@ def test_init_in_a_repository_takes_its_branch_and_says_what_comes_next(tmp_path
     assert any("git add .moectl.toml && git commit" in line for line in lines)
     assert any('project.venv ".venv" is not here' in line for line in lines)
     assert sorted(os.listdir(repo)) == [".git", CONFIG_NAME]  # still nothing else
+    # a branch name TOML must escape is written escaped (every command read the file as malformed)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    git(odd, "init", "-q", "-b", 'we"ird')
+    monkeypatch.chdir(odd)
+    assert invoke("init").exit_code == 0 and load_config(odd / CONFIG_NAME).project.branch == 'we"ird'
 
 
 OLD_CONFIG = b'# my tuned config\r\n[project]\nname = "old"\n\xff not even utf-8\n'  # bytes must survive as they are
