@@ -104,6 +104,32 @@ def _runtime(cfg: Config) -> tuple[str, list[str]]:
     return status, lines
 
 
+def _same_repository(root: Path):
+    """A predicate on a record's `repo`: is it this repository? Yes when it is this work tree, or
+    none is recorded (older records), or that path is no repository now (moved, renamed, another
+    node's mount of it); also another work tree of the same repository (its git common dir).
+    Only a path that is another repository today makes a run another project's."""
+    here = str(root.resolve())
+    common: dict[str, Optional[str]] = {}
+
+    def common_dir(path: str) -> Optional[str]:
+        if path not in common:
+            try:
+                common[path] = str(Path(gitops._git(Path(path), "rev-parse", "--path-format=absolute",
+                                                    "--git-common-dir")).resolve())
+            except (gitops.GitError, OSError):
+                common[path] = None
+        return common[path]
+
+    def ours(repo: Optional[str]) -> bool:
+        if repo is None or repo == here or not Path(repo).is_dir():
+            return True
+        theirs = common_dir(repo)
+        return theirs is None or theirs == common_dir(here)
+
+    return ours
+
+
 def _sweep_section(cfg: Config, chain: list[SweepRecord], runs: dict[str, RunRecord]) -> list[str]:
     latest = chain[-1]
     window = cfg.metrics.window
@@ -156,11 +182,11 @@ def render_summary(cfg: Config, now: Optional[datetime] = None) -> str:
     scan = store.scan_runs(cfg.artifact_root)
     # This repository's handoff: another project's runs and sweeps in a shared artifact root (the
     # default ~/.cache one) are left out; records older than `repo` are kept, as before.
-    here = str(cfg.root.resolve())
-    scan.runs = [r for r in scan.runs if r.repo in (None, here)]
+    ours = _same_repository(cfg.root)
+    scan.runs = [r for r in scan.runs if ours(r.repo)]
     runs = {r.id: r for r in scan.runs}
     sweeps, corrupt_sweeps = scan_sweeps(cfg.artifact_root)
-    sweeps = [s for s in sweeps if getattr(s, "repo", None) in (None, here)]
+    sweeps = [s for s in sweeps if ours(getattr(s, "repo", None))]
     by_id = {s.id: s for s in sweeps}
     resumed = {s.resumed_from for s in sweeps if s.resumed_from}
     chains = [sweep_chain(s, by_id) for s in sweeps if s.id not in resumed]  # one per latest sweep

@@ -165,19 +165,27 @@ def test_summary_has_every_section(git_repo, artifact_root, monkeypatch):
 
 
 def test_another_repositorys_runs_in_a_shared_artifact_root_stay_out_of_this_handoff(git_repo, artifact_root,
-                                                                                   monkeypatch):
+                                                                                   monkeypatch, tmp_path):
     summary_project(git_repo, monkeypatch)
     here = str(git_repo.resolve())
-    mine = store.import_run(artifact_root, "moe", "mine", [StepMetrics(step=0, loss=1.0)], repo=here)
-    theirs = store.import_run(artifact_root, "moe", "theirs", [StepMetrics(step=0, loss=1.0)], repo="/elsewhere/repo")
-    old = store.import_run(artifact_root, "moe", "old", [StepMetrics(step=0, loss=1.0)])  # before `repo` existed
+    other = tmp_path / "other-project"
+    other.mkdir()
+    git(other, "init", "-q", "-b", "main")
+    linked = tmp_path / "linked"
+    git(git_repo, "worktree", "add", "-q", str(linked), "-b", "side")
+    one = [StepMetrics(step=0, loss=1.0)]
+    mine = store.import_run(artifact_root, "moe", "mine", one, repo=here)
+    theirs = store.import_run(artifact_root, "moe", "theirs", one, repo=str(other))  # a repository today
+    old = store.import_run(artifact_root, "moe", "old", one)  # before `repo` existed
+    moved = store.import_run(artifact_root, "moe", "moved", one, repo=str(tmp_path / "gone"))  # renamed since
+    beside = store.import_run(artifact_root, "moe", "beside", one, repo=str(linked))  # this repository's worktree
     d = artifact_root / "20260301_000000_moe-other"
     make_run(d, "20260301_000001_moe-a", "a", "completed", 1000.0, d.name)
     make_sweep(artifact_root, d.name, "othersweep", [SweepLeg(tag="a", state="completed", run_id="20260301_000001_moe-a")])
     sweep_json = d / "sweep.json"
-    sweep_json.write_text(json.dumps({**json.loads(sweep_json.read_text()), "repo": "/elsewhere/repo"}))
+    sweep_json.write_text(json.dumps({**json.loads(sweep_json.read_text()), "repo": str(other)}))
     text = render_summary(load_config())
-    assert mine.id in text and old.id in text and theirs.id not in text
+    assert all(r.id in text for r in (mine, old, moved, beside)) and theirs.id not in text
     assert "othersweep" not in text
     # the run store itself is shared: `runs` lists them all
     assert {mine.id, theirs.id, old.id} <= {r["id"] for r in json.loads(cli("runs", "--json").stdout)}
