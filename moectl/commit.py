@@ -51,7 +51,18 @@ def commit_run_report(
             raise UsageError(f"run {record.id} has no report in {cfg.report_dir} ({why})")
         # The run ended but its moectl never wrote the report (killed after training, or while
         # writing it): the report is the record's, so write it now (without a baseline comparison,
-        # which was never recorded) and commit it as the run would have.
+        # which was never recorded) and commit it as the run would have - unless that moectl is
+        # alive, between saving the record and writing the report: it is its to write.
+        import os
+        import socket
+
+        if record.pid and record.pid != os.getpid() and record.host == socket.gethostname():
+            from moectl.lock import _pid_stale
+            from moectl.runindex import parse_time
+
+            if not _pid_stale(record.pid, parse_time(record.created_at))[0]:  # (a pid reused since is not it)
+                raise GuardRefused(f"run {record.id} has just ended and its moectl (pid {record.pid}) is writing its "
+                                   "report; let it finish (it commits the report itself)")
         try:
             gitops.check_branch(cfg.root, cfg.project.branch)  # the wrong branch writes nothing either
         except GuardRefused as exc:
