@@ -334,6 +334,22 @@ def test_moectl_commit_of_a_run_that_ended_without_its_report_writes_it_from_the
     assert sorted(git(project, "show", "--name-only", "--format=", "HEAD").split()) == sorted(
         ["EXPERIMENTS.md", written.relative_to(project).as_posix()])
     assert snapshot(project) == status0 and json.loads((Path(rec.exp_dir) / "run.json").read_text())["report"] == str(written)
+    # its own moectl still alive (it saved the record and is about to write the report): its to write
+    import socket
+    from datetime import datetime
+
+    from tests.conftest import start_process, stop_process
+
+    owner = start_process([sys.executable, "-c", "import time; time.sleep(300)"])
+    try:
+        time.sleep(0.05)
+        busy, _ = finished_run(project, tag="busy", write_report=False)
+        save_run(busy.model_copy(update={"pid": owner.pid, "host": socket.gethostname(),
+                                         "created_at": datetime.now().astimezone().isoformat()}))
+        r = commit_cmd(busy.id)
+        assert r.exit_code == 3 and f"its moectl (pid {owner.pid}) is writing its report" in r.stderr, r.output
+    finally:
+        stop_process(owner)
     # still running, or imported: nothing to write, exit 2
     running, _ = finished_run(project, tag="live", write_report=False)
     save_run(running.model_copy(update={"status": "running", "pid": None}))
