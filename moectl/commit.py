@@ -11,6 +11,8 @@ Nothing is written before the branch check passes; a report already committed is
 """
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -37,9 +39,10 @@ def commit_run_report(
 ) -> ReportCommit:
     """Commit `record`'s report and EXPERIMENTS.md (when `report.summary` is on); a run that ended
     without its report (its moectl killed first) gets it written from its record. Raises UsageError
-    (exit 2) when the run has none and cannot (imported, still running, its report deleted), GuardRefused (exit 3) on the wrong branch, a detached
-    HEAD, or a repository busy past the lock wait, gitops.SigningFailed (exit 2) when
-    commit.gpgSign is on and git cannot sign."""
+    (exit 2) when the run has none and cannot have one now (imported, still running, its report
+    deleted), GuardRefused (exit 3) on the wrong branch, a detached HEAD, a repository busy past
+    the lock wait, or the run's own moectl still writing its report, gitops.SigningFailed (exit 2)
+    when commit.gpgSign is on and git cannot sign."""
     report = find_run_report(cfg.report_dir, record.id)
     written_now = False
     if report is None:
@@ -53,9 +56,6 @@ def commit_run_report(
         # writing it): the report is the record's, so write it now (without a baseline comparison,
         # which was never recorded) and commit it as the run would have - unless that moectl is
         # alive, between saving the record and writing the report: it is its to write.
-        import os
-        import socket
-
         if record.pid and record.pid != os.getpid() and record.host == socket.gethostname():
             from moectl.lock import _pid_stale
             from moectl.runindex import parse_time
