@@ -382,6 +382,12 @@ def test_compare_says_when_a_run_is_still_training(project, artifact_root):
     assert "not final: live still training; its figures are its steps so far" in data["notes"]
     r = CliRunner().invoke(app, ["compare", "done", "live"], env={"COLUMNS": "250"})
     assert r.exit_code == 0 and "not final: live still training" in r.stdout, r.output
+    # `show` of it: the record has no summary yet; its tail so far is given, said to be so far
+    shown = json.loads(invoke("show", "live", "--json").stdout)
+    assert shown["summary"] is None and shown["summary_so_far"]["tok_per_sec"] == data["runs"][1]["metrics"]["tok_per_sec"]["value"]
+    assert json.loads(invoke("show", "done", "--json").stdout)["summary_so_far"] is None
+    text = invoke("show", "live").stdout
+    assert "still training: 6 steps so far; the figures below are theirs, not final" in text and "summary (last" in text
 
 
 def test_runs_table_shows_key_options_the_engine_resolved(project, artifact_root):

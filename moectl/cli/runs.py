@@ -206,9 +206,18 @@ def show_cmd(
         key=lambda f: f["name"],
     ) if exp.is_dir() else []
     metrics = read_metrics(exp / METRICS_FILENAME)
+    # A run still training has no summary yet (the record gets it at the end); its tail so far is
+    # what a person, or an agent polling it, checks - as `compare` shows it, marked unfinished.
+    so_far = None
+    if rec.summary is None and rec.display_status in ("running", "queued") and metrics.steps:
+        from moectl.metrics import tail_summary
+
+        so_far = tail_summary(metrics, rec.window or cfg.metrics.window,
+                              rec.warmup_steps if rec.warmup_steps is not None else cfg.metrics.warmup_steps)
     if json_out:
         print_json(run_json(rec) | {"files": files, "metrics_steps": len(metrics.steps),
-                                    "metrics_skipped": metrics.skipped})
+                                    "metrics_skipped": metrics.skipped,
+                                    "summary_so_far": so_far.model_dump(mode="json") if so_far else None})
         return
 
     out = stdout.print
@@ -241,7 +250,9 @@ def show_cmd(
     command = recorded_command(rec)
     if command:
         out("  command    " + command, markup=False)
-    s = rec.summary
+    s = rec.summary or so_far
+    if so_far is not None:
+        out(f"still training: {len(metrics.steps)} steps so far; the figures below are theirs, not final", markup=False)
     if s is not None:
         from moectl.metrics import MARK, mark_footnote
 
