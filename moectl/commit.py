@@ -57,29 +57,26 @@ def commit_run_report(
         # which was never recorded) and commit it as the run would have - unless that moectl is
         # alive, between saving the record and writing the report: it is its to write.
         if record.pid and record.pid != os.getpid() and record.host == socket.gethostname():
-            from moectl.lock import _pid_stale
+            from moectl.lock import pid_stale
             from moectl.runindex import parse_time
 
-            if not _pid_stale(record.pid, parse_time(record.created_at))[0]:  # (a pid reused since is not it)
+            if not pid_stale(record.pid, parse_time(record.created_at))[0]:  # (a pid reused since is not it)
                 raise GuardRefused(f"run {record.id} has just ended and its moectl (pid {record.pid}) is writing its "
                                    "report; let it finish (it commits the report itself)")
-        try:
-            gitops.check_branch(cfg.root, cfg.project.branch)  # the wrong branch writes nothing either
-        except GuardRefused as exc:
-            raise type(exc)(not_committed(exc.message, record.id)) from None
+    try:
+        gitops.check_branch(cfg.root, cfg.project.branch)  # (the wrong branch writes no report either)
+    except GuardRefused as exc:
+        raise type(exc)(not_committed(exc.message, record.id)) from None
+    if report is None:
         name = (record.tag or record.id) + (f"-r{record.repeat}" if record.repeat else "")
         report = write_report(cfg.report_dir, name, run_report(record))
         record.report = str(report)
         written_now = True
-    try:
-        gitops.check_branch(cfg.root, cfg.project.branch)
-    except GuardRefused as exc:
-        raise type(exc)(not_committed(exc.message, record.id)) from None
-    done = gitops.committed_in(cfg.root, report)
+    done = None if written_now else gitops.committed_in(cfg.root, report)
     if done is not None:
         _record_commit(record, done, report)
         return ReportCommit(record.id, report, [report], done, created=False, warnings=[])
-    earlier = gitops.committed_in(cfg.root, report, as_on_disk=False)
+    earlier = None if written_now else gitops.committed_in(cfg.root, report, as_on_disk=False)
     if earlier is not None:
         # Committed before, and changed since: moectl never rewrites a committed report, so the
         # change is the user's (an edit in progress, staged or not) and stays theirs, uncommitted.

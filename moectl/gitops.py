@@ -340,7 +340,7 @@ def _recover(index: Path, git_dir: Path) -> bool:
     that commit's `git commit` would leave), else remove the lock (nothing moved). Also removes
     that moectl's temporary index directories. True when the lock was cleared; False when it is
     someone else's (a live moectl, the user's git, a lock taken since the note was written)."""
-    from moectl.lock import _pid_stale  # psutil: only when a lock is in the way
+    from moectl.lock import pid_stale  # psutil: only when a lock is in the way
 
     owner, lock = git_dir / OWNER_NAME, index.with_name(index.name + ".lock")
     try:
@@ -348,7 +348,7 @@ def _recover(index: Path, git_dir: Path) -> bool:
         pid, noted = int(data["pid"]), {k: int(data[k]) for k in ("dev", "ino", "ctime_ns")}
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         return False
-    if data.get("host") != socket.gethostname() or not _pid_stale(pid, data.get("started_ts"))[0]:
+    if data.get("host") != socket.gethostname() or not pid_stale(pid, data.get("started_ts"))[0]:
         return False
     for leftover in git_dir.glob(f"{TMP_PREFIX}{pid}-*"):
         shutil.rmtree(leftover, ignore_errors=True)

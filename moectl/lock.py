@@ -58,7 +58,7 @@ def lock_path(root: Path, name: str = LOCK_NAME) -> Path:
     return Path(root) / name
 
 
-def _pid_stale(pid: int, started_ts: Optional[float]) -> tuple[bool, str]:
+def pid_stale(pid: int, started_ts: Optional[float]) -> tuple[bool, str]:
     """Is `pid` (recorded on this host) gone, or reused by a newer process?"""
     try:
         proc = psutil.Process(pid)
@@ -88,7 +88,7 @@ def _holder_from_bytes(data: bytes, path: Path) -> LockHolder:
     if not isinstance(started_ts, (int, float)) or isinstance(started_ts, bool):
         started_ts = None  # a hand-edited or foreign file: judge by the pid alone
     if host == socket.gethostname() and isinstance(pid, int) and not isinstance(pid, bool):
-        stale, reason = _pid_stale(pid, started_ts)
+        stale, reason = pid_stale(pid, started_ts)
     else:
         stale, reason = False, f"held from another host ({host}); cannot check its pid"
     return LockHolder(pid, host, d.get("run_id"), d.get("started_at"), d.get("cmd"), stale, str(path), reason)
