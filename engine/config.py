@@ -133,6 +133,11 @@ class GPTConfig:
 BYTE_VOCAB = 256  # engine.data: text as bytes (the default corpus, a directory, any non-.bin file)
 
 
+def no_such_data(spec: str) -> str:
+    """What engine.data (and moectl before launch) says of a --data that names nothing."""
+    return f"--data {spec}: no such file or directory (use 'default', 'synthetic', a directory or a .bin file)"
+
+
 def check_data_options(options: Mapping[str, Any], cwd: Path) -> None:
     """ValueError (one line) for a `--data` engine.data would refuse before training - a path that
     is not there, seen from `cwd` where the engine runs - or a `--vocab-size` below a byte corpus's
@@ -145,8 +150,7 @@ def check_data_options(options: Mapping[str, Any], cwd: Path) -> None:
         path = Path(str(spec)).expanduser()
         path = path if path.is_absolute() else Path(cwd) / path
         if not path.exists():
-            raise ValueError(f"--data {spec}: no such file or directory (use 'default', 'synthetic', a directory "
-                             "or a .bin file)")
+            raise ValueError(no_such_data(str(spec)))
     vocab = options.get("vocab_size")
     byte_data = spec == "default" or (path is not None and not (path.is_file() and path.suffix == ".bin"))
     if vocab and byte_data and vocab < BYTE_VOCAB:

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
+from engine.config import BYTE_VOCAB, no_such_data  # (shared with moectl's check before launch)
+
 DEFAULT_CAP_BYTES = 4 * 1024 * 1024
 HOLDOUT_FRAC = 0.05
-BYTE_VOCAB = 256
 
 
 def stdlib_sources(cap_bytes: int = DEFAULT_CAP_BYTES) -> bytes:
@@ -74,7 +75,7 @@ def load_tokens(spec: str, cap_bytes: int = DEFAULT_CAP_BYTES) -> tuple[torch.Te
         return tokens, max(2, int(tokens.max()) + 1)
     if path.is_file():
         return _bytes_to_tokens(path.read_bytes()), BYTE_VOCAB
-    raise ValueError(f"--data {spec}: no such file or directory (use 'default', 'synthetic', a directory or a .bin file)")
+    raise ValueError(no_such_data(spec))
 
 
 def _bytes_to_tokens(data: bytes) -> torch.Tensor:

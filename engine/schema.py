@@ -23,6 +23,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional, Union
 
+from engine.config import PRESETS
+
 METRICS_FILENAME = "metrics.jsonl"
 
 # Engine exit codes (SPEC §10 / issue 2). moectl keys its compile fallback on EXIT_COMPILE_FAILED.
@@ -31,12 +33,12 @@ EXIT_ERROR = 1
 EXIT_BAD_OPTIONS = 2
 EXIT_COMPILE_FAILED = 3
 
-# The names of engine.train's presets (its PRESETS dict; a test keeps the two in step). Here so
-# `moectl run --preset typo` is a usage error before anything is launched, without importing torch.
-PRESET_NAMES = ("d12-moe", "tiny")
+# The names of engine.train's presets (engine/config.py, torch-free like this module), so
+# `moectl run --preset typo` is a usage error before anything is launched.
+PRESET_NAMES = tuple(sorted(PRESETS))
 DEFAULT_PRESET = "tiny"  # what engine.train runs with no --preset
 # Their expert counts, so `moectl run --ep N` that cannot split them is refused before launch.
-PRESET_EXPERTS = {"d12-moe": 8, "tiny": 4}
+PRESET_EXPERTS = {name: preset["n_experts"] for name, preset in PRESETS.items()}
 ENGINE_MODULE = "engine.train"  # the module these presets belong to (launch.module may name another)
 
 # engine.train's options (its build_parser; a test keeps the two in step) and the TOML type of

@@ -204,12 +204,13 @@ def check_error_json(exc) -> dict:
     """`check --json` / `run --dry-run --json` when there is nothing to judge (exit 2): still the
     contract's `ok` and `guards`, so a script reading stdout learns why. A config that cannot be
     found or validated is the first guard failing (SPEC §5); bad options judge no guard."""
+    from moectl.cli.common import error_json
     from moectl.errors import ConfigError
 
     message = "; ".join([exc.message, *exc.lines])
     guards = [{"name": "config", "ok": False, "message": message, "overridable": False, "overridden": False,
                "skipped": False}] if isinstance(exc, ConfigError) else []
-    return {"ok": False, "guards": guards, "error": message, "exit_code": exc.exit_code}
+    return {"ok": False, "guards": guards, **error_json(message, exc.exit_code)}
 
 
 def show_check(cfg, request, *, json_out: bool, slurm: bool = False, nodes: int = 1) -> bool:
