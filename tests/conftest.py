@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 import psutil
 import pytest
@@ -121,6 +121,41 @@ def start_process(argv: list[str], **popen_kw) -> subprocess.Popen:
 def stop_process(p: subprocess.Popen) -> None:
     p.kill()
     p.wait(timeout=30)
+
+
+def signal_when(proc: subprocess.Popen, ready: Callable[[], Any], what: str, sig: int, *,
+                output: Optional[Callable[[], str]] = None, timeout: float = 120) -> int:
+    """Wait until `ready()` (the moment the test is about), send `sig` to `proc`, and return its exit
+    code; a process still there after a failure is killed, so no test leaves one behind."""
+    try:
+        wait_for(ready, what, timeout, proc=proc, output=output)
+        proc.send_signal(sig)
+        return proc.wait(timeout=timeout)  # a bound against a hang, not a latency check
+    finally:
+        if proc.poll() is None:
+            stop_process(proc)
+
+
+def fake_slurm_bin(tmp_path: Path, block_at: int) -> tuple[Path, Path, Path]:
+    """A PATH directory standing in for Slurm: sbatch hands out job ids 101, 102, ... and blocks on
+    call `block_at` (so a signal lands mid-submission every time); scontrol knows no job; scancel
+    logs what it was asked to cancel. Returns (bin dir, the mark sbatch leaves when it blocks, the log)."""
+    bin_dir, mark, log = tmp_path / "bin", tmp_path / "sbatch-blocked", tmp_path / "scancel.log"
+    bin_dir.mkdir()
+    (bin_dir / "git").symlink_to(shutil.which("git"))
+    count = tmp_path / "sbatch-calls"
+    (bin_dir / "sbatch").write_text(
+        f'#!/bin/sh\necho x >> {count}\nn=$(wc -l < {count})\n'
+        f'if [ "$n" -ge {block_at} ]; then touch {mark}; exec sleep 600; fi\necho $((100 + n))\n')
+    (bin_dir / "scontrol").write_text(
+        '#!/bin/sh\nif [ "$1 $2" = "show job" ]; then echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1; fi\n'
+        'exit 0\n')
+    (bin_dir / "scancel").write_text(f'#!/bin/sh\necho "$@" >> {log}\nexit 0\n')
+    (bin_dir / "squeue").write_text("#!/bin/sh\nexit 0\n")
+    for f in bin_dir.iterdir():
+        if not f.is_symlink():
+            f.chmod(0o755)
+    return bin_dir, mark, log
 
 
 def kill_all(procs: list[psutil.Process]) -> None:

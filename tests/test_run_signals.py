@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import psutil
 import pytest
@@ -20,19 +21,25 @@ from typer.testing import CliRunner
 
 from moectl.cli import app
 from moectl.lock import LOCK_NAME
-from tests.conftest import git, kill_all, steps_written, no_other_training_on_a_quiet_machine, stop_process, wait_for
+from tests.conftest import (
+    fake_slurm_bin, git, kill_all, no_other_training_on_a_quiet_machine, signal_when, steps_written, stop_process, wait_for,
+)
 from tests.test_run import QUIET, REPO, FAST, commit_files, ours, proj, record, run_dirs  # noqa: F401  (proj: fixture)
 
 runner = CliRunner()
 SLOW_RUN = ["--steps", "300", "--tag", "long", *QUIET, "--", "--sleep-per-step", "0.1"]
 
 
-def spawn(repo: Path, out: Path, *args: str, sigint_ignored: bool = False, nohup: bool = False) -> subprocess.Popen:
+def spawn(repo: Path, out: Path, *args: str, sigint_ignored: bool = False, nohup: bool = False,
+          bin_dir: Optional[Path] = None) -> subprocess.Popen:
     """`python -m moectl run ...` in `repo`, as a person would start it (env from this test:
     MOECTL_ARTIFACT_ROOT and MOECTL_FAKE_NVML come from the conftest fixtures). sigint_ignored:
     as a shell script's `moectl run ... &` starts it (SIGINT ignored, inherited through exec);
-    nohup: as `nohup moectl run ...` does (SIGHUP ignored)."""
+    nohup: as `nohup moectl run ...` does (SIGHUP ignored); bin_dir: commands found there first
+    (tests.conftest.fake_slurm_bin)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if bin_dir is not None:
+        env["PATH"] = f"{bin_dir}:/usr/bin:/bin"
     ignored = [sig for sig, on in ((signal.SIGINT, sigint_ignored), (signal.SIGHUP, nohup)) if on]
     ignore = (lambda: [signal.signal(sig, signal.SIG_IGN) for sig in ignored]) if ignored else None
     with open(out, "w") as fh:
@@ -183,14 +190,8 @@ def test_signal_while_waiting_for_gpus_exits_130_and_writes_nothing(proj, artifa
     out = tmp_path / "moectl.out"
     proc = spawn(proj, out, "--device", "cuda", "--wait-gpus", "10m", "--steps", "2", *QUIET,
                  sigint_ignored=sigint_ignored)
-    try:
-        wait_for(lambda: "waiting for gpus_idle" in out.read_text(), "moectl saying it waits for gpus_idle", 120,
-                 proc=proc, output=out.read_text)
-        proc.send_signal(sig)
-        rc = proc.wait(timeout=120)  # a bound against a hang, not a latency check
-    finally:
-        if proc.poll() is None:
-            stop_process(proc)
+    rc = signal_when(proc, lambda: "waiting for gpus_idle" in out.read_text(), "moectl saying it waits for gpus_idle",
+                     sig, output=out.read_text)
     assert rc == 130, out.read_text()
     assert "error: interrupted" in out.read_text() and "Traceback" not in out.read_text()
     assert not artifact_root.exists() and not (proj / "reports").exists()
@@ -236,48 +237,14 @@ def catches(pid: int, sig: int) -> bool:
     return bool(mask >> (int(sig) - 1) & 1)
 
 
-def fake_slurm_bin(tmp_path: Path, block_at: int) -> tuple[Path, Path, Path]:
-    """A PATH directory standing in for Slurm: sbatch hands out job ids 101, 102, ... and blocks on
-    call `block_at` (so a signal lands mid-submission every time); scontrol knows no job; scancel
-    logs what it was asked to cancel. Returns (bin dir, the mark sbatch leaves when it blocks, the log)."""
-    import shutil
-
-    bin_dir, mark, log = tmp_path / "bin", tmp_path / "sbatch-blocked", tmp_path / "scancel.log"
-    bin_dir.mkdir()
-    (bin_dir / "git").symlink_to(shutil.which("git"))
-    count = tmp_path / "sbatch-calls"
-    (bin_dir / "sbatch").write_text(
-        f'#!/bin/sh\necho x >> {count}\nn=$(wc -l < {count})\n'
-        f'if [ "$n" -ge {block_at} ]; then touch {mark}; exec sleep 600; fi\necho $((100 + n))\n')
-    (bin_dir / "scontrol").write_text(
-        '#!/bin/sh\nif [ "$1 $2" = "show job" ]; then echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1; fi\n'
-        'exit 0\n')
-    (bin_dir / "scancel").write_text(f'#!/bin/sh\necho "$@" >> {log}\nexit 0\n')
-    (bin_dir / "squeue").write_text("#!/bin/sh\nexit 0\n")
-    for f in bin_dir.iterdir():
-        if not f.is_symlink():
-            f.chmod(0o755)
-    return bin_dir, mark, log
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_repeat_group_stopped_while_it_submits_leaves_nothing_queued(proj, artifact_root, tmp_path, sig):
     # `run --slurm --repeat 3` stopped after its first job was queued: that job is cancelled and its
     # record ended, not left queued with nobody following it.
     bin_dir, mark, log = fake_slurm_bin(tmp_path, block_at=2)
     out = tmp_path / "moectl.out"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{bin_dir}:/usr/bin:/bin"}
-    with open(out, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "moectl", "run", "--slurm", "--repeat", "3", "--steps", "2",
-                                 "--tag", "grp", *QUIET], cwd=proj, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
-    try:
-        wait_for(mark.exists, "the second sbatch call", 120, proc=proc, output=out.read_text)
-        proc.send_signal(sig)
-        rc = proc.wait(timeout=120)  # a bound against a hang, not a latency check
-    finally:
-        if proc.poll() is None:
-            stop_process(proc)
+    proc = spawn(proj, out, "--slurm", "--repeat", "3", "--steps", "2", "--tag", "grp", *QUIET, bin_dir=bin_dir)
+    rc = signal_when(proc, mark.exists, "the second sbatch call", sig, output=out.read_text)
     text = out.read_text()
     assert rc == 130 and "Traceback" not in text, text
     assert "interrupted while submitting repeat group" in text and "1 queued run(s) were cancelled" in text, text

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 from typer.testing import CliRunner
@@ -23,7 +24,7 @@ from typer.testing import CliRunner
 from moectl.cli import app
 from moectl.sweep.spec import grid_tag, load_spec, parse_spec
 from moectl.errors import UsageError
-from tests.conftest import git, stop_process, wait_for
+from tests.conftest import fake_slurm_bin, git, signal_when, stop_process, wait_for
 
 MOECTL_ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--override", "no_other_training"]
@@ -273,10 +274,12 @@ def test_three_leg_tiny_sweep_completes_with_reports_and_commits(git_repo, artif
     assert "capacity" in (git_repo / "EXPERIMENTS.md").read_text()
 
 
-def _spawn_sweep(repo: Path, out: Path, *args: str) -> subprocess.Popen:
+def _spawn_sweep(repo: Path, out: Path, *args: str, bin_dir: Optional[Path] = None) -> subprocess.Popen:
     """`python -m moectl sweep ...`, its output to the file `out` (a pipe nobody reads while the
-    test waits could fill and stall it)."""
+    test waits could fill and stall it); `bin_dir`: commands found there first."""
     env = {**os.environ, "PYTHONPATH": str(MOECTL_ROOT)}
+    if bin_dir is not None:
+        env["PATH"] = f"{bin_dir}:/usr/bin:/bin"
     with open(out, "w") as fh:
         return subprocess.Popen([sys.executable, "-m", "moectl", "sweep", *args], cwd=repo, env=env,
                                 stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -668,33 +671,13 @@ def test_the_sweep_lock_is_reentrant_within_a_thread_and_bounded_across_processe
 def test_a_slurm_sweep_stopped_while_it_submits_exits_130_as_after_ctrl_c(git_repo, artifact_root, tmp_path, sig):
     # `sweep --slurm` had no SIGTERM/SIGHUP handler while submitting: killed there (143), it left a
     # held job nobody could cancel. Here sbatch stands still (a stand-in on PATH, as in
-    # tests/test_execution.py) so the signal lands mid-submission every time.
-    import shutil
-
+    # tests/conftest.fake_slurm_bin) so the signal lands mid-submission every time.
     sweep_project(git_repo)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "git").symlink_to(shutil.which("git"))
-    mark = tmp_path / "sbatch-called"
-    (bin_dir / "sbatch").write_text(f"#!/bin/sh\ntouch {mark}\nexec sleep 600\n")
-    for name in ("scontrol", "squeue", "scancel"):
-        (bin_dir / name).write_text("#!/bin/sh\nexit 0\n")
-    for f in bin_dir.iterdir():
-        if not f.is_symlink():
-            f.chmod(0o755)
+    bin_dir, mark, _ = fake_slurm_bin(tmp_path, block_at=1)
     spec = write_spec(git_repo, 'name = "sub"\n[common]\nsteps = 2\n[[legs]]\ntag = "a"\n[[legs]]\ntag = "b"\n')
     out = git_repo.parent / "sub.out"
-    env = {**os.environ, "PYTHONPATH": str(MOECTL_ROOT), "PATH": f"{bin_dir}:/usr/bin:/bin"}
-    with open(out, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "moectl", "sweep", str(spec), "--slurm", "--no-commit", *QUIET],
-                                cwd=git_repo, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        wait_for(mark.exists, "the sweep calling sbatch", 120, proc=proc, output=out.read_text)
-        proc.send_signal(sig)
-        rc = proc.wait(timeout=120)  # a bound against a hang, not a latency check
-    finally:
-        if proc.poll() is None:
-            stop_process(proc)
+    proc = _spawn_sweep(git_repo, out, str(spec), "--slurm", "--no-commit", *QUIET, bin_dir=bin_dir)
+    rc = signal_when(proc, mark.exists, "the sweep calling sbatch", sig, output=out.read_text)
     assert rc == 130 and "Traceback" not in out.read_text(), out.read_text()
     [sweep_dir] = sweep_dirs(artifact_root)
     states = [leg["state"] for leg in load(sweep_dir / "sweep.json")["legs"]]
@@ -714,14 +697,8 @@ def test_a_sweep_stopped_while_its_leg_waits_for_gpus_exits_130_with_every_leg_s
                       '[[legs]]\ntag = "a"\n[[legs]]\ntag = "b"\n')
     out = git_repo.parent / "gw.out"
     proc = _spawn_sweep(git_repo, out, str(spec), "--wait-gpus", "10m", "--no-commit", *QUIET)
-    try:
-        wait_for(lambda: "waiting for gpus_idle" in out.read_text(), "the first leg waiting for gpus_idle", 120,
-                 proc=proc, output=out.read_text)
-        proc.send_signal(sig)
-        rc = proc.wait(timeout=120)  # a bound against a hang, not a latency check
-    finally:
-        if proc.poll() is None:
-            stop_process(proc)
+    rc = signal_when(proc, lambda: "waiting for gpus_idle" in out.read_text(), "the first leg waiting for gpus_idle",
+                     sig, output=out.read_text)
     assert rc == 130 and "Traceback" not in out.read_text(), out.read_text()
     [sweep_dir] = sweep_dirs(artifact_root)
     states = [leg["state"] for leg in load(sweep_dir / "sweep.json")["legs"]]
