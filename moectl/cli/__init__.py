@@ -17,23 +17,12 @@ from moectl.cli import tracking as _tracking  # noqa: E402,F401  sync
 from moectl.cli import cluster as _cluster  # noqa: E402,F401  wait, cancel
 
 
-def _one_line_summaries() -> None:
-    """`moectl --help` lists each command with the first paragraph of its docstring, and typer's
-    rich mode keeps that paragraph's hard line breaks, so a summary broke mid-sentence. Join it."""
-    for info in app.registered_commands:
-        doc = info.help or (info.callback.__doc__ if info.callback else None)
-        if info.short_help is None and doc:
-            info.short_help = " ".join(doc.strip().split("\n\n")[0].split())
-
-
-_one_line_summaries()
-
-
 def _reflowed_help() -> None:
-    """Each command's `--help`: typer's rich mode keeps a paragraph's hard line breaks, so prose
-    written at 100 columns broke mid-sentence on an 80-column terminal ("Ctrl-C / and crashes").
-    Prose paragraphs are joined into one line each, for the terminal to wrap; indented blocks (spec
-    and command examples) and lists keep their lines."""
+    """typer's rich mode keeps a paragraph's hard line breaks, so help written at 100 columns broke
+    mid-sentence: in `moectl --help`'s one-line summaries, and in each command's `--help` on an
+    80-column terminal ("Ctrl-C / and crashes"). Prose paragraphs are joined into one line each, for
+    the terminal to wrap; indented blocks (spec and command examples) and lists keep their lines;
+    the first paragraph is the command's summary."""
     import inspect
 
     for info in app.registered_commands:
@@ -46,6 +35,8 @@ def _reflowed_help() -> None:
             if not any(line[:1].isspace() or line.startswith(("- ", "* ", "Example")) for line in lines):
                 paragraphs[i] = " ".join(line.strip() for line in lines)
         info.help = "\n\n".join(paragraphs)
+        if info.short_help is None:
+            info.short_help = " ".join(paragraphs[0].split())
 
 
 _reflowed_help()
