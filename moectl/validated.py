@@ -27,8 +27,10 @@ from typing import Any, Optional, Union
 CACHE_ENV = "MOECTL_CACHE_DIR"
 _MOECTL_DIR = Path(__file__).resolve().parent
 # The code a validation result depends on: moectl's own modules (the models, their validators and
-# the constants they default to) and engine/schema.py (the metrics contract), plus pydantic.
+# the constants they default to), engine/schema.py (the metrics contract) and engine/config.py
+# (the presets its constants come from), plus pydantic.
 _ENGINE_SCHEMA = _MOECTL_DIR.parent / "engine" / "schema.py"
+_ENGINE_CONFIG = _MOECTL_DIR.parent / "engine" / "config.py"
 
 
 def cache_dir() -> Path:
@@ -74,7 +76,7 @@ _FINGERPRINT: Optional[str] = None
 
 def code_fingerprint() -> str:
     """Identity of the validating code: every module in moectl/ (not cli/: it validates nothing),
-    engine/schema.py and pydantic's version file, by name, size and mtime (an edit, a reinstall or
+    engine/schema.py, engine/config.py and pydantic's version file, by name, size and mtime (an edit, a reinstall or
     an upgrade changes it), and the Python version. Conservative: any code change empties memos."""
     global _FINGERPRINT
     if _FINGERPRINT is None:
@@ -82,7 +84,7 @@ def code_fingerprint() -> str:
         with os.scandir(_MOECTL_DIR) as entries:
             names = sorted(e.name for e in entries if e.name.endswith(".py"))
         parts += [_stat_id(_MOECTL_DIR / n) for n in names]
-        parts.append(_stat_id(_ENGINE_SCHEMA))
+        parts += [_stat_id(_ENGINE_SCHEMA), _stat_id(_ENGINE_CONFIG)]
         pyd = _pydantic_version_file()
         parts.append(_stat_id(pyd) if pyd else "pydantic:-")
         _FINGERPRINT = digest("\n".join(parts))

@@ -409,7 +409,7 @@ def test_an_unmapped_option_names_the_config_file_given(tmp_path, monkeypatch):
 
 def test_the_memo_fingerprint_covers_every_module_that_validates_a_config():
     """A memo entry is trusted while the code fingerprint is unchanged; the fingerprint reads only
-    moectl/*.py and engine/schema.py, so validating must import nothing else of ours."""
+    moectl/*.py, engine/schema.py and engine/config.py, so validating must import nothing else of ours."""
     import subprocess
 
     code = ("import sys; import moectl.config_schema, moectl.config as c; c.parse_config_text('');"
@@ -417,8 +417,9 @@ def test_the_memo_fingerprint_covers_every_module_that_validates_a_config():
             "if n.split('.')[0] in ('moectl', 'engine') and getattr(m, '__file__', None)))")
     files = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                            check=True).stdout.split()
-    from moectl.validated import _ENGINE_SCHEMA, _MOECTL_DIR
+    from moectl.validated import _ENGINE_CONFIG, _ENGINE_SCHEMA, _MOECTL_DIR
 
     for f in files:
         p = Path(f).resolve()
-        assert p.parent == _MOECTL_DIR or p in (_ENGINE_SCHEMA.resolve(), (REPO / "engine" / "__init__.py").resolve()), p
+        assert p.parent == _MOECTL_DIR or p in (_ENGINE_SCHEMA.resolve(), _ENGINE_CONFIG.resolve(),
+                                                (REPO / "engine" / "__init__.py").resolve()), p
