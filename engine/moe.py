@@ -145,11 +145,12 @@ def route(x_ND, router_weight_ED, top_k: int, balance_coeff: float, z_coeff: flo
         experts_NK = (probs_NE.detach() + bias_E).topk(top_k, dim=-1).indices
         weights_NK = probs_NE.gather(1, experts_NK)
     weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True)
-    # Per-expert counts by a scatter-add: static shape (bincount's is data dependent), no host sync.
+    # Per-expert counts as a compare-and-sum over [N*K, E]: static shape (bincount's is data
+    # dependent), no host sync, and a plain reduction that Inductor fuses. Not a scatter-add:
+    # compiled, index_add_ on int64 becomes aten's sort-based index_put (Triton has no int64
+    # atomic add), 0.4 ms a layer on an H200, a quarter of the compiled MoE layer (issue 11).
     experts_A = experts_NK.reshape(-1)
-    counts_E = torch.zeros(E, dtype=torch.int64, device=x_ND.device).index_add_(
-        0, experts_A, torch.ones_like(experts_A)
-    )
+    counts_E = (experts_A.unsqueeze(1) == torch.arange(E, device=x_ND.device)).sum(0)
     loss = logits_NE.new_zeros(())
     if balance_coeff > 0:
         # Switch loss E * sum_e f_e * P_e: f = fraction of assignments (no grad), P = mean prob.
@@ -242,7 +243,8 @@ class _Combine(torch.autograd.Function):
 def _sort_by_expert(experts_A, counts_E):
     """-> (order_A: sorted position -> assignment, rank_A: assignment -> sorted position, start_E)."""
     A = experts_A.shape[0]
-    order_A = torch.sort(experts_A, stable=True).indices
+    # int32 keys: a radix sort of half the passes of int64's (expert ids are < E anyway).
+    order_A = torch.sort(experts_A.to(torch.int32), stable=True).indices
     rank_A = torch.empty_like(order_A).scatter_(0, order_A, torch.arange(A, device=experts_A.device))
     start_E = torch.cumsum(counts_E, 0) - counts_E
     return order_A, rank_A, start_E

@@ -15,6 +15,8 @@
 # Each d12-moe run is 60 steps at a quarter of the preset's total batch (131072 tokens = 8 micro-
 # batches of 16 x 1024 on one GPU) so three runs fit; tok/sec per GPU is what compares with the seed
 # (~100,800 tok/s per GPU, 9.76% MFU at 8 GPUs; its dense iso-FLOP twin ~36% MFU).
+# First figures (one H200, 2026-11-27) are in docs/benchmarks.md; scripts/gpu_profile.py splits one
+# d12 MoE layer's time kernel by kernel when a run is slower than its dense twin.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}

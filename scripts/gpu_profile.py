@@ -1,0 +1,168 @@
+"""Where a d12-moe MoE layer's time goes on one GPU, next to its iso-FLOP dense MLP.
+
+    OUT=/tmp/prof python3 scripts/gpu_profile.py            # CUDA: the d12 layer shape
+    OUT=/tmp/prof python3 scripts/gpu_profile.py --device cpu --tokens 1024 --dim 64   # a smoke run
+
+One layer as engine.train runs it: fp32 parameters and residual, autocast bf16, forward + backward
+with the aux loss, eager and torch.compile(dynamic=False). Each variant is timed round-robin with
+CUDA events (median), then profiled: the kernels by self device time go to $OUT/profile_<name>.txt.
+`gpu_check.sh` measured the whole model; this splits the MoE layer's extra time into its parts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from engine.bench import DenseMLP  # noqa: E402
+from engine.moe import MoEConfig, MoELayer  # noqa: E402
+
+
+def make_layers(dim, experts, top_k, hidden, device):
+    layers = {"dense": DenseMLP(dim, top_k * hidden)}
+    for name, dispatch, cap in (("padded_cap1", "padded", 1.0), ("grouped", "grouped", 0.0)):
+        moe = MoELayer(MoEConfig(dim=dim, n_experts=experts, top_k=top_k, expert_hidden=hidden, cap=cap,
+                                 dispatch=dispatch))
+        torch.nn.init.normal_(moe.w_down_EHD, std=hidden**-0.5)
+        layers[name] = moe
+    return {k: v.to(device) for k, v in layers.items()}  # fp32 masters, as engine.train keeps them
+
+
+def step_fn(layer, x, g, device, use_bf16):
+    def step():
+        for p in layer.parameters():
+            p.grad = None
+        x.grad = None
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            out = layer(F.rms_norm(x, (x.size(-1),)))
+        if isinstance(out, tuple):
+            out, aux = out
+            torch.autograd.backward([out.float(), aux.loss], [g, None])
+        else:
+            out.float().backward(g)
+    return step
+
+
+def timed(fns: dict, device, warmup=5, repeats=20) -> dict:
+    times = {k: [] for k in fns}
+    for i in range(warmup + repeats):
+        for k, fn in fns.items():
+            if device.type == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                torch.cuda.synchronize()
+                ms = a.elapsed_time(b)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                ms = (time.perf_counter() - t0) * 1e3
+            if i >= warmup:
+                times[k].append(ms)
+    return {k: round(statistics.median(v), 4) for k, v in times.items()}
+
+
+def profile(fn, device, path: Path, iters=5):
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    with tprofile(activities=acts) as prof:
+        for _ in range(iters):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    avgs = prof.key_averages()
+    for key in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
+        try:
+            table = avgs.table(sort_by=key, row_limit=40, max_name_column_width=90)
+            break
+        except Exception:  # older/newer spellings of the sort key
+            continue
+    path.write_text(f"{iters} iterations\n{table}\n")
+    return table
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tokens", type=int, default=16384)  # d12-moe: 16 x 1024 a micro-batch
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=0)
+    p.add_argument("--budget-s", type=float, default=240, help="skip later sections past this")
+    a = p.parse_args()
+    out = Path(os.environ.get("OUT", "/tmp/gpu_profile"))
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(a.device)
+    hidden = a.hidden or 2 * a.dim
+    use_bf16 = device.type == "cuda"
+    t_start = time.monotonic()
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    x = torch.randn(a.tokens // 1024 or 1, min(a.tokens, 1024), a.dim, device=device, requires_grad=True)
+    g = torch.randn_like(x)
+    layers = make_layers(a.dim, a.experts, a.top_k, hidden, device)
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "shape": [list(x.shape), a.dim, a.experts, a.top_k, hidden]}
+
+    eager = {k: step_fn(l, x, g, device, use_bf16) for k, l in layers.items()}
+    result["eager_ms"] = timed(eager, device)
+    print("eager ms:", result["eager_ms"], flush=True)
+
+    compiled = {}
+    for k, l in layers.items():
+        try:
+            t0 = time.monotonic()
+            c = torch.compile(l, dynamic=False)
+            fn = step_fn(c, x, g, device, use_bf16)
+            fn()
+            compiled[k] = fn
+            print(f"compiled {k} in {time.monotonic() - t0:.1f}s", flush=True)
+        except Exception:
+            traceback.print_exc()
+    try:
+        from torch._dynamo.utils import counters
+
+        result["graph_breaks"] = {str(k): v for k, v in counters["graph_break"].items()}
+        result["unique_graphs"] = counters["stats"]["unique_graphs"]
+    except Exception as exc:
+        result["graph_breaks"] = repr(exc)
+    result["compiled_ms"] = timed(compiled, device) if compiled else {}
+    print("compiled ms:", result["compiled_ms"], flush=True)
+    for mode in ("eager_ms", "compiled_ms"):
+        d = result[mode].get("dense")
+        if d:
+            result[mode.replace("_ms", "_ratio")] = {k: round(v / d, 3) for k, v in result[mode].items()}
+    (out / "profile.json").write_text(json.dumps(result, indent=1))
+
+    for name, fn in list(compiled.items()) + [(f"eager_{k}", f) for k, f in eager.items() if k != "dense"]:
+        if time.monotonic() - t_start > a.budget_s:
+            print(f"skip profile {name}: past --budget-s", flush=True)
+            continue
+        try:
+            table = profile(fn, device, out / f"profile_{name}.txt")
+            print(f"==== {name}\n" + "\n".join(table.splitlines()[:22]), flush=True)
+        except Exception:
+            traceback.print_exc()
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
