@@ -103,3 +103,23 @@ def test_keep_freed_memory_stops_refaulting_every_step():
     assert keep_kept == "True"  # Linux + glibc here: the settings took
     assert float(plain) > 20000, plain  # > 80 MiB of fresh pages a step (measured: ~38k faults)
     assert float(keep) < float(plain) / 20, (keep, plain)  # measured: 0-300 against ~38k
+
+
+@pytest.mark.slow
+def test_gpu_profile_script_runs_on_cpu_and_writes_its_tables(tmp_path):
+    """scripts/gpu_profile.py is only ever run for real on a lent GPU, in one short call: a typo
+    found there costs device time, so its whole path (eager and compiled timings, the profiles)
+    runs here on a small CPU shape."""
+    env = dict(os.environ, OUT=str(tmp_path))
+    proc = subprocess.run([sys.executable, "scripts/gpu_profile.py", "--device", "cpu", "--tokens", "256", "--dim", "32"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((tmp_path / "profile.json").read_text())
+    assert res["shape"] == [[1, 256, 32], 32, 8, 2, 64]
+    for mode in ("eager", "compiled"):
+        assert set(res[f"{mode}_ms"]) == {"dense", "padded_cap1", "grouped"}
+        assert all(ms > 0 for ms in res[f"{mode}_ms"].values())
+        assert res[f"{mode}_ratio"]["dense"] == 1.0
+    assert res["graph_breaks"] == {}
+    for name in ("dense", "padded_cap1", "grouped", "eager_padded_cap1", "eager_grouped"):
+        assert "aten::" in (tmp_path / f"profile_{name}.txt").read_text(), name
