@@ -13,14 +13,19 @@ Why the process handling looks the way it does:
   it runs and right before every signal) and kill those too when the grace period runs out, and
   after torchrun exits we make sure none of them is left behind.
 - If moectl itself dies without a word (SIGKILL, the OOM killer), torchrun must not train on
-  unrecorded: on Linux it is started with a parent-death signal (`prctl(PR_SET_PDEATHSIG,
-  SIGTERM)` between fork and exec), so the kernel sends it SIGTERM the moment we die and it stops
-  its workers as on Ctrl-C; the engine asks the same of torchrun (engine/train.py), for a
-  torchrun that is itself SIGKILLed. The signal follows the *thread* that forked, not the
-  process: `launch` forks from the thread that then waits for torchrun to exit, so that thread
-  outlives it on every path. Elsewhere (no prctl) the training runs on until it next writes to
-  the closed pipe; the next moectl that reads the record settles it once no process of the run
-  is left (store.settle_stale).
+  unrecorded. A watchdog (WATCHDOG: a small single-threaded process in a session of its own,
+  started before torchrun) holds the read end of a pipe only this process writes to: end of file
+  without the "finished" byte means moectl died. It then does what moectl does on Ctrl-C: one
+  SIGTERM to torchrun (which forwards it to its workers), and SIGKILL for whatever of the run is
+  still alive after the grace, workers reparented to init included (it keeps its own list of
+  them). Not the kernel's parent-death signal (`prctl(PR_SET_PDEATHSIG)`) on torchrun: that signal
+  comes once per thread of the dying parent that the child is handed to on the way out, so a
+  multi-threaded moectl could give torchrun two SIGTERMs (seen in tests), and torchrun's handler
+  raises on each, the second inside its own shutdown; once on a loaded CI machine a torchrun was
+  still alive 60 s after moectl's SIGKILL, its workers gone. The parent-death signal remains the
+  fallback where the watchdog cannot start, and what the engine asks of torchrun
+  (engine/train.py: a torchrun itself SIGKILLed). Should all of it fail, the next moectl that
+  reads the record settles it once no process of the run is left (store.settle_stale).
 - Signal handlers only set a flag and wake the wait loop; all the acting happens in the loop, never
   inside whatever code the signal happened to interrupt. They are installed for the duration of
   `launch` and the previous ones restored on every path.
@@ -372,6 +377,134 @@ def supervised(argv: list[str], grace_s: float = 10.0) -> list[str]:
     return [sys.executable, "-c", SUPERVISOR, str(grace_s), *argv]
 
 
+# The watchdog (see the module docstring): argv GRACE_S. Its stdin is a pipe from launch(): first
+# a line "PID CREATE_TIME" naming the process to watch, then one byte once the run ended under
+# moectl's eyes (exit quietly); end of file before that byte = moectl died: one SIGTERM to the
+# watched process, GRACE_S for the whole family to stop, SIGKILL for every survivor. The family is
+# refreshed every second (one pass over the process table), so workers reparented to init are
+# still known. Its first line marks it for tests; it carries none of the words moectl's process
+# probes match (so it is never taken for training).
+WATCHDOG_MARK = "# moectl launch watchdog"
+WATCHDOG = WATCHDOG_MARK + """
+import os, select, signal, sys, time
+import psutil
+grace = float(sys.argv[1])
+line = b""
+while not line.endswith(b"\\n"):
+    byte = os.read(0, 1)
+    if not byte:
+        sys.exit(0)  # nothing to watch: launch() never started it, or died first
+    line += byte
+pid, created = line.split()
+try:
+    root = psutil.Process(int(pid))
+    if abs(root.create_time() - float(created)) > 0.01:
+        sys.exit(0)  # already gone, its pid reused
+except psutil.Error:
+    sys.exit(0)
+family = {root.pid: root}
+def alive(p):
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+def refresh():
+    # Descend only from members still alive: a dead member's pid may belong to a stranger now.
+    kids = {}
+    for p in psutil.process_iter(["ppid"]):
+        kids.setdefault(p.info["ppid"], []).append(p)
+    todo = [pid for pid, p in family.items() if alive(p)]
+    while todo:
+        for c in kids.get(todo.pop(), []):
+            if c.pid not in family:
+                family[c.pid] = c
+                todo.append(c.pid)
+while True:
+    refresh()
+    if select.select([0], [], [], 1.0)[0]:
+        if os.read(0, 1):
+            sys.exit(0)  # finished normally: moectl saw to everything
+        break  # end of file: moectl is gone
+if alive(root):
+    try:
+        root.send_signal(signal.SIGTERM)
+    except psutil.Error:
+        pass
+deadline = time.monotonic() + grace
+ticks = 0
+while time.monotonic() < deadline:
+    if ticks % 5 == 0:
+        refresh()
+    ticks += 1
+    if not any(alive(p) for p in family.values()):
+        sys.exit(0)
+    time.sleep(0.1)
+refresh()
+for p in family.values():
+    if alive(p):
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+"""
+
+
+class _Watchdog:
+    """WATCHDOG, started before the process it will watch: `watch(pid)` once that runs,
+    `finished()` when the run ended under our eyes. `ok` is False when it could not start."""
+
+    def __init__(self, grace_s: float):
+        self.proc: Optional[subprocess.Popen] = None
+        self.fd: Optional[int] = None
+        try:
+            read_fd, self.fd = os.pipe()  # not inheritable (PEP 446): no other child holds the write end
+            try:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-c", WATCHDOG, str(grace_s)], stdin=read_fd, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL, start_new_session=True,
+                )
+            finally:
+                os.close(read_fd)
+        except OSError:
+            self._close_fd()
+
+    @property
+    def ok(self) -> bool:
+        return self.proc is not None
+
+    def _write(self, data: bytes) -> None:
+        if self.fd is not None:
+            try:
+                os.write(self.fd, data)
+            except OSError:
+                pass
+
+    def _close_fd(self) -> None:
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
+
+    def watch(self, pid: int) -> None:
+        try:
+            self._write(f"{pid} {psutil.Process(pid).create_time()!r}\n".encode())
+        except psutil.Error:
+            pass  # already gone: nothing to guard
+
+    def finished(self) -> None:
+        """The run ended under our eyes: the watchdog exits (and is reaped here)."""
+        self._write(b".")
+        self._close_fd()
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
 def launch(
     argv: list[str],
     *,
@@ -416,6 +549,7 @@ def launch(
     proc: Optional[subprocess.Popen] = None
     tee: Optional[_Tee] = None
     family: Optional[_Family] = None
+    watchdog: Optional[_Watchdog] = None
     killed = False
     interrupted = False  # a stop signal ended it (one that arrives after a clean exit 0 is ignored)
     exit_code: Optional[int] = None
@@ -425,17 +559,19 @@ def launch(
             error = f"stopped by {stop.signal_name} before start"
             interrupted = True
         else:
+            watchdog = _Watchdog(stop_grace_s)
             try:
                 proc = subprocess.Popen(
                     argv, cwd=str(cwd), env=child_env, stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                    preexec_fn=_die_with_this_thread(),
+                    preexec_fn=None if watchdog.ok else _die_with_this_thread(),
                 )
             except OSError as exc:
                 error = f"could not start {argv[0] if argv else '(empty argv)'}: {exc}"
                 log_fh.write(f"moectl: {error}\n".encode())
         if proc is not None:
             family = _Family(proc.pid)
+            watchdog.watch(proc.pid)
             if echo:
                 sink_echo = progress.echo if progress is not None else _echo_to_stdout
             else:
@@ -488,6 +624,8 @@ def launch(
                 family.kill_all(root_alive=True)
             proc.kill()
             proc.wait()
+        if watchdog is not None:
+            watchdog.finished()
         _restore_handlers(previous)
         if tee is not None:
             with tee.lock:

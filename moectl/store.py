@@ -186,8 +186,8 @@ def settle_stale(run_dir: Path, rec: StoredRun, recorded_exp_dir: Optional[str] 
     """Finalise a stale run (its moectl is dead) as `interrupted (moectl was killed)`; return what
     a reader should show. Called by `load_run`, so every command that reads the store does it.
 
-    - Not while a process of its training is alive (stopping after its parent-death signal, or on
-      a system without one): its metrics may still grow, so it stays `stale` until the next read.
+    - Not while a process of its training is alive (stopping after moectl's death, or left with
+      no watchdog): its metrics may still grow, so it stays `stale` until the next read.
     - The content is a function of the files alone (summary from metrics.jsonl with the window
       recorded at launch; `finished_at` = when the run last wrote, the newest mtime of
       metrics.jsonl and train.log; `exit_code` null, since the moectl that collects torchrun's

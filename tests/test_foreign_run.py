@@ -252,7 +252,7 @@ while True:
 @pytest.mark.slow
 def test_a_killed_moectl_takes_a_python_launched_trainers_own_children_with_it(git_repo, monkeypatch, artifact_root,
                                                                                tmp_path):
-    # The parent-death signal reaches moectl's own child only: with `launcher = "python"` that was
+    # moectl's SIGTERM on its death reaches its own child only: with `launcher = "python"` that was
     # the trainer, and its children ran on unrecorded. Under torchrun, torchrun stops its workers' groups.
     import psutil
 

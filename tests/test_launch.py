@@ -31,7 +31,7 @@ from moectl.progress import (
     eta_seconds,
     make_progress,
 )
-from tests.conftest import steps_written, stop_process, wait_for
+from tests.conftest import kill_all, steps_written, stop_process, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -289,6 +289,67 @@ def test_second_signal_escalates_to_sigkill_at_once(tmp_path):
     assert len(steps_in(tmp_path / "metrics.jsonl")) < 100000
 
 
+def is_watchdog(proc: psutil.Process) -> bool:
+    from moectl.launch import WATCHDOG_MARK
+
+    try:
+        cmd = proc.cmdline()
+        return cmd[1:2] == ["-c"] and cmd[2].startswith(WATCHDOG_MARK + "\n")
+    except (psutil.Error, IndexError):
+        return False
+
+
+def kill_launcher_when_up(out: Path, argv: list[str], grace: float, ranks: int = 1) -> tuple[int, int, float]:
+    """Start `launch` in a child python and SIGKILL it once every rank is up: -> (the launched
+    process's pid, its watchdog's pid, the moment of the kill). The ranks ignore SIGTERM and never
+    print (`--no-output`), so neither a SIGTERM nor a closed pipe stops them."""
+    out.mkdir(parents=True, exist_ok=True)
+    stderr = out / "launch.stderr"
+    with open(stderr, "w") as err_fh:
+        child = subprocess.Popen([PY, "-c", CHILD, str(out), str(grace), *argv], cwd=REPO, env={**os.environ, **ENV},
+                                 stdout=subprocess.DEVNULL, stderr=err_fh)
+    try:
+        wait_for(lambda: len(worker_pids(out)) == ranks, f"{ranks} rank(s) up", 120, proc=child, output=stderr.read_text)
+        kids = psutil.Process(child.pid).children()
+        launched = [p.pid for p in kids if not is_watchdog(p)]
+        watchdogs = [p.pid for p in kids if is_watchdog(p)]
+        assert len(launched) == 1 and len(watchdogs) == 1, kids
+        child.kill()
+        child.wait(timeout=30)
+        return launched[0], watchdogs[0], time.monotonic()
+    finally:
+        if child.poll() is None:
+            stop_process(child)
+
+
+def test_a_trainer_deaf_to_sigterm_is_killed_after_the_grace_once_its_launcher_is_sigkilled(tmp_path):
+    """moectl SIGKILLed: its watchdog sends the trainer one SIGTERM, which it ignores (as a torchrun
+    wedged in its own shutdown does), then SIGKILLs it once the grace has passed."""
+    argv = fake_argv(tmp_path, "--steps", "100000", "--sleep-per-step", "0.05", "--ignore-sigterm", "--no-output")
+    grace = 2.0
+    trainer, watchdog, killed_at = kill_launcher_when_up(tmp_path, argv, grace)
+    try:
+        state = lambda: f"SIGTERMs noted: {sigterms_noted(tmp_path)}; trainer exited: {exited(trainer)}"
+        wait_for(lambda: sigterms_noted(tmp_path) == {"rank0": 1}, "the watchdog's SIGTERM reaching the trainer", 30,
+                 output=state)
+        wait_for(lambda: exited(trainer), "the trainer being killed after the grace", 60, output=state)
+        took = time.monotonic() - killed_at
+        assert took >= grace / 2, f"killed {took:.2f}s after its launcher: the grace ({grace}s) was not granted"
+        assert sigterms_noted(tmp_path) == {"rank0": 1}  # one polite request, then SIGKILL
+        wait_for(lambda: exited(watchdog), "the watchdog exiting once its work was done", 30)
+    finally:
+        if not exited(trainer):
+            kill_all([psutil.Process(trainer)])
+
+
+def test_a_run_that_ends_normally_leaves_no_watchdog_behind(tmp_path):
+    r = launch(fake_argv(tmp_path, "--steps", "3", "--sleep-per-step", "0.01"), cwd=REPO, env=ENV,
+               log_path=tmp_path / "train.log", metrics_path=tmp_path / "metrics.jsonl")
+    assert r.exit_code == 0
+    # Gone, and reaped by launch itself (no zombie child of ours): the "finished" byte reached it.
+    assert not [c for c in psutil.Process().children() if is_watchdog(c)]
+
+
 # --- launch under real torchrun (gloo, CPU) ---------------------------------------------------------
 
 
@@ -358,3 +419,23 @@ def test_torchrun_worker_ignoring_sigterm_is_killed_after_grace(tmp_path):
     pids = worker_pids(tmp_path)
     assert len(pids) == 2
     assert_gone(r.pid, *pids)
+
+
+@pytest.mark.slow
+def test_torchrun_and_its_workers_are_killed_after_the_grace_once_the_launcher_is_sigkilled(tmp_path):
+    """torchrun forwards the watchdog's SIGTERM to workers that ignore it, then would wait 30 s
+    before killing them itself (it can also hang, see moectl.launch): the watchdog, which knows the
+    workers from its own snapshots although they run in sessions of their own, kills all three once
+    the grace has passed."""
+    argv = fake_argv(tmp_path, "--steps", "100000", "--sleep-per-step", "0.05", "--ignore-sigterm", "--no-output",
+                     nproc=2)
+    torchrun, watchdog, killed_at = kill_launcher_when_up(tmp_path, argv, grace=1.0, ranks=2)
+    procs = [psutil.Process(torchrun)] + [psutil.Process(pid) for pid in worker_pids(tmp_path)]
+    try:
+        wait_for(lambda: all(exited(p.pid) for p in procs), "torchrun and both workers being killed", 60)
+        # torchrun's own escalation comes 30 s after its SIGTERM; ours comes after the 1 s grace.
+        assert time.monotonic() - killed_at < 25, "stopped by torchrun's own 30 s timeout, not the watchdog"
+        assert sorted(sigterms_noted(tmp_path)) == ["rank0", "rank1"]  # torchrun did forward its SIGTERM
+        wait_for(lambda: exited(watchdog), "the watchdog exiting once its work was done", 30)
+    finally:
+        kill_all(procs)

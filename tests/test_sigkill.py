@@ -112,7 +112,7 @@ def moectl_env() -> dict[str, str]:
 @pytest.mark.slow
 def test_sigkilled_moectl_stops_a_silent_trainer_and_the_next_read_settles_the_run(proj, artifact_root, tmp_path):
     out = tmp_path / "moectl.out"
-    # Two ranks that never print after start-up: only a parent-death signal can stop them.
+    # Two ranks that never print after start-up: only moectl's watchdog can stop them (via torchrun).
     args = ["run", "--steps", "100000", "--nproc", "2", "--tag", "silent", *QUIET,
             "--", "--sleep-per-step", "0.02", "--no-output"]
     with open(out, "w") as fh:
@@ -186,7 +186,7 @@ launch(sys.argv[2:], cwd=Path.cwd(), env={}, log_path=out / "train.log", metrics
 @pytest.mark.slow
 @pytest.mark.parametrize("parent", ["moectl.launch", "torchrun"])
 def test_real_engine_stops_cleanly_when_the_process_above_it_is_sigkilled(tmp_path, parent):
-    """`moectl.launch`: moectl's own parent-death signal on torchrun, which then stops the worker.
+    """`moectl.launch`: moectl's watchdog sends torchrun its SIGTERM, and torchrun stops the worker.
     `torchrun`: torchrun itself SIGKILLed, so only the engine's parent-death signal can stop it."""
     exp = tmp_path / "exp"
     exp.mkdir()
@@ -304,7 +304,7 @@ def test_a_lock_that_is_not_the_dead_owners_is_left_alone(tmp_path, holder):
 def test_not_settled_while_a_process_of_its_training_lives(tmp_path):
     exp = make_stale_run(tmp_path, "20260101_000001_moe-a", 5)
     before = (exp / RUN_RECORD).read_bytes()
-    # A worker that outlived its moectl (no parent-death signal on this system, or still stopping).
+    # A worker that outlived its moectl (its watchdog gone too, or still stopping).
     worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "--out-dir", str(exp)])
     try:
         wait_for("the worker's argv to be visible", lambda: str(exp) in " ".join(psutil.Process(worker.pid).cmdline()), 30)

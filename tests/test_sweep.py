@@ -340,7 +340,7 @@ def test_a_sweep_killed_during_its_first_leg_leaves_no_placeholder_report(git_re
     finally:
         if proc.poll() is None:
             stop_process(proc)
-        gate.touch()  # the orphaned trainer (if any) may finish; its parent-death signal stops it anyway
+        gate.touch()  # the orphaned trainer (if any) may finish; moectl's watchdog stops it anyway
     assert not (git_repo / "reports").exists() or list((git_repo / "reports").iterdir()) == []
     assert git(git_repo, "status", "--porcelain", "--untracked-files=all").splitlines() == ["?? spec.toml"]
 
