@@ -757,3 +757,60 @@ def test_a_sweep_is_named_by_a_prefix_of_its_name_and_an_ambiguous_one_lists_the
     assert info.value.lines == ["20260501_000000_moe-sw1 (name sw1)", "20260501_000001_moe-sw2 (name sw2)"]
     with pytest.raises(UsageError, match="no sweep matches 'zz'"):
         resolve_sweep(tmp_path, "zz")
+
+
+class _Died(BaseException):
+    """Stands in for a SIGKILL: nothing of moectl's runs after it (not even `except Exception`)."""
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_while_writing_its_final_report_is_finished_by_a_resume(git_repo, artifact_root, monkeypatch):
+    """Every leg completed, then moectl died in its final stage (figures, report, commit): the
+    report was left at the last leg's progress heading and never committed as final. A resume has
+    no leg to run, yet owes that report: it rewrites the sweep's own report file, commits it, and
+    only then is the sweep finished (a second resume has nothing to do)."""
+    import moectl.sweep.run as sweep_run
+
+    sweep_project(git_repo)
+    monkeypatch.chdir(git_repo)
+    spec = write_spec(git_repo, 'name = "fin"\n[common]\nsteps = 3\nargs = ["--sleep-per-step", "0.01"]\n'
+                      '[[legs]]\ntag = "a"\n[[legs]]\ntag = "b"\n')
+
+    def die_in_the_final_stage(*args, **kwargs):
+        raise _Died()
+
+    with monkeypatch.context() as m:
+        m.setattr(sweep_run, "_figures", die_in_the_final_stage)  # the first step of the final stage
+        with pytest.raises(_Died):
+            cli("sweep", str(spec), *QUIET)
+    [sweep_dir] = sweep_dirs(artifact_root)
+    rec = load(sweep_dir / "sweep.json")
+    assert [leg["state"] for leg in rec["legs"]] == ["completed", "completed"] and rec["finished_at"] is None
+    report = Path(rec["report"])
+    assert report.read_text().splitlines()[0] == "# Sweep fin — 2/2 legs completed"  # the last progress version
+    head = git(git_repo, "rev-parse", "HEAD").strip()
+    stale = report.read_bytes()
+    r = cli("sweep", "--resume", rec["id"], "--dry-run", *QUIET)
+    assert r.exit_code == 0 and f"the final report of {rec['id']} was never written" in r.output, r.output
+    r = cli("sweep", "--resume", rec["id"], "--dry-run", "--json", *QUIET)
+    assert json.loads(r.stdout)["final_report_owed"] is True and json.loads(r.stdout)["legs"] == []
+    assert report.read_bytes() == stale  # a dry run writes nothing
+
+    r = cli("sweep", "--resume", rec["id"], "--json", *QUIET)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["nothing_to_run"] is True and out["report"] == str(report)  # the same file, rewritten
+    assert sweep_dirs(artifact_root) == [sweep_dir]  # no new -resume directory: no leg ran
+    text = report.read_text()
+    assert text.splitlines()[0] == "# Sweep fin — completed"
+    assert "final report written by `moectl sweep --resume`" in text
+    assert git(git_repo, "log", "--format=%s", "-1").startswith("report: sweep fin — completed, 2/2 legs")
+    assert str(report.relative_to(git_repo)) in commit_files(git_repo, "HEAD")
+    assert git(git_repo, "rev-list", "--count", f"{head}..HEAD").strip() == "1"
+    done = load(sweep_dir / "sweep.json")
+    assert done["finished_at"] is not None and done["report"] == str(report)
+
+    r = cli("sweep", "--resume", rec["id"], "--json", *QUIET)  # finished now: nothing left, nothing written
+    assert r.exit_code == 0 and json.loads(r.stdout)["nothing_to_run"] is True
+    assert json.loads(cli("sweep", "--resume", rec["id"], "--dry-run", "--json").stdout)["final_report_owed"] is False
+    assert git(git_repo, "rev-list", "--count", f"{head}..HEAD").strip() == "1"

@@ -16,7 +16,7 @@ from moectl.errors import EXIT_OK, UsageError
 def sweep(
     ctx: typer.Context,
     spec: Annotated[Optional[Path], typer.Argument(parser=PATH, help="Sweep spec (TOML): name, \\[common], \\[\\[legs]] or \\[grid].", show_default=False)] = None,
-    resume: Annotated[Optional[str], typer.Option("--resume", help="Run the legs of this sweep (id, unique prefix, name or path) that did not complete, in a fresh -resume directory.", show_default=False)] = None,
+    resume: Annotated[Optional[str], typer.Option("--resume", help="Run the legs of this sweep (id, unique prefix, name or path) that did not complete, in a fresh -resume directory (all completed but no final report: writes that report).", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the legs and their exact commands; write nothing.")] = False,
     fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failed leg.")] = False,
     baseline: Annotated[Optional[str], typer.Option("--baseline", help="Leg tag to compare against (default: the first completed leg).", show_default=False)] = None,
@@ -65,7 +65,8 @@ def sweep(
     from moectl.plan import make_request
     from moectl.progress import progress_for
     from moectl.sweep.run import (
-        SweepOptions, SweepUI, _check_baseline, dry_run as plan_legs, plan_resume, resume_sweep, run_sweep,
+        SweepOptions, SweepUI, _check_baseline, dry_run as plan_legs, final_report_owed, plan_resume,
+        resume_sweep, run_sweep,
     )
     from moectl.sweep.spec import load_spec
 
@@ -100,14 +101,15 @@ def sweep(
 
     if dry_run:
         if parsed is not None:
-            name, legs, resumed_from = parsed.name, parsed.legs, None
+            name, legs, resumed_from, owed = parsed.name, parsed.legs, None, False
         else:
             old, legs, _ = plan_resume(cfg, resume)
             name, resumed_from = old.name + "-resume", old.id
+            owed = final_report_owed(old, legs)
         _check_baseline(opts, legs)  # what the sweep itself would refuse, the dry run refuses
         planned = plan_legs(cfg, [leg for leg in legs if leg.state == "pending"], name, opts)
         if json_out:
-            print_json({"name": name, "resumed_from": resumed_from, "legs": planned})
+            print_json({"name": name, "resumed_from": resumed_from, "legs": planned, "final_report_owed": owed})
         else:
             out(f"sweep {name}: {len(planned)} leg(s) to run" + (f" (resuming {resumed_from})" if resumed_from else ""))
             for leg in legs:
@@ -115,6 +117,8 @@ def sweep(
                     out(f"  {leg.tag}: {leg.state} (run {leg.run_id}), not re-run")
             for p in planned:
                 out(f"  {p['tag']}: {p['command']}")
+            if owed:
+                out(f"  the final report of {resumed_from} was never written: the resume writes and commits it")
         raise typer.Exit(EXIT_OK)
 
     def on_wait(results, waited_s):

@@ -281,6 +281,8 @@ def _resume_claimed(cfg: Config, old: SweepRecord, legs: list[SweepLeg], carried
         opts = replace(opts, baseline=old.baseline)  # the sweep's own --baseline, unless given anew
     _check_baseline(opts, legs)
     if all(settled(leg, legs) for leg in legs):
+        if final_report_owed(old, legs):
+            return _finish_unfinished(cfg, old, legs, carried, opts, ui)
         ui.say(f"nothing left to run: every leg of {old.id} completed")
         return SweepOutcome(exit_code=EXIT_OK, sweep=old, nothing_to_run=True)
     ui.say(f"resuming {old.id}: " + ", ".join(f"{leg.tag} {leg.state}" for leg in legs))
@@ -290,6 +292,34 @@ def _resume_claimed(cfg: Config, old: SweepRecord, legs: list[SweepLeg], carried
                         config=old.config or (str(cfg.path.resolve()) if cfg.path else None), baseline=opts.baseline,
                         overrides=list(opts.overrides), repo=str(cfg.root.resolve()))
     return (submit or _run)(cfg, sweep, opts, ui, carried=carried, chain=chain)
+
+
+def final_report_owed(old: SweepRecord, legs: list[SweepLeg]) -> bool:
+    """Every leg settled but the sweep never finished (finished_at comes after its final report):
+    its moectl died in the final stage, or a Ctrl-C came after the last leg. Sweeps of a moectl
+    that recorded no pid (older versions) and Slurm sweeps (their report job) are not judged."""
+    return (all(settled(leg, legs) for leg in legs) and old.finished_at is None and old.pid is not None
+            and not old.report_job)
+
+
+def _finish_unfinished(cfg: Config, old: SweepRecord, legs: list[SweepLeg], carried: dict[str, RunRecord],
+                       opts: SweepOptions, ui: SweepUI) -> SweepOutcome:
+    """Every leg completed, yet the sweep never finished: its moectl was killed after the last leg
+    (writing the final report, say) or Ctrl-C came between the last leg and the end. Nothing is
+    left to run, but the final report (figures, EXPERIMENTS.md, commit) is still owed: write it
+    now, into the report file the sweep claimed, as the sweep itself would have."""
+    ui.say(f"every leg of {old.id} completed, but its final report was never written; writing it now")
+    by_id = {s.id: s for s in list_sweeps(cfg.artifact_root)}
+    chain = [s.id for s in sweep_chain(old, by_id)]
+    old.legs = legs  # as settled now (a leg its killed moectl left `running` completed meanwhile)
+    out = SweepOutcome(exit_code=EXIT_OK, sweep=old, nothing_to_run=True)
+    if old.report and Path(old.report).is_file():
+        out.report = Path(old.report)  # the file it claimed (and committed progress into): the same one
+    notes = [f"final report written by `moectl sweep --resume` on {store.now_iso()}: the sweep's own "
+             "moectl ended before writing it"]
+    with _Finishing(ui.say):
+        finish_sweep(cfg, old, carried, opts, out, EXIT_OK, chain=chain, notes=notes)
+    return out
 
 
 def _check_baseline(opts: SweepOptions, legs: list[SweepLeg]) -> None:
@@ -434,6 +464,9 @@ def _claim_report(cfg: Config, sweep: SweepRecord, out: SweepOutcome) -> Path:
     with nobody to commit it."""
     if out.report is None:
         out.report = claim_sweep_report(cfg, sweep)
+        if sweep.exp_dir:  # remembered, so a resume that must finish this sweep rewrites this very file
+            sweep.report = str(out.report)
+            save_sweep(sweep)
     return out.report
 
 
@@ -455,8 +488,6 @@ def finish_sweep(cfg: Config, sweep: SweepRecord, runs: dict[str, RunRecord], op
         else:
             heading = "finished with failures"
             exit_code = EXIT_TRAINING
-        sweep.finished_at = store.now_iso()
-        save_sweep(sweep)
     figures = _figures(cfg, sweep, runs, out) if exit_code in (EXIT_OK, EXIT_TRAINING) and heading != "stopped (--fail-fast)" else []
     paths = write_sweep_report(cfg, sweep, runs, opts, out, heading, chain=chain, notes=notes, figures=figures)
     if not opts.no_commit:
@@ -467,6 +498,10 @@ def finish_sweep(cfg: Config, sweep: SweepRecord, runs: dict[str, RunRecord], op
                 out.commits.append(sha)
         except MoectlError as exc:
             out.messages.append(f"sweep report not committed: {exc.message}")
+    if exit_code in (EXIT_OK, EXIT_TRAINING):
+        # Only now, with its report written: a sweep killed before this point is finished by a resume.
+        sweep.finished_at = store.now_iso()
+        save_sweep(sweep)
     out.exit_code = exit_code
     return out
 
