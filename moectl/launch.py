@@ -382,9 +382,10 @@ def supervised(argv: list[str], grace_s: float = 10.0) -> list[str]:
 # moectl's eyes (exit quietly); end of file before that byte = moectl died: one SIGTERM to the
 # watched process, GRACE_S for the whole family to stop, SIGKILL for every survivor. The family is
 # refreshed every second (one pass over the process table), so workers reparented to init are
-# still known. Its first line marks it for tests; it carries none of the words moectl's process
-# probes match (so it is never taken for training).
-WATCHDOG_MARK = "# moectl launch watchdog"
+# still known. Its first line marks it for tests. Its argv carries none of the words moectl's
+# process probes match (so it is never taken for training), nor "moectl": a `pkill -f moectl`
+# meant for moectl should leave it to stop the training.
+WATCHDOG_MARK = "# run watchdog: ends the training if its launcher dies"
 WATCHDOG = WATCHDOG_MARK + """
 import os, select, signal, sys, time
 import psutil
@@ -423,8 +424,8 @@ while True:
     refresh()
     if select.select([0], [], [], 1.0)[0]:
         if os.read(0, 1):
-            sys.exit(0)  # finished normally: moectl saw to everything
-        break  # end of file: moectl is gone
+            sys.exit(0)  # finished normally: the launcher saw to everything
+        break  # end of file: the launcher is gone
 if alive(root):
     try:
         root.send_signal(signal.SIGTERM)
