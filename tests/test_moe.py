@@ -238,12 +238,13 @@ def test_compiled_graphs_have_no_accumulating_scatter(dispatch, cap):
     H200 the per-expert counts done that way were 0.39 ms of a 1.6 ms layer (docs/benchmarks.md).
     The graphs are AOTAutograd's, as Inductor receives them, captured on CPU under bf16 autocast."""
     from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
 
     graphs = []
 
     def keep(gm, example_inputs):
         graphs.append(gm)
-        return gm
+        return make_boxed_func(gm.forward)  # run as traced (the calling convention AOTAutograd wants)
 
     layer = make_layer(dispatch, cap)
     compiled = torch.compile(layer, fullgraph=True, dynamic=False,
