@@ -378,13 +378,15 @@ def supervised(argv: list[str], grace_s: float = 10.0) -> list[str]:
 
 
 # The watchdog (see the module docstring): argv GRACE_S. Its stdin is a pipe from launch(): first
-# a line "PID CREATE_TIME" naming the process to watch, then one byte once the run ended under
-# moectl's eyes (exit quietly); end of file before that byte = moectl died: one SIGTERM to the
-# watched process, GRACE_S for the whole family to stop, SIGKILL for every survivor. The family is
-# refreshed every second (one pass over the process table), so workers reparented to init are
-# still known. Its first line marks it for tests. Its argv carries none of the words moectl's
-# process probes match (so it is never taken for training), nor "moectl": a `pkill -f moectl`
-# meant for moectl should leave it to stop the training.
+# a line "PID CREATE_TIME" naming the process to watch; "T" when moectl sent that process its own
+# SIGTERM (Ctrl-C); "." once the run ended under moectl's eyes (exit quietly). End of file before
+# "." = moectl died: one SIGTERM to the watched process (none if moectl sent one: a second would
+# land inside torchrun's shutdown), then SIGKILL for every survivor of the family GRACE_S after
+# whichever SIGTERM came first. The family is refreshed every 5 s and at moectl's death (one pass
+# over the process table each), so workers reparented to init are still known. Its first line
+# marks it for tests. Its argv carries none of the words moectl's process probes match (so it is
+# never taken for training), nor "moectl": a `pkill -f moectl` meant for moectl should leave it
+# to stop the training.
 WATCHDOG_MARK = "# run watchdog: ends the training if its launcher dies"
 WATCHDOG = WATCHDOG_MARK + """
 import os, select, signal, sys, time
@@ -399,7 +401,7 @@ while not line.endswith(b"\\n"):
 pid, created = line.split()
 try:
     root = psutil.Process(int(pid))
-    if abs(root.create_time() - float(created)) > 0.01:
+    if abs(root.create_time() - float(created)) > 2.0:  # loose: a clock step moves both a little
         sys.exit(0)  # already gone, its pid reused
 except psutil.Error:
     sys.exit(0)
@@ -420,18 +422,27 @@ def refresh():
             if c.pid not in family:
                 family[c.pid] = c
                 todo.append(c.pid)
+told_at = None  # when the launcher sent its own SIGTERM (it wrote "T")
+next_refresh = 0.0
 while True:
-    refresh()
+    if time.monotonic() >= next_refresh:  # every 5 s: a scan of a busy node's table costs ~30 ms
+        refresh()
+        next_refresh = time.monotonic() + 5.0
     if select.select([0], [], [], 1.0)[0]:
-        if os.read(0, 1):
+        byte = os.read(0, 1)
+        if byte == b"T":
+            told_at = time.monotonic()
+            continue
+        if byte:
             sys.exit(0)  # finished normally: the launcher saw to everything
         break  # end of file: the launcher is gone
-if alive(root):
+refresh()
+if told_at is None and alive(root):
     try:
         root.send_signal(signal.SIGTERM)
     except psutil.Error:
         pass
-deadline = time.monotonic() + grace
+deadline = (time.monotonic() if told_at is None else told_at) + grace
 ticks = 0
 while time.monotonic() < deadline:
     if ticks % 5 == 0:
@@ -463,6 +474,7 @@ class _Watchdog:
                 self.proc = subprocess.Popen(
                     [sys.executable, "-c", WATCHDOG, str(grace_s)], stdin=read_fd, stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL, start_new_session=True,
+                    cwd="/",  # `-c` puts the cwd first on sys.path: a select.py there must not break it
                 )
             finally:
                 os.close(read_fd)
@@ -493,6 +505,10 @@ class _Watchdog:
             self._write(f"{pid} {psutil.Process(pid).create_time()!r}\n".encode())
         except psutil.Error:
             pass  # already gone: nothing to guard
+
+    def told_to_stop(self) -> None:
+        """moectl sent the watched process its SIGTERM: the watchdog must not send another."""
+        self._write(b"T")
 
     def finished(self) -> None:
         """The run ended under our eyes: the watchdog exits (and is reaped here)."""
@@ -589,6 +605,7 @@ def launch(
                 if stop.count and term_at is None:
                     family.snapshot()
                     _signal_one(proc.pid, signal.SIGTERM)  # torchrun forwards it to the workers
+                    watchdog.told_to_stop()
                     term_at = now
                     interrupted = True
                 if not killed and term_at is not None and (stop.count >= 2 or now - term_at >= stop_grace_s):

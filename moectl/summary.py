@@ -25,7 +25,7 @@ from moectl.atomic import remove_dead_temp_files
 from moectl.records import RunRecord, SweepRecord, write_text_atomic
 from moectl.report import COLUMNS, fmt, marked_footnote, summary_cell
 from moectl.sweep.report import completed_comparison, legs_table, recommendation
-from moectl.sweep.store import leg_status, scan_sweeps, settled, sweep_chain
+from moectl.sweep.store import final_report_owed, leg_status, owner_alive, scan_sweeps, settled, sweep_chain
 
 TIMESTAMP_PREFIX = "- Generated at: "
 STATUS_PREFIX = "- Status: "
@@ -147,6 +147,10 @@ def _sweep_section(cfg: Config, chain: list[SweepRecord], runs: dict[str, RunRec
                                                                    latest.legs)]
     if unfinished:
         lines += ["", f"Unfinished legs: {', '.join(f'`{t}`' for t in unfinished)} — resume with "
+                      f"`{resume_command(latest, cfg.root)}`"]
+    elif final_report_owed(latest, [leg.model_copy(update={"state": st}) for leg, st in zip(latest.legs, states)]) \
+            and owner_alive(latest) is False and latest.pid != os.getpid():  # not while it writes this file
+        lines += ["", f"Final report not written (its moectl ended first) — write it with "
                       f"`{resume_command(latest, cfg.root)}`"]
     return lines + [""]
 

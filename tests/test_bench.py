@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import SLOW_TIMEOUT_S
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--tokens", "256", "--dim", "32", "--experts", "4", "--top-k", "2", "--warmup", "1", "--repeats", "3"]
 
@@ -112,7 +114,7 @@ def test_gpu_profile_script_runs_on_cpu_and_writes_its_tables(tmp_path):
     runs here on a small CPU shape."""
     env = dict(os.environ, OUT=str(tmp_path))
     proc = subprocess.run([sys.executable, "scripts/gpu_profile.py", "--device", "cpu", "--tokens", "256", "--dim", "32"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+                          cwd=ROOT, capture_output=True, text=True, timeout=SLOW_TIMEOUT_S - 30, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((tmp_path / "profile.json").read_text())
     assert res["shape"] == [[1, 256, 32], 32, 8, 2, 64]

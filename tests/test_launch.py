@@ -299,10 +299,13 @@ def is_watchdog(proc: psutil.Process) -> bool:
         return False
 
 
-def kill_launcher_when_up(out: Path, argv: list[str], grace: float, ranks: int = 1) -> tuple[int, int, float]:
-    """Start `launch` in a child python and SIGKILL it once every rank is up: -> (the launched
-    process's pid, its watchdog's pid, the moment of the kill). The ranks ignore SIGTERM and never
-    print (`--no-output`), so neither a SIGTERM nor a closed pipe stops them."""
+def kill_launcher_when_up(out: Path, argv: list[str], grace: float, ranks: int = 1,
+                          before_kill: Callable[[subprocess.Popen], None] = lambda child: None,
+                          ) -> tuple[psutil.Process, list[psutil.Process], int, float]:
+    """Start `launch` in a child python and SIGKILL it once every rank is up (and `before_kill`
+    returned): -> (the launched process, the ranks, its watchdog's pid, the moment of the kill),
+    each taken before the kill. The ranks ignore SIGTERM and never print (`--no-output`), so
+    neither a SIGTERM nor a closed pipe stops them."""
     out.mkdir(parents=True, exist_ok=True)
     stderr = out / "launch.stderr"
     with open(stderr, "w") as err_fh:
@@ -311,12 +314,14 @@ def kill_launcher_when_up(out: Path, argv: list[str], grace: float, ranks: int =
     try:
         wait_for(lambda: len(worker_pids(out)) == ranks, f"{ranks} rank(s) up", 120, proc=child, output=stderr.read_text)
         kids = psutil.Process(child.pid).children()
-        launched = [p.pid for p in kids if not is_watchdog(p)]
+        launched = [p for p in kids if not is_watchdog(p)]
         watchdogs = [p.pid for p in kids if is_watchdog(p)]
         assert len(launched) == 1 and len(watchdogs) == 1, kids
+        rank_procs = [psutil.Process(pid) for pid in worker_pids(out)]
+        before_kill(child)
         child.kill()
         child.wait(timeout=30)
-        return launched[0], watchdogs[0], time.monotonic()
+        return launched[0], rank_procs, watchdogs[0], time.monotonic()
     finally:
         if child.poll() is None:
             stop_process(child)
@@ -327,7 +332,8 @@ def test_a_trainer_deaf_to_sigterm_is_killed_after_the_grace_once_its_launcher_i
     wedged in its own shutdown does), then SIGKILLs it once the grace has passed."""
     argv = fake_argv(tmp_path, "--steps", "100000", "--sleep-per-step", "0.05", "--ignore-sigterm", "--no-output")
     grace = 2.0
-    trainer, watchdog, killed_at = kill_launcher_when_up(tmp_path, argv, grace)
+    trainer_proc, _, watchdog, killed_at = kill_launcher_when_up(tmp_path, argv, grace)
+    trainer = trainer_proc.pid
     try:
         state = lambda: f"SIGTERMs noted: {sigterms_noted(tmp_path)}; trainer exited: {exited(trainer)}"
         wait_for(lambda: sigterms_noted(tmp_path) == {"rank0": 1}, "the watchdog's SIGTERM reaching the trainer", 30,
@@ -338,16 +344,45 @@ def test_a_trainer_deaf_to_sigterm_is_killed_after_the_grace_once_its_launcher_i
         assert sigterms_noted(tmp_path) == {"rank0": 1}  # one polite request, then SIGKILL
         wait_for(lambda: exited(watchdog), "the watchdog exiting once its work was done", 30)
     finally:
-        if not exited(trainer):
-            kill_all([psutil.Process(trainer)])
+        kill_all([trainer_proc])
+
+
+def test_after_moectls_own_sigterm_a_sigkilled_moectl_adds_no_second_one(tmp_path):
+    """Ctrl-C: moectl sends the trainer its SIGTERM and tells the watchdog; moectl is then
+    SIGKILLed inside its grace. The watchdog sends no SIGTERM of its own (a second one would land
+    inside torchrun's shutdown) and kills the trainer when moectl's grace would have run out."""
+    argv = fake_argv(tmp_path, "--steps", "100000", "--sleep-per-step", "0.05", "--ignore-sigterm", "--no-output")
+    grace = 3.0
+    sigterm_seen = []
+
+    def ctrl_c_then_wait_for_its_sigterm(child):
+        child.send_signal(signal.SIGINT)
+        wait_for(lambda: sigterms_noted(tmp_path) == {"rank0": 1}, "moectl's SIGTERM reaching the trainer", 60,
+                 proc=child)
+        sigterm_seen.append(time.monotonic())
+
+    trainer, _, watchdog, killed_at = kill_launcher_when_up(tmp_path, argv, grace, before_kill=ctrl_c_then_wait_for_its_sigterm)
+    try:
+        wait_for(lambda: exited(trainer.pid), "the trainer being killed", 60,
+                 output=lambda: f"SIGTERMs noted: {sigterms_noted(tmp_path)}")
+        assert time.monotonic() - sigterm_seen[0] >= grace / 2  # the grace counted from moectl's SIGTERM...
+        assert sigterms_noted(tmp_path) == {"rank0": 1}  # ... and no second SIGTERM
+        wait_for(lambda: exited(watchdog), "the watchdog exiting once its work was done", 30)
+    finally:
+        kill_all([trainer])
 
 
 def test_a_run_that_ends_normally_leaves_no_watchdog_behind(tmp_path):
+    watchdogs = []
+
+    def note_watchdog(pid):
+        watchdogs.extend(c.pid for c in psutil.Process().children() if is_watchdog(c))
+
     r = launch(fake_argv(tmp_path, "--steps", "3", "--sleep-per-step", "0.01"), cwd=REPO, env=ENV,
-               log_path=tmp_path / "train.log", metrics_path=tmp_path / "metrics.jsonl")
-    assert r.exit_code == 0
-    # Gone, and reaped by launch itself (no zombie child of ours): the "finished" byte reached it.
-    assert not [c for c in psutil.Process().children() if is_watchdog(c)]
+               log_path=tmp_path / "train.log", metrics_path=tmp_path / "metrics.jsonl", on_spawn=note_watchdog)
+    assert r.exit_code == 0 and len(watchdogs) == 1  # it ran while the trainer did
+    # Gone and reaped by launch itself: no longer a child of ours, not even a zombie.
+    assert watchdogs[0] not in [c.pid for c in psutil.Process().children()]
 
 
 # --- launch under real torchrun (gloo, CPU) ---------------------------------------------------------
@@ -429,8 +464,8 @@ def test_torchrun_and_its_workers_are_killed_after_the_grace_once_the_launcher_i
     the grace has passed."""
     argv = fake_argv(tmp_path, "--steps", "100000", "--sleep-per-step", "0.05", "--ignore-sigterm", "--no-output",
                      nproc=2)
-    torchrun, watchdog, killed_at = kill_launcher_when_up(tmp_path, argv, grace=1.0, ranks=2)
-    procs = [psutil.Process(torchrun)] + [psutil.Process(pid) for pid in worker_pids(tmp_path)]
+    torchrun, ranks, watchdog, killed_at = kill_launcher_when_up(tmp_path, argv, grace=1.0, ranks=2)
+    procs = [torchrun, *ranks]
     try:
         wait_for(lambda: all(exited(p.pid) for p in procs), "torchrun and both workers being killed", 60)
         # torchrun's own escalation comes 30 s after its SIGTERM; ours comes after the 1 s grace.

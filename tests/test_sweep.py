@@ -786,6 +786,21 @@ def test_a_sweep_killed_while_writing_its_final_report_is_finished_by_a_resume(g
     [sweep_dir] = sweep_dirs(artifact_root)
     rec = load(sweep_dir / "sweep.json")
     assert [leg["state"] for leg in rec["legs"]] == ["completed", "completed"] and rec["finished_at"] is None
+    assert rec["pid"] == os.getpid()  # this test process ran it: make that moectl a dead one, as after a SIGKILL
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (sweep_dir / "sweep.json").write_text(json.dumps({**rec, "pid": gone.pid, "host": "elsewhere"}))
+    # Run on another host: whether its moectl is still writing the report cannot be known here.
+    r = cli("sweep", "--resume", rec["id"], *QUIET)
+    assert r.exit_code == 3 and "ran on elsewhere and has not finished" in r.output, r.output
+    rec = {**rec, "pid": gone.pid}
+    (sweep_dir / "sweep.json").write_text(json.dumps(rec))
+    assert "Final report not written" not in (git_repo / "EXPERIMENTS.md").read_text()  # written by the live sweep
+    handoff = git_repo.parent / "handoff.md"
+    r = cli("summary", "--no-commit", "-o", str(handoff))  # read now that its moectl is gone: the report is owed
+    assert r.exit_code == 0, r.output
+    assert f"Final report not written (its moectl ended first) — write it with `moectl sweep --resume {rec['id']}" \
+        in handoff.read_text()
     report = Path(rec["report"])
     assert report.read_text().splitlines()[0] == "# Sweep fin — 2/2 legs completed"  # the last progress version
     head = git(git_repo, "rev-parse", "HEAD").strip()
@@ -807,6 +822,7 @@ def test_a_sweep_killed_while_writing_its_final_report_is_finished_by_a_resume(g
     assert git(git_repo, "log", "--format=%s", "-1").startswith("report: sweep fin — completed, 2/2 legs")
     assert str(report.relative_to(git_repo)) in commit_files(git_repo, "HEAD")
     assert git(git_repo, "rev-list", "--count", f"{head}..HEAD").strip() == "1"
+    assert "Final report not written" not in (git_repo / "EXPERIMENTS.md").read_text()
     done = load(sweep_dir / "sweep.json")
     assert done["finished_at"] is not None and done["report"] == str(report)
 

@@ -65,9 +65,9 @@ def sweep(
     from moectl.plan import make_request
     from moectl.progress import progress_for
     from moectl.sweep.run import (
-        SweepOptions, SweepUI, _check_baseline, dry_run as plan_legs, final_report_owed, plan_resume,
-        resume_sweep, run_sweep,
+        SweepOptions, SweepUI, _check_baseline, dry_run as plan_legs, plan_resume, resume_sweep, run_sweep,
     )
+    from moectl.sweep.store import final_report_owed
     from moectl.sweep.spec import load_spec
 
     stops_like_ctrl_c(ctx)  # SIGTERM/SIGHUP between legs or while submitting them: as Ctrl-C (exit 130)
@@ -160,6 +160,11 @@ def sweep(
         # The next command, where the person is looking (EXPERIMENTS.md has it too).
         out(f"{len(unfinished)} leg(s) did not complete; resume them in a fresh directory: "
             f"{resume_command(outcome.sweep)}")
+    elif outcome.sweep is not None and final_report_owed(outcome.sweep, outcome.sweep.legs):
+        from moectl.summary import resume_command
+
+        # Every leg completed, but the final report was cut short (Ctrl-C) or not committed.
+        out(f"every leg completed, but the sweep's final report is not finished; write it: {resume_command(outcome.sweep)}")
     raise typer.Exit(outcome.exit_code)
 
 

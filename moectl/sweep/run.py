@@ -46,7 +46,8 @@ from moectl.summary import resume_command, write_summary
 from moectl.sweep.report import claim_sweep_report, completed_comparison, fastest, recommendation, sweep_report, within_noise
 from moectl.sweep.spec import SweepSpec, request_kwargs
 from moectl.sweep.store import (
-    fallback_leg, fallback_of, leg_status, list_sweeps, resolve_sweep, runs_by_id, save_sweep, settled, sweep_chain,
+    fallback_leg, fallback_of, final_report_owed, leg_status, list_sweeps, owner_alive, resolve_sweep, runs_by_id,
+    save_sweep, settled, sweep_chain,
 )
 from moectl.tracking import warning_lines
 
@@ -282,6 +283,9 @@ def _resume_claimed(cfg: Config, old: SweepRecord, legs: list[SweepLeg], carried
     _check_baseline(opts, legs)
     if all(settled(leg, legs) for leg in legs):
         if final_report_owed(old, legs):
+            if owner_alive(old) is None:  # plan_resume could not check its moectl: not ours to judge
+                raise GuardRefused(f"sweep {old.id} ran on {old.host} and has not finished (its moectl may still "
+                                   f"be writing its final report there); resume it on {old.host}")
             return _finish_unfinished(cfg, old, legs, carried, opts, ui)
         ui.say(f"nothing left to run: every leg of {old.id} completed")
         return SweepOutcome(exit_code=EXIT_OK, sweep=old, nothing_to_run=True)
@@ -294,14 +298,6 @@ def _resume_claimed(cfg: Config, old: SweepRecord, legs: list[SweepLeg], carried
     return (submit or _run)(cfg, sweep, opts, ui, carried=carried, chain=chain)
 
 
-def final_report_owed(old: SweepRecord, legs: list[SweepLeg]) -> bool:
-    """Every leg settled but the sweep never finished (finished_at comes after its final report):
-    its moectl died in the final stage, or a Ctrl-C came after the last leg. Sweeps of a moectl
-    that recorded no pid (older versions) and Slurm sweeps (their report job) are not judged."""
-    return (all(settled(leg, legs) for leg in legs) and old.finished_at is None and old.pid is not None
-            and not old.report_job)
-
-
 def _finish_unfinished(cfg: Config, old: SweepRecord, legs: list[SweepLeg], carried: dict[str, RunRecord],
                        opts: SweepOptions, ui: SweepUI) -> SweepOutcome:
     """Every leg completed, yet the sweep never finished: its moectl was killed after the last leg
@@ -312,6 +308,10 @@ def _finish_unfinished(cfg: Config, old: SweepRecord, legs: list[SweepLeg], carr
     by_id = {s.id: s for s in list_sweeps(cfg.artifact_root)}
     chain = [s.id for s in sweep_chain(old, by_id)]
     old.legs = legs  # as settled now (a leg its killed moectl left `running` completed meanwhile)
+    # This process owns the sweep's end now: EXPERIMENTS.md, written with the report, must not say
+    # the report is still owed, and a resume meanwhile is refused as while the sweep ran.
+    old.pid, old.host = os.getpid(), socket.gethostname()
+    save_sweep(old)
     out = SweepOutcome(exit_code=EXIT_OK, sweep=old, nothing_to_run=True)
     if old.report and Path(old.report).is_file():
         out.report = Path(old.report)  # the file it claimed (and committed progress into): the same one
@@ -490,6 +490,7 @@ def finish_sweep(cfg: Config, sweep: SweepRecord, runs: dict[str, RunRecord], op
             exit_code = EXIT_TRAINING
     figures = _figures(cfg, sweep, runs, out) if exit_code in (EXIT_OK, EXIT_TRAINING) and heading != "stopped (--fail-fast)" else []
     paths = write_sweep_report(cfg, sweep, runs, opts, out, heading, chain=chain, notes=notes, figures=figures)
+    committing_failed = False
     if not opts.no_commit:
         try:
             sha = gitops.commit_paths(cfg.root, [*paths, *figures], _final_message(sweep, out.comparison, heading),
@@ -497,9 +498,11 @@ def finish_sweep(cfg: Config, sweep: SweepRecord, runs: dict[str, RunRecord], op
             if sha:
                 out.commits.append(sha)
         except MoectlError as exc:
+            committing_failed = True
             out.messages.append(f"sweep report not committed: {exc.message}")
-    if exit_code in (EXIT_OK, EXIT_TRAINING):
-        # Only now, with its report written: a sweep killed before this point is finished by a resume.
+    if exit_code in (EXIT_OK, EXIT_TRAINING) and (opts.no_commit or not committing_failed):
+        # Only now, with its report written and committed: a sweep killed before this point, or
+        # whose final commit failed, is finished by a resume.
         sweep.finished_at = store.now_iso()
         save_sweep(sweep)
     out.exit_code = exit_code

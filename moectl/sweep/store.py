@@ -209,6 +209,29 @@ def settled(leg: SweepLeg, legs: list[SweepLeg]) -> bool:
     return leg.state == "failed" and fb is not None and fb.state == "completed"
 
 
+def final_report_owed(sweep: SweepRecord, legs: list[SweepLeg]) -> bool:
+    """Every leg settled but the sweep never finished (its finished_at comes after its final report
+    and commit): its moectl died in the final stage, a Ctrl-C came after the last leg, or the final
+    commit failed. Sweeps of a moectl that recorded no pid (older versions) and Slurm sweeps (their
+    report job writes it) are not judged. The caller checks the sweep's own moectl is gone."""
+    return (all(settled(leg, legs) for leg in legs) and sweep.finished_at is None and sweep.pid is not None
+            and not sweep.report_job)
+
+
+def owner_alive(sweep: SweepRecord) -> Optional[bool]:
+    """Is the moectl that runs this sweep alive? None when that cannot be known here (another host)."""
+    import socket
+
+    from moectl.lock import pid_stale
+
+    if sweep.pid is None or sweep.host != socket.gethostname():
+        return None
+    if sweep.pid == os.getpid():
+        return False  # this very process: it is past running it (a library caller, or its own ending)
+    gone, _ = pid_stale(sweep.pid, store.parse_time(sweep.created_at) if sweep.created_at else None)
+    return not gone
+
+
 def sweep_chain(sweep: SweepRecord, by_id: dict[str, SweepRecord]) -> list[SweepRecord]:
     """The sweep and the ones it resumed, oldest first (a missing link ends the chain)."""
     chain, seen = [sweep], {sweep.id}
