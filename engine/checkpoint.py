@@ -24,11 +24,15 @@ def save(ckpt_dir: str | Path, step: int, payload: dict, meta: dict) -> Path:
     model_path = ckpt_dir / f"model_{step:06d}.pt"
     meta_path = ckpt_dir / f"meta_{step:06d}.json"
     tmp = model_path.with_suffix(".pt.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, model_path)
-    tmp = meta_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"step": step, **meta}, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, meta_path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, model_path)
+        tmp = meta_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"step": step, **meta}, indent=2, sort_keys=True, default=str) + "\n")
+        os.replace(tmp, meta_path)
+    except BaseException:  # Ctrl-C mid-save, a full disk: no half checkpoint left taking its space
+        tmp.unlink(missing_ok=True)
+        raise
     return model_path
 
 

@@ -143,6 +143,8 @@ def check_data_options(options: Mapping[str, Any], cwd: Path) -> None:
     is not there, seen from `cwd` where the engine runs - or a `--vocab-size` below a byte corpus's
     256. Reads no data (a .bin's own vocabulary is the engine's to check)."""
     preset = PRESETS[options.get("preset") or "tiny"]
+    if options.get("data") == "":
+        raise ValueError("--data must not be empty (a path, `default` or `synthetic`)")
     spec = options.get("data") or preset.get("data", DEFAULTS["data"])
     if spec in ("default", "synthetic"):
         path = None
@@ -170,4 +172,13 @@ def check_model_options(options: Mapping[str, Any]) -> None:
         settings[f.name] = value
     if settings["vocab_size"] is None:
         settings["vocab_size"] = 256  # the byte corpus's, as engine.train when data gives none
-    GPTConfig(**settings).validate()
+    cfg = GPTConfig(**settings)
+    cfg.validate()
+    check_ep_layers(cfg, int(options.get("ep") or 1))
+
+
+def check_ep_layers(cfg: GPTConfig, ep: int) -> None:
+    """ValueError when --ep > 1 has no MoE layer to shard (it crashed at step 0, in the expert
+    gradients' all-reduce over an empty list)."""
+    if ep > 1 and not cfg.dense and not any(cfg.is_moe_layer(i) for i in range(cfg.depth)):
+        raise ValueError(f"--ep > 1 needs MoE layers: --moe-freq {cfg.moe_freq} over --depth {cfg.depth} makes none")

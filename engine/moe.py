@@ -119,12 +119,14 @@ class MoEAux:
 
 
 def capacity(cap: float, n_tokens: int, top_k: int, n_experts: int) -> int:
-    """Slots per expert: ceil(cap * N * K / E), rounded up to a multiple of 8.
+    """Slots per expert: ceil(cap * N * K / E), at most N (an expert gets each token at most once,
+    so more slots could never fill: a huge --cap allocated until the OOM killer came), rounded up
+    to a multiple of 8.
 
     Integer arithmetic only (cap as an exact fraction): under `torch.compile(dynamic=True)` N is
     a symbolic int, and float math on it makes a symbolic float dynamo cannot lift to a shape."""
     num, den = Fraction(cap).limit_denominator(10_000).as_integer_ratio()
-    c = -(-(num * n_tokens * top_k) // (den * n_experts))
+    c = torch.sym_min(-(-(num * n_tokens * top_k) // (den * n_experts)), n_tokens)
     return max(8, -(-c // 8) * 8)
 
 

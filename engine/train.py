@@ -26,6 +26,7 @@ import os
 import resource
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from contextlib import nullcontext
@@ -38,7 +39,7 @@ import torch.distributed as dist
 from engine import checkpoint, data, flops
 from engine.ep import ExpertParallel, check_ep
 from engine.malloc import keep_freed_memory
-from engine.config import DEFAULTS, PRESETS, GPTConfig
+from engine.config import DEFAULTS, PRESETS, GPTConfig, check_ep_layers
 from engine.model import GPT
 from engine.schema import (
     EXIT_BAD_OPTIONS,
@@ -149,6 +150,10 @@ def resolve_options(argv) -> argparse.Namespace:
     for name, value in vars(args).items():  # nan/inf pass every `< 0` check below, and poison a run
         if isinstance(value, float) and not math.isfinite(value):
             raise BadOptions(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if not -(2**63) <= args.seed < 2**63:  # torch.manual_seed's range (a traceback at step 0 otherwise)
+        raise BadOptions(f"--seed must fit in 64 bits, got {args.seed}")
+    if args.data == "":
+        raise BadOptions("--data must not be empty (a path, `default` or `synthetic`)")
     if args.lr <= 0:
         raise BadOptions(f"--lr must be > 0, got {args.lr}")
     if args.peak_flops is not None and args.peak_flops <= 0:
@@ -162,6 +167,14 @@ def resolve_options(argv) -> argparse.Namespace:
         blocker = _file_in_the_way(where)
         if blocker is not None:  # found now, not by the checkpoint save at the end of the run
             raise BadOptions(f"{flag} {where}: {blocker} is a file, not a directory")
+        problem = _unwritable(where)
+        if problem is not None:
+            raise BadOptions(f"{flag} {where}: {problem}")
+    if args.out_dir:
+        metrics_path = Path(args.out_dir) / METRICS_FILENAME
+        if metrics_path.is_dir() or (metrics_path.is_symlink() and not metrics_path.exists()):
+            what = "a directory" if metrics_path.is_dir() else "a dangling link"
+            raise BadOptions(f"--out-dir {args.out_dir}: {metrics_path} is {what}, not a metrics file")
     try:
         model_config(args, vocab_size=args.vocab_size or 256).validate()
     except (ValueError, OverflowError) as exc:
@@ -173,6 +186,10 @@ def resolve_options(argv) -> argparse.Namespace:
             raise BadOptions(str(exc)) from None
         if args.dense or args.fp8 or args.dispatch == "loop":
             raise BadOptions("--ep > 1 needs MoE layers with the padded or grouped dispatch (not --dense, --fp8, --dispatch loop)")
+        try:
+            check_ep_layers(model_config(args, vocab_size=args.vocab_size or 256), args.ep)
+        except ValueError as exc:
+            raise BadOptions(str(exc)) from None
     if args.fp8 or args.fp8_dense:
         flag = "--fp8" if args.fp8 else "--fp8-dense"
         try:
@@ -206,6 +223,14 @@ def _warn_if_resumed_differently(resume_path: Path, step: int, args, world: int)
     if meta.get("world_size") not in (None, world):
         print(f"warning: resuming a run of world size {meta['world_size']} with {world} processes: the batch "
               "per rank and the order of the data differ from the original's", file=sys.stderr, flush=True)
+    # The loader resumes at its chunk index: chunks of another shape, corpus or seed are other
+    # tokens, so some are trained on twice and some never.
+    before = meta.get("options") or {}
+    changed = [f"--{k.replace('_', '-')} {before[k]} -> {getattr(args, k)}" for k in ("device_batch_size", "seq_len", "data", "seed")
+               if k in before and before[k] != getattr(args, k)]
+    if changed:
+        print(f"warning: resuming with other data options ({', '.join(changed)}): the data position saved is "
+              "in the original's chunks, so some tokens are seen twice and some never", file=sys.stderr, flush=True)
 
 
 def _file_in_the_way(directory) -> Optional[str]:
@@ -215,6 +240,22 @@ def _file_in_the_way(directory) -> Optional[str]:
     for p in [Path(directory), *Path(directory).parents]:
         if p.exists():
             return None if p.is_dir() else str(p)
+    return None
+
+
+def _unwritable(directory) -> Optional[str]:
+    """Why a file cannot be created in `directory` (made if missing), if it cannot: found before
+    training, not when the first checkpoint (or metrics line) is written at the end of the run."""
+    if not directory:
+        return None
+    # The directory, or the nearest of its parents that exists (where it would be made): nothing
+    # is created here, so options refused later leave nothing behind.
+    existing = next((p for p in [Path(directory), *Path(directory).parents] if p.exists()), Path("."))
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        return f"cannot write in {existing}: {exc.strerror or exc}"
     return None
 
 
@@ -250,7 +291,15 @@ def _is_compile_error(exc: BaseException) -> bool:
     return False
 
 
+_signalled: list[int] = []
+
+
 def _on_signal(signum, frame):
+    # Once: a second Ctrl-C/SIGTERM would land in the cleanup of the first (closing metrics,
+    # tearing down the process group) and end the run with a traceback and exit 1, not 130/143.
+    if _signalled:
+        return
+    _signalled.append(signum)
     raise Interrupted(signum)
 
 
@@ -283,6 +332,7 @@ def _stop_with_torchrun() -> None:
 def main(argv=None) -> int:
     rank0 = os.environ.get("RANK", "0") == "0"
     previous = {}
+    _signalled.clear()  # main() may run more than once in a process (tests)
     try:
         args = resolve_options(argv)
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -305,8 +355,6 @@ def main(argv=None) -> int:
         print(f"error: {type(exc).__name__}: {_first_line(exc)}", file=sys.stderr)
         return EXIT_ERROR
     finally:
-        for sig, handler in previous.items():  # main() may run in-process (tests): leave signals as found
-            signal.signal(sig, handler)
         if dist.is_initialized():
             # Free what still holds the process group (DDP's reducer sits in reference cycles)
             # while the interpreter is whole: left to interpreter shutdown, gloo's threads die
@@ -314,6 +362,9 @@ def main(argv=None) -> int:
             # an active exception", SIGABRT) - 2 of 15 two-rank tiny runs here before this.
             gc.collect()
             dist.destroy_process_group()
+        # Last: a signal during the teardown above still meets our handler (ignored after the first).
+        for sig, handler in previous.items():  # main() may run in-process (tests): leave signals as found
+            signal.signal(sig, handler)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -60,6 +60,8 @@ def test_bad_engine_options_are_one_line_usage_errors(kwargs, line):
     (["--data", "/nonexistent/train.bin"], {"preset": "tiny"},
      "--data /nonexistent/train.bin: no such file or directory (use 'default', 'synthetic', a directory or a .bin file)"),
     (["--vocab-size", "3"], {"preset": "tiny"}, "--vocab-size 3 is smaller than the data's (256)"),
+    (["--data", ""], {"preset": "tiny"}, "--data must not be empty (a path, `default` or `synthetic`)"),
+    (["--ep", "2", "--moe-freq", "3"], {"preset": "tiny"}, "--ep > 1 needs MoE layers: --moe-freq 3 over --depth 2 makes none"),
     ([], {"preset": "tiny", "expert_hidden_mult": 0.001}, "--expert-hidden-mult gives expert hidden 0; must be >= 1"),
 ])
 def test_a_model_the_engine_would_refuse_is_a_usage_error_before_launch(extra, defaults, says):
@@ -81,6 +83,7 @@ def test_a_model_the_engine_would_refuse_is_a_usage_error_before_launch(extra, d
     [], ["--preset", "d12-moe"], ["--top-k", "9"], ["--preset", "d12-moe", "--n-experts", "1"], ["--head-dim", "24"],
     ["--depth", "3", "--aspect-ratio", "10", "--head-dim", "10"], ["--expert-hidden-mult", "0.001"],
     ["--moe-freq", "0"], ["--cap", "-1"], ["--balance-rate", "0"], ["--seq-len", "0"], ["--top-k", "0"],
+    ["--ep", "2", "--moe-freq", "3"],
 ])
 def test_moectls_model_check_agrees_with_the_engines(argv):
     # engine.config.check_model_options (torch-free, run by moectl) and engine.train's own option

@@ -100,7 +100,13 @@ def test_a_resume_that_leaves_nothing_to_train_is_refused_and_another_plan_is_sa
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: --resume {ckpt / 'model_000004.pt'}: the checkpoint is at step 4; --steps 3 leaves nothing to train"]
     assert main(common + ["--steps", "5", "--resume", str(ckpt / "model_000004.pt")]) == 0
-    assert "warning: resuming a run planned for 6 steps with --steps 5" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "warning: resuming a run planned for 6 steps with --steps 5" in err and "other data options" not in err
+    # The loader resumes at a chunk index: chunks of another shape or seed are other tokens.
+    assert main(["--preset", "tiny", "--device-batch-size", "4", "--total-batch-size", "1024", "--seed", "7",
+                 "--steps", "6", "--resume", str(ckpt / "model_000004.pt")]) == 0
+    assert ("warning: resuming with other data options (--device-batch-size 8 -> 4, --seed 0 -> 7)"
+            in capsys.readouterr().err)
 
 
 def test_bad_options_exit_2_with_one_line():
@@ -135,6 +141,12 @@ def test_bad_options_exit_2_with_one_line():
     (["--lr", "inf"], "--lr must be a finite number"),
     (["--grad-clip", "nan"], "--grad-clip must be a finite number"),
     (["--grad-clip", "-1"], "--grad-clip must be >= 0 (0 = off)"),
+    # were tracebacks and exit 1 (issue 11 audit): at step 0, or only after every step had trained
+    (["--seed", str(2**70)], f"--seed must fit in 64 bits, got {2**70}"),
+    (["--data", ""], "--data must not be empty"),
+    (["--ep", "2", "--moe-freq", "3"], "--ep > 1 needs MoE layers: --moe-freq 3 over --depth 2 makes none"),
+    (["--ckpt-dir", "/proc/no-such-dir/ckpt"], "--ckpt-dir /proc/no-such-dir/ckpt: cannot write in /proc"),
+    (["--out-dir", "/proc/no-such-dir"], "--out-dir /proc/no-such-dir: cannot write in /proc"),
 ])
 def test_more_bad_options_in_process(argv, needle, capsys):
     assert main(["--preset", "tiny", "--steps", "1", *argv]) == EXIT_BAD_OPTIONS
@@ -161,6 +173,42 @@ def test_a_checkpoint_dir_that_is_a_file_or_a_corrupt_checkpoint_is_refused_befo
     assert main(["--preset", "tiny", "--steps", "1", "--resume", str(bad)]) == EXIT_BAD_OPTIONS
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: --resume {bad}: cannot read this checkpoint:"), err
+
+
+def test_a_metrics_path_that_is_a_directory_or_a_dangling_link_is_refused_before_training(tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "metrics.jsonl").mkdir(parents=True)
+    assert main(["--preset", "tiny", "--steps", "1", "--out-dir", str(out)]) == EXIT_BAD_OPTIONS
+    assert f"{out / 'metrics.jsonl'} is a directory, not a metrics file" in capsys.readouterr().err
+    out2 = tmp_path / "out2"
+    out2.mkdir()
+    (out2 / "metrics.jsonl").symlink_to(tmp_path / "gone" / "metrics.jsonl")
+    assert main(["--preset", "tiny", "--steps", "1", "--out-dir", str(out2)]) == EXIT_BAD_OPTIONS
+    assert "is a dangling link, not a metrics file" in capsys.readouterr().err
+    assert not (tmp_path / "gone").exists()
+
+
+def test_a_capacity_beyond_the_tokens_allocates_no_more_than_the_tokens(tmp_path):
+    """--cap 1e6 asked for a million times the slots (the OOM killer took the machine); no expert
+    can be sent a token twice, so N slots are already dropless."""
+    from engine.moe import capacity
+
+    assert capacity(1e6, 80, 2, 8) == 80 and capacity(1e308, 100, 2, 8) == 104 and capacity(4.0, 64, 2, 4) == 64
+    assert main(["--preset", "tiny", "--steps", "2", "--cap", "1e6", "--out-dir", str(tmp_path)]) == 0
+    starts, steps, summaries = read_metrics(tmp_path)
+    assert len(steps) == 2 and steps[-1].drop_frac == 0.0
+
+
+def test_a_second_signal_during_the_stop_is_ignored():
+    """The first SIGINT/SIGTERM raises Interrupted; one more, landing in that stop's cleanup, must
+    not raise again (it made exit 1 and a traceback instead of 130)."""
+    from engine.train import Interrupted, _on_signal, _signalled
+
+    _signalled.clear()
+    with pytest.raises(Interrupted):
+        _on_signal(signal.SIGINT, None)
+    assert _on_signal(signal.SIGINT, None) is None and _on_signal(signal.SIGTERM, None) is None
+    _signalled.clear()
 
 
 def test_explicit_options_override_the_preset():
@@ -250,3 +298,17 @@ def test_compile_error_detection_by_type_or_innermost_frame():
     wrapped = RuntimeError("step failed")
     wrapped.__cause__ = raised_in("torch._dynamo.output_graph")
     assert _is_compile_error(wrapped)
+
+
+def test_a_save_stopped_midway_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    """Ctrl-C (or a full disk) inside torch.save left model_*.pt.tmp behind, as big as a checkpoint."""
+    from engine import checkpoint
+
+    def stopped_midway(obj, path):
+        Path(path).write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.torch, "save", stopped_midway)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tmp_path, 3, {"model": {}}, {"loader": {"k": 1}})
+    assert list(tmp_path.iterdir()) == [] and checkpoint.latest(tmp_path) is None
