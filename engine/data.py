@@ -74,7 +74,10 @@ def load_tokens(spec: str, cap_bytes: int = DEFAULT_CAP_BYTES) -> tuple[torch.Te
         # A one-token vocabulary has nothing to predict (and a model needs two outputs at least).
         return tokens, max(2, int(tokens.max()) + 1)
     if path.is_file():
-        return _bytes_to_tokens(path.read_bytes()), BYTE_VOCAB
+        data = path.read_bytes()
+        if not data:  # (torch.frombuffer's own words for it name no flag)
+            raise ValueError(f"--data {spec}: empty file")
+        return _bytes_to_tokens(data), BYTE_VOCAB
     raise ValueError(no_such_data(spec))
 
 

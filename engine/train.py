@@ -668,17 +668,19 @@ def _keep_steps_before(path: Path, start_step: int) -> int:
         return 0
     lines = text.splitlines()
     kept = []
-    for line in lines:
+    for i, line in enumerate(lines):
         try:
             rec = json.loads(line)
         except ValueError:
-            rec = None  # not ours to judge (a torn last line): kept as it was
+            if i == len(lines) - 1 and not text.endswith("\n"):
+                continue  # torn by a killed write (a step the checkpoint lacks): appended to, it stayed unreadable
+            rec = None  # not ours to judge: kept as it was
         if isinstance(rec, dict):
             kind = rec.get("type", "step")
             if kind == "summary" or (kind == "step" and isinstance(rec.get("step"), int) and rec["step"] >= start_step):
                 continue
         kept.append(line)
-    new_text = "".join(line + "\n" for line in kept)  # a torn last line gets its newline: appends start clean
+    new_text = "".join(line + "\n" for line in kept)
     if new_text != text:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(new_text, encoding="utf-8")

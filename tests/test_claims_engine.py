@@ -72,7 +72,9 @@ def test_two_rank_resume_into_the_same_out_dir_matches_a_straight_run_and_keeps_
     assert resumed.index(starts[1]) == 5  # start, steps 0-3, then the resumed attempt
 
 
-def test_resume_trim_keeps_earlier_steps_and_ends_a_torn_line(tmp_path):
+def test_resume_trim_keeps_earlier_steps_and_drops_a_torn_last_line(tmp_path):
+    # The torn last line is a step the checkpoint does not hold (a step's line is written before
+    # its checkpoint): it runs again. Kept with a newline, it stayed an unreadable line mid-file.
     from engine.train import _keep_steps_before
 
     path = tmp_path / "metrics.jsonl"
@@ -80,7 +82,10 @@ def test_resume_trim_keeps_earlier_steps_and_ends_a_torn_line(tmp_path):
     lines += [json.dumps({"step": i, "loss": 1.0}) for i in range(6)]
     torn = '{"step": 6, "lo'  # the first attempt died mid-write
     path.write_text("\n".join(lines) + "\n" + torn)
-    assert _keep_steps_before(path, 3) == 3
-    assert path.read_text() == "\n".join(lines[:4]) + "\n" + torn + "\n"
-    assert _keep_steps_before(path, 3) == 0 and path.read_text().endswith(torn + "\n")  # idempotent
+    assert _keep_steps_before(path, 3) == 4  # steps 3-5 and the torn line
+    assert path.read_text() == "\n".join(lines[:4]) + "\n"
+    assert _keep_steps_before(path, 3) == 0 and path.read_text() == "\n".join(lines[:4]) + "\n"  # idempotent
+    # A line that does not parse elsewhere is not ours to judge: kept as it was.
+    path.write_text(lines[0] + "\nnot json\n" + lines[1] + "\n")
+    assert _keep_steps_before(path, 3) == 0 and "not json" in path.read_text()
     assert _keep_steps_before(tmp_path / "absent.jsonl", 3) == 0 and not (tmp_path / "absent.jsonl").exists()

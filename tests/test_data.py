@@ -89,3 +89,13 @@ def test_an_empty_or_single_valued_token_file_is_said_plainly(tmp_path):
     zeros.write_bytes(bytes(64))
     tokens, vocab = load_tokens(str(zeros))
     assert tokens.numel() == 32 and vocab == 2  # a model needs two outputs; was a "--vocab-size >= 2" traceback
+
+
+def test_an_empty_data_file_is_named_as_such(tmp_path):
+    # Was torch.frombuffer's "both buffer length (0) and count (-1) must not be 0", naming no flag.
+    from engine.data import load_tokens
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=f"^--data {empty}: empty file$"):
+        load_tokens(str(empty))
