@@ -15,7 +15,7 @@ gradient ever reaches the bias), and after each optimizer step `update_expert_bi
 every rank applies the same update and the biases never drift apart).
 
 Dispatchers (cfg.dispatch; "auto" = padded for cap > 0, grouped for cap == 0):
-  padded   capacity C = ceil(cap * N * top_k / E) rounded up to 8; tokens gathered into an [E, C, D]
+  padded   capacity C = ceil(cap * N * top_k / E), at most N, rounded up to 8; tokens gathered into an [E, C, D]
            buffer, two torch.bmm; assignments past C are dropped first come first served (token
            order) and contribute nothing (the residual carries the token). Static shapes, no host
            sync: compiles with torch.compile(fullgraph=True, dynamic=False).
