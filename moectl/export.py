@@ -42,6 +42,7 @@ SUMMARY_COLUMNS = ["run", "tag", "status", "steps", *SUMMARY_METRICS, "window", 
                    "clean", "error"]
 _DERIVED = {"tok_per_sec", "dt_ms", "mfu", "drop_frac", "expert_load_max", "total_time_min"}
 _ERROR_LINE = re.compile(r"(Error|Exception)\b|error:", re.IGNORECASE)
+_WORKER_DIED = re.compile(r"failed \(exitcode: -?\d+\)")  # torchrun: "... failed (exitcode: -9) local_rank: 0"
 _MAX_ERROR_CHARS = 300
 
 
@@ -86,7 +87,10 @@ def error_line(error: Optional[str]) -> str:
     if not lines:
         return ""
     named = [ln for ln in lines if _ERROR_LINE.search(ln)]
-    line = named[-1] if named else lines[0]
+    # torchrun's report of a worker that died without a word (SIGKILL): no error line of its own,
+    # and the first line of the tail is some progress line.
+    died = [ln for ln in lines if _WORKER_DIED.search(ln)]
+    line = named[-1] if named else died[-1] if died else lines[0]
     return line if len(line) <= _MAX_ERROR_CHARS else line[: _MAX_ERROR_CHARS - 1] + "…"
 
 
@@ -126,7 +130,7 @@ def export_csv(runs: Sequence[RunRecord], out_dir: Path, window: int, warmup_ste
         else:
             without_steps.append(rec.id)
             summary = rec.summary  # the record's own numbers, with the window they were made with
-            n_steps = summary.steps if summary is not None else 0
+            n_steps = (summary.run_steps or summary.steps) if summary is not None else 0  # the run's, not the window's
         summary_rows.append({
             "run": rec.id, "tag": rec.tag, "status": _status(rec), "steps": n_steps,
             **{m: _summary_value(summary, m) for m in SUMMARY_METRICS},

@@ -159,6 +159,8 @@ def parse_csv(text: str, run: Optional[str] = None) -> ParsedLog:
                     # a diverged step's loss is `nan` (as `moectl export` writes it): a step, not a bad row
                     kwargs[name] = (loss_number if name == "loss" else _number)(raw.strip())
             step = int(str(row.get("step", "")).strip())
+            if not 0 <= step < 2**53:  # steps count from 0 (and fit a JSON number exactly): a bad row
+                raise ValueError(f"step {step}")
             if "loss" not in kwargs:
                 raise ValueError("no loss")
             by_step[step] = StepMetrics(step=step, **kwargs)
@@ -166,6 +168,27 @@ def parse_csv(text: str, run: Optional[str] = None) -> ParsedLog:
             out.skipped += 1
     out.steps = [by_step[k] for k in sorted(by_step)]
     return out
+
+
+def _run_facts_from_summary_csv(path: Path, run: Optional[str], parsed: ParsedLog) -> None:
+    """`moectl export` writes the run-wide peak memory and total time (the engine's summary line:
+    the final eval and save included) to summary.csv beside steps.csv, never into steps.csv: read
+    them back from there, so an export imports with the figures it was exported with."""
+    summary = path.with_name("summary.csv")
+    if path.name != "steps.csv" or not summary.is_file():
+        return
+    try:
+        rows = list(csv.DictReader(io.StringIO(summary.read_text(encoding="utf-8"))))
+        matching = [r for r in rows if run is not None and (r.get("run") or "").strip() == run]
+        row = matching[0] if matching else rows[0] if run is None and len(rows) == 1 else None
+        if row is None:
+            return
+        if parsed.peak_mem_mib is None and (row.get("peak_mem_mib") or "").strip():
+            parsed.peak_mem_mib = float(row["peak_mem_mib"])
+        if parsed.total_time_s is None and (row.get("total_time_min") or "").strip():
+            parsed.total_time_s = float(row["total_time_min"]) * 60.0
+    except (OSError, ValueError, UnicodeDecodeError, csv.Error):
+        return  # a summary.csv that is not export's: the steps alone, as before
 
 
 # --- entry point ---------------------------------------------------------------------------------
@@ -198,6 +221,7 @@ def load_log(path: Path, fmt: str, run: Optional[str] = None, stdout_format: Opt
         parsed = parse_jsonl(text)
     else:
         parsed = parse_csv(text, run=run)
+        _run_facts_from_summary_csv(path, run, parsed)
     if not parsed.steps:
         extra = f" ({parsed.skipped} malformed step lines)" if parsed.skipped else ""
         raise UsageError(f"no step lines in {path} as {fmt}{extra}")

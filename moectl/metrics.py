@@ -212,8 +212,21 @@ def tail_window(metrics: MetricsFile, window: int, warmup_steps: int = 0) -> tup
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
     clean = [s for s in metrics.steps if s.step >= warmup_steps]
     if clean:
-        return clean[-window:], True
-    return metrics.steps[-window:], False
+        return _last_steps(clean, window), True
+    return _last_steps(metrics.steps, window), False
+
+
+def _last_steps(steps: list[StepMetrics], window: int) -> list[StepMetrics]:
+    """The records of the last `window` step numbers: all of them in a log with every step, fewer
+    in one printed every k steps (a window of 50 is steps 230-279 of 280 whatever was printed, not
+    the last 50 lines, which went back to step 10)."""
+    if not steps:
+        return []
+    first = steps[-1].step - window  # steps numbered above this are in the window
+    i = len(steps)
+    while i > 0 and steps[i - 1].step > first and len(steps) - i < window:
+        i -= 1
+    return steps[i:]
 
 
 def _window_note(n_run: int, n_window: int, clean: bool, window: int, warmup_steps: int) -> Optional[str]:
@@ -449,8 +462,12 @@ def compare(runs: Sequence[RunMetrics], baseline_index: int = 0, window: int = 5
         elif r.metrics.steps or r.fallback is None:
             summaries.append(tail_summary(r.metrics, window, warmup_steps))
             errors.append(tail_noise(r.metrics, window, warmup_steps))
-        else:
-            summaries.append(r.fallback)
+        else:  # metrics.jsonl is gone: the summary its record kept, said so when its window is another
+            fallback = r.fallback
+            if fallback.window not in (None, window):
+                said = f"metrics.jsonl is gone: these are its recorded figures over a {fallback.window}-step window"
+                fallback = fallback.model_copy(update={"note": "; ".join(x for x in (fallback.note, said) if x)})
+            summaries.append(fallback)
             errors.append({m: None for m in METRICS})
 
     base, base_errs = summaries[baseline_index], errors[baseline_index]
@@ -469,7 +486,7 @@ def compare(runs: Sequence[RunMetrics], baseline_index: int = 0, window: int = 5
                 marked=not summ.clean and m in MEAN_METRICS and value is not None,
                 not_finite=m == "final_loss" and summ.final_loss_not_finite,
             )
-        n_steps = r.metrics.n_steps if r.metrics.steps else summ.steps
+        n_steps = r.metrics.n_steps if r.metrics.steps else (summ.run_steps or summ.steps)
         out.append(RunComparison(r.id, r.tag, n_steps, summ.steps, dict(r.options), mvs,
                                  clean=summ.clean, note=summ.note, n_repeats=len(r.members) if r.is_group else 1,
                                  noise=BETWEEN_RUNS if r.is_group else WITHIN_RUN,

@@ -333,7 +333,9 @@ class StdoutParser:
         # first line, or when the numbering restarts: a resumed run, a second phase).
         gap = step - self.last.step - 1 if self.last is not None and step > self.last.step else 0
         self.unprinted += gap
-        if "elapsed_s" not in kwargs and dt_ms is not None:
+        if "elapsed_s" in kwargs:
+            self._elapsed_s = kwargs["elapsed_s"]  # where the sum goes on from, should the trainer stop printing it
+        elif dt_ms is not None:
             # Training time so far as the sum of step times, the trainer not printing its own; this
             # line's dt stands for the unprinted steps before it too (see the module docstring).
             self._elapsed_s += dt_ms / 1000.0 * (1 + gap)

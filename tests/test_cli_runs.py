@@ -432,3 +432,13 @@ def test_runs_and_show_mark_a_warmup_only_run(project, artifact_root):
     assert line.startswith("summary (last 8 of window 50, all warm-up): tok/sec 10,937.50† · dt 1,688.75† ms")
     assert line.endswith("drop —") and "—†" not in line  # no mark on a missing value (no drops in the log)
     assert "note: warm-up only: all 8 steps" in show.stdout
+
+
+def test_import_says_a_diverged_final_loss_is_nan(project, artifact_root, tmp_path):
+    # `show` and `compare` say NaN; import's own line said "final loss —", as for a missing figure.
+    log = tmp_path / "diverged.log"
+    log.write_text("".join(f"step {i:05d}/00004 ({25 * (i + 1):.2f}%) | loss: {'nan' if i >= 2 else '2.000000'} | "
+                           f"dt: 500.00ms | tok/sec: 1,000\n" for i in range(4)))
+    r = invoke("import", str(log), "--name", "div", "--format", "nanochat")
+    assert r.exit_code == 0, r.output
+    assert "final loss NaN (not finite from step 2)" in r.stdout

@@ -194,3 +194,35 @@ def test_export_errors_exit_2_one_line(project, artifact_root, tmp_path):
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and str(pair / "summary.csv") in r.stderr
     assert ".tmp" not in r.stderr and (pair / "steps.csv").read_text() == old_steps
     assert sorted(p.name for p in pair.iterdir()) == ["steps.csv", "summary.csv"]  # no temp file left
+
+
+def test_the_error_of_a_worker_killed_without_a_word_is_torchruns_report_not_a_progress_line():
+    from moectl.export import error_line
+
+    tail = ("step 00139/03000 (4.67%) | loss: 3.100000 | dt: 50.00ms\n"
+            "step 00140/03000 (4.70%) | loss: 3.090000 | dt: 50.00ms\n"
+            "[E torch/distributed/elastic/multiprocessing/api.py] failed (exitcode: -9) local_rank: 0 (pid: 77) of binary: python")
+    assert error_line(tail).endswith("failed (exitcode: -9) local_rank: 0 (pid: 77) of binary: python")
+    assert error_line("interrupted by SIGINT") == "interrupted by SIGINT"
+
+
+def test_an_exported_run_imports_with_its_run_wide_peak_and_total_time(project, artifact_root, tmp_path):
+    # The engine's summary line holds the run-wide peak and total time (the final eval and save
+    # included), above any step's: steps.csv cannot carry them, summary.csv beside it does.
+    steps = steps_of(6, seed=2)
+    orig = make_run(artifact_root, "peaky", 1, steps, status="failed")  # steps only; its summary line next
+    with open(Path(orig.exp_dir) / METRICS_FILENAME, "a") as fh:
+        fh.write(to_line(RunSummary(steps=6, world_size=1, peak_mem_mib=1234.5, total_time_s=42.0,
+                                    final_loss=steps[-1].loss)) + "\n")
+    out = tmp_path / "exp"
+    assert invoke("export", orig.id, "--csv", str(out)).exit_code == 0
+    r = invoke("import", str(out / "steps.csv"), "--format", "csv", "--run", orig.id, "--name", "back", "--json")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)["summary"]
+    assert s["peak_mem_mib"] == 1234.5 and s["total_time_min"] == pytest.approx(42.0 / 60, rel=1e-12)
+    # A steps.csv alone (renamed, or no summary.csv beside it): the figures its steps give, as before.
+    alone = tmp_path / "alone" / "steps.csv"
+    alone.parent.mkdir()
+    alone.write_bytes((out / "steps.csv").read_bytes())
+    r = invoke("import", str(alone), "--format", "csv", "--run", orig.id, "--name", "alone", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["summary"]["peak_mem_mib"] == max(x.peak_mem_mib for x in steps)

@@ -209,3 +209,9 @@ def test_seed_as_nanochat_log_gives_the_published_tail50(tmp_path):
     assert (round(s.tok_per_sec, 2), round(s.dt_ms, 2), round(s.mfu, 4)) == (806400.06, 650.67, 9.7588)
     assert p.peak_mem_mib == 18987.83
     assert round(p.total_time_s / 60, 2) == 2.97
+
+
+def test_a_csv_step_number_below_0_is_a_bad_row():
+    # The engine numbers steps from 0; step -3 was imported (and then counted as a warm-up step).
+    parsed = parse_csv("step,loss\n-3,4.0\n0,3.0\n1,2.5\n100000000000000000000000,2.0\n")
+    assert [s.step for s in parsed.steps] == [0, 1] and parsed.skipped == 2

@@ -139,6 +139,34 @@ def test_compare_uses_recorded_summary_when_metrics_are_gone():
     assert not any("no steps" in n for n in c.notes)  # its recorded summary is a measurement
 
 
+def test_a_run_whose_metrics_are_gone_counts_its_recorded_steps_and_says_its_window():
+    # Its step count was the window's (50 of 70), which made "step counts differ (50, 70)" up; and
+    # a --window 10 comparison showed its window-50 figures without a word.
+    from moectl.records import Summary
+
+    a = _run("a", [100.0] * 70)
+    gone = RunMetrics(id="g", tag="g", metrics=MetricsFile(),
+                      fallback=Summary(window=50, steps=50, run_steps=70, tok_per_sec=150.0))
+    c = compare([a, gone], window=50)
+    assert c.runs[1].steps == 70 and not any("step counts differ" in n for n in c.notes)
+    assert c.runs[1].note is None
+    c = compare([a, gone], window=10)
+    assert c.runs[1].note == "metrics.jsonl is gone: these are its recorded figures over a 50-step window"
+
+
+def test_the_tail_window_is_the_last_step_numbers_not_the_last_lines():
+    # A log printed every 10 steps (0, 10, ... 270, then 279): window 50 is steps 230-279, not the
+    # last 50 printed lines, which reach back to step 10.
+    from moectl.metrics import tail_window
+
+    steps = [StepMetrics(step=i, loss=2.0, dt_ms=700.0 if i < 230 else 600.0) for i in [*range(0, 280, 10), 279]]
+    window, clean = tail_window(MetricsFile(steps=steps), 50, warmup_steps=10)
+    assert [s.step for s in window] == [230, 240, 250, 260, 270, 279] and clean
+    assert tail_summary(MetricsFile(steps=steps), 50, 10).dt_ms == 600.0
+    every = [StepMetrics(step=i, loss=2.0) for i in range(100)]  # a log with every step: the last 50 lines
+    assert [s.step for s in tail_window(MetricsFile(steps=every), 50)[0]] == list(range(50, 100))
+
+
 def test_a_run_without_a_single_step_is_not_comparable_and_says_so():
     a = _run("a", [100.0] * 6)
     failed = RunMetrics(id="f", tag="F", metrics=MetricsFile())  # failed before its first step

@@ -256,3 +256,14 @@ def test_a_stdout_parsed_run_on_several_nodes_records_every_process_in_its_world
     recs = [parse_line(line) for line in path.read_text().splitlines()]
     assert plan.nproc == 2 and recs[0].world_size == 6 and recs[-1].world_size == 6
     assert stdout_parser(cfg, plan).world_size == 2  # a local run: one node
+
+
+def test_training_time_goes_on_from_the_last_printed_total_when_the_trainer_stops_printing_it():
+    # A log with `total time:` on its first steps only: the sum of step times after them started
+    # again from 0, so the run's total time came out as the last few steps' (0.20 min, not 0.85).
+    lines = [f"step {i:05d}/00004 ({25 * (i + 1):.2f}%) | loss: 2.000000 | dt: 500.00ms | tok/sec: 1,000 | "
+             f"total time: {0.5 * (i + 1) / 60:.4f}m" for i in range(2)]
+    lines += [f"step {i:05d}/00004 ({25 * (i + 1):.2f}%) | loss: 2.000000 | dt: 500.00ms | tok/sec: 1,000"
+              for i in range(2, 4)]
+    parser, steps = parse_text("\n".join(lines) + "\n", NANOCHAT)
+    assert [s.elapsed_s for s in steps] == pytest.approx([0.5, 1.0, 1.5, 2.0], abs=0.01)

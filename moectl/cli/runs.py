@@ -619,7 +619,7 @@ def import_cmd(
         stdout.print(
             f"tail {s.steps}{after}: tok/sec {tail(s.tok_per_sec)} · dt {tail(s.dt_ms)} ms · "
             f"MFU {tail(s.mfu, 4)}% · peak {_num(s.peak_mem_mib)} MiB · {_num(s.total_time_min)} min · "
-            f"final loss {_num(s.final_loss, 4)}",
+            f"final loss {_final_loss(s)}",
             markup=False,
         )
         if not s.clean:
