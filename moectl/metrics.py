@@ -355,6 +355,7 @@ class RunMetrics:
     members: list[MetricsFile] = field(default_factory=list)
     member_ids: list[str] = field(default_factory=list)
     unfinished: bool = False  # still training (or queued): its figures are its steps so far
+    stopped: Optional[str] = None  # `failed` / `interrupted` / `stale`: it ended before its planned steps
 
     @property
     def is_group(self) -> bool:
@@ -385,6 +386,7 @@ class RunComparison:
     noise: str = WITHIN_RUN  # what `stderr` is: WITHIN_RUN (one run) or BETWEEN_RUNS (a group)
     run_ids: list[str] = field(default_factory=list)  # the runs behind the entry: a group's repeats, or the one run
     unfinished: bool = False  # still training (or queued): the figures are its steps so far
+    stopped: Optional[str] = None  # how a run that ended early ended (its figures are the steps it ran)
 
 
 @dataclass
@@ -490,7 +492,8 @@ def compare(runs: Sequence[RunMetrics], baseline_index: int = 0, window: int = 5
         out.append(RunComparison(r.id, r.tag, n_steps, summ.steps, dict(r.options), mvs,
                                  clean=summ.clean, note=summ.note, n_repeats=len(r.members) if r.is_group else 1,
                                  noise=BETWEEN_RUNS if r.is_group else WITHIN_RUN,
-                                 run_ids=list(r.member_ids) if r.is_group else [r.id], unfinished=r.unfinished))
+                                 run_ids=list(r.member_ids) if r.is_group else [r.id], unfinished=r.unfinished,
+                                 stopped=r.stopped))
     return Comparison(baseline=runs[baseline_index].id, window=window, runs=out,
                       notes=_notes(out, window, warmup_steps), warmup_steps=warmup_steps)
 
@@ -517,6 +520,9 @@ def _notes(rows: list[RunComparison], window: int, warmup_steps: int = 0) -> lis
     unfinished = [r.tag or r.id for r in rows if r.unfinished]
     if unfinished:
         notes.append(f"not final: {', '.join(unfinished)} still training; its figures are its steps so far")
+    stopped = [f"{r.tag or r.id} {r.stopped}" for r in rows if r.stopped and r.steps]
+    if stopped:
+        notes.append(f"ended early: {', '.join(stopped)}; its figures are the steps it ran")
     diverged = [r.tag or r.id for r in rows if r.metrics["final_loss"].not_finite]
     if diverged:
         notes.append(f"diverged: {', '.join(diverged)} ended with a NaN/inf loss (final loss NaN); the "

@@ -167,6 +167,16 @@ def test_the_tail_window_is_the_last_step_numbers_not_the_last_lines():
     assert [s.step for s in tail_window(MetricsFile(steps=every), 50)[0]] == list(range(50, 100))
 
 
+def test_a_run_that_ended_early_is_said_so():
+    # A failed run's throughput is measured, but over the steps it ran: compare put no word on it.
+    a = _run("a", [100.0] * 6)
+    f = _run("f", [106.0] * 3)
+    f.stopped = "failed"
+    c = compare([a, f], window=5)
+    assert "ended early: F failed; its figures are the steps it ran" in c.notes and c.runs[1].stopped == "failed"
+    assert not any("ended early" in n for n in compare([a, _run("b", [101.0] * 6)], window=5).notes)
+
+
 def test_a_run_without_a_single_step_is_not_comparable_and_says_so():
     a = _run("a", [100.0] * 6)
     failed = RunMetrics(id="f", tag="F", metrics=MetricsFile())  # failed before its first step

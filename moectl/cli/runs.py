@@ -398,8 +398,9 @@ def entry_metrics(entry, window: int):
     last = entry[-1]
     unfinished = any(getattr(r, "display_status", r.status) in ("created", "queued", "running") for r in entry)
     if len(entry) == 1:
+        status = getattr(last, "display_status", last.status)
         return RunMetrics(id=last.id, tag=last.tag, metrics=files[0], options=last.options, fallback=last.summary,
-                          unfinished=unfinished)
+                          unfinished=unfinished, stopped=status if status in ("failed", "interrupted", "stale") else None)
     return RunMetrics(id=last.group, tag=last.tag, metrics=files[-1], options=last.options, fallback=last.summary,
                       members=files, member_ids=[r.id for r in entry], unfinished=unfinished)
 
