@@ -11,8 +11,6 @@ Nothing is written before the branch check passes; a report already committed is
 """
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -56,13 +54,12 @@ def commit_run_report(
         # writing it): the report is the record's, so write it now (without a baseline comparison,
         # which was never recorded) and commit it as the run would have - unless that moectl is
         # alive, between saving the record and writing the report: it is its to write.
-        if record.pid and record.pid != os.getpid() and record.host == socket.gethostname():
-            from moectl.lock import pid_stale
-            from moectl.runindex import parse_time
+        from moectl.lock import owner_alive
+        from moectl.runindex import parse_time
 
-            if not pid_stale(record.pid, parse_time(record.created_at))[0]:  # (a pid reused since is not it)
-                raise GuardRefused(f"run {record.id} has just ended and its moectl (pid {record.pid}) is writing its "
-                                   "report; let it finish (it commits the report itself)")
+        if owner_alive(record.pid, record.host, parse_time(record.created_at)):  # (a pid reused since is not it)
+            raise GuardRefused(f"run {record.id} has just ended and its moectl (pid {record.pid}) is writing its "
+                               "report; let it finish (it commits the report itself)")
     try:
         gitops.check_branch(cfg.root, cfg.project.branch)  # (the wrong branch writes no report either)
     except GuardRefused as exc:

@@ -75,6 +75,17 @@ def pid_stale(pid: int, started_ts: Optional[float]) -> tuple[bool, str]:
     return False, f"pid {pid} is alive"
 
 
+def owner_alive(pid: Optional[int], host: Optional[str], started_ts: Optional[float]) -> Optional[bool]:
+    """Is the moectl that recorded (`pid`, `host`) at `started_ts` alive? None when that cannot be
+    known here (no pid recorded, or another host); False for this very process (it is past the
+    work it recorded: a library caller, or its own ending) and for a pid gone or reused since."""
+    if pid is None or host != socket.gethostname():
+        return None
+    if pid == os.getpid():
+        return False
+    return not pid_stale(pid, started_ts)[0]
+
+
 def _holder_from_bytes(data: bytes, path: Path) -> LockHolder:
     try:
         d = json.loads(data)  # bytes that are not UTF-8 raise ValueError too: an unreadable lock

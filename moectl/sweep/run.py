@@ -222,13 +222,9 @@ def plan_resume(cfg: Config, ref: str) -> tuple[SweepRecord, list[SweepLeg], dic
         old = later[old.id]
         seen.add(old.id)
     # (This process itself ran it, when a library caller resumes its own sweep: that one is over.)
-    if old.pid is not None and old.pid != os.getpid() and old.finished_at is None and old.host == socket.gethostname():
-        from moectl.lock import pid_stale
-
-        gone, _ = pid_stale(old.pid, store.parse_time(old.created_at) if old.created_at else None)
-        if not gone:  # between two legs no leg is running, but the sweep is
-            raise GuardRefused(f"sweep {old.id} is still running (moectl pid {old.pid}); wait for it or stop it "
-                               "(Ctrl-C) before resuming")
+    if old.finished_at is None and owner_alive(old):  # between two legs no leg is running, but the sweep is
+        raise GuardRefused(f"sweep {old.id} is still running (moectl pid {old.pid}); wait for it or stop it "
+                           "(Ctrl-C) before resuming")
     runs = runs_by_id(cfg.artifact_root)
     view = [leg.model_copy(update={"state": leg_status(leg, runs)}) for leg in old.legs]
     for leg in view:

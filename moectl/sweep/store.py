@@ -219,17 +219,10 @@ def final_report_owed(sweep: SweepRecord, legs: list[SweepLeg]) -> bool:
 
 
 def owner_alive(sweep: SweepRecord) -> Optional[bool]:
-    """Is the moectl that runs this sweep alive? None when that cannot be known here (another host)."""
-    import socket
+    """Is the moectl that runs this sweep alive (moectl.lock.owner_alive)? None: not knowable here."""
+    from moectl.lock import owner_alive as alive
 
-    from moectl.lock import pid_stale
-
-    if sweep.pid is None or sweep.host != socket.gethostname():
-        return None
-    if sweep.pid == os.getpid():
-        return False  # this very process: it is past running it (a library caller, or its own ending)
-    gone, _ = pid_stale(sweep.pid, store.parse_time(sweep.created_at) if sweep.created_at else None)
-    return not gone
+    return alive(sweep.pid, sweep.host, store.parse_time(sweep.created_at) if sweep.created_at else None)
 
 
 def sweep_chain(sweep: SweepRecord, by_id: dict[str, SweepRecord]) -> list[SweepRecord]:
