@@ -222,11 +222,8 @@ def _last_steps(steps: list[StepMetrics], window: int) -> list[StepMetrics]:
     the last 50 lines, which went back to step 10)."""
     if not steps:
         return []
-    first = steps[-1].step - window  # steps numbered above this are in the window
-    i = len(steps)
-    while i > 0 and steps[i - 1].step > first and len(steps) - i < window:
-        i -= 1
-    return steps[i:]
+    first = steps[-1].step - window  # steps numbered above this are in the window (sorted, one per step)
+    return [s for s in steps[-window:] if s.step > first]
 
 
 def _window_note(n_run: int, n_window: int, clean: bool, window: int, warmup_steps: int) -> Optional[str]:
