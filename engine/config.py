@@ -133,6 +133,9 @@ class GPTConfig:
 BYTE_VOCAB = 256  # engine.data: text as bytes (the default corpus, a directory, any non-.bin file)
 
 
+EMPTY_DATA = "--data must not be empty (a path, `default` or `synthetic`)"  # (engine.train and moectl)
+
+
 def no_such_data(spec: str) -> str:
     """What engine.data (and moectl before launch) says of a --data that names nothing."""
     return f"--data {spec}: no such file or directory (use 'default', 'synthetic', a directory or a .bin file)"
@@ -144,7 +147,7 @@ def check_data_options(options: Mapping[str, Any], cwd: Path) -> None:
     256. Reads no data (a .bin's own vocabulary is the engine's to check)."""
     preset = PRESETS[options.get("preset") or "tiny"]
     if options.get("data") == "":
-        raise ValueError("--data must not be empty (a path, `default` or `synthetic`)")
+        raise ValueError(EMPTY_DATA)
     spec = options.get("data") or preset.get("data", DEFAULTS["data"])
     if spec in ("default", "synthetic"):
         path = None

@@ -39,7 +39,7 @@ import torch.distributed as dist
 from engine import checkpoint, data, flops
 from engine.ep import ExpertParallel, check_ep
 from engine.malloc import keep_freed_memory
-from engine.config import DEFAULTS, PRESETS, GPTConfig, check_ep_layers
+from engine.config import DEFAULTS, EMPTY_DATA, PRESETS, GPTConfig, check_ep_layers
 from engine.model import GPT
 from engine.schema import (
     EXIT_BAD_OPTIONS,
@@ -153,7 +153,7 @@ def resolve_options(argv) -> argparse.Namespace:
     if not -(2**63) <= args.seed < 2**63:  # torch.manual_seed's range (a traceback at step 0 otherwise)
         raise BadOptions(f"--seed must fit in 64 bits, got {args.seed}")
     if args.data == "":
-        raise BadOptions("--data must not be empty (a path, `default` or `synthetic`)")
+        raise BadOptions(EMPTY_DATA)
     if args.lr <= 0:
         raise BadOptions(f"--lr must be > 0, got {args.lr}")
     if args.peak_flops is not None and args.peak_flops <= 0:
@@ -164,11 +164,8 @@ def resolve_options(argv) -> argparse.Namespace:
     if args.grad_clip < 0:
         raise BadOptions(f"--grad-clip must be >= 0 (0 = off), got {args.grad_clip}")
     for flag, where in (("--out-dir", args.out_dir), ("--ckpt-dir", args.ckpt_dir)):
-        blocker = _file_in_the_way(where)
-        if blocker is not None:  # found now, not by the checkpoint save at the end of the run
-            raise BadOptions(f"{flag} {where}: {blocker} is a file, not a directory")
-        problem = _unwritable(where)
-        if problem is not None:
+        problem = _directory_problem(where)
+        if problem is not None:  # found now, not by the checkpoint save at the end of the run
             raise BadOptions(f"{flag} {where}: {problem}")
     if args.out_dir:
         metrics_path = Path(args.out_dir) / METRICS_FILENAME
@@ -176,7 +173,8 @@ def resolve_options(argv) -> argparse.Namespace:
             what = "a directory" if metrics_path.is_dir() else "a dangling link"
             raise BadOptions(f"--out-dir {args.out_dir}: {metrics_path} is {what}, not a metrics file")
     try:
-        model_config(args, vocab_size=args.vocab_size or 256).validate()
+        cfg = model_config(args, vocab_size=args.vocab_size or 256)  # (the data's vocabulary comes later)
+        cfg.validate()
     except (ValueError, OverflowError) as exc:
         raise BadOptions(str(exc)) from None
     if args.ep != 1:
@@ -187,7 +185,7 @@ def resolve_options(argv) -> argparse.Namespace:
         if args.dense or args.fp8 or args.dispatch == "loop":
             raise BadOptions("--ep > 1 needs MoE layers with the padded or grouped dispatch (not --dense, --fp8, --dispatch loop)")
         try:
-            check_ep_layers(model_config(args, vocab_size=args.vocab_size or 256), args.ep)
+            check_ep_layers(cfg, args.ep)
         except ValueError as exc:
             raise BadOptions(str(exc)) from None
     if args.fp8 or args.fp8_dense:
@@ -201,7 +199,7 @@ def resolve_options(argv) -> argparse.Namespace:
             raise BadOptions(f"{flag} is not supported here: {reason}")
     try:  # the layers' own rules (dispatch vs cap, torch._scaled_mm's shapes): built on meta, free
         with torch.device("meta"):
-            GPT(model_config(args, vocab_size=args.vocab_size or 256))
+            GPT(cfg)
     except (ValueError, OverflowError) as exc:
         fp8 = "--fp8" if args.fp8 else "--fp8-dense"
         raise BadOptions(f"{fp8}: {exc}" if str(exc).startswith("fp8 ") else str(exc)) from None  # (engine.fp8's)
@@ -233,24 +231,15 @@ def _warn_if_resumed_differently(resume_path: Path, step: int, args, world: int)
               "in the original's chunks, so some tokens are seen twice and some never", file=sys.stderr, flush=True)
 
 
-def _file_in_the_way(directory) -> Optional[str]:
-    """The file standing where `directory` (or one of its parents) must be a directory, if any."""
+def _directory_problem(directory) -> Optional[str]:
+    """Why `directory` cannot hold our files, if it cannot: a file stands where it (or a parent)
+    must be a directory, or nothing can be created in it (or in the nearest parent that exists,
+    where it would be made). Nothing is created here, so options refused later leave nothing."""
     if not directory:
         return None
-    for p in [Path(directory), *Path(directory).parents]:
-        if p.exists():
-            return None if p.is_dir() else str(p)
-    return None
-
-
-def _unwritable(directory) -> Optional[str]:
-    """Why a file cannot be created in `directory` (made if missing), if it cannot: found before
-    training, not when the first checkpoint (or metrics line) is written at the end of the run."""
-    if not directory:
-        return None
-    # The directory, or the nearest of its parents that exists (where it would be made): nothing
-    # is created here, so options refused later leave nothing behind.
     existing = next((p for p in [Path(directory), *Path(directory).parents] if p.exists()), Path("."))
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
