@@ -4,8 +4,9 @@
     OUT=/tmp/prof python3 scripts/gpu_profile.py --device cpu --tokens 1024 --dim 64   # a smoke run
 
 One layer as engine.train runs it: fp32 parameters and residual, autocast bf16, forward + backward
-with the aux loss, eager and torch.compile(dynamic=False). Each variant is timed round-robin with
-CUDA events (median), then profiled: the kernels by self device time go to $OUT/profile_<name>.txt.
+with the aux loss, eager and torch.compile(dynamic=False). Each variant is timed round-robin as
+engine.bench times (synced, median), then profiled: the kernels by self device time go to
+$OUT/profile_<name>.txt.
 `gpu_check.sh` measured the whole model; this splits the MoE layer's extra time into its parts.
 """
 from __future__ import annotations
@@ -24,18 +25,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from engine.bench import DenseMLP  # noqa: E402
-from engine.moe import MoEConfig, MoELayer  # noqa: E402
+from engine.bench import bench_layers, time_round_robin  # noqa: E402
+
+
+VARIANTS = {"dense": "dense", ("padded", 1.0): "padded_cap1", ("grouped", 0.0): "grouped"}
 
 
 def make_layers(dim, experts, top_k, hidden, device):
-    layers = {"dense": DenseMLP(dim, top_k * hidden)}
-    for name, dispatch, cap in (("padded_cap1", "padded", 1.0), ("grouped", "grouped", 0.0)):
-        moe = MoELayer(MoEConfig(dim=dim, n_experts=experts, top_k=top_k, expert_hidden=hidden, cap=cap,
-                                 dispatch=dispatch))
-        torch.nn.init.normal_(moe.w_down_EHD, std=hidden**-0.5)
-        layers[name] = moe
-    return {k: v.to(device) for k, v in layers.items()}  # fp32 masters, as engine.train keeps them
+    """engine.bench's layers, fp32 masters as engine.train keeps them (autocast makes the bf16)."""
+    layers = bench_layers(dim, experts, top_k, hidden, [k for k in VARIANTS if k != "dense"], device, torch.float32)
+    return {VARIANTS[k]: layer for k, layer in layers.items()}
 
 
 def step_fn(layer, x, g, device, use_bf16):
@@ -54,22 +53,10 @@ def step_fn(layer, x, g, device, use_bf16):
 
 
 def timed(fns: dict, device, warmup=5, repeats=20) -> dict:
-    times = {k: [] for k in fns}
-    for i in range(warmup + repeats):
-        for k, fn in fns.items():
-            if device.type == "cuda":
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                torch.cuda.synchronize()
-                ms = a.elapsed_time(b)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                ms = (time.perf_counter() - t0) * 1e3
-            if i >= warmup:
-                times[k].append(ms)
+    """Median ms per call, round-robin (engine.bench's timing; synced on CUDA, so launch-bound
+    calls show their CPU time: read the profiles' device time beside it)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = time_round_robin(fns, warmup, repeats, sync=sync)
     return {k: round(statistics.median(v), 4) for k, v in times.items()}
 
 
