@@ -270,9 +270,12 @@ def _experts_bmm(x_ECD, w_up_EDH, w_down_EHD, fp8: bool):
 
 
 # torch._grouped_mm runs on CPU in fp32, but its meta (fake tensor) kernel insists on bf16, so
-# torch.compile cannot trace an fp32 call. We wrap it in a custom op with our own shape function;
-# its backward calls the same op (x-grad: g @ w^T per group; w-grad: x^T @ g grouped over tokens),
-# which also hands _grouped_mm contiguous grads (its CPU backward breaks on stride-0 ones).
+# torch.compile cannot trace an fp32 call. For fp32 we wrap it in a custom op with our own shape
+# function; its backward calls the same op (x-grad: g @ w^T per group; w-grad: x^T @ g grouped over
+# tokens), which also hands _grouped_mm contiguous grads (its CPU backward breaks on stride-0 ones).
+# bf16 (every CUDA run) is traced as torch._grouped_mm itself: Inductor lowers it to the aten
+# kernel (or, under max-autotune, its Triton template) and the compiled graph calls it without
+# the custom op's Python dispatch, ~50 us a call (6 calls a layer, fwd + bwd; docs/benchmarks.md).
 @torch.library.custom_op("engine_moe::grouped_mm", mutates_args=())
 def _grouped_mm_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return torch._grouped_mm(a, b, offs=offs)
@@ -446,9 +449,11 @@ class MoELayer(nn.Module):
         if blocked_ok(x_AD):  # CPU: the counts are host memory already, .tolist() syncs nothing
             y_AD = blocked_relu2_mlp(x_AD, w_up, w_down, counts_E.tolist())
         else:
-            # Eager calls _grouped_mm directly (the custom op's Python dispatch costs ~1 ms a call);
-            # our grads into it are contiguous (relu² / _Combine backward), so its own backward is fine.
-            gmm = _grouped_mm_op if torch.compiler.is_compiling() else _grouped_mm_eager
+            # torch._grouped_mm itself wherever it can be (eager, and compiled bf16): the custom op
+            # costs a Python dispatch per call. Our grads into it are contiguous (relu² / _Combine
+            # backward), so its own backward is fine.
+            traceable = x_AD.dtype == torch.bfloat16 or not torch.compiler.is_compiling()
+            gmm = _grouped_mm_eager if traceable else _grouped_mm_op
             offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
             y_AD = gmm(relu_squared(gmm(x_AD, w_up, offs_E)), w_down, offs_E)
         return _Combine.apply(y_AD, gate_A, rank_A, order_A, none, K)

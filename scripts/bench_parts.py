@@ -3,6 +3,7 @@
     .venv/bin/python scripts/bench_parts.py relu2                # relu²: autograd's vs engine.activation's
     .venv/bin/python scripts/bench_parts.py gemms --threads 1    # expert GEMMs: dense mm vs bmm vs _grouped_mm
     .venv/bin/python scripts/bench_parts.py blocked              # each layer with and without engine.blocked_mlp
+    .venv/bin/python scripts/bench_parts.py gmm-compiled --rows 256   # compiled bf16: custom op vs torch._grouped_mm
 
 relu2: forward+backward of relu² on [8192, 512] fp32 (the bench's expert activations), autograd's
 `F.relu(h).square()` against `relu_squared`; values and grads are checked equal first, so the
@@ -13,6 +14,11 @@ the iso-FLOP dense pair (4096 rows, hidden 1024): what separates their GEMM time
 blocked: the dense MLP and the padded and grouped MoE layers of engine.bench, each timed with its
 relu² MLP(s) through engine.blocked_mlp and without; --block-mib sets the block size. Input and
 weight grads are checked equal up to summation order first.
+gmm-compiled: the grouped expert MLP (grouped GEMM, relu², grouped GEMM) in bf16 under
+torch.compile(fullgraph=True), forward+backward, once through engine.moe's custom op and once as
+torch._grouped_mm itself; --rows tokens over 8 experts, D=256, hidden 512 (few rows: the per-call
+overhead shows, as it does on a GPU whose kernels take microseconds). Outputs and grads are checked
+equal first.
 Variants run round-robin in one process (engine.bench.time_round_robin); medians after warm-up,
 ratios to the first variant.
 """
@@ -110,9 +116,37 @@ def blocked_variants(block_mib: float) -> dict:
             for name, layer in layers.items() for blocked in (False, True)}
 
 
+def gmm_compiled_variants(rows: int) -> dict:
+    from engine.moe import _grouped_mm_op
+
+    E, D, H = 8, 256, 512
+    x_AD = torch.randn(rows, D, dtype=torch.bfloat16, requires_grad=True)
+    w_up_EDH = torch.randn(E, D, H, dtype=torch.bfloat16, requires_grad=True)
+    w_down_EHD = torch.randn(E, H, D, dtype=torch.bfloat16, requires_grad=True)
+    cuts = torch.linspace(0, rows, E + 1)[1:].round().to(torch.int32)  # near-equal groups
+    g_AD = torch.randn(rows, D, dtype=torch.bfloat16)
+
+    def mlp(gmm):
+        return lambda x, w1, w2, offs: gmm(relu_squared(gmm(x, w1, offs)), w2, offs)
+
+    fns = {"custom op": mlp(_grouped_mm_op), "torch._grouped_mm": mlp(lambda a, b, offs: torch._grouped_mm(a, b, offs=offs))}
+    compiled = {k: torch.compile(f, fullgraph=True, dynamic=False) for k, f in fns.items()}
+
+    def step(fn):
+        for t in (x_AD, w_up_EDH, w_down_EHD):
+            t.grad = None
+        fn(x_AD, w_up_EDH, w_down_EHD, cuts).backward(g_AD)
+        return [x_AD.grad, w_up_EDH.grad, w_down_EHD.grad]
+
+    ref, got = (step(f) for f in compiled.values())
+    assert all(torch.equal(a, b) for a, b in zip(ref, got)), "custom op and torch._grouped_mm differ"
+    return {k: (lambda f=f: step(f)) for k, f in compiled.items()}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=["relu2", "gemms", "blocked"])
+    p.add_argument("part", choices=["relu2", "gemms", "blocked", "gmm-compiled"])
+    p.add_argument("--rows", type=int, default=256, help="gmm-compiled: tokens (rows) over the 8 experts")
     p.add_argument("--block-mib", type=float, default=4.0, help="blocked: engine.blocked_mlp.BLOCK_BYTES in MiB")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--repeats", type=int, default=0, help="timed rounds (default: relu2 50, gemms 25)")
@@ -122,11 +156,12 @@ def main() -> int:
     keep_freed_memory()
     torch.manual_seed(0)
     variants = {"relu2": relu2_variants, "gemms": gemm_variants,
-                "blocked": lambda: blocked_variants(a.block_mib)}[a.part]()
-    repeats = a.repeats or {"relu2": 50, "gemms": 25, "blocked": 15}[a.part]
+                "blocked": lambda: blocked_variants(a.block_mib),
+                "gmm-compiled": lambda: gmm_compiled_variants(a.rows)}[a.part]()
+    repeats = a.repeats or {"relu2": 50, "gemms": 25, "blocked": 15, "gmm-compiled": 50}[a.part]
     times = time_round_robin(variants, warmup=5, repeats=repeats)
     base = statistics.median(next(iter(times.values())))
-    print(f"{a.part}: fp32, threads={torch.get_num_threads()}, {repeats} rounds")
+    print(f"{a.part}: {'bf16' if a.part == 'gmm-compiled' else 'fp32'}, threads={torch.get_num_threads()}, {repeats} rounds")
     for name, t in times.items():
         print(f"  {name:26s} median {statistics.median(t):7.2f} ms  min {min(t):7.2f} ms  "
               f"ratio {statistics.median(t) / base:.3f}")

@@ -125,3 +125,15 @@ def test_gpu_profile_script_runs_on_cpu_and_writes_its_tables(tmp_path):
     assert res["graph_breaks"] == {}
     for name in ("dense", "padded_cap1", "grouped", "eager_padded_cap1", "eager_grouped"):
         assert "aten::" in (tmp_path / f"profile_{name}.txt").read_text(), name
+
+
+@pytest.mark.slow
+def test_bench_parts_gmm_compiled_checks_and_times_both_variants():
+    """The A/B behind docs/benchmarks.md's custom-op figures: it checks the two compiled grouped
+    MLPs equal before timing them, and prints one line per variant."""
+    proc = subprocess.run([sys.executable, "scripts/bench_parts.py", "gmm-compiled", "--rows", "64", "--repeats", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=SLOW_TIMEOUT_S - 30)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("gmm-compiled: bf16")
+    assert [l.split()[0] for l in lines[1:]] == ["custom", "torch._grouped_mm"]

@@ -263,6 +263,44 @@ def test_compiled_graphs_have_no_accumulating_scatter(dispatch, cap):
     assert not found, found
 
 
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no _grouped_mm")
+@pytest.mark.parametrize("bf16", [True, False])
+def test_compiled_grouped_calls_grouped_mm_itself_in_bf16(bf16):
+    """Compiled bf16 (every CUDA run) traces torch._grouped_mm itself, forward and backward, so the
+    compiled graph pays no Python dispatch per call; fp32 (CPU) needs engine.moe's custom op, since
+    _grouped_mm's fake kernel takes bf16 only. Compiled matches eager either way."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    layer = make_layer("grouped", 0.0)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False,
+                             backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
+    x = torch.randn(2, 32, D)
+    results = []
+    for fn in (compiled, layer):  # compiled first: eager's blocked CPU path is a different kernel
+        layer.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out, aux = fn(xi)
+        torch.autograd.backward([out.float(), aux.loss], [torch.ones(out.shape), None])
+        results.append([out.detach().float(), xi.grad, layer.w_up_EDH.grad, layer.w_down_EHD.grad])
+    targets = [n.target for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    native = targets.count(torch.ops.aten._grouped_mm.default)
+    custom = targets.count(torch.ops.engine_moe.grouped_mm.default)
+    assert len(graphs) == 2
+    assert (native, custom) == ((GMM, 0) if bf16 else (0, GMM)), (native, custom)
+    tol = dict(rtol=2e-2, atol=2e-2) if bf16 else dict(rtol=1e-4, atol=1e-5)
+    for got, ref in zip(*results):
+        assert ref.abs().max() > 0
+        torch.testing.assert_close(got, ref, **tol)
+
+
 @pytest.mark.slow
 def test_compile_dynamic_padded_handles_two_token_counts():
     """`--compile dynamic`: the capacity is computed from a symbolic token count (integer math
