@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_options(argv) -> argparse.Namespace:
     """Parse argv, fill from preset then DEFAULTS, validate. Raises BadOptions (one line)."""
     args = build_parser().parse_args(argv)
+    given = {name for name, value in vars(args).items() if value is not None}
     preset = PRESETS[args.preset]
     for key, default in DEFAULTS.items():
         if getattr(args, key, None) is None:
@@ -203,7 +204,20 @@ def resolve_options(argv) -> argparse.Namespace:
     except (ValueError, OverflowError) as exc:
         fp8 = "--fp8" if args.fp8 else "--fp8-dense"
         raise BadOptions(f"{fp8}: {exc}" if str(exc).startswith("fp8 ") else str(exc)) from None  # (engine.fp8's)
+    # Said, not refused: a sweep grid of dense x cap has dense legs with a --cap, and that is fine.
+    args.no_effect = sorted(MOE_ONLY & given) if args.dense else []
     return args
+
+
+# Options that only shape MoE layers: under --dense there is none. (--top-k, --expert-hidden-mult
+# and --moe-freq do count: they size and place the iso-FLOP dense MLP.)
+MOE_ONLY = {"n_experts", "cap", "dispatch", "balance_coeff", "z_coeff", "balance", "balance_rate", "fp8"}
+
+
+def no_effect_warning(names) -> str:
+    flags = ", ".join("--" + n.replace("_", "-") for n in names)
+    hint = " (--fp8-dense puts the dense layers in float8)" if "fp8" in names else ""
+    return f"warning: --dense has no MoE layers, so {flags} {'has' if len(names) == 1 else 'have'} no effect{hint}"
 
 
 def _warn_if_resumed_differently(resume_path: Path, step: int, args, world: int) -> None:
@@ -425,6 +439,8 @@ def _train(args, open_files: list) -> int:
     if ddp:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     master = rank == 0
+    if master and args.no_effect:
+        print(no_effect_warning(args.no_effect), flush=True)
 
     # ---- model, optimizer ---------------------------------------------------------------
     # Under --ep every rank builds (and loads) the full model, then keeps its experts: each shard is

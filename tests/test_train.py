@@ -219,6 +219,21 @@ def test_explicit_options_override_the_preset():
     assert resolve_options(["--device", "cpu"]).dtype == "fp32"  # tiny on cpu
 
 
+def test_dense_says_which_given_moe_options_have_no_effect(tmp_path, capsys):
+    """--dense builds no MoE layer: a --cap or --fp8 given beside it changes nothing, and the run says
+    so (once, first) instead of letting a dense leg read as a capped or float8 one. Preset values
+    and the options that size the dense MLP (--top-k) are not named."""
+    assert resolve_options(["--preset", "d12-moe", "--device", "cpu", "--dense"]).no_effect == []  # its preset's cap
+    args = resolve_options(["--device", "cpu", "--dense", "--cap", "0.5", "--top-k", "1", "--balance", "none"])
+    assert args.no_effect == ["balance", "cap"]
+    assert resolve_options(["--device", "cpu", "--cap", "0.5"]).no_effect == []  # not dense: every option counts
+    assert main(["--preset", "tiny", "--steps", "1", "--device", "cpu", "--dense", "--cap", "0.5", "--dispatch", "loop",
+                 "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "warning: --dense has no MoE layers, so --cap, --dispatch have no effect"
+    assert sum("warning" in line for line in out) == 1
+
+
 def test_sigterm_stops_promptly_and_keeps_valid_metrics(tmp_path):
     err_path = tmp_path / "stderr"
     with open(err_path, "w") as err_fh:
