@@ -156,6 +156,8 @@ def check_data_options(options: Mapping[str, Any], cwd: Path) -> None:
         path = path if path.is_absolute() else Path(cwd) / path
         if not path.exists():
             raise ValueError(no_such_data(str(spec)))
+        if not (path.is_file() or path.is_dir()):  # engine.data never reads a FIFO, socket or device
+            raise ValueError(f"--data {spec}: not a regular file or directory")
     vocab = options.get("vocab_size")
     byte_data = spec == "default" or (path is not None and not (path.is_file() and path.suffix == ".bin"))
     if vocab and byte_data and vocab < BYTE_VOCAB:

@@ -40,7 +40,7 @@ def _concat_files(root: Path, keep, skip: set, cap_bytes: int) -> bytes:
         dirnames[:] = sorted(d for d in dirnames if d not in skip and not d.startswith("."))
         for name in sorted(filenames):
             path = Path(dirpath) / name
-            if not keep(path):
+            if not keep(path) or not path.is_file():  # a FIFO or socket would block the read forever
                 continue
             try:
                 data = path.read_bytes()
@@ -78,6 +78,8 @@ def load_tokens(spec: str, cap_bytes: int = DEFAULT_CAP_BYTES) -> tuple[torch.Te
         if not data:  # (torch.frombuffer's own words for it name no flag)
             raise ValueError(f"--data {spec}: empty file")
         return _bytes_to_tokens(data), BYTE_VOCAB
+    if path.exists():  # a FIFO, socket or device: not read (a FIFO would block the run forever)
+        raise ValueError(f"--data {spec}: not a regular file or directory")
     raise ValueError(no_such_data(spec))
 
 

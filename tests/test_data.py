@@ -99,3 +99,34 @@ def test_an_empty_data_file_is_named_as_such(tmp_path):
     empty.write_text("")
     with pytest.raises(ValueError, match=f"^--data {empty}: empty file$"):
         load_tokens(str(empty))
+
+
+def test_a_fifo_is_never_read(tmp_path):
+    """A named pipe in a --data directory (or as --data) blocked the run forever in its read: it is
+    skipped in a directory and refused as the data itself. Each call runs with a bound: a hang fails."""
+    import os
+    import threading
+
+    d = tmp_path / "texts"
+    d.mkdir()
+    (d / "a.txt").write_bytes(b"AB")
+    os.mkfifo(d / "b.pipe")
+    found = {}
+
+    def load(key, spec):
+        try:
+            found[key] = data.load_tokens(spec)
+        except ValueError as exc:
+            found[key] = exc
+
+    for key, spec in (("dir", str(d)), ("fifo", str(d / "b.pipe"))):
+        t = threading.Thread(target=load, args=(key, spec), daemon=True)
+        t.start()
+        t.join(10)
+        if t.is_alive():  # unblock the reader so the test process can end, then fail
+            fd = os.open(d / "b.pipe", os.O_WRONLY | os.O_NONBLOCK)
+            os.close(fd)
+            pytest.fail(f"load_tokens({key}) blocked on the FIFO")
+    tokens, vocab = found["dir"]
+    assert bytes(tokens.to(torch.uint8).tolist()) == b"AB" and vocab == 256
+    assert str(found["fifo"]) == f"--data {d / 'b.pipe'}: not a regular file or directory"

@@ -79,6 +79,17 @@ def test_a_model_the_engine_would_refuse_is_a_usage_error_before_launch(extra, d
                     NOW, None).options["vocab_size"] == 3
 
 
+def test_a_fifo_as_data_is_refused_before_launch(tmp_path):
+    """engine.data refuses to read a named pipe (it would block forever): moectl says so first."""
+    import os
+
+    os.mkfifo(tmp_path / "feed")
+    with pytest.raises(UsageError) as e:
+        plan_run(cfg(defaults={"preset": "tiny"}), make_request(extra_args=["--data", str(tmp_path / "feed")]), NOW, None)
+    assert e.value.message == f"engine options: --data {tmp_path / 'feed'}: not a regular file or directory"
+    assert e.value.exit_code == 2
+
+
 @pytest.mark.parametrize("argv", [
     [], ["--preset", "d12-moe"], ["--top-k", "9"], ["--preset", "d12-moe", "--n-experts", "1"], ["--head-dim", "24"],
     ["--depth", "3", "--aspect-ratio", "10", "--head-dim", "10"], ["--expert-hidden-mult", "0.001"],
