@@ -17,6 +17,12 @@
 # (~100,800 tok/s per GPU, 9.76% MFU at 8 GPUs; its dense iso-FLOP twin ~36% MFU).
 # First figures (one H200, 2026-11-27) are in docs/benchmarks.md; scripts/gpu_profile.py splits one
 # d12 MoE layer's time kernel by kernel when a run is slower than its dense twin.
+#
+#   EXTRAS="fp8 bias" OUT=/some/dir bash scripts/gpu_check.sh
+#
+# EXTRAS adds 30-step runs never yet taken on a GPU, about 100 s each: `fp8` (cap 1.0 with --fp8,
+# the expert GEMMs through torch._scaled_mm) and `bias` (cap 1.0 with --balance bias). Leave it out
+# when the device time left is under ~12 minutes.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
@@ -58,6 +64,14 @@ D12=(-m engine.train --preset d12-moe --device cuda --steps "$STEPS" --total-bat
 run cap1_static 140 $PY "${D12[@]}" --cap 1.0 --compile static --out-dir "$OUT/cap1_static"
 run cap0_static 140 $PY "${D12[@]}" --cap 0 --compile static --out-dir "$OUT/cap0_static"
 run dense_static 120 $PY "${D12[@]}" --dense --compile static --out-dir "$OUT/dense_static"
+D12_SHORT=(-m engine.train --preset d12-moe --device cuda --steps 30 --total-batch-size "$TOTAL_BATCH" --log-every 10)
+for extra in ${EXTRAS:-}; do
+  case $extra in
+    fp8) run cap1_fp8 110 $PY "${D12_SHORT[@]}" --cap 1.0 --fp8 --compile static --out-dir "$OUT/cap1_fp8" ;;
+    bias) run cap1_bias 110 $PY "${D12_SHORT[@]}" --cap 1.0 --balance bias --compile static --out-dir "$OUT/cap1_bias" ;;
+    *) note "unknown extra: $extra (fp8, bias)" ;;
+  esac
+done
 
 # moectl on the real card: the only real NVML reading we get. pydantic is missing on the box, so
 # carry it: run `bash scripts/device_wheels.sh` here first and name `.whl` in the call's carry.
@@ -103,9 +117,11 @@ out, outcomes = Path(sys.argv[1]), sys.argv[2:]
 print("outcomes: " + " | ".join(outcomes))
 head = f"{'run':<14}{'steps':>6}{'tail':>5}{'tok/sec':>12}{'dt_ms':>10}{'mfu%':>8}{'drop':>7}{'load':>6}{'mem_MiB':>10}{'loss':>8}"
 print(head)
-for name in ("cap1_static", "cap0_static", "dense_static"):
+for name in ("cap1_static", "cap0_static", "dense_static", "cap1_fp8", "cap1_bias"):
     path = out / name / "metrics.jsonl"
     if not path.exists():
+        if name in ("cap1_fp8", "cap1_bias") and not (out / name).exists():
+            continue  # an extra not asked for (or refused at once: its rc is in the outcomes line)
         print(f"{name:<14}  (no metrics)")
         continue
     recs = [parse_line(l) for l in path.read_text().splitlines() if l.strip()]
