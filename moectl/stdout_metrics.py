@@ -89,6 +89,9 @@ PATTERN_FIELDS = tuple(f.name for f in fields(StepMetrics) if f.name not in ("st
 
 # Prefixes torchrun (`--tee`, `log_line_prefix_template`) and torch's own errors put on a rank's line.
 _RANK_PREFIX = re.compile(r"^\[(?:default|rank)?(\d+)\]:?[ ]?")
+# Terminal control sequences a trainer's logger may colour its lines with (CSI `\x1b[32m`, OSC
+# `\x1b]...\x07`): a terminal shows the text without them, and so does the parser read it.
+_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
 _NOISE = (
     re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d(?:\.\d+)? +\d+ "),  # glog-style: torch.distributed C++/python
     re.compile(r"^(?:DEBUG|INFO|WARNING|ERROR|CRITICAL):torch\."),  # python logging of torch.*
@@ -250,6 +253,8 @@ class StdoutParser:
                 self.partial += 1
             return []
         line = raw.rstrip("\r\n").rsplit("\r", 1)[-1]  # (a caller's own line with `\r`s: what a terminal shows last)
+        if "\x1b" in line:
+            line = _ANSI.sub("", line)
         m = _RANK_PREFIX.match(line)
         if m:
             if int(m.group(1)) != 0:
@@ -301,7 +306,7 @@ class StdoutParser:
                 self.skipped += 1
                 return None
         m = self.fmt.step.search(line)
-        if m is None:
+        if m is None or m.group(1) is None:  # (an optional group that took no part: no step number here)
             return None
         try:
             return self._make(int(number(m.group(1))), self._pattern_fields(line))
@@ -313,6 +318,8 @@ class StdoutParser:
         kwargs = {}
         for name, pattern in self.fmt.patterns.items():
             pm = pattern.search(line)
+            if pm is not None and pm.group(1) is None:
+                pm = None  # an optional group that took no part in the match: not on this line
             if pm is not None:
                 kwargs[name] = (loss_number if name == "loss" else number)(pm.group(1))
                 self.matched[name] += 1
@@ -347,7 +354,7 @@ class StdoutParser:
         """Run-level facts printed outside the step lines."""
         if self.fmt.tokens_per_step is not None and self.tokens_per_step is None:
             tm = self.fmt.tokens_per_step.search(line)
-            if tm is not None:
+            if tm is not None and tm.group(1) is not None:
                 try:
                     self.tokens_per_step = number(tm.group(1))
                 except ValueError:
@@ -440,9 +447,19 @@ class LiveMetricsWriter:
     def __init__(self, path: Path, parser: StdoutParser):
         self.parser = parser
         self._fh: IO[str] = open(path, "a", encoding="utf-8")
+        self._stopped = False
 
     def __call__(self, raw: str) -> None:
-        for rec in self.parser.feed(raw):
+        if self._stopped:
+            return
+        try:
+            records = self.parser.feed(raw)
+        except Exception as exc:  # a parser bug: the run goes on, and its record says what is missing
+            self._stopped = True
+            self.parser.notes.append(f"the stdout metrics parser stopped after {self.parser.steps_seen} step(s), at the "
+                                     f"line {raw.rstrip()[:200]!r} ({type(exc).__name__}: {exc}): later steps are missing")
+            return
+        for rec in records:
             self._fh.write(to_line(rec) + "\n")
             self._fh.flush()
 

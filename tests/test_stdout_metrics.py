@@ -119,6 +119,47 @@ def test_a_pattern_that_never_matches_is_a_warning_not_a_crash():
     assert "mfu" in warning and "never matched" in warning
 
 
+def test_an_optional_group_that_takes_no_part_is_a_missing_field_not_a_crash():
+    """`(?:lr=([\d.]+)|L=[\d.]+)` matches a line whose group is empty: that line has no lr. It was
+    an AttributeError that stopped the live parser for the rest of the run (and `import` exit 1)."""
+    fmt = StdoutFormat.build("regex", step=r"iter (\d+):|epoch end", tokens_per_step=r"tokens: (\d+)|no tokens",
+                             patterns={"loss": r"loss ([\d.]+)", "lr": r"(?:lr=([\d.]+)|L=[\d.]+)"})
+    parser, steps = parse_text("no tokens\niter 1: loss 2.0 lr=0.1\niter 2: loss 1.5 L=1.5\nepoch end\n"
+                               "iter 3: loss 1.0 lr=0.2\n", fmt)
+    assert [(s.step, s.loss, s.lr) for s in steps] == [(1, 2.0, 0.1), (2, 1.5, None), (3, 1.0, 0.2)]
+    assert parser.tokens_per_step is None and parser.skipped == 0
+
+
+def test_coloured_step_lines_read_as_a_terminal_shows_them():
+    """A logger's ANSI colours (CSI) and a terminal-title escape (OSC) around a step line."""
+    text = ("\x1b[32mstep 0 | loss: 3.0 | dt: 100ms\x1b[0m\n"
+            "\x1b]0;training\x07\x1b[1;34mstep\x1b[0m 1 | loss: \x1b[33m2.5\x1b[0m | dt: 100ms\n")
+    parser, steps = parse_text(text, NANOCHAT)
+    assert [(s.step, s.loss, s.dt_ms) for s in steps] == [(0, 3.0, 100.0), (1, 2.5, 100.0)]
+    assert parser.warnings() == []
+
+
+def test_a_parser_failure_stops_the_live_writer_and_says_so(tmp_path, monkeypatch):
+    """The live writer survives a parser bug (the run goes on) and the parser's warnings, which
+    the run record carries, say from where on the steps are missing."""
+    parser = StdoutParser(NANOCHAT)
+    writer = LiveMetricsWriter(tmp_path / "metrics.jsonl", parser)
+    writer("step 0 | loss: 3.0 | dt: 100ms\n")
+
+    def broken(line):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(parser, "_step", broken)
+    writer("step 1 | loss: 2.0 | dt: 100ms\n")
+    writer("step 2 | loss: 1.0 | dt: 100ms\n")
+    writer.close()
+    [note] = parser.warnings()
+    assert note.startswith("the stdout metrics parser stopped after 1 step(s), at the line 'step 1 | loss: 2.0")
+    assert "RuntimeError: boom" in note
+    steps = [r for r in map(parse_line, (tmp_path / "metrics.jsonl").read_text().splitlines()) if isinstance(r, StepMetrics)]
+    assert [s.step for s in steps] == [0]
+
+
 def test_live_writer_writes_the_engine_schema_then_a_summary(tmp_path):
     path = tmp_path / "metrics.jsonl"
     writer = LiveMetricsWriter(path, StdoutParser(NANOGPT, planned_steps=4, world_size=1, device="cpu"))
