@@ -34,6 +34,7 @@ from moectl.records import GitInfo, GuardResult, RunRecord
 from moectl.stdout_metrics import LiveMetricsWriter, StdoutFormat, StdoutParser
 from moectl.report import commit_message, not_committed, run_report, write_report
 from moectl.tracking import Mirrored, mirror_run
+from moectl.trainer import follows_engine_contract
 
 
 @dataclass
@@ -342,7 +343,10 @@ def record_fallback_request(cfg: Config, request: RunRequest, record: RunRecord)
 
 def _compile_fallback(cfg: Config, request: RunRequest, *, compile_failed: bool, tag: str, run_id: str,
                       compile: str) -> Optional[RunRequest]:
-    if not (cfg.launch.compile_fallback and compile_failed) or compile == "none":
+    # Exit 3 means "torch.compile failed" only in the engine's contract: a trainer of the user's own
+    # (a script, or flags mapped by [launch.options]) may exit 3 for any reason of its own.
+    if not (cfg.launch.compile_fallback and compile_failed) or compile == "none" \
+            or not follows_engine_contract(cfg.launch, cfg.metrics):
         return None
     return request.model_copy(update={
         "compile": "none",

@@ -658,6 +658,12 @@ def test_fallback_request_only_for_compile_failures_with_fallback_on(proj):
     assert fallback_request(cfg, req, _outcome(cfg, req, compile_failed=False)) is None
     none_req = RunRequest(compile="none", tag="t")
     assert fallback_request(cfg, none_req, _outcome(cfg, none_req, compile_failed=True)) is None
+    # A trainer of the user's own may exit 3 for its own reasons: not a compile failure to re-run.
+    failed = _outcome(cfg, req, compile_failed=True)
+    cfg.file.launch.options = {"compile": "--compile={}"}
+    assert fallback_request(cfg, req, failed) is None
+    cfg.file.launch.options = None
+    assert fallback_request(cfg, req, failed) is not None
     cfg.file.launch.compile_fallback = False
     assert fallback_request(cfg, req, _outcome(cfg, req, compile_failed=True)) is None
 
