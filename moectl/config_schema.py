@@ -129,6 +129,13 @@ class LaunchSection(_Strict):
             out[key.replace("-", "_")] = template
         return out
 
+    @model_validator(mode="after")
+    def _one_python_process(self):
+        if self.launcher == "python" and self.nproc_per_node not in ("auto", 1):
+            raise ValueError(f'nproc_per_node = {self.nproc_per_node}: launcher = "python" runs one process '
+                             '(use launcher = "torchrun" for more)')
+        return self
+
     @property
     def target(self) -> str:
         """What runs: the module name or the script path (process detection, messages)."""

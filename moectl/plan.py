@@ -264,6 +264,8 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
         nproc = request.nproc
     elif isinstance(cfg.launch.nproc_per_node, int):
         nproc = cfg.launch.nproc_per_node
+    elif cfg.launch.launcher == "python":
+        nproc = 1  # `auto` of a plain python trainer: its one process, however many GPUs are free
     elif device == "cuda":
         nproc = len(selected) if selected is not None else max(1, gpus_available or 0)
     else:

@@ -20,6 +20,7 @@ or `python` (one plain process, for trainers that cannot run under torchrun on C
 """
 from __future__ import annotations
 
+import os
 import shlex
 from typing import Any
 
@@ -179,7 +180,8 @@ def trainer_argv(launch, metrics, options: dict[str, Any], *, device: str, exp_d
         trainer_args = list(launch.args) + mapped_flags(mapping, options, config)
         trainer_args += mapped_flags(mapping, {k: v for k, v in own.items() if k in mapping}, config)
     trainer_args += list(extra)
-    target = ["-m", launch.module] if launch.module is not None else [launch.script]
+    # `~` expanded as the guards' probe_trainer reads it (no shell runs the command to do it).
+    target = ["-m", launch.module] if launch.module is not None else [os.path.expanduser(launch.script)]
     if launch.launcher == "python":
         if nproc != 1:
             raise UsageError(f"--nproc {nproc}: launcher = \"python\" runs one process; "

@@ -77,6 +77,19 @@ def test_python_launcher_is_one_plain_process():
     assert p.argv[1:] == ["train.py", "config/train_small.py", "--device=cpu", "--max_iters=5"]  # fp8 false: left out
     with pytest.raises(UsageError, match="launcher = \"python\" runs one process"):
         plan(NANOGPT.format(launcher="python"), nproc=2)
+    # nproc_per_node = "auto" on an 8-GPU node: one process, not "--nproc 8" refused (never asked for)
+    gpu = plan_run(cfg_of(NANOGPT.format(launcher="python")), RunRequest(device="cuda", steps=5), NOW, gpus_available=8)
+    assert gpu.nproc == 1 and gpu.argv[1] == "train.py"
+    # ... and a config that asks a python launcher for more is the config's error, said as such
+    with pytest.raises(UsageError) as exc:
+        parse_config_text(NANOGPT.format(launcher="python").replace("[launch]\n", "[launch]\nnproc_per_node = 2\n"))
+    assert any('nproc_per_node = 2: launcher = "python" runs one process' in line for line in exc.value.lines), exc.value.lines
+
+
+def test_a_script_path_with_a_tilde_is_expanded_as_the_guard_reads_it(monkeypatch):
+    monkeypatch.setenv("HOME", "/home/researcher")
+    p = plan(NANOGPT.format(launcher="python").replace('script = "train.py"', 'script = "~/code/train.py"'), steps=5)
+    assert p.argv[1] == "/home/researcher/code/train.py"
 
 
 def test_unmapped_option_is_refused_naming_option_and_table():
