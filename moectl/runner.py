@@ -233,6 +233,13 @@ def finish_record(record: RunRecord, result: LaunchResult, plan: RunPlan,
         record.status = "failed"
         record.error = parser.no_steps_reason() + (f"\n{result.log_tail}" if result.log_tail else "")
         exit_code = EXIT_TRAINING
+    elif result.exit_code == 0 and metrics.n_steps == 0:
+        # The trainer's own metrics.jsonl (source = "jsonl") with no step in the schema: measured nothing.
+        record.status = "failed"
+        bad = f" ({metrics.skipped} lines skipped: not the metrics schema of engine/schema.py)" if metrics.skipped else ""
+        record.error = f"the trainer exited 0 but its metrics.jsonl holds no step{bad}" \
+            + (f"\n{result.log_tail}" if result.log_tail else "")
+        exit_code = EXIT_TRAINING
     elif result.exit_code == 0:
         record.status = "completed"
     else:

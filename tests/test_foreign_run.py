@@ -148,6 +148,29 @@ def test_a_trainer_that_prints_no_step_line_fails_with_that_reason(git_repo, mon
     assert rec["error"].startswith("no step line in the trainer's output matched (step pattern 'iter (\\\\d+):')")
 
 
+def test_a_trainer_writing_its_own_metrics_jsonl_in_another_schema_fails(git_repo, monkeypatch, artifact_root):
+    """source = "jsonl" with a trainer of the user's own: a metrics.jsonl of lines that are not the
+    schema's (or none) measured nothing. It was `completed`, exit 0, with a note on skipped lines."""
+    (git_repo / "train.py").write_text(
+        "import json, sys\n"
+        "with open(sys.argv[sys.argv.index('--out') + 1] + '/metrics.jsonl', 'w') as fh:\n"
+        "    for i in range(3):\n"
+        "        fh.write(json.dumps({'iteration': i, 'train_loss': 2.0}) + '\\n')\n"
+        "print('done')\n")
+    (git_repo / ".moectl.toml").write_text(
+        '[project]\nname = "own"\nbranch = "main"\nvenv = ""\n\n'
+        '[launch]\nscript = "train.py"\nlauncher = "python"\n\n'
+        '[launch.options]\nout_dir = "--out {}"\n\n[metrics]\nsource = "jsonl"\n')
+    git(git_repo, "add", "train.py")
+    commit_config(git_repo, monkeypatch)
+    result = runner.invoke(app, ["run", "--device", "cpu", "--no-commit", *QUIET])
+    assert result.exit_code == 4, result.output
+    rec = record(run_dirs(artifact_root)[0])
+    assert rec["status"] == "failed" and rec["exit_code"] == 0
+    assert rec["error"].startswith("the trainer exited 0 but its metrics.jsonl holds no step "
+                                   "(3 lines skipped: not the metrics schema of engine/schema.py)"), rec["error"]
+
+
 def test_a_pattern_that_never_matches_is_a_warning_in_record_report_and_show(git_repo, monkeypatch, artifact_root):
     proj = nanogpt_project(git_repo, monkeypatch, mfu=r"MFU=([\d.]+)")
     result = runner.invoke(app, ["run", "--device", "cpu", "--steps", "12", "--tag", "typo", *QUIET])
