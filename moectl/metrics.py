@@ -26,8 +26,11 @@ Steps are chosen by number, not by line position, so a resumed run's repeated st
 imported log's numbering follow the same rule (the seed study: 280 steps, window 50 = steps
 230-279, untouched by 10 warm-up steps).
 
-Two tail means differ "beyond noise" when |a - b| > 2 * sqrt(se_a^2 + se_b^2), i.e. roughly a
-95% interval on the difference of two independent means. A within-run error says how well one
+Two tail means differ "beyond noise" when |a - b| > k * sqrt(se_a^2 + se_b^2), i.e. roughly a
+95% interval on the difference of two independent means: k = 2 for within-run errors (a window of
+tens of steps), and for a repeat group Student's t at 95% with Welch-Satterthwaite's degrees of
+freedom (repeats - 1 per group; two groups of 2 repeats with equal errors: 2 degrees, k = 4.30;
+of 3: 4 degrees, k = 2.78), never below 2. A within-run error says how well one
 run's window pinned that run down, not whether another run would land in the same place: only
 repeats (a group, between-runs error) answer that, and every compare entry says which it shows.
 """
@@ -40,7 +43,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from engine.schema import RunSummary, StartInfo, StepMetrics, loss_is_finite, parse_record
-from moectl.noise import BETWEEN_RUNS, WITHIN_RUN, between_runs_stderr, within_run_stderr
+from moectl.noise import BETWEEN_RUNS, WITHIN_RUN, between_runs_stderr, t_critical, welch_df, within_run_stderr
 from moectl.records import Summary
 
 # The metrics of a compare table, in display order. MEAN_METRICS are tail means (they get a
@@ -438,10 +441,18 @@ def delta_pct(value: Optional[float], base: Optional[float]) -> Optional[float]:
     return (value - base) / abs(base) * 100.0
 
 
-def beyond_noise(a: Optional[float], se_a: Optional[float], b: Optional[float], se_b: Optional[float]) -> Optional[bool]:
+def beyond_noise(a: Optional[float], se_a: Optional[float], b: Optional[float], se_b: Optional[float],
+                 df_a: Optional[float] = None, df_b: Optional[float] = None) -> Optional[bool]:
+    """|a - b| > k * sqrt(se_a^2 + se_b^2): k = 2, or Student's t at 95% where a repeat group's few
+    degrees of freedom (df: repeats - 1; None for a within-run window) make 2 too lenient."""
     if a is None or b is None or se_a is None or se_b is None:
         return None
-    return abs(a - b) > 2.0 * math.sqrt(se_a * se_a + se_b * se_b)
+    return abs(a - b) > noise_multiplier(se_a, df_a, se_b, df_b) * math.sqrt(se_a * se_a + se_b * se_b)
+
+
+def noise_multiplier(se_a: float, df_a: Optional[float], se_b: float, df_b: Optional[float]) -> float:
+    df = welch_df(se_a, df_a, se_b, df_b)
+    return 2.0 if df is None else max(2.0, t_critical(df))
 
 
 def compare(runs: Sequence[RunMetrics], baseline_index: int = 0, window: int = 50,
@@ -469,14 +480,16 @@ def compare(runs: Sequence[RunMetrics], baseline_index: int = 0, window: int = 5
             summaries.append(fallback)
             errors.append({m: None for m in METRICS})
 
-    base, base_errs = summaries[baseline_index], errors[baseline_index]
+    # A group's between-runs error has repeats - 1 degrees of freedom; a window's, as good as infinite.
+    dfs = [len(r.members) - 1 if r.is_group else None for r in runs]
+    base, base_errs, base_df = summaries[baseline_index], errors[baseline_index], dfs[baseline_index]
     out: list[RunComparison] = []
-    for r, summ, errs in zip(runs, summaries, errors):
+    for r, summ, errs, df in zip(runs, summaries, errors, dfs):
         both_clean = summ.clean and base.clean
         mvs = {}
         for m in METRICS:
             value = getattr(summ, m)
-            verdict = beyond_noise(value, errs[m], getattr(base, m), base_errs[m])
+            verdict = beyond_noise(value, errs[m], getattr(base, m), base_errs[m], df, base_df)
             mvs[m] = MetricValue(
                 value=value,
                 delta_pct=delta_pct(value, getattr(base, m)),

@@ -239,7 +239,8 @@ def compare_markdown(comparison: Comparison) -> str:
         "for a repeat group (×N runs) between-runs, the std of the N tail means / √N, each value "
         "their mean. `(+x.xx%)` is the delta vs "
         f"the baseline `{base.tag or base.id if base else comparison.baseline}`; `*` marks a delta "
-        "beyond noise: |a − b| > 2·√(se_a² + se_b²).",
+        "beyond noise: |a − b| > k·√(se_a² + se_b²), k = 2, or for a repeat group Student's t at 95% "
+        "for its N − 1 degrees of freedom (Welch).",
     ]
     if any(mv.marked for r in comparison.runs for mv in r.metrics.values()):
         lines.append(mark_footnote(warmup))

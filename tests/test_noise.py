@@ -73,9 +73,47 @@ def test_groups_compare_on_the_mean_of_tail_means_with_the_between_runs_error():
         assert (row.n_repeats, row.noise, row.run_ids) == (3, "between-runs", entry.member_ids)
     data = c.to_json()["runs"][1]
     assert (data["n_repeats"], data["noise"]) == (3, "between-runs")
-    # The verdict uses the between-runs errors.
+    # The verdict uses the between-runs errors, at Student's t for their 2 + 2 degrees of freedom.
+    from moectl.noise import t_critical, welch_df
+
     va, vb = (r.metrics["dt_ms"] for r in c.runs)
-    assert vb.beyond_noise == (abs(vb.value - va.value) > 2 * math.hypot(va.stderr, vb.stderr))
+    k = t_critical(welch_df(va.stderr, 2, vb.stderr, 2))
+    assert k > 2.7  # between 2.78 (4 degrees of freedom) and 4.30 (2)
+    assert vb.beyond_noise == (abs(vb.value - va.value) > k * math.hypot(va.stderr, vb.stderr))
+
+
+def test_student_t_critical_values_are_the_textbooks():
+    from moectl.noise import t_critical, welch_df
+
+    # two-sided 95%: the values every t table prints
+    for df, t in ((1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (10, 2.228), (30, 2.042), (1e12, 1.960)):
+        assert t_critical(df) == pytest.approx(t, abs=5e-4), df
+    assert t_critical(2) < t_critical(1.5) < t_critical(1)  # fractional (Welch) degrees of freedom lie between
+    assert welch_df(1.0, 2, 1.0, 2) == pytest.approx(4.0) and welch_df(1.0, None, 1.0, None) is None
+    assert welch_df(1.0, 1, 1e-9, None) == pytest.approx(1.0)  # the noisy side sets them
+
+
+def test_beyond_noise_holds_five_percent_of_false_alarms_for_small_groups():
+    """Two groups of N repeats of the SAME configuration should differ "beyond noise" about 5% of
+    the time. With the old rule (2 standard errors) it was 19% at N = 2 and 12% at N = 3: a
+    reader chasing a `*` from two repeats chased noise one time in five."""
+    import random
+
+    from moectl.metrics import beyond_noise
+    from moectl.noise import between_runs_stderr
+
+    rng = random.Random(0)
+    for n in (2, 3, 5):
+        alarms, trials = 0, 4000
+        for _ in range(trials):
+            a, b = [rng.gauss(100.0, 3.0) for _ in range(n)], [rng.gauss(100.0, 3.0) for _ in range(n)]
+            alarms += beyond_noise(statistics.fmean(a), between_runs_stderr(a), statistics.fmean(b),
+                                   between_runs_stderr(b), n - 1, n - 1)
+        # Welch's test is a little conservative at the fewest repeats (2.3% at N = 2 here), never lenient.
+        assert 0.015 < alarms / trials < 0.065, (n, alarms / trials)
+    # The auditor's case: two groups of 2, |a - b| = 2.29 combined errors apart, one side far noisier.
+    assert beyond_noise(100.0, 1.0, 100.0 + 2.29 * math.hypot(1.0, 0.05), 0.05, 1, 1) is False
+    assert beyond_noise(100.0, 1.0, 100.0 + 2.29 * math.hypot(1.0, 0.05), 0.05) is True  # within-run windows: 2
 
 
 def test_a_group_is_named_by_its_id_or_tag_and_means_its_completed_runs(tmp_path):

@@ -486,7 +486,8 @@ def compare_cmd(
     A single run's ± is within-run, corrected for autocorrelation (effective
     sample size). Each run is three rows, in the same order for every metric: the value,
     ± the standard error of the tail mean, then Δ% vs the baseline with *
-    where the delta is beyond noise (|a−b| > 2·√(se_a²+se_b²)). A metric
+    where the delta is beyond noise (|a−b| > k·√(se_a²+se_b²): k = 2, for a
+    group Student's t at 95% for its N−1 degrees of freedom). A metric
     with no error (peak, total, final loss) leaves its ± cell empty; the
     baseline has no Δ% row. The window leaves out each run's first
     `\[metrics] warmup_steps` steps; a run with no step past them is marked †
@@ -519,7 +520,7 @@ def compare_cmd(
     else:
         _print_table(_compare_table(comparison))
         stdout.print("± standard error of the tail mean · Δ% vs baseline · * beyond noise "
-                     "(|a−b| > 2·√(se_a²+se_b²))", markup=False)
+                     "(|a−b| > k·√(se_a²+se_b²); k = 2, or Student's t for a group's few repeats)", markup=False)
         stdout.print(NOISE_LEGEND, markup=False)
         if any(mv.marked for r in comparison.runs for mv in r.metrics.values()):
             from moectl.metrics import mark_footnote
