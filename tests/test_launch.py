@@ -217,6 +217,24 @@ def test_launch_plain_child_tees_output_and_restores_handlers(tmp_path):
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
+def test_the_tail_a_record_keeps_is_text_of_bounded_lines(tmp_path):
+    """A trainer that printed 2 MB lines (a tensor, a config dump) put all of them into run.json and
+    the committed report, and its NULs and colours made git take the report for a binary file. The
+    log keeps every byte; the tail keeps text, each line cut at TAIL_LINE_CHARS, saying so."""
+    from moectl.launch import TAIL_LINE_CHARS
+
+    code = ("import sys\n"
+            "sys.stdout.write('\\x1b[31mError\\x1b[0m: bad\\x00value ' + 'x' * 2_000_000 + '\\n')\n"
+            "sys.stdout.write('last\\tline\\n')\nsys.exit(1)\n")
+    r = launch([sys.executable, "-c", code], cwd=REPO, env=ENV, log_path=tmp_path / "train.log",
+               metrics_path=tmp_path / "metrics.jsonl", progress=Recorder(), echo=False)
+    assert r.exit_code == 1
+    first, last = r.log_tail.splitlines()
+    assert first.startswith("Error: badvalue xxx") and first.endswith(f"({2_000_016 - TAIL_LINE_CHARS:,} more characters)")
+    assert len(first) < TAIL_LINE_CHARS + 40 and last == "last\tline"
+    assert len((tmp_path / "train.log").read_bytes()) > 2_000_000  # the log has it all
+
+
 def test_launch_missing_executable_reports_and_closes(tmp_path):
     rec = Recorder()
     r = launch([str(tmp_path / "no-such-python"), "-V"], cwd=tmp_path, env={}, log_path=tmp_path / "train.log",
