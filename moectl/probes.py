@@ -295,9 +295,27 @@ def _is_training(argv: list[str], module: str) -> bool:
             return True
         if a == "-m" and i + 1 < len(argv) and argv[i + 1] == module:
             return True
-        if script is not None and i == 1 and os.path.basename(a) == script and "python" in os.path.basename(argv[0]):
-            return True
+    if script is not None and "python" in os.path.basename(argv[0]):
+        ran = _python_script(argv)  # `python train.py`, and torchrun's workers: `python -u train.py`
+        return ran is not None and os.path.basename(ran) == script
     return False
+
+
+def _python_script(argv: list[str]) -> Optional[str]:
+    """The script a `python [options] script [args]` command line runs (None for -c / -m / none)."""
+    i = 1
+    while i < len(argv):
+        a = argv[i]
+        if a in ("-c", "-m") or a == "-":
+            return None
+        if a in ("-X", "-W", "-Q"):  # options whose value is the next word
+            i += 2
+            continue
+        if a.startswith("-"):
+            i += 1
+            continue
+        return a
+    return None
 
 
 def _out_dir(argv: list[str]) -> Optional[str]:

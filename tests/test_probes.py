@@ -104,6 +104,24 @@ def test_module_invocation_is_training_and_ancestors_are_excluded():
     assert os.getpid() not in {t.pid for t in find_training_processes("engine.train")}
 
 
+def test_a_script_trainer_is_training_under_python_options_as_torchruns_workers_run_it(tmp_path):
+    """torchrun starts a script's workers as `python -u train.py`: a left-over worker must still
+    count as training (guard 7), as `python train.py` does; `python -c` naming it does not."""
+    from moectl.probes import _is_training
+
+    script = tmp_path / "train.py"
+    script.write_text("import time\ntime.sleep(300)\n")
+    p = start_process([sys.executable, "-u", "-X", "dev", str(script), "--max_iters=5"])
+    try:
+        assert p.pid in {t.pid for t in find_training_processes("train.py")}
+    finally:
+        stop_process(p)
+    assert _is_training(["python3", "train.py"], "train.py") and _is_training(["/v/bin/python", "-u", "t/train.py"], "train.py")
+    assert not _is_training(["python3", "-c", "print(1)", "train.py"], "train.py")
+    assert not _is_training(["python3", "-m", "pytest", "train.py"], "train.py")
+    assert not _is_training(["vim", "train.py"], "train.py")
+
+
 def test_venv_probe_on_real_interpreters(tmp_path):
     cfg_file = tmp_path / ".moectl.toml"
     cfg_file.write_text('[project]\nvenv = ""\n')
