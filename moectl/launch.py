@@ -125,12 +125,34 @@ def stop_signals() -> tuple[int, ...]:
     return (signal.SIGINT, signal.SIGTERM, *hup)
 
 
+# Every process of a run inherits this variable (unless it scrubs its environment): how the end
+# of a run finds a helper forked just before the trainer exited (after the last snapshot) or one
+# that left the session, whose parent is init by then.
+RUN_TOKEN_ENV = "MOECTL_RUN_TOKEN"
+
+
 class _Family:
     """torchrun and everything it started, remembered even after they are reparented to init."""
 
-    def __init__(self, pid: int):
+    def __init__(self, pid: int, token: Optional[str] = None):
         self.pid = pid
+        self.token = token
         self.procs: dict[int, psutil.Process] = {}
+
+    def adopt_by_token(self) -> None:
+        """The processes whose environment carries this run's token (one pass over /proc)."""
+        if self.token is None:
+            return
+        mine = f"{RUN_TOKEN_ENV}={self.token}".encode()
+        for pid in psutil.pids():
+            if pid in self.procs or pid == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as fh:
+                    if mine in fh.read().split(b"\0"):
+                        self.procs.setdefault(pid, psutil.Process(pid))
+            except (OSError, psutil.Error):
+                pass  # gone, not ours to read, or no /proc (not Linux): the snapshots stand
 
     def snapshot(self) -> None:
         try:
@@ -160,6 +182,7 @@ class _Family:
 
     def kill_all(self, root_alive: bool) -> None:
         self.snapshot()
+        self.adopt_by_token()
         if root_alive:
             _signal_group(self.pid, signal.SIGKILL)
         for p in self.alive():
@@ -171,6 +194,7 @@ class _Family:
     def stop_survivors(self, grace_s: float, already_killed: bool) -> bool:
         """After torchrun exited: TERM then KILL whatever it left behind. True if anything was killed."""
         self.snapshot()
+        self.adopt_by_token()
         left = self.alive()
         if not left:
             return False
@@ -567,6 +591,8 @@ def launch(
     stop = _StopRequest()
     child_env = {**os.environ, **env}
     child_env.setdefault("PYTHONUNBUFFERED", "1")  # line-by-line output from torchrun itself
+    token = f"{os.getpid()}.{time.time_ns()}"
+    child_env[RUN_TOKEN_ENV] = token
 
     def feed(final: bool = False) -> None:
         for rec in follower.poll(final=final):
@@ -602,7 +628,7 @@ def launch(
                 error = f"could not start {argv[0] if argv else '(empty argv)'}: {exc}"
                 log_fh.write(f"moectl: {error}\n".encode())
         if proc is not None:
-            family = _Family(proc.pid)
+            family = _Family(proc.pid, token)
             watchdog.watch(proc.pid)
             if echo:
                 sink_echo = progress.echo if progress is not None else _echo_to_stdout

@@ -235,6 +235,40 @@ def test_the_tail_a_record_keeps_is_text_of_bounded_lines(tmp_path):
     assert len((tmp_path / "train.log").read_bytes()) > 2_000_000  # the log has it all
 
 
+def test_a_helper_forked_as_the_trainer_exits_is_stopped_and_the_summary_still_written(tmp_path):
+    """A trainer that forks a helper (its own session, holding the output pipe) just before it
+    exits: no snapshot saw it, and its parent is init by the end. It outlived the run, and the
+    tee waited on its pipe until the join timed out, so the parsed run lost its summary line."""
+    from moectl.stdout_metrics import LiveMetricsWriter, StdoutFormat, StdoutParser
+
+    pid_file = tmp_path / "helper.pid"
+    code = ("import os, sys, time\n"
+            "print('step 0 | loss: 3.0 | dt: 100ms', flush=True)\n"
+            "print('step 1 | loss: 2.0 | dt: 100ms', flush=True)\n"
+            "if os.fork() == 0:\n"
+            "    os.setsid()\n"
+            f"    open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+            "    time.sleep(60)\n"
+            "    os._exit(0)\n"
+            f"while not os.path.exists({str(pid_file)!r}): time.sleep(0.01)\n"
+            "sys.exit(0)\n")
+    writer = LiveMetricsWriter(tmp_path / "metrics.jsonl", StdoutParser(StdoutFormat.build("nanochat")))
+    r = launch([sys.executable, "-c", code], cwd=REPO, env=ENV, log_path=tmp_path / "train.log",
+               metrics_path=tmp_path / "metrics.jsonl", progress=Recorder(), echo=False, output_metrics=writer)
+    pid = int(pid_file.read_text())
+    try:
+        helper = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        helper = None  # stopped and reaped already
+    try:
+        assert r.exit_code == 0
+        assert helper is None or not helper.is_running() or helper.status() == psutil.STATUS_ZOMBIE
+        records = [parse_line(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        assert isinstance(records[-1], RunSummary) and records[-1].steps == 2
+    finally:
+        kill_all([helper] if helper is not None else [])
+
+
 def test_launch_missing_executable_reports_and_closes(tmp_path):
     rec = Recorder()
     r = launch([str(tmp_path / "no-such-python"), "-V"], cwd=tmp_path, env={}, log_path=tmp_path / "train.log",
