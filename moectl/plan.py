@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from engine.schema import DEFAULT_PRESET, ENGINE_MODULE, ENGINE_OPTIONS, PRESET_EXPERTS, PRESET_NAMES
 from moectl.config import CONFIG_NAME, Config, current_dir
 from moectl.errors import UsageError
-from moectl.trainer import RUN_OPTIONS, fold_engine_args, follows_engine_contract, trainer_argv
+from moectl.trainer import (RANK_PREFIX_ENV, RANK_PREFIX_TEMPLATE, RUN_OPTIONS, fold_engine_args,
+                            follows_engine_contract, trainer_argv)
 
 # Only these guards may be skipped knowingly (SPEC §5); the path guard never.
 OVERRIDABLE = ("gpus_idle", "no_other_training")
@@ -310,6 +311,8 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
     env = dict(cfg.launch.env)
     if not follows_engine_contract(cfg.launch, cfg.metrics):
         env["MOECTL_RUN_DIR"] = str(exp_dir)  # where a foreign trainer may write its own files
+    if cfg.launch.launcher == "torchrun" and cfg.metrics.source == "stdout":
+        env[RANK_PREFIX_ENV] = RANK_PREFIX_TEMPLATE  # (the parser reads this prefix: not the user's to change)
     if selected is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in selected)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import shlex
+from pathlib import Path
 from typing import Any
 
 from engine.schema import ENGINE_OPTIONS
@@ -187,8 +188,20 @@ def trainer_argv(launch, metrics, options: dict[str, Any], *, device: str, exp_d
             raise UsageError(f"--nproc {nproc}: launcher = \"python\" runs one process; "
                              "set launcher = \"torchrun\" in [launch] for more")
         return [python, *target, *trainer_args], trainer_args
-    return [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+    tee = []
+    if metrics.source == "stdout":
+        # Every rank's output reaches us: teed through torchrun, each line gets its rank's prefix
+        # (RANK_PREFIX_TEMPLATE) so the parser keeps rank 0's steps only; without it, a trainer
+        # printing on every rank had its steps counted once per rank. The per-rank logs stay in the run.
+        tee = ["--tee", "3", "--log-dir", str(Path(exp_dir) / "torchrun_logs")]
+    return [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *tee,
             *target, *trainer_args], trainer_args
+
+
+# torchrun's prefix for a teed line (TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE): the GLOBAL rank, so on
+# several nodes only rank 0 is rank 0 (its default, `[default<local rank>]:`, repeats per node).
+RANK_PREFIX_ENV = "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"
+RANK_PREFIX_TEMPLATE = "[rank${rank}]:"
 
 
 # `moectl init --trainer NAME`: the [launch]/[metrics] tables of known trainers, a starting point

@@ -139,6 +139,30 @@ def test_nanochat_module_under_torchrun_two_ranks_parses_rank0_steps_only(git_re
     assert rec["summary"]["mfu"] == pytest.approx(sum(s.mfu for s in steps[10:]) / 6)
 
 
+def test_a_trainer_printing_on_every_rank_is_measured_on_rank_0_alone(git_repo, monkeypatch, artifact_root):
+    """Under torchrun every rank's print reaches moectl. Without rank prefixes, each step was
+    recorded once per rank (20 steps for 10) and the final loss was whichever rank printed last."""
+    (git_repo / "train.py").write_text(
+        "import os, time\nrank = int(os.environ['RANK'])\n"
+        "for i in range(10):\n"
+        "    print(f'step {i:05d}/00010 | loss: {2.0 + rank + i / 100:.4f} | dt: 10.00ms', flush=True)\n"
+        "    time.sleep(0.01)\n")
+    (git_repo / ".moectl.toml").write_text(
+        '[project]\nname = "ddp"\nbranch = "main"\nvenv = ""\n\n'
+        '[launch]\nscript = "train.py"\nlauncher = "torchrun"\nenv = { OMP_NUM_THREADS = "1" }\n\n'
+        '[metrics]\nsource = "stdout"\nformat = "nanochat"\nwarmup_steps = 0\n')
+    git(git_repo, "add", "train.py")
+    commit_config(git_repo, monkeypatch)
+    result = runner.invoke(app, ["run", "--device", "cpu", "--nproc", "2", "--no-commit", *QUIET])
+    assert result.exit_code == 0, result.output
+    [exp] = run_dirs(artifact_root)
+    assert [(s.step, s.loss) for s in steps_in(exp)] == [(i, 2.0 + i / 100) for i in range(10)]
+    rec = record(exp)
+    assert rec["summary"]["steps"] == 10 and rec["summary"]["final_loss"] == pytest.approx(2.09)
+    log = (exp / "train.log").read_text()
+    assert "[rank1]:step 00009/00010 | loss: 3.0900" in log  # rank 1 printed, and was left out
+
+
 def test_a_trainer_that_prints_no_step_line_fails_with_that_reason(git_repo, monkeypatch, artifact_root):
     nanogpt_project(git_repo, monkeypatch)
     result = runner.invoke(app, ["run", "--device", "cpu", "--steps", "5", "--no-commit", *QUIET, "--", "--print_steps=0"])
