@@ -133,6 +133,21 @@ def tracked_area(repo: Path, directory: Path) -> bool:
     return not _git(root, "check-ignore", "--no-index", "--", probe, check=False)
 
 
+def why_not_in_diff(repo: Path, path: Path) -> Optional[str]:
+    """Why `git_diff` of `repo` cannot hold the file at `path` ("outside the repository", "ignored
+    by git"), or None when it is committed or in the diff as an untracked file."""
+    try:
+        root = repo_root(repo)
+        rel = Path(path).resolve().relative_to(root)
+    except (MoectlError, ValueError):
+        return "outside the repository"
+    if _git(root, "ls-files", "--", rel.as_posix(), check=False):
+        return None  # tracked: HEAD plus the diff hold it
+    if _git(root, "check-ignore", "--", rel.as_posix(), check=False):  # (prints the path when ignored)
+        return "ignored by git"
+    return None
+
+
 def current_branch(repo: Path) -> Optional[str]:
     """The checked-out branch, or None on a detached HEAD."""
     out = _git(repo, "symbolic-ref", "-q", "--short", "HEAD", check=False)

@@ -204,8 +204,29 @@ def write_run_files(cfg: Config, plan: RunPlan, cwd: Optional[Path] = None) -> N
 
     _write_text(Path(plan.files["command.txt"]), command_file_text(plan, cwd or cfg.root))
     diff = gitops.git_diff(cfg.root)
+    diff = _keep_an_unversioned_script(cfg, plan) + diff
     with atomic_file(Path(plan.files["git.diff"]), "wb") as fh:
         fh.write(diff)
+
+
+def _keep_an_unversioned_script(cfg: Config, plan: RunPlan) -> bytes:
+    """A `[launch] script` that no commit nor diff holds (outside the repository, or git-ignored)
+    is copied into the run directory, so the record still says what ran; -> git.diff's first line
+    saying so (b"" when git has it)."""
+    import shutil
+
+    if cfg.launch.script is None:
+        return b""
+    script = Path(os.path.expanduser(cfg.launch.script))
+    script = script if script.is_absolute() else cfg.root / script
+    why = gitops.why_not_in_diff(cfg.root, script) if script.is_file() else None
+    if why is None:
+        return b""
+    copy = Path(plan.exp_dir) / "trainer_script" / script.name
+    copy.parent.mkdir(exist_ok=True)
+    shutil.copy2(script, copy)
+    return os.fsencode(f"# moectl: the trainer script {script} is {why}, so no diff holds it: "
+                       f"its copy is {copy.relative_to(plan.exp_dir)}\n")
 
 
 def finish_record(record: RunRecord, result: LaunchResult, plan: RunPlan,

@@ -103,6 +103,7 @@ def test_nanogpt_script_runs_under_either_launcher_and_is_measured_like_the_engi
     [exp] = run_dirs(artifact_root)
     rec = record(exp)
     assert rec["status"] == "completed" and rec["warnings"] == []
+    assert not (exp / "trainer_script").exists()  # a committed script: HEAD holds it, no copy
     assert "progress: step 20/20 (100.0%)" in result.output  # live progress from the parsed lines
     argv = rec["argv"]
     assert ("torch.distributed.run" in argv) == (launcher == "torchrun")
@@ -161,6 +162,31 @@ def test_a_trainer_printing_on_every_rank_is_measured_on_rank_0_alone(git_repo, 
     assert rec["summary"]["steps"] == 10 and rec["summary"]["final_loss"] == pytest.approx(2.09)
     log = (exp / "train.log").read_text()
     assert "[rank1]:step 00009/00010 | loss: 3.0900" in log  # rank 1 printed, and was left out
+
+
+@pytest.mark.parametrize("where", ["ignored", "outside"])
+def test_a_trainer_script_git_does_not_hold_is_copied_into_the_run(git_repo, monkeypatch, artifact_root, tmp_path, where):
+    """SPEC §1 "record what ran": a git-ignored script (scratch/) or one outside the repository is in
+    no commit and no git.diff, so the run keeps a copy and its git.diff's first line says so."""
+    if where == "ignored":
+        (git_repo / ".gitignore").write_text("scratch/\n")
+        git(git_repo, "add", ".gitignore")
+        script = git_repo / "scratch" / "train.py"
+    else:
+        script = tmp_path / "elsewhere" / "train.py"
+    script.parent.mkdir()
+    script.write_text("print('step 0 | loss: 2.0 | dt: 10ms')\nprint('step 1 | loss: 1.5 | dt: 10ms')\n")
+    (git_repo / ".moectl.toml").write_text(
+        f'[project]\nname = "own"\nbranch = "main"\nvenv = ""\n\n[launch]\nscript = "{script}"\nlauncher = "python"\n\n'
+        '[metrics]\nsource = "stdout"\nformat = "nanochat"\n')
+    commit_config(git_repo, monkeypatch)
+    result = runner.invoke(app, ["run", "--device", "cpu", "--no-commit", *QUIET])
+    assert result.exit_code == 0, result.output
+    [exp] = run_dirs(artifact_root)
+    assert (exp / "trainer_script" / "train.py").read_text() == script.read_text()
+    why = "ignored by git" if where == "ignored" else "outside the repository"
+    assert (exp / "git.diff").read_text().splitlines()[0] == (
+        f"# moectl: the trainer script {script} is {why}, so no diff holds it: its copy is trainer_script/train.py")
 
 
 def test_a_trainer_that_prints_no_step_line_fails_with_that_reason(git_repo, monkeypatch, artifact_root):
