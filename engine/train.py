@@ -173,6 +173,10 @@ def resolve_options(argv) -> argparse.Namespace:
         if metrics_path.is_dir() or (metrics_path.is_symlink() and not metrics_path.exists()):
             what = "a directory" if metrics_path.is_dir() else "a dangling link"
             raise BadOptions(f"--out-dir {args.out_dir}: {metrics_path} is {what}, not a metrics file")
+        if not args.resume and metrics_path.is_file() and metrics_path.stat().st_size:
+            # (a report's recorded command pasted again wrote over the run it reports)
+            raise BadOptions(f"--out-dir {args.out_dir} already holds a run's {METRICS_FILENAME}: a new run "
+                             "goes into a fresh directory (--resume continues that one)")
     try:
         cfg = model_config(args, vocab_size=args.vocab_size or 256)  # (the data's vocabulary comes later)
         cfg.validate()

@@ -212,6 +212,12 @@ def _train(spec: JobSpec, plan: RunPlan, run_dir: Path, job_id: str, restart: in
     argv = job_argv(spec, plan, job_id)
     if restart and _has_checkpoint(Path(plan.ckpt_dir)):
         argv += ["--resume", "latest"]  # the engine trims metrics.jsonl to the checkpoint's step
+    elif restart:
+        # No checkpoint to go on from: the run starts over, and the engine refuses to write over
+        # metrics it did not resume from. The earlier attempt's steps stay beside, not in, the run's.
+        old = Path(plan.files["metrics.jsonl"])
+        if old.exists():
+            old.rename(old.with_name(f"{old.name}.attempt{restart - 1}"))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **plan.env}
     # The snapshot first, even where [launch] env sets PYTHONPATH: the job trains the guarded code.
     code = str(run_dir / "code")

@@ -90,6 +90,26 @@ def test_resume_continues_step_count_and_data_position(tmp_path):
         assert b.lr == a.lr
 
 
+def test_an_out_dir_holding_a_runs_metrics_is_refused_unless_resumed(tmp_path, capsys):
+    """A report's recorded command, pasted again, wrote over the metrics of the run it reports."""
+    common = ["--preset", "tiny", "--steps", "4", "--device-batch-size", "8", "--total-batch-size", "512"]
+    out, ckpt = tmp_path / "run", tmp_path / "run" / "ckpt"
+    assert main(common + ["--out-dir", str(out), "--ckpt-dir", str(ckpt), "--save-every", "2"]) == 0
+    before = (out / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    assert main(common + ["--out-dir", str(out)]) == EXIT_BAD_OPTIONS
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --out-dir {out} already holds a run's metrics.jsonl: a new run goes into a fresh directory "
+        "(--resume continues that one)"]
+    assert (out / "metrics.jsonl").read_bytes() == before
+    # --resume goes on in it; an empty metrics file (a run that wrote nothing yet) is no run's
+    assert main(["--preset", "tiny", "--steps", "6", "--device-batch-size", "8", "--total-batch-size", "512",
+                 "--out-dir", str(out), "--ckpt-dir", str(ckpt), "--resume", "latest"]) == 0
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metrics.jsonl").write_text("")
+    assert main(common + ["--out-dir", str(tmp_path / "empty")]) == 0
+
+
 def test_a_resume_that_leaves_nothing_to_train_is_refused_and_another_plan_is_said(tmp_path, capsys):
     common = ["--preset", "tiny", "--device-batch-size", "8", "--total-batch-size", "1024"]
     ckpt = tmp_path / "ckpt"
