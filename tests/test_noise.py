@@ -228,3 +228,25 @@ def test_repeat_with_one_explicit_directory_is_a_usage_error(git_repo, monkeypat
     r = runner.invoke(app, ["run", "--device", "cpu", "--repeat", "2", "--exp-dir", str(artifact_root / "x"), *QUIET])
     assert r.exit_code == 2 and "--exp-dir names one directory" in r.output
     assert run_dirs(artifact_root) == []
+
+
+def test_sweep_repeats_start_at_the_configs_default_seed_as_run_repeat_does(git_repo, monkeypatch, artifact_root):
+    from moectl.config import load_config
+    from moectl.plan import RunRequest
+    from moectl.repeats import repeat_requests
+    from tests.conftest import git
+
+    nanogpt_project(git_repo, monkeypatch)
+    cfg_path = git_repo / ".moectl.toml"
+    cfg_path.write_text(cfg_path.read_text() + "\n[defaults]\nseed = 42\n")
+    git(git_repo, "commit", "-qam", "default seed")
+    spec = git_repo.parent / "seeded.toml"
+    spec.write_text('name = "seeded"\n[common]\nsteps = 5\ndevice = "cpu"\nrepeats = 2\n'
+                    '[[legs]]\ntag = "a"\n[[legs]]\ntag = "b"\nseed = 7\n')
+    r = runner.invoke(app, ["sweep", str(spec), "--dry-run", "--json", "--no-commit", *QUIET])
+    assert r.exit_code == 0, r.output
+    legs = json.loads(r.stdout)["legs"]
+    assert [(leg["tag"], leg["options"]["seed"]) for leg in legs] == [("a", 42), ("a", 43), ("b", 7), ("b", 8)]
+    assert [f"--seed={s}" in leg["command"] for leg, s in zip(legs, (42, 43, 7, 8))] == [True] * 4
+    _, requests = repeat_requests(load_config(), RunRequest(tag="a"), 2)  # `moectl run --repeat 2`
+    assert [q.seed for q in requests] == [42, 43]
