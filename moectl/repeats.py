@@ -134,6 +134,12 @@ def resolve_entries(root: Path, refs: Sequence[str], runs: Optional[Sequence[Run
     return out
 
 
+def resolve_baseline(root: Path, ref: str, runs: Optional[Sequence[RunRecord]] = None) -> list[RunRecord]:
+    """A --baseline as `compare --baseline` reads it: [the run], or a group's completed runs (a group
+    id, or a tag whose newest run is in a group)."""
+    return resolve_entries(root, [ref], runs)[0].runs
+
+
 def resolve_grouped(root: Path, refs: Sequence[str], runs: Optional[Sequence[RunRecord]] = None) -> list[list[RunRecord]]:
     """Each RUN argument -> the runs it means: [the run], or its group's completed runs."""
     return [e.runs for e in resolve_entries(root, refs, runs)]

@@ -339,3 +339,30 @@ def test_group_mean_line_writes_the_error_as_its_figure_is_written():
 
     line = group_mean_line(Summary(window=50, steps=50, tok_per_sec=28221.6), {"tok_per_sec": 6315.98}, 3)
     assert "tok/sec 28,221.60 ±6,315.98" in line
+
+
+def test_run_baseline_takes_a_group_by_its_tag_or_id_as_compare_does(git_repo, monkeypatch, artifact_root):
+    from tests.conftest import git
+
+    nanogpt_project(git_repo, monkeypatch)
+    base = repeat_group("r", 0, 10.0)
+    group = base["group"]
+    # --dry-run and check accept the group id as a baseline (compare does).
+    for cmd in (["run", "--dry-run"], ["check"]):
+        r = runner.invoke(app, [*cmd, "--device", "cpu", "--steps", "14", "--baseline", group, *QUIET])
+        assert r.exit_code == 0 and "no run matches" not in r.output, r.output
+    r = runner.invoke(app, ["run", "--device", "cpu", "--steps", "14", "--tag", "nb", "--baseline", "r", "--json",
+                            *QUIET, "--", "--dt_ms=9.0", "--sleep=0"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    cmp = json.loads(runner.invoke(app, ["compare", "nb", "--baseline", "r", "--json"]).stdout)
+    base_row, nb_row = cmp["runs"]
+    assert (base_row["id"], base_row["n_repeats"]) == (group, 3)
+    delta = nb_row["metrics"]["tok_per_sec"]["delta_pct"]
+    # The commit subject and the report's table: the group's mean, as compare has it.
+    subject = git(git_repo, "log", "-1", "--format=%s").strip()
+    assert subject.endswith(f"({delta:+.2f}% vs r)"), (subject, delta)
+    report = Path(data["report"]).read_text()
+    assert "(×3 runs)" in report and f"{delta:+.2f}%" in report
+    latest = json.loads(runner.invoke(app, ["compare", "nb", "--baseline", base["runs"][-1]["id"], "--json"]).stdout)
+    assert latest["runs"][1]["metrics"]["tok_per_sec"]["delta_pct"] != pytest.approx(delta)  # not the last repeat alone

@@ -64,13 +64,12 @@ def run(
       [bold]moectl run --slurm --detach --requeue -- --save-every 50[/bold]
       [bold]moectl run --cap 1.0 --tag bufreuse --repeat 3[/bold]    (seeds 0, 1, 2: one group)
     """
-    from moectl import store
     from moectl.cli.env import _render_check, check_as_run, check_error_json, check_json
     from moectl.config import load_config
     from moectl.guards import summary_line
     from moectl.plan import make_request
     from moectl.progress import progress_for
-    from moectl.repeats import repeat_requests
+    from moectl.repeats import repeat_requests, resolve_baseline
     from moectl.runner import execute_run, fallback_request
 
     stops_like_ctrl_c(ctx)
@@ -86,7 +85,8 @@ def run(
             from moectl.gitops import lock_wait_s
 
             lock_wait_s()  # a bad MOECTL_GIT_LOCK_WAIT is said now, not once training is over
-        base_record = store.resolve_run(cfg.artifact_root, baseline) if baseline else None
+        # a group (its id, or its tag) is its completed runs, as `compare --baseline` takes it
+        base_record = resolve_baseline(cfg.artifact_root, baseline) if baseline else None
         if dry_run:  # exactly what `moectl check` with these options prints
             ok = check_as_run(cfg, request, slurm=slurm, nodes=nodes, detach=detach, requeue=requeue, repeat=repeat,
                               json_out=json_out)
