@@ -366,3 +366,13 @@ def test_run_baseline_takes_a_group_by_its_tag_or_id_as_compare_does(git_repo, m
     assert "(×3 runs)" in report and f"{delta:+.2f}%" in report
     latest = json.loads(runner.invoke(app, ["compare", "nb", "--baseline", base["runs"][-1]["id"], "--json"]).stdout)
     assert latest["runs"][1]["metrics"]["tok_per_sec"]["delta_pct"] != pytest.approx(delta)  # not the last repeat alone
+
+
+def test_compare_of_one_group_named_twice_is_a_usage_error(project, tmp_path):
+    group = "20260101_000000_moe-r-x2"
+    crafted(tmp_path, "r", 1300.0, group=group, repeat=1, second=1)
+    crafted(tmp_path, "r", 1500.0, group=group, repeat=2, second=2)
+    for args in (["r", group], ["r", "--baseline", "r"]):
+        r = runner.invoke(app, ["compare", *args])
+        assert r.exit_code == 2 and "two distinct runs" in r.stderr and f"mean {group}" in r.stderr, r.output
+        assert r.stdout == "" and "Traceback" not in r.output

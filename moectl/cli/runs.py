@@ -401,6 +401,9 @@ def load_comparison(root: Path, refs: list[str], baseline: Optional[str], window
             entries.insert(0, base)
     seen: set[str] = set()
     unique = [e for e in entries if not (e.id in seen or seen.add(e.id))]
+    if len(unique) < 2:  # `compare r <r's group id>`, `compare r --baseline r`: nothing to compare it with
+        raise UsageError(f"compare needs two distinct runs: {', '.join(refs + ([baseline] if baseline else []))} "
+                         f"all mean {unique[0].id}")
     if len(unique) < len(entries):
         stderr.print("warning: a run was named twice; comparing it once", markup=False)
         base_index = [e.id for e in unique].index(entries[base_index].id)
