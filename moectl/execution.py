@@ -65,7 +65,8 @@ class JobOptions:
     requeue: bool = False
     commit: bool = True  # the job commits its report (run --no-commit: False)
     dependency: Optional[str] = None  # sbatch --dependency (sweeps: at most K legs in flight)
-    baseline: Optional[RunRecord] = None  # run --baseline: the job's report compares against it
+    # run --baseline: the job's report compares against it (one run, or a repeat group's completed runs)
+    baseline: "Optional[RunRecord | list[RunRecord]]" = None
     summary: bool = True  # refresh EXPERIMENTS.md with the report ([report] summary)
     # launch.compile_fallback inside the job (moectl.job): sweep legs, --detach, repeat groups; a
     # followed single `run --slurm` re-submits the --compile none run from its follower instead.
@@ -109,7 +110,8 @@ class JobSpec(ConfigSnapshot):
     requeue: bool
     commit: bool
     summary: bool
-    baseline: Optional[str] = None  # the run directory the report compares against (run --baseline)
+    baseline: Optional[str] = None  # the run directory the report compares against (run --baseline) ...
+    baseline_group: list[str] = []  # ... or, for a repeat group, every completed repeat's directory
     request: Optional[RunRequest] = None  # what was asked: a compile fallback in the job re-plans from it
     fallback_in_job: bool = False  # JobOptions.fallback_in_job
 
@@ -149,6 +151,7 @@ def submit_run(cfg: Config, request: RunRequest, options: JobOptions, *, sweep_i
     if not passed(results):
         return Submitted(exit_code=EXIT_GUARD, plan=plan, guards=results)
 
+    base_runs = [options.baseline] if isinstance(options.baseline, RunRecord) else list(options.baseline or [])
     run_dir = Path(plan.exp_dir)
     try:
         store.create_run_dir(run_dir)
@@ -164,7 +167,8 @@ def submit_run(cfg: Config, request: RunRequest, options: JobOptions, *, sweep_i
             **ConfigSnapshot.fields_of(cfg), plan=plan, nodes=nodes,
             rdzv_port=cfg.cluster.rdzv_port, requeue=options.requeue,
             commit=options.commit and not plan.no_commit, summary=options.summary,
-            baseline=options.baseline.exp_dir if options.baseline is not None else None,
+            baseline=base_runs[-1].exp_dir if base_runs else None,
+            baseline_group=[r.exp_dir for r in base_runs] if len(base_runs) > 1 else [],
             request=request, fallback_in_job=options.fallback_in_job,
         )
         save_model(run_dir / JOB_SPEC, spec)

@@ -118,7 +118,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         f"{result.signal_name}; `run --requeue` resumes such a run from its last checkpoint"
                         + (f"\n{result.log_tail}" if result.log_tail else ""))
     save_run_and_leg(record)  # the sweep's leg is settled before its report is committed
-    baseline = read_record(Path(spec.baseline)) if spec.baseline else None
+    baseline = ([read_record(Path(d)) for d in spec.baseline_group] if spec.baseline_group
+                else read_record(Path(spec.baseline)) if spec.baseline else None)
     # The record gets its report, commit and commit_error: the follower shows them, `moectl commit RUN` retries.
     report_and_commit(cfg, outcome, baseline=baseline, commit=spec.commit, extra_commit_paths=_summary_paths(cfg, spec))
     if outcome.compile_failed and spec.fallback_in_job:

@@ -310,11 +310,21 @@ def tail_noise(metrics: MetricsFile, window: int, warmup_steps: int = 0) -> dict
     return {m: (within_run_stderr(_values(tail, m)) if m in MEAN_METRICS else None) for m in METRICS}
 
 
-def group_summary(members: Sequence[MetricsFile], window: int, warmup_steps: int = 0) -> tuple[Summary, dict[str, Optional[float]]]:
+def group_summary(members: Sequence[MetricsFile], window: int, warmup_steps: int = 0,
+                  fallbacks: Sequence[Optional[Summary]] = ()) -> tuple[Summary, dict[str, Optional[float]]]:
     """(the summary of a repeat group, the between-runs error of each tail mean). Each value is the
     mean over repeats of their own summaries' value (peak memory: the max); the window is clean only
-    when every repeat's is; `steps` is the shortest repeat's tail, `run_steps` the shortest repeat."""
-    parts = [tail_summary(m, window, warmup_steps) for m in members]
+    when every repeat's is; `steps` is the shortest repeat's tail, `run_steps` the shortest repeat.
+    `fallbacks[i]`: repeat i's recorded summary, which stands in for it when its metrics file has no
+    steps (metrics.jsonl gone), as a single run's does in `compare` (the note says so)."""
+    parts, stand_ins = [], []
+    for i, m in enumerate(members):
+        fallback = fallbacks[i] if i < len(fallbacks) else None
+        if m.steps or fallback is None:
+            parts.append(tail_summary(m, window, warmup_steps))
+        else:
+            parts.append(fallback.model_copy(update={"note": None}))
+            stand_ins.append(fallback.window)
     values: dict[str, Optional[float]] = {}
     errors: dict[str, Optional[float]] = {}
     for m in METRICS:
@@ -325,8 +335,14 @@ def group_summary(members: Sequence[MetricsFile], window: int, warmup_steps: int
         values["final_loss"] = None  # NaN, not the mean of the repeats that did not diverge
     clean = all(p.clean for p in parts)
     note = next((p.note for p in parts if p.note), None)
+    if stand_ins:
+        other = sorted({w for w in stand_ins if w != window})
+        said = (f"metrics.jsonl of {len(stand_ins)} repeat(s) is gone: their recorded summaries stand in"
+                + (f" (over a {'/'.join(map(str, other))}-step window)" if other else ""))
+        note = "; ".join(x for x in (note, said) if x)
     firsts = [p.loss_not_finite_from for p in parts if p.loss_not_finite_from is not None]
-    summary = Summary(window=window, steps=min(p.steps for p in parts), run_steps=min(p.run_steps or 0 for p in parts),
+    summary = Summary(window=window, steps=min(p.steps for p in parts),
+                      run_steps=min((p.run_steps if p.run_steps is not None else p.steps) for p in parts),
                       warmup_steps=warmup_steps, clean=clean,
                       note=note, loss_not_finite=sum(p.loss_not_finite for p in parts),
                       loss_not_finite_from=min(firsts) if firsts else None, **values)
@@ -354,6 +370,9 @@ class RunMetrics:
     # `id` is then the group's id and `metrics` its latest repeat's.
     members: list[MetricsFile] = field(default_factory=list)
     member_ids: list[str] = field(default_factory=list)
+    member_fallbacks: list[Optional[Summary]] = field(default_factory=list)  # each repeat's recorded summary
+    # A group's repeats that are not behind its figures, and why ("repeat 2 failed", "repeat 3 never ran").
+    left_out: list[str] = field(default_factory=list)
     unfinished: bool = False  # still training (or queued): its figures are its steps so far
     stopped: Optional[str] = None  # `failed` / `interrupted` / `stale`: it ended before its planned steps
 
@@ -387,6 +406,7 @@ class RunComparison:
     run_ids: list[str] = field(default_factory=list)  # the runs behind the entry: a group's repeats, or the one run
     unfinished: bool = False  # still training (or queued): the figures are its steps so far
     stopped: Optional[str] = None  # how a run that ended early ended (its figures are the steps it ran)
+    left_out: list[str] = field(default_factory=list)  # a group's repeats not behind the figures, and why
 
 
 @dataclass
@@ -398,7 +418,7 @@ class Comparison:
     warmup_steps: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        """The `moectl compare --json` contract (SPEC §7a), plus `notes`, `unfinished`, `beyond_noise`, the
+        """The `moectl compare --json` contract (SPEC §7a), plus `notes`, `unfinished`, `left_out`, `beyond_noise`, the
         warm-up keys (`warmup_steps`; per run `clean`, `note`; per metric `marked`) and per metric
         `not_finite` (its null value was NaN: a diverged run's final loss)."""
         return {
@@ -417,6 +437,7 @@ class Comparison:
                     "noise": r.noise,
                     "run_ids": r.run_ids,
                     "unfinished": r.unfinished,
+                    "left_out": r.left_out,
                     "metrics": {
                         name: {
                             "value": mv.value,
@@ -466,7 +487,7 @@ def compare(runs: Sequence[RunMetrics], baseline_index: int = 0, window: int = 5
     summaries, errors = [], []
     for r in runs:
         if r.is_group:
-            summary, errs = group_summary(r.members, window, warmup_steps)
+            summary, errs = group_summary(r.members, window, warmup_steps, r.member_fallbacks)
             summaries.append(summary)
             errors.append(errs)
         elif r.metrics.steps or r.fallback is None:
@@ -503,7 +524,7 @@ def compare(runs: Sequence[RunMetrics], baseline_index: int = 0, window: int = 5
                                  clean=summ.clean, note=summ.note, n_repeats=len(r.members) if r.is_group else 1,
                                  noise=BETWEEN_RUNS if r.is_group else WITHIN_RUN,
                                  run_ids=list(r.member_ids) if r.is_group else [r.id], unfinished=r.unfinished,
-                                 stopped=r.stopped))
+                                 stopped=r.stopped, left_out=list(r.left_out)))
     return Comparison(baseline=runs[baseline_index].id, window=window, runs=out,
                       notes=_notes(out, window, warmup_steps), warmup_steps=warmup_steps)
 
@@ -533,6 +554,11 @@ def _notes(rows: list[RunComparison], window: int, warmup_steps: int = 0) -> lis
     stopped = [f"{r.tag or r.id} {r.stopped}" for r in rows if r.stopped and r.steps]
     if stopped:
         notes.append(f"ended early: {', '.join(stopped)}; its figures are the steps it ran")
+    for r in rows:  # survivorship: a group's figures are of the repeats that completed, not of all it planned
+        if r.left_out:
+            shown = f"{r.n_repeats} run" if r.n_repeats == 1 else f"{r.n_repeats} runs"
+            notes.append(f"incomplete group: {r.tag or r.id}'s figures are of {shown} ({', '.join(r.run_ids)}); "
+                         f"left out: {', '.join(r.left_out)}")
     diverged = [r.tag or r.id for r in rows if r.metrics["final_loss"].not_finite]
     if diverged:
         notes.append(f"diverged: {', '.join(diverged)} ended with a NaN/inf loss (final loss NaN); the "

@@ -17,6 +17,8 @@ or its directory means that one run.
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Optional, Sequence
@@ -69,8 +71,50 @@ def means_group(ref: str, record: RunRecord) -> bool:
     return bool(record.tag) and record.tag.startswith(ref)
 
 
-def resolve_grouped(root: Path, refs: Sequence[str], runs: Optional[Sequence[RunRecord]] = None) -> list[list[RunRecord]]:
-    """Each RUN argument -> the runs it means: [the run], or its group's completed runs."""
+@dataclass
+class Entry:
+    """What one RUN argument means: `runs` behind its figures (the run, or its group's completed
+    runs); `group` when the argument named a group (its id, or a tag whose newest run is in one),
+    even when a single run of it stands for it; `left_out`: the group's repeats not in `runs`, and why."""
+
+    runs: list[RunRecord]
+    group: Optional[str] = None
+    left_out: list[str] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return self.runs[0].group if len(self.runs) > 1 else self.runs[0].id
+
+
+def planned_repeats(group: str) -> Optional[int]:
+    """N of a group id `...-x<N>` (`run --repeat N`, a sweep's `repeats = N`); None for another id
+    (a `..._fallback_none` group holds only the repeats whose compile failed: no N is planned)."""
+    m = re.search(r"-x(\d+)$", group)
+    return int(m.group(1)) if m else None
+
+
+def left_out(runs: Sequence[RunRecord], group: str, used: Sequence[RunRecord]) -> list[str]:
+    """The repeats of `group` that are not behind its figures (`used`), and why: `repeat 2 failed`
+    (the newest run of that repeat, when none of its runs is used), `repeat 3 never ran`."""
+    used_ids = {r.id for r in used}
+    used_repeats = {r.repeat for r in used}
+    newest: dict[int, RunRecord] = {}
+    for r in runs:  # newest first (list_runs): the first seen of a repeat is its newest run
+        if r.group == group and r.id not in used_ids and r.repeat is not None and r.repeat not in used_repeats:
+            newest.setdefault(r.repeat, r)
+    n = planned_repeats(group)
+    numbers = sorted(set(newest) | (set(range(1, n + 1)) - used_repeats if n else set()))
+    out = []
+    for k in numbers:
+        if k in newest:
+            out.append(f"repeat {k} {getattr(newest[k], 'display_status', newest[k].status)}")
+        else:
+            out.append(f"repeat {k} never ran")
+    return out
+
+
+def resolve_entries(root: Path, refs: Sequence[str], runs: Optional[Sequence[RunRecord]] = None) -> list[Entry]:
+    """Each RUN argument -> the Entry it means (see `Entry`)."""
     from moectl.store import list_runs, resolve_run
 
     runs = list_runs(root) if runs is None else runs
@@ -79,8 +123,52 @@ def resolve_grouped(root: Path, refs: Sequence[str], runs: Optional[Sequence[Run
         # A group's own id (`run --repeat` prints it, `compare --json` names it as the baseline).
         members = sorted((r for r in runs if r.group == ref), key=lambda r: (r.repeat or 0, r.id))
         if members:
-            out.append(group_members(runs, members[-1]))
-            continue
-        rec = resolve_run(root, ref, runs)
-        out.append(group_members(runs, rec) if means_group(ref, rec) else [rec])
+            group, used = ref, group_members(runs, members[-1])
+        else:
+            rec = resolve_run(root, ref, runs)
+            if not means_group(ref, rec):
+                out.append(Entry([rec]))
+                continue
+            group, used = rec.group, group_members(runs, rec)
+        out.append(Entry(used, group, left_out(runs, group, used)))
     return out
+
+
+def resolve_baseline(root: Path, ref: str, runs: Optional[Sequence[RunRecord]] = None) -> list[RunRecord]:
+    """A --baseline as `compare --baseline` reads it: [the run], or a group's completed runs (a group
+    id, or a tag whose newest run is in a group)."""
+    return resolve_entries(root, [ref], runs)[0].runs
+
+
+def resolve_grouped(root: Path, refs: Sequence[str], runs: Optional[Sequence[RunRecord]] = None) -> list[list[RunRecord]]:
+    """Each RUN argument -> the runs it means: [the run], or its group's completed runs."""
+    return [e.runs for e in resolve_entries(root, refs, runs)]
+
+
+def entry_metrics(entry: "Entry | Sequence[RunRecord]", window: int):
+    """One `compare` input (moectl.metrics.RunMetrics): a run, or a repeat group (its id, every
+    repeat's metrics, each repeat's recorded summary standing in for a metrics.jsonl that is gone).
+    A repeat with neither steps nor a recorded summary has no figure to give: it is left out, said so."""
+    from engine.schema import METRICS_FILENAME
+    from moectl.metrics import RunMetrics, read_metrics
+
+    if not isinstance(entry, Entry):
+        entry = Entry(list(entry))
+    records, dropped = list(entry.runs), []
+    files = [read_metrics(Path(r.exp_dir) / METRICS_FILENAME, tail=window) for r in records]
+    if len(records) > 1:
+        keep = [i for i, (r, f) in enumerate(zip(records, files)) if f.steps or r.summary is not None]
+        if keep:  # (none left: shown as they are, with their empty figures and the notes that say so)
+            dropped = [f"repeat {records[i].repeat or i + 1} has no metrics.jsonl and no recorded summary"
+                       for i in range(len(records)) if i not in keep]
+            records, files = [records[i] for i in keep], [files[i] for i in keep]
+    last = records[-1]
+    unfinished = any(getattr(r, "display_status", r.status) in ("created", "queued", "running") for r in records)
+    if len(records) == 1:
+        status = getattr(last, "display_status", last.status)
+        return RunMetrics(id=last.id, tag=last.tag, metrics=files[0], options=last.options, fallback=last.summary,
+                          unfinished=unfinished, stopped=status if status in ("failed", "interrupted", "stale") else None,
+                          left_out=[*entry.left_out, *dropped])
+    return RunMetrics(id=last.group, tag=last.tag, metrics=files[-1], options=last.options, fallback=last.summary,
+                      members=files, member_ids=[r.id for r in records], member_fallbacks=[r.summary for r in records],
+                      unfinished=unfinished, left_out=[*entry.left_out, *dropped])

@@ -141,8 +141,10 @@ def write_report(report_dir: Path, name: str, text: str, now: Optional[datetime]
     raise FileExistsError(f"no free report name for {stem} in {report_dir}")
 
 
-def commit_message(record: RunRecord, baseline: Optional[RunRecord] = None) -> str:
-    """`report: static cap1.0 bufreuse — 806400 tok/s (+2.70% vs static_cap1p0)`."""
+def commit_message(record: RunRecord, baseline: Optional[RunRecord] = None,
+                   comparison: Optional[Comparison] = None) -> str:
+    """`report: static cap1.0 bufreuse — 806400 tok/s (+2.70% vs static_cap1p0)`. With `comparison`
+    (the report's own, baseline first) the baseline's figure is that table's: a repeat group's mean."""
     label = run_label(record)
     tps = record.summary.tok_per_sec if record.summary else None
     # A warm-up-only figure says so in the subject too: a log of subjects is read without tables.
@@ -160,10 +162,17 @@ def commit_message(record: RunRecord, baseline: Optional[RunRecord] = None) -> s
     if tps is None:
         return f"report: {label} — {record.status}, no throughput recorded"
     msg = f"report: {label} — {tps:.0f} tok/s"
-    base_tps = baseline.summary.tok_per_sec if baseline is not None and baseline.summary else None
-    if baseline is not None and base_tps:
-        msg += f" ({(tps - base_tps) / abs(base_tps) * 100:+.2f}% vs {baseline.tag or baseline.id})"
-        if not warmup_only and is_marked(baseline.summary, "tok_per_sec"):
+    base_row = next((r for r in comparison.runs if r.id == comparison.baseline), None) if comparison else None
+    if base_row is not None:
+        base_tps, base_name = base_row.metrics["tok_per_sec"].value, base_row.tag or base_row.id
+        base_marked = base_row.metrics["tok_per_sec"].marked
+    else:
+        base_tps = baseline.summary.tok_per_sec if baseline is not None and baseline.summary else None
+        base_name = baseline.tag or baseline.id if baseline is not None else None
+        base_marked = baseline is not None and is_marked(baseline.summary, "tok_per_sec")
+    if base_tps:
+        msg += f" ({(tps - base_tps) / abs(base_tps) * 100:+.2f}% vs {base_name})"
+        if not warmup_only and base_marked:
             warmup_only = " [baseline warm-up only]"
     return msg + warmup_only
 

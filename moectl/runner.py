@@ -56,7 +56,7 @@ def execute_run(
     request: RunRequest,
     *,
     progress: Optional[ProgressSink] = None,
-    baseline: Optional[RunRecord] = None,
+    baseline: "Optional[RunRecord | Sequence[RunRecord]]" = None,
     sweep_id: Optional[str] = None,
     commit: bool = True,
     extra_commit_paths: Callable[[RunRecord], Sequence[Path]] = lambda record: (),
@@ -272,17 +272,23 @@ def finish_record(record: RunRecord, result: LaunchResult, plan: RunPlan,
     return exit_code, compile_failed
 
 
-def report_and_commit(cfg: Config, outcome: RunOutcome, *, baseline: Optional[RunRecord] = None, commit: bool = True,
+def report_and_commit(cfg: Config, outcome: RunOutcome, *, baseline: "Optional[RunRecord | Sequence[RunRecord]]" = None,
+                      commit: bool = True,
                       extra_commit_paths: Callable[[RunRecord], Sequence[Path]] = lambda record: (),
                       on_commit_wait: Optional[Callable[[Path], None]] = None) -> None:
     """The report of a recorded run, its commit (only the files moectl wrote) and the trackers'
     copies, into `outcome`. The run is over and recorded: nothing here changes its status.
     `on_commit_wait(lock)`: called once if the commit starts waiting for another git's index.lock."""
     record, plan = outcome.record, outcome.plan
+    # `baseline`: one run, or a repeat group's completed runs (run --baseline TAG_OF_A_GROUP): a group
+    # compares as `compare` shows it, the mean of its tail means ± the between-runs error.
+    base_runs = [baseline] if isinstance(baseline, RunRecord) else list(baseline or [])
     comparison = None
-    if baseline is not None and baseline.summary is not None and record.summary is not None:
+    if base_runs and any(b.summary is not None for b in base_runs) and record.summary is not None:
+        from moectl.repeats import entry_metrics
+
         comparison = compare(
-            [_run_metrics(baseline), _run_metrics(record)], baseline_index=0, window=plan.window,
+            [entry_metrics(base_runs, plan.window), _run_metrics(record)], baseline_index=0, window=plan.window,
             warmup_steps=plan.warmup_steps,
         )
     # A repeat's report is named after its repeat too: the group's runs end together.
@@ -307,7 +313,8 @@ def report_and_commit(cfg: Config, outcome: RunOutcome, *, baseline: Optional[Ru
     elif commit and not plan.no_commit:
         try:
             outcome.commit = gitops.commit_paths(
-                cfg.root, [report, *outcome.extra_paths], commit_message(record, baseline), branch=branch,
+                cfg.root, [report, *outcome.extra_paths], commit_message(record, base_runs[-1] if base_runs else None, comparison),
+                branch=branch,
                 on_wait=on_commit_wait,
             )
         except MoectlError as exc:

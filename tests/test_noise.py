@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 from typer.testing import CliRunner
@@ -266,3 +267,150 @@ def test_repeat_with_one_explicit_directory_is_a_usage_error(git_repo, monkeypat
     r = runner.invoke(app, ["run", "--device", "cpu", "--repeat", "2", "--exp-dir", str(artifact_root / "x"), *QUIET])
     assert r.exit_code == 2 and "--exp-dir names one directory" in r.output
     assert run_dirs(artifact_root) == []
+
+
+def test_sweep_repeats_start_at_the_configs_default_seed_as_run_repeat_does(git_repo, monkeypatch, artifact_root):
+    from moectl.config import load_config
+    from moectl.plan import RunRequest
+    from moectl.repeats import repeat_requests
+    from tests.conftest import git
+
+    nanogpt_project(git_repo, monkeypatch)
+    cfg_path = git_repo / ".moectl.toml"
+    cfg_path.write_text(cfg_path.read_text() + "\n[defaults]\nseed = 42\n")
+    git(git_repo, "commit", "-qam", "default seed")
+    spec = git_repo.parent / "seeded.toml"
+    spec.write_text('name = "seeded"\n[common]\nsteps = 5\ndevice = "cpu"\nrepeats = 2\n'
+                    '[[legs]]\ntag = "a"\n[[legs]]\ntag = "b"\nseed = 7\n')
+    r = runner.invoke(app, ["sweep", str(spec), "--dry-run", "--json", "--no-commit", *QUIET])
+    assert r.exit_code == 0, r.output
+    legs = json.loads(r.stdout)["legs"]
+    assert [(leg["tag"], leg["options"]["seed"]) for leg in legs] == [("a", 42), ("a", 43), ("b", 7), ("b", 8)]
+    assert [f"--seed={s}" in leg["command"] for leg, s in zip(legs, (42, 43, 7, 8))] == [True] * 4
+    _, requests = repeat_requests(load_config(), RunRequest(tag="a"), 2)  # `moectl run --repeat 2`
+    assert [q.seed for q in requests] == [42, 43]
+
+
+# ---------------------------------------------------------- crafted groups: gone metrics, missing repeats
+
+
+def crafted(root_tmp: Path, tag: str, tps: float, *, group: str, repeat: int, status: str = "completed",
+            second: int = 0, mfu: Optional[float] = 1.0) -> Path:
+    """A run imported through `moectl import` (40 engine-format steps at ~`tps` tok/s), then made
+    repeat `repeat` of `group` with `status`; created at second `second` (the newest is the highest)."""
+    from moectl.store import load_run, save_run
+
+    log = root_tmp / f"{tag}-{repeat}-{second}.jsonl"
+    log.write_text("".join(json.dumps({"type": "step", "step": i, "loss": 5.0 - i / 100, "dt_ms": 100.0 + i % 3,
+                                       "tok_per_sec": tps + i % 3, "mfu": mfu, "peak_mem_mib": 100.0,
+                                       "elapsed_s": i / 10}) + "\n" for i in range(40)))
+    r = runner.invoke(app, ["import", str(log), "--format", "jsonl", "--name", tag, "--json"])
+    assert r.exit_code == 0, r.output
+    exp = Path(json.loads(r.stdout)["exp_dir"])
+    rec = load_run(exp)
+    rec.group, rec.repeat, rec.status = group, repeat, status
+    rec.created_at = f"2026-01-01T00:00:{second:02d}+00:00"
+    save_run(rec)
+    return exp
+
+
+def test_a_repeat_whose_metrics_file_is_gone_counts_by_its_recorded_summary(project, tmp_path):
+    group = "20260101_000000_moe-r-x2"
+    gone = crafted(tmp_path, "r", 1300.0, group=group, repeat=1, second=1)
+    crafted(tmp_path, "r", 1500.0, group=group, repeat=2, second=2)
+    crafted(tmp_path, "other", 1000.0, group="20260101_000000_moe-other-x2", repeat=1, second=3)
+    crafted(tmp_path, "other", 1010.0, group="20260101_000000_moe-other-x2", repeat=2, second=4)
+    before = json.loads(runner.invoke(app, ["compare", "other", "r", "--json"]).stdout)["runs"][1]
+    (gone / "metrics.jsonl").unlink()
+    r = runner.invoke(app, ["compare", "other", "r", "--json"])
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.stdout)["runs"][1]
+    tps = row["metrics"]["tok_per_sec"]
+    # The same figures as with the file: the recorded summary is that file's tail mean.
+    assert (row["n_repeats"], row["clean"]) == (2, True)
+    assert tps["value"] == pytest.approx(before["metrics"]["tok_per_sec"]["value"])
+    assert tps["stderr"] == pytest.approx(before["metrics"]["tok_per_sec"]["stderr"]) and tps["stderr"] > 50
+    assert "no steps" not in (row["note"] or "") and "gone" in row["note"]
+    shown = json.loads(runner.invoke(app, ["show", "r", "--json"]).stdout)
+    assert shown["summary"]["tok_per_sec"]["value"] == pytest.approx(tps["value"])
+    text = runner.invoke(app, ["show", "r"]).stdout
+    assert f"tok/sec {tps['value']:,.2f} ±{tps['stderr']:,.2f}" in text and "—%" not in text
+
+
+def test_compare_and_show_say_which_repeats_of_a_group_are_left_out(project, tmp_path):
+    # kil3: repeat 1 completed, repeat 2 failed, repeat 3 never ran. kil2x3: repeats 1 and 3
+    # completed, repeat 2 interrupted.
+    g1, g2 = "20260101_000000_moe-kil3-x3", "20260101_000000_moe-kil2x3-x3"
+    crafted(tmp_path, "kil3", 1300.0, group=g1, repeat=1, second=1)
+    crafted(tmp_path, "kil3", 1310.0, group=g1, repeat=2, status="failed", second=2)
+    crafted(tmp_path, "kil2x3", 1400.0, group=g2, repeat=1, second=3, mfu=None)
+    crafted(tmp_path, "kil2x3", 1410.0, group=g2, repeat=2, status="interrupted", second=4, mfu=None)
+    crafted(tmp_path, "kil2x3", 1420.0, group=g2, repeat=3, second=5, mfu=None)
+    r = runner.invoke(app, ["compare", "kil3", "kil2x3", "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    one, two = data["runs"]
+    assert (one["n_repeats"], one["left_out"]) == (1, ["repeat 2 failed", "repeat 3 never ran"])
+    assert (two["n_repeats"], two["left_out"]) == (2, ["repeat 2 interrupted"])
+    notes = [n for n in data["notes"] if n.startswith("incomplete group")]
+    assert len(notes) == 2 and "left out: repeat 2 failed, repeat 3 never ran" in notes[0], notes
+    assert "left out: repeat 2 interrupted" in notes[1]
+    table = runner.invoke(app, ["compare", "kil3", "kil2x3"]).stdout
+    assert "left out: repeat 2 failed, repeat 3 never ran" in " ".join(table.split())
+    # A complete group has no such note; a run id means that run, with no group note either.
+    complete = json.loads(runner.invoke(app, ["compare", one["id"], "kil2x3", "--json"]).stdout)
+    assert complete["runs"][0]["left_out"] == [] and len([n for n in complete["notes"] if "incomplete" in n]) == 1
+    # show: the one completed repeat stands for the group; not "the newest" (the failed one is newer).
+    text = " ".join(runner.invoke(app, ["show", "kil3"]).stdout.split())
+    assert "the newest of" not in text
+    assert f"the only completed repeat of group {g1}, 3 planned; left out: repeat 2 failed, repeat 3 never ran" in text
+    shown = json.loads(runner.invoke(app, ["show", "kil2x3", "--json"]).stdout)
+    assert shown["left_out"] == ["repeat 2 interrupted"]
+    text = runner.invoke(app, ["show", "kil2x3"]).stdout
+    assert "left out (not in the mean): repeat 2 interrupted" in text
+    assert "MFU —%" not in text and "MFU —" in text  # no MFU recorded: no unit on a dash
+
+
+def test_group_mean_line_writes_the_error_as_its_figure_is_written():
+    from moectl.cli.runs import group_mean_line
+    from moectl.records import Summary
+
+    line = group_mean_line(Summary(window=50, steps=50, tok_per_sec=28221.6), {"tok_per_sec": 6315.98}, 3)
+    assert "tok/sec 28,221.60 ±6,315.98" in line
+
+
+def test_run_baseline_takes_a_group_by_its_tag_or_id_as_compare_does(git_repo, monkeypatch, artifact_root):
+    from tests.conftest import git
+
+    nanogpt_project(git_repo, monkeypatch)
+    base = repeat_group("r", 0, 10.0)
+    group = base["group"]
+    # --dry-run and check accept the group id as a baseline (compare does).
+    for cmd in (["run", "--dry-run"], ["check"]):
+        r = runner.invoke(app, [*cmd, "--device", "cpu", "--steps", "14", "--baseline", group, *QUIET])
+        assert r.exit_code == 0 and "no run matches" not in r.output, r.output
+    r = runner.invoke(app, ["run", "--device", "cpu", "--steps", "14", "--tag", "nb", "--baseline", "r", "--json",
+                            *QUIET, "--", "--dt_ms=9.0", "--sleep=0"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    cmp = json.loads(runner.invoke(app, ["compare", "nb", "--baseline", "r", "--json"]).stdout)
+    base_row, nb_row = cmp["runs"]
+    assert (base_row["id"], base_row["n_repeats"]) == (group, 3)
+    delta = nb_row["metrics"]["tok_per_sec"]["delta_pct"]
+    # The commit subject and the report's table: the group's mean, as compare has it.
+    subject = git(git_repo, "log", "-1", "--format=%s").strip()
+    assert subject.endswith(f"({delta:+.2f}% vs r)"), (subject, delta)
+    report = Path(data["report"]).read_text()
+    assert "(×3 runs)" in report and f"{delta:+.2f}%" in report
+    latest = json.loads(runner.invoke(app, ["compare", "nb", "--baseline", base["runs"][-1]["id"], "--json"]).stdout)
+    assert latest["runs"][1]["metrics"]["tok_per_sec"]["delta_pct"] != pytest.approx(delta)  # not the last repeat alone
+
+
+def test_compare_of_one_group_named_twice_is_a_usage_error(project, tmp_path):
+    group = "20260101_000000_moe-r-x2"
+    crafted(tmp_path, "r", 1300.0, group=group, repeat=1, second=1)
+    crafted(tmp_path, "r", 1500.0, group=group, repeat=2, second=2)
+    for args in (["r", group], ["r", "--baseline", "r"]):
+        r = runner.invoke(app, ["compare", *args])
+        assert r.exit_code == 2 and "two distinct runs" in r.stderr and f"mean {group}" in r.stderr, r.output
+        assert r.stdout == "" and "Traceback" not in r.output

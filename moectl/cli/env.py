@@ -336,7 +336,9 @@ def check(
         ))
         cfg = load_config(config)
         if baseline:
-            store.resolve_run(cfg.artifact_root, baseline)  # the run would refuse a baseline it cannot find
+            from moectl.repeats import resolve_baseline
+
+            resolve_baseline(cfg.artifact_root, baseline)  # the run would refuse a baseline it cannot find
         ok = check_as_run(cfg, request, slurm=slurm, nodes=nodes, detach=detach, requeue=requeue, repeat=repeat,
                           json_out=json_out)
     except UsageError as exc:

@@ -54,7 +54,7 @@ DetachOpt = Annotated[bool, typer.Option("--detach", help="Slurm: return after s
 RequeueOpt = Annotated[bool, typer.Option("--requeue", help="Slurm: requeue a preempted or timed-out job; it resumes from its last checkpoint.")]
 NoCommitOpt = Annotated[bool, typer.Option("--no-commit", help="Write the report but do not commit it.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the guard table and the exact command; write nothing.")]
-BaselineOpt = Annotated[Optional[str], typer.Option("--baseline", help="A run to compare against in the report and commit message.", show_default=False)]
+BaselineOpt = Annotated[Optional[str], typer.Option("--baseline", help="A run to compare against in the report and commit message; a repeat group (its id, or a tag of one) compares as its mean ± between-runs error, as compare --baseline does.", show_default=False)]
 NotesOpt = Annotated[Optional[str], typer.Option("--notes", help="Hypothesis / notes for the report.", show_default=False)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No live progress.")]
 RepeatOpt = Annotated[int, typer.Option("--repeat", min=1, max=MAX_REPEATS, help="Run the same configuration N times with seeds seed, seed+1, ... (through \\[launch.options] seed for another trainer), as one group that compare/show/plot/export take by its tag.")]

@@ -64,13 +64,12 @@ def run(
       [bold]moectl run --slurm --detach --requeue -- --save-every 50[/bold]
       [bold]moectl run --cap 1.0 --tag bufreuse --repeat 3[/bold]    (seeds 0, 1, 2: one group)
     """
-    from moectl import store
     from moectl.cli.env import _render_check, check_as_run, check_error_json, check_json
     from moectl.config import load_config
     from moectl.guards import summary_line
     from moectl.plan import make_request
     from moectl.progress import progress_for
-    from moectl.repeats import repeat_requests
+    from moectl.repeats import repeat_requests, resolve_baseline
     from moectl.runner import execute_run, fallback_request
 
     stops_like_ctrl_c(ctx)
@@ -86,7 +85,8 @@ def run(
             from moectl.gitops import lock_wait_s
 
             lock_wait_s()  # a bad MOECTL_GIT_LOCK_WAIT is said now, not once training is over
-        base_record = store.resolve_run(cfg.artifact_root, baseline) if baseline else None
+        # a group (its id, or its tag) is its completed runs, as `compare --baseline` takes it
+        base_record = resolve_baseline(cfg.artifact_root, baseline) if baseline else None
         if dry_run:  # exactly what `moectl check` with these options prints
             ok = check_as_run(cfg, request, slurm=slurm, nodes=nodes, detach=detach, requeue=requeue, repeat=repeat,
                               json_out=json_out)
@@ -191,16 +191,30 @@ def run(
     # The point of repeats: the group's mean and its between-runs error, right away.
     from moectl.cli.runs import group_mean_line, group_summary_json, group_summary_of
 
-    done = [d["exp_dir"] for d in runs if d.get("status") == "completed"]
+    # Only this group's runs: a repeat whose compile failed ends as its --compile none re-run, which
+    # measures another configuration and is a group of its own (`<group>_fallback_none`).
+    done = [d["exp_dir"] for d in runs if d.get("status") == "completed" and d.get("group") == group]
     summary = group_summary_of(cfg, done) if len(done) == repeat else None
     if json_out:  # summary: null unless every repeat completed (a mean over some of them would mislead)
         print_json({"group": group, "repeats": repeat, "runs": runs,
                     "summary": group_summary_json(*summary) if summary else None})
     elif code == EXIT_OK:
+        fallbacks = sorted({d["group"] for d in runs if d.get("group") and d["group"] != group})
         if summary:
             stdout.print(f"group {group}: " + group_mean_line(*summary, repeat), markup=False)
-        stdout.print(f"group {group}: {repeat} runs; compare, show, plot and export take the whole group by its "
-                     f"tag {requests[0].tag}", markup=False)
+            stdout.print(f"group {group}: {repeat} runs; compare, show, plot and export take the whole group by its "
+                         f"tag {requests[0].tag}", markup=False)
+        else:
+            stdout.print(f"group {group}: {len(done)}/{repeat} completed; no group mean", markup=False)
+        if fallbacks:  # torch.compile failed: the figures are the re-runs', under their own group and tag
+            tags = sorted({d["tag"] for d in runs if d.get("group") in fallbacks})
+            stdout.print(f"torch.compile failed in {repeat - len(done)} of {repeat} repeats; their --compile none "
+                         f"re-runs are group {', '.join(fallbacks)} (tag {', '.join(tags)})", markup=False)
+            for fb in fallbacks:  # the figures a person was waiting for, under the group they belong to
+                fb_done = [d["exp_dir"] for d in runs if d.get("group") == fb and d.get("status") == "completed"]
+                if len(fb_done) >= 2:
+                    stdout.print(f"group {fb}: " + group_mean_line(*group_summary_of(cfg, fb_done), len(fb_done)),
+                                 markup=False)
     if code != EXIT_OK and len(runs) < repeat:
         last = runs[-1]
         # A run record says its status; a refusal before anything was written is the guards' verdict.

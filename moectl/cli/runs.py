@@ -187,18 +187,20 @@ def show_cmd(
     """
     from engine.schema import METRICS_FILENAME
     from moectl.metrics import read_metrics
-    from moectl.repeats import resolve_grouped
+    from moectl.repeats import planned_repeats, resolve_entries
     from moectl.store import list_runs, run_json
 
     cfg = _config(config)
     runs = list_runs(cfg.artifact_root)
-    [entry] = resolve_grouped(cfg.artifact_root, [run], runs)
-    if len(entry) > 1:
+    [entry] = resolve_entries(cfg.artifact_root, [run], runs)
+    if len(entry.runs) > 1:
         _show_group(cfg, entry, json_out)
         return
-    rec = entry[0]
+    rec = entry.runs[0]
     # A tag shared by several runs means the newest (SPEC §4): say so, or an older one is invisible.
-    sharing = sum(1 for r in runs if r.tag == rec.tag and r.id != rec.id) if run not in (rec.id, rec.exp_dir) else 0
+    # A tag of a repeat group means its completed runs: here the only one, which need not be the newest.
+    sharing = sum(1 for r in runs if r.tag == rec.tag and r.id != rec.id) \
+        if run not in (rec.id, rec.exp_dir) and entry.group is None else 0
     exp = Path(rec.exp_dir)
     files = sorted(
         ({"name": p.name, "bytes": p.stat().st_size if p.is_file() else None, "dir": p.is_dir()}
@@ -226,6 +228,12 @@ def show_cmd(
     if sharing:
         out(f"  (the newest of {sharing + 1} runs tagged {rec.tag}: `moectl runs` lists them, an id shows another)",
             markup=False)
+    if entry.group is not None:
+        n = planned_repeats(entry.group)
+        what = "the only completed repeat" if rec.status == "completed" else "no repeat completed: the latest"
+        out(f"  ({what} of group {entry.group}" + (f", {n} planned" if n else "")
+            + (f"; left out: {', '.join(entry.left_out)}" if entry.left_out else "")
+            + "; an id shows another)", markup=False)
     for key, value in (
         ("tag", rec.tag), ("exp_dir", rec.exp_dir), ("created", rec.created_at), ("started", rec.started_at),
         ("finished", rec.finished_at), ("exit code", rec.exit_code), ("host", rec.host), ("pid", rec.pid),
@@ -310,31 +318,47 @@ def _show_group(cfg, entry, json_out: bool) -> None:
     from moectl.noise import BETWEEN_RUNS
     from moectl.store import run_json
 
-    summary, errors = group_summary_of(cfg, [r.exp_dir for r in entry])
-    group = entry[-1].group
+    runs = entry.runs
+    summary, errors = group_summary_of(cfg, [r.exp_dir for r in runs])
+    group = runs[-1].group
     if json_out:
-        print_json({"group": group, "tag": entry[-1].tag, "n_repeats": len(entry), "noise": BETWEEN_RUNS,
-                    "summary": group_summary_json(summary, errors), "runs": [run_json(r) for r in entry]})
+        print_json({"group": group, "tag": runs[-1].tag, "n_repeats": len(runs), "noise": BETWEEN_RUNS,
+                    "summary": group_summary_json(summary, errors), "runs": [run_json(r) for r in runs],
+                    "left_out": entry.left_out})
         return
     out = lambda text: stdout.print(text, markup=False)  # noqa: E731
-    out(f"group {group}  tag: {entry[-1].tag}  {len(entry)} completed repeats")
-    for r in entry:
+    out(f"group {group}  tag: {runs[-1].tag}  {len(runs)} completed repeats")
+    for r in runs:
         s = r.summary
         seed = r.options.get("seed")
+        mfu = s.mfu if s else None
         out(f"  {r.id}  seed {seed if seed is not None else '?'}  {r.status}  "
             f"tok/sec {_num(s.tok_per_sec if s else None)} · dt {_num(s.dt_ms if s else None)} ms · "
-            f"MFU {_num(s.mfu if s else None, 4)}%" + (f"  warnings: {len(r.warnings)}" if r.warnings else ""))
-    out(group_mean_line(summary, errors, len(entry)))
+            f"MFU {_num(mfu, 4)}{'' if mfu is None else '%'}" + (f"  warnings: {len(r.warnings)}" if r.warnings else ""))
+    if entry.left_out:
+        out(f"left out (not in the mean): {', '.join(entry.left_out)}")
+    out(group_mean_line(summary, errors, len(runs)))
+    if summary.note:
+        out(f"note: {summary.note}")
     out("one repeat in detail: `moectl show RUN_ID`")
 
 
 def group_summary_of(cfg, exp_dirs) -> tuple:
-    """A repeat group's (summary, between-runs errors) from its runs' metrics files."""
+    """A repeat group's (summary, between-runs errors) from its runs' metrics files; a run whose
+    metrics.jsonl is gone gives its recorded summary instead (as `compare` reads it)."""
     from engine.schema import METRICS_FILENAME
+    from moectl.errors import MoectlError
     from moectl.metrics import group_summary, read_metrics
+    from moectl.store import load_run
+
+    def recorded(d):
+        try:
+            return load_run(Path(d)).summary
+        except MoectlError:
+            return None
 
     return group_summary([read_metrics(Path(d) / METRICS_FILENAME) for d in exp_dirs],
-                         cfg.metrics.window, cfg.metrics.warmup_steps)
+                         cfg.metrics.window, cfg.metrics.warmup_steps, [recorded(d) for d in exp_dirs])
 
 
 def group_summary_json(summary, errors) -> dict:
@@ -350,7 +374,7 @@ def group_mean_line(summary, errors, n: int) -> str:
     parts = []
     for m, label, decimals in (("tok_per_sec", "tok/sec", 2), ("dt_ms", "dt ms", 2), ("mfu", "MFU %", 4)):
         if getattr(summary, m) is not None:
-            err = f" ±{errors[m]:.{decimals}f}" if m in MEAN_METRICS and errors[m] is not None else ""
+            err = f" ±{errors[m]:,.{decimals}f}" if m in MEAN_METRICS and errors[m] is not None else ""
             parts.append(f"{label} {getattr(summary, m):,.{decimals}f}{err}")
     return f"mean of {n} tail means (± between-runs standard error): " + (" · ".join(parts) or "no figures")
 
@@ -362,47 +386,30 @@ def load_comparison(root: Path, refs: list[str], baseline: Optional[str], window
     """Resolve refs (one scan), read their metrics, compare. A tag whose latest run belongs to a
     repeat group is the group (moectl.repeats). Returns (comparison, every run record involved)."""
     from moectl.metrics import compare
-    from moectl.repeats import resolve_grouped
+    from moectl.repeats import entry_metrics, resolve_entries
     from moectl.store import list_runs
 
     runs = list_runs(root)
-    entries = resolve_grouped(root, refs, runs)
+    entries = resolve_entries(root, refs, runs)
     base_index = 0
     if baseline is not None:
-        [base] = resolve_grouped(root, [baseline], runs)
-        keys = [_entry_id(e) for e in entries]
-        if _entry_id(base) in keys:
-            base_index = keys.index(_entry_id(base))
+        [base] = resolve_entries(root, [baseline], runs)
+        keys = [e.id for e in entries]
+        if base.id in keys:
+            base_index = keys.index(base.id)
         else:
             entries.insert(0, base)
     seen: set[str] = set()
-    unique = [e for e in entries if not (_entry_id(e) in seen or seen.add(_entry_id(e)))]
+    unique = [e for e in entries if not (e.id in seen or seen.add(e.id))]
+    if len(unique) < 2:  # `compare r <r's group id>`, `compare r --baseline r`: nothing to compare it with
+        raise UsageError(f"compare needs two distinct runs: {', '.join(refs + ([baseline] if baseline else []))} "
+                         f"all mean {unique[0].id}")
     if len(unique) < len(entries):
         stderr.print("warning: a run was named twice; comparing it once", markup=False)
-        base_index = [_entry_id(e) for e in unique].index(_entry_id(entries[base_index]))
+        base_index = [e.id for e in unique].index(entries[base_index].id)
     inputs = [entry_metrics(e, window) for e in unique]
-    records = [r for e in unique for r in e]
+    records = [r for e in unique for r in e.runs]
     return compare(inputs, baseline_index=base_index, window=window, warmup_steps=warmup_steps), records
-
-
-def _entry_id(entry) -> str:
-    return entry[0].group if len(entry) > 1 else entry[0].id
-
-
-def entry_metrics(entry, window: int):
-    """One compare input: a run, or a repeat group (its id, every repeat's metrics)."""
-    from engine.schema import METRICS_FILENAME
-    from moectl.metrics import RunMetrics, read_metrics
-
-    files = [read_metrics(Path(r.exp_dir) / METRICS_FILENAME, tail=window) for r in entry]
-    last = entry[-1]
-    unfinished = any(getattr(r, "display_status", r.status) in ("created", "queued", "running") for r in entry)
-    if len(entry) == 1:
-        status = getattr(last, "display_status", last.status)
-        return RunMetrics(id=last.id, tag=last.tag, metrics=files[0], options=last.options, fallback=last.summary,
-                          unfinished=unfinished, stopped=status if status in ("failed", "interrupted", "stale") else None)
-    return RunMetrics(id=last.group, tag=last.tag, metrics=files[-1], options=last.options, fallback=last.summary,
-                      members=files, member_ids=[r.id for r in entry], unfinished=unfinished)
 
 
 # Terminal precision (the markdown and JSON keep the seed's full precision).
@@ -483,6 +490,8 @@ def compare_cmd(
     A tag whose latest run belongs to a repeat group (`run --repeat N`, sweep
     `repeats`) compares the whole group: the mean of its repeats' tail means
     ± the between-runs standard error (n shown); a run id compares that run.
+    Repeats of the group that did not complete (or never ran) are left out of
+    its figures and named in a note (--json: `left_out`).
     A single run's ± is within-run, corrected for autocorrelation (effective
     sample size). Each run is three rows, in the same order for every metric: the value,
     ± the standard error of the tail mean, then Δ% vs the baseline with *

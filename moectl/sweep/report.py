@@ -132,8 +132,13 @@ def completed_comparison(sweep: SweepRecord, runs: dict[str, RunRecord], window:
         files = [read_metrics(Path(rec.exp_dir) / "metrics.jsonl") for _, rec in members]
         leg, rec = members[-1]
         group = len(members) > 1
+        # a repeat that did not complete is not behind the figures: said, not silently survived
+        missed = [f"repeat {x.repeat} {leg_status(x, runs)}" for x in sweep.legs
+                  if leg.group and x.group == leg.group and x.repeat is not None
+                  and not any(m.repeat == x.repeat for m, _ in members)]
         items.append(RunMetrics(id=key, tag=leg.tag, metrics=files[-1], options=rec.options, fallback=rec.summary,
-                                members=files if group else [], member_ids=[r.id for _, r in members] if group else []))
+                                members=files if group else [], member_ids=[r.id for _, r in members] if group else [],
+                                member_fallbacks=[r.summary for _, r in members] if group else [], left_out=missed))
     base = next((i for i, item in enumerate(items) if item.tag == baseline_tag), 0)
     return compare(items, baseline_index=base, window=window, warmup_steps=warmup_steps)
 

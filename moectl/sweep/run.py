@@ -351,10 +351,13 @@ def _run(cfg: Config, sweep: SweepRecord, opts: SweepOptions, ui: SweepUI, *, ca
     notes: list[str] = []
     commit = not opts.no_commit
 
-    def baseline_record() -> Optional[RunRecord]:
+    def baseline_record() -> Optional[list[RunRecord]]:
+        # The baseline leg's run, or all the completed repeats of its group (as the sweep's table has it).
         done = [leg for leg in sweep.legs if leg.state == "completed" and leg.run_id in runs]
         pick = next((leg for leg in done if leg.tag == opts.baseline), done[0] if done else None)
-        return runs[pick.run_id] if pick else None
+        if pick is None:
+            return None
+        return [runs[leg.run_id] for leg in done if leg.group == pick.group] if pick.group else [runs[pick.run_id]]
 
     def write_report(heading: str, figures: list[Path] = ()) -> list[Path]:
         return write_sweep_report(cfg, sweep, runs, opts, out, heading, chain=chain, notes=notes, figures=figures)

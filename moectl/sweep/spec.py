@@ -98,21 +98,24 @@ def request_kwargs(options: dict[str, Any]) -> dict[str, Any]:
 MAX_LEGS = 1000
 
 
-def _repeated(tag: str, merged: dict[str, Any], where: str, problems: list[str]) -> list[SweepLeg]:
+def _repeated(tag: str, merged: dict[str, Any], where: str, problems: list[str],
+              default_seed: Optional[int] = None) -> list[SweepLeg]:
     """A leg with `repeats = N` (its own or [common]'s) is N legs of one tag, seeds seed, seed+1, ...
-    (seed: the leg's, else 0, the engine's default); the sweep gives them one group when it runs."""
+    (seed: the leg's, else `default_seed` - the config's [defaults] seed, as `run --repeat` takes it
+    (moectl.repeats.base_seed) - else 0, the engine's default); the sweep gives them one group when it runs."""
     n = merged.pop("repeats", 1)
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_LEGS:
         problems.append(f"{where}.repeats: must be an integer from 1 to {MAX_LEGS}, got {n!r}")
         return []
     if n == 1:
         return [SweepLeg(tag=tag, options=merged)]
-    seed = merged.get("seed", 0)
+    seed = merged.get("seed", default_seed if default_seed is not None else 0)
     return [SweepLeg(tag=tag, options={**merged, "seed": seed + k}, repeat=k + 1) for k in range(n)]
 
 
-def parse_spec(data: dict[str, Any], source: str = "spec") -> SweepSpec:
-    """Validate a parsed spec whole; UsageError listing every problem as `<key>: <why>`."""
+def parse_spec(data: dict[str, Any], source: str = "spec", default_seed: Optional[int] = None) -> SweepSpec:
+    """Validate a parsed spec whole; UsageError listing every problem as `<key>: <why>`.
+    `default_seed`: the config's [defaults] seed, the first seed of a repeated leg that names none."""
     problems: list[str] = []
     for key in data:
         if key not in TOP_KEYS:
@@ -198,7 +201,7 @@ def parse_spec(data: dict[str, Any], source: str = "spec") -> SweepSpec:
                     problems.append(f"grid.{key}: {opts[key]!r}: {msg}")
                 else:
                     problems.append(f"{where if key in opts else 'common'}.{key}: {msg}")
-        out.extend(_repeated(tag, merged, where, problems))
+        out.extend(_repeated(tag, merged, where, problems, default_seed))
     if len(out) > MAX_LEGS and not problems:
         problems.append(f"legs: {len(out)} legs with their repeats, over {MAX_LEGS}")
     if problems:
@@ -207,7 +210,7 @@ def parse_spec(data: dict[str, Any], source: str = "spec") -> SweepSpec:
     return SweepSpec(name=name, legs=out, raw=data, notes=notes)
 
 
-def load_spec(path: Path) -> SweepSpec:
+def load_spec(path: Path, default_seed: Optional[int] = None) -> SweepSpec:
     path = Path(path).expanduser()
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: a BOM some editors write is not TOML
@@ -219,4 +222,4 @@ def load_spec(path: Path) -> SweepSpec:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{path.name}: malformed TOML: {exc}") from None
-    return parse_spec(data, path.name)
+    return parse_spec(data, path.name, default_seed)
