@@ -196,6 +196,8 @@ def test_a_trainer_that_prints_no_step_line_fails_with_that_reason(git_repo, mon
     rec = record(run_dirs(artifact_root)[0])
     assert rec["status"] == "failed" and rec["exit_code"] == 0
     assert rec["error"].startswith("no step line in the trainer's output matched (step pattern 'iter (\\\\d+):')")
+    # the reason on screen, above the log tail (which printed more than 5 lines and is not it)
+    assert "  error: no step line in the trainer's output matched (step pattern 'iter (\\\\d+):')\n  log tail:\n" in result.output
 
 
 def test_a_trainer_writing_its_own_metrics_jsonl_in_another_schema_fails(git_repo, monkeypatch, artifact_root):

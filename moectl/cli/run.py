@@ -243,6 +243,10 @@ def _status_line(record) -> str:
     return f"{record.status}: {record.id}{how}"
 
 
+# The failed runs whose record's error is moectl's reason on its first line, then the log tail.
+REASONS_BEFORE_TAIL = ("no step line in the trainer's output", "the trainer exited 0 but")
+
+
 def _render_outcome(outcome) -> None:
     from moectl.metrics import MARK, mark_footnote
 
@@ -272,7 +276,11 @@ def _render_outcome(outcome) -> None:
     for warning in record.warnings:
         out(f"  warning: {warning}")
     if record.status == "failed" and record.error:
-        tail = record.error.strip().splitlines()[-5:]
+        lines = record.error.strip().splitlines()
+        if lines[0].startswith(REASONS_BEFORE_TAIL) and len(lines) > 1:
+            out(f"  error: {printable(lines[0])}")  # moectl's reason, above the log tail (which is not it)
+            lines = lines[1:]
+        tail = lines[-5:]
         out("  log tail:")
         for line in tail:
             out(f"    {printable(line)}")
