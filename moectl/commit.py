@@ -40,7 +40,8 @@ def commit_run_report(
     (exit 2) when the run has none and cannot have one now (imported, still running, its report
     deleted), GuardRefused (exit 3) on the wrong branch, a detached HEAD, a repository busy past
     the lock wait, or the run's own moectl still writing its report, gitops.SigningFailed (exit 2)
-    when commit.gpgSign is on and git cannot sign."""
+    when commit.gpgSign is on and git cannot sign, gitops.IdentityUnknown (exit 2) when git has no
+    user.name/user.email."""
     report = find_run_report(cfg.report_dir, record.id)
     written_now = False
     if report is None:
@@ -99,8 +100,8 @@ def commit_run_report(
                 warnings.append(f"EXPERIMENTS.md not refreshed: {exc.message}")
     try:
         sha = gitops.commit_paths(cfg.root, paths, commit_message(record), branch=cfg.project.branch, on_wait=on_wait)
-    except (GuardRefused, gitops.SigningFailed) as exc:  # busy, the branch switched meanwhile, or git
-        # could not sign: nothing moved
+    except (GuardRefused, gitops.SigningFailed, gitops.IdentityUnknown) as exc:  # busy, the branch
+        # switched meanwhile, git could not sign or has no identity: nothing moved
         raise type(exc)(not_committed(exc.message, record.id)) from None
     if sha is None:  # the report equals HEAD's after all (committed by someone meanwhile)
         sha = gitops.committed_in(cfg.root, report) or ""

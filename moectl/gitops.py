@@ -19,9 +19,9 @@ the real index changes the way `git commit` changes it - through `index.lock`:
     rename index.lock -> index # only our entries changed, each as `git add` writes it
 
 So either the branch moved and the index matches it, or nothing moved: the lock is removed, the
-files stay on disk, and GitBusy, SigningFailed or GitError says why. A moectl killed between two of
-those steps leaves the lock and a note of how far it got (OWNER_NAME); the next one finishes or
-undoes that commit (`_recover`).
+files stay on disk, and GitBusy, SigningFailed, IdentityUnknown or GitError says why. A moectl
+killed between two of those steps leaves the lock and a note of how far it got (OWNER_NAME); the
+next one finishes or undoes that commit (`_recover`).
 
 `git commit` signs when commit.gpgSign is true; commit-tree ignores that setting, so `-S` is passed
 when it is on (`signing`), and a signature git cannot make fails the commit like `git commit`
@@ -72,6 +72,14 @@ class GitError(MoectlError):
 
 class SigningFailed(MoectlError):
     """`commit.gpgSign` is on and git could not sign (no such key, no agent, gpg missing): nothing was
+    committed (exit 2: the git configuration is the user's to fix, as `git commit` would fail too)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, exit_code=EXIT_USAGE)
+
+
+class IdentityUnknown(MoectlError):
+    """git has no identity to commit with (no user.name / user.email it may use): nothing was
     committed (exit 2: the git configuration is the user's to fix, as `git commit` would fail too)."""
 
     def __init__(self, message: str):
@@ -407,6 +415,8 @@ def _build_commit(repo: Path, tmp: Path, old: Optional[str], rels: list[str], me
         return None
     parent = ["-p", old] if old else []
     r = _run(repo, ["commit-tree", tree, *parent, *sign, "-m", message])
+    if r.returncode != 0:
+        _check_identity(repo)  # before signing: without an identity there is nothing to sign
     if r.returncode != 0 and sign:
         raise SigningFailed(f"commit.gpgSign is on and git could not sign the commit: {_signing_failure(r)} "
                             "(`git commit` fails the same way here; fix the key or agent, or turn commit.gpgSign "
@@ -414,6 +424,18 @@ def _build_commit(repo: Path, tmp: Path, old: Optional[str], rels: list[str], me
     if r.returncode != 0:
         raise GitError(f"git commit-tree failed: {_said(r)}")
     return os.fsdecode(r.stdout).strip()
+
+
+def _check_identity(repo: Path) -> None:
+    """IdentityUnknown when git has no author or committer identity it may use here: asked of
+    `git var`, which applies the same strict rules as `git commit` (user.name, user.email,
+    user.useConfigOnly, GIT_AUTHOR_*/GIT_COMMITTER_*, EMAIL), whatever words this git uses."""
+    for ident in ("GIT_AUTHOR_IDENT", "GIT_COMMITTER_IDENT"):
+        r = _run(repo, ["var", ident])
+        if r.returncode != 0:
+            raise IdentityUnknown(f"git has no identity to commit with ({_said(r)}): set user.name and user.email "
+                                  "(`git config user.name \"Your Name\"`, `git config user.email you@example.com`; "
+                                  "`git commit` fails the same way here); nothing was committed")
 
 
 def _refreshed_index(repo: Path, index: Path, tmp: Path, rels: list[str]) -> Path:
@@ -447,7 +469,8 @@ def commit_paths(
     the lock stays held, or when the branch moved under us `cas_tries` times in a row.
 
     Signed when `commit.gpgSign` says so, as `git commit` would be; SigningFailed (nothing moved)
-    when git cannot sign. The repository's commit hooks do not run (module docstring)."""
+    when git cannot sign, IdentityUnknown (nothing moved) when git has no user.name/user.email to
+    commit with. The repository's commit hooks do not run (module docstring)."""
     repo = repo_root(repo)
     check_branch(repo, branch)  # refuse before waiting for any lock
     rels = _relative(repo, paths)

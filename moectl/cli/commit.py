@@ -20,8 +20,8 @@ def commit_cmd(
     whose moectl was killed after its training, before the report. A report already committed is
     left alone.
 
-    Exit codes: 0 committed or already committed, 2 unknown run or no report,
-    3 refused: wrong branch, detached HEAD, git still busy, or git refusing the branch update
+    Exit codes: 0 committed or already committed, 2 unknown run or no report, or git could not
+    sign or has no user.name/user.email, 3 refused: wrong branch, detached HEAD, git still busy, or git refusing the branch update
     (a reference-transaction hook); nothing moved.
 
     Examples:
