@@ -520,6 +520,22 @@ def committed_in(repo: Path, path: Path, as_on_disk: bool = True) -> Optional[st
     return _git(repo, "log", "-1", "--format=%H", "--", rel, env={"GIT_LITERAL_PATHSPECS": "1"})
 
 
+def blob_id(repo: Path, path: Path, text: str) -> Optional[str]:
+    """The blob id git would store for `path` holding `text` (its clean filters applied: `--path`),
+    or None when git cannot say (not a repository, `path` outside it). What moectl wrote to a file,
+    to tell it later from an edit of the user's (`summary.users_changes`)."""
+    try:
+        repo = repo_root(repo)
+        rel = Path(path).resolve().relative_to(repo).as_posix()
+    except (MoectlError, ValueError, OSError):
+        return None
+    r = subprocess.run(["git", "-C", str(repo), "hash-object", f"--path={rel}", "--stdin"],
+                       input=text.encode("utf-8"), capture_output=True)
+    if r.returncode != 0:
+        return None
+    return r.stdout.decode().strip() or None
+
+
 def files_of_commit(repo: Path, commit: str) -> list[str]:
     """The repository-relative paths a commit changed (what `committed ...` lines name); `-z`, so
     a name is not C-quoted, and decoded losslessly (`_git`)."""
