@@ -67,8 +67,9 @@ def commit_run_report(
         raise type(exc)(not_committed(exc.message, record.id)) from None
     if report is None:
         name = (record.tag or record.id) + (f"-r{record.repeat}" if record.repeat else "")
-        report = write_report(cfg.report_dir, name, run_report(record))
-        record.report = str(report)
+        text = run_report(record)
+        report = write_report(cfg.report_dir, name, text)
+        record.report, record.report_blob = str(report), gitops.blob_id(cfg.root, report, text)
         written_now = True
     done = None if written_now else gitops.committed_in(cfg.root, report)
     if done is not None:
@@ -82,6 +83,19 @@ def commit_run_report(
         return ReportCommit(record.id, report, [report], earlier, created=False, warnings=[
             f"{report.name} was committed in {earlier[:10]}; the changes to it since are not moectl's, "
             "so they are left as they are, uncommitted"])
+    if not written_now and record.report_blob:
+        # Never committed, and moectl knows what it wrote there: anything else in the file or its
+        # index entry is the user's (an edit, staged or not) and stays theirs, out of any commit -
+        # as EXPERIMENTS.md's is (`moectl summary` refuses alike).
+        from moectl.summary import users_changes
+
+        why = users_changes(cfg.root, report, ours={record.report_blob})
+        if why == "is an untracked file of yours":  # the report is untracked, and edited since
+            why = "has uncommitted changes"
+        if why is not None:
+            raise GuardRefused(f"{report.name} {why} (not what moectl wrote there): left exactly as it is, nothing "
+                               f"committed (commit it yourself, or undo those changes and run `moectl commit "
+                               f"{record.id}` again)")
     paths, warnings = [report], []
     if written_now:
         warnings.append(f"{record.id} ended without its report (its moectl was stopped first): {report.name} "
