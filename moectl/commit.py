@@ -42,6 +42,9 @@ def commit_run_report(
     the lock wait, or the run's own moectl still writing its report, gitops.SigningFailed (exit 2)
     when commit.gpgSign is on and git cannot sign, gitops.IdentityUnknown (exit 2) when git has no
     user.name/user.email."""
+    # A killed moectl's index.lock, finished or undone first: also when nothing is left to commit.
+    recovered = gitops.recover_dead_index_lock(cfg.root)
+    notes = [recovered] if recovered else []  # said first, as warnings
     report = find_run_report(cfg.report_dir, record.id)
     written_now = False
     if report is None:
@@ -74,13 +77,13 @@ def commit_run_report(
     done = None if written_now else gitops.committed_in(cfg.root, report)
     if done is not None:
         _record_commit(record, done, report)
-        return ReportCommit(record.id, report, [report], done, created=False, warnings=[])
+        return ReportCommit(record.id, report, [report], done, created=False, warnings=notes)
     earlier = None if written_now else gitops.committed_in(cfg.root, report, as_on_disk=False)
     if earlier is not None:
         # Committed before, and changed since: moectl never rewrites a committed report, so the
         # change is the user's (an edit in progress, staged or not) and stays theirs, uncommitted.
         _record_commit(record, earlier, report)
-        return ReportCommit(record.id, report, [report], earlier, created=False, warnings=[
+        return ReportCommit(record.id, report, [report], earlier, created=False, warnings=[*notes,
             f"{report.name} was committed in {earlier[:10]}; the changes to it since are not moectl's, "
             "so they are left as they are, uncommitted"])
     if not written_now and record.report_blob:
@@ -96,7 +99,7 @@ def commit_run_report(
             raise GuardRefused(f"{report.name} {why} (not what moectl wrote there): left exactly as it is, nothing "
                                f"committed (commit it yourself, or undo those changes and run `moectl commit "
                                f"{record.id}` again)")
-    paths, warnings = [report], []
+    paths, warnings = [report], notes
     if written_now:
         warnings.append(f"{record.id} ended without its report (its moectl was stopped first): {report.name} "
                         "was written now, from its record")

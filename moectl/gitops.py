@@ -341,13 +341,14 @@ class IndexLock:
             self._drop_note()
 
 
-def _recover(index: Path, git_dir: Path) -> bool:
+def _recover(index: Path, git_dir: Path) -> Optional[str]:
     """Under `_serialised`: when index.lock is the one a now-dead moectl left (OWNER_NAME names a
     dead pid on this host and the lock file itself: device, inode and change time), finish its
     commit if the branch already points at the commit it built (the staged index is exactly what
     that commit's `git commit` would leave), else remove the lock (nothing moved). Also removes
-    that moectl's temporary index directories. True when the lock was cleared; False when it is
-    someone else's (a live moectl, the user's git, a lock taken since the note was written)."""
+    that moectl's temporary index directories. When the lock was cleared, how (always truthy):
+    "finished", "undone", or "gone" (removed by someone meanwhile); None when it is someone
+    else's (a live moectl, the user's git, a lock taken since the note was written)."""
     from moectl.lock import pid_stale  # psutil: only when a lock is in the way
 
     owner, lock = git_dir / OWNER_NAME, index.with_name(index.name + ".lock")
@@ -355,24 +356,78 @@ def _recover(index: Path, git_dir: Path) -> bool:
         data = json.loads(owner.read_text())
         pid, noted = int(data["pid"]), {k: int(data[k]) for k in ("dev", "ino", "ctime_ns")}
     except (FileNotFoundError, ValueError, KeyError, TypeError):
-        return False
+        return None
     if data.get("host") != socket.gethostname() or not pid_stale(pid, data.get("started_ts"))[0]:
-        return False
+        return None
     for leftover in git_dir.glob(f"{TMP_PREFIX}{pid}-*"):
         shutil.rmtree(leftover, ignore_errors=True)
     try:
         if _identity(lock) != noted:
             owner.unlink(missing_ok=True)  # its lock is gone; this one is someone else's
-            return False
+            return None
     except FileNotFoundError:
         owner.unlink(missing_ok=True)
-        return True
+        return "gone"
     if data.get("phase") == "staged" and _ref_is(git_dir, data.get("ref"), data.get("new")):
         os.replace(lock, index)  # the branch moved: the index it staged goes in, as its commit() would
+        how = "finished"
     else:
         os.unlink(lock)  # the branch did not move: as if that commit had never started
+        how = "undone"
     owner.unlink(missing_ok=True)
-    return True
+    return how
+
+
+def index_lock_state(repo: Path, recover: bool = True) -> Optional[str]:
+    """One line about the repository's index.lock, or None when there is none. With `recover`, a
+    lock a killed moectl left (its OWNER_NAME note names a dead moectl on this host and that very
+    file) is finished or undone first, as the next commit would do (`_recover`): git commands and
+    `git status` need it gone, and a command that finds nothing to commit would leave it forever.
+    A lock anyone else holds - a live moectl, the user's git - is only described, never touched."""
+    try:  # one git process: `moectl status` runs this every time
+        git_dir, index = map(Path, _git(Path(repo), "rev-parse", "--absolute-git-dir", "--path-format=absolute",
+                                        "--git-path", "index").splitlines())
+    except (MoectlError, OSError, ValueError):
+        return None
+    lock, owner = index.with_name(index.name + ".lock"), git_dir / OWNER_NAME
+    try:
+        data = json.loads(owner.read_text())
+        pid = int(data["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        data, pid = None, None
+    if recover and data is not None:
+        with _serialised(git_dir):
+            how = _recover(index, git_dir)
+        if how == "finished":
+            return (f"recovered {lock}, left by a killed moectl (pid {pid}): its commit had moved the branch, so "
+                    "the index it staged went in (as its commit would have done)")
+        if how == "undone":
+            return (f"recovered {lock}, left by a killed moectl (pid {pid}): its commit had not moved the branch, "
+                    "so the lock was removed (nothing changed)")
+    if not lock.exists():
+        return None
+    if data is not None:
+        try:
+            mine = _identity(lock) == {k: int(data[k]) for k in ("dev", "ino", "ctime_ns")}
+        except (OSError, ValueError, KeyError, TypeError):
+            mine = False
+        if mine:
+            from moectl.lock import pid_stale
+
+            dead = data.get("host") == socket.gethostname() and pid_stale(pid, data.get("started_ts"))[0]
+            if dead:  # (recover=False) the next moectl command that uses git recovers it
+                return (f"{lock} was left by a killed moectl (pid {pid}); `moectl status` or the next moectl "
+                        "command that writes to git finishes or undoes that commit")
+            return f"{lock} is held by moectl (pid {pid} on {data.get('host')}), committing"
+    return (f"{lock} exists: another git process holds it, or a crashed git left it (remove it by hand once no "
+            "git command runs)")
+
+
+def recover_dead_index_lock(repo: Path) -> Optional[str]:
+    """`index_lock_state` for commands that write to git: a killed moectl's lock finished or undone
+    before anything else; the line saying so, or None when there was none to recover."""
+    line = index_lock_state(repo, recover=True)
+    return line if line is not None and line.startswith("recovered ") else None
 
 
 def _tree_of(repo: Path, old: Optional[str]) -> str:

@@ -235,6 +235,11 @@ def summary(
 
     cfg = load_config(config)
     commit = output is None and not no_commit
+    # A killed moectl's .git/index.lock: finished or undone now, not only by a commit (a summary
+    # with nothing new to commit would leave it blocking every git command, index out of date).
+    recovered = gitops.recover_dead_index_lock(cfg.root)
+    if recovered:
+        stderr.print(f"note: {recovered}", markup=False)
     # As every file moectl writes (exit 3), and before anything is: the file, then where it goes.
     refuse_read_only(cfg, output if output is not None else summary_path(cfg), "-o" if output is not None else SUMMARY_NAME)
     if commit:
