@@ -40,7 +40,11 @@ def commit_run_report(
     (exit 2) when the run has none and cannot have one now (imported, still running, its report
     deleted), GuardRefused (exit 3) on the wrong branch, a detached HEAD, a repository busy past
     the lock wait, or the run's own moectl still writing its report, gitops.SigningFailed (exit 2)
-    when commit.gpgSign is on and git cannot sign."""
+    when commit.gpgSign is on and git cannot sign, gitops.IdentityUnknown (exit 2) when git has no
+    user.name/user.email."""
+    # A killed moectl's index.lock, finished or undone first: also when nothing is left to commit.
+    recovered = gitops.recover_dead_index_lock(cfg.root)
+    notes = [recovered] if recovered else []  # said first, as warnings
     report = find_run_report(cfg.report_dir, record.id)
     written_now = False
     if report is None:
@@ -66,22 +70,36 @@ def commit_run_report(
         raise type(exc)(not_committed(exc.message, record.id)) from None
     if report is None:
         name = (record.tag or record.id) + (f"-r{record.repeat}" if record.repeat else "")
-        report = write_report(cfg.report_dir, name, run_report(record))
-        record.report = str(report)
+        text = run_report(record)
+        report = write_report(cfg.report_dir, name, text)
+        record.report, record.report_blob = str(report), gitops.blob_id(cfg.root, report, text)
         written_now = True
     done = None if written_now else gitops.committed_in(cfg.root, report)
     if done is not None:
         _record_commit(record, done, report)
-        return ReportCommit(record.id, report, [report], done, created=False, warnings=[])
+        return ReportCommit(record.id, report, [report], done, created=False, warnings=notes)
     earlier = None if written_now else gitops.committed_in(cfg.root, report, as_on_disk=False)
     if earlier is not None:
         # Committed before, and changed since: moectl never rewrites a committed report, so the
         # change is the user's (an edit in progress, staged or not) and stays theirs, uncommitted.
         _record_commit(record, earlier, report)
-        return ReportCommit(record.id, report, [report], earlier, created=False, warnings=[
+        return ReportCommit(record.id, report, [report], earlier, created=False, warnings=[*notes,
             f"{report.name} was committed in {earlier[:10]}; the changes to it since are not moectl's, "
             "so they are left as they are, uncommitted"])
-    paths, warnings = [report], []
+    if not written_now and record.report_blob:
+        # Never committed, and moectl knows what it wrote there: anything else in the file or its
+        # index entry is the user's (an edit, staged or not) and stays theirs, out of any commit -
+        # as EXPERIMENTS.md's is (`moectl summary` refuses alike).
+        from moectl.summary import users_changes
+
+        why = users_changes(cfg.root, report, ours={record.report_blob})
+        if why == "is an untracked file of yours":  # the report is untracked, and edited since
+            why = "has uncommitted changes"
+        if why is not None:
+            raise GuardRefused(f"{report.name} {why} (not what moectl wrote there): left exactly as it is, nothing "
+                               f"committed (commit it yourself, or undo those changes and run `moectl commit "
+                               f"{record.id}` again)")
+    paths, warnings = [report], notes
     if written_now:
         warnings.append(f"{record.id} ended without its report (its moectl was stopped first): {report.name} "
                         "was written now, from its record")
@@ -99,8 +117,8 @@ def commit_run_report(
                 warnings.append(f"EXPERIMENTS.md not refreshed: {exc.message}")
     try:
         sha = gitops.commit_paths(cfg.root, paths, commit_message(record), branch=cfg.project.branch, on_wait=on_wait)
-    except (GuardRefused, gitops.SigningFailed) as exc:  # busy, the branch switched meanwhile, or git
-        # could not sign: nothing moved
+    except (GuardRefused, gitops.SigningFailed, gitops.IdentityUnknown) as exc:  # busy, the branch
+        # switched meanwhile, git could not sign or has no identity: nothing moved
         raise type(exc)(not_committed(exc.message, record.id)) from None
     if sha is None:  # the report equals HEAD's after all (committed by someone meanwhile)
         sha = gitops.committed_in(cfg.root, report) or ""

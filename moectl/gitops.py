@@ -19,9 +19,9 @@ the real index changes the way `git commit` changes it - through `index.lock`:
     rename index.lock -> index # only our entries changed, each as `git add` writes it
 
 So either the branch moved and the index matches it, or nothing moved: the lock is removed, the
-files stay on disk, and GitBusy, SigningFailed or GitError says why. A moectl killed between two of
-those steps leaves the lock and a note of how far it got (OWNER_NAME); the next one finishes or
-undoes that commit (`_recover`).
+files stay on disk, and GitBusy, SigningFailed, IdentityUnknown or GitError says why. A moectl
+killed between two of those steps leaves the lock and a note of how far it got (OWNER_NAME); the
+next one finishes or undoes that commit (`_recover`).
 
 `git commit` signs when commit.gpgSign is true; commit-tree ignores that setting, so `-S` is passed
 when it is on (`signing`), and a signature git cannot make fails the commit like `git commit`
@@ -72,6 +72,14 @@ class GitError(MoectlError):
 
 class SigningFailed(MoectlError):
     """`commit.gpgSign` is on and git could not sign (no such key, no agent, gpg missing): nothing was
+    committed (exit 2: the git configuration is the user's to fix, as `git commit` would fail too)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, exit_code=EXIT_USAGE)
+
+
+class IdentityUnknown(MoectlError):
+    """git has no identity to commit with (no user.name / user.email it may use): nothing was
     committed (exit 2: the git configuration is the user's to fix, as `git commit` would fail too)."""
 
     def __init__(self, message: str):
@@ -348,13 +356,14 @@ class IndexLock:
             self._drop_note()
 
 
-def _recover(index: Path, git_dir: Path) -> bool:
+def _recover(index: Path, git_dir: Path) -> Optional[str]:
     """Under `_serialised`: when index.lock is the one a now-dead moectl left (OWNER_NAME names a
     dead pid on this host and the lock file itself: device, inode and change time), finish its
     commit if the branch already points at the commit it built (the staged index is exactly what
     that commit's `git commit` would leave), else remove the lock (nothing moved). Also removes
-    that moectl's temporary index directories. True when the lock was cleared; False when it is
-    someone else's (a live moectl, the user's git, a lock taken since the note was written)."""
+    that moectl's temporary index directories. When the lock was cleared, how (always truthy):
+    "finished", "undone", or "gone" (removed by someone meanwhile); None when it is someone
+    else's (a live moectl, the user's git, a lock taken since the note was written)."""
     from moectl.lock import pid_stale  # psutil: only when a lock is in the way
 
     owner, lock = git_dir / OWNER_NAME, index.with_name(index.name + ".lock")
@@ -362,24 +371,78 @@ def _recover(index: Path, git_dir: Path) -> bool:
         data = json.loads(owner.read_text())
         pid, noted = int(data["pid"]), {k: int(data[k]) for k in ("dev", "ino", "ctime_ns")}
     except (FileNotFoundError, ValueError, KeyError, TypeError):
-        return False
+        return None
     if data.get("host") != socket.gethostname() or not pid_stale(pid, data.get("started_ts"))[0]:
-        return False
+        return None
     for leftover in git_dir.glob(f"{TMP_PREFIX}{pid}-*"):
         shutil.rmtree(leftover, ignore_errors=True)
     try:
         if _identity(lock) != noted:
             owner.unlink(missing_ok=True)  # its lock is gone; this one is someone else's
-            return False
+            return None
     except FileNotFoundError:
         owner.unlink(missing_ok=True)
-        return True
+        return "gone"
     if data.get("phase") == "staged" and _ref_is(git_dir, data.get("ref"), data.get("new")):
         os.replace(lock, index)  # the branch moved: the index it staged goes in, as its commit() would
+        how = "finished"
     else:
         os.unlink(lock)  # the branch did not move: as if that commit had never started
+        how = "undone"
     owner.unlink(missing_ok=True)
-    return True
+    return how
+
+
+def index_lock_state(repo: Path, recover: bool = True) -> Optional[str]:
+    """One line about the repository's index.lock, or None when there is none. With `recover`, a
+    lock a killed moectl left (its OWNER_NAME note names a dead moectl on this host and that very
+    file) is finished or undone first, as the next commit would do (`_recover`): git commands and
+    `git status` need it gone, and a command that finds nothing to commit would leave it forever.
+    A lock anyone else holds - a live moectl, the user's git - is only described, never touched."""
+    try:  # one git process: `moectl status` runs this every time
+        git_dir, index = map(Path, _git(Path(repo), "rev-parse", "--absolute-git-dir", "--path-format=absolute",
+                                        "--git-path", "index").splitlines())
+    except (MoectlError, OSError, ValueError):
+        return None
+    lock, owner = index.with_name(index.name + ".lock"), git_dir / OWNER_NAME
+    try:
+        data = json.loads(owner.read_text())
+        pid = int(data["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        data, pid = None, None
+    if recover and data is not None:
+        with _serialised(git_dir):
+            how = _recover(index, git_dir)
+        if how == "finished":
+            return (f"recovered {lock}, left by a killed moectl (pid {pid}): its commit had moved the branch, so "
+                    "the index it staged went in (as its commit would have done)")
+        if how == "undone":
+            return (f"recovered {lock}, left by a killed moectl (pid {pid}): its commit had not moved the branch, "
+                    "so the lock was removed (nothing changed)")
+    if not lock.exists():
+        return None
+    if data is not None:
+        try:
+            mine = _identity(lock) == {k: int(data[k]) for k in ("dev", "ino", "ctime_ns")}
+        except (OSError, ValueError, KeyError, TypeError):
+            mine = False
+        if mine:
+            from moectl.lock import pid_stale
+
+            dead = data.get("host") == socket.gethostname() and pid_stale(pid, data.get("started_ts"))[0]
+            if dead:  # (recover=False) the next moectl command that uses git recovers it
+                return (f"{lock} was left by a killed moectl (pid {pid}); `moectl status` or the next moectl "
+                        "command that writes to git finishes or undoes that commit")
+            return f"{lock} is held by moectl (pid {pid} on {data.get('host')}), committing"
+    return (f"{lock} exists: another git process holds it, or a crashed git left it (remove it by hand once no "
+            "git command runs)")
+
+
+def recover_dead_index_lock(repo: Path) -> Optional[str]:
+    """`index_lock_state` for commands that write to git: a killed moectl's lock finished or undone
+    before anything else; the line saying so, or None when there was none to recover."""
+    line = index_lock_state(repo, recover=True)
+    return line if line is not None and line.startswith("recovered ") else None
 
 
 def _tree_of(repo: Path, old: Optional[str]) -> str:
@@ -422,6 +485,8 @@ def _build_commit(repo: Path, tmp: Path, old: Optional[str], rels: list[str], me
         return None
     parent = ["-p", old] if old else []
     r = _run(repo, ["commit-tree", tree, *parent, *sign, "-m", message])
+    if r.returncode != 0:
+        _check_identity(repo)  # before signing: without an identity there is nothing to sign
     if r.returncode != 0 and sign:
         raise SigningFailed(f"commit.gpgSign is on and git could not sign the commit: {_signing_failure(r)} "
                             "(`git commit` fails the same way here; fix the key or agent, or turn commit.gpgSign "
@@ -429,6 +494,18 @@ def _build_commit(repo: Path, tmp: Path, old: Optional[str], rels: list[str], me
     if r.returncode != 0:
         raise GitError(f"git commit-tree failed: {_said(r)}")
     return os.fsdecode(r.stdout).strip()
+
+
+def _check_identity(repo: Path) -> None:
+    """IdentityUnknown when git has no author or committer identity it may use here: asked of
+    `git var`, which applies the same strict rules as `git commit` (user.name, user.email,
+    user.useConfigOnly, GIT_AUTHOR_*/GIT_COMMITTER_*, EMAIL), whatever words this git uses."""
+    for ident in ("GIT_AUTHOR_IDENT", "GIT_COMMITTER_IDENT"):
+        r = _run(repo, ["var", ident])
+        if r.returncode != 0:
+            raise IdentityUnknown(f"git has no identity to commit with ({_said(r)}): set user.name and user.email "
+                                  "(`git config user.name \"Your Name\"`, `git config user.email you@example.com`; "
+                                  "`git commit` fails the same way here); nothing was committed")
 
 
 def _refreshed_index(repo: Path, index: Path, tmp: Path, rels: list[str]) -> Path:
@@ -462,7 +539,8 @@ def commit_paths(
     the lock stays held, or when the branch moved under us `cas_tries` times in a row.
 
     Signed when `commit.gpgSign` says so, as `git commit` would be; SigningFailed (nothing moved)
-    when git cannot sign. The repository's commit hooks do not run (module docstring)."""
+    when git cannot sign, IdentityUnknown (nothing moved) when git has no user.name/user.email to
+    commit with. The repository's commit hooks do not run (module docstring)."""
     repo = repo_root(repo)
     check_branch(repo, branch)  # refuse before waiting for any lock
     rels = _relative(repo, paths)
@@ -510,6 +588,22 @@ def committed_in(repo: Path, path: Path, as_on_disk: bool = True) -> Optional[st
     if not at_head or (as_on_disk and at_head != _git(repo, "hash-object", f"--path={rel}", "--", rel)):
         return None
     return _git(repo, "log", "-1", "--format=%H", "--", rel, env={"GIT_LITERAL_PATHSPECS": "1"})
+
+
+def blob_id(repo: Path, path: Path, text: str) -> Optional[str]:
+    """The blob id git would store for `path` holding `text` (its clean filters applied: `--path`),
+    or None when git cannot say (not a repository, `path` outside it). What moectl wrote to a file,
+    to tell it later from an edit of the user's (`summary.users_changes`)."""
+    try:
+        repo = repo_root(repo)
+        rel = Path(path).resolve().relative_to(repo).as_posix()
+    except (MoectlError, ValueError, OSError):
+        return None
+    r = subprocess.run(["git", "-C", str(repo), "hash-object", f"--path={rel}", "--stdin"],
+                       input=text.encode("utf-8"), capture_output=True)
+    if r.returncode != 0:
+        return None
+    return r.stdout.decode().strip() or None
 
 
 def files_of_commit(repo: Path, commit: str) -> list[str]:

@@ -103,15 +103,10 @@ def guard_paths(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
         # carrying the last run's logs and checkpoints metadata, and `git add -A` sweeping them in.
         problems.append(f"artifact_root {root} is inside the repository and not git-ignored: add it to .gitignore "
                         "or move it out")
-    if not _inside(p.report_dir, repo):
-        problems.append(f"report_dir {p.report_dir} is outside the repository {repo}")
-    elif p.git_dir and _inside(p.report_dir, p.git_dir):
-        problems.append(f"report_dir {p.report_dir} is inside the git directory {p.git_dir} (git tracks no file there)")
+    problems += report_dir_problems(p.report_dir, repo, p.git_dir, p.read_only)
     for ro in p.read_only:
         if p.tracker_store and _inside(p.tracker_store, ro) and not (_inside(root, ro) and _inside(p.tracker_store, root)):
             problems.append(f"[tracking] mlflow_uri writes {p.tracker_store}, inside read-only tree {ro}")
-        if _inside(p.report_dir, ro):
-            problems.append(f"report_dir {p.report_dir} is inside read-only tree {ro}")
         if cfg.report.summary and _inside(str((cfg.root / SUMMARY_NAME).resolve()), ro):
             problems.append(f"{SUMMARY_NAME} (refreshed with every report) is inside read-only tree {ro}; "
                             "set [report] summary = false to leave it alone")
@@ -121,6 +116,19 @@ def guard_paths(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
         hint = " — choose an --exp-dir inside artifact_root or fix [paths]" if where else " — fix [paths] in the config"
         return _fail("paths", "; ".join(dict.fromkeys(problems)) + hint)
     return _ok("paths", f"all {len(p.writes)} write paths inside {root}")
+
+
+def report_dir_problems(report_dir: str, repo: str, git_dir: Optional[str], read_only: list[str]) -> list[str]:
+    """Why reports cannot go into `report_dir` (all paths resolved): outside the repository, inside
+    its git directory, inside a read-only tree. The paths guard's checks on it, and those
+    `compare --write-report` makes before it writes (moectl.compare_report)."""
+    problems = []
+    if not _inside(report_dir, repo):
+        problems.append(f"report_dir {report_dir} is outside the repository {repo}")
+    elif git_dir and _inside(report_dir, git_dir):
+        problems.append(f"report_dir {report_dir} is inside the git directory {git_dir} (git tracks no file there)")
+    return problems + [f"report_dir {report_dir} is inside read-only tree {ro}" for ro in read_only
+                       if _inside(report_dir, ro)]
 
 
 def guard_fresh_dir(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:

@@ -632,6 +632,11 @@ def collect_status(config_path: Optional[Path] = None, cwd: Optional[Path] = Non
         except UsageError:  # no working directory at all (deleted under the shell): the rest still answers
             cfg = read_default_config(Path.home())
     recent_runs = _recent_runs(cfg)  # first: reading settles a killed moectl's run and removes its lock
+    from moectl import gitops
+
+    # Before git's state is read: a killed moectl's index.lock is finished or undone (its staged
+    # index, once in, is what `git status` must count); anyone else's is named, not touched.
+    index_lock = gitops.index_lock_state(cfg.root) if cfg.path is not None else None
     obs = observe(cfg)
     git = obs.git
     return {
@@ -654,6 +659,7 @@ def collect_status(config_path: Optional[Path] = None, cwd: Optional[Path] = Non
             "detached": git.detached,
             "in_progress": git.in_progress,
             "error": git.error,
+            "index_lock": index_lock,  # a line about .git/index.lock (a killed moectl's: recovered), else null
         },
         "venv": asdict(obs.venv) if obs.venv else None,
         "recent_runs": recent_runs,

@@ -132,6 +132,9 @@ class RunRecord(BaseModel):
     nodes: Optional[int] = None
     restarts: int = 0
     report: Optional[str] = None
+    # git's blob id of the report as moectl wrote it: `moectl commit RUN` commits only that, never
+    # an edit of the user's made to it since (None: written by an older moectl, or git could not say)
+    report_blob: Optional[str] = None
     commit: Optional[str] = None
     commit_error: Optional[str] = None  # why the job's report commit was stopped (`moectl commit RUN` retries)
     # The `--compile none` re-run a Slurm job made of this run (launch.compile_fallback), by id; it

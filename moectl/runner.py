@@ -293,8 +293,10 @@ def report_and_commit(cfg: Config, outcome: RunOutcome, *, baseline: "Optional[R
         )
     # A repeat's report is named after its repeat too: the group's runs end together.
     name = plan.tag + (f"-r{plan.repeat}" if plan.repeat else "")
-    report = write_report(cfg.report_dir, name, run_report(record, comparison, notes=plan.notes))
+    text = run_report(record, comparison, notes=plan.notes)
+    report = write_report(cfg.report_dir, name, text)
     outcome.report = report
+    record.report_blob = gitops.blob_id(cfg.root, report, text)  # saved with `report` below
     # The branch the run was guarded on holds its report: with `branch = "*"` (any branch may
     # run) that is the one it started on, not one checked out while it trained.
     branch = record.git.branch if cfg.project.branch == "*" and record.git.branch else cfg.project.branch

@@ -332,7 +332,7 @@ def refresh_summary(cfg: Config, out: Optional[Path] = None) -> tuple[Path, bool
     if out is None:
         # Noted before it is written: a moectl killed in between leaves a note of a file that never
         # was (harmless), never moectl's own file read as the user's edit (refresh refused for good).
-        _remember_written(cfg.root, path, text)
+        remember_written(cfg.root, path, text)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_dead_temp_files(path.parent)  # a killed moectl's half-written copy, beside the file
@@ -349,18 +349,20 @@ def _a_summary(text: Optional[str]) -> bool:
         line.startswith(TIMESTAMP_PREFIX) for line in lines[:12])
 
 
-# EXPERIMENTS.md is a file moectl rewrites and commits, in the user's own repository. An edit of
-# theirs, staged or not, must survive that (SPEC §9), so before rewriting it moectl compares the
-# file and its index entry with HEAD's and with the versions moectl itself wrote (their blob ids,
-# kept in the git dir: a `--no-commit` run's refresh is not the user's work). Anything else is theirs.
+# EXPERIMENTS.md and a sweep's report are files moectl rewrites and commits, in the user's own
+# repository. An edit of theirs, staged or not, must survive that (SPEC §9), so before rewriting one
+# moectl compares the file and its index entry with HEAD's and with the versions moectl itself wrote
+# (their blob ids, kept in the git dir - one log for both kinds of file, under its first name: a
+# `--no-commit` run's refresh is not the user's work). Anything else is theirs.
 WRITTEN_LOG = "moectl-summary-written"
-WRITTEN_KEEP = 20
+WRITTEN_KEEP = 50
 
 
-def users_changes(repo: Path, path: Path) -> Optional[str]:
+def users_changes(repo: Path, path: Path, ours: Optional[set[str]] = None) -> Optional[str]:
     """How `path` holds uncommitted work that moectl did not write ("has changes staged in the
     index", "has uncommitted changes", "is staged for deletion", ...), or None when it is as HEAD
-    has it or as moectl last wrote it. None outside a git repository (nothing to lose to a commit)."""
+    has it or as moectl last wrote it. None outside a git repository (nothing to lose to a commit).
+    `ours`: the blob ids moectl wrote there (default: the ones `remember_written` noted)."""
     try:
         repo = gitops.repo_root(repo)
     except gitops.GitError:
@@ -372,7 +374,7 @@ def users_changes(repo: Path, path: Path) -> Optional[str]:
     staged = gitops._git(repo, "ls-files", "--stage", "--", rel, check=False).split()
     index = staged[1] if len(staged) >= 2 else None
     work = gitops._git(repo, "hash-object", f"--path={rel}", "--", rel) if path.is_file() else None
-    ours = _written(repo)
+    ours = _written(repo) if ours is None else ours
     if index != head and index not in ours:
         return "is staged for deletion" if index is None else "has changes staged in the index"
     if work is not None and work != index and work != head and work not in ours:
@@ -393,22 +395,18 @@ def _written(repo: Path) -> set[str]:
         return set()
 
 
-def _remember_written(repo: Path, path: Path, text: str) -> None:
+def remember_written(repo: Path, path: Path, text: str) -> None:
     """Note the blob of `text`, which moectl is about to write to `path` (as git would store it
     there: `--path` applies the file's clean filters). Best effort: without the note, the file reads
     as the user's until it is committed, which refuses a refresh but never loses anything."""
-    import subprocess
-
+    blob = gitops.blob_id(repo, path, text)
+    if blob is None:
+        return
     try:
-        repo = gitops.repo_root(repo)
-        rel = path.resolve().relative_to(repo).as_posix()
-        r = subprocess.run(["git", "-C", str(repo), "hash-object", f"--path={rel}", "--stdin"],
-                           input=text.encode("utf-8"), capture_output=True, check=True)
-        blob = r.stdout.decode().strip()
         log = _written_log(repo)
         kept = [b for b in (log.read_text().split() if log.is_file() else []) if b != blob][-(WRITTEN_KEEP - 1):]
         write_text_atomic(log, "\n".join([*kept, blob]) + "\n")
-    except (OSError, ValueError, gitops.GitError, subprocess.CalledProcessError):
+    except (OSError, ValueError, gitops.GitError):
         pass
 
 

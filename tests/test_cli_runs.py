@@ -340,6 +340,93 @@ def test_compare_write_report_refuses_on_wrong_branch_and_writes_nothing(project
     assert not (project / "reports").exists() and git(project, "rev-parse", "HEAD") == head
 
 
+def _stale_lock(project, monkeypatch):
+    (project / ".git" / "index.lock").write_text("")  # an editor's git, alive as far as anyone knows
+    monkeypatch.setenv("MOECTL_GIT_LOCK_WAIT", "0.2")
+
+
+def _rejecting_hook(project, monkeypatch):
+    hook = project / ".git" / "hooks" / "reference-transaction"
+    hook.write_text('#!/bin/sh\n[ "$1" = prepared ] && exit 1\nexit 0\n')
+    hook.chmod(0o755)
+
+
+def _unusable_signing_key(project, monkeypatch):
+    from tests.conftest import git
+
+    git(project, "config", "commit.gpgsign", "true")
+    git(project, "config", "gpg.program", str(project / "no-such-gpg"))
+
+
+def _no_identity(project, monkeypatch):
+    from tests.test_gitops import no_identity
+
+    no_identity(project, monkeypatch)
+
+
+@pytest.mark.parametrize("failure, code", [(_stale_lock, 3), (_rejecting_hook, 3), (_unusable_signing_key, 2),
+                                           (_no_identity, 2)])
+def test_compare_write_report_whose_commit_fails_leaves_nothing_behind(project, monkeypatch, failure, code):
+    # The report is written before the commit can fail: it is removed again (never left untracked in
+    # the user's tree, where a retry made `-2.md` beside it) and the error line says so.
+    from tests.conftest import git
+
+    imported("base", "nanochat_small.log", "nanochat")
+    imported("other", "metrics_small.jsonl", "jsonl")
+    (project / "README.md").write_text("user edit\n")
+    head, status = git(project, "rev-parse", "HEAD"), git(project, "status", "--porcelain", "--untracked-files=all")
+    failure(project, monkeypatch)
+    for args in (["compare", "base", "other", "--write-report"], ["compare", "base", "other", "--write-report", "--json"]):
+        r = invoke(*args)
+        assert r.exit_code == code, r.output
+        line = r.stderr.strip()
+        assert "\n" not in line and "Traceback" not in r.output
+        assert line.startswith("error: report not committed: ") and "nothing was committed" in line
+        assert "_compare_other_vs_base.md was removed again, nothing is left behind" in line
+        assert not (project / "reports").exists()
+        assert git(project, "rev-parse", "HEAD") == head
+        assert git(project, "status", "--porcelain", "--untracked-files=all") == status
+        if "--json" in args:
+            assert json.loads(r.stdout)["exit_code"] == code
+
+
+@pytest.mark.parametrize("where", ["dotdot", "symlink", "read_only", "git_dir"])
+def test_compare_write_report_refuses_a_report_dir_the_paths_guard_refuses_before_writing(project, tmp_path, where):
+    # As `run`'s paths guard and `summary` (exit 3, one line), and before anything is written: not a
+    # file outside the repository and then a refusal to commit it, nor a commit into a read-only tree.
+    from tests.conftest import git
+
+    imported("base", "nanochat_small.log", "nanochat")
+    imported("other", "metrics_small.jsonl", "jsonl")
+    outside = tmp_path / "outside2"
+    paths = {"dotdot": 'report_dir = "../outside2"', "symlink": 'report_dir = "reports"',
+             "read_only": f'report_dir = "ign reps/ü"\nread_only = ["{project}/ign reps"]',
+             "git_dir": 'report_dir = ".git/reps"'}[where]
+    with open(project / ".moectl.toml", "a") as fh:
+        fh.write(f"\n[paths]\n{paths}\n")
+    git(project, "commit", "-q", "-am", "report_dir")
+    if where == "symlink":
+        outside.mkdir()
+        (project / "reports").symlink_to(outside)
+        git(project, "add", "reports")
+        git(project, "commit", "-q", "-m", "reports link")
+    head, status = git(project, "rev-parse", "HEAD"), git(project, "status", "--porcelain", "--untracked-files=all")
+    r = invoke("compare", "base", "other", "--write-report")
+    assert r.exit_code == 3, r.output
+    line = r.stderr.strip()
+    assert "\n" not in line and line.startswith("error: refusing to write a report: report_dir ")
+    assert {"dotdot": "is outside the repository", "symlink": "is outside the repository",
+            "read_only": "is inside read-only tree", "git_dir": "is inside the git directory"}[where] in line
+    assert not (outside.exists() and any(outside.iterdir()))
+    assert not (project / "ign reps").exists() and not (project / ".git" / "reps").exists()
+    assert git(project, "rev-parse", "HEAD") == head
+    assert git(project, "status", "--porcelain", "--untracked-files=all") == status
+    # `moectl check` refuses the same report_dir, in the paths guard
+    checked = invoke("check", "--json")
+    paths_guard = next(g for g in json.loads(checked.stdout)["guards"] if g["name"] == "paths")
+    assert not paths_guard["ok"] and "report_dir" in paths_guard["message"]
+
+
 def test_runs_and_compare_keep_the_spec_columns_when_no_run_has_the_figure(project, artifact_root):
     # CPU runs have no MFU: SPEC §4's tables still have the column, each cell —.
     imported("cpu_a", "metrics_small.jsonl", "jsonl")

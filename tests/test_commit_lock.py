@@ -636,3 +636,41 @@ def test_a_lock_that_is_not_the_dead_moectls_own_is_left_alone(git_repo, tmp_pat
     with pytest.raises(GitBusy):
         commit_paths(git_repo, [git_repo / "r1.md"], "report: r1", branch="main", wait_s=0.2)
     assert lock.read_bytes() == b"someone else's\n"
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("command", ["summary", "status", "commit"])
+def test_a_killed_moectls_lock_is_recovered_by_commands_with_nothing_to_commit(project, tmp_path, command, when):
+    # `summary` with nothing new, `commit` of a committed report, `status`: none takes the index lock,
+    # so none recovered a killed moectl's - which then blocked every git command of the user's, and
+    # (killed after the branch moved) `git status` showed the commit undone in the stale index.
+    user_mess(project)
+    rec, report = finished_run(project)
+    assert runner.invoke(app, ["commit", rec.id]).exit_code == 0  # the report and EXPERIMENTS.md: in HEAD
+    assert runner.invoke(app, ["summary"]).exit_code == 0
+    entries = without(index_entries(project), "r1.md")
+    (project / "r1.md").write_text("report one\n")
+    _killed_mid_commit(project, tmp_path, when)
+    lock, note = project / ".git" / "index.lock", project / ".git" / "moectl-index.lock.owner"
+    assert lock.exists() and note.exists()
+
+    r = runner.invoke(app, {"summary": ["summary"], "status": ["status", "--json"], "commit": ["commit", rec.id]}[command])
+    assert r.exit_code == 0, r.output
+    said = json.loads(r.stdout)["git"]["index_lock"] if command == "status" else r.stderr
+    assert f"recovered {lock}, left by a killed moectl" in said, r.output
+    assert ("the index it staged went in" if when == "after" else "the lock was removed") in said
+    assert not lock.exists() and not note.exists()
+    assert git(project, "status", "--porcelain", "--", "r1.md") == ("" if when == "after" else "?? r1.md\n")
+    assert without(index_entries(project), "r1.md") == entries  # the user's index: as it was
+    if command == "status":  # counted after the recovery: the user's own staged files, not a phantom
+        assert json.loads(r.stdout)["git"]["staged"] == len(git(project, "diff", "--cached", "--name-only").split())
+
+
+def test_status_names_an_index_lock_that_is_not_a_killed_moectls_and_leaves_it(project):
+    lock = project / ".git" / "index.lock"
+    lock.write_bytes(b"")  # the user's git, or a crashed one: not moectl's to remove
+    r = runner.invoke(app, ["status", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["git"]["index_lock"].startswith(f"{lock} exists: another git process holds it")
+    r = runner.invoke(app, ["status"])
+    assert f"git lock    {lock} exists" in r.stdout and lock.exists()

@@ -368,3 +368,38 @@ def test_a_commit_gpgsign_that_is_not_a_boolean_refuses_before_committing(git_re
     with pytest.raises(SigningFailed, match=r"^git config commit.gpgSign: fatal: bad boolean config value"):
         commit_paths(git_repo, [git_repo / "r.md"], "report")
     assert git(git_repo, "rev-parse", "HEAD") == head0 and not (git_repo / ".git" / "index.lock").exists()
+
+
+def no_identity(repo, monkeypatch):
+    """A git with no user.name/user.email to commit with (no global or system config, no EMAIL or
+    GIT_AUTHOR_*/GIT_COMMITTER_* variables; user.useConfigOnly, so no host name is guessed into one)."""
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", "/dev/null")
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    for var in ("EMAIL", "GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL"):
+        monkeypatch.delenv(var, raising=False)
+    git(repo, "config", "--unset", "user.name")
+    git(repo, "config", "--unset", "user.email")
+    git(repo, "config", "user.useConfigOnly", "true")
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_no_git_identity_is_the_users_config_to_fix_with_nothing_moved(git_repo, monkeypatch, signed):
+    """No user.name/user.email: exit 2 (the git configuration is the user's, as for signing), one
+    line saying what to set, nothing moved - also with commit.gpgSign on, where the missing
+    identity, not the signature, is what failed."""
+    from moectl.gitops import IdentityUnknown
+
+    user_mess(git_repo)
+    no_identity(git_repo, monkeypatch)
+    if signed:
+        git(git_repo, "config", "commit.gpgsign", "true")
+    report = git_repo / "reports" / "r.md"
+    report.write_text("# report\n")
+    before, head0 = snapshot(git_repo), git(git_repo, "rev-parse", "HEAD")
+    with pytest.raises(IdentityUnknown) as exc:
+        commit_paths(git_repo, [report], "report: who?", branch="main")
+    msg = exc.value.message
+    assert exc.value.exit_code == 2 and "\n" not in msg
+    assert "set user.name and user.email" in msg and msg.endswith("nothing was committed")
+    assert git(git_repo, "rev-parse", "HEAD") == head0 and not (git_repo / ".git" / "index.lock").exists()
+    assert snapshot(git_repo) == before

@@ -846,3 +846,38 @@ def test_repeat_group_whose_compile_fails_labels_the_fallback_group_not_its_own(
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     assert data["summary"] is None and [x["group"] for x in data["runs"]] == [f"{data['group']}_fallback_none"] * 2
+
+
+@pytest.mark.parametrize("edit", ["staged_and_unstaged", "unstaged", "staged_as_written"])
+def test_moectl_commit_never_commits_the_users_edits_to_a_no_commit_report(proj, artifact_root, edit):
+    # `run --no-commit` leaves its report for `moectl commit RUN`; lines the user added meanwhile
+    # (staged or not) are theirs, not the run's: refused like EXPERIMENTS.md edits (exit 3), with
+    # the file, its index entry and HEAD exactly as they were. `git add` of moectl's own text is fine.
+    r = run("--device", "cpu", "--steps", "2", "--no-commit", *QUIET, *FAST)
+    assert r.exit_code == 0, r.output
+    [exp] = run_dirs(artifact_root)
+    report, rec = the_report(proj), record(exp)
+    rel = report.relative_to(proj).as_posix()
+    blob = git(proj, "hash-object", "--", rel).strip()  # what moectl wrote, recorded (run.json report_blob)
+    if edit == "staged_as_written":
+        git(proj, "add", "--", rel)
+    else:
+        if edit == "staged_and_unstaged":
+            with report.open("a") as fh:
+                fh.write("USER STAGED\n")
+            git(proj, "add", "--", rel)
+        with report.open("a") as fh:
+            fh.write("USER UNSTAGED\n")
+    before, head0, text = tree_state(proj), head(proj), report.read_bytes()
+    r = runner.invoke(app, ["commit", exp.name])
+    if edit == "staged_as_written":
+        assert r.exit_code == 0, r.output
+        assert rel in commit_files(proj) and git(proj, "status", "--porcelain", "--", rel) == ""
+        assert (rec["report"], rec["report_blob"]) == (str(report), blob)
+        return
+    assert r.exit_code == 3, r.output
+    line = r.stderr.strip()
+    assert "\n" not in line and line.startswith(f"error: {report.name} has ") and "nothing committed" in line
+    assert ("has changes staged in the index" if edit == "staged_and_unstaged" else "has uncommitted changes") in line
+    assert head(proj) == head0 and tree_state(proj) == before and report.read_bytes() == text
+    assert record(exp)["commit"] is None and (rec["report"], rec["report_blob"]) == (str(report), blob)

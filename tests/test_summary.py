@@ -328,6 +328,23 @@ def test_summary_that_cannot_commit_writes_nothing_and_says_why_with_the_guard_e
     assert cli("summary").exit_code == 0 and "later" in (git_repo / "EXPERIMENTS.md").read_text()
 
 
+def test_summary_without_a_git_identity_is_a_config_error_and_leaves_the_file_as_it_was(git_repo, artifact_root,
+                                                                                       monkeypatch):
+    # No user.name/user.email: the user's git configuration (exit 2, as for signing), not moectl's bug (1).
+    from tests.test_gitops import no_identity
+
+    summary_project(git_repo, monkeypatch)
+    populate(artifact_root)
+    before, head = git(git_repo, "status", "--porcelain"), git(git_repo, "rev-parse", "HEAD")
+    no_identity(git_repo, monkeypatch)
+    r = CliRunner().invoke(app, ["summary"])
+    assert r.exit_code == 2, r.output
+    assert "set user.name and user.email" in r.stderr and "left as it was" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.output
+    assert not (git_repo / "EXPERIMENTS.md").exists()
+    assert git(git_repo, "status", "--porcelain") == before and git(git_repo, "rev-parse", "HEAD") == head
+
+
 def test_summary_leaves_a_read_only_experiments_md_alone(git_repo, artifact_root, monkeypatch):
     summary_project(git_repo, monkeypatch)
     with (git_repo / ".moectl.toml").open("a") as fh:

@@ -830,3 +830,69 @@ def test_a_sweep_killed_while_writing_its_final_report_is_finished_by_a_resume(g
     assert r.exit_code == 0 and json.loads(r.stdout)["nothing_to_run"] is True
     assert json.loads(cli("sweep", "--resume", rec["id"], "--dry-run", "--json").stdout)["final_report_owed"] is False
     assert git(git_repo, "rev-list", "--count", f"{head}..HEAD").strip() == "1"
+
+
+def test_the_users_edits_to_a_sweep_report_are_never_overwritten_or_committed(git_repo, artifact_root, monkeypatch):
+    """After leg 1's commit the user edits the sweep report (a line staged, another not): leg 2 and
+    the end leave the file, its index entry and HEAD's copy exactly as they were, the sweep goes on
+    and says once where its own report went instead. A resume owing the final report does the same."""
+    import moectl.sweep.run as sweep_run
+
+    sweep_project(git_repo)
+    monkeypatch.chdir(git_repo)
+    spec = write_spec(git_repo, 'name = "mine"\n[common]\nsteps = 3\nargs = ["--sleep-per-step", "0.01"]\n'
+                      '[[legs]]\ntag = "a"\n[[legs]]\ntag = "b"\n')
+    real_execute, calls, edited = sweep_run.execute_run, [], {}
+
+    def edit_before_leg_2(cfg, request, **kwargs):
+        calls.append(request)
+        if len(calls) == 2:  # leg 1 ended and committed the report: now the user edits it
+            [report] = (git_repo / "reports").glob("*_sweep_mine.md")
+            assert git(git_repo, "status", "--porcelain", "--", str(report)) == ""  # committed by leg 1
+            with report.open("a") as fh:
+                fh.write("USER STAGED\n")
+            git(git_repo, "add", str(report))
+            with report.open("a") as fh:
+                fh.write("USER UNSTAGED\n")
+            rel = report.relative_to(git_repo).as_posix()
+            edited.update(report=report, rel=rel, work=report.read_bytes(), index=git(git_repo, "show", f":{rel}"),
+                          head=git(git_repo, "show", f"HEAD:{rel}"))
+        return real_execute(cfg, request, **kwargs)
+
+    monkeypatch.setattr(sweep_run, "execute_run", edit_before_leg_2)
+    r = cli("sweep", str(spec), "--json", *QUIET)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    report, rel = edited["report"], edited["rel"]
+
+    def as_the_user_left_it():
+        assert report.read_bytes() == edited["work"]
+        assert git(git_repo, "show", f":{rel}") == edited["index"]
+        assert git(git_repo, "show", f"HEAD:{rel}") == edited["head"]
+        assert git(git_repo, "status", "--porcelain", "--", rel) == f"MM {rel}\n"
+
+    as_the_user_left_it()
+    assert [leg["state"] for leg in out["sweep"]["legs"]] == ["completed", "completed"]
+    copy = Path(out["sweep"]["exp_dir"]) / "sweep_report.md"
+    assert out["report_copy"] == str(copy) and copy.read_text().startswith("# Sweep mine — completed")
+    said = [m for m in out["messages"] if m.startswith(f"sweep report {report} ")]
+    assert len(said) == 1 and "left exactly as you have it" in said[0] and str(copy) in said[0]
+    assert "has changes staged in the index" in said[0]
+    # the legs' own reports and EXPERIMENTS.md were still committed; the sweep report never again
+    assert git(git_repo, "log", "--format=%s", "-1").startswith("report: sweep mine — completed")
+    assert rel not in commit_files(git_repo, "HEAD") and rel not in commit_files(git_repo, "HEAD~1")
+
+    # A resume that owes the final report (its moectl died in the final stage): the same.
+    [sweep_dir] = sweep_dirs(artifact_root)
+    rec = load(sweep_dir / "sweep.json")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (sweep_dir / "sweep.json").write_text(json.dumps({**rec, "pid": gone.pid, "finished_at": None}))
+    copy.unlink()
+    r = cli("sweep", "--resume", rec["id"], "--json", *QUIET)
+    assert r.exit_code == 0, r.output
+    resumed = json.loads(r.stdout)
+    as_the_user_left_it()
+    assert resumed["report_copy"] == str(copy) and "final report written by `moectl sweep --resume`" in copy.read_text()
+    assert sum(m.startswith(f"sweep report {report} ") for m in resumed["messages"]) == 1
+    assert load(sweep_dir / "sweep.json")["finished_at"] is not None

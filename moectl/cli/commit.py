@@ -16,13 +16,15 @@ def commit_cmd(
 
     For when the wrong branch was checked out as a long run ended, or another git process held
     .git/index.lock past the wait (MOECTL_GIT_LOCK_WAIT seconds, default 10): fix that, then run
-    this. Also commits a `run --no-commit` report, and writes then commits the report of a run
+    this. Also commits a `run --no-commit` report - only as moectl wrote it: an edit of yours to
+    it, staged or not, is refused and left as it is - and writes then commits the report of a run
     whose moectl was killed after its training, before the report. A report already committed is
     left alone.
 
-    Exit codes: 0 committed or already committed, 2 unknown run or no report,
-    3 refused: wrong branch, detached HEAD, git still busy, or git refusing the branch update
-    (a reference-transaction hook); nothing moved.
+    Exit codes: 0 committed or already committed, 2 unknown run or no report, or git could not
+    sign or has no user.name/user.email, 3 refused: wrong branch, detached HEAD, git still busy,
+    git refusing the branch update (a reference-transaction hook), or your own edits in the
+    report; nothing moved.
 
     Examples:
       [bold]moectl commit 20250224_182427_moe-bufreuse[/bold]

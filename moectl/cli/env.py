@@ -140,6 +140,8 @@ def _render_status(s: dict) -> None:
         verdict = "" if want is None else (" (expected)" if want in ("*", g["branch"]) else f" (EXPECTED {want})")
         busy = f", {g['in_progress']} in progress" if g["in_progress"] else ""
         out(f"git         {branch}{verdict}{busy}: {g['dirty']} modified, {g['staged']} staged, {g['untracked']} untracked")
+    if g.get("index_lock"):
+        out(f"git lock    {g['index_lock']}")
     v = s["venv"]
     torch = {True: "torch ok", False: "NO torch", None: "torch unknown"}[v["has_torch"]]
     where = "" if v["in_venv"] or not v["exists"] else " (not in a venv)"
@@ -167,6 +169,9 @@ def _render_status(s: dict) -> None:
 @handle_errors
 def status(json_out: JsonOpt = False, config: ConfigOpt = None) -> None:
     """Show GPUs (NVML), training processes, the run lock, git state, the venv and recent runs.
+
+    A .git/index.lock is named (`git lock`); one a killed moectl left is first finished or undone,
+    as the next moectl commit would do, so git works again and the counts are true.
 
     Always exits 0: a missing config or NVML is part of the status, not an error.
 

@@ -482,7 +482,7 @@ def compare_cmd(
     window: Annotated[Optional[int], typer.Option("--window", "-w", min=1, help="Tail window in steps (default: config metrics.window).")] = None,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print the markdown report table.")] = False,
     json_out: JsonOpt = False,
-    write_report: Annotated[bool, typer.Option("--write-report", help="Write the markdown into report_dir and commit it.")] = False,
+    write_report: Annotated[bool, typer.Option("--write-report", help="Write the markdown into report_dir and commit it (only it). Refused (exit 3, nothing written) off the project branch or when report_dir is outside the repository or in a read-only tree; a report git would not commit is removed again, the error says why.")] = False,
     config: ConfigOpt = None,
 ) -> None:
     r"""Compare runs over their tail window, with % deltas and a noise estimate.
@@ -517,7 +517,9 @@ def compare_cmd(
     text = compare_markdown(comparison)
     written = None
     if write_report:
-        written = _write_compare_report(cfg, comparison, records, text)
+        from moectl.compare_report import write_compare_report
+
+        written, _ = write_compare_report(cfg, comparison, records, text)
     if json_out:
         data = comparison.to_json()
         if written is not None:
@@ -539,28 +541,6 @@ def compare_cmd(
             stdout.print(note, markup=False)
     if written is not None:
         stderr.print(f"wrote and committed {written}", markup=False)
-
-
-def _write_compare_report(cfg, comparison, records, table_md: str) -> Path:
-    from moectl.report import compare_commit_message, write_report
-
-    from moectl.gitops import commit_paths, current_branch  # another module's job: imported only here
-    from moectl.errors import GuardRefused
-
-    # Refuse before writing anything: a report we cannot commit would be left behind untracked.
-    branch = current_branch(cfg.root)
-    if branch is None or cfg.project.branch not in ("*", branch):
-        raise GuardRefused(f"refusing to write a report: on {branch or 'a detached HEAD'}, "
-                           f"expected branch {cfg.project.branch!r}")
-    base = next(r for r in comparison.runs if r.id == comparison.baseline)
-    others = [r.tag or r.id for r in comparison.runs if r.id != base.id]
-    name = "compare_" + "_".join(others[:3]) + ("_etc" if len(others) > 3 else "") + f"_vs_{base.tag or base.id}"
-    body = f"# Comparison vs {base.tag or base.id}\n\n" + table_md + "\n## Runs\n\n" + "".join(
-        f"- `{r.id}` ({r.status}): [`{r.exp_dir}`]({Path(r.exp_dir).as_uri()})\n" for r in records
-    )
-    path = write_report(cfg.report_dir, name[:80], body)
-    commit_paths(cfg.root, [path], compare_commit_message(comparison), branch=cfg.project.branch)
-    return path
 
 
 # --- import --------------------------------------------------------------------------------------

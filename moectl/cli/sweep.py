@@ -220,10 +220,10 @@ def summary(
     When nothing but the snapshot of the moment (timestamp, runtime status) would change, the file
     is left as it is (and committed, if HEAD's copy is older).
 
-    Exit codes: 0 done; 2 bad config or -o, or git could not sign; 3 refused, nothing written:
-    someone's own changes to EXPERIMENTS.md, a read-only tree, the wrong branch or a detached
-    HEAD (`--no-commit` writes it anyway), or git busy or refusing the commit (the file goes back
-    to what it was).
+    Exit codes: 0 done; 2 bad config or -o, or git could not sign or has no user.name/user.email
+    (the file goes back to what it was); 3 refused, nothing written: someone's own changes to
+    EXPERIMENTS.md, a read-only tree, the wrong branch or a detached HEAD (`--no-commit` writes it
+    anyway), or git busy or refusing the commit (the file goes back to what it was).
 
     Examples:
       [bold]moectl summary[/bold]
@@ -238,6 +238,11 @@ def summary(
 
     cfg = load_config(config)
     commit = output is None and not no_commit
+    # A killed moectl's .git/index.lock: finished or undone now, not only by a commit (a summary
+    # with nothing new to commit would leave it blocking every git command, index out of date).
+    recovered = gitops.recover_dead_index_lock(cfg.root)
+    if recovered:
+        stderr.print(f"note: {recovered}", markup=False)
     # As every file moectl writes (exit 3), and before anything is: the file, then where it goes.
     refuse_read_only(cfg, output if output is not None else summary_path(cfg), "-o" if output is not None else SUMMARY_NAME)
     if commit:

@@ -14,7 +14,7 @@ from typing import Optional
 
 from moectl.metrics import MARK, Comparison, RunMetrics, compare, read_metrics
 from moectl.records import RunRecord, SweepLeg, SweepRecord
-from moectl.report import COLUMNS, compare_markdown, marked_footnote, summary_cell, write_report
+from moectl.report import COLUMNS, compare_markdown, marked_footnote, report_path, summary_cell, write_report
 from moectl.sweep.store import leg_status
 
 LEG_METRICS = ("tok_per_sec", "dt_ms", "mfu", "peak_mem_mib", "total_time_min", "final_loss")
@@ -42,9 +42,15 @@ def claim_sweep_report(cfg, sweep: SweepRecord) -> Path:
     """A report name of this sweep's own (`<YYYYmmdd_HHMM>_sweep_<name>.md`, `-2`... when taken),
     claimed now with a placeholder, so that two sweeps of one name started in the same minute never
     write (and commit) one file; the sweep rewrites it after each leg and at its end."""
+    from moectl.summary import remember_written
+
     name = f"sweep_{sweep.name}" + ("_resume" if sweep.resumed_from else "")
-    return write_report(cfg.report_dir, name, f"# Sweep `{sweep.name}` — running\n\nSweep {sweep.id} started "
-                        f"{sweep.created_at}; this report is written after each leg and when the sweep ends.\n")
+    text = (f"# Sweep `{sweep.name}` — running\n\nSweep {sweep.id} started {sweep.created_at}; this report is "
+            "written after each leg and when the sweep ends.\n")
+    # Noted as moectl's before it is written (as EXPERIMENTS.md is): the next rewrite must not take
+    # the placeholder for the user's own file (summary.users_changes).
+    remember_written(cfg.root, report_path(cfg.report_dir, name), text)
+    return write_report(cfg.report_dir, name, text)
 
 
 def _diverged(run) -> bool:

@@ -52,6 +52,8 @@ from moectl.sweep.store import (
 from moectl.tracking import warning_lines
 
 FIGURE_METRICS = ("loss", "tok_per_sec", "mfu", "dt_ms")
+# The sweep's report, in its directory, when the one in report_dir holds the user's changes.
+REPORT_COPY = "sweep_report.md"
 
 
 @dataclass
@@ -74,6 +76,8 @@ class SweepOutcome:
     refused: list[str] = field(default_factory=list)  # guard refusals (`name: message`)
     nothing_to_run: bool = False
     jobs: list[str] = field(default_factory=list)  # Slurm job ids (sweep --slurm): the legs', then the report's
+    # Where the sweep's report went when `report` holds changes of the user's (left alone then).
+    report_copy: Optional[Path] = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -82,6 +86,7 @@ class SweepOutcome:
             "comparison": self.comparison.to_json() if self.comparison else None,
             "recommendation": recommendation(self.comparison),
             "report": str(self.report) if self.report else None,
+            "report_copy": str(self.report_copy) if self.report_copy else None,
             "commits": self.commits,
             "messages": self.messages,
             "refused": self.refused,
@@ -441,14 +446,36 @@ def _run(cfg: Config, sweep: SweepRecord, opts: SweepOptions, ui: SweepUI, *, ca
 def write_sweep_report(cfg: Config, sweep: SweepRecord, runs: dict[str, RunRecord], opts: SweepOptions,
                        out: SweepOutcome, heading: str, *, chain: list[str], notes: list[str],
                        figures: list[Path] = ()) -> list[Path]:
-    """The sweep report (+ EXPERIMENTS.md): the paths to commit with it."""
+    """The sweep report (+ EXPERIMENTS.md): the paths to commit with it.
+
+    The report file is moectl's, rewritten at every call - unless it holds changes that are not
+    moectl's (an edit of the user's, staged or not: `summary.users_changes`). Then it is left exactly
+    as it is, neither rewritten nor committed (SPEC §9), and the fresh report goes to REPORT_COPY in
+    the sweep's directory instead, which one message line says (`out.report_copy`)."""
+    from moectl.summary import remember_written, users_changes
+
     out.comparison = completed_comparison(sweep, runs, cfg.metrics.window, opts.baseline, cfg.metrics.warmup_steps)
     _claim_report(cfg, sweep, out)
-    out.report.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out.report, sweep_report(sweep, runs, cfg.metrics.window, heading=heading,
-                                               comparison=out.comparison, chain=chain, figures=list(figures),
-                                               notes=notes, report_file=out.report))
-    paths = [out.report]
+
+    def text(report_file: Path) -> str:
+        return sweep_report(sweep, runs, cfg.metrics.window, heading=heading, comparison=out.comparison, chain=chain,
+                            figures=list(figures), notes=notes, report_file=report_file)
+
+    theirs = users_changes(cfg.root, out.report)
+    if theirs is not None:
+        copy = Path(sweep.exp_dir) / REPORT_COPY
+        write_text_atomic(copy, text(copy))
+        if out.report_copy is None:  # one line a sweep, however many legs find it so
+            out.messages.append(f"sweep report {out.report} {theirs}: left exactly as you have it, not rewritten "
+                                f"or committed; the sweep's own report is in {copy}")
+        out.report_copy = copy
+        paths = []
+    else:
+        body = text(out.report)
+        remember_written(cfg.root, out.report, body)  # before writing: see summary.refresh_summary
+        out.report.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out.report, body)
+        paths = [out.report]
     if cfg.report.summary:
         try:
             paths.append(write_summary(cfg))
