@@ -15,7 +15,8 @@ moectl's store stays the source of truth; a tracker gets a copy, in three steps:
    `moectl sync` with no arguments retries exactly what failed.
 
 A tracker that is down or misconfigured never fails or holds up a run: `mirror_run` returns a
-result per tracker and never raises, the first failed request ends that tracker's attempt, and
+result per tracker and never raises for one (Ctrl-C is raised: the command stops), the first
+failed request ends that tracker's attempt, and
 every request is bounded. The trap: MLflow's client retries a dead server for minutes
 by default (MLFLOW_HTTP_REQUEST_MAX_RETRIES=7 with exponential backoff, MLFLOW_HTTP_REQUEST_TIMEOUT
 120 s per request), so `_mlflow_env` sets both for the duration of the call. wandb gets
@@ -188,8 +189,10 @@ def sync_plan(cfg: Config, refs: Sequence[str]) -> list[tuple[store.StoredRun, l
 def mirror_run(cfg: Config, record: RunRecord, report: Optional[Path] = None,
                only: Optional[Sequence[str]] = None) -> list[Mirrored]:
     """Mirror one finished run into every configured tracker (or `only` these), save the outcome in
-    its run.json, and return it. Never raises: a tracker's failure is a result (and Ctrl-C during
-    the mirror only ends the mirror; the run's own outcome stands)."""
+    its run.json, and return it. A tracker's failure is a result, never an exception. Ctrl-C
+    (KeyboardInterrupt, SIGTERM where the command maps it so) is not a failure: it stops at once
+    and is raised, after the outcomes of the trackers that finished before it are saved; the
+    interrupted tracker's state is left as it was (nothing half-recorded), so `moectl sync` retries it."""
     names = [n for n in configured(cfg) if only is None or n in only]
     if not names:
         return []
@@ -222,23 +225,28 @@ def _mirror_lock(record: RunRecord) -> Iterator[None]:
 def _mirror_locked(cfg: Config, record: RunRecord, report: Optional[Path], names: list[str]) -> list[Mirrored]:
     results: list[Mirrored] = []
     try:
-        data: Optional[Payload] = payload(record, report if report is not None else find_run_report(cfg.report_dir, record.id))
-        problem = None
+        try:
+            data: Optional[Payload] = payload(record, report if report is not None else find_run_report(cfg.report_dir, record.id))
+            problem = None
+        except Exception as exc:  # an unreadable run directory: every tracker fails alike
+            data, problem = None, f"reading the run: {_one_line(exc)}"
+        for name in names:
+            results.append(_attempt(name, cfg, record, data, problem))
+            record.tracking[name] = results[-1].state
     except KeyboardInterrupt:
-        data, problem = None, "interrupted"
-    except Exception as exc:  # an unreadable run directory: every tracker fails alike
-        data, problem = None, f"reading the run: {_one_line(exc)}"
-    for name in names:
-        if results and results[-1].state.error == "interrupted":
-            problem = "interrupted"
-        results.append(_attempt(name, cfg, record, data, problem))
-        record.tracking[name] = results[-1].state
+        if results:  # what finished before the interrupt is whole: keep it
+            _save_outcomes(record, results)
+        raise
+    _save_outcomes(record, results)
+    return results
+
+
+def _save_outcomes(record: RunRecord, results: list[Mirrored]) -> None:
     try:
         store.save_run(record)
     except OSError as exc:  # the trackers hold the copy; `moectl sync` will find it again
         for r in results:
             r.note = f"run.json not updated: {exc}"
-    return results
 
 
 def _attempt(name: str, cfg: Config, record: RunRecord, data: Optional[Payload],
@@ -254,8 +262,6 @@ def _attempt(name: str, cfg: Config, record: RunRecord, data: Optional[Payload],
             # Trackers print links and banners on stdout; `moectl run --json` must stay one object.
             with contextlib.redirect_stdout(io.StringIO()):
                 run_id, location, added, note = adapter(cfg, record, data, _Deadline(BUDGET_S))
-        except KeyboardInterrupt:
-            error = "interrupted"
         except ImportError as exc:
             missing = getattr(exc, "name", None) or ""
             what = f"{name} is not installed" if missing.split(".")[0] == name else _one_line(exc)

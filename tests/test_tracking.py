@@ -17,6 +17,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -89,6 +91,45 @@ def mlflow_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
+
+
+class SilentServer:
+    """A local port that accepts connections and never answers: a hung tracker (the one network
+    failure that is simulated). `connections` counts what reached it."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed
+                return
+            self.held.append(conn)
+
+    @property
+    def connections(self) -> int:
+        return len(self.held)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.fixture(scope="module")
+def silent_server():
+    server = SilentServer()
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 def client(uri: str):
@@ -517,3 +558,72 @@ def test_two_syncs_at_once_make_one_mlflow_run(git_repo, monkeypatch, artifact_r
     assert [p.returncode for p in procs] == [0, 0], outputs
     c, mr = the_mlflow_run(mlflow_server, run_id, "raced")  # exactly one, with every point once
     assert_steps_mirrored(histories(c, mr), steps_of(run_dir))
+
+
+# ------------------------------------------------------------------------------- Ctrl-C, SIGTERM
+
+
+def imported(repo: Path, name: str) -> tuple[str, Path]:
+    log = REPO / "tests" / "fixtures" / "metrics_small.jsonl"
+    r = moectl(repo, "import", str(log), "--format", "jsonl", "--name", name, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    return out["id"], Path(out["exp_dir"])
+
+
+def started(repo: Path, *args: str) -> subprocess.Popen:
+    """`python -m moectl ARGS` in its own session (a terminal's Ctrl-C reaches the whole group)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "moectl", *args], cwd=repo, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+
+
+def stopped_by(proc: subprocess.Popen, sig: int) -> tuple[str, str, float]:
+    """Signal `proc`'s process group; its output and how long it took to exit after the signal."""
+    t0 = time.monotonic()
+    os.killpg(proc.pid, sig)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    return out, err, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_sync_stops_at_once_on_ctrl_c_or_sigterm_and_records_nothing_half_done(git_repo, monkeypatch, artifact_root,
+                                                                              silent_server, sig):
+    tracked_project(git_repo, monkeypatch, f'mlflow_uri = "{silent_server.url}"\nmlflow_experiment = "hung"')
+    runs = [imported(git_repo, f"old{i}") for i in range(3)]
+    before = silent_server.connections
+    proc = started(git_repo, "sync", "--json")
+    wait_for(lambda: silent_server.connections > before, "sync reaching the hung tracker", timeout=120, proc=proc)
+    out, err, took = stopped_by(proc, sig)
+    assert proc.returncode == 130, err
+    assert took < 8, took  # at once: not one 10 s request timeout, let alone one per run
+    assert json.loads(out) == {"ok": False, "error": json.loads(out)["error"], "exit_code": 130}
+    assert "interrupted while mirroring run" in err and "2 more run(s) not attempted" in err, err
+    assert "Traceback" not in err
+    for run_id, _ in runs:  # nothing recorded: the cut-short mirror is not a failure, every run stays due
+        assert record_of(artifact_root, run_id)["tracking"] == {}
+    r = moectl(git_repo, "sync", "--dry-run", "--json")
+    assert r.returncode == 0 and [row["run"] for row in json.loads(r.stdout)] == [run_id for run_id, _ in runs]
+
+
+def test_ctrl_c_while_a_run_is_mirrored_keeps_the_run_record_and_exits_130(git_repo, monkeypatch, artifact_root,
+                                                                          silent_server):
+    tracked_project(git_repo, monkeypatch, f'mlflow_uri = "{silent_server.url}"\nmlflow_experiment = "hung"')
+    before = silent_server.connections
+    proc = started(git_repo, "run", "--steps", "3", "--tag", "cut", *QUIET, "--json", "--", "--sleep-per-step", "0.01")
+    wait_for(lambda: silent_server.connections > before, "the run's mirror reaching the hung tracker", timeout=300,
+             proc=proc)
+    out, err, took = stopped_by(proc, signal.SIGINT)
+    assert proc.returncode == 130 and took < 8, (took, err)
+    assert json.loads(out)["exit_code"] == 130  # one JSON document still
+    [run_dir] = [p.parent for p in artifact_root.glob("*cut/run.json")]
+    rec = record_of(artifact_root, run_dir.name)
+    assert rec["status"] == "completed" and rec["tracking"] == {}, rec["tracking"]
+    assert rec["report"] and Path(rec["report"]).is_file() and rec["commit"]
+    assert f"interrupted while mirroring run {rec['id']} to its trackers; the run is recorded (completed" in err, err
+    assert "Traceback" not in err
