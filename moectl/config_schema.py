@@ -246,6 +246,13 @@ class TrackingSection(_Strict):
         from urllib.parse import urlsplit
 
         scheme = v.split("://", 1)[0].lower() if "://" in v else None
+        if v.startswith("file:"):  # a directory: relative to this file, ~ expanded, like every path here
+            where = urlsplit(v)
+            if where.netloc not in ("", "localhost"):
+                raise ValueError(f"{v!r} names the host {where.netloc!r}: a file: store is file:///ABS/DIR, "
+                                 "file:DIR (relative to this file) or file:~/DIR")
+            if not where.path:
+                raise ValueError(f"{v!r} names no directory")
         if scheme in ("http", "https") and not urlsplit(v).hostname:
             raise ValueError(f"{v!r} names no host (e.g. http://127.0.0.1:5000)")
         # What MLflow's tracking client stores into; anything else would fail at every mirror, and

@@ -105,11 +105,16 @@ def configured(cfg: Config) -> list[str]:
 
 def mlflow_uri(cfg: Config) -> str:
     """`mlflow_uri` with local paths made absolute the way every config path is: `~` expanded,
-    relative to the config file's directory (for a directory store and for `sqlite:///FILE`)."""
+    relative to the config file's directory (for a directory store, `file:` and `sqlite:///FILE`):
+    the same store, and the same recorded target, from whatever directory moectl runs in."""
     uri = cfg.file.tracking.mlflow_uri or ""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return "sqlite:///" + str(_local_path(cfg, uri[len("sqlite:///"):]))
-    if "://" in uri or uri.startswith("file:"):
+    if uri.startswith("file:"):  # file:DIR, file:~/DIR, file:///DIR, file://localhost/DIR (the config refuses others)
+        from urllib.parse import unquote, urlsplit
+
+        return _local_path(cfg, unquote(urlsplit(uri).path)).as_uri()
+    if "://" in uri:
         return uri
     return str(_local_path(cfg, uri))
 

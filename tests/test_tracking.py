@@ -256,6 +256,8 @@ def offline_dirs(run_dir: Path) -> list[Path]:
     ("mlflow_uri = '   '", "tracking.mlflow_uri: '   ': blank"),
     ("wandb_project = ' moe'", "tracking.wandb_project: ' moe': blank, or with spaces around it"),
     ("mlflow_uri = 'ftp://host/x'", "tracking.mlflow_uri: 'ftp://host/x': MLflow cannot track to ftp://"),
+    ("mlflow_uri = 'file://mlr'", "tracking.mlflow_uri: 'file://mlr' names the host 'mlr'"),
+    ("mlflow_uri = 'file:'", "tracking.mlflow_uri: 'file:' names no directory"),
 ])
 def test_a_bad_tracking_key_is_one_line_naming_it(toml, line):
     with pytest.raises(UsageError) as err:
@@ -514,6 +516,27 @@ def test_an_imported_run_syncs_to_a_local_mlflow_store_and_wandb_offline(git_rep
     c, again = the_mlflow_run(str(store_dir), run_id)
     assert histories(c, again) == hist
     assert sorted((tmp_path / "wandb-dir" / "wandb").glob("offline-run-*")) == [offline]
+
+
+def test_a_file_uri_store_is_relative_to_the_config_file_with_home_expanded(git_repo, monkeypatch, artifact_root,
+                                                                          tmp_path):
+    # Whatever the working directory: the store, and the target run.json records, are one.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    tracked_project(git_repo, monkeypatch, 'mlflow_uri = "file:../mlr"')
+    run_id, run_dir = imported(git_repo, "old")
+    below = git_repo / "reports"
+    below.mkdir()
+    for uri, store_dir in (("file:../mlr", git_repo / ".." / "mlr"), ("file:~/mlr2", tmp_path / "home" / "mlr2")):
+        set_tracking(git_repo, f'mlflow_uri = "{uri}"')
+        r = moectl(below, "sync", "--json")
+        assert r.returncode == 0, r.stderr
+        [row] = json.loads(r.stdout)
+        assert row["status"] == "mirrored" and row["target"] == f"{store_dir.as_uri()} experiment moe", row
+        c, mr = the_mlflow_run(store_dir.as_uri(), run_id)
+        assert_steps_mirrored(histories(c, mr), steps_of(run_dir))
+    assert (git_repo.parent / "mlr").is_dir() and (tmp_path / "home" / "mlr2").is_dir()
+    assert not (below / "mlr").exists() and not (below / "~").exists() and not (git_repo / "mlr").exists()
 
 
 def test_a_sqlite_store_keeps_its_files_beside_the_database_not_in_the_repository(git_repo, monkeypatch, artifact_root):
