@@ -258,6 +258,16 @@ def offline_dirs(run_dir: Path) -> list[Path]:
     ("mlflow_uri = 'ftp://host/x'", "tracking.mlflow_uri: 'ftp://host/x': MLflow cannot track to ftp://"),
     ("mlflow_uri = 'file://mlr'", "tracking.mlflow_uri: 'file://mlr' names the host 'mlr'"),
     ("mlflow_uri = 'file:'", "tracking.mlflow_uri: 'file:' names no directory"),
+    # Values MLflow refuses at every mirror (a warning per run, forever): refused once, here.
+    ("mlflow_uri = 'http://127.0.0.1:99999'", "tracking.mlflow_uri: 'http://127.0.0.1:99999': the port is not a number"),
+    ("mlflow_uri = 'http://127.0.0.1:abc'", "tracking.mlflow_uri: 'http://127.0.0.1:abc': the port is not a number"),
+    ("mlflow_uri = 'sqlite://relative.db'", "tracking.mlflow_uri: 'sqlite://relative.db': a sqlite store is sqlite:///FILE"),
+    ("mlflow_uri = 'sqlite:///'", "tracking.mlflow_uri: 'sqlite:///' names no database file"),
+    # ... and values that would silently be a directory store of that name in the repository
+    ("mlflow_uri = 'localhost:5000'", "tracking.mlflow_uri: 'localhost:5000' reads as a server without its scheme: "
+                                      "write http://localhost:5000"),
+    ("mlflow_uri = 'sqlite:mlflow.db'", "tracking.mlflow_uri: 'sqlite:mlflow.db': sqlite: without //"),
+    ("mlflow_uri = 'databricks'", "tracking.mlflow_uri: 'databricks' is Databricks to MLflow but would be a directory"),
 ])
 def test_a_bad_tracking_key_is_one_line_naming_it(toml, line):
     with pytest.raises(UsageError) as err:
@@ -271,6 +281,9 @@ def test_sync_with_a_bad_tracking_table_exits_2_with_that_line(git_repo, monkeyp
     assert r.returncode == 2, r.stderr
     assert "tracking.wandb_mode: Input should be 'online' or 'offline'" in r.stderr
     assert "Traceback" not in r.stderr
+    set_tracking(git_repo, 'mlflow_uri = "http://127.0.0.1:99999"')
+    r = moectl(git_repo, "sync", "--dry-run")  # not a plan that every mirror then fails
+    assert r.returncode == 2 and "tracking.mlflow_uri: 'http://127.0.0.1:99999': the port" in r.stderr, r.stderr
 
 
 def test_sync_without_a_tracker_says_how_to_configure_one(project):
