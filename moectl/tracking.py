@@ -134,6 +134,17 @@ def mlflow_local_store(cfg: Config) -> Optional[Path]:
     return None if "://" in uri else Path(uri)
 
 
+def mlflow_local_files(cfg: Config) -> list[Path]:
+    """What a local MLflow store creates on this machine: a directory store; a sqlite database and
+    the artifact directory beside it (`_artifact_location`). Empty for a server or no MLflow."""
+    uri = mlflow_uri(cfg) if cfg.file.tracking.mlflow_uri else ""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        return [db, db.parent / "mlflow-artifacts"]
+    store = mlflow_local_store(cfg)
+    return [store] if store is not None else []
+
+
 def _local_path(cfg: Config, path: str) -> Path:
     p = Path(os.path.expanduser(path))
     return p if p.is_absolute() else cfg.root / p

@@ -577,7 +577,52 @@ def test_a_local_store_inside_a_read_only_tree_is_refused_by_run_and_sync(git_re
     log = REPO / "tests" / "fixtures" / "metrics_small.jsonl"
     assert moectl(git_repo, "import", str(log), "--format", "jsonl", "--name", "old").returncode == 0
     r = moectl(git_repo, "sync")
-    assert r.returncode == 3 and "is inside read-only tree" in r.stderr and not ro.exists(), r.stderr
+    assert r.returncode == 3 and f"[tracking] mlflow_uri writes {ro}/mlruns, inside read-only tree {ro}" in r.stderr, r.stderr
+    assert not ro.exists()
+
+
+def test_a_local_store_inside_the_artifact_root_of_a_read_only_tree_is_allowed_by_run_and_sync(
+        git_repo, monkeypatch, tmp_path):
+    # read_only may hold the artifact root (SPEC §3); a store inside the root is written like the runs.
+    ro, artifact_root = tmp_path / "ro", tmp_path / "ro" / "store"
+    monkeypatch.setenv("MOECTL_ARTIFACT_ROOT", str(artifact_root))
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    tracked_project(git_repo, monkeypatch, f'mlflow_uri = "{artifact_root}/mlruns"')
+    with (git_repo / ".moectl.toml").open("a") as fh:
+        fh.write(f'\n[paths]\nread_only = ["{ro}"]\n')
+    r = moectl(git_repo, "check", "--json", *QUIET)
+    paths = next(g for g in json.loads(r.stdout)["guards"] if g["name"] == "paths")
+    assert paths["ok"], paths
+    run_id, run_dir = imported(git_repo, "old")
+    r = moectl(git_repo, "sync", "--json")
+    assert r.returncode == 0, r.stderr
+    assert [row["status"] for row in json.loads(r.stdout)] == ["mirrored"]
+    c, mr = the_mlflow_run(str(artifact_root / "mlruns"), run_id)
+    assert_steps_mirrored(histories(c, mr), steps_of(run_dir))
+
+
+@pytest.mark.parametrize("uri, written", [("mlstore", "mlstore"), ("sqlite:///mlflow.db", "mlflow.db")])
+def test_a_local_store_in_the_work_tree_is_refused_unless_git_ignored(git_repo, monkeypatch, artifact_root, uri,
+                                                                      written):
+    # Its files would be untracked changes: every later run's git.diff carrying the whole store.
+    tracked_project(git_repo, monkeypatch, f'mlflow_uri = "{uri}"')
+    real = (git_repo / written).resolve()
+    r = moectl(git_repo, "check", "--json", *QUIET)
+    paths = next(g for g in json.loads(r.stdout)["guards"] if g["name"] == "paths")
+    assert r.returncode == 3 and not paths["ok"], paths
+    assert f"[tracking] mlflow_uri writes {real}, inside the repository and not git-ignored: add it to .gitignore" \
+        in paths["message"], paths
+    run_id, _ = imported(git_repo, "old")
+    r = moectl(git_repo, "sync")
+    assert r.returncode == 3 and f"[tracking] mlflow_uri writes {real}, inside the repository" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not real.exists()
+    if written == "mlstore":  # ignored, it is the user's choice: allowed, and the work tree stays clean
+        (git_repo / ".gitignore").write_text("/mlstore/\n")
+        git(git_repo, "add", ".gitignore")
+        git(git_repo, "commit", "-q", "-m", "ignore the store")
+        r = moectl(git_repo, "sync")
+        assert r.returncode == 0, r.stderr
+        assert real.is_dir() and git(git_repo, "status", "--porcelain", "--untracked-files=all") == ""
 
 
 def test_two_syncs_at_once_make_one_mlflow_run(git_repo, monkeypatch, artifact_root, mlflow_server):

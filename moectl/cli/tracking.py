@@ -7,7 +7,7 @@ import typer
 
 from moectl.cli.common import app, error, handle_errors, print_json, stderr, stdout, stops_like_ctrl_c
 from moectl.cli.options import ConfigOpt, JsonOpt
-from moectl.errors import EXIT_OK, EXIT_USAGE, Interrupted
+from moectl.errors import EXIT_OK, EXIT_USAGE, GuardRefused, Interrupted
 
 
 @app.command("sync")
@@ -56,9 +56,14 @@ def sync_cmd(
 
     store = mlflow_local_store(cfg)
     if store is not None and any("mlflow" in names for _, names in plan):
-        from moectl.cli.common import refuse_read_only
+        # What the paths guard of `moectl run` says of a local store, exit 3 as there.
+        from moectl.guards import tracker_store_problems
+        from moectl.probes import _real, tracker_in_work_tree
 
-        refuse_read_only(cfg, store, "[tracking] mlflow_uri")  # as every file moectl writes (exit 3)
+        problems = tracker_store_problems(_real(store), _real(cfg.artifact_root), [_real(p) for p in cfg.read_only],
+                                          tracker_in_work_tree(cfg))
+        if problems:
+            raise GuardRefused("; ".join(problems) + " — fix [tracking] or [paths] in the config")
     rows, failed = [], 0
     for i, (rec, names) in enumerate(plan):
         try:
