@@ -509,12 +509,41 @@ def _wandb(cfg: Config, record: RunRecord, data: Payload, deadline: _Deadline):
     t = cfg.file.tracking
     wid = wandb_run_id(record.id)
     prior = record.tracking.get("wandb")
-    if (t.wandb_mode == "offline" and prior is not None and prior.status == "mirrored"
-            and prior.target == target_of(cfg, "wandb")):
+    offline = t.wandb_mode == "offline"
+    mirrored = prior is not None and prior.status == "mirrored" and prior.location
+    if (offline and mirrored and prior.target == target_of(cfg, "wandb") and Path(prior.location).is_dir()):
         # An offline run directory is an upload queue: a second one for the same run would queue
         # every point twice. The run's record is final, so the first one already holds it all.
+        # (Deleted since, it is written again.)
         return prior.run_id, prior.location, {}, f"already written to {prior.location}; `wandb sync` uploads it"
+    if offline:
+        # Written into a hidden staging directory and moved into wandb/ only once whole: an attempt
+        # cut short (Ctrl-C, a failure, a kill) leaves no partial queue that `wandb sync` would
+        # upload beside the retry's into the same W&B run.
+        queue = Path(os.environ.get("WANDB_DIR") or record.exp_dir) / "wandb"
+        queue.mkdir(parents=True, exist_ok=True)
+        for left in queue.glob(f".moectl-{wid}-*"):  # a killed attempt's staging directory
+            shutil.rmtree(left, ignore_errors=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".moectl-{wid}-", dir=queue))
+        try:
+            wid, location, added, note = _wandb_run(cfg, record, data, deadline, wid, str(stage))
+            written = Path(location)
+            # Earlier queues of this run (this id: only moectl writes it) are superseded by this
+            # one - all but a whole one recorded for another target (another project).
+            keep = prior.location if mirrored and prior.target != target_of(cfg, "wandb") else None
+            for old in queue.glob(f"offline-run-*-{wid}"):
+                if str(old) != keep:
+                    shutil.rmtree(old)
+            final = queue / written.name
+            os.rename(written, final)
+            return wid, str(final), added, note
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    return _wandb_run(cfg, record, data, deadline, wid, None if os.environ.get("WANDB_DIR") else record.exp_dir)
 
+
+def _wandb_run(cfg: Config, record: RunRecord, data: Payload, deadline: _Deadline, wid: str, root: Optional[str]):
+    t = cfg.file.tracking
     import wandb
 
     wanted = dict(  # quiet, no system sampling, no git/code capture (moectl sends its own), bounded
@@ -536,7 +565,7 @@ def _wandb(cfg: Config, record: RunRecord, data: Payload, deadline: _Deadline):
         # Online, the run may exist already: resume it and send only the steps it lacks.
         # (Offline there is nothing to resume from; wandb warns and ignores it.)
         resume="allow" if t.wandb_mode == "online" else None,
-        dir=None if os.environ.get("WANDB_DIR") else record.exp_dir,
+        dir=root,
         settings=settings,
     )
     try:

@@ -708,3 +708,51 @@ def test_ctrl_c_while_a_run_is_mirrored_keeps_the_run_record_and_exits_130(git_r
     assert rec["report"] and Path(rec["report"]).is_file() and rec["commit"]
     assert f"interrupted while mirroring run {rec['id']} to its trackers; the run is recorded (completed" in err, err
     assert "Traceback" not in err
+
+
+def test_an_interrupted_wandb_offline_write_leaves_no_partial_queue_and_the_retry_writes_one(
+        git_repo, monkeypatch, artifact_root, tmp_path):
+    tracked_project(git_repo, monkeypatch, 'wandb_project = "moe"\nwandb_mode = "offline"')
+    log = tmp_path / "long.jsonl"  # long enough that a write takes seconds: the signal lands inside it
+    lines = [json.dumps({"type": "start", "steps": 6000, "world_size": 1, "tokens_per_step": 4096, "device": "cpu",
+                         "config": {"preset": "tiny"}, "start_step": 0})]
+    lines += [json.dumps({"type": "step", "step": i, "loss": 5.0 - i * 1e-4, "aux_loss": 0.1, "lr": 1e-3,
+                          "dt_ms": 200.0, "tok_per_sec": 2000.0 + i, "peak_mem_mib": 100.0, "drop_frac": 0.1,
+                          "expert_load_max": 1.5, "elapsed_s": 0.2 * (i + 1)}) for i in range(6000)]
+    log.write_text("\n".join(lines) + "\n")
+    r = moectl(git_repo, "import", str(log), "--format", "jsonl", "--name", "long", "--json")
+    assert r.returncode == 0, r.stderr
+    run_id, run_dir = json.loads(r.stdout)["id"], Path(json.loads(r.stdout)["exp_dir"])
+    wid = wandb_run_id(run_id)
+
+    proc = started(git_repo, "sync")
+    wait_for(lambda: list(run_dir.rglob(f"offline-run-*-{wid}")), "the W&B offline write starting", timeout=120,
+             proc=proc)
+    _, err, _ = stopped_by(proc, signal.SIGINT)
+    assert proc.returncode == 130, err
+    assert offline_dirs(run_dir) == [], "a partial upload queue was left"
+    assert record_of(artifact_root, run_id)["tracking"] == {}
+
+    r = moectl(git_repo, "sync")
+    assert r.returncode == 0, r.stderr
+    [offline] = offline_dirs(run_dir)
+    assert [p.name for p in (run_dir / "wandb").iterdir() if wid in p.name] == [offline.name]  # no staging left
+    view = wandb_view(offline)
+    assert sorted(view["history"]) == list(range(6000))
+    assert record_of(artifact_root, run_id)["tracking"]["wandb"]["location"] == str(offline)
+
+
+def test_a_wandb_offline_queue_deleted_since_is_written_again(git_repo, monkeypatch, artifact_root):
+    import shutil
+
+    tracked_project(git_repo, monkeypatch, 'wandb_project = "moe"\nwandb_mode = "offline"')
+    run_id, run_dir = imported(git_repo, "old")
+    assert moectl(git_repo, "sync").returncode == 0
+    [first] = offline_dirs(run_dir)
+    shutil.rmtree(run_dir / "wandb")  # uploaded and cleaned up, say
+    r = moectl(git_repo, "sync", run_id, "--json")
+    assert r.returncode == 0, r.stderr
+    [row] = json.loads(r.stdout)
+    assert row["note"] is None and row["added"]["metric_points"] > 0, row
+    [again] = offline_dirs(run_dir)
+    assert row["location"] == str(again) and sorted(wandb_view(again)["history"]) == [s.step for s in steps_of(run_dir)]
