@@ -194,7 +194,7 @@ def sync_plan(cfg: Config, refs: Sequence[str]) -> list[tuple[store.StoredRun, l
         if busy:
             raise UsageError("only finished runs can be mirrored",
                              lines=[f"{r.id}: {r.display_status}" for r in busy])
-        return [(r, names) for r in records]
+        return [(r, names) for r in {r.id: r for r in records}.values()]  # a run named twice: once
     runs = [r for r in reversed(store.list_runs(cfg.artifact_root)) if finished(r)]
     return [(r, todo) for r in runs if (todo := due(cfg, r))]
 
@@ -303,6 +303,7 @@ def warning_lines(run_id: str, results: Sequence[Mirrored]) -> list[str]:
 
 # Network failures, as the clients bury them (MLflow wraps urllib3's error in its own message).
 _UNREACHABLE = (("Connection refused", "connection refused"), ("timed out", "timed out"),
+                ("context deadline exceeded", "timed out"),  # W&B's (Go) service
                 ("Name or service not known", "unknown host"), ("name resolution", "unknown host"),
                 ("No route to host", "no route to host"), ("Network is unreachable", "network unreachable"))
 

@@ -756,3 +756,19 @@ def test_a_wandb_offline_queue_deleted_since_is_written_again(git_repo, monkeypa
     assert row["note"] is None and row["added"]["metric_points"] > 0, row
     [again] = offline_dirs(run_dir)
     assert row["location"] == str(again) and sorted(wandb_view(again)["history"]) == [s.step for s in steps_of(run_dir)]
+
+
+def test_a_run_named_twice_is_mirrored_once(git_repo, monkeypatch, artifact_root):
+    tracked_project(git_repo, monkeypatch, 'wandb_project = "moe"\nwandb_mode = "offline"')
+    run_id, _ = imported(git_repo, "base")
+    r = moectl(git_repo, "sync", "base", "base", run_id, "--dry-run", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout) == [{"run": run_id, "trackers": ["wandb"]}], r.stdout
+
+
+def test_wandbs_deadline_exceeded_reads_as_timed_out():
+    from moectl.tracking import _reason
+
+    # as wandb's Go service reports an unanswered request
+    exc = Exception('Post "http://127.0.0.1:9/graphql": context deadline exceeded (Client.Timeout exceeded '
+                    'while awaiting headers)')
+    assert _reason(exc, "wandb") == "wandb server unreachable: timed out"
