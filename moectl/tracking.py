@@ -16,8 +16,7 @@ moectl's store stays the source of truth; a tracker gets a copy, in three steps:
 
 A tracker that is down or misconfigured never fails or holds up a run: `mirror_run` returns a
 result per tracker and never raises for one (Ctrl-C is raised: the command stops), the first
-failed request ends that tracker's attempt, and
-every request is bounded. The trap: MLflow's client retries a dead server for minutes
+failed request ends that tracker's attempt, and every request is bounded. The trap: MLflow's client retries a dead server for minutes
 by default (MLFLOW_HTTP_REQUEST_MAX_RETRIES=7 with exponential backoff, MLFLOW_HTTP_REQUEST_TIMEOUT
 120 s per request), so `_mlflow_env` sets both for the duration of the call. wandb gets
 `init_timeout`, `finish_timeout` and short retry settings. mlflow and wandb are imported only inside
