@@ -246,6 +246,13 @@ class TrackingSection(_Strict):
         from urllib.parse import urlsplit
 
         scheme = v.split("://", 1)[0].lower() if "://" in v else None
+        if v.startswith("file:"):  # a directory: relative to this file, ~ expanded, like every path here
+            where = urlsplit(v)
+            if where.netloc not in ("", "localhost"):
+                raise ValueError(f"{v!r} names the host {where.netloc!r}: a file: store is file:///ABS/DIR, "
+                                 "file:DIR (relative to this file) or file:~/DIR")
+            if not where.path:
+                raise ValueError(f"{v!r} names no directory")
         if scheme in ("http", "https") and not urlsplit(v).hostname:
             raise ValueError(f"{v!r} names no host (e.g. http://127.0.0.1:5000)")
         # What MLflow's tracking client stores into; anything else would fail at every mirror, and
@@ -255,6 +262,30 @@ class TrackingSection(_Strict):
         if base is not None and base not in known:
             raise ValueError(f"{v!r}: MLflow cannot track to {scheme}:// (use http(s)://, sqlite:///FILE, "
                              "a database URL, file:// or a directory)")
+        if base == "sqlite" and not v.split("://", 1)[1].lstrip("/"):
+            raise ValueError(f"{v!r} names no database file (sqlite:///FILE)")
+        if base == "sqlite" and not v.split("://", 1)[1].startswith("/"):
+            raise ValueError(f"{v!r}: a sqlite store is sqlite:///FILE (relative to this file) or sqlite:////ABS/FILE")
+        if base is not None and base not in ("sqlite", "file"):
+            try:
+                port = urlsplit(v).port
+            except ValueError:
+                port = 0
+            if port == 0:
+                raise ValueError(f"{v!r}: the port is not a number from 1 to 65535")
+        if base is None and not v.startswith("file:"):
+            # A directory store, then - unless it reads as something else that was meant.
+            first = v.split("/", 1)[0]
+            if ":" in first:
+                prefix = first.split(":", 1)[0].lower()
+                if prefix.split("+", 1)[0] in known:
+                    raise ValueError(f"{v!r}: {prefix}: without // (e.g. http://HOST:PORT, sqlite:///FILE); "
+                                     f"for a directory named so write ./{v}")
+                raise ValueError(f"{v!r} reads as a server without its scheme: write http://{v} for a tracking "
+                                 f"server, or ./{v} for a directory")
+            if v.lower() in ("databricks", "databricks-uc"):
+                raise ValueError(f"{v!r} is Databricks to MLflow but would be a directory here: write "
+                                 f"{v}://PROFILE for Databricks, or ./{v} for a directory")
         return v
 
     @field_validator("wandb_project", "wandb_entity")

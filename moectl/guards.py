@@ -104,9 +104,8 @@ def guard_paths(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
         problems.append(f"artifact_root {root} is inside the repository and not git-ignored: add it to .gitignore "
                         "or move it out")
     problems += report_dir_problems(p.report_dir, repo, p.git_dir, p.read_only)
+    problems += tracker_store_problems(p.tracker_store, root, p.read_only, p.tracker_in_work_tree)
     for ro in p.read_only:
-        if p.tracker_store and _inside(p.tracker_store, ro) and not (_inside(root, ro) and _inside(p.tracker_store, root)):
-            problems.append(f"[tracking] mlflow_uri writes {p.tracker_store}, inside read-only tree {ro}")
         if cfg.report.summary and _inside(str((cfg.root / SUMMARY_NAME).resolve()), ro):
             problems.append(f"{SUMMARY_NAME} (refreshed with every report) is inside read-only tree {ro}; "
                             "set [report] summary = false to leave it alone")
@@ -129,6 +128,22 @@ def report_dir_problems(report_dir: str, repo: str, git_dir: Optional[str], read
         problems.append(f"report_dir {report_dir} is inside the git directory {git_dir} (git tracks no file there)")
     return problems + [f"report_dir {report_dir} is inside read-only tree {ro}" for ro in read_only
                        if _inside(report_dir, ro)]
+
+
+def tracker_store_problems(store: Optional[str], artifact_root: str, read_only: list[str],
+                           in_work_tree: list[str]) -> list[str]:
+    """Why a local MLflow store may not be written (all paths resolved): inside a read-only tree -
+    unless that tree holds the artifact root and the store is inside the root, as the runs are -
+    or inside the repository's work tree, not git-ignored. The paths guard and `moectl sync` alike."""
+    problems = []
+    for ro in read_only:
+        if store and _inside(store, ro) and not (_inside(artifact_root, ro) and _inside(store, artifact_root)):
+            problems.append(f"[tracking] mlflow_uri writes {store}, inside read-only tree {ro}")
+    for path in in_work_tree:
+        # Untracked files of every later run: its git.diff would carry the store, growing each run.
+        problems.append(f"[tracking] mlflow_uri writes {path}, inside the repository and not git-ignored: "
+                        "add it to .gitignore or move the store out")
+    return problems
 
 
 def guard_fresh_dir(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:

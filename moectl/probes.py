@@ -497,6 +497,8 @@ class PathsState:
     # permission, a read-only or immutable filesystem entry), found before training, not after.
     unwritable: dict[str, str] = field(default_factory=dict)  # "artifact_root" / "report_dir" -> why
     tracker_store: Optional[str] = None  # resolved: where a local MLflow store writes ([tracking] mlflow_uri)
+    # resolved: what that store creates inside the repository's work tree, not git-ignored
+    tracker_in_work_tree: list[str] = field(default_factory=list)
     root_in_work_tree: bool = False  # artifact_root inside the repository and not git-ignored
     git_dir: Optional[str] = None  # resolved: the repository's .git (git keeps nothing of ours there)
 
@@ -518,6 +520,7 @@ def probe_paths(cfg: Config, plan: "RunPlan") -> PathsState:
         in_tree = False
     return PathsState(
         tracker_store=_real(store) if store is not None else None,
+        tracker_in_work_tree=tracker_in_work_tree(cfg),
         root_in_work_tree=in_tree,
         git_dir=_git_dir(cfg.root),
         artifact_root=_real(cfg.artifact_root),
@@ -529,6 +532,22 @@ def probe_paths(cfg: Config, plan: "RunPlan") -> PathsState:
         unwritable={name: why for name, path in (("artifact_root", cfg.artifact_root), ("report_dir", cfg.report_dir))
                     if (why := why_unwritable(Path(_real(path)))) is not None},
     )
+
+
+def tracker_in_work_tree(cfg: Config) -> list[str]:
+    """The files and directories a local MLflow store ([tracking] mlflow_uri) creates that would be
+    untracked changes of the repository (inside its work tree, not git-ignored), resolved."""
+    from moectl import gitops
+    from moectl.tracking import mlflow_local_files
+
+    out = []
+    for p in mlflow_local_files(cfg):
+        try:
+            if gitops.tracked_area(cfg.root, Path(_real(p))):
+                out.append(_real(p))
+        except OSError:
+            pass
+    return out
 
 
 def _git_dir(root: Path) -> Optional[str]:

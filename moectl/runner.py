@@ -338,7 +338,14 @@ def report_and_commit(cfg: Config, outcome: RunOutcome, *, baseline: "Optional[R
                           else f"interrupted; the report was committed already ({outcome.commit[:10]})")
     # Trackers get a copy ([tracking]); one that fails is reported and retried by `moectl sync`,
     # never the run's outcome.
-    outcome.tracking = mirror_run(cfg, record, report=report)
+    try:
+        outcome.tracking = mirror_run(cfg, record, report=report)
+    except KeyboardInterrupt:
+        # The run is over and recorded (above); only the trackers' copy was cut short, and what
+        # was cut short is not recorded, so `moectl sync` finds it due.
+        done = f"report committed ({outcome.commit[:10]})" if outcome.commit else "report written"
+        raise Interrupted(f"interrupted while mirroring run {record.id} to its trackers; the run is recorded "
+                          f"({record.status}, {done}); `moectl sync` mirrors it") from None
 
 
 def stdout_parser(cfg: Config, plan: RunPlan, nodes: int = 1) -> Optional[StdoutParser]:

@@ -15,8 +15,8 @@ moectl's store stays the source of truth; a tracker gets a copy, in three steps:
    `moectl sync` with no arguments retries exactly what failed.
 
 A tracker that is down or misconfigured never fails or holds up a run: `mirror_run` returns a
-result per tracker and never raises, the first failed request ends that tracker's attempt, and
-every request is bounded. The trap: MLflow's client retries a dead server for minutes
+result per tracker and never raises for one (Ctrl-C is raised: the command stops), the first
+failed request ends that tracker's attempt, and every request is bounded. The trap: MLflow's client retries a dead server for minutes
 by default (MLFLOW_HTTP_REQUEST_MAX_RETRIES=7 with exponential backoff, MLFLOW_HTTP_REQUEST_TIMEOUT
 120 s per request), so `_mlflow_env` sets both for the duration of the call. wandb gets
 `init_timeout`, `finish_timeout` and short retry settings. mlflow and wandb are imported only inside
@@ -104,11 +104,16 @@ def configured(cfg: Config) -> list[str]:
 
 def mlflow_uri(cfg: Config) -> str:
     """`mlflow_uri` with local paths made absolute the way every config path is: `~` expanded,
-    relative to the config file's directory (for a directory store and for `sqlite:///FILE`)."""
+    relative to the config file's directory (for a directory store, `file:` and `sqlite:///FILE`):
+    the same store, and the same recorded target, from whatever directory moectl runs in."""
     uri = cfg.file.tracking.mlflow_uri or ""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return "sqlite:///" + str(_local_path(cfg, uri[len("sqlite:///"):]))
-    if "://" in uri or uri.startswith("file:"):
+    if uri.startswith("file:"):  # file:DIR, file:~/DIR, file:///DIR, file://localhost/DIR (the config refuses others)
+        from urllib.parse import unquote, urlsplit
+
+        return _local_path(cfg, unquote(urlsplit(uri).path)).as_uri()
+    if "://" in uri:
         return uri
     return str(_local_path(cfg, uri))
 
@@ -126,6 +131,17 @@ def mlflow_local_store(cfg: Config) -> Optional[Path]:
 
         return Path(unquote(urlparse(uri).path))
     return None if "://" in uri else Path(uri)
+
+
+def mlflow_local_files(cfg: Config) -> list[Path]:
+    """What a local MLflow store creates on this machine: a directory store; a sqlite database and
+    the artifact directory beside it (`_artifact_location`). Empty for a server or no MLflow."""
+    uri = mlflow_uri(cfg) if cfg.file.tracking.mlflow_uri else ""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        return [db, db.parent / "mlflow-artifacts"]
+    store = mlflow_local_store(cfg)
+    return [store] if store is not None else []
 
 
 def _local_path(cfg: Config, path: str) -> Path:
@@ -177,7 +193,7 @@ def sync_plan(cfg: Config, refs: Sequence[str]) -> list[tuple[store.StoredRun, l
         if busy:
             raise UsageError("only finished runs can be mirrored",
                              lines=[f"{r.id}: {r.display_status}" for r in busy])
-        return [(r, names) for r in records]
+        return [(r, names) for r in {r.id: r for r in records}.values()]  # a run named twice: once
     runs = [r for r in reversed(store.list_runs(cfg.artifact_root)) if finished(r)]
     return [(r, todo) for r in runs if (todo := due(cfg, r))]
 
@@ -188,8 +204,10 @@ def sync_plan(cfg: Config, refs: Sequence[str]) -> list[tuple[store.StoredRun, l
 def mirror_run(cfg: Config, record: RunRecord, report: Optional[Path] = None,
                only: Optional[Sequence[str]] = None) -> list[Mirrored]:
     """Mirror one finished run into every configured tracker (or `only` these), save the outcome in
-    its run.json, and return it. Never raises: a tracker's failure is a result (and Ctrl-C during
-    the mirror only ends the mirror; the run's own outcome stands)."""
+    its run.json, and return it. A tracker's failure is a result, never an exception. Ctrl-C
+    (KeyboardInterrupt, SIGTERM where the command maps it so) is not a failure: it stops at once
+    and is raised, after the outcomes of the trackers that finished before it are saved; the
+    interrupted tracker's state is left as it was (nothing half-recorded), so `moectl sync` retries it."""
     names = [n for n in configured(cfg) if only is None or n in only]
     if not names:
         return []
@@ -222,23 +240,28 @@ def _mirror_lock(record: RunRecord) -> Iterator[None]:
 def _mirror_locked(cfg: Config, record: RunRecord, report: Optional[Path], names: list[str]) -> list[Mirrored]:
     results: list[Mirrored] = []
     try:
-        data: Optional[Payload] = payload(record, report if report is not None else find_run_report(cfg.report_dir, record.id))
-        problem = None
+        try:
+            data: Optional[Payload] = payload(record, report if report is not None else find_run_report(cfg.report_dir, record.id))
+            problem = None
+        except Exception as exc:  # an unreadable run directory: every tracker fails alike
+            data, problem = None, f"reading the run: {_one_line(exc)}"
+        for name in names:
+            results.append(_attempt(name, cfg, record, data, problem))
+            record.tracking[name] = results[-1].state
     except KeyboardInterrupt:
-        data, problem = None, "interrupted"
-    except Exception as exc:  # an unreadable run directory: every tracker fails alike
-        data, problem = None, f"reading the run: {_one_line(exc)}"
-    for name in names:
-        if results and results[-1].state.error == "interrupted":
-            problem = "interrupted"
-        results.append(_attempt(name, cfg, record, data, problem))
-        record.tracking[name] = results[-1].state
+        if results:  # what finished before the interrupt is whole: keep it
+            _save_outcomes(record, results)
+        raise
+    _save_outcomes(record, results)
+    return results
+
+
+def _save_outcomes(record: RunRecord, results: list[Mirrored]) -> None:
     try:
         store.save_run(record)
     except OSError as exc:  # the trackers hold the copy; `moectl sync` will find it again
         for r in results:
             r.note = f"run.json not updated: {exc}"
-    return results
 
 
 def _attempt(name: str, cfg: Config, record: RunRecord, data: Optional[Payload],
@@ -254,8 +277,6 @@ def _attempt(name: str, cfg: Config, record: RunRecord, data: Optional[Payload],
             # Trackers print links and banners on stdout; `moectl run --json` must stay one object.
             with contextlib.redirect_stdout(io.StringIO()):
                 run_id, location, added, note = adapter(cfg, record, data, _Deadline(BUDGET_S))
-        except KeyboardInterrupt:
-            error = "interrupted"
         except ImportError as exc:
             missing = getattr(exc, "name", None) or ""
             what = f"{name} is not installed" if missing.split(".")[0] == name else _one_line(exc)
@@ -281,6 +302,7 @@ def warning_lines(run_id: str, results: Sequence[Mirrored]) -> list[str]:
 
 # Network failures, as the clients bury them (MLflow wraps urllib3's error in its own message).
 _UNREACHABLE = (("Connection refused", "connection refused"), ("timed out", "timed out"),
+                ("context deadline exceeded", "timed out"),  # W&B's (Go) service
                 ("Name or service not known", "unknown host"), ("name resolution", "unknown host"),
                 ("No route to host", "no route to host"), ("Network is unreachable", "network unreachable"))
 
@@ -487,12 +509,41 @@ def _wandb(cfg: Config, record: RunRecord, data: Payload, deadline: _Deadline):
     t = cfg.file.tracking
     wid = wandb_run_id(record.id)
     prior = record.tracking.get("wandb")
-    if (t.wandb_mode == "offline" and prior is not None and prior.status == "mirrored"
-            and prior.target == target_of(cfg, "wandb")):
+    offline = t.wandb_mode == "offline"
+    mirrored = prior is not None and prior.status == "mirrored" and prior.location
+    if (offline and mirrored and prior.target == target_of(cfg, "wandb") and Path(prior.location).is_dir()):
         # An offline run directory is an upload queue: a second one for the same run would queue
         # every point twice. The run's record is final, so the first one already holds it all.
+        # (Deleted since, it is written again.)
         return prior.run_id, prior.location, {}, f"already written to {prior.location}; `wandb sync` uploads it"
+    if offline:
+        # Written into a hidden staging directory and moved into wandb/ only once whole: an attempt
+        # cut short (Ctrl-C, a failure, a kill) leaves no partial queue that `wandb sync` would
+        # upload beside the retry's into the same W&B run.
+        queue = Path(os.environ.get("WANDB_DIR") or record.exp_dir) / "wandb"
+        queue.mkdir(parents=True, exist_ok=True)
+        for left in queue.glob(f".moectl-{wid}-*"):  # a killed attempt's staging directory
+            shutil.rmtree(left, ignore_errors=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".moectl-{wid}-", dir=queue))
+        try:
+            wid, location, added, note = _wandb_run(cfg, record, data, deadline, wid, str(stage))
+            written = Path(location)
+            # Earlier queues of this run (this id: only moectl writes it) are superseded by this
+            # one - all but a whole one recorded for another target (another project).
+            keep = prior.location if mirrored and prior.target != target_of(cfg, "wandb") else None
+            for old in queue.glob(f"offline-run-*-{wid}"):
+                if str(old) != keep:
+                    shutil.rmtree(old)
+            final = queue / written.name
+            os.rename(written, final)
+            return wid, str(final), added, note
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    return _wandb_run(cfg, record, data, deadline, wid, None if os.environ.get("WANDB_DIR") else record.exp_dir)
 
+
+def _wandb_run(cfg: Config, record: RunRecord, data: Payload, deadline: _Deadline, wid: str, root: Optional[str]):
+    t = cfg.file.tracking
     import wandb
 
     wanted = dict(  # quiet, no system sampling, no git/code capture (moectl sends its own), bounded
@@ -514,7 +565,7 @@ def _wandb(cfg: Config, record: RunRecord, data: Payload, deadline: _Deadline):
         # Online, the run may exist already: resume it and send only the steps it lacks.
         # (Offline there is nothing to resume from; wandb warns and ignores it.)
         resume="allow" if t.wandb_mode == "online" else None,
-        dir=None if os.environ.get("WANDB_DIR") else record.exp_dir,
+        dir=root,
         settings=settings,
     )
     try:

@@ -17,6 +17,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -89,6 +91,45 @@ def mlflow_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
+
+
+class SilentServer:
+    """A local port that accepts connections and never answers: a hung tracker (the one network
+    failure that is simulated). `connections` counts what reached it."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed
+                return
+            self.held.append(conn)
+
+    @property
+    def connections(self) -> int:
+        return len(self.held)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.fixture(scope="module")
+def silent_server():
+    server = SilentServer()
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 def client(uri: str):
@@ -215,6 +256,18 @@ def offline_dirs(run_dir: Path) -> list[Path]:
     ("mlflow_uri = '   '", "tracking.mlflow_uri: '   ': blank"),
     ("wandb_project = ' moe'", "tracking.wandb_project: ' moe': blank, or with spaces around it"),
     ("mlflow_uri = 'ftp://host/x'", "tracking.mlflow_uri: 'ftp://host/x': MLflow cannot track to ftp://"),
+    ("mlflow_uri = 'file://mlr'", "tracking.mlflow_uri: 'file://mlr' names the host 'mlr'"),
+    ("mlflow_uri = 'file:'", "tracking.mlflow_uri: 'file:' names no directory"),
+    # Values MLflow refuses at every mirror (a warning per run, forever): refused once, here.
+    ("mlflow_uri = 'http://127.0.0.1:99999'", "tracking.mlflow_uri: 'http://127.0.0.1:99999': the port is not a number"),
+    ("mlflow_uri = 'http://127.0.0.1:abc'", "tracking.mlflow_uri: 'http://127.0.0.1:abc': the port is not a number"),
+    ("mlflow_uri = 'sqlite://relative.db'", "tracking.mlflow_uri: 'sqlite://relative.db': a sqlite store is sqlite:///FILE"),
+    ("mlflow_uri = 'sqlite:///'", "tracking.mlflow_uri: 'sqlite:///' names no database file"),
+    # ... and values that would silently be a directory store of that name in the repository
+    ("mlflow_uri = 'localhost:5000'", "tracking.mlflow_uri: 'localhost:5000' reads as a server without its scheme: "
+                                      "write http://localhost:5000"),
+    ("mlflow_uri = 'sqlite:mlflow.db'", "tracking.mlflow_uri: 'sqlite:mlflow.db': sqlite: without //"),
+    ("mlflow_uri = 'databricks'", "tracking.mlflow_uri: 'databricks' is Databricks to MLflow but would be a directory"),
 ])
 def test_a_bad_tracking_key_is_one_line_naming_it(toml, line):
     with pytest.raises(UsageError) as err:
@@ -228,6 +281,9 @@ def test_sync_with_a_bad_tracking_table_exits_2_with_that_line(git_repo, monkeyp
     assert r.returncode == 2, r.stderr
     assert "tracking.wandb_mode: Input should be 'online' or 'offline'" in r.stderr
     assert "Traceback" not in r.stderr
+    set_tracking(git_repo, 'mlflow_uri = "http://127.0.0.1:99999"')
+    r = moectl(git_repo, "sync", "--dry-run")  # not a plan that every mirror then fails
+    assert r.returncode == 2 and "tracking.mlflow_uri: 'http://127.0.0.1:99999': the port" in r.stderr, r.stderr
 
 
 def test_sync_without_a_tracker_says_how_to_configure_one(project):
@@ -475,6 +531,27 @@ def test_an_imported_run_syncs_to_a_local_mlflow_store_and_wandb_offline(git_rep
     assert sorted((tmp_path / "wandb-dir" / "wandb").glob("offline-run-*")) == [offline]
 
 
+def test_a_file_uri_store_is_relative_to_the_config_file_with_home_expanded(git_repo, monkeypatch, artifact_root,
+                                                                          tmp_path):
+    # Whatever the working directory: the store, and the target run.json records, are one.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    tracked_project(git_repo, monkeypatch, 'mlflow_uri = "file:../mlr"')
+    run_id, run_dir = imported(git_repo, "old")
+    below = git_repo / "reports"
+    below.mkdir()
+    for uri, store_dir in (("file:../mlr", git_repo / ".." / "mlr"), ("file:~/mlr2", tmp_path / "home" / "mlr2")):
+        set_tracking(git_repo, f'mlflow_uri = "{uri}"')
+        r = moectl(below, "sync", "--json")
+        assert r.returncode == 0, r.stderr
+        [row] = json.loads(r.stdout)
+        assert row["status"] == "mirrored" and row["target"] == f"{store_dir.as_uri()} experiment moe", row
+        c, mr = the_mlflow_run(store_dir.as_uri(), run_id)
+        assert_steps_mirrored(histories(c, mr), steps_of(run_dir))
+    assert (git_repo.parent / "mlr").is_dir() and (tmp_path / "home" / "mlr2").is_dir()
+    assert not (below / "mlr").exists() and not (below / "~").exists() and not (git_repo / "mlr").exists()
+
+
 def test_a_sqlite_store_keeps_its_files_beside_the_database_not_in_the_repository(git_repo, monkeypatch, artifact_root):
     # MLflow's default for a sqlite store is ./mlruns of the working directory: the repository,
     # which it would dirty, and every later run's git.diff would carry the files.
@@ -500,7 +577,52 @@ def test_a_local_store_inside_a_read_only_tree_is_refused_by_run_and_sync(git_re
     log = REPO / "tests" / "fixtures" / "metrics_small.jsonl"
     assert moectl(git_repo, "import", str(log), "--format", "jsonl", "--name", "old").returncode == 0
     r = moectl(git_repo, "sync")
-    assert r.returncode == 3 and "is inside read-only tree" in r.stderr and not ro.exists(), r.stderr
+    assert r.returncode == 3 and f"[tracking] mlflow_uri writes {ro}/mlruns, inside read-only tree {ro}" in r.stderr, r.stderr
+    assert not ro.exists()
+
+
+def test_a_local_store_inside_the_artifact_root_of_a_read_only_tree_is_allowed_by_run_and_sync(
+        git_repo, monkeypatch, tmp_path):
+    # read_only may hold the artifact root (SPEC §3); a store inside the root is written like the runs.
+    ro, artifact_root = tmp_path / "ro", tmp_path / "ro" / "store"
+    monkeypatch.setenv("MOECTL_ARTIFACT_ROOT", str(artifact_root))
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    tracked_project(git_repo, monkeypatch, f'mlflow_uri = "{artifact_root}/mlruns"')
+    with (git_repo / ".moectl.toml").open("a") as fh:
+        fh.write(f'\n[paths]\nread_only = ["{ro}"]\n')
+    r = moectl(git_repo, "check", "--json", *QUIET)
+    paths = next(g for g in json.loads(r.stdout)["guards"] if g["name"] == "paths")
+    assert paths["ok"], paths
+    run_id, run_dir = imported(git_repo, "old")
+    r = moectl(git_repo, "sync", "--json")
+    assert r.returncode == 0, r.stderr
+    assert [row["status"] for row in json.loads(r.stdout)] == ["mirrored"]
+    c, mr = the_mlflow_run(str(artifact_root / "mlruns"), run_id)
+    assert_steps_mirrored(histories(c, mr), steps_of(run_dir))
+
+
+@pytest.mark.parametrize("uri, written", [("mlstore", "mlstore"), ("sqlite:///mlflow.db", "mlflow.db")])
+def test_a_local_store_in_the_work_tree_is_refused_unless_git_ignored(git_repo, monkeypatch, artifact_root, uri,
+                                                                      written):
+    # Its files would be untracked changes: every later run's git.diff carrying the whole store.
+    tracked_project(git_repo, monkeypatch, f'mlflow_uri = "{uri}"')
+    real = (git_repo / written).resolve()
+    r = moectl(git_repo, "check", "--json", *QUIET)
+    paths = next(g for g in json.loads(r.stdout)["guards"] if g["name"] == "paths")
+    assert r.returncode == 3 and not paths["ok"], paths
+    assert f"[tracking] mlflow_uri writes {real}, inside the repository and not git-ignored: add it to .gitignore" \
+        in paths["message"], paths
+    run_id, _ = imported(git_repo, "old")
+    r = moectl(git_repo, "sync")
+    assert r.returncode == 3 and f"[tracking] mlflow_uri writes {real}, inside the repository" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not real.exists()
+    if written == "mlstore":  # ignored, it is the user's choice: allowed, and the work tree stays clean
+        (git_repo / ".gitignore").write_text("/mlstore/\n")
+        git(git_repo, "add", ".gitignore")
+        git(git_repo, "commit", "-q", "-m", "ignore the store")
+        r = moectl(git_repo, "sync")
+        assert r.returncode == 0, r.stderr
+        assert real.is_dir() and git(git_repo, "status", "--porcelain", "--untracked-files=all") == ""
 
 
 def test_two_syncs_at_once_make_one_mlflow_run(git_repo, monkeypatch, artifact_root, mlflow_server):
@@ -517,3 +639,136 @@ def test_two_syncs_at_once_make_one_mlflow_run(git_repo, monkeypatch, artifact_r
     assert [p.returncode for p in procs] == [0, 0], outputs
     c, mr = the_mlflow_run(mlflow_server, run_id, "raced")  # exactly one, with every point once
     assert_steps_mirrored(histories(c, mr), steps_of(run_dir))
+
+
+# ------------------------------------------------------------------------------- Ctrl-C, SIGTERM
+
+
+def imported(repo: Path, name: str) -> tuple[str, Path]:
+    log = REPO / "tests" / "fixtures" / "metrics_small.jsonl"
+    r = moectl(repo, "import", str(log), "--format", "jsonl", "--name", name, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    return out["id"], Path(out["exp_dir"])
+
+
+def started(repo: Path, *args: str) -> subprocess.Popen:
+    """`python -m moectl ARGS` in its own session (a terminal's Ctrl-C reaches the whole group)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "moectl", *args], cwd=repo, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+
+
+def stopped_by(proc: subprocess.Popen, sig: int) -> tuple[str, str, float]:
+    """Signal `proc`'s process group; its output and how long it took to exit after the signal."""
+    t0 = time.monotonic()
+    os.killpg(proc.pid, sig)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    return out, err, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_sync_stops_at_once_on_ctrl_c_or_sigterm_and_records_nothing_half_done(git_repo, monkeypatch, artifact_root,
+                                                                              silent_server, sig):
+    tracked_project(git_repo, monkeypatch, f'mlflow_uri = "{silent_server.url}"\nmlflow_experiment = "hung"')
+    runs = [imported(git_repo, f"old{i}") for i in range(3)]
+    before = silent_server.connections
+    proc = started(git_repo, "sync", "--json")
+    wait_for(lambda: silent_server.connections > before, "sync reaching the hung tracker", timeout=120, proc=proc)
+    out, err, took = stopped_by(proc, sig)
+    assert proc.returncode == 130, err
+    assert took < 8, took  # at once: not one 10 s request timeout, let alone one per run
+    assert json.loads(out) == {"ok": False, "error": json.loads(out)["error"], "exit_code": 130}
+    assert "interrupted while mirroring run" in err and "2 more run(s) not attempted" in err, err
+    assert "Traceback" not in err
+    for run_id, _ in runs:  # nothing recorded: the cut-short mirror is not a failure, every run stays due
+        assert record_of(artifact_root, run_id)["tracking"] == {}
+    r = moectl(git_repo, "sync", "--dry-run", "--json")
+    assert r.returncode == 0 and [row["run"] for row in json.loads(r.stdout)] == [run_id for run_id, _ in runs]
+
+
+def test_ctrl_c_while_a_run_is_mirrored_keeps_the_run_record_and_exits_130(git_repo, monkeypatch, artifact_root,
+                                                                          silent_server):
+    tracked_project(git_repo, monkeypatch, f'mlflow_uri = "{silent_server.url}"\nmlflow_experiment = "hung"')
+    before = silent_server.connections
+    proc = started(git_repo, "run", "--steps", "3", "--tag", "cut", *QUIET, "--json", "--", "--sleep-per-step", "0.01")
+    wait_for(lambda: silent_server.connections > before, "the run's mirror reaching the hung tracker", timeout=300,
+             proc=proc)
+    out, err, took = stopped_by(proc, signal.SIGINT)
+    assert proc.returncode == 130 and took < 8, (took, err)
+    assert json.loads(out)["exit_code"] == 130  # one JSON document still
+    [run_dir] = [p.parent for p in artifact_root.glob("*cut/run.json")]
+    rec = record_of(artifact_root, run_dir.name)
+    assert rec["status"] == "completed" and rec["tracking"] == {}, rec["tracking"]
+    assert rec["report"] and Path(rec["report"]).is_file() and rec["commit"]
+    assert f"interrupted while mirroring run {rec['id']} to its trackers; the run is recorded (completed" in err, err
+    assert "Traceback" not in err
+
+
+def test_an_interrupted_wandb_offline_write_leaves_no_partial_queue_and_the_retry_writes_one(
+        git_repo, monkeypatch, artifact_root, tmp_path):
+    tracked_project(git_repo, monkeypatch, 'wandb_project = "moe"\nwandb_mode = "offline"')
+    log = tmp_path / "long.jsonl"  # long enough that a write takes seconds: the signal lands inside it
+    lines = [json.dumps({"type": "start", "steps": 6000, "world_size": 1, "tokens_per_step": 4096, "device": "cpu",
+                         "config": {"preset": "tiny"}, "start_step": 0})]
+    lines += [json.dumps({"type": "step", "step": i, "loss": 5.0 - i * 1e-4, "aux_loss": 0.1, "lr": 1e-3,
+                          "dt_ms": 200.0, "tok_per_sec": 2000.0 + i, "peak_mem_mib": 100.0, "drop_frac": 0.1,
+                          "expert_load_max": 1.5, "elapsed_s": 0.2 * (i + 1)}) for i in range(6000)]
+    log.write_text("\n".join(lines) + "\n")
+    r = moectl(git_repo, "import", str(log), "--format", "jsonl", "--name", "long", "--json")
+    assert r.returncode == 0, r.stderr
+    run_id, run_dir = json.loads(r.stdout)["id"], Path(json.loads(r.stdout)["exp_dir"])
+    wid = wandb_run_id(run_id)
+
+    proc = started(git_repo, "sync")
+    wait_for(lambda: list(run_dir.rglob(f"offline-run-*-{wid}")), "the W&B offline write starting", timeout=120,
+             proc=proc)
+    _, err, _ = stopped_by(proc, signal.SIGINT)
+    assert proc.returncode == 130, err
+    assert offline_dirs(run_dir) == [], "a partial upload queue was left"
+    assert record_of(artifact_root, run_id)["tracking"] == {}
+
+    r = moectl(git_repo, "sync")
+    assert r.returncode == 0, r.stderr
+    [offline] = offline_dirs(run_dir)
+    assert [p.name for p in (run_dir / "wandb").iterdir() if wid in p.name] == [offline.name]  # no staging left
+    view = wandb_view(offline)
+    assert sorted(view["history"]) == list(range(6000))
+    assert record_of(artifact_root, run_id)["tracking"]["wandb"]["location"] == str(offline)
+
+
+def test_a_wandb_offline_queue_deleted_since_is_written_again(git_repo, monkeypatch, artifact_root):
+    import shutil
+
+    tracked_project(git_repo, monkeypatch, 'wandb_project = "moe"\nwandb_mode = "offline"')
+    run_id, run_dir = imported(git_repo, "old")
+    assert moectl(git_repo, "sync").returncode == 0
+    [first] = offline_dirs(run_dir)
+    shutil.rmtree(run_dir / "wandb")  # uploaded and cleaned up, say
+    r = moectl(git_repo, "sync", run_id, "--json")
+    assert r.returncode == 0, r.stderr
+    [row] = json.loads(r.stdout)
+    assert row["note"] is None and row["added"]["metric_points"] > 0, row
+    [again] = offline_dirs(run_dir)
+    assert row["location"] == str(again) and sorted(wandb_view(again)["history"]) == [s.step for s in steps_of(run_dir)]
+
+
+def test_a_run_named_twice_is_mirrored_once(git_repo, monkeypatch, artifact_root):
+    tracked_project(git_repo, monkeypatch, 'wandb_project = "moe"\nwandb_mode = "offline"')
+    run_id, _ = imported(git_repo, "base")
+    r = moectl(git_repo, "sync", "base", "base", run_id, "--dry-run", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout) == [{"run": run_id, "trackers": ["wandb"]}], r.stdout
+
+
+def test_wandbs_deadline_exceeded_reads_as_timed_out():
+    from moectl.tracking import _reason
+
+    # as wandb's Go service reports an unanswered request
+    exc = Exception('Post "http://127.0.0.1:9/graphql": context deadline exceeded (Client.Timeout exceeded '
+                    'while awaiting headers)')
+    assert _reason(exc, "wandb") == "wandb server unreachable: timed out"

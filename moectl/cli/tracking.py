@@ -5,14 +5,15 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from moectl.cli.common import app, error, handle_errors, print_json, stderr, stdout
+from moectl.cli.common import app, error, handle_errors, print_json, stderr, stdout, stops_like_ctrl_c
 from moectl.cli.options import ConfigOpt, JsonOpt
-from moectl.errors import EXIT_OK, EXIT_USAGE
+from moectl.errors import EXIT_OK, EXIT_USAGE, GuardRefused, Interrupted
 
 
 @app.command("sync")
 @handle_errors
 def sync_cmd(
+    ctx: typer.Context,
     runs: Annotated[Optional[List[str]], typer.Argument(help="Runs to mirror (id, tag, prefix or path); none = every run not yet mirrored.", metavar="[RUN]...", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be mirrored; contact no tracker.")] = False,
     config: ConfigOpt = None,
@@ -28,7 +29,9 @@ def sync_cmd(
     what was mirrored where (`tracking`).
 
     Exit codes: 0 every mirror succeeded, 2 no tracker configured, a run not finished, or a tracker
-    failed (named on stderr, recorded in run.json; run `moectl sync` again to retry).
+    failed (named on stderr, recorded in run.json; run `moectl sync` again to retry), 3 a local
+    store where moectl may not write, 130 interrupted (Ctrl-C, SIGTERM: stops at once; the mirror
+    cut short is not recorded, so `moectl sync` retries it).
 
     Examples:
       [bold]moectl sync[/bold]                        (retry whatever has not been mirrored)
@@ -38,6 +41,7 @@ def sync_cmd(
     from moectl.config import load_config
     from moectl.tracking import mirror_run, mlflow_local_store, sync_plan, warning_lines
 
+    stops_like_ctrl_c(ctx)  # SIGTERM/SIGHUP: as Ctrl-C, exit 130, nothing half-recorded
     cfg = load_config(config)
     plan = sync_plan(cfg, runs or [])
     if dry_run:
@@ -52,12 +56,23 @@ def sync_cmd(
 
     store = mlflow_local_store(cfg)
     if store is not None and any("mlflow" in names for _, names in plan):
-        from moectl.cli.common import refuse_read_only
+        # What the paths guard of `moectl run` says of a local store, exit 3 as there.
+        from moectl.guards import tracker_store_problems
+        from moectl.probes import _real, tracker_in_work_tree
 
-        refuse_read_only(cfg, store, "[tracking] mlflow_uri")  # as every file moectl writes (exit 3)
+        problems = tracker_store_problems(_real(store), _real(cfg.artifact_root), [_real(p) for p in cfg.read_only],
+                                          tracker_in_work_tree(cfg))
+        if problems:
+            raise GuardRefused("; ".join(problems) + " — fix [tracking] or [paths] in the config")
     rows, failed = [], 0
-    for rec, names in plan:
-        results = mirror_run(cfg, rec, only=names)
+    for i, (rec, names) in enumerate(plan):
+        try:
+            results = mirror_run(cfg, rec, only=names)
+        except KeyboardInterrupt:
+            left = len(plan) - i - 1
+            more = f", {left} more run(s) not attempted" if left else ""
+            raise Interrupted(f"interrupted while mirroring run {rec.id}{more}; `moectl sync` retries what "
+                              "was not mirrored") from None
         for r in results:
             failed += r.state.status == "failed"
             rows.append({"run": rec.id, "tracker": r.tracker, **r.state.model_dump(mode="json"),
