@@ -47,7 +47,7 @@ devices = [1, 0]
 script = "train.py"
 launcher = "python"
 args = ["--compile=False"]
-nproc_per_node = 2
+nproc_per_node = 1          # (a python launcher runs one process; more is a config error)
 env = { OMP_NUM_THREADS = "4" }
 compile_fallback = false
 
