@@ -64,8 +64,11 @@ def commit_run_report(
         if owner_alive(record.pid, record.host, parse_time(record.created_at)):  # (a pid reused since is not it)
             raise GuardRefused(f"run {record.id} has just ended and its moectl (pid {record.pid}) is writing its "
                                "report; let it finish (it commits the report itself)")
+    # The branch the run was guarded on holds its report (as the run itself commits it): with
+    # `branch = "*"` that is the run's own, not whichever branch is checked out now.
+    branch = record.git.branch if cfg.project.branch == "*" and record.git and record.git.branch else cfg.project.branch
     try:
-        gitops.check_branch(cfg.root, cfg.project.branch)  # (the wrong branch writes no report either)
+        gitops.check_branch(cfg.root, branch)  # (the wrong branch writes no report either)
     except GuardRefused as exc:
         raise type(exc)(not_committed(exc.message, record.id)) from None
     if report is None:
@@ -116,7 +119,7 @@ def commit_run_report(
             except MoectlError as exc:  # the summary is a convenience: the report still goes in
                 warnings.append(f"EXPERIMENTS.md not refreshed: {exc.message}")
     try:
-        sha = gitops.commit_paths(cfg.root, paths, commit_message(record), branch=cfg.project.branch, on_wait=on_wait)
+        sha = gitops.commit_paths(cfg.root, paths, commit_message(record), branch=branch, on_wait=on_wait)
     except (GuardRefused, gitops.SigningFailed, gitops.IdentityUnknown) as exc:  # busy, the branch
         # switched meanwhile, git could not sign or has no identity: nothing moved
         raise type(exc)(not_committed(exc.message, record.id)) from None

@@ -378,6 +378,26 @@ def test_moectl_commit_on_the_wrong_branch_refuses_and_writes_nothing(project):
     assert report.relative_to(project).as_posix() in git(project, "show", "--name-only", "--format=", "HEAD")
 
 
+def test_with_any_branch_allowed_moectl_commit_goes_to_the_runs_own_branch(project):
+    """`branch = "*"`: a run guarded on feat-a whose commit was refused because the user switched
+    to feat-b meanwhile. `moectl commit` committed it onto feat-b; the run's branch is feat-a."""
+    cfg_file = project / ".moectl.toml"
+    cfg_file.write_text(cfg_file.read_text().replace('branch = "main"', 'branch = "*"'))
+    git(project, "commit", "-qam", "any branch")
+    git(project, "switch", "-q", "-c", "feat-a")
+    rec, report = finished_run(project)
+    save_run(rec.model_copy(update={"git": GitInfo(branch="feat-a", commit=head(project), dirty=False)}))
+    git(project, "switch", "-q", "-c", "feat-b")
+    head_b = head(project)
+    r = commit_cmd(rec.id)
+    assert r.exit_code == 3 and "on branch 'feat-b', expected 'feat-a'" in r.stderr, r.output
+    assert head(project) == head_b
+    git(project, "switch", "-q", "feat-a")
+    assert commit_cmd(rec.id).exit_code == 0
+    assert report.relative_to(project).as_posix() in git(project, "show", "--name-only", "--format=", "HEAD")
+    assert git(project, "rev-parse", "feat-b").strip() == head_b
+
+
 def test_moectl_commit_waits_for_a_lock_then_gives_up_naming_itself(project, hold_index_lock, monkeypatch):
     rec, report = finished_run(project)
     holder = hold_index_lock(project)
