@@ -686,6 +686,23 @@ def test_a_killed_moectls_lock_is_recovered_by_commands_with_nothing_to_commit(p
         assert json.loads(r.stdout)["git"]["staged"] == len(git(project, "diff", "--cached", "--name-only").split())
 
 
+@pytest.mark.slow
+def test_a_run_recovers_a_killed_moectls_lock_before_its_guards_and_git_diff(project, tmp_path):
+    """Left alone until the run's own commit, the stale index made the run's git.diff (and its
+    `dirty` flag) describe a half-made commit of someone else's, not the user's tree."""
+    user_mess(project)
+    rec, report = finished_run(project)
+    assert runner.invoke(app, ["commit", rec.id]).exit_code == 0
+    (project / "r1.md").write_text("report one\n")
+    _killed_mid_commit(project, tmp_path, "after")
+    lock = project / ".git" / "index.lock"
+    r = runner.invoke(app, ["run", "--device", "cpu", "--steps", "2", "--no-commit", "--override", "no_other_training"])
+    assert r.exit_code == 0, r.output
+    assert f"note: recovered {lock}, left by a killed moectl" in r.stderr and not lock.exists()
+    [exp] = [d for d in load_config(None).artifact_root.iterdir() if (d / "run.json").exists() and d.name != rec.id]
+    assert "r1.md" not in (exp / "git.diff").read_text()  # committed by the recovery: not an uncommitted change
+
+
 def test_status_names_an_index_lock_that_is_not_a_killed_moectls_and_leaves_it(project):
     lock = project / ".git" / "index.lock"
     lock.write_bytes(b"")  # the user's git, or a crashed one: not moectl's to remove

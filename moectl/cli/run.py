@@ -91,6 +91,9 @@ def run(
             ok = check_as_run(cfg, request, slurm=slurm, nodes=nodes, detach=detach, requeue=requeue, repeat=repeat,
                               json_out=json_out)
             raise typer.Exit(EXIT_OK if ok else EXIT_GUARD)
+        from moectl.cli.sweep import _recover_dead_index_lock
+
+        _recover_dead_index_lock(cfg)
     except UsageError as exc:
         if dry_run and json_out:
             print_json(check_error_json(exc))

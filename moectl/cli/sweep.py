@@ -123,6 +123,7 @@ def sweep(
             if owed:
                 out(f"  the final report of {resumed_from} was never written: the resume writes and commits it")
         raise typer.Exit(EXIT_OK)
+    _recover_dead_index_lock(cfg)
 
     def on_wait(results, waited_s):
         waiting = ", ".join(r.name for r in results if not (r.ok or r.overridden))
@@ -283,3 +284,13 @@ def summary(
     if failure is not None:
         error(f"{SUMMARY_NAME} not committed: {failure.message}; the file is left as it was")
         raise typer.Exit(failure.exit_code)
+
+
+def _recover_dead_index_lock(cfg) -> None:
+    """Before a run or a sweep: a killed moectl's .git/index.lock finished or undone now, so the git
+    guard and the run's git.diff see the repository as it is (not at a commit's half-way point)."""
+    from moectl import gitops
+
+    recovered = gitops.recover_dead_index_lock(cfg.root)
+    if recovered:
+        stderr.print(f"note: {recovered}", markup=False)
