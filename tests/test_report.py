@@ -186,8 +186,15 @@ def test_run_report_says_what_the_window_left_out():
     md = run_report(warm)
     table_row = next(ln for ln in md.splitlines() if ln.startswith("| 50 | 4 |"))
     assert "| 1234.50† | 3.25† |" in table_row and "| 2.5000 |" in table_row  # final loss is not a tail mean
-    assert "Steps 0–9 are warm-up" in md and "**Warm-up only: all 4 steps are among the first 10" in md
+    assert "**Warm-up only: all 4 steps are among the first 10" in md
     assert "† warm-up only: the run has no step past its first 10" in md
+    assert "no tail mean counts them" not in md  # (it said both: that no tail mean counts them, and that they do)
+
+    clean = record(summary=Summary(window=50, steps=40, warmup_steps=10, tok_per_sec=1000.0))
+    assert "Steps 0–9 are warm-up (compile, allocator; `[metrics] warmup_steps`): no tail mean counts them." in run_report(clean)
+    # a failed run that measured nothing says that, not "only 0 steps past the warm-up: the tail covers all of them"
+    md = run_report(record(summary=Summary(window=50, steps=0, warmup_steps=10, run_steps=0)))
+    assert "No step was measured." in md and "only 0 steps" not in md and "no tail mean counts" not in md
 
     short = record(summary=Summary(window=50, steps=10, warmup_steps=10, tok_per_sec=1000.0,
                                    note="10 clean steps (< window 50) after 10 warm-up steps"))
