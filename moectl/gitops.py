@@ -667,14 +667,21 @@ class CommitInfo:
     date: str
 
 
-def recent_commits(repo: Path, path_prefixes: Sequence[str], n: int = 10) -> list[CommitInfo]:
-    """The last `n` commits touching any of `path_prefixes` (report files), newest first."""
+def recent_commits(repo: Path, path_prefixes: Sequence[str], n: int = 10,
+                   subject_prefix: Optional[str] = None) -> list[CommitInfo]:
+    """The last `n` commits touching any of `path_prefixes` (report files), newest first; with
+    `subject_prefix`, only those whose subject starts with it (moectl's `report: `, not a commit
+    of the user's that touched a report)."""
     if not _git(repo, "rev-parse", "-q", "--verify", "HEAD", check=False):
         return []
     # Subjects are display text (a commit message need not be UTF-8): undecodable bytes become U+FFFD.
-    out = _git_bytes(repo, "log", f"-n{int(n)}", "--format=%H%x1f%s%x1f%cI", "--",
+    grep = ["--fixed-strings", f"--grep={subject_prefix}"] if subject_prefix else []
+    out = _git_bytes(repo, "log", f"-n{int(n) * (4 if subject_prefix else 1)}", *grep, "--format=%H%x1f%s%x1f%cI", "--",
                      *[str(p) for p in path_prefixes]).decode("utf-8", "replace")
-    return [CommitInfo(*line.split("\x1f", 2)) for line in out.splitlines() if line]
+    found = [CommitInfo(*line.split("\x1f", 2)) for line in out.splitlines() if line]
+    if subject_prefix:  # (--grep matches any line of the message: the subject is the first)
+        found = [c for c in found if c.subject.startswith(subject_prefix)]
+    return found[:n]
 
 
 def snapshot_code(repo: Path, commit: str, diff_path: Path, dest: Path) -> None:

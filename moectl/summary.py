@@ -234,7 +234,7 @@ def render_summary(cfg: Config, now: Optional[datetime] = None) -> str:
     lines += ["## Unfinished Sweeps", ""]
     if unfinished:
         lines += ["Resume each in a fresh `-resume` directory (only the legs that did not complete run):", "", "```bash"]
-        lines += [resume_command(s, cfg.root) for s in unfinished]
+        lines += [f"cd {_shown(cfg.root)}"] + [resume_command(s, cfg.root) for s in unfinished]
         lines += ["```", ""]
     else:
         lines += ["None.", ""]
@@ -260,7 +260,7 @@ def render_summary(cfg: Config, now: Optional[datetime] = None) -> str:
         rel = cfg.report_dir.relative_to(cfg.root.resolve()).as_posix()
     except ValueError:
         rel = None
-    commits = gitops.recent_commits(cfg.root, [rel], COMMIT_LIMIT) if rel else []
+    commits = gitops.recent_commits(cfg.root, [rel], COMMIT_LIMIT, subject_prefix="report: ") if rel else []
     lines += [f"- `{c.hash[:7]}` {c.subject}" for c in commits] or ["None yet."]
 
     ro = ", ".join(f"`{_shown(p)}`" for p in cfg.read_only) or "none"

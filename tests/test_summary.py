@@ -150,6 +150,8 @@ def test_summary_has_every_section(git_repo, artifact_root, monkeypatch):
     # Unfinished: the exact resume command of the latest sweep in the chain, and only that one.
     unfinished = text.split("## Unfinished Sweeps")[1].split("## Standalone Runs")[0]
     assert f"moectl sweep --resume {ids['resume']}\n" in unfinished
+    # copy-pasteable from wherever the reader's shell is: the block starts in the repository
+    assert unfinished.split("```bash\n")[1].startswith(f"cd {git_repo}\n")
     assert f"moectl sweep --resume {ids['wide']} --slurm\n" in unfinished  # it ran on Slurm: it resumes there
     assert ids["original"] + "\n" not in unfinished and ids["done"] not in unfinished
     standalone = text.split("## Standalone Runs")[1].split("## Latest Report Commits")[0]
@@ -158,6 +160,12 @@ def test_summary_has_every_section(git_repo, artifact_root, monkeypatch):
     assert "moe-a" not in standalone  # sweep legs are not standalone runs
     head = git(git_repo, "rev-parse", "HEAD").strip()
     assert f"- `{head[:7]}` report: capacity leg b — 2100 tok/s" in text
+    # a commit of the user's that touched a report is not one of moectl's report commits
+    report = next((git_repo / "reports").glob("*.md"))
+    report.write_text(report.read_text() + "my notes\n")
+    git(git_repo, "commit", "-qam", "notes on leg b")
+    commits = render_summary(cfg).split("## Latest Report Commits")[1].split("##")[0]
+    assert "notes on leg b" not in commits and f"- `{head[:7]}` report: capacity leg b — 2100 tok/s" in commits
     constraints = text.split("## Constraints Reminder")[1]
     assert "Keep branch at `main`" in constraints and f"`{artifact_root}`" in constraints
     assert "`/srv/datasets`" in constraints and "Reports go to `reports/`" in constraints  # repo-relative
