@@ -499,6 +499,25 @@ def test_runs_table_shows_key_options_the_engine_resolved(project, artifact_root
     assert row[header.index(" cap ") + 1:].split()[0] == "0.0", (header, row)
 
 
+def test_runs_table_says_which_repeat_of_its_group_a_run_is(project, artifact_root):
+    """Three runs tagged `r` looked like three tries of the same thing; they are one group."""
+    group = "20260101_000000_moe-r-x3"
+    for k in (1, 2):
+        exp = create_run_dir(artifact_root / f"20260101_00000{k}_moe-r-r{k}")
+        save_run(RunRecord(id=exp.name, tag="r", status="completed", created_at=f"2026-01-01T00:00:0{k}+00:00",
+                           exp_dir=str(exp), group=group, repeat=k))
+    exp = create_run_dir(artifact_root / "20260101_000009_moe-single")
+    save_run(RunRecord(id=exp.name, tag="single", status="completed", created_at="2026-01-01T00:00:09+00:00",
+                       exp_dir=str(exp)))
+    r = CliRunner().invoke(app, ["runs"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    header = next(line for line in r.output.splitlines() if " repeat " in f" {line} ")
+    cell = lambda name: next(l for l in r.output.splitlines() if name in l)[header.index("repeat"):].split()[0]  # noqa: E731
+    assert (cell("moe-r-r1"), cell("moe-r-r2")) == ("1/3", "2/3")
+    single = next(l for l in r.output.splitlines() if "moe-single" in l)
+    assert single[header.index("repeat"):header.index("repeat") + len("repeat")].strip() == ""  # not a repeat
+
+
 def test_runs_and_show_mark_a_warmup_only_run(project, artifact_root):
     # The nanochat fixture has 8 steps: all within the default 10 warm-up steps.
     rec = imported("nano", "nanochat_small.log", "nanochat")

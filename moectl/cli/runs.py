@@ -68,8 +68,8 @@ def runs_cmd(
 ) -> None:
     """List the runs in the artifact root, newest first, with their tail-window metrics.
 
-    Columns: id, status (stale = its moectl died without saying so), tag, key options, tail
-    tok/sec, MFU, peak memory, total minutes; † marks a tail mean of a run that never got past
+    Columns: id, status (stale = its moectl died without saying so), tag, repeat (2/3: the
+    second run of a repeat group of three), key options, tail tok/sec, MFU, peak memory, total minutes; † marks a tail mean of a run that never got past
     its warm-up steps; ! marks a run whose record carries a warning (e.g. its loss went NaN),
     listed under the table. --json prints the run records as in run.json.
 
@@ -87,6 +87,7 @@ def runs_cmd(
         print_json(records[:limit] if limit else records)
         return
     from moectl.metrics import MARK
+    from moectl.repeats import planned_repeats
     from moectl.report import is_marked, marked_footnote
     from moectl.store import scan_runs
 
@@ -118,9 +119,16 @@ def runs_cmd(
         return lambda r: (_num(getattr(r.summary, key), decimals) + (MARK if is_marked(r.summary, key) else "")
                           if r.summary else "—")
 
+    def repeat_cell(r) -> str:
+        # `2/3`: the second of a group of three (`run --repeat 3`, sweep `repeats`); compare a tag to see the group
+        if not r.repeat:
+            return ""
+        n = planned_repeats(r.group) if r.group else None
+        return f"{r.repeat}/{n}" if n else str(r.repeat)
+
     columns = [  # (header, right-aligned, cell); job and option columns with no value in any row are dropped
         ("id", False, lambda r: r.id), ("status", False, status_cell), ("tag", False, lambda r: r.tag or ""),
-        ("job", False, lambda r: r.job_id or ""),
+        ("repeat", False, repeat_cell), ("job", False, lambda r: r.job_id or ""),
         ("preset", False, opt("preset")), ("cap", False, opt("cap")), ("compile", False, opt("compile")),
         ("fp8", False, opt("fp8", lambda v: "yes")),
         ("balance", False, opt("balance", lambda v: "" if v == "loss" else v)),
