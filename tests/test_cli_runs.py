@@ -516,6 +516,13 @@ def test_runs_table_says_which_repeat_of_its_group_a_run_is(project, artifact_ro
     assert (cell("moe-r-r1"), cell("moe-r-r2")) == ("1/3", "2/3")
     single = next(l for l in r.output.splitlines() if "moe-single" in l)
     assert single[header.index("repeat"):header.index("repeat") + len("repeat")].strip() == ""  # not a repeat
+    # `show` of one repeat names its group, and the group's id shows the group
+    r = CliRunner().invoke(app, ["show", "20260101_000002_moe-r-r2"])
+    assert r.exit_code == 0, r.output
+    assert f"  group      {group} (repeat 2 of 3; `moectl show {group}` shows the group)" in r.output
+    r = CliRunner().invoke(app, ["show", group])
+    assert r.exit_code == 0 and group in r.output, r.output
+    assert "group      " not in CliRunner().invoke(app, ["show", "20260101_000009_moe-single"]).output
 
 
 def test_runs_and_show_mark_a_warmup_only_run(project, artifact_root):

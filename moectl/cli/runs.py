@@ -159,6 +159,17 @@ def runs_cmd(
 
 # --- show ----------------------------------------------------------------------------------------
 
+
+def _group_cell(rec) -> Optional[str]:
+    """`<group id> (repeat 2 of 3; `moectl compare <tag>` compares the group)`, None for a lone run."""
+    if not rec.group:
+        return None
+    from moectl.repeats import planned_repeats
+
+    n = planned_repeats(rec.group)
+    which = f"repeat {rec.repeat}" + (f" of {n}" if n else "") if rec.repeat else "a repeat"
+    return f"{rec.group} ({which}; `moectl show {rec.group}` shows the group)"
+
 _SPARK = "▁▂▃▄▅▆▇█"
 _NOT_FINITE = "×"
 
@@ -246,7 +257,7 @@ def show_cmd(
         ("tag", rec.tag), ("exp_dir", rec.exp_dir), ("created", rec.created_at), ("started", rec.started_at),
         ("finished", rec.finished_at), ("exit code", rec.exit_code), ("host", rec.host), ("pid", rec.pid),
         ("gpus", ", ".join(rec.gpus) or None), ("driver", rec.driver), ("torch", rec.torch_version),
-        ("sweep", rec.sweep), ("source", rec.source), ("notes", rec.notes),
+        ("sweep", rec.sweep), ("group", _group_cell(rec)), ("source", rec.source), ("notes", rec.notes),
         ("slurm job", f"{rec.job_id} ({rec.nodes} node(s)" + (f", {rec.restarts} restart(s))" if rec.restarts else ")")
          if rec.job_id else None),
         ("report", rec.report), ("commit", rec.commit or (f"none: {rec.commit_error}" if rec.commit_error else None)),
