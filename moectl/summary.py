@@ -164,6 +164,33 @@ def _run_row(r: store.StoredRun) -> str:
     return "| " + " | ".join([f"`{r.id}`", status, r.tag or "—", tail, *vals]) + " |"
 
 
+def _group_rows(runs: list) -> list[str]:
+    """One row per repeat group among these runs, newest first: completed / planned repeats, and the
+    mean ± between-runs error of their recorded tail means (no metrics file read: a page of records)."""
+    from moectl.noise import between_runs_stderr
+    from moectl.repeats import planned_repeats
+
+    by_group: dict[str, list] = {}
+    for r in runs:
+        if r.group:
+            by_group.setdefault(r.group, []).append(r)
+    rows = []
+    for group, members in by_group.items():
+        done = [r for r in members if r.display_status == "completed" and r.summary is not None]
+        n = planned_repeats(group)
+
+        def cell(metric: str, decimals: int) -> str:
+            xs = [getattr(r.summary, metric) for r in done]
+            if not xs or any(x is None for x in xs):
+                return "—"
+            se = between_runs_stderr(xs)
+            return f"{sum(xs) / len(xs):,.{decimals}f}" + (f" ± {se:,.{decimals}f}" if se is not None else "")
+
+        tag = members[0].tag or "—"
+        rows.append(f"| `{group}` | {tag} | {len(done)}/{n or len(members)} | {cell('tok_per_sec', 2)} | {cell('mfu', 2)} |")
+    return rows
+
+
 def _shown(path, root: Optional[Path] = None) -> str:
     """A path as the document shows it: relative to the repository when inside it, with `~` for
     the home directory otherwise, so the file reads the same on every machine with that layout
@@ -252,6 +279,13 @@ def render_summary(cfg: Config, now: Optional[datetime] = None) -> str:
         lines.append("")
     else:
         lines += ["None.", ""]
+    groups = _group_rows(standalone)
+    if groups:
+        lines += ["## Repeat Groups", "",
+                  "Each `run --repeat N`: the mean of its completed repeats' tail means ± the between-runs "
+                  "standard error (`moectl compare <tag>` compares the group).", "",
+                  "| group | tag | completed | tail tok/sec | tail MFU % |", "| --- | --- | ---: | ---: | ---: |"]
+        lines += groups + [""]
     if scan.corrupt or corrupt_sweeps:
         lines += [f"- unreadable record: {m}" for m in [*scan.corrupt, *corrupt_sweeps]] + [""]
 

@@ -172,6 +172,24 @@ def test_summary_has_every_section(git_repo, artifact_root, monkeypatch):
     assert f"only under `{artifact_root}`" in constraints  # outside the home directory: as it is
 
 
+def test_a_repeat_group_is_one_row_with_its_mean_and_between_runs_error(git_repo, artifact_root, monkeypatch):
+    """`run --repeat 3` left three standalone rows and no figure for the group, which is the point."""
+    import statistics
+
+    summary_project(git_repo, monkeypatch)
+    group = "20260104_100000_moe-r-x3"
+    rates = (1000.0, 1100.0, 1300.0)
+    for k, tps in enumerate(rates, start=1):
+        rec = make_run(artifact_root, f"20260104_10000{k}_moe-r-r{k}", "r", "completed", tps, None)
+        store.save_run(rec.model_copy(update={"group": group, "repeat": k}))
+    make_run(artifact_root, "20260104_110000_moe-lone", "lone", "completed", 900.0, None)
+    text = render_summary(load_config())
+    section = text.split("## Repeat Groups")[1].split("##")[0]
+    se = statistics.stdev(rates) / 3 ** 0.5
+    assert f"| `{group}` | r | 3/3 | {statistics.fmean(rates):,.2f} ± {se:,.2f} | — |" in section
+    assert "lone" not in section
+
+
 def test_another_repositorys_runs_in_a_shared_artifact_root_stay_out_of_this_handoff(git_repo, artifact_root,
                                                                                    monkeypatch, tmp_path):
     summary_project(git_repo, monkeypatch)

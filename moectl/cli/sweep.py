@@ -215,8 +215,9 @@ def summary(
     json_out: JsonOpt = False,
 ) -> None:
     """Regenerate EXPERIMENTS.md from the run store and git: runtime status, every sweep with its
-    table and conclusion, unfinished legs with the exact resume command, standalone runs, the
-    latest report commits, the constraints from .moectl.toml. Commits it (only it).
+    table and conclusion, unfinished legs with the exact resume command, standalone runs, their
+    repeat groups (mean ± between-runs error), moectl's latest report commits, the constraints from
+    .moectl.toml. Commits it (only it).
 
     When nothing but the snapshot of the moment (timestamp, runtime status) would change, the file
     is left as it is (and committed, if HEAD's copy is older).
