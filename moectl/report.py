@@ -6,6 +6,7 @@ the seed study's precision: tok/sec, dt, memory and minutes to 2 decimals, MFU t
 """
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
@@ -338,7 +339,9 @@ def run_report(
             g = next((g for g in record.guards if g.name == name), None)
             lines.append(f"- `{name}`" + (f": {g.message}" if g else ""))
     if record.error and record.status != "completed":
-        lines += ["", "## Error", "", "```", record.error.rstrip(), "```"]
+        # A fence longer than any backtick run in the text: a log line of ``` must not end the block.
+        fence = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", record.error)), default=0))
+        lines += ["", "## Error", "", fence, record.error.rstrip(), fence]
     return "\n".join(lines) + "\n"
 
 

@@ -221,3 +221,13 @@ def test_commit_messages_flag_warmup_only_figures():
     assert compare_commit_message(only_warm) == "report: compare w vs a — 900 tok/s (+800.00%) [warm-up only]"
     warm_base = compare([fast_warm, b], window=50, warmup_steps=10)
     assert compare_commit_message(warm_base) == "report: compare b vs w — 120 tok/s (-86.67%) [baseline warm-up only]"
+
+
+def test_a_log_line_of_backticks_does_not_end_the_error_block():
+    """A trainer's markdown-ish output (```) inside the failed run's error closed the report's
+    code fence early, and the rest of the log rendered as markdown."""
+    failed = record(status="failed", error="Traceback\n```\nprint('x')\n````\nValueError: bad")
+    md = run_report(failed)
+    block = md.split("## Error\n\n")[1]
+    assert block.startswith("`````\nTraceback\n```\n") and block.rstrip().endswith("ValueError: bad\n`````")
+
