@@ -133,10 +133,10 @@ def test_summary_has_every_section(git_repo, artifact_root, monkeypatch):
     cap = sweeps.split("### capacity")[1]
     assert f"original directory: `{artifact_root / ids['original']}`" in cap
     assert f"resumed directory: `{artifact_root / ids['resume']}`" in cap
-    assert "| a | completed | `20260102_100001_moe-a` | 2000.00 |" in cap  # carried from the original
-    assert "| b | completed | `20260102_110001_moe-b` | 2100.00 |" in cap
+    assert "| a | — | completed | `20260102_100001_moe-a` | 2000.00 |" in cap  # carried from the original
+    assert "| b | — | completed | `20260102_110001_moe-b` | 2100.00 |" in cap
     # SIGKILLed: reading the store settled it (run and leg), shown as not completed.
-    assert "| c | interrupted | `20260102_110101_moe-c` |" in cap
+    assert "| c | — | interrupted | `20260102_110101_moe-c` |" in cap
     assert "Conclusion: `b` is the fastest leg — 2100.00 tok/s" in cap
     assert f"resume with `moectl sweep --resume {ids['resume']}`" in cap
     done = sweeps.split("### done")[1].split("###")[0]
@@ -170,6 +170,19 @@ def test_summary_has_every_section(git_repo, artifact_root, monkeypatch):
     assert "Keep branch at `main`" in constraints and f"`{artifact_root}`" in constraints
     assert "`/srv/datasets`" in constraints and "Reports go to `reports/`" in constraints  # repo-relative
     assert f"only under `{artifact_root}`" in constraints  # outside the home directory: as it is
+
+
+def test_a_sweeps_legs_table_says_the_options_that_tell_its_legs_apart():
+    """Explicit legs are named by their tags (`a`, `b`): the table says each one's cap, and not what
+    every leg shares (the common options, said once above it)."""
+    from moectl.sweep.report import legs_table
+
+    legs = [SweepLeg(tag="a", options={"preset": "tiny", "cap": 1.0, "steps": 10}),
+            SweepLeg(tag="b", options={"preset": "tiny", "cap": 0.0, "steps": 400})]
+    rows = legs_table(legs, {}, 50)
+    assert rows[0].startswith("| leg | options | state | run |")
+    assert rows[2].startswith("| a | `cap=1.0` `steps=10` | pending | — |")
+    assert rows[3].startswith("| b | `cap=0.0` `steps=400` | pending | — |")
 
 
 def test_a_repeat_group_is_one_row_with_its_mean_and_between_runs_error(git_repo, artifact_root, monkeypatch):
@@ -483,7 +496,7 @@ def test_a_completed_leg_whose_run_directory_is_gone_shows_as_missing_and_unfini
     ids = populate(artifact_root)
     shutil.rmtree(artifact_root / ids["done"] / "20260101_100101_moe-fast")
     done = render_summary(load_config()).split("### done")[1].split("###")[0]
-    assert "| fast | missing |" in done and f"Unfinished legs: `fast` — resume with `moectl sweep --resume {ids['done']}`" in done
+    assert "| fast | — | missing |" in done and f"Unfinished legs: `fast` — resume with `moectl sweep --resume {ids['done']}`" in done
 
 
 def test_summary_on_an_empty_store(git_repo, artifact_root, monkeypatch):

@@ -229,7 +229,7 @@ def test_experiments_md_marks_the_warmup_leg_and_concludes_on_clean_figures(git_
     text = render_summary(load_config())
     section = text.split("### grid")[1].split("## Unfinished Sweeps")[0]
     static_dt = mean(s.dt_ms for s in compiled_run(20, steady_ms=95.0) if s.step >= 10)
-    assert f"| static | completed | `{static.id}` | " in section
+    assert f"| static | — | completed | `{static.id}` | " in section
     static_row = next(ln for ln in section.splitlines() if ln.startswith("| static |"))
     assert f"| {static_dt:.2f} |" in static_row and "†" not in static_row  # dt without the compile
     short_row = next(ln for ln in section.splitlines() if ln.startswith("| short |"))

@@ -23,9 +23,13 @@ LEG_METRICS = ("tok_per_sec", "dt_ms", "mfu", "peak_mem_mib", "total_time_min", 
 def legs_table(legs: list[SweepLeg], runs: dict[str, RunRecord], window: int) -> list[str]:
     """Markdown rows of every leg: state, run id, and the tail-window metrics of its run record
     (warm-up-only figures marked, with the footnote under the table)."""
-    head = ["leg", "state", "run"] + [f"tail{window} {COLUMNS[m][0]}" if m in ("tok_per_sec", "dt_ms", "mfu")
-                                      else COLUMNS[m][0] for m in LEG_METRICS]
-    lines = ["| " + " | ".join(head) + " |", "| --- | --- | --- |" + " ---: |" * len(LEG_METRICS)]
+    # The options that tell the legs apart (a tag is a name: `b` says nothing of its cap); what every
+    # leg shares is the sweep's common options, said once above the table.
+    keys = sorted({k for leg in legs for k in leg.options})
+    varying = [k for k in keys if len({repr(leg.options.get(k)) for leg in legs}) > 1]
+    head = ["leg", "options", "state", "run"] + [f"tail{window} {COLUMNS[m][0]}" if m in ("tok_per_sec", "dt_ms", "mfu")
+                                                 else COLUMNS[m][0] for m in LEG_METRICS]
+    lines = ["| " + " | ".join(head) + " |", "| --- | --- | --- | --- |" + " ---: |" * len(LEG_METRICS)]
     summaries = []
     for leg in legs:
         rec = runs.get(leg.run_id) if leg.run_id else None
@@ -34,7 +38,9 @@ def legs_table(legs: list[SweepLeg], runs: dict[str, RunRecord], window: int) ->
         vals = [summary_cell(s, m, COLUMNS[m][1]) for m in LEG_METRICS]
         name = leg.tag + (f" (fallback of {leg.fallback_of})" if leg.fallback_of else "")
         name += f" (repeat {leg.repeat})" if leg.repeat else ""
-        lines.append("| " + " | ".join([name, leg_status(leg, runs), f"`{leg.run_id}`" if leg.run_id else "—", *vals]) + " |")
+        options = " ".join(f"`{k}={leg.options[k]}`" for k in varying if k in leg.options) or "—"
+        lines.append("| " + " | ".join([name, options, leg_status(leg, runs), f"`{leg.run_id}`" if leg.run_id else "—",
+                                         *vals]) + " |")
     return lines + marked_footnote(summaries)
 
 
