@@ -202,10 +202,12 @@ def test_a_diverged_engine_run_counts_every_step_and_says_it_diverged(git_repo, 
     assert f"warning: {warning}" in shown.output and f"final loss NaN (not finite from step {first_null})" in shown.output
     listed = runner.invoke(app, ["runs"])
     assert listed.exit_code == 0 and f"! {rec['id']}: {warning}" in listed.output, listed.output
-    compared = runner.invoke(app, ["compare", "nan", "--baseline", "nan", "--json"])
+    fixture = REPO / "tests" / "fixtures" / "metrics_small.jsonl"  # a healthy run beside it
+    assert runner.invoke(app, ["import", str(fixture), "--format", "jsonl", "--name", "healthy"]).exit_code == 0
+    compared = runner.invoke(app, ["compare", "healthy", "nan", "--json"])
     assert compared.exit_code == 0, compared.output
     data = json.loads(compared.stdout, parse_constant=lambda name: pytest.fail(f"{name} in compare --json"))
-    assert data["runs"][0]["metrics"]["final_loss"] == {**data["runs"][0]["metrics"]["final_loss"],
+    assert data["runs"][1]["metrics"]["final_loss"] == {**data["runs"][1]["metrics"]["final_loss"],
                                                         "value": None, "not_finite": True}
     assert any(note.startswith("diverged: nan") for note in data["notes"])
     exported = runner.invoke(app, ["export", "nan", "--csv", str(tmp_path / "csv")])
