@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available")
     t.add_argument("--dtype", choices=["bf16", "fp32"], help="autocast dtype (default bf16 on cuda, fp32 on cpu)")
     o = p.add_argument_group("output")
-    o.add_argument("--out-dir", help="write metrics.jsonl here (default: print only)")
+    o.add_argument("--out-dir", help="write metrics.jsonl here (default: print only); one that holds a run's "
+                   "metrics.jsonl is refused unless --resume continues that run")
     o.add_argument("--ckpt-dir", help="write model_{step:06d}.pt + meta_{step:06d}.json here")
     o.add_argument("--save-every", type=int, help="checkpoint every N steps (0: only at the end); needs --ckpt-dir")
     o.add_argument("--resume", help="checkpoint path, its directory, or 'latest' (in --ckpt-dir)")
