@@ -699,7 +699,9 @@ def snapshot_code(repo: Path, commit: str, diff_path: Path, dest: Path) -> None:
     untar = subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, capture_output=True)
     if untar.returncode != 0:
         raise MoectlError(f"unpacking the code snapshot into {dest} failed: {untar.stderr.decode(errors='replace').strip()}")
-    if Path(diff_path).stat().st_size:
+    # Only moectl's `# moectl: ...` note lines (a big untracked file left out, a trainer script
+    # outside git) and no patch: nothing to apply (`git apply` calls that "No valid patches").
+    if any(line.startswith(b"diff --git ") for line in Path(diff_path).read_bytes().splitlines()):
         env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(dest.parent)}
         applied = subprocess.run(["git", "apply", "--whitespace=nowarn", str(diff_path)], cwd=dest,
                                  capture_output=True, env=env)

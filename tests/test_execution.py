@@ -143,6 +143,17 @@ def test_the_code_snapshot_is_head_plus_every_uncommitted_change(git_repo, tmp_p
     assert git(git_repo, "status", "--porcelain").splitlines() == [" M README.md", "A  staged.py", "?? new.py"]
 
 
+def test_a_diff_of_moectls_notes_alone_makes_a_snapshot_of_head(git_repo, tmp_path):
+    """A clean tree whose git.diff holds only moectl's note lines (a big untracked file left out, a
+    trainer script outside git): `git apply` said "No valid patches" and every submission failed."""
+    head = git(git_repo, "rev-parse", "HEAD").strip()
+    diff = tmp_path / "git.diff"
+    diff.write_bytes(b"# moectl: the trainer script /x/train.py is outside the repository, so no diff holds it: "
+                     b"its copy is trainer_script/train.py\n")
+    gitops.snapshot_code(git_repo, head, diff, tmp_path / "code")
+    assert {p.name for p in (tmp_path / "code").iterdir()} == set(git(git_repo, "ls-files").split())
+
+
 def test_nodes_without_slurm_is_a_usage_error(git_repo, monkeypatch, artifact_root):
     slurm_project(git_repo, monkeypatch)
     r = moectl("run", "--nodes", "2", *FAST)
