@@ -26,6 +26,7 @@ to `queued` (moectl/job.py); its job stays in the queue throughout, so nobody ta
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -163,6 +164,7 @@ def submit_run(cfg: Config, request: RunRequest, options: JobOptions, *, sweep_i
         write_run_files(cfg, plan, cwd=run_dir / CODE_DIR)  # the job runs from the code snapshot
         code_dir = run_dir / CODE_DIR
         gitops.snapshot_code(cfg.root, obs.git.head or "HEAD", Path(plan.files["git.diff"]), code_dir)
+        _ignored_script_into(cfg, code_dir)
         spec = JobSpec(
             **ConfigSnapshot.fields_of(cfg), plan=plan, nodes=nodes,
             rdzv_port=cfg.cluster.rdzv_port, requeue=options.requeue,
@@ -470,3 +472,22 @@ def _summarise_what_ran(record: RunRecord) -> None:
     if metrics.steps and record.summary is None:
         store.apply_metrics(record, metrics, record.window or 50, record.warmup_steps or 0)
 
+
+def _ignored_script_into(cfg: Config, code_dir: Path) -> None:
+    """A git-ignored `[launch] script` inside the repository is in no commit and no diff, so the
+    snapshot lacks it and the job would not find it: copied to its place there (a script outside
+    the repository runs from where it is)."""
+    import shutil
+
+    if cfg.launch.script is None:
+        return
+    script = Path(os.path.expanduser(cfg.launch.script))
+    if script.is_absolute():
+        try:
+            script = script.resolve().relative_to(cfg.root.resolve())
+        except ValueError:
+            return
+    there = code_dir / script
+    if not there.exists() and (cfg.root / script).is_file():
+        there.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(cfg.root / script, there)

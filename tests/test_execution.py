@@ -154,6 +154,28 @@ def test_a_diff_of_moectls_notes_alone_makes_a_snapshot_of_head(git_repo, tmp_pa
     assert {p.name for p in (tmp_path / "code").iterdir()} == set(git(git_repo, "ls-files").split())
 
 
+def test_a_git_ignored_trainer_script_is_put_into_the_jobs_code_snapshot(git_repo, tmp_path, monkeypatch):
+    """The job runs from its snapshot (HEAD plus git.diff): a git-ignored script is in neither, so
+    the job found no trainer. It is copied to its place in the snapshot."""
+    from moectl.config import load_config
+    from moectl.execution import _ignored_script_into
+
+    (git_repo / ".gitignore").write_text("scratch/\n")
+    (git_repo / "scratch").mkdir()
+    (git_repo / "scratch" / "train.py").write_text("print('hi')\n")
+    (git_repo / ".moectl.toml").write_text('[project]\nvenv = ""\n[launch]\nscript = "scratch/train.py"\nlauncher = "python"\n'
+                                          '[launch.options]\n[metrics]\nsource = "stdout"\nformat = "nanochat"\n')
+    git(git_repo, "add", ".gitignore", ".moectl.toml")
+    git(git_repo, "commit", "-qm", "config")
+    monkeypatch.chdir(git_repo)
+    diff = tmp_path / "git.diff"
+    diff.write_bytes(gitops.git_diff(git_repo))
+    gitops.snapshot_code(git_repo, git(git_repo, "rev-parse", "HEAD").strip(), diff, tmp_path / "code")
+    assert not (tmp_path / "code" / "scratch").exists()
+    _ignored_script_into(load_config(), tmp_path / "code")
+    assert (tmp_path / "code" / "scratch" / "train.py").read_text() == "print('hi')\n"
+
+
 def test_nodes_without_slurm_is_a_usage_error(git_repo, monkeypatch, artifact_root):
     slurm_project(git_repo, monkeypatch)
     r = moectl("run", "--nodes", "2", *FAST)
