@@ -265,7 +265,8 @@ def finish_record(record: RunRecord, result: LaunchResult, plan: RunPlan,
         record.status = "completed"
     else:
         record.status = "failed"
-        record.error = result.error or result.log_tail or f"torchrun exited with {result.exit_code}"
+        blank = not result.log_tail.strip()  # (a trainer that printed only blank lines or colour codes)
+        record.error = result.error or (None if blank else result.log_tail) or f"the trainer exited with {result.exit_code}"
         exit_code = EXIT_TRAINING
         compile_failed = worker_code == EXIT_COMPILE_FAILED
     store.save_run(record)

@@ -223,6 +223,21 @@ def test_a_trainer_writing_its_own_metrics_jsonl_in_another_schema_fails(git_rep
                                    "(3 lines skipped: not the metrics schema of engine/schema.py)"), rec["error"]
 
 
+def test_a_failing_trainer_that_printed_only_blank_lines_fails_with_its_exit_code(git_repo, monkeypatch, artifact_root):
+    """Its log tail was blank (colour resets stripped), and the outcome's reason line indexed an
+    empty list: an IndexError, exit 1, instead of the failure, exit 4."""
+    (git_repo / "train.py").write_text("import sys\nprint('\\x1b[0m')\nprint()\nsys.exit(5)\n")
+    (git_repo / ".moectl.toml").write_text(
+        '[project]\nname = "own"\nbranch = "main"\nvenv = ""\n\n[launch]\nscript = "train.py"\nlauncher = "python"\n\n'
+        '[launch.options]\nout_dir = "--out {}"\n\n[metrics]\nsource = "jsonl"\n')
+    git(git_repo, "add", "train.py")
+    commit_config(git_repo, monkeypatch)
+    result = runner.invoke(app, ["run", "--device", "cpu", "--no-commit", *QUIET])
+    assert result.exit_code == 4, result.output
+    rec = record(run_dirs(artifact_root)[0])
+    assert rec["status"] == "failed" and rec["exit_code"] == 5 and rec["error"] == "the trainer exited with 5"
+
+
 def test_a_pattern_that_never_matches_is_a_warning_in_record_report_and_show(git_repo, monkeypatch, artifact_root):
     proj = nanogpt_project(git_repo, monkeypatch, mfu=r"MFU=([\d.]+)")
     result = runner.invoke(app, ["run", "--device", "cpu", "--steps", "12", "--tag", "typo", *QUIET])

@@ -280,7 +280,7 @@ def _render_outcome(outcome) -> None:
         out(f"  warning: {warning}")
     if record.status == "failed" and record.error:
         lines = record.error.strip().splitlines()
-        if lines[0].startswith(REASONS_BEFORE_TAIL) and len(lines) > 1:
+        if lines and lines[0].startswith(REASONS_BEFORE_TAIL) and len(lines) > 1:
             out(f"  error: {printable(lines[0])}")  # moectl's reason, above the log tail (which is not it)
             lines = lines[1:]
         tail = lines[-5:]
