@@ -25,7 +25,7 @@ from engine.schema import DEFAULT_PRESET, ENGINE_MODULE, ENGINE_OPTIONS, PRESET_
 from moectl.config import CONFIG_NAME, Config, current_dir
 from moectl.errors import UsageError
 from moectl.trainer import (RANK_PREFIX_ENV, RANK_PREFIX_TEMPLATE, RUN_OPTIONS, fold_engine_args,
-                            follows_engine_contract, trainer_argv)
+                            follows_engine_contract, ranks_prefixed, trainer_argv)
 
 # Only these guards may be skipped knowingly (SPEC §5); the path guard never.
 OVERRIDABLE = ("gpus_idle", "no_other_training")
@@ -306,12 +306,12 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
     python = str(cfg.python) if cfg.project.venv != "" else sys.executable
     argv, engine_argv = trainer_argv(cfg.launch, cfg.metrics, options, device=device, exp_dir=str(exp_dir),
                                      ckpt_dir=str(ckpt_dir), nproc=nproc, python=python,
-                                     extra=extra, config=cfg.path.name if cfg.path else CONFIG_NAME)
+                                     extra=extra, config=cfg.path.name if cfg.path else CONFIG_NAME, nodes=nodes)
 
     env = dict(cfg.launch.env)
     if not follows_engine_contract(cfg.launch, cfg.metrics):
         env["MOECTL_RUN_DIR"] = str(exp_dir)  # where a foreign trainer may write its own files
-    if cfg.launch.launcher == "torchrun" and cfg.metrics.source == "stdout":
+    if ranks_prefixed(cfg.launch, cfg.metrics, nproc, nodes):
         env[RANK_PREFIX_ENV] = RANK_PREFIX_TEMPLATE  # (the parser reads this prefix: not the user's to change)
     if selected is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in selected)

@@ -89,6 +89,8 @@ PATTERN_FIELDS = tuple(f.name for f in fields(StepMetrics) if f.name not in ("st
 
 # Prefixes torchrun (`--tee`, `log_line_prefix_template`) and torch's own errors put on a rank's line.
 _RANK_PREFIX = re.compile(r"^\[(?:default|rank)?(\d+)\]:?[ ]?")
+_RANK0_SPLICE = re.compile(r"\[rank0\]:")  # moectl's own template (moectl.trainer.RANK_PREFIX_TEMPLATE), mid-line
+_OTHER_RANK_SPLICE = re.compile(r"\[rank[1-9]\d*\]:")
 # Terminal control sequences a trainer's logger may colour its lines with (CSI `\x1b[32m`, OSC
 # `\x1b]...\x07`): a terminal shows the text without them, and so does the parser read it.
 _ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
@@ -259,7 +261,10 @@ class StdoutParser:
         if m:
             if int(m.group(1)) != 0:
                 return []
-            line = line[m.end():]
+            # torchrun's tee prefixes each piece it reads: a line printed in parts carries rank 0's
+            # prefix again where a part began (`loss: [rank0]:2.0`), mended here; where another
+            # rank's line landed in the middle of it, rank 0's part ends there.
+            line = _OTHER_RANK_SPLICE.split(_RANK0_SPLICE.sub("", line[m.end():]), 1)[0]
         if self._traceback(line) or any(p.match(line) for p in _NOISE):
             return []
         rec = self._step(line)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from engine.schema import ENGINE_OPTIONS
 from moectl.errors import UsageError
@@ -169,8 +169,10 @@ def mapped_flags(mapping: dict[str, str], options: dict[str, Any], config: str =
 
 
 def trainer_argv(launch, metrics, options: dict[str, Any], *, device: str, exp_dir: str, ckpt_dir: str,
-                 nproc: int, python: str, extra: list[str], config: str = ".moectl.toml") -> tuple[list[str], list[str]]:
-    """(the full command, the trainer's own arguments). `config`: the config file, for messages."""
+                 nproc: int, python: str, extra: list[str], config: str = ".moectl.toml",
+                 nodes: Optional[int] = 1) -> tuple[list[str], list[str]]:
+    """(the full command, the trainer's own arguments). `config`: the config file, for messages;
+    `nodes`: the nodes the run spans (None: not known)."""
     if follows_engine_contract(launch, metrics):
         trainer_args = engine_flags(options) + ["--device", device, "--out-dir", exp_dir, "--ckpt-dir", ckpt_dir]
     else:
@@ -189,7 +191,7 @@ def trainer_argv(launch, metrics, options: dict[str, Any], *, device: str, exp_d
                              "set launcher = \"torchrun\" in [launch] for more")
         return [python, *target, *trainer_args], trainer_args
     tee = []
-    if metrics.source == "stdout":
+    if ranks_prefixed(launch, metrics, nproc, nodes):
         # Every rank's output reaches us: teed through torchrun, each line gets its rank's prefix
         # (RANK_PREFIX_TEMPLATE) so the parser keeps rank 0's steps only; without it, a trainer
         # printing on every rank had its steps counted once per rank. The per-rank logs stay in the run.
@@ -202,6 +204,14 @@ def trainer_argv(launch, metrics, options: dict[str, Any], *, device: str, exp_d
 # several nodes only rank 0 is rank 0 (its default, `[default<local rank>]:`, repeats per node).
 RANK_PREFIX_ENV = "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"
 RANK_PREFIX_TEMPLATE = "[rank${rank}]:"
+
+
+def ranks_prefixed(launch, metrics, nproc: int, nodes: Optional[int]) -> bool:
+    """Whether a run's output is teed with rank prefixes: a stdout-parsed trainer under torchrun
+    with more than one rank (or nodes not known yet). One rank needs no prefix, and goes without
+    the tee's cost: torchrun tails each rank's file and prefixes every piece it reads, so a line
+    printed in parts (`end=""`) comes out with a prefix in its middle (the parser mends rank 0's)."""
+    return launch.launcher == "torchrun" and metrics.source == "stdout" and (nodes is None or nproc * nodes > 1)
 
 
 # `moectl init --trainer NAME`: the [launch]/[metrics] tables of known trainers, a starting point

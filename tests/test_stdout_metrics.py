@@ -130,6 +130,17 @@ def test_an_optional_group_that_takes_no_part_is_a_missing_field_not_a_crash():
     assert parser.tokens_per_step is None and parser.skipped == 0
 
 
+def test_a_rank0_line_printed_in_parts_reads_whole_through_torchruns_tee():
+    """torchrun's tee prefixes every piece it reads from a rank's file: `print(..., end="")` then the
+    rest came out as `[rank0]:step 0 | loss: [rank0]:2.0 ...`, and the step was lost."""
+    parser, steps = parse_text("[rank0]:step 00000/00003 | loss: [rank0]:2.0000 | dt: [rank0]:10.00ms\n"
+                               "[rank1]:step 00000/00003 | loss: [rank1]:3.0000 | dt: 10.00ms\n"
+                               # rank 1's whole line landed inside rank 0's: rank 0's part is what it has
+                               "[rank0]:step 00001/00003 | loss: 1.5000 [rank1]:step 00001/00003 | loss: 3.0 | dt: 1ms\n"
+                               "[rank0]:| dt: 10.00ms\n", NANOCHAT)
+    assert [(s.step, s.loss, s.dt_ms) for s in steps] == [(0, 2.0, 10.0), (1, 1.5, None)]
+
+
 def test_coloured_step_lines_read_as_a_terminal_shows_them():
     """A logger's ANSI colours (CSI) and a terminal-title escape (OSC) around a step line."""
     text = ("\x1b[32mstep 0 | loss: 3.0 | dt: 100ms\x1b[0m\n"

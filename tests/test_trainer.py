@@ -48,11 +48,16 @@ def plan(text: str, **request):
 def test_script_under_torchrun_gets_args_then_mapped_options_then_extra():
     p = plan(NANOGPT.format(launcher="torchrun"), steps=40, cap=1.25, seed=3, fp8=True, extra_args=["--x=1"])
     i = p.argv.index("torch.distributed.run")
-    # stdout-parsed under torchrun: teed, each line prefixed with its global rank (the parser keeps rank 0's)
-    tee = ["--tee", "3", "--log-dir", f"{p.exp_dir}/torchrun_logs"]
-    assert p.argv[i + 1:i + 10] == ["--standalone", "--nproc-per-node", "1", *tee, "train.py", "config/train_small.py"]
-    assert p.argv[i + 10:] == ["--device=cpu", "--moe_capacity_factor=1.25", "--fp8", "--max_iters=40", "--seed=3", "--x=1"]
-    assert p.env["TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"] == "[rank${rank}]:"
+    assert p.argv[i + 1:i + 6] == ["--standalone", "--nproc-per-node", "1", "train.py", "config/train_small.py"]
+    assert p.argv[i + 6:] == ["--device=cpu", "--moe_capacity_factor=1.25", "--fp8", "--max_iters=40", "--seed=3", "--x=1"]
+    assert "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE" not in p.env  # one rank: nothing to tell apart
+    # stdout-parsed on several ranks (or nodes): teed, each line prefixed with its global rank (the parser keeps rank 0's)
+    for two in (plan(NANOGPT.format(launcher="torchrun"), steps=40, nproc=2),
+                plan_run(cfg_of(NANOGPT.format(launcher="torchrun")), RunRequest(device="cpu", steps=40), NOW,
+                         gpus_available=None, nodes=2)):
+        i = two.argv.index("torch.distributed.run")
+        tee = ["--tee", "3", "--log-dir", f"{two.exp_dir}/torchrun_logs"]
+        assert two.argv[i + 4:i + 9] == [*tee, "train.py"] and two.env["TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"] == "[rank${rank}]:"
     # moectl's own engine flags never reach a foreign trainer.
     assert not any(a.startswith(("--out-dir", "--ckpt-dir", "--preset")) for a in p.argv)
     assert p.env["MOECTL_RUN_DIR"] == p.exp_dir
