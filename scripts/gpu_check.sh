@@ -31,6 +31,9 @@ STEPS=${STEPS:-60}
 TOTAL_BATCH=${TOTAL_BATCH:-131072}
 mkdir -p "$OUT"
 : >"$OUT/runs.log"
+# A rerun into the same OUT: the engine refuses an --out-dir that holds a run's metrics, and the
+# table below would then show the last call's figures as this one's.
+rm -rf "$OUT"/cap1_static "$OUT"/cap0_static "$OUT"/dense_static "$OUT"/cap1_fp8 "$OUT"/cap1_bias
 declare -a SUMMARY=()
 
 note() { echo "[gpu_check $(date +%H:%M:%S)] $*"; }
