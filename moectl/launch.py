@@ -254,19 +254,7 @@ def _has_exited(pid: int) -> bool:
         return True
 
 
-TAIL_LINE_CHARS = 1000  # a record's error tail keeps this much of each line (a 2 MB line went whole into run.json and the report)
-# Escape sequences (colours, titles) and other control characters: a record and a report keep text.
-_CONTROL = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])|[\x00-\x08\x0b-\x1f\x7f]")
-
-
-def tail_line(text: str) -> str:
-    """One line of output as a failed run's record (and its report) keeps it: without its line end,
-    escape sequences and control characters (a NUL made git take the report for a binary file),
-    cut at TAIL_LINE_CHARS with what was left out said."""
-    line = _CONTROL.sub("", text.rstrip("\r\n"))
-    if len(line) > TAIL_LINE_CHARS:
-        line = f"{line[:TAIL_LINE_CHARS]} … ({len(line) - TAIL_LINE_CHARS:,} more characters)"
-    return line
+from moectl.text import TAIL_LINE_CHARS, tail_line  # noqa: E402,F401  (TAIL_LINE_CHARS: tests read it here too)
 
 
 class _Tee(threading.Thread):

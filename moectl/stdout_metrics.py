@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import IO, Optional
 
 from engine.schema import RunSummary, StartInfo, StepMetrics, to_line
+from moectl.text import ANSI
 
 # One line of output: up to a newline (`\n`, `\r\n`) or a carriage return that redraws the line. A
 # `\r` as the last character may be the first half of `\r\n`: it ends a line only once the next
@@ -91,9 +92,6 @@ PATTERN_FIELDS = tuple(f.name for f in fields(StepMetrics) if f.name not in ("st
 _RANK_PREFIX = re.compile(r"^\[(?:default|rank)?(\d+)\]:?[ ]?")
 _RANK0_SPLICE = re.compile(r"\[rank0\]:")  # moectl's own template (moectl.trainer.RANK_PREFIX_TEMPLATE), mid-line
 _OTHER_RANK_SPLICE = re.compile(r"\[rank[1-9]\d*\]:")
-# Terminal control sequences a trainer's logger may colour its lines with (CSI `\x1b[32m`, OSC
-# `\x1b]...\x07`): a terminal shows the text without them, and so does the parser read it.
-_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
 _NOISE = (
     re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d(?:\.\d+)? +\d+ "),  # glog-style: torch.distributed C++/python
     re.compile(r"^(?:DEBUG|INFO|WARNING|ERROR|CRITICAL):torch\."),  # python logging of torch.*
@@ -255,8 +253,8 @@ class StdoutParser:
                 self.partial += 1
             return []
         line = raw.rstrip("\r\n").rsplit("\r", 1)[-1]  # (a caller's own line with `\r`s: what a terminal shows last)
-        if "\x1b" in line:
-            line = _ANSI.sub("", line)
+        if "\x1b" in line:  # a logger's colours: read as a terminal shows the line
+            line = ANSI.sub("", line)
         m = _RANK_PREFIX.match(line)
         if m:
             if int(m.group(1)) != 0:

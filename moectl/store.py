@@ -281,7 +281,10 @@ def log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
             data = fh.read()
     except OSError:
         return ""
-    return "\n".join(data.decode("utf-8", errors="replace").splitlines()[-lines:])
+    from moectl.text import tail_line
+
+    # As the tee keeps a live run's tail: text, each line bounded (a killed run's is read from here).
+    return "\n".join(tail_line(line) for line in data.decode("utf-8", errors="replace").splitlines()[-lines:])
 
 
 def _settle_sweep_leg(sweep_path: Path, run_id: str) -> None:

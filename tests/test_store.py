@@ -325,3 +325,17 @@ def test_import_run_failing_midway_leaves_nothing(tmp_path):
     with pytest.raises(TypeError):
         import_run(tmp_path, "moe", "bad", bad, {})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_log_tail_of_a_settled_run_is_text_of_bounded_lines(tmp_path):
+    """A killed moectl's run is settled from its train.log: its tail goes into the record as a
+    live run's does (no escapes or NULs, each line cut at TAIL_LINE_CHARS)."""
+    from moectl.store import log_tail
+    from moectl.text import TAIL_LINE_CHARS
+
+    log = tmp_path / "train.log"
+    log.write_bytes(b"\x1b[31mboom\x1b[0m\x00 here\n" + b"y" * 5000 + b"\nlast\n")
+    first, long, last = log_tail(log).splitlines()
+    assert (first, last) == ("boom here", "last")
+    assert long == "y" * TAIL_LINE_CHARS + f" … ({5000 - TAIL_LINE_CHARS:,} more characters)"
+

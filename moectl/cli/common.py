@@ -13,6 +13,7 @@ import typer
 from typer.core import TyperGroup
 
 from moectl.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, GuardRefused, MoectlError
+from moectl.text import printable  # noqa: F401  (the CLI modules take it from here)
 
 # Rich markup in help texts ([bold]...[/bold], [red]...[/], and \\[ for a literal bracket).
 _MARKUP = re.compile(r"(?<!\\)\[/?[a-z][a-z ]*\]|(?<!\\)\[/\]")
@@ -101,8 +102,6 @@ def error_json(message: str, exit_code: int) -> dict:
     return {"ok": False, "error": message, "exit_code": exit_code}
 
 
-_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
 def refuse_read_only(cfg: Any, path: Path, what: str) -> None:
@@ -135,12 +134,6 @@ def stops_like_ctrl_c(ctx: typer.Context) -> None:
     previous = {sig: signal.signal(sig, interrupt) for sig in stop_signals() if sig != signal.SIGINT}
     # In-process callers (CliRunner) get their handlers back when the command returns.
     ctx.call_on_close(lambda: [signal.signal(sig, handler) for sig, handler in previous.items()])
-
-
-def printable(text: str) -> str:
-    """A trainer's own output (a log tail) as a terminal should get it from moectl: its colour and
-    cursor escapes and other control bytes taken out, so a tail cannot repaint or garble the screen."""
-    return _CONTROL.sub("", _ANSI.sub("", text))
 
 
 _last_error: str | None = None  # the last error line said: an exit with no JSON document yet carries it

@@ -1,0 +1,28 @@
+"""A trainer's output as moectl keeps and shows it: the text a terminal would show, without the
+escape sequences and control bytes that repaint a screen, garble a report or make git take a
+markdown file for a binary one. One definition for the tee, the stdout parser, the store and the CLI."""
+from __future__ import annotations
+
+import re
+
+# Terminal escape sequences: CSI (`\x1b[32m`, colours and cursor moves), OSC (`\x1b]0;title\x07`),
+# and the two-byte ones (`\x1bM`).
+ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
+# C0 control bytes but tab and newline, and DEL.
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+TAIL_LINE_CHARS = 1000  # a record's error tail keeps this much of each line (a 2 MB line went whole into run.json and the report)
+
+
+def printable(text: str) -> str:
+    """`text` without escape sequences and control bytes (tabs and newlines kept)."""
+    return CONTROL.sub("", ANSI.sub("", text))
+
+
+def tail_line(text: str) -> str:
+    """One line of output as a failed run's record (and its report) keeps it: without its line end,
+    printable, cut at TAIL_LINE_CHARS with what was left out said."""
+    line = printable(text.rstrip("\r\n"))
+    if len(line) > TAIL_LINE_CHARS:
+        line = f"{line[:TAIL_LINE_CHARS]} … ({len(line) - TAIL_LINE_CHARS:,} more characters)"
+    return line
