@@ -411,8 +411,11 @@ def index_lock_state(repo: Path, recover: bool = True) -> Optional[str]:
     except (OSError, ValueError, KeyError, TypeError):
         data, pid = None, None
     if recover and data is not None:
-        with _serialised(git_dir):
-            how = _recover(index, git_dir)
+        try:
+            with _serialised(git_dir):
+                how = _recover(index, git_dir)
+        except OSError as exc:  # a .git this user cannot write (a shared repository): said, not raised
+            return f"{lock} was left by a killed moectl (pid {pid}), and cannot be recovered here: {exc}"
         if how == "finished":
             return (f"recovered {lock}, left by a killed moectl (pid {pid}): its commit had moved the branch, so "
                     "the index it staged went in (as its commit would have done)")
