@@ -266,7 +266,8 @@ class TrackingSection(_Strict):
             raise ValueError(f"{v!r} names no database file (sqlite:///FILE)")
         if base == "sqlite" and not v.split("://", 1)[1].startswith("/"):
             raise ValueError(f"{v!r}: a sqlite store is sqlite:///FILE (relative to this file) or sqlite:////ABS/FILE")
-        if base is not None and base not in ("sqlite", "file"):
+        # (Databricks' `databricks://SCOPE:PREFIX` names a secret scope, not a host and port.)
+        if base is not None and base not in ("sqlite", "file", "databricks", "databricks-uc"):
             try:
                 port = urlsplit(v).port
             except ValueError:

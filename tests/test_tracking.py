@@ -275,6 +275,13 @@ def test_a_bad_tracking_key_is_one_line_naming_it(toml, line):
     assert len(err.value.lines) == 1 and err.value.lines[0].startswith(f".moectl.toml: {line}"), err.value.lines
 
 
+@pytest.mark.parametrize("uri", ["databricks://my-scope:my-prefix", "databricks://profile", "databricks-uc://profile",
+                                 "http://127.0.0.1:5000", "postgresql://u:p@db:5432/mlflow", "sqlite:///mlflow.db"])
+def test_tracking_uris_mlflow_takes_are_accepted(uri):
+    # (Databricks' secret-scope form has a `:` where a URL's port goes: not a port to check)
+    assert parse_config_text(f"[tracking]\nmlflow_uri = '{uri}'\n").tracking.mlflow_uri == uri
+
+
 def test_sync_with_a_bad_tracking_table_exits_2_with_that_line(git_repo, monkeypatch):
     tracked_project(git_repo, monkeypatch, 'wandb_mode = "sometimes"\nwandb_project = "moe"')
     r = moectl(git_repo, "sync")
