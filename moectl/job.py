@@ -218,7 +218,11 @@ def _train(spec: JobSpec, plan: RunPlan, run_dir: Path, job_id: str, restart: in
         # metrics it did not resume from. The earlier attempt's steps stay beside, not in, the run's.
         old = Path(plan.files["metrics.jsonl"])
         if old.exists():
-            old.rename(old.with_name(f"{old.name}.attempt{restart - 1}"))
+            aside = old.with_name(f"{old.name}.attempt{restart - 1}")
+            k = 1
+            while aside.exists():  # (a restart number Slurm reused: the earlier attempt stays too)
+                aside, k = old.with_name(f"{old.name}.attempt{restart - 1}-{k}"), k + 1
+            old.rename(aside)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **plan.env}
     # The snapshot first, even where [launch] env sets PYTHONPATH: the job trains the guarded code.
     code = str(run_dir / "code")
