@@ -164,6 +164,15 @@ def _run_row(r: store.StoredRun) -> str:
     return "| " + " | ".join([f"`{r.id}`", status, r.tag or "—", tail, *vals]) + " |"
 
 
+def _shell_path(shown: str) -> str:
+    """A shown path as a shell word: quoted when it needs it, its leading `~/` left for the shell."""
+    import shlex
+
+    if shown.startswith("~/"):
+        return "~/" + shlex.quote(shown[2:]) if shlex.quote(shown[2:]) != shown[2:] else shown
+    return shlex.quote(shown)
+
+
 def _group_rows(runs: list) -> list[str]:
     """One row per repeat group among these runs, newest first: completed / planned repeats, and the
     mean ± between-runs error of their recorded tail means (no metrics file read: a page of records)."""
@@ -261,7 +270,7 @@ def render_summary(cfg: Config, now: Optional[datetime] = None) -> str:
     lines += ["## Unfinished Sweeps", ""]
     if unfinished:
         lines += ["Resume each in a fresh `-resume` directory (only the legs that did not complete run):", "", "```bash"]
-        lines += [f"cd {_shown(cfg.root)}"] + [resume_command(s, cfg.root) for s in unfinished]
+        lines += [f"cd {_shell_path(_shown(cfg.root))}"] + [resume_command(s, cfg.root) for s in unfinished]
         lines += ["```", ""]
     else:
         lines += ["None.", ""]
@@ -303,7 +312,7 @@ def render_summary(cfg: Config, now: Optional[datetime] = None) -> str:
         "## Next Steps",
         "",
         "```bash",
-        f"cd {_shown(cfg.root)}",
+        f"cd {_shell_path(_shown(cfg.root))}",
         f"git checkout {cfg.project.branch}" if cfg.project.branch != "*" else "git status --short --branch",
         "moectl status            # GPUs idle? nothing else training?",
         "moectl run --tag <tag>   # a fresh, timestamped experiment directory every time",

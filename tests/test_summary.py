@@ -547,3 +547,11 @@ def test_the_shipped_experiments_md_is_what_summary_writes(tmp_path, monkeypatch
     assert headings(text) == headings(regenerated)
     assert text.split("## Constraints Reminder")[1] == regenerated.split("## Constraints Reminder")[1]
     assert text.count(TIMESTAMP_PREFIX) == 1
+
+
+def test_the_cd_lines_are_shell_words_for_a_path_with_spaces():
+    from moectl.summary import _shell_path
+
+    assert _shell_path("/tmp/my repo") == "'/tmp/my repo'" and _shell_path("~/my repo") == "~/'my repo'"
+    assert _shell_path("~/code/moe") == "~/code/moe" and _shell_path("/srv/moe") == "/srv/moe"
+

@@ -192,3 +192,15 @@ def handle_errors(fn: Callable) -> Callable:
             raise typer.Exit(EXIT_INTERNAL)
 
     return wrapper
+
+
+def recover_dead_index_lock(cfg) -> None:
+    """Before a command writes to git (run, sweep, summary): a killed moectl's .git/index.lock
+    finished or undone now, said in one line, so the guards, a run's git.diff and the user's git
+    see the repository as it is, not at a commit's half-way point."""
+    from moectl import gitops
+
+    recovered = gitops.recover_dead_index_lock(cfg.root)
+    if recovered:
+        stderr.print(f"note: {recovered}", markup=False)
+

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import typer
 
-from moectl.cli.common import app, error, handle_errors, print_json, printable, stderr, stdout, stops_like_ctrl_c
+from moectl.cli.common import (app, error, handle_errors, print_json, printable, recover_dead_index_lock, stderr,
+                               stdout, stops_like_ctrl_c)
 from moectl.cli.options import (
     BalanceOpt, BalanceRateOpt, BaselineOpt, CapOpt, CompileOpt, ConfigOpt, DetachOpt, DeviceOpt, DispatchOpt,
     DryRunOpt, EpOpt, ExpDirOpt, ExtraArgs, Fp8Opt, JsonOpt, NoCommitOpt, NodesOpt, NotesOpt, NprocOpt, OverrideOpt,
@@ -91,9 +92,7 @@ def run(
             ok = check_as_run(cfg, request, slurm=slurm, nodes=nodes, detach=detach, requeue=requeue, repeat=repeat,
                               json_out=json_out)
             raise typer.Exit(EXIT_OK if ok else EXIT_GUARD)
-        from moectl.cli.sweep import _recover_dead_index_lock
-
-        _recover_dead_index_lock(cfg)
+        recover_dead_index_lock(cfg)
     except UsageError as exc:
         if dry_run and json_out:
             print_json(check_error_json(exc))

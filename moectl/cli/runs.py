@@ -161,7 +161,7 @@ def runs_cmd(
 
 
 def _group_cell(rec) -> Optional[str]:
-    """`<group id> (repeat 2 of 3; `moectl compare <tag>` compares the group)`, None for a lone run."""
+    """`<group id> (repeat 2 of 3; `moectl show <group id>` shows the group)`, None for a lone run."""
     if not rec.group:
         return None
     from moectl.repeats import planned_repeats

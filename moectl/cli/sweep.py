@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from moectl.cli.common import app, error, handle_errors, print_json, stderr, stdout, stops_like_ctrl_c
+from moectl.cli.common import (app, error, handle_errors, print_json, recover_dead_index_lock, stderr, stdout,
+                               stops_like_ctrl_c)
 from moectl.cli.options import ConfigOpt, DetachOpt, JsonOpt, OverrideOpt, SlurmOpt, WaitGpusOpt, PATH
 from moectl.errors import EXIT_OK, UsageError
 
@@ -123,7 +124,7 @@ def sweep(
             if owed:
                 out(f"  the final report of {resumed_from} was never written: the resume writes and commits it")
         raise typer.Exit(EXIT_OK)
-    _recover_dead_index_lock(cfg)
+    recover_dead_index_lock(cfg)
 
     def on_wait(results, waited_s):
         waiting = ", ".join(r.name for r in results if not (r.ok or r.overridden))
@@ -242,9 +243,7 @@ def summary(
     commit = output is None and not no_commit
     # A killed moectl's .git/index.lock: finished or undone now, not only by a commit (a summary
     # with nothing new to commit would leave it blocking every git command, index out of date).
-    recovered = gitops.recover_dead_index_lock(cfg.root)
-    if recovered:
-        stderr.print(f"note: {recovered}", markup=False)
+    recover_dead_index_lock(cfg)
     # As every file moectl writes (exit 3), and before anything is: the file, then where it goes.
     refuse_read_only(cfg, output if output is not None else summary_path(cfg), "-o" if output is not None else SUMMARY_NAME)
     if commit:
@@ -286,12 +285,3 @@ def summary(
         error(f"{SUMMARY_NAME} not committed: {failure.message}; the file is left as it was")
         raise typer.Exit(failure.exit_code)
 
-
-def _recover_dead_index_lock(cfg) -> None:
-    """Before a run or a sweep: a killed moectl's .git/index.lock finished or undone now, so the git
-    guard and the run's git.diff see the repository as it is (not at a commit's half-way point)."""
-    from moectl import gitops
-
-    recovered = gitops.recover_dead_index_lock(cfg.root)
-    if recovered:
-        stderr.print(f"note: {recovered}", markup=False)
