@@ -207,7 +207,9 @@ def guard_no_other_training(cfg: Config, plan: RunPlan, obs: Observed) -> GuardR
         problems.append(f"{who} ({oldest / 60:.1f} min old" + (f", run dir {run_dir})" if run_dir else ")"))
     lock = obs.lock
     note = ""
-    if lock and not lock.get("stale"):
+    if lock and not lock.get("stale") and lock.get("pid") is None and lock.get("run_id") is None:
+        problems.append(f"the run lock {lock.get('path')} is {lock.get('reason') or 'there'}; another moectl may hold it")
+    elif lock and not lock.get("stale"):
         problems.append(f"moectl pid {lock.get('pid')} on {lock.get('host')} holds the run lock for {lock.get('run_id')}")
     elif lock:
         note = f"; stale lock of pid {lock.get('pid')} will be taken over"

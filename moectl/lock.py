@@ -111,6 +111,8 @@ def read_holder(root: Path, name: str = LOCK_NAME) -> Optional[LockHolder]:
         data = path.read_bytes()
     except (FileNotFoundError, NotADirectoryError):  # no lock; an artifact_root that is a file: no lock either
         return None
+    except OSError as exc:  # another user's lock we may not read, a directory in its place: held, unnamed
+        return LockHolder(None, None, None, None, None, False, str(path), f"unreadable ({exc.strerror or exc})")
     return _holder_from_bytes(data, path)
 
 

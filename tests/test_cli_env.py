@@ -379,6 +379,21 @@ def test_running_training_process_refuses(project, fake_training):
     assert code == 3 and f"pid {fake_training.pid}" in g["no_other_training"]["message"]
 
 
+def test_a_run_lock_that_cannot_be_read_is_held_said_by_status_and_refused_by_check(project, artifact_root):
+    """Another user's lock this user may not read, or a directory in its place: status crashed
+    (exit 2, no status at all) and check --json lost its guards. Held by someone unnamed, it is."""
+    (artifact_root / ".moectl.lock").mkdir(parents=True)
+    r = invoke("status")
+    assert r.exit_code == 0, r.output
+    assert f"lock        held: {artifact_root / '.moectl.lock'} (unreadable (Is a directory))" in r.stdout
+    lock = json.loads(invoke("status", "--json").stdout)["lock"]
+    assert (lock["pid"], lock["stale"], lock["reason"]) == (None, False, "unreadable (Is a directory)")
+    code, _, g = check_json()
+    assert code == 3 and not g["no_other_training"]["ok"]
+    assert f"the run lock {artifact_root / '.moectl.lock'} is unreadable (Is a directory); another moectl may hold it" \
+        in g["no_other_training"]["message"]
+
+
 def test_live_lock_refuses_and_stale_lock_does_not(project, artifact_root):
     owner = live_owner()
     try:

@@ -128,7 +128,7 @@ def _render_status(s: dict) -> None:
     else:
         state = f"STALE ({lock['reason']})" if lock["stale"] else "held"
         if lock["pid"] is None and lock["run_id"] is None:  # a file nobody can be named from
-            out(f"lock        {state}: {lock['path']}")
+            out(f"lock        {state}: {lock['path']}" + (f" ({lock['reason']})" if not lock["stale"] and lock["reason"] else ""))
         else:
             out(f"lock        {state}: pid {lock['pid']} on {lock['host']}, run {lock['run_id']}, since {lock['started_at']}")
     g = s["git"]
