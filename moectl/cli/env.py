@@ -330,7 +330,7 @@ def check(
     """
     from moectl import store
     from moectl.config import load_config
-    from moectl.errors import UsageError
+    from moectl.errors import MoectlError
     from moectl.plan import make_request
 
     try:
@@ -346,7 +346,7 @@ def check(
             resolve_baseline(cfg.artifact_root, baseline)  # the run would refuse a baseline it cannot find
         ok = check_as_run(cfg, request, slurm=slurm, nodes=nodes, detach=detach, requeue=requeue, repeat=repeat,
                           json_out=json_out)
-    except UsageError as exc:
+    except MoectlError as exc:  # a usage error, or a guard's probe that could not look (still a check document)
         if json_out:
             print_json(check_error_json(exc))
         raise

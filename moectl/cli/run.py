@@ -10,7 +10,7 @@ from moectl.cli.options import (
     DryRunOpt, EpOpt, ExpDirOpt, ExtraArgs, Fp8Opt, JsonOpt, NoCommitOpt, NodesOpt, NotesOpt, NprocOpt, OverrideOpt,
     PresetOpt, QuietOpt, RepeatOpt, RequeueOpt, SeedOpt, SlurmOpt, StepsOpt, TagOpt, WaitGpusOpt, request_kwargs,
 )
-from moectl.errors import EXIT_GUARD, EXIT_OK, UsageError
+from moectl.errors import EXIT_GUARD, EXIT_OK, MoectlError, UsageError
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -93,7 +93,7 @@ def run(
                               json_out=json_out)
             raise typer.Exit(EXIT_OK if ok else EXIT_GUARD)
         recover_dead_index_lock(cfg)
-    except UsageError as exc:
+    except MoectlError as exc:  # (a usage error, or a probe that could not look: --dry-run --json still says ok/guards)
         if dry_run and json_out:
             print_json(check_error_json(exc))
         raise  # (a plain --json run: handle_errors prints the error document)
