@@ -136,6 +136,16 @@ _BY_TYPE = {"start": StartInfo, "step": StepMetrics, "summary": RunSummary}
 # Field names per record type, computed once: dataclasses.fields() per line dominated the cost of
 # reading a store's metrics (`moectl compare` over 100 runs parses ~30k lines).
 _KNOWN = {kind: frozenset(f.name for f in fields(cls)) for kind, cls in _BY_TYPE.items()}
+# The number fields of each type: a string where a number goes ("dt_ms": "12") made every reader of
+# the file fail (an internal error), not skip that line. `type(v) in` is the per-line-cheap test (a
+# bool is not a number here, and its type is neither int nor float).
+_INTEGERS = {kind: frozenset(f.name for f in fields(cls) if f.type in ("int", "Optional[int]"))
+             for kind, cls in _BY_TYPE.items()}
+_FLOATS = {kind: frozenset(f.name for f in fields(cls) if f.type in ("float", "Optional[float]"))
+           for kind, cls in _BY_TYPE.items()}
+_NULLABLE = {kind: frozenset(f.name for f in fields(cls) if f.type.startswith("Optional["))
+             for kind, cls in _BY_TYPE.items()}
+_INT, _NUMBER = frozenset({int}), frozenset({int, float})
 
 
 def to_line(record: Record) -> str:
@@ -176,13 +186,15 @@ def parse_record(data: Any) -> Record:
         record = cls(**kwargs)
     except TypeError as exc:
         raise ValueError(f"bad {kind} record: {exc}") from None
-    if isinstance(record, StepMetrics):
-        if not isinstance(record.step, int) or isinstance(record.step, bool):
-            raise ValueError("step is not an integer")
-        if record.loss is None:  # the loss key is there, null: the step's loss was not finite
-            record.loss = math.nan
-        elif not isinstance(record.loss, (int, float)) or isinstance(record.loss, bool):
-            raise ValueError("loss is not a number")
+    if isinstance(record, StepMetrics) and record.loss is None:
+        record.loss = math.nan  # the loss key is there, null: the step's loss was not finite
+    integers, floats = _INTEGERS[kind], _FLOATS[kind]
+    for name, value in kwargs.items():
+        if name in floats:
+            if type(value) not in _NUMBER and not (value is None and (name in _NULLABLE[kind] or name == "loss")):
+                raise ValueError(f"{name} is not a number: {value!r}")
+        elif name in integers and type(value) not in _INT and not (value is None and name in _NULLABLE[kind]):
+            raise ValueError(f"{name} is not an integer: {value!r}")
     return record
 
 

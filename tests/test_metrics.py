@@ -6,6 +6,7 @@ seed study's published numbers; none is computed by the code under test.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,27 @@ def test_read_metrics_skips_and_counts_malformed_lines_and_keeps_last_duplicate(
     assert m.steps[3].tok_per_sec == 2100.0 and m.steps[3].loss == 4.2
     assert m.start is not None and m.start.world_size == 2
     assert m.summary is not None and m.summary.total_time_s == 90.0
+
+
+@pytest.mark.parametrize("line, why", [
+    ('{"type":"step","step":0,"loss":1.0,"dt_ms":"12"}', "dt_ms is not a number: '12'"),
+    ('{"type":"step","step":0,"loss":1.0,"tok_per_sec":true}', "tok_per_sec is not a number: True"),
+    ('{"type":"step","step":0,"loss":"1.0"}', "loss is not a number: '1.0'"),
+    ('{"type":"step","step":1.5,"loss":1.0}', "step is not an integer: 1.5"),
+    ('{"type":"start","steps":"40","world_size":1,"tokens_per_step":1,"device":"cpu"}', "steps is not an integer: '40'"),
+    ('{"type":"summary","steps":4,"world_size":1,"total_time_s":"9"}', "total_time_s is not a number: '9'"),
+])
+def test_a_field_that_is_not_a_number_makes_its_line_malformed(tmp_path, line, why):
+    """A string where a number goes made every reader of the file (import, show, compare, export)
+    an internal error (`int + str`): it is one malformed line, skipped and counted."""
+    from engine.schema import parse_line
+
+    with pytest.raises(ValueError, match=re.escape(why)):
+        parse_line(line)
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(line + "\n" + '{"type":"step","step":2,"loss":0.5,"dt_ms":10,"tok_per_sec":1000}\n')
+    m = read_metrics(path)
+    assert m.skipped == 1 and [s.step for s in m.steps] == [2] and m.steps[0].dt_ms == 10  # ints are numbers
 
 
 def test_read_metrics_missing_file_is_empty_not_an_error(tmp_path):
