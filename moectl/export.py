@@ -143,6 +143,9 @@ def export_csv(runs: Sequence[RunRecord], out_dir: Path, window: int, warmup_ste
 
     ensure_dir(out_dir)
     steps_path, summary_path = out_dir / STEPS_CSV, out_dir / SUMMARY_CSV
+    for path in (steps_path, summary_path):  # before either is written: a rename that fails second
+        if path.is_dir() and not path.is_symlink():  # would leave a new summary.csv beside the old steps.csv
+            raise UsageError(f"{path} is a directory; the export writes a file there: nothing was written")
     # Both files are written (and fsynced) before either replaces its old one: a full disk or an
     # odd target leaves the old pair, never a steps.csv of these runs beside a summary.csv of others.
     with atomic_file(steps_path) as steps_fh, atomic_file(summary_path) as summary_fh:

@@ -194,6 +194,15 @@ def test_export_errors_exit_2_one_line(project, artifact_root, tmp_path):
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and str(pair / "summary.csv") in r.stderr
     assert ".tmp" not in r.stderr and (pair / "steps.csv").read_text() == old_steps
     assert sorted(p.name for p in pair.iterdir()) == ["steps.csv", "summary.csv"]  # no temp file left
+    # ... and the other way round: a steps.csv that cannot be replaced left summary.csv replaced
+    (pair / "summary.csv").rmdir()
+    assert invoke("export", "a", "--csv", str(pair)).exit_code == 0
+    old_summary = (pair / "summary.csv").read_text()
+    (pair / "steps.csv").unlink()
+    (pair / "steps.csv").mkdir()
+    r = invoke("export", "b", "--csv", str(pair))
+    assert r.exit_code == 2 and str(pair / "steps.csv") in r.stderr and "nothing was written" in r.stderr
+    assert (pair / "summary.csv").read_text() == old_summary
 
 
 def test_the_error_of_a_worker_killed_without_a_word_is_torchruns_report_not_a_progress_line():
