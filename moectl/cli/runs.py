@@ -289,7 +289,7 @@ def show_cmd(
         after = ((", all warm-up" if not s.clean else f", after {s.warmup_steps} warm-up steps")
                  if s.warmup_steps else "")
         out(f"summary (last {s.steps} of window {s.window}{after}): tok/sec {tail(s.tok_per_sec)} · "
-            f"dt {tail(s.dt_ms)} ms · MFU {tail(s.mfu, 4)}% · peak {_num(s.peak_mem_mib)} MiB · "
+            f"dt {tail(s.dt_ms)} ms · MFU {tail(s.mfu, 4) + ('%' if s.mfu is not None else '')} · peak {_num(s.peak_mem_mib)} MiB · "
             f"{_num(s.total_time_min)} min · final loss {_final_loss(s)} · drop {tail(s.drop_frac, 4)}",
             markup=False)
         if s.note:
@@ -628,7 +628,7 @@ def import_cmd(
         after = (" (warm-up only)" if not s.clean else f" after {s.warmup_steps} warm-up") if s.warmup_steps else ""
         stdout.print(
             f"tail {s.steps}{after}: tok/sec {tail(s.tok_per_sec)} · dt {tail(s.dt_ms)} ms · "
-            f"MFU {tail(s.mfu, 4)}% · peak {_num(s.peak_mem_mib)} MiB · {_num(s.total_time_min)} min · "
+            f"MFU {tail(s.mfu, 4) + ('%' if s.mfu is not None else '')} · peak {_num(s.peak_mem_mib)} MiB · {_num(s.total_time_min)} min · "
             f"final loss {_final_loss(s)}",
             markup=False,
         )
