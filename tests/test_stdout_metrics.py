@@ -120,7 +120,7 @@ def test_a_pattern_that_never_matches_is_a_warning_not_a_crash():
 
 
 def test_an_optional_group_that_takes_no_part_is_a_missing_field_not_a_crash():
-    """`(?:lr=([\d.]+)|L=[\d.]+)` matches a line whose group is empty: that line has no lr. It was
+    r"""`(?:lr=([\d.]+)|L=[\d.]+)` matches a line whose group is empty: that line has no lr. It was
     an AttributeError that stopped the live parser for the rest of the run (and `import` exit 1)."""
     fmt = StdoutFormat.build("regex", step=r"iter (\d+):|epoch end", tokens_per_step=r"tokens: (\d+)|no tokens",
                              patterns={"loss": r"loss ([\d.]+)", "lr": r"(?:lr=([\d.]+)|L=[\d.]+)"})
