@@ -25,8 +25,11 @@ def ensure_dir(directory: Path) -> None:
     except (FileExistsError, NotADirectoryError):
         from moectl.errors import UsageError
 
-        blocker = next((p for p in [directory, *directory.parents] if p.exists() and not p.is_dir()), directory)
-        raise UsageError(f"cannot make directory {directory}: {blocker} is a file, not a directory") from None
+        blocker = next((p for p in [directory, *directory.parents]
+                        if p.is_symlink() and not p.exists() or p.exists() and not p.is_dir()), directory)
+        what = (f"a link to {os.readlink(blocker)}, which does not exist" if blocker.is_symlink() and not blocker.exists()
+                else "a file, not a directory")
+        raise UsageError(f"cannot make directory {directory}: {blocker} is {what}") from None
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -143,7 +146,10 @@ def create_new_file(path: Path, text: str, mode: Optional[int] = None) -> bool:
     never sees half of it. (The run lock and new reports are created this way.)"""
     path = Path(path)
     mode = new_file_mode() if mode is None else mode
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
+    except OSError as exc:  # name the file asked for (`moectl init some/missing/dir`), not the temp name
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)

@@ -42,6 +42,9 @@ def test_init_writes_the_template_and_refuses_to_overwrite(tmp_path, monkeypatch
     assert sorted(os.listdir(tmp_path)) == [CONFIG_NAME]  # adds nothing else
     r = invoke("init")
     assert r.exit_code == 2 and "already exists" in r.stderr and "Traceback" not in r.output
+    # a directory that is not there: the error names the file asked for, not moectl's temp file
+    r = invoke("init", "no/such/dir")
+    assert r.exit_code == 2 and "no/such/dir/.moectl.toml" in r.stderr and ".tmp" not in r.stderr, r.stderr
 
 
 def test_init_in_a_repository_takes_its_branch_and_says_what_comes_next(tmp_path, monkeypatch):

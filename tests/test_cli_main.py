@@ -75,6 +75,9 @@ def test_a_file_where_a_directory_must_be_is_named_not_an_errno(tmp_path):
         ensure_dir(tmp_path / "afile" / "sub" / "d")
     ensure_dir(tmp_path / "new" / "dir")
     assert (tmp_path / "new" / "dir").is_dir()
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")  # not "a file": a link to nothing
+    with pytest.raises(UsageError, match=f"{tmp_path}/dangling is a link to {tmp_path}/gone, which does not exist"):
+        ensure_dir(tmp_path / "dangling" / "out")
     r = moectl("import", str(tmp_path), "--format", "csv", "--name", "x", cwd=tmp_path)
     assert r.returncode == 2 and f"{tmp_path} is a directory; give the log file in it" in r.stderr
 
