@@ -87,13 +87,15 @@ def collect_series(runs: Sequence[RunRecord], metric: str) -> tuple[list[Series]
         m = read_metrics(Path(rec.exp_dir) / METRICS_FILENAME)
         values = [(s.step, float(getattr(s, metric))) for s in m.steps if getattr(s, metric) is not None]
         points = [(step, v) for step, v in values if math.isfinite(v)]
-        if len(points) < len(values):
+        if points and len(points) < len(values):  # (none finite at all: the one line below says so)
             first = next(step for step, v in values if not math.isfinite(v))
             warnings.append(f"{rec.id}: {metric} not finite at {len(values) - len(points)} of {len(values)} steps "
                             f"(from step {first}); not drawn")
         if not points:
+            first = next((step for step, v in values if not math.isfinite(v)), None)
             why = ("no metrics.jsonl steps" if not m.steps else
-                   f"no {'finite ' if values else ''}{metric} values in {len(m.steps)} steps")
+                   f"no {'finite ' if values else ''}{metric} values in {len(m.steps)} steps"
+                   + (f" (not finite from step {first})" if first is not None else ""))
             warnings.append(f"{rec.id}: {why}; left out of the {metric} plot")
             continue
         series.append(Series(label, rec.id, [p[0] for p in points], [p[1] for p in points]))

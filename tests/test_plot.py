@@ -125,6 +125,18 @@ def test_run_without_the_metric_is_skipped_with_a_warning(project, artifact_root
     assert "Traceback" not in r.output and not (tmp_path / "none.png").exists()
 
 
+def test_a_run_whose_loss_is_never_finite_is_warned_about_once(artifact_root):
+    """All NaN: one line (left out, and from which step), not two (also "not finite at 5 of 5")."""
+    from moectl.plot import collect_series
+
+    rec = make_run(artifact_root, "nan", 3, n=5)
+    path = Path(rec.exp_dir) / METRICS_FILENAME
+    path.write_text("".join(to_line(StepMetrics(step=i, loss=float("nan"), dt_ms=1.0)) + "\n" for i in range(5)))
+    series, warnings = collect_series([rec], "loss")
+    assert series == [] and warnings == [f"{rec.id}: no finite loss values in 5 steps (not finite from step 0); "
+                                         "left out of the loss plot"]
+
+
 def test_bad_metric_and_unknown_run_exit_2_one_line(project, artifact_root, tmp_path):
     make_run(artifact_root, "a", 1)
     r = invoke("plot", "a", "--metric", "speed", "-o", str(tmp_path / "x.png"))
