@@ -624,15 +624,19 @@ def observe(cfg: Config, plan: Optional["RunPlan"] = None, nvml: Optional[NvmlRe
 # ------------------------------------------------------------------------------------------- status
 
 
-def _recent_runs(cfg: Config, n: int = 5) -> Optional[list[dict]]:
-    """The newest runs from the run store (as `runs --json` prints them), or None when the store
-    cannot be read."""
+def _recent_runs(cfg: Config, n: int = 5) -> tuple[Optional[list[dict]], Optional[str], list[str]]:
+    """(the newest runs from the run store, as `runs --json` prints them, or None when the store
+    cannot be read; why not; one message per run record that cannot be read)."""
     from moectl.runindex import scan_run_json  # pydantic-free for records validated before
 
+    root = Path(cfg.artifact_root)
+    if root.exists() and not root.is_dir():
+        return None, f"artifact_root {root} is a file, not a directory", []
     try:
-        return scan_run_json(cfg.artifact_root)[0][:n]
-    except Exception:  # a broken store must not break `status`
-        return None
+        runs, corrupt = scan_run_json(root)
+    except Exception as exc:  # a broken store must not break `status`
+        return None, f"{type(exc).__name__}: {exc}", []
+    return runs[:n], None, corrupt
 
 
 def collect_status(config_path: Optional[Path] = None, cwd: Optional[Path] = None) -> dict:
@@ -650,7 +654,8 @@ def collect_status(config_path: Optional[Path] = None, cwd: Optional[Path] = Non
             cfg = read_default_config(cwd)
         except UsageError:  # no working directory at all (deleted under the shell): the rest still answers
             cfg = read_default_config(Path.home())
-    recent_runs = _recent_runs(cfg)  # first: reading settles a killed moectl's run and removes its lock
+    # First: reading settles a killed moectl's run and removes its lock.
+    recent_runs, runs_error, unreadable = _recent_runs(cfg)
     from moectl import gitops
 
     # Before git's state is read: a killed moectl's index.lock is finished or undone (its staged
@@ -682,6 +687,8 @@ def collect_status(config_path: Optional[Path] = None, cwd: Optional[Path] = Non
         },
         "venv": asdict(obs.venv) if obs.venv else None,
         "recent_runs": recent_runs,
+        "recent_runs_error": runs_error,  # why recent_runs is null
+        "unreadable_runs": unreadable,  # run records that cannot be read (`moectl runs` names them too)
         **slurm_queue(cfg),
     }
 

@@ -182,6 +182,25 @@ def test_status_without_config_is_still_a_status(tmp_path, monkeypatch):
     assert r.exit_code == 0 and "moectl init" in r.stdout
 
 
+def test_status_names_unreadable_run_records_and_why_it_has_no_runs(project, artifact_root):
+    """A corrupt run.json was left out without a word (`runs` warns of it), and an artifact_root that
+    is a file gave `recent runs: unavailable` with no reason."""
+    bad = artifact_root / "20260101_000000_moe-bad"
+    bad.mkdir(parents=True)
+    (bad / "run.json").write_text("{not json")
+    data = json.loads(invoke("status", "--json").stdout)
+    assert data["recent_runs"] == [] and len(data["unreadable_runs"]) == 1 and "moe-bad" in data["unreadable_runs"][0]
+    r = invoke("status")
+    assert r.exit_code == 0 and "  unreadable: " in r.stdout and "moe-bad" in r.stdout
+    import shutil
+
+    shutil.rmtree(artifact_root)
+    artifact_root.write_text("not a directory\n")
+    data = json.loads(invoke("status", "--json").stdout)
+    assert data["recent_runs"] is None and data["recent_runs_error"] == f"artifact_root {artifact_root} is a file, not a directory"
+    assert f"recent runs: unavailable (artifact_root {artifact_root} is a file, not a directory)" in invoke("status").stdout
+
+
 def test_status_with_an_invalid_config_reports_it(project):
     (project / CONFIG_NAME).write_text("[gpu]\nmax_util_pct = \"x\"\n")
     r = invoke("status", "--json")

@@ -156,13 +156,15 @@ def _render_status(s: dict) -> None:
             out(f"  job {j['job_id']}  {j['state']}  {j['nodes']} node(s)  {j['elapsed']}  {j['run_id']}{where}")
     runs = s["recent_runs"]
     if runs is None:
-        out("recent runs: unavailable")
+        out("recent runs: unavailable" + (f" ({s['recent_runs_error']})" if s.get("recent_runs_error") else ""))
     else:
         out(f"recent runs {len(runs) or 'none'}")
         for r in runs:
             tps = (r.get("summary") or {}).get("tok_per_sec")
             warm = (r.get("summary") or {}).get("clean") is False  # no step past the warm-up
             out(f"  {r['id']}  {r['status']}" + (f"  {tps:,.0f} tok/s" + ("† (warm-up only)" if warm else "") if tps else ""))
+    for line in s.get("unreadable_runs") or []:
+        out(f"  unreadable: {line}")
 
 
 @app.command()
