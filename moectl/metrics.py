@@ -504,9 +504,13 @@ def compare(runs: Sequence[RunMetrics], baseline_index: int = 0, window: int = 5
     # A group's between-runs error has repeats - 1 degrees of freedom; a window's, as good as infinite.
     dfs = [len(r.members) - 1 if r.is_group else None for r in runs]
     base, base_errs, base_df = summaries[baseline_index], errors[baseline_index], dfs[baseline_index]
+    base_ids = set(runs[baseline_index].member_ids if runs[baseline_index].is_group else [runs[baseline_index].id])
     out: list[RunComparison] = []
-    for r, summ, errs, df in zip(runs, summaries, errors, dfs):
-        both_clean = summ.clean and base.clean
+    for i, (r, summ, errs, df) in enumerate(zip(runs, summaries, errors, dfs)):
+        # A run beside a group that holds it (or two groups sharing runs): not independent samples,
+        # so no "beyond noise" either way (the test assumes two independent means).
+        shared = i != baseline_index and bool(base_ids & set(r.member_ids if r.is_group else [r.id]))
+        both_clean = summ.clean and base.clean and not shared
         mvs = {}
         for m in METRICS:
             value = getattr(summ, m)
@@ -525,8 +529,13 @@ def compare(runs: Sequence[RunMetrics], baseline_index: int = 0, window: int = 5
                                  noise=BETWEEN_RUNS if r.is_group else WITHIN_RUN,
                                  run_ids=list(r.member_ids) if r.is_group else [r.id], unfinished=r.unfinished,
                                  stopped=r.stopped, left_out=list(r.left_out)))
-    return Comparison(baseline=runs[baseline_index].id, window=window, runs=out,
-                      notes=_notes(out, window, warmup_steps), warmup_steps=warmup_steps)
+    notes = _notes(out, window, warmup_steps)
+    base_row = out[baseline_index]
+    for row in out:
+        if row is not base_row and set(row.run_ids) & set(base_row.run_ids):
+            notes.append(f"not independent: {row.tag or row.id} and the baseline {base_row.tag or base_row.id} share "
+                         f"run(s) {', '.join(sorted(set(row.run_ids) & set(base_row.run_ids)))}: no noise verdict")
+    return Comparison(baseline=runs[baseline_index].id, window=window, runs=out, notes=notes, warmup_steps=warmup_steps)
 
 
 def _notes(rows: list[RunComparison], window: int, warmup_steps: int = 0) -> list[str]:

@@ -83,6 +83,19 @@ def test_groups_compare_on_the_mean_of_tail_means_with_the_between_runs_error():
     assert vb.beyond_noise == (abs(vb.value - va.value) > k * math.hypot(va.stderr, vb.stderr))
 
 
+def test_a_group_beside_one_of_its_own_runs_gets_no_noise_verdict():
+    """The group's mean includes that run: the two are not independent samples, and a `*` between
+    them would claim what the test cannot say."""
+    members = [fixture_metrics(f"--seed={s}", "--dt_ms=10.0") for s in (0, 1, 2)]
+    group = RunMetrics(id="g", tag="g", metrics=members[-1], members=members, member_ids=["g0", "g1", "g2"])
+    own = RunMetrics(id="g1", tag="g1", metrics=members[1])
+    other = RunMetrics(id="o", tag="o", metrics=fixture_metrics("--seed=9", "--dt_ms=50.0"))
+    c = compare([group, own, other], window=50, warmup_steps=10)
+    assert c.runs[1].metrics["dt_ms"].beyond_noise is None
+    assert c.runs[2].metrics["dt_ms"].beyond_noise is True  # an independent run still gets its verdict
+    assert "not independent: g1 and the baseline g share run(s) g1: no noise verdict" in c.notes
+
+
 def test_student_t_critical_values_are_the_textbooks():
     from moectl.noise import t_critical, welch_df
 
