@@ -883,3 +883,23 @@ def test_moectl_commit_never_commits_the_users_edits_to_a_no_commit_report(proj,
     assert ("has changes staged in the index" if edit == "staged_and_unstaged" else "has uncommitted changes") in line
     assert head(proj) == head0 and tree_state(proj) == before and report.read_bytes() == text
     assert record(exp)["commit"] is None and (rec["report"], rec["report_blob"]) == (str(report), blob)
+
+
+def test_moectl_commit_of_a_repeat_group_commits_every_repeats_report(proj, artifact_root):
+    """`run --repeat 2 --no-commit` leaves two reports; `moectl commit <tag>` committed only the
+    newest repeat's, and the group's own id was "no run matches"."""
+    r = run("--device", "cpu", "--steps", "3", "--tag", "grp", "--repeat", "2", "--no-commit", *QUIET, *FAST)
+    assert r.exit_code == 0, r.output
+    reports = sorted((proj / "reports").glob("*_grp-r*.md"))
+    assert len(reports) == 2 and not any(p.relative_to(proj).as_posix() in commit_files(proj) for p in reports)
+    [group] = {record(d)["group"] for d in run_dirs(artifact_root)}
+    head0 = head(proj)
+    r = runner.invoke(app, ["commit", "grp", "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["group"] == group and [x["created"] for x in data["runs"]] == [True, True]
+    committed = set(git(proj, "log", "--name-only", "--format=", f"{head0}..HEAD").split())
+    assert {p.relative_to(proj).as_posix() for p in reports} <= committed
+    r = runner.invoke(app, ["commit", group])  # by its id: already committed, both
+    assert r.exit_code == 0 and r.stdout.count("is already committed") == 2, r.output
+

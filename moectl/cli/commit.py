@@ -26,28 +26,45 @@ def commit_cmd(
     git refusing the branch update (a reference-transaction hook), or your own edits in the
     report; nothing moved.
 
+    A repeat group (its id, or the tag of `run --repeat N --no-commit`) commits the report of
+    each of its repeats that ended (--json: {"group", "runs": [...]}).
+
     Examples:
       [bold]moectl commit 20250224_182427_moe-bufreuse[/bold]
       [bold]moectl commit bufreuse --json[/bold]
     """
     from moectl.commit import commit_run_report
     from moectl.config import load_config
-    from moectl.store import resolve_run
+    from moectl.repeats import means_group
+    from moectl.store import list_runs, resolve_run
 
     cfg = load_config(config)
-    record = resolve_run(cfg.artifact_root, run)
+    runs = list_runs(cfg.artifact_root)
+    # A repeat group (its id, or a tag whose newest run is one of its repeats, as `compare` reads
+    # it): every repeat that ended has a report of its own, all committed, one after another.
+    group = run if any(r.group == run for r in runs) else None
+    if group is None:
+        record = resolve_run(cfg.artifact_root, run, runs)
+        group = record.group if means_group(run, record) else None
+    records = (sorted((r for r in runs if r.group == group and r.status in ("completed", "failed", "interrupted")),
+                      key=lambda r: (r.repeat or 0, r.id)) if group else [record])
 
     def on_wait(lock) -> None:
         stderr.print(f"waiting for {lock} (another git process holds it)", markup=False)
 
-    result = commit_run_report(cfg, record, on_wait=on_wait)
-    for line in result.warnings:
-        stderr.print(f"warning: {line}", markup=False)
+    done = []
+    for record in records:  # the first refusal stops it (the same cause would stop the rest); those before stay
+        result = commit_run_report(cfg, record, on_wait=on_wait)
+        for line in result.warnings:
+            stderr.print(f"warning: {line}", markup=False)
+        done.append({"run": result.run_id, "report": str(result.report), "paths": [str(p) for p in result.paths],
+                     "commit": result.commit, "created": result.created})
+        if json_out:
+            continue
+        if result.created:
+            names = ", ".join(p.name for p in result.paths)
+            stdout.print(f"committed {result.commit[:10]} ({names}; nothing else)", markup=False)
+        else:
+            stdout.print(f"{result.report.name} is already committed in {result.commit[:10]}; nothing to do", markup=False)
     if json_out:
-        print_json({"run": result.run_id, "report": str(result.report), "paths": [str(p) for p in result.paths],
-                    "commit": result.commit, "created": result.created})
-    elif result.created:
-        names = ", ".join(p.name for p in result.paths)
-        stdout.print(f"committed {result.commit[:10]} ({names}; nothing else)", markup=False)
-    else:
-        stdout.print(f"{result.report.name} is already committed in {result.commit[:10]}; nothing to do", markup=False)
+        print_json({"group": group, "runs": done} if group else done[0])
