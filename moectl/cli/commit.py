@@ -48,6 +48,10 @@ def commit_cmd(
         group = record.group if means_group(run, record) else None
     records = (sorted((r for r in runs if r.group == group and r.status in ("completed", "failed", "interrupted")),
                       key=lambda r: (r.repeat or 0, r.id)) if group else [record])
+    if not records:
+        from moectl.errors import UsageError
+
+        raise UsageError(f"group {group} has no run that ended yet: reports are written when a run ends")
 
     def on_wait(lock) -> None:
         stderr.print(f"waiting for {lock} (another git process holds it)", markup=False)
