@@ -53,6 +53,7 @@ from typing import IO, Callable, Optional, Protocol
 import psutil
 
 from moectl.progress import MetricsFollower, ProgressSink
+from moectl.text import tail_line
 
 LOG_TAIL_LINES = 40
 # torchrun's elastic agent logs this once a worker fails, before ~35 lines of its own traceback and
@@ -252,9 +253,6 @@ def _has_exited(pid: int) -> bool:
         return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
     except ChildProcessError:
         return True
-
-
-from moectl.text import TAIL_LINE_CHARS, tail_line  # noqa: E402,F401  (TAIL_LINE_CHARS: tests read it here too)
 
 
 class _Tee(threading.Thread):

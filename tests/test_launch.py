@@ -221,7 +221,7 @@ def test_the_tail_a_record_keeps_is_text_of_bounded_lines(tmp_path):
     """A trainer that printed 2 MB lines (a tensor, a config dump) put all of them into run.json and
     the committed report, and its NULs and colours made git take the report for a binary file. The
     log keeps every byte; the tail keeps text, each line cut at TAIL_LINE_CHARS, saying so."""
-    from moectl.launch import TAIL_LINE_CHARS
+    from moectl.text import TAIL_LINE_CHARS
 
     code = ("import sys\n"
             "sys.stdout.write('\\x1b[31mError\\x1b[0m: bad\\x00value ' + 'x' * 2_000_000 + '\\n')\n"

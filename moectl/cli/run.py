@@ -200,23 +200,22 @@ def run(
     if json_out:  # summary: null unless every repeat completed (a mean over some of them would mislead)
         print_json({"group": group, "repeats": repeat, "runs": runs,
                     "summary": group_summary_json(*summary) if summary else None})
-    elif code == EXIT_OK:
+    if code == EXIT_OK:  # (what a person reads: on stdout, or beside --json's document on stderr)
         fallbacks = sorted({d["group"] for d in runs if d.get("group") and d["group"] != group})
         if summary:
-            stdout.print(f"group {group}: " + group_mean_line(*summary, repeat), markup=False)
-            stdout.print(f"group {group}: {repeat} runs; compare, show, plot and export take the whole group by its "
-                         f"tag {requests[0].tag}", markup=False)
+            say(f"group {group}: " + group_mean_line(*summary, repeat))
+            say(f"group {group}: {repeat} runs; compare, show, plot and export take the whole group by its "
+                f"tag {requests[0].tag}")
         else:
-            stdout.print(f"group {group}: {len(done)}/{repeat} completed; no group mean", markup=False)
+            say(f"group {group}: {len(done)}/{repeat} completed; no group mean")
         if fallbacks:  # torch.compile failed: the figures are the re-runs', under their own group and tag
             tags = sorted({d["tag"] for d in runs if d.get("group") in fallbacks})
-            stdout.print(f"torch.compile failed in {repeat - len(done)} of {repeat} repeats; their --compile none "
-                         f"re-runs are group {', '.join(fallbacks)} (tag {', '.join(tags)})", markup=False)
+            say(f"torch.compile failed in {repeat - len(done)} of {repeat} repeats; their --compile none "
+                f"re-runs are group {', '.join(fallbacks)} (tag {', '.join(tags)})")
             for fb in fallbacks:  # the figures a person was waiting for, under the group they belong to
                 fb_done = [d["exp_dir"] for d in runs if d.get("group") == fb and d.get("status") == "completed"]
                 if len(fb_done) >= 2:
-                    stdout.print(f"group {fb}: " + group_mean_line(*group_summary_of(cfg, fb_done), len(fb_done)),
-                                 markup=False)
+                    say(f"group {fb}: " + group_mean_line(*group_summary_of(cfg, fb_done), len(fb_done)))
     if code != EXIT_OK and len(runs) < repeat:
         last = runs[-1]
         # A run record says its status; a refusal before anything was written is the guards' verdict.
