@@ -18,7 +18,8 @@ only at the end). Each redrawn bar is a line of its own, read as it arrives, and
 without a new step number (a refresh) is the same step, not another.
 
 What is never a step, whatever the patterns say:
-- a partial line (no newline or redraw yet: the trainer died mid-print, or is still printing it);
+- a partial line (no newline or redraw yet: the trainer died mid-print, or is still printing it;
+  or a rank-0 line that another rank's output cut in torchrun's tee);
 - a line from a rank other than 0 (torchrun's `[default1]:` / `[rank1]:` prefixes; a rank 0
   prefix is stripped, so a `--tee`d log parses like a plain one);
 - torchrun's and torch.distributed's own log lines (`W1127 12:00:00.123 4242 torch/...`,
@@ -260,9 +261,13 @@ class StdoutParser:
             if int(m.group(1)) != 0:
                 return []
             # torchrun's tee prefixes each piece it reads: a line printed in parts carries rank 0's
-            # prefix again where a part began (`loss: [rank0]:2.0`), mended here; where another
-            # rank's line landed in the middle of it, rank 0's part ends there.
-            line = _OTHER_RANK_SPLICE.split(_RANK0_SPLICE.sub("", line[m.end():]), 1)[0]
+            # prefix again where a part began (`loss: [rank0]:2.0`), mended here. Where another
+            # rank's output landed in the middle, rank 0's part was cut there (its rest, if any,
+            # comes on a line of its own): a partial line, never a step.
+            line = _RANK0_SPLICE.sub("", line[m.end():])
+            if _OTHER_RANK_SPLICE.search(line):
+                self.partial += 1
+                return []
         if self._traceback(line) or any(p.match(line) for p in _NOISE):
             return []
         rec = self._step(line)

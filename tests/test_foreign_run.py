@@ -144,9 +144,10 @@ def test_a_trainer_printing_on_every_rank_is_measured_on_rank_0_alone(git_repo, 
     """Under torchrun every rank's print reaches moectl. Without rank prefixes, each step was
     recorded once per rank (20 steps for 10) and the final loss was whichever rank printed last."""
     (git_repo / "train.py").write_text(
-        "import os, time\nrank = int(os.environ['RANK'])\n"
-        "for i in range(10):\n"
-        "    print(f'step {i:05d}/00010 | loss: {2.0 + rank + i / 100:.4f} | dt: 10.00ms', flush=True)\n"
+        "import os, sys, time\nrank = int(os.environ['RANK'])\n"
+        "for i in range(10):\n"  # one write per line: print() writes the text and its newline apart
+        "    sys.stdout.write(f'step {i:05d}/00010 | loss: {2.0 + rank + i / 100:.4f} | dt: 10.00ms\\n')\n"
+        "    sys.stdout.flush()\n"
         "    time.sleep(0.01)\n")
     (git_repo / ".moectl.toml").write_text(
         '[project]\nname = "ddp"\nbranch = "main"\nvenv = ""\n\n'

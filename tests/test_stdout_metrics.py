@@ -135,10 +135,13 @@ def test_a_rank0_line_printed_in_parts_reads_whole_through_torchruns_tee():
     rest came out as `[rank0]:step 0 | loss: [rank0]:2.0 ...`, and the step was lost."""
     parser, steps = parse_text("[rank0]:step 00000/00003 | loss: [rank0]:2.0000 | dt: [rank0]:10.00ms\n"
                                "[rank1]:step 00000/00003 | loss: [rank1]:3.0000 | dt: 10.00ms\n"
-                               # rank 1's whole line landed inside rank 0's: rank 0's part is what it has
+                               # rank 1's line landed inside rank 0's: rank 0's part is cut, a partial line
+                               # (a trainer killed mid-line, then another rank's output, looks the same)
                                "[rank0]:step 00001/00003 | loss: 1.5000 [rank1]:step 00001/00003 | loss: 3.0 | dt: 1ms\n"
-                               "[rank0]:| dt: 10.00ms\n", NANOCHAT)
-    assert [(s.step, s.loss, s.dt_ms) for s in steps] == [(0, 2.0, 10.0), (1, 1.5, None)]
+                               "[rank0]:| dt: 10.00ms\n"
+                               "[rank0]:step 00099/00099 | loss: 0.1 | dt: 1.00ms[rank1]:bye\n", NANOCHAT)
+    assert [(s.step, s.loss, s.dt_ms) for s in steps] == [(0, 2.0, 10.0)]
+    assert parser.partial == 2
 
 
 def test_coloured_step_lines_read_as_a_terminal_shows_them():
