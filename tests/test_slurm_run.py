@@ -496,7 +496,7 @@ def test_repeat_on_slurm_submits_the_group_side_by_side_and_follows_every_job(on
     # ... and the command ended with that entry's mean and between-runs error, as a local --repeat does
     tps = entry["metrics"]["tok_per_sec"]
     assert (f"group {runs[0]['group']}: mean of 2 tail means (± between-runs standard error): "
-            f"tok/sec {tps['value']:,.2f} ±{tps['stderr']:.2f}") in r.output
+            f"tok/sec {tps['value']:,.2f} ±{tps['stderr']:,.2f}") in r.output
     waited = moectl("wait", runs[0]["group"], "--json")
     assert waited.exit_code == 0 and sorted(x["id"] for x in json.loads(waited.output)) == sorted(x["id"] for x in runs)
     assert len(json.loads(moectl("wait", "grp", "--json").output)) == 2
