@@ -201,22 +201,27 @@ def test_a_trainer_that_prints_no_step_line_fails_with_that_reason(git_repo, mon
     assert "  error: no step line in the trainer's output matched (step pattern 'iter (\\\\d+):')\n  log tail:\n" in result.output
 
 
+def run_own_jsonl_trainer(repo: Path, monkeypatch, script: str):
+    """`moectl run` of `script`, committed as train.py: a trainer of the user's own under the python
+    launcher that writes its own metrics.jsonl (source = "jsonl") into the --out directory it is given."""
+    (repo / "train.py").write_text(script)
+    (repo / ".moectl.toml").write_text(
+        '[project]\nname = "own"\nbranch = "main"\nvenv = ""\n\n[launch]\nscript = "train.py"\nlauncher = "python"\n\n'
+        '[launch.options]\nout_dir = "--out {}"\n\n[metrics]\nsource = "jsonl"\n')
+    git(repo, "add", "train.py")
+    commit_config(repo, monkeypatch)
+    return runner.invoke(app, ["run", "--device", "cpu", "--no-commit", *QUIET])
+
+
 def test_a_trainer_writing_its_own_metrics_jsonl_in_another_schema_fails(git_repo, monkeypatch, artifact_root):
     """source = "jsonl" with a trainer of the user's own: a metrics.jsonl of lines that are not the
     schema's (or none) measured nothing. It was `completed`, exit 0, with a note on skipped lines."""
-    (git_repo / "train.py").write_text(
-        "import json, sys\n"
-        "with open(sys.argv[sys.argv.index('--out') + 1] + '/metrics.jsonl', 'w') as fh:\n"
-        "    for i in range(3):\n"
-        "        fh.write(json.dumps({'iteration': i, 'train_loss': 2.0}) + '\\n')\n"
-        "print('done')\n")
-    (git_repo / ".moectl.toml").write_text(
-        '[project]\nname = "own"\nbranch = "main"\nvenv = ""\n\n'
-        '[launch]\nscript = "train.py"\nlauncher = "python"\n\n'
-        '[launch.options]\nout_dir = "--out {}"\n\n[metrics]\nsource = "jsonl"\n')
-    git(git_repo, "add", "train.py")
-    commit_config(git_repo, monkeypatch)
-    result = runner.invoke(app, ["run", "--device", "cpu", "--no-commit", *QUIET])
+    result = run_own_jsonl_trainer(git_repo, monkeypatch,
+                                   "import json, sys\n"
+                                   "with open(sys.argv[sys.argv.index('--out') + 1] + '/metrics.jsonl', 'w') as fh:\n"
+                                   "    for i in range(3):\n"
+                                   "        fh.write(json.dumps({'iteration': i, 'train_loss': 2.0}) + '\\n')\n"
+                                   "print('done')\n")
     assert result.exit_code == 4, result.output
     rec = record(run_dirs(artifact_root)[0])
     assert rec["status"] == "failed" and rec["exit_code"] == 0
@@ -227,13 +232,7 @@ def test_a_trainer_writing_its_own_metrics_jsonl_in_another_schema_fails(git_rep
 def test_a_failing_trainer_that_printed_only_blank_lines_fails_with_its_exit_code(git_repo, monkeypatch, artifact_root):
     """Its log tail was blank (colour resets stripped), and the outcome's reason line indexed an
     empty list: an IndexError, exit 1, instead of the failure, exit 4."""
-    (git_repo / "train.py").write_text("import sys\nprint('\\x1b[0m')\nprint()\nsys.exit(5)\n")
-    (git_repo / ".moectl.toml").write_text(
-        '[project]\nname = "own"\nbranch = "main"\nvenv = ""\n\n[launch]\nscript = "train.py"\nlauncher = "python"\n\n'
-        '[launch.options]\nout_dir = "--out {}"\n\n[metrics]\nsource = "jsonl"\n')
-    git(git_repo, "add", "train.py")
-    commit_config(git_repo, monkeypatch)
-    result = runner.invoke(app, ["run", "--device", "cpu", "--no-commit", *QUIET])
+    result = run_own_jsonl_trainer(git_repo, monkeypatch, "import sys\nprint('\\x1b[0m')\nprint()\nsys.exit(5)\n")
     assert result.exit_code == 4, result.output
     rec = record(run_dirs(artifact_root)[0])
     assert rec["status"] == "failed" and rec["exit_code"] == 5 and rec["error"] == "the trainer exited with 5"
