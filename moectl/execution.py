@@ -26,7 +26,6 @@ to `queued` (moectl/job.py); its job stays in the queue throughout, so nobody ta
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -479,15 +478,16 @@ def _ignored_script_into(cfg: Config, code_dir: Path) -> None:
     the repository runs from where it is)."""
     import shutil
 
-    if cfg.launch.script is None:
+    from moectl.trainer import script_path
+
+    script = script_path(cfg.launch, cfg.root)
+    if script is None:
         return
-    script = Path(os.path.expanduser(cfg.launch.script))
-    if script.is_absolute():
-        try:
-            script = script.resolve().relative_to(cfg.root.resolve())
-        except ValueError:
-            return
-    there = code_dir / script
-    if not there.exists() and (cfg.root / script).is_file():
+    try:
+        rel = script.resolve().relative_to(cfg.root.resolve())
+    except ValueError:
+        return
+    there = code_dir / rel
+    if not there.exists() and script.is_file():
         there.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(cfg.root / script, there)
+        shutil.copy2(script, there)

@@ -422,8 +422,9 @@ def probe_trainer(cfg: Config, python: Path) -> Optional[str]:
     usual case: a package in the repository), then asked of the interpreter itself."""
     launch = cfg.launch
     if launch.script is not None:
-        path = Path(os.path.expanduser(launch.script))
-        path = path if path.is_absolute() else cfg.root / path
+        from moectl.trainer import script_path
+
+        path = script_path(launch, cfg.root)
         return None if path.is_file() else f"[launch] script {launch.script}: no such file ({path})"
     module = launch.module
     if not module:

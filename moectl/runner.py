@@ -34,7 +34,7 @@ from moectl.records import GitInfo, GuardResult, RunRecord
 from moectl.stdout_metrics import LiveMetricsWriter, StdoutFormat, StdoutParser
 from moectl.report import commit_message, not_committed, run_report, write_report
 from moectl.tracking import Mirrored, mirror_run
-from moectl.trainer import follows_engine_contract
+from moectl.trainer import follows_engine_contract, script_path
 
 
 @dataclass
@@ -215,11 +215,8 @@ def _keep_an_unversioned_script(cfg: Config, plan: RunPlan) -> bytes:
     saying so (b"" when git has it)."""
     import shutil
 
-    if cfg.launch.script is None:
-        return b""
-    script = Path(os.path.expanduser(cfg.launch.script))
-    script = script if script.is_absolute() else cfg.root / script
-    why = gitops.why_not_in_diff(cfg.root, script) if script.is_file() else None
+    script = script_path(cfg.launch, cfg.root)
+    why = gitops.why_not_in_diff(cfg.root, script) if script is not None and script.is_file() else None
     if why is None:
         return b""
     copy = Path(plan.exp_dir) / "trainer_script" / script.name

@@ -36,6 +36,15 @@ MOECTL_OWN = ("device", "out_dir", "ckpt_dir")
 MAPPABLE = RUN_OPTIONS + MOECTL_OWN
 
 
+def script_path(launch, root: Path) -> Optional[Path]:
+    """`[launch] script` as a path: `~` expanded, relative to the repository root (where the
+    trainer is launched); None for a module trainer."""
+    if launch.script is None:
+        return None
+    path = Path(os.path.expanduser(launch.script))
+    return path if path.is_absolute() else Path(root) / path
+
+
 def follows_engine_contract(launch, metrics) -> bool:
     return launch.script is None and launch.options is None and metrics.source == "jsonl"
 
