@@ -375,6 +375,23 @@ def main(argv=None) -> int:
             signal.signal(sig, handler)
 
 
+def graph_break_warning(breaks: dict) -> str | None:
+    """One warning line for torch.compile's graph breaks (dynamo's counters["graph_break"]:
+    reason -> count), None when there were none. A break splits the compiled model into pieces
+    that run one after another with the activations between them kept whole: slower and bigger,
+    and silent otherwise (torch 2.11 broke every padded MoE layer this way, 0.58x the tok/s)."""
+    if not breaks:
+        return None
+    total = sum(breaks.values())
+    reason, count = max(breaks.items(), key=lambda kv: kv[1])
+    lines = [ln.strip() for ln in str(reason).splitlines() if ln.strip()]
+    # torch >= 2.10 puts the op in a "Developer debug context" line below a generic first line.
+    detail = next((ln for ln in lines[1:] if "debug context" in ln.lower()), "")
+    shown = (lines[0] if lines else "?") + (f" ({detail})" if detail else "")
+    return (f"warning: torch.compile split the model at {total} graph break(s), {len(breaks)} reason(s) "
+            f"(slower, more memory); most frequent, x{count}: {shown[:300]}")
+
+
 def _first_line(exc: BaseException) -> str:
     """The line that says what went wrong: torch's load_state_dict opens with a header that ends in
     a colon ("Error(s) in loading state_dict for GPT:"), the reason is on the next line."""
@@ -636,6 +653,12 @@ def _train(args, open_files: list) -> int:
         emit(StepMetrics(step=step, loss=loss, aux_loss=aux, lr=lr, dt_ms=dt * 1000, tok_per_sec=tok_per_sec,
                          mfu=mfu, peak_mem_mib=peak_mem, drop_frac=drop_frac, expert_load_max=expert_load_max,
                          elapsed_s=elapsed_s))
+        if master and step == start_step and args.compile != "none":  # the step that compiled
+            from torch._dynamo.utils import counters  # dynamo's own tally, kept per process
+
+            warning = graph_break_warning(dict(counters["graph_break"]))
+            if warning:
+                print(warning, file=sys.stderr, flush=True)
         if master and (step % args.log_every == 0 or step == args.steps - 1):
             pct = 100 * (step + 1) / args.steps
             line = (f"step {step:05d}/{args.steps:05d} ({pct:.2f}%) | loss: {loss:.6f} | aux: {aux:.4f} | "

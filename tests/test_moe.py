@@ -320,6 +320,23 @@ def test_compile_dynamic_padded_handles_two_token_counts():
     assert capacity(1.25, 80, 2, 4) == 56 and capacity(0.1, 80, 2, 8) == 8 and capacity(1.0, 128, 2, 8) == 32
 
 
+def test_capacity_of_concrete_sizes_is_plain_int_math(monkeypatch):
+    """Every static compile sees the token count as a plain int. torch 2.11's dynamo (the GPU
+    box's) graph-breaks on torch.sym_min of two ints (torch 2.13's does not), which on an H200
+    split each padded layer's graph: 0.58x the tok/s and +7 GiB. So concrete sizes must never
+    reach torch.sym_min; the bound at N must still hold."""
+    from engine.moe import capacity
+
+    def sym_min_of_ints(a, b):
+        raise AssertionError(f"torch.sym_min({a!r}, {b!r}) on concrete sizes")
+
+    monkeypatch.setattr(torch, "sym_min", sym_min_of_ints)
+    assert capacity(1.0, 16384, 2, 8) == 4096  # the d12 micro-batch: ceil(16384 * 2 / 8)
+    assert capacity(1e6, 80, 2, 4) == 80  # a huge --cap: at most N slots
+    assert capacity(1e6, 81, 2, 4) == 88  # ... rounded up to a multiple of 8
+    assert isinstance(capacity(1.25, 80, 2, 4), int)
+
+
 @pytest.mark.parametrize(
     "kw,msg",
     [

@@ -286,6 +286,41 @@ def test_compile_static_smoke(tmp_path):
     starts, steps, summaries = read_metrics(tmp_path)
     assert starts[0].config["compile"] == "static" and len(steps) == 3 and len(summaries) == 1
     assert steps[-1].loss < steps[0].loss
+    # The padded MoE model compiles whole: any graph break would be named on stderr.
+    assert "graph break" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_graph_break_warning_names_count_and_reason():
+    """A real dynamo graph break, counted by dynamo itself, turned into the one warning line that
+    engine.train prints after its first compiled step."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from engine.train import graph_break_warning
+
+    def split_twice(x):
+        x = x * 2
+        torch._dynamo.graph_break()
+        x = x + 1
+        torch._dynamo.graph_break()
+        return x - 1
+
+    torch._dynamo.reset()
+    counters.clear()
+    out = torch.compile(split_twice, backend="eager")(torch.ones(3))
+    assert torch.equal(out, torch.full((3,), 2.0))
+    warning = graph_break_warning(dict(counters["graph_break"]))
+    counters.clear()
+    assert warning.startswith("warning: torch.compile split the model at 2 graph break(s), 1 reason(s)")
+    assert "x2: " in warning and "graph_break" in warning.lower()
+    assert graph_break_warning({}) is None
+    # torch 2.11's wording: a generic first line, the op named on a "Developer debug context" line.
+    reason = ("torch.* op returned non-Tensor\n  Explanation: torch.* ops that return a non-Tensor cannot be "
+              "traced\n\n  Developer debug context: example_value type: int; op: call_function; target: "
+              "<function sym_min at 0x7f20>\n")
+    warning = graph_break_warning({reason: 24, "other": 1})
+    assert "at 25 graph break(s), 2 reason(s)" in warning and "x24: torch.* op returned non-Tensor" in warning
+    assert "sym_min" in warning and "\n" not in warning
 
 
 @pytest.mark.slow
