@@ -8,6 +8,16 @@ with the aux loss, eager and torch.compile(dynamic=False). Each variant is timed
 engine.bench times (synced, median), then profiled: the kernels by self device time go to
 $OUT/profile_<name>.txt.
 `gpu_check.sh` measured the whole model; this splits the MoE layer's extra time into its parts.
+
+    OUT=/tmp/prof python3 scripts/gpu_profile.py --model     # the whole d12-moe model instead
+    OUT=/tmp/prof python3 scripts/gpu_profile.py --model --device cpu --preset tiny   # a smoke run
+
+--model builds engine.train's d12-moe model three times (cap 1.0 padded, cap 0 grouped, dense),
+compiled static as `--compile static` does, and times fwd+bwd micro-steps of 16 x 1024 tokens:
+wall ms (synced) beside the device ms the profiler saw, so a gap that one layer does not show
+(host-bound launches, a sync, a copy outside the layer) is found; top kernels per variant go to
+$OUT/model_<name>.txt. On the H200 grouped trained 63 ms a step (8 micro-steps) behind padded,
+and the one-layer profile explained ~14 ms of it.
 """
 from __future__ import annotations
 
@@ -83,6 +93,78 @@ def profile(fn, device, path: Path, iters=5):
     return table
 
 
+def device_ms_per_iter(prof, iters: int) -> float:
+    """Kernel time only (events on the device, not the CPU-side aten rows that repeat it)."""
+    total_us = 0.0
+    for evt in prof.events():
+        dtype = getattr(evt, "device_type", None)
+        if dtype is not None and "CUDA" in str(dtype) and evt.device_time_total:
+            total_us += evt.device_time_total
+    return total_us / 1000 / iters
+
+
+def model_section(device, out: Path, preset: str = "d12-moe", micro_steps: int = 6) -> dict:
+    """The whole model of a preset, per variant: wall vs device ms per fwd+bwd micro-step."""
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    from engine.model import GPT
+    from engine.train import model_config, resolve_options
+
+    variants = {"padded_cap1": ["--cap", "1.0"], "grouped": ["--cap", "0"], "dense": ["--dense"]}
+    result = {}
+    for name, extra in variants.items():
+        args = resolve_options(["--preset", preset, "--device", device.type, "--compile", "static", *extra])
+        torch.manual_seed(0)
+        model = GPT(model_config(args, 32768)).to(device)
+        compiled = torch.compile(model, dynamic=False)
+        B, T = args.device_batch_size, args.seq_len
+        x_BT = torch.randint(0, 32768, (B, T), device=device)
+        y_BT = torch.randint(0, 32768, (B, T), device=device)
+
+        def micro():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                o = compiled(x_BT, y_BT)
+            (o["loss"] + o["aux_loss"]).backward()
+
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        t0 = time.perf_counter()
+        micro()
+        sync()
+        compile_s = time.perf_counter() - t0
+        for _ in range(2):
+            micro()
+        sync()
+        walls = []
+        for _ in range(micro_steps):
+            t0 = time.perf_counter()
+            micro()
+            sync()
+            walls.append((time.perf_counter() - t0) * 1000)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with tprofile(activities=acts) as prof:
+            for _ in range(3):
+                micro()
+            sync()
+        dev_ms = device_ms_per_iter(prof, 3) if device.type == "cuda" else None
+        table = ""
+        for key in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
+            try:
+                table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=90)
+                break
+            except Exception:  # older/newer spellings of the sort key
+                continue
+        (out / f"model_{name}.txt").write_text(f"3 micro-steps, {B} x {T} tokens each\n{table}\n")
+        result[name] = {"compile_s": round(compile_s, 1), "wall_ms": round(statistics.median(walls), 2),
+                        "device_ms": None if dev_ms is None else round(dev_ms, 2),
+                        "peak_mib": round(torch.cuda.max_memory_allocated() / 2**20) if device.type == "cuda" else None}
+        print(f"model {name}: {result[name]}", flush=True)
+        del model, compiled
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    return result
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda")
@@ -92,10 +174,23 @@ def main() -> int:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--hidden", type=int, default=0)
     p.add_argument("--budget-s", type=float, default=240, help="skip later sections past this")
+    p.add_argument("--model", action="store_true", help="profile the whole model instead of one layer")
+    p.add_argument("--preset", default="d12-moe", help="--model's engine preset (tiny: a CPU smoke run)")
     a = p.parse_args()
     out = Path(os.environ.get("OUT", "/tmp/gpu_profile"))
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(a.device)
+    if a.model:
+        if device.type == "cuda":
+            torch.set_float32_matmul_precision("high")
+        result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                  "torch": torch.__version__, "model": model_section(device, out, a.preset)}
+        from torch._dynamo.utils import counters
+
+        result["graph_breaks"] = {str(k): v for k, v in counters["graph_break"].items()}
+        (out / "model.json").write_text(json.dumps(result, indent=1))
+        print(json.dumps(result), flush=True)
+        return 0
     hidden = a.hidden or 2 * a.dim
     use_bf16 = device.type == "cuda"
     t_start = time.monotonic()
