@@ -375,6 +375,21 @@ def main(argv=None) -> int:
             signal.signal(sig, handler)
 
 
+def eager_forward_error(model, x_BT, y_BT, autocast) -> str | None:
+    """The first line of what one eager no-grad forward raises (the pass validation runs), or
+    None when it runs. The model is left in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast:
+            model(x_BT, y_BT)
+    except RuntimeError as exc:  # CUDA/cuBLAS errors are RuntimeErrors (torch.AcceleratorError too)
+        return _first_line(exc)
+    finally:
+        model.train(was_training)
+    return None
+
+
 def graph_break_warning(breaks: dict) -> str | None:
     """One warning line for torch.compile's graph breaks (dynamo's counters["graph_break"]:
     reason -> count), None when there were none. A break splits the compiled model into pieces
@@ -514,6 +529,16 @@ def _train(args, open_files: list) -> int:
                 step_model, [n for n, p in step_model.named_parameters() if id(p) in ids])
         step_model = torch.nn.parallel.DistributedDataParallel(step_model, device_ids=[local_rank] if device.type == "cuda" else None)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    if device.type == "cuda" and (args.fp8 or args.fp8_dense) and make_val is not None and args.eval_every >= 0:
+        # Validation runs the model eagerly, training compiled: on an H200 the compiled float8
+        # steps trained and the eager float8 GEMM then failed in cuBLASLt, after the whole run.
+        # One eager forward now says so before any step (and before any metrics are written).
+        why = eager_forward_error(model, *make_val().next_batch(), autocast)
+        if why:
+            flag = "--fp8" if args.fp8 else "--fp8-dense"
+            raise BadOptions(f"{flag}: the eager float8 forward that validation runs fails on "
+                             f"{torch.cuda.get_device_name(device)}: {why} (--eval-every -1 trains without "
+                             "validation)")
 
     flops_tok = flops.flops_per_token(cfg)
     peak, device_name = flops.peak_flops(device.type, args.peak_flops)

@@ -382,3 +382,31 @@ def test_a_save_stopped_midway_leaves_no_partial_checkpoint(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save(tmp_path, 3, {"model": {}}, {"loader": {"k": 1}})
     assert list(tmp_path.iterdir()) == [] and checkpoint.latest(tmp_path) is None
+
+
+def test_eager_forward_error_is_the_first_line_of_what_validation_would_raise():
+    """--fp8 on CUDA runs one eager no-grad forward before training (validation's pass, which on an
+    H200 failed in cuBLASLt only after the compiled steps had all run). The check itself, on CPU:
+    a model that raises gives its first line, a working one None, and the mode is left as found."""
+    import contextlib
+
+    import torch
+
+    from engine.model import GPT
+    from engine.train import eager_forward_error, model_config, resolve_options
+
+    class Refusing(torch.nn.Module):
+        def forward(self, x_BT, y_BT):
+            assert not self.training and not torch.is_grad_enabled()  # validation's conditions
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling cublasLtMatmul\nmore detail")
+
+    x_BT = torch.zeros(2, 8, dtype=torch.long)
+    refusing = Refusing().train()
+    why = eager_forward_error(refusing, x_BT, x_BT, contextlib.nullcontext())
+    assert why == "CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling cublasLtMatmul"
+    assert refusing.training
+
+    args = resolve_options(["--preset", "tiny", "--device", "cpu"])
+    model = GPT(model_config(args, 256)).eval()
+    assert eager_forward_error(model, x_BT, x_BT, torch.autocast("cpu", enabled=False)) is None
+    assert not model.training
