@@ -18,7 +18,8 @@ Why the process handling looks the way it does:
   without the "finished" byte means moectl died. It then does what moectl does on Ctrl-C: one
   SIGTERM to torchrun (which forwards it to its workers), and SIGKILL for whatever of the run is
   still alive after the grace, workers reparented to init included (it keeps its own list of
-  them). Not the kernel's parent-death signal (`prctl(PR_SET_PDEATHSIG)`) on torchrun: that signal
+  them, and adds every process whose environment carries the run's MOECTL_RUN_TOKEN: a helper
+  that double-forked out of the tree). Not the kernel's parent-death signal (`prctl(PR_SET_PDEATHSIG)`) on torchrun: that signal
   comes once per thread of the dying parent that the child is handed to on the way out, so a
   multi-threaded moectl could give torchrun two SIGTERMs (seen in tests), and torchrun's handler
   raises on each, the second inside its own shutdown; once on a loaded CI machine a torchrun was
@@ -403,12 +404,14 @@ def supervised(argv: list[str], grace_s: float = 10.0) -> list[str]:
 
 
 # The watchdog (see the module docstring): argv GRACE_S. Its stdin is a pipe from launch(): first
-# a line "PID CREATE_TIME" naming the process to watch; "T" when moectl sent that process its own
+# a line "PID CREATE_TIME TOKEN" naming the process to watch and the run's RUN_TOKEN_ENV value; "T" when moectl sent that process its own
 # SIGTERM (Ctrl-C); "." once the run ended under moectl's eyes (exit quietly). End of file before
 # "." = moectl died: one SIGTERM to the watched process (none if moectl sent one: a second would
 # land inside torchrun's shutdown), then SIGKILL for every survivor of the family GRACE_S after
 # whichever SIGTERM came first. The family is refreshed every 5 s and at moectl's death (one pass
-# over the process table each), so workers reparented to init are still known. Its first line
+# over the process table each), so workers reparented to init are still known; at moectl's death
+# and before the SIGKILLs it also adopts every process whose environment carries the run's token
+# (a helper that double-forked out of the tree between two refreshes). Its first line
 # marks it for tests. Its argv carries none of the words moectl's process probes match (so it is
 # never taken for training), nor "moectl": a `pkill -f moectl` meant for moectl should leave it
 # to stop the training.
@@ -423,7 +426,7 @@ while not line.endswith(b"\\n"):
     if not byte:
         sys.exit(0)  # nothing to watch: launch() never started it, or died first
     line += byte
-pid, created = line.split()
+pid, created, token = (line.split() + [b""])[:3]
 try:
     root = psutil.Process(int(pid))
     if abs(root.create_time() - float(created)) > 2.0:  # loose: a clock step moves both a little
@@ -436,6 +439,20 @@ def alive(p):
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+def adopt_by_token():
+    # One pass over /proc (Linux): environments are readable by their owner and by root.
+    if not token:
+        return
+    mine = b"MOECTL_RUN_TOKEN=" + token
+    for name in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not name.isdigit() or int(name) in family or int(name) == os.getpid():
+            continue
+        try:
+            with open("/proc/" + name + "/environ", "rb") as fh:
+                if mine in fh.read().split(bytes(1)):
+                    family[int(name)] = psutil.Process(int(name))
+        except (OSError, psutil.Error):
+            pass
 def refresh():
     # Descend only from members still alive: a dead member's pid may belong to a stranger now.
     kids = {}
@@ -462,6 +479,7 @@ while True:
             sys.exit(0)  # finished normally: the launcher saw to everything
         break  # end of file: the launcher is gone
 refresh()
+adopt_by_token()
 if told_at is None and alive(root):
     try:
         root.send_signal(signal.SIGTERM)
@@ -477,6 +495,7 @@ while time.monotonic() < deadline:
         sys.exit(0)
     time.sleep(0.1)
 refresh()
+adopt_by_token()
 for p in family.values():
     if alive(p):
         try:
@@ -525,9 +544,9 @@ class _Watchdog:
                 pass
             self.fd = None
 
-    def watch(self, pid: int) -> None:
+    def watch(self, pid: int, token: str = "") -> None:
         try:
-            self._write(f"{pid} {psutil.Process(pid).create_time()!r}\n".encode())
+            self._write(f"{pid} {psutil.Process(pid).create_time()!r} {token}\n".encode())
         except psutil.Error:
             pass  # already gone: nothing to guard
 
@@ -615,7 +634,7 @@ def launch(
                 log_fh.write(f"moectl: {error}\n".encode())
         if proc is not None:
             family = _Family(proc.pid, token)
-            watchdog.watch(proc.pid)
+            watchdog.watch(proc.pid, token)
             if echo:
                 sink_echo = progress.echo if progress is not None else _echo_to_stdout
             else:

@@ -424,6 +424,47 @@ def test_after_moectls_own_sigterm_a_sigkilled_moectl_adds_no_second_one(tmp_pat
         kill_all([trainer])
 
 
+def test_a_helper_that_left_the_tree_is_found_by_the_run_token_once_moectl_is_sigkilled(tmp_path):
+    """A trainer whose helper double-forked into a session of its own (its parent init at once, so
+    no descent from torchrun ever finds it) and ignores SIGTERM. moectl is SIGKILLed: the watchdog
+    finds the helper by the run's token in its environment and kills it with the rest."""
+    from moectl.launch import RUN_TOKEN_ENV, WATCHDOG
+
+    assert f"{RUN_TOKEN_ENV}=" in WATCHDOG  # the watchdog script spells the same variable
+    pid_file = tmp_path / "helper.pid"
+    code = ("import os, signal, sys, time\n"
+            "if os.fork() == 0:\n"
+            "    os.setsid()\n"
+            "    if os.fork() == 0:\n"
+            "        signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            f"        open({str(pid_file) + '.tmp'!r}, 'w').write(str(os.getpid()))\n"
+            f"        os.rename({str(pid_file) + '.tmp'!r}, {str(pid_file)!r})\n"
+            "        time.sleep(600)\n"
+            "    os._exit(0)\n"
+            "while True: time.sleep(0.1)\n")
+    stderr = tmp_path / "launch.stderr"
+    with open(stderr, "w") as err_fh:
+        child = subprocess.Popen([PY, "-c", CHILD, str(tmp_path), "2.0", sys.executable, "-c", code], cwd=REPO,
+                                 env={**os.environ, **ENV}, stdout=subprocess.DEVNULL, stderr=err_fh)
+    helper = None
+    trainer = []
+    try:
+        wait_for(pid_file.exists, "the helper leaving the process tree", 60, proc=child, output=stderr.read_text)
+        helper = psutil.Process(int(pid_file.read_text()))
+        trainer = [p for p in psutil.Process(child.pid).children() if not is_watchdog(p)]
+        assert helper.ppid() != child.pid and helper not in psutil.Process(child.pid).children(recursive=True)
+        child.kill()
+        child.wait(timeout=30)
+        wait_for(lambda: exited(helper.pid), "the escaped helper being killed by the watchdog", 60,
+                 output=lambda: f"helper {helper.pid} status {helper.status() if helper.is_running() else 'gone'}")
+        for p in trainer:
+            assert_gone(p.pid)
+    finally:
+        if child.poll() is None:
+            stop_process(child)
+        kill_all(trainer + ([helper] if helper is not None else []))
+
+
 def test_a_run_that_ends_normally_leaves_no_watchdog_behind(tmp_path):
     watchdogs = []
 
