@@ -28,7 +28,7 @@ PRESETS = {
 # Used where neither the command line nor the preset sets a value.
 DEFAULTS = dict(
     depth=4, aspect_ratio=64, head_dim=64, n_experts=8, top_k=2, expert_hidden_mult=2.0,
-    moe_freq=1, cap=1.0, dispatch="auto", compile="none", fp8=False, fp8_dense=False, dense=False,
+    moe_freq=1, cap=1.0, dispatch="auto", compile="none", compile_mode="default", fp8=False, fp8_dense=False, dense=False,
     balance_coeff=0.01, z_coeff=0.0, balance="loss", balance_rate=1e-3, ep=1, seq_len=256,
     device_batch_size=8, total_batch_size=None,
     steps=100, lr=3e-3, warmdown_frac=0.2, grad_clip=1.0, seed=0, data="default", vocab_size=None,

@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp8", action="store_true", default=None, help="float8 expert GEMMs (engine.fp8)")
     g.add_argument("--fp8-dense", action="store_true", default=None, help="float8 for the dense Linear layers too")
     g.add_argument("--compile", choices=["static", "dynamic", "none"], help="torch.compile(dynamic=False/True) or eager")
+    g.add_argument("--compile-mode", choices=list(COMPILE_MODES),
+                   help="torch.compile's mode: default, or reduce-overhead (CUDA graphs: one launch a graph, for a "
+                        "GPU step bound by kernel launches; one process), max-autotune, max-autotune-no-cudagraphs")
     t = p.add_argument_group("training")
     t.add_argument("--seq-len", type=int, help="tokens per sequence")
     t.add_argument("--device-batch-size", type=int, help="sequences per micro-batch per rank")
@@ -126,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# torch.compile's modes; the ones that capture CUDA graphs need a step marker per micro-step.
+COMPILE_MODES = {"default": False, "reduce-overhead": True, "max-autotune": True, "max-autotune-no-cudagraphs": False}
+
+
 def resolve_options(argv) -> argparse.Namespace:
     """Parse argv, fill from preset then DEFAULTS, validate. Raises BadOptions (one line)."""
     args = build_parser().parse_args(argv)
@@ -145,6 +152,8 @@ def resolve_options(argv) -> argparse.Namespace:
             raise BadOptions(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.save_every < 0:
         raise BadOptions("--save-every must be >= 0")
+    if args.compile_mode != "default" and args.compile == "none":
+        raise BadOptions(f"--compile-mode {args.compile_mode} needs --compile static or dynamic")
     if args.save_every and not args.ckpt_dir:
         raise BadOptions("--save-every needs --ckpt-dir")
     if not 0.0 <= args.warmdown_frac <= 1.0:
@@ -447,6 +456,11 @@ def _train(args, open_files: list) -> int:
             f"({args.device_batch_size} x {args.seq_len} x {world} = {tokens_per_micro})"
         )
     accum = total_batch // tokens_per_micro
+    cuda_graphs = device.type == "cuda" and args.compile != "none" and COMPILE_MODES[args.compile_mode]
+    if cuda_graphs and world > 1:
+        # DDP's gradient hooks and EP's collectives run inside the backward a CUDA graph would replay.
+        raise BadOptions(f"--compile-mode {args.compile_mode} (CUDA graphs) runs one process only; "
+                         f"this run has {world} (use default or max-autotune-no-cudagraphs)")
     if world % args.ep:
         raise BadOptions(f"--ep {args.ep} does not divide the world size {world} (torchrun --nproc-per-node x nodes)")
 
@@ -521,7 +535,8 @@ def _train(args, open_files: list) -> int:
                              "leaves nothing to train")
         if master:
             _warn_if_resumed_differently(resume_path, start_step, args, world)
-    step_model = model if args.compile == "none" else torch.compile(model, dynamic=args.compile == "dynamic")
+    step_model = model if args.compile == "none" else torch.compile(
+        model, dynamic=args.compile == "dynamic", mode=None if args.compile_mode == "default" else args.compile_mode)
     if ddp:  # DDP around the compiled module: DDP's own hooks do the all-reduce, no_sync works as usual
         if ep is not None:  # expert grads are reduced by ep.reduce_grads, over ranks holding the same experts
             ids = {id(p) for p in expert_params}
@@ -574,6 +589,7 @@ def _train(args, open_files: list) -> int:
               f"{n_params:,} params, {flops_tok:.4e} FLOPs/token")
         print(f"batch: {total_batch:,} tokens/step = {B} x {T} x {world} rank(s) x {accum} accum | "
               f"device {device_name} | dtype {args.dtype} | compile {args.compile}"
+              + (f" ({args.compile_mode})" if args.compile_mode != "default" else "")
               + (f" | resumed at step {start_step} from {resume_path}" if resume_path else ""), flush=True)
         if ep is not None:
             print(f"experts: --ep {args.ep}, {cfg.n_experts // args.ep} of {cfg.n_experts} per rank per layer | "
@@ -632,6 +648,8 @@ def _train(args, open_files: list) -> int:
         counts_LE = torch.zeros((model.n_moe_layers, cfg.n_experts), device=device)
         try:
             for micro in range(accum):
+                if cuda_graphs:  # each micro-step is a new replay: outputs of the last may be reused
+                    torch.compiler.cudagraph_mark_step_begin()
                 x_BT, y_BT = loader.next_batch()
                 # Gradients all-reduce only on the last micro-step.
                 sync_ctx = step_model.no_sync() if ddp and micro < accum - 1 else nullcontext()

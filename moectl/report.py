@@ -29,7 +29,8 @@ COLUMNS: dict[str, tuple[str, int]] = {
 # The resolved engine settings a report shows (in this order), when the engine reported them.
 ENGINE_KEYS = (
     "preset", "n_layer", "dim", "n_head", "n_experts", "top_k", "expert_hidden", "moe_freq", "cap",
-    "dispatch", "balance", "balance_rate", "ep", "expert_params_per_rank", "dense", "fp8", "fp8_dense", "compile", "dtype", "seq_len", "device_batch_size",
+    "dispatch", "balance", "balance_rate", "ep", "expert_params_per_rank", "dense", "fp8", "fp8_dense", "compile",
+    "compile_mode", "dtype", "seq_len", "device_batch_size",
     "total_batch_size", "grad_accum", "steps", "lr", "data", "vocab_size", "n_params",
     "flops_per_token", "torch_version",
 )

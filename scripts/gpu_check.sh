@@ -25,9 +25,11 @@
 #
 # EXTRAS adds 30-step runs, about 80 s each: `fp8` (scripts/fp8_probe.py, then cap 1.0 with --fp8,
 # the expert GEMMs through torch._scaled_mm) and `bias` (cap 1.0 with --balance bias); and `model`
-# (scripts/gpu_profile.py --model, ~3 min: wall vs device ms of the whole model per variant, which
-# is what explains grouped's gap to padded). Leave them out when under ~12 minutes of device time
-# are left. Any torch.compile graph break a run warned of is listed under the table.
+# (scripts/gpu_profile.py --model, ~3 min: wall vs launch vs device ms of the whole model per
+# variant, which is what explains grouped's gap to padded); `graphs` (cap 0 and cap 1.0 with
+# --compile-mode reduce-overhead: CUDA graphs, for a step bound by kernel launches). Leave them
+# out when under ~12 minutes of device time are left. Any torch.compile graph break a run warned
+# of is listed under the table.
 #
 #   SKIP="bench moectl" STEPS=30 EXTRAS="fp8 bias" OUT=/some/dir bash scripts/gpu_check.sh
 #
@@ -43,7 +45,8 @@ mkdir -p "$OUT"
 : >"$OUT/runs.log"
 # A rerun into the same OUT: the engine refuses an --out-dir that holds a run's metrics, and the
 # table below would then show the last call's figures as this one's.
-rm -rf "$OUT"/cap1_static "$OUT"/cap0_static "$OUT"/dense_static "$OUT"/cap1_fp8 "$OUT"/cap1_bias
+rm -rf "$OUT"/cap1_static "$OUT"/cap0_static "$OUT"/dense_static "$OUT"/cap1_fp8 "$OUT"/cap1_bias \
+  "$OUT"/cap0_graphs "$OUT"/cap1_graphs "$OUT"/model_profile
 declare -a SUMMARY=()
 
 note() { echo "[gpu_check $(date +%H:%M:%S)] $*"; }
@@ -88,12 +91,15 @@ for extra in ${EXTRAS:-}; do
       timeout 120 $PY scripts/fp8_probe.py 2>&1 | tee "$OUT/fp8_probe.txt"
       run cap1_fp8 110 $PY "${D12_SHORT[@]}" --cap 1.0 --fp8 --compile static --out-dir "$OUT/cap1_fp8" ;;
     bias) run cap1_bias 110 $PY "${D12_SHORT[@]}" --cap 1.0 --balance bias --compile static --out-dir "$OUT/cap1_bias" ;;
+    graphs)
+      run cap0_graphs 110 $PY "${D12_SHORT[@]}" --cap 0 --compile static --compile-mode reduce-overhead --out-dir "$OUT/cap0_graphs"
+      run cap1_graphs 110 $PY "${D12_SHORT[@]}" --cap 1.0 --compile static --compile-mode reduce-overhead --out-dir "$OUT/cap1_graphs" ;;
     model)
       note "model profile"
       t0=$SECONDS
       OUT="$OUT/model_profile" timeout 240 $PY scripts/gpu_profile.py --model >>"$OUT/runs.log" 2>&1
       SUMMARY+=("model_profile rc=$? wall=$((SECONDS - t0))s") ;;
-    *) note "unknown extra: $extra (fp8, bias, model)" ;;
+    *) note "unknown extra: $extra (fp8, bias, graphs, model)" ;;
   esac
 done
 
@@ -143,10 +149,10 @@ out, outcomes = Path(sys.argv[1]), sys.argv[2:]
 print("outcomes: " + " | ".join(outcomes))
 head = f"{'run':<14}{'steps':>6}{'tail':>5}{'tok/sec':>12}{'dt_ms':>10}{'mfu%':>8}{'drop':>7}{'load':>6}{'mem_MiB':>10}{'loss':>8}"
 print(head)
-for name in ("cap1_static", "cap0_static", "dense_static", "cap1_fp8", "cap1_bias"):
+for name in ("cap1_static", "cap0_static", "dense_static", "cap1_fp8", "cap1_bias", "cap0_graphs", "cap1_graphs"):
     path = out / name / "metrics.jsonl"
     if not path.exists():
-        if name in ("cap1_fp8", "cap1_bias") and not (out / name).exists():
+        if name not in ("cap1_static", "cap0_static", "dense_static") and not (out / name).exists():
             continue  # an extra not asked for (or refused at once: its rc is in the outcomes line)
         print(f"{name:<14}  (no metrics)")
         continue
@@ -172,7 +178,7 @@ model = out / "model_profile" / "model.json"
 if model.exists():
     import json
     for name, row in json.loads(model.read_text())["model"].items():
-        print(f"model {name:<12} wall {row['wall_ms']} ms  device {row['device_ms']} ms per micro-step  "
+        print(f"model {name:<12} wall {row['wall_ms']} ms  launch {row['launch_ms']} ms  device {row['device_ms']} ms per micro-step  "
               f"compile {row['compile_s']} s  peak {row['peak_mib']} MiB")
 breaks = [ln for ln in (out / "runs.log").read_text(errors="replace").splitlines() if "graph break(s)" in ln]
 print("graph breaks: " + ("none warned of" if not breaks else f"{len(breaks)} run(s) warned"))

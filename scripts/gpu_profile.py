@@ -14,8 +14,9 @@ $OUT/profile_<name>.txt.
 
 --model builds engine.train's d12-moe model three times (cap 1.0 padded, cap 0 grouped, dense),
 compiled static as `--compile static` does, and times fwd+bwd micro-steps of 16 x 1024 tokens:
-wall ms (synced) beside the device ms the profiler saw, so a gap that one layer does not show
-(host-bound launches, a sync, a copy outside the layer) is found; top kernels per variant go to
+wall ms (synced) beside the device ms the profiler saw and the host's launch ms (until the calls
+return, before the sync), so a gap that one layer does not show (host-bound launches, a sync, a
+copy outside the layer) is found; top kernels per variant go to
 $OUT/model_<name>.txt. On the H200 grouped trained 63 ms a step (8 micro-steps) behind padded,
 and the one-layer profile explained ~14 ms of it.
 """
@@ -134,10 +135,11 @@ def model_section(device, out: Path, preset: str = "d12-moe", micro_steps: int =
         for _ in range(2):
             micro()
         sync()
-        walls = []
+        walls, launches = [], []
         for _ in range(micro_steps):
             t0 = time.perf_counter()
-            micro()
+            micro()  # returns once every kernel is queued: host time, unless the queue filled up
+            launches.append((time.perf_counter() - t0) * 1000)
             sync()
             walls.append((time.perf_counter() - t0) * 1000)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -154,7 +156,9 @@ def model_section(device, out: Path, preset: str = "d12-moe", micro_steps: int =
             except Exception:  # older/newer spellings of the sort key
                 continue
         (out / f"model_{name}.txt").write_text(f"3 micro-steps, {B} x {T} tokens each\n{table}\n")
+        # launch_ms close to wall_ms: the GPU waited on the host (launch-bound; CUDA graphs help).
         result[name] = {"compile_s": round(compile_s, 1), "wall_ms": round(statistics.median(walls), 2),
+                        "launch_ms": round(statistics.median(launches), 2),
                         "device_ms": None if dev_ms is None else round(dev_ms, 2),
                         "peak_mib": round(torch.cuda.max_memory_allocated() / 2**20) if device.type == "cuda" else None}
         print(f"model {name}: {result[name]}", flush=True)

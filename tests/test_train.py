@@ -279,12 +279,15 @@ def test_sigterm_stops_promptly_and_keeps_valid_metrics(tmp_path):
 
 @pytest.mark.slow
 def test_compile_static_smoke(tmp_path):
+    # reduce-overhead: CUDA graphs on a GPU; on CPU torch.compile skips the graphs and trains as usual,
+    # which covers the mode's plumbing (the per-micro-step marker included) wherever the suite runs.
     proc = subprocess.run([sys.executable, "-m", "engine.train", "--preset", "tiny", "--compile", "static",
-                           "--steps", "3", "--out-dir", str(tmp_path)], cwd=ROOT, env=env(),
-                          capture_output=True, text=True, timeout=400)
+                           "--compile-mode", "reduce-overhead", "--steps", "3", "--out-dir", str(tmp_path)],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     starts, steps, summaries = read_metrics(tmp_path)
     assert starts[0].config["compile"] == "static" and len(steps) == 3 and len(summaries) == 1
+    assert starts[0].config["compile_mode"] == "reduce-overhead" and "compile static (reduce-overhead)" in proc.stdout
     assert steps[-1].loss < steps[0].loss
     # The padded MoE model compiles whole: any graph break would be named on stderr.
     assert "graph break" not in proc.stderr, proc.stderr[-3000:]
@@ -410,3 +413,13 @@ def test_eager_forward_error_is_the_first_line_of_what_validation_would_raise():
     model = GPT(model_config(args, 256)).eval()
     assert eager_forward_error(model, x_BT, x_BT, torch.autocast("cpu", enabled=False)) is None
     assert not model.training
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead needs --compile static or dynamic"),
+    (["--compile", "static", "--compile-mode", "fast"], "invalid choice: 'fast'"),
+])
+def test_bad_compile_modes_exit_2(argv, needle, capsys):
+    assert main(["--preset", "tiny", "--steps", "1", "--device", "cpu", *argv]) == EXIT_BAD_OPTIONS
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
