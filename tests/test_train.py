@@ -317,6 +317,15 @@ def test_graph_break_warning_names_count_and_reason():
     assert warning.startswith("warning: torch.compile split the model at 2 graph break(s), 1 reason(s)")
     assert "x2: " in warning and "graph_break" in warning.lower()
     assert graph_break_warning({}) is None
+
+    @torch.compiler.disable
+    def exchange(x):  # as engine.moe's EP exchange: a break on purpose
+        return x + 1
+
+    counters.clear()
+    torch.compile(lambda x: exchange(x * 2) - 1, backend="eager")(torch.ones(3))
+    assert counters["graph_break"] and graph_break_warning(dict(counters["graph_break"])) is None
+    counters.clear()
     # torch 2.11's wording: a generic first line, the op named on a "Developer debug context" line.
     reason = ("torch.* op returned non-Tensor\n  Explanation: torch.* ops that return a non-Tensor cannot be "
               "traced\n\n  Developer debug context: example_value type: int; op: call_function; target: "
