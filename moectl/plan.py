@@ -67,7 +67,9 @@ MAX_NPROC = 1024
 class RunRequest(BaseModel):
     """The options of `moectl run` / `check` (None = not given: config defaults apply)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # inf passes every `ge=0`: `--cap inf` reached the engine, which refused it after the run's
+    # directory existed (and a sweep's leg was left `running`).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     tag: Optional[str] = None
     cap: Optional[float] = Field(None, ge=0)

@@ -6,6 +6,8 @@ the seed study's precision: tok/sec, dt, memory and minutes to 2 decimals, MFU t
 """
 from __future__ import annotations
 
+import math
+
 import re
 from datetime import datetime
 from pathlib import Path
@@ -79,8 +81,9 @@ def run_label(record: RunRecord) -> str:
         v = opts.get(key)
         if v is None or v is False:
             continue
-        if key == "cap":
-            parts.append(f"cap{float(v):g}" if float(v) != int(float(v)) else f"cap{float(v):.1f}")
+        if key == "cap":  # (a record written before inf was refused holds one: no crash on it)
+            c = float(v)
+            parts.append(f"cap{c:.1f}" if math.isfinite(c) and c == int(c) else f"cap{c:g}")
         elif key in ("fp8", "dense"):
             parts.append(key)
         elif key == "dispatch" and v == "auto":

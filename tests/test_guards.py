@@ -330,6 +330,8 @@ def test_durations(text, seconds):
         ({"overrides": ["paths"]}, "--override: guard 'paths' cannot be overridden"),
         ({"overrides": ["gpu"]}, "--override: unknown guard 'gpu'"),
         ({"cap": -1.0}, "--cap: Input should be greater than or equal to 0"),
+        ({"cap": float("inf")}, "--cap: Input should be a finite number"),  # passed `>= 0` and reached the engine
+        ({"balance_rate": float("inf")}, "--balance-rate: Input should be a finite number"),
         ({"compile": "fast"}, "--compile: Input should be 'static', 'dynamic' or 'none'"),
         ({"device": "tpu"}, "--device: Input should be 'auto', 'cuda' or 'cpu'"),
         ({"steps": 0}, "--steps: Input should be greater than 0"),

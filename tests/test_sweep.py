@@ -92,6 +92,9 @@ def tree_hash(path: Path) -> dict[str, str]:
     ('name = "s"\n[grid]\ncap = [' + ", ".join(str(i / 10) for i in range(100)) + ']\nseed = [' +
      ", ".join(map(str, range(100))) + ']\n', "grid: 100 x 100 = 10000 legs, over 1000"),
     ('name = "s"\n[common]\nrepeats = 600\n[[legs]]\ntag = "a"\n[[legs]]\ntag = "b"\n', "legs: 1200 legs with their repeats"),
+    # TOML's inf passes `cap >= 0`: it reached the engine, which refused it with the leg `running`
+    ('name = "s"\n[[legs]]\ntag = "a"\ncap = inf\n', "legs[0].cap: Input should be a finite number"),
+    ('name = "s"\n[common]\nbalance_rate = 1e400\n[[legs]]\ntag = "a"\n', "common.balance_rate: Input should be a finite number"),
 ])
 def test_bad_spec_exits_2_naming_the_key_and_writes_nothing(git_repo, artifact_root, monkeypatch, text, key):
     sweep_project(git_repo)
@@ -104,6 +107,25 @@ def test_bad_spec_exits_2_naming_the_key_and_writes_nothing(git_repo, artifact_r
     assert "Traceback" not in r.output
     assert not artifact_root.exists()
     assert git(git_repo, "rev-parse", "HEAD") == head
+
+
+def test_legs_times_repeats_are_counted_before_anything_is_expanded():
+    """1000 legs x repeats 1000 was a million legs built in memory (12 s, 850 MB) before the
+    count refused them: now the count comes first, and so does the refusal."""
+    import tracemalloc
+
+    data = {"name": "s", "common": {"repeats": 1000}, "legs": [{"tag": f"t{i}"} for i in range(1000)]}
+    tracemalloc.start()
+    try:
+        with pytest.raises(UsageError) as exc:
+            parse_spec(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert exc.value.lines == ["legs: 1000000 legs with their repeats, over 1000"]
+    assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MiB allocated to refuse it"
+    spec = parse_spec({"name": "s", "legs": [{"tag": f"t{i}"} for i in range(1000)]})  # the limit itself
+    assert len(spec.legs) == 1000
 
 
 def test_every_problem_is_reported_at_once():

@@ -180,6 +180,14 @@ def parse_spec(data: dict[str, Any], source: str = "spec", default_seed: Optiona
             opts = dict(zip(axes, combo))
             legs.append((f"grid[{n}]", grid_tag(opts), opts))
 
+    def repeats_of(opts: dict[str, Any]) -> int:  # a bad count is its leg's own problem, counted once
+        n = {**common, **opts}.get("repeats", 1)
+        return n if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_LEGS else 1
+
+    total = sum(repeats_of(opts) for _, _, opts in legs)  # counted before anything is expanded
+    if total > MAX_LEGS:
+        problems.append(f"legs: {total} legs with their repeats, over {MAX_LEGS}")
+        legs = []
     seen: dict[str, str] = {}
     out: list[SweepLeg] = []
     for where, tag, opts in legs:
@@ -202,8 +210,6 @@ def parse_spec(data: dict[str, Any], source: str = "spec", default_seed: Optiona
                 else:
                     problems.append(f"{where if key in opts else 'common'}.{key}: {msg}")
         out.extend(_repeated(tag, merged, where, problems, default_seed))
-    if len(out) > MAX_LEGS and not problems:
-        problems.append(f"legs: {len(out)} legs with their repeats, over {MAX_LEGS}")
     if problems:
         problems = list(dict.fromkeys(problems))
         raise UsageError(f"invalid sweep spec {source} ({len(problems)} problem(s))", lines=problems)
