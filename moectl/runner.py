@@ -64,6 +64,7 @@ def execute_run(
     on_wait: Optional[Callable[[list[GuardResult], float], None]] = None,
     on_start: Optional[Callable[[RunRecord], None]] = None,
     on_commit_wait: Optional[Callable[[Path], None]] = None,
+    on_recorded: Optional[Callable[[RunRecord], None]] = None,
 ) -> RunOutcome:
     """Run one guarded training run to its end. Never raises for a refusal or a failed run: the
     outcome says what happened. Raises MoectlError only for problems outside the run itself."""
@@ -130,7 +131,7 @@ def execute_run(
             lock.release()
 
     report_and_commit(cfg, outcome, baseline=baseline, commit=commit, extra_commit_paths=extra_commit_paths,
-                      on_commit_wait=on_commit_wait)
+                      on_commit_wait=on_commit_wait, on_recorded=on_recorded)
     return outcome
 
 
@@ -273,11 +274,17 @@ def finish_record(record: RunRecord, result: LaunchResult, plan: RunPlan,
 def report_and_commit(cfg: Config, outcome: RunOutcome, *, baseline: "Optional[RunRecord | Sequence[RunRecord]]" = None,
                       commit: bool = True,
                       extra_commit_paths: Callable[[RunRecord], Sequence[Path]] = lambda record: (),
-                      on_commit_wait: Optional[Callable[[Path], None]] = None) -> None:
+                      on_commit_wait: Optional[Callable[[Path], None]] = None,
+                      on_recorded: Optional[Callable[[RunRecord], None]] = None) -> None:
     """The report of a recorded run, its commit (only the files moectl wrote) and the trackers'
     copies, into `outcome`. The run is over and recorded: nothing here changes its status.
-    `on_commit_wait(lock)`: called once if the commit starts waiting for another git's index.lock."""
+    `on_commit_wait(lock)`: called once if the commit starts waiting for another git's index.lock.
+    `on_recorded(record)`: called first, on any branch (a sweep's leg state follows its run's).
+    `extra_commit_paths(record)`: tracked files to refresh and commit with the report, called
+    only on the project branch."""
     record, plan = outcome.record, outcome.plan
+    if on_recorded is not None:
+        on_recorded(record)
     # `baseline`: one run, or a repeat group's completed runs (run --baseline TAG_OF_A_GROUP): a group
     # compares as `compare` shows it, the mean of its tail means ± the between-runs error.
     base_runs = [baseline] if isinstance(baseline, RunRecord) else list(baseline or [])
@@ -293,8 +300,40 @@ def report_and_commit(cfg: Config, outcome: RunOutcome, *, baseline: "Optional[R
     name = plan.tag + (f"-r{plan.repeat}" if plan.repeat else "")
     text = run_report(record, comparison, notes=plan.notes)
     report = write_report(cfg.report_dir, name, text)
-    outcome.report = report
-    record.report_blob = gitops.blob_id(cfg.root, report, text)  # saved with `report` below
+    try:
+        outcome.report = report
+        record.report = str(report)
+        record.report_blob = gitops.blob_id(cfg.root, report, text)  # saved with `report` below
+        _commit_report(cfg, outcome, report, base_runs, comparison, commit, extra_commit_paths, on_commit_wait)
+    except KeyboardInterrupt as exc:
+        # Stopped between the report's writing and its commit (a sweep's own report being written,
+        # say): the record still says where the report is, and how to commit it.
+        if isinstance(exc, Interrupted):
+            raise
+        outcome.commit = gitops.committed_in(cfg.root, report)
+        if outcome.commit is None:
+            outcome.commit_error = not_committed("interrupted before the report was committed", record.id)
+        record.report, record.commit, record.commit_error = str(report), outcome.commit, outcome.commit_error
+        store.save_run(record)
+        raise Interrupted(f"interrupted; {outcome.commit_error}" if outcome.commit_error
+                          else f"interrupted; the report was committed already ({outcome.commit[:10]})") from None
+    # Trackers get a copy ([tracking]); one that fails is reported and retried by `moectl sync`,
+    # never the run's outcome.
+    try:
+        outcome.tracking = mirror_run(cfg, record, report=report)
+    except KeyboardInterrupt:
+        # The run is over and recorded (above); only the trackers' copy was cut short, and what
+        # was cut short is not recorded, so `moectl sync` finds it due.
+        done = f"report committed ({outcome.commit[:10]})" if outcome.commit else "report written"
+        raise Interrupted(f"interrupted while mirroring run {record.id} to its trackers; the run is recorded "
+                          f"({record.status}, {done}); `moectl sync` mirrors it") from None
+
+
+def _commit_report(cfg: Config, outcome: RunOutcome, report: Path, base_runs: list[RunRecord], comparison,
+                   commit: bool, extra_commit_paths: Callable[[RunRecord], Sequence[Path]],
+                   on_commit_wait: Optional[Callable[[Path], None]]) -> None:
+    """The commit of a written report (and the refreshed tracked files), saved in the record."""
+    record, plan = outcome.record, outcome.plan
     # The branch the run was guarded on holds its report: with `branch = "*"` (any branch may
     # run) that is the one it started on, not one checked out while it trained.
     branch = record.git.branch if cfg.project.branch == "*" and record.git.branch else cfg.project.branch
@@ -334,16 +373,6 @@ def report_and_commit(cfg: Config, outcome: RunOutcome, *, baseline: "Optional[R
     if interrupted:
         raise Interrupted(f"interrupted; {outcome.commit_error}" if outcome.commit_error
                           else f"interrupted; the report was committed already ({outcome.commit[:10]})")
-    # Trackers get a copy ([tracking]); one that fails is reported and retried by `moectl sync`,
-    # never the run's outcome.
-    try:
-        outcome.tracking = mirror_run(cfg, record, report=report)
-    except KeyboardInterrupt:
-        # The run is over and recorded (above); only the trackers' copy was cut short, and what
-        # was cut short is not recorded, so `moectl sync` finds it due.
-        done = f"report committed ({outcome.commit[:10]})" if outcome.commit else "report written"
-        raise Interrupted(f"interrupted while mirroring run {record.id} to its trackers; the run is recorded "
-                          f"({record.status}, {done}); `moectl sync` mirrors it") from None
 
 
 def stdout_parser(cfg: Config, plan: RunPlan, nodes: int = 1) -> Optional[StdoutParser]:

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+import time
 from typing import Optional
 
 import pytest
@@ -918,3 +919,87 @@ def test_the_users_edits_to_a_sweep_report_are_never_overwritten_or_committed(gi
     assert resumed["report_copy"] == str(copy) and "final report written by `moectl sweep --resume`" in copy.read_text()
     assert sum(m.startswith(f"sweep report {report} ") for m in resumed["messages"]) == 1
     assert load(sweep_dir / "sweep.json")["finished_at"] is not None
+
+
+@pytest.mark.slow
+def test_a_branch_switched_while_a_leg_trains_keeps_the_leg_state_true_and_the_branch_untouched(
+        git_repo, artifact_root, monkeypatch):
+    """`git switch -c feature` while leg 1 trains: leg 1 completes and sweep.json says so (its state
+    was set only with the sweep report, which is skipped off the project branch); leg 2 is refused
+    by the git guard; neither the sweep report nor EXPERIMENTS.md is written into the feature
+    branch's tree (the report goes to the sweep's directory); back on main, the resume runs leg 2
+    and writes and commits the sweep's report."""
+    sweep_project(git_repo)
+    monkeypatch.chdir(git_repo)
+    gate = git_repo.parent / "switch.gate"
+    spec = write_spec(git_repo, 'name = "sw"\n[common]\nsteps = 4\n'
+                      '[[legs]]\ntag = "one"\n'
+                      f'args = ["--sleep-per-step", "0.02", "--hold-at-step", "2", "--hold-until", "{gate}"]\n'
+                      '[[legs]]\ntag = "two"\nargs = ["--sleep-per-step", "0.02"]\n')
+    git(git_repo, "add", "spec.toml")
+    git(git_repo, "commit", "-q", "-m", "spec")
+    out = git_repo.parent / "sweep-sw.out"
+    proc = _spawn_sweep(git_repo, out, str(spec), *QUIET)
+    try:
+        wait_for(Path(f"{gate}.waiting").exists, "leg 1 training", 120, proc=proc, output=out.read_text)
+        git(git_repo, "checkout", "-q", "-b", "feature")
+        gate.touch()
+        proc.wait(timeout=180)  # a bound against a hang, not a latency check
+    finally:
+        if proc.poll() is None:
+            stop_process(proc)
+    output = out.read_text()
+    assert proc.returncode == 3, output
+    [sweep_dir] = sweep_dirs(artifact_root)
+    record = load(sweep_dir / "sweep.json")
+    legs = record["legs"]
+    assert [leg["state"] for leg in legs] == ["completed", "pending"], output
+    assert load(sweep_dir / legs[0]["run_id"] / "run.json")["status"] == "completed"
+    assert record["finished_at"] is None  # a resume finishes it
+    # the feature branch's tree: only leg 1's own run report (named, with `moectl commit`), nothing else
+    status = git(git_repo, "status", "--porcelain", "--untracked-files=all").splitlines()
+    assert [line for line in status if "sweep" in line or "EXPERIMENTS" in line] == [], status
+    assert (sweep_dir / "sweep_report.md").exists()
+    assert f"moectl sweep --resume {record['id']}` on that branch" in output, output
+
+    git(git_repo, "checkout", "-q", "main")
+    r = cli("sweep", "--resume", record["id"], *QUIET)
+    assert r.exit_code == 0, r.output
+    [resumed] = [d for d in sweep_dirs(artifact_root) if d != sweep_dir]
+    assert [leg["state"] for leg in load(resumed / "sweep.json")["legs"]] == ["completed", "completed"]
+    committed = commit_files(git_repo, "HEAD")
+    assert any("sweep" in f for f in committed) and "EXPERIMENTS.md" in committed, committed
+
+
+def test_ctrl_c_while_the_sweep_report_is_written_keeps_the_legs_report_named_and_committable(
+        git_repo, artifact_root, monkeypatch):
+    """A real SIGINT at the moment after a leg's report was written, while the sweep's own report
+    is being written: the run record still names its report and how to commit it, the sweep says
+    so and exits 130, and `moectl commit RUN` then commits exactly that report."""
+    import moectl.sweep.run as sweep_run
+
+    sweep_project(git_repo)
+    monkeypatch.chdir(git_repo)
+    real = sweep_run.write_sweep_report
+    calls = []
+
+    def interrupted_while_writing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:  # after leg 1's report: the signal lands here, as Ctrl-C would
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the KeyboardInterrupt is raised in here
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_run, "write_sweep_report", interrupted_while_writing)
+    spec = write_spec(git_repo, 'name = "ci"\n[common]\nsteps = 3\n[[legs]]\ntag = "one"\n[[legs]]\ntag = "two"\n')
+    r = cli("sweep", str(spec), *QUIET)
+    assert r.exit_code == 130, r.output
+    [sweep_dir] = sweep_dirs(artifact_root)
+    legs = load(sweep_dir / "sweep.json")["legs"]
+    assert [leg["state"] for leg in legs] == ["completed", "pending"]
+    run = load(sweep_dir / legs[0]["run_id"] / "run.json")
+    assert run["report"] and Path(run["report"]).exists() and run["commit"] is None
+    assert f"moectl commit {run['id']}" in run["commit_error"] and f"moectl commit {run['id']}" in r.output
+    r = cli("commit", run["id"])
+    assert r.exit_code == 0, r.output
+    assert Path(run["report"]).relative_to(git_repo).as_posix() in commit_files(git_repo, "HEAD")

@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 from moectl import gitops, store
 from moectl.config import Config
 from moectl.errors import (
-    EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRAINING, GuardRefused, MoectlError, UsageError,
+    EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRAINING, GuardRefused, Interrupted, MoectlError, UsageError,
 )
 from moectl.guards import WAITABLE, check_request, summary_line
 from moectl.launch import hung_up, stop_signals
@@ -388,18 +388,20 @@ def _run(cfg: Config, sweep: SweepRecord, opts: SweepOptions, ui: SweepUI, *, ca
                     save_sweep(sweep)
                     ui.say(f"leg {leg.tag}: run {record.id} ({summary_line(record.guards)})")
 
-                def after_leg(record: RunRecord, leg=leg) -> list[Path]:
+                def leg_recorded(record: RunRecord, leg=leg) -> None:  # on any branch, before its report
                     leg.state = record.status if record.status in ("completed", "failed", "interrupted") else "failed"
                     leg.run_id = record.id
                     runs[record.id] = record
                     save_sweep(sweep)
+
+                def after_leg(record: RunRecord) -> list[Path]:  # on the project branch only
                     return write_report(progress_heading())
 
                 progress = ui.progress()
                 try:
                     outcome = execute_run(cfg, request, progress=progress, baseline=baseline_record(),
                                           sweep_id=sweep.id, commit=commit, extra_commit_paths=after_leg,
-                                          on_wait=ui.on_wait, on_start=on_start)
+                                          on_wait=ui.on_wait, on_start=on_start, on_recorded=leg_recorded)
                 except GuardRefused as exc:  # e.g. the lock was taken between the guards and the launch
                     out.refused = [exc.message]
                     exit_code = EXIT_GUARD
@@ -432,8 +434,10 @@ def _run(cfg: Config, sweep: SweepRecord, opts: SweepOptions, ui: SweepUI, *, ca
                         exit_code = EXIT_TRAINING
                         notes.append(f"--fail-fast: stopped after leg `{leg.tag}` failed")
                         break
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             exit_code = EXIT_INTERRUPTED
+            if isinstance(exc, Interrupted):  # what was left undone: a leg's report not committed, say
+                out.messages.append(exc.message)
             _settle_interrupted(sweep, runs)
 
     with _Finishing(ui.say) as finishing:
@@ -514,6 +518,25 @@ def finish_sweep(cfg: Config, sweep: SweepRecord, runs: dict[str, RunRecord], op
         else:
             heading = "finished with failures"
             exit_code = EXIT_TRAINING
+    try:
+        gitops.check_branch(cfg.root, cfg.project.branch)
+        off_branch = None
+    except MoectlError as exc:
+        off_branch = exc.message
+    if off_branch is not None:
+        # A `git switch` while a leg trained: the report and EXPERIMENTS.md are tracked files of the
+        # project branch, and written here they would be changes in someone else's branch. The
+        # report goes to the sweep's own directory; a resume on the project branch finishes it.
+        copy = Path(sweep.exp_dir) / REPORT_COPY
+        out.comparison = completed_comparison(sweep, runs, cfg.metrics.window, opts.baseline, cfg.metrics.warmup_steps)
+        write_text_atomic(copy, sweep_report(sweep, runs, cfg.metrics.window, heading=heading,
+                                             comparison=out.comparison, chain=chain, figures=[], notes=notes,
+                                             report_file=copy))
+        out.report_copy = copy
+        out.messages.append(f"sweep report not written to {cfg.report_dir} ({off_branch}); it is in {copy}, and "
+                            f"`moectl sweep --resume {sweep.id}` on that branch writes and commits it")
+        out.exit_code = exit_code
+        return out
     figures = _figures(cfg, sweep, runs, out) if exit_code in (EXIT_OK, EXIT_TRAINING) and heading != "stopped (--fail-fast)" else []
     paths = write_sweep_report(cfg, sweep, runs, opts, out, heading, chain=chain, notes=notes, figures=figures)
     committing_failed = False
