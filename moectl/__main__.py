@@ -1,3 +1,3 @@
-from moectl.cli import main
+from moectl.entry import main
 
 main()

@@ -220,3 +220,62 @@ def test_a_command_ending_on_its_own_nonzero_exit_still_prints_its_json_error(ca
     with pytest.raises(typer.Exit):
         detaches(json_out=False)
     assert capsys.readouterr().out == ""
+
+
+# Ctrl-C a moment after Enter lands while the CLI's modules are still being imported: this import
+# hook raises the KeyboardInterrupt at that very point (where a real SIGINT landed in an audit), so
+# the window is hit every time rather than by a timed signal.
+INTERRUPT_ON_IMPORT = """
+import sys
+class Interrupting:
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            raise KeyboardInterrupt
+        return None
+sys.meta_path.insert(0, Interrupting())
+sys.argv = ["moectl", *{args!r}]
+from moectl.entry import main
+main()
+"""
+
+
+@pytest.mark.parametrize("module", ["moectl.cli.common", "moectl.cli.runs"])
+@pytest.mark.parametrize("args", [("check",), ("status", "--json")])
+def test_ctrl_c_while_the_cli_is_imported_is_one_line_and_exit_130(module, args, tmp_path):
+    code = INTERRUPT_ON_IMPORT.format(module=module, args=list(args))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert r.returncode == 130, r.stderr
+    assert r.stderr.strip().splitlines() == ["error: interrupted"], r.stderr
+    if "--json" in args:
+        assert json.loads(r.stdout) == {"ok": False, "error": "interrupted", "exit_code": 130}
+    else:
+        assert r.stdout == ""
+
+
+def test_an_error_caused_by_ctrl_c_is_an_interrupt_not_an_internal_error(capsys):
+    """pydantic builds a model class's validator on first use; Ctrl-C inside that comes out as its
+    SchemaError, raised from the KeyboardInterrupt: exit 130 and 'interrupted', not exit 1."""
+    import typer
+
+    from moectl.cli.common import handle_errors
+
+    @handle_errors
+    def command(json_out: bool = False):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:
+            raise RuntimeError('Error building "function-after" validator:') from exc
+
+    with pytest.raises(typer.Exit) as exc:
+        command(json_out=True)
+    assert exc.value.exit_code == 130
+    out, err = capsys.readouterr()
+    assert err.strip() == "error: interrupted" and json.loads(out)["exit_code"] == 130
+
+    @handle_errors
+    def buggy(json_out: bool = False):
+        raise RuntimeError("a real bug")
+
+    with pytest.raises(typer.Exit) as exc:
+        buggy()
+    assert exc.value.exit_code == 1 and "internal error: RuntimeError: a real bug" in capsys.readouterr().err

@@ -50,10 +50,8 @@ def main() -> None:
 
     from moectl.cli.common import error
 
-    # A script's `moectl run ... &` starts moectl with SIGINT ignored (POSIX, for a non-interactive
-    # shell's background jobs), and Python then never raises KeyboardInterrupt: `kill -INT` would do
-    # nothing at all. moectl stops cleanly on SIGINT (exit 130, the run recorded `interrupted`), so
-    # it takes SIGINT back.
+    # (A SIGINT ignored by a script's `moectl run ... &` is taken back by moectl.entry, the console
+    # script, before this module is imported; here too, for callers of this function.)
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 

@@ -182,16 +182,34 @@ def handle_errors(fn: Callable) -> Callable:
             # The reader left (`moectl status | head -1`): click ends every command alike, quietly,
             # exit 1 - not 0, which a `check | head && launch` would take for a pass.
             raise
-        except (OSError, ValueError) as exc:  # bad paths, unreadable files: the user's to fix
-            error(str(exc))
-            as_json_too(str(exc), EXIT_USAGE)
-            raise typer.Exit(EXIT_USAGE)
-        except Exception as exc:  # a bug in moectl: still one line, exit 1
+        except Exception as exc:
+            if interrupted_inside(exc):
+                # Ctrl-C while pydantic built a model class (a command's first use of it) comes out
+                # wrapped in its SchemaError: an interrupt all the same, not a moectl bug.
+                error("interrupted")
+                as_json_too("interrupted", EXIT_INTERRUPTED)
+                raise typer.Exit(EXIT_INTERRUPTED)
+            if isinstance(exc, (OSError, ValueError)):  # bad paths, unreadable files: the user's to fix
+                error(str(exc))
+                as_json_too(str(exc), EXIT_USAGE)
+                raise typer.Exit(EXIT_USAGE)
+            # a bug in moectl: still one line, exit 1
             error(f"internal error: {type(exc).__name__}: {exc}")
             as_json_too(f"internal error: {type(exc).__name__}: {exc}", EXIT_INTERNAL)
             raise typer.Exit(EXIT_INTERNAL)
 
     return wrapper
+
+
+def interrupted_inside(exc: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is among the exceptions that led to `exc`."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def recover_dead_index_lock(cfg) -> None:

@@ -1,0 +1,52 @@
+"""The console script's first code: nothing heavy is imported before Ctrl-C is handled.
+
+`moectl` and `python -m moectl` start here. Ctrl-C (or `kill -INT`) a fraction of a second after
+Enter - a typo noticed - lands while the CLI's modules are still being imported or typer builds
+its commands, outside any command's own error handling: Python then printed a traceback. Here it
+is the same one line and exit 130 as anywhere else (SPEC §8).
+"""
+from __future__ import annotations
+
+import signal
+import sys
+
+EXIT_INTERRUPTED = 130  # (moectl.errors' value: that module is not imported yet when this runs)
+
+
+def main() -> None:
+    # A script's `moectl run ... &` starts moectl with SIGINT ignored (POSIX, for a non-interactive
+    # shell's background jobs), and Python then never raises KeyboardInterrupt: `kill -INT` would do
+    # nothing at all. moectl stops cleanly on SIGINT (exit 130, the run recorded `interrupted`), so
+    # it takes SIGINT back, before anything else.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        from moectl.cli import main as cli_main
+
+        cli_main()
+    except KeyboardInterrupt as exc:  # commands say their own; this is before or around them
+        _interrupted(getattr(exc, "message", None) or "interrupted")
+    except Exception as exc:  # click's Abort, raised from a KeyboardInterrupt while it parsed
+        if not _from_interrupt(exc):
+            raise
+        _interrupted("interrupted")
+
+
+def _from_interrupt(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _interrupted(message: str) -> None:
+    sys.stderr.write(f"error: {message}\n")
+    args = sys.argv[1:]
+    if "--json" in (args[:args.index("--")] if "--" in args else args):  # one JSON document on stdout
+        import json
+
+        sys.stdout.write(json.dumps({"ok": False, "error": message, "exit_code": EXIT_INTERRUPTED}) + "\n")
+    sys.exit(EXIT_INTERRUPTED)
