@@ -15,6 +15,10 @@ is then `"loss": null`, and `parse_record` reads that back as `math.nan` (test i
 `loss_is_finite`). The key must be present: a step line without a loss is still malformed. Files
 written before this rule read the same way, since the engine only ever wrote a null loss for a
 non-finite one. Every other null field means "not measured" (None), as always.
+
+A trainer of the user's own may write its metrics with Python's default json.dumps, which puts
+`NaN` and `Infinity` on the wire (a tok/s of a step timed at 0 ms, say). They are read as the
+engine would have written them: a non-finite loss as NaN, any other non-finite number as None.
 """
 from __future__ import annotations
 
@@ -193,6 +197,8 @@ def parse_record(data: Any) -> Record:
         if name in floats:
             if type(value) not in _NUMBER and not (value is None and (name in _NULLABLE[kind] or name == "loss")):
                 raise ValueError(f"{name} is not a number: {value!r}")
+            if type(value) is float and value - value:  # NaN or +-inf (x - x is 0.0 for every finite x)
+                setattr(record, name, math.nan if name == "loss" else None)
         elif name in integers and type(value) not in _INT and not (value is None and name in _NULLABLE[kind]):
             raise ValueError(f"{name} is not an integer: {value!r}")
     return record
