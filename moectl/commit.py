@@ -22,6 +22,14 @@ from moectl.records import RunRecord
 from moectl.report import commit_message, find_run_report, not_committed, run_report, write_report
 
 
+def _held_by_head(cfg: Config, report: Path) -> Optional[str]:
+    """The commit that holds `report` in HEAD, whatever is on disk now; None if HEAD has none."""
+    try:
+        return gitops.committed_in(cfg.root, report, as_on_disk=False)
+    except MoectlError:  # outside the repository, or no HEAD yet
+        return None
+
+
 @dataclass
 class ReportCommit:
     run_id: str
@@ -49,6 +57,13 @@ def commit_run_report(
     written_now = False
     if report is None:
         if record.report:  # written once, gone since
+            earlier = _held_by_head(cfg, Path(record.report))
+            if earlier is not None:  # committed, then deleted: the deletion is the user's, and stays theirs
+                _record_commit(record, earlier, Path(record.report))
+                return ReportCommit(record.id, Path(record.report), [Path(record.report)], earlier, created=False,
+                                    warnings=[*notes, f"{Path(record.report).name} was committed in {earlier[:10]} and "
+                                              "deleted since; the deletion is not moectl's, so it is left as it is, "
+                                              "uncommitted"])
             raise UsageError(f"run {record.id}'s report {record.report} is gone (deleted or moved); nothing to commit")
         if record.status not in ("completed", "failed", "interrupted"):
             why = ("an imported run gets none" if record.status == "imported"

@@ -363,6 +363,17 @@ def test_moectl_commit_of_a_run_that_ended_without_its_report_writes_it_from_the
     report_of_gone.unlink()
     r = commit_cmd(gone.id)
     assert r.exit_code == 2 and f"report {report_of_gone} is gone (deleted or moved)" in r.stderr, r.stderr
+    # Committed, then deleted (and the deletion staged): already committed, exit 0 as for an edit; the
+    # deletion is the user's and stays uncommitted.
+    kept, report_of_kept = finished_run(project, tag="kept")
+    assert commit_cmd(kept.id).exit_code == 0
+    head = git(project, "rev-parse", "HEAD")
+    git(project, "rm", "-q", "--cached", report_of_kept.relative_to(project).as_posix())
+    report_of_kept.unlink()
+    r = commit_cmd(kept.id)
+    assert r.exit_code == 0 and "deleted since; the deletion is not moectl's" in r.stderr, r.output
+    assert git(project, "rev-parse", "HEAD") == head
+    assert f"D  {report_of_kept.relative_to(project).as_posix()}" in git(project, "status", "--porcelain")
 
 
 def test_moectl_commit_on_the_wrong_branch_refuses_and_writes_nothing(project):
