@@ -187,6 +187,10 @@ def check_branch(repo: Path, branch: Optional[str]) -> str:
     """The current branch's name, or GuardRefused on a detached HEAD or the wrong branch."""
     cur = current_branch(repo)
     if cur is None:
+        try:
+            repo_root(repo)
+        except GitError:  # not a repository at all, which is not "detached"
+            raise GuardRefused(f"refusing to commit: {repo} is not inside a git repository") from None
         raise GuardRefused("refusing to commit: HEAD is detached; check out the project branch")
     if branch not in (None, "*") and cur != branch:
         raise GuardRefused(f"refusing to commit: on branch {cur!r}, expected {branch!r}")

@@ -86,6 +86,13 @@ def test_refuses_detached_head(git_repo):
         commit_paths(git_repo, [git_repo / "r.md"], "msg")
 
 
+def test_a_directory_outside_any_repository_is_said_so_not_detached(tmp_path):
+    from moectl.gitops import check_branch
+
+    with pytest.raises(GuardRefused, match=f"refusing to commit: {tmp_path} is not inside a git repository"):
+        check_branch(tmp_path, "main")
+
+
 def test_refuses_wrong_branch(git_repo):
     git(git_repo, "switch", "-q", "-c", "feature")
     (git_repo / "r.md").write_text("x\n")
