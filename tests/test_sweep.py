@@ -1003,3 +1003,16 @@ def test_ctrl_c_while_the_sweep_report_is_written_keeps_the_legs_report_named_an
     r = cli("commit", run["id"])
     assert r.exit_code == 0, r.output
     assert Path(run["report"]).relative_to(git_repo).as_posix() in commit_files(git_repo, "HEAD")
+
+
+def test_a_sweep_named_whose_record_is_corrupt_is_said_corrupt_not_unknown(tmp_path):
+    from moectl.sweep.store import resolve_sweep
+
+    d = tmp_path / "20261127_000000_moe-fails2"
+    d.mkdir()
+    (d / "sweep.json").write_text('{"id": "20261127_000000_moe-fails2", "name": ')  # cut short
+    for ref in ("fails2", d.name, str(d)):
+        with pytest.raises(UsageError, match=r"corrupt .*sweep\.json"):
+            resolve_sweep(tmp_path, ref)
+    with pytest.raises(UsageError, match="no sweep matches 'other'"):
+        resolve_sweep(tmp_path, "other")

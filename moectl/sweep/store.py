@@ -173,6 +173,13 @@ def resolve_sweep(root: Path, ref: str) -> SweepRecord:
         return by_name[-1]  # a prefix of one name: that name's most recent sweep
     hits += by_name
     if not hits:
+        # By name, a sweep whose sweep.json cannot be read is not listed: say why it is unreadable
+        # (its directory is <time>_<project>-<name>), not that nothing matches.
+        known = {s.id for s in sweeps}
+        unreadable = sorted(d for d in root.glob(f"*-{ref}") if d.name not in known and (d / SWEEP_RECORD).is_file()) \
+            if root.is_dir() and "*" not in ref and "?" not in ref and "[" not in ref else []
+        if unreadable:
+            load_sweep(unreadable[-1])  # raises, saying what is wrong with it
         raise UsageError(f"no sweep matches {ref!r} under {root}")
     if len(hits) > 1:
         raise UsageError(f"ambiguous sweep reference {ref!r}: {len(hits)} sweeps match",
