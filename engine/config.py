@@ -25,6 +25,10 @@ PRESETS = {
     ),
 }
 
+# torch.compile's modes (--compile-mode), each with whether it captures CUDA graphs (those need a
+# step marker per micro-step in the training loop).
+COMPILE_MODES = {"default": False, "reduce-overhead": True, "max-autotune": True, "max-autotune-no-cudagraphs": False}
+
 # Used where neither the command line nor the preset sets a value.
 DEFAULTS = dict(
     depth=4, aspect_ratio=64, head_dim=64, n_experts=8, top_k=2, expert_hidden_mult=2.0,
@@ -180,6 +184,14 @@ def check_model_options(options: Mapping[str, Any]) -> None:
     cfg = GPTConfig(**settings)
     cfg.validate()
     check_ep_layers(cfg, int(options.get("ep") or 1))
+    check_compile_mode(options.get("compile") or preset.get("compile", DEFAULTS["compile"]),
+                       options.get("compile_mode") or DEFAULTS["compile_mode"])
+
+
+def check_compile_mode(compile: str, mode: str) -> None:
+    """ValueError when --compile-mode is given without anything to compile."""
+    if mode != "default" and compile == "none":
+        raise ValueError(f"--compile-mode {mode} needs --compile static or dynamic")
 
 
 def check_ep_layers(cfg: GPTConfig, ep: int) -> None:

@@ -54,7 +54,7 @@ ENGINE_OPTIONS: dict[str, type] = {
     "depth": int, "aspect_ratio": int, "head_dim": int, "n_experts": int, "top_k": int,
     "expert_hidden_mult": float, "moe_freq": int, "cap": float, "dispatch": str, "balance_coeff": float,
     "z_coeff": float, "balance": str, "balance_rate": float, "dense": bool, "fp8": bool, "fp8_dense": bool,
-    "compile": str,
+    "compile": str, "compile_mode": str,
     # training
     "seq_len": int, "device_batch_size": int, "ep": int, "total_batch_size": int, "steps": int, "lr": float,
     "warmdown_frac": float, "grad_clip": float, "seed": int, "data": str, "vocab_size": int, "device": str,

@@ -39,7 +39,9 @@ import torch.distributed as dist
 from engine import checkpoint, data, flops
 from engine.ep import ExpertParallel, check_ep
 from engine.malloc import keep_freed_memory
-from engine.config import DEFAULTS, EMPTY_DATA, PRESETS, GPTConfig, check_ep_layers
+from engine.config import (
+    COMPILE_MODES, DEFAULTS, EMPTY_DATA, PRESETS, GPTConfig, check_compile_mode, check_ep_layers,
+)
 from engine.model import GPT
 from engine.schema import (
     EXIT_BAD_OPTIONS,
@@ -129,10 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# torch.compile's modes; the ones that capture CUDA graphs need a step marker per micro-step.
-COMPILE_MODES = {"default": False, "reduce-overhead": True, "max-autotune": True, "max-autotune-no-cudagraphs": False}
-
-
 def resolve_options(argv) -> argparse.Namespace:
     """Parse argv, fill from preset then DEFAULTS, validate. Raises BadOptions (one line)."""
     args = build_parser().parse_args(argv)
@@ -152,8 +150,10 @@ def resolve_options(argv) -> argparse.Namespace:
             raise BadOptions(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.save_every < 0:
         raise BadOptions("--save-every must be >= 0")
-    if args.compile_mode != "default" and args.compile == "none":
-        raise BadOptions(f"--compile-mode {args.compile_mode} needs --compile static or dynamic")
+    try:
+        check_compile_mode(args.compile, args.compile_mode)
+    except ValueError as exc:
+        raise BadOptions(str(exc)) from None
     if args.save_every and not args.ckpt_dir:
         raise BadOptions("--save-every needs --ckpt-dir")
     if not 0.0 <= args.warmdown_frac <= 1.0:

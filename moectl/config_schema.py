@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from engine.config import COMPILE_MODES
 from engine.schema import ENGINE_MODULE, ENGINE_OPTIONS
 from moectl.config import CONFIG_NAME, DEFAULT_ARTIFACT_ROOT, launch_target
 from moectl.errors import UsageError
@@ -385,6 +386,7 @@ ENGINE_LIMITS: dict[str, tuple[str, Any]] = {
         "total_batch_size", "vocab_size")},
     **{k: ("0 or more", lambda v: v >= 0) for k in ("balance_coeff", "z_coeff", "grad_clip", "warmdown_frac")},
     "dtype": ("one of bf16, fp32", lambda v: v in ("bf16", "fp32")),
+    "compile_mode": (f"one of {', '.join(COMPILE_MODES)}", lambda v: v in COMPILE_MODES),
 }
 
 

@@ -94,7 +94,8 @@ def test_a_fifo_as_data_is_refused_before_launch(tmp_path):
     [], ["--preset", "d12-moe"], ["--top-k", "9"], ["--preset", "d12-moe", "--n-experts", "1"], ["--head-dim", "24"],
     ["--depth", "3", "--aspect-ratio", "10", "--head-dim", "10"], ["--expert-hidden-mult", "0.001"],
     ["--moe-freq", "0"], ["--cap", "-1"], ["--balance-rate", "0"], ["--seq-len", "0"], ["--top-k", "0"],
-    ["--ep", "2", "--moe-freq", "3"],
+    ["--ep", "2", "--moe-freq", "3"], ["--compile-mode", "reduce-overhead"],
+    ["--compile", "static", "--compile-mode", "reduce-overhead"],
 ])
 def test_moectls_model_check_agrees_with_the_engines(argv):
     # engine.config.check_model_options (torch-free, run by moectl) and engine.train's own option
