@@ -84,6 +84,7 @@ class LaunchResult:
     metrics_records: int = 0  # well-formed lines read from metrics.jsonl
     malformed_lines: int = 0  # lines of metrics.jsonl that did not parse (skipped)
     error: Optional[str] = None  # why it never started (exit_code is None)
+    log_error: Optional[str] = None  # train.log could not be written (a full disk): the output was read on
     # torchrun exits 1 whatever its worker returned; the worker's own code (e.g. the engine's
     # EXIT_COMPILE_FAILED) is only in torchrun's report, so we read it from there.
     worker_exit_code: Optional[int] = None
@@ -270,6 +271,7 @@ class _Tee(threading.Thread):
         self.worker_exit_code: Optional[int] = None
         self.lock = threading.Lock()  # the main thread closes the log under it
         self._redraw = False  # the last line ended in a bare `\r`: the next one replaces it on screen
+        self.log_error: Optional[str] = None  # the first failed write to the log; none is tried after it
 
     def run(self) -> None:
         # Whatever the pipe has, as it comes (read1), cut into lines where a terminal starts over:
@@ -300,8 +302,7 @@ class _Tee(threading.Thread):
         with self.lock:
             if self.log_fh.closed:
                 return False
-            self.log_fh.write(raw)
-            self.log_fh.flush()
+            self._log(raw)
             if self._redraw and self.tail:
                 self.tail.pop()  # the bar this line redraws: the tail keeps what the screen shows
             self._redraw = raw.endswith(b"\r")
@@ -318,13 +319,25 @@ class _Tee(threading.Thread):
                 self.on_line = None
                 with self.lock:
                     if not self.log_fh.closed:
-                        self.log_fh.write(f"moectl: stdout metrics parser stopped: {exc!r}\n".encode())
+                        self._log(f"moectl: stdout metrics parser stopped: {exc!r}\n".encode())
         if self.echo is not None:
             try:
                 self.echo(text)
             except Exception:  # a broken terminal must not stop the log
                 self.echo = None
         return True
+
+    def _log(self, data: bytes) -> None:
+        """Write to train.log; a failed write (the disk is full) is remembered and ends the logging,
+        never the reading: a tee that stopped reading would leave the trainer blocked on a full pipe
+        and moectl waiting on it forever."""
+        if self.log_error is not None:
+            return
+        try:
+            self.log_fh.write(data)
+            self.log_fh.flush()
+        except OSError as exc:
+            self.log_error = f"train.log is incomplete: writing it failed ({exc.strerror or exc}); the output after that was read but not logged"
 
 
 def _install_handlers(stop: _StopRequest) -> dict[int, object]:
@@ -691,11 +704,14 @@ def launch(
         if watchdog is not None:
             watchdog.finished()
         _restore_handlers(previous)
-        if tee is not None:
-            with tee.lock:
+        try:
+            if tee is not None:
+                with tee.lock:
+                    log_fh.close()
+            else:
                 log_fh.close()
-        else:
-            log_fh.close()
+        except OSError:  # what a full disk left in its buffer (the tee says the log is incomplete)
+            pass
         if proc is not None and proc.stdout is not None and (tee is None or not tee.is_alive()):
             proc.stdout.close()
         follower.close()
@@ -717,6 +733,7 @@ def launch(
         malformed_lines=follower.malformed,
         error=error,
         worker_exit_code=tee.worker_exit_code if tee is not None else None,
+        log_error=tee.log_error if tee is not None else None,
     )
 
 

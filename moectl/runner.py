@@ -234,6 +234,8 @@ def finish_record(record: RunRecord, result: LaunchResult, plan: RunPlan,
     exit code, whether the engine failed to compile)."""
     if parser is not None:
         record.warnings = parser.warnings()
+    if result.log_error:
+        record.warnings.append(result.log_error)
     metrics = read_metrics(Path(plan.files["metrics.jsonl"]))
     store.apply_metrics(record, metrics, plan.window, plan.warmup_steps)  # adds a NaN-loss warning
     if metrics.start is not None and plan.device == "cuda" and not record.gpus:

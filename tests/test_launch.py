@@ -567,3 +567,31 @@ def test_torchrun_and_its_workers_are_killed_after_the_grace_once_the_launcher_i
         wait_for(lambda: exited(watchdog), "the watchdog exiting once its work was done", 30)
     finally:
         kill_all(procs)
+
+
+def test_a_full_disk_under_train_log_ends_the_logging_not_the_reading(tmp_path):
+    """Writing train.log fails (ENOSPC: /dev/full is such a disk). The tee thread died of it, nobody
+    read the pipe any more, the trainer blocked on its next print, and moectl waited forever. Now
+    the output is still read (the trainer finishes, its steps are parsed) and the run says the log
+    is incomplete."""
+    code = textwrap.dedent("""
+        import json, sys
+        from dataclasses import asdict
+        from pathlib import Path
+        from moectl.launch import launch
+        trainer = ("import sys\\n"
+                   "for i in range(40):\\n"
+                   "    print('noise ' + 'n' * 20000)\\n"  # 800 KB in all: far past a pipe's buffer
+                   "    print(f'step {i} | loss: 3.0 | dt: 10ms', flush=True)\\n")
+        r = launch([sys.executable, "-c", trainer], cwd=Path.cwd(), env={}, log_path=Path("/dev/full"),
+                   metrics_path=Path(sys.argv[1]) / "metrics.jsonl")
+        print(json.dumps(asdict(r)))
+    """)
+    child = subprocess.run([PY, "-c", code, str(tmp_path)], cwd=REPO, env={**os.environ, **ENV},
+                           capture_output=True, text=True, timeout=120)  # a hang ends here, failing the test
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert "Traceback" not in child.stderr, child.stderr[-3000:]
+    r = json.loads(child.stdout.splitlines()[-1])
+    assert r["exit_code"] == 0 and not r["interrupted"]
+    assert r["log_error"].startswith("train.log is incomplete: writing it failed (No space left on device)")
+    assert "step 39 | loss: 3.0" in r["log_tail"]  # every line was still read
