@@ -168,6 +168,8 @@ def parse_line(line: str) -> Record:
         data = json.loads(line)
     except json.JSONDecodeError as exc:
         raise ValueError(f"not JSON: {exc.msg}") from None
+    except RecursionError:  # thousands of nested brackets: the decoder recurses once per bracket
+        raise ValueError("not JSON: nested too deeply") from None
     return parse_record(data)
 
 

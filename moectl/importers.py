@@ -120,6 +120,13 @@ _STEP_FIELDS = {
 
 def parse_csv(text: str, run: Optional[str] = None) -> ParsedLog:
     """A step table. With a `run` column holding several runs, `run` picks one (else an error)."""
+    try:
+        return _parse_csv(text, run)
+    except csv.Error as exc:  # a cell past the csv module's field limit (131072 characters), a NUL
+        raise UsageError(f"csv cannot be read: {exc}") from None
+
+
+def _parse_csv(text: str, run: Optional[str]) -> ParsedLog:
     out = ParsedLog(format="csv")
     reader = csv.DictReader(io.StringIO(text))
     header = [h.strip() for h in (reader.fieldnames or [])]

@@ -118,14 +118,14 @@ def parse_metrics_text(text: str) -> MetricsFile:
         objects = json.loads("[" + body.replace("\n", ",") + "]") if body else []
         if len(objects) != (body.count("\n") + 1 if body else 0) or not all(type(o) is dict for o in objects):
             raise ValueError
-    except ValueError:
+    except (ValueError, RecursionError):  # (a line of 100k `[`: the decoder recurses per bracket)
         objects = []
         for ln in text.splitlines():
             if not ln.strip():
                 continue
             try:
                 objects.append(json.loads(ln))
-            except ValueError:
+            except (ValueError, RecursionError):
                 objects.append(_MALFORMED)
     by_step: dict[int, StepMetrics] = {}
     for obj in objects:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import re
 
 # Terminal escape sequences: CSI (`\x1b[32m`, colours and cursor moves), OSC (`\x1b]0;title\x07`),
-# and the two-byte ones (`\x1bM`).
-ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
+# the ones with intermediate bytes (`\x1b(B`, a character set: what `tput sgr0` and curses put
+# before `\x1b[m`), and the two-byte ones (`\x1bM`, `\x1b7`, `\x1b=`, `\x1bc`).
+ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[ -/]+[0-~]|[0-~])")
 # C0 control bytes but tab and newline, and DEL.
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 

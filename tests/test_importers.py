@@ -215,3 +215,22 @@ def test_a_csv_step_number_below_0_is_a_bad_row():
     # The engine numbers steps from 0; step -3 was imported (and then counted as a warm-up step).
     parsed = parse_csv("step,loss\n-3,4.0\n0,3.0\n1,2.5\n100000000000000000000000,2.0\n")
     assert [s.step for s in parsed.steps] == [0, 1] and parsed.skipped == 2
+
+
+def test_a_csv_cell_past_the_field_limit_is_a_usage_error_not_an_internal_one():
+    text = "step,loss\n1," + "9" * 200_000 + "\n2,3\n"
+    with pytest.raises(UsageError, match="csv cannot be read: field larger than field limit"):
+        parse_csv(text)
+
+
+def test_a_line_nested_too_deeply_is_a_malformed_line_skipped(tmp_path):
+    from engine.schema import parse_line
+
+    from moectl.metrics import parse_metrics_text
+
+    deep = "[" * 100_000
+    good = '{"type":"step","step":0,"loss":2.5}'
+    m = parse_metrics_text(good + "\n" + deep + "\n")
+    assert m.skipped == 1 and [s.step for s in m.steps] == [0]
+    with pytest.raises(ValueError, match="nested too deeply"):
+        parse_line(deep)

@@ -153,6 +153,17 @@ def test_coloured_step_lines_read_as_a_terminal_shows_them():
     assert parser.warnings() == []
 
 
+def test_curses_and_tput_escapes_before_a_step_line_are_read_past():
+    """`tput sgr0` is `\x1b(B\x1b[m` (a character-set escape, then CSI): a line opening with it lost its
+    step. So did the two-byte ones a curses program writes (save/restore cursor, keypad mode)."""
+    prefixes = ["\x1b(B\x1b[m", "\x1b)0", "\x1b7", "\x1b8\x1b=", "\x1b#8", ""]
+    text = "".join(f"{prefixes[i % len(prefixes)]}step {i} | loss: {3.0 - i / 10} | dt: 100ms\x1b(B\x1b[m\n"
+                   for i in range(12))
+    parser, steps = parse_text(text, NANOCHAT)
+    assert [s.step for s in steps] == list(range(12)) and steps[-1].loss == 3.0 - 11 / 10
+    assert parser.warnings() == []
+
+
 def test_a_parser_failure_stops_the_live_writer_and_says_so(tmp_path, monkeypatch):
     """The live writer survives a parser bug (the run goes on) and the parser's warnings, which
     the run record carries, say from where on the steps are missing."""
