@@ -6,7 +6,7 @@ Only what validates a config file lives here, so that reading a config that was 
 from __future__ import annotations
 
 import math
-
+import shlex
 import sys
 from types import SimpleNamespace
 from typing import Annotated, Any, Literal, Optional, Union
@@ -448,11 +448,16 @@ def launch_option_problems(data: dict) -> dict[str, str]:
     options = _table(_table(data, "launch"), "options")
     known = {*MAPPABLE, *(str(k).replace("-", "_") for k in _table(data, "defaults"))}
     problems = {}
-    for raw_key in options:
+    for raw_key, template in options.items():
         key = str(raw_key).replace("-", "_")
         if key not in known:
             problems[f"launch.options.{key}"] = (f"unknown option (known: {', '.join(MAPPABLE)}, "
                                                  "or a key of [defaults])")
+        elif isinstance(template, str):
+            try:  # split as a run splits it, so a stray quote is this key's problem now, not a run's
+                shlex.split(template.replace("{}", "x"))
+            except ValueError as exc:
+                problems[f"launch.options.{key}"] = f"{template!r} cannot be split into arguments: {exc}"
     return problems
 
 

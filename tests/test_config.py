@@ -390,6 +390,12 @@ def test_launch_options_keys_are_options_moectl_can_hand_a_trainer(tmp_path):
                             'n-layers = "--n_layer={}"\n[defaults]\nn_layers = 4\n'))
     assert set(cfg.launch.options) == {*MAPPABLE, "n_layers"}
     assert all(f" {k}" in TEMPLATE.split("[launch.options]")[1].split("[metrics]")[0] for k in MAPPABLE)
+    # A template that cannot be split into arguments (a stray quote) is its key's problem, found
+    # when the config is read (it passed `check` and failed a run with "No closing quotation").
+    with pytest.raises(UsageError) as e:
+        load_config(write(tmp_path, head + "cap = \"--x='{}\"\n"))
+    assert e.value.lines == [".moectl.toml: launch.options.cap: \"--x='{}\" cannot be split into arguments: "
+                             "No closing quotation"]
 
 
 def test_an_unmapped_option_names_the_config_file_given(tmp_path, monkeypatch):
