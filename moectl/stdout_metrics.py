@@ -404,6 +404,12 @@ class StdoutParser:
         return out
 
     def no_steps_reason(self) -> str:
+        if self.skipped:  # the step pattern matched; what failed is reading the line's loss
+            loss = self.fmt.patterns.get("loss")
+            where = f"loss pattern {loss.pattern!r}" if loss is not None else "its 'loss:' field"
+            return (f"no step could be read from the trainer's output: {self.skipped} line(s) matched the "
+                    f"{'step pattern' if loss is not None else 'step line'}, but none had a loss matched by the "
+                    f"{where} that is a number ({self.fmt.describe()})")
         return f"no step line in the trainer's output matched ({self.fmt.describe()})"
 
 

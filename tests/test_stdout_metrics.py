@@ -333,3 +333,16 @@ def test_training_time_goes_on_from_the_last_printed_total_when_the_trainer_stop
               for i in range(2, 4)]
     parser, steps = parse_text("\n".join(lines) + "\n", NANOCHAT)
     assert [s.elapsed_s for s in steps] == pytest.approx([0.5, 1.0, 1.5, 2.0], abs=0.01)
+
+
+def test_no_step_read_names_the_loss_pattern_when_the_step_pattern_matched():
+    """Every line matched the step pattern and none had a loss the loss pattern could read: the
+    reason names the loss pattern, not "no step line matched"."""
+    fmt = StdoutFormat.build("regex", r"iter (\d+):", None, {"loss": r"loss=([\d.]+)"})
+    parser, steps = parse_text("".join(f"iter {i}: loss {3.0 - i / 10}\n" for i in range(5)), fmt)
+    assert steps == [] and parser.skipped == 5
+    assert parser.no_steps_reason() == (
+        "no step could be read from the trainer's output: 5 line(s) matched the step pattern, but none had a "
+        "loss matched by the loss pattern 'loss=([\\\\d.]+)' that is a number (step pattern 'iter (\\\\d+):')")
+    parser, _ = parse_text("nothing here\n", fmt)
+    assert parser.no_steps_reason() == "no step line in the trainer's output matched (step pattern 'iter (\\\\d+):')"

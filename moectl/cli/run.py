@@ -245,7 +245,8 @@ def _status_line(record) -> str:
 
 
 # The failed runs whose record's error is moectl's reason on its first line, then the log tail.
-REASONS_BEFORE_TAIL = ("no step line in the trainer's output", "the trainer exited 0 but")
+REASONS_BEFORE_TAIL = ("no step line in the trainer's output", "no step could be read from the trainer's output",
+                       "the trainer exited 0 but")
 
 
 def _render_outcome(outcome) -> None:
