@@ -396,7 +396,15 @@ class StdoutParser:
                        "no tok/sec unless the step lines print it")
         if self.skipped:
             out.append(f"{self.skipped} step line(s) could not be read (no loss, or not a number) and were skipped")
-        if self.unprinted:
+        if self.unprinted and self.partial:
+            # Lines cut mid-print were seen (another rank's output spliced into a rank-0 progress
+            # bar, say): the missing steps may have been printed and lost there, not skipped.
+            out.append(f"{self.unprinted} steps were not read ({self.steps_seen} step lines were; {self.partial} "
+                       "line(s) were cut mid-print, by another rank's output or the end of the log, and may have "
+                       "held them): the tail means are over the steps read only"
+                       + ("; training time counts each read dt for the steps missing before it "
+                          "(dt x steps since the previous line: an estimate)" if self.time_estimated else ""))
+        elif self.unprinted:
             out.append(f"{self.unprinted} steps were never printed (the trainer printed {self.steps_seen} step lines): "
                        "the tail means are over the printed steps only"
                        + ("; training time counts each printed dt for the unprinted steps before it "

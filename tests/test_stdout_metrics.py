@@ -144,6 +144,19 @@ def test_a_rank0_line_printed_in_parts_reads_whole_through_torchruns_tee():
     assert parser.partial == 2
 
 
+def test_steps_lost_in_lines_cut_by_another_rank_are_not_said_never_printed():
+    """A rank-0 progress bar (one `\\r` redraw a step) with rank 1's lines spliced in: the steps in
+    the cut lines were printed, so the warning says they were not read, not that the trainer
+    skipped them."""
+    parser, steps = parse_text("[rank0]:step 0 | loss: 3.0 | dt: 10ms\r"
+                               "[rank0]:step 1 | loss: 2.9 [rank1]:rank1 says hi\n"
+                               "[rank0]:| dt: 10ms\r[rank0]:step 2 | loss: 2.8 [rank1]:rank1 again\n"
+                               "[rank0]:| dt: 10ms\r[rank0]:step 3 | loss: 2.7 | dt: 10ms\n", NANOCHAT, finished=True)
+    assert [s.step for s in steps] == [0, 3] and parser.partial == 2
+    [warning] = [w for w in parser.warnings() if "steps were" in w]
+    assert warning.startswith("2 steps were not read (2 step lines were; 2 line(s) were cut mid-print") and "never" not in warning
+
+
 def test_coloured_step_lines_read_as_a_terminal_shows_them():
     """A logger's ANSI colours (CSI) and a terminal-title escape (OSC) around a step line."""
     text = ("\x1b[32mstep 0 | loss: 3.0 | dt: 100ms\x1b[0m\n"
