@@ -5,6 +5,7 @@ and the CLI process never imports torch.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -145,6 +146,27 @@ def no_such_data(spec: str) -> str:
     return f"--data {spec}: no such file or directory (use 'default', 'synthetic', a directory or a .bin file)"
 
 
+def token_shards(directory: Path, spec: str) -> list[Path]:
+    """The .bin token files of a `--data` directory, sorted (nanoGPT-style shards: train_000.bin, ...),
+    or [] when it holds none (a directory of text, read as bytes). ValueError when it mixes the two:
+    either reading would be wrong for half of it."""
+    bins, others = [], 0
+    for dirpath, dirnames, filenames in os.walk(directory):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__" and not d.startswith("."))
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if name.startswith(".") or not path.is_file():
+                continue  # hidden files, FIFOs and sockets are never data
+            if path.suffix == ".bin":
+                bins.append(path)
+            else:
+                others += 1
+    if bins and others:
+        raise ValueError(f"--data {spec}: mixes {len(bins)} .bin token file(s) with {others} other file(s); "
+                         "a directory is either token shards or text")
+    return bins
+
+
 def check_data_options(options: Mapping[str, Any], cwd: Path) -> None:
     """ValueError (one line) for a `--data` engine.data would refuse before training - a path that
     is not there, seen from `cwd` where the engine runs - or a `--vocab-size` below a byte corpus's
@@ -162,8 +184,9 @@ def check_data_options(options: Mapping[str, Any], cwd: Path) -> None:
             raise ValueError(no_such_data(str(spec)))
         if not (path.is_file() or path.is_dir()):  # engine.data never reads a FIFO, socket or device
             raise ValueError(f"--data {spec}: not a regular file or directory")
+    shards = token_shards(path, str(spec)) if path is not None and path.is_dir() else []
     vocab = options.get("vocab_size")
-    byte_data = spec == "default" or (path is not None and not (path.is_file() and path.suffix == ".bin"))
+    byte_data = spec == "default" or (path is not None and not (path.is_file() and path.suffix == ".bin") and not shards)
     if vocab and byte_data and vocab < BYTE_VOCAB:
         raise ValueError(f"--vocab-size {vocab} is smaller than the data's ({BYTE_VOCAB})")
 

@@ -1,7 +1,8 @@
 """Token streams for the engine: a built-in byte corpus, user files, or synthetic tokens.
 
     load_tokens("default")        the standard library's own .py sources, bytes as tokens (vocab 256)
-    load_tokens("/some/dir")      every file under a directory, sorted by path, bytes as tokens
+    load_tokens("/some/dir")      every file under a directory, sorted by path, bytes as tokens;
+                                  or, when its files are .bin shards (train_000.bin, ...), their tokens
     load_tokens("tokens.bin")     a flat little-endian uint16 token file (read with torch.frombuffer)
     "synthetic"                   random tokens, seeded per batch: SyntheticLoader
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from engine.config import BYTE_VOCAB, no_such_data  # (shared with moectl's check before launch)
+from engine.config import BYTE_VOCAB, no_such_data, token_shards  # (shared with moectl's check before launch)
 
 DEFAULT_CAP_BYTES = 4 * 1024 * 1024
 HOLDOUT_FRAC = 0.05
@@ -60,27 +61,42 @@ def load_tokens(spec: str, cap_bytes: int = DEFAULT_CAP_BYTES) -> tuple[torch.Te
         return _bytes_to_tokens(data), BYTE_VOCAB
     path = Path(spec).expanduser()
     if path.is_dir():
+        shards = token_shards(path, spec)
+        if shards:  # nanoGPT-style train_000.bin, ...: uint16 tokens, one after another
+            tokens = torch.cat([_read_token_file(shard, f"{spec} ({shard.relative_to(path)})") for shard in shards])
+            return tokens, max(2, int(tokens.max()) + 1)
         data = _concat_files(path, lambda p: True, {"__pycache__"}, 1 << 40)
         if not data:
             raise ValueError(f"--data {spec}: directory holds no readable files")
         return _bytes_to_tokens(data), BYTE_VOCAB
     if path.is_file() and path.suffix == ".bin":
-        raw = path.read_bytes()
-        if not raw:  # (torch.frombuffer has its own words for an empty buffer)
-            raise ValueError(f"--data {spec}: empty token file")
-        if len(raw) % 2:
-            raise ValueError(f"--data {spec}: odd byte count, not a uint16 token file")
-        tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint16).to(torch.int32)
+        tokens = _read_token_file(path, spec)
         # A one-token vocabulary has nothing to predict (and a model needs two outputs at least).
         return tokens, max(2, int(tokens.max()) + 1)
     if path.is_file():
-        data = path.read_bytes()
+        data = _read(path, spec)
         if not data:  # (torch.frombuffer's own words for it name no flag)
             raise ValueError(f"--data {spec}: empty file")
         return _bytes_to_tokens(data), BYTE_VOCAB
     if path.exists():  # a FIFO, socket or device: not read (a FIFO would block the run forever)
         raise ValueError(f"--data {spec}: not a regular file or directory")
     raise ValueError(no_such_data(spec))
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:  # unreadable (permissions), a directory gone meanwhile: the user's to fix
+        raise ValueError(f"--data {what}: cannot read it: {exc.strerror or exc}") from None
+
+
+def _read_token_file(path: Path, what: str) -> torch.Tensor:
+    raw = _read(path, what)
+    if not raw:  # (torch.frombuffer has its own words for an empty buffer)
+        raise ValueError(f"--data {what}: empty token file")
+    if len(raw) % 2:
+        raise ValueError(f"--data {what}: odd byte count, not a uint16 token file")
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint16).to(torch.int32)
 
 
 def _bytes_to_tokens(data: bytes) -> torch.Tensor:

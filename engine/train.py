@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmdown-frac", type=float, help="fraction of steps over which lr decays linearly to 0")
     t.add_argument("--grad-clip", type=float, help="clip the global grad norm (0 = off)")
     t.add_argument("--seed", type=int, help="seed for init and synthetic data")
-    t.add_argument("--data", help="'default' (stdlib sources as bytes), 'synthetic', a directory of text files, or a uint16 .bin")
+    t.add_argument("--data", help="'default' (stdlib sources as bytes), 'synthetic', a directory of text files, a "
+                   "uint16 .bin, or a directory of .bin shards")
     t.add_argument("--vocab-size", type=int, help="vocabulary (synthetic data; default: implied by the data)")
     t.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available")
     t.add_argument("--dtype", choices=["bf16", "fp32"], help="autocast dtype (default bf16 on cuda, fp32 on cpu)")
@@ -187,6 +188,11 @@ def resolve_options(argv) -> argparse.Namespace:
             # (a report's recorded command pasted again wrote over the run it reports)
             raise BadOptions(f"--out-dir {args.out_dir} already holds a run's {METRICS_FILENAME}: a new run "
                              "goes into a fresh directory (--resume continues that one)")
+    if args.ckpt_dir and not args.resume:
+        held = checkpoint.latest(args.ckpt_dir)
+        if held is not None:  # a new run's saves would overwrite them, and a later --resume latest mix the two
+            raise BadOptions(f"--ckpt-dir {args.ckpt_dir} already holds a run's checkpoints ({held.name}): a new run "
+                             "saves into a fresh directory (--resume latest continues that one)")
     try:
         cfg = model_config(args, vocab_size=args.vocab_size or 256)  # (the data's vocabulary comes later)
         cfg.validate()
@@ -399,6 +405,18 @@ def eager_forward_error(model, x_BT, y_BT, autocast) -> str | None:
     return None
 
 
+def _not_an_engine_checkpoint(state) -> str | None:
+    """What a loaded --resume file lacks of this engine's checkpoints (engine.checkpoint.save), or None."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a checkpoint's dict"
+    for key, kind in (("model", dict), ("optimizer", dict), ("loader", dict), ("rng", dict), ("step", int)):
+        if key not in state:
+            return f"no {key!r} in it"
+        if not isinstance(state[key], kind):
+            return f"its {key!r} is a {type(state[key]).__name__}, not a {kind.__name__}"
+    return None
+
+
 def graph_break_warning(breaks: dict) -> str | None:
     """One warning line for torch.compile's graph breaks (dynamo's counters["graph_break"]:
     reason -> count), None when there were none. A break splits the compiled model into pieces
@@ -511,6 +529,9 @@ def _train(args, open_files: list) -> int:
     except Exception as exc:  # cut short, copied half-way, not ours: a one-line refusal, not a traceback
         raise BadOptions(f"--resume {resume_path}: cannot read this checkpoint: {_first_line(exc)}") from None
     if state is not None:
+        missing = _not_an_engine_checkpoint(state)
+        if missing:  # a torch file of another trainer's (nanochat's model_*.pt holds the weights alone)
+            raise BadOptions(f"--resume {resume_path}: not a checkpoint of this engine ({missing})")
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as exc:
@@ -527,12 +548,16 @@ def _train(args, open_files: list) -> int:
         group["initial_lr"] = args.lr
     start_step, elapsed_s = 0, 0.0
     if state is not None:
-        optimizer.load_state_dict(ep.shard_optimizer_state(state["optimizer"], expert_idx) if ep else state["optimizer"])
-        loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["rng"]["cpu"])
-        if device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
-        start_step, elapsed_s = int(state["step"]), float(state.get("elapsed_s", 0.0))
+        try:  # the same on every rank (one file), so a refusal leaves no rank waiting in a collective
+            optimizer.load_state_dict(ep.shard_optimizer_state(state["optimizer"], expert_idx) if ep else state["optimizer"])
+            loader.load_state_dict(state["loader"])
+            torch.set_rng_state(state["rng"]["cpu"])
+            if device.type == "cuda" and state["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(state["rng"]["cuda"])
+            start_step, elapsed_s = int(state["step"]), float(state.get("elapsed_s", 0.0))
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            raise BadOptions(f"--resume {resume_path}: checkpoint does not match this run: "
+                             f"{type(exc).__name__}: {_first_line(exc)}") from None
         if start_step >= args.steps:
             raise BadOptions(f"--resume {resume_path}: the checkpoint is at step {start_step}; --steps {args.steps} "
                              "leaves nothing to train")

@@ -130,3 +130,33 @@ def test_a_fifo_is_never_read(tmp_path):
     tokens, vocab = found["dir"]
     assert bytes(tokens.to(torch.uint8).tolist()) == b"AB" and vocab == 256
     assert str(found["fifo"]) == f"--data {d / 'b.pipe'}: not a regular file or directory"
+
+
+def test_a_directory_of_bin_shards_is_read_as_their_tokens_not_as_bytes(tmp_path):
+    """nanoGPT-style train_000.bin, train_001.bin: uint16 tokens. Read as bytes (as every directory
+    was), a vocabulary of 65536 became 256 and the run trained on nonsense without a word."""
+    import torch
+
+    from engine.data import load_tokens
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    a, b = torch.arange(0, 600, dtype=torch.int32), torch.arange(600, 1200, dtype=torch.int32) * 50
+    (shards / "train_000.bin").write_bytes(a.to(torch.uint16).numpy().tobytes())
+    (shards / "train_001.bin").write_bytes(b.to(torch.uint16).numpy().tobytes())
+    tokens, vocab = load_tokens(str(shards))
+    assert torch.equal(tokens, torch.cat([a, b])) and vocab == int(b.max()) + 1
+    (shards / "README.txt").write_text("shards of the corpus\n")
+    with pytest.raises(ValueError, match=r"mixes 2 \.bin token file\(s\) with 1 other file\(s\)"):
+        load_tokens(str(shards))
+
+
+def test_an_unreadable_data_file_is_a_one_line_error(tmp_path):
+    """A PermissionError from read_bytes was a traceback and exit 1. (The suite runs as root, who
+    reads any file: a read that fails as a directory's does stands in for it.)"""
+    from engine.data import _read_token_file
+
+    gone = tmp_path / "tokens.bin"
+    gone.mkdir()
+    with pytest.raises(ValueError, match=r"--data .*tokens\.bin: cannot read it: Is a directory"):
+        _read_token_file(gone, str(gone))

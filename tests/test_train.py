@@ -432,3 +432,46 @@ def test_bad_compile_modes_exit_2(argv, needle, capsys):
     assert main(["--preset", "tiny", "--steps", "1", "--device", "cpu", *argv]) == EXIT_BAD_OPTIONS
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
+
+
+def test_a_ckpt_dir_holding_another_runs_checkpoints_is_refused_without_resume(tmp_path):
+    """Run B into run A's --ckpt-dir overwrote A's model_000002.pt and a later `--resume latest`
+    continued from A's step 6 with B's metrics: refused now, exit 2, nothing written."""
+    ck = tmp_path / "ck"
+    base = ["--preset", "tiny", "--device", "cpu", "--ckpt-dir", str(ck), "--save-every", "2"]
+    assert main([*base, "--steps", "4", "--out-dir", str(tmp_path / "a")]) == 0
+    before = {p.name: p.read_bytes() for p in ck.iterdir()}
+    assert main([*base, "--steps", "4", "--seed", "2", "--out-dir", str(tmp_path / "b")]) == EXIT_BAD_OPTIONS
+    assert {p.name: p.read_bytes() for p in ck.iterdir()} == before and not (tmp_path / "b" / "metrics.jsonl").exists()
+    assert main([*base, "--steps", "6", "--out-dir", str(tmp_path / "a"), "--resume", "latest"]) == 0  # continuing is fine
+
+
+@pytest.mark.parametrize("content, says", [
+    ("{'foo': 1}", "not a checkpoint of this engine (no 'model' in it)"),
+    ("torch.zeros(3)", "not a checkpoint of this engine (it holds a Tensor, not a checkpoint's dict)"),
+    ("{'model': {}, 'optimizer': {}, 'loader': {}, 'rng': {}, 'step': '4'}",
+     "not a checkpoint of this engine (its 'step' is a str, not a int)"),
+])
+def test_a_torch_file_that_is_not_an_engine_checkpoint_is_one_line_exit_2(tmp_path, capsys, content, says):
+    import torch
+
+    bad = tmp_path / "model_000004.pt"
+    torch.save(eval(content, {"torch": torch}), bad)
+    assert main(["--preset", "tiny", "--device", "cpu", "--steps", "6", "--resume", str(bad)]) == EXIT_BAD_OPTIONS
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --resume {bad}: {says}"], err
+
+
+def test_a_checkpoint_whose_loader_state_does_not_fit_is_one_line_exit_2(tmp_path, capsys):
+    import torch
+
+    ck = tmp_path / "ck"
+    assert main(["--preset", "tiny", "--device", "cpu", "--steps", "2", "--ckpt-dir", str(ck)]) == 0
+    [saved] = sorted(ck.glob("model_*.pt"))
+    state = torch.load(saved, weights_only=False)
+    state["rng"] = {}  # no "cpu" state in it
+    torch.save(state, saved)
+    capsys.readouterr()
+    assert main(["--preset", "tiny", "--device", "cpu", "--steps", "4", "--resume", str(saved)]) == EXIT_BAD_OPTIONS
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: --resume {saved}: checkpoint does not match this run: KeyError")
