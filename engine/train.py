@@ -181,8 +181,10 @@ def resolve_options(argv) -> argparse.Namespace:
             raise BadOptions(f"{flag} {where}: {problem}")
     if args.out_dir:
         metrics_path = Path(args.out_dir) / METRICS_FILENAME
-        if metrics_path.is_dir() or (metrics_path.is_symlink() and not metrics_path.exists()):
-            what = "a directory" if metrics_path.is_dir() else "a dangling link"
+        if metrics_path.is_dir() or (metrics_path.is_symlink() and not metrics_path.exists()) \
+                or (metrics_path.exists() and not metrics_path.is_file()):  # a FIFO: opening it blocked forever
+            what = ("a directory" if metrics_path.is_dir() else "a dangling link" if not metrics_path.exists()
+                    else "a special file (a FIFO, socket or device)")
             raise BadOptions(f"--out-dir {args.out_dir}: {metrics_path} is {what}, not a metrics file")
         if not args.resume and metrics_path.is_file() and metrics_path.stat().st_size:
             # (a report's recorded command pasted again wrote over the run it reports)

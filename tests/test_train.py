@@ -206,6 +206,11 @@ def test_a_metrics_path_that_is_a_directory_or_a_dangling_link_is_refused_before
     assert main(["--preset", "tiny", "--steps", "1", "--out-dir", str(out2)]) == EXIT_BAD_OPTIONS
     assert "is a dangling link, not a metrics file" in capsys.readouterr().err
     assert not (tmp_path / "gone").exists()
+    out3 = tmp_path / "out3"  # a FIFO: opening it for writing blocked the run forever
+    out3.mkdir()
+    os.mkfifo(out3 / "metrics.jsonl")
+    assert main(["--preset", "tiny", "--steps", "1", "--out-dir", str(out3)]) == EXIT_BAD_OPTIONS
+    assert f"{out3 / 'metrics.jsonl'} is a special file (a FIFO, socket or device), not a metrics file" in capsys.readouterr().err
 
 
 def test_a_capacity_beyond_the_tokens_allocates_no_more_than_the_tokens(tmp_path):
