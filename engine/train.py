@@ -151,6 +151,10 @@ def resolve_options(argv) -> argparse.Namespace:
             raise BadOptions(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.save_every < 0:
         raise BadOptions("--save-every must be >= 0")
+    if args.eval_every < -1:  # (-5 silently meant "never": only -1 says so)
+        raise BadOptions(f"--eval-every must be -1 (never), 0 (at the end) or a step count, got {args.eval_every}")
+    if args.vocab_size is not None and args.vocab_size < 2:  # (0 silently meant "the default")
+        raise BadOptions(f"--vocab-size must be >= 2, got {args.vocab_size}")
     try:
         check_compile_mode(args.compile, args.compile_mode)
     except ValueError as exc:
@@ -521,7 +525,10 @@ def _train(args, open_files: list) -> int:
     # a slice of the same weights a DDP run starts from, and checkpoints hold all experts (engine.ep).
     torch.manual_seed(args.seed)
     cfg = model_config(args, vocab)
-    model = GPT(cfg).to(device)
+    try:
+        model = GPT(cfg).to(device)
+    except (MemoryError, RuntimeError) as exc:  # --n-experts 1e9, --expert-hidden-mult 1e15: the allocator's words
+        raise BadOptions(f"the model does not fit in this {device.type} memory: {_first_line(exc)}") from None
     n_params = sum(p.numel() for p in model.parameters())
     expert_names = model.expert_param_names()
     is_expert = set(expert_names).__contains__

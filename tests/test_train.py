@@ -480,3 +480,15 @@ def test_a_checkpoint_whose_loader_state_does_not_fit_is_one_line_exit_2(tmp_pat
     assert main(["--preset", "tiny", "--device", "cpu", "--steps", "4", "--resume", str(saved)]) == EXIT_BAD_OPTIONS
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"error: --resume {saved}: checkpoint does not match this run: KeyError")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--eval-every", "-5"], "--eval-every must be -1 (never), 0 (at the end) or a step count, got -5"),
+    (["--vocab-size", "0"], "--vocab-size must be >= 2, got 0"),
+    # 10^9 experts of 64 x 128: 32 TB of expert weights, past any machine's allocator (it said so in a traceback)
+    (["--n-experts", "1000000000", "--top-k", "1"], "error: the model does not fit in this cpu memory: "),
+])
+def test_values_that_meant_something_else_or_cannot_be_built_exit_2(argv, needle, capsys):
+    assert main(["--preset", "tiny", "--steps", "1", "--device", "cpu", *argv]) == EXIT_BAD_OPTIONS
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
