@@ -383,7 +383,9 @@ _SET_BY_MOECTL = ("out_dir", "ckpt_dir")
 ENGINE_LIMITS: dict[str, tuple[str, Any]] = {
     **{k: ("greater than 0", lambda v: v > 0) for k in (
         "depth", "aspect_ratio", "head_dim", "n_experts", "top_k", "moe_freq", "seq_len", "device_batch_size",
-        "total_batch_size", "vocab_size")},
+        "total_batch_size")},
+    "vocab_size": ("2 or more", lambda v: v >= 2),
+    "eval_every": ("-1 (never), 0 (at the end) or more", lambda v: v >= -1),
     **{k: ("0 or more", lambda v: v >= 0) for k in ("balance_coeff", "z_coeff", "grad_clip", "warmdown_frac")},
     "dtype": ("one of bf16, fp32", lambda v: v in ("bf16", "fp32")),
     "compile_mode": (f"one of {', '.join(COMPILE_MODES)}", lambda v: v in COMPILE_MODES),
