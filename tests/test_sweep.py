@@ -960,7 +960,7 @@ def test_a_branch_switched_while_a_leg_trains_keeps_the_leg_state_true_and_the_b
     status = git(git_repo, "status", "--porcelain", "--untracked-files=all").splitlines()
     assert [line for line in status if "sweep" in line or "EXPERIMENTS" in line] == [], status
     assert (sweep_dir / "sweep_report.md").exists()
-    assert f"moectl sweep --resume {record['id']}` on that branch" in output, output
+    assert f"moectl sweep --resume {record['id']}` on branch 'main' writes and commits it" in output, output
 
     git(git_repo, "checkout", "-q", "main")
     r = cli("sweep", "--resume", record["id"], *QUIET)

@@ -534,7 +534,7 @@ def finish_sweep(cfg: Config, sweep: SweepRecord, runs: dict[str, RunRecord], op
                                              report_file=copy))
         out.report_copy = copy
         out.messages.append(f"sweep report not written to {cfg.report_dir} ({off_branch}); it is in {copy}, and "
-                            f"`moectl sweep --resume {sweep.id}` on that branch writes and commits it")
+                            f"`moectl sweep --resume {sweep.id}` on branch {cfg.project.branch!r} writes and commits it")
         out.exit_code = exit_code
         return out
     figures = _figures(cfg, sweep, runs, out) if exit_code in (EXIT_OK, EXIT_TRAINING) and heading != "stopped (--fail-fast)" else []
