@@ -159,13 +159,24 @@ def to_line(record: Record) -> str:
     return json.dumps(data, separators=(",", ":"), allow_nan=False)
 
 
+def _null(name: str) -> None:
+    return None
+
+
+def decode(text: str) -> Any:
+    """json.loads for metrics text: NaN and +-Infinity (Python's json.dumps writes them) decode as
+    null, which parse_record reads as the engine writes them (see the module docstring). The hook
+    runs only where such a token is, so a well-formed file decodes at json.loads's own speed."""
+    return json.loads(text, parse_constant=_null)
+
+
 def parse_line(line: str) -> Record:
     """Parse one metrics line. Raises ValueError for anything that is not a well-formed record.
 
     Unknown keys are ignored (newer engines may add fields); a missing required key is an error.
     """
     try:
-        data = json.loads(line)
+        data = decode(line)
     except json.JSONDecodeError as exc:
         raise ValueError(f"not JSON: {exc.msg}") from None
     except RecursionError:  # thousands of nested brackets: the decoder recurses once per bracket
@@ -199,8 +210,6 @@ def parse_record(data: Any) -> Record:
         if name in floats:
             if type(value) not in _NUMBER and not (value is None and (name in _NULLABLE[kind] or name == "loss")):
                 raise ValueError(f"{name} is not a number: {value!r}")
-            if type(value) is float and value - value:  # NaN or +-inf (x - x is 0.0 for every finite x)
-                setattr(record, name, math.nan if name == "loss" else None)
         elif name in integers and type(value) not in _INT and not (value is None and name in _NULLABLE[kind]):
             raise ValueError(f"{name} is not an integer: {value!r}")
     return record

@@ -36,13 +36,12 @@ repeats (a group, between-runs error) answer that, and every compare entry says 
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from engine.schema import RunSummary, StartInfo, StepMetrics, loss_is_finite, parse_record
+from engine.schema import RunSummary, StartInfo, StepMetrics, decode, loss_is_finite, parse_record
 from moectl.noise import BETWEEN_RUNS, WITHIN_RUN, between_runs_stderr, t_critical, welch_df, within_run_stderr
 from moectl.records import Summary
 
@@ -115,7 +114,7 @@ def parse_metrics_text(text: str) -> MetricsFile:
     # the careful path decodes line by line to skip and count.
     body = text.strip()
     try:
-        objects = json.loads("[" + body.replace("\n", ",") + "]") if body else []
+        objects = decode("[" + body.replace("\n", ",") + "]") if body else []
         if len(objects) != (body.count("\n") + 1 if body else 0) or not all(type(o) is dict for o in objects):
             raise ValueError
     except (ValueError, RecursionError):  # (a line of 100k `[`: the decoder recurses per bracket)
@@ -124,7 +123,7 @@ def parse_metrics_text(text: str) -> MetricsFile:
             if not ln.strip():
                 continue
             try:
-                objects.append(json.loads(ln))
+                objects.append(decode(ln))
             except (ValueError, RecursionError):
                 objects.append(_MALFORMED)
     by_step: dict[int, StepMetrics] = {}
@@ -160,7 +159,7 @@ def _read_tail(text: str, window: int) -> Optional[MetricsFile]:
     while i >= 0 and not lines[i].strip():
         i -= 1
     try:
-        summary = parse_record(json.loads(lines[i])) if i >= 0 else None
+        summary = parse_record(decode(lines[i])) if i >= 0 else None
     except ValueError:
         return None
     if not isinstance(summary, RunSummary) or summary.peak_mem_mib is None:
@@ -173,7 +172,7 @@ def _read_tail(text: str, window: int) -> Optional[MetricsFile]:
         if not ln.strip():
             continue
         try:
-            rec = parse_record(json.loads(ln))
+            rec = parse_record(decode(ln))
         except ValueError:
             out.skipped += 1
             continue
