@@ -19,10 +19,10 @@ Why the process handling looks the way it does:
   SIGTERM to torchrun (which forwards it to its workers), and SIGKILL for whatever of the run is
   still alive after the grace, workers reparented to init included (it keeps its own list of
   them, and adds every process whose environment carries the run's MOECTL_RUN_TOKEN: a helper
-  that double-forked out of the tree). Not the kernel's parent-death signal (`prctl(PR_SET_PDEATHSIG)`) on torchrun: that signal
-  comes once per thread of the dying parent that the child is handed to on the way out, so a
-  multi-threaded moectl could give torchrun two SIGTERMs (seen in tests), and torchrun's handler
-  raises on each, the second inside its own shutdown; once on a loaded CI machine a torchrun was
+  that double-forked out of the tree). Not the kernel's parent-death signal
+  (`prctl(PR_SET_PDEATHSIG)`) on torchrun: that signal comes once per thread of the dying parent
+  that the child is handed to on the way out, so a multi-threaded moectl could give torchrun two
+  SIGTERMs (seen in tests), and torchrun's handler raises on each, the second inside its own shutdown; once on a loaded CI machine a torchrun was
   still alive 60 s after moectl's SIGKILL, its workers gone. The parent-death signal remains the
   fallback where the watchdog cannot start, and what the engine asks of torchrun
   (engine/train.py: a torchrun itself SIGKILLed). Should all of it fail, the next moectl that
@@ -337,7 +337,8 @@ class _Tee(threading.Thread):
             self.log_fh.write(data)
             self.log_fh.flush()
         except OSError as exc:
-            self.log_error = f"train.log is incomplete: writing it failed ({exc.strerror or exc}); the output after that was read but not logged"
+            self.log_error = (f"train.log is incomplete: writing it failed ({exc.strerror or exc}); "
+                              "the output after that was read but not logged")
 
 
 def _install_handlers(stop: _StopRequest) -> dict[int, object]:
@@ -417,8 +418,8 @@ def supervised(argv: list[str], grace_s: float = 10.0) -> list[str]:
 
 
 # The watchdog (see the module docstring): argv GRACE_S. Its stdin is a pipe from launch(): first
-# a line "PID CREATE_TIME TOKEN" naming the process to watch and the run's RUN_TOKEN_ENV value; "T" when moectl sent that process its own
-# SIGTERM (Ctrl-C); "." once the run ended under moectl's eyes (exit quietly). End of file before
+# a line "PID CREATE_TIME TOKEN" naming the process to watch and the run's RUN_TOKEN_ENV value;
+# "T" when moectl sent that process its own SIGTERM (Ctrl-C); "." once the run ended under moectl's eyes (exit quietly). End of file before
 # "." = moectl died: one SIGTERM to the watched process (none if moectl sent one: a second would
 # land inside torchrun's shutdown), then SIGKILL for every survivor of the family GRACE_S after
 # whichever SIGTERM came first. The family is refreshed every 5 s and at moectl's death (one pass
