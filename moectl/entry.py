@@ -3,7 +3,8 @@
 `moectl` and `python -m moectl` start here. Ctrl-C (or `kill -INT`) a fraction of a second after
 Enter - a typo noticed - lands while the CLI's modules are still being imported or typer builds
 its commands, outside any command's own error handling: Python then printed a traceback. Here it
-is the same one line and exit 130 as anywhere else (SPEC §8).
+is the same one line and exit 130 as anywhere else (SPEC §8). The few helpers below are the CLI's
+too (moectl.cli imports them from here), so this module stays free of heavy imports.
 """
 from __future__ import annotations
 
@@ -13,26 +14,18 @@ import sys
 EXIT_INTERRUPTED = 130  # (moectl.errors' value: that module is not imported yet when this runs)
 
 
-def main() -> None:
-    # A script's `moectl run ... &` starts moectl with SIGINT ignored (POSIX, for a non-interactive
-    # shell's background jobs), and Python then never raises KeyboardInterrupt: `kill -INT` would do
-    # nothing at all. moectl stops cleanly on SIGINT (exit 130, the run recorded `interrupted`), so
-    # it takes SIGINT back, before anything else.
+def take_back_sigint() -> None:
+    """A script's `moectl run ... &` starts moectl with SIGINT ignored (POSIX, for a non-interactive
+    shell's background jobs), and Python then never raises KeyboardInterrupt: `kill -INT` would do
+    nothing at all. moectl stops cleanly on SIGINT (exit 130, the run recorded `interrupted`), so
+    it takes SIGINT back."""
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        from moectl.cli import main as cli_main
-
-        cli_main()
-    except KeyboardInterrupt as exc:  # commands say their own; this is before or around them
-        _interrupted(getattr(exc, "message", None) or "interrupted")
-    except Exception as exc:  # click's Abort, raised from a KeyboardInterrupt while it parsed
-        if not _from_interrupt(exc):
-            raise
-        _interrupted("interrupted")
 
 
-def _from_interrupt(exc: BaseException) -> bool:
+def interrupted_inside(exc: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is among the exceptions that led to `exc` (click's Abort, or
+    pydantic's SchemaError when Ctrl-C came while it built a model class)."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, KeyboardInterrupt):
@@ -42,11 +35,35 @@ def _from_interrupt(exc: BaseException) -> bool:
     return False
 
 
+def json_requested(args: list[str]) -> bool:
+    """`--json` among moectl's own arguments (not a trainer's, after `--`)."""
+    return "--json" in (args[:args.index("--")] if "--" in args else args)
+
+
+def error_json(message: str, exit_code: int) -> dict:
+    """What `--json` prints when a command ends in an error before its own document: a caller
+    parsing stdout gets one JSON document either way (the message is on stderr too)."""
+    return {"ok": False, "error": message, "exit_code": exit_code}
+
+
+def main() -> None:
+    take_back_sigint()  # before anything else
+    try:
+        from moectl.cli import main as cli_main
+
+        cli_main()
+    except KeyboardInterrupt as exc:  # commands say their own; this is before or around them
+        _interrupted(getattr(exc, "message", None) or "interrupted")
+    except Exception as exc:  # click's Abort, raised from a KeyboardInterrupt while it parsed
+        if not interrupted_inside(exc):
+            raise
+        _interrupted("interrupted")
+
+
 def _interrupted(message: str) -> None:
     sys.stderr.write(f"error: {message}\n")
-    args = sys.argv[1:]
-    if "--json" in (args[:args.index("--")] if "--" in args else args):  # one JSON document on stdout
+    if json_requested(sys.argv[1:]):  # one JSON document on stdout
         import json
 
-        sys.stdout.write(json.dumps({"ok": False, "error": message, "exit_code": EXIT_INTERRUPTED}) + "\n")
+        sys.stdout.write(json.dumps(error_json(message, EXIT_INTERRUPTED)) + "\n")
     sys.exit(EXIT_INTERRUPTED)

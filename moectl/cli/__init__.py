@@ -45,15 +45,12 @@ _reflowed_help()
 def main() -> None:
     """The console script. Click's own usage errors (an unknown option, `--cap abc`) become the
     same one-line `error: ...` as ours, with exit code 2, instead of a multi-line panel."""
-    import signal
     import sys
 
     from moectl.cli.common import error
+    from moectl.entry import json_requested, take_back_sigint
 
-    # (A SIGINT ignored by a script's `moectl run ... &` is taken back by moectl.entry, the console
-    # script, before this module is imported; here too, for callers of this function.)
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    take_back_sigint()  # (moectl.entry did, before this module was imported; here for other callers)
 
     try:
         code = app(standalone_mode=False)
@@ -67,7 +64,7 @@ def main() -> None:
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         error(exc.format_message() + hint)
         args = sys.argv[1:]
-        if "--json" in (args[:args.index("--")] if "--" in args else args):  # one JSON document on stdout
+        if json_requested(args):  # one JSON document on stdout
             from moectl.cli.common import error_json, print_json
 
             data = error_json(exc.format_message(), exc.exit_code)

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import typer
 from typer.core import TyperGroup
 
+from moectl.entry import error_json, interrupted_inside  # noqa: F401  (error_json: moectl.cli's too)
 from moectl.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, GuardRefused, MoectlError
 from moectl.text import printable  # noqa: F401  (the CLI modules take it from here)
 
@@ -96,10 +97,6 @@ def print_json(data: Any) -> None:
     sys.stdout.flush()
 
 
-def error_json(message: str, exit_code: int) -> dict:
-    """What `--json` prints when a command ends in an error before its own document: a caller
-    parsing stdout gets one JSON document either way (the message is on stderr too)."""
-    return {"ok": False, "error": message, "exit_code": exit_code}
 
 
 
@@ -199,17 +196,6 @@ def handle_errors(fn: Callable) -> Callable:
             raise typer.Exit(EXIT_INTERNAL)
 
     return wrapper
-
-
-def interrupted_inside(exc: BaseException) -> bool:
-    """Whether a KeyboardInterrupt is among the exceptions that led to `exc`."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, KeyboardInterrupt):
-            return True
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 def recover_dead_index_lock(cfg) -> None:
