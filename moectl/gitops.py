@@ -197,6 +197,15 @@ def check_branch(repo: Path, branch: Optional[str]) -> str:
     return cur
 
 
+def off_branch(repo: Path, branch: Optional[str]) -> Optional[str]:
+    """Why a commit to `branch` would be refused here now (check_branch's words), or None."""
+    try:
+        check_branch(repo, branch)
+    except MoectlError as exc:
+        return exc.message
+    return None
+
+
 def lock_wait_s() -> float:
     """How long to wait for another git process's index.lock: $MOECTL_GIT_LOCK_WAIT or 10 s."""
     raw = os.environ.get(LOCK_WAIT_ENV, "").strip()

@@ -307,11 +307,12 @@ def report_and_commit(cfg: Config, outcome: RunOutcome, *, baseline: "Optional[R
         record.report = str(report)
         record.report_blob = gitops.blob_id(cfg.root, report, text)  # saved with `report` below
         _commit_report(cfg, outcome, report, base_runs, comparison, commit, extra_commit_paths, on_commit_wait)
-    except KeyboardInterrupt as exc:
-        # Stopped between the report's writing and its commit (a sweep's own report being written,
-        # say): the record still says where the report is, and how to commit it.
-        if isinstance(exc, Interrupted):
-            raise
+    except KeyboardInterrupt:
+        # Stopped between the report's writing and its commit's end (a sweep's own report being
+        # written, the commit waiting for another git process): the run is over and recorded, its
+        # report on disk; the record says where, and how to commit it, rather than only
+        # "interrupted". (Stopped as the branch moved, the commit is whole - gitops puts its index
+        # in - and is said as such.)
         outcome.commit = gitops.committed_in(cfg.root, report)
         if outcome.commit is None:
             outcome.commit_error = not_committed("interrupted before the report was committed", record.id)
@@ -339,20 +340,15 @@ def _commit_report(cfg: Config, outcome: RunOutcome, report: Path, base_runs: li
     # The branch the run was guarded on holds its report: with `branch = "*"` (any branch may
     # run) that is the one it started on, not one checked out while it trained.
     branch = record.git.branch if cfg.project.branch == "*" and record.git.branch else cfg.project.branch
-    try:
-        gitops.check_branch(cfg.root, branch)
-        off_branch = None
-    except MoectlError as exc:
-        off_branch = exc
+    off_branch = gitops.off_branch(cfg.root, branch)
     # Off the project branch (a `git switch` while it trained), the tracked files moectl refreshes
     # (EXPERIMENTS.md, a sweep's report) are left alone: rewritten there, they would be a change
     # in someone else's branch that blocks switching back.
     outcome.extra_paths = list(extra_commit_paths(record)) if off_branch is None else []
-    interrupted = False
     if commit and not plan.no_commit and off_branch is not None:
-        outcome.commit_error = not_committed(off_branch.message, record.id)
+        outcome.commit_error = not_committed(off_branch, record.id)
     elif commit and not plan.no_commit:
-        try:
+        try:  # (Ctrl-C while it waits for another git process: report_and_commit says how to commit)
             outcome.commit = gitops.commit_paths(
                 cfg.root, [report, *outcome.extra_paths], commit_message(record, base_runs[-1] if base_runs else None, comparison),
                 branch=branch,
@@ -360,21 +356,10 @@ def _commit_report(cfg: Config, outcome: RunOutcome, report: Path, base_runs: li
             )
         except MoectlError as exc:
             outcome.commit_error = not_committed(exc.message, record.id)
-        except KeyboardInterrupt:
-            # Stopped while the commit waited for another git process: the run is over and recorded,
-            # its report on disk; say how to commit it rather than only "interrupted". (Stopped as
-            # the branch moved, the commit is whole - gitops puts its index in - and is said as such.)
-            outcome.commit = gitops.committed_in(cfg.root, report)
-            if outcome.commit is None:
-                outcome.commit_error = not_committed("interrupted before the report was committed", record.id)
-            interrupted = True
     # The record says where its report is and which commit holds it (`moectl commit RUN` fills a
     # commit in later; commit_error says why there is none yet).
     record.report, record.commit, record.commit_error = str(report), outcome.commit, outcome.commit_error
     store.save_run(record)
-    if interrupted:
-        raise Interrupted(f"interrupted; {outcome.commit_error}" if outcome.commit_error
-                          else f"interrupted; the report was committed already ({outcome.commit[:10]})")
 
 
 def stdout_parser(cfg: Config, plan: RunPlan, nodes: int = 1) -> Optional[StdoutParser]:

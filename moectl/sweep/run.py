@@ -518,11 +518,7 @@ def finish_sweep(cfg: Config, sweep: SweepRecord, runs: dict[str, RunRecord], op
         else:
             heading = "finished with failures"
             exit_code = EXIT_TRAINING
-    try:
-        gitops.check_branch(cfg.root, cfg.project.branch)
-        off_branch = None
-    except MoectlError as exc:
-        off_branch = exc.message
+    off_branch = gitops.off_branch(cfg.root, cfg.project.branch)
     if off_branch is not None:
         # A `git switch` while a leg trained: the report and EXPERIMENTS.md are tracked files of the
         # project branch, and written here they would be changes in someone else's branch. The
