@@ -429,16 +429,6 @@ def test_eager_forward_error_is_the_first_line_of_what_validation_would_raise():
     assert not model.training
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead needs --compile static or dynamic"),
-    (["--compile", "static", "--compile-mode", "fast"], "invalid choice: 'fast'"),
-])
-def test_bad_compile_modes_exit_2(argv, needle, capsys):
-    assert main(["--preset", "tiny", "--steps", "1", "--device", "cpu", *argv]) == EXIT_BAD_OPTIONS
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and needle in err[0], err
-
-
 def test_a_ckpt_dir_holding_another_runs_checkpoints_is_refused_without_resume(tmp_path):
     """Run B into run A's --ckpt-dir overwrote A's model_000002.pt and a later `--resume latest`
     continued from A's step 6 with B's metrics: refused now, exit 2, nothing written."""
@@ -483,12 +473,14 @@ def test_a_checkpoint_whose_loader_state_does_not_fit_is_one_line_exit_2(tmp_pat
 
 
 @pytest.mark.parametrize("argv,needle", [
+    (["--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead needs --compile static or dynamic"),
+    (["--compile", "static", "--compile-mode", "fast"], "invalid choice: 'fast'"),
     (["--eval-every", "-5"], "--eval-every must be -1 (never), 0 (at the end) or a step count, got -5"),
     (["--vocab-size", "0"], "--vocab-size must be >= 2, got 0"),
     # 10^9 experts of 64 x 128: 32 TB of expert weights, past any machine's allocator (it said so in a traceback)
     (["--n-experts", "1000000000", "--top-k", "1"], "error: the model does not fit in this cpu memory: "),
 ])
-def test_values_that_meant_something_else_or_cannot_be_built_exit_2(argv, needle, capsys):
+def test_bad_compile_modes_values_that_meant_something_else_or_cannot_be_built_exit_2(argv, needle, capsys):
     assert main(["--preset", "tiny", "--steps", "1", "--device", "cpu", *argv]) == EXIT_BAD_OPTIONS
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
