@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -732,15 +733,36 @@ def test_an_interrupted_wandb_offline_write_leaves_no_partial_queue_and_the_retr
     run_id, run_dir = json.loads(r.stdout)["id"], Path(json.loads(r.stdout)["exp_dir"])
     wid = wandb_run_id(run_id)
 
-    proc = started(git_repo, "sync")
-    wait_for(lambda: list(run_dir.rglob(f"offline-run-*-{wid}")), "the W&B offline write starting", timeout=120,
-             proc=proc)
-    _, err, _ = stopped_by(proc, signal.SIGINT)
+    # The signal must land inside the write. Rather than trust a race (the write takes ~3 s here),
+    # the whole process group is stopped once the staging directory appears; if the write had
+    # already ended by then (a descheduled test on a loaded machine), its queue is deleted - as after
+    # an upload - and the sync is tried again: a deleted queue is written again (test below).
+    for attempt in range(5):
+        before = record_of(artifact_root, run_id)["tracking"]
+        proc = started(git_repo, "sync", run_id)
+        wait_for(lambda: list(run_dir.rglob(f"offline-run-*-{wid}")), "the W&B offline write starting",
+                 timeout=120, proc=proc)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGSTOP)
+            if not offline_dirs(run_dir):
+                break  # stopped mid-write
+            os.killpg(proc.pid, signal.SIGCONT)
+        assert proc.wait(timeout=120) == 0
+        shutil.rmtree(run_dir / "wandb")
+    else:
+        pytest.fail("the offline write ended before it could be stopped, five times")
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C, pending until the group runs again
+    os.killpg(proc.pid, signal.SIGCONT)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, err
     assert offline_dirs(run_dir) == [], "a partial upload queue was left"
-    assert record_of(artifact_root, run_id)["tracking"] == {}
+    assert record_of(artifact_root, run_id)["tracking"] == before
 
-    r = moectl(git_repo, "sync")
+    r = moectl(git_repo, "sync", run_id)
     assert r.returncode == 0, r.stderr
     [offline] = offline_dirs(run_dir)
     assert [p.name for p in (run_dir / "wandb").iterdir() if wid in p.name] == [offline.name]  # no staging left
@@ -750,8 +772,6 @@ def test_an_interrupted_wandb_offline_write_leaves_no_partial_queue_and_the_retr
 
 
 def test_a_wandb_offline_queue_deleted_since_is_written_again(git_repo, monkeypatch, artifact_root):
-    import shutil
-
     tracked_project(git_repo, monkeypatch, 'wandb_project = "moe"\nwandb_mode = "offline"')
     run_id, run_dir = imported(git_repo, "old")
     assert moectl(git_repo, "sync").returncode == 0
