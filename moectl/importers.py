@@ -31,6 +31,13 @@ from moectl.stdout_metrics import StdoutFormat, loss_number, number as _number, 
 FORMATS = ("nanochat", "regex", "jsonl", "csv")
 
 
+def format_of(path: Path) -> str:
+    """The format `moectl import` assumes when none is given: by the file's suffix (`.jsonl`: the
+    engine's own metrics, `.csv`: a step table, as `moectl export` writes), else nanochat's log."""
+    suffix = Path(path).suffix.lower()
+    return {".jsonl": "jsonl", ".csv": "csv"}.get(suffix, "nanochat")
+
+
 @dataclass
 class ParsedLog:
     steps: list[StepMetrics] = field(default_factory=list)  # sorted by step, last occurrence wins
@@ -231,5 +238,6 @@ def load_log(path: Path, fmt: str, run: Optional[str] = None, stdout_format: Opt
         _run_facts_from_summary_csv(path, run, parsed)
     if not parsed.steps:
         extra = f" ({parsed.skipped} malformed step lines)" if parsed.skipped else ""
-        raise UsageError(f"no step lines in {path} as {fmt}{extra}")
+        others = ", ".join(f for f in FORMATS if f != fmt)
+        raise UsageError(f"no step lines in {path} as {fmt}{extra}; another format? --format {others.replace(', ', '|')}")
     return parsed

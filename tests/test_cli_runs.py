@@ -83,6 +83,26 @@ def test_import_text_output_and_all_formats(project):
     assert alpha["summary"]["peak_mem_mib"] == 210.0 and alpha["summary"]["mfu"] is None
 
 
+def test_import_without_format_reads_the_file_by_its_suffix(project, tmp_path):
+    # A seed-style step table or the engine's metrics.jsonl, named as such, imports without
+    # --format; a log of another name is read as nanochat's, and when that finds no step the
+    # one-line error names the formats to try.
+    csv = invoke("import", str(FIXTURES / "steps_seed_style.csv"), "--name", "bysuffix", "--json")
+    assert csv.exit_code == 0, csv.output
+    assert json.loads(csv.stdout)["summary"]["tok_per_sec"] == pytest.approx(633600.0)
+    upper = tmp_path / "METRICS.JSONL"
+    upper.write_bytes((FIXTURES / "metrics_small.jsonl").read_bytes())
+    js = invoke("import", str(upper), "--name", "js", "--json")
+    assert js.exit_code == 0 and json.loads(js.stdout)["summary"]["tok_per_sec"] == pytest.approx(10950 / 6)
+    nano = invoke("import", str(FIXTURES / "nanochat_small.log"), "--name", "nano", "--json")
+    assert nano.exit_code == 0 and json.loads(nano.stdout)["summary"]["steps"] > 0
+    table = tmp_path / "steps.txt"
+    table.write_bytes((FIXTURES / "steps_seed_style.csv").read_bytes())
+    r = invoke("import", str(table), "--name", "txt")
+    assert r.exit_code == 2 and r.stderr.strip().splitlines() == [
+        f"error: no step lines in {table} as nanochat; another format? --format regex|jsonl|csv"]
+
+
 @pytest.mark.parametrize(
     "content, fmt",
     [(None, "nanochat"), ("", "nanochat"), ("nothing here\n", "nanochat"), ("{bad\n", "jsonl"), ("a,b\n1,2\n", "csv")],

@@ -570,7 +570,7 @@ def compare_cmd(
 def import_cmd(
     log: Annotated[Path, typer.Argument(parser=PATH, help="The log file to import.")],
     name: Annotated[str, typer.Option("--name", help="Tag of the imported run (also its directory suffix).")],
-    format: Annotated[str, typer.Option("--format", "-f", help="nanochat | regex | jsonl | csv")] = "nanochat",
+    format: Annotated[Optional[str], typer.Option("--format", "-f", help="nanochat | regex | jsonl | csv (default: by the file's suffix: .jsonl, .csv, else nanochat).", show_default=False)] = None,
     run: Annotated[Optional[str], typer.Option("--run", help="csv only: which run of a multi-run step table.")] = None,
     pattern: Annotated[Optional[List[str]], typer.Option("--pattern", help="regex only: FIELD=REGEX (FIELD: step, tokens_per_step or a metrics field such as loss, dt_ms, mfu); repeatable; overrides \\[metrics] of .moectl.toml.", show_default=False)] = None,
     json_out: JsonOpt = False,
@@ -586,10 +586,13 @@ def import_cmd(
       [bold]moectl import base_train.log --format nanochat --name static_cap1p0[/bold]
       [bold]moectl import train.log --format regex --name gpt2 --pattern 'step=iter (\\d+):' --pattern 'loss=loss ([\\d.]+)'[/bold]
       [bold]moectl import train.log --format regex --name gpt2[/bold]   (patterns from \\[metrics] of .moectl.toml)
+      [bold]moectl import exports/steps.csv --run 20261101_120000_moe-base --name base_again[/bold]   (csv: by its suffix)
     """
-    from moectl.importers import load_log, regex_format
+    from moectl.importers import format_of, load_log, regex_format
     from moectl.store import import_run, run_json
 
+    if format is None:
+        format = "regex" if pattern else format_of(log)
     if not _NAME.match(name):
         raise UsageError(f"bad --name {name!r}: use letters, digits, '.', '_' or '-' (not first)")
     if pattern and format != "regex":
