@@ -98,6 +98,18 @@ def test_plot_default_output_is_metric_png_in_cwd_and_text_output(project, artif
     assert (project / "loss.png").read_bytes() != mine
 
 
+def test_plot_into_an_existing_directory_puts_the_default_name_inside_it(project, artifact_root, tmp_path):
+    make_run(artifact_root, "a", 1)
+    figs = tmp_path / "figs.png"  # a directory, whatever its name says
+    figs.mkdir()
+    r = invoke("plot", "a", "--metric", "tok_per_sec", "-o", str(figs))
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == str((figs / "tok_per_sec.png").resolve())
+    assert (figs / "tok_per_sec.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = invoke("plot", "a", "--metric", "tok_per_sec", "-o", f"{figs}/")  # never replaced: a file nobody named
+    assert r.exit_code == 0 and r.stdout.strip() == str((figs / "tok_per_sec-2.png").resolve())
+
+
 def test_plot_and_export_never_write_into_a_read_only_tree(project, artifact_root, tmp_path):
     make_run(artifact_root, "a", 1)
     ro = tmp_path / "frozen"

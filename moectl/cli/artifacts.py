@@ -26,13 +26,13 @@ def _resolve_unique(root: Path, refs: list[str]):
     return unique
 
 
-def _default_figure(metric: str) -> Path:
-    """`./<metric>.png`, or `<metric>-2.png`, ... when that file exists: a figure nobody named
-    never replaces a file (someone's own loss.png, tracked or not)."""
-    path, n = Path(f"{metric}.png"), 1
+def _default_figure(metric: str, directory: Path = Path(".")) -> Path:
+    """`<directory>/<metric>.png`, or `<metric>-2.png`, ... when that file exists: a figure nobody
+    named never replaces a file (someone's own loss.png, tracked or not)."""
+    path, n = directory / f"{metric}.png", 1
     while path.exists() or path.is_symlink():
         n += 1
-        path = Path(f"{metric}-{n}.png")
+        path = directory / f"{metric}-{n}.png"
     return path
 
 
@@ -41,7 +41,7 @@ def _default_figure(metric: str) -> Path:
 def plot_cmd(
     runs: RunsArg,
     metric: Annotated[str, typer.Option("--metric", "-m", help="loss | tok_per_sec | mfu | dt_ms | aux_loss | drop_frac | expert_load_max | peak_mem_mib")] = "loss",
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", parser=PATH, help="Figure file, replaced if it exists; the suffix picks the format (default: ./<metric>.png, or <metric>-2.png, ... rather than replace a file).", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", parser=PATH, help="Figure file, replaced if it exists; the suffix picks the format (default: ./<metric>.png, or <metric>-2.png, ... rather than replace a file). An existing directory gets that default name inside it.", show_default=False)] = None,
     title: Annotated[Optional[str], typer.Option("--title", help="Figure title (default: the metric's name).", show_default=False)] = None,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
@@ -59,7 +59,12 @@ def plot_cmd(
     check_metric(metric)  # before touching the store: a typo is the first thing to report
     cfg = _config(config)
     records = _resolve_unique(cfg.artifact_root, runs)
-    out = output if output is not None else _default_figure(metric)
+    if output is None:
+        out = _default_figure(metric)
+    elif output.is_dir():  # `-o figures/`: the figure goes in it, as cp would put a file
+        out = _default_figure(metric, output)
+    else:
+        out = output
     refuse_read_only(cfg, out, "the figure")
     result = make_plot(records, metric, out, title, warmup_steps=cfg.metrics.warmup_steps)
     for line in result.skipped:
