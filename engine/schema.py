@@ -212,6 +212,9 @@ def parse_record(data: Any) -> Record:
                 raise ValueError(f"{name} is not a number: {value!r}")
         elif name in integers and type(value) not in _INT and not (value is None and name in _NULLABLE[kind]):
             raise ValueError(f"{name} is not an integer: {value!r}")
+    if isinstance(record, StepMetrics) and not 0 <= record.step < 2**53:
+        # steps count from 0 (and fit a JSON number exactly): a -1 or 1e300 step is no step
+        raise ValueError(f"step out of range: {record.step}")
     return record
 
 

@@ -45,6 +45,8 @@ def test_read_metrics_skips_and_counts_malformed_lines_and_keeps_last_duplicate(
     ('{"type":"step","step":1.5,"loss":1.0}', "step is not an integer: 1.5"),
     ('{"type":"start","steps":"40","world_size":1,"tokens_per_step":1,"device":"cpu"}', "steps is not an integer: '40'"),
     ('{"type":"summary","steps":4,"world_size":1,"total_time_s":"9"}', "total_time_s is not a number: '9'"),
+    ('{"type":"step","step":-1,"loss":1.0}', "step out of range: -1"),  # steps count from 0
+    ('{"type":"step","step":9007199254740993,"loss":1.0}', "step out of range: 9007199254740993"),
 ])
 def test_a_field_that_is_not_a_number_makes_its_line_malformed(tmp_path, line, why):
     """A string where a number goes made every reader of the file (import, show, compare, export)
