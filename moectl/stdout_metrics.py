@@ -132,6 +132,8 @@ def loss_number(text: str) -> float:
 
 # `nan`, `inf`, `-inf`, `infinity`, any case, as a word of its own (not `nanochat`, `inference`).
 _NON_FINITE = re.compile(r"(?<![\w.])[+-]?(?:nan|inf(?:inity)?)(?![\w.])", re.IGNORECASE)
+# A whole field's text that is no finite figure: `inf`, `nan`, `-inf`, with a unit glued on (`infms`).
+_NON_FINITE_FIGURE = re.compile(r"[+-]?(?:nan|inf(?:inity)?)\s*(?:[a-z/]+|%)?", re.IGNORECASE)
 
 
 def _masked_loss(pattern: re.Pattern, line: str) -> Optional[float]:
@@ -242,6 +244,9 @@ class StdoutParser:
         self._in_traceback = False
         self.notes: list[str] = []  # what a reader of the numbers should know, said by whoever fed the lines
         self._redrawn = False  # the last step line ended in `\r`: a bar that the next line redraws
+        self.went_back = 0  # step lines numbered below the line before them (a restarted trainer)
+        self._first_went_back: Optional[tuple[int, int]] = None  # (from step, to step), the first time
+        self._highest = -1  # the highest step number seen
 
     # --- one line ---------------------------------------------------------------------------------
 
@@ -278,6 +283,13 @@ class StdoutParser:
             self._redrawn = raw.endswith("\r")
             return []  # a progress bar refreshed without a new step: the step it showed already
         self._redrawn = raw.endswith("\r")
+        if self.last is not None and rec.step < self.last.step:
+            # The numbering went back: a trainer restarted (from a checkpoint, or from scratch), or
+            # several processes print their steps. Each step number keeps its latest line, as the
+            # engine's resumed runs do; what is left of the earlier numbering is said, not hidden.
+            self.went_back += 1
+            self._first_went_back = self._first_went_back or (self.last.step, rec.step)
+        self._highest = max(self._highest, rec.step)
         out: list = []
         if not self._started:
             self._started = True
@@ -329,8 +341,10 @@ class StdoutParser:
             if pm is not None and pm.group(1) is None:
                 pm = None  # an optional group that took no part in the match: not on this line
             if pm is not None:
-                kwargs[name] = (loss_number if name == "loss" else number)(pm.group(1))
                 self.matched[name] += 1
+                if name != "loss" and _NON_FINITE_FIGURE.fullmatch(pm.group(1).strip()):
+                    continue  # `dt inf`: that figure is missing from the step, the step is not
+                kwargs[name] = (loss_number if name == "loss" else number)(pm.group(1))
             elif name == "loss" and (loss := _masked_loss(pattern, line)) is not None:
                 kwargs[name] = loss  # `loss nan` to a `loss ([\d.]+)` pattern
                 self.matched[name] += 1
@@ -394,6 +408,14 @@ class StdoutParser:
         if self.fmt.tokens_per_step is not None and self.tokens_per_step is None:
             out.append(f"metrics pattern tokens_per_step = {self.fmt.tokens_per_step.pattern!r} never matched: "
                        "no tok/sec unless the step lines print it")
+        if self.went_back:
+            before, after = self._first_went_back
+            last = self.last.step
+            stale = (f"; steps {last + 1}-{self._highest} were not reached again and are from before it"
+                     if last < self._highest else "")
+            out.append(f"the step numbers went back {self.went_back} time(s), first from step {before} to {after} "
+                       "(a restarted trainer, or several processes printing steps): each step number keeps its "
+                       f"latest line{stale}")
         if self.skipped:
             out.append(f"{self.skipped} step line(s) could not be read (no loss, or not a number) and were skipped")
         if self.unprinted and self.partial:
@@ -430,8 +452,10 @@ def _nanochat_fields(rest: str) -> dict[str, float]:
             continue  # "(99.64%)", "lrm", "epoch", "eta", anything new: not ours
         name = _NANOCHAT_FIELDS[key]
         raw = raw.strip()
-        if name != "loss" and raw in ("-", "—", "n/a", "N/A"):
-            continue  # not known for this step (the engine's `mfu: -` on CPU): the field is missing
+        if name != "loss" and (raw in ("-", "—", "n/a", "N/A") or _NON_FINITE_FIGURE.fullmatch(raw)):
+            # Not known for this step (the engine's `mfu: -` on CPU), or not a figure (`dt: infms`,
+            # `tok/sec: nan` of a step timed at 0): that field is missing, the step and its loss are not.
+            continue
         if name == "dt_ms":
             kwargs[name] = _duration_s(raw if raw[-1:].isalpha() else raw + "ms") * 1000.0
         elif name == "elapsed_s":

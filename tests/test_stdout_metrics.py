@@ -268,6 +268,48 @@ def test_nanochat_loss_nan_is_a_step_with_a_nan_loss_not_a_skipped_line():
     assert math.isnan(parser.finish().final_loss)
 
 
+def test_step_numbers_that_go_back_keep_each_steps_latest_line_and_say_what_is_left_of_before():
+    def line(step, loss):
+        return f"step {step:05d}/00006 (0.00%) | loss: {loss:.6f} | dt: 100.00ms\n"
+
+    # restarted from scratch after step 5, stopped at step 2: steps 3-5 are the first attempt's
+    parser = StdoutParser(NANOCHAT)
+    steps = steps_of(parser, [line(i, 5 - i / 10) for i in range(6)] + [line(i, 4 - i / 10) for i in range(3)])
+    by_step = {s.step: s.loss for s in steps}  # (the readers keep each number's latest line)
+    assert by_step == {0: 4.0, 1: 3.9, 2: 3.8, 3: 4.7, 4: 4.6, 5: 4.5}
+    assert parser.warnings() == [
+        "the step numbers went back 1 time(s), first from step 5 to 0 (a restarted trainer, or several processes "
+        "printing steps): each step number keeps its latest line; steps 3-5 were not reached again and are from "
+        "before it"]
+    # resumed from a checkpoint at step 3 and trained past where the first attempt stopped: all the latest
+    parser = StdoutParser(NANOCHAT)
+    steps_of(parser, [line(i, 5.0) for i in range(5)] + [line(i, 4.0) for i in range(3, 6)])
+    assert parser.warnings() == [
+        "the step numbers went back 1 time(s), first from step 4 to 3 (a restarted trainer, or several processes "
+        "printing steps): each step number keeps its latest line"]
+    # the same step printed twice (a redrawn bar, an eval line) is no going back
+    parser = StdoutParser(NANOCHAT)
+    steps_of(parser, [line(0, 5.0), line(1, 4.9), line(1, 4.9), line(2, 4.8)])
+    assert parser.warnings() == []
+
+
+def test_a_figure_printed_as_inf_or_nan_is_missing_from_its_step_not_the_step_lost():
+    """A step timed at 0 prints `tok/sec: inf`; a broken timer `dt: infms`. The loss is still real:
+    the step is kept without that figure (as the CSV importer and the engine's `mfu: -` do)."""
+    lines = ["step 00000/00003 (0.00%) | loss: 4.500000 | dt: 600.00ms | tok/sec: 13,000 | mfu: 10.00\n",
+             "step 00001/00003 (33.33%) | loss: 4.400000 | dt: infms | tok/sec: 0 | mfu: nan\n",
+             "step 00002/00003 (66.67%) | loss: 4.300000 | dt: 0.00ms | tok/sec: inf | mfu: -inf%\n"]
+    parser = StdoutParser(NANOCHAT)
+    steps = steps_of(parser, lines)
+    assert [(s.step, s.loss, s.dt_ms, s.tok_per_sec, s.mfu) for s in steps] == [
+        (0, 4.5, 600.0, 13000.0, 10.0), (1, 4.4, None, 0.0, None), (2, 4.3, 0.0, None, None)]
+    assert parser.skipped == 0
+    fmt = StdoutFormat.build("regex", step=r"iter (\d+):", patterns={"loss": r"loss (\S+),", "dt_ms": r"time (\S+)ms"})
+    parser = StdoutParser(fmt)
+    steps = steps_of(parser, ["iter 0: loss 4.5, time infms\n", "iter 1: loss 4.4, time 12.5ms\n"])
+    assert [(s.step, s.loss, s.dt_ms) for s in steps] == [(0, 4.5, None), (1, 4.4, 12.5)] and parser.skipped == 0
+
+
 @pytest.mark.parametrize("loss_pattern", [r"loss ([\d.]+)", r"loss (-?[\d.]+)", r"loss (\S+),"])
 def test_a_digits_only_loss_pattern_still_reads_nan_as_the_loss(loss_pattern):
     """nanoGPT prints `loss nan`; most patterns only take digits. The step is not lost either way."""
