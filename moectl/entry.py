@@ -23,6 +23,20 @@ def take_back_sigint() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def stop_signals_interrupt() -> None:
+    """SIGTERM (`kill`, `timeout`, a scheduler) and SIGHUP (the terminal closed) stop any command as
+    Ctrl-C does: exit 130, its temp files and half-made run directory removed. Python's default
+    for them is to die at once (143, 129) with nothing cleaned up. `run`, `sweep`, `wait` and `sync`
+    install their own (moectl.cli.common.stops_like_ctrl_c), which also note a hang-up; `nohup`'s
+    ignored SIGHUP stays ignored."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, interrupt)
+
+
 def interrupted_inside(exc: BaseException) -> bool:
     """Whether a KeyboardInterrupt is among the exceptions that led to `exc` (click's Abort, or
     pydantic's SchemaError when Ctrl-C came while it built a model class)."""
@@ -48,6 +62,7 @@ def error_json(message: str, exit_code: int) -> dict:
 
 def main() -> None:
     take_back_sigint()  # before anything else
+    stop_signals_interrupt()
     try:
         from moectl.cli import main as cli_main
 

@@ -279,3 +279,45 @@ def test_an_error_caused_by_ctrl_c_is_an_interrupt_not_an_internal_error(capsys)
     with pytest.raises(typer.Exit) as exc:
         buggy()
     assert exc.value.exit_code == 1 and "internal error: RuntimeError: a real bug" in capsys.readouterr().err
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` has a handler of its own for `sig` (SigCgt of /proc/PID/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("SigCgt:")), 16)
+    return bool(caught >> (sig - 1) & 1)
+
+
+def test_sigterm_stops_any_command_as_ctrl_c_does_exit_130_and_nothing_half_made(tmp_path):
+    """`timeout`, `kill` or a scheduler's SIGTERM during a long import: was Python's default, a
+    silent death (143) that left an empty run directory in the store. Now it is Ctrl-C's one line
+    and exit 130, with the half-made run removed."""
+    import os
+    import signal
+    import time
+
+    log = tmp_path / "big.jsonl"  # seconds of parsing: the signal lands inside the import
+    log.write_text("".join(json.dumps({"type": "step", "step": i, "loss": 5.0, "dt_ms": 100.0}) + "\n"
+                           for i in range(100_000)))
+    store = tmp_path / "store"
+    proc = subprocess.Popen([sys.executable, "-m", "moectl", "import", str(log), "--name", "big", "--json"],
+                            cwd=tmp_path, env={**os.environ, "MOECTL_ARTIFACT_ROOT": str(store)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not _catches(proc.pid, signal.SIGTERM):  # moectl's handler is in: past Python's start-up
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["error: interrupted"]
+    assert json.loads(out) == {"ok": False, "error": "interrupted", "exit_code": 130}
+    assert not store.exists() or [p for p in store.rglob("*") if p.is_file()] == []
