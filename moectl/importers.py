@@ -172,7 +172,7 @@ def _parse_csv(text: str, run: Optional[str]) -> ParsedLog:
                 if name in _STEP_FIELDS and raw.strip() != "":
                     # a diverged step's loss is `nan` (as `moectl export` writes it): a step, not a bad row
                     kwargs[name] = (loss_number if name == "loss" else _number)(raw.strip())
-            step = int(str(row.get("step", "")).strip())
+            step = _step_number(str(row.get("step", "")).strip())
             if not 0 <= step < 2**53:  # steps count from 0 (and fit a JSON number exactly): a bad row
                 raise ValueError(f"step {step}")
             if "loss" not in kwargs:
@@ -182,6 +182,17 @@ def _parse_csv(text: str, run: Optional[str]) -> ParsedLog:
             out.skipped += 1
     out.steps = [by_step[k] for k in sorted(by_step)]
     return out
+
+
+def _step_number(cell: str) -> int:
+    """`12`, or `12.0` as pandas writes an integer column that holds a gap; never `12.5`."""
+    try:
+        return int(cell)
+    except ValueError:
+        value = float(cell)
+        if not value.is_integer():
+            raise ValueError(f"step {cell}") from None
+        return int(value)
 
 
 def _run_facts_from_summary_csv(path: Path, run: Optional[str], parsed: ParsedLog) -> None:
@@ -215,14 +226,19 @@ def load_log(path: Path, fmt: str, run: Optional[str] = None, stdout_format: Opt
         raise UsageError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
     if path.is_dir():
         raise UsageError(f"{path} is a directory; give the log file in it")
+    if path.exists() and not path.is_file():  # /dev/stdin, a FIFO: read once, gone for a retry
+        raise UsageError(f"{path} is not a regular file (a pipe or device?): save the log to a file and import that")
     if not path.is_file():
         raise UsageError(f"log file not found: {path}")
     try:
         # -sig: Excel writes CSVs with a BOM. Bytes decoded, not read_text: its newline translation
         # would make every `\r` of a redrawn progress bar a newline of its own (stdout_metrics.split_lines).
-        text = path.read_bytes().decode("utf-8-sig", errors="replace")
+        raw = path.read_bytes()
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    # UTF-16 with its BOM: what PowerShell's `>` and Excel's "Unicode text" write.
+    text = (raw.decode("utf-16", errors="replace") if raw[:2] in (b"\xff\xfe", b"\xfe\xff")
+            else raw.decode("utf-8-sig", errors="replace"))
     if not text.strip():
         raise UsageError(f"log file is empty: {path}")
     if fmt == "nanochat":

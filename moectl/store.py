@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence
 from pydantic import Field, ValidationError, model_validator
 
 from engine.schema import METRICS_FILENAME, RunSummary, StepMetrics, to_line
+from moectl.atomic import ensure_dir
 from moectl.config import MetricsSection
 from moectl.errors import UsageError
 from moectl.metrics import LOSS_WARNING, MetricsFile, loss_warning, read_metrics, tail_summary
@@ -52,7 +53,7 @@ def run_id(project: str, tag: str, now: Optional[datetime] = None) -> str:
 def create_run_dir(path: Path) -> Path:
     """Create a fresh experiment directory atomically. An existing one is an error, never reused."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(path.parent)
     try:
         os.mkdir(path)
     except FileExistsError:
@@ -413,7 +414,7 @@ def import_run(
         raise UsageError("nothing to import: no steps")
     extras = dict(extras or {})
     root = Path(root).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
+    ensure_dir(root)  # (a file there: named, not `[Errno 17] File exists`)
     summary_line = RunSummary(
         steps=len(steps),
         world_size=int(extras.get("world_size") or 0),  # 0 = unknown (logs rarely say)

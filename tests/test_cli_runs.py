@@ -103,6 +103,63 @@ def test_import_without_format_reads_the_file_by_its_suffix(project, tmp_path):
         f"error: no step lines in {table} as nanochat; another format? --format regex|jsonl|csv"]
 
 
+def test_import_reads_utf16_logs_and_pandas_float_steps_and_names_a_pipe(project, tmp_path):
+    import os
+
+    # PowerShell's `>` and Excel's "Unicode text" write UTF-16 (with a BOM)
+    utf16 = tmp_path / "steps16.csv"
+    utf16.write_bytes((FIXTURES / "steps_seed_style.csv").read_text().encode("utf-16"))
+    r = invoke("import", str(utf16), "--name", "wide", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["summary"]["tok_per_sec"] == pytest.approx(633600.0)
+    nano16 = tmp_path / "train16.log"
+    nano16.write_bytes((FIXTURES / "nanochat_small.log").read_text().encode("utf-16-be").join([b"\xfe\xff", b""]))
+    assert invoke("import", str(nano16), "--name", "nano16").exit_code == 0
+    # pandas writes an integer column holding a gap as floats: 0.0, 1.0, ...; 2.5 is no step
+    floats = tmp_path / "floats.csv"
+    floats.write_text(",step,loss,tok_per_sec\n0,0.0,5.0,1000\n1,1.0,4.9,1100\n2,,4.8,1200\n3,2.5,4.7,1300\n")
+    r = invoke("import", str(floats), "--name", "pandas", "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["skipped"] == 2 and data["summary"]["tok_per_sec"] == pytest.approx(1050.0)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)  # never opened: reading it would wait for a writer
+    r = invoke("import", str(fifo), "--name", "piped")
+    assert r.exit_code == 2 and r.stderr.strip() == (
+        f"error: {fifo} is not a regular file (a pipe or device?): save the log to a file and import that")
+
+
+def test_import_names_a_store_path_or_name_it_cannot_use_before_reading_the_log(project, artifact_root,
+                                                                               monkeypatch, tmp_path):
+    log = str(FIXTURES / "nanochat_small.log")
+    r = invoke("import", log, "--name", "x" * 300)  # was `[Errno 36] File name too long`, after the whole parse
+    assert r.exit_code == 2 and r.stderr.strip() == (
+        "error: --name: the run directory name would be up to 323 bytes, over the filesystem's 255; use a shorter name")
+    first = json.loads(invoke("import", log, "--name", "base", "--json").stdout)["id"]
+    r = invoke("import", log, "--name", first)  # a tag equal to an id: `show ID` could never reach this run
+    assert r.exit_code == 2 and r.stderr.strip() == (
+        f"error: --name {first!r} is the id of a run already in the store; pick another name")
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    monkeypatch.setenv("MOECTL_ARTIFACT_ROOT", str(blocker))
+    r = invoke("import", log, "--name", "x")  # was `[Errno 17] File exists: '...'`
+    assert r.exit_code == 2 and r.stderr.strip() == (
+        f"error: artifact_root {blocker} is not a directory (MOECTL_ARTIFACT_ROOT or [paths] artifact_root)")
+    monkeypatch.setenv("MOECTL_ARTIFACT_ROOT", str(blocker / "store"))
+    r = invoke("import", log, "--name", "x")
+    assert r.exit_code == 2 and r.stderr.strip().splitlines() == [
+        f"error: artifact_root {blocker / 'store'} is not a directory (MOECTL_ARTIFACT_ROOT or [paths] artifact_root)"]
+
+
+def test_an_os_error_is_its_path_and_reason_and_any_message_one_line():
+    from moectl.cli.common import one_line
+
+    assert one_line(FileExistsError(17, "File exists", "/tmp/x")) == "/tmp/x: File exists"
+    assert one_line(OSError(28, "No space left on device")) == "No space left on device"
+    assert one_line(OSError(18, "Invalid cross-device link", "/a", None, "/b")) == "/a -> /b: Invalid cross-device link"
+    assert one_line(ValueError("\n\\frac\n     ^\nParseSyntaxException: Expected")) == "\\frac ^ ParseSyntaxException: Expected"
+
+
 @pytest.mark.parametrize(
     "content, fmt",
     [(None, "nanochat"), ("", "nanochat"), ("nothing here\n", "nanochat"), ("{bad\n", "jsonl"), ("a,b\n1,2\n", "csv")],

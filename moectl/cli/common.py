@@ -133,6 +133,16 @@ def stops_like_ctrl_c(ctx: typer.Context) -> None:
     ctx.call_on_close(lambda: [signal.signal(sig, handler) for sig, handler in previous.items()])
 
 
+def one_line(exc: BaseException) -> str:
+    """An OSError as `path: reason` (not `[Errno 17] File exists: '...'`); any other message with
+    its line breaks folded (matplotlib's math-text errors draw a caret under the bad spot)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        if exc.filename is None:
+            return exc.strerror
+        return f"{exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 else "") + f": {exc.strerror}"
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 _last_error: str | None = None  # the last error line said: an exit with no JSON document yet carries it
 
 
@@ -187,8 +197,9 @@ def handle_errors(fn: Callable) -> Callable:
                 as_json_too("interrupted", EXIT_INTERRUPTED)
                 raise typer.Exit(EXIT_INTERRUPTED)
             if isinstance(exc, (OSError, ValueError)):  # bad paths, unreadable files: the user's to fix
-                error(str(exc))
-                as_json_too(str(exc), EXIT_USAGE)
+                message = one_line(exc)
+                error(message)
+                as_json_too(message, EXIT_USAGE)
                 raise typer.Exit(EXIT_USAGE)
             # a bug in moectl: still one line, exit 1
             error(f"internal error: {type(exc).__name__}: {exc}")

@@ -600,6 +600,16 @@ def import_cmd(
     if run is not None and format != "csv":
         raise UsageError(f"--run is for --format csv (a multi-run step table), not {format}")
     cfg = _config(config)
+    from moectl.plan import NAME_MAX
+    from moectl.runindex import run_dirs
+
+    longest = f"{'0' * 15}_{cfg.project.name}-{name}-99"  # timestamp_project-name, -N when taken
+    if len(longest.encode()) > NAME_MAX:
+        raise UsageError(f"--name: the run directory name would be up to {len(longest.encode())} bytes, over the "
+                         f"filesystem's {NAME_MAX}; use a shorter name")
+    if any(d.name == name for d in run_dirs(cfg.artifact_root)):
+        # `show`/`compare` take a run's id before any tag: this run could never be named by it
+        raise UsageError(f"--name {name!r} is the id of a run already in the store; pick another name")
     parsed = load_log(log, format, run=run,
                       stdout_format=regex_format(cfg.metrics, pattern or []) if format == "regex" else None)
     extras: dict[str, Any] = {
