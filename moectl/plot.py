@@ -172,7 +172,11 @@ def make_plot(runs: Sequence[RunRecord], metric: str, out: Path, title: Optional
         ax.yaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))  # 800,000 rather than 800000
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
+    try:
+        fig.tight_layout()  # lays the text out: a title's `$...$` is parsed as math text here
+    except ValueError as exc:
+        raise UsageError(f"--title {title!r}: matplotlib cannot draw it ({' '.join(str(exc).split())}); "
+                         "a `$` starts math text, write `\\$` for a dollar sign") from None
 
     # Temp file in the target directory, then rename: a reader (or a report linking the figure)
     # never sees half a PNG, and a failed draw leaves the previous figure in place.

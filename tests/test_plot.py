@@ -110,6 +110,18 @@ def test_plot_into_an_existing_directory_puts_the_default_name_inside_it(project
     assert r.exit_code == 0 and r.stdout.strip() == str((figs / "tok_per_sec-2.png").resolve())
 
 
+def test_a_title_matplotlib_cannot_lay_out_is_one_line_and_a_dollar_sign_can_be_escaped(project, artifact_root,
+                                                                                          tmp_path):
+    make_run(artifact_root, "a", 1)
+    out = tmp_path / "t.png"
+    r = invoke("plot", "a", "-o", str(out), "--title", "speed $\\frac$ x")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("error: --title 'speed $\\\\frac$ x': matplotlib cannot draw it (") and "write `\\$`" in r.stderr
+    assert not out.exists()
+    r = invoke("plot", "a", "-o", str(out), "--title", "cost \\$5, $\\alpha$ = 0.1")
+    assert r.exit_code == 0 and out.is_file(), r.output
+
+
 def test_plot_and_export_never_write_into_a_read_only_tree(project, artifact_root, tmp_path):
     make_run(artifact_root, "a", 1)
     ro = tmp_path / "frozen"
