@@ -247,6 +247,7 @@ class StdoutParser:
         self.went_back = 0  # step lines numbered below the line before them (a restarted trainer)
         self._first_went_back: Optional[tuple[int, int]] = None  # (from step, to step), the first time
         self._highest = -1  # the highest step number seen
+        self.repeated = 0  # step lines numbered as the line before them (not a redrawn bar)
 
     # --- one line ---------------------------------------------------------------------------------
 
@@ -283,6 +284,8 @@ class StdoutParser:
             self._redrawn = raw.endswith("\r")
             return []  # a progress bar refreshed without a new step: the step it showed already
         self._redrawn = raw.endswith("\r")
+        if self.last is not None and rec.step == self.last.step:
+            self.repeated += 1  # (not a redrawn bar: that returned above)
         if self.last is not None and rec.step < self.last.step:
             # The numbering went back: a trainer restarted (from a checkpoint, or from scratch), or
             # several processes print their steps. Each step number keeps its latest line, as the
@@ -416,6 +419,9 @@ class StdoutParser:
             out.append(f"the step numbers went back {self.went_back} time(s), first from step {before} to {after} "
                        "(a restarted trainer, or several processes printing steps): each step number keeps its "
                        f"latest line{stale}")
+        if self.repeated:
+            out.append(f"{self.repeated} of {self.steps_seen} step lines repeated the step number of the line before "
+                       "them: each number keeps its latest line (does the step pattern take the whole number?)")
         if self.skipped:
             out.append(f"{self.skipped} step line(s) could not be read (no loss, or not a number) and were skipped")
         if self.unprinted and self.partial:

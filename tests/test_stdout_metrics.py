@@ -287,9 +287,19 @@ def test_step_numbers_that_go_back_keep_each_steps_latest_line_and_say_what_is_l
     assert parser.warnings() == [
         "the step numbers went back 1 time(s), first from step 4 to 3 (a restarted trainer, or several processes "
         "printing steps): each step number keeps its latest line"]
-    # the same step printed twice (a redrawn bar, an eval line) is no going back
+    # the same step printed twice is no going back, but is said: a pattern taking one digit of
+    # `step 00012` read every line as step 0
     parser = StdoutParser(NANOCHAT)
     steps_of(parser, [line(0, 5.0), line(1, 4.9), line(1, 4.9), line(2, 4.8)])
+    assert parser.warnings() == ["1 of 4 step lines repeated the step number of the line before them: each number "
+                                 "keeps its latest line (does the step pattern take the whole number?)"]
+    fmt = StdoutFormat.build("regex", step=r"step (\d)", patterns={"loss": r"loss: ([\d.]+)"})
+    parser = StdoutParser(fmt)
+    assert {s.step for s in steps_of(parser, [line(i, 5.0) for i in range(6)])} == {0}
+    assert parser.warnings()[0].startswith("5 of 6 step lines repeated the step number")
+    # a progress bar redrawn in place (`\r`) shows its step again: nothing to say
+    parser = StdoutParser(NANOCHAT)
+    steps_of(parser, [line(0, 5.0).replace("\n", "\r"), line(0, 5.0).replace("\n", "\r"), line(1, 4.9)])
     assert parser.warnings() == []
 
 
