@@ -26,7 +26,7 @@ from typing import Optional
 
 from engine.schema import StepMetrics
 from moectl.errors import UsageError
-from moectl.stdout_metrics import StdoutFormat, loss_number, number as _number, parse_text
+from moectl.stdout_metrics import NON_NEGATIVE, StdoutFormat, loss_number, number as _number, parse_text
 
 FORMATS = ("nanochat", "regex", "jsonl", "csv")
 
@@ -143,6 +143,8 @@ def _parse_csv(text: str, run: Optional[str]) -> ParsedLog:
         raise UsageError(f"csv has no 'loss' column (header: {','.join(header)})")
     # Keys as the header names them, spaces around them dropped (`run, step, loss` is a header too).
     rows = [{(k.strip() if isinstance(k, str) else k): v for k, v in r.items()} for r in reader]
+    # `cat a.csv b.csv > both.csv` repeats the header inside: a header again, not a run named "run"
+    rows = [r for r in rows if any(k is not None and (v or "").strip() != k for k, v in r.items())]
     if "run" in header:
         names = sorted({(r.get("run") or "").strip() for r in rows} - {""})
         if run is not None:
@@ -171,7 +173,10 @@ def _parse_csv(text: str, run: Optional[str]) -> ParsedLog:
                     continue  # a figure the step lacks: that cell is missing, the step (and its loss) is not
                 if name in _STEP_FIELDS and raw.strip() != "":
                     # a diverged step's loss is `nan` (as `moectl export` writes it): a step, not a bad row
-                    kwargs[name] = (loss_number if name == "loss" else _number)(raw.strip())
+                    value = (loss_number if name == "loss" else _number)(raw.strip())
+                    if name in NON_NEGATIVE and value < 0:
+                        continue  # a -1 placeholder (or garbage) for a figure that cannot be negative: missing
+                    kwargs[name] = value
             step = _step_number(str(row.get("step", "")).strip())
             if not 0 <= step < 2**53:  # steps count from 0 (and fit a JSON number exactly): a bad row
                 raise ValueError(f"step {step}")

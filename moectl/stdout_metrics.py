@@ -113,6 +113,11 @@ _NANOCHAT_FIELDS = {
 }
 
 
+# Figures that are never below zero: a negative one printed is a placeholder (nanoGPT's mfu
+# -100%, a -1 for "unknown") or garbage, and is left out of its step, which keeps its loss.
+NON_NEGATIVE = frozenset({"dt_ms", "tok_per_sec", "mfu", "peak_mem_mib", "drop_frac", "expert_load_max", "elapsed_s"})
+
+
 def number(text: str) -> float:
     """'822,814' -> 822814.0. Finite only (ValueError otherwise)."""
     value = float(text.strip().replace(",", "").replace("_", "").rstrip("%"))
@@ -356,8 +361,9 @@ class StdoutParser:
     def _make(self, step: int, kwargs: dict[str, float]) -> StepMetrics:
         if "loss" not in kwargs:
             raise ValueError("no loss")
-        if kwargs.get("mfu", 0.0) < 0:
-            del kwargs["mfu"]  # nanoGPT prints -100.00% until it has an estimate: not a figure
+        for name in NON_NEGATIVE.intersection(kwargs):
+            if kwargs[name] < 0:  # nanoGPT prints mfu -100.00% until it has an estimate: not a figure
+                del kwargs[name]
         dt_ms = kwargs.get("dt_ms")
         if "tok_per_sec" not in kwargs and self.tokens_per_step and dt_ms:
             kwargs["tok_per_sec"] = self.tokens_per_step / (dt_ms / 1000.0)

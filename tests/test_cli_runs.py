@@ -122,6 +122,17 @@ def test_import_reads_utf16_logs_and_pandas_float_steps_and_names_a_pipe(project
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     assert data["skipped"] == 2 and data["summary"]["tok_per_sec"] == pytest.approx(1050.0)
+    # a figure that cannot be negative (a -1 placeholder) is missing from its step, not averaged in
+    negative = tmp_path / "negative.csv"
+    negative.write_text("step,loss,dt_ms,tok_per_sec\n0,5.0,100,1000\n1,4.9,-5,-1\n2,4.8,120,1200\n")
+    r = invoke("import", str(negative), "--name", "neg", "--json")
+    summary = json.loads(r.stdout)["summary"]
+    assert (summary["steps"], summary["tok_per_sec"], summary["dt_ms"]) == (3, 1100.0, 110.0)
+    # two tables concatenated (`cat a.csv b.csv`): the second header is no run of its own
+    both = tmp_path / "both.csv"
+    both.write_text("run,step,loss\na,0,5.0\na,1,4.9\nrun,step,loss\nb,0,6.0\n")
+    r = invoke("import", str(both), "--name", "both")
+    assert r.exit_code == 2 and r.stderr.strip() == "error: csv holds 2 runs, pick one with --run: a, b"
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)  # never opened: reading it would wait for a writer
     r = invoke("import", str(fifo), "--name", "piped")

@@ -318,6 +318,9 @@ def test_a_figure_printed_as_inf_or_nan_is_missing_from_its_step_not_the_step_lo
     parser = StdoutParser(fmt)
     steps = steps_of(parser, ["iter 0: loss 4.5, time infms\n", "iter 1: loss 4.4, time 12.5ms\n"])
     assert [(s.step, s.loss, s.dt_ms) for s in steps] == [(0, 4.5, None), (1, 4.4, 12.5)] and parser.skipped == 0
+    # a negative figure is a placeholder ("-1: unknown"), missing from the step like nanoGPT's mfu -100%
+    steps = steps_of(StdoutParser(fmt), ["iter 0: loss 4.5, time -1ms\n"])
+    assert [(s.step, s.loss, s.dt_ms) for s in steps] == [(0, 4.5, None)]
 
 
 @pytest.mark.parametrize("loss_pattern", [r"loss ([\d.]+)", r"loss (-?[\d.]+)", r"loss (\S+),"])
