@@ -356,6 +356,9 @@ def test_summary_that_cannot_commit_writes_nothing_and_says_why_with_the_guard_e
     committed = cli("summary")
     assert committed.exit_code == 0 and git(git_repo, "status", "--porcelain") == before
     shipped = (git_repo / "EXPERIMENTS.md").read_text()
+    import os
+
+    os.utime(git_repo / "EXPERIMENTS.md", ns=(1_000_000_000, 1_000_000_000))  # an old file: any rewrite shows
     make_run(artifact_root, "20260105_000000_moe-later", "later", "completed", 3000.0, None)  # something new to say
     hook = git_repo / ".git" / "hooks" / "reference-transaction"
     hook.write_text('#!/bin/sh\n[ "$1" = prepared ] && exit 1\nexit 0\n')
@@ -363,6 +366,7 @@ def test_summary_that_cannot_commit_writes_nothing_and_says_why_with_the_guard_e
     r = CliRunner().invoke(app, ["summary"])
     assert r.exit_code == 3 and "EXPERIMENTS.md not committed" in r.stderr and "left as it was" in r.stderr, r.output
     assert (git_repo / "EXPERIMENTS.md").read_text() == shipped and git(git_repo, "status", "--porcelain") == before
+    assert (git_repo / "EXPERIMENTS.md").stat().st_mtime_ns == 1_000_000_000  # an editor holding it sees no change
     hook.unlink()
     assert cli("summary").exit_code == 0 and "later" in (git_repo / "EXPERIMENTS.md").read_text()
 

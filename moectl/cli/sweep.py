@@ -1,6 +1,7 @@
 """`moectl sweep` (legs one by one, resumable) and `moectl summary` (EXPERIMENTS.md)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -254,8 +255,9 @@ def summary(
     target = output if output is not None else summary_path(cfg)
     try:
         before = target.expanduser().read_text(encoding="utf-8")
+        before_ns = target.expanduser().stat()  # put back with the file: an editor holding it sees no change
     except (OSError, UnicodeDecodeError):
-        before = None
+        before, before_ns = None, None
     path, changed = refresh_summary(cfg, output)
     sha, failure = None, None
     # Up to date on disk is not committed: a `--no-commit` run refreshed the file and left HEAD's
@@ -271,6 +273,8 @@ def summary(
                     path.unlink(missing_ok=True)
                 else:
                     write_text_atomic(path, before)
+                    if before_ns is not None:
+                        os.utime(path, ns=(before_ns.st_atime_ns, before_ns.st_mtime_ns))
                 changed = False
     if json_out:
         print_json({"path": str(path), "changed": changed, "commit": sha,
