@@ -65,7 +65,8 @@ def load_tokens(spec: str, cap_bytes: int = DEFAULT_CAP_BYTES) -> tuple[torch.Te
         if shards:  # nanoGPT-style train_000.bin, ...: uint16 tokens, one after another
             tokens = torch.cat([_read_token_file(shard, f"{spec} ({shard.relative_to(path)})") for shard in shards])
             return tokens, max(2, int(tokens.max()) + 1)
-        data = _concat_files(path, lambda p: True, {"__pycache__"}, 1 << 40)
+        # (hidden files - .DS_Store, .gitignore - are no text of the corpus, as token_shards says)
+        data = _concat_files(path, lambda p: not p.name.startswith("."), {"__pycache__"}, 1 << 40)
         if not data:
             raise ValueError(f"--data {spec}: directory holds no readable files")
         return _bytes_to_tokens(data), BYTE_VOCAB

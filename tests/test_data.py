@@ -23,6 +23,7 @@ def test_directory_and_bin_files(tmp_path):
     (d / "b.txt").write_bytes(b"BBB")
     (d / "a.txt").write_bytes(b"AA")
     (d / "sub" / "c.txt").write_bytes(b"C")
+    (d / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # hidden files are never data (was read into the corpus)
     tokens, vocab = data.load_tokens(str(d))
     assert bytes(tokens.to(torch.uint8).tolist()) == b"AABBBC" and vocab == 256  # sorted, files then subdirs
 
