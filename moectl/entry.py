@@ -8,6 +8,7 @@ too (moectl.cli imports them from here), so this module stays free of heavy impo
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -81,4 +82,10 @@ def _interrupted(message: str) -> None:
         import json
 
         sys.stdout.write(json.dumps(error_json(message, EXIT_INTERRUPTED)) + "\n")
-    sys.exit(EXIT_INTERRUPTED)
+    # Not sys.exit: a KeyboardInterrupt that passed through code a C extension ran while it was
+    # imported (PyRun_String) leaves CPython's "unhandled Ctrl-C" flag set, and the interpreter
+    # then ends by killing itself with SIGINT (-2 to a parent, not 130) whatever was caught since.
+    # Nothing has started here that an exit handler would have to end.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED)
