@@ -65,6 +65,17 @@ def steps_written(metrics_path: Path) -> list[StepMetrics]:
 # ---------------------------------------------------------------------------------------- waiting
 
 
+def catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` has a handler installed for `sig` (/proc/PID/status SigCgt): a signal
+    sent after this lands in the handler, not in Python's start-up."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next(int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(mask >> (int(sig) - 1) & 1)
+
+
 def wait_for(event: Callable[[], T], what: str, timeout: float = 60.0, *, proc: Optional[subprocess.Popen] = None,
              output: Optional[Callable[[], str]] = None, poll_s: float = 0.05) -> T:
     """Poll `event()` until it returns something truthy; return that. The deadline only bounds a

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import catches
+
 
 def moectl(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "moectl", *args], capture_output=True, text=True, cwd=cwd, timeout=60)
@@ -281,16 +283,6 @@ def test_an_error_caused_by_ctrl_c_is_an_interrupt_not_an_internal_error(capsys)
     assert exc.value.exit_code == 1 and "internal error: RuntimeError: a real bug" in capsys.readouterr().err
 
 
-def _catches(pid: int, sig: int) -> bool:
-    """Whether process `pid` has a handler of its own for `sig` (SigCgt of /proc/PID/status)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    caught = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("SigCgt:")), 16)
-    return bool(caught >> (sig - 1) & 1)
-
-
 def test_sigterm_stops_any_command_as_ctrl_c_does_exit_130_and_nothing_half_made(tmp_path):
     """`timeout`, `kill` or a scheduler's SIGTERM during a long import: was Python's default, a
     silent death (143) that left an empty run directory in the store. Now it is Ctrl-C's one line
@@ -308,7 +300,7 @@ def test_sigterm_stops_any_command_as_ctrl_c_does_exit_130_and_nothing_half_made
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
-        while not _catches(proc.pid, signal.SIGTERM):  # moectl's handler is in: past Python's start-up
+        while not catches(proc.pid, signal.SIGTERM):  # moectl's handler is in: past Python's start-up
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)

@@ -22,7 +22,8 @@ from typer.testing import CliRunner
 from moectl.cli import app
 from moectl.lock import LOCK_NAME
 from tests.conftest import (
-    fake_slurm_bin, git, kill_all, no_other_training_on_a_quiet_machine, signal_when, steps_written, stop_process, wait_for,
+    catches, fake_slurm_bin, git, kill_all, no_other_training_on_a_quiet_machine, signal_when, steps_written,
+    stop_process, wait_for,
 )
 from tests.test_run import QUIET, REPO, FAST, commit_files, ours, proj, record, run_dirs  # noqa: F401  (proj: fixture)
 
@@ -225,16 +226,6 @@ def test_a_stopped_moectl_wait_exits_130_and_the_run_goes_on(proj, artifact_root
         for p in (waiter, proc):
             if p is not None and p.poll() is None:
                 stop_process(p)
-
-
-def catches(pid: int, sig: int) -> bool:
-    """Whether process `pid` has a handler installed for `sig` (/proc/PID/status SigCgt)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    mask = next(int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigCgt:"))
-    return bool(mask >> (int(sig) - 1) & 1)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
