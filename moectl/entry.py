@@ -86,6 +86,9 @@ def _interrupted(message: str) -> None:
     # imported (PyRun_String) leaves CPython's "unhandled Ctrl-C" flag set, and the interpreter
     # then ends by killing itself with SIGINT (-2 to a parent, not 130) whatever was caught since.
     # Nothing has started here that an exit handler would have to end.
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader gone, a stream closed: the exit code still says it
+            pass
     os._exit(EXIT_INTERRUPTED)
