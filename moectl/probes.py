@@ -18,6 +18,7 @@ Nothing here imports torch: whether the venv has torch is asked of the venv's ow
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -61,7 +62,9 @@ def _git(repo: Path, *args: str) -> subprocess.CompletedProcess:
     """git's output as text, decoded losslessly: a file name that is not UTF-8 (`git status` lists
     it) keeps its bytes as surrogates (os.fsdecode) instead of failing the whole reading;
     git's messages are for people, so undecodable bytes there become U+FFFD."""
-    r = subprocess.run(["git", "-C", str(repo), *args], capture_output=True)
+    # --no-optional-locks: `git status` would otherwise refresh the index under .git/index.lock,
+    # and a `watch moectl status` would then fail the user's own `git add` now and again.
+    r = subprocess.run(["git", "--no-optional-locks", "-C", str(repo), *args], capture_output=True)
     return subprocess.CompletedProcess(r.args, r.returncode, os.fsdecode(r.stdout), r.stderr.decode("utf-8", "replace"))
 
 
@@ -160,7 +163,15 @@ def _select(gpus: list[GpuInfo], devices) -> list[GpuInfo]:
 
 
 def _opt_float(value) -> Optional[float]:
-    return None if value is None else float(value)
+    """A reading's number: a finite one >= 0 (a NaN or negative load would pass the idle check)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"not a number: {value!r}")
+    number = float(value)  # (OverflowError for a 400-digit integer)
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"not a finite number >= 0: {value!r}")
+    return number
 
 
 def _nvml_from_dict(data: dict) -> NvmlReading:
@@ -176,7 +187,7 @@ def _nvml_from_dict(data: dict) -> NvmlReading:
                                        for p in g.get("processes") or []])
                     for g in data["gpus"]]
         return NvmlReading(gpus=gpus, error=data.get("error"), driver=data.get("driver"))
-    except (KeyError, TypeError, AttributeError) as exc:
+    except (KeyError, TypeError, AttributeError, OverflowError) as exc:
         raise ValueError(f"bad field: {type(exc).__name__}: {exc}") from None
 
 
@@ -289,16 +300,31 @@ class TrainingProcess:
 
 def _is_training(argv: list[str], module: str) -> bool:
     """`module` is launch.target: a module name, or a script path (`python train.py` counts too)."""
+    # The program that runs, not any word of the command line: `pgrep -f torchrun`, `less
+    # /usr/bin/torchrun` or a shell loop mentioning it is no training.
+    program = os.path.basename(argv[0])
+    if program == "torchrun":
+        return True
+    if "python" not in program:
+        return False
     script = os.path.basename(module) if module.endswith(".py") else None
-    for i, a in enumerate(argv):
-        if a == "torch.distributed.run" or os.path.basename(a) == "torchrun":
-            return True
-        if a == "-m" and i + 1 < len(argv) and argv[i + 1] == module:
-            return True
-    if script is not None and "python" in os.path.basename(argv[0]):
-        ran = _python_script(argv)  # `python train.py`, and torchrun's workers: `python -u train.py`
-        return ran is not None and os.path.basename(ran) == script
-    return False
+    if _python_module(argv) in ("torch.distributed.run", module):
+        return True
+    ran = _python_script(argv)  # `python train.py`, torchrun's workers (`python -u train.py`), `python .../torchrun`
+    return ran is not None and os.path.basename(ran) in {"torchrun", script}
+
+
+def _python_module(argv: list[str]) -> Optional[str]:
+    """The module a `python [options] -m MODULE [args]` command line runs (None otherwise)."""
+    i = 1
+    while i < len(argv):
+        a = argv[i]
+        if a == "-m":
+            return argv[i + 1] if i + 1 < len(argv) else None
+        if a == "-c" or a == "-" or not a.startswith("-"):
+            return None
+        i += 2 if a in ("-X", "-W", "-Q") else 1
+    return None
 
 
 def _python_script(argv: list[str]) -> Optional[str]:
@@ -528,7 +554,9 @@ def probe_paths(cfg: Config, plan: "RunPlan") -> PathsState:
         report_dir=_real(cfg.report_dir),
         read_only=[_real(p) for p in cfg.read_only],
         writes={str(p): _real(p) for p in planned_write_paths(plan)},
-        exp_dir_exists=os.path.lexists(os.path.expanduser(plan.exp_dir)),
+        # As given (a dangling link there is taken) or resolved: `art/missing/../y` names `art/y` to
+        # the mkdir that makes it, though the kernel finds no such path while `missing` is not there.
+        exp_dir_exists=os.path.lexists(os.path.expanduser(plan.exp_dir)) or os.path.lexists(_real(plan.exp_dir)),
         exp_dir=_real(plan.exp_dir),
         unwritable={name: why for name, path in (("artifact_root", cfg.artifact_root), ("report_dir", cfg.report_dir))
                     if (why := why_unwritable(Path(_real(path)))) is not None},

@@ -292,11 +292,13 @@ def project(git_repo: Path, monkeypatch) -> Path:
 
 
 @pytest.fixture
-def fake_training():
-    """A real background process whose argv names torch.distributed.run and an --out-dir: what the
-    training-process scan and the no_other_training guard must see."""
-    p = start_process([sys.executable, "-c", "import time; time.sleep(300)",
-                       "torch.distributed.run", "--out-dir", "/art/20250101_000000_moe-x"])
+def fake_training(tmp_path_factory):
+    """A real background process that runs as torchrun does (`python .../torchrun --out-dir ...`,
+    the console script's command line) and only sleeps: what the training-process scan and the
+    no_other_training guard must see."""
+    torchrun = tmp_path_factory.mktemp("bin") / "torchrun"
+    torchrun.write_text("import time\ntime.sleep(300)\n")
+    p = start_process([sys.executable, str(torchrun), "--out-dir", "/art/20250101_000000_moe-x"])
     yield p
     stop_process(p)
 

@@ -33,6 +33,20 @@ def test_git_counts_on_a_real_repo(git_repo):
     assert (s.modified, s.staged, s.untracked) == (2, 2, 2)
 
 
+def test_reading_git_state_never_writes_the_index(git_repo):
+    """`git status` refreshes stale index entries under .git/index.lock: a `watch moectl status`
+    then failed the user's own `git add` now and again. moectl only reads."""
+    import os
+    import time
+
+    readme = git_repo / "README.md"
+    later = time.time() + 5
+    os.utime(readme, (later, later))  # same content, newer mtime: an entry git status would refresh
+    index = (git_repo / ".git" / "index").read_bytes()
+    probe_git(git_repo)
+    assert (git_repo / ".git" / "index").read_bytes() == index
+
+
 def test_git_detached_mid_merge_and_not_a_repo(git_repo, tmp_path):
     git(git_repo, "checkout", "-q", "--detach")
     s = probe_git(git_repo)
@@ -71,8 +85,13 @@ def test_unreadable_fake_is_a_reading_not_a_crash(tmp_path, monkeypatch):
     r = read_nvml()
     assert r.gpus is None and "unreadable" in r.error
     # Valid JSON with a GPU that lacks its index, or a mistyped number: unreadable too, not a crash.
-    for broken in ('{"gpus": [{"name": "H100"}]}', '{"gpus": [{"index": 0, "util_pct": "busy"}]}',
-                   '{"gpus": [{"index": 0, "processes": [{"name": "python"}]}]}'):
+    # A NaN, negative, boolean or overflowing load would read as idle (or crash status): unreadable.
+    for broken in ('{"gpus": [{"index": 0, "name": "H100"}, {"name": "H100"}]}', '{"gpus": [{"index": 0, "util_pct": "busy"}]}',
+                   '{"gpus": [{"index": 0, "processes": [{"name": "python"}]}]}',
+                   '{"gpus": [{"index": 0, "util_pct": NaN, "mem_used_mib": NaN}]}',
+                   '{"gpus": [{"index": 0, "util_pct": -50, "mem_used_mib": 0}]}',
+                   '{"gpus": [{"index": 0, "util_pct": true, "mem_used_mib": false}]}',
+                   '{"gpus": [{"index": 0, "util_pct": 0, "mem_used_mib": 1%s}]}' % ("0" * 400)):
         bad.write_text(broken)
         r = read_nvml()
         assert r.gpus is None and "unreadable" in r.error, broken
@@ -89,11 +108,13 @@ def test_training_process_is_found_with_run_dir(fake_training):
     found = {t.pid: t for t in find_training_processes("engine.train")}
     assert fake_training.pid in found
     t = found[fake_training.pid]
-    assert t.run_dir == "/art/20250101_000000_moe-x" and "torch.distributed.run" in t.cmdline and 0 <= t.age_s < 30
+    assert t.run_dir == "/art/20250101_000000_moe-x" and "/torchrun --out-dir" in t.cmdline and 0 <= t.age_s < 30
 
 
-def test_module_invocation_is_training_and_ancestors_are_excluded():
-    p = start_process([sys.executable, "-c", "import time; time.sleep(300)", "-m", "my.train"])
+def test_module_invocation_is_training_and_ancestors_are_excluded(tmp_path):
+    (tmp_path / "my").mkdir()
+    (tmp_path / "my" / "train.py").write_text("import time\ntime.sleep(300)\n")
+    p = start_process([sys.executable, "-u", "-m", "my.train", "--steps", "3"], cwd=tmp_path)
     try:
         assert p.pid in {t.pid for t in find_training_processes("my.train")}
         assert p.pid not in {t.pid for t in find_training_processes("engine.train")}
@@ -120,6 +141,22 @@ def test_a_script_trainer_is_training_under_python_options_as_torchruns_workers_
     assert not _is_training(["python3", "-c", "print(1)", "train.py"], "train.py")
     assert not _is_training(["python3", "-m", "pytest", "train.py"], "train.py")
     assert not _is_training(["vim", "train.py"], "train.py")
+
+
+def test_only_the_program_that_runs_makes_a_process_training():
+    """`pgrep -f torchrun` or `less /usr/bin/torchrun` named torchrun in their argv and blocked the
+    user's own run (guard 7); the program position decides."""
+    from moectl.probes import _is_training
+
+    for argv in (["torchrun", "--nproc-per-node", "2", "train.py"], ["/v/bin/torchrun", "-m", "engine.train"],
+                 ["/v/bin/python3", "/v/bin/torchrun", "--standalone", "train.py"],
+                 ["python", "-m", "torch.distributed.run", "-m", "engine.train"],
+                 ["python3", "-X", "dev", "-m", "engine.train"]):
+        assert _is_training(argv, "engine.train"), argv
+    for argv in (["pgrep", "-f", "torchrun"], ["less", "/usr/bin/torchrun"], ["watch", "pgrep", "-af", "torchrun"],
+                 ["bash", "-c", "torchrun --nproc-per-node 2 train.py"], ["python3", "-c", "import time", "-m", "engine.train"],
+                 ["python3", "tool.py", "-m", "engine.train"], ["grep", "torch.distributed.run", "log.txt"]):
+        assert not _is_training(argv, "engine.train"), argv
 
 
 def test_venv_probe_on_real_interpreters(tmp_path):
@@ -166,6 +203,17 @@ def test_dotdot_and_tilde_are_resolved(project, artifact_root, monkeypatch, tmp_
     monkeypatch.setenv("HOME", str(tmp_path))
     r, _ = paths_verdict(project, exp_dir="~/artifacts/run2")  # ~ = tmp_path -> inside the root
     assert r.ok, r.message
+
+
+def test_an_existing_run_dir_named_through_a_missing_directory_and_dotdot_is_not_new(project, artifact_root):
+    """`art/missing/../y` with `y` there: no path the kernel finds (`missing` is not there), but the
+    run's mkdir makes `missing` and then finds `y` taken. `check` said `is new` and `run` refused."""
+    (artifact_root / "y").mkdir(parents=True)
+    r, obs = paths_verdict(project, exp_dir=f"{artifact_root}/missing/../y")
+    assert obs.paths.exp_dir_exists and r.ok  # inside the root: only fresh_dir refuses it
+    dangling = artifact_root / "dangling"
+    dangling.symlink_to(artifact_root / "nowhere")
+    assert paths_verdict(project, exp_dir=str(dangling))[1].paths.exp_dir_exists  # a link there, pointing nowhere
 
 
 def test_read_only_tree_inside_the_root_is_refused(project, artifact_root):
