@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 from moectl.config import SUMMARY_NAME, Config
 from moectl.plan import OVERRIDABLE, RunPlan, RunRequest, plan_run
-from moectl.probes import FAKE_NVML_ENV, Observed
+from moectl.probes import FAKE_NVML_ENV, NVML_LIBRARY_NOT_FOUND, Observed
 from moectl.records import GuardResult
 
 
@@ -181,10 +181,16 @@ def _gpu_problems(cfg: Config, obs: Observed) -> list[str]:
 
 def guard_gpus_idle(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
     if plan.device == "cpu":
-        return _ok("gpus_idle", "cpu run: GPU idleness not checked", skipped=True)
+        # `--device auto` on a GPU node whose driver fails picks the CPU: say why, not just "cpu".
+        failing = obs.nvml.error and obs.nvml.error != NVML_LIBRARY_NOT_FOUND
+        why = f"; NVML failed here ({obs.nvml.error}), so a cuda run would be refused" if failing else ""
+        return _ok("gpus_idle", f"cpu run: GPU idleness not checked{why}", skipped=True)
     if obs.nvml.gpus is None:
         return _fail("gpus_idle", f"NVML unavailable ({obs.nvml.error}): cannot verify the GPUs are idle; use --device cpu or fix the driver")
     if not obs.nvml.gpus:
+        if isinstance(cfg.gpu.devices, list) and cfg.gpu.devices:  # NVML sees GPUs, none of those selected
+            return _fail("gpus_idle", f"GPU(s) {sorted(cfg.gpu.devices)} from gpu.devices not found by NVML; "
+                                      "fix gpu.devices or use --device cpu")
         return _fail("gpus_idle", "no GPUs visible to NVML for a cuda run; use --device cpu")
     problems = _gpu_problems(cfg, obs)
     # A leftover MOECTL_FAKE_NVML in a shell would make this guard judge a file, not the GPUs: say so.
@@ -192,6 +198,10 @@ def guard_gpus_idle(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
     if problems:
         return _fail("gpus_idle", "; ".join(problems) + fake + " — wait (--wait-gpus 30m) or --override gpus_idle")
     return _ok("gpus_idle", f"{len(obs.nvml.gpus)} GPU(s) idle{fake}")
+
+
+def _shortened(cmdline: str, limit: int = 120) -> str:
+    return cmdline if len(cmdline) <= limit else cmdline[: limit - 1] + "…"
 
 
 def guard_no_other_training(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
@@ -204,7 +214,9 @@ def guard_no_other_training(cfg: Config, plan: RunPlan, obs: Observed) -> GuardR
     for procs in by_run.values():
         pids, oldest, run_dir = [p.pid for p in procs], max(p.age_s for p in procs), procs[0].run_dir
         who = f"pid {pids[0]}" if len(pids) == 1 else "pids " + ", ".join(map(str, pids))
-        problems.append(f"{who} ({oldest / 60:.1f} min old" + (f", run dir {run_dir})" if run_dir else ")"))
+        # Without a run dir, the command line is all that says what it is (and how to find it).
+        what = f", run dir {run_dir})" if run_dir else f"): {_shortened(procs[0].cmdline)}"
+        problems.append(f"{who} ({oldest / 60:.1f} min old{what}")
     lock = obs.lock
     note = ""
     if lock and not lock.get("stale") and lock.get("pid") is None and lock.get("run_id") is None:

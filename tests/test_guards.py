@@ -79,12 +79,15 @@ REFUSALS = [
      "GPU 0: 1 compute process(es): pid 42 python"),
     ("gpus_idle", {}, {"device": "cuda"}, {"nvml": NvmlReading(gpus=[GpuInfo(index=0, error="Unknown Error")])}, "GPU 0: NVML error: Unknown Error"),
     ("gpus_idle", {"gpu": {"devices": [0, 3]}}, {"device": "cuda"}, {}, "GPU(s) [3] from gpu.devices not found"),
+    # every selected GPU missing (a typo'd index): named, not "no GPUs visible"
+    ("gpus_idle", {"gpu": {"devices": [5]}}, {"device": "cuda"}, {"nvml": NvmlReading(gpus=[])},
+     "GPU(s) [5] from gpu.devices not found by NVML; fix gpu.devices or use --device cpu"),
     ("no_other_training", {}, {}, {"processes": [TrainingProcess(pid=77, age_s=120, cmdline="torchrun ...", run_dir="/art/x")]}, "pid 77 (2.0 min old, run dir /art/x)"),
     ("no_other_training", {}, {}, {"processes": [  # one run's torchrun and workers: one entry
         TrainingProcess(pid=77, age_s=120, cmdline="torchrun ...", run_dir="/art/x"),
         TrainingProcess(pid=78, age_s=110, cmdline="python -m engine.train", run_dir="/art/x"),
         TrainingProcess(pid=90, age_s=30, cmdline="torchrun ...")]},
-     "training already running: pids 77, 78 (2.0 min old, run dir /art/x); pid 90 (0.5 min old) — wait"),
+     "training already running: pids 77, 78 (2.0 min old, run dir /art/x); pid 90 (0.5 min old): torchrun ... — wait"),
     ("no_other_training", {}, {}, {"lock": {"pid": 99, "host": "h", "run_id": "r1", "stale": False}}, "moectl pid 99 on h holds the run lock for r1"),
     ("disk", {"paths": {"min_free_gib": 5}}, {}, {"disk": DiskState(path=ART, free_gib=0.5)}, "0.50 GiB free under /art < 5 GiB"),
     ("disk", {}, {}, {"disk": DiskState(path=ART, error="permission denied")}, "permission denied"),
@@ -310,6 +313,20 @@ def test_plan_default_tag_auto_device_and_gpu_selection():
     p2 = plan_run(c2, make_request(device="cuda"), NOW, 8)
     assert p2.nproc == 2 and p2.env["CUDA_VISIBLE_DEVICES"] == "2,5" and p2.python == sys.executable
     assert plan_run(c2, make_request(device="cuda", nproc=1), NOW, 8).nproc == 1
+
+
+def test_a_cpu_run_on_a_node_whose_nvml_fails_says_so():
+    """`--device auto` with a driver that fails picks the CPU; the guard line says why, so a GPU
+    experiment does not become a CPU run without a word. No NVML library at all: nothing to say."""
+    from moectl.guards import guard_gpus_idle
+
+    c = cfg()
+    p = plan_for(c, device="cpu")
+    failing = guard_gpus_idle(c, p, good(p, nvml=NvmlReading(error="Driver Not Loaded")))
+    assert failing.skipped and failing.message == ("cpu run: GPU idleness not checked; NVML failed here (Driver Not "
+                                                   "Loaded), so a cuda run would be refused")
+    absent = guard_gpus_idle(c, p, good(p, nvml=NvmlReading(error="NVML Shared Library Not Found")))
+    assert absent.message == "cpu run: GPU idleness not checked"
 
 
 def test_explicit_exp_dir_is_kept_as_given_for_the_guard():
