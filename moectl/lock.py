@@ -98,6 +98,10 @@ def _holder_from_bytes(data: bytes, path: Path) -> LockHolder:
     started_ts = d.get("started_ts")
     if not isinstance(started_ts, (int, float)) or isinstance(started_ts, bool):
         started_ts = None  # a hand-edited or foreign file: judge by the pid alone
+    if isinstance(pid, int) and not isinstance(pid, bool) and pid <= 0:
+        # no process has it (psutil refuses it with a ValueError that ended `status` in an error)
+        return LockHolder(None, host, d.get("run_id"), d.get("started_at"), d.get("cmd"), True, str(path),
+                          f"lock file names pid {pid}, which no process has")
     if host == socket.gethostname() and isinstance(pid, int) and not isinstance(pid, bool):
         stale, reason = pid_stale(pid, started_ts)
     else:

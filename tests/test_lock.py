@@ -110,8 +110,9 @@ def test_release_leaves_a_lock_that_is_no_longer_ours(artifact_root):
 
 
 @pytest.mark.parametrize("garbage", [b"{not json", b"\xff\xfe\x00 not text",
-                                     b'{"pid": 1, "host": "%s", "started_ts": "yesterday"}'],
-                         ids=["not-json", "not-utf8", "bad-started-ts"])
+                                     b'{"pid": 1, "host": "%s", "started_ts": "yesterday"}',
+                                     b'{"pid": -1, "host": "%s", "run_id": "x"}', b'{"pid": 0, "host": "%s"}'],
+                         ids=["not-json", "not-utf8", "bad-started-ts", "negative-pid", "pid-0"])
 def test_garbage_lock_file_is_stale(artifact_root, garbage):
     artifact_root.mkdir()
     (artifact_root / LOCK_NAME).write_bytes(garbage.replace(b"%s", socket.gethostname().encode()))
