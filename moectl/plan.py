@@ -286,8 +286,10 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
     tag = request.tag or sanitize_tag(default_tag(options))
     run_id = f"{now:%Y%m%d_%H%M%S}_{cfg.project.name}-{tag}" + (f"-r{request.repeat}" if request.repeat else "")
     if len(run_id.encode()) > NAME_MAX:
-        raise UsageError(f"--tag: the run directory name would be {len(run_id.encode())} bytes, over the "
-                         f"filesystem's {NAME_MAX}; use a shorter tag")
+        # the tag given, or else what makes the name long: the project's name (the default tag is short)
+        who = "--tag" if request.tag or len(cfg.project.name) <= len(tag) else "[project] name"
+        raise UsageError(f"{who}: the run directory name would be {len(run_id.encode())} bytes, over the "
+                         f"filesystem's {NAME_MAX}; use a shorter {'tag' if who == '--tag' else 'project name'}")
     if request.exp_dir:
         # Kept as given (only made absolute, `..` and symlinks intact) so the path guard judges it.
         given = Path(os.path.expanduser(request.exp_dir))

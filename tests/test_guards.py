@@ -329,6 +329,17 @@ def test_a_cpu_run_on_a_node_whose_nvml_fails_says_so():
     assert absent.message == "cpu run: GPU idleness not checked"
 
 
+def test_a_run_directory_name_too_long_for_the_filesystem_names_what_made_it_long():
+    c = cfg(project={"name": "p" * 300})
+    with pytest.raises(UsageError) as exc:
+        plan_run(c, make_request(), NOW, None)  # no --tag given: it was the project's name
+    assert exc.value.message.startswith("[project] name: the run directory name would be ")
+    assert exc.value.message.endswith("over the filesystem's 255; use a shorter project name")
+    with pytest.raises(UsageError) as exc:
+        plan_run(cfg(), make_request(tag="t" * 300), NOW, None)
+    assert exc.value.message.startswith("--tag: ") and exc.value.message.endswith("use a shorter tag")
+
+
 def test_explicit_exp_dir_is_kept_as_given_for_the_guard():
     c = cfg()
     p = plan_run(c, make_request(exp_dir="/art/x/../../etc/evil"), NOW, None)
