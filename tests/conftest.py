@@ -291,14 +291,18 @@ def project(git_repo: Path, monkeypatch) -> Path:
     return git_repo
 
 
+def start_sleeping_torchrun(directory: Path, *args: str) -> subprocess.Popen:
+    """A real background process with torchrun's command line (`python .../torchrun ARGS`, as its
+    console script runs) that only sleeps: what the training-process scan must see."""
+    torchrun = Path(directory) / "torchrun"
+    torchrun.write_text("import time\ntime.sleep(300)\n")
+    return start_process([sys.executable, str(torchrun), *args])
+
+
 @pytest.fixture
 def fake_training(tmp_path_factory):
-    """A real background process that runs as torchrun does (`python .../torchrun --out-dir ...`,
-    the console script's command line) and only sleeps: what the training-process scan and the
-    no_other_training guard must see."""
-    torchrun = tmp_path_factory.mktemp("bin") / "torchrun"
-    torchrun.write_text("import time\ntime.sleep(300)\n")
-    p = start_process([sys.executable, str(torchrun), "--out-dir", "/art/20250101_000000_moe-x"])
+    """A sleeping torchrun with an --out-dir: what the no_other_training guard must see."""
+    p = start_sleeping_torchrun(tmp_path_factory.mktemp("bin"), "--out-dir", "/art/20250101_000000_moe-x")
     yield p
     stop_process(p)
 

@@ -18,7 +18,7 @@ from moectl.cli import app
 from moectl.config import load_config
 from moectl.records import RunRecord, SweepLeg, SweepRecord, save_model
 from moectl.summary import TIMESTAMP_PREFIX, render_summary
-from tests.conftest import git, start_process, stop_process
+from tests.conftest import git, start_sleeping_torchrun, stop_process
 
 
 def cli(*args: str):
@@ -276,11 +276,9 @@ def test_summary_commits_only_experiments_md_and_is_stable(git_repo, artifact_ro
     # untouched, even though a training process (a real one) has started on the machine meanwhile
     # (on a shared machine other people's runs come and go; the file must not churn on them).
     run_dir = artifact_root / "20250101_000000_moe-x"
-    training = start_process([sys.executable, "-c", "import time; time.sleep(300)",
-                              "torch.distributed.run", "--out-dir", str(run_dir)])
+    training = start_sleeping_torchrun(git_repo.parent, "--out-dir", str(run_dir))
     # ... and someone else's, outside this project's artifact root: counted, not listed
-    theirs = start_process([sys.executable, "-c", "import time; time.sleep(300)",
-                            "torch.distributed.run", "--out-dir", "/elsewhere/20250101_000000_other-x"])
+    theirs = start_sleeping_torchrun(git_repo.parent, "--out-dir", "/elsewhere/20250101_000000_other-x")
     try:
         assert f"pid {training.pid}" not in first
         r = cli("summary")
