@@ -182,8 +182,9 @@ def _gpu_problems(cfg: Config, obs: Observed) -> list[str]:
 def guard_gpus_idle(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
     if plan.device == "cpu":
         # `--device auto` on a GPU node whose driver fails picks the CPU: say why, not just "cpu".
-        failing = obs.nvml.error and obs.nvml.error != NVML_LIBRARY_NOT_FOUND
-        why = f"; NVML failed here ({obs.nvml.error}), so a cuda run would be refused" if failing else ""
+        error = obs.nvml.error if obs.nvml is not None else None  # (not read at all: a cpu job's node)
+        failing = error is not None and error != NVML_LIBRARY_NOT_FOUND
+        why = f"; NVML failed here ({error}), so a cuda run would be refused" if failing else ""
         return _ok("gpus_idle", f"cpu run: GPU idleness not checked{why}", skipped=True)
     if obs.nvml.gpus is None:
         return _fail("gpus_idle", f"NVML unavailable ({obs.nvml.error}): cannot verify the GPUs are idle; use --device cpu or fix the driver")

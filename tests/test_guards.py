@@ -327,6 +327,8 @@ def test_a_cpu_run_on_a_node_whose_nvml_fails_says_so():
                                                    "Loaded), so a cuda run would be refused")
     absent = guard_gpus_idle(c, p, good(p, nvml=NvmlReading(error="NVML Shared Library Not Found")))
     assert absent.message == "cpu run: GPU idleness not checked"
+    unread = guard_gpus_idle(c, p, good(p, nvml=None))  # a cpu job's node: NVML not read at all
+    assert unread.skipped and unread.message == "cpu run: GPU idleness not checked"
 
 
 def test_a_run_directory_name_too_long_for_the_filesystem_names_what_made_it_long():
