@@ -24,18 +24,42 @@ def take_back_sigint() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def hung_up(signum: int) -> None:
+    """For a stop signal's handler: when it is SIGHUP (the terminal is gone), what moectl still
+    prints while it stops and records goes to /dev/null instead of failing on a dead tty (EIO)
+    half-way through. Other signals: nothing."""
+    if signum != signal.SIGHUP:
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            if os.isatty(fd):
+                os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def stop_signals() -> tuple[int, ...]:
+    """The signals that stop moectl as Ctrl-C does: SIGINT, SIGTERM, and SIGHUP (the terminal was
+    closed) unless it is ignored - `nohup moectl run ...` asked to outlive the terminal."""
+    hup = (signal.SIGHUP,) if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN else ()
+    return (signal.SIGINT, signal.SIGTERM, *hup)
+
+
+def interrupt_on_stop(signum, frame) -> None:
+    """The handler of SIGTERM/SIGHUP for a command: what Ctrl-C does (KeyboardInterrupt)."""
+    hung_up(signum)
+    raise KeyboardInterrupt
+
+
 def stop_signals_interrupt() -> None:
     """SIGTERM (`kill`, `timeout`, a scheduler) and SIGHUP (the terminal closed) stop any command as
     Ctrl-C does: exit 130, its temp files and half-made run directory removed. Python's default
-    for them is to die at once (143, 129) with nothing cleaned up. `run`, `sweep`, `wait` and `sync`
-    install their own (moectl.cli.common.stops_like_ctrl_c), which also note a hang-up; `nohup`'s
-    ignored SIGHUP stays ignored."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(sig) is not signal.SIG_IGN:
-            signal.signal(sig, interrupt)
+    for them is to die at once (143, 129) with nothing cleaned up. `launch` and a sweep install
+    their own around the training; `nohup`'s ignored SIGHUP stays ignored."""
+    for sig in stop_signals():
+        if sig != signal.SIGINT:
+            signal.signal(sig, interrupt_on_stop)
 
 
 def interrupted_inside(exc: BaseException) -> bool:

@@ -53,6 +53,7 @@ from typing import IO, Callable, Optional, Protocol
 
 import psutil
 
+from moectl.entry import hung_up, stop_signals  # noqa: F401  (sweep.run takes them from here)
 from moectl.progress import MetricsFollower, ProgressSink
 from moectl.text import tail_line
 
@@ -104,28 +105,6 @@ class _StopRequest:
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
         self.wake.set()
-
-
-def hung_up(signum: int) -> None:
-    """For a stop signal's handler: when it is SIGHUP (the terminal is gone), what moectl still
-    prints while it stops the run and records it goes to /dev/null instead of failing on a dead
-    tty (EIO) half-way through the record. Other signals: nothing."""
-    if signum != signal.SIGHUP:
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        for fd in (1, 2):
-            if os.isatty(fd):
-                os.dup2(devnull, fd)
-    finally:
-        os.close(devnull)
-
-
-def stop_signals() -> tuple[int, ...]:
-    """The signals that stop a run as Ctrl-C does: SIGINT, SIGTERM, and SIGHUP (the terminal was
-    closed) unless it is ignored - `nohup moectl run ...` asked for the run to outlive the terminal."""
-    hup = (signal.SIGHUP,) if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN else ()
-    return (signal.SIGINT, signal.SIGTERM, *hup)
 
 
 # Every process of a run inherits this variable (unless it scrubs its environment): how the end

@@ -118,17 +118,12 @@ def stops_like_ctrl_c(ctx: typer.Context) -> None:
     import signal
     import threading
 
-    from moectl.launch import hung_up, stop_signals
+    from moectl.entry import interrupt_on_stop, stop_signals
 
     if threading.current_thread() is not threading.main_thread():
         return
-
-    def interrupt(signum, frame):
-        hung_up(signum)
-        raise KeyboardInterrupt
-
     # SIGHUP (the terminal closed) too, unless ignored (`nohup`): launch() says so in the record.
-    previous = {sig: signal.signal(sig, interrupt) for sig in stop_signals() if sig != signal.SIGINT}
+    previous = {sig: signal.signal(sig, interrupt_on_stop) for sig in stop_signals() if sig != signal.SIGINT}
     # In-process callers (CliRunner) get their handlers back when the command returns.
     ctx.call_on_close(lambda: [signal.signal(sig, handler) for sig, handler in previous.items()])
 
