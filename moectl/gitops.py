@@ -102,10 +102,19 @@ def _run(repo: Path, args: Sequence, env: Optional[dict] = None) -> subprocess.C
 
 
 def _said(r: subprocess.CompletedProcess) -> str:
-    """git's last word on a failure, as one readable line (SPEC §8): its conclusion ("fatal: ..."),
-    the lines before it repeat the same failure in detail."""
-    said = (r.stderr.strip() or r.stdout.strip()).decode("utf-8", "replace").splitlines()
-    return said[-1] if said else f"exit {r.returncode}"
+    return said_text((r.stderr.strip() or r.stdout.strip()).decode("utf-8", "replace")) or f"exit {r.returncode}"
+
+
+def said_text(output: str) -> str:
+    """git's word on a failure, as one readable line (SPEC §8): its conclusion (the last "fatal:" or
+    "error:" line; the lines before it repeat the same failure in detail), with the advice git
+    prints after it - safe.directory's `git config --global --add safe.directory DIR` - in brackets."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    last = max((i for i, line in enumerate(lines) if line.startswith(("fatal: ", "error: "))), default=len(lines) - 1)
+    if last < 0:
+        return ""
+    advice = " ".join(lines[last + 1:])
+    return lines[last] + (f" ({advice})" if advice else "")
 
 
 def _git_bytes(repo: Path, *args: str, env: Optional[dict] = None, check: bool = True) -> bytes:
@@ -189,8 +198,10 @@ def check_branch(repo: Path, branch: Optional[str]) -> str:
     if cur is None:
         try:
             repo_root(repo)
-        except GitError:  # not a repository at all, which is not "detached"
-            raise GuardRefused(f"refusing to commit: {repo} is not inside a git repository") from None
+        except GitError as exc:  # not a repository at all (or one git will not read), which is not "detached"
+            if "not a git repository" in exc.message:
+                raise GuardRefused(f"refusing to commit: {repo} is not inside a git repository") from None
+            raise GuardRefused(f"refusing to commit: {exc.message}") from None
         raise GuardRefused("refusing to commit: HEAD is detached; check out the project branch")
     if branch not in (None, "*") and cur != branch:
         raise GuardRefused(f"refusing to commit: on branch {cur!r}, expected {branch!r}")
@@ -412,17 +423,11 @@ def index_lock_state(repo: Path, recover: bool = True) -> Optional[str]:
     file) is finished or undone first, as the next commit would do (`_recover`): git commands and
     `git status` need it gone, and a command that finds nothing to commit would leave it forever.
     A lock anyone else holds - a live moectl, the user's git - is only described, never touched."""
-    try:  # one git process: `moectl status` runs this every time
-        git_dir, index = map(Path, _git(Path(repo), "rev-parse", "--absolute-git-dir", "--path-format=absolute",
-                                        "--git-path", "index").splitlines())
-    except (MoectlError, OSError, ValueError):
+    found = _index_lock(repo)
+    if found is None:
         return None
-    lock, owner = index.with_name(index.name + ".lock"), git_dir / OWNER_NAME
-    try:
-        data = json.loads(owner.read_text())
-        pid = int(data["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        data, pid = None, None
+    git_dir, index, data, pid = found
+    lock = index.with_name(index.name + ".lock")
     if recover and data is not None:
         try:
             with _serialised(git_dir):
@@ -435,6 +440,14 @@ def index_lock_state(repo: Path, recover: bool = True) -> Optional[str]:
         if how == "undone":
             return (f"recovered {lock}, left by a killed moectl (pid {pid}): its commit had not moved the branch, "
                     "so the lock was removed (nothing changed)")
+    held = _lock_holder(lock, data, pid)
+    return held[1] if held else None
+
+
+def _lock_holder(lock: Path, data: Optional[dict], pid: Optional[int]) -> Optional[tuple[str, str]]:
+    """(who, the line about it) for an index.lock that exists, None when there is none. `who`:
+    "dead-moectl" (a killed moectl's: the next moectl command that writes to git recovers it),
+    "moectl" (a live moectl committing) or "other" (the user's git, or one that crashed)."""
     if not lock.exists():
         return None
     if data is not None:
@@ -447,11 +460,35 @@ def index_lock_state(repo: Path, recover: bool = True) -> Optional[str]:
 
             dead = data.get("host") == socket.gethostname() and pid_stale(pid, data.get("started_ts"))[0]
             if dead:  # (recover=False) the next moectl command that uses git recovers it
-                return (f"{lock} was left by a killed moectl (pid {pid}); `moectl status` or the next moectl "
-                        "command that writes to git finishes or undoes that commit")
-            return f"{lock} is held by moectl (pid {pid} on {data.get('host')}), committing"
-    return (f"{lock} exists: another git process holds it, or a crashed git left it (remove it by hand once no "
-            "git command runs)")
+                return "dead-moectl", (f"{lock} was left by a killed moectl (pid {pid}); `moectl status` or the next "
+                                       "moectl command that writes to git finishes or undoes that commit")
+            return "moectl", f"{lock} is held by moectl (pid {pid} on {data.get('host')}), committing"
+    return "other", (f"{lock} exists: another git process holds it (a `git commit` waiting for its editor), or a "
+                     "crashed git left it (remove it by hand once no git command runs)")
+
+
+def index_lock_holder(repo: Path) -> Optional[tuple[str, str]]:
+    """`_lock_holder` of the repository's index.lock, touching nothing (the git guard's reading)."""
+    found = _index_lock(repo)
+    if found is None:
+        return None
+    _, index, data, pid = found
+    return _lock_holder(index.with_name(index.name + ".lock"), data, pid)
+
+
+def _index_lock(repo: Path) -> Optional[tuple[Path, Path, Optional[dict], Optional[int]]]:
+    """(git dir, index, moectl's OWNER_NAME note or None, the pid it names), in one git process
+    (`moectl status` runs this every time); None outside a repository."""
+    try:
+        git_dir, index = map(Path, _git(Path(repo), "rev-parse", "--absolute-git-dir", "--path-format=absolute",
+                                        "--git-path", "index").splitlines())
+    except (MoectlError, OSError, ValueError):
+        return None
+    try:
+        data = json.loads((git_dir / OWNER_NAME).read_text())
+        return git_dir, index, data, int(data["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return git_dir, index, None, None
 
 
 def recover_dead_index_lock(repo: Path) -> Optional[str]:

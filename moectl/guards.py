@@ -53,8 +53,32 @@ def guard_git(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
         return _fail("git", f"HEAD is detached at {(g.head or '?')[:10]}; `git switch {want if want != '*' else '<branch>'}` first")
     if want != "*" and g.branch != want:
         return _fail("git", f"on branch {g.branch!r}, expected {want!r} (project.branch); `git switch {want}`")
+    lock_problem = _index_lock_problem(g, plan)
+    if lock_problem:
+        return _fail("git", lock_problem)
     counts = f"{g.modified} modified, {g.staged} staged, {g.untracked} untracked (left untouched)"
     return _ok("git", f"on {g.branch} @ {(g.head or 'no commits')[:10]}; {counts}")
+
+
+# A git command holds index.lock for milliseconds; one there this long is a `git commit` waiting
+# for its editor, or a crashed git's leftover.
+INDEX_LOCK_STALE_S = 5.0
+
+
+def _index_lock_problem(g, plan: RunPlan) -> Optional[str]:
+    """Why a run that commits its report must not start under this index.lock: the commit at the
+    end would wait MOECTL_GIT_LOCK_WAIT for it and give up, after the whole run. A killed moectl's
+    lock is no problem (the run recovers it before it starts), nor is any for `--no-commit`."""
+    if g.index_lock is None or plan.no_commit or g.index_lock[0] == "dead-moectl":
+        return None
+    if (g.index_lock_age_s or 0.0) < INDEX_LOCK_STALE_S:  # a git command at work: gone in a moment
+        return None
+    return (f"{g.index_lock[1]}; it has been there {_age(g.index_lock_age_s)}, and the report commit at the end "
+            "of the run would fail on it — end that git command or remove the lock, or run with --no-commit")
+
+
+def _age(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.0f} h"
 
 
 def guard_venv(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:

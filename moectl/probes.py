@@ -52,6 +52,10 @@ class GitState:
     modified: int = 0  # tracked files changed in the worktree
     staged: int = 0  # files with changes in the index
     untracked: int = 0
+    # .git/index.lock, when there is one: who holds it ("other", "moectl", "dead-moectl"; see
+    # gitops._lock_holder), the line that says so, and how long it has been there
+    index_lock: Optional[tuple[str, str]] = None
+    index_lock_age_s: Optional[float] = None
 
     @property
     def dirty(self) -> bool:
@@ -70,13 +74,20 @@ def _git(repo: Path, *args: str) -> subprocess.CompletedProcess:
 
 def probe_git(repo: Path) -> GitState:
     """Branch, HEAD, operation in progress and change counts, from `git status --porcelain=v2`."""
+    from moectl import gitops
+
     try:
-        gd = _git(repo, "rev-parse", "--absolute-git-dir")
+        gd = _git(repo, "rev-parse", "--absolute-git-dir", "--path-format=absolute", "--git-path", "index")
     except FileNotFoundError:
         return GitState(is_repo=False, error="git is not installed")
     if gd.returncode != 0:
-        return GitState(is_repo=False, error=f"{repo} is not inside a git repository")
-    git_dir = Path(gd.stdout.strip())
+        said = gitops.said_text(gd.stderr)
+        if not said or "not a git repository" in said:
+            return GitState(is_repo=False, error=f"{repo} is not inside a git repository")
+        # A repository git will not read (a broken .git/config, another user's repository that
+        # safe.directory does not list) is not "no repository": git's own words say what to fix.
+        return GitState(is_repo=False, error=f"git cannot read the repository at {repo}: {said}")
+    git_dir, index = map(Path, gd.stdout.splitlines()[:2])
     st = _git(repo, "status", "--porcelain=v2", "--branch", "-z", "--untracked-files=all")
     if st.returncode != 0:
         return GitState(is_repo=True, error=st.stderr.strip() or "git status failed")
@@ -100,6 +111,12 @@ def probe_git(repo: Path) -> GitState:
         elif rec.startswith("? "):
             state.untracked += 1
     state.in_progress = _operation_in_progress(git_dir)
+    try:
+        changed = index.with_name(index.name + ".lock").stat().st_mtime
+    except OSError:
+        return state
+    state.index_lock = gitops.index_lock_holder(repo)  # (gone meanwhile: None)
+    state.index_lock_age_s = max(0.0, time.time() - changed) if state.index_lock else None
     return state
 
 

@@ -9,6 +9,8 @@ is not the subject here, and every other guard must pass so that the exit code i
 from __future__ import annotations
 
 import json
+import os
+import time
 import subprocess
 from pathlib import Path
 
@@ -140,3 +142,32 @@ def test_bisect_is_named_with_its_own_way_out(diverged):
     assert "a bisect is in progress" in msg and "git bisect reset" in msg
     git(diverged, "bisect", "reset")
     assert check(diverged)[0] == 0
+
+
+def test_a_stale_index_lock_refuses_a_run_that_would_commit(project):
+    # A crashed git's index.lock (or a `git commit` waiting for its editor): the report commit at
+    # the end of the run would wait for it and fail, so the run is refused before it trains.
+    lock = project / ".git" / "index.lock"
+    lock.write_bytes(b"")
+    os.utime(lock, (time.time() - 3600, time.time() - 3600))
+    msg = refusal(project)
+    assert msg.startswith(f"{lock} exists: another git process holds it") and "there 60 min" in msg, msg
+    assert "--no-commit" in msg and lock.exists()  # named, never removed: it may be the user's live git
+    r = runner.invoke(app, ["check", "--json", "--device", "cpu", "--override", "no_other_training", "--no-commit",
+                            "--config", str(project / ".moectl.toml")])
+    assert r.exit_code == 0, r.stdout  # a run that commits nothing never takes the lock
+    lock.unlink()
+    assert check(project)[0] == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another user takes root")
+def test_a_repository_owned_by_another_user_is_named_with_safe_directory(project, tmp_path, monkeypatch):
+    # git refuses a repository another user owns (safe.directory): that is no "not a repository".
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(tmp_path / "gitconfig"))  # no safe.directory = * of the machine
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    os.chown(project / ".git", 65534, 65534)
+    try:
+        msg = refusal(project)
+    finally:
+        os.chown(project / ".git", os.getuid(), os.getgid())
+    assert "detected dubious ownership" in msg and f"git config --global --add safe.directory {project}" in msg, msg

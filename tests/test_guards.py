@@ -66,6 +66,12 @@ REFUSALS = [
     ("git", {}, {}, {"git": GitState(is_repo=True, branch="feature", head="b" * 40)}, "expected 'main'"),
     ("git", {}, {}, {"git": GitState(is_repo=True, detached=True, head="c" * 40)}, "detached"),
     ("git", {}, {}, {"git": GitState(is_repo=True, branch="main", head="d" * 40, in_progress="rebase")}, "rebase is in progress"),
+    ("git", {}, {}, {"git": GitState(is_repo=False, error="git cannot read the repository at /repo: fatal: detected "
+                                     "dubious ownership")}, "dubious ownership"),
+    # an index.lock older than a git command lasts: the report commit after the run would fail on it
+    ("git", {}, {}, {"git": GitState(is_repo=True, branch="main", head="d" * 40, index_lock_age_s=600.0,
+                                     index_lock=("other", "/repo/.git/index.lock exists: another git process"))},
+     "/repo/.git/index.lock exists: another git process; it has been there 10 min, and the report commit"),
     ("venv", {}, {}, {"venv": VenvState(python="/x/bin/python", exists=False, in_venv=True)}, "not found"),
     ("venv", {}, {}, {"venv": VenvState(python="/usr/bin/python3", exists=True, in_venv=False, has_torch=True)}, "not inside a virtual environment"),
     ("venv", {}, {}, {"venv": VenvState(python="/x/bin/python", exists=True, in_venv=True, has_torch=False)}, "torch is not installed"),
@@ -108,6 +114,18 @@ def test_each_guard_refuses_with_an_actionable_message(name, sections, req, chan
     # Every other guard still ran and passed: all problems are reported, not just the first.
     assert [x.name for x in results if not x.ok] == [name]
     assert not passed(results) and refusals(results)[0].startswith(f"{name}: ")
+
+
+@pytest.mark.parametrize("holder, age, no_commit", [
+    ("other", 1.0, False),  # a git command at work this moment: gone before the run ends
+    ("other", 600.0, True),  # --no-commit: the run never takes the lock
+    ("dead-moectl", 600.0, False),  # a killed moectl's: the run recovers it before it starts
+])
+def test_an_index_lock_that_cannot_hurt_the_run_passes(holder, age, no_commit):
+    c = cfg()
+    p = plan_for(c, no_commit=no_commit)
+    lock = GitState(is_repo=True, branch="main", head="a" * 40, index_lock=(holder, "..."), index_lock_age_s=age)
+    assert verdict(evaluate(c, p, good(p, git=lock)), "git").ok
 
 
 def test_branch_star_disables_the_branch_check():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -66,6 +67,24 @@ def test_git_detached_mid_merge_and_not_a_repo(git_repo, tmp_path):
     outside.mkdir()
     s = probe_git(outside)
     assert not s.is_repo and "not inside a git repository" in s.error
+
+
+def test_a_repository_git_will_not_read_is_named_with_gits_words(git_repo):
+    with open(git_repo / ".git" / "config", "a") as f:
+        f.write("[core\n bad")  # a broken config: every git command refuses the repository
+    s = probe_git(git_repo)
+    assert not s.is_repo and s.error.startswith(f"git cannot read the repository at {git_repo}: fatal: bad config line")
+
+
+def test_index_lock_is_read_with_its_holder_and_age(git_repo):
+    assert probe_git(git_repo).index_lock is None
+    lock = git_repo / ".git" / "index.lock"
+    lock.write_bytes(b"")
+    os.utime(lock, (time.time() - 300, time.time() - 300))  # a crashed git's, five minutes ago
+    s = probe_git(git_repo)
+    assert s.index_lock[0] == "other" and s.index_lock[1].startswith(f"{lock} exists: another git process")
+    assert 299 <= s.index_lock_age_s < 360
+    assert lock.exists()  # only read: someone else's lock is never touched
 
 
 def test_fake_nvml_readings_and_device_selection(fake_nvml):
