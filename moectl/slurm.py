@@ -95,10 +95,32 @@ def available() -> Optional[str]:
     return None
 
 
+def controller_problem() -> Optional[str]:
+    """Why Slurm's controller does not answer from here (`scontrol ping`: a machine with Slurm's
+    tools and no cluster configured, a slurmctld that is down), or None when it does. Fast either
+    way: a missing configuration or a refused connection fails at once."""
+    try:
+        proc = _run(["scontrol", "ping"])
+    except MoectlError as exc:
+        return exc.message
+    if proc.returncode == 0:
+        return None
+    lines = [line.strip() for line in f"{proc.stdout}\n{proc.stderr}".splitlines()
+             if line.strip() and not line.strip().startswith("*")]  # (its RESTORE SLURMCTLD banner)
+    states = [line for line in lines if line.startswith("Slurmctld(")]  # "Slurmctld(primary) at h is DOWN"
+    return "; ".join(states) if states else (lines[-1] if lines else f"scontrol ping: exit {proc.returncode}")
+
+
 def require() -> None:
+    """UsageError (exit 2) unless a job can be submitted from here: Slurm's tools on PATH, its
+    configuration there, its controller answering. Before anything is written for a run."""
     why = available()
     if why:
         raise UsageError(f"--slurm: {why}")
+    down = controller_problem()
+    if down:
+        raise UsageError(f"--slurm: Slurm's controller does not answer: {down} (is slurmctld up, and SLURM_CONF "
+                         "the cluster's configuration?)")
 
 
 def _run(argv: Sequence[str], env: Optional[Mapping[str, str]] = None) -> subprocess.CompletedProcess:

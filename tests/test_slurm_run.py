@@ -131,6 +131,33 @@ def test_status_with_slurm_tools_but_no_cluster_is_quiet_for_a_local_backend_and
     assert refused.exit_code == 2 and "does not exist" in refused.output and run_dirs(artifact_root) == []
 
 
+@pytest.mark.parametrize("cluster_state", ["controller down", "no configuration"])
+def test_a_cluster_that_does_not_answer_refuses_check_and_run_before_anything_is_written(
+        cluster_state, slurm_env, git_repo, monkeypatch, artifact_root, tmp_path):
+    """Slurm's tools work, its controller does not answer: a slurmctld that is down (this cluster's
+    configuration at a port nobody listens on), or a machine with Slurm's client and no cluster
+    configured at all. `check --slurm` passed there and `run --slurm` made a failed run directory."""
+    monkeypatch.setenv("PATH", slurm_env["PATH"])
+    if cluster_state == "controller down":
+        conf = tmp_path / "slurm.conf"
+        conf.write_text(re.sub(r"(?m)^SlurmctldPort=\d+$", f"SlurmctldPort={free_port()}",
+                               Path(slurm_env["SLURM_CONF"]).read_text()))
+        monkeypatch.setenv("SLURM_CONF", str(conf))
+        said = "Slurmctld(primary) at "
+    else:
+        if Path("/etc/slurm/slurm.conf").exists():
+            pytest.skip("this machine has a Slurm configuration of its own")
+        monkeypatch.delenv("SLURM_CONF", raising=False)
+        said = "Could not establish a configuration source"
+    slurm_project(git_repo, monkeypatch)
+    for args in (["check", "--slurm"], ["run", "--slurm", "--steps", "2"], ["run", "--slurm", "--dry-run"]):
+        r = moectl(*args)
+        assert r.exit_code == 2, (args, r.output)
+        assert r.output.startswith("error: --slurm: Slurm's controller does not answer: ") and said in r.output
+        assert len(r.output.strip().splitlines()) == 1, r.output
+    assert run_dirs(artifact_root) == []
+
+
 def test_a_jobs_stopped_commit_is_recorded_shown_and_moectl_commit_lands_it_later(on_cluster, git_repo, monkeypatch,
                                                                                   artifact_root, tmp_path):
     """The person switched branches while the job trained: the job must not commit onto that

@@ -371,6 +371,10 @@ def check_as_run(cfg, request, *, slurm: bool, nodes, detach: bool, requeue: boo
         slurm_flags_need_slurm(nodes=nodes, detach=detach, requeue=requeue)
     elif nodes is not None and nodes < 1:
         raise UsageError(f"--nodes: must be at least 1 (got {nodes})")
+    else:
+        from moectl import slurm as slurm_tools
+
+        slurm_tools.require()  # as the run would: no job can be submitted from here
     if repeat > 1:
         request = repeat_requests(cfg, request, repeat)[1][0]
     spans = (nodes if nodes is not None else cfg.cluster.nodes) if on_slurm else 1
