@@ -325,39 +325,47 @@ def _is_training(argv: list[str], module: str) -> bool:
     if "python" not in program:
         return False
     script = os.path.basename(module) if module.endswith(".py") else None
-    if _python_module(argv) in ("torch.distributed.run", module):
-        return True
-    ran = _python_script(argv)  # `python train.py`, torchrun's workers (`python -u train.py`), `python .../torchrun`
-    return ran is not None and os.path.basename(ran) in {"torchrun", script}
+    ran = _python_runs(argv)  # `python train.py`, torchrun's workers (`python -u train.py`), `python .../torchrun`
+    if ran is None:
+        return False
+    kind, target = ran
+    if kind == "module":
+        return target in ("torch.distributed.run", module)
+    return os.path.basename(target) in {"torchrun", script}
 
 
-def _python_module(argv: list[str]) -> Optional[str]:
-    """The module a `python [options] -m MODULE [args]` command line runs (None otherwise)."""
+# Options of CPython's command line whose value follows (in the same word or the next one); the
+# rest are flags, which combine in one word (`-um engine.train` is `-u -m engine.train`).
+_PYTHON_VALUE_OPTIONS = "cmWX"
+
+
+def _python_runs(argv: list[str]) -> Optional[tuple[str, str]]:
+    """What a `python [options] ...` command line runs, parsed as CPython parses it: ("module",
+    NAME) for `-m NAME` (also `-mNAME`, `-um NAME`), ("script", PATH) for a script; None for `-c`,
+    stdin (`-`) or nothing."""
     i = 1
     while i < len(argv):
-        a = argv[i]
-        if a == "-m":
-            return argv[i + 1] if i + 1 < len(argv) else None
-        if a == "-c" or a == "-" or not a.startswith("-"):
-            return None
-        i += 2 if a in ("-X", "-W", "-Q") else 1
-    return None
-
-
-def _python_script(argv: list[str]) -> Optional[str]:
-    """The script a `python [options] script [args]` command line runs (None for -c / -m / none)."""
-    i = 1
-    while i < len(argv):
-        a = argv[i]
-        if a in ("-c", "-m") or a == "-":
-            return None
-        if a in ("-X", "-W", "-Q"):  # options whose value is the next word
-            i += 2
+        word = argv[i]
+        if word == "--":  # options end: the script follows
+            return ("script", argv[i + 1]) if i + 1 < len(argv) else None
+        if word == "-" or not word.startswith("-"):
+            return ("script", word) if word != "-" else None
+        if word.startswith("--"):  # --check-hash-based-pycs MODE; --help, --version... stand alone
+            i += 2 if word == "--check-hash-based-pycs" else 1
             continue
-        if a.startswith("-"):
-            i += 1
-            continue
-        return a
+        i += 1
+        for j, letter in enumerate(word[1:], start=1):
+            if letter not in _PYTHON_VALUE_OPTIONS:
+                continue
+            value = word[j + 1:]
+            if not value:  # the value is the next word
+                value = argv[i] if i < len(argv) else None
+                i += 1
+            if letter == "c":
+                return None
+            if letter == "m":
+                return ("module", value) if value else None
+            break  # -W / -X: the rest of the word was its value
     return None
 
 

@@ -170,11 +170,16 @@ def test_only_the_program_that_runs_makes_a_process_training():
     for argv in (["torchrun", "--nproc-per-node", "2", "train.py"], ["/v/bin/torchrun", "-m", "engine.train"],
                  ["/v/bin/python3", "/v/bin/torchrun", "--standalone", "train.py"],
                  ["python", "-m", "torch.distributed.run", "-m", "engine.train"],
-                 ["python3", "-X", "dev", "-m", "engine.train"]):
+                 ["python3", "-X", "dev", "-m", "engine.train"],
+                 # flags combined in one word, a value in the option's own word: CPython's own parsing
+                 ["python3", "-um", "engine.train"], ["python3", "-mengine.train"], ["python3", "-Xdev", "-Bum", "engine.train"],
+                 ["python", "-Wignore", "-u", "/v/bin/torchrun", "train.py"], ["python", "--", "/v/bin/torchrun"]):
         assert _is_training(argv, "engine.train"), argv
     for argv in (["pgrep", "-f", "torchrun"], ["less", "/usr/bin/torchrun"], ["watch", "pgrep", "-af", "torchrun"],
                  ["bash", "-c", "torchrun --nproc-per-node 2 train.py"], ["python3", "-c", "import time", "-m", "engine.train"],
-                 ["python3", "tool.py", "-m", "engine.train"], ["grep", "torch.distributed.run", "log.txt"]):
+                 ["python3", "tool.py", "-m", "engine.train"], ["grep", "torch.distributed.run", "log.txt"],
+                 ["python3", "-uc", "import x", "-m", "engine.train"], ["python3", "-W", "-m", "tool", "engine.train"],
+                 ["python3", "-m"], ["python3", "-", "-m", "engine.train"]):
         assert not _is_training(argv, "engine.train"), argv
 
 
