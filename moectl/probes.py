@@ -348,8 +348,10 @@ def _python_runs(argv: list[str]) -> Optional[tuple[str, str]]:
         word = argv[i]
         if word == "--":  # options end: the script follows
             return ("script", argv[i + 1]) if i + 1 < len(argv) else None
-        if word == "-" or not word.startswith("-"):
-            return ("script", word) if word != "-" else None
+        if word == "-":  # the program comes from stdin
+            return None
+        if not word.startswith("-"):
+            return ("script", word)
         if word.startswith("--"):  # --check-hash-based-pycs MODE; --help, --version... stand alone
             i += 2 if word == "--check-hash-based-pycs" else 1
             continue
