@@ -169,6 +169,17 @@ def fake_slurm_bin(tmp_path: Path, block_at: int) -> tuple[Path, Path, Path]:
     return bin_dir, mark, log
 
 
+@pytest.fixture
+def slurm_answers(tmp_path, monkeypatch) -> Path:
+    """Slurm's commands on PATH with a controller that answers (fake_slurm_bin's: `scontrol ping`
+    exits 0), for the commands that only ask it - `check --slurm`, `run --slurm --dry-run` - in the
+    suite's part without a cluster. Returns the bin directory."""
+    bin_dir, _, _ = fake_slurm_bin(tmp_path, block_at=10**9)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.delenv("SLURM_CONF", raising=False)
+    return bin_dir
+
+
 def kill_all(procs: list[psutil.Process]) -> None:
     """SIGKILL every process of a list taken earlier (gone ones are fine) and reap them: a test's
     cleanup, so no trainer outlives it whatever went wrong."""

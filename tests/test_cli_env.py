@@ -251,7 +251,7 @@ def test_check_takes_every_run_option_so_run_can_become_check_on_the_same_line(p
     assert not artifact_root.exists() and git(project, "status", "--porcelain") == before
 
 
-def test_a_slurm_dry_run_shows_the_command_its_job_will_run(project, artifact_root):
+def test_a_slurm_dry_run_shows_the_command_its_job_will_run(project, artifact_root, slurm_answers):
     # Two nodes: one torchrun per node under srun, meeting at the first node, from the job's code
     # snapshot; not the one-node --standalone command a local run would start. Nothing is submitted.
     code, data, _ = check_json("--slurm", "--nodes", "2", "--nproc", "2", "--device", "cpu", "--tag", "big")

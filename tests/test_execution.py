@@ -195,7 +195,8 @@ def test_slurm_without_sbatch_on_path_is_one_line_and_exit_2(git_repo, monkeypat
 
 
 
-def test_check_with_the_slurm_backend_leaves_the_node_guards_to_the_job(git_repo, monkeypatch, fake_nvml, fake_training):
+def test_check_with_the_slurm_backend_leaves_the_node_guards_to_the_job(git_repo, monkeypatch, fake_nvml, fake_training,
+                                                                         slurm_answers):
     # No GPU idle here and another training running: the submitting machine's business is neither.
     slurm_project(git_repo, monkeypatch, cluster='backend = "slurm"')
     fake_nvml(gpus=[gpu(0, util_pct=99)])
@@ -204,6 +205,22 @@ def test_check_with_the_slurm_backend_leaves_the_node_guards_to_the_job(git_repo
     guards = {g["name"]: g for g in json.loads(r.output)["guards"]}
     assert guards["gpus_idle"]["skipped"] and guards["no_other_training"]["skipped"]
     assert "inside the Slurm job" in guards["gpus_idle"]["message"]
+
+
+def test_a_controller_that_does_not_answer_refuses_check_dry_run_and_run_with_nothing_written(
+        git_repo, monkeypatch, artifact_root, slurm_answers):
+    # slurmctld down: `scontrol ping` says so (exit 1, under its banner). check --slurm passed here,
+    # and run --slurm wrote a run directory before sbatch failed.
+    (slurm_answers / "scontrol").write_text(
+        '#!/bin/sh\nif [ "$1" = ping ]; then echo "Slurmctld(primary) at head1 is DOWN"; '
+        'echo "*****************************************"; exit 1; fi\nexit 0\n')
+    slurm_project(git_repo, monkeypatch, cluster='backend = "slurm"')
+    for args in (["check"], ["check", "--json"], ["run", "--dry-run"], ["run", "--steps", "2"], ["run", "--slurm", "--detach"]):
+        r = moectl(*args)
+        assert r.exit_code == 2, (args, r.output)
+        assert "--slurm: Slurm's controller does not answer: Slurmctld(primary) at head1 is DOWN (is slurmctld up" in r.output
+        assert "*****" not in r.output
+    assert run_dirs(artifact_root) == []
 
 
 def test_wait_on_a_finished_local_run_exits_with_its_outcome(git_repo, monkeypatch, artifact_root):
@@ -235,7 +252,8 @@ def test_wait_on_a_finished_local_run_exits_with_its_outcome(git_repo, monkeypat
     assert moectl("cancel", run_dir.name, "--json").output.strip() == "[]"  # a finished local run: nothing to cancel
 
 
-def test_repeat_with_slurm_dry_run_shows_the_first_repeats_job_and_submits_nothing(git_repo, monkeypatch, artifact_root):
+def test_repeat_with_slurm_dry_run_shows_the_first_repeats_job_and_submits_nothing(git_repo, monkeypatch, artifact_root,
+                                                                                   slurm_answers):
     slurm_project(git_repo, monkeypatch)
     r = moectl("run", "--slurm", "--repeat", "2", "--seed", "4", "--dry-run", "--json", *FAST)
     assert r.exit_code == 0, r.output
