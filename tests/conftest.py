@@ -34,11 +34,24 @@ T = TypeVar("T")
 SLOW_TIMEOUT_S = 600  # pytest-timeout's limit for `slow` tests (the default is in pyproject.toml)
 
 
+# The time-limit job (tests/test_slurm_run.py) waits a minute or more for Slurm: it is submitted
+# right after the last other test that uses the cluster, and checked last of all.
+TIME_LIMIT_SUBMIT = "test_a_time_limited_job_is_submitted_to_run_beside_the_rest_of_the_suite"
+TIME_LIMIT_CHECK = "test_a_run_stopped_at_its_slurm_time_limit_is_recorded_as_such_with_what_it_trained"
+
+
 def pytest_collection_modifyitems(items):
-    """`slow` tests (torchrun, torch.compile) get the longer limit, unless they name their own."""
+    """`slow` tests (torchrun, torch.compile) get the longer limit, unless they name their own.
+    The time-limit job's two tests go where its minute of waiting overlaps other tests' work."""
     for item in items:
         if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+    submit = [i for i in items if i.name == TIME_LIMIT_SUBMIT]
+    check = [i for i in items if i.name == TIME_LIMIT_CHECK]
+    rest = [i for i in items if i.name not in (TIME_LIMIT_SUBMIT, TIME_LIMIT_CHECK)]
+    on_cluster = [n for n, i in enumerate(rest) if "slurm_env" in getattr(i, "fixturenames", ())]
+    after = on_cluster[-1] + 1 if on_cluster else 0
+    items[:] = rest[:after] + submit + rest[after:] + check
 
 
 def git(repo: Path, *args: str) -> str:

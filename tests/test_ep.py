@@ -16,11 +16,29 @@ TINY_EXPERT_PARAMS = 2 * 4 * 2 * 64 * 128  # tiny: 2 MoE layers x 4 experts x (u
 
 def torchrun(nproc: int, *args: str, blocked: str = "1") -> subprocess.CompletedProcess:
     """blocked="0": the experts' bmm / _grouped_mm, as on CUDA, instead of CPU's engine.blocked_mlp."""
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-                           "-m", "engine.train", "--preset", "tiny", "--log-every", "100", *args],
-                          cwd=ROOT, env=env(ENGINE_BLOCKED_MLP=blocked), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (args, proc.stderr[-3000:])
-    return proc
+    return torchruns((nproc, args), blocked=blocked)[0]
+
+
+def torchruns(*runs: tuple[int, tuple[str, ...]], blocked: str = "1") -> list[subprocess.CompletedProcess]:
+    """Several independent `torchrun --standalone` runs side by side (each on a port of its own),
+    each (nproc, args): a run spends much of its time starting and stopping processes, which
+    the other's training fills. Returns them in order, once every one has exited 0."""
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                               str(nproc), "-m", "engine.train", "--preset", "tiny", "--log-every", "100", *args],
+                              cwd=ROOT, env=env(ENGINE_BLOCKED_MLP=blocked), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for nproc, args in runs]
+    done = []
+    try:
+        for (_, args), proc in zip(runs, procs):
+            out, err = proc.communicate(timeout=300)
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+            assert proc.returncode == 0, (args, err[-3000:])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return done
 
 
 def losses(out_dir):
@@ -33,8 +51,8 @@ def losses(out_dir):
                          ids=["padded", "grouped", "padded-bmm", "grouped-gmm"])  # padded drops tokens at cap 1.0
 def test_ep2_over_two_ranks_gives_the_losses_of_ddp(tmp_path, cap, blocked):
     ddp, ep = tmp_path / "ddp", tmp_path / "ep"
-    torchrun(2, "--steps", "20", "--cap", cap, "--out-dir", str(ddp), blocked=blocked)
-    proc = torchrun(2, "--steps", "20", "--cap", cap, "--ep", "2", "--out-dir", str(ep), blocked=blocked)
+    _, proc = torchruns((2, ("--steps", "20", "--cap", cap, "--out-dir", str(ddp))),
+                        (2, ("--steps", "20", "--cap", cap, "--ep", "2", "--out-dir", str(ep))), blocked=blocked)
     ddp_loss, ddp_drop = losses(ddp)
     ep_loss, ep_drop = losses(ep)
     assert len(ep_loss) == 20 and ddp_loss[-1] < ddp_loss[0] - 1.5
@@ -53,8 +71,7 @@ def test_four_ranks_two_ep_groups_give_the_losses_of_ddp(tmp_path):
     """2 EP groups x 2: expert grads are summed across the groups' matching members."""
     ddp, ep = tmp_path / "ddp", tmp_path / "ep"
     common = ["--steps", "6", "--cap", "0", "--device-batch-size", "4"]
-    torchrun(4, *common, "--out-dir", str(ddp))
-    torchrun(4, *common, "--ep", "2", "--out-dir", str(ep))
+    torchruns((4, (*common, "--out-dir", str(ddp))), (4, (*common, "--ep", "2", "--out-dir", str(ep))))
     ddp_loss, ep_loss = losses(ddp)[0], losses(ep)[0]
     assert len(ep_loss) == 6 and ddp_loss[-1] < ddp_loss[0]
     for step, (a, b) in enumerate(zip(ddp_loss, ep_loss)):
@@ -71,10 +88,10 @@ def test_ep_checkpoint_holds_every_expert_and_resumes_under_ep_2_and_ep_1(tmp_pa
     moments = state["optimizer"]["state"]
     assert {tuple(m["exp_avg"].shape) for m in moments.values()} >= {(4, 64, 128), (4, 128, 64)}
     full = losses(tmp_path / "full")[0]
+    torchruns(*[(2, (*common, "--ep", ep, "--out-dir", str(tmp_path / f"resumed_ep{ep}"),
+                     "--resume", str(ckpt / "model_000004.pt"))) for ep in ("2", "1")])
     for ep in ("2", "1"):
-        out = tmp_path / f"resumed_ep{ep}"
-        torchrun(2, *common, "--ep", ep, "--out-dir", str(out), "--resume", str(ckpt / "model_000004.pt"))
-        resumed = losses(out)[0]
+        resumed = losses(tmp_path / f"resumed_ep{ep}")[0]
         assert len(resumed) == 4
         for step, (a, b) in enumerate(zip(full[4:], resumed), start=4):
             assert abs(a - b) < 1e-5, (ep, step, a, b)
@@ -97,8 +114,8 @@ def test_ep_under_compile_static_matches_eager(tmp_path):
     """The exchange is eager inside the compiled model (graph breaks at the collectives); grouped
     EP runs eager as a whole. Compiled and eager EP must agree step by step."""
     common = ["--steps", "4", "--cap", "0", "--ep", "2"]
-    torchrun(2, *common, "--out-dir", str(tmp_path / "eager"))
-    torchrun(2, *common, "--compile", "static", "--out-dir", str(tmp_path / "compiled"))
+    torchruns((2, (*common, "--out-dir", str(tmp_path / "eager"))),
+              (2, (*common, "--compile", "static", "--out-dir", str(tmp_path / "compiled"))))
     eager, compiled = losses(tmp_path / "eager")[0], losses(tmp_path / "compiled")[0]
     assert len(compiled) == 4
     for step, (a, b) in enumerate(zip(eager, compiled)):

@@ -403,15 +403,59 @@ def test_a_job_that_fails_to_start_ends_failed_with_exit_4(on_cluster, git_repo,
     assert f"Slurm job {rec['job_id']} ended (FAILED" in rec["error"]
 
 
-def test_a_run_stopped_at_its_slurm_time_limit_is_recorded_as_such_with_what_it_trained(on_cluster, git_repo,
-                                                                                        monkeypatch, artifact_root):
-    # The commonest end of a cluster job. Slurm's shortest limit is a minute and its controller looks
-    # at limits every 30 s, so this waits 60-90 s: the one test here that cannot be made quicker.
-    slurm_project(git_repo, monkeypatch, cluster='time = "1"')
-    r = moectl("run", "--slurm", "--detach", "--steps", "100000", "--no-commit", "--", "--sleep-per-step", "0.05")
-    assert r.exit_code == 0, r.output
-    run_dir = only_run(artifact_root)
+# The commonest end of a cluster job, a run stopped at its time limit, takes 60-90 s of waiting:
+# Slurm's shortest limit is a minute and its controller looks at limits every 30 s. So its job is
+# submitted once the other Slurm tests are done (tests/conftest.py orders the two tests below) and
+# checked at the end of the session, while the rest of the suite runs. Its trainer is a plain
+# `python time_limit_trainer.py` (launcher "python"): no torchrun, no engine module, nothing the
+# no_other_training guard of those other tests' runs counts as training.
+TIME_LIMIT_TRAINER = """import time
+step = 0
+while True:  # until Slurm's time limit stops it
+    print(f"step {step:05d}/99999 ({step / 999.99:.2f}%) | loss: 2.000000 | dt: 50.00ms | tok/sec: 1,000", flush=True)
+    step += 1
+    time.sleep(0.05)
+"""
+
+
+@pytest.fixture(scope="session")
+def time_limited_job(slurm_env, tmp_path_factory) -> dict:
+    """A detached run with `[cluster] time = "1"`, submitted with the real CLI (a subprocess: no
+    test's monkeypatched environment reaches it); its repository, artifact root and run directory."""
+    base = tmp_path_factory.mktemp("time-limit")
+    repo, root = base / "repo", base / "artifacts"
+    repo.mkdir()
+    for args in (["init", "-q", "-b", "main"], ["config", "user.name", "Test User"],
+                 ["config", "user.email", "test@example.com"], ["config", "commit.gpgsign", "false"]):
+        git(repo, *args)
+    (repo / "time_limit_trainer.py").write_text(TIME_LIMIT_TRAINER)
+    (repo / ".moectl.toml").write_text(
+        '[project]\nname = "tl"\nbranch = "main"\nvenv = ""\n\n'
+        '[launch]\nscript = "time_limit_trainer.py"\nlauncher = "python"\n\n'
+        '[metrics]\nsource = "stdout"\nformat = "nanochat"\n\n[cluster]\ntime = "1"\n')
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", "a trainer that never ends")
+    env = {**os.environ, "PATH": slurm_env["PATH"], "SLURM_CONF": slurm_env["SLURM_CONF"],
+           "MOECTL_ARTIFACT_ROOT": str(root), "MOECTL_CACHE_DIR": str(base / "cache"), "PYTHONPATH": str(REPO)}
+    env.pop("MOECTL_FAKE_NVML", None)
+    r = subprocess.run([sys.executable, "-m", "moectl", "run", "--slurm", "--detach", "--no-commit", "--device", "cpu"],
+                       cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return {"repo": repo, "artifact_root": root, "run_dir": only_run(root), "submitted": r.stdout}
+
+
+def test_a_time_limited_job_is_submitted_to_run_beside_the_rest_of_the_suite(time_limited_job):
+    run_dir = time_limited_job["run_dir"]
     assert "#SBATCH --time=1" in (run_dir / "job.sh").read_text()
+    assert record(run_dir)["status"] in ("queued", "running")
+    assert f"as Slurm job {record(run_dir)['job_id']}" in time_limited_job["submitted"]
+
+
+def test_a_run_stopped_at_its_slurm_time_limit_is_recorded_as_such_with_what_it_trained(time_limited_job,
+                                                                                        on_cluster, monkeypatch):
+    monkeypatch.setenv("MOECTL_ARTIFACT_ROOT", str(time_limited_job["artifact_root"]))
+    monkeypatch.chdir(time_limited_job["repo"])
+    run_dir = time_limited_job["run_dir"]
     waited = moectl("wait", record(run_dir)["id"], "--timeout", f"{60 + 30 + JOB_TIMEOUT_S}s")
     assert waited.exit_code == 130, waited.output
     final = record(run_dir)
