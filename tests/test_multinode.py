@@ -76,21 +76,25 @@ def test_two_nodes_one_process_each_train_the_same_losses_as_one_node_two_proces
     log, script = tmp_path / "job.out", tmp_path / "job.sh"
     script.write_text(sbatch_script(two_nodes, log, free_port()))
     name = f"moectl-multinode-{uuid.uuid4().hex[:8]}"
+    # The one-node run trains meanwhile, beside the job (each at a port of its own).
+    local = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              *ENGINE_ARGS, "--out-dir", str(one_node)],
+                             cwd=tmp_path, env={**os.environ, **RUN_ENV}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
     try:
         job = subprocess.run(["sbatch", "--wait", "-J", name, str(script)], env=slurm_env, cwd=tmp_path,
                              capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
-    finally:  # a timed-out wait leaves the job running: it must not outlive the test
+        _, local_err = local.communicate(timeout=RUN_TIMEOUT_S)
+    finally:  # a timed-out wait leaves the job (or the local run) going: neither may outlive the test
         subprocess.run(["scancel", "-n", name], env=slurm_env, capture_output=True, timeout=60)
+        if local.poll() is None:
+            local.kill()
+            local.wait()
     output = log.read_text() if log.exists() else "(no job output)"
     assert job.returncode == 0, f"sbatch --wait: {job.returncode}\n{job.stderr}\n{output[-4000:]}"
     tasks = [line.split() for line in output.splitlines() if line.startswith("task ")]  # task <procid> on <node>
     assert sorted(t[3] for t in tasks) == ["n1", "n2"] and sorted(t[1] for t in tasks) == ["0", "1"], output[-4000:]
-
-    local = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                            *ENGINE_ARGS, "--out-dir", str(one_node)],
-                           cwd=tmp_path, env={**os.environ, **RUN_ENV}, capture_output=True, text=True,
-                           timeout=RUN_TIMEOUT_S)
-    assert local.returncode == 0, local.stderr[-4000:]
+    assert local.returncode == 0, local_err[-4000:]
 
     (start2, steps2, (summary2,)), (start1, steps1, (summary1,)) = read_metrics(two_nodes), read_metrics(one_node)
     for (start,) in (start2, start1):  # one start record: a single writer, the rank 0 of the world
