@@ -276,8 +276,19 @@ def test_two_nodes_train_the_same_losses_as_one_node_with_two_processes(on_clust
     base = free_port()
     slurm_project(git_repo, monkeypatch, module="engine.train", cluster=f"rdzv_port = {base}")
     engine_args = ["--seed", "5", "--eval-batches", "1"]
-    r = moectl("run", "--slurm", "--nodes", "2", "--nproc", "1", "--device", "cpu", "--steps", "6", "--no-commit",
-               "--", *engine_args)
+    # The one-node twin trains meanwhile, beside the job (at a port of its own).
+    local = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              "-m", "engine.train", "--preset", "tiny", "--device", "cpu", "--steps", "6", *engine_args,
+                              "--out-dir", str(tmp_path / "one-node")], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        r = moectl("run", "--slurm", "--nodes", "2", "--nproc", "1", "--device", "cpu", "--steps", "6", "--no-commit",
+                   "--", *engine_args)
+        _, local_err = local.communicate(timeout=300)
+    finally:
+        if local.poll() is None:
+            local.kill()
+            local.wait()
     assert r.exit_code == 0, r.output
     run_dir = only_run(artifact_root)
     rec = record(run_dir)
@@ -291,11 +302,7 @@ def test_two_nodes_train_the_same_losses_as_one_node_with_two_processes(on_clust
     assert argv[argv.index("--rdzv-endpoint") + 1].endswith(f":{base + int(rec['job_id']) % 1000}")  # its own port
     assert shlex.join(argv) in (run_dir / "command.txt").read_text()
 
-    local = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                            "-m", "engine.train", "--preset", "tiny", "--device", "cpu", "--steps", "6", *engine_args,
-                            "--out-dir", str(tmp_path / "one-node")], cwd=REPO, capture_output=True, text=True,
-                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert local.returncode == 0, local.stderr[-2000:]
+    assert local.returncode == 0, local_err[-2000:]
     two, one = steps_of(run_dir), steps_of(tmp_path / "one-node")
     assert [s.step for s in two] == [s.step for s in one] == list(range(6))
     for a, b in zip(two, one):
