@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import re
 import tempfile
@@ -32,10 +33,23 @@ def ensure_dir(directory: Path) -> None:
         raise UsageError(f"cannot make directory {directory}: {blocker} is {what}") from None
 
 
+def json_ready(value: Any) -> Any:
+    """`value` with every NaN or infinite float as None. JSON has neither: Python's json writes them
+    as bare NaN/Infinity tokens, which strict parsers (jq, JavaScript, Go) refuse - and with them the
+    whole document (a `runs --json` of every run, for one mean that overflowed)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to `path` atomically: a reader sees the old file or the new one, never half."""
     path = Path(path)
-    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    text = json.dumps(json_ready(data), indent=2, sort_keys=False, allow_nan=False) + "\n"
     write_text_atomic(path, text)
 
 

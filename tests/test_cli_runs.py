@@ -643,3 +643,28 @@ def test_import_says_a_diverged_final_loss_is_nan(project, artifact_root, tmp_pa
     r = invoke("import", str(log), "--name", "div", "--format", "nanochat")
     assert r.exit_code == 0, r.output
     assert "final loss NaN (not finite from step 2)" in r.stdout
+
+
+def strict_json(text: str):
+    """json.loads as jq or JavaScript read JSON: a bare NaN or Infinity token is an error."""
+    def refuse(token):
+        raise ValueError(f"{token} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_output_and_records_stay_json_when_a_figure_is_not_finite(project, artifact_root, tmp_path):
+    # Every step finite, their tail mean past the largest float: Python's json wrote it as a bare
+    # Infinity in run.json and in every --json document that carried it (runs --json of the store).
+    log = tmp_path / "huge.jsonl"
+    log.write_text("".join(json.dumps({"type": "step", "step": i, "loss": 1.0, "dt_ms": 1e308, "tok_per_sec": 1e308,
+                                       "elapsed_s": float(i)}) + "\n" for i in range(80)))
+    r = invoke("import", str(log), "--name", "huge", "--json")
+    assert r.exit_code == 0, r.output
+    assert strict_json(r.stdout)["summary"]["tok_per_sec"] is None
+    imported("nano", "nanochat_small.log", "nanochat")
+    (run_json,) = artifact_root.glob("*huge/run.json")
+    assert strict_json(run_json.read_text())["summary"]["tok_per_sec"] is None
+    for args in (["runs", "--json"], ["show", "huge", "--json"], ["compare", "nano", "huge", "--json"]):
+        r = invoke(*args)
+        assert r.exit_code == 0, (args, r.output)
+        strict_json(r.stdout)

@@ -90,10 +90,13 @@ _json_printed = False  # whether this command has printed its JSON document (see
 
 
 def print_json(data: Any) -> None:
-    """--json output: plain JSON on stdout, no colour, stable keys."""
+    """--json output: plain JSON on stdout, no colour, stable keys; a figure that is not finite
+    (a mean that overflowed, a hand-edited NaN) is null, as JSON has no NaN or Infinity."""
+    from moectl.atomic import json_ready
+
     global _json_printed
     _json_printed = True
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.write(json.dumps(json_ready(data), indent=2, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 
