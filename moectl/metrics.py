@@ -483,7 +483,7 @@ def compare(runs: Sequence[RunMetrics], baseline_index: int = 0, window: int = 5
         raise ValueError("nothing to compare")
     if not 0 <= baseline_index < len(runs):
         raise ValueError(f"baseline index {baseline_index} out of range")
-    summaries, errors = [], []
+    summaries, errors, other_windows = [], [], []
     for r in runs:
         if r.is_group:
             summary, errs = group_summary(r.members, window, warmup_steps, r.member_fallbacks)
@@ -492,11 +492,14 @@ def compare(runs: Sequence[RunMetrics], baseline_index: int = 0, window: int = 5
         elif r.metrics.steps or r.fallback is None:
             summaries.append(tail_summary(r.metrics, window, warmup_steps))
             errors.append(tail_noise(r.metrics, window, warmup_steps))
-        else:  # metrics.jsonl is gone: the summary its record kept, said so when its window is another
-            fallback = r.fallback
+        else:  # no steps to read (metrics.jsonl gone or empty): the summary its record kept, said so
+            fallback = r.fallback  # when its window is another (in the run's note and the table's notes)
             if fallback.window not in (None, window):
-                said = f"metrics.jsonl is gone: these are its recorded figures over a {fallback.window}-step window"
+                said = (f"its metrics.jsonl has no steps (gone or empty): these are its recorded figures over a "
+                        f"{fallback.window}-step window, not {window}")
                 fallback = fallback.model_copy(update={"note": "; ".join(x for x in (fallback.note, said) if x)})
+                other_windows.append(f"{r.tag or r.id}'s figures are its record's over a {fallback.window}-step "
+                                     f"window (its metrics.jsonl has no steps: gone or empty), not {window}")
             summaries.append(fallback)
             errors.append({m: None for m in METRICS})
 
@@ -529,6 +532,7 @@ def compare(runs: Sequence[RunMetrics], baseline_index: int = 0, window: int = 5
                                  run_ids=list(r.member_ids) if r.is_group else [r.id], unfinished=r.unfinished,
                                  stopped=r.stopped, left_out=list(r.left_out)))
     notes = _notes(out, window, warmup_steps)
+    notes += [f"still comparable, note: {said}" for said in other_windows]
     base_row = out[baseline_index]
     for row in out:
         if row is not base_row and set(row.run_ids) & set(base_row.run_ids):

@@ -174,8 +174,13 @@ def test_a_run_whose_metrics_are_gone_counts_its_recorded_steps_and_says_its_win
     c = compare([a, gone], window=50)
     assert c.runs[1].steps == 70 and not any("step counts differ" in n for n in c.notes)
     assert c.runs[1].note is None
+    assert not any("record's" in n for n in c.notes)
     c = compare([a, gone], window=10)
-    assert c.runs[1].note == "metrics.jsonl is gone: these are its recorded figures over a 50-step window"
+    assert c.runs[1].note == ("its metrics.jsonl has no steps (gone or empty): these are its recorded figures over "
+                              "a 50-step window, not 10")
+    # ... and the table's notes say it too (the table and --markdown print no per-run note)
+    assert ("still comparable, note: g's figures are its record's over a 50-step window (its metrics.jsonl has no "
+            "steps: gone or empty), not 10") in c.notes
 
 
 def test_the_tail_window_is_the_last_step_numbers_not_the_last_lines():
