@@ -553,6 +553,55 @@ def test_a_sweep_run_with_another_config_resumes_only_with_that_config(git_repo,
     assert resume_command(own) == f"moectl sweep --resume {d.name}"
 
 
+def test_a_resume_whose_config_is_gone_is_refused_not_run_with_another(git_repo, artifact_root, monkeypatch):
+    # The sweep ran with exp_v1.toml, since deleted (or replaced by a directory): the resume ran its
+    # legs with the repository's .moectl.toml, without a word.
+    from moectl.records import SweepLeg, SweepRecord, save_model
+
+    sweep_project(git_repo)
+    monkeypatch.chdir(git_repo)
+    other = git_repo / "exp_v1.toml"
+    d = artifact_root / "20260102_100000_moe-v1"
+    d.mkdir(parents=True)
+    save_model(d / "sweep.json", SweepRecord(id=d.name, name="v1", spec={}, legs=[SweepLeg(tag="a")],
+                                             created_at="2026-01-02T10:00:00+00:00", exp_dir=str(d), config=str(other)))
+    r = cli("sweep", "--resume", d.name, "--dry-run")
+    assert r.exit_code == 2 and f"sweep {d.name} ran with {other}, which is gone; put that configuration back" in r.output
+    other.mkdir()
+    r = cli("sweep", "--resume", d.name, "--dry-run")
+    assert r.exit_code == 2 and f"ran with {other}, which is not a file" in r.output, r.output
+    other.rmdir()
+    # A clone that moved: the recorded repository is not there at all, so its own config is this one.
+    moved = SweepRecord.model_validate(load(d / "sweep.json")).model_copy(
+        update={"config": str(git_repo.parent / "old-clone" / ".moectl.toml")})
+    save_model(d / "sweep.json", moved)
+    assert cli("sweep", "--resume", d.name, "--dry-run").exit_code == 0
+
+
+def test_a_resume_whose_record_cannot_be_read_stops_the_next_resume(git_repo, artifact_root, monkeypatch):
+    # s ran leg a, its resume ran b; that resume's sweep.json is then cut. Resuming s again planned
+    # a and b as never run: b (completed in the unreadable resume) would train again.
+    from moectl.records import SweepLeg, SweepRecord, save_model
+
+    sweep_project(git_repo)
+    monkeypatch.chdir(git_repo)
+    first = artifact_root / "20260102_100000_moe-s"
+    first.mkdir(parents=True)
+    save_model(first / "sweep.json", SweepRecord(id=first.name, name="s", spec={}, legs=[SweepLeg(tag="a"), SweepLeg(tag="b")],
+                                                 created_at="2026-01-02T10:00:00+00:00", exp_dir=str(first),
+                                                 finished_at="2026-01-02T10:05:00+00:00"))
+    resumed = artifact_root / "20260102_110000_moe-s-resume"
+    resumed.mkdir()
+    (resumed / "sweep.json").write_text("")
+    for ref in (first.name, "s"):
+        r = cli("sweep", "--resume", ref, "--dry-run")
+        assert r.exit_code == 2, r.output
+        assert f"sweep {first.name} has a resume whose record cannot be read" in r.output
+        assert f"repair or remove {resumed} first" in r.output
+    (resumed / "sweep.json").unlink()
+    assert cli("sweep", "--resume", first.name, "--dry-run").exit_code == 0
+
+
 def test_a_sweep_with_an_unreadable_sweep_json_is_named_with_why(git_repo, artifact_root, monkeypatch):
     sweep_project(git_repo)
     monkeypatch.chdir(git_repo)

@@ -47,7 +47,7 @@ from moectl.sweep.report import claim_sweep_report, completed_comparison, fastes
 from moectl.sweep.spec import SweepSpec, request_kwargs
 from moectl.sweep.store import (
     fallback_leg, fallback_of, final_report_owed, leg_status, list_sweeps, owner_alive, resolve_sweep, runs_by_id,
-    save_sweep, settled, sweep_chain,
+    save_sweep, scan_sweep_dirs, settled, sweep_chain,
 )
 from moectl.tracking import warning_lines
 
@@ -216,16 +216,31 @@ def plan_resume(cfg: Config, ref: str) -> tuple[SweepRecord, list[SweepLeg], dic
     (completed ones carried, the rest pending), and the run records of the carried legs.
     GuardRefused when that sweep is still running."""
     old = resolve_sweep(cfg.artifact_root, ref)
-    if old.config and cfg.path and Path(old.config) != cfg.path.resolve() and Path(old.config).is_file():
+    recorded = Path(old.config) if old.config else None
+    if recorded is not None and cfg.path and recorded != cfg.path.resolve():
         # Another config is another trainer, report_dir, defaults: its legs would not compare.
-        raise UsageError(f"sweep {old.id} ran with {old.config}, not {cfg.path.resolve()}; resume it with that one: "
-                         f"{resume_command(old)}")
+        if recorded.is_file():
+            raise UsageError(f"sweep {old.id} ran with {recorded}, not {cfg.path.resolve()}; resume it with that one: "
+                             f"{resume_command(old)}")
+        if recorded.parent.is_dir():  # its repository is still there, the file is not: not a moved clone
+            raise UsageError(f"sweep {old.id} ran with {recorded}, which is {'not a file' if recorded.exists() else 'gone'}"
+                             f"; put that configuration back there and resume: {resume_command(old)}")
     # Already resumed? Continue from the newest resume in its chain: it knows every completed leg.
-    later = {s.resumed_from: s for s in list_sweeps(cfg.artifact_root) if s.resumed_from}  # oldest first
+    sweeps, unreadable = scan_sweep_dirs(cfg.artifact_root)
+    later = {s.resumed_from: s for s in sweeps if s.resumed_from}  # oldest first
     seen = {old.id}
+    names = {old.name}
     while old.id in later and later[old.id].id not in seen:
         old = later[old.id]
         seen.add(old.id)
+        names.add(old.name)
+    # A resume of this chain whose sweep.json cannot be read hides the legs it completed: resuming
+    # without it would train them again, without a word.
+    hidden = [(d, why) for d, why in unreadable if any(d.name.endswith(f"-{name}-resume") for name in names)]
+    if hidden:
+        where, why = hidden[0]
+        raise UsageError(f"sweep {old.id} has a resume whose record cannot be read ({why}): the legs it completed "
+                         f"are unknown, so they would run again; repair or remove {where} first")
     # (This process itself ran it, when a library caller resumes its own sweep: that one is over.)
     if old.finished_at is None and owner_alive(old):  # between two legs no leg is running, but the sweep is
         raise GuardRefused(f"sweep {old.id} is still running (moectl pid {old.pid}); wait for it or stop it "

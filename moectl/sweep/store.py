@@ -128,8 +128,14 @@ def add_fallback_leg(sweep_dir: Path, *, of_run: str, run_id: str) -> bool:
 
 def scan_sweeps(root: Path) -> tuple[list[SweepRecord], list[str]]:
     """Every readable sweep under `root`, oldest first, and one message per unreadable sweep.json."""
+    out, unreadable = scan_sweep_dirs(root)
+    return out, [message for _, message in unreadable]
+
+
+def scan_sweep_dirs(root: Path) -> tuple[list[SweepRecord], list[tuple[Path, str]]]:
+    """`scan_sweeps`, with the directory of each unreadable sweep.json beside its message."""
     out: list[SweepRecord] = []
-    corrupt: list[str] = []
+    corrupt: list[tuple[Path, str]] = []
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
     except FileNotFoundError:
@@ -139,7 +145,7 @@ def scan_sweeps(root: Path) -> tuple[list[SweepRecord], list[str]]:
             try:
                 out.append(load_sweep(Path(entry.path)))
             except UsageError as exc:
-                corrupt.append(exc.message)
+                corrupt.append((Path(entry.path), exc.message))
     return out, corrupt
 
 
