@@ -642,6 +642,10 @@ def test_spec_and_resume_are_exclusive(git_repo, monkeypatch):
     assert r.exit_code == 2 and "not both" in r.output
     r = cli("sweep", "--resume", "nothing-like-it")
     assert r.exit_code == 2 and "no sweep matches" in r.output
+    fifo = git_repo / "piped.toml"
+    os.mkfifo(fifo)  # reading it waited for a writer forever
+    r = cli("sweep", str(fifo), "--dry-run")
+    assert r.exit_code == 2 and f"{fifo} is not a regular file (a pipe or device?)" in r.output, r.output
 
 
 def test_a_jobs_fallback_leg_goes_right_after_its_leg_once_per_repeat_and_never_twice(tmp_path):

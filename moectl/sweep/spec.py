@@ -218,6 +218,8 @@ def parse_spec(data: dict[str, Any], source: str = "spec", default_seed: Optiona
 
 def load_spec(path: Path, default_seed: Optional[int] = None) -> SweepSpec:
     path = Path(path).expanduser()
+    if path.exists() and not path.is_file() and not path.is_dir():  # a FIFO: reading it waits for a writer forever
+        raise UsageError(f"{path} is not a regular file (a pipe or device?): write the sweep spec to a file")
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: a BOM some editors write is not TOML
     except FileNotFoundError:
