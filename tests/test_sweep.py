@@ -642,6 +642,10 @@ def test_spec_and_resume_are_exclusive(git_repo, monkeypatch):
     assert r.exit_code == 2 and "not both" in r.output
     r = cli("sweep", "--resume", "nothing-like-it")
     assert r.exit_code == 2 and "no sweep matches" in r.output
+    long = write_spec(git_repo, f'name = "{"n" * 240}"\n[[legs]]\ntag = "a"\n')
+    for args in ([str(long), "--dry-run"], [str(long), "--no-commit"]):  # the dry run passed, the sweep failed
+        r = cli("sweep", *args)
+        assert r.exit_code == 2 and "sweep name: its directory name (with a resume's `-resume`) would be" in r.output
     fifo = git_repo / "piped.toml"
     os.mkfifo(fifo)  # reading it waited for a writer forever
     r = cli("sweep", str(fifo), "--dry-run")

@@ -84,6 +84,10 @@ def sweep(
                         overrides=list(override or []), no_commit=no_commit)
     parsed = load_spec(spec) if spec is not None else None  # validated whole before the config is even read
     cfg = load_config(config)
+    if parsed is not None:
+        from moectl.sweep.run import check_name_fits
+
+        check_name_fits(cfg, parsed.name)
     if parsed is not None and cfg.defaults.seed is not None:
         # repeats start at [defaults] seed, as `run --repeat` does (a leg's own seed still wins)
         parsed = load_spec(spec, default_seed=cfg.defaults.seed)

@@ -145,6 +145,17 @@ def dry_run(cfg: Config, legs: list[SweepLeg], name: str, opts: SweepOptions) ->
     return out
 
 
+def check_name_fits(cfg: Config, name: str) -> None:
+    """UsageError when the sweep's directory name - and its resume's, `-resume` and a `-NN` longer -
+    would not fit in one path component; said by the dry run too, before anything is written."""
+    from moectl.plan import NAME_MAX
+
+    longest = len(store.run_id(cfg.project.name, f"{name}-resume").encode()) + len("-99")
+    if longest > NAME_MAX:
+        raise UsageError(f"sweep name: its directory name (with a resume's `-resume`) would be {longest} bytes, over "
+                         f"the filesystem's {NAME_MAX}; use a shorter name")
+
+
 def _create_sweep_dir(cfg: Config, name: str) -> Path:
     base = store.run_id(cfg.project.name, name)
     path, n = cfg.artifact_root / base, 1
