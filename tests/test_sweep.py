@@ -144,6 +144,9 @@ def test_every_problem_is_reported_at_once():
     ({"name": "s", "grid": {"cap": ["x", 1.0], "stepz": [1]}},
      ["grid.cap: must be a number", "grid.stepz: unknown option"]),
     ({"name": "s", "common": {"repeats": "2"}, "grid": {"cap": [1.0, 2.0]}}, ["common.repeats: must be an integer"]),
+    # a type-valid count out of range: once, as common's (was once per leg, blamed on grid[0], grid[1], ...)
+    ({"name": "s", "common": {"repeats": 0}, "grid": {"cap": [0.0, 1.0, 2.0]}},
+     ["common.repeats: must be an integer from 1 to 1000, got 0"]),
 ])
 def test_a_bad_option_is_one_line_not_one_per_check(data, lines):
     """A key the spec's own check refuses does not go on to `moectl run`'s validation (which would

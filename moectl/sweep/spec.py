@@ -209,7 +209,8 @@ def parse_spec(data: dict[str, Any], source: str = "spec", default_seed: Optiona
                     problems.append(f"grid.{key}: {opts[key]!r}: {msg}")
                 else:
                     problems.append(f"{where if key in opts else 'common'}.{key}: {msg}")
-        out.extend(_repeated(tag, merged, where, problems, default_seed))
+        # a bad [common] count is said once, as common's (the problems are de-duplicated below)
+        out.extend(_repeated(tag, merged, where if "repeats" in opts else "common", problems, default_seed))
     if problems:
         problems = list(dict.fromkeys(problems))
         raise UsageError(f"invalid sweep spec {source} ({len(problems)} problem(s))", lines=problems)
