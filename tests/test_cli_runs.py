@@ -668,3 +668,13 @@ def test_json_output_and_records_stay_json_when_a_figure_is_not_finite(project, 
         r = invoke(*args)
         assert r.exit_code == 0, (args, r.output)
         strict_json(r.stdout)
+
+
+def test_show_says_how_many_lines_of_metrics_it_could_not_read(project, artifact_root):
+    rec = imported("nano", "nanochat_small.log", "nanochat")
+    assert "of metrics.jsonl could not be read" not in invoke("show", "nano").stdout
+    with open(Path(rec["exp_dir"]) / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 99, "loss": \n')  # cut mid-line
+    r = invoke("show", "nano")
+    assert r.exit_code == 0 and "note: 1 line(s) of metrics.jsonl could not be read and are left out" in r.stdout
+    assert json.loads(invoke("show", "nano", "--json").stdout)["metrics_skipped"] == 1

@@ -296,6 +296,8 @@ def show_cmd(
             out(f"  note: {s.note}", markup=False)
         if not s.clean and s.steps:
             out(f"  {mark_footnote(s.warmup_steps)}", markup=False)
+    if metrics.skipped:  # (compare reads the same file: its figures leave these lines out too)
+        out(f"  note: {metrics.skipped} line(s) of {METRICS_FILENAME} could not be read and are left out", markup=False)
     if metrics.steps:
         losses = [m.loss for m in metrics.steps]
         tps = [m.tok_per_sec for m in metrics.steps if m.tok_per_sec is not None]
