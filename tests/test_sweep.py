@@ -603,6 +603,17 @@ def test_a_resume_whose_record_cannot_be_read_stops_the_next_resume(git_repo, ar
         assert f"repair or remove {resumed} first" in r.output
     (resumed / "sweep.json").unlink()
     assert cli("sweep", "--resume", first.name, "--dry-run").exit_code == 0
+    # Another sweep's unreadable resume (sweep "a-s") is not this chain's; a second resume in one
+    # second (`-resume-2`) is.
+    other = artifact_root / "20260102_120000_moe-a-s-resume"
+    other.mkdir()
+    (other / "sweep.json").write_text("{")
+    assert cli("sweep", "--resume", first.name, "--dry-run").exit_code == 0
+    twin = artifact_root / "20260102_110000_moe-s-resume-2"
+    twin.mkdir()
+    (twin / "sweep.json").write_text("{")
+    r = cli("sweep", "--resume", first.name, "--dry-run")
+    assert r.exit_code == 2 and f"repair or remove {twin} first" in r.output, r.output
 
 
 def test_a_sweep_with_an_unreadable_sweep_json_is_named_with_why(git_repo, artifact_root, monkeypatch):

@@ -21,6 +21,7 @@ back through `resumed_from`; only the legs that did not complete run again.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import threading
@@ -247,7 +248,9 @@ def plan_resume(cfg: Config, ref: str) -> tuple[SweepRecord, list[SweepLeg], dic
         names.add(old.name)
     # A resume of this chain whose sweep.json cannot be read hides the legs it completed: resuming
     # without it would train them again, without a word.
-    hidden = [(d, why) for d, why in unreadable if any(d.name.endswith(f"-{name}-resume") for name in names)]
+    resume_dir = re.compile(rf"\d{{8}}_\d{{6}}_{re.escape(cfg.project.name)}-"
+                            rf"({'|'.join(map(re.escape, names))})-resume(-\d+)?")  # (_create_sweep_dir's names)
+    hidden = [(d, why) for d, why in unreadable if resume_dir.fullmatch(d.name)]
     if hidden:
         where, why = hidden[0]
         raise UsageError(f"sweep {old.id} has a resume whose record cannot be read ({why}): the legs it completed "
