@@ -52,14 +52,13 @@ def interrupt_on_stop(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def stop_signals_interrupt() -> None:
+def stop_signals_interrupt() -> dict[int, object]:
     """SIGTERM (`kill`, `timeout`, a scheduler) and SIGHUP (the terminal closed) stop any command as
     Ctrl-C does: exit 130, its temp files and half-made run directory removed. Python's default
     for them is to die at once (143, 129) with nothing cleaned up. `launch` and a sweep install
-    their own around the training; `nohup`'s ignored SIGHUP stays ignored."""
-    for sig in stop_signals():
-        if sig != signal.SIGINT:
-            signal.signal(sig, interrupt_on_stop)
+    their own around the training; `nohup`'s ignored SIGHUP stays ignored. Returns the handlers
+    it replaced (an in-process caller puts them back: moectl.cli.common.stops_like_ctrl_c)."""
+    return {sig: signal.signal(sig, interrupt_on_stop) for sig in stop_signals() if sig != signal.SIGINT}
 
 
 def interrupted_inside(exc: BaseException) -> bool:

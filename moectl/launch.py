@@ -53,7 +53,7 @@ from typing import IO, Callable, Optional, Protocol
 
 import psutil
 
-from moectl.entry import hung_up, stop_signals  # noqa: F401  (sweep.run takes them from here)
+from moectl.entry import hung_up, stop_signals
 from moectl.progress import MetricsFollower, ProgressSink
 from moectl.text import tail_line
 

@@ -121,12 +121,13 @@ def stops_like_ctrl_c(ctx: typer.Context) -> None:
     import signal
     import threading
 
-    from moectl.entry import interrupt_on_stop, stop_signals
+    from moectl.entry import stop_signals_interrupt
 
     if threading.current_thread() is not threading.main_thread():
         return
-    # SIGHUP (the terminal closed) too, unless ignored (`nohup`): launch() says so in the record.
-    previous = {sig: signal.signal(sig, interrupt_on_stop) for sig in stop_signals() if sig != signal.SIGINT}
+    # (The console script installed these already; CliRunner, in-process, did not.) SIGHUP too,
+    # unless ignored (`nohup`): launch() says so in the record.
+    previous = stop_signals_interrupt()
     # In-process callers (CliRunner) get their handlers back when the command returns.
     ctx.call_on_close(lambda: [signal.signal(sig, handler) for sig, handler in previous.items()])
 

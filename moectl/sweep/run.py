@@ -36,7 +36,7 @@ from moectl.errors import (
     EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRAINING, GuardRefused, Interrupted, MoectlError, UsageError,
 )
 from moectl.guards import WAITABLE, check_request, summary_line
-from moectl.launch import hung_up, stop_signals
+from moectl.entry import hung_up, stop_signals
 from moectl.metrics import Comparison
 from moectl.plan import RunRequest, command_text, make_request, plan_run
 from moectl.probes import read_nvml
