@@ -467,12 +467,10 @@ def _lock_holder(lock: Path, data: Optional[dict], pid: Optional[int]) -> Option
                      "crashed git left it (remove it by hand once no git command runs)")
 
 
-def index_lock_holder(repo: Path) -> Optional[tuple[str, str]]:
-    """`_lock_holder` of the repository's index.lock, touching nothing (the git guard's reading)."""
-    found = _index_lock(repo)
-    if found is None:
-        return None
-    _, index, data, pid = found
+def index_lock_holder(git_dir: Path, index: Path) -> Optional[tuple[str, str]]:
+    """`_lock_holder` of `index`'s lock, touching nothing (the git probe's reading; it has run
+    `rev-parse` for both paths already)."""
+    data, pid = _owner_note(git_dir)
     return _lock_holder(index.with_name(index.name + ".lock"), data, pid)
 
 
@@ -484,11 +482,16 @@ def _index_lock(repo: Path) -> Optional[tuple[Path, Path, Optional[dict], Option
                                         "--git-path", "index").splitlines())
     except (MoectlError, OSError, ValueError):
         return None
+    return (git_dir, index, *_owner_note(git_dir))
+
+
+def _owner_note(git_dir: Path) -> tuple[Optional[dict], Optional[int]]:
+    """moectl's OWNER_NAME note beside the index lock and the pid it names, or (None, None)."""
     try:
         data = json.loads((git_dir / OWNER_NAME).read_text())
-        return git_dir, index, data, int(data["pid"])
+        return data, int(data["pid"])
     except (OSError, ValueError, KeyError, TypeError):
-        return git_dir, index, None, None
+        return None, None
 
 
 def recover_dead_index_lock(repo: Path) -> Optional[str]:

@@ -115,7 +115,7 @@ def probe_git(repo: Path) -> GitState:
         changed = index.with_name(index.name + ".lock").stat().st_mtime
     except OSError:
         return state
-    state.index_lock = gitops.index_lock_holder(repo)  # (gone meanwhile: None)
+    state.index_lock = gitops.index_lock_holder(git_dir, index)  # (gone meanwhile: None)
     state.index_lock_age_s = max(0.0, time.time() - changed) if state.index_lock else None
     return state
 
