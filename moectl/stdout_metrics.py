@@ -24,7 +24,8 @@ What is never a step, whatever the patterns say:
   prefix is stripped, so a `--tee`d log parses like a plain one);
 - torchrun's and torch.distributed's own log lines (`W1127 12:00:00.123 4242 torch/...`,
   `WARNING:torch.distributed...`, the `*****` OMP banner);
-- a Python traceback, from `Traceback (most recent call last):` to its exception line.
+- a Python traceback, from `Traceback (most recent call last):` to its exception line;
+- an evaluation in a nanochat step line's format (`step 00100 | validation loss: 3.2`).
 
 Numbers may carry thousands separators (`16,384`) and a `%` or unit the pattern leaves outside its
 group. Torch-free: this module runs in the moectl process.
@@ -89,8 +90,9 @@ def line_ended(raw: str) -> bool:
 # The schema fields a pattern may fill (everything a step line can carry but its number).
 PATTERN_FIELDS = tuple(f.name for f in fields(StepMetrics) if f.name not in ("step", "type"))
 
-# Prefixes torchrun (`--tee`, `log_line_prefix_template`) and torch's own errors put on a rank's line.
-_RANK_PREFIX = re.compile(r"^\[(?:default|rank)?(\d+)\]:?[ ]?")
+# Prefixes torchrun (`--tee`, `log_line_prefix_template`) and torch's own errors put on a rank's line:
+# the word and the colon both, so a trainer's own `[3] iter 5 ...` (an epoch, a worker) is its line.
+_RANK_PREFIX = re.compile(r"^\[(?:default|rank)(\d+)\]:[ ]?")
 _RANK0_SPLICE = re.compile(r"\[rank0\]:")  # moectl's own template (moectl.trainer.RANK_PREFIX_TEMPLATE), mid-line
 _OTHER_RANK_SPLICE = re.compile(r"\[rank[1-9]\d*\]:")
 _NOISE = (
@@ -105,12 +107,16 @@ _PEAK = re.compile(r"Peak memory usage:\s*([\d,]+(?:\.\d+)?)\s*MiB", re.IGNORECA
 _TOTAL = re.compile(r"Total training time:\s*([\d,]+(?:\.\d+)?)\s*(ms|s|m|min|h)\b", re.IGNORECASE)
 _UNIT_S = {"ms": 1e-3, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
 # nanochat key -> schema field. `bal` is the raw balance loss (the engine's aux_loss); `total time`
-# is cumulative training time (the engine's elapsed_s).
+# is cumulative training time (the engine's elapsed_s). `aux` and `load_max` are what engine.train
+# prints in the same line format, so its train.log reads back as its own metrics.jsonl.
 _NANOCHAT_FIELDS = {
-    "loss": "loss", "bal": "aux_loss", "aux_loss": "aux_loss", "lr": "lr", "dt": "dt_ms",
+    "loss": "loss", "bal": "aux_loss", "aux": "aux_loss", "aux_loss": "aux_loss", "lr": "lr", "dt": "dt_ms",
     "tok/sec": "tok_per_sec", "bf16_mfu": "mfu", "mfu": "mfu", "drop": "drop_frac",
-    "drop_frac": "drop_frac", "total time": "elapsed_s",
+    "drop_frac": "drop_frac", "load_max": "expert_load_max", "total time": "elapsed_s",
 }
+# An evaluation printed as a step line (engine.train's `step 00100 | validation loss: 3.2`): not a
+# training step, and not a step line that could not be read either.
+_EVAL_KEY = re.compile(r"^(?:val|validation|eval)\b", re.IGNORECASE)
 
 
 # Figures that are never below zero: a negative one printed is a placeholder (nanoGPT's mfu
@@ -326,6 +332,8 @@ class StdoutParser:
                 return None
             try:
                 kwargs = _nanochat_fields(m.group(3))
+                if "loss" not in kwargs and _is_eval_line(m.group(3)):
+                    return None
                 kwargs.update(self._pattern_fields(line))
                 if m.group(2):
                     self.planned_steps = int(m.group(2))
@@ -453,6 +461,10 @@ class StdoutParser:
                     f"{'step pattern' if loss is not None else 'step line'}, but none had a loss matched by the "
                     f"{where} that is a number ({self.fmt.describe()})")
         return f"no step line in the trainer's output matched ({self.fmt.describe()})"
+
+
+def _is_eval_line(rest: str) -> bool:
+    return any(_EVAL_KEY.match(part.partition(":")[0].strip()) for part in rest.split("|") if ":" in part)
 
 
 def _nanochat_fields(rest: str) -> dict[str, float]:

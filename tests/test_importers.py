@@ -234,3 +234,44 @@ def test_a_line_nested_too_deeply_is_a_malformed_line_skipped(tmp_path):
     assert m.skipped == 1 and [s.step for s in m.steps] == [0]
     with pytest.raises(ValueError, match="nested too deeply"):
         parse_line(deep)
+
+
+def test_the_engines_own_train_log_imports_as_its_metrics_jsonl(tmp_path):
+    """engine.train prints nanochat's step line with fields of its own (`aux`, `load_max`) and its
+    evaluations as `step N | validation loss: x`: read back, the log gives the engine's own figures,
+    and an evaluation is neither a step nor a step line that could not be read."""
+    import subprocess
+    import sys
+
+    from moectl.metrics import read_metrics
+
+    out = subprocess.run([sys.executable, "-m", "engine.train", "--preset", "tiny", "--device", "cpu", "--steps", "4",
+                          "--eval-every", "2", "--eval-batches", "1", "--out-dir", str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
+    assert out.returncode == 0, out.stderr
+    assert "validation loss:" in out.stdout and "| load_max: " in out.stdout
+    log = tmp_path / "train.log"
+    log.write_text(out.stdout)
+    parsed = load_log(log, "nanochat")
+    native = read_metrics(tmp_path / "run" / "metrics.jsonl").steps
+    assert parsed.skipped == 0
+    assert [s.step for s in parsed.steps] == [s.step for s in native] == [0, 1, 2, 3]
+    for got, want in zip(parsed.steps, native):
+        assert got.loss == pytest.approx(want.loss, abs=1e-6)
+        assert got.aux_loss == pytest.approx(want.aux_loss, abs=1e-4)
+        assert got.drop_frac == pytest.approx(want.drop_frac, abs=1e-3)
+        assert got.expert_load_max == pytest.approx(want.expert_load_max, abs=1e-2)
+
+
+def test_a_bracketed_number_in_front_of_a_line_is_the_trainers_text_not_a_rank(tmp_path):
+    from moectl.stdout_metrics import StdoutFormat, parse_text
+
+    fmt = StdoutFormat.build("regex", step=r"^\[(\d+)\]", patterns={"loss": r"loss=([\d.]+)"})
+    text = "".join(f"[{i}] loss={2 - i / 10} dt=5ms\n" for i in range(4))
+    assert [s.step for s in parse_text(text, fmt)[1]] == [0, 1, 2, 3]
+    epochs = StdoutFormat.build("regex", step=r"iter (\d+)", patterns={"loss": r"loss=([\d.]+)"})
+    text = "".join(f"[{i % 3}] iter {i} loss=1.5\n" for i in range(5))
+    parser, steps = parse_text(text, epochs)
+    assert [s.step for s in steps] == [0, 1, 2, 3, 4] and not parser.warnings()
+    # torchrun's own prefixes still name a rank: rank 1's line is not a step, rank 0's is
+    assert [s.step for s in parse_text("[rank1]: iter 7 loss=1.0\n[default0]:iter 8 loss=1.0\n", epochs)[1]] == [8]
