@@ -317,7 +317,11 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
         env["MOECTL_RUN_DIR"] = str(exp_dir)  # where a foreign trainer may write its own files
     if ranks_prefixed(cfg.launch, cfg.metrics, nproc, nodes):
         env[RANK_PREFIX_ENV] = RANK_PREFIX_TEMPLATE  # (the parser reads this prefix: not the user's to change)
-    if selected is not None:
+    if device == "cpu":
+        # No GPU for a cpu run: gpus_idle was not checked for it, and a trainer that picks cuda by
+        # itself (nanochat, nanoGPT, where `device` is not mapped) would land on busy, shared GPUs.
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    elif selected is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in selected)
 
     return RunPlan(

@@ -317,7 +317,7 @@ def test_plan_merges_defaults_under_flags_and_builds_the_exact_command():
         "-m", "engine.train", "--preset", "d12-moe", "--cap", "1.0", "--compile", "static", "--save-every", "50",
         "--seed", "3", "--device", "cpu", "--out-dir", p.exp_dir, "--ckpt-dir", p.ckpt_dir,
     ]  # `-- --seed 3` is an engine option: recorded with the others
-    assert shlex.split(command_text(p)) == ["OMP_NUM_THREADS=1", *p.argv]
+    assert shlex.split(command_text(p)) == ["OMP_NUM_THREADS=1", "CUDA_VISIBLE_DEVICES=", *p.argv]  # a cpu run sees no GPU
     assert set(planned_write_paths(p)) >= {p.exp_dir, p.ckpt_dir, p.exp_dir + "/run.json", p.exp_dir + "/metrics.jsonl",
                                           p.exp_dir + "/train.log", p.exp_dir + "/command.txt", p.exp_dir + "/git.diff"}
 

@@ -346,7 +346,7 @@ def test_dry_run_prints_command_and_guards_and_writes_nothing(proj, artifact_roo
     assert argv[argv.index("--out-dir") + 1] == data["exp_dir"]
     assert data["exp_dir"] == str(artifact_root / "dry")
     # The text output prints the same command, as a shell line with the env additions.
-    assert f"OMP_NUM_THREADS=1 {shlex.join(argv)}" in " ".join(r.stdout.split())
+    assert f"OMP_NUM_THREADS=1 CUDA_VISIBLE_DEVICES='' {shlex.join(argv)}" in " ".join(r.stdout.split())
     assert not artifact_root.exists()  # not even the root is created
     assert tree_state(proj) == before and head(proj) == old_head and not (proj / "reports").exists()
 
