@@ -154,5 +154,10 @@ def _record_commit(record: RunRecord, sha: str, report: Optional[Path] = None) -
     if sha and (record.commit != sha or record.commit_error is not None or record.report != report_text):
         from moectl import store
 
-        record.commit, record.commit_error, record.report = sha, None, report_text
-        store.save_run(record)
+        blob = record.report_blob
+
+        def committed(rec: RunRecord) -> None:
+            rec.commit, rec.commit_error, rec.report = sha, None, report_text
+            rec.report_blob = blob or rec.report_blob
+
+        store.update_run(record, committed)  # (a `moectl sync` may have recorded its trackers meanwhile)

@@ -80,6 +80,7 @@ class TrackerMirror(BaseModel):
     at: str  # when the attempt ended
     took_s: float  # how long it took (bounded: a tracker that is down never holds a run up)
     error: Optional[str] = None  # why it failed; the retry command is `moectl sync RUN`
+    report: Optional[str] = None  # the report it was sent (None: none yet); a later one makes it due again
 
 
 class RunRecord(BaseModel):

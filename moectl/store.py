@@ -16,13 +16,14 @@ store this process cannot write — it is *shown* as `stale` and left as it is.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from pydantic import Field, ValidationError, model_validator
 
@@ -99,6 +100,38 @@ def save_run(record: RunRecord) -> Path:
     path = Path(record.exp_dir) / RUN_RECORD
     save_model(path, record)
     return path
+
+
+@contextlib.contextmanager
+def _record_lock(run_dir: Path) -> Iterator[None]:
+    """One read-modify-write of a run's record at a time (see `update_run`)."""
+    import fcntl
+
+    try:
+        fh = open(Path(run_dir) / ".record.lock", "a")
+    except OSError:  # a read-only run directory: the save below fails and says so anyway
+        yield
+        return
+    with fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def update_run(record: RunRecord, change: Callable[[RunRecord], None]) -> Path:
+    """Apply `change` to `record` and to the run.json on disk, and save that: the fields `change`
+    sets, and whatever another command recorded since `record` was read. A command holding a copy
+    read minutes ago (`moectl sync` over a slow tracker, beside a `moectl commit` of the same run)
+    would otherwise write back its stale copy and erase the other's result. A record that cannot
+    be read back (gone, corrupt) is saved as `record` is."""
+    change(record)
+    run_dir = Path(record.exp_dir)
+    with _record_lock(run_dir):
+        try:
+            on_disk = load_run(run_dir)
+        except UsageError:
+            return save_run(record)
+        change(on_disk)
+        return save_run(on_disk)
 
 
 def load_run(run_dir: Path) -> StoredRun:

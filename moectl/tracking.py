@@ -169,14 +169,25 @@ def finished(record: RunRecord) -> bool:
 
 
 def due(cfg: Config, record: RunRecord) -> list[str]:
-    """The configured trackers that do not hold this run yet: never mirrored, failed, or mirrored
-    to another target."""
+    """The configured trackers that do not hold this run yet: never mirrored, failed, mirrored
+    to another target, or mirrored before its report was there (`moectl commit RUN` writes the
+    report of a run whose moectl was killed first)."""
     out = []
+    report = recorded_report(cfg, record)
     for name in configured(cfg):
         state = record.tracking.get(name)
-        if state is None or state.status != "mirrored" or state.target != target_of(cfg, name):
+        if state is None or state.status != "mirrored" or state.target != target_of(cfg, name) \
+                or (report is not None and state.report != str(report)):
             out.append(name)
     return out
+
+
+def recorded_report(cfg: Config, record: RunRecord) -> Optional[Path]:
+    """The run's report: the file its record names, else the one `report_dir` holds for its id
+    (a record written before its report was, or a `report_dir` moved since)."""
+    if record.report and Path(record.report).is_file():
+        return Path(record.report)
+    return find_run_report(cfg.report_dir, record.id)
 
 
 def sync_plan(cfg: Config, refs: Sequence[str]) -> list[tuple[store.StoredRun, list[str]]]:
@@ -241,7 +252,7 @@ def _mirror_locked(cfg: Config, record: RunRecord, report: Optional[Path], names
     results: list[Mirrored] = []
     try:
         try:
-            data: Optional[Payload] = payload(record, report if report is not None else find_run_report(cfg.report_dir, record.id))
+            data: Optional[Payload] = payload(record, report if report is not None else recorded_report(cfg, record))
             problem = None
         except Exception as exc:  # an unreadable run directory: every tracker fails alike
             data, problem = None, f"reading the run: {_one_line(exc)}"
@@ -257,8 +268,9 @@ def _mirror_locked(cfg: Config, record: RunRecord, report: Optional[Path], names
 
 
 def _save_outcomes(record: RunRecord, results: list[Mirrored]) -> None:
-    try:
-        store.save_run(record)
+    states = {r.tracker: r.state for r in results}
+    try:  # only the trackers' states: the rest of `record` may be older than the run.json by now
+        store.update_run(record, lambda rec: rec.tracking.update(states))
     except OSError as exc:  # the trackers hold the copy; `moectl sync` will find it again
         for r in results:
             r.note = f"run.json not updated: {exc}"
@@ -274,8 +286,10 @@ def _attempt(name: str, cfg: Config, record: RunRecord, data: Optional[Payload],
     else:
         adapter: Callable = _ADAPTERS[name]
         try:
-            # Trackers print links and banners on stdout; `moectl run --json` must stay one object.
-            with contextlib.redirect_stdout(io.StringIO()):
+            # Trackers print links and banners on stdout (`moectl run --json` must stay one object)
+            # and notes on stderr (wandb's "Loaded credentials ... from WANDB_API_KEY"); moectl
+            # says in one line what was mirrored, and a failure comes back as the exception.
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 run_id, location, added, note = adapter(cfg, record, data, _Deadline(BUDGET_S))
         except ImportError as exc:
             missing = getattr(exc, "name", None) or ""
@@ -283,9 +297,11 @@ def _attempt(name: str, cfg: Config, record: RunRecord, data: Optional[Payload],
             error = f"{what} (pip install 'moectl[{name}]')"
         except Exception as exc:  # the tracker's own errors: down, refused, misconfigured
             error = _reason(exc, name)
+    sent = data.files.get("report.md") if data is not None and not error else None
     state = TrackerMirror(
         status="failed" if error else "mirrored", target=target_of(cfg, name), run_id=run_id,
         location=location, at=store.now_iso(), took_s=round(time.monotonic() - t0, 3), error=error,
+        report=str(sent) if sent is not None else None,
     )
     if error and run_id is None:  # a failed retry keeps what an earlier attempt knew
         prior = record.tracking.get(name)
@@ -399,11 +415,17 @@ def _flat(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
 @contextlib.contextmanager
 def _mlflow_env(uri: str) -> Iterator[None]:
     """Bound every MLflow request (see the module docstring) for the duration of the mirror; a
-    directory store is what the config asked for, so opt in to MLflow's file store too."""
+    directory store is what the config asked for, so opt in to MLflow's file store too; and no
+    usage telemetry, unless the user's environment says otherwise."""
     wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(REQUEST_TIMEOUT_S),
               "MLFLOW_LOGGING_LEVEL": "WARNING"}  # read when mlflow is first imported
     if "://" not in uri or uri.startswith("file:"):
         wanted["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    if "MLFLOW_DISABLE_TELEMETRY" not in os.environ and "DO_NOT_TRACK" not in os.environ:
+        # MLflow 3 reports its own usage to the internet by default: a mirror to a store on this
+        # machine (or a cluster's air-gapped server) is moectl's, and sends nothing else anywhere.
+        # Whoever sets either variable decides for themselves.
+        wanted["MLFLOW_DISABLE_TELEMETRY"] = "true"
     saved = {k: os.environ.get(k) for k in wanted}
     os.environ.update(wanted)
     # MLflow and alembic log at INFO on a new sqlite store ("Creating initial MLflow database
@@ -511,9 +533,12 @@ def _wandb(cfg: Config, record: RunRecord, data: Payload, deadline: _Deadline):
     prior = record.tracking.get("wandb")
     offline = t.wandb_mode == "offline"
     mirrored = prior is not None and prior.status == "mirrored" and prior.location
-    if (offline and mirrored and prior.target == target_of(cfg, "wandb") and Path(prior.location).is_dir()):
+    report = data.files.get("report.md")
+    if (offline and mirrored and prior.target == target_of(cfg, "wandb") and Path(prior.location).is_dir()
+            and (report is None or prior.report == str(report))):
         # An offline run directory is an upload queue: a second one for the same run would queue
-        # every point twice. The run's record is final, so the first one already holds it all.
+        # every point twice. The run's record is final, so the first one already holds it all -
+        # unless its report came later (`moectl commit RUN`): then a whole new queue replaces it.
         # (Deleted since, it is written again.)
         return prior.run_id, prior.location, {}, f"already written to {prior.location}; `wandb sync` uploads it"
     if offline:

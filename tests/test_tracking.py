@@ -799,3 +799,113 @@ def test_wandbs_deadline_exceeded_reads_as_timed_out():
     exc = Exception('Post "http://127.0.0.1:9/graphql": context deadline exceeded (Client.Timeout exceeded '
                     'while awaiting headers)')
     assert _reason(exc, "wandb") == "wandb server unreachable: timed out"
+
+
+# ------------------------------------------------------------------------- the record and its report
+
+
+def ended_run(repo: Path, tag: str) -> tuple[Path, str]:
+    """A completed run in the store whose moectl was killed before its report: what `moectl commit
+    RUN` writes the report of. -> (its directory, its id)."""
+    from moectl.config import load_config
+    from moectl.records import GitInfo, RunRecord, Summary
+    from moectl.store import create_run_dir, run_id, save_run
+
+    cfg = load_config(None)
+    rid = run_id("moe", tag)
+    exp = create_run_dir(cfg.artifact_root / rid)
+    shutil.copyfile(REPO / "tests" / "fixtures" / "metrics_small.jsonl", exp / "metrics.jsonl")
+    save_run(RunRecord(id=rid, tag=tag, status="completed", created_at="2025-01-01T12:00:00+00:00",
+                       finished_at="2025-01-01T12:05:00+00:00", exit_code=0, options={"cap": 1.0},
+                       git=GitInfo(branch="main", commit=git(repo, "rev-parse", "HEAD").strip(), dirty=False),
+                       exp_dir=str(exp), summary=Summary(window=50, steps=10, tok_per_sec=806400.06)))
+    return exp, rid
+
+
+def cli(*args: str):
+    from typer.testing import CliRunner
+
+    from moectl.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+LOCAL_TRACKERS = 'mlflow_uri = "../mlstore"\nwandb_project = "moe"\nwandb_mode = "offline"'
+
+
+def test_a_sync_holding_an_old_copy_of_the_record_keeps_what_moectl_commit_recorded_meanwhile(
+        git_repo, monkeypatch, artifact_root):
+    # `moectl sync` reads its runs first, then spends up to its budget per tracker on each: a
+    # `moectl commit` of one of them meanwhile must not be erased by the sync's save.
+    from moectl.config import load_config
+    from moectl.store import load_run
+    from moectl.tracking import mirror_run
+
+    tracked_project(git_repo, monkeypatch, LOCAL_TRACKERS)
+    exp, rid = ended_run(git_repo, "held")
+    old_copy = load_run(exp)  # what a sync read before the commit
+    r = cli("commit", rid, "--json")
+    assert r.exit_code == 0, r.output
+    sha, report = json.loads(r.stdout)["commit"], json.loads(r.stdout)["report"]
+    results = mirror_run(load_config(None), old_copy)
+    assert [m.state.status for m in results] == ["mirrored", "mirrored"], [m.state.error for m in results]
+    rec = record_of(artifact_root, rid)
+    assert (rec["commit"], rec["report"], rec["commit_error"]) == (sha, report, None)
+    assert {name: (t["status"], t["report"]) for name, t in rec["tracking"].items()} == {
+        "mlflow": ("mirrored", report), "wandb": ("mirrored", report)}
+
+
+def test_a_report_written_after_the_mirror_makes_the_run_due_and_reaches_both_trackers(
+        git_repo, monkeypatch, artifact_root):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    tracked_project(git_repo, monkeypatch, LOCAL_TRACKERS)
+    exp, rid = ended_run(git_repo, "late")
+    r = cli("sync", "--json")
+    assert r.exit_code == 0, r.output
+    first = {row["tracker"]: row for row in json.loads(r.stdout)}
+    assert first["mlflow"]["added"]["files"] == 0 and record_of(artifact_root, rid)["tracking"]["mlflow"]["report"] is None
+    [queue] = offline_dirs(exp)
+    assert not wandb_view(queue)["artifacts"]
+
+    assert cli("commit", rid).exit_code == 0  # writes the report from the record, and commits it
+    r = cli("sync", "--json")  # no RUN named: the run is due again, for its report
+    assert r.exit_code == 0, r.output
+    again = {row["tracker"]: row for row in json.loads(r.stdout)}
+    assert again.keys() == {"mlflow", "wandb"} and again["mlflow"]["added"] == {"params": 0, "metric_points": 0, "files": 1}
+    c, mr = the_mlflow_run(str(git_repo.parent / "mlstore"), rid)
+    assert [a.path for a in c.list_artifacts(mr.info.run_id, "moectl")] == ["moectl/report.md"]
+    [queue] = offline_dirs(exp)  # one upload queue still: the new one replaced the first
+    assert [a.name for a in wandb_view(queue)["artifacts"]] and again["wandb"]["location"] == str(queue)
+    assert "nothing to sync" in cli("sync").stdout
+
+
+def test_the_report_mirrored_is_the_one_the_record_names_after_report_dir_moved(git_repo, monkeypatch, artifact_root):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    tracked_project(git_repo, monkeypatch, 'mlflow_uri = "../mlstore"')
+    exp, rid = ended_run(git_repo, "moved")
+    assert cli("commit", rid).exit_code == 0
+    report = record_of(artifact_root, rid)["report"]
+    cfg = git_repo / ".moectl.toml"
+    cfg.write_text(cfg.read_text().replace("[tracking]", "[paths]\nreport_dir = \"elsewhere\"\n\n[tracking]"))
+    r = cli("sync", rid, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)[0]["added"]["files"] == 1
+    c, mr = the_mlflow_run(str(git_repo.parent / "mlstore"), rid)
+    [art] = c.list_artifacts(mr.info.run_id, "moectl")
+    assert art.path == "moectl/report.md" and record_of(artifact_root, rid)["tracking"]["mlflow"]["report"] == report
+
+
+def test_a_mirror_turns_mlflows_usage_telemetry_off_unless_the_user_chose(monkeypatch, tmp_path):
+    # MLflow 3 reports usage to the internet by default (read when it is imported, in the mirror):
+    # moectl's mirror of a run to a local store sends nothing anywhere else.
+    from moectl.tracking import _mlflow_env
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    for key in ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK"):
+        monkeypatch.delenv(key, raising=False)
+    with _mlflow_env(uri):
+        assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    assert "MLFLOW_DISABLE_TELEMETRY" not in os.environ  # the process's environment as it was
+    monkeypatch.setenv("DO_NOT_TRACK", "false")  # a choice of the user's own: left to MLflow
+    with _mlflow_env(uri):
+        assert "MLFLOW_DISABLE_TELEMETRY" not in os.environ
