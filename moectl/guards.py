@@ -125,8 +125,7 @@ def guard_paths(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
     if p.root_in_work_tree:
         # Every run's files would be untracked changes: the next run recorded `dirty`, its git.diff
         # carrying the last run's logs and checkpoints metadata, and `git add -A` sweeping them in.
-        problems.append(f"artifact_root {root} is inside the repository and not git-ignored: add it to .gitignore "
-                        "or move it out")
+        problems.append(_root_in_work_tree(root))
     problems += report_dir_problems(p.report_dir, repo, p.git_dir, p.read_only)
     problems += tracker_store_problems(p.tracker_store, root, p.read_only, p.tracker_in_work_tree)
     for ro in p.read_only:
@@ -139,6 +138,26 @@ def guard_paths(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
         hint = " — choose an --exp-dir inside artifact_root or fix [paths]" if where else " — fix [paths] in the config"
         return _fail("paths", "; ".join(dict.fromkeys(problems)) + hint)
     return _ok("paths", f"all {len(p.writes)} write paths inside {root}")
+
+
+def run_store_problems(cfg: Config) -> list[str]:
+    """What the paths guard says of where artifact_root is, for a command that adds a run to the
+    store without `moectl run`'s guards (`moectl import`): inside the repository and not
+    git-ignored, every file of the run would be an untracked change (the next run `dirty`). (A
+    root that cannot be written is the store's own one-line error, exit 2.)"""
+    from moectl import gitops
+    from moectl.probes import _real
+
+    root = Path(_real(cfg.artifact_root))
+    try:
+        in_tree = gitops.tracked_area(cfg.root, root)
+    except OSError:
+        in_tree = False
+    return [_root_in_work_tree(str(root))] if in_tree else []
+
+
+def _root_in_work_tree(root: str) -> str:
+    return f"artifact_root {root} is inside the repository and not git-ignored: add it to .gitignore or move it out"
 
 
 def report_dir_problems(report_dir: str, repo: str, git_dir: Optional[str], read_only: list[str]) -> list[str]:

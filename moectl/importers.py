@@ -236,6 +236,14 @@ def load_log(path: Path, fmt: str, run: Optional[str] = None, stdout_format: Opt
     if not path.is_file():
         raise UsageError(f"log file not found: {path}")
     try:
+        # Git's test for a binary file (a NUL in its first 8000 bytes), before reading it all: a
+        # checkpoint or an archive given by mistake was read whole and decoded (1.5 GB of memory
+        # for a 200 MB file) to end in "no step lines". UTF-16 text has NULs: its BOM says so.
+        with open(path, "rb") as fh:
+            head = fh.read(8000)
+        if b"\0" in head and head[:2] not in (b"\xff\xfe", b"\xfe\xff"):
+            raise UsageError(f"{path} is not a text log (binary data in its first bytes: a checkpoint or an "
+                             "archive?); give the training log")
         # -sig: Excel writes CSVs with a BOM. Bytes decoded, not read_text: its newline translation
         # would make every `\r` of a redrawn progress bar a newline of its own (stdout_metrics.split_lines).
         raw = path.read_bytes()

@@ -678,3 +678,33 @@ def test_show_says_how_many_lines_of_metrics_it_could_not_read(project, artifact
     r = invoke("show", "nano")
     assert r.exit_code == 0 and "note: 1 line(s) of metrics.jsonl could not be read and are left out" in r.stdout
     assert json.loads(invoke("show", "nano", "--json").stdout)["metrics_skipped"] == 1
+
+
+def test_import_refuses_a_binary_file_before_reading_it_whole(project, artifact_root, tmp_path):
+    # A checkpoint given by mistake (`.pt`: read as a nanochat log by its suffix) was read whole and
+    # decoded before "no step lines": gigabytes of memory on a shared node for a big one.
+    ckpt = tmp_path / "model_000100.pt"
+    ckpt.write_bytes(b"PK\x03\x04\x00\x00" + os.urandom(1 << 16))  # a zip archive, as torch.save writes
+    r = invoke("import", str(ckpt), "--name", "oops")
+    assert r.exit_code == 2 and r.stderr.strip() == (
+        f"error: {ckpt} is not a text log (binary data in its first bytes: a checkpoint or an archive?); "
+        "give the training log")
+    assert not artifact_root.exists()
+
+
+def test_import_into_an_artifact_root_inside_the_repository_is_refused_as_run_refuses_it(project, monkeypatch):
+    # `moectl run` refuses it (paths guard, exit 3): every run's files would be untracked changes
+    # of the repository, the next run `dirty`. An import writes the same files into the same store.
+    inside = project / "runs"
+    monkeypatch.setenv("MOECTL_ARTIFACT_ROOT", str(inside))
+    r = invoke("import", str(FIXTURES / "nanochat_small.log"), "--name", "old")
+    assert r.exit_code == 3 and r.stderr.strip() == (
+        f"error: artifact_root {inside} is inside the repository and not git-ignored: add it to .gitignore or "
+        "move it out — fix [paths] in the config")
+    assert not inside.exists() and git_status(project) == ""
+    (project / ".gitignore").write_text("runs/\n")  # ignored: the store may live there
+    assert invoke("import", str(FIXTURES / "nanochat_small.log"), "--name", "old").exit_code == 0
+
+
+def git_status(repo: Path) -> str:
+    return subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout

@@ -13,7 +13,7 @@ if TYPE_CHECKING:  # rich is imported where a table is drawn: `--json` never pay
 
 from moectl.cli.common import app, handle_errors, print_json, printable, stderr, stdout
 from moectl.cli.options import ConfigOpt, JsonOpt, RunArg, PATH
-from moectl.errors import UsageError
+from moectl.errors import GuardRefused, UsageError
 
 STATUSES = ("created", "queued", "running", "completed", "failed", "interrupted", "refused", "imported", "stale")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -609,6 +609,11 @@ def import_cmd(
     if len(longest.encode()) > NAME_MAX:
         raise UsageError(f"--name: the run directory name would be up to {len(longest.encode())} bytes, over the "
                          f"filesystem's {NAME_MAX}; use a shorter name")
+    from moectl.guards import run_store_problems
+
+    problems = run_store_problems(cfg)
+    if problems:  # the paths guard of `moectl run` on the same store: exit 3 as there, nothing written
+        raise GuardRefused("; ".join(problems) + " — fix [paths] in the config")
     if any(d.name == name for d in run_dirs(cfg.artifact_root)):
         # `show`/`compare` take a run's id before any tag: this run could never be named by it
         raise UsageError(f"--name {name!r} is the id of a run already in the store; pick another name")
