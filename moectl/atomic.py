@@ -58,6 +58,11 @@ def write_text_atomic(path: Path, text: str) -> None:
         fh.write(text)
 
 
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    with atomic_file(path, "wb") as fh:
+        fh.write(data)
+
+
 @functools.lru_cache(maxsize=None)
 def new_file_mode() -> int:
     """The permissions `open(path, "w")` would give a new file: 0o666 less the umask. mkstemp's own

@@ -47,12 +47,14 @@ count evals and checkpoint saves, and an imported log has no wall clock.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import IO, Optional
 
 from engine.schema import RunSummary, StartInfo, StepMetrics, to_line
+from moectl.atomic import write_bytes_atomic
 from moectl.text import ANSI
 
 # One line of output: up to a newline (`\n`, `\r\n`) or a carriage return that redraws the line. A
@@ -508,16 +510,33 @@ def parse_text(text: str, fmt: StdoutFormat, *, finished: bool = False) -> tuple
     return parser, steps
 
 
+# What LiveMetricsWriter keeps of its own lines to put metrics.jsonl back (see there): far more
+# than the metrics of any run moectl is for (a line is ~250 bytes), and a bound on its memory.
+KEEP_BYTES = 64 << 20
+
+
 class LiveMetricsWriter:
     """What `moectl run` hangs on the tee for a stdout-parsed trainer: each parsed record appended
     (and flushed) to the run's metrics.jsonl, where the progress follower and every reader find it.
+
+    The trainer is told the run directory ($MOECTL_RUN_DIR, a mapped out_dir), and `metrics.jsonl`
+    is a common name for a trainer's own file: one that writes it there truncates or replaces
+    moectl's. So the writer keeps what the file should hold, and `close()` checks it is still that
+    file at that size; if not, the trainer's file is kept as `metrics.trainer.jsonl`, moectl's is put
+    back, and the record says so.
 
     Called from the tee thread only, then `close()` from the launching thread once the tee is done."""
 
     def __init__(self, path: Path, parser: StdoutParser):
         self.parser = parser
+        self.path = Path(path)
         self._fh: IO[str] = open(path, "a", encoding="utf-8")
         self._stopped = False
+        # A requeued job appends to what its earlier attempts wrote: that is moectl's too.
+        before = self.path.read_bytes()
+        self._kept: Optional[list[bytes]] = [before]
+        self._size = len(before)  # what the file holds, all of it moectl's
+        self._inode = os.fstat(self._fh.fileno()).st_ino
 
     def __call__(self, raw: str) -> None:
         if self._stopped:
@@ -530,13 +549,45 @@ class LiveMetricsWriter:
                                      f"line {raw.rstrip()[:200]!r} ({type(exc).__name__}: {exc}): later steps are missing")
             return
         for rec in records:
-            self._fh.write(to_line(rec) + "\n")
-            self._fh.flush()
+            self._write(to_line(rec) + "\n")
+
+    def _write(self, line: str) -> None:
+        data = line.encode()
+        self._fh.write(line)
+        self._fh.flush()
+        self._size += len(data)
+        if self._kept is not None:
+            self._kept.append(data)
+            if self._size > KEEP_BYTES:
+                self._kept = None  # past the bound: a clash is still found and said, no longer mended
 
     def close(self) -> None:
         if self._fh.closed:
             return
         summary = self.parser.finish()
         if summary is not None:
-            self._fh.write(to_line(summary) + "\n")
+            self._write(to_line(summary) + "\n")
         self._fh.close()
+        self._check_still_ours()
+
+    def _check_still_ours(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        if st is not None and st.st_ino == self._inode and st.st_size == self._size:
+            return
+        aside = self.path.with_name("metrics.trainer.jsonl")
+        if st is not None:
+            os.replace(self.path, aside)
+        kept = f"the trainer's file is kept as {aside.name}" if st is not None else "the trainer deleted it"
+        if self._kept is None:
+            self.parser.notes.append(
+                f"{self.path.name} was written by the trainer too (it writes into the run directory, $MOECTL_RUN_DIR): "
+                f"{kept}, and moectl's metrics of this run are lost; have the trainer write its files elsewhere "
+                "or under other names")
+            return
+        write_bytes_atomic(self.path, b"".join(self._kept))
+        self.parser.notes.append(
+            f"{self.path.name} was written by the trainer too (it writes into the run directory, $MOECTL_RUN_DIR): "
+            f"{kept} and moectl's is put back; have the trainer write its files elsewhere or under other names")

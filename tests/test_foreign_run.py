@@ -405,3 +405,25 @@ def test_sigint_mid_run_of_a_foreign_trainer(git_repo, monkeypatch, artifact_roo
     assert [s.step for s in steps] == list(range(15))
     assert rec["summary"]["steps"] == 5  # steps 10-14: the metrics so far, summarised
     assert rec["summary"]["dt_ms"] == pytest.approx(sum(s.dt_ms for s in steps[10:]) / 5)
+
+
+def test_a_trainer_writing_its_own_metrics_jsonl_into_the_run_directory_keeps_moectls_apart(
+        git_repo, monkeypatch, artifact_root):
+    # $MOECTL_RUN_DIR is where the trainer may write its files, and metrics.jsonl a common name for
+    # one: it truncated moectl's stdout-parsed metrics midway (steps and start line gone, its own
+    # lines mixed in, `show` counting them malformed) while the run said `completed`.
+    nanogpt_project(git_repo, monkeypatch)
+    result = runner.invoke(app, ["run", "--device", "cpu", "--steps", "20", "--tag", "own", *QUIET,
+                                 "--", "--own_metrics=1"])
+    assert result.exit_code == 0, result.output
+    [exp] = run_dirs(artifact_root)
+    lines = [parse_line(line) for line in (exp / "metrics.jsonl").read_text().splitlines()]
+    assert isinstance(lines[0], StartInfo) and isinstance(lines[-1], RunSummary)
+    assert [s.step for s in lines if isinstance(s, StepMetrics)] == list(range(20))
+    theirs = (exp / "metrics.trainer.jsonl").read_text()
+    assert '{"iter": 10, "train_loss"' in theirs and '{"iter": 19, "train_loss"' in theirs
+    rec = record(exp)
+    assert rec["status"] == "completed" and rec["summary"]["steps"] == 10
+    assert rec["warnings"] == ["metrics.jsonl was written by the trainer too (it writes into the run directory, "
+                               "$MOECTL_RUN_DIR): the trainer's file is kept as metrics.trainer.jsonl and moectl's is "
+                               "put back; have the trainer write its files elsewhere or under other names"]
