@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -106,7 +106,10 @@ def parse_jsonl(text: str) -> ParsedLog:
     from moectl.metrics import parse_metrics_text
 
     mf = parse_metrics_text(text)
-    out = ParsedLog(format="jsonl", steps=mf.steps, skipped=mf.skipped)
+    # A figure that is never below zero, written negative (a -1 for "unknown" by another writer of
+    # the schema): missing from its step, as the log and csv importers have it, not averaged in.
+    steps = [replace(s, **{k: None for k in NON_NEGATIVE if (getattr(s, k) or 0) < 0}) for s in mf.steps]
+    out = ParsedLog(format="jsonl", steps=steps, skipped=mf.skipped)
     if mf.start is not None:
         out.planned_steps, out.world_size = mf.start.steps, mf.start.world_size
     if mf.summary is not None:
@@ -162,6 +165,7 @@ def _parse_csv(text: str, run: Optional[str]) -> ParsedLog:
                             f"{len(header)} columns, so its step {str(cut.get('step') or '?').strip()} was not read "
                             "(cut mid-write); if it is whole, complete the row and import again")
     by_step: dict[int, StepMetrics] = {}
+    repeated = 0
     for row in rows:
         try:
             kwargs: dict[str, float] = {}
@@ -182,11 +186,35 @@ def _parse_csv(text: str, run: Optional[str]) -> ParsedLog:
                 raise ValueError(f"step {step}")
             if "loss" not in kwargs:
                 raise ValueError("no loss")
+            repeated += step in by_step
             by_step[step] = StepMetrics(step=step, **kwargs)
         except (ValueError, TypeError, AttributeError):
             out.skipped += 1
     out.steps = [by_step[k] for k in sorted(by_step)]
+    if repeated:
+        out.warnings.append(f"{repeated} row(s) repeated the step number of an earlier row: each step keeps its last "
+                            "row (a resumed run's steps run again, or two runs in one table without a run column?)")
+    _time_from_step_times(out)
     return out
+
+
+def _time_from_step_times(out: ParsedLog) -> None:
+    """A table without elapsed_s (the seed study's): training time as the sum of its step times,
+    each dt standing for the steps missing before it too - the rule of stdout-parsed logs
+    (moectl.stdout_metrics), so a csv imports with the total time its log would have had."""
+    if any(s.elapsed_s is not None for s in out.steps) or not any(s.dt_ms is not None for s in out.steps):
+        return
+    elapsed, prev, missing = 0.0, None, 0
+    for i, s in enumerate(out.steps):
+        gap = s.step - prev - 1 if prev is not None else 0
+        prev = s.step
+        if s.dt_ms is not None:
+            elapsed += s.dt_ms / 1000.0 * (1 + gap)
+            missing += gap
+        out.steps[i] = replace(s, elapsed_s=elapsed)
+    if missing:
+        out.warnings.append(f"{missing} steps are not in the csv: training time counts each row's dt for the steps "
+                            "missing before it (dt x steps since the previous row: an estimate)")
 
 
 def _step_number(cell: str) -> int:

@@ -275,3 +275,34 @@ def test_a_bracketed_number_in_front_of_a_line_is_the_trainers_text_not_a_rank(t
     assert [s.step for s in steps] == [0, 1, 2, 3, 4] and not parser.warnings()
     # torchrun's own prefixes still name a rank: rank 1's line is not a step, rank 0's is
     assert [s.step for s in parse_text("[rank1]: iter 7 loss=1.0\n[default0]:iter 8 loss=1.0\n", epochs)[1]] == [8]
+
+
+def test_a_csv_without_elapsed_times_its_run_by_its_step_times_as_a_log_would():
+    # The seed study's tables have dt_ms and no elapsed_s: `compare` showed their total time as "—"
+    # while the same run's nanochat log imported with the sum of its step times.
+    p = load_log(FIXTURES / "steps_seed_style.csv", "csv")
+    assert [s.elapsed_s for s in p.steps] == pytest.approx([9.0, 9.7, 10.35, 10.99, 11.65])
+    assert tail_summary(MetricsFile(steps=p.steps), window=3).total_time_min == pytest.approx(11.65 / 60)
+    assert p.warnings == []
+    sparse = parse_csv("step,loss,dt_ms\n0,5.0,10\n2,4.9,10\n4,4.8,20\n")
+    assert [s.elapsed_s for s in sparse.steps] == pytest.approx([0.01, 0.03, 0.07])  # each dt stands for the gap before it
+    assert sparse.warnings == ["2 steps are not in the csv: training time counts each row's dt for the steps missing "
+                               "before it (dt x steps since the previous row: an estimate)"]
+    timed = parse_csv("step,loss,dt_ms,elapsed_s\n0,5.0,10,3.0\n1,4.9,10,3.5\n")
+    assert [s.elapsed_s for s in timed.steps] == [3.0, 3.5]  # its own times stay
+
+
+def test_a_csv_step_repeated_keeps_its_last_row_and_says_so():
+    p = parse_csv("step,loss\n0,5.0\n1,4.9\n1,4.7\n2,4.6\n")
+    assert [(s.step, s.loss) for s in p.steps] == [(0, 5.0), (1, 4.7), (2, 4.6)]
+    assert p.warnings == ["1 row(s) repeated the step number of an earlier row: each step keeps its last row "
+                          "(a resumed run's steps run again, or two runs in one table without a run column?)"]
+
+
+def test_a_jsonl_figure_that_cannot_be_negative_is_missing_not_averaged(tmp_path):
+    log = tmp_path / "m.jsonl"
+    log.write_text('{"type": "step", "step": 0, "loss": 2.0, "tok_per_sec": 1000.0, "dt_ms": 5.0}\n'
+                   '{"type": "step", "step": 1, "loss": 1.9, "tok_per_sec": -5.0, "dt_ms": -1.0, "aux_loss": -0.5}\n')
+    p = load_log(log, "jsonl")
+    assert (p.steps[1].tok_per_sec, p.steps[1].dt_ms, p.steps[1].aux_loss) == (None, None, -0.5)
+    assert tail_summary(MetricsFile(steps=p.steps), window=2).tok_per_sec == 1000.0
