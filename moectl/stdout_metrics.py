@@ -568,7 +568,10 @@ class LiveMetricsWriter:
         if summary is not None:
             self._write(to_line(summary) + "\n")
         self._fh.close()
-        self._check_still_ours()
+        try:
+            self._check_still_ours()
+        except OSError as exc:  # (the run's outcome stands; what is wrong with its metrics is said)
+            self.parser.notes.append(f"{self.path.name} could not be checked or put back after the run: {exc}")
 
     def _check_still_ours(self) -> None:
         try:
