@@ -20,9 +20,10 @@ of each rank's gradient. Under EP an expert's gradient on its rank already sums 
 all N ranks of its EP group (their tokens came to it, their output gradients came back through the
 all-to-all); summing over its expert-DP group then covers all W ranks' tokens, once each.
 
-Checkpoints stay shape-independent: `full_state` gathers every rank's experts (and their AdamW
-moments) into the layout an EP-1 run has, and `shard_optimizer_state` cuts a loaded full state down
-to this rank's experts. So a run may resume under another --ep or another world size.
+Checkpoints stay shape-independent: `full_state` gathers the experts of EP group 0 (and their AdamW
+moments) to rank 0, one tensor at a time into host memory, in the layout an EP-1 run has, and
+`shard_optimizer_state` cuts a loaded full state down to this rank's experts. So a run may resume
+under another --ep or another world size.
 """
 from __future__ import annotations
 
@@ -102,22 +103,32 @@ class ExpertParallel:
 
     # ---- checkpoints ----------------------------------------------------------------------
 
-    def gather(self, shard: torch.Tensor) -> torch.Tensor:
-        """Collective over the EP group: the shards of every member, stacked back along dim 0."""
-        parts = [torch.empty_like(shard) for _ in range(self.size)]
-        dist.all_gather(parts, shard.contiguous(), group=self.group)
-        return torch.cat(parts)
+    def gather_to_first(self, shard: torch.Tensor) -> Optional[torch.Tensor]:
+        """Collective over the EP group: on its member 0, the shards of every member stacked back
+        along dim 0, in host memory; None on the others. One tensor at a time, to one rank: the
+        full experts never sit on every device at once (an all-gather of the weights and both AdamW
+        moments put more expert memory on each rank at a save than DDP holds, which is what EP is
+        there to avoid)."""
+        first = self.index == 0
+        parts = [torch.empty_like(shard) for _ in range(self.size)] if first else None
+        dist.gather(shard.contiguous(), parts, dst=dist.get_global_rank(self.group, 0), group=self.group)
+        return torch.cat([part.cpu() for part in parts]) if first else None
 
-    def full_state(self, model_state: dict, expert_names: list[str], optim_state: dict, expert_idx: list[int]) -> tuple[dict, dict]:
-        """(model, optimizer) state dicts with every expert tensor gathered to the full E.
-        Collective: every rank calls it (rank 0 writes the result)."""
+    def full_state(self, model_state: dict, expert_names: list[str], optim_state: dict,
+                   expert_idx: list[int]) -> tuple[Optional[dict], Optional[dict]]:
+        """(model, optimizer) state dicts with every expert tensor gathered to the full E, on global
+        rank 0 (the one that writes); (None, None) elsewhere. Collective over EP group 0 (ranks
+        0..N-1): the other groups hold the same experts and take no part."""
+        if dist.get_rank() >= self.size:
+            return None, None
+        first = self.index == 0
         model_state = dict(model_state)
         for name in expert_names:
-            model_state[name] = self.gather(model_state[name])
+            model_state[name] = self.gather_to_first(model_state[name])
         state = dict(optim_state["state"])
         for i in expert_idx:
-            state[i] = {k: self.gather(v) if _is_per_expert(v) else v for k, v in state[i].items()}
-        return model_state, {**optim_state, "state": state}
+            state[i] = {k: self.gather_to_first(v) if _is_per_expert(v) else v for k, v in state[i].items()}
+        return (model_state, {**optim_state, "state": state}) if first else (None, None)
 
     def shard_optimizer_state(self, optim_state: dict, expert_idx: list[int]) -> dict:
         state = dict(optim_state["state"])

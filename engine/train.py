@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "metrics.jsonl is refused unless --resume continues that run")
     o.add_argument("--ckpt-dir", help="write model_{step:06d}.pt + meta_{step:06d}.json here")
     o.add_argument("--save-every", type=int, help="checkpoint every N steps (0: only at the end); needs --ckpt-dir")
-    o.add_argument("--resume", help="checkpoint path, its directory, or 'latest' (in --ckpt-dir)")
+    o.add_argument("--resume", help="checkpoint path, its directory, or 'latest' (in --ckpt-dir); without "
+                   "--ckpt-dir the run saves on into the checkpoint's directory")
     o.add_argument("--peak-flops", type=float, help="peak FLOP/s per device for MFU, for devices not in the table")
     o.add_argument("--eval-every", type=int, help="validation loss every N steps (0: only at the end, -1: never)")
     o.add_argument("--eval-batches", type=int, help="micro-batches per rank in one validation pass")
@@ -179,6 +180,21 @@ def resolve_options(argv) -> argparse.Namespace:
         raise BadOptions(f"--total-batch-size must be > 0, got {args.total_batch_size}")
     if args.grad_clip < 0:
         raise BadOptions(f"--grad-clip must be >= 0 (0 = off), got {args.grad_clip}")
+    for flag, value in (("--resume", args.resume), ("--out-dir", args.out_dir), ("--ckpt-dir", args.ckpt_dir)):
+        if value is not None and not value.strip():  # (was: silently no resume, no metrics, no checkpoints)
+            raise BadOptions(f"{flag} is empty: give a path (a shell variable that expanded to nothing?)")
+    if args.resume and args.resume != "latest" and not args.ckpt_dir:
+        # The run goes on where its checkpoints are (without a --ckpt-dir it used to save nothing
+        # at all, and the steps it trained were lost with it) - unless it branches off an earlier
+        # checkpoint there, whose later ones its saves would overwrite.
+        resume_path = Path(args.resume).expanduser()
+        if resume_path.exists():  # (a missing one is checkpoint.resolve's to name)
+            held = resume_path if resume_path.is_dir() else resume_path.parent
+            newest = checkpoint.latest(held)
+            if resume_path.is_file() and newest is not None and newest.resolve() != resume_path.resolve():
+                raise BadOptions(f"--resume {args.resume}: {held} holds a later checkpoint ({newest.name}) that "
+                                 "this run's saves would overwrite; give it a --ckpt-dir of its own")
+            args.ckpt_dir = str(held)
     for flag, where in (("--out-dir", args.out_dir), ("--ckpt-dir", args.ckpt_dir)):
         problem = _directory_problem(where)
         if problem is not None:  # found now, not by the checkpoint save at the end of the run
@@ -254,6 +270,8 @@ def _warn_if_resumed_differently(resume_path: Path, step: int, args, world: int)
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError):
         return  # no meta beside it (a copied .pt): nothing to compare with
+    if not isinstance(meta, dict) or not isinstance(meta.get("options") or {}, dict):
+        return  # not a meta of ours (edited, or another tool's file of that name): nothing to compare with
     planned = (meta.get("options") or {}).get("steps")
     if planned is not None and planned != args.steps:
         print(f"warning: resuming a run planned for {planned} steps with --steps {args.steps}: "
@@ -572,6 +590,11 @@ def _train(args, open_files: list) -> int:
                              "leaves nothing to train")
         if master:
             _warn_if_resumed_differently(resume_path, start_step, args, world)
+    if ddp and args.compile == "dynamic":
+        # Dynamo's DDP optimizer splits the graph at DDP's buckets; with symbolic shapes its
+        # splitter fails ("'float' object has no attribute 'target'") on every multi-rank dynamic
+        # run. Without the split, DDP's hooks still all-reduce each bucket as its grads are ready.
+        torch._dynamo.config.optimize_ddp = False
     step_model = model if args.compile == "none" else torch.compile(
         model, dynamic=args.compile == "dynamic", mode=None if args.compile_mode == "default" else args.compile_mode)
     if ddp:  # DDP around the compiled module: DDP's own hooks do the all-reduce, no_sync works as usual
@@ -651,7 +674,7 @@ def _train(args, open_files: list) -> int:
         if not args.ckpt_dir:
             return
         model_state, optim_state = model.state_dict(), optimizer.state_dict()
-        if ep is not None:  # collective: every rank sends its experts, rank 0 writes them all
+        if ep is not None:  # collective over EP group 0: its ranks send their experts to rank 0, which writes
             model_state, optim_state = ep.full_state(model_state, expert_names, optim_state, expert_idx)
         if master:
             payload = {

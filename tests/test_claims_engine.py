@@ -51,7 +51,7 @@ def test_two_rank_resume_into_the_same_out_dir_matches_a_straight_run_and_keeps_
     assert straight[-1]["type"] == "summary" and straight[-1]["world_size"] == 2
     assert (ckpt / "model_000004.pt").is_file()
 
-    proc = torchrun("--out-dir", str(out), "--resume", str(ckpt / "model_000004.pt"))
+    proc = torchrun("--out-dir", str(out), "--resume", str(ckpt / "model_000004.pt"), "--ckpt-dir", str(tmp_path / "again"))
     assert "resumed at step 4" in proc.stdout
     resumed = records(out)
     step_lines = steps_of(resumed)

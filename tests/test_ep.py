@@ -89,7 +89,13 @@ def test_ep_checkpoint_holds_every_expert_and_resumes_under_ep_2_and_ep_1(tmp_pa
     assert {tuple(m["exp_avg"].shape) for m in moments.values()} >= {(4, 64, 128), (4, 128, 64)}
     full = losses(tmp_path / "full")[0]
     torchruns(*[(2, (*common, "--ep", ep, "--out-dir", str(tmp_path / f"resumed_ep{ep}"),
-                     "--resume", str(ckpt / "model_000004.pt"))) for ep in ("2", "1")])
+                     "--resume", str(ckpt / "model_000004.pt"), "--ckpt-dir", str(tmp_path / f"ckpt_ep{ep}")))
+                for ep in ("2", "1")])
+    # Only rank 0 held the gathered experts while saving (ExpertParallel.full_state), the resumed runs' own
+    # saves included: each checkpoint still holds all of them, as an EP-1 run's does.
+    for ep in ("2", "1"):
+        again = torch.load(tmp_path / f"ckpt_ep{ep}" / "model_000008.pt", weights_only=False)
+        assert again["model"]["blocks.0.mlp.w_up_EDH"].shape == (4, 64, 128)
     for ep in ("2", "1"):
         resumed = losses(tmp_path / f"resumed_ep{ep}")[0]
         assert len(resumed) == 4
@@ -120,3 +126,29 @@ def test_ep_under_compile_static_matches_eager(tmp_path):
     assert len(compiled) == 4
     for step, (a, b) in enumerate(zip(eager, compiled)):
         assert abs(a - b) < 1e-4, (step, a, b)
+
+
+def test_ep_full_state_gathers_to_rank_0_alone(tmp_path):
+    """A save under EP gathered every expert and both AdamW moments onto every rank (all_gather):
+    more expert memory per rank at a save than DDP holds. Now rank 0 alone receives them, one
+    tensor at a time into host memory, and EP groups other than the first take no part."""
+    script = tmp_path / "gather.py"
+    script.write_text(
+        "import torch, torch.distributed as dist\n"
+        "from engine.ep import ExpertParallel\n"
+        "dist.init_process_group('gloo')\n"
+        "ep = ExpertParallel.setup(2)\n"
+        "rank = dist.get_rank()\n"
+        "w = torch.full((2, 3), float(ep.index))  # this rank's 2 experts of 4\n"
+        "m, o = ep.full_state({'w': w, 'b': torch.ones(1)}, ['w'], {'state': {0: {'exp_avg': w + 10, 'step': torch.tensor(1.)}}}, [0])\n"
+        "if m is None:\n"
+        "    print(f'rank {rank}: None', flush=True)\n"
+        "else:\n"
+        "    print(f'rank {rank}: w {m[\"w\"][:, 0].tolist()} avg {o[\"state\"][0][\"exp_avg\"][:, 0].tolist()}', flush=True)\n"
+        "dist.destroy_process_group()\n")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+                           str(script)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank "))
+    assert lines == ["rank 0: w [0.0, 0.0, 1.0, 1.0] avg [10.0, 10.0, 11.0, 11.0]",
+                     "rank 1: None", "rank 2: None", "rank 3: None"]
