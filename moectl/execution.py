@@ -26,6 +26,7 @@ to `queued` (moectl/job.py); its job stays in the queue throughout, so nobody ta
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -71,6 +72,9 @@ class JobOptions:
     # launch.compile_fallback inside the job (moectl.job): sweep legs, --detach, repeat groups; a
     # followed single `run --slurm` re-submits the --compile none run from its follower instead.
     fallback_in_job: bool = False
+    # ... and that re-run trains the failed run's code snapshot (and records its git state), not
+    # the working tree as it is by then (SPEC §11: the job runs the code taken at submit).
+    code_of: Optional[RunRecord] = None
 
 
 class ConfigSnapshot(BaseModel):
@@ -162,8 +166,17 @@ def submit_run(cfg: Config, request: RunRequest, options: JobOptions, *, sweep_i
     try:
         write_run_files(cfg, plan, cwd=run_dir / CODE_DIR)  # the job runs from the code snapshot
         code_dir = run_dir / CODE_DIR
-        gitops.snapshot_code(cfg.root, obs.git.head or "HEAD", Path(plan.files["git.diff"]), code_dir)
-        _ignored_script_into(cfg, code_dir)
+        if options.code_of is not None:  # the very code (and diff) of the run this one re-runs
+            import shutil
+
+            earlier = Path(options.code_of.exp_dir)
+            shutil.copytree(earlier / CODE_DIR, code_dir, symlinks=True)
+            if (earlier / "git.diff").is_file():
+                shutil.copyfile(earlier / "git.diff", plan.files["git.diff"])
+            record.git = options.code_of.git.model_copy()
+        else:
+            gitops.snapshot_code(cfg.root, obs.git.head or "HEAD", Path(plan.files["git.diff"]), code_dir)
+            _ignored_script_into(cfg, code_dir)
         spec = JobSpec(
             **ConfigSnapshot.fields_of(cfg), plan=plan, nodes=nodes,
             rdzv_port=cfg.cluster.rdzv_port, requeue=options.requeue,
@@ -367,26 +380,33 @@ def wait_for(records: Sequence[RunRecord], timeout_s: Optional[float] = None) ->
     `follow`). A failed run whose job went on to its `--compile none` re-run (a sweep leg, a
     detached or repeat run: moectl.job) ends as that re-run. Raises TimeoutError naming the runs still going."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    pending = {r.id: r for r in records}
+    # Keyed by directory: a run id is unique within its directory only (two sweeps started in one
+    # second give their legs the same ids), and waiting on both sweeps waits on all their runs.
+    pending = {run_key(r): r for r in records}
     done: dict[str, RunRecord] = {}
     while True:
-        for run_id, rec in list(pending.items()):
+        for key, rec in list(pending.items()):
             current = _settle_once(rec)
             if current is None:
                 continue
             stand_in = compile_fallback_of(current)
             if stand_in is not None:  # its job re-ran it with --compile none: that run's end is its end
-                pending[run_id] = stand_in
+                pending[key] = stand_in
                 continue
-            done[run_id] = current
-            del pending[run_id]
+            done[key] = current
+            del pending[key]
         if not pending:
-            final = [done[r.id] for r in records]
+            final = [done[run_key(r)] for r in records]
             seen: set[str] = set()  # a failed leg and its fallback leg, both asked for: the fallback once
-            return [r for r in final if not (r.id in seen or seen.add(r.id))]
+            return [r for r in final if not (run_key(r) in seen or seen.add(run_key(r)))]
         if deadline is not None and time.monotonic() > deadline:
-            raise TimeoutError(", ".join(sorted(pending)))
+            raise TimeoutError(", ".join(sorted(r.id for r in pending.values())))
         time.sleep(POLL_S)
+
+
+def run_key(record: RunRecord) -> str:
+    """What tells two runs apart: their directory (ids repeat across sweep directories)."""
+    return os.path.realpath(record.exp_dir)
 
 
 def compile_fallback_of(record: RunRecord) -> Optional[RunRecord]:
@@ -424,6 +444,7 @@ def _settle_once(record: RunRecord) -> Optional[RunRecord]:
 def cancel_runs(records: Sequence[RunRecord], timeout_s: float = 60.0) -> list[RunRecord]:
     """scancel the runs' jobs and wait for each to settle. A job cancelled while still pending never
     ran moectl, so its record is ended here: `interrupted`, cancelled before it started."""
+    records = [_stand_in(r) for r in records]  # a job gone on to its --compile none re-run: cancel that
     jobs = [r for r in records if r.backend == "slurm" and r.job_id and r.status in UNSETTLED]
     local = [r.id for r in records if r.backend != "slurm" and r.status in UNSETTLED]
     if local:
@@ -446,12 +467,22 @@ def cancel_runs(records: Sequence[RunRecord], timeout_s: float = 60.0) -> list[R
     return out
 
 
+def _stand_in(record: RunRecord) -> RunRecord:
+    """The run that stands for `record` now: its compile-fallback re-run's (and so on), or itself."""
+    seen = {run_key(record)}
+    while (fallback := compile_fallback_of(record)) is not None and run_key(fallback) not in seen:
+        seen.add(run_key(fallback))
+        record = fallback
+    return record
+
+
 def _end_cancelled(record: RunRecord) -> RunRecord:
     time.sleep(POLL_S)  # the job's own `interrupted` may be on its way
     current = read_record(Path(record.exp_dir))
     if current.status not in UNSETTLED:
         return current
-    started = current.status == "running"
+    # Queued again after a requeue, it had trained already: what it trained is summarised.
+    started = current.status == "running" or bool(current.restarts)
     current.status = "interrupted"
     current.finished_at = store.now_iso()
     current.error = f"cancelled (scancel {current.job_id})" + ("" if started else " before it started")

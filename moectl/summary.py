@@ -25,7 +25,7 @@ from moectl.atomic import remove_dead_temp_files
 from moectl.records import RunRecord, SweepRecord, write_text_atomic
 from moectl.report import COLUMNS, fmt, marked_footnote, summary_cell
 from moectl.sweep.report import completed_comparison, legs_table, recommendation
-from moectl.sweep.store import final_report_owed, leg_status, owner_alive, scan_sweeps, settled, sweep_chain
+from moectl.sweep.store import final_report_owed, leg_status, owner_alive, scan_sweeps, settled, sweep_chain, sweep_runs
 
 TIMESTAMP_PREFIX = "- Generated at: "
 STATUS_PREFIX = "- Status: "
@@ -130,6 +130,11 @@ def _same_repository(root: Path):
     return ours
 
 
+def _all_settled(chain: list[SweepRecord], runs: dict[str, RunRecord]) -> bool:
+    legs = chain[-1].legs
+    return all(settled(leg.model_copy(update={"state": leg_status(leg, runs)}), legs) for leg in legs)
+
+
 def _sweep_section(cfg: Config, chain: list[SweepRecord], runs: dict[str, RunRecord]) -> list[str]:
     latest = chain[-1]
     window = cfg.metrics.window
@@ -224,7 +229,6 @@ def render_summary(cfg: Config, now: Optional[datetime] = None) -> str:
     # default ~/.cache one) are left out; records older than `repo` are kept, as before.
     ours = _same_repository(cfg.root)
     scan.runs = [r for r in scan.runs if ours(r.repo)]
-    runs = {r.id: r for r in scan.runs}
     sweeps, corrupt_sweeps = scan_sweeps(cfg.artifact_root)
     sweeps = [s for s in sweeps if ours(getattr(s, "repo", None))]
     by_id = {s.id: s for s in sweeps}
@@ -252,21 +256,19 @@ def render_summary(cfg: Config, now: Optional[datetime] = None) -> str:
         lines += ["No sweeps yet.", ""]
     chains.sort(key=lambda c: (c[-1].created_at or "", c[-1].id), reverse=True)  # the newest first
     for chain in chains[:SWEEP_LIMIT]:
-        lines += _sweep_section(cfg, chain, runs)
+        lines += _sweep_section(cfg, chain, sweep_runs(chain, scan.runs))
     older = chains[SWEEP_LIMIT:]
     if older:
         lines += [f"Older sweeps ({len(older)}), newest first:", ""]
         for chain in older[:OLDER_SWEEP_LIMIT]:
             latest = chain[-1]
-            n_done = sum(1 for leg in latest.legs if leg_status(leg, runs) == "completed")
+            n_done = sum(1 for leg in latest.legs if leg_status(leg, sweep_runs(chain, scan.runs)) == "completed")
             lines.append(f"- {latest.name}: {n_done}/{len(latest.legs)} legs completed — `{latest.exp_dir}`")
         if len(older) > OLDER_SWEEP_LIMIT:
             lines.append(f"- … and {len(older) - OLDER_SWEEP_LIMIT} older ones under `{_shown(cfg.artifact_root)}`")
         lines.append("")
 
-    unfinished = [c[-1] for c in chains
-                  if not all(settled(leg.model_copy(update={"state": leg_status(leg, runs)}), c[-1].legs)
-                             for leg in c[-1].legs)]
+    unfinished = [c[-1] for c in chains if not _all_settled(c, sweep_runs(c, scan.runs))]
     lines += ["## Unfinished Sweeps", ""]
     if unfinished:
         lines += ["Resume each in a fresh `-resume` directory (only the legs that did not complete run):", "", "```bash"]

@@ -278,3 +278,34 @@ def test_a_sweep_dry_run_refuses_the_max_parallel_and_detach_the_sweep_itself_re
     assert not artifact_root.exists()
     r = moectl("sweep", str(spec), "--slurm", "--max-parallel", "5", "--dry-run")
     assert r.exit_code == 0 and "sweep duo: 2 leg(s) to run" in r.output, r.output
+
+
+def test_cancel_follows_a_run_to_its_compile_fallback_and_a_requeued_run_is_said_to_have_started(
+        project, artifact_root, slurm_answers, tmp_path):
+    # `moectl cancel RUN` (what --detach prints) said "nothing to cancel" once the job had gone on
+    # to the run's --compile none re-run; a run queued again after a requeue was "cancelled before
+    # it started" with its trained steps left unsummarised.
+    from engine.schema import StepMetrics, to_line
+    from moectl.records import GitInfo, RunRecord
+    from moectl.store import save_run
+
+    def run(rid, status, job, **kw):
+        d = artifact_root / rid
+        d.mkdir(parents=True)
+        (d / "metrics.jsonl").write_text("".join(to_line(StepMetrics(step=i, loss=2.0, dt_ms=10.0, tok_per_sec=100.0))
+                                                 + "\n" for i in range(5)))
+        save_run(RunRecord(id=rid, tag=rid.rsplit("-", 1)[1], status=status, created_at="2026-01-02T10:00:00+00:00",
+                           backend="slurm", job_id=job, git=GitInfo(branch="main"), exp_dir=str(d), **kw))
+        return d
+
+    run("20260102_100000_moe-cf", "failed", "101", exit_code=3, fallback_run="20260102_100010_moe-cfnone")
+    fallback = run("20260102_100010_moe-cfnone", "running", "101")
+    requeued = run("20260102_100000_moe-rq", "queued", "102", restarts=1)
+    r = moectl("cancel", "20260102_100000_moe-cf", "20260102_100000_moe-rq", "--json")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "scancel.log").read_text().split() == ["101", "102"]
+    ended = {x["id"]: x for x in json.loads(r.stdout)}
+    assert ended.keys() == {fallback.name, requeued.name}
+    assert ended[fallback.name]["status"] == "interrupted" and ended[fallback.name]["error"] == "cancelled (scancel 101)"
+    assert ended[requeued.name]["error"] == "cancelled (scancel 102)"  # not "before it started": it had trained
+    assert ended[requeued.name]["summary"]["steps"] == 5

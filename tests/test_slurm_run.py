@@ -507,10 +507,24 @@ def test_status_lists_the_job_runs_shows_it_queued_or_running_and_a_vanished_job
 
 def test_a_compile_failure_in_the_job_is_re_run_with_compile_none_as_its_own_job(on_cluster, git_repo, monkeypatch,
                                                                                     artifact_root):
-    # launch.compile_fallback holds for Slurm runs too: the follower submits the --compile none re-run.
+    # launch.compile_fallback holds for Slurm runs too: the follower submits the --compile none re-run,
+    # of the failed run's code snapshot - not of the working tree as it is by then.
+    import threading
+
     proj = slurm_project(git_repo, monkeypatch)
+
+    def edit_once_submitted():
+        def submitted():
+            return any((d / "run.json").is_file() and record(d).get("job_id") for d in run_dirs(artifact_root))
+
+        wait_for(submitted, "the first job submitted", timeout=JOB_TIMEOUT_S, poll_s=0.02)
+        (proj / "README.md").write_text("edited after the submission\n")
+
+    editor = threading.Thread(target=edit_once_submitted, daemon=True)
+    editor.start()
     r = moectl("run", "--slurm", "--json", "--compile", "static", "--steps", "3", "--tag", "cf",
                "--", "--compile-fails", "--sleep-per-step", "0.01")
+    editor.join(timeout=60)
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)  # one document: the re-run, the failed attempt inside it
     assert (data["tag"], data["status"], data["options"]["compile"], data["backend"]) == (
@@ -521,6 +535,12 @@ def test_a_compile_failure_in_the_job_is_re_run_with_compile_none_as_its_own_job
     assert {d.name for d in run_dirs(artifact_root)} == {first["id"], data["id"]}
     assert len(list((proj / "reports").glob("*.md"))) == 2  # each job wrote and committed its own report
     assert "cf_fallback_none" in git(proj, "log", "-1", "--format=%s")
+    failed_dir, final_dir = Path(first["exp_dir"]), Path(data["exp_dir"])
+    assert (final_dir / "git.diff").read_bytes() == (failed_dir / "git.diff").read_bytes()
+    assert b"edited after the submission" not in (final_dir / "git.diff").read_bytes()
+    assert not (final_dir / "code" / "README.md").exists() or b"edited after" not in (
+        final_dir / "code" / "README.md").read_bytes()
+    assert data["git"] == first["git"]
 
 
 def test_a_detached_run_that_fails_to_compile_is_re_run_by_its_own_job_and_wait_ends_with_the_re_run(

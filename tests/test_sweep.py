@@ -1087,3 +1087,40 @@ def test_a_sweep_named_whose_record_is_corrupt_is_said_corrupt_not_unknown(tmp_p
             resolve_sweep(tmp_path, ref)
     with pytest.raises(UsageError, match="no sweep matches 'other'"):
         resolve_sweep(tmp_path, "other")
+
+
+def test_two_sweeps_whose_legs_share_run_ids_each_find_their_own_runs(git_repo, artifact_root, monkeypatch):
+    # Two sweeps started in the same second with the same leg tags give their legs the same run
+    # ids, each in its own sweep directory: `wait`/`cancel SWEEP` acted on the other sweep's runs,
+    # and waiting on both returned two runs of four.
+    from moectl.records import GitInfo, RunRecord, SweepLeg, SweepRecord, save_model
+    from moectl.store import save_run
+    from moectl.summary import render_summary
+    from moectl.config import load_config
+
+    sweep_project(git_repo)
+    monkeypatch.chdir(git_repo)
+    dirs = {}
+    for name in ("tx", "ty"):
+        d = artifact_root / f"20260102_100000_moe-{name}"
+        legs = []
+        for tag in ("twa", "twb"):
+            rid = f"20260102_100001_moe-{tag}"
+            (d / rid).mkdir(parents=True)
+            save_run(RunRecord(id=rid, tag=tag, status="completed", created_at="2026-01-02T10:00:01+00:00",
+                               finished_at="2026-01-02T10:05:00+00:00", exit_code=0, sweep=d.name,
+                               git=GitInfo(branch="main"), exp_dir=str(d / rid), notes=f"of {name}"))
+            legs.append(SweepLeg(tag=tag, state="completed", run_id=rid))
+        save_model(d / "sweep.json", SweepRecord(id=d.name, name=name, spec={}, legs=legs,
+                                                 created_at="2026-01-02T10:00:00+00:00", exp_dir=str(d)))
+        dirs[name] = d
+    for name, d in dirs.items():
+        r = cli("wait", d.name, "--json")
+        assert r.exit_code == 0, r.output
+        assert sorted(x["exp_dir"] for x in json.loads(r.stdout)) == sorted(str(d / x) for x in
+                                                                          ("20260102_100001_moe-twa", "20260102_100001_moe-twb"))
+    r = cli("wait", dirs["tx"].name, dirs["ty"].name, "--json")
+    assert r.exit_code == 0 and len(json.loads(r.stdout)) == 4, r.output
+    # EXPERIMENTS.md counts each sweep's own legs
+    text = render_summary(load_config(None))
+    assert "### tx (2/2 legs completed)" in text and "### ty (2/2 legs completed)" in text

@@ -42,9 +42,10 @@ def run_on_slurm(cfg, request, *, nodes, detach: bool, requeue: bool, quiet: boo
             out(f"queued again: {current.error}")
 
     previous: list[dict] = []  # a compile failure's run, when its --compile none re-run follows
+    failed = None  # ... and its record: the re-run trains that run's code snapshot
     while True:
         submitted = submit_run(cfg, request, JobOptions(nodes=nodes, requeue=requeue, summary=cfg.report.summary,
-                                                         baseline=baseline, fallback_in_job=detach))
+                                                         baseline=baseline, fallback_in_job=detach, code_of=failed))
         if submitted.record is None:
             shown, where = job_view(cfg, submitted.plan, nodes if nodes is not None else cfg.cluster.nodes)
             if json_out:
@@ -86,6 +87,7 @@ def run_on_slurm(cfg, request, *, nodes, detach: bool, requeue: bool, quiet: boo
         if retry is None:
             break
         previous.append(run_json(final))
+        failed = final
         if not json_out:
             _render_final(final)
             out("torch.compile failed in the job: submitting a re-run with --compile none (launch.compile_fallback)")
@@ -233,8 +235,10 @@ def _resolve_targets(cfg, refs: list[str], sweeps: Optional[list] = None):
             rec = store.resolve_run(cfg.artifact_root, ref, runs)
             group = [r for r in runs if r.group == rec.group] if means_group(ref, rec) else [rec]
         out += sorted(group, key=lambda r: (r.repeat or 0, r.id))
-    seen: set[str] = set()
-    return [r for r in out if not (r.id in seen or seen.add(r.id))]
+    from moectl.execution import run_key
+
+    seen: set[str] = set()  # (by directory: two sweeps' legs may share an id)
+    return [r for r in out if not (run_key(r) in seen or seen.add(run_key(r)))]
 
 
 @app.command()

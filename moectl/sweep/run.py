@@ -47,8 +47,8 @@ from moectl.summary import resume_command, write_summary
 from moectl.sweep.report import claim_sweep_report, completed_comparison, fastest, recommendation, sweep_report, within_noise
 from moectl.sweep.spec import SweepSpec, request_kwargs
 from moectl.sweep.store import (
-    fallback_leg, fallback_of, final_report_owed, leg_status, list_sweeps, owner_alive, resolve_sweep, runs_by_id,
-    save_sweep, scan_sweep_dirs, settled, sweep_chain,
+    fallback_leg, fallback_of, final_report_owed, leg_status, list_sweeps, owner_alive, resolve_sweep, save_sweep,
+    scan_sweep_dirs, settled, sweep_chain, sweep_runs,
 )
 from moectl.tracking import warning_lines
 
@@ -259,7 +259,7 @@ def plan_resume(cfg: Config, ref: str) -> tuple[SweepRecord, list[SweepLeg], dic
     if old.finished_at is None and owner_alive(old):  # between two legs no leg is running, but the sweep is
         raise GuardRefused(f"sweep {old.id} is still running (moectl pid {old.pid}); wait for it or stop it "
                            "(Ctrl-C) before resuming")
-    runs = runs_by_id(cfg.artifact_root)
+    runs = sweep_runs(sweep_chain(old, {s.id: s for s in sweeps}), store.list_runs(cfg.artifact_root))
     view = [leg.model_copy(update={"state": leg_status(leg, runs)}) for leg in old.legs]
     for leg in view:
         if leg.state in ("queued", "running"):

@@ -2,7 +2,8 @@
 followed, and each leg's state checked against its run record.
 
     sweep = resolve_sweep(cfg.artifact_root, "capacity")   # its most recent sweep of that name
-    runs = runs_by_id(cfg.artifact_root)
+    chain = sweep_chain(sweep, {s.id: s for s in list_sweeps(cfg.artifact_root)})
+    runs = sweep_runs(chain, store.list_runs(cfg.artifact_root))  # its legs' runs (ids: unique per directory)
     [leg_status(leg, runs) for leg in sweep.legs]          # `running` checked: `stale` if its owner died
 
 Pure reads apart from `save_sweep`; nothing here runs a leg.
@@ -15,7 +16,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 from pydantic import ValidationError
 
@@ -193,8 +194,28 @@ def resolve_sweep(root: Path, ref: str) -> SweepRecord:
     return hits[0]
 
 
-def runs_by_id(root: Path) -> dict[str, store.StoredRun]:
-    return {r.id: r for r in store.list_runs(root)}
+def sweep_runs(chain: list[SweepRecord], runs: Iterable[RunRecord]) -> dict[str, RunRecord]:
+    """leg run id -> its run, for the legs of `chain` (a sweep and the sweeps it resumes).
+
+    A run id is unique within its directory only: two sweeps started in the same second with the
+    same leg tags give their legs the same ids, each in its own sweep directory. So a leg's run is
+    the record of that id that names one of these sweeps (`RunRecord.sweep`); one that names no
+    sweep at all is taken when its id is unambiguous."""
+    ids = {s.id for s in chain}
+    wanted = {leg.run_id for s in chain for leg in s.legs if leg.run_id}
+    out: dict[str, RunRecord] = {}
+    loose: dict[str, list[RunRecord]] = {}
+    for r in runs:
+        if r.id not in wanted:
+            continue
+        if r.sweep in ids:
+            out[r.id] = r
+        elif r.sweep is None:
+            loose.setdefault(r.id, []).append(r)
+    for rid, found in loose.items():
+        if rid not in out and len(found) == 1:
+            out[rid] = found[0]
+    return out
 
 
 def leg_status(leg: SweepLeg, runs: dict[str, RunRecord]) -> str:
@@ -264,5 +285,5 @@ def find_sweep_runs(root: Path, ref: str, runs: list[RunRecord]) -> "list[RunRec
     sweep = find_sweep(root, ref)
     if sweep is None:
         return None
-    by_id = {r.id: r for r in runs}
+    by_id = sweep_runs(sweep_chain(sweep, {s.id: s for s in list_sweeps(root)}), runs)
     return [by_id[leg.run_id] for leg in sweep.legs if leg.run_id in by_id]
