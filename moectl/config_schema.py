@@ -309,15 +309,16 @@ class TrackingSection(_Strict):
         return self
 
 
-# Slurm's --time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
-_SLURM_TIME = r"^(\d+-\d{1,2}(:\d{1,2}){0,2}|\d+(:\d{1,2}){0,2})$"
+# Slurm's --time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, and no limit at all.
+_SLURM_TIME = r"^(\d+-\d{1,2}(:\d{1,2}){0,2}|\d+(:\d{1,2}){0,2}|(?i:unlimited|infinite))$"
 
 
 class ClusterSection(_Strict):
     """Where runs execute (moectl/execution.py): this machine, or Slurm jobs (moectl/slurm.py)."""
 
     backend: Literal["local", "slurm"] = "local"
-    partition: Optional[str] = Field(None, min_length=1, pattern=r"^[^\s,]+$")
+    # one partition, or several (Slurm starts the job in whichever can run it first)
+    partition: Optional[str] = Field(None, min_length=1, pattern=r"^[^\s,]+(,[^\s,]+)*$")
     account: Optional[str] = Field(None, min_length=1, pattern=r"^\S+$")
     time: Optional[str] = None  # sbatch --time, e.g. "02:00:00"
     nodes: int = Field(1, ge=1)
@@ -335,7 +336,7 @@ class ClusterSection(_Strict):
         import re
 
         if v is not None and not re.match(_SLURM_TIME, v):
-            raise ValueError(f"{v!r} is not a Slurm time limit (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM:SS)")
+            raise ValueError(f"{v!r} is not a Slurm time limit (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM:SS, UNLIMITED)")
         return v
 
     @field_validator("extra_sbatch")

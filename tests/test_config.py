@@ -188,10 +188,16 @@ def test_cluster_table_defaults_to_local_and_validates_each_key():
     assert (ok.backend, ok.partition, ok.time, ok.nodes, ok.max_parallel, ok.rdzv_port) == \
         ("slurm", "gpu", "1-02:00:00", 2, 3, 29400)
     assert ok.extra_sbatch == ["--qos=high", "--exclusive"]
+    # what sbatch takes too: no time limit, and a list of partitions (the first that can run it)
+    more = parse_config_text('[cluster]\npartition = "gpu,debug"\ntime = "UNLIMITED"\n').cluster
+    assert (more.partition, more.time) == ("gpu,debug", "UNLIMITED")
     bad = {
         'backend = "pbs"': "cluster.backend",
         "nodes = 0": "cluster.nodes",
         'time = "2h"': "cluster.time",
+        'time = "forever"': "cluster.time",
+        'partition = "gpu,"': "cluster.partition",
+        'partition = "gpu debug"': "cluster.partition",
         "max_parallel = 0": "cluster.max_parallel",
         "rdzv_port = 80": "cluster.rdzv_port",
         "rdzv_port = 64537": "cluster.rdzv_port",  # a job meets at rdzv_port + (job id mod 1000) <= 65535

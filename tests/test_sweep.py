@@ -1124,3 +1124,30 @@ def test_two_sweeps_whose_legs_share_run_ids_each_find_their_own_runs(git_repo, 
     # EXPERIMENTS.md counts each sweep's own legs
     text = render_summary(load_config(None))
     assert "### tx (2/2 legs completed)" in text and "### ty (2/2 legs completed)" in text
+
+
+@pytest.mark.parametrize("flag, said", [
+    (("--fail-fast",), "--fail-fast: not with --slurm: the legs go to Slurm together and run side by side "
+                       "(`moectl cancel SWEEP` stops the rest)"),
+    (("--wait-gpus", "2m"), "--wait-gpus: not with --slurm: Slurm decides when each job starts, and a job checks "
+                            "the GPUs it was given once, on its node"),
+])
+def test_sweep_flags_a_slurm_sweep_cannot_honour_are_refused_not_ignored(git_repo, artifact_root, monkeypatch,
+                                                                         slurm_answers, flag, said):
+    # Both were accepted and ignored: the legs ran on after a failed one; each job looked at its GPUs once.
+    sweep_project(git_repo)
+    monkeypatch.chdir(git_repo)
+    spec = write_spec(git_repo, 'name = "ff"\n[[legs]]\ntag = "a"\nsteps = 2\n[[legs]]\ntag = "b"\nsteps = 2\n')
+    r = cli("sweep", str(spec), "--slurm", *flag)
+    assert r.exit_code == 2 and r.stderr.strip() == f"error: {said}", r.output
+    assert not artifact_root.exists()
+
+
+def test_run_slurm_with_wait_gpus_is_refused_not_ignored(git_repo, artifact_root, monkeypatch, slurm_answers):
+    sweep_project(git_repo)
+    monkeypatch.chdir(git_repo)
+    r = cli("run", "--slurm", "--wait-gpus", "2m", "--steps", "2")
+    assert r.exit_code == 2 and r.stderr.strip() == (
+        "error: --wait-gpus: not with --slurm: Slurm decides when the job starts, and the job checks the GPUs it "
+        "was given once, on its node"), r.output
+    assert not artifact_root.exists()

@@ -82,6 +82,12 @@ def run(
             no_commit=no_commit, notes=notes,
         ))
         cfg = load_config(config)
+        if wait_gpus is not None:
+            from moectl.execution import choose_backend
+
+            if choose_backend(cfg, slurm) == "slurm":  # (it was accepted, and the job looked once)
+                raise UsageError("--wait-gpus: not with --slurm: Slurm decides when the job starts, and the job "
+                                 "checks the GPUs it was given once, on its node")
         if not no_commit:
             from moectl.gitops import lock_wait_s
 

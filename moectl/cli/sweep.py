@@ -104,6 +104,13 @@ def sweep(
     if on_slurm:
         if max_parallel is not None and max_parallel < 1:
             raise UsageError(f"--max-parallel: must be at least 1 (got {max_parallel})")
+        # Accepted and ignored before: the legs ran on after a failure, the jobs looked at the GPUs once.
+        if fail_fast:
+            raise UsageError("--fail-fast: not with --slurm: the legs go to Slurm together and run side by side "
+                             "(`moectl cancel SWEEP` stops the rest)")
+        if wait_gpus is not None:
+            raise UsageError("--wait-gpus: not with --slurm: Slurm decides when each job starts, and a job checks "
+                             "the GPUs it was given once, on its node")
     elif max_parallel is not None or detach:
         raise UsageError(f"{'--max-parallel' if max_parallel is not None else '--detach'} needs --slurm "
                          "(or [cluster] backend = \"slurm\")")
