@@ -106,7 +106,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     job = _job_after_signal(job_id) if result.interrupted else None
     if job is not None and job.restarts > restart:  # scancel does not count a restart; a requeue does
         record.status = "queued"
-        record.error = f"requeued by Slurm after {result.signal_name} (restart {restart + 1} resumes from its last checkpoint)"
+        record.error = requeue_note(result.signal_name, restart + 1, _has_checkpoint(Path(plan.ckpt_dir)))
         save_run_and_leg(record)
         return EXIT_INTERRUPTED
 
@@ -129,6 +129,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                   "(launch.compile_fallback)")
             return main([str(fallback_dir)])
     return outcome.exit_code
+
+
+def requeue_note(signal_name: str, restart: int, checkpointed: bool) -> str:
+    """The record's word while a requeued job waits: what its restart will do - go on from a
+    checkpoint, or (none saved: no --save-every, or stopped before the first) train from step 0."""
+    resumes = ("resumes from its last checkpoint" if checkpointed
+               else "starts again from step 0: no checkpoint was saved (-- --save-every N saves them)")
+    return f"requeued by Slurm after {signal_name} (restart {restart} {resumes})"
 
 
 def make_fallback_run(cfg: Config, spec: JobSpec, failed: RunRecord) -> Optional[Path]:

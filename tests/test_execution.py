@@ -309,3 +309,12 @@ def test_cancel_follows_a_run_to_its_compile_fallback_and_a_requeued_run_is_said
     assert ended[fallback.name]["status"] == "interrupted" and ended[fallback.name]["error"] == "cancelled (scancel 101)"
     assert ended[requeued.name]["error"] == "cancelled (scancel 102)"  # not "before it started": it had trained
     assert ended[requeued.name]["summary"]["steps"] == 5
+
+
+def test_a_requeued_job_says_whether_its_restart_resumes_or_starts_over():
+    # It said "resumes from its last checkpoint" when none had been saved, and trained from step 0.
+    from moectl.job import requeue_note
+
+    assert requeue_note("SIGTERM", 1, True) == "requeued by Slurm after SIGTERM (restart 1 resumes from its last checkpoint)"
+    assert requeue_note("SIGUSR1", 2, False) == ("requeued by Slurm after SIGUSR1 (restart 2 starts again from step 0: "
+                                                 "no checkpoint was saved (-- --save-every N saves them))")
