@@ -339,8 +339,9 @@ def follow(record: RunRecord, progress: Optional[ProgressSink] = None,
             for rec in follower.poll():
                 progress.record(rec)
             current = read_record(run_dir)
-            if current.status != last_status:
-                last_status = current.status
+            # (A requeue the poll missed goes running -> running: its restart count tells.)
+            if (current.status, current.restarts) != last_status:
+                last_status = (current.status, current.restarts)
                 if on_state is not None:
                     on_state(current)
             live, info = _ask_slurm(current)

@@ -47,6 +47,12 @@ class MetricsFollower:
         if chunk:
             self._pending += chunk
         *complete, self._pending = self._pending.split(b"\n")
+        replaced = not final and self._replaced()
+        if replaced:
+            # A requeued Slurm job sets the last attempt's file aside and the engine's resume writes
+            # the steps it keeps into a new one: what is read from now on is that file, from its start.
+            self._fh.close()
+            self._fh, self._pending = None, b""
         if final and self._pending.strip():
             complete.append(self._pending)
             self._pending = b""
@@ -59,7 +65,16 @@ class MetricsFollower:
             except ValueError:
                 self.malformed += 1
         self.records += len(out)
-        return out
+        return out + self.poll() if replaced else out
+
+    def _replaced(self) -> bool:
+        """The path now names another file than the one open (renamed aside, rewritten and renamed
+        over it, deleted), or the open one was truncated below what was read."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        return st.st_ino != os.fstat(self._fh.fileno()).st_ino or st.st_size < self._fh.tell()
 
     def close(self) -> None:
         if self._fh is not None:

@@ -116,6 +116,28 @@ def test_follower_final_poll_counts_a_torn_last_line(tmp_path):
     assert f.malformed == 1
 
 
+def test_follower_goes_on_in_a_metrics_file_replaced_under_it(tmp_path):
+    # A requeued Slurm job sets the attempt's metrics.jsonl aside and the resumed engine writes the
+    # steps it keeps into a new file: the follower read the old handle forever (no progress shown).
+    path = tmp_path / "metrics.jsonl"
+    lines = [to_line(StepMetrics(step=i, loss=3.0)) + "\n" for i in range(8)]
+    path.write_text("".join(lines[:6]))
+    f = MetricsFollower(path)
+    assert [r.step for r in f.poll()] == list(range(6))
+    path.rename(tmp_path / "metrics.jsonl.attempt1")
+    assert f.poll() == []  # nothing there yet
+    fresh = tmp_path / "fresh.jsonl"
+    fresh.write_text("".join(lines[:4]))  # resumed at the step-4 checkpoint: steps 0-3 kept
+    os.replace(fresh, path)
+    assert [r.step for r in f.poll()] == [0, 1, 2, 3]
+    with open(path, "a") as fh:
+        fh.write(lines[4] + lines[5] + lines[6])
+    assert [r.step for r in f.poll()] == [4, 5, 6]
+    path.write_text(lines[0])  # truncated in place below what was read: read again from its start
+    assert [r.step for r in f.poll()] == [0]
+    f.close()
+
+
 def test_eta_uses_pace_since_first_seen_step():
     # 4 steps took 8 s after the first one we saw: 2 s/step, 5 steps left.
     assert eta_seconds(done=5, total=10, first_done=1, first_t=100.0, now=108.0, dt_ms=999.0) == pytest.approx(10.0)
