@@ -37,7 +37,7 @@ from typing import Optional
 from moectl import slurm, store
 from moectl.config import Config
 from moectl.errors import EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, MoectlError
-from moectl.execution import JOB_GUARDS, JobSpec, compile_fallback_of, read_record, save_run_and_leg
+from moectl.execution import JOB_GUARDS, JobSpec, compile_fallback_of, job_live, read_record, save_run_and_leg
 from moectl.guards import guard_gpus_idle
 from moectl.launch import launch
 from moectl.plan import RunPlan
@@ -70,6 +70,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             return main([fallback.exp_dir])
         print(f"moectl.job: run {record.id} is already {record.status}; nothing to do", file=sys.stderr)
         return EXIT_OK
+
+    if record.job_id and record.job_id != job_id and job_live(record) is True:
+        # A second job of this run (`sbatch <run>/job.sh` again while its own job lives): the run
+        # is that job's. Its record is left alone - refusing here wrote `refused` over a live run.
+        print(f"moectl.job: run {record.id} belongs to Slurm job {record.job_id}, which is still live; "
+              "this job leaves it alone", file=sys.stderr)
+        return EXIT_GUARD
 
     results = node_guards(cfg, plan, run_dir, job_id)
     record.guards = [r for r in record.guards if r.name not in JOB_GUARDS] + results

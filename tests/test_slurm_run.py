@@ -687,3 +687,25 @@ def test_ctrl_c_while_following_detaches_and_says_how_to_cancel(on_cluster, git_
     assert squeue.stdout.strip() == "RUNNING"
     cancelled = moectl("cancel", rec["id"])
     assert cancelled.exit_code == 0 and record(run_dir)["status"] == "interrupted", cancelled.output
+
+
+def test_a_second_job_of_a_live_run_leaves_its_record_alone(on_cluster, git_repo, monkeypatch, artifact_root):
+    # `sbatch <run>/job.sh` again while the run's own job trains: the stray job wrote `refused`
+    # (exit 3) over the live run's record, for `runs` and the sweep to show until the run ended.
+    slurm_project(git_repo, monkeypatch)
+    r = moectl("run", "--slurm", "--detach", "--steps", "100000", "--no-commit", "--", "--sleep-per-step", "0.05")
+    assert r.exit_code == 0, r.output
+    run_dir = only_run(artifact_root)
+    wait_for(lambda: record(run_dir)["status"] == "running", "the run's own job running", timeout=JOB_TIMEOUT_S)
+    stray = subprocess.run(["sbatch", "--parsable", str(run_dir / "job.sh")], capture_output=True, text=True,
+                           timeout=60, check=True).stdout.strip().split(";")[0]
+
+    def stray_done():
+        q = subprocess.run(["squeue", "-h", "-j", stray, "-o", "%T"], capture_output=True, text=True, timeout=60)
+        return q.stdout.strip() == ""
+
+    wait_for(stray_done, "the stray job's end", timeout=JOB_TIMEOUT_S)
+    rec = record(run_dir)
+    assert rec["status"] == "running" and rec["job_id"] != stray and rec["error"] is None, rec
+    assert moectl("cancel", rec["id"]).exit_code == 0
+    assert record(run_dir)["status"] == "interrupted"
