@@ -265,14 +265,19 @@ def gone_job_end(status: str, job_id: Optional[str], info: Optional[slurm.JobInf
         return "interrupted", f"Slurm job {job_id} ended{how} without moectl recording its end"
     if info is not None and info.state == "CANCELLED":
         return "interrupted", f"Slurm job {job_id} was cancelled{how} before moectl started in it"
+    if info is None:  # forgotten by the controller, and no accounting to ask: say what is not known
+        return "failed", (f"Slurm job {job_id} ended before moectl started in it, and Slurm no longer knows how "
+                          "(cancelled, or failed to start; it keeps a finished job MinJobAge seconds)")
     return "failed", f"Slurm job {job_id} ended{how} before moectl started in it"
 
 
 def _job_info_or_none(job_id: Optional[str]) -> Optional[slurm.JobInfo]:
+    """What the controller says of the job, or - forgotten past MinJobAge - the accounting."""
     try:
-        return slurm.job_info(job_id) if job_id else None
+        info = slurm.job_info(job_id) if job_id else None
     except MoectlError:
         return None
+    return info if info is not None or not job_id else slurm.accounted_end(job_id)
 
 
 NEVER_STARTS_PREFIX = "Slurm will never start job"

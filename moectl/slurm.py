@@ -311,6 +311,21 @@ def job_info(job_id: str) -> Optional[JobInfo]:
     return parse_show_job(proc.stdout.strip().splitlines()[0] if proc.stdout.strip() else "")
 
 
+def accounted_end(job_id: str) -> Optional[JobInfo]:
+    """How a job ended, from Slurm's accounting (`sacct`), for a job the controller has forgotten
+    (finished more than MinJobAge ago); None where there is no accounting or it has no such job."""
+    try:
+        proc = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,State,ExitCode"])
+    except MoectlError:  # (no sacct on PATH, or no answer)
+        return None
+    for line in proc.stdout.splitlines() if proc.returncode == 0 else []:
+        parts = line.strip().split("|")
+        if len(parts) == 3 and parts[0] == job_id:
+            # "CANCELLED by 1000" -> CANCELLED
+            return JobInfo(job_id=job_id, state=parts[1].split()[0] if parts[1].split() else "", exit_code=parts[2])
+    return None
+
+
 def parse_squeue(text: str) -> list[QueuedJob]:
     """`squeue -h -o '%i|%j|%T|%D|%M|%R'` lines -> moectl's jobs (pure; other jobs skipped)."""
     jobs = []

@@ -4,6 +4,7 @@ The cluster itself is exercised in tests/test_slurm_run.py and tests/test_slurm_
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -109,7 +110,10 @@ def test_a_job_gone_before_moectl_started_in_it_failed_to_start_unless_slurm_say
     assert gone_job_end("queued", "42", cancelled) == (
         "interrupted", "Slurm job 42 was cancelled (CANCELLED, exit 0:0) before moectl started in it")
     assert gone_job_end("queued", "42", broken) == ("failed", "Slurm job 42 ended (FAILED, exit 1:0) before moectl started in it")
-    assert gone_job_end("queued", "42", None) == ("failed", "Slurm job 42 ended before moectl started in it")
+    # forgotten by the controller (past MinJobAge) and no accounting: what is not known is said
+    assert gone_job_end("queued", "42", None) == ("failed", "Slurm job 42 ended before moectl started in it, and "
+                                                  "Slurm no longer knows how (cancelled, or failed to start; it keeps "
+                                                  "a finished job MinJobAge seconds)")
     assert gone_job_end("running", "42", cancelled) == (
         "interrupted", "Slurm job 42 ended (CANCELLED, exit 0:0) without moectl recording its end")
     assert gone_job_end("running", "42", None)[0] == "interrupted"
@@ -318,3 +322,23 @@ def test_a_requeued_job_says_whether_its_restart_resumes_or_starts_over():
     assert requeue_note("SIGTERM", 1, True) == "requeued by Slurm after SIGTERM (restart 1 resumes from its last checkpoint)"
     assert requeue_note("SIGUSR1", 2, False) == ("requeued by Slurm after SIGUSR1 (restart 2 starts again from step 0: "
                                                  "no checkpoint was saved (-- --save-every N saves them))")
+
+
+def test_a_job_the_controller_forgot_is_settled_by_what_the_accounting_says(tmp_path, monkeypatch):
+    # scancel of a pending job, read more than MinJobAge later: the controller knows nothing of it and
+    # the run was settled `failed` (exit 4) for good; sacct still says CANCELLED on a cluster with accounting.
+    from moectl.execution import _job_info_or_none
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text('#!/bin/sh\necho "slurm_load_jobs error: Invalid job id specified" >&2\nexit 1\n')
+    (bin_dir / "sacct").write_text('#!/bin/sh\necho "77|CANCELLED by 0|0:0"\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    info = _job_info_or_none("77")
+    assert (info.state, info.exit_code) == ("CANCELLED", "0:0")
+    assert gone_job_end("queued", "77", info) == (
+        "interrupted", "Slurm job 77 was cancelled (CANCELLED, exit 0:0) before moectl started in it")
+    (bin_dir / "sacct").write_text('#!/bin/sh\necho "sacct: error: Slurm accounting storage is disabled" >&2\nexit 1\n')
+    assert _job_info_or_none("77") is None
