@@ -1151,3 +1151,41 @@ def test_run_slurm_with_wait_gpus_is_refused_not_ignored(git_repo, artifact_root
         "error: --wait-gpus: not with --slurm: Slurm decides when the job starts, and the job checks the GPUs it "
         "was given once, on its node"), r.output
     assert not artifact_root.exists()
+
+
+def test_a_slurm_sweep_whose_report_job_ended_without_the_report_gets_it_from_resume_and_wait_says_so(
+        git_repo, artifact_root, monkeypatch, slurm_answers):
+    # Its final-report job cancelled (or failed): `wait` ended 0 without a word, and `sweep --resume`
+    # said "nothing left to run" - the sweep report could never be written.
+    import shutil
+
+    from moectl.records import GitInfo, RunRecord, SweepLeg, SweepRecord, save_model
+    from moectl.store import save_run
+
+    sweep_project(git_repo)
+    monkeypatch.chdir(git_repo)
+    d = artifact_root / "20260102_100000_moe-rj"
+    legs = []
+    for tag in ("a", "b"):
+        rid = f"20260102_100001_moe-{tag}"
+        (d / rid).mkdir(parents=True)
+        shutil.copyfile(MOECTL_ROOT / "tests" / "fixtures" / "metrics_small.jsonl", d / rid / "metrics.jsonl")
+        save_run(RunRecord(id=rid, tag=tag, status="completed", created_at="2026-01-02T10:00:01+00:00",
+                           finished_at="2026-01-02T10:05:00+00:00", exit_code=0, sweep=d.name, backend="slurm",
+                           job_id=str(500 + len(legs)), git=GitInfo(branch="main"), exp_dir=str(d / rid)))
+        legs.append(SweepLeg(tag=tag, state="completed", run_id=rid))
+    save_model(d / "sweep.json", SweepRecord(id=d.name, name="rj", spec={}, legs=legs, report_job="555",
+                                             created_at="2026-01-02T10:00:00+00:00", exp_dir=str(d),
+                                             pid=2**22 + 7, host="elsewhere-login"))
+    r = cli("wait", d.name)  # (the fake Slurm knows no job: the report job has ended)
+    assert r.exit_code == 0, r.output
+    assert (f"sweep {d.name}: its final-report job 555 ended without writing the sweep report; "
+            f"`moectl sweep --resume {d.name} --slurm` writes it") in r.stderr
+    r = cli("sweep", "--resume", d.name, "--dry-run", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["final_report_owed"] is True, r.output
+    r = cli("sweep", "--resume", d.name)
+    assert r.exit_code == 0, r.output
+    assert "its final report was never written; writing it now" in r.output
+    done = json.loads((d / "sweep.json").read_text())
+    assert done["finished_at"] and done["report"] and Path(done["report"]).is_file()
+    assert Path(done["report"]).relative_to(git_repo).as_posix() in git(git_repo, "show", "--name-only", "--format=", "HEAD")

@@ -288,6 +288,14 @@ def wait(
 
             print_json([run_json(read_record(Path(r.exp_dir))) for r in records])
         raise typer.Exit(EXIT_INTERRUPTED)
+    from moectl.summary import resume_command
+    from moectl.sweep.store import load_sweep
+
+    for sweep in sweeps:  # its report job ended without the report (cancelled, failed): say how to get it
+        current = load_sweep(Path(sweep.exp_dir))
+        if current.report_job and current.finished_at is None and current.report is None:
+            error(f"sweep {current.id}: its final-report job {current.report_job} ended without writing the "
+                  f"sweep report; `{resume_command(current)}` writes it")
     if json_out:
         print_json([run_json(r) for r in final])
     else:

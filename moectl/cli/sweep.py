@@ -121,7 +121,9 @@ def sweep(
         else:
             old, legs, _ = plan_resume(cfg, resume)
             name, resumed_from = old.name + "-resume", old.id
-            owed = final_report_owed(old, legs)
+            from moectl.sweep.cluster import report_job_ended
+
+            owed = final_report_owed(old, legs, report_job_ended(old))
         _check_baseline(opts, legs)  # what the sweep itself would refuse, the dry run refuses
         planned = plan_legs(cfg, [leg for leg in legs if leg.state == "pending"], name, opts)
         if json_out:

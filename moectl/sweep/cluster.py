@@ -137,6 +137,18 @@ def follow_sweep(sweep_dir: Path, timeout_s: Optional[float] = None) -> tuple[Sw
     return load_sweep(sweep_dir), exit_code_of(final)
 
 
+def report_job_ended(sweep: SweepRecord) -> bool:
+    """Has the sweep's final-report job ended (cancelled, failed, done)? False when it has none, is
+    still pending or running, or Slurm cannot be asked."""
+    if not sweep.report_job:
+        return False
+    try:
+        info = slurm.job_info(sweep.report_job)
+    except MoectlError:
+        return False
+    return info is None or not info.live
+
+
 def wait_for_report_job(sweep_dir: Path, deadline: Optional[float] = None) -> None:
     """Block until the sweep's final-report job (if it has one) has ended: once every leg settled it
     still writes and commits the sweep report. Raises TimeoutError (naming the job) when the

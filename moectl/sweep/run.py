@@ -312,8 +312,13 @@ def _resume_claimed(cfg: Config, old: SweepRecord, legs: list[SweepLeg], carried
         opts = replace(opts, baseline=old.baseline)  # the sweep's own --baseline, unless given anew
     _check_baseline(opts, legs)
     if all(settled(leg, legs) for leg in legs):
-        if final_report_owed(old, legs):
-            if owner_alive(old) is None:  # plan_resume could not check its moectl: not ours to judge
+        from moectl.sweep.cluster import report_job_ended
+
+        # A Slurm sweep's report job that ended without it (cancelled, failed) leaves it owed here;
+        # that job, not the moectl that submitted it (maybe on a login node), was to write it.
+        slurm_gone = report_job_ended(old)
+        if final_report_owed(old, legs, slurm_gone):
+            if not slurm_gone and owner_alive(old) is None:  # plan_resume could not check its moectl: not ours to judge
                 raise GuardRefused(f"sweep {old.id} ran on {old.host} and has not finished (its moectl may still "
                                    f"be writing its final report there); resume it on {old.host}")
             return _finish_unfinished(cfg, old, legs, carried, opts, ui)

@@ -243,13 +243,14 @@ def settled(leg: SweepLeg, legs: list[SweepLeg]) -> bool:
     return leg.state == "failed" and fb is not None and fb.state == "completed"
 
 
-def final_report_owed(sweep: SweepRecord, legs: list[SweepLeg]) -> bool:
+def final_report_owed(sweep: SweepRecord, legs: list[SweepLeg], report_job_ended: bool = False) -> bool:
     """Every leg settled but the sweep never finished (its finished_at comes after its final report
     and commit): its moectl died in the final stage, a Ctrl-C came after the last leg, or the final
-    commit failed. Sweeps of a moectl that recorded no pid (older versions) and Slurm sweeps (their
-    report job writes it) are not judged. The caller checks the sweep's own moectl is gone."""
+    commit failed. Sweeps of a moectl that recorded no pid (older versions) are not judged, nor
+    Slurm sweeps while their report job may still write it (`report_job_ended`: the caller asked
+    Slurm, sweep.cluster.report_job_ended). The caller checks the sweep's own moectl is gone."""
     return (all(settled(leg, legs) for leg in legs) and sweep.finished_at is None and sweep.pid is not None
-            and not sweep.report_job)
+            and (not sweep.report_job or report_job_ended))
 
 
 def owner_alive(sweep: SweepRecord) -> Optional[bool]:
