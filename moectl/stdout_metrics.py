@@ -104,7 +104,8 @@ _NOISE = (
 )
 
 # nanochat's base_train step line: `step 00012/00040 (30.00%) | loss: 3.72 | dt: 637.19ms | ...`.
-_NANOCHAT_STEP = re.compile(r"^\s*step\s+(\d+)(?:\s*/\s*(\d+))?\b(.*)$")
+_STEP_NUMBER = r"(\d{1,3}(?:,\d{3})+|\d+)"  # 12, 01200, or with separators: 1,200 (never read as 1)
+_NANOCHAT_STEP = re.compile(rf"^\s*step\s+{_STEP_NUMBER}(?:\s*/\s*{_STEP_NUMBER})?\b(.*)$")
 _PEAK = re.compile(r"Peak memory usage:\s*([\d,]+(?:\.\d+)?)\s*MiB", re.IGNORECASE)
 _TOTAL = re.compile(r"Total training time:\s*([\d,]+(?:\.\d+)?)\s*(ms|s|m|min|h)\b", re.IGNORECASE)
 _UNIT_S = {"ms": 1e-3, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
@@ -338,8 +339,8 @@ class StdoutParser:
                     return None
                 kwargs.update(self._pattern_fields(line))
                 if m.group(2):
-                    self.planned_steps = int(m.group(2))
-                return self._make(int(m.group(1)), kwargs)
+                    self.planned_steps = int(number(m.group(2)))
+                return self._make(int(number(m.group(1))), kwargs)
             except (ValueError, TypeError):
                 self.skipped += 1
                 return None

@@ -414,3 +414,10 @@ def test_no_step_read_names_the_loss_pattern_when_the_step_pattern_matched():
         "loss matched by the loss pattern 'loss=([\\\\d.]+)' that is a number (step pattern 'iter (\\\\d+):')")
     parser, _ = parse_text("nothing here\n", fmt)
     assert parser.no_steps_reason() == "no step line in the trainer's output matched (step pattern 'iter (\\\\d+):')"
+
+
+def test_nanochat_step_numbers_with_thousands_separators_are_the_whole_number():
+    # `step 1,000/2,000 | ...` was step 1 (and no planned total): the run's later steps all read as 1-2.
+    fmt = StdoutFormat.build("nanochat")
+    parser, steps = parse_text("step 1,000/2,000 (50.00%) | loss: 2.5 | dt: 10ms\nstep 1,001/2,000 | loss: 2.4\n", fmt)
+    assert [s.step for s in steps] == [1000, 1001] and parser.planned_steps == 2000
