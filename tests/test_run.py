@@ -147,7 +147,8 @@ def test_real_tiny_run_end_to_end(git_repo, monkeypatch, artifact_root):
     # The files of SPEC §6, each holding what it should.
     cmd = (exp / "command.txt").read_text()
     assert shlex.split(cmd)[:3] == ["cd", str(git_repo), "&&"]  # pasted from anywhere: the module is found from there
-    assert shlex.split(cmd)[5:] == rec["argv"]  # cd ... && PYTHONPATH=... OMP_NUM_THREADS=1 <argv>
+    # cd ... && PYTHONPATH=... OMP_NUM_THREADS=1 CUDA_VISIBLE_DEVICES= <argv>  (a cpu run sees no GPU)
+    assert shlex.split(cmd)[5:] == ["CUDA_VISIBLE_DEVICES=", *rec["argv"]]
     assert (exp / "git.diff").read_text() == ""  # a clean tree at launch
     lines = [parse_line(x) for x in (exp / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if isinstance(x, StepMetrics)]
