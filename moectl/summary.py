@@ -255,20 +255,21 @@ def render_summary(cfg: Config, now: Optional[datetime] = None) -> str:
     if not chains:
         lines += ["No sweeps yet.", ""]
     chains.sort(key=lambda c: (c[-1].created_at or "", c[-1].id), reverse=True)  # the newest first
+    legs_runs = {c[-1].id: sweep_runs(c, scan.runs) for c in chains}  # each chain's legs' runs, found once
     for chain in chains[:SWEEP_LIMIT]:
-        lines += _sweep_section(cfg, chain, sweep_runs(chain, scan.runs))
+        lines += _sweep_section(cfg, chain, legs_runs[chain[-1].id])
     older = chains[SWEEP_LIMIT:]
     if older:
         lines += [f"Older sweeps ({len(older)}), newest first:", ""]
         for chain in older[:OLDER_SWEEP_LIMIT]:
             latest = chain[-1]
-            n_done = sum(1 for leg in latest.legs if leg_status(leg, sweep_runs(chain, scan.runs)) == "completed")
+            n_done = sum(1 for leg in latest.legs if leg_status(leg, legs_runs[latest.id]) == "completed")
             lines.append(f"- {latest.name}: {n_done}/{len(latest.legs)} legs completed — `{latest.exp_dir}`")
         if len(older) > OLDER_SWEEP_LIMIT:
             lines.append(f"- … and {len(older) - OLDER_SWEEP_LIMIT} older ones under `{_shown(cfg.artifact_root)}`")
         lines.append("")
 
-    unfinished = [c[-1] for c in chains if not _all_settled(c, sweep_runs(c, scan.runs))]
+    unfinished = [c[-1] for c in chains if not _all_settled(c, legs_runs[c[-1].id])]
     lines += ["## Unfinished Sweeps", ""]
     if unfinished:
         lines += ["Resume each in a fresh `-resume` directory (only the legs that did not complete run):", "", "```bash"]

@@ -172,12 +172,15 @@ def due(cfg: Config, record: RunRecord) -> list[str]:
     """The configured trackers that do not hold this run yet: never mirrored, failed, mirrored
     to another target, or mirrored before its report was there (`moectl commit RUN` writes the
     report of a run whose moectl was killed first)."""
-    out = []
-    report = recorded_report(cfg, record)
+    out, report = [], None
     for name in configured(cfg):
         state = record.tracking.get(name)
-        if state is None or state.status != "mirrored" or state.target != target_of(cfg, name) \
-                or (report is not None and state.report != str(report)):
+        if state is None or state.status != "mirrored" or state.target != target_of(cfg, name):
+            out.append(name)
+            continue
+        # (looked up only for a run some tracker holds: `sync` asks this of every run in the store)
+        report = report or recorded_report(cfg, record)
+        if report is not None and state.report != str(report):
             out.append(name)
     return out
 

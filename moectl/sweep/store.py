@@ -269,13 +269,13 @@ def sweep_chain(sweep: SweepRecord, by_id: dict[str, SweepRecord]) -> list[Sweep
     return chain
 
 
-def find_sweep(root: Path, ref: str) -> "SweepRecord | None":
+def find_sweep(root: Path, ref: str, sweeps: Optional[list[SweepRecord]] = None) -> "SweepRecord | None":
     """`wait`/`cancel`'s SWEEP argument: the sweep whose path, id or name is exactly `ref` (None when
-    no sweep is: the argument is then a RUN)."""
+    no sweep is: the argument is then a RUN). `sweeps`: list_sweeps(root), when the caller has it."""
     as_path = Path(ref).expanduser()
     if (as_path / SWEEP_RECORD).is_file():
         return load_sweep(as_path)
-    sweeps = [s for s in list_sweeps(root) if ref in (s.id, s.name)]
+    sweeps = [s for s in (list_sweeps(root) if sweeps is None else sweeps) if ref in (s.id, s.name)]
     if not sweeps:
         return None
     return next((s for s in sweeps if s.id == ref), sweeps[-1])
@@ -283,8 +283,9 @@ def find_sweep(root: Path, ref: str) -> "SweepRecord | None":
 
 def find_sweep_runs(root: Path, ref: str, runs: list[RunRecord]) -> "list[RunRecord] | None":
     """The run of every leg of the sweep `ref` names (find_sweep), None when it names no sweep."""
-    sweep = find_sweep(root, ref)
+    sweeps = list_sweeps(root)
+    sweep = find_sweep(root, ref, sweeps)
     if sweep is None:
         return None
-    by_id = sweep_runs(sweep_chain(sweep, {s.id: s for s in list_sweeps(root)}), runs)
+    by_id = sweep_runs(sweep_chain(sweep, {s.id: s for s in sweeps}), runs)
     return [by_id[leg.run_id] for leg in sweep.legs if leg.run_id in by_id]
