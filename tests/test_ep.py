@@ -141,14 +141,13 @@ def test_ep_full_state_gathers_to_rank_0_alone(tmp_path):
         "rank = dist.get_rank()\n"
         "w = torch.full((2, 3), float(ep.index))  # this rank's 2 experts of 4\n"
         "m, o = ep.full_state({'w': w, 'b': torch.ones(1)}, ['w'], {'state': {0: {'exp_avg': w + 10, 'step': torch.tensor(1.)}}}, [0])\n"
-        "if m is None:\n"
-        "    print(f'rank {rank}: None', flush=True)\n"
-        "else:\n"
-        "    print(f'rank {rank}: w {m[\"w\"][:, 0].tolist()} avg {o[\"state\"][0][\"exp_avg\"][:, 0].tolist()}', flush=True)\n"
+        # Each rank's answer in a file of its own: four processes printing to one pipe can interleave
+        # mid-line (seen once: `...11.0]rank 1: None` on one line).
+        "said = 'None' if m is None else f'w {m[\"w\"][:, 0].tolist()} avg {o[\"state\"][0][\"exp_avg\"][:, 0].tolist()}'\n"
+        f"open(f'{tmp_path}/rank{{rank}}.txt', 'w').write(said)\n"
         "dist.destroy_process_group()\n")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
                            str(script)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank "))
-    assert lines == ["rank 0: w [0.0, 0.0, 1.0, 1.0] avg [10.0, 10.0, 11.0, 11.0]",
-                     "rank 1: None", "rank 2: None", "rank 3: None"]
+    said = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(4)]
+    assert said == ["w [0.0, 0.0, 1.0, 1.0] avg [10.0, 10.0, 11.0, 11.0]", "None", "None", "None"]
