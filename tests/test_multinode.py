@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -35,6 +36,8 @@ ENGINE_ARGS = ["-m", "engine.train", "--preset", "tiny", "--device", "cpu", "--s
 # processes, and on this 2-core machine the two "nodes" share the same cores.
 RUN_ENV = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 RUN_TIMEOUT_S = 400
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+         "PREEMPTED"}  # Slurm's final job states
 
 
 def read_metrics(out_dir: Path):
@@ -71,6 +74,25 @@ def sbatch_script(out_dir: Path, log: Path, port: int) -> str:
     ])
 
 
+def run_job(sbatch_args: list[str], env: dict, cwd: Path) -> tuple[str, str]:
+    """Submit a batch job and wait for its end: (JobState, ExitCode) as `scontrol show job` says.
+    Not `sbatch --wait`: it looks at the job after 2, 10 and 42 s (its sleep grows x4 up to a
+    third of MinJobAge), so a 15 s job took 42 s of the suite."""
+    submitted = subprocess.run(["sbatch", "--parsable", *sbatch_args], env=env, cwd=cwd, capture_output=True,
+                               text=True, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        shown = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=env, capture_output=True, text=True,
+                               timeout=60).stdout
+        fields = dict(f.split("=", 1) for f in shown.split() if "=" in f)
+        if fields.get("JobState") in ENDED:
+            return fields["JobState"], fields.get("ExitCode", "?")
+        time.sleep(0.25)
+    pytest.fail(f"Slurm job {job_id} still not ended after {RUN_TIMEOUT_S} s")
+
+
 def test_two_nodes_one_process_each_train_the_same_losses_as_one_node_two_processes(slurm_env, tmp_path):
     two_nodes, one_node = tmp_path / "two-nodes", tmp_path / "one-node"
     log, script = tmp_path / "job.out", tmp_path / "job.sh"
@@ -82,8 +104,7 @@ def test_two_nodes_one_process_each_train_the_same_losses_as_one_node_two_proces
                              cwd=tmp_path, env={**os.environ, **RUN_ENV}, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
-        job = subprocess.run(["sbatch", "--wait", "-J", name, str(script)], env=slurm_env, cwd=tmp_path,
-                             capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+        state = run_job(["-J", name, str(script)], slurm_env, tmp_path)
         _, local_err = local.communicate(timeout=RUN_TIMEOUT_S)
     finally:  # a timed-out wait leaves the job (or the local run) going: neither may outlive the test
         subprocess.run(["scancel", "-n", name], env=slurm_env, capture_output=True, timeout=60)
@@ -91,7 +112,7 @@ def test_two_nodes_one_process_each_train_the_same_losses_as_one_node_two_proces
             local.kill()
             local.wait()
     output = log.read_text() if log.exists() else "(no job output)"
-    assert job.returncode == 0, f"sbatch --wait: {job.returncode}\n{job.stderr}\n{output[-4000:]}"
+    assert state == ("COMPLETED", "0:0"), f"the job ended {state}\n{output[-4000:]}"
     tasks = [line.split() for line in output.splitlines() if line.startswith("task ")]  # task <procid> on <node>
     assert sorted(t[3] for t in tasks) == ["n1", "n2"] and sorted(t[1] for t in tasks) == ["0", "1"], output[-4000:]
     assert local.returncode == 0, local_err[-4000:]
