@@ -618,6 +618,19 @@ def test_a_repeat_group_whose_compile_fails_ends_with_each_jobs_re_run_in_a_grou
     assert data["summary"] is None  # the re-runs measure another configuration: no mean of the group
 
 
+def start_now_once_requeued(job_id: str) -> None:
+    """Slurm holds a requeued job back ~10 s (pending, Reason=BeginTime) before it may start again:
+    its policy, not moectl's behaviour, and 20 s of this test. Once the job waits for that, let it
+    start at once (`scontrol update StartTime=now`, as an admin may)."""
+    def held_back():
+        shown = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=60).stdout
+        return "JobState=PENDING" in shown and "Reason=BeginTime" in shown
+
+    wait_for(held_back, "the requeued job pending until its begin time", timeout=JOB_TIMEOUT_S, poll_s=0.1)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=60,
+                   capture_output=True)
+
+
 def test_a_requeued_job_resumes_from_its_last_checkpoint_in_the_same_run_directory(on_cluster, git_repo, monkeypatch,
                                                                                    artifact_root):
     slurm_project(git_repo, monkeypatch, module="engine.train")
@@ -632,6 +645,7 @@ def test_a_requeued_job_resumes_from_its_last_checkpoint_in_the_same_run_directo
              "a checkpoint and 8 steps before the requeue", timeout=JOB_TIMEOUT_S)
 
     subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60, capture_output=True)
+    start_now_once_requeued(job_id)
 
     wait_for(lambda: record(run_dir)["restarts"] == 1 and record(run_dir)["status"] == "running",
              "the requeued job running again (restarts 1)", timeout=JOB_TIMEOUT_S)
@@ -642,6 +656,7 @@ def test_a_requeued_job_resumes_from_its_last_checkpoint_in_the_same_run_directo
 
     # What Slurm sends a little before the time limit (--signal=B:USR1@...): the job requeues itself.
     subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True, timeout=60, capture_output=True)
+    start_now_once_requeued(job_id)
     wait_for(lambda: record(run_dir)["restarts"] == 2 and record(run_dir)["status"] == "running",
              "the job requeued by its own USR1 handler running again (restarts 2)", timeout=JOB_TIMEOUT_S)
     at = wait_for(lambda: resumes_logged(run_dir)[1:], "the second resume", timeout=JOB_TIMEOUT_S)[0]
