@@ -173,8 +173,10 @@ class _Family:
             except psutil.Error:
                 pass
 
-    def stop_survivors(self, grace_s: float, already_killed: bool) -> bool:
-        """After torchrun exited: TERM then KILL whatever it left behind. True if anything was killed."""
+    def stop_survivors(self, grace_s: float, already_killed: bool,
+                       hurry: Callable[[], bool] = lambda: False) -> bool:
+        """After torchrun exited: TERM then KILL whatever it left behind. True if anything was killed.
+        KILL comes once the grace is over, or as soon as `hurry()` says so (a Ctrl-C meanwhile)."""
         self.snapshot()
         self.adopt_by_token()
         left = self.alive()
@@ -186,7 +188,9 @@ class _Family:
                     p.terminate()
                 except psutil.Error:
                     pass
-            _, left = psutil.wait_procs(left, timeout=grace_s)
+            deadline = time.monotonic() + grace_s
+            while left and not hurry() and time.monotonic() < deadline:
+                _, left = psutil.wait_procs(left, timeout=min(0.1, max(0.0, deadline - time.monotonic())))
         for p in left:
             try:
                 p.kill()
@@ -244,6 +248,7 @@ class _Tee(threading.Thread):
         super().__init__(name="moectl-tee", daemon=True)
         self.stream, self.log_fh, self.echo, self.on_eof = stream, log_fh, echo, on_eof
         self.on_line = on_line
+        self.parser_lock = threading.Lock()  # held while on_line runs: detach_parser() waits for it
         self.tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
         self.eof_at: Optional[float] = None  # when the pipe closed
         self.failure_tail: Optional[list[str]] = None  # the tail as it was when a worker failed
@@ -291,20 +296,26 @@ class _Tee(threading.Thread):
                 if m:
                     self.worker_exit_code = int(m.group(1))
                     self.failure_tail = list(self.tail)
-        if self.on_line is not None:
-            try:
-                self.on_line(text)
-            except Exception as exc:  # a parser bug must not stop the log (nor the run)
-                self.on_line = None
-                with self.lock:
-                    if not self.log_fh.closed:
-                        self._log(f"moectl: stdout metrics parser stopped: {exc!r}\n".encode())
+        with self.parser_lock:
+            if self.on_line is not None:
+                try:
+                    self.on_line(text)
+                except Exception as exc:  # a parser bug must not stop the log (nor the run)
+                    self.on_line = None
+                    with self.lock:
+                        if not self.log_fh.closed:
+                            self._log(f"moectl: stdout metrics parser stopped: {exc!r}\n".encode())
         if self.echo is not None:
             try:
                 self.echo(text)
             except Exception:  # a broken terminal must not stop the log
                 self.echo = None
         return True
+
+    def detach_parser(self) -> None:
+        """No line goes to on_line after this returns (one being parsed now is finished first)."""
+        with self.parser_lock:
+            self.on_line = None
 
     def _log(self, data: bytes) -> None:
         """Write to train.log; a failed write (the disk is full) is remembered and ends the logging,
@@ -663,7 +674,10 @@ def launch(
             # is still reserved, then the workers it may have left in their own sessions.
             _signal_group(proc.pid, signal.SIGKILL if killed else signal.SIGTERM)
             remaining = stop_grace_s if term_at is None else max(0.5, stop_grace_s - (time.monotonic() - term_at))
-            if family.stop_survivors(remaining, already_killed=killed) and interrupted:
+            # A Ctrl-C while the stragglers get their grace ends it: any one if torchrun had ended by
+            # itself, a second one (as in the wait loop) if a signal had stopped it.
+            hurry_at = 1 if term_at is None else 2
+            if family.stop_survivors(remaining, already_killed=killed, hurry=lambda: stop.count >= hurry_at) and interrupted:
                 killed = True
             exit_code = proc.wait()
             if stop.count and not interrupted and exit_code != 0:
@@ -671,8 +685,11 @@ def launch(
                 # process of the job at once): it was stopped, it did not fail.
                 interrupted = True
             tee.join(timeout=5.0)  # an escaped process may still hold the pipe: do not hang on it
-            if output_metrics is not None and not tee.is_alive():
-                output_metrics.close()  # its summary line, before the last read below
+            if output_metrics is not None:
+                # Its summary line, before the last read below. A tee still reading (an escaped
+                # process holds the pipe) hands no more lines to it from here on.
+                tee.detach_parser()
+                output_metrics.close()
             feed(final=True)
     finally:
         if proc is not None and proc.returncode is None:

@@ -291,6 +291,78 @@ def test_a_helper_forked_as_the_trainer_exits_is_stopped_and_the_summary_still_w
         kill_all([helper] if helper is not None else [])
 
 
+def test_a_pipe_held_open_by_a_process_outside_the_run_still_gets_the_summary_written(tmp_path):
+    """The trainer hands its output pipe to a process that is neither its descendant nor carries
+    the run's token (here: one started before the run, over a unix socket), and exits. No kill
+    can end the pipe, so the tee reads on after the run; the parsed run's summary line was only
+    written once the tee had ended, so it was never written."""
+    import socket
+
+    from moectl.stdout_metrics import LiveMetricsWriter, StdoutFormat, StdoutParser
+
+    sock_path = tmp_path / "holder.sock"
+    holder = subprocess.Popen([PY, "-c", (
+        "import socket, sys, time\n"
+        "s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(1)\n"
+        "conn, _ = s.accept()\n"
+        "msg, fds, _, _ = socket.recv_fds(conn, 16, 1)\n"
+        "conn.sendall(b'held')\n"
+        "time.sleep(120)\n"), str(sock_path)])
+    code = ("import socket, sys\n"
+            "print('step 0 | loss: 3.0 | dt: 100ms', flush=True)\n"
+            "print('step 1 | loss: 2.0 | dt: 100ms', flush=True)\n"
+            "s = socket.socket(socket.AF_UNIX)\n"
+            f"s.connect({str(sock_path)!r})\n"
+            "socket.send_fds(s, [b'x'], [sys.stdout.fileno()])\n"
+            "assert s.recv(4) == b'held'\n")
+    try:
+        wait_for(sock_path.exists, "the holder listening", 60, proc=holder)
+        writer = LiveMetricsWriter(tmp_path / "metrics.jsonl", StdoutParser(StdoutFormat.build("nanochat")))
+        r = launch([PY, "-c", code], cwd=REPO, env=ENV, log_path=tmp_path / "train.log",
+                   metrics_path=tmp_path / "metrics.jsonl", progress=Recorder(), echo=False, output_metrics=writer)
+        assert r.exit_code == 0 and holder.poll() is None  # the pipe is still held
+        records = [parse_line(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        assert [type(x) for x in records] == [StartInfo, StepMetrics, StepMetrics, RunSummary] and records[-1].steps == 2
+    finally:
+        stop_process(holder)
+
+
+def test_ctrl_c_while_the_trainers_leftovers_get_their_grace_ends_the_grace(tmp_path):
+    """The trainer exits 0 and leaves a helper that notes SIGTERM and carries on. moectl gives such
+    leftovers the grace (60 s here) before SIGKILL; a Ctrl-C meanwhile was counted and not acted
+    on, so moectl sat out the whole grace."""
+    pid_file, noted = tmp_path / "helper.pid", tmp_path / "helper.sigterms"
+    helper = ("import os, signal, sys, time\n"
+              f"signal.signal(signal.SIGTERM, lambda *_: open({str(noted)!r}, 'a').write('SIGTERM\\n'))\n"
+              f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+              "while True: time.sleep(0.05)\n")
+    trainer = ("import os, subprocess, sys, time\n"
+               f"subprocess.Popen([sys.executable, '-c', {helper!r}])\n"
+               f"while not os.path.exists({str(pid_file)!r}): time.sleep(0.01)\n"
+               "print('step 0 | loss: 3.0 | dt: 100ms', flush=True)\n")
+    grace = 60.0
+    stderr = tmp_path / "launch.stderr"
+    with open(stderr, "w") as err_fh:
+        child = subprocess.Popen([PY, "-c", CHILD, str(tmp_path), str(grace), PY, "-c", trainer], cwd=REPO,
+                                 env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=err_fh, text=True)
+    try:
+        wait_for(lambda: noted.exists(), "the helper told to stop (its SIGTERM noted)", 60, proc=child,
+                 output=stderr.read_text)
+        helper_proc = psutil.Process(int(pid_file.read_text()))
+        child.send_signal(signal.SIGINT)
+        t_sig = time.monotonic()
+        stdout, _ = child.communicate(timeout=grace + 60)  # a bound against a hang, not a latency check
+        took = time.monotonic() - t_sig
+    finally:
+        if child.poll() is None:
+            stop_process(child)
+    assert child.returncode == 0, stderr.read_text()
+    r = LaunchResult(**json.loads(stdout.splitlines()[-1]))
+    assert r.exit_code == 0 and not r.interrupted  # the trainer had ended by itself, and well
+    assert took < grace / 2, "the Ctrl-C did not end the grace: moectl waited it out"
+    assert not helper_proc.is_running() or helper_proc.status() == psutil.STATUS_ZOMBIE
+
+
 def test_launch_missing_executable_reports_and_closes(tmp_path):
     rec = Recorder()
     r = launch([str(tmp_path / "no-such-python"), "-V"], cwd=tmp_path, env={}, log_path=tmp_path / "train.log",
