@@ -237,12 +237,14 @@ def job_live(record: RunRecord) -> Optional[bool]:
     return _ask_slurm(record)[0]
 
 
-def _ask_slurm(record: RunRecord) -> tuple[Optional[bool], Optional[slurm.JobInfo]]:
-    """(job_live, what Slurm said of the job): one scontrol call for a poll that needs both."""
+def _ask_slurm(record: RunRecord, deadline: Optional[float] = None) -> tuple[Optional[bool], Optional[slurm.JobInfo]]:
+    """(job_live, what Slurm said of the job): one scontrol call for a poll that needs both. No
+    answer by `deadline` (a waiting command's own, monotonic) is no answer: (None, None)."""
     if record.job_id is None:
         return False, None
     try:
-        info = slurm.job_info(record.job_id)
+        with slurm.answering_by(deadline):
+            info = slurm.job_info(record.job_id)
     except MoectlError:
         return None, None
     return info is not None and info.live, info
@@ -349,7 +351,7 @@ def follow(record: RunRecord, progress: Optional[ProgressSink] = None,
                 last_status = (current.status, current.restarts)
                 if on_state is not None:
                     on_state(current)
-            live, info = _ask_slurm(current)
+            live, info = _ask_slurm(current, deadline)
             unstartable = settle_unstartable(current, info)
             if unstartable is not None:
                 return unstartable
@@ -392,7 +394,7 @@ def wait_for(records: Sequence[RunRecord], timeout_s: Optional[float] = None) ->
     done: dict[str, RunRecord] = {}
     while True:
         for key, rec in list(pending.items()):
-            current = _settle_once(rec)
+            current = _settle_once(rec, deadline)
             if current is None:
                 continue
             stand_in = compile_fallback_of(current)
@@ -425,14 +427,14 @@ def compile_fallback_of(record: RunRecord) -> Optional[RunRecord]:
         return None
 
 
-def _settle_once(record: RunRecord) -> Optional[RunRecord]:
-    """The final record when the run has settled, else None (one look)."""
+def _settle_once(record: RunRecord, deadline: Optional[float] = None) -> Optional[RunRecord]:
+    """The final record when the run has settled, else None (one look; Slurm's answer by `deadline`)."""
     run_dir = Path(record.exp_dir)
     if record.backend != "slurm":
         current = store.load_run(run_dir)  # settles a local run whose moectl died
         return None if current.status in UNSETTLED and not current.stale else current
     current = read_record(run_dir)
-    live, info = _ask_slurm(current)
+    live, info = _ask_slurm(current, deadline)
     unstartable = settle_unstartable(current, info)
     if unstartable is not None:
         return unstartable

@@ -745,22 +745,27 @@ def collect_status(config_path: Optional[Path] = None, cwd: Optional[Path] = Non
         "recent_runs": recent_runs,
         "recent_runs_error": runs_error,  # why recent_runs is null
         "unreadable_runs": unreadable,  # run records that cannot be read (`moectl runs` names them too)
-        **slurm_queue(cfg),
+        **slurm_queue(cfg, jobs_of_ours=any(r.get("backend") == "slurm" and r.get("status") in ("queued", "running")
+                                            for r in recent_runs or [])),
     }
 
 
-def slurm_queue(cfg: Config) -> dict:
+def slurm_queue(cfg: Config, jobs_of_ours: bool = False) -> dict:
     """moectl's jobs in the Slurm queue (`slurm_jobs`: job id, run id, state, nodes, elapsed), or
-    why they cannot be listed (`slurm_error`); both null on a machine without Slurm and a local backend."""
+    why they cannot be listed (`slurm_error`); both null on a machine without Slurm and a local
+    backend. `jobs_of_ours`: the recent runs include a queued or running Slurm run (`run --slurm`
+    with a local backend), whose jobs cannot be shown either."""
     from moectl import slurm
     from moectl.errors import MoectlError
 
+    # Slurm's tools missing, or installed with no cluster configured (a workstation, a CI box), is
+    # no problem for a local backend: nothing to show. With backend = "slurm", or runs of ours in
+    # Slurm's queue, it is the problem.
+    matters = cfg.cluster.backend == "slurm" or jobs_of_ours
     why = slurm.available()
     if why is not None:
-        return {"slurm_jobs": None, "slurm_error": why if cfg.cluster.backend == "slurm" else None}
+        return {"slurm_jobs": None, "slurm_error": why if matters else None}
     try:
         return {"slurm_jobs": [job.to_dict() for job in slurm.queue()], "slurm_error": None}
     except MoectlError as exc:
-        # Slurm's tools installed but no cluster configured (a workstation, a CI box) is no problem
-        # for a local backend: nothing to show. With backend = "slurm" it is the problem.
-        return {"slurm_jobs": None, "slurm_error": exc.message if cfg.cluster.backend == "slurm" else None}
+        return {"slurm_jobs": None, "slurm_error": exc.message if matters else None}

@@ -92,16 +92,30 @@ def owner_gone(status: str, pid: Optional[int], host: Optional[str], started_at:
     return recorded is not None and started > recorded + PID_REUSE_SLACK_S
 
 
+# A controller that did not answer, by the cluster asked (SLURM_CONF) -> until when it is not asked
+# again about another run's job. A slurmctld that is down makes each scontrol retry for 18 s, and
+# `runs`, `status` and `wait` look at every queued or running Slurm run of the store: one silence
+# is enough to take all of their records at their word.
+_SLURM_SILENCE_S = 60.0
+_slurm_silent_until: dict[Optional[str], float] = {}
+
+
 def _slurm_job_gone(job_id: str) -> bool:
     """Where Slurm cannot be asked (no controller, not a Slurm host) the record is taken at its word."""
+    import time
+
     from moectl import slurm
     from moectl.errors import MoectlError
 
     if slurm.available() is not None:
         return False
+    cluster = os.environ.get("SLURM_CONF")
+    if time.monotonic() < _slurm_silent_until.get(cluster, 0.0):
+        return False
     try:
         info = slurm.job_info(job_id)
     except MoectlError:
+        _slurm_silent_until[cluster] = time.monotonic() + _SLURM_SILENCE_S
         return False
     return info is None or not info.live
 

@@ -22,13 +22,16 @@ Torch-free, like all of moectl.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import shlex
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Mapping, Optional, Sequence
 
 from moectl.errors import MoectlError, UsageError
 
@@ -123,14 +126,34 @@ def require() -> None:
                          "the cluster's configuration?)")
 
 
-def _run(argv: Sequence[str], env: Optional[Mapping[str, str]] = None) -> subprocess.CompletedProcess:
+# The moment (time.monotonic()) by which a command must have answered: `wait --timeout 5m` means
+# five minutes, also while slurmctld is down and every scontrol retries for MessageTimeout.
+_answer_by: contextvars.ContextVar[Optional[float]] = contextvars.ContextVar("answer_by", default=None)
+
+
+@contextlib.contextmanager
+def answering_by(deadline: Optional[float]) -> Iterator[None]:
+    """Within it, a Slurm command that has not answered by `deadline` (monotonic; None: no bound
+    but COMMAND_TIMEOUT_S) is given up as unanswered (MoectlError), at least a second after it began."""
+    token = _answer_by.set(deadline)
     try:
-        return subprocess.run(list(argv), capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S,
+        yield
+    finally:
+        _answer_by.reset(token)
+
+
+def _run(argv: Sequence[str], env: Optional[Mapping[str, str]] = None) -> subprocess.CompletedProcess:
+    timeout = float(COMMAND_TIMEOUT_S)
+    deadline = _answer_by.get()
+    if deadline is not None:
+        timeout = max(1.0, min(timeout, deadline - time.monotonic()))
+    try:
+        return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
                               env=dict(env) if env is not None else None)
     except FileNotFoundError:
         raise UsageError(f"--slurm: no {argv[0]} on PATH") from None
     except subprocess.TimeoutExpired:
-        raise MoectlError(f"{argv[0]} gave no answer within {COMMAND_TIMEOUT_S} s (is slurmctld up?)") from None
+        raise MoectlError(f"{argv[0]} gave no answer within {timeout:g} s (is slurmctld up?)") from None
 
 
 def _message(proc: subprocess.CompletedProcess) -> str:

@@ -131,6 +131,27 @@ def test_status_with_slurm_tools_but_no_cluster_is_quiet_for_a_local_backend_and
     assert refused.exit_code == 2 and "does not exist" in refused.output and run_dirs(artifact_root) == []
 
 
+def test_status_of_a_local_backend_says_why_slurm_cannot_be_asked_while_a_run_of_its_is_in_the_queue(
+        on_cluster, git_repo, monkeypatch, artifact_root, tmp_path):
+    """`run --slurm` with the default local backend: its job is as much ours as a slurm backend's,
+    and a status that cannot list it must say why (it said nothing: the backend was local)."""
+    slurm_project(git_repo, monkeypatch)
+    r = moectl("run", "--slurm", "--detach", "--steps", "100000", "--no-commit", "--", "--sleep-per-step", "0.05")
+    assert r.exit_code == 0, r.output
+    rec = record(only_run(artifact_root))
+    try:
+        monkeypatch.setenv("SLURM_CONF", str(tmp_path / "no-such-slurm.conf"))
+        status = json.loads(moectl("status", "--json").output)
+        assert status["recent_runs"][0]["status"] in ("queued", "running")
+        assert status["slurm_jobs"] is None and "no-such-slurm.conf does not exist" in status["slurm_error"]
+        shown = [line for line in moectl("status").output.splitlines() if line.startswith("slurm")]
+        assert len(shown) == 1 and "no-such-slurm.conf does not exist" in shown[0]
+    finally:
+        monkeypatch.setenv("SLURM_CONF", on_cluster["SLURM_CONF"])
+        cancelled = moectl("cancel", rec["id"])
+    assert cancelled.exit_code == 0, cancelled.output
+
+
 @pytest.mark.parametrize("cluster_state", ["controller down", "no configuration"])
 def test_a_cluster_that_does_not_answer_refuses_check_and_run_before_anything_is_written(
         cluster_state, slurm_env, git_repo, monkeypatch, artifact_root, tmp_path):
@@ -156,6 +177,64 @@ def test_a_cluster_that_does_not_answer_refuses_check_and_run_before_anything_is
         assert r.output.startswith("error: --slurm: Slurm's controller does not answer: ") and said in r.output
         assert len(r.output.strip().splitlines()) == 1, r.output
     assert run_dirs(artifact_root) == []
+
+
+def test_wait_keeps_its_timeout_while_the_controller_does_not_answer(on_cluster, git_repo, monkeypatch,
+                                                                   artifact_root, tmp_path):
+    """A slurmctld that is down (its configuration at a port nobody listens on): each scontrol
+    retries for 18 s before it gives up, and `wait --timeout 2s` waited for each of them."""
+    slurm_project(git_repo, monkeypatch)
+    r = moectl("run", "--slurm", "--detach", "--steps", "100000", "--no-commit", "--", "--sleep-per-step", "0.05")
+    assert r.exit_code == 0, r.output
+    rec = record(only_run(artifact_root))
+    down = tmp_path / "slurm.conf"
+    down.write_text(re.sub(r"(?m)^SlurmctldPort=\d+$", f"SlurmctldPort={free_port()}",
+                           Path(on_cluster["SLURM_CONF"]).read_text()))
+    try:
+        monkeypatch.setenv("SLURM_CONF", str(down))
+        started = time.monotonic()
+        waited = moectl("wait", rec["id"], "--timeout", "2s")
+        took = time.monotonic() - started
+    finally:
+        monkeypatch.setenv("SLURM_CONF", on_cluster["SLURM_CONF"])
+        cancelled = moectl("cancel", rec["id"])
+    assert waited.exit_code == 130 and f"--timeout 2s passed; still going: {rec['id']}" in waited.output, waited.output
+    assert took < 10, f"wait --timeout 2s took {took:.1f} s"  # one scontrol alone takes 18 s
+    assert record(only_run(artifact_root))["status"] == "interrupted" and cancelled.exit_code == 0, cancelled.output
+
+
+def test_runs_asks_a_controller_that_does_not_answer_once_not_once_per_queued_run(on_cluster, git_repo, monkeypatch,
+                                                                                   artifact_root, tmp_path):
+    """Listing runs asks Slurm whether each queued or running Slurm run's job still lives. With the
+    controller down every scontrol waits out its retries: one silence now stands for all of them."""
+    slurm_project(git_repo, monkeypatch)
+    ids = []
+    for tag in ("a", "b", "c"):
+        r = moectl("run", "--slurm", "--detach", "--tag", tag, "--steps", "100000", "--no-commit", "--",
+                   "--sleep-per-step", "0.05")
+        assert r.exit_code == 0, r.output
+        [run_dir] = [d for d in run_dirs(artifact_root) if d.name.endswith(f"-{tag}")]
+        ids.append(run_dir.name)
+    down = tmp_path / "slurm.conf"  # its retries cut to seconds: MessageTimeout
+    down.write_text(re.sub(r"(?m)^SlurmctldPort=\d+$", f"SlurmctldPort={free_port()}",
+                           Path(on_cluster["SLURM_CONF"]).read_text()) + "MessageTimeout=3\n")
+    try:
+        monkeypatch.setenv("SLURM_CONF", str(down))
+        started = time.monotonic()
+        one = subprocess.run(["scontrol", "show", "job", "-o", "1"], capture_output=True, text=True, timeout=120)
+        one_s = time.monotonic() - started
+        assert one.returncode != 0 and "Unable to contact slurm controller" in one.stderr
+        started = time.monotonic()
+        listed = moectl("runs", "--json")
+        took = time.monotonic() - started
+    finally:
+        monkeypatch.setenv("SLURM_CONF", on_cluster["SLURM_CONF"])
+        cancelled = moectl("cancel", *ids)
+    assert listed.exit_code == 0, listed.output
+    assert {r["id"]: r["status"] for r in json.loads(listed.output)}.keys() == set(ids)
+    assert all(r["status"] in ("queued", "running") for r in json.loads(listed.output))  # taken at their word
+    assert took < 2 * one_s, f"runs took {took:.1f} s; one unanswered scontrol takes {one_s:.1f} s"
+    assert cancelled.exit_code == 0, cancelled.output
 
 
 def test_a_jobs_stopped_commit_is_recorded_shown_and_moectl_commit_lands_it_later(on_cluster, git_repo, monkeypatch,

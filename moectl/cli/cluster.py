@@ -265,6 +265,7 @@ def wait(
     """
     import time
 
+    from moectl import slurm
     from moectl.cli.runs import _config  # reading the store needs no config file, as for show/export
     from moectl.execution import exit_code_of, wait_for
     from moectl.plan import parse_duration
@@ -276,9 +277,10 @@ def wait(
     timeout_s = parse_duration(timeout, "--timeout") if timeout is not None else None
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     sweeps: list = []
-    records = _resolve_targets(cfg, targets, sweeps)
+    with slurm.answering_by(deadline):  # (a record's staleness is a question to Slurm too)
+        records = _resolve_targets(cfg, targets, sweeps)
     try:
-        final = wait_for(records, timeout_s)
+        final = wait_for(records, None if deadline is None else max(0.0, deadline - time.monotonic()))
         for sweep in sweeps:  # its legs settled; the report job writes and commits the sweep report
             wait_for_report_job(Path(sweep.exp_dir), deadline)
     except TimeoutError as exc:

@@ -160,11 +160,12 @@ def wait_for_report_job(sweep_dir: Path, deadline: Optional[float] = None) -> No
     job = load_sweep(sweep_dir).report_job
     while job:
         try:
-            info = slurm.job_info(job)
+            with slurm.answering_by(deadline):
+                info = slurm.job_info(job)
             if info is None or not info.live:
                 return
         except MoectlError:
-            pass  # Slurm gave no answer this time: ask again
+            pass  # Slurm gave no answer this time (or none by the deadline): ask again
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"the final-report job {job} of sweep {Path(sweep_dir).name}")
         time.sleep(POLL_S)
