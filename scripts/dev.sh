@@ -50,12 +50,18 @@ setup() {
 # time each (--dist=loadfile: a file's module fixtures and order stay together), each worker in a
 # PID namespace of its own (scripts/pid_namespace.py says why it must be). Only where this machine
 # gives one (root, or CAP_SYS_ADMIN: `unshare --pid` works); else ARRAY stays empty and the suite
-# runs in one process, as it always did. MOECTL_TEST_WORKERS=N asks for N workers (1: none); the
+# runs in one process, as it always did; so it does for --pdb, --trace and --collect-only, and
+# where the arguments choose workers themselves (-n, --dist, --tx, -p no:xdist). MOECTL_TEST_WORKERS=N asks for N workers (1: none); the
 # default is one per core, 2 to 4. Run alone on 2 cores the suite kept the CPUs 48% busy (one
 # process starting torch, then the next); 2 workers took it from 19.0 to 13.2 minutes there
 # (docs/benchmarks.md).
 worker_args() {
   local -n into=$1
+  shift
+  local arg
+  for arg in "$@"; do  # what asks for one process, or for workers of its own choosing
+    case $arg in --pdb | --trace | --collect-only | --co | -n* | --numprocesses* | --dist* | --tx* | no:xdist) return 0 ;; esac
+  done
   local n=${MOECTL_TEST_WORKERS:-}
   if [ -z "$n" ]; then
     n=$(nproc 2>/dev/null || echo 1)
@@ -78,7 +84,7 @@ case "${1:-}" in
     shift
     setup test
     workers=()
-    worker_args workers
+    worker_args workers "$@"
     exec "$VENV/bin/python" -m pytest ${workers[@]+"${workers[@]}"} "$@"
     ;;
   setup)
