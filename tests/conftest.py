@@ -35,7 +35,9 @@ SLOW_TIMEOUT_S = 600  # pytest-timeout's limit for `slow` tests (the default is 
 
 
 # The time-limit job (tests/test_slurm_run.py) waits a minute or more for Slurm: it is submitted
-# right after the last other test that uses the cluster, and checked last of all.
+# right after the last other test that uses the cluster, and checked last of all. (Under
+# pytest-xdist's --dist=loadfile a worker runs a file's tests in this order: the check comes last of
+# tests/test_slurm_run.py, and the other worker goes on meanwhile.)
 TIME_LIMIT_SUBMIT = "test_a_time_limited_job_is_submitted_to_run_beside_the_rest_of_the_suite"
 TIME_LIMIT_CHECK = "test_a_run_stopped_at_its_slurm_time_limit_is_recorded_as_such_with_what_it_trained"
 
