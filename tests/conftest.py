@@ -42,12 +42,23 @@ TIME_LIMIT_SUBMIT = "test_a_time_limited_job_is_submitted_to_run_beside_the_rest
 TIME_LIMIT_CHECK = "test_a_run_stopped_at_its_slurm_time_limit_is_recorded_as_such_with_what_it_trained"
 
 
+# The test files that take longest, longest first (one process, `--durations`, 2026-11-28: 230 s
+# for test_slurm_run.py with its time-limit minute, down to 33 s). pytest-xdist hands the workers
+# whole files in collection order; alphabetically these came last, and one worker went on for
+# minutes after the other had run out of files. Only the order changes.
+LONGEST_FILES = ["test_slurm_run.py", "test_ep.py", "test_tracking.py", "test_sweep.py", "test_run.py",
+                 "test_train.py", "test_slurm_sweep.py", "test_run_signals.py", "test_launch.py", "test_bench.py"]
+
+
 def pytest_collection_modifyitems(items):
     """`slow` tests (torchrun, torch.compile) get the longer limit, unless they name their own.
-    The time-limit job's two tests go where its minute of waiting overlaps other tests' work."""
+    The longest files go first, and the time-limit job's two tests where its minute of waiting
+    overlaps other tests' work."""
     for item in items:
         if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+    rank = {name: n for n, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda i: rank.get(i.path.name, len(LONGEST_FILES)))  # (stable: a file's own order stays)
     submit = [i for i in items if i.name == TIME_LIMIT_SUBMIT]
     check = [i for i in items if i.name == TIME_LIMIT_CHECK]
     rest = [i for i in items if i.name not in (TIME_LIMIT_SUBMIT, TIME_LIMIT_CHECK)]
