@@ -9,6 +9,7 @@ message; it never skips them."""
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import tempfile
@@ -28,9 +29,42 @@ SLURM_TESTS = [
 
 
 def free_port() -> int:
+    """A port nobody listens on now (for a controller that must not answer). Not for a port that is
+    to be listened on later: it comes from the ephemeral range, which outgoing connections take
+    from at any moment - use free_ports()."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def free_ports(count: int = 1) -> int:
+    """The first of `count` consecutive ports that can all be bound now, below the kernel's
+    ephemeral range, for listeners started a moment later (a cluster's daemons, a job's c10d
+    rendezvous at rdzv_port + job id). A port from free_port() lies in that range: an outgoing
+    connection of anything on the machine may take it before the listener binds it (seen with
+    two test workers: a job's rendezvous port was taken, and its second node could not join)."""
+    low, rng = _ephemeral_low(), random.Random()  # seeded from os.urandom: two workers pick apart
+    for _ in range(500):
+        base = rng.randrange(10000, max(10001, low - count))
+        if all(_bindable(port) for port in range(base, base + count)):
+            return base
+    raise RuntimeError(f"no {count} consecutive free ports below {low}")
 
 
 # This test session's own cluster: its own state directory and ports, so two suites on one machine
@@ -49,9 +83,8 @@ def slurm_env():
     """The environment of a shell that ran `eval "$(local_slurm.sh start)"`, for a cluster of this
     session's own (a short temp dir: munge's socket path must stay under 100 bytes), stopped and
     removed after it."""
-    ports: set[int] = set()
-    while len(ports) < 3:
-        ports.add(free_port())
+    base = free_ports(3)
+    ports = range(base, base + 3)
     state = tempfile.mkdtemp(prefix="moectl-slurm-")
     _OWN.update(MOECTL_SLURM_DIR=state, **{f"MOECTL_SLURM_{name}_PORT": str(port)
                                            for name, port in zip(("CTLD", "N1", "N2"), sorted(ports))})

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from engine.schema import RunSummary, StartInfo, StepMetrics, parse_line
-from tests.slurm_fixtures import SLURM_TESTS, free_port
+from tests.slurm_fixtures import SLURM_TESTS, free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [*SLURM_TESTS, pytest.mark.slow]
@@ -96,7 +96,7 @@ def run_job(sbatch_args: list[str], env: dict, cwd: Path) -> tuple[str, str]:
 def test_two_nodes_one_process_each_train_the_same_losses_as_one_node_two_processes(slurm_env, tmp_path):
     two_nodes, one_node = tmp_path / "two-nodes", tmp_path / "one-node"
     log, script = tmp_path / "job.out", tmp_path / "job.sh"
-    script.write_text(sbatch_script(two_nodes, log, free_port()))
+    script.write_text(sbatch_script(two_nodes, log, free_ports()))
     name = f"moectl-multinode-{uuid.uuid4().hex[:8]}"
     # The one-node run trains meanwhile, beside the job (each at a port of its own).
     local = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

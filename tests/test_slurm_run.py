@@ -25,7 +25,7 @@ from engine.schema import StepMetrics, parse_line
 from moectl.cli import app
 from moectl.config import load_config
 from tests.conftest import git, gpu, steps_written, wait_for
-from tests.slurm_fixtures import SLURM_TESTS, free_port
+from tests.slurm_fixtures import SLURM_TESTS, free_port, free_ports
 from tests.test_run import FAKE, commit_config, commit_files, head, record, run_dirs, write_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -351,8 +351,8 @@ def test_cancel_ends_a_running_job_interrupted_with_its_metrics_summarised(on_cl
 
 def test_two_nodes_train_the_same_losses_as_one_node_with_two_processes(on_cluster, git_repo, monkeypatch,
                                                                          artifact_root, tmp_path):
-    # A free rendezvous port: other suites on this machine may hold 29500.
-    base = free_port()
+    # Free rendezvous ports: other suites on this machine may hold 29500.
+    base = free_ports(1000)
     slurm_project(git_repo, monkeypatch, module="engine.train", cluster=f"rdzv_port = {base}")
     engine_args = ["--seed", "5", "--eval-batches", "1"]
     # The one-node twin trains meanwhile, beside the job (at a port of its own).
@@ -393,7 +393,7 @@ def test_two_multi_node_jobs_on_one_first_node_each_meet_at_a_port_of_their_own(
     # `--repeat 2 --nodes 2` on the 2-node cluster: both jobs start their c10d rendezvous on the same
     # first node. At one port the second job's agents joined the first's store, and failed when the
     # first ended; each at its own port, ending the first leaves the second training to its end.
-    slurm_project(git_repo, monkeypatch, cluster=f"rdzv_port = {free_port()}")
+    slurm_project(git_repo, monkeypatch, cluster=f"rdzv_port = {free_ports(1000)}")
     gate = tmp_path / "gate"
     r = moectl("run", "--slurm", "--nodes", "2", "--nproc", "1", "--repeat", "2", "--detach", "--steps", "4",
                "--no-commit", "--tag", "pair", "--", "--hold-at-step", "2", "--hold-until", str(gate))

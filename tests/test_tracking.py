@@ -30,6 +30,7 @@ from moectl.config import parse_config_text
 from moectl.errors import UsageError
 from moectl.tracking import STEP_KEYS, wandb_run_id
 from tests.conftest import git, steps_written, wait_for
+from tests.slurm_fixtures import free_ports
 from tests.test_run import FAKE, QUIET, REPO
 
 TRACKER_ENV = {
@@ -63,7 +64,7 @@ def tracker_env(tmp_path, monkeypatch):
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server (sqlite backend, proxied artifacts) on a free local port."""
     home = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
+    port = free_ports()  # (below the ephemeral range: the server binds it seconds from now)
     env = {**os.environ, **TRACKER_ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log_path = home / "server.log"
     with open(log_path, "w") as log:
