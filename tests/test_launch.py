@@ -16,7 +16,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import psutil
 import pytest
@@ -341,26 +341,11 @@ def test_ctrl_c_while_the_trainers_leftovers_get_their_grace_ends_the_grace(tmp_
                f"while not os.path.exists({str(pid_file)!r}): time.sleep(0.01)\n"
                "print('step 0 | loss: 3.0 | dt: 100ms', flush=True)\n")
     grace = 60.0
-    stderr = tmp_path / "launch.stderr"
-    with open(stderr, "w") as err_fh:
-        child = subprocess.Popen([PY, "-c", CHILD, str(tmp_path), str(grace), PY, "-c", trainer], cwd=REPO,
-                                 env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=err_fh, text=True)
-    try:
-        wait_for(lambda: noted.exists(), "the helper told to stop (its SIGTERM noted)", 60, proc=child,
-                 output=stderr.read_text)
-        helper_proc = psutil.Process(int(pid_file.read_text()))
-        child.send_signal(signal.SIGINT)
-        t_sig = time.monotonic()
-        stdout, _ = child.communicate(timeout=grace + 60)  # a bound against a hang, not a latency check
-        took = time.monotonic() - t_sig
-    finally:
-        if child.poll() is None:
-            stop_process(child)
-    assert child.returncode == 0, stderr.read_text()
-    r = LaunchResult(**json.loads(stdout.splitlines()[-1]))
+    r, took = run_and_signal(tmp_path, [PY, "-c", trainer], [signal.SIGINT], grace=grace,
+                             ready=(noted.exists, "the helper told to stop (its SIGTERM noted)"))
     assert r.exit_code == 0 and not r.interrupted  # the trainer had ended by itself, and well
     assert took < grace / 2, "the Ctrl-C did not end the grace: moectl waited it out"
-    assert not helper_proc.is_running() or helper_proc.status() == psutil.STATUS_ZOMBIE
+    assert exited(int(pid_file.read_text()))  # killed at the Ctrl-C, not after the grace
 
 
 def test_launch_missing_executable_reports_and_closes(tmp_path):
@@ -391,10 +376,12 @@ def sigterms_noted(out: Path) -> dict[str, int]:
 
 
 def run_and_signal(out: Path, argv: list[str], sigs: list[int], grace: float, ranks: int = 1, after_steps: int = 3,
-                   between: Callable[[], bool] = lambda: True):
+                   between: Callable[[], bool] = lambda: True,
+                   ready: Optional[tuple[Callable[[], bool], str]] = None):
     """Start `launch` in a child python; once every rank is up (its pid file) and `after_steps` steps
-    are in metrics, send `sigs` to that child, each next one only once `between()` holds (the
-    previous one has been acted on). Returns (LaunchResult, seconds from the last signal to exit)."""
+    are in metrics - or, given `ready` (an event and what it is), once that holds - send `sigs` to
+    that child, each next one only once `between()` holds (the previous one has been acted on).
+    Returns (LaunchResult, seconds from the last signal to exit)."""
     out.mkdir(parents=True, exist_ok=True)
     stderr = out / "launch.stderr"  # a file, not a pipe: nobody reads it while we wait
     with open(stderr, "w") as err_fh:
@@ -404,8 +391,8 @@ def run_and_signal(out: Path, argv: list[str], sigs: list[int], grace: float, ra
         def running():
             return len(worker_pids(out)) == ranks and len(steps_written(out / "metrics.jsonl")) >= after_steps
 
-        wait_for(running, f"{ranks} rank(s) up and {after_steps} steps in metrics", 120, proc=child,
-                 output=stderr.read_text)
+        event, what = ready or (running, f"{ranks} rank(s) up and {after_steps} steps in metrics")
+        wait_for(event, what, 120, proc=child, output=stderr.read_text)
         for i, s in enumerate(sigs):
             if i:
                 wait_for(between, f"signal {i} acted on before signal {i + 1}", 60, proc=child, output=stderr.read_text)

@@ -30,7 +30,7 @@ from moectl.config import parse_config_text
 from moectl.errors import UsageError
 from moectl.tracking import STEP_KEYS, wandb_run_id
 from tests.conftest import git, steps_written, wait_for
-from tests.slurm_fixtures import free_ports
+from tests.slurm_fixtures import free_port, free_ports
 from tests.test_run import FAKE, QUIET, REPO
 
 TRACKER_ENV = {
@@ -40,13 +40,6 @@ TRACKER_ENV = {
 }
 SERVER_START_S = 180.0  # `mlflow server` imports a lot; a loaded 2-core machine needs a while
 MIRROR_GAVE_UP_S = 15.0  # a dead MLflow server: import + one refused request (unbounded: minutes)
-
-
-def free_port() -> int:
-    """A port nothing listens on: bound to pick it, then closed."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)

@@ -157,17 +157,13 @@ def wait_for_report_job(sweep_dir: Path, deadline: Optional[float] = None) -> No
 
     from moectl.execution import POLL_S
 
-    job = load_sweep(sweep_dir).report_job
-    while job:
-        try:
-            with slurm.answering_by(deadline):
-                info = slurm.job_info(job)
-            if info is None or not info.live:
+    sweep = load_sweep(sweep_dir)
+    while sweep.report_job:
+        with slurm.answering_by(deadline):  # (no answer, or none by the deadline: asked again)
+            if report_job_ended(sweep):
                 return
-        except MoectlError:
-            pass  # Slurm gave no answer this time (or none by the deadline): ask again
         if deadline is not None and time.monotonic() > deadline:
-            raise TimeoutError(f"the final-report job {job} of sweep {Path(sweep_dir).name}")
+            raise TimeoutError(f"the final-report job {sweep.report_job} of sweep {Path(sweep_dir).name}")
         time.sleep(POLL_S)
 
 
