@@ -135,9 +135,14 @@ def commit_run_report(
                 warnings.append(f"EXPERIMENTS.md not refreshed: {exc.message}")
     try:
         sha = gitops.commit_paths(cfg.root, paths, commit_message(record), branch=branch, on_wait=on_wait)
-    except (GuardRefused, gitops.SigningFailed, gitops.IdentityUnknown) as exc:  # busy, the branch
-        # switched meanwhile, git could not sign or has no identity: nothing moved
-        raise type(exc)(not_committed(exc.message, record.id)) from None
+    except BaseException as exc:
+        from moectl.summary import put_back
+
+        put_back(cfg, paths)  # EXPERIMENTS.md as it was before this command: nothing half-done
+        if isinstance(exc, (GuardRefused, gitops.SigningFailed, gitops.IdentityUnknown)):  # busy, the
+            # branch switched meanwhile, git could not sign or has no identity: nothing moved
+            raise type(exc)(not_committed(exc.message, record.id)) from None
+        raise
     if sha is None:  # the report equals HEAD's after all (committed by someone meanwhile)
         sha = gitops.committed_in(cfg.root, report) or ""
         _record_commit(record, sha, report)

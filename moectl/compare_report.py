@@ -24,11 +24,12 @@ from moectl.records import RunRecord
 def report_dir_refusal(cfg: Config) -> Optional[str]:
     """Why a report cannot be written into `cfg.report_dir` (the paths guard's words), or None."""
     from moectl.guards import report_dir_problems
-    from moectl.probes import _git_dir, _real, why_unwritable
+    from moectl.probes import _git_dir, _real, nested_work_tree, why_unwritable
 
     report_dir = _real(cfg.report_dir)
     problems = report_dir_problems(report_dir, str(cfg.root.resolve()), _git_dir(cfg.root),
-                                   [_real(p) for p in cfg.read_only])
+                                   [_real(p) for p in cfg.read_only],
+                                   nested_work_tree(Path(report_dir), cfg.root.resolve()))
     why = why_unwritable(Path(report_dir))
     if why is not None:
         problems.insert(0, f"report_dir: {why}")
@@ -58,9 +59,11 @@ def write_compare_report(cfg: Config, comparison: Comparison, records: Sequence[
     from moectl.report import compare_commit_message, write_report
 
     branch = gitops.current_branch(cfg.root)
-    if branch is None or cfg.project.branch not in ("*", branch):
-        raise GuardRefused(f"refusing to write a report: on {branch or 'a detached HEAD'}, "
-                           f"expected branch {cfg.project.branch!r}")
+    if branch is None:  # detached, or no repository at all: check_branch tells which
+        why = gitops.off_branch(cfg.root, cfg.project.branch) or "HEAD is detached"
+        raise GuardRefused("refusing to write a report: " + why.removeprefix("refusing to commit: "))
+    if cfg.project.branch not in ("*", branch):
+        raise GuardRefused(f"refusing to write a report: on {branch}, expected branch {cfg.project.branch!r}")
     why = report_dir_refusal(cfg)
     if why is not None:
         raise GuardRefused(f"refusing to write a report: {why}")

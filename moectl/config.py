@@ -19,6 +19,7 @@ file too, so every subdirectory of the repository sees one run store and one run
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import os
 import sys
@@ -145,16 +146,24 @@ def find_config(start: Optional[Path] = None) -> Optional[Path]:
     return None
 
 
-def _resolve(base: Path, p: str) -> Path:
-    """`~` expanded, relative to `base`, symlinks and `..` resolved (the path need not exist)."""
+def _resolve(base: Path, p: str, name: str) -> Path:
+    """`~` expanded, relative to `base`, symlinks and `..` resolved (the path need not exist).
+    UsageError naming `name` (where the path came from) when it cannot be: a symlink loop on it
+    (RuntimeError before Python 3.13, OSError since), a NUL byte."""
     q = Path(os.path.expanduser(p))
-    return (q if q.is_absolute() else base / q).resolve()
+    try:
+        return (q if q.is_absolute() else base / q).resolve()
+    except (RuntimeError, OSError, ValueError) as exc:
+        why = "a symbolic link loop on it" if isinstance(exc, RuntimeError) or getattr(exc, "errno", None) == errno.ELOOP \
+            else getattr(exc, "strerror", None) or str(exc)
+        raise UsageError(f"{name} {p!r} cannot be resolved: {why}") from None
 
 
-def from_file_model(file: Union[MoectlFile, FileView], path: Optional[Path], root: Path) -> Config:
+def from_file_model(file: Union[MoectlFile, FileView], path: Optional[Path], root: Path, use_env: bool = True) -> Config:
     root = root.absolute()
-    env_root = os.environ.get(ARTIFACT_ROOT_ENV)
-    artifact_root = _resolve(root, env_root if env_root else file.paths.artifact_root)
+    env_root = os.environ.get(ARTIFACT_ROOT_ENV) if use_env else None
+    artifact_root = _resolve(root, env_root if env_root else file.paths.artifact_root,
+                             ARTIFACT_ROOT_ENV if env_root else "[paths] artifact_root")
     if file.project.venv == "":
         python = Path(sys.executable)
     else:
@@ -167,8 +176,8 @@ def from_file_model(file: Union[MoectlFile, FileView], path: Optional[Path], roo
         path=path,
         root=root,
         artifact_root=artifact_root,
-        report_dir=_resolve(root, file.paths.report_dir),
-        read_only=[_resolve(root, p) for p in file.paths.read_only],
+        report_dir=_resolve(root, file.paths.report_dir, "[paths] report_dir"),
+        read_only=[_resolve(root, p, "[paths] read_only") for p in file.paths.read_only],
         python=python,
     )
 
@@ -241,9 +250,10 @@ def read_config(path: Optional[Path] = None, cwd: Optional[Path] = None) -> Conf
     return from_file_model(_read(text, f"config-{digest(str(path))}", path.name), path, path.parent)
 
 
-def read_default_config(root: Optional[Path] = None) -> Config:
-    """`default_config` for commands that only read: the built-in defaults, remembered like a file."""
-    return from_file_model(_read("", "config-defaults", CONFIG_NAME), None, Path(root or current_dir()))
+def read_default_config(root: Optional[Path] = None, use_env: bool = True) -> Config:
+    """`default_config` for commands that only read: the built-in defaults, remembered like a file.
+    `use_env=False`: without MOECTL_ARTIFACT_ROOT (`status` when that variable is what is wrong)."""
+    return from_file_model(_read("", "config-defaults", CONFIG_NAME), None, Path(root or current_dir()), use_env)
 
 
 TEMPLATE = """\

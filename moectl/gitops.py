@@ -571,7 +571,17 @@ def _refreshed_index(repo: Path, index: Path, tmp: Path, rels: list[str]) -> Pat
     copy = tmp / "user-index"
     if index.exists():
         shutil.copy2(index, copy)
-    _git(repo, "update-index", "--add", "--remove", "--", *rels, env={"GIT_INDEX_FILE": str(copy)})
+    env = {"GIT_INDEX_FILE": str(copy)}
+    # A skip-worktree entry (`git update-index --skip-worktree EXPERIMENTS.md`, to hide a file that
+    # churns) is one update-index does not look at on disk: `--remove` would drop it from the index,
+    # staging its deletion for the user's next commit. Clear the bit for the update, then set it again.
+    listed = _git_bytes(repo, "ls-files", "-t", "-z", "--", *rels, env=env | {"GIT_LITERAL_PATHSPECS": "1"})
+    hidden = [os.fsdecode(e[2:]) for e in listed.split(b"\0") if e.startswith(b"S ")]
+    if hidden:
+        _git(repo, "update-index", "--no-skip-worktree", "--", *hidden, env=env)
+    _git(repo, "update-index", "--add", "--remove", "--", *rels, env=env)
+    if hidden:  # (an entry the update removed has no bit to set: not an error)
+        _git(repo, "update-index", "--skip-worktree", "--", *hidden, env=env, check=False)
     return copy
 
 

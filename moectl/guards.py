@@ -126,7 +126,7 @@ def guard_paths(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
         # Every run's files would be untracked changes: the next run recorded `dirty`, its git.diff
         # carrying the last run's logs and checkpoints metadata, and `git add -A` sweeping them in.
         problems.append(_root_in_work_tree(root))
-    problems += report_dir_problems(p.report_dir, repo, p.git_dir, p.read_only)
+    problems += report_dir_problems(p.report_dir, repo, p.git_dir, p.read_only, p.report_dir_repo)
     problems += tracker_store_problems(p.tracker_store, root, p.read_only, p.tracker_in_work_tree)
     for ro in p.read_only:
         if cfg.report.summary and _inside(str((cfg.root / SUMMARY_NAME).resolve()), ro):
@@ -160,15 +160,20 @@ def _root_in_work_tree(root: str) -> str:
     return f"artifact_root {root} is inside the repository and not git-ignored: add it to .gitignore or move it out"
 
 
-def report_dir_problems(report_dir: str, repo: str, git_dir: Optional[str], read_only: list[str]) -> list[str]:
+def report_dir_problems(report_dir: str, repo: str, git_dir: Optional[str], read_only: list[str],
+                        nested_repo: Optional[str] = None) -> list[str]:
     """Why reports cannot go into `report_dir` (all paths resolved): outside the repository, inside
-    its git directory, inside a read-only tree. The paths guard's checks on it, and those
-    `compare --write-report` makes before it writes (moectl.compare_report)."""
+    its git directory, inside another repository's work tree within it (`nested_repo`: a submodule),
+    inside a read-only tree. The paths guard's checks on it, and those `compare --write-report`
+    makes before it writes (moectl.compare_report)."""
     problems = []
     if not _inside(report_dir, repo):
         problems.append(f"report_dir {report_dir} is outside the repository {repo}")
     elif git_dir and _inside(report_dir, git_dir):
         problems.append(f"report_dir {report_dir} is inside the git directory {git_dir} (git tracks no file there)")
+    elif nested_repo:
+        problems.append(f"report_dir {report_dir} is inside {nested_repo}, a repository of its own (a submodule?): "
+                        f"moectl commits reports into {repo} only")
     return problems + [f"report_dir {report_dir} is inside read-only tree {ro}" for ro in read_only
                        if _inside(report_dir, ro)]
 

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from engine.schema import RunSummary, StartInfo, StepMetrics, decode, loss_is_finite, parse_record
+from moectl.atomic import read_regular_bytes
 from moectl.noise import BETWEEN_RUNS, WITHIN_RUN, between_runs_stderr, t_critical, welch_df, within_run_stderr
 from moectl.records import Summary
 
@@ -75,6 +76,7 @@ class MetricsFile:
     steps: list[StepMetrics] = field(default_factory=list)
     summary: Optional[RunSummary] = None
     skipped: int = 0  # lines that could not be parsed (never fatal)
+    unreadable: Optional[str] = None  # why the file could not be read at all (then it reads as empty)
     # Set by a tail read (`read_metrics(path, tail=N)`): `steps` then holds only the last N steps
     # and the run's step count comes from its summary line.
     total_steps: Optional[int] = None
@@ -95,9 +97,11 @@ def read_metrics(path: Path, tail: Optional[int] = None) -> MetricsFile:
     read whole. The tail summary comes out the same; `skipped` then counts only the lines read.
     """
     try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        text = read_regular_bytes(Path(path)).decode("utf-8", errors="replace")
     except FileNotFoundError:
         return MetricsFile()
+    except OSError as exc:  # a directory or a FIFO in its place, no permission: empty, and said why
+        return MetricsFile(unreadable=f"{path}: {exc.strerror or exc}")
     if tail is not None:
         fast = _read_tail(text, tail)
         if fast is not None:
@@ -533,12 +537,32 @@ def compare(runs: Sequence[RunMetrics], baseline_index: int = 0, window: int = 5
                                  stopped=r.stopped, left_out=list(r.left_out)))
     notes = _notes(out, window, warmup_steps)
     notes += [f"still comparable, note: {said}" for said in other_windows]
+    notes += _damage_notes(runs)
     base_row = out[baseline_index]
     for row in out:
         if row is not base_row and set(row.run_ids) & set(base_row.run_ids):
             notes.append(f"not independent: {row.tag or row.id} and the baseline {base_row.tag or base_row.id} share "
                          f"run(s) {', '.join(sorted(set(row.run_ids) & set(base_row.run_ids)))}: no noise verdict")
     return Comparison(baseline=runs[baseline_index].id, window=window, runs=out, notes=notes, warmup_steps=warmup_steps)
+
+
+def _damage_notes(runs: Sequence[RunMetrics]) -> list[str]:
+    """A metrics.jsonl damaged since its run recorded it (lines that no longer parse, a file cut short,
+    one that cannot be read): its figures are recomputed from what is left, and may differ from the
+    record's (`runs`, `show`), so say so."""
+    notes = []
+    for r in runs:
+        name = r.tag or r.id
+        for m in (r.members if r.is_group else [r.metrics]):
+            if m.unreadable:
+                notes.append(f"damaged: {name}'s metrics.jsonl cannot be read ({m.unreadable})")
+            if m.skipped:
+                notes.append(f"damaged: {m.skipped} line(s) of {name}'s metrics.jsonl cannot be read and are left out")
+        recorded = r.fallback.run_steps if r.fallback is not None and not r.is_group else None
+        if recorded and r.metrics.steps and r.metrics.n_steps < recorded and not r.unfinished:
+            notes.append(f"damaged: {name}'s metrics.jsonl holds {r.metrics.n_steps} steps, its record {recorded} "
+                         "(cut since it was recorded?): its figures here are of the steps the file holds")
+    return notes
 
 
 def _notes(rows: list[RunComparison], window: int, warmup_steps: int = 0) -> list[str]:

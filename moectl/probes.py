@@ -17,6 +17,7 @@ Nothing here imports torch: whether the venv has torch is asked of the venv's ow
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -555,10 +556,28 @@ class PathsState:
     tracker_in_work_tree: list[str] = field(default_factory=list)
     root_in_work_tree: bool = False  # artifact_root inside the repository and not git-ignored
     git_dir: Optional[str] = None  # resolved: the repository's .git (git keeps nothing of ours there)
+    # resolved: a git work tree of its own (a submodule, a nested clone) that report_dir lies in
+    report_dir_repo: Optional[str] = None
 
 
 def _real(p) -> str:
-    return str(Path(os.path.expanduser(str(p))).resolve())
+    """`p` with `~` expanded, symlinks and `..` resolved; where that cannot be done (a symlink loop
+    on it: `_unresolvable` says so), made absolute as written, so the guards still judge it."""
+    q = Path(os.path.expanduser(str(p)))
+    try:
+        return str(q.resolve())
+    except (RuntimeError, OSError, ValueError):
+        return os.path.abspath(q)
+
+
+def _unresolvable(p) -> Optional[str]:
+    """Why `p` cannot be resolved (a symlink loop on it), or None."""
+    try:
+        Path(os.path.expanduser(str(p))).resolve()
+    except (RuntimeError, OSError, ValueError) as exc:
+        return "a symbolic link loop on its path" if isinstance(exc, RuntimeError) or \
+            getattr(exc, "errno", None) == errno.ELOOP else getattr(exc, "strerror", None) or str(exc)
+    return None
 
 
 def probe_paths(cfg: Config, plan: "RunPlan") -> PathsState:
@@ -577,6 +596,7 @@ def probe_paths(cfg: Config, plan: "RunPlan") -> PathsState:
         tracker_in_work_tree=tracker_in_work_tree(cfg),
         root_in_work_tree=in_tree,
         git_dir=_git_dir(cfg.root),
+        report_dir_repo=nested_work_tree(Path(_real(cfg.report_dir)), cfg.root.resolve()),
         artifact_root=_real(cfg.artifact_root),
         report_dir=_real(cfg.report_dir),
         read_only=[_real(p) for p in cfg.read_only],
@@ -585,8 +605,10 @@ def probe_paths(cfg: Config, plan: "RunPlan") -> PathsState:
         # the mkdir that makes it, though the kernel finds no such path while `missing` is not there.
         exp_dir_exists=os.path.lexists(os.path.expanduser(plan.exp_dir)) or os.path.lexists(_real(plan.exp_dir)),
         exp_dir=_real(plan.exp_dir),
-        unwritable={name: why for name, path in (("artifact_root", cfg.artifact_root), ("report_dir", cfg.report_dir))
-                    if (why := why_unwritable(Path(_real(path)))) is not None},
+        unwritable={name: why for name, path in (("artifact_root", cfg.artifact_root), ("report_dir", cfg.report_dir),
+                                                 ("exp_dir", plan.exp_dir))
+                    if (why := _unresolvable(path) or (why_unwritable(Path(_real(path))) if name != "exp_dir" else None))
+                    is not None},
     )
 
 
@@ -619,6 +641,20 @@ def _git_dir(root: Path) -> Optional[str]:
             return _real(Path(root) / first[len("gitdir:"):].strip())
         return None
     return _real(dot_git) if dot_git.is_dir() else None
+
+
+def nested_work_tree(path: Path, repo: Path) -> Optional[str]:
+    """The innermost directory between `repo` (excluded) and `path` (included, both resolved) that
+    holds a `.git` of its own - a submodule or a clone inside the repository - or None. Files there
+    belong to that repository: the outer one can neither stage nor commit them."""
+    if not path.is_relative_to(repo) or path == repo:
+        return None
+    for d in [path, *path.parents]:
+        if d == repo:
+            return None
+        if os.path.lexists(d / ".git"):
+            return str(d)
+    return None
 
 
 def why_unwritable(directory: Path) -> Optional[str]:
@@ -708,8 +744,12 @@ def collect_status(config_path: Optional[Path] = None, cwd: Optional[Path] = Non
         config_error = " ".join([exc.message, *exc.lines])
         try:
             cfg = read_default_config(cwd)
-        except UsageError:  # no working directory at all (deleted under the shell): the rest still answers
-            cfg = read_default_config(Path.home())
+        except UsageError:  # no working directory at all (deleted under the shell), or an unusable
+            # MOECTL_ARTIFACT_ROOT (config_error names it): the rest still answers
+            try:
+                cfg = read_default_config(cwd, use_env=False)
+            except UsageError:
+                cfg = read_default_config(Path.home(), use_env=False)
     # First: reading settles a killed moectl's run and removes its lock.
     recent_runs, runs_error, unreadable = _recent_runs(cfg)
     from moectl import gitops

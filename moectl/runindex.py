@@ -21,6 +21,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from moectl.atomic import read_regular_bytes
+
 RUN_RECORD = "run.json"
 SWEEP_RECORD = "sweep.json"
 # A run in one of these may still change; the others are final.
@@ -41,15 +43,28 @@ def run_dirs(root: Path) -> Iterable[Path]:
 
         raise UsageError(f"artifact_root {root} is not a directory (MOECTL_ARTIFACT_ROOT or [paths] artifact_root)") from None
     for entry in children:
-        if not entry.is_dir() or entry.name.startswith("."):
+        if entry.name.startswith("."):
+            continue
+        try:
+            if not entry.is_dir():
+                continue
+        except OSError:  # a symlink loop: no directory, so no run (one stray link must not stop a listing)
             continue
         path = Path(entry.path)
-        if (path / RUN_RECORD).exists():
+        try:
+            is_run = (path / RUN_RECORD).exists()
+            legs = sorted(path.iterdir()) if not is_run and (path / SWEEP_RECORD).exists() else []
+        except OSError:  # cannot look inside (no permission): listed, so that reading its record says why
             yield path
-        elif (path / SWEEP_RECORD).exists():
-            for leg in sorted(path.iterdir()):
+            continue
+        if is_run:
+            yield path
+        for leg in legs:
+            try:
                 if leg.is_dir() and (leg / RUN_RECORD).exists():
                     yield leg
+            except OSError:
+                yield leg
 
 
 def parse_time(text: Optional[str]) -> Optional[float]:
@@ -145,7 +160,7 @@ def scan_run_json(root: Path) -> tuple[list[dict[str, Any]], list[str]]:
     for run_dir in run_dirs(root):
         data = None
         try:
-            text = (run_dir / RUN_RECORD).read_bytes()
+            text = read_regular_bytes(run_dir / RUN_RECORD)
         except OSError:
             text = None  # store.load_run words the error
         if text is not None:

@@ -354,7 +354,12 @@ def _commit_report(cfg: Config, outcome: RunOutcome, report: Path, base_runs: li
                 branch=branch,
                 on_wait=on_commit_wait,
             )
-        except MoectlError as exc:
+        except BaseException as exc:
+            from moectl.summary import put_back
+
+            put_back(cfg, outcome.extra_paths)  # EXPERIMENTS.md as it was: `moectl commit` refreshes it again
+            if not isinstance(exc, MoectlError):
+                raise
             outcome.commit_error = not_committed(exc.message, record.id)
     # The record says where its report is and which commit holds it (`moectl commit RUN` fills a
     # commit in later; commit_error says why there is none yet).

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 from pydantic import Field, ValidationError, model_validator
 
 from engine.schema import METRICS_FILENAME, RunSummary, StepMetrics, to_line
-from moectl.atomic import ensure_dir
+from moectl.atomic import ensure_dir, read_regular_bytes
 from moectl.config import MetricsSection
 from moectl.errors import UsageError
 from moectl.metrics import LOSS_WARNING, MetricsFile, loss_warning, read_metrics, tail_summary
@@ -139,7 +139,7 @@ def load_run(run_dir: Path) -> StoredRun:
     run_dir = Path(run_dir)
     path = run_dir / RUN_RECORD
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular_bytes(path).decode("utf-8")
     except FileNotFoundError:
         raise CorruptRecord(f"no {RUN_RECORD} in {run_dir}") from None
     except OSError as exc:

@@ -20,8 +20,8 @@ from typing import Optional
 
 from moectl import gitops, store
 from moectl.config import CONFIG_NAME, SUMMARY_NAME, Config
-from moectl.errors import GuardRefused, UsageError
-from moectl.atomic import remove_dead_temp_files
+from moectl.errors import GuardRefused, MoectlError, UsageError
+from moectl.atomic import remove_dead_temp_files, write_bytes_atomic
 from moectl.records import RunRecord, SweepRecord, write_text_atomic
 from moectl.report import COLUMNS, fmt, marked_footnote, summary_cell
 from moectl.sweep.report import completed_comparison, legs_table, recommendation
@@ -354,6 +354,11 @@ def refresh_summary(cfg: Config, out: Optional[Path] = None) -> tuple[Path, bool
     is, so it never shows up as a change. Raises GuardRefused, writing nothing, when the
     repository's EXPERIMENTS.md holds uncommitted work of someone else's (`users_changes`)."""
     path = Path(out).expanduser() if out is not None else summary_path(cfg)
+    if out is None and path.is_symlink():
+        # Written with a rename, the link would become a file of its own, and that type change be
+        # committed; written through, the commit would miss the file it changed.
+        raise GuardRefused(f"{path} is a symbolic link (to {os.readlink(path)}): moectl does not replace it; remove "
+                           "the link, or set [report] summary = false")
     if out is None:
         why = users_changes(cfg.root, path)
         if why is not None:
@@ -380,12 +385,49 @@ def refresh_summary(cfg: Config, out: Optional[Path] = None) -> tuple[Path, bool
         # was (harmless), never moectl's own file read as the user's edit (refresh refused for good).
         remember_written(cfg.root, path, text)
     try:
+        before = (path.read_bytes(), path.stat()) if path.is_file() else (None, None)
+    except OSError:
+        before = (None, None)
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_dead_temp_files(path.parent)  # a killed moectl's half-written copy, beside the file
         write_text_atomic(path, text)
     except OSError as exc:  # immutable, a read-only mount, a directory in the way: said, not a traceback
         raise GuardRefused(f"cannot write {path}: {exc.strerror or exc}") from None
+    if out is None:
+        _rewritten[path.resolve()] = (*before, text.encode("utf-8"))
     return path, True
+
+
+# EXPERIMENTS.md as this process found it before rewriting it (its bytes, or None: there was no
+# file; its stat) and what it wrote, for `put_back`.
+_rewritten: dict[Path, tuple[Optional[bytes], Optional[os.stat_result], bytes]] = {}
+
+
+def put_back(cfg: Config, paths) -> list[Path]:
+    """After a commit that failed: each of `paths` that this process refreshed goes back to what it
+    was (removed, when there was none), so nothing is left changed in the user's tree for the next
+    run's `git diff` - unless HEAD holds it now or another moectl rewrote it since (then it is theirs).
+    Other paths (reports, figures) are left alone. Returns those put back."""
+    done = []
+    for p in map(Path, paths):
+        entry = _rewritten.pop(p.resolve(), None)
+        if entry is None:
+            continue
+        old, st, new = entry
+        try:
+            if p.read_bytes() != new or gitops.committed_in(cfg.root, p) is not None:
+                continue
+            if old is None:
+                p.unlink()
+            else:
+                write_bytes_atomic(p, old)
+                if st is not None:  # an editor holding the file sees no change
+                    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+        except (OSError, MoectlError):
+            continue
+        done.append(p)
+    return done
 
 
 def _a_summary(text: Optional[str]) -> bool:
@@ -404,6 +446,11 @@ WRITTEN_LOG = "moectl-summary-written"
 WRITTEN_KEEP = 50
 
 
+# git's id of an empty file, in sha1 and in sha256 repositories
+EMPTY_BLOBS = ("e69de29bb2d1d6434b8b29ae775ad8c2e48c5391",
+               "473a0f4c3be8a93681a267e3b1e9a7dcda1185436fe141f7749120a303721813")
+
+
 def users_changes(repo: Path, path: Path, ours: Optional[set[str]] = None) -> Optional[str]:
     """How `path` holds uncommitted work that moectl did not write ("has changes staged in the
     index", "has uncommitted changes", "is staged for deletion", ...), or None when it is as HEAD
@@ -419,6 +466,9 @@ def users_changes(repo: Path, path: Path, ours: Optional[set[str]] = None) -> Op
     head = gitops._git(repo, "rev-parse", "-q", "--verify", f"HEAD:{rel}", check=False) or None
     staged = gitops._git(repo, "ls-files", "--stage", "--", rel, check=False).split()
     index = staged[1] if len(staged) >= 2 else None
+    if index in EMPTY_BLOBS and not gitops._git(repo, "diff", "--cached", "--name-only", "--", rel, check=False,
+                                               env={"GIT_LITERAL_PATHSPECS": "1"}):
+        index = head  # `git add -N` (intent to add): an empty-blob placeholder that stages nothing
     work = gitops._git(repo, "hash-object", f"--path={rel}", "--", rel) if path.is_file() else None
     ours = _written(repo) if ours is None else ours
     if index != head and index not in ours:

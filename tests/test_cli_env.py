@@ -379,6 +379,12 @@ def test_symlink_escape_and_existing_dir(project, artifact_root, tmp_path):
     (artifact_root / "used").mkdir()
     code, _, g = check_json("--exp-dir", str(artifact_root / "used"), "--override", "no_other_training")
     assert code == 3 and not g["fresh_dir"]["ok"] and g["paths"]["ok"]
+    # A symlink loop on the way (inside the root, so no "outside" verdict covers it): refused by
+    # name, not an internal error (exit 1) from Path.resolve()
+    (artifact_root / "loopA").symlink_to("loopB")
+    (artifact_root / "loopB").symlink_to("loopA")
+    code, _, g = check_json("--exp-dir", str(artifact_root / "loopA" / "run"), "--override", "no_other_training")
+    assert code == 3 and g["paths"]["message"].startswith("exp_dir: a symbolic link loop on its path")
 
 
 def test_read_only_tree_refused(project, artifact_root):

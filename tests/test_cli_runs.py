@@ -247,6 +247,40 @@ def test_runs_skips_corrupt_record_and_settles_a_dead_owners_run(project, artifa
     assert shown.exit_code == 0 and "status: interrupted" in shown.stdout and "interrupted (moectl was killed)" in shown.stdout
 
 
+def test_compare_and_show_say_when_a_metrics_file_was_damaged_since_its_run(project, artifact_root):
+    # compare recomputes from metrics.jsonl; cut or garbled since, its figures silently differed from
+    # the record's (`runs`, `show`) - and a FIFO or a directory in its place hung or failed them all.
+    import os
+
+    imported("whole", "nanochat_small.log", "nanochat")
+    cut = imported("cut", "nanochat_small.log", "nanochat")
+    metrics = Path(cut["exp_dir"]) / "metrics.jsonl"
+    text = metrics.read_text()
+    at = text.index('"step": 4') if '"step": 4' in text else text.index('"step":4')
+    metrics.write_text(text[:at + 20])  # cut mid-line at step 4: steps 0-3 and a broken line are left
+    r = invoke("compare", "whole", "cut", "--json")
+    assert r.exit_code == 0, r.output
+    notes = json.loads(r.stdout)["notes"]
+    assert "damaged: 1 line(s) of cut's metrics.jsonl cannot be read and are left out" in notes
+    assert "damaged: cut's metrics.jsonl holds 4 steps, its record 8 (cut since it was recorded?): its figures " \
+           "here are of the steps the file holds" in notes
+    assert not any("whole" in n for n in notes if n.startswith("damaged"))
+
+    metrics.unlink()
+    metrics.mkdir()  # a directory where the file was
+    shown = invoke("show", "cut")
+    assert shown.exit_code == 0, shown.output
+    assert "note: metrics.jsonl cannot be read (" in shown.stdout and "not a regular file" in shown.stdout
+    r = invoke("compare", "whole", "cut", "--json")
+    assert r.exit_code == 0 and any("cut's metrics.jsonl cannot be read" in n for n in json.loads(r.stdout)["notes"])
+    metrics.rmdir()
+    os.mkfifo(metrics)  # nobody writes it: a plain open() waits for a writer for ever
+    for args in (["show", "cut", "--json"], ["compare", "whole", "cut", "--json"], ["runs", "--json"]):
+        r = invoke(*args)
+        assert r.exit_code == 0, (args, r.output)
+    assert "not a regular file" in json.loads(invoke("show", "cut", "--json").stdout)["metrics_unreadable"]
+
+
 def test_show_json_and_text(project):
     rec = imported("nano", "nanochat_small.log", "nanochat")
     r = invoke("show", "nano", "--json")
@@ -426,6 +460,17 @@ def test_compare_write_report_refuses_on_wrong_branch_and_writes_nothing(project
     r = invoke("compare", "base", "other", "--write-report")
     assert r.exit_code == 3 and "expected branch 'main'" in r.stderr
     assert not (project / "reports").exists() and git(project, "rev-parse", "HEAD") == head
+    git(project, "checkout", "-q", "--detach")
+    r = invoke("compare", "base", "other", "--write-report")
+    assert r.exit_code == 3 and "error: refusing to write a report: HEAD is detached" in r.stderr
+    # A config outside any repository is not "a detached HEAD" (and no report is written)
+    elsewhere = project.parent / "no_repo"
+    elsewhere.mkdir()
+    (elsewhere / ".moectl.toml").write_text((project / ".moectl.toml").read_text())
+    r = invoke("compare", "base", "other", "--write-report", "--config", str(elsewhere / ".moectl.toml"))
+    assert r.exit_code == 3, r.output
+    assert f"error: refusing to write a report: {elsewhere} is not inside a git repository" in r.stderr
+    assert not (elsewhere / "reports").exists() and not (project / "reports").exists()
 
 
 def _stale_lock(project, monkeypatch):
@@ -478,7 +523,7 @@ def test_compare_write_report_whose_commit_fails_leaves_nothing_behind(project, 
             assert json.loads(r.stdout)["exit_code"] == code
 
 
-@pytest.mark.parametrize("where", ["dotdot", "symlink", "read_only", "git_dir"])
+@pytest.mark.parametrize("where", ["dotdot", "symlink", "read_only", "git_dir", "submodule"])
 def test_compare_write_report_refuses_a_report_dir_the_paths_guard_refuses_before_writing(project, tmp_path, where):
     # As `run`'s paths guard and `summary` (exit 3, one line), and before anything is written: not a
     # file outside the repository and then a refusal to commit it, nor a commit into a read-only tree.
@@ -489,10 +534,16 @@ def test_compare_write_report_refuses_a_report_dir_the_paths_guard_refuses_befor
     outside = tmp_path / "outside2"
     paths = {"dotdot": 'report_dir = "../outside2"', "symlink": 'report_dir = "reports"',
              "read_only": f'report_dir = "ign reps/ü"\nread_only = ["{project}/ign reps"]',
-             "git_dir": 'report_dir = ".git/reps"'}[where]
+             "git_dir": 'report_dir = ".git/reps"', "submodule": 'report_dir = "subm/reports"'}[where]
     with open(project / ".moectl.toml", "a") as fh:
         fh.write(f"\n[paths]\n{paths}\n")
     git(project, "commit", "-q", "-am", "report_dir")
+    if where == "submodule":  # its files are the submodule's: the project can neither stage nor commit them
+        sub = tmp_path / "sub"
+        git(tmp_path, "init", "-q", "-b", "main", str(sub))
+        git(sub, "commit", "-q", "--allow-empty", "-m", "sub")
+        git(project, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(sub), "subm")
+        git(project, "commit", "-q", "-m", "submodule")
     if where == "symlink":
         outside.mkdir()
         (project / "reports").symlink_to(outside)
@@ -504,9 +555,11 @@ def test_compare_write_report_refuses_a_report_dir_the_paths_guard_refuses_befor
     line = r.stderr.strip()
     assert "\n" not in line and line.startswith("error: refusing to write a report: report_dir ")
     assert {"dotdot": "is outside the repository", "symlink": "is outside the repository",
-            "read_only": "is inside read-only tree", "git_dir": "is inside the git directory"}[where] in line
+            "read_only": "is inside read-only tree", "git_dir": "is inside the git directory",
+            "submodule": f"is inside {project.resolve() / 'subm'}, a repository of its own"}[where] in line
     assert not (outside.exists() and any(outside.iterdir()))
     assert not (project / "ign reps").exists() and not (project / ".git" / "reps").exists()
+    assert not (project / "subm" / "reports").exists()
     assert git(project, "rev-parse", "HEAD") == head
     assert git(project, "status", "--porcelain", "--untracked-files=all") == status
     # `moectl check` refuses the same report_dir, in the paths guard

@@ -411,6 +411,11 @@ def test_with_any_branch_allowed_moectl_commit_goes_to_the_runs_own_branch(proje
 
 def test_moectl_commit_waits_for_a_lock_then_gives_up_naming_itself(project, hold_index_lock, monkeypatch):
     rec, report = finished_run(project)
+    summary, summary_before = project / "EXPERIMENTS.md", b"# an older summary of moectl's\n"
+    summary.write_bytes(summary_before)
+    git(project, "add", "EXPERIMENTS.md")
+    git(project, "commit", "-q", "-m", "summary")
+    os.utime(summary, ns=(10**18, 10**18))
     holder = hold_index_lock(project)
     monkeypatch.setenv("MOECTL_GIT_LOCK_WAIT", "0.3")
     head0 = head(project)
@@ -418,6 +423,9 @@ def test_moectl_commit_waits_for_a_lock_then_gives_up_naming_itself(project, hol
     assert r.exit_code == 3
     assert "waiting for" in r.stderr and "index.lock" in r.stderr
     assert f"moectl commit {rec.id}" in r.stderr and head(project) == head0
+    # EXPERIMENTS.md, refreshed for the commit that failed, is as it was: no change of moectl's left
+    # in the user's tree (the next run's git.diff would carry it)
+    assert summary.read_bytes() == summary_before and summary.stat().st_mtime_ns == 10**18
     holder.release()
     assert commit_cmd(rec.id).exit_code == 0 and head(project) != head0
 
@@ -466,6 +474,7 @@ def test_a_run_ending_under_a_held_lock_moves_nothing_and_moectl_commit_finishes
     assert "report not committed: another git process holds" in r.stderr
     assert f"moectl commit {exp.name}" in r.stderr
     assert head(git_repo) == head0 and (git_repo / ".git" / "index").read_bytes() == index_bytes
+    assert not (git_repo / "EXPERIMENTS.md").exists()  # refreshed for the commit, then put back: none
     [report] = [p for p in (git_repo / "reports").glob("*.md") if p.name != "user_note.md"]
     assert f"`{exp.name}`" in report.read_text()
 

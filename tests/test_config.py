@@ -1,6 +1,7 @@
 """`.moectl.toml`: defaults, discovery, path resolution, one-line-per-field errors, the template."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -61,6 +62,36 @@ def test_discovery_walks_up_and_resolves_relative_to_the_config(tmp_path, monkey
 def test_env_var_overrides_artifact_root(tmp_path, artifact_root):
     cfg = load_config(write(tmp_path, '[paths]\nartifact_root = "/somewhere/else"\n'))
     assert cfg.artifact_root == artifact_root.resolve()
+
+
+@pytest.mark.parametrize("key", ["artifact_root", "report_dir", "read_only", "env"])
+def test_a_symlink_loop_on_a_configured_path_is_a_config_error_naming_it(tmp_path, monkeypatch, key):
+    # Path.resolve() raised RuntimeError on it: "internal error", exit 1, even from `status`.
+    from typer.testing import CliRunner
+
+    from moectl.cli import app
+
+    (tmp_path / "loopA").symlink_to("loopB")
+    (tmp_path / "loopB").symlink_to("loopA")
+    loop = str(tmp_path / "loopA" / "x")
+    if key == "env":
+        monkeypatch.setenv("MOECTL_ARTIFACT_ROOT", loop)
+        text, name = "", "MOECTL_ARTIFACT_ROOT"
+    else:
+        monkeypatch.delenv("MOECTL_ARTIFACT_ROOT", raising=False)
+        text = f'[paths]\n{key} = ' + (f'["{loop}"]' if key == "read_only" else f'"{loop}"') + "\n"
+        name = f"[paths] {key}"
+    path = write(tmp_path, text)
+    with pytest.raises(UsageError) as e:
+        load_config(path)
+    assert e.value.message == f"{name} {loop!r} cannot be resolved: a symbolic link loop on it"
+    assert e.value.exit_code == EXIT_USAGE
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["runs"])
+    assert r.exit_code == EXIT_USAGE and "Traceback" not in r.output and "cannot be resolved" in r.stderr
+    status = CliRunner().invoke(app, ["status", "--json"])  # status says it, and answers the rest: exit 0
+    assert status.exit_code == 0, status.output
+    assert "cannot be resolved: a symbolic link loop on it" in json.loads(status.stdout)["config_error"]
 
 
 def test_empty_venv_means_the_current_interpreter(tmp_path):

@@ -172,6 +172,25 @@ def test_index_v4_and_its_extensions_are_kept(git_repo):
     assert snapshot(git_repo) == before
 
 
+def test_a_skip_worktree_entry_of_ours_is_updated_not_dropped(git_repo):
+    """`git update-index --skip-worktree EXPERIMENTS.md` hides a file that churns. Our commit must
+    leave its index entry at the new blob, bit kept: not deleted, which would stage the file's
+    deletion for the user's next `git commit`."""
+    summary = git_repo / "EXPERIMENTS.md"
+    summary.write_text("# v1\n")
+    commit_paths(git_repo, [summary], "summary v1")
+    git(git_repo, "update-index", "--skip-worktree", "EXPERIMENTS.md")
+    summary.write_text("# v2\n")
+
+    sha = commit_paths(git_repo, [summary], "summary v2")
+
+    assert git(git_repo, "show", f"{sha}:EXPERIMENTS.md") == "# v2\n"
+    assert git(git_repo, "ls-files", "-t", "--", "EXPERIMENTS.md") == "S EXPERIMENTS.md\n"
+    assert git(git_repo, "rev-parse", ":EXPERIMENTS.md") == git(git_repo, "rev-parse", f"{sha}:EXPERIMENTS.md")
+    assert git(git_repo, "diff", "--cached", "--name-status") == ""  # nothing staged for the user's next commit
+    assert git(git_repo, "status", "--porcelain", "--untracked-files=all") == ""
+
+
 def test_a_racily_clean_user_edit_stays_visible(git_repo):
     """git tells a same-size edit made in the index's own instant ("racily clean") from an
     unchanged file by comparing the entry's mtime with the index file's. Our index update must

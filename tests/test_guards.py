@@ -232,6 +232,32 @@ def test_a_report_dir_inside_the_git_directory_is_refused():
         assert not r.ok and f"report_dir {inside} is inside the git directory /repo/.git" in r.message
 
 
+def test_a_report_dir_inside_a_submodule_is_refused():
+    # Its files are the submodule's: `git update-index` in the outer repository fails after training.
+    c = cfg()
+    p = plan_for(c)
+    w = {x: x for x in [p.exp_dir, *p.files.values()]}
+    ok = PathsState(artifact_root=ART, report_dir="/repo/subm/reports", writes=w, git_dir="/repo/.git")
+    assert verdict(evaluate(c, p, good(p, paths=ok)), "paths").ok
+    r = verdict(evaluate(c, p, good(p, paths=replace(ok, report_dir_repo="/repo/subm"))), "paths")
+    assert not r.ok and "report_dir /repo/subm/reports is inside /repo/subm, a repository of its own" in r.message
+
+
+def test_the_paths_probe_finds_a_repository_nested_in_the_project(tmp_path):
+    from moectl.probes import nested_work_tree
+
+    repo = tmp_path / "repo"
+    (repo / "subm" / "deep").mkdir(parents=True)
+    (repo / ".git").mkdir()
+    assert nested_work_tree(repo / "subm" / "deep" / "reports", repo) is None  # no .git below the root
+    assert nested_work_tree(repo, repo) is None and nested_work_tree(tmp_path / "elsewhere", repo) is None
+    (repo / "subm" / ".git").write_text("gitdir: ../.git/modules/subm\n")  # a submodule's .git is a file
+    assert nested_work_tree(repo / "subm" / "deep" / "reports", repo) == str(repo / "subm")
+    assert nested_work_tree(repo / "subm", repo) == str(repo / "subm")
+    (repo / "subm" / "deep" / ".git").mkdir()  # a clone inside it: the innermost one holds the files
+    assert nested_work_tree(repo / "subm" / "deep" / "reports", repo) == str(repo / "subm" / "deep")
+
+
 def test_the_paths_probe_finds_the_git_directory_of_a_repository_and_of_a_worktree(git_repo, tmp_path):
     from moectl.probes import _git_dir
     from tests.conftest import git

@@ -142,6 +142,29 @@ def test_corrupt_and_half_written_records_are_reported_and_skipped(tmp_path):
         resolve_run(tmp_path, "not-a-run")
 
 
+def test_a_symlink_loop_or_a_fifo_in_the_store_does_not_stop_or_hang_a_listing(tmp_path):
+    # A stray link loop made every store-reading command (and the report step of a finished run)
+    # exit 2; a FIFO in place of run.json hung them for good.
+    import os
+
+    from moectl.runindex import scan_run_json
+
+    make_run(tmp_path, "good", "g", "2026-01-01T10:00:00+00:00")
+    (tmp_path / "loopA").symlink_to("loopB")
+    (tmp_path / "loopB").symlink_to("loopA")
+    (tmp_path / "fifo").mkdir()
+    os.mkfifo(tmp_path / "fifo" / RUN_RECORD)
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / RUN_RECORD).mkdir()  # a directory where the record should be
+    scan = scan_runs(tmp_path)
+    assert [r.id for r in scan.runs] == ["good"]
+    assert sorted(m.split(RUN_RECORD)[0].rsplit("/", 2)[-2] for m in scan.corrupt) == ["dir", "fifo"]
+    assert all("not a regular file" in m for m in scan.corrupt), scan.corrupt
+    listed, unreadable = scan_run_json(tmp_path)
+    assert [x["id"] for x in listed] == ["good"] and len(unreadable) == 2
+    assert resolve_run(tmp_path, "g").id == "good"
+
+
 def test_list_runs_newest_first_including_sweep_legs(tmp_path):
     make_run(tmp_path, "old", "a", "2026-01-01T10:00:00+00:00")
     make_run(tmp_path, "new", "b", "2026-01-03T10:00:00+00:00")

@@ -471,6 +471,46 @@ def test_the_users_own_edits_to_experiments_md_are_never_overwritten_or_unstaged
     assert not doc.exists() and git(git_repo, "status", "--porcelain") == " D EXPERIMENTS.md\n"
 
 
+def test_an_intent_to_add_experiments_md_of_moectls_own_is_committed_not_refused(git_repo, artifact_root,
+                                                                                 monkeypatch):
+    # `git add -N EXPERIMENTS.md` stages nothing (an empty-blob placeholder): the file still holds
+    # exactly what moectl wrote, so the next summary commits it. It was refused as "staged changes".
+    summary_project(git_repo, monkeypatch)
+    populate(artifact_root)
+    assert cli("summary", "--no-commit").exit_code == 0
+    git(git_repo, "add", "-N", "EXPERIMENTS.md")
+    assert git(git_repo, "diff", "--cached", "--name-only") == ""
+    r = CliRunner().invoke(app, ["summary"])
+    assert r.exit_code == 0, r.output
+    assert git(git_repo, "status", "--porcelain") == ""
+    assert "EXPERIMENTS.md" in git(git_repo, "show", "--name-only", "--format=", "HEAD")
+    # A real staged empty file of the user's is still theirs.
+    (git_repo / "EXPERIMENTS.md").write_text("")
+    git(git_repo, "add", "EXPERIMENTS.md")
+    r = CliRunner().invoke(app, ["summary"])
+    assert r.exit_code == 3 and "EXPERIMENTS.md has changes staged in the index" in r.output
+    assert (git_repo / "EXPERIMENTS.md").read_text() == ""
+
+
+def test_a_symlinked_experiments_md_is_refused_not_replaced_by_a_file(git_repo, artifact_root, monkeypatch):
+    # Written with a rename, the link became a regular file and the type change was committed.
+    summary_project(git_repo, monkeypatch)
+    populate(artifact_root)
+    (git_repo / "docs").mkdir()
+    (git_repo / "docs" / "EXPERIMENTS.md").write_text("# old\n")
+    (git_repo / "EXPERIMENTS.md").symlink_to("docs/EXPERIMENTS.md")
+    git(git_repo, "add", "docs", "EXPERIMENTS.md")
+    git(git_repo, "commit", "-q", "-m", "link")
+    head = git(git_repo, "rev-parse", "HEAD")
+    for args in (["summary"], ["summary", "--no-commit"]):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 3, r.output
+        assert "EXPERIMENTS.md is a symbolic link (to docs/EXPERIMENTS.md): moectl does not replace it" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert (git_repo / "EXPERIMENTS.md").is_symlink() and (git_repo / "docs" / "EXPERIMENTS.md").read_text() == "# old\n"
+    assert git(git_repo, "rev-parse", "HEAD") == head and git(git_repo, "status", "--porcelain") == ""
+
+
 def test_summary_o_replaces_only_its_own_earlier_output(git_repo, artifact_root, monkeypatch, tmp_path):
     # -o README.md used to replace the user's README, and -o EXPERIMENTS.md their uncommitted edits.
     summary_project(git_repo, monkeypatch)

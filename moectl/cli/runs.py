@@ -237,7 +237,7 @@ def show_cmd(
                               rec.warmup_steps if rec.warmup_steps is not None else cfg.metrics.warmup_steps)
     if json_out:
         print_json(run_json(rec) | {"files": files, "metrics_steps": len(metrics.steps),
-                                    "metrics_skipped": metrics.skipped,
+                                    "metrics_skipped": metrics.skipped, "metrics_unreadable": metrics.unreadable,
                                     "summary_so_far": so_far.model_dump(mode="json") if so_far else None})
         return
 
@@ -298,14 +298,14 @@ def show_cmd(
             out(f"  {mark_footnote(s.warmup_steps)}", markup=False)
     if metrics.skipped:  # (compare reads the same file: its figures leave these lines out too)
         out(f"  note: {metrics.skipped} line(s) of {METRICS_FILENAME} could not be read and are left out", markup=False)
+    if metrics.unreadable:
+        out(f"  note: {METRICS_FILENAME} cannot be read ({metrics.unreadable}); the figures are the record's", markup=False)
     if metrics.steps:
         losses = [m.loss for m in metrics.steps]
         tps = [m.tok_per_sec for m in metrics.steps if m.tok_per_sec is not None]
         out(f"loss     {sparkline(losses)}  {losses[0]:.4f} → {losses[-1]:.4f} ({len(losses)} steps)", markup=False)
         if tps:
             out(f"tok/sec  {sparkline(tps)}  {tps[0]:,.0f} → {tps[-1]:,.0f}", markup=False)
-    if metrics.skipped:
-        out(f"metrics.jsonl: {metrics.skipped} malformed line(s) skipped", markup=False)
     for warning in rec.warnings:
         out(f"warning: {warning}", markup=False)
     if rec.guards:

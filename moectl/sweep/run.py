@@ -43,7 +43,7 @@ from moectl.probes import read_nvml
 from moectl.progress import NullProgress, ProgressSink
 from moectl.records import RunRecord, SweepLeg, SweepRecord, write_text_atomic
 from moectl.runner import execute_run, fallback_request
-from moectl.summary import resume_command, write_summary
+from moectl.summary import put_back, resume_command, write_summary
 from moectl.sweep.report import claim_sweep_report, completed_comparison, fastest, recommendation, sweep_report, within_noise
 from moectl.sweep.spec import SweepSpec, request_kwargs
 from moectl.sweep.store import (
@@ -578,6 +578,7 @@ def finish_sweep(cfg: Config, sweep: SweepRecord, runs: dict[str, RunRecord], op
                 out.commits.append(sha)
         except MoectlError as exc:
             committing_failed = True
+            put_back(cfg, paths)  # EXPERIMENTS.md as it was (the report stays: a resume commits it)
             out.messages.append(f"sweep report not committed: {exc.message}")
     if exit_code in (EXIT_OK, EXIT_TRAINING) and (opts.no_commit or not committing_failed):
         # Only now, with its report written and committed: a sweep killed before this point, or
