@@ -110,6 +110,18 @@ class LaunchSection(_Strict):
             data = {**data, "module": None}
         return data
 
+    @field_validator("env")
+    @classmethod
+    def _environment(cls, v):
+        # What the kernel takes: a name without "=" or NUL, a value without NUL (else the launch
+        # fails after the run directory exists: "illegal environment variable name").
+        for name, value in v.items():
+            if not name or "=" in name or "\0" in name:
+                raise ValueError(f"{name!r} is not an environment variable name (no '=', no NUL, not empty)")
+            if "\0" in value:
+                raise ValueError(f"{name}: the value holds a NUL byte, which no environment variable can")
+        return v
+
     @field_validator("nproc_per_node", mode="plain")
     @classmethod
     def _positive(cls, v):
@@ -186,7 +198,8 @@ class DefaultsSection(BaseModel):
     engine, one of its options (engine.schema.ENGINE_OPTIONS) of the right type; for any trainer,
     one value (a string, number or boolean) that becomes one flag."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    # (no nan or inf for the fields here either: `cap = inf` passed `check` and failed the run)
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
     preset: Optional[str] = None
     cap: Optional[float] = Field(None, ge=0)

@@ -127,7 +127,7 @@ def guard_paths(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
         # carrying the last run's logs and checkpoints metadata, and `git add -A` sweeping them in.
         problems.append(_root_in_work_tree(root))
     problems += report_dir_problems(p.report_dir, repo, p.git_dir, p.read_only, p.report_dir_repo)
-    problems += tracker_store_problems(p.tracker_store, root, p.read_only, p.tracker_in_work_tree)
+    problems += tracker_store_problems(p.tracker_store, root, p.read_only, p.tracker_in_work_tree, p.wandb_dir)
     for ro in p.read_only:
         if cfg.report.summary and _inside(str((cfg.root / SUMMARY_NAME).resolve()), ro):
             problems.append(f"{SUMMARY_NAME} (refreshed with every report) is inside read-only tree {ro}; "
@@ -179,18 +179,20 @@ def report_dir_problems(report_dir: str, repo: str, git_dir: Optional[str], read
 
 
 def tracker_store_problems(store: Optional[str], artifact_root: str, read_only: list[str],
-                           in_work_tree: list[str]) -> list[str]:
-    """Why a local MLflow store may not be written (all paths resolved): inside a read-only tree -
-    unless that tree holds the artifact root and the store is inside the root, as the runs are -
-    or inside the repository's work tree, not git-ignored. The paths guard and `moectl sync` alike."""
+                           in_work_tree: list[tuple[str, str]], wandb_dir: Optional[str] = None) -> list[str]:
+    """Why a tracker's local files may not be written (all paths resolved) - a local MLflow store,
+    W&B's $WANDB_DIR: inside a read-only tree - unless that tree holds the artifact root and they
+    are inside the root, as the runs are - or inside the repository's work tree, not git-ignored
+    (`in_work_tree`: (what sets it, the path)). The paths guard and `moectl sync` alike."""
     problems = []
-    for ro in read_only:
-        if store and _inside(store, ro) and not (_inside(artifact_root, ro) and _inside(store, artifact_root)):
-            problems.append(f"[tracking] mlflow_uri writes {store}, inside read-only tree {ro}")
-    for path in in_work_tree:
+    for label, where in (("[tracking] mlflow_uri", store), ("$WANDB_DIR", wandb_dir)):
+        for ro in read_only:
+            if where and _inside(where, ro) and not (_inside(artifact_root, ro) and _inside(where, artifact_root)):
+                problems.append(f"{label} writes {where}, inside read-only tree {ro}")
+    for label, path in in_work_tree:
         # Untracked files of every later run: its git.diff would carry the store, growing each run.
-        problems.append(f"[tracking] mlflow_uri writes {path}, inside the repository and not git-ignored: "
-                        "add it to .gitignore or move the store out")
+        problems.append(f"{label} writes {path}, inside the repository and not git-ignored: "
+                        "add it to .gitignore or move it out")
     return problems
 
 

@@ -220,11 +220,20 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
     so `--ep` is not checked against it)."""
     options = cfg.defaults.options()
     device_default = options.pop("device", None)
+    is_engine = cfg.launch.module == ENGINE_MODULE and follows_engine_contract(cfg.launch, cfg.metrics)
+    launch_args: list[str] = []
+    if follows_engine_contract(cfg.launch, cfg.metrics) and cfg.launch.args:
+        # `[launch] args` of the engine's contract are its flags: folded into the options above
+        # [defaults] and below the command line, so they are checked and recorded (they were dropped).
+        try:
+            launch_args, options = fold_engine_args(list(cfg.launch.args), options, set(),
+                                                    ENGINE_OPTIONS if is_engine else None)
+        except UsageError as exc:
+            raise UsageError("[launch] args: " + exc.message.removeprefix("-- ")) from None
     explicit = [key for key in RUN_OPTIONS if getattr(request, key) is not None]
     for key in explicit:
         options[key] = getattr(request, key)
-    extra, from_extra = list(request.extra_args), {}
-    is_engine = cfg.launch.module == ENGINE_MODULE and follows_engine_contract(cfg.launch, cfg.metrics)
+    extra, from_extra = launch_args + list(request.extra_args), {}
     if follows_engine_contract(cfg.launch, cfg.metrics):
         before = dict(options)
         extra, options = fold_engine_args(extra, options, set(explicit), ENGINE_OPTIONS if is_engine else None)
@@ -279,10 +288,13 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
         raise UsageError(f"--ep {ep}: does not divide the world size {nproc * nodes} ({ranks}); "
                          "each group of ep ranks splits the experts, so give --nproc a multiple of it")
 
-    if request.tag and sanitize_tag(request.tag) != request.tag:
-        # Said, not silently rewritten: `show`/`compare` must find the run by the tag that was given.
-        raise UsageError(f"--tag {request.tag!r}: not usable in a directory name (use letters, digits, . _ -), "
-                         f"e.g. --tag {sanitize_tag(request.tag)}")
+    if request.tag is not None and sanitize_tag(request.tag) != request.tag:
+        # Said, not silently rewritten: `show`/`compare` must find the run by the tag that was given
+        # (and an empty one is no tag: it was quietly the default).
+        rule = ("use letters, digits, . _ -; not first . or -; no `..`" if request.tag.strip()
+                else "an empty tag names nothing; leave --tag out for the default")
+        raise UsageError(f"--tag {request.tag!r}: not usable in a directory name ({rule}), "
+                         f"e.g. --tag {sanitize_tag(request.tag if request.tag.strip() else default_tag(options))}")
     tag = request.tag or sanitize_tag(default_tag(options))
     run_id = f"{now:%Y%m%d_%H%M%S}_{cfg.project.name}-{tag}" + (f"-r{request.repeat}" if request.repeat else "")
     if len(run_id.encode()) > NAME_MAX:

@@ -553,7 +553,8 @@ class PathsState:
     unwritable: dict[str, str] = field(default_factory=dict)  # "artifact_root" / "report_dir" -> why
     tracker_store: Optional[str] = None  # resolved: where a local MLflow store writes ([tracking] mlflow_uri)
     # resolved: what that store creates inside the repository's work tree, not git-ignored
-    tracker_in_work_tree: list[str] = field(default_factory=list)
+    tracker_in_work_tree: list[tuple[str, str]] = field(default_factory=list)  # (what sets it, the path)
+    wandb_dir: Optional[str] = None  # resolved: $WANDB_DIR, where W&B writes when it is set
     root_in_work_tree: bool = False  # artifact_root inside the repository and not git-ignored
     git_dir: Optional[str] = None  # resolved: the repository's .git (git keeps nothing of ours there)
     # resolved: a git work tree of its own (a submodule, a nested clone) that report_dir lies in
@@ -582,7 +583,7 @@ def _unresolvable(p) -> Optional[str]:
 
 def probe_paths(cfg: Config, plan: "RunPlan") -> PathsState:
     from moectl.plan import planned_write_paths
-    from moectl.tracking import mlflow_local_store
+    from moectl.tracking import mlflow_local_store, wandb_local_dir
 
     from moectl import gitops
 
@@ -594,6 +595,7 @@ def probe_paths(cfg: Config, plan: "RunPlan") -> PathsState:
     return PathsState(
         tracker_store=_real(store) if store is not None else None,
         tracker_in_work_tree=tracker_in_work_tree(cfg),
+        wandb_dir=_real(wandb_dir) if (wandb_dir := wandb_local_dir(cfg)) is not None else None,
         root_in_work_tree=in_tree,
         git_dir=_git_dir(cfg.root),
         report_dir_repo=nested_work_tree(Path(_real(cfg.report_dir)), cfg.root.resolve()),
@@ -612,17 +614,18 @@ def probe_paths(cfg: Config, plan: "RunPlan") -> PathsState:
     )
 
 
-def tracker_in_work_tree(cfg: Config) -> list[str]:
-    """The files and directories a local MLflow store ([tracking] mlflow_uri) creates that would be
-    untracked changes of the repository (inside its work tree, not git-ignored), resolved."""
+def tracker_in_work_tree(cfg: Config) -> list[tuple[str, str]]:
+    """The files and directories a tracker writes (a local MLflow store, $WANDB_DIR) that would be
+    untracked changes of the repository (inside its work tree, not git-ignored): (what sets it,
+    the path resolved)."""
     from moectl import gitops
-    from moectl.tracking import mlflow_local_files
+    from moectl.tracking import tracker_local_files
 
     out = []
-    for p in mlflow_local_files(cfg):
+    for label, p in tracker_local_files(cfg):
         try:
             if gitops.tracked_area(cfg.root, Path(_real(p))):
-                out.append(_real(p))
+                out.append((label, _real(p)))
         except OSError:
             pass
     return out

@@ -51,7 +51,7 @@ import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import IO, Optional
+from typing import IO, Callable, Optional
 
 from engine.schema import RunSummary, StartInfo, StepMetrics, to_line
 from moectl.atomic import write_bytes_atomic
@@ -169,7 +169,7 @@ def _masked_loss(pattern: re.Pattern, line: str) -> Optional[float]:
 
 
 def _duration_s(text: str) -> float:
-    m = re.fullmatch(r"([\d,]+(?:\.\d+)?)\s*(ms|s|m|min|h)?", text.strip())
+    m = re.fullmatch(r"((?:[\d,]+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*(ms|s|m|min|h)?", text.strip())
     if not m:
         raise ValueError(f"bad duration {text!r}")
     return number(m.group(1)) * _UNIT_S[(m.group(2) or "s").lower()]
@@ -250,6 +250,9 @@ class StdoutParser:
         self.skipped = 0  # lines that matched the step pattern but could not be read
         self.partial = 0  # lines without their newline (never steps)
         self.matched = {name: 0 for name in fmt.patterns}  # step lines each pattern matched
+        # step lines whose figure of this field was no number (`tok/sec: 1.2M`): the field is left
+        # out of the step, which keeps its loss; {field: (count, the first such text)}
+        self.unread_fields: dict[str, tuple[int, str]] = {}
         self.last: Optional[StepMetrics] = None
         self.peak_mem_mib: Optional[float] = None
         self.total_time_s: Optional[float] = None
@@ -262,6 +265,7 @@ class StdoutParser:
         self._first_went_back: Optional[tuple[int, int]] = None  # (from step, to step), the first time
         self._highest = -1  # the highest step number seen
         self.repeated = 0  # step lines numbered as the line before them (not a redrawn bar)
+        self._last_partial: Optional[str] = None  # the output's last line, when it had no newline
 
     # --- one line ---------------------------------------------------------------------------------
 
@@ -272,7 +276,9 @@ class StdoutParser:
         if not line_ended(raw):
             if raw.strip():
                 self.partial += 1
+                self._last_partial = raw
             return []
+        self._last_partial = None
         line = raw.rstrip("\r\n").rsplit("\r", 1)[-1]  # (a caller's own line with `\r`s: what a terminal shows last)
         if "\x1b" in line:  # a logger's colours: read as a terminal shows the line
             line = ANSI.sub("", line)
@@ -334,7 +340,7 @@ class StdoutParser:
             if m is None:
                 return None
             try:
-                kwargs = _nanochat_fields(m.group(3))
+                kwargs = _nanochat_fields(m.group(3), self._unread)
                 if "loss" not in kwargs and _is_eval_line(m.group(3)):
                     return None
                 kwargs.update(self._pattern_fields(line))
@@ -363,11 +369,21 @@ class StdoutParser:
                 self.matched[name] += 1
                 if name != "loss" and _NON_FINITE_FIGURE.fullmatch(pm.group(1).strip()):
                     continue  # `dt inf`: that figure is missing from the step, the step is not
-                kwargs[name] = (loss_number if name == "loss" else number)(pm.group(1))
+                if name == "loss":
+                    kwargs[name] = loss_number(pm.group(1))  # (no loss that reads: no step)
+                    continue
+                try:
+                    kwargs[name] = number(pm.group(1))
+                except ValueError:
+                    self._unread(name, pm.group(1))
             elif name == "loss" and (loss := _masked_loss(pattern, line)) is not None:
                 kwargs[name] = loss  # `loss nan` to a `loss ([\d.]+)` pattern
                 self.matched[name] += 1
         return kwargs
+
+    def _unread(self, name: str, text: str) -> None:
+        count, first = self.unread_fields.get(name, (0, text.strip()))
+        self.unread_fields[name] = (count + 1, first)
 
     def _make(self, step: int, kwargs: dict[str, float]) -> StepMetrics:
         if "loss" not in kwargs:
@@ -417,9 +433,22 @@ class StdoutParser:
         return RunSummary(steps=self.steps_seen, world_size=self.world_size, device_name=self.device,
                           peak_mem_mib=self.peak_mem_mib, total_time_s=total, final_loss=self.last.loss)
 
+    def cut_step(self) -> Optional[int]:
+        """The step number of the output's last line when it had no newline and would otherwise
+        read as a step (a trainer's `print(..., end="")` before it exits, or a line cut mid-write by
+        a kill: the two look the same, so it is not read, but said), else None."""
+        if not self._last_partial:
+            return None
+        cut = [rec for rec in StdoutParser(self.fmt).feed(self._last_partial + "\n") if isinstance(rec, StepMetrics)]
+        return cut[-1].step if cut else None
+
     def warnings(self) -> list[str]:
         """One line per pattern that never matched (a typo'd regex reads as missing data, not a crash)."""
         out = list(self.notes)
+        cut = self.cut_step()
+        if cut is not None:
+            out.append(f"the trainer's last line has no newline, so its step {cut} was not read (a line cut "
+                       "mid-write looks the same): end it with a newline (print's default)")
         if self.steps_seen:
             for name, count in self.matched.items():
                 if count == 0:
@@ -441,11 +470,16 @@ class StdoutParser:
                        "them: each number keeps its latest line (does the step pattern take the whole number?)")
         if self.skipped:
             out.append(f"{self.skipped} step line(s) could not be read (no loss, or not a number) and were skipped")
-        if self.unprinted and self.partial:
+        for name, (count, first) in self.unread_fields.items():
+            out.append(f"{name}: {count} step line(s) printed no number there (first: {first[:40]!r}); "
+                       f"{name} is left out of those steps, which keep their loss")
+        if self.unprinted and (self.partial or self.skipped):
             # Lines cut mid-print were seen (another rank's output spliced into a rank-0 progress
             # bar, say): the missing steps may have been printed and lost there, not skipped.
-            out.append(f"{self.unprinted} steps were not read ({self.steps_seen} step lines were; {self.partial} "
-                       "line(s) were cut mid-print, by another rank's output or the end of the log, and may have "
+            why = (f"{self.partial} line(s) were cut mid-print, by another rank's output or the end of the log"
+                   if self.partial else "") + ("; " if self.partial and self.skipped else "") + \
+                  (f"{self.skipped} step line(s) could not be read" if self.skipped else "")
+            out.append(f"{self.unprinted} steps were not read ({self.steps_seen} step lines were; {why}, and may have "
                        "held them): the tail means are over the steps read only"
                        + ("; training time counts each read dt for the steps missing before it "
                           "(dt x steps since the previous line: an estimate)" if self.time_estimated else ""))
@@ -459,10 +493,10 @@ class StdoutParser:
     def no_steps_reason(self) -> str:
         if self.skipped:  # the step pattern matched; what failed is reading the line's loss
             loss = self.fmt.patterns.get("loss")
-            where = f"loss pattern {loss.pattern!r}" if loss is not None else "its 'loss:' field"
+            said = (f"a loss matched by the loss pattern {loss.pattern!r} that is a number" if loss is not None
+                    else "a 'loss:' field holding a number")
             return (f"no step could be read from the trainer's output: {self.skipped} line(s) matched the "
-                    f"{'step pattern' if loss is not None else 'step line'}, but none had a loss matched by the "
-                    f"{where} that is a number ({self.fmt.describe()})")
+                    f"{'step pattern' if loss is not None else 'step line'}, but none had {said} ({self.fmt.describe()})")
         return f"no step line in the trainer's output matched ({self.fmt.describe()})"
 
 
@@ -470,7 +504,10 @@ def _is_eval_line(rest: str) -> bool:
     return any(_EVAL_KEY.match(part.partition(":")[0].strip()) for part in rest.split("|") if ":" in part)
 
 
-def _nanochat_fields(rest: str) -> dict[str, float]:
+def _nanochat_fields(rest: str, unread: Callable[[str, str], None] = lambda name, text: None) -> dict[str, float]:
+    """A nanochat step line's fields after its step number. A loss that is no number raises
+    ValueError (no step without its loss); any other field that is no number is left out, and
+    `unread(field, text)` told."""
     kwargs: dict[str, float] = {}
     for part in rest.split("|"):
         key, sep, raw = part.partition(":")
@@ -483,12 +520,18 @@ def _nanochat_fields(rest: str) -> dict[str, float]:
             # Not known for this step (the engine's `mfu: -` on CPU), or not a figure (`dt: infms`,
             # `tok/sec: nan` of a step timed at 0): that field is missing, the step and its loss are not.
             continue
-        if name == "dt_ms":
-            kwargs[name] = _duration_s(raw if raw[-1:].isalpha() else raw + "ms") * 1000.0
-        elif name == "elapsed_s":
-            kwargs[name] = _duration_s(raw)
-        else:
-            kwargs[name] = (loss_number if name == "loss" else number)(raw)
+        if name == "loss":
+            kwargs[name] = loss_number(raw)
+            continue
+        try:
+            if name == "dt_ms":
+                kwargs[name] = _duration_s(raw if raw[-1:].isalpha() else raw + "ms") * 1000.0
+            elif name == "elapsed_s":
+                kwargs[name] = _duration_s(raw)
+            else:
+                kwargs[name] = number(raw)
+        except ValueError:
+            unread(name, raw)
     return kwargs
 
 
@@ -503,11 +546,11 @@ def parse_text(text: str, fmt: StdoutFormat, *, finished: bool = False) -> tuple
     steps = []
     for line in complete + [last]:
         steps += [rec for rec in parser.feed(line) if isinstance(rec, StepMetrics)]
-    if finished and last.strip():
-        cut = [rec for rec in StdoutParser(fmt).feed(last + "\n") if isinstance(rec, StepMetrics)]
-        if cut:
-            parser.notes.append(f"the log's last line has no newline, so its step {cut[-1].step} was not read (a line "
-                                "cut mid-write looks the same); if it is whole, end the file with a newline and import again")
+    cut = parser.cut_step() if finished else None
+    parser._last_partial = None  # said here, in a log's words (or not at all: a live tail's last line)
+    if cut is not None:
+        parser.notes.append(f"the log's last line has no newline, so its step {cut} was not read (a line cut "
+                            "mid-write looks the same); if it is whole, end the file with a newline and import again")
     return parser, steps
 
 
@@ -566,21 +609,29 @@ class LiveMetricsWriter:
         if self._fh.closed:
             return
         summary = self.parser.finish()
-        if summary is not None:
-            self._write(to_line(summary) + "\n")
-        self._fh.close()
+        last = to_line(summary) + "\n" if summary is not None else ""
         try:
-            self._check_still_ours()
-        except OSError as exc:  # (the run's outcome stands; what is wrong with its metrics is said)
-            self.parser.notes.append(f"{self.path.name} could not be checked or put back after the run: {exc}")
-
-    def _check_still_ours(self) -> None:
-        try:
+            # Checked before the summary goes in: written into a file the trainer took over, it
+            # would end the trainer's file kept aside, and be missing from moectl's put back.
             st = os.stat(self.path)
+            ours = st.st_ino == self._inode and st.st_size == self._size
         except FileNotFoundError:
-            st = None
-        if st is not None and st.st_ino == self._inode and st.st_size == self._size:
-            return
+            st, ours = None, False
+        except OSError as exc:  # (the run's outcome stands; what is wrong with its metrics is said)
+            st, ours = None, True
+            self.parser.notes.append(f"{self.path.name} could not be checked after the run: {exc}")
+        if ours and last:
+            self._write(last)
+        self._fh.close()
+        if not ours:
+            try:
+                self._put_back(st, last.encode())
+            except OSError as exc:
+                self.parser.notes.append(f"{self.path.name} could not be put back after the run: {exc}")
+
+    def _put_back(self, st: Optional[os.stat_result], last: bytes) -> None:
+        """The trainer wrote, replaced or deleted metrics.jsonl: its file goes aside, moectl's back
+        (with the run's summary `last`), and the record says so."""
         aside = self.path.with_name("metrics.trainer.jsonl")
         if st is not None:
             os.replace(self.path, aside)
@@ -591,7 +642,7 @@ class LiveMetricsWriter:
                 f"{kept}, and moectl's metrics of this run are lost; have the trainer write its files elsewhere "
                 "or under other names")
             return
-        write_bytes_atomic(self.path, b"".join(self._kept))
+        write_bytes_atomic(self.path, b"".join(self._kept) + last)
         self.parser.notes.append(
             f"{self.path.name} was written by the trainer too (it writes into the run directory, $MOECTL_RUN_DIR): "
             f"{kept} and moectl's is put back; have the trainer write its files elsewhere or under other names")

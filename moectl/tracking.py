@@ -144,6 +144,24 @@ def mlflow_local_files(cfg: Config) -> list[Path]:
     return [store] if store is not None else []
 
 
+def wandb_local_dir(cfg: Config) -> Optional[Path]:
+    """Where W&B writes its run files on this machine when $WANDB_DIR says (made absolute here: a
+    relative one named a different directory from each working directory, and the recorded queue
+    with it); None when W&B is off or the variable unset (the run's own directory then)."""
+    given = os.environ.get("WANDB_DIR")
+    if not cfg.file.tracking.wandb_project or not given:
+        return None
+    return Path(os.path.abspath(os.path.expanduser(given)))
+
+
+def tracker_local_files(cfg: Config) -> list[tuple[str, Path]]:
+    """(what sets it, a path) for every file or directory a tracker writes on this machine outside
+    the run's own directory: a local MLflow store's, $WANDB_DIR's."""
+    out = [("[tracking] mlflow_uri", p) for p in mlflow_local_files(cfg)]
+    wandb_dir = wandb_local_dir(cfg)
+    return out + ([("$WANDB_DIR", wandb_dir)] if wandb_dir is not None else [])
+
+
 def _local_path(cfg: Config, path: str) -> Path:
     p = Path(os.path.expanduser(path))
     return p if p.is_absolute() else cfg.root / p
@@ -548,7 +566,7 @@ def _wandb(cfg: Config, record: RunRecord, data: Payload, deadline: _Deadline):
         # Written into a hidden staging directory and moved into wandb/ only once whole: an attempt
         # cut short (Ctrl-C, a failure, a kill) leaves no partial queue that `wandb sync` would
         # upload beside the retry's into the same W&B run.
-        queue = Path(os.environ.get("WANDB_DIR") or record.exp_dir) / "wandb"
+        queue = (wandb_local_dir(cfg) or Path(record.exp_dir)) / "wandb"
         queue.mkdir(parents=True, exist_ok=True)
         for left in queue.glob(f".moectl-{wid}-*"):  # a killed attempt's staging directory
             shutil.rmtree(left, ignore_errors=True)
@@ -567,7 +585,7 @@ def _wandb(cfg: Config, record: RunRecord, data: Payload, deadline: _Deadline):
             return wid, str(final), added, note
         finally:
             shutil.rmtree(stage, ignore_errors=True)
-    return _wandb_run(cfg, record, data, deadline, wid, None if os.environ.get("WANDB_DIR") else record.exp_dir)
+    return _wandb_run(cfg, record, data, deadline, wid, str(wandb_local_dir(cfg) or record.exp_dir))
 
 
 def _wandb_run(cfg: Config, record: RunRecord, data: Payload, deadline: _Deadline, wid: str, root: Optional[str]):

@@ -143,6 +143,11 @@ def test_a_directory_named_like_the_config_is_said_not_walked_past(tmp_path):
         ("[defaults]\nn-experts = 0\n", ".moectl.toml: defaults.n_experts: must be greater than 0 (engine option --n-experts)"),
         ("[defaults]\ndtype = \"bfloat16\"\n", ".moectl.toml: defaults.dtype: must be one of bf16, fp32 (engine option --dtype)"),
         ("[defaults]\nn_experts = 8\nn-experts = 4\n", ".moectl.toml: defaults: n_experts is given twice (n_experts and n-experts); keep one"),
+        # what the kernel refuses at launch, after the run directory exists: refused here instead
+        ("[launch]\nenv = { \"A=B\" = \"1\" }\n",
+         ".moectl.toml: launch.env: 'A=B' is not an environment variable name (no '=', no NUL, not empty)"),
+        ("[launch]\nenv = { A = \"x\\u0000y\" }\n",
+         ".moectl.toml: launch.env.A: the value holds a NUL byte, which no environment variable can"),
     ],
 )
 def test_bad_fields_are_one_line_each(tmp_path, text, line):
@@ -319,6 +324,8 @@ def test_a_wrong_type_through_the_cli_exits_2_and_writes_nothing(project, artifa
     ("fp8-dense = \"yes\"\n", "defaults.fp8_dense", "must be true or false"),
     ("out-dir = \"/tmp/x\"\n", "defaults.out_dir", "set by moectl for every run"),
     ("lr = nan\n", "defaults.lr", "must be a finite number (engine option --lr)"),  # TOML has nan and inf
+    ("cap = inf\n", "defaults.cap", "Input should be a finite number"),  # moectl's own options too
+    ("balance_rate = inf\n", "defaults.balance_rate", "Input should be a finite number"),
 ])
 def test_engine_defaults_are_engine_options_with_one_value_each(tmp_path, text, field, says):
     with pytest.raises(UsageError) as e:

@@ -372,8 +372,10 @@ def test_dry_run_command_is_exactly_what_runs_then_exp_dir_is_never_reused(proj,
 
 
 @pytest.mark.parametrize("tag, said", [
-    ("ñandú", "--tag 'ñandú': not usable in a directory name (use letters, digits, . _ -), e.g. --tag and"),
-    ("my run", "--tag 'my run': not usable in a directory name (use letters, digits, . _ -), e.g. --tag my_run"),
+    ("ñandú", "--tag 'ñandú': not usable in a directory name (use letters, digits, . _ -; not first . or -; no `..`), e.g. --tag and"),
+    ("my run", "--tag 'my run': not usable in a directory name (use letters, digits, . _ -; not first . or -; no `..`), e.g. --tag my_run"),
+    ("-x", "--tag '-x': not usable in a directory name (use letters, digits, . _ -; not first . or -; no `..`), e.g. --tag x"),
+    ("", "--tag '': not usable in a directory name (an empty tag names nothing; leave --tag out for the default), e.g. --tag "),
     ("../../x", "--tag '../../x': not usable in a directory name"),
     ("x" * 300, "--tag: the run directory name would be 320 bytes, over the filesystem's 255"),  # 16 + "moe-" + 300
 ])

@@ -210,6 +210,34 @@ def test_live_writer_writes_the_engine_schema_then_a_summary(tmp_path):
     assert recs[-1].steps == 4 and recs[-1].final_loss == recs[-2].loss
 
 
+@pytest.mark.parametrize("how", ["appended", "replaced"])
+def test_a_trainers_own_metrics_jsonl_is_kept_aside_without_moectls_summary_in_it(tmp_path, how):
+    # The summary was appended before the check: it ended the trainer's file kept aside (the engine's
+    # own summary and then moectl's), and was missing from moectl's file put back.
+    path = tmp_path / "metrics.jsonl"
+    writer = LiveMetricsWriter(path, StdoutParser(NANOGPT, planned_steps=4, world_size=1, device="cpu"))
+    lines = trainer_output("--max_iters=4").splitlines(keepends=True)
+    for line in lines[:len(lines) // 2]:
+        writer(line)
+    theirs = '{"type": "summary", "steps": 4, "by": "the trainer"}'
+    if how == "appended":
+        with open(path, "a") as fh:  # the same file, one more line (moectl's later lines land after it)
+            fh.write(theirs + "\n")
+    else:
+        path.unlink()
+        path.write_text(theirs + "\n")
+    for line in lines[len(lines) // 2:]:
+        writer(line)
+    writer.close()
+    aside = (tmp_path / "metrics.trainer.jsonl").read_text().splitlines()
+    assert [line for line in aside if "summary" in line] == [theirs]
+    assert aside == [theirs] if how == "replaced" else len(aside) > 1
+    recs = [parse_line(line) for line in path.read_text().splitlines()]
+    assert isinstance(recs[0], StartInfo) and isinstance(recs[-1], RunSummary) and recs[-1].steps == 4
+    assert [r.step for r in recs if isinstance(r, StepMetrics)] == [0, 1, 2, 3]
+    assert sum(isinstance(r, RunSummary) for r in recs) == 1
+
+
 def test_import_regex_parses_exactly_as_the_live_parser(tmp_path, monkeypatch, artifact_root):
     """The same log, once through the live writer, once through `moectl import --format regex`."""
     log = tmp_path / "train.log"
@@ -321,6 +349,55 @@ def test_a_figure_printed_as_inf_or_nan_is_missing_from_its_step_not_the_step_lo
     # a negative figure is a placeholder ("-1: unknown"), missing from the step like nanoGPT's mfu -100%
     steps = steps_of(StdoutParser(fmt), ["iter 0: loss 4.5, time -1ms\n"])
     assert [(s.step, s.loss, s.dt_ms) for s in steps] == [(0, 4.5, None)]
+
+
+def test_a_field_that_is_no_number_is_left_out_of_its_step_which_keeps_its_loss():
+    """`tok/sec: 1.2M`, a stray byte after the total time, `mfu ?%`: the whole step was dropped
+    (every one of them: the run failed, exit 4, "no step could be read"). Now that field is missing
+    from the step, and one warning per field says so; `dt: 1.2e2ms` reads as 120 ms."""
+    lines = [f"step {i:05d}/00004 | loss: {3.0 - i / 10:.4f} | dt: 1.2e2ms | tok/sec: {'1.2M' if i % 2 else '1,200,000'}"
+             f" | total time: 0.0{i}m \xe9\n" for i in range(4)]
+    parser = StdoutParser(NANOCHAT)
+    steps = steps_of(parser, lines)
+    assert [(s.step, s.loss, s.dt_ms, s.tok_per_sec, s.elapsed_s) for s in steps] == [
+        (0, 3.0, 120.0, 1200000.0, 0.12), (1, 2.9, 120.0, None, 0.24), (2, 2.8, 120.0, 1200000.0, 0.36),
+        (3, 2.7, 120.0, None, 0.48)]
+    assert parser.skipped == 0 and parser.unprinted == 0
+    assert parser.warnings() == [
+        "elapsed_s: 4 step line(s) printed no number there (first: '0.00m \xe9'); elapsed_s is left out of those "
+        "steps, which keep their loss",
+        "tok_per_sec: 2 step line(s) printed no number there (first: '1.2M'); tok_per_sec is left out of those "
+        "steps, which keep their loss"]
+    fmt = StdoutFormat.build("regex", step=r"iter (\d+)", patterns={"loss": r"loss ([\d.]+)", "mfu": r"mfu (\S+)%"})
+    parser = StdoutParser(fmt)
+    steps = steps_of(parser, ["iter 1 loss 2.5 mfu ?%\n", "iter 2 loss 2.4 mfu 3%\n"])
+    assert [(s.step, s.loss, s.mfu) for s in steps] == [(1, 2.5, None), (2, 2.4, 3.0)]
+    assert parser.warnings() == ["mfu: 1 step line(s) printed no number there (first: '?'); mfu is left out of "
+                                 "those steps, which keep their loss"]
+    # a loss that is no number is still no step: said as before
+    parser = StdoutParser(NANOCHAT)
+    assert steps_of(parser, ["step 00000/00002 | loss: ?? | dt: 5ms\n"]) == [] and parser.skipped == 1
+    assert parser.no_steps_reason().startswith("no step could be read from the trainer's output: 1 line(s) matched "
+                                               "the step line, but none had a 'loss:' field holding a number")
+
+
+def test_a_live_runs_last_step_line_without_a_newline_is_said_not_lost_silently():
+    # `print(line, end="")` before the trainer exits: the tee feeds that line as partial (a kill
+    # mid-write looks the same), so it is not read - `moectl import` said so, a live run did not.
+    parser = StdoutParser(NANOCHAT)
+    lines = ["step 00000/00002 | loss: 3.0 | dt: 5ms\n", "step 00001/00002 | loss: 2.9 | dt: 5ms"]
+    assert [s.step for s in steps_of(parser, lines)] == [0]
+    assert parser.warnings() == ["the trainer's last line has no newline, so its step 1 was not read (a line cut "
+                                 "mid-write looks the same): end it with a newline (print's default)"]
+    # a partial line in the middle (another rank's output cut into it) is not the last one: not said
+    parser = StdoutParser(NANOCHAT)
+    steps_of(parser, ["step 00000/00002 | loss: 3.0", "step 00001/00002 | loss: 2.9 | dt: 5ms\n"])
+    assert not any("last line" in w for w in parser.warnings())
+    # the import says it once, in its own words
+    parser, steps = parse_text("".join(lines), NANOCHAT, finished=True)
+    assert [w for w in parser.warnings() if "last line" in w] == [
+        "the log's last line has no newline, so its step 1 was not read (a line cut mid-write looks the same); if it "
+        "is whole, end the file with a newline and import again"]
 
 
 @pytest.mark.parametrize("loss_pattern", [r"loss ([\d.]+)", r"loss (-?[\d.]+)", r"loss (\S+),"])

@@ -603,6 +603,39 @@ def test_a_local_store_inside_the_artifact_root_of_a_read_only_tree_is_allowed_b
     assert_steps_mirrored(histories(c, mr), steps_of(run_dir))
 
 
+def test_wandb_dir_is_held_to_the_paths_rules_and_made_absolute(git_repo, monkeypatch, artifact_root, tmp_path):
+    # $WANDB_DIR was not looked at: W&B wrote into a read-only tree or the user's repository, and a
+    # relative one recorded a relative queue, which a sync from another directory wrote a second time.
+    tracked_project(git_repo, monkeypatch, 'wandb_project = "moe"\nwandb_mode = "offline"')
+    monkeypatch.setenv("WANDB_DIR", "wdir")  # relative: inside the repository, not git-ignored
+    r = moectl(git_repo, "check", "--json", *QUIET)
+    paths = next(g for g in json.loads(r.stdout)["guards"] if g["name"] == "paths")
+    assert r.returncode == 3 and f"$WANDB_DIR writes {(git_repo / 'wdir').resolve()}, inside the repository and " \
+        "not git-ignored" in paths["message"], paths
+    run_id, _ = imported(git_repo, "old")
+    r = moectl(git_repo, "sync")
+    assert r.returncode == 3 and "$WANDB_DIR writes" in r.stderr and not (git_repo / "wdir").exists(), r.stderr
+    frozen = tmp_path / "frozen"
+    set_tracking(git_repo, 'wandb_project = "moe"\nwandb_mode = "offline"')
+    with open(git_repo / ".moectl.toml", "a") as fh:
+        fh.write(f'\n[paths]\nread_only = ["{frozen}"]\n')
+    monkeypatch.setenv("WANDB_DIR", str(frozen / "w"))
+    r = moectl(git_repo, "sync")
+    assert r.returncode == 3 and f"$WANDB_DIR writes {frozen / 'w'}, inside read-only tree {frozen}" in r.stderr
+    # allowed where it is neither: the queue's recorded location is absolute, whatever the cwd was
+    (git_repo / "sub").mkdir()
+    monkeypatch.setenv("WANDB_DIR", "../../wd")  # relative to the working directory, as W&B reads it
+    r = moectl(git_repo / "sub", "sync", "--json")
+    assert r.returncode == 0, r.stderr
+    [row] = json.loads(r.stdout)
+    where = (git_repo / "sub" / "../../wd").resolve()
+    assert Path(row["location"]).is_absolute() and Path(row["location"]).parent == where / "wandb"
+    elsewhere = (git_repo / "../../wd").resolve()  # the same variable read from the repository's root
+    r = moectl(git_repo, "sync", "old")  # the recorded queue is found from there too: no second one
+    assert r.returncode == 0, r.stderr
+    assert len(list((where / "wandb").glob("offline-run-*"))) == 1 and not elsewhere.exists()
+
+
 @pytest.mark.parametrize("uri, written", [("mlstore", "mlstore"), ("sqlite:///mlflow.db", "mlflow.db")])
 def test_a_local_store_in_the_work_tree_is_refused_unless_git_ignored(git_repo, monkeypatch, artifact_root, uri,
                                                                       written):

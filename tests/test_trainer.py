@@ -212,6 +212,27 @@ def test_engine_flags_after_dashdash_that_would_undo_what_moectl_checked_are_ref
     assert exc.value.message.startswith(why), exc.value.message
 
 
+def test_launch_args_of_the_engine_are_its_options_between_defaults_and_the_command_line():
+    # They were dropped: the engine's command never had them, and the record said nothing.
+    with_args = ENGINE.replace('module = "engine.train"\n',
+                               'module = "engine.train"\nargs = ["--depth", "2", "--lr=0.05", "--steps", "3"]\n')
+    p = plan(with_args)
+    assert (p.options["depth"], p.options["lr"], p.options["steps"]) == (2, 0.05, 3)
+    engine = p.argv[p.argv.index("engine.train") + 1:]
+    assert engine.count("--depth") == 1 and engine[engine.index("--depth") + 1] == "2"
+    assert engine.count("--lr") == 1 and engine[engine.index("--lr") + 1] == "0.05"
+    # the command line wins over them, as over [defaults]; `--` may set one of them again
+    p = plan(with_args, steps=7, extra_args=["--depth", "3"])
+    assert (p.options["steps"], p.options["depth"]) == (7, 3)
+    for args, why in ((["--bogus"], "[launch] args: --bogus: not an option of the engine"),
+                      (["--out-dir", "x"], "[launch] args: --out-dir: not a trainer argument moectl can pass on"),
+                      (["--depth"], "[launch] args: --depth: needs a value")):
+        bad = ENGINE.replace('module = "engine.train"\n', f'module = "engine.train"\nargs = {args!r}\n'.replace("'", '"'))
+        with pytest.raises(UsageError) as exc:
+            plan(bad)
+        assert exc.value.message.startswith(why), exc.value.message
+
+
 def test_engine_options_after_dashdash_are_tagged_and_checked_like_run_options():
     p = plan(ENGINE, nproc=2, extra_args=["--ep", "2", "--dense"])
     assert (p.options["ep"], p.options["dense"], p.tag) == (2, True, "tiny_cap1p0_none_dense_ep2")

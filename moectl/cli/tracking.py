@@ -39,7 +39,7 @@ def sync_cmd(
       [bold]moectl sync --dry-run --json[/bold]
     """
     from moectl.config import load_config
-    from moectl.tracking import mirror_run, mlflow_local_store, sync_plan, warning_lines
+    from moectl.tracking import mirror_run, mlflow_local_store, sync_plan, wandb_local_dir, warning_lines
 
     stops_like_ctrl_c(ctx)  # SIGTERM/SIGHUP: as Ctrl-C, exit 130, nothing half-recorded
     cfg = load_config(config)
@@ -54,16 +54,20 @@ def sync_cmd(
                 stdout.print("nothing to sync: every finished run is mirrored", markup=False)
         raise typer.Exit(EXIT_OK)
 
-    store = mlflow_local_store(cfg)
-    if store is not None and any("mlflow" in names for _, names in plan):
-        # What the paths guard of `moectl run` says of a local store, exit 3 as there.
+    store = mlflow_local_store(cfg) if any("mlflow" in names for _, names in plan) else None
+    wandb_dir = wandb_local_dir(cfg) if any("wandb" in names for _, names in plan) else None
+    if store is not None or wandb_dir is not None:
+        # What the paths guard of `moectl run` says of a tracker's local files, exit 3 as there.
         from moectl.guards import tracker_store_problems
         from moectl.probes import _real, tracker_in_work_tree
 
-        problems = tracker_store_problems(_real(store), _real(cfg.artifact_root), [_real(p) for p in cfg.read_only],
-                                          tracker_in_work_tree(cfg))
+        mirrored = ("[tracking] mlflow_uri",) * (store is not None) + ("$WANDB_DIR",) * (wandb_dir is not None)
+        problems = tracker_store_problems(_real(store) if store else None, _real(cfg.artifact_root),
+                                          [_real(p) for p in cfg.read_only],
+                                          [(label, p) for label, p in tracker_in_work_tree(cfg) if label in mirrored],
+                                          _real(wandb_dir) if wandb_dir else None)
         if problems:
-            raise GuardRefused("; ".join(problems) + " — fix [tracking] or [paths] in the config")
+            raise GuardRefused("; ".join(problems) + " — fix [tracking] or [paths] in the config, or $WANDB_DIR")
     rows, failed = [], 0
     for i, (rec, names) in enumerate(plan):
         try:
