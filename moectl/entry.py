@@ -91,12 +91,24 @@ def main() -> None:
         from moectl.cli import main as cli_main
 
         cli_main()
+    except SystemExit:  # the command is over, and its exit code says how it went
+        _command_over()
+        raise
     except KeyboardInterrupt as exc:  # commands say their own; this is before or around them
         _interrupted(getattr(exc, "message", None) or "interrupted")
     except Exception as exc:  # click's Abort, raised from a KeyboardInterrupt while it parsed
         if not interrupted_inside(exc):
             raise
         _interrupted("interrupted")
+
+
+def _command_over() -> None:
+    """Once the command has ended, a stop signal stops nothing: what it did is done and recorded,
+    and its exit code says so. Left to its handler, one landing while the interpreter shuts down
+    (flushing, exit handlers: tens of milliseconds) killed moectl by that signal (-15, -2 to a
+    caller) instead of the exit code (0, or 130 for a run it stopped)."""
+    for sig in stop_signals():
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _interrupted(message: str) -> None:

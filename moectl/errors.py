@@ -39,6 +39,7 @@ class Interrupted(KeyboardInterrupt):
     KeyboardInterrupt, so every `except KeyboardInterrupt` (a sweep settling its legs) acts alike;
     the CLI prints the message instead of a bare `interrupted`, exit 130."""
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, outcome: object = None):
         super().__init__(message)
         self.message = message
+        self.outcome = outcome  # a run's outcome when only what followed it was cut short (its trackers' copy)

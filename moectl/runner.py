@@ -65,6 +65,7 @@ def execute_run(
     on_start: Optional[Callable[[RunRecord], None]] = None,
     on_commit_wait: Optional[Callable[[Path], None]] = None,
     on_recorded: Optional[Callable[[RunRecord], None]] = None,
+    on_mirror: Optional[Callable[[list[str]], None]] = None,
 ) -> RunOutcome:
     """Run one guarded training run to its end. Never raises for a refusal or a failed run: the
     outcome says what happened. Raises MoectlError only for problems outside the run itself."""
@@ -123,6 +124,8 @@ def execute_run(
             record.error = "interrupted before training started" if stopped else f"moectl: {type(exc).__name__}: {exc}"
             record.exit_code = EXIT_INTERRUPTED if stopped else None
             store.save_run(record)
+            if on_recorded is not None:  # a sweep's leg says so too, with its run (not left `pending`)
+                on_recorded(record)
             raise
 
         outcome.exit_code, outcome.compile_failed = finish_record(record, result, plan, parser)
@@ -131,7 +134,7 @@ def execute_run(
             lock.release()
 
     report_and_commit(cfg, outcome, baseline=baseline, commit=commit, extra_commit_paths=extra_commit_paths,
-                      on_commit_wait=on_commit_wait, on_recorded=on_recorded)
+                      on_commit_wait=on_commit_wait, on_recorded=on_recorded, on_mirror=on_mirror)
     return outcome
 
 
@@ -277,9 +280,11 @@ def report_and_commit(cfg: Config, outcome: RunOutcome, *, baseline: "Optional[R
                       commit: bool = True,
                       extra_commit_paths: Callable[[RunRecord], Sequence[Path]] = lambda record: (),
                       on_commit_wait: Optional[Callable[[Path], None]] = None,
-                      on_recorded: Optional[Callable[[RunRecord], None]] = None) -> None:
+                      on_recorded: Optional[Callable[[RunRecord], None]] = None,
+                      on_mirror: Optional[Callable[[list[str]], None]] = None) -> None:
     """The report of a recorded run, its commit (only the files moectl wrote) and the trackers'
     copies, into `outcome`. The run is over and recorded: nothing here changes its status.
+    `on_mirror(trackers)`: called before the trackers' copies are made.
     `on_commit_wait(lock)`: called once if the commit starts waiting for another git's index.lock.
     `on_recorded(record)`: called first, on any branch (a sweep's leg state follows its run's).
     `extra_commit_paths(record)`: tracked files to refresh and commit with the report, called
@@ -313,23 +318,31 @@ def report_and_commit(cfg: Config, outcome: RunOutcome, *, baseline: "Optional[R
         # report on disk; the record says where, and how to commit it, rather than only
         # "interrupted". (Stopped as the branch moved, the commit is whole - gitops puts its index
         # in - and is said as such.)
-        outcome.commit = gitops.committed_in(cfg.root, report)
-        if outcome.commit is None:
+        committing = commit and not plan.no_commit
+        outcome.commit = gitops.committed_in(cfg.root, report) if committing else None
+        if outcome.commit is None and committing:
             outcome.commit_error = not_committed("interrupted before the report was committed", record.id)
         record.report, record.commit, record.commit_error = str(report), outcome.commit, outcome.commit_error
         store.save_run(record)
         raise Interrupted(f"interrupted; {outcome.commit_error}" if outcome.commit_error
-                          else f"interrupted; the report was committed already ({outcome.commit[:10]})") from None
+                          else f"interrupted; the report was committed already ({outcome.commit[:10]})" if outcome.commit
+                          else f"interrupted; the report is written ({report}; --no-commit)") from None
     # Trackers get a copy ([tracking]); one that fails is reported and retried by `moectl sync`,
     # never the run's outcome.
+    from moectl.tracking import configured
+
+    trackers = configured(cfg)
+    if trackers and on_mirror is not None:  # (a server that does not answer takes its timeouts: not silent)
+        on_mirror(trackers)
     try:
         outcome.tracking = mirror_run(cfg, record, report=report)
     except KeyboardInterrupt:
         # The run is over and recorded (above); only the trackers' copy was cut short, and what
-        # was cut short is not recorded, so `moectl sync` finds it due.
+        # was cut short is not recorded, so `moectl sync` finds it due. The outcome goes with the
+        # interrupt: the command still shows the run's result.
         done = f"report committed ({outcome.commit[:10]})" if outcome.commit else "report written"
         raise Interrupted(f"interrupted while mirroring run {record.id} to its trackers; the run is recorded "
-                          f"({record.status}, {done}); `moectl sync` mirrors it") from None
+                          f"({record.status}, {done}); `moectl sync` mirrors it", outcome=outcome) from None
 
 
 def _commit_report(cfg: Config, outcome: RunOutcome, report: Path, base_runs: list[RunRecord], comparison,

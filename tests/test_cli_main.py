@@ -254,6 +254,29 @@ def test_ctrl_c_while_the_cli_is_imported_is_one_line_and_exit_130(module, args,
         assert r.stdout == ""
 
 
+# A stop signal landing once the command is over, while the interpreter shuts down: an exit handler
+# sends it at that very point (an audit hit it 50 ms after a run's last line: -15 / -2, not the code).
+SIGNAL_AT_EXIT = """
+import atexit, os, signal, sys, time
+import moectl.cli
+def command_that_ends(code={code}):
+    atexit.register(lambda: (os.kill(os.getpid(), signal.{sig}), time.sleep(0.3)))
+    sys.exit(code)
+moectl.cli.main = command_that_ends
+from moectl.entry import main
+main()
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("code", [0, 4, 130])
+def test_a_stop_signal_after_the_command_ended_leaves_its_exit_code(sig, code, tmp_path):
+    r = subprocess.run([sys.executable, "-c", SIGNAL_AT_EXIT.format(code=code, sig=sig)], capture_output=True,
+                       text=True, cwd=tmp_path, timeout=60)
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr and "KeyboardInterrupt" not in r.stderr, r.stderr
+
+
 def test_an_error_caused_by_ctrl_c_is_an_interrupt_not_an_internal_error(capsys):
     """pydantic builds a model class's validator on first use; Ctrl-C inside that comes out as its
     SchemaError, raised from the KeyboardInterrupt: exit 130 and 'interrupted', not exit 1."""

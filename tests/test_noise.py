@@ -245,6 +245,29 @@ def test_run_repeat_prints_the_groups_mean_and_between_runs_error(git_repo, monk
     assert (tags["moectl_group"], tags["moectl_repeat"]) == (one.group, str(one.repeat))
 
 
+def test_a_repeat_group_stopped_between_repeats_still_reports_the_repeats_that_ran(git_repo, monkeypatch, artifact_root):
+    # Ctrl-C before repeat 2 had started training: the command printed only {"ok": false, "error":
+    # "interrupted"}, losing repeat 1's completed record and the group's line.
+    import moectl.runner as runner_mod
+
+    nanogpt_project(git_repo, monkeypatch)
+    real, calls = runner_mod.write_run_files, []
+
+    def stop_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner_mod, "write_run_files", stop_the_second)
+    r = runner.invoke(app, ["run", "--device", "cpu", "--steps", "14", "--tag", "cut", "--repeat", "3", "--json",
+                            *QUIET, "--", "--dt_ms=10.0", "--sleep=0"])
+    assert r.exit_code == 130, r.output
+    data = json.loads(r.stdout)
+    assert data["summary"] is None and [x["status"] for x in data["runs"]] == ["completed"]
+    assert "group " in r.stderr and "interrupted at repeat 2 of 3; repeat 3 was not run" in r.stderr, r.stderr
+
+
 def test_repeat_of_a_trainer_without_a_seed_mapping_is_refused_before_anything_runs(git_repo, monkeypatch, artifact_root):
     nanogpt_project(git_repo, monkeypatch)
     cfg = git_repo / ".moectl.toml"

@@ -371,6 +371,25 @@ def test_dry_run_command_is_exactly_what_runs_then_exp_dir_is_never_reused(proj,
     assert run_dirs(artifact_root) == [exp]
 
 
+def test_a_no_commit_run_stopped_during_its_report_says_no_commit_owed(proj, artifact_root, monkeypatch):
+    # It recorded "interrupted before the report was committed ... commit it with moectl commit",
+    # though --no-commit never asked for a commit.
+    import moectl.runner as runner_mod
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner_mod, "_commit_report", stopped)
+    r = run("--steps", "2", "--no-commit", "--tag", "nc", *QUIET, *FAST)
+    assert r.exit_code == 130, r.output
+    [exp] = run_dirs(artifact_root)
+    rec = record(exp)
+    assert rec["status"] == "completed" and rec["commit"] is None and rec["commit_error"] is None
+    assert Path(rec["report"]).is_file()
+    assert f"error: interrupted; the report is written ({rec['report']}; --no-commit)" in r.stderr
+    assert "moectl commit" not in r.stderr
+
+
 @pytest.mark.parametrize("tag, said", [
     ("ñandú", "--tag 'ñandú': not usable in a directory name (use letters, digits, . _ -; not first . or -; no `..`), e.g. --tag and"),
     ("my run", "--tag 'my run': not usable in a directory name (use letters, digits, . _ -; not first . or -; no `..`), e.g. --tag my_run"),

@@ -176,6 +176,11 @@ def test_legs_override_common_and_untagged_legs_get_derived_tags():
                        "legs": [{"tag": "base"}, {"cap": 1.25}]})
     assert [leg.tag for leg in spec.legs] == ["base", "cap1p25"]
     assert spec.legs[1].options == {"cap": 1.25, "compile": "static", "args": ["--seed", "1"]}
+    # legs that differ only in `args` (no option to derive a tag from): leg<i>, not "run" for each,
+    # which refused the spec as duplicate tags
+    spec = parse_spec({"name": "s", "common": {"steps": 20}, "legs": [{"args": ["--lr", "0.02"]},
+                                                                      {"args": ["--lr", "0.03"]}, {}]})
+    assert [leg.tag for leg in spec.legs] == ["leg0", "leg1", "leg2"]
 
 
 def test_dry_run_prints_every_leg_command_and_writes_nothing(git_repo, artifact_root, monkeypatch):
@@ -529,6 +534,63 @@ def test_resume_plan_reruns_stale_and_unfinished_legs_only(git_repo, artifact_ro
     r = cli("sweep", "--resume", ids["done"], "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["nothing_to_run"] is True
     assert {d.name: tree_hash(d) for d in sweep_dirs(artifact_root)} == before
+
+
+def test_a_sweep_stopped_after_a_legs_directory_exists_but_before_its_launch_names_that_run(git_repo, artifact_root,
+                                                                                            monkeypatch):
+    # The leg's run was recorded `interrupted` ("before training started") while sweep.json still
+    # said `pending` with no run: a run directory the sweep's table and report did not know.
+    import moectl.runner as runner_mod
+
+    sweep_project(git_repo)
+    monkeypatch.chdir(git_repo)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner_mod, "write_run_files", stopped)  # (git diff of a large tree takes a while)
+    spec = write_spec(git_repo, 'name = "early"\n[common]\nsteps = 4\n[[legs]]\ntag = "a"\n[[legs]]\ntag = "b"\n')
+    r = cli("sweep", str(spec), "--json", *QUIET)
+    assert r.exit_code == 130, r.output
+    [sweep_dir] = sweep_dirs(artifact_root)
+    legs = load(sweep_dir / "sweep.json")["legs"]
+    assert [(leg["tag"], leg["state"]) for leg in legs] == [("a", "interrupted"), ("b", "pending")]
+    run = load(sweep_dir / legs[0]["run_id"] / "run.json")
+    assert run["status"] == "interrupted" and run["error"] == "interrupted before training started"
+
+
+def test_a_resume_does_not_run_a_fallback_leg_whose_own_leg_runs_again(git_repo, artifact_root, monkeypatch):
+    # Interrupted during `static_fallback_none`: the resume ran `static` (which now compiled and
+    # completed) and then its fallback as well - a whole leg for nothing, and a table with a
+    # fallback for a leg that compiled. The fallback is made anew if `static` fails again.
+    from moectl.records import SweepLeg
+    from tests.test_summary import make_run, make_sweep
+
+    sweep_project(git_repo)
+    monkeypatch.chdir(git_repo)
+    sid = "20260103_100000_moe-fb"
+    d = make_sweep(artifact_root, sid, "fb", [
+        SweepLeg(tag="eager", state="completed", run_id="20260103_100001_moe-eager"),
+        SweepLeg(tag="static", state="failed", run_id="20260103_100101_moe-static"),
+        SweepLeg(tag="static_fallback_none", state="interrupted", run_id="20260103_100201_moe-static_fallback_none",
+                 fallback_of="static", options={"compile": "none"}),
+        SweepLeg(tag="last", state="pending")])
+    make_run(d, "20260103_100001_moe-eager", "eager", "completed", 1000.0, sid)
+    make_run(d, "20260103_100101_moe-static", "static", "failed", 1000.0, sid)
+    make_run(d, "20260103_100201_moe-static_fallback_none", "static_fallback_none", "interrupted", 1000.0, sid)
+    r = cli("sweep", "--resume", sid, "--dry-run", "--json")
+    assert r.exit_code == 0, r.output
+    assert [leg["tag"] for leg in json.loads(r.stdout)["legs"]] == ["static", "last"]
+    # A completed fallback settles its failed leg: both carried, neither run again.
+    sweep = load(d / "sweep.json")
+    sweep["legs"][2]["state"] = "completed"
+    (d / "sweep.json").write_text(json.dumps(sweep))
+    run = load(d / "20260103_100201_moe-static_fallback_none" / "run.json")
+    run["status"] = "completed"
+    (d / "20260103_100201_moe-static_fallback_none" / "run.json").write_text(json.dumps(run))
+    r = cli("sweep", "--resume", sid, "--dry-run", "--json")
+    assert r.exit_code == 0, r.output
+    assert [leg["tag"] for leg in json.loads(r.stdout)["legs"]] == ["last"]
 
 
 def test_a_sweep_run_with_another_config_resumes_only_with_that_config(git_repo, artifact_root, monkeypatch):

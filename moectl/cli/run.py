@@ -10,7 +10,7 @@ from moectl.cli.options import (
     DryRunOpt, EpOpt, ExpDirOpt, ExtraArgs, Fp8Opt, JsonOpt, NoCommitOpt, NodesOpt, NotesOpt, NprocOpt, OverrideOpt,
     PresetOpt, QuietOpt, RepeatOpt, RequeueOpt, SeedOpt, SlurmOpt, StepsOpt, TagOpt, WaitGpusOpt, request_kwargs,
 )
-from moectl.errors import EXIT_GUARD, EXIT_OK, MoectlError, UsageError
+from moectl.errors import EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, Interrupted, MoectlError, UsageError
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -147,16 +147,25 @@ def run(
             error(f"EXPERIMENTS.md not refreshed: {exc.message}")
             return []
 
+    def on_mirror(trackers) -> None:
+        # A tracker server that does not answer holds the result for its timeouts: said, not silent.
+        say(f"mirroring to {', '.join(trackers)} (never fails the run; Ctrl-C skips it, `moectl sync` retries)")
+
     def attempts(request) -> tuple[int, dict]:
         """One run to its end, re-run with --compile none when its compile failed; (exit code, the
         --json object: the last attempt's, any earlier one under `previous_attempts`)."""
         previous: list[dict] = []
         while True:
             progress = progress_for(json_out, quiet)
+            stopped = None  # Ctrl-C while the trackers got their copy: the run's result is shown all the same
             try:
                 outcome = execute_run(cfg, request, progress=progress, baseline=base_record,
                                       on_wait=on_wait, on_start=on_start, extra_commit_paths=summary_paths,
-                                      on_commit_wait=on_commit_wait)
+                                      on_commit_wait=on_commit_wait, on_mirror=on_mirror)
+            except Interrupted as exc:
+                if exc.outcome is None:
+                    raise
+                outcome, stopped = exc.outcome, exc
             finally:
                 progress.close()
             if outcome.record is None:  # refused: nothing written
@@ -174,6 +183,9 @@ def run(
                 if outcome.commit_error:
                     error(f"report not committed: {outcome.commit_error}")
             _warn_not_mirrored(outcome)
+            if stopped is not None:
+                error(stopped.message)
+                return EXIT_INTERRUPTED, {**data, "interrupted": stopped.message, "previous_attempts": previous}
             if retry is None:
                 return outcome.exit_code, {**data, "previous_attempts": previous}
             previous.append(data)
@@ -190,9 +202,15 @@ def run(
     group, requests = repeat_requests(cfg, request, repeat)
     runs: list[dict] = []
     code = EXIT_OK
+    between = False  # stopped before a repeat had a record of its own (its guards, its start)
     for i, one in enumerate(requests, start=1):
         say(f"repeat {i}/{repeat} of group {group} (seed {one.seed})")
-        code, data = attempts(one)
+        try:
+            code, data = attempts(one)
+        except KeyboardInterrupt as exc:  # the repeats that ran are still the group's: said below
+            error(getattr(exc, "message", None) or "interrupted")
+            code, between = EXIT_INTERRUPTED, True
+            break
         runs.append(data)
         if code != EXIT_OK:
             break
@@ -222,12 +240,19 @@ def run(
                 fb_done = [d["exp_dir"] for d in runs if d.get("group") == fb and d.get("status") == "completed"]
                 if len(fb_done) >= 2:
                     say(f"group {fb}: " + group_mean_line(*group_summary_of(cfg, fb_done), len(fb_done)))
-    if code != EXIT_OK and len(runs) < repeat:
-        last = runs[-1]
-        # A run record says its status; a refusal before anything was written is the guards' verdict.
-        how = last.get("status") or ("refused by its guards, nothing written" if last.get("ok") is False else f"exit {code}")
-        stderr.print(f"group {group}: stopped at repeat {len(runs)} of {repeat} ({how}); "
-                     f"repeats {len(runs) + 1}-{repeat} were not run", markup=False)
+    if code != EXIT_OK and (between or len(runs) < repeat):
+        def not_run(first: int) -> str:
+            return f"repeat {first} was not run" if first == repeat else f"repeats {first}-{repeat} were not run"
+
+        if between:  # (its record, if it got one, says how far it came: `moectl runs`)
+            stderr.print(f"group {group}: interrupted at repeat {len(runs) + 1} of {repeat}"
+                         + (f"; {not_run(len(runs) + 2)}" if len(runs) + 1 < repeat else ""), markup=False)
+        else:
+            last = runs[-1]
+            # A run record says its status; a refusal before anything was written is the guards' verdict.
+            how = last.get("status") or ("refused by its guards, nothing written" if last.get("ok") is False else f"exit {code}")
+            stderr.print(f"group {group}: stopped at repeat {len(runs)} of {repeat} ({how}); {not_run(len(runs) + 1)}",
+                         markup=False)
     raise typer.Exit(code)
 
 

@@ -275,6 +275,11 @@ def plan_resume(cfg: Config, ref: str) -> tuple[SweepRecord, list[SweepLeg], dic
             legs.append(leg)
         else:  # not completed (failed, interrupted, stale, pending, or its run directory is gone)
             legs.append(leg.model_copy(update={"state": "pending", "run_id": None}))
+    # A compile-fallback leg left unfinished beside its own leg, which runs again: the fallback is
+    # made anew if that leg fails to compile again, and never needed if it completes (it ran anyway).
+    rerun = {(leg.tag, leg.repeat) for leg in legs if leg.state == "pending" and leg.fallback_of is None}
+    legs = [leg for leg in legs if not (leg.fallback_of is not None and leg.state == "pending"
+                                        and (leg.fallback_of, leg.repeat) in rerun)]
     return old, legs, carried
 
 

@@ -84,7 +84,10 @@ def _fmt_value(key: str, value: Any) -> str:
 def grid_tag(combo: dict[str, Any]) -> str:
     """`{"cap": 1.0, "compile": "static"}` -> `static_cap1p0`."""
     keys = sorted(combo, key=lambda k: TAG_ORDER.index(k) if k in TAG_ORDER else len(TAG_ORDER))
-    return sanitize_tag("_".join(_fmt_value(k, combo[k]) for k in keys))
+    joined = "_".join(_fmt_value(k, combo[k]) for k in keys)
+    # "" for no options: the caller's own fallback (`leg{i}`), not sanitize_tag's "run" for every
+    # such leg, which made two untagged legs differing in `args` duplicates of each other.
+    return sanitize_tag(joined) if joined else ""
 
 
 def request_kwargs(options: dict[str, Any]) -> dict[str, Any]:
