@@ -193,7 +193,16 @@ def _locate(path: Optional[Path], cwd: Optional[Path]) -> tuple[Path, str]:
     if path.is_dir():
         raise UsageError(f"config {path} is a directory, not a file")
     if not path.is_file():
-        why = "a link to nothing" if os.path.islink(path) else "not a file" if os.path.lexists(path) else None
+        if os.path.islink(path):
+            try:
+                os.stat(path)
+                why = f"a link to {os.readlink(path)}, which is not a file"  # (/dev/zero, a FIFO)
+            except FileNotFoundError:
+                why = "a link to nothing"
+            except OSError as exc:  # a loop
+                why = f"a link that cannot be followed ({exc.strerror or exc})"
+        else:
+            why = "not a file" if os.path.lexists(path) else None
         raise UsageError(f"config {path} is {why}" if why else f"config file not found: {path}")
     try:
         return path, path.read_text(encoding="utf-8-sig")  # -sig: a BOM some editors write is not TOML

@@ -176,7 +176,7 @@ class MetricsSection(_Strict):
             # would only say how to parse a live run's output, which jsonl never does.
             if self.format is not None:
                 raise ValueError('format is set but source is "jsonl" (set source = "stdout")')
-            check_patterns(self.step, self.tokens_per_step, self.patterns)
+            check_patterns(self.step, self.tokens_per_step, self.patterns, sep="\n")  # one line each
             return self
         if self.format is None:
             raise ValueError('source = "stdout" needs format = "nanochat" or "regex"')
@@ -184,7 +184,7 @@ class MetricsSection(_Strict):
             raise ValueError('format = "regex" needs step = \'<regex whose group is the step number>\'')
         if self.format == "nanochat" and self.step is not None:
             raise ValueError('step is only for format = "regex" (nanochat\'s step line is built in)')
-        check_patterns(self.step, self.tokens_per_step, self.patterns)
+        check_patterns(self.step, self.tokens_per_step, self.patterns, sep="\n")
         return self
 
 
@@ -379,13 +379,15 @@ class MoectlFile(_Strict):
 def _field_lines(name: str, exc: ValidationError) -> list[str]:
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-        # A section's own check names the key it is about (`patterns.loss: ...`): one dotted path.
-        head, sep, rest = msg.partition(": ")
-        if sep and loc and " " not in head and head.replace(".", "").replace("_", "").isalnum():
-            loc, msg = f"{loc}.{head}", rest
-        lines.append(f"{name}: {loc}: {msg}")
+        where = ".".join(str(p) for p in err["loc"])
+        said = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        for msg in said.split("\n"):  # a section's check of several keys: one line each
+            # A section's own check names the key it is about (`patterns.loss: ...`): one dotted path.
+            loc = where
+            head, sep, rest = msg.partition(": ")
+            if sep and loc and " " not in head and head.replace(".", "").replace("_", "").isalnum():
+                loc, msg = f"{loc}.{head}", rest
+            lines.append(f"{name}: {loc}: {msg}")
     return lines
 
 

@@ -26,7 +26,7 @@ from typing import Optional
 
 from engine.schema import StepMetrics
 from moectl.errors import UsageError
-from moectl.stdout_metrics import NON_NEGATIVE, StdoutFormat, loss_number, number as _number, parse_text
+from moectl.stdout_metrics import NON_NEGATIVE, PATTERN_FIELDS, StdoutFormat, loss_number, number as _number, parse_text
 
 FORMATS = ("nanochat", "regex", "jsonl", "csv")
 
@@ -78,11 +78,18 @@ def regex_format(metrics, patterns: list[str]) -> StdoutFormat:
     step = metrics.step if metrics is not None else None
     tokens = metrics.tokens_per_step if metrics is not None else None
     fields = dict(metrics.patterns) if metrics is not None else {}
+    given: set[str] = set()
     for item in patterns:
         name, sep, regex = item.partition("=")
         name = name.strip()
         if not sep or not name or not regex:
             raise UsageError(f"--pattern {item!r}: use FIELD=REGEX, e.g. --pattern 'loss=loss ([\\d.]+)'")
+        if name in given:  # the last one silently won: a loss read by the wrong pattern
+            raise UsageError(f"--pattern {name}=...: given twice; give each field once")
+        given.add(name)
+        if name not in ("step", "tokens_per_step") and name not in PATTERN_FIELDS:
+            raise UsageError(f"--pattern {item!r}: {name} is not a field of the metrics schema "
+                             f"(step, tokens_per_step, {', '.join(PATTERN_FIELDS)})")
         if name == "step":
             step = regex
         elif name == "tokens_per_step":
@@ -254,6 +261,9 @@ def _run_facts_from_summary_csv(path: Path, run: Optional[str], parsed: ParsedLo
 
 def load_log(path: Path, fmt: str, run: Optional[str] = None, stdout_format: Optional[StdoutFormat] = None) -> ParsedLog:
     """Read and parse one log. Raises UsageError (exit 2) for anything not importable."""
+    if str(path) == "-" and not Path("-").exists():  # (a file named `-` is a file)
+        raise UsageError("LOG -: a log is read from a file, not from stdin (a pipe is gone for a retry); "
+                         "save it to a file and import that")
     path = Path(path).expanduser()
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")

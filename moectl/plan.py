@@ -246,12 +246,15 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
         where = "--preset" if request.preset is not None else "-- --preset" if "preset" in from_extra else "defaults.preset"
         raise UsageError(f"{where}: unknown preset {preset!r}; the engine has {', '.join(PRESET_NAMES)}")
     ep = options.get("ep")
+    # where the value came from, as a refusal names it (the [defaults] key is no command-line flag)
+    ep_said = (f"--ep {ep}" if request.ep is not None or "ep" in from_extra
+               else f"[launch] args --ep {ep}" if "--ep" in cfg.launch.args else f"[defaults] ep = {ep}")
     if is_engine and ep and ep > 1:
         # The engine would refuse it too, but only after torchrun started in a new run directory.
         n_experts = options.get("n_experts") or PRESET_EXPERTS[preset or DEFAULT_PRESET]
         if n_experts % ep:
             source = "n_experts" if options.get("n_experts") else f"preset {preset or DEFAULT_PRESET}"
-            raise UsageError(f"--ep {ep}: does not divide the {n_experts} experts ({source}); "
+            raise UsageError(f"{ep_said}: does not divide the {n_experts} experts ({source}); "
                              "each rank holds n_experts / ep of them")
     if is_engine:
         # The model the engine would build from these options, checked by the engine's own rules
@@ -285,7 +288,7 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
     if is_engine and ep and ep > 1 and nodes is not None and (nproc * nodes) % ep:
         # The engine would refuse it too, but only after torchrun started in a new run directory.
         ranks = f"--nproc {nproc}" + (f" x {nodes} nodes" if nodes > 1 else "")
-        raise UsageError(f"--ep {ep}: does not divide the world size {nproc * nodes} ({ranks}); "
+        raise UsageError(f"{ep_said}: does not divide the world size {nproc * nodes} ({ranks}); "
                          "each group of ep ranks splits the experts, so give --nproc a multiple of it")
 
     if request.tag is not None and sanitize_tag(request.tag) != request.tag:

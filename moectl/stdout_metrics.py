@@ -109,6 +109,7 @@ _NANOCHAT_STEP = re.compile(rf"^\s*step\s+{_STEP_NUMBER}(?:\s*/\s*{_STEP_NUMBER}
 _PEAK = re.compile(r"Peak memory usage:\s*([\d,]+(?:\.\d+)?)\s*MiB", re.IGNORECASE)
 _TOTAL = re.compile(r"Total training time:\s*([\d,]+(?:\.\d+)?)\s*(ms|s|m|min|h)\b", re.IGNORECASE)
 _UNIT_S = {"ms": 1e-3, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+_UNIT_MS = {"ms": 1.0, "s": 1e3, "m": 6e4, "min": 6e4, "h": 3.6e6}
 # nanochat key -> schema field. `bal` is the raw balance loss (the engine's aux_loss); `total time`
 # is cumulative training time (the engine's elapsed_s). `aux` and `load_max` are what engine.train
 # prints in the same line format, so its train.log reads back as its own metrics.jsonl.
@@ -169,34 +170,68 @@ def _masked_loss(pattern: re.Pattern, line: str) -> Optional[float]:
 
 
 def _duration_s(text: str) -> float:
+    return _duration(text, _UNIT_S, "s")
+
+
+def _duration_ms(text: str) -> float:
+    """A step time in ms, as printed (`642.32ms` is 642.32, not 642.3200000000002 by way of seconds)."""
+    return _duration(text, _UNIT_MS, "ms")
+
+
+def _duration(text: str, units: dict[str, float], default: str) -> float:
     m = re.fullmatch(r"((?:[\d,]+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*(ms|s|m|min|h)?", text.strip())
     if not m:
         raise ValueError(f"bad duration {text!r}")
-    return number(m.group(1)) * _UNIT_S[(m.group(2) or "s").lower()]
+    return number(m.group(1)) * units[(m.group(2) or default).lower()]
 
 
 def _compile(name: str, regex: str, groups: int) -> re.Pattern:
     try:
         pattern = re.compile(regex)
     except re.error as exc:
-        raise ValueError(f"{name}: not a regular expression ({exc}): {regex!r}") from None
+        raise ValueError(f"{name}: not a regular expression ({exc}): {_shown(regex)}") from None
     if pattern.groups < groups:
-        raise ValueError(f"{name}: {regex!r} needs a (group) around the number it reads")
+        raise ValueError(f"{name}: {_shown(regex)} needs a (group) around the number it reads")
     return pattern
 
 
-def check_patterns(step: Optional[str], tokens_per_step: Optional[str], patterns: dict[str, str]) -> None:
-    """ValueError naming the first bad key: an unknown field, a regex that does not compile or has no group."""
+def _shown(regex: str) -> str:
+    """A regex as the config holds it (a TOML literal string), not with repr's doubled backslashes."""
+    return f"'{regex}'" if "'" not in regex else repr(regex)
+
+
+def check_patterns(step: Optional[str], tokens_per_step: Optional[str], patterns: dict[str, str],
+                   sep: str = "; ") -> None:
+    """ValueError naming every bad key, `sep`-separated (fixed in one go, not one per attempt): an
+    unknown field, a regex that does not compile or has no group, a step pattern without a loss."""
+    problems = pattern_problems(step, tokens_per_step, patterns)
+    if problems:
+        raise ValueError(sep.join(problems))
+
+
+def pattern_problems(step: Optional[str], tokens_per_step: Optional[str], patterns: dict[str, str]) -> list[str]:
+    """`check_patterns`' findings, one `key: why` each."""
+    problems = []
     for name, regex in patterns.items():
         if name not in PATTERN_FIELDS:
-            raise ValueError(f"patterns.{name}: not a field of the metrics schema ({', '.join(PATTERN_FIELDS)})")
-        _compile(f"patterns.{name}", regex, 1)
+            problems.append(f"patterns.{name}: not a field of the metrics schema ({', '.join(PATTERN_FIELDS)})")
+            continue
+        problems += _problem(f"patterns.{name}", regex)
     if step is not None:
-        _compile("step", step, 1)
+        problems += _problem("step", step)
         if "loss" not in patterns:
-            raise ValueError("patterns.loss is required with format = \"regex\": every step of the schema has a loss")
+            problems.append("patterns.loss is required with format = \"regex\": every step of the schema has a loss")
     if tokens_per_step is not None:
-        _compile("tokens_per_step", tokens_per_step, 1)
+        problems += _problem("tokens_per_step", tokens_per_step)
+    return problems
+
+
+def _problem(name: str, regex: str) -> list[str]:
+    try:
+        _compile(name, regex, 1)
+    except ValueError as exc:
+        return [str(exc)]
+    return []
 
 
 @dataclass
@@ -525,7 +560,7 @@ def _nanochat_fields(rest: str, unread: Callable[[str, str], None] = lambda name
             continue
         try:
             if name == "dt_ms":
-                kwargs[name] = _duration_s(raw if raw[-1:].isalpha() else raw + "ms") * 1000.0
+                kwargs[name] = _duration_ms(raw)
             elif name == "elapsed_s":
                 kwargs[name] = _duration_s(raw)
             else:

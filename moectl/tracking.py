@@ -313,9 +313,12 @@ def _attempt(name: str, cfg: Config, record: RunRecord, data: Optional[Payload],
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 run_id, location, added, note = adapter(cfg, record, data, _Deadline(BUDGET_S))
         except ImportError as exc:
-            missing = getattr(exc, "name", None) or ""
-            what = f"{name} is not installed" if missing.split(".")[0] == name else _one_line(exc)
-            error = f"{what} (pip install 'moectl[{name}]')"
+            missing = (getattr(exc, "name", None) or "").split(".")[0]
+            if missing == name:  # the client itself: its extra brings it
+                error = f"{name} is not installed (pip install 'moectl[{name}]')"
+            else:  # something the client needs for this target (a database driver: psycopg for a
+                # postgresql:// store), which the extra does not bring
+                error = f"{_one_line(exc)} (a module {name} needs for this target; moectl[{name}] does not bring it)"
         except Exception as exc:  # the tracker's own errors: down, refused, misconfigured
             error = _reason(exc, name)
     sent = data.files.get("report.md") if data is not None and not error else None

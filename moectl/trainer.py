@@ -159,8 +159,10 @@ def mapped_flags(mapping: dict[str, str], options: dict[str, Any], config: str =
     the file whose [launch.options] would map it)."""
     missing = [k for k in options if k not in mapping]
     if missing:
+        # an on/off option maps to a bare flag (passed when true): `--fp8={}` would pass `--fp8=True`
         lines = [f"{option_flag(k)}: this trainer has no flag for it; add e.g. "
-                 f"`{k} = \"--{k}={{}}\"` under [launch.options] in {config}" for k in missing]
+                 + (f"`{k} = \"--{k}\"`" if isinstance(options[k], bool) else f"`{k} = \"--{k}={{}}\"`")
+                 + f" under [launch.options] in {config}" for k in missing]
         if len(lines) == 1:
             raise UsageError(lines[0])
         raise UsageError("options this trainer has no flag for ([launch.options])", lines)

@@ -90,6 +90,20 @@ def test_a_trainers_escape_sequences_do_not_reach_the_terminal_through_a_log_tai
     assert printable("\x1b[31mCUDA error\x1b[0m at \x1b]0;pwned\x07step 3\x08\r\tdone") == "CUDA error at step 3\tdone"
 
 
+def test_an_error_naming_a_files_content_prints_no_escape_sequence(tmp_path, monkeypatch):
+    # An imported csv's header (or a run name in it) reached the terminal raw in the error line.
+    from typer.testing import CliRunner
+
+    from moectl.cli import app
+
+    log = tmp_path / "esc.csv"
+    log.write_text("\x1b[31mred\x1b[0m,x\nstep\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MOECTL_ARTIFACT_ROOT", str(tmp_path / "store"))
+    r = CliRunner().invoke(app, ["import", str(log), "--format", "csv", "--name", "e"])
+    assert r.exit_code == 2 and "\x1b" not in r.stderr and "(header: red,x)" in r.stderr, repr(r.stderr)
+
+
 @pytest.mark.parametrize("args", [("status",), ("runs",), ("check", "--device", "cpu")])
 def test_a_reader_that_left_ends_the_command_quietly_and_never_as_success(args):
     # `moectl status | head -1`: the pipe closes under moectl. One quiet exit 1 for every command -

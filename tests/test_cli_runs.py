@@ -81,6 +81,12 @@ def test_import_text_output_and_all_formats(project):
     assert js["summary"]["tok_per_sec"] == pytest.approx(10950 / 6)
     alpha = imported("alpha", "steps_engine_style.csv", "csv", "--run", "alpha")
     assert alpha["summary"]["peak_mem_mib"] == 210.0 and alpha["summary"]["mfu"] is None
+    assert "earlier run" not in r.stderr
+    # the same name again: the tag now names the new run, and the import says so
+    again = invoke("import", str(FIXTURES / "steps_seed_style.csv"), "-f", "csv", "--name", "seedlike")
+    assert again.exit_code == 0, again.output
+    assert (f"warning: 1 earlier run(s) tagged seedlike ({lines[0]}): `show seedlike` and `compare seedlike` now "
+            "mean this one; an id names an earlier one") in again.stderr
 
 
 def test_import_without_format_reads_the_file_by_its_suffix(project, tmp_path):
@@ -138,6 +144,10 @@ def test_import_reads_utf16_logs_and_pandas_float_steps_and_names_a_pipe(project
     r = invoke("import", str(fifo), "--name", "piped")
     assert r.exit_code == 2 and r.stderr.strip() == (
         f"error: {fifo} is not a regular file (a pipe or device?): save the log to a file and import that")
+    r = invoke("import", "-", "--name", "stdin")  # was "log file not found: -"
+    assert r.exit_code == 2 and r.stderr.strip() == (
+        "error: LOG -: a log is read from a file, not from stdin (a pipe is gone for a retry); save it to a file "
+        "and import that")
 
 
 def test_import_names_a_store_path_or_name_it_cannot_use_before_reading_the_log(project, artifact_root,

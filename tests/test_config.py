@@ -118,6 +118,14 @@ def test_a_directory_named_like_the_config_is_said_not_walked_past(tmp_path):
     (tmp_path / "sub" / CONFIG_NAME).symlink_to(tmp_path / "gone.toml")
     with pytest.raises(UsageError, match=r"is a link to nothing"):
         load_config(cwd=tmp_path / "sub")
+    (tmp_path / "sub" / CONFIG_NAME).unlink()
+    (tmp_path / "sub" / CONFIG_NAME).symlink_to("/dev/null")  # there, and no file: not "nothing"
+    with pytest.raises(UsageError, match=r"is a link to /dev/null, which is not a file"):
+        load_config(cwd=tmp_path / "sub")
+    (tmp_path / "sub" / CONFIG_NAME).unlink()
+    (tmp_path / "sub" / CONFIG_NAME).symlink_to(CONFIG_NAME)  # itself
+    with pytest.raises(UsageError, match=r"is a link that cannot be followed \(Too many levels of symbolic links\)"):
+        load_config(cwd=tmp_path / "sub")
 
 
 @pytest.mark.parametrize(

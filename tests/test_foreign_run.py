@@ -201,6 +201,19 @@ def test_a_trainer_that_prints_no_step_line_fails_with_that_reason(git_repo, mon
     assert "  error: no step line in the trainer's output matched (step pattern 'iter (\\\\d+):')\n  log tail:\n" in result.output
 
 
+def test_a_trainer_that_prints_nothing_says_why_under_error_not_under_log_tail(git_repo, monkeypatch, artifact_root):
+    (git_repo / "train.py").write_text("pass\n")
+    (git_repo / ".moectl.toml").write_text(
+        '[project]\nname = "own"\nbranch = "main"\nvenv = ""\n\n[launch]\nscript = "train.py"\nlauncher = "python"\n\n'
+        '[metrics]\nsource = "stdout"\nformat = "nanochat"\n')
+    git(git_repo, "add", "train.py")
+    commit_config(git_repo, monkeypatch)
+    result = runner.invoke(app, ["run", "--device", "cpu", "--no-commit", *QUIET])
+    assert result.exit_code == 4, result.output
+    assert "  error: no step line in the trainer's output matched (nanochat step lines)" in result.output
+    assert "log tail" not in result.output
+
+
 def run_own_jsonl_trainer(repo: Path, monkeypatch, script: str):
     """`moectl run` of `script`, committed as train.py: a trainer of the user's own under the python
     launcher that writes its own metrics.jsonl (source = "jsonl") into the --out directory it is given."""

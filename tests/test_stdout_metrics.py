@@ -269,6 +269,13 @@ def test_import_regex_without_a_step_pattern_or_with_a_bad_one_is_exit_2(tmp_pat
     bad = CliRunner().invoke(app, ["import", str(log), "--format", "regex", "--name", "x",
                                    "--pattern", "step=iter (", "--pattern", "loss=loss ([\\d.]+)"])
     assert bad.exit_code == 2 and "not a regular expression" in bad.output
+    # a field given twice (the last silently won: the loss read by the other pattern), and an unknown
+    # field said first, not after the missing step pattern
+    twice = CliRunner().invoke(app, ["import", str(log), "--format", "regex", "--name", "x", "--pattern",
+                                     "step=iter (\\d+)", "--pattern", "loss=loss ([\\d.]+)", "--pattern", "loss=(\\d)"])
+    assert twice.exit_code == 2 and "--pattern loss=...: given twice; give each field once" in twice.stderr
+    unknown = CliRunner().invoke(app, ["import", str(log), "--format", "regex", "--name", "x", "--pattern", "foo=x(\\d)"])
+    assert unknown.exit_code == 2 and "foo is not a field of the metrics schema" in unknown.stderr, unknown.output
 
 
 def test_import_regex_takes_its_patterns_from_the_config(tmp_path, monkeypatch, artifact_root):
@@ -374,6 +381,9 @@ def test_a_field_that_is_no_number_is_left_out_of_its_step_which_keeps_its_loss(
     assert [(s.step, s.loss, s.mfu) for s in steps] == [(1, 2.5, None), (2, 2.4, 3.0)]
     assert parser.warnings() == ["mfu: 1 step line(s) printed no number there (first: '?'); mfu is left out of "
                                  "those steps, which keep their loss"]
+    # a step time in ms stays as printed (it went by way of seconds: 642.32 -> 642.3200000000002)
+    [step] = steps_of(StdoutParser(NANOCHAT), ["step 00000/00001 | loss: 3.0 | dt: 642.32ms\n"])
+    assert repr(step.dt_ms) == "642.32"
     # a loss that is no number is still no step: said as before
     parser = StdoutParser(NANOCHAT)
     assert steps_of(parser, ["step 00000/00002 | loss: ?? | dt: 5ms\n"]) == [] and parser.skipped == 1

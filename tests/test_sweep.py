@@ -769,15 +769,21 @@ def test_two_sweeps_of_one_name_in_one_minute_never_share_a_report_file(git_repo
 def test_a_signal_while_the_final_report_is_written_is_noted_and_the_report_finished_first():
     # Every leg is settled by then: aborted there, the sweep would have no final report, and
     # `--resume` nothing to rerun that could write it. A second signal still aborts.
+    from moectl.errors import Interrupted
+    from moectl.records import SweepRecord
     from moectl.sweep.run import _Finishing
 
     said = []
     before = signal.getsignal(signal.SIGTERM)
-    with _Finishing(said.append) as finishing:
+    sweep = SweepRecord(id="20260101_100000_moe-cap", name="cap", spec={}, legs=[], created_at="", exp_dir="")
+    with _Finishing(said.append, sweep) as finishing:
         os.kill(os.getpid(), signal.SIGTERM)
         finished = True  # still here: the signal did not stop the block
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(Interrupted) as stopped:
             os.kill(os.getpid(), signal.SIGINT)
+    # the second one says how the owed report gets written (it said only "interrupted")
+    assert stopped.value.message == ("interrupted while the sweep's final report was written; `moectl sweep --resume "
+                                     "20260101_100000_moe-cap` writes and commits it")
     assert finished and finishing.signalled == "SIGTERM"
     assert said == ["SIGTERM: finishing the sweep's final report and commit first (again to abort)"]
     assert signal.getsignal(signal.SIGTERM) is before

@@ -603,6 +603,18 @@ def test_a_local_store_inside_the_artifact_root_of_a_read_only_tree_is_allowed_b
     assert_steps_mirrored(histories(c, mr), steps_of(run_dir))
 
 
+def test_a_database_driver_mlflow_lacks_is_named_without_the_extras_wrong_advice(git_repo, monkeypatch, artifact_root):
+    # `pip install 'moectl[mlflow]'` was the advice for any ImportError: it brings no psycopg2.
+    tracked_project(git_repo, monkeypatch, 'mlflow_uri = "postgresql://u@127.0.0.1:1/db"')
+    imported(git_repo, "old")
+    r = moectl(git_repo, "sync", "--json")
+    assert r.returncode == 2, r.stderr
+    [row] = json.loads(r.stdout)
+    assert row["status"] == "failed" and "No module named 'psycopg" in row["error"], row
+    assert row["error"].endswith("(a module mlflow needs for this target; moectl[mlflow] does not bring it)"), row
+    assert "pip install 'moectl[mlflow]'" not in row["error"]
+
+
 def test_wandb_dir_is_held_to_the_paths_rules_and_made_absolute(git_repo, monkeypatch, artifact_root, tmp_path):
     # $WANDB_DIR was not looked at: W&B wrote into a read-only tree or the user's repository, and a
     # relative one recorded a relative queue, which a sync from another directory wrote a second time.

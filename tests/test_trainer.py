@@ -103,7 +103,12 @@ def test_a_script_path_with_a_tilde_is_expanded_as_the_guard_reads_it(monkeypatc
 def test_unmapped_option_is_refused_naming_option_and_table():
     with pytest.raises(UsageError) as exc:
         plan(NANOGPT.format(launcher="torchrun"), compile="static")
-    assert "--compile" in exc.value.message and "[launch.options]" in exc.value.message
+    assert exc.value.message == ("--compile: this trainer has no flag for it; add e.g. `compile = \"--compile={}\"` "
+                                 "under [launch.options] in .moectl.toml")
+    # an on/off option: a bare flag (`--fp8={}` would pass `--fp8=True`)
+    with pytest.raises(UsageError) as exc:
+        plan(NANOGPT.format(launcher="torchrun").replace('fp8 = "--fp8"\n', ""), fp8=True)
+    assert exc.value.message.startswith("--fp8: this trainer has no flag for it; add e.g. `fp8 = \"--fp8\"` ")
 
 
 def test_defaults_go_through_the_mapping_too():
@@ -243,6 +248,12 @@ def test_engine_options_after_dashdash_are_tagged_and_checked_like_run_options()
     assert "ep" not in p.options and p.argv[-3:] == ["--ep", "3", "--bogus"]
 
 
+def test_an_ep_from_the_config_is_refused_naming_the_config_not_a_flag():
+    with pytest.raises(UsageError) as exc:
+        plan(ENGINE + "ep = 3\n")
+    assert exc.value.message.startswith("[defaults] ep = 3: does not divide the 4 experts (preset tiny)")
+
+
 def test_ep_must_divide_the_world_size_of_every_node():
     cfg = cfg_of(ENGINE)
     request = RunRequest(device="cpu", ep=2, nproc=1)
@@ -367,3 +378,13 @@ def test_a_bad_pattern_is_one_line_naming_its_dotted_key():
         parse_config_text('[metrics]\nsource = "stdout"\nformat = "regex"\nstep = "iter (\\\\d+)"\n'
                           '[metrics.patterns]\nloss = "loss [0-9.]+"\n')
     assert exc.value.lines == [".moectl.toml: metrics.patterns.loss: 'loss [0-9.]+' needs a (group) around the number it reads"]
+    # every bad pattern at once, one line each, shown as the config holds it (no doubled backslashes)
+    with pytest.raises(UsageError) as exc:
+        parse_config_text("[metrics]\nsource = \"stdout\"\nformat = \"regex\"\nstep = 'iter (\\d+'\n"
+                          "[metrics.patterns]\nloss = 'loss [\\d.]+'\ndt_ms = 'time (['\n")
+    assert exc.value.lines == [
+        ".moectl.toml: metrics.patterns.loss: 'loss [\\d.]+' needs a (group) around the number it reads",
+        ".moectl.toml: metrics.patterns.dt_ms: not a regular expression (unterminated character set at position 6): "
+        "'time (['",
+        ".moectl.toml: metrics.step: not a regular expression (missing ), unterminated subpattern at position 5): "
+        "'iter (\\d+'"]

@@ -149,11 +149,14 @@ def error(message: str, lines: list[str] | None = None) -> None:
     global _last_error
     from rich.markup import escape
 
+    from moectl.text import printable
+
     _last_error = message
-    # The message is text, not markup: "[plot]" in a pip hint or a path must print as written.
-    stderr.print(f"[red]error:[/red] {escape(message)}", markup=True)
+    # The message is text, not markup: "[plot]" in a pip hint or a path must print as written. Nor
+    # does a control byte of a file's name or header (an escape sequence) reach the terminal.
+    stderr.print(f"[red]error:[/red] {escape(printable(message))}", markup=True)
     for line in lines or []:
-        stderr.print(f"  {line}", markup=False)
+        stderr.print(f"  {printable(line)}", markup=False)
 
 
 def handle_errors(fn: Callable) -> Callable:

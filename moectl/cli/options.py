@@ -24,7 +24,7 @@ def path(value: str) -> Path:
     if isinstance(value, Path):
         return value
     if not str(value).strip():
-        raise typer.BadParameter("an empty path; give a file or directory name")
+        raise typer.BadParameter("an empty path; give a name")
     return Path(value)
 
 

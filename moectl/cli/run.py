@@ -310,13 +310,13 @@ def _render_outcome(outcome) -> None:
         out(f"  warning: {warning}")
     if record.status == "failed" and record.error:
         lines = record.error.strip().splitlines()
-        if lines and lines[0].startswith(REASONS_BEFORE_TAIL) and len(lines) > 1:
+        if lines and lines[0].startswith(REASONS_BEFORE_TAIL):
             out(f"  error: {printable(lines[0])}")  # moectl's reason, above the log tail (which is not it)
             lines = lines[1:]
-        tail = lines[-5:]
-        out("  log tail:")
-        for line in tail:
-            out(f"    {printable(line)}")
+        if lines:  # (a trainer that printed nothing has no tail to show)
+            out("  log tail:")
+            for line in lines[-5:]:
+                out(f"    {printable(line)}")
     if outcome.report:
         out(f"  report: {outcome.report}")
     if outcome.commit:

@@ -619,6 +619,10 @@ def import_cmd(
         raise UsageError(f"--name {name!r} is the id of a run already in the store; pick another name")
     parsed = load_log(log, format, run=run,
                       stdout_format=regex_format(cfg.metrics, pattern or []) if format == "regex" else None)
+    from moectl.store import list_runs
+
+    # The newest run of a tag is what the tag names (SPEC §4): the ones before are said, not hidden.
+    earlier = [r.id for r in list_runs(cfg.artifact_root) if r.tag == name]
     extras: dict[str, Any] = {
         "format": format, "peak_mem_mib": parsed.peak_mem_mib, "total_time_s": parsed.total_time_s,
         "world_size": parsed.world_size, "planned_steps": parsed.planned_steps, "skipped": parsed.skipped,
@@ -628,6 +632,10 @@ def import_cmd(
                      source=str(Path(log).expanduser().resolve()), window=cfg.metrics.window,
                      repo=str(cfg.root.resolve()) if cfg.path is not None else None,
                      warmup_steps=cfg.metrics.warmup_steps)
+    if earlier:
+        stderr.print(f"warning: {len(earlier)} earlier run(s) tagged {name} ({', '.join(earlier[:3])}"
+                     f"{', ...' if len(earlier) > 3 else ''}): `show {name}` and `compare {name}` now mean this one; "
+                     "an id names an earlier one", markup=False)
     if json_out:
         print_json(run_json(rec) | {"skipped": parsed.skipped})
         return

@@ -192,8 +192,8 @@ class _Finishing:
     and commit (its legs are all settled: `--resume` would have nothing to rerun, and nothing would
     write it). A second one aborts (KeyboardInterrupt)."""
 
-    def __init__(self, say: Callable[[str], None]):
-        self.say, self.signalled, self.previous = say, None, {}
+    def __init__(self, say: Callable[[str], None], sweep: SweepRecord):
+        self.say, self.sweep, self.signalled, self.previous = say, sweep, None, {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -203,8 +203,9 @@ class _Finishing:
 
     def _note(self, signum, frame):
         hung_up(signum)
-        if self.signalled is not None:
-            raise KeyboardInterrupt
+        if self.signalled is not None:  # the report is owed: a resume writes it (its legs are all settled)
+            raise Interrupted(f"interrupted while the sweep's final report was written; `{resume_command(self.sweep)}` "
+                              "writes and commits it")
         self.signalled = signal.Signals(signum).name
         self.say(f"{self.signalled}: finishing the sweep's final report and commit first (again to abort)")
 
@@ -357,7 +358,7 @@ def _finish_unfinished(cfg: Config, old: SweepRecord, legs: list[SweepLeg], carr
         out.report = Path(old.report)  # the file it claimed (and committed progress into): the same one
     notes = [f"final report written by `moectl sweep --resume` on {store.now_iso()}: the sweep's own "
              "moectl ended before writing it"]
-    with _Finishing(ui.say):
+    with _Finishing(ui.say, old):
         finish_sweep(cfg, old, carried, opts, out, EXIT_OK, chain=chain, notes=notes)
     return out
 
@@ -479,7 +480,7 @@ def _run(cfg: Config, sweep: SweepRecord, opts: SweepOptions, ui: SweepUI, *, ca
                 out.messages.append(exc.message)
             _settle_interrupted(sweep, runs)
 
-    with _Finishing(ui.say) as finishing:
+    with _Finishing(ui.say, sweep) as finishing:
         finish_sweep(cfg, sweep, runs, opts, out, exit_code, chain=chain, notes=notes)
     if finishing.signalled and out.exit_code == EXIT_OK:
         out.messages.append(f"{finishing.signalled} arrived while the final report was written; it was finished first")
