@@ -293,7 +293,8 @@ devices = "all"              # or a list of indices, e.g. [0, 1] (sets CUDA_VISI
 module = "engine.train"      # run as: python -m torch.distributed.run ... -m <module>
 # script = "train.py"        # ... or a script (relative to this file): exactly one of the two
 # launcher = "torchrun"      # "torchrun" | "python" (one plain process)
-# args = []                  # always passed to the trainer, before the mapped options
+# args = []                  # always passed to the trainer, before the mapped options (the engine's
+                             # are its options: checked and recorded, [defaults] < args < the command line)
 nproc_per_node = "auto"      # auto = number of selected GPUs (cuda) or 1 (cpu)
 env = { OMP_NUM_THREADS = "1" }
 compile_fallback = true      # a compile failure re-runs the leg with --compile none
