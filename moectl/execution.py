@@ -211,6 +211,13 @@ def submit_run(cfg: Config, request: RunRequest, options: JobOptions, *, sweep_i
         else:
             record.error = exc.message if isinstance(exc, MoectlError) else f"moectl: {type(exc).__name__}: {exc}"
         store.save_run(record)
+        if record.sweep:  # the sweep's leg says so too, naming this run (it stayed `pending`, the run orphaned)
+            from moectl.sweep.store import update_leg
+
+            try:
+                update_leg(Path(record.exp_dir).parent, record.status, run_id=record.id, tag=record.tag)
+            except MoectlError:
+                pass
         raise
     return Submitted(exit_code=EXIT_OK, plan=plan, guards=results, record=record)
 

@@ -808,6 +808,10 @@ def slurm_queue(cfg: Config, jobs_of_ours: bool = False) -> dict:
     why = slurm.available()
     if why is not None:
         return {"slurm_jobs": None, "slurm_error": why if matters else None}
+    down = slurm.controller_problem()  # milliseconds: squeue to a controller that is down retries for 18 s
+    if down is not None:
+        return {"slurm_jobs": None,
+                "slurm_error": f"Slurm's controller does not answer: {down}" if matters else None}
     try:
         return {"slurm_jobs": [job.to_dict() for job in slurm.queue()], "slurm_error": None}
     except MoectlError as exc:

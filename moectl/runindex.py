@@ -113,6 +113,10 @@ def owner_gone(status: str, pid: Optional[int], host: Optional[str], started_at:
 # is enough to take all of their records at their word.
 _SLURM_SILENCE_S = 60.0
 _slurm_silent_until: dict[Optional[str], float] = {}
+# Clusters asked `scontrol ping` (milliseconds, down or up) before this process's first job query:
+# a down controller is then known at once, not after scontrol's 18 s of retries (per command: each
+# `runs`, `show`, `status` is a process of its own).
+_slurm_pinged: set[Optional[str]] = set()
 
 
 def _slurm_job_gone(job_id: str) -> bool:
@@ -125,6 +129,10 @@ def _slurm_job_gone(job_id: str) -> bool:
     if slurm.available() is not None:
         return False
     cluster = os.environ.get("SLURM_CONF")
+    if cluster not in _slurm_pinged:
+        _slurm_pinged.add(cluster)
+        if slurm.controller_problem() is not None:
+            _slurm_silent_until[cluster] = time.monotonic() + _SLURM_SILENCE_S
     if time.monotonic() < _slurm_silent_until.get(cluster, 0.0):
         return False
     try:

@@ -215,9 +215,11 @@ def batch_script(*, run_id: str, run_dir: Path, code_dir: Path, python: str, clu
     return "\n".join([
         "#!/bin/bash",
         *(f"#SBATCH {opt}" for opt in opts),
-        "# The run's code snapshot (taken at submit time) comes first on the path: the job runs it,",
-        "# not whatever the working tree holds by the time the job starts.",
-        f"export PYTHONPATH={shlex.quote(str(code_dir))}${{PYTHONPATH:+:$PYTHONPATH}}",
+        "# moectl.job trains the run's code snapshot (taken at submit time: the trainer's working directory",
+        "# and the first entry of its PYTHONPATH). moectl itself is the venv's: started from / with the",
+        "# snapshot on no path of its own, so a module of the user's (an engine/ package, a queue.py)",
+        "# never stands in for one moectl imports.",
+        "cd /",
         f"exec {shlex.quote(python)} -m moectl.job {shlex.quote(str(run_dir))}",
         "",
     ])

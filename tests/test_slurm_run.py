@@ -227,13 +227,19 @@ def test_runs_asks_a_controller_that_does_not_answer_once_not_once_per_queued_ru
         started = time.monotonic()
         listed = moectl("runs", "--json")
         took = time.monotonic() - started
+        started = time.monotonic()
+        status = moectl("status", "--json")  # its queue listing too: not squeue's retries
+        status_took = time.monotonic() - started
     finally:
         monkeypatch.setenv("SLURM_CONF", on_cluster["SLURM_CONF"])
         cancelled = moectl("cancel", *ids)
     assert listed.exit_code == 0, listed.output
     assert {r["id"]: r["status"] for r in json.loads(listed.output)}.keys() == set(ids)
     assert all(r["status"] in ("queued", "running") for r in json.loads(listed.output))  # taken at their word
-    assert took < 2 * one_s, f"runs took {took:.1f} s; one unanswered scontrol takes {one_s:.1f} s"
+    # `scontrol ping` first (milliseconds, down or up): not even one query's retries are waited out
+    assert took < one_s / 2, f"runs took {took:.1f} s; one unanswered scontrol takes {one_s:.1f} s"
+    assert status.exit_code == 0 and status_took < one_s / 2, (status_took, one_s)
+    assert json.loads(status.output)["slurm_error"].startswith("Slurm's controller does not answer: ")
     assert cancelled.exit_code == 0, cancelled.output
 
 
@@ -306,6 +312,30 @@ def test_the_job_trains_the_code_snapshot_taken_at_submit_not_the_edited_working
     job_losses = [s.loss for s in steps_of(run_dir)]
     assert len(job_losses) == 6
     assert job_losses == pytest.approx([s.loss for s in steps_of(ref)], abs=1e-6)
+
+
+def test_a_project_with_modules_named_like_moectls_own_still_runs_as_a_job(on_cluster, git_repo, monkeypatch,
+                                                                          artifact_root):
+    # The snapshot came first on moectl.job's own path: a project's engine/ package (or a queue.py)
+    # stood in for the one moectl imports, and every --slurm run failed before moectl started in it.
+    (git_repo / "engine").mkdir()
+    (git_repo / "engine" / "__init__.py").write_text("")
+    (git_repo / "engine" / "schema.py").write_text("TABLES = ['users']  # this project's own, not moectl's\n")
+    (git_repo / "queue.py").write_text("raise ImportError('the project\\'s queue.py, not the standard library\\'s')\n")
+    (git_repo / "train.py").write_text(
+        "import argparse\np = argparse.ArgumentParser()\np.add_argument('--steps', type=int)\n"
+        "for i in range(p.parse_args().steps):\n    print(f'step {i} loss {3 - i / 10:.4f} time 50.0ms', flush=True)\n")
+    (git_repo / ".moectl.toml").write_text(
+        '[project]\nname = "own"\nbranch = "main"\nvenv = ""\n[launch]\nscript = "train.py"\nlauncher = "python"\n'
+        '[launch.options]\nsteps = "--steps={}"\n[metrics]\nsource = "stdout"\nformat = "regex"\n'
+        "step = 'step (\\d+)'\n[metrics.patterns]\nloss = 'loss ([\\d.]+)'\ndt_ms = 'time ([\\d.]+)ms'\n")
+    git(git_repo, "add", "engine", "queue.py", "train.py")
+    commit_config(git_repo, monkeypatch)
+    r = moectl("run", "--slurm", "--steps", "6", "--tag", "own", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    rec = record(only_run(artifact_root))
+    assert rec["status"] == "completed" and rec["summary"]["run_steps"] == 6, rec.get("error")
+    assert rec["commit"] == head(git_repo)
 
 
 def test_a_busy_gpu_on_the_node_refuses_inside_the_job_with_exit_3_and_a_refused_record(on_cluster, git_repo,

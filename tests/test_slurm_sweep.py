@@ -205,6 +205,28 @@ def test_a_followed_slurm_sweep_that_did_not_complete_ends_with_its_resume_comma
         in r.output, r.output
 
 
+def test_a_sweep_stopped_while_it_submits_a_leg_names_that_legs_run(on_cluster, git_repo, monkeypatch,
+                                                                     artifact_root, tmp_path):
+    # Ctrl-C between a leg's run directory and its sbatch: the run said `interrupted` ("before it was
+    # submitted"), sweep.json still said pending with no run - a run directory the sweep did not know.
+    import moectl.slurm as slurm_mod
+
+    slurm_project(git_repo, monkeypatch)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(slurm_mod, "submit", stopped)
+    spec = tmp_path / "two.toml"
+    spec.write_text('name = "two"\n[common]\nsteps = 3\n[[legs]]\ntag = "a"\n[[legs]]\ntag = "b"\n')
+    r = moectl("sweep", str(spec), "--slurm", "--no-commit")
+    assert r.exit_code == 130, r.output
+    legs = sweep_json(the_sweep(artifact_root, "two"))["legs"]
+    assert [(leg["tag"], leg["state"]) for leg in legs] == [("a", "interrupted"), ("b", "pending")]
+    run = record(the_sweep(artifact_root, "two") / legs[0]["run_id"])
+    assert run["status"] == "interrupted" and run["error"] == "interrupted before it was submitted"
+
+
 def test_cancel_of_a_sweep_ends_its_running_and_its_pending_legs_interrupted(on_cluster, git_repo, monkeypatch,
                                                                             artifact_root, tmp_path):
     # `moectl cancel SWEEP` with leg x running and leg y waiting for its turn: y's job is cancelled

@@ -102,16 +102,15 @@ def submit_sweep(cfg: Config, sweep: SweepRecord, opts: SweepOptions, *, max_par
 
     save_model(sweep_dir / SWEEP_JOB_SPEC, spec)
     script = sweep_dir / SWEEP_JOB_SCRIPT
-    code = Path(submitted[0].exp_dir) / "code"  # the moectl of the first leg's snapshot writes the report
     write_text_atomic(script, "\n".join([
         "#!/bin/bash",
         f"#SBATCH --job-name={slurm.JOB_NAME_PREFIX}{sweep.id}",
         f"#SBATCH --output={sweep_dir / 'slurm-%j.out'}",
-        f"#SBATCH --chdir={code}",
+        f"#SBATCH --chdir={sweep_dir}",
         "#SBATCH --nodes=1",
         *(f"#SBATCH {opt}" for opt in ([f"--partition={cfg.cluster.partition}"] if cfg.cluster.partition else [])
           + ([f"--account={cfg.cluster.account}"] if cfg.cluster.account else [])),
-        f"export PYTHONPATH={shlex.quote(str(code))}${{PYTHONPATH:+:$PYTHONPATH}}",
+        "cd /  # moectl is the venv's: no module of the snapshot stands in for one it imports (slurm.batch_script)",
         f"exec {shlex.quote(str(cfg.python))} -m moectl.job --sweep {shlex.quote(str(sweep_dir))}",
         "",
     ]))
