@@ -24,16 +24,41 @@ def save(ckpt_dir: str | Path, step: int, payload: dict, meta: dict) -> Path:
     model_path = ckpt_dir / f"model_{step:06d}.pt"
     meta_path = ckpt_dir / f"meta_{step:06d}.json"
     tmp = model_path.with_suffix(".pt.tmp")
+    for dead in ckpt_dir.glob("*.tmp"):  # a save killed midway (SIGKILL: no cleanup ran) left its part
+        dead.unlink(missing_ok=True)
     try:
         torch.save(payload, tmp)
         os.replace(tmp, model_path)
         tmp = meta_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps({"step": step, **meta}, indent=2, sort_keys=True, default=str) + "\n")
         os.replace(tmp, meta_path)
-    except BaseException:  # Ctrl-C mid-save, a full disk: no half checkpoint left taking its space
+    except BaseException as exc:  # Ctrl-C mid-save, a full disk: no half checkpoint left taking its space
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, (OSError, RuntimeError)):
+            # torch's own words for a full disk are "[enforce fail at inline_container.cc] unexpected pos":
+            # say what a person can act on
+            raise CheckpointFailed(f"checkpoint {model_path.name} not saved in {ckpt_dir}: {_why(exc, ckpt_dir)}; "
+                                   "the checkpoints before it are intact") from exc
         raise
     return model_path
+
+
+class CheckpointFailed(Exception):
+    """A checkpoint could not be written (a full disk, a directory gone): one line, no traceback."""
+
+
+def _why(exc: BaseException, ckpt_dir: Path) -> str:
+    import errno
+    import shutil
+
+    if getattr(exc, "errno", None) == errno.ENOSPC:
+        return "no space left on the device"
+    said = ((getattr(exc, "strerror", None) or str(exc)).strip().splitlines() or [type(exc).__name__])[0]
+    try:
+        low = shutil.disk_usage(ckpt_dir).free < (64 << 20)
+    except OSError:
+        low = False
+    return f"no space left on the device ({said})" if low else said
 
 
 def latest(ckpt_dir: str | Path) -> Optional[Path]:

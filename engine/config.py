@@ -128,12 +128,31 @@ class GPTConfig:
             raise ValueError(f"--balance-rate must be > 0, got {self.balance_rate}")
         if self.seq_len < 1 or self.vocab_size < 2:
             raise ValueError("--seq-len must be >= 1 and --vocab-size >= 2")
+        # Sizes no machine holds: said here (moectl asks this before launch, torch-free), not as
+        # torch's "Overflow when unpacking long long" traceback, nor after a minute of building it.
+        params = self.approx_params()
+        if params > MAX_PARAMS:
+            raise ValueError(f"the model would have about {params:.3g} parameters (--depth, --aspect-ratio, "
+                             f"--n-experts, --expert-hidden-mult, --vocab-size): more than {MAX_PARAMS:.0e}, which no "
+                             "machine holds")
+
+    def approx_params(self) -> float:
+        """The model's weights, roughly (attention 4 dim^2 a layer, its MLP, the embedding and the
+        head), as a float: absurd options give a huge number here, never an overflow."""
+        dim, depth = float(self.dim), float(self.depth)
+        moe_layers = 0.0 if self.dense else float(self.depth // self.moe_freq)
+        expert = 2.0 * dim * float(self.expert_hidden_mult) * dim  # up and down projections
+        dense_mlp = 2.0 * dim * (self.top_k * float(self.expert_hidden_mult) * dim if self.dense else 4.0 * dim)
+        return depth * 4.0 * dim * dim + moe_layers * self.n_experts * (expert + dim) \
+            + (depth - moe_layers) * dense_mlp + 2.0 * self.vocab_size * dim
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(dim=self.dim, n_head=self.n_head, n_layer=self.n_layer, expert_hidden=self.expert_hidden)
         return d
 
+
+MAX_PARAMS = 1e13  # ~40 TB in fp32 weights alone: far past any node, far below an overflow
 
 BYTE_VOCAB = 256  # engine.data: text as bytes (the default corpus, a directory, any non-.bin file)
 

@@ -183,6 +183,20 @@ def resolve_options(argv) -> argparse.Namespace:
     for flag, value in (("--resume", args.resume), ("--out-dir", args.out_dir), ("--ckpt-dir", args.ckpt_dir)):
         if value is not None and not value.strip():  # (was: silently no resume, no metrics, no checkpoints)
             raise BadOptions(f"{flag} is empty: give a path (a shell variable that expanded to nothing?)")
+    for name in ("out_dir", "ckpt_dir"):  # `--out-dir=~/x` (no shell expands that `~`): home, not ./~/x
+        if getattr(args, name):
+            setattr(args, name, os.path.expanduser(getattr(args, name)))
+    if args.resume and args.resume != "latest" and args.ckpt_dir:
+        # Branched into a directory of its choice: that directory must not hold another run's
+        # checkpoints, nor, when it is the resumed one's own, a later one this run's saves overwrite.
+        resume_path = Path(args.resume).expanduser()
+        held = checkpoint.latest(args.ckpt_dir)
+        if resume_path.is_file() and held is not None and held.resolve() != resume_path.resolve():
+            if Path(args.ckpt_dir).resolve() == resume_path.parent.resolve():
+                raise BadOptions(f"--resume {args.resume}: --ckpt-dir {args.ckpt_dir} holds a later checkpoint "
+                                 f"({held.name}) that this run's saves would overwrite; give it a --ckpt-dir of its own")
+            raise BadOptions(f"--ckpt-dir {args.ckpt_dir} already holds a run's checkpoints ({held.name}): a run "
+                             f"resumed from {args.resume} saves into a fresh directory (or its own)")
     if args.resume and args.resume != "latest" and not args.ckpt_dir:
         # The run goes on where its checkpoints are (without a --ckpt-dir it used to save nothing
         # at all, and the steps it trained were lost with it) - unless it branches off an earlier
@@ -246,6 +260,8 @@ def resolve_options(argv) -> argparse.Namespace:
     except (ValueError, OverflowError) as exc:
         fp8 = "--fp8" if args.fp8 else "--fp8-dense"
         raise BadOptions(f"{fp8}: {exc}" if str(exc).startswith("fp8 ") else str(exc)) from None  # (engine.fp8's)
+    except TypeError as exc:  # torch's "Overflow when unpacking long long": a size past any tensor's
+        raise BadOptions(f"the model cannot be built with these sizes: {_first_line(exc)}") from None
     # Said, not refused: a sweep grid of dense x cap has dense legs with a --cap, and that is fine.
     args.no_effect = sorted(MOE_ONLY & given) if args.dense else []
     return args
@@ -393,6 +409,9 @@ def main(argv=None) -> int:
     except CompileFailed as exc:
         print(f"error: torch.compile failed: {exc}; rerun with --compile none", file=sys.stderr)
         return EXIT_COMPILE_FAILED
+    except checkpoint.CheckpointFailed as exc:  # said in a line a person can act on (a full disk)
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     except Interrupted as exc:
         if rank0:
             print(f"interrupted by {exc}", file=sys.stderr, flush=True)

@@ -102,3 +102,15 @@ def test_rejects_bad_configs():
             assert needle in str(exc)
         else:
             raise AssertionError(f"{kw} accepted")
+
+
+def test_the_size_bound_counts_the_weights_a_built_model_has():
+    # GPTConfig.validate refuses a model past MAX_PARAMS by its approx_params (torch-free, for moectl):
+    # the estimate must be the model's own count, not a number off by orders of magnitude.
+    for kw in ({}, {"depth": 12, "aspect_ratio": 64, "n_experts": 8, "top_k": 2}, {"moe_freq": 2, "depth": 4},
+               {"dense": True, "depth": 4}, {"vocab_size": 50304, "depth": 2}):
+        cfg = GPTConfig(**kw)
+        with torch.device("meta"):
+            model = GPT(cfg)
+        built = sum(p.numel() for p in model.parameters())
+        assert 0.8 < cfg.approx_params() / built < 1.25, (kw, cfg.approx_params(), built)

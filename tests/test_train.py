@@ -171,6 +171,11 @@ def test_bad_options_exit_2_with_one_line():
     (["--ep", "2", "--moe-freq", "3"], "--ep > 1 needs MoE layers: --moe-freq 3 over --depth 2 makes none"),
     (["--ckpt-dir", "/proc/no-such-dir/ckpt"], "--ckpt-dir /proc/no-such-dir/ckpt: cannot write in /proc"),
     (["--out-dir", "/proc/no-such-dir"], "--out-dir /proc/no-such-dir: cannot write in /proc"),
+    # overflowing sizes: torch's "Overflow when unpacking long long" traceback and exit 1 before
+    (["--n-experts", "99999999999999999999"], "the model would have about "),
+    (["--vocab-size", "99999999999999999999"], "the model would have about "),
+    (["--expert-hidden-mult", "1e30"], "the model would have about "),
+    (["--depth", "100000"], "the model would have about "),  # (was a minute of building it on meta)
 ])
 def test_more_bad_options_in_process(argv, needle, capsys):
     assert main(["--preset", "tiny", "--steps", "1", *argv]) == EXIT_BAD_OPTIONS
@@ -499,8 +504,10 @@ def test_a_checkpoint_whose_loader_state_does_not_fit_is_one_line_exit_2(tmp_pat
     (["--compile", "static", "--compile-mode", "fast"], "invalid choice: 'fast'"),
     (["--eval-every", "-5"], "--eval-every must be -1 (never), 0 (at the end) or a step count, got -5"),
     (["--vocab-size", "0"], "--vocab-size must be >= 2, got 0"),
-    # 10^9 experts of 64 x 128: 32 TB of expert weights, past any machine's allocator (it said so in a traceback)
-    (["--n-experts", "1000000000", "--top-k", "1"], "error: the model does not fit in this cpu memory: "),
+    # 10^8 experts of 64 x 128: 6.6 TB of expert weights, past this machine's allocator (it said so in a traceback)
+    (["--n-experts", "100000000", "--top-k", "1"], "error: the model does not fit in this cpu memory: "),
+    # 10^9 of them: past the size no machine holds, refused before anything is allocated
+    (["--n-experts", "1000000000", "--top-k", "1"], "error: the model would have about "),
 ])
 def test_bad_compile_modes_values_that_meant_something_else_or_cannot_be_built_exit_2(argv, needle, capsys):
     assert main(["--preset", "tiny", "--steps", "1", "--device", "cpu", *argv]) == EXIT_BAD_OPTIONS
@@ -523,6 +530,50 @@ def test_a_resume_without_ckpt_dir_saves_on_where_its_checkpoint_is_and_never_ov
         f"error: --resume {ckpt / 'model_000004.pt'}: {ckpt} holds a later checkpoint (model_000008.pt) that this "
         "run's saves would overwrite; give it a --ckpt-dir of its own"]
     assert {p.name: p.read_bytes() for p in ckpt.glob("model_*.pt")} == before
+    # ... nor with that directory given as --ckpt-dir, nor into another run's (both overwrote them)
+    other = tmp_path / "other"
+    assert main(common + ["--steps", "2", "--ckpt-dir", str(other)]) == 0
+    capsys.readouterr()
+    for into, says in ((ckpt, f"--ckpt-dir {ckpt} holds a later checkpoint (model_000008.pt)"),
+                       (other, f"--ckpt-dir {other} already holds a run's checkpoints (model_000002.pt)")):
+        assert main(common + ["--steps", "8", "--resume", str(ckpt / "model_000004.pt"), "--ckpt-dir", str(into)]) \
+            == EXIT_BAD_OPTIONS
+        [line] = capsys.readouterr().err.strip().splitlines()
+        assert says in line, line
+    assert {p.name: p.read_bytes() for p in ckpt.glob("model_*.pt")} == before
+    # a fresh directory of its own is the way
+    assert main(common + ["--steps", "6", "--resume", str(ckpt / "model_000004.pt"), "--ckpt-dir",
+                          str(tmp_path / "branch")]) == 0
+    assert [p.name for p in (tmp_path / "branch").glob("model_*.pt")] == ["model_000006.pt"]
+
+
+def test_out_and_ckpt_dirs_given_with_an_equals_sign_expand_their_tilde(tmp_path, monkeypatch):
+    # `--out-dir=~/x`: no shell expands that `~`, and the run wrote into ./~/x
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["--preset", "tiny", "--device", "cpu", "--steps", "2", "--out-dir=~/o", "--ckpt-dir=~/c"]) == 0
+    assert (tmp_path / "home" / "o" / "metrics.jsonl").is_file() and (tmp_path / "home" / "c" / "model_000002.pt").is_file()
+    assert not (tmp_path / "~").exists()
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_naming_why(tmp_path, monkeypatch, capsys):
+    # A full disk: two tracebacks ending in torch's "[enforce fail at inline_container.cc] unexpected pos".
+    import errno
+
+    from engine import checkpoint
+
+    def disk_full(obj, path):
+        Path(path).write_bytes(b"part of a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "model_000001.pt.tmp").write_bytes(b"a killed save's part")  # (SIGKILL: no cleanup ran)
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    assert main(["--preset", "tiny", "--device", "cpu", "--steps", "2", "--ckpt-dir", str(tmp_path / "c")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"error: checkpoint model_000002.pt not saved in {tmp_path / 'c'}: no space left on the device; "
+                       "the checkpoints before it are intact"), err
+    assert "Traceback" not in "\n".join(err) and list((tmp_path / "c").iterdir()) == []
 
 
 @pytest.mark.parametrize("flag", ["--resume", "--out-dir", "--ckpt-dir"])
