@@ -148,15 +148,24 @@ def find_config(start: Optional[Path] = None) -> Optional[Path]:
 
 def _resolve(base: Path, p: str, name: str) -> Path:
     """`~` expanded, relative to `base`, symlinks and `..` resolved (the path need not exist).
-    UsageError naming `name` (where the path came from) when it cannot be: a symlink loop on it
-    (RuntimeError before Python 3.13, OSError since), a NUL byte."""
+    UsageError naming `name` (where the path came from) when it cannot be (UNRESOLVABLE)."""
     q = Path(os.path.expanduser(p))
     try:
         return (q if q.is_absolute() else base / q).resolve()
-    except (RuntimeError, OSError, ValueError) as exc:
-        why = "a symbolic link loop on it" if isinstance(exc, RuntimeError) or getattr(exc, "errno", None) == errno.ELOOP \
-            else getattr(exc, "strerror", None) or str(exc)
-        raise UsageError(f"{name} {p!r} cannot be resolved: {why}") from None
+    except UNRESOLVABLE as exc:
+        raise UsageError(f"{name} {p!r} cannot be resolved: {why_unresolved(exc, 'a symbolic link loop on it')}") from None
+
+
+# What Path.resolve() raises for a path it cannot resolve: a symlink loop on it (RuntimeError before
+# Python 3.13, OSError ELOOP since), a NUL byte (ValueError).
+UNRESOLVABLE = (RuntimeError, OSError, ValueError)
+
+
+def why_unresolved(exc: BaseException, loop: str) -> str:
+    """One of UNRESOLVABLE in words: `loop` for a symlink loop, else the error's own."""
+    if isinstance(exc, RuntimeError) or getattr(exc, "errno", None) == errno.ELOOP:
+        return loop
+    return getattr(exc, "strerror", None) or str(exc)
 
 
 def from_file_model(file: Union[MoectlFile, FileView], path: Optional[Path], root: Path, use_env: bool = True) -> Config:

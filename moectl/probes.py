@@ -17,7 +17,6 @@ Nothing here imports torch: whether the venv has torch is asked of the venv's ow
 """
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -27,10 +26,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 
-from moectl.config import Config
+from moectl.config import UNRESOLVABLE, Config, why_unresolved
 from moectl.lock import LockHolder, read_holder
 
 if TYPE_CHECKING:
@@ -567,7 +566,7 @@ def _real(p) -> str:
     q = Path(os.path.expanduser(str(p)))
     try:
         return str(q.resolve())
-    except (RuntimeError, OSError, ValueError):
+    except UNRESOLVABLE:
         return os.path.abspath(q)
 
 
@@ -575,9 +574,8 @@ def _unresolvable(p) -> Optional[str]:
     """Why `p` cannot be resolved (a symlink loop on it), or None."""
     try:
         Path(os.path.expanduser(str(p))).resolve()
-    except (RuntimeError, OSError, ValueError) as exc:
-        return "a symbolic link loop on its path" if isinstance(exc, RuntimeError) or \
-            getattr(exc, "errno", None) == errno.ELOOP else getattr(exc, "strerror", None) or str(exc)
+    except UNRESOLVABLE as exc:
+        return why_unresolved(exc, "a symbolic link loop on its path")
     return None
 
 
@@ -607,11 +605,22 @@ def probe_paths(cfg: Config, plan: "RunPlan") -> PathsState:
         # the mkdir that makes it, though the kernel finds no such path while `missing` is not there.
         exp_dir_exists=os.path.lexists(os.path.expanduser(plan.exp_dir)) or os.path.lexists(_real(plan.exp_dir)),
         exp_dir=_real(plan.exp_dir),
-        unwritable={name: why for name, path in (("artifact_root", cfg.artifact_root), ("report_dir", cfg.report_dir),
-                                                 ("exp_dir", plan.exp_dir))
-                    if (why := _unresolvable(path) or (why_unwritable(Path(_real(path))) if name != "exp_dir" else None))
-                    is not None},
+        unwritable=_unwritable({"artifact_root": cfg.artifact_root, "report_dir": cfg.report_dir,
+                                "exp_dir": plan.exp_dir}),
     )
+
+
+def _unwritable(paths: dict[str, Any]) -> dict[str, str]:
+    """name -> why files cannot be created there: a path that cannot be resolved, or a directory
+    that cannot take them (not asked of exp_dir, which is made new: fresh_dir and the paths guard judge it)."""
+    out = {}
+    for name, path in paths.items():
+        why = _unresolvable(path)
+        if why is None and name != "exp_dir":
+            why = why_unwritable(Path(_real(path)))
+        if why is not None:
+            out[name] = why
+    return out
 
 
 def tracker_in_work_tree(cfg: Config) -> list[tuple[str, str]]:

@@ -204,13 +204,6 @@ def check_patterns(step: Optional[str], tokens_per_step: Optional[str], patterns
                    sep: str = "; ") -> None:
     """ValueError naming every bad key, `sep`-separated (fixed in one go, not one per attempt): an
     unknown field, a regex that does not compile or has no group, a step pattern without a loss."""
-    problems = pattern_problems(step, tokens_per_step, patterns)
-    if problems:
-        raise ValueError(sep.join(problems))
-
-
-def pattern_problems(step: Optional[str], tokens_per_step: Optional[str], patterns: dict[str, str]) -> list[str]:
-    """`check_patterns`' findings, one `key: why` each."""
     problems = []
     for name, regex in patterns.items():
         if name not in PATTERN_FIELDS:
@@ -223,7 +216,8 @@ def pattern_problems(step: Optional[str], tokens_per_step: Optional[str], patter
             problems.append("patterns.loss is required with format = \"regex\": every step of the schema has a loss")
     if tokens_per_step is not None:
         problems += _problem("tokens_per_step", tokens_per_step)
-    return problems
+    if problems:
+        raise ValueError(sep.join(problems))
 
 
 def _problem(name: str, regex: str) -> list[str]:
@@ -511,9 +505,9 @@ class StdoutParser:
         if self.unprinted and (self.partial or self.skipped):
             # Lines cut mid-print were seen (another rank's output spliced into a rank-0 progress
             # bar, say): the missing steps may have been printed and lost there, not skipped.
-            why = (f"{self.partial} line(s) were cut mid-print, by another rank's output or the end of the log"
-                   if self.partial else "") + ("; " if self.partial and self.skipped else "") + \
-                  (f"{self.skipped} step line(s) could not be read" if self.skipped else "")
+            why = "; ".join(said for said, n in (
+                (f"{self.partial} line(s) were cut mid-print, by another rank's output or the end of the log", self.partial),
+                (f"{self.skipped} step line(s) could not be read", self.skipped)) if n)
             out.append(f"{self.unprinted} steps were not read ({self.steps_seen} step lines were; {why}, and may have "
                        "held them): the tail means are over the steps read only"
                        + ("; training time counts each read dt for the steps missing before it "

@@ -370,11 +370,15 @@ def refresh_summary(cfg: Config, out: Optional[Path] = None) -> tuple[Path, bool
         raise UsageError(f"-o {out} is a directory; give a file name")
     text = render_summary(cfg)
     try:
-        old = path.read_text(encoding="utf-8")
-    except (FileNotFoundError, UnicodeDecodeError):
-        old = None
+        raw, st = path.read_bytes(), path.stat()  # (its bytes and times also for `put_back`)
+    except FileNotFoundError:
+        raw, st = None, None
     except OSError as exc:  # a directory in the way, no permission
         raise GuardRefused(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:  # as read_text reads it: universal newlines
+        old = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n") if raw is not None else None
+    except UnicodeDecodeError:
+        old = None
     if out is not None and path.exists() and not _a_summary(old):
         # -o replaces its own earlier output only: not a README, notes, or anything else of anyone's.
         raise UsageError(f"-o {out} exists and is not a summary moectl wrote; not replacing it (choose a new file)")
@@ -385,17 +389,13 @@ def refresh_summary(cfg: Config, out: Optional[Path] = None) -> tuple[Path, bool
         # was (harmless), never moectl's own file read as the user's edit (refresh refused for good).
         remember_written(cfg.root, path, text)
     try:
-        before = (path.read_bytes(), path.stat()) if path.is_file() else (None, None)
-    except OSError:
-        before = (None, None)
-    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_dead_temp_files(path.parent)  # a killed moectl's half-written copy, beside the file
         write_text_atomic(path, text)
     except OSError as exc:  # immutable, a read-only mount, a directory in the way: said, not a traceback
         raise GuardRefused(f"cannot write {path}: {exc.strerror or exc}") from None
     if out is None:
-        _rewritten[path.resolve()] = (*before, text.encode("utf-8"))
+        _rewritten[path.resolve()] = (raw, st, text.encode("utf-8"))
     return path, True
 
 

@@ -196,50 +196,51 @@ def test_paths_guard_refuses_and_is_never_overridable(writes, read_only, fragmen
     assert not passed(results)
 
 
-def test_artifact_root_inside_a_read_only_tree_is_allowed():
+def planned_paths(**fields):
+    """A default config, its plan, and the paths probe's reading of it: every planned write where it
+    is planned (inside ART), report_dir inside /repo; `fields` change the reading."""
     c = cfg()
     p = plan_for(c)
     w = {x: x for x in [p.exp_dir, *p.files.values()]}
-    ok = PathsState(artifact_root=ART, report_dir="/repo/reports", read_only=["/"], writes=w)
-    assert verdict(evaluate(c, p, good(p, paths=replace(ok, read_only=["/art"]))), "paths").ok
+    return c, p, PathsState(**{"artifact_root": ART, "report_dir": "/repo/reports", "writes": w, **fields})
+
+
+def paths_verdict(c, p, paths: PathsState):
+    return verdict(evaluate(c, p, good(p, paths=paths)), "paths")
+
+
+def test_artifact_root_inside_a_read_only_tree_is_allowed():
+    c, p, ok = planned_paths(read_only=["/"])
+    assert paths_verdict(c, p, replace(ok, read_only=["/art"])).ok
     # ...but the report dir may not sit in a read-only tree, nor outside the repo.
     bad = replace(ok, read_only=["/repo"])
-    assert "report_dir /repo/reports is inside read-only tree /repo" in verdict(evaluate(c, p, good(p, paths=bad)), "paths").message
+    assert "report_dir /repo/reports is inside read-only tree /repo" in paths_verdict(c, p, bad).message
     out = replace(ok, report_dir="/tmp/reports")
-    assert "outside the repository" in verdict(evaluate(c, p, good(p, paths=out)), "paths").message
+    assert "outside the repository" in paths_verdict(c, p, out).message
 
 
 def test_an_artifact_root_that_git_status_would_show_is_refused():
-    c = cfg()
-    p = plan_for(c)
-    w = {x: x for x in [p.exp_dir, *p.files.values()]}
-    ok = PathsState(artifact_root=ART, report_dir="/repo/reports", writes=w)
-    assert verdict(evaluate(c, p, good(p, paths=ok)), "paths").ok
-    r = verdict(evaluate(c, p, good(p, paths=replace(ok, root_in_work_tree=True))), "paths")
+    c, p, ok = planned_paths()
+    assert paths_verdict(c, p, ok).ok
+    r = paths_verdict(c, p, replace(ok, root_in_work_tree=True))
     assert not r.ok and f"artifact_root {ART} is inside the repository and not git-ignored" in r.message
     assert "--exp-dir" not in r.message  # advice that fits: no run directory is misplaced here
 
 
 def test_a_report_dir_inside_the_git_directory_is_refused():
     # report_dir = ".git": inside the repository, yet git commits nothing there; found after training.
-    c = cfg()
-    p = plan_for(c)
-    w = {x: x for x in [p.exp_dir, *p.files.values()]}
-    ok = PathsState(artifact_root=ART, report_dir="/repo/reports", writes=w, git_dir="/repo/.git")
-    assert verdict(evaluate(c, p, good(p, paths=ok)), "paths").ok
+    c, p, ok = planned_paths(git_dir="/repo/.git")
+    assert paths_verdict(c, p, ok).ok
     for inside in ("/repo/.git", "/repo/.git/reports"):
-        r = verdict(evaluate(c, p, good(p, paths=replace(ok, report_dir=inside))), "paths")
+        r = paths_verdict(c, p, replace(ok, report_dir=inside))
         assert not r.ok and f"report_dir {inside} is inside the git directory /repo/.git" in r.message
 
 
 def test_a_report_dir_inside_a_submodule_is_refused():
     # Its files are the submodule's: `git update-index` in the outer repository fails after training.
-    c = cfg()
-    p = plan_for(c)
-    w = {x: x for x in [p.exp_dir, *p.files.values()]}
-    ok = PathsState(artifact_root=ART, report_dir="/repo/subm/reports", writes=w, git_dir="/repo/.git")
-    assert verdict(evaluate(c, p, good(p, paths=ok)), "paths").ok
-    r = verdict(evaluate(c, p, good(p, paths=replace(ok, report_dir_repo="/repo/subm"))), "paths")
+    c, p, ok = planned_paths(report_dir="/repo/subm/reports", git_dir="/repo/.git")
+    assert paths_verdict(c, p, ok).ok
+    r = paths_verdict(c, p, replace(ok, report_dir_repo="/repo/subm"))
     assert not r.ok and "report_dir /repo/subm/reports is inside /repo/subm, a repository of its own" in r.message
 
 
@@ -279,26 +280,19 @@ def test_tracked_area_is_git_status_s_view(git_repo):
 
 
 def test_a_local_mlflow_store_in_a_read_only_tree_is_refused():
-    c = cfg()
-    p = plan_for(c)
-    w = {x: x for x in [p.exp_dir, *p.files.values()]}
-    ok = PathsState(artifact_root=ART, report_dir="/repo/reports", read_only=["/srv/shared"], writes=w,
-                    tracker_store="/home/me/.cache/moectl")
-    assert verdict(evaluate(c, p, good(p, paths=ok)), "paths").ok
+    c, p, ok = planned_paths(read_only=["/srv/shared"], tracker_store="/home/me/.cache/moectl")
+    assert paths_verdict(c, p, ok).ok
     bad = replace(ok, tracker_store="/srv/shared/mlruns")
-    r = verdict(evaluate(c, p, good(p, paths=bad)), "paths")
+    r = paths_verdict(c, p, bad)
     assert not r.ok and "[tracking] mlflow_uri writes /srv/shared/mlruns, inside read-only tree /srv/shared" in r.message
     # inside the artifact root that the read-only tree holds: allowed, as the runs themselves
-    assert verdict(evaluate(c, p, good(p, paths=replace(bad, read_only=["/art"], tracker_store=ART + "/mlruns"))), "paths").ok
+    assert paths_verdict(c, p, replace(bad, read_only=["/art"], tracker_store=ART + "/mlruns")).ok
 
 
 def test_experiments_md_in_a_read_only_tree_is_refused_while_the_summary_is_refreshed():
     # read_only = ["EXPERIMENTS.md"] means nothing may write it; the run would rewrite and commit it.
-    c = cfg()
-    p = plan_for(c)
-    w = {x: x for x in [p.exp_dir, *p.files.values()]}
-    paths = PathsState(artifact_root=ART, report_dir="/repo/reports", read_only=["/repo/EXPERIMENTS.md"], writes=w)
-    r = verdict(evaluate(c, p, good(p, paths=paths)), "paths")
+    c, p, paths = planned_paths(read_only=["/repo/EXPERIMENTS.md"])
+    r = paths_verdict(c, p, paths)
     assert not r.ok and "EXPERIMENTS.md (refreshed with every report) is inside read-only tree /repo/EXPERIMENTS.md" in r.message
     quiet = cfg(report={"summary": False})  # the summary left alone: nothing to refuse
     assert verdict(evaluate(quiet, p, good(p, paths=paths)), "paths").ok

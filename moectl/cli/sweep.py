@@ -1,7 +1,6 @@
 """`moectl sweep` (legs one by one, resumable) and `moectl summary` (EXPERIMENTS.md)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -247,11 +246,10 @@ def summary(
       [bold]moectl summary --no-commit -o /tmp/handoff.md[/bold]
     """
     from moectl import gitops
-    from moectl.atomic import write_text_atomic
     from moectl.cli.common import refuse_read_only
     from moectl.config import SUMMARY_NAME, load_config
     from moectl.errors import GuardRefused, MoectlError
-    from moectl.summary import refresh_summary, summary_path
+    from moectl.summary import put_back, refresh_summary, summary_path
 
     cfg = load_config(config)
     commit = output is None and not no_commit
@@ -265,12 +263,6 @@ def summary(
             gitops.check_branch(cfg.root, cfg.project.branch)
         except GuardRefused as exc:
             raise GuardRefused(f"{exc.message}; {SUMMARY_NAME} left as it is (`--no-commit` writes it without committing)") from None
-    target = output if output is not None else summary_path(cfg)
-    try:
-        before = target.expanduser().read_text(encoding="utf-8")
-        before_ns = target.expanduser().stat()  # put back with the file: an editor holding it sees no change
-    except (OSError, UnicodeDecodeError):
-        before, before_ns = None, None
     path, changed = refresh_summary(cfg, output)
     sha, failure = None, None
     # Up to date on disk is not committed: a `--no-commit` run refreshed the file and left HEAD's
@@ -281,13 +273,8 @@ def summary(
             sha = gitops.commit_paths(cfg.root, [path], "summary: regenerate EXPERIMENTS.md", branch=cfg.project.branch)
         except MoectlError as exc:
             failure = exc
-            if changed:  # nothing half-done: the file goes back to what it was
-                if before is None:
-                    path.unlink(missing_ok=True)
-                else:
-                    write_text_atomic(path, before)
-                    if before_ns is not None:
-                        os.utime(path, ns=(before_ns.st_atime_ns, before_ns.st_mtime_ns))
+            if changed:  # nothing half-done: the file goes back to what it was (summary.put_back)
+                put_back(cfg, [path])
                 changed = False
     if json_out:
         print_json({"path": str(path), "changed": changed, "commit": sha,
