@@ -90,5 +90,26 @@ def resolve(resume: str, ckpt_dir: Optional[str]) -> Path:
 
 
 def load(path: Path) -> dict:
+    """The checkpoint's contents. ValueError (one line) when its bytes changed since torch wrote them."""
+    damaged = _damaged_member(path)
+    if damaged is not None:
+        raise ValueError(f"{damaged} fails its CRC-32 check: the file changed after it was saved "
+                         "(a flipped bit, a partial copy); resume from an earlier checkpoint")
     # Our own files: optimizer state holds plain python objects, so weights_only is not enough.
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _damaged_member(path: Path) -> Optional[str]:
+    """The first member of torch's zip container whose bytes no longer match their CRC-32, or None.
+
+    torch.load checks no checksum: a bit flipped in a tensor's storage (a bad disk, a copy cut and
+    patched) resumed silently with one wrong weight. torch's writer does record each member's CRC,
+    and zipfile's testzip reads them all back (about half a torch.load's time). A file that is not a
+    zip (torch's legacy format, or no checkpoint at all) is left to torch.load to accept or refuse."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError):
+        return None

@@ -118,6 +118,11 @@ class GPTConfig:
             raise ValueError(f"--cap must be >= 0 (0 = dropless), got {self.cap}")
         if self.moe_freq < 1:
             raise ValueError(f"--moe-freq must be >= 1, got {self.moe_freq}")
+        if not self.dense and self.moe_freq > self.depth:
+            # No layer i < depth has i % freq == freq - 1: every MLP would be dense, and the run a dense
+            # model under MoE options (its router, caps and balance figures all empty), without a word.
+            raise ValueError(f"--moe-freq {self.moe_freq} over --depth {self.depth} makes no MoE layer (layer i is "
+                             "MoE when i % freq == freq - 1): use --moe-freq <= --depth, or --dense for a dense model")
         if self.expert_hidden < 1:
             raise ValueError(f"--expert-hidden-mult gives expert hidden {self.expert_hidden}; must be >= 1")
         if self.dispatch not in ("auto", "padded", "grouped", "loop"):
@@ -225,7 +230,6 @@ def check_model_options(options: Mapping[str, Any]) -> None:
         settings["vocab_size"] = 256  # the byte corpus's, as engine.train when data gives none
     cfg = GPTConfig(**settings)
     cfg.validate()
-    check_ep_layers(cfg, int(options.get("ep") or 1))
     check_compile_mode(options.get("compile") or preset.get("compile", DEFAULTS["compile"]),
                        options.get("compile_mode") or DEFAULTS["compile_mode"])
 
@@ -235,9 +239,3 @@ def check_compile_mode(compile: str, mode: str) -> None:
     if mode != "default" and compile == "none":
         raise ValueError(f"--compile-mode {mode} needs --compile static or dynamic")
 
-
-def check_ep_layers(cfg: GPTConfig, ep: int) -> None:
-    """ValueError when --ep > 1 has no MoE layer to shard (it crashed at step 0, in the expert
-    gradients' all-reduce over an empty list)."""
-    if ep > 1 and not cfg.dense and not any(cfg.is_moe_layer(i) for i in range(cfg.depth)):
-        raise ValueError(f"--ep > 1 needs MoE layers: --moe-freq {cfg.moe_freq} over --depth {cfg.depth} makes none")

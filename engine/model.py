@@ -6,7 +6,8 @@
 Every size derives from `depth` (dim = depth * aspect_ratio, n_head = dim // head_dim), as in
 nanochat, so a preset is a handful of knobs. Layer i is MoE when `i % moe_freq == moe_freq - 1`
 (moe_freq=1: every layer; moe_freq=2: layers 1, 3, 5, ...; the first layer stays dense because an
-early dense block is the common choice and it keeps `depth=1, moe_freq=2` a purely dense model).
+early dense block is the common choice). A moe_freq past the depth, which would make no MoE layer,
+is refused: `dense=True` is how a dense model is asked for.
 `dense=True` swaps every MoE MLP for a dense relu² MLP with hidden = top_k * expert_hidden: the
 iso-FLOP baseline (same active matmul FLOPs, less the router's D x E).
 

@@ -40,7 +40,7 @@ from engine import checkpoint, data, flops
 from engine.ep import ExpertParallel, check_ep
 from engine.malloc import keep_freed_memory
 from engine.config import (
-    COMPILE_MODES, DEFAULTS, EMPTY_DATA, PRESETS, GPTConfig, check_compile_mode, check_ep_layers,
+    COMPILE_MODES, DEFAULTS, EMPTY_DATA, PRESETS, GPTConfig, check_compile_mode,
 )
 from engine.model import GPT
 from engine.schema import (
@@ -241,10 +241,6 @@ def resolve_options(argv) -> argparse.Namespace:
             raise BadOptions(str(exc)) from None
         if args.dense or args.fp8 or args.dispatch == "loop":
             raise BadOptions("--ep > 1 needs MoE layers with the padded or grouped dispatch (not --dense, --fp8, --dispatch loop)")
-        try:
-            check_ep_layers(cfg, args.ep)
-        except ValueError as exc:
-            raise BadOptions(str(exc)) from None
     if args.fp8 or args.fp8_dense:
         flag = "--fp8" if args.fp8 else "--fp8-dense"
         try:
@@ -303,6 +299,18 @@ def _warn_if_resumed_differently(resume_path: Path, step: int, args, world: int)
     if changed:
         print(f"warning: resuming with other data options ({', '.join(changed)}): the data position saved is "
               "in the original's chunks, so some tokens are seen twice and some never", file=sys.stderr, flush=True)
+    # Options of the training itself that the weights load under unchanged (those of the model's
+    # shape fail at load_state_dict): a change of plan is allowed, but the run's metrics would read
+    # as one run's while its steps from here on route, drop, balance or step differently.
+    changed = [f"--{k.replace('_', '-')} {before[k]} -> {getattr(args, k)}" for k in RESUME_CHANGES_TRAINING
+               if k in before and before[k] != getattr(args, k)]
+    if changed:
+        print(f"warning: resuming with other training options ({', '.join(changed)}): the steps from here on "
+              "train differently from the original run's", file=sys.stderr, flush=True)
+
+
+RESUME_CHANGES_TRAINING = ("top_k", "cap", "dispatch", "balance", "balance_coeff", "balance_rate", "z_coeff", "fp8",
+                           "fp8_dense", "dtype", "total_batch_size", "lr", "warmdown_frac", "grad_clip")
 
 
 def _directory_problem(directory) -> Optional[str]:
@@ -541,7 +549,11 @@ def _train(args, open_files: list) -> int:
                 raise BadOptions(f"--vocab-size {args.vocab_size} is smaller than the data's ({data_vocab})")
             vocab = args.vocab_size or data_vocab
             train_tok, val_tok = data.split(tokens)
-            loader = data.TokenLoader(train_tok, B, T, rank, world, device)
+            try:
+                loader = data.TokenLoader(train_tok, B, T, rank, world, device)
+            except ValueError as exc:  # its count is the training split's: say where the rest went
+                raise ValueError(f"{exc} (the data's {tokens.numel()} tokens less the {val_tok.numel()} held out "
+                                 "for validation)") from None
             make_val = lambda: data.TokenLoader(val_tok, B, T, rank, world, device)  # noqa: E731
             try:
                 make_val()

@@ -61,7 +61,9 @@ def test_bad_engine_options_are_one_line_usage_errors(kwargs, line):
      "--data /nonexistent/train.bin: no such file or directory (use 'default', 'synthetic', a directory or a .bin file)"),
     (["--vocab-size", "3"], {"preset": "tiny"}, "--vocab-size 3 is smaller than the data's (256)"),
     (["--data", ""], {"preset": "tiny"}, "--data must not be empty (a path, `default` or `synthetic`)"),
-    (["--ep", "2", "--moe-freq", "3"], {"preset": "tiny"}, "--ep > 1 needs MoE layers: --moe-freq 3 over --depth 2 makes none"),
+    # no MoE layer at all: a dense model trained under MoE options, without a word (was: only --ep refused it)
+    (["--moe-freq", "3"], {"preset": "tiny"}, "--moe-freq 3 over --depth 2 makes no MoE layer"),
+    (["--ep", "2", "--moe-freq", "3"], {"preset": "tiny"}, "--moe-freq 3 over --depth 2 makes no MoE layer"),
     ([], {"preset": "tiny", "expert_hidden_mult": 0.001}, "--expert-hidden-mult gives expert hidden 0; must be >= 1"),
     # sizes no machine holds: the engine failed on torch's overflow (a traceback, a failed run)
     (["--expert-hidden-mult", "1e30"], {"preset": "tiny"}, "the model would have about "),
@@ -97,7 +99,7 @@ def test_a_fifo_as_data_is_refused_before_launch(tmp_path):
     [], ["--preset", "d12-moe"], ["--top-k", "9"], ["--preset", "d12-moe", "--n-experts", "1"], ["--head-dim", "24"],
     ["--depth", "3", "--aspect-ratio", "10", "--head-dim", "10"], ["--expert-hidden-mult", "0.001"],
     ["--moe-freq", "0"], ["--cap", "-1"], ["--balance-rate", "0"], ["--seq-len", "0"], ["--top-k", "0"],
-    ["--ep", "2", "--moe-freq", "3"], ["--compile-mode", "reduce-overhead"],
+    ["--ep", "2", "--moe-freq", "3"], ["--moe-freq", "3"], ["--compile-mode", "reduce-overhead"],
     ["--compile", "static", "--compile-mode", "reduce-overhead"],
 ])
 def test_moectls_model_check_agrees_with_the_engines(argv):

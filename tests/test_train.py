@@ -129,8 +129,16 @@ def test_a_resume_that_leaves_nothing_to_train_is_refused_and_another_plan_is_sa
     # The loader resumes at a chunk index: chunks of another shape or seed are other tokens.
     assert main(["--preset", "tiny", "--device-batch-size", "4", "--total-batch-size", "1024", "--seed", "7",
                  "--steps", "6", "--resume", str(ckpt / "model_000004.pt"), "--ckpt-dir", str(tmp_path / "branch2")]) == 0
-    assert ("warning: resuming with other data options (--device-batch-size 8 -> 4, --seed 0 -> 7)"
-            in capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert "warning: resuming with other data options (--device-batch-size 8 -> 4, --seed 0 -> 7)" in err
+    assert "other training options" not in err
+    # Routing, capacity and the optimizer's settings: the weights load, the steps train otherwise (was unsaid).
+    assert main(common + ["--steps", "6", "--top-k", "1", "--cap", "0", "--lr", "0.02",
+                          "--resume", str(ckpt / "model_000004.pt"), "--ckpt-dir", str(tmp_path / "branch3")]) == 0
+    err = capsys.readouterr().err
+    assert ("warning: resuming with other training options (--top-k 2 -> 1, --cap 1.0 -> 0.0, --lr 0.01 -> 0.02): "
+            "the steps from here on train differently from the original run's") in err, err
+    assert "other data options" not in err and "planned for" not in err
 
 
 def test_bad_options_exit_2_with_one_line():
@@ -168,7 +176,8 @@ def test_bad_options_exit_2_with_one_line():
     # were tracebacks and exit 1 (issue 11 audit): at step 0, or only after every step had trained
     (["--seed", str(2**70)], f"--seed must fit in 64 bits, got {2**70}"),
     (["--data", ""], "--data must not be empty"),
-    (["--ep", "2", "--moe-freq", "3"], "--ep > 1 needs MoE layers: --moe-freq 3 over --depth 2 makes none"),
+    (["--ep", "2", "--moe-freq", "3"], "--moe-freq 3 over --depth 2 makes no MoE layer"),
+    (["--moe-freq", "3"], "--moe-freq 3 over --depth 2 makes no MoE layer"),  # (trained a dense model, unsaid)
     (["--ckpt-dir", "/proc/no-such-dir/ckpt"], "--ckpt-dir /proc/no-such-dir/ckpt: cannot write in /proc"),
     (["--out-dir", "/proc/no-such-dir"], "--out-dir /proc/no-such-dir: cannot write in /proc"),
     # overflowing sizes: torch's "Overflow when unpacking long long" traceback and exit 1 before
@@ -202,6 +211,42 @@ def test_a_checkpoint_dir_that_is_a_file_or_a_corrupt_checkpoint_is_refused_befo
     assert main(["--preset", "tiny", "--steps", "1", "--resume", str(bad)]) == EXIT_BAD_OPTIONS
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: --resume {bad}: cannot read this checkpoint:"), err
+
+
+def test_a_checkpoint_with_a_flipped_bit_is_refused_not_resumed(tmp_path, capsys):
+    """torch.load checks no checksum: one bit flipped in a weight's storage resumed silently with a
+    wrong weight. The zip container's CRC-32s are checked first."""
+    import zipfile
+
+    ckpt = tmp_path / "ckpt"
+    assert main(["--preset", "tiny", "--steps", "2", "--ckpt-dir", str(ckpt), "--out-dir", str(tmp_path / "o1")]) == 0
+    capsys.readouterr()
+    path = ckpt / "model_000002.pt"
+    with zipfile.ZipFile(path) as archive:  # the largest member: a weight's (or its Adam moment's) bytes
+        member = max(archive.infolist(), key=lambda info: info.file_size)
+    raw = bytearray(path.read_bytes())
+    data_at = member.header_offset + 30 + len(member.filename.encode()) + int.from_bytes(
+        raw[member.header_offset + 28:member.header_offset + 30], "little")  # local header + name + extra
+    raw[data_at + member.file_size // 2] ^= 0x04
+    path.write_bytes(bytes(raw))
+    assert main(["--preset", "tiny", "--steps", "3", "--resume", str(path), "--out-dir", str(tmp_path / "o2")]) \
+        == EXIT_BAD_OPTIONS
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --resume {path}: cannot read this checkpoint: "), err
+    assert f"{member.filename} fails its CRC-32 check" in err[0], err
+    assert not (tmp_path / "o2" / "metrics.jsonl").exists()
+
+
+def test_data_too_small_after_the_holdout_says_where_the_tokens_went(tmp_path, capsys):
+    # 1060 bytes hold one 16x64 batch (1025 tokens) but the training split, less the 5% held out,
+    # does not: "1007 tokens give 0 batches" alone read as a miscount of the user's file.
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(b"moe " * 265)
+    assert main(["--preset", "tiny", "--steps", "1", "--data", str(corpus), "--out-dir", str(tmp_path / "o")]) \
+        == EXIT_BAD_OPTIONS
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: data too small: 1007 tokens give 0 batches of 16x64"), line
+    assert line.endswith("(the data's 1060 tokens less the 53 held out for validation)"), line
 
 
 def test_a_metrics_path_that_is_a_directory_or_a_dangling_link_is_refused_before_training(tmp_path, capsys):
