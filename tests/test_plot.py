@@ -258,3 +258,17 @@ def test_warmup_region_follows_the_configured_warmup_steps(project, artifact_roo
     # Loss is not a tail mean: no shading there.
     loss_ax = make_plot(runs, "loss", tmp_path / "loss.png", warmup_steps=4).figure.axes[0]
     assert not [p for p in loss_ax.patches if p.get_label().startswith("warm-up")]
+
+
+def test_plot_into_a_new_directory_named_with_a_trailing_slash_makes_it(project, artifact_root, tmp_path):
+    # `-o figs/` names a directory as cp and mkdir read it; pathlib drops the slash, and the figure
+    # was refused as "cannot write 'figs': use one of .eps, ..." (no suffix).
+    make_run(artifact_root, "a", 1)
+    figs = tmp_path / "new" / "figs"
+    r = invoke("plot", "a", "--metric", "tok_per_sec", "-o", f"{figs}/")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == str((figs / "tok_per_sec.png").resolve())
+    assert (figs / "tok_per_sec.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # without the slash a name with no suffix is still a file name whose format is unknown
+    r = invoke("plot", "a", "-o", str(tmp_path / "noext"))
+    assert r.exit_code == 2 and "cannot write 'noext'" in r.output and not (tmp_path / "noext").exists()

@@ -7,7 +7,7 @@ from typing import Annotated, List, Optional
 import typer
 
 from moectl.cli.common import app, handle_errors, print_json, refuse_read_only, stderr, stdout
-from moectl.cli.options import ConfigOpt, JsonOpt, PATH
+from moectl.cli.options import ConfigOpt, JsonOpt, PATH, path_text
 from moectl.cli.runs import _config  # the store-reading config rule (file, or defaults + env root)
 
 RunsArg = Annotated[List[str], typer.Argument(help="Runs: id, tag, unique prefix of either, or a run directory; a tag of a repeat group means all its runs.")]
@@ -41,7 +41,7 @@ def _default_figure(metric: str, directory: Path = Path(".")) -> Path:
 def plot_cmd(
     runs: RunsArg,
     metric: Annotated[str, typer.Option("--metric", "-m", help="loss | tok_per_sec | mfu | dt_ms | aux_loss | drop_frac | expert_load_max | peak_mem_mib")] = "loss",
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", parser=PATH, help="Figure file, replaced if it exists; the suffix picks the format (default: ./<metric>.png, or <metric>-2.png, ... rather than replace a file). An existing directory gets that default name inside it.", show_default=False)] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", parser=path_text, metavar="<path>", help="Figure file, replaced if it exists; the suffix picks the format (default: ./<metric>.png, or <metric>-2.png, ... rather than replace a file). A directory (one that exists, or a name ending in /, made if missing) gets that default name inside it.", show_default=False)] = None,
     title: Annotated[Optional[str], typer.Option("--title", help="Figure title (default: the metric's name).", show_default=False)] = None,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
@@ -61,10 +61,10 @@ def plot_cmd(
     records = _resolve_unique(cfg.artifact_root, runs)
     if output is None:
         out = _default_figure(metric)
-    elif output.is_dir():  # `-o figures/`: the figure goes in it, as cp would put a file
-        out = _default_figure(metric, output)
+    elif output.endswith("/") or Path(output).expanduser().is_dir():  # `-o figures/`: in it, as cp puts a file
+        out = _default_figure(metric, Path(output).expanduser())  # (make_plot makes a missing one)
     else:
-        out = output
+        out = Path(output)
     refuse_read_only(cfg, out, "the figure")
     result = make_plot(records, metric, out, title, warmup_steps=cfg.metrics.warmup_steps)
     for line in result.skipped:

@@ -31,6 +31,13 @@ def path(value: str) -> Path:
 PATH = path  # as the other modules import it: `parser=PATH`
 
 
+def path_text(value: str) -> str:
+    """`path`'s refusals, keeping the text as given: its trailing `/`, which `Path` drops, says the
+    name is a directory (as `cp` and `mkdir -p` read it) even before the directory exists."""
+    path(value)
+    return str(value)
+
+
 CapOpt = Annotated[Optional[float], typer.Option("--cap", help="Capacity factor (0 = dropless).", show_default=False)]
 TagOpt = Annotated[Optional[str], typer.Option("--tag", help="Run tag: letters, digits, . _ - (default: derived from the options, e.g. tiny_cap1p0_static).", show_default=False)]
 CompileOpt = Annotated[Optional[str], typer.Option("--compile", help="static | dynamic | none.", show_default=False)]
