@@ -14,9 +14,11 @@ A Slurm run, step by step:
 2. The fresh run directory, command.txt, git.diff, and the code snapshot `code/` (HEAD + git.diff,
    gitops.snapshot_code): the job runs that, not the working tree of hours later.
 3. job.json (the config, plan and job options the job needs) and job.sh (the sbatch script).
-4. run.json `queued`, then sbatch --hold, run.json gets the job id, then scontrol release (see
-   moectl/slurm.py for why in that order). A job Slurm rejects leaves the run `failed` with
-   Slurm's message - never `queued` forever.
+4. run.json `queued`, then sbatch --hold, run.json gets the job id (`released` false), then
+   scontrol release, then `released` true (see moectl/slurm.py for why in that order). A job Slurm
+   rejects leaves the run `failed` with Slurm's message - never `queued` forever; so does a moectl
+   killed between sbatch and release: the first `wait` (or follower) that finds the job still held
+   and its submitter gone cancels it (`settle_abandoned_hold`).
 5. The job (moectl/job.py) writes `running`, trains, writes the end, the report and its commit.
    Here we only read: run.json and metrics.jsonl for progress, Slurm for whether the job lives.
 
@@ -192,10 +194,14 @@ def submit_run(cfg: Config, request: RunRequest, options: JobOptions, *, sweep_i
                                                     requeue=options.requeue))
         store.save_run(record)
         record.job_id = slurm.submit(script, dependency=options.dependency)
+        record.released = False
         store.save_run(record)
         if on_queued is not None:
             on_queued(record)
         slurm.release(record.job_id)
+        # The job may be writing `running` by now: only this field changes, under the record's lock
+        # (the job takes it for that write, moectl/job.py).
+        store.update_run(record, lambda rec: setattr(rec, "released", True))
     except BaseException as exc:
         # Nothing runs this run now (or the job was never let go): say so, never `queued` forever.
         if record.job_id is not None:
@@ -231,12 +237,11 @@ def read_record(run_dir: Path) -> RunRecord:
 
 
 def save_run_and_leg(record: RunRecord) -> None:
-    """run.json, and the state of its leg in the sweep.json beside it (under the sweep's lock)."""
-    store.save_run(record)
-    if record.sweep:
-        from moectl.sweep.store import update_leg
-
-        update_leg(Path(record.exp_dir).parent, record.status, run_id=record.id)
+    """run.json (under the record's lock: store.update_run's read-modify-writes never interleave
+    with it), and the state of its leg in the sweep.json beside it (under the sweep's lock)."""
+    with store.record_lock(Path(record.exp_dir)):
+        store.save_run(record)
+    _save_leg(record)
 
 
 def job_live(record: RunRecord) -> Optional[bool]:
@@ -314,6 +319,46 @@ def settle_unstartable(record: RunRecord, info: Optional[slurm.JobInfo]) -> Opti
     return current
 
 
+def settle_abandoned_hold(record: RunRecord, info: Optional[slurm.JobInfo]) -> Optional[RunRecord]:
+    """A queued run whose job is still held since its submission, its submitting moectl dead before
+    `scontrol release` (runindex.abandoned_hold): its job cancelled and the record `interrupted`,
+    saying so. None while that is not the case.
+
+    Cancelled, not released: the submission was interrupted (as a Ctrl-C there ends, submit_run),
+    and SPEC §6 ends a killed moectl's run `interrupted`. Releasing it would start, unasked and
+    perhaps hours later, a run nobody saw submitted - a sweep leg whose sweep never got its other
+    legs or its report job; `sweep --resume` reruns an interrupted leg, and a run is one command away."""
+    from moectl.runindex import abandoned_hold
+
+    if not abandoned_hold(record.status, record.released, record.pid, record.host, record.created_at, info):
+        return None
+    try:
+        slurm.cancel([record.job_id])
+    except MoectlError:
+        return None
+    run_dir = Path(record.exp_dir)
+    with store.record_lock(run_dir):
+        current = read_record(run_dir)
+        if current.status != "queued" or current.released is not False:
+            return current
+        current.status, current.finished_at = "interrupted", store.now_iso()
+        current.error = (f"interrupted while it was submitted: the moectl that submitted it (pid {record.pid} on "
+                         f"{record.host}) was gone before it released Slurm job {record.job_id}, held since "
+                         "sbatch; the job was cancelled before it started")
+        store.save_run(current)
+    _save_leg(current)
+    return current
+
+
+def _save_leg(record: RunRecord) -> None:
+    """The state of a sweep leg's run in the sweep.json beside it (save_run_and_leg's second half:
+    taken outside the record's lock, which a sweep's report job takes inside the sweep's)."""
+    if record.sweep:
+        from moectl.sweep.store import update_leg
+
+        update_leg(Path(record.exp_dir).parent, record.status, run_id=record.id)
+
+
 def exit_code_of_record(record: RunRecord) -> int:
     """SPEC §8 for one settled run: what it asked of Slurm never could start is a usage error (2)."""
     if record.status == "failed" and (record.error or "").startswith(NEVER_STARTS_PREFIX):
@@ -359,7 +404,7 @@ def follow(record: RunRecord, progress: Optional[ProgressSink] = None,
                 if on_state is not None:
                     on_state(current)
             live, info = _ask_slurm(current, deadline)
-            unstartable = settle_unstartable(current, info)
+            unstartable = settle_unstartable(current, info) or settle_abandoned_hold(current, info)
             if unstartable is not None:
                 return unstartable
             if current.status not in UNSETTLED and live is False:
@@ -442,7 +487,7 @@ def _settle_once(record: RunRecord, deadline: Optional[float] = None) -> Optiona
         return None if current.status in UNSETTLED and not current.stale else current
     current = read_record(run_dir)
     live, info = _ask_slurm(current, deadline)
-    unstartable = settle_unstartable(current, info)
+    unstartable = settle_unstartable(current, info) or settle_abandoned_hold(current, info)
     if unstartable is not None:
         return unstartable
     if live is None:

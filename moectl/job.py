@@ -93,9 +93,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     record.status, record.started_at = "running", record.started_at or store.now_iso()
     record.host, record.pid, record.job_id, record.restarts = socket.gethostname(), os.getpid(), job_id, restart
-    record.error = None
+    record.error, record.released = None, True  # (it runs: it was released)
     _record_command(record, plan, job_argv(spec, plan, job_id))
-    save_run_and_leg(record)
+    save_run_and_leg(record)  # (under the record's lock: the submitter may be recording the release just now)
 
     from moectl.runner import RunOutcome, finish_record, report_and_commit, stdout_parser
 

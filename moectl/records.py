@@ -130,6 +130,10 @@ class RunRecord(BaseModel):
     # Slurm requeued it, and the report and commit the job itself wrote (nobody may be waiting).
     backend: Literal["local", "slurm"] = "local"
     job_id: Optional[str] = None
+    # Whether the submitter let its held job go (`scontrol release`, moectl/execution.py step 4):
+    # False from sbatch until then, True after; None in records older than the field. A job still
+    # held with this False and its submitter dead was never let go (runindex.abandoned_hold).
+    released: Optional[bool] = None
     nodes: Optional[int] = None
     restarts: int = 0
     report: Optional[str] = None

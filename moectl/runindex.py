@@ -81,13 +81,18 @@ def parse_time(text: Optional[str]) -> Optional[float]:
 
 def owner_gone(status: str, pid: Optional[int], host: Optional[str], started_at: Optional[str],
                created_at: Optional[str], backend: str = "local", job_id: Optional[str] = None,
-               this_host: Optional[str] = None) -> bool:
+               this_host: Optional[str] = None, released: Optional[bool] = None) -> bool:
     """Is this `created`/`queued`/`running` run's owner gone? Its pid is dead (or a zombie), or the
     pid now belongs to a process that started after the run did (pid reuse). Runs owned by another
     host, or with no recorded pid, cannot be judged from here and are taken at their word. A Slurm
-    run's owner is its job: gone once Slurm has no live job by that id."""
+    run's owner is its job: gone once Slurm has no live job by that id, or once nobody will ever
+    release the job it holds since submission (`abandoned_hold`)."""
     if backend == "slurm" and job_id is not None:
-        return status in UNSETTLED and _slurm_job_gone(job_id)
+        if status not in UNSETTLED:
+            return False
+        answered, info = _slurm_job(job_id)
+        return answered and (info is None or not info.live
+                             or abandoned_hold(status, released, pid, host, created_at, info, this_host))
     if status not in UNSETTLED or pid is None:
         return False
     if host and host != (this_host or socket.gethostname()):
@@ -119,28 +124,47 @@ _slurm_silent_until: dict[Optional[str], float] = {}
 _slurm_pinged: set[Optional[str]] = set()
 
 
-def _slurm_job_gone(job_id: str) -> bool:
-    """Where Slurm cannot be asked (no controller, not a Slurm host) the record is taken at its word."""
+# Slurm's pending reason for a job held by its owner: `sbatch --hold` (moectl's submission) or `scontrol hold`.
+HELD_BY_USER = "JobHeldUser"
+
+
+def abandoned_hold(status: str, released: Optional[bool], pid: Optional[int], host: Optional[str],
+                   created_at: Optional[str], info: Any, this_host: Optional[str] = None) -> bool:
+    """Is this queued run's job held since its submission by a moectl that died before `scontrol
+    release` (SIGKILL between the two, moectl/execution.py step 4)? Nobody will ever let it go: it
+    would sit in the queue, and the run show `queued`, for ever. The record says it was not released
+    (None, an older record: not judged), Slurm says the job is pending on a user hold (`info`, its
+    slurm.JobInfo), and the submitter - the record's pid and host until the job writes its own - is
+    gone. A job the person held on purpose after its release is left alone (released True); so is one
+    whose submitter ran on another host, which cannot be judged from here (taken at its word)."""
+    return (status == "queued" and released is False and info is not None and info.state == "PENDING"
+            and info.reason == HELD_BY_USER
+            and owner_gone(status, pid, host, None, created_at, this_host=this_host))
+
+
+def _slurm_job(job_id: str) -> tuple[bool, Any]:
+    """(whether Slurm answered, what it said of the job: slurm.JobInfo, None when it knows none).
+    Where Slurm cannot be asked (no controller, not a Slurm host) the record is taken at its word."""
     import time
 
     from moectl import slurm
     from moectl.errors import MoectlError
 
     if slurm.available() is not None:
-        return False
+        return False, None
     cluster = os.environ.get("SLURM_CONF")
     if cluster not in _slurm_pinged:
         _slurm_pinged.add(cluster)
         if slurm.controller_problem() is not None:
             _slurm_silent_until[cluster] = time.monotonic() + _SLURM_SILENCE_S
     if time.monotonic() < _slurm_silent_until.get(cluster, 0.0):
-        return False
+        return False, None
     try:
         info = slurm.job_info(job_id)
     except MoectlError:
         _slurm_silent_until[cluster] = time.monotonic() + _SLURM_SILENCE_S
-        return False
-    return info is None or not info.live
+        return False, None
+    return True, info
 
 
 def _validated(text: bytes) -> Optional[dict[str, Any]]:
@@ -180,7 +204,7 @@ def scan_run_json(root: Path) -> tuple[list[dict[str, Any]], list[str]]:
         if data is not None:
             data = dict(data, exp_dir=str(run_dir.resolve()))  # the directory is the truth (moved runs)
             if not owner_gone(data["status"], data["pid"], data["host"], data["started_at"], data["created_at"],
-                              data["backend"], data["job_id"]):
+                              data["backend"], data["job_id"], released=data.get("released")):
                 runs.append(data)
                 continue
         # Not readable, not valid, or its owner is gone: the store reads it (and settles it).

@@ -9,7 +9,9 @@
 Why the job is submitted held: run.json has one writer at a time. The submitter writes `queued` +
 job id; the job writes `running` and the end. Were the job released at submission, a job that
 starts at once could write `running` before the submitter wrote the job id, and the submitter would
-then overwrite it with `queued`. `--hold` + `scontrol release` after the write orders the two.
+then overwrite it with `queued`. `--hold` + `scontrol release` after the write orders the two; the
+record's `released` (false until the release) tells a job whose submitter died in between, which
+nobody would ever release, from one a person held on purpose (execution.settle_abandoned_hold).
 
 Why `scontrol show job` and not `sacct`: clusters without accounting (our local one) have no sacct;
 `scontrol` knows every job for MinJobAge after it ends, and after that the job's absence plus its

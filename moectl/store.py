@@ -103,8 +103,9 @@ def save_run(record: RunRecord) -> Path:
 
 
 @contextlib.contextmanager
-def _record_lock(run_dir: Path) -> Iterator[None]:
-    """One read-modify-write of a run's record at a time (see `update_run`)."""
+def record_lock(run_dir: Path) -> Iterator[None]:
+    """One read-modify-write of a run's record at a time (see `update_run`; a Slurm run's submitter,
+    its job and a reader settling it take it too: moectl/execution.py)."""
     import fcntl
 
     try:
@@ -125,7 +126,7 @@ def update_run(record: RunRecord, change: Callable[[RunRecord], None]) -> Path:
     be read back (gone, corrupt) is saved as `record` is."""
     change(record)
     run_dir = Path(record.exp_dir)
-    with _record_lock(run_dir):
+    with record_lock(run_dir):
         try:
             on_disk = load_run(run_dir)
         except UsageError:
@@ -180,7 +181,7 @@ def is_stale(record: RunRecord, host: Optional[str] = None) -> bool:
     """A `created`/`running` run whose owner is gone (runindex.owner_gone: a dead or reused pid,
     or a Slurm job no longer in the queue)."""
     return owner_gone(record.status, record.pid, record.host, record.started_at, record.created_at,
-                      record.backend, record.job_id, this_host=host)
+                      record.backend, record.job_id, this_host=host, released=record.released)
 
 
 # --- settling the runs of a killed moectl --------------------------------------------------------

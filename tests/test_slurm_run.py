@@ -509,6 +509,65 @@ def test_a_pending_job_cancelled_outside_moectl_ends_interrupted_not_failed(on_c
                                      "started in it"), final["error"]
 
 
+def test_a_job_whose_submitter_was_killed_before_releasing_it_is_cancelled_and_settled_not_held_for_ever(
+        on_cluster, git_repo, monkeypatch, artifact_root, tmp_path):
+    # moectl SIGKILLed between `sbatch --hold` and `scontrol release`: the job stayed held in the
+    # queue for ever, and runs/show/wait said `queued` (wait: until its timeout). The kill comes from
+    # an scontrol on PATH that, asked to release, kills the moectl that asked (its parent) instead.
+    slurm_project(git_repo, monkeypatch)
+    real = shutil.which("scontrol")
+    killer = tmp_path / "bin"
+    killer.mkdir()
+    (killer / "scontrol").write_text(f'#!/bin/sh\nif [ "$1" = release ]; then kill -9 $PPID; exit 1; fi\n'
+                                     f'exec {shlex.quote(real)} "$@"\n')
+    (killer / "scontrol").chmod(0o755)
+    env = {**os.environ, "PATH": f"{killer}:{os.environ['PATH']}", "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "moectl", "run", "--slurm", "--detach", "--no-commit", *FAST],
+                       cwd=git_repo, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
+    run_dir = only_run(artifact_root)
+    rec = record(run_dir)
+    assert rec["status"] == "queued" and rec["released"] is False and rec["job_id"], rec
+
+    def held() -> str:
+        return subprocess.run(["squeue", "-h", "-j", rec["job_id"], "-o", "%T %r"], capture_output=True, text=True,
+                              timeout=60).stdout.strip()
+
+    assert held() == "PENDING JobHeldUser"
+    # Listing it says its owner is gone (as for a vanished job) ...
+    listed = json.loads(moectl("runs", "--json").output)
+    assert listed[0]["status"] == "stale" and listed[0]["recorded_status"] == "queued", listed[0]
+    # ... and `wait` ends it: the job cancelled, the run interrupted (exit 130), saying why.
+    waited = moectl("wait", rec["id"], "--timeout", "60s")
+    assert waited.exit_code == 130, waited.output
+    final = record(run_dir)
+    assert final["status"] == "interrupted" and final["finished_at"], final
+    assert final["error"] == (f"interrupted while it was submitted: the moectl that submitted it (pid {rec['pid']} "
+                              f"on {rec['host']}) was gone before it released Slurm job {rec['job_id']}, held since "
+                              "sbatch; the job was cancelled before it started"), final["error"]
+    assert "--timeout" not in waited.output
+    wait_for(lambda: held() == "", "the held job leaving the queue", timeout=JOB_TIMEOUT_S)
+
+
+def test_a_run_submitted_whole_records_its_job_released_and_a_job_held_later_on_purpose_is_left_alone(
+        on_cluster, git_repo, monkeypatch, artifact_root):
+    # `scontrol hold` of a queued job by its owner, after moectl (--detach) has exited: not abandoned.
+    slurm_project(git_repo, monkeypatch, cluster='extra_sbatch = ["--begin=now+1hour"]')
+    r = moectl("run", "--slurm", "--detach", *FAST)
+    assert r.exit_code == 0, r.output
+    run_dir = only_run(artifact_root)
+    rec = record(run_dir)
+    assert rec["status"] == "queued" and rec["released"] is True, rec
+    subprocess.run(["scontrol", "hold", rec["job_id"]], check=True, timeout=60)
+    rec["pid"] = 2**22 + 11  # a submitter long gone (the CLI ran in this process)
+    (run_dir / "run.json").write_text(json.dumps(rec))
+    assert json.loads(moectl("runs", "--json").output)[0]["status"] == "queued"
+    waited = moectl("wait", rec["id"], "--timeout", "3s")
+    assert waited.exit_code == 130 and "--timeout 3s passed" in waited.output, waited.output
+    assert record(run_dir)["status"] == "queued"
+    assert moectl("cancel", rec["id"]).exit_code == 0
+
+
 def test_a_job_that_fails_to_start_ends_failed_with_exit_4(on_cluster, git_repo, monkeypatch, artifact_root):
     # slurmstepd cannot open the job's output file: the batch script never runs, moectl never starts.
     slurm_project(git_repo, monkeypatch, cluster='extra_sbatch = ["--output=/nonexistent/moectl/out.txt"]')
