@@ -241,7 +241,7 @@ def save_run_and_leg(record: RunRecord) -> None:
     with it), and the state of its leg in the sweep.json beside it (under the sweep's lock)."""
     with store.record_lock(Path(record.exp_dir)):
         store.save_run(record)
-    _save_leg(record)
+    save_leg(record)
 
 
 def job_live(record: RunRecord) -> Optional[bool]:
@@ -346,11 +346,11 @@ def settle_abandoned_hold(record: RunRecord, info: Optional[slurm.JobInfo]) -> O
                          f"{record.host}) was gone before it released Slurm job {record.job_id}, held since "
                          "sbatch; the job was cancelled before it started")
         store.save_run(current)
-    _save_leg(current)
+    save_leg(current)
     return current
 
 
-def _save_leg(record: RunRecord) -> None:
+def save_leg(record: RunRecord) -> None:
     """The state of a sweep leg's run in the sweep.json beside it (save_run_and_leg's second half:
     taken outside the record's lock, which a sweep's report job takes inside the sweep's)."""
     if record.sweep:
@@ -369,17 +369,23 @@ def exit_code_of_record(record: RunRecord) -> int:
 def settle_gone_job(record: RunRecord) -> RunRecord:
     """A run whose job is gone while its record says queued/running: `failed` if it never started
     (a job that failed to start), `interrupted` if it was cancelled before it started or if it did
-    start (killed past KillWait) - `gone_job_end`. Written once."""
-    current = read_record(Path(record.exp_dir))
-    if current.status not in UNSETTLED:
-        return current
-    status, error = gone_job_end(current.status, current.job_id, _job_info_or_none(current.job_id))
-    tail = store.log_tail(Path(current.exp_dir) / f"slurm-{current.job_id}.out", 10)
-    current.status, current.error = status, error + (f"\n{tail}" if tail else "")
-    current.finished_at = store.now_iso()
-    if current.status == "interrupted":
-        _summarise_what_ran(current)
-    save_run_and_leg(current)
+    start (killed past KillWait) - `gone_job_end`. Written once, under the record's lock: the job's
+    moectl may be writing the run's end just now, on a node Slurm lost (NODE_FAIL) where it ran on
+    (moectl/job.py: that end then stands, saying what was settled before it)."""
+    info = _job_info_or_none(record.job_id)
+    run_dir = Path(record.exp_dir)
+    with store.record_lock(run_dir):
+        current = read_record(run_dir)
+        if current.status not in UNSETTLED:
+            return current
+        status, error = gone_job_end(current.status, current.job_id, info)
+        tail = store.log_tail(run_dir / f"slurm-{current.job_id}.out", 10)
+        current.status, current.error = status, error + (f"\n{tail}" if tail else "")
+        current.finished_at = store.now_iso()
+        if current.status == "interrupted":
+            _summarise_what_ran(current)
+        store.save_run(current)
+    save_leg(current)
     return current
 
 
@@ -538,17 +544,20 @@ def _stand_in(record: RunRecord) -> RunRecord:
 
 def _end_cancelled(record: RunRecord) -> RunRecord:
     time.sleep(POLL_S)  # the job's own `interrupted` may be on its way
-    current = read_record(Path(record.exp_dir))
-    if current.status not in UNSETTLED:
-        return current
-    # Queued again after a requeue, it had trained already: what it trained is summarised.
-    started = current.status == "running" or bool(current.restarts)
-    current.status = "interrupted"
-    current.finished_at = store.now_iso()
-    current.error = f"cancelled (scancel {current.job_id})" + ("" if started else " before it started")
-    if started:
-        _summarise_what_ran(current)
-    save_run_and_leg(current)
+    run_dir = Path(record.exp_dir)
+    with store.record_lock(run_dir):  # (and written once: see settle_gone_job)
+        current = read_record(run_dir)
+        if current.status not in UNSETTLED:
+            return current
+        # Queued again after a requeue, it had trained already: what it trained is summarised.
+        started = current.status == "running" or bool(current.restarts)
+        current.status = "interrupted"
+        current.finished_at = store.now_iso()
+        current.error = f"cancelled (scancel {current.job_id})" + ("" if started else " before it started")
+        if started:
+            _summarise_what_ran(current)
+        store.save_run(current)
+    save_leg(current)
     return current
 
 

@@ -37,12 +37,14 @@ from typing import Optional
 from moectl import slurm, store
 from moectl.config import Config
 from moectl.errors import EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, MoectlError
-from moectl.execution import JOB_GUARDS, JobSpec, compile_fallback_of, job_live, read_record, save_run_and_leg
+from moectl.execution import (
+    JOB_GUARDS, JobSpec, compile_fallback_of, job_live, read_record, save_leg, save_run_and_leg,
+)
 from moectl.guards import guard_gpus_idle
 from moectl.launch import launch
 from moectl.plan import RunPlan
 from moectl.progress import NullProgress
-from moectl.records import GuardResult, RunRecord
+from moectl.records import UNSETTLED, GuardResult, RunRecord
 
 JOB_LOCK = ".job.lock"
 RESUMABLE = ("queued", "running", "interrupted")  # states this job (re)starts a run from
@@ -118,13 +120,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_INTERRUPTED
 
     outcome = RunOutcome(exit_code=EXIT_OK, plan=plan, guards=record.guards, record=record)
-    outcome.exit_code, outcome.compile_failed = finish_record(record, result, plan, parser)
-    if job is not None and job.reason == "TimeLimit" and record.status == "interrupted":
-        # Say why, not only which signal: it is the answer to "where did my run go" the next morning.
-        record.error = (f"stopped by Slurm at the job's time limit ({job.time_limit or cfg.cluster.time}) with "
-                        f"{result.signal_name}; `run --requeue` resumes such a run from its last checkpoint"
-                        + (f"\n{result.log_tail}" if result.log_tail else ""))
-    save_run_and_leg(record)  # the sweep's leg is settled before its report is committed
+    with store.record_lock(run_dir):  # one final word at a time (execution.settle_gone_job takes it too)
+        before = read_record(run_dir)
+        outcome.exit_code, outcome.compile_failed = finish_record(record, result, plan, parser)
+        if job is not None and job.reason == "TimeLimit" and record.status == "interrupted":
+            # Say why, not only which signal: it is the answer to "where did my run go" the next morning.
+            record.error = (f"stopped by Slurm at the job's time limit ({job.time_limit or cfg.cluster.time}) with "
+                            f"{result.signal_name}; `run --requeue` resumes such a run from its last checkpoint"
+                            + (f"\n{result.log_tail}" if result.log_tail else ""))
+        if before.status not in UNSETTLED:
+            record.warnings.append(settled_before_note(before))
+        store.save_run(record)
+    save_leg(record)  # the sweep's leg is settled before its report is committed
     baseline = ([read_record(Path(d)) for d in spec.baseline_group] if spec.baseline_group
                 else read_record(Path(spec.baseline)) if spec.baseline else None)
     # The record gets its report, commit and commit_error: the follower shows them, `moectl commit RUN` retries.
@@ -136,6 +143,20 @@ def main(argv: Optional[list[str]] = None) -> int:
                   "(launch.compile_fallback)")
             return main([str(fallback_dir)])
     return outcome.exit_code
+
+
+def settled_before_note(before: RunRecord) -> str:
+    """The warning of a run this job ends after someone else settled it (pure).
+
+    Slurm can report a job ended while its moectl runs on: NODE_FAIL, a node the controller lost
+    that trains on, and a `wait` elsewhere then settles the run from Slurm's word (`interrupted`,
+    execution.settle_gone_job). This job's end is what its processes did - the steps trained, the
+    trainer's exit, the report and commit that follow - so it stands: a result is never thrown away
+    for a guess. Never silently: the record keeps what was settled before, when and why, for `show`,
+    `runs` (its `!`) and the report, since that earlier answer may have been shown already."""
+    why = (before.error or "").splitlines()[0] if before.error else "no reason recorded"
+    return (f"settled `{before.status}` at {before.finished_at} before this job's moectl recorded the run's end "
+            f"({why}); that moectl ran on and its end stands")
 
 
 def requeue_note(signal_name: str, restart: int, checkpointed: bool) -> str:

@@ -568,6 +568,39 @@ def test_a_run_submitted_whole_records_its_job_released_and_a_job_held_later_on_
     assert moectl("cancel", rec["id"]).exit_code == 0
 
 
+def test_a_run_settled_by_a_reader_while_its_job_ran_on_ends_as_the_job_recorded_it_saying_so(
+        on_cluster, git_repo, monkeypatch, artifact_root):
+    # Slurm says NODE_FAIL of a node that trains on: a `wait` settles the run `interrupted` from that
+    # word, then the job's moectl finishes it. Its end was written over the settled record without
+    # a trace (two answers, the first gone). Here the reader is execution.settle_gone_job itself,
+    # called as `wait` calls it once Slurm says the job ended.
+    from moectl.execution import read_record, settle_gone_job
+
+    slurm_project(git_repo, monkeypatch)
+    r = moectl("run", "--slurm", "--detach", "--steps", "40", "--no-commit", "--", "--sleep-per-step", "0.1")
+    assert r.exit_code == 0, r.output
+    run_dir = only_run(artifact_root)
+    wait_for(lambda: len(steps_written(run_dir / "metrics.jsonl")) >= 3, "3 steps trained", timeout=JOB_TIMEOUT_S)
+    settled = settle_gone_job(read_record(run_dir))
+    assert settled.status == "interrupted" and record(run_dir)["status"] == "interrupted"
+    job = settled.job_id
+
+    wait_for(lambda: subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True,
+                                    timeout=60).stdout.strip() == "", "the job's end", timeout=JOB_TIMEOUT_S)
+    final = record(run_dir)
+    # The job's end stands (its 40 steps, its exit 0) ...
+    assert final["status"] == "completed" and final["exit_code"] == 0 and final["summary"]["steps"], final
+    assert len(steps_of(run_dir)) == 40
+    # ... and says what was settled before it, when and why.
+    [note] = [w for w in final["warnings"] if w.startswith("settled `interrupted` at ")]
+    assert note == (f"settled `interrupted` at {settled.finished_at} before this job's moectl recorded the run's end "
+                    f"({settled.error.splitlines()[0]}); that moectl ran on and its end stands"), note
+    assert settled.error.startswith(f"Slurm job {job} ended (RUNNING")
+    assert note in moectl("show", final["id"]).output
+    # A reader coming after the end leaves it as it is.
+    assert settle_gone_job(read_record(run_dir)).status == "completed" and record(run_dir) == final
+
+
 def test_a_job_that_fails_to_start_ends_failed_with_exit_4(on_cluster, git_repo, monkeypatch, artifact_root):
     # slurmstepd cannot open the job's output file: the batch script never runs, moectl never starts.
     slurm_project(git_repo, monkeypatch, cluster='extra_sbatch = ["--output=/nonexistent/moectl/out.txt"]')
