@@ -31,6 +31,28 @@ from engine.schema import StepMetrics, parse_line
 from tests.slurm_fixtures import slurm_env  # noqa: F401
 
 T = TypeVar("T")
+
+
+def _suite_git_config() -> None:
+    """Every git the suite starts reads this file as its global configuration, not the machine's.
+
+    The scratch repositories that are not `git_repo`'s (a submodule's, another project's) commit with
+    whatever identity the machine's ~/.gitconfig has: on a machine without one (a fresh CI box) they
+    failed with git's exit 128, and a developer's global `commit.gpgsign` or hooks path failed them
+    too. The environment is inherited by moectl, torchrun's children and Slurm jobs alike; a
+    repository's own config still wins, and a test that wants no identity at all points
+    GIT_CONFIG_GLOBAL elsewhere (monkeypatch)."""
+    import atexit
+
+    fd, path = tempfile.mkstemp(prefix="moectl-tests-", suffix=".gitconfig")
+    with os.fdopen(fd, "w") as fh:
+        fh.write("[user]\n\tname = moectl tests\n\temail = tests@moectl.invalid\n"
+                 "[commit]\n\tgpgsign = false\n[tag]\n\tgpgsign = false\n[init]\n\tdefaultBranch = main\n")
+    os.environ["GIT_CONFIG_GLOBAL"] = path
+    atexit.register(lambda: os.path.exists(path) and os.unlink(path))
+
+
+_suite_git_config()
 SLOW_TIMEOUT_S = 600  # pytest-timeout's limit for `slow` tests (the default is in pyproject.toml)
 
 
