@@ -3,8 +3,9 @@
 Reads the engine's metrics lines through `engine.schema` (torch-free) and nothing else of the
 engine. The rule every number here follows, so the seed study's figures reproduce exactly:
 
-    warm-up    = the steps numbered below `warmup_steps` (the engine numbers steps from 0, so
-                 warmup_steps=10 means steps 0-9): torch.compile and allocator warm-up live there
+    warm-up    = the first `warmup_steps` steps by number: steps 0-9 of warmup_steps=10 (the engine
+                 numbers steps from 0), steps 1-10 of a trainer that counts from 1 (`counted_from`):
+                 torch.compile and allocator warm-up live there
     tail mean  = arithmetic mean of the last `window` steps past the warm-up (fewer if the run is
                  shorter: the summary's `steps` says how many, its `note` says so)
     peak mem   = max over the whole run;  total time = training time;  final loss = last step's loss
@@ -36,6 +37,7 @@ repeats (a group, between-runs error) answer that, and every compare entry says 
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +82,9 @@ class MetricsFile:
     # Set by a tail read (`read_metrics(path, tail=N)`): `steps` then holds only the last N steps
     # and the run's step count comes from its summary line.
     total_steps: Optional[int] = None
+    # What the run numbers its first step, 0 or 1 (see `counted_from`), as read from the top of the
+    # file; None for metrics built from steps (then their first step says).
+    first_number: Optional[int] = None
 
     @property
     def n_steps(self) -> int:
@@ -139,12 +144,35 @@ def parse_metrics_text(text: str) -> MetricsFile:
             continue
         if isinstance(rec, StepMetrics):
             by_step[rec.step] = rec
+            if out.first_number is None:
+                out.first_number = _first_number(out.start, rec)
         elif isinstance(rec, StartInfo):
             out.start = rec
         else:
             out.summary = rec
     out.steps = [by_step[k] for k in sorted(by_step)]
     return out
+
+
+def _first_number(start: Optional[StartInfo], first: StepMetrics) -> int:
+    """1 when the first step record is step 1 of a run that did not resume there, else 0."""
+    return 1 if first.step == 1 and not (start is not None and start.start_step) else 0
+
+
+def counted_from(metrics: MetricsFile) -> int:
+    """The number of a run's first step, where its warm-up starts: 0 for the engine and most
+    trainers, 1 for a trainer that counts its steps from 1 (`step 1/1000` .. `step 1000/1000`, its
+    first recorded step being step 1), so that warm-up 10 leaves out steps 1-10, ten of them.
+
+    A run whose first step has any other number is taken as counted from 0, since its numbers say
+    where it is in the run: a trainer resumed at `iter 500` has run 500 steps before, and a stretch
+    begins at its own number only where the engine says it resumed there (`StartInfo.start_step`,
+    which moectl.store.apply_metrics adds to the warm-up; such a start before step 1 is a resume,
+    not a count from 1). A 1-based trainer printing only every 10th step is not recognised (its
+    first line is step 10), and its warm-up stays steps 0-9 by number."""
+    if metrics.first_number is not None:
+        return metrics.first_number
+    return _first_number(metrics.start, metrics.steps[0]) if metrics.steps else 0
 
 
 _MALFORMED = object()  # parse_record rejects it: "not a JSON object"
@@ -169,6 +197,7 @@ def _read_tail(text: str, window: int) -> Optional[MetricsFile]:
     if not isinstance(summary, RunSummary) or summary.peak_mem_mib is None:
         return None
     out = MetricsFile(summary=summary, total_steps=summary.steps)
+    out.first_number = _first_number_at_top(lines, i)
     by_step: dict[int, StepMetrics] = {}
     for ln in reversed(lines[:i]):
         if len(by_step) >= window:
@@ -186,6 +215,22 @@ def _read_tail(text: str, window: int) -> Optional[MetricsFile]:
             out.start = rec
     out.steps = [by_step[k] for k in sorted(by_step)]
     return out
+
+
+def _first_number_at_top(lines: list[str], end: int) -> Optional[int]:
+    """`counted_from` as a full read has it, from the first records of a file read from its end
+    (`lines[:end]`: the summary line, at `end`, is no step)."""
+    start = None
+    for ln in itertools.islice(lines, end):
+        try:
+            rec = parse_record(decode(ln)) if ln.strip() else None
+        except ValueError:
+            continue
+        if isinstance(rec, StepMetrics):
+            return _first_number(start, rec)
+        if isinstance(rec, StartInfo):
+            start = rec
+    return None
 
 
 def _values(steps: Sequence[StepMetrics], name: str) -> list[float]:
@@ -208,15 +253,17 @@ def _stderr(xs: Sequence[float]) -> Optional[float]:
 def tail_window(metrics: MetricsFile, window: int, warmup_steps: int = 0) -> tuple[list[StepMetrics], bool]:
     """(the steps a tail mean is taken over, whether they are clean, i.e. past the warm-up).
 
-    The last `window` steps numbered `warmup_steps` or more; when there is none, the last
-    `window` steps of the run as they are (not clean). A tail read (`read_metrics(tail=N)`) holds
-    the N highest step numbers, so it yields the same window as a full read.
+    The last `window` steps numbered `warmup_steps` or more (`counted_from` + `warmup_steps` or
+    more: a trainer counting from 1 leaves out steps 1 .. warmup_steps); when there is none, the
+    last `window` steps of the run as they are (not clean). A tail read (`read_metrics(tail=N)`)
+    holds the N highest step numbers, so it yields the same window as a full read.
     """
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-    clean = [s for s in metrics.steps if s.step >= warmup_steps]
+    past = counted_from(metrics) + warmup_steps
+    clean = [s for s in metrics.steps if s.step >= past]
     if clean:
         return _last_steps(clean, window), True
     return _last_steps(metrics.steps, window), False
@@ -263,6 +310,7 @@ def tail_summary(metrics: MetricsFile, window: int, warmup_steps: int = 0) -> Su
         steps=len(tail),
         run_steps=metrics.n_steps if metrics.steps else 0,
         warmup_steps=warmup_steps,
+        first_step=counted_from(metrics),
         clean=clean,
         note=_window_note(metrics.n_steps if metrics.steps else 0, len(tail), clean, window, warmup_steps),
         tok_per_sec=_mean(_values(tail, "tok_per_sec")),

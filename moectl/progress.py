@@ -5,8 +5,9 @@ polling the file sees complete lines plus, now and then, the first half of the n
 only consumes complete lines; a malformed line is counted and skipped, never fatal (a killed engine
 can leave half a line behind).
 
-Steps in the metrics are 0-based (the seed's CSVs and nanochat's logs count from 0), so step `s` means
-`s + 1` steps done. The total comes from the `start` record.
+Steps in the engine's metrics are 0-based (the seed's CSVs and nanochat's logs count from 0 too), so step
+`s` means `s + 1` steps done. A trainer of the user's own that counts from 1 (its first step is step 1,
+moectl.metrics.counted_from's rule) has done `s` steps at step `s`. The total comes from the `start` record.
 
 Torch-free: this module runs in the moectl process.
 """
@@ -131,20 +132,26 @@ class _Tracker:
         self.last: Optional[StepMetrics] = None
         self.summary: Optional[RunSummary] = None
         self._first: Optional[tuple[int, float]] = None  # (steps done, clock) at the first step seen
+        self._resumed = False  # the start record says the run resumed at a later step
+        self._counted_from = 0  # what the run numbers its first step: 0, or 1 (set at the first step seen)
 
     def update(self, rec: Record) -> None:
         if isinstance(rec, StartInfo):
             self.total, self.world_size, self.device = rec.steps, rec.world_size, rec.device
+            self._resumed = self._resumed or bool(rec.start_step)
         elif isinstance(rec, StepMetrics):
             self.last = rec
             if self._first is None:
-                self._first = (rec.step + 1, self.clock())
+                # Step 1 first, with no resume there: a trainer counting from 1, whose step 1000 of
+                # 1000 is its last (read as 0-based, it showed 1000/1000 while that step still ran).
+                self._counted_from = 1 if rec.step == 1 and not self._resumed else 0
+                self._first = (self.done, self.clock())
         elif isinstance(rec, RunSummary):
             self.summary = rec
 
     @property
     def done(self) -> int:
-        return 0 if self.last is None else self.last.step + 1
+        return 0 if self.last is None else self.last.step + 1 - self._counted_from
 
     def eta(self) -> Optional[float]:
         if self.total is None or self.last is None or self._first is None:

@@ -48,13 +48,15 @@ class Summary(BaseModel):
     final_loss: Optional[float] = None
     drop_frac: Optional[float] = None
     expert_load_max: Optional[float] = None  # tail mean of the busiest expert's share of tokens
-    # Beyond the §7a minimum (issue 7). Steps numbered below `warmup_steps` never enter the window;
+    # Beyond the §7a minimum (issue 7). Steps numbered below `first_step + warmup_steps` never enter
+    # the window (`first_step`: 1 for a trainer that counts its steps from 1, moectl.metrics.counted_from);
     # `clean` is False when the run has no step past them, and its tail means then cover warm-up
     # (marked wherever shown). `note` says that, or that the window holds fewer than `window`
     # steps. A record written before these keys existed reads as clean with no warm-up left out,
     # which is what its numbers were.
     run_steps: Optional[int] = None  # every step the run recorded (null in records written before this key)
     warmup_steps: int = 0
+    first_step: int = 0
     clean: bool = True
     note: Optional[str] = None
     # Steps whose loss was not finite (NaN / inf: a diverged run; moectl.metrics): how many, and the

@@ -317,8 +317,8 @@ def run_report(
         row = [str(s.window), str(s.steps)] + [summary_cell(s, m, COLUMNS[m][1]) for m in METRICS]
         lines += _table(header, [row], right_from=0)
         if s.warmup_steps and s.clean and s.steps:  # (warm-up only: the note below says the opposite, and why)
-            lines.append(f"\nSteps 0–{s.warmup_steps - 1} are warm-up (compile, allocator; `[metrics] "
-                         "warmup_steps`): no tail mean counts them.")
+            lines.append(f"\nSteps {s.first_step}–{s.first_step + s.warmup_steps - 1} are warm-up (compile, allocator; "
+                         "`[metrics] warmup_steps`): no tail mean counts them.")
         if not s.steps and not s.run_steps:
             lines.append("\nNo step was measured.")
         elif not s.clean and s.steps:

@@ -52,7 +52,7 @@ STEP_KEYS = ("loss", "aux_loss", "lr", "dt_ms", "tok_per_sec", "mfu", "peak_mem_
              "expert_load_max", "elapsed_s")
 # The tail figures go in as metrics; how the window was taken (its size, the warm-up left out,
 # whether any clean step existed, the note saying so) goes in as params.
-_WINDOW_FIELDS = ("window", "steps", "warmup_steps", "clean", "note")
+_WINDOW_FIELDS = ("window", "steps", "warmup_steps", "first_step", "clean", "note")
 SUMMARY_KEYS = tuple(k for k in Summary.model_fields if k not in _WINDOW_FIELDS)
 REQUEST_TIMEOUT_S = 10  # one request to a tracker
 BUDGET_S = 120.0  # one tracker's whole attempt; a healthy tracker takes a long run in far less
@@ -391,6 +391,8 @@ def payload(record: RunRecord, report: Optional[Path]) -> Payload:
         params["tail_window"] = record.summary.window
         params["tail_window_steps"] = record.summary.steps
         params["warmup_steps"] = record.summary.warmup_steps
+        if record.summary.first_step:  # a trainer counting from 1: its warm-up is steps 1 .. warmup_steps
+            params["first_step"] = record.summary.first_step
         params["tail_clean"] = record.summary.clean
         if record.summary.note:
             params["tail_note"] = record.summary.note

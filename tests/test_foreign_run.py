@@ -122,6 +122,27 @@ def test_nanogpt_script_runs_under_either_launcher_and_is_measured_like_the_engi
     assert report.relative_to(proj).as_posix() in commit_files(proj)
 
 
+def test_a_trainer_counting_steps_from_1_is_shown_and_summarised_as_the_steps_it_ran(git_repo, monkeypatch, artifact_root):
+    """`iter 1` .. `iter 20` of `--steps 20`: progress said `step 2/20` after the first step and
+    `step 21 (past the planned 20)` after the last, and the warm-up (steps numbered below 10) left
+    out 9 steps of it, not 10: step 10, the tenth step, was in every tail mean."""
+    nanogpt_project(git_repo, monkeypatch)
+    result = runner.invoke(app, ["run", "--device", "cpu", "--steps", "20", "--no-commit", *QUIET, "--", "--first_step=1"])
+    assert result.exit_code == 0, result.output
+    [exp] = run_dirs(artifact_root)
+    steps = steps_in(exp)
+    assert [s.step for s in steps] == list(range(1, 21))  # the trainer's own numbers, as it printed them
+    progress = [ln for ln in result.output.splitlines() if ln.startswith("progress: step")]
+    assert progress[0].startswith("progress: step 1/20 (5.0%)") and progress[-1].startswith("progress: step 20/20 (100.0%)")
+    assert "past the planned" not in result.output
+    rec = record(exp)
+    assert rec["status"] == "completed" and rec["warnings"] == []
+    tail = steps[10:]  # steps 11-20: the ten past its first ten
+    assert (rec["summary"]["run_steps"], rec["summary"]["steps"], rec["summary"]["clean"]) == (20, 10, True)
+    assert rec["summary"]["tok_per_sec"] == pytest.approx(sum(s.tok_per_sec for s in tail) / 10)
+    assert rec["summary"]["note"] == "10 clean steps (< window 50) after 10 warm-up steps"
+
+
 def test_nanochat_module_under_torchrun_two_ranks_parses_rank0_steps_only(git_repo, monkeypatch, artifact_root):
     (git_repo / ".moectl.toml").write_text(NANOCHAT_TOML)
     commit_config(git_repo, monkeypatch)

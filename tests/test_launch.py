@@ -190,6 +190,26 @@ def test_plain_progress_prints_last_step_on_close_when_run_stops_early():
         "progress: step 1/100 (1.0%)", "progress: step 4/100 (4.0%)"]
 
 
+def test_progress_of_a_trainer_counting_from_1_is_the_steps_done_and_a_resumed_engines_is_not():
+    def heads(start: StartInfo, numbers) -> list[str]:
+        out = io.StringIO()
+        sink = PlainProgress(stream=out, every_steps=2, every_s=1e9, clock=Clock())
+        sink.record(start)
+        for step in numbers:
+            sink.record(StepMetrics(step=step, loss=1.0))
+        return [l.split(" | ")[0] for l in out.getvalue().splitlines()[1:]]
+
+    # `step 1/5` .. `step 5/5`: 5 of 5 done at its step 5, not "step 6 (past the planned 5)".
+    assert heads(StartInfo(steps=5, world_size=1, tokens_per_step=1, device="cpu"), range(1, 6)) == [
+        "progress: step 1/5 (20.0%)", "progress: step 3/5 (60.0%)", "progress: step 5/5 (100.0%)"]
+    # The engine resumed at step 1 (a checkpoint after step 0) numbers from 0: step 1 is its second.
+    assert heads(StartInfo(steps=5, world_size=1, tokens_per_step=1, device="cpu", start_step=1), range(1, 5)) == [
+        "progress: step 2/5 (40.0%)", "progress: step 4/5 (80.0%)", "progress: step 5/5 (100.0%)"]
+    # A trainer resumed at step 3 (no start_step: a stdout-parsed one) is where its numbers say.
+    assert heads(StartInfo(steps=5, world_size=1, tokens_per_step=1, device="cpu"), range(3, 5)) == [
+        "progress: step 4/5 (80.0%)", "progress: step 5/5 (100.0%)"]
+
+
 def test_a_trainer_running_past_its_planned_steps_is_said_so_at_the_usual_cadence():
     # A trainer that ignores --steps: not a line per step with "2720.0%" and a meaningless ETA.
     out = io.StringIO()

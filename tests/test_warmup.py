@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from engine.schema import RunSummary, StepMetrics, to_line
+from engine.schema import RunSummary, StartInfo, StepMetrics, to_line
 from moectl import store
 from moectl.config import load_config
 from moectl.metrics import MetricsFile, RunMetrics, compare, read_metrics, tail_stderr, tail_summary
 from moectl.records import RunRecord, SweepLeg, SweepRecord, save_model
+from moectl.report import run_report
 from moectl.summary import render_summary
 from moectl.sweep.report import fastest, recommendation
 from tests.conftest import git
@@ -81,6 +82,37 @@ def test_the_window_is_chosen_by_step_number_not_by_line(tmp_path):
     assert s.steps == 5 and s.tok_per_sec == pytest.approx(mean([115.0, 116.0, 117.0, 118.0, 119.0]))
     # window 50: steps 10..19, all from the resumed segment
     assert tail_summary(read_metrics(path), 50, 10).tok_per_sec == pytest.approx(mean(100.0 + i for i in range(10, 20)))
+
+
+def test_a_run_counting_from_1_leaves_out_its_first_warmup_steps_not_one_fewer(tmp_path):
+    # `step 1` .. `step 20`, its compile at step 1: warm-up 10 is steps 1-10, the window steps 11-20.
+    steps = [StepMetrics(step=s.step + 1, loss=s.loss, dt_ms=s.dt_ms, tok_per_sec=s.tok_per_sec) for s in compiled_run(20)]
+    clean = [s for s in steps if s.step >= 11]
+    path = write_metrics(tmp_path / "metrics.jsonl", steps)
+    full = read_metrics(path)
+    s = tail_summary(full, window=50, warmup_steps=10)
+    assert (s.steps, s.run_steps, s.warmup_steps, s.first_step, s.clean) == (10, 20, 10, 1, True)
+    assert s.dt_ms == pytest.approx(mean(x.dt_ms for x in clean))
+    assert s.note == "10 clean steps (< window 50) after 10 warm-up steps"
+    assert tail_summary(read_metrics(path, tail=5), 5, 10) == tail_summary(full, 5, 10)  # a tail read knows it too
+    built = tail_summary(MetricsFile(steps=steps), 50, 10)  # (steps built in memory: an import)
+    assert (built.steps, built.first_step, built.dt_ms) == (s.steps, s.first_step, s.dt_ms)
+    assert "Steps 1–10 are warm-up" in run_report(RunRecord(id="r", created_at="t", exp_dir="/x", summary=s))
+
+
+def test_a_run_whose_first_step_is_not_1_or_that_resumed_at_1_counts_from_0(tmp_path):
+    # A trainer resumed at `iter 500`: its steps 500.. are where the run is, no warm-up left out.
+    resumed = [StepMetrics(step=i, loss=1.0, tok_per_sec=100.0 + i) for i in range(500, 520)]
+    s = tail_summary(read_metrics(write_metrics(tmp_path / "a.jsonl", resumed)), 50, 10)
+    assert (s.steps, s.first_step) == (20, 0)
+    # The engine resumed at step 1 into a fresh directory: the store adds the resume to the warm-up
+    # (steps 1-10 of this process left out), and nothing more.
+    lines = [to_line(StartInfo(steps=20, world_size=1, tokens_per_step=1, device="cpu", start_step=1))]
+    lines += [to_line(StepMetrics(step=i, loss=1.0, tok_per_sec=100.0 + i)) for i in range(1, 20)]
+    (tmp_path / "b.jsonl").write_text("\n".join(lines) + "\n")
+    rec = RunRecord(id="r", created_at="t", exp_dir="/x")
+    store.apply_metrics(rec, read_metrics(tmp_path / "b.jsonl"), 50, 10)
+    assert (rec.summary.steps, rec.summary.first_step, rec.summary.warmup_steps) == (9, 0, 11)
 
 
 def test_a_run_of_only_warmup_steps_is_marked_and_keeps_its_figures():
