@@ -57,9 +57,9 @@ def parse_stdout(text: str, fmt: StdoutFormat) -> ParsedLog:
     """A trainer's output through the same parser a live `moectl run` uses, so an old log imports
     exactly as a live run of it would have parsed (same steps, same rank/noise/traceback rules)."""
     parser, steps = parse_text(text, fmt, finished=True)
-    by_step = {s.step: s for s in steps}  # a repeated step number: the last occurrence wins
+    ordered = parser.in_step_order(steps)  # (before the warnings: it counts the unprinted steps again)
     return ParsedLog(
-        steps=[by_step[k] for k in sorted(by_step)], peak_mem_mib=parser.peak_mem_mib,
+        steps=ordered, peak_mem_mib=parser.peak_mem_mib,
         total_time_s=parser.total_time_s, planned_steps=parser.planned_steps, skipped=parser.skipped,
         format=fmt.kind, warnings=parser.warnings() if steps else [],
     )

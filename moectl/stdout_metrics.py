@@ -276,6 +276,7 @@ class StdoutParser:
         self.steps_seen = 0  # step lines turned into records
         self.unprinted = 0  # steps between two printed step lines (a trainer printing every Nth step)
         self.time_estimated = False  # training time includes dt x unprinted steps (see the module docstring)
+        self.printed_elapsed = False  # a step line printed its own training time (nanochat's `total time`)
         self.skipped = 0  # lines that matched the step pattern but could not be read
         self.partial = 0  # lines without their newline (never steps)
         self.matched = {name: 0 for name in fmt.patterns}  # step lines each pattern matched
@@ -429,6 +430,7 @@ class StdoutParser:
         self.unprinted += gap
         if "elapsed_s" in kwargs:
             self._elapsed_s = kwargs["elapsed_s"]  # where the sum goes on from, should the trainer stop printing it
+            self.printed_elapsed = True
         elif dt_ms is not None:
             # Training time so far as the sum of step times, the trainer not printing its own; this
             # line's dt stands for the unprinted steps before it too (see the module docstring).
@@ -436,6 +438,32 @@ class StdoutParser:
             self.time_estimated = self.time_estimated or gap > 0
             kwargs["elapsed_s"] = self._elapsed_s
         return StepMetrics(step=step, **kwargs)
+
+    def in_step_order(self, steps: list[StepMetrics]) -> list[StepMetrics]:
+        """A whole log's steps (as `feed` returned them) by number, each number's latest line, for
+        `moectl import`. Fed in file order, a log whose step lines are out of order (two processes'
+        lines interleaved, a resumed run's log pasted before the first's) had each step that came
+        early count the ones it skipped as never printed, and a summed training time counted those
+        again when they came; so for such a log the unprinted steps and the summed time are taken
+        again over the steps in number order, as a csv's are (moectl.importers). A trainer's own
+        printed times stay as printed. A log in order, nearly every one, is only deduplicated.
+        `steps` must be this parser's own records (their summed times are set again in place)."""
+        by_step = {s.step: s for s in steps}  # a repeated step number: the last occurrence wins
+        ordered = [by_step[k] for k in sorted(by_step)]
+        if not self.went_back:
+            return ordered
+        self.unprinted, elapsed, previous = 0, 0.0, None
+        if not self.printed_elapsed:
+            self.time_estimated = False
+        for s in ordered:
+            gap = s.step - previous - 1 if previous is not None else 0
+            previous = s.step
+            self.unprinted += gap
+            if not self.printed_elapsed and s.dt_ms is not None:
+                elapsed += s.dt_ms / 1000.0 * (1 + gap)
+                self.time_estimated = self.time_estimated or gap > 0
+                s.elapsed_s = elapsed  # (in place: the records are this parser's own, and a copy of each cost 9 us)
+        return ordered
 
     def _run_line(self, line: str) -> None:
         """Run-level facts printed outside the step lines."""

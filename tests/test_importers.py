@@ -306,3 +306,60 @@ def test_a_jsonl_figure_that_cannot_be_negative_is_missing_not_averaged(tmp_path
     p = load_log(log, "jsonl")
     assert (p.steps[1].tok_per_sec, p.steps[1].dt_ms, p.steps[1].aux_loss) == (None, None, -0.5)
     assert tail_summary(MetricsFile(steps=p.steps), window=2).tok_per_sec == 1000.0
+
+
+def _step_lines(order, dt_ms=100.0, loss=3.0) -> str:
+    return "".join(f"step {i:05d}/00010 | loss: {loss - i / 100:.4f} | dt: {dt_ms:.2f}ms\n" for i in order)
+
+
+def _import(tmp_path: Path, monkeypatch, name: str, text: str) -> dict:
+    import json
+
+    from typer.testing import CliRunner
+
+    from moectl.cli import app
+
+    log = tmp_path / f"{name}.log"
+    log.write_text(text)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["import", str(log), "--format", "nanochat", "--name", name, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_a_log_whose_step_lines_are_out_of_order_is_imported_in_step_order(tmp_path, monkeypatch, artifact_root):
+    """Step lines out of order (two processes' lines interleaved, a restarted run's log pasted after
+    its first attempt's): each step that came early counted the ones it skipped as never printed,
+    and the summed training time counted those again when they came (1.3 s for 10 steps of 100 ms)."""
+    from engine.schema import StepMetrics, parse_line
+
+    shuffled = _import(tmp_path, monkeypatch, "shuffled", _step_lines([0, 1, 2, 5, 3, 4, 6, 7, 8, 9]))
+    assert not [w for w in shuffled["warnings"] if "never printed" in w]
+    assert shuffled["summary"]["total_time_min"] == pytest.approx(1.0 / 60)
+    lines = (Path(shuffled["exp_dir"]) / "metrics.jsonl").read_text().splitlines()
+    steps = [r for r in map(parse_line, lines) if isinstance(r, StepMetrics)]
+    assert [s.step for s in steps] == list(range(10))
+    assert [s.elapsed_s for s in steps] == pytest.approx([0.1 * (i + 1) for i in range(10)])
+    # A first attempt's steps 0-4 (500 ms each), then the whole run again: each step keeps its
+    # latest line, and the training time is of those (the engine's resumed runs count it so too).
+    restarted = _import(tmp_path, monkeypatch, "restarted", _step_lines(range(5), 500.0, 9.0) + _step_lines(range(10)))
+    assert restarted["summary"]["total_time_min"] == pytest.approx(1.0 / 60)
+    assert restarted["summary"]["final_loss"] == pytest.approx(2.91)
+    assert not [w for w in restarted["warnings"] if "never printed" in w]
+    assert any("went back 1 time(s)" in w for w in restarted["warnings"])  # said, as before
+    # A step that is really missing (4) is still said, and timed as the dt after it.
+    missing = _import(tmp_path, monkeypatch, "missing", _step_lines([0, 1, 3, 2, 5, 6, 7, 8, 9]))
+    assert [w for w in missing["warnings"] if "never printed" in w] == [
+        "1 steps were never printed (the trainer printed 9 step lines): the tail means are over the printed steps "
+        "only; training time counts each printed dt for the unprinted steps before it (dt x steps since the "
+        "previous line: an estimate)"]
+    assert missing["summary"]["total_time_min"] == pytest.approx(1.0 / 60)
+
+
+def test_an_out_of_order_log_that_prints_its_own_training_time_keeps_it():
+    text = "".join(f"step {i:05d}/00004 | loss: 3.0 | dt: 100.00ms | total time: {t:.2f}m\n"
+                   for i, t in [(0, 0.01), (2, 0.03), (1, 0.02), (3, 0.04)])
+    p = parse_nanochat(text)
+    assert [(s.step, s.elapsed_s) for s in p.steps] == [(0, pytest.approx(0.6)), (1, pytest.approx(1.2)),
+                                                        (2, pytest.approx(1.8)), (3, pytest.approx(2.4))]
+    assert not [w for w in p.warnings if "never printed" in w]
