@@ -363,3 +363,10 @@ def test_an_out_of_order_log_that_prints_its_own_training_time_keeps_it():
     assert [(s.step, s.elapsed_s) for s in p.steps] == [(0, pytest.approx(0.6)), (1, pytest.approx(1.2)),
                                                         (2, pytest.approx(1.8)), (3, pytest.approx(2.4))]
     assert not [w for w in p.warnings if "never printed" in w]
+
+
+def test_a_log_counting_its_steps_from_1_imports_with_its_first_10_steps_as_the_warm_up(tmp_path, monkeypatch, artifact_root):
+    # `step 00001` .. `step 00020`: the default warm-up (10) is steps 1-10, so 10 steps are left, not 11.
+    rec = _import(tmp_path, monkeypatch, "onebased", _step_lines(range(1, 21)))
+    assert (rec["summary"]["run_steps"], rec["summary"]["steps"], rec["summary"]["first_step"]) == (20, 10, 1)
+    assert rec["summary"]["final_loss"] == pytest.approx(2.8)
