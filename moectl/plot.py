@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from engine.schema import METRICS_FILENAME
 from moectl.errors import UsageError
-from moectl.metrics import DEFAULT_WARMUP_STEPS, MEAN_METRICS, read_metrics
+from moectl.metrics import DEFAULT_WARMUP_STEPS, MEAN_METRICS, counted_from, read_metrics
 from moectl.atomic import atomic_file, ensure_dir
 from moectl.records import RunRecord
 
@@ -54,6 +54,10 @@ class Series:
     run_id: str
     steps: list[int]
     values: list[float]
+    counted_from: int = 0  # its first step's number, 0 or 1 (metrics.counted_from): where its warm-up starts
+
+    def warm(self, step: int, warmup_steps: int) -> bool:
+        return step < self.counted_from + warmup_steps
 
 
 @dataclass
@@ -98,20 +102,20 @@ def collect_series(runs: Sequence[RunRecord], metric: str) -> tuple[list[Series]
                    + (f" (not finite from step {first})" if first is not None else ""))
             warnings.append(f"{rec.id}: {why}; left out of the {metric} plot")
             continue
-        series.append(Series(label, rec.id, [p[0] for p in points], [p[1] for p in points]))
+        series.append(Series(label, rec.id, [p[0] for p in points], [p[1] for p in points], counted_from(m)))
     return series, warnings
 
 
 def _fitted_ylim(series: list[Series], warmup_steps: int) -> Optional[tuple[float, float, int]]:
     """(low, high, points off scale) fitted to the post-warm-up steps of every series, or None
     when that would hide nothing or there is too little after warm-up to fit on."""
-    steady = [v for s in series for step, v in zip(s.steps, s.values) if step >= warmup_steps]
+    steady = [v for s in series for step, v in zip(s.steps, s.values) if not s.warm(step, warmup_steps)]
     if len(steady) < 2:
         return None
     lo, hi = min(steady), max(steady)
     pad = (hi - lo) * 0.08 or abs(hi) * 0.05 or 1.0
     lo, hi = lo - pad, hi + pad
-    off = sum(1 for s in series for step, v in zip(s.steps, s.values) if step < warmup_steps and not lo <= v <= hi)
+    off = sum(1 for s in series for step, v in zip(s.steps, s.values) if s.warm(step, warmup_steps) and not lo <= v <= hi)
     return (lo, hi, off) if off else None
 
 
@@ -154,15 +158,16 @@ def make_plot(runs: Sequence[RunRecord], metric: str, out: Path, title: Optional
                 markersize=3)
     result = PlotResult(path=out, metric=metric, plotted=[s.run_id for s in series], skipped=skipped, figure=fig)
     first = min(s.steps[0] for s in series)
-    if metric in MEAN_METRICS and warmup_steps > first:
-        # Behind the lines (zorder 0): steps first .. warmup_steps-1, half a step either side.
-        last = min(warmup_steps - 1, max(s.steps[-1] for s in series))
+    past = max(s.counted_from for s in series) + warmup_steps  # (a trainer counting from 1: steps 1 .. W)
+    if metric in MEAN_METRICS and past > first:
+        # Behind the lines (zorder 0): steps first .. past-1, half a step either side.
+        last = min(past - 1, max(s.steps[-1] for s in series))
         ax.axvspan(first - 0.5, last + 0.5, color="0.5", alpha=0.12, linewidth=0, zorder=0,
                    label=f"warm-up: steps {first}-{last}, not in summaries")
     if metric in WARMUP_METRICS and (fit := _fitted_ylim(series, warmup_steps)) is not None:
         lo, hi, result.off_scale = fit
         ax.set_ylim(lo, hi)
-        ax.text(0.01, 0.01, f"{result.off_scale} point(s) of steps {first}-{warmup_steps - 1} off scale "
+        ax.text(0.01, 0.01, f"{result.off_scale} point(s) of steps {first}-{past - 1} off scale "
                 "(compile / warm-up)", transform=ax.transAxes, fontsize=8, color="0.4", va="bottom")
     ax.set_title(title or f"{PLOT_METRICS[metric]} per step")
     ax.set_xlabel("step")

@@ -30,14 +30,16 @@ def invoke(*args: str):
     return runner.invoke(app, list(args))
 
 
-def make_run(root: Path, tag: str, second: int, n: int = 30, speed: float = 1.0, mfu: bool = True) -> RunRecord:
-    """A completed run whose step 0 is a slow compile step, then a steady state around `speed`."""
+def make_run(root: Path, tag: str, second: int, n: int = 30, speed: float = 1.0, mfu: bool = True,
+             first: int = 0) -> RunRecord:
+    """A completed run whose first step (0, or 1 for a trainer counting from 1) is a slow compile
+    step, then a steady state around `speed`."""
     d = create_run_dir(root / run_id("moe", tag, datetime(2026, 1, 1, 0, 0, second)))
     steps = [
-        StepMetrics(step=i, loss=10.0 - 6.0 * i / n, dt_ms=9000.0 if i == 0 else 650.0 / speed + (i % 3),
-                    tok_per_sec=(60_000.0 if i == 0 else 800_000.0 * speed - 500.0 * (i % 4)),
-                    mfu=(0.7 if i == 0 else 9.7 * speed) if mfu else None, elapsed_s=float(i))
-        for i in range(n)
+        StepMetrics(step=i, loss=10.0 - 6.0 * i / n, dt_ms=9000.0 if i == first else 650.0 / speed + (i % 3),
+                    tok_per_sec=(60_000.0 if i == first else 800_000.0 * speed - 500.0 * (i % 4)),
+                    mfu=(0.7 if i == first else 9.7 * speed) if mfu else None, elapsed_s=float(i))
+        for i in range(first, first + n)
     ]
     (d / METRICS_FILENAME).write_text("".join(to_line(s) + "\n" for s in steps))
     rec = RunRecord(id=d.name, tag=tag, status="completed", created_at=f"2026-01-01T00:00:{second:02d}+00:00",
@@ -272,3 +274,15 @@ def test_plot_into_a_new_directory_named_with_a_trailing_slash_makes_it(project,
     # without the slash a name with no suffix is still a file name whose format is unknown
     r = invoke("plot", "a", "-o", str(tmp_path / "noext"))
     assert r.exit_code == 2 and "cannot write 'noext'" in r.output and not (tmp_path / "noext").exists()
+
+
+def test_the_warmup_region_of_a_run_counting_from_1_covers_its_first_warmup_steps(artifact_root, tmp_path):
+    # Its summaries leave out steps 1-4 of warm-up 4 (metrics.counted_from); the shading said 1-3.
+    run = make_run(artifact_root, "one", 1, first=1)
+    result = make_plot([run], "tok_per_sec", tmp_path / "tok.png", warmup_steps=4)
+    ax = result.figure.axes[0]
+    [span] = [p for p in ax.patches if p.get_label().startswith("warm-up")]
+    xs = [x for x, _ in span.get_path().transformed(span.get_patch_transform()).vertices]
+    assert (min(xs), max(xs)) == (0.5, 4.5)
+    assert "warm-up: steps 1-4, not in summaries" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any("steps 1-4 off scale" in t.get_text() for t in ax.texts) and result.off_scale == 1
