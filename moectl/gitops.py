@@ -707,6 +707,11 @@ def git_diff(repo: Path) -> bytes:
         if path.lstat().st_size > UNTRACKED_MAX_BYTES:
             too_big.append(rel)
             continue
+        if path.is_symlink() and path.is_dir():
+            # git tracks a link as its target's text, but `diff --no-index` follows one to a directory
+            # and fails (`Could not access 'data/null'`): a `data -> /big/dataset` or `.venv` link.
+            parts.append(symlink_patch(rel, os.fsencode(os.readlink(path))))
+            continue
         # --no-index exits 1 when the files differ (always, against /dev/null): not an error.
         r = _run(repo, ["diff", "--no-index", *PATCH_OPTIONS, "--", "/dev/null", rel])
         if r.returncode not in (0, 1):  # unreadable (permissions): named, like a big file
@@ -719,6 +724,31 @@ def git_diff(repo: Path) -> bytes:
     if unreadable:
         notes += b"# moectl: untracked files git could not read, not included: %s\n" % _names(unreadable)
     return notes + b"".join(parts)
+
+
+def symlink_patch(rel: bytes, target: bytes) -> bytes:
+    """The patch of an untracked symlink, as `git diff` writes one (mode 120000, the target as the
+    file's one line), for `git apply` to make the link again. Names are written as git writes
+    them: C-quoted where git quotes (core.quotePath's default), a tab after a `+++` name with a space."""
+    lines = target.split(b"\n")
+    body = b"".join(b"+" + line + b"\n" for line in lines)
+    a, b = _quoted(b"a/" + rel), _quoted(b"b/" + rel)
+    return (b"diff --git %s %s\nnew file mode 120000\n--- /dev/null\n+++ %s%s\n@@ -0,0 +1%s @@\n%s"
+            b"\\ No newline at end of file\n") % (
+        a, b, b, b"\t" if b" " in b else b"", b"" if len(lines) == 1 else b",%d" % len(lines), body)
+
+
+_C_ESCAPES = {0x07: b"\\a", 0x08: b"\\b", 0x09: b"\\t", 0x0A: b"\\n", 0x0B: b"\\v", 0x0C: b"\\f", 0x0D: b"\\r",
+              0x22: b'\\"', 0x5C: b"\\\\"}
+
+
+def _quoted(name: bytes) -> bytes:
+    """git's quote_c_style: a name with a control byte, `"`, `\\` or a byte >= 0x80 in double
+    quotes with C escapes (octal for the rest); any other name as it is."""
+    if not any(b < 0x20 or b in (0x22, 0x5C, 0x7F) or b >= 0x80 for b in name):
+        return name
+    out = b"".join(_C_ESCAPES.get(b) or (b"\\%03o" % b if b < 0x20 or b >= 0x7F else bytes([b])) for b in name)
+    return b'"' + out + b'"'
 
 
 def _names(rels: list[bytes]) -> bytes:

@@ -7,7 +7,9 @@ import subprocess
 import pytest
 
 from moectl.errors import GuardRefused
-from moectl.gitops import SigningFailed, commit_paths, committed_in, files_of_commit, git_diff, recent_commits
+from moectl.gitops import (
+    PATCH_OPTIONS, SigningFailed, commit_paths, committed_in, files_of_commit, git_diff, recent_commits, symlink_patch,
+)
 from tests.conftest import git
 
 
@@ -257,6 +259,33 @@ def test_git_diff_replays_the_working_tree_on_head(git_repo, tmp_path):
     for rel in ("README.md", "tracked.txt", "staged_new.py", "reports/user_note.md", "scratch.txt"):
         assert (clean / rel).read_bytes() == (git_repo / rel).read_bytes(), rel
     assert not (clean / "gone.txt").exists() and not (clean / "big.bin").exists()
+
+
+def test_git_diff_holds_an_untracked_symlink_to_a_directory_and_replays_it(git_repo, tmp_path):
+    # `git diff --no-index /dev/null data` follows a link to a directory and fails ("Could not access
+    # 'data/null'"): git.diff came out empty while the record said dirty (a `.venv` or dataset link).
+    (tmp_path / "dataset").mkdir()
+    (git_repo / "data").symlink_to(tmp_path / "dataset")
+    (git_repo / "sub dir").mkdir()
+    (git_repo / "sub dir" / "caf\u00e9 link").symlink_to("..")
+    (git_repo / "new.txt").write_text("new\n")
+    d = git_diff(git_repo)
+    assert b"diff --git a/data b/data\nnew file mode 120000\n" in d and b"+%s\n" % os.fsencode(tmp_path / "dataset") in d
+    clean = replayed(git_repo, tmp_path, d)
+    assert os.readlink(clean / "data") == str(tmp_path / "dataset")
+    assert os.readlink(clean / "sub dir" / "caf\u00e9 link") == ".."
+    assert (clean / "new.txt").read_text() == "new\n"
+
+
+@pytest.mark.parametrize("name", ["plain", "with space", "caf\u00e9", 'q"uote', "back\\slash", "tab\there"])
+def test_a_symlink_patch_is_the_patch_git_writes(git_repo, name):
+    # For a link git can diff itself (to a file), moectl's patch is git's, less the index line.
+    (git_repo / name).symlink_to("README.md")
+    r = subprocess.run(["git", "-C", str(git_repo), "diff", "--no-index", *PATCH_OPTIONS, "--", "/dev/null", name],
+                       capture_output=True)
+    assert r.returncode == 1, r.stderr
+    theirs = b"".join(line for line in r.stdout.splitlines(keepends=True) if not line.startswith(b"index "))
+    assert symlink_patch(os.fsencode(name), b"README.md") == theirs
 
 
 def test_recent_commits_filters_by_path(git_repo):
