@@ -416,8 +416,10 @@ def test_wrong_branch_refuses_naming_the_guard(proj, artifact_root):
     assert "FAIL" in row and "expected 'main'" in " ".join(r.stdout.split())
     assert "a guard refused the run" in r.stderr and "Traceback" not in r.output
     assert not artifact_root.exists() and tree_state(proj) == before and not (proj / "reports").exists()
-    data = json.loads(run("--json", "--steps", "2", *QUIET, *FAST).stdout)  # refusals in --json too
-    assert data["ok"] is False
+    r = run("--json", "--steps", "2", *QUIET, *FAST)  # refusals in --json too, with every error's keys
+    data = json.loads(r.stdout)
+    assert data["ok"] is False and data["exit_code"] == 3 == r.exit_code
+    assert data["error"] == "a guard refused the run; nothing was written" == r.stderr.strip().removeprefix("error: ")
     assert {g["name"] for g in data["guards"] if not (g["ok"] or g["overridden"])} == {"git"}
 
 

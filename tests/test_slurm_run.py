@@ -925,3 +925,18 @@ def test_a_second_job_of_a_live_run_leaves_its_record_alone(on_cluster, git_repo
     assert rec["status"] == "running" and rec["job_id"] != stray and rec["error"] is None, rec
     assert moectl("cancel", rec["id"]).exit_code == 0
     assert record(run_dir)["status"] == "interrupted"
+
+
+def test_a_submission_its_guards_refuse_says_so_in_its_json_with_every_errors_keys(on_cluster, git_repo, monkeypatch,
+                                                                                 artifact_root):
+    # README: with --json, an error prints {"ok": false, "error": ..., "exit_code": ...}; the refusal
+    # printed the guards alone, its reason only on stderr.
+    slurm_project(git_repo, monkeypatch)
+    git(git_repo, "switch", "-q", "-c", "elsewhere")
+    r = moectl("run", "--slurm", "--json", "--steps", "2")
+    assert r.exit_code == 3, r.output
+    data = json.loads(r.stdout)
+    assert data["ok"] is False and data["exit_code"] == 3
+    assert data["error"] == "a guard refused the run; nothing was submitted"
+    assert [g["name"] for g in data["guards"] if not g["ok"]] == ["git"]
+    assert run_dirs(artifact_root) == []

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from moectl.cli.common import app, error, handle_errors, print_json, stderr, stdout, stops_like_ctrl_c
+from moectl.cli.common import app, error, error_json, handle_errors, print_json, stderr, stdout, stops_like_ctrl_c
 from moectl.cli.options import ConfigOpt, JsonOpt
 from moectl.errors import EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, UsageError
 
@@ -48,12 +48,13 @@ def run_on_slurm(cfg, request, *, nodes, detach: bool, requeue: bool, quiet: boo
                                                          baseline=baseline, fallback_in_job=detach, code_of=failed))
         if submitted.record is None:
             shown, where = job_view(cfg, submitted.plan, nodes if nodes is not None else cfg.cluster.nodes)
+            refused = "a guard refused the run; nothing was submitted"
             if json_out:
                 print_json({**check_json(shown, submitted.guards, False), "command_where": where,
-                            **({"previous_attempts": previous} if previous else {})})
+                            **error_json(refused, EXIT_GUARD), **({"previous_attempts": previous} if previous else {})})
             else:
                 _render_check(shown, submitted.guards, False, where=where)
-            error("a guard refused the run; nothing was submitted")
+            error(refused)
             raise typer.Exit(EXIT_GUARD)
         record = submitted.record
         if not json_out:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import typer
 
-from moectl.cli.common import (app, error, handle_errors, print_json, printable, recover_dead_index_lock, stderr,
-                               stdout, stops_like_ctrl_c)
+from moectl.cli.common import (app, error, error_json, handle_errors, print_json, printable, recover_dead_index_lock,
+                               stderr, stdout, stops_like_ctrl_c)
 from moectl.cli.options import (
     BalanceOpt, BalanceRateOpt, BaselineOpt, CapOpt, CompileOpt, ConfigOpt, DetachOpt, DeviceOpt, DispatchOpt,
     DryRunOpt, EpOpt, ExpDirOpt, ExtraArgs, Fp8Opt, JsonOpt, NoCommitOpt, NodesOpt, NotesOpt, NprocOpt, OverrideOpt,
@@ -171,8 +171,9 @@ def run(
             if outcome.record is None:  # refused: nothing written
                 if not json_out:
                     _render_check(outcome.plan, outcome.guards, False)
-                error("a guard refused the run; nothing was written")
-                return EXIT_GUARD, {**check_json(outcome.plan, outcome.guards, False),
+                error(REFUSED)
+                # (with the keys of every --json failure, README "Commands", beside check's guards)
+                return EXIT_GUARD, {**check_json(outcome.plan, outcome.guards, False), **error_json(REFUSED, EXIT_GUARD),
                                     **({"previous_attempts": previous} if previous else {})}
             retry = fallback_request(cfg, request, outcome)
             data = _outcome_json(outcome)
@@ -274,6 +275,8 @@ def _status_line(record) -> str:
         how = f" (exit {record.exit_code})" if record.exit_code else ""
     return f"{record.status}: {record.id}{how}"
 
+
+REFUSED = "a guard refused the run; nothing was written"
 
 # The failed runs whose record's error is moectl's reason on its first line, then the log tail.
 REASONS_BEFORE_TAIL = ("no step line in the trainer's output", "no step could be read from the trainer's output",
