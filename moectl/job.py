@@ -196,6 +196,7 @@ def make_fallback_run(cfg: Config, spec: JobSpec, failed: RunRecord) -> Optional
     try:
         store.create_run_dir(fallback_dir)
         created = True
+        Path(plan.ckpt_dir).mkdir(exist_ok=True)  # (as runner.write_run_files makes it)
         write_text_atomic(Path(plan.files["command.txt"]), command_file_text(plan, fallback_dir / "code"))
         # The very code that failed, and the diff that went with it: the repository may have moved
         # on since the submission (runner.write_run_files would diff it as it is now).

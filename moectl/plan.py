@@ -285,6 +285,11 @@ def plan_run(cfg: Config, request: RunRequest, now: datetime, gpus_available: Op
         nproc = len(selected) if selected is not None else max(1, gpus_available or 0)
     else:
         nproc = 1
+    if is_engine and device == "cuda" and selected is not None and nproc > len(selected):
+        # Each engine rank takes the GPU of its local rank among those CUDA_VISIBLE_DEVICES shows: a
+        # rank past them fails at start ("invalid device ordinal") in a new run directory.
+        raise UsageError(f"--nproc {nproc}: [gpu] devices selects {len(selected)} GPU(s) ({selected}), and the engine "
+                         "runs one process per GPU; give --nproc at most that, or select more devices")
     if is_engine and ep and ep > 1 and nodes is not None and (nproc * nodes) % ep:
         # The engine would refuse it too, but only after torchrun started in a new run directory.
         ranks = f"--nproc {nproc}" + (f" x {nodes} nodes" if nodes > 1 else "")

@@ -202,10 +202,16 @@ def fallback_record(plan: RunPlan, failed: RunRecord) -> RunRecord:
 
 def write_run_files(cfg: Config, plan: RunPlan, cwd: Optional[Path] = None) -> None:
     """command.txt and git.diff: what ran (from `cwd`, default the repository root), from which
-    uncommitted changes (`gitops.git_diff`'s bytes as git wrote them: the user's files need not be UTF-8)."""
+    uncommitted changes (`gitops.git_diff`'s bytes as git wrote them: the user's files need not be
+    UTF-8); and ckpt_root/, empty until the trainer saves, so every run has SPEC §6's files - one
+    stopped or failed before its first checkpoint too. (Not for a trainer of the user's given it by
+    `[launch.options] ckpt_dir`: one that makes it with a plain mkdir would fail on ours.)"""
     from moectl.atomic import atomic_file
     from moectl.plan import command_file_text
+    from moectl.trainer import follows_engine_contract
 
+    if follows_engine_contract(cfg.launch, cfg.metrics) or "ckpt_dir" not in (cfg.launch.options or {}):
+        Path(plan.ckpt_dir).mkdir(exist_ok=True)
     _write_text(Path(plan.files["command.txt"]), command_file_text(plan, cwd or cfg.root))
     diff = gitops.git_diff(cfg.root)
     diff = _keep_an_unversioned_script(cfg, plan) + diff

@@ -351,6 +351,12 @@ def test_plan_default_tag_auto_device_and_gpu_selection():
     p2 = plan_run(c2, make_request(device="cuda"), NOW, 8)
     assert p2.nproc == 2 and p2.env["CUDA_VISIBLE_DEVICES"] == "2,5" and p2.python == sys.executable
     assert plan_run(c2, make_request(device="cuda", nproc=1), NOW, 8).nproc == 1
+    # more engine ranks than selected GPUs: the third rank had no GPU to take (was let through to torchrun)
+    with pytest.raises(UsageError) as e:
+        plan_run(c2, make_request(device="cuda", nproc=3), NOW, 8)
+    assert e.value.message == ("--nproc 3: [gpu] devices selects 2 GPU(s) ([2, 5]), and the engine runs one process "
+                               "per GPU; give --nproc at most that, or select more devices")
+    assert plan_run(c2, make_request(device="cpu", nproc=3), NOW, 8).nproc == 3  # (a cpu run uses no GPU)
 
 
 def test_a_cpu_run_on_a_node_whose_nvml_fails_says_so():

@@ -107,6 +107,10 @@ def test_signal_stops_everything_records_interrupted_and_releases_lock(proj, art
     assert 3 <= done < 300 and rec["summary"]["steps"] == (min(50, clean) if clean > 0 else done)
     assert rec["summary"]["clean"] is (clean > 0)
     assert rec["finished_at"] and f"interrupted: {rec['id']} (by {name})" in text  # not torchrun's exit code
+    # SPEC §6's files, a run stopped before its first checkpoint too (ckpt_root/ came with the first save)
+    files = {p.name for p in exp.iterdir()}
+    assert {"run.json", "command.txt", "git.diff", "train.log", "metrics.jsonl", "ckpt_root"} <= files, files
+    assert (exp / "ckpt_root").is_dir()
 
     report = next((proj / "reports").glob("*.md"))
     assert "— interrupted" in report.read_text()
