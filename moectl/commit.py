@@ -7,7 +7,8 @@ A run commits its report when it ends, and a failed commit never costs the run: 
 checked out at the end of a long run, or an editor's git holding .git/index.lock past the wait,
 leaves the report on disk and an error naming this command. Once that is fixed, this commits the
 report and a refreshed EXPERIMENTS.md - through the same `gitops.commit_paths`, so nothing else.
-Nothing is written before the branch check passes; a report already committed is a no-op.
+Nothing is written before the branch check passes; a report already committed is a no-op; a run
+of another repository sharing the artifact root is refused (its report is its repository's).
 """
 from __future__ import annotations
 
@@ -30,6 +31,18 @@ def _held_by_head(cfg: Config, report: Path) -> Optional[str]:
         return None
 
 
+def refuse_other_project(cfg: Config, record: RunRecord) -> None:
+    """UsageError (exit 2) when `record` ran from another repository (run.json `repo`): a shared
+    artifact root (the default ~/.cache one) holds other projects' runs too, and a run's report
+    belongs in the history of the commit it cites. `moectl summary`'s rule decides which runs are
+    this project's: a record without `repo` (older, or imported outside a project) still is."""
+    from moectl.summary import same_repository
+
+    if not same_repository(cfg.root)(record.repo):
+        raise UsageError(f"run {record.id} belongs to another repository, {record.repo}: commit its report there "
+                         f"(`moectl commit {record.id}` in {record.repo}); nothing written or committed here")
+
+
 @dataclass
 class ReportCommit:
     run_id: str
@@ -49,7 +62,8 @@ def commit_run_report(
     deleted), GuardRefused (exit 3) on the wrong branch, a detached HEAD, a repository busy past
     the lock wait, or the run's own moectl still writing its report, gitops.SigningFailed (exit 2)
     when commit.gpgSign is on and git cannot sign, gitops.IdentityUnknown (exit 2) when git has no
-    user.name/user.email."""
+    user.name/user.email, or UsageError when the run is another repository's."""
+    refuse_other_project(cfg, record)  # before anything: not even this repository's index lock
     # A killed moectl's index.lock, finished or undone first: also when nothing is left to commit.
     recovered = gitops.recover_dead_index_lock(cfg.root)
     notes = [recovered] if recovered else []  # said first, as warnings

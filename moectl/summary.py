@@ -104,11 +104,12 @@ def _runtime(cfg: Config) -> tuple[str, list[str]]:
     return status, lines
 
 
-def _same_repository(root: Path):
+def same_repository(root: Path):
     """A predicate on a record's `repo`: is it this repository? Yes when it is this work tree, or
     none is recorded (older records), or that path is no repository now (moved, renamed, another
     node's mount of it); also another work tree of the same repository (its git common dir).
-    Only a path that is another repository today makes a run another project's."""
+    Only a path that is another repository today makes a run another project's. The one rule for
+    a shared artifact root: EXPERIMENTS.md, `moectl commit` and `moectl sync` all keep to it."""
     here = str(root.resolve())
     common: dict[str, Optional[str]] = {}
 
@@ -227,7 +228,7 @@ def render_summary(cfg: Config, now: Optional[datetime] = None) -> str:
     scan = store.scan_runs(cfg.artifact_root)
     # This repository's handoff: another project's runs and sweeps in a shared artifact root (the
     # default ~/.cache one) are left out; records older than `repo` are kept, as before.
-    ours = _same_repository(cfg.root)
+    ours = same_repository(cfg.root)
     scan.runs = [r for r in scan.runs if ours(r.repo)]
     sweeps, corrupt_sweeps = scan_sweeps(cfg.artifact_root)
     sweeps = [s for s in sweeps if ours(getattr(s, "repo", None))]

@@ -771,3 +771,86 @@ def test_import_into_an_artifact_root_inside_the_repository_is_refused_as_run_re
 
 def git_status(repo: Path) -> str:
     return subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout
+
+
+# --- another repository's runs in a shared artifact root -------------------------------------------
+
+
+def other_repository(tmp_path: Path) -> Path:
+    """A second real repository with its own committed .moectl.toml (project "moe" too): it shares
+    the artifact root (MOECTL_ARTIFACT_ROOT), as two projects share the default ~/.cache one."""
+    from tests.conftest import git
+
+    other = tmp_path / "other"
+    other.mkdir()
+    git(other, "init", "-q", "-b", "main")
+    (other / ".moectl.toml").write_text('[project]\nname = "moe"\nbranch = "main"\nvenv = ""\n')
+    git(other, "add", ".moectl.toml")
+    git(other, "commit", "-q", "-m", "moectl config")
+    return other
+
+
+def ended_run(repo: Path, rid: str, tag: str, *, repo_recorded: bool = True, with_report: bool = False,
+              group: str | None = None, repeat: int | None = None) -> RunRecord:
+    """A completed run of `repo` as moectl leaves it when its moectl was killed before the report
+    (`with_report`: as `run --no-commit` leaves it, its report in `repo`'s report_dir, uncommitted).
+    `repo_recorded=False`: a record older than run.json `repo`."""
+    from moectl.config import load_config
+    from moectl.records import GitInfo, Summary
+    from moectl.report import run_report, write_report
+    from tests.conftest import git
+
+    cfg = load_config(repo / ".moectl.toml")
+    exp = create_run_dir(cfg.artifact_root / rid)
+    rec = RunRecord(id=rid, tag=tag, status="completed", created_at="2025-01-01T12:00:00+00:00",
+                    finished_at="2025-01-01T12:05:00+00:00", exit_code=0, options={"cap": 1.0},
+                    git=GitInfo(branch="main", commit=git(repo, "rev-parse", "HEAD").strip(), dirty=False),
+                    exp_dir=str(exp), summary=Summary(window=50, steps=10, tok_per_sec=806400.06),
+                    repo=str(repo.resolve()) if repo_recorded else None, group=group, repeat=repeat)
+    if with_report:
+        rec.report = str(write_report(cfg.report_dir, tag, run_report(rec)))
+    save_run(rec)
+    return rec
+
+
+def test_moectl_commit_refuses_another_repositorys_run_and_writes_nothing_here(project, artifact_root, tmp_path,
+                                                                               monkeypatch):
+    # Two projects share one artifact root. `moectl commit RUN` of the other's run wrote its report
+    # into this repository and committed it here (citing a commit only the other has), exit 0; with
+    # the other's report on disk, it said the report was "gone (deleted or moved)".
+    from tests.conftest import git
+
+    other = other_repository(tmp_path)
+    theirs = str(other.resolve())
+    killed = ended_run(other, "20250101_120000_moe-killme", "killme")
+    crashed = ended_run(other, "20250101_120100_moe-crash", "crash", with_report=True)
+    for i in (1, 2):  # `run --repeat 2 --no-commit` there: its group, by tag and by id
+        ended_run(other, f"20250101_12020{i}_moe-grp", "grp", with_report=True, group="20250101_120200_moe-grp",
+                  repeat=i)
+    head, files = git(project, "rev-parse", "HEAD"), sorted(p.name for p in project.iterdir())
+    named = {killed.id: killed.id, "killme": killed.id, "crash": crashed.id, "grp": "20250101_12020",
+             "20250101_120200_moe-grp": "20250101_12020"}  # (a group: one of its repeats)
+    for ref, rid in named.items():
+        r = invoke("commit", ref)
+        assert r.exit_code == 2, (ref, r.output)
+        [line] = r.stderr.splitlines()
+        assert line.startswith(f"error: run {rid}") and f"belongs to another repository, {theirs}: " in line, line
+        assert "commit its report there (`moectl commit " in line and line.endswith("nothing written or committed here")
+    assert git(project, "rev-parse", "HEAD") == head and git_status(project) == ""
+    assert sorted(p.name for p in project.iterdir()) == files  # no reports/, no EXPERIMENTS.md
+    assert json.loads((Path(killed.exp_dir) / RUN_RECORD).read_text())["report"] is None
+    assert json.loads(invoke("commit", "crash", "--json").stdout)["exit_code"] == 2
+    assert Path(crashed.report).is_file() and git(other, "status", "--porcelain").split() == ["??", "reports/"]
+
+    # A record from before run.json `repo` is this repository's, as in EXPERIMENTS.md: committed as before.
+    old = ended_run(project, "20250101_120300_moe-old", "old", repo_recorded=False)
+    r = invoke("commit", old.id)
+    assert r.exit_code == 0, r.output
+    assert git(project, "log", "-1", "--format=%s").startswith("report: ")
+    # ... and the other repository commits its own runs' reports, the group's too.
+    monkeypatch.chdir(other)
+    head = git(other, "rev-parse", "HEAD")
+    for ref in ("killme", "crash", "grp"):
+        r = invoke("commit", ref)
+        assert r.exit_code == 0, (ref, r.output)
+    assert len(git(other, "log", "--format=%H", f"{head.strip()}..HEAD").split()) == 4

@@ -21,8 +21,9 @@ def commit_cmd(
     whose moectl was killed after its training, before the report. A report already committed is
     left alone.
 
-    Exit codes: 0 committed or already committed, 2 unknown run or no report, or git could not
-    sign or has no user.name/user.email, 3 refused: wrong branch, detached HEAD, git still busy,
+    Exit codes: 0 committed or already committed, 2 unknown run or no report, a run of another
+    repository (run.json `repo`; commit it there), or git could not sign or has no
+    user.name/user.email, 3 refused: wrong branch, detached HEAD, git still busy,
     git refusing the branch update (a reference-transaction hook), or your own edits in the
     report; nothing moved.
 
@@ -33,7 +34,7 @@ def commit_cmd(
       [bold]moectl commit 20250224_182427_moe-bufreuse[/bold]
       [bold]moectl commit bufreuse --json[/bold]
     """
-    from moectl.commit import commit_run_report
+    from moectl.commit import commit_run_report, refuse_other_project
     from moectl.config import load_config
     from moectl.repeats import means_group
     from moectl.store import list_runs, resolve_run
@@ -46,6 +47,9 @@ def commit_cmd(
     if group is None:
         record = resolve_run(cfg.artifact_root, run, runs)
         group = record.group if means_group(run, record) else None
+    # Another project's run or group (a shared artifact root): said as such, not as "no report".
+    members = [r for r in runs if r.group == group] if group else []
+    refuse_other_project(cfg, members[0] if members else record)
     records = (sorted((r for r in runs if r.group == group and r.status in ("completed", "failed", "interrupted")),
                       key=lambda r: (r.repeat or 0, r.id)) if group else [record])
     if not records:
