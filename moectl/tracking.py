@@ -213,20 +213,37 @@ def recorded_report(cfg: Config, record: RunRecord) -> Optional[Path]:
 
 def sync_plan(cfg: Config, refs: Sequence[str]) -> list[tuple[store.StoredRun, list[str]]]:
     """`moectl sync`: with RUN refs, those runs and every configured tracker (each adapter then sends
-    only what its tracker lacks); without, every finished run some tracker does not hold yet,
-    oldest first. UsageError when no tracker is configured or a named run has not finished."""
+    only what its tracker lacks); without, every finished run of this project some tracker does not
+    hold yet, oldest first. UsageError when no tracker is configured, a named run has not finished
+    or is another repository's.
+
+    A shared artifact root (the default ~/.cache one) holds other projects' runs too: this
+    project's `[tracking]` is not theirs, and a run.json holds one target per tracker, so mirroring
+    another project's run here would also make its own `moectl sync` mirror it again. Which runs
+    are this project's is `moectl summary`'s rule (run.json `repo`; none recorded: this one's)."""
+    from moectl.summary import same_repository
+
     names = configured(cfg)
     if not names:
         raise UsageError("no tracker configured: set mlflow_uri or wandb_project in [tracking] of "
                          f"{cfg.path or '.moectl.toml'}")
+    ours = same_repository(cfg.root)
     if refs:
         records = store.resolve_runs(cfg.artifact_root, refs)
+        theirs = [r for r in {r.id: r for r in records}.values() if not ours(r.repo)]
+        if len(theirs) == 1:
+            r = theirs[0]
+            raise UsageError(f"run {r.id} belongs to another repository, {r.repo}: mirror it from there "
+                             f"(`moectl sync {r.id}` in {r.repo}), into that project's trackers; nothing mirrored")
+        if theirs:
+            raise UsageError("runs of other repositories are mirrored from there, into their projects' trackers; "
+                             "nothing mirrored", lines=[f"{r.id} belongs to {r.repo}" for r in theirs])
         busy = [r for r in records if not finished(r)]
         if busy:
             raise UsageError("only finished runs can be mirrored",
                              lines=[f"{r.id}: {r.display_status}" for r in busy])
         return [(r, names) for r in {r.id: r for r in records}.values()]  # a run named twice: once
-    runs = [r for r in reversed(store.list_runs(cfg.artifact_root)) if finished(r)]
+    runs = [r for r in reversed(store.list_runs(cfg.artifact_root)) if finished(r) and ours(r.repo)]
     return [(r, todo) for r in runs if (todo := due(cfg, r))]
 
 

@@ -836,6 +836,45 @@ def test_a_run_named_twice_is_mirrored_once(git_repo, monkeypatch, artifact_root
     assert r.returncode == 0 and json.loads(r.stdout) == [{"run": run_id, "trackers": ["wandb"]}], r.stdout
 
 
+def test_sync_leaves_another_repositorys_runs_in_a_shared_artifact_root_to_that_project(git_repo, monkeypatch,
+                                                                                        artifact_root, tmp_path):
+    # Two projects share one artifact root (the default ~/.cache one). `moectl sync` with no RUN
+    # mirrored the other's runs into this project's trackers too, and wrote this project's target
+    # into their run.json (which then made their own `moectl sync` mirror them again).
+    from moectl import store
+
+    other = tmp_path / "other"
+    other.mkdir()
+    git(other, "init", "-q", "-b", "main")
+    tracked_project(other, monkeypatch, 'wandb_project = "theirs"\nwandb_mode = "offline"')
+    tracked_project(git_repo, monkeypatch, 'wandb_project = "moe"\nwandb_mode = "offline"')
+    theirs, theirs_dir = imported(other, "theirs")  # `moectl import` records the repository too
+    mine, _ = imported(git_repo, "mine")
+    old = store.import_run(artifact_root, "moe", "old", [StepMetrics(step=i, loss=1.0) for i in range(3)])  # no `repo`
+    r = moectl(git_repo, "sync", "--dry-run", "--json")
+    assert r.returncode == 0 and {row["run"] for row in json.loads(r.stdout)} == {mine, old.id}, r.stdout
+    r = moectl(git_repo, "sync", "--json")
+    assert r.returncode == 0 and {row["run"] for row in json.loads(r.stdout)} == {mine, old.id}, r.stdout + r.stderr
+    assert record_of(artifact_root, theirs)["tracking"] == {} and not (theirs_dir / "wandb").exists()
+    assert record_of(artifact_root, mine)["tracking"]["wandb"]["status"] == "mirrored"
+
+    # Named, another project's run is refused (exit 2, nothing mirrored): this project's [tracking]
+    # is not its, and its run.json keeps one target per tracker, its own project's.
+    where = str(other.resolve())
+    r = moectl(git_repo, "sync", "theirs")
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        f"error: run {theirs} belongs to another repository, {where}: mirror it from there (`moectl sync {theirs}` "
+        f"in {where}), into that project's trackers; nothing mirrored"], r.stderr
+    second, _ = imported(other, "second")
+    r = moectl(git_repo, "sync", mine, theirs, second, "--json")
+    assert r.returncode == 2 and json.loads(r.stdout)["exit_code"] == 2, r.stdout
+    assert r.stderr.splitlines()[1:] == [f"  {theirs} belongs to {where}", f"  {second} belongs to {where}"], r.stderr
+    assert record_of(artifact_root, theirs)["tracking"] == {}
+    # There, it is that project's own (and so is the record from before run.json `repo`).
+    r = moectl(other, "sync", "--dry-run", "--json")
+    assert r.returncode == 0 and {row["run"] for row in json.loads(r.stdout)} == {theirs, second, old.id}, r.stdout
+
+
 def test_wandbs_deadline_exceeded_reads_as_timed_out():
     from moectl.tracking import _reason
 

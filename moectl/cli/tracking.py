@@ -14,23 +14,25 @@ from moectl.errors import EXIT_OK, EXIT_USAGE, GuardRefused, Interrupted
 @handle_errors
 def sync_cmd(
     ctx: typer.Context,
-    runs: Annotated[Optional[List[str]], typer.Argument(help="Runs to mirror (id, tag, prefix or path); none = every run not yet mirrored.", metavar="[RUN]...", show_default=False)] = None,
+    runs: Annotated[Optional[List[str]], typer.Argument(help="Runs to mirror (id, tag, prefix or path); none = every run of this project not yet mirrored.", metavar="[RUN]...", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be mirrored; contact no tracker.")] = False,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Mirror finished runs (imported ones too) into MLflow / W&B, as configured in \\[tracking].
 
-    Without RUN: every finished run that a configured tracker does not hold yet — never mirrored,
-    failed (tracker down, not installed), or mirrored before the config named another target.
-    With RUN: those runs, checked against each tracker again. Idempotent either way: a run is
-    found again by its moectl run id (MLflow tag `moectl_run_id`, W&B run id derived from it) and
-    only what the tracker lacks is sent, so nothing is duplicated. Each run's run.json records
-    what was mirrored where (`tracking`).
+    Without RUN: every finished run of this project that a configured tracker does not hold yet —
+    never mirrored, failed (tracker down, not installed), or mirrored before the config named
+    another target. With RUN: those runs, checked against each tracker again. Another
+    repository's runs in a shared artifact root (run.json `repo`, as `moectl summary` reads it)
+    are left out, and refused when named: that project's own `moectl sync` mirrors them.
+    Idempotent either way: a run is found again by its moectl run id (MLflow tag
+    `moectl_run_id`, W&B run id derived from it) and only what the tracker lacks is sent, so
+    nothing is duplicated. Each run's run.json records what was mirrored where (`tracking`).
 
-    Exit codes: 0 every mirror succeeded, 2 no tracker configured, a run not finished, or a tracker
-    failed (named on stderr, recorded in run.json; run `moectl sync` again to retry), 3 a local
-    store where moectl may not write, 130 interrupted (Ctrl-C, SIGTERM: stops at once; the mirror
+    Exit codes: 0 every mirror succeeded, 2 no tracker configured, a run not finished or another
+    repository's, or a tracker failed (named on stderr, recorded in run.json; run `moectl sync`
+    again to retry), 3 a local store where moectl may not write, 130 interrupted (Ctrl-C, SIGTERM: stops at once; the mirror
     cut short is not recorded, so `moectl sync` retries it).
 
     Examples:
