@@ -32,8 +32,8 @@ def sync_cmd(
 
     Exit codes: 0 every mirror succeeded, 2 no tracker configured, a run not finished or another
     repository's, or a tracker failed (named on stderr, recorded in run.json; run `moectl sync`
-    again to retry), 3 a local store where moectl may not write, 130 interrupted (Ctrl-C, SIGTERM: stops at once; the mirror
-    cut short is not recorded, so `moectl sync` retries it).
+    again to retry), 3 a local store where moectl may not write, 130 interrupted (Ctrl-C,
+    SIGTERM: stops at once; the mirror cut short is not recorded, so `moectl sync` retries it).
 
     Examples:
       [bold]moectl sync[/bold]                        (retry whatever has not been mirrored)
