@@ -164,7 +164,10 @@ class SweepRecord(BaseModel):
     name: str
     spec: dict[str, Any]
     legs: list[SweepLeg]
-    resumed_from: Optional[str] = None
+    resumed_from: Optional[str] = None  # the chain's original sweep (SPEC §7a), for every resume of it
+    # The sweep this resume continued (the newest of its chain then): the chain's links. A
+    # sweep.json written before this key has only `resumed_from`, which then named that sweep.
+    previous: Optional[str] = None
     created_at: str
     finished_at: Optional[str] = None
     exp_dir: str

@@ -25,7 +25,9 @@ from moectl.atomic import remove_dead_temp_files, write_bytes_atomic
 from moectl.records import RunRecord, SweepRecord, write_text_atomic
 from moectl.report import COLUMNS, fmt, marked_footnote, summary_cell
 from moectl.sweep.report import completed_comparison, legs_table, recommendation
-from moectl.sweep.store import final_report_owed, leg_status, owner_alive, scan_sweeps, settled, sweep_chain, sweep_runs
+from moectl.sweep.store import (
+    final_report_owed, leg_status, owner_alive, previous_sweep, scan_sweeps, settled, sweep_chain, sweep_runs,
+)
 
 TIMESTAMP_PREFIX = "- Generated at: "
 STATUS_PREFIX = "- Status: "
@@ -233,7 +235,7 @@ def render_summary(cfg: Config, now: Optional[datetime] = None) -> str:
     sweeps, corrupt_sweeps = scan_sweeps(cfg.artifact_root)
     sweeps = [s for s in sweeps if ours(getattr(s, "repo", None))]
     by_id = {s.id: s for s in sweeps}
-    resumed = {s.resumed_from for s in sweeps if s.resumed_from}
+    resumed = {previous_sweep(s) for s in sweeps if previous_sweep(s)}
     chains = [sweep_chain(s, by_id) for s in sweeps if s.id not in resumed]  # one per latest sweep
     git_branch = gitops.current_branch(cfg.root)
     status, runtime = _runtime(cfg)

@@ -432,6 +432,88 @@ def test_interrupt_during_leg_2_then_resume_runs_only_unfinished_legs(git_repo, 
 
 
 @pytest.mark.slow
+def test_a_resume_of_a_resume_records_the_original_as_resumed_from(git_repo, artifact_root, monkeypatch):
+    """SIGINT during leg 2, resume, SIGINT during leg 3, resume again: every resume's `resumed_from`
+    is the original sweep (SPEC §7a; the second resume named the first resume), `previous` the one it
+    continued, and the chain, the report and `--resume` of the original still follow every link."""
+    sweep_project(git_repo)
+    monkeypatch.chdir(git_repo)
+    gates = {tag: git_repo.parent / f"{tag}.gate" for tag in ("two", "three")}
+    spec = write_spec(git_repo, 'name = "three"\n[common]\nsteps = 6\n'
+                      + "".join(f'[[legs]]\ntag = "{tag}"\n' + (f'args = ["--sleep-per-step", "0.02", "--hold-at-step", '
+                                                                  f'"3", "--hold-until", "{gates[tag]}"]\n'
+                                                                  if tag in gates else "")
+                                for tag in ("one", "two", "three")))
+
+    def stop_while_held(tag: str, *args: str) -> Path:
+        out = git_repo.parent / f"sweep-{tag}.out"
+        before = set(sweep_dirs(artifact_root))
+        proc = _spawn_sweep(git_repo, out, *args, "--no-commit", *QUIET)
+        code = signal_when(proc, Path(f"{gates[tag]}.waiting").exists, f"leg {tag} held", signal.SIGINT,
+                           output=out.read_text)
+        assert code == 130, out.read_text()
+        gates[tag].touch()  # its re-run goes through
+        [made] = set(sweep_dirs(artifact_root)) - before
+        return made
+
+    first = load(stop_while_held("two", str(spec)) / "sweep.json")
+    second = load(stop_while_held("three", "--resume", "three") / "sweep.json")
+    assert [leg["state"] for leg in second["legs"]] == ["completed", "completed", "interrupted"]
+    r = cli("sweep", "--resume", "three", "--no-commit", "--json", *QUIET)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    third = load(Path(out["sweep"]["exp_dir"]) / "sweep.json")
+    assert [leg["state"] for leg in third["legs"]] == ["completed"] * 3
+    assert second["resumed_from"] == first["id"] and third["resumed_from"] == first["id"]  # (was second's)
+    assert (second["previous"], third["previous"]) == (first["id"], second["id"])
+    assert third["legs"][0]["run_id"] == first["legs"][0]["run_id"]  # carried through the chain
+    assert third["legs"][1]["run_id"] == second["legs"][1]["run_id"]
+    chain = " → ".join(f"`{s['id']}`" for s in (first, second, third))
+    assert f"- resumed from: `{first['id']}` (chain: {chain})" in Path(out["report"]).read_text()
+    # The original, by its id: its newest resume is the one continued (nothing is left to run).
+    r = cli("sweep", "--resume", first["id"], "--dry-run")
+    assert r.exit_code == 0 and f"0 leg(s) to run (resuming {third['id']})" in r.output, r.output
+    # EXPERIMENTS.md shows the chain once, from its newest sweep.
+    handoff = git_repo.parent / "handoff.md"
+    assert cli("summary", "--no-commit", "-o", str(handoff)).exit_code == 0
+    text = handoff.read_text()
+    assert text.count("### three (") == 1
+    assert all(f"directory: `{s['exp_dir']}`" in text for s in (first, second, third))
+
+
+@pytest.mark.slow
+def test_a_resume_of_a_chain_written_before_previous_records_its_original(git_repo, artifact_root, monkeypatch):
+    """A chain written by an older moectl (no `previous`; each resume's `resumed_from` names the sweep
+    it continued): it still resolves, runs only the unfinished leg, and the new resume names the
+    chain's original as `resumed_from` and the sweep it continued as `previous`."""
+    from moectl.records import SweepLeg
+    from tests.test_summary import make_run, make_sweep, populate
+
+    sweep_project(git_repo)
+    monkeypatch.chdir(git_repo)
+    ids = populate(artifact_root)
+    d = artifact_root / "20260102_120000_moe-capacity-resume"
+    make_run(d, "20260102_120001_moe-c", "c", "interrupted", 500.0, d.name)
+    make_sweep(artifact_root, d.name, "capacity", [SweepLeg(tag="a", state="completed", run_id="20260102_100001_moe-a"),
+                                                   SweepLeg(tag="b", state="completed", run_id="20260102_110001_moe-b"),
+                                                   SweepLeg(tag="c", state="interrupted", run_id="20260102_120001_moe-c")],
+               resumed_from=ids["resume"])
+    data = load(d / "sweep.json")
+    data.pop("previous", None)  # (as an older moectl wrote it)
+    (d / "sweep.json").write_text(json.dumps(data))
+    r = cli("sweep", "--resume", ids["original"], "--no-commit", "--json", *QUIET)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    new = load(Path(out["sweep"]["exp_dir"]) / "sweep.json")
+    assert new["resumed_from"] == ids["original"] and new["previous"] == d.name
+    assert [(leg["tag"], leg["state"]) for leg in new["legs"]] == [("a", "completed"), ("b", "completed"),
+                                                                    ("c", "completed")]
+    assert new["legs"][1]["run_id"] == "20260102_110001_moe-b"  # carried, not run again
+    chain = " → ".join(f"`{i}`" for i in (ids["original"], ids["resume"], d.name, new["id"]))
+    assert f"(chain: {chain})" in Path(out["report"]).read_text()
+
+
+@pytest.mark.slow
 def test_failed_leg_does_not_stop_the_sweep_but_fail_fast_does(git_repo, artifact_root, monkeypatch):
     sweep_project(git_repo, summary=False)  # report.summary = false: EXPERIMENTS.md is left alone
     monkeypatch.chdir(git_repo)

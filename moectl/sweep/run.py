@@ -16,7 +16,8 @@ moectl that reads the store settles the leg and its run as `interrupted`: store.
 
 A resume never writes into the old directory: it makes `<ts>_<project>-<name>-resume/` whose
 sweep.json lists every leg (completed ones carried over with their original run ids) and links
-back through `resumed_from`; only the legs that did not complete run again.
+back through `previous` (the sweep it continued) and `resumed_from` (the chain's original sweep);
+only the legs that did not complete run again.
 """
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ from moectl.summary import put_back, resume_command, write_summary
 from moectl.sweep.report import claim_sweep_report, completed_comparison, fastest, recommendation, sweep_report, within_noise
 from moectl.sweep.spec import SweepSpec, request_kwargs
 from moectl.sweep.store import (
-    fallback_leg, fallback_of, final_report_owed, leg_status, list_sweeps, owner_alive, resolve_sweep, save_sweep,
-    scan_sweep_dirs, settled, sweep_chain, sweep_runs,
+    fallback_leg, fallback_of, final_report_owed, leg_status, list_sweeps, original_sweep, owner_alive, previous_sweep,
+    resolve_sweep, save_sweep, scan_sweep_dirs, settled, sweep_chain, sweep_runs,
 )
 from moectl.tracking import warning_lines
 
@@ -240,7 +241,7 @@ def plan_resume(cfg: Config, ref: str) -> tuple[SweepRecord, list[SweepLeg], dic
                              f"; put that configuration back there and resume: {resume_command(old)}")
     # Already resumed? Continue from the newest resume in its chain: it knows every completed leg.
     sweeps, unreadable = scan_sweep_dirs(cfg.artifact_root)
-    later = {s.resumed_from: s for s in sweeps if s.resumed_from}  # oldest first
+    later = {previous_sweep(s): s for s in sweeps if previous_sweep(s)}  # oldest first
     seen = {old.id}
     names = {old.name}
     while old.id in later and later[old.id].id not in seen:
@@ -333,7 +334,8 @@ def _resume_claimed(cfg: Config, old: SweepRecord, legs: list[SweepLeg], carried
     ui.say(f"resuming {old.id}: " + ", ".join(f"{leg.tag} {leg.state}" for leg in legs))
     by_id = {s.id: s for s in list_sweeps(cfg.artifact_root)}
     chain = [s.id for s in sweep_chain(old, by_id)]
-    sweep = SweepRecord(id="", name=old.name, spec=old.spec, legs=legs, resumed_from=old.id, created_at="", exp_dir="",
+    sweep = SweepRecord(id="", name=old.name, spec=old.spec, legs=legs, resumed_from=original_sweep(old, by_id),
+                        previous=old.id, created_at="", exp_dir="",
                         config=old.config or (str(cfg.path.resolve()) if cfg.path else None), baseline=opts.baseline,
                         overrides=list(opts.overrides), repo=str(cfg.root.resolve()))
     return (submit or _run)(cfg, sweep, opts, ui, carried=carried, chain=chain)

@@ -260,13 +260,27 @@ def owner_alive(sweep: SweepRecord) -> Optional[bool]:
     return alive(sweep.pid, sweep.host, store.parse_time(sweep.created_at) if sweep.created_at else None)
 
 
+def previous_sweep(sweep: SweepRecord) -> Optional[str]:
+    """The id of the sweep `sweep` resumed (None for an original): its `previous`, or - in a
+    sweep.json written before that key - its `resumed_from`, which then named that very sweep."""
+    return sweep.previous or sweep.resumed_from
+
+
 def sweep_chain(sweep: SweepRecord, by_id: dict[str, SweepRecord]) -> list[SweepRecord]:
     """The sweep and the ones it resumed, oldest first (a missing link ends the chain)."""
     chain, seen = [sweep], {sweep.id}
-    while chain[0].resumed_from and chain[0].resumed_from in by_id and chain[0].resumed_from not in seen:
-        chain.insert(0, by_id[chain[0].resumed_from])
+    while (link := previous_sweep(chain[0])) and link in by_id and link not in seen:
+        chain.insert(0, by_id[link])
         seen.add(chain[0].id)
     return chain
+
+
+def original_sweep(sweep: SweepRecord, by_id: dict[str, SweepRecord]) -> str:
+    """The id of the original sweep of `sweep`'s chain: what a resume of it records as `resumed_from`.
+    Followed through the chain, as an older resume's `resumed_from` named only its own predecessor;
+    where a link is missing, the furthest sweep known."""
+    first = sweep_chain(sweep, by_id)[0]
+    return first.resumed_from or first.id
 
 
 def find_sweep(root: Path, ref: str, sweeps: Optional[list[SweepRecord]] = None) -> "SweepRecord | None":
