@@ -514,6 +514,31 @@ def test_a_resume_of_a_chain_written_before_previous_records_its_original(git_re
 
 
 @pytest.mark.slow
+def test_a_legs_repeats_are_never_compared_against_each_other_as_the_baseline(git_repo, artifact_root, monkeypatch):
+    """`repeats = 2`: ra's repeat 2 was reported and committed `vs ra` - against its own repeat 1, two
+    seeds of one configuration, with `*` beyond noise. The baseline leg's own repeats now get no
+    baseline; rb's repeats are compared against ra's completed group (mean ± between-runs error),
+    as `run --baseline GROUP` does."""
+    sweep_project(git_repo)
+    monkeypatch.chdir(git_repo)
+    spec = write_spec(git_repo, 'name = "rep"\n[common]\nsteps = 6\nrepeats = 2\nargs = ["--sleep-per-step", "0.01"]\n'
+                      '[[legs]]\ntag = "ra"\ncap = 0.0\n[[legs]]\ntag = "rb"\ncap = 1.0\n')
+    r = cli("sweep", str(spec), "--json", *QUIET)
+    assert r.exit_code == 0, r.output
+    sweep = json.loads(r.stdout)["sweep"]
+    assert [(leg["tag"], leg["repeat"], leg["state"]) for leg in sweep["legs"]] == [
+        ("ra", 1, "completed"), ("ra", 2, "completed"), ("rb", 1, "completed"), ("rb", 2, "completed")]
+    runs = [load(Path(sweep["exp_dir"]) / leg["run_id"] / "run.json") for leg in sweep["legs"]]
+    subjects = [git(git_repo, "log", "-1", "--format=%s", run["commit"]).strip() for run in runs]
+    reports = [Path(run["report"]).read_text() for run in runs]
+    for subject, report in zip(subjects[:2], reports[:2]):  # ra: the baseline leg, its own repeats
+        assert " vs " not in subject and "## Against the baseline" not in report, (subject, report)
+    for subject, report in zip(subjects[2:], reports[2:]):  # rb: against ra's group of 2
+        assert re.search(r"\([+-]\d+\.\d\d% vs ra\)$", subject), subject
+        assert "## Against the baseline" in report and "| ra (×2 runs) (baseline) |" in report, report
+
+
+@pytest.mark.slow
 def test_failed_leg_does_not_stop_the_sweep_but_fail_fast_does(git_repo, artifact_root, monkeypatch):
     sweep_project(git_repo, summary=False)  # report.summary = false: EXPERIMENTS.md is left alone
     monkeypatch.chdir(git_repo)

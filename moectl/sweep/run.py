@@ -398,9 +398,12 @@ def _run(cfg: Config, sweep: SweepRecord, opts: SweepOptions, ui: SweepUI, *, ca
     notes: list[str] = []
     commit = not opts.no_commit
 
-    def baseline_record() -> Optional[list[RunRecord]]:
-        # The baseline leg's run, or all the completed repeats of its group (as the sweep's table has it).
-        done = [leg for leg in sweep.legs if leg.state == "completed" and leg.run_id in runs]
+    def baseline_record(current: SweepLeg) -> Optional[list[RunRecord]]:
+        # The baseline leg's run, or all the completed repeats of its group (as the sweep's table has it),
+        # among the other legs': a leg's repeat 2 against its repeat 1 would compare two seeds of one
+        # configuration as if they were two legs (the baseline leg's own repeats get no baseline).
+        done = [leg for leg in sweep.legs
+                if leg.state == "completed" and leg.run_id in runs and leg.tag != current.tag]
         pick = next((leg for leg in done if leg.tag == opts.baseline), done[0] if done else None)
         if pick is None:
             return None
@@ -441,7 +444,7 @@ def _run(cfg: Config, sweep: SweepRecord, opts: SweepOptions, ui: SweepUI, *, ca
 
                 progress = ui.progress()
                 try:
-                    outcome = execute_run(cfg, request, progress=progress, baseline=baseline_record(),
+                    outcome = execute_run(cfg, request, progress=progress, baseline=baseline_record(leg),
                                           sweep_id=sweep.id, commit=commit, extra_commit_paths=after_leg,
                                           on_wait=ui.on_wait, on_start=on_start, on_recorded=leg_recorded)
                 except GuardRefused as exc:  # e.g. the lock was taken between the guards and the launch
