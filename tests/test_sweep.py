@@ -458,9 +458,14 @@ def test_a_resume_of_a_resume_records_the_original_as_resumed_from(git_repo, art
 
     first = load(stop_while_held("two", str(spec)) / "sweep.json")
     second = load(stop_while_held("three", "--resume", "three") / "sweep.json")
+    # What became of each leg, and what the resume does with it (not `two pending` for an interrupted leg).
+    assert (f"resuming {first['id']}: one completed (kept), two interrupted (runs again), three pending (runs)"
+            in (git_repo.parent / "sweep-three.out").read_text())
     assert [leg["state"] for leg in second["legs"]] == ["completed", "completed", "interrupted"]
     r = cli("sweep", "--resume", "three", "--no-commit", "--json", *QUIET)
     assert r.exit_code == 0, r.output
+    assert f"resuming {second['id']}: one completed (kept), two completed (kept), three interrupted (runs again)" \
+        in r.output
     out = json.loads(r.stdout)
     third = load(Path(out["sweep"]["exp_dir"]) / "sweep.json")
     assert [leg["state"] for leg in third["legs"]] == ["completed"] * 3
@@ -523,9 +528,10 @@ def test_a_legs_repeats_are_never_compared_against_each_other_as_the_baseline(gi
     monkeypatch.chdir(git_repo)
     spec = write_spec(git_repo, 'name = "rep"\n[common]\nsteps = 6\nrepeats = 2\nargs = ["--sleep-per-step", "0.01"]\n'
                       '[[legs]]\ntag = "ra"\ncap = 0.0\n[[legs]]\ntag = "rb"\ncap = 1.0\n')
-    r = cli("sweep", str(spec), "--json", *QUIET)
+    r = cli("sweep", str(spec), *QUIET)
     assert r.exit_code == 0, r.output
-    sweep = json.loads(r.stdout)["sweep"]
+    [sweep_dir] = sweep_dirs(artifact_root)
+    sweep = load(sweep_dir / "sweep.json")
     assert [(leg["tag"], leg["repeat"], leg["state"]) for leg in sweep["legs"]] == [
         ("ra", 1, "completed"), ("ra", 2, "completed"), ("rb", 1, "completed"), ("rb", 2, "completed")]
     runs = [load(Path(sweep["exp_dir"]) / leg["run_id"] / "run.json") for leg in sweep["legs"]]
@@ -536,6 +542,10 @@ def test_a_legs_repeats_are_never_compared_against_each_other_as_the_baseline(gi
     for subject, report in zip(subjects[2:], reports[2:]):  # rb: against ra's group of 2
         assert re.search(r"\([+-]\d+\.\d\d% vs ra\)$", subject), subject
         assert "## Against the baseline" in report and "| ra (×2 runs) (baseline) |" in report, report
+    # The closing line says what the commits hold: not "reports only" beside figures and EXPERIMENTS.md.
+    figures = len(list((git_repo / "reports" / "figures").glob("*.png")))
+    assert figures > 0 and (f"committed 5 commit(s), last {git(git_repo, 'rev-parse', 'HEAD')[:10]} (5 reports, "
+                            f"{figures} figures, EXPERIMENTS.md; nothing else)") in r.output, r.output
 
 
 @pytest.mark.slow

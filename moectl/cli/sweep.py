@@ -118,7 +118,7 @@ def sweep(
         if parsed is not None:
             name, legs, resumed_from, owed = parsed.name, parsed.legs, None, False
         else:
-            old, legs, _ = plan_resume(cfg, resume)
+            old, legs, _, _ = plan_resume(cfg, resume)
             name, resumed_from = old.name + "-resume", old.id
             from moectl.sweep.cluster import report_job_ended
 
@@ -170,7 +170,8 @@ def sweep(
         if rec:
             out(f"recommendation: {rec}")
     if outcome.commits:
-        out(f"committed {len(outcome.commits)} commit(s), last {outcome.commits[-1][:10]} (reports only)")
+        out(f"committed {len(outcome.commits)} commit(s), last {outcome.commits[-1][:10]} "
+            f"({_committed_files(cfg.root, outcome.commits)}; nothing else)")
     unfinished = [leg for leg in outcome.sweep.legs if leg.state != "completed"] if outcome.sweep else []
     if unfinished and outcome.exit_code != EXIT_OK:
         from moectl.summary import resume_command
@@ -184,6 +185,21 @@ def sweep(
         # Every leg completed, but the final report was cut short (Ctrl-C) or not committed.
         out(f"every leg completed, but the sweep's final report is not finished; write it: {resume_command(outcome.sweep)}")
     raise typer.Exit(outcome.exit_code)
+
+
+def _committed_files(root: Path, commits: list[str]) -> str:
+    """`5 reports, 4 figures, EXPERIMENTS.md`: the files the sweep's commits hold, by kind (each a
+    file moectl wrote: the legs' and the sweep's reports, the final figures, the summary)."""
+    from moectl.config import SUMMARY_NAME
+    from moectl.gitops import files_of_commit
+
+    files = {f for sha in commits for f in files_of_commit(root, sha)}
+    figures = sum(1 for f in files if f.endswith(".png"))
+    summary = any(Path(f).name == SUMMARY_NAME for f in files)  # (at the config's root, maybe not the repository's)
+    reports = len(files) - figures - summary
+    return ", ".join([f"{reports} report{'s' if reports != 1 else ''}"]
+                     + ([f"{figures} figure{'s' if figures != 1 else ''}"] if figures else [])
+                     + ([SUMMARY_NAME] if summary else []))
 
 
 def _follow_slurm_sweep(outcome, *, detach: bool, json_out: bool, out) -> None:

@@ -225,9 +225,10 @@ def run_sweep(cfg: Config, spec: SweepSpec, opts: SweepOptions, ui: Optional[Swe
     return (submit or _run)(cfg, sweep, opts, ui or SweepUI(), carried={}, chain=[])
 
 
-def plan_resume(cfg: Config, ref: str) -> tuple[SweepRecord, list[SweepLeg], dict[str, RunRecord]]:
+def plan_resume(cfg: Config, ref: str) -> tuple[SweepRecord, list[SweepLeg], dict[str, RunRecord], dict[tuple, str]]:
     """The sweep to resume (the newest resume of `ref`'s chain), the legs of the new resume
-    (completed ones carried, the rest pending), and the run records of the carried legs.
+    (completed ones carried, the rest pending), the run records of the carried legs, and what each
+    leg was in that sweep ((tag, repeat) -> leg_status: `interrupted`, `failed`, `stale`, `pending`...).
     GuardRefused when that sweep is still running."""
     old = resolve_sweep(cfg.artifact_root, ref)
     recorded = Path(old.config) if old.config else None
@@ -282,7 +283,7 @@ def plan_resume(cfg: Config, ref: str) -> tuple[SweepRecord, list[SweepLeg], dic
     rerun = {(leg.tag, leg.repeat) for leg in legs if leg.state == "pending" and leg.fallback_of is None}
     legs = [leg for leg in legs if not (leg.fallback_of is not None and leg.state == "pending"
                                         and (leg.fallback_of, leg.repeat) in rerun)]
-    return old, legs, carried
+    return old, legs, carried, {(leg.tag, leg.repeat): leg.state for leg in view}
 
 
 def resume_sweep(cfg: Config, ref: str, opts: SweepOptions, ui: Optional[SweepUI] = None,
@@ -290,7 +291,7 @@ def resume_sweep(cfg: Config, ref: str, opts: SweepOptions, ui: Optional[SweepUI
     """Run the legs of sweep `ref` that did not complete, in a fresh `<name>-resume` directory
     (`submit`: sweep.cluster's submitter instead of running them here, one by one)."""
     ui = ui or SweepUI()
-    old, legs, carried = plan_resume(cfg, ref)
+    old, _, _, _ = plan_resume(cfg, ref)
     # One resume of a sweep at a time: two at once would each run every unfinished leg and commit
     # two final reports. The claim lives in the resumed sweep's directory until this resume ends.
     from moectl.lock import acquire, read_holder
@@ -303,18 +304,18 @@ def resume_sweep(cfg: Config, ref: str, opts: SweepOptions, ui: Optional[SweepUI
         raise GuardRefused(f"sweep {old.id} is being resumed already by {who}; wait for that resume "
                            f"(`moectl wait {old.name}`) or stop it") from None
     with claim:
-        again, legs, carried = plan_resume(cfg, ref)  # as it is now that the claim is ours
+        again, legs, carried, was = plan_resume(cfg, ref)  # as it is now that the claim is ours
         if again.id != old.id:  # another resume ran from start to end between our look and our claim
             raise GuardRefused(f"sweep {old.id} was resumed meanwhile as {again.id}; run the command again to "
                                "continue from there")
-        return _resume_claimed(cfg, again, legs, carried, opts, ui, submit)
+        return _resume_claimed(cfg, again, legs, carried, was, opts, ui, submit)
 
 
 RESUME_LOCK = ".moectl-resume.lock"
 
 
 def _resume_claimed(cfg: Config, old: SweepRecord, legs: list[SweepLeg], carried: dict[str, RunRecord],
-                    opts: SweepOptions, ui: SweepUI, submit) -> SweepOutcome:
+                    was: dict[tuple, str], opts: SweepOptions, ui: SweepUI, submit) -> SweepOutcome:
     if opts.baseline is None and old.baseline is not None:
         opts = replace(opts, baseline=old.baseline)  # the sweep's own --baseline, unless given anew
     _check_baseline(opts, legs)
@@ -331,7 +332,7 @@ def _resume_claimed(cfg: Config, old: SweepRecord, legs: list[SweepLeg], carried
             return _finish_unfinished(cfg, old, legs, carried, opts, ui)
         ui.say(f"nothing left to run: every leg of {old.id} completed")
         return SweepOutcome(exit_code=EXIT_OK, sweep=old, nothing_to_run=True)
-    ui.say(f"resuming {old.id}: " + ", ".join(f"{leg.tag} {leg.state}" for leg in legs))
+    ui.say(f"resuming {old.id}: " + ", ".join(_resume_state(leg, was) for leg in legs))
     by_id = {s.id: s for s in list_sweeps(cfg.artifact_root)}
     chain = [s.id for s in sweep_chain(old, by_id)]
     sweep = SweepRecord(id="", name=old.name, spec=old.spec, legs=legs, resumed_from=original_sweep(old, by_id),
@@ -339,6 +340,15 @@ def _resume_claimed(cfg: Config, old: SweepRecord, legs: list[SweepLeg], carried
                         config=old.config or (str(cfg.path.resolve()) if cfg.path else None), baseline=opts.baseline,
                         overrides=list(opts.overrides), repo=str(cfg.root.resolve()))
     return (submit or _run)(cfg, sweep, opts, ui, carried=carried, chain=chain)
+
+
+def _resume_state(leg: SweepLeg, was: dict[tuple, str]) -> str:
+    """`a completed (kept)`, `b interrupted (runs again)`, `c pending (runs)`: what happened to a leg
+    in the sweep resumed, and what the resume does with it (every leg not carried is `pending` now)."""
+    if leg.state != "pending":
+        return f"{leg.tag} {leg.state} (kept)"
+    before = was.get((leg.tag, leg.repeat), "pending")
+    return f"{leg.tag} {before} ({'runs' if before == 'pending' else 'runs again'})"
 
 
 def _finish_unfinished(cfg: Config, old: SweepRecord, legs: list[SweepLeg], carried: dict[str, RunRecord],
