@@ -639,7 +639,9 @@ def test_resume_plan_reruns_stale_and_unfinished_legs_only(git_repo, artifact_ro
         {k: v for k, v in before[ids["resume"]].items() if k not in settled}
     before[ids["resume"]] = tree_hash(resume_dir)
     data = json.loads(r.stdout)
-    assert data["resumed_from"] == ids["resume"] and [leg["tag"] for leg in data["legs"]] == ["c"]
+    # as the resume's sweep.json will say (SPEC §7a): the chain's original, and the sweep it continues
+    assert data["resumed_from"] == ids["original"] and data["previous"] == ids["resume"]
+    assert [leg["tag"] for leg in data["legs"]] == ["c"]
     assert "_moe-capacity-resume/" in data["legs"][0]["command"]
     # The original, by a unique prefix: it was resumed already, so the newest resume is continued.
     r = cli("sweep", "--resume", ids["original"][:20], "--dry-run")

@@ -116,26 +116,31 @@ def sweep(
 
     if dry_run:
         if parsed is not None:
-            name, legs, resumed_from, owed = parsed.name, parsed.legs, None, False
+            name, legs, resumed_from, previous, owed = parsed.name, parsed.legs, None, None, False
         else:
+            from moectl.sweep.store import list_sweeps, original_sweep
+
             old, legs, _, _ = plan_resume(cfg, resume)
-            name, resumed_from = old.name + "-resume", old.id
+            # as the resume's sweep.json will say: the chain's original, and the sweep it continues
+            name, previous = old.name + "-resume", old.id
+            resumed_from = original_sweep(old, {s.id: s for s in list_sweeps(cfg.artifact_root)})
             from moectl.sweep.cluster import report_job_ended
 
             owed = final_report_owed(old, legs, report_job_ended(old))
         _check_baseline(opts, legs)  # what the sweep itself would refuse, the dry run refuses
         planned = plan_legs(cfg, [leg for leg in legs if leg.state == "pending"], name, opts)
         if json_out:
-            print_json({"name": name, "resumed_from": resumed_from, "legs": planned, "final_report_owed": owed})
+            print_json({"name": name, "resumed_from": resumed_from, "previous": previous, "legs": planned,
+                        "final_report_owed": owed})
         else:
-            out(f"sweep {name}: {len(planned)} leg(s) to run" + (f" (resuming {resumed_from})" if resumed_from else ""))
+            out(f"sweep {name}: {len(planned)} leg(s) to run" + (f" (resuming {previous})" if previous else ""))
             for leg in legs:
                 if leg.state != "pending":
                     out(f"  {leg.tag}: {leg.state} (run {leg.run_id}), not re-run")
             for p in planned:
                 out(f"  {p['tag']}: {p['command']}")
             if owed:
-                out(f"  the final report of {resumed_from} was never written: the resume writes and commits it")
+                out(f"  the final report of {previous} was never written: the resume writes and commits it")
         raise typer.Exit(EXIT_OK)
     recover_dead_index_lock(cfg)
 
