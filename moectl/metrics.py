@@ -28,10 +28,11 @@ imported log's numbering follow the same rule (the seed study: 280 steps, window
 230-279, untouched by 10 warm-up steps).
 
 Two tail means differ "beyond noise" when |a - b| > k * sqrt(se_a^2 + se_b^2), i.e. roughly a
-95% interval on the difference of two independent means: k = 2 for within-run errors (a window of
-tens of steps), and for a repeat group Student's t at 95% with Welch-Satterthwaite's degrees of
-freedom (repeats - 1 per group; two groups of 2 repeats with equal errors: 2 degrees, k = 4.30;
-of 3: 4 degrees, k = 2.78), never below 2. A within-run error says how well one
+95% interval on the difference of two independent means: k is Student's t at 95% with
+Welch-Satterthwaite's degrees of freedom, never below 2 - repeats - 1 for a repeat group (two
+groups of 2 repeats with equal errors: 2 degrees, k = 4.30; of 3: 4 degrees, k = 2.78), and the
+window's effective sample size - 1 for a single run's within-run error (tens of independent-ish
+steps: k about 2; a window of 2 clean steps: 1 degree, k = 12.7). A within-run error says how well one
 run's window pinned that run down, not whether another run would land in the same place: only
 repeats (a group, between-runs error) answer that, and every compare entry says which it shows.
 """
@@ -45,7 +46,9 @@ from typing import Any, Optional, Sequence
 
 from engine.schema import RunSummary, StartInfo, StepMetrics, decode, loss_is_finite, parse_record
 from moectl.atomic import read_regular_bytes
-from moectl.noise import BETWEEN_RUNS, WITHIN_RUN, between_runs_stderr, t_critical, welch_df, within_run_stderr
+from moectl.noise import (
+    BETWEEN_RUNS, WITHIN_RUN, between_runs_stderr, t_critical, welch_df, within_run_df, within_run_stderr,
+)
 from moectl.records import Summary
 
 # The metrics of a compare table, in display order. MEAN_METRICS are tail means (they get a
@@ -246,7 +249,7 @@ def _stderr(xs: Sequence[float]) -> Optional[float]:
     if n < 2:
         return None
     m = sum(xs) / n
-    var = sum((x - m) ** 2 for x in xs) / (n - 1)
+    var = sum((x - m) * (x - m) for x in xs) / (n - 1)  # (a product overflows to inf; ** 2 raised)
     return math.sqrt(var / n)
 
 
@@ -359,6 +362,12 @@ def tail_noise(metrics: MetricsFile, window: int, warmup_steps: int = 0) -> dict
     (moectl.noise.within_run_stderr, never below `tail_stderr`)."""
     tail, _ = tail_window(metrics, window, warmup_steps)
     return {m: (within_run_stderr(_values(tail, m)) if m in MEAN_METRICS else None) for m in METRICS}
+
+
+def tail_noise_df(metrics: MetricsFile, window: int, warmup_steps: int = 0) -> dict[str, Optional[float]]:
+    """The degrees of freedom of each `tail_noise` error: the window's effective sample size - 1."""
+    tail, _ = tail_window(metrics, window, warmup_steps)
+    return {m: (within_run_df(_values(tail, m)) if m in MEAN_METRICS else None) for m in METRICS}
 
 
 def group_summary(members: Sequence[MetricsFile], window: int, warmup_steps: int = 0,
@@ -515,8 +524,9 @@ def delta_pct(value: Optional[float], base: Optional[float]) -> Optional[float]:
 
 def beyond_noise(a: Optional[float], se_a: Optional[float], b: Optional[float], se_b: Optional[float],
                  df_a: Optional[float] = None, df_b: Optional[float] = None) -> Optional[bool]:
-    """|a - b| > k * sqrt(se_a^2 + se_b^2): k = 2, or Student's t at 95% where a repeat group's few
-    degrees of freedom (df: repeats - 1; None for a within-run window) make 2 too lenient."""
+    """|a - b| > k * sqrt(se_a^2 + se_b^2): k = Student's t at 95% for Welch's degrees of freedom of
+    the two errors (df: a group's repeats - 1, a window's effective sample size - 1; None: as good as
+    infinite), never below 2."""
     if a is None or b is None or se_a is None or se_b is None:
         return None
     return abs(a - b) > noise_multiplier(se_a, df_a, se_b, df_b) * math.sqrt(se_a * se_a + se_b * se_b)
@@ -535,15 +545,19 @@ def compare(runs: Sequence[RunMetrics], baseline_index: int = 0, window: int = 5
         raise ValueError("nothing to compare")
     if not 0 <= baseline_index < len(runs):
         raise ValueError(f"baseline index {baseline_index} out of range")
-    summaries, errors, other_windows = [], [], []
+    # Each error's degrees of freedom: a group's between-runs error has repeats - 1, a window's
+    # within-run error its effective sample size - 1 (both in Welch's t below).
+    summaries, errors, dfs, other_windows = [], [], [], []
     for r in runs:
         if r.is_group:
             summary, errs = group_summary(r.members, window, warmup_steps, r.member_fallbacks)
             summaries.append(summary)
             errors.append(errs)
+            dfs.append({m: len(r.members) - 1 for m in METRICS})
         elif r.metrics.steps or r.fallback is None:
             summaries.append(tail_summary(r.metrics, window, warmup_steps))
             errors.append(tail_noise(r.metrics, window, warmup_steps))
+            dfs.append(tail_noise_df(r.metrics, window, warmup_steps))
         else:  # no steps to read (metrics.jsonl gone or empty): the summary its record kept, said so
             fallback = r.fallback  # when its window is another (in the run's note and the table's notes)
             if fallback.window not in (None, window):
@@ -554,9 +568,8 @@ def compare(runs: Sequence[RunMetrics], baseline_index: int = 0, window: int = 5
                                      f"window (its metrics.jsonl has no steps: gone or empty), not {window}")
             summaries.append(fallback)
             errors.append({m: None for m in METRICS})
+            dfs.append({m: None for m in METRICS})
 
-    # A group's between-runs error has repeats - 1 degrees of freedom; a window's, as good as infinite.
-    dfs = [len(r.members) - 1 if r.is_group else None for r in runs]
     base, base_errs, base_df = summaries[baseline_index], errors[baseline_index], dfs[baseline_index]
     base_ids = set(runs[baseline_index].member_ids if runs[baseline_index].is_group else [runs[baseline_index].id])
     out: list[RunComparison] = []
@@ -568,7 +581,7 @@ def compare(runs: Sequence[RunMetrics], baseline_index: int = 0, window: int = 5
         mvs = {}
         for m in METRICS:
             value = getattr(summ, m)
-            verdict = beyond_noise(value, errs[m], getattr(base, m), base_errs[m], df, base_df)
+            verdict = beyond_noise(value, errs[m], getattr(base, m), base_errs[m], df[m], base_df[m])
             mvs[m] = MetricValue(
                 value=value,
                 delta_pct=delta_pct(value, getattr(base, m)),

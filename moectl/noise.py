@@ -30,7 +30,8 @@ def naive_stderr(xs: Sequence[float]) -> Optional[float]:
     if n < 2:
         return None
     m = sum(xs) / n
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n)
+    # (x - m) * (x - m), not ** 2: float ** raises OverflowError past ~1e154, a product gives inf
+    return math.sqrt(sum((x - m) * (x - m) for x in xs) / (n - 1) / n)
 
 
 def autocorrelation_time(xs: Sequence[float]) -> float:
@@ -67,6 +68,16 @@ def within_run_stderr(xs: Sequence[float]) -> Optional[float]:
     return None if se is None else se * math.sqrt(autocorrelation_time(xs))
 
 
+def within_run_df(xs: Sequence[float]) -> Optional[float]:
+    """The degrees of freedom of `within_run_stderr`: n_eff - 1 (autocorrelated steps pin the mean
+    down as n_eff independent ones would), held at >= 1; None below 2 values (no error at all).
+    A window of 2 or 3 steps has 1 or 2: its error is as shaky as two repeats' (see below)."""
+    n = len(xs)
+    if n < 2:
+        return None
+    return max(1.0, effective_sample_size(xs) - 1.0)
+
+
 def between_runs_stderr(means: Sequence[float]) -> Optional[float]:
     """The standard error of the mean of n >= 2 repeats' tail means."""
     return naive_stderr(means)
@@ -79,6 +90,9 @@ def between_runs_stderr(means: Sequence[float]) -> Optional[float]:
 # holds the truth far less than 95% of the time (two draws of the same configuration got a `*`
 # 19% of the time at 2 repeats, 12% at 3, measured). The 95% critical value of Student's t with
 # Welch-Satterthwaite's degrees of freedom is what makes "beyond noise" mean the same at every N.
+# A run's tail window is the same case with n_eff - 1 degrees (`within_run_df`): with k = 2, two
+# runs of one configuration with 2 clean steps each got a `*` 18% of the time, and windows of 10
+# strongly autocorrelated steps (the tiny preset's 20-step runs) 18%.
 
 
 def _betacf(a: float, b: float, x: float) -> float:
@@ -143,4 +157,5 @@ def welch_df(se_a: float, df_a: Optional[float], se_b: float, df_b: Optional[flo
     denominator = sum(terms)
     if denominator == 0:
         return None  # both errors zero: nothing to widen
-    return (va + vb) ** 2 / denominator
+    df = (va + vb) * (va + vb) / denominator
+    return df if math.isfinite(df) and df > 0 else None  # (errors past the largest float: no t to take)

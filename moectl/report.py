@@ -228,6 +228,8 @@ def _cell(mv: MetricValue, decimals: int, is_baseline: bool) -> str:
         text += f" ±{mv.stderr:.{decimals}f}"
     if not is_baseline and mv.delta_pct is not None:
         text += f" ({fmt_delta(mv.delta_pct)}{'*' if mv.beyond_noise else ''})"
+    elif not is_baseline and mv.beyond_noise:  # a baseline of 0 (cap 0's drop fraction): no %, still a verdict
+        text += " (from 0*)"
     return text
 
 
@@ -253,8 +255,8 @@ def compare_markdown(comparison: Comparison) -> str:
         "for a repeat group (×N runs) between-runs, the std of the N tail means / √N, each value "
         "their mean. `(+x.xx%)` is the delta vs "
         f"the baseline `{base.tag or base.id if base else comparison.baseline}`; `*` marks a delta "
-        "beyond noise: |a − b| > k·√(se_a² + se_b²), k = 2, or for a repeat group Student's t at 95% "
-        "for its N − 1 degrees of freedom (Welch).",
+        "beyond noise: |a − b| > k·√(se_a² + se_b²), k = Student's t at 95% (never below 2) for the errors' "
+        "degrees of freedom (Welch): a repeat group's N − 1, a single run's n_eff − 1.",
     ]
     if any(mv.marked for r in comparison.runs for mv in r.metrics.values()):
         lines.append(mark_footnote(warmup))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import statistics
 import subprocess
 import sys
@@ -128,6 +129,72 @@ def test_beyond_noise_holds_five_percent_of_false_alarms_for_small_groups():
     # The auditor's case: two groups of 2, |a - b| = 2.29 combined errors apart, one side far noisier.
     assert beyond_noise(100.0, 1.0, 100.0 + 2.29 * math.hypot(1.0, 0.05), 0.05, 1, 1) is False
     assert beyond_noise(100.0, 1.0, 100.0 + 2.29 * math.hypot(1.0, 0.05), 0.05) is True  # within-run windows: 2
+
+
+def test_single_runs_with_few_clean_steps_get_students_t_for_their_windows_degrees_of_freedom():
+    """A window's within-run error has its effective sample size - 1 degrees of freedom. With k = 2
+    for every single run, two runs of one configuration with 2 clean steps each got a `*` 18% of
+    the time (3 steps: 12%), and the audit's two identical 12-step tiny runs got -26.71%*."""
+    from engine.schema import StepMetrics
+    from moectl.metrics import beyond_noise
+    from moectl.noise import within_run_df
+
+    def run(name, tail):  # 10 warm-up steps, then the tail
+        steps = [StepMetrics(step=s, loss=3.0, dt_ms=900.0 if s < 10 else tail[s - 10]) for s in range(10 + len(tail))]
+        return RunMetrics(id=name, tag=name, metrics=MetricsFile(steps=steps))
+
+    # By hand: se 0.5 each, 1 degree each -> Welch 2 degrees, k = 4.30; |502.5 - 500.5| = 2 < 4.30 * 0.707 = 3.04
+    c = compare([run("a", [500.0, 501.0]), run("b", [502.0, 503.0])], window=50, warmup_steps=10)
+    dt = c.runs[1].metrics["dt_ms"]
+    assert (dt.value, dt.stderr, dt.delta_pct) == (502.5, 0.5, pytest.approx(0.3996, abs=1e-4))
+    assert dt.beyond_noise is False and c.to_json()["runs"][1]["metrics"]["dt_ms"]["beyond_noise"] is False
+    # ... and three times as far apart clears it
+    assert compare([run("a", [500.0, 501.0]), run("b", [506.0, 507.0])], window=50,
+                   warmup_steps=10).runs[1].metrics["dt_ms"].beyond_noise is True
+    assert within_run_df([1.0]) is None and within_run_df([1.0, 2.0]) == 1.0 and within_run_df([5.0] * 8) == 7.0
+    rng = random.Random(1)
+    for n in (2, 3, 10):
+        alarms, trials = 0, 3000
+        for _ in range(trials):
+            a, b = [rng.gauss(100.0, 3.0) for _ in range(n)], [rng.gauss(100.0, 3.0) for _ in range(n)]
+            alarms += bool(beyond_noise(statistics.fmean(a), within_run_stderr(a), statistics.fmean(b),
+                                        within_run_stderr(b), within_run_df(a), within_run_df(b)))
+        assert 0.01 < alarms / trials < 0.065, (n, alarms / trials)  # k = 2: 17.7% at 2 steps, 11.5% at 3
+
+
+def test_a_verdict_against_a_baseline_of_zero_is_shown_without_a_percentage():
+    # cap 0's drop fraction is exactly 0: no % change from it, and the `*` the JSON held vanished
+    # from the table and the markdown (delta_pct null beside beyond_noise true).
+    from engine.schema import StepMetrics
+    from moectl.cli.runs import _compare_table
+    from moectl.report import compare_markdown
+
+    def run(name, drops):
+        return RunMetrics(id=name, tag=name, metrics=MetricsFile(steps=[
+            StepMetrics(step=s, loss=3.0, dt_ms=100.0, drop_frac=drops[s % len(drops)]) for s in range(40)]))
+
+    c = compare([run("dropless", [0.0]), run("capped", [0.12, 0.14, 0.13])], window=50, warmup_steps=10)
+    mv = c.runs[1].metrics["drop_frac"]
+    assert mv.delta_pct is None and mv.beyond_noise is True
+    assert "| 0.1300 ±0.0015 (from 0*) |" in compare_markdown(c)
+    table = _compare_table(c)
+    from rich.console import Console
+
+    console = Console(width=250, record=True, color_system=None)
+    console.print(table)
+    assert "from 0*" in console.export_text()
+
+
+def test_compare_of_figures_past_the_largest_float_squared_is_a_result_not_an_internal_error():
+    # (x - m) ** 2 raised OverflowError past ~1e154: `compare` of an imported log of 1e200 ms steps was exit 1
+    from engine.schema import StepMetrics
+
+    steps = [StepMetrics(step=s, loss=3.0, dt_ms=1e200 if s % 2 else 2e200, tok_per_sec=1.0) for s in range(30)]
+    other = [StepMetrics(step=s, loss=3.0, dt_ms=100.0 + s % 3, tok_per_sec=1.0) for s in range(30)]
+    c = compare([RunMetrics(id="a", tag="a", metrics=MetricsFile(steps=other)),
+                 RunMetrics(id="h", tag="h", metrics=MetricsFile(steps=steps))], window=50, warmup_steps=10)
+    dt = c.runs[1].metrics["dt_ms"]
+    assert dt.value == pytest.approx(1.5e200) and dt.stderr == math.inf and dt.beyond_noise is False
 
 
 def test_a_group_is_named_by_its_id_or_tag_and_means_its_completed_runs(tmp_path):

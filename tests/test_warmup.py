@@ -189,6 +189,16 @@ def test_recommendation_within_noise_names_no_winner():
     assert recommendation(clear).startswith("`a` is the fastest leg")  # beyond noise: named
 
 
+def test_recommendation_without_a_noise_estimate_names_no_winner():
+    # One clean step a leg (11 steps, 10 of warm-up): no standard error, so no verdict either way;
+    # "`a` is the fastest leg" (+23.59%) rested on nothing (audit K's 11-step sweep).
+    c = compare([run_of("base", 11, 1000.0), run_of("a", 11, 1200.0)], window=50, warmup_steps=10)
+    assert c.runs[1].metrics["tok_per_sec"].beyond_noise is None and not c.runs[1].metrics["tok_per_sec"].marked
+    rec = recommendation(c)
+    assert rec.startswith("`a` has the highest tail mean — 1200.00 tok/s (+20.00% vs `base`) — but with no noise "
+                          "estimate (too few clean steps for a standard error): no leg is shown faster yet"), rec
+
+
 def test_recommendation_passes_over_a_fast_leg_that_diverged():
     diverged = run_of("lr_high", 30, 2000.0)
     for s in diverged.metrics.steps[12:]:

@@ -477,8 +477,10 @@ def _compare_table(comparison) -> "Table":
         return "" if mv.stderr is None else f"[dim]±{mv.stderr:,.{_TERM_DECIMALS[m]}f}[/]"
 
     def delta(m, mv):
-        if mv.delta_pct is None:
-            return ""
+        if mv.delta_pct is None:  # (a baseline of 0 has no %; a verdict against it is still said)
+            if not mv.beyond_noise:
+                return ""
+            return f"[{'green' if (mv.value > 0) == (m in HIGHER_IS_BETTER) else 'red'}]from 0*[/]"
         good = (mv.delta_pct > 0) == (m in HIGHER_IS_BETTER)
         colour = ("green" if good else "red") if mv.beyond_noise else "dim"
         return f"[{colour}]{mv.delta_pct:+.2f}%{'*' if mv.beyond_noise else ''}[/]"
@@ -516,8 +518,9 @@ def compare_cmd(
     A single run's ± is within-run, corrected for autocorrelation (effective
     sample size). Each run is three rows, in the same order for every metric: the value,
     ± the standard error of the tail mean, then Δ% vs the baseline with *
-    where the delta is beyond noise (|a−b| > k·√(se_a²+se_b²): k = 2, for a
-    group Student's t at 95% for its N−1 degrees of freedom). A metric
+    where the delta is beyond noise (|a−b| > k·√(se_a²+se_b²): k = Student's t
+    at 95%, never below 2, for a group's N−1 or a window's n_eff−1 degrees
+    of freedom). A metric
     with no error (peak, total, final loss) leaves its ± cell empty; the
     baseline has no Δ% row. The window leaves out each run's first
     `\[metrics] warmup_steps` steps; a run with no step past them is marked †
@@ -552,7 +555,7 @@ def compare_cmd(
     else:
         _print_table(_compare_table(comparison))
         stdout.print("± standard error of the tail mean · Δ% vs baseline · * beyond noise "
-                     "(|a−b| > k·√(se_a²+se_b²); k = 2, or Student's t for a group's few repeats)", markup=False)
+                     "(|a−b| > k·√(se_a²+se_b²); k = Student's t at 95%, ≥ 2, for N−1 or n_eff−1 degrees of freedom)", markup=False)
         stdout.print(NOISE_LEGEND, markup=False)
         if any(mv.marked for r in comparison.runs for mv in r.metrics.values()):
             from moectl.metrics import mark_footnote
