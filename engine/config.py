@@ -17,7 +17,9 @@ PRESETS = {
         moe_freq=1, cap=1.0, seq_len=64, device_batch_size=16, steps=40, lr=1e-2,
         data="default", compile="none",
     ),
-    # The seed study's workload (see shared/seed/README.md): FLOPs/token match its runs.
+    # The seed study's workload (see shared/seed/README.md): its shapes. Its FLOPs/token do not match
+    # (ours 774.3M by nanochat's formula on active parameters; its MFU column implies ~958M), so compare
+    # tok/s per GPU with the seed's runs, not MFU (docs/benchmarks.md, "GPU: one NVIDIA H200").
     "d12-moe": dict(
         depth=12, aspect_ratio=64, head_dim=64, n_experts=8, top_k=2, expert_hidden_mult=2.0,
         moe_freq=1, cap=1.0, balance_coeff=0.01, seq_len=1024, device_batch_size=16,

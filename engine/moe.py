@@ -490,6 +490,10 @@ class MoELayer(nn.Module):
         y_AD = ep_comm.all_to_all(y_RD, send_splits, recv_splits, ep.group)
         return _Combine.apply(y_AD, gate_A, rank_A, order_A, none, K)
 
+    # Eager even inside a compiled model, as _grouped_ep: traced, each expert's row count (read on
+    # the host for the loop below) was a guard, and --compile static recompiled every step (81 s
+    # steps on tiny, seen). A graph break by design, said once at start (engine.train).
+    @torch.compiler.disable
     def _grouped_fp8(self, x_ND, experts_A, gate_A, counts_E, w_up, w_down):
         # No batched scaled grouped GEMM on CPU (and CUDA's wants row-wise scales), so dropless fp8
         # loops over experts with per-expert _scaled_mm; the group sizes cost one host sync.

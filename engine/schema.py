@@ -66,7 +66,11 @@ ENGINE_OPTIONS: dict[str, type] = {
 
 # The bf16 dense peak per device (FLOP/s), by a substring of torch.cuda.get_device_name().
 # Order matters: the first match wins (H200 before H100 so "H100" does not shadow anything odd).
-PEAK_BF16_FLOPS = (
+PEAK_BF16_FLOPS = (  # first match wins: a PCIe or NVL card (lower clocks, less power) before its family's SXM
+    ("H100 PCIe", 756e12),
+    ("H800 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H200 NVL", 835e12),
     ("H200", 989e12),
     ("H100", 989e12),
     ("H800", 989e12),
@@ -74,6 +78,7 @@ PEAK_BF16_FLOPS = (
     ("A100", 312e12),
     ("A800", 312e12),
     ("L40S", 362e12),
+    ("L40", 181e12),
     ("L4", 121e12),
     ("A10G", 125e12),
     ("4090", 165e12),

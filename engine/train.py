@@ -268,6 +268,12 @@ def resolve_options(argv) -> argparse.Namespace:
 MOE_ONLY = {"n_experts", "cap", "dispatch", "balance_coeff", "z_coeff", "balance", "balance_rate", "fp8"}
 
 
+# Said, not refused: it trains correctly, only not the way SPEC §10 wants the hot path (no host sync).
+DROPLESS_FP8_NOTE = ("note: --cap 0 --fp8: dropless float8 runs one float8 GEMM per expert, eagerly (a graph break "
+                     "under --compile), reading the group sizes on the host once per MoE layer; --cap F --fp8 (padded) "
+                     "is the static-shape float8 path")
+
+
 def no_effect_warning(names) -> str:
     flags = ", ".join("--" + n.replace("_", "-") for n in names)
     hint = " (--fp8-dense puts the dense layers in float8)" if "fp8" in names else ""
@@ -568,6 +574,8 @@ def _train(args, open_files: list) -> int:
     master = rank == 0
     if master and args.no_effect:
         print(no_effect_warning(args.no_effect), flush=True)
+    if master and args.fp8 and not args.dense and args.cap == 0 and args.dispatch in ("auto", "grouped"):
+        print(DROPLESS_FP8_NOTE, flush=True)
 
     # ---- model, optimizer ---------------------------------------------------------------
     # Under --ep every rank builds (and loads) the full model, then keeps its experts: each shard is

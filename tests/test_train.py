@@ -636,3 +636,21 @@ def test_a_meta_file_that_is_not_ours_is_ignored_on_resume(meta, tmp_path, capsy
     assert main(common + ["--steps", "2", "--ckpt-dir", str(ckpt)]) == 0
     (ckpt / "meta_000002.json").write_text(meta)  # an AttributeError traceback, exit 1, before
     assert main(common + ["--steps", "3", "--resume", "latest", "--ckpt-dir", str(ckpt)]) == 0
+
+
+def test_a_dropless_fp8_run_says_its_experts_run_eagerly_with_a_host_read(tmp_path, capsys):
+    # Trains correctly, only not as SPEC §10 wants the hot path (no host sync): said, not refused.
+    assert main(["--preset", "tiny", "--steps", "1", "--cap", "0", "--fp8", "--out-dir", str(tmp_path / "a")]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("note: --cap 0 --fp8: dropless float8 runs one float8 GEMM")
+    assert main(["--preset", "tiny", "--steps", "1", "--cap", "1", "--fp8", "--out-dir", str(tmp_path / "b")]) == 0
+    assert "note: --cap 0 --fp8" not in capsys.readouterr().out
+
+
+def test_the_peak_of_a_pcie_or_nvl_card_is_its_own_not_its_sxm_siblings():
+    # An H100 PCIe's MFU was taken against the SXM part's 989e12: 24% too low.
+    from engine.schema import peak_flops_for
+
+    assert [peak_flops_for(f"NVIDIA {n}") for n in ("H100 80GB HBM3", "H100 PCIe", "H100 NVL", "H200", "H200 NVL",
+                                                    "H800 PCIe", "H20", "L40S", "L40", "L4")] == \
+        [989e12, 756e12, 835e12, 989e12, 835e12, 756e12, 148e12, 362e12, 181e12, 121e12]
+    assert peak_flops_for("cpu") is None
