@@ -128,7 +128,10 @@ def capacity(cap: float, n_tokens: int, top_k: int, n_experts: int) -> int:
     Builtin min, not torch.sym_min: dynamo turns min of SymInts into sym_min itself, while
     torch.sym_min of two plain ints (every static compile) is a graph break in torch 2.11: on an
     H200 that cut padded d12-moe from 484k to 283k tok/s and added 7 GiB of peak memory."""
-    num, den = Fraction(cap).limit_denominator(10_000).as_integer_ratio()
+    # The simplest fraction within a denominator of 1e9 is the decimal as written (1.1 -> 11/10, not
+    # the binary float's 2476979795053773/2251799813685248, whose product can land a hair past an
+    # integer), with every digit a person types kept: --cap 1.00001 is not 1.0 (a bound of 10,000 was).
+    num, den = Fraction(cap).limit_denominator(10**9).as_integer_ratio()
     c = min(-(-(num * n_tokens * top_k) // (den * n_experts)), n_tokens)
     return max(8, -(-c // 8) * 8)
 

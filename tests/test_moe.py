@@ -335,6 +335,10 @@ def test_capacity_of_concrete_sizes_is_plain_int_math(monkeypatch):
     assert capacity(1e6, 80, 2, 4) == 80  # a huge --cap: at most N slots
     assert capacity(1e6, 81, 2, 4) == 88  # ... rounded up to a multiple of 8
     assert isinstance(capacity(1.25, 80, 2, 4), int)
+    # SPEC §10's C = ceil(F * N * K / E) with F as written: every digit counts (1.00001 was taken as 1.0:
+    # its fraction was cut to a denominator of 10,000), and 1.1 is 11/10, not a binary float a hair over.
+    assert capacity(1.00001, 1024, 2, 8) == 264 and capacity(1.0, 1024, 2, 8) == 256  # ceil(256.00256) = 257 -> 264
+    assert capacity(1.1, 1000, 2, 8) == 280 and capacity(0.3, 800, 1, 3) == 80  # 275 -> 280; exactly 80
 
 
 @pytest.mark.parametrize(
