@@ -54,6 +54,14 @@ def resume_command(sweep, root: Optional[Path] = None) -> str:
         command += f" --config {shlex.quote(_shown(config, root) if root is not None else str(config))}"
     return command
 
+def _cannot_write(path: Path, exc: OSError, out) -> MoectlError:
+    """The repository's own EXPERIMENTS.md that cannot be written is a refusal (exit 3, as the paths
+    guard's); a `-o` file the person named where nothing can be written, a usage error (exit 2, as
+    `plot -o` and `export --csv` there)."""
+    said = f"cannot write {path}: {exc.strerror or exc}"
+    return GuardRefused(said) if out is None else UsageError(f"-o {out}: {said}")
+
+
 def summary_path(cfg: Config) -> Path:
     return cfg.root / SUMMARY_NAME
 
@@ -377,7 +385,7 @@ def refresh_summary(cfg: Config, out: Optional[Path] = None) -> tuple[Path, bool
     except FileNotFoundError:
         raw, st = None, None
     except OSError as exc:  # a directory in the way, no permission
-        raise GuardRefused(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise _cannot_write(path, exc, out) from None
     try:  # as read_text reads it: universal newlines
         old = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n") if raw is not None else None
     except UnicodeDecodeError:
@@ -396,7 +404,7 @@ def refresh_summary(cfg: Config, out: Optional[Path] = None) -> tuple[Path, bool
         remove_dead_temp_files(path.parent)  # a killed moectl's half-written copy, beside the file
         write_text_atomic(path, text)
     except OSError as exc:  # immutable, a read-only mount, a directory in the way: said, not a traceback
-        raise GuardRefused(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise _cannot_write(path, exc, out) from None
     if out is None:
         _rewritten[path.resolve()] = (raw, st, text.encode("utf-8"))
     return path, True

@@ -527,6 +527,9 @@ def test_summary_o_replaces_only_its_own_earlier_output(git_repo, artifact_root,
     assert cli("summary", "-o", str(out)).exit_code == 0  # its own earlier output: replaced (or left, if the same)
     r = cli("summary", "-o", str(tmp_path))
     assert r.exit_code == 2 and "is a directory" in r.output
+    # a file named where nothing can be made: a usage error, as `plot -o` and `export --csv` say it (was 3)
+    r = cli("summary", "--no-commit", "-o", "/proc/no-such-dir/handoff.md")
+    assert r.exit_code == 2 and r.output.startswith("error: -o /proc/no-such-dir/handoff.md: cannot write "), r.output
 
 
 def test_a_completed_leg_whose_run_directory_is_gone_shows_as_missing_and_unfinished(git_repo, artifact_root,
