@@ -315,7 +315,7 @@ def run_report(
     if s is None:
         lines.append("No metrics were recorded.")
     else:
-        header = ["window", "steps"] + [COLUMNS[m][0] for m in METRICS]
+        header = ["window", "steps in it"] + [COLUMNS[m][0] for m in METRICS]
         row = [str(s.window), str(s.steps)] + [summary_cell(s, m, COLUMNS[m][1]) for m in METRICS]
         lines += _table(header, [row], right_from=0)
         if s.warmup_steps and s.clean and s.steps:  # (warm-up only: the note below says the opposite, and why)
