@@ -87,6 +87,7 @@ def error_json(message: str, exit_code: int) -> dict:
 def main() -> None:
     take_back_sigint()  # before anything else
     stop_signals_interrupt()
+    _printable_streams()
     try:
         from moectl.cli import main as cli_main
 
@@ -100,6 +101,21 @@ def main() -> None:
         if not interrupted_inside(exc):
             raise
         _interrupted("interrupted")
+
+
+def _printable_streams() -> None:
+    """A stdout or stderr that cannot encode moectl's own characters (— · … ±, a run's non-ASCII
+    tag or path) writes them as `?` rather than failing: `PYTHONIOENCODING=ascii`, or a C locale
+    with UTF-8 mode off, made `runs`, `show` and `compare` stop half-way with exit 2 and `--help`
+    with a traceback. JSON is unaffected (json.dumps escapes to ASCII)."""
+    import codecs
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None and codecs.lookup(stream.encoding).name != "utf-8" and stream.errors != "replace":
+                stream.reconfigure(errors="replace")  # (a C locale's surrogateescape fails on `—` too)
+        except (AttributeError, LookupError, OSError, TypeError, ValueError):  # not a TextIOWrapper over a file
+            pass
 
 
 def _command_over() -> None:

@@ -350,3 +350,29 @@ def test_sigterm_stops_any_command_as_ctrl_c_does_exit_130_and_nothing_half_made
     assert err.strip().splitlines() == ["error: interrupted"]
     assert json.loads(out) == {"ok": False, "error": "interrupted", "exit_code": 130}
     assert not store.exists() or [p for p in store.rglob("*") if p.is_file()] == []
+
+
+@pytest.mark.parametrize("env", [{"PYTHONIOENCODING": "ascii"}, {"LC_ALL": "C", "PYTHONUTF8": "0"}])
+def test_a_stdout_that_cannot_encode_moectls_characters_gets_them_replaced_not_an_error(env, tmp_path):
+    # `—`, `·` and `±` in tables and help: exit 2 half-way through `show`/`compare`, a traceback for --help.
+    import os
+
+    base = {k: v for k, v in os.environ.items() if k not in ("PYTHONIOENCODING", "PYTHONUTF8", "LC_ALL", "LANG")}
+    log = Path(__file__).parent / "fixtures" / "nanochat_small.log"
+    store = {"MOECTL_ARTIFACT_ROOT": str(tmp_path / "root")}
+    for args in (("run", "--help"), ("import", str(log), "--name", "a", "--format", "nanochat"),
+                 ("import", str(log), "--name", "b", "--format", "nanochat"), ("show", "a"), ("compare", "a", "b"),
+                 ("runs",)):
+        r = subprocess.run([sys.executable, "-m", "moectl", *args], capture_output=True, cwd=tmp_path, timeout=60,
+                           env={**base, **store, **env})
+        assert r.returncode == 0 and b"Traceback" not in r.stderr and b"codec" not in r.stderr, (args, r.stderr)
+        assert r.stdout.isascii() and r.stdout.strip(), args
+
+
+@pytest.mark.parametrize("args", [("runs", "--json"), ("status", "--json")])
+def test_json_to_a_closed_stdout_is_not_an_internal_error(args, tmp_path):
+    # `moectl runs --json >&-`: print_json wrote to a sys.stdout of None (exit 1, "internal error")
+    r = subprocess.run(["sh", "-c", 'exec "$0" -m moectl "$@" >&-', sys.executable, *args], capture_output=True,
+                       text=True, cwd=tmp_path, timeout=60, env={**__import__("os").environ,
+                                                                 "MOECTL_ARTIFACT_ROOT": str(tmp_path / "root")})
+    assert r.returncode == 0 and "internal error" not in r.stderr, r.stderr

@@ -96,6 +96,8 @@ def print_json(data: Any) -> None:
 
     global _json_printed
     _json_printed = True
+    if sys.stdout is None:  # stdout closed (`>&-`): nobody to read it, as a table printed there goes nowhere
+        return
     sys.stdout.write(json.dumps(json_ready(data), indent=2, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
 
