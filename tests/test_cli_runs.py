@@ -854,3 +854,35 @@ def test_moectl_commit_refuses_another_repositorys_run_and_writes_nothing_here(p
         r = invoke("commit", ref)
         assert r.exit_code == 0, (ref, r.output)
     assert len(git(other, "log", "--format=%H", f"{head.strip()}..HEAD").split()) == 4
+
+
+def test_a_table_wider_than_the_terminal_is_drawn_whole_not_cut(monkeypatch):
+    # 80 columns (or TERM=dumb, which rich holds at 80): `runs` showed 22,719 tok/s as `22,71` with no
+    # mark, and compare's run column shrank to nothing.
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from moectl.cli import common
+    from moectl.cli.runs import _print_table
+
+    buf = io.StringIO()
+    terminal = Console(file=buf, width=80, force_terminal=True, color_system=None, highlight=False, soft_wrap=True)
+    monkeypatch.setattr(common.stdout, "_console", terminal)
+    table = Table()
+    for header in ("id", "status", "tag", "tok/sec", "MFU %", "peak MiB", "min"):
+        table.add_column(header, no_wrap=header != "tag", overflow="fold")
+    table.add_row("20261128_181642_moe-static_cap1p0", "completed", "static_cap1p0", "22,719", "9.50", "1,024", "0.01")
+    _print_table(table)
+    text = buf.getvalue()
+    for cell in ("20261128_181642_moe-static_cap1p0", "completed", "static_cap1p0", "22,719", "1,024", "0.01"):
+        assert cell in text, (cell, text)
+    assert terminal.width == 80  # (the console's width is its own again afterwards)
+    small = Table()
+    small.add_column("a")
+    small.add_row("1")
+    buf.seek(0)
+    buf.truncate(0)
+    _print_table(small)
+    assert max(len(line) for line in buf.getvalue().splitlines()) < 80

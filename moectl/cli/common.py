@@ -74,12 +74,16 @@ class _LazyConsole:
         self._kwargs = kwargs
         self._console = None
 
-    def __getattr__(self, name: str) -> Any:
+    def get(self) -> Any:
+        """The Console itself (to set what a proxy cannot, e.g. its width)."""
         if self._console is None:
             from rich.console import Console
 
             self._console = Console(**self._kwargs)
-        return getattr(self._console, name)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.get(), name)
 
 
 stdout = _LazyConsole(highlight=False, soft_wrap=True)
