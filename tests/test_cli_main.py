@@ -376,3 +376,18 @@ def test_json_to_a_closed_stdout_is_not_an_internal_error(args, tmp_path):
                        text=True, cwd=tmp_path, timeout=60, env={**__import__("os").environ,
                                                                  "MOECTL_ARTIFACT_ROOT": str(tmp_path / "root")})
     assert r.returncode == 0 and "internal error" not in r.stderr, r.stderr
+
+
+def test_a_machine_without_git_is_named_so(tmp_path):
+    # `moectl summary` with no git on PATH said "error: git: No such file or directory".
+    import os
+    import shutil
+
+    (tmp_path / ".moectl.toml").write_text('[project]\nvenv = ""\n')
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    assert shutil.which("git", path=str(empty)) is None
+    r = subprocess.run([sys.executable, "-m", "moectl", "summary", "--no-commit"], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=60,
+                       env={**os.environ, "PATH": str(empty), "MOECTL_ARTIFACT_ROOT": str(tmp_path / "root")})
+    assert r.returncode == 2 and r.stderr == "error: git is not installed (no `git` on PATH)\n", r.stderr

@@ -144,6 +144,8 @@ def one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         if exc.filename is None:
             return exc.strerror
+        if isinstance(exc, FileNotFoundError) and exc.filename == "git":  # (subprocess's word for no git on PATH)
+            return "git is not installed (no `git` on PATH)"
         return f"{exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 else "") + f": {exc.strerror}"
     return " ".join(str(exc).split()) or type(exc).__name__
 
