@@ -8,6 +8,7 @@ message that says what to do. Only `gpus_idle` and `no_other_training` can be ov
 from __future__ import annotations
 
 import os
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Optional
@@ -122,6 +123,12 @@ def guard_paths(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
         where = "is artifact_root itself" if p.exp_dir == root else "is not directly in artifact_root"
         problems.append(f"--exp-dir {plan.exp_dir} {where} {root} (the run store lists its children)")
     repo = str(cfg.root.resolve())
+    undecodable = [x for x in (repo, root, *p.writes.values()) if not _utf8(x)]
+    if undecodable:
+        # A name whose bytes this locale cannot decode (a C locale with UTF-8 mode off by hand,
+        # PYTHONUTF8=0): its records would hold lone surrogates, which every later read calls corrupt.
+        problems.append(f"{undecodable[0]!r} holds bytes this locale ({sys.getfilesystemencoding()}) cannot "
+                        "decode; run moectl under a UTF-8 locale (LC_ALL=C.UTF-8, or PYTHONUTF8=1)")
     if p.root_in_work_tree:
         # Every run's files would be untracked changes: the next run recorded `dirty`, its git.diff
         # carrying the last run's logs and checkpoints metadata, and `git add -A` sweeping them in.
@@ -138,6 +145,14 @@ def guard_paths(cfg: Config, plan: RunPlan, obs: Observed) -> GuardResult:
         hint = " — choose an --exp-dir inside artifact_root or fix [paths]" if where else " — fix [paths] in the config"
         return _fail("paths", "; ".join(dict.fromkeys(problems)) + hint)
     return _ok("paths", f"all {len(p.writes)} write paths inside {root}")
+
+
+def _utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def run_store_problems(cfg: Config) -> list[str]:

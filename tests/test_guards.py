@@ -184,6 +184,10 @@ def test_stale_lock_does_not_block():
         ({"/art/x/../../etc/run.json": "/etc/run.json"}, [], "/art/x/../../etc/run.json (resolves to /etc/run.json) is outside artifact_root /art"),
         ({"/art/link/run.json": "/elsewhere/run.json"}, [], "resolves to /elsewhere/run.json"),
         ({"/art/keep/run.json": "/art/keep/run.json"}, ["/art/keep"], "inside read-only tree /art/keep"),
+        # a name this locale could not decode (C locale, PYTHONUTF8=0): its records would hold lone
+        # surrogates that every later read calls corrupt (the run failed after writing one)
+        ({"/art/pr \udcc3\udcb8j/run.json": "/art/pr \udcc3\udcb8j/run.json"}, [],
+         "holds bytes this locale (utf-8) cannot decode; run moectl under a UTF-8 locale"),
     ],
 )
 def test_paths_guard_refuses_and_is_never_overridable(writes, read_only, fragment):
