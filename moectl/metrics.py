@@ -47,7 +47,7 @@ from typing import Any, Optional, Sequence
 from engine.schema import RunSummary, StartInfo, StepMetrics, decode, loss_is_finite, parse_record
 from moectl.atomic import read_regular_bytes
 from moectl.noise import (
-    BETWEEN_RUNS, WITHIN_RUN, between_runs_stderr, t_critical, welch_df, within_run_df, within_run_stderr,
+    BETWEEN_RUNS, WITHIN_RUN, between_runs_stderr, t_critical, welch_df, within_run,
 )
 from moectl.records import Summary
 
@@ -359,15 +359,14 @@ def tail_stderr(metrics: MetricsFile, window: int, warmup_steps: int = 0) -> dic
 
 def tail_noise(metrics: MetricsFile, window: int, warmup_steps: int = 0) -> dict[str, Optional[float]]:
     """The within-run standard error of each tail mean, corrected for autocorrelation
-    (moectl.noise.within_run_stderr, never below `tail_stderr`)."""
-    tail, _ = tail_window(metrics, window, warmup_steps)
-    return {m: (within_run_stderr(_values(tail, m)) if m in MEAN_METRICS else None) for m in METRICS}
+    (moectl.noise.within_run, never below `tail_stderr`)."""
+    return {m: se for m, (se, _) in _tail_noise_and_df(metrics, window, warmup_steps).items()}
 
 
-def tail_noise_df(metrics: MetricsFile, window: int, warmup_steps: int = 0) -> dict[str, Optional[float]]:
-    """The degrees of freedom of each `tail_noise` error: the window's effective sample size - 1."""
+def _tail_noise_and_df(metrics: MetricsFile, window: int, warmup_steps: int) -> dict[str, tuple]:
+    """metric -> (its `tail_noise` error, that error's degrees of freedom: the window's n_eff - 1)."""
     tail, _ = tail_window(metrics, window, warmup_steps)
-    return {m: (within_run_df(_values(tail, m)) if m in MEAN_METRICS else None) for m in METRICS}
+    return {m: (within_run(_values(tail, m)) if m in MEAN_METRICS else (None, None)) for m in METRICS}
 
 
 def group_summary(members: Sequence[MetricsFile], window: int, warmup_steps: int = 0,
@@ -556,8 +555,9 @@ def compare(runs: Sequence[RunMetrics], baseline_index: int = 0, window: int = 5
             dfs.append({m: len(r.members) - 1 for m in METRICS})
         elif r.metrics.steps or r.fallback is None:
             summaries.append(tail_summary(r.metrics, window, warmup_steps))
-            errors.append(tail_noise(r.metrics, window, warmup_steps))
-            dfs.append(tail_noise_df(r.metrics, window, warmup_steps))
+            noise = _tail_noise_and_df(r.metrics, window, warmup_steps)
+            errors.append({m: se for m, (se, _) in noise.items()})
+            dfs.append({m: df for m, (_, df) in noise.items()})
         else:  # no steps to read (metrics.jsonl gone or empty): the summary its record kept, said so
             fallback = r.fallback  # when its window is another (in the run's note and the table's notes)
             if fallback.window not in (None, window):

@@ -58,24 +58,24 @@ def autocorrelation_time(xs: Sequence[float]) -> float:
     return max(1.0, -1.0 + 2.0 * total)
 
 
-def effective_sample_size(xs: Sequence[float]) -> float:
-    return len(xs) / autocorrelation_time(xs)
+def within_run(xs: Sequence[float]) -> tuple[Optional[float], Optional[float]]:
+    """(the standard error of one run's tail mean, corrected for autocorrelation (>= naive), its
+    degrees of freedom: n_eff - 1, held at >= 1), both None below 2 values. Autocorrelated steps
+    pin the mean down as n_eff independent ones would; a window of 2 or 3 steps has 1 or 2 degrees:
+    its error is as shaky as two repeats' (see below). One autocorrelation time for both."""
+    se = naive_stderr(xs)
+    if se is None:
+        return None, None
+    tau = autocorrelation_time(xs)
+    return se * math.sqrt(tau), max(1.0, len(xs) / tau - 1.0)
 
 
 def within_run_stderr(xs: Sequence[float]) -> Optional[float]:
-    """The standard error of one run's tail mean, corrected for autocorrelation (>= naive)."""
-    se = naive_stderr(xs)
-    return None if se is None else se * math.sqrt(autocorrelation_time(xs))
+    return within_run(xs)[0]
 
 
 def within_run_df(xs: Sequence[float]) -> Optional[float]:
-    """The degrees of freedom of `within_run_stderr`: n_eff - 1 (autocorrelated steps pin the mean
-    down as n_eff independent ones would), held at >= 1; None below 2 values (no error at all).
-    A window of 2 or 3 steps has 1 or 2: its error is as shaky as two repeats' (see below)."""
-    n = len(xs)
-    if n < 2:
-        return None
-    return max(1.0, effective_sample_size(xs) - 1.0)
+    return within_run(xs)[1]
 
 
 def between_runs_stderr(means: Sequence[float]) -> Optional[float]:
@@ -90,7 +90,7 @@ def between_runs_stderr(means: Sequence[float]) -> Optional[float]:
 # holds the truth far less than 95% of the time (two draws of the same configuration got a `*`
 # 19% of the time at 2 repeats, 12% at 3, measured). The 95% critical value of Student's t with
 # Welch-Satterthwaite's degrees of freedom is what makes "beyond noise" mean the same at every N.
-# A run's tail window is the same case with n_eff - 1 degrees (`within_run_df`): with k = 2, two
+# A run's tail window is the same case with n_eff - 1 degrees (`within_run`): with k = 2, two
 # runs of one configuration with 2 clean steps each got a `*` 18% of the time, and windows of 10
 # strongly autocorrelated steps (the tiny preset's 20-step runs) 18%.
 
