@@ -83,8 +83,17 @@ def fastest(comparison: Comparison) -> Optional[tuple[str, float, Optional[float
 def within_noise(comparison: Comparison, tag: str) -> bool:
     """Whether the run `tag`'s tok/sec is, by compare's own test, not beyond noise of the baseline's
     (False also when there is no verdict: no noise estimate, or the baseline itself)."""
+    return _verdict(comparison, tag) is False
+
+
+_BASELINE = "baseline"
+
+
+def _verdict(comparison: Comparison, tag: str):
+    """The run `tag`'s tok/sec verdict against the baseline's (True, False, or None: no noise
+    estimate on either side), or _BASELINE for the baseline itself or a tag not in the table."""
     row = next((r for r in comparison.runs if (r.tag or r.id) == tag), None)
-    return row is not None and row.id != comparison.baseline and row.metrics["tok_per_sec"].beyond_noise is False
+    return _BASELINE if row is None or row.id == comparison.baseline else row.metrics["tok_per_sec"].beyond_noise
 
 
 def recommendation(comparison: Optional[Comparison]) -> Optional[str]:
@@ -125,19 +134,12 @@ def recommendation(comparison: Optional[Comparison]) -> Optional[str]:
         return (f"`{tag}` has the highest{clean} tail mean — {tps:.2f} tok/s {versus} — but the difference is "
                 f"within noise (no * in the table): no leg is shown faster yet; more steps a leg or "
                 f"`repeats = 3` would tell.{left_out}")
-    if _no_verdict(comparison, tag) and delta is not None:
+    if _verdict(comparison, tag) is None and delta is not None:
         # No error to weigh the difference by (a window of one clean step): nothing shown either way.
         return (f"`{tag}` has the highest{clean} tail mean — {tps:.2f} tok/s {versus} — but with no noise "
                 f"estimate (too few clean steps for a standard error): no leg is shown faster yet; more steps "
                 f"a leg (`steps` ≥ {comparison.warmup_steps} + `window`) or `repeats = 3` would tell.{left_out}")
     return f"`{tag}` is the fastest{clean} leg — {tps:.2f} tok/s tail mean {versus}.{left_out}"
-
-
-def _no_verdict(comparison: Comparison, tag: str) -> bool:
-    """Whether the run `tag`'s tok/sec has no noise verdict against the baseline's (an error missing
-    on either side: a window of one clean step)."""
-    row = next((r for r in comparison.runs if (r.tag or r.id) == tag), None)
-    return row is not None and row.id != comparison.baseline and row.metrics["tok_per_sec"].beyond_noise is None
 
 
 def completed_comparison(sweep: SweepRecord, runs: dict[str, RunRecord], window: int,
