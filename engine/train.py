@@ -297,26 +297,26 @@ def _warn_if_resumed_differently(resume_path: Path, step: int, args, world: int)
     if meta.get("world_size") not in (None, world):
         print(f"warning: resuming a run of world size {meta['world_size']} with {world} processes: the batch "
               "per rank and the order of the data differ from the original's", file=sys.stderr, flush=True)
-    # The loader resumes at its chunk index: chunks of another shape, corpus or seed are other
-    # tokens, so some are trained on twice and some never.
     before = meta.get("options") or {}
-    changed = [f"--{k.replace('_', '-')} {before[k]} -> {getattr(args, k)}" for k in ("device_batch_size", "seq_len", "data", "seed")
-               if k in before and before[k] != getattr(args, k)]
-    if changed:
-        print(f"warning: resuming with other data options ({', '.join(changed)}): the data position saved is "
-              "in the original's chunks, so some tokens are seen twice and some never", file=sys.stderr, flush=True)
-    # Options of the training itself that the weights load under unchanged (those of the model's
-    # shape fail at load_state_dict): a change of plan is allowed, but the run's metrics would read
-    # as one run's while its steps from here on route, drop, balance or step differently.
-    changed = [f"--{k.replace('_', '-')} {before[k]} -> {getattr(args, k)}" for k in RESUME_CHANGES_TRAINING
-               if k in before and before[k] != getattr(args, k)]
-    if changed:
-        print(f"warning: resuming with other training options ({', '.join(changed)}): the steps from here on "
-              "train differently from the original run's", file=sys.stderr, flush=True)
+    for what, keys, why in RESUME_CHANGES:
+        changed = [f"--{k.replace('_', '-')} {before[k]} -> {getattr(args, k)}" for k in keys
+                   if k in before and before[k] != getattr(args, k)]
+        if changed:
+            print(f"warning: resuming with other {what} options ({', '.join(changed)}): {why}", file=sys.stderr,
+                  flush=True)
 
 
-RESUME_CHANGES_TRAINING = ("top_k", "cap", "dispatch", "balance", "balance_coeff", "balance_rate", "z_coeff", "fp8",
-                           "fp8_dense", "dtype", "total_batch_size", "lr", "warmdown_frac", "grad_clip")
+# Options a resume may change, said when it does: (kind, options, what that does).
+RESUME_CHANGES = (
+    # The loader resumes at its chunk index: chunks of another shape, corpus or seed are other tokens.
+    ("data", ("device_batch_size", "seq_len", "data", "seed"),
+     "the data position saved is in the original's chunks, so some tokens are seen twice and some never"),
+    # The weights load under these unchanged (those of the model's shape fail at load_state_dict):
+    # a change of plan is allowed, but the run's metrics would read as one run's.
+    ("training", ("top_k", "cap", "dispatch", "balance", "balance_coeff", "balance_rate", "z_coeff", "fp8",
+                  "fp8_dense", "dtype", "total_batch_size", "lr", "warmdown_frac", "grad_clip"),
+     "the steps from here on train differently from the original run's"),
+)
 
 
 def _directory_problem(directory) -> Optional[str]:
