@@ -36,7 +36,7 @@ def refuse_other_project(cfg: Config, record: RunRecord) -> None:
     artifact root (the default ~/.cache one) holds other projects' runs too, and a run's report
     belongs in the history of the commit it cites. `moectl summary`'s rule decides which runs are
     this project's: a record without `repo` (older, or imported outside a project) still is."""
-    from moectl.summary import same_repository
+    from moectl.gitops import same_repository
 
     if not same_repository(cfg.root)(record.repo):
         raise UsageError(f"run {record.id} belongs to another repository, {record.repo}: commit its report there "

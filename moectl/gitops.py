@@ -804,3 +804,31 @@ def snapshot_code(repo: Path, commit: str, diff_path: Path, dest: Path) -> None:
         if applied.returncode != 0:
             raise GitError(f"the uncommitted changes do not apply to {commit[:10]} for the code snapshot: "
                            f"{_said(applied)}")
+
+
+def same_repository(root: Path):
+    """A predicate on a record's `repo`: is it this repository? Yes when it is this work tree, or
+    none is recorded (older records), or that path is no repository now (moved, renamed, another
+    node's mount of it); also another work tree of the same repository (its git common dir).
+    Only a path that is another repository today makes a run another project's. The one rule for
+    a shared artifact root: EXPERIMENTS.md, `moectl commit`, `moectl sync` and a tag that several
+    projects' runs carry (moectl.store.resolve_run) all keep to it."""
+    here = str(root.resolve())
+    common: dict[str, Optional[str]] = {}
+
+    def common_dir(path: str) -> Optional[str]:
+        if path not in common:
+            try:
+                common[path] = str(Path(_git(Path(path), "rev-parse", "--path-format=absolute",
+                                             "--git-common-dir")).resolve())
+            except (GitError, OSError):
+                common[path] = None
+        return common[path]
+
+    def ours(repo: Optional[str]) -> bool:
+        if repo is None or repo == here or not Path(repo).is_dir():
+            return True
+        theirs = common_dir(repo)
+        return theirs is None or theirs == common_dir(here)
+
+    return ours

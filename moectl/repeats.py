@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from moectl.config import Config
 from moectl.errors import UsageError
@@ -113,8 +113,9 @@ def left_out(runs: Sequence[RunRecord], group: str, used: Sequence[RunRecord]) -
     return out
 
 
-def resolve_entries(root: Path, refs: Sequence[str], runs: Optional[Sequence[RunRecord]] = None) -> list[Entry]:
-    """Each RUN argument -> the Entry it means (see `Entry`)."""
+def resolve_entries(root: Path, refs: Sequence[str], runs: Optional[Sequence[RunRecord]] = None,
+                    ours: Optional[Callable[[Optional[str]], bool]] = None) -> list[Entry]:
+    """Each RUN argument -> the Entry it means (see `Entry`); `ours` as moectl.store.resolve_run takes it."""
     from moectl.store import list_runs, resolve_run
 
     runs = list_runs(root) if runs is None else runs
@@ -125,7 +126,7 @@ def resolve_entries(root: Path, refs: Sequence[str], runs: Optional[Sequence[Run
         if members:
             group, used = ref, group_members(runs, members[-1])
         else:
-            rec = resolve_run(root, ref, runs)
+            rec = resolve_run(root, ref, runs, ours)
             if not means_group(ref, rec):
                 out.append(Entry([rec]))
                 continue
@@ -134,15 +135,17 @@ def resolve_entries(root: Path, refs: Sequence[str], runs: Optional[Sequence[Run
     return out
 
 
-def resolve_baseline(root: Path, ref: str, runs: Optional[Sequence[RunRecord]] = None) -> list[RunRecord]:
+def resolve_baseline(root: Path, ref: str, runs: Optional[Sequence[RunRecord]] = None,
+                     ours: Optional[Callable[[Optional[str]], bool]] = None) -> list[RunRecord]:
     """A --baseline as `compare --baseline` reads it: [the run], or a group's completed runs (a group
     id, or a tag whose newest run is in a group)."""
-    return resolve_entries(root, [ref], runs)[0].runs
+    return resolve_entries(root, [ref], runs, ours)[0].runs
 
 
-def resolve_grouped(root: Path, refs: Sequence[str], runs: Optional[Sequence[RunRecord]] = None) -> list[list[RunRecord]]:
+def resolve_grouped(root: Path, refs: Sequence[str], runs: Optional[Sequence[RunRecord]] = None,
+                    ours: Optional[Callable[[Optional[str]], bool]] = None) -> list[list[RunRecord]]:
     """Each RUN argument -> the runs it means: [the run], or its group's completed runs."""
-    return [e.runs for e in resolve_entries(root, refs, runs)]
+    return [e.runs for e in resolve_entries(root, refs, runs, ours)]
 
 
 def entry_metrics(entry: "Entry | Sequence[RunRecord]", window: int):

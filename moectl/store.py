@@ -367,13 +367,23 @@ def list_runs(root: Path) -> list[StoredRun]:
     return scan_runs(root).runs
 
 
-def resolve_run(root: Path, ref: str, runs: Optional[Sequence[StoredRun]] = None) -> StoredRun:
+def _prefer_ours(tagged: list[StoredRun], ours: Optional[Callable[[Optional[str]], bool]]) -> list[StoredRun]:
+    """Runs sharing a tag, this project's first: two repositories writing to one artifact root (the
+    default ~/.cache one is shared) both tag a run `base`, and `moectl compare base x` typed in one
+    of them means its own, however recent the other's. Only another project's: those."""
+    if ours is None or len({r.repo for r in tagged}) < 2:
+        return tagged
+    return [r for r in tagged if ours(r.repo)] or tagged
+
+
+def resolve_run(root: Path, ref: str, runs: Optional[Sequence[StoredRun]] = None,
+                ours: Optional[Callable[[Optional[str]], bool]] = None) -> StoredRun:
     """A RUN argument (SPEC §4) -> its record.
 
     Accepts a path to a run directory, a run id, a tag, or a unique prefix of an id or tag. An
-    exact id or tag beats any prefix; a tag shared by several runs means the most recent; an
-    ambiguous prefix lists its candidates. Pass `runs` (newest first) to resolve many refs with
-    one scan of the store.
+    exact id or tag beats any prefix; a tag shared by several runs means the most recent (of this
+    project's, when `ours` (moectl.gitops.same_repository) says some are); an ambiguous prefix
+    lists its candidates. Pass `runs` (newest first) to resolve many refs with one scan of the store.
     """
     if not ref.strip():
         raise UsageError("an empty RUN: give a run id, a tag, a unique prefix of either, or a run directory")
@@ -391,9 +401,9 @@ def resolve_run(root: Path, ref: str, runs: Optional[Sequence[StoredRun]] = None
                          lines=[rec.exp_dir for rec in same_id])
     if same_id:
         return same_id[0]
-    for rec in runs:  # newest first: the most recent run with this tag
-        if rec.tag == ref:
-            return rec
+    tagged = [rec for rec in runs if rec.tag == ref]
+    if tagged:  # newest first: the most recent run with this tag
+        return _prefer_ours(tagged, ours)[0]
     by_id = [r for r in runs if r.id.startswith(ref)]
     id_hits = {r.id for r in by_id}
     by_tag = [r for r in runs if r.tag and r.tag.startswith(ref) and r.id not in id_hits]
@@ -412,15 +422,16 @@ def resolve_run(root: Path, ref: str, runs: Optional[Sequence[StoredRun]] = None
     if len(candidates) == 1:
         return candidates[0]
     if not by_id and len({r.tag for r in by_tag}) == 1:
-        return by_tag[0]  # a prefix of one tag that several runs share: the most recent
+        return _prefer_ours(by_tag, ours)[0]  # a prefix of one tag that several runs share: the most recent
     names = sorted({r.id for r in by_id} | {f"{r.id} (tag {r.tag})" for r in by_tag})
     raise UsageError(f"ambiguous run reference {ref!r}: {len(names)} runs match", lines=names[:20])
 
 
-def resolve_runs(root: Path, refs: Sequence[str]) -> list[StoredRun]:
+def resolve_runs(root: Path, refs: Sequence[str],
+                 ours: Optional[Callable[[Optional[str]], bool]] = None) -> list[StoredRun]:
     """Resolve several RUN arguments with a single scan of the store."""
     runs = list_runs(root)
-    return [resolve_run(root, ref, runs) for ref in refs]
+    return [resolve_run(root, ref, runs, ours) for ref in refs]
 
 
 # --- import --------------------------------------------------------------------------------------

@@ -114,33 +114,6 @@ def _runtime(cfg: Config) -> tuple[str, list[str]]:
     return status, lines
 
 
-def same_repository(root: Path):
-    """A predicate on a record's `repo`: is it this repository? Yes when it is this work tree, or
-    none is recorded (older records), or that path is no repository now (moved, renamed, another
-    node's mount of it); also another work tree of the same repository (its git common dir).
-    Only a path that is another repository today makes a run another project's. The one rule for
-    a shared artifact root: EXPERIMENTS.md, `moectl commit` and `moectl sync` all keep to it."""
-    here = str(root.resolve())
-    common: dict[str, Optional[str]] = {}
-
-    def common_dir(path: str) -> Optional[str]:
-        if path not in common:
-            try:
-                common[path] = str(Path(gitops._git(Path(path), "rev-parse", "--path-format=absolute",
-                                                    "--git-common-dir")).resolve())
-            except (gitops.GitError, OSError):
-                common[path] = None
-        return common[path]
-
-    def ours(repo: Optional[str]) -> bool:
-        if repo is None or repo == here or not Path(repo).is_dir():
-            return True
-        theirs = common_dir(repo)
-        return theirs is None or theirs == common_dir(here)
-
-    return ours
-
-
 def _all_settled(chain: list[SweepRecord], runs: dict[str, RunRecord]) -> bool:
     legs = chain[-1].legs
     return all(settled(leg.model_copy(update={"state": leg_status(leg, runs)}), legs) for leg in legs)
@@ -238,7 +211,7 @@ def render_summary(cfg: Config, now: Optional[datetime] = None) -> str:
     scan = store.scan_runs(cfg.artifact_root)
     # This repository's handoff: another project's runs and sweeps in a shared artifact root (the
     # default ~/.cache one) are left out; records older than `repo` are kept, as before.
-    ours = same_repository(cfg.root)
+    ours = gitops.same_repository(cfg.root)
     scan.runs = [r for r in scan.runs if ours(r.repo)]
     sweeps, corrupt_sweeps = scan_sweeps(cfg.artifact_root)
     sweeps = [s for s in sweeps if ours(getattr(s, "repo", None))]

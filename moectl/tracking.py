@@ -220,8 +220,8 @@ def sync_plan(cfg: Config, refs: Sequence[str]) -> list[tuple[store.StoredRun, l
     A shared artifact root (the default ~/.cache one) holds other projects' runs too: this
     project's `[tracking]` is not theirs, and a run.json holds one target per tracker, so mirroring
     another project's run here would also make its own `moectl sync` mirror it again. Which runs
-    are this project's is `moectl summary`'s rule (run.json `repo`; none recorded: this one's)."""
-    from moectl.summary import same_repository
+    are this project's is moectl.gitops.same_repository (run.json `repo`; none recorded: this one's)."""
+    from moectl.gitops import same_repository
 
     names = configured(cfg)
     if not names:
@@ -229,7 +229,7 @@ def sync_plan(cfg: Config, refs: Sequence[str]) -> list[tuple[store.StoredRun, l
                          f"{cfg.path or '.moectl.toml'}")
     ours = same_repository(cfg.root)
     if refs:
-        records = store.resolve_runs(cfg.artifact_root, refs)
+        records = store.resolve_runs(cfg.artifact_root, refs, ours)
         theirs = [r for r in {r.id: r for r in records}.values() if not ours(r.repo)]
         if len(theirs) == 1:
             r = theirs[0]

@@ -856,6 +856,39 @@ def test_moectl_commit_refuses_another_repositorys_run_and_writes_nothing_here(p
     assert len(git(other, "log", "--format=%H", f"{head.strip()}..HEAD").split()) == 4
 
 
+def test_a_tag_both_repositories_use_means_this_projects_run(project, artifact_root, tmp_path, monkeypatch):
+    # Two projects share one artifact root (the default ~/.cache one) and both tag a run `base`.
+    # `show base` / `commit base` in this one took the other's, being newer: `commit` then refused
+    # ("belongs to another repository") a run this project does have.
+    from tests.conftest import git
+
+    other = other_repository(tmp_path)
+    mine = ended_run(project, "20250101_120000_moe-base", "base")
+    older = ended_run(project, "20250101_110000_moe-base", "base")
+    theirs = ended_run(other, "20250101_130000_moe-base", "base")  # the newest
+    only_theirs = ended_run(other, "20250101_140000_moe-solo", "solo")
+
+    r = invoke("show", "base")
+    assert r.exit_code == 0 and r.stdout.startswith(mine.id), r.output
+    assert ("(the newest of this project's 2 runs tagged base; 1 more of another repository sharing this "
+            "artifact root: `moectl runs` lists them, an id shows another)") in r.stdout
+    assert json.loads(invoke("show", "bas", "--json").stdout)["id"] == mine.id  # a prefix of the one tag too
+    assert json.loads(invoke("show", theirs.id, "--json").stdout)["id"] == theirs.id  # an id means that run
+    assert json.loads(invoke("show", "solo", "--json").stdout)["id"] == only_theirs.id  # none of ours: theirs
+    assert [r["id"] for r in json.loads(invoke("compare", "base", "solo", "--json").stdout)["runs"]] == \
+        [mine.id, only_theirs.id]
+    r = invoke("commit", "base")
+    assert r.exit_code == 0, r.output
+    assert git(project, "log", "-1", "--format=%s").startswith("report: ")
+    assert json.loads((Path(mine.exp_dir) / RUN_RECORD).read_text())["report"] is not None
+    assert json.loads((Path(older.exp_dir) / RUN_RECORD).read_text())["report"] is None
+
+    monkeypatch.chdir(other)  # ... and from the other repository, its own
+    r = invoke("show", "base")
+    assert r.exit_code == 0 and r.stdout.startswith(theirs.id), r.output
+    assert "(the newest of 3 runs tagged base" not in r.stdout and "2 more of another repository" in r.stdout
+
+
 def test_a_table_wider_than_the_terminal_is_drawn_whole_not_cut(monkeypatch):
     # 80 columns (or TERM=dumb, which rich holds at 80): `runs` showed 22,719 tok/s as `22,71` with no
     # mark, and compare's run column shrank to nothing.

@@ -13,12 +13,13 @@ from moectl.cli.runs import _config  # the store-reading config rule (file, or d
 RunsArg = Annotated[List[str], typer.Argument(help="Runs: id, tag, unique prefix of either, or a run directory; a tag of a repeat group means all its runs.")]
 
 
-def _resolve_unique(root: Path, refs: list[str]):
+def _resolve_unique(cfg, refs: list[str]):
     """Resolve RUN arguments with one store scan; a run named twice is used once. A tag whose
     latest run belongs to a repeat group means every completed run of the group (moectl.repeats)."""
+    from moectl.gitops import same_repository
     from moectl.repeats import resolve_grouped
 
-    records = [r for entry in resolve_grouped(root, refs) for r in entry]
+    records = [r for entry in resolve_grouped(cfg.artifact_root, refs, ours=same_repository(cfg.root)) for r in entry]
     seen: set[str] = set()
     unique = [r for r in records if not (r.id in seen or seen.add(r.id))]
     if len(unique) < len(records):
@@ -58,7 +59,7 @@ def plot_cmd(
 
     check_metric(metric)  # before touching the store: a typo is the first thing to report
     cfg = _config(config)
-    records = _resolve_unique(cfg.artifact_root, runs)
+    records = _resolve_unique(cfg, runs)
     if output is None:
         out = _default_figure(metric)
     elif output.endswith("/") or Path(output).expanduser().is_dir():  # `-o figures/`: in it, as cp puts a file
@@ -97,7 +98,7 @@ def export_cmd(
     from moectl.export import export_csv
 
     cfg = _config(config)
-    records = _resolve_unique(cfg.artifact_root, runs)
+    records = _resolve_unique(cfg, runs)
     refuse_read_only(cfg, csv_dir, "--csv")
     result = export_csv(records, csv_dir, window or cfg.metrics.window, cfg.metrics.warmup_steps)
     for run_id in result.without_steps:

@@ -219,10 +219,12 @@ def _resolve_targets(cfg, refs: list[str], sweeps: Optional[list] = None):
     sweep itself appended to `sweeps`, when given); a repeat group (its id, or a tag whose latest
     run is in one), every run of the group whatever its state."""
     from moectl import store
+    from moectl.gitops import same_repository
     from moectl.repeats import means_group
     from moectl.sweep.store import find_sweep, find_sweep_runs
 
     runs = store.list_runs(cfg.artifact_root)
+    ours = same_repository(cfg.root)
     out: list = []
     for ref in refs:
         legs = find_sweep_runs(cfg.artifact_root, ref, runs)
@@ -233,7 +235,7 @@ def _resolve_targets(cfg, refs: list[str], sweeps: Optional[list] = None):
             continue
         group = [r for r in runs if r.group == ref]
         if not group:
-            rec = store.resolve_run(cfg.artifact_root, ref, runs)
+            rec = store.resolve_run(cfg.artifact_root, ref, runs, ours)
             group = [r for r in runs if r.group == rec.group] if means_group(ref, rec) else [rec]
         out += sorted(group, key=lambda r: (r.repeat or 0, r.id))
     from moectl.execution import run_key

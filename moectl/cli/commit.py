@@ -36,6 +36,7 @@ def commit_cmd(
     """
     from moectl.commit import commit_run_report, refuse_other_project
     from moectl.config import load_config
+    from moectl.gitops import same_repository
     from moectl.repeats import means_group
     from moectl.store import list_runs, resolve_run
 
@@ -45,7 +46,7 @@ def commit_cmd(
     # it): every repeat that ended has a report of its own, all committed, one after another.
     group = run if any(r.group == run for r in runs) else None
     if group is None:
-        record = resolve_run(cfg.artifact_root, run, runs)
+        record = resolve_run(cfg.artifact_root, run, runs, same_repository(cfg.root))
         group = record.group if means_group(run, record) else None
     # Another project's run or group (a shared artifact root): said as such, not as "no report".
     members = [r for r in runs if r.group == group] if group else []

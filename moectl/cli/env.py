@@ -343,9 +343,10 @@ def check(
         ))
         cfg = load_config(config)
         if baseline:
+            from moectl.gitops import same_repository
             from moectl.repeats import resolve_baseline
 
-            resolve_baseline(cfg.artifact_root, baseline)  # the run would refuse a baseline it cannot find
+            resolve_baseline(cfg.artifact_root, baseline, ours=same_repository(cfg.root))  # the run would refuse a baseline it cannot find
         ok = check_as_run(cfg, request, slurm=slurm, nodes=nodes, detach=detach, requeue=requeue, repeat=repeat,
                           json_out=json_out)
     except MoectlError as exc:  # a usage error, or a guard's probe that could not look (still a check document)

@@ -70,6 +70,7 @@ def run(
     from moectl.guards import summary_line
     from moectl.plan import make_request
     from moectl.progress import progress_for
+    from moectl.gitops import same_repository
     from moectl.repeats import repeat_requests, resolve_baseline
     from moectl.runner import execute_run, fallback_request
 
@@ -93,7 +94,8 @@ def run(
 
             lock_wait_s()  # a bad MOECTL_GIT_LOCK_WAIT is said now, not once training is over
         # a group (its id, or its tag) is its completed runs, as `compare --baseline` takes it
-        base_record = resolve_baseline(cfg.artifact_root, baseline) if baseline else None
+        base_record = (resolve_baseline(cfg.artifact_root, baseline, ours=same_repository(cfg.root))
+                       if baseline else None)
         if dry_run:  # exactly what `moectl check` with these options prints
             ok = check_as_run(cfg, request, slurm=slurm, nodes=nodes, detach=detach, requeue=requeue, repeat=repeat,
                               json_out=json_out)

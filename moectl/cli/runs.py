@@ -221,20 +221,25 @@ def show_cmd(
     """
     from engine.schema import METRICS_FILENAME
     from moectl.metrics import read_metrics
+    from moectl.gitops import same_repository
     from moectl.repeats import planned_repeats, resolve_entries
     from moectl.store import list_runs, run_json
 
     cfg = _config(config)
     runs = list_runs(cfg.artifact_root)
-    [entry] = resolve_entries(cfg.artifact_root, [run], runs)
+    ours = same_repository(cfg.root)
+    [entry] = resolve_entries(cfg.artifact_root, [run], runs, ours)
     if len(entry.runs) > 1:
         _show_group(cfg, entry, json_out)
         return
     rec = entry.runs[0]
     # A tag shared by several runs means the newest (SPEC §4): say so, or an older one is invisible.
     # A tag of a repeat group means its completed runs: here the only one, which need not be the newest.
-    sharing = sum(1 for r in runs if r.tag == rec.tag and r.id != rec.id) \
-        if run not in (rec.id, rec.exp_dir) and entry.group is None else 0
+    # Another repository's runs with this tag (a shared artifact root) are passed over for ours: said too.
+    tagged = [r for r in runs if r.tag == rec.tag and r.id != rec.id] \
+        if run not in (rec.id, rec.exp_dir) and entry.group is None else []
+    theirs = sum(1 for r in tagged if not ours(r.repo)) if ours(rec.repo) else 0
+    sharing = len(tagged) - theirs
     exp = Path(rec.exp_dir)
     files = sorted(
         ({"name": p.name, "bytes": p.stat().st_size if p.is_file() else None, "dir": p.is_dir()}
@@ -259,9 +264,12 @@ def show_cmd(
     out = stdout.print
     gone = "its Slurm job is gone" if rec.backend == "slurm" else "owner gone"
     out(f"[bold]{rec.id}[/bold]  status: {rec.display_status}" + (f" (recorded: {rec.status}, {gone})" if rec.stale else ""))
-    if sharing:
-        out(f"  (the newest of {sharing + 1} runs tagged {rec.tag}: `moectl runs` lists them, an id shows another)",
-            markup=False)
+    if sharing or theirs:
+        ours_ = "this project's " if theirs else ""
+        newest = (f"the newest of {ours_}{sharing + 1} runs tagged {rec.tag}" if sharing
+                  else f"this project's run tagged {rec.tag}")
+        also = f"; {theirs} more of another repository sharing this artifact root" if theirs else ""
+        out(f"  ({newest}{also}: `moectl runs` lists them, an id shows another)", markup=False)
     if entry.group is not None:
         n = planned_repeats(entry.group)
         what = "the only completed repeat" if rec.status == "completed" else "no repeat completed: the latest"
@@ -418,18 +426,20 @@ def group_mean_line(summary, errors, n: int) -> str:
 # --- compare -------------------------------------------------------------------------------------
 
 
-def load_comparison(root: Path, refs: list[str], baseline: Optional[str], window: int, warmup_steps: int = 0):
+def load_comparison(root: Path, refs: list[str], baseline: Optional[str], window: int, warmup_steps: int = 0,
+                    ours=None):
     """Resolve refs (one scan), read their metrics, compare. A tag whose latest run belongs to a
-    repeat group is the group (moectl.repeats). Returns (comparison, every run record involved)."""
+    repeat group is the group (moectl.repeats); `ours` as moectl.store.resolve_run takes it.
+    Returns (comparison, every run record involved)."""
     from moectl.metrics import compare
     from moectl.repeats import entry_metrics, resolve_entries
     from moectl.store import list_runs
 
     runs = list_runs(root)
-    entries = resolve_entries(root, refs, runs)
+    entries = resolve_entries(root, refs, runs, ours)
     base_index = 0
     if baseline is not None:
-        [base] = resolve_entries(root, [baseline], runs)
+        [base] = resolve_entries(root, [baseline], runs, ours)
         keys = [e.id for e in entries]
         if base.id in keys:
             base_index = keys.index(base.id)
@@ -546,13 +556,15 @@ def compare_cmd(
       [bold]moectl compare static_cap1p0 bufreuse --markdown[/bold]
       [bold]moectl compare base bufreuse[/bold]   (after `moectl run --repeat 3` of each: between-runs noise)
     """
+    from moectl.gitops import same_repository
     from moectl.report import compare_markdown
 
     if len(runs) + (1 if baseline else 0) < 2:
         raise UsageError("compare needs at least two runs (or one run and --baseline)")
     cfg = _config(config)
     window = window or cfg.metrics.window
-    comparison, records = load_comparison(cfg.artifact_root, runs, baseline, window, cfg.metrics.warmup_steps)
+    comparison, records = load_comparison(cfg.artifact_root, runs, baseline, window, cfg.metrics.warmup_steps,
+                                          same_repository(cfg.root))
     text = compare_markdown(comparison)
     written = None
     if write_report:
