@@ -170,12 +170,21 @@ def counted_from(metrics: MetricsFile) -> int:
     A run whose first step has any other number is taken as counted from 0, since its numbers say
     where it is in the run: a trainer resumed at `iter 500` has run 500 steps before, and a stretch
     begins at its own number only where the engine says it resumed there (`StartInfo.start_step`,
-    which moectl.store.apply_metrics adds to the warm-up; such a start before step 1 is a resume,
-    not a count from 1). A 1-based trainer printing only every 10th step is not recognised (its
-    first line is step 10), and its warm-up stays steps 0-9 by number."""
+    which `stretch_warmup` adds to the warm-up; such a start before step 1 is a resume, not a count
+    from 1). A 1-based trainer printing only every 10th step is not recognised (its first line is
+    step 10), and its warm-up stays steps 0-9 by number."""
     if metrics.first_number is not None:
         return metrics.first_number
     return _first_number(metrics.start, metrics.steps[0]) if metrics.steps else 0
+
+
+def stretch_warmup(metrics: MetricsFile, warmup_steps: int) -> int:
+    """The steps by number that no tail mean counts, past `counted_from`: `warmup_steps`, plus the
+    step the engine resumed at (the last start line's `start_step`). A resumed run (a requeued Slurm
+    job, `--resume`) is summarised over its final stretch only, past that process's own warm-up:
+    the steps before ran in another process, on another node perhaps, and their timings say nothing
+    of this one. Every summary reader (the record, `show`, `compare`, `export`) goes through here."""
+    return warmup_steps + (metrics.start.start_step if metrics.start is not None else 0)
 
 
 _MALFORMED = object()  # parse_record rejects it: "not a JSON object"
@@ -187,7 +196,8 @@ def _read_tail(text: str, window: int) -> Optional[MetricsFile]:
     Walking backwards, the first time a step number is seen is its last occurrence in the file,
     which is the one a full read keeps. A finished run's last segment ends at its final step, so
     the `window` steps collected this way are exactly the `window` highest step numbers. Peak
-    memory and the step count come from the summary line (the engine's run-wide figures).
+    memory and the step count come from the summary line (the engine's run-wide figures); the
+    start line is the last one, as a full read keeps (where a resumed run's warm-up starts).
     """
     lines = text.splitlines()
     i = len(lines) - 1
@@ -201,6 +211,7 @@ def _read_tail(text: str, window: int) -> Optional[MetricsFile]:
         return None
     out = MetricsFile(summary=summary, total_steps=summary.steps)
     out.first_number = _first_number_at_top(lines, i)
+    out.start = _last_start(lines, i)
     by_step: dict[int, StepMetrics] = {}
     for ln in reversed(lines[:i]):
         if len(by_step) >= window:
@@ -214,10 +225,24 @@ def _read_tail(text: str, window: int) -> Optional[MetricsFile]:
             continue
         if isinstance(rec, StepMetrics):
             by_step.setdefault(rec.step, rec)
-        elif isinstance(rec, StartInfo):
-            out.start = rec
     out.steps = [by_step[k] for k in sorted(by_step)]
     return out
+
+
+def _last_start(lines: list[str], end: int) -> Optional[StartInfo]:
+    """The last start line of `lines[:end]`, as a full read keeps it. Its start_step may lie before
+    the tail (a run resumed 10 steps from its end, read for a window of 5), so the walk goes on past
+    it, decoding only the lines that can be one (a step line never holds the word "start")."""
+    for ln in reversed(lines[:end]):
+        if '"start"' not in ln:
+            continue
+        try:
+            rec = parse_record(decode(ln))
+        except ValueError:
+            continue
+        if isinstance(rec, StartInfo):
+            return rec
+    return None
 
 
 def _first_number_at_top(lines: list[str], end: int) -> Optional[int]:
@@ -257,15 +282,16 @@ def tail_window(metrics: MetricsFile, window: int, warmup_steps: int = 0) -> tup
     """(the steps a tail mean is taken over, whether they are clean, i.e. past the warm-up).
 
     The last `window` steps numbered `warmup_steps` or more (`counted_from` + `warmup_steps` or
-    more: a trainer counting from 1 leaves out steps 1 .. warmup_steps); when there is none, the
-    last `window` steps of the run as they are (not clean). A tail read (`read_metrics(tail=N)`)
+    more: a trainer counting from 1 leaves out steps 1 .. warmup_steps; a resumed engine run its
+    steps before the resume too, see `stretch_warmup`); when there is none, the last `window` steps
+    of the run as they are (not clean). A tail read (`read_metrics(tail=N)`)
     holds the N highest step numbers, so it yields the same window as a full read.
     """
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-    past = counted_from(metrics) + warmup_steps
+    past = counted_from(metrics) + stretch_warmup(metrics, warmup_steps)
     clean = [s for s in metrics.steps if s.step >= past]
     if clean:
         return _last_steps(clean, window), True
@@ -300,6 +326,7 @@ def tail_summary(metrics: MetricsFile, window: int, warmup_steps: int = 0) -> Su
     `clean` = whether they are past the warm-up (see `tail_window`). The non-finite loss counts are
     over the steps `metrics` holds: the whole run for a full read, the tail for a tail read."""
     tail, clean = tail_window(metrics, window, warmup_steps)
+    warmup_steps = stretch_warmup(metrics, warmup_steps)  # (what the summary says it left out)
     not_finite = [s.step for s in metrics.steps if not loss_is_finite(s)]
     last = metrics.steps[-1] if metrics.steps else None
     peaks = _values(metrics.steps, "peak_mem_mib")

@@ -199,10 +199,8 @@ def apply_metrics(record: RunRecord, metrics: MetricsFile, window: int, warmup_s
     moectl saw the run to its end or a reader settles it later.
 
     A run resumed from a checkpoint (a requeued Slurm job, `--resume`) is summarised over its final
-    stretch only: the steps from the last start, past that process's own warm-up (the steps before
-    ran in another process, on another node perhaps; their timings say nothing of this one)."""
-    if metrics.start is not None and metrics.start.start_step:
-        warmup_steps += metrics.start.start_step
+    stretch only: the steps from the last start, past that process's own warm-up (tail_summary
+    adds the resume step to the warm-up, as it does for every other reader: metrics.stretch_warmup)."""
     # Also for a run without a step: its summary says so (steps 0, nulls), a contract key like any other.
     record.summary = tail_summary(metrics, window, warmup_steps)
     if metrics.start is not None:

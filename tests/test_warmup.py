@@ -8,6 +8,8 @@ plain mean), never by the code under test.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -113,6 +115,85 @@ def test_a_run_whose_first_step_is_not_1_or_that_resumed_at_1_counts_from_0(tmp_
     rec = RunRecord(id="r", created_at="t", exp_dir="/x")
     store.apply_metrics(rec, read_metrics(tmp_path / "b.jsonl"), 50, 10)
     assert (rec.summary.steps, rec.summary.first_step, rec.summary.warmup_steps) == (9, 0, 11)
+
+
+def resumed_lines(n: int, at: int, finished: bool = True) -> str:
+    """The metrics.jsonl of an engine run of `n` steps resumed at step `at` into its own out-dir, as
+    engine.train leaves it: the first attempt's start and steps 0 .. at-1, then the resumed attempt's
+    start (start_step = at) and steps at .. n-1 (a compile step of its own first), then its summary."""
+    start = dict(steps=n, world_size=1, tokens_per_step=TOKENS, device="cpu")
+    first = [to_line(StartInfo(**start))] + [to_line(s) for s in compiled_run(at)]
+    second = [replace(s, step=at + s.step) for s in compiled_run(n - at, steady_ms=200.0)]
+    lines = first + [to_line(StartInfo(**start, start_step=at))] + [to_line(s) for s in second]
+    if finished:
+        lines.append(to_line(RunSummary(steps=n, world_size=1, peak_mem_mib=100.0, total_time_s=20.0)))
+    return "\n".join(lines) + "\n"
+
+
+def test_a_resumed_runs_warmup_starts_at_its_resume_for_every_reader(project, artifact_root, tmp_path):
+    # Resumed at step 20 of 40: the resumed process compiles at step 20, so with 10 warm-up steps the
+    # window is steps 30-39 - for the record (`runs`, `show`), `compare` and `export` alike. They kept
+    # steps 10-29 (the resumed compile among them) everywhere but in the record.
+    import csv
+    import json
+    import os
+    import socket
+
+    from typer.testing import CliRunner
+
+    from moectl.cli import app
+
+    def invoke(*args):
+        r = CliRunner().invoke(app, list(args))
+        assert r.exit_code == 0, r.output
+        return r.stdout
+
+    done = store.create_run_dir(artifact_root / "20260101_000000_moe-done")
+    (done / "metrics.jsonl").write_text(resumed_lines(40, 20))
+    rec = RunRecord(id=done.name, tag="done", status="completed", created_at="2026-01-01T00:00:00+00:00",
+                    exp_dir=str(done), window=50, warmup_steps=10)
+    store.apply_metrics(rec, read_metrics(done / "metrics.jsonl"), 50, 10)  # as the runner records it
+    store.save_run(rec)
+    live = store.create_run_dir(artifact_root / "20260101_000001_moe-live")  # still training: steps 0-34 so far
+    (live / "metrics.jsonl").write_text("".join(ln + "\n" for ln in resumed_lines(40, 20, finished=False).splitlines()[:-5]))
+    now = datetime.now().astimezone().isoformat()  # after this process started: its pid owns the run
+    store.save_run(RunRecord(id=live.name, tag="live", status="running", created_at=now, started_at=now,
+                             exp_dir=str(live), pid=os.getpid(), host=socket.gethostname(), window=50,
+                             warmup_steps=10))
+    steady = {tag: mean(TOKENS / (200.0 + (i - 20) % 4) * 1000 for i in range(30, last))
+              for tag, last in (("done", 40), ("live", 35))}
+
+    runs = {r["tag"]: r["summary"] for r in json.loads(invoke("runs", "--json"))}
+    assert runs["live"] is None  # (no summary until the run ends)
+    shown = {"done": json.loads(invoke("show", "done", "--json"))["summary"],
+             "live": json.loads(invoke("show", "live", "--json"))["summary_so_far"]}
+    assert shown["done"] == runs["done"]
+    compared = {r["tag"]: r for r in json.loads(invoke("compare", "done", "live", "--json"))["runs"]}
+    invoke("export", "done", "live", "--csv", str(tmp_path / "csv"))
+    with open(tmp_path / "csv" / "summary.csv", newline="") as fh:
+        exported = {row["tag"]: row for row in csv.DictReader(fh)}
+    for tag, n in (("done", 10), ("live", 5)):
+        s = shown[tag]
+        assert (s["steps"], s["warmup_steps"], s["clean"]) == (n, 30, True), tag
+        assert s["tok_per_sec"] == pytest.approx(steady[tag])
+        c = compared[tag]
+        assert (c["tail_steps"], c["clean"], c["note"]) == (n, True, s["note"]), tag
+        assert c["metrics"]["tok_per_sec"]["value"] == pytest.approx(steady[tag])
+        e = exported[tag]
+        assert (e["window_steps"], e["warmup_steps"], e["clean"]) == (str(n), "30", "true"), tag
+        assert float(e["tok_per_sec"]) == pytest.approx(steady[tag])
+
+
+def test_a_tail_read_knows_where_a_run_resumed_before_its_tail(tmp_path):
+    # Resumed 5 steps from its end, read for a window of 3: the start line lies before the steps read,
+    # and with 10 warm-up steps every step of the resumed process is warm-up (not clean).
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(resumed_lines(40, 35))
+    full, tail = tail_summary(read_metrics(path), 3, 10), tail_summary(read_metrics(path, tail=3), 3, 10)
+    assert tail == full and (full.clean, full.steps, full.warmup_steps) == (False, 3, 45)
+    # A window reaching back past the first start line: the last start still says where it resumed.
+    assert tail_summary(read_metrics(path, tail=50), 50, 10) == tail_summary(read_metrics(path), 50, 10)
+    assert tail_summary(read_metrics(path, tail=50), 50, 10).warmup_steps == 45
 
 
 def test_a_run_of_only_warmup_steps_is_marked_and_keeps_its_figures():
