@@ -308,14 +308,28 @@ def _last_steps(steps: list[StepMetrics], window: int) -> list[StepMetrics]:
     return [s for s in steps[-window:] if s.step > first]
 
 
-def _window_note(n_run: int, n_window: int, clean: bool, window: int, warmup_steps: int) -> Optional[str]:
+def left_out(warmup_steps: int, resumed_at: Optional[int]) -> str:
+    """What no tail mean counts, in words: `30 warm-up steps`, or for a run resumed at step 20
+    (whose summary's warm-up counts the 20 before it), `the steps before its resume at step 20 and
+    10 warm-up steps`: those 20 ran in an earlier process, they are no warm-up."""
+    if not resumed_at:
+        return f"{warmup_steps} warm-up steps"
+    own = warmup_steps - resumed_at
+    return f"the steps before its resume at step {resumed_at}" + (f" and {own} warm-up steps" if own else "")
+
+
+def _window_note(n_run: int, n_window: int, clean: bool, window: int, warmup_steps: int,
+                 resumed_at: Optional[int] = None) -> Optional[str]:
     if not n_run:
         return "no steps recorded"
     if not clean:
+        if resumed_at:
+            return (f"warm-up only: no step past {left_out(warmup_steps, resumed_at)}, "
+                    "so the tail means include compile / warm-up")
         return (f"warm-up only: all {n_run} steps are among the first {warmup_steps} (warmup_steps), "
                 "so the tail means include compile / warm-up")
     if n_window < window:
-        after = f" after {warmup_steps} warm-up steps" if warmup_steps else ""
+        after = f" after {left_out(warmup_steps, resumed_at)}" if warmup_steps else ""
         return f"{n_window} clean steps (< window {window}){after}"
     return None
 
@@ -327,6 +341,7 @@ def tail_summary(metrics: MetricsFile, window: int, warmup_steps: int = 0) -> Su
     over the steps `metrics` holds: the whole run for a full read, the tail for a tail read."""
     tail, clean = tail_window(metrics, window, warmup_steps)
     warmup_steps = stretch_warmup(metrics, warmup_steps)  # (what the summary says it left out)
+    resumed_at = metrics.start.start_step if metrics.start is not None and metrics.start.start_step else None
     not_finite = [s.step for s in metrics.steps if not loss_is_finite(s)]
     last = metrics.steps[-1] if metrics.steps else None
     peaks = _values(metrics.steps, "peak_mem_mib")
@@ -341,8 +356,10 @@ def tail_summary(metrics: MetricsFile, window: int, warmup_steps: int = 0) -> Su
         run_steps=metrics.n_steps if metrics.steps else 0,
         warmup_steps=warmup_steps,
         first_step=counted_from(metrics),
+        resumed_at=resumed_at,
         clean=clean,
-        note=_window_note(metrics.n_steps if metrics.steps else 0, len(tail), clean, window, warmup_steps),
+        note=_window_note(metrics.n_steps if metrics.steps else 0, len(tail), clean, window, warmup_steps,
+                          resumed_at),
         tok_per_sec=_mean(_values(tail, "tok_per_sec")),
         dt_ms=_mean(_values(tail, "dt_ms")),
         mfu=_mean(_values(tail, "mfu")),

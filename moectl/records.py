@@ -57,6 +57,9 @@ class Summary(BaseModel):
     run_steps: Optional[int] = None  # every step the run recorded (null in records written before this key)
     warmup_steps: int = 0
     first_step: int = 0
+    # The step its last process resumed at (a requeued Slurm job, `--resume`), null when it ran from
+    # the start: `warmup_steps` then counts the steps before it too (moectl.metrics.stretch_warmup).
+    resumed_at: Optional[int] = None
     clean: bool = True
     note: Optional[str] = None
     # Steps whose loss was not finite (NaN / inf: a diverged run; moectl.metrics): how many, and the

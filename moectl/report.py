@@ -319,15 +319,23 @@ def run_report(
         row = [str(s.window), str(s.steps)] + [summary_cell(s, m, COLUMNS[m][1]) for m in METRICS]
         lines += _table(header, [row], right_from=0)
         if s.warmup_steps and s.clean and s.steps:  # (warm-up only: the note below says the opposite, and why)
-            lines.append(f"\nSteps {s.first_step}–{s.first_step + s.warmup_steps - 1} are warm-up (compile, allocator; "
-                         "`[metrics] warmup_steps`): no tail mean counts them.")
+            last = s.first_step + s.warmup_steps - 1
+            if s.resumed_at:  # the steps before ran in an earlier process: left out, but no warm-up
+                own = (f"; steps {s.resumed_at}–{last} are its warm-up (compile, allocator; `[metrics] warmup_steps`)"
+                       if last >= s.resumed_at else "")
+                lines.append(f"\nThe run resumed at step {s.resumed_at}: steps {s.first_step}–{s.resumed_at - 1} ran "
+                             f"in an earlier process{own}. No tail mean counts them.")
+            else:
+                lines.append(f"\nSteps {s.first_step}–{last} are warm-up (compile, allocator; "
+                             "`[metrics] warmup_steps`): no tail mean counts them.")
         if not s.steps and not s.run_steps:
             lines.append("\nNo step was measured.")
         elif not s.clean and s.steps:
             lines.append(f"\n**{s.note[:1].upper()}{s.note[1:]}.**")
             lines += marked_footnote([s])
         elif s.steps < s.window:
-            lines.append(f"\nThe run has only {s.steps} steps past the warm-up: the tail covers all of them."
+            past = "its resume and warm-up" if s.resumed_at else "the warm-up"
+            lines.append(f"\nThe run has only {s.steps} steps past {past}: the tail covers all of them."
                          if s.warmup_steps else f"\nThe run has only {s.steps} steps: the tail covers all of them.")
 
     if record.warnings:

@@ -196,6 +196,38 @@ def test_a_tail_read_knows_where_a_run_resumed_before_its_tail(tmp_path):
     assert tail_summary(read_metrics(path, tail=50), 50, 10).warmup_steps == 45
 
 
+def test_a_resumed_run_says_the_steps_before_its_resume_ran_in_an_earlier_process(tmp_path):
+    # Resumed at 20 with 10 warm-up steps, the summary leaves out steps 0-29. The report said
+    # "Steps 0–29 are warm-up" and `show` "after 30 warm-up steps": 20 of them were the first
+    # attempt's steady steps, left out because another process ran them, not for warming up.
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(resumed_lines(40, 20))
+    s = tail_summary(read_metrics(path), 50, 10)
+    assert (s.resumed_at, s.warmup_steps, s.steps, s.clean) == (20, 30, 10, True)
+    assert s.note == "10 clean steps (< window 50) after the steps before its resume at step 20 and 10 warm-up steps"
+    rec = RunRecord(id="r", tag="t", status="completed", created_at="2026-01-01T00:00:00+00:00", exp_dir=str(tmp_path),
+                    summary=s)
+    report = run_report(rec)
+    assert ("The run resumed at step 20: steps 0–19 ran in an earlier process; steps 20–29 are its warm-up "
+            "(compile, allocator; `[metrics] warmup_steps`). No tail mean counts them.") in report
+    assert "Steps 0–29 are warm-up" not in report
+    assert "The run has only 10 steps past its resume and warm-up" in report
+    # No warm-up configured: only the resume is left out.
+    s0 = tail_summary(read_metrics(path), 50, 0)
+    assert (s0.warmup_steps, s0.steps) == (20, 20)
+    assert "The run resumed at step 20: steps 0–19 ran in an earlier process. No tail mean counts them." in \
+        run_report(rec.model_copy(update={"summary": s0}))
+    # Resumed within its warm-up and no step past it: said so, not "all 40 steps are among the first 45".
+    path.write_text(resumed_lines(40, 35))
+    late = tail_summary(read_metrics(path), 50, 10)
+    assert late.note == ("warm-up only: no step past the steps before its resume at step 35 and 10 warm-up steps, "
+                         "so the tail means include compile / warm-up")
+    # A run that never resumed reads as before.
+    plain = tail_summary(MetricsFile(steps=compiled_run(40)), 50, 10)
+    assert plain.resumed_at is None
+    assert "Steps 0–9 are warm-up" in run_report(rec.model_copy(update={"summary": plain}))
+
+
 def test_a_run_of_only_warmup_steps_is_marked_and_keeps_its_figures():
     steps = compiled_run(6)
     s = tail_summary(MetricsFile(steps=steps), window=50, warmup_steps=10)

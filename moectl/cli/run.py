@@ -286,7 +286,7 @@ REASONS_BEFORE_TAIL = ("no step line in the trainer's output", "no step could be
 
 
 def _render_outcome(outcome) -> None:
-    from moectl.metrics import MARK, mark_footnote
+    from moectl.metrics import MARK, left_out, mark_footnote
 
     record = outcome.record
     out = lambda text: stdout.print(text, markup=False)  # noqa: E731
@@ -296,7 +296,8 @@ def _render_outcome(outcome) -> None:
         out("  no step was measured")  # (not "tail50 over 0 steps (warm-up only)")
     elif s is not None:
         mark = "" if s.clean else MARK
-        after = (" (warm-up only)" if not s.clean else f" after {s.warmup_steps} warm-up") if s.warmup_steps else ""
+        after = ((" (warm-up only)" if not s.clean else f" after {left_out(s.warmup_steps, s.resumed_at)}"
+                  if s.resumed_at else f" after {s.warmup_steps} warm-up") if s.warmup_steps else "")
         parts = [f"tail{s.window} over {min(s.steps, s.window)} steps{after}"]
         if s.tok_per_sec is not None:
             parts.append(f"{s.tok_per_sec:,.0f} tok/s{mark}")

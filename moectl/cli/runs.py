@@ -304,12 +304,12 @@ def show_cmd(
     if so_far is not None:
         out(f"still training: {len(metrics.steps)} steps so far; the figures below are theirs, not final", markup=False)
     if s is not None:
-        from moectl.metrics import MARK, mark_footnote
+        from moectl.metrics import MARK, left_out, mark_footnote
 
         def tail(value, decimals=2):  # a tail mean, marked when it is warm-up only
             return _num(value, decimals) + (MARK if value is not None and not s.clean else "")
 
-        after = ((", all warm-up" if not s.clean else f", after {s.warmup_steps} warm-up steps")
+        after = ((", all warm-up" if not s.clean else f", after {left_out(s.warmup_steps, s.resumed_at)}")
                  if s.warmup_steps else "")
         out(f"summary (last {s.steps} of window {s.window}{after}): tok/sec {tail(s.tok_per_sec)} · "
             f"dt {tail(s.dt_ms)} ms · MFU {tail(s.mfu, 4) + ('%' if s.mfu is not None else '')} · peak {_num(s.peak_mem_mib)} MiB · "
