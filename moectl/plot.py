@@ -55,9 +55,11 @@ class Series:
     steps: list[int]
     values: list[float]
     counted_from: int = 0  # its first step's number, 0 or 1 (metrics.counted_from): where its warm-up starts
+    resumed_at: Optional[int] = None  # the step its last process resumed at: a second warm-up starts there
 
     def warm(self, step: int, warmup_steps: int) -> bool:
-        return step < self.counted_from + warmup_steps
+        return step < self.counted_from + warmup_steps or (
+            self.resumed_at is not None and self.resumed_at <= step < self.resumed_at + warmup_steps)
 
 
 @dataclass
@@ -102,7 +104,8 @@ def collect_series(runs: Sequence[RunRecord], metric: str) -> tuple[list[Series]
                    + (f" (not finite from step {first})" if first is not None else ""))
             warnings.append(f"{rec.id}: {why}; left out of the {metric} plot")
             continue
-        series.append(Series(label, rec.id, [p[0] for p in points], [p[1] for p in points], counted_from(m)))
+        resumed_at = m.start.start_step if m.start is not None and m.start.start_step else None
+        series.append(Series(label, rec.id, [p[0] for p in points], [p[1] for p in points], counted_from(m), resumed_at))
     return series, warnings
 
 
@@ -164,10 +167,18 @@ def make_plot(runs: Sequence[RunRecord], metric: str, out: Path, title: Optional
         last = min(past - 1, max(s.steps[-1] for s in series))
         ax.axvspan(first - 0.5, last + 0.5, color="0.5", alpha=0.12, linewidth=0, zorder=0,
                    label=f"warm-up: steps {first}-{last}, not in summaries")
+    # A run resumed from a checkpoint compiled and warmed up again there (its summary leaves out
+    # every step before that process's warm-up ended; the steps before the resume are drawn as run).
+    resumes = sorted({s.resumed_at for s in series if s.resumed_at is not None})
+    if metric in MEAN_METRICS and warmup_steps:
+        for at in resumes:
+            ax.axvspan(at - 0.5, at + warmup_steps - 0.5, color="tab:orange", alpha=0.10, linewidth=0, zorder=0,
+                       label=f"warm-up after the resume at step {at}: steps {at}-{at + warmup_steps - 1}")
     if metric in WARMUP_METRICS and (fit := _fitted_ylim(series, warmup_steps)) is not None:
         lo, hi, result.off_scale = fit
         ax.set_ylim(lo, hi)
-        ax.text(0.01, 0.01, f"{result.off_scale} point(s) of steps {first}-{past - 1} off scale "
+        where = f"steps {first}-{past - 1}" + "".join(f", {at}-{at + warmup_steps - 1}" for at in resumes)
+        ax.text(0.01, 0.01, f"{result.off_scale} point(s) of {where} off scale "
                 "(compile / warm-up)", transform=ax.transAxes, fontsize=8, color="0.4", va="bottom")
     ax.set_title(title or f"{PLOT_METRICS[metric]} per step")
     ax.set_xlabel("step")

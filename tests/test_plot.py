@@ -286,3 +286,30 @@ def test_the_warmup_region_of_a_run_counting_from_1_covers_its_first_warmup_step
     assert (min(xs), max(xs)) == (0.5, 4.5)
     assert "warm-up: steps 1-4, not in summaries" in [t.get_text() for t in ax.get_legend().get_texts()]
     assert any("steps 1-4 off scale" in t.get_text() for t in ax.texts) and result.off_scale == 1
+
+
+def test_a_resumed_run_is_shaded_and_fitted_for_the_warm_up_after_its_resume(artifact_root, tmp_path):
+    # Resumed at step 20 (a requeued Slurm job): the new process compiles at step 20 too, and its
+    # summary leaves out steps 20-23 of warm-up 4. Only steps 0-3 were shaded, and the y range was
+    # fitted around step 20's compile point as if it were steady.
+    from dataclasses import replace
+
+    from engine.schema import StartInfo
+
+    run = make_run(artifact_root, "resumed", 2, n=40)
+    path = Path(run.exp_dir) / METRICS_FILENAME
+    lines = path.read_text().splitlines()
+    start = StartInfo(steps=40, world_size=1, tokens_per_step=4096, device="cpu")
+    recompiled = StepMetrics(step=20, loss=7.0, dt_ms=9000.0, tok_per_sec=60_000.0, mfu=0.7, elapsed_s=20.0)
+    path.write_text("\n".join([to_line(start)] + lines[:20] + [to_line(replace(start, start_step=20)),
+                                                               to_line(recompiled)] + lines[21:]) + "\n")
+    result = make_plot([run], "tok_per_sec", tmp_path / "tok.png", warmup_steps=4)
+    ax = result.figure.axes[0]
+    spans = {p.get_label(): p for p in ax.patches if p.get_label().startswith("warm-up")}
+    assert set(spans) == {"warm-up: steps 0-3, not in summaries",
+                          "warm-up after the resume at step 20: steps 20-23"}
+    span = spans["warm-up after the resume at step 20: steps 20-23"]
+    xs = [x for x, _ in span.get_path().transformed(span.get_patch_transform()).vertices]
+    assert (min(xs), max(xs)) == (19.5, 23.5)
+    assert result.off_scale == 2 and ax.get_ylim()[0] > 60_000.0  # both compile steps, off the fitted range
+    assert any("steps 0-3, 20-23 off scale" in t.get_text() for t in ax.texts)
