@@ -18,7 +18,8 @@ A Slurm run, step by step:
    scontrol release, then `released` true (see moectl/slurm.py for why in that order). A job Slurm
    rejects leaves the run `failed` with Slurm's message - never `queued` forever; so does a moectl
    killed between sbatch and release: the first `wait` (or follower) that finds the job still held
-   and its submitter gone cancels it (`settle_abandoned_hold`).
+   and its submitter gone cancels it (`settle_abandoned_hold`). A Slurm sweep releases its legs
+   itself (JobOptions.release), once all of them and its report job are queued (sweep.cluster).
 5. The job (moectl/job.py) writes `running`, trains, writes the end, the report and its commit.
    Here we only read: run.json and metrics.jsonl for progress, Slurm for whether the job lives.
 
@@ -77,6 +78,9 @@ class JobOptions:
     # ... and that re-run trains the failed run's code snapshot (and records its git state), not
     # the working tree as it is by then (SPEC §11: the job runs the code taken at submit).
     code_of: Optional[RunRecord] = None
+    # False: the job is left held (`released` false) for the caller to let go with release_run - a
+    # sweep, once every leg and its report job are queued (sweep.cluster.submit_sweep).
+    release: bool = True
 
 
 class ConfigSnapshot(BaseModel):
@@ -198,10 +202,8 @@ def submit_run(cfg: Config, request: RunRequest, options: JobOptions, *, sweep_i
         store.save_run(record)
         if on_queued is not None:
             on_queued(record)
-        slurm.release(record.job_id)
-        # The job may be writing `running` by now: only this field changes, under the record's lock
-        # (the job takes it for that write, moectl/job.py).
-        store.update_run(record, lambda rec: setattr(rec, "released", True))
+        if options.release:
+            release_run(record)
     except BaseException as exc:
         # Nothing runs this run now (or the job was never let go): say so, never `queued` forever.
         if record.job_id is not None:
@@ -226,6 +228,14 @@ def submit_run(cfg: Config, request: RunRequest, options: JobOptions, *, sweep_i
                 pass
         raise
     return Submitted(exit_code=EXIT_OK, plan=plan, guards=results, record=record)
+
+
+def release_run(record: RunRecord) -> None:
+    """Let the run's job go (`scontrol release`: held since sbatch), then record `released` true."""
+    slurm.release(record.job_id)
+    # The job may be writing `running` by now: only this field changes, under the record's lock
+    # (the job takes it for that write, moectl/job.py).
+    store.update_run(record, lambda rec: setattr(rec, "released", True))
 
 
 # --- observing a submitted run -------------------------------------------------------------------

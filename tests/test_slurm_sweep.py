@@ -7,6 +7,12 @@ its run, and opening the gates releases them together, however slow the machine.
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +23,9 @@ from moectl.store import parse_time
 from tests.conftest import git, wait_for
 from tests.slurm_fixtures import SLURM_TESTS
 from tests.test_run import record
-from tests.test_slurm_run import JOB_TIMEOUT_S, on_cluster, slurm_project, user_work_in_progress  # noqa: F401  (fixture)
+from tests.test_slurm_run import (  # noqa: F401  (on_cluster: a fixture)
+    JOB_TIMEOUT_S, REPO, on_cluster, slurm_project, user_work_in_progress,
+)
 
 pytestmark = [*SLURM_TESTS, pytest.mark.slow]
 runner = CliRunner()
@@ -253,3 +261,88 @@ def test_cancel_of_a_sweep_ends_its_running_and_its_pending_legs_interrupted(on_
     assert [(leg["tag"], leg["state"]) for leg in legs] == [("x", "interrupted"), ("y", "interrupted")]
     y = record(sweep_dir / legs[1]["run_id"])
     assert y["status"] == "interrupted" and "before" in y["error"] and "started" in y["error"], y["error"]
+
+
+def killing(tmp_path: Path, command: str, nth: int, asked: str = "true") -> Path:
+    """A PATH directory whose `command` is Slurm's own, except that the `nth` time it is asked
+    (`asked`: a shell test of its arguments) it SIGKILLs the moectl that ran it (its parent)."""
+    bin_dir, count = tmp_path / "bin", tmp_path / f"{command}-asked"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / command).write_text(
+        f'#!/bin/sh\nif {asked}; then echo x >> {count}; if [ "$(wc -l < {count})" -eq {nth} ]; then kill -9 $PPID; '
+        f'exit 1; fi; fi\nexec {shlex.quote(shutil.which(command))} "$@"\n')
+    (bin_dir / command).chmod(0o755)
+    return bin_dir
+
+
+def killed_while_submitting(repo: Path, spec: Path, bin_dir: Path, *args: str) -> None:
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "moectl", "sweep", str(spec), "--slurm", "--detach", *args], cwd=repo,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
+
+
+def queued(job_id: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True, text=True,
+                          timeout=60).stdout.strip()
+
+
+def test_a_sweep_whose_submitter_is_killed_between_legs_leaves_them_held_and_its_resume_runs_every_leg(
+        on_cluster, git_repo, monkeypatch, artifact_root, tmp_path):
+    # moectl SIGKILLed as it submits leg c (its third sbatch): legs a and b were released at once and
+    # ran on, with no report job after them - no sweep report, no commit of it, and a resume refused
+    # while they ran. Now the legs wait held until the report job is queued: a kill before that leaves
+    # only held jobs, which the resume cancels (`interrupted`) and runs again, with the sweep's report.
+    proj = slurm_project(git_repo, monkeypatch)
+    spec = tmp_path / "trio.toml"
+    spec.write_text('name = "trio"\n[common]\nsteps = 3\nargs = ["--sleep-per-step", "0.01"]\n'
+                    + "".join(f'[[legs]]\ntag = "{tag}"\n' for tag in "abc"))
+    killed_while_submitting(git_repo, spec, killing(tmp_path, "sbatch", 3), "--max-parallel", "1")
+    sweep_dir = the_sweep(artifact_root)
+    old = sweep_json(sweep_dir)
+    assert [(leg["tag"], leg["state"]) for leg in old["legs"]] == [("a", "queued"), ("b", "queued"), ("c", "pending")]
+    assert old["report_job"] is None
+    a, b = (record(sweep_dir / leg["run_id"]) for leg in old["legs"][:2])
+    assert (a["released"], b["released"]) == (False, False), (a, b)
+    assert (queued(a["job_id"]), queued(b["job_id"])) == ("PENDING JobHeldUser", "PENDING JobHeldUser")
+    listed = {r["id"]: r for r in json.loads(moectl("runs", "--json").output)}
+    assert [listed[r["id"]]["status"] for r in (a, b)] == ["stale", "stale"], listed
+
+    resumed = moectl("sweep", "--resume", old["id"], "--slurm")
+
+    assert resumed.exit_code == 0, resumed.output
+    assert "(3 of 3 legs to submit" in resumed.output, resumed.output
+    assert [(leg["tag"], leg["state"]) for leg in sweep_json(sweep_dir)["legs"]] == [
+        ("a", "interrupted"), ("b", "interrupted"), ("c", "pending")]
+    for run in (a, b):
+        final = record(sweep_dir / run["id"])
+        assert final["status"] == "interrupted" and "was gone before it released" in final["error"], final
+        assert queued(run["job_id"]) == ""  # cancelled, not held for ever
+    new = the_sweep(artifact_root, "trio-resume")
+    data = sweep_json(new)
+    assert [(leg["tag"], leg["state"]) for leg in data["legs"]] == [("a", "completed"), ("b", "completed"),
+                                                                     ("c", "completed")]
+    assert data["report"] and Path(data["report"]).is_file()
+    assert "report: sweep trio" in git(proj, "log", "-1", "--format=%s")
+
+
+def test_a_sweep_whose_submitter_is_killed_while_it_releases_its_legs_still_gets_its_report(
+        on_cluster, git_repo, monkeypatch, artifact_root, tmp_path):
+    # moectl SIGKILLed at its second `scontrol release`: leg a runs, leg b stays held. The report job,
+    # queued before any leg was let go, writes the sweep report once `wait` has cancelled b.
+    proj = slurm_project(git_repo, monkeypatch)
+    spec = tmp_path / "duo.toml"
+    spec.write_text('name = "duo"\n[common]\nsteps = 3\nargs = ["--sleep-per-step", "0.01"]\n'
+                    '[[legs]]\ntag = "a"\n[[legs]]\ntag = "b"\n')
+    killed_while_submitting(git_repo, spec, killing(tmp_path, "scontrol", 2, asked='[ "$1" = release ]'))
+    sweep_dir = the_sweep(artifact_root, "duo")
+    b = record(sweep_dir / sweep_json(sweep_dir)["legs"][1]["run_id"])
+    assert b["released"] is False and queued(b["job_id"]) == "PENDING JobHeldUser", b
+
+    waited = moectl("wait", "duo", "--timeout", f"{JOB_TIMEOUT_S}s")
+
+    assert waited.exit_code == 130, waited.output  # b interrupted
+    data = sweep_json(sweep_dir)
+    assert [(leg["tag"], leg["state"]) for leg in data["legs"]] == [("a", "completed"), ("b", "interrupted")]
+    assert data["report"] and Path(data["report"]).is_file(), data
+    assert "report: sweep duo" in git(proj, "log", "-1", "--format=%s")

@@ -4,12 +4,17 @@
 
 1. Guards for the first leg on this machine (as `run --slurm`: the node's guards run in each job);
    a refusal writes nothing.
-2. The sweep directory and sweep.json (legs `pending`), then one `execution.submit_run` per leg.
-   Leg i waits for leg i-K (`--dependency=afterany:<job of leg i-K>`): Slurm keeps at most K
-   legs in flight, nobody has to stay at a terminal to start the next one.
+2. The sweep directory and sweep.json (legs `pending`), then one `execution.submit_run` per leg,
+   its job left held. Leg i waits for leg i-K (`--dependency=afterany:<job of leg i-K>`): Slurm
+   keeps at most K legs in flight, nobody has to stay at a terminal to start the next one.
 3. One more job, `python -m moectl.job --sweep SWEEP_DIR`, with `--dependency=afterany:` every leg:
    when the last leg settles it writes the comparison, recommendation, figures, sweep report and
    EXPERIMENTS.md and commits them (`finish_sweep_job`, the same `finish_sweep` as a local sweep).
+4. Only then are the legs released (`scontrol release`, each run's `released` true). A submitter
+   killed before that leaves held legs only, with no report job or with one that waits for them:
+   as for a single run (execution.settle_abandoned_hold) the next `wait` or `sweep --resume` cancels
+   each and settles it `interrupted`, and the resume runs it again. Released at once instead, the
+   legs of a half-submitted sweep ran on with no report job after them, and no report was written.
 
 sweep.json has many writers here (the submitter, every leg's job, the final job), so each change
 is a read-modify-write under the sweep's lock (sweep.store.locked_sweep). Each leg's job commits
@@ -28,7 +33,8 @@ from moectl import slurm, store
 from moectl.config import Config
 from moectl.errors import EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, MoectlError
 from moectl.execution import (
-    ConfigSnapshot, JobOptions, deferred_to_job, exit_code_of, read_record, settle_gone_job, submit_run,
+    ConfigSnapshot, JobOptions, deferred_to_job, exit_code_of, read_record, release_run, settle_abandoned_hold,
+    settle_gone_job, submit_run,
 )
 from moectl.guards import check_request, passed
 from moectl.records import UNSETTLED, RunRecord, SweepRecord, write_text_atomic
@@ -72,12 +78,13 @@ def submit_sweep(cfg: Config, sweep: SweepRecord, opts: SweepOptions, *, max_par
            + (f", at most {min(k, len(todo))} at once)" if k else ", all at once)"))
     jobs: list[str] = []
     submitted: list[RunRecord] = []
+    report_job: Optional[str] = None
     try:
         for leg in todo:
             dependency = f"afterany:{jobs[len(jobs) - k]}" if k and len(jobs) >= k else None
             request = leg_request(leg, opts, sweep_dir, _leg_notes(leg, sweep))
             out = submit_run(cfg, request, JobOptions(dependency=dependency, commit=not opts.no_commit, summary=False,
-                                                         fallback_in_job=True),
+                                                         fallback_in_job=True, release=False),
                              sweep_id=sweep.id,
                              on_queued=lambda record, tag=leg.tag: update_leg(sweep_dir, "queued", run_id=record.id, tag=tag))
             if out.record is None:  # the first leg passed these guards; a later one may not (fresh_dir)
@@ -86,16 +93,33 @@ def submit_sweep(cfg: Config, sweep: SweepRecord, opts: SweepOptions, *, max_par
             submitted.append(out.record)
             ui.say(f"leg {leg.tag}: run {out.record.id}, Slurm job {out.record.job_id}"
                    + (f" (after job {dependency.split(':')[1]})" if dependency else ""))
+        report_job = _submit_report_job(cfg, sweep, sweep_dir, opts, jobs, carried, chain)
+        ui.say(f"final report: Slurm job {report_job}, after every leg")
+        # Only now is any leg let go: a moectl killed before this point leaves every leg held and
+        # unreleased, which the next `wait`/`sweep --resume` cancels and settles `interrupted`
+        # (execution.settle_abandoned_hold) - never legs running on with no report job after them.
+        # Killed during the releases, the legs not yet let go are settled so, and the report job,
+        # already queued, reports the sweep as it ended.
+        for record in submitted:
+            release_run(record)
     except BaseException:
-        # Half a sweep in the queue helps nobody: cancel what was submitted, so no leg stays queued.
+        # Half a sweep in the queue helps nobody: cancel what was submitted, so no leg stays queued
+        # (the report job first: it would start as the legs end, to report a sweep that never ran).
         from moectl.execution import cancel_runs
 
         try:
+            slurm.cancel([report_job] if report_job else [])
             cancel_runs(submitted)
         except MoectlError as exc:
             ui.say(f"could not cancel the legs already submitted: {exc.message}")
         raise
+    return SweepOutcome(exit_code=EXIT_OK, sweep=load_sweep(sweep_dir), jobs=[*jobs, report_job])
 
+
+def _submit_report_job(cfg: Config, sweep: SweepRecord, sweep_dir: Path, opts: SweepOptions, jobs: list[str],
+                       carried: dict[str, RunRecord], chain: list[str]) -> str:
+    """The final report job (`python -m moectl.job --sweep SWEEP_DIR`, after every leg's job),
+    recorded in sweep.json; returns its job id."""
     spec = SweepJobSpec(**ConfigSnapshot.fields_of(cfg), baseline=opts.baseline, no_commit=opts.no_commit,
                         chain=[*chain, sweep.id], carried=[r.exp_dir for r in carried.values()])
     from moectl.records import save_model
@@ -117,8 +141,30 @@ def submit_sweep(cfg: Config, sweep: SweepRecord, opts: SweepOptions, *, max_par
     report_job = slurm.submit(script, dependency="afterany:" + ":".join(jobs), hold=False)
     with locked_sweep(sweep_dir) as current:
         current.report_job = report_job
-    ui.say(f"final report: Slurm job {report_job}, after every leg")
-    return SweepOutcome(exit_code=EXIT_OK, sweep=load_sweep(sweep_dir), jobs=[*jobs, report_job])
+    return report_job
+
+
+def settle_abandoned_legs(sweep: SweepRecord) -> None:
+    """Before a resume runs them again: the legs of `sweep` still held since sbatch, whose
+    submitting moectl died before it let them go (execution.settle_abandoned_hold), cancelled and
+    settled `interrupted` in run.json and sweep.json. Only shown `stale` otherwise, they ran again
+    in the resume while their jobs stayed held in the queue for ever and their sweep said `queued`."""
+    if slurm.available() is not None:
+        return  # (no Slurm here: their records are taken at their word, as `runs` takes them)
+    for leg in sweep.legs:
+        if leg.state != "queued" or not leg.run_id:
+            continue
+        try:
+            record = read_record(Path(sweep.exp_dir) / leg.run_id)
+        except (OSError, ValueError):
+            continue
+        if record.backend != "slurm" or record.status != "queued" or record.released is not False:
+            continue
+        try:
+            info = slurm.job_info(record.job_id)
+        except MoectlError:
+            continue
+        settle_abandoned_hold(record, info)
 
 
 def follow_sweep(sweep_dir: Path, timeout_s: Optional[float] = None) -> tuple[SweepRecord, int]:

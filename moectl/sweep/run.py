@@ -304,6 +304,9 @@ def resume_sweep(cfg: Config, ref: str, opts: SweepOptions, ui: Optional[SweepUI
         raise GuardRefused(f"sweep {old.id} is being resumed already by {who}; wait for that resume "
                            f"(`moectl wait {old.name}`) or stop it") from None
     with claim:
+        from moectl.sweep.cluster import settle_abandoned_legs
+
+        settle_abandoned_legs(old)  # legs its killed `sweep --slurm` never let go: `interrupted`, run again
         again, legs, carried, was = plan_resume(cfg, ref)  # as it is now that the claim is ours
         if again.id != old.id:  # another resume ran from start to end between our look and our claim
             raise GuardRefused(f"sweep {old.id} was resumed meanwhile as {again.id}; run the command again to "
