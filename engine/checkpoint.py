@@ -25,7 +25,7 @@ def save(ckpt_dir: str | Path, step: int, payload: dict, meta: dict) -> Path:
     meta_path = ckpt_dir / f"meta_{step:06d}.json"
     tmp = model_path.with_suffix(".pt.tmp")
     for dead in ckpt_dir.glob("*.tmp"):  # a save killed midway (SIGKILL: no cleanup ran) left its part
-        dead.unlink(missing_ok=True)
+        _remove(dead)
     try:
         torch.save(payload, tmp)
         os.replace(tmp, model_path)
@@ -33,7 +33,7 @@ def save(ckpt_dir: str | Path, step: int, payload: dict, meta: dict) -> Path:
         tmp.write_text(json.dumps({"step": step, **meta}, indent=2, sort_keys=True, default=str) + "\n")
         os.replace(tmp, meta_path)
     except BaseException as exc:  # Ctrl-C mid-save, a full disk: no half checkpoint left taking its space
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         if isinstance(exc, (OSError, RuntimeError)):
             # torch's own words for a full disk are "[enforce fail at inline_container.cc] unexpected pos":
             # say what a person can act on
@@ -41,6 +41,15 @@ def save(ckpt_dir: str | Path, step: int, payload: dict, meta: dict) -> Path:
                                    "the checkpoints before it are intact") from exc
         raise
     return model_path
+
+
+def _remove(path: Path) -> None:
+    """Best-effort removal of a part-written file. A read-only directory (EROFS even for a file that
+    was never made) or a directory by that name must not replace the error being said with its own."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 class CheckpointFailed(Exception):

@@ -63,6 +63,10 @@ class CompileFailed(Exception):
     """Exit 3: torch.compile could not build the model; the caller may retry with --compile none."""
 
 
+class MetricsFailed(Exception):
+    """metrics.jsonl could not be written (a full disk, a read-only directory): one line naming it."""
+
+
 class Interrupted(BaseException):  # like KeyboardInterrupt: no library "except Exception" swallows it
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
@@ -423,7 +427,7 @@ def main(argv=None) -> int:
     except CompileFailed as exc:
         print(f"error: torch.compile failed: {exc}; rerun with --compile none", file=sys.stderr)
         return EXIT_COMPILE_FAILED
-    except checkpoint.CheckpointFailed as exc:  # said in a line a person can act on (a full disk)
+    except (checkpoint.CheckpointFailed, MetricsFailed) as exc:  # said in a line a person can act on (a full disk)
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except Interrupted as exc:
@@ -510,7 +514,10 @@ def train(args) -> int:
         return _train(args, open_files)
     finally:  # metrics.jsonl is flushed per line; closing here covers every exit path
         for f in open_files:
-            f.close()
+            try:
+                f.close()
+            except OSError:  # its last flush failed (a full disk), and emit has said so already
+                pass
 
 
 def _train(args, open_files: list) -> int:
@@ -660,21 +667,34 @@ def _train(args, open_files: list) -> int:
 
     # ---- metrics sink -------------------------------------------------------------------
     sink = None
+    metrics_path = Path(args.out_dir or ".") / METRICS_FILENAME
+
+    def metrics_failed(exc: OSError, what: str) -> MetricsFailed:
+        # A full disk said as a person can act on it (`checkpoint._why`), naming the file: not a
+        # traceback ending in "OSError: [Errno 28] No space left on device".
+        return MetricsFailed(f"{metrics_path} {what}: {checkpoint._why(exc, metrics_path.parent)}")
+
     if master and args.out_dir:
-        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-        metrics_path = Path(args.out_dir) / METRICS_FILENAME
-        if resume_path is not None:
-            dropped = _keep_steps_before(metrics_path, start_step)
-            if dropped:
-                print(f"resume: {METRICS_FILENAME} keeps steps < {start_step}; dropped {dropped} line(s) "
-                      "of the steps that run again and of the earlier summary", flush=True)
-        sink = open(metrics_path, "a" if resume_path else "w")
+        try:
+            metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_path is not None:
+                dropped = _keep_steps_before(metrics_path, start_step)
+                if dropped:
+                    print(f"resume: {METRICS_FILENAME} keeps steps < {start_step}; dropped {dropped} line(s) "
+                          "of the steps that run again and of the earlier summary", flush=True)
+            sink = open(metrics_path, "a" if resume_path else "w")
+        except OSError as exc:
+            raise metrics_failed(exc, "cannot be written") from exc
         open_files.append(sink)
 
     def emit(record):
         if sink is not None:
-            sink.write(to_line(record) + "\n")
-            sink.flush()
+            try:
+                sink.write(to_line(record) + "\n")
+                sink.flush()
+            except OSError as exc:
+                at = f" at step {record.step}" if isinstance(record, StepMetrics) else ""
+                raise metrics_failed(exc, f"not written{at}") from exc
 
     config = {**vars(args), **cfg.to_dict(), "grad_accum": accum,
               "total_batch_size": total_batch, "n_params": n_params, "flops_per_token": flops_tok,

@@ -1,6 +1,7 @@
 """The training loop end to end on CPU: real torch, real subprocesses, real torchrun (gloo)."""
 import json
 import math
+import re
 import os
 import signal
 import subprocess
@@ -619,6 +620,40 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_naming_why(tmp_path, mo
     assert err[-1] == (f"error: checkpoint model_000002.pt not saved in {tmp_path / 'c'}: no space left on the device; "
                        "the checkpoints before it are intact"), err
     assert "Traceback" not in "\n".join(err) and list((tmp_path / "c").iterdir()) == []
+
+
+def test_a_part_file_that_cannot_be_removed_does_not_hide_why_the_checkpoint_failed(tmp_path):
+    # A read-only ckpt dir: unlinking the temp file torch.save never made raised EROFS from the
+    # clean-up, so the run ended in a double traceback instead of the one line below. (A directory
+    # by the temp file's name fails both the save and the unlink, without a read-only mount.)
+    from engine import checkpoint
+
+    (tmp_path / "model_000003.pt.tmp").mkdir()
+    (tmp_path / "model_000003.pt.tmp" / "x").write_text("")
+    with pytest.raises(checkpoint.CheckpointFailed, match=r"^checkpoint model_000003.pt not saved in .*; "
+                                                          r"the checkpoints before it are intact$"):
+        checkpoint.save(tmp_path, 3, {"model": {}}, {"loader": {"k": 1}})
+
+
+def test_a_metrics_file_that_cannot_be_written_is_one_line_naming_it(tmp_path):
+    # A full disk under --out-dir: a traceback ending in "OSError: [Errno 28] No space left on device",
+    # naming no file. A file size limit (RLIMIT_FSIZE, its signal ignored) fails the write the same
+    # way, with EFBIG: metrics.jsonl's start line (~1 KB) fits, its steps do not for long.
+    import resource
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1800, 1800))
+
+    out = tmp_path / "o"
+    r = subprocess.run([sys.executable, "-m", "engine.train", "--preset", "tiny", "--device", "cpu", "--steps", "20",
+                        "--out-dir", str(out)], capture_output=True, text=True, preexec_fn=limited, timeout=300,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 1, r.stderr
+    err = r.stderr.strip().splitlines()
+    assert re.fullmatch(rf"error: {re.escape(str(out / 'metrics.jsonl'))} not written at step \d+: File too large",
+                        err[-1]), err
+    assert "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("flag", ["--resume", "--out-dir", "--ckpt-dir"])
