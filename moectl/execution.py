@@ -373,6 +373,8 @@ def exit_code_of_record(record: RunRecord) -> int:
     """SPEC §8 for one settled run: what it asked of Slurm never could start is a usage error (2)."""
     if record.status == "failed" and (record.error or "").startswith(NEVER_STARTS_PREFIX):
         return EXIT_USAGE
+    if getattr(record, "stale", False):  # its moectl died: it ends `interrupted`, whoever writes that
+        return EXIT_INTERRUPTED
     return EXIT_OF_STATUS.get(record.status, EXIT_TRAINING)
 
 
@@ -500,7 +502,12 @@ def _settle_once(record: RunRecord, deadline: Optional[float] = None) -> Optiona
     run_dir = Path(record.exp_dir)
     if record.backend != "slurm":
         current = store.load_run(run_dir)  # settles a local run whose moectl died
-        return None if current.status in UNSETTLED and not current.stale else current
+        if current.status not in UNSETTLED:
+            return current
+        # Its moectl is dead but a process of its training still runs (stopping within seconds of
+        # that death, by PDEATHSIG): not settled yet, the next look settles it `interrupted`. Stale
+        # with nothing left alive, only a store this process cannot write keeps it so: it is over.
+        return current if current.stale and not store.training_alive(current) else None
     current = read_record(run_dir)
     live, info = _ask_slurm(current, deadline)
     unstartable = settle_unstartable(current, info) or settle_abandoned_hold(current, info)

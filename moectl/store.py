@@ -229,7 +229,7 @@ def settle_stale(run_dir: Path, rec: StoredRun, recorded_exp_dir: Optional[str] 
       the sweep.json beside the run becomes `interrupted` (what `sweep --resume` reruns).
     - A store this process cannot write leaves everything as it was: shown `stale`, no error.
     """
-    if _training_alive(rec, recorded_exp_dir):
+    if training_alive(rec, recorded_exp_dir):
         return rec
     metrics_path, log_path = run_dir / METRICS_FILENAME, run_dir / "train.log"
     final = rec.model_copy(deep=True)
@@ -264,7 +264,7 @@ def settle_stale(run_dir: Path, rec: StoredRun, recorded_exp_dir: Optional[str] 
     return final
 
 
-def _training_alive(rec: RunRecord, recorded_exp_dir: Optional[str]) -> bool:
+def training_alive(rec: RunRecord, recorded_exp_dir: Optional[str] = None) -> bool:
     """Is a process of this run's training still alive: torchrun (argv as recorded) or anything
     given `--out-dir` this run's directory (the workers)?"""
     import psutil

@@ -318,6 +318,27 @@ def test_not_settled_while_a_process_of_its_training_lives(tmp_path):
     assert rec.status == "interrupted" and record(exp)["status"] == "interrupted"
 
 
+def test_wait_on_a_killed_moectls_run_waits_for_its_training_to_stop_and_says_interrupted(tmp_path, monkeypatch):
+    # `wait` returned at once with exit 4 ("training failed") while the killed moectl's training was
+    # still running: the record said `running` with its owner dead, and wait took `stale` as settled.
+    exp = make_stale_run(tmp_path, "20260101_000001_moe-a", 5)
+    monkeypatch.setenv("MOECTL_ARTIFACT_ROOT", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "--out-dir", str(exp)])
+    try:
+        wait_for("the worker's argv to be visible", lambda: str(exp) in " ".join(psutil.Process(worker.pid).cmdline()), 30)
+        started = time.monotonic()
+        r = runner.invoke(app, ["wait", exp.name, "--timeout", "2s", "--json"])
+        assert r.exit_code == 130 and time.monotonic() - started >= 2, r.output  # the timeout ran out: still going
+        assert json.loads(r.stdout)[0]["status"] == "stale"
+    finally:
+        worker.kill()
+        worker.wait(timeout=30)
+    r = runner.invoke(app, ["wait", exp.name, "--json"])
+    assert r.exit_code == 130, r.output
+    assert json.loads(r.stdout)[0]["status"] == "interrupted" and record(exp)["error"].startswith(KILLED)
+
+
 def test_another_hosts_run_is_never_settled(tmp_path):
     exp = make_stale_run(tmp_path, "20260101_000001_moe-a", 5, host=socket.gethostname() + "-elsewhere")
     before = (exp / RUN_RECORD).read_bytes()

@@ -290,8 +290,11 @@ def wait(
         error(f"--timeout {timeout} passed; still going: {exc}")
         if json_out:  # where each one stands now: a polling caller learns the states, not only 130
             from moectl.execution import read_record
+            from moectl.store import load_run
 
-            print_json([run_json(read_record(Path(r.exp_dir))) for r in records])
+            # (a local run whose moectl died reads `stale`, as in `runs --json`: its training still stops)
+            print_json([run_json(read_record(Path(r.exp_dir)) if r.backend == "slurm" else load_run(Path(r.exp_dir)))
+                        for r in records])
         raise typer.Exit(EXIT_INTERRUPTED)
     from moectl.summary import resume_command
     from moectl.sweep.store import load_sweep
