@@ -33,6 +33,7 @@ from moectl.progress import NullProgress, ProgressSink
 from moectl.records import GitInfo, GuardResult, RunRecord
 from moectl.stdout_metrics import LiveMetricsWriter, StdoutFormat, StdoutParser
 from moectl.report import commit_message, not_committed, run_report, write_report
+from moectl.text import without_stop_tracebacks
 from moectl.tracking import Mirrored, mirror_run
 from moectl.trainer import follows_engine_contract, script_path
 
@@ -255,7 +256,8 @@ def finish_record(record: RunRecord, result: LaunchResult, plan: RunPlan,
     exit_code, compile_failed = EXIT_OK, False
     if result.interrupted:
         record.status = "interrupted"
-        record.error = f"interrupted by {result.signal_name}" + (f"\n{result.log_tail}" if result.log_tail else "")
+        tail = without_stop_tracebacks(result.log_tail)  # (torchrun's answer to our SIGTERM: no news)
+        record.error = f"interrupted by {result.signal_name}" + (f"\n{tail}" if tail else "")
         # moectl's own code (SPEC §8), not what torchrun happened to exit with once stopped (1, -15, -9)
         record.exit_code = exit_code = EXIT_INTERRUPTED
     elif parser is not None and parser.steps_seen == 0:

@@ -241,7 +241,9 @@ def settle_stale(run_dir: Path, rec: StoredRun, recorded_exp_dir: Optional[str] 
     final.status = "interrupted"
     final.finished_at = _last_written(metrics_path, log_path) or rec.started_at or rec.created_at
     finished = "; its training had finished (metrics.jsonl ends with its summary)" if metrics.summary else ""
-    tail = log_tail(log_path)
+    from moectl.text import without_stop_tracebacks
+
+    tail = without_stop_tracebacks(log_tail(log_path))  # (torchrun stopped by its moectl's death: no news)
     final.error = KILLED + finished + (f"\n{tail}" if tail else "")
     try:
         if _recorded_status(run_dir) in UNSETTLED:  # not settled by another reader meanwhile

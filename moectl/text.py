@@ -27,3 +27,33 @@ def tail_line(text: str) -> str:
     if len(line) > TAIL_LINE_CHARS:
         line = f"{line[:TAIL_LINE_CHARS]} … ({len(line) - TAIL_LINE_CHARS:,} more characters)"
     return line
+
+
+# The exceptions a stop raises on its way through torch: torchrun answers moectl's SIGTERM with
+# `torch.distributed.elastic.multiprocessing.api.SignalException: Process 12 got signal: 15`, a
+# Python trainer a Ctrl-C with KeyboardInterrupt.
+STOP_EXCEPTIONS = ("SignalException", "KeyboardInterrupt")
+
+
+def without_stop_tracebacks(tail: str) -> str:
+    """A stopped run's output tail without the tracebacks the stop itself caused (~30 lines of
+    torchrun's frames per Ctrl-C, in every interrupted run's record and committed report). They say
+    how the signal went through torch, not why the run ended - its record's first line says that.
+    Any other traceback (an error on the way down) is kept, and so is a block cut off at the top of
+    the tail, as long as it does not end in a stop exception."""
+    lines = tail.split("\n")
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        starts = lines[i].startswith("Traceback (most recent call last):") or (
+            i == 0 and lines[i].startswith("  File "))  # the tail begins inside a traceback
+        if starts:
+            j = i + 1
+            while j < len(lines) and lines[j].startswith((" ", "\t")):
+                j += 1
+            if j < len(lines) and any(name in lines[j] for name in STOP_EXCEPTIONS):
+                i = j + 1
+                continue
+        out.append(lines[i])
+        i += 1
+    return "\n".join(out).strip("\n")

@@ -696,3 +696,23 @@ def test_a_full_disk_under_train_log_ends_the_logging_not_the_reading(tmp_path):
     assert r["exit_code"] == 0 and not r["interrupted"]
     assert r["log_error"].startswith("train.log is incomplete: writing it failed (No space left on device)")
     assert "step 39 | loss: 3.0" in r["log_tail"]  # every line was still read
+
+
+def test_a_stopped_runs_tail_leaves_out_the_tracebacks_its_stop_caused_and_keeps_any_other():
+    from moectl.text import without_stop_tracebacks
+
+    frames = ['  File "/venv/torch/distributed/run.py", line 1032, in <module>', "    main()",
+              '  File "/venv/torch/distributed/elastic/multiprocessing/api.py", line 86, in _terminate_process_handler',
+              '    raise SignalException(f"Process {os.getpid()} got signal: {sigval}", sigval=sigval)']
+    stop = "torch.distributed.elastic.multiprocessing.api.SignalException: Process 12 got signal: 15"
+    progress = ["step 00140/00400 (35.00%) | loss: 5.1", "W1128 api.py:753] Received 15 death signal, shutting down workers"]
+    tail = "\n".join([*progress, "Traceback (most recent call last):", *frames, stop])
+    assert without_stop_tracebacks(tail) == "\n".join(progress)
+    # the tail's first 40 lines begin inside the traceback: its frames go too
+    assert without_stop_tracebacks("\n".join([*frames[2:], stop, "interrupted by SIGTERM"])) == "interrupted by SIGTERM"
+    # a worker's Ctrl-C, and an error on the way down (kept: it is news)
+    ctrl_c = ["Traceback (most recent call last):", '  File "train.py", line 3, in <module>', "KeyboardInterrupt"]
+    error = ["Traceback (most recent call last):", '  File "train.py", line 9, in save',
+             "OSError: [Errno 28] No space left on device"]
+    assert without_stop_tracebacks("\n".join([*ctrl_c, *error])) == "\n".join(error)
+    assert without_stop_tracebacks("") == "" and without_stop_tracebacks("\n".join(progress)) == "\n".join(progress)
