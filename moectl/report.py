@@ -161,7 +161,7 @@ def commit_message(record: RunRecord, baseline: Optional[RunRecord] = None,
         if record.status == "interrupted":
             code = f" ({why.removeprefix('interrupted by ')})" if why.startswith("interrupted by ") else ""
         else:
-            code = f" (exit {record.exit_code})" if record.exit_code is not None else ""
+            code = f" (trainer exit {record.exit_code})" if record.exit_code is not None else ""
         head = f"report: {label} — {record.status}{code}"
         return head + (f", {tps:.0f} tok/s so far{warmup_only}" if tps is not None else "")
     if tps is None:

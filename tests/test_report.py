@@ -104,7 +104,7 @@ def test_commit_message_matches_the_spec_example():
 
 def test_commit_message_failed_run():
     rec = record(status="failed", exit_code=4, options={"compile": "none", "cap": 1.25, "fp8": True})
-    assert commit_message(rec) == "report: none cap1.25 fp8 bufreuse — failed (exit 4), 806400 tok/s so far"
+    assert commit_message(rec) == "report: none cap1.25 fp8 bufreuse — failed (trainer exit 4), 806400 tok/s so far"
     # interrupted: the signal, not torchrun's exit code after it (1: it read as a failure)
     stopped = record(status="interrupted", exit_code=1, error="interrupted by SIGINT\nstep 3 ...",
                      options={"compile": "none"})

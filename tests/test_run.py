@@ -444,12 +444,12 @@ def test_failed_training_is_recorded_reported_and_exits_4(proj, artifact_root):
     assert out["commit"] == head(proj) and commit_files(proj) == ours(proj, report)
     assert (rec["report"], rec["commit"], rec["commit_error"]) == (out["report"], out["commit"], None)  # on disk too
     assert out["previous_attempts"] == []
-    assert "failed (exit 4)" in git(proj, "log", "-1", "--format=%s")
+    assert "failed (trainer exit 4)" in git(proj, "log", "-1", "--format=%s")
     assert not (artifact_root / LOCK_NAME).exists()
     # With --json the record is stdout's; what a person (or a log tail) reads goes to stderr:
     # the guards line, the run directory, progress, and the outcome.
     assert f"run {rec['id']} -> {exp}" in r.stderr and "progress: step 1/6" in r.stderr
-    assert r.stderr.strip().splitlines()[-1] == f"failed: {rec['id']} (exit 4)", r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"failed: {rec['id']} (trainer exit 4)", r.stderr
 
 
 # ------------------------------------------------------------------------------- 7. --exp-dir must be new, inside
@@ -651,7 +651,7 @@ def test_compile_failure_falls_back_to_compile_none(proj, artifact_root):
     assert len(list((proj / "reports").glob("*.md"))) == 2
     subjects = git(proj, "log", "-2", "--format=%s").splitlines()
     assert "cf_fallback_none" in subjects[0] and "tok/s" in subjects[0]
-    assert "static cf — failed (exit 3)" in subjects[1]
+    assert "static cf — failed (trainer exit 3)" in subjects[1]
 
 
 @pytest.mark.slow

@@ -270,11 +270,12 @@ def _outcome_json(outcome) -> dict:
 
 
 def _status_line(record) -> str:
-    """`completed: ID`, `failed: ID (exit 4)`, `interrupted: ID (by SIGINT)`."""
+    """`completed: ID`, `failed: ID (trainer exit 1)`, `interrupted: ID (by SIGINT)`. The code is
+    the trainer's (run.json `exit_code`), said as such: moectl's own exit is 4 for any failed run."""
     if record.status == "interrupted" and (record.error or "").startswith("interrupted by "):
         how = " (" + record.error.splitlines()[0].removeprefix("interrupted ") + ")"  # (by SIGINT): not torchrun's code
     else:
-        how = f" (exit {record.exit_code})" if record.exit_code else ""
+        how = f" (trainer exit {record.exit_code})" if record.status == "failed" and record.exit_code else ""
     return f"{record.status}: {record.id}{how}"
 
 

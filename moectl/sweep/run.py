@@ -476,7 +476,8 @@ def _run(cfg: Config, sweep: SweepRecord, opts: SweepOptions, ui: SweepUI, *, ca
                 if outcome.commit_error:
                     out.messages.append(f"leg {leg.tag}: report not committed: {outcome.commit_error}")
                 out.messages.extend(f"leg {leg.tag}: {line}" for line in warning_lines(outcome.record.id, outcome.tracking))
-                ui.say(f"leg {leg.tag}: {leg.state}" + (f" (exit {outcome.record.exit_code})" if leg.state != "completed" else ""))
+                code = outcome.record.exit_code  # (the trainer's: an interrupted leg's is moectl's 130)
+                ui.say(f"leg {leg.tag}: {leg.state}" + (f" (trainer exit {code})" if leg.state == "failed" and code else ""))
                 if outcome.exit_code == EXIT_INTERRUPTED:
                     exit_code = EXIT_INTERRUPTED
                     break
