@@ -35,6 +35,7 @@ def refusal(repo: Path) -> str:
     failing = {g["name"]: g["message"] for g in data["guards"] if not (g["ok"] or g["overridden"])}
     assert code == 3 and data["ok"] is False, data
     assert set(failing) == {"git"}, failing
+    assert data["exit_code"] == 3 and data["error"] == f"refused: git: {failing['git']}"  # as every error document
     return failing["git"]
 
 

@@ -227,7 +227,7 @@ def test_check_passes_on_cpu_and_writes_nothing(project, artifact_root, fake_tra
     # Other sessions may run torchrun on this machine, so a training process of our own makes the
     # no_other_training verdict certain: it fails naming that process, and the override passes it.
     code, data, g = check_json("--cap", "1.0", "--tag", "smoke", "--override", "no_other_training", "--", "--seed", "1")
-    assert code == 0 and data["ok"] is True
+    assert code == 0 and data["ok"] is True and (data["exit_code"], data["error"]) == (0, None)
     assert all(g[n]["ok"] for n in ("config", "git", "venv", "paths", "fresh_dir", "disk"))
     assert (g["no_other_training"]["ok"], g["no_other_training"]["overridden"]) == (False, True)
     assert f"pid {fake_training.pid}" in g["no_other_training"]["message"]

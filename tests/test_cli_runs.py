@@ -441,6 +441,7 @@ def test_compare_write_report_commits_only_the_report(project):
     assert "| run | steps |" in report.read_text()
     subject = git(project, "log", "-1", "--format=%s").strip()
     assert subject.startswith("report: compare other vs base — ")
+    assert json.loads(r.stdout)["commit"] == git(project, "rev-parse", "HEAD").strip()  # as run --json says its own
     assert git(project, "show", "--name-only", "--format=", "HEAD").split() == [report.relative_to(project.resolve()).as_posix()]
     status = git(project, "status", "--porcelain")
     assert "A  user_staged.txt" in status and " M README.md" in status

@@ -213,6 +213,8 @@ def test_first_leg_refused_writes_nothing(git_repo, artifact_root, monkeypatch):
     assert r.exit_code == 3
     data = json.loads(r.stdout)
     assert data["sweep"] is None and any(line.startswith("git:") for line in data["refused"])
+    # the error document's keys, as every command's refusal has them
+    assert (data["ok"], data["exit_code"]) == (False, 3) and data["error"].startswith("refused: git: "), data
     assert sweep_dirs(artifact_root) == []
 
 

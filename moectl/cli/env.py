@@ -17,7 +17,7 @@ from moectl.cli.options import (
     DryRunOpt, EpOpt, ExpDirOpt, ExtraArgs, Fp8Opt, JsonOpt, NoCommitOpt, NodesOpt, NotesOpt, NprocOpt, OverrideOpt,
     PresetOpt, QuietOpt, RepeatOpt, RequeueOpt, SeedOpt, SlurmOpt, StepsOpt, TagOpt, WaitGpusOpt, request_kwargs,
 )
-from moectl.errors import EXIT_GUARD
+from moectl.errors import EXIT_GUARD, EXIT_OK
 
 
 @app.command()
@@ -192,8 +192,12 @@ def check_json(plan, results, ok: bool) -> dict:
     """`moectl check --json` (SPEC §7a: `ok`, `guards`), also what `run --dry-run --json` prints."""
     from moectl.plan import command_text
 
+    failing = next((r for r in results if not (r.ok or r.overridden)), None)
     return {
         "ok": ok,
+        # As every error document has them (`check` and `run --dry-run` exit 3 when a guard refuses).
+        "exit_code": EXIT_OK if ok else EXIT_GUARD,
+        "error": None if ok or failing is None else f"refused: {failing.name}: {failing.message}",
         "guards": [
             {"name": r.name, "ok": r.ok, "message": r.message, "overridable": r.overridable,
              "overridden": r.overridden, "skipped": r.skipped}

@@ -566,15 +566,15 @@ def compare_cmd(
     comparison, records = load_comparison(cfg.artifact_root, runs, baseline, window, cfg.metrics.warmup_steps,
                                           same_repository(cfg.root))
     text = compare_markdown(comparison)
-    written = None
+    written = commit = None
     if write_report:
         from moectl.compare_report import write_compare_report
 
-        written, _ = write_compare_report(cfg, comparison, records, text)
+        written, commit = write_compare_report(cfg, comparison, records, text)
     if json_out:
         data = comparison.to_json()
         if written is not None:
-            data["report"] = str(written)
+            data["report"], data["commit"] = str(written), commit  # (as `run --json` and `summary --json` say theirs)
         print_json(data)
         return
     if markdown:

@@ -83,7 +83,10 @@ class SweepOutcome:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "ok": self.exit_code == EXIT_OK,
             "exit_code": self.exit_code,
+            # (a refusal as every other command's error document says it: the guard line on stderr)
+            "error": f"refused: {self.refused[0]}" if self.refused else None,
             "sweep": self.sweep.model_dump(mode="json") if self.sweep else None,
             "comparison": self.comparison.to_json() if self.comparison else None,
             "recommendation": recommendation(self.comparison),
