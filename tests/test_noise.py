@@ -292,6 +292,7 @@ def test_run_repeat_prints_the_groups_mean_and_between_runs_error(git_repo, monk
     assert r.exit_code == 4, r.output
     data = json.loads(r.stdout)
     assert data["summary"] is None and [x["status"] for x in data["runs"]] == ["failed"]
+    assert data["exit_code"] == 4  # the command's, in its document as in every other --json one
     r = runner.invoke(app, ["run", "--device", "cpu", "--steps", "14", "--tag", "bad2", "--repeat", "3", *QUIET,
                             "--", "--exit_code=4", "--sleep=0"])
     assert r.exit_code == 4 and "stopped at repeat 1 of 3 (failed); repeats 2-3 were not run" in r.stderr, r.output

@@ -225,7 +225,7 @@ def run(
     done = [d["exp_dir"] for d in runs if d.get("status") == "completed" and d.get("group") == group]
     summary = group_summary_of(cfg, done) if len(done) == repeat else None
     if json_out:  # summary: null unless every repeat completed (a mean over some of them would mislead)
-        print_json({"group": group, "repeats": repeat, "runs": runs,
+        print_json({"group": group, "repeats": repeat, "runs": runs, "exit_code": code,
                     "summary": group_summary_json(*summary) if summary else None})
     if code == EXIT_OK:  # (what a person reads: on stdout, or beside --json's document on stderr)
         fallbacks = sorted({d["group"] for d in runs if d.get("group") and d["group"] != group})
