@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import io
 import json
 import math
 import os
@@ -146,28 +147,65 @@ def remove_dead_temp_files(directory: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
+def _naming(path: Path):
+    """An OSError raised inside names `path`, the file asked for: a write, flush or fsync on a full
+    disk names no file at all (`No space left on device` - of which file?), mkstemp and rename name
+    the temp file nobody chose."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+
+
+class _NamedFileIO(io.FileIO):
+    """The raw file under a temp file's buffers: each write that fails names the file asked for.
+    (At this level, not around the caller's block: an error of the caller's own - a second file it
+    writes at once, as export does - must keep its own name.)"""
+
+    def __init__(self, fd: int, target: Path):
+        super().__init__(fd, "w")
+        self.target = target
+
+    def write(self, data) -> int:
+        with _naming(self.target):
+            return super().write(data)
+
+
+def _open_named(fd: int, mode: str, target: Path):
+    """os.fdopen(fd, mode) ("w" text, UTF-8, or "wb"), its write errors naming `target`."""
+    buffered = io.BufferedWriter(_NamedFileIO(fd, target))
+    return buffered if "b" in mode else io.TextIOWrapper(buffered, encoding="utf-8")
+
+
+@contextlib.contextmanager
 def atomic_file(path: Path, mode: str = "w"):
     """Open a temp file beside `path` ("w" text or "wb" bytes); on success it is fsynced and
     renamed over `path`, on any error removed: readers never see a half-written file. The file
-    keeps the permissions of the one it replaces, or gets those of a plain new file."""
+    keeps the permissions of the one it replaces, or gets those of a plain new file. Every OSError
+    of its own names `path`."""
     path = Path(path)
-    try:
+    with _naming(path):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
-    except OSError as exc:  # name the file asked for, not the temp name nobody chose
-        raise OSError(exc.errno, exc.strerror, str(path)) from None
     try:
+        with _naming(path):
+            try:
+                os.fchmod(fd, os.stat(path).st_mode & 0o7777)
+            except FileNotFoundError:
+                os.fchmod(fd, new_file_mode())
         try:
-            os.fchmod(fd, os.stat(path).st_mode & 0o7777)
-        except FileNotFoundError:
-            os.fchmod(fd, new_file_mode())
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
+            fh = _open_named(fd, mode, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        with fh:
             yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
+            with _naming(path):
+                fh.flush()
+                os.fsync(fh.fileno())
+        with _naming(path):  # (a directory in its place, say)
             os.replace(tmp, path)
-        except OSError as exc:  # name the file asked for (a directory in its place, say), not our temp file
-            raise OSError(exc.errno, exc.strerror, str(path)) from None
     except BaseException:
         try:
             os.unlink(tmp)
@@ -180,15 +218,14 @@ def create_new_file(path: Path, text: str, mode: Optional[int] = None) -> bool:
     """Create `path` holding `text`, atomically and only if it does not exist: False when it does.
     The text goes to a temp file beside it (fsynced), which is then hard-linked to the name; a link
     never replaces a file, so of two processes creating one name exactly one wins, and a reader
-    never sees half of it. (The run lock and new reports are created this way.)"""
+    never sees half of it. (The run lock and new reports are created this way.) Every OSError
+    names `path`."""
     path = Path(path)
     mode = new_file_mode() if mode is None else mode
-    try:
+    with _naming(path):  # (`moectl init some/missing/dir`)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
-    except OSError as exc:  # name the file asked for (`moectl init some/missing/dir`), not the temp name
-        raise OSError(exc.errno, exc.strerror, str(path)) from None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        with _naming(path), _open_named(fd, "w", path) as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
@@ -205,12 +242,15 @@ def create_new_file(path: Path, text: str, mode: Optional[int] = None) -> bool:
                 claimed = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
             except FileExistsError:
                 return False
-            with os.fdopen(claimed, "w", encoding="utf-8") as fh:
-                fh.write(text)
+            try:
+                with _naming(path), _open_named(claimed, "w", path) as fh:
+                    fh.write(text)
+            except BaseException:
+                path.unlink(missing_ok=True)  # ours, half-filled: not a lock or report of nobody's
+                raise
             return True
     finally:
         try:
             os.unlink(tmp)
         except FileNotFoundError:  # removed by someone else's cleanup: the link above holds the text
             pass
-

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -141,6 +142,7 @@ def export_csv(runs: Sequence[RunRecord], out_dir: Path, window: int, warmup_ste
             "error": error_line(rec.error),
         })
 
+    made = [d for d in (out_dir, *out_dir.parents) if not os.path.lexists(d)]  # what ensure_dir creates
     ensure_dir(out_dir)
     steps_path, summary_path = out_dir / STEPS_CSV, out_dir / SUMMARY_CSV
     for path in (steps_path, summary_path):  # before either is written: a rename that fails second
@@ -148,7 +150,15 @@ def export_csv(runs: Sequence[RunRecord], out_dir: Path, window: int, warmup_ste
             raise UsageError(f"{path} is a directory; the export writes a file there: nothing was written")
     # Both files are written (and fsynced) before either replaces its old one: a full disk or an
     # odd target leaves the old pair, never a steps.csv of these runs beside a summary.csv of others.
-    with atomic_file(steps_path) as steps_fh, atomic_file(summary_path) as summary_fh:
-        steps_fh.write(_csv_text(STEP_COLUMNS, step_rows))
-        summary_fh.write(_csv_text(SUMMARY_COLUMNS, summary_rows))
+    try:
+        with atomic_file(steps_path) as steps_fh, atomic_file(summary_path) as summary_fh:
+            steps_fh.write(_csv_text(STEP_COLUMNS, step_rows))
+            summary_fh.write(_csv_text(SUMMARY_COLUMNS, summary_rows))
+    except OSError:
+        for d in made:  # nothing written: no empty DIR made for it left behind either
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
     return ExportResult(steps_path, summary_path, len(summary_rows), len(step_rows), without_steps)
