@@ -23,14 +23,16 @@ from typing import Callable, Optional, Sequence
 from engine.schema import EXIT_COMPILE_FAILED
 from moectl import gitops, store
 from moectl.config import Config
-from moectl.errors import EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRAINING, GuardRefused, Interrupted, MoectlError
+from moectl.errors import (
+    EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRAINING, EXIT_USAGE, GuardRefused, Interrupted, MoectlError,
+)
 from moectl.guards import check_request, passed, wait_until_clear
 from moectl.launch import LaunchResult, launch, supervised
 from moectl.lock import acquire
 from moectl.metrics import RunMetrics, compare, read_metrics
 from moectl.plan import RunPlan, RunRequest, command_text
 from moectl.progress import NullProgress, ProgressSink
-from moectl.records import GitInfo, GuardResult, RunRecord
+from moectl.records import RUN_RECORD, GitInfo, GuardResult, RunRecord
 from moectl.stdout_metrics import LiveMetricsWriter, StdoutFormat, StdoutParser
 from moectl.report import commit_message, not_committed, run_report, write_report
 from moectl.text import without_stop_tracebacks
@@ -100,6 +102,7 @@ def execute_run(
             raise GuardRefused(exc.message) from None
         record = new_record(plan, obs, results, sweep_id=sweep_id, repo=cfg.root)
         outcome.record = record
+        launched = False  # (until then, a run whose record cannot be written leaves nothing behind)
         try:
             write_run_files(cfg, plan)
             store.save_run(record)
@@ -107,11 +110,13 @@ def execute_run(
             record.status = "running"
             record.started_at = store.now_iso()
             store.save_run(record)
+            store.reserve_space(exp_dir)  # for its last record, should the disk fill while it trains
             if on_start is not None:
                 on_start(record)
             env = {**os.environ, "PYTHONUNBUFFERED": "1", **plan.env}
             parser = stdout_parser(cfg, plan)
             argv = supervised(plan.argv) if cfg.launch.launcher == "python" else plan.argv
+            launched = True
             result = launch(
                 argv, cwd=cfg.root, env=env, log_path=Path(plan.files["train.log"]),
                 metrics_path=Path(plan.files["metrics.jsonl"]), progress=progress, echo=echo,
@@ -124,12 +129,22 @@ def execute_run(
             record.finished_at = store.now_iso()
             record.error = "interrupted before training started" if stopped else f"moectl: {type(exc).__name__}: {exc}"
             record.exit_code = EXIT_INTERRUPTED if stopped else None
-            store.save_run(record)
+            try:
+                store.save_final(record)
+            except OSError as unsaved:  # (a full disk, a read-only directory: the error above, often)
+                raise _not_recorded(record, exc, unsaved, launched) from None
             if on_recorded is not None:  # a sweep's leg says so too, with its run (not left `pending`)
                 on_recorded(record)
+            if isinstance(exc, OSError) and not launched:  # (git.diff on a full disk, say): which run
+                raise MoectlError(f"run {record.id} did not start: {_reason(exc)}; its record says so") from None
             raise
 
-        outcome.exit_code, outcome.compile_failed = finish_record(record, result, plan, parser)
+        try:
+            outcome.exit_code, outcome.compile_failed = finish_record(record, result, plan, parser)
+        except OSError as exc:
+            if Path(exc.filename or "") != Path(record.exp_dir) / RUN_RECORD:
+                raise
+            raise _end_not_recorded(record, exc) from None
     finally:
         if lock is not None:
             lock.release()
@@ -280,8 +295,52 @@ def finish_record(record: RunRecord, result: LaunchResult, plan: RunPlan,
         record.error = result.error or (None if blank else result.log_tail) or f"the trainer exited with {result.exit_code}"
         exit_code = EXIT_TRAINING
         compile_failed = worker_code == EXIT_COMPILE_FAILED
-    store.save_run(record)
+    store.save_final(record)
     return exit_code, compile_failed
+
+
+def _reason(exc: BaseException) -> str:
+    """An error as one line: `path: reason` for a file's."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    if isinstance(exc, MoectlError):
+        return exc.message
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _end_not_recorded(record: RunRecord, exc: OSError) -> MoectlError:
+    """A run whose training ended but whose last record cannot be written (run.json on a full disk
+    even without the room held for it, or a read-only directory): said with what the training did,
+    exit 4 for a failed one (SPEC §8). run.json keeps saying `running`, whole: atomic writes leave
+    it as it was. There is no report: it would be of a run whose record says otherwise."""
+    what, code = {"completed": ("completed", EXIT_USAGE),  # (not 0: neither recorded nor reported)
+                  "failed": (f"failed (exit {record.exit_code})", EXIT_TRAINING),
+                  "interrupted": ("was interrupted", EXIT_INTERRUPTED)}.get(
+        record.status, (f"ended (exit {record.exit_code})", EXIT_USAGE))
+    return MoectlError(f"run {record.id}: its training {what}, but its record could not be written "
+                       f"({_reason(exc)}): run.json still says `running` and no report was written", code)
+
+
+def _not_recorded(record: RunRecord, exc: BaseException, unsaved: OSError, launched: bool) -> BaseException:
+    """The error of a run that stopped on `exc` and whose record cannot say so (`unsaved`). Before
+    the launch, nothing ran: the directory this run made (command.txt, git.diff, ckpt_root/, a
+    run.json saying `created`) goes, rather than stay behind as a run nobody lists or cleans."""
+    import shutil
+
+    run_dir = Path(record.exp_dir)
+    if launched:
+        said = f"its record could not be written ({_reason(unsaved)}): run.json still says `running`"
+        if isinstance(exc, KeyboardInterrupt):
+            return Interrupted(f"run {record.id} interrupted; {said}")
+        return MoectlError(f"run {record.id}: {_reason(exc)}; {said}")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    left = f"{run_dir} could not be removed" if os.path.lexists(run_dir) else f"{run_dir} is removed"
+    if isinstance(exc, KeyboardInterrupt):
+        return Interrupted(f"interrupted before run {record.id} started; {left}")
+    if not isinstance(exc, (OSError, MoectlError)):
+        return exc  # a bug of moectl's: said as one (exit 1)
+    return MoectlError(f"run {record.id} did not start: {_reason(exc)}; {left}",
+                       exc.exit_code if isinstance(exc, MoectlError) else EXIT_USAGE)
 
 
 def report_and_commit(cfg: Config, outcome: RunOutcome, *, baseline: "Optional[RunRecord | Sequence[RunRecord]]" = None,

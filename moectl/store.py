@@ -17,6 +17,7 @@ store this process cannot write — it is *shown* as `stale` and left as it is.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -100,6 +101,56 @@ def save_run(record: RunRecord) -> Path:
     path = Path(record.exp_dir) / RUN_RECORD
     save_model(path, record)
     return path
+
+
+# Room held for a run's last record write: a disk that fills while it trains (its checkpoints,
+# metrics, anyone's files) would leave run.json saying `running`, later read as a killed moectl.
+# A few record pages: a failed run's record with its 40-line error tail, and its sweep.json after it.
+RESERVE = ".moectl-reserve"
+RESERVE_BYTES = 32 * 1024
+
+
+def reserve_space(run_dir: Path) -> None:
+    """Hold RESERVE_BYTES in the run's directory until `save_final` (best effort: a disk too full
+    for it runs without, as before)."""
+    path = Path(run_dir) / RESERVE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return
+    try:
+        try:
+            os.posix_fallocate(fd, 0, RESERVE_BYTES)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            os.write(fd, os.urandom(RESERVE_BYTES))  # (no fallocate here: blocks that do not compress away)
+    except OSError:
+        path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+
+
+def release_space(run_dir: Path) -> bool:
+    """Give back the room `reserve_space` held; whether there was any."""
+    try:
+        os.unlink(Path(run_dir) / RESERVE)
+        return True
+    except OSError:
+        return False
+
+
+def save_final(record: RunRecord) -> Path:
+    """`save_run` of a record's last word, on the room `reserve_space` held when the disk is full
+    now; the room is given back either way."""
+    try:
+        return save_run(record)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not release_space(Path(record.exp_dir)):
+            raise
+        return save_run(record)
+    finally:
+        release_space(Path(record.exp_dir))
 
 
 @contextlib.contextmanager
@@ -245,6 +296,7 @@ def settle_stale(run_dir: Path, rec: StoredRun, recorded_exp_dir: Optional[str] 
 
     tail = without_stop_tracebacks(log_tail(log_path))  # (torchrun stopped by its moectl's death: no news)
     final.error = KILLED + finished + (f"\n{tail}" if tail else "")
+    release_space(run_dir)  # what its dead moectl held for its last record: for this one, or free
     try:
         if _recorded_status(run_dir) in UNSETTLED:  # not settled by another reader meanwhile
             save_model(run_dir / RUN_RECORD, final)

@@ -467,6 +467,10 @@ def _run(cfg: Config, sweep: SweepRecord, opts: SweepOptions, ui: SweepUI, *, ca
                     out.refused = [exc.message]
                     exit_code = EXIT_GUARD
                     break
+                except MoectlError as exc:  # its record could not be written (a full disk): no leg after it can be
+                    exc.lines.append(f"the sweep stopped at leg {leg.tag}; resume it in a fresh directory: "
+                                     f"{resume_command(sweep)}")
+                    raise
                 finally:
                     progress.close()
                 if outcome.record is None:
