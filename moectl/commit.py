@@ -86,11 +86,13 @@ def commit_run_report(
         # The run ended but its moectl never wrote the report (killed after training, or while
         # writing it): the report is the record's, so write it now (without a baseline comparison,
         # which was never recorded) and commit it as the run would have - unless that moectl is
-        # alive, between saving the record and writing the report: it is its to write.
+        # alive, between saving the record and writing the report: it is its to write (a pid reused
+        # since is not it). Not when the record has a commit_error: that moectl could not write the
+        # report (a full disk) and said so.
         from moectl.lock import owner_alive
         from moectl.runindex import parse_time
 
-        if owner_alive(record.pid, record.host, parse_time(record.created_at)):  # (a pid reused since is not it)
+        if record.commit_error is None and owner_alive(record.pid, record.host, parse_time(record.created_at)):
             raise GuardRefused(f"run {record.id} has just ended and its moectl (pid {record.pid}) is writing its "
                                "report; let it finish (it commits the report itself)")
     # The branch the run was guarded on holds its report (as the run itself commits it): with
@@ -133,8 +135,9 @@ def commit_run_report(
                                f"{record.id}` again)")
     paths, warnings = [report], notes
     if written_now:
-        warnings.append(f"{record.id} ended without its report (its moectl was stopped first): {report.name} "
-                        "was written now, from its record")
+        # (a commit_error without a report: its moectl could not write it - runner.report_and_commit)
+        why = "it could not be written then" if record.commit_error else "its moectl was stopped first"
+        warnings.append(f"{record.id} ended without its report ({why}): {report.name} was written now, from its record")
     if cfg.report.summary:
         from moectl.summary import summary_path, write_summary
 

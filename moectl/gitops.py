@@ -19,9 +19,9 @@ the real index changes the way `git commit` changes it - through `index.lock`:
     rename index.lock -> index # only our entries changed, each as `git add` writes it
 
 So either the branch moved and the index matches it, or nothing moved: the lock is removed, the
-files stay on disk, and GitBusy, SigningFailed, IdentityUnknown or GitError says why. A moectl
-killed between two of those steps leaves the lock and a note of how far it got (OWNER_NAME); the
-next one finishes or undoes that commit (`_recover`).
+files stay on disk, and GitBusy, SigningFailed, IdentityUnknown, RepositoryUnwritable or GitError
+says why. A moectl killed between two of those steps leaves the lock and a note of how far it got
+(OWNER_NAME); the next one finishes or undoes that commit (`_recover`).
 
 `git commit` signs when commit.gpgSign is true; commit-tree ignores that setting, so `-S` is passed
 when it is on (`signing`), and a signature git cannot make fails the commit like `git commit`
@@ -42,6 +42,7 @@ measures it; README "Commits beside other git processes" has the figures.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -54,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from moectl.errors import EXIT_USAGE, GuardRefused, MoectlError, UsageError
+from moectl.errors import EXIT_GUARD, EXIT_USAGE, GuardRefused, MoectlError, UsageError
 
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
 ZERO_OID = "0" * 40
@@ -84,6 +85,41 @@ class IdentityUnknown(MoectlError):
 
     def __init__(self, message: str):
         super().__init__(message, exit_code=EXIT_USAGE)
+
+
+class RepositoryUnwritable(MoectlError):
+    """git's own files could not be written: the commit did not go in. Exit 2 when the disk is full
+    (`full`: the user's disk to free, as any other write of moectl's that finds it full; not a
+    guard, not a bug); exit 3 when the repository cannot be written at all (a read-only `.git`,
+    a directory in a file's way), as RefRejected's ref that is not writable: the repository refused."""
+
+    def __init__(self, message: str, full: bool):
+        super().__init__(message, exit_code=EXIT_USAGE if full else EXIT_GUARD)
+        self.full = full
+
+
+# A file system (or quota, or file size limit) with no room left: exit 2 wherever moectl meets it.
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# git's words for it: the system's (die_errno), or its own when a write came up short (csum-file.c).
+FULL_SAID = (*(os.strerror(e) for e in FULL_ERRNOS), "Out of diskspace")
+
+
+@contextlib.contextmanager
+def _writing(git_dir: Path):
+    """Around a commit's writes to `git_dir`: an OSError taking the index lock or writing beside it
+    (a read-only `.git`, a full disk), or git plumbing failing for want of space ("unable to write
+    loose object file: No space left on device", "write error. Out of diskspace"), is raised as
+    RepositoryUnwritable - one line naming the file - which callers handle as any other commit
+    that failed (the run's report kept, EXPERIMENTS.md put back), not as a raw OSError."""
+    try:
+        yield
+    except OSError as exc:
+        where = f"{exc.filename} -> {exc.filename2}" if exc.filename2 else exc.filename or git_dir  # (a rename's)
+        raise RepositoryUnwritable(f"{where}: {exc.strerror or exc}", full=exc.errno in FULL_ERRNOS) from None
+    except GitError as exc:
+        if not any(said in exc.message for said in FULL_SAID):
+            raise
+        raise RepositoryUnwritable(exc.message, full=True) from None
 
 
 class GitBusy(GuardRefused):
@@ -606,7 +642,8 @@ def commit_paths(
 
     Signed when `commit.gpgSign` says so, as `git commit` would be; SigningFailed (nothing moved)
     when git cannot sign, IdentityUnknown (nothing moved) when git has no user.name/user.email to
-    commit with. The repository's commit hooks do not run (module docstring)."""
+    commit with; RepositoryUnwritable when git's files cannot be written (a read-only `.git`, a full
+    disk). The repository's commit hooks do not run (module docstring)."""
     repo = repo_root(repo)
     check_branch(repo, branch)  # refuse before waiting for any lock
     rels = _relative(repo, paths)
@@ -615,7 +652,7 @@ def commit_paths(
     sign = signing(repo)  # a bad commit.gpgSign refuses before any lock
     index = Path(_git(repo, "rev-parse", "--path-format=absolute", "--git-path", "index"))
     git_dir = Path(_git(repo, "rev-parse", "--absolute-git-dir"))
-    with IndexLock(index, lock_wait_s() if wait_s is None else wait_s, on_wait, git_dir) as lock, \
+    with _writing(git_dir), IndexLock(index, lock_wait_s() if wait_s is None else wait_s, on_wait, git_dir) as lock, \
             tempfile.TemporaryDirectory(dir=git_dir, prefix=f"{TMP_PREFIX}{os.getpid()}-") as tmp_name:
         tmp = Path(tmp_name)
         # Under the lock HEAD cannot switch branches (checkout needs the lock): check again.

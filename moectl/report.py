@@ -141,8 +141,11 @@ def write_report(report_dir: Path, name: str, text: str, now: Optional[datetime]
     stem = _report_stem(name, now)
     for n in range(1, 10_000):
         path = report_dir / (f"{stem}.md" if n == 1 else f"{stem}-{n}.md")
-        if not path.exists() and create_new_file(path, text):
-            return path
+        try:
+            if not path.exists() and create_new_file(path, text):
+                return path
+        except OSError as exc:  # a full disk: its write error names no file, and the report's is the one
+            raise OSError(exc.errno, exc.strerror, exc.filename or str(path)) from None
     raise FileExistsError(f"no free report name for {stem} in {report_dir}")
 
 
@@ -185,6 +188,12 @@ def commit_message(record: RunRecord, baseline: Optional[RunRecord] = None,
 def not_committed(reason: str, run_id: str) -> str:
     """Why a run's report was not committed, and the command that commits it once that is fixed."""
     return f"{reason}; the report is kept: commit it with `moectl commit {run_id}` once that is resolved"
+
+
+def not_written(reason: str, run_id: str) -> str:
+    """Why a run's report could not be written (a full disk), and the command that writes it from
+    the run's record and commits it once that is fixed."""
+    return f"{reason}; the run is recorded: `moectl commit {run_id}` writes its report and commits it once that is resolved"
 
 
 def compare_commit_message(comparison: Comparison) -> str:

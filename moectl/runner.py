@@ -34,7 +34,7 @@ from moectl.plan import RunPlan, RunRequest, command_text
 from moectl.progress import NullProgress, ProgressSink
 from moectl.records import RUN_RECORD, GitInfo, GuardResult, RunRecord
 from moectl.stdout_metrics import LiveMetricsWriter, StdoutFormat, StdoutParser
-from moectl.report import commit_message, not_committed, run_report, write_report
+from moectl.report import commit_message, not_committed, not_written, run_report, write_report
 from moectl.text import without_stop_tracebacks
 from moectl.tracking import Mirrored, mirror_run
 from moectl.trainer import follows_engine_contract, script_path
@@ -373,12 +373,23 @@ def report_and_commit(cfg: Config, outcome: RunOutcome, *, baseline: "Optional[R
     # A repeat's report is named after its repeat too: the group's runs end together.
     name = plan.tag + (f"-r{plan.repeat}" if plan.repeat else "")
     text = run_report(record, comparison, notes=plan.notes)
-    report = write_report(cfg.report_dir, name, text)
     try:
-        outcome.report = report
-        record.report = str(report)
-        record.report_blob = gitops.blob_id(cfg.root, report, text)  # saved with `report` below
-        _commit_report(cfg, outcome, report, base_runs, comparison, commit, extra_commit_paths, on_commit_wait)
+        report = write_report(cfg.report_dir, name, text)
+    except OSError as exc:
+        # A full disk, a report directory that cannot be written: the run is over and recorded as it
+        # ended (its exit code stands); the record says why it has no report, and `moectl commit RUN`
+        # writes that report from the record once there is room.
+        report = None
+        outcome.commit_error = not_written(f"cannot write the report {exc.filename or cfg.report_dir}: "
+                                           f"{exc.strerror or exc}", record.id)
+        record.commit_error = outcome.commit_error
+        store.save_run(record)
+    try:
+        if report is not None:
+            outcome.report = report
+            record.report = str(report)
+            record.report_blob = gitops.blob_id(cfg.root, report, text)  # saved with `report` below
+            _commit_report(cfg, outcome, report, base_runs, comparison, commit, extra_commit_paths, on_commit_wait)
     except KeyboardInterrupt:
         # Stopped between the report's writing and its commit's end (a sweep's own report being
         # written, the commit waiting for another git process): the run is over and recorded, its

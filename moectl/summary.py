@@ -54,12 +54,16 @@ def resume_command(sweep, root: Optional[Path] = None) -> str:
         command += f" --config {shlex.quote(_shown(config, root) if root is not None else str(config))}"
     return command
 
-def _cannot_write(path: Path, exc: OSError, out) -> MoectlError:
+def _cannot_write(path: Path, exc: OSError, out, said: Optional[str] = None) -> MoectlError:
     """The repository's own EXPERIMENTS.md that cannot be written is a refusal (exit 3, as the paths
-    guard's); a `-o` file the person named where nothing can be written, a usage error (exit 2, as
-    `plot -o` and `export --csv` there)."""
-    said = f"cannot write {path}: {exc.strerror or exc}"
-    return GuardRefused(said) if out is None else UsageError(f"-o {out}: {said}")
+    guard's) - unless the disk is full: exit 2, as a commit on a full disk (gitops.RepositoryUnwritable)
+    and any other write of moectl's there, since a full disk is no guard's verdict; a `-o` file the
+    person named where nothing can be written, a usage error (exit 2, as `plot -o` and `export --csv`
+    there). `said`: what went wrong, when not the file's own write (default its OSError's reason)."""
+    said = f"cannot write {path}: {said or exc.strerror or exc}"
+    if out is not None:
+        return UsageError(f"-o {out}: {said}")
+    return UsageError(said) if exc.errno in gitops.FULL_ERRNOS else GuardRefused(said)
 
 
 def summary_path(cfg: Config) -> Path:
@@ -371,7 +375,13 @@ def refresh_summary(cfg: Config, out: Optional[Path] = None) -> tuple[Path, bool
     if out is None:
         # Noted before it is written: a moectl killed in between leaves a note of a file that never
         # was (harmless), never moectl's own file read as the user's edit (refresh refused for good).
-        remember_written(cfg.root, path, text)
+        # A note that cannot be saved (a read-only or full .git) leaves the file unwritten, for the
+        # same reason: written without it, it would read as the user's edit until committed.
+        try:
+            remember_written(cfg.root, path, text)
+        except OSError as exc:
+            raise _cannot_write(path, exc, out, f"the note that moectl wrote it cannot be saved "
+                                f"({exc.filename}: {exc.strerror or exc})") from None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_dead_temp_files(path.parent)  # a killed moectl's half-written copy, beside the file
@@ -477,17 +487,26 @@ def _written(repo: Path) -> set[str]:
 
 def remember_written(repo: Path, path: Path, text: str) -> None:
     """Note the blob of `text`, which moectl is about to write to `path` (as git would store it
-    there: `--path` applies the file's clean filters). Best effort: without the note, the file reads
-    as the user's until it is committed, which refuses a refresh but never loses anything."""
+    there: `--path` applies the file's clean filters). Raises OSError, naming the log, when the note
+    cannot be saved (a read-only or full .git): the caller then leaves `path` unwritten, since
+    without the note the file reads as the user's until it is committed, and every refresh until
+    then is refused. Outside a git repository there is nothing to note (nothing reads it there)."""
     blob = gitops.blob_id(repo, path, text)
     if blob is None:
         return
     try:
         log = _written_log(repo)
-        kept = [b for b in (log.read_text().split() if log.is_file() else []) if b != blob][-(WRITTEN_KEEP - 1):]
+    except gitops.GitError:
+        return
+    try:
+        kept = log.read_text().split() if log.is_file() else []
+    except ValueError:  # not text: started afresh (what moectl writes now is what matters)
+        kept = []
+    kept = [b for b in kept if b != blob][-(WRITTEN_KEEP - 1):]
+    try:
         write_text_atomic(log, "\n".join([*kept, blob]) + "\n")
-    except (OSError, ValueError, gitops.GitError):
-        pass
+    except OSError as exc:  # (a write error of the atomic file may come without the file's name)
+        raise OSError(exc.errno, exc.strerror, str(log)) from None
 
 
 def write_summary(cfg: Config, out: Optional[Path] = None) -> Path:

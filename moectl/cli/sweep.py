@@ -257,10 +257,11 @@ def summary(
     When nothing but the snapshot of the moment (timestamp, runtime status) would change, the file
     is left as it is (and committed, if HEAD's copy is older).
 
-    Exit codes: 0 done; 2 bad config or -o, or git could not sign or has no user.name/user.email
-    (the file goes back to what it was); 3 refused, nothing written: someone's own changes to
-    EXPERIMENTS.md, a read-only tree, the wrong branch or a detached HEAD (`--no-commit` writes it
-    anyway), or git busy or refusing the commit (the file goes back to what it was).
+    Exit codes: 0 done; 2 bad config or -o, git could not sign or has no user.name/user.email, or
+    the disk is full (the file goes back to what it was); 3 refused, nothing written: someone's own
+    changes to EXPERIMENTS.md, a read-only tree or .git, the wrong branch or a detached HEAD
+    (`--no-commit` writes it anyway), or git busy or refusing the commit (the file goes back to
+    what it was).
 
     Examples:
       [bold]moectl summary[/bold]

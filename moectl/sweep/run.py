@@ -80,6 +80,9 @@ class SweepOutcome:
     jobs: list[str] = field(default_factory=list)  # Slurm job ids (sweep --slurm): the legs', then the report's
     # Where the sweep's report went when `report` holds changes of the user's (left alone then).
     report_copy: Optional[Path] = None
+    # Why the sweep's report could not be written at its last writing (a full disk, a read-only .git):
+    # the sweep then does not finish, and its resume writes the report.
+    report_unwritten: Optional[str] = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -525,27 +528,37 @@ def write_sweep_report(cfg: Config, sweep: SweepRecord, runs: dict[str, RunRecor
     from moectl.summary import remember_written, users_changes
 
     out.comparison = completed_comparison(sweep, runs, cfg.metrics.window, opts.baseline, cfg.metrics.warmup_steps)
-    _claim_report(cfg, sweep, out)
 
     def text(report_file: Path) -> str:
         return sweep_report(sweep, runs, cfg.metrics.window, heading=heading, comparison=out.comparison, chain=chain,
                             figures=list(figures), notes=notes, report_file=report_file)
 
-    theirs = users_changes(cfg.root, out.report)
-    if theirs is not None:
-        copy = Path(sweep.exp_dir) / REPORT_COPY
-        write_text_atomic(copy, text(copy))
-        if out.report_copy is None:  # one line a sweep, however many legs find it so
-            out.messages.append(f"sweep report {out.report} {theirs}: left exactly as you have it, not rewritten "
-                                f"or committed; the sweep's own report is in {copy}")
-        out.report_copy = copy
+    try:
+        _claim_report(cfg, sweep, out)
+        theirs = users_changes(cfg.root, out.report)
+        if theirs is not None:
+            copy = Path(sweep.exp_dir) / REPORT_COPY
+            write_text_atomic(copy, text(copy))
+            if out.report_copy is None:  # one line a sweep, however many legs find it so
+                out.messages.append(f"sweep report {out.report} {theirs}: left exactly as you have it, not rewritten "
+                                    f"or committed; the sweep's own report is in {copy}")
+            out.report_copy = copy
+            paths = []
+        else:
+            body = text(out.report)
+            remember_written(cfg.root, out.report, body)  # before writing: see summary.refresh_summary
+            out.report.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(out.report, body)
+            paths = [out.report]
+        out.report_unwritten = None
+    except OSError as exc:
+        # A full disk, a read-only .git (the note that moectl wrote it): not the legs' business - they
+        # go on, each with its own report - and the sweep stays unfinished until a resume writes it.
+        out.report_unwritten = f"{exc.filename or out.report or cfg.report_dir}: {exc.strerror or exc}"
+        line = f"sweep report not written: {out.report_unwritten}"
+        if line not in out.messages:
+            out.messages.append(line)
         paths = []
-    else:
-        body = text(out.report)
-        remember_written(cfg.root, out.report, body)  # before writing: see summary.refresh_summary
-        out.report.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out.report, body)
-        paths = [out.report]
     if cfg.report.summary:
         try:
             paths.append(write_summary(cfg))
@@ -601,8 +614,10 @@ def finish_sweep(cfg: Config, sweep: SweepRecord, runs: dict[str, RunRecord], op
         return out
     figures = _figures(cfg, sweep, runs, out) if exit_code in (EXIT_OK, EXIT_TRAINING) and heading != "stopped (--fail-fast)" else []
     paths = write_sweep_report(cfg, sweep, runs, opts, out, heading, chain=chain, notes=notes, figures=figures)
-    committing_failed = False
-    if not opts.no_commit:
+    committing_failed = out.report_unwritten is not None  # (then a resume writes and commits it)
+    if committing_failed and not opts.no_commit:
+        put_back(cfg, paths)  # EXPERIMENTS.md as it was, as after a commit that failed
+    elif not opts.no_commit:
         try:
             sha = gitops.commit_paths(cfg.root, [*paths, *figures], _final_message(sweep, out.comparison, heading),
                                       branch=cfg.project.branch)
@@ -612,7 +627,7 @@ def finish_sweep(cfg: Config, sweep: SweepRecord, runs: dict[str, RunRecord], op
             committing_failed = True
             put_back(cfg, paths)  # EXPERIMENTS.md as it was (the report stays: a resume commits it)
             out.messages.append(f"sweep report not committed: {exc.message}")
-    if exit_code in (EXIT_OK, EXIT_TRAINING) and (opts.no_commit or not committing_failed):
+    if exit_code in (EXIT_OK, EXIT_TRAINING) and not committing_failed:
         # Only now, with its report written and committed: a sweep killed before this point, or
         # whose final commit failed, is finished by a resume.
         sweep.finished_at = store.now_iso()
@@ -645,9 +660,12 @@ def _figures(cfg: Config, sweep: SweepRecord, runs: dict[str, RunRecord], out: S
     except ImportError as exc:
         out.messages.append(f"figures skipped: {exc}")
         return []
+    try:
+        report = _claim_report(cfg, sweep, out)
+    except OSError:  # (a full disk, a read-only .git: the report's own writing, next, says so)
+        return []
     paths = []
     for metric in FIGURE_METRICS:
-        report = _claim_report(cfg, sweep, out)
         target = report.parent / "figures" / f"{report.stem}_{metric}.png"
         try:
             paths.append(plot_runs(done, metric, target, title=f"sweep {sweep.name}: {metric}",
@@ -655,6 +673,8 @@ def _figures(cfg: Config, sweep: SweepRecord, runs: dict[str, RunRecord], out: S
                                    warmup_steps=cfg.metrics.warmup_steps))
         except UsageError as exc:  # matplotlib missing, or no values of this metric
             out.messages.append(f"figure {metric} skipped: {exc.message}")
+        except OSError as exc:  # a full disk: the report says so by its missing figure, this line why
+            out.messages.append(f"figure {metric} skipped: {exc.filename or target}: {exc.strerror or exc}")
     return paths
 
 
