@@ -45,8 +45,9 @@ class Mounts:
     def mount(self, target: Path, *args: str) -> None:
         r = subprocess.run(["mount", *args, str(target)], capture_output=True, text=True)
         if r.returncode != 0:
-            pytest.skip(f"`mount {' '.join(args)}` is not permitted here ({r.stderr.strip() or r.returncode}): "
-                        "a real read-only or full file system needs root, as CI runs")
+            said = " ".join(r.stderr.split()) or f"exit {r.returncode}"
+            pytest.skip(f"`mount {' '.join(args)}` is not permitted here ({said}): a real read-only or full "
+                        "file system needs root (CAP_SYS_ADMIN), as CI runs")
         self.done.append(target)
 
     def read_only(self, directory: Path) -> None:
