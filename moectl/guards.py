@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from moectl.config import SUMMARY_NAME, Config
+from moectl.lock import held_for
 from moectl.plan import OVERRIDABLE, RunPlan, RunRequest, plan_run
 from moectl.probes import FAKE_NVML_ENV, NVML_LIBRARY_NOT_FOUND, Observed
 from moectl.records import GuardResult
@@ -285,10 +286,15 @@ def guard_no_other_training(cfg: Config, plan: RunPlan, obs: Observed) -> GuardR
         problems.append(f"{who} ({oldest / 60:.1f} min old{what}")
     lock = obs.lock
     note = ""
+    held = held_for(lock.get("run_id"), lock.get("sweep"), lock.get("leg")) if lock and lock.get("sweep") else None
     if lock and not lock.get("stale") and lock.get("pid") is None and lock.get("run_id") is None:
         problems.append(f"the run lock {lock.get('path')} is {lock.get('reason') or 'there'}; another moectl may hold it")
+    elif lock and not lock.get("stale") and lock.get("own"):
+        # This moectl's own: a sweep holds it from its first leg to its end, and each leg runs under it.
+        note = f"; the run lock is this moectl's own, for {held or held_for(lock.get('run_id'))}"
     elif lock and not lock.get("stale"):
-        problems.append(f"moectl pid {lock.get('pid')} on {lock.get('host')} holds the run lock for {lock.get('run_id')}")
+        problems.append(f"moectl pid {lock.get('pid')} on {lock.get('host')} holds the run lock for "
+                        f"{held or lock.get('run_id')}")
     elif lock:
         note = f"; stale lock of pid {lock.get('pid')} will be taken over"
     if problems:

@@ -4,7 +4,10 @@
         ...                                  # released on every exit path
     holder = read_holder(root)               # None, or who holds it (and whether it is stale)
 
-The lock file holds JSON {pid, host, run_id, started_at, cmd} (plus `started_ts` and a `token`).
+The lock file holds JSON {pid, host, run_id, started_at, cmd} (plus `started_ts` and a `token`);
+a sweep's adds `sweep` and `leg`. A local sweep holds one lock from its first leg to its final
+report: its legs run under it (`execute_run(run_lock=...)`), and `Lock.relabel` names the leg and
+run of the moment in it, so nobody slips in between two legs (a leg's commit waiting for git).
 It is created atomically with its full content (written to a temp file, then hard-linked into
 place: `link` fails if the name exists, like O_CREAT|O_EXCL, but a reader never sees it empty).
 A lock whose owner died (same host, pid gone, or the pid now belongs to a process started after
@@ -42,16 +45,27 @@ class LockHolder:
     stale: bool
     path: str
     reason: str = ""  # why it is (or is not) considered stale
+    sweep: Optional[str] = None  # the sweep holding it, across its legs
+    leg: Optional[str] = None  # the sweep's leg running (or last run) now
+    own: bool = False  # held by this very process (a sweep's leg looking at its sweep's lock)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def describe(self) -> str:
         who = f"pid {self.pid} on {self.host}"
-        what = f"run {self.run_id}" if self.run_id else "a run"
+        what = held_for(self.run_id, self.sweep, self.leg) if self.run_id or self.sweep else "a run"
         return f"{who} holds the run lock for {what} since {self.started_at}" + (
             f" (stale: {self.reason})" if self.stale else ""
         )
+
+
+def held_for(run_id: Optional[str], sweep: Optional[str] = None, leg: Optional[str] = None) -> str:
+    """`run R`, or `sweep S (leg a, run R)`: what a lock is held for, as a refusal says it."""
+    if sweep is None:
+        return f"run {run_id}"
+    now = ", ".join([*([f"leg {leg}"] if leg else []), *([f"run {run_id}"] if run_id else [])])
+    return f"sweep {sweep}" + (f" ({now})" if now else "")
 
 
 def lock_path(root: Path, name: str = LOCK_NAME) -> Path:
@@ -106,7 +120,8 @@ def _holder_from_bytes(data: bytes, path: Path) -> LockHolder:
         stale, reason = pid_stale(pid, started_ts)
     else:
         stale, reason = False, f"held from another host ({host}); cannot check its pid"
-    return LockHolder(pid, host, d.get("run_id"), d.get("started_at"), d.get("cmd"), stale, str(path), reason)
+    return LockHolder(pid, host, d.get("run_id"), d.get("started_at"), d.get("cmd"), stale, str(path), reason,
+                      sweep=d.get("sweep"), leg=d.get("leg"), own=_is_held(d.get("token")))
 
 
 def read_holder(root: Path, name: str = LOCK_NAME) -> Optional[LockHolder]:
@@ -120,6 +135,14 @@ def read_holder(root: Path, name: str = LOCK_NAME) -> Optional[LockHolder]:
     return _holder_from_bytes(data, path)
 
 
+# The tokens of the locks this process holds: a lock of ours is not "another moectl" to the guard.
+_HELD: set[str] = set()
+
+
+def _is_held(token) -> bool:
+    return isinstance(token, str) and token in _HELD  # (a hand-edited file may hold anything there)
+
+
 class Lock:
     """A held run lock. `release()` removes the file only if it is still ours (token match)."""
 
@@ -127,16 +150,31 @@ class Lock:
         self.path = path
         self.info = info
         self.released = False
+        _HELD.add(info["token"])
+
+    def relabel(self, **fields) -> None:
+        """Say what the holder does now (a sweep: `run_id`, `leg`) in the lock file. Still the same
+        lock (owner, start, token), rewritten atomically: a reader sees the old text or the new."""
+        from moectl.atomic import write_text_atomic
+
+        if self.released or not self._ours():
+            return
+        self.info.update(fields)
+        write_text_atomic(self.path, json.dumps(self.info, indent=2) + "\n")
+
+    def _ours(self) -> bool:
+        try:
+            d = json.loads(self.path.read_bytes())
+        except (FileNotFoundError, ValueError):  # ValueError covers bytes that are not UTF-8
+            return False
+        return isinstance(d, dict) and d.get("token") == self.info["token"]
 
     def release(self) -> None:
         if self.released:
             return
         self.released = True
-        try:
-            d = json.loads(self.path.read_bytes())
-        except (FileNotFoundError, ValueError):  # ValueError covers bytes that are not UTF-8
-            return
-        if isinstance(d, dict) and d.get("token") == self.info["token"]:
+        _HELD.discard(self.info["token"])
+        if self._ours():
             try:
                 self.path.unlink()
             except FileNotFoundError:
@@ -183,10 +221,12 @@ def release_if_dead(root: Path, pid: int, run_id: str) -> None:
         _take_over(lock_path(root), holder)
 
 
-def acquire(root: Path, run_id: str, cmd: str = "", name: str = LOCK_NAME) -> Lock:
+def acquire(root: Path, run_id: Optional[str], cmd: str = "", name: str = LOCK_NAME,
+            sweep: Optional[str] = None) -> Lock:
     """Take the run lock of `root` (created if missing), taking over a stale one.
     A live holder → GuardRefused (exit 3) naming it. `name`: another lock of the same kind
-    in `root` (a sweep being resumed holds `.moectl-resume.lock` in its directory)."""
+    in `root` (a sweep being resumed holds `.moectl-resume.lock` in its directory). `sweep`: the
+    sweep taking it for all its legs (`run_id` None until its first leg's run is made)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     path = lock_path(root, name)
@@ -199,6 +239,7 @@ def acquire(root: Path, run_id: str, cmd: str = "", name: str = LOCK_NAME) -> Lo
         "cmd": cmd,
         "started_ts": now,
         "token": uuid.uuid4().hex,
+        **({"sweep": sweep, "leg": None} if sweep is not None else {}),
     }
     text = json.dumps(info, indent=2) + "\n"
     for _ in range(5):

@@ -6,7 +6,8 @@
 `moectl sweep` runs every leg through `execute_run` too (with `exp_dir` inside the sweep directory),
 so there is exactly one launch path. The run record is written atomically at every state change
 (created -> running -> completed | failed | interrupted); the run lock is held from just before the
-directory is created until the record is final, and released on every path.
+directory is created until the record is final, and released on every path (a sweep's legs run
+under the sweep's own lock instead, held from its first leg to its end: `run_lock`).
 
 A trainer whose metrics come from its stdout ([metrics] source = "stdout") is launched the same way;
 its output lines go through moectl.stdout_metrics on their way to train.log, which writes the run's
@@ -28,7 +29,7 @@ from moectl.errors import (
 )
 from moectl.guards import check_request, passed, wait_until_clear
 from moectl.launch import LaunchResult, launch, supervised
-from moectl.lock import acquire
+from moectl.lock import Lock, acquire
 from moectl.metrics import RunMetrics, compare, read_metrics
 from moectl.plan import RunPlan, RunRequest, command_text
 from moectl.progress import NullProgress, ProgressSink
@@ -69,9 +70,12 @@ def execute_run(
     on_commit_wait: Optional[Callable[[Path], None]] = None,
     on_recorded: Optional[Callable[[RunRecord], None]] = None,
     on_mirror: Optional[Callable[[list[str]], None]] = None,
+    run_lock: Optional[Lock] = None,
 ) -> RunOutcome:
     """Run one guarded training run to its end. Never raises for a refusal or a failed run: the
-    outcome says what happened. Raises MoectlError only for problems outside the run itself."""
+    outcome says what happened. Raises MoectlError only for problems outside the run itself.
+    `run_lock`: the run lock, held already by the caller (a sweep, from its first leg to its end,
+    so nobody starts between two legs): used as it is, neither taken nor released here."""
     progress = progress or NullProgress()
     if request.wait_gpus_s:
         plan, obs, results = wait_until_clear(cfg, request, request.wait_gpus_s, on_wait=on_wait)
@@ -83,7 +87,7 @@ def execute_run(
         return outcome
 
     try:
-        lock = acquire(cfg.artifact_root, plan.run_id, command_text(plan))
+        lock = acquire(cfg.artifact_root, plan.run_id, command_text(plan)) if run_lock is None else None
     except GuardRefused as exc:
         # Another live moectl holds the lock - taken since the guard looked, when two start at once.
         # `--override no_other_training` is a person saying "run beside it anyway": run unlocked

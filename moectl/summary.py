@@ -95,7 +95,7 @@ def _runtime(cfg: Config) -> tuple[str, list[str]]:
     if others:
         lines.append(f"- {others} other training process(es) on this machine, not this project's runs "
                      "(`moectl status` lists them).")
-    if holder is not None:
+    if holder is not None and not holder.own:  # (a sweep's own, committed with its report, would outlive it)
         lines.append(f"- Run lock: {holder.describe()}")
     nvml = read_nvml(cfg.gpu.devices)
     if nvml.gpus is None:

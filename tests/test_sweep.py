@@ -13,6 +13,7 @@ import json
 import re
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -375,7 +376,66 @@ def test_a_sweep_killed_during_its_first_leg_leaves_no_placeholder_report(git_re
             stop_process(proc)
         gate.touch()  # the orphaned trainer (if any) may finish; moectl's watchdog stops it anyway
     assert not (git_repo / "reports").exists() or list((git_repo / "reports").iterdir()) == []
+    # The sweep's run lock is left behind, and seen stale: the next run takes it over.
+    from moectl.lock import read_holder
+
+    holder = read_holder(artifact_root)
+    assert holder.stale and (holder.pid, holder.sweep, holder.leg) == (proc.pid, sweep_dirs(artifact_root)[0].name,
+                                                                       "one"), holder
     assert git(git_repo, "status", "--porcelain", "--untracked-files=all").splitlines() == ["?? spec.toml"]
+
+
+@pytest.mark.slow
+def test_a_run_started_between_two_legs_is_refused_naming_the_sweep_which_runs_every_leg(
+        git_repo, artifact_root, monkeypatch, tmp_path):
+    """Each leg's run let go of the run lock before its report commit: a `moectl run` started while
+    that commit waited for git's index.lock (an editor's `git commit`) took the lock and trained,
+    and the sweep's next leg was refused (exit 3, the rest of the sweep undone), the wait said by
+    nothing. The sweep holds the lock to its end now: that run is refused naming the sweep and its
+    leg, `status` shows the lock as the sweep's, and the sweep says it waits and runs every leg."""
+    from tests.test_commit_lock import LockHolder
+
+    sweep_project(git_repo)
+    monkeypatch.chdir(git_repo)
+    monkeypatch.setenv("MOECTL_GIT_LOCK_WAIT", "120")  # (the sweep's: a bound against a hang)
+    gate = tmp_path / "one.gate"
+    spec = write_spec(git_repo, 'name = "gap"\n[common]\nsteps = 3\n'
+                      f'[[legs]]\ntag = "one"\nargs = ["--hold-at-step", "2", "--hold-until", "{gate}"]\n'
+                      '[[legs]]\ntag = "two"\n')
+    out = tmp_path / "sweep.out"
+    env = {**os.environ, "PYTHONPATH": str(MOECTL_ROOT)}
+    proc = _spawn_sweep(git_repo, out, str(spec), *QUIET)
+    holder = None
+    try:
+        wait_for(Path(f"{gate}.waiting").exists, "leg one training", 120, proc=proc, output=out.read_text)
+        holder = LockHolder(git_repo, tmp_path)  # git's index lock, held as leg one ends
+        gate.touch()
+        wait_for(lambda: re.search(r"waiting for \S+/\.git/index\.lock \(another git process holds it\) to commit "
+                                   r"the report", out.read_text()),
+                 "leg one's report commit waiting for index.lock", 120, proc=proc, output=out.read_text)
+        # The gap: leg one's training is over, its commit waits, leg two has not started.
+        [sweep_dir] = sweep_dirs(artifact_root)
+        one = load(sweep_dir / "sweep.json")["legs"][0]["run_id"]
+        r = subprocess.run([sys.executable, "-m", "moectl", "run", "--steps", "2", "--tag", "between", "--no-commit",
+                            "--json"], cwd=git_repo, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 3, r.stdout + r.stderr
+        guard = next(g for g in json.loads(r.stdout)["guards"] if g["name"] == "no_other_training")
+        assert (f"moectl pid {proc.pid} on {socket.gethostname()} holds the run lock for sweep {sweep_dir.name} "
+                f"(leg one, run {one})") in guard["message"], guard
+        lock = json.loads(cli("status", "--json").stdout)["lock"]
+        assert (lock["pid"], lock["sweep"], lock["leg"], lock["run_id"], lock["stale"]) == (
+            proc.pid, sweep_dir.name, "one", one, False), lock
+        holder.release_file.touch()  # (the sweep takes index.lock the moment it is gone: no look at it here)
+        assert proc.wait(timeout=120) == 0, out.read_text()
+    finally:
+        if holder is not None:
+            holder.release_file.touch()
+            holder.proc.wait(timeout=30)
+        if proc.poll() is None:
+            stop_process(proc)
+    assert [leg["state"] for leg in load(sweep_dir / "sweep.json")["legs"]] == ["completed", "completed"]
+    assert [p.name for p in artifact_root.iterdir() if p.name.endswith("-between")] == []  # it never started
+    assert not (artifact_root / ".moectl.lock").exists()  # released at the sweep's end
 
 
 @pytest.mark.slow
@@ -388,6 +448,7 @@ def test_sigterm_during_leg_2_leaves_sweep_json_true(git_repo, artifact_root, mo
     legs = load(sweep_dir / "sweep.json")["legs"]
     assert [leg["state"] for leg in legs] == ["completed", "interrupted", "pending"]
     assert load(sweep_dir / legs[1]["run_id"] / "run.json")["status"] == "interrupted"
+    assert not (artifact_root / ".moectl.lock").exists()  # the sweep's run lock, released
 
 
 @pytest.mark.slow
@@ -408,6 +469,7 @@ def test_interrupt_during_leg_2_then_resume_runs_only_unfinished_legs(git_repo, 
             "--override no_other_training\n") in output
     assert old["overrides"] == ["no_other_training"]
     assert load(sweep_dir / old["legs"][1]["run_id"] / "run.json")["status"] == "interrupted"
+    assert not (artifact_root / ".moectl.lock").exists()  # the sweep's run lock, released
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == sorted(
         [old["legs"][0]["run_id"], old["legs"][1]["run_id"]])  # leg 3 never started
     before = tree_hash(sweep_dir)
@@ -425,6 +487,11 @@ def test_interrupt_during_leg_2_then_resume_runs_only_unfinished_legs(git_repo, 
     ran = sorted(p.name for p in new_dir.iterdir() if p.is_dir())
     assert ran == sorted([new["legs"][1]["run_id"], new["legs"][2]["run_id"]])  # exactly the unfinished legs
     assert tree_hash(sweep_dir) == before  # the old directory is untouched
+    # The resume's legs ran under its own run lock, held from its first leg to its end.
+    guard = next(g for g in load(new_dir / new["legs"][2]["run_id"] / "run.json")["guards"]
+                 if g["name"] == "no_other_training")
+    assert f"the run lock is this moectl's own, for sweep {new['id']} (leg three)" in guard["message"], guard
+    assert not (artifact_root / ".moectl.lock").exists()
     assert [row["id"] for row in out["comparison"]["runs"]] == [leg["run_id"] for leg in new["legs"]]
 
     # Resuming the resume: nothing left, no new directory.

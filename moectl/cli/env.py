@@ -130,7 +130,10 @@ def _render_status(s: dict) -> None:
         if lock["pid"] is None and lock["run_id"] is None:  # a file nobody can be named from
             out(f"lock        {state}: {lock['path']}" + (f" ({lock['reason']})" if not lock["stale"] and lock["reason"] else ""))
         else:
-            out(f"lock        {state}: pid {lock['pid']} on {lock['host']}, run {lock['run_id']}, since {lock['started_at']}")
+            from moectl.lock import held_for  # (imported already: collect_status read the lock)
+
+            what = held_for(lock["run_id"], lock.get("sweep"), lock.get("leg"))
+            out(f"lock        {state}: pid {lock['pid']} on {lock['host']}, {what}, since {lock['started_at']}")
     g = s["git"]
     if g["error"]:
         out(f"git         {g['error']}")

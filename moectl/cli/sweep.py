@@ -148,7 +148,12 @@ def sweep(
         waiting = ", ".join(r.name for r in results if not (r.ok or r.overridden))
         out(f"waiting for {waiting} ({waited_s:.0f}s so far)")
 
-    ui = SweepUI(say=out, progress=lambda: progress_for(json_out, quiet), on_wait=on_wait)
+    def on_commit_wait(lock) -> None:
+        # A leg (or the sweep) is over; a silent pause here would look like a hang. (`moectl run`'s line.)
+        stderr.print(f"waiting for {lock} (another git process holds it) to commit the report", markup=False)
+
+    ui = SweepUI(say=out, progress=lambda: progress_for(json_out, quiet), on_wait=on_wait,
+                 on_commit_wait=on_commit_wait)
     submit = None
     if on_slurm:
         from moectl.sweep.cluster import submit_sweep

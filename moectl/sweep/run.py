@@ -14,6 +14,10 @@ finished legs `completed`, the stopped one `interrupted` (after a SIGKILL, `runn
 moectl that reads the store settles the leg and its run as `interrupted`: store.settle_stale;
 `moectl.sweep.store.leg_status` shows it `stale` meanwhile), the rest `pending`.
 
+The sweep holds the run lock from before its first leg to its final report, naming the leg of the
+moment, and its legs run under it: a `moectl run` started between two legs (while a leg's report
+commit waits for git, say) is refused, rather than let in to refuse the sweep's next leg.
+
 A resume never writes into the old directory: it makes `<ts>_<project>-<name>-resume/` whose
 sweep.json lists every leg (completed ones carried over with their original run ids) and links
 back through `previous` (the sweep it continued) and `resumed_from` (the chain's original sweep);
@@ -37,6 +41,7 @@ from moectl.errors import (
     EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRAINING, GuardRefused, Interrupted, MoectlError, UsageError,
 )
 from moectl.guards import WAITABLE, check_request, summary_line
+from moectl.lock import Lock, acquire
 from moectl.entry import hung_up, stop_signals
 from moectl.metrics import Comparison
 from moectl.plan import RunRequest, command_text, make_request, plan_run
@@ -110,6 +115,7 @@ class SweepUI:
     say: Callable[[str], None] = lambda text: None
     progress: Callable[[], ProgressSink] = NullProgress
     on_wait: Optional[Callable[[list, float], None]] = None
+    on_commit_wait: Optional[Callable[[Path], None]] = None  # a commit starts waiting for git's index.lock
 
 
 def leg_request(leg: SweepLeg, opts: SweepOptions, parent_dir: Optional[Path], notes: Optional[str] = None) -> RunRequest:
@@ -300,7 +306,7 @@ def resume_sweep(cfg: Config, ref: str, opts: SweepOptions, ui: Optional[SweepUI
     old, _, _, _ = plan_resume(cfg, ref)
     # One resume of a sweep at a time: two at once would each run every unfinished leg and commit
     # two final reports. The claim lives in the resumed sweep's directory until this resume ends.
-    from moectl.lock import acquire, read_holder
+    from moectl.lock import read_holder
 
     try:
         claim = acquire(Path(old.exp_dir), f"resume of {old.id}", name=RESUME_LOCK)
@@ -401,7 +407,30 @@ def _run(cfg: Config, sweep: SweepRecord, opts: SweepOptions, ui: SweepUI, *, ca
         lines = [f"{r.name}: {r.message}" for r in failing]
         ui.say("a guard refused the sweep; nothing was written")
         return SweepOutcome(exit_code=EXIT_GUARD, sweep=None, refused=lines, messages=lines)
+    run_lock = _take_run_lock(cfg, sweep, opts)
+    try:
+        return _run_legs(cfg, sweep, opts, ui, todo, carried=carried, chain=chain, run_lock=run_lock)
+    finally:  # on every path: Ctrl-C, SIGTERM (as Ctrl-C), an error; a SIGKILL leaves it stale
+        if run_lock is not None:
+            run_lock.release()
 
+
+def _take_run_lock(cfg: Config, sweep: SweepRecord, opts: SweepOptions) -> Optional[Lock]:
+    """The run lock, for the whole sweep: each leg's run releasing it at its end let a `moectl run`
+    in before the next leg, which its guard then refused, stopping the sweep. None when another
+    moectl holds it and `--override no_other_training` says to run beside it (each leg then locks
+    for itself, as a run does). GuardRefused when another holds it (taken since the guards looked)."""
+    cmd = f"moectl sweep --resume {sweep.previous}" if sweep.previous else "moectl sweep"
+    try:
+        return acquire(cfg.artifact_root, None, cmd, sweep=sweep.name)
+    except GuardRefused:
+        if "no_other_training" not in opts.overrides:
+            raise
+        return None
+
+
+def _run_legs(cfg: Config, sweep: SweepRecord, opts: SweepOptions, ui: SweepUI, todo: list[SweepLeg], *,
+              carried: dict[str, RunRecord], chain: list[str], run_lock: Optional[Lock]) -> SweepOutcome:
     sweep_dir = _create_sweep_dir(cfg, sweep.name + ("-resume" if sweep.resumed_from else ""))
     sweep.id, sweep.exp_dir, sweep.created_at = sweep_dir.name, str(sweep_dir), store.now_iso()
     sweep.pid, sweep.host = os.getpid(), socket.gethostname()  # a resume while this process runs it is refused
@@ -410,6 +439,8 @@ def _run(cfg: Config, sweep: SweepRecord, opts: SweepOptions, ui: SweepUI, *, ca
             n = sum(1 for x in sweep.legs if x.tag == leg.tag and x.repeat is not None)
             leg.group = f"{sweep.id}-{leg.tag}-x{n}"
     save_sweep(sweep)
+    if run_lock is not None:
+        run_lock.relabel(sweep=sweep.id)  # (taken under its name: its id is its directory's, made since)
     chain = [*chain, sweep.id]
     runs: dict[str, RunRecord] = dict(carried)
     out = SweepOutcome(exit_code=EXIT_OK, sweep=sweep)  # its report is claimed when first written
@@ -446,8 +477,12 @@ def _run(cfg: Config, sweep: SweepRecord, opts: SweepOptions, ui: SweepUI, *, ca
                     continue
                 request = leg_request(leg, opts, sweep_dir, _leg_notes(leg, sweep))
                 ui.say(f"leg {i}/{len(sweep.legs)} {leg.tag}: starting")
+                if run_lock is not None:
+                    run_lock.relabel(leg=leg.tag, run_id=None)
 
                 def on_start(record: RunRecord, leg=leg) -> None:
+                    if run_lock is not None:  # a reader settling this run after a SIGKILL removes the lock too
+                        run_lock.relabel(run_id=record.id)
                     leg.state, leg.run_id = "running", record.id
                     save_sweep(sweep)
                     ui.say(f"leg {leg.tag}: run {record.id} ({summary_line(record.guards)})")
@@ -465,7 +500,8 @@ def _run(cfg: Config, sweep: SweepRecord, opts: SweepOptions, ui: SweepUI, *, ca
                 try:
                     outcome = execute_run(cfg, request, progress=progress, baseline=baseline_record(leg),
                                           sweep_id=sweep.id, commit=commit, extra_commit_paths=after_leg,
-                                          on_wait=ui.on_wait, on_start=on_start, on_recorded=leg_recorded)
+                                          on_wait=ui.on_wait, on_start=on_start, on_recorded=leg_recorded,
+                                          on_commit_wait=ui.on_commit_wait, run_lock=run_lock)
                 except GuardRefused as exc:  # e.g. the lock was taken between the guards and the launch
                     out.refused = [exc.message]
                     exit_code = EXIT_GUARD
@@ -510,7 +546,7 @@ def _run(cfg: Config, sweep: SweepRecord, opts: SweepOptions, ui: SweepUI, *, ca
             _settle_interrupted(sweep, runs)
 
     with _Finishing(ui.say, sweep) as finishing:
-        finish_sweep(cfg, sweep, runs, opts, out, exit_code, chain=chain, notes=notes)
+        finish_sweep(cfg, sweep, runs, opts, out, exit_code, chain=chain, notes=notes, on_commit_wait=ui.on_commit_wait)
     if finishing.signalled and out.exit_code == EXIT_OK:
         out.messages.append(f"{finishing.signalled} arrived while the final report was written; it was finished first")
     return out
@@ -580,7 +616,8 @@ def _claim_report(cfg: Config, sweep: SweepRecord, out: SweepOutcome) -> Path:
 
 
 def finish_sweep(cfg: Config, sweep: SweepRecord, runs: dict[str, RunRecord], opts: SweepOptions, out: SweepOutcome,
-                 exit_code: int, *, chain: list[str], notes: list[str]) -> SweepOutcome:
+                 exit_code: int, *, chain: list[str], notes: list[str],
+                 on_commit_wait: Optional[Callable[[Path], None]] = None) -> SweepOutcome:
     """Once no leg will run any more: the final heading, figures, report and its commit."""
     if exit_code == EXIT_INTERRUPTED:
         heading = "interrupted"
@@ -620,7 +657,7 @@ def finish_sweep(cfg: Config, sweep: SweepRecord, runs: dict[str, RunRecord], op
     elif not opts.no_commit:
         try:
             sha = gitops.commit_paths(cfg.root, [*paths, *figures], _final_message(sweep, out.comparison, heading),
-                                      branch=cfg.project.branch)
+                                      branch=cfg.project.branch, on_wait=on_commit_wait)
             if sha:
                 out.commits.append(sha)
         except MoectlError as exc:
