@@ -1109,6 +1109,45 @@ def test_a_sweep_is_named_by_a_prefix_of_its_name_and_an_ambiguous_one_lists_the
         resolve_sweep(tmp_path, "zz")
 
 
+def test_a_sweep_name_two_repositories_share_means_this_repositorys_sweep(tmp_path, monkeypatch):
+    # Two repositories sharing the default artifact root both ran a sweep `three`: `wait three` and
+    # `sweep --resume three` typed in one took the other's, being newer (130 for a leg of theirs,
+    # or a resume refused for "ran with <their .moectl.toml>").
+    from moectl import store
+    from moectl.gitops import same_repository
+    from moectl.records import RunRecord, SweepLeg, SweepRecord, save_model
+    from moectl.sweep.store import find_sweep, resolve_sweep
+
+    root = tmp_path / "store"
+    repos = {}
+    for name in ("a", "b"):
+        repos[name] = tmp_path / name
+        repos[name].mkdir()
+        git(repos[name], "init", "-q", "-b", "main")
+    sweeps = {}
+    for sid, owner, state in (("20260501_000000_moe-three", "a", "completed"),
+                              ("20260501_000100_moe-three", "b", "interrupted")):  # theirs, the newer
+        d = root / sid
+        run = store.create_run_dir(d / f"{sid}_leg")
+        store.save_run(RunRecord(id=run.name, tag="leg", status=state, created_at=store.now_iso(), exp_dir=str(run),
+                                 sweep=sid, repo=str(repos[owner].resolve())))
+        save_model(d / "sweep.json", SweepRecord(id=sid, name="three", spec={}, created_at=store.now_iso(),
+                                                 exp_dir=str(d), repo=str(repos[owner].resolve()),
+                                                 legs=[SweepLeg(tag="leg", state=state, run_id=run.name)]))
+        sweeps[owner] = sid
+    for owner in ("a", "b"):
+        ours = same_repository(repos[owner])
+        assert resolve_sweep(root, "three", ours=ours).id == sweeps[owner]
+        assert resolve_sweep(root, "thr", ours=ours).id == sweeps[owner]  # a prefix of the one name
+        assert find_sweep(root, "three", ours=ours).id == sweeps[owner]
+    assert resolve_sweep(root, "three").id == sweeps["b"]  # no project to prefer: the newest, as before
+
+    monkeypatch.setenv("MOECTL_ARTIFACT_ROOT", str(root))
+    monkeypatch.chdir(repos["a"])
+    r = CliRunner().invoke(app, ["wait", "three", "--json"])
+    assert r.exit_code == 0 and [x["status"] for x in json.loads(r.stdout)] == ["completed"], r.output
+
+
 class _Died(BaseException):
     """Stands in for a SIGKILL: nothing of moectl's runs after it (not even `except Exception`)."""
 

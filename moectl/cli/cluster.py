@@ -227,11 +227,11 @@ def _resolve_targets(cfg, refs: list[str], sweeps: Optional[list] = None):
     ours = same_repository(cfg.root)
     out: list = []
     for ref in refs:
-        legs = find_sweep_runs(cfg.artifact_root, ref, runs)
+        legs = find_sweep_runs(cfg.artifact_root, ref, runs, ours)
         if legs is not None:
             out += legs
             if sweeps is not None:
-                sweeps.append(find_sweep(cfg.artifact_root, ref))
+                sweeps.append(find_sweep(cfg.artifact_root, ref, ours=ours))
             continue
         group = [r for r in runs if r.group == ref]
         if not group:

@@ -242,7 +242,7 @@ def plan_resume(cfg: Config, ref: str) -> tuple[SweepRecord, list[SweepLeg], dic
     (completed ones carried, the rest pending), the run records of the carried legs, and what each
     leg was in that sweep ((tag, repeat) -> leg_status: `interrupted`, `failed`, `stale`, `pending`...).
     GuardRefused when that sweep is still running."""
-    old = resolve_sweep(cfg.artifact_root, ref)
+    old = resolve_sweep(cfg.artifact_root, ref, ours=gitops.same_repository(cfg.root))
     recorded = Path(old.config) if old.config else None
     if recorded is not None and cfg.path and recorded != cfg.path.resolve():
         # Another config is another trainer, report_dir, defaults: its legs would not compare.

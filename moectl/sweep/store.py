@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 from pydantic import ValidationError
 
@@ -155,9 +155,18 @@ def list_sweeps(root: Path) -> list[SweepRecord]:
     return scan_sweeps(root)[0]
 
 
-def resolve_sweep(root: Path, ref: str) -> SweepRecord:
-    """A SWEEP argument: a sweep directory path, an id, a name (its most recent sweep), or a unique
-    prefix of an id or of a name (as a RUN takes a prefix of a tag)."""
+def _newest(named: list[SweepRecord], ours: Optional[Callable[[Optional[str]], bool]]) -> SweepRecord:
+    """The most recent of sweeps sharing a name (oldest first), this project's when `ours`
+    (moectl.gitops.same_repository) says some are: two repositories writing to one artifact root
+    both name a sweep `capacity`, and `wait capacity` typed in one of them means its own."""
+    mine = [s for s in named if ours(s.repo)] if ours is not None and len({s.repo for s in named}) > 1 else []
+    return (mine or named)[-1]
+
+
+def resolve_sweep(root: Path, ref: str, ours: Optional[Callable[[Optional[str]], bool]] = None) -> SweepRecord:
+    """A SWEEP argument: a sweep directory path, an id, a name (its most recent sweep, of this
+    project's when `ours` says some are), or a unique prefix of an id or of a name (as a RUN takes
+    a prefix of a tag)."""
     if not ref.strip():
         raise UsageError("an empty SWEEP: give a sweep id, name, unique prefix, or its directory")
     as_path = Path(ref).expanduser()
@@ -173,11 +182,11 @@ def resolve_sweep(root: Path, ref: str) -> SweepRecord:
         return load_sweep(root / ref)  # the sweep is there but unreadable: say why, not "no sweep matches"
     named = [s for s in sweeps if s.name == ref]
     if named:
-        return named[-1]
+        return _newest(named, ours)
     hits = [s for s in sweeps if s.id.startswith(ref)]
     by_name = [s for s in sweeps if s.name.startswith(ref) and s not in hits]
     if not hits and len({s.name for s in by_name}) == 1:
-        return by_name[-1]  # a prefix of one name: that name's most recent sweep
+        return _newest(by_name, ours)  # a prefix of one name: that name's most recent sweep
     hits += by_name
     if not hits:
         # By name, a sweep whose sweep.json cannot be read is not listed: say why it is unreadable
@@ -283,22 +292,25 @@ def original_sweep(sweep: SweepRecord, by_id: dict[str, SweepRecord]) -> str:
     return first.resumed_from or first.id
 
 
-def find_sweep(root: Path, ref: str, sweeps: Optional[list[SweepRecord]] = None) -> "SweepRecord | None":
+def find_sweep(root: Path, ref: str, sweeps: Optional[list[SweepRecord]] = None,
+               ours: Optional[Callable[[Optional[str]], bool]] = None) -> "SweepRecord | None":
     """`wait`/`cancel`'s SWEEP argument: the sweep whose path, id or name is exactly `ref` (None when
-    no sweep is: the argument is then a RUN). `sweeps`: list_sweeps(root), when the caller has it."""
+    no sweep is: the argument is then a RUN). `sweeps`: list_sweeps(root), when the caller has it;
+    `ours` as resolve_sweep takes it."""
     as_path = Path(ref).expanduser()
     if (as_path / SWEEP_RECORD).is_file():
         return load_sweep(as_path)
     sweeps = [s for s in (list_sweeps(root) if sweeps is None else sweeps) if ref in (s.id, s.name)]
     if not sweeps:
         return None
-    return next((s for s in sweeps if s.id == ref), sweeps[-1])
+    return next((s for s in sweeps if s.id == ref), None) or _newest(sweeps, ours)
 
 
-def find_sweep_runs(root: Path, ref: str, runs: list[RunRecord]) -> "list[RunRecord] | None":
+def find_sweep_runs(root: Path, ref: str, runs: list[RunRecord],
+                    ours: Optional[Callable[[Optional[str]], bool]] = None) -> "list[RunRecord] | None":
     """The run of every leg of the sweep `ref` names (find_sweep), None when it names no sweep."""
     sweeps = list_sweeps(root)
-    sweep = find_sweep(root, ref, sweeps)
+    sweep = find_sweep(root, ref, sweeps, ours)
     if sweep is None:
         return None
     by_id = sweep_runs(sweep_chain(sweep, {s.id: s for s in sweeps}), runs)
