@@ -63,7 +63,7 @@ class LockHolder:
 def held_for(run_id: Optional[str], sweep: Optional[str] = None, leg: Optional[str] = None) -> str:
     """`run R`, or `sweep S (leg a, run R)`: what a lock is held for, as a refusal says it."""
     if sweep is None:
-        return f"run {run_id}"
+        return f"run {run_id}" if run_id else "the run it is starting"  # (a repeat group between two repeats)
     now = ", ".join([*([f"leg {leg}"] if leg else []), *([f"run {run_id}"] if run_id else [])])
     return f"sweep {sweep}" + (f" ({now})" if now else "")
 

@@ -438,6 +438,49 @@ def test_a_run_started_between_two_legs_is_refused_naming_the_sweep_which_runs_e
     assert not (artifact_root / ".moectl.lock").exists()  # released at the sweep's end
 
 
+def test_a_run_started_between_two_repeats_is_refused_and_the_group_runs_every_repeat(
+        git_repo, artifact_root, monkeypatch, tmp_path):
+    """`run --repeat N` as a sweep: each repeat let go of the run lock at its end, so a `moectl run`
+    started while a repeat's report commit waited for git trained, and the next repeat was refused
+    (exit 3, the group cut short). The group holds the lock from its first repeat to its last."""
+    from tests.test_commit_lock import LockHolder
+
+    sweep_project(git_repo)
+    monkeypatch.chdir(git_repo)
+    monkeypatch.setenv("MOECTL_GIT_LOCK_WAIT", "120")  # (the group's: a bound against a hang)
+    gate = tmp_path / "r1.gate"
+    out = tmp_path / "repeat.out"
+    env = {**os.environ, "PYTHONPATH": str(MOECTL_ROOT)}
+    with open(out, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "moectl", "run", "--repeat", "2", "--steps", "3", "--tag", "grp",
+                                 *QUIET, "--", "--hold-at-step", "2", "--hold-until", str(gate)],
+                                cwd=git_repo, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    holder = None
+    try:
+        wait_for(Path(f"{gate}.waiting").exists, "repeat 1 training", 120, proc=proc, output=out.read_text)
+        holder = LockHolder(git_repo, tmp_path)  # git's index lock, held as repeat 1 ends
+        gate.touch()
+        wait_for(lambda: re.search(r"waiting for \S+/\.git/index\.lock", out.read_text()),
+                 "repeat 1's report commit waiting for index.lock", 120, proc=proc, output=out.read_text)
+        [first] = [p.name for p in artifact_root.iterdir() if p.name.endswith("-grp-r1")]
+        r = subprocess.run([sys.executable, "-m", "moectl", "run", "--steps", "2", "--tag", "between", "--no-commit",
+                            "--json"], cwd=git_repo, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 3, r.stdout + r.stderr
+        guard = next(g for g in json.loads(r.stdout)["guards"] if g["name"] == "no_other_training")
+        assert f"moectl pid {proc.pid} on {socket.gethostname()} holds the run lock for {first}" in guard["message"]
+        holder.release_file.touch()
+        assert proc.wait(timeout=120) == 0, out.read_text()
+    finally:
+        if holder is not None:
+            holder.release_file.touch()
+            holder.proc.wait(timeout=30)
+        if proc.poll() is None:
+            stop_process(proc)
+    runs = sorted(p.name for p in artifact_root.iterdir() if (p / "run.json").is_file())
+    assert [load(artifact_root / r / "run.json")["status"] for r in runs] == ["completed", "completed"], runs
+    assert not any(r.endswith("-between") for r in runs) and not (artifact_root / ".moectl.lock").exists()
+
+
 @pytest.mark.slow
 def test_sigterm_during_leg_2_leaves_sweep_json_true(git_repo, artifact_root, monkeypatch):
     """SIGTERM (a scheduler, `kill`) is an interrupt like Ctrl-C: exit 130, no further legs."""

@@ -10,7 +10,7 @@ from moectl.cli.options import (
     DryRunOpt, EpOpt, ExpDirOpt, ExtraArgs, Fp8Opt, JsonOpt, NoCommitOpt, NodesOpt, NotesOpt, NprocOpt, OverrideOpt,
     PresetOpt, QuietOpt, RepeatOpt, RequeueOpt, SeedOpt, SlurmOpt, StepsOpt, TagOpt, WaitGpusOpt, request_kwargs,
 )
-from moectl.errors import EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, Interrupted, MoectlError, UsageError
+from moectl.errors import EXIT_GUARD, EXIT_INTERRUPTED, EXIT_OK, GuardRefused, Interrupted, MoectlError, UsageError
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -127,7 +127,11 @@ def run(
         waiting = ", ".join(r.name for r in results if not (r.ok or r.overridden))
         say(f"waiting for {waiting} ({waited_s:.0f}s so far)")
 
+    group_lock = None  # --repeat N: the run lock, held from the first repeat to the last (below)
+
     def on_start(record):
+        if group_lock is not None:  # (named: a reader settling this run after a SIGKILL frees the lock too)
+            group_lock.relabel(run_id=record.id)
         # Guards that let the run start are one line; the table is for refusals and `check`.
         say(summary_line(record.guards))
         say(f"run {record.id} -> {record.exp_dir}")
@@ -163,7 +167,7 @@ def run(
             try:
                 outcome = execute_run(cfg, request, progress=progress, baseline=base_record,
                                       on_wait=on_wait, on_start=on_start, extra_commit_paths=summary_paths,
-                                      on_commit_wait=on_commit_wait, on_mirror=on_mirror)
+                                      on_commit_wait=on_commit_wait, on_mirror=on_mirror, run_lock=group_lock)
             except Interrupted as exc:
                 if exc.outcome is None:
                     raise
@@ -203,20 +207,35 @@ def run(
     # --repeat N: the same configuration N times, seeds seed, seed+1, ..., one group; the first
     # run that does not complete ends the group there (its exit code is the command's).
     group, requests = repeat_requests(cfg, request, repeat)
+    # One run lock for the whole group, as a sweep holds one for its legs: each repeat letting go
+    # of it at its end let a `moectl run` in (while a repeat's report commit waited for git, say),
+    # which the next repeat's guard then refused, leaving the group cut short.
+    from moectl.lock import acquire
+
+    try:
+        group_lock = acquire(cfg.artifact_root, None, f"moectl run --repeat {repeat} (group {group})")
+    except GuardRefused:
+        group_lock = None  # another moectl holds it: the first repeat's guards say so (or, overridden, run beside it)
     runs: list[dict] = []
     code = EXIT_OK
     between = False  # stopped before a repeat had a record of its own (its guards, its start)
-    for i, one in enumerate(requests, start=1):
-        say(f"repeat {i}/{repeat} of group {group} (seed {one.seed})")
-        try:
-            code, data = attempts(one)
-        except KeyboardInterrupt as exc:  # the repeats that ran are still the group's: said below
-            error(getattr(exc, "message", None) or "interrupted")
-            code, between = EXIT_INTERRUPTED, True
-            break
-        runs.append(data)
-        if code != EXIT_OK:
-            break
+    try:
+        for i, one in enumerate(requests, start=1):
+            say(f"repeat {i}/{repeat} of group {group} (seed {one.seed})")
+            if group_lock is not None:
+                group_lock.relabel(run_id=None)  # (until this repeat's run is made: on_start names it)
+            try:
+                code, data = attempts(one)
+            except KeyboardInterrupt as exc:  # the repeats that ran are still the group's: said below
+                error(getattr(exc, "message", None) or "interrupted")
+                code, between = EXIT_INTERRUPTED, True
+                break
+            runs.append(data)
+            if code != EXIT_OK:
+                break
+    finally:  # on every path: Ctrl-C, SIGTERM (as Ctrl-C), an error; a SIGKILL leaves it stale
+        if group_lock is not None:
+            group_lock.release()
     # The point of repeats: the group's mean and its between-runs error, right away.
     from moectl.cli.runs import group_mean_line, group_summary_json, group_summary_of
 
