@@ -682,17 +682,25 @@ def _train(args, open_files: list) -> int:
                 if dropped:
                     print(f"resume: {METRICS_FILENAME} keeps steps < {start_step}; dropped {dropped} line(s) "
                           "of the steps that run again and of the earlier summary", flush=True)
-            sink = open(metrics_path, "a" if resume_path else "w")
+            # Unbuffered bytes: each line goes out whole or is taken back (emit), none left in a buffer.
+            sink = open(metrics_path, "ab" if resume_path else "wb", buffering=0)
         except OSError as exc:
             raise metrics_failed(exc, "cannot be written") from exc
         open_files.append(sink)
 
     def emit(record):
         if sink is not None:
+            line, end = memoryview((to_line(record) + "\n").encode()), sink.tell()
             try:
-                sink.write(to_line(record) + "\n")
-                sink.flush()
+                while line:  # (a raw write may take part of it: the rest goes next)
+                    line = line[sink.write(line):]
             except OSError as exc:
+                # Cut back to the last whole line: half a line at the end (a full disk) would be a
+                # malformed line that readers skip, and warm-up-only figures from what is left.
+                try:
+                    os.ftruncate(sink.fileno(), end)
+                except OSError:
+                    pass
                 at = f" at step {record.step}" if isinstance(record, StepMetrics) else ""
                 raise metrics_failed(exc, f"not written{at}") from exc
 

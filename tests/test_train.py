@@ -654,6 +654,9 @@ def test_a_metrics_file_that_cannot_be_written_is_one_line_naming_it(tmp_path):
     assert re.fullmatch(rf"error: {re.escape(str(out / 'metrics.jsonl'))} not written at step \d+: File too large",
                         err[-1]), err
     assert "Traceback" not in r.stderr
+    # The line that did not fit is taken back whole: no half line for readers to skip as malformed.
+    text = (out / "metrics.jsonl").read_text()
+    assert text.endswith("\n") and all(parse_line(ln) for ln in text.splitlines()), text[-300:]
 
 
 @pytest.mark.parametrize("flag", ["--resume", "--out-dir", "--ckpt-dir"])
