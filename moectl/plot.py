@@ -171,9 +171,10 @@ def make_plot(runs: Sequence[RunRecord], metric: str, out: Path, title: Optional
     # every step before that process's warm-up ended; the steps before the resume are drawn as run).
     resumes = sorted({s.resumed_at for s in series if s.resumed_at is not None})
     if metric in MEAN_METRICS and warmup_steps:
-        for at in resumes:
+        for at in resumes:  # (named: the other runs' steps there are in their summaries)
+            who = ", ".join(s.label for s in series if s.resumed_at == at)
             ax.axvspan(at - 0.5, at + warmup_steps - 0.5, color="tab:orange", alpha=0.10, linewidth=0, zorder=0,
-                       label=f"warm-up after the resume at step {at}: steps {at}-{at + warmup_steps - 1}")
+                       label=f"{who}: warm-up after its resume at step {at}, steps {at}-{at + warmup_steps - 1}")
     if metric in WARMUP_METRICS and (fit := _fitted_ylim(series, warmup_steps)) is not None:
         lo, hi, result.off_scale = fit
         ax.set_ylim(lo, hi)
