@@ -35,7 +35,7 @@ from moectl.plan import RunPlan, RunRequest, command_text
 from moectl.progress import NullProgress, ProgressSink
 from moectl.records import RUN_RECORD, GitInfo, GuardResult, RunRecord
 from moectl.stdout_metrics import LiveMetricsWriter, StdoutFormat, StdoutParser
-from moectl.report import commit_message, not_committed, not_written, run_report, write_report
+from moectl.report import commit_message, find_run_report, not_committed, not_written, run_report, write_report
 from moectl.text import without_stop_tracebacks
 from moectl.tracking import Mirrored, mirror_run
 from moectl.trainer import follows_engine_contract, script_path
@@ -100,14 +100,20 @@ def execute_run(
         outcome.guards = results
     try:
         exp_dir = Path(plan.exp_dir)
-        try:
-            store.create_run_dir(exp_dir)
-        except MoectlError as exc:  # appeared since the fresh_dir guard looked: still a refusal
-            raise GuardRefused(exc.message) from None
         record = new_record(plan, obs, results, sweep_id=sweep_id, repo=cfg.root)
         outcome.record = record
         launched = False  # (until then, a run whose record cannot be written leaves nothing behind)
+        taken, made = None, False
+        # The directory is made inside the try below: a Ctrl-C as it is made (a signal lands as
+        # mkdir returns) removes it again, one a moment later is recorded - never an empty
+        # directory no command lists.
         try:
+            try:
+                store.create_run_dir(exp_dir)
+            except MoectlError as exc:  # appeared since the fresh_dir guard looked: still a refusal
+                taken = GuardRefused(exc.message)  # (and another's directory: nothing recorded in it)
+                raise taken from None
+            made = True
             write_run_files(cfg, plan)
             store.save_run(record)
 
@@ -127,8 +133,12 @@ def execute_run(
                 output_metrics=LiveMetricsWriter(Path(plan.files["metrics.jsonl"]), parser) if parser else None,
             )
         except BaseException as exc:  # the record must not say created/running once we are gone
+            if exc is taken:
+                raise
             # launch() turns signals into a clean stop; a KeyboardInterrupt here came just before it.
             stopped = isinstance(exc, KeyboardInterrupt)
+            if stopped and not made and _removed_if_empty(exp_dir):  # stopped as it was made: nothing in it
+                raise Interrupted(f"interrupted before run {record.id} started; {exp_dir} is removed") from None
             record.status = "interrupted" if stopped else "failed"
             record.finished_at = store.now_iso()
             record.error = "interrupted before training started" if stopped else f"moectl: {type(exc).__name__}: {exc}"
@@ -325,6 +335,17 @@ def _end_not_recorded(record: RunRecord, exc: OSError) -> MoectlError:
                        f"({_reason(exc)}): run.json still says `running` and no report was written", code)
 
 
+def _removed_if_empty(run_dir: Path) -> bool:
+    """Remove `run_dir`, just made, when nothing is in it; whether it is gone (or never was made)."""
+    try:
+        os.rmdir(run_dir)  # (never more than an empty directory)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
 def _not_recorded(record: RunRecord, exc: BaseException, unsaved: OSError, launched: bool) -> BaseException:
     """The error of a run that stopped on `exc` and whose record cannot say so (`unsaved`). Before
     the launch, nothing ran: the directory this run made (command.txt, git.diff, ckpt_root/, a
@@ -361,34 +382,37 @@ def report_and_commit(cfg: Config, outcome: RunOutcome, *, baseline: "Optional[R
     `extra_commit_paths(record)`: tracked files to refresh and commit with the report, called
     only on the project branch."""
     record, plan = outcome.record, outcome.plan
-    if on_recorded is not None:
-        on_recorded(record)
-    # `baseline`: one run, or a repeat group's completed runs (run --baseline TAG_OF_A_GROUP): a group
-    # compares as `compare` shows it, the mean of its tail means ± the between-runs error.
-    base_runs = [baseline] if isinstance(baseline, RunRecord) else list(baseline or [])
-    comparison = None
-    if base_runs and any(b.summary is not None for b in base_runs) and record.summary is not None:
-        from moectl.repeats import entry_metrics
+    report = None
+    # One try from the start: a Ctrl-C while the report is made (its comparison, a sweep's leg
+    # state) is recorded with the command that finishes it, as one while it commits is.
+    try:
+        if on_recorded is not None:
+            on_recorded(record)
+        # `baseline`: one run, or a repeat group's completed runs (run --baseline TAG_OF_A_GROUP): a group
+        # compares as `compare` shows it, the mean of its tail means ± the between-runs error.
+        base_runs = [baseline] if isinstance(baseline, RunRecord) else list(baseline or [])
+        comparison = None
+        if base_runs and any(b.summary is not None for b in base_runs) and record.summary is not None:
+            from moectl.repeats import entry_metrics
 
-        comparison = compare(
-            [entry_metrics(base_runs, plan.window), _run_metrics(record)], baseline_index=0, window=plan.window,
-            warmup_steps=plan.warmup_steps,
-        )
-    # A repeat's report is named after its repeat too: the group's runs end together.
-    name = plan.tag + (f"-r{plan.repeat}" if plan.repeat else "")
-    text = run_report(record, comparison, notes=plan.notes)
-    try:
-        report = write_report(cfg.report_dir, name, text)
-    except OSError as exc:
-        # A full disk, a report directory that cannot be written: the run is over and recorded as it
-        # ended (its exit code stands); the record says why it has no report, and `moectl commit RUN`
-        # writes that report from the record once there is room.
-        report = None
-        outcome.commit_error = not_written(f"cannot write the report {exc.filename or cfg.report_dir}: "
-                                           f"{exc.strerror or exc}", record.id)
-        record.commit_error = outcome.commit_error
-        store.save_run(record)
-    try:
+            comparison = compare(
+                [entry_metrics(base_runs, plan.window), _run_metrics(record)], baseline_index=0, window=plan.window,
+                warmup_steps=plan.warmup_steps,
+            )
+        # A repeat's report is named after its repeat too: the group's runs end together.
+        name = plan.tag + (f"-r{plan.repeat}" if plan.repeat else "")
+        text = run_report(record, comparison, notes=plan.notes)
+        try:
+            report = write_report(cfg.report_dir, name, text)
+        except OSError as exc:
+            # A full disk, a report directory that cannot be written: the run is over and recorded as it
+            # ended (its exit code stands); the record says why it has no report, and `moectl commit RUN`
+            # writes that report from the record once there is room.
+            report = None
+            outcome.commit_error = not_written(f"cannot write the report {exc.filename or cfg.report_dir}: "
+                                               f"{exc.strerror or exc}", record.id)
+            record.commit_error = outcome.commit_error
+            store.save_run(record)
         if report is not None:
             outcome.report = report
             record.report = str(report)
@@ -400,6 +424,14 @@ def report_and_commit(cfg: Config, outcome: RunOutcome, *, baseline: "Optional[R
         # report on disk; the record says where, and how to commit it, rather than only
         # "interrupted". (Stopped as the branch moved, the commit is whole - gitops puts its index
         # in - and is said as such.)
+        if report is None and outcome.commit_error is None:  # (stopped as write_report returned: it is there)
+            report = find_run_report(cfg.report_dir, record.id)
+        if report is None:  # stopped before the report was written: `moectl commit` writes it from the record
+            outcome.commit_error = outcome.commit_error or not_written("interrupted before the report was written",
+                                                                       record.id)
+            record.commit_error = outcome.commit_error
+            store.save_run(record)
+            raise Interrupted(f"interrupted; {outcome.commit_error}") from None
         committing = commit and not plan.no_commit
         outcome.commit = gitops.committed_in(cfg.root, report) if committing else None
         if outcome.commit is None and committing:

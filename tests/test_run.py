@@ -787,6 +787,66 @@ def test_ctrl_c_just_before_launch_leaves_an_interrupted_record_and_no_lock(proj
     assert not (artifact_root / LOCK_NAME).exists()
 
 
+def _then_ctrl_c(real):
+    """`real`, then a real SIGINT to this process: Python raises its KeyboardInterrupt as `real`
+    returns - where a Ctrl-C during that call lands."""
+    import signal
+
+    def called(*args, **kwargs):
+        result = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    return called
+
+
+def test_ctrl_c_as_the_run_directory_is_made_leaves_no_directory_and_no_lock(proj, artifact_root, monkeypatch):
+    # Audit L #4: a Ctrl-C between the directory's making and the try that records an interrupted
+    # start ended the run with a bare `interrupted` and an empty directory no command lists.
+    from moectl import store
+    from moectl.errors import Interrupted
+    from moectl.runner import execute_run
+
+    monkeypatch.setattr(store, "create_run_dir", _then_ctrl_c(store.create_run_dir))
+    with pytest.raises(KeyboardInterrupt) as stopped:  # (not Interrupted: a bare Ctrl-C was pytest's own)
+        execute_run(load_config(), RunRequest(steps=2, overrides=["no_other_training"]))
+    assert isinstance(stopped.value, Interrupted), "a bare KeyboardInterrupt: nothing said, nothing cleaned"
+    assert stopped.value.message.startswith("interrupted before run ") and stopped.value.message.endswith(" is removed")
+    assert [p.name for p in artifact_root.iterdir()] == []  # no run directory, no lock
+    assert not run_dirs(artifact_root)
+
+
+@pytest.mark.parametrize("where", ["run_report", "write_report"])
+def test_ctrl_c_as_the_report_is_made_records_how_to_finish_it(proj, artifact_root, monkeypatch, where):
+    # Audit L #4: a Ctrl-C while the run's report was made (or just after it was written, before
+    # the try that commits it) was a bare `interrupted`: the record said completed, with no report
+    # and no `moectl commit` to finish it. Now it says so, as a Ctrl-C during the commit does.
+    import moectl.runner as runner_mod
+    from moectl.errors import Interrupted
+    from moectl.runner import execute_run
+
+    real = getattr(runner_mod, where)
+    monkeypatch.setattr(runner_mod, where, _then_ctrl_c(real))
+    with pytest.raises(KeyboardInterrupt) as stopped:  # (not Interrupted: a bare Ctrl-C was pytest's own)
+        execute_run(load_config(), RunRequest(steps=2, tag="cut", overrides=["no_other_training"]))
+    assert isinstance(stopped.value, Interrupted), "a bare KeyboardInterrupt: nothing said, nothing recorded"
+    [exp] = run_dirs(artifact_root)
+    rec = record(exp)
+    assert rec["status"] == "completed" and rec["commit"] is None
+    assert f"`moectl commit {rec['id']}`" in rec["commit_error"] and rec["commit_error"] in stopped.value.message
+    assert ("interrupted before the report was committed" if where == "write_report"
+            else "interrupted before the report was written") in rec["commit_error"]
+    reports = list((proj / "reports").glob("*.md")) if (proj / "reports").exists() else []
+    assert [str(p) for p in reports] == ([rec["report"]] if where == "write_report" else [])
+    assert not (artifact_root / LOCK_NAME).exists()
+    monkeypatch.setattr(runner_mod, where, real)
+    r = runner.invoke(app, ["commit", rec["id"]])  # the command it names finishes it
+    assert r.exit_code == 0, r.output
+    [report] = (proj / "reports").glob("*.md")
+    assert report.relative_to(proj).as_posix() in commit_files(proj)
+    assert record(exp)["commit"] == head(proj) and record(exp)["commit_error"] is None
+
+
 def hold_the_lock(artifact_root) -> subprocess.Popen:
     """Another live 'moectl' holding this artifact root's run lock (a real process and lock file)."""
     code = (
