@@ -60,7 +60,8 @@ def commit_run_report(
     without its report (its moectl killed first) gets it written from its record. Raises UsageError
     (exit 2) when the run has none and cannot have one now (imported, still running, its report
     deleted), GuardRefused (exit 3) on the wrong branch, a detached HEAD, a repository busy past
-    the lock wait, or the run's own moectl still writing its report, gitops.SigningFailed (exit 2)
+    the lock wait, or the run's own moectl still writing or committing its report (alive, its
+    record naming no report yet), gitops.SigningFailed (exit 2)
     when commit.gpgSign is on and git cannot sign, gitops.IdentityUnknown (exit 2) when git has no
     user.name/user.email, or UsageError when the run is another repository's."""
     refuse_other_project(cfg, record)  # before anything: not even this repository's index lock
@@ -83,18 +84,7 @@ def commit_run_report(
             why = ("an imported run gets none" if record.status == "imported"
                    else f"reports are written when a run ends; the run is {record.status}")
             raise UsageError(f"run {record.id} has no report in {cfg.report_dir} ({why})")
-        # The run ended but its moectl never wrote the report (killed after training, or while
-        # writing it): the report is the record's, so write it now (without a baseline comparison,
-        # which was never recorded) and commit it as the run would have - unless that moectl is
-        # alive, between saving the record and writing the report: it is its to write (a pid reused
-        # since is not it). Not when the record has a commit_error: that moectl could not write the
-        # report (a full disk) and said so.
-        from moectl.lock import owner_alive
-        from moectl.runindex import parse_time
-
-        if record.commit_error is None and owner_alive(record.pid, record.host, parse_time(record.created_at)):
-            raise GuardRefused(f"run {record.id} has just ended and its moectl (pid {record.pid}) is writing its "
-                               "report; let it finish (it commits the report itself)")
+    _refuse_while_its_moectl_commits(record)
     # The branch the run was guarded on holds its report (as the run itself commits it): with
     # `branch = "*"` that is the run's own, not whichever branch is checked out now.
     branch = record.git.branch if cfg.project.branch == "*" and record.git and record.git.branch else cfg.project.branch
@@ -103,6 +93,9 @@ def commit_run_report(
     except GuardRefused as exc:
         raise type(exc)(not_committed(exc.message, record.id)) from None
     if report is None:
+        # The run ended but its moectl never wrote the report (killed after training, or while
+        # writing it): the report is the record's, so write it now (without a baseline comparison,
+        # which was never recorded) and commit it as the run would have.
         name = (record.tag or record.id) + (f"-r{record.repeat}" if record.repeat else "")
         text = run_report(record)
         report = write_report(cfg.report_dir, name, text)
@@ -151,7 +144,8 @@ def commit_run_report(
             except MoectlError as exc:  # the summary is a convenience: the report still goes in
                 warnings.append(f"EXPERIMENTS.md not refreshed: {exc.message}")
     try:
-        sha = gitops.commit_paths(cfg.root, paths, commit_message(record), branch=branch, on_wait=on_wait)
+        sha = gitops.commit_paths(cfg.root, paths, commit_message(record), branch=branch, on_wait=on_wait,
+                                  unless_committed=report)
     except BaseException as exc:
         from moectl.summary import put_back
 
@@ -165,7 +159,23 @@ def commit_run_report(
         _record_commit(record, sha, report)
         return ReportCommit(record.id, report, [report], sha, False, warnings)
     _record_commit(record, sha, report)
-    return ReportCommit(record.id, report, paths, sha, created=True, warnings=warnings)
+    # What the commit holds, read back (EXPERIMENTS.md as HEAD had it is not in it).
+    return ReportCommit(record.id, report, gitops.paths_in_commit(cfg.root, sha, paths), sha, created=True,
+                        warnings=warnings)
+
+
+def _refuse_while_its_moectl_commits(record: RunRecord) -> None:
+    """GuardRefused while the run's own moectl is alive between saving its final record and saving
+    its report's commit (its record names no report yet): writing and committing that report is its
+    own, and a second commit of it here would race that one (a pid reused since is not it). Not when
+    the record has a commit_error: that moectl could not write or commit the report and said so."""
+    from moectl.lock import owner_alive
+    from moectl.runindex import parse_time
+
+    if record.report is None and record.commit_error is None \
+            and owner_alive(record.pid, record.host, parse_time(record.created_at)):
+        raise GuardRefused(f"run {record.id} has just ended and its moectl (pid {record.pid}) is writing its "
+                           "report and committing it; let it finish (it commits the report itself)")
 
 
 def _record_commit(record: RunRecord, sha: str, report: Optional[Path] = None) -> None:

@@ -630,6 +630,7 @@ def commit_paths(
     wait_s: Optional[float] = None,
     on_wait: Optional[Callable[[Path], None]] = None,
     cas_tries: int = CAS_TRIES,
+    unless_committed: Optional[Path] = None,
 ) -> Optional[str]:
     """Commit exactly `paths` (files, or directories = the files under them; a deleted file is
     committed as a deletion) on the current branch. Returns the new commit sha, or None when
@@ -643,7 +644,12 @@ def commit_paths(
     Signed when `commit.gpgSign` says so, as `git commit` would be; SigningFailed (nothing moved)
     when git cannot sign, IdentityUnknown (nothing moved) when git has no user.name/user.email to
     commit with; RepositoryUnwritable when git's files cannot be written (a read-only `.git`, a full
-    disk). The repository's commit hooks do not run (module docstring)."""
+    disk). The repository's commit hooks do not run (module docstring).
+
+    `unless_committed`: one of `paths` (a run's report) that another process may commit meanwhile
+    (a `moectl commit`, the user's git): when the branch holds it exactly as on disk - read under
+    the lock, so no check before it can be stale - nothing is committed (None), rather than the rest
+    of `paths` alone under a message that names it."""
     repo = repo_root(repo)
     check_branch(repo, branch)  # refuse before waiting for any lock
     rels = _relative(repo, paths)
@@ -658,6 +664,8 @@ def commit_paths(
         # Under the lock HEAD cannot switch branches (checkout needs the lock): check again.
         ref = f"refs/heads/{check_branch(repo, branch)}"
         old = _git(repo, "rev-parse", "-q", "--verify", f"{ref}^{{commit}}", check=False) or None
+        if _holds(repo, old, unless_committed):
+            return None
         new = _build_commit(repo, tmp, old, rels, message, sign)
         if new is None:
             return None
@@ -675,10 +683,19 @@ def commit_paths(
             # Someone committed to the branch without our lock (their own index, plumbing): build
             # again on top of theirs, so neither commit is lost.
             old = now
-            new = _build_commit(repo, tmp, old, rels, message, sign)
-            if new is None:  # their commit already holds exactly our files
+            new = None if _holds(repo, old, unless_committed) else _build_commit(repo, tmp, old, rels, message, sign)
+            if new is None:  # their commit already holds exactly our files (or the one that mattered)
                 return None
         raise GitBusy(f"{ref} kept moving while moectl committed ({cas_tries} tries); nothing was committed")
+
+
+def _holds(repo: Path, commit: Optional[str], path: Optional[Path]) -> bool:
+    """Whether `commit` holds `path` exactly as it is on disk (as git would store it)."""
+    if commit is None or path is None:
+        return False
+    rel = _relative(repo, [path])[0]
+    at = _git(repo, "rev-parse", "-q", "--verify", f"{commit}:{rel}", check=False)
+    return bool(at) and at == _git(repo, "hash-object", f"--path={rel}", "--", rel)
 
 
 def committed_in(repo: Path, path: Path, as_on_disk: bool = True) -> Optional[str]:
@@ -714,6 +731,14 @@ def files_of_commit(repo: Path, commit: str) -> list[str]:
     a name is not C-quoted, and decoded losslessly (`_git`)."""
     out = _git_bytes(repo_root(repo), "show", "--name-only", "-z", "--format=", "--no-renames", commit, check=False)
     return [os.fsdecode(name) for name in out.strip(b"\n").split(b"\0") if name]
+
+
+def paths_in_commit(repo: Path, commit: str, paths: Sequence) -> list[Path]:
+    """Those of `paths` (files) that `commit` changed: what a `committed ...` line may name, read
+    back from the commit rather than taken from the list that was meant to go in."""
+    repo = repo_root(repo)
+    held = set(files_of_commit(repo, commit))
+    return [Path(p) for p in paths if _relative(repo, [p])[0] in held]
 
 
 UNTRACKED_MAX_BYTES = 256 * 1024  # bigger untracked files (data, logs) are named, not copied

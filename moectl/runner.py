@@ -50,6 +50,7 @@ class RunOutcome:
     report: Optional[Path] = None
     commit: Optional[str] = None
     commit_error: Optional[str] = None  # the report was written but could not be committed
+    commit_found: bool = False  # `commit` is another process's: it had committed the report meanwhile
     compile_failed: bool = False  # the engine exited with EXIT_COMPILE_FAILED
     extra_paths: list[Path] = field(default_factory=list)
     tracking: list[Mirrored] = field(default_factory=list)  # one per tracker of [tracking]
@@ -480,6 +481,7 @@ def _commit_report(cfg: Config, outcome: RunOutcome, report: Path, base_runs: li
                 cfg.root, [report, *outcome.extra_paths], commit_message(record, base_runs[-1] if base_runs else None, comparison),
                 branch=branch,
                 on_wait=on_commit_wait,
+                unless_committed=report,
             )
         except BaseException as exc:
             from moectl.summary import put_back
@@ -488,10 +490,30 @@ def _commit_report(cfg: Config, outcome: RunOutcome, report: Path, base_runs: li
             if not isinstance(exc, MoectlError):
                 raise
             outcome.commit_error = not_committed(exc.message, record.id)
+        if outcome.commit is not None:  # what the commit holds, read back: a file HEAD had as it is was left out
+            outcome.extra_paths = gitops.paths_in_commit(cfg.root, outcome.commit, outcome.extra_paths)
+        elif outcome.commit_error is None:
+            # Another process committed the report while this one waited for git (the user's own
+            # commit, say): that commit holds it, and the record says so.
+            outcome.commit = gitops.committed_in(cfg.root, report)
+            outcome.commit_found = outcome.commit is not None
+
     # The record says where its report is and which commit holds it (`moectl commit RUN` fills a
-    # commit in later; commit_error says why there is none yet).
-    record.report, record.commit, record.commit_error = str(report), outcome.commit, outcome.commit_error
-    store.save_run(record)
+    # commit in later; commit_error says why there is none yet). Read, changed and saved under the
+    # record's lock: a commit another command recorded meanwhile is not written over with none.
+    blob, theirs = record.report_blob, []
+
+    def recorded(rec: RunRecord) -> None:
+        rec.report, rec.report_blob = str(report), blob
+        if outcome.commit is None and rec.commit is not None:
+            theirs.append(rec.commit)
+        else:
+            rec.commit, rec.commit_error = outcome.commit, outcome.commit_error
+
+    store.update_run(record, recorded)
+    if theirs:  # (and said as the one found above is)
+        record.commit, record.commit_error = theirs[-1], None
+        outcome.commit, outcome.commit_error, outcome.commit_found = theirs[-1], None, True
 
 
 def stdout_parser(cfg: Config, plan: RunPlan, nodes: int = 1) -> Optional[StdoutParser]:

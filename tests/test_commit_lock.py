@@ -56,10 +56,11 @@ class LockHolder:
             assert time.monotonic() < deadline, "the lock holder never created index.lock"
             time.sleep(0.01)
 
-    def release(self) -> None:
+    def release(self, waiter: bool = False) -> None:
+        """`waiter`: a moectl waits for the lock, and takes it the moment this one is gone."""
         self.release_file.touch()
         assert self.proc.wait(timeout=EVENT_TIMEOUT_S) == 0
-        assert not self.lock.exists()
+        assert waiter or not self.lock.exists()
 
 
 @pytest.fixture
@@ -229,6 +230,30 @@ def test_a_race_lost_on_every_try_moves_nothing(git_repo, tmp_path):
     assert not (git_repo / ".git" / "index.lock").exists() and report.is_file()
 
 
+def test_a_report_committed_by_someone_else_mid_commit_is_not_committed_again_nor_the_rest_alone(git_repo, tmp_path):
+    """`unless_committed`: the report committed by another process after moectl read the branch
+    (under moectl's lock, on an index of its own): the retry finds it there and commits nothing -
+    not EXPERIMENTS.md alone under the report's subject."""
+    report, summary = git_repo / "reports" / "r.md", git_repo / "EXPERIMENTS.md"
+    report.parent.mkdir()
+    report.write_text("# report\n")
+    summary.write_text("# experiments\n")
+    marker = tmp_path / "user-committed"
+    hook = git_repo / ".git" / "hooks" / "post-index-change"
+    hook.write_text(RACING_HOOK.format(marker=marker, lock=git_repo / ".git" / "index.lock", repo=git_repo).replace(
+        "printf 'the user commit\\n' > \"%s/user_commit.txt\"\n" % git_repo, "").replace(
+        "git update-index --add user_commit.txt", "git update-index --add reports/r.md"))
+    hook.chmod(0o755)
+
+    assert commit_paths(git_repo, [report, summary], "report: r", branch="main", unless_committed=report) is None
+
+    assert (marker / "moectl_held_the_lock").exists(), "the other commit did not land mid-commit"
+    assert git(git_repo, "log", "-1", "--format=%s").strip() == "user: racing commit"
+    assert git(git_repo, "show", "--name-only", "--format=", "HEAD").split() == ["reports/r.md"]
+    assert git(git_repo, "status", "--porcelain", "--", "EXPERIMENTS.md") == "?? EXPERIMENTS.md\n"
+    assert not (git_repo / ".git" / "index.lock").exists()
+
+
 # --------------------------------------------------------------------------- moectl commit RUN
 
 
@@ -277,6 +302,20 @@ def test_moectl_commit_commits_the_report_and_summary_then_is_idempotent(project
     assert again.exit_code == 0, again.output
     assert f"already committed in {out['commit'][:10]}" in again.stdout
     assert head(project) == out["commit"]
+
+
+def test_what_moectl_commit_says_it_committed_is_what_its_commit_holds(project):
+    """Audit L #3: EXPERIMENTS.md already listing the run as HEAD has it (a `moectl summary` after
+    a `--no-commit` run): the commit holds the report alone, but `moectl commit` said
+    `committed X (REPORT, EXPERIMENTS.md; nothing else)` and its --json `paths` named both."""
+    rec, report = finished_run(project, tag="listed")
+    assert runner.invoke(app, ["summary"]).exit_code == 0
+    assert git(project, "show", "--name-only", "--format=", "HEAD").split() == ["EXPERIMENTS.md"]
+    r = commit_cmd(rec.id)
+    assert r.exit_code == 0, r.output
+    rel = report.relative_to(project).as_posix()
+    assert git(project, "show", "--name-only", "--format=", "HEAD").split() == [rel]
+    assert r.stdout.strip() == f"committed {head(project)[:10]} ({report.name}; nothing else)"
 
 
 @pytest.mark.parametrize("staged", [False, True])
@@ -561,6 +600,143 @@ def test_ctrl_c_while_the_report_commit_waits_for_git_says_how_to_commit_it(git_
     r = runner.invoke(app, ["commit", rec["id"]])
     assert r.exit_code == 0, r.output
     assert f"reports/{Path(rec['report']).name}" in git(git_repo, "show", "--name-only", "--format=", "HEAD")
+
+
+def _run_waiting_for_the_index_lock(git_repo: Path, tmp_path: Path, tag: str, summary: bool = True):
+    """A real `moectl run` (the fake engine) whose training is over and whose report commit waits
+    for another git's index.lock (held by the caller): (process, its output file, run directory, report)."""
+    from tests.conftest import wait_for
+    from tests.test_run import QUIET
+
+    out = tmp_path / f"{tag}.out"
+    env = {**os.environ, "MOECTL_GIT_LOCK_WAIT": "120", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with open(out, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "moectl", "run", "--steps", "3", "--tag", tag, *QUIET,
+                                 "--", "--sleep-per-step", "0.01"], cwd=git_repo, env=env, stdout=fh,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    wait_for(lambda: "waiting for" in out.read_text() and "index.lock" in out.read_text(),
+             "moectl waiting for index.lock to commit", 120, proc=proc, output=out.read_text)
+    [run_dir] = [p.parent for p in (git_repo.parent / "artifacts").glob("*/run.json")]
+    [report] = (git_repo / "reports").glob("*.md")
+    if summary:  # refreshed for the commit, before it waits
+        assert "EXPERIMENTS.md" in git(git_repo, "status", "--porcelain", "--", "EXPERIMENTS.md")
+    return proc, out, run_dir, report
+
+
+def _commit_with_own_index(repo: Path, tmp: Path, *paths: Path) -> str:
+    """The user's `git commit` of `paths` made beside a held .git/index.lock (on an index of its own,
+    as a second worktree's or a script's is): HEAD moves without moectl's lock."""
+    env = {**os.environ, "GIT_INDEX_FILE": str(tmp / "own-index")}
+    subprocess.run(["git", "read-tree", "HEAD"], cwd=repo, env=env, check=True)
+    subprocess.run(["git", "add", "--", *map(str, paths)], cwd=repo, env=env, check=True)
+    subprocess.run(["git", "commit", "-q", "-m", "the user's own commit"], cwd=repo, env=env, check=True)
+    return head(repo)
+
+
+@pytest.mark.slow
+def test_moectl_commit_while_the_runs_own_commit_waits_for_git_is_refused_and_the_report_is_committed_once(
+        git_repo, hold_index_lock, monkeypatch, artifact_root, tmp_path):
+    """Audit L #2: `moectl commit RUN` while that run's own moectl waited for index.lock to commit
+    its report. Both waited; whichever went second made a second `report: ...` commit (of
+    EXPERIMENTS.md alone, said as the report's and recorded as its commit), or found nothing to
+    commit and recorded `commit: null` over the other's. Now `moectl commit` refuses at once (its
+    own moectl commits it) and the run's commit is the one commit of the report."""
+    from tests.conftest import wait_for
+    from tests.test_run import commit_config, write_config
+
+    write_config(git_repo)
+    commit_config(git_repo, monkeypatch)
+    head0 = head(git_repo)
+    holder = hold_index_lock()
+    proc, out, run_dir, report = _run_waiting_for_the_index_lock(git_repo, tmp_path, "racing")
+    cout = tmp_path / "commit.out"
+    env = {**os.environ, "MOECTL_GIT_LOCK_WAIT": "120", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    try:
+        with open(cout, "w") as fh:
+            committer = subprocess.Popen([sys.executable, "-m", "moectl", "commit", run_dir.name], cwd=git_repo,
+                                         env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        # (before the fix it waited for the lock too: then both go on once it is released)
+        wait_for(lambda: committer.poll() is not None or "waiting for" in cout.read_text(),
+                 "moectl commit refusing, or waiting for index.lock", 120)
+        holder.release(waiter=True)
+        assert committer.wait(timeout=120) == 3, cout.read_text()
+        assert proc.wait(timeout=120) == 0, out.read_text()
+    finally:
+        for p in (proc, committer):
+            if p.poll() is None:
+                p.kill()
+    said = cout.read_text()
+    assert said.strip().splitlines() == [
+        f"error: run {run_dir.name} has just ended and its moectl (pid {proc.pid}) is writing its report and "
+        "committing it; let it finish (it commits the report itself)"], said
+    rel = report.relative_to(git_repo).as_posix()
+    assert git(git_repo, "rev-list", "--count", f"{head0}..HEAD").strip() == "1"  # one commit of the report
+    assert sorted(git(git_repo, "show", "--name-only", "--format=", "HEAD").split()) == ["EXPERIMENTS.md", rel]
+    rec = json.loads((run_dir / "run.json").read_text())
+    assert (rec["commit"], rec["commit_error"], rec["report"]) == (head(git_repo), None, str(report))
+    assert f"committed {head(git_repo)[:10]} ({report.name}, EXPERIMENTS.md; nothing else)" in out.read_text()
+    again = commit_cmd(run_dir.name)  # its moectl is done: already committed
+    assert again.exit_code == 0 and f"already committed in {head(git_repo)[:10]}" in again.stdout, again.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("summary", [True, False])
+def test_a_run_whose_report_was_committed_by_someone_else_while_it_waited_records_that_commit_and_says_so(
+        git_repo, hold_index_lock, monkeypatch, artifact_root, tmp_path, summary):
+    """Audit L #2: the report committed by another process while the run's commit waited for git.
+    The run then committed EXPERIMENTS.md alone under its report's subject and recorded that as the
+    report's commit, or (nothing left to commit, `[report] summary = false`) recorded no commit and
+    said nothing. Now it commits nothing, records the commit that holds its report, and says so."""
+    from tests.test_run import commit_config, write_config
+
+    write_config(git_repo)
+    if not summary:
+        with (git_repo / ".moectl.toml").open("a") as fh:
+            fh.write("\n[report]\nsummary = false\n")
+    commit_config(git_repo, monkeypatch)
+    holder = hold_index_lock()
+    proc, out, run_dir, report = _run_waiting_for_the_index_lock(git_repo, tmp_path, "found", summary)
+    try:
+        theirs = _commit_with_own_index(git_repo, tmp_path, report)
+        holder.release(waiter=True)
+        assert proc.wait(timeout=120) == 0, out.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert head(git_repo) == theirs, git(git_repo, "log", "--oneline", "-3")  # no second commit
+    rec = json.loads((run_dir / "run.json").read_text())
+    assert (rec["commit"], rec["commit_error"], rec["report"]) == (theirs, None, str(report))
+    said = out.read_text()
+    assert f"report already committed in {theirs[:10]}, not by this run; nothing committed" in said, said
+    assert "committed " + theirs[:10] + " (" not in said
+    shown = commit_cmd(run_dir.name)
+    assert shown.exit_code == 0 and f"already committed in {theirs[:10]}" in shown.stdout, shown.output
+
+
+@pytest.mark.slow
+def test_what_a_run_says_it_committed_is_what_its_commit_holds(git_repo, hold_index_lock, monkeypatch, artifact_root,
+                                                                 tmp_path):
+    """Audit L #3: EXPERIMENTS.md committed as the run refreshed it (a `moectl summary`) while the
+    run's commit waited for git: the run's commit holds the report alone, but it said
+    `committed X (REPORT, EXPERIMENTS.md; nothing else)` - the list it meant to commit."""
+    from tests.test_run import commit_config, write_config
+
+    write_config(git_repo)
+    commit_config(git_repo, monkeypatch)
+    holder = hold_index_lock()
+    proc, out, run_dir, report = _run_waiting_for_the_index_lock(git_repo, tmp_path, "held")
+    try:
+        _commit_with_own_index(git_repo, tmp_path, git_repo / "EXPERIMENTS.md")
+        holder.release(waiter=True)
+        assert proc.wait(timeout=120) == 0, out.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    rel = report.relative_to(git_repo).as_posix()
+    assert git(git_repo, "show", "--name-only", "--format=", "HEAD").split() == [rel]
+    said = out.read_text()
+    assert f"committed {head(git_repo)[:10]} ({report.name}; nothing else)" in said, said
+    assert json.loads((run_dir / "run.json").read_text())["commit"] == head(git_repo)
 
 
 # ------------------------------------------------------- a moectl killed in the middle of a commit

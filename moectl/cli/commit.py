@@ -24,8 +24,8 @@ def commit_cmd(
     Exit codes: 0 committed or already committed, 2 unknown run or no report, a run of another
     repository (run.json `repo`; commit it there), or git could not sign or has no
     user.name/user.email, 3 refused: wrong branch, detached HEAD, git still busy,
-    git refusing the branch update (a reference-transaction hook), or your own edits in the
-    report; nothing moved.
+    git refusing the branch update (a reference-transaction hook), your own edits in the
+    report, or the run's own moectl still writing and committing its report; nothing moved.
 
     A repeat group (its id, or the tag of `run --repeat N --no-commit`) commits the report of
     each of its repeats that ended (--json: {"group", "runs": [...]}).

@@ -345,7 +345,9 @@ def _render_outcome(outcome) -> None:
                 out(f"    {printable(line)}")
     if outcome.report:
         out(f"  report: {outcome.report}")
-    if outcome.commit:
+    if outcome.commit and outcome.commit_found:  # (someone else's commit: nothing of this run's to name in it)
+        out(f"  report already committed in {outcome.commit[:10]}, not by this run; nothing committed")
+    elif outcome.commit:  # (extra_paths: those the commit holds, read back from it)
         names = ", ".join(p.name for p in [outcome.report, *outcome.extra_paths] if p is not None)
         out(f"  committed {outcome.commit[:10]} ({names}; nothing else)")
     elif outcome.commit_error:
