@@ -413,7 +413,7 @@ def report_and_commit(cfg: Config, outcome: RunOutcome, *, baseline: "Optional[R
             outcome.commit_error = not_written(f"cannot write the report {exc.filename or cfg.report_dir}: "
                                                f"{exc.strerror or exc}", record.id)
             record.commit_error = outcome.commit_error
-            store.save_run(record)
+            _save_late(outcome, lambda: store.save_run(record))
         if report is not None:
             outcome.report = report
             record.report = str(report)
@@ -431,14 +431,14 @@ def report_and_commit(cfg: Config, outcome: RunOutcome, *, baseline: "Optional[R
             outcome.commit_error = outcome.commit_error or not_written("interrupted before the report was written",
                                                                        record.id)
             record.commit_error = outcome.commit_error
-            store.save_run(record)
+            _save_late(outcome, lambda: store.save_run(record))
             raise Interrupted(f"interrupted; {outcome.commit_error}") from None
         committing = commit and not plan.no_commit
         outcome.commit = gitops.committed_in(cfg.root, report) if committing else None
         if outcome.commit is None and committing:
             outcome.commit_error = not_committed("interrupted before the report was committed", record.id)
         record.report, record.commit, record.commit_error = str(report), outcome.commit, outcome.commit_error
-        store.save_run(record)
+        _save_late(outcome, lambda: store.save_run(record))
         raise Interrupted(f"interrupted; {outcome.commit_error}" if outcome.commit_error
                           else f"interrupted; the report was committed already ({outcome.commit[:10]})" if outcome.commit
                           else f"interrupted; the report is written ({report}; --no-commit)") from None
@@ -458,6 +458,20 @@ def report_and_commit(cfg: Config, outcome: RunOutcome, *, baseline: "Optional[R
         done = f"report committed ({outcome.commit[:10]})" if outcome.commit else "report written"
         raise Interrupted(f"interrupted while mirroring run {record.id} to its trackers; the run is recorded "
                           f"({record.status}, {done}); `moectl sync` mirrors it", outcome=outcome) from None
+
+
+def _save_late(outcome: RunOutcome, save: Callable[[], object]) -> None:
+    """A save of where a run's report is (or why there is none) into a record whose end is saved
+    already. A disk that filled since (the room held for the end given back: store.save_final)
+    leaves run.json as it ended - the run's outcome and exit code stand, said with the file, never
+    an exit 2 in their place; `moectl commit RUN` finds the report and records it later."""
+    try:
+        save()
+    except OSError as exc:
+        said = f"run.json does not say so ({exc.filename or 'run.json'}: {exc.strerror or exc})"
+        outcome.commit_error = f"{outcome.commit_error}; {said}" if outcome.commit_error else None
+        if outcome.commit_error is None and outcome.commit is None:
+            outcome.commit_error = said
 
 
 def _commit_report(cfg: Config, outcome: RunOutcome, report: Path, base_runs: list[RunRecord], comparison,
@@ -510,7 +524,7 @@ def _commit_report(cfg: Config, outcome: RunOutcome, report: Path, base_runs: li
         else:
             rec.commit, rec.commit_error = outcome.commit, outcome.commit_error
 
-    store.update_run(record, recorded)
+    _save_late(outcome, lambda: store.update_run(record, recorded))
     if theirs:  # (and said as the one found above is)
         record.commit, record.commit_error = theirs[-1], None
         outcome.commit, outcome.commit_error, outcome.commit_found = theirs[-1], None, True

@@ -214,3 +214,28 @@ def test_export_on_a_full_disk_names_the_file_and_leaves_no_empty_directory(proj
     assert r.returncode == 2, r.stdout + r.stderr
     assert r.stderr.strip() == f"error: {out / 'steps.csv'}: File too large", r.stderr
     assert not (tmp_path / "new").exists()
+
+
+def test_a_record_that_cannot_take_the_reports_place_after_the_runs_end_keeps_the_runs_outcome(tmp_path):
+    # A disk that went on filling after the run's end was saved (the room held for it given back):
+    # the save of the report's place (or of why there is none) raised, and `moectl run` ended in
+    # `error: …/run.json: No space left on device`, exit 2, for a run whose own exit code was 4.
+    # A run directory that is a file by then fails the same save, with a real OSError.
+    from moectl import store
+    from moectl.records import RunRecord
+    from moectl.runner import RunOutcome, _save_late
+
+    gone = tmp_path / "run"
+    gone.write_text("not a directory any more")
+    record = RunRecord(id="r", tag="t", status="failed", created_at=store.now_iso(), exp_dir=str(gone))
+    why = "cannot write the report reports/r.md: No space left on device; the run is recorded: ..."
+    outcome = RunOutcome(exit_code=4, plan=None, guards=[], record=record, commit_error=why)
+    _save_late(outcome, lambda: store.save_run(record))
+    assert outcome.exit_code == 4 and outcome.commit_error.startswith(why + "; run.json does not say so (")
+    assert str(gone) in outcome.commit_error
+    quiet = RunOutcome(exit_code=0, plan=None, guards=[], record=record, commit="abc123")  # committed: found again later
+    _save_late(quiet, lambda: store.save_run(record))
+    assert quiet.commit_error is None
+    unsaid = RunOutcome(exit_code=0, plan=None, guards=[], record=record)
+    _save_late(unsaid, lambda: store.save_run(record))
+    assert unsaid.commit_error.startswith("run.json does not say so (")
