@@ -654,8 +654,11 @@ def launch(
                 now = time.monotonic()
                 if stop.count and term_at is None:
                     family.snapshot()
-                    _signal_one(proc.pid, signal.SIGTERM)  # torchrun forwards it to the workers
+                    # The watchdog hears of it first: a moectl SIGKILLed between the two (the
+                    # trainer already stopping) left it to send a second SIGTERM into torchrun's
+                    # shutdown. Killed before its own, the watchdog's SIGKILL still ends the run.
                     watchdog.told_to_stop()
+                    _signal_one(proc.pid, signal.SIGTERM)  # torchrun forwards it to the workers
                     term_at = now
                     interrupted = True
                 if not killed and term_at is not None and (stop.count >= 2 or now - term_at >= stop_grace_s):
