@@ -386,6 +386,24 @@ def test_a_sweep_killed_during_its_first_leg_leaves_no_placeholder_report(git_re
 
 
 @pytest.mark.slow
+def _run_in_the_gap(repo: Path, env: dict) -> str:
+    """`moectl run` started while a sweep (or a repeat group) waits between two of its runs: refused,
+    exit 3; the no_other_training guard's message."""
+    r = subprocess.run([sys.executable, "-m", "moectl", "run", "--steps", "2", "--tag", "between", "--no-commit",
+                        "--json"], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3, r.stdout + r.stderr
+    return next(g for g in json.loads(r.stdout)["guards"] if g["name"] == "no_other_training")["message"]
+
+
+def _let_go(holder, proc: subprocess.Popen) -> None:
+    """Release git's index lock (if held) and stop the moectl under test if it still runs."""
+    if holder is not None:
+        holder.release_file.touch()
+        holder.proc.wait(timeout=30)
+    if proc.poll() is None:
+        stop_process(proc)
+
+
 def test_a_run_started_between_two_legs_is_refused_naming_the_sweep_which_runs_every_leg(
         git_repo, artifact_root, monkeypatch, tmp_path):
     """Each leg's run let go of the run lock before its report commit: a `moectl run` started while
@@ -416,23 +434,16 @@ def test_a_run_started_between_two_legs_is_refused_naming_the_sweep_which_runs_e
         # The gap: leg one's training is over, its commit waits, leg two has not started.
         [sweep_dir] = sweep_dirs(artifact_root)
         one = load(sweep_dir / "sweep.json")["legs"][0]["run_id"]
-        r = subprocess.run([sys.executable, "-m", "moectl", "run", "--steps", "2", "--tag", "between", "--no-commit",
-                            "--json"], cwd=git_repo, env=env, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 3, r.stdout + r.stderr
-        guard = next(g for g in json.loads(r.stdout)["guards"] if g["name"] == "no_other_training")
+        guard = _run_in_the_gap(git_repo, env)
         assert (f"moectl pid {proc.pid} on {socket.gethostname()} holds the run lock for sweep {sweep_dir.name} "
-                f"(leg one, run {one})") in guard["message"], guard
+                f"(leg one, run {one})") in guard, guard
         lock = json.loads(cli("status", "--json").stdout)["lock"]
         assert (lock["pid"], lock["sweep"], lock["leg"], lock["run_id"], lock["stale"]) == (
             proc.pid, sweep_dir.name, "one", one, False), lock
         holder.release_file.touch()  # (the sweep takes index.lock the moment it is gone: no look at it here)
         assert proc.wait(timeout=120) == 0, out.read_text()
     finally:
-        if holder is not None:
-            holder.release_file.touch()
-            holder.proc.wait(timeout=30)
-        if proc.poll() is None:
-            stop_process(proc)
+        _let_go(holder, proc)
     assert [leg["state"] for leg in load(sweep_dir / "sweep.json")["legs"]] == ["completed", "completed"]
     assert [p.name for p in artifact_root.iterdir() if p.name.endswith("-between")] == []  # it never started
     assert not (artifact_root / ".moectl.lock").exists()  # released at the sweep's end
@@ -463,19 +474,12 @@ def test_a_run_started_between_two_repeats_is_refused_and_the_group_runs_every_r
         wait_for(lambda: re.search(r"waiting for \S+/\.git/index\.lock", out.read_text()),
                  "repeat 1's report commit waiting for index.lock", 120, proc=proc, output=out.read_text)
         [first] = [p.name for p in artifact_root.iterdir() if p.name.endswith("-grp-r1")]
-        r = subprocess.run([sys.executable, "-m", "moectl", "run", "--steps", "2", "--tag", "between", "--no-commit",
-                            "--json"], cwd=git_repo, env=env, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 3, r.stdout + r.stderr
-        guard = next(g for g in json.loads(r.stdout)["guards"] if g["name"] == "no_other_training")
-        assert f"moectl pid {proc.pid} on {socket.gethostname()} holds the run lock for {first}" in guard["message"]
+        guard = _run_in_the_gap(git_repo, env)
+        assert f"moectl pid {proc.pid} on {socket.gethostname()} holds the run lock for {first}" in guard, guard
         holder.release_file.touch()
         assert proc.wait(timeout=120) == 0, out.read_text()
     finally:
-        if holder is not None:
-            holder.release_file.touch()
-            holder.proc.wait(timeout=30)
-        if proc.poll() is None:
-            stop_process(proc)
+        _let_go(holder, proc)
     runs = sorted(p.name for p in artifact_root.iterdir() if (p / "run.json").is_file())
     assert [load(artifact_root / r / "run.json")["status"] for r in runs] == ["completed", "completed"], runs
     assert not any(r.endswith("-between") for r in runs) and not (artifact_root / ".moectl.lock").exists()
