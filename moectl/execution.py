@@ -507,7 +507,7 @@ def _settle_once(record: RunRecord, deadline: Optional[float] = None) -> Optiona
         # Its moectl is dead but a process of its training still runs (stopping within seconds of
         # that death, by PDEATHSIG): not settled yet, the next look settles it `interrupted`. Stale
         # with nothing left alive, only a store this process cannot write keeps it so: it is over.
-        return current if current.stale and not store.training_alive(current) else None
+        return current if current.stale and not current.stopping else None
     current = read_record(run_dir)
     live, info = _ask_slurm(current, deadline)
     unstartable = settle_unstartable(current, info) or settle_abandoned_hold(current, info)

@@ -69,10 +69,14 @@ def create_run_dir(path: Path) -> Path:
 class StoredRun(RunRecord):
     """A RunRecord as read from disk, plus what the store observed about it.
 
-    `stale` is excluded from serialisation, so saving a StoredRun writes back exactly the record.
+    `stale` and `stopping` are excluded from serialisation, so saving a StoredRun writes back exactly
+    the record.
     """
 
     stale: bool = Field(default=False, exclude=True)
+    # Stale, and not settled because a process of its training still runs (settle_stale looked):
+    # it ends `interrupted` once that process is gone (`wait` keeps waiting meanwhile).
+    stopping: bool = Field(default=False, exclude=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -280,7 +284,8 @@ def settle_stale(run_dir: Path, rec: StoredRun, recorded_exp_dir: Optional[str] 
       the sweep.json beside the run becomes `interrupted` (what `sweep --resume` reruns).
     - A store this process cannot write leaves everything as it was: shown `stale`, no error.
     """
-    if training_alive(rec, recorded_exp_dir):
+    if _training_alive(rec, recorded_exp_dir):
+        rec.stopping = True
         return rec
     metrics_path, log_path = run_dir / METRICS_FILENAME, run_dir / "train.log"
     final = rec.model_copy(deep=True)
@@ -318,7 +323,7 @@ def settle_stale(run_dir: Path, rec: StoredRun, recorded_exp_dir: Optional[str] 
     return final
 
 
-def training_alive(rec: RunRecord, recorded_exp_dir: Optional[str] = None) -> bool:
+def _training_alive(rec: RunRecord, recorded_exp_dir: Optional[str]) -> bool:
     """Is a process of this run's training still alive: torchrun (argv as recorded) or anything
     given `--out-dir` this run's directory (the workers)?"""
     import psutil
