@@ -141,9 +141,23 @@ def capacity(cap: float, n_tokens: int, top_k: int, n_experts: int) -> int:
 
 
 def route(x_ND, router_weight_ED, top_k: int, balance_coeff: float, z_coeff: float, bias_E=None):
-    """Softmax top-k over fp32 logits. -> (weights_NK fp32 renormalised, experts_NK, counts_E, loss).
+    """Softmax top-k over fp32 logits. -> (weights_NK fp32, experts_NK, counts_E, loss).
 
-    bias_E (aux-loss-free balancing) shifts which experts are chosen, never the weights they get."""
+    The weights are the chosen probabilities renormalised to sum to 1 when top_k > 1; with top-1
+    the weight is the probability itself (Switch Transformer's gate): renormalised, it would be 1
+    for every token and the router would learn nothing from the task loss.
+    bias_E (aux-loss-free balancing) shifts which experts are chosen, never the weights they get.
+    CPU eager: _RouteCPU, the same values and grads in fewer, wider ops; elsewhere (CUDA, compile)
+    the composable version below, which Inductor fuses itself. Autocast is off inside: the router
+    is E columns wide, so fp32 costs next to nothing, and near-ties between experts are decided
+    in fp32 (under autocast the logits GEMM, and on CPU the softmax, ran in bf16)."""
+    with torch.autocast(x_ND.device.type, enabled=False):
+        if x_ND.device.type == "cpu" and not torch.compiler.is_compiling():
+            return _RouteCPU.apply(x_ND.float(), router_weight_ED.float(), top_k, balance_coeff, z_coeff, bias_E)
+        return _route_composable(x_ND, router_weight_ED, top_k, balance_coeff, z_coeff, bias_E)
+
+
+def _route_composable(x_ND, router_weight_ED, top_k, balance_coeff, z_coeff, bias_E=None):
     N, E = x_ND.shape[0], router_weight_ED.shape[0]
     logits_NE = F.linear(x_ND.float(), router_weight_ED.float())
     probs_NE = logits_NE.softmax(dim=-1)
@@ -152,7 +166,8 @@ def route(x_ND, router_weight_ED, top_k: int, balance_coeff: float, z_coeff: flo
     else:
         experts_NK = (probs_NE.detach() + bias_E).topk(top_k, dim=-1).indices
         weights_NK = probs_NE.gather(1, experts_NK)
-    weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True)
+    if top_k > 1:
+        weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True)
     # Per-expert counts as a compare-and-sum over [N*K, E]: static shape (bincount's is data
     # dependent), no host sync, and a plain reduction that Inductor fuses. Not a scatter-add:
     # compiled, index_add_ on int64 becomes aten's sort-based index_put (Triton has no int64
@@ -169,6 +184,80 @@ def route(x_ND, router_weight_ED, top_k: int, balance_coeff: float, z_coeff: flo
     return weights_NK, experts_NK, counts_E, loss
 
 
+def _top_k_over_experts(scores_EN, k: int):
+    """-> (values_KN, indices_KN): each token's (column's) k largest scores, largest first, the
+    first expert on ties (torch.max's rule). k passes of max over the E rows: on CPU each is a
+    vectorised pass over N, where topk over a row of 8 costs ~5x one pass (issue 11, Intel Xeon)."""
+    v_1N, i_1N = scores_EN.max(0, keepdim=True)
+    if k == 1:
+        return v_1N, i_1N
+    vals, idxs, rest_EN = [v_1N], [i_1N], scores_EN.clone()
+    for _ in range(k - 1):
+        rest_EN.scatter_(0, idxs[-1], float("-inf"))  # never chosen twice
+        v_1N, i_1N = rest_EN.max(0, keepdim=True)
+        vals.append(v_1N)
+        idxs.append(i_1N)
+    return torch.cat(vals), torch.cat(idxs)
+
+
+class _RouteCPU(torch.autograd.Function):
+    """route() on CPU in eager mode: one node with a hand-written backward.
+
+    Why: at the bench's shape the router is ~30 small ops over [N, E] forward and backward, and on a
+    2-core Xeon it cost 6% of the dense MLP's step (issue 11). Transposed to [E, N], softmax and the
+    top-k passes run along N (vectorised) instead of along E = 8, and the backward is the chain rule
+    written out: renormalisation, a scatter into [E, N], the Switch and z-loss terms, softmax's
+    backward, two small GEMMs. tests/test_moe.py checks it against _route_composable's autograd."""
+
+    @staticmethod
+    def forward(ctx, x_ND, w_ED, top_k: int, balance_coeff: float, z_coeff: float, bias_E):
+        N, E = x_ND.shape[0], w_ED.shape[0]
+        logits_EN = w_ED @ x_ND.t()
+        probs_EN = logits_EN.softmax(dim=0)
+        if bias_E is None:
+            top_KN, experts_KN = _top_k_over_experts(probs_EN, top_k)
+        else:  # the bias picks the experts; the gates stay the unbiased probabilities
+            experts_KN = _top_k_over_experts(probs_EN + bias_E.to(probs_EN).unsqueeze(1), top_k)[1]
+            top_KN = probs_EN.gather(0, experts_KN)
+        sum_1N = top_KN.sum(0, keepdim=True) if top_k > 1 else None
+        gates_KN = top_KN / sum_1N if top_k > 1 else top_KN
+        counts_E = torch.bincount(experts_KN.view(-1), minlength=E)  # eager CPU: a data-dependent shape is fine
+        loss = probs_EN.new_zeros(())
+        frac_E = lse_N = None
+        if balance_coeff > 0:
+            frac_E = counts_E.float() / (N * top_k)
+            loss = loss + balance_coeff * E * torch.dot(frac_E, probs_EN.mean(1))
+        if z_coeff > 0:
+            lse_N = torch.logsumexp(logits_EN, dim=0)
+            loss = loss + z_coeff * lse_N.square().mean()
+        ctx.save_for_backward(x_ND, w_ED, probs_EN, experts_KN, gates_KN, sum_1N, frac_E, lse_N)
+        ctx.coeffs = (balance_coeff, z_coeff)
+        experts_NK = experts_KN.t()
+        ctx.mark_non_differentiable(experts_NK, counts_E)
+        return gates_KN.t(), experts_NK, counts_E, loss
+
+    @staticmethod
+    def backward(ctx, grad_gates_NK, _experts, _counts, grad_loss):
+        x_ND, w_ED, probs_EN, experts_KN, gates_KN, sum_1N, frac_E, lse_N = ctx.saved_tensors
+        balance_coeff, z_coeff = ctx.coeffs
+        E, N = probs_EN.shape
+        # gates = top / sum(top): d top_k = (g_k - <g, gates>) / sum(top); top-1: gates = top
+        g_KN = grad_gates_NK.t()
+        if sum_1N is None:
+            g_top_KN = g_KN
+        else:
+            g_top_KN = (g_KN - (g_KN * gates_KN).sum(0, keepdim=True)).div_(sum_1N)
+        g_probs_EN = torch.zeros_like(probs_EN).scatter_(0, experts_KN, g_top_KN)
+        if frac_E is not None:  # Switch loss: d/dP[e, n] = coeff * E * f_e / N
+            g_probs_EN.add_((frac_E * (grad_loss * balance_coeff * E / N)).unsqueeze(1))
+        g_logits_EN = torch._softmax_backward_data(g_probs_EN, probs_EN, 0, probs_EN.dtype)
+        if lse_N is not None:  # z-loss: d/dlogits = 2 z lse / N * softmax
+            g_logits_EN.add_(probs_EN * (lse_N * (grad_loss * 2 * z_coeff / N)))
+        g_x = g_logits_EN.t() @ w_ED if ctx.needs_input_grad[0] else None
+        g_w = g_logits_EN @ x_ND if ctx.needs_input_grad[1] else None
+        return g_x, g_w, None, None, None, None
+
+
 # ----------------------------------------------------------------------------------------------
 # Token movement: gathers both ways (custom Functions so backward is a gather, not a scatter-add)
 
@@ -181,6 +270,49 @@ def _per_k(t_A: torch.Tensor, K: int) -> torch.Tensor:
 # Why loops over k (K is 1-2, a Python constant, not data): on CPU a per-k gather fused with an
 # add/addcmul is ~2x faster than gathering [N, K, D] and reducing over the middle dim (or a bmm
 # with 4096 tiny matrices). Under torch.compile the loop unrolls.
+
+
+# CPU eager: the gathers of _Dispatch's backward and _Combine run GATHER_CHUNK_ROWS rows at a
+# time, so the rows just gathered are still in cache when the multiply, add or dot that follows reads
+# them (engine.blocked_mlp does the same for the MLPs): ~10% off dispatch + combine on a 2-core Xeon
+# (docs/benchmarks.md, issue 11). Elsewhere one chunk: on CUDA more kernels would only cost launches,
+# and compiled graphs fuse these passes themselves.
+GATHER_CHUNK_ROWS = 1024
+
+
+def _chunk_rows(t: torch.Tensor, rows: int) -> int:
+    return GATHER_CHUNK_ROWS if t.device.type == "cpu" and not torch.compiler.is_compiling() else rows
+
+
+def _gather_sum(src_RD, idx_KN, w_KN1):
+    """out_ND[n] = sum_k w_KN1[k, n] * src_RD[idx_KN[k, n]] (w_KN1 None: weights of 1)."""
+    K, N = idx_KN.shape
+    step = _chunk_rows(src_RD, N)
+    if step >= N:  # one chunk: each gather's own buffer, scaled in place
+        out_ND = src_RD.index_select(0, idx_KN[0])
+        if w_KN1 is not None:
+            out_ND.mul_(w_KN1[0])
+        for k in range(1, K):
+            g_ND = src_RD.index_select(0, idx_KN[k])
+            if w_KN1 is None:
+                out_ND.add_(g_ND)
+            else:
+                out_ND.addcmul_(g_ND, w_KN1[k])
+        return out_ND
+    out_ND = src_RD.new_empty(N, src_RD.shape[1])
+    tmp_RD = src_RD.new_empty(step, src_RD.shape[1]) if K > 1 else None
+    for a in range(0, N, step):
+        b = min(N, a + step)
+        out = torch.index_select(src_RD, 0, idx_KN[0, a:b], out=out_ND[a:b])
+        if w_KN1 is not None:
+            out.mul_(w_KN1[0, a:b])
+        for k in range(1, K):
+            g = torch.index_select(src_RD, 0, idx_KN[k, a:b], out=tmp_RD[: b - a])
+            if w_KN1 is None:
+                out.add_(g)
+            else:
+                out.addcmul_(g, w_KN1[k, a:b])
+    return out_ND
 
 
 class _Dispatch(torch.autograd.Function):
@@ -199,18 +331,8 @@ class _Dispatch(torch.autograd.Function):
     def backward(ctx, grad_SD):
         slot_A, keep_A = ctx.saved_tensors
         K = ctx.K
-        slot_KN = _per_k(slot_A, K)
         keep_KN1 = _per_k(keep_A, K).unsqueeze(-1).to(grad_SD.dtype) if keep_A.numel() else None
-        grad_ND = grad_SD.index_select(0, slot_KN[0])
-        if keep_KN1 is not None:
-            grad_ND.mul_(keep_KN1[0])
-        for k in range(1, K):
-            g_ND = grad_SD.index_select(0, slot_KN[k])
-            if keep_KN1 is not None:
-                grad_ND.addcmul_(g_ND, keep_KN1[k])
-            else:
-                grad_ND.add_(g_ND)
-        return grad_ND, None, None, None, None
+        return _gather_sum(grad_SD, _per_k(slot_A, K), keep_KN1), None, None, None, None
 
 
 class _Combine(torch.autograd.Function):
@@ -222,10 +344,7 @@ class _Combine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y_SD, gate_A, slot_A, src_assign_S, valid_S, K: int):
-        slot_KN, gate_KN1 = _per_k(slot_A, K), _per_k(gate_A, K).unsqueeze(-1)
-        out_ND = y_SD.index_select(0, slot_KN[0]).mul_(gate_KN1[0])  # in place: the gather's own buffer
-        for k in range(1, K):
-            out_ND.addcmul_(y_SD.index_select(0, slot_KN[k]), gate_KN1[k])
+        out_ND = _gather_sum(y_SD, _per_k(slot_A, K), _per_k(gate_A, K).unsqueeze(-1))
         ctx.save_for_backward(y_SD, gate_A, slot_A, src_assign_S, valid_S)
         ctx.K = K
         return out_ND
@@ -233,18 +352,35 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_ND):
         y_SD, gate_A, slot_A, src_assign_S, valid_S = ctx.saved_tensors
+        need_y, need_gate = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # Everything in slot space from one gather of the output grad: grad_y = gate * rows and
         # grad_gate = <y, rows> per slot, then a tiny [N*K] gather back to assignments. (A dropped
         # assignment reads a wrong slot here, but its gate was multiplied by keep = 0 upstream.)
-        rows_SD = grad_ND.index_select(0, src_assign_S // ctx.K)
-        grad_y = grad_gate = None
-        if ctx.needs_input_grad[1]:  # row-wise dot without an [S, D] product buffer
-            grad_gate = torch.linalg.vecdot(y_SD, rows_SD).index_select(0, slot_A)
-        if ctx.needs_input_grad[0]:
+        gate_S1 = None
+        if need_y:
             gate_S = gate_A.index_select(0, src_assign_S)
             if valid_S.numel():
                 gate_S = gate_S * valid_S.to(gate_S.dtype)  # empty slots: grad exactly 0
-            grad_y = rows_SD.mul_(gate_S.unsqueeze(-1))
+            gate_S1 = gate_S.unsqueeze(-1)
+        tok_S = src_assign_S // ctx.K
+        S = tok_S.shape[0]
+        step = _chunk_rows(grad_ND, S)
+        if step >= S:
+            rows_SD = grad_ND.index_select(0, tok_S)
+            dot_S = torch.linalg.vecdot(y_SD, rows_SD) if need_gate else None
+            grad_y = rows_SD.mul_(gate_S1) if need_y else None
+        else:  # chunk by chunk: the rows are in cache for the dot and the scaling
+            rows_SD = grad_ND.new_empty(S, grad_ND.shape[1])
+            dot_S = y_SD.new_empty(S) if need_gate else None
+            for a in range(0, S, step):
+                b = min(S, a + step)
+                rows = torch.index_select(grad_ND, 0, tok_S[a:b], out=rows_SD[a:b])
+                if need_gate:
+                    torch.linalg.vecdot(y_SD[a:b], rows, out=dot_S[a:b])
+                if need_y:
+                    rows.mul_(gate_S1[a:b])
+            grad_y = rows_SD if need_y else None
+        grad_gate = dot_S.index_select(0, slot_A) if need_gate else None
         return grad_y, grad_gate, None, None, None, None
 
 

@@ -139,6 +139,63 @@ def test_aux_outputs_and_losses_computed_independently():
     assert float(aux.loss.detach()) == pytest.approx(float(0.01 * switch + 1e-3 * z), rel=1e-5)
 
 
+@pytest.mark.parametrize("top_k,balance_coeff,z_coeff,biased", [
+    (1, 0.01, 0.0, False), (2, 0.01, 1e-3, False), (3, 0.0, 1e-3, False), (2, 0.0, 0.0, True), (1, 0.01, 1e-3, True)])
+def test_cpu_router_matches_the_composable_router(top_k, balance_coeff, z_coeff, biased):
+    """route() on CPU eager is engine.moe._RouteCPU (hand-written backward); CUDA and compiled graphs
+    use _route_composable under autograd. Same experts, counts, gates, loss and grads."""
+    from engine.moe import _route_composable, route
+
+    torch.manual_seed(3)
+    x = torch.randn(300, D, requires_grad=True)
+    w = (torch.randn(E, D) * 0.3).requires_grad_()
+    bias = torch.tensor([0.3, -0.2, 0.0, 0.1]) if biased else None
+    g_gates = torch.randn(300, top_k)
+    results = []
+    for fn in (route, _route_composable):
+        x.grad = w.grad = None
+        gates, experts, counts, loss = fn(x, w, top_k, balance_coeff, z_coeff, bias)
+        outs = [gates] + ([loss * 1.7] if loss.requires_grad else [])  # a loss of 0 + 0 has no graph there
+        torch.autograd.backward(outs, [g_gates, None][: len(outs)])
+        results.append((gates.detach(), experts, counts, loss.detach(), x.grad, w.grad))
+    (g1, e1, c1, l1, gx1, gw1), (g2, e2, c2, l2, gx2, gw2) = results
+    assert torch.equal(e1, e2) and torch.equal(c1, c2) and int(c1.sum()) == 300 * top_k
+    assert (e1.sort(dim=1).values.diff(dim=1) > 0).all()  # a token's experts are distinct
+    for a, b in ((g1, g2), (l1, l2), (gx1, gx2), (gw1, gw2)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert gw1.abs().sum() > 1e-3  # the router learns through its gates (top-1: gate = probability)
+
+
+@pytest.mark.parametrize("dispatch,cap", [("padded", 1.0), ("padded", 0.5), ("grouped", 0.0)])
+def test_chunked_gathers_equal_one_chunk_exactly(dispatch, cap, monkeypatch):
+    """CPU eager gathers (dispatch backward, combine forward and backward) run in chunks of
+    GATHER_CHUNK_ROWS rows; the tests' layers are smaller than the default chunk, so a chunk of 7
+    rows (with a ragged last one) is checked against one chunk: the same ops per row, equal bits."""
+    import engine.moe
+
+    layer, x = make_layer(dispatch, cap), torch.randn(2, 30, D)
+    results = []
+    for rows in (7, 10**9):
+        monkeypatch.setattr(engine.moe, "GATHER_CHUNK_ROWS", rows)
+        layer.zero_grad(set_to_none=True)  # else the second backward adds into the first's tensors
+        out, aux, grads = fwd_bwd(layer, x)
+        results.append([out, aux.loss.detach(), *grads.values()])
+    assert results[0][-1] is not results[1][-1]
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_top1_gate_is_the_probability_and_ties_pick_distinct_experts():
+    from engine.moe import route
+
+    x = torch.randn(10, D)
+    gates, experts, _, _ = route(x, torch.randn(E, D), 1, 0.0, 0.0)
+    assert (gates < 1).all()  # renormalised, a top-1 gate would be exactly 1 and carry no gradient
+    # A zero router: every probability ties at 1/E. Each token still gets top_k distinct experts.
+    gates, experts, counts, _ = route(x, torch.zeros(E, D), 3, 0.0, 0.0)
+    assert experts.tolist() == [[0, 1, 2]] * 10 and counts.tolist() == [10, 10, 10, 0]
+    torch.testing.assert_close(gates, torch.full((10, 3), 1 / 3))
+
+
 @pytest.mark.parametrize("dispatch,mode", [("padded", "off"), ("padded", "on"), ("loop", "on")])
 def test_skewed_router_drops_exactly_the_overflow(dispatch, mode, blocked_mode):
     blocked_mode(mode)  # padded: bmm (as on CUDA) and engine.blocked_mlp (CPU's default)
