@@ -4,6 +4,7 @@
     .venv/bin/python scripts/bench_parts.py gemms --threads 1    # expert GEMMs: dense mm vs bmm vs _grouped_mm
     .venv/bin/python scripts/bench_parts.py blocked              # each layer with and without engine.blocked_mlp
     .venv/bin/python scripts/bench_parts.py gmm-compiled --rows 256   # compiled bf16: custom op vs torch._grouped_mm
+    .venv/bin/python scripts/bench_parts.py breakdown            # a padded layer's parts, each alone, beside dense
 
 relu2: forward+backward of relu² on [8192, 512] fp32 (the bench's expert activations), autograd's
 `F.relu(h).square()` against `relu_squared`; values and grads are checked equal first, so the
@@ -19,6 +20,11 @@ torch.compile(fullgraph=True), forward+backward, once through engine.moe's custo
 torch._grouped_mm itself; --rows tokens over 8 experts, D=256, hidden 512 (few rows: the per-call
 overhead shows, as it does on a GPU whose kernels take microseconds). Outputs and grads are checked
 equal first.
+breakdown: the padded cap 1.0 layer of engine.bench cut into its parts, each timed alone in the same
+rounds as the dense MLP and the whole layer: the experts (engine.blocked_mlp on a fixed [8192, 256]
+input), the router (route(), forward+backward), dispatch + combine (_Dispatch then _Combine with
+no experts between, forward+backward, routing fixed) and the bookkeeping (sort, ranks, slots; no
+grad). Parts do not add up to the whole exactly: in the layer they share caches and x's grad.
 Variants run round-robin in one process (engine.bench.time_round_robin); medians after warm-up,
 ratios to the first variant.
 """
@@ -143,9 +149,57 @@ def gmm_compiled_variants(rows: int) -> dict:
     return {k: (lambda f=f: step(f)) for k, f in compiled.items()}
 
 
+def breakdown_variants() -> dict:
+    import engine.moe as moe
+    from engine.blocked_mlp import blocked_relu2_mlp
+
+    E, K, C = 8, 2, moe.capacity(1.0, 4096, 2, 8)
+    x_BTD = torch.randn(1, 4096, 256, requires_grad=True)
+    g_BTD = torch.randn_like(x_BTD)
+    layers = bench_layers(256, E, K, 512, (("padded", 1.0),))
+    layer = layers[("padded", 1.0)]
+    x_ND, g_ND = x_BTD.view(4096, 256), g_BTD.view(4096, 256)
+    with torch.no_grad():
+        gates_NK, experts_NK, counts_E, _ = moe.route(x_ND, layer.router.weight, K, 0.01, 0.0)
+    experts_A = experts_NK.reshape(-1)
+
+    def bookkeeping():  # what _padded computes before the dispatch
+        order_A, rank_A, start_E = moe._sort_by_expert(experts_A, counts_E)
+        pos_A = rank_A - start_E.index_select(0, experts_A)
+        keep_A = pos_A < C
+        slot_A = torch.where(keep_A, experts_A * C + pos_A, 0)
+        p_C = torch.arange(C)
+        src_S = order_A.index_select(0, (start_E.unsqueeze(1) + p_C).clamp(max=experts_A.numel() - 1).view(-1))
+        return keep_A, slot_A, (p_C < counts_E.unsqueeze(1)).view(-1), src_S
+
+    keep_A, slot_A, valid_S, src_S = bookkeeping()
+    gate_A = (gates_NK.reshape(-1) * keep_A).requires_grad_()
+    x_SD = torch.randn(E * C, 256, requires_grad=True)
+    g_SD = torch.randn(E * C, 256)
+
+    def experts():
+        for t in (x_SD, layer.w_up_EDH, layer.w_down_EHD):
+            t.grad = None
+        blocked_relu2_mlp(x_SD, layer.w_up_EDH, layer.w_down_EHD, [C] * E).backward(g_SD)
+
+    def router():
+        x_BTD.grad = layer.router.weight.grad = None
+        gates, _, _, loss = moe.route(x_ND, layer.router.weight, K, 0.01, 0.0)
+        torch.autograd.backward([gates, loss], [gates_NK, None])
+
+    def dispatch_combine():
+        x_BTD.grad = gate_A.grad = None
+        buf_SD = moe._Dispatch.apply(x_ND, src_S // K, slot_A, keep_A, K)
+        moe._Combine.apply(buf_SD, gate_A, slot_A, src_S, valid_S, K).backward(g_ND)
+
+    return {"dense": lambda: _step(layers["dense"], x_BTD, g_BTD), "experts": experts, "router": router,
+            "dispatch + combine": dispatch_combine, "bookkeeping": bookkeeping,
+            "padded layer": lambda: _step(layer, x_BTD, g_BTD)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=["relu2", "gemms", "blocked", "gmm-compiled"])
+    p.add_argument("part", choices=["relu2", "gemms", "blocked", "gmm-compiled", "breakdown"])
     p.add_argument("--rows", type=int, default=256, help="gmm-compiled: tokens (rows) over the 8 experts")
     p.add_argument("--block-mib", type=float, default=4.0, help="blocked: engine.blocked_mlp.BLOCK_BYTES in MiB")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
@@ -157,8 +211,8 @@ def main() -> int:
     torch.manual_seed(0)
     variants = {"relu2": relu2_variants, "gemms": gemm_variants,
                 "blocked": lambda: blocked_variants(a.block_mib),
-                "gmm-compiled": lambda: gmm_compiled_variants(a.rows)}[a.part]()
-    repeats = a.repeats or {"relu2": 50, "gemms": 25, "blocked": 15, "gmm-compiled": 50}[a.part]
+                "gmm-compiled": lambda: gmm_compiled_variants(a.rows), "breakdown": breakdown_variants}[a.part]()
+    repeats = a.repeats or {"relu2": 50, "gemms": 25, "blocked": 15, "gmm-compiled": 50, "breakdown": 20}[a.part]
     times = time_round_robin(variants, warmup=5, repeats=repeats)
     base = statistics.median(next(iter(times.values())))
     print(f"{a.part}: {'bf16' if a.part == 'gmm-compiled' else 'fp32'}, threads={torch.get_num_threads()}, {repeats} rounds")

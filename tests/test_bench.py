@@ -147,3 +147,17 @@ def test_bench_parts_gmm_compiled_checks_and_times_both_variants():
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("gmm-compiled: bf16")
     assert [l.split()[0] for l in lines[1:]] == ["custom", "torch._grouped_mm"]
+
+
+def test_bench_parts_breakdown_times_each_part_of_the_padded_layer():
+    """The breakdown behind docs/benchmarks.md's Intel table: one line per part, in order, each with
+    its ratio to the dense MLP, and the whole padded layer last."""
+    proc = subprocess.run([sys.executable, "scripts/bench_parts.py", "breakdown", "--repeats", "2", "--threads", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "breakdown: fp32, threads=1, 2 rounds"
+    names = [line.split(" median ")[0].strip() for line in lines[1:]]
+    assert names == ["dense", "experts", "router", "dispatch + combine", "bookkeeping", "padded layer"]
+    ratios = {n: float(line.rsplit("ratio", 1)[1]) for n, line in zip(names, lines[1:])}
+    assert ratios["dense"] == 1.0 and 0 < ratios["router"] < ratios["padded layer"]
