@@ -53,6 +53,30 @@ def fp8_supported(device) -> tuple[bool, str]:
     return False, f"fp8 is not supported on device type {device.type!r}"
 
 
+def cpu_gemm_speeds(n: int = 64, repeats: int = 3) -> tuple[float, float]:
+    """(float8 torch._scaled_mm, fp32 mm) GFLOP/s of one n x n x n GEMM on this CPU, best of repeats.
+
+    Why: torch's CPU _scaled_mm can be a reference kernel. On a 2-core Sapphire Rapids Xeon (torch
+    2.13) it ran at 0.06 GFLOP/s, ~1000x under fp32, and a 1-step tiny --fp8 run took 50 s; a run
+    that slow should say so at its start instead of looking hung. 64^3 costs ~10 ms at that speed."""
+    import time
+
+    a = torch.randn(n, n)
+    aq = a.to(E4M3)
+    one = torch.ones(())
+    speeds = []
+    for fn in (lambda: torch._scaled_mm(aq, aq.t(), scale_a=one, scale_b=one, out_dtype=torch.float32),
+               lambda: a @ a):
+        fn()  # first call: kernel selection, lazy init
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        speeds.append(2 * n**3 / max(best, 1e-9) / 1e9)
+    return speeds[0], speeds[1]
+
+
 def check_fp8_shape(what: str, **dims: int) -> None:
     """ValueError (one line) unless every named dim is a multiple of 16."""
     bad = {k: v for k, v in dims.items() if v % _ALIGN}

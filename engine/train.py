@@ -278,6 +278,17 @@ DROPLESS_FP8_NOTE = ("note: --cap 0 --fp8: dropless float8 runs one float8 GEMM 
                      "is the static-shape float8 path")
 
 
+def slow_cpu_fp8_note(flag: str, fp8_gflops: float, fp32_gflops: float) -> str | None:
+    """The start note of a CPU run whose float8 GEMMs are far slower than fp32 (torch's CPU
+    _scaled_mm can be a reference kernel: 0.06-0.09 GFLOP/s on a Sapphire Rapids Xeon, where a
+    1-step tiny --fp8 run took 50 s and looked hung). None when float8 is within 4x of fp32."""
+    if fp8_gflops >= fp32_gflops / 4:
+        return None
+    return (f"note: {flag} on CPU: torch._scaled_mm runs at {fp8_gflops:.2g} GFLOP/s here against {fp32_gflops:.3g} "
+            f"for fp32, {fp32_gflops / max(fp8_gflops, 1e-9):.0f}x slower: float8 pays on Ada/Hopper GPUs, and on "
+            f"this CPU a run only exercises the float8 path")
+
+
 def no_effect_warning(names) -> str:
     flags = ", ".join("--" + n.replace("_", "-") for n in names)
     hint = " (--fp8-dense puts the dense layers in float8)" if "fp8" in names else ""
@@ -583,6 +594,12 @@ def _train(args, open_files: list) -> int:
         print(no_effect_warning(args.no_effect), flush=True)
     if master and args.fp8 and not args.dense and args.cap == 0 and args.dispatch in ("auto", "grouped"):
         print(DROPLESS_FP8_NOTE, flush=True)
+    if master and device.type == "cpu" and ((args.fp8 and not args.dense) or args.fp8_dense):
+        from engine.fp8 import cpu_gemm_speeds
+
+        note = slow_cpu_fp8_note("--fp8-dense" if args.fp8_dense else "--fp8", *cpu_gemm_speeds())
+        if note:
+            print(note, flush=True)
 
     # ---- model, optimizer ---------------------------------------------------------------
     # Under --ep every rank builds (and loads) the full model, then keeps its experts: each shard is
