@@ -64,12 +64,14 @@ TIME_LIMIT_SUBMIT = "test_a_time_limited_job_is_submitted_to_run_beside_the_rest
 TIME_LIMIT_CHECK = "test_a_run_stopped_at_its_slurm_time_limit_is_recorded_as_such_with_what_it_trained"
 
 
-# The test files that take longest, longest first (one process, `--durations`, 2026-11-28: 230 s
-# for test_slurm_run.py with its time-limit minute, down to 33 s). pytest-xdist hands the workers
-# whole files in collection order; alphabetically these came last, and one worker went on for
-# minutes after the other had run out of files. Only the order changes.
-LONGEST_FILES = ["test_slurm_run.py", "test_ep.py", "test_tracking.py", "test_sweep.py", "test_run.py",
-                 "test_train.py", "test_slurm_sweep.py", "test_run_signals.py", "test_launch.py", "test_bench.py"]
+# The test files that take longest, longest first (`--durations` per file on the 2-core Intel VM,
+# 2026-11-29: test_slurm_run.py 246 s with its time-limit minute, test_sweep.py 206, test_train.py
+# ~170, test_ep.py 149, test_tracking.py 148, test_run.py 119, down to 34 s). pytest-xdist hands the
+# workers whole files in collection order; alphabetically these came last, and one worker went on
+# for minutes after the other had run out of files. Only the order changes.
+LONGEST_FILES = ["test_slurm_run.py", "test_sweep.py", "test_train.py", "test_ep.py", "test_tracking.py",
+                 "test_run.py", "test_run_signals.py", "test_slurm_sweep.py", "test_bench.py", "test_commit_lock.py",
+                 "test_repo_unwritable.py", "test_sigkill.py", "test_launch.py"]
 
 
 def pytest_collection_modifyitems(items):
