@@ -147,6 +147,9 @@ class RunRecord(BaseModel):
     report_blob: Optional[str] = None
     commit: Optional[str] = None
     commit_error: Optional[str] = None  # why the job's report commit was stopped (`moectl commit RUN` retries)
+    # `commit` is another process's (the user's own commit, a `moectl commit RUN` that raced this run's):
+    # it holds the report, but this run committed nothing, and a Slurm follower's last line says so.
+    commit_found: bool = False
     # The `--compile none` re-run a Slurm job made of this run (launch.compile_fallback), by id; it
     # sits beside this run's directory. Set for sweep legs, --detach runs and repeat groups.
     fallback_run: Optional[str] = None

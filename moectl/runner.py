@@ -521,12 +521,13 @@ def _commit_report(cfg: Config, outcome: RunOutcome, report: Path, base_runs: li
         rec.report, rec.report_blob = str(report), blob
         if outcome.commit is None and rec.commit is not None:
             theirs.append(rec.commit)
+            rec.commit_found = True
         else:
-            rec.commit, rec.commit_error = outcome.commit, outcome.commit_error
+            rec.commit, rec.commit_error, rec.commit_found = outcome.commit, outcome.commit_error, outcome.commit_found
 
     _save_late(outcome, lambda: store.update_run(record, recorded))
     if theirs:  # (and said as the one found above is)
-        record.commit, record.commit_error = theirs[-1], None
+        record.commit, record.commit_error, record.commit_found = theirs[-1], None, True
         outcome.commit, outcome.commit_error, outcome.commit_found = theirs[-1], None, True
 
 

@@ -274,6 +274,26 @@ def finished_run(project: Path, tag: str = "bufreuse", write_report: bool = True
     return rec, report
 
 
+def test_a_slurm_followers_last_line_says_a_found_commit_is_not_this_runs(project, capsys):
+    """The follower renders the job's record: a commit the job found (run.json commit_found) is
+    said as not this run's, as `moectl run`'s own last line says it; one the job made is named
+    with what it holds."""
+    from moectl.cli.cluster import _render_final
+
+    rec, report = finished_run(project)
+    git(project, "add", report.relative_to(project).as_posix())
+    git(project, "commit", "-q", "-m", "my own commit of the report")
+    sha = head(project)
+    rec.report, rec.commit, rec.commit_found = str(report), sha, True
+    _render_final(rec)
+    said = capsys.readouterr().out
+    assert f"report already committed in {sha[:10]}, not by this run; nothing committed" in said, said
+    assert f"committed {sha[:10]} (" not in said
+    rec.commit_found = False  # (as a job that committed it records it)
+    _render_final(rec)
+    assert f"committed {sha[:10]} ({report.name}; nothing else)" in capsys.readouterr().out
+
+
 def commit_cmd(*args: str):
     return runner.invoke(app, ["commit", *args])
 
@@ -705,7 +725,7 @@ def test_a_run_whose_report_was_committed_by_someone_else_while_it_waited_record
             proc.kill()
     assert head(git_repo) == theirs, git(git_repo, "log", "--oneline", "-3")  # no second commit
     rec = json.loads((run_dir / "run.json").read_text())
-    assert (rec["commit"], rec["commit_error"], rec["report"]) == (theirs, None, str(report))
+    assert (rec["commit"], rec["commit_error"], rec["report"], rec["commit_found"]) == (theirs, None, str(report), True)
     said = out.read_text()
     assert f"report already committed in {theirs[:10]}, not by this run; nothing committed" in said, said
     assert "committed " + theirs[:10] + " (" not in said

@@ -204,8 +204,9 @@ def _render_final(record) -> None:
         return
     report = Path(record.report) if record.report else None
     outcome = RunOutcome(exit_code=0, plan=None, guards=record.guards, record=record,  # type: ignore[arg-type]
-                         report=report, commit=record.commit, commit_error=record.commit_error)
-    if report is not None and record.commit:  # the job committed it: name what the commit holds
+                         report=report, commit=record.commit, commit_error=record.commit_error,
+                         commit_found=record.commit_found)
+    if report is not None and record.commit and not record.commit_found:  # the job committed it: name what it holds
         from moectl.gitops import files_of_commit
 
         outcome.extra_paths = [Path(f) for f in files_of_commit(report.parent, record.commit) if Path(f).name != report.name]
