@@ -57,7 +57,7 @@ def cpu_gemm_speeds(n: int = 64, repeats: int = 3) -> tuple[float, float]:
     """(float8 torch._scaled_mm, fp32 mm) GFLOP/s of one n x n x n GEMM on this CPU, best of repeats.
 
     Why: torch's CPU _scaled_mm can be a reference kernel. On a 2-core Sapphire Rapids Xeon (torch
-    2.13) it ran at 0.06 GFLOP/s, ~1000x under fp32, and a 1-step tiny --fp8 run took 50 s; a run
+    2.13) it ran at 0.06-0.09 GFLOP/s, 500-1000x under fp32, and a 1-step tiny --fp8 run took 50 s; a run
     that slow should say so at its start instead of looking hung. 64^3 costs ~10 ms at that speed."""
     import time
 
