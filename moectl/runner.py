@@ -508,9 +508,14 @@ def _commit_report(cfg: Config, outcome: RunOutcome, report: Path, base_runs: li
             outcome.extra_paths = gitops.paths_in_commit(cfg.root, outcome.commit, outcome.extra_paths)
         elif outcome.commit_error is None:
             # Another process committed the report while this one waited for git (the user's own
-            # commit, say): that commit holds it, and the record says so.
+            # commit, say): that commit holds it, and the record says so. The files refreshed to go
+            # with it are put back, as after a failed commit: nothing of moectl's is left changed.
+            from moectl.summary import put_back
+
             outcome.commit = gitops.committed_in(cfg.root, report)
             outcome.commit_found = outcome.commit is not None
+            put_back(cfg, outcome.extra_paths)
+            outcome.extra_paths = []
 
     # The record says where its report is and which commit holds it (`moectl commit RUN` fills a
     # commit in later; commit_error says why there is none yet). Read, changed and saved under the

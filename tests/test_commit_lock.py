@@ -729,6 +729,9 @@ def test_a_run_whose_report_was_committed_by_someone_else_while_it_waited_record
     said = out.read_text()
     assert f"report already committed in {theirs[:10]}, not by this run; nothing committed" in said, said
     assert "committed " + theirs[:10] + " (" not in said
+    # Nothing of moectl's is left changed in the tree: the EXPERIMENTS.md it refreshed for a commit
+    # it then did not make is put back, as after a commit that failed.
+    assert "EXPERIMENTS.md" not in git(git_repo, "status", "--porcelain"), git(git_repo, "status", "--porcelain")
     shown = commit_cmd(run_dir.name)
     assert shown.exit_code == 0 and f"already committed in {theirs[:10]}" in shown.stdout, shown.output
 
