@@ -39,9 +39,16 @@ BLOCK_BYTES = 4 << 20
 ENABLED = os.environ.get("ENGINE_BLOCKED_MLP", "1") != "0"
 
 
+def cpu_eager(t: torch.Tensor) -> bool:
+    """Whether t is computed op by op on CPU (not traced by torch.compile): where the engine's
+    cache-sized loops pay (these MLPs; engine.moe's router and gathers). Elsewhere a loop of small
+    ops only costs CUDA launches or breaks a graph that fuses them anyway."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def blocked_ok(x: torch.Tensor) -> bool:
     """Whether an MLP over x takes the blocked path: CPU, eager."""
-    return ENABLED and x.device.type == "cpu" and not torch.compiler.is_compiling()
+    return ENABLED and cpu_eager(x)
 
 
 def row_blocks(rows_per_group: list[int], hidden: int, itemsize: int) -> list[tuple[int, int]]:

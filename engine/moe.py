@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from engine import ep as ep_comm
 from engine.activation import relu_squared
-from engine.blocked_mlp import blocked_ok, blocked_relu2_mlp
+from engine.blocked_mlp import blocked_ok, blocked_relu2_mlp, cpu_eager
 
 DISPATCHES = ("auto", "padded", "grouped", "loop")
 BALANCES = ("loss", "bias", "none")
@@ -152,7 +152,7 @@ def route(x_ND, router_weight_ED, top_k: int, balance_coeff: float, z_coeff: flo
     is E columns wide, so fp32 costs next to nothing, and near-ties between experts are decided
     in fp32 (under autocast the logits GEMM, and on CPU the softmax, ran in bf16)."""
     with torch.autocast(x_ND.device.type, enabled=False):
-        if x_ND.device.type == "cpu" and not torch.compiler.is_compiling():
+        if cpu_eager(x_ND):
             return _RouteCPU.apply(x_ND.float(), router_weight_ED.float(), top_k, balance_coeff, z_coeff, bias_E)
         return _route_composable(x_ND, router_weight_ED, top_k, balance_coeff, z_coeff, bias_E)
 
@@ -281,7 +281,7 @@ GATHER_CHUNK_ROWS = 1024
 
 
 def _chunk_rows(t: torch.Tensor, rows: int) -> int:
-    return GATHER_CHUNK_ROWS if t.device.type == "cpu" and not torch.compiler.is_compiling() else rows
+    return GATHER_CHUNK_ROWS if cpu_eager(t) else rows
 
 
 def _gather_sum(src_RD, idx_KN, w_KN1):
@@ -392,6 +392,25 @@ def _sort_by_expert(experts_A, counts_E):
     rank_A = torch.empty_like(order_A).scatter_(0, order_A, torch.arange(A, device=experts_A.device))
     start_E = torch.cumsum(counts_E, 0) - counts_E
     return order_A, rank_A, start_E
+
+
+def capacity_slots(experts_A, counts_E, C: int):
+    """padded's bookkeeping: -> (keep_A, slot_A, valid_EC, src_assign_S).
+
+    Assignment side: an assignment's position within its expert is its sorted rank minus the
+    expert's start; it is kept when that is < C, in slot e * C + position (a dropped one points at
+    slot 0, and its gate is zeroed). Slot side: slot (e, p) holds sorted assignment start_e + p when
+    p < count_e (valid_EC). Empty slots gather some real token (finite values): their outputs are
+    never read and their grads are exactly zero, so they change nothing, and no buffer is zero-filled."""
+    A = experts_A.shape[0]
+    order_A, rank_A, start_E = _sort_by_expert(experts_A, counts_E)
+    pos_A = rank_A - start_E.index_select(0, experts_A)
+    keep_A = pos_A < C
+    slot_A = torch.where(keep_A, experts_A * C + pos_A, 0)
+    p_C = torch.arange(C, device=experts_A.device)
+    valid_EC = p_C < counts_E.unsqueeze(1)
+    src_assign_S = order_A.index_select(0, (start_E.unsqueeze(1) + p_C).clamp(max=A - 1).view(-1))
+    return keep_A, slot_A, valid_EC, src_assign_S
 
 
 # ----------------------------------------------------------------------------------------------
@@ -552,19 +571,9 @@ class MoELayer(nn.Module):
         return out_ND.view(B, T, D), aux
 
     def _padded(self, x_ND, experts_A, gate_A, counts_E, C: int, w_up, w_down):
-        E, K, A = self.cfg.n_experts, self.cfg.top_k, experts_A.shape[0]
-        order_A, rank_A, start_E = _sort_by_expert(experts_A, counts_E)
-        # Assignment side: position within its expert (sorted rank minus the expert's start).
-        pos_A = rank_A - start_E.index_select(0, experts_A)
-        keep_A = pos_A < C
-        slot_A = torch.where(keep_A, experts_A * C + pos_A, 0)  # dropped -> any slot, gate 0
+        E, K = self.cfg.n_experts, self.cfg.top_k
+        keep_A, slot_A, valid_EC, src_assign_S = capacity_slots(experts_A, counts_E, C)
         gate_A = gate_A * keep_A.to(gate_A.dtype)
-        # Slot side: slot (e, p) holds sorted assignment start_e + p when p < count_e. Empty slots
-        # gather some real token (finite values): their outputs are never read and their grads are
-        # exactly zero, so they change nothing, and we skip zero-filling a buffer every step.
-        p_C = torch.arange(C, device=x_ND.device)
-        valid_EC = p_C < counts_E.unsqueeze(1)
-        src_assign_S = order_A.index_select(0, (start_E.unsqueeze(1) + p_C).clamp(max=A - 1).view(-1))
         buf_ECD = _Dispatch.apply(x_ND, src_assign_S // K, slot_A, keep_A, K).view(E, C, -1)
         y_ECD = _experts_bmm(buf_ECD, w_up, w_down, self.cfg.fp8) if self.ep is None else self._slots_ep(buf_ECD, w_up, w_down)
         out_ND = _Combine.apply(y_ECD.view(E * C, -1), gate_A, slot_A, src_assign_S, valid_EC.view(-1), K)

@@ -164,15 +164,10 @@ def breakdown_variants() -> dict:
     experts_A = experts_NK.reshape(-1)
 
     def bookkeeping():  # what _padded computes before the dispatch
-        order_A, rank_A, start_E = moe._sort_by_expert(experts_A, counts_E)
-        pos_A = rank_A - start_E.index_select(0, experts_A)
-        keep_A = pos_A < C
-        slot_A = torch.where(keep_A, experts_A * C + pos_A, 0)
-        p_C = torch.arange(C)
-        src_S = order_A.index_select(0, (start_E.unsqueeze(1) + p_C).clamp(max=experts_A.numel() - 1).view(-1))
-        return keep_A, slot_A, (p_C < counts_E.unsqueeze(1)).view(-1), src_S
+        return moe.capacity_slots(experts_A, counts_E, C)
 
-    keep_A, slot_A, valid_S, src_S = bookkeeping()
+    keep_A, slot_A, valid_EC, src_S = bookkeeping()
+    valid_S = valid_EC.view(-1)
     gate_A = (gates_NK.reshape(-1) * keep_A).requires_grad_()
     x_SD = torch.randn(E * C, 256, requires_grad=True)
     g_SD = torch.randn(E * C, 256)
