@@ -490,6 +490,8 @@ def _commit_report(cfg: Config, outcome: RunOutcome, report: Path, base_runs: li
     if commit and not plan.no_commit and off_branch is not None:
         outcome.commit_error = not_committed(off_branch, record.id)
     elif commit and not plan.no_commit:
+        from moectl.summary import put_back  # (EXPERIMENTS.md as it was when nothing of ours is committed)
+
         try:  # (Ctrl-C while it waits for another git process: report_and_commit says how to commit)
             outcome.commit = gitops.commit_paths(
                 cfg.root, [report, *outcome.extra_paths], commit_message(record, base_runs[-1] if base_runs else None, comparison),
@@ -498,9 +500,7 @@ def _commit_report(cfg: Config, outcome: RunOutcome, report: Path, base_runs: li
                 unless_committed=report,
             )
         except BaseException as exc:
-            from moectl.summary import put_back
-
-            put_back(cfg, outcome.extra_paths)  # EXPERIMENTS.md as it was: `moectl commit` refreshes it again
+            put_back(cfg, outcome.extra_paths)  # `moectl commit` refreshes it again
             if not isinstance(exc, MoectlError):
                 raise
             outcome.commit_error = not_committed(exc.message, record.id)
@@ -510,8 +510,6 @@ def _commit_report(cfg: Config, outcome: RunOutcome, report: Path, base_runs: li
             # Another process committed the report while this one waited for git (the user's own
             # commit, say): that commit holds it, and the record says so. The files refreshed to go
             # with it are put back, as after a failed commit: nothing of moectl's is left changed.
-            from moectl.summary import put_back
-
             outcome.commit = gitops.committed_in(cfg.root, report)
             outcome.commit_found = outcome.commit is not None
             put_back(cfg, outcome.extra_paths)
